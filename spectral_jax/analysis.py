@@ -149,6 +149,7 @@ def _lloyd(x, x2, c, iters: int, tol: float):
     n, k = x.shape[0], c.shape[0]
     labels = None
     rows = np.arange(n)
+    xt = np.ascontiguousarray(x.T)  # [F, N], for the per-feature bincounts
     for _ in range(iters):
         dist = _sqdist(x, x2, c)
         new = dist.argmin(1)
@@ -160,9 +161,7 @@ def _lloyd(x, x2, c, iters: int, tol: float):
             new[far] = j
             counts[j] = 1
             own[far] = -1.0
-        onehot = np.zeros((n, k))
-        onehot[rows, new] = 1.0
-        c_new = (onehot.T @ x) / counts[:, None]
+        c_new = np.stack([np.bincount(new, weights=col, minlength=k) for col in xt], 1) / counts[:, None]
         shift = float(np.sum((c_new - c) ** 2))
         done = labels is not None and np.array_equal(new, labels)
         labels, c = new, c_new
@@ -184,11 +183,12 @@ def _canonical(labels: np.ndarray, centers: np.ndarray):
     return remap[labels].astype(np.int32), centers[order]
 
 
-def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, tol: float = 1e-10) -> KMeans:
+def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, tol: float = 1e-6) -> KMeans:
     """k-means on `features` `[N, F]`: k-means++ seeding, Lloyd iterations, best of `n_init` runs by inertia.
 
-    Minimises Σ_n ||x_n − c_{label(n)}||². A run stops when assignments stop changing, the centres move less than
-    `tol` (squared), or after `iters` iterations. An empty cluster takes the point farthest from its centre.
+    Minimises Σ_n ||x_n − c_{label(n)}||². A run stops when assignments stop changing, when the centres' total
+    squared move is below `tol` × the features' mean variance, or after `iters` iterations. An empty cluster takes
+    the point farthest from its centre.
     Deterministic: run r uses `SeedSequence(seed).spawn(n_init)[r]`.
     """
     x = _features(features)
@@ -199,10 +199,11 @@ def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, 
         raise InputError("n_init/iters", f"must be >= 1, got {n_init}/{iters}", "use e.g. n_init=10, iters=100")
     k = int(k)
     x2 = np.einsum("nf,nf->n", x, x)
+    tol_abs = tol * float(x.var(0).mean())
     best = None
     for ss in np.random.SeedSequence(seed).spawn(n_init):
         rng = np.random.default_rng(ss)
-        labels, centers, inertia = _lloyd(x, x2, _kmeans_pp(x, x2, k, rng), iters, tol)
+        labels, centers, inertia = _lloyd(x, x2, _kmeans_pp(x, x2, k, rng), iters, tol_abs)
         if best is None or inertia < best[2]:
             best = (labels, centers, inertia)
     labels, centers = _canonical(*best[:2])
@@ -569,7 +570,8 @@ def upsample(x, size: tuple[int, int], mode: str | None = None) -> np.ndarray:
     out_dtype = a.dtype if np.issubdtype(a.dtype, np.floating) else np.float32
     ry = _resample_matrix(h, H, kernels[mode])
     rx = _resample_matrix(w, W, kernels[mode])
-    out = np.einsum("Yy,yx...,Xx->YX...", ry, a.astype(np.float64), rx)
+    tmp = np.tensordot(ry, a.astype(np.float64), axes=(1, 0))  # [H, w, ...]
+    out = np.moveaxis(np.tensordot(tmp, rx, axes=(1, 1)), -1, 1)  # [H, W, ...]
     return out.astype(out_dtype)
 
 
