@@ -1,0 +1,262 @@
+"""Pictures of eigenvectors and segments, as uint8 RGB arrays, and an atomic PNG writer. PIL only.
+
+Shape legend
+    (H, W)  an image's size in pixels; images are uint8 `[H, W, 3]` (RGB) or `[H, W]` (grey)
+    K       eigenvectors `[K, h, w]` on the grid (h, w); labels `[h, w]` int; masks `[h, w]` bool
+    M       instance masks
+
+Maps on the (h, w) grid are resized to the image with `analysis.upsample`: nearest for labels and masks,
+bilinear for continuous maps. Colours: `palette(n)` gives segment i the colour i (the same label gets the same
+colour in every picture); `colormap(name)` is a 256-entry lookup table.
+"""
+
+from __future__ import annotations
+
+import colorsys
+from typing import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+from spectral_jax import analysis
+from spectral_jax.acts import write_atomic
+from spectral_jax.errors import InputError
+
+__all__ = [
+    "palette", "colormap", "overlay_segments", "pca_image", "eigvec_grid", "instance_image", "side_by_side",
+    "save_png",
+]
+
+# 20 well-separated colours (RGB); segments beyond 20 get golden-ratio hues (`palette`).
+_BASE = np.array([
+    (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+    (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128), (220, 190, 255), (170, 110, 40),
+    (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0), (255, 215, 180), (0, 0, 128), (128, 128, 128),
+], np.uint8)
+
+# Anchors of the diverging map at positions 0, ¼, ½, ¾, 1: dark blue, blue, near-white, red, dark red.
+_DIVERGING = np.array([(20, 40, 120), (60, 120, 200), (245, 245, 245), (210, 80, 60), (120, 10, 20)], np.float64)
+
+
+def palette(n: int) -> np.ndarray:
+    """`[n, 3]` uint8 distinct colours; entry i is fixed whatever n is."""
+    if n <= len(_BASE):
+        return _BASE[:n].copy()
+    extra = []
+    for i in range(n - len(_BASE)):
+        hue = (0.13 + i * 0.618033988749895) % 1.0
+        r, g, b = colorsys.hsv_to_rgb(hue, 0.55 + 0.4 * (i % 2), 0.95 - 0.3 * ((i // 2) % 2))
+        extra.append((round(255 * r), round(255 * g), round(255 * b)))
+    return np.concatenate([_BASE, np.array(extra, np.uint8)])
+
+
+def colormap(name: str = "diverging") -> np.ndarray:
+    """`[256, 3]` uint8 lookup table. "diverging": blue (0) → white (½) → red (1), symmetric about the middle, for
+    signed maps scaled so that 0 sits at ½; "gray": black → white."""
+    pos = np.linspace(0.0, 1.0, 256)
+    if name == "diverging":
+        anchors = np.linspace(0.0, 1.0, len(_DIVERGING))
+        lut = np.stack([np.interp(pos, anchors, _DIVERGING[:, c]) for c in range(3)], 1)
+    elif name == "gray":
+        lut = np.repeat(255.0 * pos[:, None], 3, 1)
+    else:
+        raise InputError("cmap", f"unknown colour map {name!r}", "use 'diverging' or 'gray'")
+    return np.rint(lut).astype(np.uint8)
+
+
+def _image(image, name: str = "image") -> np.ndarray:
+    """Validate a uint8 `[H, W, 3]` or `[H, W]` image; returns `[H, W, 3]`."""
+    a = np.asarray(image)
+    if a.dtype != np.uint8:
+        raise InputError(name, f"must be uint8, got {a.dtype}",
+                         "convert with np.clip(x * 255, 0, 255).astype(np.uint8)")
+    if a.ndim == 2:
+        a = np.repeat(a[:, :, None], 3, 2)
+    if a.ndim != 3 or a.shape[2] != 3 or a.shape[0] < 1 or a.shape[1] < 1:
+        raise InputError(name, f"must be [H, W, 3] RGB or [H, W] grey, got shape {a.shape}",
+                         "drop alpha: image[..., :3]")
+    return a
+
+
+def _boundaries(labels: np.ndarray, width: int) -> np.ndarray:
+    """`[H, W]` bool: pixels whose right or lower neighbour has another label, thickened to `width` pixels."""
+    b = np.zeros(labels.shape, bool)
+    dx = labels[:, :-1] != labels[:, 1:]
+    dy = labels[:-1, :] != labels[1:, :]
+    b[:, :-1] |= dx
+    b[:-1, :] |= dy
+    for _ in range(max(width, 1) - 1):  # dilate by one pixel right and down per step
+        b[:, 1:] |= b[:, :-1].copy()
+        b[1:, :] |= b[:-1, :].copy()
+    return b
+
+
+def overlay_segments(image, labels, alpha: float = 0.5, boundary_color=(255, 255, 255),
+                     boundary_width: int = 1) -> np.ndarray:
+    """Segments painted over an image: uint8 `[H, W, 3]`.
+
+    labels `[h, w]` int (any grid; resized to the image by nearest neighbour): label i ≥ 0 gets `palette` colour i,
+    blended as (1 − alpha)·image + alpha·colour; negative labels are left unpainted. Pixels where the label changes
+    are drawn in `boundary_color`, `boundary_width` pixels wide (0: none).
+    """
+    img = _image(image)
+    lab = np.asarray(labels)
+    if lab.ndim != 2 or not np.issubdtype(lab.dtype, np.integer):
+        raise InputError("labels", f"must be an int [h, w] map, got {lab.dtype} {lab.shape}", "pass segment()'s output")
+    if not 0.0 <= alpha <= 1.0:
+        raise InputError("alpha", f"must be in [0, 1], got {alpha}", "e.g. alpha=0.5")
+    H, W = img.shape[:2]
+    lab = analysis.upsample(lab, (H, W), mode="nearest")
+    colours = palette(max(int(lab.max()) + 1, 1)).astype(np.float64)
+    out = img.astype(np.float64)
+    valid = lab >= 0
+    out[valid] = (1.0 - alpha) * out[valid] + alpha * colours[lab[valid]]
+    if boundary_width > 0:
+        out[_boundaries(lab, boundary_width)] = boundary_color
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+
+
+def _size(size, default: tuple[int, int]) -> tuple[int, int]:
+    if size is None:
+        return default
+    if isinstance(size, (int, np.integer)):
+        return int(size), int(size)
+    h, w = (int(s) for s in size)
+    return h, w
+
+
+def pca_image(eigvecs, size=None, skip_first: bool = True, resample: str = "bilinear") -> np.ndarray:
+    """PCA colours of eigenvectors `[K, h, w]` (`analysis.pca_rgb`) as uint8 `[H, W, 3]`, resized to `size` =
+    (H, W) (or an int for a square; None keeps (h, w)) with `resample` ("bilinear", "bicubic" or "nearest")."""
+    rgb = analysis.pca_rgb(eigvecs, skip_first)
+    H, W = _size(size, rgb.shape[:2])
+    up = analysis.upsample(rgb, (H, W), mode=resample)
+    return np.rint(np.clip(up, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def _font():
+    return ImageFont.load_default()
+
+
+def _text_height(font) -> int:
+    l, t, r, b = font.getbbox("0123456789#.:-")
+    return int(b) + 3
+
+
+def eigvec_grid(eigvecs, size_per_tile=64, cols: int | None = None, cmap: str = "diverging", eigvals=None,
+                titles: bool = True, pad: int = 2, resample: str = "bilinear") -> np.ndarray:
+    """Every eigenvector of `[K, h, w]` as a coloured tile, in a grid: uint8 `[rows·(th + title + pad) + pad,
+    cols·(tw + pad) + pad, 3]` on white.
+
+    size_per_tile: int or (th, tw). cols: tiles per row (default min(K, 8)). Each tile v is scaled by its own
+    max|v| so that 0 is the middle of `cmap` ("diverging": negative blue, positive red; "gray") — a sign flip of
+    v mirrors its colours. With `titles`, each tile is headed "#i" (and its eigenvalue when `eigvals` is given) in
+    PIL's default font.
+    """
+    e = np.asarray(eigvecs)
+    if e.ndim != 3 or not np.issubdtype(e.dtype, np.floating) or not np.all(np.isfinite(e)):
+        raise InputError("eigvecs", f"must be finite float [K, h, w], got {e.dtype} {e.shape}",
+                         "pass result.eigvecs[b]")
+    K = e.shape[0]
+    th, tw = _size(size_per_tile, e.shape[1:])
+    cols = min(K, 8) if cols is None else int(cols)
+    if cols < 1 or th < 1 or tw < 1 or pad < 0:
+        raise InputError("cols/size_per_tile/pad", f"need cols, tile size >= 1 and pad >= 0, got {cols}, "
+                         f"{(th, tw)}, {pad}", "e.g. cols=5, size_per_tile=64, pad=2")
+    lam = None if eigvals is None else np.asarray(eigvals, np.float64).reshape(-1)
+    if lam is not None and lam.shape[0] != K:
+        raise InputError("eigvals", f"must hold {K} values, got {lam.shape[0]}", "pass the matching eigvals")
+    lut = colormap(cmap)
+    font = _font() if titles else None
+    title_h = _text_height(font) if titles else 0
+    rows = -(-K // cols)
+    cell_h, cell_w = th + title_h + pad, tw + pad
+    canvas = np.full((rows * cell_h + pad, cols * cell_w + pad, 3), 255, np.uint8)
+    for i in range(K):
+        v = e[i].astype(np.float64)
+        scale = np.abs(v).max()
+        up = analysis.upsample(v, (th, tw), mode=resample)
+        x = 0.5 + 0.5 * up / scale if scale > 0 else np.full((th, tw), 0.5)
+        idx = np.rint(np.clip(x, 0.0, 1.0) * 255.0).astype(np.int64)
+        r, c = divmod(i, cols)
+        y0, x0 = r * cell_h + pad + title_h, c * cell_w + pad
+        canvas[y0 : y0 + th, x0 : x0 + tw] = lut[idx]
+    if titles:
+        img = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(img)
+        for i in range(K):
+            r, c = divmod(i, cols)
+            text = f"#{i}" if lam is None else f"#{i} {lam[i]:.4f}"
+            draw.text((c * cell_w + pad + 1, r * cell_h + pad), text, fill=(0, 0, 0), font=font)
+        canvas = np.asarray(img).copy()
+    return canvas
+
+
+def instance_image(image, masks: Sequence, alpha: float = 0.5, boundary_color=(255, 255, 255),
+                   boundary_width: int = 1) -> np.ndarray:
+    """Instance masks painted over an image: uint8 `[H, W, 3]`.
+
+    masks: M bool `[h, w]` arrays (any grid; resized by nearest neighbour), best first — mask m gets `palette`
+    colour m + 1 (colour 0 is left for background) and is painted over the masks after it; each outline is drawn in
+    `boundary_color`. Pixels in no mask keep the image.
+    """
+    img = _image(image)
+    H, W = img.shape[:2]
+    owner = np.full((H, W), -1, np.int64)
+    for m in range(len(masks) - 1, -1, -1):
+        mk = np.asarray(masks[m])
+        if mk.ndim != 2 or mk.dtype != bool:
+            raise InputError(f"masks[{m}]", f"must be a bool [h, w] mask, got {mk.dtype} {mk.shape}",
+                             "pass instance_masks()'s masks")
+        owner[analysis.upsample(mk, (H, W), mode="nearest")] = m
+    colours = palette(len(masks) + 1)[1:].astype(np.float64)
+    out = img.astype(np.float64)
+    inside = owner >= 0
+    out[inside] = (1.0 - alpha) * out[inside] + alpha * colours[owner[inside]]
+    if boundary_width > 0 and len(masks):
+        out[_boundaries(owner, boundary_width)] = boundary_color
+    return np.rint(np.clip(out, 0, 255)).astype(np.uint8)
+
+
+def side_by_side(images: Sequence, pad: int = 4, background: int = 255, titles: Sequence[str] | None = None
+                 ) -> np.ndarray:
+    """Images in a row, top-aligned, `pad` pixels apart and around, for a summary panel: uint8
+    `[max H (+ title) + 2·pad, Σ W + (n + 1)·pad, 3]`. Grey images become RGB; `titles` (one per image) are written
+    above them in PIL's default font."""
+    imgs = [_image(im, f"images[{i}]") for i, im in enumerate(images)]
+    if not imgs:
+        raise InputError("images", "is empty", "pass at least one image")
+    if titles is not None and len(titles) != len(imgs):
+        raise InputError("titles", f"has {len(titles)} entries for {len(imgs)} images", "give one title per image")
+    font = _font() if titles else None
+    title_h = _text_height(font) if titles else 0
+    H = max(im.shape[0] for im in imgs) + title_h + 2 * pad
+    W = sum(im.shape[1] for im in imgs) + (len(imgs) + 1) * pad
+    canvas = np.full((H, W, 3), background, np.uint8)
+    x, xs = pad, []
+    for im in imgs:
+        canvas[pad + title_h : pad + title_h + im.shape[0], x : x + im.shape[1]] = im
+        xs.append(x)
+        x += im.shape[1] + pad
+    if titles:
+        img = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(img)
+        for x0, t in zip(xs, titles):
+            draw.text((x0, pad), str(t), fill=(0, 0, 0), font=font)
+        canvas = np.asarray(img).copy()
+    return canvas
+
+
+def save_png(path: str, array) -> None:
+    """Write uint8 `[H, W]`, `[H, W, 3]` or `[H, W, 4]` (or a bool mask, written as 0/255 grey) to `path` as PNG,
+    atomically: a temporary file in the same directory, then `os.replace`, so readers never see half a file."""
+    a = np.asarray(array)
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    if a.dtype != np.uint8:
+        raise InputError("array", f"must be uint8 (or bool), got {a.dtype}",
+                         "convert with np.clip(x * 255, 0, 255).astype(np.uint8)")
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or a.shape[0] < 1 or a.shape[1] < 1:
+        raise InputError("array", f"must be [H, W], [H, W, 3] or [H, W, 4], got shape {a.shape}", "check the image")
+    img = Image.fromarray(np.ascontiguousarray(a))
+    write_atomic(path, lambda tmp: img.save(tmp, format="PNG"))
