@@ -139,8 +139,8 @@ def _font():
 
 
 def _text_height(font) -> int:
-    l, t, r, b = font.getbbox("0123456789#.:-")
-    return int(b) + 3
+    bottom = font.getbbox("0123456789#.:-")[3]
+    return int(bottom) + 3
 
 
 def eigvec_grid(eigvecs, size_per_tile=64, cols: int | None = None, cmap: str = "diverging", eigvals=None,
