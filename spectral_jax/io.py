@@ -1,0 +1,89 @@
+"""Image input: read any common image file as 8-bit RGB, resize it to a patch-multiple size, normalise it.
+
+`load_image(path)` → uint8 `[H, W, 3]` (EXIF orientation applied; alpha composited on white, as the
+`transformers` processors' `convert_rgb` does; 16-bit scaled to 8-bit; CMYK/palette/greyscale converted).
+`target_size((H, W), size, patch)` → output (H', W'): `size=S` makes the shorter side S rounded down to a multiple
+of `patch` and keeps the aspect ratio (the longer side is rounded down to a multiple of `patch` too);
+`size=(H', W')` is taken as it is (each a multiple of `patch`).
+`preprocess(img, size, patch, mean, std)` → float32 `[H', W', 3]` = (bicubic_resize(img)/255 − mean)/std, the
+resampling PIL's bicubic filter, as the references' image processors use.
+Every problem a user's file can cause raises `InputError` naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps
+
+from spectral_jax.errors import InputError
+
+Size = int | tuple[int, int]
+
+
+def load_image(path: str) -> np.ndarray:
+    """Read `path` as uint8 RGB `[H, W, 3]`, EXIF orientation applied."""
+    fix = "pass a readable JPEG/PNG/TIFF/WebP/BMP image"
+    if not os.path.isfile(path):
+        raise InputError(path, "no such file", "check the path")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()  # decode now, so a truncated file fails here
+                im = ImageOps.exif_transpose(im)
+                return _to_rgb(im)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise InputError(path, f"cannot read the image ({type(e).__name__}: {e})", fix) from None
+
+
+def _to_rgb(im: Image.Image) -> np.ndarray:
+    if im.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):  # 16-bit (or 32-bit int) greyscale
+        a = np.asarray(im, np.float64)
+        top = 65535.0 if im.mode.startswith("I;16") or a.max() > 255 else 255.0
+        grey = np.clip(np.round(a * (255.0 / top)), 0, 255).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=-1)
+    if im.mode == "F":
+        raise ValueError("floating-point images are not supported")
+    if (im.mode == "P" and "transparency" in im.info) or im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        im = Image.alpha_composite(white, rgba)
+    return np.asarray(im.convert("RGB"), np.uint8)
+
+
+def target_size(hw: tuple[int, int], size: Size, patch: int) -> tuple[int, int]:
+    """Output (H', W') for an image of (H, W): see the module docstring. Raises `InputError` if below one patch."""
+    if isinstance(size, (tuple, list)):
+        out = (int(size[0]), int(size[1]))
+        if out[0] % patch or out[1] % patch or min(out) < patch:
+            raise InputError(f"size {out[0]}x{out[1]}", f"each side must be a positive multiple of the patch size "
+                             f"{patch}", f"use e.g. {max(1, out[0] // patch) * patch}x{max(1, out[1] // patch) * patch}")
+        return out
+    h, w = hw
+    short = int(size) // patch * patch
+    if short < patch:
+        raise InputError(f"size {size}", f"is smaller than one patch ({patch} pixels)", f"use a size >= {patch}")
+    long = max(round(max(h, w) * short / min(h, w)) // patch * patch, patch)
+    return (short, long) if h <= w else (long, short)
+
+
+def preprocess(img: np.ndarray, size: Size, patch: int, mean, std) -> np.ndarray:
+    """uint8 `[H, W, 3]` → float32 `[H', W', 3]`: PIL bicubic resize to `target_size`, then (x/255 − mean)/std."""
+    th, tw = target_size(img.shape[:2], size, patch)
+    if (th, tw) != img.shape[:2]:
+        img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BICUBIC))
+    x = img.astype(np.float32) / np.float32(255)
+    return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+
+
+def load_images(paths, size: Size, patch: int, mean, std) -> np.ndarray:
+    """Several files → one float32 `[B, H', W', 3]` batch; they must all resize to the same (H', W')."""
+    xs = [preprocess(load_image(p), size, patch, mean, std) for p in paths]
+    shapes = {x.shape for x in xs}
+    if len(shapes) > 1:
+        raise InputError(", ".join(paths), f"resize to different sizes {sorted(s[:2] for s in shapes)}",
+                         "pass --size HxW to give them one size, or process them one at a time")
+    return np.stack(xs)
