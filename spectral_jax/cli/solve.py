@@ -1,0 +1,97 @@
+"""`spectral-jax solve ACTS.npz --graph qk|vv|knn-qk|knn-vv ... --out RESULT.npz` (one-line JSON on stdout).
+
+qk/vv graphs are per image: with B > 1 images each is solved on its own and eigvals/rq gain a leading B axis.
+kNN graphs join all images (intra + inter-image edges) into one solve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+
+import numpy as np
+
+from spectral_jax.errors import InputError
+
+
+def register(sub) -> None:
+    p = sub.add_parser("solve", help="solve for layer-distributed eigenvectors of an ACTS.npz",
+                       description=__doc__.splitlines()[0])
+    p.add_argument("acts", metavar="ACTS.npz")
+    p.add_argument("--graph", required=True, choices=("qk", "vv", "knn-qk", "knn-vv"))
+    p.add_argument("--num-eigs", type=int, default=20, metavar="K")
+    p.add_argument("--method", choices=("exact", "gd"), default="exact")
+    p.add_argument("--preset", choices=("eigen", "paper"), default="eigen")
+    p.add_argument("--param", choices=("table", "conv"), default="table", help="paper preset's parameterisation")
+    p.add_argument("--tau", type=float, default=0.1, metavar="T", help="temperature of the vv graph")
+    p.add_argument("--k-intra", type=int, default=50)
+    p.add_argument("--k-inter", type=int, default=None)
+    p.add_argument("--steps", type=int, default=None, metavar="N")
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--sample", type=float, default=None, metavar="F", help="fraction of graphs drawn per gd step")
+    p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--out", required=True, metavar="RESULT.npz")
+    p.set_defaults(func=run)
+
+
+def _check_args(args) -> None:
+    if args.num_eigs < 1:
+        raise InputError("--num-eigs", f"must be ≥ 1, got {args.num_eigs}", "pass e.g. --num-eigs 20")
+    if not (args.tau > 0 and math.isfinite(args.tau)):
+        raise InputError("--tau", f"must be a positive number, got {args.tau}", "pass e.g. --tau 0.1")
+    if args.steps is not None and args.steps < 1:
+        raise InputError("--steps", f"must be ≥ 1, got {args.steps}", "pass e.g. --steps 300")
+    if args.sample is not None and not 0 < args.sample <= 1:
+        raise InputError("--sample", f"must be in (0, 1], got {args.sample}", "pass e.g. --sample 0.25")
+    if args.method == "exact" and (args.preset != "eigen" or args.param != "table"):
+        raise InputError("--preset/--param", "apply to --method gd only", "add --method gd")
+    if not args.out.endswith(".npz"):
+        raise InputError(args.out, "the output must be a .npz file", "pass --out RESULT.npz")
+    if os.path.isdir(args.out):
+        raise InputError(args.out, "is a directory", "pass a file path such as --out RESULT.npz")
+
+
+def run(args) -> int:
+    from spectral_jax import graphs as G
+    from spectral_jax import solvers
+    from spectral_jax.acts import load_acts
+    from spectral_jax.solvers.result import Result
+
+    _check_args(args)
+    acts = load_acts(args.acts)
+    taps = acts.taps
+    first = taps.layers[min(taps.layers)]
+    nimg = first.q.shape[0]
+    joint = args.graph.startswith("knn")
+    nodes = max(t.grid[0] * t.grid[1] for t in taps.layers.values()) * (nimg if joint else 1)
+    if args.num_eigs >= nodes:
+        raise InputError("--num-eigs", f"K={args.num_eigs} must be smaller than the {nodes} graph nodes",
+                         f"pass --num-eigs {max(1, min(20, nodes - 1))} or fewer")
+    per = min(t.grid[0] * t.grid[1] for t in taps.layers.values())
+    if joint and args.k_intra > per:
+        raise InputError("--k-intra", f"{args.k_intra} exceeds the {per} tokens of an image", f"pass --k-intra {per}")
+
+    def solve(gs):
+        if args.method == "exact":
+            return solvers.exact(gs, args.num_eigs, seed=args.seed)
+        return solvers.gd(gs, args.num_eigs, args.preset, steps=args.steps, lr=args.lr, param=args.param,
+                          sample=args.sample, seed=args.seed, progress=True)
+
+    kw = dict(tau=args.tau, k_intra=args.k_intra, k_inter=args.k_inter)
+    if joint:
+        res = solve(G.from_taps(taps, args.graph, image=None, **kw))
+    else:
+        parts = [solve(G.from_taps(taps, args.graph, image=b, **kw)) for b in range(nimg)]
+        res = parts[0] if nimg == 1 else Result(
+            np.concatenate([r.eigvecs for r in parts]), np.stack([r.eigvals for r in parts]),
+            np.stack([r.rq for r in parts]), float(np.mean([r.objective for r in parts])),
+            max(r.orth_error for r in parts), parts[0].steps, sum(r.seconds for r in parts), parts[0].method,
+            np.stack([r.history for r in parts]), {**parts[0].info, "objective_per_image":
+                                                   [r.objective for r in parts]})
+    res.info.update(graph=args.graph, model=acts.model, layers=len(taps.layers), seed=args.seed)
+    if not np.all(np.isfinite(res.eigvecs)):
+        raise InputError(args.acts, "the solve produced NaN/Inf", "check the activations or use --method exact")
+    res.save(args.out)
+    print(json.dumps({**res.summary(), "out": args.out}))
+    return 0

@@ -1,0 +1,300 @@
+"""Matrix-free affinity graphs: row-stochastic operators P that apply to vectors without forming N×N.
+
+Every graph is a pytree with a `grid` (h, w), `num_images` (nodes = num_images·h·w, image-major, row-major
+within an image), optional leading batch dims `S` (e.g. layers × heads — the graphs of one group share a grid),
+and `matvec(z)` = P z, `rmatvec(z)` = Pᵀ z, `sym_matvec(z)` = ½(P + Pᵀ) z, `dense()` = P.
+
+Shape legend
+    S  batch dims of a graph group (layers, heads, ...)    N  nodes = num_images·h·w
+    D  feature / head dim    K  vectors per matvec    k  neighbours per node (kNN graphs)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_jax import kernels
+
+Array = Any
+DEFAULT_BLOCK = 512
+
+
+def _static(default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+class _Batched:
+    """Batching over the leading dims `S` of a graph's data leaves, shared by every graph type.
+
+    Subclasses define `_matvec1`, `_rmatvec1`, `_dense1` for one graph (no batch dims), and `batch_shape`.
+    """
+
+    batch_shape: tuple[int, ...]
+
+    @property
+    def num_graphs(self) -> int:
+        return int(np.prod(self.batch_shape, dtype=np.int64))
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_images * self.grid[0] * self.grid[1]
+
+    def _flat(self):
+        s = len(self.batch_shape)
+        return jax.tree.map(lambda x: x.reshape(self.num_graphs, *x.shape[s:]), self)
+
+    def _map(self, fn, z: Array | None) -> Array:
+        """Apply `fn(graph1, z)` to every graph in the batch; result gets the batch dims back."""
+        z = None if z is None else jnp.asarray(z)
+        if not self.batch_shape:
+            return fn(self, z)
+        out = jax.vmap(fn, in_axes=(0, None))(self._flat(), z)
+        return out.reshape(*self.batch_shape, *out.shape[1:])
+
+    def matvec(self, z: Array) -> Array:
+        """P z: z `[N, K]` → `[*S, N, K]`."""
+        return self._map(type(self)._matvec1, z)
+
+    def rmatvec(self, z: Array) -> Array:
+        """Pᵀ z: z `[N, K]` → `[*S, N, K]`."""
+        return self._map(type(self)._rmatvec1, z)
+
+    def sym_matvec(self, z: Array) -> Array:
+        """½(P + Pᵀ) z: z `[N, K]` → `[*S, N, K]`."""
+        return 0.5 * (self.matvec(z) + self.rmatvec(z))
+
+    def dense(self) -> Array:
+        """P materialised, `[*S, N, N]` — for small N (tests, the exact solver's fast path)."""
+        return self._map(lambda g, _: g._dense1(), None)
+
+    def select(self, idx: Array) -> "_Batched":
+        """The graphs at flat batch indices `idx` `[m]` (a group with batch shape `(m,)`)."""
+        flat = self._flat()
+        return dataclasses.replace(jax.tree.map(lambda x: x[idx], flat), batch_shape=(idx.shape[0],))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionGraph(_Batched):
+    """P = softmax(scale · q kᵀ) row-wise; q, k `[*S, N, D]`. Applied blockwise with an online softmax."""
+
+    q: Array
+    k: Array
+    grid: tuple[int, int] = _static()
+    scale: float = _static()
+    batch_shape: tuple[int, ...] = _static(())
+    num_images: int = _static(1)
+    block: int = _static(DEFAULT_BLOCK)
+
+    def _matvec1(self, z):
+        return kernels.attention_matmul(self.q, self.k, z, self.scale, self.block)
+
+    def _rmatvec1(self, z):
+        lse = kernels.row_lse(self.q, self.k, self.scale, self.block)
+        return kernels.softmax_apply(self.q, self.k, lse, z, self.scale, self.block, transpose=True)
+
+    def sym_matvec(self, z):
+        def one(g, z):
+            pz, lse = kernels.softmax_matmul(g.q, g.k, z, g.scale, g.block)
+            return 0.5 * (pz + kernels.softmax_apply(g.q, g.k, lse, z, g.scale, g.block, transpose=True))
+
+        return self._map(one, z)
+
+    def _dense1(self):
+        return jax.nn.softmax(self.scale * self.q @ self.k.T, axis=-1)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DenseGraph(_Batched):
+    """An explicit row-stochastic P `[*S, N, N]` (tests, cached small graphs, user-supplied affinities)."""
+
+    p: Array
+    grid: tuple[int, int] = _static()
+    batch_shape: tuple[int, ...] = _static(())
+    num_images: int = _static(1)
+
+    def _matvec1(self, z):
+        return self.p @ z
+
+    def _rmatvec1(self, z):
+        return self.p.T @ z
+
+    def _dense1(self):
+        return self.p
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KnnGraph(_Batched):
+    """P = D⁻¹ S with S = ½(A + Aᵀ) the symmetrised sparse kNN affinity; A stored as `[N, k]` indices/weights.
+
+    idx `[*S, N, k]` int32, w `[*S, N, k]` (0 for dropped edges), deg `[*S, N]` row sums of S.
+    """
+
+    idx: Array
+    w: Array
+    deg: Array
+    grid: tuple[int, int] = _static()
+    batch_shape: tuple[int, ...] = _static(())
+    num_images: int = _static(1)
+
+    def _a(self, z):          # A z: gather
+        return jnp.einsum("nk,nkc->nc", self.w, z[self.idx])
+
+    def _at(self, z):         # Aᵀ z: scatter-add
+        return jnp.zeros_like(z).at[self.idx.reshape(-1)].add((self.w[..., None] * z[:, None, :]).reshape(-1, z.shape[1]))
+
+    def _inv_deg(self):
+        return jnp.where(self.deg > 0, 1.0 / jnp.where(self.deg > 0, self.deg, 1.0), 0.0)
+
+    def _matvec1(self, z):
+        return self._inv_deg()[:, None] * 0.5 * (self._a(z) + self._at(z))
+
+    def _rmatvec1(self, z):
+        y = self._inv_deg()[:, None] * z
+        return 0.5 * (self._a(y) + self._at(y))
+
+    def _dense1(self):
+        n = self.idx.shape[0]
+        a = jnp.zeros((n, n), self.w.dtype).at[jnp.arange(n)[:, None], self.idx].add(self.w)
+        return self._inv_deg()[:, None] * 0.5 * (a + a.T)
+
+
+Graph = Union[AttentionGraph, DenseGraph, KnnGraph]
+
+
+def _check_grid(x, grid, num_images, what):
+    grid = (int(grid[0]), int(grid[1]))
+    if x.shape[-2] != num_images * grid[0] * grid[1]:
+        raise ValueError(f"{what} has {x.shape[-2]} tokens but grid {grid} × {num_images} image(s) needs "
+                         f"{num_images * grid[0] * grid[1]}")
+    return grid
+
+
+def attention(q: Array, k: Array, grid: tuple[int, int], scale: float | None = None,
+              block: int = DEFAULT_BLOCK) -> AttentionGraph:
+    """The attention graph P = softmax(q kᵀ/√D) of raw q/k projections `[*S, N, D]` (patch tokens only).
+
+    `scale` defaults to 1/√D, as in the network; `block` is the tile size of the blocked kernels.
+    """
+    q, k = jax.lax.stop_gradient(jnp.asarray(q)), jax.lax.stop_gradient(jnp.asarray(k))
+    if q.shape != k.shape:
+        raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape [*S, N, D]")
+    grid = _check_grid(q, grid, 1, "q")
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    return AttentionGraph(q, k, grid, scale, tuple(q.shape[:-2]), 1, int(block))
+
+
+def features(x: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEFAULT_BLOCK) -> AttentionGraph:
+    """P_ij ∝ exp(cos(x_i, x_j)/τ), row-normalised, for token features x `[*S, N, D]` (hidden states, values).
+
+    The same blocked kernel as `attention`, with q = k = x/‖x‖ and scale 1/τ.
+    """
+    x = jax.lax.stop_gradient(jnp.asarray(x))
+    if tau <= 0:
+        raise ValueError(f"tau must be > 0, got {tau}")
+    grid = _check_grid(x, grid, 1, "x")
+    xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    return AttentionGraph(xn, xn, grid, 1.0 / float(tau), tuple(x.shape[:-2]), 1, int(block))
+
+
+def value(v: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEFAULT_BLOCK) -> AttentionGraph:
+    """The value graph: P_ij ∝ exp(cos(v_i, v_j)/τ), row-normalised; v `[*S, N, D]`."""
+    return features(v, grid, tau, block)
+
+
+def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra: int = 50, k_inter: int = 0,
+        min_cos: float = 0.1, block: int = DEFAULT_BLOCK) -> KnnGraph:
+    """Sparse kNN graph over all tokens of `num_images` images: a, b `[*S, N, D]`, N = num_images·h·w.
+
+    Edges i→j for the `k_intra` largest cos(a_i, b_j) within i's image and the `k_inter` largest in other images,
+    dropped where cos ≤ `min_cos`; then S = ½(A + Aᵀ) (implicit) and P = D⁻¹ S. QK graph: a = q, b = k;
+    VV graph: a = b = v.
+    """
+    a, b = jax.lax.stop_gradient(jnp.asarray(a)), jax.lax.stop_gradient(jnp.asarray(b))
+    if a.shape != b.shape:
+        raise ValueError(f"a {a.shape} and b {b.shape} must have the same shape [*S, N, D]")
+    grid = _check_grid(a, grid, num_images, "a")
+    per = grid[0] * grid[1]
+    if not 0 <= k_intra <= per:
+        raise ValueError(f"k_intra={k_intra} must be in [0, {per}] (tokens per image)")
+    if not 0 <= k_inter <= (num_images - 1) * per:
+        raise ValueError(f"k_inter={k_inter} must be in [0, {(num_images - 1) * per}] (tokens in other images)")
+    if k_intra + k_inter == 0:
+        raise ValueError("k_intra + k_inter must be positive")
+    group = jnp.arange(a.shape[-2], dtype=jnp.int32) // per
+    batch = tuple(a.shape[:-2])
+    return _build_knn(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), group, grid, num_images, batch,
+                      int(k_intra), int(k_inter), float(min_cos), int(block))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _build_knn(a, b, group, grid, num_images, batch, k_intra, k_inter, min_cos, block):
+    def one(a1, b1):
+        i_s, c_s, i_o, c_o = kernels.topk_split(a1, b1, group, k_intra, k_inter, block)
+        idx = jnp.concatenate([i_s, i_o], axis=1)
+        cos = jnp.concatenate([c_s, c_o], axis=1)
+        w = jnp.where(cos > min_cos, cos, 0.0)
+        deg = 0.5 * (w.sum(axis=1) + jnp.zeros(a1.shape[0], w.dtype).at[idx.reshape(-1)].add(w.reshape(-1)))
+        return idx, w, deg
+
+    idx, w, deg = jax.vmap(one)(a, b)
+    un = lambda x: x.reshape(*batch, *x.shape[1:])
+    return KnnGraph(un(idx), un(w), un(deg), grid, batch, num_images)
+
+
+def dense(p: Array, grid: tuple[int, int], num_images: int = 1) -> DenseGraph:
+    """Wrap an explicit row-stochastic P `[*S, N, N]` as a graph."""
+    p = jnp.asarray(p)
+    grid = _check_grid(p, grid, num_images, "P")
+    return DenseGraph(p, grid, tuple(p.shape[:-2]), num_images)
+
+
+GRAPH_KINDS = ("qk", "vv", "knn-qk", "knn-vv")
+
+
+def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_intra: int = 50,
+              k_inter: int | None = None, min_cos: float = 0.1, block: int = DEFAULT_BLOCK) -> list[Graph]:
+    """Graph groups from `spectral_jax.taps.Taps`: layers whose q/k/v share a grid and shape are stacked.
+
+    qk: attention(q, k) `[L, H, N, D]` per group, for image `image`; vv: value(v, tau) likewise;
+    knn-qk / knn-vv: one kNN graph per layer over all B images' tokens (heads concatenated: `[L, B·N, H·D]`),
+    `k_intra` neighbours within the image, `k_inter` (default 50 when B > 1, else 0) in other images.
+    """
+    if kind not in GRAPH_KINDS:
+        raise ValueError(f"graph kind {kind!r} must be one of {GRAPH_KINDS}")
+    taps = taps.patches()
+    groups: dict[tuple, list] = {}
+    for i in sorted(taps.layers):
+        t = taps.layers[i]
+        groups.setdefault((t.grid, t.q.shape[1:], t.v.shape[1:]), []).append(t)
+    out = []
+    for (grid, _, _), ts in groups.items():
+        if kind in ("qk", "vv"):
+            if image is None or not 0 <= image < ts[0].q.shape[0]:
+                raise ValueError(f"image={image} out of range for a batch of {ts[0].q.shape[0]}")
+            if kind == "qk":
+                out.append(attention(jnp.stack([t.q[image] for t in ts]), jnp.stack([t.k[image] for t in ts]),
+                                     grid, block=block))
+            else:
+                out.append(value(jnp.stack([t.v[image] for t in ts]), grid, tau=tau, block=block))
+            continue
+        nimg = ts[0].q.shape[0]
+        merge = lambda x: jnp.transpose(jnp.asarray(x), (0, 2, 1, 3)).reshape(x.shape[0] * x.shape[2], -1)
+        if kind == "knn-qk":
+            a, b = jnp.stack([merge(t.q) for t in ts]), jnp.stack([merge(t.k) for t in ts])
+        else:
+            a = b = jnp.stack([merge(t.v) for t in ts])
+        per = grid[0] * grid[1]
+        kin = (50 if nimg > 1 else 0) if k_inter is None else k_inter
+        out.append(knn(a, b, grid, nimg, k_intra=min(k_intra, per), k_inter=min(kin, (nimg - 1) * per),
+                       min_cos=min_cos, block=block))
+    return out

@@ -1,0 +1,212 @@
+"""The layer-distributed eigen-objective over graph groups of different grids.
+
+X lives on a base grid (H0, W0); graph group l sees z_{l,k} = normalise(pool_l(x_k)) on its own grid, where
+pool_l is adaptive average pooling (torch's bins) and normalise makes each channel unit-norm over the group's
+nodes. With w_l the per-graph weights (normalised to sum 1 over all graphs of all groups):
+
+    Rayleigh form   R_{l,k} = z_{l,k}ᵀ P_l z_{l,k};   objective = Σ_k Σ_l w_l R_{l,k}
+    paper form      2·Σ_l w_l mean_k |R_{l,k} − 1| + 2λ·Σ_l w_l mean_{k≠k'} (z_{l,k}ᵀ z_{l,k'})²
+    linearised      A = Σ_l w_l c_l G_lᵀ sym(P_l) G_l,  B = Σ_l w_l c_l G_lᵀ G_l,  c_l = N0 / N_l
+
+where G_l is the pooling as a matrix. For graphs that all share the base grid, B = I and the optimum of the
+Rayleigh form over orthonormal X is the sum of the top-K eigenvalues of A = Σ_l w_l sym(P_l).
+
+Shape legend
+    B  images     K  vectors     (H0, W0)  base grid     M0 = B·H0·W0 base nodes
+    l  graph group; S_l its batch dims; G = Σ_l |S_l| graphs in all     (h, w)  a group's grid; N = B·h·w
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from spectral_jax.graphs import Graph
+
+Array = Any
+
+
+@functools.lru_cache(maxsize=256)
+def pool_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """Adaptive average pooling along one axis as a matrix `[n_out, n_in]` (torch's bins).
+
+    Row i averages inputs floor(i·n_in/n_out) … ceil((i+1)·n_in/n_out) − 1; for n_out > n_in it replicates.
+    """
+    m = np.zeros((n_out, n_in), np.float32)
+    for i in range(n_out):
+        lo, hi = (i * n_in) // n_out, -(-((i + 1) * n_in) // n_out)
+        m[i, lo:hi] = 1.0 / (hi - lo)
+    return m
+
+
+def base_grid_of(graphs: Sequence[Graph]) -> tuple[int, int]:
+    """The default base grid: the grid of the group with the most nodes per image (first on ties)."""
+    return max((g.grid for g in graphs), key=lambda hw: hw[0] * hw[1])
+
+
+def check_graphs(graphs: Sequence[Graph], base_grid: tuple[int, int] | None = None) -> tuple[tuple[int, int], int]:
+    """Validate a list of graph groups; returns (base grid, number of images)."""
+    if not graphs:
+        raise ValueError("need at least one graph")
+    nimg = {g.num_images for g in graphs}
+    if len(nimg) != 1:
+        raise ValueError(f"graph groups disagree on the number of images: {sorted(nimg)}")
+    base = tuple(base_grid) if base_grid is not None else base_grid_of(graphs)
+    return (int(base[0]), int(base[1])), nimg.pop()
+
+
+def pool(x: Array, grid: tuple[int, int]) -> Array:
+    """G x: `[B, ..., H0, W0]` → `[B, ..., h, w]` by adaptive average pooling (identity on the same grid)."""
+    h0, w0 = x.shape[-2:]
+    if (h0, w0) == tuple(grid):
+        return x
+    return jnp.einsum("hH,...HW,wW->...hw", pool_matrix(h0, grid[0]), x, pool_matrix(w0, grid[1]))
+
+
+def unpool(y: Array, base: tuple[int, int]) -> Array:
+    """Gᵀ y: `[B, ..., h, w]` → `[B, ..., H0, W0]` (the adjoint of `pool`)."""
+    h, w = y.shape[-2:]
+    if (h, w) == tuple(base):
+        return y
+    return jnp.einsum("hH,...hw,wW->...HW", pool_matrix(base[0], h), y, pool_matrix(base[1], w))
+
+
+def to_nodes(x: Array) -> Array:
+    """`[B, K, h, w]` → `[B·h·w, K]` (image-major node order, as the graphs use)."""
+    b, k, h, w = x.shape
+    return jnp.transpose(x, (0, 2, 3, 1)).reshape(b * h * w, k)
+
+
+def from_nodes(z: Array, num_images: int, grid: tuple[int, int]) -> Array:
+    """`[B·h·w, K]` → `[B, K, h, w]`."""
+    return jnp.transpose(z.reshape(num_images, grid[0], grid[1], -1), (0, 3, 1, 2))
+
+
+def project(x: Array, grid: tuple[int, int], eps: float = 1e-12) -> Array:
+    """z = normalise(pool(x)): `[B, K, H0, W0]` → `[B·h·w, K]`, each column unit-norm."""
+    z = to_nodes(pool(x, grid))
+    return z / jnp.maximum(jnp.linalg.norm(z, axis=0, keepdims=True), eps)
+
+
+def normalised_weights(graphs: Sequence[Graph], weights: Sequence[Array] | None) -> list[Array]:
+    """Per-graph weights, one array of each group's batch shape, summing to 1 over all graphs."""
+    if weights is None:
+        weights = [jnp.ones(g.batch_shape, jnp.float32) for g in graphs]
+    if len(weights) != len(graphs):
+        raise ValueError(f"{len(weights)} weight arrays for {len(graphs)} graph groups")
+    ws = [jnp.broadcast_to(jnp.asarray(w, jnp.float32), g.batch_shape) for g, w in zip(graphs, weights)]
+    total = sum(w.sum() for w in ws)
+    return [w / total for w in ws]
+
+
+def rayleigh(graphs: Sequence[Graph], x: Array, weights: Sequence[Array] | None = None
+             ) -> tuple[list[Array], Array]:
+    """Rayleigh quotients and the objective. x `[B, K, H0, W0]` → (per group R `[*S_l, K]`, objective scalar).
+
+    R_{l,k} = z_{l,k}ᵀ P_l z_{l,k} (= z ᵀ sym(P_l) z); objective = Σ_k Σ_l w_l R_{l,k} (w normalised).
+    """
+    ws = normalised_weights(graphs, weights)
+    rqs, obj = [], 0.0
+    for g, w in zip(graphs, ws):
+        z = project(x, g.grid)
+        r = jnp.einsum("nk,...nk->...k", z, g.matvec(z))
+        rqs.append(r)
+        obj = obj + jnp.sum(w[..., None] * r)
+    return rqs, obj
+
+
+def paper_loss(graphs: Sequence[Graph], x: Array, weights: Sequence[Array] | None = None, lam: float = 1.0
+               ) -> Array:
+    """The official code's loss: 2·Σ_l w_l mean_k |R_{l,k} − 1| + 2λ·Σ_l w_l mean_{k≠k'} (z_{l,k}ᵀ z_{l,k'})².
+
+    x `[B, K, H0, W0]` (in the paper, non-negative and summing to 1 over K at each pixel).
+    """
+    ws = normalised_weights(graphs, weights)
+    kk = x.shape[1]
+    off = 1.0 - jnp.eye(kk)
+    loss = 0.0
+    for g, w in zip(graphs, ws):
+        z = project(x, g.grid)
+        r = jnp.einsum("nk,...nk->...k", z, g.matvec(z))                 # [*S, K]
+        gram = (((z.T @ z) * off) ** 2).sum() / (kk * (kk - 1)) if kk > 1 else 0.0
+        loss = loss + 2.0 * jnp.sum(w * jnp.abs(r - 1.0).mean(-1)) + 2.0 * lam * jnp.sum(w) * gram
+    return loss
+
+
+def linear_operators(graphs: Sequence[Graph], weights: Sequence[Array] | None, base: tuple[int, int],
+                     num_images: int):
+    """The linearised objective's operators on base-grid node vectors `[M0, K]`.
+
+    Returns (A, B, same_grid): callables `[M0, K] → [M0, K]` for A = Σ_l w_l c_l G_lᵀ sym(P_l) G_l and
+    B = Σ_l w_l c_l G_lᵀ G_l, and whether every group is on the base grid (then B = I exactly).
+    """
+    ws = normalised_weights(graphs, weights)
+    n0 = base[0] * base[1]
+    same_grid = all(tuple(g.grid) == tuple(base) for g in graphs)
+
+    def a_op(v):
+        xb = from_nodes(v, num_images, base)
+        out = 0.0
+        for g, w in zip(graphs, ws):
+            c = n0 / (g.grid[0] * g.grid[1])
+            z = to_nodes(pool(xb, g.grid))
+            y = jnp.tensordot(w, g.sym_matvec(z), axes=w.ndim) * c           # [N, K]
+            out = out + to_nodes(unpool(from_nodes(y, num_images, g.grid), base))
+        return out
+
+    def b_op(v):
+        if same_grid:
+            return v
+        xb = from_nodes(v, num_images, base)
+        out = 0.0
+        for g, w in zip(graphs, ws):
+            c = n0 / (g.grid[0] * g.grid[1])
+            out = out + c * jnp.sum(w) * to_nodes(unpool(pool(xb, g.grid), base))
+        return out
+
+    return a_op, b_op, same_grid
+
+
+def dense_operators(graphs: Sequence[Graph], weights: Sequence[Array] | None, base: tuple[int, int],
+                    num_images: int) -> tuple[Array, Array]:
+    """A and B of `linear_operators` materialised `[M0, M0]` (small problems: the exact solver's fast path).
+
+    Each group's Σ_s w_s sym(P_s) is accumulated one graph at a time (`lax.scan`), so memory is O(N² + M0²).
+    """
+    ws = normalised_weights(graphs, weights)
+    n0 = base[0] * base[1]
+    m0 = num_images * n0
+    a = jnp.zeros((m0, m0), jnp.float32)
+    b = jnp.zeros((m0, m0), jnp.float32)
+    for g, w in zip(graphs, ws):
+        c = n0 / (g.grid[0] * g.grid[1])
+        s = _weighted_sym_dense(g, w)                                         # [N, N]
+        gm = _pool_nodes_matrix(base, g.grid, num_images)                     # [N, M0]
+        a = a + c * gm.T @ s @ gm
+        b = b + c * jnp.sum(w) * gm.T @ gm
+    return a, b
+
+
+@jax.jit
+def _weighted_sym_dense(g: Graph, w: Array) -> Array:
+    flat = g._flat()
+    wf = w.reshape(-1)
+
+    def step(acc, inp):
+        g1, w1 = inp
+        p = g1._dense1()
+        return acc + w1 * 0.5 * (p + p.T), None
+
+    n = g.num_nodes
+    acc, _ = jax.lax.scan(step, jnp.zeros((n, n), jnp.float32), (flat, wf))
+    return acc
+
+
+def _pool_nodes_matrix(base: tuple[int, int], grid: tuple[int, int], num_images: int) -> np.ndarray:
+    """G as a matrix `[B·h·w, B·H0·W0]` (block-diagonal over images)."""
+    one = np.kron(pool_matrix(base[0], grid[0]), pool_matrix(base[1], grid[1]))
+    return np.kron(np.eye(num_images, dtype=np.float32), one) if num_images > 1 else one
