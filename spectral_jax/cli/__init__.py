@@ -13,7 +13,8 @@ import sys
 from spectral_jax.errors import InputError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("solve", "extract")
+SUBCOMMANDS = ("demo", "analyze", "extract", "solve")
+_MODULES = {"demo": "analyze"}  # demo is registered by the analyze module
 
 
 class _Parser(argparse.ArgumentParser):
@@ -24,7 +25,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spectral-jax", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    for name in SUBCOMMANDS:
+    for name in dict.fromkeys(_MODULES.get(n, n) for n in SUBCOMMANDS):
         importlib.import_module(f"spectral_jax.cli.{name}").register(sub)
     return parser
 

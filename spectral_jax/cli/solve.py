@@ -53,10 +53,8 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
-    from spectral_jax import graphs as G
-    from spectral_jax import solvers
     from spectral_jax.acts import load_acts
-    from spectral_jax.solvers.result import Result
+    from spectral_jax.pipeline import solve_taps
 
     _check_args(args)
     acts = load_acts(args.acts)
@@ -72,23 +70,9 @@ def run(args) -> int:
     if joint and args.k_intra > per:
         raise InputError("--k-intra", f"{args.k_intra} exceeds the {per} tokens of an image", f"pass --k-intra {per}")
 
-    def solve(gs):
-        if args.method == "exact":
-            return solvers.exact(gs, args.num_eigs, seed=args.seed)
-        return solvers.gd(gs, args.num_eigs, args.preset, steps=args.steps, lr=args.lr, param=args.param,
-                          sample=args.sample, seed=args.seed, progress=True)
-
-    kw = dict(tau=args.tau, k_intra=args.k_intra, k_inter=args.k_inter)
-    if joint:
-        res = solve(G.from_taps(taps, args.graph, image=None, **kw))
-    else:
-        parts = [solve(G.from_taps(taps, args.graph, image=b, **kw)) for b in range(nimg)]
-        res = parts[0] if nimg == 1 else Result(
-            np.concatenate([r.eigvecs for r in parts]), np.stack([r.eigvals for r in parts]),
-            np.stack([r.rq for r in parts]), float(np.mean([r.objective for r in parts])),
-            max(r.orth_error for r in parts), parts[0].steps, sum(r.seconds for r in parts), parts[0].method,
-            np.stack([r.history for r in parts]), {**parts[0].info, "objective_per_image":
-                                                   [r.objective for r in parts]})
+    res = solve_taps(taps, args.graph, args.num_eigs, args.method, preset=args.preset, param=args.param,
+                     tau=args.tau, k_intra=args.k_intra, k_inter=args.k_inter, steps=args.steps, lr=args.lr,
+                     sample=args.sample, seed=args.seed, progress=args.method == "gd")
     res.info.update(graph=args.graph, model=acts.model, layers=len(taps.layers), seed=args.seed)
     if not np.all(np.isfinite(res.eigvecs)):
         raise InputError(args.acts, "the solve produced NaN/Inf", "check the activations or use --method exact")
