@@ -59,8 +59,9 @@ def target_size(hw: tuple[int, int], size: Size, patch: int) -> tuple[int, int]:
     if isinstance(size, (tuple, list)):
         out = (int(size[0]), int(size[1]))
         if out[0] % patch or out[1] % patch or min(out) < patch:
+            near = "x".join(str(max(1, s // patch) * patch) for s in out)
             raise InputError(f"size {out[0]}x{out[1]}", f"each side must be a positive multiple of the patch size "
-                             f"{patch}", f"use e.g. {max(1, out[0] // patch) * patch}x{max(1, out[1] // patch) * patch}")
+                             f"{patch}", f"use e.g. {near}")
         return out
     h, w = hw
     short = int(size) // patch * patch

