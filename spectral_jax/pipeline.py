@@ -59,7 +59,8 @@ def stack(parts: Sequence[Result]) -> Result:
                   {**parts[0].info, "objective_per_image": [r.objective for r in parts]})
 
 
-def _layers(layers, num_layers: int):
+def check_layers(layers, num_layers: int):
+    """'all'/None → None (every layer); a list or 'i,j,k' → validated indices (negative counts from the end)."""
     if layers in (None, "all"):
         return None
     if isinstance(layers, str):
@@ -89,7 +90,7 @@ class Backbone:
         from spectral_jax import models
 
         model, prep = models.load(name, weights)
-        chosen = _layers(layers, model.cfg.num_layers)
+        chosen = check_layers(layers, model.cfg.num_layers)
         return cls(name, model, prep, models.jit_forward(model, layers=chosen))
 
     def taps(self, x: np.ndarray) -> tuple[Taps, float]:

