@@ -2,7 +2,8 @@
 
 Keys, per tapped layer i: `layer{i}/q`, `layer{i}/k`, `layer{i}/v` float32 `[B, H, h*w, D]` (patch tokens only,
 raw projections), `layer{i}/grid` int `[2]`; plus `model` (str) and `image_size` int `[2]` (H, W in pixels).
-Optional: `layer{i}/hidden` float32 `[B, h*w, C]`.
+Optional: `layer{i}/hidden` float32 `[B, h*w, C]`; `timesteps` int `[T]` (diffusion models): then the heads axis
+holds T·H graphs, timestep-major (graph index = t·H + head), and `num_heads` int gives H.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ class Acts:
     taps: Taps
     model: str
     image_size: tuple[int, int]
+    timesteps: tuple[int, ...] = ()
 
 
 def write_atomic(path: str, write) -> None:
@@ -46,9 +48,16 @@ def write_atomic(path: str, write) -> None:
         raise
 
 
-def save_acts(path: str, taps: Taps, model: str, image_size: tuple[int, int]) -> None:
-    """Write `taps` (prefix tokens dropped) to `path` in the ACTS format, atomically."""
+def save_acts(path: str, taps: Taps, model: str, image_size: tuple[int, int],
+              timesteps: tuple[int, ...] | None = None, num_heads: int | None = None) -> None:
+    """Write `taps` (prefix tokens dropped) to `path` in the ACTS format, atomically.
+
+    timesteps/num_heads: for diffusion taps whose heads axis holds T·H graphs (timestep-major).
+    """
     arrays: dict[str, np.ndarray] = {"model": np.array(model), "image_size": np.asarray(image_size, np.int64)}
+    if timesteps is not None:
+        arrays["timesteps"] = np.asarray(timesteps, np.int64)
+        arrays["num_heads"] = np.asarray(num_heads, np.int64)
     taps = taps.patches()
     for i, t in taps.layers.items():
         for name in ("q", "k", "v"):
@@ -74,7 +83,7 @@ def load_acts(path: str) -> Acts:
         m = _KEY.match(key)
         if m:
             layers.setdefault(int(m.group(1)), {})[m.group(2)] = arr
-        elif key not in ("model", "image_size"):
+        elif key not in ("model", "image_size", "timesteps", "num_heads"):
             raise InputError(path, f"unexpected array {key!r}", fix)
     if not layers:
         raise InputError(path, "holds no layer{i}/q, k, v arrays", fix)
@@ -110,4 +119,5 @@ def load_acts(path: str) -> Acts:
             hidden[i] = d["hidden"].astype(np.float32)
     model = str(data["model"]) if "model" in data else "unknown"
     size = tuple(int(s) for s in np.asarray(data.get("image_size", [0, 0])).reshape(-1)[:2])
-    return Acts(Taps(taps, hidden), model, size)
+    steps = tuple(int(t) for t in np.asarray(data.get("timesteps", [])).reshape(-1))
+    return Acts(Taps(taps, hidden), model, size, steps)
