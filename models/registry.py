@@ -13,6 +13,7 @@ import jax.numpy as jnp
 
 from spectral_jax.errors import InputError
 from spectral_jax.models.vit import PRESETS, ViT, ViTConfig
+from spectral_jax.models.weights import load_weights
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
@@ -80,9 +81,7 @@ def load(name: str, weights: str | None = None, *, dtype=jnp.float32, seed: int 
     "random" → a random initialisation from `seed` (tests, benchmarks).
     cache_dir: keep converted weights there as an orbax checkpoint and reuse them on the next call.
     """
-    from spectral_jax.models import weights as W
-
     spec = get_spec(name)
-    model = W.load_weights(spec.config, spec.repo_id if weights is None else weights, dtype=dtype, seed=seed,
-                           cache_dir=cache_dir)
+    model = load_weights(spec.config, spec.repo_id if weights is None else weights, dtype=dtype, seed=seed,
+                         cache_dir=cache_dir)
     return model, spec.preprocess

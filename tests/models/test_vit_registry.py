@@ -71,3 +71,13 @@ class _no_init:
 
     def __exit__(self, *exc):
         self._ctx.__exit__(*exc)
+
+
+def test_config_from_full_clip_and_sparse_config_json():
+    transformers = pytest.importorskip("transformers")
+    full = transformers.CLIPConfig(vision_config=dict(patch_size=16)).to_dict()  # CLIPModel: text + vision
+    assert config_from_hf(full) == PRESETS["clip_vitb16"]
+    # config.json files may omit fields left at their defaults (transformers' ViTConfig defaults = ViT-B/16)
+    assert config_from_hf({"model_type": "vit", "layer_norm_eps": 1e-12}) == PRESETS["dino_vitb16"]
+    with pytest.raises(InputError, match="not a supported ViT family"):
+        config_from_hf({"model_type": "swin"})
