@@ -1,6 +1,7 @@
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
@@ -8,27 +9,7 @@ import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
-
 
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
-
-
-def planted_qk(rng, grid=(12, 12), groups=3, layers=2, heads=2, dim=16, strength=3.0, noise=0.5):
-    """q/k whose attention has a planted partition of the grid into `groups` vertical bands (plus noise)."""
-    h, w = grid
-    labels = (np.arange(w)[None, :].repeat(h, 0) * groups // w).reshape(-1)       # [N]
-    centers = rng.normal(size=(groups, dim))
-    q = strength * centers[labels] + noise * rng.normal(size=(layers, heads, h * w, dim))
-    k = strength * centers[labels] + noise * rng.normal(size=(layers, heads, h * w, dim))
-    return q.astype(np.float32), k.astype(np.float32), labels
-
-
-def subspace_alignment(u, v):
-    """Mean cosine of the principal angles between span(u) and span(v), u, v `[N, K]`."""
-    qu, _ = np.linalg.qr(np.asarray(u, np.float64))
-    qv, _ = np.linalg.qr(np.asarray(v, np.float64))
-    return float(np.linalg.svd(qu.T @ qv, compute_uv=False).mean())

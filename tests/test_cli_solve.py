@@ -7,7 +7,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import planted_qk
+from sjtest import planted_qk
 
 from spectral_jax.acts import save_acts
 from spectral_jax.cli import main

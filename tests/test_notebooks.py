@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from conftest import ROOT
+from sjtest import ROOT
 
 NOTEBOOKS = sorted(glob.glob(os.path.join(ROOT, "notebooks", "*.ipynb")))
 

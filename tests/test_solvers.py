@@ -2,7 +2,7 @@
 
 import numpy as np
 import pytest
-from conftest import planted_qk, subspace_alignment
+from sjtest import planted_qk, subspace_alignment
 
 from spectral_jax import graphs, solvers
 from spectral_jax.objective import dense_operators, normalised_weights
