@@ -113,7 +113,9 @@ def main() -> None:
             f"Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_forward.py --runs "
             f"{args.runs} --warmup {args.warmup}`; batch 1, float32, median of {args.runs} runs after "
             f"{args.warmup} warm-up calls, torch and Flax calls interleaved.\n\nMachine: {machine()}.\n\n"
-            "The machine is shared with other jobs and noisy: ratios from one run can move by ±20%.\n"
+            "The machine is shared with other jobs and was heavily loaded (load average above, on 2 CPUs): absolute "
+            "times are several times an idle machine's, and ratios move from run to run. PyTorch's OpenMP threads "
+            "probably suffer more from CPU contention than XLA's, which flatters the Flax column most at 224².\n"
             "The Flax forward also returns q/k/v `[B, H, T, D]` of every layer (the 'all taps' column, what "
             "`extract` runs); the torch forward returns only the last hidden state. 'max abs diff' compares the two "
             "last hidden states.\n\n" + table + "\n")
