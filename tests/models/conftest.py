@@ -1,13 +1,10 @@
-"""Shared setup for the backbone tests: fp32 matmuls, never touch the network, small random references."""
+"""Backbone tests: never look at a real Hugging Face cache (tests/conftest.py already sets HF_HUB_OFFLINE and
+float32 matmul precision)."""
 
-import jax
 import pytest
-
-jax.config.update("jax_default_matmul_precision", "float32")
 
 
 @pytest.fixture(autouse=True)
-def _offline(monkeypatch, tmp_path):
-    """No test may download: HF offline, and an empty private hub cache."""
+def _empty_hub_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf-hub-cache"))
