@@ -185,6 +185,10 @@ def dense_operators(graphs: Sequence[Graph], weights: Sequence[Array] | None, ba
     for g, w in zip(graphs, ws):
         c = n0 / (g.grid[0] * g.grid[1])
         s = _weighted_sym_dense(g, w)                                         # [N, N]
+        if tuple(g.grid) == tuple(base):                                      # G = I: no pooling products
+            a = a + s
+            b = b + jnp.sum(w) * jnp.eye(m0, dtype=jnp.float32)
+            continue
         gm = _pool_nodes_matrix(base, g.grid, num_images)                     # [N, M0]
         a = a + c * gm.T @ s @ gm
         b = b + c * jnp.sum(w) * gm.T @ gm

@@ -83,11 +83,12 @@ def test_exact_rejects_k_not_below_n(rng):
         solvers.exact(g, 16)
 
 
-@pytest.mark.parametrize("seed", [0, 1])
-def test_gd_eigen_reaches_exact_objective_on_planted_graphs(rng, seed):
+@pytest.mark.parametrize("seed,materialize", [(0, None), (1, None), (0, False)])
+def test_gd_eigen_reaches_exact_objective_on_planted_graphs(rng, seed, materialize):
     g = _planted_graph(rng, (14, 14))
     ex = solvers.exact(g, 8)
-    res = solvers.gd(g, 8, "eigen", steps=200, seed=seed)
+    res = solvers.gd(g, 8, "eigen", steps=200, seed=seed, materialize=materialize)
+    assert res.info["materialized"] == (materialize is None)
     assert res.objective >= 0.99 * ex.objective, (res.objective, ex.objective)
     assert res.orth_error < 1e-4
     assert subspace_alignment(res.eigvecs.reshape(8, -1).T, ex.eigvecs.reshape(8, -1).T) > 0.95
@@ -122,6 +123,17 @@ def test_gd_same_seed_same_result_different_seed_differs(rng):
     np.testing.assert_array_equal(a.eigvecs, b.eigvecs)
     np.testing.assert_array_equal(a.history, b.history)
     assert not np.array_equal(a.history, c.history)
+
+
+@pytest.mark.parametrize("preset", ["eigen", "paper"])
+def test_gd_materialized_equals_matrix_free(rng, preset):
+    """Building P once (aggregated for eigen, per graph for paper) changes the arithmetic, not the run."""
+    g = _planted_graph(rng, (8, 8))
+    a = solvers.gd(g, 4, preset, steps=30, seed=2, materialize=True)
+    b = solvers.gd(g, 4, preset, steps=30, seed=2, materialize=False)
+    assert a.info["materialized"] and not b.info["materialized"]
+    np.testing.assert_allclose(a.history, b.history, rtol=2e-4, atol=2e-5)
+    np.testing.assert_allclose(a.rq, b.rq, atol=2e-4)
 
 
 def test_gd_chunk_compiles_once(rng):
