@@ -43,7 +43,8 @@ def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: 
     pca = viz.pca_image(view.eigvecs, size=hw)
     fg = viz.overlay_segments(image, np.where(view.foreground, 0, -1))
     inst = viz.instance_image(image, view.instances)
-    grid = viz.eigvec_grid(view.eigvecs, size_per_tile=96, eigvals=view.eigvals)
+    h, w = view.eigvecs.shape[1:]
+    grid = viz.eigvec_grid(view.eigvecs, size_per_tile=(96, max(1, round(96 * w / h))), eigvals=view.eigvals)
     for name, arr in [("input", image), ("segments", seg), ("pca", pca), ("foreground", fg), ("instances", inst),
                       ("eigvecs", grid)]:
         viz.save_png(os.path.join(folder, f"{name}.png"), arr)
