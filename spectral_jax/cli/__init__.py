@@ -13,7 +13,7 @@ import sys
 from spectral_jax.errors import InputError
 
 # Subcommand modules, in the order `--help` lists them.
-SUBCOMMANDS = ("demo", "analyze", "extract", "solve")
+SUBCOMMANDS = ("demo", "analyze", "extract", "solve", "dataset")
 _MODULES = {"demo": "analyze"}  # demo is registered by the analyze module
 
 
