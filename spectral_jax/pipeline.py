@@ -91,6 +91,10 @@ class Backbone:
 
         model, prep = models.load(name, weights)
         chosen = check_layers(layers, model.cfg.num_layers)
+        if models.is_sd(name):  # Stable Diffusion: self-attention taps across the default timestep schedule
+            from spectral_jax import diffusion
+
+            return cls(name, model, prep, diffusion.tap_forward(model, layers=chosen))
         return cls(name, model, prep, models.jit_forward(model, layers=chosen))
 
     def taps(self, x: np.ndarray) -> tuple[Taps, float]:

@@ -2,6 +2,8 @@
 
 Runs the backbone on one image and writes the q/k/v taps of the chosen layers in the ACTS format
 (`spectral_jax.acts`), atomically; prints a one-line JSON summary on stdout.
+Stable Diffusion models add `[--timesteps 0,50,100 | --num-timesteps T --schedule KIND] [--seed S]`: the ACTS then
+holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads` (`spectral_jax.diffusion`).
 """
 
 from __future__ import annotations
@@ -47,6 +49,8 @@ def run(args: argparse.Namespace) -> int:
     from spectral_jax.acts import save_acts
     from spectral_jax.models import get_spec, jit_forward, load
 
+    if _run_sd(args):
+        return 0
     start = time.perf_counter()
     spec = get_spec(args.model)
     prep = spec.preprocess
@@ -70,6 +74,38 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+_SD_FLAGS = ("timesteps", "num_timesteps", "schedule", "t_max", "latent", "text_embedding")
+
+
+def _run_sd(args: argparse.Namespace) -> bool:
+    """Stable Diffusion models (`spectral_jax.diffusion`): taps across timesteps. False for other models."""
+    from spectral_jax import diffusion
+    from spectral_jax.models import get_spec, is_sd
+
+    given = [f"--{f.replace('_', '-')}" for f in _SD_FLAGS if getattr(args, f) is not None]
+    if not is_sd(args.model):
+        if given:
+            get_spec(args.model)  # an unknown model is the first problem to report
+            raise InputError(", ".join(given), f"apply to Stable Diffusion models only, not {args.model}",
+                             "drop them, or use --model sd14, sd15, sd21_base")
+        return False
+    spec = get_spec(args.model)
+    if args.hidden:
+        raise InputError("--hidden", "is not available for Stable Diffusion models", "drop --hidden")
+    if args.timesteps is not None and any(a is not None for a in (args.num_timesteps, args.schedule, args.t_max)):
+        raise InputError("--timesteps", "cannot be combined with --num-timesteps/--schedule/--t-max",
+                         "pass either --timesteps 0,50,100 or --num-timesteps T --schedule KIND")
+    t_max = diffusion.DEFAULT_T_MAX if args.t_max is None else args.t_max
+    ts = (diffusion.parse_timesteps(args.timesteps) if args.timesteps is not None else
+          diffusion.timestep_schedule(args.schedule or "random", args.num_timesteps or diffusion.DEFAULT_NUM_TIMESTEPS,
+                                      args.seed, t_max))
+    summary = diffusion.extract(args.image, args.model, args.out, weights=args.weights, size=parse_size(args.size),
+                                layers=parse_layers(args.layers, spec.config.num_layers), timesteps=ts, seed=args.seed,
+                                latent=args.latent or "mean", text_embedding=args.text_embedding)
+    print(json.dumps(summary))
+    return True
+
+
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help="run a backbone on an image, write its q/k/v taps (ACTS.npz)",
                               description=__doc__.splitlines()[0])
@@ -83,4 +119,16 @@ def register(subparsers) -> None:
     p.add_argument("--layers", default="all", help="'all' or comma-separated indices, e.g. 0,3,5")
     p.add_argument("--hidden", action="store_true", help="also store each tapped layer's output hidden states")
     p.add_argument("--out", required=True, help="output ACTS.npz")
+    sd = p.add_argument_group("Stable Diffusion (sd14, sd15, sd21_base): self-attention taps across noise timesteps")
+    sd.add_argument("--timesteps", default=None, help="comma-separated timesteps in [0, 999], e.g. 0,50,100")
+    sd.add_argument("--num-timesteps", type=int, default=None, metavar="T",
+                    help="draw T timesteps with --schedule (default 4)")
+    sd.add_argument("--schedule", default=None, choices=("random", "constant", "increasing", "decreasing", "cyclic"),
+                    help="timestep schedule over [0, --t-max] (default random: t ~ U{0..t_max})")
+    sd.add_argument("--t-max", type=int, default=None, help="largest timestep of the schedule (default 250)")
+    sd.add_argument("--seed", type=int, default=0, help="schedule, noise and latent-sample seed (default 0)")
+    sd.add_argument("--latent", default=None, choices=("mean", "sample"),
+                    help="VAE posterior mean (default) or a sample from --seed")
+    sd.add_argument("--text-embedding", default=None, metavar="NPY",
+                    help="saved empty-prompt embedding [77, C] (then text_encoder/ is not needed)")
     p.set_defaults(func=run)

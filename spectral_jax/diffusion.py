@@ -1,0 +1,217 @@
+"""Diffusion backbones: images → VAE latents → noisy latents at T timesteps → UNet self-attention taps, folded
+into one `Taps` (a cache of T samples of q/k/v per layer, never an N×N attention matrix).
+
+    sd = spectral_jax.models.load_sd("sd15")                          # or load_sd("sd_tiny", "random")
+    ts = timestep_schedule("random", 8, seed=0)                       # t ~ U{0..250}, as the official code
+    taps = collect_taps(images, sd, ts, seed=0)                       # q/k/v [B, T·H, h*w, D] per layer
+    graphs = spectral_jax.graphs.from_taps(taps, "qk")                # one group per grid (64/32/16/8 at 512²)
+    res = spectral_jax.solvers.gd(graphs, 20, sample=0.25)            # a fresh (layer, timestep, head) draw per step
+
+For each timestep t_i (i = 0..T−1): x_t = √ᾱ_t · z + √(1 − ᾱ_t) · ε_i with z the scaled VAE latent of the image
+and ε_i ~ N(0, I) drawn from (seed, i); the UNet runs on (x_t, t_i, empty-prompt text) and every self-attention
+layer's raw q/k/v is kept. The heads axis of each layer then holds T·H graphs, timestep-major: graph index
+i·H + head — the ACTS `timesteps`/`num_heads` convention (`spectral_jax.acts`). A solve that samples a fraction
+of each group's graphs per step (`gd(..., sample=F)`) therefore sees different timesteps and heads every step
+without running the UNet again — the official code's fresh-t-per-step objective, from a fixed cache.
+
+Shape legend
+    B  images   (H, W)  pixels (multiples of 8)   (h, w) = (H, W)/8 latent grid   T  timesteps   H  heads
+    N  tokens of a layer's grid   D  head dim
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spectral_jax.errors import InputError
+from spectral_jax.models.sd_unet import resolve_layers
+from spectral_jax.taps import LayerTap, Taps
+
+SCHEDULES = ("random", "constant", "increasing", "decreasing", "cyclic")
+DEFAULT_NUM_TIMESTEPS = 4
+DEFAULT_T_MAX = 250
+LATENTS = ("mean", "sample")
+
+
+def timestep_schedule(kind: str, steps: int, seed: int = 0, t_max: int = DEFAULT_T_MAX, *, t_min: int = 0,
+                      periods: int = 1, num_train_timesteps: int = 1000) -> np.ndarray:
+    """`steps` integer timesteps in [t_min, t_max], int64 `[steps]` — the schedules the official code offers:
+
+    random      t ~ U{t_min..t_max}, i.i.d. from `seed` (the paper's setting, t_max = 250)
+    constant    t_max every step
+    increasing  t_min → t_max, evenly spaced (rounded)
+    decreasing  t_max → t_min
+    cyclic      t_min + (t_max − t_min)·(1 − cos(2π·periods·i/steps))/2: `periods` cosine cycles from t_min
+    """
+    if kind not in SCHEDULES:
+        raise InputError(f"schedule {kind!r}", "unknown timestep schedule", f"choose one of {', '.join(SCHEDULES)}")
+    if int(steps) < 1:
+        raise InputError(f"steps {steps}", "need at least one timestep", "pass e.g. --num-timesteps 4")
+    if not 0 <= t_min <= t_max < num_train_timesteps:
+        raise InputError(f"t_min {t_min}, t_max {t_max}", f"need 0 ≤ t_min ≤ t_max ≤ {num_train_timesteps - 1}",
+                         "pass e.g. --t-max 250")
+    if int(periods) < 1:
+        raise InputError(f"periods {periods}", "must be ≥ 1", "pass e.g. periods=1")
+    n, i = int(steps), np.arange(int(steps))
+    if kind == "random":
+        return np.random.default_rng(seed).integers(t_min, t_max + 1, n).astype(np.int64)
+    if kind == "constant":
+        return np.full(n, t_max, np.int64)
+    if kind in ("increasing", "decreasing"):
+        t = np.rint(np.linspace(t_min, t_max, n)).astype(np.int64)
+        return t if kind == "increasing" else t[::-1].copy()
+    t = t_min + (t_max - t_min) * 0.5 * (1.0 - np.cos(2.0 * np.pi * periods * i / n))
+    return np.rint(t).astype(np.int64)
+
+
+def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> np.ndarray:
+    """"0,50,100" → int64 `[3]`, each in [0, num_train_timesteps)."""
+    try:
+        ts = np.array([int(s) for s in text.split(",") if s.strip()], np.int64)
+    except ValueError:
+        raise InputError(f"--timesteps {text!r}", "not a comma-separated list of integers",
+                         "pass e.g. --timesteps 0,50,100") from None
+    if ts.size == 0 or ts.min() < 0 or ts.max() >= num_train_timesteps:
+        raise InputError(f"--timesteps {text!r}", f"each must be in [0, {num_train_timesteps - 1}]",
+                         "pass e.g. --timesteps 0,50,100")
+    return ts
+
+
+def fold_timesteps(per_step: Sequence[Taps]) -> Taps:
+    """T single-timestep `Taps` (q/k/v `[B, H, N, D]`) → one with q/k/v `[B, T·H, N, D]`, timestep-major."""
+    first = per_step[0]
+    layers = {}
+    for i, t in first.layers.items():
+        cat = lambda name: jnp.concatenate([getattr(s.layers[i], name) for s in per_step], axis=1)
+        layers[i] = LayerTap(cat("q"), cat("k"), cat("v"), t.grid, t.num_prefix)
+    return Taps(layers)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "sample"))
+def _encode(graphdef, state, images, key, sample: bool):
+    return nnx.merge(graphdef, state).encode(images, key if sample else None)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule"))
+def _step_taps(graphdef, state, latents, t, i, key, context, schedule):
+    """Taps of every self-attention layer of the UNet on x_t = add_noise(latents, ε_i, t), ε_i ~ N(0, I) from
+    fold_in(key, i). All layers, so that one compilation serves every layer selection; only the taps leave, so
+    XLA drops the UNet's work after the last self-attention."""
+    noise = jax.random.normal(jax.random.fold_in(key, i), latents.shape, latents.dtype)
+    x_t = schedule.add_noise(latents, noise, t)
+    ctx = jnp.broadcast_to(context, (latents.shape[0], *context.shape[1:]))
+    return nnx.merge(graphdef, state)(x_t, t, ctx)[1]
+
+
+def _keys(seed: int):
+    k_vae, k_noise = jax.random.split(jax.random.key(seed))
+    return k_vae, k_noise
+
+
+def encode_images(model, images, *, latent: str = "mean", seed: int = 0) -> jax.Array:
+    """Scaled VAE latents `[B, h, w, 4]` of images `[B, H, W, 3]` in [−1, 1]: scaling_factor · z, z the posterior
+    mean ("mean") or a sample from `seed` ("sample", as the official code does)."""
+    if latent not in LATENTS:
+        raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(LATENTS)}")
+    graphdef, state = nnx.split(model.vae)
+    return _encode(graphdef, state, jnp.asarray(images, jnp.float32), _keys(seed)[0], latent == "sample")
+
+
+def noisy_latents(model, latents, timesteps, seed: int = 0) -> jax.Array:
+    """The UNet inputs `collect_taps` uses: `[T, B, h, w, 4]`, x_{t_i} = add_noise(latents, ε_i, t_i),
+    ε_i ~ N(0, I) from (seed, i)."""
+    ts = model.schedule.check(np.asarray(timesteps).reshape(-1))
+    k = _keys(seed)[1]
+    out = []
+    for i, t in enumerate(ts):
+        noise = jax.random.normal(jax.random.fold_in(k, i), latents.shape, latents.dtype)
+        out.append(model.schedule.add_noise(latents, noise, int(t)))
+    return jnp.stack(out)
+
+
+def collect_taps(images, model, timesteps, seed: int = 0, *, layers: Sequence[int] | None = None,
+                 latent: str = "mean") -> Taps:
+    """Self-attention taps of `model` (a `StableDiffusion`) on `images` `[B, H, W, 3]` (in [−1, 1], sides multiples
+    of 8) at each of `timesteps` (ints in [0, 999]), folded timestep-major: per layer q/k/v `[B, T·H, h_l·w_l, D]`.
+
+    One UNet pass per timestep (compiled once per architecture and input shape); the noise ε_i comes from
+    (seed, i); latent: "mean" or "sample" (the VAE posterior; a sample is drawn from `seed`). layers: indices of
+    self-attention layers (None → all 16 for SD 1.x/2.x). Memory: O(T · Σ_l N_l·H·D), the q/k/v themselves — no
+    attention matrix is kept.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
+    ts = model.schedule.check(np.asarray(timesteps).reshape(-1))
+    if ts.size == 0:
+        raise ValueError("need at least one timestep")
+    chosen = resolve_layers(layers, model.cfg.num_layers)
+    latents = encode_images(model, images, latent=latent, seed=seed)
+    graphdef, state = nnx.split(model.unet)
+    k = _keys(seed)[1]
+    steps = []
+    for i, t in enumerate(ts):
+        taps = _step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), k, model.context, model.schedule)
+        steps.append(Taps({j: taps.layers[j] for j in chosen}))
+    return fold_timesteps(steps)
+
+
+def heads_per_layer(model, taps: Taps) -> dict[int, int]:
+    """H of each tapped layer (before folding timesteps)."""
+    attn = model.cfg.unet.attn_layers()
+    return {i: attn[i][1] for i in taps.layers}
+
+
+def tap_forward(model, *, layers: Sequence[int] | None = None, timesteps=None, seed: int = 0,
+                latent: str = "mean"):
+    """A `images → (None, Taps)` callable with the interface of the ViT forwards (`pipeline.Backbone`): taps across
+    `timesteps` (default: `timestep_schedule("random", DEFAULT_NUM_TIMESTEPS, seed)`)."""
+    ts = (timestep_schedule("random", DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
+          else np.asarray(timesteps, np.int64))
+    return lambda images: (None, collect_taps(images, model, ts, seed, layers=layers, latent=latent))
+
+
+def extract(image: str, name: str, out: str, *, weights: str | None = None, size=None,
+            layers: Sequence[int] | None = None, timesteps=None, seed: int = 0, latent: str = "mean",
+            text_embedding: str | None = None) -> dict:
+    """`spectral-jax extract` for a Stable Diffusion model: read `image`, write its taps across `timesteps` to
+    `out` (ACTS with `timesteps` and `num_heads`), return the summary dict. Every input is checked before the
+    model is loaded."""
+    from spectral_jax import io
+    from spectral_jax.acts import save_acts
+    from spectral_jax.models.sd import get_sd_spec, load_sd
+
+    start = time.perf_counter()
+    spec = get_sd_spec(name)
+    prep = spec.preprocess
+    ts = (timestep_schedule("random", DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
+          else np.asarray(timesteps, np.int64).reshape(-1))
+    spec.config.schedule.check(ts)
+    if latent not in LATENTS:
+        raise InputError(f"--latent {latent!r}", "unknown", f"choose one of {', '.join(LATENTS)}")
+    x = io.preprocess(io.load_image(image), prep.size if size is None else size, prep.patch_size, prep.mean,
+                      prep.std)[None]                                                   # [1, H, W, 3]
+    model = load_sd(name, weights, text_embedding=text_embedding)
+    taps = collect_taps(x, model, ts, seed, layers=layers, latent=latent)
+    for i, t in taps.layers.items():
+        if not all(bool(jnp.isfinite(a).all()) for a in (t.q, t.k, t.v)):
+            raise InputError(f"weights {weights or spec.repo_id!r}", f"layer {i} produced NaN or Inf",
+                             "check that the checkpoint is intact and matches --model")
+    heads = heads_per_layer(model, taps)
+    uniform = len(set(heads.values())) == 1
+    save_acts(out, taps, name, x.shape[1:3], timesteps=tuple(int(t) for t in ts),
+              num_heads=next(iter(heads.values())) if uniform else [heads[i] for i in sorted(heads)])
+    first = taps.layers[min(taps.layers)]
+    return {"model": name, "image": image, "image_size": list(x.shape[1:3]), "layers": sorted(taps.layers),
+            "grids": [list(g) for g in sorted({tuple(t.grid) for t in taps.layers.values()}, reverse=True)],
+            "timesteps": [int(t) for t in ts],
+            "heads": next(iter(heads.values())) if uniform else {str(i): h for i, h in heads.items()},
+            "graphs_per_layer": int(first.q.shape[1]), "latent": latent, "seed": seed, "out": out,
+            "seconds": round(time.perf_counter() - start, 3)}
