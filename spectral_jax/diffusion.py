@@ -182,8 +182,8 @@ def extract(image: str, name: str, out: str, *, weights: str | None = None, size
             layers: Sequence[int] | None = None, timesteps=None, seed: int = 0, latent: str = "mean",
             text_embedding: str | None = None) -> dict:
     """`spectral-jax extract` for a Stable Diffusion model: read `image`, write its taps across `timesteps` to
-    `out` (ACTS with `timesteps` and `num_heads`), return the summary dict. Every input is checked before the
-    model is loaded."""
+    `out` (ACTS with `timesteps` and `num_heads` — an int, or one per tapped layer where the heads differ, as in
+    SD 2.x's 5/10/20), return the summary dict. Image, timesteps and options are checked before the model loads."""
     from spectral_jax import io
     from spectral_jax.acts import save_acts
     from spectral_jax.models.sd import get_sd_spec, load_sd

@@ -183,8 +183,8 @@ def test_multigrid_solves_match_dense_rayleigh(taps):
         assert res.objective == pytest.approx(obj, abs=2e-5)
     # stochastic steps (a quarter of each group's (layer, timestep, head) graphs) still approach the exact solve
     assert gd.objective >= 0.98 * exact.objective
-    full = solvers.gd(graphs, 6, steps=200, seed=0)
-    assert not np.allclose(full.history, gd.history)                         # sampled objectives differ per step
+    full = solvers.gd(graphs, 6, steps=20, seed=0)                      # same start, every graph every step
+    assert not np.allclose(full.history, gd.history[:20], rtol=1e-4)    # the sampled objective differs per step
 
 
 # ---------------------------------------------------------------------------------------------------------------

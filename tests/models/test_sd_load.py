@@ -137,8 +137,9 @@ def test_found_in_the_hub_cache(tiny_dir, tmp_path, monkeypatch):
     (cache / "models--someone--sd-tiny" / "refs").mkdir()
     (cache / "models--someone--sd-tiny" / "refs" / "main").write_text("0123abc")
     monkeypatch.setenv("HF_HUB_CACHE", str(cache))
-    sd = load_sd("sd_tiny", "someone/sd-tiny")
+    sd = load_sd("sd_tiny", "someone/sd-tiny", attn_chunk=64)
     assert sd.context.shape == (1, 77, 32)
+    assert sd.unet.cfg.attn_chunk == 64 == sd.unet.up_blocks[3].attentions[2].transformer_blocks[0].attn1.chunk
 
 
 @pytest.mark.parametrize("name, repo", [("sd15", "runwayml/stable-diffusion-v1-5"),

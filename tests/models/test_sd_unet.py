@@ -163,6 +163,22 @@ def test_full_size_sd1_down_block(tmp_path):
             close(a.transpose(0, 2, 1, 3).reshape(1, 1024, 320), caps[(layer, proj)], f"layer {i} {proj}")
 
 
+def test_chunked_attention_is_the_same_attention():
+    """`attn_chunk` (query blocks, for 64² latents) changes memory, not results."""
+    from spectral_jax.models.sd_layers import attend
+
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 4, 8)), jnp.float32) for _ in range(3))
+    full = np.asarray(attend(q, k, v))
+    s = np.einsum("bnhd,bmhd->bhnm", np.asarray(q, np.float64), np.asarray(k, np.float64)) / np.sqrt(8)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    want = np.einsum("bhnm,bmhd->bnhd", p / p.sum(-1, keepdims=True), np.asarray(v, np.float64))
+    np.testing.assert_allclose(full, want, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(attend(q, k, v, chunk=16)), full, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(attend(q, k[:, :10], v[:, :10], chunk=16)),
+                               np.asarray(attend(q, k[:, :10], v[:, :10])), rtol=0, atol=1e-6)  # cross-attention
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Converter refusals and config checks
 # ---------------------------------------------------------------------------------------------------------------
