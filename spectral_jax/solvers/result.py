@@ -10,6 +10,7 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -57,6 +58,9 @@ class Result:
         write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
+_rayleigh = jax.jit(rayleigh)   # one compiled pass over every graph, not op-by-op dispatch of the blocked kernels
+
+
 def fix_signs(v: np.ndarray) -> np.ndarray:
     """Deterministic sign per column of `v` `[M, K]`: the sum is positive, or if ~0 the largest entry is."""
     s = v.sum(axis=0)
@@ -74,7 +78,7 @@ def finish(graphs: Sequence[Graph], weights, vecs: np.ndarray, eigvals: np.ndarr
     """
     vecs = fix_signs(np.asarray(vecs, np.float64)).astype(np.float32)
     x = from_nodes(jnp.asarray(vecs), num_images, base)
-    rqs, obj = rayleigh(graphs, x, weights)
+    rqs, obj = _rayleigh(list(graphs), x, weights)
     rq = np.concatenate([np.asarray(r).reshape(-1, vecs.shape[1]) for r in rqs], axis=0)
     bv = vecs if metric is None else np.asarray(metric(jnp.asarray(vecs)))
     gram = vecs.T.astype(np.float64) @ bv
