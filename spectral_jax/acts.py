@@ -3,7 +3,8 @@
 Keys, per tapped layer i: `layer{i}/q`, `layer{i}/k`, `layer{i}/v` float32 `[B, H, h*w, D]` (patch tokens only,
 raw projections), `layer{i}/grid` int `[2]`; plus `model` (str) and `image_size` int `[2]` (H, W in pixels).
 Optional: `layer{i}/hidden` float32 `[B, h*w, C]`; `timesteps` int `[T]` (diffusion models): then the heads axis
-holds T·H graphs, timestep-major (graph index = t·H + head), and `num_heads` int gives H.
+holds T·H graphs, timestep-major (graph index = t·H + head), and `num_heads` gives H: an int, or one int per
+tapped layer in layer order where H differs between layers (SD 2.x).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def write_atomic(path: str, write) -> None:
 
 
 def save_acts(path: str, taps: Taps, model: str, image_size: tuple[int, int],
-              timesteps: tuple[int, ...] | None = None, num_heads: int | None = None) -> None:
+              timesteps: tuple[int, ...] | None = None, num_heads=None) -> None:
     """Write `taps` (prefix tokens dropped) to `path` in the ACTS format, atomically.
 
     timesteps/num_heads: for diffusion taps whose heads axis holds T·H graphs (timestep-major).
