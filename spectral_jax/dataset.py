@@ -894,7 +894,8 @@ def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | N
         "loss_kind": "paper loss" if cfg.preset == "paper" else "−Σ_k c_k Σ_l w_l R_{l,k} (Brockett)",
         "seconds": round(time.perf_counter() - t_start, 3), "seconds_total": round(seconds_total, 3),
         "seconds_loop": round(loop_s, 3), "compile_seconds": round(compile_s, 3),
-        "images_per_second": round(steps_run * b / loop_s, 3) if steps_run and loop_s > 0 else None,
+        "images_per_second": (round(sum(h[3] for h in history[len(history) - steps_run:]) / loop_s, 3)
+                              if steps_run and loop_s > 0 else None),      # images read, not padded slots
         "method": f"dataset-{cfg.preset}", "preset": cfg.preset, "num_eigs": cfg.num_eigs,
         "steps": step_now, "steps_this_run": steps_run, "resumed_from": done[-1] if done else None,
         "epochs": step_now / per_epoch, "steps_per_epoch": per_epoch, "last_batch": "padded (masked slots)",
