@@ -106,6 +106,10 @@ class Extractor:
         from spectral_jax.pipeline import check_layers
 
         spec = models.get_spec(model)
+        if models.is_sd(model):
+            raise InputError(f"model {model!r}", "dataset runs take ViT backbones; Stable Diffusion taps are "
+                             "per timestep and not wired into the dataset solver yet",
+                             "use a ViT such as dinov2_vits14, or `spectral-jax analyze` for SD models")
         chosen = check_layers(layers, spec.config.num_layers)
         net, prep = models.load(model, weights)
         graphdef, state = nnx.split(net)

@@ -146,11 +146,19 @@ class KnnGraph(_Batched):
     batch_shape: tuple[int, ...] = _static(())
     num_images: int = _static(1)
 
-    def _a(self, z):          # A z: gather
-        return jnp.einsum("nk,nkc->nc", self.w, z[self.idx])
+    def _a(self, z):          # A z: one gather per neighbour slot, O(N·K) memory (never [N, k, K])
+        def add(acc, slot):
+            idx, w = slot
+            return acc + w[:, None] * z[idx], None
 
-    def _at(self, z):         # Aᵀ z: scatter-add
-        return jnp.zeros_like(z).at[self.idx.reshape(-1)].add((self.w[..., None] * z[:, None, :]).reshape(-1, z.shape[1]))
+        return jax.lax.scan(add, jnp.zeros_like(z), (self.idx.T, self.w.T))[0]
+
+    def _at(self, z):         # Aᵀ z: one scatter-add per neighbour slot
+        def add(acc, slot):
+            idx, w = slot
+            return acc.at[idx].add(w[:, None] * z), None
+
+        return jax.lax.scan(add, jnp.zeros_like(z), (self.idx.T, self.w.T))[0]
 
     def _inv_deg(self):
         return jnp.where(self.deg > 0, 1.0 / jnp.where(self.deg > 0, self.deg, 1.0), 0.0)

@@ -32,7 +32,11 @@ def one_image(res: Result, b: int) -> Result:
 
 
 def write_json(path: str, data) -> None:
-    write_atomic(path, lambda tmp: open(tmp, "w").write(json.dumps(data, indent=2) + "\n"))
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(json.dumps(data, indent=2) + "\n")
+
+    write_atomic(path, write)
 
 
 def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: dict | None = None) -> dict:
