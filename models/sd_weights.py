@@ -35,8 +35,8 @@ from spectral_jax.errors import InputError
 from spectral_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from spectral_jax.models.sd_unet import UNet2DConditionModel, UNetConfig
 from spectral_jax.models.sd_vae import AutoencoderKL, VAEConfig
-from spectral_jax.models.weights import (KeyTable, Rule, _conv, _flatten, _linear, _linear_t, _norm, _same, _short,
-                                         read_safetensors)
+from spectral_jax.models.weights import (KeyTable, Rule, _conv, _flatten, _linear, _linear_t, _norm, _same,
+                                         apply_table, read_safetensors)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key tables
@@ -155,41 +155,6 @@ def abstract_model(cls, cfg, dtype=jnp.float32):
     """(graphdef, abstract state, {dotted path: ShapeDtypeStruct}) of `cls(cfg)`, nothing allocated (cached)."""
     graphdef, state, flat = _abstract(cls, cfg, jnp.dtype(dtype))
     return graphdef, jax.tree.map(lambda x: x, state), flat
-
-
-def convert(table: KeyTable, targets: dict, tensors: dict[str, np.ndarray], what: str, fix: str
-            ) -> dict[str, np.ndarray]:
-    """Map a reference state dict onto target parameter paths through `table`, checking coverage both ways and
-    every shape. targets: {dotted path: shape-carrying leaf}; returns {dotted path: array}."""
-    rules = [(re.compile(r.source), r) for r in table.rules]
-    ignored = [re.compile(p) for p, _ in table.ignored]
-    out: dict[str, np.ndarray] = {}
-    unmapped = []
-    for key, arr in tensors.items():
-        k = next((key[len(p):] for p in table.prefixes if key.startswith(p)), key)
-        if any(p.fullmatch(k) for p in ignored):
-            continue
-        hit = next(((m, r) for rx, r in rules if (m := rx.fullmatch(k))), None)
-        if hit is None:
-            unmapped.append(key)
-            continue
-        m, rule = hit
-        for template, a in zip(rule.targets, rule.transform(np.asarray(arr)), strict=True):
-            path = m.expand(template)
-            if path not in targets:
-                raise InputError(what, f"tensor {key} maps to {path}, which this model does not have", fix)
-            if path in out:
-                raise InputError(what, f"tensor {key} fills {path} a second time (old and new names mixed?)", fix)
-            if tuple(a.shape) != tuple(targets[path].shape):
-                raise InputError(what, f"tensor {key} has shape {tuple(arr.shape)} ({tuple(a.shape)} in Flax "
-                                 f"layout), but {path} needs {tuple(targets[path].shape)}", fix)
-            out[path] = a
-    if unmapped:
-        raise InputError(what, f"{len(unmapped)} tensor(s) not in the key table: {_short(unmapped)}", fix)
-    missing = [p for p in targets if p not in out]
-    if missing:
-        raise InputError(what, f"no tensor for {len(missing)} parameter(s): {_short(missing)}", fix)
-    return out
 
 
 def random_params(cls, cfg, seed: int = 0) -> dict[str, np.ndarray]:
@@ -383,7 +348,7 @@ def load_component(name: str, path: str, expected=None, *, dtype=jnp.float32):
         raise InputError(path, "no such folder", f"pass the {name}/ folder of a diffusers-layout checkpoint")
     cfg = component_config(path, name, expected)
     fix = f"pass the {name} folder of a Stable Diffusion 1.x/2.x checkpoint in diffusers layout"
-    params = convert(comp.table(cfg), abstract_model(comp.cls, cfg)[2], read_component(path, comp), path, fix)
+    params = apply_table(comp.table(cfg), abstract_model(comp.cls, cfg)[2], read_component(path, comp), path, fix)
     return assemble(comp.cls, cfg, params, dtype)
 
 

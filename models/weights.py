@@ -181,16 +181,13 @@ def _short(names, n=6) -> str:
     return ", ".join(names[:n]) + more
 
 
-def convert(cfg: ViTConfig, tensors: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
-    """Map a reference state dict onto `ViT(cfg)`'s parameter paths, checking coverage both ways and every shape.
-
-    Returns {dotted target path: array}. `what` names the checkpoint in error messages.
-    """
-    table = TABLES[cfg.family]
-    _, _, targets = abstract_model(cfg)
+def apply_table(table: KeyTable, targets: dict, tensors: dict[str, np.ndarray], what: str, fix: str,
+                name: str = "") -> dict[str, np.ndarray]:
+    """Map a reference state dict onto target parameter paths through `table`, checking coverage in both
+    directions and every shape. targets: {dotted path: shape-carrying leaf}; returns {dotted path: array}.
+    `what` names the checkpoint in error messages, `fix` says what to pass instead, `name` the table."""
     rules = [(re.compile(r.source), r) for r in table.rules]
     ignored = [re.compile(p) for p, _ in table.ignored]
-    fix = f"pass a checkpoint of a {cfg.family!r}-family model with this architecture"
     out: dict[str, np.ndarray] = {}
     unmapped = []
     for key, arr in tensors.items():
@@ -208,17 +205,26 @@ def convert(cfg: ViTConfig, tensors: dict[str, np.ndarray], what: str) -> dict[s
                 raise InputError(what, f"tensor {key} maps to {path}, which this model does not have", fix)
             if path in out:
                 raise InputError(what, f"tensor {key} fills {path} a second time (old and new names mixed?)", fix)
-            if a.shape != targets[path].shape:
-                raise InputError(what, f"tensor {key} has shape {tuple(arr.shape)} ({a.shape} in Flax layout), "
-                                 f"but {path} needs {targets[path].shape}", fix)
+            if tuple(a.shape) != tuple(targets[path].shape):
+                raise InputError(what, f"tensor {key} has shape {tuple(arr.shape)} ({tuple(a.shape)} in Flax "
+                                 f"layout), but {path} needs {tuple(targets[path].shape)}", fix)
             out[path] = a
     if unmapped:
-        raise InputError(what, f"{len(unmapped)} tensor(s) not in the {cfg.family!r} key table: {_short(unmapped)}",
-                         fix)
+        table_name = f"{name} key table" if name else "key table"
+        raise InputError(what, f"{len(unmapped)} tensor(s) not in the {table_name}: {_short(unmapped)}", fix)
     missing = [p for p in targets if p not in out]
     if missing:
         raise InputError(what, f"no tensor for {len(missing)} parameter(s): {_short(missing)}", fix)
     return out
+
+
+def convert(cfg: ViTConfig, tensors: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
+    """Map a reference state dict onto `ViT(cfg)`'s parameter paths (`apply_table` with the family's key table).
+
+    Returns {dotted target path: array}. `what` names the checkpoint in error messages.
+    """
+    fix = f"pass a checkpoint of a {cfg.family!r}-family model with this architecture"
+    return apply_table(TABLES[cfg.family], abstract_model(cfg)[2], tensors, what, fix, repr(cfg.family))
 
 
 def random_params(cfg: ViTConfig, seed: int = 0) -> dict[str, np.ndarray]:

@@ -29,7 +29,8 @@ from flax import nnx  # noqa: E402
 
 from spectral_jax.errors import InputError  # noqa: E402
 from spectral_jax.models.sd_unet import DownBlock2D, UNetConfig, jit_forward  # noqa: E402
-from spectral_jax.models.sd_weights import (_flatten, convert, load_unet, unet_config_from_diffusers,  # noqa: E402
+from spectral_jax.models.weights import apply_table  # noqa: E402
+from spectral_jax.models.sd_weights import (_flatten, load_unet, unet_config_from_diffusers,  # noqa: E402
                                             unet_table)
 
 TOL = 2e-5
@@ -133,7 +134,7 @@ def test_full_size_sd1_down_block(tmp_path):
     pure = nnx.to_pure_dict(state)
     flat = _flatten(pure)
     targets = {f"down_blocks.0.{p}": leaf for p, (_, leaf) in flat.items()}
-    params = convert(unet_table(cfg), targets, tensors, "CrossAttnDownBlock2D", "fix")
+    params = apply_table(unet_table(cfg), targets, tensors, "CrossAttnDownBlock2D", "fix")
     for p, (keys, _) in flat.items():
         node = pure
         for k in keys[:-1]:
@@ -287,7 +288,7 @@ def test_full_size_unet_matches_diffusers(name):
     torch.manual_seed(0)
     ref = diffusers.UNet2DConditionModel(**kw).eval()
     tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-    params = convert(unet_table(cfg), abstract_model(UNet2DConditionModel, cfg)[2], tensors, name, "fix")
+    params = apply_table(unet_table(cfg), abstract_model(UNet2DConditionModel, cfg)[2], tensors, name, "fix")
     ours = assemble(UNet2DConditionModel, cfg, params)
     del tensors, params
     rng = np.random.default_rng(0)
