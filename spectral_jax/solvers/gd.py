@@ -191,7 +191,7 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     """Gradient solve of the layer-distributed objective.
 
     graphs: a graph or list of graph groups; preset: "eigen" or "paper"; param: "table" or "conv" (paper only);
-    steps: optimizer updates (default 300 eigen, 1000 paper); sample: fraction of each group's graphs drawn per
+    steps: optimizer updates (default 150 eigen — real DINOv2 graphs reach 0.99 of the optimum in ~26 and 0.999 in ~50 —, 1000 paper); sample: fraction of each group's graphs drawn per
     step (None: all); lam: the paper loss's orthogonality weight; seed: initialisation and sampling.
     materialize: build the graphs' dense P once (None: when every grid has ≤ `dense_max` nodes and the dense
     arrays take ≤ `dense_bytes`); False keeps every step matrix-free.
@@ -206,7 +206,7 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
         raise ValueError(f"sample={sample} must be a fraction in (0, 1]")
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
-    steps = (300 if preset == "eigen" else 1000) if steps is None else int(steps)
+    steps = (150 if preset == "eigen" else 1000) if steps is None else int(steps)
     if steps < 1:
         raise ValueError(f"steps={steps} must be ≥ 1")
     ws = normalised_weights(graphs, weights)
