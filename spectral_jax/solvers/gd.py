@@ -191,7 +191,8 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     """Gradient solve of the layer-distributed objective.
 
     graphs: a graph or list of graph groups; preset: "eigen" or "paper"; param: "table" or "conv" (paper only);
-    steps: optimizer updates (default 150 eigen — real DINOv2 graphs reach 0.99 of the optimum in ~26 and 0.999 in ~50 —, 1000 paper); sample: fraction of each group's graphs drawn per
+    steps: optimizer updates (default 150 eigen — real DINOv2-S graphs reach 0.99 of the optimum in ~26 and
+    0.999 in ~50 —, 1000 paper); sample: fraction of each group's graphs drawn per
     step (None: all); lam: the paper loss's orthogonality weight; seed: initialisation and sampling.
     materialize: build the graphs' dense P once (None: when every grid has ≤ `dense_max` nodes and the dense
     arrays take ≤ `dense_bytes`); False keeps every step matrix-free.
