@@ -241,6 +241,19 @@ Measured {datetime.date.today().isoformat()} with `{cmd}`.
 {skipped}
 {table}
 
+## Reading it
+
+- `feat` and `ncut` split the same last-block features; the difference between them is the affinity (cosine with
+  τ vs RBF with ncut-pytorch's automatic σ) and the eigensolver (dense `eigh` of the row-stochastic graph vs a
+  randomised low-rank SVD of the symmetrically normalised one; at N ≈ 1400 < 8192 ncut-pytorch uses no Nyström
+  subsampling). Both times are solve + split only, on the same shared CPU, interleaved per image.
+- `qk` and `vv` average all 12 layers' graphs. Compare their mean IoU with the "oracle side" column: the part of
+  their gap to `feat` that remains there is not the border heuristic choosing the wrong side but the first
+  non-trivial eigenvector not following the horse. For QK this is consistent with its eigenvectors being
+  position-like (`eval_where_what.md`, per-image R² of (y, x)).
+- Only the first non-trivial eigenvector is scored, as `describe` does; no eigenvector selection, no CRF/bilateral
+  refinement, no colour affinity.
+
 ## Per image
 
 <details><summary>{n} rows</summary>
