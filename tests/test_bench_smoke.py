@@ -1,0 +1,74 @@
+"""Smoke test of the benchmark code: the PyTorch re-implementation of the official loop runs, and its objective
+evaluation agrees with `spectral_jax.objective.rayleigh` — so the benchmarks cannot silently rot."""
+
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def qk():
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((2, 2, 64, 16), np.float32)        # 2 layers × 2 heads × 64 tokens (8×8)
+    k = rng.standard_normal((2, 2, 64, 16), np.float32)
+    return q, k
+
+
+def test_official_loop_runs_and_objective_matches_spectral_jax(qk):
+    from spectral_jax import graphs
+    from spectral_jax.objective import rayleigh
+
+    tof = _load("torch_official")
+    q, k = qk
+    r = tof.official_loop(q, k, (8, 8), num_eigs=20, passes=3, accum=1, seed=0, threads=1)
+    assert r["updates"] == 3 and r["passes"] == 3
+    assert np.all(np.isfinite(r["losses"]))
+    assert r["vecs"].shape == (1, 20, 8, 8) and r["maps"].shape == (20, 8, 8)
+    v = r["vecs"][0].reshape(20, -1)
+    np.testing.assert_allclose(v @ v.T, np.eye(20), atol=1e-5)            # SVD output is orthonormal
+    np.testing.assert_allclose(r["maps"].sum(0), 1.0, atol=1e-5)           # softmax over channels
+
+    g = graphs.attention(q, k, (8, 8))
+    rqs, obj = rayleigh([g], r["vecs"])
+    np.testing.assert_allclose(float(obj), r["objective"], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(rqs[0]).reshape(4, 20), r["rq"], rtol=1e-4, atol=1e-6)
+
+    # Same check on non-orthonormal, non-negative maps (the loss's own input), through the torch helpers.
+    x = np.random.default_rng(1).random((20, 8, 8), np.float32)
+    p = tof.attention_dense(q, k)
+    np.testing.assert_allclose(p.numpy(), np.asarray(g.dense()).reshape(4, 64, 64), atol=1e-6)
+    rq_t, obj_t = tof.rayleigh_torch(p, torch.as_tensor(x), (8, 8))
+    rqs_j, obj_j = rayleigh([g], x[None])
+    np.testing.assert_allclose(float(obj_t), float(obj_j), rtol=1e-5)
+    np.testing.assert_allclose(rq_t.numpy(), np.asarray(rqs_j[0]).reshape(4, 20), rtol=1e-4, atol=1e-6)
+
+
+def test_official_loss_matches_spectral_jax_paper_loss(qk):
+    from spectral_jax import graphs
+    from spectral_jax.objective import paper_loss
+
+    tof = _load("torch_official")
+    q, k = qk
+    x = np.random.default_rng(2).random((20, 8, 8), np.float32)
+    x /= x.sum(0, keepdims=True)
+    lt = tof.paper_loss(tof.attention_dense(q, k), torch.as_tensor(x), (8, 8))
+    lj = paper_loss([graphs.attention(q, k, (8, 8))], x[None])
+    np.testing.assert_allclose(float(lt), float(lj), rtol=1e-5)
+
+
+def test_bench_scripts_import():
+    for name in ("_common", "bench_graphs", "bench_solvers"):
+        _load(name)
