@@ -31,6 +31,17 @@ MIB = 1024.0 ** 2
 CHILD_ENV = {"MALLOC_MMAP_THRESHOLD_": "131072", "MALLOC_TRIM_THRESHOLD_": "131072"}
 
 
+def cpu_and_load() -> tuple[str, str]:
+    """(CPU model name, "1 / 5 / 15"-minute load averages) for one-line machine descriptions."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return cpu, " / ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
 def machine() -> dict[str, Any]:
     """A description of this machine and software, for the results files."""
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}

@@ -34,6 +34,8 @@ import sys
 import time
 
 import numpy as np
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "horse-dev")
@@ -42,13 +44,7 @@ DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "horse-dev")
 def machine() -> str:
     import jax
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    cpu, load = _common.cpu_and_load()
     return (f"{cpu}, {os.cpu_count()} logical CPUs, no GPU; load average {load} (1/5/15 min) at the end — the machine "
             f"was shared with other engineers' jobs, so absolute times are inflated and noisy (ratios from the "
             f"interleaved runs are the robust part); {platform.system()} {platform.release()}; "

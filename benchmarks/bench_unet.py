@@ -4,7 +4,7 @@
 Two sizes: the `sd_tiny` architecture at latent 16² (a 128² image) and the SD 1.x UNet (860M parameters; the same
 architecture as sd14/sd15, random init) at latent 32² (a 256² image). Batch 1, float32, the empty-prompt-shaped
 context `[1, 77, C]`, timestep 100. The diffusers UNet is random-initialised (torch's init), its state dict goes
-through our key table (`sd_weights.convert`) into the Flax model, so both sides hold identical weights.
+through our key table (`weights.apply_table`) into the Flax model, so both sides hold identical weights.
 
 Timed, each as the median of `--runs` calls after `--warmup` calls (Flax warm-up includes compilation), calls
 interleaved so that load from other jobs falls on all alike:
@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
+import sys
 import platform
 import statistics
 import time
@@ -36,7 +37,10 @@ from spectral_jax.diffusion import _step_taps
 from spectral_jax.models.scheduler import DDPMSchedule
 from spectral_jax.models.sd import SD_MODELS
 from spectral_jax.models.sd_unet import UNet2DConditionModel, count_params, jit_forward
-from spectral_jax.models.sd_weights import abstract_model, assemble, convert, unet_table
+from spectral_jax.models.sd_weights import abstract_model, assemble, unet_table
+from spectral_jax.models.weights import apply_table
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
@@ -66,18 +70,12 @@ def pair(cfg):
         cross_attention_dim=cfg.cross_attention_dim, norm_num_groups=cfg.norm_num_groups,
         layers_per_block=cfg.layers_per_block, use_linear_projection=cfg.use_linear_projection).eval()
     tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
-    params = convert(unet_table(cfg), abstract_model(UNet2DConditionModel, cfg)[2], tensors, "reference", "-")
+    params = apply_table(unet_table(cfg), abstract_model(UNet2DConditionModel, cfg)[2], tensors, "reference", "-")
     return ref, assemble(UNet2DConditionModel, cfg, params)
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = " / ".join(f"{x:.1f}" for x in os.getloadavg())
+    cpu, load = _common.cpu_and_load()
     return (f"{cpu}; {os.cpu_count()} logical CPUs visible (torch threads {torch.get_num_threads()}), load average "
             f"{load} (1/5/15 min) at the end; {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}); "
