@@ -13,10 +13,11 @@ Breakdown (a second, instrumented pass over the same images, calling the library
   forward      `Backbone.taps`
   graphs       `graphs.from_taps` (stack the layers' q/k (or v̂) into one graph group)
   dense A      `objective.dense_operators`: A = mean over the 72 graphs of ½(P + Pᵀ), each P materialised N×N
-  eigh         the jitted full `eigh` of A (`solvers.exact`'s dense path: all N eigenpairs, top K kept)
-  finish       `solvers.result.finish`: signs, per-graph Rayleigh quotients (72 blocked mat-vecs), orthogonality
-Also measured, for "what would fix it": the same top-K from `scipy.linalg.eigh(..., subset_by_index=...)` on the
-same A, and (with --lobpcg; slow on CPU) the library's matrix-free LOBPCG path (`solvers.exact(..., dense_max=0)`).
+  eigh         `solvers.exact`'s dense top-K eigensolver on A (on CPU LAPACK's subset driver `syevr` via scipy)
+  finish       `solvers.result.finish`: signs, per-graph Rayleigh quotients (one compiled pass, a graph at a time),
+               orthogonality
+Also measured, as alternatives: the full jitted `jnp.linalg.eigh` of the same A (all N eigenpairs, top K kept: what
+the dense path did before), and (with --lobpcg; slow on CPU) the matrix-free LOBPCG path (`exact(dense_max=0)`).
 
     python benchmarks/bench_analyze.py [--limit 5] [--out benchmarks/results/analyze.md]
 """
@@ -45,9 +46,9 @@ def machine() -> str:
     import jax
 
     cpu, load = _common.cpu_and_load()
-    return (f"{cpu}, {os.cpu_count()} logical CPUs, no GPU; load average {load} (1/5/15 min) at the end — the machine "
-            f"was shared with other engineers' jobs, so absolute times are inflated and noisy (ratios from the "
-            f"interleaved runs are the robust part); {platform.system()} {platform.release()}; "
+    return (f"{cpu}, {os.cpu_count()} logical CPUs, no GPU; load average {load} (1/5/15 min) at the end (a shared "
+            f"machine: other jobs inflate absolute times; the interleaved ratios are the robust part); "
+            f"OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}; {platform.system()} {platform.release()}; "
             f"Python {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()})")
 
 
@@ -70,7 +71,6 @@ def main() -> None:
     size = (args.size, args.size)
 
     import jax
-    import scipy.linalg
 
     import spectral_jax
     from spectral_jax import graphs as G
@@ -116,7 +116,7 @@ def main() -> None:
         print("e2e", {k: round(v[-1], 2) for k, v in e2e.items()}, flush=True)
 
     # pass 2: breakdown with the library's pieces; plus the alternatives
-    parts = {g: {k: [] for k in ("preprocess", "forward", "graphs", "dense A", "eigh", "finish", "scipy subset eigh",
+    parts = {g: {k: [] for k in ("preprocess", "forward", "graphs", "dense A", "eigh", "finish", "full jnp eigh",
                                  "lobpcg (exact, dense_max=0)")} for g in kinds}
     agree = {g: [] for g in kinds}
     for img in images[1:]:
@@ -137,15 +137,13 @@ def main() -> None:
                                          method="exact-dense").eigvecs)
             an = np.asarray(a)
             n = an.shape[0]
-            t0 = time.perf_counter()
-            sv, _ = scipy.linalg.eigh(an, subset_by_index=[n - args.num_eigs, n - 1])
-            t5 = time.perf_counter() - t0
-            agree[g].append(float(np.abs(np.sort(sv)[::-1] - np.sort(vals)[::-1]).max()))
+            (sv, _), t5 = timed(E._dense_eig_full, a, b, args.num_eigs, True)
+            agree[g].append(float(np.abs(np.sort(np.asarray(sv))[::-1] - np.sort(vals)[::-1]).max()))
             t6 = float("nan")
             if args.lobpcg:
                 lob, t6 = timed(spectral_jax.solvers.exact, gs, args.num_eigs, dense_max=0)
                 agree[g].append(float(np.abs(np.asarray(lob.eigvals) - np.sort(vals)[::-1]).max()))
-            for k, v in zip(("graphs", "dense A", "eigh", "finish", "scipy subset eigh", "lobpcg (exact, dense_max=0)"),
+            for k, v in zip(("graphs", "dense A", "eigh", "finish", "full jnp eigh", "lobpcg (exact, dense_max=0)"),
                             (t1, t2, t3, t4, t5, t6)):
                 p[k].append(v)
         print("parts", {g: {k: round(v[-1], 2) for k, v in parts[g].items()} for g in kinds}, flush=True)
@@ -180,8 +178,8 @@ def write(args, kinds, e2e, info, parts, agree, load_s, warm_s, n) -> None:
                     + " | ".join(f"{med(parts[g][k]) / sums[g]:.0%}" for g in kinds) + " |")
     rows.append("| **sum** | " + " | ".join(f"**{sums[g]:.2f}**" for g in kinds) + " | " + " | ".join("100%" for _ in kinds)
                 + " |")
-    rows.append("| *alternative:* scipy `eigh(A, subset_by_index=top K)` instead of the full eigh | "
-                + " | ".join(f"{med(parts[g]['scipy subset eigh']):.2f} ({min(parts[g]['scipy subset eigh']):.2f})"
+    rows.append("| *alternative:* the full jitted `jnp.linalg.eigh` of A instead of the top-K solver | "
+                + " | ".join(f"{med(parts[g]['full jnp eigh']):.2f} ({min(parts[g]['full jnp eigh']):.2f})"
                              for g in kinds) + " | " + " | ".join(
                     "—" for _ in kinds) + " |")
     if args.lobpcg:
@@ -199,23 +197,21 @@ def write(args, kinds, e2e, info, parts, agree, load_s, warm_s, n) -> None:
         m = {k: med(parts[g][k]) for k in main_stages}
         solve = m["graphs"] + m["dense A"] + m["eigh"] + m["finish"]
         top = max(("dense A", "eigh", "finish"), key=m.get)
-        # what analyze would cost with the top-K eigh instead of the full one, and with finish's diagnostics free
-        alt = m["preprocess"] + m["forward"] + m["graphs"] + m["dense A"] + med(parts[g]["scipy subset eigh"])
         reading.append(
             f"- **{g}**: analyze/forward = {ratios[g]:.2f}× "
             f"({'target met' if ratios[g] <= 2 else f'target missed by {ratios[g] / 2:.2f}×'}). In the breakdown the "
-            f"solve (graphs + dense A + eigh + finish) takes {solve:.2f} s = {solve / m['forward']:.1f}× the forward "
-            f"({m['forward']:.2f} s); the largest piece is **{top}** ({m[top]:.2f} s, {m[top] / sums[g]:.0%} of the "
-            f"sum). With the top-{args.num_eigs} scipy eigh in place of the full eigh and finish's diagnostics "
-            f"made free, the same pieces would add up to {alt:.2f} s = {alt / m['forward']:.2f}× the forward.")
+            f"solve (graphs + dense A + eigh + finish) takes {solve:.2f} s = {solve / m['forward']:.2f}× the forward "
+            f"({m['forward']:.2f} s); its largest piece is **{top}** ({m[top]:.2f} s, {m[top] / sums[g]:.0%} of the "
+            f"sum). The full `eigh` instead of the top-{args.num_eigs} solver would add "
+            f"{med(parts[g]['full jnp eigh']) - m['eigh']:+.2f} s.")
     reading_text = "\n".join(reading)
     raw = ["| image | forward | " + " | ".join(f"analyze {g}" for g in kinds) + " | "
-           + " | ".join(f"{g}: {k}" for g in kinds for k in ("dense A", "eigh", "finish", "scipy subset eigh")) + " |",
+           + " | ".join(f"{g}: {k}" for g in kinds for k in ("dense A", "eigh", "finish", "full jnp eigh")) + " |",
            "|---|---|" + "---|" * (len(kinds) * 5)]
     for i in range(n):
         raw.append(f"| {i + 2} | {e2e['forward'][i]:.2f} | " + " | ".join(f"{e2e[g][i]:.2f}" for g in kinds) + " | "
                    + " | ".join(f"{parts[g][k][i]:.2f}" for g in kinds
-                                for k in ("dense A", "eigh", "finish", "scipy subset eigh")) + " |")
+                                for k in ("dense A", "eigh", "finish", "full jnp eigh")) + " |")
     raw_text = "\n".join(raw)
     note = f"""# `analyze` vs the backbone forward (CPU)
 
@@ -244,25 +240,20 @@ Top-K eigenvalues of the alternatives vs the full eigh, max abs difference over 
 ## Reading it
 
 {reading_text}
-- The spread is large: the same 1024×1024 `eigh` took from {min(min(parts[g]['eigh']) for g in kinds):.2f} s to
-  {max(max(parts[g]['eigh']) for g in kinds):.2f} s across these images (same size, same code), which is the shared
-  machine's contention (XLA's and LAPACK's threads competing with other jobs), not the data. The min/min ratio is the
-  closest this run gets to an unloaded machine.
+- Spread: the eigensolver took {min(min(parts[g]['eigh']) for g in kinds):.2f}–{max(max(parts[g]['eigh']) for g in kinds):.2f} s
+  and the forward {min(e2e['forward']):.2f}–{max(e2e['forward']):.2f} s across these images (same sizes, same code); on this shared
+  machine that spread is other jobs' load, not the data.
 
-## What would fix it (not done here: library code is not this benchmark's to tune)
+## What is left in the solve
 
-- **eigh** is the largest piece: `solvers.exact`'s dense path calls `jnp.linalg.eigh` for all N eigenpairs and keeps
-  K = 20. A top-K dense solver on the same A (LAPACK `syevr` through `scipy.linalg.eigh(subset_by_index=...)`, row
-  above) returns the same eigenvalues (difference in the table) in less time. The library's matrix-free LOBPCG is
-  the other option; it was not timed here (`--lobpcg` exists; too slow to run on this loaded machine), and its
-  default `tol=1e-9` is below float32 resolution, so it would probably run its full `maxiter` unless loosened.
-- **finish** recomputes the 72 per-graph Rayleigh quotients with the blocked, un-jitted kernels after the solve; on
-  the dense path they could come from the per-graph matrices already formed for A (zᵀ sym(P_l) z), or from one jitted
-  call, which would make them nearly free.
-- **dense A** (72 softmax matrices of N×N, accumulated) is real arithmetic (≈ 72 × 2N²D flops plus 72 N² exps) and
-  would stay; it is the part that a GPU or a sampled subset of heads would shrink.
-- The forward here (3–4 s) is far slower than the 0.46 s `../shared/REFERENCE.md` reports for the same model and
-  size on this machine type unloaded, so all absolute times in this file are inflated by the shared load.
+- **dense A** (72 softmax matrices of N×N accumulated into one, then symmetrised once) is real arithmetic
+  (≈ 72 × 2N²D flops for the logits plus 72 N² exps) and is the floor of an exact solve; a GPU or a subset of heads
+  shrinks it.
+- **finish** recomputes the same 72 logit matrices once more, for the per-graph Rayleigh quotients `Result.rq`
+  (the quotients need the eigenvectors, which exist only after A is complete; keeping all 72 P would cost
+  72·N²·4 bytes). It applies exp(logits) densely, one graph at a time, without normalising P.
+- **eigh**: LAPACK's subset driver computes only the top K pairs; the full `eigh` row above is the alternative it
+  replaced.
 
 ## Raw seconds per image (image index in name order; pass 1 then pass 2)
 

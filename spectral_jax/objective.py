@@ -184,7 +184,7 @@ def dense_operators(graphs: Sequence[Graph], weights: Sequence[Array] | None, ba
     b = jnp.zeros((m0, m0), jnp.float32)
     for g, w in zip(graphs, ws):
         c = n0 / (g.grid[0] * g.grid[1])
-        s = _weighted_sym_dense(g, w)                                         # [N, N]
+        s = weighted_sym_dense(g, w)                                         # [N, N]
         if tuple(g.grid) == tuple(base):                                      # G = I: no pooling products
             a = a + s
             b = b + jnp.sum(w) * jnp.eye(m0, dtype=jnp.float32)
@@ -196,18 +196,22 @@ def dense_operators(graphs: Sequence[Graph], weights: Sequence[Array] | None, ba
 
 
 @jax.jit
-def _weighted_sym_dense(g: Graph, w: Array) -> Array:
+def weighted_sym_dense(g: Graph, w: Array) -> Array:
+    """Σ_s w_s sym(P_s) over a group's graphs, materialised `[N, N]` (w `[*S]`).
+
+    Accumulates S = Σ_s w_s P_s one graph at a time (`lax.scan`, memory O(N²)) and symmetrises once at the end:
+    ½(S + Sᵀ) = Σ_s w_s ½(P_s + P_sᵀ), without a transpose per graph.
+    """
     flat = g._flat()
     wf = w.reshape(-1)
 
     def step(acc, inp):
         g1, w1 = inp
-        p = g1._dense1()
-        return acc + w1 * 0.5 * (p + p.T), None
+        return acc + w1 * g1._dense1(), None
 
     n = g.num_nodes
     acc, _ = jax.lax.scan(step, jnp.zeros((n, n), jnp.float32), (flat, wf))
-    return acc
+    return 0.5 * (acc + acc.T)
 
 
 def _pool_nodes_matrix(base: tuple[int, int], grid: tuple[int, int], num_images: int) -> np.ndarray:

@@ -169,3 +169,23 @@ def test_result_save_roundtrip(rng, tmp_path):
         np.testing.assert_array_equal(f["eigvecs"], res.eigvecs)
         assert f["eigvals"].shape == (3,) and f["rq"].shape == (6, 3)
     assert np.all(np.diff(res.eigvals) <= 0)
+
+
+def test_result_rq_matches_objective_rayleigh(rng):
+    """`Result.rq`/objective (finish's fast diagnostics: dense-softmax branch for attention, matvec branch for kNN
+    and dense graphs) equal the differentiable `objective.rayleigh` on every graph of a mixed problem."""
+    from spectral_jax.objective import rayleigh
+
+    att = _random_graph(rng)
+    feats = rng.normal(size=(2, 256, 8)).astype(np.float32)
+    knn = graphs.knn(feats, feats, (16, 16), k_intra=10)
+    dense = graphs.dense(np.asarray(_random_graph(rng).dense()), (16, 16))
+    gs = [att, knn, dense]
+    ws = [np.full(g.batch_shape, w, np.float32) for g, w in zip(gs, (1.0, 2.0, 0.5))]
+    res = solvers.exact(gs, 5, weights=ws)
+    rqs, obj = rayleigh(gs, res.eigvecs, normalised_weights(gs, ws))
+    ref = np.concatenate([np.asarray(r).reshape(-1, 5) for r in rqs])
+    assert res.rq.shape == (6 + 2 + 6, 5)
+    np.testing.assert_allclose(res.rq, ref, atol=2e-6)
+    np.testing.assert_allclose(res.objective, float(obj), rtol=1e-6)
+    np.testing.assert_allclose(res.objective, res.eigvals.sum(), rtol=1e-5)

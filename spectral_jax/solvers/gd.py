@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 from spectral_jax.graphs import DenseGraph, Graph
-from spectral_jax.objective import (_weighted_sym_dense, from_nodes, linear_operators, normalised_weights,
+from spectral_jax.objective import (weighted_sym_dense, from_nodes, linear_operators, normalised_weights,
                                     paper_loss, rayleigh)
 from spectral_jax.solvers.exact import as_list, check_problem
 from spectral_jax.solvers.result import Result, finish
@@ -254,7 +254,7 @@ def _materialized(graphs, ws, aggregate: bool, materialize, dense_max: int, dens
     if materialize is None and (max(n) > dense_max or size > dense_bytes):
         return graphs, ws
     if aggregate:       # Σ_s w_s zᵀ P_s z = zᵀ (Σ_s w_s sym(P_s)) z: one operator per group, weight Σ_s w_s
-        dense = [DenseGraph(_weighted_sym_dense(g, w) / jnp.sum(w), g.grid, (), g.num_images)
+        dense = [DenseGraph(weighted_sym_dense(g, w) / jnp.sum(w), g.grid, (), g.num_images)
                  for g, w in zip(graphs, ws)]
         return dense, [jnp.sum(w) for w in ws]
     return [DenseGraph(g.dense(), g.grid, g.batch_shape, g.num_images) for g in graphs], ws

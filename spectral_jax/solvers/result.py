@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax.acts import write_atomic
-from spectral_jax.graphs import Graph
-from spectral_jax.objective import from_nodes, rayleigh, to_nodes
+from spectral_jax.graphs import AttentionGraph, Graph
+from spectral_jax.objective import from_nodes, normalised_weights, project, to_nodes
 
 
 @dataclasses.dataclass
@@ -58,7 +58,35 @@ class Result:
         write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-_rayleigh = jax.jit(rayleigh)   # one compiled pass over every graph, not op-by-op dispatch of the blocked kernels
+DENSE_RQ_MAX = 2048   # attention graphs up to this many nodes are materialised one at a time for the quotients
+
+
+@jax.jit
+def _rayleigh(graphs: list[Graph], x, weights):
+    """(per-group R `[*S, K]`, objective) as `objective.rayleigh`, for diagnostics only (no gradients).
+
+    One compiled pass that visits the graphs one at a time (`lax.map`: on CPU a [72, N, N]-sized batch of tiles
+    does not fit in cache, one graph does); attention graphs with N ≤ `DENSE_RQ_MAX` form exp(logits) (a transient
+    N×N) and apply it with one matmul instead of the blocked online softmax — measured 1.5× faster for 72 graphs
+    at N = 1280, K = 20 on CPU (291 → 198 ms).
+    """
+    rqs, obj = [], 0.0
+    for g, w in zip(graphs, weights):
+        z = project(x, g.grid)
+        small = isinstance(g, AttentionGraph) and g.num_nodes <= DENSE_RQ_MAX
+        apply = (lambda g1: _dense_softmax_apply(g1, z)) if small else (lambda g1: type(g1)._matvec1(g1, z))
+        r = jax.lax.map(lambda g1: jnp.einsum("nk,nk->k", z, apply(g1)), g._flat())
+        r = r.reshape(*g.batch_shape, r.shape[-1])
+        rqs.append(r)
+        obj = obj + jnp.sum(w[..., None] * r)
+    return rqs, obj
+
+
+def _dense_softmax_apply(g: AttentionGraph, z):
+    """P z for one attention graph with P formed densely but never normalised: (e z) / (e 1), e = exp(L − max L)."""
+    logits = (g.scale * g.q) @ g.k.T                                          # [N, N]
+    e = jnp.exp(logits - logits.max(axis=1, keepdims=True))
+    return (e @ z) / e.sum(axis=1)[:, None]
 
 
 def fix_signs(v: np.ndarray) -> np.ndarray:
@@ -78,7 +106,7 @@ def finish(graphs: Sequence[Graph], weights, vecs: np.ndarray, eigvals: np.ndarr
     """
     vecs = fix_signs(np.asarray(vecs, np.float64)).astype(np.float32)
     x = from_nodes(jnp.asarray(vecs), num_images, base)
-    rqs, obj = _rayleigh(list(graphs), x, weights)
+    rqs, obj = _rayleigh(list(graphs), x, list(normalised_weights(graphs, weights)))
     rq = np.concatenate([np.asarray(r).reshape(-1, vecs.shape[1]) for r in rqs], axis=0)
     bv = vecs if metric is None else np.asarray(metric(jnp.asarray(vecs)))
     gram = vecs.T.astype(np.float64) @ bv
