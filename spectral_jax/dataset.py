@@ -65,7 +65,7 @@ from spectral_jax import folder as F
 from spectral_jax.errors import InputError
 from spectral_jax.graphs import KnnGraph
 from spectral_jax.objective import from_nodes, normalised_weights, paper_loss, rayleigh, to_nodes
-from spectral_jax.solvers.gd import _retract
+from spectral_jax.solvers.gd import retract
 
 # Incremented only while tracing the per-batch step: tests assert a run compiles it once.
 TRACES: collections.Counter = collections.Counter()
@@ -440,9 +440,9 @@ def _solve_batch(cfg: Settings, geom: Geometry, opt, graphs, ws, rows, ost, vali
         rgrad = g - xn @ (0.5 * (sym + sym.T))                       # Stiefel gradient (embedded metric)
         r = from_nodes(xn, nimg, base)
         upd, s2 = jax.vmap(opt.update)(from_nodes(-rgrad, nimg, base), s, r)
-        return (_retract(to_nodes(optax.apply_updates(r, upd) * vm)), keep(s2, s)), -val
+        return (retract(to_nodes(optax.apply_updates(r, upd) * vm)), keep(s2, s)), -val
 
-    xn = _retract(to_nodes(rows * vm))
+    xn = retract(to_nodes(rows * vm))
     (xn, ost), hist = lax.scan(inner, (xn, ost), None, length=cfg.inner_steps)
     x = from_nodes(xn, nimg, base)
     return x, ost, hist, -cost(xn), rayleigh(graphs, x, ws)[1]

@@ -70,5 +70,37 @@ def test_official_loss_matches_spectral_jax_paper_loss(qk):
 
 
 def test_bench_scripts_import():
-    for name in ("_common", "bench_graphs", "bench_solvers"):
+    for name in ("_common", "bench_graphs", "bench_solvers", "bench_analyze", "eval_foreground", "eval_where_what",
+                 "eval_joint"):
         _load(name)
+
+
+def test_eval_joint_labels_and_probes():
+    """eval_joint: COCO polygons → supercategory per patch; the probes separate content features from position."""
+    ej = _load("eval_joint")
+    coco = {"categories": [{"id": 1, "name": "person", "supercategory": "person"},
+                           {"id": 18, "name": "dog", "supercategory": "animal"}],
+            "images": [{"id": 7, "file_name": "a.jpg", "height": 56, "width": 112}],
+            "annotations": [{"image_id": 7, "category_id": 18, "area": 1.0, "iscrowd": 0,
+                             "segmentation": [[0, 0, 56, 0, 56, 56, 0, 56]]}]}   # the left half of the image
+    lab, supers = ej.supercategory_labels(coco, ["sub/a.jpg"], 56, 14)      # squashed to 56×56: a 4×4 grid
+    assert supers == ["animal", "person"] and lab.shape == (1, 4, 4)
+    np.testing.assert_array_equal(lab[0], np.array([[1, 1, 0, 0]] * 4))
+
+    rng = np.random.default_rng(0)
+    n, h, w = 12, 6, 6
+    labels = np.zeros((n, h * w), np.int64)
+    for i in range(n):                                      # one object per image, its class alternating, placed randomly
+        cells = rng.choice(h * w, 12, replace=False)
+        labels[i, cells] = 1 + (i // 2) % 2
+    coords = np.stack(np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij"), -1)
+    coords = coords.reshape(-1, 2)
+    content = np.eye(3)[labels] + 0.05 * rng.standard_normal((n, h * w, 3))
+    position = np.broadcast_to(np.concatenate([coords, coords ** 2, coords[:, :1] * coords[:, 1:]], 1),
+                               (n, h * w, 5)) + 0.01 * rng.standard_normal((n, h * w, 5))
+    train, test = np.arange(0, n, 2), np.arange(1, n, 2)   # both classes on both sides
+    c = ej.probes(content, labels, coords, train, test, 1e-3, 0)
+    p = ej.probes(position, labels, coords, train, test, 1e-3, 0)
+    assert c["obj_bal"] > 0.95 and c["what"] > 0.95 and c["where"] < 0.2
+    assert p["where"] > 0.95 and p["obj_bal"] < 0.7 and p["what"] < 0.7
+    assert c["clusters"] > p["clusters"]

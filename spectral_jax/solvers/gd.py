@@ -93,7 +93,7 @@ def default_optimizer(preset: str, lr: float | None, num_nodes: int) -> optax.Gr
     return optax.adam(lr)
 
 
-def _retract(x: jax.Array) -> jax.Array:
+def retract(x: jax.Array) -> jax.Array:
     """Retraction onto the Stiefel manifold: the Q of x = QR with R's diagonal positive, by CholeskyQR2.
 
     Two passes of Q = x·L⁻ᵀ with L = chol(xᵀx): O(M0·K²) in K×K Choleskys (XLA's CPU Householder QR of a tall
@@ -152,7 +152,7 @@ def _chunk_fn(cfg: _Config):
                 sym = params.T @ grad
                 rgrad = grad - params @ (0.5 * (sym + sym.T))        # Stiefel gradient (embedded metric)
                 updates, opt_state = cfg.optimizer.update(-rgrad, opt_state, params)
-                params = _retract(params + updates)
+                params = retract(params + updates)
                 value = obj
             else:
                 value, grad = jax.value_and_grad(lambda p: paper_loss(gs, _maps(cfg, p), gw, cfg.lam))(params)
@@ -168,7 +168,7 @@ def _chunk_fn(cfg: _Config):
 def _init(cfg: _Config, key) -> Any:
     if cfg.preset == "eigen":
         m0 = cfg.num_images * cfg.base[0] * cfg.base[1]
-        return _retract(jax.random.normal(key, (m0, cfg.num_eigs), jnp.float32)), None
+        return retract(jax.random.normal(key, (m0, cfg.num_eigs), jnp.float32)), None
     if cfg.param == "conv":
         model = ConvPrior(cfg.num_eigs, cfg.num_images, cfg.base, rngs=nnx.Rngs(params=key))
         graphdef, params = nnx.split(model, nnx.Param)
