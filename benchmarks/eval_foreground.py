@@ -240,7 +240,7 @@ Measured {datetime.date.today().isoformat()} with `{cmd}`.
 ## Reading it
 
 - `feat` and `ncut` split the same last-block features; the difference between them is the affinity (cosine with
-  τ vs RBF with ncut-pytorch's automatic σ) and the eigensolver (dense `eigh` of the row-stochastic graph vs a
+  τ vs RBF with ncut-pytorch's automatic σ) and the eigensolver (exact dense top-K of the symmetrised row-stochastic graph vs a
   randomised low-rank SVD of the symmetrically normalised one; at N ≈ 1400 < 8192 ncut-pytorch uses no Nyström
   subsampling). Both times are solve + split only, on the same shared CPU, interleaved per image.
 - `qk` and `vv` average all 12 layers' graphs. Compare their mean IoU with the "oracle side" column: the part of
