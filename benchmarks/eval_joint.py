@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import platform
 import sys
@@ -45,7 +44,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 from bench_dataset import position_share  # noqa: E402
-from eval_where_what import ANN, dct_basis, label_map, patch_labels  # noqa: E402
+from eval_where_what import ANN, dct_basis, label_map, load_coco, patch_labels  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data", "coco-mini")
@@ -112,12 +111,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "eval_joint.md"))
     args = ap.parse_args()
-    ann_path = os.path.join(args.data, ANN)
-    if not os.path.isfile(ann_path):
-        sys.exit(f"eval_joint: {os.path.normpath(ann_path)} not found — coco-mini lives in ../shared/data/coco-mini "
-                 "relative to the repository root (see ../shared/data/README.md); pass --data")
-    with open(ann_path) as f:
-        coco = json.load(f)
+    coco = load_coco(args.data, "eval_joint")
 
     import jax
 

@@ -78,6 +78,16 @@ def decode_rle(seg: dict) -> np.ndarray | None:
     return flat.reshape(w, h).T
 
 
+def load_coco(data: str, script: str) -> dict:
+    """The COCO annotation file of `data` (coco-mini), or exit with one line saying where it should be."""
+    ann_path = os.path.join(data, ANN)
+    if not os.path.isfile(ann_path):
+        sys.exit(f"{script}: {os.path.normpath(ann_path)} not found — coco-mini lives in ../shared/data/coco-mini "
+                 "relative to the repository root (see ../shared/data/README.md); pass --data")
+    with open(ann_path) as f:
+        return json.load(f)
+
+
 def label_map(anns: list[dict], hw: tuple[int, int]) -> tuple[np.ndarray, int, int]:
     """`[H, W]` int32 category ids (0 = background), instances painted largest area first;
     returns (map, RLEs decoded, RLEs skipped)."""
@@ -147,12 +157,7 @@ def main() -> None:
                     help="persistent XLA compilation cache (the images have many grid shapes); '' to disable")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "eval_where_what.md"))
     args = ap.parse_args()
-    ann_path = os.path.join(args.data, ANN)
-    if not os.path.isfile(ann_path):
-        sys.exit(f"eval_where_what: {os.path.normpath(ann_path)} not found — coco-mini lives in ../shared/data/coco-mini "
-                 "relative to the repository root (see ../shared/data/README.md); pass --data")
-    with open(ann_path) as f:
-        coco = json.load(f)
+    coco = load_coco(args.data, "eval_where_what")
     by_img: dict[int, list] = {}
     for a in coco["annotations"]:
         by_img.setdefault(a["image_id"], []).append(a)
