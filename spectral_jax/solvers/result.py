@@ -58,7 +58,7 @@ class Result:
         write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
 
 
-DENSE_RQ_MAX = 2048   # attention graphs up to this many nodes are materialised one at a time for the quotients
+DENSE_RQ_MAX = 4096   # attention graphs up to this many nodes are materialised one at a time for the quotients
 
 
 @jax.jit
