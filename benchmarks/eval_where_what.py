@@ -333,7 +333,7 @@ Measured {datetime.date.today().isoformat()} with `{cmd}`.
   PIL ImageDraw; the {crowd} crowd annotations are uncompressed RLE and are decoded, {skipped} skipped); background
   (no annotation) is label 0 and is **included** as a class everywhere.
 - Input: shorter side {args.size} (rounded down to a multiple of 14), aspect kept ({nshapes} distinct grids, 32×w).
-- Graphs: per image, all 12 layers × 6 heads, equal weights, exact solve (dense `eigh`), K = {args.num_eigs};
+- Graphs: per image, all 12 layers × 6 heads, equal weights, exact solve (dense top-K), K = {args.num_eigs};
   features = the {args.num_eigs - 1} non-trivial eigenvectors' raw values per patch (scaled by √N to unit RMS, so
   grids of different sizes share one scale). Ridge {args.ridge} (on those unit-RMS features, about 1.5% of a
   feature's energy over the ~700 training patches of an image). Why not a tiny ridge: some VV eigenvectors are
@@ -367,8 +367,8 @@ Mean ± standard deviation over the {len(recs)} images (per-image columns); the 
   rotation, and their order follows each image's own spectrum: eigenvector 3 of one image has no reason to mean the
   same thing as eigenvector 3 of another. A linear classifier shared across images therefore cannot read a category
   out of them, for either graph; the paper's cross-image "what" result comes from a *joint* solve over a dataset
-  (kNN graph with inter-image edges, `graph="knn-vv"`), which puts all images in one eigenbasis. That joint solve was
-  not run here (per-image exact solves only, as briefed).
+  (kNN graph with inter-image edges, `graph="knn-vv"`), which puts all images in one eigenbasis. This file has per-image solves only;
+  the joint solve and its cross-image probes are in `eval_joint.md` (`benchmarks/eval_joint.py`).
 - **What, per image** (classifier fit and tested on different patches of the same image): QK {mean('qk_what'):.3f},
   VV {mean('vv_what'):.3f}, majority label {mean('maj_what'):.3f}, DCT control {mean('dct_what'):.3f}. Within one
   image a label is a spatially compact region, so any smooth basis that can draw regions predicts it from the
