@@ -71,7 +71,19 @@ def supercategory_labels(coco: dict, names: list[str], size: int, patch: int) ->
 
 def probes(feats: np.ndarray, labels: np.ndarray, coords: np.ndarray, train: np.ndarray, test: np.ndarray,
            ridge: float, seed: int) -> dict:
-    """feats `[n, N, F]`, labels `[n, N]`, coords `[N, 2]`; train/test image indices → the metrics of the docstring."""
+    """feats `[n, N, F]`, labels `[n, N]`, coords `[N, 2]`; train/test image indices → where, object, what (the
+    docstring's metrics for one split) and clusters (split-free: all images)."""
+    from spectral_jax import analysis as A
+
+    out = split_probes(feats, labels, coords, train, test, ridge)
+    km = A.kmeans(feats.reshape(-1, feats.shape[-1]), 13, seed=seed, n_init=4)
+    out["clusters"] = A.miou_hungarian(km.labels, labels.reshape(-1))[0]
+    return out
+
+
+def split_probes(feats: np.ndarray, labels: np.ndarray, coords: np.ndarray, train: np.ndarray, test: np.ndarray,
+                 ridge: float) -> dict:
+    """The supervised probes of one train/test split of the images."""
     from spectral_jax import analysis as A
 
     n, npx, _ = feats.shape
@@ -87,10 +99,8 @@ def probes(feats: np.ndarray, labels: np.ndarray, coords: np.ndarray, train: np.
     seen = np.isin(yte, np.unique(ytr[ytr > 0])) & fg
     what = A.linear_probe(ftr[ytr > 0], ytr[ytr > 0], ridge).predict(fte[seen])
     vals, cnt = np.unique(ytr[ytr > 0], return_counts=True)
-    km = A.kmeans(feats.reshape(-1, feats.shape[-1]), 13, seed=seed, n_init=4)
-    miou, _ = A.miou_hungarian(km.labels, labels.reshape(-1))
     return dict(where=where, obj_acc=obj_acc, obj_bal=obj_bal, what=float(np.mean(what == yte[seen])),
-                what_base=float(np.mean(yte[seen] == vals[cnt.argmax()])), what_n=int(seen.sum()), clusters=miou)
+                what_base=float(np.mean(yte[seen] == vals[cnt.argmax()])), what_n=int(seen.sum()))
 
 
 def main() -> None:
@@ -109,6 +119,7 @@ def main() -> None:
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--ridge", type=float, default=10.0, help="ridge of every probe (features have unit RMS)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--splits", type=int, default=20, help="seeded train/test splits of the images (seed, seed+1, …)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "eval_joint.md"))
     args = ap.parse_args()
     coco = load_coco(args.data, "eval_joint")
@@ -143,14 +154,25 @@ def main() -> None:
              for g, r in runs.items()}
     feats["dct"] = np.broadcast_to(np.transpose(dct, (1, 2, 0)).reshape(1, h * w, k) * np.sqrt(h * w),
                                    (n, h * w, k))
-    perm = np.random.default_rng(args.seed).permutation(n)
-    train, test = np.sort(perm[: n // 2]), np.sort(perm[n // 2:])
+    splits = []
+    for s in range(args.seed, args.seed + args.splits):
+        perm = np.random.default_rng(s).permutation(n)
+        splits.append((np.sort(perm[: n // 2]), np.sort(perm[n // 2:])))
+    train, test = splits[0]
     res = {src: probes(f, labels, coords, train, test, args.ridge, args.seed) for src, f in feats.items()}
+    # every split: the same probes, so each metric gets a spread and QK − VV a paired difference per split
+    per = {src: [split_probes(f, labels, coords, tr, te, args.ridge) for tr, te in splits] for src, f in feats.items()}
+    for src, rs in per.items():
+        for key in ("where", "obj_bal", "what", "what_base"):
+            v = np.array([r[key] for r in rs])
+            res[src][key + "_mean"], res[src][key + "_sd"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+    diff = {key: np.array([a[key] - b[key] for a, b in zip(per["knn-qk"], per["knn-vv"])])
+            for key in ("where", "obj_bal", "what")}
     shares = {g: position_share(r.eigvecs) for g, r in runs.items()}
-    write(args, runs, seconds, reused, res, shares, labels, supers, train, test, (h, w))
+    write(args, runs, seconds, reused, res, diff, shares, labels, supers, train, test, (h, w))
 
 
-def write(args, runs, seconds, reused, res, shares, labels, supers, train, test, grid) -> None:
+def write(args, runs, seconds, reused, res, diff, shares, labels, supers, train, test, grid) -> None:
     n = labels.shape[0]
     fg = labels > 0
     counts = np.bincount(labels[fg], minlength=len(supers) + 1)[1:]
@@ -160,9 +182,12 @@ def write(args, runs, seconds, reused, res, shares, labels, supers, train, test,
     names = {"knn-qk": "QK joint eigenvectors (knn-qk)", "knn-vv": "VV joint eigenvectors (knn-vv)",
              "dct": "control: K lowest 2-D cosines (position only)"}
     rows = []
+    pm = lambda r, key: f"{r[key + '_mean']:.3f} ± {r[key + '_sd']:.3f}"
     for src, r in res.items():
-        rows.append(f"| {names[src]} | **{r['where']:.3f}** | {r['obj_acc']:.3f} | **{r['obj_bal']:.3f}** | "
-                    f"**{r['what']:.3f}** (baseline {r['what_base']:.3f}) | **{r['clusters']:.3f}** |")
+        rows.append(f"| {names[src]} | **{pm(r, 'where')}** | **{pm(r, 'obj_bal')}** | **{pm(r, 'what')}** "
+                    f"(majority {pm(r, 'what_base')}) | **{r['clusters']:.3f}** |")
+    drow = lambda key: (f"{diff[key].mean():+.3f} ± {diff[key].std(ddof=1) if diff[key].size > 1 else 0.0:.3f}, "
+                        f"QK ahead in {int((diff[key] > 0).sum())}/{diff[key].size}")
     share_rows = [f"| {g} | " + " | ".join(f"{v:.3f}" for v in s[1:11]) + f" | {np.mean(s[1:]):.3f} |"
                   for g, s in shares.items()]
     qk, vv = res["knn-qk"], res["knn-vv"]
@@ -180,12 +205,17 @@ Measured {datetime.date.today().isoformat()} with `python benchmarks/eval_joint.
   {'(reused from --work, solved earlier: ' + ', '.join(reused) + ')' if reused else '(solved in this run)'}; final objective {', '.join(f"{g} {r.summary.get('objective', float('nan')):.3f}" for g, r in runs.items())}.
 - Labels: COCO supercategory per patch ({len(supers)} + background). Foreground is {fg.mean():.1%} of all patches;
   patches per supercategory: {', '.join(f'{s} {c}' for s, c in zip(supers, counts))}.
-- Split: {len(train)} training images, {len(test)} held-out images (seed {args.seed}). "what" is scored on the
-  {qk['what_n']} held-out foreground patches whose supercategory occurs in training.
+- Splits: {args.splits} seeded random halves of the images (seeds {args.seed}…{args.seed + args.splits - 1}; {len(train)} training,
+  {len(test)} held-out images); every probe column is mean ± sd over the splits. "what" is scored on the held-out
+  foreground patches whose supercategory occurs in training ({qk['what_n']} of them in the first split). The
+  clusters column uses no labels and no split (all images at once).
 
-| features (K = {args.num_eigs} per patch) | where: R² of (y, x), held-out images | object: accuracy | object: balanced accuracy | what: supercategory accuracy on held-out foreground | clusters: k-means (k = 13) mIoU, all images |
-|---|---|---|---|---|---|
+| features (K = {args.num_eigs} per patch) | where: R² of (y, x), held-out images | object vs background: balanced accuracy | what: supercategory accuracy, held-out foreground | clusters: k-means (k = 13) mIoU, all images |
+|---|---|---|---|---|
 {chr(10).join(rows)}
+
+QK − VV per split (paired, mean ± sd over the {args.splits} splits; "QK ahead in m/n" counts splits):
+where {drow('where')}; object {drow('obj_bal')}; what {drow('what')}.
 
 Position share of each eigenvector (‖mean_i v_ik‖² / mean_i ‖v_ik‖², per-image centred; 1 = the same map in every
 image, ≈ 1/n = {1 / n:.3f} = unrelated across images):
@@ -196,18 +226,22 @@ image, ≈ 1/n = {1 / n:.3f} = unrelated across images):
 
 ## Reading it
 
-- **Where** (one linear map for all images): QK {qk['where']:.3f}, VV {vv['where']:.3f} (position-only control
-  {res['dct']['where']:.3f}). {'QK > VV, as the paper claims' if qk['where'] > vv['where'] else 'QK ≤ VV, against the paper'}
-  (difference {qk['where'] - vv['where']:+.3f}); the position-share table says the same per eigenvector (mean
+- **Where** (one linear map for all images): QK {pm(qk, 'where')}, VV {pm(vv, 'where')} (position-only control
+  {pm(res['dct'], 'where')}): {'QK > VV, as the paper claims' if diff['where'].mean() > 0 else 'QK ≤ VV, against the paper'}
+  (paired difference {drow('where')}); the position-share table says the same per eigenvector (mean
   {np.mean(shares['knn-qk'][1:]):.3f} vs {np.mean(shares['knn-vv'][1:]):.3f}).
-- **What**: supercategory accuracy on held-out foreground QK {qk['what']:.3f}, VV {vv['what']:.3f} (majority
-  {qk['what_base']:.3f}, position control {res['dct']['what']:.3f}); object vs background, balanced accuracy QK
-  {qk['obj_bal']:.3f}, VV {vv['obj_bal']:.3f}; label-free clusters mIoU QK {qk['clusters']:.3f}, VV
-  {vv['clusters']:.3f}. {'VV > QK on all three, as the paper claims' if vv['what'] > qk['what'] and vv['obj_bal'] > qk['obj_bal'] and vv['clusters'] > qk['clusters'] else 'Not VV > QK on all three: read the columns one by one'}.
-- Scale of the test: {n} images, one per COCO category, {len(test)} held out; a supercategory probe trained on
-  {len(train)} images sees each supercategory in only a few images, and the model is a saliency fine-tune of
-  DINOv2-S, not the paper's Stable Diffusion UNet. Differences of a few points are within what another seed
-  split would move.
+- **Object vs background** (balanced accuracy): QK {pm(qk, 'obj_bal')}, VV {pm(vv, 'obj_bal')} (position control
+  {pm(res['dct'], 'obj_bal')}): {'VV > QK, as the paper claims' if diff['obj_bal'].mean() < 0 else 'QK ≥ VV, against the paper'}
+  (paired {drow('obj_bal')}).
+- **What** (supercategory of held-out foreground): QK {pm(qk, 'what')}, VV {pm(vv, 'what')} (majority
+  {pm(qk, 'what_base')}, position control {pm(res['dct'], 'what')}): {'VV > QK, as the paper claims' if diff['what'].mean() < 0 else 'QK ≥ VV, against the paper'}
+  (paired {drow('what')}).
+- **Clusters** (no labels): QK {qk['clusters']:.3f}, VV {vv['clusters']:.3f}, position control
+  {res['dct']['clusters']:.3f}.
+- Scale of the test: {n} images, one per COCO category; a supercategory probe trained on {len(train)} images sees
+  most supercategories in only a few images, and the backbone is a saliency fine-tune of DINOv2-S at 224² (16×16
+  patches), not the paper's Stable Diffusion UNet; the split-to-split spread above is the yardstick for every
+  difference in this file.
 """
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
