@@ -43,16 +43,17 @@ def check_problem(graphs: Sequence[Graph], num_eigs: int, base_grid) -> tuple[tu
     return base, nimg, m0
 
 
-def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max: int = 4096,
+def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max: int = 8192,
           maxiter: int = 400, tol: float = 1e-9, seed: int = 0) -> Result:
     """Top-`num_eigs` eigenvectors of the linearised layer-distributed objective.
 
     graphs: a graph or a list of graph groups (grids may differ); weights: per-group arrays of batch shape.
-    Dense top-K when the base problem has ≤ `dense_max` nodes (A is M0² floats: 64 MiB at 4096), else LOBPCG
-    (≤ `maxiter` iterations, random start from `seed`). Every LOBPCG iteration applies all graphs to 3K vectors —
-    for attention graphs about the work of building A once — so the dense path is far faster wherever A fits;
-    measured on CPU (72 DINOv2-S graphs, K = 20): dense 0.3 s at M0 = 1024, while LOBPCG at M0 = 2144 ran for more
-    than 8 minutes. The matrix-free path is for problems whose A does not fit in memory. Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[K]` largest first).
+    Dense top-K when the base problem has ≤ `dense_max` nodes (A is M0² floats: 256 MiB at 8192, about 1 GiB peak
+    while it is built and solved), else LOBPCG (≤ `maxiter` iterations, random start from `seed`). Every LOBPCG
+    iteration applies all graphs to 3K vectors — for attention graphs about the work of building A once — so the
+    dense path is far faster wherever A fits. Measured on a 2-core CPU, 72 attention graphs (head dim 64), K = 20:
+    dense 0.16 s at M0 = 1024, 4.8 s at 4096, 44 s at 8192; matrix-free LOBPCG at M0 = 2144 ran for more than
+    8 minutes. The matrix-free path is for problems whose A does not fit in memory. Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[K]` largest first).
     """
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
