@@ -137,11 +137,17 @@ def test_gd_materialized_equals_matrix_free(rng, preset):
 
 
 def test_gd_chunk_compiles_once(rng):
+    """One trace for a run of 8 chunks; none for a repeat with the same settings and shapes (other data)."""
     g = _planted_graph(rng, (8, 8))
+    gd_module._COMPILED.clear()
     before = gd_module.TRACES["gd_chunk"]
     res = solvers.gd(g, 4, steps=40, chunks=8)
     assert gd_module.TRACES["gd_chunk"] - before == 1
     assert res.steps == 40 and res.history.shape == (40,)
+    again = solvers.gd(_planted_graph(rng, (8, 8)), 4, steps=40, chunks=8, seed=1)
+    assert gd_module.TRACES["gd_chunk"] - before == 1 and again.info["compile_seconds"] < res.info["compile_seconds"]
+    solvers.gd(g, 4, steps=40, chunks=8, preset="eigen", lr=0.01)             # another optimizer: compiles
+    assert gd_module.TRACES["gd_chunk"] - before == 2
 
 
 def test_gd_sampling_touches_a_subset(rng):
