@@ -39,8 +39,8 @@ import scipy.linalg
 from flax import nnx
 
 from spectral_jax.graphs import DenseGraph, Graph
-from spectral_jax.objective import (weighted_sym_dense, from_nodes, linear_operators, normalised_weights,
-                                    paper_loss, rayleigh)
+from spectral_jax.objective import (from_nodes, linear_operators, normalised_weights, paper_loss, rayleigh,
+                                    weighted_sym_dense)
 from spectral_jax.solvers.exact import as_list, check_problem
 from spectral_jax.solvers.result import Result, finish
 
