@@ -42,6 +42,7 @@ def cpu_and_load() -> tuple[str, str]:
     return cpu, " / ".join(f"{x:.1f}" for x in os.getloadavg())
 
 
+
 def machine() -> dict[str, Any]:
     """A description of this machine and software, for the results files."""
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}
@@ -193,9 +194,12 @@ def run_child(script: str, args: dict[str, Any], timeout: float = 1800) -> dict[
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def write(path: str, text: str) -> None:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
+def write(path: str, text: str, announce: bool = False) -> None:
+    """Write a results file atomically (creating its folder); if `announce`, say so on stdout."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+    if announce:
+        print(f"wrote {path}")

@@ -259,10 +259,7 @@ Top-K eigenvalues of the alternatives vs the full eigh, max abs difference over 
 
 {raw_text}
 """
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(note)
-    print(f"wrote {args.out}")
+    _common.write(args.out, note, announce=True)
 
 
 if __name__ == "__main__":

@@ -258,11 +258,7 @@ Measured {datetime.date.today().isoformat()} with `{cmd}`.
 
 </details>
 """
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(note)
-    if final:
-        print(f"wrote {args.out}")
+    _common.write(args.out, note, announce=final)
 
 
 if __name__ == "__main__":

