@@ -184,7 +184,8 @@ def _compiled_chunk(cfg: _Config, work, work_w, carry):
     """The AOT-compiled chunk for this configuration and these argument shapes, compiled once per process
     (a second run with the same settings and shapes — the next image of a batch — skips compilation)."""
     args = (work, work_w, carry)
-    key = (cfg, jax.tree.structure(args), tuple((x.shape, x.dtype) for x in jax.tree.leaves(args)))
+    key = (cfg, jax.tree.structure(args),
+           tuple((x.shape, x.dtype, getattr(x, "sharding", None)) for x in jax.tree.leaves(args)))
     try:
         hit = _COMPILED.get(key)
     except TypeError:                                   # an unhashable user optimizer: compile every time
