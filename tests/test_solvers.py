@@ -77,6 +77,27 @@ def test_exact_multigrid_matches_dense_generalised_eigh(rng):
         assert res.orth_error < 1e-4                              # B-orthonormal
 
 
+@pytest.mark.parametrize("same_grid", [True, False], ids=["one-grid", "multi-grid"])
+def test_dense_eig_paths_agree(rng, same_grid):
+    """The dense path's two eigensolvers — LAPACK subset drivers (CPU) and the device `eigh` (accelerators, not run
+    by CI otherwise) — return the same top-K pairs of A x = λ B x."""
+    exact_module = importlib.import_module("spectral_jax.solvers.exact")
+    q1 = (1.5 * rng.normal(size=(2, 2, 256, 8))).astype(np.float32)
+    gs = [graphs.attention(q1, q1[::-1], (16, 16))]
+    if not same_grid:
+        q2 = (1.5 * rng.normal(size=(2, 64, 8))).astype(np.float32)
+        gs.append(graphs.attention(q2, q2, (8, 8)))
+    a, b = dense_operators(gs, normalised_weights(gs, None), (16, 16), 1)
+    v1, x1 = (np.asarray(t, np.float64) for t in exact_module._dense_eig(a, b, 6, same_grid))
+    v2, x2 = (np.asarray(t, np.float64) for t in exact_module._dense_eig_full(a, b, 6, same_grid))
+    np.testing.assert_allclose(v1, v2, atol=2e-5)
+    assert np.all(np.diff(v1) <= 0) and np.all(np.diff(v2) <= 0)                     # largest first
+    assert subspace_alignment(x1, x2) >= 0.999
+    bb = np.asarray(b, np.float64)
+    for x in (x1, x2):                                                             # B-orthonormal
+        np.testing.assert_allclose(x.T @ bb @ x, np.eye(6), atol=1e-4)
+
+
 def test_exact_rejects_k_not_below_n(rng):
     g = _random_graph(rng, (4, 4))
     with pytest.raises(ValueError, match="num_eigs"):
