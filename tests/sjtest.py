@@ -23,3 +23,25 @@ def subspace_alignment(u, v):
     qu, _ = np.linalg.qr(np.asarray(u, np.float64))
     qv, _ = np.linalg.qr(np.asarray(v, np.float64))
     return float(np.linalg.svd(qu.T @ qv, compute_uv=False).mean())
+
+
+def perturb(model, seed):
+    """A random-init torch reference moved off its initialisation (0.05·N(0, 1) on every parameter, from `seed`):
+    zero-initialised layers (diffusers' output convs, LayerNorm biases) would otherwise hide mapping bugs."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def close_to_ref(ours, ref, tol, what):
+    """max |ours − ref| ≤ tol · max |ref|, shapes equal, and the reference not ~0 (else the check tests nothing)."""
+    ours, ref = np.asarray(ours), np.asarray(ref)
+    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
+    scale = float(np.abs(ref).max())
+    assert scale > 0.05, f"{what}: reference is ~0 (max {scale}); the comparison would test nothing"
+    err = float(np.abs(ours - ref).max())
+    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} × {scale:.3g}"

@@ -19,6 +19,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
+from sjtest import close_to_ref, perturb  # noqa: E402
 from spectral_jax.diffusion import collect_taps, encode_images, noisy_latents  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
 from spectral_jax.models.clip_text import empty_prompt_ids  # noqa: E402
@@ -27,21 +28,8 @@ from spectral_jax.models.sd import SD_MODELS, load_sd, save_empty_prompt_embeddi
 TOL = 2e-5
 
 
-def perturb(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 def close(ours, ref, what):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
-    scale = float(np.abs(ref).max())
-    assert scale > 0.05, f"{what}: reference is ~0 (max {scale})"
-    err = float(np.abs(ours - ref).max())
-    assert err <= TOL * scale, f"{what}: max error {err:.3g} > {TOL} × {scale:.3g}"
+    close_to_ref(ours, ref, TOL, what)
 
 
 @pytest.fixture(scope="module")

@@ -27,6 +27,7 @@ diffusers = pytest.importorskip("diffusers")
 import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from sjtest import close_to_ref, perturb  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
 from spectral_jax.models.sd_unet import DownBlock2D, UNetConfig, jit_forward  # noqa: E402
 from spectral_jax.models.weights import apply_table  # noqa: E402
@@ -42,21 +43,8 @@ LAYOUTS = {"sd1": dict(SMALL, attention_head_dim=2),
            "sd2": dict(SMALL, attention_head_dim=(2, 4, 4), use_linear_projection=True, cross_attention_dim=40)}
 
 
-def perturb(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
 def close(ours, ref, what):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
-    scale = float(np.abs(ref).max())
-    assert scale > 0.05, f"{what}: reference is ~0 (max {scale}); the comparison would test nothing"
-    err = float(np.abs(ours - ref).max())
-    assert err <= TOL * scale, f"{what}: max error {err:.3g} > {TOL} × {scale:.3g}"
+    close_to_ref(ours, ref, TOL, what)
 
 
 def hook_attn1(model):

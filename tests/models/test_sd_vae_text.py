@@ -18,27 +18,11 @@ transformers = pytest.importorskip("transformers")
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
+from sjtest import close_to_ref, perturb  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
 from spectral_jax.models.clip_text import empty_prompt_ids  # noqa: E402
 from spectral_jax.models.scheduler import DDPMSchedule  # noqa: E402
 from spectral_jax.models.sd_weights import load_text_encoder, load_vae, text_config_from_hf  # noqa: E402
-
-
-def perturb(model, seed):
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return model.eval()
-
-
-def close(ours, ref, tol, what):
-    ours, ref = np.asarray(ours), np.asarray(ref)
-    assert ours.shape == ref.shape, f"{what}: shape {ours.shape} vs {ref.shape}"
-    scale = float(np.abs(ref).max())
-    assert scale > 0.05, f"{what}: reference is ~0 (max {scale})"
-    err = float(np.abs(ours - ref).max())
-    assert err <= tol * scale, f"{what}: max error {err:.3g} > {tol} × {scale:.3g}"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -72,12 +56,12 @@ def test_vae_encoder_matches_diffusers(vae_pair):
     x = np.random.default_rng(0).uniform(-1, 1, (2, 24, 40, 3)).astype(np.float32)
     mean, logvar, std = _encode_ref(ref, x)
     m, lv = jax.jit(ours.__call__)(jnp.asarray(x))
-    close(m, mean, 2e-5, "posterior mean")
-    close(lv, logvar, 2e-5, "posterior log-variance")
-    close(ours.encode(jnp.asarray(x)), 0.18215 * mean, 2e-5, "scaled latent (mean)")
+    close_to_ref(m, mean, 2e-5, "posterior mean")
+    close_to_ref(lv, logvar, 2e-5, "posterior log-variance")
+    close_to_ref(ours.encode(jnp.asarray(x)), 0.18215 * mean, 2e-5, "scaled latent (mean)")
     key = jax.random.key(3)
     eps = np.asarray(jax.random.normal(key, mean.shape))
-    close(ours.encode(jnp.asarray(x), key), 0.18215 * (mean + std * eps), 2e-5, "scaled latent (sample)")
+    close_to_ref(ours.encode(jnp.asarray(x), key), 0.18215 * (mean + std * eps), 2e-5, "scaled latent (sample)")
 
 
 def test_vae_old_attention_names_and_conv_layout(vae_pair, tmp_path):
@@ -141,14 +125,14 @@ def test_text_encoder_matches_transformers(act, prefix, tmp_path_factory):
         with torch.no_grad():
             want = ref(torch.from_numpy(ids.astype(np.int64))).last_hidden_state.numpy()
         outs[pad] = np.asarray(run(ids))
-        close(outs[pad], want, 1e-5, f"{act} empty prompt, pad={pad}")
+        close_to_ref(outs[pad], want, 1e-5, f"{act} empty prompt, pad={pad}")
     # causal attention: BOS/EOS positions do not see the padding; every later position does
     np.testing.assert_allclose(outs["eos"][:, :2], outs["zero"][:, :2], atol=1e-6)
     assert (np.abs(outs["eos"][0, 2:] - outs["zero"][0, 2:]).max(axis=-1) > 1e-3).all()
     ids = np.random.default_rng(0).integers(0, 1000, (2, 9))
     with torch.no_grad():
         want = ref(torch.from_numpy(ids)).last_hidden_state.numpy()
-    close(run(ids), want, 1e-5, f"{act} random ids")
+    close_to_ref(run(ids), want, 1e-5, f"{act} random ids")
 
 
 def test_empty_prompt_ids_follow_the_sd_tokenizers():
