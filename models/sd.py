@@ -121,17 +121,9 @@ def _has_unet(d: str) -> bool:
 
 def find_in_hub_cache(repo_id: str) -> str | None:
     """The snapshot of `repo_id` in the HF hub cache that holds unet/*.safetensors (refs/main first), or None."""
-    from spectral_jax.models.weights import _hub_cache_dir
+    from spectral_jax.models.weights import find_in_hub_cache as find
 
-    root = os.path.join(_hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
-    snapshots = os.path.join(root, "snapshots")
-    candidates = []
-    ref = os.path.join(root, "refs", "main")
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            candidates.append(os.path.join(snapshots, f.read().strip()))
-    candidates += sorted(glob.glob(os.path.join(snapshots, "*")), key=os.path.getmtime, reverse=True)
-    return next((c for c in candidates if _has_unet(c)), None)
+    return find(repo_id, holds=_has_unet)
 
 
 def _download(repo_id: str) -> str:

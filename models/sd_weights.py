@@ -36,7 +36,7 @@ from spectral_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from spectral_jax.models.sd_unet import UNet2DConditionModel, UNetConfig
 from spectral_jax.models.sd_vae import AutoencoderKL, VAEConfig
 from spectral_jax.models.weights import (KeyTable, Rule, _conv, _flatten, _linear, _linear_t, _norm, _same,
-                                         apply_table, read_safetensors)
+                                         apply_table, fill_state, read_safetensors)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key tables
@@ -176,14 +176,7 @@ def random_params(cls, cfg, seed: int = 0) -> dict[str, np.ndarray]:
 def assemble(cls, cfg, params: dict[str, np.ndarray], dtype=jnp.float32):
     """Fill the abstract state of `cls(cfg, dtype)` with `params` ({dotted path: array})."""
     graphdef, state, _ = abstract_model(cls, cfg, dtype)
-    pure = nnx.to_pure_dict(state)
-    for path, (keys, _) in _flatten(pure).items():
-        node = pure
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = jnp.asarray(params[path], dtype)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    return fill_state(graphdef, state, params, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -246,6 +246,11 @@ def random_params(cfg: ViTConfig, seed: int = 0) -> dict[str, np.ndarray]:
 def assemble(cfg: ViTConfig, params: dict[str, np.ndarray], dtype=jnp.float32) -> ViT:
     """Fill the abstract state of `ViT(cfg, dtype)` with `params` ({dotted path: array}, as `convert` returns)."""
     graphdef, state, _ = abstract_model(cfg, dtype)
+    return fill_state(graphdef, state, params, dtype)
+
+
+def fill_state(graphdef, state, params: dict[str, np.ndarray], dtype=jnp.float32):
+    """The module `graphdef` with every leaf of the abstract `state` taken from `params` ({dotted path: array})."""
     pure = nnx.to_pure_dict(state)
     for path, (keys, _) in _flatten(pure).items():
         node = pure
@@ -270,8 +275,10 @@ def _hub_cache_dir() -> str:
     return os.path.join(home, "hub")
 
 
-def find_in_hub_cache(repo_id: str) -> str | None:
-    """The snapshot directory of `repo_id` in the HF hub cache holding safetensors (refs/main first), or None."""
+def find_in_hub_cache(repo_id: str, holds=None) -> str | None:
+    """The snapshot directory of `repo_id` in the HF hub cache for which `holds(dir)` is true (default: it holds
+    *.safetensors), refs/main first, then newest first; or None."""
+    holds = holds or (lambda d: bool(glob.glob(os.path.join(d, "*.safetensors"))))
     root = os.path.join(_hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
     snapshots = os.path.join(root, "snapshots")
     candidates = []
@@ -280,7 +287,7 @@ def find_in_hub_cache(repo_id: str) -> str | None:
         with open(ref) as f:
             candidates.append(os.path.join(snapshots, f.read().strip()))
     candidates += sorted(glob.glob(os.path.join(snapshots, "*")), key=os.path.getmtime, reverse=True)
-    return next((c for c in candidates if glob.glob(os.path.join(c, "*.safetensors"))), None)
+    return next((c for c in candidates if holds(c)), None)
 
 
 def _how_to_get(repo_id: str) -> str:
