@@ -43,6 +43,32 @@ def cpu_and_load() -> tuple[str, str]:
 
 
 
+def torch_machine_line(*libs) -> str:
+    """One-line machine description for a JAX-vs-PyTorch benchmark; `libs`: extra modules whose versions to name."""
+    import jax
+    import torch
+
+    cpu, load = cpu_and_load()
+    return (f"{cpu}; {os.cpu_count()} logical CPUs visible (torch threads {torch.get_num_threads()}), load average "
+            f"{load} (1/5/15 min) at the end; {platform.system()} {platform.release()}; "
+            f"Python {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}); "
+            f"torch {torch.__version__}" + "".join(f"; {m.__name__} {m.__version__}" for m in libs))
+
+
+def median_seconds(fns: dict, runs: int, warmup: int) -> dict[str, float]:
+    """Median wall time of each callable; calls are interleaved so that all see the same (shared, noisy) load."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
 def machine() -> dict[str, Any]:
     """A description of this machine and software, for the results files."""
     info: dict[str, Any] = {"python": platform.python_version(), "platform": platform.platform()}

