@@ -36,7 +36,7 @@ from spectral_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from spectral_jax.models.sd_unet import UNet2DConditionModel, UNetConfig
 from spectral_jax.models.sd_vae import AutoencoderKL, VAEConfig
 from spectral_jax.models.weights import (KeyTable, Rule, _conv, _flatten, _linear, _linear_t, _norm, _same,
-                                         apply_table, fill_state, read_safetensors)
+                                         apply_table, fill_state, random_leaves, read_safetensors)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key tables
@@ -160,17 +160,7 @@ def abstract_model(cls, cfg, dtype=jnp.float32):
 def random_params(cls, cfg, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded random initialisation in target layout: kernels and embeddings ~ N(0, 0.02²) clipped at ±2σ, biases
     0, norm scales 1 (the references' init scheme for linears; a stand-in for tests and benchmarks)."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, leaf in abstract_model(cls, cfg)[2].items():
-        name = path.rsplit(".", 1)[-1]
-        if name == "scale":
-            out[path] = np.ones(leaf.shape, np.float32)
-        elif name == "bias":
-            out[path] = np.zeros(leaf.shape, np.float32)
-        else:
-            out[path] = np.clip(rng.standard_normal(leaf.shape, np.float32), -2, 2) * np.float32(0.02)
-    return out
+    return random_leaves(abstract_model(cls, cfg)[2], seed)
 
 
 def assemble(cls, cfg, params: dict[str, np.ndarray], dtype=jnp.float32):

@@ -230,9 +230,15 @@ def convert(cfg: ViTConfig, tensors: dict[str, np.ndarray], what: str) -> dict[s
 def random_params(cfg: ViTConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """A seeded random initialisation in target layout: weights and embeddings ~ N(0, 0.02²) clipped at ±2σ,
     biases 0, norm scales and layer scales 1 (as the references initialise)."""
+    return random_leaves(abstract_model(cfg)[2], seed)
+
+
+def random_leaves(abstract: dict, seed: int = 0) -> dict[str, np.ndarray]:
+    """{dotted path: ShapeDtypeStruct} → seeded arrays: `scale`/`lambda1` leaves 1, `bias` 0, the rest
+    N(0, 0.02²) clipped at ±2σ, drawn in path order from `seed`."""
     rng = np.random.default_rng(seed)
     out = {}
-    for path, leaf in abstract_model(cfg)[2].items():
+    for path, leaf in abstract.items():
         name = path.rsplit(".", 1)[-1]
         if name in ("scale", "lambda1"):
             out[path] = np.ones(leaf.shape, np.float32)
