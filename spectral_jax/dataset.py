@@ -64,6 +64,7 @@ from jax.sharding import PartitionSpec as P
 from spectral_jax import folder as F
 from spectral_jax.errors import InputError
 from spectral_jax.graphs import KnnGraph
+from spectral_jax.kernels import topk_rows
 from spectral_jax.objective import from_nodes, normalised_weights, paper_loss, rayleigh, to_nodes
 from spectral_jax.solvers.gd import retract
 
@@ -224,58 +225,6 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
 # kNN graph over the tokens of a batch, row-sharded
 
 
-def _pad_split(x, t, fill):
-    n = x.shape[0]
-    nb = -(-n // t)
-    x = jnp.pad(x, [(0, nb * t - n)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
-    return x.reshape(nb, t, *x.shape[1:])
-
-
-def _topk_rows(a, b, row_img, col_img, col_ok, k_same: int, k_other: int, block: int):
-    """Top-k cosine neighbours of the rows of `a` among the rows of `b`, split by image.
-
-    a `[R, F]`, b `[C, F]`, row_img `[R]`, col_img `[C]` int (image of each row / column), col_ok `[C]` bool
-    (columns that may be neighbours). Returns (idx_same `[R, k_same]`, cos_same, idx_other `[R, k_other]`,
-    cos_other), column indices into b; slots without a candidate have cos = −inf. Scanned over `block`-sized
-    column tiles with a running top-k merge (memory O(block² + R·k)), row tiles mapped.
-    """
-    r, c = a.shape[0], b.shape[0]
-    a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    bq, bk = min(block, r), min(block, c)
-    at, gq = _pad_split(a, bq, 0.0), _pad_split(row_img, bq, -1)
-    bt, gk = _pad_split(b, bk, 0.0), _pad_split(col_img, bk, -2)
-    okt, cols = _pad_split(col_ok, bk, False), _pad_split(jnp.arange(c, dtype=jnp.int32), bk, 0)
-
-    def merge(vals, idx, new_vals, new_idx, kk):
-        if kk == 0:
-            return vals, idx
-        top, pos = lax.top_k(jnp.concatenate([vals, new_vals], axis=1), kk)
-        return top, jnp.take_along_axis(jnp.concatenate([idx, new_idx], axis=1), pos, axis=1)
-
-    def row_tile(inp):
-        ai, gi = inp
-
-        def step(carry, kin):
-            vs, is_, vo, io = carry
-            bj, gj, okj, cj = kin
-            cos = ai @ bj.T                                                    # [bq, bk]
-            same = (gi[:, None] == gj[None, :]) & okj[None, :]
-            other = (gi[:, None] != gj[None, :]) & okj[None, :]
-            cj = jnp.broadcast_to(cj[None, :], cos.shape)
-            vs, is_ = merge(vs, is_, jnp.where(same, cos, -jnp.inf), cj, k_same)
-            vo, io = merge(vo, io, jnp.where(other, cos, -jnp.inf), cj, k_other)
-            return (vs, is_, vo, io), None
-
-        # built from ai so that, under shard_map, the carry varies over the mesh axis as the tile does
-        neg, zero = jnp.full_like(ai[:, :1], -jnp.inf), jnp.zeros_like(ai[:, :1], jnp.int32)
-        init = (jnp.broadcast_to(neg, (bq, k_same)), jnp.broadcast_to(zero, (bq, k_same)),
-                jnp.broadcast_to(neg, (bq, k_other)), jnp.broadcast_to(zero, (bq, k_other)))
-        return lax.scan(step, init, (bt, gk, okt, cols))[0]
-
-    vs, is_, vo, io = lax.map(row_tile, (at, gq))
-    flat = lambda x: x.reshape(-1, x.shape[-1])[:r]
-    return flat(is_), flat(vs), flat(io), flat(vo)
 
 
 def _knn_rows(a_loc, b_all, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: float, block: int):
@@ -287,7 +236,7 @@ def _knn_rows(a_loc, b_all, row0, valid, per: int, k_intra: int, k_inter: int, m
     col_ok = valid[col_img]
 
     def layer(ab):
-        i_s, c_s, i_o, c_o = _topk_rows(ab[0], ab[1], row_img, col_img, col_ok, k_intra, k_inter, block)
+        i_s, c_s, i_o, c_o = topk_rows(ab[0], ab[1], row_img, col_img, col_ok, k_intra, k_inter, block)
         return jnp.concatenate([i_s, i_o], axis=1), jnp.concatenate([c_s, c_o], axis=1)
 
     idx, cos = lax.map(layer, (a_loc, b_all))

@@ -18,11 +18,11 @@ from jax import lax
 Array = jax.Array
 
 
-def _tiles(x: Array, b: int) -> Array:
-    """Zero-pad the leading axis of `x` to a multiple of `b` and split it: `[n, ...]` → `[ceil(n/b), b, ...]`."""
+def _tiles(x: Array, b: int, fill=0) -> Array:
+    """Pad the leading axis of `x` with `fill` to a multiple of `b` and split it: `[n, ...]` → `[ceil(n/b), b, ...]`."""
     n = x.shape[0]
     nb = -(-n // b)
-    x = jnp.pad(x, [(0, nb * b - n)] + [(0, 0)] * (x.ndim - 1))
+    x = jnp.pad(x, [(0, nb * b - n)] + [(0, 0)] * (x.ndim - 1), constant_values=fill)
     return x.reshape(nb, b, *x.shape[1:])
 
 
@@ -134,43 +134,54 @@ def topk_split(a: Array, b: Array, group: Array, k_same: int, k_other: int, bloc
 
     a `[N, D]`, b `[N, D]`, group `[N]` int. Returns (idx_same `[N, k_same]`, cos_same, idx_other
     `[N, k_other]`, cos_other), neighbours j with group[j] == group[i] and != group[i] respectively. Slots with
-    no candidate (fewer candidates than k) get cos = -inf. Scanned over column tiles with a running top-k merge.
+    no candidate (fewer candidates than k) get cos = -inf. `topk_rows` with rows and columns the same tokens.
     """
-    n = a.shape[0]
+    return topk_rows(a, b, group, group, jnp.ones(b.shape[:1], bool), k_same, k_other, block)
+
+
+def topk_rows(a: Array, b: Array, row_img: Array, col_img: Array, col_ok: Array, k_same: int, k_other: int,
+              block: int) -> tuple[Array, Array, Array, Array]:
+    """Top-k cosine neighbours of the rows of `a` among the rows of `b`, split by image.
+
+    a `[R, F]`, b `[C, F]`, row_img `[R]`, col_img `[C]` int (image of each row / column), col_ok `[C]` bool
+    (columns that may be neighbours). Returns (idx_same `[R, k_same]`, cos_same, idx_other `[R, k_other]`,
+    cos_other), column indices into b; slots without a candidate have cos = −inf. Scanned over `block`-sized
+    column tiles with a running top-k merge (memory O(block² + R·k)), row tiles mapped.
+    """
+    r, c = a.shape[0], b.shape[0]
     a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
     b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
-    bq = bk = min(block, n)
-    at, gq = _tiles(a, bq), _tiles(group, bq)                          # [nq, bq, D], [nq, bq]
-    bt, gk, vk = _tiles(b, bk), _tiles(group, bk), _valid(n, bk)       # [nk, bk, D], [nk, bk], [nk, bk]
-    cols = _tiles(jnp.arange(n, dtype=jnp.int32), bk)                  # [nk, bk]
+    bq, bk = min(block, r), min(block, c)
+    at, gq = _tiles(a, bq, 0.0), _tiles(row_img, bq, -1)
+    bt, gk = _tiles(b, bk, 0.0), _tiles(col_img, bk, -2)
+    okt, cols = _tiles(col_ok, bk, False), _tiles(jnp.arange(c, dtype=jnp.int32), bk, 0)
 
     def merge(vals, idx, new_vals, new_idx, kk):
         if kk == 0:
             return vals, idx
-        v = jnp.concatenate([vals, new_vals], axis=1)
-        i = jnp.concatenate([idx, new_idx], axis=1)
-        top, pos = lax.top_k(v, kk)
-        return top, jnp.take_along_axis(i, pos, axis=1)
+        top, pos = lax.top_k(jnp.concatenate([vals, new_vals], axis=1), kk)
+        return top, jnp.take_along_axis(jnp.concatenate([idx, new_idx], axis=1), pos, axis=1)
 
     def row_tile(inp):
         ai, gi = inp
 
         def step(carry, kin):
             vs, is_, vo, io = carry
-            bj, gj, vj, cj = kin
-            cos = ai @ bj.T                                            # [bq, bk]
-            same = (gi[:, None] == gj[None, :]) & vj[None, :]
-            other = (gi[:, None] != gj[None, :]) & vj[None, :]
+            bj, gj, okj, cj = kin
+            cos = ai @ bj.T                                                    # [bq, bk]
+            same = (gi[:, None] == gj[None, :]) & okj[None, :]
+            other = (gi[:, None] != gj[None, :]) & okj[None, :]
             cj = jnp.broadcast_to(cj[None, :], cos.shape)
             vs, is_ = merge(vs, is_, jnp.where(same, cos, -jnp.inf), cj, k_same)
             vo, io = merge(vo, io, jnp.where(other, cos, -jnp.inf), cj, k_other)
             return (vs, is_, vo, io), None
 
-        init = (jnp.full((bq, k_same), -jnp.inf, a.dtype), jnp.zeros((bq, k_same), jnp.int32),
-                jnp.full((bq, k_other), -jnp.inf, a.dtype), jnp.zeros((bq, k_other), jnp.int32))
-        out, _ = lax.scan(step, init, (bt, gk, vk, cols))
-        return out
+        # built from ai so that, under shard_map, the carry varies over the mesh axis as the tile does
+        neg, zero = jnp.full_like(ai[:, :1], -jnp.inf), jnp.zeros_like(ai[:, :1], jnp.int32)
+        init = (jnp.broadcast_to(neg, (bq, k_same)), jnp.broadcast_to(zero, (bq, k_same)),
+                jnp.broadcast_to(neg, (bq, k_other)), jnp.broadcast_to(zero, (bq, k_other)))
+        return lax.scan(step, init, (bt, gk, okt, cols))[0]
 
     vs, is_, vo, io = lax.map(row_tile, (at, gq))
-    flat = lambda x: x.reshape(x.shape[0] * x.shape[1], x.shape[2])[:n]
+    flat = lambda x: x.reshape(x.shape[0] * x.shape[1], x.shape[2])[:r]     # (k may be 0: no -1 here)
     return flat(is_), flat(vs), flat(io), flat(vo)
