@@ -258,7 +258,7 @@ def save_empty_prompt_embedding(name: str, weights: str | None, path: str, *, se
     """Compute the empty-prompt embedding once (reads only text_encoder/) and save it as .npy, `[1, 77, Cc]`, for
     `load_sd(..., text_embedding=path)`. weights as in `load_sd` ("random": the text encoder `load_sd` would draw
     from `seed`)."""
-    from spectral_jax.acts import write_atomic
+    from spectral_jax.files import write_atomic
     from spectral_jax.models import sd_weights as W
 
     spec = get_sd_spec(name)
@@ -271,5 +271,9 @@ def save_empty_prompt_embedding(name: str, weights: str | None, path: str, *, se
     else:
         encoder = W.load_text_encoder(os.path.join(resolve(source), "text_encoder"), cfg.text)
     arr = np.asarray(empty_prompt_embedding(encoder, cfg.pad), np.float32)
-    write_atomic(path, lambda tmp: np.save(tmp, arr))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # a file object: np.save appends nothing to the name
+            np.save(f, arr)
+
+    write_atomic(path, write)
     return arr

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import os
 import re
-import tempfile
 import zipfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from spectral_jax.errors import InputError
+from spectral_jax.files import save_npz, write_atomic  # noqa: F401  (write_atomic: re-exported)
 from spectral_jax.taps import LayerTap, Taps
 
 _KEY = re.compile(r"^layer(\d+)/(q|k|v|grid|hidden)$")
@@ -33,25 +33,9 @@ class Acts:
     timesteps: tuple[int, ...] = ()
 
 
-def write_atomic(path: str, write) -> None:
-    """Call `write(tmp_path)` then rename onto `path`, so a failure leaves nothing half-written."""
-    d = os.path.dirname(os.path.abspath(path)) or "."
-    os.makedirs(d, exist_ok=True)
-    suffix = os.path.splitext(path)[1]
-    fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def save_acts(path: str, taps: Taps, model: str, image_size: tuple[int, int],
-              timesteps: tuple[int, ...] | None = None, num_heads=None) -> None:
-    """Write `taps` (prefix tokens dropped) to `path` in the ACTS format, atomically.
+              timesteps: tuple[int, ...] | None = None, num_heads=None, inputs=()) -> str:
+    """Write `taps` (prefix tokens dropped) to `path` in the ACTS format, atomically; returns the path written.
 
     timesteps/num_heads: for diffusion taps whose heads axis holds T·H graphs (timestep-major).
     """
@@ -66,7 +50,7 @@ def save_acts(path: str, taps: Taps, model: str, image_size: tuple[int, int],
         arrays[f"layer{i}/grid"] = np.asarray(t.grid, np.int64)
         if i in taps.hidden:
             arrays[f"layer{i}/hidden"] = np.asarray(taps.hidden[i], np.float32)
-    write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
+    return save_npz(path, arrays, inputs)
 
 
 def load_acts(path: str) -> Acts:

@@ -178,12 +178,13 @@ def tap_forward(model, *, layers: Sequence[int] | None = None, timesteps=None, s
     return lambda images: (None, collect_taps(images, model, ts, seed, layers=layers, latent=latent))
 
 
-def extract(image: str, name: str, out: str, *, weights: str | None = None, size=None,
+def extract(image: str, name: str, out, *, weights: str | None = None, size=None,
             layers: Sequence[int] | None = None, timesteps=None, seed: int = 0, latent: str = "mean",
             text_embedding: str | None = None) -> dict:
     """`spectral-jax extract` for a Stable Diffusion model: read `image`, write its taps across `timesteps` to
     `out` (ACTS with `timesteps` and `num_heads` — an int, or one per tapped layer where the heads differ, as in
-    SD 2.x's 5/10/20), return the summary dict. Image, timesteps and options are checked before the model loads."""
+    SD 2.x's 5/10/20), return the summary dict. Image, timesteps and options are checked before the model loads.
+    out: a path, or a `files.OutputFile` reserved by the caller before any work."""
     from spectral_jax import io
     from spectral_jax.acts import save_acts
     from spectral_jax.models.sd import get_sd_spec, load_sd
@@ -213,5 +214,6 @@ def extract(image: str, name: str, out: str, *, weights: str | None = None, size
             "grids": [list(g) for g in sorted({tuple(t.grid) for t in taps.layers.values()}, reverse=True)],
             "timesteps": [int(t) for t in ts],
             "heads": next(iter(heads.values())) if uniform else {str(i): h for i, h in heads.items()},
-            "graphs_per_layer": int(first.q.shape[1]), "latent": latent, "seed": seed, "out": out,
+            "graphs_per_layer": int(first.q.shape[1]), "latent": latent, "seed": seed,
+            "out": getattr(out, "path", out),
             "seconds": round(time.perf_counter() - start, 3)}

@@ -7,16 +7,12 @@ Files: `input.png` (the image as the model saw it), `segments.png` (segment over
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-import tempfile
-from contextlib import contextmanager
 
 import numpy as np
 
 from spectral_jax import viz
-from spectral_jax.acts import write_atomic
+from spectral_jax.files import staged_dir, write_json
 from spectral_jax.pipeline import View
 from spectral_jax.solvers.result import Result
 
@@ -29,14 +25,6 @@ def one_image(res: Result, b: int) -> Result:
                   res.rq[b] if per_image else res.rq, float(obj), res.orth_error, res.steps, res.seconds,
                   res.method, res.history[b] if per_image and res.history.ndim == 2 else res.history,
                   {k: v for k, v in res.info.items() if k != "objective_per_image"})
-
-
-def write_json(path: str, data) -> None:
-    def write(tmp):
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2) + "\n")
-
-    write_atomic(path, write)
 
 
 def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: dict | None = None) -> dict:
@@ -62,36 +50,33 @@ def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: 
     return summary
 
 
-@contextmanager
-def staged_dir(out: str):
-    """Build an output folder in a sibling temp folder and move it into place only on success."""
-    parent = os.path.dirname(os.path.abspath(out)) or "."
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(os.path.abspath(out)) + "-")
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    os.makedirs(out, exist_ok=True)
-    for name in os.listdir(tmp):
-        dst = os.path.join(out, name)
-        if os.path.isdir(dst):
-            shutil.rmtree(dst)
-        os.replace(os.path.join(tmp, name), dst)
-    os.rmdir(tmp)
+RESERVED = ("summary.json",)  # top-level names of an analyze folder that an image's folder must not take
 
 
 def unique_stems(paths) -> list[str]:
-    """File stems, made unique with a numeric suffix where two inputs share one."""
-    seen: dict[str, int] = {}
-    out = []
+    """One folder name per input: its file stem, unique among all of them.
+
+    The first input with a stem keeps it; a later one with the same stem gets the first `stem-N` (N = 1, 2, ...)
+    that is neither another input's own stem nor already given, so `x.jpg x-1.jpg x.png` → `x`, `x-1`, `x-2`.
+    Stems that would be hidden, empty or a reserved top-level name (`summary.json`) get a suffix too.
+    """
+    stems = []
     for p in paths:
-        stem = os.path.splitext(os.path.basename(p))[0] or "image"
-        n = seen.get(stem, 0)
-        seen[stem] = n + 1
-        out.append(stem if n == 0 else f"{stem}-{n}")
+        stem = os.path.splitext(os.path.basename(os.fspath(p)))[0].lstrip(".") or "image"
+        stems.append(stem)
+    taken = set(stems) | set(RESERVED)
+    given: set[str] = set()
+    out = []
+    for stem in stems:
+        name = stem
+        if name in given or name in RESERVED:
+            n = 1
+            while f"{stem}-{n}" in taken or f"{stem}-{n}" in given:
+                n += 1
+            name = f"{stem}-{n}"
+        given.add(name)
+        out.append(name)
     return out
 
 
-__all__ = ["one_image", "staged_dir", "unique_stems", "write_image", "write_json", "np"]
+__all__ = ["one_image", "staged_dir", "unique_stems", "write_image", "write_json"]

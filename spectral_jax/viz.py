@@ -19,7 +19,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from spectral_jax import analysis
-from spectral_jax.acts import write_atomic
+from spectral_jax.files import write_atomic
 from spectral_jax.errors import InputError
 
 __all__ = [

@@ -10,22 +10,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import time
 
-import numpy as np
 
 from spectral_jax.errors import InputError
-
-
-def parse_size(text: str | None):
-    """"S" → S (shorter side); "HxW" → (H, W); None → None (the model's default)."""
-    if text is None:
-        return None
-    m = re.fullmatch(r"\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?", text)
-    if not m:
-        raise InputError(f"--size {text!r}", "not S or HxW", "use e.g. --size 448 or --size 448x672")
-    return int(m.group(1)) if m.group(2) is None else (int(m.group(1)), int(m.group(2)))
 
 
 def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
@@ -43,19 +31,29 @@ def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from spectral_jax.files import OutputFile, npz_path
+
+    args.out = npz_path(args.out)   # ACTS files end in .npz: one is appended if missing, as numpy does
+    inputs = [args.image, args.weights, getattr(args, "text_embedding", None)]
+    with OutputFile(args.out, inputs) as out:     # reserved (and checked) before any work
+        if not _run_sd(args, out):
+            _run_vit(args, out)
+    return 0
+
+
+def _run_vit(args: argparse.Namespace, out) -> None:
     import jax.numpy as jnp
+    import numpy as np
 
     from spectral_jax import io
     from spectral_jax.acts import save_acts
     from spectral_jax.models import get_spec, jit_forward, load
 
-    if _run_sd(args):
-        return 0
     start = time.perf_counter()
     spec = get_spec(args.model)
     prep = spec.preprocess
     layers = parse_layers(args.layers, spec.config.num_layers)
-    size = parse_size(args.size)
+    size = None if args.size is None else io.parse_size(args.size, "--size")
     x = io.preprocess(io.load_image(args.image), prep.size if size is None else size, prep.patch_size, prep.mean,
                       prep.std)[None]  # [1, H, W, 3]
     model, _ = load(args.model, args.weights)
@@ -65,19 +63,18 @@ def run(args: argparse.Namespace) -> int:
         if not all(np.isfinite(np.asarray(a)).all() for a in (t.q, t.k, t.v)):
             raise InputError(f"weights {args.weights or spec.repo_id!r}", f"layer {i} produced NaN or Inf",
                              "check that the checkpoint is intact and matches --model")
-    save_acts(args.out, taps, args.model, x.shape[1:3])
+    save_acts(out, taps, args.model, x.shape[1:3])
     first = taps.layers[layers[0]]
     print(json.dumps({"model": args.model, "image": args.image, "image_size": list(x.shape[1:3]),
                       "layers": list(layers), "grid": list(first.grid), "heads": int(first.q.shape[1]),
                       "head_dim": int(first.q.shape[3]), "out": args.out,
                       "seconds": round(time.perf_counter() - start, 3)}))
-    return 0
 
 
 _SD_FLAGS = ("timesteps", "num_timesteps", "schedule", "t_max", "latent", "text_embedding")
 
 
-def _run_sd(args: argparse.Namespace) -> bool:
+def _run_sd(args: argparse.Namespace, out) -> bool:
     """Stable Diffusion models (`spectral_jax.diffusion`): taps across timesteps. False for other models."""
     from spectral_jax import diffusion
     from spectral_jax.models import get_spec, is_sd
@@ -99,7 +96,10 @@ def _run_sd(args: argparse.Namespace) -> bool:
     ts = (diffusion.parse_timesteps(args.timesteps) if args.timesteps is not None else
           diffusion.timestep_schedule(args.schedule or "random", args.num_timesteps or diffusion.DEFAULT_NUM_TIMESTEPS,
                                       args.seed, t_max))
-    summary = diffusion.extract(args.image, args.model, args.out, weights=args.weights, size=parse_size(args.size),
+    from spectral_jax import io
+
+    size = None if args.size is None else io.parse_size(args.size, "--size")
+    summary = diffusion.extract(args.image, args.model, out, weights=args.weights, size=size,
                                 layers=parse_layers(args.layers, spec.config.num_layers), timesteps=ts, seed=args.seed,
                                 latent=args.latent or "mean", text_embedding=args.text_embedding)
     print(json.dumps(summary))
@@ -118,7 +118,7 @@ def register(subparsers) -> None:
                                                 "size (default: the model's, 224)")
     p.add_argument("--layers", default="all", help="'all' or comma-separated indices, e.g. 0,3,5")
     p.add_argument("--hidden", action="store_true", help="also store each tapped layer's output hidden states")
-    p.add_argument("--out", required=True, help="output ACTS.npz")
+    p.add_argument("--out", required=True, help="output ACTS.npz (.npz is appended if missing; never an input)")
     sd = p.add_argument_group("Stable Diffusion (sd14, sd15, sd21_base): self-attention taps across noise timesteps")
     sd.add_argument("--timesteps", default=None, help="comma-separated timesteps in [0, 999], e.g. 0,50,100")
     sd.add_argument("--num-timesteps", type=int, default=None, metavar="T",

@@ -8,9 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-
-import numpy as np
 
 from spectral_jax.errors import InputError
 
@@ -31,7 +28,7 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--sample", type=float, default=None, metavar="F", help="fraction of graphs drawn per gd step")
     p.add_argument("--seed", type=int, default=0, metavar="S")
-    p.add_argument("--out", required=True, metavar="RESULT.npz")
+    p.add_argument("--out", required=True, metavar="RESULT.npz", help=".npz is appended if missing; never the input")
     p.set_defaults(func=run)
 
 
@@ -44,20 +41,33 @@ def _check_args(args) -> None:
         raise InputError("--steps", f"must be ≥ 1, got {args.steps}", "pass e.g. --steps 300")
     if args.sample is not None and not 0 < args.sample <= 1:
         raise InputError("--sample", f"must be in (0, 1], got {args.sample}", "pass e.g. --sample 0.25")
+    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
+        raise InputError("--lr", f"must be a positive number, got {args.lr}", "pass e.g. --lr 0.01, or omit it")
+    if args.k_intra < 0 or (args.k_inter is not None and args.k_inter < 0):
+        raise InputError("--k-intra/--k-inter", f"must be ≥ 0, got {args.k_intra}/{args.k_inter}",
+                         "pass e.g. --k-intra 50 --k-inter 50")
     if args.method == "exact" and (args.preset != "eigen" or args.param != "table"):
         raise InputError("--preset/--param", "apply to --method gd only", "add --method gd")
-    if not args.out.endswith(".npz"):
-        raise InputError(args.out, "the output must be a .npz file", "pass --out RESULT.npz")
-    if os.path.isdir(args.out):
-        raise InputError(args.out, "is a directory", "pass a file path such as --out RESULT.npz")
+    for flag, val in (("--lr", args.lr), ("--steps", args.steps), ("--sample", args.sample)):
+        if args.method == "exact" and val is not None:
+            raise InputError(flag, "applies to --method gd only", f"drop {flag} or add --method gd")
 
 
 def run(args) -> int:
     from spectral_jax.acts import load_acts
+    from spectral_jax.files import OutputFile, npz_path
     from spectral_jax.pipeline import solve_taps
 
     _check_args(args)
-    acts = load_acts(args.acts)
+    args.out = npz_path(args.out)   # RESULT files end in .npz: one is appended if missing, as numpy does
+    with OutputFile(args.out, inputs=[args.acts]) as out:     # reserved (and checked) before any work
+        _solve(args, load_acts(args.acts), out, solve_taps)
+    return 0
+
+
+def _solve(args, acts, out, solve_taps) -> None:
+    import numpy as np
+
     taps = acts.taps
     first = taps.layers[min(taps.layers)]
     nimg = first.q.shape[0]
@@ -67,8 +77,15 @@ def run(args) -> int:
         raise InputError("--num-eigs", f"K={args.num_eigs} must be smaller than the {nodes} graph nodes",
                          f"pass --num-eigs {max(1, min(20, nodes - 1))} or fewer")
     per = min(t.grid[0] * t.grid[1] for t in taps.layers.values())
-    if joint and args.k_intra > per:
-        raise InputError("--k-intra", f"{args.k_intra} exceeds the {per} tokens of an image", f"pass --k-intra {per}")
+    if joint:
+        # as graphs.from_taps: k_inter defaults to 50 with several images (0 with one), capped by their tokens
+        k_inter = min((50 if nimg > 1 else 0) if args.k_inter is None else args.k_inter, (nimg - 1) * per)
+        if args.k_intra > per:
+            raise InputError("--k-intra", f"{args.k_intra} exceeds the {per} tokens of an image",
+                             f"pass --k-intra {per}")
+        if args.k_intra + k_inter < 1:
+            raise InputError("--k-intra/--k-inter", f"give the kNN graph no edges ({args.k_intra} within the image, "
+                             f"{k_inter} in {nimg - 1} other images)", "pass e.g. --k-intra 10")
 
     res = solve_taps(taps, args.graph, args.num_eigs, args.method, preset=args.preset, param=args.param,
                      tau=args.tau, k_intra=args.k_intra, k_inter=args.k_inter, steps=args.steps, lr=args.lr,
@@ -76,6 +93,5 @@ def run(args) -> int:
     res.info.update(graph=args.graph, model=acts.model, layers=len(taps.layers), seed=args.seed)
     if not np.all(np.isfinite(res.eigvecs)):
         raise InputError(args.acts, "the solve produced NaN/Inf", "check the activations or use --method exact")
-    res.save(args.out)
+    res.save(out)
     print(json.dumps({**res.summary(), "out": args.out}))
-    return 0

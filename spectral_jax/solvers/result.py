@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_jax.acts import write_atomic
+from spectral_jax.files import save_npz
 from spectral_jax.graphs import AttentionGraph, Graph
 from spectral_jax.objective import from_nodes, normalised_weights, project, to_nodes
 
@@ -50,12 +50,13 @@ class Result:
                 "eigvals": [round(float(v), 6) for v in np.asarray(self.eigvals).reshape(-1)[: self.num_eigs]],
                 "grid": list(self.eigvecs.shape[-2:]), "num_images": int(self.eigvecs.shape[0]), **self.info}
 
-    def save(self, path: str) -> None:
-        """Write RESULT.npz (eigvecs, eigvals, rq, history and the summary as JSON), atomically."""
+    def save(self, path: str, inputs=()) -> str:
+        """Write RESULT.npz (eigvecs, eigvals, rq, history and the summary as JSON) exactly at `path`, atomically,
+        never over one of `inputs`; returns the path."""
         arrays = dict(eigvecs=np.asarray(self.eigvecs, np.float32), eigvals=np.asarray(self.eigvals, np.float32),
                       rq=np.asarray(self.rq, np.float32), history=np.asarray(self.history, np.float32),
                       summary=np.array(json.dumps(self.summary())))
-        write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
+        return save_npz(path, arrays, inputs)
 
 
 DENSE_RQ_MAX = 4096   # attention graphs up to this many nodes are materialised one at a time for the quotients

@@ -1,0 +1,269 @@
+"""Files a run writes: reserved before the work starts, written atomically, never over an input, never empty.
+
+Every writer of the package goes through this module:
+- `OutputFile(path, inputs=...)` reserves a hidden temporary file beside `path` *before* the work starts (so a
+  read-only folder, a path under a regular file, an existing folder or an output equal to an input fail in one line
+  before any model run), and moves it into place on `commit()` only when the writer produced a non-empty file.
+- `write_atomic(path, write)` is the same in one call; `write_json(path, data)`.
+- `OutputDir(out, names, inputs=...)` / `staged_dir(...)` builds a result folder in a sibling temporary folder and
+  moves it into place on success: atomically (one rename) when `out` does not exist, else entry by entry under an
+  exclusive lock on `out`, so two runs writing into one folder never crash one another or leave `.tmp-*` behind.
+- Permissions follow the umask (0644 files and 0755 folders under umask 022), as `open()` would give.
+- `.npz` paths: a path that does not end in `.npz` (any case) gets `.npz` appended, as `numpy.savez` does
+  (`npz_path`); callers report the path actually written.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from typing import Callable, Iterable, Sequence
+
+from spectral_jax.errors import InputError
+
+__all__ = ["OutputDir", "OutputFile", "check_not_input", "npz_path", "save_npz", "staged_dir", "umask", "write_atomic",
+           "write_json"]
+
+
+def umask() -> int:
+    """The process umask (read without changing it where /proc allows; else set and restored at once)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    old = os.umask(0o022)
+    os.umask(old)
+    return old
+
+
+def _chmod_default(path: str, directory: bool = False) -> None:
+    """Give `path` the mode a plain `open()`/`mkdir()` would: 0666 (0777 for folders) less the umask."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~umask())
+
+
+def npz_path(path: str) -> str:
+    """`path` with `.npz` appended unless it already ends in `.npz` (case-insensitive), as numpy.savez does."""
+    p = os.fspath(path)
+    return p if p.lower().endswith(".npz") else p + ".npz"
+
+
+def _same(a: str, b: str) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or lies below it (after resolving links)."""
+    p, f = os.path.realpath(path), os.path.realpath(folder)
+    return p == f or p.startswith(f.rstrip(os.sep) + os.sep)
+
+
+def check_not_input(out: str, inputs: Iterable[str], flag: str = "--out") -> None:
+    """Refuse an output path that is one of the inputs (or, for a folder output, holds one that it would replace)."""
+    for src in inputs:
+        if src is not None and os.path.exists(src) and _same(out, src):
+            raise InputError(f"{flag} {out}", f"is the input {src}; writing it would destroy the input",
+                             "pass another output path")
+
+
+def _make_parent(path: str, flag: str) -> list[str]:
+    """Create the missing folders above `path`; returns those created (deepest last). A file in the way, or a
+    folder that cannot be written, is one line naming `path`."""
+    parent = os.path.dirname(os.path.abspath(path))
+    missing, p = [], parent
+    while not os.path.exists(p):
+        missing.append(p)
+        p = os.path.dirname(p)
+    if not os.path.isdir(p):
+        raise InputError(f"{flag} {path}", f"lies under {p}, which is a file, not a folder",
+                         "pass an output path in a folder")
+    created = []
+    try:
+        for d in reversed(missing):
+            os.mkdir(d)
+            created.append(d)
+    except OSError as e:
+        _remove_dirs(created)
+        raise InputError(f"{flag} {path}", f"cannot create folder {d} ({e.strerror})",
+                         "pass an output path in a writable folder") from None
+    return created
+
+
+def _remove_dirs(created: Sequence[str]) -> None:
+    for d in reversed(created):
+        try:
+            os.rmdir(d)
+        except OSError:
+            pass
+
+
+class OutputFile:
+    """One output file, reserved now and written later: `with OutputFile(p) as o: write(o.tmp); o.commit()`.
+
+    The constructor checks `path` (not a folder, not under a file, not one of `inputs`) and creates a hidden
+    temporary file beside it, so an unwritable location fails before any work. `commit()` refuses an empty
+    temporary file (a writer that wrote elsewhere, e.g. `np.savez` appending `.npz` to a name), sets the umask's
+    permissions and renames it onto `path`. Leaving the block without `commit()` (an error, Ctrl-C) removes the
+    temporary file and any folder the constructor created.
+    """
+
+    def __init__(self, path: str, inputs: Iterable[str] = (), flag: str = "--out"):
+        self.path = os.fspath(path)
+        if self.path.endswith(os.sep) or os.path.isdir(self.path):
+            raise InputError(f"{flag} {self.path}", "is a folder", "pass a file path, e.g. out/result.npz")
+        check_not_input(self.path, inputs, flag)
+        self._created = _make_parent(self.path, flag)
+        d = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd, self.tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(self.path)[1])
+        except OSError as e:
+            _remove_dirs(self._created)
+            raise InputError(f"{flag} {self.path}", f"cannot write in {d} ({e.strerror})",
+                             "pass an output path in a writable folder") from None
+        os.close(fd)
+        self.committed = False
+
+    def commit(self) -> str:
+        """Move the written temporary file into place; returns the path."""
+        if not os.path.isfile(self.tmp) or os.path.getsize(self.tmp) == 0:
+            raise RuntimeError(f"writing {self.path} produced no data; nothing was written")
+        _chmod_default(self.tmp)
+        os.replace(self.tmp, self.path)
+        self.committed = True
+        return self.path
+
+    def discard(self) -> None:
+        if not self.committed:
+            for p in (self.tmp, self.tmp + ".npz"):
+                if os.path.exists(p):
+                    os.remove(p)
+            _remove_dirs(self._created)
+
+    def __enter__(self) -> "OutputFile":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+def write_atomic(path: str, write: Callable[[str], None], inputs: Iterable[str] = ()) -> str:
+    """Call `write(tmp_path)`, then rename onto `path` (see `OutputFile`); returns the path written."""
+    with OutputFile(path, inputs) as o:
+        write(o.tmp)
+        return o.commit()
+
+
+def save_npz(target: "str | OutputFile", arrays: dict, inputs: Iterable[str] = ()) -> str:
+    """`numpy.savez` of `arrays` to `target` exactly (written through a file object: numpy appends nothing),
+    atomically; `target` is a path or an `OutputFile` reserved earlier (then committed here). Returns the path."""
+    import numpy as np
+
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+
+    if isinstance(target, OutputFile):
+        write(target.tmp)
+        return target.commit()
+    return write_atomic(target, write, inputs)
+
+
+def write_json(path: str, data) -> str:
+    """`data` as indented JSON (one trailing newline) at `path`, atomically."""
+    text = json.dumps(data, indent=2) + "\n"
+
+    def write(tmp):
+        with open(tmp, "w") as f:
+            f.write(text)
+
+    return write_atomic(path, write)
+
+
+class OutputDir:
+    """A result folder built in a sibling temporary folder (`tmp`) and moved into `out` by `commit()`.
+
+    Checked and created before the work starts: `out` must not be a file or lie under one, its parent must be
+    writable, and no input may lie in `out` itself or inside an entry that the run will replace (`names`, the
+    top-level files and folders it writes). `commit()`: when `out` does not exist, one rename; otherwise, under an
+    exclusive `flock` on `out`, each written entry replaces the one of the same name (other entries stay), so
+    concurrent runs into one `out` serialise instead of racing. Leaving the block without `commit()` removes `tmp`.
+    """
+
+    def __init__(self, out: str, names: Iterable[str] = (), inputs: Iterable[str] = (), flag: str = "--out"):
+        self.out = os.fspath(out)
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise InputError(f"{flag} {self.out}", "exists and is not a folder", "pass a folder path for --out")
+        inputs = [os.fspath(p) for p in inputs if p is not None]
+        for src in inputs:
+            if os.path.exists(src) and (_same(self.out, src) or any(_inside(src, os.path.join(self.out, n))
+                                                                    for n in names)):
+                raise InputError(f"{flag} {self.out}", f"would replace the input {src}",
+                                 "pass an output folder that does not hold the inputs")
+        self._created = _make_parent(self.out, flag)
+        parent = os.path.dirname(os.path.abspath(self.out))
+        try:
+            self.tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(os.path.abspath(self.out)) + "-")
+        except OSError as e:
+            _remove_dirs(self._created)
+            raise InputError(f"{flag} {self.out}", f"cannot write in {parent} ({e.strerror})",
+                             "pass an output folder in a writable location") from None
+        self.committed = False
+
+    def commit(self) -> str:
+        _chmod_default(self.tmp, directory=True)
+        entries = os.listdir(self.tmp)
+        if not entries:
+            raise RuntimeError(f"the run wrote nothing into {self.out}")
+        try:
+            os.rename(self.tmp, self.out)  # atomic when `out` does not exist (fails if it does, even empty)
+            self.committed = True
+            return self.out
+        except OSError as e:
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+                raise
+        os.makedirs(self.out, exist_ok=True)
+        fd = os.open(self.out, os.O_RDONLY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            trash = tempfile.mkdtemp(dir=self.tmp, prefix=".old-")
+            for name in entries:
+                src, dst = os.path.join(self.tmp, name), os.path.join(self.out, name)
+                if os.path.lexists(dst):
+                    os.rename(dst, os.path.join(trash, name))
+                os.rename(src, dst)
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+        self.committed = True
+        return self.out
+
+    def discard(self) -> None:
+        if not self.committed:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+            _remove_dirs(self._created)
+
+    def __enter__(self) -> "OutputDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.discard()
+
+
+@contextmanager
+def staged_dir(out: str, names: Iterable[str] = (), inputs: Iterable[str] = ()):
+    """`with staged_dir(out) as tmp:` write into `tmp`; on leaving without error it is moved into `out`
+    (`OutputDir`); on an error or Ctrl-C nothing is left behind."""
+    with OutputDir(out, names, inputs) as od:
+        yield od.tmp
+        od.commit()
