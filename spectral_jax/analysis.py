@@ -15,6 +15,7 @@ inside; functions returning continuous maps say their dtype. scipy is needed for
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple, Sequence
 
 import numpy as np
@@ -72,31 +73,49 @@ def spectral_features(eigvecs, skip_first: bool = True, normalize: bool = True, 
     return f
 
 
-def pca_rgb(eigvecs, skip_first: bool = True, clip: tuple[float, float] = (1.0, 99.0)) -> np.ndarray:
-    """PCA colours `[h, w, 3]` float32 in [0, 1] from eigenvectors `[K, h, w]`.
+def pca_rgb(eigvecs, skip_first: bool = True, clip: tuple[float, float] = (1.0, 99.0), *, eigvals=None,
+            t: float = 1.0) -> np.ndarray:
+    """Colours `[h, w, 3]` float32 in [0, 1] from eigenvectors `[K, h, w]` (and optionally their eigvals `[K]`):
+    red, green, blue = the first three non-trivial eigenvectors x_1, x_2, x_3 (x_0, x_1, x_2 when `skip_first` is
+    False) as diffusion coordinates.
 
-    The per-pixel features (unnormalised eigenvector values) are centred and projected on their top three
-    principal axes (SVD). Each component's sign is fixed so that its largest-magnitude score is positive (so the
-    output does not depend on the solver's eigenvector signs), then clipped to its `clip` percentiles and scaled to
-    [0, 1]. Components that are constant (or missing, when F < 3) are 0.5.
+    Channel c is y_c = s_c · max(λ_c, 0)^t · (x_c − mean x_c) (all λ = 1 without `eigvals`: plain spectral
+    coordinates), and colour_c = 0.5 + 0.5 · clip(y_c / q, −1, 1) with one q for the three channels: the larger of
+    −(the `clip[0]` percentile) and the `clip[1]` percentile of all their y values. So grey (0.5) is a channel's
+    mean, a weak eigenvector gives pale colour, and colour distance is proportional to diffusion distance in these
+    three coordinates up to clipping. The sign s_c = ±1 makes Σ_n r_n (x_c[n] − mean) positive, r = 1 / ((1 + 2u)
+    (1 + 4v)) for pixel centres at fractions u = (y + ½)/h, v = (x + ½)/w: the side towards the top-left corner is
+    bright (exact ties: the first non-zero value is positive), so flipping an eigenvector's sign leaves the picture
+    unchanged. r has no mirror symmetry of the grid, so symmetric splits (left/right, diagonal, checkerboard) get a
+    clear sign. Missing channels (fewer than three eigenvectors) and an all-zero input are 0.5.
+
+    Why not PCA: the eigenvectors are orthonormal, so the principal axes of these coordinates are the eigenvectors
+    themselves (covariance ≈ diag(λ^2t)) or, where eigenvalues (nearly) coincide, an arbitrary rotation that jumps
+    with rounding. Fixed channels are continuous in (eigvecs, eigvals) (except where a sign sum above crosses 0, as
+    any sign rule must somewhere), and use only elementwise arithmetic, exactly rounded sums (`math.fsum`) and
+    percentiles: bit-identical inputs give bit-identical colours, whatever their memory layout or the BLAS.
     """
-    f = spectral_features(eigvecs, skip_first, normalize=False)  # [N, F]
-    h, w = np.shape(eigvecs)[1:]
     lo_p, hi_p = clip
     if not 0.0 <= lo_p < hi_p <= 100.0:
         raise InputError("clip", f"must be percentiles 0 <= lo < hi <= 100, got {clip}", "e.g. clip=(1, 99)")
-    fc = f - f.mean(0)
-    u, s, _ = np.linalg.svd(fc, full_matrices=False)  # u [N, r]
+    if not (np.isfinite(t) and t >= 0):
+        raise InputError("t", f"must be a finite diffusion time >= 0, got {t}", "e.g. t=1")
+    f = spectral_features(eigvecs, skip_first, normalize=False, eigvals=eigvals, t=t)  # [N, F]
+    h, w = np.shape(eigvecs)[1:]
+    u, v = np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w, indexing="ij")
+    r = (1.0 / ((1.0 + 2.0 * u) * (1.0 + 4.0 * v))).reshape(-1)  # [N] sign reference
+    c = min(3, f.shape[1])
+    y = np.zeros((f.shape[0], c))
+    for j in range(c):
+        col = np.ascontiguousarray(f[:, j])
+        col = col - math.fsum(col.tolist()) / col.shape[0]
+        side = math.fsum((r * col).tolist())
+        nz = np.flatnonzero(col)
+        y[:, j] = -col if side < 0 or (side == 0 and nz.size and col[nz[0]] < 0) else col
     out = np.full((f.shape[0], 3), 0.5)
-    for c in range(min(3, u.shape[1])):
-        if s[c] <= 1e-12 * max(s[0], 1e-300):
-            continue
-        score = u[:, c] * s[c]
-        if score[np.argmax(np.abs(score))] < 0:
-            score = -score
-        lo, hi = np.percentile(score, [lo_p, hi_p])
-        if hi > lo:
-            out[:, c] = (np.clip(score, lo, hi) - lo) / (hi - lo)
+    q = max(-np.percentile(y, lo_p), np.percentile(y, hi_p)) if c else 0.0
+    if q > 0:
+        out[:, :c] = 0.5 + 0.5 * np.clip(y / q, -1.0, 1.0)
     return out.reshape(h, w, 3).astype(np.float32)
 
 

@@ -136,17 +136,72 @@ def test_segment_recovers_planted_partition():
 
 def test_pca_rgb_range_determinism_and_sign_invariance():
     lay = quadrants()
-    eigvecs, _ = planted_eigs(lay, K=6)
+    eigvecs, eigvals = planted_eigs(lay, K=6)
     rgb = A.pca_rgb(eigvecs)
     assert rgb.shape == (12, 12, 3) and rgb.dtype == np.float32
     assert rgb.min() >= 0.0 and rgb.max() <= 1.0 and rgb.max() - rgb.min() > 0.5
     np.testing.assert_array_equal(rgb, A.pca_rgb(eigvecs))
+    np.testing.assert_array_equal(rgb, A.pca_rgb(eigvecs.copy()))                  # other memory, same colours
+    np.testing.assert_array_equal(rgb, A.pca_rgb(np.asfortranarray(eigvecs)))
     flipped = eigvecs * np.array([1, -1, 1, -1, -1, 1], np.float32)[:, None, None]
-    np.testing.assert_allclose(A.pca_rgb(flipped), rgb, atol=1e-5)
+    np.testing.assert_array_equal(A.pca_rgb(flipped), rgb)                          # exactly sign-invariant
+    np.testing.assert_array_equal(A.pca_rgb(flipped, eigvals=eigvals), A.pca_rgb(eigvecs, eigvals=eigvals))
     noisy0 = eigvecs.copy()
     noisy0[0] = np.random.default_rng(0).normal(size=(12, 12))
-    np.testing.assert_allclose(A.pca_rgb(noisy0), rgb, atol=1e-6)  # skip_first ignores vector 0
+    np.testing.assert_array_equal(A.pca_rgb(noisy0), rgb)  # skip_first ignores vector 0
     assert not np.allclose(A.pca_rgb(noisy0, skip_first=False), rgb)
+
+
+def test_pca_rgb_channels_are_eigenvectors_2_to_4_scaled_by_eigenvalue():
+    """colour_c − 0.5 ∝ ±λ_c (x_c − mean x_c), c = 1, 2, 3, with one factor for the three channels (no clipping)."""
+    eigvecs, eigvals = planted_eigs(quadrants(), K=6)
+    lam = np.array([1.0, 0.8, 0.4, 0.2, 0.1, 0.05])
+    for ev, weight in [(None, np.ones(3)), (lam, lam[1:4]), (eigvals, eigvals[1:4].astype(np.float64))]:
+        rgb = A.pca_rgb(eigvecs, clip=(0, 100), eigvals=ev).reshape(-1, 3).astype(np.float64)
+        x = eigvecs[1:4].reshape(3, -1).T.astype(np.float64)
+        y = weight * (x - x.mean(0))                                                 # [N, 3]
+        a = ((rgb - 0.5) * y).sum(0) / (y * y).sum(0)                                # least-squares factor [3]
+        np.testing.assert_allclose(rgb - 0.5, a * y, atol=1e-6)
+        np.testing.assert_allclose(np.abs(a), np.abs(a[0]), rtol=1e-5)               # one scale, signs per channel
+        assert abs(np.abs(rgb - 0.5).max() - 0.5) < 1e-6                             # the largest |y| reaches 0 or 1
+    assert np.abs(A.pca_rgb(eigvecs[:3]).reshape(-1, 3)[:, 2] - 0.5).max() == 0.0   # missing channel: grey
+
+
+def test_pca_rgb_near_degenerate_spectrum_is_stable():
+    """Four equal blocks: λ_1 = λ_2 = λ_3. Equal or 1e-9-apart eigenvalues, copies and tiny perturbations of the
+    eigenvectors give (nearly) the same colours; PCA's axes would rotate arbitrarily here."""
+    lay = quadrants()
+    eigvecs, eigvals = planted_eigs(lay, K=5, spatial=0.0)
+    assert np.ptp(eigvals[1:4]) < 1e-5                                              # degenerate indeed
+    rng = np.random.default_rng(1)
+    for lam in (None, np.array([1.0, 0.5, 0.5, 0.5, 0.1]), eigvals):
+        rgb = A.pca_rgb(eigvecs, eigvals=lam)
+        np.testing.assert_array_equal(A.pca_rgb(eigvecs.copy(), eigvals=lam), rgb)
+        np.testing.assert_array_equal(A.pca_rgb(eigvecs[:, ::-1][:, ::-1], eigvals=lam), rgb)  # strided view
+        if lam is not None:
+            near = np.asarray(lam, np.float64) + np.array([0.0, 1e-9, -1e-9, 0.0, 0.0])
+            np.testing.assert_allclose(A.pca_rgb(eigvecs, eigvals=near), rgb, atol=1e-6)
+        for scale in (1e-7, 1e-5):
+            bumped = eigvecs + scale * rng.normal(size=eigvecs.shape).astype(np.float32)
+            change = np.abs(A.pca_rgb(bumped, eigvals=lam) - rgb).max()
+            assert change < 100 * scale, (scale, change)
+
+
+def test_pca_rgb_small_perturbation_small_change():
+    """Lipschitz in the input on a generic (non-degenerate) case: a 1e-6 nudge moves no colour by more than 1e-4."""
+    eigvecs, eigvals = planted_eigs(quadrants(), K=8)
+    rng = np.random.default_rng(2)
+    bumped = eigvecs + 1e-6 * rng.normal(size=eigvecs.shape).astype(np.float32)
+    for lam in (None, eigvals):
+        assert np.abs(A.pca_rgb(bumped, eigvals=lam) - A.pca_rgb(eigvecs, eigvals=lam)).max() < 1e-4
+
+
+def test_pca_rgb_rejects_bad_options():
+    eigvecs, eigvals = planted_eigs(quadrants(), K=4)
+    for kwargs, name in [({"clip": (50, 50)}, "clip"), ({"t": -1.0}, "t"), ({"t": float("nan")}, "t"),
+                         ({"eigvals": eigvals[:3]}, "eigvals")]:
+        with pytest.raises(InputError, match=name):
+            A.pca_rgb(eigvecs, **kwargs)
 
 
 def test_pca_rgb_colours_blocks():
