@@ -5,6 +5,10 @@
 `target_size((H, W), size, patch)` → output (H', W'): `size=S` makes the shorter side S rounded down to a multiple
 of `patch` and keeps the aspect ratio (the longer side is rounded down to a multiple of `patch` too);
 `size=(H', W')` is taken as it is (each a multiple of `patch`).
+`parse_size(size)` is the one reader of a size, for the API and every CLI command: an int S, "S", "HxW", or (H, W).
+Sizes are capped: an image whose patch grid would exceed `max_tokens()` tokens (default 16384 = a 128×128 grid,
+e.g. 1792² pixels at patch 14; set SPECTRAL_JAX_MAX_TOKENS to change it) is refused before it is resized, since a
+ViT's attention at N tokens holds heads·N² floats (6.4 GB per layer for DINOv2-S at the cap).
 `preprocess(img, size, patch, mean, std)` → float32 `[H', W', 3]` = (bicubic_resize(img)/255 − mean)/std, the
 resampling PIL's bicubic filter, as the references' image processors use.
 Every problem a user's file can cause raises `InputError` naming the file.
@@ -13,6 +17,7 @@ Every problem a user's file can cause raises `InputError` naming the file.
 from __future__ import annotations
 
 import os
+import re
 import warnings
 
 import numpy as np
@@ -22,10 +27,52 @@ from spectral_jax.errors import InputError
 
 Size = int | tuple[int, int]
 
+DEFAULT_MAX_TOKENS = 16384
+
+
+def max_tokens() -> int:
+    """The token cap: SPECTRAL_JAX_MAX_TOKENS if set (a positive integer), else `DEFAULT_MAX_TOKENS`."""
+    text = os.environ.get("SPECTRAL_JAX_MAX_TOKENS")
+    if text is None:
+        return DEFAULT_MAX_TOKENS
+    try:
+        n = int(text)
+        if n < 1:
+            raise ValueError
+    except ValueError:
+        raise InputError(f"SPECTRAL_JAX_MAX_TOKENS={text!r}", "is not a positive integer",
+                         f"unset it (default {DEFAULT_MAX_TOKENS}) or set e.g. 65536") from None
+    return n
+
+
+def parse_size(size, what: str = "size") -> Size:
+    """An int S / "S" (shorter side) or (H, W) / "HxW" → S or (H, W), checked to be positive integers."""
+    fix = "pass e.g. 448 (shorter side) or 448x672 / (448, 672)"
+    if isinstance(size, str):
+        m = re.fullmatch(r"\s*(\d+)\s*(?:[xX×]\s*(\d+)\s*)?", size)
+        if not m:
+            raise InputError(f"{what} {size!r}", "is not S or HxW", fix)
+        size = int(m.group(1)) if m.group(2) is None else (int(m.group(1)), int(m.group(2)))
+    if isinstance(size, (bool, np.bool_)):
+        raise InputError(f"{what} {size!r}", "is not S or HxW", fix)
+    if isinstance(size, (int, np.integer)):
+        if size < 1:
+            raise InputError(f"{what} {size}", "must be positive", fix)
+        return int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) for s in size):
+        if min(size) < 1:
+            raise InputError(f"{what} {tuple(size)}", "must be positive", fix)
+        return (int(size[0]), int(size[1]))
+    raise InputError(f"{what} {size!r}", "is not S or HxW", fix)
+
 
 def load_image(path: str) -> np.ndarray:
     """Read `path` as uint8 RGB `[H, W, 3]`, EXIF orientation applied."""
     fix = "pass a readable JPEG/PNG/TIFF/WebP/BMP image"
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        raise InputError(path, "is a folder, not an image", "pass image files (for a folder: spectral-jax dataset)")
     if not os.path.isfile(path):
         raise InputError(path, "no such file", "check the path")
     try:
@@ -33,10 +80,14 @@ def load_image(path: str) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 im.load()  # decode now, so a truncated file fails here
-                im = ImageOps.exif_transpose(im)
-                return _to_rgb(im)
+                return pil_to_rgb(im)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         raise InputError(path, f"cannot read the image ({type(e).__name__}: {e})", fix) from None
+
+
+def pil_to_rgb(im: Image.Image) -> np.ndarray:
+    """A PIL image → uint8 RGB `[H, W, 3]`, EXIF orientation applied (see the module docstring)."""
+    return _to_rgb(ImageOps.exif_transpose(im))
 
 
 def _to_rgb(im: Image.Image) -> np.ndarray:
@@ -54,8 +105,20 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
     return np.asarray(im.convert("RGB"), np.uint8)
 
 
-def target_size(hw: tuple[int, int], size: Size, patch: int) -> tuple[int, int]:
-    """Output (H', W') for an image of (H, W): see the module docstring. Raises `InputError` if below one patch."""
+def target_size(hw: tuple[int, int], size: Size, patch: int, cap: int | None = None) -> tuple[int, int]:
+    """Output (H', W') for an image of (H, W): see the module docstring. Raises `InputError` if below one patch,
+    or if the patch grid would exceed `cap` tokens (default `max_tokens()`)."""
+    out = _target_size(hw, parse_size(size), patch)
+    cap = max_tokens() if cap is None else cap
+    tokens = (out[0] // patch) * (out[1] // patch)
+    if tokens > cap:
+        raise InputError(f"size {out[0]}x{out[1]}", f"gives {tokens} tokens ({out[0] // patch}x{out[1] // patch} "
+                         f"patches of {patch}), over the cap of {cap}", "pass a smaller --size (or HxW for a very "
+                         "wide/tall image), or raise the cap with SPECTRAL_JAX_MAX_TOKENS")
+    return out
+
+
+def _target_size(hw: tuple[int, int], size: Size, patch: int) -> tuple[int, int]:
     if isinstance(size, (tuple, list)):
         out = (int(size[0]), int(size[1]))
         if out[0] % patch or out[1] % patch or min(out) < patch:

