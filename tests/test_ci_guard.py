@@ -1,0 +1,86 @@
+"""The CI guard in tests/conftest.py: with SPECTRAL_JAX_REQUIRE_ALL=1 (set by `.ci/run`) a skipped test or test file
+fails and names what is missing; without it the same tests skip. Runs the real conftest in an inner pytest."""
+
+import os
+
+import pytest
+
+pytest_plugins = ["pytester"]
+
+CONFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+
+MODULE_SKIP = """
+import pytest
+pytest.importorskip("sj_ci_guard_absent_module")
+
+def test_never_runs():
+    pass
+"""
+
+TEST_SKIPS = """
+import pytest
+
+def test_passes():
+    pass
+
+def test_data_missing():
+    pytest.skip("test image ../shared/data/x.jpg is not present")
+
+def test_import_missing():
+    pytest.importorskip("img_focus_ci_guard_absent")
+
+@pytest.mark.skip(reason="marked")
+def test_marked():
+    pass
+
+@pytest.mark.xfail(reason="a known failure", strict=True)
+def test_expected_failure():
+    assert False
+"""
+
+
+@pytest.fixture
+def inner(pytester):
+    with open(CONFTEST) as f:
+        pytester.makeconftest(f.read())
+    return pytester
+
+
+def test_a_skipped_test_file_fails_collection_in_ci(inner, monkeypatch):
+    monkeypatch.setenv("SPECTRAL_JAX_REQUIRE_ALL", "1")
+    inner.makepyfile(test_module_skip=MODULE_SKIP)
+    result = inner.runpytest("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.INTERRUPTED       # a collection error: nothing runs, CI fails
+    result.assert_outcomes(errors=1)
+    out = result.stdout.str()
+    assert ("SPECTRAL_JAX_REQUIRE_ALL=1 (CI): test_module_skip.py was skipped (could not import "
+            "'sj_ci_guard_absent_module'") in out
+    assert ("the package `sj-ci-guard-absent-module` is missing: install the test extras, "
+            'pip install -c constraints/py311-linux-x86_64.txt -e ".[test]"') in out
+
+
+def test_skipped_tests_fail_in_ci_and_xfail_stays(inner, monkeypatch):
+    monkeypatch.setenv("SPECTRAL_JAX_REQUIRE_ALL", "1")
+    inner.makepyfile(test_skips=TEST_SKIPS)
+    result = inner.runpytest("-p", "no:cacheprovider", "-rfE")
+    assert result.ret == pytest.ExitCode.TESTS_FAILED
+    # the marker skips in setup (an error); pytest.skip and importorskip inside the test fail it
+    result.assert_outcomes(passed=1, failed=2, errors=1, xfailed=1)
+    out = result.stdout.str()
+    assert "test_skips.py::test_data_missing was skipped (test image ../shared/data/x.jpg is not present)" in out
+    assert "a copy of shared/ beside the checkout" in out
+    assert "the package `img-focus-ci-guard-absent` is missing" in out
+    assert "test_skips.py::test_marked was skipped (marked)" in out
+
+
+@pytest.mark.parametrize("value", [None, "", "0"])
+def test_outside_ci_the_same_tests_skip(inner, monkeypatch, value):
+    if value is None:
+        monkeypatch.delenv("SPECTRAL_JAX_REQUIRE_ALL", raising=False)
+    else:
+        monkeypatch.setenv("SPECTRAL_JAX_REQUIRE_ALL", value)
+    inner.makepyfile(test_module_skip=MODULE_SKIP, test_skips=TEST_SKIPS)
+    result = inner.runpytest("-p", "no:cacheprovider")
+    assert result.ret == pytest.ExitCode.OK
+    result.assert_outcomes(passed=1, skipped=4, xfailed=1)
+    assert "SPECTRAL_JAX_REQUIRE_ALL=1 (CI)" not in result.stdout.str()
