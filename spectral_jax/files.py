@@ -50,9 +50,12 @@ def _chmod_default(path: str, directory: bool = False) -> None:
 
 
 def npz_path(path: str) -> str:
-    """`path` with `.npz` appended unless it already ends in `.npz` (case-insensitive), as numpy.savez does."""
+    """`path` with `.npz` appended unless it already ends in `.npz` (case-insensitive), as numpy.savez does.
+    An existing folder (or a path ending in a separator) is returned as it is, for `OutputFile` to refuse."""
     p = os.fspath(path)
-    return p if p.lower().endswith(".npz") else p + ".npz"
+    if p.lower().endswith(".npz") or p.endswith(os.sep) or os.path.isdir(p):
+        return p
+    return p + ".npz"
 
 
 def _same(a: str, b: str) -> bool:
