@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax import kernels
+from spectral_jax.errors import InputError
 
 Array = Any
 DEFAULT_BLOCK = 512
@@ -207,8 +208,8 @@ def features(x: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEF
     The same blocked kernel as `attention`, with q = k = x/‖x‖ and scale 1/τ.
     """
     x = jax.lax.stop_gradient(jnp.asarray(x))
-    if tau <= 0:
-        raise ValueError(f"tau must be > 0, got {tau}")
+    if not (tau > 0 and math.isfinite(tau)):
+        raise InputError(f"tau={tau}", "must be a positive number", "pass e.g. tau=0.1")
     grid = _check_grid(x, grid, 1, "x")
     xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
     return AttentionGraph(xn, xn, grid, 1.0 / float(tau), tuple(x.shape[:-2]), 1, int(block))
@@ -233,11 +234,15 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     grid = _check_grid(a, grid, num_images, "a")
     per = grid[0] * grid[1]
     if not 0 <= k_intra <= per:
-        raise ValueError(f"k_intra={k_intra} must be in [0, {per}] (tokens per image)")
+        raise InputError(f"k_intra={k_intra}", f"must be in [0, {per}] (tokens per image)", f"pass k_intra ≤ {per}")
     if not 0 <= k_inter <= (num_images - 1) * per:
-        raise ValueError(f"k_inter={k_inter} must be in [0, {(num_images - 1) * per}] (tokens in other images)")
+        raise InputError(f"k_inter={k_inter}", f"must be in [0, {(num_images - 1) * per}] (tokens in other images)",
+                         "pass a smaller k_inter")
     if k_intra + k_inter == 0:
-        raise ValueError("k_intra + k_inter must be positive")
+        raise InputError("k_intra + k_inter", "must be positive (the graph would have no edges)",
+                         "pass e.g. k_intra=10")
+    if not -1.0 <= min_cos < 1.0:
+        raise InputError(f"min_cos={min_cos}", "must be a cosine in [-1, 1)", "pass e.g. min_cos=0.1")
     group = jnp.arange(a.shape[-2], dtype=jnp.int32) // per
     batch = tuple(a.shape[:-2])
     return _build_knn(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), group, grid, num_images, batch,
@@ -278,7 +283,7 @@ def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_int
     `k_intra` neighbours within the image, `k_inter` (default 50 when B > 1, else 0) in other images.
     """
     if kind not in GRAPH_KINDS:
-        raise ValueError(f"graph kind {kind!r} must be one of {GRAPH_KINDS}")
+        raise InputError(f"graph {kind!r}", "unknown graph kind", f"choose one of {', '.join(GRAPH_KINDS)}")
     taps = taps.patches()
     groups: dict[tuple, list] = {}
     for i in sorted(taps.layers):

@@ -38,6 +38,7 @@ import optax
 import scipy.linalg
 from flax import nnx
 
+from spectral_jax.errors import InputError
 from spectral_jax.graphs import DenseGraph, Graph
 from spectral_jax.objective import (from_nodes, linear_operators, normalised_weights, paper_loss, rayleigh,
                                     weighted_sym_dense)
@@ -233,16 +234,18 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     (paper) per step).
     """
     if preset not in PRESETS:
-        raise ValueError(f"preset {preset!r} must be one of {PRESETS}")
+        raise InputError(f"preset {preset!r}", "unknown preset", f"choose one of {', '.join(PRESETS)}")
     if param not in ("table", "conv") or (preset == "eigen" and param != "table"):
-        raise ValueError(f"param {param!r}: eigen takes 'table'; paper takes 'table' or 'conv'")
+        raise InputError(f"param {param!r}", "does not fit the preset", "eigen takes 'table'; paper 'table' or 'conv'")
     if sample is not None and not 0 < sample <= 1:
-        raise ValueError(f"sample={sample} must be a fraction in (0, 1]")
+        raise InputError(f"sample={sample}", "must be a fraction in (0, 1]", "pass e.g. sample=0.25")
+    if lr is not None and not (lr > 0 and math.isfinite(lr)):
+        raise InputError(f"lr={lr}", "must be a positive number", "pass e.g. lr=0.01, or None for the default")
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
     steps = (150 if preset == "eigen" else 1000) if steps is None else int(steps)
     if steps < 1:
-        raise ValueError(f"steps={steps} must be ≥ 1")
+        raise InputError(f"steps={steps}", "must be ≥ 1", "pass e.g. steps=300")
     ws = normalised_weights(graphs, weights)
     t0 = time.perf_counter()
     work, work_w = _materialized(graphs, ws, preset == "eigen" and sample is None, materialize, dense_max,
