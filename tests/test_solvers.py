@@ -49,6 +49,39 @@ def test_exact_matches_numpy_eigh(rng, make, dense_max):
     assert res.rq.shape == (6, k) and res.eigvecs.shape == (1, k, 16, 16)
 
 
+INFO_KEYS = {"converged", "iterations", "tol", "max_residual", "residuals"}
+
+
+def test_exact_lobpcg_stops_when_converged_and_says_so(rng):
+    """A well-separated problem (4 planted groups, K = 4): LOBPCG stops long before maxiter, every pair's relative
+    residual is below tol, and the dense path reports the same keys (converged, residual at float32 level)."""
+    g = _planted_graph(rng)
+    vals, vecs, _ = _reference([g], 4)
+    res = solvers.exact(g, 4, dense_max=16, maxiter=400)
+    assert res.method == "exact-lobpcg" and set(res.info) == INFO_KEYS
+    assert res.info["converged"] is True and res.info["iterations"] == res.steps < 100, res.info
+    assert len(res.info["residuals"]) == 4 and res.info["max_residual"] == max(res.info["residuals"])
+    assert res.info["max_residual"] <= res.info["tol"] == solvers.exact.__kwdefaults__["tol"]
+    assert subspace_alignment(res.eigvecs.reshape(4, -1).T, vecs) >= 0.999
+    np.testing.assert_allclose(res.eigvals, vals, atol=2e-5)
+    dense = solvers.exact(g, 4)
+    assert dense.method == "exact-dense" and set(dense.info) == INFO_KEYS
+    assert dense.info["converged"] is True and dense.info["iterations"] == 0 and dense.info["max_residual"] < 1e-5
+
+
+def test_exact_lobpcg_at_maxiter_reports_not_converged(rng):
+    """Two iterations on a random graph (clustered spectrum) cannot converge: the Result says so and a warning
+    names maxiter; a tol below what is reachable in 2 steps gives the same; a bad tol is refused."""
+    g = _random_graph(rng)
+    with pytest.warns(RuntimeWarning, match="maxiter=2"):
+        res = solvers.exact(g, 6, dense_max=16, maxiter=2)
+    assert res.info["converged"] is False and res.info["iterations"] == res.steps == 2
+    assert res.info["max_residual"] > res.info["tol"]
+    for tol in (0.0, -1.0, float("nan")):
+        with pytest.raises(ValueError, match="tol"):
+            solvers.exact(g, 6, dense_max=16, tol=tol)
+
+
 def test_exact_planted_partition_recovered(rng):
     q, k, labels = planted_qk(rng, (12, 12), groups=3, layers=2, heads=2)
     res = solvers.exact(graphs.attention(q, k, (12, 12)), 3)
