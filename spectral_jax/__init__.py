@@ -1,15 +1,58 @@
 """spectral_jax: layer-distributed spectral clustering of vision-network attention, in JAX/Flax.
 
 io → models (Taps) → graphs → solvers → Result → analysis / viz / cli.
+
+Every public name and subpackage is reachable from `import spectral_jax as sj` (`sj.analyze`, `sj.Result`,
+`sj.models.load`, `sj.dataset.run`, ...) but is imported on first use (PEP 562), so `import spectral_jax` and the
+`spectral-jax --help` command line do not pay for importing JAX.
 """
 
-from spectral_jax import graphs, objective, solvers
-from spectral_jax.errors import InputError
-from spectral_jax.pipeline import analyze, describe, solve_taps
-from spectral_jax.solvers import Result, exact, gd
-from spectral_jax.taps import LayerTap, Taps
+import importlib as _importlib
 
 __version__ = "0.1.0"
 
-__all__ = ["InputError", "LayerTap", "Result", "Taps", "analyze", "describe", "exact", "gd", "graphs", "objective",
-           "solve_taps", "solvers"]
+# Public name → the module that defines it. Subpackages map to themselves (`None`).
+_EXPORTS: dict[str, str | None] = {
+    "InputError": "spectral_jax.errors",
+    "LayerTap": "spectral_jax.taps",
+    "Taps": "spectral_jax.taps",
+    "Result": "spectral_jax.solvers",
+    "exact": "spectral_jax.solvers",
+    "gd": "spectral_jax.solvers",
+    "analyze": "spectral_jax.pipeline",
+    "describe": "spectral_jax.pipeline",
+    "solve_taps": "spectral_jax.pipeline",
+    "acts": None,
+    "analysis": None,
+    "cli": None,
+    "dataset": None,
+    "diffusion": None,
+    "errors": None,
+    "graphs": None,
+    "io": None,
+    "models": None,
+    "objective": None,
+    "pipeline": None,
+    "report": None,
+    "solvers": None,
+    "taps": None,
+    "viz": None,
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    """Import `name` on first access and keep it as a module attribute (so this runs once per name)."""
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'spectral_jax' has no attribute {name!r}")
+    source = _EXPORTS[name]
+    value = _importlib.import_module(f"spectral_jax.{name}") if source is None else \
+        getattr(_importlib.import_module(source), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    """The public names (loaded or not) and the module's dunders, not its private helpers."""
+    return sorted({*_EXPORTS, *(n for n in globals() if n.startswith("__"))})
