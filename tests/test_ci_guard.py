@@ -4,10 +4,15 @@ fails and names what is missing; without it the same tests skip. Runs the real c
 import os
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+
+from sjtest import ROOT
 
 pytest_plugins = ["pytester"]
 
-CONFTEST = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conftest.py")
+CONFTEST = os.path.join(ROOT, "tests", "conftest.py")
+PINS = "constraints/py311-linux-x86_64.txt"
 
 MODULE_SKIP = """
 import pytest
@@ -56,7 +61,7 @@ def test_a_skipped_test_file_fails_collection_in_ci(inner, monkeypatch):
     assert ("SPECTRAL_JAX_REQUIRE_ALL=1 (CI): test_module_skip.py was skipped (could not import "
             "'sj_ci_guard_absent_module'") in out
     assert ("the package `sj-ci-guard-absent-module` is missing: install the test extras, "
-            'pip install -c constraints/py311-linux-x86_64.txt -e ".[test]"') in out
+            f'pip install -c {PINS} -e ".[test]"') in out
 
 
 def test_skipped_tests_fail_in_ci_and_xfail_stays(inner, monkeypatch):
@@ -84,3 +89,30 @@ def test_outside_ci_the_same_tests_skip(inner, monkeypatch, value):
     assert result.ret == pytest.ExitCode.OK
     result.assert_outcomes(passed=1, skipped=4, xfailed=1)
     assert "SPECTRAL_JAX_REQUIRE_ALL=1 (CI)" not in result.stdout.str()
+
+
+def test_the_pins_cover_every_dependency_and_ci_uses_them():
+    """Every requirement of the package and its test/bench extras has a pin that satisfies it (a dependency added
+    to pyproject.toml without refreshing the pins would float in CI), and `.ci/run` installs with that file."""
+    tomllib = pytest.importorskip("tomllib")                 # Python ≥ 3.11, as the pins are
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        project = tomllib.load(f)["project"]
+    with open(os.path.join(ROOT, *PINS.split("/"))) as f:
+        lines = [ln.strip() for ln in f if ln.strip() and not ln.startswith("#")]
+    pins = {}
+    for ln in lines:
+        name, version = ln.split("==")
+        pins[canonicalize_name(name)] = version
+    assert len(pins) == len(lines)
+    for build in ("pip", "setuptools", "wheel"):
+        assert build in pins
+    wanted = project["dependencies"] + project["optional-dependencies"]["test"] \
+        + project["optional-dependencies"]["bench"]
+    for spec in map(Requirement, wanted):
+        name = canonicalize_name(spec.name)
+        assert name in pins, f"{spec} has no pin in {PINS}: refresh it (README, 'Pinned installs')"
+        assert spec.specifier.contains(pins[name], prereleases=True), f"{spec} vs pinned {pins[name]}"
+    with open(os.path.join(ROOT, ".ci", "run")) as f:
+        ci = f.read()
+    assert f"lock={PINS}\n" in ci and '-c "$lock" --build-constraint "$lock" -e ".[test]"' in ci
+    assert "export SPECTRAL_JAX_REQUIRE_ALL=1\n" in ci
