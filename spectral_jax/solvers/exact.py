@@ -64,12 +64,12 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     (module docstring) is below `tol`, or `maxiter` iterations (then info["converged"] is False, with a warning).
     The default tol = √eps32 ≈ 3.5e-4 is one float32 reliably reaches: a residual can't fall much below eps32 · ‖A‖
     times a growth factor (the length of the sums inside a matvec), so pairs with |λ| ≳ 1e-3 ‖A‖ get there, and then
-    the eigenvalue error is ~ (tol·λ)² / gap. Every LOBPCG
-    iteration applies all graphs to 3K vectors — for attention graphs about the work of building A once — so the
-    dense path is far faster wherever A fits. Measured on a 2-core CPU, 72 attention graphs (head dim 64), K = 20:
-    dense 0.16 s at M0 = 1024, 4.8 s at 4096, 44 s at 8192; matrix-free LOBPCG at M0 = 2144 ran for more than
-    8 minutes (tol 1e-9); at M0 = 576 (planted, same graphs) it stops after 38 iterations, 172 s (was 55, 252 s with
-    tol 1e-9; subspace alignment with dense 1.00000). The matrix-free path is for problems whose A does not fit in memory.
+    the eigenvalue error is ~ (tol·λ)² / gap. Every LOBPCG iteration applies all graphs to 3K vectors — for
+    attention graphs about the work of building A once — so the dense path is far faster wherever A fits. Measured
+    on a 2-core CPU, 72 attention graphs (head dim 64), K = 20: dense 0.16 s at M0 = 1024, 4.8 s at 4096, 44 s at
+    8192; matrix-free LOBPCG at M0 = 2144 ran for more than 8 minutes (tol 1e-9); at M0 = 576 (planted, same
+    graphs) it stops after 38 iterations, 172 s (was 55, 252 s with tol 1e-9; subspace alignment with dense
+    1.00000). The matrix-free path is for problems whose A does not fit in memory.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[K]` largest first).
     """
     graphs = as_list(graphs)
