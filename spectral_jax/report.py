@@ -1,7 +1,7 @@
 """One folder per analysed image: the PNGs a person looks at, `result.npz` (B = 1) and `summary.json`.
 
 Files: `input.png` (the image as the model saw it), `segments.png` (segment overlay), `pca.png` (eigenvectors
-2…K as RGB), `eigvecs.png` (each eigenvector, diverging colours), `foreground.png` (bipartition overlay),
+2–4 as RGB, weighted by their eigenvalues), `eigvecs.png` (each eigenvector, diverging colours), `foreground.png` (bipartition overlay),
 `instances.png` (instance masks), `panel.png` (all of them side by side), `result.npz`, `summary.json`.
 """
 
@@ -32,7 +32,7 @@ def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: 
     os.makedirs(folder, exist_ok=True)
     hw = image.shape[:2]
     seg = viz.overlay_segments(image, view.segments)
-    pca = viz.pca_image(view.eigvecs, size=hw)
+    pca = viz.pca_image(view.eigvecs, size=hw, eigvals=view.eigvals)
     fg = viz.overlay_segments(image, np.where(view.foreground, 0, -1))
     inst = viz.instance_image(image, view.instances)
     h, w = view.eigvecs.shape[1:]
@@ -41,7 +41,7 @@ def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: 
                       ("eigvecs", grid)]:
         viz.save_png(os.path.join(folder, f"{name}.png"), arr)
     viz.save_png(os.path.join(folder, "panel.png"), viz.side_by_side(
-        [image, seg, pca, fg, inst], titles=["input", f"segments (k={view.k})", "eigenvectors 2-4 (PCA)",
+        [image, seg, pca, fg, inst], titles=["input", f"segments (k={view.k})", "eigenvectors 2-4",
                                              "foreground", f"instances ({len(view.instances)})"]))
     res.save(os.path.join(folder, "result.npz"))
     summary = {**res.summary(), "segments_k": view.k, "foreground_fraction": float(view.foreground.mean()),

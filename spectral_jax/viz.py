@@ -125,10 +125,12 @@ def _size(size, default: tuple[int, int]) -> tuple[int, int]:
     return h, w
 
 
-def pca_image(eigvecs, size=None, skip_first: bool = True, resample: str = "bilinear") -> np.ndarray:
-    """PCA colours of eigenvectors `[K, h, w]` (`analysis.pca_rgb`) as uint8 `[H, W, 3]`, resized to `size` =
-    (H, W) (or an int for a square; None keeps (h, w)) with `resample` ("bilinear", "bicubic" or "nearest")."""
-    rgb = analysis.pca_rgb(eigvecs, skip_first)
+def pca_image(eigvecs, size=None, skip_first: bool = True, resample: str = "bilinear", *, eigvals=None,
+              t: float = 1.0) -> np.ndarray:
+    """Eigenvectors 2–4 of `[K, h, w]` as RGB (`analysis.pca_rgb`: weighted by eigvals^t when given, one shared
+    scale) as uint8 `[H, W, 3]`, resized to `size` = (H, W) (or an int for a square; None keeps (h, w)) with
+    `resample` ("bilinear", "bicubic" or "nearest")."""
+    rgb = analysis.pca_rgb(eigvecs, skip_first, eigvals=eigvals, t=t)
     H, W = _size(size, rgb.shape[:2])
     up = analysis.upsample(rgb, (H, W), mode=resample)
     return np.rint(np.clip(up, 0.0, 1.0) * 255.0).astype(np.uint8)
