@@ -1,8 +1,9 @@
 """One folder per analysed image: the PNGs a person looks at, `result.npz` (B = 1) and `summary.json`.
 
 Files: `input.png` (the image as the model saw it), `segments.png` (segment overlay), `pca.png` (eigenvectors
-2–4 as RGB, weighted by their eigenvalues), `eigvecs.png` (each eigenvector, diverging colours), `foreground.png` (bipartition overlay),
-`instances.png` (instance masks), `panel.png` (all of them side by side), `result.npz`, `summary.json`.
+2–4 as RGB, weighted by their eigenvalues), `eigvecs.png` (each eigenvector, diverging colours), `foreground.png`
+(bipartition overlay), `instances.png` (instance masks), `panel.png` (all of them side by side), `result.npz`,
+`summary.json`.
 """
 
 from __future__ import annotations

@@ -33,6 +33,7 @@ import numpy as np
 import scipy.linalg
 from jax.experimental.sparse.linalg import lobpcg_standard
 
+from spectral_jax.errors import InputError
 from spectral_jax.graphs import Graph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights)
 from spectral_jax.solvers.result import Result, finish
@@ -50,7 +51,8 @@ def check_problem(graphs: Sequence[Graph], num_eigs: int, base_grid) -> tuple[tu
     base, nimg = check_graphs(graphs, base_grid)
     m0 = nimg * base[0] * base[1]
     if not 1 <= num_eigs < m0:
-        raise ValueError(f"num_eigs={num_eigs} must be in [1, {m0 - 1}] for {m0} nodes (K < N)")
+        raise InputError(f"num_eigs={num_eigs}", f"must be in [1, {m0 - 1}] for {m0} graph nodes (K < N)",
+                         "pass fewer eigenvectors or a larger image size")
     return base, nimg, m0
 
 
