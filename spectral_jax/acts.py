@@ -9,6 +9,7 @@ tapped layer in layer order where H differs between layers (SD 2.x).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import zipfile
@@ -53,56 +54,160 @@ def save_acts(path: str, taps: Taps, model: str, image_size: tuple[int, int],
     return save_npz(path, arrays, inputs)
 
 
+# Limits on what an ACTS file may declare, checked before an array is read (see `load_acts`).
+MAX_ABS = 1e15  # |activation| cap: real q/k/v/hidden stay far below 1e5; at ≤ 1e15 every scaled q·kᵀ (≤ 1e30·√D)
+# and squared norm (≤ 1e30·D) stays finite in float32 for D < 3e8, so the graphs and the solve stay finite.
+_DEFLATE_MAX_RATIO = 1032  # deflate cannot expand its input more than ~1032× (zlib technical details)
+_META = ("model", "image_size", "timesteps", "num_heads")
+
+
+def _name(key: str) -> str:
+    return repr(key if len(key) <= 60 else key[:57] + "...")
+
+
+def _check_headers(path: str, fix: str) -> None:
+    """Read each member's .npy header (nothing else) and refuse, before any array is allocated: members that are
+    not .npy arrays, object arrays (pickles), and arrays whose declared size is not the member's uncompressed size
+    (`ZipInfo.file_size`), or whose uncompressed size the stored bytes cannot hold (stored: ≤ the compressed size;
+    deflated: ≤ 1032× it; either ≤ the file's own size). So `np.load` allocates at most what the file can hold."""
+    readers = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0,
+               (3, 0): np.lib.format.read_array_header_2_0}  # 3.0 = 2.0 with a utf-8 header (ASCII in practice)
+    size = os.path.getsize(path)
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                key = info.filename[:-4] if info.filename.endswith(".npy") else info.filename
+                if info.filename == key or info.is_dir():
+                    raise InputError(path, f"member {_name(info.filename)} is not a .npy array", fix)
+                ratio = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: _DEFLATE_MAX_RATIO}.get(info.compress_type)
+                if ratio is None:
+                    raise InputError(path, f"array {_name(key)} uses zip compression method {info.compress_type} "
+                                     "(numpy writes stored or deflated members)", fix)
+                if info.compress_size > size or info.file_size > ratio * info.compress_size + 64:
+                    raise InputError(path, f"array {_name(key)} claims {info.file_size} bytes from "
+                                     f"{info.compress_size} stored bytes in a {size}-byte file (damaged or crafted)",
+                                     fix)
+                with z.open(info) as fp:
+                    version = np.lib.format.read_magic(fp)
+                    if version not in readers:
+                        raise ValueError(f"npy version {version}")
+                    shape, _, dtype = readers[version](fp)
+                    header = fp.tell()
+                if dtype.hasobject:
+                    raise InputError(path, f"array {_name(key)} holds Python objects (loading it would unpickle "
+                                     "code); refused", fix)
+                declared = math.prod(shape) * dtype.itemsize
+                if dtype.itemsize == 0 or declared != info.file_size - header:
+                    raise InputError(path, f"array {_name(key)} declares shape {tuple(shape)} of {dtype} "
+                                     f"({declared} bytes) but holds {info.file_size - header} bytes "
+                                     "(damaged or crafted)", fix)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as e:
+        if isinstance(e, InputError):
+            raise
+        raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
+
+
+def _ints(path: str, key: str, a: np.ndarray, shape: str, fix: str, low: int = 1) -> tuple[int, ...]:
+    """`a` as a tuple of ints ≥ `low`; `shape` "[2]", "[n]" (one or more) or "scalar or [n]" says what is allowed."""
+    ok_shape = {"[2]": a.shape == (2,), "[n]": a.ndim == 1 and a.size >= 1,
+                "scalar or [n]": a.ndim == 0 or (a.ndim == 1 and a.size >= 1)}[shape]
+    if a.dtype.kind not in "iu" or not ok_shape:
+        raise InputError(path, f"{key} must be an integer array of shape {shape}, got {a.dtype} {a.shape}", fix)
+    if int(a.min()) < low:
+        raise InputError(path, f"{key} must hold ints ≥ {low}, got {int(a.min())}", fix)
+    return tuple(int(x) for x in a.reshape(-1))
+
+
+def _floats(path: str, key: str, a: np.ndarray, legend: str, ndim: int, fix: str) -> None:
+    """Refuse `a` unless it is a floating array of rank `ndim`, no empty axis, finite, |x| ≤ MAX_ABS."""
+    if a.ndim != ndim or not np.issubdtype(a.dtype, np.floating):
+        raise InputError(path, f"{key} must be a floating-point {legend} array, got {a.dtype} {a.shape}", fix)
+    if 0 in a.shape:
+        raise InputError(path, f"{key} has an empty axis: shape {a.shape} ({legend})", fix)
+    top = np.max(np.abs(a))
+    if not np.isfinite(top):
+        raise InputError(path, f"{key} contains NaN or Inf", "re-extract the activations (check the image and the "
+                         "model's weights)")
+    if top > MAX_ABS:
+        raise InputError(path, f"{key} holds |x| = {float(top):.3g} > {MAX_ABS:.0e}, beyond any real activation "
+                         "(the graphs would overflow)", "re-extract the activations (check the image and the "
+                         "model's weights)")
+
+
 def load_acts(path: str) -> Acts:
-    """Read and validate an ACTS file; any problem raises `InputError` naming the file and the fix."""
+    """Read and validate an ACTS file; any problem raises `InputError` naming the file and the fix.
+
+    Nothing is allocated before every member's .npy header has been checked against the member's size
+    (`_check_headers`); pickles are refused. Then every array is checked against the format in the module
+    docstring: q/k/v float `[B, H, h*w, D]` with B, H, D ≥ 1, finite, |x| ≤ `MAX_ABS`; grid two ints ≥ 1;
+    hidden float `[B, h*w, C]`; model a string; image_size two ints ≥ 1; timesteps ints ≥ 0 `[T]` together with
+    num_heads (an int ≥ 1 or one per layer) such that each layer's heads axis is T·H.
+    """
     fix = "write it with `spectral-jax extract IMAGE --model NAME --out ACTS.npz`"
     if not os.path.isfile(path):
         raise InputError(path, "no such file", fix)
+    _check_headers(path, fix)
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
         raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
     layers: dict[int, dict[str, np.ndarray]] = {}
     for key, arr in data.items():
         m = _KEY.match(key)
         if m:
             layers.setdefault(int(m.group(1)), {})[m.group(2)] = arr
-        elif key not in ("model", "image_size", "timesteps", "num_heads"):
-            raise InputError(path, f"unexpected array {key!r}", fix)
+        elif key not in _META:
+            raise InputError(path, f"unexpected array {_name(key)}", fix)
     if not layers:
         raise InputError(path, "holds no layer{i}/q, k, v arrays", fix)
+
+    model = "unknown"
+    if "model" in data:
+        a = data["model"]
+        if a.dtype.kind not in "US" or a.ndim != 0:
+            raise InputError(path, f"model must be a string, got {a.dtype} {a.shape}", fix)
+        model = a.item().decode("utf-8", "replace") if a.dtype.kind == "S" else a.item()
+    size = _ints(path, "image_size", data["image_size"], "[2]", fix) if "image_size" in data else (0, 0)
+    if ("timesteps" in data) != ("num_heads" in data):
+        raise InputError(path, "has timesteps without num_heads or num_heads without timesteps (both or neither)",
+                         fix)
+    steps, heads = (), None
+    if "timesteps" in data:
+        steps = _ints(path, "timesteps", data["timesteps"], "[n]", fix, low=0)
+        heads = _ints(path, "num_heads", data["num_heads"], "scalar or [n]", fix)
+        if len(heads) == 1:
+            heads = heads * len(layers)
+        elif len(heads) != len(layers):
+            raise InputError(path, f"num_heads has {len(heads)} entries for {len(layers)} layers", fix)
+
     taps, hidden, batch = {}, {}, None
-    for i in sorted(layers):
+    for j, i in enumerate(sorted(layers)):
         d = layers[i]
         missing = [n for n in ("q", "k", "v", "grid") if n not in d]
         if missing:
             raise InputError(path, f"layer{i} lacks {', '.join(missing)}", fix)
-        grid = tuple(int(g) for g in np.asarray(d["grid"]).reshape(-1))
-        if len(grid) != 2 or min(grid) < 1:
-            raise InputError(path, f"layer{i}/grid must be two positive ints, got {d['grid']!r}", fix)
+        grid = _ints(path, f"layer{i}/grid", d["grid"], "[2]", fix)
+        tokens = grid[0] * grid[1]
         q, k, v = d["q"], d["k"], d["v"]
         for name, a in (("q", q), ("k", k), ("v", v)):
-            if a.ndim != 4:
-                raise InputError(path, f"layer{i}/{name} must be [B, heads, h*w, head_dim], got shape {a.shape}", fix)
-            if not np.issubdtype(a.dtype, np.floating):
-                raise InputError(path, f"layer{i}/{name} must be floating point, got {a.dtype}", fix)
-            if a.shape[2] != grid[0] * grid[1]:
-                raise InputError(path, f"layer{i}/{name} has {a.shape[2]} tokens but grid {grid} needs "
-                                 f"{grid[0] * grid[1]}", fix)
-            if not np.all(np.isfinite(a)):
-                raise InputError(path, f"layer{i}/{name} contains NaN or Inf", "re-extract the activations "
-                                 "(check the image and the model's weights)")
+            _floats(path, f"layer{i}/{name}", a, "[B, heads, h*w, head_dim]", 4, fix)
+            if a.shape[2] != tokens:
+                raise InputError(path, f"layer{i}/{name} has {a.shape[2]} tokens but grid {grid} needs {tokens}", fix)
         if not (q.shape == k.shape and v.shape[:3] == q.shape[:3]):
             raise InputError(path, f"layer{i} q/k/v shapes disagree: {q.shape}, {k.shape}, {v.shape}", fix)
         if batch is None:
             batch = q.shape[0]
         elif q.shape[0] != batch:
             raise InputError(path, f"layer{i} has batch {q.shape[0]}, other layers {batch}", fix)
+        if heads is not None and q.shape[1] != len(steps) * heads[j]:
+            raise InputError(path, f"layer{i} has {q.shape[1]} graphs on its heads axis but {len(steps)} timesteps "
+                             f"× {heads[j]} heads = {len(steps) * heads[j]}", fix)
         taps[i] = LayerTap(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), grid, 0)
         if "hidden" in d:
-            hidden[i] = d["hidden"].astype(np.float32)
-    model = str(data["model"]) if "model" in data else "unknown"
-    size = tuple(int(s) for s in np.asarray(data.get("image_size", [0, 0])).reshape(-1)[:2])
-    steps = tuple(int(t) for t in np.asarray(data.get("timesteps", [])).reshape(-1))
+            h = d["hidden"]
+            _floats(path, f"layer{i}/hidden", h, "[B, h*w, C]", 3, fix)
+            if h.shape[:2] != (batch, tokens):
+                raise InputError(path, f"layer{i}/hidden has shape {h.shape}, expected [{batch}, {tokens}, C]", fix)
+            hidden[i] = h.astype(np.float32)
     return Acts(Taps(taps, hidden), model, size, steps)
