@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import json
 import os
 import re
 
@@ -33,6 +32,7 @@ from spectral_jax.models.registry import PreprocessSpec
 from spectral_jax.models.scheduler import DDPMSchedule
 from spectral_jax.models.sd_unet import UNet2DConditionModel, UNetConfig
 from spectral_jax.models.sd_vae import AutoencoderKL, VAEConfig
+from spectral_jax.models.weights import check_fields, read_json
 
 SD_MEAN, SD_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -232,6 +232,9 @@ def load_sd(name: str, weights: str | None = None, *, text_embedding: str | None
     if context is None and not os.path.isdir(folder):
         raise InputError(root, "has no text_encoder/ folder",
                          "add it (diffusers layout), or pass a saved empty-prompt embedding (.npy)")
+    for part, expected in [("unet", cfg.unet), ("vae", cfg.vae)] + ([("text_encoder", cfg.text)] if context is None
+                                                                     else []):
+        W.component_config(os.path.join(root, part), part, expected)  # every config.json before any weights
     unet = W.load_unet(os.path.join(root, "unet"), cfg.unet, dtype=dtype)
     vae = W.load_vae(os.path.join(root, "vae"), cfg.vae, dtype=dtype)
     if context is None:
@@ -244,8 +247,9 @@ def _check_schedule(root: str, schedule: DDPMSchedule) -> None:
     file = os.path.join(root, "scheduler", "scheduler_config.json")
     if not os.path.isfile(file):
         return
-    with open(file) as f:
-        d = json.load(f)
+    fix = "fix or re-download the checkpoint's scheduler/scheduler_config.json"
+    d = read_json(file, fix)
+    check_fields(d, dict(beta_start="num", beta_end="num", num_train_timesteps="pos", beta_schedule="str"), file, fix)
     theirs = (d.get("beta_start", 0.0001), d.get("beta_end", 0.02), d.get("num_train_timesteps", 1000),
               d.get("beta_schedule", "linear"))
     ours = (schedule.beta_start, schedule.beta_end, schedule.num_train_timesteps, schedule.beta_schedule)

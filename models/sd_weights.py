@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import glob
-import json
 import os
 import re
 from typing import Any, Callable
@@ -36,7 +35,8 @@ from spectral_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
 from spectral_jax.models.sd_unet import UNet2DConditionModel, UNetConfig
 from spectral_jax.models.sd_vae import AutoencoderKL, VAEConfig
 from spectral_jax.models.weights import (KeyTable, Rule, _conv, _flatten, _linear, _linear_t, _norm, _same,
-                                         apply_table, fill_state, random_leaves, read_safetensors)
+                                         apply_table, check_fields, fill_state, random_leaves, read_json,
+                                         read_safetensors, shards_from_index)
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key tables
@@ -199,6 +199,29 @@ _TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
                       num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
+# The fields each reader takes from config.json, and their kinds (`weights.check_fields`): a wrong type or a size
+# < 1 is refused by name before any conversion.
+_UNET_KINDS = dict(block_out_channels="pos_list", down_block_types="str_list", up_block_types="str_list",
+                   layers_per_block="pos_or_list", transformer_layers_per_block="pos_or_list",
+                   cross_attention_dim="pos_or_list", attention_head_dim="pos_or_list", in_channels="pos",
+                   out_channels="pos", norm_num_groups="pos", norm_eps="pos_num", use_linear_projection="bool",
+                   upcast_attention="bool", flip_sin_to_cos="bool", freq_shift="num", downsample_padding="nat",
+                   mid_block_scale_factor="pos_num")
+_VAE_KINDS = dict(down_block_types="str_list", block_out_channels="pos_list", layers_per_block="pos",
+                  in_channels="pos", latent_channels="pos", norm_num_groups="pos", scaling_factor="pos_num",
+                  use_quant_conv="bool", mid_block_add_attention="bool")
+_TEXT_KINDS = dict(vocab_size="pos", hidden_size="pos", intermediate_size="pos", num_hidden_layers="pos",
+                   num_attention_heads="pos", max_position_embeddings="pos", hidden_act="str", layer_norm_eps="pos_num")
+_CONFIG_FIX = "fix or re-download the checkpoint's config.json"
+
+
+def _check_groups(d: dict, what: str):
+    bad = [c for c in d["block_out_channels"] if c % d["norm_num_groups"]]
+    if bad:
+        raise InputError(what, f"block_out_channels {bad} are not divisible into norm_num_groups="
+                         f"{d['norm_num_groups']} groups", _CONFIG_FIX)
+
+
 def _refuse_options(d: dict, fixed: dict, what: str):
     bad = [f"{k}={d[k]!r}" for k, v in fixed.items() if k in d and d[k] != v and not (v is None and d[k] in ([], {}))]
     if bad:
@@ -210,6 +233,8 @@ def unet_config_from_diffusers(d: dict, what: str = "unet/config.json") -> UNetC
     """Our `UNetConfig` for a diffusers `UNet2DConditionModel` config dict."""
     _refuse_options(d, _UNET_FIXED, what)
     d = {**_UNET_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    check_fields(d, _UNET_KINDS, what, _CONFIG_FIX)
+    _check_groups(d, what)
     n = len(d["block_out_channels"])
     per = lambda v: tuple(v) if isinstance(v, (list, tuple)) else (v,) * n
     for key in ("layers_per_block", "transformer_layers_per_block", "cross_attention_dim"):
@@ -238,6 +263,8 @@ def vae_config_from_diffusers(d: dict, what: str = "vae/config.json") -> VAEConf
     """Our `VAEConfig` for a diffusers `AutoencoderKL` config dict."""
     _refuse_options(d, _VAE_FIXED, what)
     d = {**_VAE_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    check_fields(d, _VAE_KINDS, what, _CONFIG_FIX)
+    _check_groups(d, what)
     bad = [t for t in d["down_block_types"] if t != "DownEncoderBlock2D"]
     if bad or len(d["down_block_types"]) != len(d["block_out_channels"]):
         raise InputError(what, f"down_block_types {d['down_block_types']} not supported",
@@ -251,12 +278,15 @@ def vae_config_from_diffusers(d: dict, what: str = "vae/config.json") -> VAEConf
 
 def text_config_from_hf(d: dict, what: str = "text_encoder/config.json") -> CLIPTextConfig:
     """Our `CLIPTextConfig` for a `transformers` CLIPTextConfig dict (or a CLIPConfig's `text_config`)."""
+    check_fields(d, {"model_type": "str", "text_config": "obj"}, what, _CONFIG_FIX)
     if d.get("model_type") == "clip" and "text_config" in d:
-        d = d["text_config"]
+        d, what = d["text_config"], f"{what} (text_config)"
+        check_fields(d, {"model_type": "str"}, what, _CONFIG_FIX)
     if d.get("model_type", "clip_text_model") != "clip_text_model":
         raise InputError(what, f"model_type {d.get('model_type')!r} is not a CLIP text model",
                          "use the text_encoder of a Stable Diffusion 1.x/2.x checkpoint")
     d = {**_TEXT_DEFAULTS, **{k: v for k, v in d.items() if v is not None}}
+    check_fields(d, _TEXT_KINDS, what, _CONFIG_FIX)
     try:
         return CLIPTextConfig(**{k: d[k] for k in _TEXT_DEFAULTS})
     except ValueError as e:
@@ -279,9 +309,8 @@ def _weight_files(path: str, comp: Component) -> list[str]:
     for name in comp.files:
         if os.path.isfile(os.path.join(path, name)):
             return [os.path.join(path, name)]
-    for index in glob.glob(os.path.join(path, "*.safetensors.index.json")):
-        with open(index) as f:
-            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+    for index in sorted(glob.glob(os.path.join(path, "*.safetensors.index.json"))):
+        return shards_from_index(index)
     found = sorted(glob.glob(os.path.join(path, "*.safetensors")))
     if len(found) == 1:
         return found
@@ -307,11 +336,7 @@ def component_config(path: str, name: str, expected=None):
             raise InputError(path, "has no config.json", f"pass a diffusers-layout {name} folder (config.json + "
                              "safetensors)")
         return expected
-    with open(file) as f:
-        try:
-            cfg = _FROM_JSON[name](json.load(f), file)
-        except json.JSONDecodeError as e:
-            raise InputError(file, f"not valid JSON ({e.msg})", "re-download the checkpoint") from None
+    cfg = _FROM_JSON[name](read_json(file, _CONFIG_FIX), file)
     if expected is not None:
         theirs = dataclasses.replace(cfg, attn_chunk=expected.attn_chunk) if name == "unet" else cfg
         if theirs != expected:

