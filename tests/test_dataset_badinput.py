@@ -1,0 +1,324 @@
+"""Dataset bad input (issue #10): K and k against the graph, OUT against FOLDER and the disk, folders without a
+readable image, every numeric option, and what a failed run leaves behind.
+
+CLI cases run the installed `spectral-jax` console script, as a user does, with a tiny random-weight DINOv2-S at
+28×28 (a 2×2 grid): exit 2, exactly one stderr line, nothing written. `dataset.run` cases use the synthetic
+extractor of test_dataset (32×32 inputs → a 4×4 grid, 16 tokens per image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from spectral_jax import dataset
+from spectral_jax import folder as F
+from test_dataset import SMALL, _env, make_folder, synthetic
+
+SCRIPT = os.path.join(os.path.dirname(sys.executable), "spectral-jax")
+TINY = ["--model", "dinov2_vits14", "--weights", "random", "--size", "28", "--epochs", "1", "--batch-size", "2",
+        "--num-eigs", "3"]                   # k_intra/k_inter: the defaults (50, clamped to 4 and 4 tokens)
+
+
+def _cli(*args, timeout=300):
+    assert os.path.isfile(SCRIPT), f"the console script is not installed next to {sys.executable}"
+    return subprocess.run([SCRIPT, "dataset", *args], env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_exit_2(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr[-3000:])
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spectral-jax dataset: error:"), r.stderr[-3000:]
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert r.stdout == ""
+
+
+def _tree(root):
+    """{relative path: bytes, "-> target" (link) or None (folder)} of everything under root."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for x in dirs:
+            out[os.path.relpath(os.path.join(d, x), root)] = None
+        for x in files:
+            path = os.path.join(d, x)
+            if os.path.islink(path):
+                out[os.path.relpath(path, root)] = "-> " + os.readlink(path)
+                continue
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = f.read()
+    return out
+
+
+@pytest.fixture(scope="module")
+def place(tmp_path_factory):
+    """Shared read-only inputs: imgs/ (3 PNGs), one/ (1 PNG), bad/ (3 corrupt .jpg), txt/ (no image), afile."""
+    root = tmp_path_factory.mktemp("inputs")
+    make_folder(str(root / "imgs"), 3)
+    make_folder(str(root / "one"), 1)
+    (root / "bad").mkdir()
+    for i in range(3):
+        (root / "bad" / f"b{i}.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg " + bytes([i]))
+    (root / "bad" / "notes.txt").write_text("x")
+    (root / "txt").mkdir()
+    (root / "txt" / "a.txt").write_text("x")
+    (root / "afile").write_text("keep me")
+    return root
+
+
+# ------------------------------------------------------------------------------------------------- CLI, one line
+
+CASES = {
+    # 1. K and k against the graph (one image at 28×28: a 4-node graph per batch)
+    "num-eigs-10000": (["one", "--num-eigs", "10000", "--k-inter", "0"], ["--num-eigs", "4 nodes"]),
+    "k-intra-over-tokens": (["imgs", "--k-intra", "5"], ["--k-intra", "4 tokens"]),
+    "k-inter-one-image": (["one", "--k-inter", "2"], ["--k-inter", "0 tokens"]),
+    "no-edges": (["imgs", "--k-intra", "0", "--k-inter", "0"], ["--k-intra"]),
+    "no-edges-clamped": (["one", "--batch-size", "1", "--k-intra", "0"], ["no edges"]),
+    # 3. no readable image, no image at all
+    "all-corrupt": (["bad"], ["no readable images", "b0.jpg"]),
+    "no-images": (["txt"], ["no image files"]),
+    # 4. numeric options
+    "min-cos-nan": (["imgs", "--min-cos", "nan"], ["--min-cos", "nan"]),
+    "min-cos-1": (["imgs", "--min-cos", "1"], ["--min-cos"]),
+    "lr-inf": (["imgs", "--lr", "inf"], ["--lr"]),
+    "lr-negative": (["imgs", "--lr", "-1"], ["--lr"]),
+    "ema-1": (["imgs", "--ema", "1"], ["--ema"]),
+    "seed-negative": (["imgs", "--seed", "-1"], ["--seed"]),
+    "epochs-0": (["imgs", "--epochs", "0"], ["--epochs"]),
+    "process-id": (["imgs", "--num-processes", "2", "--process-id", "2"], ["--process-id"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_cli_bad_input(place, tmp_path, case):
+    args, needles = CASES[case]
+    folder, extra = args[0], args[1:]
+    r = _cli(str(place / folder), *TINY, *extra, "--out", str(tmp_path / "out"))
+    _one_line_exit_2(r, *needles)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("where", ["same", "inside"])
+def test_cli_out_in_the_input_folder_is_refused(tmp_path, where):
+    folder = make_folder(str(tmp_path / "imgs"), 3)
+    before = _tree(folder)
+    out = folder if where == "same" else os.path.join(folder, "run")
+    _one_line_exit_2(_cli(folder, *TINY, "--out", out), "--out", "input folder")
+    assert _tree(folder) == before
+
+
+@pytest.mark.parametrize("where", ["file", "under-file", "read-only"])
+def test_cli_unwritable_out_is_refused_before_the_model(place, tmp_path, where):
+    target = tmp_path / "target"
+    if where == "read-only":
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only folders; test_out_not_writable_is_refused covers it")
+        target.mkdir()
+        target.chmod(0o555)
+        out = target
+    else:
+        target.write_text("keep me")
+        out = target if where == "file" else target / "sub"
+    try:
+        r = _cli(str(place / "imgs"), *TINY, "--out", str(out), timeout=120)
+    finally:
+        if where == "read-only":
+            target.chmod(0o755)
+    _one_line_exit_2(r, "--out")
+    assert (list(target.iterdir()) == [] if where == "read-only" else target.read_text() == "keep me")
+
+
+def test_cli_rerun_says_how_to_resume_or_start_over_and_resume_works(place, tmp_path):
+    out = str(tmp_path / "out")
+    first = _cli(str(place / "imgs"), *TINY, "--out", out)
+    assert first.returncode == 0, first.stderr[-3000:]
+    _one_line_exit_2(_cli(str(place / "imgs"), *TINY, "--out", out), "--resume", "start over")
+    again = _cli(str(place / "imgs"), *TINY, "--out", out, "--resume")
+    assert again.returncode == 0, again.stderr[-3000:]
+    a, b = (json.loads(r.stdout.splitlines()[-1]) for r in (first, again))
+    a.pop("seconds"), b.pop("seconds")
+    assert a == b and a["steps"] == 2 and a["images"] == 3                  # the finished run, re-exported
+
+
+# ------------------------------------------------------------------------------------------------- dataset.run
+
+BAD_RUN = {
+    "num_eigs": (dict(num_eigs=2.5), "--num-eigs"),
+    "num_eigs_1": (dict(num_eigs=1), "--num-eigs"),
+    "batch_size": (dict(batch_size=0), "--batch-size"),
+    "inner_steps": (dict(inner_steps=0), "--inner-steps"),
+    "lr_nan": (dict(lr=float("nan")), "--lr"),
+    "lr_zero": (dict(lr=0.0), "--lr"),
+    "lr_str": (dict(lr="0.1"), "--lr"),
+    "weight_decay": (dict(weight_decay=-1.0), "weight_decay"),
+    "ema_nan": (dict(ema=float("nan")), "--ema"),
+    "ema_neg": (dict(ema=-0.1), "--ema"),
+    "min_cos_nan": (dict(min_cos=float("nan")), "--min-cos"),
+    "min_cos_low": (dict(min_cos=-1.5), "--min-cos"),
+    "lam_inf": (dict(lam=float("inf")), "lam"),
+    "k_intra_neg": (dict(k_intra=-1), "--k-intra"),
+    "k_both_0": (dict(k_intra=0, k_inter=0), "--k-intra"),
+    "k_bool": (dict(k_intra=True), "--k-intra"),
+    "layer_weights_nan": (dict(layer_weights={0: float("nan")}), "layer_weights"),
+    "layer_weights_zero": (dict(layer_weights={0: 0.0, 1: 0.0}), "layer_weights"),
+    "seed_neg": (dict(seed=-1), "--seed"),
+    "seed_big": (dict(seed=2 ** 32), "--seed"),
+    "epochs": (dict(epochs=0), "--epochs"),
+    "checkpoint_every": (dict(checkpoint_every=0), "--checkpoint-every"),
+    "prefetch": (dict(prefetch=0), "--prefetch"),
+    "size_str": (dict(size="abc"), "size"),
+    "size_one": (dict(size=(112,)), "size"),
+    "num_eigs_nodes": (dict(num_eigs=17), "16 nodes"),            # one image × 16 tokens
+    "k_intra_tokens": (dict(k_intra=17), "16 tokens"),
+    "k_inter_others": (dict(k_inter=1), "0 tokens"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_RUN))
+def test_run_validates_before_anything_is_written(tmp_path, monkeypatch, case):
+    folder = make_folder(str(tmp_path / "imgs"), 1)
+    kw, needle = BAD_RUN[case]
+    monkeypatch.setattr(dataset, "_compiled_step", lambda *a: pytest.fail("compiled despite bad input"))
+    with pytest.raises(dataset.InputError, match=needle.replace("-", r"\-")):
+        dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), **{**SMALL, "k_inter": 0, **kw})
+    assert not (tmp_path / "out").exists()
+
+
+def test_num_eigs_up_to_the_nodes_of_a_batch_runs(tmp_path):
+    folder = make_folder(str(tmp_path / "imgs"), 1)
+    res = dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), epochs=1,
+                      **{**SMALL, "num_eigs": 16, "k_intra": 16, "k_inter": None})
+    assert res.eigvecs.shape == (1, 16, 4, 4) and res.summary["k_inter"] == 48      # the default, clamped
+
+
+@pytest.mark.parametrize("where", ["same", "inside", "file", "under-file", "dangling-link"])
+def test_out_checked_against_the_folder_and_the_disk(tmp_path, where):
+    folder = make_folder(str(tmp_path / "imgs"), 2)
+    (tmp_path / "f").write_text("keep")
+    out = {"same": folder, "inside": os.path.join(folder, "a", "b"), "file": str(tmp_path / "f"),
+           "under-file": str(tmp_path / "f" / "x"), "dangling-link": str(tmp_path / "link")}[where]
+    if where == "dangling-link":
+        os.symlink(tmp_path / "nowhere", out)
+    before = _tree(str(tmp_path))
+    with pytest.raises(dataset.InputError, match="--out"):
+        dataset.run(folder, out, extractor=synthetic(), **SMALL)
+    assert _tree(str(tmp_path)) == before
+
+
+def test_out_not_writable_is_refused(tmp_path, monkeypatch):
+    """A probe file that cannot be created (EACCES, as in a read-only folder for a non-root user)."""
+    import tempfile
+
+    folder = make_folder(str(tmp_path / "imgs"), 2)
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):
+        if dir == str(tmp_path):
+            raise PermissionError(13, "Permission denied")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    with pytest.raises(dataset.InputError, match="cannot write in .*Permission denied"):
+        dataset.run(folder, str(tmp_path / "new" / "out"), extractor=synthetic(), **SMALL)
+    assert not (tmp_path / "new").exists()
+
+
+def test_output_name_of_the_wrong_kind_is_refused(tmp_path):
+    folder = make_folder(str(tmp_path / "imgs"), 2)
+    (tmp_path / "out" / "summary.json").mkdir(parents=True)
+    with pytest.raises(dataset.InputError, match="summary.json: exists and is not a file"):
+        dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), **SMALL)
+
+
+# ------------------------------------------------------------------------------------------------- failed runs
+
+
+class Boom(RuntimeError):
+    pass
+
+
+def _fail_at(monkeypatch, step):
+    """Reading the batch of global step `step` raises (the prefetcher hands it to the loop at that step)."""
+    read = F.read_slots
+    calls = {"n": 0}
+
+    def read_slots(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == step + 1:
+            raise Boom(f"disk gone at step {step}")
+        return read(*a, **k)
+
+    monkeypatch.setattr(F, "read_slots", read_slots)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_failure_before_the_first_checkpoint_leaves_nothing(tmp_path, monkeypatch, existing):
+    folder = make_folder(str(tmp_path / "imgs"), 10)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    _fail_at(monkeypatch, 1)
+    with pytest.raises(Boom):
+        dataset.run(folder, str(out), extractor=synthetic(), epochs=1, checkpoint_every=2, **SMALL)
+    assert (list(out.iterdir()) == []) if existing else not out.exists()
+    monkeypatch.undo()
+    res = dataset.run(folder, str(out), extractor=synthetic(), epochs=1, **SMALL)    # a plain rerun works
+    assert res.summary["steps"] == 3
+
+
+def test_failure_after_a_checkpoint_keeps_it_and_resume_finishes_the_same_table(tmp_path, monkeypatch):
+    folder = make_folder(str(tmp_path / "imgs"), 10)
+    out = str(tmp_path / "out")
+    ext = synthetic()
+    _fail_at(monkeypatch, 3)
+    with pytest.raises(Boom):
+        dataset.run(folder, out, extractor=ext, epochs=2, checkpoint_every=2, **SMALL)
+    monkeypatch.undo()
+    with pytest.raises(dataset.InputError, match=r"step 2\) — pass --resume .* delete .*checkpoints to start over"):
+        dataset.run(folder, out, extractor=ext, epochs=2, checkpoint_every=2, **SMALL)
+    resumed = dataset.run(folder, out, extractor=ext, epochs=2, checkpoint_every=2, resume=True, **SMALL)
+    whole = dataset.run(folder, str(tmp_path / "whole"), extractor=ext, epochs=2, checkpoint_every=2, **SMALL)
+    assert resumed.summary["resumed_from"] == 2 and resumed.summary["steps"] == 6
+    np.testing.assert_array_equal(resumed.table, whole.table)
+
+
+@pytest.mark.parametrize("existing", [False, True])
+def test_no_image_readable_during_the_run_leaves_nothing(tmp_path, monkeypatch, existing):
+    """The up-front check passed (files replaced underneath): the run stops after epoch 1, checkpoints removed."""
+    folder = str(tmp_path / "bad")
+    os.makedirs(folder)
+    for i in range(6):
+        (tmp_path / "bad" / f"b{i}.png").write_bytes(b"not a png")
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+    monkeypatch.setattr(F, "first_readable", lambda root, files: (0, ""))
+    with pytest.raises(dataset.InputError, match="no readable images: none of its 6"):
+        dataset.run(folder, str(out), extractor=synthetic(), epochs=3, checkpoint_every=1, **SMALL)
+    assert (list(out.iterdir()) == []) if existing else not out.exists()
+
+
+def test_first_readable_reads_until_one_decodes(tmp_path):
+    make_folder(str(tmp_path), 2)
+    (tmp_path / "a.png").write_bytes(b"junk")
+    files, _ = F.scan(str(tmp_path))
+    assert files[0] == "a.png"
+    i, why = F.first_readable(str(tmp_path), files)
+    assert i == 1 and why.startswith("a.png: cannot read")
+    assert F.first_readable(str(tmp_path), files[:1]) == (None, why)
+
+
+def test_scan_walks_each_linked_folder_once(tmp_path):
+    make_folder(str(tmp_path / "imgs"), 2)
+    make_folder(str(tmp_path / "imgs" / "sub"), 1)
+    os.symlink("..", tmp_path / "imgs" / "sub" / "up")                # a cycle
+    os.symlink("sub", tmp_path / "imgs" / "again")                    # a second way into sub/
+    files, ignored = F.scan(str(tmp_path / "imgs"))
+    assert files == ["again/img000.png", "img000.png", "img001.png"]
+    assert sorted(d["file"] for d in ignored) == [os.path.join("again", "up") + os.sep, "sub" + os.sep]
