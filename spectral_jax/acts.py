@@ -128,8 +128,9 @@ def _floats(path: str, key: str, a: np.ndarray, legend: str, ndim: int, fix: str
     if not np.isfinite(top):
         raise InputError(path, f"{key} contains NaN or Inf", "re-extract the activations (check the image and the "
                          "model's weights)")
+    top = float(top)  # compared as a Python float: MAX_ABS overflows float16
     if top > MAX_ABS:
-        raise InputError(path, f"{key} holds |x| = {float(top):.3g} > {MAX_ABS:.0e}, beyond any real activation "
+        raise InputError(path, f"{key} holds |x| = {top:.3g} > {MAX_ABS:.0e}, beyond any real activation "
                          "(the graphs would overflow)", "re-extract the activations (check the image and the "
                          "model's weights)")
 
