@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import jax
 import numpy as np
@@ -184,8 +185,9 @@ def test_main_called_from_python_leaves_jax_config_alone(tmp_path, rng, monkeypa
 
 # A command that stands in for a long run (patched in before the parser is built, so `register` picks it up).
 _PATCHED = """
-import sys, time
+import signal, sys, time
 import spectral_jax.cli.solve as solve
+{prelude}
 
 def stand_in(args):
     {body}
@@ -197,8 +199,8 @@ sys.exit(main())
 """
 
 
-def _patched(tmp_path, body):
-    code = _PATCHED.format(body=body)
+def _patched(tmp_path, body, prelude=""):
+    code = _PATCHED.format(body=body, prelude=prelude)
     return subprocess.Popen([sys.executable, "-c", code], env=_env(tmp_path, **{compile_cache.ENV: "0"}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -213,6 +215,62 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
         proc.kill()
     assert proc.returncode == 130
     assert err == "spectral-jax solve: interrupted\n"
+
+
+def test_ctrl_c_inside_a_gc_callback_still_stops_the_command(tmp_path):
+    # Python prints and drops an exception raised in a gc callback (JAX registers one; a Ctrl-C during its import
+    # often lands there): the command must still stop, with the same one line.
+    body = """import gc
+    def interrupted_here(phase, info):
+        gc.callbacks.remove(interrupted_here)
+        raise KeyboardInterrupt
+    gc.callbacks.append(interrupted_here)
+    gc.collect()
+    time.sleep(60)
+    print("ran on to the end")"""
+    proc = _patched(tmp_path, body)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out, err) == (130, "", "spectral-jax solve: interrupted\n")
+
+
+def test_ctrl_c_during_an_extension_init_waits_for_it(tmp_path):
+    # A KeyboardInterrupt raised inside a C extension's initialisation can kill the process (jaxlib's calls
+    # std::terminate): it is held until the initialisation returns. Stand-in: a loader method with that name.
+    prelude = textwrap.dedent("""
+        class ExtensionFileLoader:
+            def create_module(self):
+                signal.raise_signal(signal.SIGINT)
+                time.sleep(0.3)
+                print("init done", flush=True)
+    """)
+    body = 'ExtensionFileLoader().create_module(); time.sleep(60); print("ran on to the end")'
+    proc = _patched(tmp_path, body, prelude)
+    try:
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out, err) == (130, "init done\n", "spectral-jax solve: interrupted\n")
+
+
+def test_ctrl_c_early_in_a_real_run(tmp_path, rng):
+    # 0.3 s in, a real `solve` is still importing numpy / JAX: the most common moment for a Ctrl-C
+    acts = _acts(tmp_path / "a.npz", rng)
+    proc = subprocess.Popen([_console_script(), "solve", str(acts), "--graph", "qk", "--num-eigs", "3", "--out",
+                             str(tmp_path / "r.npz")], env=_env(tmp_path, **{compile_cache.ENV: "0"}),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out) == (130, ""), err
+    assert err in ("spectral-jax solve: interrupted\n", "spectral-jax: interrupted\n"), err
+    assert not (tmp_path / "r.npz").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp")]
 
 
 def test_closed_output_pipe_is_quiet(tmp_path):

@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.machinery
 import os
+import signal
 import sys
+import threading
+import time
 
 from spectral_jax.cli import compile_cache
 from spectral_jax.errors import InputError
@@ -54,15 +58,16 @@ def main(argv: list[str] | None = None) -> int:
 
     With `argv=None` this is the process's command line and it also turns on the persistent compilation cache.
     """
-    prog = "spectral-jax"
+    prog, ctrl_c = "spectral-jax", _CtrlC()
     try:
-        args = build_parser().parse_args(argv)
-        prog = f"spectral-jax {args.command}"
-        if argv is None:
-            compile_cache.enable()
-        code = int(args.func(args) or 0)
-        sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
-        return code
+        with ctrl_c:
+            args = build_parser().parse_args(argv)
+            prog = f"spectral-jax {args.command}"
+            if argv is None:
+                compile_cache.enable()
+            code = int(args.func(args) or 0)
+            sys.stdout.flush()  # a closed pipe shows up here, not in the interpreter's exit
+            return code
     except InputError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
@@ -76,6 +81,88 @@ def main(argv: list[str] | None = None) -> int:
         except (OSError, ValueError):  # stdout is not a file descriptor (captured in tests, say)
             pass
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+    except Exception:
+        if not ctrl_c.pressed:
+            raise
+        # A Ctrl-C inside a C extension's import (numpy, jaxlib) surfaces as an ImportError: still an interrupt.
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+
+
+class _CtrlC:
+    """Notes every Ctrl-C during a command and makes it stop the command as one KeyboardInterrupt, even where
+    Python would lose it or crash on it.
+
+    - Raised while a C extension module initialises, a KeyboardInterrupt can kill the process (numpy's prints
+      its own traceback; jaxlib's calls std::terminate): there the interrupt is held and delivered again as soon
+      as that initialisation is over (`spectral-jax` imports JAX lazily, so this window is common).
+    - Raised in a garbage-collector callback (JAX registers one) or a `__del__`, Python prints "Exception ignored
+      in ..." and drops it, and the command would run on to the end: it is delivered again a moment later.
+    A SIGINT handler the caller installed (or SIG_IGN) is left alone; only Python's default one is replaced.
+    """
+
+    def __init__(self):
+        self.pressed = False
+        self._closed = False
+        self._waiter: threading.Thread | None = None
+
+    def __enter__(self):
+        self._hook, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        self._handler = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._handler = signal.signal(signal.SIGINT, self._interrupt)
+        return self
+
+    def __exit__(self, *exc):
+        self._closed = True
+        sys.unraisablehook = self._hook
+        if self._handler is not None:
+            signal.signal(signal.SIGINT, self._handler)
+
+    def _interrupt(self, signum, frame):
+        self.pressed = True
+        if _in_extension_init(frame):
+            self._again_later()
+            return
+        raise KeyboardInterrupt
+
+    def _unraisable(self, unraisable):
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and self._handler is not None:
+            self._again_later()
+        else:
+            self._hook(unraisable)
+
+    def _again_later(self):
+        """Send SIGINT again once no extension initialises on the main thread (polled every 20 ms, in a thread)."""
+        if self._waiter is not None and self._waiter.is_alive():
+            return
+        main_id = threading.main_thread().ident
+
+        def wait():
+            while not self._closed:
+                time.sleep(0.02)
+                frame = sys._current_frames().get(main_id)
+                if frame is None or not _in_extension_init(frame):
+                    if not self._closed:
+                        os.kill(os.getpid(), signal.SIGINT)
+                    return
+
+        self._waiter = threading.Thread(target=wait, name="spectral-jax-ctrl-c", daemon=True)
+        self._waiter.start()
+
+
+def _in_extension_init(frame) -> bool:
+    """Whether `frame` or a caller is a C extension module's initialisation (Python code it calls included)."""
+    while frame is not None:
+        code = frame.f_code
+        if code.co_name in ("create_module", "exec_module"):
+            qualname = getattr(code, "co_qualname", None)  # Python ≥ 3.11; before, look at the loader itself
+            if qualname == f"ExtensionFileLoader.{code.co_name}" or qualname is None and \
+                    isinstance(frame.f_locals.get("self"), importlib.machinery.ExtensionFileLoader):
+                return True
+        frame = frame.f_back
+    return False
 
 
 if __name__ == "__main__":
