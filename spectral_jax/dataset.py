@@ -747,6 +747,8 @@ def _check_out(folder: str, out: str) -> None:
     and removed in OUT, or in its nearest existing parent when OUT is new); and the names the run writes
     (`OUTPUT_NAMES`) must not exist there as the other kind (a folder named summary.json, a file named checkpoints).
     """
+    if not out.strip():
+        raise InputError(f"--out {out!r}", "is empty", "pass the path of a folder for the results")
     real_out, real_in = os.path.realpath(out), os.path.realpath(folder)
     if real_out == real_in or F._inside(real_out, real_in):
         raise InputError(f"--out {out}", "is the input folder" if real_out == real_in else

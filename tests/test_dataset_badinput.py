@@ -20,6 +20,7 @@ from spectral_jax import dataset
 from spectral_jax import folder as F
 from test_dataset import SMALL, _env, make_folder, synthetic
 
+EXT = synthetic()      # one object: runs with equal settings and image counts reuse its compiled step
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "spectral-jax")
 TINY = ["--model", "dinov2_vits14", "--weights", "random", "--size", "28", "--epochs", "1", "--batch-size", "2",
         "--num-eigs", "3"]                   # k_intra/k_inter: the defaults (50, clamped to 4 and 4 tokens)
@@ -186,28 +187,28 @@ def test_run_validates_before_anything_is_written(tmp_path, monkeypatch, case):
     kw, needle = BAD_RUN[case]
     monkeypatch.setattr(dataset, "_compiled_step", lambda *a: pytest.fail("compiled despite bad input"))
     with pytest.raises(dataset.InputError, match=needle.replace("-", r"\-")):
-        dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), **{**SMALL, "k_inter": 0, **kw})
+        dataset.run(folder, str(tmp_path / "out"), extractor=EXT, **{**SMALL, "k_inter": 0, **kw})
     assert not (tmp_path / "out").exists()
 
 
 def test_num_eigs_up_to_the_nodes_of_a_batch_runs(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 1)
-    res = dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), epochs=1,
+    res = dataset.run(folder, str(tmp_path / "out"), extractor=EXT, epochs=1,
                       **{**SMALL, "num_eigs": 16, "k_intra": 16, "k_inter": None})
     assert res.eigvecs.shape == (1, 16, 4, 4) and res.summary["k_inter"] == 48      # the default, clamped
 
 
-@pytest.mark.parametrize("where", ["same", "inside", "file", "under-file", "dangling-link"])
+@pytest.mark.parametrize("where", ["same", "inside", "file", "under-file", "dangling-link", "empty"])
 def test_out_checked_against_the_folder_and_the_disk(tmp_path, where):
     folder = make_folder(str(tmp_path / "imgs"), 2)
     (tmp_path / "f").write_text("keep")
     out = {"same": folder, "inside": os.path.join(folder, "a", "b"), "file": str(tmp_path / "f"),
-           "under-file": str(tmp_path / "f" / "x"), "dangling-link": str(tmp_path / "link")}[where]
+           "under-file": str(tmp_path / "f" / "x"), "dangling-link": str(tmp_path / "link"), "empty": ""}[where]
     if where == "dangling-link":
         os.symlink(tmp_path / "nowhere", out)
     before = _tree(str(tmp_path))
     with pytest.raises(dataset.InputError, match="--out"):
-        dataset.run(folder, out, extractor=synthetic(), **SMALL)
+        dataset.run(folder, out, extractor=EXT, **SMALL)
     assert _tree(str(tmp_path)) == before
 
 
@@ -225,7 +226,7 @@ def test_out_not_writable_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
     with pytest.raises(dataset.InputError, match="cannot write in .*Permission denied"):
-        dataset.run(folder, str(tmp_path / "new" / "out"), extractor=synthetic(), **SMALL)
+        dataset.run(folder, str(tmp_path / "new" / "out"), extractor=EXT, **SMALL)
     assert not (tmp_path / "new").exists()
 
 
@@ -233,7 +234,7 @@ def test_output_name_of_the_wrong_kind_is_refused(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 2)
     (tmp_path / "out" / "summary.json").mkdir(parents=True)
     with pytest.raises(dataset.InputError, match="summary.json: exists and is not a file"):
-        dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), **SMALL)
+        dataset.run(folder, str(tmp_path / "out"), extractor=EXT, **SMALL)
 
 
 # ------------------------------------------------------------------------------------------------- failed runs
@@ -265,17 +266,17 @@ def test_failure_before_the_first_checkpoint_leaves_nothing(tmp_path, monkeypatc
         out.mkdir()
     _fail_at(monkeypatch, 1)
     with pytest.raises(Boom):
-        dataset.run(folder, str(out), extractor=synthetic(), epochs=1, checkpoint_every=2, **SMALL)
+        dataset.run(folder, str(out), extractor=EXT, epochs=1, checkpoint_every=2, **SMALL)
     assert (list(out.iterdir()) == []) if existing else not out.exists()
     monkeypatch.undo()
-    res = dataset.run(folder, str(out), extractor=synthetic(), epochs=1, **SMALL)    # a plain rerun works
+    res = dataset.run(folder, str(out), extractor=EXT, epochs=1, **SMALL)    # a plain rerun works
     assert res.summary["steps"] == 3
 
 
 def test_failure_after_a_checkpoint_keeps_it_and_resume_finishes_the_same_table(tmp_path, monkeypatch):
     folder = make_folder(str(tmp_path / "imgs"), 10)
     out = str(tmp_path / "out")
-    ext = synthetic()
+    ext = EXT
     _fail_at(monkeypatch, 3)
     with pytest.raises(Boom):
         dataset.run(folder, out, extractor=ext, epochs=2, checkpoint_every=2, **SMALL)
@@ -300,7 +301,7 @@ def test_no_image_readable_during_the_run_leaves_nothing(tmp_path, monkeypatch, 
         out.mkdir()
     monkeypatch.setattr(F, "first_readable", lambda root, files: (0, ""))
     with pytest.raises(dataset.InputError, match="no readable images: none of its 6"):
-        dataset.run(folder, str(out), extractor=synthetic(), epochs=3, checkpoint_every=1, **SMALL)
+        dataset.run(folder, str(out), extractor=EXT, epochs=3, checkpoint_every=1, **SMALL)
     assert (list(out.iterdir()) == []) if existing else not out.exists()
 
 
