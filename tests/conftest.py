@@ -3,6 +3,9 @@ import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
+# console-script runs in tests must not fill the user's real JAX compilation cache (tests that check the cache set
+# their own folder)
+os.environ.setdefault("SPECTRAL_JAX_COMPILE_CACHE", "0")
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

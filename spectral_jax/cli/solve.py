@@ -54,11 +54,11 @@ def _check_args(args) -> None:
 
 
 def run(args) -> int:
+    _check_args(args)   # first: option errors are instant (no JAX import)
     from spectral_jax.acts import load_acts
     from spectral_jax.files import OutputFile, npz_path
     from spectral_jax.pipeline import solve_taps
 
-    _check_args(args)
     args.out = npz_path(args.out)   # RESULT files end in .npz: one is appended if missing, as numpy does
     with OutputFile(args.out, inputs=[args.acts]) as out:     # reserved (and checked) before any work
         _solve(args, load_acts(args.acts), out, solve_taps)
