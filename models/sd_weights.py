@@ -356,7 +356,8 @@ def load_component(name: str, path: str, expected=None, *, dtype=jnp.float32):
         raise InputError(path, "no such folder", f"pass the {name}/ folder of a diffusers-layout checkpoint")
     cfg = component_config(path, name, expected)
     fix = f"pass the {name} folder of a Stable Diffusion 1.x/2.x checkpoint in diffusers layout"
-    params = apply_table(comp.table(cfg), abstract_model(comp.cls, cfg)[2], read_component(path, comp), path, fix)
+    tensors = read_component(path, comp)  # index and files checked before the model's shapes are traced
+    params = apply_table(comp.table(cfg), abstract_model(comp.cls, cfg)[2], tensors, path, fix)
     return assemble(comp.cls, cfg, params, dtype)
 
 
