@@ -78,6 +78,26 @@ def test_skipped_tests_fail_in_ci_and_xfail_stays(inner, monkeypatch):
     assert "test_skips.py::test_marked was skipped (marked)" in out
 
 
+def test_an_allowed_skip_stays_a_skip_for_its_own_reason_only(pytester, monkeypatch):
+    monkeypatch.setenv("SPECTRAL_JAX_REQUIRE_ALL", "1")
+    with open(CONFTEST) as f:
+        pytester.makeconftest(f.read() + '\nALLOWED_SKIPS["test_skips.py::test_data_missing"] = "test image"\n'
+                              'ALLOWED_SKIPS["test_skips.py::test_import_missing"] = "test image"\n')
+    pytester.makepyfile(test_skips=TEST_SKIPS)
+    result = pytester.runpytest("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, skipped=1, failed=1, errors=1, xfailed=1)   # the import skip still fails
+    assert "test_import_missing was skipped (could not import 'img_focus_ci_guard_absent'" in result.stdout.str()
+
+
+def test_the_allowed_skips_name_existing_tests(pytestconfig):
+    conftest = pytestconfig.pluginmanager.get_plugin(CONFTEST)        # registered under its path
+    assert conftest is not None
+    for nodeid in conftest.ALLOWED_SKIPS:
+        path, name = nodeid.split("::")
+        with open(os.path.join(ROOT, *path.split("/"))) as f:
+            assert f"def {name.split('[')[0]}(" in f.read(), nodeid
+
+
 @pytest.mark.parametrize("value", [None, "", "0"])
 def test_outside_ci_the_same_tests_skip(inner, monkeypatch, value):
     if value is None:
