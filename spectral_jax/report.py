@@ -13,8 +13,8 @@ import os
 import numpy as np
 
 from spectral_jax import viz
+from spectral_jax.analysis import View
 from spectral_jax.files import staged_dir, write_json
-from spectral_jax.pipeline import View
 from spectral_jax.solvers.result import Result
 
 

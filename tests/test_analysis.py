@@ -1,10 +1,18 @@
 """spectral_jax.analysis: behaviour pinned on planted cases (block graphs solved with numpy eigh, Gaussian blobs)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+import types
+
 import numpy as np
 import pytest
 from PIL import Image
 
 from spectral_jax import analysis as A
+from spectral_jax.analysis.cluster import _silhouette
+from spectral_jax.analysis.masks import _components, _merge_small, _nms
 from spectral_jax.errors import InputError
 
 
@@ -95,7 +103,7 @@ def test_silhouette_matches_definition():
         a = d[i, own].mean()
         b = min(d[i, lab == c].mean() for c in set(lab.tolist()) - {lab[i]})
         ref.append((b - a) / max(a, b))
-    assert A._silhouette(d, lab) == pytest.approx(np.mean(ref), rel=1e-12)
+    assert _silhouette(d, lab) == pytest.approx(np.mean(ref), rel=1e-12)
 
 
 def test_auto_k_gaussians_and_subsample_determinism():
@@ -275,9 +283,9 @@ def test_instance_masks_merges_small_components_and_nms():
     lab = np.zeros((10, 10), np.int64)
     lab[:, 5:] = 1
     lab[2, 2] = 1
-    comp = A._components(lab, 4)
+    comp = _components(lab, 4)
     assert comp.max() + 1 == 3
-    merged = A._merge_small(comp, min_pixels=2, connectivity=4)
+    merged = _merge_small(comp, min_pixels=2, connectivity=4)
     assert same_partition(merged, (np.arange(100).reshape(10, 10) % 10) >= 5)
     # NMS: of two masks overlapping with IoU 0.8, only the better-scored survives
     m1 = np.zeros((10, 10), bool)
@@ -285,7 +293,7 @@ def test_instance_masks_merges_small_components_and_nms():
     m2 = m1.copy()
     m2[:, 5] = True
     m3 = ~m2
-    keep = A._nms([m1, m2, m3], np.array([0.5, 0.9, 0.1]), 0.5)
+    keep = _nms([m1, m2, m3], np.array([0.5, 0.9, 0.1]), 0.5)
     assert keep == [1, 2]
 
 
@@ -398,3 +406,54 @@ def test_grid_coords():
     c = A.grid_coords(2, 4)
     assert c.shape == (8, 2)
     np.testing.assert_allclose(c[5], [0.75, 0.375])
+
+
+# ---------------------------------------------------------------------------------------------------- views
+
+
+def test_import_and_describe_need_no_jax():
+    child = textwrap.dedent("""
+        import sys, types
+        import numpy as np
+        import spectral_jax.analysis as A
+        ev = np.random.default_rng(0).normal(size=(1, 4, 6, 6))
+        views = A.describe(types.SimpleNamespace(eigvecs=ev, eigvals=np.array([1.0, 0.9, 0.8, 0.7])))
+        assert len(views) == 1 and isinstance(views[0], A.View), views
+        print(sorted(m for m in ("jax", "jaxlib", "flax", "optax", "torch") if m in sys.modules))
+    """)
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stdout + r.stderr[-3000:]
+
+
+def test_describe_is_segment_bipartition_instances_per_image():
+    from spectral_jax.solvers.result import Result
+
+    blobs, quads = two_blobs(), quadrants(12, 16)
+    e0, l0 = planted_eigs(blobs, K=6)
+    e1, l1 = planted_eigs(quads, K=6)
+    eigvecs = np.stack([e0, e1])  # [B=2, K, h, w] float32, as solvers return them
+    per_image = Result(eigvecs, np.stack([l0, l1]), np.zeros((2, 1, 6)), np.zeros(2), 0.0, 0, 0.0, "exact")
+    shared = types.SimpleNamespace(eigvecs=eigvecs, eigvals=l0)  # eigvals [K], shared by the images
+    for res in (per_image, shared):
+        views = A.describe(res, seed=1)
+        assert len(views) == 2 and all(isinstance(v, A.View) for v in views)
+        for b, v in enumerate(views):
+            ev = eigvecs[b].astype(np.float64)
+            lam = np.asarray(res.eigvals if res.eigvals.ndim == 1 else res.eigvals[b], np.float64)
+            assert v.eigvecs.dtype == v.eigvals.dtype == np.float64
+            np.testing.assert_array_equal(v.eigvecs, ev)
+            np.testing.assert_array_equal(v.eigvals, lam)
+            seg = A.segment(ev, eigvals=lam, seed=1)
+            np.testing.assert_array_equal(v.segments, seg)
+            assert v.k == int(seg.max()) + 1
+            np.testing.assert_array_equal(v.foreground, A.bipartition(ev))
+            masks, scores = A.instance_masks(ev, eigvals=lam, seed=1)
+            assert len(v.instances) == len(masks) and all((x == y).all() for x, y in zip(v.instances, masks))
+            np.testing.assert_array_equal(v.instance_scores, scores)
+    # and what they say on the planted cases (per-image eigvals)
+    blob_view, quad_view = A.describe(per_image)
+    left = np.arange(blobs.shape[1])[None, :] < 8
+    want = {((blobs == 1) & left).tobytes(), ((blobs == 1) & ~left).tobytes()}
+    assert len(blob_view.instances) == 2 and {m.tobytes() for m in blob_view.instances} == want  # one per blob
+    assert quad_view.k == 4 and same_partition(quad_view.segments, quads)
