@@ -531,13 +531,13 @@ class DatasetResult:
     out: str = ""
 
     def save(self, path: str) -> None:
-        from spectral_jax.acts import write_atomic
+        from spectral_jax.files import save_npz
 
         arrays = dict(eigvecs=self.eigvecs.astype(np.float32), names=np.asarray(self.names, dtype=str),
                       table=self.table.astype(np.float32), preset=np.array(self.summary.get("preset", "")))
         if self.probs is not None:
             arrays["probs"] = self.probs.astype(np.float32)
-        write_atomic(path, lambda tmp: np.savez(tmp, **arrays))
+        save_npz(path, arrays)
 
 
 def load_result(out: str) -> DatasetResult:
@@ -546,10 +546,14 @@ def load_result(out: str) -> DatasetResult:
     if not os.path.isfile(path):
         raise InputError(out, "holds no eigvecs.npz", "run `spectral-jax dataset FOLDER ... --out DIR` first, or "
                          "re-open an interrupted run with --resume")
+    try:
+        with open(os.path.join(out, "summary.json")) as fh:
+            summary = json.load(fh)
+    except (OSError, ValueError) as e:
+        raise InputError(out, f"holds an incomplete export (summary.json: {type(e).__name__})",
+                         "re-export it with `spectral-jax dataset FOLDER ... --out DIR --resume`") from None
     with np.load(path, allow_pickle=False) as f:
         d = {k: f[k] for k in f.files}
-    with open(os.path.join(out, "summary.json")) as fh:
-        summary = json.load(fh)
     return DatasetResult(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary, out)
 
 
@@ -634,14 +638,20 @@ def figure(eigvecs: np.ndarray, thumbs: Sequence[np.ndarray] | None = None, *, n
 
 
 def thumbnails(root: str, names: Sequence[str], tile: int) -> list[np.ndarray]:
-    """uint8 `[tile, tile, 3]` of each image (squashed to a square, as the model saw it)."""
+    """uint8 `[tile, tile, 3]` of each image (squashed to a square, as the model saw it); grey for a file that can
+    no longer be read (moved or changed since the run read it: the figure must not lose the run's results)."""
     from PIL import Image
 
     from spectral_jax import io
 
-    return [np.asarray(Image.fromarray(io.load_image(os.path.join(root, n))).resize((tile, tile),
-                                                                                  Image.Resampling.BICUBIC))
-            for n in names]
+    def one(n):
+        try:
+            img = io.load_image(os.path.join(root, n))
+        except InputError:
+            return np.full((tile, tile, 3), 128, np.uint8)
+        return np.asarray(Image.fromarray(img).resize((tile, tile), Image.Resampling.BICUBIC))
+
+    return [one(n) for n in names]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -1029,14 +1039,14 @@ def run(folder: str, out: str, *, model: str = "dinov2_vits14", weights: str | N
     res = DatasetResult(eigvecs, names, table[ok], probs, summary, out)
     if jax.process_index() == 0:
         from spectral_jax import viz
-        from spectral_jax.report import write_json
+        from spectral_jax.files import write_json
 
-        res.save(os.path.join(out, "eigvecs.npz"))
         if figure_images and names:
             m = min(figure_images, len(names))
             viz.save_png(os.path.join(out, "eigvecs.png"),
                          figure(eigvecs[:m], thumbnails(root, names[:m], 48), num_vecs=15))
-        write_json(os.path.join(out, "summary.json"), summary)
+        res.save(os.path.join(out, "eigvecs.npz"))
+        write_json(os.path.join(out, "summary.json"), summary)     # last: its presence marks a complete export
     return res
 
 

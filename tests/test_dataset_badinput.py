@@ -323,3 +323,36 @@ def test_scan_walks_each_linked_folder_once(tmp_path):
     files, ignored = F.scan(str(tmp_path / "imgs"))
     assert files == ["again/img000.png", "img000.png", "img001.png"]
     assert sorted(d["file"] for d in ignored) == [os.path.join("again", "up") + os.sep, "sub" + os.sep]
+
+
+def test_failure_while_exporting_keeps_the_run_and_resume_exports_it(tmp_path, monkeypatch):
+    from spectral_jax import viz
+
+    folder = make_folder(str(tmp_path / "imgs"), 10)
+    out = str(tmp_path / "out")
+
+    def save_png(*a, **k):
+        raise Boom("disk full")
+
+    monkeypatch.setattr(viz, "save_png", save_png)
+    with pytest.raises(Boom):
+        dataset.run(folder, out, extractor=EXT, epochs=1, **{**SMALL, "figure_images": 4})
+    monkeypatch.undo()
+    assert sorted(os.listdir(out)) == ["checkpoints"]                       # no half export beside them
+    with pytest.raises(dataset.InputError, match="holds no eigvecs.npz"):
+        dataset.load_result(out)
+    res = dataset.run(folder, out, extractor=EXT, epochs=1, resume=True, **{**SMALL, "figure_images": 4})
+    assert res.summary["steps_this_run"] == 0 and res.summary["steps"] == 3
+    assert dataset.load_result(out).names == res.names
+
+
+def test_load_result_without_summary_is_one_line(tmp_path):
+    np.savez(tmp_path / "eigvecs.npz", eigvecs=np.zeros((1, 2, 2, 2), np.float32))
+    with pytest.raises(dataset.InputError, match="incomplete export .* --resume"):
+        dataset.load_result(str(tmp_path))
+
+
+def test_thumbnail_of_a_file_gone_since_the_run_is_grey(tmp_path):
+    make_folder(str(tmp_path), 1)
+    ok, gone = dataset.thumbnails(str(tmp_path), ["img000.png", "gone.png"], 8)
+    assert ok.shape == gone.shape == (8, 8, 3) and (gone == 128).all() and ok.std() > 0
