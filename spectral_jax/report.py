@@ -18,16 +18,6 @@ from spectral_jax.files import staged_dir, write_json
 from spectral_jax.solvers.result import Result
 
 
-def one_image(res: Result, b: int) -> Result:
-    """Image b of a (possibly stacked) `Result`, as a B = 1 `Result`."""
-    per_image = res.eigvals.ndim == 2
-    obj = res.info.get("objective_per_image", [res.objective] * res.eigvecs.shape[0])[b]
-    return Result(res.eigvecs[b:b + 1], res.eigvals[b] if per_image else res.eigvals,
-                  res.rq[b] if per_image else res.rq, float(obj), res.orth_error, res.steps, res.seconds,
-                  res.method, res.history[b] if per_image and res.history.ndim == 2 else res.history,
-                  {k: v for k, v in res.info.items() if k != "objective_per_image"})
-
-
 def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: dict | None = None) -> dict:
     """Write one image's folder; returns its summary (also written as summary.json)."""
     os.makedirs(folder, exist_ok=True)
@@ -80,4 +70,4 @@ def unique_stems(paths) -> list[str]:
     return out
 
 
-__all__ = ["one_image", "staged_dir", "unique_stems", "write_image", "write_json"]
+__all__ = ["staged_dir", "unique_stems", "write_image", "write_json"]

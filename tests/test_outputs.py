@@ -173,7 +173,7 @@ def test_unwritable_out_refused_before_the_model_runs(tmp_path, image, monkeypat
     monkeypatch.setattr(files.tempfile, "mkstemp", denied)
     monkeypatch.setattr(files.tempfile, "mkdtemp", denied)
     loads = []
-    monkeypatch.setattr(sj.pipeline.Backbone, "load", classmethod(lambda *a, **k: loads.append(a)))
+    monkeypatch.setattr(sj.models, "load_backbone", lambda *a, **k: loads.append(a))
     for argv in (["analyze", str(image), *TINY, "--out", str(tmp_path / "new" / "out")],
                  ["extract", str(image), *TINY, "--out", str(tmp_path / "new" / "a.npz")]):
         assert main(argv) == 2

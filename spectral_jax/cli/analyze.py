@@ -12,6 +12,8 @@ import math
 import os
 import time
 
+import numpy as np
+
 from spectral_jax.errors import InputError
 
 SAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "chelsea.png")
@@ -58,58 +60,48 @@ def run_demo(args) -> int:
 def run_analyze(args, credit: str | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from spectral_jax import files, io, pipeline, report
-    from spectral_jax.models import get_spec
+    from spectral_jax import files, io, models, pipeline, report
 
     size = io.parse_size(args.size, "--size")
-    spec = get_spec(args.model)
-    pipeline.check_layers(args.layers, spec.config.num_layers)
+    spec = models.get_spec(args.model)
+    layers = models.parse_layers(args.layers, spec.config.num_layers, "--layers")
     if not (args.tau > 0 and math.isfinite(args.tau)):
         raise InputError(f"--tau {args.tau}", "must be a positive number", "pass e.g. --tau 0.1")
     # every input is read and checked, and the output folder reserved, before any model work
     xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
     pipeline.check_inputs(xs, spec.preprocess, args.graph, args.num_eigs, "--num-eigs")
     stems = report.unique_stems(args.images)
+    # same-size images go through the backbone as one batch (a joint kNN graph needs them all in one)
+    batches = pipeline.same_size_batches(xs)
     with files.OutputDir(args.out, names=[*stems, "summary.json"], inputs=args.images) as staged:
-        bar = tqdm(total=2 + 2 * len(args.images), desc="analyze", unit="step", leave=False, disable=None)
+        bar = tqdm(total=1 + len(batches) + len(xs), desc="analyze", unit="step", leave=False, disable=None)
         bar.set_postfix_str("loading model")
         t0 = time.perf_counter()
-        bb = pipeline.Backbone.load(args.model, args.weights, args.layers)
+        bb = models.load_backbone(args.model, args.weights)
         bar.update(1)
-        results = []
-        if args.graph.startswith("knn"):
-            import numpy as np
-
-            taps, fwd = bb.taps(np.stack(xs))
-            res = pipeline.solve_taps(taps, args.graph, args.num_eigs, args.method, tau=args.tau, seed=args.seed)
-            res.info.update(forward_seconds=round(fwd, 4))
-            results = [report.one_image(res, b) for b in range(len(xs))]
-            bar.update(2 * len(xs))
-        else:
-            for x in xs:
-                bar.set_postfix_str("forward")
-                taps, fwd = bb.taps(x[None])
-                bar.update(1)
-                bar.set_postfix_str("solve")
-                res = pipeline.solve_taps(taps, args.graph, args.num_eigs, args.method, tau=args.tau, seed=args.seed)
-                res.info.update(forward_seconds=round(fwd, 4))
-                results.append(res)
-                bar.update(1)
+        results = [None] * len(xs)
+        for idx in batches:
+            bar.set_postfix_str(f"forward and solve ({len(idx)} image{'s' * (len(idx) > 1)})")
+            res = pipeline.run(bb, np.stack([xs[i] for i in idx]), args.graph, args.num_eigs, args.method,
+                               layers=layers, tau=args.tau, seed=args.seed)
+            for j, i in enumerate(idx):
+                results[i] = res.image(j)
+            bar.update(1)
         bar.set_postfix_str("segments and pictures")
         summaries = []
         for path, stem, image, res in zip(args.images, stems, shown, results):
             view = pipeline.describe(res, seed=args.seed)[0]
             extra = {"image": os.path.abspath(path), "model": args.model, "graph": args.graph,
-                     "weights": args.weights or spec.repo_id, "layers": args.layers}
+                     "weights": bb.weights, "layers": args.layers}
             if credit:
                 extra["image_credit"] = credit
             summaries.append({"name": stem, **report.write_image(os.path.join(staged.tmp, stem), image, res, view,
                                                                  extra)})
+            bar.update(1)
         total = time.perf_counter() - t0
         report.write_json(os.path.join(staged.tmp, "summary.json"), {"images": summaries, "seconds": round(total, 3),
                                                                      "out": os.path.abspath(args.out)})
         staged.commit()
-        bar.update(1)
         bar.close()
     print(json.dumps({"out": args.out, "images": [s["name"] for s in summaries], "seconds": round(total, 3),
                       "objective": [s["objective"] for s in summaries]}))

@@ -23,7 +23,8 @@ def register(sub) -> None:
     p.add_argument("--param", choices=("table", "conv"), default="table", help="paper preset's parameterisation")
     p.add_argument("--tau", type=float, default=0.1, metavar="T", help="temperature of the vv graph")
     p.add_argument("--k-intra", type=int, default=50)
-    p.add_argument("--k-inter", type=int, default=None)
+    p.add_argument("--k-inter", type=int, default=50, help="kNN neighbours in the other images (default 50, "
+                                                          "capped by their tokens)")
     p.add_argument("--steps", type=int, default=None, metavar="N")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--sample", type=float, default=None, metavar="F", help="fraction of graphs drawn per gd step")
@@ -43,7 +44,7 @@ def _check_args(args) -> None:
         raise InputError("--sample", f"must be in (0, 1], got {args.sample}", "pass e.g. --sample 0.25")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise InputError("--lr", f"must be a positive number, got {args.lr}", "pass e.g. --lr 0.01, or omit it")
-    if args.k_intra < 0 or (args.k_inter is not None and args.k_inter < 0):
+    if args.k_intra < 0 or args.k_inter < 0:
         raise InputError("--k-intra/--k-inter", f"must be ≥ 0, got {args.k_intra}/{args.k_inter}",
                          "pass e.g. --k-intra 50 --k-inter 50")
     if args.method == "exact" and (args.preset != "eigen" or args.param != "table"):
@@ -57,15 +58,15 @@ def run(args) -> int:
     _check_args(args)   # first: option errors are instant (no JAX import)
     from spectral_jax.acts import load_acts
     from spectral_jax.files import OutputFile, npz_path
-    from spectral_jax.pipeline import solve_taps
+    from spectral_jax.pipeline import solve
 
     args.out = npz_path(args.out)   # RESULT files end in .npz: one is appended if missing, as numpy does
     with OutputFile(args.out, inputs=[args.acts]) as out:     # reserved (and checked) before any work
-        _solve(args, load_acts(args.acts), out, solve_taps)
+        _solve(args, load_acts(args.acts), out, solve)
     return 0
 
 
-def _solve(args, acts, out, solve_taps) -> None:
+def _solve(args, acts, out, solve) -> None:
     import numpy as np
 
     taps = acts.taps
@@ -78,8 +79,8 @@ def _solve(args, acts, out, solve_taps) -> None:
                          f"pass --num-eigs {max(1, min(20, nodes - 1))} or fewer")
     per = min(t.grid[0] * t.grid[1] for t in taps.layers.values())
     if joint:
-        # as graphs.from_taps: k_inter defaults to 50 with several images (0 with one), capped by their tokens
-        k_inter = min((50 if nimg > 1 else 0) if args.k_inter is None else args.k_inter, (nimg - 1) * per)
+        # as graphs.from_taps: k_inter is capped by the other images' tokens (0 for one image)
+        k_inter = min(args.k_inter, (nimg - 1) * per)
         if args.k_intra > per:
             raise InputError("--k-intra", f"{args.k_intra} exceeds the {per} tokens of an image",
                              f"pass --k-intra {per}")
@@ -87,7 +88,7 @@ def _solve(args, acts, out, solve_taps) -> None:
             raise InputError("--k-intra/--k-inter", f"give the kNN graph no edges ({args.k_intra} within the image, "
                              f"{k_inter} in {nimg - 1} other images)", "pass e.g. --k-intra 10")
 
-    res = solve_taps(taps, args.graph, args.num_eigs, args.method, preset=args.preset, param=args.param,
+    res = solve(taps, args.graph, args.num_eigs, args.method, preset=args.preset, param=args.param,
                      tau=args.tau, k_intra=args.k_intra, k_inter=args.k_inter, steps=args.steps, lr=args.lr,
                      sample=args.sample, seed=args.seed, progress=args.method == "gd")
     res.info.update(graph=args.graph, model=acts.model, layers=len(taps.layers), seed=args.seed)

@@ -21,42 +21,122 @@ from spectral_jax.objective import from_nodes, normalised_weights, project, to_n
 
 @dataclasses.dataclass
 class Result:
-    """Pseudo-eigenvectors and their diagnostics, sorted by eigenvalue, largest first.
+    """Pseudo-eigenvectors of B images and their diagnostics, sorted by eigenvalue, largest first. Every per-image
+    field has a leading B axis whatever B is, and whether the images were solved one by one (qk/vv graphs) or
+    jointly (kNN graphs over all of them: `joint`, then the per-image rows of eigvals/rq/history/objective are the
+    one joint solve's, repeated).
 
-    eigvecs `[B, K, H0, W0]` float32 (orthonormal over the B·H0·W0 base nodes for a single grid; B-orthonormal
-    for the multi-grid exact solve); eigvals `[K]` (exact eigenvalues, or Ritz values for `gd`); rq `[G, K]`
-    per-graph Rayleigh quotients; objective = Σ_k Σ_l w_l R_{l,k}; orth_error = max |XᵀX − I|.
+    eigvecs `[B, K, H0, W0]` float32 (orthonormal over the base nodes of a solve — H0·W0 for one image, B·H0·W0 for
+    a joint solve — for a single grid; B-orthonormal for the multi-grid exact solve); eigvals `[B, K]` (exact
+    eigenvalues, or Ritz values for `gd`); rq `[B, G, K]` per-graph Rayleigh quotients; objective `[B]`
+    = Σ_k Σ_l w_l R_{l,k}; history `[B, S]` (objective or loss per gd step; S = 0 for exact); orth_error = max over
+    the solves of max |XᵀX − I|; steps; seconds (all solves); method; info: solver diagnostics (for several
+    per-image solves, aggregated — `converged` all, `iterations` and `max_residual` the largest — with each image's
+    own under `info["per_image"]`). `result.image(b)` is image b as a B = 1 `Result`.
     """
 
     eigvecs: np.ndarray
     eigvals: np.ndarray
     rq: np.ndarray
-    objective: float
+    objective: np.ndarray
     orth_error: float
     steps: int
     seconds: float
     method: str
-    history: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((0,), np.float32))
+    history: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((1, 0), np.float32))
     info: dict = dataclasses.field(default_factory=dict)
+    joint: bool = False
+
+    def __post_init__(self):
+        b = self.eigvecs.shape[0]
+        self.eigvals = np.asarray(self.eigvals, np.float32).reshape(b, -1)
+        self.rq = np.asarray(self.rq, np.float32).reshape(b, -1, self.eigvecs.shape[1])
+        self.objective = np.asarray(self.objective, np.float64).reshape(b)
+        self.history = np.asarray(self.history, np.float32).reshape(b, -1)
 
     @property
     def num_eigs(self) -> int:
         return int(self.eigvecs.shape[1])
 
+    @property
+    def num_images(self) -> int:
+        return int(self.eigvecs.shape[0])
+
+    def __len__(self) -> int:
+        return self.num_images
+
+    def image(self, b: int) -> "Result":
+        """Image b as a B = 1 `Result` (its own diagnostics where the images were solved one by one)."""
+        if not -self.num_images <= b < self.num_images:
+            raise IndexError(f"image {b} out of range for {self.num_images} images")
+        b %= self.num_images
+        info = dict(self.info)
+        per = info.pop("per_image", None)
+        if per is not None:
+            info.update(per[b])
+        return Result(self.eigvecs[b:b + 1], self.eigvals[b:b + 1], self.rq[b:b + 1], self.objective[b:b + 1],
+                      self.orth_error, self.steps, self.seconds, self.method, self.history[b:b + 1], info,
+                      self.joint)
+
     def summary(self) -> dict[str, Any]:
-        """The JSON summary: objective, seconds, method, num_eigs, steps, and more."""
-        return {"objective": float(self.objective), "seconds": round(float(self.seconds), 4), "method": self.method,
-                "num_eigs": self.num_eigs, "steps": int(self.steps), "orth_error": float(self.orth_error),
-                "eigvals": [round(float(v), 6) for v in np.asarray(self.eigvals).reshape(-1)[: self.num_eigs]],
-                "grid": list(self.eigvecs.shape[-2:]), "num_images": int(self.eigvecs.shape[0]), **self.info}
+        """The JSON summary: objective (image 0's / the joint solve's; with several per-image solves their mean,
+        each under `objective_per_image`), seconds, method, num_eigs, steps, eigvals (image 0's / the joint ones),
+        and the solver's diagnostics."""
+        shared = self.joint or self.num_images == 1
+        out = {"objective": float(self.objective[0] if shared else self.objective.mean()),
+               "seconds": round(float(self.seconds), 4), "method": self.method, "num_eigs": self.num_eigs,
+               "steps": int(self.steps), "orth_error": float(self.orth_error),
+               "eigvals": [round(float(v), 6) for v in self.eigvals[0]],
+               "grid": list(self.eigvecs.shape[-2:]), "num_images": self.num_images, "joint": self.joint}
+        if not shared:
+            out["objective_per_image"] = [float(o) for o in self.objective]
+        return {**out, **_jsonable(self.info)}
 
     def save(self, path: str, inputs=()) -> str:
-        """Write RESULT.npz (eigvecs, eigvals, rq, history and the summary as JSON) exactly at `path`, atomically,
-        never over one of `inputs`; returns the path."""
-        arrays = dict(eigvecs=np.asarray(self.eigvecs, np.float32), eigvals=np.asarray(self.eigvals, np.float32),
-                      rq=np.asarray(self.rq, np.float32), history=np.asarray(self.history, np.float32),
-                      summary=np.array(json.dumps(self.summary())))
+        """Write RESULT.npz exactly at `path`, atomically, never over one of `inputs`; returns the path.
+
+        Arrays (DESIGN.md's contract): eigvecs `[B, K, H0, W0]`; eigvals `[K]`, rq `[G, K]`, history `[S]` for one
+        image or a joint solve, else `[B, K]`, `[B, G, K]`, `[B, S]`; summary (JSON)."""
+        shared = self.joint or self.num_images == 1
+        pick = (lambda a: a[0]) if shared else (lambda a: a)
+        arrays = dict(eigvecs=np.asarray(self.eigvecs, np.float32), eigvals=pick(self.eigvals), rq=pick(self.rq),
+                      history=pick(self.history), summary=np.array(json.dumps(self.summary())))
         return save_npz(path, arrays, inputs)
+
+
+def stack(parts: Sequence[Result]) -> Result:
+    """Per-image results (each B = 1, same grid and K) → one `Result` of B = len(parts) images."""
+    if len(parts) == 1:
+        return parts[0]
+    if len({(p.eigvecs.shape[1:], p.rq.shape[1:]) for p in parts}) > 1:
+        raise ValueError("stack needs results of one grid, K and graph count")
+    infos = [dict(p.info) for p in parts]
+    info = {"converged": all(i.get("converged", True) for i in infos), "per_image": infos}
+    for key in ("iterations", "max_residual"):
+        if all(key in i for i in infos):
+            info[key] = max(i[key] for i in infos)
+    steps = [p.history.shape[1] for p in parts]
+    hist = np.stack([p.history[0] for p in parts]) if len(set(steps)) == 1 else np.zeros((len(parts), 0))
+    return Result(np.concatenate([p.eigvecs for p in parts]), np.concatenate([p.eigvals for p in parts]),
+                  np.concatenate([p.rq for p in parts]), np.concatenate([p.objective for p in parts]),
+                  max(p.orth_error for p in parts), parts[0].steps, sum(p.seconds for p in parts), parts[0].method,
+                  hist, info, False)
+
+
+def _jsonable(info: dict) -> dict:
+    """info with numpy scalars/arrays as Python numbers/lists (for the JSON summary)."""
+    def conv(v):
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, np.ndarray):
+            return v.tolist()
+        if isinstance(v, np.generic):
+            return v.item()
+        return v
+
+    return conv(info)
 
 
 DENSE_RQ_MAX = 4096   # attention graphs up to this many nodes are materialised one at a time for the quotients
@@ -112,8 +192,11 @@ def finish(graphs: Sequence[Graph], weights, vecs: np.ndarray, eigvals: np.ndarr
     bv = vecs if metric is None else np.asarray(metric(jnp.asarray(vecs)))
     gram = vecs.T.astype(np.float64) @ bv
     orth = float(np.abs(gram - np.eye(vecs.shape[1])).max())
-    return Result(np.asarray(x), np.asarray(eigvals, np.float32), rq, float(obj), orth, int(steps), float(seconds),
-                  method, np.asarray(history if history is not None else [], np.float32), dict(info or {}))
+    nimg = int(num_images)
+    rep = lambda a: np.broadcast_to(np.asarray(a), (nimg, *np.shape(a))).copy()   # one solve's value per image
+    return Result(np.asarray(x), rep(np.asarray(eigvals, np.float32)), rep(rq), rep(float(obj)), orth, int(steps),
+                  float(seconds), method, rep(np.asarray(history if history is not None else [], np.float32)),
+                  dict(info or {}), joint=nimg > 1)
 
 
-__all__ = ["Result", "finish", "fix_signs", "to_nodes"]
+__all__ = ["Result", "finish", "fix_signs", "stack", "to_nodes"]
