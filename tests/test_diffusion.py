@@ -1,6 +1,6 @@
-"""spectral_jax.diffusion: timestep schedules, taps across timesteps (timestep-major fold, reproducible noise), the
-multi-grid solve over SD's attention grids (exact and gd with graph sampling) against a dense construction, and
-the extract → solve / analyze command line with Stable Diffusion models.
+"""spectral_jax.models.sd.diffusion: timestep schedules, taps across timesteps (timestep-major fold, reproducible
+noise), the multi-grid solve over SD's attention grids (exact and gd with graph sampling) against a dense
+construction, and the extract → solve / analyze command line with Stable Diffusion models.
 
 Model: `sd_tiny` with random weights (SD 1.x's layout: 16 self-attention layers; a 128² image gives latent 16²
 and grids 16/8/4/2 — the 64/32/16/8 of a 512² image, scaled down).
@@ -18,11 +18,11 @@ from spectral_jax import graphs as G
 from spectral_jax import solvers
 from spectral_jax.acts import load_acts
 from spectral_jax.cli import main
-from spectral_jax.diffusion import (SCHEDULES, collect_taps, encode_images, noisy_latents, parse_timesteps,
+from spectral_jax.models.sd.diffusion import (SCHEDULES, collect_taps, encode_images, noisy_latents, parse_timesteps,
                                     timestep_schedule)
 from spectral_jax.errors import InputError
 from spectral_jax.models.sd import load_sd
-from spectral_jax.models.sd_unet import jit_forward
+from spectral_jax.models.sd.unet import jit_forward
 
 TS = (0, 120, 250)
 H = 2  # sd_tiny heads

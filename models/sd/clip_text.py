@@ -1,7 +1,7 @@
 """The CLIP text encoder Stable Diffusion conditions on (`transformers.CLIPTextModel`), Flax NNX; used here only to
 embed the empty prompt (the official code's unconditional setting).
 
-    enc = CLIPTextModel(TEXT_PRESETS["sd1"], rngs=nnx.Rngs(0))       # or sd_weights.load_text_encoder(dir)
+    enc = CLIPTextModel(TEXT_PRESETS["sd1"], rngs=nnx.Rngs(0))       # or sd.params.load_text_encoder(dir)
     ids = empty_prompt_ids(cfg, pad="eos")                            # [1, 77]: BOS, EOS, padding
     text = enc(ids)                                                   # [1, 77, C]: last_hidden_state
 
@@ -22,32 +22,14 @@ Shape legend
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax.models.sd_layers import layer_norm, linear
-
-
-@dataclasses.dataclass(frozen=True)
-class CLIPTextConfig:
-    vocab_size: int = 49408
-    hidden_size: int = 768
-    intermediate_size: int = 3072
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 12
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-
-    def __post_init__(self):
-        if self.hidden_act not in ("quick_gelu", "gelu"):
-            raise ValueError(f"hidden_act must be 'quick_gelu' or 'gelu', got {self.hidden_act!r}")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} not divisible by {self.num_attention_heads} heads")
+from spectral_jax.models.sd.config import CLIPTextConfig  # noqa: F401  (re-exported)
+from spectral_jax.models.sd.layers import layer_norm, linear
 
 
 def empty_prompt_ids(cfg: CLIPTextConfig, pad: str) -> np.ndarray:

@@ -1,7 +1,7 @@
-"""Diffusion backbones: images → VAE latents → noisy latents at T timesteps → UNet self-attention taps, folded
+"""Diffusion taps: images → VAE latents → noisy latents at T timesteps → UNet self-attention taps, folded
 into one `Taps` (a cache of T samples of q/k/v per layer, never an N×N attention matrix).
 
-    sd = spectral_jax.models.load_sd("sd15")                          # or load_sd("sd_tiny", "random")
+    sd = spectral_jax.models.sd.load_sd("sd15")                       # or load_sd("sd_tiny", "random")
     ts = timestep_schedule("random", 8, seed=0)                       # t ~ U{0..250}, as the official code
     taps = collect_taps(images, sd, ts, seed=0)                       # q/k/v [B, T·H, h*w, D] per layer
     graphs = spectral_jax.graphs.from_taps(taps, "qk")                # one group per grid (64/32/16/8 at 512²)
@@ -22,7 +22,6 @@ Shape legend
 from __future__ import annotations
 
 import functools
-import time
 from typing import Sequence
 
 import jax
@@ -31,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.sd_unet import resolve_layers
+from spectral_jax.models.sd.unet import resolve_layers
 from spectral_jax.taps import LayerTap, Taps
 
 SCHEDULES = ("random", "constant", "increasing", "decreasing", "cyclic")
@@ -176,44 +175,3 @@ def tap_forward(model, *, layers: Sequence[int] | None = None, timesteps=None, s
     ts = (timestep_schedule("random", DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
           else np.asarray(timesteps, np.int64))
     return lambda images: (None, collect_taps(images, model, ts, seed, layers=layers, latent=latent))
-
-
-def extract(image: str, name: str, out, *, weights: str | None = None, size=None,
-            layers: Sequence[int] | None = None, timesteps=None, seed: int = 0, latent: str = "mean",
-            text_embedding: str | None = None) -> dict:
-    """`spectral-jax extract` for a Stable Diffusion model: read `image`, write its taps across `timesteps` to
-    `out` (ACTS with `timesteps` and `num_heads` — an int, or one per tapped layer where the heads differ, as in
-    SD 2.x's 5/10/20), return the summary dict. Image, timesteps and options are checked before the model loads.
-    out: a path, or a `files.OutputFile` reserved by the caller before any work."""
-    from spectral_jax import io
-    from spectral_jax.acts import save_acts
-    from spectral_jax.models.sd import get_sd_spec, load_sd
-
-    start = time.perf_counter()
-    spec = get_sd_spec(name)
-    prep = spec.preprocess
-    ts = (timestep_schedule("random", DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
-          else np.asarray(timesteps, np.int64).reshape(-1))
-    spec.config.schedule.check(ts)
-    if latent not in LATENTS:
-        raise InputError(f"--latent {latent!r}", "unknown", f"choose one of {', '.join(LATENTS)}")
-    x = io.preprocess(io.load_image(image), prep.size if size is None else size, prep.patch_size, prep.mean,
-                      prep.std)[None]                                                   # [1, H, W, 3]
-    model = load_sd(name, weights, text_embedding=text_embedding)
-    taps = collect_taps(x, model, ts, seed, layers=layers, latent=latent)
-    for i, t in taps.layers.items():
-        if not all(bool(jnp.isfinite(a).all()) for a in (t.q, t.k, t.v)):
-            raise InputError(f"weights {weights or spec.repo_id!r}", f"layer {i} produced NaN or Inf",
-                             "check that the checkpoint is intact and matches --model")
-    heads = heads_per_layer(model, taps)
-    uniform = len(set(heads.values())) == 1
-    save_acts(out, taps, name, x.shape[1:3], timesteps=tuple(int(t) for t in ts),
-              num_heads=next(iter(heads.values())) if uniform else [heads[i] for i in sorted(heads)])
-    first = taps.layers[min(taps.layers)]
-    return {"model": name, "image": image, "image_size": list(x.shape[1:3]), "layers": sorted(taps.layers),
-            "grids": [list(g) for g in sorted({tuple(t.grid) for t in taps.layers.values()}, reverse=True)],
-            "timesteps": [int(t) for t in ts],
-            "heads": next(iter(heads.values())) if uniform else {str(i): h for i, h in heads.items()},
-            "graphs_per_layer": int(first.q.shape[1]), "latent": latent, "seed": seed,
-            "out": getattr(out, "path", out),
-            "seconds": round(time.perf_counter() - start, 3)}

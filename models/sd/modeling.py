@@ -1,16 +1,11 @@
-"""Stable Diffusion model names → architecture, HF repo id, preprocessing; `load_sd(name, weights)`.
+"""The Stable Diffusion model the taps need — UNet, VAE encoder, empty-prompt text embedding, DDPM schedule — and
+`load_sd(name, weights)`.
 
     sd = load_sd("sd15")                          # HF cache (or download when online), diffusers layout
     sd = load_sd("sd_tiny", "random")             # tiny random model (tests, benchmarks)
     sd.unet, sd.vae, sd.context, sd.schedule      # UNet, VAE encoder, empty-prompt embedding [1, 77, Cc], DDPM
 
-Names: sd14 (CompVis/stable-diffusion-v1-4), sd15 (runwayml/stable-diffusion-v1-5; since the original repository
-was withdrawn, the same files are mirrored as stable-diffusion-v1-5/stable-diffusion-v1-5 — pass that id or a
-local directory with --weights), sd21_base (stabilityai/stable-diffusion-2-1-base), and sd_tiny (a small random
-architecture with SD 1.x's layout — 16 self-attention layers on 4 grids — for tests and benchmarks only).
-
-Preprocessing: RGB in [−1, 1] ((x/255 − 0.5)/0.5); the default size is 512 (SD's training resolution; the
-official code resizes to 512²); sides must be multiples of 8 (the VAE's downscale).
+Architectures, presets and the registry entries (sd14, sd15, sd21_base, sd_tiny): `config.py`.
 """
 
 from __future__ import annotations
@@ -19,7 +14,6 @@ import dataclasses
 import functools
 import glob
 import os
-import re
 
 import jax
 import jax.numpy as jnp
@@ -27,65 +21,15 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.clip_text import CLIPTextConfig, CLIPTextModel, empty_prompt_ids
-from spectral_jax.models.registry import PreprocessSpec
-from spectral_jax.models.scheduler import DDPMSchedule
-from spectral_jax.models.sd_unet import UNet2DConditionModel, UNetConfig
-from spectral_jax.models.sd_vae import AutoencoderKL, VAEConfig
-from spectral_jax.models.weights import check_fields, read_json
-
-SD_MEAN, SD_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-
-@dataclasses.dataclass(frozen=True)
-class SDConfig:
-    """One Stable Diffusion architecture. pad: the tokenizer's padding ("eos" SD 1.x, "zero" SD 2.x)."""
-
-    unet: UNetConfig
-    vae: VAEConfig
-    text: CLIPTextConfig
-    pad: str
-    schedule: DDPMSchedule = DDPMSchedule()
-
-    @property
-    def num_layers(self) -> int:
-        """Self-attention (tapped) layers of the UNet."""
-        return self.unet.num_layers
-
-
-@dataclasses.dataclass(frozen=True)
-class SDSpec:
-    """Registry entry; the same fields as `registry.ModelSpec` (name, config, repo_id, preprocess)."""
-
-    name: str
-    config: SDConfig
-    repo_id: str | None
-    preprocess: PreprocessSpec
-
-
-_SD1 = SDConfig(UNetConfig(), VAEConfig(), CLIPTextConfig(), "eos")
-_SD2 = SDConfig(UNetConfig(num_attention_heads=(5, 10, 20, 20), cross_attention_dim=1024,
-                           use_linear_projection=True),
-                VAEConfig(),
-                CLIPTextConfig(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
-                               hidden_act="gelu"), "zero")
-_TINY = SDConfig(UNetConfig(block_out_channels=(32, 64, 64, 64), num_attention_heads=(2, 2, 2, 2),
-                            cross_attention_dim=32, norm_num_groups=8),
-                 VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4),
-                 CLIPTextConfig(vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                num_attention_heads=2), "eos")
-
-_PREP = PreprocessSpec(512, 8, SD_MEAN, SD_STD)
-SD_MODELS: dict[str, SDSpec] = {s.name: s for s in [
-    SDSpec("sd14", _SD1, "CompVis/stable-diffusion-v1-4", _PREP),
-    SDSpec("sd15", _SD1, "runwayml/stable-diffusion-v1-5", _PREP),
-    SDSpec("sd21_base", _SD2, "stabilityai/stable-diffusion-2-1-base", _PREP),
-    SDSpec("sd_tiny", _TINY, None, PreprocessSpec(128, 8, SD_MEAN, SD_STD)),
-]}
-
-
-def is_sd(name: str) -> bool:
-    return name in SD_MODELS
+from spectral_jax.models import hub
+from spectral_jax.models.convert import check_fields, read_json
+from spectral_jax.models.sd import params as W
+from spectral_jax.models.sd.clip_text import CLIPTextModel, empty_prompt_ids
+from spectral_jax.models.sd.config import SD_MODELS, SDConfig
+from spectral_jax.models.sd.scheduler import DDPMSchedule
+from spectral_jax.models.sd.unet import UNet2DConditionModel
+from spectral_jax.models.sd.vae import AutoencoderKL
+from spectral_jax.models.spec import ModelSpec
 
 
 @dataclasses.dataclass
@@ -104,7 +48,6 @@ class StableDiffusion:
 # Where the weights are
 # ---------------------------------------------------------------------------------------------------------------
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _FILES = ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
           "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json", "text_encoder/model.safetensors")
 
@@ -119,46 +62,17 @@ def _has_unet(d: str) -> bool:
     return bool(glob.glob(os.path.join(d, "unet", "*.safetensors")))
 
 
-def find_in_hub_cache(repo_id: str) -> str | None:
-    """The snapshot of `repo_id` in the HF hub cache that holds unet/*.safetensors (refs/main first), or None."""
-    from spectral_jax.models.weights import find_in_hub_cache as find
-
-    return find(repo_id, holds=_has_unet)
-
-
-def _download(repo_id: str) -> str:
-    what = f"weights {repo_id!r}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
-    if offline:
-        raise InputError(what, "not in the HF cache and HF_HUB_OFFLINE is set", how_to_get(repo_id))
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise InputError(what, "not in the HF cache and huggingface_hub is not installed",
-                         how_to_get(repo_id)) from None
-    try:
-        path = huggingface_hub.snapshot_download(repo_id, allow_patterns=[*_FILES, "tokenizer/*.json"])
-    except Exception as e:  # network, auth, unknown repo: all end the same way for the user
-        raise InputError(what, f"not in the HF cache and the download failed ({type(e).__name__})",
-                         how_to_get(repo_id)) from None
-    if not _has_unet(path):
-        raise InputError(what, "the repository has no unet/*.safetensors", "choose a diffusers-layout SD repository")
-    return path
-
-
 def resolve(source: str) -> str:
     """A local diffusers-layout directory for `source` (a directory, or an HF repo id via cache or download)."""
-    path = os.path.expanduser(source)
-    if os.path.isdir(path):
-        if not os.path.isdir(os.path.join(path, "unet")) or not os.path.isdir(os.path.join(path, "vae")):
-            raise InputError(path, "has no unet/ and vae/ subfolders",
-                             "pass a Stable Diffusion checkpoint directory in diffusers layout")
-        return path
-    if _REPO_ID.match(source):
-        return find_in_hub_cache(source) or _download(source)
-    raise InputError(f"weights {source!r}", "no such directory, and not a Hugging Face repo id",
-                     "pass a diffusers-layout checkpoint directory, a repo id like "
-                     "stabilityai/stable-diffusion-2-1-base, or 'random'")
+    path = hub.resolve(source, local=os.path.isdir, local_words="directory",
+                       fix="pass a diffusers-layout checkpoint directory, a repo id like "
+                           "stabilityai/stable-diffusion-2-1-base, or 'random'",
+                       patterns=[*_FILES, "tokenizer/*.json"], holds=_has_unet, how_to_get=how_to_get(source),
+                       lacking=("the repository has no unet/*.safetensors", "choose a diffusers-layout SD repository"))
+    if not os.path.isdir(os.path.join(path, "unet")) or not os.path.isdir(os.path.join(path, "vae")):
+        raise InputError(path, "has no unet/ and vae/ subfolders",
+                         "pass a Stable Diffusion checkpoint directory in diffusers layout")
+    return path
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -196,7 +110,7 @@ def load_text_embedding(path: str, cfg: SDConfig) -> jax.Array:
 # Entry point
 # ---------------------------------------------------------------------------------------------------------------
 
-def get_sd_spec(name: str) -> SDSpec:
+def get_sd_spec(name: str) -> ModelSpec:
     if name not in SD_MODELS:
         raise InputError(f"model {name!r}", "not a Stable Diffusion model", f"choose one of: {', '.join(SD_MODELS)}")
     return SD_MODELS[name]
@@ -212,8 +126,6 @@ def load_sd(name: str, weights: str | None = None, *, text_embedding: str | None
     attn_chunk: compute attention in blocks of this many query rows (bounds memory at 64² latents).
     Missing weights offline → `InputError` naming the download command.
     """
-    from spectral_jax.models import sd_weights as W
-
     spec = get_sd_spec(name)
     cfg = dataclasses.replace(spec.config, unet=dataclasses.replace(spec.config.unet, attn_chunk=attn_chunk))
     source = weights if weights is not None else spec.repo_id
@@ -263,8 +175,6 @@ def save_empty_prompt_embedding(name: str, weights: str | None, path: str, *, se
     `load_sd(..., text_embedding=path)`. weights as in `load_sd` ("random": the text encoder `load_sd` would draw
     from `seed`)."""
     from spectral_jax.files import write_atomic
-    from spectral_jax.models import sd_weights as W
-
     spec = get_sd_spec(name)
     cfg = spec.config
     source = weights if weights is not None else spec.repo_id

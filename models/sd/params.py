@@ -4,8 +4,8 @@ A diffusers pipeline directory (or HF snapshot) holds one subfolder per componen
     unet/          config.json, diffusion_pytorch_model.safetensors      → `UNet2DConditionModel`
     vae/           config.json, diffusion_pytorch_model.safetensors      → `AutoencoderKL` (encoder half)
     text_encoder/  config.json, model.safetensors                        → `CLIPTextModel`
-Tensors are read with numpy (`weights.read_safetensors`; fp16/bf16 variants are widened) and mapped through one
-explicit key table per component (`weights.Rule`: source-key regex → target parameter path + transform: Linear
+Tensors are read with numpy (`convert.read_safetensors`; fp16/bf16 variants are widened) and mapped through one
+explicit key table per component (`convert.Rule`: source-key regex → target parameter path + transform: Linear
 `[out, in]` → kernel `[in, out]`; Conv `[O, I, kh, kw]` → `[kh, kw, I, O]`; norm weight → scale). Conversion fails,
 naming the tensors, on a source key no rule maps, on a parameter no tensor fills, on a duplicate, and on any
 shape mismatch. Deliberately unused source keys are listed with the reason (the VAE decoder, CLIP's position_ids
@@ -19,24 +19,21 @@ is refused by name) or, without one, from the caller's expected config.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import glob
 import os
-import re
 from typing import Any, Callable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.clip_text import CLIPTextConfig, CLIPTextModel
-from spectral_jax.models.sd_unet import UNet2DConditionModel, UNetConfig
-from spectral_jax.models.sd_vae import AutoencoderKL, VAEConfig
-from spectral_jax.models.weights import (KeyTable, Rule, _conv, _flatten, _linear, _linear_t, _norm, _same,
-                                         apply_table, check_fields, fill_state, random_leaves, read_json,
-                                         read_safetensors, shards_from_index)
+from spectral_jax.models import convert as C
+from spectral_jax.models.convert import (KeyTable, Rule, abstract_model, apply_table, assemble, check_fields,
+                                         random_params, read_json, read_safetensors, shards_from_index)
+from spectral_jax.models.sd.clip_text import CLIPTextModel
+from spectral_jax.models.sd.config import CLIPTextConfig, UNetConfig, VAEConfig
+from spectral_jax.models.sd.unet import UNet2DConditionModel
+from spectral_jax.models.sd.vae import AutoencoderKL
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key tables
@@ -50,11 +47,11 @@ _TB_T = r"\1.attentions.\2.transformer_blocks.\3"
 
 
 def _linear_w(src, tgt):  # bias-free Linear (to_q/to_k/to_v in the UNet)
-    return [Rule(src + r"\.weight", (tgt + ".kernel",), _linear_t)]
+    return [Rule(src + r"\.weight", (tgt + ".kernel",), C.linear_t)]
 
 
 def _embedding(src, tgt):
-    return [Rule(src + r"\.weight", (tgt + ".embedding",), _same)]
+    return [Rule(src + r"\.weight", (tgt + ".embedding",), C.same)]
 
 
 def _linear_or_1x1(a):
@@ -66,29 +63,30 @@ def _linear_or_1x1(a):
 
 
 def _linear_any(src, tgt):
-    return [Rule(src + r"\.weight", (tgt + ".kernel",), _linear_or_1x1), Rule(src + r"\.bias", (tgt + ".bias",), _same)]
+    return [Rule(src + r"\.weight", (tgt + ".kernel",), _linear_or_1x1),
+            Rule(src + r"\.bias", (tgt + ".bias",), C.same)]
 
 
 def unet_table(cfg: UNetConfig) -> KeyTable:
     """The UNet's table; proj_in/proj_out are 1×1 convs (SD 1.x) or Linears (SD 2.x, `use_linear_projection`)."""
-    proj = _linear if cfg.use_linear_projection else _conv
+    proj = C.linear if cfg.use_linear_projection else C.conv
     return KeyTable((), (
-        *_conv(r"conv_in", "conv_in"),
-        *_linear(r"time_embedding\.(linear_[12])", r"time_embedding.\1"),
-        *_norm(_RES + r"\.(norm[12])", r"\1.resnets.\2.\3"),
-        *_conv(_RES + r"\.(conv[12]|conv_shortcut)", r"\1.resnets.\2.\3"),
-        *_linear(_RES + r"\.time_emb_proj", r"\1.resnets.\2.time_emb_proj"),
-        *_conv(r"(down_blocks\.\d+)\.downsamplers\.0\.conv", r"\1.downsamplers.0.conv"),
-        *_conv(r"(up_blocks\.\d+)\.upsamplers\.0\.conv", r"\1.upsamplers.0.conv"),
-        *_norm(_ATT + r"\.norm", r"\1.attentions.\2.norm"),
+        *C.conv(r"conv_in", "conv_in"),
+        *C.linear(r"time_embedding\.(linear_[12])", r"time_embedding.\1"),
+        *C.norm(_RES + r"\.(norm[12])", r"\1.resnets.\2.\3"),
+        *C.conv(_RES + r"\.(conv[12]|conv_shortcut)", r"\1.resnets.\2.\3"),
+        *C.linear(_RES + r"\.time_emb_proj", r"\1.resnets.\2.time_emb_proj"),
+        *C.conv(r"(down_blocks\.\d+)\.downsamplers\.0\.conv", r"\1.downsamplers.0.conv"),
+        *C.conv(r"(up_blocks\.\d+)\.upsamplers\.0\.conv", r"\1.upsamplers.0.conv"),
+        *C.norm(_ATT + r"\.norm", r"\1.attentions.\2.norm"),
         *proj(_ATT + r"\.(proj_in|proj_out)", r"\1.attentions.\2.\3"),
-        *_norm(_TB + r"\.(norm[123])", _TB_T + r".\4"),
+        *C.norm(_TB + r"\.(norm[123])", _TB_T + r".\4"),
         *_linear_w(_TB + r"\.(attn[12])\.(to_[qkv])", _TB_T + r".\4.\5"),
-        *_linear(_TB + r"\.(attn[12])\.to_out\.0", _TB_T + r".\4.to_out.0"),
-        *_linear(_TB + r"\.ff\.net\.0\.proj", _TB_T + ".ff.net.0.proj"),
-        *_linear(_TB + r"\.ff\.net\.2", _TB_T + ".ff.net.2"),
-        *_norm(r"conv_norm_out", "conv_norm_out"),
-        *_conv(r"conv_out", "conv_out")), ())
+        *C.linear(_TB + r"\.(attn[12])\.to_out\.0", _TB_T + r".\4.to_out.0"),
+        *C.linear(_TB + r"\.ff\.net\.0\.proj", _TB_T + ".ff.net.0.proj"),
+        *C.linear(_TB + r"\.ff\.net\.2", _TB_T + ".ff.net.2"),
+        *C.norm(r"conv_norm_out", "conv_norm_out"),
+        *C.conv(r"conv_out", "conv_out")), ())
 
 
 _E = r"encoder\."
@@ -97,18 +95,18 @@ _VATT = _E + r"mid_block\.attentions\.0"
 _VATT_T = "encoder.mid_block.attentions.0"
 
 VAE_TABLE = KeyTable((), (
-    *_conv(_E + "conv_in", "encoder.conv_in"),
-    *_norm(_ERES + r"\.(norm[12])", r"encoder.\1.resnets.\2.\3"),
-    *_conv(_ERES + r"\.(conv[12]|conv_shortcut)", r"encoder.\1.resnets.\2.\3"),
-    *_conv(_E + r"(down_blocks\.\d+)\.downsamplers\.0\.conv", r"encoder.\1.downsamplers.0.conv"),
-    *_norm(_VATT + r"\.group_norm", _VATT_T + ".group_norm"),
+    *C.conv(_E + "conv_in", "encoder.conv_in"),
+    *C.norm(_ERES + r"\.(norm[12])", r"encoder.\1.resnets.\2.\3"),
+    *C.conv(_ERES + r"\.(conv[12]|conv_shortcut)", r"encoder.\1.resnets.\2.\3"),
+    *C.conv(_E + r"(down_blocks\.\d+)\.downsamplers\.0\.conv", r"encoder.\1.downsamplers.0.conv"),
+    *C.norm(_VATT + r"\.group_norm", _VATT_T + ".group_norm"),
     *_linear_any(_VATT + r"\.(?:to_q|query)", _VATT_T + ".to_q"),
     *_linear_any(_VATT + r"\.(?:to_k|key)", _VATT_T + ".to_k"),
     *_linear_any(_VATT + r"\.(?:to_v|value)", _VATT_T + ".to_v"),
     *_linear_any(_VATT + r"\.(?:to_out\.0|proj_attn)", _VATT_T + ".to_out.0"),
-    *_norm(_E + "conv_norm_out", "encoder.conv_norm_out"),
-    *_conv(_E + "conv_out", "encoder.conv_out"),
-    *_conv(r"quant_conv", "quant_conv")), (
+    *C.norm(_E + "conv_norm_out", "encoder.conv_norm_out"),
+    *C.conv(_E + "conv_out", "encoder.conv_out"),
+    *C.conv(r"quant_conv", "quant_conv")), (
     (r"decoder\..*", "the decoder (latent → image) is not needed to encode images"),
     (r"post_quant_conv\..*", "post_quant_conv feeds the decoder")))
 
@@ -116,10 +114,10 @@ _L = r"encoder\.layers\.(\d+)"
 TEXT_TABLE = KeyTable(("text_model.",), (
     *_embedding(r"embeddings\.token_embedding", "embeddings.token_embedding"),
     *_embedding(r"embeddings\.position_embedding", "embeddings.position_embedding"),
-    *_norm(_L + r"\.(layer_norm[12])", r"encoder.layers.\1.\2"),
-    *_linear(_L + r"\.self_attn\.([qkv]_proj|out_proj)", r"encoder.layers.\1.self_attn.\2"),
-    *_linear(_L + r"\.mlp\.(fc[12])", r"encoder.layers.\1.mlp.\2"),
-    *_norm(r"final_layer_norm", "final_layer_norm")), (
+    *C.norm(_L + r"\.(layer_norm[12])", r"encoder.layers.\1.\2"),
+    *C.linear(_L + r"\.self_attn\.([qkv]_proj|out_proj)", r"encoder.layers.\1.self_attn.\2"),
+    *C.linear(_L + r"\.mlp\.(fc[12])", r"encoder.layers.\1.mlp.\2"),
+    *C.norm(r"final_layer_norm", "final_layer_norm")), (
     (r"embeddings\.position_ids", "a buffer of 0..76, not a weight"),))
 
 
@@ -143,30 +141,6 @@ COMPONENTS = {
     "text_encoder": Component("text_encoder", CLIPTextModel, lambda cfg: TEXT_TABLE,
                               ("model.safetensors", "model.fp16.safetensors")),
 }
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract(cls, cfg, dtype):
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: cls(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
-    return graphdef, state, {p: leaf for p, (_, leaf) in _flatten(nnx.to_pure_dict(state)).items()}
-
-
-def abstract_model(cls, cfg, dtype=jnp.float32):
-    """(graphdef, abstract state, {dotted path: ShapeDtypeStruct}) of `cls(cfg)`, nothing allocated (cached)."""
-    graphdef, state, flat = _abstract(cls, cfg, jnp.dtype(dtype))
-    return graphdef, jax.tree.map(lambda x: x, state), flat
-
-
-def random_params(cls, cfg, seed: int = 0) -> dict[str, np.ndarray]:
-    """Seeded random initialisation in target layout: kernels and embeddings ~ N(0, 0.02²) clipped at ±2σ, biases
-    0, norm scales 1 (the references' init scheme for linears; a stand-in for tests and benchmarks)."""
-    return random_leaves(abstract_model(cls, cfg)[2], seed)
-
-
-def assemble(cls, cfg, params: dict[str, np.ndarray], dtype=jnp.float32):
-    """Fill the abstract state of `cls(cfg, dtype)` with `params` ({dotted path: array})."""
-    graphdef, state, _ = abstract_model(cls, cfg, dtype)
-    return fill_state(graphdef, state, params, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -199,7 +173,7 @@ _TEXT_DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048,
                       num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 
 
-# The fields each reader takes from config.json, and their kinds (`weights.check_fields`): a wrong type or a size
+# The fields each reader takes from config.json, and their kinds (`convert.check_fields`): a wrong type or a size
 # < 1 is refused by name before any conversion.
 _UNET_KINDS = dict(block_out_channels="pos_list", down_block_types="str_list", up_block_types="str_list",
                    layers_per_block="pos_or_list", transformer_layers_per_block="pos_or_list",

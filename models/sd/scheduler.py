@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -49,6 +48,8 @@ class DDPMSchedule:
     def add_noise(self, x0, noise, timesteps):
         """√ᾱ_t · x0 + √(1 − ᾱ_t) · noise. x0, noise `[B, ...]`; timesteps int scalar or `[B]` (traced is fine:
         the table is a constant gathered at t)."""
+        import jax.numpy as jnp  # here, not at the top: the registry reads this module's dataclass without JAX
+
         acp = jnp.asarray(self.alphas_cumprod, jnp.float32)
         t = jnp.asarray(timesteps, jnp.int32).reshape(-1)
         shape = (-1,) + (1,) * (jnp.ndim(x0) - 1)

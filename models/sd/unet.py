@@ -1,6 +1,6 @@
 """Stable Diffusion 1.x/2.x `UNet2DConditionModel` (Flax NNX, NHWC) with q/k/v taps of every self-attention.
 
-    unet = UNet2DConditionModel(UNET_PRESETS["sd15"], rngs=nnx.Rngs(0))       # or sd_weights.load_unet(dir)
+    unet = UNet2DConditionModel(UNET_PRESETS["sd15"], rngs=nnx.Rngs(0))       # or sd.params.load_unet(dir)
     eps, taps = unet(latents, t, text)      # latents [B, h, w, 4], t [B] or scalar, text [B, 77, Cc]
 
 Structure (diffusers' names): conv_in → time_proj/time_embedding → down_blocks (CrossAttnDownBlock2D ×3,
@@ -20,7 +20,6 @@ Shape legend
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Iterable, Sequence
 
@@ -30,83 +29,10 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.sd_layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm,
+from spectral_jax.models.sd.config import DOWN_TYPES, UP_TYPES, UNetConfig  # noqa: F401  (re-exported)
+from spectral_jax.models.sd.layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm,
                                            layer_norm, linear)
 from spectral_jax.taps import LayerTap, Taps
-
-DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
-
-
-@dataclasses.dataclass(frozen=True)
-class UNetConfig:
-    """The `UNet2DConditionModel` options SD 1.x/2.x use (others are refused when reading a config.json).
-
-    num_attention_heads: heads per down block (what diffusers' `attention_head_dim` means in these configs);
-    the mid block uses the last, the up blocks the reversed list. attn_chunk: compute attention in blocks of
-    this many query rows (memory, not math; None = all at once).
-    """
-
-    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
-    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
-    up_block_types: tuple[str, ...] = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
-    layers_per_block: int = 2
-    num_attention_heads: tuple[int, ...] = (8, 8, 8, 8)
-    cross_attention_dim: int = 768
-    in_channels: int = 4
-    out_channels: int = 4
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
-    transformer_layers_per_block: int = 1
-    flip_sin_to_cos: bool = True
-    freq_shift: float = 0.0
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    attn_chunk: int | None = None
-
-    def __post_init__(self):
-        n = len(self.block_out_channels)
-        if not (len(self.down_block_types) == len(self.up_block_types) == len(self.num_attention_heads) == n):
-            raise ValueError("block_out_channels, down/up_block_types and num_attention_heads must have one entry "
-                             "per resolution level")
-        bad = [t for t in self.down_block_types if t not in DOWN_TYPES] + \
-              [t for t in self.up_block_types if t not in UP_TYPES]
-        if bad:
-            raise ValueError(f"unsupported block types {bad}: use {DOWN_TYPES} / {UP_TYPES}")
-        for c, h in zip(self.block_out_channels, self.num_attention_heads):
-            if c % h:
-                raise ValueError(f"{c} channels are not divisible into {h} heads")
-
-    @property
-    def time_embed_dim(self) -> int:
-        return 4 * self.block_out_channels[0]
-
-    def attn_layers(self) -> list[tuple[str, int, int]]:
-        """Every self-attention layer in network order: (where, heads, head dim), e.g. ("down_blocks.0", 8, 40)."""
-        out, t = [], self.transformer_layers_per_block
-        for i, kind in enumerate(self.down_block_types):
-            if kind.startswith("CrossAttn"):
-                c, h = self.block_out_channels[i], self.num_attention_heads[i]
-                out += [(f"down_blocks.{i}", h, c // h)] * (self.layers_per_block * t)
-        c, h = self.block_out_channels[-1], self.num_attention_heads[-1]
-        out += [("mid_block", h, c // h)] * t
-        rev_c, rev_h = self.block_out_channels[::-1], self.num_attention_heads[::-1]
-        for i, kind in enumerate(self.up_block_types):
-            if kind.startswith("CrossAttn"):
-                out += [(f"up_blocks.{i}", rev_h[i], rev_c[i] // rev_h[i])] * ((self.layers_per_block + 1) * t)
-        return out
-
-    @property
-    def num_layers(self) -> int:
-        """Number of tapped (self-attention) layers."""
-        return len(self.attn_layers())
-
-    @property
-    def downscale(self) -> int:
-        """Latent sides that are multiples of this need no size-matching in the up path (2^(levels−1))."""
-        return 2 ** (len(self.block_out_channels) - 1)
 
 
 def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> tuple[int, ...]:

@@ -1,6 +1,6 @@
 """The encoder half of Stable Diffusion's `AutoencoderKL` (Flax NNX, NHWC): image → latent.
 
-    vae = AutoencoderKL(VAE_PRESETS["sd"], rngs=nnx.Rngs(0))      # or sd_weights.load_vae(dir)
+    vae = AutoencoderKL(VAE_PRESETS["sd"], rngs=nnx.Rngs(0))      # or sd.params.load_vae(dir)
     z = vae.encode(images)                       # images [B, H, W, 3] in [-1, 1] → z [B, H/8, W/8, 4]
 
 encoder: conv_in → down_blocks (DownEncoderBlock2D: ResnetBlock2D ×layers, then a stride-2 conv with one pixel
@@ -16,29 +16,13 @@ Shape legend
 
 from __future__ import annotations
 
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectral_jax.models.sd_layers import Attention, Downsample2D, ResnetBlock2D, conv, group_norm
-
-
-@dataclasses.dataclass(frozen=True)
-class VAEConfig:
-    block_out_channels: tuple[int, ...] = (128, 256, 512, 512)
-    layers_per_block: int = 2
-    in_channels: int = 3
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    scaling_factor: float = 0.18215
-    use_quant_conv: bool = True
-    mid_block_add_attention: bool = True
-
-    @property
-    def downscale(self) -> int:
-        return 2 ** (len(self.block_out_channels) - 1)
+from spectral_jax.models.sd.config import VAEConfig  # noqa: F401  (re-exported)
+from spectral_jax.models.sd.layers import Attention, Downsample2D, ResnetBlock2D, conv, group_norm
 
 
 class DownEncoderBlock2D(nnx.Module):

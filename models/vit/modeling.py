@@ -11,12 +11,12 @@ Per block (pre-norm, as all four references):
     x = x + ls2 * mlp(norm2(x))               mlp = fc2(act(fc1)) or down_proj(silu(gate_proj) * up_proj)
 ls1/ls2 (layer scale) exist only in DINOv2; CLIP applies `pre_layernorm` before the first block and has no final
 norm on `last_hidden_state`. Attribute names follow the references (q_proj/k_proj/v_proj/o_proj, norm1/norm2,
-layer_scale1/2, fc1/fc2, gate_proj/up_proj/down_proj) so the weight table in `weights.py` stays short.
+layer_scale1/2, fc1/fc2, gate_proj/up_proj/down_proj) so the weight table in `params.py` stays short.
+The architectures (`ViTConfig`, `PRESETS`) live in `config.py`.
 """
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Iterable, Sequence
 
 import jax
@@ -24,93 +24,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.posembed import resize_grid
+from spectral_jax.models.vit.config import FAMILIES, PRESETS, ViTConfig  # noqa: F401  (re-exported)
+from spectral_jax.models.vit.posembed import resize_grid
 from spectral_jax.taps import LayerTap, Taps
-
-FAMILIES = ("vit", "dinov2", "mae", "clip")
-
-
-@dataclasses.dataclass(frozen=True)
-class ViTConfig:
-    """Architecture of one ViT; `family` names the reference layout (and key table) it mirrors.
-
-    family: "vit" (`ViTModel`, DINO v1) | "dinov2" (`Dinov2Model`, `Dinov2WithRegistersModel`) | "mae"
-    (`ViTMAEModel`) | "clip" (`CLIPVisionModel`).
-    pos_grid: G, the stored position embeddings cover a G×G patch grid (+1 for CLS).
-    pos_antialias: resample them with torch's antialiased bicubic (DINOv2 with registers) instead of plain bicubic.
-    """
-
-    family: str
-    hidden_size: int
-    num_layers: int
-    num_heads: int
-    mlp_dim: int
-    patch_size: int
-    pos_grid: int
-    num_registers: int = 0
-    layer_norm_eps: float = 1e-6
-    act: str = "gelu"  # "gelu" (exact, erf) | "quick_gelu" (x·σ(1.702x))
-    swiglu: bool = False
-    layer_scale: bool = False
-    qkv_bias: bool = True
-    patch_bias: bool = True
-    pre_norm: bool = False
-    final_norm: bool = True
-    pos_antialias: bool = False
-
-    def __post_init__(self):
-        if self.family not in FAMILIES:
-            raise ValueError(f"family must be one of {FAMILIES}, got {self.family!r}")
-        if self.hidden_size % self.num_heads:
-            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
-        if self.act not in ("gelu", "quick_gelu"):
-            raise ValueError(f"act must be 'gelu' or 'quick_gelu', got {self.act!r}")
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_heads
-
-    @property
-    def num_prefix(self) -> int:
-        return 1 + self.num_registers
-
-
-def _vit(family, c, layers, heads, patch, grid, **kw) -> ViTConfig:
-    return ViTConfig(family, c, layers, heads, 4 * c, patch, grid, **kw)
-
-
-def _dinov2(c, layers, heads, registers=0, swiglu=False) -> ViTConfig:
-    # SwiGLU keeps 2/3 of the 4C hidden width, rounded up to a multiple of 8 (Dinov2SwiGLUFFN).
-    mlp = (int(4 * c * 2 / 3) + 7) // 8 * 8 if swiglu else 4 * c
-    return ViTConfig("dinov2", c, layers, heads, mlp, 14, 37, num_registers=registers, layer_norm_eps=1e-6,
-                     swiglu=swiglu, layer_scale=True, pos_antialias=registers > 0)
-
-
-_S, _B, _L, _G = (384, 12, 6), (768, 12, 12), (1024, 24, 16), (1536, 40, 24)
-
-# Named presets: the architectures of the checkpoints in `registry.py`.
-PRESETS: dict[str, ViTConfig] = {
-    "dino_vits16": _vit("vit", *_S, 16, 14, layer_norm_eps=1e-12),
-    "dino_vits8": _vit("vit", *_S, 8, 28, layer_norm_eps=1e-12),
-    "dino_vitb16": _vit("vit", *_B, 16, 14, layer_norm_eps=1e-12),
-    "dino_vitb8": _vit("vit", *_B, 8, 28, layer_norm_eps=1e-12),
-    "dinov2_vits14": _dinov2(*_S),
-    "dinov2_vitb14": _dinov2(*_B),
-    "dinov2_vitl14": _dinov2(*_L),
-    "dinov2_vitg14": _dinov2(*_G, swiglu=True),
-    "dinov2_vits14_reg": _dinov2(*_S, registers=4),
-    "dinov2_vitb14_reg": _dinov2(*_B, registers=4),
-    "dinov2_vitl14_reg": _dinov2(*_L, registers=4),
-    "dinov2_vitg14_reg": _dinov2(*_G, registers=4, swiglu=True),
-    "mae_vitb16": _vit("mae", *_B, 16, 14, layer_norm_eps=1e-12),
-    "mae_vitl16": _vit("mae", *_L, 16, 14, layer_norm_eps=1e-12),
-    "clip_vitb16": _vit("clip", *_B, 16, 14, layer_norm_eps=1e-5, act="quick_gelu", patch_bias=False,
-                        pre_norm=True, final_norm=False),
-    "clip_vitb32": _vit("clip", *_B, 32, 7, layer_norm_eps=1e-5, act="quick_gelu", patch_bias=False,
-                        pre_norm=True, final_norm=False),
-    "clip_vitl14": _vit("clip", *_L, 14, 16, layer_norm_eps=1e-5, act="quick_gelu", patch_bias=False,
-                        pre_norm=True, final_norm=False),
-}
 
 
 def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> tuple[int, ...]:

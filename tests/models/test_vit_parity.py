@@ -22,8 +22,8 @@ transformers = pytest.importorskip("transformers")
 
 import jax.numpy as jnp  # noqa: E402
 
-from spectral_jax.models import PRESETS, config_from_hf, jit_forward, load_weights  # noqa: E402
-from spectral_jax.models.weights import convert  # noqa: E402
+from spectral_jax.models.vit import PRESETS, config_from_hf, jit_forward, load_weights  # noqa: E402
+from spectral_jax.models.vit.params import convert  # noqa: E402
 
 SMALL = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4)
 

@@ -10,7 +10,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from spectral_jax.models.posembed import bicubic_matrix, resize_grid  # noqa: E402
+from spectral_jax.models.vit.posembed import bicubic_matrix, resize_grid  # noqa: E402
 
 GRIDS = [(37, 37), (14, 14), (7, 7), (4, 6)]
 OUTS = [(16, 16), (32, 48), (74, 20), (3, 5), (1, 2), (37, 37)]

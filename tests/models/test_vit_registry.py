@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 
 from spectral_jax.errors import InputError
-from spectral_jax.models import MODELS, PRESETS, config_from_hf, get_spec, load
-from spectral_jax.models.weights import convert
+from spectral_jax.models import MODELS, get_spec, load
+from spectral_jax.models.vit import PRESETS, config_from_hf
+from spectral_jax.models.vit.params import convert
 
 # The hub checkpoints' config.json values that fix the architecture.
 _S, _B = dict(hidden_size=384, num_attention_heads=6), dict(hidden_size=768, num_attention_heads=12)

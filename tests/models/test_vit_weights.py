@@ -10,8 +10,9 @@ import pytest
 from safetensors.numpy import save_file
 
 from spectral_jax.errors import InputError
-from spectral_jax.models import PRESETS, ViTConfig, load, load_weights
-from spectral_jax.models import weights as W
+from spectral_jax.models import load
+from spectral_jax.models.vit import PRESETS, ViTConfig, load_weights
+from spectral_jax.models.vit import params as W
 
 TINY = ViTConfig("dinov2", hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, patch_size=14, pos_grid=2,
                  layer_scale=True)

@@ -16,8 +16,8 @@ from safetensors.numpy import save_file
 from test_vit_weights import TINY, tiny_checkpoint
 
 from spectral_jax.errors import InputError
-from spectral_jax.models import PRESETS, config_from_hf, load_weights
-from spectral_jax.models import sd_weights as S
+from spectral_jax.models.sd import params as S
+from spectral_jax.models.vit import PRESETS, config_from_hf, load_weights
 from spectral_jax.models.sd import load_sd
 
 # transformers' facebook/dinov2-small config (the fields we read) and sd_tiny's diffusers configs

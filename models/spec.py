@@ -1,0 +1,63 @@
+"""What the registry knows about a model without importing JAX: its preprocessing, its registry entry, and its
+family's load options. Kept free of JAX so that `get_spec`, listing model names and the command line's early
+checks are instant.
+
+Shape legend
+    H, W  image pixels   (H', W')  model-input pixels (multiples of `PreprocessSpec.patch_size`)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@dataclasses.dataclass(frozen=True)
+class PreprocessSpec:
+    """How to turn an image into the model's input: shorter side → `size` (multiple of `patch_size`), then
+    `(x/255 - mean) / std` per RGB channel (`spectral_jax.io.preprocess`)."""
+
+    size: int
+    patch_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+    def image(self, image, size=None):
+        """uint8 `[H, W, 3]` → the model's float32 input `[H', W', 3]`; size: S, (H, W), "S" or "HxW"
+        (`io.parse_size`), None → `self.size`."""
+        import numpy as np
+
+        from spectral_jax import io
+
+        return io.preprocess(np.asarray(image), self.size if size is None else io.parse_size(size),
+                             self.patch_size, self.mean, self.std)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """One registry entry: `name`, its `family` (the folder under `models/` that loads it: "vit" | "sd"), the
+    architecture `config` (a frozen dataclass of that family), the Hugging Face `repo_id` of its published weights
+    (None: none published) and its preprocessing."""
+
+    name: str
+    config: Any
+    repo_id: str | None
+    preprocess: PreprocessSpec
+    family: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """A model family as the registry sees it: `name` (its package, `spectral_jax.models.<name>`, which exposes
+    `load_backbone(spec, weights, **options)`), `title` (for messages), the keyword `options` its `load_backbone`
+    takes, and whether its taps can carry hidden states."""
+
+    name: str
+    title: str
+    options: tuple[str, ...]
+    hidden: bool
+
+
+__all__ = ["Family", "IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "PreprocessSpec"]
