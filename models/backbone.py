@@ -45,10 +45,11 @@ def parse_layers(layers, num_layers: int, what: str = "layers") -> tuple[int, ..
     elif isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
         layers = [int(layers)]
     try:
-        chosen = [int(i) for i in layers if not isinstance(i, bool)]
-        if len(chosen) != len(list(layers)):
+        items = list(layers)
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in items):
             raise TypeError
-    except (TypeError, ValueError):
+        chosen = [int(i) for i in items]
+    except TypeError:
         raise InputError(f"{what} {layers!r}", "is not 'all' or a list of layer indices",
                          "pass e.g. all or [3, 7, 11]") from None
     bad = [i for i in chosen if not -num_layers <= i < num_layers]
