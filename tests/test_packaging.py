@@ -1,0 +1,32 @@
+"""A wheel holds every package: each folder with an `__init__.py` under spectral_jax/ and models/ is listed in
+pyproject's `packages` with the right directory (an editable install finds unlisted ones; `pip install .` would
+not)."""
+
+import os
+import tomllib
+
+from sjtest import ROOT
+
+
+def test_every_package_folder_is_installed():
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        st = tomllib.load(f)["tool"]["setuptools"]
+    dirs = st.get("package-dir", {})
+
+    def folder(pkg):                        # the directory setuptools uses for `pkg`
+        parts = pkg.split(".")
+        for i in range(len(parts), 0, -1):
+            head = ".".join(parts[:i])
+            if head in dirs:
+                return os.path.join(dirs[head], *parts[i:])
+        return os.path.join(*parts)
+
+    listed = {os.path.normpath(folder(p)) for p in st["packages"]}
+    found = set()
+    for top in ("spectral_jax", "models"):
+        for d, sub, files in os.walk(os.path.join(ROOT, top)):
+            sub[:] = [s for s in sub if s != "__pycache__"]
+            if "__init__.py" in files:
+                found.add(os.path.normpath(os.path.relpath(d, ROOT)))
+    assert found - listed == set(), f"package folders missing from pyproject's packages: {sorted(found - listed)}"
+    assert listed - found == set(), f"pyproject lists folders that are not packages: {sorted(listed - found)}"
