@@ -93,14 +93,17 @@ def empty_prompt_embedding(encoder: CLIPTextModel, pad: str) -> jax.Array:
 def load_text_embedding(path: str, cfg: SDConfig) -> jax.Array:
     """A saved embedding (.npy, `[77, Cc]` or `[1, 77, Cc]`, e.g. written by `save_empty_prompt_embedding`)."""
     fix = "save it with spectral_jax.models.sd.save_empty_prompt_embedding(name, weights, path)"
-    try:
-        arr = np.load(path, allow_pickle=False)
+    try:  # memory-mapped: a header declaring more data than the file holds fails here instead of allocating
+        arr = np.load(path, allow_pickle=False, mmap_mode="r")
     except (OSError, ValueError) as e:
         raise InputError(path, f"not a readable .npy file ({type(e).__name__})", fix) from None
     arr = arr[None] if arr.ndim == 2 else arr
     want = (1, cfg.text.max_position_embeddings, cfg.unet.cross_attention_dim)
     if arr.shape != want:
         raise InputError(path, f"has shape {arr.shape}, the UNet needs {want}", fix)
+    if not np.issubdtype(arr.dtype, np.floating):
+        raise InputError(path, f"has dtype {arr.dtype}, not floating point", fix)
+    arr = np.array(arr, np.float32)
     if not np.all(np.isfinite(arr)):
         raise InputError(path, "contains NaN or Inf", fix)
     return jnp.asarray(arr, jnp.float32)
