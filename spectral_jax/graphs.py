@@ -221,12 +221,16 @@ def value(v: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEFAUL
 
 
 def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra: int = 50, k_inter: int = 0,
-        min_cos: float = 0.1, block: int = DEFAULT_BLOCK) -> KnnGraph:
+        min_cos: float = 0.1, block: int = DEFAULT_BLOCK, *, valid: Array | None = None, mesh=None,
+        axis: str = "data") -> KnnGraph:
     """Sparse kNN graph over all tokens of `num_images` images: a, b `[*S, N, D]`, N = num_images·h·w.
 
     Edges i→j for the `k_intra` largest cos(a_i, b_j) within i's image and the `k_inter` largest in other images,
     dropped where cos ≤ `min_cos`; then S = ½(A + Aᵀ) (implicit) and P = D⁻¹ S. QK graph: a = q, b = k;
-    VV graph: a = b = v.
+    VV graph: a = b = v. valid `[num_images]` bool (default all): a False image (a padded batch slot, an unreadable
+    file) has no edges and is nobody's neighbour. mesh: rows split over its `axis` under `shard_map` — each device
+    searches its own images' tokens against all tokens (keys all-gathered), then every device gets the whole graph;
+    num_images must be a multiple of the devices on `axis`. Callable under `jit` (a, b, valid traced).
     """
     a, b = jax.lax.stop_gradient(jnp.asarray(a)), jax.lax.stop_gradient(jnp.asarray(b))
     if a.shape != b.shape:
@@ -243,23 +247,49 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
                          "pass e.g. k_intra=10")
     if not -1.0 <= min_cos < 1.0:
         raise InputError(f"min_cos={min_cos}", "must be a cosine in [-1, 1)", "pass e.g. min_cos=0.1")
-    group = jnp.arange(a.shape[-2], dtype=jnp.int32) // per
+    valid = jnp.ones((num_images,), bool) if valid is None else jnp.asarray(valid, bool)
     batch = tuple(a.shape[:-2])
-    return _build_knn(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), group, grid, num_images, batch,
-                      int(k_intra), int(k_inter), float(min_cos), int(block))
+    return _build_knn(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), valid, grid, num_images, batch,
+                      int(k_intra), int(k_inter), float(min_cos), int(block), mesh, axis)
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
-def _build_knn(a, b, group, grid, num_images, batch, k_intra, k_inter, min_cos, block):
-    def one(a1, b1):
-        i_s, c_s, i_o, c_o = kernels.topk_split(a1, b1, group, k_intra, k_inter, block)
-        idx = jnp.concatenate([i_s, i_o], axis=1)
-        cos = jnp.concatenate([c_s, c_o], axis=1)
-        w = jnp.where(cos > min_cos, cos, 0.0)
-        deg = 0.5 * (w.sum(axis=1) + jnp.zeros(a1.shape[0], w.dtype).at[idx.reshape(-1)].add(w.reshape(-1)))
-        return idx, w, deg
+def _knn_rows(a, b, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: float, block: int, layers):
+    """Edges of the rows `row0 …` of every graph: a `[G, r, D]`, b `[G, N, D]` → idx, w `[G, r, k_intra + k_inter]`
+    (w = 0: a dropped edge or an invalid image's). `layers` maps the per-graph search over G (`jax.vmap`, or
+    `lax.map` where one graph's search at a time is what fits)."""
+    rows = row0 + jnp.arange(a.shape[1], dtype=jnp.int32)
+    col_img = jnp.arange(b.shape[1], dtype=jnp.int32) // per
+    row_img = rows // per
 
-    idx, w, deg = jax.vmap(one)(a, b)
+    def one(ab):
+        i_s, c_s, i_o, c_o = kernels.topk_rows(ab[0], ab[1], row_img, col_img, valid[col_img], k_intra, k_inter,
+                                               block)
+        return jnp.concatenate([i_s, i_o], axis=1), jnp.concatenate([c_s, c_o], axis=1)
+
+    idx, cos = layers(one, (a, b))
+    return idx, jnp.where((cos > min_cos) & valid[row_img][None, :, None], cos, 0.0)
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9, 10, 11))
+def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, block, mesh, axis):
+    kw = dict(per=grid[0] * grid[1], k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, block=block)
+    if mesh is None:
+        idx, w = _knn_rows(a, b, 0, valid, **kw, layers=lambda f, ab: jax.vmap(lambda x, y: f((x, y)))(*ab))
+    else:
+        from jax.sharding import NamedSharding
+        from jax.sharding import PartitionSpec as P
+
+        def local(a_loc, b_loc, valid):
+            b_all = jax.lax.all_gather(b_loc, axis, axis=1, tiled=True)
+            row0 = jax.lax.axis_index(axis) * a_loc.shape[1]
+            return _knn_rows(a_loc, b_all, row0, valid, **kw, layers=jax.lax.map)
+
+        idx, w = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
+                               out_specs=(P(None, axis), P(None, axis)))(a, b, valid)
+        rep = NamedSharding(mesh, P())
+        idx, w = jax.lax.with_sharding_constraint(idx, rep), jax.lax.with_sharding_constraint(w, rep)
+    deg = 0.5 * (w.sum(-1) + jax.vmap(lambda i, x: jnp.zeros(i.shape[0], x.dtype).at[i.reshape(-1)].add(
+        x.reshape(-1)))(idx, w))
     un = lambda x: x.reshape(*batch, *x.shape[1:])
     return KnnGraph(un(idx), un(w), un(deg), grid, batch, num_images)
 
@@ -272,26 +302,57 @@ def dense(p: Array, grid: tuple[int, int], num_images: int = 1) -> DenseGraph:
 
 
 GRAPH_KINDS = ("qk", "vv", "knn-qk", "knn-vv")
+KNN_KINDS = ("knn-qk", "knn-vv")
+
+
+def group_layers(taps) -> list[tuple[tuple[int, int], tuple[int, ...]]]:
+    """Layers that can share one graph group — the same grid and the same q/k/v shapes — as
+    [(grid, (layer, ...)), ...] in layer order. `taps` may hold arrays or `jax.ShapeDtypeStruct`s (`eval_shape`)."""
+    groups: dict[tuple, list] = {}
+    for i in sorted(taps.layers):
+        t = taps.layers[i]
+        groups.setdefault((tuple(t.grid), t.q.shape[1:], t.v.shape[1:]), []).append(i)
+    return [(key[0], tuple(ls)) for key, ls in groups.items()]
+
+
+def merge_heads(x: Array) -> Array:
+    """`[B, H, N, D]` → `[B·N, H·D]`: every image's tokens as nodes (image-major), heads concatenated."""
+    x = jnp.asarray(x)
+    return jnp.transpose(x, (0, 2, 1, 3)).reshape(x.shape[0] * x.shape[2], -1)
+
+
+def knn_inputs(layer_taps, kind: str) -> tuple[Array, Array]:
+    """(a, b) `[L, B·N, H·D]` of the kNN graph `kind` over `LayerTap`s that share a grid: q vs k for knn-qk,
+    v vs v for knn-vv (heads concatenated)."""
+    if kind == "knn-qk":
+        return jnp.stack([merge_heads(t.q) for t in layer_taps]), jnp.stack([merge_heads(t.k) for t in layer_taps])
+    v = jnp.stack([merge_heads(t.v) for t in layer_taps])
+    return v, v
+
+
+def clamp_k(k_intra: int, k_inter: int, grid: tuple[int, int], num_images: int) -> tuple[int, int]:
+    """(k_intra, k_inter) capped by the tokens available: an image's h·w, and the other images' (num_images − 1)·h·w
+    (so one image gets no inter-image edges)."""
+    per = int(grid[0]) * int(grid[1])
+    return min(int(k_intra), per), min(int(k_inter), (int(num_images) - 1) * per)
 
 
 def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_intra: int = 50,
               k_inter: int = 50, min_cos: float = 0.1, block: int = DEFAULT_BLOCK) -> list[Graph]:
-    """Graph groups from `spectral_jax.taps.Taps`: layers whose q/k/v share a grid and shape are stacked.
+    """Graph groups from `spectral_jax.taps.Taps`: layers whose q/k/v share a grid and shape are stacked
+    (`group_layers`).
 
     qk: attention(q, k) `[L, H, N, D]` per group, for image `image`; vv: value(v, tau) likewise;
-    knn-qk / knn-vv: one kNN graph per layer over all B images' tokens (heads concatenated: `[L, B·N, H·D]`),
-    `k_intra` neighbours within the image and `k_inter` in other images, each capped by the tokens available (so
-    one image gets no inter-image edges).
+    knn-qk / knn-vv: one kNN graph per layer over all B images' tokens (`knn_inputs`: `[L, B·N, H·D]`),
+    `k_intra` neighbours within the image and `k_inter` in other images, each capped by the tokens available
+    (`clamp_k`).
     """
     if kind not in GRAPH_KINDS:
         raise InputError(f"graph {kind!r}", "unknown graph kind", f"choose one of {', '.join(GRAPH_KINDS)}")
     taps = taps.patches()
-    groups: dict[tuple, list] = {}
-    for i in sorted(taps.layers):
-        t = taps.layers[i]
-        groups.setdefault((t.grid, t.q.shape[1:], t.v.shape[1:]), []).append(t)
     out = []
-    for (grid, _, _), ts in groups.items():
+    for grid, layers in group_layers(taps):
+        ts = [taps.layers[i] for i in layers]
         if kind in ("qk", "vv"):
             if image is None or not 0 <= image < ts[0].q.shape[0]:
                 raise ValueError(f"image={image} out of range for a batch of {ts[0].q.shape[0]}")
@@ -302,12 +363,6 @@ def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_int
                 out.append(value(jnp.stack([t.v[image] for t in ts]), grid, tau=tau, block=block))
             continue
         nimg = ts[0].q.shape[0]
-        merge = lambda x: jnp.transpose(jnp.asarray(x), (0, 2, 1, 3)).reshape(x.shape[0] * x.shape[2], -1)
-        if kind == "knn-qk":
-            a, b = jnp.stack([merge(t.q) for t in ts]), jnp.stack([merge(t.k) for t in ts])
-        else:
-            a = b = jnp.stack([merge(t.v) for t in ts])
-        per = grid[0] * grid[1]
-        out.append(knn(a, b, grid, nimg, k_intra=min(k_intra, per), k_inter=min(k_inter, (nimg - 1) * per),
-                       min_cos=min_cos, block=block))
+        ki, ko = clamp_k(k_intra, k_inter, grid, nimg)
+        out.append(knn(*knn_inputs(ts, kind), grid, nimg, k_intra=ki, k_inter=ko, min_cos=min_cos, block=block))
     return out
