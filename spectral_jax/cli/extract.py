@@ -33,14 +33,10 @@ _FAMILY_FLAGS = {"timesteps": "timesteps", "num_timesteps": "timesteps", "schedu
 
 
 def _extract(args: argparse.Namespace, out) -> None:
-    import numpy as np
-
-    from spectral_jax import io
-    from spectral_jax.acts import save_acts
-    from spectral_jax.models import family, get_spec, load_backbone, parse_layers
+    from spectral_jax.models import family, get_spec
 
     start = time.perf_counter()
-    spec = get_spec(args.model)                   # an unknown model is the first problem to report
+    spec = get_spec(args.model)                   # an unknown model is the first problem to report (no JAX yet)
     fam = family(args.model)
     given = [f"--{f.replace('_', '-')}" for f, opt in _FAMILY_FLAGS.items()
              if getattr(args, f) is not None and opt not in fam.options]
@@ -49,6 +45,12 @@ def _extract(args: argparse.Namespace, out) -> None:
                          "drop them, or use --model sd14, sd15, sd21_base")
     if args.hidden and not fam.hidden:
         raise InputError("--hidden", f"is not available for {fam.title} models", "drop --hidden")
+    import numpy as np
+
+    from spectral_jax import io
+    from spectral_jax.acts import save_acts
+    from spectral_jax.models import load_backbone, parse_layers
+
     timesteps = _timesteps(args)                  # checked before the model loads
     layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     size = None if args.size is None else io.parse_size(args.size, "--size")
