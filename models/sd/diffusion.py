@@ -160,18 +160,3 @@ def collect_taps(images, model, timesteps, seed: int = 0, *, layers: Sequence[in
         taps = _step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), k, model.context, model.schedule)
         steps.append(Taps({j: taps.layers[j] for j in chosen}))
     return fold_timesteps(steps)
-
-
-def heads_per_layer(model, taps: Taps) -> dict[int, int]:
-    """H of each tapped layer (before folding timesteps)."""
-    attn = model.cfg.unet.attn_layers()
-    return {i: attn[i][1] for i in taps.layers}
-
-
-def tap_forward(model, *, layers: Sequence[int] | None = None, timesteps=None, seed: int = 0,
-                latent: str = "mean"):
-    """A `images → (None, Taps)` callable with the interface of the ViT forwards (`pipeline.Backbone`): taps across
-    `timesteps` (default: `timestep_schedule("random", DEFAULT_NUM_TIMESTEPS, seed)`)."""
-    ts = (timestep_schedule("random", DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
-          else np.asarray(timesteps, np.int64))
-    return lambda images: (None, collect_taps(images, model, ts, seed, layers=layers, latent=latent))
