@@ -30,7 +30,6 @@ _EXPORTS: dict[str, str | None] = {
     "analysis": None,
     "cli": None,
     "dataset": None,
-    "diffusion": None,
     "errors": None,
     "graphs": None,
     "io": None,
