@@ -12,7 +12,7 @@ folder per family, one registry:
 Names are imported on first use (PEP 562): `get_spec`, `names` and the specs do not import JAX.
 """
 
-from spectral_jax.models import lazy as _lazy
+from spectral_jax import lazy as _lazy
 
 # Public name → the module that defines it (None: a subpackage/submodule of that name).
 _EXPORTS = {

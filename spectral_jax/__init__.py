@@ -7,7 +7,7 @@ Every public name and subpackage is reachable from `import spectral_jax as sj` (
 `spectral-jax --help` command line do not pay for importing JAX.
 """
 
-import importlib as _importlib
+from spectral_jax import lazy as _lazy
 
 __version__ = "0.1.0"
 
@@ -45,17 +45,4 @@ _EXPORTS: dict[str, str | None] = {
 __all__ = sorted(_EXPORTS)
 
 
-def __getattr__(name: str):
-    """Import `name` on first access and keep it as a module attribute (so this runs once per name)."""
-    if name not in _EXPORTS:
-        raise AttributeError(f"module 'spectral_jax' has no attribute {name!r}")
-    source = _EXPORTS[name]
-    value = _importlib.import_module(f"spectral_jax.{name}") if source is None else \
-        getattr(_importlib.import_module(source), name)
-    globals()[name] = value
-    return value
-
-
-def __dir__() -> list[str]:
-    """The public names (loaded or not) and the module's dunders, not its private helpers."""
-    return sorted({*_EXPORTS, *(n for n in globals() if n.startswith("__"))})
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)

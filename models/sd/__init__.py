@@ -11,7 +11,7 @@ CLIP text encoder (empty prompt) and the DDPM schedule behind one `load_backbone
 Names are imported on first use (PEP 562), so `spectral_jax.models.sd.config` does not import JAX.
 """
 
-from spectral_jax.models import lazy as _lazy
+from spectral_jax import lazy as _lazy
 
 _EXPORTS = {
     "StableDiffusion": ".modeling", "load_sd": ".modeling", "get_sd_spec": ".modeling",

@@ -10,7 +10,7 @@ and its `load_backbone(spec, weights)`.
 Names are imported on first use (PEP 562), so `spectral_jax.models.vit.config` does not import JAX.
 """
 
-from spectral_jax.models import lazy as _lazy
+from spectral_jax import lazy as _lazy
 
 _EXPORTS = {
     "ViT": ".modeling", "jit_forward": ".modeling", "resolve_layers": ".modeling",

@@ -1,5 +1,5 @@
-"""PEP 562 exports for the packages under `models/`: public names are imported on first use, so that reading the
-registry (`get_spec`, model names) does not import JAX.
+"""PEP 562 exports for the package and its subpackages: public names are imported on first use, so that
+`import spectral_jax`, the CLI's `--help` and reading the model registry do not import JAX.
 
     __getattr__, __dir__ = lazy.exports(__name__, {"ViT": ".modeling", "params": None, ...})
 """
