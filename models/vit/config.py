@@ -2,11 +2,12 @@
 reading the registry is instant (`spectral_jax.models.registry`).
 
     cfg = PRESETS["dinov2_vits14"]          # ViTConfig(family="dinov2", hidden_size=384, num_layers=12, ...)
-    spec = MODELS["dinov2_vits14"]          # ModelSpec: config, HF repo id, preprocessing (224, patch 14, ImageNet)
+    spec = MODELS["dinov2_vits14"]          # ModelSpec: config, HF repo id, preprocessing (448, patch 14, ImageNet)
 
-Preprocessing follows each reference's image processor: mean/std normalisation constants, patch size, and the
-default size (the processors' 224-pixel crop; `spectral_jax.io` resizes the shorter side to it, keeping the
-aspect ratio, as DESIGN.md specifies, instead of centre-cropping).
+Preprocessing follows each reference's image processor for the mean/std normalisation constants and the patch
+size. The default size is this library's, the same for `analyze`, `extract` and the API: the shorter side becomes
+448 pixels (a 32×32 patch grid at patch 14; the processors' 224-pixel crop gives a 16×16 grid, too coarse for
+segments), keeping the aspect ratio (`spectral_jax.io`, as DESIGN.md specifies, instead of centre-cropping).
 """
 
 from __future__ import annotations
@@ -104,12 +105,13 @@ PRESETS: dict[str, ViTConfig] = {
 # The family as the registry sees it: `vit.load_backbone(spec, weights, dtype=, seed=, cache_dir=)`.
 FAMILY = Family("vit", "ViT", ("dtype", "seed", "cache_dir"), hidden=True)
 
+DEFAULT_SIZE = 448
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
 def _spec(name: str, repo_id: str, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ModelSpec:
     cfg = PRESETS[name]
-    return ModelSpec(name, cfg, repo_id, PreprocessSpec(224, cfg.patch_size, mean, std), FAMILY.name)
+    return ModelSpec(name, cfg, repo_id, PreprocessSpec(DEFAULT_SIZE, cfg.patch_size, mean, std), FAMILY.name)
 
 
 # Registry entries: name → architecture, published weights, preprocessing.

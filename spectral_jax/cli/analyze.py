@@ -27,7 +27,8 @@ def _common(p, model_default=None):
     p.add_argument("--method", choices=("exact", "gd"), default="exact",
                    help="exact: top-K eigenvectors of the averaged graph; gd: the optax solver, eigen preset "
                         "(default exact)")
-    p.add_argument("--size", default="448", help="shorter side S (rounded down to the patch) or HxW (default 448)")
+    p.add_argument("--size", default=None, help="shorter side S (rounded down to the patch) or HxW (default: the "
+                                                "model's, 448 for the ViTs, 512 for Stable Diffusion)")
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the vv graph (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice: gd start, k-means (default 0)")
 
@@ -62,7 +63,7 @@ def run_analyze(args, credit: str | None = None) -> int:
 
     from spectral_jax import files, io, models, pipeline, report
 
-    size = io.parse_size(args.size, "--size")
+    size = None if args.size is None else io.parse_size(args.size, "--size")
     spec = models.get_spec(args.model)
     layers = models.parse_layers(args.layers, spec.config.num_layers, "--layers")
     if not (args.tau > 0 and math.isfinite(args.tau)):

