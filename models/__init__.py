@@ -22,7 +22,7 @@ _EXPORTS = {
     "load": ".registry", "is_sd": ".registry", "MODELS": ".registry", "FAMILIES": ".registry",
     # Kept while callers move to load_backbone / the family packages:
     "PRESETS": ".vit", "ViT": ".vit", "ViTConfig": ".vit", "config_from_hf": ".vit", "jit_forward": ".vit",
-    "load_weights": ".vit", "resolve_layers": ".vit",
+    "load_weights": ".vit", "resolve_layers": ".backbone",
     "SD_MODELS": ".sd", "SDConfig": ".sd", "SDSpec": ".sd", "StableDiffusion": ".sd", "load_sd": ".sd",
     "backbone": None, "convert": None, "hub": None, "lazy": None, "registry": None, "sd": None, "spec": None,
     "vit": None,

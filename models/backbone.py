@@ -31,9 +31,10 @@ from spectral_jax.errors import InputError
 from spectral_jax.models.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from spectral_jax.taps import LayerTap, Taps
 
-def parse_layers(layers, num_layers: int, what: str = "layers") -> tuple[int, ...] | None:
+def parse_layers(layers, num_layers: int, what: str = "layers", kind: str = "layers") -> tuple[int, ...] | None:
     """The one reader of a layer selection: None/"all" → None (every layer); "0,3,5", a list or an int → sorted,
-    de-duplicated indices, negative ones counting from the end (−1 is the last layer). Out of range → InputError."""
+    de-duplicated indices, negative ones counting from the end (−1 is the last layer). Out of range → InputError
+    (naming `what`, and the model's `kind` of layers)."""
     if layers is None or (isinstance(layers, str) and layers.strip().lower() == "all"):
         return None
     if isinstance(layers, str):
@@ -54,9 +55,15 @@ def parse_layers(layers, num_layers: int, what: str = "layers") -> tuple[int, ..
                          "pass e.g. all or [3, 7, 11]") from None
     bad = [i for i in chosen if not -num_layers <= i < num_layers]
     if bad or not chosen:
-        raise InputError(f"{what} {layers!r}", f"the model has layers 0..{num_layers - 1} (or −{num_layers}..−1)",
+        raise InputError(f"{what} {layers!r}", f"the model has {kind} 0..{num_layers - 1} (or −{num_layers}..−1)",
                          "pass e.g. all or 3,7,11")
     return tuple(sorted({i % num_layers for i in chosen}))
+
+
+def resolve_layers(layers, num_layers: int, kind: str = "layers") -> tuple[int, ...]:
+    """`parse_layers` with every layer spelled out: the tuple of indices a model's forward taps."""
+    chosen = parse_layers(layers, num_layers, kind=kind)
+    return tuple(range(num_layers)) if chosen is None else chosen
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -116,7 +123,7 @@ class Backbone:
 
     @classmethod
     def from_function(cls, name: str, fn: Callable, params: Any = None, *, patch_size: int, num_layers: int,
-                      size: int = 224, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_prefix: int = 0,
+                      size: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_prefix: int = 0,
                       jittable: bool = True) -> "Backbone":
         """Wrap any `fn(params, images, layers) -> {layer: (q, k, v)}` (q/k/v `[B, heads, T, D]`, T = num_prefix +
         h·w patch tokens, h = H/patch_size, w = W/patch_size, row-major) or `-> Taps` as a `Backbone`.
@@ -142,4 +149,4 @@ def _items(out) -> Iterable:
     return sorted(out.items())
 
 
-__all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "PreprocessSpec", "parse_layers"]
+__all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "PreprocessSpec", "parse_layers", "resolve_layers"]

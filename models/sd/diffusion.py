@@ -30,7 +30,7 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.sd.unet import resolve_layers
+from spectral_jax.models.backbone import resolve_layers
 from spectral_jax.taps import LayerTap, Taps
 
 SCHEDULES = ("random", "constant", "increasing", "decreasing", "cyclic")
@@ -151,7 +151,7 @@ def collect_taps(images, model, timesteps, seed: int = 0, *, layers: Sequence[in
     ts = model.schedule.check(np.asarray(timesteps).reshape(-1))
     if ts.size == 0:
         raise ValueError("need at least one timestep")
-    chosen = resolve_layers(layers, model.cfg.num_layers)
+    chosen = resolve_layers(layers, model.cfg.num_layers, "self-attention layers")
     latents = encode_images(model, images, latent=latent, seed=seed)
     graphdef, state = nnx.split(model.unet)
     k = _keys(seed)[1]

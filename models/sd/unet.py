@@ -21,29 +21,18 @@ Shape legend
 from __future__ import annotations
 
 import math
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax.errors import InputError
+from spectral_jax.models.backbone import resolve_layers
 from spectral_jax.models.sd.config import DOWN_TYPES, UP_TYPES, UNetConfig  # noqa: F401  (re-exported)
 from spectral_jax.models.sd.layers import (Attention, Downsample2D, ResnetBlock2D, Upsample2D, conv, group_norm,
                                            layer_norm, linear)
 from spectral_jax.taps import LayerTap, Taps
-
-
-def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> tuple[int, ...]:
-    """None → every self-attention layer; otherwise the sorted, de-duplicated indices in [0, num_layers)."""
-    if layers is None:
-        return tuple(range(num_layers))
-    out = tuple(sorted({int(i) for i in layers}))
-    if not out or any(not 0 <= i < num_layers for i in out):
-        raise InputError(f"layers {list(layers)}", f"the model has self-attention layers 0..{num_layers - 1}",
-                         "choose layer indices in that range (or all)")
-    return out
 
 
 def timestep_embedding(t, dim: int, flip_sin_to_cos: bool = True, shift: float = 0.0, max_period: float = 10000.0):
@@ -255,7 +244,7 @@ class UNet2DConditionModel(nnx.Module):
         cfg = self.cfg
         if sample.ndim != 4 or sample.shape[-1] != cfg.in_channels:
             raise ValueError(f"sample must be [B, h, w, {cfg.in_channels}] latents, got {sample.shape}")
-        chosen = resolve_layers(layers, cfg.num_layers)
+        chosen = resolve_layers(layers, cfg.num_layers, "self-attention layers")
         b = sample.shape[0]
         t = jnp.broadcast_to(jnp.asarray(timesteps).reshape(-1), (b,))
         temb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
@@ -284,7 +273,7 @@ def jit_forward(model: UNet2DConditionModel, *, layers: Sequence[int] | None = N
 
     taps_only: return only the Taps (XLA then drops the work after the last tapped layer).
     """
-    chosen = resolve_layers(layers, model.cfg.num_layers)
+    chosen = resolve_layers(layers, model.cfg.num_layers, "self-attention layers")
     graphdef, state = nnx.split(model)
 
     @jax.jit

