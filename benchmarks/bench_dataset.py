@@ -38,23 +38,27 @@ def rss(kind):
     return 0
 
 import jax
-import jax.numpy as jnp
-from spectral_jax import dataset as D, folder as F
+from spectral_jax import dataset as D, folder as F, models
 
 a = json.loads(sys.argv[1])
-ext = D.Extractor.load(a["model"], a["weights"], a.get("layers", "all"))
+settings = D.Settings(model=a["model"], weights=a["weights"], layers=a.get("layers", "all"), size=a["size"],
+                      graph=a["graph"], preset=a["preset"], num_eigs=a["num_eigs"], batch_size=a["batch_size"],
+                      epochs=a["epochs"], inner_steps=a["inner_steps"], lr=a["lr"], k_intra=a["k"], k_inter=a["k"],
+                      seed=a["seed"], ema=a["ema"], checkpoint_every=a["checkpoint_every"])
+bb = models.load_backbone(a["model"], a["weights"])
+layers = bb.layers(settings.layers)
 loaded = rss("VmRSS")
 out = {"rss_loaded": loaded}
 if a.get("parts"):
     files, _ = F.scan(a["folder"])
-    b = a["batch_size"]
-    x, ok, _ = F.read_slots(os.path.abspath(a["folder"]), files, np.arange(b), (a["size"],) * 2, ext.patch, ext.mean,
-                            ext.std)
+    b, pre = a["batch_size"], bb.preprocess
+    x, ok, _ = F.read_slots(os.path.abspath(a["folder"]), files, np.arange(b), settings.size, pre.patch_size,
+                            pre.mean, pre.std)
     mesh = D.make_mesh()
-    cfg = D.Settings(graph=a["graph"], batch_size=b, inner_steps=a["inner_steps"], lr=a["lr"])
-    geom = D._geometry(ext, cfg, (a["size"],) * 2, len(files), mesh.devices.size)
-    fwd = jax.jit(lambda p, x: ext.apply(p, x))
-    knn = jax.jit(lambda p, x, v: [(g.idx, g.w) for g in D._graphs(ext, cfg, geom, mesh, p, x, v)])
+    geom = D.layout.geometry(bb, layers, settings, settings.size, len(files), mesh.devices.size)
+    fwd = jax.jit(lambda p, x: bb.apply(p, x, layers, False))
+    knn = jax.jit(lambda p, x, v: [(g.idx, g.w) for g in D.step.batch_graphs(bb.apply, layers, settings, geom, mesh,
+                                                                               p, x, v)])
 
     def best(f, *args, runs=2):
         jax.block_until_ready(f(*args))
@@ -65,14 +69,10 @@ if a.get("parts"):
             ts.append(time.perf_counter() - t)
         return min(ts)
 
-    out["forward_s"] = best(fwd, ext.params, x)
-    out["forward_knn_s"] = best(knn, ext.params, x, ok)
+    out["forward_s"] = best(fwd, bb.params, x)
+    out["forward_knn_s"] = best(knn, bb.params, x, ok)
 t = time.perf_counter()
-res = D.run(a["folder"], a["out"], model=a["model"], weights=a["weights"], layers=a.get("layers", "all"),
-            extractor=ext, size=a["size"], graph=a["graph"], preset=a["preset"], num_eigs=a["num_eigs"],
-            batch_size=a["batch_size"], epochs=a["epochs"], inner_steps=a["inner_steps"], lr=a["lr"],
-            k_intra=a["k"], k_inter=a["k"], seed=a["seed"], ema=a["ema"], checkpoint_every=a["checkpoint_every"],
-            resume=a.get("resume", False), progress=False)
+res = D.run(a["folder"], a["out"], settings, backbone=bb, resume=a.get("resume", False), progress=False)
 s = res.summary
 out.update(wall_s=time.perf_counter() - t, peak_rss=rss("VmHWM"), **{k: s[k] for k in (
     "compile_seconds", "seconds_loop", "steps_this_run", "images_per_second", "objective", "loss", "images",
@@ -153,7 +153,8 @@ def main() -> None:
     p.add_argument("--size", type=int, default=224)
     p.add_argument("--batch-size", type=int, default=40)
     p.add_argument("--num-eigs", type=int, default=20)
-    p.add_argument("--k", type=int, default=50, help="k_intra = k_inter")
+    p.add_argument("--k", type=int, default=None,
+                   help="k_intra = k_inter (default 50 each, capped by the tokens available)")
     p.add_argument("--graphs", nargs="+", default=["knn-qk", "knn-vv"])
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--inner-steps", type=int, default=5)
@@ -201,11 +202,11 @@ def main() -> None:
     lines = [""]
     if a.experiments:
         lines += [f"## Experiments: {a.preset} preset, {a.epochs} epochs, {a.inner_steps} inner steps "
-                  f"(lr {rows[0]['lr']}), EMA decay {a.ema}, batch {a.batch_size}, k_intra = k_inter = {a.k}, "
+                  f"(lr {rows[0]['lr']}), EMA decay {a.ema}, batch {a.batch_size}, k_intra {rows[0]['k_intra']}, k_inter {rows[0]['k_inter']}, "
                   f"layers {a.layers}", ""]
     else:
         lines += [f"## Throughput: {a.model} ({a.weights}), {a.size}², batch {a.batch_size}, layers {a.layers}, "
-                  f"K = {a.num_eigs}, k_intra = k_inter = {a.k}, {a.inner_steps} inner steps, {a.epochs} epoch(s)",
+                  f"K = {a.num_eigs}, k_intra {rows[0]['k_intra']}, k_inter {rows[0]['k_inter']}, {a.inner_steps} inner steps, {a.epochs} epoch(s)",
                   ""]
     lines += machine() + [""]
     lines += ["| graph | images | steps | compile s | loop s | images/s | peak RSS GiB | RSS growth over loaded "

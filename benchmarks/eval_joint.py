@@ -114,7 +114,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=0.1)
     ap.add_argument("--ema", type=float, default=0.7)
     ap.add_argument("--batch-size", type=int, default=40)
-    ap.add_argument("--k", type=int, default=50, help="k_intra = k_inter")
+    ap.add_argument("--k", type=int, default=None,
+                    help="k_intra = k_inter (default 50 each, capped by the tokens available)")
     ap.add_argument("--layers", default="all")
     ap.add_argument("--preset", default="paper")
     ap.add_argument("--ridge", type=float, default=10.0, help="ridge of every probe (features have unit RMS)")
@@ -194,7 +195,8 @@ def write(args, runs, reused, res, diff, shares, labels, supers, train, test, gr
     note = f"""# 'Where' and 'what' across images: the joint solve (coco-mini)
 
 Measured {datetime.date.today().isoformat()} with `python benchmarks/eval_joint.py` (epochs {args.epochs}, inner steps
-{args.inner_steps}, lr {args.lr}, EMA {args.ema}, batch {args.batch_size}, k_intra = k_inter = {args.k}, layers
+{args.inner_steps}, lr {args.lr}, EMA {args.ema}, batch {args.batch_size},
+k_intra {runs['knn-qk'].summary['k_intra']}, k_inter {runs['knn-qk'].summary['k_inter']}, layers
 {args.layers}, preset {args.preset}, K = {args.num_eigs}, ridge {args.ridge}, seed {args.seed}).
 
 - Machine: {cpu}, {os.cpu_count()} logical CPUs, no GPU; load average {load} at the end; Python

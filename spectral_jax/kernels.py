@@ -128,17 +128,6 @@ def row_lse(q: Array, k: Array, scale: float, block: int) -> Array:
     return softmax_matmul(q, k, jnp.zeros((k.shape[0], 1), q.dtype), scale, block)[1]
 
 
-def topk_split(a: Array, b: Array, group: Array, k_same: int, k_other: int, block: int
-               ) -> tuple[Array, Array, Array, Array]:
-    """Top-k cosine neighbours of each row of `a` among the rows of `b`, split by group (image) membership.
-
-    a `[N, D]`, b `[N, D]`, group `[N]` int. Returns (idx_same `[N, k_same]`, cos_same, idx_other
-    `[N, k_other]`, cos_other), neighbours j with group[j] == group[i] and != group[i] respectively. Slots with
-    no candidate (fewer candidates than k) get cos = -inf. `topk_rows` with rows and columns the same tokens.
-    """
-    return topk_rows(a, b, group, group, jnp.ones(b.shape[:1], bool), k_same, k_other, block)
-
-
 def topk_rows(a: Array, b: Array, row_img: Array, col_img: Array, col_ok: Array, k_same: int, k_other: int,
               block: int) -> tuple[Array, Array, Array, Array]:
     """Top-k cosine neighbours of the rows of `a` among the rows of `b`, split by image.

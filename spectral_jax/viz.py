@@ -24,7 +24,7 @@ from spectral_jax.errors import InputError
 
 __all__ = [
     "palette", "colormap", "overlay_segments", "pca_image", "eigvec_grid", "instance_image", "side_by_side",
-    "save_png",
+    "dataset_figure", "save_png",
 ]
 
 # 20 well-separated colours (RGB); segments beyond 20 get golden-ratio hues (`palette`).
@@ -245,6 +245,50 @@ def side_by_side(images: Sequence, pad: int = 4, background: int = 255, titles: 
         draw = ImageDraw.Draw(img)
         for x0, t in zip(xs, titles):
             draw.text((x0, pad), str(t), fill=(0, 0, 0), font=font)
+        canvas = np.asarray(img).copy()
+    return canvas
+
+
+def dataset_figure(eigvecs, thumbs: Sequence[np.ndarray] | None = None, *, num_vecs: int = 15, tile: int = 48,
+                   cols: int = 4, titles: bool = True) -> np.ndarray:
+    """A dataset run's picture (the paper's): per image `[n, K, h, w]`, eigenvectors (1,2,3) → RGB, (4,5,6) → RGB,
+    … (`num_vecs // 3` tiles), after the image itself (`thumbs`, uint8 `[tile, tile, 3]`), cells in a grid `cols`
+    images wide.
+
+    Each eigenvector is mapped to [0, 1] by its 1st and 99th percentiles over all shown images (one colour scale
+    for the whole figure, so equal colours mean equal values in every image). Tiles are nearest-upsampled.
+    """
+    e = np.asarray(eigvecs, np.float64)
+    n, k = e.shape[:2]
+    groups = max(1, min(num_vecs, k) // 3)
+    ch = np.zeros((n, groups * 3, *e.shape[2:]))
+    ch[:, :min(k, groups * 3)] = e[:, :groups * 3]
+    lo = np.percentile(ch, 1, axis=(0, 2, 3))[None, :, None, None]
+    hi = np.percentile(ch, 99, axis=(0, 2, 3))[None, :, None, None]
+    ch = np.clip((ch - lo) / np.where(hi > lo, hi - lo, 1.0), 0.0, 1.0)
+    per = groups + (thumbs is not None)
+    gap, cell_gap = 1, 6
+    cell_w = per * (tile + gap) - gap
+    rows = -(-n // cols)
+    head = 14 if titles else 0
+    canvas = np.full((head + rows * (tile + cell_gap), cols * (cell_w + cell_gap), 3), 255, np.uint8)
+    for i in range(n):
+        r, c = divmod(i, cols)
+        y, x = head + r * (tile + cell_gap), c * (cell_w + cell_gap)
+        tiles = [] if thumbs is None else [np.asarray(thumbs[i], np.uint8)]
+        for g in range(groups):
+            rgb = np.transpose(ch[i, 3 * g:3 * g + 3], (1, 2, 0))
+            img = Image.fromarray(np.rint(rgb * 255).astype(np.uint8)).resize((tile, tile), Image.Resampling.NEAREST)
+            tiles.append(np.asarray(img))
+        for j, t in enumerate(tiles):
+            canvas[y:y + tile, x + j * (tile + gap):x + j * (tile + gap) + tile] = t
+    if titles:
+        img = Image.fromarray(canvas)
+        draw = ImageDraw.Draw(img)
+        labels = (["image"] if thumbs is not None else []) + [f"{3 * g + 1}-{3 * g + 3}" for g in range(groups)]
+        for c in range(min(cols, n)):
+            for j, lab in enumerate(labels):
+                draw.text((c * (cell_w + cell_gap) + j * (tile + gap) + 2, 1), lab, fill=(0, 0, 0), font=_font())
         canvas = np.asarray(img).copy()
     return canvas
 

@@ -19,11 +19,7 @@ jax.config.update("jax_default_matmul_precision", "float32")
 # (xfail) are not skips and stay as they are. The only skips CI accepts: test id → the start of the skip's reason.
 REQUIRE_ALL = "SPECTRAL_JAX_REQUIRE_ALL"
 INSTALL = 'pip install -c constraints/py311-linux-x86_64.txt -e ".[test]"'
-ALLOWED_SKIPS = {
-    # CI runs as root, who writes into a read-only folder; test_out_not_writable_is_refused simulates it instead.
-    "tests/test_dataset_badinput.py::test_cli_unwritable_out_is_refused_before_the_model[read-only]":
-        "root writes into read-only folders",
-}
+ALLOWED_SKIPS: dict[str, str] = {}
 
 
 def _require_all():

@@ -1,8 +1,8 @@
 """Dataset level: batch kNN graph vs a dense construction, epoch order, compile-once, resume (in process and after
 SIGKILL), unreadable files, 8 devices vs 1, two processes vs one, and the CLI contract.
 
-Most tests use a synthetic extractor (random linear q/k/v of 8×8 pixel patches, 2 layers × 2 heads) through the
-`extractor=` seam, so no backbone forward is compiled; 32×32 inputs → a 4×4 grid.
+Most tests use a synthetic backbone (random linear q/k/v of 8×8 pixel patches, 2 layers × 2 heads;
+`Backbone.from_function`) through `backbone=`, so no real backbone forward is compiled; 32×32 inputs → a 4×4 grid.
 """
 
 from __future__ import annotations
@@ -21,33 +21,29 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from spectral_jax import dataset, graphs
-from spectral_jax.dataset import Extractor
-from spectral_jax.taps import LayerTap, Taps
+from spectral_jax import dataset, graphs, viz
+from spectral_jax.models import Backbone
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
 SMALL = dict(size=32, batch_size=4, num_eigs=6, k_intra=5, k_inter=5, figure_images=0)
 
 
-def synthetic(patch: int = 8, layers: int = 2, heads: int = 2, dim: int = 8, seed: int = 0) -> Extractor:
+def synthetic(patch: int = 8, layers: int = 2, heads: int = 2, dim: int = 8, seed: int = 0) -> Backbone:
     """q/k/v = tanh(patch pixels @ W) per layer and head: cheap to compile, image-dependent, deterministic."""
     rng = np.random.default_rng(seed)
     f = patch * patch * 3
     params = {"w": jnp.asarray(rng.normal(size=(layers, 3, f, heads * dim)).astype(np.float32) / np.sqrt(f))}
 
-    def apply(params, x):
+    def apply(params, x, chosen):
         b, hh, ww, _ = x.shape
         h, w = hh // patch, ww // patch
         p = x.reshape(b, h, patch, w, patch, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, h * w, f)
-        taps = {}
-        for i in range(layers):
-            q, k, v = (jnp.tanh(p @ params["w"][i, j]).reshape(b, h * w, heads, dim).transpose(0, 2, 1, 3)
-                       for j in range(3))
-            taps[i] = LayerTap(q, k, v, (h, w), 0)
-        return Taps(taps)
+        return {i: tuple(jnp.tanh(p @ params["w"][i, j]).reshape(b, h * w, heads, dim).transpose(0, 2, 1, 3)
+                         for j in range(3)) for i in (range(layers) if chosen is None else chosen)}
 
-    return Extractor("synthetic", params, apply, patch, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), "synthetic", "all")
+    return Backbone.from_function("synthetic", apply, params, patch_size=patch, num_layers=layers, size=32,
+                                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
 
 
 def make_folder(root: str, n: int = 10, seed: int = 0) -> str:
@@ -111,7 +107,7 @@ def test_batch_knn_matches_dense_construction(rng, block):
     a = rng.normal(size=(layers, n_img * per, 6)).astype(np.float32)
     b = rng.normal(size=(layers, n_img * per, 6)).astype(np.float32)
     valid = np.array([True, True, False, True])
-    g = jax.jit(lambda a, b, v: dataset.batch_knn(a, b, grid, n_img, v, k_intra=4, k_inter=5, block=block))(
+    g = jax.jit(lambda a, b, v: graphs.knn(a, b, grid, n_img, k_intra=4, k_inter=5, block=block, valid=v))(
         a, b, valid)
     dense = np.asarray(g.dense())
     img = np.arange(n_img * per) // per
@@ -130,9 +126,10 @@ def test_batch_knn_matches_dense_construction(rng, block):
 
 
 def test_batch_knn_equals_graphs_knn(rng):
+    """The dataset's search (rows under shard_map on its mesh) is the same graph as the plain one."""
     a = rng.normal(size=(3, 5 * 16, 8)).astype(np.float32)
     b = rng.normal(size=(3, 5 * 16, 8)).astype(np.float32)
-    ours = dataset.batch_knn(a, b, (4, 4), 5, k_intra=6, k_inter=10)
+    ours = graphs.knn(a, b, (4, 4), 5, k_intra=6, k_inter=10, mesh=dataset.make_mesh(jax.devices()[:1]))
     ref = graphs.knn(a, b, (4, 4), 5, k_intra=6, k_inter=10, min_cos=0.1)
     np.testing.assert_allclose(np.asarray(ours.dense()), np.asarray(ref.dense()), atol=1e-6)
     z = rng.normal(size=(80, 3)).astype(np.float32)
@@ -157,12 +154,20 @@ def test_epoch_order_and_padding():
 # ---------------------------------------------------------------------------------------------------- runs
 
 
-def test_run_compiles_once_and_writes_outputs(tmp_path):
+def traces(caplog, name: str) -> int:
+    """Traces of the jitted function `name` logged so far (JAX's own log: run under `jax.log_compiles(True)`)."""
+    return sum(r.getMessage().startswith(f"Finished tracing {name} ") for r in caplog.records)
+
+
+def test_run_compiles_once_and_writes_outputs(tmp_path, caplog):
     folder = make_folder(str(tmp_path / "imgs"), 10)
-    before = dataset.TRACES["dataset_step"]
-    res = dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), epochs=2, checkpoint_every=4,
-                      **{**SMALL, "figure_images": 100})
-    assert dataset.TRACES["dataset_step"] - before == 1                     # 6 steps, padded last batches: 1 trace
+    ext = synthetic()
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+        res = dataset.run(folder, str(tmp_path / "out"), backbone=ext, epochs=2, checkpoint_every=4,
+                          **{**SMALL, "figure_images": 100})
+        assert traces(caplog, "dataset_step") == 1                           # 6 steps, padded last batches: 1 trace
+        dataset.run(folder, str(tmp_path / "more"), backbone=ext, epochs=1, **SMALL)
+        assert traces(caplog, "dataset_step") == 1                           # a second run, other epochs: none
     s = res.summary
     assert s["steps"] == 6 and s["steps_per_epoch"] == 3 and s["images"] == 10 and s["skipped"] == []
     assert [h[3] for h in s["history"]] == [4, 4, 2, 4, 4, 2]              # valid images per batch
@@ -185,26 +190,26 @@ def test_run_compiles_once_and_writes_outputs(tmp_path):
 def test_resume_continues_to_the_same_table(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 10)
     ext = synthetic()
-    a = dataset.run(folder, str(tmp_path / "a"), extractor=ext, epochs=1, checkpoint_every=2, **SMALL)
+    a = dataset.run(folder, str(tmp_path / "a"), backbone=ext, epochs=1, checkpoint_every=2, **SMALL)
     assert a.summary["steps"] == 3
     with pytest.raises(dataset.InputError, match="--resume"):
-        dataset.run(folder, str(tmp_path / "a"), extractor=ext, epochs=3, **SMALL)
+        dataset.run(folder, str(tmp_path / "a"), backbone=ext, epochs=3, **SMALL)
     with pytest.raises(dataset.InputError, match="other settings"):
-        dataset.run(folder, str(tmp_path / "a"), extractor=ext, epochs=3, resume=True, **{**SMALL, "num_eigs": 5})
-    a = dataset.run(folder, str(tmp_path / "a"), extractor=ext, epochs=3, resume=True, **SMALL)
-    b = dataset.run(folder, str(tmp_path / "b"), extractor=ext, epochs=3, **SMALL)
+        dataset.run(folder, str(tmp_path / "a"), backbone=ext, epochs=3, resume=True, **{**SMALL, "num_eigs": 5})
+    a = dataset.run(folder, str(tmp_path / "a"), backbone=ext, epochs=3, resume=True, **SMALL)
+    b = dataset.run(folder, str(tmp_path / "b"), backbone=ext, epochs=3, **SMALL)
     assert a.summary["steps"] == b.summary["steps"] == 9 and a.summary["resumed_from"] == 3
     np.testing.assert_array_equal(a.table, b.table)                         # bit for bit
     assert a.summary["history"] == b.summary["history"]
     # a finished run re-opens without stepping and exports the same result
-    c = dataset.run(folder, str(tmp_path / "b"), extractor=ext, epochs=3, resume=True, **SMALL)
+    c = dataset.run(folder, str(tmp_path / "b"), backbone=ext, epochs=3, resume=True, **SMALL)
     assert c.summary["steps_this_run"] == 0
     np.testing.assert_array_equal(c.eigvecs, b.eigvecs)
 
 
 def test_eigen_preset_raises_the_objective(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 8)
-    res = dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), preset="eigen", epochs=3,
+    res = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), preset="eigen", epochs=3,
                       **{**SMALL, "batch_size": 8})
     h = np.asarray(res.summary["history"])
     assert (h[:, 1] < h[:, 0]).all()                                        # −Brockett cost falls in every batch
@@ -220,7 +225,7 @@ def test_unreadable_and_non_image_files_are_reported(tmp_path, capsys):
     (tmp_path / "imgs" / "text.png").write_text("hello")
     (tmp_path / "imgs" / "notes.txt").write_text("not an image")
     (tmp_path / "imgs" / ".hidden.png").write_bytes(b"")
-    res = dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), epochs=2, **SMALL)
+    res = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), epochs=2, **SMALL)
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert [d["file"] for d in s["skipped"]] == ["broken.jpg", "text.png"]
     assert all("cannot read" in d["reason"] for d in s["skipped"])
@@ -233,14 +238,14 @@ def test_unreadable_and_non_image_files_are_reported(tmp_path, capsys):
 
 def test_bad_input_leaves_nothing(tmp_path):
     with pytest.raises(dataset.InputError, match="no such folder"):
-        dataset.run(str(tmp_path / "nope"), str(tmp_path / "out"), extractor=synthetic())
+        dataset.run(str(tmp_path / "nope"), str(tmp_path / "out"), backbone=synthetic())
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "a.txt").write_text("x")
     with pytest.raises(dataset.InputError, match="no image files"):
-        dataset.run(str(tmp_path / "empty"), str(tmp_path / "out"), extractor=synthetic())
+        dataset.run(str(tmp_path / "empty"), str(tmp_path / "out"), backbone=synthetic())
     folder = make_folder(str(tmp_path / "imgs"), 3)
     with pytest.raises(dataset.InputError, match="multiple of the patch"):
-        dataset.run(folder, str(tmp_path / "out"), extractor=synthetic(), **{**SMALL, "size": 30})
+        dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), **{**SMALL, "size": 30})
     assert not (tmp_path / "out").exists()
 
 
@@ -263,7 +268,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
             time.sleep(0.3)
             return slow(*a, **k)
         F.read_slots = read_slots
-        dataset.run({folder!r}, {out!r}, extractor=synthetic(), epochs=6, checkpoint_every=1, **SMALL)
+        dataset.run({folder!r}, {out!r}, backbone=synthetic(), epochs=6, checkpoint_every=1, **SMALL)
         print("FINISHED")
     """)
     proc = subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
@@ -276,9 +281,9 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
     proc.wait()
     at_kill = max(_committed(ckdir))
     assert 3 <= at_kill < 18
-    resumed = dataset.run(folder, out, extractor=synthetic(), epochs=6, resume=True, **SMALL)
+    resumed = dataset.run(folder, out, backbone=synthetic(), epochs=6, resume=True, **SMALL)
     assert resumed.summary["resumed_from"] >= 3 and resumed.summary["steps"] == 18
-    whole = dataset.run(folder, str(tmp_path / "whole"), extractor=synthetic(), epochs=6, **SMALL)
+    whole = dataset.run(folder, str(tmp_path / "whole"), backbone=synthetic(), epochs=6, **SMALL)
     np.testing.assert_array_equal(resumed.table, whole.table)
     np.testing.assert_array_equal(resumed.eigvecs, whole.eigvecs)
 
@@ -296,7 +301,7 @@ def test_eight_devices_give_the_one_device_table(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 16)
     child = CHILD_HEAD + textwrap.dedent(f"""
         assert len(jax.devices()) == 8, jax.devices()
-        kw = dict(extractor=synthetic(), epochs=2, **{{**SMALL, "batch_size": 8}})
+        kw = dict(backbone=synthetic(), epochs=2, **{{**SMALL, "batch_size": 8}})
         one = dataset.run({folder!r}, {str(tmp_path / "one")!r}, mesh=dataset.make_mesh(jax.devices()[:1]), **kw)
         eight = dataset.run({folder!r}, {str(tmp_path / "eight")!r}, **kw)
         assert one.summary["devices"] == 1 and eight.summary["devices"] == 8
@@ -335,7 +340,7 @@ def test_two_processes_give_the_one_process_result(tmp_path):
                 seen.extend(int(i) for i in idx if i >= 0)
                 return read(root, files, idx, *a)
             F.read_slots = read_slots
-            res = dataset.run({folder!r}, {out!r}, extractor=synthetic(), epochs=2, checkpoint_every=2, **SMALL)
+            res = dataset.run({folder!r}, {out!r}, backbone=synthetic(), epochs=2, checkpoint_every=2, **SMALL)
             assert res.summary["devices"] == 2 and res.summary["processes"] == 2
             json.dump(seen, open({out!r} + ".read{i}.json", "w"))
         """)
@@ -350,7 +355,7 @@ def test_two_processes_give_the_one_process_result(tmp_path):
                 p.wait()
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
     multi = dataset.load_result(out)
-    single = dataset.run(folder, str(tmp_path / "single"), extractor=synthetic(), epochs=2,
+    single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(), epochs=2,
                          mesh=dataset.make_mesh(jax.devices()[:1]), **SMALL)
     assert multi.names == single.names and multi.summary["steps"] == single.summary["steps"]
     np.testing.assert_allclose(multi.table, single.table, rtol=1e-5, atol=1e-5)
@@ -406,13 +411,13 @@ def test_cli_real_backbone_tiny(tmp_path):
 def test_figure_layout_three_eigenvectors_per_rgb_tile(rng):
     e = rng.normal(size=(7, 16, 4, 4)).astype(np.float32)
     thumbs = [np.full((10, 10, 3), 200, np.uint8)] * 7
-    fig = dataset.figure(e, thumbs, num_vecs=15, tile=10, cols=3, titles=False)
+    fig = viz.dataset_figure(e, thumbs, num_vecs=15, tile=10, cols=3, titles=False)
     # 3 cells per row, each: image + 5 RGB tiles (1px apart), 6px between cells; 3 rows of cells
     assert fig.shape == (3 * (10 + 6), 3 * (6 * 11 - 1 + 6), 3)
     assert (fig[:10, :10] == 200).all()                                     # the image comes first
     # eigenvectors 1–3 of image 0 → the RGB channels of its first tile (percentile scaling is monotone)
     tile = fig[:10, 11:21].astype(float)
-    small = dataset.figure(e[:, :3], None, num_vecs=3, tile=4, cols=1, titles=False)
+    small = viz.dataset_figure(e[:, :3], None, num_vecs=3, tile=4, cols=1, titles=False)
     for c in range(3):
         order = np.argsort(e[0, c].ravel())
         assert np.all(np.diff(small[:4, :4, c].astype(float).ravel()[order]) >= 0)

@@ -54,18 +54,6 @@ def register(sub) -> None:
     p.set_defaults(func=run_dataset)
 
 
-def _size(text: str):
-    t = text.lower()
-    try:
-        if "x" in t:
-            h, w = (int(s) for s in t.split("x"))
-            return (h, w)
-        s = int(t)
-        return (s, s)
-    except ValueError:
-        raise InputError(f"--size {text}", "not S or HxW", "pass e.g. --size 224 or --size 224x336") from None
-
-
 def _check_cluster(args) -> None:
     """--coordinator HOST:PORT, --num-processes ≥ 1, 0 ≤ --process-id < --num-processes: one line each."""
     if args.coordinator is not None:
@@ -82,14 +70,17 @@ def _check_cluster(args) -> None:
 
 
 def run_dataset(args) -> int:
+    from spectral_jax.dataset.settings import Settings     # no JAX: every option below is checked at once
     from spectral_jax.models import get_spec
 
-    size = _size(str(args.size))
+    settings = Settings(model=args.model, weights=args.weights or None, layers=args.layers, size=str(args.size),
+                        graph=args.graph, preset=args.preset, num_eigs=args.num_eigs, batch_size=args.batch_size,
+                        epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
+                        k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, seed=args.seed,
+                        checkpoint_every=args.checkpoint_every, prefetch=args.prefetch)
     get_spec(args.model)                            # unknown model: one line before anything else
     if not os.path.isdir(args.folder):
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
-    if args.prefetch < 1:
-        raise InputError("--prefetch", f"must be ≥ 1, got {args.prefetch}", "pass e.g. --prefetch 2")
     _check_cluster(args)
     if args.coordinator or args.num_processes or args.process_id is not None:
         from spectral_jax.dataset import init_distributed
@@ -97,12 +88,7 @@ def run_dataset(args) -> int:
         init_distributed(args.coordinator, args.num_processes, args.process_id)
     from spectral_jax import dataset
 
-    res = dataset.run(args.folder, args.out, model=args.model, weights=args.weights or None, layers=args.layers,
-                      size=size, graph=args.graph, preset=args.preset, num_eigs=args.num_eigs,
-                      batch_size=args.batch_size, epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr,
-                      ema=args.ema, k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos,
-                      seed=args.seed, checkpoint_every=args.checkpoint_every, resume=args.resume,
-                      prefetch=args.prefetch, progress=True)
+    res = dataset.run(args.folder, args.out, settings, resume=args.resume, progress=True)
     import jax
 
     if jax.process_index() == 0:

@@ -1,0 +1,127 @@
+"""Where everything of a dataset run lives: the static shapes (`Geometry`), the device mesh, which image sits in
+which batch slot at which step, and which process reads which slots.
+
+The mesh is 1-D over all devices of all processes, axis 'data' (`make_mesh`), process-major, so each process's
+devices hold one contiguous range of batch slots. Slot j of step t holds image `epoch_order(seed, epoch)[t·B + j]`
+(−1: a padded slot of an epoch's last batch), a deterministic function of (seed, step), so a resumed run continues
+with the same batches. Multi-host: `init_distributed`; a process reads only its own slots (`local_slots`) and hands
+them over with `jax.make_array_from_process_local_data` (`global_array`); `gather` brings a result back.
+
+Shape legend
+    B  images per batch    R  table rows (images, padded to a multiple of lcm(ROW_ALIGN, D))    D  devices
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from spectral_jax import graphs
+from spectral_jax.dataset.settings import Settings
+from spectral_jax.errors import InputError
+
+AXIS = "data"
+ROW_ALIGN = 64          # table rows are padded to a multiple of lcm(64, D): the same shape for 1, 2, 4, 8, … devices
+
+
+@dataclasses.dataclass(frozen=True)
+class Geometry:
+    """Static shapes of a run: layer groups (layers sharing a grid and q/k/v shapes, `graphs.group_layers`), the
+    base grid (the finest), the input size, images, table rows, devices, and the effective k (capped by the
+    tokens of the coarsest grid)."""
+
+    groups: tuple            # ((grid, (layer, ...)), ...)
+    base: tuple[int, int]
+    size: tuple[int, int]
+    num_images: int
+    rows: int
+    devices: int
+    k_intra: int
+    k_inter: int
+
+    @property
+    def tokens(self) -> int:
+        """Tokens per image of the coarsest tapped grid (the smallest graph of a batch)."""
+        return min(g[0] * g[1] for g, _ in self.groups)
+
+
+def geometry(backbone, layers, settings: Settings, size: tuple[int, int], num_images: int, devices: int
+             ) -> Geometry:
+    """The run's `Geometry` from the backbone's taps traced abstractly (`jax.eval_shape`, nothing computed)."""
+    x = jax.ShapeDtypeStruct((settings.batch_size, *size, 3), jnp.float32)
+    taps = jax.eval_shape(lambda p, x: backbone.apply(p, x, layers, False).patches(), backbone.params, x)
+    groups = tuple(graphs.group_layers(taps))
+    if not groups:
+        raise InputError(f"model {backbone.name!r}", "taps no layers", "pass --layers all or a list of layer indices")
+    base = max((g for g, _ in groups), key=lambda hw: hw[0] * hw[1])
+    per = min(g[0] * g[1] for g, _ in groups)
+    align = ROW_ALIGN * devices // math.gcd(ROW_ALIGN, devices)
+    k_intra, k_inter = graphs.clamp_k(*settings.k, (1, per), settings.batch_size)
+    return Geometry(groups, tuple(base), tuple(size), num_images, -(-num_images // align) * align, devices,
+                    k_intra, k_inter)
+
+
+def make_mesh(devices: Sequence | None = None) -> Mesh:
+    """A 1-D mesh ('data') over `devices` (default: all devices of all processes), process-major, so that each
+    process's devices hold one contiguous range of batch slots."""
+    devs = sorted(devices if devices is not None else jax.devices(), key=lambda d: (d.process_index, d.id))
+    return Mesh(np.array(devs), (AXIS,))
+
+
+def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
+                     process_id: int | None = None) -> None:
+    """`jax.distributed.initialize` (call before anything else touches JAX). With no arguments JAX detects the
+    cluster (SLURM, TPU pods, …). CPU processes exchange data over gloo (the default of this JAX)."""
+    kw = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
+                                 process_id=process_id).items() if v is not None}
+    jax.distributed.initialize(**kw)
+
+
+def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
+    """The image order of `epoch`: a permutation of range(num_images) drawn from (seed, epoch) alone."""
+    return np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EC7, int(epoch)])).permutation(num_images)
+
+
+def batch_indices(seed: int, step: int, num_images: int, batch_size: int) -> np.ndarray:
+    """Image index of each slot of global step `step` `[B]` int32; −1 pads the last batch of an epoch."""
+    per_epoch = -(-num_images // batch_size)
+    epoch, t = divmod(int(step), per_epoch)
+    idx = epoch_order(seed, epoch, num_images)[t * batch_size:(t + 1) * batch_size]
+    return np.concatenate([idx, np.full(batch_size - len(idx), -1)]).astype(np.int32)
+
+
+def local_slots(sharding: NamedSharding, batch_size: int) -> np.ndarray:
+    """The batch slots this process's devices hold under `sharding` (one contiguous range, in order)."""
+    starts = sorted({(s[0].start or 0, s[0].stop if s[0].stop is not None else batch_size)
+                     for s in sharding.addressable_devices_indices_map((batch_size,)).values()})
+    slots = np.concatenate([np.arange(a, b) for a, b in starts])
+    if len(slots) and not np.array_equal(slots, np.arange(slots[0], slots[0] + len(slots))):
+        raise RuntimeError(f"this process's batch slots are not contiguous: {slots}")
+    return slots
+
+
+def global_array(mesh: Mesh, spec: P, local: np.ndarray, shape: tuple) -> jax.Array:
+    """One global array of `shape` from this process's part `local` (laid out by `spec` over `mesh`)."""
+    return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
+
+
+def gather(x) -> np.ndarray:
+    """A (possibly multi-process) array as one host numpy array; every process must call it."""
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    if x.is_fully_replicated:
+        return np.asarray(x.addressable_data(0))
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+__all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
+           "init_distributed", "local_slots", "make_mesh"]

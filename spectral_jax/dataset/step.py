@@ -1,0 +1,223 @@
+"""One step of the dataset solver, jitted once per run: taps of a batch → one kNN graph per tapped layer → a few
+optimizer steps on the batch's rows of the table → the table, its EMA, the per-image optimizer state and status.
+
+    state = init_state(settings, geom, mesh)
+    step = compile_step(backbone, layers, settings, geom, mesh, state, batch_spec)   # before anything is written
+    state, metrics = step(state, params, x, idx, valid)
+
+The graph is `graphs.knn` over all B·N tokens of the batch (`graphs.knn_inputs`: heads concatenated), padded and
+unreadable slots masked, rows searched under `shard_map` (`mesh`). Presets (what a table row holds, which loss the
+inner steps minimise):
+    paper   logits; X = softmax over K; the official code's loss 2·mean|R − 1| + 2λ·mean (z_kᵀ z_k')² (`paper_loss`).
+    eigen   free values; the batch's rows are orthonormalised over the batch's nodes (`solvers.gd.retract`) and
+            moved along the Stiefel gradient (`solvers.gd.riemannian_grad`) of Σ_k c_k Σ_l w_l R_{l,k}, c_k
+            decreasing from 1 to ½ (a Brockett cost, so column k means "the k-th eigenvector" in every batch).
+Each image has its own optimizer state (count, moments): its rows move only when it is in the batch, as with the
+official code's per-image parameters, whose gradient is None outside their batch. The step is `jax.jit` with the
+backbone's `apply`, the layers, the settings, the geometry and the mesh static: JAX's caches keep it compiled, so a
+second run with the same backbone object and settings (a resume, a re-export) compiles nothing.
+
+Shape legend
+    B  images per batch    K  eigenvectors    (h, w)  base grid    R  table rows    D  devices on the 'data' axis
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from spectral_jax import graphs as G
+from spectral_jax.dataset.layout import AXIS, Geometry
+from spectral_jax.dataset.settings import Settings
+from spectral_jax.objective import from_nodes, normalised_weights, paper_loss, rayleigh, to_nodes
+from spectral_jax.solvers.gd import default_lr, retract, riemannian_grad
+
+
+class State(NamedTuple):
+    """What a run carries from step to step (and checkpoints). Rows are sharded over the mesh."""
+
+    table: jax.Array            # [R, K, h, w] float32: logits (paper) or free values (eigen)
+    ema: jax.Array              # [R, K, h, w] float32: its moving average (not debiased)
+    opt: Any                    # the optimizer's state, one per row (leaves [R, ...])
+    status: jax.Array           # [R] int8: 0 unseen, 1 read, 2 unreadable
+    step: jax.Array             # int32 scalar: steps taken
+
+
+class Metrics(NamedTuple):
+    """One step's report (replicated scalars)."""
+
+    loss_first: jax.Array       # the loss at the first inner step
+    loss: jax.Array             # after the inner steps
+    objective: jax.Array        # Σ_k Σ_l w_l R_{l,k} after the inner steps
+    images: jax.Array           # readable images in the batch
+
+
+def learning_rate(settings: Settings, geom: Geometry) -> float:
+    """`settings.lr`, else `solvers.gd.default_lr` at the dataset level over a batch's B·h·w nodes."""
+    if settings.lr is not None:
+        return float(settings.lr)
+    return default_lr(settings.preset, settings.batch_size * geom.base[0] * geom.base[1], level="dataset")
+
+
+def make_optimizer(settings: Settings, geom: Geometry) -> optax.GradientTransformation:
+    """AdamW (the official code's optimizer; weight decay 0 as in its dataset run), one state per image."""
+    return optax.adamw(learning_rate(settings, geom), weight_decay=settings.weight_decay)
+
+
+def shardings(mesh: Mesh, tree):
+    """Rows over the mesh for every leaf with a leading axis, replicated scalars."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, P(AXIS) if s.ndim >= 1 else P()), tree)
+
+
+def _new_state(settings: Settings, geom: Geometry) -> State:
+    table = jax.random.normal(jax.random.key(settings.seed), (geom.rows, settings.num_eigs, *geom.base), jnp.float32)
+    return State(table, jnp.zeros_like(table), jax.vmap(make_optimizer(settings, geom).init)(table),
+                 jnp.zeros((geom.rows,), jnp.int8), jnp.zeros((), jnp.int32))
+
+
+def abstract_state(settings: Settings, geom: Geometry, mesh: Mesh) -> State:
+    """The state's shapes, dtypes and shardings (for compiling and restoring without computing anything)."""
+    shape = jax.eval_shape(lambda: _new_state(settings, geom))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shape,
+                        shardings(mesh, shape))
+
+
+def init_state(settings: Settings, geom: Geometry, mesh: Mesh) -> State:
+    """A fresh state: the table drawn from `seed` (standard normal, as the official code's logits), a zero EMA,
+    per-image optimizer state, status 0 (unseen), step 0 — created sharded."""
+    out = shardings(mesh, jax.eval_shape(lambda: _new_state(settings, geom)))
+    return jax.jit(lambda: _new_state(settings, geom), out_shardings=out)()
+
+
+def _fetch(mesh: Mesh, arr, idx):
+    """Rows `arr[idx]` of a row-sharded `[R, ...]` array, replicated `[B, ...]`; idx ≥ R gives zeros."""
+    def local(loc, idx):
+        n = loc.shape[0]
+        j = idx - lax.axis_index(AXIS) * n
+        own = (j >= 0) & (j < n)
+        rows = loc[jnp.clip(j, 0, n - 1)]
+        return lax.psum(jnp.where(own.reshape(-1, *[1] * (rows.ndim - 1)), rows, jnp.zeros_like(rows)), AXIS)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P()), out_specs=P())(arr, idx)
+
+
+def _put(mesh: Mesh, arr, idx, rows, mask):
+    """`arr[idx[mask]] = rows[mask]` on a row-sharded `[R, ...]` array (each device writes the rows it holds)."""
+    def local(loc, idx, rows, mask):
+        n = loc.shape[0]
+        j = idx - lax.axis_index(AXIS) * n
+        j = jnp.where(mask & (j >= 0) & (j < n), j, n)
+        return loc.at[j].set(rows.astype(loc.dtype), mode="drop")
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(AXIS), P(), P(), P()), out_specs=P(AXIS))(arr, idx, rows,
+                                                                                                 mask)
+
+
+def _layer_weights(settings: Settings, geom: Geometry):
+    if settings.layer_weights is None:
+        return None
+    lw = dict(settings.layer_weights)
+    return [jnp.asarray([float(lw.get(i, 1.0)) for i in layers], jnp.float32) for _, layers in geom.groups]
+
+
+def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh | None, params, x, valid
+                 ) -> list[G.KnnGraph]:
+    """One `graphs.knn` group per layer group over the batch's tokens: x `[B, H, W, 3]`, valid `[B]`."""
+    taps = apply(params, x, layers, False).patches()
+    out = []
+    for grid, group in geom.groups:
+        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, settings.batch_size)
+        out.append(G.knn(*G.knn_inputs([taps.layers[i] for i in group], settings.graph), grid, settings.batch_size,
+                         k_intra, k_inter, settings.min_cos, settings.block, valid=valid, mesh=mesh, axis=AXIS))
+    return out
+
+
+def _brockett(k: int):
+    return jnp.linspace(1.0, 0.5, k, dtype=jnp.float32)
+
+
+def solve_batch(settings: Settings, geom: Geometry, opt, graphs, ws, rows, ost, valid):
+    """`inner_steps` optimizer steps on the batch's rows `[B, K, h, w]` (per-image optimizer state `ost`).
+
+    Returns (rows, ost, loss per step `[S]`, final loss, final Rayleigh objective Σ_k Σ_l w_l R_{l,k}).
+    """
+    vm = valid[:, None, None, None]
+    keep = lambda new, old: jax.tree.map(
+        lambda n, o: jnp.where(valid.reshape(-1, *[1] * (n.ndim - 1)), n, o), new, old)
+
+    if settings.preset == "paper":
+        maps = lambda r: jax.nn.softmax(r, axis=1) * vm
+        loss_fn = lambda r: paper_loss(graphs, maps(r), ws, settings.lam)
+
+        def inner(carry, _):
+            r, s = carry
+            loss, g = jax.value_and_grad(loss_fn)(r)
+            upd, s2 = jax.vmap(opt.update)(g, s, r)
+            return (keep(optax.apply_updates(r, upd), r), keep(s2, s)), loss
+
+        (rows, ost), hist = lax.scan(inner, (rows, ost), None, length=settings.inner_steps)
+        return rows, ost, hist, loss_fn(rows), rayleigh(graphs, maps(rows), ws)[1]
+
+    c = _brockett(settings.num_eigs)
+    nimg, base = settings.batch_size, geom.base
+
+    def cost(xn):
+        rqs, _ = rayleigh(graphs, from_nodes(xn, nimg, base), ws)
+        return sum(jnp.sum(w[..., None] * r * c) for r, w in zip(rqs, normalised_weights(graphs, ws)))
+
+    def inner(carry, _):
+        xn, s = carry
+        val, g = jax.value_and_grad(cost)(xn)
+        r = from_nodes(xn, nimg, base)
+        upd, s2 = jax.vmap(opt.update)(from_nodes(-riemannian_grad(xn, g), nimg, base), s, r)
+        return (retract(to_nodes(optax.apply_updates(r, upd) * vm)), keep(s2, s)), -val
+
+    xn = retract(to_nodes(rows * vm))
+    (xn, ost), hist = lax.scan(inner, (xn, ost), None, length=settings.inner_steps)
+    x = from_nodes(xn, nimg, base)
+    return x, ost, hist, -cost(xn), rayleigh(graphs, x, ws)[1]
+
+
+def dataset_step(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh, state: State, params,
+                 x, idx, valid) -> tuple[State, Metrics]:
+    """One step: x `[B, H, W, 3]` (sharded by image), idx `[B]` int32 (image of each slot, −1: padding),
+    valid `[B]` bool (sharded) → the new state and the step's metrics."""
+    opt = make_optimizer(settings, geom)
+    graphs = batch_graphs(apply, layers, settings, geom, mesh, params, x, valid)
+    rep = NamedSharding(mesh, P())
+    valid_r = lax.with_sharding_constraint(valid, rep)
+    slot = jnp.where(idx >= 0, idx, geom.rows)
+    rows = _fetch(mesh, state.table, slot)
+    ost = jax.tree.map(lambda s: _fetch(mesh, s, slot), state.opt)
+    rows, ost, hist, loss, obj = solve_batch(settings, geom, opt, graphs, _layer_weights(settings, geom), rows, ost,
+                                             valid_r)
+    table = _put(mesh, state.table, idx, rows, valid_r)
+    new = State(table, settings.ema * state.ema + (1.0 - settings.ema) * table,
+                jax.tree.map(lambda s, r: _put(mesh, s, idx, r, valid_r), state.opt, ost),
+                _put(mesh, state.status, idx, jnp.where(valid_r, 1, 2).astype(jnp.int8), idx >= 0), state.step + 1)
+    metrics = Metrics(hist[0], loss, obj, valid_r.sum())
+    return lax.with_sharding_constraint(new, shardings(mesh, new)), lax.with_sharding_constraint(metrics, rep)
+
+
+_dataset_step = jax.jit(dataset_step, static_argnums=(0, 1, 2, 3, 4))
+
+
+def compile_step(backbone, layers, settings: Settings, geom: Geometry, mesh: Mesh, state: State, batch_spec):
+    """`dataset_step` for this backbone, settings and mesh, compiled ahead of time (a failure here happens before
+    the run writes anything). state: the (abstract) state; batch_spec: abstract (x, idx, valid) with shardings.
+    Settings that only steer the run (epochs, checkpoints, …) are dropped from the static key (`Settings.step_key`),
+    so a resume with more epochs reuses the compiled step."""
+    rep = NamedSharding(mesh, P())
+    params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype, sharding=rep), backbone.params)
+    return _dataset_step.lower(backbone.apply, layers, settings.step_key(), geom, mesh, state, params,
+                               *batch_spec).compile()
+
+
+__all__ = ["Metrics", "State", "abstract_state", "batch_graphs", "compile_step", "dataset_step", "init_state",
+           "learning_rate", "make_optimizer", "solve_batch"]

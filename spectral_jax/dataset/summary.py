@@ -1,0 +1,64 @@
+"""summary.json of a dataset run: what was solved, how well, how fast, from which files. JSON-ready dict; at least
+`objective`, `seconds`, `method`, `num_eigs`, `steps` (the command-line contract), plus the run's settings, the
+effective k, the skipped and ignored files and the per-step history."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from spectral_jax.dataset.layout import Geometry
+from spectral_jax.dataset.settings import Settings
+
+HISTORY_COLUMNS = ["loss_first_inner_step", "loss", "objective", "images"]
+
+
+class Progress(NamedTuple):
+    """Where the run stands at export."""
+
+    history: list               # one row per step (HISTORY_COLUMNS), over every process run so far
+    steps: int                  # steps taken in total
+    steps_this_run: int
+    resumed_from: int | None    # the checkpoint step this process started from
+    per_epoch: int              # steps per epoch
+
+
+class Timings(NamedTuple):
+    seconds: float              # this process, start to export
+    seconds_total: float        # every process run so far
+    loop: float                 # this process's steps
+    compile: float              # compiling the step
+
+
+def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timings, *, backbone: dict, lr: float,
+         names: list, files: list, skipped: list, ignored: list, machine: dict, folder: str) -> dict:
+    """The summary. backbone: {"model", "weights", "layers"}; lr: the effective learning rate; names: images
+    read; files: images listed; skipped: [{"file", "reason"}] unreadable; ignored: non-image files; machine:
+    {"devices", "processes", "backend"}."""
+    h = progress.history
+    last = h[-progress.per_epoch:] if h else []
+    read_now = sum(r[3] for r in h[len(h) - progress.steps_this_run:]) if progress.steps_this_run else 0
+    return {
+        "objective": float(np.mean([r[2] for r in last])) if last else None,
+        "objective_kind": "mean over the last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k after the inner steps",
+        "loss": float(np.mean([r[1] for r in last])) if last else None,
+        "loss_kind": "paper loss" if settings.preset == "paper" else "−Σ_k c_k Σ_l w_l R_{l,k} (Brockett)",
+        "seconds": round(timings.seconds, 3), "seconds_total": round(timings.seconds_total, 3),
+        "seconds_loop": round(timings.loop, 3), "compile_seconds": round(timings.compile, 3),
+        "images_per_second": (round(read_now / timings.loop, 3)                 # images read, not padded slots
+                              if progress.steps_this_run and timings.loop > 0 else None),
+        "method": f"dataset-{settings.preset}", "preset": settings.preset, "num_eigs": settings.num_eigs,
+        "steps": progress.steps, "steps_this_run": progress.steps_this_run, "resumed_from": progress.resumed_from,
+        "epochs": progress.steps / progress.per_epoch, "steps_per_epoch": progress.per_epoch,
+        "last_batch": "padded (masked slots)",
+        "images": len(names), "images_listed": len(files), "skipped": skipped, "ignored": ignored,
+        **backbone, "graph": settings.graph,
+        "grid": list(geom.base), "size": list(geom.size), "batch_size": settings.batch_size,
+        "inner_steps": settings.inner_steps, "lr": lr, "weight_decay": settings.weight_decay, "ema": settings.ema,
+        "k_intra": geom.k_intra, "k_inter": geom.k_inter, "min_cos": settings.min_cos, "seed": settings.seed,
+        **machine, "history_columns": HISTORY_COLUMNS, "history": h, "folder": folder,
+    }
+
+
+__all__ = ["HISTORY_COLUMNS", "Progress", "Timings", "make"]
