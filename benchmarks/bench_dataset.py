@@ -202,11 +202,13 @@ def main() -> None:
     lines = [""]
     if a.experiments:
         lines += [f"## Experiments: {a.preset} preset, {a.epochs} epochs, {a.inner_steps} inner steps "
-                  f"(lr {rows[0]['lr']}), EMA decay {a.ema}, batch {a.batch_size}, k_intra {rows[0]['k_intra']}, k_inter {rows[0]['k_inter']}, "
+                  f"(lr {rows[0]['lr']}), EMA decay {a.ema}, batch {a.batch_size}, "
+                  f"k_intra {rows[0]['k_intra']}, k_inter {rows[0]['k_inter']}, "
                   f"layers {a.layers}", ""]
     else:
         lines += [f"## Throughput: {a.model} ({a.weights}), {a.size}², batch {a.batch_size}, layers {a.layers}, "
-                  f"K = {a.num_eigs}, k_intra {rows[0]['k_intra']}, k_inter {rows[0]['k_inter']}, {a.inner_steps} inner steps, {a.epochs} epoch(s)",
+                  f"K = {a.num_eigs}, k_intra {rows[0]['k_intra']}, k_inter {rows[0]['k_inter']}, "
+                  f"{a.inner_steps} inner steps, {a.epochs} epoch(s)",
                   ""]
     lines += machine() + [""]
     lines += ["| graph | images | steps | compile s | loop s | images/s | peak RSS GiB | RSS growth over loaded "

@@ -331,8 +331,8 @@ def knn_inputs(layer_taps, kind: str) -> tuple[Array, Array]:
 
 
 def clamp_k(k_intra: int, k_inter: int, grid: tuple[int, int], num_images: int) -> tuple[int, int]:
-    """(k_intra, k_inter) capped by the tokens available: an image's h·w, and the other images' (num_images − 1)·h·w
-    (so one image gets no inter-image edges)."""
+    """(k_intra, k_inter) capped by the tokens available: an image's h·w, and the other images'
+    (num_images − 1)·h·w (so one image gets no inter-image edges)."""
     per = int(grid[0]) * int(grid[1])
     return min(int(k_intra), per), min(int(k_inter), (int(num_images) - 1) * per)
 

@@ -76,10 +76,11 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
 
     size = io.target_size(settings.size, settings.size, backbone.patch_size)
     mesh = mesh if mesh is not None else make_mesh()
-    if settings.batch_size % mesh.devices.size:
-        raise InputError("--batch-size", f"{settings.batch_size} is not a multiple of the {mesh.devices.size} "
-                         "devices", f"pass --batch-size {-(-settings.batch_size // mesh.devices.size) * mesh.devices.size}")
-    geom = geometry(backbone, layers, settings, size, len(where.files), mesh.devices.size)
+    ndev = mesh.devices.size
+    if settings.batch_size % ndev:
+        raise InputError("--batch-size", f"{settings.batch_size} is not a multiple of the {ndev} devices",
+                         f"pass --batch-size {-(-settings.batch_size // ndev) * ndev}")
+    geom = geometry(backbone, layers, settings, size, len(where.files), ndev)
     inputs.check_graph_size(settings, geom.tokens, len(where.files), (geom.k_intra, geom.k_inter))
     fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.files)
     if where.done:
@@ -202,7 +203,8 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
     return trained
 
 
-def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str, trained: Trained, per_epoch: int, t_start: float, compile_s: float) -> DatasetResult:
+def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str, trained: Trained, per_epoch: int,
+            t_start: float, compile_s: float) -> DatasetResult:
     """The debiased EMA table → `DatasetResult` (+ summary); process 0 writes OUT (`export.write`). Every process
     takes part in the gathers."""
     steps_now = int(np.asarray(gather(trained.state.step)))

@@ -8,7 +8,8 @@ optimizer steps on the batch's rows of the table → the table, its EMA, the per
 The graph is `graphs.knn` over all B·N tokens of the batch (`graphs.knn_inputs`: heads concatenated), padded and
 unreadable slots masked, rows searched under `shard_map` (`mesh`). Presets (what a table row holds, which loss the
 inner steps minimise):
-    paper   logits; X = softmax over K; the official code's loss 2·mean|R − 1| + 2λ·mean (z_kᵀ z_k')² (`paper_loss`).
+    paper   logits; X = softmax over K; the official code's loss 2·mean|R − 1| + 2λ·mean (z_kᵀ z_k')²
+            (`objective.paper_loss`).
     eigen   free values; the batch's rows are orthonormalised over the batch's nodes (`solvers.gd.retract`) and
             moved along the Stiefel gradient (`solvers.gd.riemannian_grad`) of Σ_k c_k Σ_l w_l R_{l,k}, c_k
             decreasing from 1 to ½ (a Brockett cost, so column k means "the k-th eigenvector" in every batch).
