@@ -30,3 +30,17 @@ def test_every_package_folder_is_installed():
                 found.add(os.path.normpath(os.path.relpath(d, ROOT)))
     assert found - listed == set(), f"package folders missing from pyproject's packages: {sorted(found - listed)}"
     assert listed - found == set(), f"pyproject lists folders that are not packages: {sorted(listed - found)}"
+
+
+def test_a_raw_checkout_on_the_path_maps_models():
+    """From a checkout on sys.path (no install: `python -S` skips site-packages and so the editable finder),
+    `spectral_jax.models` and its family subpackages resolve to the checkout's `models/` folder."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import spectral_jax, spectral_jax.models.vit as v; "
+            "print(spectral_jax.models.__file__); print(v.__file__)")
+    out = subprocess.run([sys.executable, "-S", "-c", code, ROOT], capture_output=True, text=True, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == [os.path.join(ROOT, "models", "__init__.py"),
+                                  os.path.join(ROOT, "models", "vit", "__init__.py")]
