@@ -138,8 +138,9 @@ def topk_rows(a: Array, b: Array, row_img: Array, col_img: Array, col_ok: Array,
     column tiles with a running top-k merge (memory O(block² + R·k)), row tiles mapped.
     """
     r, c = a.shape[0], b.shape[0]
-    a = a / jnp.maximum(jnp.linalg.norm(a, axis=-1, keepdims=True), 1e-12)
-    b = b / jnp.maximum(jnp.linalg.norm(b, axis=-1, keepdims=True), 1e-12)
+    unit = lambda x: (x / jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True), 1e-12)
+                      ).astype(x.dtype)     # bfloat16 features stay bfloat16; norms and cosines are float32
+    a, b = unit(a), unit(b)
     bq, bk = min(block, r), min(block, c)
     at, gq = _tiles(a, bq, 0.0), _tiles(row_img, bq, -1)
     bt, gk = _tiles(b, bk, 0.0), _tiles(col_img, bk, -2)
@@ -157,7 +158,7 @@ def topk_rows(a: Array, b: Array, row_img: Array, col_img: Array, col_ok: Array,
         def step(carry, kin):
             vs, is_, vo, io = carry
             bj, gj, okj, cj = kin
-            cos = ai @ bj.T                                                    # [bq, bk]
+            cos = jnp.dot(ai, bj.T, preferred_element_type=jnp.float32)       # [bq, bk]
             same = (gi[:, None] == gj[None, :]) & okj[None, :]
             other = (gi[:, None] != gj[None, :]) & okj[None, :]
             cj = jnp.broadcast_to(cj[None, :], cos.shape)
@@ -166,7 +167,7 @@ def topk_rows(a: Array, b: Array, row_img: Array, col_img: Array, col_ok: Array,
             return (vs, is_, vo, io), None
 
         # built from ai so that, under shard_map, the carry varies over the mesh axis as the tile does
-        neg, zero = jnp.full_like(ai[:, :1], -jnp.inf), jnp.zeros_like(ai[:, :1], jnp.int32)
+        neg, zero = jnp.full_like(ai[:, :1], -jnp.inf, jnp.float32), jnp.zeros_like(ai[:, :1], jnp.int32)
         init = (jnp.broadcast_to(neg, (bq, k_same)), jnp.broadcast_to(zero, (bq, k_same)),
                 jnp.broadcast_to(neg, (bq, k_other)), jnp.broadcast_to(zero, (bq, k_other)))
         return lax.scan(step, init, (bt, gk, okt, cols))[0]

@@ -34,9 +34,10 @@ import scipy.linalg
 from jax.experimental.sparse.linalg import lobpcg_standard
 
 from spectral_jax.errors import InputError
-from spectral_jax.graphs import Graph
+from spectral_jax.graphs import Graph, KnnGraph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights)
 from spectral_jax.solvers.result import Result, finish
+from spectral_jax.solvers.sparse import knn_operator
 
 
 LOBPCG_TOL = float(np.sqrt(np.finfo(np.float32).eps))  # 3.45e-4: a relative residual float32 reaches (`exact`)
@@ -86,6 +87,10 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
         vals, vecs = _dense_eig(a, b, num_eigs, same)
         steps, method = 0, "exact-dense"
         a_op, b_op = (lambda v: a @ v), (None if same else lambda v: b @ v)
+    elif same and all(isinstance(g, KnnGraph) for g in graphs):
+        op = knn_operator(graphs, ws)
+        vals, vecs, steps = _lobpcg_sparse(op, _start(m0, num_eigs, seed), maxiter, float(tol) / (10.0 * m0))
+        method, a_op, b_op = "exact-lobpcg-sparse", op.matvec, None
     else:
         vals, vecs, steps = _lobpcg(graphs, ws, base, nimg, num_eigs, maxiter, tol, seed)
         method = "exact-lobpcg"
@@ -175,7 +180,7 @@ def _lobpcg(graphs, ws, base, nimg, k, maxiter, tol, seed):
     _, _, same = linear_operators(graphs, ws, base, nimg)
     m0 = nimg * base[0] * base[1]
     tol = float(tol) / (10.0 * m0)
-    x0 = jax.random.normal(jax.random.key(seed), (m0, k), jnp.float32)
+    x0 = _start(m0, k, seed)
     if same:
         return _lobpcg_run(graphs, ws, x0, None, 0.0, 0.0, base, nimg, maxiter, tol)
     lo = float(sum(jnp.sum(w) for g, w in zip(graphs, ws) if tuple(g.grid) == base))
@@ -185,6 +190,17 @@ def _lobpcg(graphs, ws, base, nimg, k, maxiter, tol, seed):
     hi = 1.05 * float(_power_norm(graphs, ws, base, nimg, jax.random.key(seed + 1)))
     coef = tuple(float(c) for c in chebyshev_inv_sqrt(lo, max(hi, lo * 1.0001)))
     return _lobpcg_run(graphs, ws, x0, coef, lo, hi, base, nimg, maxiter, tol)
+
+
+def _start(m0: int, k: int, seed: int):
+    """LOBPCG's random start `[M0, k]` from `seed`."""
+    return jax.random.normal(jax.random.key(seed), (m0, k), jnp.float32)
+
+
+@functools.partial(jax.jit, static_argnames=("maxiter", "tol"))
+def _lobpcg_sparse(op, x0, maxiter, tol):
+    """LOBPCG on the coalesced sparse operator of kNN groups (`solvers.sparse.knn_operator`)."""
+    return lobpcg_standard(op.matvec, x0, m=maxiter, tol=tol)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))
