@@ -26,7 +26,7 @@ from spectral_jax.models import Backbone
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
-SMALL = dict(size=32, batch_size=4, num_eigs=6, k_intra=5, k_inter=5, figure_images=0)
+SMALL = dict(size=32, batch_size=4, num_eigs=6, k_intra=5, k_inter=5, figure_images=0, method="gd")
 
 
 def synthetic(patch: int = 8, layers: int = 2, heads: int = 2, dim: int = 8, seed: int = 0) -> Backbone:
@@ -398,7 +398,7 @@ def test_cli_real_backbone_tiny(tmp_path):
     """The whole command on DINOv2-S/14 (random weights) at 56×56 (4×4 grid), 2 epochs."""
     folder = make_folder(str(tmp_path / "imgs"), 6)
     r = _cli(folder, "--model", "dinov2_vits14", "--weights", "random", "--graph", "knn-vv", "--size", "56",
-             "--batch-size", "4", "--epochs", "2", "--num-eigs", "6", "--out", str(tmp_path / "out"))
+             "--method", "gd", "--batch-size", "4", "--epochs", "2", "--num-eigs", "6", "--out", str(tmp_path / "out"))
     assert r.returncode == 0, r.stderr[-3000:]
     line = json.loads(r.stdout.strip().splitlines()[-1])
     assert line["images"] == 6 and line["steps"] == 4

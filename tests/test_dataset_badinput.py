@@ -22,7 +22,7 @@ from test_dataset import SMALL, _env, make_folder, synthetic
 
 EXT = synthetic()      # one object: runs with equal settings and image counts reuse its compiled step (JAX's cache)
 SCRIPT = os.path.join(os.path.dirname(sys.executable), "spectral-jax")
-TINY = ["--model", "dinov2_vits14", "--weights", "random", "--size", "28", "--epochs", "1", "--batch-size", "2",
+TINY = ["--model", "dinov2_vits14", "--weights", "random", "--size", "28", "--method", "gd", "--epochs", "1", "--batch-size", "2",
         "--num-eigs", "3"]                   # k_intra/k_inter: the defaults (50, clamped to 4 and 4 tokens)
 
 

@@ -1,5 +1,10 @@
-"""`spectral-jax dataset FOLDER --model NAME --graph knn-qk|knn-vv --out DIR [--resume]`: one eigenvector table
-for a folder of images (recursively; .jpg/.jpeg/.png/.webp), solved batch by batch with intra/inter-image kNN graphs.
+"""`spectral-jax dataset FOLDER --model NAME --graph knn-qk|knn-vv --out DIR [--method exact|gd] [--resume]`: one
+eigenvector table for a folder of images (recursively; .jpg/.jpeg/.png/.webp) over intra/inter-image kNN graphs.
+
+--method exact (default): one kNN graph per layer over the tokens of the whole dataset, its top-K eigenvectors by
+LOBPCG to a float32 tolerance (the summary's "convergence"); the forward's features and the graph are cached in
+OUT/checkpoints, so a rerun with --resume skips them. --method gd: the official minibatch recipe (--preset, epochs
+of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every steps.
 
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
 OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/summary.json and
@@ -31,7 +36,13 @@ def register(sub) -> None:
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (new, or existing and writable), outside FOLDER")
     p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one)")
-    p.add_argument("--batch-size", type=int, default=40, metavar="B")
+    p.add_argument("--method", choices=("exact", "gd"), default="exact",
+                   help="exact: the whole-dataset graph's top-K (default); gd: the official minibatch solver")
+    p.add_argument("--maxiter", type=int, default=400, help="exact: LOBPCG iterations at most")
+    p.add_argument("--tol", type=float, default=None, help="exact: relative residual to stop at (default √eps32)")
+    p.add_argument("--bf16-features", action="store_true",
+                   help="exact: keep the features for the graph in bfloat16 (half the memory)")
+    p.add_argument("--batch-size", type=int, default=40, metavar="B", help="images per step (per forward: exact)")
     p.add_argument("--epochs", type=int, default=10, metavar="E")
     p.add_argument("--num-eigs", type=int, default=20, metavar="K")
     p.add_argument("--k-intra", type=int, default=None,
@@ -77,7 +88,9 @@ def run_dataset(args) -> int:
                         graph=args.graph, preset=args.preset, num_eigs=args.num_eigs, batch_size=args.batch_size,
                         epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
                         k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every, prefetch=args.prefetch)
+                        checkpoint_every=args.checkpoint_every, prefetch=args.prefetch, method=args.method,
+                        maxiter=args.maxiter, features_dtype="bfloat16" if args.bf16_features else "float32",
+                        **({} if args.tol is None else {"tol": args.tol}))
     get_spec(args.model)                            # unknown model: one line before anything else
     if not os.path.isdir(args.folder):
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
@@ -94,6 +107,8 @@ def run_dataset(args) -> int:
     if jax.process_index() == 0:
         s = res.summary
         print(json.dumps({"out": args.out, "images": s["images"], "skipped": len(s["skipped"]),
-                          "steps": s["steps"], "objective": s["objective"], "loss": s["loss"],
-                          "seconds": s["seconds"], "method": s["method"], "num_eigs": s["num_eigs"]}))
+                          "steps": s["steps"], "objective": s["objective"], "loss": s.get("loss"),
+                          "seconds": s["seconds"], "method": s["method"], "num_eigs": s["num_eigs"],
+                          **({"converged": s["convergence"]["converged"],
+                              "max_residual": s["convergence"]["max_residual"]} if "convergence" in s else {})}))
     return 0

@@ -59,17 +59,23 @@ def no_images(folder: str, files: list[str], example: str) -> InputError:
 
 
 def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effective: tuple[int, int]) -> None:
-    """K and k against the graph of one batch: min(B, images) images × `tokens` (N of the coarsest tapped grid).
+    """K and k against one graph — the whole dataset's (exact) or one batch's, min(B, images) images (gd) — of
+    `tokens` per image (N of the coarsest tapped grid).
 
-    K ≤ the batch graph's nodes (a graph has no more eigenvectors than nodes); a given k_intra ≤ N, a given k_inter
+    K < the whole graph's nodes (exact), K ≤ the batch graph's nodes (gd) (a graph has no more eigenvectors than nodes); a given k_intra ≤ N, a given k_inter
     ≤ the tokens of the other images of a batch (defaults are capped instead); and some edge must remain.
     """
     per = tokens
-    imgs = min(settings.batch_size, num_images)
+    exact = settings.method == "exact"
+    imgs = num_images if exact else min(settings.batch_size, num_images)
     nodes, others = imgs * per, (imgs - 1) * per
     shape = f"{imgs} image{'s' if imgs > 1 else ''} × {per} tokens"
+    where = "the whole dataset's graph" if exact else "a batch's graph"
+    if exact and settings.num_eigs >= nodes:
+        raise InputError("--num-eigs", f"{settings.num_eigs} is not below the {nodes} nodes of {where} ({shape})",
+                         f"pass --num-eigs < {nodes}, or give the graph more nodes (more images or a larger --size)")
     if settings.num_eigs > nodes:
-        raise InputError("--num-eigs", f"{settings.num_eigs} is more than the {nodes} nodes of a batch's graph "
+        raise InputError("--num-eigs", f"{settings.num_eigs} is more than the {nodes} nodes of {where} "
                          f"({shape})", f"pass --num-eigs ≤ {nodes}, or give the graph more nodes (more images, a "
                          "larger --batch-size or --size)")
     if settings.k_intra is not None and settings.k_intra > per:
@@ -77,7 +83,7 @@ def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effecti
                          f"pass --k-intra ≤ {per}")
     if settings.k_inter is not None and settings.k_inter > others:
         raise InputError("--k-inter", f"{settings.k_inter} is more than the {others} tokens of the other images in "
-                         f"a batch ({shape})", f"pass --k-inter ≤ {others}" + (
+                         f"{'the dataset' if exact else 'a batch'} ({shape})", f"pass --k-inter ≤ {others}" + (
                              "" if others else " (more images or a larger --batch-size give it some)"))
     if min(k_effective[0], per) + min(k_effective[1], others) == 0:
         raise InputError("--k-intra/--k-inter", f"leave the graph no edges (k_intra {settings.k[0]}, and {others} "

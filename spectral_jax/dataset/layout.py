@@ -35,7 +35,7 @@ ROW_ALIGN = 64          # table rows are padded to a multiple of lcm(64, D): the
 class Geometry:
     """Static shapes of a run: layer groups (layers sharing a grid and q/k/v shapes, `graphs.group_layers`), the
     base grid (the finest), the input size, images, table rows, devices, and the effective k (capped by the
-    tokens of the coarsest grid)."""
+    tokens of the coarsest grid, in one graph: the whole dataset for exact, a batch for gd)."""
 
     groups: tuple            # ((grid, (layer, ...)), ...)
     base: tuple[int, int]
@@ -63,9 +63,14 @@ def geometry(backbone, layers, settings: Settings, size: tuple[int, int], num_im
     base = max((g for g, _ in groups), key=lambda hw: hw[0] * hw[1])
     per = min(g[0] * g[1] for g, _ in groups)
     align = ROW_ALIGN * devices // math.gcd(ROW_ALIGN, devices)
-    k_intra, k_inter = graphs.clamp_k(*settings.k, (1, per), settings.batch_size)
+    k_intra, k_inter = graphs.clamp_k(*settings.k, (1, per), graph_images(settings, num_images))
     return Geometry(groups, tuple(base), tuple(size), num_images, -(-num_images // align) * align, devices,
                     k_intra, k_inter)
+
+
+def graph_images(settings: Settings, num_images: int) -> int:
+    """Images of one graph: the whole dataset (exact) or a batch (gd)."""
+    return num_images if settings.method == "exact" else settings.batch_size
 
 
 def make_mesh(devices: Sequence | None = None) -> Mesh:
@@ -124,4 +129,4 @@ def gather(x) -> np.ndarray:
 
 
 __all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
-           "init_distributed", "local_slots", "make_mesh"]
+           "graph_images", "init_distributed", "local_slots", "make_mesh"]

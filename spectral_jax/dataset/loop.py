@@ -18,7 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from spectral_jax import folder as F
-from spectral_jax.dataset import checkpoint, export, inputs, step, summary
+from spectral_jax.dataset import checkpoint, export, inputs, step, summary, whole
 from spectral_jax.dataset.export import DatasetResult
 from spectral_jax.dataset.layout import (AXIS, batch_indices, gather, geometry, global_array, local_slots,
                                          make_mesh)
@@ -85,6 +85,9 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.files)
     if where.done:
         checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]))
+
+    if settings.method == "exact":
+        return _run_exact(where, settings, geom, backbone, layers, layers_name, fp, mesh, t_start, resume, progress)
 
     per_epoch = -(-len(where.files) // settings.batch_size)
     total = settings.epochs * per_epoch
@@ -231,6 +234,62 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     if jax.process_index() == 0:
         export.write(res, where.root, settings.figure_images)
     return res
+
+
+def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,
+               t_start: float, resume: bool, progress: bool) -> DatasetResult:
+    """method="exact" (`whole.solve`): features and graph cached in OUT/checkpoints, then the exact solve and the
+    export. A run that fails before its first cache file leaves nothing behind."""
+    if jax.process_count() > 1:
+        raise InputError("--method exact", "runs in one process (the whole graph is coalesced on the host)",
+                         "use --method gd for multi-process runs")
+    cache = [n for n in (whole.FEATURES, whole.GRAPH) if os.path.isfile(os.path.join(where.ckdir, n))]
+    if cache and not resume:
+        raise InputError(where.out, f"holds the cached {' and '.join(c.split('.')[0] for c in cache)} of an "
+                         "earlier run", f"pass --resume to reuse them (or re-export), delete "
+                         f"{os.path.join(where.out, checkpoint.FOLDER)} to start over, or choose another --out")
+    made_out, made_ck = not os.path.exists(where.out), not os.path.exists(where.ckdir)
+    bar = _bar(progress, len(where.files), 0)
+    finished = False
+    try:
+        solved = whole.solve(backbone, layers, settings, geom, where.root, where.files, where.ckdir, fp, mesh,
+                             _exact_weights(settings, geom), bar)
+        finished = True
+    finally:
+        if bar is not None:
+            bar.close()
+        if not finished and not cache and not os.path.isfile(os.path.join(where.ckdir, whole.FEATURES)):
+            inputs.discard(where.out if made_out else where.ckdir if made_ck else None)
+    for i, why in sorted(solved.failed.items()):
+        _say(f"spectral-jax dataset: skipping {where.files[i]}: {why}")
+    n = len(where.files)
+    ok = solved.valid[:n]
+    if solved.result is None:
+        inputs.discard(where.out if made_out else where.ckdir if made_ck else None)
+        first = next(iter(sorted(solved.failed.items())), None)
+        raise inputs.no_images(where.folder, where.files, f"{where.files[first[0]]}: {first[1]}" if first
+                               else f"{where.files[0]}: could not be read during the run")
+    res = solved.result
+    names = [f for f, g in zip(where.files, ok) if g]
+    eigvecs = np.asarray(res.eigvecs[:n][ok], np.float32)
+    skipped = [{"file": where.files[i], "reason": solved.failed.get(i, "could not be read during the run")}
+               for i in np.flatnonzero(~ok)]
+    out = DatasetResult(eigvecs, names, eigvecs, None, summary.make_exact(
+        settings, geom, res, solved, time.perf_counter() - t_start,
+        backbone={"model": backbone.name, "weights": backbone.weights, "layers": layers_name},
+        names=names, files=where.files, skipped=skipped, ignored=where.ignored,
+        machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
+        folder=where.root), where.out)
+    export.write(out, where.root, settings.figure_images)
+    return out
+
+
+def _exact_weights(settings: Settings, geom) -> list | None:
+    """Per-group layer weights `[L]` ({layer: weight}, default 1) for `solvers.exact` (None: equal)."""
+    if settings.layer_weights is None:
+        return None
+    lw = dict(settings.layer_weights)
+    return [np.asarray([float(lw.get(i, 1.0)) for i in layers], np.float32) for _, layers in geom.groups]
 
 
 def _skipped(where: Folder, status: np.ndarray, failed: dict, pre, size) -> list[dict]:

@@ -19,6 +19,9 @@ import numpy as np
 from spectral_jax.errors import InputError
 
 PRESETS = ("paper", "eigen")
+METHODS = ("exact", "gd")
+FEATURE_DTYPES = ("float32", "bfloat16")
+TOL = float(np.sqrt(np.finfo(np.float32).eps))   # = solvers.exact.LOBPCG_TOL (a relative residual float32 reaches)
 GRAPHS = ("knn-qk", "knn-vv")
 DEFAULT_K = 50           # k_intra / k_inter when not given (then capped by the tokens available)
 
@@ -85,8 +88,11 @@ class Settings:
     """Everything a user chooses about a dataset run (keyword-only; checked on construction).
 
     model/weights/layers: the backbone (`models.load_backbone(model, weights)`; `layers` "all" or indices);
-    size: S (→ S×S) or (H, W), multiples of the patch; graph: "knn-qk" | "knn-vv"; preset: "paper" | "eigen";
-    num_eigs: K; batch_size: images per step (a multiple of the devices); epochs: passes over the folder (the
+    size: S (→ S×S) or (H, W), multiples of the patch; graph: "knn-qk" | "knn-vv"; method: "exact" (the
+    whole-dataset graph and its converged top-K, `dataset.whole`) | "gd" (the official minibatch recipe, `step`);
+    features_dtype ("float32" | "bfloat16": the features kept for the whole-dataset graph), maxiter and tol (LOBPCG's
+    iterations and relative residual): exact only; preset: "paper" | "eigen" (gd);
+    num_eigs: K; batch_size: images per step — per forward for exact — (a multiple of the devices); epochs: passes over the folder (the
     last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
     (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
     at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50, capped by the tokens
@@ -101,6 +107,7 @@ class Settings:
     layers: object = "all"
     size: object = 224
     graph: str = "knn-qk"
+    method: str = "exact"
     preset: str = "paper"
     num_eigs: int = 20
     batch_size: int = 40
@@ -119,6 +126,9 @@ class Settings:
     checkpoint_every: int = 50
     prefetch: int = 2
     figure_images: int = 100
+    features_dtype: str = "float32"
+    maxiter: int = 400
+    tol: float = TOL
 
     def __post_init__(self):
         """Normalise (size → (H, W), layer_weights → sorted pairs, ints and floats checked by type), then check
@@ -132,10 +142,10 @@ class Settings:
                 ("num_eigs", "--num-eigs", 20), ("batch_size", "--batch-size", 40), ("epochs", "--epochs", 10),
                 ("inner_steps", "--inner-steps", 5), ("seed", "--seed", 0), ("block", "block", 512),
                 ("checkpoint_every", "--checkpoint-every", 50), ("prefetch", "--prefetch", 2),
-                ("figure_images", "figure_images", 100))},
+                ("figure_images", "figure_images", 100), ("maxiter", "--maxiter", 400))},
             **{f: _number(flag, getattr(self, f), eg) for f, flag, eg in (
                 ("weight_decay", "weight_decay", 0.0), ("ema", "--ema", 0.99), ("min_cos", "--min-cos", 0.1),
-                ("lam", "lam", 1.0))})
+                ("lam", "lam", 1.0), ("tol", "--tol", 3e-4))})
         for k, v in norm.items():
             object.__setattr__(self, k, v)
         self._check_ranges()
@@ -150,13 +160,18 @@ class Settings:
 
         if self.graph not in GRAPHS:
             bad(f"graph {self.graph!r}", "not a dataset graph", f"choose one of {', '.join(GRAPHS)}")
+        if self.method not in METHODS:
+            bad(f"method {self.method!r}", "unknown dataset method", f"choose one of {', '.join(METHODS)}")
+        if self.features_dtype not in FEATURE_DTYPES:
+            bad(f"features_dtype {self.features_dtype!r}", "unknown", f"choose one of {', '.join(FEATURE_DTYPES)}")
+        real("--tol", self.tol, self.tol > 0, "a finite number > 0 (a relative residual)", 3e-4)
         if self.preset not in PRESETS:
             bad(f"preset {self.preset!r}", "unknown preset", f"choose one of {', '.join(PRESETS)}")
         for flag, v, lo, eg in (("--num-eigs", self.num_eigs, 2, 20), ("--batch-size", self.batch_size, 1, 40),
                                 ("--inner-steps", self.inner_steps, 1, 5), ("--epochs", self.epochs, 1, 10),
                                 ("--checkpoint-every", self.checkpoint_every, 1, 50),
                                 ("--prefetch", self.prefetch, 1, 2), ("figure_images", self.figure_images, 0, 100),
-                                ("block", self.block, 1, 512)):
+                                ("block", self.block, 1, 512), ("--maxiter", self.maxiter, 1, 400)):
             if v < lo:
                 bad(flag, f"must be ≥ {lo}, got {v}", f"pass e.g. {flag} {eg}")
         if self.lr is not None:
@@ -205,8 +220,8 @@ class Settings:
         return d
 
 
-RESULT_FIELDS = ("graph", "preset", "num_eigs", "batch_size", "inner_steps", "lr", "weight_decay", "ema", "k_intra",
+RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size", "inner_steps", "lr", "weight_decay", "ema", "k_intra",
                  "k_inter", "min_cos", "lam", "layer_weights", "seed", "block")
 
 
-__all__ = ["DEFAULT_K", "GRAPHS", "PRESETS", "RESULT_FIELDS", "Settings"]
+__all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "PRESETS", "RESULT_FIELDS", "Settings", "TOL"]
