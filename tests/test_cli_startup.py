@@ -199,10 +199,17 @@ sys.exit(main())
 """
 
 
+def _sigint_default():
+    """Child processes start with Ctrl-C's default action, as from a terminal: a test run started in the background
+    of a non-interactive shell (`cmd &`) ignores SIGINT, which every child would inherit, and Python then installs
+    no KeyboardInterrupt handler at all."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _patched(tmp_path, body, prelude=""):
     code = _PATCHED.format(body=body, prelude=prelude)
     return subprocess.Popen([sys.executable, "-c", code], env=_env(tmp_path, **{compile_cache.ENV: "0"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
@@ -260,7 +267,7 @@ def test_ctrl_c_early_in_a_real_run(tmp_path, rng):
     acts = _acts(tmp_path / "a.npz", rng)
     proc = subprocess.Popen([_console_script(), "solve", str(acts), "--graph", "qk", "--num-eigs", "3", "--out",
                              str(tmp_path / "r.npz")], env=_env(tmp_path, **{compile_cache.ENV: "0"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     try:
         time.sleep(0.3)
         proc.send_signal(signal.SIGINT)
