@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from spectral_jax.errors import InputError
-from spectral_jax.files import save_npz, write_atomic  # noqa: F401  (write_atomic: re-exported)
+from spectral_jax.files import save_npz
 from spectral_jax.taps import LayerTap, Taps
 
 _KEY = re.compile(r"^layer(\d+)/(q|k|v|grid|hidden)$")

@@ -133,14 +133,6 @@ def check_inputs(xs: Sequence[np.ndarray], prep, graph: str, num_eigs, what: str
     check_num_eigs(num_eigs, sum(tokens) if graph.startswith("knn") else min(tokens), what)
 
 
-def check_layers(layers, num_layers: int):
-    """`models.parse_layers` as a list (None for every layer); kept for the dataset module until it moves."""
-    from spectral_jax.models import parse_layers
-
-    chosen = parse_layers(layers, num_layers)
-    return None if chosen is None else list(chosen)
-
-
 def same_size_batches(xs: Sequence[np.ndarray]) -> list[list[int]]:
     """Indices of `xs` grouped by shape, each group in input order, groups by first appearance."""
     groups: dict[tuple, list[int]] = {}

@@ -14,7 +14,7 @@ import numpy as np
 
 from spectral_jax import viz
 from spectral_jax.analysis import View
-from spectral_jax.files import staged_dir, write_json
+from spectral_jax.files import write_json
 from spectral_jax.solvers.result import Result
 
 
@@ -70,4 +70,4 @@ def unique_stems(paths) -> list[str]:
     return out
 
 
-__all__ = ["staged_dir", "unique_stems", "write_image", "write_json"]
+__all__ = ["unique_stems", "write_image", "write_json"]

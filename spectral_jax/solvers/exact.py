@@ -73,7 +73,7 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     8192; matrix-free LOBPCG at M0 = 2144 ran for more than 8 minutes (tol 1e-9); at M0 = 576 (planted, same
     graphs) it stops after 38 iterations, 172 s (was 55, 252 s with tol 1e-9; subspace alignment with dense
     1.00000). The matrix-free path is for problems whose A does not fit in memory.
-    Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[K]` largest first).
+    Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[B, K]` largest first: one solve, repeated per image).
     """
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
