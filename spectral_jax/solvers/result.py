@@ -111,7 +111,9 @@ def stack(parts: Sequence[Result]) -> Result:
     if len({(p.eigvecs.shape[1:], p.rq.shape[1:]) for p in parts}) > 1:
         raise ValueError("stack needs results of one grid, K and graph count")
     infos = [dict(p.info) for p in parts]
-    info = {"converged": all(i.get("converged", True) for i in infos), "per_image": infos}
+    info = {"per_image": infos}
+    if all("converged" in i for i in infos):      # only solvers that report it (gd does not): never claimed
+        info["converged"] = all(i["converged"] for i in infos)
     for key in ("iterations", "max_residual"):
         if all(key in i for i in infos):
             info[key] = max(i[key] for i in infos)
