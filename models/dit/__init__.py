@@ -1,0 +1,24 @@
+"""The diffusion-transformer family: self-attention taps of DiT blocks across noise timesteps, with the VAE encoder,
+the text conditioning and the noise schedule behind one `load_backbone(spec, weights)`.
+
+    config.py     PixArtConfig, DiTConfig, the presets and DIT_MODELS — no JAX
+    pixart.py     PixArt-Σ's `PixArtTransformer2DModel` (Flax NNX) with q/k/v taps
+    params.py     diffusers checkpoints → those modules (key tables, config.json readers)
+    modeling.py   DiffusionTransformer (what the taps need) and load_dit
+    backbone.py   load_backbone(spec, weights) -> Backbone, collect_taps
+
+The VAE encoder and the DDPM schedule are Stable Diffusion's (`models/sd`). Names are imported on first use
+(PEP 562), so `spectral_jax.models.dit.config` does not import JAX.
+"""
+
+from spectral_jax import lazy as _lazy
+
+_EXPORTS = {
+    "DIT_MODELS": ".config", "FAMILY": ".config", "DiTConfig": ".config", "PixArtConfig": ".config",
+    "PixArtTransformer2DModel": ".pixart",
+    "DiffusionTransformer": ".modeling", "load_dit": ".modeling", "load_text_embedding": ".modeling",
+    "load_backbone": ".backbone", "collect_taps": ".backbone",
+    "backbone": None, "config": None, "modeling": None, "params": None, "pixart": None,
+}
+__all__ = sorted(_EXPORTS)
+__getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)
