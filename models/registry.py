@@ -14,13 +14,15 @@ from __future__ import annotations
 import importlib
 
 from spectral_jax.errors import InputError
+from spectral_jax.models.dinov3.config import FAMILY as _DINOV3, MODELS as DINOV3_MODELS
 from spectral_jax.models.dit.config import DIT_MODELS, FAMILY as _DIT
 from spectral_jax.models.sd.config import FAMILY as _SD, SD_MODELS
+from spectral_jax.models.siglip2.config import FAMILY as _SIGLIP2, MODELS as SIGLIP2_MODELS
 from spectral_jax.models.spec import Family, ModelSpec, PreprocessSpec  # noqa: F401  (PreprocessSpec re-exported)
 from spectral_jax.models.vit.config import FAMILY as _VIT, MODELS
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (_VIT, _SD, _DIT)}
-_SPECS: dict[str, ModelSpec] = {**MODELS, **SD_MODELS, **DIT_MODELS}
+FAMILIES: dict[str, Family] = {f.name: f for f in (_VIT, _SD, _DIT, _DINOV3, _SIGLIP2)}
+_SPECS: dict[str, ModelSpec] = {**MODELS, **SD_MODELS, **DIT_MODELS, **DINOV3_MODELS, **SIGLIP2_MODELS}
 
 
 def names() -> list[str]:
