@@ -149,4 +149,20 @@ def _items(out) -> Iterable:
     return sorted(out.items())
 
 
-__all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "PreprocessSpec", "parse_layers", "resolve_layers"]
+def from_module(spec, net, weights: str) -> Backbone:
+    """A registry entry's Flax module `net` (called as `net(images, layers=, hidden=) -> (output, Taps)`) as a
+    `Backbone`: its parameters split out once, `apply` merging them back (so a jitted caller passes them as data).
+    spec: the `ModelSpec` (name, preprocessing, `config.num_layers`, `config.num_heads`); weights: provenance."""
+    from flax import nnx
+
+    graphdef, state = nnx.split(net)
+
+    def apply(params, images, layers, hidden=False):
+        return nnx.merge(graphdef, params)(images, layers=layers, hidden=hidden)[1]
+
+    return Backbone(spec.name, spec.preprocess, spec.config.num_layers, state, apply, weights, (),
+                    spec.config.num_heads, net)
+
+
+__all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "PreprocessSpec", "from_module", "parse_layers",
+           "resolve_layers"]

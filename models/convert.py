@@ -310,3 +310,41 @@ def read_safetensors(path: str) -> dict[str, np.ndarray]:
         except (SafetensorError, OSError, ValueError) as e:
             raise InputError(file, f"not a readable safetensors file ({e})", "re-download the checkpoint") from None
     return tensors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A family's checkpoint: where it is, its config.json, the architecture it declares (shared by dinov3/, siglip2/)
+# ---------------------------------------------------------------------------------------------------------------
+
+def resolve_checkpoint(source: str, example: str) -> str:
+    """A local path for `source` (directory, .safetensors file, or an HF repo id found in the cache or downloaded
+    when online — `models.hub`); `example` is a repo id the error messages suggest."""
+    from spectral_jax.models import hub
+
+    how = (f"fetch it once while online: `hf download {source}` fills the HF cache; or put its config.json and "
+           f"*.safetensors in a directory and pass `--weights DIR`")
+    return hub.resolve(source, local=os.path.exists, local_words="file or directory",
+                       fix=f"pass a checkpoint directory, a repo id like {example}, or 'random'",
+                       patterns=["*.safetensors", "*.json"], holds=hub.has_safetensors, how_to_get=how,
+                       lacking=("the repository has no .safetensors files", "choose a repository that has them"))
+
+
+def config_json(path: str) -> tuple[str, dict | None]:
+    """(file, its JSON object or None when absent): the config.json beside checkpoint `path` (directory or file)."""
+    file = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "config.json")
+    return file, (read_json(file, "fix or re-download the checkpoint's config.json") if os.path.isfile(file)
+                  else None)
+
+
+def match_config(cfg, theirs, what: str, soft: tuple[str, ...] = ()):
+    """The architecture to build: `theirs` (from the checkpoint's config.json; None → `cfg`) when it equals `cfg`
+    in every field but the `soft` ones (numerical settings such as a norm's ε, taken from the checkpoint); a
+    difference elsewhere → `InputError` naming each field."""
+    if theirs is None:
+        return cfg
+    diff = [f"{f.name}={getattr(theirs, f.name)} (expected {getattr(cfg, f.name)})" for f in dataclasses.fields(cfg)
+            if f.name not in soft and getattr(theirs, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise InputError(what, f"config.json describes a different model: {', '.join(diff)}",
+                         "pass the checkpoint that matches --model, or the --model that matches the checkpoint")
+    return theirs
