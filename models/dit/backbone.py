@@ -1,0 +1,89 @@
+"""The diffusion-transformer family behind the backbone contract: `load_backbone(spec, weights) -> Backbone`, with
+the VAE, the caption conditioning and the timestep schedule bound at load time (`models.registry` dispatches here),
+and `collect_taps`: images → VAE latents → noisy latents at T timesteps → every block's self-attention q/k/v,
+folded timestep-major into the heads axis (graph index t·H + head), as for Stable Diffusion (`models.sd.diffusion`).
+
+For timestep t_i: x_t = √ᾱ_t · z + √(1 − ᾱ_t) · ε_i (DDPM, PixArt's linear β schedule), z the scaled VAE latent,
+ε_i ~ N(0, I) from (seed, i); the transformer runs on (x_t, t_i, caption).
+
+Shape legend
+    B  images   (H, W) pixels (multiples of 16)   (h, w) = (H, W)/8 latents   T  timesteps   H  heads
+    N = (h/p)·(w/p) tokens   D  head dim
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from spectral_jax.errors import InputError
+from spectral_jax.models.backbone import Backbone, resolve_layers
+from spectral_jax.models.dit.modeling import DiffusionTransformer, load_dit
+from spectral_jax.models.sd import diffusion
+from spectral_jax.models.spec import ModelSpec
+from spectral_jax.taps import Taps
+
+
+def collect_taps(images, model: DiffusionTransformer, timesteps, seed: int = 0, *,
+                 layers: Sequence[int] | None = None, latent: str = "mean") -> Taps:
+    """Self-attention taps of `model` on `images` `[B, H, W, 3]` (in [−1, 1], sides multiples of 16) at each of
+    `timesteps` (ints in [0, 999]): per layer q/k/v `[B, T·H, N, D]`, timestep-major.
+
+    One transformer pass per timestep (compiled once per architecture and input shape; only the taps leave it, so
+    XLA drops the blocks after the last one needed); latent: the VAE posterior "mean" or a "sample" from `seed`.
+    """
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
+    ts = model.schedule.check(np.asarray(timesteps).reshape(-1))
+    if ts.size == 0:
+        raise ValueError("need at least one timestep")
+    chosen = resolve_layers(layers, model.cfg.num_layers, "self-attention layers")
+    latents = diffusion.encode_images(model, images, latent=latent, seed=seed)
+    graphdef, state = nnx.split(model.transformer)
+    key = diffusion._keys(seed)[1]
+    steps = []
+    for i, t in enumerate(ts):
+        taps = diffusion._step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), key, model.context,
+                                    model.schedule)
+        steps.append(Taps({j: taps.layers[j] for j in chosen}))
+    return diffusion.fold_timesteps(steps)
+
+
+def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, seed: int = 0, timesteps=None,
+                  latent: str = "mean", text_embedding: str | None = None) -> Backbone:
+    """Diffusion transformer `spec` with its weights, as a `Backbone` whose taps are q/k/v `[B, T·H, N, D]` per
+    block.
+
+    weights: as in `load_dit` (None: `spec.repo_id`; "random"; a diffusers-layout directory or repo id).
+    timesteps: ints in [0, 999] (None: `DEFAULT_NUM_TIMESTEPS` drawn at random from `seed` over [0, 250], as for
+    Stable Diffusion); seed: the noise, the random schedule and a latent sample; latent: "mean" or "sample";
+    text_embedding: a saved caption embedding .npy (default: one zero caption token — see `config.py`).
+    Timesteps and latent are checked before any weight is read.
+    """
+    ts = (diffusion.timestep_schedule("random", diffusion.DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
+          else _check(spec, timesteps))
+    if latent not in diffusion.LATENTS:
+        raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(diffusion.LATENTS)}")
+    model = load_dit(spec.name, weights, text_embedding=text_embedding,
+                     dtype=jnp.float32 if dtype is None else dtype, seed=seed)
+
+    def apply(params, images, layers, hidden=False):
+        if hidden:
+            raise InputError("--hidden", "is not available for diffusion-transformer models", "drop --hidden")
+        return collect_taps(images, model, ts, seed, layers=layers, latent=latent)
+
+    heads = {i: int(a[1]) for i, a in enumerate(spec.config.transformer.attn_layers())}
+    return Backbone(spec.name, spec.preprocess, spec.config.num_layers, None, apply,
+                    str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts), heads, model,
+                    jittable=False)
+
+
+def _check(spec: ModelSpec, timesteps) -> np.ndarray:
+    try:
+        return spec.config.schedule.check(np.asarray(timesteps, np.int64).reshape(-1))
+    except ValueError as e:
+        raise InputError(f"timesteps {timesteps!r}", str(e), "pass e.g. timesteps=[0, 50, 100]") from None
