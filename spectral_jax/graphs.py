@@ -253,20 +253,23 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
                       int(k_intra), int(k_inter), float(min_cos), int(block), mesh, axis)
 
 
-def _knn_rows(a, b, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: float, block: int, layers):
-    """Edges of the rows `row0 …` of every graph: a `[G, r, D]`, b `[G, N, D]` → idx, w `[G, r, k_intra + k_inter]`
-    (w = 0: a dropped edge or an invalid image's). `layers` maps the per-graph search over G (`jax.vmap`, or
-    `lax.map` where one graph's search at a time is what fits)."""
+def _knn_rows(a, b_own, b, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: float, block: int):
+    """Edges of the rows `row0 …` (whole images) of every graph: a `[G, r, D]` those rows' features, b_own
+    `[G, r, D]` the same images' columns, b `[G, N, D]` all columns → idx, w `[G, r, k_intra + k_inter]` (w = 0: a
+    dropped edge or an invalid image's). The intra-image search sees only the own image's columns
+    (`kernels.topk_intra`), the inter-image one all columns with the own image masked (`kernels.topk_inter`); one
+    graph at a time (`lax.map`: the memory of one search)."""
     rows = row0 + jnp.arange(a.shape[1], dtype=jnp.int32)
     col_img = jnp.arange(b.shape[1], dtype=jnp.int32) // per
     row_img = rows // per
 
     def one(ab):
-        i_s, c_s, i_o, c_o = kernels.topk_rows(ab[0], ab[1], row_img, col_img, valid[col_img], k_intra, k_inter,
-                                               block)
-        return jnp.concatenate([i_s, i_o], axis=1), jnp.concatenate([c_s, c_o], axis=1)
+        ai, oi, bi = (kernels.unit_rows(x) for x in ab)
+        i_s, c_s = kernels.topk_intra(ai, oi, per, k_intra)
+        i_o, c_o = kernels.topk_inter(ai, bi, row_img, col_img, valid[col_img], k_inter, block)
+        return jnp.concatenate([i_s + row0, i_o], axis=1), jnp.concatenate([c_s, c_o], axis=1)
 
-    idx, cos = layers(one, (a, b))
+    idx, cos = jax.lax.map(one, (a, b_own, b))
     return idx, jnp.where((cos > min_cos) & valid[row_img][None, :, None], cos, 0.0)
 
 
@@ -274,7 +277,7 @@ def _knn_rows(a, b, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: 
 def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, block, mesh, axis):
     kw = dict(per=grid[0] * grid[1], k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, block=block)
     if mesh is None:
-        idx, w = _knn_rows(a, b, 0, valid, **kw, layers=lambda f, ab: jax.vmap(lambda x, y: f((x, y)))(*ab))
+        idx, w = _knn_rows(a, b, b, 0, valid, **kw)
     else:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -282,7 +285,7 @@ def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, 
         def local(a_loc, b_loc, valid):
             b_all = jax.lax.all_gather(b_loc, axis, axis=1, tiled=True)
             row0 = jax.lax.axis_index(axis) * a_loc.shape[1]
-            return _knn_rows(a_loc, b_all, row0, valid, **kw, layers=jax.lax.map)
+            return _knn_rows(a_loc, b_loc, b_all, row0, valid, **kw)
 
         idx, w = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
                                out_specs=(P(None, axis), P(None, axis)))(a, b, valid)

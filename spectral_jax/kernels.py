@@ -1,10 +1,12 @@
 """Blocked kernels behind the matrix-free graphs: softmax-attention products and top-k neighbour search.
 
-Nothing here forms an N×M matrix: work proceeds in [block_q, block_k] tiles, so memory is O(block² + N·K).
+Nothing here forms an N×M matrix: work proceeds in [block_q, block_k] tiles, so memory is O(block² + N·K); the
+neighbour search in [block, chunk] tiles with chunk ≫ block (one `top_k` per tile, merged only between chunks).
 
 Shape legend
-    N  query rows (graph nodes)     M  key columns (= N for a graph)     D  feature dim     K  vectors (eigvecs)
+    N  query rows (graph nodes)     M  key columns (= N for a graph)     D, F  feature dim     K  vectors (eigvecs)
     bq, bk  tile sizes              nq, nk  number of row / column tiles
+    R, C  rows / columns of a neighbour search      n  images    per  tokens per image    k  neighbours per row
 """
 
 from __future__ import annotations
@@ -128,50 +130,78 @@ def row_lse(q: Array, k: Array, scale: float, block: int) -> Array:
     return softmax_matmul(q, k, jnp.zeros((k.shape[0], 1), q.dtype), scale, block)[1]
 
 
-def topk_rows(a: Array, b: Array, row_img: Array, col_img: Array, col_ok: Array, k_same: int, k_other: int,
-              block: int) -> tuple[Array, Array, Array, Array]:
-    """Top-k cosine neighbours of the rows of `a` among the rows of `b`, split by image.
+def unit_rows(x: Array) -> Array:
+    """Rows of `x` `[N, F]` scaled to unit length; norms in float32, the result in x's dtype (bfloat16 stays)."""
+    return (x / jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True), 1e-12)).astype(x.dtype)
 
-    a `[R, F]`, b `[C, F]`, row_img `[R]`, col_img `[C]` int (image of each row / column), col_ok `[C]` bool
-    (columns that may be neighbours). Returns (idx_same `[R, k_same]`, cos_same, idx_other `[R, k_other]`,
-    cos_other), column indices into b; slots without a candidate have cos = −inf. Scanned over `block`-sized
-    column tiles with a running top-k merge (memory O(block² + R·k)), row tiles mapped.
+
+INTRA_BUDGET = 1 << 22      # cosines per intra-image chunk (images · per²): 16 MiB of float32
+INTER_BUDGET = 1 << 24      # cosines per inter-image tile (block · column chunk): 64 MiB of float32
+
+
+def topk_intra(a: Array, b: Array, per: int, k: int) -> tuple[Array, Array]:
+    """Top-k cosine neighbours of every row of `a` among the columns of its own image only.
+
+    a, b `[n·per, F]` unit rows, image-major, the same n images (row i's image is i // per, and so is column j's).
+    Returns (idx `[n·per, k]` int32 column indices into b, cos `[n·per, k]` float32), largest first, ties to the
+    lower column. One [per, per] block per image (never N×N), images mapped in chunks of ≤ `INTRA_BUDGET` cosines.
+    """
+    n, f = a.shape[0] // per, a.shape[1]
+    if k == 0:
+        return jnp.zeros((a.shape[0], 0), jnp.int32), jnp.zeros((a.shape[0], 0), jnp.float32)
+
+    def one(ab):
+        ai, bi = ab                                                     # [per, F] each
+        cos, pos = lax.top_k(jnp.dot(ai, bi.T, preferred_element_type=jnp.float32), k)
+        return pos.astype(jnp.int32), cos
+
+    pos, cos = lax.map(one, (a.reshape(n, per, f), b.reshape(n, per, f)),
+                       batch_size=max(1, min(n, INTRA_BUDGET // (per * per))))
+    first = (jnp.arange(n, dtype=jnp.int32) * per)[:, None, None]
+    return (pos + first).reshape(n * per, k), cos.reshape(n * per, k)
+
+
+def topk_inter(a: Array, b: Array, row_img: Array, col_img: Array, col_ok: Array, k: int,
+               block: int) -> tuple[Array, Array]:
+    """Top-k cosine neighbours of the rows of `a` among the columns of `b` of *other* images.
+
+    a `[R, F]`, b `[C, F]` unit rows; row_img `[R]`, col_img `[C]` int (image of each row / column), col_ok `[C]`
+    bool (columns that may be neighbours). Returns (idx `[R, k]` int32 column indices into b, cos `[R, k]`
+    float32), largest first, ties to the lower column; slots without a candidate have cos = −inf.
+    Rows in tiles of `block`, columns in wide chunks of ≤ `INTER_BUDGET` // block (one chunk up to that many
+    columns): per tile one matmul and one `top_k` per chunk, merged between chunks only. Memory O(block·chunk + R·k).
     """
     r, c = a.shape[0], b.shape[0]
-    unit = lambda x: (x / jnp.maximum(jnp.linalg.norm(x.astype(jnp.float32), axis=-1, keepdims=True), 1e-12)
-                      ).astype(x.dtype)     # bfloat16 features stay bfloat16; norms and cosines are float32
-    a, b = unit(a), unit(b)
-    bq, bk = min(block, r), min(block, c)
-    at, gq = _tiles(a, bq, 0.0), _tiles(row_img, bq, -1)
-    bt, gk = _tiles(b, bk, 0.0), _tiles(col_img, bk, -2)
-    okt, cols = _tiles(col_ok, bk, False), _tiles(jnp.arange(c, dtype=jnp.int32), bk, 0)
-
-    def merge(vals, idx, new_vals, new_idx, kk):
-        if kk == 0:
-            return vals, idx
-        top, pos = lax.top_k(jnp.concatenate([vals, new_vals], axis=1), kk)
-        return top, jnp.take_along_axis(jnp.concatenate([idx, new_idx], axis=1), pos, axis=1)
+    if k == 0:
+        return jnp.zeros((r, 0), jnp.int32), jnp.zeros((r, 0), jnp.float32)
+    bq = min(block, r)
+    width = min(c, max(k, INTER_BUDGET // bq))
+    nc = -(-c // width)
+    width = -(-c // nc)                                          # even chunks: less padding
+    at, gq = _tiles(a, bq, 0.0), _tiles(row_img, bq, -1)         # [nq, bq, F], [nq, bq]
+    bt, gk = _tiles(b, width, 0.0), _tiles(col_img, width, -2)   # [nc, width, F], [nc, width]
+    okt = _tiles(col_ok, width, False)
+    first = jnp.arange(nc, dtype=jnp.int32) * width              # [nc]
 
     def row_tile(inp):
         ai, gi = inp
 
-        def step(carry, kin):
-            vs, is_, vo, io = carry
+        def chunk(carry, kin):
+            vals, idx = carry
             bj, gj, okj, cj = kin
-            cos = jnp.dot(ai, bj.T, preferred_element_type=jnp.float32)       # [bq, bk]
-            same = (gi[:, None] == gj[None, :]) & okj[None, :]
-            other = (gi[:, None] != gj[None, :]) & okj[None, :]
-            cj = jnp.broadcast_to(cj[None, :], cos.shape)
-            vs, is_ = merge(vs, is_, jnp.where(same, cos, -jnp.inf), cj, k_same)
-            vo, io = merge(vo, io, jnp.where(other, cos, -jnp.inf), cj, k_other)
-            return (vs, is_, vo, io), None
+            cos = jnp.dot(ai, bj.T, preferred_element_type=jnp.float32)              # [bq, width]
+            cos = jnp.where((gi[:, None] != gj[None, :]) & okj[None, :], cos, -jnp.inf)
+            top, pos = lax.top_k(cos, k)
+            if nc == 1:
+                return (top, pos.astype(jnp.int32)), None
+            both, where = lax.top_k(jnp.concatenate([vals, top], axis=1), k)         # earlier chunks first
+            return (both, jnp.take_along_axis(jnp.concatenate([idx, pos.astype(jnp.int32) + cj], axis=1), where,
+                                              axis=1)), None
 
         # built from ai so that, under shard_map, the carry varies over the mesh axis as the tile does
-        neg, zero = jnp.full_like(ai[:, :1], -jnp.inf, jnp.float32), jnp.zeros_like(ai[:, :1], jnp.int32)
-        init = (jnp.broadcast_to(neg, (bq, k_same)), jnp.broadcast_to(zero, (bq, k_same)),
-                jnp.broadcast_to(neg, (bq, k_other)), jnp.broadcast_to(zero, (bq, k_other)))
-        return lax.scan(step, init, (bt, gk, okt, cols))[0]
+        init = (jnp.broadcast_to(jnp.full_like(ai[:, :1], -jnp.inf, jnp.float32), (bq, k)),
+                jnp.broadcast_to(jnp.zeros_like(ai[:, :1], jnp.int32), (bq, k)))
+        return lax.scan(chunk, init, (bt, gk, okt, first))[0]
 
-    vs, is_, vo, io = lax.map(row_tile, (at, gq))
-    flat = lambda x: x.reshape(x.shape[0] * x.shape[1], x.shape[2])[:r]     # (k may be 0: no -1 here)
-    return flat(is_), flat(vs), flat(io), flat(vo)
+    vals, idx = lax.map(row_tile, (at, gq))
+    return idx.reshape(-1, k)[:r], vals.reshape(-1, k)[:r]
