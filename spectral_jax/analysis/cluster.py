@@ -17,7 +17,7 @@ import numpy as np
 from spectral_jax.analysis.features import _features, spectral_features
 from spectral_jax.errors import InputError
 
-__all__ = ["KMeans", "kmeans", "AutoK", "auto_k", "segment"]
+__all__ = ["KMeans", "kmeans", "AutoK", "auto_k", "cluster_embedding", "segment"]
 
 
 class KMeans(NamedTuple):
@@ -192,6 +192,20 @@ def auto_k(features=None, k_range: tuple[int, int] = (2, 10), method: str = "sil
     return AutoK(int(ks[i]), ks, np.asarray(scores, np.float64), method)
 
 
+def cluster_embedding(features, k: int | None = None, method: str = "silhouette", eigvals=None, seed: int = 0,
+                      k_range: tuple[int, int] = (2, 10), n_init: int = 10,
+                      scan_n_init: int | None = None) -> tuple[KMeans, AutoK | None]:
+    """k-means of an embedding `[N, F]` into `k` clusters, or — `k=None` — into the `auto_k(method=...)` choice in
+    `k_range` ("silhouette" on `features`, k-means with `scan_n_init` runs per candidate, default `n_init`; or
+    "eigengap" on `eigvals`). Returns (the `KMeans` with `n_init` runs, the `AutoK` or None when k was given).
+    The one "choose k, then cluster" step of the single-image `segment` and the dataset-wide segments."""
+    auto = None
+    if k is None:
+        auto = auto_k(features, k_range, method, eigvals, seed, n_init=n_init if scan_n_init is None else scan_n_init)
+        k = auto.k
+    return kmeans(features, int(k), seed, n_init), auto
+
+
 def segment(eigvecs, k: int | None = None, method: str = "silhouette", eigvals=None, seed: int = 0,
             skip_first: bool = True, k_range: tuple[int, int] = (2, 10), n_init: int = 10) -> np.ndarray:
     """Segment labels `[h, w]` int32 by k-means on the row-normalised spectral embedding (`spectral_features`).
@@ -202,6 +216,4 @@ def segment(eigvecs, k: int | None = None, method: str = "silhouette", eigvals=N
     """
     h, w = np.shape(eigvecs)[1:]
     f = spectral_features(eigvecs, skip_first, normalize=True, eigvals=eigvals)
-    if k is None:
-        k = auto_k(f, k_range, method, eigvals, seed, n_init=n_init).k
-    return kmeans(f, int(k), seed, n_init).labels.reshape(h, w)
+    return cluster_embedding(f, k, method, eigvals, seed, k_range, n_init)[0].labels.reshape(h, w)

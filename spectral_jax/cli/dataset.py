@@ -7,7 +7,10 @@ OUT/checkpoints, so a rerun with --resume skips them. --method gd: the official 
 of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every steps.
 
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
-OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/summary.json and
+OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/segments.npz (`segments`
+[num_images, h, w]: one k-means of all images' spectral embeddings, so segment i is the same cluster in every
+image; --segments N of them, or auto: the largest eigengap), OUT/segments.png (the first 100 images with their
+segments, one colour per segment id), OUT/summary.json (segment sizes and images per segment under "segments") and
 OUT/checkpoints/ (orbax); prints a one-line JSON summary. Unreadable files are reported on stderr, skipped and
 listed in the summary; a folder none of whose images can be read is refused before the model runs.
 OUT must lie outside FOLDER (a run's outputs inside it would be scanned as images by the next run), be a folder
@@ -53,6 +56,8 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps (batches) between checkpoints")
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
+    p.add_argument("--segments", default="auto", metavar="N|auto",
+                   help="dataset-wide segments: N ≥ 1, or auto (exact: the largest eigengap; gd: silhouette)")
     p.add_argument("--preset", choices=("paper", "eigen"), default="paper")
     p.add_argument("--inner-steps", type=int, default=5, help="AdamW steps per batch")
     p.add_argument("--lr", type=float, default=None, help="default: 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen)")
@@ -80,6 +85,21 @@ def _check_cluster(args) -> None:
                          "number the processes 0 … N−1")
 
 
+def _check_segments(args, settings, patch: int) -> None:
+    """--segments N against the tokens of the folder's images (all files listed, each `--size` / patch tokens), before
+    anything runs: N above them is one line (images found unreadable later can still lower the count; the export
+    then refuses, keeping the checkpoints for a --resume with fewer segments)."""
+    if settings.segments == "auto":
+        return
+    from spectral_jax import folder as F
+    from spectral_jax import io
+    from spectral_jax.dataset.cluster import check_count
+
+    files, _ = F.scan(args.folder, exclude=[args.out])
+    h, w = io.target_size(settings.size, settings.size, patch)
+    check_count(settings.segments, len(files) * (h // patch) * (w // patch))
+
+
 def run_dataset(args) -> int:
     from spectral_jax.dataset.settings import Settings     # no JAX: every option below is checked at once
     from spectral_jax.models import get_spec
@@ -90,11 +110,13 @@ def run_dataset(args) -> int:
                         k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, seed=args.seed,
                         checkpoint_every=args.checkpoint_every, prefetch=args.prefetch, method=args.method,
                         maxiter=args.maxiter, features_dtype="bfloat16" if args.bf16_features else "float32",
+                        segments=args.segments,
                         **({} if args.tol is None else {"tol": args.tol}))
-    get_spec(args.model)                            # unknown model: one line before anything else
+    spec = get_spec(args.model)                     # unknown model: one line before anything else
     if not os.path.isdir(args.folder):
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     _check_cluster(args)
+    _check_segments(args, settings, spec.preprocess.patch_size)
     if args.coordinator or args.num_processes or args.process_id is not None:
         from spectral_jax.dataset import init_distributed
 
@@ -109,6 +131,7 @@ def run_dataset(args) -> int:
         print(json.dumps({"out": args.out, "images": s["images"], "skipped": len(s["skipped"]),
                           "steps": s["steps"], "objective": s["objective"], "loss": s.get("loss"),
                           "seconds": s["seconds"], "method": s["method"], "num_eigs": s["num_eigs"],
+                          "segments": s["segments"]["num_segments"], "segments_rule": s["segments"]["rule"],
                           **({"converged": s["convergence"]["converged"],
                               "max_residual": s["convergence"]["max_residual"]} if "convergence" in s else {})}))
     return 0

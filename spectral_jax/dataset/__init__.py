@@ -17,8 +17,11 @@ The algorithm (`run`, in `loop`):
      `min_cos` dropped, ½(A + Aᵀ), row-normalised), take `inner_steps` optax steps (AdamW) on the batch's rows of
      the table and move the table's EMA (`ema` decay) one step (`step.dataset_step`); checkpoint every
      `checkpoint_every` steps (`checkpoint`);
-  4. export: the debiased EMA table → eigenvectors (`export.table_arrays`), eigvecs.png (`viz.dataset_figure`),
-     eigvecs.npz, summary.json (`summary`), in that order (`export.write`).
+  4. export: the debiased EMA table → eigenvectors (`export.table_arrays`); the dataset-wide segments — one
+     k-means of every token's spectral embedding, so segment j is one cluster in every image (`cluster.segments`,
+     `segments` of them or "auto": the eigengap) —; then eigvecs.png (`viz.dataset_figure`), segments.png
+     (`viz.dataset_segments_figure`), eigvecs.npz, segments.npz, summary.json (`summary`), in that order
+     (`export.write`). `segments(result, num_segments, seed)` re-clusters any result (e.g. `load_result(out)`).
 
 Presets: paper (logits, softmax over K, the official loss) and eigen (free values kept orthonormal over a batch's
 nodes, the Stiefel step of `solvers.gd`) — see `step`.
@@ -31,8 +34,8 @@ of its own images' tokens among all tokens of the batch; rows move between the s
 search) and runs replicated, so the result does not depend on the device count. Multi-host: `init_distributed`;
 each process reads only the images of its own devices' batch slots.
 
-Modules: settings (no JAX), inputs (no JAX), layout, step, checkpoint, export, summary, loop. Names are imported on
-first use (PEP 562): `from spectral_jax.dataset import Settings` imports no JAX.
+Modules: settings (no JAX), inputs (no JAX), layout, step, checkpoint, cluster (numpy), export, summary, loop.
+Names are imported on first use (PEP 562): `from spectral_jax.dataset import Settings` imports no JAX.
 """
 
 from spectral_jax import lazy as _lazy
@@ -41,11 +44,12 @@ _EXPORTS = {
     "run": ".loop",
     "Settings": ".settings", "GRAPHS": ".settings", "PRESETS": ".settings",
     "DatasetResult": ".export", "load_result": ".export", "global_eigvecs": ".export", "thumbnails": ".export",
+    "segments": ".cluster", "Segments": ".cluster",
     "init_distributed": ".layout", "make_mesh": ".layout", "batch_indices": ".layout", "epoch_order": ".layout",
     "local_slots": ".layout",
     "InputError": "spectral_jax.errors",
-    "checkpoint": None, "export": None, "inputs": None, "layout": None, "loop": None, "settings": None, "step": None,
-    "summary": None,
+    "checkpoint": None, "cluster": None, "export": None, "inputs": None, "layout": None, "loop": None,
+    "settings": None, "step": None, "summary": None,
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)

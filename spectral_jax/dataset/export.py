@@ -1,8 +1,10 @@
 """A dataset run's result: `DatasetResult`, the arrays a table becomes, and OUT's files.
 
-OUT gets eigvecs.png (`viz.dataset_figure` of the first `figure_images` images), then eigvecs.npz, then
-summary.json — last, so its presence marks a complete export (a failed export leaves only the checkpoints, and
-`--resume` re-exports). `load_result` reads a finished OUT back.
+OUT gets, all reserved before the export's work (`files.OutputFile`: an unwritable OUT fails before the segments
+are computed, nothing half-written is ever seen), in this order: eigvecs.png (`viz.dataset_figure`) and
+segments.png (`viz.dataset_segments_figure`) of the first `figure_images` images, eigvecs.npz, segments.npz
+(`cluster.Segments.arrays`), then summary.json — last, so its presence marks a complete export (a failed export
+leaves only the checkpoints, and `--resume` re-exports). `load_result` reads a finished OUT back.
 
 Shape legend
     n  images read    K  eigenvectors    (h, w)  base grid
@@ -10,6 +12,7 @@ Shape legend
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -19,7 +22,7 @@ import numpy as np
 
 from spectral_jax import viz
 from spectral_jax.errors import InputError
-from spectral_jax.files import save_npz, write_json
+from spectral_jax.files import OutputFile, save_npz
 
 
 @dataclasses.dataclass
@@ -30,7 +33,8 @@ class DatasetResult:
     code shows them — columns orthonormal over all pixels of all images, largest singular value first; eigen: the
     table's columns, each unit-norm over all pixels); names `[n]` (file paths relative to the folder, images that
     were read; unreadable ones are in summary["skipped"]); table `[n, K, h, w]` the debiased EMA of the raw table
-    (logits or free values); probs `[n, K, h, w]` softmax(table) (paper preset, else None); summary (summary.json).
+    (logits or free values); probs `[n, K, h, w]` softmax(table) (paper preset, else None); summary (summary.json);
+    segments: the dataset-wide segments (`cluster.Segments`, set by the export; None before it).
     """
 
     eigvecs: np.ndarray
@@ -39,13 +43,21 @@ class DatasetResult:
     probs: np.ndarray | None
     summary: dict
     out: str = ""
+    segments: object = None
 
-    def save(self, path: str) -> None:
+    @property
+    def eigvals(self) -> np.ndarray | None:
+        """`[K]` the eigenvalues of the whole-dataset operator (method exact), largest first; None for gd runs."""
+        v = self.summary.get("eigvals")
+        return None if v is None else np.asarray(v, np.float64)
+
+    def save(self, target: "str | OutputFile") -> None:
+        """eigvecs.npz (a path, or an `OutputFile` reserved earlier)."""
         arrays = dict(eigvecs=self.eigvecs.astype(np.float32), names=np.asarray(self.names, dtype=str),
                       table=self.table.astype(np.float32), preset=np.array(self.summary.get("preset", "")))
         if self.probs is not None:
             arrays["probs"] = self.probs.astype(np.float32)
-        save_npz(path, arrays)
+        save_npz(target, arrays)
 
 
 def load_result(out: str) -> DatasetResult:
@@ -62,7 +74,13 @@ def load_result(out: str) -> DatasetResult:
                          "re-export it with `spectral-jax dataset FOLDER ... --out DIR --resume`") from None
     with np.load(path, allow_pickle=False) as f:
         d = {k: f[k] for k in f.files}
-    return DatasetResult(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary, out)
+    seg = None
+    if os.path.isfile(os.path.join(out, "segments.npz")):
+        from spectral_jax.dataset.cluster import Segments
+
+        with np.load(os.path.join(out, "segments.npz"), allow_pickle=False) as f:
+            seg = Segments.from_arrays({k: f[k] for k in f.files})
+    return DatasetResult(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary, out, seg)
 
 
 def global_eigvecs(probs: np.ndarray) -> np.ndarray:
@@ -117,14 +135,34 @@ def thumbnails(root: str, names: Sequence[str], tile: int) -> list[np.ndarray]:
 
 
 def write(res: DatasetResult, root: str, figure_images: int) -> None:
-    """OUT's files, in this order: eigvecs.png (the first `figure_images` images; none for 0), eigvecs.npz,
-    summary.json (its presence marks a complete export)."""
-    if figure_images and res.names:
-        m = min(figure_images, len(res.names))
-        viz.save_png(os.path.join(res.out, "eigvecs.png"),
-                     viz.dataset_figure(res.eigvecs[:m], thumbnails(root, res.names[:m], 48), num_vecs=15))
-    res.save(os.path.join(res.out, "eigvecs.npz"))
-    write_json(os.path.join(res.out, "summary.json"), res.summary)
+    """OUT's files (module docstring): all reserved first; then the dataset-wide segments (`cluster.segments` with
+    the summary's `segments_asked` and `seed`; set on `res.segments`, their numbers in `res.summary["segments"]`);
+    then eigvecs.png and segments.png (the first `figure_images` images; none for 0), eigvecs.npz, segments.npz and
+    summary.json, in that order."""
+    from spectral_jax.dataset.cluster import segments
+
+    figures = ["eigvecs.png", "segments.png"] if figure_images and res.names else []
+    with contextlib.ExitStack() as stack:
+        out = {name: stack.enter_context(OutputFile(os.path.join(res.out, name)))
+               for name in figures + ["eigvecs.npz", "segments.npz", "summary.json"]}
+        res.segments = segments(res, res.summary.get("segments_asked", "auto"), res.summary.get("seed", 0))
+        res.summary["segments"] = res.segments.report()
+        if figures:
+            m = min(figure_images, len(res.names))
+            _png(out["eigvecs.png"], viz.dataset_figure(res.eigvecs[:m], thumbnails(root, res.names[:m], 48),
+                                                        num_vecs=15))
+            _png(out["segments.png"], viz.dataset_segments_figure(
+                res.segments.labels[:m], thumbnails(root, res.names[:m], 64), res.segments.num_segments))
+        res.save(out["eigvecs.npz"])
+        save_npz(out["segments.npz"], res.segments.arrays(res.names))
+        with open(out["summary.json"].tmp, "w") as fh:
+            fh.write(json.dumps(res.summary, indent=2) + "\n")
+        out["summary.json"].commit()
+
+
+def _png(target: OutputFile, array: np.ndarray) -> None:
+    viz.save_png(target.tmp, array)
+    target.commit()
 
 
 __all__ = ["DatasetResult", "global_eigvecs", "load_result", "table_arrays", "thumbnails", "write"]

@@ -59,6 +59,26 @@ def _size_pair(size) -> tuple[int, int]:
     raise InputError(f"size {size!r}", "is not S or (H, W) in integers", fix)
 
 
+def parse_segments(v, flag: str = "--segments"):
+    """The number of dataset-wide segments: "auto", or an int ≥ 1 (a string of digits, as the command line gives
+    it, becomes that int); anything else one `InputError` line. (Against the tokens of the dataset:
+    `dataset.cluster.check_count`, once they are known.)"""
+    fix = f"pass e.g. {flag} 12, or {flag} auto (chosen from the eigenvalues)"
+    if isinstance(v, str):
+        t = v.strip().lower()
+        if t == "auto":
+            return "auto"
+        try:
+            v = int(t, 10)
+        except ValueError:
+            raise InputError(flag, f"must be a positive integer or auto, got {v!r}", fix) from None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+        raise InputError(flag, f"must be a positive integer or auto, got {v!r}", fix)
+    if v < 1:
+        raise InputError(flag, f"must be ≥ 1, got {v}", fix)
+    return int(v)
+
+
 def _layer_weights(lw) -> tuple[tuple[int, float], ...] | None:
     """{layer: weight} → ((layer, weight), ...) sorted (hashable); None stays None."""
     if lw is None:
@@ -99,7 +119,9 @@ class Settings:
     available; a number given must fit); min_cos: edges at or below it are dropped; lam: the paper loss's
     orthogonality weight; layer_weights: {layer: weight} (default equal); seed: the table's start and the epoch
     order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints; prefetch: batches read
-    ahead; figure_images: images in eigvecs.png (0: no figure).
+    ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments: the number of
+    dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
+    change it).
     """
 
     model: str = "dinov2_vits14"
@@ -129,12 +151,14 @@ class Settings:
     features_dtype: str = "float32"
     maxiter: int = 400
     tol: float = TOL
+    segments: object = "auto"
 
     def __post_init__(self):
         """Normalise (size → (H, W), layer_weights → sorted pairs, ints and floats checked by type), then check
         every range: one `InputError` line naming the option and the fix."""
         norm = dict(
             size=_size_pair(self.size), layers=_layers(self.layers), layer_weights=_layer_weights(self.layer_weights),
+            segments=parse_segments(self.segments),
             lr=None if self.lr is None else _number("--lr", self.lr, 0.01),
             k_intra=None if self.k_intra is None else _integer("--k-intra", self.k_intra, DEFAULT_K),
             k_inter=None if self.k_inter is None else _integer("--k-inter", self.k_inter, DEFAULT_K),
@@ -210,7 +234,7 @@ class Settings:
         step sees as its `apply`, and what only steers the run) at fixed values: runs that compute the same step
         compare equal."""
         return dataclasses.replace(self, model="", weights=None, layers="all", epochs=1, checkpoint_every=1,
-                                   prefetch=1, figure_images=0)
+                                   prefetch=1, figure_images=0, segments="auto")
 
     def result_fields(self) -> dict:
         """The settings that define the result (a resumed run must match them), JSON-ready."""
@@ -224,4 +248,5 @@ RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset"
                  "k_inter", "min_cos", "lam", "layer_weights", "seed", "block")
 
 
-__all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "PRESETS", "RESULT_FIELDS", "Settings", "TOL"]
+__all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "PRESETS", "RESULT_FIELDS", "Settings", "TOL",
+           "parse_segments"]

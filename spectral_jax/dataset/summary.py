@@ -1,6 +1,7 @@
 """summary.json of a dataset run: what was solved, how well, how fast, from which files. JSON-ready dict; at least
 `objective`, `seconds`, `method`, `num_eigs`, `steps` (the command-line contract), plus the run's settings, the
-effective k, the skipped and ignored files and the per-step history."""
+effective k, the skipped and ignored files and the per-step history. `segments_asked` is the request
+(`Settings.segments`); the export adds `segments`, the dataset-wide segments' numbers (`cluster.Segments.report`)."""
 
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
         "grid": list(geom.base), "size": list(geom.size), "batch_size": settings.batch_size,
         "inner_steps": settings.inner_steps, "lr": lr, "weight_decay": settings.weight_decay, "ema": settings.ema,
         "k_intra": geom.k_intra, "k_inter": geom.k_inter, "min_cos": settings.min_cos, "seed": settings.seed,
-        **machine, "history_columns": HISTORY_COLUMNS, "history": h, "folder": folder,
+        "segments_asked": settings.segments, **machine, "history_columns": HISTORY_COLUMNS, "history": h,
+        "folder": folder,
     }
 
 
@@ -80,7 +82,8 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         **backbone, "graph": settings.graph, "grid": list(geom.base), "size": list(geom.size),
         "batch_size": settings.batch_size, "k_intra": geom.k_intra, "k_inter": geom.k_inter,
         "min_cos": settings.min_cos, "edges": solved.edges, "features_dtype": settings.features_dtype,
-        "maxiter": settings.maxiter, "tol": settings.tol, "seed": settings.seed, **machine, "folder": folder,
+        "maxiter": settings.maxiter, "tol": settings.tol, "seed": settings.seed,
+        "segments_asked": settings.segments, **machine, "folder": folder,
     }
 
 
