@@ -7,6 +7,7 @@ Synthetic backbone of test_dataset (32×32 inputs → a 4×4 grid, 16 tokens per
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
@@ -20,7 +21,7 @@ from spectral_jax import dataset, graphs
 from spectral_jax.objective import dense_operators, normalised_weights
 from spectral_jax.solvers import exact
 from spectral_jax.solvers.sparse import knn_operator
-from test_dataset import CHILD_HEAD, _dense_knn, _env, make_folder, synthetic
+from test_dataset import CHILD_HEAD, _dense_knn, _env, _free_port, make_folder, synthetic
 
 EXACT = dict(size=32, batch_size=4, num_eigs=6, k_intra=5, k_inter=5, figure_images=0, method="exact")
 
@@ -83,15 +84,18 @@ def test_sparse_operator_and_exact_eigvecs_match_eigh(rng):
     np.testing.assert_allclose(op.dense(), dense, atol=1e-6)
     z = rng.normal(size=(160, 4)).astype(np.float32)
     np.testing.assert_allclose(np.asarray(op.matvec(z)), dense @ z, atol=1e-5)
-    res = exact(g, 6, [lw], dense_max=0)
-    assert res.method == "exact-lobpcg-sparse" and res.info["converged"] and res.info["iterations"] > 0
-    assert len(res.info["residuals"]) == 6 and res.info["max_residual"] <= res.info["tol"]
     vals, vecs = np.linalg.eigh(dense)
-    x = np.transpose(res.eigvecs, (1, 0, 2, 3)).reshape(6, -1).T
-    assert _alignment(vecs[:, ::-1][:, :6], x) >= 0.999
-    np.testing.assert_allclose(res.eigvals[0], vals[::-1][:6], rtol=1e-4, atol=1e-5)
-    again = exact(g, 6, [lw], dense_max=0)
-    np.testing.assert_array_equal(again.eigvecs, res.eigvecs)                   # deterministic per seed
+    for solver, method in (("auto", "exact-arpack"), ("lobpcg", "exact-lobpcg-sparse")):   # the CPU default: ARPACK
+        res = exact(g, 6, [lw], dense_max=0, sparse_solver=solver)
+        assert res.method == method and res.info["converged"] and res.info["iterations"] > 0
+        assert len(res.info["residuals"]) == 6 and res.info["max_residual"] <= res.info["tol"]
+        x = np.transpose(res.eigvecs, (1, 0, 2, 3)).reshape(6, -1).T
+        assert _alignment(vecs[:, ::-1][:, :6], x) >= 0.999
+        np.testing.assert_allclose(res.eigvals[0], vals[::-1][:6], rtol=1e-4, atol=1e-5)
+        again = exact(g, 6, [lw], dense_max=0, sparse_solver=solver)
+        np.testing.assert_array_equal(again.eigvecs, res.eigvecs)               # deterministic per seed
+    other = exact(g, 6, [lw], dense_max=0, seed=1)
+    assert _alignment(other.eigvecs.transpose(1, 0, 2, 3).reshape(6, -1).T, x) >= 0.999
 
 
 def test_convergence_report_when_maxiter_is_too_small(rng):
@@ -100,7 +104,8 @@ def test_convergence_report_when_maxiter_is_too_small(rng):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = exact(g, 8, dense_max=0, maxiter=2)
-    assert res.info["iterations"] == 2 and not res.info["converged"]
+    assert res.info["iterations"] == 2 and not res.info["converged"]      # ARPACK failed too: LOBPCG's report
+    assert res.method == "exact-lobpcg-sparse" and "maxiter=2" in res.info["arpack"]
     assert res.info["max_residual"] > res.info["tol"]
     assert any("maxiter=2" in str(w.message) for w in caught)
 
@@ -176,3 +181,48 @@ def test_eight_devices_give_the_one_device_eigvecs(tmp_path):
         assert b.shape[1] == 16 * 16 and a.shape[1] == 16 * 12             # 12 images padded to 16 on 8 devices
         np.testing.assert_allclose(b[:, :a.shape[1]], a, atol=1e-6)
     np.testing.assert_allclose(t["eight"], t["one"], atol=1e-4)
+
+
+def test_two_processes_give_the_one_process_graph_and_eigvecs(tmp_path):
+    """Two processes on localhost (1 CPU device each, gloo collectives): each reads only its half of the images
+    (a contiguous range: the mesh splits the rows by image) and searches its rows; the graph is gathered and both
+    solve it. Against this process on one device: the same graph, the same eigenvectors."""
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    port = _free_port()
+    out = str(tmp_path / "multi")
+    procs = []
+    for i in range(2):
+        child = textwrap.dedent(f"""
+            import jax
+            jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={i})
+        """) + CHILD_HEAD + textwrap.dedent(f"""
+            from test_dataset_exact import EXACT
+            from spectral_jax import folder as F
+            seen = []
+            read = F.read_slots
+            def read_slots(root, files, idx, *a):
+                seen.extend(int(i) for i in idx if i >= 0)
+                return read(root, files, idx, *a)
+            F.read_slots = read_slots
+            res = dataset.run({folder!r}, {out!r}, backbone=synthetic(), **EXACT)
+            assert res.summary["devices"] == 2 and res.summary["processes"] == 2
+            json.dump(seen, open({out!r} + ".read{i}.json", "w"))
+        """)
+        procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    try:
+        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    finally:
+        for p in procs:                         # one failed process leaves the other waiting at a barrier
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(),
+                         mesh=dataset.make_mesh(jax.devices()[:1]), **EXACT)
+    multi = dataset.load_result(out)
+    for name in ("idx0", "w0", "deg0"):
+        np.testing.assert_array_equal(np.load(f"{out}/checkpoints/graph.npz")[name],
+                                      np.load(tmp_path / "single" / "checkpoints" / "graph.npz")[name])
+    np.testing.assert_allclose(multi.eigvecs, single.eigvecs, atol=1e-5)
+    assert [json.load(open(f"{out}.read{i}.json")) for i in range(2)] == [list(range(6)), list(range(6, 12))]

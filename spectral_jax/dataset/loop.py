@@ -240,9 +240,6 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
                t_start: float, resume: bool, progress: bool) -> DatasetResult:
     """method="exact" (`whole.solve`): features and graph cached in OUT/checkpoints, then the exact solve and the
     export. A run that fails before its first cache file leaves nothing behind."""
-    if jax.process_count() > 1:
-        raise InputError("--method exact", "runs in one process (the whole graph is coalesced on the host)",
-                         "use --method gd for multi-process runs")
     cache = [n for n in (whole.FEATURES, whole.GRAPH) if os.path.isfile(os.path.join(where.ckdir, n))]
     if cache and not resume:
         raise InputError(where.out, f"holds the cached {' and '.join(c.split('.')[0] for c in cache)} of an "
@@ -259,13 +256,13 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         if bar is not None:
             bar.close()
         if not finished and not cache and not os.path.isfile(os.path.join(where.ckdir, whole.FEATURES)):
-            inputs.discard(where.out if made_out else where.ckdir if made_ck else None)
+            inputs.discard(where.out if made_out else where.ckdir if made_ck else None, jax.process_index())
     for i, why in sorted(solved.failed.items()):
         _say(f"spectral-jax dataset: skipping {where.files[i]}: {why}")
     n = len(where.files)
     ok = solved.valid[:n]
     if solved.result is None:
-        inputs.discard(where.out if made_out else where.ckdir if made_ck else None)
+        inputs.discard(where.out if made_out else where.ckdir if made_ck else None, jax.process_index())
         first = next(iter(sorted(solved.failed.items())), None)
         raise inputs.no_images(where.folder, where.files, f"{where.files[first[0]]}: {first[1]}" if first
                                else f"{where.files[0]}: could not be read during the run")
@@ -280,7 +277,8 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         names=names, files=where.files, skipped=skipped, ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root), where.out)
-    export.write(out, where.root, settings.figure_images)
+    if jax.process_index() == 0:
+        export.write(out, where.root, settings.figure_images)
     return out
 
 

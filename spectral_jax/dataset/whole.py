@@ -23,6 +23,8 @@ Shape legend
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from spectral_jax import folder as F
 from spectral_jax import graphs as G
-from spectral_jax.dataset.layout import AXIS, Geometry
+from spectral_jax.dataset.layout import AXIS, Geometry, gather, global_array
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
 from spectral_jax.files import save_npz
@@ -59,14 +61,28 @@ def padded_images(num_images: int, devices: int) -> int:
     return -(-num_images // devices) * devices
 
 
+def process_share(n: int) -> tuple[int, int]:
+    """(first image, images) of this process: the mesh is process-major and splits the graph's rows by image, so
+    process p holds images [p·n/P, (p+1)·n/P) (n padded to a multiple of the devices, hence of the processes)."""
+    per = n // jax.process_count()
+    return jax.process_index() * per, per
+
+
 def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: str, files: list, mesh: Mesh,
                     bar=None) -> Features:
-    """Run the backbone over `files` batch by batch and keep only the merged features of each layer group."""
-    b, n = settings.batch_size, padded_images(len(files), geom.devices)
+    """Run the backbone over this process's share of `files` (`process_share`), batch by batch (each process
+    `batch_size`/P images of a batch), and keep only the merged features of each layer group, on the host:
+    a, b `[L, (n/P)·h·w, F]` (this process's rows); valid `[n]` all processes' (gathered)."""
+    procs = jax.process_count()
+    n = padded_images(len(files), geom.devices)
+    first, share = process_share(n)
+    b_loc = settings.batch_size // procs
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
     pre, per = backbone.preprocess, [grid[0] * grid[1] for grid, _ in geom.groups]
+    rows = NamedSharding(mesh, P(AXIS))
+    feat_rows = NamedSharding(mesh, P(None, AXIS))
 
-    @jax.jit
+    @functools.partial(jax.jit, out_shardings=feat_rows)
     def forward(params, x):
         taps = backbone.apply(params, x, layers, False).patches()
         out = []
@@ -75,44 +91,68 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
             out.append((a.astype(dtype), None if settings.graph == "knn-vv" else bb.astype(dtype)))
         return out
 
+    params = backbone.params if procs == 1 else jax.tree.map(
+        lambda x: global_array(mesh, P(), np.asarray(x), np.shape(x)), backbone.params)
     a = [None] * len(geom.groups)
     bs = [None] * len(geom.groups)
-    valid, failed = np.zeros(n, bool), {}
-    rows = NamedSharding(mesh, P(AXIS))
-    steps = range(0, len(files), b)
+    valid, failed = np.zeros(share, bool), {}
 
     def produce(start):
-        idx = np.arange(start, start + b)
-        idx = np.where(idx < len(files), idx, -1)
+        idx = first + np.arange(start, start + b_loc)
+        idx = np.where((idx < len(files)) & (idx < first + share), idx, -1)
         return (idx,) + F.read_slots(root, files, idx, geom.size, pre.patch_size, pre.mean, pre.std)
 
-    with F.Prefetcher(produce, steps, depth=settings.prefetch) as batches:
+    with F.Prefetcher(produce, range(0, share, b_loc), depth=settings.prefetch) as batches:
         for start, (idx, x, ok, bad) in batches:
             failed.update(bad)
-            valid[idx[idx >= 0]] = ok[idx >= 0]
-            outs = forward(backbone.params, jax.device_put(x, rows))
+            valid[idx[idx >= 0] - first] = ok[idx >= 0]
+            x = jax.device_put(x, rows) if procs == 1 else global_array(mesh, P(AXIS), x,
+                                                                           (settings.batch_size, *x.shape[1:]))
+            outs = forward(params, x)
             m = int((idx >= 0).sum())
-            for g, (fa, fb) in enumerate(outs):
+            for g, pair in enumerate(outs):
+                fa, fb = (None if y is None else _local_rows(y) for y in pair)
                 if a[g] is None:
-                    a[g] = np.zeros((fa.shape[0], n * per[g], fa.shape[2]), fa.dtype)
+                    a[g] = np.zeros((fa.shape[0], share * per[g], fa.shape[2]), fa.dtype)
                     bs[g] = None if fb is None else np.zeros_like(a[g])
                 sl = slice(start * per[g], (start + m) * per[g])
-                a[g][:, sl] = np.asarray(fa)[:, :m * per[g]]
+                a[g][:, sl] = fa[:, :m * per[g]]
                 if fb is not None:
-                    bs[g][:, sl] = np.asarray(fb)[:, :m * per[g]]
+                    bs[g][:, sl] = fb[:, :m * per[g]]
             if bar is not None:
                 bar.update(m)
+    if procs > 1:
+        from jax.experimental import multihost_utils
+
+        valid = np.asarray(multihost_utils.process_allgather(valid, tiled=True))
     return Features(a, [x if y is None else y for x, y in zip(a, bs)], valid, failed)
 
 
+def _local_rows(x: jax.Array) -> np.ndarray:
+    """This process's rows of `x` `[L, R, F]` sharded over the rows, in order, as one host array."""
+    shards = sorted({s.index[1].start or 0: s for s in x.addressable_shards}.items())
+    return np.concatenate([np.asarray(s.data) for _, s in shards], axis=1)
+
+
 def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh) -> list[G.KnnGraph]:
-    """One `graphs.knn` group per layer group over all tokens of the dataset, rows sharded over `mesh`."""
+    """One `graphs.knn` group per layer group over all tokens of the dataset, rows sharded over `mesh` (each
+    process passes its own rows, `process_share`); the graph comes back whole on every process (host arrays)."""
     n = len(feats.valid)
+    procs = jax.process_count()
     out = []
     for (grid, _), a, b in zip(geom.groups, feats.a, feats.b):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
-        out.append(G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block,
-                         valid=feats.valid, mesh=mesh, axis=AXIS))
+        valid = feats.valid
+        if procs > 1:
+            shape, same = (a.shape[0], a.shape[1] * procs, a.shape[2]), b is a
+            a = global_array(mesh, P(None, AXIS), a, shape)
+            b = a if same else global_array(mesh, P(None, AXIS), b, shape)
+            valid = global_array(mesh, P(), valid, valid.shape)
+        g = G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block, valid=valid, mesh=mesh,
+                  axis=AXIS)
+        if procs > 1:
+            g = dataclasses.replace(g, idx=gather(g.idx), w=gather(g.w), deg=gather(g.deg))
+        out.append(g)
     return out
 
 
@@ -214,13 +254,14 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         valid, failed = d["valid"], {int(i): w for i, w in json.loads(str(d["failed"])).items()}
     else:
         t = time.perf_counter()
-        fd = load_cache(fpath, fkey)
+        one = jax.process_count() == 1       # several processes: each holds only its rows, no features cache
+        fd = load_cache(fpath, fkey) if one else None
         if fd is not None:
             cached.append("features")
             feats = features_from(fd, settings, len(geom.groups))
         else:
             feats = stream_features(backbone, layers, settings, geom, root, files, mesh, bar)
-            if feats.valid.any():
+            if feats.valid.any() and one:
                 os.makedirs(ckdir, exist_ok=True)
                 save_features(fpath, feats, fkey)
         timings["forward"] = time.perf_counter() - t
@@ -230,7 +271,9 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         t = time.perf_counter()
         gs = jax.block_until_ready(build_graphs(feats, settings, geom, mesh))
         del feats
-        save_graphs(gpath, gs, gkey, valid, failed)
+        if jax.process_index() == 0:
+            os.makedirs(ckdir, exist_ok=True)
+            save_graphs(gpath, gs, gkey, valid, failed)
         timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()
     res = exact(gs, settings.num_eigs, weights, maxiter=settings.maxiter, tol=settings.tol, seed=settings.seed)

@@ -1,4 +1,5 @@
-"""The sparse operator of kNN graph groups on one grid: A = Σ_l w_l sym(P_l), coalesced once, applied by gathers.
+"""The sparse operator of kNN graph groups on one grid: A = Σ_l w_l sym(P_l), coalesced once: a scipy CSR matrix
+(`knn_csr`, what ARPACK multiplies on the CPU) or a sliced-ELL `EllMatrix` applied by gathers (`knn_operator`, JAX).
 
 For a kNN graph (`graphs.KnnGraph`: A_l stored as `[N, k]` neighbour indices and weights, S_l = ½(A_l + A_lᵀ),
 P_l = D_l⁻¹ S_l) every stored edge i→j of weight a contributes ¼ a (1/d_i + 1/d_j) to sym(P_l) at (i, j) and at
@@ -75,14 +76,25 @@ def sym_coo(graph: KnnGraph, weights) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return rows[keep], idx[keep], vals[keep]
 
 
-def ell_from_coo(rows, cols, vals, n: int) -> EllMatrix:
-    """M + Mᵀ (M given by COO triplets, duplicates summed) as an `EllMatrix`, float32."""
+def csr_from_coo(rows, cols, vals, n: int, dtype=np.float64):
+    """M + Mᵀ (M given by COO triplets, duplicates summed) as a coalesced scipy CSR matrix of `dtype`."""
     import scipy.sparse as sp
 
     m = sp.coo_matrix((vals, (rows, cols)), shape=(n, n)).tocsr()
     m = (m + m.T).tocsr()
     m.sum_duplicates()
     m.eliminate_zeros()
+    return m.astype(dtype, copy=False)
+
+
+def ell_from_coo(rows, cols, vals, n: int) -> EllMatrix:
+    """M + Mᵀ (M given by COO triplets, duplicates summed) as an `EllMatrix`, float32."""
+    return ell_from_csr(csr_from_coo(rows, cols, vals, n))
+
+
+def ell_from_csr(m) -> EllMatrix:
+    """A square scipy CSR matrix (coalesced) as an `EllMatrix`, float32."""
+    n = m.shape[0]
     lengths = np.diff(m.indptr)
     width = _best_width(lengths)
     pieces = -(-lengths // width)                         # row pieces per row (0 for an empty row)
@@ -109,12 +121,19 @@ def _best_width(lengths: np.ndarray) -> int:
     return int(cands[int(np.argmin(cost))])
 
 
-def knn_operator(graphs, weights) -> EllMatrix:
-    """Σ_g Σ_l w_{g,l} sym(P_{g,l}) of kNN graph groups that share one grid, as one `EllMatrix`.
-    weights: per group, `[*S]` (normalised by the caller)."""
+def knn_csr(graphs, weights, dtype=np.float32):
+    """Σ_g Σ_l w_{g,l} sym(P_{g,l}) of kNN graph groups that share one grid, as one coalesced scipy CSR matrix
+    (summed in float64, stored as `dtype`). weights: per group, `[*S]` (normalised by the caller)."""
     parts = [sym_coo(g, w) for g, w in zip(graphs, weights)]
     n = graphs[0].num_nodes
-    return ell_from_coo(*(np.concatenate([p[i] for p in parts]) for i in range(3)), n)
+    coo = [np.concatenate([p[i] for p in parts]) for i in range(3)]
+    del parts
+    return csr_from_coo(*coo, n, dtype)
 
 
-__all__ = ["EllMatrix", "ell_from_coo", "knn_operator", "sym_coo"]
+def knn_operator(graphs, weights) -> EllMatrix:
+    """`knn_csr` as one `EllMatrix` (for the device's LOBPCG)."""
+    return ell_from_csr(knn_csr(graphs, weights, np.float64))
+
+
+__all__ = ["EllMatrix", "csr_from_coo", "ell_from_coo", "ell_from_csr", "knn_csr", "knn_operator", "sym_coo"]
