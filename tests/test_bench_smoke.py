@@ -104,3 +104,15 @@ def test_eval_joint_labels_and_probes():
     assert c["obj_bal"] > 0.95 and c["what"] > 0.95 and c["where"] < 0.2
     assert p["where"] > 0.95 and p["obj_bal"] < 0.7 and p["what"] < 0.7
     assert c["clusters"] > p["clusters"]
+
+
+def test_bench_dataset_tiny():
+    """bench_dataset --tiny: the plain numpy/scipy script finds our optimum, the score tells a converged result
+    (1) from a perturbed one, and the synthetic scale points solve."""
+    bd = _load("bench_dataset")
+    rep = bd.run_tiny()
+    p = rep["plain"][0]
+    assert p["plain_fraction"] > 0.99999 and abs(p["plain_sum"] - p["ours_sum"]) < 1e-4 * p["optimum_sum"]
+    assert rep["fraction_exact"] > 0.99999 and rep["fraction_noisy"] < 0.9
+    assert [s["n"] for s in rep["scale"]] == [2000, 8000] and all(s["converged"] for s in rep["scale"])
+    assert "| random | 8 |" in "\n".join(bd.tables(rep))
