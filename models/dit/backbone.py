@@ -3,8 +3,9 @@ the VAE, the caption conditioning and the timestep schedule bound at load time (
 and `collect_taps`: images → VAE latents → noisy latents at T timesteps → every block's self-attention q/k/v,
 folded timestep-major into the heads axis (graph index t·H + head), as for Stable Diffusion (`models.sd.diffusion`).
 
-For timestep t_i: x_t = √ᾱ_t · z + √(1 − ᾱ_t) · ε_i (DDPM, PixArt's linear β schedule), z the scaled VAE latent,
-ε_i ~ N(0, I) from (seed, i); the transformer runs on (x_t, t_i, caption).
+For timestep t_i: x_t = add_noise(z, ε_i, t_i) — PixArt: √ᾱ_t · z + √(1 − ᾱ_t) · ε (DDPM, linear β); SD3:
+(1 − σ_t) · z + σ_t · ε (rectified flow, `flow.py`) — with z the VAE latent, ε_i ~ N(0, I) from (seed, i); the
+transformer runs on (x_t, its timestep input (t_i, or σ_t·1000 for flow), text conditioning).
 
 Shape legend
     B  images   (H, W) pixels (multiples of 16)   (h, w) = (H, W)/8 latents   T  timesteps   H  heads
@@ -15,6 +16,9 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import functools
+
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -27,10 +31,20 @@ from spectral_jax.models.spec import ModelSpec
 from spectral_jax.taps import Taps
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule"))
+def _step_taps(graphdef, state, latents, t, i, key, context, schedule):
+    """Taps of every block on x_t = add_noise(latents, ε_i, t), ε_i ~ N(0, I) from fold_in(key, i); one
+    compilation serves every layer selection, and XLA drops the work after the last block's attention."""
+    noise = jax.random.normal(jax.random.fold_in(key, i), latents.shape, latents.dtype)
+    x_t = schedule.add_noise(latents, noise, t)
+    model_t = schedule.model_timestep(t) if hasattr(schedule, "model_timestep") else t
+    return nnx.merge(graphdef, state)(x_t, model_t, context)[1]
+
+
 def collect_taps(images, model: DiffusionTransformer, timesteps, seed: int = 0, *,
                  layers: Sequence[int] | None = None, latent: str = "mean") -> Taps:
     """Self-attention taps of `model` on `images` `[B, H, W, 3]` (in [−1, 1], sides multiples of 16) at each of
-    `timesteps` (ints in [0, 999]): per layer q/k/v `[B, T·H, N, D]`, timestep-major.
+    `timesteps` (ints in [0, 999]): per layer q/k/v `[B, T·H, N, D]`, timestep-major (SD3: the image tokens).
 
     One transformer pass per timestep (compiled once per architecture and input shape; only the taps leave it, so
     XLA drops the blocks after the last one needed); latent: the VAE posterior "mean" or a "sample" from `seed`.
@@ -42,13 +56,12 @@ def collect_taps(images, model: DiffusionTransformer, timesteps, seed: int = 0, 
     if ts.size == 0:
         raise ValueError("need at least one timestep")
     chosen = resolve_layers(layers, model.cfg.num_layers, "self-attention layers")
-    latents = diffusion.encode_images(model, images, latent=latent, seed=seed)
+    latents = model.latents(images, latent=latent, seed=seed)
     graphdef, state = nnx.split(model.transformer)
     key = diffusion._keys(seed)[1]
     steps = []
     for i, t in enumerate(ts):
-        taps = diffusion._step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), key, model.context,
-                                    model.schedule)
+        taps = _step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), key, model.context, model.schedule)
         steps.append(Taps({j: taps.layers[j] for j in chosen}))
     return diffusion.fold_timesteps(steps)
 
@@ -61,7 +74,7 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
     weights: as in `load_dit` (None: `spec.repo_id`; "random"; a diffusers-layout directory or repo id).
     timesteps: ints in [0, 999] (None: `DEFAULT_NUM_TIMESTEPS` drawn at random from `seed` over [0, 250], as for
     Stable Diffusion); seed: the noise, the random schedule and a latent sample; latent: "mean" or "sample";
-    text_embedding: a saved caption embedding .npy (default: one zero caption token — see `config.py`).
+    text_embedding: a saved text embedding (`modeling.load_text_embedding`; default: zeros — see `config.py`).
     Timesteps and latent are checked before any weight is read.
     """
     ts = (diffusion.timestep_schedule("random", diffusion.DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None

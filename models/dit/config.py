@@ -5,12 +5,18 @@ Names:
     pixart_sigma      PixArt-Σ XL/2 at 1024² (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS): 28 blocks, 16 heads × 72
     pixart_sigma_512  the same architecture trained at 512² (PixArt-alpha/PixArt-Sigma-XL-2-512-MS)
     pixart_tiny       a small random PixArt (4 blocks) for tests and benchmarks only
+    sd3_medium        SD3 Medium MM-DiT (stabilityai/stable-diffusion-3-medium-diffusers): 24 blocks, 24 heads × 64
+    sd35_large        SD3.5 Large (stabilityai/stable-diffusion-3.5-large): 38 blocks, 38 heads × 64, RMS q/k norms
+    sd3_tiny          a small random MM-DiT (3 blocks) for tests and benchmarks only
 PixArt-Σ reads latents of the SDXL VAE (the SD VAE architecture, scaling factor 0.13025; the 512-MS repository holds
 only transformer/, so the VAE comes from `DiTConfig.vae_repo_id` when the weights' folder has no vae/), and was
-trained with the DDPM linear β schedule 0.0001 → 0.02 over 1000 steps.
+trained with the DDPM linear β schedule 0.0001 → 0.02 over 1000 steps. SD3/SD3.5 read 16-channel latents of their
+own VAE (the same encoder architecture; latent = scaling · (z − shift), 1.5305 and 0.0609) and were trained with
+rectified flow, x_t = (1 − σ)·x + σ·ε (`flow.py`: σ from the integer timestep as diffusers'
+FlowMatchEulerDiscreteScheduler with shift 3).
 
 Preprocessing: RGB in [−1, 1] ((x/255 − 0.5)/0.5); sides multiples of 16 (VAE downscale 8 × patch 2); the default
-size is the training resolution (1024, 512; 256 for pixart_tiny).
+size is the training resolution (1024, 512; 256 for the tiny models).
 
 Text conditioning (`text_embedding` option): by default a single all-zero caption token `[1, 1, caption_channels]`.
 With zero captions every caption token is the same vector, so cross-attention returns that vector's value whatever
@@ -18,6 +24,11 @@ the caption length: zeros of length 1 are exactly zeros of length 300. What a us
 conditioned on a constant, caption-free context (not the T5 embedding of ""). For the pipeline's own unconditional
 input, save the T5 encoder's output for "" — only its unmasked tokens, `[M, 4096]` (.npy) — and pass it with
 `--text-embedding`: dropping masked tokens is what the pipeline's attention mask does.
+SD3: the text tokens join the image tokens in every attention (no mask), so their number matters. The default is
+zeros of the pipeline's shape, context `[1, 333, 4096]` (77 CLIP + 256 T5 tokens) and pooled `[1, 2048]` — what the
+pipeline itself feeds for a prompt whose encoders are dropped (it zero-fills T5 when T5 is absent). For the
+empty-prompt embedding, save `pipe.encode_prompt("", "", "")`'s prompt_embeds `[333, 4096]` and
+pooled_prompt_embeds `[2048]` as an .npz with keys `context` and `pooled`, and pass it with `--text-embedding`.
 """
 
 from __future__ import annotations
@@ -25,6 +36,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from spectral_jax.models.dit.flow import FlowSchedule
 from spectral_jax.models.sd.config import SD_MEAN, SD_STD, VAEConfig
 from spectral_jax.models.sd.scheduler import DDPMSchedule
 from spectral_jax.models.spec import Family, ModelSpec, PreprocessSpec
@@ -77,14 +89,59 @@ class PixArtConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class SD3Config:
+    """The `SD3Transformer2DModel` options SD3 / SD3.5 Large use (SD3.5 Medium's dual attention is not ported).
+
+    qk_norm: None (SD3) or "rms_norm" (SD3.5). caption_projection_dim must equal the width (heads × head dim).
+    """
+
+    num_attention_heads: int = 24
+    attention_head_dim: int = 64
+    in_channels: int = 16
+    out_channels: int = 16
+    num_layers: int = 24
+    joint_attention_dim: int = 4096
+    caption_projection_dim: int = 1536
+    pooled_projection_dim: int = 2048
+    sample_size: int = 128
+    patch_size: int = 2
+    pos_embed_max_size: int = 192
+    qk_norm: str | None = None
+
+    def __post_init__(self):
+        if self.caption_projection_dim != self.inner_dim:
+            raise ValueError(f"caption_projection_dim {self.caption_projection_dim} must equal the width "
+                             f"{self.inner_dim}")
+        if self.qk_norm not in (None, "rms_norm"):
+            raise ValueError(f"qk_norm {self.qk_norm!r}: only None and 'rms_norm' are ported")
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def context_dim(self) -> int:
+        return self.joint_attention_dim
+
+    def attn_layers(self) -> list[tuple[str, int, int]]:
+        """Every tapped joint-attention layer (its image-token block): (where, heads, head dim)."""
+        return [(f"transformer_blocks.{i}", self.num_attention_heads, self.attention_head_dim)
+                for i in range(self.num_layers)]
+
+
+@dataclasses.dataclass(frozen=True)
 class DiTConfig:
-    """One diffusion-transformer model: its `transformer` (a `PixArtConfig`), its VAE encoder, its noise schedule, and
-    where its VAE is published when a transformer-only checkpoint lacks vae/ (None: it must be there)."""
+    """One diffusion-transformer model: its `transformer` (a `PixArtConfig` or `SD3Config`), its VAE encoder (and the
+    latent shift, subtracted before scaling), its noise schedule (`DDPMSchedule` or `FlowSchedule`), the number of
+    text tokens of the default all-zero conditioning, and where its VAE is published when a transformer-only
+    checkpoint lacks vae/ (None: it must be there)."""
 
     transformer: Any
     vae: VAEConfig
     schedule: Any
     vae_repo_id: str | None = None
+    vae_shift: float = 0.0
+    text_tokens: int = 1
 
     @property
     def num_layers(self) -> int:
@@ -108,6 +165,17 @@ PIXART_TINY = DiTConfig(PixArtConfig(num_attention_heads=2, attention_head_dim=1
                                      cross_attention_dim=32, caption_channels=24, sample_size=32),
                         VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
                                   scaling_factor=0.13025), PIXART_SCHEDULE)
+SD3_VAE = VAEConfig(latent_channels=16, use_quant_conv=False, scaling_factor=1.5305)
+SD3_MEDIUM = DiTConfig(SD3Config(), SD3_VAE, FlowSchedule(shift=3.0), vae_shift=0.0609, text_tokens=333)
+SD35_LARGE = DiTConfig(SD3Config(num_attention_heads=38, num_layers=38, caption_projection_dim=2432,
+                                 qk_norm="rms_norm"), SD3_VAE, FlowSchedule(shift=3.0), vae_shift=0.0609,
+                       text_tokens=333)
+SD3_TINY = DiTConfig(SD3Config(num_attention_heads=2, attention_head_dim=16, in_channels=16, out_channels=16,
+                               num_layers=3, joint_attention_dim=24, caption_projection_dim=32,
+                               pooled_projection_dim=20, sample_size=32, pos_embed_max_size=24, qk_norm="rms_norm"),
+                     VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+                               latent_channels=16, use_quant_conv=False, scaling_factor=1.5305),
+                     FlowSchedule(shift=3.0), vae_shift=0.0609, text_tokens=5)
 
 # The family as the registry sees it: `dit.load_backbone(spec, weights, dtype=, seed=, timesteps=, latent=,
 # text_embedding=)`; its taps carry no hidden states.
@@ -126,4 +194,9 @@ DIT_MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("pixart_sigma_512", PIXART_SIGMA_512, "PixArt-alpha/PixArt-Sigma-XL-2-512-MS",
               _prep(512, PIXART_SIGMA_512), FAMILY.name),
     ModelSpec("pixart_tiny", PIXART_TINY, None, _prep(256, PIXART_TINY), FAMILY.name),
+    ModelSpec("sd3_medium", SD3_MEDIUM, "stabilityai/stable-diffusion-3-medium-diffusers", _prep(1024, SD3_MEDIUM),
+              FAMILY.name),
+    ModelSpec("sd35_large", SD35_LARGE, "stabilityai/stable-diffusion-3.5-large", _prep(1024, SD35_LARGE),
+              FAMILY.name),
+    ModelSpec("sd3_tiny", SD3_TINY, None, _prep(256, SD3_TINY), FAMILY.name),
 ]}

@@ -1,5 +1,6 @@
-"""Diffusion-transformer checkpoints (diffusers layout) → the Flax transformer; the VAE encoder is read by Stable
-Diffusion's loader (`models.sd.params.load_vae`).
+"""Diffusion-transformer checkpoints (diffusers layout) → the Flax transformer (PixArt-Σ `PixArtTransformer2DModel`,
+SD3/SD3.5 `SD3Transformer2DModel`: one key table and config reader each, `ARCHS`); the VAE encoder is read with
+Stable Diffusion's key table (`models.sd.params`).
 
     transformer/  config.json, diffusion_pytorch_model.safetensors (or shards + its .index.json)
     vae/          config.json, diffusion_pytorch_model.safetensors
@@ -7,8 +8,8 @@ Diffusion's loader (`models.sd.params.load_vae`).
 Tensors are read with numpy (`convert.read_safetensors`: bf16 widened to float32, fp16 kept, then one explicit cast
 to the model's dtype when the state is filled) and mapped through an explicit key table (`convert.Rule`): coverage
 is checked both ways (an unmapped tensor, an unfilled parameter, a duplicate, a wrong shape each fail with the
-tensor's name). The architecture comes from config.json: the fields PixArt-Σ sets are read, any option this port
-does not implement is refused by name.
+tensor's name). The architecture comes from config.json: the fields the ported models set are read, any option this
+port does not implement is refused by name.
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import jax.numpy as jnp
 
 from spectral_jax.errors import InputError
 from spectral_jax.models import convert as C
-from spectral_jax.models.convert import KeyTable, abstract_model, apply_table, assemble, check_fields, read_json
-from spectral_jax.models.dit.config import PixArtConfig
+from spectral_jax.models.convert import (KeyTable, abstract_model, apply_table, assemble, check_fields,
+                                         random_params, read_json)
+from spectral_jax.models.dit.config import PixArtConfig, SD3Config
+from spectral_jax.models.dit.mmdit import SD3Transformer2DModel
 from spectral_jax.models.dit.pixart import PixArtTransformer2DModel
 from spectral_jax.models.sd.params import Component, read_component
 
@@ -41,8 +44,22 @@ PIXART_TABLE = KeyTable((), (
     *C.linear(r"proj_out", "proj_out")), (
     (r"pos_embed\.pos_embed", "the sin-cos position table: recomputed for every grid, as diffusers does"),))
 
-TRANSFORMER = Component("transformer", PixArtTransformer2DModel, lambda cfg: PIXART_TABLE,
-                        ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors"))
+_A = _B + r"\.attn"
+SD3_TABLE = KeyTable((), (
+    *C.conv(r"pos_embed\.proj", "pos_embed.proj"),
+    *C.param(r"pos_embed\.pos_embed", "pos_embed.pos_embed"),
+    *C.linear(r"time_text_embed\.(timestep_embedder|text_embedder)\.(linear_[12])", r"time_text_embed.\1.\2"),
+    *C.linear(r"context_embedder", "context_embedder"),
+    *C.linear(_B + r"\.(norm1|norm1_context)\.linear", _B_T + r".\2.linear"),
+    *C.linear(_A + r"\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)", _B_T + r".attn.\2"),
+    *C.param(_A + r"\.(norm_q|norm_k|norm_added_q|norm_added_k)\.weight", _B_T + r".attn.\2.weight"),
+    *C.linear(_B + r"\.(ff|ff_context)\.net\.0\.proj", _B_T + r".\2.net.0.proj"),
+    *C.linear(_B + r"\.(ff|ff_context)\.net\.2", _B_T + r".\2.net.2"),
+    *C.linear(r"norm_out\.linear", "norm_out.linear"),
+    *C.linear(r"proj_out", "proj_out")), ())
+
+_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
+TRANSFORMER = Component("transformer", PixArtTransformer2DModel, lambda cfg: PIXART_TABLE, _FILES)
 
 # diffusers `PixArtTransformer2DModel.__init__` defaults of the fields read here.
 _DEFAULTS = dict(num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
@@ -78,16 +95,52 @@ def pixart_config_from_diffusers(d: dict, what: str = "transformer/config.json")
         raise InputError(what, str(e), "use a PixArt-Σ transformer checkpoint") from None
 
 
-def transformer_config(path: str, expected: PixArtConfig | None = None) -> PixArtConfig:
-    """`path`/config.json as a `PixArtConfig`; with `expected`, a different architecture is refused by field (no
+_SD3_DEFAULTS = dict(num_attention_heads=18, attention_head_dim=64, in_channels=16, out_channels=16, num_layers=18,
+                     joint_attention_dim=4096, caption_projection_dim=1152, pooled_projection_dim=2048,
+                     sample_size=128, patch_size=2, pos_embed_max_size=96, qk_norm=None)
+_SD3_KINDS = dict(num_attention_heads="pos", attention_head_dim="pos", in_channels="pos", out_channels="pos",
+                  num_layers="pos", joint_attention_dim="pos", caption_projection_dim="pos",
+                  pooled_projection_dim="pos", sample_size="pos", patch_size="pos", pos_embed_max_size="pos",
+                  qk_norm="str")
+
+
+def sd3_config_from_diffusers(d: dict, what: str = "transformer/config.json") -> SD3Config:
+    """Our `SD3Config` for a diffusers `SD3Transformer2DModel` config (SD3, SD3.5 Large; not dual attention)."""
+    if d.get("dual_attention_layers"):
+        raise InputError(what, "uses options this port does not implement: dual_attention_layers (SD3.5 Medium's "
+                         "MMDiT-X)", "use an SD3 Medium or SD3.5 Large transformer checkpoint")
+    d = {k: v for k, v in d.items() if k in _SD3_DEFAULTS and v is not None}
+    check_fields(d, _SD3_KINDS, what, _FIX)
+    d = {**_SD3_DEFAULTS, **d}
+    d["out_channels"] = d["out_channels"] or d["in_channels"]
+    try:
+        return SD3Config(**d)
+    except ValueError as e:
+        raise InputError(what, str(e), "use an SD3 Medium or SD3.5 Large transformer checkpoint") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class Arch:
+    """One transformer architecture: its config class, Flax module, key table and config.json reader."""
+
+    title: str
+    cls: type
+    table: KeyTable
+    read: object
+
+
+ARCHS = {PixArtConfig: Arch("PixArt", PixArtTransformer2DModel, PIXART_TABLE, pixart_config_from_diffusers),
+         SD3Config: Arch("SD3", SD3Transformer2DModel, SD3_TABLE, sd3_config_from_diffusers)}
+
+
+def transformer_config(path: str, expected):
+    """`path`/config.json as the config of `expected`'s architecture; a different model is refused by field (no
     config.json: `expected`)."""
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
-        if expected is None:
-            raise InputError(path, "has no config.json", "pass a diffusers-layout transformer folder")
         return expected
-    cfg = pixart_config_from_diffusers(read_json(file, _FIX), file)
-    if expected is not None and cfg != expected:
+    cfg = ARCHS[type(expected)].read(read_json(file, _FIX), file)
+    if cfg != expected:
         diff = [f"{f.name}={getattr(cfg, f.name)} (expected {getattr(expected, f.name)})"
                 for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expected, f.name)]
         raise InputError(file, f"describes a different model: {', '.join(diff)}",
@@ -95,12 +148,27 @@ def transformer_config(path: str, expected: PixArtConfig | None = None) -> PixAr
     return cfg
 
 
-def load_transformer(path: str, expected: PixArtConfig | None = None, *, dtype=jnp.float32):
-    """The transformer from a diffusers-layout folder (config.json + safetensors, sharded or not)."""
+def load_transformer(path: str, expected=None, *, dtype=jnp.float32):
+    """The transformer from a diffusers-layout folder (config.json + safetensors, sharded or not). expected: the
+    config it must have (its class picks the architecture); None: a PixArt read from config.json."""
     if not os.path.isdir(path):
         raise InputError(path, "no such folder", "pass the transformer/ folder of a diffusers-layout checkpoint")
+    if expected is None:
+        file = os.path.join(path, "config.json")
+        if not os.path.isfile(file):
+            raise InputError(path, "has no config.json", "pass a diffusers-layout transformer folder")
+        d = read_json(file, _FIX)
+        expected = (sd3_config_from_diffusers if d.get("_class_name") == "SD3Transformer2DModel"
+                    else pixart_config_from_diffusers)(d, file)
     cfg = transformer_config(path, expected)
+    arch = ARCHS[type(cfg)]
     tensors = read_component(path, TRANSFORMER)
-    params = apply_table(PIXART_TABLE, abstract_model(PixArtTransformer2DModel, cfg)[2], tensors, path,
-                         "pass the transformer folder of a PixArt-Σ checkpoint in diffusers layout", "PixArt")
-    return assemble(PixArtTransformer2DModel, cfg, params, dtype)
+    params = apply_table(arch.table, abstract_model(arch.cls, cfg)[2], tensors, path,
+                         f"pass the transformer folder of a {arch.title} checkpoint in diffusers layout", arch.title)
+    return assemble(arch.cls, cfg, params, dtype)
+
+
+def random_transformer(cfg, seed: int = 0, *, dtype=jnp.float32):
+    """A seeded random transformer of `cfg`'s architecture (`convert.random_params`)."""
+    cls = ARCHS[type(cfg)].cls
+    return assemble(cls, cfg, random_params(cls, cfg, seed), dtype)
