@@ -229,3 +229,16 @@ def write(path: str, text: str, announce: bool = False) -> None:
     os.replace(tmp, path)
     if announce:
         print(f"wrote {path}")
+
+
+def position_share(eigvecs) -> list[float]:
+    """Per eigenvector k of `[n, K, h, w]`: the share of its (per-image centred) variance that is the same map in
+    every image — ‖mean_i v_ik‖² / mean_i ‖v_ik‖², v_ik image i's map minus its mean. 1: a pure position code shared
+    by all images; ≈ 1/n: maps unrelated across images (content, not layout). (Was bench_dataset's; eval_joint and
+    eval_dataset read it.)"""
+    import numpy as np
+
+    e = np.asarray(eigvecs, np.float64)
+    e = e - e.mean(axis=(2, 3), keepdims=True)
+    return [float((e[:, k].mean(0) ** 2).sum() / max((e[:, k] ** 2).sum(axis=(1, 2)).mean(), 1e-30))
+            for k in range(e.shape[1])]

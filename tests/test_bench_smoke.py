@@ -116,3 +116,33 @@ def test_bench_dataset_tiny():
     assert rep["fraction_exact"] > 0.99999 and rep["fraction_noisy"] < 0.9
     assert [s["n"] for s in rep["scale"]] == [2000, 8000] and all(s["converged"] for s in rep["scale"])
     assert "| random | 8 |" in "\n".join(bd.tables(rep))
+
+
+def test_eval_dataset_metric_and_tiny_run(tmp_path):
+    """eval_dataset: the whole-dataset Hungarian scores on a known confusion (a spare cluster counts as wrong), the
+    confusion of upsampled segments, and the --tiny run end to end (6 coco-mini images, random weights)."""
+    import json
+    import subprocess
+    import sys
+
+    ed = _load("eval_dataset")
+    sc = ed.hungarian_scores(np.array([[5, 0], [0, 3], [1, 1]]))          # 3 clusters, 2 classes
+    assert sc["matching"] == {0: 0, 1: 1} and sc["clusters"] == 3
+    np.testing.assert_allclose(sc["per_class_iou"], [5 / 6, 3 / 4])
+    assert sc["miou"] == pytest.approx((5 / 6 + 3 / 4) / 2) and sc["pixel_acc"] == pytest.approx(0.8)
+    conf = ed.confusion(np.array([[[0, 1]]]), [np.array([[0, 0, 2, 2]])], 3, np.array([0, 1, 1]))
+    np.testing.assert_array_equal(conf, [[2, 0, 0], [0, 2, 0]])          # [1, 2] grid → 4 pixels; class 2 → 1
+
+    out = tmp_path / "eval.md"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "eval_dataset.py"), "--tiny", "--work",
+                        str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "eval.json").read_text())
+    rows = {(s["source"], s["labels"], s["setting"]): s for s in rep["segmentation"]}
+    assert len(rows) == 12 and rep["images"] == 6
+    for (src, labels, setting), s in rows.items():
+        assert 0 <= s["miou"] <= 1 and 0 <= s["pixel_acc"] <= 1
+        if setting == "k = classes":
+            assert s["k"] == s["clusters"] == len(s["per_class_iou"])
+    assert "| supercategory | k = classes | knn-vv |" in out.read_text()
