@@ -29,6 +29,7 @@ from flax import nnx
 
 from spectral_jax.models.backbone import resolve_layers
 from spectral_jax.models.dinov3.config import PRESETS, DINOv3Config  # noqa: F401  (re-exported)
+from spectral_jax.models.vit.modeling import LayerScale
 from spectral_jax.taps import LayerTap, Taps
 
 
@@ -118,16 +119,6 @@ class MLP(nnx.Module):
         if self.gate_proj is None:
             return self.down_proj(self.act(self.up_proj(x)))
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-
-
-class LayerScale(nnx.Module):
-    """Per-channel scale `lambda1` `[C]`."""
-
-    def __init__(self, c: int, *, dtype):
-        self.lambda1 = nnx.Param(jnp.ones((c,), dtype))
-
-    def __call__(self, x):
-        return x * self.lambda1[...]
 
 
 def _norm(cfg: DINOv3Config, dtype, rngs):
