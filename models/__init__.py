@@ -7,7 +7,8 @@ folder per family, one registry:
 
     backbone.py  Backbone, parse_layers          spec.py     PreprocessSpec, ModelSpec, Family (no JAX)
     registry.py  get_spec, names, load_backbone  convert.py  key tables, apply_table, state filling, file readers
-    hub.py       Hugging Face cache / download   vit/  sd/   the families (config, modeling, params, backbone)
+    hub.py       Hugging Face cache / download
+    vit/  sd/  dit/  dinov3/  siglip2/           the families (config, modeling, params, backbone)
 
 Names are imported on first use (PEP 562): `get_spec`, `names` and the specs do not import JAX.
 """

