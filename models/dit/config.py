@@ -64,6 +64,8 @@ class PixArtConfig:
     norm_eps: float = 1e-6
 
     def __post_init__(self):
+        if self.interpolation_scale is None:  # resolved here, so that None and its value compare equal
+            object.__setattr__(self, "interpolation_scale", float(max(self.sample_size // 64, 1)))
         if self.caption_channels is not None and self.cross_attention_dim != self.inner_dim:
             raise ValueError(f"cross_attention_dim {self.cross_attention_dim} must equal the width "
                              f"{self.inner_dim} (the caption is projected to it)")
@@ -79,8 +81,7 @@ class PixArtConfig:
 
     @property
     def pos_scale(self) -> float:
-        return float(self.interpolation_scale if self.interpolation_scale is not None
-                     else max(self.sample_size // 64, 1))
+        return float(self.interpolation_scale)
 
     def attn_layers(self) -> list[tuple[str, int, int]]:
         """Every tapped self-attention layer: (where, heads, head dim)."""

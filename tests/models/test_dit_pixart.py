@@ -200,3 +200,34 @@ def test_config_refusals(s8_dir, tmp_path, edit, message):
                                if k not in ("use_additional_conditions", "norm_num_groups")})
     with pytest.raises(InputError, match=re.escape(message)):
         load_transformer(_copy(s8_dir, tmp_path, edit_config=edit), expected)
+
+
+@pytest.mark.slow
+def test_full_size_pixart_sigma(tmp_path):
+    """PixArt-Σ XL/2 at full size (28 blocks, 16 heads × 72, T5 width 4096; the published 1024-MS config's fields):
+    our preset is what diffusers builds from those fields, and the output and first/last block taps match."""
+    from spectral_jax.models.dit.config import PIXART_SIGMA
+
+    torch.manual_seed(0)
+    ref = diffusers.PixArtTransformer2DModel(
+        num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+        cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2, interpolation_scale=2,
+        use_additional_conditions=False).eval()
+    ref.save_pretrained(tmp_path)
+    ours = load_transformer(str(tmp_path), PIXART_SIGMA.transformer)
+    caps = hooks(ref)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 32, 24, 4)).astype(np.float32)
+    caption = rng.standard_normal((1, 6, 4096)).astype(np.float32)
+    with torch.no_grad():
+        out = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(caption), torch.tensor([500])).sample
+    from flax import nnx
+
+    graphdef, state = nnx.split(ours)    # the weights as an argument, not as constants of the compiled program
+    run = jax.jit(lambda st, a, c: nnx.merge(graphdef, st)(a, 500, c, layers=[0, 27], hidden=True))
+    eps, taps = run(state, jnp.asarray(x), jnp.asarray(caption))
+    close(eps, out.permute(0, 2, 3, 1).numpy(), "full-size output")
+    for i in (0, 27):
+        q = np.asarray(taps.layers[i].q).transpose(0, 2, 1, 3).reshape(1, 16 * 12, 1152)
+        close(q, caps[f"transformer_blocks.{i}.attn1.to_q"].numpy(), f"full-size block {i} q")
+        close(taps.hidden[i], caps[f"transformer_blocks.{i}"].numpy(), f"full-size block {i} output")

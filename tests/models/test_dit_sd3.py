@@ -216,3 +216,42 @@ def test_cli_extract_solve(tmp_path, capsys):
     assert np.load(tmp_path / "r.npz")["eigvecs"].shape == (1, 3, 4, 5)
     assert main(["extract", str(image), "--model", "sd3_medium", "--out", str(tmp_path / "b.npz")]) == 2
     assert "hf download stabilityai/stable-diffusion-3-medium-diffusers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["sd3_medium", "sd35_large"])
+def test_full_width_sd3_blocks(name, tmp_path):
+    """SD3 Medium / SD3.5 Large at full width (their published config fields: heads, head dim, text widths, position
+    table 192²), with two blocks instead of 24/38 (one joint block, one context_pre_only block) to keep it to
+    minutes: our preset's fields are what diffusers builds from them, and the output and the taps match."""
+    import dataclasses
+
+    preset = DIT_MODELS[name].config.transformer
+    cfg = dataclasses.replace(preset, num_layers=2)
+    torch.manual_seed(0)
+    ref = diffusers.SD3Transformer2DModel(
+        sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=64,
+        num_attention_heads=preset.num_attention_heads, joint_attention_dim=4096,
+        caption_projection_dim=preset.caption_projection_dim, pooled_projection_dim=2048, pos_embed_max_size=192,
+        qk_norm=preset.qk_norm).eval()
+    ref.save_pretrained(tmp_path)
+    ours = load_transformer(str(tmp_path), cfg)
+    caps = hooks(ref, preset.qk_norm is not None)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1, 32, 24, 16)).astype(np.float32)
+    context = rng.standard_normal((1, 9, 4096)).astype(np.float32)
+    pooled = rng.standard_normal((1, 2048)).astype(np.float32)
+    with torch.no_grad():
+        out = ref(torch.from_numpy(x).permute(0, 3, 1, 2), torch.from_numpy(context), torch.from_numpy(pooled),
+                  torch.tensor([500.0])).sample
+    from flax import nnx
+
+    graphdef, state = nnx.split(ours)    # the weights as an argument, not as constants of the compiled program
+    run = jax.jit(lambda st, a, c, p: nnx.merge(graphdef, st)(a, 500.0, (c, p), hidden=True))
+    eps, taps = run(state, jnp.asarray(x), jnp.asarray(context), jnp.asarray(pooled))
+    close(eps, out.permute(0, 2, 3, 1).numpy(), f"{name} full-width output")
+    for i in (0, 1):
+        close(taps.hidden[i], caps[f"transformer_blocks.{i}"][1].numpy(), f"{name} block {i} output")
+        k = caps[f"transformer_blocks.{i}.attn." + ("norm_k" if preset.qk_norm else "to_k")].numpy()
+        k = k if k.ndim == 4 else k.reshape(1, 192, preset.num_attention_heads, 64).transpose(0, 2, 1, 3)
+        close(taps.layers[i].k, k, f"{name} block {i} image k")
