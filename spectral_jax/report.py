@@ -3,7 +3,8 @@
 Files: `input.png` (the image as the model saw it), `segments.png` (segment overlay), `pca.png` (eigenvectors
 2–4 as RGB, weighted by their eigenvalues), `eigvecs.png` (each eigenvector, diverging colours), `foreground.png`
 (bipartition overlay), `instances.png` (instance masks), `panel.png` (all of them side by side), `result.npz`,
-`summary.json`.
+`summary.json`; with attribution (`write_attribution`): `attribution.png` (heat maps, `viz.attribution_figure`) and
+`attribution.json` (`Attribution.to_json`).
 """
 
 from __future__ import annotations
@@ -41,6 +42,13 @@ def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: 
     return summary
 
 
+def write_attribution(folder: str, att) -> None:
+    """Write an `analysis.Attribution` into an image's folder: attribution.png and attribution.json."""
+    os.makedirs(folder, exist_ok=True)
+    viz.save_png(os.path.join(folder, "attribution.png"), viz.attribution_figure(att))
+    write_json(os.path.join(folder, "attribution.json"), att.to_json())
+
+
 RESERVED = ("summary.json",)  # top-level names of an analyze folder that an image's folder must not take
 
 
@@ -70,4 +78,4 @@ def unique_stems(paths) -> list[str]:
     return out
 
 
-__all__ = ["unique_stems", "write_image", "write_json"]
+__all__ = ["unique_stems", "write_attribution", "write_image", "write_json"]

@@ -86,3 +86,46 @@ def test_python_api_analyze_and_describe():
     np.testing.assert_allclose(res.eigvecs[0], res.eigvecs[1], atol=1e-5)   # same image, same answer
     views = sj.describe(res)
     assert len(views) == 2 and views[0].segments.shape == (4, 6) and views[0].foreground.dtype == bool
+
+
+def test_analyze_attribution_and_layer_weights(tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "56",
+                 "--layers", "0,5,11", "--num-eigs", "5", "--graph", "vv", "--layer-weights", "eigengap",
+                 "--attribution", "--out", str(out)]) == 0
+    s = _check_folder(out / "chelsea", 5, (4, 6))
+    assert s["layer_weights_spec"] == "eigengap" and len(s["layer_weights"]) == 3
+    assert abs(sum(s["layer_weights"]) - 1) < 1e-5
+    with Image.open(out / "chelsea" / "attribution.png") as im:
+        assert im.size[0] > 0
+    att = json.load(open(out / "chelsea" / "attribution.json"))
+    assert att["layers"] == [0, 5, 11] and np.asarray(att["rq"]).shape == (3, 1, 6, 5)
+    assert np.asarray(att["angles"]).shape == (3, 1, 4) and att["graph"] == "vv"
+    # explicit numbers: all weight on layer 11 gives layer 11's own solution
+    one = tmp_path / "one"
+    assert main(["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "56",
+                 "--layers", "0,5,11", "--num-eigs", "5", "--graph", "vv", "--layer-weights", "0,0,1",
+                 "--out", str(one)]) == 0
+    alone = tmp_path / "alone"
+    assert main(["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "56",
+                 "--layers", "11", "--num-eigs", "5", "--graph", "vv", "--out", str(alone)]) == 0
+    with np.load(one / "chelsea" / "result.npz") as a, np.load(alone / "chelsea" / "result.npz") as b:
+        np.testing.assert_allclose(a["eigvals"], b["eigvals"], rtol=1e-5)
+    assert not (one / "chelsea" / "attribution.json").exists()
+
+
+def test_analyze_bad_layer_weights_exit_2(tmp_path, capsys):
+    out = tmp_path / "out"
+    base = ["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "56", "--out", str(out)]
+    for extra, needle in [
+        (["--layer-weights", "1,2"], "one per tapped layer"),
+        (["--layers", "0,1", "--layer-weights", "1,-1"], "≥ 0"),
+        (["--layers", "0,1", "--layer-weights", "0,0"], "not all 0"),
+        (["--layer-weights", "nope"], "not a rule"),
+        (["--layers", "0,1", "--layer-weights", "1,nan"], "finite"),
+    ]:
+        assert main(base + extra) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and needle in err and "--layer-weights" in err, err
+        assert not out.exists()
+        assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]

