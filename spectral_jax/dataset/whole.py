@@ -8,9 +8,11 @@
      image, `k_inter` among all other images' tokens, cos ≤ `min_cos` dropped, ½(A + Aᵀ), row-normalised), searched
      blockwise (never N×N) with the rows sharded over the mesh; unreadable images and the padding to a multiple of
      the devices are masked (no edges);
-  3. `solvers.exact` on it: for N > `dense_max` LOBPCG on Σ_l w_l sym(P_l) coalesced into one sparse matrix
-     (`solvers.sparse`), float32, until every pair's relative residual is below `tol` (or `maxiter`), with the
-     convergence report in the summary.
+  3. `solvers.exact` on it: for N > `dense_max` Σ_l w_l sym(P_l) coalesced into one sparse matrix
+     (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
+     pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
+Several processes: process p reads and searches the images [p·n/P, (p+1)·n/P) (`process_share`), the graph is
+gathered to every process, each solves it (the same deterministic solve), process 0 writes; no features cache.
 Steps 1 and 2 are cached in OUT/checkpoints (features.npz, graph.npz, each with the settings that made it), so a
 rerun with `resume` skips the forward and the search.
 
