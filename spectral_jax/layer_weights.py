@@ -24,8 +24,6 @@ graphs, N ≈ 1,400 nodes, about a joint solve per layer — `sweep` and `attrib
 "select" the heads' dense graphs once (H·N² floats per layer; H² inner products of N² terms). For dataset kNN
 graphs (one graph per layer): one sparse LOBPCG per layer, no head term.
 
-Importing this module does not import JAX (`analysis.attribution` uses `eigengap`).
-
 Shape legend
     L  tapped layers    S  a group's batch dims (layers × heads [× timesteps folded into heads])    K  eigenvectors
 """
@@ -36,8 +34,11 @@ import dataclasses
 import math
 from typing import Mapping, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
+from spectral_jax.analysis.attribution import eigengap
 from spectral_jax.errors import InputError
 
 RULES = ("uniform", "eigengap", "select")
@@ -45,8 +46,6 @@ RULES = ("uniform", "eigengap", "select")
 
 def take_layers(group, positions: Sequence[int]):
     """The graphs of `group` (batch dims `[m, ...]`, first axis = its layers) at first-axis `positions`."""
-    import jax
-
     pos = np.asarray(positions, np.int32)
     leaves = jax.tree.map(lambda x: x[pos], group)
     return dataclasses.replace(leaves, batch_shape=(len(pos), *group.batch_shape[1:]))
@@ -101,15 +100,6 @@ def parse(spec, layers: Sequence[int], what: str = "layer_weights"):
     return w
 
 
-def eigengap(spectra) -> np.ndarray:
-    """The "eigengap" score g_l = (λ_2 − λ_K) / λ_2 of each layer's own spectrum `[L, K]` (largest first) → `[L]`,
-    clipped to [0, 1] (0 where λ_2 ≤ 0)."""
-    s = np.asarray(spectra, np.float64)
-    l2, lk = s[:, 1], s[:, -1]
-    g = np.where(l2 > 0, (l2 - lk) / np.where(l2 > 0, l2, 1.0), 0.0)
-    return np.clip(g, 0.0, 1.0)
-
-
 def rule_weights(rule: str, spectra, agreement=None) -> np.ndarray:
     """Per-layer weights `[L]` (summing to 1) of `rule` from each layer's own top-K spectrum `[L, K]` and, for
     "select", its heads' agreement `[L]` (None: 1 for every layer)."""
@@ -134,19 +124,23 @@ def head_agreement(group) -> float:
     """Mean pairwise cosine ⟨C S_a C, C S_b C⟩_F / (‖·‖ ‖·‖) over the graphs a ≠ b of one layer (`group` with batch
     shape `[1, ...]` or `[...]`), S = sym(P) materialised, C = I − 11ᵀ/N removing the near-constant direction every
     row-stochastic graph shares. 1 for a single graph. Memory: the layer's graphs dense, (graphs)·N² floats."""
-    import jax.numpy as jnp
-
     n_graphs = group.num_graphs
     if n_graphs < 2:
         return 1.0
-    p = jnp.reshape(group.dense(), (n_graphs, group.num_nodes, group.num_nodes))
-    s = 0.5 * (p + jnp.swapaxes(p, 1, 2))
-    s = s - s.mean(1, keepdims=True) - s.mean(2, keepdims=True) + s.mean((1, 2), keepdims=True)
-    f = s.reshape(n_graphs, -1)
-    gram = np.asarray(f @ f.T, np.float64)
+    gram = np.asarray(_centred_gram(group), np.float64)
     nrm = np.sqrt(np.clip(np.diag(gram), 1e-300, None))
     cos = gram / nrm[:, None] / nrm[None, :]
     return float(cos[~np.eye(n_graphs, dtype=bool)].mean())
+
+
+@jax.jit
+def _centred_gram(g):
+    """`[G, G]` Frobenius inner products of the graphs' C sym(P) C (one compiled pass: dense, centre, Gram)."""
+    p = jnp.reshape(g.dense(), (g.num_graphs, g.num_nodes, g.num_nodes))
+    s = 0.5 * (p + jnp.swapaxes(p, 1, 2))
+    s = s - s.mean(1, keepdims=True) - s.mean(2, keepdims=True) + s.mean((1, 2), keepdims=True)
+    f = s.reshape(g.num_graphs, -1)
+    return f @ f.T
 
 
 def layer_spectra(graphs: Sequence, group_layers: Sequence[Sequence[int]], num_eigs: int,

@@ -10,7 +10,7 @@ One module per topic, every public name re-exported here (`from spectral_jax imp
     probe     Probe, linear_probe                ridge probes from features to coordinates or labels
     grid      upsample, grid_coords              resizing maps, pixel-centre coordinates
     views     View, describe                     segments, foreground and instances of each image of a Result
-    attribution  Attribution, principal_angles   which layers/heads/timesteps say what in a joint solution
+    attribution  Attribution, eigengap, principal_angles   which layers/heads/timesteps say what in a joint solution
 
 Shape legend
     B      images;  K  eigenvectors, sorted by eigenvalue, largest first (index 0: the near-constant trivial one)
@@ -23,7 +23,7 @@ functions returning continuous maps say their dtype. scipy is needed for connect
 and the Hungarian matching (`miou_hungarian`); it is imported where used.
 """
 
-from spectral_jax.analysis.attribution import Attribution, principal_angles
+from spectral_jax.analysis.attribution import Attribution, eigengap, principal_angles
 from spectral_jax.analysis.cluster import AutoK, KMeans, auto_k, kmeans, segment
 from spectral_jax.analysis.features import pca_rgb, spectral_features
 from spectral_jax.analysis.grid import grid_coords, upsample
@@ -35,5 +35,5 @@ from spectral_jax.analysis.views import View, describe
 __all__ = [
     "spectral_features", "pca_rgb", "KMeans", "kmeans", "AutoK", "auto_k", "segment", "bipartition",
     "instance_masks", "iou", "miou_hungarian", "upsample", "grid_coords", "Probe", "linear_probe", "View", "describe",
-    "Attribution", "principal_angles",
+    "Attribution", "eigengap", "principal_angles",
 ]

@@ -4,7 +4,7 @@
 - rq `[L, T, H, K]`: each graph's Rayleigh quotient z_kᵀ P z_k of the joint eigenvectors (from `Result.rq`, no new
   graph work) — a high quotient means that graph "agrees" with eigenvector k;
 - eigvals `[L, T, K]`: each (layer, timestep)'s own top-K eigenvalues (its graphs alone, every head equal);
-- eigengap `[L, T]`: (λ_2 − λ_K) / λ_2 of that own spectrum (`layer_weights.eigengap`: near 0 for a slowly decaying,
+- eigengap `[L, T]`: (λ_2 − λ_K) / λ_2 of that own spectrum (`eigengap`: near 0 for a slowly decaying,
   layout-like spectrum, near 1 for a few well-separated groups);
 - angles `[L, T, K−1]`: principal angles (radians, ascending) between the unit's own top-K span and the joint
   top-K span (the joint vectors pooled to the unit's grid), each with the constant direction projected out (every
@@ -26,8 +26,6 @@ import dataclasses
 from typing import Any, Sequence
 
 import numpy as np
-
-from spectral_jax.layer_weights import eigengap
 
 
 @dataclasses.dataclass
@@ -70,6 +68,15 @@ class Attribution:
                 "layer_rq": lst(self.layer_rq)}
 
 
+def eigengap(spectra) -> np.ndarray:
+    """The eigengap score g_l = (λ_2 − λ_K) / λ_2 of each layer's own spectrum `[L, K]` (largest first) → `[L]`,
+    clipped to [0, 1] (0 where λ_2 ≤ 0); the `layer_weights` rules "eigengap" and "select" read it."""
+    s = np.asarray(spectra, np.float64)
+    l2, lk = s[:, 1], s[:, -1]
+    g = np.where(l2 > 0, (l2 - lk) / np.where(l2 > 0, l2, 1.0), 0.0)
+    return np.clip(g, 0.0, 1.0)
+
+
 def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Principal angles (radians, ascending) between the column spans of a `[N, p]` and b `[N, q]` →
     `[min(p, q)]`: arccos of the singular values of Q_aᵀ Q_b."""
@@ -104,4 +111,4 @@ def build(layers: Sequence[int], timesteps: Sequence[int], rq: np.ndarray, own_e
                        graph)
 
 
-__all__ = ["Attribution", "build", "nontrivial", "principal_angles"]
+__all__ = ["Attribution", "build", "eigengap", "nontrivial", "principal_angles"]
