@@ -146,3 +146,24 @@ def test_eval_dataset_metric_and_tiny_run(tmp_path):
         if setting == "k = classes":
             assert s["k"] == s["clusters"] == len(s["per_class_iou"])
     assert "| supercategory | k = classes | knn-vv |" in out.read_text()
+
+
+def test_eval_layers_tiny(tmp_path):
+    """eval_layers --tiny: every single layer, uniform and each rule scored on one horse-dev and one coco-mini
+    image (random weights, 56×56, layers 0, 5, 11), the Markdown and the JSON written."""
+    import json
+
+    from sjtest import SHARED_DATA
+
+    el = _load("eval_layers")
+    out = tmp_path / "layers.md"
+    el.main(["--tiny", "--horse-data", os.path.join(SHARED_DATA, "horse-dev"),
+             "--coco-data", os.path.join(SHARED_DATA, "coco-mini"), "--out", str(out)])
+    blob = json.load(open(tmp_path / "layers.json"))
+    for name, metrics in (("horse-dev", {"iou", "where"}), ("coco-mini", {"where", "what"})):
+        for graph in ("qk", "vv"):
+            s = blob["summary"][name][graph]
+            assert set(s["means"]) == {"L0", "L5", "L11", "uniform", "eigengap", "select"}
+            assert set(s["means"]["uniform"]) == metrics
+            assert abs(sum(blob["images"][name][0][graph]["weights"]["eigengap"]) - 1) < 1e-9
+    assert "### coco-mini, VV" in out.read_text()
