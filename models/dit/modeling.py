@@ -70,10 +70,11 @@ def _has(part: str):
 
 def _resolve(source: str, part: str) -> str:
     """A local diffusers-layout directory holding `part`/ for `source` (a directory, or a repo id via the HF cache
-    or a download)."""
-    files = [f"{part}/config.json", f"{part}/*.safetensors", f"{part}/*.safetensors.index.json"]
-    how = (f"fetch it once while online: `hf download {source} --include '{part}/*'` (fills the HF cache), or pass "
-           f"--weights DIR holding {part}/ in diffusers layout")
+    or a download of `part`/, vae/ and scheduler/)."""
+    files = [f"{d}/{f}" for d in dict.fromkeys((part, "vae")) for f in ("config.json", "*.safetensors",
+                                                                      "*.safetensors.index.json")]
+    how = (f"fetch it once while online: `hf download {source} --include '{part}/*' 'vae/*' 'scheduler/*'` (fills "
+           f"the HF cache), or pass --weights DIR holding {part}/ in diffusers layout")
     path = hub.resolve(source, local=os.path.isdir, local_words="directory",
                        fix=f"pass a diffusers-layout checkpoint directory holding {part}/, a repo id, or 'random'",
                        patterns=[*files, "scheduler/*.json"], holds=_has(part), how_to_get=how,
