@@ -112,8 +112,8 @@ class Settings:
     whole-dataset graph and its converged top-K, `dataset.whole`) | "gd" (the official minibatch recipe, `step`);
     features_dtype ("float32" | "bfloat16": the features kept for the whole-dataset graph), maxiter and tol (LOBPCG's
     iterations and relative residual): exact only; preset: "paper" | "eigen" (gd);
-    num_eigs: K; batch_size: images per step — per forward for exact — (a multiple of the devices); epochs: passes over the folder (the
-    last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
+    num_eigs: K; batch_size: images per step — per forward for exact — (a multiple of the devices); epochs: passes
+    over the folder (the last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
     (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
     at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50, capped by the tokens
     available; a number given must fit); min_cos: edges at or below it are dropped; lam: the paper loss's
@@ -244,8 +244,9 @@ class Settings:
         return d
 
 
-RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size", "inner_steps", "lr", "weight_decay", "ema", "k_intra",
-                 "k_inter", "min_cos", "lam", "layer_weights", "seed", "block")
+RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size",
+                 "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "lam", "layer_weights",
+                 "seed", "block")
 
 
 __all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "PRESETS", "RESULT_FIELDS", "Settings", "TOL",
