@@ -143,9 +143,18 @@ def _centred_gram(g):
     return f @ f.T
 
 
+def pad(values, k: int) -> np.ndarray:
+    """values `[k']` (k' ≤ k) → float64 `[k]`, NaN after the last (a layer grid with ≤ k nodes has fewer pairs)."""
+    out = np.full(k, np.nan)
+    v = np.asarray(values, np.float64).reshape(-1)[:k]
+    out[: v.size] = v
+    return out
+
+
 def layer_spectra(graphs: Sequence, group_layers: Sequence[Sequence[int]], num_eigs: int,
                   layers: Sequence[int] | None = None):
-    """Each layer's own exact top-K solve (its graphs alone, every head equal): (layers `[L]`, results).
+    """Each layer's own exact top-K solve (its graphs alone, every head equal; K capped at the layer's nodes − 1):
+    (layers `[L]`, results).
 
     The per-layer `Result`s (eigvecs on the layer's own grid) serve the rules (their eigvals), sweeps and
     attribution alike."""
@@ -155,7 +164,7 @@ def layer_spectra(graphs: Sequence, group_layers: Sequence[Sequence[int]], num_e
     results = []
     for l in layers:
         gs, _ = subset(graphs, group_layers, [l])
-        results.append(solvers.exact(gs, num_eigs))
+        results.append(solvers.exact(gs, min(num_eigs, gs[0].num_nodes - 1)))   # K < the layer's nodes
     return layers, results
 
 
@@ -172,19 +181,27 @@ def group_weights(graphs: Sequence, group_layers: Sequence[Sequence[int]], layer
     return out
 
 
+def base_grid(graphs: Sequence, weights: Sequence) -> tuple[int, int]:
+    """The solvers' base grid for `weights`: the largest grid among the groups with positive weight (a zero-weight
+    base grid would leave the multi-grid metric B singular, e.g. when a rule selects one coarse UNet layer)."""
+    live = [g for g, w in zip(graphs, weights) if float(np.sum(w)) > 0]
+    return tuple(max((g.grid for g in live), key=lambda hw: hw[0] * hw[1]))
+
+
 def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], spec, num_eigs: int,
                spectra=None, agreement=None) -> tuple[list, np.ndarray]:
     """Per-group weights for the solvers from `spec` (a rule name or numbers, see `parse`): (weights, per-layer
     weights `[L]` in layer order, summing to 1). A rule reads `spectra` `[L, K]` (and for "select" `agreement`
     `[L]`) if given, else computes them (`layer_spectra`, `head_agreement`). The dataset-level call is the same:
-    `w, _ = for_groups(graphs, group_layers, "eigengap", K)` then `solvers.exact(graphs, K, weights=w)`."""
+    `w, _ = for_groups(graphs, group_layers, "eigengap", K)` then
+    `solvers.exact(graphs, K, weights=w, base_grid=base_grid(graphs, w))`."""
     layers = sorted({l for ls in group_layers for l in ls})
     w = parse(spec, layers)
     if isinstance(w, str):
         rule = w
         if rule != "uniform" and spectra is None:
             _, res = layer_spectra(graphs, group_layers, num_eigs, layers)
-            spectra = np.stack([r.eigvals[0] for r in res])
+            spectra = np.stack([pad(r.eigvals[0], num_eigs) for r in res])
         if rule == "select" and agreement is None:
             agreement = [head_agreement(subset(graphs, group_layers, [l])[0][0]) for l in layers]
         w = rule_weights(rule, np.ones((len(layers), 2)) if spectra is None else spectra, agreement)
@@ -192,5 +209,5 @@ def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], spec, nu
     return group_weights(graphs, group_layers, layers, w), w
 
 
-__all__ = ["RULES", "eigengap", "for_groups", "group_weights", "head_agreement", "layer_spectra", "parse",
+__all__ = ["RULES", "base_grid", "eigengap", "for_groups", "group_weights", "head_agreement", "layer_spectra", "pad", "parse",
            "rule_weights", "subset", "take_layers"]

@@ -54,11 +54,11 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
     if layer_weights is not None and weights is not None:
         raise InputError("weights and layer_weights", "are both given", "pass one of them")
 
-    def one(gs, w):
+    def one(gs, w, base=None):
         if method == "exact":
-            return solvers.exact(gs, num_eigs, weights=w, seed=seed)
-        return solvers.gd(gs, num_eigs, preset, weights=w, steps=steps, lr=lr, param=param, sample=sample,
-                          seed=seed, progress=progress)
+            return solvers.exact(gs, num_eigs, weights=w, base_grid=base, seed=seed)
+        return solvers.gd(gs, num_eigs, preset, weights=w, base_grid=base, steps=steps, lr=lr, param=param,
+                          sample=sample, seed=seed, progress=progress)
 
     if not isinstance(source, Taps):
         if layer_weights is not None:
@@ -167,8 +167,8 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     joint = graph in ("knn-qk", "knn-vv")
     gs, gl = graph_groups(taps, graph, None if joint else image, kw)
     if result is None:
-        result = _weighted(gs, gl, lambda g, w: solvers.exact(g, num_eigs, weights=w, seed=seed),
-                           "uniform" if layer_weights is None else layer_weights, num_eigs)
+        exact = lambda g, w, base: solvers.exact(g, num_eigs, weights=w, base_grid=base, seed=seed)
+        result = _weighted(gs, gl, exact, "uniform" if layer_weights is None else layer_weights, num_eigs)
     res = result if (joint or result.num_images == 1) else result.image(image)
     k = res.num_eigs
     ts = [0] if not timesteps else [int(t) for t in timesteps]
@@ -194,8 +194,8 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
         heads = int(np.prod(g.batch_shape[1:], dtype=np.int64)) // nt
         for t in range(nt):
             unit = g if nt == 1 else g.select(jnp.arange(t * heads, (t + 1) * heads))
-            r = solvers.exact([unit], k)
-            own_vals.append(r.eigvals[0])
+            r = solvers.exact([unit], min(k, unit.num_nodes - 1))      # a tiny grid has fewer than K + 1 nodes
+            own_vals.append(LW.pad(r.eigvals[0], k))
             own_vecs.append(np.asarray(to_nodes(jnp.asarray(r.eigvecs))))
             joint_on.append(np.asarray(project(x, g.grid)))
     return attr.build(layers, ts, rq, np.stack(own_vals).reshape(len(layers), nt, k), own_vecs, joint_on,
@@ -203,12 +203,13 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
 
 
 def _weighted(gs, gl, one, layer_weights, num_eigs: int) -> Result:
-    """one(gs, per-group weights) with the weights of `layer_weights` (numbers or a rule, `layer_weights.for_groups`);
-    the per-layer weights used go to `info["layer_weights"]`."""
+    """one(gs, per-group weights, base grid) with the weights of `layer_weights` (numbers or a rule,
+    `layer_weights.for_groups`) on the largest grid that has weight; the per-layer weights used go to
+    `info["layer_weights"]`."""
     from spectral_jax import layer_weights as LW
 
     w, per = LW.for_groups(gs, gl, layer_weights, num_eigs)
-    res = one(gs, w)
+    res = one(gs, w, LW.base_grid(gs, w))
     res.info["layer_weights"] = [round(float(x), 6) for x in per]
     return res
 

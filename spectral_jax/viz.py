@@ -360,8 +360,9 @@ def attribution_figure(att, cell: int = 14) -> np.ndarray:
     """Heat maps of an `analysis.Attribution`, one row per layer (in `att.layers` order, index written on the left),
     side by side: the joint eigenvectors' Rayleigh quotients per layer × eigenvector (mean over heads and
     timesteps) and per layer × graph (heads, timestep-major; mean over eigenvectors 2..K), the layer's own
-    eigenvalues × k, and cos² of the principal angles to the joint subspace × angle (means over timesteps). One
-    diverging scale for all: −1 blue, 0 white, +1 red (every value shown lies in [−1, 1]). uint8 `[H, W, 3]`."""
+    eigenvalues × k, and cos² of the principal angles to the joint subspace × angle (means over timesteps; missing
+    entries white). One diverging scale for all: −1 blue, 0 white, +1 red (every value shown lies in [−1, 1]).
+    uint8 `[H, W, 3]`."""
     lut = colormap("diverging")
     font = _font()
     label_w = 6 * len(str(int(np.max(att.layers)))) + 6
@@ -378,35 +379,8 @@ def attribution_figure(att, cell: int = 14) -> np.ndarray:
             draw.text((1, r * cell + max(0, (cell - 10) // 2)), str(int(layer)), fill=(0, 0, 0), font=font)
         return np.asarray(pil)
 
-    panels = [heat(att.layer_rq), heat(att.head_rq), heat(np.nanmean(att.eigvals, 1)),
-              heat(np.nanmean(np.cos(att.angles) ** 2, 1))]
-    titles = ["RQ layer x eigvec", "RQ layer x head", "own eigvals", "cos2 angle to joint"]
-    return side_by_side(panels, titles=titles)
-
-
-def attribution_figure(att, cell: int = 14) -> np.ndarray:
-    """Heat maps of an `analysis.Attribution`, one row per layer (in `att.layers` order, index written on the left),
-    side by side: the joint eigenvectors' Rayleigh quotients per layer × eigenvector (mean over heads and
-    timesteps) and per layer × graph (heads, timestep-major; mean over eigenvectors 2..K), the layer's own
-    eigenvalues × k, and cos² of the principal angles to the joint subspace × angle (means over timesteps). One
-    diverging scale for all: −1 blue, 0 white, +1 red (every value shown lies in [−1, 1]). uint8 `[H, W, 3]`."""
-    lut = colormap("diverging")
-    font = _font()
-    label_w = 6 * len(str(int(np.max(att.layers)))) + 6
-
-    def heat(m):
-        m = np.nan_to_num(np.asarray(m, np.float64), nan=0.0)
-        idx = np.rint(np.clip(0.5 + 0.5 * m, 0.0, 1.0) * 255.0).astype(np.int64)
-        img = np.repeat(np.repeat(lut[idx], cell, 0), cell, 1)
-        out = np.full((img.shape[0], img.shape[1] + label_w, 3), 255, np.uint8)
-        out[:, label_w:] = img
-        pil = Image.fromarray(out)
-        draw = ImageDraw.Draw(pil)
-        for r, layer in enumerate(att.layers):
-            draw.text((1, r * cell + max(0, (cell - 10) // 2)), str(int(layer)), fill=(0, 0, 0), font=font)
-        return np.asarray(pil)
-
-    panels = [heat(att.layer_rq), heat(att.head_rq), heat(np.nanmean(att.eigvals, 1)),
-              heat(np.nanmean(np.cos(att.angles) ** 2, 1))]
-    titles = ["RQ layer x eigvec", "RQ layer x head", "own eigvals", "cos2 angle to joint"]
+    mean_t = analysis.attribution.nanmean
+    panels = [heat(att.layer_rq), heat(att.head_rq), heat(mean_t(att.eigvals, 1)),
+              heat(mean_t(np.cos(att.angles) ** 2, 1))]
+    titles = ["RQ eigvec", "RQ head", "own eigvals", "cos2 to joint"]
     return side_by_side(panels, titles=titles)

@@ -3,6 +3,7 @@ carries the partition gets the high Rayleigh quotients, the large eigengap and t
 diffusion timesteps are kept apart; the JSON and the figure are written."""
 
 import json
+import warnings
 
 import jax
 import numpy as np
@@ -95,3 +96,18 @@ def test_principal_angles():
     np.testing.assert_allclose(principal_angles(e[:, :2], e[:, 2:4]), np.pi / 2, atol=1e-12)
     half = np.stack([e[:, 0], (e[:, 1] + e[:, 2]) / np.sqrt(2)], 1)
     np.testing.assert_allclose(principal_angles(e[:, :2], half), [0.0, np.pi / 4], atol=1e-12)
+
+
+def test_a_layer_grid_with_fewer_nodes_than_k():
+    """A UNet-like layer on a 2×2 grid (4 nodes) beside a 6×6 one, K = 5: its own spectrum and angles are
+    NaN-padded, nothing fails and nothing warns."""
+    rng = np.random.default_rng(6)
+    mk = lambda n: rng.standard_normal((1, 2, n, 4)).astype(np.float32)
+    taps = Taps({0: LayerTap(mk(N), mk(N), mk(N), GRID), 1: LayerTap(mk(4), mk(4), mk(4), (2, 2))})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        att = sj.attribution(taps, "vv", 5, layer_weights="select")
+        pic = viz.attribution_figure(att)
+    assert np.isnan(att.eigvals[1, 0, 3:]).all() and np.isfinite(att.eigvals[1, 0, :3]).all()
+    assert np.isfinite(att.angles[0]).all() and np.isnan(att.angles[1, 0, -1])
+    assert np.isfinite(att.eigengap).all() and pic.dtype == np.uint8

@@ -155,3 +155,16 @@ def test_knn_layer_weights_and_subset():
     sub, kept = LW.subset(gs, gl, [1])
     assert kept == [(1,)] and sub[0].batch_shape == (1,)
     np.testing.assert_allclose(np.asarray(sub[0].dense()[0]), np.asarray(gs[0].dense()[1]), atol=1e-7)
+
+
+def test_weight_on_a_coarse_layer_only_solves_on_its_grid():
+    """Multi-grid taps (a UNet): all weight on the coarse layer must not leave the base-grid metric singular."""
+    rng = np.random.default_rng(5)
+    mk = lambda n: rng.standard_normal((1, 2, n, 4)).astype(np.float32)
+    taps = Taps({0: LayerTap(mk(N), mk(N), mk(N), GRID), 1: LayerTap(mk(9), mk(9), mk(9), (3, 3))})
+    res = pipeline.solve(taps, "qk", 4, layer_weights=[0.0, 1.0])
+    assert res.eigvecs.shape == (1, 4, 3, 3)
+    alone = pipeline.solve(Taps({1: taps.layers[1]}), "qk", 4)
+    np.testing.assert_allclose(res.eigvals, alone.eigvals, rtol=1e-5)
+    gs, gl = pipeline.graph_groups(taps, "qk", 0, dict(tau=0.1, k_intra=5, k_inter=0, min_cos=0.1))
+    assert LW.base_grid(gs, LW.for_groups(gs, gl, [1.0, 1.0], 4)[0]) == GRID

@@ -45,12 +45,12 @@ class Attribution:
     @property
     def layer_rq(self) -> np.ndarray:
         """`[L, K]`: each layer's Rayleigh quotients averaged over its heads and timesteps."""
-        return np.nanmean(self.rq, axis=(1, 2))
+        return nanmean(self.rq, (1, 2))
 
     @property
     def head_rq(self) -> np.ndarray:
         """`[L, T·H]`: each graph's mean quotient over the non-trivial eigenvectors 2..K."""
-        return np.nanmean(self.rq[..., 1:], axis=-1).reshape(self.rq.shape[0], -1)
+        return nanmean(self.rq[..., 1:], -1).reshape(self.rq.shape[0], -1)
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-able dict: every array as nested lists (NaN → None), plus the shapes' meaning."""
@@ -68,11 +68,20 @@ class Attribution:
                 "layer_rq": lst(self.layer_rq)}
 
 
+def nanmean(a, axis) -> np.ndarray:
+    """Mean over `axis` of the non-NaN entries; NaN (and no warning) where there are none."""
+    a = np.asarray(a, np.float64)
+    ok = ~np.isnan(a)
+    n = ok.sum(axis)
+    return np.where(n > 0, np.where(ok, a, 0.0).sum(axis) / np.maximum(n, 1), np.nan)
+
+
 def eigengap(spectra) -> np.ndarray:
-    """The eigengap score g_l = (λ_2 − λ_K) / λ_2 of each layer's own spectrum `[L, K]` (largest first) → `[L]`,
-    clipped to [0, 1] (0 where λ_2 ≤ 0); the `layer_weights` rules "eigengap" and "select" read it."""
+    """The eigengap score g_l = (λ_2 − λ_K) / λ_2 of each layer's own spectrum `[L, K]` (largest first; trailing NaN
+    where a layer has fewer pairs: λ_K is then its last) → `[L]`, clipped to [0, 1] (0 where λ_2 ≤ 0); the
+    `layer_weights` rules "eigengap" and "select" read it."""
     s = np.asarray(spectra, np.float64)
-    l2, lk = s[:, 1], s[:, -1]
+    l2, lk = s[:, 1], np.nanmin(s[:, 1:], axis=1)
     g = np.where(l2 > 0, (l2 - lk) / np.where(l2 > 0, l2, 1.0), 0.0)
     return np.clip(g, 0.0, 1.0)
 
@@ -87,28 +96,34 @@ def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def nontrivial(v: np.ndarray) -> np.ndarray:
-    """An orthonormal basis `[N, p − 1]` of span(v) with the constant direction projected out (v `[N, p]`)."""
+    """An orthonormal basis `[N, r]` of span(v) with the constant direction projected out (v `[N, p]`): its top
+    r = min(p − 1, rank) left singular vectors after centring (rank: singular values above 1e-8 of the largest)."""
     c = np.asarray(v, np.float64)
     c = c - c.mean(0, keepdims=True)
-    u = np.linalg.svd(c, full_matrices=False)[0]
-    return u[:, : c.shape[1] - 1]
+    u, sv, _ = np.linalg.svd(c, full_matrices=False)
+    r = min(c.shape[1] - 1, int(np.sum(sv > 1e-8 * sv[0]))) if sv.size and sv[0] > 0 else 0
+    return u[:, :r]
 
 
 def build(layers: Sequence[int], timesteps: Sequence[int], rq: np.ndarray, own_eigvals: np.ndarray,
           own_vecs: Sequence[np.ndarray], joint_on_grid: Sequence[np.ndarray], joint_eigvals: np.ndarray,
           graph: str = "") -> Attribution:
     """An `Attribution` from arrays: rq `[L, T, H, K]`; own_eigvals `[L, T, K]`; own_vecs[l·T + t] `[N_l, K]` the
-    unit's own eigenvectors (orthonormal columns, largest first) and joint_on_grid[l·T + t] `[N_l, K]` the joint
+    unit's own eigenvectors (orthonormal columns, largest first; fewer than K where its grid has ≤ K nodes, its
+    eigvals then NaN-padded) and joint_on_grid[l·T + t] `[N_l, K]` the joint
     eigenvectors pooled to that unit's grid."""
     lt = own_eigvals.shape[:2]
     k = own_eigvals.shape[-1]
-    angles = np.stack([principal_angles(nontrivial(v), nontrivial(j)) for v, j in zip(own_vecs, joint_on_grid)])
+    angles = np.full((len(own_vecs), k - 1), np.nan)
+    for i, (v, j) in enumerate(zip(own_vecs, joint_on_grid)):     # fewer angles where a grid has ≤ K nodes
+        a = principal_angles(nontrivial(v), nontrivial(j))[: k - 1]
+        angles[i, : a.size] = a
     angles = angles.reshape(*lt, k - 1)
     gap = eigengap(own_eigvals.reshape(-1, k)).reshape(lt)
     return Attribution(np.asarray(layers, np.int64), np.asarray(timesteps, np.int64), np.asarray(rq, np.float32),
                        np.asarray(own_eigvals, np.float32), gap.astype(np.float32), angles.astype(np.float32),
-                       (np.cos(angles) ** 2).mean(-1).astype(np.float32), np.asarray(joint_eigvals, np.float32),
+                       nanmean(np.cos(angles) ** 2, -1).astype(np.float32), np.asarray(joint_eigvals, np.float32),
                        graph)
 
 
-__all__ = ["Attribution", "build", "eigengap", "nontrivial", "principal_angles"]
+__all__ = ["Attribution", "build", "eigengap", "nanmean", "nontrivial", "principal_angles"]
