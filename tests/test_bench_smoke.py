@@ -167,3 +167,6 @@ def test_eval_layers_tiny(tmp_path):
             assert set(s["means"]["uniform"]) == metrics
             assert abs(sum(blob["images"][name][0][graph]["weights"]["eigengap"]) - 1) < 1e-9
     assert "### coco-mini, VV" in out.read_text()
+    out.write_text("")
+    el.main(["--report-only", "--out", str(out)])                 # the Markdown again, from the JSON alone
+    assert "best single layer" in out.read_text() and "### horse-dev, QK" in out.read_text()
