@@ -1,5 +1,6 @@
 """The prepared GPU suite (`benchmarks/gpu/`) stays runnable between lent GPU machines: its tiny mode runs every
-section on CPU through `run.sh` (the same script, child processes and code paths as on the GPU), and the install
+section on CPU through `run.sh` (the same script and section code as on the GPU, toy sizes, all sections in one
+process), a section's child process (the GPU's isolation) is killed at its limit and reported, and the install
 step of `run.sh` is checked to be offline-safe."""
 
 from __future__ import annotations
@@ -47,11 +48,25 @@ def test_tiny_suite_writes_every_section(tmp_path):
     att = [r for r in rows["attention"].values() if r["status"] == "ok" and r["variant"] == "blockwise f32"]
     assert att and all(r["reference"] == "dense f32" and r["matvec_err"] < 1e-5 and r["grad_err"] < 1e-5
                        for r in att), att
-    # the dataset solve went through the sparse exact path and converged
+    # the dataset solve went through a sparse exact path (ARPACK on the CPU, LOBPCG on an accelerator) and converged
     ds = [r for r in rows["dataset"].values() if r["status"] == "ok"]
-    assert ds and ds[0]["method"] == "exact-lobpcg-sparse" and ds[0]["converged"] is True, ds
+    assert ds and ds[0]["method"] in ("exact-arpack", "exact-lobpcg-sparse") and ds[0]["converged"] is True, ds
+    # the UNet row and the official PyTorch loop (torch_official.official_loop_grids) both ran
+    un = [r for r in rows["unet"].values() if r["status"] == "ok"]
+    assert len(un) == 2 and un[1]["graphs"] == 32 and un[1]["official_pass_s"] > 0, un
     assert [t["result"] for t in report["targets"]] == ["not measured"] * 4
     assert "| target | result | evidence |" in md
+
+
+def test_section_child_is_killed_at_its_limit(tmp_path):
+    """The GPU run's isolation: a section's process that outlives its limit is killed and reported as such."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+    try:
+        import suite
+    finally:
+        sys.path.pop(0)
+    status, reason = suite._run_child("dataset", str(tmp_path / "rows.jsonl"), budget=0.1, limit=0.3, tiny=True)
+    assert status == "killed" and reason.startswith("killed at"), (status, reason)
 
 
 def test_run_sh_install_step_is_offline():

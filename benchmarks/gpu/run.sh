@@ -8,8 +8,8 @@
 #
 # Install step: nothing is installed and nothing is fetched. The raw checkout goes first on PYTHONPATH
 # (spectral_jax maps the checkout's models/ folder as spectral_jax.models itself, see spectral_jax/__init__.py), and
-# every package index and model hub is switched off, so a missing dependency fails at the import check below
-# instead of reaching for the network.
+# every package index and model hub is switched off, so a missing dependency fails at the suite's import check (the
+# first thing suite.py does: `suite.check_imports`) instead of reaching for the network.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out="${OUT:-$root/benchmarks/results}"
@@ -18,22 +18,6 @@ py="${PYTHON:-python3}"
 export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
-
-"$py" - <<'PY'
-import importlib, sys
-missing = []
-for name in ("jax", "flax", "optax", "orbax.checkpoint", "numpy", "scipy", "einops", "PIL", "safetensors", "tqdm",
-             "torch", "transformers", "spectral_jax.models.vit", "spectral_jax.models.sd"):
-    try:
-        importlib.import_module(name)
-    except Exception as e:
-        missing.append(f"{name} ({type(e).__name__}: {e})")
-if missing:
-    sys.exit("benchmarks/gpu/run.sh: cannot import " + "; ".join(missing) + " — this suite installs nothing; "
-             "carry the missing wheels (see the device notes) or pick another interpreter with PYTHON=")
-import spectral_jax
-print("spectral_jax from", spectral_jax.__file__)
-PY
 
 mkdir -p "$out"
 "$py" "$root/benchmarks/gpu/suite.py" --out "$out" "$@" 2>&1 | tee "$out/gpu.log"
