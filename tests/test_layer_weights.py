@@ -168,3 +168,27 @@ def test_weight_on_a_coarse_layer_only_solves_on_its_grid():
     np.testing.assert_allclose(res.eigvals, alone.eigvals, rtol=1e-5)
     gs, gl = pipeline.graph_groups(taps, "qk", 0, dict(tau=0.1, k_intra=5, k_inter=0, min_cos=0.1))
     assert LW.base_grid(gs, LW.for_groups(gs, gl, [1.0, 1.0], 4)[0]) == GRID
+
+
+def test_analyze_api_takes_layer_weights():
+    """`analyze(..., layer_weights=)`: checked before the model runs, recorded in the result."""
+    from spectral_jax.models import Backbone
+
+    rng = np.random.default_rng(7)
+    proj = jnp.asarray(rng.standard_normal((3, 8 * 8 * 3, 2, 4)), jnp.float32)      # per layer: patch → 2 heads × 4
+
+    def fn(params, images, layers):
+        b, h, w, _ = images.shape
+        p = images.reshape(b, h // 8, 8, w // 8, 8, 3).transpose(0, 1, 3, 2, 4, 5).reshape(b, -1, 8 * 8 * 3)
+        out = {}
+        for l in layers or range(3):
+            x = jnp.einsum("bnp,phd->bhnd", p, params[l])
+            out[l] = (x, jnp.tanh(x), x ** 2)
+        return out
+
+    bb = Backbone.from_function("synthetic", fn, proj, patch_size=8, num_layers=3, size=48)
+    img = (rng.random((48, 48, 3)) * 255).astype(np.uint8)
+    res = pipeline.analyze(img, backbone=bb, graph="vv", num_eigs=4, layer_weights="select")
+    assert res.info["layer_weights"].count(1.0) == 1 and sum(res.info["layer_weights"]) == pytest.approx(1.0)
+    with pytest.raises(InputError, match="one per tapped layer"):
+        pipeline.analyze(img, backbone=bb, graph="vv", num_eigs=4, layers="0,1", layer_weights=[1, 2, 3])
