@@ -45,12 +45,6 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-import bench_dataset  # noqa: E402
-
-if not hasattr(bench_dataset, "position_share"):
-    # eval_joint imports position_share from bench_dataset, which dropped it (e4f464f); it lives in _common now.
-    # Remove this once eval_joint imports it from _common.
-    bench_dataset.position_share = _common.position_share
 from eval_joint import split_probes, supercategory_labels  # noqa: E402
 from eval_where_what import ANN, dct_basis, label_map, load_coco  # noqa: E402
 

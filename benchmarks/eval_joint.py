@@ -43,7 +43,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
-from bench_dataset import position_share  # noqa: E402
+from _common import position_share  # noqa: E402
 from eval_where_what import ANN, dct_basis, label_map, load_coco, patch_labels  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

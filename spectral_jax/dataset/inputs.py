@@ -13,7 +13,8 @@ from spectral_jax import folder as F
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
 
-OUTPUT_NAMES = {"eigvecs.npz": "file", "eigvecs.png": "file", "summary.json": "file", "checkpoints": "folder"}
+OUTPUT_NAMES = {"eigvecs.npz": "file", "eigvecs.png": "file", "segments.npz": "file", "segments.png": "file",
+                "summary.json": "file", "checkpoints": "folder"}
 
 
 def check_out(folder: str, out: str) -> None:

@@ -82,6 +82,9 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
                          f"pass --batch-size {-(-settings.batch_size // ndev) * ndev}")
     geom = geometry(backbone, layers, settings, size, len(where.files), ndev)
     inputs.check_graph_size(settings, geom.tokens, len(where.files), (geom.k_intra, geom.k_inter))
+    from spectral_jax.dataset.cluster import check_count
+
+    check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
     fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.files)
     if where.done:
         checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]))
