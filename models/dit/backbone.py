@@ -25,6 +25,7 @@ from flax import nnx
 
 from spectral_jax.errors import InputError
 from spectral_jax.models.backbone import Backbone, resolve_layers
+from spectral_jax.models.dit.flow import FlowSchedule
 from spectral_jax.models.dit.modeling import DiffusionTransformer, load_dit
 from spectral_jax.models.sd import diffusion
 from spectral_jax.models.spec import ModelSpec
@@ -35,10 +36,13 @@ from spectral_jax.taps import Taps
 def _step_taps(graphdef, state, latents, t, i, key, context, schedule):
     """Taps of every block on x_t = add_noise(latents, ε_i, t), ε_i ~ N(0, I) from fold_in(key, i); one
     compilation serves every layer selection, and XLA drops the work after the last block's attention."""
+    model = nnx.merge(graphdef, state)
     noise = jax.random.normal(jax.random.fold_in(key, i), latents.shape, latents.dtype)
-    x_t = schedule.add_noise(latents, noise, t)
-    model_t = schedule.model_timestep(t) if hasattr(schedule, "model_timestep") else t
-    return nnx.merge(graphdef, state)(x_t, model_t, context)[1]
+    if isinstance(schedule, FlowSchedule):
+        p = model.cfg.patch_size
+        tokens = (latents.shape[1] // p) * (latents.shape[2] // p)
+        return model(schedule.add_noise(latents, noise, t, tokens), schedule.model_timestep(t, tokens), context)[1]
+    return model(schedule.add_noise(latents, noise, t), t, context)[1]
 
 
 def collect_taps(images, model: DiffusionTransformer, timesteps, seed: int = 0, *,

@@ -8,12 +8,17 @@ Names:
     sd3_medium        SD3 Medium MM-DiT (stabilityai/stable-diffusion-3-medium-diffusers): 24 blocks, 24 heads × 64
     sd35_large        SD3.5 Large (stabilityai/stable-diffusion-3.5-large): 38 blocks, 38 heads × 64, RMS q/k norms
     sd3_tiny          a small random MM-DiT (3 blocks) for tests and benchmarks only
+    flux1_dev         FLUX.1 [dev] (black-forest-labs/FLUX.1-dev): 19 double- + 38 single-stream blocks, 24 heads × 128,
+                      guidance embedding (3.5, the pipeline's default)
+    flux1_schnell     FLUX.1 [schnell] (black-forest-labs/FLUX.1-schnell): the same blocks, no guidance embedding
+    flux_tiny         a small random FLUX (2 + 2 blocks) for tests and benchmarks only
 PixArt-Σ reads latents of the SDXL VAE (the SD VAE architecture, scaling factor 0.13025; the 512-MS repository holds
 only transformer/, so the VAE comes from `DiTConfig.vae_repo_id` when the weights' folder has no vae/), and was
 trained with the DDPM linear β schedule 0.0001 → 0.02 over 1000 steps. SD3/SD3.5 read 16-channel latents of their
 own VAE (the same encoder architecture; latent = scaling · (z − shift), 1.5305 and 0.0609) and were trained with
 rectified flow, x_t = (1 − σ)·x + σ·ε (`flow.py`: σ from the integer timestep as diffusers'
-FlowMatchEulerDiscreteScheduler with shift 3).
+FlowMatchEulerDiscreteScheduler with shift 3). FLUX: 16-channel latents (scaling 0.3611, shift 0.1159), packed 2×2
+into tokens, rectified flow with the dynamic shift of its scheduler (dev; schnell: static shift 1).
 
 Preprocessing: RGB in [−1, 1] ((x/255 − 0.5)/0.5); sides multiples of 16 (VAE downscale 8 × patch 2); the default
 size is the training resolution (1024, 512; 256 for the tiny models).
@@ -29,6 +34,7 @@ zeros of the pipeline's shape, context `[1, 333, 4096]` (77 CLIP + 256 T5 tokens
 pipeline itself feeds for a prompt whose encoders are dropped (it zero-fills T5 when T5 is absent). For the
 empty-prompt embedding, save `pipe.encode_prompt("", "", "")`'s prompt_embeds `[333, 4096]` and
 pooled_prompt_embeds `[2048]` as an .npz with keys `context` and `pooled`, and pass it with `--text-embedding`.
+FLUX: the same as SD3 with context `[1, 512, 4096]` (T5, max_sequence_length 512) and pooled `[1, 768]` (CLIP).
 """
 
 from __future__ import annotations
@@ -42,8 +48,26 @@ from spectral_jax.models.sd.scheduler import DDPMSchedule
 from spectral_jax.models.spec import Family, ModelSpec, PreprocessSpec
 
 
+class _Blocks:
+    """What every transformer config here shares: the width, the text width, and the tapped layers — one per block
+    (`num_layers`), each (where, heads, head dim); FLUX overrides the list (two kinds of blocks)."""
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+    @property
+    def context_dim(self) -> int:
+        """Width of the text tokens the transformer reads."""
+        return self.joint_attention_dim
+
+    def attn_layers(self) -> list[tuple[str, int, int]]:
+        return [(f"transformer_blocks.{i}", self.num_attention_heads, self.attention_head_dim)
+                for i in range(self.num_layers)]
+
+
 @dataclasses.dataclass(frozen=True)
-class PixArtConfig:
+class PixArtConfig(_Blocks):
     """The `PixArtTransformer2DModel` options PixArt-Σ uses (others are refused when reading a config.json).
 
     Blocks: adaLN-single (one shared timestep MLP, a per-block learned shift/scale/gate table), self-attention,
@@ -70,9 +94,6 @@ class PixArtConfig:
             raise ValueError(f"cross_attention_dim {self.cross_attention_dim} must equal the width "
                              f"{self.inner_dim} (the caption is projected to it)")
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
 
     @property
     def context_dim(self) -> int:
@@ -83,14 +104,10 @@ class PixArtConfig:
     def pos_scale(self) -> float:
         return float(self.interpolation_scale)
 
-    def attn_layers(self) -> list[tuple[str, int, int]]:
-        """Every tapped self-attention layer: (where, heads, head dim)."""
-        return [(f"transformer_blocks.{i}", self.num_attention_heads, self.attention_head_dim)
-                for i in range(self.num_layers)]
 
 
 @dataclasses.dataclass(frozen=True)
-class SD3Config:
+class SD3Config(_Blocks):
     """The `SD3Transformer2DModel` options SD3 / SD3.5 Large use (SD3.5 Medium's dual attention is not ported).
 
     qk_norm: None (SD3) or "rms_norm" (SD3.5). caption_projection_dim must equal the width (heads × head dim).
@@ -116,18 +133,46 @@ class SD3Config:
         if self.qk_norm not in (None, "rms_norm"):
             raise ValueError(f"qk_norm {self.qk_norm!r}: only None and 'rms_norm' are ported")
 
-    @property
-    def inner_dim(self) -> int:
-        return self.num_attention_heads * self.attention_head_dim
+
+
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig(_Blocks):
+    """The `FluxTransformer2DModel` options FLUX.1 uses. in_channels/out_channels: latent channels (diffusers counts
+    the packed 4×: 64); patch_size 2 is the pipeline's 2×2 packing (diffusers' own patch_size is 1); guidance: the
+    guidance value fed to the guidance embedding (dev; unused without `guidance_embeds`)."""
+
+    num_attention_heads: int = 24
+    attention_head_dim: int = 128
+    in_channels: int = 16
+    out_channels: int = 16
+    num_double_layers: int = 19
+    num_single_layers: int = 38
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = True
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+    guidance: float = 3.5
+    mlp_ratio: float = 4.0
+    patch_size: int = 2
+
+    def __post_init__(self):
+        if sum(self.axes_dims_rope) != self.attention_head_dim or any(d % 2 for d in self.axes_dims_rope):
+            raise ValueError(f"axes_dims_rope {self.axes_dims_rope} must be even and sum to the head dim "
+                             f"{self.attention_head_dim}")
+
+
 
     @property
-    def context_dim(self) -> int:
-        return self.joint_attention_dim
+    def num_layers(self) -> int:
+        """Tapped layers: the double-stream blocks, then the single-stream blocks."""
+        return self.num_double_layers + self.num_single_layers
 
     def attn_layers(self) -> list[tuple[str, int, int]]:
-        """Every tapped joint-attention layer (its image-token block): (where, heads, head dim)."""
-        return [(f"transformer_blocks.{i}", self.num_attention_heads, self.attention_head_dim)
-                for i in range(self.num_layers)]
+        h, d = self.num_attention_heads, self.attention_head_dim
+        return ([(f"transformer_blocks.{i}", h, d) for i in range(self.num_double_layers)]
+                + [(f"single_transformer_blocks.{i}", h, d) for i in range(self.num_single_layers)])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +222,15 @@ SD3_TINY = DiTConfig(SD3Config(num_attention_heads=2, attention_head_dim=16, in_
                      VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
                                latent_channels=16, use_quant_conv=False, scaling_factor=1.5305),
                      FlowSchedule(shift=3.0), vae_shift=0.0609, text_tokens=5)
+FLUX_VAE = VAEConfig(latent_channels=16, use_quant_conv=False, scaling_factor=0.3611)
+FLUX_DEV = DiTConfig(FluxConfig(), FLUX_VAE, FlowSchedule(dynamic=True), vae_shift=0.1159, text_tokens=512)
+FLUX_SCHNELL = DiTConfig(FluxConfig(guidance_embeds=False), FLUX_VAE, FlowSchedule(shift=1.0), vae_shift=0.1159,
+                         text_tokens=256)
+FLUX_TINY = DiTConfig(FluxConfig(num_attention_heads=2, attention_head_dim=16, num_double_layers=2, num_single_layers=2,
+                                 joint_attention_dim=24, pooled_projection_dim=20, axes_dims_rope=(4, 6, 6)),
+                      VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4,
+                                latent_channels=16, use_quant_conv=False, scaling_factor=0.3611),
+                      FlowSchedule(dynamic=True), vae_shift=0.1159, text_tokens=5)
 
 # The family as the registry sees it: `dit.load_backbone(spec, weights, dtype=, seed=, timesteps=, latent=,
 # text_embedding=)`; its taps carry no hidden states.
@@ -200,4 +254,8 @@ DIT_MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("sd35_large", SD35_LARGE, "stabilityai/stable-diffusion-3.5-large", _prep(1024, SD35_LARGE),
               FAMILY.name),
     ModelSpec("sd3_tiny", SD3_TINY, None, _prep(256, SD3_TINY), FAMILY.name),
+    ModelSpec("flux1_dev", FLUX_DEV, "black-forest-labs/FLUX.1-dev", _prep(1024, FLUX_DEV), FAMILY.name),
+    ModelSpec("flux1_schnell", FLUX_SCHNELL, "black-forest-labs/FLUX.1-schnell", _prep(1024, FLUX_SCHNELL),
+              FAMILY.name),
+    ModelSpec("flux_tiny", FLUX_TINY, None, _prep(256, FLUX_TINY), FAMILY.name),
 ]}

@@ -230,9 +230,16 @@ def _check_flow(root: str, schedule: FlowSchedule) -> None:
         return
     fix = "fix or re-download the checkpoint's scheduler/scheduler_config.json"
     d = read_json(file, fix)
-    check_fields(d, dict(shift="pos_num", num_train_timesteps="pos", use_dynamic_shifting="bool"), file, fix)
-    theirs = (d.get("shift", 1.0), d.get("num_train_timesteps", 1000), d.get("use_dynamic_shifting", False))
-    ours = (schedule.shift, schedule.num_train_timesteps, False)
-    if not (np.isclose(theirs[0], ours[0]) and theirs[1:] == ours[1:]):
-        raise InputError(file, f"describes the flow schedule (shift, steps, dynamic) {theirs}, not {ours}",
+    check_fields(d, dict(shift="pos_num", num_train_timesteps="pos", use_dynamic_shifting="bool",
+                         base_shift="num", max_shift="num", base_image_seq_len="pos", max_image_seq_len="pos"),
+                 file, fix)
+    dynamic = d.get("use_dynamic_shifting", False)
+    theirs = (d.get("num_train_timesteps", 1000), dynamic) + (
+        (d.get("base_shift", 0.5), d.get("max_shift", 1.15), d.get("base_image_seq_len", 256),
+         d.get("max_image_seq_len", 4096)) if dynamic else (d.get("shift", 1.0),))
+    ours = (schedule.num_train_timesteps, schedule.dynamic) + (
+        (schedule.base_shift, schedule.max_shift, schedule.base_seq_len, schedule.max_seq_len) if schedule.dynamic
+        else (schedule.shift,))
+    if not (theirs[:2] == ours[:2] and len(theirs) == len(ours) and np.allclose(theirs[2:], ours[2:])):
+        raise InputError(file, f"describes the flow schedule (steps, dynamic, shift(s)) {theirs}, not {ours}",
                          "use the checkpoint that matches --model")

@@ -1,5 +1,5 @@
 """Diffusion-transformer checkpoints (diffusers layout) → the Flax transformer (PixArt-Σ `PixArtTransformer2DModel`,
-SD3/SD3.5 `SD3Transformer2DModel`: one key table and config reader each, `ARCHS`); the VAE encoder is read with
+SD3/SD3.5 `SD3Transformer2DModel`, FLUX.1 `FluxTransformer2DModel`: one key table and config reader each, `ARCHS`); the VAE encoder is read with
 Stable Diffusion's key table (`models.sd.params`).
 
     transformer/  config.json, diffusion_pytorch_model.safetensors (or shards + its .index.json)
@@ -23,7 +23,8 @@ from spectral_jax.errors import InputError
 from spectral_jax.models import convert as C
 from spectral_jax.models.convert import (KeyTable, abstract_model, apply_table, assemble, check_fields,
                                          random_params, read_json)
-from spectral_jax.models.dit.config import PixArtConfig, SD3Config
+from spectral_jax.models.dit.config import FluxConfig, PixArtConfig, SD3Config
+from spectral_jax.models.dit.flux import FluxTransformer2DModel
 from spectral_jax.models.dit.mmdit import SD3Transformer2DModel
 from spectral_jax.models.dit.pixart import PixArtTransformer2DModel
 from spectral_jax.models.sd.params import Component, read_component
@@ -57,6 +58,19 @@ SD3_TABLE = KeyTable((), (
     *C.linear(_B + r"\.(ff|ff_context)\.net\.2", _B_T + r".\2.net.2"),
     *C.linear(r"norm_out\.linear", "norm_out.linear"),
     *C.linear(r"proj_out", "proj_out")), ())
+
+_S = r"single_transformer_blocks\.(\d+)"
+FLUX_TABLE = KeyTable((), (
+    *C.linear(r"(x_embedder|context_embedder|proj_out|norm_out\.linear)", r"\1"),
+    *C.linear(r"time_text_embed\.(timestep_embedder|guidance_embedder|text_embedder)\.(linear_[12])",
+              r"time_text_embed.\1.\2"),
+    *C.linear(_B + r"\.(norm1|norm1_context)\.linear", _B_T + r".\2.linear"),
+    *C.linear(_A + r"\.(to_[qkv]|add_[qkv]_proj|to_out\.0|to_add_out)", _B_T + r".attn.\2"),
+    *C.param(_A + r"\.(norm_q|norm_k|norm_added_q|norm_added_k)\.weight", _B_T + r".attn.\2.weight"),
+    *C.linear(_B + r"\.(ff|ff_context)\.net\.0\.proj", _B_T + r".\2.net.0.proj"),
+    *C.linear(_B + r"\.(ff|ff_context)\.net\.2", _B_T + r".\2.net.2"),
+    *C.linear(_S + r"\.(norm\.linear|proj_mlp|proj_out|attn\.to_[qkv])", r"single_transformer_blocks.\1.\2"),
+    *C.param(_S + r"\.attn\.(norm_q|norm_k)\.weight", r"single_transformer_blocks.\1.attn.\2.weight")), ())
 
 _FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.fp16.safetensors")
 TRANSFORMER = Component("transformer", PixArtTransformer2DModel, lambda cfg: PIXART_TABLE, _FILES)
@@ -119,6 +133,34 @@ def sd3_config_from_diffusers(d: dict, what: str = "transformer/config.json") ->
         raise InputError(what, str(e), "use an SD3 Medium or SD3.5 Large transformer checkpoint") from None
 
 
+_FLUX_DEFAULTS = dict(patch_size=1, in_channels=64, out_channels=None, num_layers=19, num_single_layers=38,
+                      attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
+                      pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=[16, 56, 56])
+_FLUX_KINDS = dict(patch_size="pos", in_channels="pos", out_channels="pos", num_layers="pos", num_single_layers="nat",
+                   attention_head_dim="pos", num_attention_heads="pos", joint_attention_dim="pos",
+                   pooled_projection_dim="pos", guidance_embeds="bool", axes_dims_rope="pos_list")
+
+
+def flux_config_from_diffusers(d: dict, what: str = "transformer/config.json", guidance: float = 3.5) -> FluxConfig:
+    """Our `FluxConfig` for a diffusers `FluxTransformer2DModel` config (latent channels = in_channels / 4)."""
+    d = {k: v for k, v in d.items() if k in _FLUX_DEFAULTS and v is not None}
+    check_fields(d, _FLUX_KINDS, what, _FIX)
+    d = {**_FLUX_DEFAULTS, **d}
+    fix = "use a FLUX.1 transformer checkpoint"
+    if d["patch_size"] != 1 or d["in_channels"] % 4 or (d["out_channels"] or d["in_channels"]) % 4:
+        raise InputError(what, f"patch_size {d['patch_size']}, in_channels {d['in_channels']}: FLUX packs 2×2 latent "
+                         "patches into 4× channels with patch_size 1", fix)
+    try:
+        return FluxConfig(num_attention_heads=d["num_attention_heads"], attention_head_dim=d["attention_head_dim"],
+                          in_channels=d["in_channels"] // 4, out_channels=(d["out_channels"] or d["in_channels"]) // 4,
+                          num_double_layers=d["num_layers"], num_single_layers=d["num_single_layers"],
+                          joint_attention_dim=d["joint_attention_dim"],
+                          pooled_projection_dim=d["pooled_projection_dim"], guidance_embeds=d["guidance_embeds"],
+                          axes_dims_rope=tuple(d["axes_dims_rope"]), guidance=guidance)
+    except ValueError as e:
+        raise InputError(what, str(e), fix) from None
+
+
 @dataclasses.dataclass(frozen=True)
 class Arch:
     """One transformer architecture: its config class, Flax module, key table and config.json reader."""
@@ -130,7 +172,9 @@ class Arch:
 
 
 ARCHS = {PixArtConfig: Arch("PixArt", PixArtTransformer2DModel, PIXART_TABLE, pixart_config_from_diffusers),
-         SD3Config: Arch("SD3", SD3Transformer2DModel, SD3_TABLE, sd3_config_from_diffusers)}
+         SD3Config: Arch("SD3", SD3Transformer2DModel, SD3_TABLE, sd3_config_from_diffusers),
+         FluxConfig: Arch("FLUX", FluxTransformer2DModel, FLUX_TABLE, flux_config_from_diffusers)}
+_BY_CLASS = {"SD3Transformer2DModel": sd3_config_from_diffusers, "FluxTransformer2DModel": flux_config_from_diffusers}
 
 
 def transformer_config(path: str, expected):
@@ -139,7 +183,9 @@ def transformer_config(path: str, expected):
     file = os.path.join(path, "config.json")
     if not os.path.isfile(file):
         return expected
-    cfg = ARCHS[type(expected)].read(read_json(file, _FIX), file)
+    read = ARCHS[type(expected)].read
+    d = read_json(file, _FIX)
+    cfg = read(d, file, expected.guidance) if isinstance(expected, FluxConfig) else read(d, file)
     if cfg != expected:
         diff = [f"{f.name}={getattr(cfg, f.name)} (expected {getattr(expected, f.name)})"
                 for f in dataclasses.fields(cfg) if getattr(cfg, f.name) != getattr(expected, f.name)]
@@ -158,8 +204,7 @@ def load_transformer(path: str, expected=None, *, dtype=jnp.float32):
         if not os.path.isfile(file):
             raise InputError(path, "has no config.json", "pass a diffusers-layout transformer folder")
         d = read_json(file, _FIX)
-        expected = (sd3_config_from_diffusers if d.get("_class_name") == "SD3Transformer2DModel"
-                    else pixart_config_from_diffusers)(d, file)
+        expected = _BY_CLASS.get(d.get("_class_name"), pixart_config_from_diffusers)(d, file)
     cfg = transformer_config(path, expected)
     arch = ARCHS[type(cfg)]
     tensors = read_component(path, TRANSFORMER)
