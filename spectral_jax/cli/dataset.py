@@ -1,8 +1,9 @@
 """`spectral-jax dataset FOLDER --model NAME --graph knn-qk|knn-vv --out DIR [--method exact|gd] [--resume]`: one
 eigenvector table for a folder of images (recursively; .jpg/.jpeg/.png/.webp) over intra/inter-image kNN graphs.
 
---method exact (default): one kNN graph per layer over the tokens of the whole dataset, its top-K eigenvectors by
-LOBPCG to a float32 tolerance (the summary's "convergence"); the forward's features and the graph are cached in
+--method exact (default): one kNN graph per layer over the tokens of the whole dataset, its top-K eigenvectors to a
+float32 tolerance (ARPACK on the CPU backend, LOBPCG on accelerators; the summary's "convergence"), across several
+processes too (each reads its share of the images); the forward's features and the graph are cached in
 OUT/checkpoints, so a rerun with --resume skips them. --method gd: the official minibatch recipe (--preset, epochs
 of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every steps.
 
@@ -41,7 +42,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one)")
     p.add_argument("--method", choices=("exact", "gd"), default="exact",
                    help="exact: the whole-dataset graph's top-K (default); gd: the official minibatch solver")
-    p.add_argument("--maxiter", type=int, default=400, help="exact: LOBPCG iterations at most")
+    p.add_argument("--maxiter", type=int, default=400, help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most")
     p.add_argument("--tol", type=float, default=None, help="exact: relative residual to stop at (default √eps32)")
     p.add_argument("--bf16-features", action="store_true",
                    help="exact: keep the features for the graph in bfloat16 (half the memory)")

@@ -110,8 +110,8 @@ class Settings:
     model/weights/layers: the backbone (`models.load_backbone(model, weights)`; `layers` "all" or indices);
     size: S (→ S×S) or (H, W), multiples of the patch; graph: "knn-qk" | "knn-vv"; method: "exact" (the
     whole-dataset graph and its converged top-K, `dataset.whole`) | "gd" (the official minibatch recipe, `step`);
-    features_dtype ("float32" | "bfloat16": the features kept for the whole-dataset graph), maxiter and tol (LOBPCG's
-    iterations and relative residual): exact only; preset: "paper" | "eigen" (gd);
+    features_dtype ("float32" | "bfloat16": the features kept for the whole-dataset graph), maxiter and tol (ARPACK's
+    restarts on the CPU backend, LOBPCG's iterations on accelerators; the relative residual): exact only; preset: "paper" | "eigen" (gd);
     num_eigs: K; batch_size: images per step — per forward for exact — (a multiple of the devices); epochs: passes
     over the folder (the last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
     (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
