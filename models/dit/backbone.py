@@ -62,7 +62,7 @@ def collect_taps(images, model: DiffusionTransformer, timesteps, seed: int = 0, 
     chosen = resolve_layers(layers, model.cfg.num_layers, "self-attention layers")
     latents = model.latents(images, latent=latent, seed=seed)
     graphdef, state = nnx.split(model.transformer)
-    key = diffusion._keys(seed)[1]
+    key = diffusion.seed_keys(seed)[1]
     steps = []
     for i, t in enumerate(ts):
         taps = _step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), key, model.context, model.schedule)

@@ -27,7 +27,7 @@ from spectral_jax.models.dit import params as P
 from spectral_jax.models.dit.config import DIT_MODELS, DiTConfig
 from spectral_jax.models.dit.flow import FlowSchedule
 from spectral_jax.models.sd import params as SDW
-from spectral_jax.models.sd.modeling import _check_schedule
+from spectral_jax.models.sd.modeling import check_schedule
 from spectral_jax.models.spec import ModelSpec
 
 MAX_CAPTION_TOKENS = 4096
@@ -210,7 +210,7 @@ def load_dit(name: str, weights: str | None = None, *, text_embedding: str | Non
         vae = SDW.random_component("vae", cfg.vae, seed + 1, dtype=dtype)
         return DiffusionTransformer(name, cfg, transformer, vae, context, cfg.schedule)
     root = _resolve(source, "transformer")
-    _check_flow(root, cfg.schedule) if isinstance(cfg.schedule, FlowSchedule) else _check_schedule(root, cfg.schedule)
+    _check_flow(root, cfg.schedule) if isinstance(cfg.schedule, FlowSchedule) else check_schedule(root, cfg.schedule)
     vae_root = root if os.path.isdir(os.path.join(root, "vae")) or cfg.vae_repo_id is None else \
         _resolve(cfg.vae_repo_id, "vae")
     folder = os.path.join(vae_root, "vae")

@@ -109,7 +109,8 @@ def _step_taps(graphdef, state, latents, t, i, key, context, schedule):
     return nnx.merge(graphdef, state)(x_t, t, ctx)[1]
 
 
-def _keys(seed: int):
+def seed_keys(seed: int):
+    """(VAE sampling key, noise key) of `seed`: the split every diffusion family uses."""
     k_vae, k_noise = jax.random.split(jax.random.key(seed))
     return k_vae, k_noise
 
@@ -120,14 +121,14 @@ def encode_images(model, images, *, latent: str = "mean", seed: int = 0) -> jax.
     if latent not in LATENTS:
         raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(LATENTS)}")
     graphdef, state = nnx.split(model.vae)
-    return _encode(graphdef, state, jnp.asarray(images, jnp.float32), _keys(seed)[0], latent == "sample")
+    return _encode(graphdef, state, jnp.asarray(images, jnp.float32), seed_keys(seed)[0], latent == "sample")
 
 
 def noisy_latents(model, latents, timesteps, seed: int = 0) -> jax.Array:
     """The UNet inputs `collect_taps` uses: `[T, B, h, w, 4]`, x_{t_i} = add_noise(latents, ε_i, t_i),
     ε_i ~ N(0, I) from (seed, i)."""
     ts = model.schedule.check(np.asarray(timesteps).reshape(-1))
-    k = _keys(seed)[1]
+    k = seed_keys(seed)[1]
     out = []
     for i, t in enumerate(ts):
         noise = jax.random.normal(jax.random.fold_in(k, i), latents.shape, latents.dtype)
@@ -154,7 +155,7 @@ def collect_taps(images, model, timesteps, seed: int = 0, *, layers: Sequence[in
     chosen = resolve_layers(layers, model.cfg.num_layers, "self-attention layers")
     latents = encode_images(model, images, latent=latent, seed=seed)
     graphdef, state = nnx.split(model.unet)
-    k = _keys(seed)[1]
+    k = seed_keys(seed)[1]
     steps = []
     for i, t in enumerate(ts):
         taps = _step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), k, model.context, model.schedule)

@@ -142,7 +142,7 @@ def load_sd(name: str, weights: str | None = None, *, text_embedding: str | None
             context = empty_prompt_embedding(W.random_component("text_encoder", cfg.text, seed + 2), cfg.pad)
         return StableDiffusion(name, cfg, unet, vae, context, cfg.schedule)
     root = resolve(source)
-    _check_schedule(root, cfg.schedule)
+    check_schedule(root, cfg.schedule)
     folder = os.path.join(root, "text_encoder")
     if context is None and not os.path.isdir(folder):
         raise InputError(root, "has no text_encoder/ folder",
@@ -157,7 +157,7 @@ def load_sd(name: str, weights: str | None = None, *, text_embedding: str | None
     return StableDiffusion(name, cfg, unet, vae, context, cfg.schedule)
 
 
-def _check_schedule(root: str, schedule: DDPMSchedule) -> None:
+def check_schedule(root: str, schedule: DDPMSchedule) -> None:
     """With a scheduler/scheduler_config.json present, refuse a different β schedule than the one assumed."""
     file = os.path.join(root, "scheduler", "scheduler_config.json")
     if not os.path.isfile(file):

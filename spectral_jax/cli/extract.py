@@ -41,8 +41,9 @@ def _extract(args: argparse.Namespace, out) -> None:
     given = [f"--{f.replace('_', '-')}" for f, opt in _FAMILY_FLAGS.items()
              if getattr(args, f) is not None and opt not in fam.options]
     if given:
-        raise InputError(", ".join(given), f"apply to Stable Diffusion models only, not {args.model}",
-                         "drop them, or use --model sd14, sd15, sd21_base")
+        raise InputError(", ".join(given), f"apply to diffusion models only, not {args.model}",
+                         "drop them, or use a diffusion model (sd14, sd15, sd21_base, pixart_sigma, sd3_medium, "
+                         "sd35_large, flux1_dev, flux1_schnell)")
     if args.hidden and not fam.hidden:
         raise InputError("--hidden", f"is not available for {fam.title} models", "drop --hidden")
     import numpy as np
@@ -109,8 +110,11 @@ def register(subparsers) -> None:
     p.add_argument("--layers", default="all", help="'all' or comma-separated indices, e.g. 0,3,5")
     p.add_argument("--hidden", action="store_true", help="also store each tapped layer's output hidden states")
     p.add_argument("--out", required=True, help="output ACTS.npz (.npz is appended if missing; never an input)")
-    sd = p.add_argument_group("Stable Diffusion (sd14, sd15, sd21_base): self-attention taps across noise timesteps")
-    sd.add_argument("--timesteps", default=None, help="comma-separated timesteps in [0, 999], e.g. 0,50,100")
+    sd = p.add_argument_group("Diffusion models (Stable Diffusion sd14/sd15/sd21_base; diffusion transformers "
+                              "pixart_sigma, sd3_medium, sd35_large, flux1_dev, flux1_schnell): self-attention taps "
+                              "across noise timesteps")
+    sd.add_argument("--timesteps", default=None, help="comma-separated timesteps in [0, 999], e.g. 0,50,100 (flow models "
+                                                      "SD3/FLUX: t maps to σ as diffusers' flow-matching scheduler)")
     sd.add_argument("--num-timesteps", type=int, default=None, metavar="T",
                     help="draw T timesteps with --schedule (default 4)")
     sd.add_argument("--schedule", default=None, choices=("random", "constant", "increasing", "decreasing", "cyclic"),
@@ -120,5 +124,7 @@ def register(subparsers) -> None:
     sd.add_argument("--latent", default=None, choices=("mean", "sample"),
                     help="VAE posterior mean (default) or a sample from --seed")
     sd.add_argument("--text-embedding", default=None, metavar="NPY",
-                    help="saved empty-prompt embedding [77, C] (then text_encoder/ is not needed)")
+                    help="saved empty-prompt embedding: SD .npy [77, C] (then text_encoder/ is not "
+                         "needed); PixArt .npy of T5 tokens; SD3/FLUX .npz with context and pooled "
+                         "(default for the DiTs: zeros, see models/dit/config.py)")
     p.set_defaults(func=run)
