@@ -24,7 +24,7 @@ from spectral_jax.errors import InputError
 
 __all__ = [
     "palette", "colormap", "overlay_segments", "pca_image", "eigvec_grid", "instance_image", "side_by_side",
-    "dataset_figure", "save_png",
+    "dataset_figure", "save_png", "dataset_segments_figure", "attribution_figure",
 ]
 
 # 20 well-separated colours (RGB); segments beyond 20 get golden-ratio hues (`palette`).

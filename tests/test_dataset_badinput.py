@@ -93,6 +93,9 @@ CASES = {
     "seed-negative": (["imgs", "--seed", "-1"], ["--seed"]),
     "epochs-0": (["imgs", "--epochs", "0"], ["--epochs"]),
     "process-id": (["imgs", "--num-processes", "2", "--process-id", "2"], ["--process-id"]),
+    "layer-weights-pair": (["imgs", "--layer-weights", "11:x"], ["--layer-weights", "LAYER:WEIGHT"]),
+    "layer-weights-rule": (["imgs", "--layer-weights", "best"], ["layer_weights 'best'", "eigengap"]),
+    "layer-weights-rule-gd": (["imgs", "--method", "gd", "--layer-weights", "select"], ["--layer-weights"]),
 }
 
 
@@ -182,6 +185,7 @@ BAD_RUN = {
     "k_bool": (dict(k_intra=True), "--k-intra"),
     "layer_weights_nan": (dict(layer_weights={0: float("nan")}), "layer_weights"),
     "layer_weights_zero": (dict(layer_weights={0: 0.0, 1: 0.0}), "layer_weights"),
+    "layer_weights_rule": (dict(layer_weights="best"), "layer_weights"),
     "seed_neg": (dict(seed=-1), "--seed"),
     "seed_big": (dict(seed=2 ** 32), "--seed"),
     "epochs": (dict(epochs=0), "--epochs"),

@@ -151,6 +151,33 @@ def test_run_exact_matches_eigh_of_the_whole_dataset_graph(tmp_path):
     assert _alignment(vecs[:, ::-1][:, :6], np.transpose(sparse.eigvecs, (1, 0, 2, 3)).reshape(6, -1).T) >= 0.999
 
 
+def test_layer_weight_rule_is_applied_to_the_whole_dataset_graph(tmp_path):
+    """layer_weights="eigengap": the summary names the rule and the per-layer weights (sum 1), and the eigenvectors
+    are those of the dense operator Σ_l w_l sym(P_l) with exactly those weights (not the uniform one); a rule with
+    --method gd is refused before anything runs."""
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    res = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(),
+                      **{**EXACT, "graph": "knn-vv", "layer_weights": "eigengap"})
+    chosen = res.summary["layer_weights"]
+    assert chosen["rule"] == "eigengap" and set(chosen["weights"]) == {"0", "1"}
+    w = np.array([chosen["weights"]["0"], chosen["weights"]["1"]])
+    assert abs(w.sum() - 1) < 1e-5 and abs(w[0] - w[1]) > 1e-3      # the two layers' spectra differ
+    with np.load(tmp_path / "out" / "checkpoints" / "graph.npz") as f:
+        g = graphs.KnnGraph(f["idx0"], f["w0"], f["deg0"], (4, 4), (2,), 12)
+    x = np.transpose(res.eigvecs, (1, 0, 2, 3)).reshape(6, -1).T
+    ours = np.array(res.summary["eigvals"])
+    for ws, agree in ((w, True), (np.array([0.5, 0.5]), False)):
+        dense = np.asarray(dense_operators([g], normalised_weights([g], [ws]), (4, 4), 12)[0], np.float64)
+        vals, vecs = np.linalg.eigh(dense)
+        assert (np.abs(vals[::-1][:6] - ours).max() < 1e-5) == agree
+        if agree:
+            assert _alignment(vecs[:, ::-1][:, :6], x) >= 0.999
+    with pytest.raises(dataset.InputError, match="reads the whole-dataset graph"):
+        dataset.run(folder, str(tmp_path / "gd"), backbone=synthetic(),
+                    **{**EXACT, "method": "gd", "layer_weights": "select"})
+    assert not (tmp_path / "gd").exists()
+
+
 def test_exact_refuses_num_eigs_not_below_the_whole_graph(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 2)
     with pytest.raises(dataset.InputError, match="32 nodes of the whole dataset"):

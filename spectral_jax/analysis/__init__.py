@@ -4,7 +4,7 @@ on numpy arrays; importing this package does not import JAX.
 
 One module per topic, every public name re-exported here (`from spectral_jax import analysis as A; A.segment(...)`):
     features  spectral_features, pca_rgb         per-pixel spectral embedding, RGB picture of the eigenvectors
-    cluster   KMeans, kmeans, AutoK, auto_k, segment   k-means, the choice of k, spectral segments
+    cluster   KMeans, kmeans, AutoK, auto_k, cluster_embedding, segment   k-means, the choice of k, segments
     masks     bipartition, instance_masks        figure/ground, instance-mask candidates
     metrics   iou, miou_hungarian                mask IoU, mean IoU after Hungarian matching
     probe     Probe, linear_probe                ridge probes from features to coordinates or labels
@@ -24,7 +24,7 @@ and the Hungarian matching (`miou_hungarian`); it is imported where used.
 """
 
 from spectral_jax.analysis.attribution import Attribution, eigengap, principal_angles
-from spectral_jax.analysis.cluster import AutoK, KMeans, auto_k, kmeans, segment
+from spectral_jax.analysis.cluster import AutoK, KMeans, auto_k, cluster_embedding, kmeans, segment
 from spectral_jax.analysis.features import pca_rgb, spectral_features
 from spectral_jax.analysis.grid import grid_coords, upsample
 from spectral_jax.analysis.masks import bipartition, instance_masks
@@ -33,7 +33,7 @@ from spectral_jax.analysis.probe import Probe, linear_probe
 from spectral_jax.analysis.views import View, describe
 
 __all__ = [
-    "spectral_features", "pca_rgb", "KMeans", "kmeans", "AutoK", "auto_k", "segment", "bipartition",
+    "spectral_features", "pca_rgb", "KMeans", "kmeans", "AutoK", "auto_k", "cluster_embedding", "segment", "bipartition",
     "instance_masks", "iou", "miou_hungarian", "upsample", "grid_coords", "Probe", "linear_probe", "View", "describe",
     "Attribution", "eigengap", "principal_angles",
 ]

@@ -57,6 +57,9 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps (batches) between checkpoints")
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
+    p.add_argument("--layer-weights", default=None, metavar="RULE|L:W,...",
+                   help="weights of the tapped layers: a rule read from each layer's graph (eigengap, select, "
+                        "uniform; --method exact) or layer:weight pairs, e.g. 11:1,10:0.5 (missing layers 1)")
     p.add_argument("--segments", default="auto", metavar="N|auto",
                    help="dataset-wide segments: N ≥ 1, or auto (exact: the largest eigengap; gd: silhouette)")
     p.add_argument("--preset", choices=("paper", "eigen"), default="paper")
@@ -101,6 +104,21 @@ def _check_segments(args, settings, patch: int) -> None:
     check_count(settings.segments, len(files) * (h // patch) * (w // patch))
 
 
+def _layer_weights(text: str | None):
+    """--layer-weights: None, a rule name (checked by Settings), or "L:W,L:W" → {layer: weight}."""
+    if text is None or ":" not in text:
+        return text
+    out = {}
+    for part in filter(None, (s.strip() for s in text.split(","))):
+        layer, _, weight = part.partition(":")
+        try:
+            out[int(layer)] = float(weight)
+        except ValueError:
+            raise InputError(f"--layer-weights {text}", f"{part!r} is not LAYER:WEIGHT",
+                             "pass e.g. --layer-weights 11:1,10:0.5, or a rule: eigengap, select") from None
+    return out
+
+
 def run_dataset(args) -> int:
     from spectral_jax.dataset.settings import Settings     # no JAX: every option below is checked at once
     from spectral_jax.models import get_spec
@@ -111,7 +129,7 @@ def run_dataset(args) -> int:
                         k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, seed=args.seed,
                         checkpoint_every=args.checkpoint_every, prefetch=args.prefetch, method=args.method,
                         maxiter=args.maxiter, features_dtype="bfloat16" if args.bf16_features else "float32",
-                        segments=args.segments,
+                        segments=args.segments, layer_weights=_layer_weights(args.layer_weights),
                         **({} if args.tol is None else {"tol": args.tol}))
     spec = get_spec(args.model)                     # unknown model: one line before anything else
     if not os.path.isdir(args.folder):

@@ -285,10 +285,11 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
     return out
 
 
-def _exact_weights(settings: Settings, geom) -> list | None:
-    """Per-group layer weights `[L]` ({layer: weight}, default 1) for `solvers.exact` (None: equal)."""
-    if settings.layer_weights is None:
-        return None
+def _exact_weights(settings: Settings, geom) -> list | str | None:
+    """Per-group layer weights `[L]` ({layer: weight}, default 1) for `solvers.exact` (None: equal); a rule name
+    is passed on (`whole.solve` applies it to the graphs)."""
+    if settings.layer_weights is None or isinstance(settings.layer_weights, str):
+        return settings.layer_weights
     lw = dict(settings.layer_weights)
     return [np.asarray([float(lw.get(i, 1.0)) for i in layers], np.float32) for _, layers in geom.groups]
 

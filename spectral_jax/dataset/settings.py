@@ -79,10 +79,19 @@ def parse_segments(v, flag: str = "--segments"):
     return int(v)
 
 
-def _layer_weights(lw) -> tuple[tuple[int, float], ...] | None:
-    """{layer: weight} → ((layer, weight), ...) sorted (hashable); None stays None."""
+LAYER_RULES = ("uniform", "eigengap", "select")   # = spectral_jax.layer_weights.RULES (which imports JAX)
+
+
+def _layer_weights(lw) -> tuple[tuple[int, float], ...] | str | None:
+    """{layer: weight} → ((layer, weight), ...) sorted (hashable); a rule name (`LAYER_RULES`) stays a str; None
+    stays None."""
     if lw is None:
         return None
+    if isinstance(lw, str):
+        if lw.strip().lower() not in LAYER_RULES:
+            raise InputError(f"layer_weights {lw!r}", "is not a rule", f"choose one of {', '.join(LAYER_RULES)}, "
+                             "or pass {layer: weight}")
+        return lw.strip().lower()
     if isinstance(lw, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in lw):
         lw = dict(lw)
     if not isinstance(lw, dict):
@@ -117,7 +126,8 @@ class Settings:
     (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
     at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50, capped by the tokens
     available; a number given must fit); min_cos: edges at or below it are dropped; lam: the paper loss's
-    orthogonality weight; layer_weights: {layer: weight} (default equal); seed: the table's start and the epoch
+    orthogonality weight; layer_weights: {layer: weight} (default equal), or a rule of
+    `spectral_jax.layer_weights` ("uniform", "eigengap", "select": exact only, read from each layer's graph); seed: the table's start and the epoch
     order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints; prefetch: batches read
     ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments: the number of
     dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
@@ -205,7 +215,11 @@ class Settings:
         real("--min-cos", self.min_cos, -1.0 <= self.min_cos < 1.0, "in [-1, 1) (edges with cos ≤ it are dropped)",
              0.1)
         real("lam", self.lam, self.lam >= 0, "a finite number ≥ 0", 1.0)
-        if self.layer_weights is not None:
+        if isinstance(self.layer_weights, str):
+            if self.method != "exact" and self.layer_weights != "uniform":
+                bad("--layer-weights", f"rule {self.layer_weights!r} reads the whole-dataset graph",
+                    "use it with --method exact, or pass numbers per layer")
+        elif self.layer_weights is not None:
             ws = [w for _, w in self.layer_weights]
             if not ws or not all(math.isfinite(w) and w >= 0 for w in ws) or not any(w > 0 for w in ws):
                 bad("layer_weights", f"need finite weights ≥ 0, not all 0, got {dict(self.layer_weights)}",

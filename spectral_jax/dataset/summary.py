@@ -83,7 +83,7 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "batch_size": settings.batch_size, "k_intra": geom.k_intra, "k_inter": geom.k_inter,
         "min_cos": settings.min_cos, "edges": solved.edges, "features_dtype": settings.features_dtype,
         "maxiter": settings.maxiter, "tol": settings.tol, "seed": settings.seed,
-        "segments_asked": settings.segments, **machine, "folder": folder,
+        "segments_asked": settings.segments, "layer_weights": solved.layer_weights, **machine, "folder": folder,
     }
 
 

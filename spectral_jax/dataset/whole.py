@@ -238,6 +238,7 @@ class Solved(NamedTuple):
     timings: dict           # seconds: forward, graph, solve (0 for a cached stage)
     cached: list            # the stages read from OUT/checkpoints
     edges: int              # stored kNN edges (weight > 0), all layers
+    layer_weights: dict | None = None   # {"rule", "weights": {layer: w}} the solve used (weights sum to 1)
 
 
 def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files: list, ckdir: str, fp: dict,
@@ -278,10 +279,29 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
             save_graphs(gpath, gs, gkey, valid, failed)
         timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()
+    weights, chosen = layer_weights(gs, geom, weights, settings)
     res = exact(gs, settings.num_eigs, weights, maxiter=settings.maxiter, tol=settings.tol, seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
     edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
-    return Solved(res, valid, failed, timings, cached, edges)
+    return Solved(res, valid, failed, timings, cached, edges, chosen)
+
+
+def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tuple[list | None, dict]:
+    """(per-group weights for `exact`, {"rule", "weights": {layer: w}}): a rule name (`spectral_jax.layer_weights`:
+    "eigengap" / "select" read each layer's own top-K spectrum — one sparse solve per layer; on kNN graphs, one graph
+    per layer, "select" is the layer of the largest eigengap) or the given per-group arrays (None: equal)."""
+    from spectral_jax import layer_weights as LW
+
+    group_layers = [tuple(layers) for _, layers in geom.groups]
+    rule = weights if isinstance(weights, str) else ("given" if weights is not None else "uniform")
+    if isinstance(weights, str):
+        weights, per_layer = LW.for_groups(gs, group_layers, weights, settings.num_eigs)
+        per = dict(zip(sorted({l for ls in group_layers for l in ls}), per_layer))
+    else:
+        ws = [np.ones(len(ls)) for ls in group_layers] if weights is None else [np.asarray(w) for w in weights]
+        total = float(sum(w.sum() for w in ws))
+        per = {l: float(w) / total for ls, wg in zip(group_layers, ws) for l, w in zip(ls, wg)}
+    return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 
 __all__ = ["FEATURES", "Features", "GRAPH", "Solved", "build_graphs", "cache_key", "padded_images", "solve",
