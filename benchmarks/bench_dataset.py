@@ -142,6 +142,14 @@ def score(a, x: np.ndarray, opt: np.ndarray) -> float:
     return float(np.trace(q.T @ (a @ q)) / opt.sum())
 
 
+def floor_score(a, opt: np.ndarray, seed: int = 0) -> float:
+    """The score of a subspace that knows nothing: the constant vector and K − 1 random ones (a yardstick for the
+    minibatch rows: the constant alone is worth ≈ λ_1 / Σλ)."""
+    n = a.shape[0]
+    x = np.concatenate([np.ones((n, 1)), np.random.default_rng(seed).standard_normal((n, len(opt) - 1))], axis=1)
+    return score(a, x, opt)
+
+
 # ---------------------------------------------------------------------------------------------- plain script
 
 def plain_numpy_eigsh(feats_a, feats_b, per: int, k_intra: int, k_inter: int, min_cos: float, k: int,
@@ -309,8 +317,8 @@ def machine() -> list[str]:
     return [f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- CPU: {cpu}, {len(os.sched_getaffinity(0))} usable cores; load average (1/5/15 min) when written: "
             f"{load}", f"- jax {jax.__version__} ({jax.default_backend()}), python {platform.python_version()}",
-            "- **shared machine**: other engineers' jobs ran on the same cores (load above): absolute times are "
-            "pessimistic and noisy."]
+            "- a load above the core count means other jobs shared the cores: absolute times are then pessimistic and "
+            "noisy."]
 
 
 def reached(fracs: list[float], target: float) -> str:
@@ -328,6 +336,9 @@ def tables(rep: dict) -> list[str]:
         lines.append(f"| {r['graph']} | exact ({s['solver']}, {s['convergence'].get('iterations')} it.) | "
                      f"{s['seconds_forward']:.1f} | {s['seconds_graph']:.1f} | {s['seconds_solve']:.1f} | "
                      f"{r['wall_s']:.1f} | {r['peak_rss'] / GIB:.2f} | {r['fraction']:.5f} |")
+        if "floor" in r:
+            lines.append(f"| {r['graph']} | floor: the constant + {len(r['optimum']) - 1} random vectors | – | – | – | – "
+                         f"| – | {r['floor']:.3f} |")
     for r in rep.get("gd", []):
         fr = r["fractions"]
         lines.append(f"| {r['graph']} | minibatch gd, paper preset, {len(fr)} epoch(s) | – | – | – | "
@@ -397,7 +408,12 @@ def main() -> None:
     p.add_argument("--work", default=None)
     p.add_argument("--timeout", type=float, default=3600)
     p.add_argument("--out", default=os.path.join(RESULTS, "dataset.md"))
+    p.add_argument("--render", default=None, metavar="JSON", help="print the tables of a saved run's JSON and exit")
     a = p.parse_args()
+    if a.render:
+        with open(a.render) as f:
+            print("\n".join(tables(json.load(f))))
+        return
     if a.tiny:
         rep = run_tiny()
         print(json.dumps(rep, default=float))
@@ -420,7 +436,8 @@ def main() -> None:
         opt = optimum(A, a.num_eigs)
         from spectral_jax.dataset import load_result
 
-        r.update(graph=graph, fraction=score(A, nodes(load_result(out).eigvecs), opt), optimum=opt.tolist())
+        r.update(graph=graph, fraction=score(A, nodes(load_result(out).eigvecs), opt), optimum=opt.tolist(),
+                 floor=floor_score(A, opt))
         rep["exact"].append(r)
         if graph == a.graphs[0]:
             rep["coco"] = {"graph": graph, "k_slots": int(gs[0].idx.shape[-1]), "nnz_per_node": A.nnz / A.shape[0],
