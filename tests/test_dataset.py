@@ -321,18 +321,16 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def test_two_processes_give_the_one_process_result(tmp_path):
-    """Two processes on localhost (1 CPU device each, gloo collectives) vs this process on one device. Each
-    process reads only its own batch slots. Same tolerance argument as the 8-device test."""
-    folder = make_folder(str(tmp_path / "imgs"), 10)
+def run_two_processes(folder: str, out: str, run_call: str, head: str = "") -> None:
+    """Run `dataset.run(folder, out, backbone=synthetic(), <run_call>)` in two processes on localhost (1 CPU device
+    each, gloo collectives; `head`: extra imports); each records the image slots it read in OUT.read{i}.json."""
     port = _free_port()
-    out = str(tmp_path / "multi")
     procs = []
     for i in range(2):
         child = textwrap.dedent(f"""
             import jax
             jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={i})
-        """) + CHILD_HEAD + textwrap.dedent(f"""
+        """) + CHILD_HEAD + head + textwrap.dedent(f"""
             from spectral_jax import folder as F
             seen = []
             read = F.read_slots
@@ -340,7 +338,7 @@ def test_two_processes_give_the_one_process_result(tmp_path):
                 seen.extend(int(i) for i in idx if i >= 0)
                 return read(root, files, idx, *a)
             F.read_slots = read_slots
-            res = dataset.run({folder!r}, {out!r}, backbone=synthetic(), epochs=2, checkpoint_every=2, **SMALL)
+            res = dataset.run({folder!r}, {out!r}, backbone=synthetic(), {run_call})
             assert res.summary["devices"] == 2 and res.summary["processes"] == 2
             json.dump(seen, open({out!r} + ".read{i}.json", "w"))
         """)
@@ -354,6 +352,14 @@ def test_two_processes_give_the_one_process_result(tmp_path):
                 p.kill()
                 p.wait()
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+
+
+def test_two_processes_give_the_one_process_result(tmp_path):
+    """Two processes on localhost (1 CPU device each, gloo collectives) vs this process on one device. Each
+    process reads only its own batch slots. Same tolerance argument as the 8-device test."""
+    folder = make_folder(str(tmp_path / "imgs"), 10)
+    out = str(tmp_path / "multi")
+    run_two_processes(folder, out, "epochs=2, checkpoint_every=2, **SMALL")
     multi = dataset.load_result(out)
     single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(), epochs=2,
                          mesh=dataset.make_mesh(jax.devices()[:1]), **SMALL)

@@ -21,7 +21,7 @@ from spectral_jax import dataset, graphs
 from spectral_jax.objective import dense_operators, normalised_weights
 from spectral_jax.solvers import exact
 from spectral_jax.solvers.sparse import knn_operator
-from test_dataset import CHILD_HEAD, _dense_knn, _env, _free_port, make_folder, synthetic
+from test_dataset import CHILD_HEAD, _dense_knn, _env, make_folder, run_two_processes, synthetic
 
 EXACT = dict(size=32, batch_size=4, num_eigs=6, k_intra=5, k_inter=5, figure_images=0, method="exact")
 
@@ -215,36 +215,8 @@ def test_two_processes_give_the_one_process_graph_and_eigvecs(tmp_path):
     (a contiguous range: the mesh splits the rows by image) and searches its rows; the graph is gathered and both
     solve it. Against this process on one device: the same graph, the same eigenvectors."""
     folder = make_folder(str(tmp_path / "imgs"), 12)
-    port = _free_port()
     out = str(tmp_path / "multi")
-    procs = []
-    for i in range(2):
-        child = textwrap.dedent(f"""
-            import jax
-            jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={i})
-        """) + CHILD_HEAD + textwrap.dedent(f"""
-            from test_dataset_exact import EXACT
-            from spectral_jax import folder as F
-            seen = []
-            read = F.read_slots
-            def read_slots(root, files, idx, *a):
-                seen.extend(int(i) for i in idx if i >= 0)
-                return read(root, files, idx, *a)
-            F.read_slots = read_slots
-            res = dataset.run({folder!r}, {out!r}, backbone=synthetic(), **EXACT)
-            assert res.summary["devices"] == 2 and res.summary["processes"] == 2
-            json.dump(seen, open({out!r} + ".read{i}.json", "w"))
-        """)
-        procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE))
-    try:
-        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
-    finally:
-        for p in procs:                         # one failed process leaves the other waiting at a barrier
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    run_two_processes(folder, out, "**EXACT", head="from test_dataset_exact import EXACT\n")
     single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(),
                          mesh=dataset.make_mesh(jax.devices()[:1]), **EXACT)
     multi = dataset.load_result(out)

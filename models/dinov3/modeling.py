@@ -29,7 +29,7 @@ from flax import nnx
 
 from spectral_jax.models.backbone import resolve_layers
 from spectral_jax.models.dinov3.config import PRESETS, DINOv3Config  # noqa: F401  (re-exported)
-from spectral_jax.models.vit.modeling import LayerScale
+from spectral_jax.models.vit.modeling import LayerScale, layer_norm
 from spectral_jax.taps import LayerTap, Taps
 
 
@@ -121,20 +121,14 @@ class MLP(nnx.Module):
         return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
-def _norm(cfg: DINOv3Config, dtype, rngs):
-    # Two-pass variance, as torch computes it: E[(x-μ)²], not E[x²]-μ².
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype,
-                         param_dtype=dtype, rngs=rngs)
-
-
 class Layer(nnx.Module):
     """Pre-norm block with layer scale; returns the new residual stream and this layer's (q, k, v)."""
 
     def __init__(self, cfg: DINOv3Config, *, dtype, rngs: nnx.Rngs):
-        self.norm1 = _norm(cfg, dtype, rngs)
+        self.norm1 = layer_norm(cfg, dtype, rngs)
         self.attention = Attention(cfg, dtype=dtype, rngs=rngs)
         self.layer_scale1 = LayerScale(cfg.hidden_size, dtype=dtype)
-        self.norm2 = _norm(cfg, dtype, rngs)
+        self.norm2 = layer_norm(cfg, dtype, rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
         self.layer_scale2 = LayerScale(cfg.hidden_size, dtype=dtype)
 
@@ -151,7 +145,7 @@ class DINOv3ViT(nnx.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
         self.layer = nnx.List([Layer(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.norm = _norm(cfg, dtype, rngs)
+        self.norm = layer_norm(cfg, dtype, rngs)
 
     def __call__(self, images, *, layers: Sequence[int] | None = None, hidden: bool = False):
         """images: `[B, Hi, Wi, 3]` float, already normalised, Hi and Wi multiples of the patch size.

@@ -29,6 +29,7 @@ from flax import nnx
 
 from spectral_jax.models.backbone import resolve_layers
 from spectral_jax.models.siglip2.config import PRESETS, SiglipConfig  # noqa: F401  (re-exported)
+from spectral_jax.models.vit.modeling import layer_norm
 from spectral_jax.models.vit.posembed import resize_grid
 from spectral_jax.taps import LayerTap, Taps
 
@@ -129,19 +130,13 @@ class MLP(nnx.Module):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=True))
 
 
-def _norm(cfg: SiglipConfig, dtype, rngs):
-    # Two-pass variance, as torch computes it: E[(x-μ)²], not E[x²]-μ².
-    return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype,
-                         param_dtype=dtype, rngs=rngs)
-
-
 class EncoderLayer(nnx.Module):
     """Pre-norm block; returns the new residual stream and this layer's (q, k, v)."""
 
     def __init__(self, cfg: SiglipConfig, *, dtype, rngs: nnx.Rngs):
-        self.layer_norm1 = _norm(cfg, dtype, rngs)
+        self.layer_norm1 = layer_norm(cfg, dtype, rngs)
         self.self_attn = Attention(cfg, dtype=dtype, rngs=rngs)
-        self.layer_norm2 = _norm(cfg, dtype, rngs)
+        self.layer_norm2 = layer_norm(cfg, dtype, rngs)
         self.mlp = MLP(cfg, dtype=dtype, rngs=rngs)
 
     def __call__(self, x, mask=None):
@@ -163,7 +158,7 @@ class SiglipVision(nnx.Module):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
         self.encoder = Encoder(cfg, dtype=dtype, rngs=rngs)
-        self.post_layernorm = _norm(cfg, dtype, rngs)
+        self.post_layernorm = layer_norm(cfg, dtype, rngs)
 
     def _encode(self, x, mask, chosen: tuple[int, ...], hidden: bool):
         """x `[B, T, C]` → (post_layernorm(x) after every layer, {i: (q, k, v)}, {i: residual stream})."""

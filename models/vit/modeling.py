@@ -137,8 +137,9 @@ class LayerScale(nnx.Module):
         return x * self.lambda1[...]
 
 
-def _norm(cfg: ViTConfig, dtype, rngs):
-    # Two-pass variance, as torch computes it: E[(x-μ)²], not E[x²]-μ² (loses digits on large residual streams).
+def layer_norm(cfg, dtype, rngs) -> nnx.LayerNorm:
+    """A LayerNorm over cfg.hidden_size with cfg.layer_norm_eps (every ViT-like family's config has both). Two-pass
+    variance, as torch computes it: E[(x-μ)²], not E[x²]-μ² (loses digits on large residual streams)."""
     return nnx.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps, use_fast_variance=False, dtype=dtype,
                          param_dtype=dtype, rngs=rngs)
 
@@ -147,10 +148,10 @@ class Block(nnx.Module):
     """Pre-norm transformer block; returns the new residual stream and this layer's (q, k, v)."""
 
     def __init__(self, cfg: ViTConfig, *, dtype, rngs: nnx.Rngs):
-        self.norm1 = _norm(cfg, dtype, rngs)
+        self.norm1 = layer_norm(cfg, dtype, rngs)
         self.attention = Attention(cfg, dtype=dtype, rngs=rngs)
         self.layer_scale1 = LayerScale(cfg.hidden_size, dtype=dtype) if cfg.layer_scale else None
-        self.norm2 = _norm(cfg, dtype, rngs)
+        self.norm2 = layer_norm(cfg, dtype, rngs)
         self.mlp = (SwiGLU if cfg.swiglu else MLP)(cfg, dtype=dtype, rngs=rngs)
         self.layer_scale2 = LayerScale(cfg.hidden_size, dtype=dtype) if cfg.layer_scale else None
 
@@ -172,9 +173,9 @@ class ViT(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.cfg = cfg
         self.embeddings = Embeddings(cfg, dtype=dtype, rngs=rngs)
-        self.pre_layernorm = _norm(cfg, dtype, rngs) if cfg.pre_norm else None
+        self.pre_layernorm = layer_norm(cfg, dtype, rngs) if cfg.pre_norm else None
         self.layers = nnx.List([Block(cfg, dtype=dtype, rngs=rngs) for _ in range(cfg.num_layers)])
-        self.layernorm = _norm(cfg, dtype, rngs) if cfg.final_norm else None
+        self.layernorm = layer_norm(cfg, dtype, rngs) if cfg.final_norm else None
 
     def __call__(self, images, *, layers: Sequence[int] | None = None, hidden: bool = False):
         """images: `[B, Hi, Wi, 3]` float, already normalised, Hi and Wi multiples of the patch size.
