@@ -130,10 +130,15 @@ def test_run_writes_segments(tmp_path, method):
 
 
 def test_export_failure_leaves_only_checkpoints_and_resume_reexports(tmp_path):
-    """The API has no folder-level check of --segments: a count above the tokens read fails at the export, which
-    writes nothing (all outputs reserved first); --resume with a smaller count exports."""
+    """--segments above the tokens of the listed files is refused before anything is written; above the tokens of
+    the images actually read (a corrupt file found during the run) it fails at the export, which writes nothing
+    (all outputs reserved first); --resume with a smaller count exports."""
     folder = make_folder(str(tmp_path / "imgs"), 4)
     out = tmp_path / "out"
+    with pytest.raises(dataset.InputError, match="more than the 64 tokens"):
+        dataset.run(folder, str(out), backbone=EXT, epochs=1, **{**SMALL, "segments": 65})
+    assert not out.exists()
+    (tmp_path / "imgs" / "zz_corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a jpeg")   # listed: 80 tokens
     with pytest.raises(dataset.InputError, match="more than the 64 tokens"):
         dataset.run(folder, str(out), backbone=EXT, epochs=1, **{**SMALL, "segments": 65})
     assert sorted(os.listdir(out)) == ["checkpoints"]
