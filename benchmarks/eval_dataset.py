@@ -185,6 +185,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--ridge", type=float, default=10.0, help="ridge of the eval_joint probes")
     ap.add_argument("--splits", type=int, default=20, help="seeded train/test splits for the eval_joint probes")
     ap.add_argument("--limit", type=int, default=None, help="the first N images only")
+    ap.add_argument("--layer-weights", nargs="*", default=["eigengap", "select"], metavar="RULE",
+                    help="layer-weight rules (spectral_jax.layer_weights) to run beside uniform, on each graph's "
+                         "cached whole-dataset graph (no new forward or search)")
     ap.add_argument("--tiny", action="store_true",
                     help="smoke mode: 6 images, random weights, 112², K = 4, 2 splits (seconds; numbers meaningless)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "eval_dataset.md"))
@@ -236,6 +239,21 @@ def main() -> None:
                                   figure_images=0 if args.tiny else 100, progress=not args.tiny)
         seconds[graph] = time.perf_counter() - t
         print(f"{graph}: {len(runs[graph].names)} images, {seconds[graph]:.0f} s", flush=True)
+    sources = list(SOURCES)
+    for graph in GRAPHS:
+        for rule in args.layer_weights:
+            name, out = f"{graph} {rule}", os.path.join(args.work, f"{graph}-{rule}")
+            if not os.path.isdir(os.path.join(out, "checkpoints")):       # the uniform run's features and graph
+                shutil.copytree(os.path.join(args.work, graph, "checkpoints"), os.path.join(out, "checkpoints"))
+            t = time.perf_counter()
+            runs[name] = dataset.run(root, out, backbone=bb, graph=graph, method="exact", size=args.size,
+                                     num_eigs=args.num_eigs, k_intra=args.k, k_inter=args.k,
+                                     batch_size=min(args.batch_size, n_files), seed=args.seed, resume=True,
+                                     figure_images=0, progress=False, layer_weights=rule)
+            seconds[name] = time.perf_counter() - t
+            sources.append(name)
+            print(f"{name}: weights {runs[name].summary['layer_weights']['weights']}, {seconds[name]:.0f} s",
+                  flush=True)
     names = runs[GRAPHS[0]].names
     assert runs[GRAPHS[1]].names == names, "the two runs saw different images"
     t = time.perf_counter()
@@ -247,7 +265,7 @@ def main() -> None:
     maps, to_super, cat_names, supers, rle_skipped = pixel_labels(coco, names)
     label_sets = {"supercategory": (len(supers) + 1, to_super), "category": (len(cat_names) + 1, None)}
     seg_rows, t_seg, made = {}, time.perf_counter(), {}
-    for src in SOURCES:
+    for src in sources:
         for ls, (classes, lut) in label_sets.items():
             for asked in (classes, "auto"):
                 if (src, asked) not in made:
@@ -274,13 +292,14 @@ def main() -> None:
             per.append(split_probes(f, plab, coords, np.sort(perm[:n // 2]), np.sort(perm[n // 2:]), args.ridge))
         probes[s] = {key: (float(np.mean([r[key] for r in per])), float(np.std([r[key] for r in per], ddof=1)))
                      for key in ("where", "obj_bal", "what", "what_base")}
-    shares = {s: _common.position_share(runs[s].eigvecs) for s in SOURCES}
-    report = dict(args=vars(args), images=n, grid=[h, w], seconds=seconds, seconds_segments_and_scoring=t_seg,
+    shares = {s: _common.position_share(runs[s].eigvecs) for s in sources}
+    report = dict(args=vars(args), sources=sources, images=n, grid=[h, w], seconds=seconds, seconds_segments_and_scoring=t_seg,
                   seconds_total=time.perf_counter() - t_all, load_start=load0, load_end=_common.cpu_and_load()[1],
                   rle_skipped=rle_skipped, supercategories=supers, categories=cat_names,
                   runs={s: {key: r.summary.get(key) for key in ("seconds", "seconds_forward", "seconds_graph",
                                                                  "seconds_solve", "eigvals", "convergence",
-                                                                 "k_intra", "k_inter", "edges", "objective")}
+                                                                 "k_intra", "k_inter", "edges", "objective",
+                                                                 "layer_weights")}
                         for s, r in runs.items()},
                   segmentation=[dict(source=s, labels=ls, setting=c, **v) for (s, ls, c), v in seg_rows.items()],
                   probes=probes, position_share=shares, machine=_common.machine())
@@ -302,7 +321,7 @@ def write(args, rep: dict) -> None:
     rows = []
     for ls in ("supercategory", "category"):
         for c in ("k = classes", "auto"):
-            for s in SOURCES:
+            for s in rep["sources"]:
                 r = seg[(s, ls, c)]
                 rows.append([ls, c, s, r["k"], f"{100 * r['miou']:.1f}", f"{100 * r['pixel_acc']:.1f}",
                              f"{sum(1 for v in r['images_per_segment'] if v == rep['images'])}/{r['k']}"])
@@ -310,7 +329,7 @@ def write(args, rep: dict) -> None:
     for j, name in enumerate(["background"] + rep["supercategories"]):
         if seg[(SOURCES[0], "supercategory", "k = classes")]["present"][j]:
             per_class.append([name] + [f"{100 * seg[(s, 'supercategory', 'k = classes')]['per_class_iou'][j]:.1f}"
-                                       for s in SOURCES])
+                                       for s in rep["sources"]])
     pm = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"
     probe_rows = [[s, pm(p["where"]), pm(p["obj_bal"]), pm(p["what"]) + f" (majority {p['what_base'][0]:.3f})"]
                   for s, p in rep["probes"].items()]
@@ -320,6 +339,13 @@ def write(args, rep: dict) -> None:
     run_rows = [[s, r["seconds"], r["seconds_forward"], r["seconds_graph"], r["seconds_solve"],
                  (r["convergence"] or {}).get("converged"), (r["convergence"] or {}).get("max_residual"),
                  " ".join(f"{v:.3f}" for v in (r["eigvals"] or [])[:6])] for s, r in rep["runs"].items()]
+    lw_rows = [[s, r["layer_weights"]["rule"], " ".join(f"{float(v):.2f}" for v in r["layer_weights"]["weights"].values()),
+                f"{100 * seg[(s, 'supercategory', 'k = classes')]['miou']:.1f}",
+                f"{100 * seg[(s, 'category', 'k = classes')]['miou']:.1f}"]
+               for s, r in rep["runs"].items() if r.get("layer_weights")]
+    lw_read = "; ".join(
+        f"{s}: {100 * (seg[(s, 'supercategory', 'k = classes')]['miou'] - seg[(s.split()[0], 'supercategory', 'k = classes')]['miou']):+.1f}"
+        for s in rep["sources"] if " " in s)
     vv, qk = (seg[(s, "supercategory", "k = classes")] for s in ("knn-vv", "knn-qk"))
     vc, qc = (seg[(s, "category", "k = classes")] for s in ("knn-vv", "knn-qk"))
     ll = seg[("last-layer", "supercategory", "k = classes")]
@@ -349,7 +375,7 @@ errors. "in all images": segments present in every image.
 
 Per-class IoU (%), supercategories, k = 13:
 
-{_common.table(["class", *SOURCES], per_class)}
+{_common.table(["class", *rep["sources"]], per_class)}
 
 ## The runs
 
@@ -358,6 +384,17 @@ Per-class IoU (%), supercategories, k = 13:
 
 (last-layer: one kNN graph of the final-LayerNorm'd last block output. The dataset runs' times are this session's
 (`summary.json`): a run reused from --work reads its features and graph from the cache (0 s) and solves again.)
+
+## Layer weights (issue "which layers say what", at dataset level)
+
+Each rule of `spectral_jax.layer_weights` read from the layers' own whole-dataset kNN graphs (`--layer-weights`;
+one sparse solve per layer), on the same cached graphs; weights per layer 0 … L−1 (sum 1); mIoU with k = classes:
+
+{_common.table(["run", "rule", "weights per layer", "mIoU supercategories", "mIoU categories"], lw_rows)}
+
+Change of the supercategory mIoU against the same graph's uniform run (points): {lw_read or "no rule run"}. On
+kNN graphs a layer is one graph, so "select" has no head-agreement term and reduces to the largest eigengap; the
+single-image evidence for the rules (`eval_layers.md`) need not carry over — read the signs above.
 
 ## eval_joint's tables on these eigenvectors
 

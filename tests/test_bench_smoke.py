@@ -140,7 +140,12 @@ def test_eval_dataset_metric_and_tiny_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "eval.json").read_text())
     rows = {(s["source"], s["labels"], s["setting"]): s for s in rep["segmentation"]}
-    assert len(rows) == 12 and rep["images"] == 6
+    assert rep["sources"] == ["knn-vv", "knn-qk", "last-layer", "knn-vv eigengap", "knn-vv select",
+                              "knn-qk eigengap", "knn-qk select"]
+    assert len(rows) == 4 * len(rep["sources"]) and rep["images"] == 6
+    for src in rep["sources"][3:]:                               # the rule runs: weights per layer, summing to 1
+        lw = rep["runs"][src]["layer_weights"]
+        assert lw["rule"] == src.split()[1] and abs(sum(lw["weights"].values()) - 1) < 1e-4
     for (src, labels, setting), s in rows.items():
         assert 0 <= s["miou"] <= 1 and 0 <= s["pixel_acc"] <= 1
         if setting == "k = classes":
