@@ -24,7 +24,7 @@ import numpy as np
 from flax import nnx
 
 from spectral_jax.errors import InputError
-from spectral_jax.models.backbone import Backbone, resolve_layers
+from spectral_jax.models.backbone import Backbone
 from spectral_jax.models.dit.flow import FlowSchedule
 from spectral_jax.models.dit.modeling import DiffusionTransformer, load_dit
 from spectral_jax.models.sd import diffusion
@@ -53,21 +53,11 @@ def collect_taps(images, model: DiffusionTransformer, timesteps, seed: int = 0, 
     One transformer pass per timestep (compiled once per architecture and input shape; only the taps leave it, so
     XLA drops the blocks after the last one needed); latent: the VAE posterior "mean" or a "sample" from `seed`.
     """
-    images = jnp.asarray(images, jnp.float32)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
-    ts = model.schedule.check(np.asarray(timesteps).reshape(-1))
-    if ts.size == 0:
-        raise ValueError("need at least one timestep")
-    chosen = resolve_layers(layers, model.cfg.num_layers, "self-attention layers")
+    images, ts, chosen = diffusion.check_request(images, model.schedule, timesteps, layers, model.cfg.num_layers)
     latents = model.latents(images, latent=latent, seed=seed)
     graphdef, state = nnx.split(model.transformer)
-    key = diffusion.seed_keys(seed)[1]
-    steps = []
-    for i, t in enumerate(ts):
-        taps = _step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), key, model.context, model.schedule)
-        steps.append(Taps({j: taps.layers[j] for j in chosen}))
-    return diffusion.fold_timesteps(steps)
+    return diffusion.over_timesteps(lambda t, i, key: _step_taps(graphdef, state, latents, t, i, key, model.context,
+                                                                 model.schedule), ts, chosen, seed)
 
 
 def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, seed: int = 0, timesteps=None,

@@ -146,18 +146,30 @@ def collect_taps(images, model, timesteps, seed: int = 0, *, layers: Sequence[in
     self-attention layers (None → all 16 for SD 1.x/2.x). Memory: O(T · Σ_l N_l·H·D), the q/k/v themselves — no
     attention matrix is kept.
     """
+    images, ts, chosen = check_request(images, model.schedule, timesteps, layers, model.cfg.num_layers)
+    latents = encode_images(model, images, latent=latent, seed=seed)
+    graphdef, state = nnx.split(model.unet)
+    return over_timesteps(lambda t, i, key: _step_taps(graphdef, state, latents, t, i, key, model.context,
+                                                       model.schedule), ts, chosen, seed)
+
+
+def check_request(images, schedule, timesteps, layers, num_layers: int):
+    """(images float32 `[B, H, W, 3]`, timesteps checked by `schedule` `[T]`, layer indices) of a taps request."""
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
-    ts = model.schedule.check(np.asarray(timesteps).reshape(-1))
+    ts = schedule.check(np.asarray(timesteps).reshape(-1))
     if ts.size == 0:
         raise ValueError("need at least one timestep")
-    chosen = resolve_layers(layers, model.cfg.num_layers, "self-attention layers")
-    latents = encode_images(model, images, latent=latent, seed=seed)
-    graphdef, state = nnx.split(model.unet)
-    k = seed_keys(seed)[1]
+    return images, ts, resolve_layers(layers, num_layers, "self-attention layers")
+
+
+def over_timesteps(step, ts, chosen, seed: int) -> Taps:
+    """`step(t, i, noise_key)` → Taps for each timestep t (its index i), the `chosen` layers kept, folded
+    timestep-major (`fold_timesteps`); the noise key is `seed_keys(seed)[1]` (each step folds in i)."""
+    key = seed_keys(seed)[1]
     steps = []
     for i, t in enumerate(ts):
-        taps = _step_taps(graphdef, state, latents, jnp.int32(t), jnp.int32(i), k, model.context, model.schedule)
+        taps = step(jnp.int32(t), jnp.int32(i), key)
         steps.append(Taps({j: taps.layers[j] for j in chosen}))
     return fold_timesteps(steps)
