@@ -87,11 +87,6 @@ def csr_from_coo(rows, cols, vals, n: int, dtype=np.float64):
     return m.astype(dtype, copy=False)
 
 
-def ell_from_coo(rows, cols, vals, n: int) -> EllMatrix:
-    """M + Mᵀ (M given by COO triplets, duplicates summed) as an `EllMatrix`, float32."""
-    return ell_from_csr(csr_from_coo(rows, cols, vals, n))
-
-
 def ell_from_csr(m) -> EllMatrix:
     """A square scipy CSR matrix (coalesced) as an `EllMatrix`, float32."""
     n = m.shape[0]
@@ -136,4 +131,4 @@ def knn_operator(graphs, weights) -> EllMatrix:
     return ell_from_csr(knn_csr(graphs, weights, np.float64))
 
 
-__all__ = ["EllMatrix", "csr_from_coo", "ell_from_coo", "ell_from_csr", "knn_csr", "knn_operator", "sym_coo"]
+__all__ = ["EllMatrix", "csr_from_coo", "ell_from_csr", "knn_csr", "knn_operator", "sym_coo"]
