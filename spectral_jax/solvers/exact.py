@@ -119,7 +119,7 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     seconds = time.perf_counter() - t0
     order = np.argsort(-vals)
     vals, vecs = vals[order], vecs[:, order]
-    res = np.asarray(_residuals(a_op, b_op, jnp.asarray(vecs, jnp.float32), jnp.asarray(vals, jnp.float32)),
+    res = np.asarray(residuals(a_op, b_op, jnp.asarray(vecs, jnp.float32), jnp.asarray(vals, jnp.float32)),
                      np.float64)
     steps = int(steps)
     if method == "exact-arpack":      # ARPACK's own test is on its residual estimate: hold it to the measured one
@@ -140,7 +140,7 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
                   metric=None if same else linear_operators(graphs, ws, base, nimg)[1])
 
 
-def _residuals(a_op, b_op, x, vals):
+def residuals(a_op, b_op, x, vals):
     """Relative residuals `[K]` ‖A x_k − λ_k B x_k‖ / (‖A x_k‖ + |λ_k| ‖B x_k‖) of pairs x `[M0, K]`, λ `[K]`
     (`b_op` None: B = I)."""
     ax = a_op(x)
