@@ -14,15 +14,30 @@ from typing import Any
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
+# The resize filter each family's reference image processor uses (checked in transformers 5.24 / diffusers 0.42):
+# DINOv2 `BitImageProcessor`, CLIP `CLIPImageProcessor`: bicubic. DINO v1 / MAE `ViTImageProcessor`, DINOv3
+# `DINOv3ViTImageProcessor` (torchvision only, antialiased), SigLIP 2 `Siglip2ImageProcessor` and the FixRes SigLIP 2
+# checkpoints (big_vision's bilinear `resize`): bilinear. Stable Diffusion and the DiTs (`VaeImageProcessor`):
+# Lanczos. Names: `spectral_jax.io.RESAMPLE_FILTERS`.
+BICUBIC, BILINEAR, LANCZOS = "bicubic", "bilinear", "lanczos"
+
+
 @dataclasses.dataclass(frozen=True)
 class PreprocessSpec:
-    """How to turn an image into the model's input: shorter side → `size` (multiple of `patch_size`), then
-    `(x/255 - mean) / std` per RGB channel (`spectral_jax.io.preprocess`)."""
+    """How to turn an image into the model's input: shorter side → `size` (multiple of `patch_size`) by PIL's
+    `resample` filter ("bicubic" | "bilinear" | "lanczos": the family's reference processor's), then
+    `(x/255 - mean) / std` per RGB channel (`spectral_jax.io.preprocess`). An unknown filter → `InputError`."""
 
     size: int
     patch_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    resample: str = BICUBIC
+
+    def __post_init__(self):
+        from spectral_jax import io
+
+        io.check_resample(self.resample, "PreprocessSpec.resample")
 
     def image(self, image, size=None):
         """uint8 `[H, W, 3]` → the model's float32 input `[H', W', 3]`; size: S, (H, W), "S" or "HxW"
@@ -32,7 +47,7 @@ class PreprocessSpec:
         from spectral_jax import io
 
         return io.preprocess(np.asarray(image), self.size if size is None else io.parse_size(size),
-                             self.patch_size, self.mean, self.std)
+                             self.patch_size, self.mean, self.std, self.resample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,4 +75,4 @@ class Family:
     hidden: bool
 
 
-__all__ = ["Family", "IMAGENET_MEAN", "IMAGENET_STD", "ModelSpec", "PreprocessSpec"]
+__all__ = ["BICUBIC", "BILINEAR", "Family", "IMAGENET_MEAN", "IMAGENET_STD", "LANCZOS", "ModelSpec", "PreprocessSpec"]

@@ -9,8 +9,10 @@ of `patch` and keeps the aspect ratio (the longer side is rounded down to a mult
 Sizes are capped: an image whose patch grid would exceed `max_tokens()` tokens (default 16384 = a 128×128 grid,
 e.g. 1792² pixels at patch 14; set SPECTRAL_JAX_MAX_TOKENS to change it) is refused before it is resized, since a
 ViT's attention at N tokens holds heads·N² floats (6.4 GB per layer for DINOv2-S at the cap).
-`preprocess(img, size, patch, mean, std)` → float32 `[H', W', 3]` = (bicubic_resize(img)/255 − mean)/std, the
-resampling PIL's bicubic filter, as the references' image processors use.
+`preprocess(img, size, patch, mean, std, resample)` → float32 `[H', W', 3]` = (resize(img)/255 − mean)/std, the
+resize PIL's `resample` filter on the 8-bit image (one of `RESAMPLE_FILTERS`; default "bicubic"), as the reference
+image processors do: transformers' PIL processors resize the uint8 image with PIL's filter (antialiased when
+shrinking), diffusers' `VaeImageProcessor` with PIL's Lanczos. Each model's filter is `PreprocessSpec.resample`.
 Every problem a user's file can cause raises `InputError` naming the file.
 """
 
@@ -31,6 +33,18 @@ SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "che
 SAMPLE_CREDIT = "Chelsea the cat — Stefan van der Walt, CC0 (scikit-image sample data)"
 
 DEFAULT_MAX_TOKENS = 16384
+
+# The resize filters a model's preprocessing may name (`PreprocessSpec.resample`) → PIL's.
+RESAMPLE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+                    "lanczos": Image.Resampling.LANCZOS}
+
+
+def check_resample(resample, what: str = "resample") -> str:
+    """`resample` if it names one of `RESAMPLE_FILTERS`, else `InputError`."""
+    if not isinstance(resample, str) or resample not in RESAMPLE_FILTERS:
+        raise InputError(f"{what} {resample!r}", "is not a resize filter",
+                         f"use one of: {', '.join(RESAMPLE_FILTERS)}")
+    return resample
 
 
 def max_tokens() -> int:
@@ -137,18 +151,21 @@ def _target_size(hw: tuple[int, int], size: Size, patch: int) -> tuple[int, int]
     return (short, long) if h <= w else (long, short)
 
 
-def preprocess(img: np.ndarray, size: Size, patch: int, mean, std) -> np.ndarray:
-    """uint8 `[H, W, 3]` → float32 `[H', W', 3]`: PIL bicubic resize to `target_size`, then (x/255 − mean)/std."""
+def preprocess(img: np.ndarray, size: Size, patch: int, mean, std, resample: str = "bicubic") -> np.ndarray:
+    """uint8 `[H, W, 3]` → float32 `[H', W', 3]`: PIL resize with filter `resample` (a `RESAMPLE_FILTERS` name) to
+    `target_size`, then (x/255 − mean)/std. An image already at the target size is not resampled."""
+    pil_filter = RESAMPLE_FILTERS[check_resample(resample)]
     th, tw = target_size(img.shape[:2], size, patch)
     if (th, tw) != img.shape[:2]:
-        img = np.asarray(Image.fromarray(img).resize((tw, th), Image.Resampling.BICUBIC))
+        img = np.asarray(Image.fromarray(img).resize((tw, th), pil_filter))
     x = img.astype(np.float32) / np.float32(255)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def load_images(paths, size: Size, patch: int, mean, std) -> np.ndarray:
-    """Several files → one float32 `[B, H', W', 3]` batch; they must all resize to the same (H', W')."""
-    xs = [preprocess(load_image(p), size, patch, mean, std) for p in paths]
+def load_images(paths, size: Size, patch: int, mean, std, resample: str = "bicubic") -> np.ndarray:
+    """Several files → one float32 `[B, H', W', 3]` batch (`preprocess`); they must all resize to the same
+    (H', W')."""
+    xs = [preprocess(load_image(p), size, patch, mean, std, resample) for p in paths]
     shapes = {x.shape for x in xs}
     if len(shapes) > 1:
         raise InputError(", ".join(paths), f"resize to different sizes {sorted(s[:2] for s in shapes)}",

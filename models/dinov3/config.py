@@ -10,7 +10,10 @@ registers, RoPE θ = 100, LayerNorm ε = 1e-5, q and v biased, k not) with the s
 5120 and 8192 are the published config.json values as other ports record them — not checked against the files
 here; a checkpoint's config.json is compared with the preset at load time and a difference is refused by name).
 
-Preprocessing: ImageNet mean/std as `DINOv3ViTImageProcessor`, patch 16. Default size 512 (shorter side): a 32×32
+Preprocessing: ImageNet mean/std and the bilinear (antialiased) resize of `DINOv3ViTImageProcessor`, patch 16 —
+here PIL's bilinear on the 8-bit image, as DINOv3's own `make_transform` (torchvision resize before `ToDtype`);
+the transformers processor resizes after rescaling to float (the same kernel; the 8-bit result is within one grey
+level of it). Default size 512 (shorter side): a 32×32
 patch grid, the token count of the ViT family's default (448 at patch 14) — the processor's 224 crop gives 14×14,
 too coarse for segments, and RoPE needs no position-embedding resampling at any size.
 """
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from spectral_jax.models.spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, PreprocessSpec
+from spectral_jax.models.spec import BILINEAR, IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, PreprocessSpec
 
 ACTS = ("gelu", "silu")
 
@@ -88,5 +91,6 @@ DEFAULT_SIZE = 512
 # Registry entries: name → architecture, published weights, preprocessing.
 MODELS: dict[str, ModelSpec] = {
     name: ModelSpec(name, cfg, f"facebook/{name.replace('_', '-')}-pretrain-lvd1689m",
-                    PreprocessSpec(DEFAULT_SIZE, cfg.patch_size, IMAGENET_MEAN, IMAGENET_STD), FAMILY.name)
+                    PreprocessSpec(DEFAULT_SIZE, cfg.patch_size, IMAGENET_MEAN, IMAGENET_STD, BILINEAR),
+                    FAMILY.name)
     for name, cfg in PRESETS.items()}

@@ -45,7 +45,7 @@ from typing import Any
 from spectral_jax.models.dit.flow import FlowSchedule
 from spectral_jax.models.sd.config import SD_MEAN, SD_STD, VAEConfig
 from spectral_jax.models.sd.scheduler import DDPMSchedule
-from spectral_jax.models.spec import Family, ModelSpec, PreprocessSpec
+from spectral_jax.models.spec import LANCZOS, Family, ModelSpec, PreprocessSpec
 
 
 class _Blocks:
@@ -239,7 +239,8 @@ FAMILY = Family("dit", "diffusion transformer", ("dtype", "seed", "timesteps", "
 
 
 def _prep(size: int, cfg: DiTConfig) -> PreprocessSpec:
-    return PreprocessSpec(size, cfg.patch_size, SD_MEAN, SD_STD)
+    """As the pipelines' `VaeImageProcessor`: PIL Lanczos resize, then 2x − 1; sides multiples of the patch."""
+    return PreprocessSpec(size, cfg.patch_size, SD_MEAN, SD_STD, LANCZOS)
 
 
 # Registry entries: name → architecture, published weights (None: none), preprocessing.

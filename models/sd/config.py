@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 
 from spectral_jax.models.sd.scheduler import DDPMSchedule
-from spectral_jax.models.spec import Family, ModelSpec, PreprocessSpec
+from spectral_jax.models.spec import LANCZOS, Family, ModelSpec, PreprocessSpec
 
 DOWN_TYPES = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_TYPES = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -161,7 +161,8 @@ FAMILY = Family("sd", "Stable Diffusion", ("dtype", "seed", "timesteps", "latent
                 hidden=False)
 
 SD_MEAN, SD_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-_PREP = PreprocessSpec(512, 8, SD_MEAN, SD_STD)
+# diffusers' `VaeImageProcessor`: PIL Lanczos resize, then 2x − 1 (= (x − 0.5)/0.5).
+_PREP = PreprocessSpec(512, 8, SD_MEAN, SD_STD, LANCZOS)
 
 SDSpec = ModelSpec  # the former name of an SD registry entry (same fields)
 
@@ -170,5 +171,5 @@ SD_MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("sd14", SD1, "CompVis/stable-diffusion-v1-4", _PREP, FAMILY.name),
     ModelSpec("sd15", SD1, "runwayml/stable-diffusion-v1-5", _PREP, FAMILY.name),
     ModelSpec("sd21_base", SD2, "stabilityai/stable-diffusion-2-1-base", _PREP, FAMILY.name),
-    ModelSpec("sd_tiny", TINY, None, PreprocessSpec(128, 8, SD_MEAN, SD_STD), FAMILY.name),
+    ModelSpec("sd_tiny", TINY, None, PreprocessSpec(128, 8, SD_MEAN, SD_STD, LANCZOS), FAMILY.name),
 ]}

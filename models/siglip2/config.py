@@ -17,14 +17,16 @@ Two variants, one encoder (pre-norm ViT, no CLS token, no registers, tanh-GELU M
 Preprocessing: mean = std = 0.5 per channel as both processors, patch 14/16. Default size (shorter side): a
 FixRes model's own resolution (its trained grid, nothing resampled on square inputs); NaFlex 384 — aspect ratio
 kept, 24×24 = 576 patches square, 24×32 = 768 on a 4:3 image, inside the 256–1024 patch budgets it was trained at.
-The processors resample bilinearly; the library's resampling is bicubic for every model (`spectral_jax.io`).
+Resize filter: bilinear, as `Siglip2ImageProcessor` and big_vision's `resize` (the FixRes checkpoints' training
+preprocessing); transformers' `SiglipImageProcessor` class default is bicubic, which a checkpoint's
+preprocessor_config.json overrides.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from spectral_jax.models.spec import Family, ModelSpec, PreprocessSpec
+from spectral_jax.models.spec import BILINEAR, Family, ModelSpec, PreprocessSpec
 
 VARIANTS = ("fixed", "naflex")
 SIGLIP_MEAN = SIGLIP_STD = (0.5, 0.5, 0.5)
@@ -104,6 +106,7 @@ def default_size(cfg: SiglipConfig) -> int:
 # Registry entries: name → architecture, published weights, preprocessing.
 MODELS: dict[str, ModelSpec] = {
     name: ModelSpec(name, PRESETS[name], repo,
-                    PreprocessSpec(default_size(PRESETS[name]), PRESETS[name].patch_size, SIGLIP_MEAN, SIGLIP_STD),
+                    PreprocessSpec(default_size(PRESETS[name]), PRESETS[name].patch_size, SIGLIP_MEAN, SIGLIP_STD,
+                                   BILINEAR),
                     FAMILY.name)
     for name, (_, repo) in _ENTRIES.items()}

@@ -8,13 +8,15 @@ Preprocessing follows each reference's image processor for the mean/std normalis
 size. The default size is this library's, the same for `analyze`, `extract` and the API: the shorter side becomes
 448 pixels (a 32×32 patch grid at patch 14; the processors' 224-pixel crop gives a 16×16 grid, too coarse for
 segments), keeping the aspect ratio (`spectral_jax.io`, as DESIGN.md specifies, instead of centre-cropping).
+The resize filter is each checkpoint's processor class's: DINOv2 (`BitImageProcessor`) and CLIP
+(`CLIPImageProcessor`) bicubic, DINO v1 and MAE (`ViTImageProcessor`) bilinear.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from spectral_jax.models.spec import IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, PreprocessSpec
+from spectral_jax.models.spec import BICUBIC, BILINEAR, IMAGENET_MEAN, IMAGENET_STD, Family, ModelSpec, PreprocessSpec
 
 FAMILIES = ("vit", "dinov2", "mae", "clip")
 
@@ -109,28 +111,29 @@ DEFAULT_SIZE = 448
 CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
 
 
-def _spec(name: str, repo_id: str, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ModelSpec:
+def _spec(name: str, repo_id: str, resample: str, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> ModelSpec:
     cfg = PRESETS[name]
-    return ModelSpec(name, cfg, repo_id, PreprocessSpec(DEFAULT_SIZE, cfg.patch_size, mean, std), FAMILY.name)
+    return ModelSpec(name, cfg, repo_id, PreprocessSpec(DEFAULT_SIZE, cfg.patch_size, mean, std, resample),
+                     FAMILY.name)
 
 
 # Registry entries: name → architecture, published weights, preprocessing.
 MODELS: dict[str, ModelSpec] = {s.name: s for s in [
-    _spec("dino_vits16", "facebook/dino-vits16"),
-    _spec("dino_vits8", "facebook/dino-vits8"),
-    _spec("dino_vitb16", "facebook/dino-vitb16"),
-    _spec("dino_vitb8", "facebook/dino-vitb8"),
-    _spec("dinov2_vits14", "facebook/dinov2-small"),
-    _spec("dinov2_vitb14", "facebook/dinov2-base"),
-    _spec("dinov2_vitl14", "facebook/dinov2-large"),
-    _spec("dinov2_vitg14", "facebook/dinov2-giant"),
-    _spec("dinov2_vits14_reg", "facebook/dinov2-with-registers-small"),
-    _spec("dinov2_vitb14_reg", "facebook/dinov2-with-registers-base"),
-    _spec("dinov2_vitl14_reg", "facebook/dinov2-with-registers-large"),
-    _spec("dinov2_vitg14_reg", "facebook/dinov2-with-registers-giant"),
-    _spec("mae_vitb16", "facebook/vit-mae-base"),
-    _spec("mae_vitl16", "facebook/vit-mae-large"),
-    _spec("clip_vitb16", "openai/clip-vit-base-patch16", CLIP_MEAN, CLIP_STD),
-    _spec("clip_vitb32", "openai/clip-vit-base-patch32", CLIP_MEAN, CLIP_STD),
-    _spec("clip_vitl14", "openai/clip-vit-large-patch14", CLIP_MEAN, CLIP_STD),
+    _spec("dino_vits16", "facebook/dino-vits16", BILINEAR),
+    _spec("dino_vits8", "facebook/dino-vits8", BILINEAR),
+    _spec("dino_vitb16", "facebook/dino-vitb16", BILINEAR),
+    _spec("dino_vitb8", "facebook/dino-vitb8", BILINEAR),
+    _spec("dinov2_vits14", "facebook/dinov2-small", BICUBIC),
+    _spec("dinov2_vitb14", "facebook/dinov2-base", BICUBIC),
+    _spec("dinov2_vitl14", "facebook/dinov2-large", BICUBIC),
+    _spec("dinov2_vitg14", "facebook/dinov2-giant", BICUBIC),
+    _spec("dinov2_vits14_reg", "facebook/dinov2-with-registers-small", BICUBIC),
+    _spec("dinov2_vitb14_reg", "facebook/dinov2-with-registers-base", BICUBIC),
+    _spec("dinov2_vitl14_reg", "facebook/dinov2-with-registers-large", BICUBIC),
+    _spec("dinov2_vitg14_reg", "facebook/dinov2-with-registers-giant", BICUBIC),
+    _spec("mae_vitb16", "facebook/vit-mae-base", BILINEAR),
+    _spec("mae_vitl16", "facebook/vit-mae-large", BILINEAR),
+    _spec("clip_vitb16", "openai/clip-vit-base-patch16", BICUBIC, CLIP_MEAN, CLIP_STD),
+    _spec("clip_vitb32", "openai/clip-vit-base-patch32", BICUBIC, CLIP_MEAN, CLIP_STD),
+    _spec("clip_vitl14", "openai/clip-vit-large-patch14", BICUBIC, CLIP_MEAN, CLIP_STD),
 ]}
