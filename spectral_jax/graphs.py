@@ -4,6 +4,11 @@ Every graph is a pytree with a `grid` (h, w), `num_images` (nodes = num_images·
 within an image), optional leading batch dims `S` (e.g. layers × heads — the graphs of one group share a grid),
 and `matvec(z)` = P z, `rmatvec(z)` = Pᵀ z, `sym_matvec(z)` = ½(P + Pᵀ) z, `dense()` = P.
 
+Precision: a graph stores its q/k (unit features, kNN inputs) in float32 or bfloat16 (`dtype=` of the builders,
+`from_taps(dtype=)`; None keeps the input's dtype); whatever is stored, logits and cosines are accumulated in float32
+and softmax, degrees, weights, P z and `dense()` are float32 (`spectral_jax.kernels`). Features are unit-normalised
+in float32 before any cast to the storage dtype.
+
 Shape legend
     S  batch dims of a graph group (layers, heads, ...)    N  nodes = num_images·h·w
     D  feature / head dim    K  vectors per matvec    k  neighbours per node (kNN graphs)
@@ -109,7 +114,7 @@ class AttentionGraph(_Batched):
         return self._map(one, z)
 
     def _dense1(self):
-        return jax.nn.softmax(self.scale * self.q @ self.k.T, axis=-1)
+        return jax.nn.softmax(kernels.logits(self.q, self.k, self.scale), axis=-1)      # float32
 
 
 @jax.tree_util.register_dataclass
@@ -179,6 +184,43 @@ class KnnGraph(_Batched):
 
 Graph = Union[AttentionGraph, DenseGraph, KnnGraph]
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def storage_dtype(dtype, what: str = "dtype"):
+    """The jnp dtype a graph stores its q/k / features in: "float32", "bfloat16" (or those jnp dtypes), or None (the
+    input's). Anything else is an `InputError` naming `what`."""
+    if dtype is None:
+        return None
+    try:
+        name = dtype if isinstance(dtype, str) else jnp.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in DTYPES:
+        raise InputError(f"{what} {dtype!r}", "is not a graph storage dtype", f"choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def _store(x: Array, dtype) -> Array:
+    """x (stop-gradient) in the storage dtype (None: as is)."""
+    x = jax.lax.stop_gradient(jnp.asarray(x))
+    return x if dtype is None else x.astype(dtype)
+
+
+def _unit(x: Array, dtype) -> Array:
+    """Rows of x unit-normalised in float32, then stored as `dtype` (None: x's dtype)."""
+    x = jax.lax.stop_gradient(jnp.asarray(x))
+    return kernels.unit_rows(x.astype(jnp.float32)).astype(x.dtype if dtype is None else dtype)
+
+
+def _narrowed(x: Array, dtype) -> Array:
+    """x stored as `dtype` (None: as is) for a cosine search: a cast that loses precision is preceded by a float32
+    unit-normalisation (cosines do not depend on the rows' lengths); other casts are plain."""
+    x = _store(x, None)
+    if dtype is None or x.dtype == dtype:
+        return x
+    return _unit(x, dtype) if jnp.finfo(dtype).bits < jnp.finfo(x.dtype).bits else x.astype(dtype)
+
 
 def _check_grid(x, grid, num_images, what):
     grid = (int(grid[0]), int(grid[1]))
@@ -189,12 +231,15 @@ def _check_grid(x, grid, num_images, what):
 
 
 def attention(q: Array, k: Array, grid: tuple[int, int], scale: float | None = None,
-              block: int = DEFAULT_BLOCK) -> AttentionGraph:
+              block: int = DEFAULT_BLOCK, *, dtype=None) -> AttentionGraph:
     """The attention graph P = softmax(q kᵀ/√D) of raw q/k projections `[*S, N, D]` (patch tokens only).
 
-    `scale` defaults to 1/√D, as in the network; `block` is the tile size of the blocked kernels.
+    `scale` defaults to 1/√D, as in the network; `block` is the tile size of the blocked kernels; dtype: the
+    storage dtype of q/k ("float32", "bfloat16"; None: as given — bfloat16 q/k are taken as is). Logits and
+    softmax are float32 either way.
     """
-    q, k = jax.lax.stop_gradient(jnp.asarray(q)), jax.lax.stop_gradient(jnp.asarray(k))
+    dtype = storage_dtype(dtype)
+    q, k = _store(q, dtype), _store(k, dtype)
     if q.shape != k.shape:
         raise ValueError(f"q {q.shape} and k {k.shape} must have the same shape [*S, N, D]")
     grid = _check_grid(q, grid, 1, "q")
@@ -202,27 +247,31 @@ def attention(q: Array, k: Array, grid: tuple[int, int], scale: float | None = N
     return AttentionGraph(q, k, grid, scale, tuple(q.shape[:-2]), 1, int(block))
 
 
-def features(x: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEFAULT_BLOCK) -> AttentionGraph:
+def features(x: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEFAULT_BLOCK, *,
+             dtype=None) -> AttentionGraph:
     """P_ij ∝ exp(cos(x_i, x_j)/τ), row-normalised, for token features x `[*S, N, D]` (hidden states, values).
 
-    The same blocked kernel as `attention`, with q = k = x/‖x‖ and scale 1/τ.
+    The same blocked kernel as `attention`, with q = k = x/‖x‖ (normalised in float32, then stored as `dtype`:
+    "float32", "bfloat16", None for x's dtype) and scale 1/τ.
     """
-    x = jax.lax.stop_gradient(jnp.asarray(x))
+    dtype = storage_dtype(dtype)
     if not (tau > 0 and math.isfinite(tau)):
         raise InputError(f"tau={tau}", "must be a positive number", "pass e.g. tau=0.1")
+    x = jnp.asarray(x)
     grid = _check_grid(x, grid, 1, "x")
-    xn = x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+    xn = _unit(x, dtype)
     return AttentionGraph(xn, xn, grid, 1.0 / float(tau), tuple(x.shape[:-2]), 1, int(block))
 
 
-def value(v: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEFAULT_BLOCK) -> AttentionGraph:
-    """The value graph: P_ij ∝ exp(cos(v_i, v_j)/τ), row-normalised; v `[*S, N, D]`."""
-    return features(v, grid, tau, block)
+def value(v: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEFAULT_BLOCK, *,
+          dtype=None) -> AttentionGraph:
+    """The value graph: P_ij ∝ exp(cos(v_i, v_j)/τ), row-normalised; v `[*S, N, D]` (dtype as in `features`)."""
+    return features(v, grid, tau, block, dtype=dtype)
 
 
 def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra: int = 50, k_inter: int = 0,
         min_cos: float = 0.1, block: int = DEFAULT_BLOCK, *, valid: Array | None = None, mesh=None,
-        axis: str = "data") -> KnnGraph:
+        axis: str = "data", dtype=None) -> KnnGraph:
     """Sparse kNN graph over all tokens of `num_images` images: a, b `[*S, N, D]`, N = num_images·h·w.
 
     Edges i→j for the `k_intra` largest cos(a_i, b_j) within i's image and the `k_inter` largest in other images,
@@ -231,8 +280,11 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     file) has no edges and is nobody's neighbour. mesh: rows split over its `axis` under `shard_map` — each device
     searches its own images' tokens against all tokens (keys all-gathered), then every device gets the whole graph;
     num_images must be a multiple of the devices on `axis`. Callable under `jit` (a, b, valid traced).
+    dtype: the search's storage dtype of a, b ("float32", "bfloat16": unit-normalised in float32 first, then cast;
+    None: as given); cosines, weights and degrees are float32 either way.
     """
-    a, b = jax.lax.stop_gradient(jnp.asarray(a)), jax.lax.stop_gradient(jnp.asarray(b))
+    dtype = storage_dtype(dtype)
+    a, b = _narrowed(a, dtype), _narrowed(b, dtype)
     if a.shape != b.shape:
         raise ValueError(f"a {a.shape} and b {b.shape} must have the same shape [*S, N, D]")
     grid = _check_grid(a, grid, num_images, "a")
@@ -341,17 +393,21 @@ def clamp_k(k_intra: int, k_inter: int, grid: tuple[int, int], num_images: int) 
 
 
 def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_intra: int = 50,
-              k_inter: int = 50, min_cos: float = 0.1, block: int = DEFAULT_BLOCK) -> list[Graph]:
+              k_inter: int = 50, min_cos: float = 0.1, block: int = DEFAULT_BLOCK,
+              dtype: str = "float32") -> list[Graph]:
     """Graph groups from `spectral_jax.taps.Taps`: layers whose q/k/v share a grid and shape are stacked
     (`group_layers`).
 
     qk: attention(q, k) `[L, H, N, D]` per group, for image `image`; vv: value(v, tau) likewise;
     knn-qk / knn-vv: one kNN graph per layer over all B images' tokens (`knn_inputs`: `[L, B·N, H·D]`),
     `k_intra` neighbours within the image and `k_inter` in other images, each capped by the tokens available
-    (`clamp_k`).
+    (`clamp_k`). dtype: what the graphs store q/k, unit v and the kNN features in — "float32" (default, also for
+    bfloat16 taps of a bfloat16 forward) or "bfloat16" (half the memory; logits, cosines, softmax and P z stay
+    float32, see the module docstring).
     """
     if kind not in GRAPH_KINDS:
         raise InputError(f"graph {kind!r}", "unknown graph kind", f"choose one of {', '.join(GRAPH_KINDS)}")
+    dtype = storage_dtype(dtype, "graph dtype")
     taps = taps.patches()
     out = []
     for grid, layers in group_layers(taps):
@@ -361,11 +417,12 @@ def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_int
                 raise ValueError(f"image={image} out of range for a batch of {ts[0].q.shape[0]}")
             if kind == "qk":
                 out.append(attention(jnp.stack([t.q[image] for t in ts]), jnp.stack([t.k[image] for t in ts]),
-                                     grid, block=block))
+                                     grid, block=block, dtype=dtype))
             else:
-                out.append(value(jnp.stack([t.v[image] for t in ts]), grid, tau=tau, block=block))
+                out.append(value(jnp.stack([t.v[image] for t in ts]), grid, tau=tau, block=block, dtype=dtype))
             continue
         nimg = ts[0].q.shape[0]
         ki, ko = clamp_k(k_intra, k_inter, grid, nimg)
-        out.append(knn(*knn_inputs(ts, kind), grid, nimg, k_intra=ki, k_inter=ko, min_cos=min_cos, block=block))
+        out.append(knn(*knn_inputs(ts, kind), grid, nimg, k_intra=ki, k_inter=ko, min_cos=min_cos, block=block,
+                       dtype=dtype))
     return out

