@@ -303,14 +303,29 @@ def shards_from_index(index: str) -> list[str]:
     return [os.path.join(folder, n) for n in names]
 
 
+SINGLE_FILE = "model.safetensors"   # transformers' name for an unsharded checkpoint
+
+
 def safetensors_files(path: str) -> list[str]:
-    """A .safetensors file itself; or a directory's shards (by its model.safetensors.index.json) or *.safetensors."""
+    """The weight files of checkpoint `path`: a .safetensors file itself; in a directory, the shards its
+    model.safetensors.index.json names, else its model.safetensors, else its one *.safetensors ([] if none).
+    Several *.safetensors with neither (a fp16 copy beside the weights, shards without their index, unrelated
+    files) → `InputError` naming them: loading them all would let one file's tensors overwrite another's."""
     if os.path.isfile(path):
         return [path]
-    index = os.path.join(path, "model.safetensors.index.json")
+    index = os.path.join(path, SINGLE_FILE + ".index.json")
     if os.path.isfile(index):
         return shards_from_index(index)
-    return sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if os.path.isfile(os.path.join(path, SINGLE_FILE)):
+        return [os.path.join(path, SINGLE_FILE)]
+    found = sorted(glob.glob(os.path.join(path, "*.safetensors")))
+    if len(found) > 1:
+        names = [os.path.basename(f) for f in found]
+        raise InputError(path, f"holds {len(found)} .safetensors files ({short(names, 4)}) and no {SINGLE_FILE} or "
+                         f"{SINGLE_FILE}.index.json to say which are the weights",
+                         f"pass the file to load (e.g. --weights {found[0]}), or add the index of a sharded "
+                         f"checkpoint, or keep only the checkpoint's files in the folder")
+    return found
 
 
 def read_safetensors(path: str) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+from collections.abc import Sequence
 
 import jax.numpy as jnp
 
@@ -142,8 +143,12 @@ _FLUX_KINDS = dict(patch_size="pos", in_channels="pos", out_channels="pos", num_
 
 
 def flux_config_from_diffusers(d: dict, what: str = "transformer/config.json", guidance: float = 3.5) -> FluxConfig:
-    """Our `FluxConfig` for a diffusers `FluxTransformer2DModel` config (latent channels = in_channels / 4)."""
+    """Our `FluxConfig` for a diffusers `FluxTransformer2DModel` config (latent channels = in_channels / 4): its
+    config.json, or a model's `.config` (where axes_dims_rope is a tuple; any sequence of ints is taken)."""
     d = {k: v for k, v in d.items() if k in _FLUX_DEFAULTS and v is not None}
+    rope = d.get("axes_dims_rope")
+    if isinstance(rope, Sequence) and not isinstance(rope, (str, bytes)):
+        d["axes_dims_rope"] = list(rope)   # checked as the JSON list it would be
     check_fields(d, _FLUX_KINDS, what, _FIX)
     d = {**_FLUX_DEFAULTS, **d}
     fix = "use a FLUX.1 transformer checkpoint"
