@@ -151,6 +151,12 @@ def run_dataset(args) -> int:
                           "steps": s["steps"], "objective": s["objective"], "loss": s.get("loss"),
                           "seconds": s["seconds"], "method": s["method"], "num_eigs": s["num_eigs"],
                           "segments": s["segments"]["num_segments"], "segments_rule": s["segments"]["rule"],
-                          **({"converged": s["convergence"]["converged"],
-                              "max_residual": s["convergence"]["max_residual"]} if "convergence" in s else {})}))
+                          **_verdict(s.get("convergence"))}))
     return 0
+
+
+def _verdict(report: dict | None) -> dict:
+    """The one-line summary's convergence fields: converged, and max_residual (exact) or stationarity (gd)."""
+    if report is None:
+        return {}
+    return {key: report[key] for key in ("converged", "max_residual", "stationarity") if key in report}

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -235,8 +236,22 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root), where.out)
     if jax.process_index() == 0:
+        _warn_unconverged(res.summary["convergence"], per_epoch)
         export.write(res, where.root, settings.figure_images)
     return res
+
+
+def _warn_unconverged(verdict: dict, per_epoch: int) -> None:
+    """A RuntimeWarning (one line, with the fix) when the minibatch run's loss has not settled
+    (`summary.gd_convergence`)."""
+    if verdict["converged"]:
+        return
+    moved = verdict["stationarity"]
+    why = (f"its last {verdict['stationarity_window'] // per_epoch} epoch(s) still made {moved:.1e} of the run's "
+           f"change of the loss > tol {verdict['tol']:.1e}" if moved is not None else
+           "two epochs at least are needed to tell whether the loss has settled")
+    warnings.warn(f"dataset gd: not converged after {verdict['iterations']} steps: {why}; raise --epochs "
+                  "(--resume continues this run), or use --method exact", RuntimeWarning, stacklevel=4)
 
 
 def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,

@@ -1,7 +1,8 @@
 """summary.json of a dataset run: what was solved, how well, how fast, from which files. JSON-ready dict; at least
 `objective`, `seconds`, `method`, `num_eigs`, `steps` (the command-line contract), plus the run's settings, the
 effective k, the skipped and ignored files and the per-step history. `segments_asked` is the request
-(`Settings.segments`); the export adds `segments`, the dataset-wide segments' numbers (`cluster.Segments.report`)."""
+(`Settings.segments`); the export adds `segments`, the dataset-wide segments' numbers (`cluster.Segments.report`).
+"convergence": exact's report (`Result.info`) for method "exact"; for the minibatch gd its verdict (`gd_convergence`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import numpy as np
 
 from spectral_jax.dataset.layout import Geometry
 from spectral_jax.dataset.settings import Settings
+from spectral_jax.solvers.gd import STATIONARITY_TOL, STATIONARITY_WINDOW, stationarity
 
 HISTORY_COLUMNS = ["loss_first_inner_step", "loss", "objective", "images"]
 
@@ -32,6 +34,23 @@ class Timings(NamedTuple):
     compile: float              # compiling the step
 
 
+def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL) -> dict:
+    """The minibatch gd run's verdict from its per-step history (rows of HISTORY_COLUMNS): the stationarity
+    (`solvers.gd.stationarity`) of the per-step loss over windows of whole epochs — the last `STATIONARITY_WINDOW`
+    of the epochs run, at least one — against the loss at the run's first inner step: converged when the last
+    window still made ≤ `tol` of the run's whole change of the loss (None, not converged, before two windows).
+    Windows of whole epochs average over the same images (each epoch visits all of them, in other batches), which
+    smooths the minibatches' noise. This is a verdict on the minibatch loss the run minimises, not a residual on the whole-dataset
+    graph, which this path never builds (method "exact" solves that graph and reports its residuals)."""
+    epochs = len(history) // per_epoch if per_epoch else 0
+    window = per_epoch * max(1, int(round(STATIONARITY_WINDOW * epochs)))
+    moved = stationarity([r[1] for r in history], window, history[0][0]) if history else None
+    return {"converged": moved is not None and moved <= tol, "criterion": "stationarity <= tol",
+            "stationarity": moved, "stationarity_window": window, "tol": float(tol), "iterations": len(history),
+            "kind": "minibatch loss: the share of the run's change of the loss made by its last window of epochs "
+                    "(not a residual on the whole-dataset graph)"}
+
+
 def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timings, *, backbone: dict, lr: float,
          names: list, files: list, skipped: list, ignored: list, machine: dict, folder: str) -> dict:
     """The summary. backbone: {"model", "weights", "layers"}; lr: the effective learning rate; names: images
@@ -45,6 +64,7 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
         "objective_kind": "mean over the last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k after the inner steps",
         "loss": float(np.mean([r[1] for r in last])) if last else None,
         "loss_kind": "paper loss" if settings.preset == "paper" else "−Σ_k c_k Σ_l w_l R_{l,k} (Brockett)",
+        "convergence": gd_convergence(h, progress.per_epoch),
         "seconds": round(timings.seconds, 3), "seconds_total": round(timings.seconds_total, 3),
         "seconds_loop": round(timings.loop, 3), "compile_seconds": round(timings.compile, 3),
         "images_per_second": (round(read_now / timings.loop, 3)                 # images read, not padded slots
@@ -87,4 +107,4 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     }
 
 
-__all__ = ["HISTORY_COLUMNS", "Progress", "Timings", "make", "make_exact"]
+__all__ = ["HISTORY_COLUMNS", "Progress", "Timings", "gd_convergence", "make", "make_exact"]

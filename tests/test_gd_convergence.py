@@ -1,0 +1,169 @@
+"""The gradient solvers say whether they converged: `solvers.gd` (eigen: the Ritz pairs' relative residuals; paper:
+the stationarity of its loss), per-image stacks, the dataset's minibatch gd (summary.json's "convergence") and the
+CLI's one-line summaries."""
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+from sjtest import planted_qk
+
+import spectral_jax as sj
+from spectral_jax import graphs, solvers
+from spectral_jax.cli import main
+from spectral_jax.dataset import summary
+from spectral_jax.objective import dense_operators, normalised_weights
+from spectral_jax.solvers.gd import EIGEN_TOL, STATIONARITY_TOL, stationarity
+from spectral_jax.taps import LayerTap, Taps
+
+GRID = (8, 8)
+REPORT = {"converged", "criterion", "iterations", "tol", "max_residual", "residuals", "stationarity",
+          "stationarity_window"}
+
+
+def _planted(rng, grid=GRID, groups=4):
+    q, k, _ = planted_qk(rng, grid, groups=groups, layers=2, heads=2, dim=8)
+    return q, k
+
+
+def _no_warning(fn):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        return fn()
+
+
+def test_eigen_converges_with_enough_steps_and_measures_true_residuals(rng):
+    """A planted problem, K at its gap: the default steps reach tol without a warning, and the reported residuals
+    are the ones recomputed from the dense A of the linearised objective."""
+    g = graphs.attention(*_planted(rng), GRID)
+    res = _no_warning(lambda: solvers.gd(g, 4, steps=150))
+    assert REPORT <= set(res.info) and res.info["converged"] is True, res.info
+    assert res.info["iterations"] == res.steps == 150 and res.info["tol"] == EIGEN_TOL
+    assert res.info["max_residual"] <= EIGEN_TOL and len(res.info["residuals"]) == 4
+    a, _ = dense_operators([g], normalised_weights([g], None), GRID, 1)
+    a = np.asarray(a, np.float64)
+    x = res.eigvecs[0].reshape(4, -1).T.astype(np.float64)
+    ax = a @ x
+    lam = res.eigvals[0].astype(np.float64)
+    want = np.linalg.norm(ax - lam * x, axis=0) / (np.linalg.norm(ax, axis=0) + np.abs(lam))
+    np.testing.assert_allclose(res.info["residuals"], want, rtol=0.05, atol=2e-5)
+
+
+def test_eigen_too_few_steps_is_not_converged_and_warns(rng):
+    g = graphs.attention(*_planted(rng), GRID)
+    with pytest.warns(RuntimeWarning, match=r"gd-eigen: not converged after 3 steps.*raise steps.*exact"):
+        res = solvers.gd(g, 4, steps=3)
+    assert res.info["converged"] is False and res.info["max_residual"] > EIGEN_TOL
+    # a tol the run meets: converged, no warning (the same run, the verdict is only the threshold)
+    loose = _no_warning(lambda: solvers.gd(g, 4, steps=3, tol=1.0))
+    assert loose.info["converged"] is True and loose.info["residuals"] == res.info["residuals"]
+
+
+def test_stationarity_measures_the_last_window_against_the_whole_change():
+    assert stationarity(np.full(20, 3.0), 2) == 0.0                          # flat: settled
+    ramp = np.arange(100.0)                                                  # steady slope: window / (S − …)
+    assert stationarity(ramp, 10) == pytest.approx(10 / (94.5 - 0.0))
+    settle = 1.0 + np.exp(-np.arange(200) / 10.0)                            # decays to 1
+    assert stationarity(settle, 20) < 1e-6
+    assert stationarity(np.ones(3), 2) is None                               # fewer than two windows
+    assert stationarity([5.0, 4.0, 3.0, 2.0], 1, start=10.0) == pytest.approx(1 / 8)
+
+
+def test_paper_stationarity_both_ways(rng):
+    """paper: converged when its loss has stopped moving (not by residual: its fixed point is no eigenbasis)."""
+    g = graphs.attention(*_planted(rng), GRID)
+    with pytest.warns(RuntimeWarning, match=r"gd-paper: not converged after 20 steps: loss still moving"):
+        short = solvers.gd(g, 4, "paper", steps=20)
+    assert short.info["converged"] is False and short.info["stationarity"] > STATIONARITY_TOL
+    assert short.info["criterion"] == "stationarity <= tol"
+    done = _no_warning(lambda: solvers.gd(g, 4, "paper", steps=400, lr=0.1))
+    assert done.info["converged"] is True and done.info["stationarity"] <= STATIONARITY_TOL, done.info
+    h = done.history[0]
+    w = done.info["stationarity_window"]
+    assert w == 40 and done.info["stationarity"] == pytest.approx(stationarity(h, w))
+    assert len(done.info["residuals"]) == 4 and np.isfinite(done.info["max_residual"])   # still reported
+    with pytest.warns(RuntimeWarning, match="too few"):
+        assert solvers.gd(g, 4, "paper", steps=1).info["stationarity"] is None
+
+
+def _taps(rng, batch=2):
+    q, k = _planted(rng)
+    q = np.repeat(q[:, None], batch, 1)
+    k = np.repeat(k[:, None], batch, 1)
+    return Taps({i: LayerTap(q[i], k[i], q[i] + k[i], GRID, 0) for i in range(2)})
+
+
+def test_per_image_stack_claims_converged_only_when_every_image_does(rng):
+    taps = _taps(rng)
+    res = _no_warning(lambda: sj.solve(taps, "qk", 4, "gd", steps=150))
+    assert res.num_images == 2 and res.info["converged"] is True
+    assert [p["converged"] for p in res.info["per_image"]] == [True, True]
+    assert res.info["max_residual"] == max(p["max_residual"] for p in res.info["per_image"])
+    assert res.image(1).info["converged"] is True and "per_image" not in res.image(1).info
+    with pytest.warns(RuntimeWarning):
+        short = sj.solve(taps, "qk", 4, "gd", steps=2)
+    assert short.info["converged"] is False
+
+
+def test_dataset_verdict_from_a_history():
+    """Rows [loss_first, loss, objective, images]; 4 steps per epoch."""
+    def rows(losses):
+        return [[losses[0] + 1.0, x, -x, 4] for x in losses]
+    settled = summary.gd_convergence(rows(list(1.0 + np.exp(-np.arange(40) / 3.0))), 4)
+    assert settled["converged"] is True and settled["stationarity_window"] == 4 and settled["iterations"] == 40
+    sloped = summary.gd_convergence(rows(list(10.0 - 0.1 * np.arange(40))), 4)
+    assert sloped["converged"] is False and sloped["stationarity"] > STATIONARITY_TOL
+    one = summary.gd_convergence(rows([3.0, 2.0, 1.5, 1.4]), 4)
+    assert one["converged"] is False and one["stationarity"] is None
+    assert summary.gd_convergence(rows(list(np.linspace(5, 1, 200))), 4)["stationarity_window"] == 20  # 5 epochs
+
+
+def _dataset_cli(tmp_path, capsys, epochs):
+    from test_dataset import make_folder
+
+    folder = make_folder(str(tmp_path / "imgs"), 8)
+    out = tmp_path / f"out{epochs}"
+    assert main(["dataset", folder, "--model", "dinov2_vits14", "--graph", "knn-vv", "--method", "gd",
+                 "--size", "32", "--batch-size", "4", "--num-eigs", "4", "--k-intra", "5", "--k-inter", "5",
+                 "--epochs", str(epochs), "--out", str(out)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    with open(out / "summary.json") as f:
+        return line, json.load(f)
+
+
+def test_dataset_gd_summary_and_cli_report_the_verdict(tmp_path, monkeypatch, capsys):
+    """`spectral-jax dataset --method gd` on the synthetic backbone (one object: the second run reuses the
+    compiled step): one epoch cannot tell (None, not converged, a warning); three epochs compare the last two."""
+    from test_dataset import synthetic
+
+    from spectral_jax.dataset import loop
+
+    backbone = synthetic()
+    monkeypatch.setattr(loop, "_load_backbone", lambda settings: backbone)
+    with pytest.warns(RuntimeWarning, match=r"dataset gd: not converged after 2 steps: two epochs"):
+        line, s = _dataset_cli(tmp_path, capsys, 1)
+    assert s["convergence"]["converged"] is False and s["convergence"]["stationarity"] is None
+    assert line["converged"] is False and "stationarity" in line and "max_residual" not in line
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        line, s = _dataset_cli(tmp_path, capsys, 3)
+    c = s["convergence"]
+    hist = np.asarray(s["history"])
+    assert c["stationarity_window"] == 2 and c["iterations"] == len(hist) == 6
+    assert c["stationarity"] == pytest.approx(stationarity(hist[:, 1], 2, hist[0, 0]))
+    assert c["converged"] is (c["stationarity"] <= c["tol"]) and "not a residual" in c["kind"]
+    assert line["converged"] is c["converged"] and line["stationarity"] == pytest.approx(c["stationarity"])
+
+
+def test_solve_cli_prints_gd_verdict(tmp_path, rng, capsys):
+    from spectral_jax.acts import save_acts
+
+    acts = tmp_path / "a.npz"
+    save_acts(str(acts), _taps(rng, 1), "test", (GRID[0] * 14, GRID[1] * 14))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        assert main(["solve", str(acts), "--graph", "qk", "--num-eigs", "4", "--method", "gd", "--steps", "150",
+                     "--out", str(tmp_path / "r.npz")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["converged"] is True and line["max_residual"] <= line["tol"] and line["iterations"] == 150
