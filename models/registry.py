@@ -1,4 +1,5 @@
-"""The one registry: model name → family + spec (`ModelSpec`: architecture, HF repo id, preprocessing), and
+"""The one registry: model name → family + spec (`ModelSpec`: architecture, HF repo id, preprocessing — size, patch,
+mean/std and the resize filter of the family's reference processor, `PreprocessSpec.resample`), and
 `load_backbone(name, weights, **family_options)`, which hands the spec to its family's `load_backbone`.
 
     get_spec("dinov2_vits14")        # ModelSpec(family="vit", ...), instant: no JAX is imported to read this table

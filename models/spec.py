@@ -52,9 +52,9 @@ class PreprocessSpec:
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """One registry entry: `name`, its `family` (the folder under `models/` that loads it: "vit" | "sd" | "dit" | "dinov3" | "siglip2"), the
-    architecture `config` (a frozen dataclass of that family), the Hugging Face `repo_id` of its published weights
-    (None: none published) and its preprocessing."""
+    """One registry entry: `name`, its `family` (the folder under `models/` that loads it: "vit" | "sd" | "dit" |
+    "dinov3" | "siglip2"), the architecture `config` (a frozen dataclass of that family), the Hugging Face `repo_id`
+    of its published weights (None: none published) and its preprocessing."""
 
     name: str
     config: Any
