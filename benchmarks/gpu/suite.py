@@ -1,7 +1,7 @@
 """The prepared accelerator suite: Flax/JAX vs PyTorch on one GPU, every section in its own process with its own time
 budget, results in OUT/gpu.md and OUT/gpu.json (the table is printed too). Start it with `benchmarks/gpu/run.sh`.
 
-    python benchmarks/gpu/suite.py --out DIR [--tiny] [--sections forward,analyze,unet,attention,dataset]
+    python benchmarks/gpu/suite.py --out DIR [--tiny] [--sections forward,analyze,unet,attention,dataset,bf16]
 
 Sections (each module's docstring says exactly what it times):
     forward    DINOv2 S/B/L, 448² and 896², batch 1 and 32, float32 and bfloat16: Flax with all q/k/v taps vs
@@ -12,6 +12,8 @@ Sections (each module's docstring says exactly what it times):
     attention  matrix-free P·Z and its gradient at N = 16k, 65k, 262k vs dense, plus the candidate
                `jax.nn.dot_product_attention` path (xla / cudnn, bf16 error vs f32)
     dataset    exact dataset solve at COCO scale (synthetic features, N = 1.28 M): `graphs.knn` + `solvers.exact`
+    bf16       the graphs' bfloat16 storage vs float32 (DINOv2-B-size synthetic taps): dense A, exact solve, kNN
+               search — time and error vs float32 per row
 
 A section runs in a child process (GPU memory is returned between sections, and a crash or an out-of-memory stays
 inside one section). Inside it a row is not started once the section's budget is spent (reported as skipped);
@@ -46,6 +48,7 @@ SECTIONS = {
     "unet": ("SD 1.5-size UNet 512², 16 layers × 8 heads × 10 timesteps: taps + exact multi-grid solve", 110, 120),
     "attention": ("Matrix-free attention P·Z and gradient vs dense, and the dot_product_attention candidate", 50, 120),
     "dataset": ("Exact dataset solve at COCO scale (synthetic features)", 45, 120),
+    "bf16": ("bfloat16 graph storage (float32 accumulation) vs float32: dense A, exact solve, kNN search", 35, 120),
 }
 # tiny mode compiles dozens of toy programs whose speed does not matter: XLA's cheapest code generation halves the
 # compile time (the UNet's from 13 s to 7 s of CPU); read when JAX starts its backend, so set before any section

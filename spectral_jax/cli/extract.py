@@ -1,7 +1,7 @@
-"""`spectral-jax extract IMAGE --model NAME [--weights SRC] [--size S|HxW] [--layers all|0,3,5] [--dtype D] --out ACTS.npz`
+"""`spectral-jax extract IMAGE --model NAME [--weights SRC] [--size S|HxW] [--layers all|0,3,5] --out ACTS.npz`
 
 Runs the backbone on one image and writes the q/k/v taps of the chosen layers in the ACTS format
-(`spectral_jax.acts`), atomically; prints a one-line JSON summary on stdout. --dtype bfloat16 runs the forward in
+(`spectral_jax.acts`), atomically; prints a one-line JSON summary on stdout. [--dtype bfloat16] runs the forward in
 bfloat16 (`load_backbone(dtype=)`); the ACTS file stays float32 (the bfloat16 taps widened exactly).
 Stable Diffusion models add `[--timesteps 0,50,100 | --num-timesteps T --schedule KIND] [--seed S]`: the ACTS then
 holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads` (`spectral_jax.models.sd.diffusion`).
