@@ -19,10 +19,13 @@ Shape legend
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from typing import Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax.analysis import View, describe  # noqa: F401  (re-exported: the last step of the data flow)
@@ -36,7 +39,8 @@ METHODS = ("exact", "gd")
 def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, weights=None,
           layer_weights=None, preset: str = "eigen", param: str = "table", tau: float = 0.1, k_intra: int = 50,
           k_inter: int = 50, min_cos: float = 0.1, steps: int | None = None, lr: float | None = None,
-          sample: float | None = None, seed: int = 0, progress: bool = False) -> Result:
+          sample: float | None = None, seed: int = 0, progress: bool = False,
+          batch_images: int | None = None) -> Result:
     """Solve the layer-distributed objective for `source`: a `Taps` (every tapped layer and head) or a list of
     graphs (`spectral_jax.graphs`, solved as one problem).
 
@@ -46,6 +50,15 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
     mapping layer → weight) or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select"), read per
     image from that image's graphs — the per-layer weights used go to `result.info["layer_weights"]`. method "exact"
     (`solvers.exact`) or "gd" (`solvers.gd`, with preset/param/steps/lr/sample).
+
+    Taps with qk/vv graphs, method "exact", each image's problem dense (`solvers.exact.dense_fits`: M0 ≤ 8192 base
+    nodes — 448² DINOv2 has 1024, 1288² 8464) and layer weights that do not read the graphs (numbers, "uniform", or
+    group `weights`): the images are solved `batch_images` at a time in one compiled call each
+    (`solvers.exact.exact_batch`: the images' graphs stacked, A, the eigensolver, residuals and per-graph quotients
+    in one program, one host transfer per call) — the same results as one `solvers.exact` per image. batch_images
+    None: as many as fit `solvers.exact.BATCH_BYTES` (`images_per_call`), in calls of equal size; 0: the per-image
+    loop, which also serves the rules "eigengap" and "select" (they read each image's spectra), gd, and problems
+    above the dense size (LOBPCG).
     """
     from spectral_jax import solvers
 
@@ -53,6 +66,10 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
         raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
     if layer_weights is not None and weights is not None:
         raise InputError("weights and layer_weights", "are both given", "pass one of them")
+    if batch_images is not None and (isinstance(batch_images, bool) or not isinstance(batch_images, (int, np.integer))
+                                     or batch_images < 0):
+        raise InputError(f"batch_images {batch_images!r}", "must be None or an integer ≥ 0",
+                         "pass None (from the memory budget), 0 (one image at a time) or e.g. 8")
 
     def one(gs, w, base=None):
         if method == "exact":
@@ -70,7 +87,62 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
         return _weighted(gs, gl, one, layer_weights, num_eigs) if layer_weights is not None else one(gs, weights)
 
     kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
+    if method == "exact" and graph in ("qk", "vv") and batch_images != 0:
+        res = _exact_images(source, graph, kw, num_eigs, weights, layer_weights, batch_images)
+        if res is not None:
+            return res
     return _per_image(source, graph, kw, weighted)
+
+
+def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, layer_weights, per_call):
+    """`solve`'s batched exact path (see there): the stacked `Result` of every image, or None where the per-image
+    loop must run (a layer-weight rule that reads spectra; a problem above the dense size)."""
+    from spectral_jax import graphs as G
+    from spectral_jax import layer_weights as LW
+    from spectral_jax.solvers.exact import check_problem, dense_fits, exact_batch, images_per_call
+
+    patches = taps.patches()
+    gl = [ls for _, ls in G.group_layers(patches)]
+    spec = None if layer_weights is None else LW.parse(layer_weights, sorted(l for ls in gl for l in ls))
+    if isinstance(spec, str) and spec != "uniform":        # a rule that reads each image's spectra
+        return None
+    shapes = jax.eval_shape(lambda t: G.from_taps(t, graph, image=0, **kw), patches)   # one image's groups
+    w, per, base = weights, None, None
+    if layer_weights is not None:
+        w, per = LW.for_groups(shapes, gl, layer_weights, num_eigs)
+        base = LW.base_grid(shapes, w)
+    base, _, m0 = check_problem(shapes, num_eigs, base)
+    if not dense_fits(m0, num_eigs):
+        return None
+    nimg = next(iter(patches.layers.values())).q.shape[0]
+    calls = -(-nimg // (per_call or images_per_call(shapes, base)))
+    parts, start = [], 0
+    for c in range(calls):                              # equal sizes (± 1): at most two compiled programs
+        size = nimg // calls + (c < nimg % calls)
+        stacked = _image_groups(patches.layers, start, graph, size, tuple(sorted(kw.items())))
+        for res in exact_batch(stacked, num_eigs, weights=w, base_grid=base):
+            parts.append(_with_layer_weights(res, per))
+        start += size
+    return stack(parts)
+
+
+@functools.partial(jax.jit, static_argnames=("graph", "size", "kw"))
+def _image_groups(layers, start, graph: str, size: int, kw: tuple):
+    """Graph groups of images start … start + size − 1 (`graphs.from_taps` each, kw its options as sorted items),
+    stacked leaf by leaf: every data leaf gets a leading image axis of `size` (`solvers.exact.exact_batch`)."""
+    from spectral_jax import graphs as G
+
+    chunk = Taps({i: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), t)
+                  for i, t in layers.items()})
+    per = [G.from_taps(chunk, graph, image=i, **dict(kw)) for i in range(size)]
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *per)
+
+
+def _with_layer_weights(res: Result, per) -> Result:
+    """`res` with the per-layer weights used (`layer_weights.for_groups`) in `info["layer_weights"]` (None: none)."""
+    if per is not None:
+        res.info["layer_weights"] = [round(float(x), 6) for x in per]
+    return res
 
 
 def graph_groups(taps: Taps, graph: str, image: int | None, kw: dict) -> tuple[list, list[tuple[int, ...]]]:
@@ -156,8 +228,6 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     diffusion backbone's (`Backbone.timesteps`; the heads axis holds timestep-major T·H graphs), None for one.
     Cost: one exact top-K solve per layer and timestep.
     """
-    import jax.numpy as jnp
-
     from spectral_jax import layer_weights as LW
     from spectral_jax import solvers
     from spectral_jax.analysis import attribution as attr
@@ -209,9 +279,7 @@ def _weighted(gs, gl, one, layer_weights, num_eigs: int) -> Result:
     from spectral_jax import layer_weights as LW
 
     w, per = LW.for_groups(gs, gl, layer_weights, num_eigs)
-    res = one(gs, w, LW.base_grid(gs, w))
-    res.info["layer_weights"] = [round(float(x), 6) for x in per]
-    return res
+    return _with_layer_weights(one(gs, w, LW.base_grid(gs, w)), per)
 
 
 def as_image_list(images) -> list:
@@ -294,8 +362,6 @@ def same_size_batches(xs: Sequence[np.ndarray]) -> list[list[int]]:
 def forward(bb, x: np.ndarray, layers=None) -> tuple[Taps, float]:
     """(taps of `layers`, seconds) of one forward of backbone `bb` on the batch x `[B, H, W, 3]` (preprocessed, one
     size); taps are shared by `solve`, `sweep` and `attribution`."""
-    import jax
-
     t0 = time.perf_counter()
     taps = jax.block_until_ready(bb.taps(x, layers))
     return taps, time.perf_counter() - t0

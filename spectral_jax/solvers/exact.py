@@ -16,8 +16,18 @@ application of A and B to the K returned vectors. LOBPCG stops when every pair i
 pair of B^{-1/2} A B^{-1/2}, which it iterates on); a run that reaches `maxiter` first and is still above `tol` has
 "converged": False and warns.
 
+Many one-image problems of one structure (qk/vv graphs of a batch of images): `exact_batch`, the dense path for all
+of them in one compiled program (`pipeline.solve` uses it).
+
+On an accelerator nothing inside a solve waits for the device: the operators, the eigensolver, the residuals and the
+per-graph quotients are dispatched back to back and the host receives them in one transfer (`jax.device_get`), then
+sorts, fixes signs and assembles the `Result`; the multi-grid LOBPCG's Chebyshev interval comes from the weights and
+the pooling on the host (`metric_bounds`), not from a power iteration read back. `seconds` is the wall time of the
+whole solve up to that transfer. What still waits: the ARPACK path (host by design: scipy), the kNN CSR build
+(`solvers.sparse`, host), and the LOBPCG iteration count read with the rest at the end.
+
 Shape legend
-    M0  base nodes (B·H0·W0)    K  eigenvectors    d  Chebyshev degree
+    M0  base nodes (B·H0·W0)    K  eigenvectors    d  Chebyshev degree    b  images in one `exact_batch` call
 """
 
 from __future__ import annotations
@@ -35,12 +45,16 @@ from jax.experimental.sparse.linalg import lobpcg_standard
 
 from spectral_jax.errors import InputError
 from spectral_jax.graphs import Graph, KnnGraph
-from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights)
-from spectral_jax.solvers.result import Result, finish
+from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights,
+                                    pool_matrix)
+from spectral_jax.solvers.result import Result, assemble, quotients, stack
 from spectral_jax.solvers.sparse import ell_from_csr, knn_csr
 
 
 LOBPCG_TOL = float(np.sqrt(np.finfo(np.float32).eps))  # 3.45e-4: a relative residual float32 reaches (`exact`)
+DENSE_MAX = 8192      # base nodes up to which `exact` materialises A (`dense_fits`)
+BATCH_BYTES = 2 * 1024 ** 3   # memory budget of one `exact_batch` call (`images_per_call`)
+DENSE_ARRAYS = 10     # n×n float32 arrays per image in `exact_batch` (`images_per_call`)
 
 
 def as_list(graphs) -> list[Graph]:
@@ -57,7 +71,7 @@ def check_problem(graphs: Sequence[Graph], num_eigs: int, base_grid) -> tuple[tu
     return base, nimg, m0
 
 
-def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max: int = 8192,
+def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max: int = DENSE_MAX,
           maxiter: int = 400, tol: float = LOBPCG_TOL, seed: int = 0, sparse_solver: str = "auto") -> Result:
     """Top-`num_eigs` eigenvectors of the linearised layer-distributed objective.
 
@@ -80,7 +94,8 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     LOBPCG on accelerators. Measured on the coco100 knn-vv graph (25 600 nodes, 12 layers, K = 20, 2-core CPU):
     ARPACK 2.3–4.3 s, LOBPCG 31 s. Should ARPACK not converge within `maxiter` restarts, LOBPCG runs instead (from
     the same seed, `maxiter` iterations) and reports its own convergence.
-    Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[B, K]` largest first: one solve, repeated per image).
+    Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[B, K]` largest first: one solve, repeated per image;
+    `seconds` the whole solve: operators, eigensolver, residuals and per-graph quotients).
     """
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
@@ -90,7 +105,7 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     t0 = time.perf_counter()
     same = all(tuple(g.grid) == base for g in graphs)
     fallback = False                    # ARPACK did not converge and LOBPCG ran instead
-    if m0 <= dense_max or 5 * num_eigs >= m0:
+    if dense_fits(m0, num_eigs, dense_max):
         a, b = dense_operators(graphs, ws, base, nimg)
         vals, vecs = _dense_eig(a, b, num_eigs, same)
         steps, method = 0, "exact-dense"
@@ -111,16 +126,20 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
             vals, vecs, steps = _lobpcg_sparse(op, _start(m0, num_eigs, seed), maxiter, float(tol) / (10.0 * m0))
             method, a_op = "exact-lobpcg-sparse", op.matvec
     else:
-        vals, vecs, steps = _lobpcg(graphs, ws, base, nimg, num_eigs, maxiter, tol, seed)
+        vals, vecs, steps = _lobpcg(graphs, ws, weights, base, nimg, num_eigs, maxiter, tol, seed)
         method = "exact-lobpcg"
         a_op, b_op, _ = linear_operators(graphs, ws, base, nimg)
         b_op = None if same else b_op
-    vals, vecs = np.asarray(jax.block_until_ready(vals)), np.asarray(vecs)
+    # from here on nothing waits for the device until the one transfer: residuals and quotients are dispatched on
+    # the eigenpairs as they come (in the solver's order and signs; sorted and signed on the host)
+    vals, vecs = jnp.asarray(vals, jnp.float32), jnp.asarray(vecs, jnp.float32)
+    res = residuals(a_op, b_op, vecs, vals)
+    metric = None if same else linear_operators(graphs, ws, base, nimg)[1]
+    dev = quotients(graphs, ws, vecs, nimg, base, metric)
+    vals, vecs, res, steps, (rqs, obj, bv) = jax.device_get((vals, vecs, res, steps, dev))
     seconds = time.perf_counter() - t0
-    order = np.argsort(-vals)
-    vals, vecs = vals[order], vecs[:, order]
-    res = np.asarray(residuals(a_op, b_op, jnp.asarray(vecs, jnp.float32), jnp.asarray(vals, jnp.float32)),
-                     np.float64)
+    vals, vecs, res, rqs, bv = largest_first(vals, vecs, res, rqs, bv)
+    res = np.asarray(res, np.float64)
     steps = int(steps)
     if method == "exact-arpack":      # ARPACK's own test is on its residual estimate: hold it to the measured one
         converged = bool(res.max() <= tol)
@@ -132,12 +151,121 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
         warnings.warn(f"exact: {what} max relative residual {res.max():.2e} > tol {tol:.1e}"
                       f"{'' if method == 'exact-arpack' else ')'}; raise maxiter or tol, or use the dense path "
                       f"(dense_max >= {m0})", RuntimeWarning, stacklevel=2)
-    info = {"converged": bool(converged), "iterations": steps, "tol": float(tol), "max_residual": float(res.max()),
-            "residuals": [float(r) for r in res]}
+    info = _info(converged, steps, tol, res)
     if fallback:
         info["arpack"] = f"not converged in maxiter={maxiter} restarts: LOBPCG instead"
-    return finish(graphs, ws, vecs, vals, nimg, base, steps=steps, seconds=seconds, method=method, info=info,
-                  metric=None if same else linear_operators(graphs, ws, base, nimg)[1])
+    return assemble(vecs, vals, rqs, obj, bv, nimg, base, steps=steps, seconds=seconds, method=method, info=info)
+
+
+def dense_fits(m0: int, num_eigs: int, dense_max: int = DENSE_MAX) -> bool:
+    """Whether `exact` takes its dense path for M0 base nodes: M0 ≤ dense_max, or K so large (5K ≥ M0) that an
+    iterative solver would not pay."""
+    return m0 <= dense_max or 5 * num_eigs >= m0
+
+
+def _info(converged: bool, steps: int, tol: float, res: np.ndarray) -> dict:
+    return {"converged": bool(converged), "iterations": int(steps), "tol": float(tol),
+            "max_residual": float(res.max()), "residuals": [float(r) for r in res]}
+
+
+def largest_first(vals, vecs, res, rqs, bv):
+    """Host arrays of one solve reordered by eigenvalue, largest first: vals `[K]`, vecs `[M0, K]`, res `[K]`,
+    rqs (per group `[*S, K]`), bv `[M0, K]` or None (stable for ties: the solvers' order among equals is kept)."""
+    order = np.argsort(-np.asarray(vals), kind="stable")
+    pick = lambda x: None if x is None else np.asarray(x)[..., order]
+    return pick(vals), pick(vecs), pick(res), [pick(r) for r in rqs], pick(bv)
+
+
+def images_per_call(graphs: Sequence[Graph], base: tuple[int, int], budget_bytes: int = BATCH_BYTES) -> int:
+    """How many images one compiled call of `exact_batch` takes within `budget_bytes`, for one image's graph groups
+    `graphs` (only their shapes are read: `jax.eval_shape` output will do) on base grid `base`.
+
+    Per image: `DENSE_ARRAYS` float32 n×n arrays, n = max(M0, the largest group's nodes) — A and B, one graph's
+    logits, softmax and the running sum with its transpose while A is built, the eigensolver's copy of A, its
+    workspace and eigenvectors, B's Cholesky factor — plus the image's graph data (the stacked copy of its q/k or
+    v). E.g. DINOv2-B at 448² (M0 = 1024, 144 graphs of 1024 × 64): 40 + 75 MiB, so 17 images within 2 GiB; at 896²
+    (M0 = 4096): 640 + 302 MiB, 2 images. At least 1.
+    """
+    n = max([base[0] * base[1]] + [g.num_nodes for g in graphs])
+    data = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(graphs))
+    return max(1, int(budget_bytes) // (DENSE_ARRAYS * 4 * n * n + data))
+
+
+def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, vmap: bool | None = None,
+                subset: bool | None = None) -> list[Result]:
+    """`exact`'s dense path for a batch of independent one-image problems of the same structure, in one compiled
+    call: one `Result` per image, equal to `exact` on that image's graphs (to float32 rounding; the same info).
+
+    graphs: groups whose every data leaf has a leading axis of b images (the b images' groups stacked leaf by leaf,
+    e.g. `jax.tree.map(lambda *x: jnp.stack(x), *[from_taps(taps, "qk", image=i) for i in range(b)])`); each
+    image's problem must take the dense path (`dense_fits`). weights: per-group arrays as in `exact`, the same for
+    every image. One program builds every image's A (and B when the grids differ), solves, and computes the
+    residuals, the per-graph quotients and B·X; the host gets it all in one transfer, then orders, signs and
+    assembles each image's `Result` (`seconds`: the call's wall time shared equally). The eigensolver (subset None:
+    by the backend): on the CPU backend LAPACK's subset driver per image (`_subset_eig`, called back from the
+    program; measured faster than a full `eigh`), elsewhere the device's batched `eigh` (Cholesky route when
+    B ≠ I). vmap: the images in parallel
+    (`jax.vmap`: memory for all b at once) or one after the other (`lax.map`) while A and the quotients are built;
+    None: sequential on the CPU backend (measured faster there: one graph's N² tiles stay in cache), parallel
+    elsewhere. Memory: about `images_per_call`'s estimate per image; split larger batches (the pipeline does).
+    """
+    graphs = as_list(graphs)
+    nb = int(jax.tree.leaves(graphs[0])[0].shape[0])
+    base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
+    if nimg != 1 or not dense_fits(m0, num_eigs):
+        raise ValueError(f"exact_batch takes one-image problems on the dense path (got {nimg} images per problem, "
+                         f"M0 = {m0}): call exact on each")
+    ws = normalised_weights(graphs, weights)
+    same = all(tuple(g.grid) == base for g in graphs)
+    cpu = next(iter(jax.tree.leaves(graphs[0])[0].devices())).platform == "cpu"
+    parallel = (not cpu) if vmap is None else bool(vmap)
+    lapack = cpu if subset is None else bool(subset)
+    t0 = time.perf_counter()
+    out = _solve_batch(graphs, ws, int(num_eigs), base, same, lapack, nb if parallel else None)
+    vals, vecs, res, rqs, obj, bv = jax.device_get(out)                        # the one transfer
+    seconds = (time.perf_counter() - t0) / nb
+    results = []
+    for i in range(nb):
+        v, x, r, q, bvi = largest_first(vals[i], vecs[i], res[i], [rq[i] for rq in rqs],
+                                        None if bv is None else bv[i])
+        results.append(assemble(x, v, q, obj[i], bvi, 1, base, steps=0, seconds=seconds, method="exact-dense",
+                                info=_info(True, 0, LOBPCG_TOL, np.asarray(r, np.float64))))
+    return results
+
+
+@functools.partial(jax.jit, static_argnames=("k", "base", "same", "subset", "batch_size"))
+def _solve_batch(graphs, ws, k, base, same, subset, batch_size):
+    """(vals `[b, k]`, vecs `[b, M0, k]`, residuals `[b, k]`, per-group R `[b, *S, k]`, objective `[b]`, B·X
+    `[b, M0, k]` or None) of `exact_batch`; images mapped with `lax.map(batch_size=batch_size)` (None: one at a
+    time)."""
+    def build(gs):
+        a, b = dense_operators(gs, ws, base, 1)
+        return a, (None if same else b)
+
+    a, b = jax.lax.map(build, graphs, batch_size=batch_size)                  # [b, M0, M0]
+    nb, m0 = a.shape[0], a.shape[1]
+    if subset:
+        shapes = (jax.ShapeDtypeStruct((nb, k), jnp.float32), jax.ShapeDtypeStruct((nb, m0, k), jnp.float32))
+        vals, vecs = jax.pure_callback(functools.partial(_subset_eig_each, k=k), shapes, a, b)
+    else:
+        vals, vecs = jax.vmap(lambda a1, b1: _top_eig(a1, b1, k, same))(a, b)
+    res = jax.vmap(lambda a1, b1, x, l: residuals(lambda v: a1 @ v, None if same else (lambda v: b1 @ v), x, l))(
+        a, b, vecs, vals)
+
+    def quote(inp):
+        gs, x = inp
+        metric = None if same else linear_operators(gs, ws, base, 1)[1]
+        return quotients(gs, ws, x, 1, base, metric)
+
+    rqs, obj, bv = jax.lax.map(quote, (graphs, vecs), batch_size=batch_size)
+    return vals, vecs, res, rqs, obj, bv
+
+
+def _subset_eig_each(a: np.ndarray, b: np.ndarray | None, k: int):
+    """`_subset_eig` of each image: a, b `[b, M0, M0]` (b None: B = I) → float32 (`[b, k]`, `[b, M0, k]`)."""
+    pairs = [_subset_eig(np.asarray(a[i]), None if b is None else np.asarray(b[i]), k) for i in range(a.shape[0])]
+    return (np.stack([p[0] for p in pairs]).astype(np.float32),
+            np.ascontiguousarray(np.stack([p[1] for p in pairs]), dtype=np.float32))
 
 
 def residuals(a_op, b_op, x, vals):
@@ -157,15 +285,19 @@ def _dense_eig(a, b, k, same_grid):
     (measured 2.3× faster than a full `eigh` at M0 = 1024, K = 20); on accelerators the device's full `eigh`.
     """
     if next(iter(a.devices())).platform == "cpu":
-        m = a.shape[0]
-        vals, vecs = scipy.linalg.eigh(np.asarray(a), None if same_grid else np.asarray(b),
-                                       subset_by_index=(m - k, m - 1), driver="evr" if same_grid else "gvx")
-        return vals[::-1], vecs[:, ::-1]
+        return _subset_eig(np.asarray(a), None if same_grid else np.asarray(b), k)
     return _dense_eig_full(a, b, k, same_grid)
 
 
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _dense_eig_full(a, b, k, same_grid):
+def _subset_eig(a: np.ndarray, b: np.ndarray | None, k: int):
+    """Top-`k` pairs of A x = λ B x (b None: B = I) by LAPACK's subset drivers, largest first."""
+    m = a.shape[0]
+    vals, vecs = scipy.linalg.eigh(a, b, subset_by_index=(m - k, m - 1), driver="evr" if b is None else "gvx")
+    return vals[::-1], vecs[:, ::-1]
+
+
+def _top_eig(a, b, k, same_grid):
+    """The device's `eigh` (after a Cholesky of B when B ≠ I), top `k` largest first: (`[k]`, `[M0, k]`)."""
     if same_grid:
         vals, vecs = jnp.linalg.eigh(a)
         return vals[::-1][:k], vecs[:, ::-1][:, :k]
@@ -174,6 +306,9 @@ def _dense_eig_full(a, b, k, same_grid):
     vals, y = jnp.linalg.eigh(0.5 * (c + c.T))
     x = jax.scipy.linalg.solve_triangular(low.T, y[:, ::-1][:, :k], lower=False)
     return vals[::-1][:k], x
+
+
+_dense_eig_full = jax.jit(_top_eig, static_argnums=(2, 3))
 
 
 def chebyshev_inv_sqrt(lo: float, hi: float, tol: float = 1e-8) -> np.ndarray:
@@ -199,23 +334,46 @@ def apply_chebyshev(op, v, coef, lo, hi):
     return coef[0] * v + t(b1) - b2
 
 
-def _lobpcg(graphs, ws, base, nimg, k, maxiter, tol, seed):
+def _lobpcg(graphs, ws, weights, base, nimg, k, maxiter, tol, seed):
     """(θ `[k]`, x `[M0, k]`, iterations). `lobpcg_standard` calls a pair converged when ‖r‖ < tol' · 10 n ·
     (‖A x‖ + θ) (n = M0, its floating-point error estimate); tol' = tol / (10 n) makes that our relative residual
-    ‖r‖ / (‖A x‖ + θ) < tol. It stops when all k pairs are converged, or after `maxiter` iterations."""
+    ‖r‖ / (‖A x‖ + θ) < tol. It stops when all k pairs are converged, or after `maxiter` iterations. Multi-grid: the
+    Chebyshev interval of B^{-1/2} is `metric_bounds` (from the weights and the pooling, on the host), so nothing
+    waits for the device before the iteration runs."""
     _, _, same = linear_operators(graphs, ws, base, nimg)
     m0 = nimg * base[0] * base[1]
     tol = float(tol) / (10.0 * m0)
     x0 = _start(m0, k, seed)
     if same:
         return _lobpcg_run(graphs, ws, x0, None, 0.0, 0.0, base, nimg, maxiter, tol)
-    lo = float(sum(jnp.sum(w) for g, w in zip(graphs, ws) if tuple(g.grid) == base))
+    lo, hi = metric_bounds(graphs, weights, base)
     if lo <= 0:
         raise ValueError("multi-grid exact solve needs positive weight on the base grid "
                          f"{base}; pass base_grid= one of the graphs' grids")
-    hi = 1.05 * float(_power_norm(graphs, ws, base, nimg, jax.random.key(seed + 1)))
     coef = tuple(float(c) for c in chebyshev_inv_sqrt(lo, max(hi, lo * 1.0001)))
     return _lobpcg_run(graphs, ws, x0, coef, lo, hi, base, nimg, maxiter, tol)
+
+
+def metric_bounds(graphs: Sequence[Graph], weights, base: tuple[int, int]) -> tuple[float, float]:
+    """(lo, hi) with lo·I ⪯ B ⪯ hi·I for the multi-grid metric B = Σ_l w_l c_l G_lᵀ G_l (weights normalised to sum
+    1), computed on the host from the weights and the pooling matrices alone: lo = the weight on the base grid
+    (its G = I, the other terms are ⪰ 0), hi = Σ_l W_l c_l ‖G_l‖² (W_l the group's total weight, ‖G_l‖ =
+    ‖pool_h‖·‖pool_w‖, a Kronecker product). For pooling by whole bins c_l‖G_l‖² = 1, so hi = 1 = λ_max(B) (the
+    constant vector): the bound is tight there, and an upper bound always (uneven bins: a little above)."""
+    totals = [float(np.sum(np.ones(g.batch_shape))) if weights is None else
+              float(np.broadcast_to(np.asarray(w, np.float64), g.batch_shape).sum())
+              for g, w in zip(graphs, weights if weights is not None else [None] * len(graphs))]
+    total = sum(totals)
+    n0 = base[0] * base[1]
+    lo = hi = 0.0
+    for g, t in zip(graphs, totals):
+        if tuple(g.grid) == tuple(base):
+            lo += t / total
+            hi += t / total
+            continue
+        norm = (np.linalg.norm(pool_matrix(base[0], g.grid[0]), 2) * np.linalg.norm(pool_matrix(base[1], g.grid[1]), 2))
+        hi += t / total * n0 / (g.grid[0] * g.grid[1]) * float(norm) ** 2
+    return lo, hi
 
 
 def _arpack(csr, k: int, maxiter: int, tol: float, seed: int):
@@ -252,19 +410,6 @@ def _start(m0: int, k: int, seed: int):
 def _lobpcg_sparse(op, x0, maxiter, tol):
     """LOBPCG on the coalesced sparse operator of kNN groups (`solvers.sparse.knn_operator`)."""
     return lobpcg_standard(op.matvec, x0, m=maxiter, tol=tol)
-
-
-@functools.partial(jax.jit, static_argnums=(2, 3))
-def _power_norm(graphs, ws, base, nimg, key):
-    _, b_op, _ = linear_operators(graphs, ws, base, nimg)
-    v = jax.random.normal(key, (nimg * base[0] * base[1], 1), jnp.float32)
-
-    def step(v, _):
-        u = b_op(v)
-        return u / jnp.linalg.norm(u), None
-
-    v, _ = jax.lax.scan(step, v / jnp.linalg.norm(v), None, length=40)
-    return jnp.vdot(v, b_op(v))
 
 
 @functools.partial(jax.jit, static_argnames=("coef", "base", "nimg", "maxiter", "tol"))

@@ -172,33 +172,60 @@ def _dense_softmax_apply(g: AttentionGraph, z):
     return (e @ z) / e.sum(axis=1)[:, None]
 
 
-def fix_signs(v: np.ndarray) -> np.ndarray:
-    """Deterministic sign per column of `v` `[M, K]`: the sum is positive, or if ~0 the largest entry is."""
+def signs(v: np.ndarray) -> np.ndarray:
+    """The deterministic sign `[K]` (±1) of each column of `v` `[M, K]`: the sum is positive, or if ~0 the largest
+    entry is."""
     s = v.sum(axis=0)
     big = v[np.abs(v).argmax(axis=0), np.arange(v.shape[1])]
     sign = np.where(np.abs(s) > 1e-6 * np.sqrt(v.shape[0]), np.sign(s), np.sign(big))
-    return v * np.where(sign == 0, 1.0, sign)
+    return np.where(sign == 0, 1.0, sign)
 
 
-def finish(graphs: Sequence[Graph], weights, vecs: np.ndarray, eigvals: np.ndarray, num_images: int,
-           base: tuple[int, int], *, steps: int, seconds: float, method: str, history=None, info=None,
-           metric=None) -> Result:
-    """Build a `Result` from base-grid node vectors `[M0, K]` sorted largest first: signs, rq, objective.
+def fix_signs(v: np.ndarray) -> np.ndarray:
+    """`v` `[M, K]` with each column's deterministic sign (`signs`)."""
+    return v * signs(v)
 
-    `metric`: the operator B in which the vectors are orthonormal (None: the identity); orth_error = max|XᵀBX − I|.
-    """
-    vecs = fix_signs(np.asarray(vecs, np.float64)).astype(np.float32)
-    x = from_nodes(jnp.asarray(vecs), num_images, base)
-    rqs, obj = _rayleigh(list(graphs), x, list(normalised_weights(graphs, weights)))
-    rq = np.concatenate([np.asarray(r).reshape(-1, vecs.shape[1]) for r in rqs], axis=0)
-    bv = vecs if metric is None else np.asarray(metric(jnp.asarray(vecs)))
+
+def quotients(graphs: Sequence[Graph], weights, vecs, num_images: int, base: tuple[int, int], metric=None):
+    """The device half of `finish`, dispatched without waiting: (per-group R `[*S, K]` list, objective, B·vecs
+    `[M0, K]` or None) for base-grid node vectors `[M0, K]` in any order and sign (R, the objective and |XᵀBX − I|
+    do not depend on either; B·X changes sign with X, exactly)."""
+    v = jnp.asarray(vecs, jnp.float32)
+    rqs, obj = _rayleigh(list(graphs), from_nodes(v, num_images, base), list(normalised_weights(graphs, weights)))
+    return rqs, obj, (None if metric is None else metric(v))
+
+
+def assemble(vecs: np.ndarray, eigvals: np.ndarray, rqs, obj, bv, num_images: int, base: tuple[int, int], *,
+             steps: int, seconds: float, method: str, history=None, info=None) -> Result:
+    """The host half of `finish`: a `Result` from host arrays — vecs `[M0, K]` sorted largest first, eigvals `[K]`,
+    `quotients`' output for the same vecs (rqs, obj, bv) — after fixing each vector's sign (`signs`)."""
+    vecs = np.asarray(vecs, np.float64)
+    sign = signs(vecs)
+    vecs = (vecs * sign).astype(np.float32)
+    k = vecs.shape[1]
+    rq = np.concatenate([np.asarray(r).reshape(-1, k) for r in rqs], axis=0)
+    bv = vecs if bv is None else np.asarray(bv) * sign.astype(np.float32)
     gram = vecs.T.astype(np.float64) @ bv
-    orth = float(np.abs(gram - np.eye(vecs.shape[1])).max())
+    orth = float(np.abs(gram - np.eye(k)).max())
     nimg = int(num_images)
+    x = np.ascontiguousarray(vecs.reshape(nimg, base[0], base[1], k).transpose(0, 3, 1, 2))   # `from_nodes`
     rep = lambda a: np.broadcast_to(np.asarray(a), (nimg, *np.shape(a))).copy()   # one solve's value per image
-    return Result(np.asarray(x), rep(np.asarray(eigvals, np.float32)), rep(rq), rep(float(obj)), orth, int(steps),
+    return Result(x, rep(np.asarray(eigvals, np.float32)), rep(rq), rep(float(obj)), orth, int(steps),
                   float(seconds), method, rep(np.asarray(history if history is not None else [], np.float32)),
                   dict(info or {}), joint=nimg > 1)
 
 
-__all__ = ["Result", "finish", "fix_signs", "stack", "to_nodes"]
+def finish(graphs: Sequence[Graph], weights, vecs, eigvals, num_images: int, base: tuple[int, int], *, steps: int,
+           seconds: float, method: str, history=None, info=None, metric=None) -> Result:
+    """Build a `Result` from base-grid node vectors `[M0, K]` (host or device) sorted largest first: signs, rq,
+    objective — the quotients on the device (`quotients`), then one transfer and the rest on the host (`assemble`).
+
+    `metric`: the operator B in which the vectors are orthonormal (None: the identity); orth_error = max|XᵀBX − I|.
+    """
+    dev = quotients(graphs, weights, vecs, num_images, base, metric)
+    vecs, eigvals, (rqs, obj, bv) = jax.device_get((vecs, eigvals, dev))
+    return assemble(vecs, eigvals, rqs, obj, bv, num_images, base, steps=steps, seconds=seconds, method=method,
+                    history=history, info=info)
+
+
+__all__ = ["Result", "assemble", "finish", "fix_signs", "quotients", "signs", "stack", "to_nodes"]
