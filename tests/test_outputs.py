@@ -26,9 +26,19 @@ TINY = ["--model", "dinov2_vits14", "--weights", "random"]
 def cli(*argv, umask=None, cwd=None, timeout=600):
     """Run the installed console script; returns CompletedProcess (text)."""
     exe = [EXE] if os.path.exists(EXE) else [sys.executable, "-m", "spectral_jax"]
-    pre = (lambda: os.umask(umask)) if umask is not None else None
-    return subprocess.run([*exe, *map(str, argv)], capture_output=True, text=True, preexec_fn=pre, cwd=cwd,
-                          timeout=timeout)
+    return subprocess.run([*exe, *map(str, argv)], capture_output=True, text=True, cwd=cwd, timeout=timeout,
+                          umask=-1 if umask is None else umask)
+
+
+def cli_all(*calls, umasks=None):
+    """Independent runs at once: each call (an argv tuple) runs as its own console-script process (with its umask
+    from `umasks`, if given), concurrently — most of a refusal's cost is the interpreter's start and imports, and a
+    2-core box runs two at a time; results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    umasks = umasks or [None] * len(calls)
+    with ThreadPoolExecutor(3) as pool:
+        return list(pool.map(lambda c: cli(*c[0], umask=c[1]), zip(calls, umasks)))
 
 
 def one_line_exit2(r, needle):
@@ -84,10 +94,11 @@ def test_extract_never_destroys_its_input_and_appends_npz(image, tmp_path):
 
 def test_extract_out_folder_or_under_a_file_refused_before_work(image, tmp_path):
     (tmp_path / "existing").mkdir()
-    one_line_exit2(cli("extract", image, *TINY, "--out", str(tmp_path / "existing") + os.sep), "is a folder")
-    one_line_exit2(cli("extract", image, *TINY, "--out", tmp_path / "existing"), "is a folder")
     (tmp_path / "file.txt").write_text("x")
-    one_line_exit2(cli("extract", image, *TINY, "--out", tmp_path / "file.txt" / "sub" / "a.npz"), "is a file")
+    cases = [(str(tmp_path / "existing") + os.sep, "is a folder"), (tmp_path / "existing", "is a folder"),
+             (tmp_path / "file.txt" / "sub" / "a.npz", "is a file")]
+    for r, (_, needle) in zip(cli_all(*(("extract", image, *TINY, "--out", o) for o, _ in cases)), cases):
+        one_line_exit2(r, needle)
     assert sorted(os.listdir(tmp_path)) == ["existing", "file.txt"]
     assert os.listdir(tmp_path / "existing") == []
 
@@ -97,26 +108,28 @@ def test_solve_refuses_out_equal_to_input_and_bad_options(acts, tmp_path):
     one_line_exit2(cli("solve", acts, "--graph", "qk", "--num-eigs", "2", "--out", acts), "input")
     assert acts.read_bytes() == before
     out = tmp_path / "r.npz"
-    for argv, needle in [(["--graph", "qk", "--method", "gd", "--lr", "-1"], "--lr"),
-                         (["--graph", "qk", "--method", "gd", "--lr", "nan"], "--lr"),
-                         (["--graph", "knn-qk", "--k-intra", "0"], "--k-intra"),
-                         (["--graph", "knn-qk", "--k-intra", "-3"], "--k-intra"),
-                         (["--graph", "qk", "--lr", "0.1"], "--method gd")]:
-        one_line_exit2(cli("solve", acts, "--num-eigs", "2", *argv, "--out", out), needle)
+    cases = [(["--graph", "qk", "--method", "gd", "--lr", "-1"], "--lr"),
+             (["--graph", "qk", "--method", "gd", "--lr", "nan"], "--lr"),
+             (["--graph", "knn-qk", "--k-intra", "0"], "--k-intra"),
+             (["--graph", "knn-qk", "--k-intra", "-3"], "--k-intra"),
+             (["--graph", "qk", "--lr", "0.1"], "--method gd")]
+    runs = cli_all(*(("solve", acts, "--num-eigs", "2", *argv, "--out", out) for argv, _ in cases))
+    for r, (_, needle) in zip(runs, cases):
+        one_line_exit2(r, needle)
     assert os.listdir(tmp_path) == []
 
 
 def test_outputs_follow_the_umask(acts, image, tmp_path):
-    r = cli("solve", acts, "--graph", "qk", "--num-eigs", "2", "--out", tmp_path / "r022.npz", umask=0o022)
-    assert r.returncode == 0, r.stderr
+    out = tmp_path / "an"
+    runs = cli_all(("solve", acts, "--graph", "qk", "--num-eigs", "2", "--out", tmp_path / "r022.npz"),
+                   ("solve", acts, "--graph", "qk", "--num-eigs", "2", "--out", tmp_path / "sub" / "r002.npz"),
+                   ("analyze", image, *TINY, "--size", "28", "--num-eigs", "3", "--layers", "0", "--out", out),
+                   umasks=[0o022, 0o002, 0o022])
+    for r in runs:
+        assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(os.stat(tmp_path / "r022.npz").st_mode) == 0o644
-    r = cli("solve", acts, "--graph", "qk", "--num-eigs", "2", "--out", tmp_path / "sub" / "r002.npz", umask=0o002)
-    assert r.returncode == 0, r.stderr
     assert stat.S_IMODE(os.stat(tmp_path / "sub" / "r002.npz").st_mode) == 0o664
     assert stat.S_IMODE(os.stat(tmp_path / "sub").st_mode) == 0o775
-    out = tmp_path / "an"
-    r = cli("analyze", image, *TINY, "--size", "28", "--num-eigs", "3", "--layers", "0", "--out", out, umask=0o022)
-    assert r.returncode == 0, r.stderr
     modes = {os.path.relpath(os.path.join(d, n), out): stat.S_IMODE(os.stat(os.path.join(d, n)).st_mode)
              for d, ds, fs in os.walk(out) for n in ds + fs}
     modes["."] = stat.S_IMODE(os.stat(out).st_mode)
@@ -133,14 +146,15 @@ def test_huge_resize_and_k_refused_in_one_line_before_work(tmp_path, image):
     strip = tmp_path / "strip.png"
     Image.new("RGB", (4000, 20), (10, 200, 30)).save(strip)          # 224 shorter side → 224×44800
     out = tmp_path / "o"
-    line = one_line_exit2(cli("analyze", strip, *TINY, "--size", "224", "--out", out), "tokens")
-    assert "SPECTRAL_JAX_MAX_TOKENS" in line
-    one_line_exit2(cli("analyze", image, *TINY, "--size", "100000", "--out", out), "tokens")
-    one_line_exit2(cli("extract", image, *TINY, "--size", "100000", "--out", tmp_path / "a.npz"), "tokens")
-    one_line_exit2(cli("analyze", image, *TINY, "--num-eigs", "10000", "--out", out), "--num-eigs")
-    one_line_exit2(cli("analyze", image, *TINY, "--size", "14", "--out", out), "--num-eigs")
-    one_line_exit2(cli("analyze", image, *TINY, "--size", "abc", "--out", out), "--size")
-    one_line_exit2(cli("analyze", tmp_path, *TINY, "--out", out), "is a folder")
+    cases = [(("analyze", strip, *TINY, "--size", "224", "--out", out), "tokens"),
+             (("analyze", image, *TINY, "--size", "100000", "--out", out), "tokens"),
+             (("extract", image, *TINY, "--size", "100000", "--out", tmp_path / "a.npz"), "tokens"),
+             (("analyze", image, *TINY, "--num-eigs", "10000", "--out", out), "--num-eigs"),
+             (("analyze", image, *TINY, "--size", "14", "--out", out), "--num-eigs"),
+             (("analyze", image, *TINY, "--size", "abc", "--out", out), "--size"),
+             (("analyze", tmp_path, *TINY, "--out", out), "is a folder")]
+    lines = [one_line_exit2(r, needle) for r, (_, needle) in zip(cli_all(*(c for c, _ in cases)), cases)]
+    assert "SPECTRAL_JAX_MAX_TOKENS" in lines[0]
     assert sorted(os.listdir(tmp_path)) == ["strip.png"]
 
 
@@ -157,8 +171,10 @@ def test_token_cap_is_overridable(tmp_path, image, monkeypatch):
 
 def test_out_under_a_file_refused_before_the_model_runs(tmp_path, image):
     (tmp_path / "file").write_text("x")
-    one_line_exit2(cli("analyze", image, *TINY, "--out", tmp_path / "file" / "out"), "is a file")
-    one_line_exit2(cli("analyze", image, *TINY, "--out", tmp_path / "file"), "not a folder")
+    under, onto = cli_all(("analyze", image, *TINY, "--out", tmp_path / "file" / "out"),
+                          ("analyze", image, *TINY, "--out", tmp_path / "file"))
+    one_line_exit2(under, "is a file")
+    one_line_exit2(onto, "not a folder")
     assert os.listdir(tmp_path) == ["file"]
 
 

@@ -92,11 +92,11 @@ def test_exact_planted_partition_recovered(rng):
 
 
 def test_exact_multigrid_matches_dense_generalised_eigh(rng):
-    q1 = (1.5 * rng.normal(size=(2, 2, 256, 8))).astype(np.float32)
-    q2 = (1.5 * rng.normal(size=(2, 64, 8))).astype(np.float32)
-    gs = [graphs.attention(q1, q1[::-1], (16, 16)), graphs.attention(q2, q2, (8, 8))]
+    q1 = (1.5 * rng.normal(size=(2, 2, 100, 8))).astype(np.float32)
+    q2 = (1.5 * rng.normal(size=(2, 25, 8))).astype(np.float32)
+    gs = [graphs.attention(q1, q1[::-1], (10, 10)), graphs.attention(q2, q2, (5, 5))]
     ws = normalised_weights(gs, None)
-    a, b = (np.asarray(m, np.float64) for m in dense_operators(gs, ws, (16, 16), 1))
+    a, b = (np.asarray(m, np.float64) for m in dense_operators(gs, ws, (10, 10), 1))
     lb = np.linalg.cholesky(b)
     c = np.linalg.solve(lb, np.linalg.solve(lb, a).T)
     vals, y = np.linalg.eigh(0.5 * (c + c.T))
