@@ -149,7 +149,7 @@ def last_layer_result(bb, root: str, names: list[str], size: int, num_eigs: int,
     out = []
     for s in range(0, len(names), batch):
         chunk = names[s:s + batch]
-        x = np.stack([F.read_image(os.path.join(root, n), (size, size), pre.patch_size, pre.mean, pre.std)
+        x = np.stack([F.read_image(os.path.join(root, n), (size, size), pre)
                       for n in chunk] + [np.zeros((size, size, 3), np.float32)] * (batch - len(chunk)))
         out.append(np.asarray(feats(bb.params, x))[:len(chunk)])
     a = np.concatenate(out).reshape(1, -1, out[0].shape[-1])                     # [1, n·N, C]

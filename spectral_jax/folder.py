@@ -102,17 +102,18 @@ def first_readable(root: str, files: list[str]) -> tuple[int | None, str]:
     return None, why
 
 
-def read_image(path: str, size: tuple[int, int], patch: int, mean, std) -> np.ndarray:
-    """One file → float32 `[H, W, 3]` model input (bicubic resize to exactly `size`, then normalised).
+def read_image(path: str, size: tuple[int, int], pre) -> np.ndarray:
+    """One file → float32 `[H, W, 3]` model input: resized to exactly `size` with the model's filter, then
+    normalised, as `pre` (the backbone's `PreprocessSpec`: patch_size, mean, std, resample) says.
 
     Raises `InputError` (naming the file) when it cannot be read.
     """
     from spectral_jax import io
 
-    return io.preprocess(io.load_image(path), tuple(size), patch, mean, std)
+    return io.preprocess(io.load_image(path), tuple(size), pre.patch_size, pre.mean, pre.std, pre.resample)
 
 
-def read_slots(root: str, files: list[str], idx: np.ndarray, size: tuple[int, int], patch: int, mean, std
+def read_slots(root: str, files: list[str], idx: np.ndarray, size: tuple[int, int], pre
                ) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
     """Read the images `files[idx]` of some batch slots: (x float32 `[n, H, W, 3]`, valid bool `[n]`,
     {image index: reason} for files that could not be read). Padding slots (idx < 0) and unreadable files give
@@ -124,7 +125,7 @@ def read_slots(root: str, files: list[str], idx: np.ndarray, size: tuple[int, in
         if i < 0:
             continue
         try:
-            x[s] = read_image(os.path.join(root, files[i]), size, patch, mean, std)
+            x[s] = read_image(os.path.join(root, files[i]), size, pre)
             valid[s] = True
         except InputError as e:
             failed[int(i)] = f"{e.problem}"

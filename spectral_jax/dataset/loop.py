@@ -162,7 +162,7 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
 
     def produce(s):
         idx = batch_indices(settings.seed, s, len(where.files), b)
-        x, ok, bad = F.read_slots(where.root, where.files, idx[slots], hw, pre.patch_size, pre.mean, pre.std)
+        x, ok, bad = F.read_slots(where.root, where.files, idx[slots], hw, pre)
         return idx, x, ok, bad
 
     bar = _bar(progress, total, start)
@@ -317,7 +317,7 @@ def _skipped(where: Folder, status: np.ndarray, failed: dict, pre, size) -> list
         why = failed.get(int(i))
         if why is None:
             try:
-                F.read_image(os.path.join(where.root, where.files[i]), size, pre.patch_size, pre.mean, pre.std)
+                F.read_image(os.path.join(where.root, where.files[i]), size, pre)
                 why = "could not be read during the run"
             except InputError as e:
                 why = e.problem

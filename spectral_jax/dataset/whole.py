@@ -102,7 +102,7 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     def produce(start):
         idx = first + np.arange(start, start + b_loc)
         idx = np.where((idx < len(files)) & (idx < first + share), idx, -1)
-        return (idx,) + F.read_slots(root, files, idx, geom.size, pre.patch_size, pre.mean, pre.std)
+        return (idx,) + F.read_slots(root, files, idx, geom.size, pre)
 
     with F.Prefetcher(produce, range(0, share, b_loc), depth=settings.prefetch) as batches:
         for start, (idx, x, ok, bad) in batches:
