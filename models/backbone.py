@@ -124,10 +124,11 @@ class Backbone:
     @classmethod
     def from_function(cls, name: str, fn: Callable, params: Any = None, *, patch_size: int, num_layers: int,
                       size: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_prefix: int = 0,
-                      jittable: bool = True) -> "Backbone":
+                      resample: str = "bicubic", jittable: bool = True) -> "Backbone":
         """Wrap any `fn(params, images, layers) -> {layer: (q, k, v)}` (q/k/v `[B, heads, T, D]`, T = num_prefix +
         h·w patch tokens, h = H/patch_size, w = W/patch_size, row-major) or `-> Taps` as a `Backbone`.
-        `layers` is a tuple of indices, or None for all."""
+        `layers` is a tuple of indices, or None for all; images are resized with `resample` (`io.RESAMPLE_FILTERS`:
+        the filter of the model's reference preprocessing)."""
 
         def apply(p, images, layers, hidden=False):
             if hidden:
@@ -138,8 +139,8 @@ class Backbone:
             grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
             return Taps({int(i): LayerTap(q, k, v, grid, num_prefix) for i, (q, k, v) in _items(out)})
 
-        return cls(name, PreprocessSpec(size, patch_size, tuple(mean), tuple(std)), int(num_layers), params, apply,
-                   weights="user", jittable=jittable)
+        prep = PreprocessSpec(size, patch_size, tuple(mean), tuple(std), resample)
+        return cls(name, prep, int(num_layers), params, apply, weights="user", jittable=jittable)
 
 
 def _items(out) -> Iterable:
