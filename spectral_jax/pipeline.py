@@ -19,13 +19,12 @@ Shape legend
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import os
 import time
 from typing import Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax.analysis import View, describe  # noqa: F401  (re-exported: the last step of the data flow)
@@ -101,12 +100,11 @@ def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, laye
     from spectral_jax import layer_weights as LW
     from spectral_jax.solvers.exact import check_problem, dense_fits, exact_batch, images_per_call
 
-    patches = taps.patches()
-    gl = [ls for _, ls in G.group_layers(patches)]
+    gl = [ls for _, ls in G.group_layers(jax.eval_shape(Taps.patches, taps))]
     spec = None if layer_weights is None else LW.parse(layer_weights, sorted(l for ls in gl for l in ls))
     if isinstance(spec, str) and spec != "uniform":        # a rule that reads each image's spectra
         return None
-    shapes = jax.eval_shape(lambda t: G.from_taps(t, graph, image=0, **kw), patches)   # one image's groups
+    shapes = jax.eval_shape(lambda t: G.from_taps(t, graph, image=0, **kw), taps)   # one image's groups
     w, per, base = weights, None, None
     if layer_weights is not None:
         w, per = LW.for_groups(shapes, gl, layer_weights, num_eigs)
@@ -114,28 +112,32 @@ def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, laye
     base, _, m0 = check_problem(shapes, num_eigs, base)
     if not dense_fits(m0, num_eigs):
         return None
-    nimg = next(iter(patches.layers.values())).q.shape[0]
+    nimg = next(iter(taps.layers.values())).q.shape[0]
     calls = -(-nimg // (per_call or images_per_call(shapes, base)))
+    build = _TapGroups(graph, tuple(sorted(kw.items())))
     parts, start = [], 0
     for c in range(calls):                              # equal sizes (± 1): at most two compiled programs
         size = nimg // calls + (c < nimg % calls)
-        stacked = _image_groups(patches.layers, start, graph, size, tuple(sorted(kw.items())))
-        for res in exact_batch(stacked, num_eigs, weights=w, base_grid=base):
+        chunk = taps.layers if calls == 1 else jax.tree.map(lambda x: x[start:start + size], taps.layers)
+        for res in exact_batch(chunk, num_eigs, weights=w, base_grid=base, build=build):
             parts.append(_with_layer_weights(res, per))
         start += size
     return stack(parts)
 
 
-@functools.partial(jax.jit, static_argnames=("graph", "size", "kw"))
-def _image_groups(layers, start, graph: str, size: int, kw: tuple):
-    """Graph groups of images start … start + size − 1 (`graphs.from_taps` each, kw its options as sorted items),
-    stacked leaf by leaf: every data leaf gets a leading image axis of `size` (`solvers.exact.exact_batch`)."""
-    from spectral_jax import graphs as G
+@dataclasses.dataclass(frozen=True)
+class _TapGroups:
+    """One image's graph groups (`graphs.from_taps`) from its slice of `Taps.layers` (q/k/v `[H, T, D]`): the
+    `build` of `solvers.exact.exact_batch`, traced inside its program. kw: from_taps' options as sorted items."""
 
-    chunk = Taps({i: jax.tree.map(lambda x: jax.lax.dynamic_slice_in_dim(x, start, size), t)
-                  for i, t in layers.items()})
-    per = [G.from_taps(chunk, graph, image=i, **dict(kw)) for i in range(size)]
-    return jax.tree.map(lambda *xs: jnp.stack(xs), *per)
+    graph: str
+    kw: tuple
+
+    def __call__(self, layers):
+        from spectral_jax import graphs as G
+
+        one = Taps({i: jax.tree.map(lambda x: x[None], t) for i, t in layers.items()})
+        return G.from_taps(one, self.graph, image=0, **dict(self.kw))
 
 
 def _with_layer_weights(res: Result, per) -> Result:

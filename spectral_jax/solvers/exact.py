@@ -183,45 +183,50 @@ def images_per_call(graphs: Sequence[Graph], base: tuple[int, int], budget_bytes
     Per image: `DENSE_ARRAYS` float32 n×n arrays, n = max(M0, the largest group's nodes) — A and B, one graph's
     logits, softmax and the running sum with its transpose while A is built, the eigensolver's copy of A, its
     workspace and eigenvectors, B's Cholesky factor — plus the image's graph data (the stacked copy of its q/k or
-    v). E.g. DINOv2-B at 448² (M0 = 1024, 144 graphs of 1024 × 64): 40 + 75 MiB, so 17 images within 2 GiB; at 896²
-    (M0 = 4096): 640 + 302 MiB, 2 images. At least 1.
+    v). E.g. DINOv2-B at 448² (M0 = 1024, 144 graphs of 1024 × 64): 40 + 72 MiB, so 18 images within 2 GiB; at 896²
+    (M0 = 4096): 640 + 288 MiB, 2 images. At least 1.
     """
     n = max([base[0] * base[1]] + [g.num_nodes for g in graphs])
     data = sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(graphs))
     return max(1, int(budget_bytes) // (DENSE_ARRAYS * 4 * n * n + data))
 
 
-def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, vmap: bool | None = None,
+def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, build=None, vmap: bool | None = None,
                 subset: bool | None = None) -> list[Result]:
     """`exact`'s dense path for a batch of independent one-image problems of the same structure, in one compiled
     call: one `Result` per image, equal to `exact` on that image's graphs (to float32 rounding; the same info).
 
     graphs: groups whose every data leaf has a leading axis of b images (the b images' groups stacked leaf by leaf,
-    e.g. `jax.tree.map(lambda *x: jnp.stack(x), *[from_taps(taps, "qk", image=i) for i in range(b)])`); each
-    image's problem must take the dense path (`dense_fits`). weights: per-group arrays as in `exact`, the same for
-    every image. One program builds every image's A (and B when the grids differ), solves, and computes the
-    residuals, the per-graph quotients and B·X; the host gets it all in one transfer, then orders, signs and
-    assembles each image's `Result` (`seconds`: the call's wall time shared equally). The eigensolver (subset None:
-    by the backend): on the CPU backend LAPACK's subset driver per image (`_subset_eig`, called back from the
-    program; measured faster than a full `eigh`), elsewhere the device's batched `eigh` (Cholesky route when
-    B ≠ I). vmap: the images in parallel
+    e.g. `jax.tree.map(lambda *x: jnp.stack(x), *[from_taps(taps, "qk", image=i) for i in range(b)])`); or, with
+    `build`, any pytree whose leaves have a leading axis of b images, `build(one image's slice)` → that image's
+    groups, traced inside the program (no stacked copy of the graphs; `build` is a static argument of the compiled
+    program, so a hashable value such as a frozen dataclass, not a new lambda per call). Each image's problem must
+    take the dense path (`dense_fits`). weights: per-group arrays as in `exact`, the same for every image.
+
+    One program builds every image's A (and B when the grids differ), solves, and computes the residuals, the
+    per-graph quotients and B·X; the host gets it all in one transfer, then orders, signs and assembles each image's
+    `Result` (`seconds`: the call's wall time shared equally). The eigensolver (subset None: by the backend): on the
+    CPU backend LAPACK's subset driver per image (`_subset_eig`, called back from the program; measured faster than
+    a full `eigh`), elsewhere the device's batched `eigh` (Cholesky route when B ≠ I). vmap: the images in parallel
     (`jax.vmap`: memory for all b at once) or one after the other (`lax.map`) while A and the quotients are built;
-    None: sequential on the CPU backend (measured faster there: one graph's N² tiles stay in cache), parallel
-    elsewhere. Memory: about `images_per_call`'s estimate per image; split larger batches (the pipeline does).
+    None: one after the other on the CPU backend (measured faster there: one graph's N² tiles stay in cache),
+    parallel elsewhere. Memory: about `images_per_call`'s estimate per image; split larger batches (the pipeline
+    does).
     """
-    graphs = as_list(graphs)
-    nb = int(jax.tree.leaves(graphs[0])[0].shape[0])
-    base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
+    data = as_list(graphs) if build is None else graphs
+    nb = int(jax.tree.leaves(data)[0].shape[0])
+    one = as_list(jax.eval_shape(lambda d: _image(build, d), jax.tree.map(lambda x: x[0], data)))
+    base, nimg, m0 = check_problem(one, num_eigs, base_grid)
     if nimg != 1 or not dense_fits(m0, num_eigs):
         raise ValueError(f"exact_batch takes one-image problems on the dense path (got {nimg} images per problem, "
                          f"M0 = {m0}): call exact on each")
-    ws = normalised_weights(graphs, weights)
-    same = all(tuple(g.grid) == base for g in graphs)
-    cpu = next(iter(jax.tree.leaves(graphs[0])[0].devices())).platform == "cpu"
+    ws = normalised_weights(one, weights)
+    same = all(tuple(g.grid) == base for g in one)
+    cpu = next(iter(jax.tree.leaves(data)[0].devices())).platform == "cpu"
     parallel = (not cpu) if vmap is None else bool(vmap)
     lapack = cpu if subset is None else bool(subset)
     t0 = time.perf_counter()
-    out = _solve_batch(graphs, ws, int(num_eigs), base, same, lapack, nb if parallel else None)
+    out = _solve_batch(data, build, ws, int(num_eigs), base, same, lapack, nb if parallel else None)
     vals, vecs, res, rqs, obj, bv = jax.device_get(out)                        # the one transfer
     seconds = (time.perf_counter() - t0) / nb
     results = []
@@ -233,16 +238,21 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, vma
     return results
 
 
-@functools.partial(jax.jit, static_argnames=("k", "base", "same", "subset", "batch_size"))
-def _solve_batch(graphs, ws, k, base, same, subset, batch_size):
+def _image(build, d):
+    """One image's graph groups from its slice `d` of `exact_batch`'s input."""
+    return as_list(d if build is None else build(d))
+
+
+@functools.partial(jax.jit, static_argnames=("build", "k", "base", "same", "subset", "batch_size"))
+def _solve_batch(data, build, ws, k, base, same, subset, batch_size):
     """(vals `[b, k]`, vecs `[b, M0, k]`, residuals `[b, k]`, per-group R `[b, *S, k]`, objective `[b]`, B·X
     `[b, M0, k]` or None) of `exact_batch`; images mapped with `lax.map(batch_size=batch_size)` (None: one at a
     time)."""
-    def build(gs):
-        a, b = dense_operators(gs, ws, base, 1)
+    def operators(d):
+        a, b = dense_operators(_image(build, d), ws, base, 1)
         return a, (None if same else b)
 
-    a, b = jax.lax.map(build, graphs, batch_size=batch_size)                  # [b, M0, M0]
+    a, b = jax.lax.map(operators, data, batch_size=batch_size)                # [b, M0, M0]
     nb, m0 = a.shape[0], a.shape[1]
     if subset:
         shapes = (jax.ShapeDtypeStruct((nb, k), jnp.float32), jax.ShapeDtypeStruct((nb, m0, k), jnp.float32))
@@ -253,11 +263,11 @@ def _solve_batch(graphs, ws, k, base, same, subset, batch_size):
         a, b, vecs, vals)
 
     def quote(inp):
-        gs, x = inp
+        gs = _image(build, inp[0])
         metric = None if same else linear_operators(gs, ws, base, 1)[1]
-        return quotients(gs, ws, x, 1, base, metric)
+        return quotients(gs, ws, inp[1], 1, base, metric)
 
-    rqs, obj, bv = jax.lax.map(quote, (graphs, vecs), batch_size=batch_size)
+    rqs, obj, bv = jax.lax.map(quote, (data, vecs), batch_size=batch_size)
     return vals, vecs, res, rqs, obj, bv
 
 
