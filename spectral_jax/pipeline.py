@@ -25,6 +25,7 @@ import time
 from typing import Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax.analysis import View, describe  # noqa: F401  (re-exported: the last step of the data flow)

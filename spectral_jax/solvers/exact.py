@@ -222,7 +222,8 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
                          f"M0 = {m0}): call exact on each")
     ws = normalised_weights(one, weights)
     same = all(tuple(g.grid) == base for g in one)
-    cpu = next(iter(jax.tree.leaves(data)[0].devices())).platform == "cpu"
+    leaf = jax.tree.leaves(data)[0]                       # host (numpy) inputs go to the default device
+    cpu = (next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]).platform == "cpu"
     parallel = (not cpu) if vmap is None else bool(vmap)
     lapack = cpu if subset is None else bool(subset)
     t0 = time.perf_counter()
