@@ -40,7 +40,7 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
           layer_weights=None, preset: str = "eigen", param: str = "table", tau: float = 0.1, k_intra: int = 50,
           k_inter: int = 50, min_cos: float = 0.1, steps: int | None = None, lr: float | None = None,
           sample: float | None = None, seed: int = 0, progress: bool = False,
-          batch_images: int | None = None) -> Result:
+          batch_images: int | None = None, graph_dtype: str = "float32", tol: float | None = None) -> Result:
     """Solve the layer-distributed objective for `source`: a `Taps` (every tapped layer and head) or a list of
     graphs (`spectral_jax.graphs`, solved as one problem).
 
@@ -49,7 +49,10 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
     equal weights; layer_weights (Taps only, not with weights): one number per tapped layer (in layer order, or a
     mapping layer → weight) or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select"), read per
     image from that image's graphs — the per-layer weights used go to `result.info["layer_weights"]`. method "exact"
-    (`solvers.exact`) or "gd" (`solvers.gd`, with preset/param/steps/lr/sample).
+    (`solvers.exact`) or "gd" (`solvers.gd`, with preset/param/steps/lr/sample); tol: the solver's convergence
+    threshold (None: its default — exact's relative residual √eps32, gd's per preset). graph_dtype (Taps only): what the
+    graphs store q/k, unit v and kNN features in, "float32" or "bfloat16" (`graphs.from_taps(dtype=)`; products,
+    softmax, A and the eigensolver stay float32).
 
     Taps with qk/vv graphs, method "exact", each image's problem dense (`solvers.exact.dense_fits`: M0 ≤ 8192 base
     nodes — 448² DINOv2 has 1024, 1288² 8464) and layer weights that do not read the graphs (numbers, "uniform", or
@@ -71,11 +74,13 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
         raise InputError(f"batch_images {batch_images!r}", "must be None or an integer ≥ 0",
                          "pass None (from the memory budget), 0 (one image at a time) or e.g. 8")
 
+    tkw = {} if tol is None else {"tol": tol}
+
     def one(gs, w, base=None):
         if method == "exact":
-            return solvers.exact(gs, num_eigs, weights=w, base_grid=base, seed=seed)
+            return solvers.exact(gs, num_eigs, weights=w, base_grid=base, seed=seed, **tkw)
         return solvers.gd(gs, num_eigs, preset, weights=w, base_grid=base, steps=steps, lr=lr, param=param,
-                          sample=sample, seed=seed, progress=progress)
+                          sample=sample, seed=seed, progress=progress, tol=tol)
 
     if not isinstance(source, Taps):
         if layer_weights is not None:
@@ -86,15 +91,15 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
     def weighted(gs, gl):
         return _weighted(gs, gl, one, layer_weights, num_eigs) if layer_weights is not None else one(gs, weights)
 
-    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
+    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
     if method == "exact" and graph in ("qk", "vv") and batch_images != 0:
-        res = _exact_images(source, graph, kw, num_eigs, weights, layer_weights, batch_images)
+        res = _exact_images(source, graph, kw, num_eigs, weights, layer_weights, batch_images, tkw)
         if res is not None:
             return res
     return _per_image(source, graph, kw, weighted)
 
 
-def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, layer_weights, per_call):
+def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, layer_weights, per_call, tkw: dict):
     """`solve`'s batched exact path (see there): the stacked `Result` of every image, or None where the per-image
     loop must run (a layer-weight rule that reads spectra; a problem above the dense size)."""
     from spectral_jax import graphs as G
@@ -120,7 +125,7 @@ def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, laye
     for c in range(calls):                              # equal sizes (± 1): at most two compiled programs
         size = nimg // calls + (c < nimg % calls)
         chunk = taps.layers if calls == 1 else jax.tree.map(lambda x: x[start:start + size], taps.layers)
-        for res in exact_batch(chunk, num_eigs, weights=w, base_grid=base, build=build):
+        for res in exact_batch(chunk, num_eigs, weights=w, base_grid=base, build=build, **tkw):
             parts.append(_with_layer_weights(res, per))
         start += size
     return stack(parts)
@@ -192,7 +197,8 @@ def parse_subsets(subsets, tapped: Sequence[int]) -> list[tuple[int, ...]]:
 
 
 def sweep(taps: Taps, subsets=None, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *,
-          tau: float = 0.1, k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, **solve_kw) -> list[Result]:
+          tau: float = 0.1, k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, graph_dtype: str = "float32",
+          **solve_kw) -> list[Result]:
     """One `Result` per layer subset of one forward's `taps`: each subset's graphs alone, solved like `solve`.
 
     subsets: None for each tapped layer alone, or a list of layers / `range`s / layer lists (`parse_subsets`),
@@ -206,7 +212,7 @@ def sweep(taps: Taps, subsets=None, graph: str = "qk", num_eigs: int = 20, metho
         raise InputError("weights", "are not taken by sweep (each subset has its own groups)",
                          "solve the weighted problem with solve(..., layer_weights=)")
     chosen = parse_subsets(subsets, sorted(taps.layers))
-    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
+    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
 
     def each(gs, gl):
         out = []
@@ -221,7 +227,8 @@ def sweep(taps: Taps, subsets=None, graph: str = "qk", num_eigs: int = 20, metho
 
 def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Result | None = None,
                 image: int = 0, timesteps: Sequence[int] | None = None, layer_weights=None, tau: float = 0.1,
-                k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, seed: int = 0):
+                k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, seed: int = 0,
+                graph_dtype: str = "float32"):
     """Which layers, heads (and timesteps) of `taps` say what in the joint solution (`analysis.Attribution`).
 
     The joint solution is `result` (image `image` of it; for a joint kNN graph the joint solve) or, if None, the
@@ -236,7 +243,7 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     from spectral_jax.analysis import attribution as attr
     from spectral_jax.objective import project, to_nodes
 
-    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos)
+    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
     joint = graph in ("knn-qk", "knn-vv")
     gs, gl = graph_groups(taps, graph, None if joint else image, kw)
     if result is None:
@@ -337,7 +344,7 @@ def load_inputs(images, prep, size=None) -> tuple[list[np.ndarray], list[np.ndar
             if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3 or min(arr.shape[:2]) < 1:
                 raise InputError(f"images[{i}]", f"must be uint8 [H, W, 3], got {arr.dtype} {arr.shape}",
                                  "pass file paths, PIL images or RGB uint8 arrays")
-        x = io.preprocess(arr, size, prep.patch_size, prep.mean, prep.std)
+        x = io.preprocess(arr, size, prep.patch_size, prep.mean, prep.std, prep.resample)
         xs.append(x)
         shown.append(np.asarray(Image.fromarray(arr).resize((x.shape[1], x.shape[0]), Image.Resampling.BICUBIC)))
         names.append(name)
@@ -382,7 +389,7 @@ def run(bb, x: np.ndarray, graph: str = "qk", num_eigs: int = 20, method: str = 
 
 def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, graph: str = "qk", layers="all",
             num_eigs: int = 20, method: str = "exact", size=None, *, backbone=None, progress: bool = False,
-            **solve_kw) -> Result:
+            dtype: str = "float32", **solve_kw) -> Result:
     """Layer-distributed spectral analysis of `images` (paths, PIL images or uint8 `[H, W, 3]` arrays).
 
     Loads `model` (`load_backbone`; weights: None for the published checkpoint, a directory, an HF repo id,
@@ -392,7 +399,9 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     model loads). size: shorter side (rounded down to the patch) or (H, W), None for the
     model's default (448 for the ViTs); the images must
     come out one size (they go through the backbone as one batch): pass size=(H, W) for images of different shapes,
-    or call analyze once per image. Every input is read and checked before the model loads. Returns a `Result`
+    or call analyze once per image. Every input is read and checked before the model loads. dtype: the forward's,
+    "float32" or "bfloat16" (`load_backbone(dtype=)`; not used with `backbone`); graph_dtype= (a `solve` keyword):
+    the graphs' storage. Returns a `Result`
     (eigvecs `[B, K, h, w]`); timings in `result.info`.
     """
     from spectral_jax import graphs as G
@@ -403,6 +412,9 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
         raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
     if method not in METHODS:
         raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
+    if dtype not in ("float32", "bfloat16"):
+        raise InputError(f"dtype {dtype!r}", "is not a forward dtype", "choose float32 or bfloat16")
+    G.storage_dtype(solve_kw.get("graph_dtype", "float32"), "graph_dtype")      # checked before the model loads
     if backbone is None:
         spec = models.get_spec(model)
         prep, depth = spec.preprocess, spec.config.num_layers
@@ -418,5 +430,5 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     if len(same_size_batches(xs)) > 1:
         raise InputError("images", f"resize to {len({x.shape for x in xs})} different sizes",
                          "pass size=(H, W) to give them one, or call analyze once per image")
-    bb = backbone or models.load_backbone(model, weights)
+    bb = backbone or models.load_backbone(model, weights, dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
     return run(bb, np.stack(xs), graph, num_eigs, method, layers=chosen, progress=progress, **solve_kw)

@@ -150,18 +150,36 @@ def test_storage_dtype_rejects_others():
     assert G.storage_dtype(jnp.bfloat16) == BF16 and G.storage_dtype(None) is None
 
 
-@pytest.mark.parametrize("cmd", ["analyze", "extract"])
-def test_cli_dtype_bad_value_exits_2(cmd, tmp_path, capsys):
+@pytest.mark.parametrize("cmd,flag", [("analyze", "--dtype"), ("extract", "--dtype"), ("analyze", "--graph-dtype")])
+def test_cli_dtype_bad_value_exits_2(cmd, flag, tmp_path, capsys):
     from spectral_jax.io import SAMPLE
 
     out = tmp_path / ("x.npz" if cmd == "extract" else "x")
     with pytest.raises(SystemExit) as e:                      # argparse's usage error (one line, exit 2)
-        main([cmd, SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--dtype", "float16",
+        main([cmd, SAMPLE, "--model", "dinov2_vits14", "--weights", "random", flag, "float16",
               "--out", str(out)])
     assert e.value.code == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "--dtype" in err and "'bfloat16'" in err
+    assert err.count("\n") == 1 and flag in err and "'bfloat16'" in err
     assert not out.exists()
+
+
+def test_api_forward_and_graph_dtypes():
+    """analyze(dtype=, graph_dtype=) reach the backbone and the graphs; bfloat16 stays close to float32 (a random
+    ViT's graphs: near-uniform attention, so the eigenvalues are compared, not the subspaces); a bad dtype is one
+    InputError before the model loads."""
+    import spectral_jax as sj
+
+    img = np.random.default_rng(0).integers(0, 256, (28, 42, 3), dtype=np.uint8)
+    kw = dict(model="dinov2_vits14", weights="random", layers="0,1", num_eigs=3, size=(28, 42))
+    ref = sj.analyze(img, **kw)
+    for dt, gdt in (("bfloat16", "float32"), ("float32", "bfloat16")):
+        res = sj.analyze(img, dtype=dt, graph_dtype=gdt, **kw)
+        assert res.eigvals.dtype == ref.eigvals.dtype
+        np.testing.assert_allclose(res.eigvals, ref.eigvals, atol=2e-2)
+    for bad, needle in ((dict(dtype="float16"), "forward dtype"), (dict(graph_dtype="bf16"), "float32, bfloat16")):
+        with pytest.raises(InputError, match=needle):
+            sj.analyze(img, **bad, **kw)
 
 
 def test_cli_extract_bf16_forward(tmp_path, capsys):

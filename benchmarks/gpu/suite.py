@@ -43,11 +43,12 @@ import timing  # noqa: E402
 
 # name → (title, budget seconds on the GPU, budget in tiny mode)
 SECTIONS = {
-    "forward": ("Backbone forward with all q/k/v taps: Flax (jit) vs transformers (PyTorch)", 170, 120),
-    "analyze": ("Single-image analyze (exact, K = 20), DINOv2-B, random weights", 45, 120),
-    "unet": ("SD 1.5-size UNet 512², 16 layers × 8 heads × 10 timesteps: taps + exact multi-grid solve", 110, 120),
-    "attention": ("Matrix-free attention P·Z and gradient vs dense, and the dot_product_attention candidate", 50, 120),
-    "dataset": ("Exact dataset solve at COCO scale (synthetic features)", 45, 120),
+    "forward": ("Backbone forward with all q/k/v taps: Flax (jit) vs transformers (PyTorch)", 150, 120),
+    "analyze": ("analyze (exact, K = 20), DINOv2-B, random weights: one image, and 32 images batched vs one at a time", 80,
+                120),
+    "unet": ("SD 1.5-size UNet 512², 16 layers × 8 heads × 10 timesteps: taps + exact multi-grid solve", 100, 120),
+    "attention": ("Matrix-free attention P·Z and gradient vs dense, and the dot_product_attention candidate", 45, 120),
+    "dataset": ("Exact dataset solve at COCO scale (synthetic features)", 40, 120),
     "bf16": ("bfloat16 graph storage (float32 accumulation) vs float32: dense A, exact solve, kNN search", 35, 120),
 }
 # tiny mode compiles dozens of toy programs whose speed does not matter: XLA's cheapest code generation halves the

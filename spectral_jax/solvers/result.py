@@ -112,7 +112,7 @@ def stack(parts: Sequence[Result]) -> Result:
         raise ValueError("stack needs results of one grid, K and graph count")
     infos = [dict(p.info) for p in parts]
     info = {"per_image": infos}
-    if all("converged" in i for i in infos):      # only solvers that report it (gd does not): never claimed
+    if all("converged" in i for i in infos):      # only solvers that report it: never claimed
         info["converged"] = all(i["converged"] for i in infos)
     for key in ("iterations", "max_residual"):
         if all(key in i for i in infos):
