@@ -221,6 +221,7 @@ class OutputDir:
             raise InputError(f"{flag} {self.out}", f"cannot write in {parent} ({e.strerror})",
                              "pass an output folder in a writable location") from None
         self.committed = False
+        self.kept = False          # a failed merge that could not be undone: tmp holds the replaced entries
 
     def commit(self) -> str:
         _chmod_default(self.tmp, directory=True)
@@ -239,11 +240,11 @@ class OutputDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             trash = tempfile.mkdtemp(dir=self.tmp, prefix=".old-")
-            for name in entries:
-                src, dst = os.path.join(self.tmp, name), os.path.join(self.out, name)
-                if os.path.lexists(dst):
-                    os.rename(dst, os.path.join(trash, name))
-                os.rename(src, dst)
+            try:
+                _merge(self.tmp, self.out, entries, trash)
+            except _MergeStuck:
+                self.kept = True
+                raise
             shutil.rmtree(self.tmp, ignore_errors=True)
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -252,7 +253,7 @@ class OutputDir:
         return self.out
 
     def discard(self) -> None:
-        if not self.committed:
+        if not self.committed and not self.kept:
             shutil.rmtree(self.tmp, ignore_errors=True)
             _remove_dirs(self._created)
 
@@ -261,6 +262,38 @@ class OutputDir:
 
     def __exit__(self, *exc) -> None:
         self.discard()
+
+
+class _MergeStuck(OSError):
+    """A merge failed and could not be undone either."""
+
+
+def _merge(tmp: str, out: str, entries: Sequence[str], trash: str) -> None:
+    """Move each entry of `tmp` into `out`, an existing entry of the same name first into `trash` — all or nothing:
+    when a move fails, the entries already moved go back to `tmp` and the replaced ones back into `out`, and the
+    error is raised (so `out` is as before). Should undoing fail too, `_MergeStuck` names `tmp`, which then holds
+    the replaced entries (under `trash`) and is not removed."""
+    done: list[tuple[str, bool]] = []
+    try:
+        for name in entries:
+            src, dst, old = os.path.join(tmp, name), os.path.join(out, name), os.path.join(trash, name)
+            had = os.path.lexists(dst)
+            if had:
+                os.rename(dst, old)
+            done.append((name, had))
+            os.rename(src, dst)
+    except OSError as e:
+        try:
+            for name, had in reversed(done):
+                src, dst, old = os.path.join(tmp, name), os.path.join(out, name), os.path.join(trash, name)
+                if not os.path.lexists(src):                    # moved (the entry whose move failed was not)
+                    os.rename(dst, src)
+                if had:
+                    os.rename(old, dst)
+        except OSError as undo:
+            raise _MergeStuck(e.errno, f"merging into {out} failed ({e.strerror or e}) and so did undoing it "
+                                       f"({undo.strerror or undo}): the replaced entries are kept in {trash}") from e
+        raise
 
 
 @contextmanager

@@ -276,6 +276,61 @@ def test_failed_or_empty_writes_leave_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def _old_run(out):
+    os.makedirs(os.path.join(out, "a"))
+    for name, text in (("a/0.txt", "old"), ("b.txt", "old b"), ("keep.txt", "not ours")):
+        with open(os.path.join(out, name), "w") as f:
+            f.write(text)
+
+
+def _tree(folder):
+    return {os.path.relpath(os.path.join(d, n), folder): open(os.path.join(d, n)).read()
+            for d, _, fs in os.walk(folder) for n in fs}
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 3])
+def test_merge_into_an_existing_folder_is_all_or_nothing(tmp_path, monkeypatch, fail_at):
+    """A merge whose n-th rename into `out` fails puts every moved entry back: `out` is as before, nothing is left
+    beside it; should undoing fail too, the replaced entries are kept (in the temporary folder, named) — never
+    deleted."""
+    out = str(tmp_path / "run")
+    _old_run(out)
+    before = _tree(out)
+    rename, calls = os.rename, {"n": 0, "fail": fail_at}
+
+    def flaky(src, dst):
+        if os.path.dirname(os.path.abspath(dst)) == out and ".tmp-" in src:   # a new entry moving into out
+            calls["n"] += 1
+            if calls["n"] == calls["fail"]:
+                raise OSError(28, "No space left on device")
+        return rename(src, dst)
+
+    monkeypatch.setattr(files.os, "rename", flaky)
+    with pytest.raises(OSError, match="No space left"):
+        with files.staged_dir(out, names=["a", "b.txt", "c.txt"]) as tmp:
+            os.makedirs(os.path.join(tmp, "a"))
+            for name in ("a/0.txt", "b.txt", "c.txt"):
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write("new")
+    assert _tree(out) == before
+    assert sorted(os.listdir(tmp_path)) == ["run"]
+
+    def stuck(src, dst):                     # the last entry's move fails, and every move back too
+        if (".tmp-" in dst and ".old-" not in dst) or ".old-" in src:
+            raise OSError(5, "Input/output error")
+        return flaky(src, dst)
+
+    calls.update(n=0, fail=3)
+    monkeypatch.setattr(files.os, "rename", stuck)
+    with pytest.raises(OSError, match="kept in"):
+        with files.staged_dir(out, names=["a", "b.txt", "c.txt"]) as tmp:
+            for name in ("a", "b.txt", "c.txt"):
+                with open(os.path.join(tmp, name), "w") as f:
+                    f.write("new")
+    kept = {k.split(os.sep, 2)[-1]: v for k, v in _tree(str(tmp_path)).items() if ".old-" in k}
+    assert {k: before[k] for k in kept} == kept and kept          # what was replaced is still on disk
+
+
 def test_npz_rule(tmp_path):
     assert files.npz_path("a") == "a.npz" and files.npz_path("a.NPZ") == "a.NPZ"
     assert files.npz_path("x.jpg") == "x.jpg.npz"
