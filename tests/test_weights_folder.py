@@ -36,11 +36,13 @@ def _q_kernel(model):
     return np.asarray(model.layers[0].attention.q_proj.kernel[...])          # [in, out]
 
 
-def _copy_with(folder, dest, extra: dict[str, dict[str, np.ndarray]]):
-    """`folder`'s files linked into `dest`, plus the named extra safetensors files."""
+def _copy_with(folder, dest, extra: dict[str, dict[str, np.ndarray]], rename: str | None = None):
+    """`folder`'s files linked into `dest` (its model.safetensors under the name `rename`, if given), plus the named
+    extra safetensors files."""
     os.makedirs(dest)
     for name in os.listdir(folder):
-        os.symlink(os.path.join(folder, name), os.path.join(dest, name))
+        link = rename if rename and name == "model.safetensors" else name
+        os.symlink(os.path.join(folder, name), os.path.join(dest, link))
     for name, tensors in extra.items():
         save_file(tensors, os.path.join(dest, name))
     return str(dest)
@@ -67,20 +69,14 @@ def test_model_safetensors_is_the_checkpoint_without_an_index(dinov2_folder, tmp
 
 def test_one_file_of_another_name_is_loaded(dinov2_folder, tmp_path):
     folder, cfg, query = dinov2_folder
-    dest = tmp_path / "renamed"
-    os.makedirs(dest)
-    os.symlink(os.path.join(folder, "config.json"), dest / "config.json")
-    os.symlink(os.path.join(folder, "model.safetensors"), dest / "dinov2-small.safetensors")
-    np.testing.assert_array_equal(_q_kernel(load_weights(cfg, str(dest))), query.detach().numpy().T)
+    dest = _copy_with(folder, tmp_path / "renamed", {}, rename="dinov2-small.safetensors")
+    np.testing.assert_array_equal(_q_kernel(load_weights(cfg, dest)), query.detach().numpy().T)
 
 
 def test_several_files_without_index_are_refused(dinov2_folder, tmp_path):
     folder, cfg, _ = dinov2_folder
-    dest = tmp_path / "several"
-    os.makedirs(dest)
-    os.symlink(os.path.join(folder, "config.json"), dest / "config.json")
-    os.symlink(os.path.join(folder, "model.safetensors"), dest / "dinov2-small.safetensors")
-    save_file({"x": np.zeros(2, np.float32)}, str(dest / "adapter.safetensors"))
+    dest = _copy_with(folder, tmp_path / "several", {"adapter.safetensors": {"x": np.zeros(2, np.float32)}},
+                      rename="dinov2-small.safetensors")
     msg = (r"holds 2 \.safetensors files \(adapter\.safetensors, dinov2-small\.safetensors\) and no "
            r"model\.safetensors or model\.safetensors\.index\.json .* — pass the file to load \(e\.g\. --weights "
            r".*adapter\.safetensors\), or add the index")
@@ -90,7 +86,7 @@ def test_several_files_without_index_are_refused(dinov2_folder, tmp_path):
     with pytest.raises(InputError, match=msg):
         convert.read_safetensors(str(dest))
     # the file named explicitly is loaded
-    load_weights(cfg, str(dest / "dinov2-small.safetensors"))
+    load_weights(cfg, os.path.join(dest, "dinov2-small.safetensors"))
 
 
 def test_flux_config_reads_a_diffusers_model_config_with_tuples():
