@@ -12,6 +12,21 @@ import dataclasses
 from typing import Any
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+FORWARD_DTYPES = ("float32", "bfloat16")     # a backbone forward's dtypes (`load_backbone(dtype=)`, CLI --dtype)
+
+
+def forward_dtype(name: str | None, what: str = "dtype"):
+    """The `load_backbone(dtype=)` of a forward dtype name: None for "float32" or None (every family's float32
+    default), jnp.bfloat16 for "bfloat16"; anything else is an `InputError` naming `what`."""
+    if name in (None, "float32"):
+        return None
+    if name not in FORWARD_DTYPES:
+        from spectral_jax.errors import InputError
+
+        raise InputError(f"{what} {name!r}", "is not a forward dtype", f"choose one of {', '.join(FORWARD_DTYPES)}")
+    import jax.numpy as jnp
+
+    return jnp.bfloat16
 
 
 # The resize filter each family's reference image processor uses (checked in transformers 5.24 / diffusers 0.42):

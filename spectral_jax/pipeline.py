@@ -30,6 +30,7 @@ import numpy as np
 
 from spectral_jax.analysis import View, describe  # noqa: F401  (re-exported: the last step of the data flow)
 from spectral_jax.errors import InputError
+from spectral_jax.models.spec import forward_dtype
 from spectral_jax.solvers.result import Result, stack
 from spectral_jax.taps import Taps
 
@@ -400,7 +401,7 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     model's default (448 for the ViTs); the images must
     come out one size (they go through the backbone as one batch): pass size=(H, W) for images of different shapes,
     or call analyze once per image. Every input is read and checked before the model loads. dtype: the forward's,
-    "float32" or "bfloat16" (`load_backbone(dtype=)`; not used with `backbone`); graph_dtype= (a `solve` keyword):
+    "float32" or "bfloat16" (`load_backbone(dtype=)`; with `backbone`, only "float32": its weights are loaded); graph_dtype= (a `solve` keyword):
     the graphs' storage. Returns a `Result`
     (eigvecs `[B, K, h, w]`); timings in `result.info`.
     """
@@ -412,8 +413,10 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
         raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
     if method not in METHODS:
         raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
-    if dtype not in ("float32", "bfloat16"):
-        raise InputError(f"dtype {dtype!r}", "is not a forward dtype", "choose float32 or bfloat16")
+    if backbone is not None and dtype != "float32":
+        raise InputError(f"dtype {dtype!r}", "is not used with a backbone given (its weights are already loaded)",
+                         "pass dtype= to load_backbone instead")
+    jdtype = forward_dtype(dtype)
     G.storage_dtype(solve_kw.get("graph_dtype", "float32"), "graph_dtype")      # checked before the model loads
     if backbone is None:
         spec = models.get_spec(model)
@@ -430,5 +433,5 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     if len(same_size_batches(xs)) > 1:
         raise InputError("images", f"resize to {len({x.shape for x in xs})} different sizes",
                          "pass size=(H, W) to give them one, or call analyze once per image")
-    bb = backbone or models.load_backbone(model, weights, dtype=jnp.bfloat16 if dtype == "bfloat16" else None)
+    bb = backbone or models.load_backbone(model, weights, dtype=jdtype)
     return run(bb, np.stack(xs), graph, num_eigs, method, layers=chosen, progress=progress, **solve_kw)

@@ -177,7 +177,8 @@ def test_api_forward_and_graph_dtypes():
         res = sj.analyze(img, dtype=dt, graph_dtype=gdt, **kw)
         assert res.eigvals.dtype == ref.eigvals.dtype
         np.testing.assert_allclose(res.eigvals, ref.eigvals, atol=2e-2)
-    for bad, needle in ((dict(dtype="float16"), "forward dtype"), (dict(graph_dtype="bf16"), "float32, bfloat16")):
+    for bad, needle in ((dict(dtype="float16"), "forward dtype"), (dict(graph_dtype="bf16"), "float32, bfloat16"),
+                        (dict(dtype="bfloat16", backbone=object()), "load_backbone instead")):
         with pytest.raises(InputError, match=needle):
             sj.analyze(img, **bad, **kw)
 

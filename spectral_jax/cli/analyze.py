@@ -16,8 +16,9 @@ import time
 
 import numpy as np
 
-from spectral_jax.cli.extract import add_dtype_flag, forward_dtype
+from spectral_jax.cli.extract import add_dtype_flag
 from spectral_jax.errors import InputError
+from spectral_jax.models.spec import forward_dtype
 
 
 def _common(p, model_default=None):

@@ -15,8 +15,7 @@ import json
 import time
 
 from spectral_jax.errors import InputError
-
-FORWARD_DTYPES = ("float32", "bfloat16")
+from spectral_jax.models.spec import FORWARD_DTYPES, forward_dtype
 
 
 def add_dtype_flag(p) -> None:
@@ -24,15 +23,6 @@ def add_dtype_flag(p) -> None:
     p.add_argument("--dtype", choices=FORWARD_DTYPES, default="float32",
                    help="dtype of the backbone forward (weights and activations; bfloat16 halves memory and runs on "
                         "an accelerator's tensor cores, with float32 accumulation in the matmuls) (default float32)")
-
-
-def forward_dtype(name: str | None):
-    """The `load_backbone(dtype=)` of a --dtype value: None (the family's float32 default) or jnp.bfloat16."""
-    if name in (None, "float32"):
-        return None
-    import jax.numpy as jnp
-
-    return jnp.bfloat16
 
 
 def run(args: argparse.Namespace) -> int:
