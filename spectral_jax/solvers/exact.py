@@ -134,8 +134,7 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     # the eigenpairs as they come (in the solver's order and signs; sorted and signed on the host)
     vals, vecs = jnp.asarray(vals, jnp.float32), jnp.asarray(vecs, jnp.float32)
     res = residuals(a_op, b_op, vecs, vals)
-    metric = None if same else linear_operators(graphs, ws, base, nimg)[1]
-    dev = quotients(graphs, ws, vecs, nimg, base, metric)
+    dev = quotients(graphs, ws, vecs, nimg, base, b_op)       # b_op: B's product (None: B = I), as the solver's
     vals, vecs, res, steps, (rqs, obj, bv) = jax.device_get((vals, vecs, res, steps, dev))
     seconds = time.perf_counter() - t0
     vals, vecs, res, rqs, bv = largest_first(vals, vecs, res, rqs, bv)
