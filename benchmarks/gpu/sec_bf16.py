@@ -108,7 +108,7 @@ def run(st: Section) -> None:
     def solve_err(res, ref):
         gs = [G.attention(q, k, grid)]
         sub = eval_bf16.subspace(eval_bf16.node_vectors(res.eigvecs), eval_bf16.node_vectors(ref.eigvecs),
-                                 eval_bf16.reference_a(gs))
+                                 lambda b: eval_bf16.apply_a(gs, b))
         return {"err": eval_bf16.eig_rel_err(res.eigvals[0], ref.eigvals[0]),
                 "err_kind": "max over k of abs Δλ_k ÷ λ_k", "overlap": sub["overlap"]}
 
