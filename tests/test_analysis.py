@@ -411,15 +411,16 @@ def test_grid_coords():
 # ---------------------------------------------------------------------------------------------------- views
 
 
-def test_import_and_describe_need_no_jax():
+def test_import_needs_no_jax_and_describe_runs():
+    """Importing analysis loads no JAX (describe's k-means loads it on its first call: `analysis.lloyd`)."""
     child = textwrap.dedent("""
         import sys, types
         import numpy as np
         import spectral_jax.analysis as A
+        print(sorted(m for m in ("jax", "jaxlib", "flax", "optax", "torch") if m in sys.modules))
         ev = np.random.default_rng(0).normal(size=(1, 4, 6, 6))
         views = A.describe(types.SimpleNamespace(eigvecs=ev, eigvals=np.array([1.0, 0.9, 0.8, 0.7])))
         assert len(views) == 1 and isinstance(views[0], A.View), views
-        print(sorted(m for m in ("jax", "jaxlib", "flax", "optax", "torch") if m in sys.modules))
     """)
     r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})

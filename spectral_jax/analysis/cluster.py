@@ -1,11 +1,16 @@
-"""k-means, the automatic choice of k, and spectral segments (k-means on the spectral embedding). Pure numpy.
+"""k-means, the automatic choice of k, and spectral segments (k-means on the spectral embedding).
+
+k-means runs as one compiled JAX program (`analysis.lloyd`, imported on the first call: importing this module
+needs no JAX): k-means++ seeding, Lloyd iterations and the best of n_init runs, float32 on centred data; the
+labels come back to numpy, which computes the float64 centres and inertia and the canonical numbering. The
+silhouette of `auto_k` is numpy on a subsample.
 
 Shape legend
     K      eigenvectors `[K, h, w]`, sorted by eigenvalue, largest first
     (h, w) the eigenvectors' grid;  N = h*w pixels (or any N points), flattened row-major
     F      feature width per point;  k  clusters;  m  candidate values of k;  S  subsampled points
 
-Everything random takes a `seed`: the same inputs and seed give the same outputs. Arithmetic is float64 inside.
+Everything random takes a `seed`: the same inputs and seed give the same outputs.
 """
 
 from __future__ import annotations
@@ -24,58 +29,8 @@ class KMeans(NamedTuple):
     """k-means result. Clusters are numbered by size, largest first (ties: earliest first pixel)."""
 
     labels: np.ndarray  # [N] int32
-    centers: np.ndarray  # [k, F] float64
-    inertia: float  # sum over points of the squared distance to their centre
-
-
-def _sqdist(x: np.ndarray, x2: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """Squared Euclidean distances `[N, k]` of points x `[N, F]` (squared norms x2 `[N]`) to centres c `[k, F]`."""
-    return np.maximum(x2[:, None] - 2.0 * (x @ c.T) + np.einsum("kf,kf->k", c, c)[None, :], 0.0)
-
-
-def _kmeans_pp(x: np.ndarray, x2: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k-means++ seeding: first centre uniform, each next one drawn with probability ∝ D(x)², D = distance to the
-    nearest centre chosen so far."""
-    n = x.shape[0]
-    idx = [int(rng.integers(n))]
-    d = _sqdist(x, x2, x[idx])[:, 0]
-    for _ in range(1, k):
-        cum = np.cumsum(d)
-        if cum[-1] > 0:
-            i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
-            i = min(i, n - 1)
-        else:  # fewer distinct points than k
-            i = int(rng.integers(n))
-        idx.append(i)
-        d = np.minimum(d, _sqdist(x, x2, x[i : i + 1])[:, 0])
-    return x[idx].copy()
-
-
-def _lloyd(x, x2, c, iters: int, tol: float):
-    """Lloyd iterations from centres c `[k, F]`; returns (labels `[N]`, centres = their means, inertia)."""
-    n, k = x.shape[0], c.shape[0]
-    labels = None
-    rows = np.arange(n)
-    xt = np.ascontiguousarray(x.T)  # [F, N], for the per-feature bincounts
-    for _ in range(iters):
-        dist = _sqdist(x, x2, c)
-        new = dist.argmin(1)
-        counts = np.bincount(new, minlength=k)
-        own = dist[rows, new]
-        for j in np.flatnonzero(counts == 0):  # empty cluster: take the point farthest from its centre
-            far = int(np.argmax(np.where(counts[new] > 1, own, -1.0)))
-            counts[new[far]] -= 1
-            new[far] = j
-            counts[j] = 1
-            own[far] = -1.0
-        c_new = np.stack([np.bincount(new, weights=col, minlength=k) for col in xt], 1) / counts[:, None]
-        shift = float(np.sum((c_new - c) ** 2))
-        done = labels is not None and np.array_equal(new, labels)
-        labels, c = new, c_new
-        if done or shift <= tol:
-            break
-    inertia = float(np.sum((x - c[labels]) ** 2))
-    return labels, c, inertia
+    centers: np.ndarray  # [k, F] float64, the mean of each cluster's points
+    inertia: float  # sum over points of the squared distance to their centre (float64)
 
 
 def _canonical(labels: np.ndarray, centers: np.ndarray):
@@ -90,31 +45,35 @@ def _canonical(labels: np.ndarray, centers: np.ndarray):
     return remap[labels].astype(np.int32), centers[order]
 
 
-def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, tol: float = 1e-6) -> KMeans:
+def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, tol: float = 1e-6,
+           trials: int = 1) -> KMeans:
     """k-means on `features` `[N, F]`: k-means++ seeding, Lloyd iterations, best of `n_init` runs by inertia.
 
     Minimises Σ_n ||x_n − c_{label(n)}||². A run stops when assignments stop changing, when the centres' total
     squared move is below `tol` × the features' mean variance, or after `iters` iterations. An empty cluster takes
-    the point farthest from its centre.
-    Deterministic: run r uses `SeedSequence(seed).spawn(n_init)[r]`.
+    the point farthest from its centre. `trials` > 1: greedy k-means++ seeding (that many candidates per centre,
+    the one lowering Σ D² most kept). Deterministic: run r draws from `split(key(seed), n_init)[r]`.
+    Runs in float32 on the default JAX device (`analysis.lloyd`: precision, recompilation); the centres and the
+    inertia are float64, computed from the labels.
     """
     x = _features(features)
     n = x.shape[0]
     if not 1 <= int(k) <= n:
         raise InputError("k", f"must be in [1, N={n}], got {k}", "ask for fewer clusters")
-    if n_init < 1 or iters < 1:
-        raise InputError("n_init/iters", f"must be >= 1, got {n_init}/{iters}", "use e.g. n_init=10, iters=100")
+    if n_init < 1 or iters < 1 or trials < 1:
+        raise InputError("n_init/iters/trials", f"must be >= 1, got {n_init}/{iters}/{trials}",
+                         "use e.g. n_init=10, iters=100, trials=1")
+    from spectral_jax.analysis.lloyd import best_labels
+
     k = int(k)
-    x2 = np.einsum("nf,nf->n", x, x)
-    tol_abs = tol * float(x.var(0).mean())
-    best = None
-    for ss in np.random.SeedSequence(seed).spawn(n_init):
-        rng = np.random.default_rng(ss)
-        labels, centers, inertia = _lloyd(x, x2, _kmeans_pp(x, x2, k, rng), iters, tol_abs)
-        if best is None or inertia < best[2]:
-            best = (labels, centers, inertia)
-    labels, centers = _canonical(*best[:2])
-    return KMeans(labels, centers, best[2])
+    xc = x - x.mean(0)
+    labels = best_labels(xc, k, seed, n_init, iters, tol * float(xc.var(0).mean()), trials)
+    counts = np.bincount(labels, minlength=k)
+    centers = np.stack([np.bincount(labels, weights=col, minlength=k) for col in np.ascontiguousarray(x.T)], 1)
+    centers /= np.maximum(counts, 1)[:, None]
+    inertia = float(np.sum((x - centers[labels]) ** 2))
+    labels, centers = _canonical(labels, centers)
+    return KMeans(labels, centers, inertia)
 
 
 class AutoK(NamedTuple):
@@ -181,9 +140,9 @@ def auto_k(features=None, k_range: tuple[int, int] = (2, 10), method: str = "sil
             sub = np.sort(np.random.default_rng([seed, 1]).choice(n, size=max_samples, replace=False))
         else:
             sub = np.arange(n)
-        xs = x[sub]
+        xs = x[sub] - x[sub].mean(0)
         x2 = np.einsum("nf,nf->n", xs, xs)
-        d = np.sqrt(_sqdist(xs, x2, xs))
+        d = np.sqrt(np.maximum(x2[:, None] - 2.0 * (xs @ xs.T) + x2[None, :], 0.0))  # [S, S], S ≤ max_samples
         np.fill_diagonal(d, 0.0)
         scores = np.array([_silhouette(d, kmeans(x, int(k), seed, n_init, iters).labels[sub]) for k in ks])
     else:
