@@ -12,10 +12,10 @@ on GPUs). Centring makes |x| and |c| of the order of the clusters' spread rather
 the origin, so float32 rounding (~1e-7·|x|·|c|) only decides ties closer than that; seeding distances are Σ (x − c)²
 (no cancellation). The caller recomputes the centres and the inertia of the winning labels in float64.
 
-Recompilation: `_runs` compiles once per (Np, kp, F, n_init, trials): Np is N rounded up to 2^e·{1, 1.25, 1.5, 1.75}
-(≤ 25 % padding, at least 256), kp is k rounded up to a power of two (at least 8: every k ≤ 8 shares one program).
-seed, k and N within their buckets, iters and tol are traced: a silhouette scan over k = 2…10 on images of one size
-compiles two programs (kp = 8, 16), once per process.
+Recompilation: `_runs` compiles once per (Np, kp, F, n_init, trials; trials defaults to a function of kp): Np is N
+rounded up to 2^e·{1, 1.25, 1.5, 1.75} (≤ 25 % padding, at least 256), kp is k rounded up to a power of two (at
+least 8: every k ≤ 8 shares one program). seed, k and N within their buckets, iters and tol are traced: a silhouette
+scan over k = 2…10 on images of one size compiles two programs (kp = 8, 16), once per process.
 
 Shape legend
     N  points   F  features   k  clusters   Np, kp  N and k padded to their buckets   T  k-means++ candidates per centre
@@ -139,14 +139,18 @@ def _runs(x, valid, key, k, iters, tol, *, kp: int, n_init: int, trials: int):
     return labels, inertia, its
 
 
-def best_labels(xc: np.ndarray, k: int, seed: int, n_init: int, iters: int, tol: float, trials: int) -> np.ndarray:
+def best_labels(xc: np.ndarray, k: int, seed: int, n_init: int, iters: int, tol: float,
+                trials: int | None = None) -> np.ndarray:
     """Labels `[N]` int64 of the best (smallest inertia) of `n_init` k-means runs of centred points xc `[N, F]`
     (run r seeded from `jax.random.split(jax.random.key(seed), n_init)[r]`; `tol` absolute, on the centres' total
-    squared move). Every cluster j < k holds at least one point."""
+    squared move; `trials` k-means++ candidates per centre, None: 2 + ⌊ln kp⌋). Every cluster j < k holds at
+    least one point."""
     n, f = xc.shape
+    kp = _bucket_k(k)
+    trials = 2 + int(math.log(kp)) if trials is None else int(trials)
     np_ = _bucket_n(n)
     xp = np.zeros((np_, f), np.float32)
     xp[:n] = xc
     labels, _, _ = _runs(jnp.asarray(xp), jnp.asarray(np.arange(np_) < n), jax.random.key(seed), jnp.int32(k),
-                         jnp.int32(iters), jnp.float32(tol), kp=_bucket_k(k), n_init=int(n_init), trials=int(trials))
+                         jnp.int32(iters), jnp.float32(tol), kp=kp, n_init=int(n_init), trials=trials)
     return np.asarray(labels)[:n].astype(np.int64)
