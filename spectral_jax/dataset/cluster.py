@@ -11,8 +11,9 @@ its eigenvalue (the diffusion map at time 1: weak eigenvectors — within-cluste
 row scaled to unit length (Ng–Jordan–Weiss: a token's position on the sphere, not its degree, says its cluster).
 Eigenvalues come from the run's summary (method exact); a gd run has none, and its columns stay unweighted.
 
-Clustering: `analysis.kmeans` — k-means++ seeding, Lloyd iterations, the best of `n_init` runs by inertia, every
-random choice from `seed` — on the `[N, K−1]` embedding; segments are numbered by size, largest first.
+Clustering: `analysis.kmeans` — greedy k-means++ seeding, Lloyd iterations, the best of `n_init` runs by inertia,
+every random choice from `seed`, one jitted JAX program on the default device (`analysis.lloyd`) — on the `[N, K−1]`
+embedding; segments are numbered by size, largest first.
 
 Number of segments: an int (1 … the tokens of the dataset), or "auto":
   - "eigengap" (runs with eigenvalues, K ≥ 3): k = argmax over 2 ≤ k ≤ K−1 of λ_{k−1} − λ_k, the largest drop in
@@ -24,7 +25,8 @@ Number of segments: an int (1 … the tokens of the dataset), or "auto":
   - "silhouette" (no eigenvalues: gd runs; or K = 2): k-means (3 runs each) for every k in [2, K − 1], and the mean
     silhouette of a seeded subsample of at most 2 000 tokens (`analysis.auto_k`); the highest wins, ties to the
     smallest k.
-Memory: the embedding `[N, K−1]` and k-means' `[N, k]` distances, float64: O(N·(K + k)), never N×N.
+Memory: the embedding `[N, K−1]` float64 on the host, and on the device its float32 copy and one run's `[N, k]`
+scores (N and k padded to their buckets, ≤ 25 % and < 2× more): O(N·(K + k)), never N×N.
 
 Shape legend
     n  images    (h, w)  the eigenvectors' grid    N = n·h·w tokens    K  eigenvectors    F = K − 1    k  segments
