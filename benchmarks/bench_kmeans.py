@@ -1,9 +1,9 @@
 """k-means: the jitted JAX program (`analysis.kmeans`) vs the numpy implementation it replaced, and the seed
 stability of per-image segments at auto k.
 
-    python benchmarks/bench_kmeans.py speed              # N = 1e5 and 1e6, F = 19, k = 10, n_init = 10
-    python benchmarks/bench_kmeans.py stability          # real DINOv2-S eigenvectors, seeds 0..4, old vs new
-    python benchmarks/bench_kmeans.py all                # both; writes benchmarks/results/kmeans.md
+    python benchmarks/bench_kmeans.py speed       # N = 1e5 and 1e6, F = 19, k = 10, n_init = 10 (~5 min, busy CPU)
+    python benchmarks/bench_kmeans.py stability   # real DINOv2-S eigenvectors, seeds 0..4, old vs new (~3 min)
+Both print their rows (JSON per row); benchmarks/results/kmeans.md holds the tables of one run.
 
 speed: points from a mixture of 30 unit centres in R^19 plus Gaussian noise (σ = 0.35/√19 per coordinate), rows
 unit-length — the shape of the dataset embedding (`dataset.cluster.embedding`). New: the first call (incl. compile)
@@ -107,7 +107,7 @@ def numpy_in_library():
     from spectral_jax.analysis import cluster
 
     new = cluster.kmeans
-    cluster.kmeans = lambda f, k, seed=0, n_init=10, iters=100, tol=1e-6, trials=1: numpy_kmeans(
+    cluster.kmeans = lambda f, k, seed=0, n_init=10, iters=100, tol=1e-6, trials=None: numpy_kmeans(
         f, k, seed, n_init, iters, tol)[0]
     try:
         yield
@@ -208,3 +208,41 @@ def stability(eigvecs, eigvals, seeds=range(5), variants=None) -> dict:
                      "seconds": round(time.perf_counter() - t0, 1)}
         print(name, {k: v for k, v in out[name].items() if k != "ks"}, flush=True)
     return out
+
+
+def main() -> None:
+    import contextlib as cl
+    import json
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("what", choices=("speed", "stability"))
+    ap.add_argument("--cache", default="/tmp/bench_kmeans_eigs.npz", help="eigenvector cache (stability)")
+    ap.add_argument("--images", type=int, default=10)
+    args = ap.parse_args()
+    if args.what == "speed":
+        for row in speed():
+            print(json.dumps(row))
+        return
+    from spectral_jax.analysis import cluster
+
+    def with_kmeans(**over):
+        @cl.contextmanager
+        def ctx():
+            new = cluster.kmeans
+            cluster.kmeans = lambda f, k, seed=0, n_init=10, iters=100, tol=1e-6, trials=None: new(
+                f, k, seed, **{**dict(n_init=n_init, iters=iters, tol=tol, trials=trials), **over})
+            try:
+                yield
+            finally:
+                cluster.kmeans = new
+        return ctx
+
+    ev, lam = real_eigs(args.cache, args.images)
+    variants = {"numpy (previous)": (numpy_in_library, {}), "JAX plain k-means++": (with_kmeans(trials=1), {}),
+                "JAX greedy (default)": (cl.nullcontext, {}),
+                "JAX plain, n_init=50": (with_kmeans(trials=1, n_init=50), {})}
+    print(json.dumps(stability(ev, lam, variants=variants)))
+
+
+if __name__ == "__main__":
+    main()

@@ -51,10 +51,11 @@ def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, 
 
     Minimises Σ_n ||x_n − c_{label(n)}||². A run stops when assignments stop changing, when the centres' total
     squared move is below `tol` × the features' mean variance, or after `iters` iterations. An empty cluster takes
-    the point farthest from its centre. Seeding is greedy k-means++: `trials` candidates per centre drawn ∝ D², the one
-    lowering Σ D² most kept; default 2 + ⌊ln kp⌋ (scikit-learn's 2 + ⌊ln k⌋ on k's bucket kp, so that the
-    candidates do not add programs: 4 for k ≤ 16, 5 for k ≤ 32). 1 is plain k-means++. It made auto-k segments of
-    real eigenvectors agree 0.90 between seeds instead of 0.86 (benchmarks/results/kmeans.md). Deterministic: run r draws from `split(key(seed), n_init)[r]`.
+    the point farthest from its centre. Seeding is greedy k-means++: `trials` candidates per centre drawn ∝ D², the
+    one lowering Σ D² most kept; default 2 + ⌊ln kp⌋ (scikit-learn's 2 + ⌊ln k⌋ on k's bucket kp, so the candidates
+    add no compiled programs: 4 for k ≤ 16, 5 for k ≤ 32); 1 is plain k-means++. Greedy seeding made auto-k segments
+    of real eigenvectors agree 0.90 between seeds instead of 0.86 (benchmarks/results/kmeans.md).
+    Deterministic: run r draws from `split(key(seed), n_init)[r]`.
     Runs in float32 on the default JAX device (`analysis.lloyd`: precision, recompilation); the centres and the
     inertia are float64, computed from the labels.
     """
