@@ -11,7 +11,8 @@ Sections (each module's docstring says exactly what it times):
                official PyTorch loop (100 of 2000 passes timed, extrapolated)
     attention  matrix-free P·Z and its gradient at N = 16k, 65k, 262k vs dense, plus the candidate
                `jax.nn.dot_product_attention` path (xla / cudnn, bf16 error vs f32)
-    dataset    exact dataset solve at COCO scale (synthetic features, N = 1.28 M): `graphs.knn` + `solvers.exact`
+    dataset    exact dataset solve at COCO scale (synthetic features, N = 1.28 M): `graphs.knn` + `solvers.exact`;
+               k-means of the 1.28 M × 19 embedding (k = 20, n_init = 10), the dataset segments' clustering
     bf16       the graphs' bfloat16 storage vs float32 (DINOv2-B-size synthetic taps): dense A, exact solve, kNN
                search — time and error vs float32 per row
 
@@ -43,13 +44,13 @@ import timing  # noqa: E402
 
 # name → (title, budget seconds on the GPU, budget in tiny mode)
 SECTIONS = {
-    "forward": ("Backbone forward with all q/k/v taps: Flax (jit) vs transformers (PyTorch)", 150, 120),
+    "forward": ("Backbone forward with all q/k/v taps: Flax (jit) vs transformers (PyTorch)", 140, 120),
     "analyze": ("analyze (exact, K = 20), DINOv2-B, random weights: one image, and 32 images batched vs one at a time", 80,
                 120),
     "unet": ("SD 1.5-size UNet 512², 16 layers × 8 heads × 10 timesteps: taps + exact multi-grid solve", 100, 120),
     "attention": ("Matrix-free attention P·Z and gradient vs dense, and the dot_product_attention candidate", 45, 120),
-    "dataset": ("Exact dataset solve at COCO scale (synthetic features)", 40, 120),
-    "bf16": ("bfloat16 graph storage (float32 accumulation) vs float32: dense A, exact solve, kNN search", 35, 120),
+    "dataset": ("Exact dataset solve and k-means at COCO scale (synthetic features)", 55, 120),
+    "bf16": ("bfloat16 graph storage (float32 accumulation) vs float32: dense A, exact solve, kNN search", 30, 120),
 }
 # tiny mode compiles dozens of toy programs whose speed does not matter: XLA's cheapest code generation halves the
 # compile time (the UNet's from 13 s to 7 s of CPU); read when JAX starts its backend, so set before any section

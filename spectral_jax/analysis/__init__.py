@@ -1,10 +1,12 @@
 """Analysis of pseudo-eigenvectors: PCA colours, k-means segments with an automatic k, figure/ground, instance
-masks, the metrics and linear probes used to evaluate them, and a per-image summary of a `Result`. Pure functions
-on numpy arrays; importing this package does not import JAX.
+masks, the metrics and linear probes used to evaluate them, and a per-image summary of a `Result`. Functions of
+numpy arrays; importing this package does not import JAX (k-means is one jitted JAX program, `lloyd`, imported on
+the first `kmeans` call).
 
 One module per topic, every public name re-exported here (`from spectral_jax import analysis as A; A.segment(...)`):
     features  spectral_features, pca_rgb         per-pixel spectral embedding, RGB picture of the eigenvectors
     cluster   KMeans, kmeans, AutoK, auto_k, cluster_embedding, segment   k-means, the choice of k, segments
+    lloyd     (internal) the compiled k-means: greedy k-means++ seeding, Lloyd iterations, n_init runs
     masks     bipartition, instance_masks        figure/ground, instance-mask candidates
     metrics   iou, miou_hungarian                mask IoU, mean IoU after Hungarian matching
     probe     Probe, linear_probe                ridge probes from features to coordinates or labels
@@ -18,7 +20,8 @@ Shape legend
     (H, W) an image's size in pixels
     F      feature width per pixel (K-1 with `skip_first`);  T  regression targets;  k  clusters;  M  instance masks
 
-Everything random takes a `seed`: the same inputs and seed give the same outputs. Arithmetic is float64 inside;
+Everything random takes a `seed`: the same inputs and seed give the same outputs. Arithmetic is float64 inside
+(k-means: float32 runs on centred data, float64 centres and inertia);
 functions returning continuous maps say their dtype. scipy is needed for connected components (`instance_masks`)
 and the Hungarian matching (`miou_hungarian`); it is imported where used.
 """

@@ -34,7 +34,7 @@ of its own images' tokens among all tokens of the batch; rows move between the s
 search) and runs replicated, so the result does not depend on the device count. Multi-host: `init_distributed`;
 each process reads only the images of its own devices' batch slots.
 
-Modules: settings (no JAX), inputs (no JAX), layout, step, checkpoint, cluster (numpy), export, summary, loop.
+Modules: settings (no JAX), inputs (no JAX), layout, step, checkpoint, cluster (numpy; k-means: the jitted `analysis.lloyd`), export, summary, loop.
 Names are imported on first use (PEP 562): `from spectral_jax.dataset import Settings` imports no JAX.
 """
 
