@@ -82,12 +82,18 @@ def parse(spec, layers: Sequence[int], what: str = "layer_weights"):
             raise InputError(f"{what} {spec!r}", "is not a rule or comma-separated numbers",
                              f"pass one of {', '.join(RULES)} or one number per layer, e.g. 0,0,1") from None
     if isinstance(spec, Mapping):
+        if not all(_is_layer(k) for k in spec):
+            raise InputError(f"{what} {dict(spec)!r}", "has keys that are not layer indices",
+                             "map integer layers to weights, e.g. {11: 1.0, 10: 0.5}")
         bad = [k for k in spec if int(k) not in layers]
         if bad:
             raise InputError(f"{what} {dict(spec)!r}", f"names layers {bad} that are not tapped",
                              f"use layers among {layers}")
-        spec = [float(spec.get(l, 0.0)) for l in layers]
+        spec = [spec.get(l, 0.0) for l in layers]
     try:
+        items = np.asarray(spec, object)
+        if items.ndim > 1 or any(isinstance(x, (bool, np.bool_, str, bytes)) for x in items.reshape(-1)):
+            raise TypeError
         w = np.asarray(spec, np.float64).reshape(-1)
     except (TypeError, ValueError):
         raise InputError(f"{what} {spec!r}", "is not a rule name or a list of numbers",
@@ -95,9 +101,14 @@ def parse(spec, layers: Sequence[int], what: str = "layer_weights"):
     if w.size != len(layers):
         raise InputError(f"{what} ({w.size} numbers)", f"need one per tapped layer ({len(layers)}: {layers})",
                          f"pass {len(layers)} numbers, or a rule: {', '.join(RULES)}")
-    if not np.all(np.isfinite(w)) or (w < 0).any() or not w.sum() > 0:
+    if not np.all(np.isfinite(w)) or (w < 0).any() or not w.max() > 0:
         raise InputError(f"{what} {w.tolist()}", "must be finite, ≥ 0 and not all 0", "pass e.g. 1 for every layer")
     return w
+
+
+def _is_layer(key) -> bool:
+    """A mapping key that names a layer: an integer (not a bool)."""
+    return isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_))
 
 
 def rule_weights(rule: str, spectra, agreement=None) -> np.ndarray:
@@ -205,7 +216,9 @@ def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], spec, nu
         if rule == "select" and agreement is None:
             agreement = [head_agreement(subset(graphs, group_layers, [l])[0][0]) for l in layers]
         w = rule_weights(rule, np.ones((len(layers), 2)) if spectra is None else spectra, agreement)
-    w = np.asarray(w, np.float64) / np.sum(w)
+    w = np.asarray(w, np.float64)
+    w = w / w.max()            # first to the largest: a sum of weights near the float64 maximum would overflow
+    w = w / w.sum()
     return group_weights(graphs, group_layers, layers, w), w
 
 

@@ -20,6 +20,7 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import os
 import time
 from typing import Sequence
@@ -35,6 +36,27 @@ from spectral_jax.solvers.result import Result, stack
 from spectral_jax.taps import Taps
 
 METHODS = ("exact", "gd")
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
+
+
+def check_options(*, num_eigs=2, seed=0, tol=None, batch_images=None) -> None:
+    """The solve options every entry point takes, checked where they enter (before any model or solver work):
+    num_eigs an integer ≥ 1 (its bound by the graph's nodes comes with the graph), seed an integer ≥ 0 (numpy's
+    generators refuse negative seeds), tol None or a finite number > 0, batch_images None or an integer ≥ 0."""
+    if not _is_int(num_eigs) or num_eigs < 1:
+        raise InputError(f"num_eigs {num_eigs!r}", "must be an integer ≥ 1", "pass e.g. 20")
+    if not _is_int(seed) or seed < 0:
+        raise InputError(f"seed {seed!r}", "must be an integer ≥ 0", "pass e.g. 0")
+    if tol is not None and (isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.number))
+                            or not (np.isfinite(tol) and tol > 0)):
+        raise InputError(f"tol {tol!r}", "must be a finite number > 0 (a relative residual)",
+                         "pass e.g. tol=1e-4, or None for the solver's default")
+    if batch_images is not None and (not _is_int(batch_images) or batch_images < 0):
+        raise InputError(f"batch_images {batch_images!r}", "must be None or an integer ≥ 0",
+                         "pass None (from the memory budget), 0 (one image at a time) or e.g. 8")
 
 
 def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, weights=None,
@@ -70,10 +92,7 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
         raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
     if layer_weights is not None and weights is not None:
         raise InputError("weights and layer_weights", "are both given", "pass one of them")
-    if batch_images is not None and (isinstance(batch_images, bool) or not isinstance(batch_images, (int, np.integer))
-                                     or batch_images < 0):
-        raise InputError(f"batch_images {batch_images!r}", "must be None or an integer ≥ 0",
-                         "pass None (from the memory budget), 0 (one image at a time) or e.g. 8")
+    check_options(num_eigs=num_eigs, seed=seed, tol=tol, batch_images=batch_images)
 
     tkw = {} if tol is None else {"tol": tol}
 
@@ -184,10 +203,18 @@ def parse_subsets(subsets, tapped: Sequence[int]) -> list[tuple[int, ...]]:
     tapped = [int(l) for l in tapped]
     if subsets is None:
         return [(l,) for l in tapped]
+    fix = "pass e.g. [3, range(8, 12), (0, 11)], or None for each tapped layer alone"
+    if isinstance(subsets, (str, bytes)) or not isinstance(subsets, (list, tuple, range, np.ndarray)):
+        raise InputError(f"subsets {subsets!r}", "is not a list of layer subsets", fix)
+    if not len(subsets):
+        raise InputError("subsets []", "is empty (nothing to solve)", fix)
     out = []
     for s in subsets:
-        items = [s] if isinstance(s, (int, np.integer)) and not isinstance(s, bool) else list(s)
-        if not items or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) for i in items):
+        try:
+            items = [s] if _is_int(s) else list(s)
+        except TypeError:
+            items = []
+        if isinstance(s, (str, bytes)) or not items or not all(_is_int(i) for i in items):
             raise InputError(f"subset {s!r}", "is not a layer, a range or a non-empty list of layers",
                              "pass e.g. [3, range(8, 12), (0, 11)]")
         bad = [int(i) for i in items if int(i) not in tapped]
@@ -244,15 +271,23 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     from spectral_jax.analysis import attribution as attr
     from spectral_jax.objective import project, to_nodes
 
+    check_options(num_eigs=num_eigs, seed=seed)
+    nimg = next(iter(taps.layers.values())).q.shape[0]
+    if not _is_int(image) or not 0 <= image < nimg:
+        raise InputError(f"image {image!r}", f"is not an image index of the taps (0..{nimg - 1})",
+                         f"pass an integer in [0, {nimg})")
+    ts = _timestep_list(timesteps)
     kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
     joint = graph in ("knn-qk", "knn-vv")
     gs, gl = graph_groups(taps, graph, None if joint else image, kw)
     if result is None:
         exact = lambda g, w, base: solvers.exact(g, num_eigs, weights=w, base_grid=base, seed=seed)
         result = _weighted(gs, gl, exact, "uniform" if layer_weights is None else layer_weights, num_eigs)
+    elif not isinstance(result, Result):
+        raise InputError(f"result {type(result).__name__}", "is not a Result", "pass solve(taps, ...)'s Result")
+    _check_result_fits(result, gs, joint, nimg)
     res = result if (joint or result.num_images == 1) else result.image(image)
     k = res.num_eigs
-    ts = [0] if not timesteps else [int(t) for t in timesteps]
     nt = len(ts)
     layers = [l for ls in gl for l in ls]
     rq_groups, pos = [], 0
@@ -283,7 +318,32 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
                       res.eigvals[0], graph)
 
 
+def _timestep_list(timesteps) -> list[int]:
+    """attribution's timesteps: None/empty → [0] (one); else a sequence of integers (the backbone's)."""
+    if timesteps is None:
+        return [0]
+    try:
+        items = None if isinstance(timesteps, (str, bytes)) else list(timesteps)
+    except TypeError:
+        items = None
+    if items is None or not all(_is_int(t) for t in items):
+        raise InputError(f"timesteps {timesteps!r}", "is not a list of integer timesteps",
+                         "pass the backbone's (Backbone.timesteps), or None for one")
+    return [int(t) for t in items] or [0]
+
+
+def _check_result_fits(result: Result, gs, joint: bool, nimg: int) -> None:
+    """attribution's `result` must come from these taps' graphs: one Rayleigh quotient per graph (`rq` `[B, G, K]`)
+    and the taps' B images (or 1) — a result of other taps would be read silently wrong."""
+    graphs = sum(int(np.prod(g.batch_shape, dtype=np.int64)) for g in gs)
+    rq = np.shape(result.rq)
+    if rq[-2] != graphs or result.num_images not in {1, nimg}:
+        raise InputError("result", f"has {result.num_images} image(s) × {rq[-2]} graphs, but the taps give "
+                         f"{nimg} image(s) × {graphs} graphs", "pass the Result of solve on these taps and graph")
+
+
 def _weighted(gs, gl, one, layer_weights, num_eigs: int) -> Result:
+
     """one(gs, per-group weights, base grid) with the weights of `layer_weights` (numbers or a rule,
     `layer_weights.for_groups`) on the largest grid that has weight; the per-layer weights used go to
     `info["layer_weights"]`."""
@@ -375,7 +435,18 @@ def forward(bb, x: np.ndarray, layers=None) -> tuple[Taps, float]:
     size); taps are shared by `solve`, `sweep` and `attribution`."""
     t0 = time.perf_counter()
     taps = jax.block_until_ready(bb.taps(x, layers))
-    return taps, time.perf_counter() - t0
+    seconds = time.perf_counter() - t0
+    check_finite(taps, f"weights {bb.weights!r}")
+    return taps, seconds
+
+
+def check_finite(taps: Taps, what: str) -> None:
+    """Every tapped q/k/v finite, else one `InputError` naming `what` (the weights) and the first bad layer — NaN
+    weights would otherwise fail deep inside the solver (a LAPACK callback's traceback) or give NaN pictures."""
+    for i, t in sorted(taps.layers.items()):
+        if not all(bool(jnp.isfinite(a).all()) for a in (t.q, t.k, t.v)):
+            raise InputError(what, f"layer {i} produced NaN or Inf",
+                             "check that the checkpoint is intact and matches the model")
 
 
 def run(bb, x: np.ndarray, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, layers=None,
@@ -417,7 +488,12 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
         raise InputError(f"dtype {dtype!r}", "is not used with a backbone given (its weights are already loaded)",
                          "pass dtype= to load_backbone instead")
     jdtype = forward_dtype(dtype)
-    G.storage_dtype(solve_kw.get("graph_dtype", "float32"), "graph_dtype")      # checked before the model loads
+    # solve's options checked before the model loads: an unknown keyword is the caller's TypeError, as in a call
+    unknown = sorted(set(solve_kw) - (set(inspect.signature(solve).parameters) - {"source"}))
+    if unknown:
+        raise TypeError(f"analyze() got unexpected keyword argument(s) {', '.join(unknown)} (not options of solve)")
+    check_options(num_eigs=num_eigs, **{k: solve_kw[k] for k in ("seed", "tol", "batch_images") if k in solve_kw})
+    G.storage_dtype(solve_kw.get("graph_dtype", "float32"), "graph_dtype")
     if backbone is None:
         spec = models.get_spec(model)
         prep, depth = spec.preprocess, spec.config.num_layers
