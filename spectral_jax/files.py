@@ -53,8 +53,8 @@ def npz_path(path: str) -> str:
     """`path` with `.npz` appended unless it already ends in `.npz` (case-insensitive), as numpy.savez does.
     An existing folder (or a path ending in a separator) is returned as it is, for `OutputFile` to refuse."""
     p = os.fspath(path)
-    if p.lower().endswith(".npz") or p.endswith(os.sep) or os.path.isdir(p):
-        return p
+    if not p.strip() or p.lower().endswith(".npz") or p.endswith(os.sep) or os.path.isdir(p):
+        return p                                                  # an empty path too: for `OutputFile` to refuse
     return p + ".npz"
 
 
@@ -77,6 +77,12 @@ def check_not_input(out: str, inputs: Iterable[str], flag: str = "--out") -> Non
         if src is not None and os.path.exists(src) and _same(out, src):
             raise InputError(f"{flag} {out}", f"is the input {src}; writing it would destroy the input",
                              "pass another output path")
+
+
+def _check_given(path: str, flag: str, example: str) -> None:
+    """An empty (or blank) output path is one line, not the current folder by accident."""
+    if not path.strip():
+        raise InputError(f"{flag} {path!r}", "is empty", f"pass an output path, e.g. {flag} {example}")
 
 
 def _make_parent(path: str, flag: str) -> list[str]:
@@ -122,6 +128,7 @@ class OutputFile:
 
     def __init__(self, path: str, inputs: Iterable[str] = (), flag: str = "--out"):
         self.path = os.fspath(path)
+        _check_given(self.path, flag, "out/result.npz")
         if self.path.endswith(os.sep) or os.path.isdir(self.path):
             raise InputError(f"{flag} {self.path}", "is a folder", "pass a file path, e.g. out/result.npz")
         check_not_input(self.path, inputs, flag)
@@ -204,6 +211,7 @@ class OutputDir:
 
     def __init__(self, out: str, names: Iterable[str] = (), inputs: Iterable[str] = (), flag: str = "--out"):
         self.out = os.fspath(out)
+        _check_given(self.out, flag, "results")
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise InputError(f"{flag} {self.out}", "exists and is not a folder", "pass a folder path for --out")
         inputs = [os.fspath(p) for p in inputs if p is not None]
@@ -228,20 +236,21 @@ class OutputDir:
         entries = os.listdir(self.tmp)
         if not entries:
             raise RuntimeError(f"the run wrote nothing into {self.out}")
+        dest = os.path.abspath(self.out)   # "." or "a/..": rename(2) refuses such a name (EBUSY), not the folder
         try:
-            os.rename(self.tmp, self.out)  # atomic when `out` does not exist (fails if it does, even empty)
+            os.rename(self.tmp, dest)  # atomic when `out` does not exist (fails if it does, even empty)
             self.committed = True
             return self.out
         except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EBUSY):
                 raise
-        os.makedirs(self.out, exist_ok=True)
-        fd = os.open(self.out, os.O_RDONLY)
+        os.makedirs(dest, exist_ok=True)
+        fd = os.open(dest, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             trash = tempfile.mkdtemp(dir=self.tmp, prefix=".old-")
             try:
-                _merge(self.tmp, self.out, entries, trash)
+                _merge(self.tmp, dest, entries, trash)
             except _MergeStuck:
                 self.kept = True
                 raise
