@@ -56,8 +56,26 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Run one `spectral-jax` command (`argv` as after the program name; None: `sys.argv[1:]`); returns the exit code.
 
-    With `argv=None` this is the process's command line and it also turns on the persistent compilation cache.
+    With `argv=None` this is the process's command line and it also turns on the persistent compilation cache;
+    once the command is over, the process's exit is not interruptible: a Ctrl-C after the result was written no
+    longer turns a finished run into a traceback or a death by SIGINT, and an interrupted run exits 130 at once
+    (its outputs already removed) instead of tearing JAX down under threads it interrupted (seen: SIGSEGV).
     """
+    code = _run(argv)
+    if argv is None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if code == 130:
+            for stream in (sys.stdout, sys.stderr):
+                try:
+                    stream.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(130)
+    return code
+
+
+def _run(argv: list[str] | None) -> int:
+    """`main` without the process-exit handling: the command, its errors and its interruption → the exit code."""
     prog, ctrl_c = "spectral-jax", _CtrlC()
     try:
         with ctrl_c:

@@ -83,6 +83,8 @@ def run_analyze(args, credit: str | None = None) -> int:
     layers = models.parse_layers(args.layers, spec.config.num_layers, "--layers")
     if not (args.tau > 0 and math.isfinite(args.tau)):
         raise InputError(f"--tau {args.tau}", "must be a positive number", "pass e.g. --tau 0.1")
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}", "must be ≥ 0", "pass e.g. --seed 0")
     weights = None
     if args.layer_weights is not None:
         tapped = range(spec.config.num_layers) if layers is None else layers

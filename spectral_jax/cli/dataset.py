@@ -29,6 +29,8 @@ import os
 
 from spectral_jax.errors import InputError
 
+MAXITER = 400    # --maxiter's default (= dataset.settings.Settings.maxiter)
+
 
 def register(sub) -> None:
     p = sub.add_parser("dataset", help="one eigenvector table for a folder of images (kNN graphs, sharded, resumable)",
@@ -42,7 +44,7 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one)")
     p.add_argument("--method", choices=("exact", "gd"), default="exact",
                    help="exact: the whole-dataset graph's top-K (default); gd: the official minibatch solver")
-    p.add_argument("--maxiter", type=int, default=400, help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most")
+    p.add_argument("--maxiter", type=int, default=MAXITER, help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most")
     p.add_argument("--tol", type=float, default=None, help="exact: relative residual to stop at (default √eps32)")
     p.add_argument("--bf16-features", action="store_true",
                    help="exact: keep the features for the graph in bfloat16 (half the memory)")
@@ -112,10 +114,14 @@ def _layer_weights(text: str | None):
     for part in filter(None, (s.strip() for s in text.split(","))):
         layer, _, weight = part.partition(":")
         try:
-            out[int(layer)] = float(weight)
+            layer, weight = int(layer), float(weight)
         except ValueError:
             raise InputError(f"--layer-weights {text}", f"{part!r} is not LAYER:WEIGHT",
                              "pass e.g. --layer-weights 11:1,10:0.5, or a rule: eigengap, select") from None
+        if layer in out:
+            raise InputError(f"--layer-weights {text}", f"gives layer {layer} twice",
+                             "give each layer one weight, e.g. --layer-weights 11:1,10:0.5")
+        out[layer] = weight
     return out
 
 
@@ -132,6 +138,17 @@ def run_dataset(args) -> int:
                         segments=args.segments, layer_weights=_layer_weights(args.layer_weights),
                         **({} if args.tol is None else {"tol": args.tol}))
     spec = get_spec(args.model)                     # unknown model: one line before anything else
+    from spectral_jax.dataset.inputs import check_layer_weights
+    from spectral_jax.models import parse_layers
+
+    depth = spec.config.num_layers
+    check_layer_weights(settings, parse_layers(settings.layers, depth, "--layers") or range(depth))
+    if args.method == "gd":                         # exact-only options would be ignored silently
+        given = [f for f, on in (("--tol", args.tol is not None), ("--bf16-features", args.bf16_features),
+                                 ("--maxiter", args.maxiter != MAXITER)) if on]
+        if given:
+            raise InputError(", ".join(given), "apply to --method exact only", f"drop {' '.join(given)}, or use "
+                             "--method exact")
     if not os.path.isdir(args.folder):
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     _check_cluster(args)

@@ -55,12 +55,14 @@ def _extract(args: argparse.Namespace, out) -> None:
                          "sd35_large, flux1_dev, flux1_schnell)")
     if args.hidden and not fam.hidden:
         raise InputError("--hidden", f"is not available for {fam.title} models", "drop --hidden")
-    import numpy as np
 
     from spectral_jax import io
     from spectral_jax.acts import save_acts
     from spectral_jax.models import load_backbone, parse_layers
+    from spectral_jax.pipeline import check_finite
 
+    if args.seed < 0:
+        raise InputError(f"--seed {args.seed}", "must be ≥ 0", "pass e.g. --seed 0")
     timesteps = _timesteps(args)                  # checked before the model loads
     layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     size = None if args.size is None else io.parse_size(args.size, "--size")
@@ -69,10 +71,7 @@ def _extract(args: argparse.Namespace, out) -> None:
     bb = load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype),
                        **{k: v for k, v in options.items() if k in fam.options})
     taps = bb.taps(x, layers, hidden=args.hidden).patches()
-    for i, t in taps.layers.items():
-        if not all(np.isfinite(np.asarray(a)).all() for a in (t.q, t.k, t.v)):
-            raise InputError(f"weights {args.weights or spec.repo_id!r}", f"layer {i} produced NaN or Inf",
-                             "check that the checkpoint is intact and matches --model")
+    check_finite(taps, f"weights {args.weights or spec.repo_id!r}")
     chosen = sorted(taps.layers)
     heads = {i: bb.heads(i) for i in chosen}
     uniform = len(set(heads.values())) == 1
@@ -102,6 +101,9 @@ def _timesteps(args: argparse.Namespace):
             raise InputError("--timesteps", "cannot be combined with --num-timesteps/--schedule/--t-max",
                              "pass either --timesteps 0,50,100 or --num-timesteps T --schedule KIND")
         return diffusion.parse_timesteps(args.timesteps)
+    if args.num_timesteps is not None and args.num_timesteps < 1:
+        raise InputError(f"--num-timesteps {args.num_timesteps}", "must be ≥ 1",
+                         f"pass e.g. --num-timesteps {diffusion.DEFAULT_NUM_TIMESTEPS}")
     return diffusion.timestep_schedule(args.schedule or "random",
                                        args.num_timesteps or diffusion.DEFAULT_NUM_TIMESTEPS, args.seed,
                                        diffusion.DEFAULT_T_MAX if args.t_max is None else args.t_max)

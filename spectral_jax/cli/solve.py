@@ -11,6 +11,8 @@ import math
 
 from spectral_jax.errors import InputError
 
+K_INTRA = 50     # --k-intra's default (capped by an image's tokens); an explicit value above them is refused
+
 
 def register(sub) -> None:
     p = sub.add_parser("solve", help="solve for layer-distributed eigenvectors of an ACTS.npz",
@@ -22,7 +24,8 @@ def register(sub) -> None:
     p.add_argument("--preset", choices=("eigen", "paper"), default="eigen")
     p.add_argument("--param", choices=("table", "conv"), default="table", help="paper preset's parameterisation")
     p.add_argument("--tau", type=float, default=0.1, metavar="T", help="temperature of the vv graph")
-    p.add_argument("--k-intra", type=int, default=50)
+    p.add_argument("--k-intra", type=int, default=None, help="kNN neighbours in the token's own image (default 50, "
+                                                             "capped by its tokens)")
     p.add_argument("--k-inter", type=int, default=50, help="kNN neighbours in the other images (default 50, "
                                                           "capped by their tokens)")
     p.add_argument("--steps", type=int, default=None, metavar="N")
@@ -44,7 +47,9 @@ def _check_args(args) -> None:
         raise InputError("--sample", f"must be in (0, 1], got {args.sample}", "pass e.g. --sample 0.25")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise InputError("--lr", f"must be a positive number, got {args.lr}", "pass e.g. --lr 0.01, or omit it")
-    if args.k_intra < 0 or args.k_inter < 0:
+    if args.seed < 0:
+        raise InputError("--seed", f"must be ≥ 0, got {args.seed}", "pass e.g. --seed 0")
+    if (args.k_intra or 0) < 0 or args.k_inter < 0:
         raise InputError("--k-intra/--k-inter", f"must be ≥ 0, got {args.k_intra}/{args.k_inter}",
                          "pass e.g. --k-intra 50 --k-inter 50")
     if args.method == "exact" and (args.preset != "eigen" or args.param != "table"):
@@ -78,6 +83,8 @@ def _solve(args, acts, out, solve) -> None:
         raise InputError("--num-eigs", f"K={args.num_eigs} must be smaller than the {nodes} graph nodes",
                          f"pass --num-eigs {max(1, min(20, nodes - 1))} or fewer")
     per = min(t.grid[0] * t.grid[1] for t in taps.layers.values())
+    if args.k_intra is None:               # the default is capped by the tokens, as graphs.from_taps caps it
+        args.k_intra = min(K_INTRA, per)
     if joint:
         # as graphs.from_taps: k_inter is capped by the other images' tokens (0 for one image)
         k_inter = min(args.k_inter, (nimg - 1) * per)

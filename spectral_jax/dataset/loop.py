@@ -72,6 +72,7 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     where = _open_folder(os.fspath(folder), os.fspath(out), resume)
     backbone = backbone if backbone is not None else _load_backbone(settings)
     layers = backbone.layers(settings.layers)
+    inputs.check_layer_weights(settings, range(backbone.num_layers) if layers is None else layers)
     layers_name = "all" if layers is None else ",".join(map(str, layers))
     from spectral_jax import io
 
