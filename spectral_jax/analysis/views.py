@@ -35,8 +35,9 @@ class View:
 
 
 def describe(res: Result, seed: int = 0) -> list[View]:
-    """One `View` per image b of `res`: `segment` (k by silhouette, eigenvalue-weighted), `bipartition` and
-    `instance_masks` of eigvecs `[B, K, h, w]`[b], with eigvals `[K]` (shared by all images) or `[B, K]` (row b)."""
+    """One `View` per image b of `res`: `segment` (eigenvalue-weighted; k by its default "silhouette-tol" rule),
+    `bipartition` and `instance_masks` of eigvecs `[B, K, h, w]`[b], with eigvals `[K]` (shared by all images) or
+    `[B, K]` (row b)."""
     views = []
     for b in range(res.eigvecs.shape[0]):
         ev = np.asarray(res.eigvecs[b], np.float64)
