@@ -297,7 +297,7 @@ def choose(s: dict, lam: np.ndarray) -> dict[str, int]:
     return picks
 
 
-TOLS = (0.02, 0.05)
+TOLS = (0.02, 0.03, 0.05, 0.07, 0.1)  # 0.02 and 0.05 stated before the first run; 0.03, 0.07, 0.1 the sweep after
 
 
 # --------------------------------------------------------------------------------------------------- evaluation
