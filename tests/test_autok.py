@@ -78,3 +78,27 @@ def test_edge_cases():
         A.segment(eigvecs, eigvals=eigvals, method="eigengap", k_range=(5, 8))
     with pytest.raises(InputError, match="k_range"):
         A.segment(eigvecs[:, :2, :2], eigvals=eigvals, k_range=(4, 6))  # 4 pixels: k <= 3
+
+
+def test_eval_autok_metrics_and_ground_truth():
+    """benchmarks/eval_autok's scores: ARI/NMI label-permutation free, 1 on equal partitions, ARI's known value on a
+    hand case; the patch majority and the crowd RLE decoding."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "eval_autok.py")
+    spec = importlib.util.spec_from_file_location("_bench_eval_autok", path)
+    ev = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ev)
+    a = np.array([0, 0, 0, 1, 1, 1])
+    assert ev.ari(a, 5 - a) == pytest.approx(1.0) and ev.nmi(a, 5 - a) == pytest.approx(1.0)
+    # b = [0, 0, 1, 1, 1, 1]: contingency [[2, 1], [0, 3]], Σ C(n_ij, 2) = 1 + 3 = 4, rows 3 + 3 = 6,
+    # columns 1 + 6 = 7, expected 6·7/15 = 2.8, ARI = (4 − 2.8) / (6.5 − 2.8)
+    assert ev.ari(a, np.array([0, 0, 1, 1, 1, 1])) == pytest.approx(1.2 / 3.7)
+    assert ev.nmi(a, np.zeros(6)) == pytest.approx(0.0)
+    label = np.zeros((6, 9), np.int64)
+    label[:, :5] = 3  # columns 0..4 of 9 → patch 0 (columns 0..2) all 3, patch 1 (3..5) two of three 3
+    np.testing.assert_array_equal(ev.patch_majority(label, (2, 3)), [[3, 3, 0], [3, 3, 0]])
+    np.testing.assert_array_equal(ev.merge_small(np.array([0, 0, 0, 7, 2, 2]), 0.3), [0, 0, 0, 0, 2, 2])
+    mask = ev._rle_mask({"counts": [1, 2, 3]}, 2, 3)  # column-major: 0, then 1 1, then 0 0 0
+    np.testing.assert_array_equal(mask, [[False, True, False], [True, False, False]])
