@@ -1,5 +1,6 @@
 """What each image's eigenvectors say, in one record: segments (k chosen automatically), figure/ground, instance
-masks. Reads a solver `Result` (only its `eigvecs` and `eigvals`), so it needs no JAX. Pure numpy.
+masks. Reads a solver `Result` (only its `eigvecs` and `eigvals`); numpy, but for the k-means of the segments and
+instance masks (`analysis.kmeans`, a jitted JAX program imported on first use).
 
 Shape legend
     B  images   K  eigenvectors, largest eigenvalue first   (h, w)  the eigenvectors' grid   M  instance masks
