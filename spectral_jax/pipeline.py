@@ -23,7 +23,7 @@ import dataclasses
 import inspect
 import os
 import time
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -353,6 +353,25 @@ def _weighted(gs, gl, one, layer_weights, num_eigs: int) -> Result:
     return _with_layer_weights(one(gs, w, LW.base_grid(gs, w)), per)
 
 
+def parse_layer_weights(spec, layers, depth: int, what: str = "layer_weights"):
+    """`layer_weights.parse` of `spec` for the layer selection `layers` (as `models.parse_layers` takes it) of a
+    `depth`-layer model: numbers pair with the layers in the order they were given — layers "11,3" with weights
+    "1,0.5" give layer 11 the 1 (the tapped layers themselves run in ascending order); a rule or a mapping as is.
+    Returns the rule name or float64 `[L]` in ascending layer order."""
+    from spectral_jax import layer_weights as LW
+    from spectral_jax import models
+
+    chosen = models.parse_layers(layers, depth)
+    tapped = list(range(depth)) if chosen is None else list(chosen)
+    w = LW.parse(spec, tapped, what)
+    if chosen is None or isinstance(w, str) or isinstance(spec, Mapping):
+        return w
+    given = [int(s) for s in layers.split(",") if s.strip()] if isinstance(layers, str) else \
+        [int(layers)] if _is_int(layers) else [int(i) for i in layers]
+    given = [i % depth for i in given]
+    return w[[given.index(l) for l in tapped]] if len(given) == len(tapped) else w
+
+
 def as_image_list(images) -> list:
     """One image or a sequence of them → a non-empty list; each a path (str or os.PathLike), a PIL image or a
     uint8 `[H, W, 3]` array. Anything else is an `InputError` naming the argument."""
@@ -501,9 +520,7 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
         prep, depth = backbone.preprocess, backbone.num_layers
     chosen = models.parse_layers(layers, depth)
     if solve_kw.get("layer_weights") is not None:
-        from spectral_jax import layer_weights as LW
-
-        solve_kw["layer_weights"] = LW.parse(solve_kw["layer_weights"], range(depth) if chosen is None else chosen)
+        solve_kw["layer_weights"] = parse_layer_weights(solve_kw["layer_weights"], layers, depth)
     xs, _, _ = load_inputs(images, prep, size)
     check_inputs(xs, prep, graph, num_eigs)
     if len(same_size_batches(xs)) > 1:

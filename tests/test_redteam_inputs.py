@@ -98,6 +98,31 @@ def test_layer_weight_parse_keeps_numbers_and_rules():
     assert LW.parse(" EigenGap ", [0, 1]) == "eigengap"
 
 
+def test_layer_weight_numbers_pair_with_layers_in_the_order_given():
+    """`--layers 11,3 --layer-weights 1,0.5` gave layer 3 the 1 (numbers were read in ascending layer order)."""
+    from spectral_jax.pipeline import parse_layer_weights
+
+    assert parse_layer_weights("1,0.5", "11,3", 12).tolist() == [0.5, 1.0]          # layers 3, 11
+    assert parse_layer_weights([2, 1], [-1, 0], 12).tolist() == [1.0, 2.0]          # layers 0, 11
+    assert parse_layer_weights({11: 1}, [11, 3], 12).tolist() == [0.0, 1.0]
+    assert parse_layer_weights("select", "11,3", 12) == "select"
+    with pytest.raises(InputError, match="need one per tapped layer"):
+        parse_layer_weights("1,2", "3,3", 12)
+
+    from spectral_jax.models import Backbone
+
+    def fn(params, images, layers):
+        n = (images.shape[1] // 14) * (images.shape[2] // 14)
+        return {l: tuple(params[l][:, :, :n] for _ in range(3)) for l in layers}
+
+    rng = np.random.default_rng(1)
+    params = {l: rng.normal(size=(1, 2, 6, 8)).astype(np.float32) for l in (0, 1)}
+    bb = Backbone.from_function("two", fn, params, patch_size=14, num_layers=2, size=28, jittable=False)
+    run = lambda layers, w: sj.analyze(sj.io.SAMPLE, backbone=bb, layers=layers, layer_weights=w, num_eigs=3).eigvals
+    np.testing.assert_allclose(run([1, 0], [1, 0]), run([0, 1], [0, 1]), rtol=1e-6)
+    assert not np.allclose(run([1, 0], [1, 0]), run([0, 1], [1, 0]), rtol=1e-3)
+
+
 def test_attribution_takes_its_own_results():
     res = sj.solve(TAPS, "qk", 3)
     for result, image in ((res, 1), (res.image(1), 1), (None, 0)):

