@@ -146,7 +146,7 @@ def load_acts(path: str) -> Acts:
     """
     fix = "write it with `spectral-jax extract IMAGE --model NAME --out ACTS.npz`"
     if not os.path.isfile(path):
-        raise InputError(path, "no such file", fix)
+        raise InputError(path, "is a folder, not an ACTS .npz file" if os.path.isdir(path) else "no such file", fix)
     _check_headers(path, fix)
     try:
         with np.load(path, allow_pickle=False) as f:

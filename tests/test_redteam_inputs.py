@@ -224,6 +224,8 @@ CLI_CASES = {
     # FileNotFoundError traceback after the whole run; extract wrote ".npz"
     "analyze-out-empty": (["analyze", "img.png", *TINY, "--num-eigs", "3", "--out", ""], "--out '': is empty"),
     "extract-out-empty": (["extract", "img.png", *TINY, "--out", ""], "--out '': is empty"),
+    # "no such file" for a folder
+    "solve-acts-folder": (["solve", "imgs", "--graph", "qk", "--out", "o.npz"], "imgs: is a folder, not an ACTS"),
     "solve-out-empty": (["solve", "acts.npz", "--graph", "qk", "--num-eigs", "3", "--out", ""], "--out '': is empty"),
     # an explicit k above the tokens stays refused (the default is capped, see below)
     "solve-k-intra-over-tokens": (["solve", "acts.npz", "--graph", "knn-qk", "--k-intra", "7", "--num-eigs", "3",
