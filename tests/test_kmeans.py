@@ -128,12 +128,12 @@ def test_fixed_point_every_point_at_its_nearest_centre():
 def test_buckets_and_no_recompilation_inside_one():
     assert [lloyd._bucket_n(n) for n in (1, 256, 257, 320, 321, 1024, 1025, 1_300_000)] == \
         [256, 256, 320, 320, 384, 1024, 1280, 1310720]
-    assert [lloyd._bucket_k(k) for k in (1, 8, 9, 16, 17)] == [8, 8, 16, 16, 32]
+    assert [lloyd._bucket_k(k) for k in (1, 8, 9, 16, 17, 33)] == [16, 16, 16, 16, 32, 64]
     x = np.random.default_rng(5).normal(size=(1100, 7))
     A.kmeans(x, 3, seed=0, n_init=2)
     size = lloyd._runs._cache_size()
-    A.kmeans(x[:1030], 7, seed=9, n_init=2, iters=50, tol=1e-3)  # same buckets (Np 1280, kp 8), other values
+    A.kmeans(x[:1030], 9, seed=9, n_init=2, iters=50, tol=1e-3)  # same buckets (Np 1280, kp 16), other values
     A.kmeans(x[:1200], 5, seed=1, n_init=2)
     assert lloyd._runs._cache_size() == size
-    A.kmeans(x, 9, seed=0, n_init=2)  # kp 16: one new program
+    A.kmeans(x, 17, seed=0, n_init=2)  # kp 32: one new program
     assert lloyd._runs._cache_size() == size + 1
