@@ -22,6 +22,7 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
@@ -139,8 +140,10 @@ class Backbone:
             grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
             return Taps({int(i): LayerTap(q, k, v, grid, num_prefix) for i, (q, k, v) in _items(out)})
 
+        if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 1:
+            raise InputError(f"num_layers {num_layers!r}", "must be an integer >= 1", "pass the model's depth")
         prep = PreprocessSpec(size, patch_size, tuple(mean), tuple(std), resample)
-        return cls(name, prep, int(num_layers), params, apply, weights="user", jittable=jittable)
+        return cls(name, prep, num_layers, params, apply, weights="user", jittable=jittable)
 
 
 def _items(out) -> Iterable:

@@ -50,8 +50,25 @@ class PreprocessSpec:
     resample: str = BICUBIC
 
     def __post_init__(self):
-        from spectral_jax import io
+        import math
+        import numbers
 
+        from spectral_jax import io
+        from spectral_jax.errors import InputError
+
+        for what in ("size", "patch_size"):
+            v = getattr(self, what)
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise InputError(f"{what} {v!r}", "must be an integer >= 1", f"pass e.g. {what}=14")
+        for what in ("mean", "std"):
+            v = getattr(self, what)
+            try:
+                ok = len(v) == 3 and all(math.isfinite(float(c)) for c in v)
+            except (TypeError, ValueError):
+                ok = False
+            if not ok or (what == "std" and min(float(c) for c in v) <= 0):
+                raise InputError(f"{what} {v!r}", "must be 3 finite numbers, one per RGB channel"
+                                 + (", each > 0" if what == "std" else ""), f"pass e.g. {what}=(0.5, 0.5, 0.5)")
         io.check_resample(self.resample, "PreprocessSpec.resample")
 
     def image(self, image, size=None):

@@ -72,7 +72,20 @@ API_CASES = {
     "attr-result-of-other-taps": (lambda: sj.attribution(TAPS, "qk", 3, result=sj.solve(_taps(layers=(0,)), "qk", 3)),
                                   "the taps give 2 image(s) × 6 graphs"),
     "attr-result-not-a-result": (lambda: sj.attribution(TAPS, "qk", 3, result=5), "is not a Result"),
+    # Backbone.from_function: patch_size 0 was a ZeroDivisionError at the first image, a 2-value mean a broadcast
+    # ValueError, num_layers 0 a backbone with no layers
+    "fn-patch-0": (lambda: _from_function(patch_size=0), "patch_size 0"),
+    "fn-size-float": (lambda: _from_function(size=22.5), "size 22.5"),
+    "fn-mean-2": (lambda: _from_function(mean=(0.5, 0.5)), "mean (0.5, 0.5)"),
+    "fn-std-0": (lambda: _from_function(std=(0.5, 0.0, 0.5)), "each > 0"),
+    "fn-std-nan": (lambda: _from_function(std=(0.5, float("nan"), 0.5)), "3 finite numbers"),
+    "fn-layers-0": (lambda: _from_function(num_layers=0), "num_layers 0"),
 }
+
+
+def _from_function(**kw):
+    opts = dict(patch_size=14, num_layers=2) | kw
+    return sj.Backbone.from_function("user", lambda p, x, layers: {}, **opts)
 
 
 @pytest.mark.parametrize("case", sorted(API_CASES))
