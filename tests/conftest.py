@@ -3,9 +3,17 @@ import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
-# console-script runs in tests must not fill the user's real JAX compilation cache (tests that check the cache set
-# their own folder)
-os.environ.setdefault("SPECTRAL_JAX_COMPILE_CACHE", "0")
+# One JAX persistent compilation cache for the whole suite, in the checkout's (ignored) .pytest_cache — never the
+# user's real one: both test workers and every console script a test runs share it, so a program compiled once (a
+# tiny ViT's forward, a solve, the k-means) is loaded, not compiled again, by the next process (XLA compiling small
+# programs is most of the suite's time on a CPU). Set before JAX is imported: the JAX_* variables it sets reach this
+# process and its children. Tests that check the cache set their own folder; SPECTRAL_JAX_COMPILE_CACHE=0 turns it
+# off.
+os.environ.setdefault("SPECTRAL_JAX_COMPILE_CACHE", os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax-compile-cache"))
+from spectral_jax.cli import compile_cache  # noqa: E402  (imports no JAX)
+
+compile_cache.enable()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402

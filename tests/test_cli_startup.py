@@ -139,7 +139,19 @@ def test_enable_before_jax_import_configures_jax(tmp_path):
     assert r.stdout.strip() == str(relocated) and relocated.is_dir()
 
 
-def test_unusable_cache_folder_never_stops_a_command(tmp_path, capsys):
+@pytest.fixture
+def no_jax_cache():
+    """This process's JAX without a compilation cache folder while the test runs (the suite's own cache, set by
+    conftest, would read as one the user configured, which `enable` leaves alone)."""
+    suite = jax.config.jax_compilation_cache_dir
+    jax.config.update("jax_compilation_cache_dir", None)
+    try:
+        yield
+    finally:
+        jax.config.update("jax_compilation_cache_dir", suite)
+
+
+def test_unusable_cache_folder_never_stops_a_command(tmp_path, capsys, no_jax_cache):
     blocker = tmp_path / "file"
     blocker.write_text("a regular file, not a folder")
     before = jax.config.jax_compilation_cache_dir
