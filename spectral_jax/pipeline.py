@@ -343,7 +343,6 @@ def _check_result_fits(result: Result, gs, joint: bool, nimg: int) -> None:
 
 
 def _weighted(gs, gl, one, layer_weights, num_eigs: int) -> Result:
-
     """one(gs, per-group weights, base grid) with the weights of `layer_weights` (numbers or a rule,
     `layer_weights.for_groups`) on the largest grid that has weight; the per-layer weights used go to
     `info["layer_weights"]`."""
