@@ -22,13 +22,12 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Any, Callable, Iterable, Mapping
 
 import jax
 import numpy as np
 
-from spectral_jax.errors import InputError
+from spectral_jax.errors import InputError, is_integer
 from spectral_jax.models.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from spectral_jax.taps import LayerTap, Taps
 
@@ -44,11 +43,11 @@ def parse_layers(layers, num_layers: int, what: str = "layers", kind: str = "lay
         except ValueError:
             raise InputError(f"{what} {layers!r}", "not a comma-separated list of layer indices (or all)",
                              "pass e.g. all or 3,7,11") from None
-    elif isinstance(layers, (int, np.integer)) and not isinstance(layers, bool):
+    elif is_integer(layers):
         layers = [int(layers)]
     try:
         items = list(layers)
-        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, (bool, np.bool_)) for i in items):
+        if not all(is_integer(i) for i in items):
             raise TypeError
         chosen = [int(i) for i in items]
     except TypeError:
@@ -140,7 +139,7 @@ class Backbone:
             grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
             return Taps({int(i): LayerTap(q, k, v, grid, num_prefix) for i, (q, k, v) in _items(out)})
 
-        if isinstance(num_layers, bool) or not isinstance(num_layers, numbers.Integral) or num_layers < 1:
+        if not is_integer(num_layers) or num_layers < 1:
             raise InputError(f"num_layers {num_layers!r}", "must be an integer >= 1", "pass the model's depth")
         prep = PreprocessSpec(size, patch_size, tuple(mean), tuple(std), resample)
         return cls(name, prep, num_layers, params, apply, weights="user", jittable=jittable)

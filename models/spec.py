@@ -51,14 +51,13 @@ class PreprocessSpec:
 
     def __post_init__(self):
         import math
-        import numbers
 
         from spectral_jax import io
-        from spectral_jax.errors import InputError
+        from spectral_jax.errors import InputError, is_integer
 
         for what in ("size", "patch_size"):
             v = getattr(self, what)
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+            if not is_integer(v) or v < 1:
                 raise InputError(f"{what} {v!r}", "must be an integer >= 1", f"pass e.g. {what}=14")
         for what in ("mean", "std"):
             v = getattr(self, what)

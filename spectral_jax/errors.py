@@ -6,6 +6,8 @@ that line on stderr and exit code 2; library callers get an ordinary `ValueError
 
 from __future__ import annotations
 
+import numbers
+
 
 class InputError(ValueError):
     """Bad input from the user: the message names the input and the fix, in one line."""
@@ -13,3 +15,8 @@ class InputError(ValueError):
     def __init__(self, what: str, problem: str, fix: str):
         self.what, self.problem, self.fix = what, problem, fix
         super().__init__(f"{what}: {problem} — {fix}")
+
+
+def is_integer(x) -> bool:
+    """An integer value as inputs name counts, layers, seeds and indices: a Python or numpy integer, not a bool."""
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)

@@ -25,7 +25,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageOps
 
-from spectral_jax.errors import InputError
+from spectral_jax.errors import InputError, is_integer
 
 Size = int | tuple[int, int]
 
@@ -77,7 +77,7 @@ def parse_size(size, what: str = "size") -> Size:
             raise InputError(f"{what} {size}", "must be positive", fix)
         return int(size)
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(
-            isinstance(s, (int, np.integer)) and not isinstance(s, (bool, np.bool_)) for s in size):
+            is_integer(s) for s in size):
         if min(size) < 1:
             raise InputError(f"{what} {tuple(size)}", "must be positive", fix)
         return (int(size[0]), int(size[1]))

@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax.analysis.attribution import eigengap
-from spectral_jax.errors import InputError
+from spectral_jax.errors import InputError, is_integer
 
 RULES = ("uniform", "eigengap", "select")
 
@@ -82,7 +82,7 @@ def parse(spec, layers: Sequence[int], what: str = "layer_weights"):
             raise InputError(f"{what} {spec!r}", "is not a rule or comma-separated numbers",
                              f"pass one of {', '.join(RULES)} or one number per layer, e.g. 0,0,1") from None
     if isinstance(spec, Mapping):
-        if not all(_is_layer(k) for k in spec):
+        if not all(is_integer(k) for k in spec):
             raise InputError(f"{what} {dict(spec)!r}", "has keys that are not layer indices",
                              "map integer layers to weights, e.g. {11: 1.0, 10: 0.5}")
         bad = [k for k in spec if int(k) not in layers]
@@ -104,11 +104,6 @@ def parse(spec, layers: Sequence[int], what: str = "layer_weights"):
     if not np.all(np.isfinite(w)) or (w < 0).any() or not w.max() > 0:
         raise InputError(f"{what} {w.tolist()}", "must be finite, ≥ 0 and not all 0", "pass e.g. 1 for every layer")
     return w
-
-
-def _is_layer(key) -> bool:
-    """A mapping key that names a layer: an integer (not a bool)."""
-    return isinstance(key, (int, np.integer)) and not isinstance(key, (bool, np.bool_))
 
 
 def rule_weights(rule: str, spectra, agreement=None) -> np.ndarray:

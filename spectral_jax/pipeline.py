@@ -31,15 +31,12 @@ import numpy as np
 
 from spectral_jax.analysis import View, describe  # noqa: F401  (re-exported: the last step of the data flow)
 from spectral_jax.errors import InputError
+from spectral_jax.errors import is_integer as _is_int
 from spectral_jax.models.spec import forward_dtype
 from spectral_jax.solvers.result import Result, stack
 from spectral_jax.taps import Taps
 
 METHODS = ("exact", "gd")
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_))
 
 
 def check_options(*, num_eigs=2, seed=0, tol=None, batch_images=None) -> None:

@@ -16,7 +16,7 @@ import math
 
 import numpy as np
 
-from spectral_jax.errors import InputError
+from spectral_jax.errors import InputError, is_integer
 
 PRESETS = ("paper", "eigen")
 METHODS = ("exact", "gd")
@@ -28,7 +28,7 @@ DEFAULT_K = 50           # k_intra / k_inter when not given (then capped by the 
 
 def _integer(flag: str, v, example) -> int:
     """`v` as an int (bools, floats and strings refused: an int option given 2.5 is a mistake, not a 2)."""
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    if not is_integer(v):
         raise InputError(flag, f"must be an integer, got {v!r}", f"pass e.g. {flag} {example}")
     return int(v)
 
@@ -51,10 +51,10 @@ def _size_pair(size) -> tuple[int, int]:
             size = io.parse_size(size, "--size")
         except InputError as e:
             raise InputError(e.what, e.problem, fix) from None
-    if isinstance(size, (int, np.integer)) and not isinstance(size, (bool, np.bool_)):
+    if is_integer(size):
         return int(size), int(size)
     if isinstance(size, (tuple, list)) and len(size) == 2 and all(
-            isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in size):
+            is_integer(v) for v in size):
         return int(size[0]), int(size[1])
     raise InputError(f"size {size!r}", "is not S or (H, W) in integers", fix)
 
@@ -72,7 +72,7 @@ def parse_segments(v, flag: str = "--segments"):
             v = int(t, 10)
         except ValueError:
             raise InputError(flag, f"must be a positive integer or auto, got {v!r}", fix) from None
-    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
+    if not is_integer(v):
         raise InputError(flag, f"must be a positive integer or auto, got {v!r}", fix)
     if v < 1:
         raise InputError(flag, f"must be ≥ 1, got {v}", fix)
