@@ -118,6 +118,7 @@ def test_run_writes_segments(tmp_path, method):
         assert f["centers"].shape == (3, 5)
     s = json.loads((out / "summary.json").read_text())["segments"]
     assert s["num_segments"] == 3 and sum(s["sizes"]) == 6 * 16 and all(1 <= v <= 6 for v in s["images"])
+    assert s["kmeans_converged"] is True
     from PIL import Image
 
     assert Image.open(out / "segments.png").size[0] >= 4 * 64

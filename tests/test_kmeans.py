@@ -66,11 +66,11 @@ def test_empty_cluster_takes_the_farthest_point():
     xp = jnp.zeros((8, 1)).at[:6].set(x)
     valid = jnp.arange(8) < 6
     c0 = jnp.zeros((8, 1)).at[:3].set(jnp.array([[0.1], [5.0], [100.0]]))  # centre 2 attracts no point
-    labels, c, inertia, it = jax.jit(lloyd._lloyd)(xp, valid, c0, 3, 1, 0.0)
+    labels, c, inertia, done = jax.jit(lloyd._lloyd)(xp, valid, c0, 3, 1, 0.0)
     labels = np.asarray(labels)[:6]
     # step 1: {0, 0.1, 0.2} → 0, {5, 5.1, 9} → 1, none → 2; the farthest from its centre (9.0, 2.9 from 5.0)
     # moves to the empty cluster
-    assert labels.tolist() == [0, 0, 0, 1, 1, 2] and int(it) == 1
+    assert labels.tolist() == [0, 0, 0, 1, 1, 2] and not bool(done)  # cut by iters = 1: not converged
     np.testing.assert_allclose(np.asarray(c)[:3, 0], [0.1, 5.05, 9.0], rtol=1e-6)
     np.testing.assert_allclose(float(inertia), 2 * 0.01 + 2 * 0.0025, rtol=1e-4)
 
@@ -110,16 +110,18 @@ def test_inertia_against_float64_reference():
     xc = x - x.mean(0)
     xp = np.zeros((lloyd._bucket_n(2000), 19), np.float32)
     xp[:2000] = xc
-    labels, per_run, _ = lloyd._runs(jnp.asarray(xp), jnp.arange(len(xp)) < 2000, jax.random.key(0), jnp.int32(10),
+    labels, best, _ = lloyd._runs(jnp.asarray(xp), jnp.arange(len(xp)) < 2000, jax.random.key(0), jnp.int32(10),
                                      jnp.int32(100), jnp.float32(0.0), kp=16, n_init=3, trials=1)
     lab = np.asarray(labels)[:2000]
     c = np.stack([xc[lab == j].mean(0) for j in range(10)])
-    np.testing.assert_allclose(float(per_run.min()), ((xc - c[lab]) ** 2).sum(), rtol=1e-5)
+    np.testing.assert_allclose(float(best), ((xc - c[lab]) ** 2).sum(), rtol=1e-5)
 
 
 def test_fixed_point_every_point_at_its_nearest_centre():
     x = np.random.default_rng(4).normal(size=(700, 5))
     r = A.kmeans(x, 6, seed=1, tol=0.0, iters=500)
+    assert r.converged
+    assert not A.kmeans(x, 6, seed=1, tol=0.0, iters=1).converged  # one Lloyd step from k-means++ does not settle
     d = ((x[:, None, :] - r.centers[None]) ** 2).sum(-1)  # [N, k] float64
     own = d[np.arange(len(x)), r.labels]
     assert np.all(own <= d.min(1) + 1e-6 * d.max())  # converged: assignments = argmin (up to float32 ties)

@@ -31,6 +31,7 @@ class KMeans(NamedTuple):
     labels: np.ndarray  # [N] int32
     centers: np.ndarray  # [k, F] float64, the mean of each cluster's points
     inertia: float  # sum over points of the squared distance to their centre (float64)
+    converged: bool = True  # the best run stopped by its assignments or centres settling, not at `iters`
 
 
 def _canonical(labels: np.ndarray, centers: np.ndarray):
@@ -57,7 +58,7 @@ def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, 
     of real eigenvectors agree 0.90 between seeds instead of 0.86 (benchmarks/results/kmeans.md).
     Deterministic: run r draws from `split(key(seed), n_init)[r]`.
     Runs in float32 on the default JAX device (`analysis.lloyd`: precision, recompilation); the centres and the
-    inertia are float64, computed from the labels.
+    inertia are float64, computed from the labels. `converged` is False when the best run hit `iters`.
     """
     x = _features(features)
     n = x.shape[0]
@@ -70,13 +71,13 @@ def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, 
 
     k = int(k)
     xc = x - x.mean(0)
-    labels = best_labels(xc, k, seed, n_init, iters, tol * float(xc.var(0).mean()), trials)
+    labels, converged = best_labels(xc, k, seed, n_init, iters, tol * float(xc.var(0).mean()), trials)
     counts = np.bincount(labels, minlength=k)
     centers = np.stack([np.bincount(labels, weights=col, minlength=k) for col in np.ascontiguousarray(x.T)], 1)
     centers /= np.maximum(counts, 1)[:, None]
     inertia = float(np.sum((x - centers[labels]) ** 2))
     labels, centers = _canonical(labels, centers)
-    return KMeans(labels, centers, inertia)
+    return KMeans(labels, centers, inertia, converged)
 
 
 class AutoK(NamedTuple):
@@ -110,11 +111,13 @@ def _silhouette(d: np.ndarray, labels: np.ndarray) -> float:
 
 
 SILHOUETTE_TOL = 0.05  # "silhouette-tol": the smallest k within this much of the best mean silhouette
+MAX_SAMPLES = 2000     # points of the silhouette's subsample
+ITERS = 100            # Lloyd iterations per k-means run of the scan
 METHODS = ("silhouette-tol", "silhouette", "eigengap")
 
 
 def auto_k(features=None, k_range: tuple[int, int] = (2, 10), method: str = "silhouette", eigvals=None,
-           seed: int = 0, max_samples: int = 2000, n_init: int = 10, iters: int = 100,
+           seed: int = 0, max_samples: int = MAX_SAMPLES, n_init: int = 10, iters: int = ITERS,
            tol: float = SILHOUETTE_TOL) -> AutoK:
     """Choose the number of clusters k in `k_range` (both ends included).
 
@@ -130,6 +133,14 @@ def auto_k(features=None, k_range: tuple[int, int] = (2, 10), method: str = "sil
       the k-th eigenvalue (k clusters ↔ k eigenvalues near 1 for a row-stochastic affinity). `features` unused.
     Ties of the highest score go to the smallest k. `scores` holds the mean silhouettes or the gaps.
     """
+    return _auto_k(features, k_range, method, eigvals, seed, max_samples, n_init, iters, tol)[0]
+
+
+def _auto_k(features, k_range, method, eigvals, seed, max_samples=MAX_SAMPLES, n_init=10, iters=ITERS,
+            tol=SILHOUETTE_TOL) -> tuple[AutoK, dict]:
+    """`auto_k` and the k-means of every k it scanned ({k: KMeans}; empty for "eigengap"), for a caller that then
+    clusters at the chosen k with the same runs."""
+    fits: dict = {}
     lo, hi = (int(v) for v in k_range)
     if lo < 1 or hi < lo:
         raise InputError("k_range", f"must be (lo, hi) with 1 <= lo <= hi, got {k_range}", "e.g. k_range=(2, 10)")
@@ -161,11 +172,12 @@ def auto_k(features=None, k_range: tuple[int, int] = (2, 10), method: str = "sil
         x2 = np.einsum("nf,nf->n", xs, xs)
         d = np.sqrt(np.maximum(x2[:, None] - 2.0 * (xs @ xs.T) + x2[None, :], 0.0))  # [S, S], S ≤ max_samples
         np.fill_diagonal(d, 0.0)
-        scores = np.array([_silhouette(d, kmeans(x, int(k), seed, n_init, iters).labels[sub]) for k in ks])
+        fits = {int(k): kmeans(x, int(k), seed, n_init, iters) for k in ks}
+        scores = np.array([_silhouette(d, fits[int(k)].labels[sub]) for k in ks])
     i = int(np.argmax(scores))
     if method == "silhouette-tol":
         i = int(np.flatnonzero(scores >= scores[i] - tol)[0])
-    return AutoK(int(ks[i]), ks, np.asarray(scores, np.float64), method)
+    return AutoK(int(ks[i]), ks, np.asarray(scores, np.float64), method), fits
 
 
 def cluster_embedding(features, k: int | None = None, method: str = "silhouette-tol", eigvals=None, seed: int = 0,
@@ -175,11 +187,12 @@ def cluster_embedding(features, k: int | None = None, method: str = "silhouette-
     `k_range` ("silhouette-tol" or "silhouette" on `features`, k-means with `scan_n_init` runs per candidate,
     default `n_init`; or "eigengap" on `eigvals`). Returns (the `KMeans` with `n_init` runs, the `AutoK` or None when k was given).
     The one "choose k, then cluster" step of the single-image `segment` and the dataset-wide segments."""
-    auto = None
     if k is None:
-        auto = auto_k(features, k_range, method, eigvals, seed, n_init=n_init if scan_n_init is None else scan_n_init)
-        k = auto.k
-    return kmeans(features, int(k), seed, n_init), auto
+        scan = n_init if scan_n_init is None else scan_n_init
+        auto, fits = _auto_k(features, k_range, method, eigvals, seed, n_init=scan)
+        # the scan's k-means at the chosen k is this one when its runs are the same: not run twice
+        return (fits[auto.k] if scan == n_init and auto.k in fits else kmeans(features, auto.k, seed, n_init)), auto
+    return kmeans(features, int(k), seed, n_init), None
 
 
 def segment(eigvecs, k: int | None = None, method: str = "silhouette-tol", eigvals=None, seed: int = 0,

@@ -100,7 +100,7 @@ def _fill_empty(labels, counts, own, valid, active):
 def _lloyd(x, valid, c, k, iters, tol):
     """Lloyd iterations of x `[Np, F]` from centres c `[kp, F]` until the assignments stop changing, the centres'
     total squared move is ≤ tol, or `iters` iterations. Returns (labels `[Np]` int32, centres = their means
-    `[kp, F]`, inertia, iterations)."""
+    `[kp, F]`, inertia, converged: whether a stopping rule other than `iters` ended it)."""
     kp = c.shape[0]
     active = jnp.arange(kp) < k
     w = valid.astype(x.dtype)
@@ -120,31 +120,32 @@ def _lloyd(x, valid, c, k, iters, tol):
         return it + 1, new, c_new, same | (jnp.sum((c_new - c) ** 2) <= tol)
 
     start = (jnp.int32(0), jnp.full(x.shape[0], -1, jnp.int32), c, jnp.bool_(False))
-    it, labels, c, _ = lax.while_loop(lambda s: (s[0] < iters) & ~s[3], step, start)
+    _, labels, c, done = lax.while_loop(lambda s: (s[0] < iters) & ~s[3], step, start)
     inertia = jnp.sum(w * jnp.sum((x - c[labels]) ** 2, 1))
-    return labels, c, inertia, it
+    return labels, c, inertia, done
 
 
 @partial(jax.jit, static_argnames=("kp", "n_init", "trials"))
 def _runs(x, valid, key, k, iters, tol, *, kp: int, n_init: int, trials: int):
     """`n_init` seeded k-means runs of x `[Np, F]` float32 (centred; padding rows zero, valid `[Np]` False), kept
-    in a scan: the labels `[Np]` int32 of the run with the smallest inertia (the first on ties), the inertia of every
-    run `[n_init]` and its Lloyd iterations `[n_init]`."""
+    in a scan: the labels `[Np]` int32 of the run with the smallest inertia (the first on ties), that inertia
+    (float32) and whether that run converged (stopped before `iters`)."""
 
     def run(best, key):
         c0 = _seed_pp(key, x, valid, k, kp, trials)
-        labels, _, inertia, it = _lloyd(x, valid, c0, k, iters, tol)
+        labels, _, inertia, done = _lloyd(x, valid, c0, k, iters, tol)
         better = inertia < best[1]
-        return (jnp.where(better, labels, best[0]), jnp.where(better, inertia, best[1])), (inertia, it)
+        return tuple(jnp.where(better, new, old) for new, old in zip((labels, inertia, done), best)), None
 
-    init = (jnp.zeros(x.shape[0], jnp.int32), jnp.array(jnp.inf, x.dtype))
-    (labels, _), (inertia, its) = lax.scan(run, init, jax.random.split(key, n_init))
-    return labels, inertia, its
+    init = (jnp.zeros(x.shape[0], jnp.int32), jnp.array(jnp.inf, x.dtype), jnp.bool_(False))
+    (labels, inertia, done), _ = lax.scan(run, init, jax.random.split(key, n_init))
+    return labels, inertia, done
 
 
 def best_labels(xc: np.ndarray, k: int, seed: int, n_init: int, iters: int, tol: float,
-                trials: int | None = None) -> np.ndarray:
-    """Labels `[N]` int64 of the best (smallest inertia) of `n_init` k-means runs of centred points xc `[N, F]`
+                trials: int | None = None) -> tuple[np.ndarray, bool]:
+    """(labels `[N]` int64 of the best (smallest inertia) of `n_init` k-means runs of centred points xc `[N, F]`,
+    whether that run converged before `iters` iterations)
     (run r seeded from `jax.random.split(jax.random.key(seed), n_init)[r]`; `tol` absolute, on the centres' total
     squared move; `trials` k-means++ candidates per centre, None: 2 + ⌊ln kp⌋). Every cluster j < k holds at
     least one point."""
@@ -154,6 +155,6 @@ def best_labels(xc: np.ndarray, k: int, seed: int, n_init: int, iters: int, tol:
     np_ = _bucket_n(n)
     xp = np.zeros((np_, f), np.float32)
     xp[:n] = xc
-    labels, _, _ = _runs(jnp.asarray(xp), jnp.asarray(np.arange(np_) < n), jax.random.key(seed), jnp.int32(k),
+    labels, _, done = _runs(jnp.asarray(xp), jnp.asarray(np.arange(np_) < n), jax.random.key(seed), jnp.int32(k),
                          jnp.int32(iters), jnp.float32(tol), kp=kp, n_init=int(n_init), trials=trials)
-    return np.asarray(labels)[:n].astype(np.int64)
+    return np.asarray(labels)[:n].astype(np.int64), bool(done)

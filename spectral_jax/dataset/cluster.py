@@ -56,6 +56,7 @@ class Segments(NamedTuple):
     sizes: np.ndarray       # [k] int64 tokens per segment
     images: np.ndarray      # [k] int64 images in which the segment has at least one token
     embedding: str          # what was clustered, in words
+    converged: bool = True  # the k-means' best run settled before its iteration cap (`analysis.KMeans.converged`)
 
     def report(self) -> dict:
         """JSON-ready: the numbers summary.json holds under "segments"."""
@@ -63,7 +64,7 @@ class Segments(NamedTuple):
                 "embedding": self.embedding, "sizes": [int(v) for v in self.sizes],
                 "images": [int(v) for v in self.images],
                 "candidates": [int(v) for v in self.candidates],
-                "scores": [round(float(v), 6) for v in self.scores]}
+                "scores": [round(float(v), 6) for v in self.scores], "kmeans_converged": self.converged}
 
     def arrays(self, names) -> dict:
         """The arrays of segments.npz: segments `[n, h, w]` int32, names `[n]`, centers `[k, F]`, num_segments,
@@ -136,7 +137,7 @@ def segments(result, num_segments="auto", seed: int = 0, *, eigvals=None, n_init
     present = np.zeros((n, num), bool)
     present[np.repeat(np.arange(n), h * w), km.labels] = True
     return Segments(labels, km.centers, num, rule, asked, np.asarray(cand, np.int64), np.asarray(scores, np.float64),
-                    sizes.astype(np.int64), present.sum(0).astype(np.int64), what)
+                    sizes.astype(np.int64), present.sum(0).astype(np.int64), what, km.converged)
 
 
 def _count(v):
