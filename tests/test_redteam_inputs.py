@@ -249,6 +249,9 @@ CLI_CASES = {
     "dataset-lw-twice": ([*DS, "--layer-weights", "0:1,0:2", "--out", "o"], "gives layer 0 twice"),
     "dataset-bf16-gd": ([*DS, "--method", "gd", "--bf16-features", "--out", "o"], "--bf16-features: apply to --method exact"),
     "dataset-tol-gd": ([*DS, "--method", "gd", "--tol", "1e-3", "--out", "o"], "--tol: apply to --method exact"),
+    # given at all, even at its default value, --maxiter means nothing to gd
+    "dataset-maxiter-gd": ([*DS, "--method", "gd", "--maxiter", "400", "--out", "o"], "--maxiter: apply to --method"),
+    "solve-seed-negative": (["solve", "acts.npz", "--graph", "qk", "--seed", "-1", "--out", "o.npz"], "--seed -1"),
 }
 
 

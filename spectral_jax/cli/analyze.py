@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from spectral_jax.cli.extract import add_dtype_flag
+from spectral_jax.cli.extract import add_dtype_flag, check_seed
 from spectral_jax.errors import InputError
 from spectral_jax.models.spec import forward_dtype
 
@@ -83,8 +83,7 @@ def run_analyze(args, credit: str | None = None) -> int:
     layers = models.parse_layers(args.layers, spec.config.num_layers, "--layers")
     if not (args.tau > 0 and math.isfinite(args.tau)):
         raise InputError(f"--tau {args.tau}", "must be a positive number", "pass e.g. --tau 0.1")
-    if args.seed < 0:
-        raise InputError(f"--seed {args.seed}", "must be ≥ 0", "pass e.g. --seed 0")
+    check_seed(args.seed)
     weights = None
     if args.layer_weights is not None:       # numbers pair with --layers in the order given
         weights = pipeline.parse_layer_weights(args.layer_weights, args.layers, spec.config.num_layers,

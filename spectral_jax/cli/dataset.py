@@ -29,9 +29,6 @@ import os
 
 from spectral_jax.errors import InputError
 
-MAXITER = 400    # --maxiter's default (= dataset.settings.Settings.maxiter)
-
-
 def register(sub) -> None:
     p = sub.add_parser("dataset", help="one eigenvector table for a folder of images (kNN graphs, sharded, resumable)",
                        description=__doc__.splitlines()[0])
@@ -44,7 +41,8 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one)")
     p.add_argument("--method", choices=("exact", "gd"), default="exact",
                    help="exact: the whole-dataset graph's top-K (default); gd: the official minibatch solver")
-    p.add_argument("--maxiter", type=int, default=MAXITER, help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most")
+    p.add_argument("--maxiter", type=int, default=None,
+                   help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most (default 400)")
     p.add_argument("--tol", type=float, default=None, help="exact: relative residual to stop at (default √eps32)")
     p.add_argument("--bf16-features", action="store_true",
                    help="exact: keep the features for the graph in bfloat16 (half the memory)")
@@ -134,9 +132,9 @@ def run_dataset(args) -> int:
                         epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
                         k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, seed=args.seed,
                         checkpoint_every=args.checkpoint_every, prefetch=args.prefetch, method=args.method,
-                        maxiter=args.maxiter, features_dtype="bfloat16" if args.bf16_features else "float32",
+                        features_dtype="bfloat16" if args.bf16_features else "float32",
                         segments=args.segments, layer_weights=_layer_weights(args.layer_weights),
-                        **({} if args.tol is None else {"tol": args.tol}))
+                        **{k: v for k, v in (("tol", args.tol), ("maxiter", args.maxiter)) if v is not None})
     spec = get_spec(args.model)                     # unknown model: one line before anything else
     from spectral_jax.dataset.inputs import check_layer_weights
     from spectral_jax.models import parse_layers
@@ -145,7 +143,7 @@ def run_dataset(args) -> int:
     check_layer_weights(settings, parse_layers(settings.layers, depth, "--layers") or range(depth))
     if args.method == "gd":                         # exact-only options would be ignored silently
         given = [f for f, on in (("--tol", args.tol is not None), ("--bf16-features", args.bf16_features),
-                                 ("--maxiter", args.maxiter != MAXITER)) if on]
+                                 ("--maxiter", args.maxiter is not None)) if on]
         if given:
             raise InputError(", ".join(given), "apply to --method exact only", f"drop {' '.join(given)}, or use "
                              "--method exact")

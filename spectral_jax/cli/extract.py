@@ -25,6 +25,13 @@ def add_dtype_flag(p) -> None:
                         "an accelerator's tensor cores, with float32 accumulation in the matmuls) (default float32)")
 
 
+def check_seed(seed: int) -> None:
+    """`--seed` ≥ 0 (numpy's generators refuse negative seeds), checked before any model work (extract, analyze,
+    solve)."""
+    if seed < 0:
+        raise InputError(f"--seed {seed}", "must be ≥ 0", "pass e.g. --seed 0")
+
+
 def run(args: argparse.Namespace) -> int:
     """One path for every family: checks, the image, `load_backbone`, `bb.taps`, ACTS, a one-line summary."""
     from spectral_jax.files import OutputFile, npz_path
@@ -61,8 +68,7 @@ def _extract(args: argparse.Namespace, out) -> None:
     from spectral_jax.models import load_backbone, parse_layers
     from spectral_jax.pipeline import check_finite
 
-    if args.seed < 0:
-        raise InputError(f"--seed {args.seed}", "must be ≥ 0", "pass e.g. --seed 0")
+    check_seed(args.seed)
     timesteps = _timesteps(args)                  # checked before the model loads
     layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     size = None if args.size is None else io.parse_size(args.size, "--size")

@@ -47,8 +47,9 @@ def _check_args(args) -> None:
         raise InputError("--sample", f"must be in (0, 1], got {args.sample}", "pass e.g. --sample 0.25")
     if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
         raise InputError("--lr", f"must be a positive number, got {args.lr}", "pass e.g. --lr 0.01, or omit it")
-    if args.seed < 0:
-        raise InputError("--seed", f"must be ≥ 0, got {args.seed}", "pass e.g. --seed 0")
+    from spectral_jax.cli.extract import check_seed
+
+    check_seed(args.seed)
     if (args.k_intra or 0) < 0 or args.k_inter < 0:
         raise InputError("--k-intra/--k-inter", f"must be ≥ 0, got {args.k_intra}/{args.k_inter}",
                          "pass e.g. --k-intra 50 --k-inter 50")
