@@ -1,11 +1,21 @@
 """Helpers shared by the tests (a uniquely named module: `conftest` names collide across test folders)."""
 
+import importlib.util
 import os
 
 import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
+BENCH = os.path.join(ROOT, "benchmarks")
+
+
+def bench_module(name: str):
+    """The benchmark script benchmarks/NAME.py as a module (its functions tested, its `main` not run)."""
+    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def planted_qk(rng, grid=(12, 12), groups=3, layers=2, heads=2, dim=16, strength=3.0, noise=0.5):

@@ -3,6 +3,7 @@ silhouette. Planted block graphs (numpy eigh, `test_analysis.planted_eigs`) and 
 
 import numpy as np
 import pytest
+from sjtest import bench_module
 from test_analysis import gaussian_blobs, planted_eigs, same_partition
 
 from spectral_jax import analysis as A
@@ -83,13 +84,7 @@ def test_edge_cases():
 def test_eval_autok_metrics_and_ground_truth():
     """benchmarks/eval_autok's scores: ARI/NMI label-permutation free, 1 on equal partitions, ARI's known value on a
     hand case; the patch majority and the crowd RLE decoding."""
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "eval_autok.py")
-    spec = importlib.util.spec_from_file_location("_bench_eval_autok", path)
-    ev = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ev)
+    ev = bench_module("eval_autok")
     a = np.array([0, 0, 0, 1, 1, 1])
     assert ev.ari(a, 5 - a) == pytest.approx(1.0) and ev.nmi(a, 5 - a) == pytest.approx(1.0)
     # b = [0, 0, 1, 1, 1, 1]: contingency [[2, 1], [0, 3]], Σ C(n_ij, 2) = 1 + 3 = 4, rows 3 + 3 = 6,

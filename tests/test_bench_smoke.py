@@ -1,22 +1,15 @@
 """Smoke test of the benchmark code: the PyTorch re-implementation of the official loop runs, and its objective
 evaluation agrees with `spectral_jax.objective.rayleigh` — so the benchmarks cannot silently rot."""
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
+from sjtest import BENCH, bench_module
 
 torch = pytest.importorskip("torch")
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(BENCH, f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+_load = bench_module
 
 
 @pytest.fixture(scope="module")

@@ -1,13 +1,10 @@
 """benchmarks/eval_instances.py's metric functions on hand cases with known IoU, recall and precision."""
 
-import os
-import sys
-
 import numpy as np
 import pytest
+from sjtest import bench_module
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
-import eval_instances as EI  # noqa: E402
+EI = bench_module("eval_instances")
 
 
 def box(r0, r1, c0, c1, shape=(10, 10)):

@@ -2,25 +2,18 @@
 empty clusters, k = 1 and k = N, duplicate points, precision against the previous float64 numpy implementation
 (`benchmarks/bench_kmeans.numpy_kmeans`, the reference), and no recompilation inside one bucket."""
 
-import importlib.util
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from sjtest import bench_module
 
 from spectral_jax import analysis as A
 from spectral_jax.analysis import lloyd
 
-BENCH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
-
 
 def _reference():
-    spec = importlib.util.spec_from_file_location("_bench_kmeans", os.path.join(BENCH, "bench_kmeans.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return bench_module("bench_kmeans")
 
 
 def blobs(sizes, f, sep=8.0, sigma=1.0, offset=0.0, seed=0):
