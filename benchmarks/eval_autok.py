@@ -392,15 +392,13 @@ def run_eval(args) -> None:
                 res["summary"][f"{dset} {graph}"] = summarise(sel)
     load = C.cpu_and_load()[1]
     res["load"], res["share"] = load, args.share
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    C.write(os.path.splitext(args.out)[0] + ".json", json.dumps(res, indent=1))
     text = markdown(res, args, load)
     if os.path.exists(args.out) and args.keep_notes:
         old = open(args.out).read()
         if NOTES in old:
             text += "\n" + old[old.index(NOTES):]
-    with open(args.out, "w") as f:
-        f.write(text)
+    C.write(args.out, text)
     print(text)
 
 
