@@ -50,6 +50,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import _common as C  # noqa: E402
+import eval_where_what as WW  # noqa: E402
 
 DATA = os.path.join(HERE, "..", "..", "shared", "data")
 COCO = os.path.join(DATA, "coco-mini")
@@ -122,34 +123,10 @@ def merge_small(gt: np.ndarray, share: float) -> np.ndarray:
     return np.where(np.isin(gt, small), 0, gt)
 
 
-def _rle_mask(seg: dict, h: int, w: int) -> np.ndarray:
-    """COCO uncompressed RLE (crowd annotations: run lengths, column-major, starting with 0s) → bool `[h, w]`."""
-    counts = np.asarray(seg["counts"], np.int64)
-    flat = np.repeat(np.arange(counts.size) % 2 == 1, counts)
-    return flat[: h * w].reshape(w, h).T
-
-
 def coco_label(meta: dict, anns: list[dict]) -> np.ndarray:
-    """Category id per pixel `[H, W]` (0: none) from one image's instance annotations, larger instances painted
-    first so that smaller ones stay visible."""
-    from PIL import Image, ImageDraw
-
-    h, w = meta["height"], meta["width"]
-    canvas = Image.new("I", (w, h), 0)
-    draw = ImageDraw.Draw(canvas)
-    label = None
-    for a in sorted(anns, key=lambda a: -a["area"]):
-        seg = a["segmentation"]
-        if isinstance(seg, list):
-            for poly in seg:
-                if len(poly) >= 6:
-                    draw.polygon([(float(x), float(y)) for x, y in zip(poly[0::2], poly[1::2])], fill=a["category_id"])
-        elif isinstance(seg.get("counts"), list):
-            label = np.asarray(canvas, np.int64)
-            label[_rle_mask(seg, h, w)] = a["category_id"]
-            canvas = Image.fromarray(label.astype(np.int32), "I")
-            draw = ImageDraw.Draw(canvas)
-    return np.asarray(canvas, np.int64)
+    """Category id per pixel `[H, W]` int64 (0: none) from one image's instance annotations, larger instances
+    painted first so that smaller ones stay visible (`eval_where_what.label_map`: polygons and uncompressed RLEs)."""
+    return WW.label_map(anns, (meta["height"], meta["width"]))[0].astype(np.int64)
 
 
 class GroundTruth:

@@ -83,7 +83,7 @@ def test_edge_cases():
 
 def test_eval_autok_metrics_and_ground_truth():
     """benchmarks/eval_autok's scores: ARI/NMI label-permutation free, 1 on equal partitions, ARI's known value on a
-    hand case; the patch majority and the crowd RLE decoding."""
+    hand case; the patch majority and the COCO rasterisation with a crowd RLE."""
     ev = bench_module("eval_autok")
     a = np.array([0, 0, 0, 1, 1, 1])
     assert ev.ari(a, 5 - a) == pytest.approx(1.0) and ev.nmi(a, 5 - a) == pytest.approx(1.0)
@@ -95,5 +95,9 @@ def test_eval_autok_metrics_and_ground_truth():
     label[:, :5] = 3  # columns 0..4 of 9 → patch 0 (columns 0..2) all 3, patch 1 (3..5) two of three 3
     np.testing.assert_array_equal(ev.patch_majority(label, (2, 3)), [[3, 3, 0], [3, 3, 0]])
     np.testing.assert_array_equal(ev.merge_small(np.array([0, 0, 0, 7, 2, 2]), 0.3), [0, 0, 0, 0, 2, 2])
-    mask = ev._rle_mask({"counts": [1, 2, 3]}, 2, 3)  # column-major: 0, then 1 1, then 0 0 0
-    np.testing.assert_array_equal(mask, [[False, True, False], [True, False, False]])
+    # the COCO rasterisation (eval_where_what.label_map): a crowd RLE, column-major runs from 0 (0, then 1 1, then
+    # 0 0 0), under a larger polygon painted first
+    rle = {"segmentation": {"counts": [1, 2, 3], "size": [2, 3]}, "area": 2, "category_id": 5}
+    poly = {"segmentation": [[0, 0, 3, 0, 3, 2, 0, 2]], "area": 6, "category_id": 9}
+    lab = ev.coco_label({"height": 2, "width": 3}, [rle, poly])
+    np.testing.assert_array_equal(lab, [[9, 5, 9], [5, 9, 9]])
