@@ -13,11 +13,7 @@ os.environ.setdefault("SPECTRAL_JAX_COMPILE_CACHE", os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".pytest_cache", "jax-compile-cache"))
 from spectral_jax.cli import compile_cache  # noqa: E402  (imports no JAX)
 
-if compile_cache.enable() is not None:
-    # a size cap turns on JAX's file lock around every read and write of the cache (filelock, pinned with the test
-    # dependencies): two workers and their console scripts write the same entries at once, and without the lock a
-    # reader can meet a half-written file; the cap also bounds the folder across runs of a changing checkout
-    os.environ.setdefault("JAX_COMPILATION_CACHE_MAX_SIZE", str(1 << 30))
+compile_cache.enable()
 
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
