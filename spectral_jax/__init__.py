@@ -6,31 +6,12 @@ Every public name and subpackage is reachable from `import spectral_jax as sj` (
 `sj.models.load`, `sj.dataset.run`, ...) but is imported on first use (PEP 562), so `import spectral_jax` and the
 `spectral-jax --help` command line do not pay for importing JAX.
 
-`spectral_jax.models` lives in the checkout's top-level `models/` folder (installed as `spectral_jax/models/`); run
-from a raw checkout on `PYTHONPATH`, the package maps that folder itself (`_map_models_of_a_checkout`).
+`spectral_jax.models` lives in the checkout's top-level `models/` folder; the install maps it to `spectral_jax.models`
+(setuptools `package-dir` in pyproject.toml; `pip install -e .` for a checkout). A raw checkout on `PYTHONPATH`,
+without an install, is not supported: there `spectral_jax.models` does not exist.
 """
 
-import importlib.util as _util
-import os as _os
-import sys as _sys
-
 from spectral_jax import lazy as _lazy
-
-
-def _map_models_of_a_checkout() -> None:
-    """Where `spectral_jax.models` is not installed (a raw checkout on PYTHONPATH), register `../models` as it."""
-    if "spectral_jax.models" in _sys.modules or _util.find_spec("spectral_jax.models") is not None:
-        return
-    root = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "models")
-    init = _os.path.join(root, "__init__.py")
-    if _os.path.isfile(init):
-        spec = _util.spec_from_file_location("spectral_jax.models", init, submodule_search_locations=[root])
-        module = _util.module_from_spec(spec)
-        _sys.modules["spectral_jax.models"] = module
-        spec.loader.exec_module(module)
-
-
-_map_models_of_a_checkout()
 
 __version__ = "0.1.0"
 

@@ -32,15 +32,22 @@ def test_every_package_folder_is_installed():
     assert listed - found == set(), f"pyproject lists folders that are not packages: {sorted(listed - found)}"
 
 
-def test_a_raw_checkout_on_the_path_maps_models():
-    """From a checkout on sys.path (no install: `python -S` skips site-packages and so the editable finder),
-    `spectral_jax.models` and its family subpackages resolve to the checkout's `models/` folder."""
+def test_models_comes_from_the_install_not_from_a_hook():
+    """`spectral_jax.models` is the install's mapping of the checkout's `models/` (setuptools `package-dir`), found
+    by the import system as any subpackage; `import spectral_jax` registers nothing. From a bare checkout on
+    sys.path (`python -S` skips site-packages and so the editable install's finder) it does not exist: running
+    without `pip install -e .` is unsupported (README)."""
     import subprocess
     import sys
 
-    code = ("import sys; sys.path.insert(0, sys.argv[1]); import spectral_jax, spectral_jax.models.vit as v; "
-            "print(spectral_jax.models.__file__); print(v.__file__)")
-    out = subprocess.run([sys.executable, "-S", "-c", code, ROOT], capture_output=True, text=True, cwd="/")
+    bare = ("import sys; sys.path.insert(0, sys.argv[1]); import spectral_jax; "
+            "print('spectral_jax.models' in sys.modules); import spectral_jax.models")
+    out = subprocess.run([sys.executable, "-S", "-c", bare, ROOT], capture_output=True, text=True, cwd="/")
+    assert out.stdout.split() == ["False"], out.stderr
+    assert out.returncode == 1 and "No module named 'spectral_jax.models'" in out.stderr, out.stderr
+
+    installed = "import spectral_jax.models as m, spectral_jax.models.vit as v; print(m.__file__); print(v.__file__)"
+    out = subprocess.run([sys.executable, "-c", installed], capture_output=True, text=True, cwd="/")
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [os.path.join(ROOT, "models", "__init__.py"),
                                   os.path.join(ROOT, "models", "vit", "__init__.py")]
