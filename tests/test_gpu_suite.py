@@ -92,6 +92,7 @@ def test_run_sh_install_step_is_offline():
     # package indexes and model hubs are switched off for everything the script starts
     for var in ("PIP_NO_INDEX=1", "HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1"):
         assert re.search(rf"^export .*\b{var}\b", code, re.M), var
-    # the raw checkout is what gets imported
-    assert re.search(r'^export PYTHONPATH="\$root', code, re.M)
+    # the checkout's code is what gets imported, staged in the installed layout (models/ as spectral_jax/models)
+    assert re.search(r'^cp -r "\$root/models" "\$stage/spectral_jax/models"$', code, re.M)
+    assert re.search(r'^export PYTHONPATH="\$stage', code, re.M)
     assert "set -euo pipefail" in code

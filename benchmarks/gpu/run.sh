@@ -6,16 +6,20 @@
 # Extra arguments go to benchmarks/gpu/suite.py (e.g. --sections forward,attention). PYTHON picks the interpreter
 # (default python3: on the device image, the one with JAX, PyTorch and transformers).
 #
-# Install step: nothing is installed and nothing is fetched. The raw checkout goes first on PYTHONPATH
-# (spectral_jax maps the checkout's models/ folder as spectral_jax.models itself, see spectral_jax/__init__.py), and
-# every package index and model hub is switched off, so a missing dependency fails at the suite's import check (the
-# first thing suite.py does: `suite.check_imports`) instead of reaching for the network.
+# Install step: nothing is installed and nothing is fetched. The checkout's code is staged in a temporary folder in
+# the layout an install gives it (spectral_jax/, and models/ as spectral_jax/models: pyproject's package-dir), which
+# goes first on PYTHONPATH; every package index and model hub is switched off, so a missing dependency fails at the
+# suite's import check (the first thing suite.py does: `suite.check_imports`) instead of reaching for the network.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 out="${OUT:-$root/benchmarks/results}"
 py="${PYTHON:-python3}"
 
-export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+stage="$(mktemp -d)"
+trap 'rm -rf "$stage"' EXIT
+cp -r "$root/spectral_jax" "$stage/spectral_jax"
+cp -r "$root/models" "$stage/spectral_jax/models"
+export PYTHONPATH="$stage${PYTHONPATH:+:$PYTHONPATH}"
 export PIP_NO_INDEX=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 export XLA_PYTHON_CLIENT_PREALLOCATE=false PYTHONUNBUFFERED=1 TF_CPP_MIN_LOG_LEVEL=1
 
