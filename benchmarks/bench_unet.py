@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from flax import nnx
 
+from spectral_jax.models import testing
 from spectral_jax.models.convert import apply_table
 from spectral_jax.models.convert import abstract_model as abstract_any
 from spectral_jax.models.convert import assemble as assemble_any
@@ -55,7 +56,7 @@ import _common  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
 
-CASES = {"tiny": ("sd_tiny UNet", SD_MODELS["sd_tiny"].config.unet, 16),
+CASES = {"tiny": ("sd_tiny UNet", testing.MODELS["sd_tiny"].config.unet, 16),
          "sd1": ("SD 1.x UNet", SD_MODELS["sd15"].config.unet, 32)}
 
 

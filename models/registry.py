@@ -3,8 +3,11 @@ mean/std and the resize filter of the family's reference processor, `PreprocessS
 `load_backbone(name, weights, **family_options)`, which hands the spec to its family's `load_backbone`.
 
     get_spec("dinov2_vits14")        # ModelSpec(family="vit", ...), instant: no JAX is imported to read this table
-    bb = load_backbone("sd_tiny", "random", timesteps=[10, 200])     # → spectral_jax.models.sd.load_backbone
+    bb = load_backbone("sd15", timesteps=[10, 200])     # → spectral_jax.models.sd.load_backbone
     names()                          # every registered name, in registry order
+
+The small random test models (sd_tiny, pixart_tiny, sd3_tiny, flux_tiny) are not registered: `get_spec` resolves
+them only while SPECTRAL_JAX_TEST_MODELS=1, and `names()` never lists them (`spectral_jax.models.testing`).
 
 The entries live with their family (`vit/config.py` MODELS, `sd/config.py` SD_MODELS, `dit/config.py`,
 `dinov3/config.py`, `siglip2/config.py`); adding a family is adding
@@ -16,11 +19,12 @@ from __future__ import annotations
 import importlib
 
 from spectral_jax.errors import InputError
+from spectral_jax.models import testing
 from spectral_jax.models.dinov3.config import FAMILY as _DINOV3, MODELS as DINOV3_MODELS
 from spectral_jax.models.dit.config import DIT_MODELS, FAMILY as _DIT
 from spectral_jax.models.sd.config import FAMILY as _SD, SD_MODELS
 from spectral_jax.models.siglip2.config import FAMILY as _SIGLIP2, MODELS as SIGLIP2_MODELS
-from spectral_jax.models.spec import Family, ModelSpec, PreprocessSpec  # noqa: F401  (PreprocessSpec re-exported)
+from spectral_jax.models.spec import Family, ModelSpec
 from spectral_jax.models.vit.config import FAMILY as _VIT, MODELS
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (_VIT, _SD, _DIT, _DINOV3, _SIGLIP2)}
@@ -29,25 +33,26 @@ _SPECS: dict[str, ModelSpec] = {**MODELS, **SD_MODELS, **DIT_MODELS, **DINOV3_MO
 
 def names() -> list[str]:
     """Every registered model name, family by family: ViTs, Stable Diffusion, diffusion transformers, DINOv3,
-    SigLIP 2."""
+    SigLIP 2. The test models (`testing.MODELS`) are not among them."""
     return list(_SPECS)
 
 
 def get_spec(name: str) -> ModelSpec:
-    """The registry entry for `name`; an unknown name raises `InputError` listing the valid ones."""
-    if name not in _SPECS:
-        raise InputError(f"model {name!r}", "unknown model", f"choose one of: {', '.join(_SPECS)}")
-    return _SPECS[name]
+    """The registry entry for `name`, or a test model's while `testing.enabled()`; an unknown name raises
+    `InputError` listing the registered ones, a test model's name (not enabled) one naming SPECTRAL_JAX_TEST_MODELS."""
+    if name in _SPECS:
+        return _SPECS[name]
+    if name in testing.MODELS:
+        if testing.enabled():
+            return testing.MODELS[name]
+        raise InputError(f"model {name!r}", "is a test model (random weights, for the test suite and benchmarks)",
+                         f"set {testing.ENV}=1 to use it")
+    raise InputError(f"model {name!r}", "unknown model", f"choose one of: {', '.join(_SPECS)}")
 
 
 def family(name: str) -> Family:
     """The family of model `name` (`Family`: its options, whether taps carry hidden states); unknown → InputError."""
     return FAMILIES[get_spec(name).family]
-
-
-def is_sd(name: str) -> bool:
-    """Whether `name` is a Stable Diffusion model (kept for callers not yet on `load_backbone`)."""
-    return name in SD_MODELS
 
 
 def load_backbone(name: str, weights: str | None = None, **family_options):
@@ -69,10 +74,3 @@ def load_backbone(name: str, weights: str | None = None, **family_options):
                          f"drop it; {fam.title} models take {', '.join(fam.options)}")
     return importlib.import_module(f"spectral_jax.models.{fam.name}").load_backbone(spec, weights, **options)
 
-
-def load(name: str, weights: str | None = None, **family_options):
-    """(model, preprocessing spec) for `name`: the family's Flax model (`vit.ViT`, `sd.StableDiffusion`) and its
-    `PreprocessSpec` — `load_backbone(name, weights, ...)`'s `model` and `preprocess` (kept for callers not yet on
-    the backbone contract)."""
-    bb = load_backbone(name, weights, **family_options)
-    return bb.model, bb.preprocess

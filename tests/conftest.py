@@ -3,6 +3,9 @@ import re
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"  # tests never download
+# The small random test models (sd_tiny, pixart_tiny, ...: `spectral_jax.models.testing`) resolve in this process
+# and in every console script a test starts.
+os.environ["SPECTRAL_JAX_TEST_MODELS"] = "1"
 # One JAX persistent compilation cache for the whole suite, in the checkout's (ignored) .pytest_cache — never the
 # user's real one: both test workers and every console script a test runs share it, so a program compiled once (a
 # tiny ViT's forward, a solve, the k-means) is loaded, not compiled again, by the next process (XLA compiling small

@@ -19,7 +19,7 @@ from PIL import Image
 
 from spectral_jax import io
 from spectral_jax.errors import InputError
-from spectral_jax.models import registry
+from spectral_jax.models import registry, testing
 from spectral_jax.models.spec import PreprocessSpec
 
 SIZE = (224, 336)
@@ -127,7 +127,7 @@ def test_dinov2_is_unchanged(photo, size):
 
 def test_every_entry_names_its_familys_filter():
     want = {"sd": "lanczos", "dit": "lanczos", "dinov3": "bilinear", "siglip2": "bilinear"}
-    for name in registry.names():
+    for name in [*registry.names(), *testing.MODELS]:
         spec = registry.get_spec(name)
         filt = spec.preprocess.resample
         if spec.family == "vit":

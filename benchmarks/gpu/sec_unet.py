@@ -41,9 +41,11 @@ COLUMNS = [("model", "model"), ("image", "image"), ("graphs", "graphs (layers ×
 def run(st: Section) -> None:
     import spectral_jax
     from spectral_jax import graphs as G
-    from spectral_jax.models import load_backbone
+    from spectral_jax.models import load_backbone, testing
 
     plan = TINY if st.tiny else FULL
+    if st.tiny:
+        testing.enable()                # sd_tiny is a test model, outside the registry unless enabled
     size, k = plan["size"], plan["num_eigs"]
     bb = load_backbone(plan["model"], "random", timesteps=list(plan["timesteps"]))
     img = np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8)

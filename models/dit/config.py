@@ -4,14 +4,13 @@ JAX here, so reading the registry is instant.
 Names:
     pixart_sigma      PixArt-Σ XL/2 at 1024² (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS): 28 blocks, 16 heads × 72
     pixart_sigma_512  the same architecture trained at 512² (PixArt-alpha/PixArt-Sigma-XL-2-512-MS)
-    pixart_tiny       a small random PixArt (4 blocks) for tests and benchmarks only
     sd3_medium        SD3 Medium MM-DiT (stabilityai/stable-diffusion-3-medium-diffusers): 24 blocks, 24 heads × 64
     sd35_large        SD3.5 Large (stabilityai/stable-diffusion-3.5-large): 38 blocks, 38 heads × 64, RMS q/k norms
-    sd3_tiny          a small random MM-DiT (3 blocks) for tests and benchmarks only
     flux1_dev         FLUX.1 [dev] (black-forest-labs/FLUX.1-dev): 19 double- + 38 single-stream blocks, 24 heads × 128,
                       guidance embedding (3.5, the pipeline's default)
     flux1_schnell     FLUX.1 [schnell] (black-forest-labs/FLUX.1-schnell): the same blocks, no guidance embedding
-    flux_tiny         a small random FLUX (2 + 2 blocks) for tests and benchmarks only
+Test models (`TEST_MODELS`, outside the registry: `spectral_jax.models.testing`): pixart_tiny (4 PixArt blocks),
+sd3_tiny (3 MM-DiT blocks), flux_tiny (2 + 2 FLUX blocks), small random architectures for tests and benchmarks.
 PixArt-Σ reads latents of the SDXL VAE (the SD VAE architecture, scaling factor 0.13025; the 512-MS repository holds
 only transformer/, so the VAE comes from `DiTConfig.vae_repo_id` when the weights' folder has no vae/), and was
 trained with the DDPM linear β schedule 0.0001 → 0.02 over 1000 steps. SD3/SD3.5 read 16-channel latents of their
@@ -249,14 +248,18 @@ DIT_MODELS: dict[str, ModelSpec] = {s.name: s for s in [
               FAMILY.name),
     ModelSpec("pixart_sigma_512", PIXART_SIGMA_512, "PixArt-alpha/PixArt-Sigma-XL-2-512-MS",
               _prep(512, PIXART_SIGMA_512), FAMILY.name),
-    ModelSpec("pixart_tiny", PIXART_TINY, None, _prep(256, PIXART_TINY), FAMILY.name),
     ModelSpec("sd3_medium", SD3_MEDIUM, "stabilityai/stable-diffusion-3-medium-diffusers", _prep(1024, SD3_MEDIUM),
               FAMILY.name),
     ModelSpec("sd35_large", SD35_LARGE, "stabilityai/stable-diffusion-3.5-large", _prep(1024, SD35_LARGE),
               FAMILY.name),
-    ModelSpec("sd3_tiny", SD3_TINY, None, _prep(256, SD3_TINY), FAMILY.name),
     ModelSpec("flux1_dev", FLUX_DEV, "black-forest-labs/FLUX.1-dev", _prep(1024, FLUX_DEV), FAMILY.name),
     ModelSpec("flux1_schnell", FLUX_SCHNELL, "black-forest-labs/FLUX.1-schnell", _prep(1024, FLUX_SCHNELL),
               FAMILY.name),
+]}
+
+# The test models (random weights only; `spectral_jax.models.testing`, not in the registry's names).
+TEST_MODELS: dict[str, ModelSpec] = {s.name: s for s in [
+    ModelSpec("pixart_tiny", PIXART_TINY, None, _prep(256, PIXART_TINY), FAMILY.name),
+    ModelSpec("sd3_tiny", SD3_TINY, None, _prep(256, SD3_TINY), FAMILY.name),
     ModelSpec("flux_tiny", FLUX_TINY, None, _prep(256, FLUX_TINY), FAMILY.name),
 ]}

@@ -26,6 +26,7 @@ from spectral_jax.models.convert import assemble
 from spectral_jax.models.dit import params as P
 from spectral_jax.models.dit.config import DIT_MODELS, DiTConfig
 from spectral_jax.models.dit.flow import FlowSchedule
+from spectral_jax.models.registry import get_spec
 from spectral_jax.models.sd import params as SDW
 from spectral_jax.models.sd.modeling import check_schedule
 from spectral_jax.models.spec import ModelSpec
@@ -55,9 +56,11 @@ class DiffusionTransformer:
 
 
 def get_dit_spec(name: str) -> ModelSpec:
-    if name not in DIT_MODELS:
+    """`registry.get_spec(name)` (test models only while enabled), refused unless a diffusion-transformer model."""
+    spec = get_spec(name)
+    if spec.family != "dit":
         raise InputError(f"model {name!r}", "not a diffusion-transformer model", f"choose one of: {', '.join(DIT_MODELS)}")
-    return DIT_MODELS[name]
+    return spec
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from spectral_jax import lazy as _lazy
 _EXPORTS = {
     "StableDiffusion": ".modeling", "load_sd": ".modeling", "get_sd_spec": ".modeling",
     "save_empty_prompt_embedding": ".modeling", "load_text_embedding": ".modeling",
-    "SDConfig": ".config", "SDSpec": ".config", "SD_MODELS": ".config", "FAMILY": ".config", "UNetConfig": ".config",
+    "SDConfig": ".config", "SD_MODELS": ".config", "FAMILY": ".config", "UNetConfig": ".config",
     "VAEConfig": ".config", "CLIPTextConfig": ".config",
     "DDPMSchedule": ".scheduler",
     "collect_taps": ".diffusion", "timestep_schedule": ".diffusion", "parse_timesteps": ".diffusion",

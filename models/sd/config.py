@@ -3,8 +3,9 @@ named presets and the SD registry entries — no JAX here, so reading the regist
 
 Names: sd14 (CompVis/stable-diffusion-v1-4), sd15 (runwayml/stable-diffusion-v1-5; since the original repository
 was withdrawn, the same files are mirrored as stable-diffusion-v1-5/stable-diffusion-v1-5 — pass that id or a
-local directory with --weights), sd21_base (stabilityai/stable-diffusion-2-1-base), and sd_tiny (a small random
-architecture with SD 1.x's layout — 16 self-attention layers on 4 grids — for tests and benchmarks only).
+local directory with --weights) and sd21_base (stabilityai/stable-diffusion-2-1-base). `TINY` (SD 1.x's layout at toy
+width — 16 self-attention layers on 4 grids) is the test model sd_tiny, in `TEST_MODELS`, outside the registry
+(`spectral_jax.models.testing`).
 
 Preprocessing: RGB in [−1, 1] ((x/255 − 0.5)/0.5); the default size is 512 (SD's training resolution; the
 official code resizes to 512²); sides must be multiples of 8 (the VAE's downscale).
@@ -164,12 +165,13 @@ SD_MEAN, SD_STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 # diffusers' `VaeImageProcessor`: PIL Lanczos resize, then 2x − 1 (= (x − 0.5)/0.5).
 _PREP = PreprocessSpec(512, 8, SD_MEAN, SD_STD, LANCZOS)
 
-SDSpec = ModelSpec  # the former name of an SD registry entry (same fields)
-
 # Registry entries: name → architecture, published weights (None: none), preprocessing.
 SD_MODELS: dict[str, ModelSpec] = {s.name: s for s in [
     ModelSpec("sd14", SD1, "CompVis/stable-diffusion-v1-4", _PREP, FAMILY.name),
     ModelSpec("sd15", SD1, "runwayml/stable-diffusion-v1-5", _PREP, FAMILY.name),
     ModelSpec("sd21_base", SD2, "stabilityai/stable-diffusion-2-1-base", _PREP, FAMILY.name),
-    ModelSpec("sd_tiny", TINY, None, PreprocessSpec(128, 8, SD_MEAN, SD_STD, LANCZOS), FAMILY.name),
 ]}
+
+# The test model (random weights only; `spectral_jax.models.testing`, not in the registry's names).
+TEST_MODELS: dict[str, ModelSpec] = {
+    "sd_tiny": ModelSpec("sd_tiny", TINY, None, PreprocessSpec(128, 8, SD_MEAN, SD_STD, LANCZOS), FAMILY.name)}

