@@ -200,7 +200,7 @@ def ours(feats_a, feats_b, grid, num_images: int, k_intra: int, k_inter: int, mi
     import jax
 
     from spectral_jax import graphs as G
-    from spectral_jax.solvers import exact
+    from spectral_jax.solvers.exact import exact
 
     t0 = time.perf_counter()
     g = jax.block_until_ready(G.knn(feats_a, feats_b, grid, num_images, k_intra, k_inter, min_cos))

@@ -174,7 +174,7 @@ def real_eigs(cache: str, images: int = 10, size: str = "448x448", num_eigs: int
     xs, _, _ = load_inputs(paths, bb.preprocess, size)
     ev, lam = [], []
     for x in xs:
-        r = solvers.exact(G.from_taps(jax.block_until_ready(bb.taps(x[None])).patches(), "vv"), num_eigs, seed=0)
+        r = solvers.exact.exact(G.from_taps(jax.block_until_ready(bb.taps(x[None])).patches(), "vv"), num_eigs, seed=0)
         ev.append(np.asarray(r.eigvecs[0]))
         lam.append(np.asarray(r.eigvals[0]))
     np.savez(cache, eigvecs=np.stack(ev), eigvals=np.stack(lam))

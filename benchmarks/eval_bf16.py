@@ -229,7 +229,7 @@ def run(args) -> dict:
             for c, (fwd, gdt) in CONFIGS.items():
                 t0 = time.perf_counter()
                 gs = G.from_taps(taps[fwd], graph, dtype=gdt, tau=args.tau)
-                results[c] = solvers.exact(gs, args.num_eigs, seed=args.seed)
+                results[c] = solvers.exact.exact(gs, args.num_eigs, seed=args.seed)
                 secs[f"{graph} {c}"].append(time.perf_counter() - t0)
                 stored = round_taps(taps[fwd], fields) if gdt == "bfloat16" else taps[fwd]
                 change[c] = rel_change(stored, taps["float32"], fields)
@@ -242,7 +242,7 @@ def run(args) -> dict:
                 rng = np.random.default_rng([args.seed, n, gi, list(CONTROLS).index(c)])
                 noisy = noisy_taps(taps["float32"], fields, change[like], rng)
                 change[c] = rel_change(noisy, taps["float32"], fields)  # the noise's measured size
-                results[c] = solvers.exact(G.from_taps(noisy, graph, tau=args.tau), args.num_eigs, seed=args.seed)
+                results[c] = solvers.exact.exact(G.from_taps(noisy, graph, tau=args.tau), args.num_eigs, seed=args.seed)
             ref = results["fp32"]
             want = {e: segments(ref.eigvecs[0], ref.eigvals[0], args.seed, w) for e, w in EMBEDDINGS.items()}
             for c in options:
@@ -258,13 +258,13 @@ def run(args) -> dict:
     for kind in ("knn-qk", "knn-vv"):
         kw = dict(k_intra=args.k, k_inter=args.k)
         ref_gs = G.from_taps(stacked["float32"], kind, dtype="float32", **kw)
-        ref = solvers.exact(ref_gs, args.num_eigs, seed=args.seed)
+        ref = solvers.exact.exact(ref_gs, args.num_eigs, seed=args.seed)
         a_op = functools.partial(a_apply, ref_gs)
         knn[kind] = {}
         for c, (fwd, gdt) in list(CONFIGS.items())[1:]:
             t0 = time.perf_counter()
             gs = G.from_taps(stacked[fwd], kind, dtype=gdt, **kw)
-            res = solvers.exact(gs, args.num_eigs, seed=args.seed)
+            res = solvers.exact.exact(gs, args.num_eigs, seed=args.seed)
             knn[kind][c] = {"neighbours": float(np.mean([neighbour_overlap(g.idx, r.idx)
                                                         for g, r in zip(gs, ref_gs)])),
                             **compare(res, ref, a_op), "seconds": time.perf_counter() - t0}

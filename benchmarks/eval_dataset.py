@@ -158,7 +158,7 @@ def last_layer_result(bb, root: str, names: list[str], size: int, num_eigs: int,
     kk = graphs.clamp_k(DEFAULT_K if k is None else k, DEFAULT_K if k is None else k, grid, len(names))
     g = jax.block_until_ready(graphs.knn(a, a, grid, len(names), *kk))
     t2 = time.perf_counter()
-    res = solvers.exact([g], num_eigs, seed=seed, tol=tol, maxiter=maxiter)
+    res = solvers.exact.exact([g], num_eigs, seed=seed, tol=tol, maxiter=maxiter)
     t3 = time.perf_counter()
     e = np.asarray(res.eigvecs, np.float32)
     summary = {"eigvals": [float(v) for v in res.eigvals[0]], "convergence": dict(res.info), "k_intra": kk[0],

@@ -151,7 +151,7 @@ def main() -> None:
             return solve(taps, m, args.num_eigs, "exact", tau=args.tau).eigvecs[0]
         x = taps.patches().hidden[last][0]  # [N, C]
         if m == "feat":
-            return solvers.exact([G.features(x, grid, args.tau)], args.num_eigs).eigvecs[0]
+            return solvers.exact.exact([G.features(x, grid, args.tau)], args.num_eigs).eigvecs[0]
         torch.manual_seed(0)  # its low-rank SVD is randomised
         ev = ncut_mod.Ncut(n_eig=args.num_eigs, device="cpu").fit_transform(torch.from_numpy(np.array(x, np.float32)))
         return ev.numpy().T.reshape(args.num_eigs, *grid)

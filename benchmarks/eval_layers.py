@@ -54,12 +54,12 @@ def evaluate_image(taps, graph: str, num_eigs: int, tau: float):
         out[f"L{l}"] = r.eigvecs[0]
     secs = {"layers": time.perf_counter() - t}
     t = time.perf_counter()
-    out["uniform"] = solvers.exact(gs, num_eigs).eigvecs[0]
+    out["uniform"] = solvers.exact.exact(gs, num_eigs).eigvecs[0]
     secs["uniform"] = time.perf_counter() - t
     spectra = np.stack([r.eigvals[0] for r in per_layer])
     t = time.perf_counter()
     w, _ = LW.for_groups(gs, gl, "eigengap", num_eigs, spectra=spectra)
-    out["eigengap"] = solvers.exact(gs, num_eigs, weights=w).eigvecs[0]
+    out["eigengap"] = solvers.exact.exact(gs, num_eigs, weights=w).eigvecs[0]
     weights = {"eigengap": LW.rule_weights("eigengap", spectra).tolist()}
     secs["eigengap"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -1,9 +1,9 @@
 """Per-layer weights for graph groups: explicit numbers, or an unsupervised rule read from the graphs alone.
 
 Sits between `graphs` and `solvers` in the data flow: it names which layer each graph of a group belongs to, takes
-subsets of layers out of groups, and turns one weight per layer into the per-group arrays `[*S]` that
-`solvers.exact(graphs, K, weights=...)` and `solvers.gd` take. A layer's weight multiplies each of its graphs (every
-head, every timestep), so uniform layer weights are the solvers' default (every graph equal).
+subsets of layers out of groups, and turns one weight per layer into the per-group arrays `[*S]` that the solvers
+take (`solvers.exact.exact(graphs, K, weights=...)`, `solvers.gd.gd`). A layer's weight multiplies each of its graphs
+(every head, every timestep), so uniform layer weights are the solvers' default (every graph equal).
 
 Rules (`RULES`), all from each layer's own graphs, no labels, no per-dataset constant:
 - "uniform": every layer 1.
@@ -170,13 +170,13 @@ def layer_spectra(graphs: Sequence, group_layers: Sequence[Sequence[int]], num_e
     results = []
     for l in layers:
         gs, _ = subset(graphs, group_layers, [l])
-        results.append(solvers.exact(gs, min(num_eigs, gs[0].num_nodes - 1)))   # K < the layer's nodes
+        results.append(solvers.exact.exact(gs, min(num_eigs, gs[0].num_nodes - 1)))   # K < the layer's nodes
     return layers, results
 
 
 def group_weights(graphs: Sequence, group_layers: Sequence[Sequence[int]], layers: Sequence[int], w) -> list:
     """One weight per layer (`layers` `[L]`, w `[L]`) → per-group float32 arrays of each group's batch shape, for
-    `solvers.exact(graphs, K, weights=...)`."""
+    `solvers.exact.exact(graphs, K, weights=...)`."""
     by_layer = dict(zip((int(l) for l in layers), np.asarray(w, np.float64)))
     out = []
     for g, ls in zip(graphs, group_layers):
@@ -200,7 +200,7 @@ def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], spec, nu
     weights `[L]` in layer order, summing to 1). A rule reads `spectra` `[L, K]` (and for "select" `agreement`
     `[L]`) if given, else computes them (`layer_spectra`, `head_agreement`). The dataset-level call is the same:
     `w, _ = for_groups(graphs, group_layers, "eigengap", K)` then
-    `solvers.exact(graphs, K, weights=w, base_grid=base_grid(graphs, w))`."""
+    `solvers.exact.exact(graphs, K, weights=w, base_grid=base_grid(graphs, w))`."""
     layers = sorted({l for ls in group_layers for l in ls})
     w = parse(spec, layers)
     if isinstance(w, str):

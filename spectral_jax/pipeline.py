@@ -95,8 +95,8 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
 
     def one(gs, w, base=None):
         if method == "exact":
-            return solvers.exact(gs, num_eigs, weights=w, base_grid=base, seed=seed, **tkw)
-        return solvers.gd(gs, num_eigs, preset, weights=w, base_grid=base, steps=steps, lr=lr, param=param,
+            return solvers.exact.exact(gs, num_eigs, weights=w, base_grid=base, seed=seed, **tkw)
+        return solvers.gd.gd(gs, num_eigs, preset, weights=w, base_grid=base, steps=steps, lr=lr, param=param,
                           sample=sample, seed=seed, progress=progress, tol=tol)
 
     if not isinstance(source, Taps):
@@ -278,7 +278,7 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     joint = graph in ("knn-qk", "knn-vv")
     gs, gl = graph_groups(taps, graph, None if joint else image, kw)
     if result is None:
-        exact = lambda g, w, base: solvers.exact(g, num_eigs, weights=w, base_grid=base, seed=seed)
+        exact = lambda g, w, base: solvers.exact.exact(g, num_eigs, weights=w, base_grid=base, seed=seed)
         result = _weighted(gs, gl, exact, "uniform" if layer_weights is None else layer_weights, num_eigs)
     elif not isinstance(result, Result):
         raise InputError(f"result {type(result).__name__}", "is not a Result", "pass solve(taps, ...)'s Result")
@@ -307,7 +307,7 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
         heads = int(np.prod(g.batch_shape[1:], dtype=np.int64)) // nt
         for t in range(nt):
             unit = g if nt == 1 else g.select(jnp.arange(t * heads, (t + 1) * heads))
-            r = solvers.exact([unit], min(k, unit.num_nodes - 1))      # a tiny grid has fewer than K + 1 nodes
+            r = solvers.exact.exact([unit], min(k, unit.num_nodes - 1))      # a tiny grid has fewer than K + 1 nodes
             own_vals.append(LW.pad(r.eigvals[0], k))
             own_vecs.append(np.asarray(to_nodes(jnp.asarray(r.eigvecs))))
             joint_on.append(np.asarray(project(x, g.grid)))

@@ -19,7 +19,7 @@ import pytest
 
 from spectral_jax import dataset, graphs
 from spectral_jax.objective import dense_operators, normalised_weights
-from spectral_jax.solvers import exact
+from spectral_jax.solvers.exact import exact
 from spectral_jax.solvers.sparse import knn_operator
 from test_dataset import CHILD_HEAD, _dense_knn, _env, make_folder, run_two_processes, synthetic
 

@@ -173,8 +173,8 @@ def test_multigrid_solves_match_dense_rayleigh(taps):
     graphs = G.from_taps(taps, "qk")
     assert [g.grid for g in graphs] == [(16, 16), (8, 8), (4, 4), (2, 2)]
     assert [g.batch_shape for g in graphs] == [(5, 6), (5, 6), (5, 6), (1, 6)]   # layers × (T·H)
-    exact = solvers.exact(graphs, 6)
-    gd = solvers.gd(graphs, 6, sample=0.25, steps=200, seed=0)
+    exact = solvers.exact.exact(graphs, 6)
+    gd = solvers.gd.gd(graphs, 6, sample=0.25, steps=200, seed=0)
     assert gd.info["sample"] == 0.25
     for res in (exact, gd):
         assert res.eigvecs.shape == (1, 6, 16, 16) and res.rq.shape == (1, 16 * len(TS) * H, 6)
@@ -183,7 +183,7 @@ def test_multigrid_solves_match_dense_rayleigh(taps):
         assert res.objective[0] == pytest.approx(obj, abs=2e-5)
     # stochastic steps (a quarter of each group's (layer, timestep, head) graphs) still approach the exact solve
     assert gd.objective[0] >= 0.98 * exact.objective[0]
-    full = solvers.gd(graphs, 6, steps=20, seed=0)                      # same start, every graph every step
+    full = solvers.gd.gd(graphs, 6, steps=20, seed=0)                      # same start, every graph every step
     assert not np.allclose(full.history, gd.history[:, :20], rtol=1e-4)    # the sampled objective differs per step
 
 

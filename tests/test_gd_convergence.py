@@ -37,7 +37,7 @@ def test_eigen_converges_with_enough_steps_and_measures_true_residuals(rng):
     """A planted problem, K at its gap: the default steps reach tol without a warning, and the reported residuals
     are the ones recomputed from the dense A of the linearised objective."""
     g = graphs.attention(*_planted(rng), GRID)
-    res = _no_warning(lambda: solvers.gd(g, 4, steps=150))
+    res = _no_warning(lambda: solvers.gd.gd(g, 4, steps=150))
     assert REPORT <= set(res.info) and res.info["converged"] is True, res.info
     assert res.info["iterations"] == res.steps == 150 and res.info["tol"] == EIGEN_TOL
     assert res.info["max_residual"] <= EIGEN_TOL and len(res.info["residuals"]) == 4
@@ -53,10 +53,10 @@ def test_eigen_converges_with_enough_steps_and_measures_true_residuals(rng):
 def test_eigen_too_few_steps_is_not_converged_and_warns(rng):
     g = graphs.attention(*_planted(rng), GRID)
     with pytest.warns(RuntimeWarning, match=r"gd-eigen: not converged after 3 steps.*raise steps.*exact"):
-        res = solvers.gd(g, 4, steps=3)
+        res = solvers.gd.gd(g, 4, steps=3)
     assert res.info["converged"] is False and res.info["max_residual"] > EIGEN_TOL
     # a tol the run meets: converged, no warning (the same run, the verdict is only the threshold)
-    loose = _no_warning(lambda: solvers.gd(g, 4, steps=3, tol=1.0))
+    loose = _no_warning(lambda: solvers.gd.gd(g, 4, steps=3, tol=1.0))
     assert loose.info["converged"] is True and loose.info["residuals"] == res.info["residuals"]
 
 
@@ -74,17 +74,17 @@ def test_paper_stationarity_both_ways(rng):
     """paper: converged when its loss has stopped moving (not by residual: its fixed point is no eigenbasis)."""
     g = graphs.attention(*_planted(rng), GRID)
     with pytest.warns(RuntimeWarning, match=r"gd-paper: not converged after 20 steps: loss still moving"):
-        short = solvers.gd(g, 4, "paper", steps=20)
+        short = solvers.gd.gd(g, 4, "paper", steps=20)
     assert short.info["converged"] is False and short.info["stationarity"] > STATIONARITY_TOL
     assert short.info["criterion"] == "stationarity <= tol"
-    done = _no_warning(lambda: solvers.gd(g, 4, "paper", steps=400, lr=0.1))
+    done = _no_warning(lambda: solvers.gd.gd(g, 4, "paper", steps=400, lr=0.1))
     assert done.info["converged"] is True and done.info["stationarity"] <= STATIONARITY_TOL, done.info
     h = done.history[0]
     w = done.info["stationarity_window"]
     assert w == 40 and done.info["stationarity"] == pytest.approx(stationarity(h, w))
     assert len(done.info["residuals"]) == 4 and np.isfinite(done.info["max_residual"])   # still reported
     with pytest.warns(RuntimeWarning, match="too few"):
-        assert solvers.gd(g, 4, "paper", steps=1).info["stationarity"] is None
+        assert solvers.gd.gd(g, 4, "paper", steps=1).info["stationarity"] is None
 
 
 def _taps(rng, batch=2):

@@ -42,7 +42,7 @@ def test_weights_match_a_dense_weighted_construction():
     w, per = LW.for_groups(gs, gl, w_layer, 5)
     np.testing.assert_allclose(per, w_layer / w_layer.sum())
     assert w[0].shape == (3, 2)
-    res = solvers.exact(gs, 5, weights=w)
+    res = solvers.exact.exact(gs, 5, weights=w)
     p = np.asarray(gs[0].dense(), np.float64)                         # [L, H, N, N]
     a = np.einsum("l,lhij->ij", w_layer, _sym(p)) / (w_layer.sum() * 2)
     vals, vecs = _top(a, 5)
@@ -50,7 +50,7 @@ def test_weights_match_a_dense_weighted_construction():
     x = res.eigvecs[0].reshape(5, -1).T
     np.testing.assert_allclose(np.abs(np.sum(x * vecs, 0)), 1.0, atol=1e-4)   # same vectors up to sign
     # and not the uniform solution: the weights changed it
-    uni = solvers.exact(gs, 5)
+    uni = solvers.exact.exact(gs, 5)
     assert np.abs(uni.eigvals[0] - vals).max() > 1e-3
     # via the pipeline: the same numbers, and a mapping layer → weight
     r2 = pipeline.solve(taps, "qk", 5, layer_weights={0: 0.5, 2: 2.0})

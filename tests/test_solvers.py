@@ -37,7 +37,7 @@ def test_exact_matches_numpy_eigh(rng, make, dense_max):
     k = 6
     vals, vecs, spectrum = _reference([g], k)
     # choose K at a spectral gap so the subspace is well defined
-    res = solvers.exact(g, k, dense_max=dense_max)
+    res = solvers.exact.exact(g, k, dense_max=dense_max)
     assert res.method == ("exact-dense" if dense_max > 256 else "exact-lobpcg")
     x = res.eigvecs.reshape(k, -1).T
     assert subspace_alignment(x, vecs) >= 0.999, (spectrum[:k + 2], res.eigvals)
@@ -55,14 +55,14 @@ def test_exact_lobpcg_stops_when_converged_and_says_so(rng):
     residual is below tol, and the dense path reports the same keys (converged, residual at float32 level)."""
     g = _planted_graph(rng)
     vals, vecs, _ = _reference([g], 4)
-    res = solvers.exact(g, 4, dense_max=16, maxiter=400)
+    res = solvers.exact.exact(g, 4, dense_max=16, maxiter=400)
     assert res.method == "exact-lobpcg" and set(res.info) == INFO_KEYS
     assert res.info["converged"] is True and res.info["iterations"] == res.steps < 100, res.info
     assert len(res.info["residuals"]) == 4 and res.info["max_residual"] == max(res.info["residuals"])
-    assert res.info["max_residual"] <= res.info["tol"] == solvers.exact.__kwdefaults__["tol"]
+    assert res.info["max_residual"] <= res.info["tol"] == solvers.exact.exact.__kwdefaults__["tol"]
     assert subspace_alignment(res.eigvecs.reshape(4, -1).T, vecs) >= 0.999
     np.testing.assert_allclose(res.eigvals[0], vals, atol=2e-5)
-    dense = solvers.exact(g, 4)
+    dense = solvers.exact.exact(g, 4)
     assert dense.method == "exact-dense" and set(dense.info) == INFO_KEYS
     assert dense.info["converged"] is True and dense.info["iterations"] == 0 and dense.info["max_residual"] < 1e-5
 
@@ -72,17 +72,17 @@ def test_exact_lobpcg_at_maxiter_reports_not_converged(rng):
     names maxiter; a tol below what is reachable in 2 steps gives the same; a bad tol is refused."""
     g = _random_graph(rng)
     with pytest.warns(RuntimeWarning, match="maxiter=2"):
-        res = solvers.exact(g, 6, dense_max=16, maxiter=2)
+        res = solvers.exact.exact(g, 6, dense_max=16, maxiter=2)
     assert res.info["converged"] is False and res.info["iterations"] == res.steps == 2
     assert res.info["max_residual"] > res.info["tol"]
     for tol in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="tol"):
-            solvers.exact(g, 6, dense_max=16, tol=tol)
+            solvers.exact.exact(g, 6, dense_max=16, tol=tol)
 
 
 def test_exact_planted_partition_recovered(rng):
     q, k, labels = planted_qk(rng, (12, 12), groups=3, layers=2, heads=2)
-    res = solvers.exact(graphs.attention(q, k, (12, 12)), 3)
+    res = solvers.exact.exact(graphs.attention(q, k, (12, 12)), 3)
     feats = res.eigvecs[0].reshape(3, -1).T                      # [N, 3]
     # spectral embedding: rows of one planted group point the same way, rows of different groups are orthogonal
     rows = feats / np.linalg.norm(feats, axis=1, keepdims=True)
@@ -102,7 +102,7 @@ def test_exact_multigrid_matches_dense_generalised_eigh(rng):
     vals, y = np.linalg.eigh(0.5 * (c + c.T))
     ref = np.linalg.solve(lb.T, y[:, ::-1][:, :5])
     for dense_max in (4096, 16):
-        res = solvers.exact(gs, 5, dense_max=dense_max)
+        res = solvers.exact.exact(gs, 5, dense_max=dense_max)
         np.testing.assert_allclose(res.eigvals[0], vals[::-1][:5], atol=3e-5)
         assert subspace_alignment(res.eigvecs.reshape(5, -1).T, ref) >= 0.999
         assert res.orth_error < 1e-4                              # B-orthonormal
@@ -132,14 +132,14 @@ def test_dense_eig_paths_agree(rng, same_grid):
 def test_exact_rejects_k_not_below_n(rng):
     g = _random_graph(rng, (4, 4))
     with pytest.raises(ValueError, match="num_eigs"):
-        solvers.exact(g, 16)
+        solvers.exact.exact(g, 16)
 
 
 @pytest.mark.parametrize("seed,materialize", [(0, None), (1, None), (0, False)])
 def test_gd_eigen_reaches_exact_objective_on_planted_graphs(rng, seed, materialize):
     g = _planted_graph(rng, (14, 14))
-    ex = solvers.exact(g, 8)
-    res = solvers.gd(g, 8, "eigen", steps=200, seed=seed, materialize=materialize)
+    ex = solvers.exact.exact(g, 8)
+    res = solvers.gd.gd(g, 8, "eigen", steps=200, seed=seed, materialize=materialize)
     assert res.info["materialized"] == (materialize is None)
     assert res.objective >= 0.99 * ex.objective, (res.objective, ex.objective)
     assert res.orth_error < 1e-4
@@ -151,14 +151,14 @@ def test_gd_eigen_multigrid_not_below_exact(rng):
     q1, k1, _ = planted_qk(rng, (12, 12), groups=3)
     q2 = q1.reshape(2, 2, 6, 2, 6, 2, -1).mean((3, 5)).reshape(2, 2, 36, -1)
     gs = [graphs.attention(q1, k1, (12, 12)), graphs.attention(q2, q2, (6, 6))]
-    ex = solvers.exact(gs, 5)
-    res = solvers.gd(gs, 5, "eigen", steps=200)
+    ex = solvers.exact.exact(gs, 5)
+    res = solvers.gd.gd(gs, 5, "eigen", steps=200)
     assert res.objective >= 0.99 * ex.objective
 
 
 def test_gd_paper_improves_its_loss_and_is_deterministic(rng):
     g = _planted_graph(rng, (8, 8))
-    runs = [solvers.gd(g, 4, "paper", steps=60, param=p, seed=3) for p in ("table", "conv", "conv")]
+    runs = [solvers.gd.gd(g, 4, "paper", steps=60, param=p, seed=3) for p in ("table", "conv", "conv")]
     for r in runs:
         assert r.history[0, -1] < r.history[0, 0]
         assert r.info["history_kind"] == "loss"
@@ -169,9 +169,9 @@ def test_gd_paper_improves_its_loss_and_is_deterministic(rng):
 
 def test_gd_same_seed_same_result_different_seed_differs(rng):
     g = _planted_graph(rng, (8, 8))
-    a = solvers.gd(g, 4, steps=20, seed=5, sample=0.5)
-    b = solvers.gd(g, 4, steps=20, seed=5, sample=0.5)
-    c = solvers.gd(g, 4, steps=20, seed=6, sample=0.5)
+    a = solvers.gd.gd(g, 4, steps=20, seed=5, sample=0.5)
+    b = solvers.gd.gd(g, 4, steps=20, seed=5, sample=0.5)
+    c = solvers.gd.gd(g, 4, steps=20, seed=6, sample=0.5)
     np.testing.assert_array_equal(a.eigvecs, b.eigvecs)
     np.testing.assert_array_equal(a.history, b.history)
     assert not np.array_equal(a.history, c.history)
@@ -181,8 +181,8 @@ def test_gd_same_seed_same_result_different_seed_differs(rng):
 def test_gd_materialized_equals_matrix_free(rng, preset):
     """Building P once (aggregated for eigen, per graph for paper) changes the arithmetic, not the run."""
     g = _planted_graph(rng, (8, 8))
-    a = solvers.gd(g, 4, preset, steps=30, seed=2, materialize=True)
-    b = solvers.gd(g, 4, preset, steps=30, seed=2, materialize=False)
+    a = solvers.gd.gd(g, 4, preset, steps=30, seed=2, materialize=True)
+    b = solvers.gd.gd(g, 4, preset, steps=30, seed=2, materialize=False)
     assert a.info["materialized"] and not b.info["materialized"]
     np.testing.assert_allclose(a.history, b.history, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(a.rq, b.rq, atol=2e-4)
@@ -196,21 +196,21 @@ def test_gd_chunk_compiles_once(rng, caplog):
     g = _planted_graph(rng, (8, 8))
     traces = lambda: sum(r.getMessage().startswith("Finished tracing gd_chunk") for r in caplog.records)
     with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
-        res = solvers.gd(g, 4, steps=40, chunks=8, lr=0.0271)                 # an lr no other test uses
+        res = solvers.gd.gd(g, 4, steps=40, chunks=8, lr=0.0271)                 # an lr no other test uses
         assert traces() == 1
         caplog.clear()
-        again = solvers.gd(_planted_graph(rng, (8, 8)), 4, steps=40, chunks=8, lr=0.0271, seed=1)
+        again = solvers.gd.gd(_planted_graph(rng, (8, 8)), 4, steps=40, chunks=8, lr=0.0271, seed=1)
         assert traces() == 0 and again.info["compile_seconds"] < res.info["compile_seconds"]
         assert res.steps == 40 and res.history.shape == (1, 40)
-        solvers.gd(g, 4, steps=40, chunks=8, preset="eigen", lr=0.0123)     # another optimizer: compiles
+        solvers.gd.gd(g, 4, steps=40, chunks=8, preset="eigen", lr=0.0123)     # another optimizer: compiles
         assert traces() == 1
 
 
 def test_gd_sampling_touches_a_subset(rng):
     """With sample=1/6 each step sees one of six graphs: on average the objective is still the full one's."""
     g = _planted_graph(rng, (8, 8))
-    full = solvers.exact(g, 3)
-    res = solvers.gd(g, 3, steps=150, sample=1 / 6, seed=0)
+    full = solvers.exact.exact(g, 3)
+    res = solvers.gd.gd(g, 3, steps=150, sample=1 / 6, seed=0)
     assert res.objective >= 0.95 * full.objective
     assert res.info["sample"] == pytest.approx(1 / 6)
 
@@ -220,11 +220,11 @@ def test_gd_rejects_bad_arguments(rng):
     for kwargs, match in [({"preset": "nope"}, "preset"), ({"param": "conv"}, "param"), ({"sample": 0.0}, "sample"),
                           ({"steps": 0}, "steps")]:
         with pytest.raises(ValueError, match=match):
-            solvers.gd(g, 2, **kwargs)
+            solvers.gd.gd(g, 2, **kwargs)
 
 
 def test_result_save_roundtrip(rng, tmp_path):
-    res = solvers.exact(_planted_graph(rng, (6, 6)), 3)
+    res = solvers.exact.exact(_planted_graph(rng, (6, 6)), 3)
     path = tmp_path / "r.npz"
     res.save(str(path))
     with np.load(path) as f:
@@ -244,7 +244,7 @@ def test_result_rq_matches_objective_rayleigh(rng):
     dense = graphs.dense(np.asarray(_random_graph(rng).dense()), (16, 16))
     gs = [att, knn, dense]
     ws = [np.full(g.batch_shape, w, np.float32) for g, w in zip(gs, (1.0, 2.0, 0.5))]
-    res = solvers.exact(gs, 5, weights=ws)
+    res = solvers.exact.exact(gs, 5, weights=ws)
     rqs, obj = rayleigh(gs, res.eigvecs, normalised_weights(gs, ws))
     ref = np.concatenate([np.asarray(r).reshape(-1, 5) for r in rqs])
     assert res.rq.shape == (1, 6 + 2 + 6, 5)

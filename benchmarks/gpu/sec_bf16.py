@@ -113,7 +113,7 @@ def run(st: Section) -> None:
                 "err_kind": "max over k of abs Δλ_k ÷ λ_k", "overlap": sub["overlap"]}
 
     _timed_pair(st, f"exact solve qk {grid[0]}×{grid[1]}", lambda d: [G.attention(q, k, grid, dtype=d)],
-                lambda gs: solvers.exact(gs, plan["num_eigs"]), solve_err, plan,
+                lambda gs: solvers.exact.exact(gs, plan["num_eigs"]), solve_err, plan,
                 what=f"graphs + exact solve qk (K = {plan['num_eigs']})", size=f"N = {grid[0]}×{grid[1]}")
 
     n, f = grid[0] * grid[1], plan["heads"] * plan["dim"]

@@ -65,7 +65,7 @@ def run(st: Section) -> None:
                                             k_inter=plan["k_inter"], block=plan["block"]))
         knn_s = time.perf_counter() - t0
         t0 = time.perf_counter()
-        res = solvers.exact([graph], plan["num_eigs"], dense_max=0)
+        res = solvers.exact.exact([graph], plan["num_eigs"], dense_max=0)
         jax.block_until_ready(res.eigvecs)
         return {"knn_s": knn_s, "solve_s": time.perf_counter() - t0, "method": res.method,
                 "iterations": int(res.info["iterations"]), "max_residual": float(res.info["max_residual"]),

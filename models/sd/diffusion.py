@@ -5,7 +5,7 @@ into one `Taps` (a cache of T samples of q/k/v per layer, never an N×N attentio
     ts = timestep_schedule("random", 8, seed=0)                       # t ~ U{0..250}, as the official code
     taps = collect_taps(images, sd, ts, seed=0)                       # q/k/v [B, T·H, h*w, D] per layer
     graphs = spectral_jax.graphs.from_taps(taps, "qk")                # one group per grid (64/32/16/8 at 512²)
-    res = spectral_jax.solvers.gd(graphs, 20, sample=0.25)            # a fresh (layer, timestep, head) draw per step
+    res = spectral_jax.solvers.gd.gd(graphs, 20, sample=0.25)         # a fresh (layer, timestep, head) draw per step
 
 For each timestep t_i (i = 0..T−1): x_t = √ᾱ_t · z + √(1 − ᾱ_t) · ε_i with z the scaled VAE latent of the image
 and ε_i ~ N(0, I) drawn from (seed, i); the UNet runs on (x_t, t_i, empty-prompt text) and every self-attention

@@ -1,10 +1,17 @@
-"""Eigen-solvers for the layer-distributed objective: `exact` (eigh / LOBPCG) and `gd` (optax, jitted scan)."""
+"""Eigen-solvers for the layer-distributed objective, one module per solver:
 
-from spectral_jax.solvers.exact import exact
+    exact   `exact.exact(graphs, K)`: top-K of the linearised objective — dense (LAPACK's subset driver / `eigh`)
+            when it fits, else ARPACK on the sparse kNN operator or matrix-free LOBPCG — with its convergence report
+    gd      `gd.gd(graphs, K, preset)`: an optax loop, whole loop jitted (presets `eigen` and `paper`)
+    sparse  many kNN graphs coalesced into one sparse operator (the exact solver's large-graph path)
+    result  `Result`, what every solver returns (also here: `solvers.Result`)
+
+`spectral_jax.solve(taps, method="exact" | "gd")` builds the graphs and calls these; call them directly for graphs of
+your own (`spectral_jax.graphs`). The modules keep their names here (`solvers.exact.DENSE_MAX`): no function shadows
+its module.
+"""
+
+from spectral_jax.solvers import exact, gd, sparse
 from spectral_jax.solvers.result import Result
 
-__all__ = ["Result", "exact"]
-
-from spectral_jax.solvers.gd import gd  # noqa: E402
-
-__all__ += ["gd"]
+__all__ = ["Result", "exact", "gd", "sparse"]
