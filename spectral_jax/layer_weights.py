@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from spectral_jax.analysis.attribution import eigengap
+from spectral_jax.analysis.layerwise import eigengap
 from spectral_jax.errors import InputError, is_integer
 
 RULES = ("uniform", "eigengap", "select")

@@ -265,7 +265,7 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     """
     from spectral_jax import layer_weights as LW
     from spectral_jax import solvers
-    from spectral_jax.analysis import attribution as attr
+    from spectral_jax.analysis import layerwise as attr
     from spectral_jax.objective import project, to_nodes
 
     check_options(num_eigs=num_eigs, seed=seed)

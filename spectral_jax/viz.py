@@ -379,7 +379,7 @@ def attribution_figure(att, cell: int = 14) -> np.ndarray:
             draw.text((1, r * cell + max(0, (cell - 10) // 2)), str(int(layer)), fill=(0, 0, 0), font=font)
         return np.asarray(pil)
 
-    mean_t = analysis.attribution.nanmean
+    mean_t = analysis.layerwise.nanmean
     panels = [heat(att.layer_rq), heat(att.head_rq), heat(mean_t(att.eigvals, 1)),
               heat(mean_t(np.cos(att.angles) ** 2, 1))]
     titles = ["RQ eigvec", "RQ head", "own eigvals", "cos2 to joint"]

@@ -12,7 +12,7 @@ One module per topic, every public name re-exported here (`from spectral_jax imp
     probe     Probe, linear_probe                ridge probes from features to coordinates or labels
     grid      upsample, grid_coords              resizing maps, pixel-centre coordinates
     views     View, describe                     segments, foreground and instances of each image of a Result
-    attribution  Attribution, eigengap, principal_angles   which layers/heads/timesteps say what in a joint solution
+    layerwise  Attribution, eigengap, principal_angles   which layers/heads/timesteps say what in a joint solution
 
 Shape legend
     B      images;  K  eigenvectors, sorted by eigenvalue, largest first (index 0: the near-constant trivial one)
@@ -26,7 +26,7 @@ functions returning continuous maps say their dtype. scipy is needed for connect
 and the Hungarian matching (`miou_hungarian`); it is imported where used.
 """
 
-from spectral_jax.analysis.attribution import Attribution, eigengap, principal_angles
+from spectral_jax.analysis.layerwise import Attribution, eigengap, principal_angles
 from spectral_jax.analysis.cluster import AutoK, KMeans, auto_k, cluster_embedding, kmeans, segment
 from spectral_jax.analysis.features import pca_rgb, spectral_features
 from spectral_jax.analysis.grid import grid_coords, upsample
