@@ -149,9 +149,9 @@ def flatten(tree, prefix=()):
 def _cheap_tracer_attribute_errors():
     """While tracing a constructor, flax's `Variable.__setitem__` probes `getattr(tracer, "sharding", None)` at every
     RNG draw, and jax builds that AttributeError's message (which `getattr` then discards) by walking the whole
-    jaxpr traced so far (`find_progenitors`): quadratic in the parameters — measured 5.6 s → 1.0 s CPU for the
-    sd_tiny UNet with the message skipped. Where jax's private hook is not where this expects it, nothing changes
-    (only the speed-up is lost)."""
+    jaxpr traced so far (`find_progenitors`): quadratic in the parameters. This skips the message (the speed-up:
+    benchmarks/results/history.md). Where jax's private hook is not where this expects it, nothing changes (only the
+    speed-up is lost)."""
     try:
         from jax._src.interpreters import partial_eval as pe
 

@@ -296,7 +296,7 @@ def dataset_figure(eigvecs, thumbs: Sequence[np.ndarray] | None = None, *, num_v
 def save_png(path: str, array) -> None:
     """Write uint8 `[H, W]`, `[H, W, 3]` or `[H, W, 4]` (or a bool mask, written as 0/255 grey) to `path` as PNG,
     atomically: a temporary file in the same directory, then `os.replace`, so readers never see half a file.
-    Fast zlib level (1): PNG encoding was most of `analyze`'s per-image time after the solve."""
+    zlib level 1: fast, files somewhat larger than PIL's default level 6 (benchmarks/results/history.md)."""
     a = np.asarray(array)
     if a.dtype == bool:
         a = a.astype(np.uint8) * 255
@@ -306,7 +306,6 @@ def save_png(path: str, array) -> None:
     if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (3, 4))) or a.shape[0] < 1 or a.shape[1] < 1:
         raise InputError("array", f"must be [H, W], [H, W, 3] or [H, W, 4], got shape {a.shape}", "check the image")
     img = Image.fromarray(np.ascontiguousarray(a))
-    # zlib level 1: measured on a 3384×469 panel, 0.16 s and 2.4 MiB vs PIL's default level 6 at 0.75 s and 2.0 MiB
     write_atomic(path, lambda tmp: img.save(tmp, format="PNG", compress_level=1))
 
 

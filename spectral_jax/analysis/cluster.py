@@ -54,8 +54,8 @@ def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, 
     squared move is below `tol` × the features' mean variance, or after `iters` iterations. An empty cluster takes
     the point farthest from its centre. Seeding is greedy k-means++: `trials` candidates per centre drawn ∝ D², the
     one lowering Σ D² most kept; default 2 + ⌊ln kp⌋ (scikit-learn's 2 + ⌊ln k⌋ on k's bucket kp, so the candidates
-    add no compiled programs: 4 for k ≤ 16, 5 for k ≤ 32); 1 is plain k-means++. Greedy seeding made auto-k segments
-    of real eigenvectors agree 0.90 between seeds instead of 0.86 (benchmarks/results/kmeans.md).
+    add no compiled programs: 4 for k ≤ 16, 5 for k ≤ 32); 1 is plain k-means++ (greedy seeding makes segments
+    more stable across seeds: benchmarks/results/kmeans.md).
     Deterministic: run r draws from `split(key(seed), n_init)[r]`.
     Runs in float32 on the default JAX device (`analysis.lloyd`: precision, recompilation); the centres and the
     inertia are float64, computed from the labels. `converged` is False when the best run hit `iters`.
@@ -126,9 +126,8 @@ def auto_k(features=None, k_range: tuple[int, int] = (2, 10), method: str = "sil
       a subsample of at most `max_samples` points drawn with `seed`. Needs 2 <= k <= N − 1. The highest wins.
     - "silhouette-tol" (`segment`'s default): the same scan; the chosen k is the smallest whose mean silhouette is
       within `tol` (absolute, default 0.05) of the best one. On spectral embeddings of real images the silhouette
-      keeps rising with k, so the plain maximum sits at k_range's top (71–83 % of images at k = 10); against
-      coco-mini / horse-dev ground truth this rule halves |k − k_gt| and raises the segments' adjusted Rand index
-      on the qk graph (+0.036, +0.111) with a tie on vv (+0.004, +0.009) (benchmarks/results/autok.md).
+      keeps rising with k, so the plain maximum sits at k_range's top; this rule stops earlier
+      (benchmarks/results/autok.md).
     - "eigengap": needs `eigvals` `[K]` (sorted descending here); the score of k is λ_{k−1} − λ_k, the gap after
       the k-th eigenvalue (k clusters ↔ k eigenvalues near 1 for a row-stochastic affinity). `features` unused.
     Ties of the highest score go to the smallest k. `scores` holds the mean silhouettes or the gaps.

@@ -15,9 +15,8 @@ the origin, so float32 rounding (~1e-7·|x|·|c|) only decides ties closer than 
 Recompilation: `_runs` compiles once per (Np, kp, F, n_init, trials; trials defaults to a function of kp): Np is N
 rounded up to 2^e·{1, 1.25, 1.5, 1.75} (≤ 25 % padding, at least 256), kp is k rounded up to a power of two (at
 least 16: every k ≤ 16 shares one program). seed, k and N within their buckets, iters and tol are traced: a
-silhouette scan over k = 2…10 on images of one size compiles one program, once per process (about 2 s of XLA on a
-CPU — a fresh `spectral-jax demo` paid 5 s for two with a floor of 8 —, then 0.02–0.05 s a call at 32² points; the
-CLI's persistent compilation cache keeps it between runs). The floor costs a k ≤ 8 call at most twice the
+silhouette scan over k = 2…10 on images of one size compiles one program, once per process (the CLI's persistent
+compilation cache keeps it between runs; compile and call times: benchmarks/results/history.md). The floor costs a k ≤ 8 call at most twice the
 assignment matmul's columns, which only counts at dataset scale, where k ≤ 20 sits in kp = 32 anyway.
 
 Shape legend

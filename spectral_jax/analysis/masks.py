@@ -156,13 +156,8 @@ def instance_masks(eigvecs, seed: int = 0, ks: Sequence[int] | None = None, k_ra
     5. non-maximum suppression: a candidate whose IoU with a better-scored kept one exceeds `nms_iou` is dropped.
 
     Why `method="silhouette"` and not `segment`'s "silhouette-tol": for instance candidates, the plain silhouette's
-    larger k (more, smaller regions) buys recall. The measurement used 79 coco-mini images, real DINOv2-S
-    eigenvectors, and COCO instances on >= 1 % of the patches (benchmarks/results/instances.md). On the qk graph,
-    "silhouette-tol" drops recall at IoU 0.5 from 0.385 to 0.285 (per-image paired −0.088 ± 0.036) and mean best
-    IoU from 0.432 to 0.375 (−0.045 ± 0.015). On vv it ties (+0.011 ± 0.042, −0.016 ± 0.015). It wins only on
-    single-figure images (horse-dev), which `bipartition` already covers. For more recall, pass `ks=range(2, 11)`
-    (the union of all nine segmentations): COCO recall 0.51 / 0.49 (qk / vv), with ~1.6× the candidates, and no
-    slower (no silhouette scan).
+    larger k (more, smaller regions) buys recall; `ks=range(2, 11)` (the union of all nine segmentations) buys more,
+    for more candidates. Measurements: benchmarks/results/instances.md.
     """
     if connectivity not in (4, 8):
         raise InputError("connectivity", f"must be 4 or 8, got {connectivity}", "use 4 or 8")

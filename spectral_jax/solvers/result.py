@@ -150,8 +150,8 @@ def _rayleigh(graphs: list[Graph], x, weights):
 
     One compiled pass that visits the graphs one at a time (`lax.map`: on CPU a [72, N, N]-sized batch of tiles
     does not fit in cache, one graph does); attention graphs with N ≤ `DENSE_RQ_MAX` form exp(logits) (a transient
-    N×N) and apply it with one matmul instead of the blocked online softmax — measured 1.5× faster for 72 graphs
-    at N = 1280, K = 20 on CPU (291 → 198 ms).
+    N×N) and apply it with one matmul instead of the blocked online softmax (the faster at these sizes,
+    benchmarks/results/history.md).
     """
     rqs, obj = [], 0.0
     for g, w in zip(graphs, weights):

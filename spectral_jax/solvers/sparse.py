@@ -7,9 +7,8 @@ P_l = D_l⁻¹ S_l) every stored edge i→j of weight a contributes ¼ a (1/d_i 
 entries (far fewer where the layers share neighbours). It is coalesced on the host (scipy) and stored *sliced
 ELL*: each row's entries cut into pieces of a common width W (chosen to minimise padding), so a product is W
 gathers of `[R, K]` plus one sorted segment-sum of the pieces — no scatter over the entries, O(nnz·K) work and
-O(R·K) extra memory. About 4× faster than applying the L graphs' `sym_matvec` separately (four gather/scatter
-passes over L·N·k edges each) — measured: 25 600 nodes, 12 layers, k = 100, 60 vectors, 2-core CPU: 6.5 s → 1.8 s
-uncoalesced, and the coalesced matrix is smaller still.
+O(R·K) extra memory; faster than applying the L graphs' `sym_matvec` separately (four gather/scatter passes over
+L·N·k edges each; benchmarks/results/history.md).
 
 Shape legend
     N  nodes    K  vectors    R  row pieces (≥ rows with an entry)    W  piece width    L  graphs of a group
