@@ -1,4 +1,4 @@
-"""ACTS.npz: the on-disk form of a forward pass's taps (the `extract` → `solve` contract of DESIGN.md).
+"""ACTS.npz: the on-disk form of a forward pass's taps (the `extract` → `solve` contract of docs/design.md).
 
 Keys, per tapped layer i: `layer{i}/q`, `layer{i}/k`, `layer{i}/v` float32 `[B, H, h*w, D]` (patch tokens only,
 raw projections), `layer{i}/grid` int `[2]`; plus `model` (str) and `image_size` int `[2]` (H, W in pixels).

@@ -1,4 +1,4 @@
-"""`spectral-jax solve`: the contract of DESIGN.md — RESULT.npz + one JSON line; bad input → one line, exit 2."""
+"""`spectral-jax solve`: the contract of docs/design.md — RESULT.npz + one JSON line; bad input → one line, exit 2."""
 
 import json
 import os

@@ -7,7 +7,7 @@ reading the registry is instant (`spectral_jax.models.registry`).
 Preprocessing follows each reference's image processor for the mean/std normalisation constants and the patch
 size. The default size is this library's, the same for `analyze`, `extract` and the API: the shorter side becomes
 448 pixels (a 32×32 patch grid at patch 14; the processors' 224-pixel crop gives a 16×16 grid, too coarse for
-segments), keeping the aspect ratio (`spectral_jax.io`, as DESIGN.md specifies, instead of centre-cropping).
+segments), keeping the aspect ratio (`spectral_jax.io`, as docs/design.md specifies, instead of centre-cropping).
 The resize filter is each checkpoint's processor class's: DINOv2 (`BitImageProcessor`) and CLIP
 (`CLIPImageProcessor`) bicubic, DINO v1 and MAE (`ViTImageProcessor`) bilinear.
 """

@@ -1,6 +1,6 @@
 """`spectral-jax` command line. Each subcommand lives in its own module with `register(subparsers)`.
 
-Contract (DESIGN.md): bad input → one line on stderr naming the problem and the fix, exit code 2, nothing
+Contract (docs/design.md): bad input → one line on stderr naming the problem and the fix, exit code 2, nothing
 partial written. Ctrl-C → `spectral-jax CMD: interrupted`, exit code 130; output cut short by a closed pipe
 (`spectral-jax ... | head`) ends quietly.
 

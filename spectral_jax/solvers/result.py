@@ -1,4 +1,4 @@
-"""`Result`: what every solver returns, and the RESULT.npz file of DESIGN.md.
+"""`Result`: what every solver returns, and the RESULT.npz file of docs/design.md.
 
 Shape legend
     B  images    K  eigenvectors    (H0, W0)  base grid    G  graphs (all groups, flattened, in order)
@@ -95,7 +95,7 @@ class Result:
     def save(self, path: str, inputs=()) -> str:
         """Write RESULT.npz exactly at `path`, atomically, never over one of `inputs`; returns the path.
 
-        Arrays (DESIGN.md's contract): eigvecs `[B, K, H0, W0]`; eigvals `[K]`, rq `[G, K]`, history `[S]` for one
+        Arrays (docs/design.md's contract): eigvecs `[B, K, H0, W0]`; eigvals `[K]`, rq `[G, K]`, history `[S]` for one
         image or a joint solve, else `[B, K]`, `[B, G, K]`, `[B, S]`; summary (JSON)."""
         shared = self.joint or self.num_images == 1
         pick = (lambda a: a[0]) if shared else (lambda a: a)
