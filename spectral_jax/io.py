@@ -52,16 +52,22 @@ def check_resample(resample, what: str = "resample") -> str:
 
 def max_tokens() -> int:
     """The token cap: SPECTRAL_JAX_MAX_TOKENS if set (a positive integer), else `DEFAULT_MAX_TOKENS`."""
-    text = os.environ.get("SPECTRAL_JAX_MAX_TOKENS")
+    return env_cap("SPECTRAL_JAX_MAX_TOKENS", DEFAULT_MAX_TOKENS, 65536)
+
+
+def env_cap(name: str, default: int, example: int) -> int:
+    """A cap the environment may change: variable `name` if set (a positive integer), else `default`; any other
+    value is an `InputError` naming it (`example`: a value the fix suggests)."""
+    text = os.environ.get(name)
     if text is None:
-        return DEFAULT_MAX_TOKENS
+        return default
     try:
         n = int(text)
         if n < 1:
             raise ValueError
     except ValueError:
-        raise InputError(f"SPECTRAL_JAX_MAX_TOKENS={text!r}", "is not a positive integer",
-                         f"unset it (default {DEFAULT_MAX_TOKENS}) or set e.g. 65536") from None
+        raise InputError(f"{name}={text!r}", "is not a positive integer",
+                         f"unset it (default {default}) or set e.g. {example}") from None
     return n
 
 
