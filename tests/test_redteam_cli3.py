@@ -80,9 +80,11 @@ def _extract(model, *flags):
 
 EMB = {  # (model, file) → what the one line says
     "sd3-object-member": (("sd3_tiny", "object.npz"), "object.npz: array 'context' holds Python objects"),
-    "sd3-header-no-data": (("sd3_tiny", "header-only.npz"), "declares shape (3, 24) of float32 (288 bytes) but holds 0"),
-    "sd3-corrupt-deflate": (("sd3_tiny", "deflate.npz"), "deflate.npz: not a readable .npz file (corrupt deflate data); "
-                                                          "expected an .npz with float context [M, 24]"),
+    "sd3-header-no-data": (("sd3_tiny", "header-only.npz"),
+                           "declares shape (3, 24) of float32 (288 bytes) but holds 0"),
+    "sd3-corrupt-deflate": (("sd3_tiny", "deflate.npz"),
+                            "deflate.npz: not a readable .npz file (corrupt deflate data); expected an .npz with float "
+                            "context [M, 24]"),
     "flux-npy-for-npz": (("flux_tiny", "tokens.npy"), "tokens.npy: is a .npy file, not an .npz archive; expected"),
     "sd3-fifo": (("sd3_tiny", "fifo.npz"), "fifo.npz: is not a regular file but a FIFO"),
     "pixart-npz-for-npy": (("pixart_tiny", "good.npz"), "good.npz: is an .npz archive, not a .npy file; expected a "
