@@ -123,12 +123,16 @@ def generated(tmp_path_factory):
     return {"coco-mini": str(root / "coco-mini"), "horse-dev": str(root / "horse-dev")}, {"coco": coco, "horse": horse}
 
 
-@pytest.fixture(params=["generated", "shared"])
-def data(request, generated):
-    """The data folders each benchmark's tiny run reads ({"coco-mini": …, "horse-dev": …, "truth": the generated
-    ground truth or None}): the generated set (runs everywhere), and the real sets of ../shared/data (skips, saying
-    so, where they are absent: a clone of the project alone)."""
-    if request.param == "generated":
+# Each tiny run twice: on the generated set (runs everywhere) and on the real sets of ../shared/data (skips, saying
+# so, where they are absent: a clone of the project alone) — the skip in the test itself, not in a fixture, so that
+# CI's SPECTRAL_JAX_REQUIRE_ALL=1 reports it as the test's failure.
+ON_BOTH = pytest.mark.parametrize("source", ["generated", "shared"])
+
+
+def _data(source, generated):
+    """The data folders a tiny run reads: {"coco-mini": …, "horse-dev": …, "truth": the generated ground truth, or
+    None for the real sets}."""
+    if source == "generated":
         return {**generated[0], "truth": generated[1]}
     return {**{name: shared_data(name) for name in ("coco-mini", "horse-dev")}, "truth": None}
 
@@ -145,7 +149,8 @@ def test_eval_dataset_metric():
     np.testing.assert_array_equal(conf, [[2, 0, 0], [0, 2, 0]])          # [1, 2] grid → 4 pixels; class 2 → 1
 
 
-def test_eval_dataset_tiny_run(tmp_path, data):
+@ON_BOTH
+def test_eval_dataset_tiny_run(tmp_path, source, generated):
     """eval_dataset --tiny end to end through the script (6 images of --data, random weights): every source and
     setting scored, the layer-weight rules run; on the generated set, the ground-truth pixels it counts per class
     are the ones the generator painted."""
@@ -153,6 +158,7 @@ def test_eval_dataset_tiny_run(tmp_path, data):
     import subprocess
     import sys
 
+    data = _data(source, generated)
     out = tmp_path / "eval.md"
     r = subprocess.run([sys.executable, os.path.join(BENCH, "eval_dataset.py"), "--tiny", "--data", data["coco-mini"],
                         "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True,
@@ -187,12 +193,14 @@ def test_eval_dataset_tiny_run(tmp_path, data):
             assert rows[src, "supercategory", "auto"]["gt_pixels"] == want_super.tolist()
 
 
-def test_eval_layers_tiny(tmp_path, data):
+@ON_BOTH
+def test_eval_layers_tiny(tmp_path, source, generated):
     """eval_layers --tiny: every single layer, uniform and each rule scored on one horse-dev-like and one
     coco-mini-like image of the given folders (random weights, 56×56, layers 0, 5, 11), the Markdown and the JSON
     written."""
     import json
 
+    data = _data(source, generated)
     el = _load("eval_layers")
     out = tmp_path / "layers.md"
     el.main(["--tiny", "--horse-data", data["horse-dev"], "--coco-data", data["coco-mini"], "--out", str(out)])
@@ -235,12 +243,14 @@ def test_eval_bf16_metrics():
     assert 0 < eb.rel_change(rounded, taps, ("v",)) < 2 ** -8 and eb.rel_change(rounded, taps, ("q", "k")) == 0.0
 
 
-def test_eval_bf16_tiny(tmp_path, data):
+@ON_BOTH
+def test_eval_bf16_tiny(tmp_path, source, generated):
     """eval_bf16 --tiny end to end (random weights, the first 2 images of the given coco-mini-like folder at 56²):
     every option and control has its rows, the k-means-seed control leaves the eigenvectors exactly as they are,
     and the JSON holds the per-image numbers."""
     import json
 
+    data = _data(source, generated)
     eb = _load("eval_bf16")
     out = tmp_path / "bf16.md"
     eb.main(["--tiny", "--data", data["coco-mini"], "--out", str(out)])
