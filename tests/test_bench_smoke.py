@@ -116,11 +116,11 @@ def test_bench_dataset_tiny():
 @pytest.fixture(scope="module")
 def generated(tmp_path_factory):
     """A generated labelled set in the benchmark data's layouts (`sjtest.coco_like`, `sjtest.horse_like`): the
-    folders {"coco-mini": …, "horse-dev": …} and their ground truth."""
+    folders {"coco-mini": …, "horse-dev": …} and the COCO-format set's ground truth {file name: `[H, W]` ids}."""
     root = tmp_path_factory.mktemp("generated-data")
-    coco = coco_like(root / "coco-mini", _load("eval_where_what").ANN, n=6)
-    horse = horse_like(root / "horse-dev", n=2)
-    return {"coco-mini": str(root / "coco-mini"), "horse-dev": str(root / "horse-dev")}, {"coco": coco, "horse": horse}
+    truth = coco_like(root / "coco-mini", _load("eval_where_what").ANN, n=6)
+    horse_like(root / "horse-dev", n=2)
+    return {"coco-mini": str(root / "coco-mini"), "horse-dev": str(root / "horse-dev")}, truth
 
 
 # Each tiny run twice: on the generated set (runs everywhere) and on the real sets of ../shared/data (skips, saying
@@ -130,8 +130,8 @@ ON_BOTH = pytest.mark.parametrize("source", ["generated", "shared"])
 
 
 def _data(source, generated):
-    """The data folders a tiny run reads: {"coco-mini": …, "horse-dev": …, "truth": the generated ground truth, or
-    None for the real sets}."""
+    """The data folders a tiny run reads: {"coco-mini": …, "horse-dev": …, "truth": the generated COCO-format set's
+    ground truth, or None for the real sets}."""
     if source == "generated":
         return {**generated[0], "truth": generated[1]}
     return {**{name: shared_data(name) for name in ("coco-mini", "horse-dev")}, "truth": None}
@@ -180,7 +180,7 @@ def test_eval_dataset_tiny_run(tmp_path, source, generated):
     assert "| supercategory | k = classes | knn-vv |" in text
     assert f"({len(rep['supercategories']) + 1} for supercategories" in text
     if data["truth"] is not None:
-        truth = np.stack(list(data["truth"]["coco"].values()))       # [6, H, W] category ids, 0 background
+        truth = np.stack(list(data["truth"].values()))       # [6, H, W] category ids, 0 background
         cats = {c["id"]: c for c in SHAPE_CATEGORIES}
         present = sorted(set(np.unique(truth)) - {0})
         assert rep["categories"] == [cats[c]["name"] for c in present]
