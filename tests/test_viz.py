@@ -197,7 +197,8 @@ def test_pipeline_pictures_end_to_end(tmp_path):
     fg = png("foreground")
     assert 0 < view.foreground.sum() < 64 and len(set(region[view.foreground].tolist()) &
                                                   set(region[~view.foreground].tolist())) == 0
-    assert (fg[centre & up(view.foreground)] == blend(pal[0])).all() and (fg[centre & ~up(view.foreground)] == 128).all()
+    assert (fg[centre & up(view.foreground)] == blend(pal[0])).all()
+    assert (fg[centre & ~up(view.foreground)] == 128).all()
 
     inst = png("instances")
     assert len(view.instances) == 3
