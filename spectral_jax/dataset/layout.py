@@ -83,10 +83,22 @@ def make_mesh(devices: Sequence | None = None) -> Mesh:
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
     """`jax.distributed.initialize` (call before anything else touches JAX). With no arguments JAX detects the
-    cluster (SLURM, TPU pods, …). CPU processes exchange data over gloo (the default of this JAX)."""
+    cluster (SLURM, TPU pods, …); else all three (`inputs.check_cluster`, which also refuses process 0's port
+    taken). CPU processes exchange data over gloo (the default of this JAX). A failure to start or join is one
+    `InputError` line (JAX's own message in it); a peer that never comes waits JAX's initialization timeout."""
+    from spectral_jax.dataset.inputs import check_cluster
+
+    check_cluster(coordinator, num_processes, process_id)
     kw = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
                                  process_id=process_id).items() if v is not None}
-    jax.distributed.initialize(**kw)
+    try:
+        jax.distributed.initialize(**kw)
+    except (RuntimeError, ValueError) as e:
+        what = f"--coordinator {coordinator}" if coordinator is not None else "the cluster (found by JAX)"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(what, f"could not start or join it ({first})",
+                         "check the options (the same --coordinator and --num-processes on every process, a free "
+                         "port) or the cluster's environment") from None
 
 
 def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
