@@ -52,11 +52,44 @@ class Geometry:
         return min(g[0] * g[1] for g, _ in self.groups)
 
 
+def tapped(apply, params, x, layers, what: str = "the backbone"):
+    """The forward's taps of the batch x `[B, H, W, 3]`, checked where they arrive (the one entry of both methods:
+    `geometry`, `whole.stream_features`, `step.batch_graphs`) → (the taps of the patch tokens, `nonfinite` `[B]`
+    int32: per image the first tapped layer whose q, k or v holds NaN or Inf, −1 where all are finite).
+
+    Shapes are checked while tracing, so `geometry`'s `eval_shape` refuses them before anything runs or is written:
+    every layer's q, k, v `[B, heads, P + h·w, D]` (P its prefix tokens, (h, w) its grid; q and k alike), else one
+    `InputError` naming `what`, the layer, and the expected vs the actual shape — a wrong token count would
+    otherwise be mis-aligned silently with the grid. Finiteness costs one reduction per tap inside the caller's
+    jitted program; it does not drop anything itself (the callers mask those images and zero their features)."""
+    taps = apply(params, x, layers, False)
+    b = x.shape[0]
+    for i, t in sorted(taps.layers.items()):
+        tokens = t.num_prefix + t.grid[0] * t.grid[1]
+        for name, a in (("q", t.q), ("k", t.k), ("v", t.v)):
+            s = tuple(a.shape)
+            if not (len(s) == 4 and s[0] == b and s[2] == tokens and (name != "k" or s == tuple(t.q.shape))):
+                want = f"{tuple(t.q.shape)} as q" if name == "k" else f"({b}, heads, {tokens}, dim)"
+                raise InputError(what, f"layer {i}'s {name} has shape {s}, expected {want}: batch {b}, "
+                                 f"{t.num_prefix} prefix + {t.grid[0]}×{t.grid[1]} patch tokens",
+                                 "return q, k, v as [B, heads, prefix + h·w, D] for every layer (Backbone."
+                                 "from_function: num_prefix= counts CLS/register tokens)")
+    taps = taps.patches()
+    if not taps.layers:                                 # `geometry` refuses a backbone that taps nothing
+        return taps, jnp.full((b,), -1, jnp.int32)
+    finite = jnp.stack([jnp.all(jnp.isfinite(a), axis=(1, 2, 3)) for _, t in sorted(taps.layers.items())
+                        for a in (t.q, t.k, t.v)]).reshape(len(taps.layers), 3, b).all(1)        # [L, B]
+    ids = jnp.asarray(sorted(taps.layers), jnp.int32)
+    return taps, jnp.where(finite.all(0), -1, ids[jnp.argmin(finite, axis=0)])
+
+
 def geometry(backbone, layers, settings: Settings, size: tuple[int, int], num_images: int, devices: int
              ) -> Geometry:
-    """The run's `Geometry` from the backbone's taps traced abstractly (`jax.eval_shape`, nothing computed)."""
+    """The run's `Geometry` from the backbone's taps traced abstractly (`jax.eval_shape`, nothing computed); taps
+    of the wrong shape are one `InputError` here (`tapped`)."""
     x = jax.ShapeDtypeStruct((settings.batch_size, *size, 3), jnp.float32)
-    taps = jax.eval_shape(lambda p, x: backbone.apply(p, x, layers, False).patches(), backbone.params, x)
+    taps, _ = jax.eval_shape(lambda p, x: tapped(backbone.apply, p, x, layers, f"backbone {backbone.name!r}"),
+                             backbone.params, x)
     groups = tuple(graphs.group_layers(taps))
     if not groups:
         raise InputError(f"model {backbone.name!r}", "taps no layers", "pass --layers all or a list of layer indices")
@@ -141,4 +174,4 @@ def gather(x) -> np.ndarray:
 
 
 __all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
-           "graph_images", "init_distributed", "local_slots", "make_mesh"]
+           "graph_images", "init_distributed", "local_slots", "make_mesh", "tapped"]
