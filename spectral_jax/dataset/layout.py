@@ -130,8 +130,8 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
         what = f"--coordinator {coordinator}" if coordinator is not None else "the cluster (found by JAX)"
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise InputError(what, f"could not start or join it ({first})",
-                         "check the options (the same --coordinator and --num-processes on every process, a free "
-                         "port) or the cluster's environment") from None
+                         "start it before anything else uses JAX, with the same --coordinator and --num-processes "
+                         "on every process and a free port (or check the cluster's environment)") from None
 
 
 def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
