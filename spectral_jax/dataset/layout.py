@@ -83,6 +83,11 @@ def tapped(apply, params, x, layers, what: str = "the backbone"):
     return taps, jnp.where(finite.all(0), -1, ids[jnp.argmin(finite, axis=0)])
 
 
+def nonfinite_reason(backbone: str, layer: int) -> str:
+    """Why an image whose taps hold NaN or Inf (`tapped`) is skipped: summary.json's reason and the stderr line's."""
+    return f"backbone {backbone!r} gave NaN or Inf for it (layer {layer})"
+
+
 def geometry(backbone, layers, settings: Settings, size: tuple[int, int], num_images: int, devices: int
              ) -> Geometry:
     """The run's `Geometry` from the backbone's taps traced abstractly (`jax.eval_shape`, nothing computed); taps
@@ -162,6 +167,24 @@ def global_array(mesh: Mesh, spec: P, local: np.ndarray, shape: tuple) -> jax.Ar
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
 
 
+def gather_reasons(reasons: dict) -> dict:
+    """{image: why} of every process, each passing its own (JSON bytes padded to the longest, all-gathered); every
+    process must call it."""
+    import json
+
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return dict(reasons)
+    mine = np.frombuffer(json.dumps({str(i): w for i, w in reasons.items()}).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([mine.size], np.int32))))
+    rows = np.asarray(multihost_utils.process_allgather(np.pad(mine, (0, size - mine.size), constant_values=32)))
+    out = {}
+    for row in rows.reshape(-1, size):
+        out.update({int(i): w for i, w in json.loads(row.tobytes().decode()).items()})
+    return out
+
+
 def gather(x) -> np.ndarray:
     """A (possibly multi-process) array as one host numpy array; every process must call it."""
     from jax.experimental import multihost_utils
@@ -174,4 +197,5 @@ def gather(x) -> np.ndarray:
 
 
 __all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
-           "graph_images", "init_distributed", "local_slots", "make_mesh", "tapped"]
+           "gather_reasons", "graph_images", "init_distributed", "local_slots", "make_mesh", "nonfinite_reason",
+           "tapped"]

@@ -22,7 +22,7 @@ from spectral_jax import folder as F
 from spectral_jax.dataset import checkpoint, export, inputs, step, summary, whole
 from spectral_jax.dataset.export import DatasetResult
 from spectral_jax.dataset.layout import (AXIS, batch_indices, gather, geometry, global_array, local_slots,
-                                         make_mesh)
+                                         make_mesh, nonfinite_reason)
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
 
@@ -177,7 +177,7 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
                 state, m, nonfinite = compiled(state, params, global_array(mesh, P(AXIS), x, (b, *hw, 3)),
                                                global_array(mesh, P(), idx, (b,)),
                                                global_array(mesh, P(AXIS), ok, (b,)))
-                failed.update({int(i): whole.nonfinite_reason(backbone.name, int(layer))
+                failed.update({int(i): nonfinite_reason(backbone.name, int(layer))
                                for i, layer in zip(idx, gather(nonfinite)) if i >= 0 and layer >= 0})
                 m = step.Metrics(*(float(np.asarray(gather(v))) for v in m))
                 history.append([round(m.loss_first, 7), round(m.loss, 7), round(m.objective, 7), int(m.images)])

@@ -41,7 +41,8 @@ from jax.sharding import PartitionSpec as P
 
 from spectral_jax import folder as F
 from spectral_jax import graphs as G
-from spectral_jax.dataset.layout import AXIS, Geometry, gather, global_array, tapped
+from spectral_jax.dataset.layout import (AXIS, Geometry, gather, gather_reasons, global_array,
+                                         nonfinite_reason, tapped)
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
 from spectral_jax.files import save_npz
@@ -140,26 +141,8 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
         from jax.experimental import multihost_utils
 
         valid = np.asarray(multihost_utils.process_allgather(valid, tiled=True))
-        failed = _gather_failed(failed)
+        failed = gather_reasons(failed)
     return Features(a, [x if y is None else y for x, y in zip(a, bs)], valid, failed)
-
-
-def nonfinite_reason(backbone: str, layer: int) -> str:
-    """Why an image whose taps hold NaN or Inf is skipped (summary.json's reason, the stderr line's)."""
-    return f"backbone {backbone!r} gave NaN or Inf for it (layer {layer})"
-
-
-def _gather_failed(failed: dict) -> dict:
-    """{image: why} of every process (each reads its own share): JSON bytes padded to the longest, all-gathered."""
-    from jax.experimental import multihost_utils
-
-    mine = np.frombuffer(json.dumps({str(i): w for i, w in failed.items()}).encode(), np.uint8)
-    size = int(np.max(multihost_utils.process_allgather(np.array([mine.size], np.int32))))
-    all_ = np.asarray(multihost_utils.process_allgather(np.pad(mine, (0, size - mine.size), constant_values=32)))
-    out = {}
-    for row in all_.reshape(-1, size):
-        out.update({int(i): w for i, w in json.loads(row.tobytes().decode()).items()})
-    return out
 
 
 def _local_rows(x: jax.Array, axis: int = 1) -> np.ndarray:
