@@ -22,7 +22,7 @@ from spectral_jax import folder as F
 from spectral_jax.dataset import checkpoint, export, inputs, step, summary, whole
 from spectral_jax.dataset.export import DatasetResult
 from spectral_jax.dataset.layout import (AXIS, batch_indices, gather, geometry, global_array, local_slots,
-                                         make_mesh)
+                                         make_mesh, nonfinite_reason)
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
 
@@ -173,12 +173,12 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
     try:
         with F.Prefetcher(produce, range(start, total), depth=settings.prefetch) as batches:
             for s, (idx, x, ok, bad) in batches:
-                for i, why in bad.items():
-                    if i not in failed:
-                        _say(f"spectral-jax dataset: skipping {where.files[i]}: {why}")
-                    failed[i] = why
-                state, m = compiled(state, params, global_array(mesh, P(AXIS), x, (b, *hw, 3)),
-                                    global_array(mesh, P(), idx, (b,)), global_array(mesh, P(AXIS), ok, (b,)))
+                failed.update(bad)                      # reported once each at the export (`_report_skipped`)
+                state, m, nonfinite = compiled(state, params, global_array(mesh, P(AXIS), x, (b, *hw, 3)),
+                                               global_array(mesh, P(), idx, (b,)),
+                                               global_array(mesh, P(AXIS), ok, (b,)))
+                failed.update({int(i): nonfinite_reason(backbone.name, int(layer))
+                               for i, layer in zip(idx, gather(nonfinite)) if i >= 0 and layer >= 0})
                 m = step.Metrics(*(float(np.asarray(gather(v))) for v in m))
                 history.append([round(m.loss_first, 7), round(m.loss, 7), round(m.objective, 7), int(m.images)])
                 steps_run += 1
@@ -200,7 +200,7 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
         if not finished and last_saved is None:         # failed before the first checkpoint: leave nothing behind
             inputs.discard(where.out if made_out else where.ckdir if made_ck else None, jax.process_index())
     trained = Trained(state, history, steps_run, failed, time.perf_counter() - t_loop, seconds_before)
-    if unreadable or not (gather(state.status)[:len(where.files)] == 1).any():
+    if unreadable or not (gather(state.status)[:len(where.files)] == step.READ).any():
         # no image was ever read: the checkpoints hold nothing worth resuming, and would block the next run
         inputs.discard(where.out if made_out else where.ckdir, jax.process_index())
         first = next(iter(sorted(failed.items())), None)
@@ -222,7 +222,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     ema = gather(trained.state.ema)[:n]
     status = gather(trained.state.status)[:n]
     table = ema / (1.0 - settings.ema ** steps_now) if settings.ema > 0 else ema
-    ok = status == 1
+    ok = status == step.READ
     names = [f for f, g in zip(where.files, ok) if g]
     eigvecs, probs = export.table_arrays(settings.preset, table[ok])
     t = time.perf_counter()
@@ -237,6 +237,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root), where.out)
     if jax.process_index() == 0:
+        _report_skipped(res.summary["skipped"])
         _warn_unconverged(res.summary["convergence"], per_epoch)
         export.write(res, where.root, settings.figure_images)
     return res
@@ -276,8 +277,6 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
             bar.close()
         if not finished and not cache and not os.path.isfile(os.path.join(where.ckdir, whole.FEATURES)):
             inputs.discard(where.out if made_out else where.ckdir if made_ck else None, jax.process_index())
-    for i, why in sorted(solved.failed.items()):
-        _say(f"spectral-jax dataset: skipping {where.files[i]}: {why}")
     n = len(where.files)
     ok = solved.valid[:n]
     if solved.result is None:
@@ -297,26 +296,27 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root), where.out)
     if jax.process_index() == 0:
+        _report_skipped(skipped)
         export.write(out, where.root, settings.figure_images)
     return out
 
 
-def _exact_weights(settings: Settings, geom) -> list | str | None:
-    """Per-group layer weights `[L]` ({layer: weight}, default 1) for `solvers.exact` (None: equal); a rule name
-    is passed on (`whole.solve` applies it to the graphs)."""
-    if settings.layer_weights is None or isinstance(settings.layer_weights, str):
-        return settings.layer_weights
-    lw = dict(settings.layer_weights)
-    return [np.asarray([float(lw.get(i, 1.0)) for i in layers], np.float32) for _, layers in geom.groups]
+def _exact_weights(settings: Settings, geom) -> dict | str | None:
+    """{tapped layer: weight} (default 1), a rule name, or None (equal), for `whole.layer_weights` (which scales
+    numbers in float64 before the float32 cast and applies a rule to the graphs)."""
+    return settings.layer_weight_map([l for _, layers in geom.groups for l in layers])
 
 
 def _skipped(where: Folder, status: np.ndarray, failed: dict, pre, size) -> list[dict]:
-    """[{"file", "reason"}] of the images found unreadable (status 2), the reason read again where this process
-    did not see the failure (another process's slot, or an earlier run's)."""
+    """[{"file", "reason"}] of the images left out: unreadable, or whose taps held NaN or Inf (`step.NONFINITE`),
+    the reason read again where this process did not see the failure (another process's slot, or an earlier
+    run's)."""
     out = []
-    for i in np.flatnonzero(status == 2):
+    for i in np.flatnonzero((status == step.UNREADABLE) | (status == step.NONFINITE)):
         why = failed.get(int(i))
-        if why is None:
+        if why is None and status[i] == step.NONFINITE:
+            why = "the backbone gave NaN or Inf for it (in an earlier run of this OUT)"
+        elif why is None:
             try:
                 F.read_image(os.path.join(where.root, where.files[i]), size, pre)
                 why = "could not be read during the run"
@@ -324,6 +324,13 @@ def _skipped(where: Folder, status: np.ndarray, failed: dict, pre, size) -> list
                 why = e.problem
         out.append({"file": where.files[i], "reason": why})
     return out
+
+
+def _report_skipped(skipped: list[dict]) -> None:
+    """One stderr line per skipped image, once, from the list summary.json gets (so the two agree, whichever
+    process or earlier run of a resumed OUT met the image)."""
+    for d in skipped:
+        _say(f"spectral-jax dataset: skipping {d['file']}: {d['reason']}")
 
 
 def _bar(progress: bool, total: int, start: int):

@@ -41,7 +41,8 @@ from jax.sharding import PartitionSpec as P
 
 from spectral_jax import folder as F
 from spectral_jax import graphs as G
-from spectral_jax.dataset.layout import AXIS, Geometry, gather, global_array
+from spectral_jax.dataset.layout import (AXIS, Geometry, gather, gather_reasons, global_array,
+                                         nonfinite_reason, tapped)
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
 from spectral_jax.files import save_npz
@@ -74,7 +75,12 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
                     bar=None) -> Features:
     """Run the backbone over this process's share of `files` (`process_share`), batch by batch (each process
     `batch_size`/P images of a batch), and keep only the merged features of each layer group, on the host:
-    a, b `[L, (n/P)·h·w, F]` (this process's rows); valid `[n]` all processes' (gathered)."""
+    a, b `[L, (n/P)·h·w, F]` (this process's rows); valid `[n]` all processes' (gathered); failed {image: why}
+    all processes' (gathered).
+
+    The taps are checked where they arrive (`layout.tapped`): a wrong shape is refused while tracing (one
+    `InputError`); an image whose taps hold NaN or Inf — found inside the jitted forward, one int per image beside
+    the features — is not valid, its features are zeros, and `failed` says why (the first such layer)."""
     procs = jax.process_count()
     n = padded_images(len(files), geom.devices)
     first, share = process_share(n)
@@ -83,15 +89,18 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     pre, per = backbone.preprocess, [grid[0] * grid[1] for grid, _ in geom.groups]
     rows = NamedSharding(mesh, P(AXIS))
     feat_rows = NamedSharding(mesh, P(None, AXIS))
+    what = f"backbone {backbone.name!r}"
 
-    @functools.partial(jax.jit, out_shardings=feat_rows)
+    @functools.partial(jax.jit, out_shardings=(feat_rows, rows))
     def forward(params, x):
-        taps = backbone.apply(params, x, layers, False).patches()
+        taps, nonfinite = tapped(backbone.apply, params, x, layers, what)
         out = []
-        for _, group in geom.groups:
-            a, bb = G.knn_inputs([taps.layers[i] for i in group], settings.graph)
-            out.append((a.astype(dtype), None if settings.graph == "knn-vv" else bb.astype(dtype)))
-        return out
+        for (grid, group), p in zip(geom.groups, per):
+            keep = jnp.repeat(nonfinite < 0, p)[None, :, None]          # [1, B·h·w, 1]: a NaN image's rows → 0
+            a, bb = (jnp.where(keep, y, 0).astype(dtype)
+                     for y in G.knn_inputs([taps.layers[i] for i in group], settings.graph))
+            out.append((a, None if settings.graph == "knn-vv" else bb))
+        return out, nonfinite
 
     params = backbone.params if procs == 1 else jax.tree.map(
         lambda x: global_array(mesh, P(), np.asarray(x), np.shape(x)), backbone.params)
@@ -107,11 +116,16 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     with F.Prefetcher(produce, range(0, share, b_loc), depth=settings.prefetch) as batches:
         for start, (idx, x, ok, bad) in batches:
             failed.update(bad)
-            valid[idx[idx >= 0] - first] = ok[idx >= 0]
             x = jax.device_put(x, rows) if procs == 1 else global_array(mesh, P(AXIS), x,
                                                                            (settings.batch_size, *x.shape[1:]))
-            outs = forward(params, x)
-            m = int((idx >= 0).sum())
+            outs, nonfinite = forward(params, x)
+            nonfinite = _local_rows(nonfinite, axis=0)                     # [B/P] this process's slots
+            for i, layer in zip(idx, nonfinite):
+                if i >= 0 and layer >= 0 and i not in bad:
+                    failed[int(i)] = nonfinite_reason(backbone.name, int(layer))
+            real = idx >= 0
+            valid[idx[real] - first] = ok[real] & (nonfinite[real] < 0)
+            m = int(real.sum())
             for g, pair in enumerate(outs):
                 fa, fb = (None if y is None else _local_rows(y) for y in pair)
                 if a[g] is None:
@@ -127,13 +141,15 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
         from jax.experimental import multihost_utils
 
         valid = np.asarray(multihost_utils.process_allgather(valid, tiled=True))
+        failed = gather_reasons(failed)
     return Features(a, [x if y is None else y for x, y in zip(a, bs)], valid, failed)
 
 
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of `x` `[L, R, F]` sharded over the rows, in order, as one host array."""
-    shards = sorted({s.index[1].start or 0: s for s in x.addressable_shards}.items())
-    return np.concatenate([np.asarray(s.data) for _, s in shards], axis=1)
+def _local_rows(x: jax.Array, axis: int = 1) -> np.ndarray:
+    """This process's rows of `x` sharded over `axis` (`[L, R, F]`: axis 1; `[R]`: axis 0), in order, as one host
+    array."""
+    shards = sorted({s.index[axis].start or 0: s for s in x.addressable_shards}.items())
+    return np.concatenate([np.asarray(s.data) for _, s in shards], axis=axis)
 
 
 def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh) -> list[G.KnnGraph]:
@@ -287,20 +303,23 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
 
 
 def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tuple[list | None, dict]:
-    """(per-group weights for `exact`, {"rule", "weights": {layer: w}}): a rule name (`spectral_jax.layer_weights`:
-    "eigengap" / "select" read each layer's own top-K spectrum — one sparse solve per layer; on kNN graphs, one graph
-    per layer, "select" is the layer of the largest eigengap) or the given per-group arrays (None: equal)."""
+    """(per-group float32 weights for `exact`, {"rule", "weights": {layer: w}}) from `weights`: None (equal), a
+    rule name (`spectral_jax.layer_weights`: "eigengap" / "select" read each layer's own top-K spectrum — one sparse
+    solve per layer; on kNN graphs, one graph per layer, "select" is the layer of the largest eigengap) or
+    {layer: weight} over the tapped layers (`Settings.layer_weight_map`). Numbers go through
+    `layer_weights.for_groups`, as analyze's do: scaled in float64 (by the largest, then to sum 1) before the
+    float32 cast, so 1e-45 or 1e308 give the same weights as 1 (`Settings` has refused non-finite, negative and
+    all-zero ones before anything ran)."""
     from spectral_jax import layer_weights as LW
 
     group_layers = [tuple(layers) for _, layers in geom.groups]
     rule = weights if isinstance(weights, str) else ("given" if weights is not None else "uniform")
-    if isinstance(weights, str):
+    if weights is None:
+        total = sum(len(ls) for ls in group_layers)
+        per = {l: 1.0 / total for ls in group_layers for l in ls}
+    else:
         weights, per_layer = LW.for_groups(gs, group_layers, weights, settings.num_eigs)
         per = dict(zip(sorted({l for ls in group_layers for l in ls}), per_layer))
-    else:
-        ws = [np.ones(len(ls)) for ls in group_layers] if weights is None else [np.asarray(w) for w in weights]
-        total = float(sum(w.sum() for w in ws))
-        per = {l: float(w) / total for ls, wg in zip(group_layers, ws) for l, w in zip(ls, wg)}
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 
