@@ -363,8 +363,8 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
 
 def _timestep_list(timesteps, carried: tuple[int, ...]) -> list[int]:
     """attribution's timesteps: None/empty → the taps' own `carried` (`Taps.timesteps`), or [0] (one) where they
-    carry none; else distinct integers, and then exactly the taps' own — taps without timesteps (a ViT's heads
-    axis holds heads only) take none."""
+    carry none; else exactly the taps' own (repeats only where the taps' own repeat, as a drawn schedule may) —
+    taps without timesteps (a ViT's heads axis holds heads only) take none."""
     if timesteps is None:
         return list(carried) or [0]
     try:
@@ -377,6 +377,8 @@ def _timestep_list(timesteps, carried: tuple[int, ...]) -> list[int]:
     items = [int(t) for t in items]
     if not items:
         return list(carried) or [0]
+    if carried and tuple(items) == tuple(carried):      # the taps' own (a drawn schedule may repeat one)
+        return items
     if len(set(items)) < len(items):
         raise InputError(f"timesteps {items}", "repeat a timestep (each labels its own T·H block of heads)",
                          "pass each timestep once, or None for the taps' own")

@@ -87,6 +87,15 @@ def test_timesteps_are_kept_apart():
             sj.attribution(taps, "vv", 4, timesteps=bad)
 
 
+def test_taps_own_repeated_timesteps_are_taken():
+    """A drawn schedule may repeat a timestep (the random schedule draws with replacement): the taps' own list is
+    taken as given, and None means it too."""
+    taps, _ = _planted_taps(heads=2, timesteps=3, seed=1, labels=[10, 10, 90])
+    att = sj.attribution(taps, "vv", 4, timesteps=[10, 10, 90])
+    assert list(att.timesteps) == [10, 10, 90] and att.rq.shape == (3, 3, 2, 4)
+    np.testing.assert_allclose(sj.attribution(taps, "vv", 4).rq, att.rq, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("bad, needle", [([0, 1, 2], "are given but the taps carry none"),
                                          ([5, 5], "repeat a timestep"), ([0], "are given but the taps carry none")])
 def test_timesteps_for_taps_without_them_are_refused(bad, needle):
