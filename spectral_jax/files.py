@@ -319,18 +319,19 @@ class FolderLock:
     """An exclusive `flock` on the folder `path` (the lock `OutputDir.commit` takes), taken at once or refused,
     held until `release()`.
 
-    A missing `path` is created first, with its missing parents (`created`, outermost first). When another holder
-    has the lock: one `InputError` naming `path`, `holder` and the holder's pid (`flock_holder`, where the system
-    lists it), with `fix`; nothing is created or removed then. The kernel drops the lock with its file descriptor,
-    so a holder that is killed leaves no stale lock. `release(remove_empty=True)` removes the folders this lock
-    created that are still empty (a run that failed before writing), before letting go of the lock. A lock taken
-    on a folder that was removed and made again in between is taken again on the new one. On a filesystem without
-    `flock` (ENOLCK, EOPNOTSUPP) the folder is used unlocked and `locked` is False.
+    A missing `path` is created first, with its missing parents (`created`, outermost first; `made`: whether `path`
+    itself was). When another holder has the lock: one `InputError` naming `path`, `holder` and the holder's pid
+    (`flock_holder`, where the system lists it), with `fix`; nothing is removed then (a folder made here is the
+    holder's now). The kernel drops the lock with its file descriptor, so a holder that is killed leaves no stale
+    lock. `release(remove_empty=True)` removes the folders this lock created that are still empty (a run that failed
+    before writing), before letting go of the lock. A lock taken on a folder that was removed and made again in
+    between is taken again on the new one. On a filesystem without `flock` (ENOLCK, EOPNOTSUPP) the folder is used
+    unlocked and `locked` is False.
     """
 
     def __init__(self, path: str, holder: str, fix: str, flag: str = "--out"):
         self.path = os.fspath(path)
-        self.fd, self.locked, self.created = None, False, []
+        self.fd, self.locked, self.created, self.made = None, False, [], False
         for _ in range(10):
             if not os.path.isdir(self.path):
                 self.created += _make_parent(self.path, flag)
@@ -358,7 +359,7 @@ class FolderLock:
                 if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
                     os.close(fd)
                     raise
-                self.fd = fd                                        # no flock here: used unlocked
+                self.fd, self.made = fd, self.path in self.created  # no flock here: used unlocked
                 return
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(self.path))
@@ -366,6 +367,7 @@ class FolderLock:
                 same = False
             if same:
                 self.fd, self.locked = fd, True
+                self.made = self.path in self.created
                 return
             os.close(fd)                                            # locked a folder removed meanwhile: again
         raise InputError(self.path, "kept being removed and made again while this run tried to lock it",

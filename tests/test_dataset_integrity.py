@@ -94,7 +94,7 @@ def test_out_in_use_is_refused_with_the_pid_and_a_killed_holder_leaves_no_lock(m
     assert res.summary["cached"] == ["graph"]
 
 
-def test_refused_lock_on_a_new_out_leaves_nothing_and_failed_runs_unlock(made, tmp_path):
+def test_run_refused_after_locking_a_new_out_removes_it_and_unlocks(made, tmp_path):
     """A run refused by a check after OUT was locked (and made) removes the folder it made and frees the lock."""
     imgs, = _copy(made, tmp_path, "imgs")
     out = tmp_path / "new" / "out"
@@ -189,9 +189,9 @@ def test_two_processes_agree_that_out_is_in_use(made, tmp_path):
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    said = f"REFUSED {out}: is in use by another spectral-jax dataset run (pid {holder.pid})"
     for p, (o, e) in zip(procs, outs):
-        assert p.returncode == 0 and f"REFUSED {out}: is in use by another spectral-jax dataset run (pid {holder.pid})" \
-            in o, (o, e[-3000:])
+        assert p.returncode == 0 and said in o, (o, e[-3000:])
     assert os.listdir(out) == []
 
 

@@ -39,7 +39,7 @@ class Folder(NamedTuple):
     ckdir: str                  # OUT/checkpoints, absolute
     done: list                  # committed checkpoint steps
     digests: dict               # {file: content digest} of `files`, in order (`checkpoint.file_digests`)
-    made_out: bool              # OUT did not exist before this run
+    made_out: bool              # this run made OUT (process 0; False elsewhere)
     lock: object                # the `files.FolderLock` on OUT held for the run (process 0; None elsewhere)
 
 
@@ -137,8 +137,8 @@ def _open_folder(folder: str, out: str, resume: bool) -> Folder:
     if not os.path.isdir(folder):
         raise InputError(folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     inputs.check_out(folder, out)
-    made_out = not os.path.exists(out)
     lock = _lock_out(out)
+    made_out = lock is not None and lock.made       # only process 0 removes what a failed run leaves
     try:
         ckdir = os.path.abspath(os.path.join(out, checkpoint.FOLDER))
         done = checkpoint.steps(ckdir)

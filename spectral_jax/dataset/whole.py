@@ -231,7 +231,7 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
         rows, shape = n * grid[0] * grid[1], (len(layers), n * grid[0] * grid[1])
         if not graph:
             want = np.uint16 if key["features_dtype"] == "bfloat16" else np.float32
-            names = [f"a{g}"] + ([] if key["graph"] == "knn-vv" else [f"b{g}"])
+            names = [f"a{g}"] + ([f"b{g}"] if key["graph"] != "knn-vv" or f"b{g}" in d else [])
             for name in names:
                 x = d.get(name)
                 if not isinstance(x, np.ndarray) or x.dtype != want or x.ndim != 3 or x.shape[:2] != shape or \
