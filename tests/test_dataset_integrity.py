@@ -452,3 +452,22 @@ def test_cli_damaged_checkpoint_waits_for_orbax_cleanup(cli_made, tmp_path):
                         str(out), "--resume"], env=_env(), capture_output=True, text=True, timeout=300)
     _one_line_exit_2(r, "checkpoints/2: is damaged", "KeyError")
     assert sorted(os.listdir(out / "checkpoints")) == ["2"]
+
+
+def test_checkpoint_meta_is_the_history_at_its_step(tmp_path, monkeypatch):
+    """orbax writes the meta on a thread of its own, later: the history saved must be the one at the save, not the
+    list the run keeps appending to (a resume read 3 rows at step 2 and was refused as damaged)."""
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+
+    given, json_save = [], ocp.args.JsonSave
+    monkeypatch.setattr(ocp.args, "JsonSave", lambda meta: given.append(meta) or json_save(meta))
+    ck = dataset.checkpoint.Checkpoints(str(tmp_path / "ck"))
+    history = [[1.0, 0.5, 0.1, 4], [0.9, 0.4, 0.2, 4]]
+    ck.save(2, {"x": jnp.arange(3.0)}, {"model": "m"}, history, 1.5)
+    history.append([0.8, 0.3, 0.3, 2])                  # the next step's row, while the save may be in flight
+    assert given[0]["history"] == history[:2]           # what orbax writes, whenever it does
+    ck.wait()
+    ck.close()
+    meta = dataset.checkpoint.read_meta(str(tmp_path / "ck"), 2)
+    assert meta["history"] == history[:2] and meta["step"] == 2

@@ -258,7 +258,9 @@ class Checkpoints:
 
     def save(self, step: int, state, fp: dict, history: list, seconds: float) -> None:
         """Checkpoint `step` (asynchronously): the state and the meta (fingerprint `fp`, history, seconds)."""
-        meta = {"config": fp, "history": history, "seconds": seconds, "step": step,
+        # orbax writes the meta on a thread of its own, later: a copy, so that the rows the run appends meanwhile
+        # do not end up in this step's history
+        meta = {"config": fp, "history": [list(r) for r in history], "seconds": seconds, "step": step,
                 "state_checksum": state_checksum(state)}
         ocp = self._ocp
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
