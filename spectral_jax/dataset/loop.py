@@ -6,6 +6,7 @@ Shape legend
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -37,6 +38,9 @@ class Folder(NamedTuple):
     out: str
     ckdir: str                  # OUT/checkpoints, absolute
     done: list                  # committed checkpoint steps
+    digests: dict               # {file: content digest} of `files`, in order (`checkpoint.file_digests`)
+    made_out: bool              # this run made OUT (process 0; False elsewhere)
+    lock: object                # the `files.FolderLock` on OUT held for the run (process 0; None elsewhere)
 
 
 class Trained(NamedTuple):
@@ -66,10 +70,28 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     (files changed underneath), it stops after the first epoch with that `InputError` and leaves nothing behind (a
     folder made by this run is removed, else its checkpoints/). A run that fails before its first checkpoint leaves
     nothing; one that fails later keeps its checkpoints, and `resume=True` continues from the last.
+
+    One run at a time per OUT: OUT is locked (`files.FolderLock`, an exclusive flock on the folder, by process 0,
+    the one that writes) before anything else is read or written there, for the whole run; OUT in use by another
+    run is one `InputError` at once (with that run's pid), on every process. The kernel drops the lock when the
+    process ends, however it ends. `resume` goes on only from the same images — each file's content digest is in
+    the fingerprint (`checkpoint.file_digests`): an image replaced, edited, added or removed since is refused in one
+    line naming it, never recomputed silently; checkpoints and caches read back are checked, and a damaged one is
+    one `InputError` naming the file, leaving OUT as it was.
     """
     t_start = time.perf_counter()
     settings = settings.replace(**options) if settings is not None else Settings(**options)
     where = _open_folder(os.fspath(folder), os.fspath(out), resume)
+    try:
+        return _run(where, settings, backbone, mesh, resume, progress, t_start)
+    finally:
+        if where.lock is not None:
+            where.lock.release(remove_empty=True)       # an OUT this run made and left empty goes too
+
+
+def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume: bool, progress: bool,
+         t_start: float) -> DatasetResult:
+    """`run` once OUT is locked (`_open_folder`)."""
     backbone = backbone if backbone is not None else _load_backbone(settings)
     layers = backbone.layers(settings.layers)
     inputs.check_layer_weights(settings, range(backbone.num_layers) if layers is None else layers)
@@ -87,7 +109,7 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     from spectral_jax.dataset.cluster import check_count
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
-    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.files)
+    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)
     if where.done:
         checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]))
 
@@ -109,20 +131,57 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
 
 
 def _open_folder(folder: str, out: str, resume: bool) -> Folder:
-    """FOLDER scanned and checked to hold a readable image, OUT checked (`inputs.check_out`) and its checkpoints
-    listed (refused without `resume`)."""
+    """FOLDER scanned and checked to hold a readable image, OUT checked (`inputs.check_out`), locked (`_lock_out`)
+    and its checkpoints listed (refused without `resume`), the images' content digests taken. The lock is released
+    here when a check fails; otherwise the caller releases it (`Folder.lock`)."""
     if not os.path.isdir(folder):
         raise InputError(folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     inputs.check_out(folder, out)
-    ckdir = os.path.abspath(os.path.join(out, checkpoint.FOLDER))
-    done = checkpoint.steps(ckdir)
-    if done and not resume:
-        checkpoint.refuse_unasked_resume(out, done)
-    files, ignored = F.scan(folder, exclude=[out])
-    found, why = F.first_readable(folder, files)
-    if found is None:
-        raise inputs.no_images(folder, files, why)
-    return Folder(folder, os.path.abspath(folder), files, ignored, out, ckdir, done)
+    lock = _lock_out(out)
+    made_out = lock is not None and lock.made       # only process 0 removes what a failed run leaves
+    try:
+        ckdir = os.path.abspath(os.path.join(out, checkpoint.FOLDER))
+        done = checkpoint.steps(ckdir)
+        if done and not resume:
+            checkpoint.refuse_unasked_resume(out, done)
+        files, ignored = F.scan(folder, exclude=[out])
+        found, why = F.first_readable(folder, files)
+        if found is None:
+            raise inputs.no_images(folder, files, why)
+        digests = checkpoint.file_digests(folder, files)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_empty=True)
+        raise
+    return Folder(folder, os.path.abspath(folder), files, ignored, out, ckdir, done, digests, made_out, lock)
+
+
+def _lock_out(out: str):
+    """OUT locked for this run (`files.FolderLock`, made when missing) by process 0 — the process that writes —
+    and its verdict shared with the other processes (a collective: every process calls it), so that all of them
+    go on or all raise the same `InputError`. Returns the lock (None on processes other than 0)."""
+    from spectral_jax import files
+
+    lock, err = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = files.FolderLock(out, "another spectral-jax dataset run",
+                                    "wait for it to finish, or choose another --out")
+        except InputError as e:
+            err = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        text = json.dumps(None if err is None else [err.what, err.problem, err.fix]).encode()[:4095]
+        buf = np.zeros(4096, np.uint8)
+        buf[:len(text)] = np.frombuffer(text, np.uint8)
+        got = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+        said = json.loads(got.tobytes().rstrip(b"\0").decode(errors="replace") or "null")
+        if said is not None and err is None:
+            err = InputError(*said)
+    if err is not None:
+        raise err
+    return lock
 
 
 def _load_backbone(settings: Settings):
@@ -149,11 +208,15 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
            start: int, total: int, per_epoch: int, t_start: float, progress: bool) -> Trained:
     """Steps `start` … `total` − 1: read each batch ahead (`folder.Prefetcher`), step, checkpoint every
     `checkpoint_every` steps and at the end. A failure before the first checkpoint removes what the run made."""
-    made_out, made_ck = not os.path.exists(where.out), not os.path.exists(where.ckdir)
+    made_out, made_ck = where.made_out, not os.path.exists(where.ckdir)
     ckpt = checkpoint.Checkpoints(where.ckdir)
     history, seconds_before = [], 0.0
     if where.done:
-        state, history, seconds_before = ckpt.restore(where.done[-1], abstract)
+        try:                                            # a damaged checkpoint: one line, OUT left as it is
+            state, history, seconds_before = ckpt.restore(where.done[-1], abstract, len(where.files))
+        except BaseException:
+            ckpt.close()
+            raise
     else:
         state = step.init_state(settings, geom, mesh)
     params = jax.tree.map(lambda a: global_array(mesh, P(), np.asarray(a), np.shape(a)), backbone.params)
@@ -265,7 +328,7 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         raise InputError(where.out, f"holds the cached {' and '.join(c.split('.')[0] for c in cache)} of an "
                          "earlier run", f"pass --resume to reuse them (or re-export), delete "
                          f"{os.path.join(where.out, checkpoint.FOLDER)} to start over, or choose another --out")
-    made_out, made_ck = not os.path.exists(where.out), not os.path.exists(where.ckdir)
+    made_out, made_ck = where.made_out, not os.path.exists(where.ckdir)
     bar = _bar(progress, len(where.files), 0)
     finished = False
     try:

@@ -13,8 +13,10 @@
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
 Several processes: process p reads and searches the images [p·n/P, (p+1)·n/P) (`process_share`), the graph is
 gathered to every process, each solves it (the same deterministic solve), process 0 writes; no features cache.
-Steps 1 and 2 are cached in OUT/checkpoints (features.npz, graph.npz, each with the settings that made it), so a
-rerun with `resume` skips the forward and the search.
+Steps 1 and 2 are cached in OUT/checkpoints (features.npz, graph.npz, each with the settings and the image files'
+content digests that made it, `cache_key`), so a rerun with `resume` skips the forward and the search; a cache made
+from other images or settings is refused in one line (`checkpoint.check_same`), and one whose arrays are damaged —
+unreadable, of the wrong shape or dtype, non-finite, neighbour indices out of range — too (`load_cache`), never used.
 
 Memory: the features (L·N·H·D values) plus the graph (L·N·k indices and weights) plus the coalesced operator.
 
@@ -27,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -44,7 +47,6 @@ from spectral_jax import graphs as G
 from spectral_jax.dataset.layout import (AXIS, Geometry, gather, gather_reasons, global_array,
                                          nonfinite_reason, tapped)
 from spectral_jax.dataset.settings import Settings
-from spectral_jax.errors import InputError
 from spectral_jax.files import save_npz
 
 FEATURES, GRAPH = "features.npz", "graph.npz"
@@ -175,9 +177,9 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
 
 
 def cache_key(kind: str, fp: dict) -> dict:
-    """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, files, graph kind,
-    features dtype) for features; plus k and min_cos for the graph."""
-    keys = ["model", "weights", "layers", "size", "files_sha256", "num_images", "graph", "features_dtype"]
+    """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, the image files and
+    their content digests, graph kind, features dtype) for features; plus k and min_cos for the graph."""
+    keys = ["model", "weights", "layers", "size", "files", "num_images", "graph", "features_dtype"]
     if kind == "graph":
         keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block"]
     return {k: fp.get(k) for k in keys}
@@ -197,32 +199,105 @@ def save_features(path: str, feats: Features, key: dict) -> None:
     save_npz(path, arrays)
 
 
-def load_cache(path: str, key: dict) -> dict | None:
-    """The arrays of a cache file made with `key` (None when absent); another key: one `InputError`."""
+def load_cache(path: str, key: dict, geom: Geometry) -> dict | None:
+    """The arrays of a cache file made with `key` (None when absent), checked against the run (`geom`, `key`):
+    "failed" parsed to {image: why}. Made with another key: one `InputError` naming what changed
+    (`checkpoint.check_same`); unreadable or damaged (`_cache_problem`): one `InputError` naming the file."""
+    from spectral_jax.dataset import checkpoint
+
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
             d = {k: f[k] for k in f.files}
         old = json.loads(str(d.pop("key")))
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(path, f"is an unreadable cache ({type(e).__name__})",
-                         "delete it to recompute it, or choose another --out") from None
-    if old != json.loads(json.dumps(key, sort_keys=True)):
-        diff = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
-        raise InputError(os.path.dirname(os.path.dirname(path)), "was made with other settings: " + ", ".join(
-            f"{k} {old.get(k)!r} → {key.get(k)!r}" for k in diff[:4]),
-            "resume with the same folder and settings, or choose another --out")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise checkpoint.damaged(path, f"unreadable: {type(e).__name__}") from None
+    if not isinstance(old, dict):
+        raise checkpoint.damaged(path, "its key is not an object")
+    checkpoint.check_same(os.path.dirname(os.path.dirname(path)), old, json.loads(json.dumps(key, sort_keys=True)))
+    why = _cache_problem(d, key, geom)
+    if why:
+        raise checkpoint.damaged(path, why)
     return d
 
 
+def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
+    """What is wrong with the arrays `d` of a cache made with `key` for a run of geometry `geom` (None: nothing).
+    Both: valid `[n]` bool (False past the images, some True), failed {image < images: why} on invalid images.
+    Features: a{g} (and b{g} unless knn-vv) `[L_g, n·h·w, F]` float32 or bfloat16 bits, finite. Graph: idx{g}
+    `[L_g, n·h·w, k]` integers in [0, n·h·w), w{g} finite with 0 or (min_cos, 1], 0 on invalid images' rows,
+    deg{g} `[L_g, n·h·w]` the row sums of ½(A + Aᵀ). Modifies `d`: "failed" becomes a dict."""
+    images = key["num_images"]
+    n = padded_images(images, geom.devices)
+    valid = d.get("valid")
+    if not isinstance(valid, np.ndarray) or valid.dtype != bool or valid.shape != (n,):
+        return f"valid is not {n} booleans"
+    if valid[images:].any() or not valid.any():
+        return "valid marks no image, or padding as an image"
+    try:
+        failed = {int(i): w for i, w in json.loads(str(d.get("failed", ""))).items()}
+    except (ValueError, TypeError, AttributeError):
+        return "failed is not a JSON object of image: reason"
+    if not all(0 <= i < images and not valid[i] and isinstance(w, str) for i, w in failed.items()):
+        return "failed names images out of range or read"
+    d["failed"] = failed
+    graph = "k_intra_effective" in key
+    for g, (grid, layers) in enumerate(geom.groups):
+        rows, shape = n * grid[0] * grid[1], (len(layers), n * grid[0] * grid[1])
+        if not graph:
+            want = np.uint16 if key["features_dtype"] == "bfloat16" else np.float32
+            names = [f"a{g}"] + ([f"b{g}"] if key["graph"] != "knn-vv" or f"b{g}" in d else [])
+            for name in names:
+                x = d.get(name)
+                if not isinstance(x, np.ndarray) or x.dtype != want or x.ndim != 3 or x.shape[:2] != shape or \
+                        x.shape[2] < 1 or x.shape != d[names[0]].shape:
+                    return f"{name} is not {want.__name__} [{shape[0]}, {shape[1]}, F]"
+                if not _finite(x):
+                    return f"{name} holds NaN or infinite values"
+            continue
+        k_intra, k_inter = G.clamp_k(key["k_intra_effective"], key["k_inter_effective"], grid, n)
+        idx, w, deg = (d.get(f"{x}{g}") for x in ("idx", "w", "deg"))
+        full = (*shape, k_intra + k_inter)
+        if not isinstance(idx, np.ndarray) or not np.issubdtype(idx.dtype, np.integer) or idx.shape != full:
+            return f"idx{g} is not integers {list(full)}"
+        if idx.size and (idx.min() < 0 or idx.max() >= rows):
+            return f"idx{g} holds neighbours outside [0, {rows})"
+        if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.shape != full:
+            return f"w{g} is not float32 {list(full)}"
+        if not isinstance(deg, np.ndarray) or deg.dtype != np.float32 or deg.shape != shape:
+            return f"deg{g} is not float32 {list(shape)}"
+        if not _finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all():
+            return f"w{g} holds weights that are not 0 or cosines above min_cos"
+        if w.reshape(len(layers), n, -1)[:, ~valid].any():
+            return f"w{g} gives edges to unreadable images"
+        for layer in range(len(layers)):
+            sums = 0.5 * (w[layer].sum(-1, dtype=np.float64) + np.bincount(
+                idx[layer].ravel(), w[layer].ravel().astype(np.float64), minlength=rows))
+            if not np.allclose(deg[layer], sums, rtol=1e-4, atol=1e-5):
+                return f"deg{g} is not the degree of idx{g}, w{g}"
+    return None
+
+
+def _finite(x: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """All values finite (bfloat16 stored as uint16 bits: exponent not all ones), checked in slices of `chunk`
+    values (no copy of the whole array)."""
+    flat = x.reshape(-1)
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk]
+        if not (((part & 0x7F80) != 0x7F80).all() if part.dtype == np.uint16 else np.isfinite(part).all()):
+            return False
+    return True
+
+
 def features_from(d: dict, settings: Settings, groups: int) -> Features:
+    """`Features` from the arrays of a features cache (as `load_cache` gives them: checked, "failed" a dict)."""
     def arr(x):
         return x.view(jnp.bfloat16) if settings.features_dtype == "bfloat16" else x
 
     a = [arr(d[f"a{g}"]) for g in range(groups)]
     b = [arr(d[f"b{g}"]) if f"b{g}" in d else a[g] for g in range(groups)]
-    return Features(a, b, d["valid"], {int(i): w for i, w in json.loads(str(d["failed"])).items()})
+    return Features(a, b, d["valid"], d["failed"])
 
 
 def _failed_json(failed: dict) -> np.ndarray:
@@ -237,12 +312,9 @@ def save_graphs(path: str, gs: list, key: dict, valid: np.ndarray, failed: dict)
 
 
 def graphs_from(d: dict, geom: Geometry, num_images: int) -> list[G.KnnGraph]:
+    """The graph groups of a graph cache (as `load_cache` gives it: checked); num_images: padded."""
     return [G.KnnGraph(jnp.asarray(d[f"idx{g}"]), jnp.asarray(d[f"w{g}"]), jnp.asarray(d[f"deg{g}"]), tuple(grid),
                        (len(layers),), num_images) for g, (grid, layers) in enumerate(geom.groups)]
-
-
-def files_hash(files: list) -> str:
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
 
 class Solved(NamedTuple):
@@ -266,15 +338,15 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
     gpath, fpath = os.path.join(ckdir, GRAPH), os.path.join(ckdir, FEATURES)
     n = padded_images(len(files), geom.devices)
     gkey, fkey = cache_key("graph", fp), cache_key("features", fp)
-    d = load_cache(gpath, gkey)
+    d = load_cache(gpath, gkey, geom)
     if d is not None:
         cached.append("graph")
         gs = graphs_from(d, geom, n)
-        valid, failed = d["valid"], {int(i): w for i, w in json.loads(str(d["failed"])).items()}
+        valid, failed = d["valid"], d["failed"]
     else:
         t = time.perf_counter()
         one = jax.process_count() == 1       # several processes: each holds only its rows, no features cache
-        fd = load_cache(fpath, fkey) if one else None
+        fd = load_cache(fpath, fkey, geom) if one else None
         if fd is not None:
             cached.append("features")
             feats = features_from(fd, settings, len(geom.groups))
