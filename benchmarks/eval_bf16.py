@@ -35,7 +35,7 @@ CPU speed is not the point (XLA:CPU has no fast bfloat16 matmul: bfloat16 runs s
 (`benchmarks/gpu/sec_bf16.py`) times it.
 
     python benchmarks/eval_bf16.py [--data coco-mini folder] [--images 10] [--size 448x448] [--out ...bf16.md]
-    python benchmarks/eval_bf16.py --tiny --out /tmp/bf16.md        # random weights, 2 images at 56², seconds
+    python benchmarks/eval_bf16.py --tiny [--data FOLDER] --out /tmp/bf16.md   # random weights, 2 images at 56²
 Writes the Markdown (--out) and, beside it, the per-image numbers as JSON (same name, .json).
 
 Shape legend
@@ -184,7 +184,11 @@ def compare(res, ref, a_op) -> dict[str, float]:
 
 
 def coco_images(data: str, limit: int) -> list[str]:
+    """The first `limit` images (file-name order) of data/images, or exit with one line saying where they should be."""
     folder = os.path.join(data, "images")
+    if not os.path.isdir(folder):
+        sys.exit(f"eval_bf16: {os.path.normpath(folder)} not found — coco-mini lives in ../shared/data/coco-mini "
+                 "relative to the repository root (see ../shared/data/README.md); pass --data")
     names = sorted(f for f in os.listdir(folder) if f.lower().endswith((".jpg", ".jpeg", ".png")))
     return [os.path.join(folder, f) for f in names[:limit]]
 

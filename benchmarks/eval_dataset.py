@@ -26,7 +26,8 @@ images, mean ± sd over seeded splits), object/background balanced accuracy, sup
 share of each eigenvector (`_common.position_share`).
 
     python benchmarks/eval_dataset.py [--work /tmp/eval_dataset] [--out benchmarks/results/eval_dataset.md]
-    python benchmarks/eval_dataset.py --tiny --work DIR --out DIR/eval.md      # seconds: 6 images, random weights
+    python benchmarks/eval_dataset.py --tiny [--data FOLDER] --work DIR --out DIR/eval.md   # seconds: 6 images,
+                                                                                              # random weights
 
 A finished run in --work is reused (`dataset.run(resume=True)` re-exports it); delete the folder to re-solve.
 """
@@ -366,14 +367,14 @@ instance labels (background = every pixel no instance covers; {rep['rle_skipped'
 
 ## Segmentation: mIoU and pixel accuracy (%)
 
-"k = classes": as many clusters as classes (13 for supercategories, {len(rep['categories']) + 1} for categories),
-the peers' setting. "auto": `--segments auto` (exact runs: the largest eigengap of the dataset eigenvalues among
-k = 2 … K − 1). With more clusters than classes the assignment stays one-to-one and unmatched clusters count as
-errors. "in all images": segments present in every image.
+"k = classes": as many clusters as classes ({len(rep['supercategories']) + 1} for supercategories,
+{len(rep['categories']) + 1} for categories), the peers' setting. "auto": `--segments auto` (exact runs: the largest
+eigengap of the dataset eigenvalues among k = 2 … K − 1). With more clusters than classes the assignment stays
+one-to-one and unmatched clusters count as errors. "in all images": segments present in every image.
 
 {_common.table(["labels", "clusters", "eigenvectors of", "k", "mIoU", "pixel acc.", "segments in all images"], rows)}
 
-Per-class IoU (%), supercategories, k = 13:
+Per-class IoU (%), supercategories, k = {len(rep['supercategories']) + 1}:
 
 {_common.table(["class", *rep["sources"]], per_class)}
 
@@ -411,8 +412,8 @@ image, ≈ 1/n = {1 / rep['images']:.3f} = unrelated across images):
 
 ## Reading it
 
-- Supercategories, k = 13 (mIoU / pixel accuracy): VV {_pct(vv)}, QK {_pct(qk)}, last layer alone {_pct(ll)}:
-  {_verdict(vv, qk, 'VV', 'QK')}; {_verdict(vv, ll, 'VV', 'the last layer')}.
+- Supercategories, k = {len(rep['supercategories']) + 1} (mIoU / pixel accuracy): VV {_pct(vv)}, QK {_pct(qk)},
+  last layer alone {_pct(ll)}: {_verdict(vv, qk, 'VV', 'QK')}; {_verdict(vv, ll, 'VV', 'the last layer')}.
 - Categories, k = {vc['k']}: VV {_pct(vc)}, QK {_pct(qc)}, last layer {_pct(lc)}: {_verdict(vc, qc, 'VV', 'QK')};
   {_verdict(vc, lc, 'VV', 'the last layer')}.
 - Background is {100 * bg_share:.0f} % of all pixels. With k = classes, k-means cuts it into several clusters and

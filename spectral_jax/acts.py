@@ -211,4 +211,4 @@ def load_acts(path: str) -> Acts:
             if h.shape[:2] != (batch, tokens):
                 raise InputError(path, f"layer{i}/hidden has shape {h.shape}, expected [{batch}, {tokens}, C]", fix)
             hidden[i] = h.astype(np.float32)
-    return Acts(Taps(taps, hidden), model, size, steps)
+    return Acts(Taps(taps, hidden, steps), model, size, steps)

@@ -8,6 +8,7 @@ Every writer of the package goes through this module:
 - `OutputDir(out, names, inputs=...)` / `staged_dir(...)` builds a result folder in a sibling temporary folder and
   moves it into place on success: atomically (one rename) when `out` does not exist, else entry by entry under an
   exclusive lock on `out`, so two runs writing into one folder never crash one another or leave `.tmp-*` behind.
+- `FolderLock(out, ...)` holds that same lock on `out` for a whole run, refusing at once when another run holds it.
 - Permissions follow the umask (0644 files and 0755 folders under umask 022), as `open()` would give.
 - `.npz` paths: a path that does not end in `.npz` (any case) gets `.npz` appended, as `numpy.savez` does
   (`npz_path`); callers report the path actually written.
@@ -26,8 +27,8 @@ from typing import Callable, Iterable, Sequence
 
 from spectral_jax.errors import InputError
 
-__all__ = ["OutputDir", "OutputFile", "check_not_input", "npz_path", "save_npz", "staged_dir", "umask", "write_atomic",
-           "write_json"]
+__all__ = ["FolderLock", "OutputDir", "OutputFile", "check_not_input", "flock_holder", "npz_path", "save_npz",
+           "staged_dir", "umask", "write_atomic", "write_json"]
 
 
 def umask() -> int:
@@ -312,3 +313,98 @@ def staged_dir(out: str, names: Iterable[str] = (), inputs: Iterable[str] = ()):
     with OutputDir(out, names, inputs) as od:
         yield od.tmp
         od.commit()
+
+
+class FolderLock:
+    """An exclusive `flock` on the folder `path` (the lock `OutputDir.commit` takes), taken at once or refused,
+    held until `release()`.
+
+    A missing `path` is created first, with its missing parents (`created`, outermost first; `made`: whether `path`
+    itself was). When another holder has the lock: one `InputError` naming `path`, `holder` and the holder's pid
+    (`flock_holder`, where the system lists it), with `fix`; nothing is removed then (a folder made here is the
+    holder's now). The kernel drops the lock with its file descriptor, so a holder that is killed leaves no stale
+    lock. `release(remove_empty=True)` removes the folders this lock created that are still empty (a run that failed
+    before writing), before letting go of the lock. A lock taken on a folder that was removed and made again in
+    between is taken again on the new one. On a filesystem without `flock` (ENOLCK, EOPNOTSUPP) the folder is used
+    unlocked and `locked` is False.
+    """
+
+    def __init__(self, path: str, holder: str, fix: str, flag: str = "--out"):
+        self.path = os.fspath(path)
+        self.fd, self.locked, self.created, self.made = None, False, [], False
+        for _ in range(10):
+            if not os.path.isdir(self.path):
+                self.created += _make_parent(self.path, flag)
+                try:
+                    os.mkdir(self.path)
+                    self.created.append(self.path)
+                except FileExistsError:
+                    pass
+                except OSError as e:
+                    _remove_dirs(self.created)
+                    raise InputError(f"{flag} {self.path}", f"cannot create it ({e.strerror})",
+                                     "pass a folder you can write to") from None
+            try:
+                fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+            except FileNotFoundError:                               # removed by a run that just gave up: again
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pid = flock_holder(fd)
+                os.close(fd)
+                raise InputError(self.path, f"is in use by {holder}" + (f" (pid {pid})" if pid else ""),
+                                 fix) from None
+            except OSError as e:
+                if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF):
+                    os.close(fd)
+                    raise
+                self.fd, self.made = fd, self.path in self.created  # no flock here: used unlocked
+                return
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(self.path))
+            except FileNotFoundError:
+                same = False
+            if same:
+                self.fd, self.locked = fd, True
+                self.made = self.path in self.created
+                return
+            os.close(fd)                                            # locked a folder removed meanwhile: again
+        raise InputError(self.path, "kept being removed and made again while this run tried to lock it",
+                         "let the other run finish, or choose another --out")
+
+    def release(self, remove_empty: bool = False) -> None:
+        """Let go of the lock (once; later calls do nothing); `remove_empty`: first remove the folders this lock
+        created that are still empty, innermost first."""
+        if self.fd is None:
+            return
+        try:
+            if remove_empty:
+                _remove_dirs(self.created)
+        finally:
+            fd, self.fd = self.fd, None
+            if self.locked:
+                fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def __enter__(self) -> "FolderLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def flock_holder(fd: int) -> int | None:
+    """The pid holding a `flock` on the file open as `fd`, read from /proc/locks (Linux); None where the system
+    does not list it."""
+    st = os.fstat(fd)
+    dev_ino = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    try:
+        with open("/proc/locks") as f:
+            for line in f:                       # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2146551 0 EOF"
+                parts = line.split()
+                if "->" not in parts and len(parts) > 5 and parts[1] == "FLOCK" and parts[5] == dev_ino:
+                    return int(parts[4])
+    except (OSError, ValueError):
+        pass
+    return None

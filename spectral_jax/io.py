@@ -9,6 +9,8 @@ of `patch` and keeps the aspect ratio (the longer side is rounded down to a mult
 Sizes are capped: an image whose patch grid would exceed `max_tokens()` tokens (default 16384 = a 128×128 grid,
 e.g. 1792² pixels at patch 14; set SPECTRAL_JAX_MAX_TOKENS to change it) is refused before it is resized, since a
 ViT's attention at N tokens holds heads·N² floats (6.4 GB per layer for DINOv2-S at the cap).
+`open_regular(path, what, fix)` opens an input file for reading, refusing (without blocking) anything that is not a
+regular file: a FIFO, a device such as /dev/urandom, a socket.
 `preprocess(img, size, patch, mean, std, resample)` → float32 `[H', W', 3]` = (resize(img)/255 − mean)/std, the
 resize PIL's `resample` filter on the 8-bit image (one of `RESAMPLE_FILTERS`; default "bicubic"), as the reference
 image processors do: transformers' PIL processors resize the uint8 image with PIL's filter (antialiased when
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 
 import numpy as np
@@ -49,16 +52,22 @@ def check_resample(resample, what: str = "resample") -> str:
 
 def max_tokens() -> int:
     """The token cap: SPECTRAL_JAX_MAX_TOKENS if set (a positive integer), else `DEFAULT_MAX_TOKENS`."""
-    text = os.environ.get("SPECTRAL_JAX_MAX_TOKENS")
+    return env_cap("SPECTRAL_JAX_MAX_TOKENS", DEFAULT_MAX_TOKENS, 65536)
+
+
+def env_cap(name: str, default: int, example: int) -> int:
+    """A cap the environment may change: variable `name` if set (a positive integer), else `default`; any other
+    value is an `InputError` naming it (`example`: a value the fix suggests)."""
+    text = os.environ.get(name)
     if text is None:
-        return DEFAULT_MAX_TOKENS
+        return default
     try:
         n = int(text)
         if n < 1:
             raise ValueError
     except ValueError:
-        raise InputError(f"SPECTRAL_JAX_MAX_TOKENS={text!r}", "is not a positive integer",
-                         f"unset it (default {DEFAULT_MAX_TOKENS}) or set e.g. 65536") from None
+        raise InputError(f"{name}={text!r}", "is not a positive integer",
+                         f"unset it (default {default}) or set e.g. {example}") from None
     return n
 
 
@@ -84,22 +93,57 @@ def parse_size(size, what: str = "size") -> Size:
     raise InputError(f"{what} {size!r}", "is not S or HxW", fix)
 
 
+# What a path that is not a regular file is, by its stat mode (`open_regular`'s message).
+_KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
+
+
+def open_regular(path: str, what: str = "file", fix: str = "pass a regular file"):
+    """`path` opened for binary reading if it is a regular file (or a link to one); `InputError` naming `path` and
+    `fix` otherwise: "no such file", or "is not a regular file but a FIFO (named pipe)" / a character device / ... .
+
+    Never blocks: the file is opened non-blocking and checked with fstat on the descriptor it opened (so a FIFO with
+    no writer, or a path swapped for one after a check, is refused at once, and /dev/urandom is never read).
+    `what` names what the file should be ("image", ".npy file"), for the message. The caller closes the file.
+    """
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0))
+    except FileNotFoundError:
+        raise InputError(path, "no such file", "check the path") from None
+    except OSError as e:
+        if os.path.isdir(path):  # some systems refuse to open a folder at all
+            raise InputError(path, f"is a folder, not a {what}", fix) from None
+        raise InputError(path, f"cannot be opened ({e.strerror or type(e).__name__})", fix) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _KINDS if test(mode)), "not a file")
+            raise InputError(path, f"is a folder, not a {what}" if stat.S_ISDIR(mode) else
+                             f"is not a regular file but {kind}", fix)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_image(path: str) -> np.ndarray:
-    """Read `path` as uint8 RGB `[H, W, 3]`, EXIF orientation applied."""
+    """Read `path` as uint8 RGB `[H, W, 3]`, EXIF orientation applied. A path that is not a regular file (a folder,
+    a FIFO, a device) is refused without reading it (`open_regular`)."""
     fix = "pass a readable JPEG/PNG/TIFF/WebP/BMP image"
     path = os.fspath(path)
     if os.path.isdir(path):
         raise InputError(path, "is a folder, not an image", "pass image files (for a folder: spectral-jax dataset)")
-    if not os.path.isfile(path):
-        raise InputError(path, "no such file", "check the path")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                im.load()  # decode now, so a truncated file fails here
-                return pil_to_rgb(im)
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise InputError(path, f"cannot read the image ({type(e).__name__}: {e})", fix) from None
+    with open_regular(path, "image", fix) as f:
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(f) as im:
+                    im.load()  # decode now, so a truncated file fails here
+                    return pil_to_rgb(im)
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise InputError(path, f"cannot read the image ({type(e).__name__}: {e})", fix) from None
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:

@@ -33,7 +33,7 @@ from spectral_jax.analysis import View, describe  # noqa: F401  (re-exported: th
 from spectral_jax.errors import InputError
 from spectral_jax.errors import is_integer as _is_int
 from spectral_jax.models.spec import forward_dtype
-from spectral_jax.solvers.result import Result, stack
+from spectral_jax.solvers.result import Provenance, Result, stack
 from spectral_jax.taps import Taps
 
 METHODS = ("exact", "gd")
@@ -68,7 +68,9 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
     joint graph over all images (`result.joint`). weights: one array per graph group (see `objective`), None for
     equal weights; layer_weights (Taps only, not with weights): one number per tapped layer (in layer order, or a
     mapping layer → weight) or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select"), read per
-    image from that image's graphs — the per-layer weights used go to `result.info["layer_weights"]`. method "exact"
+    image from that image's graphs — the per-layer weights used go to `result.info["layer_weights"]`. A solve of
+    Taps records what it was solved on in `result.provenance` (graph kind, layers, per-layer weights, timesteps);
+    of a list of graphs, None (unknown). method "exact"
     (`solvers.exact`) or "gd" (`solvers.gd`, with preset/param/steps/lr/sample); tol: the solver's convergence
     threshold (None: its default — exact's relative residual √eps32, gd's per preset). graph_dtype (Taps only): what the
     graphs store q/k, unit v and kNN features in, "float32" or "bfloat16" (`graphs.from_taps(dtype=)`; products,
@@ -105,18 +107,23 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
                              "pass the Taps, or per-group weights=")
         return one(source, weights)
 
+    made = _Source.of(source, graph, group_weights=weights is not None)
+
     def weighted(gs, gl):
-        return _weighted(gs, gl, one, layer_weights, num_eigs) if layer_weights is not None else one(gs, weights)
+        if layer_weights is not None:
+            return _weighted(gs, gl, one, layer_weights, num_eigs, made)
+        return made.tag(one(gs, weights), None)
 
     kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
     if method == "exact" and graph in ("qk", "vv") and batch_images != 0:
-        res = _exact_images(source, graph, kw, num_eigs, weights, layer_weights, batch_images, tkw)
+        res = _exact_images(source, graph, kw, num_eigs, weights, layer_weights, batch_images, tkw, made)
         if res is not None:
             return res
     return _per_image(source, graph, kw, weighted)
 
 
-def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, layer_weights, per_call, tkw: dict):
+def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, layer_weights, per_call, tkw: dict,
+                  made: "_Source"):
     """`solve`'s batched exact path (see there): the stacked `Result` of every image, or None where the per-image
     loop must run (a layer-weight rule that reads spectra; a problem above the dense size)."""
     from spectral_jax import graphs as G
@@ -143,7 +150,7 @@ def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, laye
         size = nimg // calls + (c < nimg % calls)
         chunk = taps.layers if calls == 1 else jax.tree.map(lambda x: x[start:start + size], taps.layers)
         for res in exact_batch(chunk, num_eigs, weights=w, base_grid=base, build=build, **tkw):
-            parts.append(_with_layer_weights(res, per))
+            parts.append(_with_layer_weights(res, per, made))
         start += size
     return stack(parts)
 
@@ -163,11 +170,39 @@ class _TapGroups:
         return G.from_taps(one, self.graph, image=0, **dict(self.kw))
 
 
-def _with_layer_weights(res: Result, per) -> Result:
-    """`res` with the per-layer weights used (`layer_weights.for_groups`) in `info["layer_weights"]` (None: none)."""
+@dataclasses.dataclass(frozen=True)
+class _Source:
+    """What a solve of Taps is made of, for `Result.provenance`: graph kind, the layers solved on (ascending), the
+    taps' timesteps, and whether per-graph `weights=` were given (then there is no one weight per layer)."""
+
+    graph: str
+    layers: tuple[int, ...]
+    timesteps: tuple[int, ...] = ()
+    group_weights: bool = False
+
+    @classmethod
+    def of(cls, taps, graph: str, layers=None, group_weights: bool = False) -> "_Source | None":
+        """The source of a solve of `taps` (of `layers`, default all tapped); None for a list of graphs."""
+        if not isinstance(taps, Taps):
+            return None
+        return cls(graph, tuple(sorted(taps.layers if layers is None else layers)), taps.timesteps, group_weights)
+
+    def tag(self, res: Result, per) -> Result:
+        """`res` with its provenance: the per-layer weights `per` `[L]` it was solved with (None: uniform — or
+        none at all with per-graph weights), the same for each of its images."""
+        if per is None and not self.group_weights:
+            per = np.full(len(self.layers), 1.0 / len(self.layers))
+        w = None if per is None else np.tile(np.asarray(per, np.float64), (res.num_images, 1))
+        res.provenance = Provenance(self.graph, self.layers, w, self.timesteps)
+        return res
+
+
+def _with_layer_weights(res: Result, per, made: _Source | None = None) -> Result:
+    """`res` with the per-layer weights used (`layer_weights.for_groups`) in `info["layer_weights"]` (None: none)
+    and, for a solve of Taps (`made`), its provenance."""
     if per is not None:
         res.info["layer_weights"] = [round(float(x), 6) for x in per]
-    return res
+    return res if made is None else made.tag(res, per)
 
 
 def graph_groups(taps: Taps, graph: str, image: int | None, kw: dict) -> tuple[list, list[tuple[int, ...]]]:
@@ -229,7 +264,8 @@ def sweep(taps: Taps, subsets=None, graph: str = "qk", num_eigs: int = 20, metho
     subsets: None for each tapped layer alone, or a list of layers / `range`s / layer lists (`parse_subsets`),
     e.g. `[range(0, 6), range(6, 12), (3, 11)]`. The graphs are built once per image (once for a joint kNN graph)
     and each subset takes its layers from them (`layer_weights.subset`); each result says its layers in
-    `info["layers"]`. Other keywords go to the solver as in `solve` (not weights: the groups differ per subset).
+    `info["layers"]` and its `provenance`. Other keywords go to the solver as in `solve` (not weights: the groups
+    differ per subset).
     """
     from spectral_jax import layer_weights as LW
 
@@ -244,7 +280,7 @@ def sweep(taps: Taps, subsets=None, graph: str = "qk", num_eigs: int = 20, metho
         for s in chosen:
             res = solve(LW.subset(gs, gl, s)[0], graph, num_eigs, method, **solve_kw)
             res.info["layers"] = list(s)
-            out.append(res)
+            out.append(_Source.of(taps, graph, s).tag(res, None))
         return out
 
     return _per_image(taps, graph, kw, each)
@@ -257,10 +293,14 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     """Which layers, heads (and timesteps) of `taps` say what in the joint solution (`analysis.Attribution`).
 
     The joint solution is `result` (image `image` of it; for a joint kNN graph the joint solve) or, if None, the
-    exact solve of `image`'s graphs (with `layer_weights`, see `solve`). Its per-graph Rayleigh quotients come from
-    the result (`Result.rq`, computed by the solver); each (layer, timestep) is then solved on its own
+    exact solve of `image`'s graphs (with `layer_weights`, see `solve`; not with a `result`, whose own weights
+    made it). A `result` must come from these taps and this `graph`: one of another graph kind, other layers or
+    other timesteps (`Result.provenance`) is refused, as is one with another image or graph count; of unknown
+    provenance (a solve of graphs, an old file), only the counts can be checked. Its per-graph Rayleigh quotients
+    come from the result (`Result.rq`, computed by the solver); each (layer, timestep) is then solved on its own
     (`solvers.exact` on its graphs, dense at these sizes) for its own spectrum and eigenvectors. timesteps: the
-    diffusion backbone's (`Backbone.timesteps`; the heads axis holds timestep-major T·H graphs), None for one.
+    labels of the timesteps folded into the heads axis — None for the taps' own (`Taps.timesteps`; one, [0], for
+    taps that carry none); given, they must be the taps' own (taps without timesteps, a ViT's, take none).
     Cost: one exact top-K solve per layer and timestep.
     """
     from spectral_jax import layer_weights as LW
@@ -273,15 +313,20 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     if not _is_int(image) or not 0 <= image < nimg:
         raise InputError(f"image {image!r}", f"is not an image index of the taps (0..{nimg - 1})",
                          f"pass an integer in [0, {nimg})")
-    ts = _timestep_list(timesteps)
+    ts = _timestep_list(timesteps, taps.timesteps)
+    if result is not None and layer_weights is not None:
+        raise InputError("layer_weights", "are not used with result (the result was solved with its own)",
+                         "drop layer_weights, or drop result to solve here with them")
     kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
     joint = graph in ("knn-qk", "knn-vv")
     gs, gl = graph_groups(taps, graph, None if joint else image, kw)
     if result is None:
         exact = lambda g, w, base: solvers.exact.exact(g, num_eigs, weights=w, base_grid=base, seed=seed)
-        result = _weighted(gs, gl, exact, "uniform" if layer_weights is None else layer_weights, num_eigs)
+        result = _weighted(gs, gl, exact, "uniform" if layer_weights is None else layer_weights, num_eigs,
+                           _Source.of(taps, graph))
     elif not isinstance(result, Result):
         raise InputError(f"result {type(result).__name__}", "is not a Result", "pass solve(taps, ...)'s Result")
+    _check_provenance(result, taps, graph)
     _check_result_fits(result, gs, joint, nimg)
     res = result if (joint or result.num_images == 1) else result.image(image)
     k = res.num_eigs
@@ -291,7 +336,8 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     for g in gs:
         m, per = g.batch_shape[0], int(np.prod(g.batch_shape[1:], dtype=np.int64))
         if per % nt:
-            raise InputError(f"timesteps ({nt})", f"do not divide a layer's {per} graphs", "pass the backbone's")
+            raise InputError(f"timesteps ({nt})", f"do not divide a layer's {per} graphs",
+                             "fold each layer's heads timestep-major, T·H graphs (Taps.timesteps)")
         rq_groups.append(res.rq[0, pos:pos + m * per].reshape(m, nt, per // nt, k))
         pos += m * per
     hmax = max(r.shape[2] for r in rq_groups)
@@ -315,18 +361,34 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
                       res.eigvals[0], graph)
 
 
-def _timestep_list(timesteps) -> list[int]:
-    """attribution's timesteps: None/empty → [0] (one); else a sequence of integers (the backbone's)."""
+def _timestep_list(timesteps, carried: tuple[int, ...]) -> list[int]:
+    """attribution's timesteps: None/empty → the taps' own `carried` (`Taps.timesteps`), or [0] (one) where they
+    carry none; else exactly the taps' own (repeats only where the taps' own repeat, as a drawn schedule may) —
+    taps without timesteps (a ViT's heads axis holds heads only) take none."""
     if timesteps is None:
-        return [0]
+        return list(carried) or [0]
     try:
         items = None if isinstance(timesteps, (str, bytes)) else list(timesteps)
     except TypeError:
         items = None
     if items is None or not all(_is_int(t) for t in items):
         raise InputError(f"timesteps {timesteps!r}", "is not a list of integer timesteps",
-                         "pass the backbone's (Backbone.timesteps), or None for one")
-    return [int(t) for t in items] or [0]
+                         "pass the backbone's (Backbone.timesteps), or None for the taps' own")
+    items = [int(t) for t in items]
+    if not items:
+        return list(carried) or [0]
+    if carried and tuple(items) == tuple(carried):      # the taps' own (a drawn schedule may repeat one)
+        return items
+    if len(set(items)) < len(items):
+        raise InputError(f"timesteps {items}", "repeat a timestep (each labels its own T·H block of heads)",
+                         "pass each timestep once, or None for the taps' own")
+    if not carried:
+        raise InputError(f"timesteps {items}", "are given but the taps carry none (their heads axis holds heads, "
+                         "not timesteps)", "drop timesteps (None) for a ViT's taps")
+    if tuple(items) != tuple(carried):
+        raise InputError(f"timesteps {items}", f"are not the taps' own {list(carried)}",
+                         "pass None for the taps' own timesteps")
+    return items
 
 
 def _check_result_fits(result: Result, gs, joint: bool, nimg: int) -> None:
@@ -339,14 +401,33 @@ def _check_result_fits(result: Result, gs, joint: bool, nimg: int) -> None:
                          f"{nimg} image(s) × {graphs} graphs", "pass the Result of solve on these taps and graph")
 
 
-def _weighted(gs, gl, one, layer_weights, num_eigs: int) -> Result:
+def _check_provenance(result: Result, taps: Taps, graph: str) -> None:
+    """attribution's `result` must have been solved on `graph` over all of the taps' layers and their timesteps
+    (`Result.provenance`): the quotients of a vv solve, say, have the shape of a qk solve's and would be read as
+    theirs. Unknown provenance (None) passes: only `_check_result_fits` can judge it."""
+    p = result.provenance
+    if p is None:
+        return
+    layers = tuple(sorted(taps.layers))
+    if p.graph != graph:
+        raise InputError("result", f"was solved on the {p.graph!r} graph, not {graph!r}",
+                         f"pass graph={p.graph!r}, or the Result of solve(taps, {graph!r}, ...)")
+    if p.layers != layers:
+        raise InputError("result", f"was solved on layers {list(p.layers)}, but the taps have {list(layers)}",
+                         "pass the Result of solve on these taps (all their layers), not of another or of sweep")
+    if p.timesteps != tuple(taps.timesteps):
+        raise InputError("result", f"was solved on timesteps {list(p.timesteps)}, but the taps carry "
+                         f"{list(taps.timesteps)}", "pass the Result of solve on these taps")
+
+
+def _weighted(gs, gl, one, layer_weights, num_eigs: int, made: _Source | None = None) -> Result:
     """one(gs, per-group weights, base grid) with the weights of `layer_weights` (numbers or a rule,
     `layer_weights.for_groups`) on the largest grid that has weight; the per-layer weights used go to
-    `info["layer_weights"]`."""
+    `info["layer_weights"]` (and with `made`, the provenance)."""
     from spectral_jax import layer_weights as LW
 
     w, per = LW.for_groups(gs, gl, layer_weights, num_eigs)
-    return _with_layer_weights(one(gs, w, LW.base_grid(gs, w)), per)
+    return _with_layer_weights(one(gs, w, LW.base_grid(gs, w)), per, made)
 
 
 def parse_layer_weights(spec, layers, depth: int, what: str = "layer_weights"):
@@ -456,12 +537,22 @@ def forward(bb, x: np.ndarray, layers=None) -> tuple[Taps, float]:
 
 
 def check_finite(taps: Taps, what: str) -> None:
-    """Every tapped q/k/v finite, else one `InputError` naming `what` (the weights) and the first bad layer — NaN
-    weights would otherwise fail deep inside the solver (a LAPACK callback's traceback) or give NaN pictures."""
-    for i, t in sorted(taps.layers.items()):
-        if not all(bool(jnp.isfinite(a).all()) for a in (t.q, t.k, t.v)):
+    """Every tapped q/k/v finite and within ±`acts.MAX_ABS` (the bound an ACTS file is held to: beyond it the
+    attention logits q·kᵀ or the squared norms overflow float32), else one `InputError` naming `what` (the
+    weights) and the first bad layer — NaN weights would otherwise fail deep inside the solver (a LAPACK callback's
+    traceback) or give NaN pictures. One transfer of each array's max |x|."""
+    from spectral_jax.acts import MAX_ABS
+
+    peaks = jax.device_get({i: [jnp.abs(a).max() for a in (t.q, t.k, t.v)] for i, t in taps.layers.items()})
+    for i in sorted(peaks):
+        tops = [float(x) for x in peaks[i]]            # as Python floats: MAX_ABS overflows float16
+        if not all(np.isfinite(tops)):
             raise InputError(what, f"layer {i} produced NaN or Inf",
                              "check that the checkpoint is intact and matches the model")
+        if (top := max(tops)) > MAX_ABS:
+            raise InputError(what, f"layer {i} produced |q|, |k| or |v| up to {top:.3g} > {MAX_ABS:.0e}: its "
+                             "attention logits q·kᵀ would overflow float32", "check the checkpoint and the model "
+                             "(real activations stay far below 1e5)")
 
 
 def run(bb, x: np.ndarray, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, layers=None,

@@ -48,11 +48,17 @@ class Taps:
     """All tapped layers of one forward pass, keyed by layer index (0-based, in network order).
 
     `layers[i]`: `LayerTap`; `hidden[i]`: `[B, T, C]` the residual stream after block i (only for the layers
-    asked for; empty when not requested).
+    asked for; empty when not requested); `timesteps`: the diffusion timesteps folded into every layer's heads
+    axis (graph index t·H + head, timestep-major), () where the heads axis holds heads only (a ViT).
     """
 
     layers: dict[int, LayerTap]
     hidden: dict[int, Array] = dataclasses.field(default_factory=dict)
+    timesteps: tuple[int, ...] = dataclasses.field(default=(), metadata=dict(static=True))
+
+    def __post_init__(self):
+        if not (isinstance(self.timesteps, tuple) and all(type(t) is int for t in self.timesteps)):
+            object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))   # hashable (static)
 
     def patches(self) -> "Taps":
         """Every layer restricted to its patch tokens; hidden states likewise."""
@@ -60,4 +66,4 @@ class Taps:
         for i, h in self.hidden.items():
             p = self.layers[i].num_prefix if i in self.layers else 0
             hidden[i] = h[:, p:]
-        return Taps({i: t.patches() for i, t in self.layers.items()}, hidden)
+        return Taps({i: t.patches() for i, t in self.layers.items()}, hidden, self.timesteps)

@@ -3,6 +3,7 @@ carries the partition gets the high Rayleigh quotients, the large eigengap and t
 diffusion timesteps are kept apart; the JSON and the figure are written."""
 
 import json
+import re
 import warnings
 
 import jax
@@ -20,9 +21,10 @@ GRID = (6, 6)
 N = GRID[0] * GRID[1]
 
 
-def _planted_taps(heads=2, timesteps=1, seed=0, carrier=1, layers=3):
+def _planted_taps(heads=2, timesteps=1, seed=0, carrier=1, layers=3, labels=None):
     """Layer `carrier`: q = k = 6·(one-hot of the image half) + noise, so its attention splits left/right; the other
-    layers: small random q/k (near-uniform attention, no structure)."""
+    layers: small random q/k (near-uniform attention, no structure). With `labels` (one per timestep), the heads
+    axis holds timesteps × heads and the taps carry them (`Taps.timesteps`)."""
     rng = np.random.default_rng(seed)
     side = (np.arange(N) % GRID[1] >= GRID[1] // 2).astype(int)
     onehot = np.eye(2)[side]                                                   # [N, 2]
@@ -36,7 +38,7 @@ def _planted_taps(heads=2, timesteps=1, seed=0, carrier=1, layers=3):
         else:
             q, k = (0.3 * rng.standard_normal((1, hs, N, 4)) for _ in range(2))
         out[l] = LayerTap(q.astype(np.float32), k.astype(np.float32), q.astype(np.float32), GRID)
-    return Taps(out), side
+    return Taps(out, timesteps=() if labels is None else tuple(labels)), side
 
 
 def test_the_layer_with_the_partition_is_attributed():
@@ -66,13 +68,43 @@ def test_the_layer_with_the_partition_is_attributed():
 
 
 def test_timesteps_are_kept_apart():
-    taps, _ = _planted_taps(heads=2, timesteps=3, seed=1)
+    taps, _ = _planted_taps(heads=2, timesteps=3, seed=1, labels=[10, 50, 90])
     att = sj.attribution(taps, "vv", 4, timesteps=[10, 50, 90])
     assert att.rq.shape == (3, 3, 2, 4) and att.eigvals.shape == (3, 3, 4) and att.agreement.shape == (3, 3)
     assert list(att.timesteps) == [10, 50, 90]
     assert att.head_rq.shape == (3, 6)
-    with pytest.raises(sj.InputError, match="timesteps"):
-        sj.attribution(taps, "vv", 4, timesteps=[1, 2, 3, 4])
+    own = sj.attribution(taps, "vv", 4)                                         # None: the taps' own timesteps
+    assert list(own.timesteps) == [10, 50, 90]
+    np.testing.assert_allclose(own.rq, att.rq, rtol=1e-5, atol=1e-6)
+    # timestep t is graphs t·H .. t·H + H − 1: its own spectrum is the solve of those heads alone
+    layer1 = taps.layers[1]
+    alone = sj.solve(Taps({1: LayerTap(*(x[:, 2:4] for x in (layer1.q, layer1.k, layer1.v)), GRID)}), "vv", 4)
+    np.testing.assert_allclose(att.eigvals[1, 1], alone.eigvals[0], rtol=1e-5)
+    for bad, needle in (([1, 2, 3, 4], "are not the taps' own [10, 50, 90]"),
+                        ([90, 50, 10], "are not the taps' own"),
+                        ([10, 10, 90], "repeat a timestep")):
+        with pytest.raises(sj.InputError, match=re.escape(f"timesteps {bad}: {needle}")):
+            sj.attribution(taps, "vv", 4, timesteps=bad)
+
+
+def test_taps_own_repeated_timesteps_are_taken():
+    """A drawn schedule may repeat a timestep (the random schedule draws with replacement): the taps' own list is
+    taken as given, and None means it too."""
+    taps, _ = _planted_taps(heads=2, timesteps=3, seed=1, labels=[10, 10, 90])
+    att = sj.attribution(taps, "vv", 4, timesteps=[10, 10, 90])
+    assert list(att.timesteps) == [10, 10, 90] and att.rq.shape == (3, 3, 2, 4)
+    np.testing.assert_allclose(sj.attribution(taps, "vv", 4).rq, att.rq, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bad, needle", [([0, 1, 2], "are given but the taps carry none"),
+                                         ([5, 5], "repeat a timestep"), ([0], "are given but the taps carry none")])
+def test_timesteps_for_taps_without_them_are_refused(bad, needle):
+    """A 6-head ViT's taps with timesteps=[0, 1, 2] were split into 3 fake timesteps of 2 heads; [5, 5] was taken."""
+    taps, _ = _planted_taps(heads=6, layers=2, seed=3)
+    with pytest.raises(sj.InputError) as e:
+        sj.attribution(taps, "qk", 3, timesteps=bad)
+    assert str(e.value).startswith(f"timesteps {bad}: {needle}") and " — " in str(e.value), str(e.value)
+    assert sj.attribution(taps, "qk", 3).rq.shape == (2, 1, 6, 3)             # its heads stay heads
 
 
 def test_joint_knn_attribution_and_layers_with_fewer_heads():

@@ -1,11 +1,13 @@
 """Smoke test of the benchmark code: the PyTorch re-implementation of the official loop runs, and its objective
-evaluation agrees with `spectral_jax.objective.rayleigh` — so the benchmarks cannot silently rot."""
+evaluation agrees with `spectral_jax.objective.rayleigh`; the evaluation scripts' tiny modes run end to end — on a
+generated labelled set in the benchmark data's layouts (everywhere) and on the real sets of ../shared/data (skipped
+where absent) — so the benchmarks cannot silently rot."""
 
 import os
 
 import numpy as np
 import pytest
-from sjtest import BENCH, bench_module
+from sjtest import BENCH, SHAPE_CATEGORIES, bench_module, coco_like, horse_like, shared_data
 
 torch = pytest.importorskip("torch")
 
@@ -111,13 +113,33 @@ def test_bench_dataset_tiny():
     assert "| random | 8 |" in "\n".join(bd.tables(rep))
 
 
-def test_eval_dataset_metric_and_tiny_run(tmp_path):
-    """eval_dataset: the whole-dataset Hungarian scores on a known confusion (a spare cluster counts as wrong), the
-    confusion of upsampled segments, and the --tiny run end to end (6 coco-mini images, random weights)."""
-    import json
-    import subprocess
-    import sys
+@pytest.fixture(scope="module")
+def generated(tmp_path_factory):
+    """A generated labelled set in the benchmark data's layouts (`sjtest.coco_like`, `sjtest.horse_like`): the
+    folders {"coco-mini": …, "horse-dev": …} and the COCO-format set's ground truth {file name: `[H, W]` ids}."""
+    root = tmp_path_factory.mktemp("generated-data")
+    truth = coco_like(root / "coco-mini", _load("eval_where_what").ANN, n=6)
+    horse_like(root / "horse-dev", n=2)
+    return {"coco-mini": str(root / "coco-mini"), "horse-dev": str(root / "horse-dev")}, truth
 
+
+# Each tiny run twice: on the generated set (runs everywhere) and on the real sets of ../shared/data (skips, saying
+# so, where they are absent: a clone of the project alone) — the skip in the test itself, not in a fixture, so that
+# CI's SPECTRAL_JAX_REQUIRE_ALL=1 reports it as the test's failure.
+ON_BOTH = pytest.mark.parametrize("source", ["generated", "shared"])
+
+
+def _data(source, generated):
+    """The data folders a tiny run reads: {"coco-mini": …, "horse-dev": …, "truth": the generated COCO-format set's
+    ground truth, or None for the real sets}."""
+    if source == "generated":
+        return {**generated[0], "truth": generated[1]}
+    return {**{name: shared_data(name) for name in ("coco-mini", "horse-dev")}, "truth": None}
+
+
+def test_eval_dataset_metric():
+    """eval_dataset: the whole-dataset Hungarian scores on a known confusion (a spare cluster counts as wrong), the
+    confusion of upsampled segments."""
     ed = _load("eval_dataset")
     sc = ed.hungarian_scores(np.array([[5, 0], [0, 3], [1, 1]]))          # 3 clusters, 2 classes
     assert sc["matching"] == {0: 0, 1: 1} and sc["clusters"] == 3
@@ -126,10 +148,21 @@ def test_eval_dataset_metric_and_tiny_run(tmp_path):
     conf = ed.confusion(np.array([[[0, 1]]]), [np.array([[0, 0, 2, 2]])], 3, np.array([0, 1, 1]))
     np.testing.assert_array_equal(conf, [[2, 0, 0], [0, 2, 0]])          # [1, 2] grid → 4 pixels; class 2 → 1
 
+
+@ON_BOTH
+def test_eval_dataset_tiny_run(tmp_path, source, generated):
+    """eval_dataset --tiny end to end through the script (6 images of --data, random weights): every source and
+    setting scored, the layer-weight rules run; on the generated set, the ground-truth pixels it counts per class
+    are the ones the generator painted."""
+    import json
+    import subprocess
+    import sys
+
+    data = _data(source, generated)
     out = tmp_path / "eval.md"
-    r = subprocess.run([sys.executable, os.path.join(BENCH, "eval_dataset.py"), "--tiny", "--work",
-                        str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True, timeout=900,
-                       env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "eval_dataset.py"), "--tiny", "--data", data["coco-mini"],
+                        "--work", str(tmp_path / "work"), "--out", str(out)], capture_output=True, text=True,
+                       timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "eval.json").read_text())
     rows = {(s["source"], s["labels"], s["setting"]): s for s in rep["segmentation"]}
@@ -143,20 +176,34 @@ def test_eval_dataset_metric_and_tiny_run(tmp_path):
         assert 0 <= s["miou"] <= 1 and 0 <= s["pixel_acc"] <= 1
         if setting == "k = classes":
             assert s["k"] == s["clusters"] == len(s["per_class_iou"])
-    assert "| supercategory | k = classes | knn-vv |" in out.read_text()
+    text = out.read_text()
+    assert "| supercategory | k = classes | knn-vv |" in text
+    assert f"({len(rep['supercategories']) + 1} for supercategories" in text
+    if data["truth"] is not None:
+        truth = np.stack(list(data["truth"].values()))       # [6, H, W] category ids, 0 background
+        cats = {c["id"]: c for c in SHAPE_CATEGORIES}
+        present = sorted(set(np.unique(truth)) - {0})
+        assert rep["categories"] == [cats[c]["name"] for c in present]
+        assert rep["supercategories"] == sorted({c["supercategory"] for c in SHAPE_CATEGORIES})
+        to_super = {0: 0, **{c: rep["supercategories"].index(cats[c]["supercategory"]) + 1 for c in cats}}
+        want_cat = [int((truth == c).sum()) for c in [0] + present]
+        want_super = np.bincount(np.vectorize(to_super.get)(truth).ravel(), minlength=len(rep["supercategories"]) + 1)
+        for src in rep["sources"]:
+            assert rows[src, "category", "k = classes"]["gt_pixels"] == want_cat
+            assert rows[src, "supercategory", "auto"]["gt_pixels"] == want_super.tolist()
 
 
-def test_eval_layers_tiny(tmp_path):
-    """eval_layers --tiny: every single layer, uniform and each rule scored on one horse-dev and one coco-mini
-    image (random weights, 56×56, layers 0, 5, 11), the Markdown and the JSON written."""
+@ON_BOTH
+def test_eval_layers_tiny(tmp_path, source, generated):
+    """eval_layers --tiny: every single layer, uniform and each rule scored on one horse-dev-like and one
+    coco-mini-like image of the given folders (random weights, 56×56, layers 0, 5, 11), the Markdown and the JSON
+    written."""
     import json
 
-    from sjtest import SHARED_DATA
-
+    data = _data(source, generated)
     el = _load("eval_layers")
     out = tmp_path / "layers.md"
-    el.main(["--tiny", "--horse-data", os.path.join(SHARED_DATA, "horse-dev"),
-             "--coco-data", os.path.join(SHARED_DATA, "coco-mini"), "--out", str(out)])
+    el.main(["--tiny", "--horse-data", data["horse-dev"], "--coco-data", data["coco-mini"], "--out", str(out)])
     blob = json.load(open(tmp_path / "layers.json"))
     for name, metrics in (("horse-dev", {"iou", "where"}), ("coco-mini", {"where", "what"})):
         for graph in ("qk", "vv"):
@@ -164,6 +211,8 @@ def test_eval_layers_tiny(tmp_path):
             assert set(s["means"]) == {"L0", "L5", "L11", "uniform", "eigengap", "select"}
             assert set(s["means"]["uniform"]) == metrics
             assert abs(sum(blob["images"][name][0][graph]["weights"]["eigengap"]) - 1) < 1e-9
+            for scores in s["means"].values():
+                assert all(0 <= v <= 1 for m, v in scores.items() if m != "where")
     assert "### coco-mini, VV" in out.read_text()
     out.write_text("")
     el.main(["--report-only", "--out", str(out)])                 # the Markdown again, from the JSON alone
@@ -194,17 +243,17 @@ def test_eval_bf16_metrics():
     assert 0 < eb.rel_change(rounded, taps, ("v",)) < 2 ** -8 and eb.rel_change(rounded, taps, ("q", "k")) == 0.0
 
 
-def test_eval_bf16_tiny(tmp_path):
-    """eval_bf16 --tiny end to end (random weights, 2 coco-mini images at 56²): every option and control has its
-    rows, the k-means-seed control leaves the eigenvectors exactly as they are, and the JSON holds the per-image
-    numbers."""
+@ON_BOTH
+def test_eval_bf16_tiny(tmp_path, source, generated):
+    """eval_bf16 --tiny end to end (random weights, the first 2 images of the given coco-mini-like folder at 56²):
+    every option and control has its rows, the k-means-seed control leaves the eigenvectors exactly as they are,
+    and the JSON holds the per-image numbers."""
     import json
 
-    from sjtest import SHARED_DATA
-
+    data = _data(source, generated)
     eb = _load("eval_bf16")
     out = tmp_path / "bf16.md"
-    eb.main(["--tiny", "--data", os.path.join(SHARED_DATA, "coco-mini"), "--out", str(out)])
+    eb.main(["--tiny", "--data", data["coco-mini"], "--out", str(out)])
     blob = json.loads((tmp_path / "bf16.json").read_text())
     for graph in ("qk", "vv"):
         per = blob["per_image"][graph]
@@ -219,3 +268,24 @@ def test_eval_bf16_tiny(tmp_path):
             assert r["tap_change"] == pytest.approx(like["tap_change"], rel=0.2) and r["tap_change"] > 0
     text = out.read_text()
     assert "| vv | *fp32 noise ≈ graphs bf16* |" in text and "segments at fp32's k" in text
+
+
+def test_eval_tiny_runs_without_their_data_say_where_it_goes(tmp_path, monkeypatch):
+    """A data folder that is not there (a clone without ../shared/data, run without --data): each evaluation script
+    stops with one line naming the folder and the option to pass, before loading a model or writing anything."""
+    absent = str(tmp_path / "absent")
+    out = str(tmp_path / "out" / "x.md")
+    monkeypatch.setattr("sys.argv", ["eval_dataset.py", "--tiny", "--data", absent, "--work", str(tmp_path / "w"),
+                                     "--out", out])
+    runs = [("--data", _load("eval_dataset").main),
+            ("--data", lambda: _load("eval_bf16").main(["--tiny", "--data", absent, "--out", out])),
+            ("--horse-data", lambda: _load("eval_layers").main(["--tiny", "--horse-data", absent, "--out", out])),
+            ("--coco-data", lambda: _load("eval_layers").main(["--tiny", "--horse-data", str(tmp_path),
+                                                               "--coco-data", absent, "--out", out]))]
+    for flag, run in runs:
+        with pytest.raises(SystemExit) as e:
+            run()
+        message = str(e.value.code)
+        assert "\n" not in message and os.path.normpath(absent) in message, message
+        assert message.endswith(f"pass {flag}"), message
+    assert sorted(os.listdir(tmp_path)) == []

@@ -257,13 +257,21 @@ def test_ctrl_c_during_an_extension_init_waits_for_it(tmp_path):
 
 
 def test_ctrl_c_early_in_a_real_run(tmp_path, rng):
-    # 0.3 s in, a real `solve` is still importing numpy / JAX: the most common moment for a Ctrl-C
+    # A Ctrl-C while a real `solve` is still importing numpy / JAX: the most common moment for one. Sent once the
+    # command line is in charge, seen from outside without a sleep: the CLI makes the compile-cache folder
+    # (`compile_cache.enable`) inside its Ctrl-C handling (`_CtrlC`), after parsing the arguments and before the
+    # command imports anything heavy. (Before that, Python is still starting — `site`, the console script's own
+    # imports — and a Ctrl-C there is Python's, not ours: a traceback and exit 1.)
     acts = _acts(tmp_path / "a.npz", rng)
+    ready = tmp_path / "cache"
     proc = subprocess.Popen([_console_script(), "solve", str(acts), "--graph", "qk", "--num-eigs", "3", "--out",
-                             str(tmp_path / "r.npz")], env=_env(tmp_path, **{compile_cache.ENV: "0"}),
+                             str(tmp_path / "r.npz")], env=_env(tmp_path, **{compile_cache.ENV: str(ready)}),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
     try:
-        time.sleep(0.3)
+        deadline = time.monotonic() + 120
+        while not ready.is_dir() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert ready.is_dir() and proc.poll() is None, "the run never made its compile-cache folder"
         proc.send_signal(signal.SIGINT)
         out, err = proc.communicate(timeout=120)
     finally:

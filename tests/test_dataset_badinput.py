@@ -209,11 +209,24 @@ def test_run_validates_before_anything_is_written(tmp_path, monkeypatch, case):
     assert not (tmp_path / "out").exists()
 
 
-def test_num_eigs_up_to_the_nodes_of_a_batch_runs(tmp_path):
-    folder = make_folder(str(tmp_path / "imgs"), 1)
-    res = dataset.run(folder, str(tmp_path / "out"), backbone=EXT, epochs=1,
-                      **{**SMALL, "num_eigs": 16, "k_intra": 16, "k_inter": None})
-    assert res.eigvecs.shape == (1, 16, 4, 4) and res.summary["k_inter"] == 48      # the default, clamped
+@pytest.mark.parametrize("method, images, num_eigs", [("gd", 1, 16), ("exact", 3, 47)])
+def test_num_eigs_up_to_the_nodes_of_a_batch_runs(tmp_path, method, images, num_eigs):
+    """K at its bound runs and gives K orthonormal eigenvectors: gd K = the 16 nodes of its one-image batch graph
+    (the paper preset's global SVD: orthonormal over all pixels; its convergence is the loss settling over epochs,
+    which one epoch cannot show); exact K = 47 < the 48 nodes of the whole dataset's graph, every pair converged
+    (relative residual ≤ tol)."""
+    folder = make_folder(str(tmp_path / "imgs"), images)
+    res = dataset.run(folder, str(tmp_path / "out"), backbone=EXT, **({"epochs": 1} if method == "gd" else {}),
+                      **{**SMALL, "method": method, "num_eigs": num_eigs, "k_intra": 16, "k_inter": None})
+    assert res.eigvecs.shape == (images, num_eigs, 4, 4) and np.isfinite(res.eigvecs).all()
+    assert res.summary["k_inter"] == 16 * (3 if method == "gd" else images - 1)   # the default, clamped
+    v = res.eigvecs.transpose(1, 0, 2, 3).reshape(num_eigs, -1).astype(np.float64)    # [K, all pixels]
+    np.testing.assert_allclose(v @ v.T, np.eye(num_eigs), atol=1e-4)                 # VᵀV = I
+    if method == "exact":
+        conv = res.summary["convergence"]
+        assert conv["converged"] and len(conv["residuals"]) == num_eigs
+        assert max(conv["residuals"]) <= conv["tol"], conv
+        assert np.all(np.diff(res.eigvals) <= 0) and res.eigvals.shape == (num_eigs,)
 
 
 @pytest.mark.parametrize("where", ["same", "inside", "file", "under-file", "dangling-link", "empty"])

@@ -70,7 +70,7 @@ API_CASES = {
     "attr-timesteps-int": (lambda: sj.attribution(TAPS, "qk", 3, timesteps=7), "timesteps 7"),
     "attr-timesteps-strings": (lambda: sj.attribution(TAPS, "qk", 3, timesteps=["a", "b"]), "timesteps"),
     "attr-result-of-other-taps": (lambda: sj.attribution(TAPS, "qk", 3, result=sj.solve(_taps(layers=(0,)), "qk", 3)),
-                                  "the taps give 2 image(s) × 6 graphs"),
+                                  "result: was solved on layers [0], but the taps have [0, 1, 2]"),
     "attr-result-not-a-result": (lambda: sj.attribution(TAPS, "qk", 3, result=5), "is not a Result"),
     # Backbone.from_function: patch_size 0 was a ZeroDivisionError at the first image, a 2-value mean a broadcast
     # ValueError, num_layers 0 a backbone with no layers
@@ -137,10 +137,22 @@ def test_layer_weight_numbers_pair_with_layers_in_the_order_given():
 
 
 def test_attribution_takes_its_own_results():
+    """Attribution of solve's Result (all images, or the image alone) equals attribution that solves the image
+    itself: the same quotients, own spectra, angles and joint eigenvalues, to float32 rounding."""
     res = sj.solve(TAPS, "qk", 3)
-    for result, image in ((res, 1), (res.image(1), 1), (None, 0)):
-        att = sj.attribution(TAPS, "qk", 3, result=result, image=image)
-        assert att.rq.shape[0] == 3
+    for image in (0, 1):
+        own = sj.attribution(TAPS, "qk", 3, image=image)                       # solves image `image` here
+        for result in (res, res.image(image)):
+            att = sj.attribution(TAPS, "qk", 3, result=result, image=image)
+            assert att.rq.shape == (3, 1, 2, 3) and np.isfinite(att.rq).all()
+            np.testing.assert_allclose(att.rq.reshape(-1, 3), res.rq[image], rtol=1e-6)   # this image's rows
+            for name in ("rq", "eigvals", "eigengap", "joint_eigvals"):
+                np.testing.assert_allclose(getattr(att, name), getattr(own, name), rtol=1e-4, atol=1e-5,
+                                           err_msg=name)
+            np.testing.assert_allclose(att.angles, own.angles, atol=2e-3)       # arccos near 0 amplifies rounding
+            np.testing.assert_allclose(att.agreement, own.agreement, atol=1e-5)
+    other = sj.attribution(TAPS, "qk", 3, image=0)                               # and the images differ
+    assert not np.allclose(other.rq, sj.attribution(TAPS, "qk", 3, image=1).rq, atol=1e-3)
     per_subset = sj.sweep(TAPS, np.array([0, 2]), "qk", 3)          # a numpy array of layers: each alone
     assert len(per_subset) == 2 and per_subset[1].eigvecs.shape == (2, 3, 4, 4)
 

@@ -144,11 +144,88 @@ def test_save_png_rejects_and_leaves_nothing(tmp_path):
 
 
 def test_pipeline_pictures_end_to_end(tmp_path):
-    e = smooth_eigvecs(K=6, h=8, w=8)
-    img = image(32, 32)
-    labels = analysis.segment(e, k=3, seed=0)
-    masks, _ = analysis.instance_masks(e, ks=[3], seed=0, max_border=1.0, max_area=1.0)
-    panel = viz.side_by_side([img, viz.overlay_segments(img, labels), viz.pca_image(e, (32, 32)),
-                              viz.instance_image(img, masks)])
-    viz.save_png(str(tmp_path / "panel.png"), panel)
-    assert np.asarray(Image.open(tmp_path / "panel.png")).shape == panel.shape
+    """The pictures of an analyze folder (`report.write_image`) for a solve on planted taps — three regions of an
+    8×8 grid (the left half, the top and bottom right quarters), on a grey 32×32 image (4×4 pixels a node) — show
+    what they claim: segments.png the segments in their palette colours (as many colours as segments, each on its
+    region), pca.png one colour per region and different ones between regions, foreground.png and instances.png
+    their masks, eigvecs.png each eigenvector's sign (red +, blue −) and its largest entry, panel.png the pictures
+    themselves; a blank or misplaced picture fails."""
+    import spectral_jax as sj
+    from spectral_jax import report
+    from spectral_jax.solvers.result import Result
+    from spectral_jax.taps import LayerTap, Taps
+
+    rr, cc = np.mgrid[:8, :8]
+    region = np.where(cc < 4, 0, np.where(rr < 4, 1, 2))                               # [8, 8]
+    rng = np.random.default_rng(0)
+    base = np.concatenate([3.0 * np.eye(3)[region.ravel()], np.zeros((64, 1))], 1)[None, None]
+    mk = lambda: (base + 0.3 * rng.standard_normal((1, 2, 64, 4))).astype(np.float32)
+    res = sj.solve(Taps({l: LayerTap(mk(), mk(), mk(), (8, 8)) for l in range(2)}), "qk", 4)
+    view = sj.describe(res)[0]
+    grey = np.full((32, 32, 3), 128, np.uint8)
+    report.write_image(str(tmp_path), grey, res, view)
+    png = lambda name: np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")).astype(np.int64)
+    up = lambda a: np.kron(a, np.ones((4, 4), a.dtype))                                  # grid → pixels
+    centre = np.zeros((32, 32), bool)
+    centre[1::4, 1::4] = centre[2::4, 2::4] = True                  # inside each node's 4×4 block, off its edges
+    blend = lambda colour: np.rint(0.5 * 128 + 0.5 * np.asarray(colour, float)).astype(np.int64)
+
+    # the segments are the planted regions, one label each
+    assert view.k == 3 and len({(a, b) for a, b in zip(view.segments.ravel(), region.ravel())}) == 3
+    seg, lab = png("segments"), up(view.segments)
+    pal = viz.palette(3)
+    for i in range(3):
+        assert (seg[centre & (lab == i)] == blend(pal[i])).all(), i                  # segment i in colour i
+    white = (seg == 255).all(-1)
+    colours = {tuple(c) for c in seg[~white].tolist()}
+    assert len(colours) == view.k                                        # as many colours as segments
+    change = np.zeros((32, 32), bool)
+    change[:, :-1] |= lab[:, :-1] != lab[:, 1:]
+    change[:-1] |= lab[:-1] != lab[1:]
+    assert white.any() and (white == change).all()                       # white exactly where the label changes
+
+    pca = png("pca")                   # one colour per region (away from its borders: bilinear there), distinct
+    inner = np.zeros((8, 8), bool)
+    inner[1:-1, 1:-1] = True
+    for axis in (0, 1):
+        inner &= (np.roll(region, 1, axis) == region) & (np.roll(region, -1, axis) == region)
+    means = np.array([pca[centre & up(inner & (region == r))].mean(0) for r in range(3)])
+    spread = max(np.abs(pca[centre & up(inner & (region == r))] - means[r]).max() for r in range(3))
+    gaps = [np.abs(means[a] - means[b]).max() for a, b in ((0, 1), (0, 2), (1, 2))]
+    assert min(gaps) > 64 and min(gaps) > 4 * spread, (gaps, spread)
+
+    fg = png("foreground")
+    assert 0 < view.foreground.sum() < 64 and len(set(region[view.foreground].tolist()) &
+                                                  set(region[~view.foreground].tolist())) == 0
+    assert (fg[centre & up(view.foreground)] == blend(pal[0])).all()
+    assert (fg[centre & ~up(view.foreground)] == 128).all()
+
+    inst = png("instances")
+    assert len(view.instances) == 3
+    ipal = viz.palette(4)
+    for m, mask in enumerate(view.instances):             # each instance a planted region, in its colour m + 1
+        assert len(set(region[mask].tolist())) == 1 and mask.sum() == (region == region[mask][0]).sum()
+        assert (inst[centre & up(mask)] == blend(ipal[m + 1])).all(), m
+
+    grid = png("eigvecs")                 # each tile decoded through the diverging map back to v / max|v|
+    title = viz._text_height(viz._font())
+    lut = viz.colormap("diverging").astype(np.int64)
+    for i, v in enumerate(view.eigvecs):
+        y0, x0 = 2 + title, 2 + i * (96 + 2)
+        at_nodes = grid[y0 + 6:y0 + 96:12, x0 + 6:x0 + 96:12]                      # [8, 8, 3] near each node's centre
+        idx = np.abs(at_nodes[:, :, None, :] - lut[None, None]).sum(-1).argmin(-1)
+        shown, want = idx / 127.5 - 1.0, v / np.abs(v).max()
+        assert np.abs(shown - want).max() < 0.15, i                                 # the values (bilinear near edges)
+        big = np.abs(want) > 0.2
+        assert big.any() and (np.sign(shown[big]) == np.sign(want[big])).all(), i    # red +, blue −
+        assert want.flat[shown.argmax()] > want.max() - 0.15, i                     # the largest entry is the reddest
+        assert grid[y0 - title:y0, x0:x0 + 96].min() < 128, i                        # a title ("#i λ") above it
+
+    panel = png("panel")
+    y = 4 + title
+    for j, name in enumerate(["input", "segments", "pca", "foreground", "instances"]):
+        x = 4 + j * (32 + 4)
+        np.testing.assert_array_equal(panel[y:y + 32, x:x + 32], png(name), err_msg=name)
+    back = Result.load(str(tmp_path / "result.npz"))
+    np.testing.assert_array_equal(back.eigvecs, res.eigvecs)
+    assert back.provenance.graph == "qk" and back.provenance.layers == (0, 1)

@@ -20,7 +20,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from spectral_jax.errors import InputError
@@ -72,7 +71,7 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
     Timesteps and latent are checked before any weight is read.
     """
     ts = (diffusion.timestep_schedule("random", diffusion.DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
-          else _check(spec, timesteps))
+          else diffusion.check_timesteps(timesteps, spec.config.schedule.num_train_timesteps))
     if latent not in diffusion.LATENTS:
         raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(diffusion.LATENTS)}")
     model = load_dit(spec.name, weights, text_embedding=text_embedding,
@@ -87,10 +86,3 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
     return Backbone(spec.name, spec.preprocess, spec.config.num_layers, None, apply,
                     str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts), heads, model,
                     jittable=False)
-
-
-def _check(spec: ModelSpec, timesteps) -> np.ndarray:
-    try:
-        return spec.config.schedule.check(np.asarray(timesteps, np.int64).reshape(-1))
-    except ValueError as e:
-        raise InputError(f"timesteps {timesteps!r}", str(e), "pass e.g. timesteps=[0, 50, 100]") from None

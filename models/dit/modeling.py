@@ -11,9 +11,12 @@ Text conditioning (see `config.py`): all zeros of the documented shape unless a 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
+import zipfile
+import zlib
 from typing import Any
 
 import jax
@@ -21,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from spectral_jax.errors import InputError
+from spectral_jax.io import open_regular
 from spectral_jax.models import hub
 from spectral_jax.models.convert import assemble
 from spectral_jax.models.dit import params as P
@@ -28,7 +32,7 @@ from spectral_jax.models.dit.config import DIT_MODELS, DiTConfig
 from spectral_jax.models.dit.flow import FlowSchedule
 from spectral_jax.models.registry import get_spec
 from spectral_jax.models.sd import params as SDW
-from spectral_jax.models.sd.modeling import check_schedule
+from spectral_jax.models.sd.modeling import check_schedule, read_npy
 from spectral_jax.models.spec import ModelSpec
 
 MAX_CAPTION_TOKENS = 4096
@@ -117,22 +121,23 @@ def _checked(arr, shape_ok: bool, want: str, path: str, fix: str) -> jax.Array:
 
 def load_text_embedding(path: str, cfg: DiTConfig):
     """A saved text embedding: PixArt a .npy `[M, Ct]` or `[1, M, Ct]` (the text encoder's unmasked tokens) →
-    `[1, M, Ct]`; SD3 an .npz with `context` `[M, Cj]` (or `[1, M, Cj]`) and `pooled` `[Cp]` (or `[1, Cp]`) →
-    (context, pooled). 1 ≤ M ≤ 4096; shapes and dtypes are checked from the headers before any data is read."""
+    `[1, M, Ct]`; SD3/FLUX an .npz with `context` `[M, Cj]` (or `[1, M, Cj]`) and `pooled` `[Cp]` (or `[1, Cp]`) →
+    (context, pooled). 1 ≤ M ≤ 4096, float. Shapes are checked from the headers before any data is read; a file
+    that is not a regular file, not the expected kind (.npy / .npz), holds pickles or object arrays, or is damaged
+    (a member with a header and no data, a corrupt deflate stream) is one `InputError` naming the file and the
+    expected arrays."""
     width, pooled = cfg.transformer.context_dim, _pooled_dim(cfg)
     tokens = lambda a: a[None] if a.ndim == 2 else a
     ok = lambda a: a.ndim == 3 and a.shape[0] == 1 and a.shape[2] == width and 1 <= a.shape[1] <= MAX_CAPTION_TOKENS
     want = f"[1, M, {width}] with 1 ≤ M ≤ {MAX_CAPTION_TOKENS}"
     if pooled is None:
         fix = f"save the text encoder's output for the prompt (its unmasked tokens) as a [M, {width}] float .npy"
-        try:  # memory-mapped: a header declaring more data than the file holds fails here instead of allocating
-            arr = tokens(np.load(path, allow_pickle=False, mmap_mode="r"))
-        except (OSError, ValueError) as e:
-            raise InputError(path, f"not a readable .npy file ({type(e).__name__})", fix) from None
+        arr = tokens(read_npy(path, f"a float .npy [M, {width}], 1 ≤ M ≤ {MAX_CAPTION_TOKENS}", fix))
         return _checked(arr, ok(arr), want, path, fix)
     fix = f"save the pipeline's prompt_embeds [M, {width}] and pooled_prompt_embeds [{pooled}] as an .npz with keys " \
           "context and pooled"
-    shapes = _npz_shapes(path, fix)                   # from the headers: nothing is read before the shapes pass
+    expected = f"an .npz with float context [M, {width}] (1 ≤ M ≤ {MAX_CAPTION_TOKENS}) and pooled [{pooled}]"
+    shapes = _npz_shapes(path, expected, fix)         # from the headers: nothing is read before the shapes pass
     if set(shapes) != {"context", "pooled"}:
         raise InputError(path, f"holds {sorted(shapes)}, not exactly context and pooled", fix)
     sc, sp = shapes["context"], shapes["pooled"]
@@ -142,16 +147,36 @@ def load_text_embedding(path: str, cfg: DiTConfig):
         raise InputError(path, f"has context of shape {sc}, the transformer needs {want}", fix)
     if p2 != (1, pooled):
         raise InputError(path, f"has pooled of shape {sp}, the transformer needs [1, {pooled}]", fix)
-    with np.load(path, allow_pickle=False) as f:
+    with _unreadable(path, ".npz", expected, fix), np.load(path, allow_pickle=False) as f:
         arr, pool = f["context"].reshape(c3), f["pooled"].reshape(p2)
     return _checked(arr, True, want, path, fix), _checked(pool, True, f"[1, {pooled}]", path, fix)
 
 
-def _npz_shapes(path: str, fix: str) -> dict[str, tuple[int, ...]]:
-    """{array name: shape} of an .npz, read from the member headers only."""
-    import zipfile
-
+@contextlib.contextmanager
+def _unreadable(path: str, kind: str, expected: str, fix: str):
+    """Any error reading the archive `path` (a bad zip, a corrupt deflate stream, a member cut short) → one
+    `InputError` naming it and what is expected."""
     try:
+        yield
+    except (OSError, ValueError, EOFError, RuntimeError, zipfile.BadZipFile, zlib.error) as e:
+        if isinstance(e, InputError):
+            raise
+        why = "corrupt deflate data" if isinstance(e, zlib.error) else type(e).__name__
+        raise InputError(path, f"not a readable {kind} file ({why}); expected {expected}", fix) from None
+
+
+def _npz_shapes(path: str, expected: str, fix: str) -> dict[str, tuple[int, ...]]:
+    """{array name: shape} of an .npz, read from the member headers only, once `acts`' header checks passed (every
+    member a .npy array, none of objects, each declaring exactly the bytes it holds, so the read that follows
+    allocates no more than the file holds). A FIFO or a device is refused without being read, a .npy file as
+    not an .npz."""
+    from spectral_jax.acts import _check_headers
+
+    with open_regular(path, ".npz file", fix) as f:
+        if f.read(6) == b"\x93NUMPY":
+            raise InputError(path, f"is a .npy file, not an .npz archive; expected {expected}", fix)
+    with _unreadable(path, ".npz", expected, fix):
+        _check_headers(path, fix)
         with zipfile.ZipFile(path) as z:
             out = {}
             for info in z.infolist():
@@ -161,8 +186,6 @@ def _npz_shapes(path: str, fix: str) -> dict[str, tuple[int, ...]]:
                     shape = read(m)[0]
                 out[info.filename.removesuffix(".npy")] = tuple(int(d) for d in shape)
             return out
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise InputError(path, f"not a readable .npz file ({type(e).__name__})", fix) from None
 
 
 def _load_vae(folder: str, cfg: DiTConfig, dtype):

@@ -9,7 +9,6 @@ Shape legend
 from __future__ import annotations
 
 import jax.numpy as jnp
-import numpy as np
 
 from spectral_jax.errors import InputError
 from spectral_jax.models.backbone import Backbone
@@ -31,7 +30,7 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
     blocks of this many query rows. Timesteps and latent are checked before any weight is read.
     """
     ts = (diffusion.timestep_schedule("random", diffusion.DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
-          else spec.config.schedule.check(np.asarray(timesteps, np.int64).reshape(-1)))
+          else diffusion.check_timesteps(timesteps, spec.config.schedule.num_train_timesteps))
     if latent not in diffusion.LATENTS:
         raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(diffusion.LATENTS)}")
     sd = load_sd(spec.name, weights, text_embedding=text_embedding, dtype=jnp.float32 if dtype is None else dtype,

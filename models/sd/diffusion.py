@@ -22,6 +22,7 @@ Shape legend
 from __future__ import annotations
 
 import functools
+import re
 from typing import Sequence
 
 import jax
@@ -29,13 +30,18 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax.errors import InputError
+from spectral_jax.errors import InputError, is_integer
 from spectral_jax.models.backbone import resolve_layers
 from spectral_jax.taps import LayerTap, Taps
 
 SCHEDULES = ("random", "constant", "increasing", "decreasing", "cyclic")
 DEFAULT_NUM_TIMESTEPS = 4
 DEFAULT_T_MAX = 250
+# At most this many timesteps per request (`max_timesteps`; SPECTRAL_JAX_MAX_TIMESTEPS changes it): each timestep is
+# one model pass whose q/k/v are all kept — SD 1.5 at 512² keeps 132 MiB per image per timestep (8.3 GiB at 64),
+# SD3-medium at 1024² 1.7 GiB.
+DEFAULT_MAX_TIMESTEPS = 64
+MAX_TIMESTEPS_ENV = "SPECTRAL_JAX_MAX_TIMESTEPS"
 LATENTS = ("mean", "sample")
 
 
@@ -70,17 +76,71 @@ def timestep_schedule(kind: str, steps: int, seed: int = 0, t_max: int = DEFAULT
     return np.rint(t).astype(np.int64)
 
 
-def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> np.ndarray:
-    """"0,50,100" → int64 `[3]`, each in [0, num_train_timesteps)."""
+def max_timesteps() -> int:
+    """The timestep cap: SPECTRAL_JAX_MAX_TIMESTEPS if set (a positive integer), else `DEFAULT_MAX_TIMESTEPS`."""
+    from spectral_jax.io import env_cap
+
+    return env_cap(MAX_TIMESTEPS_ENV, DEFAULT_MAX_TIMESTEPS, 256)
+
+
+def check_count(count: int, what: str) -> None:
+    """Refuse more than `max_timesteps()` timesteps (`what` names the input) before any of them is drawn or run."""
+    cap = max_timesteps()
+    if count > cap:
+        raise InputError(what, f"asks for {count} timesteps, over the cap of {cap} (each is one pass of the model "
+                         "whose q/k/v are all kept)", f"pass fewer, or raise the cap with {MAX_TIMESTEPS_ENV}")
+
+
+def check_timesteps(timesteps, num_train_timesteps: int = 1000, what: str = "timesteps") -> np.ndarray:
+    """Timesteps given to the API (a sequence of integers, or one) → int64 `[T]`: 1 ≤ T ≤ `max_timesteps()`, each
+    an integer (not a bool or a float) in [0, num_train_timesteps); otherwise an `InputError` naming them. Repeats
+    are allowed here (a random schedule draws with replacement; each repeat gets its own noise)."""
+    shown = _shown(timesteps)
     try:
-        ts = np.array([int(s) for s in text.split(",") if s.strip()], np.int64)
-    except ValueError:
-        raise InputError(f"--timesteps {text!r}", "not a comma-separated list of integers",
-                         "pass e.g. --timesteps 0,50,100") from None
-    if ts.size == 0 or ts.min() < 0 or ts.max() >= num_train_timesteps:
-        raise InputError(f"--timesteps {text!r}", f"each must be in [0, {num_train_timesteps - 1}]",
-                         "pass e.g. --timesteps 0,50,100")
-    return ts
+        items = np.asarray(timesteps, dtype=object).reshape(-1)
+    except (TypeError, ValueError):
+        items = None
+    if items is None or not all(is_integer(t) for t in items):
+        raise InputError(f"{what} {shown}", f"must be integers in [0, {num_train_timesteps - 1}]",
+                         "pass e.g. timesteps=[0, 50, 100]")
+    if items.size == 0:
+        raise InputError(f"{what} {shown}", "need at least one timestep", "pass e.g. timesteps=[0, 50, 100]")
+    check_count(items.size, f"{what} {shown}")
+    bad = [int(t) for t in items if not 0 <= t < num_train_timesteps]
+    if bad:
+        raise InputError(f"{what} {shown}", f"hold {bad[0]}: must be integers in [0, {num_train_timesteps - 1}] (the "
+                         f"model's {num_train_timesteps} training timesteps)", "pass e.g. timesteps=[0, 50, 100]")
+    return np.array([int(t) for t in items], np.int64)
+
+
+def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> np.ndarray:
+    """--timesteps "0,50,100" → int64 `[3]`: comma-separated integers, each in [0, num_train_timesteps), no empty
+    item, no repeat (several noises at one t: a constant schedule), at most `max_timesteps()` of them; anything
+    else is one `InputError` naming the flag and the offending item."""
+    what, fix = f"--timesteps {_shown(text)}", "pass e.g. --timesteps 0,50,100"
+    items = [s.strip() for s in text.split(",")]
+    check_count(len(items), what)
+    ts = []
+    for s in items:
+        if not s:
+            raise InputError(what, "has an empty item (two commas, or a comma at an end)", fix)
+        if not re.fullmatch(r"[+-]?[0-9]+", s):
+            raise InputError(what, f"item {_shown(s)} is not an integer", fix)
+        t = int(s)
+        if not 0 <= t < num_train_timesteps:
+            raise InputError(what, f"item {_shown(s)}: each must be in [0, {num_train_timesteps - 1}] (the model's "
+                             f"{num_train_timesteps} training timesteps)", fix)
+        if t in ts:
+            raise InputError(what, f"repeats {t}", "give each timestep once (several noises at one timestep t: "
+                             "--num-timesteps T --schedule constant --t-max t)")
+        ts.append(t)
+    return np.array(ts, np.int64)
+
+
+def _shown(value, limit: int = 60) -> str:
+    """repr(value), cut to `limit` characters (a message stays one readable line whatever was passed)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 def fold_timesteps(per_step: Sequence[Taps]) -> Taps:
@@ -154,13 +214,12 @@ def collect_taps(images, model, timesteps, seed: int = 0, *, layers: Sequence[in
 
 
 def check_request(images, schedule, timesteps, layers, num_layers: int):
-    """(images float32 `[B, H, W, 3]`, timesteps checked by `schedule` `[T]`, layer indices) of a taps request."""
+    """(images float32 `[B, H, W, 3]`, timesteps int64 `[T]` checked against `schedule`'s range and the cap
+    (`check_timesteps`), layer indices) of a taps request."""
     images = jnp.asarray(images, jnp.float32)
     if images.ndim != 4 or images.shape[-1] != 3:
         raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
-    ts = schedule.check(np.asarray(timesteps).reshape(-1))
-    if ts.size == 0:
-        raise ValueError("need at least one timestep")
+    ts = check_timesteps(timesteps, schedule.num_train_timesteps)
     return images, ts, resolve_layers(layers, num_layers, "self-attention layers")
 
 

@@ -91,19 +91,37 @@ def empty_prompt_embedding(encoder: CLIPTextModel, pad: str) -> jax.Array:
     return _encode_text(graphdef, state, jnp.asarray(empty_prompt_ids(encoder.cfg, pad)))
 
 
-def load_text_embedding(path: str, cfg: SDConfig) -> jax.Array:
-    """A saved embedding (.npy, `[77, Cc]` or `[1, 77, Cc]`, e.g. written by `save_empty_prompt_embedding`)."""
-    fix = "save it with spectral_jax.models.sd.save_empty_prompt_embedding(name, weights, path)"
-    try:  # memory-mapped: a header declaring more data than the file holds fails here instead of allocating
+def read_npy(path: str, want: str, fix: str) -> np.ndarray:
+    """The array of the .npy file `path`, memory-mapped (nothing read yet: a header declaring more data than the file
+    holds, or no data at all, fails here instead of allocating). Not a regular file, missing, a pickle or an object
+    array, a damaged header, an .npz archive → one `InputError` naming `path`, the expected array `want` (e.g.
+    "a float .npy [77, 768]") and `fix`. Shape and dtype are the caller's to check."""
+    from spectral_jax.io import open_regular
+
+    open_regular(path, ".npy file", f"{fix} (expected: {want})").close()   # a FIFO or a device is never read
+    try:
         arr = np.load(path, allow_pickle=False, mmap_mode="r")
-    except (OSError, ValueError) as e:
-        raise InputError(path, f"not a readable .npy file ({type(e).__name__})", fix) from None
-    arr = arr[None] if arr.ndim == 2 else arr
+    except (OSError, ValueError, EOFError) as e:
+        why = " ".join(str(e).split())                        # numpy's message, on one line
+        raise InputError(path, f"not a readable .npy file ({type(e).__name__}: {why}); expected {want}", fix) from None
+    if not isinstance(arr, np.ndarray):                       # an .npz archive: np.load gave its NpzFile
+        arr.close()
+        raise InputError(path, f"is an .npz archive, not a .npy file; expected {want}", fix)
+    return arr
+
+
+def load_text_embedding(path: str, cfg: SDConfig) -> jax.Array:
+    """A saved embedding (.npy, float `[77, Cc]` or `[1, 77, Cc]`, e.g. written by `save_empty_prompt_embedding`)
+    → float32 `[1, 77, Cc]`. Read memory-mapped, its shape and dtype checked before the data (`read_npy`)."""
     want = (1, cfg.text.max_position_embeddings, cfg.unet.cross_attention_dim)
+    expected = f"a float .npy [{want[1]}, {want[2]}] (or [1, {want[1]}, {want[2]}])"
+    fix = "save it with spectral_jax.models.sd.save_empty_prompt_embedding(name, weights, path)"
+    arr = read_npy(path, expected, fix)
+    arr = arr[None] if arr.ndim == 2 else arr
     if arr.shape != want:
         raise InputError(path, f"has shape {arr.shape}, the UNet needs {want}", fix)
     if not np.issubdtype(arr.dtype, np.floating):
-        raise InputError(path, f"has dtype {arr.dtype}, not floating point", fix)
+        raise InputError(path, f"has dtype {arr.dtype}, not floating point (expected {expected})", fix)
     arr = np.array(arr, np.float32)
     if not np.all(np.isfinite(arr)):
         raise InputError(path, "contains NaN or Inf", fix)

@@ -16,10 +16,12 @@ OUT/checkpoints/ (orbax); prints a one-line JSON summary. Unreadable files are r
 listed in the summary; a folder none of whose images can be read is refused before the model runs.
 OUT must lie outside FOLDER (a run's outputs inside it would be scanned as images by the next run), be a folder
 (new or existing) you can write to; options, K against the nodes of a batch's graph and OUT are all checked before
-the model runs (bad input: one line on stderr, exit 2, nothing written). OUT holding an earlier run's checkpoints
+the model runs (bad input: one line on stderr, exit 2, nothing written); an option only the other method reads
+(--epochs, --preset, --inner-steps, --lr, --ema, --checkpoint-every under exact; --tol, --maxiter, --bf16-features
+under gd) is refused, not ignored. OUT holding an earlier run's checkpoints
 is refused without --resume (delete OUT/checkpoints to start over). Several processes: start one per host with
---coordinator HOST:PORT --num-processes N --process-id I (or none of them where JAX finds the cluster itself, e.g.
-SLURM); OUT must be on a shared disk.
+--coordinator HOST:PORT --num-processes N --process-id I, all three (or none of them where JAX finds the cluster
+itself, e.g. SLURM; process 0's PORT must be free here); OUT must be on a shared disk.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ def register(sub) -> None:
     p.add_argument("--bf16-features", action="store_true",
                    help="exact: keep the features for the graph in bfloat16 (half the memory)")
     p.add_argument("--batch-size", type=int, default=40, metavar="B", help="images per step (per forward: exact)")
-    p.add_argument("--epochs", type=int, default=10, metavar="E")
+    p.add_argument("--epochs", type=int, default=None, metavar="E", help="gd: passes over the folder (default 10)")
     p.add_argument("--num-eigs", type=int, default=20, metavar="K")
     p.add_argument("--k-intra", type=int, default=None,
                    help="neighbours of a token inside its image (default 50, clamped to the tokens of an image)")
@@ -55,38 +57,25 @@ def register(sub) -> None:
                    help="neighbours of a token in the batch's other images (default 50, clamped to their tokens)")
     p.add_argument("--size", default="224", help="S (images become S×S) or HxW; multiples of the patch size")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=50, metavar="N", help="steps (batches) between checkpoints")
+    p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
+                   help="gd: steps (batches) between checkpoints (default 50)")
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
     p.add_argument("--layer-weights", default=None, metavar="RULE|L:W,...",
                    help="weights of the tapped layers: a rule read from each layer's graph (eigengap, select, "
                         "uniform; --method exact) or layer:weight pairs, e.g. 11:1,10:0.5 (missing layers 1)")
     p.add_argument("--segments", default="auto", metavar="N|auto",
                    help="dataset-wide segments: N ≥ 1, or auto (exact: the largest eigengap; gd: silhouette)")
-    p.add_argument("--preset", choices=("paper", "eigen"), default="paper")
-    p.add_argument("--inner-steps", type=int, default=5, help="AdamW steps per batch")
-    p.add_argument("--lr", type=float, default=None, help="default: 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen)")
-    p.add_argument("--ema", type=float, default=0.99, help="in [0, 1): decay of the table's moving average")
+    p.add_argument("--preset", choices=("paper", "eigen"), default=None, help="gd: the table's kind (default paper)")
+    p.add_argument("--inner-steps", type=int, default=None, help="gd: AdamW steps per batch (default 5)")
+    p.add_argument("--lr", type=float, default=None, help="gd: default 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen)")
+    p.add_argument("--ema", type=float, default=None,
+                   help="gd: in [0, 1): decay of the table's moving average (default 0.99)")
     p.add_argument("--min-cos", type=float, default=0.1, help="in [-1, 1): edges with cosine ≤ it are dropped")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead on a background thread")
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="multi-process: the coordinator")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
     p.set_defaults(func=run_dataset)
-
-
-def _check_cluster(args) -> None:
-    """--coordinator HOST:PORT, --num-processes ≥ 1, 0 ≤ --process-id < --num-processes: one line each."""
-    if args.coordinator is not None:
-        host, _, port = args.coordinator.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise InputError(f"--coordinator {args.coordinator}", "is not HOST:PORT",
-                             "pass e.g. --coordinator 10.0.0.1:1234")
-    if args.num_processes is not None and args.num_processes < 1:
-        raise InputError("--num-processes", f"must be ≥ 1, got {args.num_processes}", "pass e.g. --num-processes 2")
-    if args.process_id is not None and (args.process_id < 0 or (
-            args.num_processes is not None and args.process_id >= args.num_processes)):
-        raise InputError("--process-id", f"must be in [0, {args.num_processes or 'N'}), got {args.process_id}",
-                         "number the processes 0 … N−1")
 
 
 def _check_segments(args, settings, patch: int) -> None:
@@ -123,35 +112,37 @@ def _layer_weights(text: str | None):
     return out
 
 
+# {Settings field: the parsed option} of the options only one method reads (`settings.METHOD_OPTIONS`): None when
+# not given (their defaults are Settings'), so that a typed one can be told from a default.
+def _method_options(args) -> dict:
+    return {k: v for k, v in dict(
+        features_dtype="bfloat16" if args.bf16_features else None, maxiter=args.maxiter, tol=args.tol,
+        preset=args.preset, epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
+        checkpoint_every=args.checkpoint_every).items() if v is not None}
+
+
 def run_dataset(args) -> int:
-    from spectral_jax.dataset.settings import Settings     # no JAX: every option below is checked at once
+    from spectral_jax.dataset.settings import Settings, check_method_options   # no JAX: every option at once
     from spectral_jax.models import get_spec
 
+    given = _method_options(args)
+    check_method_options(args.method, given)       # an option the method ignores: one line (both directions)
     settings = Settings(model=args.model, weights=args.weights or None, layers=args.layers, size=str(args.size),
-                        graph=args.graph, preset=args.preset, num_eigs=args.num_eigs, batch_size=args.batch_size,
-                        epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
+                        graph=args.graph, num_eigs=args.num_eigs, batch_size=args.batch_size,
                         k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, seed=args.seed,
-                        checkpoint_every=args.checkpoint_every, prefetch=args.prefetch, method=args.method,
-                        features_dtype="bfloat16" if args.bf16_features else "float32",
-                        segments=args.segments, layer_weights=_layer_weights(args.layer_weights),
-                        **{k: v for k, v in (("tol", args.tol), ("maxiter", args.maxiter)) if v is not None})
+                        prefetch=args.prefetch, method=args.method, segments=args.segments,
+                        layer_weights=_layer_weights(args.layer_weights), **given)
     spec = get_spec(args.model)                     # unknown model: one line before anything else
-    from spectral_jax.dataset.inputs import check_layer_weights
+    from spectral_jax.dataset.inputs import check_cluster, check_layer_weights
     from spectral_jax.models import parse_layers
 
     depth = spec.config.num_layers
     check_layer_weights(settings, parse_layers(settings.layers, depth, "--layers") or range(depth))
-    if args.method == "gd":                         # exact-only options would be ignored silently
-        given = [f for f, on in (("--tol", args.tol is not None), ("--bf16-features", args.bf16_features),
-                                 ("--maxiter", args.maxiter is not None)) if on]
-        if given:
-            raise InputError(", ".join(given), "apply to --method exact only", f"drop {' '.join(given)}, or use "
-                             "--method exact")
     if not os.path.isdir(args.folder):
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
-    _check_cluster(args)
+    check_cluster(args.coordinator, args.num_processes, args.process_id)
     _check_segments(args, settings, spec.preprocess.patch_size)
-    if args.coordinator or args.num_processes or args.process_id is not None:
+    if args.coordinator is not None:                # all three given (check_cluster), else JAX finds the cluster
         from spectral_jax.dataset import init_distributed
 
         init_distributed(args.coordinator, args.num_processes, args.process_id)

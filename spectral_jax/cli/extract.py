@@ -4,7 +4,9 @@ Runs the backbone on one image and writes the q/k/v taps of the chosen layers in
 (`spectral_jax.acts`), atomically; prints a one-line JSON summary on stdout. [--dtype bfloat16] runs the forward in
 bfloat16 (`load_backbone(dtype=)`); the ACTS file stays float32 (the bfloat16 taps widened exactly).
 Stable Diffusion models add `[--timesteps 0,50,100 | --num-timesteps T --schedule KIND] [--seed S]`: the ACTS then
-holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads` (`spectral_jax.models.sd.diffusion`).
+holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads` (`spectral_jax.models.sd.diffusion`); T is
+capped (`diffusion.max_timesteps`, 64 unless SPECTRAL_JAX_MAX_TIMESTEPS says otherwise) and checked, with each
+timestep in the model's range, before the model loads.
 Every family takes one path: `models.load_backbone` → `Backbone.taps` → `acts.save_acts`.
 """
 
@@ -69,7 +71,7 @@ def _extract(args: argparse.Namespace, out) -> None:
     from spectral_jax.pipeline import check_finite
 
     check_seed(args.seed)
-    timesteps = _timesteps(args)                  # checked before the model loads
+    timesteps = _timesteps(args, getattr(spec.config, "schedule", None))   # checked before the model loads
     layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     size = None if args.size is None else io.parse_size(args.size, "--size")
     x = spec.preprocess.image(io.load_image(args.image), size)[None]                  # [1, H, W, 3]
@@ -94,25 +96,33 @@ def _extract(args: argparse.Namespace, out) -> None:
     print(json.dumps({**summary, "out": args.out, "seconds": round(time.perf_counter() - start, 3)}))
 
 
-def _timesteps(args: argparse.Namespace):
-    """--timesteps, or --num-timesteps/--schedule/--t-max, as int64 `[T]`; None when none is given (the family's
-    default schedule, drawn from --seed)."""
+def _timesteps(args: argparse.Namespace, schedule):
+    """--timesteps, or --num-timesteps/--schedule/--t-max, as int64 `[T]` in the model's range [0, N) (N: the
+    `schedule`'s num_train_timesteps), T ≤ the timestep cap; None when none is given (the family's default schedule,
+    drawn from --seed). Checked before anything is drawn or run."""
     scheduled = [a is not None for a in (args.num_timesteps, args.schedule, args.t_max)]
     if args.timesteps is None and not any(scheduled):
         return None
     from spectral_jax.models.sd import diffusion
 
+    n = schedule.num_train_timesteps
     if args.timesteps is not None:
         if any(scheduled):
             raise InputError("--timesteps", "cannot be combined with --num-timesteps/--schedule/--t-max",
                              "pass either --timesteps 0,50,100 or --num-timesteps T --schedule KIND")
-        return diffusion.parse_timesteps(args.timesteps)
-    if args.num_timesteps is not None and args.num_timesteps < 1:
-        raise InputError(f"--num-timesteps {args.num_timesteps}", "must be ≥ 1",
-                         f"pass e.g. --num-timesteps {diffusion.DEFAULT_NUM_TIMESTEPS}")
+        return diffusion.parse_timesteps(args.timesteps, n)
+    if args.num_timesteps is not None:
+        if args.num_timesteps < 1:
+            raise InputError(f"--num-timesteps {args.num_timesteps}", "must be ≥ 1",
+                             f"pass e.g. --num-timesteps {diffusion.DEFAULT_NUM_TIMESTEPS}")
+        diffusion.check_count(args.num_timesteps, f"--num-timesteps {args.num_timesteps}")
+    if args.t_max is not None and not 0 <= args.t_max < n:
+        raise InputError(f"--t-max {args.t_max}", f"must be in [0, {n - 1}] (the model's {n} training timesteps)",
+                         f"pass e.g. --t-max {diffusion.DEFAULT_T_MAX}")
     return diffusion.timestep_schedule(args.schedule or "random",
                                        args.num_timesteps or diffusion.DEFAULT_NUM_TIMESTEPS, args.seed,
-                                       diffusion.DEFAULT_T_MAX if args.t_max is None else args.t_max)
+                                       diffusion.DEFAULT_T_MAX if args.t_max is None else args.t_max,
+                                       num_train_timesteps=n)
 
 
 def register(subparsers) -> None:
@@ -132,10 +142,13 @@ def register(subparsers) -> None:
     sd = p.add_argument_group("Diffusion models (Stable Diffusion sd14/sd15/sd21_base; diffusion transformers "
                               "pixart_sigma, sd3_medium, sd35_large, flux1_dev, flux1_schnell): self-attention taps "
                               "across noise timesteps")
-    sd.add_argument("--timesteps", default=None, help="comma-separated timesteps in [0, 999], e.g. 0,50,100 (flow models "
-                                                      "SD3/FLUX: t maps to σ as diffusers' flow-matching scheduler)")
+    sd.add_argument("--timesteps", default=None,
+                    help="comma-separated distinct timesteps in [0, 999], e.g. 0,50,100, at most 64 (each is one "
+                         "model pass whose q/k/v are kept; set SPECTRAL_JAX_MAX_TIMESTEPS to change the cap) (flow "
+                         "models SD3/FLUX: t maps to σ as diffusers' flow-matching scheduler)")
     sd.add_argument("--num-timesteps", type=int, default=None, metavar="T",
-                    help="draw T timesteps with --schedule (default 4)")
+                    help="draw T timesteps with --schedule (default 4, at most 64: SPECTRAL_JAX_MAX_TIMESTEPS changes "
+                         "the cap)")
     sd.add_argument("--schedule", default=None, choices=("random", "constant", "increasing", "decreasing", "cyclic"),
                     help="timestep schedule over [0, --t-max] (default random: t ~ U{0..t_max})")
     sd.add_argument("--t-max", type=int, default=None, help="largest timestep of the schedule (default 250)")

@@ -2,19 +2,30 @@
 committed atomically by orbax (a step folder appears only when complete), the two newest kept.
 
 Each holds the `step.State` and a JSON meta: the run's fingerprint (`fingerprint`: the settings that define the
-result, the backbone's provenance, the file list's hash), its history and seconds so far. A resumed run must have
-the same fingerprint (`check_resumable`); the epoch permutation and position follow from seed and step, so it
-continues to bit-for-bit the result of an uninterrupted run on the same device layout.
+result, the backbone's provenance, and each image file's name and content digest, `file_digests`), its history and
+seconds so far. A resumed run must have the same fingerprint (`check_resumable`, `check_same`): an image replaced,
+edited, added or removed since is refused in one line naming it — the run is not recomputed behind the user's back,
+and nothing cached is ever reported for other images. What a resume reads back is checked (`read_meta`,
+`Checkpoints.restore`): unreadable, inconsistent or non-finite data is one `InputError` naming the step folder,
+and nothing is removed. The epoch permutation and position follow from seed and step, so it continues to
+bit-for-bit the result of an uninterrupted run on the same device layout.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import numbers
 import os
 from typing import NamedTuple
 
-from spectral_jax.dataset.layout import Geometry
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from spectral_jax.dataset.layout import Geometry, gather
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
 
@@ -36,33 +47,165 @@ def steps(ckdir: str) -> list[int]:
     return sorted(int(d) for d in os.listdir(ckdir) if d.isdigit() and os.path.isdir(os.path.join(ckdir, d)))
 
 
+def damaged(path: str, why: str, fix: str | None = None) -> InputError:
+    """The error of a checkpoint or cache file that cannot be used: it names `path` and says how to go on."""
+    return InputError(path, f"is damaged ({why})", fix or "run again without --resume into a fresh --out (or "
+                      "delete the checkpoints folder to start over); nothing was changed")
+
+
+def _step_fix(ckdir: str, step: int) -> str:
+    """How to go on from a damaged step: the step before it, where one is kept, or a fresh run."""
+    before = [s for s in steps(ckdir) if s < step]
+    return (f"delete {os.path.join(ckdir, str(step))} to resume from step {before[-1]}, or " if before else "") + \
+        "run again without --resume into a fresh --out; nothing was changed"
+
+
 def read_meta(ckdir: str, step: int) -> dict:
-    """The JSON meta of checkpoint `step` (one `InputError` line when it cannot be read)."""
-    path = os.path.join(ckdir, str(step), "meta", "metadata")
+    """The JSON meta of checkpoint `step`, checked: a dict with the fingerprint ("config", a dict), the history
+    (`step` rows of 4 finite numbers), the seconds (finite, ≥ 0) and the step. Anything else: one `InputError`
+    naming the step folder (`damaged`)."""
+    where = os.path.join(ckdir, str(step))
     try:
-        with open(path) as f:
-            return json.load(f)
+        with open(os.path.join(where, "meta", "metadata")) as f:
+            meta = json.load(f)
     except (OSError, ValueError) as e:
-        raise InputError(os.path.join(ckdir, str(step)), f"unreadable checkpoint metadata ({type(e).__name__})",
-                         "delete that step folder to resume from the one before, or start a new --out") from None
+        raise damaged(where, f"unreadable metadata: {type(e).__name__}", _step_fix(ckdir, step)) from None
+    why = _meta_problem(meta, step)
+    if why:
+        raise damaged(where, why, _step_fix(ckdir, step))
+    return meta
 
 
-def fingerprint(backbone, layers: str, settings: Settings, geom: Geometry, files: list[str]) -> dict:
-    """What defines a run's result, JSON-ready: a resumed run must match it key for key."""
+def _meta_problem(meta, step: int) -> str | None:
+    """What is wrong with the meta of checkpoint `step` (None: nothing)."""
+    def number(x):
+        return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
+
+    if not isinstance(meta, dict):
+        return f"metadata is a {type(meta).__name__}, not an object"
+    if not isinstance(meta.get("config"), dict):
+        return "metadata without the run's settings (\"config\")"
+    if meta.get("step") != step or isinstance(meta.get("step"), bool):
+        return f"metadata of step {meta.get('step')!r} in the folder of step {step}"
+    h = meta.get("history")
+    if not isinstance(h, list) or len(h) != step or not all(
+            isinstance(r, list) and len(r) == 4 and all(number(v) for v in r) for r in h):
+        return f"its history is not {step} rows of 4 finite numbers"
+    if not number(meta.get("seconds")) or meta["seconds"] < 0:
+        return "its seconds are not a finite number ≥ 0"
+    sums = meta.get("state_checksum", [])
+    if not isinstance(sums, list) or not all(isinstance(v, int) and 0 <= v < 2 ** 32 for v in sums):
+        return "its state checksum is not a list of 32-bit numbers"
+    return None
+
+
+def state_checksum(state) -> list[int]:
+    """One 32-bit number per leaf of `state` (`jax.tree.leaves` order): Σ_i bits_i · (2i + 1) mod 2³² over the bit
+    patterns of the leaf's values, i the flat index. Integer arithmetic, so the sharding and the order of the sum do
+    not change it; any one flipped bit does (2ᵇ times an odd number is never 0 mod 2³²). Computed where the arrays
+    live (nothing gathered but the numbers); every process must call it."""
+    return [int(v) for v in gather(_checksums(state))]
+
+
+@jax.jit
+def _checksums(state) -> jax.Array:
+    def one(x):
+        if x.dtype == jnp.bool_ or x.dtype.itemsize not in (1, 2, 4):
+            bits = x.astype(jnp.uint32)
+        else:
+            bits = lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}[x.dtype.itemsize])
+            bits = bits.astype(jnp.uint32)
+        flat, stride = jnp.zeros(x.shape, jnp.uint32), 1
+        for d in reversed(range(x.ndim)):
+            flat = flat + lax.broadcasted_iota(jnp.uint32, x.shape, d) * jnp.uint32(stride % 2 ** 32)
+            stride *= x.shape[d]
+        return jnp.sum(bits * (2 * flat + 1), dtype=jnp.uint32)
+
+    return jnp.stack([one(x) for x in jax.tree.leaves(state)])
+
+
+def file_digests(root: str, files: list[str]) -> dict[str, str]:
+    """{file: the first 128 bits of the sha256 of its bytes, hex} for the images `files` under `root`, in order;
+    a file that cannot be opened gets one fixed marker (the run reports it as unreadable). Several processes:
+    process p hashes files p, p + P, … and the digests are gathered to every process (every process must call
+    it). Reads every byte of every file; it does not look at names or times (a copied or touched folder still
+    resumes, an image edited in place does not)."""
+    procs, me = jax.process_count(), jax.process_index()
+    mine = np.zeros((-(-len(files) // procs), 16), np.uint8)
+    for j, i in enumerate(range(me, len(files), procs)):
+        mine[j] = np.frombuffer(_digest(os.path.join(root, files[i])), np.uint8)
+    if procs > 1:
+        from jax.experimental import multihost_utils
+
+        every = np.asarray(multihost_utils.process_allgather(mine))            # [P, ⌈n/P⌉, 16]
+    else:
+        every = mine[None]
+    return {f: every[i % procs, i // procs].tobytes().hex() for i, f in enumerate(files)}
+
+
+_UNREADABLE = hashlib.sha256(b"\0unreadable file").digest()[:16]
+
+
+def _digest(path: str) -> bytes:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return _UNREADABLE
+    return h.digest()[:16]
+
+
+def fingerprint(backbone, layers: str, settings: Settings, geom: Geometry, digests: dict[str, str]) -> dict:
+    """What defines a run's result, JSON-ready: a resumed run must match it key for key. `digests`: {file: content
+    digest} of the images in order (`file_digests`)."""
     return {"model": backbone.name, "weights": backbone.weights, "layers": layers, "size": list(geom.size),
-            "files_sha256": hashlib.sha256("\n".join(files).encode()).hexdigest(), "num_images": len(files),
+            "files": dict(digests), "num_images": len(digests),
             "rows": geom.rows, "k_intra_effective": geom.k_intra, "k_inter_effective": geom.k_inter,
             **settings.result_fields()}
 
 
 def check_resumable(out: str, fp: dict, meta: dict) -> None:
-    """Refuse to resume a run made with other settings (the first four differences named)."""
-    old = meta.get("config", {})
-    diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
-    if diff:
-        raise InputError(out, "was made with other settings: " + ", ".join(
-            f"{k} {old.get(k)!r} → {fp.get(k)!r}" for k in diff[:4]),
-            "resume with the same folder and settings, or choose another --out")
+    """Refuse to resume a run made with other images or settings (`check_same`); `meta` as `read_meta` gives."""
+    check_same(out, meta["config"], fp)
+
+
+def check_same(out: str, old: dict, new: dict) -> None:
+    """Refuse to go on from `old` (what a checkpoint or cache was made with) to `new` (this run's): the images
+    that changed named first (up to three of each kind: changed content, added, removed), then up to four settings
+    that differ."""
+    images = _files_change(old.get("files"), new.get("files")) if old.get("files") != new.get("files") else ""
+    follow = {"files"} | ({"num_images", "rows"} if images else set())         # what the image files decide
+    diff = sorted(k for k in set(new) | set(old) if k not in follow and new.get(k) != old.get(k))
+    if not diff and not images:
+        return
+    settings = ", ".join(f"{k} {old.get(k)!r} → {new.get(k)!r}" for k in diff[:4])
+    if images:
+        raise InputError(out, f"was made from other images: {images}" + (f"; and other settings: {settings}"
+                                                                         if settings else ""),
+                         "run without --resume into a fresh --out (or delete its checkpoints folder to start "
+                         "over), or put the images back as they were")
+    raise InputError(out, "was made with other settings: " + settings,
+                     "resume with the same folder and settings, or choose another --out")
+
+
+def _files_change(old, new) -> str:
+    """"img1.png changed, 2 added (a.png, b.png), …" between two {file: digest}."""
+    if not isinstance(old, dict):
+        return "its image contents were not recorded"
+    new = new or {}
+
+    def some(names):
+        return ", ".join(names[:3]) + (", …" if len(names) > 3 else "")
+
+    changed = [f for f in new if f in old and old[f] != new[f]]
+    added = [f for f in new if f not in old]
+    removed = [f for f in old if f not in new]
+    parts = [f"{some(changed)} changed since" if changed else "",
+             f"{len(added)} added ({some(added)})" if added else "",
+             f"{len(removed)} removed ({some(removed)})" if removed else ""]
+    return "; ".join(p for p in parts if p) or "the images are in another order"
 
 
 def refuse_unasked_resume(out: str, done: list[int]) -> None:
@@ -78,19 +221,47 @@ class Checkpoints:
     def __init__(self, ckdir: str):
         import orbax.checkpoint as ocp
 
-        self._ocp = ocp
+        self._ocp, self.ckdir = ocp, ckdir
         self.manager = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(
             max_to_keep=2, cleanup_tmp_directories=True, enable_async_checkpointing=True))
 
-    def restore(self, step: int, abstract) -> Restored:
-        """The state (laid out as `abstract`: shapes, dtypes, shardings), history and seconds of `step`."""
-        ocp = self._ocp
-        got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 meta=ocp.args.JsonRestore()))
-        return Restored(got["state"], list(got["meta"]["history"]), got["meta"]["seconds"])
+    def restore(self, step: int, abstract, num_images: int) -> Restored:
+        """The state (laid out as `abstract`: shapes, dtypes, shardings), history and seconds of `step`, checked:
+        the meta (`read_meta`), the state's step counter, finite table, EMA and optimizer state, statuses in
+        {0, 1, 2} and 0 past the `num_images` images. Anything orbax cannot read or that fails a check: one
+        `InputError` naming the step folder (`damaged`); nothing is removed. Every process must call it."""
+        ocp, where = self._ocp, os.path.join(self.ckdir, str(step))
+        meta = read_meta(self.ckdir, step)
+        try:
+            got = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                     meta=ocp.args.JsonRestore()))
+        except Exception as e:                  # orbax/tensorstore: JSONDecodeError, KeyError, ValueError, …
+            first = (str(e).strip().splitlines() or [""])[0][:160]
+            raise damaged(where, f"orbax cannot read it: {type(e).__name__}" + (f": {first}" if first else ""),
+                          _step_fix(self.ckdir, step)) from None
+        state = got["state"]
+        status = gather(state.status)
+        sums = meta.get("state_checksum")
+        why = ("its state's bytes changed since it was saved (checksum)" if sums is not None and
+               state_checksum(state) != sums else
+               "its state is of another step" if int(gather(state.step)) != step else
+               "its image statuses are not 0, 1 or 2" if not np.isin(status, (0, 1, 2)).all() or
+               status[num_images:].any() else
+               None)
+        for name, leaf in [("table", state.table), ("ema", state.ema)] + [
+                ("optimizer state", x) for x in jax.tree.leaves(state.opt)]:
+            if why is None and np.issubdtype(leaf.dtype, np.floating) and not np.isfinite(gather(leaf)).all():
+                why = f"its {name} holds NaN or infinite values"
+        if why:
+            raise damaged(where, why, _step_fix(self.ckdir, step))
+        return Restored(state, list(meta["history"]), meta["seconds"])
 
     def save(self, step: int, state, fp: dict, history: list, seconds: float) -> None:
-        meta = {"config": fp, "history": history, "seconds": seconds, "step": step}
+        """Checkpoint `step` (asynchronously): the state and the meta (fingerprint `fp`, history, seconds)."""
+        # orbax writes the meta on a thread of its own, later: a copy, so that the rows the run appends meanwhile
+        # do not end up in this step's history
+        meta = {"config": fp, "history": [list(r) for r in history], "seconds": seconds, "step": step,
+                "state_checksum": state_checksum(state)}
         ocp = self._ocp
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
@@ -99,8 +270,18 @@ class Checkpoints:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        """Wait for the saves and orbax's clean-up of unfinished ones, then close the manager."""
+        # orbax removes the temporary folders of unfinished saves on a thread of its own that `close` does not wait
+        # for: a run that stops early (a damaged checkpoint) would exit under it, and that thread's traceback would
+        # follow the one-line error on stderr
+        cleanup = getattr(self.manager, "_maybe_await_cleanup_tmp_directory", None)
+        if cleanup is not None:
+            try:
+                cleanup()
+            except Exception:       # noqa: BLE001 — a failed clean-up leaves temporary folders, no result is lost
+                pass
         self.manager.close()
 
 
-__all__ = ["Checkpoints", "FOLDER", "Restored", "check_resumable", "fingerprint", "read_meta",
-           "refuse_unasked_resume", "steps"]
+__all__ = ["Checkpoints", "FOLDER", "Restored", "check_resumable", "check_same", "damaged", "file_digests",
+           "fingerprint", "read_meta", "refuse_unasked_resume", "steps"]

@@ -1,5 +1,6 @@
 """A dataset run's inputs checked before any work (one `InputError` line naming the input and the fix): OUT
-against FOLDER and the disk, K and k against the graph of a batch, a folder without a readable image.
+against FOLDER and the disk, K and k against the graph of a batch, a folder without a readable image, the
+multi-process options.
 Imports no JAX.
 """
 
@@ -11,7 +12,7 @@ import tempfile
 
 from spectral_jax import folder as F
 from spectral_jax.dataset.settings import Settings
-from spectral_jax.errors import InputError
+from spectral_jax.errors import InputError, is_integer
 
 OUTPUT_NAMES = {"eigvecs.npz": "file", "eigvecs.png": "file", "segments.npz": "file", "segments.png": "file",
                 "summary.json": "file", "checkpoints": "folder"}
@@ -104,10 +105,61 @@ def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effecti
                          f"tokens in other images of a batch: {shape})", "pass --k-intra ≥ 1")
 
 
+def check_cluster(coordinator, num_processes, process_id) -> None:
+    """The multi-process options, before `jax.distributed` starts (its own failures are tracebacks, or a wait for
+    peers): none of them (JAX finds the cluster itself, e.g. SLURM), or all three; coordinator HOST:PORT;
+    num_processes ≥ 1; 0 ≤ process_id < num_processes; and for process 0, which starts the coordinator service on
+    PORT (every interface), a PORT free to bind here. One `InputError` line each. Does not check that HOST is this
+    machine (for process 0) or reachable (for the others)."""
+    given = {"--coordinator": coordinator, "--num-processes": num_processes, "--process-id": process_id}
+    if all(v is None for v in given.values()):
+        return
+    missing = [flag for flag, v in given.items() if v is None]
+    if missing:
+        raise InputError(" ".join(f"{flag} {v}" for flag, v in given.items() if v is not None),
+                         f"needs {' and '.join(missing)} too",
+                         "pass all three, --coordinator HOST:PORT --num-processes N --process-id I (process 0 on "
+                         "HOST), or none of them where JAX finds the cluster itself (e.g. SLURM)")
+    host, _, port = str(coordinator).rpartition(":")
+    if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise InputError(f"--coordinator {coordinator}", "is not HOST:PORT (a port in 1–65535)",
+                         "pass e.g. --coordinator 10.0.0.1:1234")
+    for flag, v in (("--num-processes", num_processes), ("--process-id", process_id)):
+        if not is_integer(v):
+            raise InputError(flag, f"must be an integer, got {v!r}", f"pass e.g. {flag} 0")
+    if num_processes < 1:
+        raise InputError("--num-processes", f"must be ≥ 1, got {num_processes}", "pass e.g. --num-processes 2")
+    if not 0 <= process_id < num_processes:
+        raise InputError("--process-id", f"must be in [0, {num_processes}) for --num-processes {num_processes}, got "
+                         f"{process_id}", "number the processes 0 … N−1")
+    if process_id == 0:
+        _check_port_free(coordinator, int(port))
+
+
+def _check_port_free(coordinator: str, port: int) -> None:
+    """Bind PORT on every interface, as the coordinator service will (IPv6 `::`, dual-stack, else IPv4), and let
+    it go: taken, it is one line here instead of gRPC's log line and a traceback."""
+    import errno
+    import socket
+
+    for family, address in ((socket.AF_INET6, "::"), (socket.AF_INET, "0.0.0.0")):
+        try:
+            with socket.socket(family, socket.SOCK_STREAM) as s:
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as gRPC: TIME_WAIT is no conflict
+                s.bind((address, port))
+            return
+        except OSError as e:
+            if e.errno in (errno.EADDRINUSE, errno.EACCES):
+                raise InputError(f"--coordinator {coordinator}", f"port {port} cannot be bound here "
+                                 f"({e.strerror or e}), so process 0 cannot start the coordinator on it",
+                                 "choose a free port (the same on every process)") from None
+            # no IPv6 here (or not this address family): try the next
+
+
 def discard(path: str | None, process_index: int = 0) -> None:
     """Remove a folder this run made (process 0 only; on a shared disk the others see it go)."""
     if path is not None and process_index == 0:
         shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["OUTPUT_NAMES", "check_graph_size", "check_out", "discard", "no_images"]
+__all__ = ["OUTPUT_NAMES", "check_cluster", "check_graph_size", "check_out", "discard", "no_images"]

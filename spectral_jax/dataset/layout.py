@@ -52,11 +52,49 @@ class Geometry:
         return min(g[0] * g[1] for g, _ in self.groups)
 
 
+def tapped(apply, params, x, layers, what: str = "the backbone"):
+    """The forward's taps of the batch x `[B, H, W, 3]`, checked where they arrive (the one entry of both methods:
+    `geometry`, `whole.stream_features`, `step.batch_graphs`) → (the taps of the patch tokens, `nonfinite` `[B]`
+    int32: per image the first tapped layer whose q, k or v holds NaN or Inf, −1 where all are finite).
+
+    Shapes are checked while tracing, so `geometry`'s `eval_shape` refuses them before anything runs or is written:
+    every layer's q, k, v `[B, heads, P + h·w, D]` (P its prefix tokens, (h, w) its grid; q and k alike), else one
+    `InputError` naming `what`, the layer, and the expected vs the actual shape — a wrong token count would
+    otherwise be mis-aligned silently with the grid. Finiteness costs one reduction per tap inside the caller's
+    jitted program; it does not drop anything itself (the callers mask those images and zero their features)."""
+    taps = apply(params, x, layers, False)
+    b = x.shape[0]
+    for i, t in sorted(taps.layers.items()):
+        tokens = t.num_prefix + t.grid[0] * t.grid[1]
+        for name, a in (("q", t.q), ("k", t.k), ("v", t.v)):
+            s = tuple(a.shape)
+            if not (len(s) == 4 and s[0] == b and s[2] == tokens and (name != "k" or s == tuple(t.q.shape))):
+                want = f"{tuple(t.q.shape)} as q" if name == "k" else f"({b}, heads, {tokens}, dim)"
+                raise InputError(what, f"layer {i}'s {name} has shape {s}, expected {want}: batch {b}, "
+                                 f"{t.num_prefix} prefix + {t.grid[0]}×{t.grid[1]} patch tokens",
+                                 "return q, k, v as [B, heads, prefix + h·w, D] for every layer (Backbone."
+                                 "from_function: num_prefix= counts CLS/register tokens)")
+    taps = taps.patches()
+    if not taps.layers:                                 # `geometry` refuses a backbone that taps nothing
+        return taps, jnp.full((b,), -1, jnp.int32)
+    finite = jnp.stack([jnp.all(jnp.isfinite(a), axis=(1, 2, 3)) for _, t in sorted(taps.layers.items())
+                        for a in (t.q, t.k, t.v)]).reshape(len(taps.layers), 3, b).all(1)        # [L, B]
+    ids = jnp.asarray(sorted(taps.layers), jnp.int32)
+    return taps, jnp.where(finite.all(0), -1, ids[jnp.argmin(finite, axis=0)])
+
+
+def nonfinite_reason(backbone: str, layer: int) -> str:
+    """Why an image whose taps hold NaN or Inf (`tapped`) is skipped: summary.json's reason and the stderr line's."""
+    return f"backbone {backbone!r} gave NaN or Inf for it (layer {layer})"
+
+
 def geometry(backbone, layers, settings: Settings, size: tuple[int, int], num_images: int, devices: int
              ) -> Geometry:
-    """The run's `Geometry` from the backbone's taps traced abstractly (`jax.eval_shape`, nothing computed)."""
+    """The run's `Geometry` from the backbone's taps traced abstractly (`jax.eval_shape`, nothing computed); taps
+    of the wrong shape are one `InputError` here (`tapped`)."""
     x = jax.ShapeDtypeStruct((settings.batch_size, *size, 3), jnp.float32)
-    taps = jax.eval_shape(lambda p, x: backbone.apply(p, x, layers, False).patches(), backbone.params, x)
+    taps, _ = jax.eval_shape(lambda p, x: tapped(backbone.apply, p, x, layers, f"backbone {backbone.name!r}"),
+                             backbone.params, x)
     groups = tuple(graphs.group_layers(taps))
     if not groups:
         raise InputError(f"model {backbone.name!r}", "taps no layers", "pass --layers all or a list of layer indices")
@@ -83,10 +121,22 @@ def make_mesh(devices: Sequence | None = None) -> Mesh:
 def init_distributed(coordinator: str | None = None, num_processes: int | None = None,
                      process_id: int | None = None) -> None:
     """`jax.distributed.initialize` (call before anything else touches JAX). With no arguments JAX detects the
-    cluster (SLURM, TPU pods, …). CPU processes exchange data over gloo (the default of this JAX)."""
+    cluster (SLURM, TPU pods, …); else all three (`inputs.check_cluster`, which also refuses process 0's port
+    taken). CPU processes exchange data over gloo (the default of this JAX). A failure to start or join is one
+    `InputError` line (JAX's own message in it); a peer that never comes waits JAX's initialization timeout."""
+    from spectral_jax.dataset.inputs import check_cluster
+
+    check_cluster(coordinator, num_processes, process_id)
     kw = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
                                  process_id=process_id).items() if v is not None}
-    jax.distributed.initialize(**kw)
+    try:
+        jax.distributed.initialize(**kw)
+    except (RuntimeError, ValueError) as e:
+        what = f"--coordinator {coordinator}" if coordinator is not None else "the cluster (found by JAX)"
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise InputError(what, f"could not start or join it ({first})",
+                         "start it before anything else uses JAX, with the same --coordinator and --num-processes "
+                         "on every process and a free port (or check the cluster's environment)") from None
 
 
 def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
@@ -117,6 +167,24 @@ def global_array(mesh: Mesh, spec: P, local: np.ndarray, shape: tuple) -> jax.Ar
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
 
 
+def gather_reasons(reasons: dict) -> dict:
+    """{image: why} of every process, each passing its own (JSON bytes padded to the longest, all-gathered); every
+    process must call it."""
+    import json
+
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return dict(reasons)
+    mine = np.frombuffer(json.dumps({str(i): w for i, w in reasons.items()}).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([mine.size], np.int32))))
+    rows = np.asarray(multihost_utils.process_allgather(np.pad(mine, (0, size - mine.size), constant_values=32)))
+    out = {}
+    for row in rows.reshape(-1, size):
+        out.update({int(i): w for i, w in json.loads(row.tobytes().decode()).items()})
+    return out
+
+
 def gather(x) -> np.ndarray:
     """A (possibly multi-process) array as one host numpy array; every process must call it."""
     from jax.experimental import multihost_utils
@@ -129,4 +197,5 @@ def gather(x) -> np.ndarray:
 
 
 __all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
-           "graph_images", "init_distributed", "local_slots", "make_mesh"]
+           "gather_reasons", "graph_images", "init_distributed", "local_slots", "make_mesh", "nonfinite_reason",
+           "tapped"]

@@ -6,6 +6,7 @@ Shape legend
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -22,7 +23,7 @@ from spectral_jax import folder as F
 from spectral_jax.dataset import checkpoint, export, inputs, step, summary, whole
 from spectral_jax.dataset.export import DatasetResult
 from spectral_jax.dataset.layout import (AXIS, batch_indices, gather, geometry, global_array, local_slots,
-                                         make_mesh)
+                                         make_mesh, nonfinite_reason)
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
 
@@ -37,6 +38,9 @@ class Folder(NamedTuple):
     out: str
     ckdir: str                  # OUT/checkpoints, absolute
     done: list                  # committed checkpoint steps
+    digests: dict               # {file: content digest} of `files`, in order (`checkpoint.file_digests`)
+    made_out: bool              # this run made OUT (process 0; False elsewhere)
+    lock: object                # the `files.FolderLock` on OUT held for the run (process 0; None elsewhere)
 
 
 class Trained(NamedTuple):
@@ -66,10 +70,28 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     (files changed underneath), it stops after the first epoch with that `InputError` and leaves nothing behind (a
     folder made by this run is removed, else its checkpoints/). A run that fails before its first checkpoint leaves
     nothing; one that fails later keeps its checkpoints, and `resume=True` continues from the last.
+
+    One run at a time per OUT: OUT is locked (`files.FolderLock`, an exclusive flock on the folder, by process 0,
+    the one that writes) before anything else is read or written there, for the whole run; OUT in use by another
+    run is one `InputError` at once (with that run's pid), on every process. The kernel drops the lock when the
+    process ends, however it ends. `resume` goes on only from the same images — each file's content digest is in
+    the fingerprint (`checkpoint.file_digests`): an image replaced, edited, added or removed since is refused in one
+    line naming it, never recomputed silently; checkpoints and caches read back are checked, and a damaged one is
+    one `InputError` naming the file, leaving OUT as it was.
     """
     t_start = time.perf_counter()
     settings = settings.replace(**options) if settings is not None else Settings(**options)
     where = _open_folder(os.fspath(folder), os.fspath(out), resume)
+    try:
+        return _run(where, settings, backbone, mesh, resume, progress, t_start)
+    finally:
+        if where.lock is not None:
+            where.lock.release(remove_empty=True)       # an OUT this run made and left empty goes too
+
+
+def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume: bool, progress: bool,
+         t_start: float) -> DatasetResult:
+    """`run` once OUT is locked (`_open_folder`)."""
     backbone = backbone if backbone is not None else _load_backbone(settings)
     layers = backbone.layers(settings.layers)
     inputs.check_layer_weights(settings, range(backbone.num_layers) if layers is None else layers)
@@ -87,7 +109,7 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     from spectral_jax.dataset.cluster import check_count
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
-    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.files)
+    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)
     if where.done:
         checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]))
 
@@ -109,20 +131,57 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
 
 
 def _open_folder(folder: str, out: str, resume: bool) -> Folder:
-    """FOLDER scanned and checked to hold a readable image, OUT checked (`inputs.check_out`) and its checkpoints
-    listed (refused without `resume`)."""
+    """FOLDER scanned and checked to hold a readable image, OUT checked (`inputs.check_out`), locked (`_lock_out`)
+    and its checkpoints listed (refused without `resume`), the images' content digests taken. The lock is released
+    here when a check fails; otherwise the caller releases it (`Folder.lock`)."""
     if not os.path.isdir(folder):
         raise InputError(folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     inputs.check_out(folder, out)
-    ckdir = os.path.abspath(os.path.join(out, checkpoint.FOLDER))
-    done = checkpoint.steps(ckdir)
-    if done and not resume:
-        checkpoint.refuse_unasked_resume(out, done)
-    files, ignored = F.scan(folder, exclude=[out])
-    found, why = F.first_readable(folder, files)
-    if found is None:
-        raise inputs.no_images(folder, files, why)
-    return Folder(folder, os.path.abspath(folder), files, ignored, out, ckdir, done)
+    lock = _lock_out(out)
+    made_out = lock is not None and lock.made       # only process 0 removes what a failed run leaves
+    try:
+        ckdir = os.path.abspath(os.path.join(out, checkpoint.FOLDER))
+        done = checkpoint.steps(ckdir)
+        if done and not resume:
+            checkpoint.refuse_unasked_resume(out, done)
+        files, ignored = F.scan(folder, exclude=[out])
+        found, why = F.first_readable(folder, files)
+        if found is None:
+            raise inputs.no_images(folder, files, why)
+        digests = checkpoint.file_digests(folder, files)
+    except BaseException:
+        if lock is not None:
+            lock.release(remove_empty=True)
+        raise
+    return Folder(folder, os.path.abspath(folder), files, ignored, out, ckdir, done, digests, made_out, lock)
+
+
+def _lock_out(out: str):
+    """OUT locked for this run (`files.FolderLock`, made when missing) by process 0 — the process that writes —
+    and its verdict shared with the other processes (a collective: every process calls it), so that all of them
+    go on or all raise the same `InputError`. Returns the lock (None on processes other than 0)."""
+    from spectral_jax import files
+
+    lock, err = None, None
+    if jax.process_index() == 0:
+        try:
+            lock = files.FolderLock(out, "another spectral-jax dataset run",
+                                    "wait for it to finish, or choose another --out")
+        except InputError as e:
+            err = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        text = json.dumps(None if err is None else [err.what, err.problem, err.fix]).encode()[:4095]
+        buf = np.zeros(4096, np.uint8)
+        buf[:len(text)] = np.frombuffer(text, np.uint8)
+        got = np.asarray(multihost_utils.broadcast_one_to_all(buf))
+        said = json.loads(got.tobytes().rstrip(b"\0").decode(errors="replace") or "null")
+        if said is not None and err is None:
+            err = InputError(*said)
+    if err is not None:
+        raise err
+    return lock
 
 
 def _load_backbone(settings: Settings):
@@ -149,11 +208,15 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
            start: int, total: int, per_epoch: int, t_start: float, progress: bool) -> Trained:
     """Steps `start` … `total` − 1: read each batch ahead (`folder.Prefetcher`), step, checkpoint every
     `checkpoint_every` steps and at the end. A failure before the first checkpoint removes what the run made."""
-    made_out, made_ck = not os.path.exists(where.out), not os.path.exists(where.ckdir)
+    made_out, made_ck = where.made_out, not os.path.exists(where.ckdir)
     ckpt = checkpoint.Checkpoints(where.ckdir)
     history, seconds_before = [], 0.0
     if where.done:
-        state, history, seconds_before = ckpt.restore(where.done[-1], abstract)
+        try:                                            # a damaged checkpoint: one line, OUT left as it is
+            state, history, seconds_before = ckpt.restore(where.done[-1], abstract, len(where.files))
+        except BaseException:
+            ckpt.close()
+            raise
     else:
         state = step.init_state(settings, geom, mesh)
     params = jax.tree.map(lambda a: global_array(mesh, P(), np.asarray(a), np.shape(a)), backbone.params)
@@ -173,12 +236,12 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
     try:
         with F.Prefetcher(produce, range(start, total), depth=settings.prefetch) as batches:
             for s, (idx, x, ok, bad) in batches:
-                for i, why in bad.items():
-                    if i not in failed:
-                        _say(f"spectral-jax dataset: skipping {where.files[i]}: {why}")
-                    failed[i] = why
-                state, m = compiled(state, params, global_array(mesh, P(AXIS), x, (b, *hw, 3)),
-                                    global_array(mesh, P(), idx, (b,)), global_array(mesh, P(AXIS), ok, (b,)))
+                failed.update(bad)                      # reported once each at the export (`_report_skipped`)
+                state, m, nonfinite = compiled(state, params, global_array(mesh, P(AXIS), x, (b, *hw, 3)),
+                                               global_array(mesh, P(), idx, (b,)),
+                                               global_array(mesh, P(AXIS), ok, (b,)))
+                failed.update({int(i): nonfinite_reason(backbone.name, int(layer))
+                               for i, layer in zip(idx, gather(nonfinite)) if i >= 0 and layer >= 0})
                 m = step.Metrics(*(float(np.asarray(gather(v))) for v in m))
                 history.append([round(m.loss_first, 7), round(m.loss, 7), round(m.objective, 7), int(m.images)])
                 steps_run += 1
@@ -200,7 +263,7 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
         if not finished and last_saved is None:         # failed before the first checkpoint: leave nothing behind
             inputs.discard(where.out if made_out else where.ckdir if made_ck else None, jax.process_index())
     trained = Trained(state, history, steps_run, failed, time.perf_counter() - t_loop, seconds_before)
-    if unreadable or not (gather(state.status)[:len(where.files)] == 1).any():
+    if unreadable or not (gather(state.status)[:len(where.files)] == step.READ).any():
         # no image was ever read: the checkpoints hold nothing worth resuming, and would block the next run
         inputs.discard(where.out if made_out else where.ckdir, jax.process_index())
         first = next(iter(sorted(failed.items())), None)
@@ -222,7 +285,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     ema = gather(trained.state.ema)[:n]
     status = gather(trained.state.status)[:n]
     table = ema / (1.0 - settings.ema ** steps_now) if settings.ema > 0 else ema
-    ok = status == 1
+    ok = status == step.READ
     names = [f for f, g in zip(where.files, ok) if g]
     eigvecs, probs = export.table_arrays(settings.preset, table[ok])
     t = time.perf_counter()
@@ -237,6 +300,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root), where.out)
     if jax.process_index() == 0:
+        _report_skipped(res.summary["skipped"])
         _warn_unconverged(res.summary["convergence"], per_epoch)
         export.write(res, where.root, settings.figure_images)
     return res
@@ -264,7 +328,7 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         raise InputError(where.out, f"holds the cached {' and '.join(c.split('.')[0] for c in cache)} of an "
                          "earlier run", f"pass --resume to reuse them (or re-export), delete "
                          f"{os.path.join(where.out, checkpoint.FOLDER)} to start over, or choose another --out")
-    made_out, made_ck = not os.path.exists(where.out), not os.path.exists(where.ckdir)
+    made_out, made_ck = where.made_out, not os.path.exists(where.ckdir)
     bar = _bar(progress, len(where.files), 0)
     finished = False
     try:
@@ -276,8 +340,6 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
             bar.close()
         if not finished and not cache and not os.path.isfile(os.path.join(where.ckdir, whole.FEATURES)):
             inputs.discard(where.out if made_out else where.ckdir if made_ck else None, jax.process_index())
-    for i, why in sorted(solved.failed.items()):
-        _say(f"spectral-jax dataset: skipping {where.files[i]}: {why}")
     n = len(where.files)
     ok = solved.valid[:n]
     if solved.result is None:
@@ -297,26 +359,27 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root), where.out)
     if jax.process_index() == 0:
+        _report_skipped(skipped)
         export.write(out, where.root, settings.figure_images)
     return out
 
 
-def _exact_weights(settings: Settings, geom) -> list | str | None:
-    """Per-group layer weights `[L]` ({layer: weight}, default 1) for `solvers.exact` (None: equal); a rule name
-    is passed on (`whole.solve` applies it to the graphs)."""
-    if settings.layer_weights is None or isinstance(settings.layer_weights, str):
-        return settings.layer_weights
-    lw = dict(settings.layer_weights)
-    return [np.asarray([float(lw.get(i, 1.0)) for i in layers], np.float32) for _, layers in geom.groups]
+def _exact_weights(settings: Settings, geom) -> dict | str | None:
+    """{tapped layer: weight} (default 1), a rule name, or None (equal), for `whole.layer_weights` (which scales
+    numbers in float64 before the float32 cast and applies a rule to the graphs)."""
+    return settings.layer_weight_map([l for _, layers in geom.groups for l in layers])
 
 
 def _skipped(where: Folder, status: np.ndarray, failed: dict, pre, size) -> list[dict]:
-    """[{"file", "reason"}] of the images found unreadable (status 2), the reason read again where this process
-    did not see the failure (another process's slot, or an earlier run's)."""
+    """[{"file", "reason"}] of the images left out: unreadable, or whose taps held NaN or Inf (`step.NONFINITE`),
+    the reason read again where this process did not see the failure (another process's slot, or an earlier
+    run's)."""
     out = []
-    for i in np.flatnonzero(status == 2):
+    for i in np.flatnonzero((status == step.UNREADABLE) | (status == step.NONFINITE)):
         why = failed.get(int(i))
-        if why is None:
+        if why is None and status[i] == step.NONFINITE:
+            why = "the backbone gave NaN or Inf for it (in an earlier run of this OUT)"
+        elif why is None:
             try:
                 F.read_image(os.path.join(where.root, where.files[i]), size, pre)
                 why = "could not be read during the run"
@@ -324,6 +387,13 @@ def _skipped(where: Folder, status: np.ndarray, failed: dict, pre, size) -> list
                 why = e.problem
         out.append({"file": where.files[i], "reason": why})
     return out
+
+
+def _report_skipped(skipped: list[dict]) -> None:
+    """One stderr line per skipped image, once, from the list summary.json gets (so the two agree, whichever
+    process or earlier run of a resumed OUT met the image)."""
+    for d in skipped:
+        _say(f"spectral-jax dataset: skipping {d['file']}: {d['reason']}")
 
 
 def _bar(progress: bool, total: int, start: int):

@@ -24,6 +24,28 @@ FEATURE_DTYPES = ("float32", "bfloat16")
 TOL = float(np.sqrt(np.finfo(np.float32).eps))   # = solvers.exact.LOBPCG_TOL (a relative residual float32 reaches)
 GRAPHS = ("knn-qk", "knn-vv")
 DEFAULT_K = 50           # k_intra / k_inter when not given (then capped by the tokens available)
+# The options only one method reads ({method: {field: its flag}}): given with the other method, they would be
+# ignored, so `check_method_options` refuses them. (batch_size, k, min_cos, seed, block, prefetch, layer_weights
+# numbers, segments and figure_images steer both; the layer-weight rules are checked on their own.)
+METHOD_OPTIONS = {
+    "exact": {"features_dtype": "--bf16-features", "maxiter": "--maxiter", "tol": "--tol"},
+    "gd": {"preset": "--preset", "epochs": "--epochs", "inner_steps": "--inner-steps", "lr": "--lr",
+           "ema": "--ema", "checkpoint_every": "--checkpoint-every", "weight_decay": "weight_decay", "lam": "lam"},
+}
+
+
+def check_method_options(method: str, given) -> None:
+    """Refuse options of the other method (`METHOD_OPTIONS`) among `given` (field names): one `InputError` line
+    naming their flags. The one rule for both directions — `Settings` passes the fields that differ from their
+    defaults, the CLI the flags typed (so `--epochs 10` under exact is refused too)."""
+    for other, options in METHOD_OPTIONS.items():
+        if other == method:
+            continue
+        flags = [flag for field, flag in options.items() if field in set(given)]
+        if flags:
+            raise InputError(", ".join(flags), f"apply to --method {other} only (method {method!r} would ignore "
+                             f"{'them' if len(flags) > 1 else 'it'})",
+                             f"drop {' '.join(flags)}, or use --method {other}")
 
 
 def _integer(flag: str, v, example) -> int:
@@ -132,6 +154,10 @@ class Settings:
     ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments: the number of
     dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
     change it).
+
+    Options only one method reads (`METHOD_OPTIONS`: epochs, inner_steps, lr, ema, … for gd; features_dtype, maxiter,
+    tol for exact) set away from their defaults under the other method are refused (`check_method_options`): they
+    would be ignored silently.
     """
 
     model: str = "dinov2_vits14"
@@ -183,6 +209,8 @@ class Settings:
         for k, v in norm.items():
             object.__setattr__(self, k, v)
         self._check_ranges()
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        check_method_options(self.method, [f for f in _method_fields() if getattr(self, f) != defaults[f]])
 
     def _check_ranges(self) -> None:
         def bad(flag, problem, fix):
@@ -222,8 +250,9 @@ class Settings:
         elif self.layer_weights is not None:
             ws = [w for _, w in self.layer_weights]
             if not ws or not all(math.isfinite(w) and w >= 0 for w in ws) or not any(w > 0 for w in ws):
-                bad("layer_weights", f"need finite weights ≥ 0, not all 0, got {dict(self.layer_weights)}",
-                    "pass e.g. layer_weights={11: 1.0, 10: 0.5}")
+                bad("layer_weights", f"need finite weights ≥ 0, not all 0 (a weight under ~1e-308 is 0), got "
+                    f"{dict(self.layer_weights)}", "pass e.g. layer_weights={11: 1.0, 10: 0.5} (only their ratios "
+                    "count)")
         if self.k_intra is not None and self.k_intra < 0 or self.k_inter is not None and self.k_inter < 0 \
                 or self.k_intra == 0 and self.k_inter == 0:
             bad("--k-intra/--k-inter", f"need k ≥ 0 and k_intra + k_inter > 0, got {self.k_intra}, {self.k_inter}",
@@ -247,8 +276,18 @@ class Settings:
         """A copy with the fields that do not change the compiled step (the backbone's provenance, which the
         step sees as its `apply`, and what only steers the run) at fixed values: runs that compute the same step
         compare equal."""
-        return dataclasses.replace(self, model="", weights=None, layers="all", epochs=1, checkpoint_every=1,
-                                   prefetch=1, figure_images=0, segments="auto")
+        steer = ("epochs", "checkpoint_every", "prefetch", "figure_images", "segments")
+        return dataclasses.replace(self, model="", weights=None, layers="all",
+                                   **{f.name: f.default for f in dataclasses.fields(self) if f.name in steer})
+
+    def layer_weight_map(self, layers) -> dict | None:
+        """{layer: weight} over the tapped `layers` (a layer not named weighs 1), floats as given — for
+        `layer_weights.for_groups`, which scales them in float64 (so 1e-45 or 1e308 become well-formed float32
+        weights); a rule name passes through; None when no weights were given."""
+        if self.layer_weights is None or isinstance(self.layer_weights, str):
+            return self.layer_weights
+        given = dict(self.layer_weights)
+        return {int(l): float(given.get(int(l), 1.0)) for l in layers}
 
     def result_fields(self) -> dict:
         """The settings that define the result (a resumed run must match them), JSON-ready."""
@@ -258,10 +297,14 @@ class Settings:
         return d
 
 
+def _method_fields() -> list[str]:
+    return [f for options in METHOD_OPTIONS.values() for f in options]
+
+
 RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size",
                  "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "lam", "layer_weights",
                  "seed", "block")
 
 
-__all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "PRESETS", "RESULT_FIELDS", "Settings", "TOL",
-           "parse_segments"]
+__all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS", "RESULT_FIELDS",
+           "Settings", "TOL", "check_method_options", "parse_segments"]

@@ -3,7 +3,7 @@ optimizer steps on the batch's rows of the table → the table, its EMA, the per
 
     state = init_state(settings, geom, mesh)
     step = compile_step(backbone, layers, settings, geom, mesh, state, batch_spec)   # before anything is written
-    state, metrics = step(state, params, x, idx, valid)
+    state, metrics, nonfinite = step(state, params, x, idx, valid)
 
 The graph is `graphs.knn` over all B·N tokens of the batch (`graphs.knn_inputs`: heads concatenated), padded and
 unreadable slots masked, rows searched under `shard_map` (`mesh`). Presets (what a table row holds, which loss the
@@ -34,10 +34,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from spectral_jax import graphs as G
-from spectral_jax.dataset.layout import AXIS, Geometry
+from spectral_jax.dataset.layout import AXIS, Geometry, tapped
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.objective import from_nodes, normalised_weights, paper_loss, rayleigh, to_nodes
 from spectral_jax.solvers.gd import default_lr, retract, riemannian_grad
+
+
+UNSEEN, READ, UNREADABLE, NONFINITE = 0, 1, 2, 3     # an image's status; NONFINITE: its taps held NaN or Inf
 
 
 class State(NamedTuple):
@@ -46,7 +49,7 @@ class State(NamedTuple):
     table: jax.Array            # [R, K, h, w] float32: logits (paper) or free values (eigen)
     ema: jax.Array              # [R, K, h, w] float32: its moving average (not debiased)
     opt: Any                    # the optimizer's state, one per row (leaves [R, ...])
-    status: jax.Array           # [R] int8: 0 unseen, 1 read, 2 unreadable
+    status: jax.Array           # [R] int8: UNSEEN, READ, UNREADABLE, NONFINITE (the backbone's output)
     step: jax.Array             # int32 scalar: steps taken
 
 
@@ -120,23 +123,34 @@ def _put(mesh: Mesh, arr, idx, rows, mask):
                                                                                                  mask)
 
 
-def _layer_weights(settings: Settings, geom: Geometry):
-    if settings.layer_weights is None:
+def _layer_weights(settings: Settings, geom: Geometry, graphs):
+    """Per-group float32 weights of {layer: weight} (`Settings.layer_weight_map`; None: equal), scaled in float64
+    first (`layer_weights.for_groups`, static numbers: constants of the compiled step)."""
+    from spectral_jax import layer_weights as LW
+
+    group_layers = [tuple(layers) for _, layers in geom.groups]
+    lw = settings.layer_weight_map([l for ls in group_layers for l in ls])
+    if lw is None:
         return None
-    lw = dict(settings.layer_weights)
-    return [jnp.asarray([float(lw.get(i, 1.0)) for i in layers], jnp.float32) for _, layers in geom.groups]
+    return [jnp.asarray(w) for w in LW.for_groups(graphs, group_layers, lw, settings.num_eigs)[0]]
 
 
 def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh | None, params, x, valid
-                 ) -> list[G.KnnGraph]:
-    """One `graphs.knn` group per layer group over the batch's tokens: x `[B, H, W, 3]`, valid `[B]`."""
-    taps = apply(params, x, layers, False).patches()
+                 ) -> tuple[list[G.KnnGraph], jax.Array]:
+    """One `graphs.knn` group per layer group over the batch's tokens: x `[B, H, W, 3]`, valid `[B]` → (graphs,
+    nonfinite `[B]` int32). The taps are checked where they arrive (`layout.tapped`: shapes while tracing; per
+    image the first layer with NaN or Inf, −1 none): such an image is masked like an unreadable one and its
+    features zeroed, so nothing of it reaches the graph."""
+    taps, nonfinite = tapped(apply, params, x, layers)
+    valid = valid & (nonfinite < 0)
     out = []
     for grid, group in geom.groups:
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, settings.batch_size)
-        out.append(G.knn(*G.knn_inputs([taps.layers[i] for i in group], settings.graph), grid, settings.batch_size,
-                         k_intra, k_inter, settings.min_cos, settings.block, valid=valid, mesh=mesh, axis=AXIS))
-    return out
+        keep = jnp.repeat(valid, grid[0] * grid[1])[None, :, None]
+        a, b = (jnp.where(keep, y, 0) for y in G.knn_inputs([taps.layers[i] for i in group], settings.graph))
+        out.append(G.knn(a, b, grid, settings.batch_size, k_intra, k_inter, settings.min_cos, settings.block,
+                         valid=valid, mesh=mesh, axis=AXIS))
+    return out, nonfinite
 
 
 def _brockett(k: int):
@@ -186,24 +200,30 @@ def solve_batch(settings: Settings, geom: Geometry, opt, graphs, ws, rows, ost, 
 
 
 def dataset_step(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh, state: State, params,
-                 x, idx, valid) -> tuple[State, Metrics]:
+                 x, idx, valid) -> tuple[State, Metrics, jax.Array]:
     """One step: x `[B, H, W, 3]` (sharded by image), idx `[B]` int32 (image of each slot, −1: padding),
-    valid `[B]` bool (sharded) → the new state and the step's metrics."""
+    valid `[B]` bool (sharded: the file was read) → the new state, the step's metrics and nonfinite `[B]` int32
+    (replicated: per slot the first layer whose taps held NaN or Inf, −1 none; such an image is left out of the
+    step like an unreadable one, status `NONFINITE`)."""
     opt = make_optimizer(settings, geom)
-    graphs = batch_graphs(apply, layers, settings, geom, mesh, params, x, valid)
+    graphs, nonfinite = batch_graphs(apply, layers, settings, geom, mesh, params, x, valid)
     rep = NamedSharding(mesh, P())
-    valid_r = lax.with_sharding_constraint(valid, rep)
+    nonfinite = lax.with_sharding_constraint(nonfinite, rep)
+    read = lax.with_sharding_constraint(valid, rep)
+    valid_r = read & (nonfinite < 0)
     slot = jnp.where(idx >= 0, idx, geom.rows)
     rows = _fetch(mesh, state.table, slot)
     ost = jax.tree.map(lambda s: _fetch(mesh, s, slot), state.opt)
-    rows, ost, hist, loss, obj = solve_batch(settings, geom, opt, graphs, _layer_weights(settings, geom), rows, ost,
-                                             valid_r)
+    rows, ost, hist, loss, obj = solve_batch(settings, geom, opt, graphs, _layer_weights(settings, geom, graphs),
+                                             rows, ost, valid_r)
     table = _put(mesh, state.table, idx, rows, valid_r)
+    status = jnp.where(valid_r, READ, jnp.where(read, NONFINITE, UNREADABLE)).astype(jnp.int8)
     new = State(table, settings.ema * state.ema + (1.0 - settings.ema) * table,
                 jax.tree.map(lambda s, r: _put(mesh, s, idx, r, valid_r), state.opt, ost),
-                _put(mesh, state.status, idx, jnp.where(valid_r, 1, 2).astype(jnp.int8), idx >= 0), state.step + 1)
+                _put(mesh, state.status, idx, status, idx >= 0), state.step + 1)
     metrics = Metrics(hist[0], loss, obj, valid_r.sum())
-    return lax.with_sharding_constraint(new, shardings(mesh, new)), lax.with_sharding_constraint(metrics, rep)
+    return (lax.with_sharding_constraint(new, shardings(mesh, new)), lax.with_sharding_constraint(metrics, rep),
+            nonfinite)
 
 
 _dataset_step = jax.jit(dataset_step, static_argnums=(0, 1, 2, 3, 4))
@@ -220,5 +240,5 @@ def compile_step(backbone, layers, settings: Settings, geom: Geometry, mesh: Mes
                                *batch_spec).compile()
 
 
-__all__ = ["Metrics", "State", "abstract_state", "batch_graphs", "compile_step", "dataset_step", "init_state",
-           "learning_rate", "make_optimizer", "solve_batch"]
+__all__ = ["Metrics", "NONFINITE", "READ", "State", "UNREADABLE", "UNSEEN", "abstract_state", "batch_graphs",
+           "compile_step", "dataset_step", "init_state", "learning_rate", "make_optimizer", "solve_batch"]

@@ -13,8 +13,10 @@
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
 Several processes: process p reads and searches the images [p·n/P, (p+1)·n/P) (`process_share`), the graph is
 gathered to every process, each solves it (the same deterministic solve), process 0 writes; no features cache.
-Steps 1 and 2 are cached in OUT/checkpoints (features.npz, graph.npz, each with the settings that made it), so a
-rerun with `resume` skips the forward and the search.
+Steps 1 and 2 are cached in OUT/checkpoints (features.npz, graph.npz, each with the settings and the image files'
+content digests that made it, `cache_key`), so a rerun with `resume` skips the forward and the search; a cache made
+from other images or settings is refused in one line (`checkpoint.check_same`), and one whose arrays are damaged —
+unreadable, of the wrong shape or dtype, non-finite, neighbour indices out of range — too (`load_cache`), never used.
 
 Memory: the features (L·N·H·D values) plus the graph (L·N·k indices and weights) plus the coalesced operator.
 
@@ -27,10 +29,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
 import json
 import os
 import time
+import zipfile
+import zlib
 from typing import NamedTuple
 
 import jax
@@ -41,9 +44,9 @@ from jax.sharding import PartitionSpec as P
 
 from spectral_jax import folder as F
 from spectral_jax import graphs as G
-from spectral_jax.dataset.layout import AXIS, Geometry, gather, global_array
+from spectral_jax.dataset.layout import (AXIS, Geometry, gather, gather_reasons, global_array,
+                                         nonfinite_reason, tapped)
 from spectral_jax.dataset.settings import Settings
-from spectral_jax.errors import InputError
 from spectral_jax.files import save_npz
 
 FEATURES, GRAPH = "features.npz", "graph.npz"
@@ -74,7 +77,12 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
                     bar=None) -> Features:
     """Run the backbone over this process's share of `files` (`process_share`), batch by batch (each process
     `batch_size`/P images of a batch), and keep only the merged features of each layer group, on the host:
-    a, b `[L, (n/P)·h·w, F]` (this process's rows); valid `[n]` all processes' (gathered)."""
+    a, b `[L, (n/P)·h·w, F]` (this process's rows); valid `[n]` all processes' (gathered); failed {image: why}
+    all processes' (gathered).
+
+    The taps are checked where they arrive (`layout.tapped`): a wrong shape is refused while tracing (one
+    `InputError`); an image whose taps hold NaN or Inf — found inside the jitted forward, one int per image beside
+    the features — is not valid, its features are zeros, and `failed` says why (the first such layer)."""
     procs = jax.process_count()
     n = padded_images(len(files), geom.devices)
     first, share = process_share(n)
@@ -83,15 +91,18 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     pre, per = backbone.preprocess, [grid[0] * grid[1] for grid, _ in geom.groups]
     rows = NamedSharding(mesh, P(AXIS))
     feat_rows = NamedSharding(mesh, P(None, AXIS))
+    what = f"backbone {backbone.name!r}"
 
-    @functools.partial(jax.jit, out_shardings=feat_rows)
+    @functools.partial(jax.jit, out_shardings=(feat_rows, rows))
     def forward(params, x):
-        taps = backbone.apply(params, x, layers, False).patches()
+        taps, nonfinite = tapped(backbone.apply, params, x, layers, what)
         out = []
-        for _, group in geom.groups:
-            a, bb = G.knn_inputs([taps.layers[i] for i in group], settings.graph)
-            out.append((a.astype(dtype), None if settings.graph == "knn-vv" else bb.astype(dtype)))
-        return out
+        for (grid, group), p in zip(geom.groups, per):
+            keep = jnp.repeat(nonfinite < 0, p)[None, :, None]          # [1, B·h·w, 1]: a NaN image's rows → 0
+            a, bb = (jnp.where(keep, y, 0).astype(dtype)
+                     for y in G.knn_inputs([taps.layers[i] for i in group], settings.graph))
+            out.append((a, None if settings.graph == "knn-vv" else bb))
+        return out, nonfinite
 
     params = backbone.params if procs == 1 else jax.tree.map(
         lambda x: global_array(mesh, P(), np.asarray(x), np.shape(x)), backbone.params)
@@ -107,11 +118,16 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     with F.Prefetcher(produce, range(0, share, b_loc), depth=settings.prefetch) as batches:
         for start, (idx, x, ok, bad) in batches:
             failed.update(bad)
-            valid[idx[idx >= 0] - first] = ok[idx >= 0]
             x = jax.device_put(x, rows) if procs == 1 else global_array(mesh, P(AXIS), x,
                                                                            (settings.batch_size, *x.shape[1:]))
-            outs = forward(params, x)
-            m = int((idx >= 0).sum())
+            outs, nonfinite = forward(params, x)
+            nonfinite = _local_rows(nonfinite, axis=0)                     # [B/P] this process's slots
+            for i, layer in zip(idx, nonfinite):
+                if i >= 0 and layer >= 0 and i not in bad:
+                    failed[int(i)] = nonfinite_reason(backbone.name, int(layer))
+            real = idx >= 0
+            valid[idx[real] - first] = ok[real] & (nonfinite[real] < 0)
+            m = int(real.sum())
             for g, pair in enumerate(outs):
                 fa, fb = (None if y is None else _local_rows(y) for y in pair)
                 if a[g] is None:
@@ -127,13 +143,15 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
         from jax.experimental import multihost_utils
 
         valid = np.asarray(multihost_utils.process_allgather(valid, tiled=True))
+        failed = gather_reasons(failed)
     return Features(a, [x if y is None else y for x, y in zip(a, bs)], valid, failed)
 
 
-def _local_rows(x: jax.Array) -> np.ndarray:
-    """This process's rows of `x` `[L, R, F]` sharded over the rows, in order, as one host array."""
-    shards = sorted({s.index[1].start or 0: s for s in x.addressable_shards}.items())
-    return np.concatenate([np.asarray(s.data) for _, s in shards], axis=1)
+def _local_rows(x: jax.Array, axis: int = 1) -> np.ndarray:
+    """This process's rows of `x` sharded over `axis` (`[L, R, F]`: axis 1; `[R]`: axis 0), in order, as one host
+    array."""
+    shards = sorted({s.index[axis].start or 0: s for s in x.addressable_shards}.items())
+    return np.concatenate([np.asarray(s.data) for _, s in shards], axis=axis)
 
 
 def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh) -> list[G.KnnGraph]:
@@ -159,9 +177,9 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
 
 
 def cache_key(kind: str, fp: dict) -> dict:
-    """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, files, graph kind,
-    features dtype) for features; plus k and min_cos for the graph."""
-    keys = ["model", "weights", "layers", "size", "files_sha256", "num_images", "graph", "features_dtype"]
+    """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, the image files and
+    their content digests, graph kind, features dtype) for features; plus k and min_cos for the graph."""
+    keys = ["model", "weights", "layers", "size", "files", "num_images", "graph", "features_dtype"]
     if kind == "graph":
         keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block"]
     return {k: fp.get(k) for k in keys}
@@ -181,32 +199,105 @@ def save_features(path: str, feats: Features, key: dict) -> None:
     save_npz(path, arrays)
 
 
-def load_cache(path: str, key: dict) -> dict | None:
-    """The arrays of a cache file made with `key` (None when absent); another key: one `InputError`."""
+def load_cache(path: str, key: dict, geom: Geometry) -> dict | None:
+    """The arrays of a cache file made with `key` (None when absent), checked against the run (`geom`, `key`):
+    "failed" parsed to {image: why}. Made with another key: one `InputError` naming what changed
+    (`checkpoint.check_same`); unreadable or damaged (`_cache_problem`): one `InputError` naming the file."""
+    from spectral_jax.dataset import checkpoint
+
     if not os.path.isfile(path):
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
             d = {k: f[k] for k in f.files}
         old = json.loads(str(d.pop("key")))
-    except (OSError, ValueError, KeyError) as e:
-        raise InputError(path, f"is an unreadable cache ({type(e).__name__})",
-                         "delete it to recompute it, or choose another --out") from None
-    if old != json.loads(json.dumps(key, sort_keys=True)):
-        diff = sorted(k for k in set(key) | set(old) if key.get(k) != old.get(k))
-        raise InputError(os.path.dirname(os.path.dirname(path)), "was made with other settings: " + ", ".join(
-            f"{k} {old.get(k)!r} → {key.get(k)!r}" for k in diff[:4]),
-            "resume with the same folder and settings, or choose another --out")
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        raise checkpoint.damaged(path, f"unreadable: {type(e).__name__}") from None
+    if not isinstance(old, dict):
+        raise checkpoint.damaged(path, "its key is not an object")
+    checkpoint.check_same(os.path.dirname(os.path.dirname(path)), old, json.loads(json.dumps(key, sort_keys=True)))
+    why = _cache_problem(d, key, geom)
+    if why:
+        raise checkpoint.damaged(path, why)
     return d
 
 
+def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
+    """What is wrong with the arrays `d` of a cache made with `key` for a run of geometry `geom` (None: nothing).
+    Both: valid `[n]` bool (False past the images, some True), failed {image < images: why} on invalid images.
+    Features: a{g} (and b{g} unless knn-vv) `[L_g, n·h·w, F]` float32 or bfloat16 bits, finite. Graph: idx{g}
+    `[L_g, n·h·w, k]` integers in [0, n·h·w), w{g} finite with 0 or (min_cos, 1], 0 on invalid images' rows,
+    deg{g} `[L_g, n·h·w]` the row sums of ½(A + Aᵀ). Modifies `d`: "failed" becomes a dict."""
+    images = key["num_images"]
+    n = padded_images(images, geom.devices)
+    valid = d.get("valid")
+    if not isinstance(valid, np.ndarray) or valid.dtype != bool or valid.shape != (n,):
+        return f"valid is not {n} booleans"
+    if valid[images:].any() or not valid.any():
+        return "valid marks no image, or padding as an image"
+    try:
+        failed = {int(i): w for i, w in json.loads(str(d.get("failed", ""))).items()}
+    except (ValueError, TypeError, AttributeError):
+        return "failed is not a JSON object of image: reason"
+    if not all(0 <= i < images and not valid[i] and isinstance(w, str) for i, w in failed.items()):
+        return "failed names images out of range or read"
+    d["failed"] = failed
+    graph = "k_intra_effective" in key
+    for g, (grid, layers) in enumerate(geom.groups):
+        rows, shape = n * grid[0] * grid[1], (len(layers), n * grid[0] * grid[1])
+        if not graph:
+            want = np.uint16 if key["features_dtype"] == "bfloat16" else np.float32
+            names = [f"a{g}"] + ([f"b{g}"] if key["graph"] != "knn-vv" or f"b{g}" in d else [])
+            for name in names:
+                x = d.get(name)
+                if not isinstance(x, np.ndarray) or x.dtype != want or x.ndim != 3 or x.shape[:2] != shape or \
+                        x.shape[2] < 1 or x.shape != d[names[0]].shape:
+                    return f"{name} is not {want.__name__} [{shape[0]}, {shape[1]}, F]"
+                if not _finite(x):
+                    return f"{name} holds NaN or infinite values"
+            continue
+        k_intra, k_inter = G.clamp_k(key["k_intra_effective"], key["k_inter_effective"], grid, n)
+        idx, w, deg = (d.get(f"{x}{g}") for x in ("idx", "w", "deg"))
+        full = (*shape, k_intra + k_inter)
+        if not isinstance(idx, np.ndarray) or not np.issubdtype(idx.dtype, np.integer) or idx.shape != full:
+            return f"idx{g} is not integers {list(full)}"
+        if idx.size and (idx.min() < 0 or idx.max() >= rows):
+            return f"idx{g} holds neighbours outside [0, {rows})"
+        if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.shape != full:
+            return f"w{g} is not float32 {list(full)}"
+        if not isinstance(deg, np.ndarray) or deg.dtype != np.float32 or deg.shape != shape:
+            return f"deg{g} is not float32 {list(shape)}"
+        if not _finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all():
+            return f"w{g} holds weights that are not 0 or cosines above min_cos"
+        if w.reshape(len(layers), n, -1)[:, ~valid].any():
+            return f"w{g} gives edges to unreadable images"
+        for layer in range(len(layers)):
+            sums = 0.5 * (w[layer].sum(-1, dtype=np.float64) + np.bincount(
+                idx[layer].ravel(), w[layer].ravel().astype(np.float64), minlength=rows))
+            if not np.allclose(deg[layer], sums, rtol=1e-4, atol=1e-5):
+                return f"deg{g} is not the degree of idx{g}, w{g}"
+    return None
+
+
+def _finite(x: np.ndarray, chunk: int = 1 << 24) -> bool:
+    """All values finite (bfloat16 stored as uint16 bits: exponent not all ones), checked in slices of `chunk`
+    values (no copy of the whole array)."""
+    flat = x.reshape(-1)
+    for i in range(0, flat.size, chunk):
+        part = flat[i:i + chunk]
+        if not (((part & 0x7F80) != 0x7F80).all() if part.dtype == np.uint16 else np.isfinite(part).all()):
+            return False
+    return True
+
+
 def features_from(d: dict, settings: Settings, groups: int) -> Features:
+    """`Features` from the arrays of a features cache (as `load_cache` gives them: checked, "failed" a dict)."""
     def arr(x):
         return x.view(jnp.bfloat16) if settings.features_dtype == "bfloat16" else x
 
     a = [arr(d[f"a{g}"]) for g in range(groups)]
     b = [arr(d[f"b{g}"]) if f"b{g}" in d else a[g] for g in range(groups)]
-    return Features(a, b, d["valid"], {int(i): w for i, w in json.loads(str(d["failed"])).items()})
+    return Features(a, b, d["valid"], d["failed"])
 
 
 def _failed_json(failed: dict) -> np.ndarray:
@@ -221,12 +312,9 @@ def save_graphs(path: str, gs: list, key: dict, valid: np.ndarray, failed: dict)
 
 
 def graphs_from(d: dict, geom: Geometry, num_images: int) -> list[G.KnnGraph]:
+    """The graph groups of a graph cache (as `load_cache` gives it: checked); num_images: padded."""
     return [G.KnnGraph(jnp.asarray(d[f"idx{g}"]), jnp.asarray(d[f"w{g}"]), jnp.asarray(d[f"deg{g}"]), tuple(grid),
                        (len(layers),), num_images) for g, (grid, layers) in enumerate(geom.groups)]
-
-
-def files_hash(files: list) -> str:
-    return hashlib.sha256("\n".join(files).encode()).hexdigest()
 
 
 class Solved(NamedTuple):
@@ -250,15 +338,15 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
     gpath, fpath = os.path.join(ckdir, GRAPH), os.path.join(ckdir, FEATURES)
     n = padded_images(len(files), geom.devices)
     gkey, fkey = cache_key("graph", fp), cache_key("features", fp)
-    d = load_cache(gpath, gkey)
+    d = load_cache(gpath, gkey, geom)
     if d is not None:
         cached.append("graph")
         gs = graphs_from(d, geom, n)
-        valid, failed = d["valid"], {int(i): w for i, w in json.loads(str(d["failed"])).items()}
+        valid, failed = d["valid"], d["failed"]
     else:
         t = time.perf_counter()
         one = jax.process_count() == 1       # several processes: each holds only its rows, no features cache
-        fd = load_cache(fpath, fkey) if one else None
+        fd = load_cache(fpath, fkey, geom) if one else None
         if fd is not None:
             cached.append("features")
             feats = features_from(fd, settings, len(geom.groups))
@@ -287,20 +375,23 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
 
 
 def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tuple[list | None, dict]:
-    """(per-group weights for `exact`, {"rule", "weights": {layer: w}}): a rule name (`spectral_jax.layer_weights`:
-    "eigengap" / "select" read each layer's own top-K spectrum — one sparse solve per layer; on kNN graphs, one graph
-    per layer, "select" is the layer of the largest eigengap) or the given per-group arrays (None: equal)."""
+    """(per-group float32 weights for `exact`, {"rule", "weights": {layer: w}}) from `weights`: None (equal), a
+    rule name (`spectral_jax.layer_weights`: "eigengap" / "select" read each layer's own top-K spectrum — one sparse
+    solve per layer; on kNN graphs, one graph per layer, "select" is the layer of the largest eigengap) or
+    {layer: weight} over the tapped layers (`Settings.layer_weight_map`). Numbers go through
+    `layer_weights.for_groups`, as analyze's do: scaled in float64 (by the largest, then to sum 1) before the
+    float32 cast, so 1e-45 or 1e308 give the same weights as 1 (`Settings` has refused non-finite, negative and
+    all-zero ones before anything ran)."""
     from spectral_jax import layer_weights as LW
 
     group_layers = [tuple(layers) for _, layers in geom.groups]
     rule = weights if isinstance(weights, str) else ("given" if weights is not None else "uniform")
-    if isinstance(weights, str):
+    if weights is None:
+        total = sum(len(ls) for ls in group_layers)
+        per = {l: 1.0 / total for ls in group_layers for l in ls}
+    else:
         weights, per_layer = LW.for_groups(gs, group_layers, weights, settings.num_eigs)
         per = dict(zip(sorted({l for ls in group_layers for l in ls}), per_layer))
-    else:
-        ws = [np.ones(len(ls)) for ls in group_layers] if weights is None else [np.asarray(w) for w in weights]
-        total = float(sum(w.sum() for w in ws))
-        per = {l: float(w) / total for ls, wg in zip(group_layers, ws) for l, w in zip(ls, wg)}
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 

@@ -91,7 +91,8 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     (the faster there), LOBPCG on accelerators. Should ARPACK not converge within `maxiter` restarts, LOBPCG runs
     instead (from the same seed, `maxiter` iterations) and reports its own convergence.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[B, K]` largest first: one solve, repeated per image;
-    `seconds` the whole solve: operators, eigensolver, residuals and per-graph quotients).
+    `seconds` the whole solve: operators, eigensolver, residuals and per-graph quotients; `steps` 0 — it takes no
+    optimisation steps — with the eigensolver's count in info["iterations"]).
     """
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
@@ -141,15 +142,18 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     else:
         converged = method == "exact-dense" or steps < maxiter or bool(res.max() <= tol)
     if not converged:
-        what = ("ARPACK converged by its residual estimate but the measured" if method == "exact-arpack" else
-                f"LOBPCG stopped at maxiter={maxiter} before converging (")
-        warnings.warn(f"exact: {what} max relative residual {res.max():.2e} > tol {tol:.1e}"
-                      f"{'' if method == 'exact-arpack' else ')'}; raise maxiter or tol, or use the dense path "
-                      f"(dense_max >= {m0})", RuntimeWarning, stacklevel=2)
+        # Read by API and command-line users alike: the options named are the API's, with the `dataset` command's
+        # flags beside them (the only command that sets them; none sets dense_max).
+        detail = f"max relative residual {res.max():.2e} > tol {tol:.1e}"
+        what = (f"ARPACK converged by its residual estimate but the measured {detail}" if method == "exact-arpack"
+                else f"LOBPCG stopped at maxiter={maxiter} before converging ({detail})")
+        warnings.warn(f"exact: {what}; raise maxiter or tol (spectral-jax dataset: --maxiter N, --tol T), or, from "
+                      f"Python, take the dense path with dense_max >= {m0}", RuntimeWarning, stacklevel=2)
     info = _info(converged, steps, tol, res)
     if fallback:
         info["arpack"] = f"not converged in maxiter={maxiter} restarts: LOBPCG instead"
-    return assemble(vecs, vals, rqs, obj, bv, nimg, base, steps=steps, seconds=seconds, method=method, info=info)
+    # steps are optimisation steps (gd's), none here: the eigensolver's count is info["iterations"]
+    return assemble(vecs, vals, rqs, obj, bv, nimg, base, steps=0, seconds=seconds, method=method, info=info)
 
 
 def dense_fits(m0: int, num_eigs: int, dense_max: int = DENSE_MAX) -> bool:

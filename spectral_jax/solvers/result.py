@@ -8,15 +8,57 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
+import zipfile
 from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from spectral_jax.errors import InputError
 from spectral_jax.files import save_npz
 from spectral_jax.graphs import AttentionGraph, Graph
 from spectral_jax.objective import from_nodes, normalised_weights, project, to_nodes
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Provenance:
+    """What a `Result` was solved on, for its consumers to check (`pipeline.attribution` refuses a result of
+    another graph kind, other layers or other timesteps).
+
+    graph: the graph kind ("qk", "vv", "knn-qk", "knn-vv"); layers: the tapped layers it was solved on, ascending;
+    layer_weights `[B, L]` float64: each image's weight per layer (in `layers` order, summing to 1, as
+    `layer_weights.for_groups` gives them; uniform 1/L when none were given), or None where the solve took
+    per-graph `weights=` (no one weight per layer); timesteps: the diffusion timesteps folded into the heads axis
+    (`Taps.timesteps`; () for none). A `Result` whose `provenance` is None has unknown provenance: solved on a
+    list of graphs (no layers), or read from a file written without it.
+    """
+
+    graph: str
+    layers: tuple[int, ...]
+    layer_weights: np.ndarray | None = None
+    timesteps: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "graph", str(self.graph))
+        object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        if self.layer_weights is not None:
+            w = np.asarray(self.layer_weights, np.float64)
+            if w.ndim != 2 or w.shape[1] != len(self.layers):
+                raise ValueError(f"layer_weights {w.shape} must be [B, {len(self.layers)}] (one per layer)")
+            object.__setattr__(self, "layer_weights", w)
+
+    def rows(self, sl: slice) -> "Provenance":
+        """The same provenance for the images `sl` of its `[B, L]` layer weights."""
+        w = None if self.layer_weights is None else self.layer_weights[sl]
+        return Provenance(self.graph, self.layers, w, self.timesteps)
+
+    def same_source(self, other: "Provenance | None") -> bool:
+        """Whether `other` was solved on the same graph kind, layers and timesteps (the weights may differ)."""
+        return other is not None and (self.graph, self.layers, self.timesteps) == \
+            (other.graph, other.layers, other.timesteps)
 
 
 @dataclasses.dataclass
@@ -32,7 +74,9 @@ class Result:
     = Σ_k Σ_l w_l R_{l,k}; history `[B, S]` (objective or loss per gd step; S = 0 for exact); orth_error = max over
     the solves of max |XᵀX − I|; steps; seconds (all solves); method; info: solver diagnostics (for several
     per-image solves, aggregated — `converged` all, `iterations` and `max_residual` the largest — with each image's
-    own under `info["per_image"]`). `result.image(b)` is image b as a B = 1 `Result`.
+    own under `info["per_image"]`); provenance: what it was solved on (`Provenance`: graph kind, layers, layer
+    weights, timesteps), None where unknown. `result.image(b)` is image b as a B = 1 `Result`; `Result.load` reads
+    a RESULT.npz back.
     """
 
     eigvecs: np.ndarray
@@ -46,6 +90,7 @@ class Result:
     history: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros((1, 0), np.float32))
     info: dict = dataclasses.field(default_factory=dict)
     joint: bool = False
+    provenance: Provenance | None = None
 
     def __post_init__(self):
         b = self.eigvecs.shape[0]
@@ -53,6 +98,9 @@ class Result:
         self.rq = np.asarray(self.rq, np.float32).reshape(b, -1, self.eigvecs.shape[1])
         self.objective = np.asarray(self.objective, np.float64).reshape(b)
         self.history = np.asarray(self.history, np.float32).reshape(b, -1)
+        p = self.provenance
+        if p is not None and p.layer_weights is not None and p.layer_weights.shape[0] != b:
+            raise ValueError(f"provenance has layer weights of {p.layer_weights.shape[0]} images for {b}")
 
     @property
     def num_eigs(self) -> int:
@@ -74,9 +122,10 @@ class Result:
         per = info.pop("per_image", None)
         if per is not None:
             info.update(per[b])
+        prov = None if self.provenance is None else self.provenance.rows(slice(b, b + 1))
         return Result(self.eigvecs[b:b + 1], self.eigvals[b:b + 1], self.rq[b:b + 1], self.objective[b:b + 1],
                       self.orth_error, self.steps, self.seconds, self.method, self.history[b:b + 1], info,
-                      self.joint)
+                      self.joint, prov)
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary: objective (image 0's / the joint solve's; with several per-image solves their mean,
@@ -96,12 +145,70 @@ class Result:
         """Write RESULT.npz exactly at `path`, atomically, never over one of `inputs`; returns the path.
 
         Arrays (docs/design.md's contract): eigvecs `[B, K, H0, W0]`; eigvals `[K]`, rq `[G, K]`, history `[S]` for one
-        image or a joint solve, else `[B, K]`, `[B, G, K]`, `[B, S]`; summary (JSON)."""
+        image or a joint solve, else `[B, K]`, `[B, G, K]`, `[B, S]`; summary (JSON). With a known provenance,
+        extra members that readers of the contract ignore: `provenance/graph` (str), `provenance/layers` int64
+        `[L]`, `provenance/timesteps` int64 `[T]` and, where there is one weight per layer,
+        `provenance/layer_weights` float64 `[L]` (one image or a joint solve) or `[B, L]`."""
         shared = self.joint or self.num_images == 1
         pick = (lambda a: a[0]) if shared else (lambda a: a)
         arrays = dict(eigvecs=np.asarray(self.eigvecs, np.float32), eigvals=pick(self.eigvals), rq=pick(self.rq),
                       history=pick(self.history), summary=np.array(json.dumps(self.summary())))
+        p = self.provenance
+        if p is not None:
+            arrays.update({"provenance/graph": np.array(p.graph),
+                           "provenance/layers": np.asarray(p.layers, np.int64).reshape(-1),
+                           "provenance/timesteps": np.asarray(p.timesteps, np.int64).reshape(-1)})
+            if p.layer_weights is not None:
+                arrays["provenance/layer_weights"] = pick(p.layer_weights)
         return save_npz(path, arrays, inputs)
+
+    @classmethod
+    def load(cls, path: str) -> "Result":
+        """Read a RESULT.npz written by `save` back into a `Result` (diagnostics from its summary, the rest of the
+        summary as `info`). A file without the `provenance/*` members (written before they were) reads with
+        `provenance` None: unknown. Anything that does not hold the contract's arrays is an `InputError` naming
+        the file; pickles are refused."""
+        fix = "pass a RESULT.npz written by `spectral-jax solve` or Result.save"
+        if not os.path.isfile(path):
+            raise InputError(path, "is a folder, not a RESULT .npz file" if os.path.isdir(path) else "no such file",
+                             fix)
+        try:
+            with np.load(path, allow_pickle=False) as f:
+                data = {k: f[k] for k in f.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+            raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
+        missing = [k for k in ("eigvecs", "eigvals", "rq", "summary") if k not in data]
+        if missing:
+            raise InputError(path, f"lacks {', '.join(missing)} (not a RESULT file)", fix)
+        try:
+            summary = json.loads(str(data["summary"].item()))
+            x = np.asarray(data["eigvecs"], np.float32)
+            b, k = x.shape[:2]
+            joint = bool(summary.get("joint", False))
+            shared = joint or b == 1
+            rep = (lambda a: np.broadcast_to(a, (b, *np.shape(a))).copy()) if shared else (lambda a: a)
+            objective = summary.get("objective_per_image", [summary["objective"]] * b)
+            history = data.get("history", np.zeros((0,) if shared else (b, 0), np.float32))
+            info = {key: v for key, v in summary.items() if key not in _SUMMARY_KEYS}
+            res = cls(x, rep(data["eigvals"]), rep(data["rq"]), objective, float(summary["orth_error"]),
+                      int(summary["steps"]), float(summary["seconds"]), str(summary["method"]), rep(history), info,
+                      joint)
+            if "provenance/graph" in data:
+                w = data.get("provenance/layer_weights")
+                res.provenance = Provenance(str(data["provenance/graph"].item()),
+                                            data["provenance/layers"].reshape(-1).tolist(),
+                                            None if w is None else rep(np.asarray(w, np.float64)),
+                                            data["provenance/timesteps"].reshape(-1).tolist())
+        except (KeyError, ValueError, TypeError, AttributeError) as e:
+            raise InputError(path, f"does not hold a RESULT's arrays and summary ({type(e).__name__}: {e})",
+                             fix) from None
+        if x.ndim != 4 or res.eigvals.shape != (b, k):
+            raise InputError(path, f"eigvecs {x.shape} and eigvals {np.shape(data['eigvals'])} disagree", fix)
+        return res
+
+
+_SUMMARY_KEYS = ("objective", "seconds", "method", "num_eigs", "steps", "orth_error", "eigvals", "grid",
+                 "num_images", "joint", "objective_per_image")   # `Result.summary`'s own; the rest is info
 
 
 def stack(parts: Sequence[Result]) -> Result:
@@ -122,7 +229,18 @@ def stack(parts: Sequence[Result]) -> Result:
     return Result(np.concatenate([p.eigvecs for p in parts]), np.concatenate([p.eigvals for p in parts]),
                   np.concatenate([p.rq for p in parts]), np.concatenate([p.objective for p in parts]),
                   max(p.orth_error for p in parts), parts[0].steps, sum(p.seconds for p in parts), parts[0].method,
-                  hist, info, False)
+                  hist, info, False, _stack_provenance([p.provenance for p in parts]))
+
+
+def _stack_provenance(provs: Sequence[Provenance | None]) -> Provenance | None:
+    """The provenance of stacked per-image results: theirs with the layer weights stacked `[B, L]`; None (unknown)
+    unless every part was solved on the same graph kind, layers and timesteps."""
+    first = provs[0]
+    if first is None or not all(first.same_source(p) for p in provs):
+        return None
+    ws = [p.layer_weights for p in provs]
+    return Provenance(first.graph, first.layers, None if any(w is None for w in ws) else np.concatenate(ws),
+                      first.timesteps)
 
 
 def _jsonable(info: dict) -> dict:
@@ -228,4 +346,4 @@ def finish(graphs: Sequence[Graph], weights, vecs, eigvals, num_images: int, bas
                     history=history, info=info)
 
 
-__all__ = ["Result", "assemble", "finish", "fix_signs", "quotients", "signs", "stack", "to_nodes"]
+__all__ = ["Provenance", "Result", "assemble", "finish", "fix_signs", "quotients", "signs", "stack", "to_nodes"]
