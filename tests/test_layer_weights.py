@@ -2,6 +2,8 @@
 the math says, the rules read only the graphs and are deterministic and scale-invariant, and `sweep` solves each
 layer subset of one forward."""
 
+from functools import partial
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,8 @@ import pytest
 
 from spectral_jax import graphs as G
 from spectral_jax import layer_weights as LW
+from spectral_jax.options import GraphSpec, LayerWeights
+from spectral_jax.solvers.exact import layer_solves, layer_spectra
 from spectral_jax import pipeline, solvers
 from spectral_jax.errors import InputError
 from spectral_jax.taps import LayerTap, Taps
@@ -37,7 +41,7 @@ def _sym(p):
 def test_weights_match_a_dense_weighted_construction():
     """exact with layer weights w = top-K of Σ_l w_l Σ_h sym(P_lh) / Σ(w_l·H), built densely with numpy."""
     taps = _taps()
-    gs, gl = pipeline.graph_groups(taps, "qk", 0, dict(tau=0.1, k_intra=5, k_inter=0, min_cos=0.1))
+    gs, gl = pipeline.graph_groups(taps, GraphSpec("qk", k_intra=5, k_inter=0), 0)
     w_layer = np.array([0.5, 0.0, 2.0])
     w, per = LW.for_groups(gs, gl, w_layer, 5)
     np.testing.assert_allclose(per, w_layer / w_layer.sum())
@@ -84,21 +88,25 @@ def _planted(seed=0):
 
 def test_eigengap_rule_prefers_the_layer_with_groups_and_is_scale_invariant():
     g, gl = _planted()
-    layers, res = LW.layer_spectra([g], gl, 6)
+    layers, res = layer_solves([g], gl, 6)
     spectra = np.stack([r.eigvals[0] for r in res])
+    np.testing.assert_array_equal(layer_spectra([g], gl, 6), spectra)
     gap = LW.eigengap(spectra)
     assert layers == [0, 1] and gap[1] > gap[0] + 0.3, gap
     w = LW.rule_weights("eigengap", spectra)
     assert w[1] > 0.8 and abs(w.sum() - 1) < 1e-12
     # scaling one layer's graphs by c (not row-stochastic any more) changes no rule's weights
     scaled = G.dense(g.p * jnp.asarray([3.0, 1.0])[:, None, None, None], GRID)
+    rules = lambda gg, rule: LW.for_groups([gg], gl, rule, 6, spectra=partial(layer_spectra, [gg], gl, 6))[1]
     for rule in LW.RULES:
-        w1 = LW.for_groups([g], gl, rule, 6)[1]
-        w2 = LW.for_groups([scaled], gl, rule, 6)[1]
-        w3 = LW.for_groups([g], gl, rule, 6)[1]                      # deterministic: the same call twice
+        w1 = rules(g, rule)
+        w2 = rules(scaled, rule)
+        w3 = rules(g, rule)                                           # deterministic: the same call twice
         np.testing.assert_allclose(w1, w2, rtol=1e-4, atol=1e-6, err_msg=rule)
         np.testing.assert_array_equal(w1, w3, err_msg=rule)
-    np.testing.assert_array_equal(LW.for_groups([g], gl, "select", 6)[1], [0.0, 1.0])
+    np.testing.assert_array_equal(rules(g, "select"), [0.0, 1.0])
+    with pytest.raises(ValueError, match="spectra"):                  # a rule needs the solver's spectra
+        LW.for_groups([g], gl, "eigengap", 6)
 
 
 def test_head_agreement():
@@ -119,12 +127,12 @@ def test_head_agreement():
 ])
 def test_bad_weights_name_the_problem(spec, needle):
     with pytest.raises(InputError, match=needle):
-        LW.parse(spec, [0, 1, 2])
+        LayerWeights.parse(spec).resolve([0, 1, 2])
 
 
 def test_parse_accepts_rules_and_strings():
-    assert LW.parse("EigenGap", [0, 1]) == "eigengap"
-    np.testing.assert_array_equal(LW.parse("1,0,2", [3, 5, 7]), [1.0, 0.0, 2.0])
+    assert LayerWeights.parse("EigenGap").resolve([0, 1]) == "eigengap"
+    np.testing.assert_array_equal(LayerWeights.parse("1,0,2").resolve([3, 5, 7]), [1 / 3, 0.0, 2 / 3])
     with pytest.raises(InputError, match="both given"):
         pipeline.solve(_taps(), "qk", 3, weights=[np.ones((3, 2))], layer_weights="uniform")
 
@@ -151,7 +159,7 @@ def test_knn_layer_weights_and_subset():
     taps = _taps(layers=2, batch=2, seed=4)
     res = pipeline.solve(taps, "knn-vv", 4, layer_weights="eigengap", k_intra=6, k_inter=4)
     assert res.joint and len(res.info["layer_weights"]) == 2
-    gs, gl = pipeline.graph_groups(taps, "knn-vv", None, dict(tau=0.1, k_intra=6, k_inter=4, min_cos=0.1))
+    gs, gl = pipeline.graph_groups(taps, GraphSpec("knn-vv", k_intra=6, k_inter=4), None)
     sub, kept = LW.subset(gs, gl, [1])
     assert kept == [(1,)] and sub[0].batch_shape == (1,)
     np.testing.assert_allclose(np.asarray(sub[0].dense()[0]), np.asarray(gs[0].dense()[1]), atol=1e-7)
@@ -166,7 +174,7 @@ def test_weight_on_a_coarse_layer_only_solves_on_its_grid():
     assert res.eigvecs.shape == (1, 4, 3, 3)
     alone = pipeline.solve(Taps({1: taps.layers[1]}), "qk", 4)
     np.testing.assert_allclose(res.eigvals, alone.eigvals, rtol=1e-5)
-    gs, gl = pipeline.graph_groups(taps, "qk", 0, dict(tau=0.1, k_intra=5, k_inter=0, min_cos=0.1))
+    gs, gl = pipeline.graph_groups(taps, GraphSpec("qk", k_intra=5, k_inter=0), 0)
     assert LW.base_grid(gs, LW.for_groups(gs, gl, [1.0, 1.0], 4)[0]) == GRID
 
 

@@ -20,7 +20,7 @@ import pytest
 
 import spectral_jax as sj
 from spectral_jax import files
-from spectral_jax import layer_weights as LW
+from spectral_jax.options import LayerWeights
 from spectral_jax.acts import save_acts
 from spectral_jax.errors import InputError
 from spectral_jax.taps import LayerTap, Taps
@@ -106,21 +106,24 @@ def test_huge_equal_layer_weights_are_equal_weights():
 
 
 def test_layer_weight_parse_keeps_numbers_and_rules():
-    assert LW.parse({0: 1, 2: np.float32(0.5)}, [0, 1, 2]).tolist() == [1.0, 0.0, 0.5]
-    assert LW.parse(np.array([1, 2, 3]), [0, 1, 2]).tolist() == [1.0, 2.0, 3.0]
-    assert LW.parse(" EigenGap ", [0, 1]) == "eigengap"
+    """Moved from LW.parse (now `options.LayerWeights`): parse keeps what was given, resolve normalises."""
+    assert LayerWeights.parse({0: 1, 2: np.float32(0.5)}).resolve([0, 1, 2]).tolist() == [2 / 3, 0.0, 1 / 3]
+    assert LayerWeights.parse(np.array([1, 2, 3])).numbers == (1.0, 2.0, 3.0)
+    assert LayerWeights.parse(" EigenGap ").resolve([0, 1]) == "eigengap"
 
 
 def test_layer_weight_numbers_pair_with_layers_in_the_order_given():
-    """`--layers 11,3 --layer-weights 1,0.5` gave layer 3 the 1 (numbers were read in ascending layer order)."""
-    from spectral_jax.pipeline import parse_layer_weights
+    """`--layers 11,3 --layer-weights 1,0.5` gave layer 3 the 1 (numbers were read in ascending layer order).
+    Moved from pipeline.parse_layer_weights to `LayerWeights.bound` with `options.layer_order`."""
+    from spectral_jax.options import layer_order
 
-    assert parse_layer_weights("1,0.5", "11,3", 12).tolist() == [0.5, 1.0]          # layers 3, 11
-    assert parse_layer_weights([2, 1], [-1, 0], 12).tolist() == [1.0, 2.0]          # layers 0, 11
-    assert parse_layer_weights({11: 1}, [11, 3], 12).tolist() == [0.0, 1.0]
-    assert parse_layer_weights("select", "11,3", 12) == "select"
+    bound = lambda w, layers: LayerWeights.parse(w).bound(layer_order(layers, 12)).resolve(layer_order(layers, 12))
+    assert bound("1,0.5", "11,3").tolist() == [1 / 3, 2 / 3]          # layers 3, 11
+    assert bound([2, 1], [-1, 0]).tolist() == [1 / 3, 2 / 3]          # layers 0, 11
+    assert bound({11: 1}, [11, 3]).tolist() == [0.0, 1.0]
+    assert bound("select", "11,3") == "select"
     with pytest.raises(InputError, match="need one per tapped layer"):
-        parse_layer_weights("1,2", "3,3", 12)
+        bound("1,2", "3,3")
 
     from spectral_jax.models import Backbone
 

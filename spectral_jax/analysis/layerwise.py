@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from spectral_jax.layer_weights import eigengap
+
 
 @dataclasses.dataclass
 class Attribution:
@@ -74,16 +76,6 @@ def nanmean(a, axis) -> np.ndarray:
     ok = ~np.isnan(a)
     n = ok.sum(axis)
     return np.where(n > 0, np.where(ok, a, 0.0).sum(axis) / np.maximum(n, 1), np.nan)
-
-
-def eigengap(spectra) -> np.ndarray:
-    """The eigengap score g_l = (λ_2 − λ_K) / λ_2 of each layer's own spectrum `[L, K]` (largest first; trailing NaN
-    where a layer has fewer pairs: λ_K is then its last) → `[L]`, clipped to [0, 1] (0 where λ_2 ≤ 0); the
-    `layer_weights` rules "eigengap" and "select" read it."""
-    s = np.asarray(spectra, np.float64)
-    l2, lk = s[:, 1], np.nanmin(s[:, 1:], axis=1)
-    g = np.where(l2 > 0, (l2 - lk) / np.where(l2 > 0, l2, 1.0), 0.0)
-    return np.clip(g, 0.0, 1.0)
 
 
 def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:

@@ -86,8 +86,8 @@ def run_analyze(args, credit: str | None = None) -> int:
     check_seed(args.seed)
     weights = None
     if args.layer_weights is not None:       # numbers pair with --layers in the order given
-        weights = pipeline.parse_layer_weights(args.layer_weights, args.layers, spec.config.num_layers,
-                                               "--layer-weights")
+        weights = pipeline.LayerWeights.parse(args.layer_weights, "--layer-weights").bound(
+            pipeline.layer_order(args.layers, spec.config.num_layers), "--layer-weights")
     # every input is read and checked, and the output folder reserved, before any model work
     xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
     pipeline.check_inputs(xs, spec.preprocess, args.graph, args.num_eigs, "--num-eigs")

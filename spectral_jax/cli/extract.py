@@ -30,8 +30,9 @@ def add_dtype_flag(p) -> None:
 def check_seed(seed: int) -> None:
     """`--seed` ≥ 0 (numpy's generators refuse negative seeds), checked before any model work (extract, analyze,
     solve)."""
-    if seed < 0:
-        raise InputError(f"--seed {seed}", "must be ≥ 0", "pass e.g. --seed 0")
+    from spectral_jax.options import check_seed as check
+
+    check(seed, "--seed")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -7,22 +7,19 @@ kNN graphs join all images (intra + inter-image edges) into one solve.
 from __future__ import annotations
 
 import json
-import math
 
 from spectral_jax.errors import InputError
-
-K_INTRA = 50     # --k-intra's default (capped by an image's tokens); an explicit value above them is refused
-
+from spectral_jax.options import GRAPH_KINDS, METHODS, PARAMS, PRESETS
 
 def register(sub) -> None:
     p = sub.add_parser("solve", help="solve for layer-distributed eigenvectors of an ACTS.npz",
                        description=__doc__.splitlines()[0])
     p.add_argument("acts", metavar="ACTS.npz")
-    p.add_argument("--graph", required=True, choices=("qk", "vv", "knn-qk", "knn-vv"))
+    p.add_argument("--graph", required=True, choices=GRAPH_KINDS)
     p.add_argument("--num-eigs", type=int, default=20, metavar="K")
-    p.add_argument("--method", choices=("exact", "gd"), default="exact")
-    p.add_argument("--preset", choices=("eigen", "paper"), default="eigen")
-    p.add_argument("--param", choices=("table", "conv"), default="table", help="paper preset's parameterisation")
+    p.add_argument("--method", choices=METHODS, default="exact")
+    p.add_argument("--preset", choices=PRESETS, default="eigen")
+    p.add_argument("--param", choices=PARAMS, default="table", help="paper preset's parameterisation")
     p.add_argument("--tau", type=float, default=0.1, metavar="T", help="temperature of the vv graph")
     p.add_argument("--k-intra", type=int, default=None, help="kNN neighbours in the token's own image (default 50, "
                                                              "capped by its tokens)")
@@ -36,70 +33,68 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def _check_args(args) -> None:
-    if args.num_eigs < 1:
-        raise InputError("--num-eigs", f"must be ≥ 1, got {args.num_eigs}", "pass e.g. --num-eigs 20")
-    if not (args.tau > 0 and math.isfinite(args.tau)):
-        raise InputError("--tau", f"must be a positive number, got {args.tau}", "pass e.g. --tau 0.1")
-    if args.steps is not None and args.steps < 1:
-        raise InputError("--steps", f"must be ≥ 1, got {args.steps}", "pass e.g. --steps 300")
-    if args.sample is not None and not 0 < args.sample <= 1:
-        raise InputError("--sample", f"must be in (0, 1], got {args.sample}", "pass e.g. --sample 0.25")
-    if args.lr is not None and not (args.lr > 0 and math.isfinite(args.lr)):
-        raise InputError("--lr", f"must be a positive number, got {args.lr}", "pass e.g. --lr 0.01, or omit it")
-    from spectral_jax.cli.extract import check_seed
+def _specs(args):
+    """(GraphSpec, solver spec) from the flags: every option checked once, here, before JAX loads (one line naming
+    the flag); options of the other method are refused, not ignored."""
+    from spectral_jax.options import DEFAULT_K, ExactSpec, GdSpec, GraphSpec, as_flag, check_num_eigs, check_seed
 
-    check_seed(args.seed)
-    if (args.k_intra or 0) < 0 or args.k_inter < 0:
-        raise InputError("--k-intra/--k-inter", f"must be ≥ 0, got {args.k_intra}/{args.k_inter}",
-                         "pass e.g. --k-intra 50 --k-inter 50")
+    check_num_eigs(args.num_eigs, what="--num-eigs")
+    check_seed(args.seed, "--seed")
     if args.method == "exact" and (args.preset != "eigen" or args.param != "table"):
         raise InputError("--preset/--param", "apply to --method gd only", "add --method gd")
     for flag, val in (("--lr", args.lr), ("--steps", args.steps), ("--sample", args.sample)):
         if args.method == "exact" and val is not None:
             raise InputError(flag, "applies to --method gd only", f"drop {flag} or add --method gd")
+    try:
+        graph = GraphSpec(args.graph, tau=args.tau, k_intra=DEFAULT_K if args.k_intra is None else args.k_intra,
+                          k_inter=args.k_inter)
+        solver = ExactSpec() if args.method == "exact" else GdSpec(
+            preset=args.preset, param=args.param, steps=args.steps, lr=args.lr, sample=args.sample, progress=True)
+    except InputError as e:
+        raise as_flag(e) from None
+    return graph, solver
 
 
 def run(args) -> int:
-    _check_args(args)   # first: option errors are instant (no JAX import)
+    graph, solver = _specs(args)   # first: option errors are instant (no JAX import)
     from spectral_jax.acts import load_acts
     from spectral_jax.files import OutputFile, npz_path
     from spectral_jax.pipeline import solve
 
     args.out = npz_path(args.out)   # RESULT files end in .npz: one is appended if missing, as numpy does
     with OutputFile(args.out, inputs=[args.acts]) as out:     # reserved (and checked) before any work
-        _solve(args, load_acts(args.acts), out, solve)
+        _solve(args, graph, solver, load_acts(args.acts), out, solve)
     return 0
 
 
-def _solve(args, acts, out, solve) -> None:
+def _solve(args, graph, solver, acts, out, solve) -> None:
+    import dataclasses
+
     import numpy as np
+
+    from spectral_jax.options import DEFAULT_K, check_num_eigs
 
     taps = acts.taps
     first = taps.layers[min(taps.layers)]
     nimg = first.q.shape[0]
-    joint = args.graph.startswith("knn")
-    nodes = max(t.grid[0] * t.grid[1] for t in taps.layers.values()) * (nimg if joint else 1)
-    if args.num_eigs >= nodes:
-        raise InputError("--num-eigs", f"K={args.num_eigs} must be smaller than the {nodes} graph nodes",
-                         f"pass --num-eigs {max(1, min(20, nodes - 1))} or fewer")
+    nodes = max(t.grid[0] * t.grid[1] for t in taps.layers.values()) * (nimg if graph.joint else 1)
+    check_num_eigs(args.num_eigs, nodes, "--num-eigs")
     per = min(t.grid[0] * t.grid[1] for t in taps.layers.values())
     if args.k_intra is None:               # the default is capped by the tokens, as graphs.from_taps caps it
-        args.k_intra = min(K_INTRA, per)
-    if joint:
+        graph = dataclasses.replace(graph, k_intra=min(DEFAULT_K, per))
+    if graph.joint:
         # as graphs.from_taps: k_inter is capped by the other images' tokens (0 for one image)
-        k_inter = min(args.k_inter, (nimg - 1) * per)
-        if args.k_intra > per:
-            raise InputError("--k-intra", f"{args.k_intra} exceeds the {per} tokens of an image",
+        k_inter = min(graph.k_inter, (nimg - 1) * per)
+        if graph.k_intra > per:
+            raise InputError("--k-intra", f"{graph.k_intra} exceeds the {per} tokens of an image",
                              f"pass --k-intra {per}")
-        if args.k_intra + k_inter < 1:
-            raise InputError("--k-intra/--k-inter", f"give the kNN graph no edges ({args.k_intra} within the image, "
-                             f"{k_inter} in {nimg - 1} other images)", "pass e.g. --k-intra 10")
+        if graph.k_intra + k_inter < 1:
+            raise InputError("--k-intra/--k-inter", f"give the kNN graph no edges ({graph.k_intra} within the "
+                             f"image, {k_inter} in {nimg - 1} other images)", "pass e.g. --k-intra 10")
 
-    res = solve(taps, args.graph, args.num_eigs, args.method, preset=args.preset, param=args.param,
-                     tau=args.tau, k_intra=args.k_intra, k_inter=args.k_inter, steps=args.steps, lr=args.lr,
-                     sample=args.sample, seed=args.seed, progress=args.method == "gd")
-    res.info.update(graph=args.graph, model=acts.model, layers=len(taps.layers), seed=args.seed)
+    res = solve(taps, graph, args.num_eigs, solver=solver, seed=args.seed)
+    res = dataclasses.replace(res, info={**res.info, "graph": args.graph, "model": acts.model,
+                                         "layers": len(taps.layers), "seed": args.seed})
     if not np.all(np.isfinite(res.eigvecs)):
         raise InputError(args.acts, "the solve produced NaN/Inf", "check the activations or use --method exact")
     res.save(out)

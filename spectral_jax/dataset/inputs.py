@@ -54,19 +54,6 @@ def check_out(folder: str, out: str) -> None:
             raise InputError(path, f"exists and is not a {kind}", "remove it, or choose another --out")
 
 
-def check_layer_weights(settings: Settings, tapped) -> None:
-    """{layer: weight} pairs must name tapped layers (`tapped`: their indices; None skips the check): a weight on a
-    layer the run does not tap would be dropped silently."""
-    if tapped is None or settings.layer_weights is None or isinstance(settings.layer_weights, str):
-        return
-    tapped = sorted(int(i) for i in tapped)
-    bad = [layer for layer, _ in settings.layer_weights if layer not in tapped]
-    if bad:
-        raise InputError(f"--layer-weights {','.join(f'{l}:{w:g}' for l, w in settings.layer_weights)}",
-                         f"names layer{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}, which the run does not tap",
-                         f"weigh tapped layers only ({', '.join(map(str, tapped))}), or add them to --layers")
-
-
 def no_images(folder: str, files: list[str], example: str) -> InputError:
     """The error of a folder none of whose image files can be read."""
     return InputError(folder, f"has no readable images: none of its {len(files)} image files can be read "

@@ -25,6 +25,7 @@ from spectral_jax.dataset.export import DatasetResult
 from spectral_jax.dataset.layout import (AXIS, batch_indices, gather, geometry, global_array, local_slots,
                                          make_mesh, nonfinite_reason)
 from spectral_jax.dataset.settings import Settings
+from spectral_jax.options import layer_order
 from spectral_jax.errors import InputError
 
 
@@ -94,7 +95,9 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
     """`run` once OUT is locked (`_open_folder`)."""
     backbone = backbone if backbone is not None else _load_backbone(settings)
     layers = backbone.layers(settings.layers)
-    inputs.check_layer_weights(settings, range(backbone.num_layers) if layers is None else layers)
+    if settings.layer_weights is not None:   # checked against the tapped layers; numbers paired with --layers' order
+        settings = settings.replace(layer_weights=settings.layer_weights.bound(
+            layer_order(settings.layers, backbone.num_layers), "--layer-weights"))
     layers_name = "all" if layers is None else ",".join(map(str, layers))
     from spectral_jax import io
 
@@ -333,7 +336,7 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
     finished = False
     try:
         solved = whole.solve(backbone, layers, settings, geom, where.root, where.files, where.ckdir, fp, mesh,
-                             _exact_weights(settings, geom), bar)
+                             settings.layer_weights, bar)
         finished = True
     finally:
         if bar is not None:
@@ -363,11 +366,6 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         export.write(out, where.root, settings.figure_images)
     return out
 
-
-def _exact_weights(settings: Settings, geom) -> dict | str | None:
-    """{tapped layer: weight} (default 1), a rule name, or None (equal), for `whole.layer_weights` (which scales
-    numbers in float64 before the float32 cast and applies a rule to the graphs)."""
-    return settings.layer_weight_map([l for _, layers in geom.groups for l in layers])
 
 
 def _skipped(where: Folder, status: np.ndarray, failed: dict, pre, size) -> list[dict]:

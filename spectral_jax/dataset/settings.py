@@ -17,13 +17,9 @@ import math
 import numpy as np
 
 from spectral_jax.errors import InputError, is_integer
-
-PRESETS = ("paper", "eigen")
-METHODS = ("exact", "gd")
-FEATURE_DTYPES = ("float32", "bfloat16")
-TOL = float(np.sqrt(np.finfo(np.float32).eps))   # = solvers.exact.LOBPCG_TOL (a relative residual float32 reaches)
-GRAPHS = ("knn-qk", "knn-vv")
-DEFAULT_K = 50           # k_intra / k_inter when not given (then capped by the tokens available)
+from spectral_jax.options import DATASET_GRAPHS as GRAPHS
+from spectral_jax.options import DEFAULT_K, MAXITER, METHODS, PRESETS, TOL, LayerWeights, check_num_eigs
+from spectral_jax.options import STORAGE_DTYPES as FEATURE_DTYPES
 # The options only one method reads ({method: {field: its flag}}): given with the other method, they would be
 # ignored, so `check_method_options` refuses them. (batch_size, k, min_cos, seed, block, prefetch, layer_weights
 # numbers, segments and figure_images steer both; the layer-weight rules are checked on their own.)
@@ -101,28 +97,6 @@ def parse_segments(v, flag: str = "--segments"):
     return int(v)
 
 
-LAYER_RULES = ("uniform", "eigengap", "select")   # = spectral_jax.layer_weights.RULES (which imports JAX)
-
-
-def _layer_weights(lw) -> tuple[tuple[int, float], ...] | str | None:
-    """{layer: weight} → ((layer, weight), ...) sorted (hashable); a rule name (`LAYER_RULES`) stays a str; None
-    stays None."""
-    if lw is None:
-        return None
-    if isinstance(lw, str):
-        if lw.strip().lower() not in LAYER_RULES:
-            raise InputError(f"layer_weights {lw!r}", "is not a rule", f"choose one of {', '.join(LAYER_RULES)}, "
-                             "or pass {layer: weight}")
-        return lw.strip().lower()
-    if isinstance(lw, tuple) and all(isinstance(p, tuple) and len(p) == 2 for p in lw):
-        lw = dict(lw)
-    if not isinstance(lw, dict):
-        raise InputError("layer_weights", f"must be a dict {{layer: weight}}, got {type(lw).__name__}",
-                         "pass e.g. layer_weights={11: 1.0, 10: 0.5}")
-    return tuple(sorted((_integer("layer_weights (layer)", k, 11), _number("layer_weights", v, 1.0))
-                        for k, v in lw.items()))
-
-
 def _layers(layers):
     """'all', "0,3,5", an int or a list of ints, kept as given but hashable (read by `Backbone.layers` later)."""
     if layers is None or isinstance(layers, (str, int, np.integer)):
@@ -148,8 +122,10 @@ class Settings:
     (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
     at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50, capped by the tokens
     available; a number given must fit); min_cos: edges at or below it are dropped; lam: the paper loss's
-    orthogonality weight; layer_weights: {layer: weight} (default equal), or a rule of
-    `spectral_jax.layer_weights` ("uniform", "eigengap", "select": exact only, read from each layer's graph); seed: the table's start and the epoch
+    orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
+    layer equal) — a mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired
+    with `layers` in the order given, or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select":
+    exact only, read from each layer's graph), checked against the tapped layers when the run starts; seed: the table's start and the epoch
     order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints; prefetch: batches read
     ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments: the number of
     dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
@@ -185,27 +161,28 @@ class Settings:
     prefetch: int = 2
     figure_images: int = 100
     features_dtype: str = "float32"
-    maxiter: int = 400
+    maxiter: int = MAXITER
     tol: float = TOL
     segments: object = "auto"
 
     def __post_init__(self):
-        """Normalise (size → (H, W), layer_weights → sorted pairs, ints and floats checked by type), then check
+        """Normalise (size → (H, W), layer_weights → a `LayerWeights`, ints and floats checked by type), then check
         every range: one `InputError` line naming the option and the fix."""
         norm = dict(
-            size=_size_pair(self.size), layers=_layers(self.layers), layer_weights=_layer_weights(self.layer_weights),
+            size=_size_pair(self.size), layers=_layers(self.layers), layer_weights=LayerWeights.parse(self.layer_weights),
             segments=parse_segments(self.segments),
             lr=None if self.lr is None else _number("--lr", self.lr, 0.01),
             k_intra=None if self.k_intra is None else _integer("--k-intra", self.k_intra, DEFAULT_K),
             k_inter=None if self.k_inter is None else _integer("--k-inter", self.k_inter, DEFAULT_K),
             **{f: _integer(flag, getattr(self, f), eg) for f, flag, eg in (
-                ("num_eigs", "--num-eigs", 20), ("batch_size", "--batch-size", 40), ("epochs", "--epochs", 10),
+                ("batch_size", "--batch-size", 40), ("epochs", "--epochs", 10),
                 ("inner_steps", "--inner-steps", 5), ("seed", "--seed", 0), ("block", "block", 512),
                 ("checkpoint_every", "--checkpoint-every", 50), ("prefetch", "--prefetch", 2),
                 ("figure_images", "figure_images", 100), ("maxiter", "--maxiter", 400))},
             **{f: _number(flag, getattr(self, f), eg) for f, flag, eg in (
                 ("weight_decay", "weight_decay", 0.0), ("ema", "--ema", 0.99), ("min_cos", "--min-cos", 0.1),
                 ("lam", "lam", 1.0), ("tol", "--tol", 3e-4))})
+        norm["num_eigs"] = check_num_eigs(self.num_eigs, what="--num-eigs")
         for k, v in norm.items():
             object.__setattr__(self, k, v)
         self._check_ranges()
@@ -229,7 +206,7 @@ class Settings:
         real("--tol", self.tol, self.tol > 0, "a finite number > 0 (a relative residual)", 3e-4)
         if self.preset not in PRESETS:
             bad(f"preset {self.preset!r}", "unknown preset", f"choose one of {', '.join(PRESETS)}")
-        for flag, v, lo, eg in (("--num-eigs", self.num_eigs, 2, 20), ("--batch-size", self.batch_size, 1, 40),
+        for flag, v, lo, eg in (("--batch-size", self.batch_size, 1, 40),
                                 ("--inner-steps", self.inner_steps, 1, 5), ("--epochs", self.epochs, 1, 10),
                                 ("--checkpoint-every", self.checkpoint_every, 1, 50),
                                 ("--prefetch", self.prefetch, 1, 2), ("figure_images", self.figure_images, 0, 100),
@@ -243,16 +220,10 @@ class Settings:
         real("--min-cos", self.min_cos, -1.0 <= self.min_cos < 1.0, "in [-1, 1) (edges with cos ≤ it are dropped)",
              0.1)
         real("lam", self.lam, self.lam >= 0, "a finite number ≥ 0", 1.0)
-        if isinstance(self.layer_weights, str):
-            if self.method != "exact" and self.layer_weights != "uniform":
-                bad("--layer-weights", f"rule {self.layer_weights!r} reads the whole-dataset graph",
-                    "use it with --method exact, or pass numbers per layer")
-        elif self.layer_weights is not None:
-            ws = [w for _, w in self.layer_weights]
-            if not ws or not all(math.isfinite(w) and w >= 0 for w in ws) or not any(w > 0 for w in ws):
-                bad("layer_weights", f"need finite weights ≥ 0, not all 0 (a weight under ~1e-308 is 0), got "
-                    f"{dict(self.layer_weights)}", "pass e.g. layer_weights={11: 1.0, 10: 0.5} (only their ratios "
-                    "count)")
+        rule = None if self.layer_weights is None else self.layer_weights.rule
+        if self.method != "exact" and rule not in (None, "uniform"):
+            bad("--layer-weights", f"rule {rule!r} reads the whole-dataset graph",
+                "use it with --method exact, or pass numbers per layer")
         if self.k_intra is not None and self.k_intra < 0 or self.k_inter is not None and self.k_inter < 0 \
                 or self.k_intra == 0 and self.k_inter == 0:
             bad("--k-intra/--k-inter", f"need k ≥ 0 and k_intra + k_inter > 0, got {self.k_intra}, {self.k_inter}",
@@ -280,20 +251,11 @@ class Settings:
         return dataclasses.replace(self, model="", weights=None, layers="all",
                                    **{f.name: f.default for f in dataclasses.fields(self) if f.name in steer})
 
-    def layer_weight_map(self, layers) -> dict | None:
-        """{layer: weight} over the tapped `layers` (a layer not named weighs 1), floats as given — for
-        `layer_weights.for_groups`, which scales them in float64 (so 1e-45 or 1e308 become well-formed float32
-        weights); a rule name passes through; None when no weights were given."""
-        if self.layer_weights is None or isinstance(self.layer_weights, str):
-            return self.layer_weights
-        given = dict(self.layer_weights)
-        return {int(l): float(given.get(int(l), 1.0)) for l in layers}
-
     def result_fields(self) -> dict:
         """The settings that define the result (a resumed run must match them), JSON-ready."""
         d = {f: getattr(self, f) for f in RESULT_FIELDS}
         d["k_intra"], d["k_inter"] = self.k
-        d["layer_weights"] = None if self.layer_weights is None else [list(p) for p in self.layer_weights]
+        d["layer_weights"] = None if self.layer_weights is None else self.layer_weights.to_json()
         return d
 
 

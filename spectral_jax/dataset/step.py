@@ -124,15 +124,16 @@ def _put(mesh: Mesh, arr, idx, rows, mask):
 
 
 def _layer_weights(settings: Settings, geom: Geometry, graphs):
-    """Per-group float32 weights of {layer: weight} (`Settings.layer_weight_map`; None: equal), scaled in float64
-    first (`layer_weights.for_groups`, static numbers: constants of the compiled step)."""
+    """Per-group float32 weights of `settings.layer_weights` (None: equal; numbers or "uniform": gd takes no rule
+    that reads graphs), resolved against the tapped layers and scaled in float64 first (`layer_weights.for_groups`,
+    static numbers: constants of the compiled step)."""
     from spectral_jax import layer_weights as LW
 
     group_layers = [tuple(layers) for _, layers in geom.groups]
-    lw = settings.layer_weight_map([l for ls in group_layers for l in ls])
-    if lw is None:
+    if settings.layer_weights is None:
         return None
-    return [jnp.asarray(w) for w in LW.for_groups(graphs, group_layers, lw, settings.num_eigs)[0]]
+    resolved = settings.layer_weights.resolve([l for ls in group_layers for l in ls], what="--layer-weights")
+    return [jnp.asarray(w) for w in LW.for_groups(graphs, group_layers, resolved, settings.num_eigs)[0]]
 
 
 def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh | None, params, x, valid

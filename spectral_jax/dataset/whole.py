@@ -375,23 +375,30 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
 
 
 def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tuple[list | None, dict]:
-    """(per-group float32 weights for `exact`, {"rule", "weights": {layer: w}}) from `weights`: None (equal), a
-    rule name (`spectral_jax.layer_weights`: "eigengap" / "select" read each layer's own top-K spectrum — one sparse
-    solve per layer; on kNN graphs, one graph per layer, "select" is the layer of the largest eigengap) or
-    {layer: weight} over the tapped layers (`Settings.layer_weight_map`). Numbers go through
-    `layer_weights.for_groups`, as analyze's do: scaled in float64 (by the largest, then to sum 1) before the
-    float32 cast, so 1e-45 or 1e308 give the same weights as 1 (`Settings` has refused non-finite, negative and
-    all-zero ones before anything ran)."""
+    """(per-group float32 weights for `exact`, {"rule", "weights": {layer: w}}) from `weights`, an
+    `options.LayerWeights` (bound to the tapped layers by `dataset.run`) or None (equal): resolved against the
+    tapped layers as analyze's are (`LayerWeights.resolve`: a layer a mapping does not name weighs 0; numbers
+    scaled in float64, by the largest then to sum 1, before the float32 cast, so 1e-45 or 1e308 give the same
+    weights as 1); a rule ("eigengap" / "select") reads each layer's own top-K spectrum
+    (`solvers.exact.layer_spectra`: one sparse solve per layer; on kNN graphs, one graph per layer, "select" is the
+    layer of the largest eigengap)."""
+    import functools
+
     from spectral_jax import layer_weights as LW
+    from spectral_jax.solvers.exact import layer_spectra
 
     group_layers = [tuple(layers) for _, layers in geom.groups]
-    rule = weights if isinstance(weights, str) else ("given" if weights is not None else "uniform")
     if weights is None:
+        rule = "uniform"
         total = sum(len(ls) for ls in group_layers)
         per = {l: 1.0 / total for ls in group_layers for l in ls}
     else:
-        weights, per_layer = LW.for_groups(gs, group_layers, weights, settings.num_eigs)
-        per = dict(zip(sorted({l for ls in group_layers for l in ls}), per_layer))
+        layers = sorted({l for ls in group_layers for l in ls})
+        resolved = weights.resolve(layers, what="--layer-weights")
+        rule = resolved if isinstance(resolved, str) else "given"
+        weights, per_layer = LW.for_groups(gs, group_layers, resolved, settings.num_eigs, spectra=functools.partial(
+            layer_spectra, gs, group_layers, settings.num_eigs))
+        per = dict(zip(layers, per_layer))
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 

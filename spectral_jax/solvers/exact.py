@@ -43,7 +43,7 @@ import numpy as np
 import scipy.linalg
 from jax.experimental.sparse.linalg import lobpcg_standard
 
-from spectral_jax.errors import InputError
+from spectral_jax.options import DENSE_MAX, MAXITER, TOL, check_num_eigs
 from spectral_jax.graphs import Graph, KnnGraph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights,
                                     pool_matrix)
@@ -51,8 +51,7 @@ from spectral_jax.solvers.result import Result, assemble, quotients, stack
 from spectral_jax.solvers.sparse import ell_from_csr, knn_csr
 
 
-LOBPCG_TOL = float(np.sqrt(np.finfo(np.float32).eps))  # 3.45e-4: a relative residual float32 reaches (`exact`)
-DENSE_MAX = 8192      # base nodes up to which `exact` materialises A (`dense_fits`)
+LOBPCG_TOL = TOL      # 3.45e-4: a relative residual float32 reaches (`exact`; `options.TOL`)
 BATCH_BYTES = 2 * 1024 ** 3   # memory budget of one `exact_batch` call (`images_per_call`)
 DENSE_ARRAYS = 10     # n×n float32 arrays per image in `exact_batch` (`images_per_call`)
 
@@ -62,17 +61,15 @@ def as_list(graphs) -> list[Graph]:
 
 
 def check_problem(graphs: Sequence[Graph], num_eigs: int, base_grid) -> tuple[tuple[int, int], int, int]:
-    """(base grid, images, M0) after checking that K is sensible."""
+    """(base grid, images, M0) after checking K against the graph (`options.check_num_eigs`: 2 ≤ K < M0)."""
     base, nimg = check_graphs(graphs, base_grid)
     m0 = nimg * base[0] * base[1]
-    if not 1 <= num_eigs < m0:
-        raise InputError(f"num_eigs={num_eigs}", f"must be in [1, {m0 - 1}] for {m0} graph nodes (K < N)",
-                         "pass fewer eigenvectors or a larger image size")
+    check_num_eigs(num_eigs, m0)
     return base, nimg, m0
 
 
 def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max: int = DENSE_MAX,
-          maxiter: int = 400, tol: float = LOBPCG_TOL, seed: int = 0, sparse_solver: str = "auto") -> Result:
+          maxiter: int = MAXITER, tol: float = LOBPCG_TOL, seed: int = 0, sparse_solver: str = "auto") -> Result:
     """Top-`num_eigs` eigenvectors of the linearised layer-distributed objective.
 
     graphs: a graph or a list of graph groups (grids may differ); weights: per-group arrays of batch shape.
@@ -432,3 +429,28 @@ def _lobpcg_run(graphs, ws, x0, coef, lo, hi, base, nimg, maxiter, tol):
     half = lambda v: apply_chebyshev(b_op, v, coef, lo, hi)
     vals, y, steps = lobpcg_standard(lambda v: half(a_op(half(v))), x0, m=maxiter, tol=tol)
     return vals, half(y), steps
+
+
+def layer_solves(graphs: Sequence[Graph], group_layers: Sequence[Sequence[int]], num_eigs: int,
+                 layers: Sequence[int] | None = None) -> tuple[list[int], list[Result]]:
+    """Each layer's own exact top-K solve (its graphs alone, every head equal; K capped at the layer's nodes − 1):
+    (layers `[L]` ascending, one `Result` each, eigvecs on the layer's own grid)."""
+    from spectral_jax.layer_weights import subset
+
+    layers = sorted({l for ls in group_layers for l in ls}) if layers is None else [int(l) for l in layers]
+    results = []
+    for l in layers:
+        gs, _ = subset(graphs, group_layers, [l])
+        results.append(exact(gs, min(num_eigs, gs[0].num_nodes - 1)))     # K < the layer's nodes
+    return layers, results
+
+
+def layer_spectra(graphs: Sequence[Graph], group_layers: Sequence[Sequence[int]], num_eigs: int,
+                  layers: Sequence[int] | None = None) -> np.ndarray:
+    """Each layer's own top-K eigenvalues `[L, K]` (largest first, NaN after a small layer's last;
+    `layer_solves`): what the layer-weight rules read (`layer_weights.for_groups(spectra=partial(layer_spectra,
+    graphs, group_layers, K))`)."""
+    from spectral_jax.layer_weights import pad
+
+    _, res = layer_solves(graphs, group_layers, num_eigs, layers)
+    return np.stack([pad(r.eigvals[0], num_eigs) for r in res])

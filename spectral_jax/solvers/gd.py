@@ -56,13 +56,13 @@ import scipy.linalg
 from flax import nnx
 
 from spectral_jax.errors import InputError
+from spectral_jax.options import PRESETS
 from spectral_jax.graphs import DenseGraph, Graph
 from spectral_jax.objective import (from_nodes, linear_operators, normalised_weights, paper_loss, rayleigh,
                                     weighted_sym_dense)
 from spectral_jax.solvers.exact import as_list, check_problem, residuals
 from spectral_jax.solvers.result import Result, finish
 
-PRESETS = ("eigen", "paper")
 EIGEN_TOL = 2e-2            # default tol of the eigen preset: max relative residual (see `gd`)
 STATIONARITY_TOL = 1e-2     # default tol of the paper preset (and the dataset solver): stationarity (see `gd`)
 STATIONARITY_WINDOW = 0.1   # the fraction of the steps in each of the two windows `stationarity` compares

@@ -1,0 +1,423 @@
+"""The options of every solve, in one place and without JAX: the constants, the graph and solver specs, the one
+`num_eigs` rule and the one `LayerWeights` value.
+
+    g = GraphSpec("vv", tau=0.05)                 # frozen, checked on construction: InputError (one line) if bad
+    s = GdSpec(preset="paper", steps=500)         # or ExactSpec(tol=1e-5)
+    sj.solve(taps, graph=g, solver=s, num_eigs=10)
+    sj.solve(taps, "vv", 10, "gd", tau=0.05, preset="paper", steps=500)        # the same: flat keywords
+    LayerWeights.parse("11:1,10:0.5").resolve([3, 10, 11])   # float64 [0, 1/3, 2/3] (a missing layer weighs 0)
+
+Every entry point (`pipeline.solve`, `sweep`, `attribution`, `analyze`, `dataset.Settings` and the CLI) takes its
+options as these objects or as today's flat keywords, which it turns into them once, where it enters
+(`specs`); later layers take the objects as given. Importing this module imports no JAX (the CLI and
+`dataset.Settings` refuse a bad option before JAX loads).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from spectral_jax.errors import InputError, is_integer
+
+GRAPH_KINDS = ("qk", "vv", "knn-qk", "knn-vv")      # per-image attention / value graphs, and their kNN versions
+DATASET_GRAPHS = ("knn-qk", "knn-vv")               # the graphs a dataset run can join over images
+METHODS = ("exact", "gd")
+PRESETS = ("eigen", "paper")                        # gd's kinds of table (`solvers.gd`)
+PARAMS = ("table", "conv")                          # gd's parameterisations ("conv": paper preset only)
+STORAGE_DTYPES = ("float32", "bfloat16")            # what graphs store q/k, unit v and kNN features in
+RULES = ("uniform", "eigengap", "select")           # the layer-weight rules (`spectral_jax.layer_weights`)
+TOL = float(np.sqrt(np.finfo(np.float32).eps))      # exact's relative residual: what float32 reaches (3.45e-4)
+DEFAULT_K = 50          # k_intra / k_inter when not given (then capped by the tokens available)
+DEFAULT_NUM_EIGS = 20
+MAXITER = 400           # exact: ARPACK restarts (CPU) / LOBPCG iterations (accelerators) at most
+DENSE_MAX = 8192        # exact: base nodes up to which A is materialised (`solvers.exact.dense_fits`)
+
+
+# ------------------------------------------------------------------------------------------------ scalar checks
+
+
+def check_num_eigs(num_eigs, nodes: int | None = None, what: str = "num_eigs") -> int:
+    """The one K rule: an integer with 2 ≤ K (the first eigenvector is the trivial one) and, where the graph is
+    known, K < its `nodes`. Returns K as an int."""
+    if not is_integer(num_eigs) or num_eigs < 2:
+        raise InputError(f"{what} {num_eigs!r}", "must be an integer ≥ 2 (the first eigenvector is trivial)",
+                         "pass e.g. 20")
+    if nodes is not None and num_eigs >= nodes:
+        raise InputError(f"{what} {num_eigs}", f"must be smaller than the {nodes} graph nodes",
+                         f"pass {max(2, min(20, nodes - 1))} or fewer, or a larger size" if nodes > 2 else
+                         "pass a larger size: the image gives too few patches")
+    return int(num_eigs)
+
+
+def check_seed(seed, what: str = "seed") -> int:
+    """An integer in [0, 2³²) (numpy's generators refuse negative seeds)."""
+    if not is_integer(seed) or not 0 <= seed < 2 ** 32:
+        raise InputError(f"{what} {seed!r}", "must be an integer in [0, 2³²)", "pass e.g. 0")
+    return int(seed)
+
+
+def _real(what: str, v, ok, rule: str, example, none: bool = False):
+    """`v` as a float if it is a number (not a bool) for which ok(v) holds; None passes where `none`."""
+    if v is None and none:
+        return None
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, float, np.integer, np.floating)) \
+            or not math.isfinite(float(v)) or not ok(float(v)):
+        raise InputError(f"{what} {v!r}", f"must be {rule}", f"pass e.g. {what}={example}")
+    return float(v)
+
+
+def _int(what: str, v, lo: int, example, none: bool = False):
+    if v is None and none:
+        return None
+    if not is_integer(v) or v < lo:
+        raise InputError(f"{what} {v!r}", f"must be an integer ≥ {lo}", f"pass e.g. {what}={example}")
+    return int(v)
+
+
+def _choice(what: str, v, choices: Sequence[str]) -> str:
+    if not isinstance(v, str) or v not in choices:
+        raise InputError(f"{what} {v!r}", f"unknown {what}", f"choose one of {', '.join(choices)}")
+    return v
+
+
+# ------------------------------------------------------------------------------------------------ specs
+
+
+@dataclasses.dataclass(frozen=True)
+class GraphSpec:
+    """How the graphs are built from taps (`graphs.from_taps`): kind ("qk", "vv", "knn-qk", "knn-vv"), tau (the vv
+    graph's temperature, > 0), k_intra / k_inter (kNN neighbours inside / outside a token's image, ≥ 0, not both 0;
+    capped by the tokens available), min_cos (kNN edges at or below it are dropped, in [-1, 1)), dtype (what the
+    graphs store q/k, unit v and kNN features in: "float32" or "bfloat16"; products and the solve stay float32)."""
+
+    kind: str = "qk"
+    tau: float = 0.1
+    k_intra: int = DEFAULT_K
+    k_inter: int = DEFAULT_K
+    min_cos: float = 0.1
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        _choice("graph", self.kind, GRAPH_KINDS)
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("tau", _real("tau", self.tau, lambda v: v > 0, "a finite number > 0", 0.1))
+        set_("k_intra", _int("k_intra", self.k_intra, 0, DEFAULT_K))
+        set_("k_inter", _int("k_inter", self.k_inter, 0, DEFAULT_K))
+        if self.k_intra + self.k_inter == 0:
+            raise InputError("k_intra/k_inter 0/0", "leave the kNN graph no edges", "pass e.g. k_intra=50")
+        set_("min_cos", _real("min_cos", self.min_cos, lambda v: -1 <= v < 1, "in [-1, 1)", 0.1))
+        _choice("graph_dtype", self.dtype, STORAGE_DTYPES)
+
+    @property
+    def joint(self) -> bool:
+        """A kNN graph: one graph over all images' tokens (one joint solve), not one problem per image."""
+        return self.kind.startswith("knn")
+
+    def build_kwargs(self) -> dict:
+        """The keywords of `graphs.from_taps` besides the kind."""
+        return dict(tau=self.tau, k_intra=self.k_intra, k_inter=self.k_inter, min_cos=self.min_cos,
+                    dtype=self.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactSpec:
+    """The exact solver's options (`solvers.exact`): tol (the relative residual to stop at; None: `TOL`), maxiter
+    (ARPACK restarts / LOBPCG iterations), dense_max (base nodes up to which A is materialised), batch_images
+    (`pipeline.solve`'s batched path: None from the memory budget, 0 one image at a time, or images per call)."""
+
+    tol: float | None = None
+    maxiter: int = MAXITER
+    dense_max: int = DENSE_MAX
+    batch_images: int | None = None
+
+    method = "exact"
+
+    def __post_init__(self):
+        object.__setattr__(self, "tol", _real("tol", self.tol, lambda v: v > 0,
+                                              "a finite number > 0 (a relative residual)", 1e-4, none=True))
+        object.__setattr__(self, "maxiter", _int("maxiter", self.maxiter, 1, MAXITER))
+        object.__setattr__(self, "dense_max", _int("dense_max", self.dense_max, 0, DENSE_MAX))
+        object.__setattr__(self, "batch_images", _int("batch_images", self.batch_images, 0, 8, none=True))
+
+    def kwargs(self) -> dict:
+        """The keywords of `solvers.exact.exact`."""
+        return dict(tol=TOL if self.tol is None else self.tol, maxiter=self.maxiter, dense_max=self.dense_max)
+
+
+@dataclasses.dataclass(frozen=True)
+class GdSpec:
+    """The gradient solver's options (`solvers.gd`): preset ("eigen" | "paper"), param ("table"; "conv" with the
+    paper preset), steps (None: 150 eigen, 1000 paper), lr (None: the preset's default), optimizer (an optax
+    `GradientTransformation` replacing the preset's, or None), sample (fraction of graphs per step in (0, 1], None
+    all), lam (the paper loss's orthogonality weight, ≥ 0), tol (the convergence threshold, None: the preset's),
+    progress (a bar, or a callable)."""
+
+    preset: str = "eigen"
+    param: str = "table"
+    steps: int | None = None
+    lr: float | None = None
+    optimizer: object = None
+    sample: float | None = None
+    lam: float = 1.0
+    tol: float | None = None
+    progress: object = dataclasses.field(default=False, compare=False)
+
+    method = "gd"
+
+    def __post_init__(self):
+        _choice("preset", self.preset, PRESETS)
+        if self.param not in PARAMS or (self.preset == "eigen" and self.param != "table"):
+            raise InputError(f"param {self.param!r}", "does not fit the preset",
+                             "eigen takes 'table'; paper 'table' or 'conv'")
+        set_ = lambda k, v: object.__setattr__(self, k, v)
+        set_("steps", _int("steps", self.steps, 1, 300, none=True))
+        set_("lr", _real("lr", self.lr, lambda v: v > 0, "a finite number > 0", 0.01, none=True))
+        set_("sample", _real("sample", self.sample, lambda v: 0 < v <= 1, "a fraction in (0, 1]", 0.25, none=True))
+        set_("lam", _real("lam", self.lam, lambda v: v >= 0, "a finite number ≥ 0", 1.0))
+        set_("tol", _real("tol", self.tol, lambda v: v > 0, "a finite number > 0", 0.01, none=True))
+        if self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None))
+                                               and callable(getattr(self.optimizer, "update", None))):
+            raise InputError(f"optimizer {type(self.optimizer).__name__}", "is not an optax GradientTransformation",
+                             "pass e.g. optax.adam(1e-2), or None for the preset's")
+
+    def kwargs(self) -> dict:
+        """The keywords of `solvers.gd.gd`."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+
+SolverSpec = ExactSpec | GdSpec
+GRAPH_OPTIONS = ("tau", "k_intra", "k_inter", "min_cos", "graph_dtype")
+SOLVER_OPTIONS = {"exact": ("tol", "maxiter", "dense_max", "batch_images"),
+                  "gd": ("preset", "param", "steps", "lr", "optimizer", "sample", "lam", "tol", "progress")}
+
+
+def specs(graph="qk", method="exact", solver=None, **flat) -> tuple[GraphSpec, SolverSpec]:
+    """The flat keywords of an entry point → (GraphSpec, solver spec), once, where they enter.
+
+    graph: a kind or a `GraphSpec`; solver: an `ExactSpec`/`GdSpec` (then `method` must agree or be its default);
+    flat: `GRAPH_OPTIONS` (graph_dtype is GraphSpec's dtype) and the solver's `SOLVER_OPTIONS`. A flat option
+    given beside the object it belongs to is refused (which would win?), as is one the chosen method does not read
+    (it would be ignored; progress and tol are read by both). An unknown keyword is the caller's TypeError."""
+    unknown = sorted(set(flat) - set(GRAPH_OPTIONS) - {o for os in SOLVER_OPTIONS.values() for o in os})
+    if unknown:
+        raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}")
+    gkw = {k: flat.pop(k) for k in GRAPH_OPTIONS if k in flat}
+    if isinstance(graph, GraphSpec):
+        if gkw:
+            raise InputError(", ".join(gkw), "are given beside graph=GraphSpec(...)", "set them in the GraphSpec")
+        gspec = graph
+    else:
+        if "graph_dtype" in gkw:
+            gkw["dtype"] = gkw.pop("graph_dtype")
+        if gkw.get("dtype", "") is None:
+            gkw["dtype"] = "float32"
+        gspec = GraphSpec(graph, **gkw)
+    progress = flat.pop("progress", None)
+    if solver is not None:
+        if not isinstance(solver, (ExactSpec, GdSpec)):
+            raise InputError(f"solver {type(solver).__name__}", "is not an ExactSpec or a GdSpec",
+                             "pass e.g. solver=ExactSpec() or solver=GdSpec(preset='paper')")
+        if method not in (None, "exact", solver.method) or flat:
+            raise InputError(", ".join(flat) or f"method {method!r}", "are given beside solver=",
+                             "set them in the solver spec")
+        sspec = solver
+    else:
+        method = _choice("method", "exact" if method is None else method, METHODS)
+        other = [k for k in flat if k not in SOLVER_OPTIONS[method]]
+        if other:
+            raise InputError(", ".join(other), f"apply to the other method, not {method!r} (they would be ignored)",
+                             f"drop them, or pass method={'gd' if method == 'exact' else 'exact'!r}")
+        sspec = ExactSpec(**flat) if method == "exact" else GdSpec(**flat)
+    if progress is not None and isinstance(sspec, GdSpec):
+        sspec = dataclasses.replace(sspec, progress=progress)
+    return gspec, sspec
+
+
+# ------------------------------------------------------------------------------------------------ layer weights
+
+
+def _weights_error(what: str, shown, problem: str = "need finite weights ≥ 0, not all 0 (a weight under ~1e-308 "
+                   "is 0)") -> InputError:
+    return InputError(what, f"{problem}, got {shown}", "pass e.g. 11:1,10:0.5 or 1,0.5 (only their ratios count), "
+                      f"or a rule: {', '.join(RULES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerWeights:
+    """How much each tapped layer's graphs weigh (every head, every timestep of a layer alike): exactly one of
+
+    - rule: a name in `RULES`, read from each layer's own graphs (`spectral_jax.layer_weights`);
+    - pairs: ((layer, weight), ...) — a layer not named weighs 0;
+    - numbers: (weight, ...) — one per tapped layer, paired with the layers in the order they were given
+      (`--layers 11,3 --layer-weights 1,0.5` gives layer 11 the 1; "all": ascending).
+
+    One text syntax for `analyze`, `dataset` and the CLI (`parse`): "eigengap", "11:1,10:0.5" or "1,0.5". Weights
+    are finite, ≥ 0 and not all 0; only their ratios count (`resolve` normalises in float64). Hashable."""
+
+    rule: str | None = None
+    pairs: tuple[tuple[int, float], ...] | None = None
+    numbers: tuple[float, ...] | None = None
+
+    @classmethod
+    def parse(cls, spec, what: str = "layer_weights") -> "LayerWeights | None":
+        """None → None; a `LayerWeights` as is; a str: a rule name (any case), "L:W,L:W" pairs or "W,W" numbers; a
+        mapping layer → weight (pairs); a sequence or 1-d array of numbers. One `InputError` line otherwise."""
+        if spec is None or isinstance(spec, LayerWeights):
+            return spec
+        if isinstance(spec, str):
+            text = spec.strip()
+            if text.lower() in RULES:
+                return cls(rule=text.lower())
+            parts = [p.strip() for p in text.split(",") if p.strip()]
+            pairs = numbers = None
+            try:
+                if parts and all(":" in p for p in parts):
+                    pairs = [(int(l), float(w)) for l, w in (p.split(":", 1) for p in parts)]
+                elif parts and not any(":" in p for p in parts):
+                    numbers = [float(p) for p in parts]
+            except ValueError:
+                pass
+            if pairs is not None:
+                return cls._checked_pairs(pairs, text, what)
+            if numbers is not None:
+                return cls._checked_numbers(numbers, text, what)
+            raise InputError(f"{what} {spec!r}", "is not a rule, LAYER:WEIGHT pairs or numbers (not a rule name or "
+                             "a list of numbers)", f"pass one of {', '.join(RULES)}, pairs (--layer-weights "
+                             "11:1,10:0.5) or one number per tapped layer (1,0.5)")
+        if isinstance(spec, Mapping):
+            if not all(is_integer(k) for k in spec):
+                raise InputError(f"{what} {dict(spec)!r}", "has keys that are not layer indices",
+                                 "map integer layers to weights, e.g. {11: 1.0, 10: 0.5}")
+            return cls._checked_pairs([(int(k), v) for k, v in spec.items()], dict(spec), what)
+        if isinstance(spec, tuple) and spec and all(isinstance(p, tuple) and len(p) == 2 for p in spec):
+            return cls._checked_pairs(list(spec), spec, what)
+        try:
+            items = np.asarray(spec, object)
+            if items.ndim != 1 or any(isinstance(x, (bool, np.bool_, str, bytes)) for x in items):
+                raise TypeError
+            nums = [float(x) for x in items]
+        except (TypeError, ValueError):
+            raise InputError(f"{what} {spec!r}", "is not a rule name or a list of numbers",
+                             f"pass one of {', '.join(RULES)}, a mapping layer → weight, or one number per "
+                             "tapped layer") from None
+        return cls._checked_numbers(nums, list(spec), what)
+
+    @classmethod
+    def _checked_numbers(cls, nums, shown, what) -> "LayerWeights":
+        w = np.asarray(nums, np.float64)
+        if not w.size or not np.all(np.isfinite(w)) or (w < 0).any() or not w.max() > 0:
+            raise _weights_error(what, shown)
+        return cls(numbers=tuple(float(x) for x in w))
+
+    @classmethod
+    def _checked_pairs(cls, pairs, shown, what) -> "LayerWeights":
+        layers = [int(l) if is_integer(l) else l for l, _ in pairs]
+        if not all(is_integer(l) for l in layers):
+            raise InputError(f"{what} {shown!r}", "has keys that are not layer indices",
+                             "map integer layers to weights, e.g. 11:1,10:0.5")
+        twice = sorted({l for l in layers if layers.count(l) > 1})
+        if twice:
+            raise InputError(f"{what} {shown}", f"gives layer {twice[0]} twice", "give each layer one weight")
+        try:
+            w = [float(v) for _, v in pairs]
+            if any(isinstance(v, (bool, np.bool_, str, bytes)) for _, v in pairs):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise InputError(f"{what} {shown!r}", "has weights that are not numbers",
+                             "map layers to numbers, e.g. 11:1,10:0.5") from None
+        w = np.asarray(w, np.float64)
+        if not w.size or not np.all(np.isfinite(w)) or (w < 0).any() or not w.max() > 0:
+            raise _weights_error(what, shown)
+        return cls(pairs=tuple(sorted(zip(layers, (float(x) for x in w)))))
+
+    @classmethod
+    def of(cls, layers: Sequence[int], weights) -> "LayerWeights":
+        """Pairs of `layers` `[L]` and `weights` `[L]` (e.g. a resolved weighting, to record or pass on)."""
+        return cls._checked_pairs(list(zip((int(l) for l in layers), np.asarray(weights, np.float64))),
+                                  "", "layer_weights")
+
+    def resolve(self, tapped: Sequence[int], order: Sequence[int] | None = None,
+                what: str = "layer_weights") -> str | np.ndarray:
+        """Against the tapped layers: the rule name, or float64 `[L]` in ascending layer order, scaled by the
+        largest then summing to 1 (1e-45 or 1e308 give the same weights as 1). order: the tapped layers in the order
+        the user named them (numbers pair with it; None: ascending). Pairs naming an untapped layer, or a count of
+        numbers other than the tapped layers', are one `InputError` line."""
+        tapped = sorted({int(l) for l in tapped})
+        if self.rule is not None:
+            return self.rule
+        if self.pairs is not None:
+            bad = [l for l, _ in self.pairs if l not in tapped]
+            if bad:
+                raise InputError(f"{what} {self}", f"names layer{'s' * (len(bad) > 1)} {', '.join(map(str, bad))}, "
+                                 "which are not tapped", f"weigh tapped layers only ({', '.join(map(str, tapped))}), "
+                                 "or tap them")
+            given = dict(self.pairs)
+            w = np.array([given.get(l, 0.0) for l in tapped], np.float64)
+        else:
+            order = tapped if order is None else list(dict.fromkeys(int(l) for l in order))
+            if len(self.numbers) != len(order) or sorted(order) != tapped:
+                raise InputError(f"{what} ({len(self.numbers)} numbers)", f"need one per tapped layer "
+                                 f"({len(tapped)}: {tapped})", f"pass {len(tapped)} numbers, LAYER:W pairs, or a "
+                                 f"rule: {', '.join(RULES)}")
+            by = dict(zip(order, self.numbers))
+            w = np.array([by[l] for l in tapped], np.float64)
+        if not w.max() > 0:
+            raise _weights_error(what, str(self), "put no weight on any tapped layer")
+        w = w / w.max()
+        return w / w.sum()
+
+    def bound(self, order: Sequence[int], what: str = "layer_weights") -> "LayerWeights":
+        """These weights checked against the tapped layers `order` (in the order the user named them, `layer_order`)
+        and made independent of that order: numbers become pairs with those layers; rules and pairs stay. The one
+        place where a layer selection meets its weights (analyze, the dataset and the CLI call it once, where they
+        learn the tapped layers)."""
+        if self.rule is not None:
+            return self
+        w = self.resolve(order, order, what)
+        return self if self.pairs is not None else LayerWeights(
+            pairs=tuple(zip(sorted({int(l) for l in order}), (float(x) for x in w))))
+
+    def to_json(self):
+        """The rule name, [[layer, weight], ...] or [weight, ...]."""
+        if self.rule is not None:
+            return self.rule
+        return [list(p) for p in self.pairs] if self.pairs is not None else list(self.numbers)
+
+    def __str__(self) -> str:
+        if self.rule is not None:
+            return self.rule
+        if self.pairs is not None:
+            return ",".join(f"{l}:{w:g}" for l, w in self.pairs)
+        return ",".join(f"{w:g}" for w in self.numbers)
+
+
+def as_flag(e: InputError) -> InputError:
+    """The same error naming the command-line flag (`tau 0.0` → `--tau 0.0`), for the CLI, which builds these specs
+    from its flags."""
+    name, _, rest = e.what.partition(" ")
+    flag = "--" + name.replace("_", "-")
+    return InputError(f"{flag} {rest}".strip(), e.problem, e.fix.replace(f"{name}=", f"{flag} "))
+
+
+def layer_order(layers, num_layers: int) -> list[int]:
+    """The tapped layers in the order the user named them (`LayerWeights.resolve`'s order): "all"/None →
+    ascending; "11,3", an int or a list → as given, negative indices from the end. Assumes a selection already
+    checked (`models.parse_layers`)."""
+    if layers is None or (isinstance(layers, str) and layers.strip().lower() == "all"):
+        return list(range(num_layers))
+    if isinstance(layers, str):
+        items = [int(s) for s in layers.split(",") if s.strip()]
+    elif is_integer(layers):
+        items = [int(layers)]
+    else:
+        items = [int(i) for i in layers]
+    return list(dict.fromkeys(i % num_layers for i in items))
+
+
+__all__ = ["DATASET_GRAPHS", "DEFAULT_K", "DEFAULT_NUM_EIGS", "DENSE_MAX", "ExactSpec", "GRAPH_KINDS", "GdSpec",
+           "GraphSpec", "LayerWeights", "MAXITER", "METHODS", "PARAMS", "PRESETS", "RULES", "STORAGE_DTYPES", "TOL",
+           "as_flag", "check_num_eigs", "check_seed", "layer_order", "specs"]
