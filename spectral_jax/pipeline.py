@@ -85,9 +85,8 @@ def _solve(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, seed: int
     from spectral_jax import solvers
 
     def one(gs, w, base=None):
-        if isinstance(s, ExactSpec):
-            return solvers.exact.exact(gs, num_eigs, weights=w, base_grid=base, seed=seed, **s.kwargs())
-        return solvers.gd.gd(gs, num_eigs, weights=w, base_grid=base, seed=seed, **s.kwargs())
+        solver = solvers.exact.exact if isinstance(s, ExactSpec) else solvers.gd.gd
+        return solver(gs, num_eigs, weights=w, base_grid=base, seed=seed, options=s)
 
     if not isinstance(source, Taps):
         if lw is not None:
@@ -137,7 +136,7 @@ def _exact_images(taps: Taps, g: GraphSpec, num_eigs: int, weights, resolved, s:
     for c in range(calls):                              # equal sizes (± 1): at most two compiled programs
         size = nimg // calls + (c < nimg % calls)
         chunk = taps.layers if calls == 1 else jax.tree.map(lambda x: x[start:start + size], taps.layers)
-        for res in exact_batch(chunk, num_eigs, weights=w, base_grid=base, build=build, tol=s.kwargs()["tol"]):
+        for res in exact_batch(chunk, num_eigs, weights=w, base_grid=base, build=build, options=s):
             parts.append(_with_layer_weights(res, per, made))
         start += size
     return stack(parts)

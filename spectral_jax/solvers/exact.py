@@ -43,7 +43,7 @@ import numpy as np
 import scipy.linalg
 from jax.experimental.sparse.linalg import lobpcg_standard
 
-from spectral_jax.options import DENSE_MAX, MAXITER, TOL, check_num_eigs
+from spectral_jax.options import DENSE_MAX, MAXITER, TOL, ExactSpec, check_num_eigs
 from spectral_jax.graphs import Graph, KnnGraph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights,
                                     pool_matrix)
@@ -69,7 +69,8 @@ def check_problem(graphs: Sequence[Graph], num_eigs: int, base_grid) -> tuple[tu
 
 
 def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max: int = DENSE_MAX,
-          maxiter: int = MAXITER, tol: float = LOBPCG_TOL, seed: int = 0, sparse_solver: str = "auto") -> Result:
+          maxiter: int = MAXITER, tol: float = LOBPCG_TOL, seed: int = 0, sparse_solver: str = "auto",
+          options: ExactSpec | None = None) -> Result:
     """Top-`num_eigs` eigenvectors of the linearised layer-distributed objective.
 
     graphs: a graph or a list of graph groups (grids may differ); weights: per-group arrays of batch shape.
@@ -90,7 +91,10 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[B, K]` largest first: one solve, repeated per image;
     `seconds` the whole solve: operators, eigensolver, residuals and per-graph quotients; `steps` 0 — it takes no
     optimisation steps — with the eigensolver's count in info["iterations"]).
+    options: an `options.ExactSpec` (tol, maxiter, dense_max, checked when it was made) replacing those keywords.
     """
+    if options is not None:
+        dense_max, maxiter, tol = options.dense_max, options.maxiter, options.kwargs()["tol"]
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
     ws = normalised_weights(graphs, weights)
@@ -188,7 +192,8 @@ def images_per_call(graphs: Sequence[Graph], base: tuple[int, int], budget_bytes
 
 
 def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, build=None, vmap: bool | None = None,
-                subset: bool | None = None, tol: float = LOBPCG_TOL) -> list[Result]:
+                subset: bool | None = None, tol: float = LOBPCG_TOL, options: ExactSpec | None = None
+                ) -> list[Result]:
     """`exact`'s dense path for a batch of independent one-image problems of the same structure, in one compiled
     call: one `Result` per image, equal to `exact` on that image's graphs (to float32 rounding; the same info).
 
@@ -208,8 +213,10 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
     (`jax.vmap`: memory for all b at once) or one after the other (`lax.map`) while A and the quotients are built;
     None: one after the other on the CPU backend (faster there: one graph's N² tiles stay in cache),
     parallel elsewhere. Memory: about `images_per_call`'s estimate per image; split larger batches (the pipeline
-    does).
+    does). options: an `options.ExactSpec`, whose tol replaces `tol`.
     """
+    if options is not None:
+        tol = options.kwargs()["tol"]
     data = as_list(graphs) if build is None else graphs
     nb = int(jax.tree.leaves(data)[0].shape[0])
     one = as_list(jax.eval_shape(lambda d: _image(build, d), jax.tree.map(lambda x: x[0], data)))

@@ -55,8 +55,7 @@ import optax
 import scipy.linalg
 from flax import nnx
 
-from spectral_jax.errors import InputError
-from spectral_jax.options import PRESETS
+from spectral_jax.options import PRESETS, GdSpec  # noqa: F401  (PRESETS: read as solvers.gd.PRESETS)
 from spectral_jax.graphs import DenseGraph, Graph
 from spectral_jax.objective import (from_nodes, linear_operators, normalised_weights, paper_loss, rayleigh,
                                     weighted_sym_dense)
@@ -248,7 +247,7 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
        optimizer: optax.GradientTransformation | None = None, param: str = "table", weights=None, base_grid=None,
        sample: float | None = None, lam: float = 1.0, seed: int = 0, chunks: int = 20,
        materialize: bool | None = None, dense_max: int = 4096, dense_bytes: float = 2 ** 30,
-       tol: float | None = None, progress: bool | Callable = False) -> Result:
+       tol: float | None = None, progress: bool | Callable = False, options: GdSpec | None = None) -> Result:
     """Gradient solve of the layer-distributed objective.
 
     graphs: a graph or list of graph groups; preset: "eigen" or "paper"; param: "table" or "conv" (paper only);
@@ -262,24 +261,20 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     of the loss's change made by the last tenth of the steps (0.1 on a steady slope), `STATIONARITY_TOL` = 1e-2;
     the default 1000 steps usually do not reach it (the loss still falls) and say so. The measurements behind both:
     benchmarks/results/history.md.
+    options: an `options.GdSpec` (preset, param, steps, lr, optimizer, sample, lam, tol, progress: checked when it
+    was made), which replaces those keywords; without it, they are checked here as a `GdSpec`.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, Ritz values as eigvals; history: objective (eigen) or loss
     (paper) per step; info: the convergence report, with a RuntimeWarning when not converged).
     """
-    if preset not in PRESETS:
-        raise InputError(f"preset {preset!r}", "unknown preset", f"choose one of {', '.join(PRESETS)}")
-    if param not in ("table", "conv") or (preset == "eigen" and param != "table"):
-        raise InputError(f"param {param!r}", "does not fit the preset", "eigen takes 'table'; paper 'table' or 'conv'")
-    if sample is not None and not 0 < sample <= 1:
-        raise InputError(f"sample={sample}", "must be a fraction in (0, 1]", "pass e.g. sample=0.25")
-    if lr is not None and not (lr > 0 and math.isfinite(lr)):
-        raise InputError(f"lr={lr}", "must be a positive number", "pass e.g. lr=0.01, or None for the default")
-    if tol is not None and not (tol > 0 and math.isfinite(tol)):
-        raise InputError(f"tol={tol}", "must be a positive number", "pass e.g. tol=0.01, or None for the default")
+    if options is None:
+        options = GdSpec(preset=preset, param=param, steps=steps, lr=lr, optimizer=optimizer, sample=sample, lam=lam,
+                         tol=tol, progress=progress)
+    preset, param, steps, lr, optimizer, sample, lam, tol, progress = (
+        options.preset, options.param, options.steps, options.lr, options.optimizer, options.sample, options.lam,
+        options.tol, options.progress)
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
     steps = (150 if preset == "eigen" else 1000) if steps is None else int(steps)
-    if steps < 1:
-        raise InputError(f"steps={steps}", "must be ≥ 1", "pass e.g. steps=300")
     ws = normalised_weights(graphs, weights)
     t0 = time.perf_counter()
     work, work_w = _materialized(graphs, ws, preset == "eigen" and sample is None, materialize, dense_max,
