@@ -16,13 +16,14 @@ The public face (`__all__`) is what a user calls, and the types those calls take
     describe(result) -> [View]                   each image's segments (automatic k), foreground, instance masks
     load_backbone(name, weights) -> Backbone     a registered model behind the backbone contract
     Backbone, Taps, LayerTap, Result, View, Attribution    the types of those calls
+    GraphSpec, ExactSpec, GdSpec, LayerWeights   the options those calls take (`spectral_jax.options`, no JAX)
     InputError                                   every error a user's input causes (what, problem, fix)
 
 and the seven subpackages needed beyond those calls: `io` (reading and sizing images), `models` (the registry and
 the model families), `graphs` (affinity operators from your own q/k/v or features), `solvers` (the `exact` and `gd`
 solvers on graphs), `analysis` (segments, masks, metrics, probes), `dataset` (one solution for a folder of images)
 and `viz` (pictures). Every other module — `acts`, `cli`, `errors`, `files`, `folder`, `kernels`, `layer_weights`,
-`objective`, `pipeline`, `report`, `taps` — is a building block of these: importable by its full name
+`objective`, `options`, `pipeline`, `report`, `taps` — is a building block of these: importable by its full name
 (`from spectral_jax import objective`) and in the API reference, but not part of the face.
 
 Public names are imported on first use (PEP 562), so `import spectral_jax` and the `spectral-jax --help` command
@@ -52,6 +53,10 @@ _EXPORTS: dict[str, str | None] = {
     "View": "spectral_jax.analysis",
     "Attribution": "spectral_jax.analysis",
     "InputError": "spectral_jax.errors",
+    "GraphSpec": "spectral_jax.options",
+    "ExactSpec": "spectral_jax.options",
+    "GdSpec": "spectral_jax.options",
+    "LayerWeights": "spectral_jax.options",
     "analysis": None,
     "dataset": None,
     "graphs": None,

@@ -17,7 +17,8 @@ import spectral_jax as sj
 from spectral_jax.errors import InputError
 from spectral_jax.models import registry, testing
 
-FACE = ["Attribution", "Backbone", "InputError", "LayerTap", "Result", "Taps", "View", "analysis", "analyze",
+FACE = ["Attribution", "Backbone", "ExactSpec", "GdSpec", "GraphSpec", "InputError", "LayerTap", "LayerWeights",
+        "Result", "Taps", "View", "analysis", "analyze",
         "attribution", "dataset", "describe", "graphs", "io", "load_backbone", "models", "solve", "solvers", "sweep",
         "viz"]
 MODELS_FACE = ["Backbone", "FAMILIES", "Family", "ModelSpec", "PreprocessSpec", "dinov3", "dit", "family", "get_spec",
