@@ -45,11 +45,12 @@ def evaluate_image(taps, graph: str, num_eigs: int, tau: float):
     seconds of each part."""
     from spectral_jax import layer_weights as LW
     from spectral_jax import solvers
+    from spectral_jax.options import GraphSpec
     from spectral_jax.pipeline import graph_groups
 
     out, t = {}, time.perf_counter()
-    gs, gl = graph_groups(taps, graph, 0, dict(tau=tau, k_intra=50, k_inter=50, min_cos=0.1))
-    layers, per_layer = LW.layer_spectra(gs, gl, num_eigs)     # each layer alone (= sweep's single layers)
+    gs, gl = graph_groups(taps, GraphSpec(graph, tau=tau), 0)
+    layers, per_layer = solvers.exact.layer_solves(gs, gl, num_eigs)   # each layer alone (= sweep's single layers)
     for l, r in zip(layers, per_layer):
         out[f"L{l}"] = r.eigvecs[0]
     secs = {"layers": time.perf_counter() - t}
