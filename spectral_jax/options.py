@@ -297,6 +297,7 @@ class LayerWeights:
             return cls._checked_pairs(list(spec), spec, what)
         try:
             items = np.asarray(spec, object)
+            items = items.reshape(1) if items.ndim == 0 else items        # one number: one tapped layer
             if items.ndim != 1 or any(isinstance(x, (bool, np.bool_, str, bytes)) for x in items):
                 raise TypeError
             nums = [float(x) for x in items]
@@ -304,7 +305,7 @@ class LayerWeights:
             raise InputError(f"{what} {spec!r}", "is not a rule name or a list of numbers",
                              f"pass one of {', '.join(RULES)}, a mapping layer → weight, or one number per "
                              "tapped layer") from None
-        return cls._checked_numbers(nums, list(spec), what)
+        return cls._checked_numbers(nums, items.tolist(), what)
 
     @classmethod
     def _checked_numbers(cls, nums, shown, what) -> "LayerWeights":
