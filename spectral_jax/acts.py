@@ -13,6 +13,7 @@ import math
 import os
 import re
 import zipfile
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -144,14 +145,16 @@ def load_acts(path: str) -> Acts:
     hidden float `[B, h*w, C]`; model a string; image_size two ints ≥ 1; timesteps ints ≥ 0 `[T]` together with
     num_heads (an int ≥ 1 or one per layer) such that each layer's heads axis is T·H.
     """
+    from spectral_jax.io import open_regular
+
     fix = "write it with `spectral-jax extract IMAGE --model NAME --out ACTS.npz`"
-    if not os.path.isfile(path):
-        raise InputError(path, "is a folder, not an ACTS .npz file" if os.path.isdir(path) else "no such file", fix)
+    with open_regular(path, "ACTS .npz file", fix):     # a folder, FIFO or device is named as such, never read
+        pass
     _check_headers(path, fix)
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as e:
         raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
     layers: dict[int, dict[str, np.ndarray]] = {}
     for key, arr in data.items():

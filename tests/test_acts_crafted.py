@@ -197,3 +197,25 @@ def test_console_script_refuses_crafted_acts_in_one_line(tmp_path):
         assert r.returncode == 2 and len(lines) == 1, (name, r.returncode, r.stderr)
         assert lines[0].startswith(f"spectral-jax solve: error: {name}: "), lines[0]
         assert r.stdout == "" and list(out_dir.iterdir()) == [], name
+
+
+def test_fifo_device_and_corrupt_deflate_are_named(tmp_path):
+    """A FIFO or a link to a device was reported as "no such file" (and a FIFO with no writer must never block);
+    a deflated member whose stream is damaged past its header was a zlib.error traceback."""
+    import os
+
+    os.mkfifo(tmp_path / "fifo.npz")
+    refused(tmp_path / "fifo.npz", r"is not a regular file but a FIFO")
+    os.symlink("/dev/urandom", tmp_path / "urandom.npz")
+    refused(tmp_path / "urandom.npz", r"is not a regular file but a character device")
+    a = arrays()
+    a["layer0/q"] = np.random.default_rng(1).random((1, 2, 16, 4096)).astype(np.float32)   # ~0.5 MB deflated
+    a["layer0/k"] = a["layer0/q"].copy()
+    path = write(tmp_path / "deflate.npz", a, compressed=True)
+    data = bytearray((tmp_path / "deflate.npz").read_bytes())
+    with zipfile.ZipFile(path) as z:
+        info = z.getinfo("layer0/q.npy")
+    start = info.header_offset + 30 + len(info.filename) + 100_000
+    data[start:start + 400] = bytes(b ^ 0x5A for b in data[start:start + 400])
+    (tmp_path / "deflate.npz").write_bytes(bytes(data))
+    refused(tmp_path / "deflate.npz", r"not a readable .npz archive \((error|BadZipFile)\)")

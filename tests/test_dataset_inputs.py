@@ -9,6 +9,7 @@ once; `dataset.run` cases use test_dataset's synthetic backbone (32×32 → a 4�
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ import pytest
 
 from spectral_jax import dataset
 from spectral_jax.models import Backbone
+from spectral_jax.taps import LayerTap, Taps
 from test_dataset import SMALL, _env, make_folder, run_two_processes
 from test_dataset_badinput import EXT, TINY, _cli, _fail_at, _one_line_exit_2, place  # noqa: F401 (a fixture)
 
@@ -112,33 +114,51 @@ def test_two_processes_exact_skip_with_every_reason(tmp_path):
     assert s["skipped"][0]["reason"] == NAN_REASON and s["skipped"][1]["reason"].startswith("cannot read the image")
 
 
-def _wrong(case: str) -> Backbone:
-    """EXT with layer 1's taps of the wrong token count: 12 of the 16 patch tokens, or a CLS token in front that
-    num_prefix does not declare (17)."""
-    def fn(params, x, layers):
-        taps = EXT.apply(params, x, layers, False)
-
-        def bad(a):
-            return a[:, :, :12] if case == "tokens" else jnp.concatenate([a[:, :, :1], a], axis=2)
-
-        return {i: tuple(bad(a) if i == 1 else a for a in (t.q, t.k, t.v)) for i, t in taps.layers.items()}
-
-    return Backbone.from_function(f"wrong-{case}", fn, EXT.params, patch_size=8, num_layers=2, size=32,
-                                  mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+def _bad(case: str):
+    """Layer 1's taps of the wrong token count: 12 of the 16 patch tokens, or a CLS token in front that num_prefix
+    does not declare (17)."""
+    return lambda a: a[:, :, :12] if case == "tokens" else jnp.concatenate([a[:, :, :1], a], axis=2)
 
 
+def _wrong(case: str, route: str) -> Backbone:
+    """EXT with layer 1's taps of the wrong token count (`_bad`), as a user function (`Backbone.from_function`,
+    whose own output check names it) or as a backbone's own `apply` (which only the dataset's check sees)."""
+    bad = _bad(case)
+    if route == "user-function":
+        def fn(params, x, layers):
+            taps = EXT.apply(params, x, layers, False)
+            return {i: tuple(bad(a) if i == 1 else a for a in (t.q, t.k, t.v)) for i, t in taps.layers.items()}
+
+        return Backbone.from_function(f"wrong-{case}", fn, EXT.params, patch_size=8, num_layers=2, size=32,
+                                      mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+
+    def apply(params, x, layers, hidden=False):
+        taps = EXT.apply(params, x, layers, hidden)
+        return Taps({i: LayerTap(*(bad(a) if i == 1 else a for a in (t.q, t.k, t.v)), t.grid, t.num_prefix)
+                     for i, t in taps.layers.items()})
+
+    return dataclasses.replace(EXT, name=f"wrong-{case}", apply=apply)
+
+
+@pytest.mark.parametrize("route", ["user-function", "apply"])
 @pytest.mark.parametrize("method", ["exact", "gd"])
 @pytest.mark.parametrize("case,tokens", [("tokens", 12), ("prefix", 17)])
-def test_wrong_token_count_is_one_input_error_naming_the_layer(tmp_path, monkeypatch, method, case, tokens):
+def test_wrong_token_count_is_one_input_error_naming_the_layer(tmp_path, monkeypatch, method, case, tokens, route):
     """It was mis-aligned with the grid silently (exact: a quarter of the tokens without edges). Now refused before
-    the forward runs or the step compiles, nothing written: the backbone's fault, named with the expected shape."""
+    the forward runs or the step compiles, nothing written: the backbone's fault, named with the expected shape —
+    by `Backbone.from_function`'s output check for a user function, by the dataset's own check (`layout.tapped`)
+    for any other backbone."""
     folder = make_folder(str(tmp_path / "imgs"), 4)
-    monkeypatch.setattr(dataset.whole, "stream_features", lambda *a, **k: pytest.fail("the forward ran"))
-    monkeypatch.setattr(dataset.step, "compile_step", lambda *a, **k: pytest.fail("the step compiled"))
+    monkeypatch.setattr("spectral_jax.dataset.whole.stream_features", lambda *a, **k: pytest.fail("the forward ran"))
+    monkeypatch.setattr("spectral_jax.dataset.step.compile_step", lambda *a, **k: pytest.fail("the step compiled"))
     with pytest.raises(dataset.InputError) as e:
-        dataset.run(folder, str(tmp_path / "out"), backbone=_wrong(case), **{**SMALL, "method": method})
-    assert str(e.value).startswith(f"backbone 'wrong-{case}': layer 1's q has shape (4, 2, {tokens}, 8), expected "
-                                   "(4, heads, 16, dim): batch 4, 0 prefix + 4×4 patch tokens"), str(e.value)
+        dataset.run(folder, str(tmp_path / "out"), backbone=_wrong(case, route), **{**SMALL, "method": method})
+    msg = str(e.value)
+    want = (f"layer 1 of backbone 'wrong-{case}': q has shape (4, 2, {tokens}, 8), expected [B=4, heads, T=16 "
+            "(num_prefix 0 + 4×4 patches), D]" if route == "user-function" else
+            f"backbone 'wrong-{case}': layer 1's q has shape (4, 2, {tokens}, 8), expected "
+            "(4, heads, 16, dim): batch 4, 0 prefix + 4×4 patch tokens")
+    assert msg.startswith(want) and "\n" not in msg, msg
     assert not (tmp_path / "out").exists()
 
 

