@@ -193,8 +193,7 @@ class _Source:
         if per is None and not self.group_weights:
             per = np.full(len(self.layers), 1.0 / len(self.layers))
         w = None if per is None else np.tile(np.asarray(per, np.float64), (res.num_images, 1))
-        res.provenance = Provenance(self.graph, self.layers, w, self.timesteps)
-        return res
+        return dataclasses.replace(res, provenance=Provenance(self.graph, self.layers, w, self.timesteps))
 
 
 def _with_layer_weights(res: Result, per, made: _Source | None = None) -> Result:

@@ -20,7 +20,7 @@ def _check_folder(folder, k, grid):
             assert im.size[0] > 0
     with np.load(os.path.join(folder, "result.npz")) as f:
         assert f["eigvecs"].shape == (1, k, *grid)
-        assert f["eigvals"].shape == (k,)
+        assert f["eigvals"].shape == (1, k)          # the image axis, B = 1 too
         assert np.all(np.diff(f["eigvals"]) <= 1e-6)
     s = json.load(open(os.path.join(folder, "summary.json")))
     for key in ("objective", "seconds", "method", "num_eigs", "steps", "segments_k", "forward_seconds"):

@@ -2,7 +2,7 @@
 `objective`, `seconds`, `method`, `num_eigs`, `steps` (the command-line contract), plus the run's settings, the
 effective k, the skipped and ignored files and the per-step history. `segments_asked` is the request
 (`Settings.segments`); the export adds `segments`, the dataset-wide segments' numbers (`cluster.Segments.report`).
-"convergence": exact's report (`Result.info`) for method "exact"; for the minibatch gd its verdict (`gd_convergence`)."""
+"convergence": exact's report (`Result.convergence`) for method "exact"; for the minibatch gd its verdict (`gd_convergence`)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
 def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, *, backbone: dict, names: list,
                files: list, skipped: list, ignored: list, machine: dict, folder: str) -> dict:
     """The summary of method="exact": the whole-dataset objective Σ_k Σ_l w_l z_kᵀ P_l z_k, the eigenvalues, the
-    convergence report (`Result.info`: converged, iterations, tol, max_residual, residuals [K]) and where the
+    convergence report (`Result.convergence.as_dict()`: converged, iterations, tol, max_residual, residuals [K];
+    with `Result.info`'s notes, e.g. ARPACK's fallback) and where the
     seconds went (forward, graph, solve; a stage read from the cache took 0)."""
     t = solved.timings
     return {
@@ -94,7 +95,7 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "objective_kind": "Σ_k Σ_l w_l z_kᵀ P_l z_k over the whole-dataset graph (its optimum: the sum of the "
                           "top-K eigenvalues of Σ_l w_l sym(P_l))",
         "eigvals": [float(v) for v in res.eigvals[0]],
-        "convergence": dict(res.info), "solver": res.method, "orth_error": res.orth_error,
+        "convergence": {**res.convergence.as_dict(), **res.info}, "solver": res.method, "orth_error": res.orth_error,
         "seconds": round(seconds, 3), "seconds_forward": round(t["forward"], 3),
         "seconds_graph": round(t["graph"], 3), "seconds_solve": round(t["solve"], 3), "cached": solved.cached,
         "method": "dataset-exact", "num_eigs": settings.num_eigs, "steps": int(res.steps),

@@ -10,12 +10,12 @@ Presets
 Both end with a Rayleigh–Ritz step on the span of the final X (the official code takes an SVD of the same span),
 so eigvecs come out orthonormal and sorted by Ritz value.
 
-Every Result says whether the run converged (`Result.info`, as `exact`'s): "converged" (bool), "criterion",
-"iterations" (= steps), "tol", "max_residual" and "residuals" `[K]` — the relative residuals
+Every Result says whether the run converged (`Result.convergence`, a `Convergence` as `exact`'s): converged
+(bool), criterion, iterations (= steps), tol, max_residual and residuals `[K]` — the relative residuals
 ‖A x − λ B x‖ / (‖A x‖ + |λ| ‖B x‖) of the Ritz pairs with the run's linearised operators (`exact.residuals`,
-from the Rayleigh–Ritz step's own products: no further graph application) — and "stationarity", the relative
+from the Rayleigh–Ritz step's own products: no further graph application) — and stationarity, the relative
 change of the per-step history (objective or loss) between the last two windows of `STATIONARITY_WINDOW` of the
-steps (`stationarity`; None below 2 steps). What "converged" means depends on the preset:
+steps (`stationarity`; None below 2 steps). What converged means depends on the preset:
     eigen   max_residual ≤ tol (default `EIGEN_TOL`): the Ritz pairs are eigenpairs to that backward error.
     paper   stationarity ≤ tol (default `STATIONARITY_TOL`): the paper loss's fixed point is not an eigenbasis (its
             softmax maps are non-negative), so residuals do not go to 0; its own objective has stopped moving.
@@ -60,7 +60,7 @@ from spectral_jax.graphs import DenseGraph, Graph
 from spectral_jax.objective import (from_nodes, linear_operators, normalised_weights, paper_loss, rayleigh,
                                     weighted_sym_dense)
 from spectral_jax.solvers.exact import as_list, check_problem, residuals
-from spectral_jax.solvers.result import Result, finish
+from spectral_jax.solvers.result import Convergence, Result, finish
 
 PRESETS = ("eigen", "paper")
 EIGEN_TOL = 2e-2            # default tol of the eigen preset: max relative residual (see `gd`)
@@ -263,7 +263,8 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     the default 1000 steps usually do not reach it (the loss still falls) and say so. The measurements behind both:
     benchmarks/results/history.md.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, Ritz values as eigvals; history: objective (eigen) or loss
-    (paper) per step; info: the convergence report, with a RuntimeWarning when not converged).
+    (paper) per step; convergence: the verdict, with a RuntimeWarning when not converged; info: compile seconds,
+    preset, param, history kind, sample, materialized).
     """
     if preset not in PRESETS:
         raise InputError(f"preset {preset!r}", "unknown preset", f"choose one of {', '.join(PRESETS)}")
@@ -307,12 +308,12 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     vals, vecs, res = _ritz(work, work_w, base, nimg, _maps(cfg, carry.params))
     seconds = time.perf_counter() - t0
     same = all(tuple(g.grid) == base for g in graphs)
-    info = convergence(preset, history, res, steps, tol)
     return finish(graphs, ws, vecs, vals, nimg, base, steps=steps, seconds=seconds, method=f"gd-{preset}",
                   history=history, metric=None if same else linear_operators(graphs, ws, base, nimg)[1],
-                  info={**info, "compile_seconds": round(compile_s, 4), "preset": preset, "param": param,
+                  info={"compile_seconds": round(compile_s, 4), "preset": preset, "param": param,
                         "history_kind": "objective" if preset == "eigen" else "loss", "sample": sample,
-                        "materialized": work is not graphs})
+                        "materialized": work is not graphs},
+                  convergence=convergence(preset, history, res, steps, tol))
 
 
 def stationarity(values, window: int, start: float | None = None) -> float | None:
@@ -330,9 +331,9 @@ def stationarity(values, window: int, start: float | None = None) -> float | Non
     return float(abs(last - before) / max(total, 1e-12 * max(abs(last), 1e-30)))
 
 
-def convergence(preset: str, history, res, steps: int, tol: float | None = None) -> dict:
-    """The convergence report of a gd run (module docstring): history `[S]` per step, res `[K]` the Ritz pairs'
-    relative residuals; warns (RuntimeWarning, one line with the fix) when not converged."""
+def convergence(preset: str, history, res, steps: int, tol: float | None = None) -> Convergence:
+    """The verdict of a gd run (module docstring): history `[S]` per step, res `[K]` the Ritz pairs' relative
+    residuals; warns (RuntimeWarning, one line with the fix) when not converged."""
     tol = float((EIGEN_TOL if preset == "eigen" else STATIONARITY_TOL) if tol is None else tol)
     res = np.asarray(res, np.float64)
     window = max(1, int(round(STATIONARITY_WINDOW * steps)))
@@ -347,9 +348,7 @@ def convergence(preset: str, history, res, steps: int, tol: float | None = None)
     if not converged:
         warnings.warn(f"gd-{preset}: not converged after {steps} steps: {why}; raise steps (or tune lr), or use "
                       "method='exact'", RuntimeWarning, stacklevel=3)
-    return {"converged": bool(converged), "criterion": criterion, "iterations": int(steps), "tol": tol,
-            "max_residual": float(res.max()), "residuals": [float(r) for r in res], "stationarity": moved,
-            "stationarity_window": window}
+    return Convergence(converged, steps, tol, criterion, float(res.max()), tuple(res), moved, window)
 
 
 def _materialized(graphs, ws, aggregate: bool, materialize, dense_max: int, dense_bytes: float):
