@@ -120,11 +120,18 @@ def test_run_exact_writes_outputs_and_resume_skips_the_forward(tmp_path):
     assert res.eigvecs.shape == (10, 6, 4, 4) and s["method"] == "dataset-exact" and s["images"] == 10
     assert s["convergence"]["converged"] and len(s["convergence"]["residuals"]) == 6 and s["cached"] == []
     assert s["k_inter"] == 5 and s["edges"] > 0
+    # the solve's own Result and verdict, typed; eigvals from it (not read back from summary.json)
+    assert res.result.num_images == 10 and res.result.convergence is res.convergence and res.convergence.converged
+    np.testing.assert_array_equal(res.result.eigvecs, res.eigvecs)
+    np.testing.assert_array_equal(res.eigvals, res.result.eigvals[0].astype(np.float64))
+    assert res.eigvals.tolist() == s["eigvals"] and s["convergence"].items() >= res.convergence.as_dict().items()
     u = np.transpose(res.eigvecs, (0, 2, 3, 1)).reshape(-1, 6)
     np.testing.assert_allclose(u.T @ u, np.eye(6), atol=1e-4)                  # orthonormal over all pixels
     assert (tmp_path / "out" / "eigvecs.png").exists()
     back = dataset.load_result(str(tmp_path / "out"))
     np.testing.assert_array_equal(back.eigvecs, res.eigvecs)
+    np.testing.assert_array_equal(back.eigvals, res.eigvals)
+    assert back.convergence == res.convergence
     with pytest.raises(dataset.InputError, match="--resume"):
         dataset.run(folder, str(tmp_path / "out"), backbone=ext, **EXACT)
     with pytest.raises(dataset.InputError, match="other settings"):

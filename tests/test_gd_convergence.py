@@ -116,12 +116,13 @@ def test_dataset_verdict_from_a_history():
     def rows(losses):
         return [[losses[0] + 1.0, x, -x, 4] for x in losses]
     settled = summary.gd_convergence(rows(list(1.0 + np.exp(-np.arange(40) / 3.0))), 4)
-    assert settled["converged"] is True and settled["stationarity_window"] == 4 and settled["iterations"] == 40
+    assert settled.converged is True and settled.stationarity_window == 4 and settled.iterations == 40
+    assert settled.criterion == "stationarity <= tol" and settled.max_residual is None   # no residual: not claimed
     sloped = summary.gd_convergence(rows(list(10.0 - 0.1 * np.arange(40))), 4)
-    assert sloped["converged"] is False and sloped["stationarity"] > STATIONARITY_TOL
+    assert sloped.converged is False and sloped.stationarity > STATIONARITY_TOL
     one = summary.gd_convergence(rows([3.0, 2.0, 1.5, 1.4]), 4)
-    assert one["converged"] is False and one["stationarity"] is None
-    assert summary.gd_convergence(rows(list(np.linspace(5, 1, 200))), 4)["stationarity_window"] == 20  # 5 epochs
+    assert one.converged is False and one.stationarity is None
+    assert summary.gd_convergence(rows(list(np.linspace(5, 1, 200))), 4).stationarity_window == 20  # 5 epochs
 
 
 def _dataset_cli(tmp_path, capsys, epochs):
@@ -159,6 +160,8 @@ def test_dataset_gd_summary_and_cli_report_the_verdict(tmp_path, monkeypatch, ca
     assert c["stationarity"] == pytest.approx(stationarity(hist[:, 1], 2, hist[0, 0]))
     assert c["converged"] is (c["stationarity"] <= c["tol"]) and "not a residual" in c["kind"]
     assert line["converged"] is c["converged"] and line["stationarity"] == pytest.approx(c["stationarity"])
+    back = sj.dataset.load_result(str(tmp_path / "out3"))          # typed again, the same record
+    assert back.convergence.as_dict() == c and back.convergence.max_residual is None and back.eigvals is None
 
 
 def test_solve_cli_prints_gd_verdict(tmp_path, rng, capsys):

@@ -50,8 +50,8 @@ class Provenance:
                 raise ValueError(f"layer_weights {w.shape} must be [B, {len(self.layers)}] (one per layer)")
             object.__setattr__(self, "layer_weights", w)
 
-    def rows(self, sl: slice) -> "Provenance":
-        """The same provenance for the images `sl` of its `[B, L]` layer weights."""
+    def rows(self, sl) -> "Provenance":
+        """The same provenance for the images `sl` (a slice or indices) of its `[B, L]` layer weights."""
         w = None if self.layer_weights is None else self.layer_weights[sl]
         return Provenance(self.graph, self.layers, w, self.timesteps)
 
@@ -220,6 +220,21 @@ class Result:
         return Result(self.eigvecs[b:b + 1], self.eigvals[b:b + 1], self.rq[b:b + 1], self.objective[b:b + 1],
                       self.orth_error, self.steps, self.seconds, self.method, self.history[b:b + 1], info,
                       self.joint, prov, conv)
+
+    def select(self, idx) -> "Result":
+        """The images `idx` (indices or a boolean mask `[B]`) as a `Result` of that many images, each with its own
+        per-image info, convergence record and layer weights (a joint solve's shared values as they are)."""
+        idx = np.arange(self.num_images)[np.asarray(idx)].reshape(-1)
+        info = dict(self.info)
+        if "per_image" in info:
+            info["per_image"] = [info["per_image"][i] for i in idx]
+        conv = self.convergence
+        if conv is not None and conv.per_image:
+            conv = Convergence.combine([conv.per_image[i] for i in idx]) if len(idx) else None
+        prov = None if self.provenance is None else self.provenance.rows(idx)
+        return dataclasses.replace(self, eigvecs=self.eigvecs[idx], eigvals=self.eigvals[idx], rq=self.rq[idx],
+                                   objective=self.objective[idx], history=self.history[idx], info=info,
+                                   provenance=prov, convergence=conv)
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary: objective (image 0's / the joint solve's; with several per-image solves their mean,
