@@ -76,6 +76,10 @@ def test_result_npz_keeps_the_image_axis(rng, tmp_path, batch):
     np.testing.assert_array_equal(back.eigvals, res.eigvals)
     np.testing.assert_array_equal(back.rq, res.rq)
     assert back.convergence == res.convergence
+    if batch > 1:                                   # select keeps each image's own record
+        two = res.select([0, 2])
+        assert two.num_images == 2 and two.convergence.per_image == (parts[0].convergence, parts[2].convergence)
+        np.testing.assert_array_equal(two.eigvecs[1], parts[2].eigvecs[0])
 
 
 def test_result_load_reads_the_old_layout(rng, tmp_path):

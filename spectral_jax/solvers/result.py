@@ -157,11 +157,13 @@ class Result:
     a joint solve — for a single grid; B-orthonormal for the multi-grid exact solve); eigvals `[B, K]` (exact
     eigenvalues, or Ritz values for `gd`); rq `[B, G, K]` per-graph Rayleigh quotients; objective `[B]`
     = Σ_k Σ_l w_l R_{l,k}; history `[B, S]` (objective or loss per gd step; S = 0 for exact); orth_error = max over
-    the solves of max |XᵀX − I|; steps; seconds (all solves); method; info: solver diagnostics (for several
-    per-image solves, aggregated — `converged` all, `iterations` and `max_residual` the largest — with each image's
-    own under `info["per_image"]`); provenance: what it was solved on (`Provenance`: graph kind, layers, layer
-    weights, timesteps), None where unknown; convergence: the solver's verdict (`Convergence`; None for a solver
-    that gives none). `result.image(b)` is image b as a B = 1 `Result`; `Result.load` reads a RESULT.npz back.
+    the solves of max |XᵀX − I|; steps; seconds (all solves); method; info: the solver's other diagnostics
+    (compile seconds, layer weights used, timings, ...; for several per-image solves each image's own under
+    `info["per_image"]`); provenance: what it was solved on (`Provenance`: graph kind, layers, layer weights,
+    timesteps), None where unknown; convergence: the solver's verdict (`Convergence`; for several per-image
+    solves the aggregate — converged all, iterations and max_residual the largest — with each image's own in
+    `convergence.per_image`; None for a solver that gives none). `result.image(b)` is image b as a B = 1
+    `Result`, `result.select(idx)` the images idx; `Result.load` reads a RESULT.npz back.
 
     Frozen: a field is never reassigned (`dataclasses.replace` makes a changed copy), and the arrays are never
     written in place by the library.
