@@ -162,7 +162,7 @@ def last_layer_result(bb, root: str, names: list[str], size: int, num_eigs: int,
     res = solvers.exact.exact([g], num_eigs, seed=seed, tol=tol, maxiter=maxiter)
     t3 = time.perf_counter()
     e = np.asarray(res.eigvecs, np.float32)
-    summary = {"eigvals": [float(v) for v in res.eigvals[0]], "convergence": dict(res.info), "k_intra": kk[0],
+    summary = {"eigvals": [float(v) for v in res.eigvals[0]], "convergence": {**res.convergence.as_dict(), **res.info}, "k_intra": kk[0],
                "k_inter": kk[1], "seconds": t3 - t0, "seconds_forward": t1 - t0, "seconds_graph": t2 - t1,
                "seconds_solve": t3 - t2, "features": "final-LayerNorm(last block output)" if ln is not None
                else "last block output"}

@@ -469,11 +469,14 @@ def load_inputs(images, prep, size=None) -> tuple[list[np.ndarray], list[np.ndar
 
 
 def check_inputs(xs: Sequence[np.ndarray], prep, graph: str, num_eigs, what: str = "num_eigs") -> None:
-    """Before any model work: K < the graph's nodes (the patch grid of the smallest image; all images' tokens for a
-    joint kNN graph), and a joint kNN graph needs one size for all images."""
-    if graph.startswith("knn") and len({x.shape for x in xs}) > 1:
-        raise InputError("images", "resize to different sizes, which a joint kNN graph cannot take",
-                         "pass one size for all, e.g. size=(448, 448) (CLI: --size 448x448)")
+    """Before any model work: one size for all images (they go through the backbone as one batch; a joint kNN graph
+    joins them) and K < the graph's nodes (the patch grid of the images; all images' tokens for a joint kNN
+    graph)."""
+    sizes = sorted({x.shape[:2] for x in xs})
+    if len(sizes) > 1:
+        raise InputError("images", f"resize to {len(sizes)} different sizes {sizes}, which one batch (and a joint "
+                         "kNN graph) cannot take", "pass one size for all, e.g. size=(448, 448) (CLI: --size "
+                         "448x448), or analyse the images one call at a time")
     tokens = [(x.shape[0] // prep.patch_size) * (x.shape[1] // prep.patch_size) for x in xs]
     check_num_eigs(num_eigs, sum(tokens) if graph.startswith("knn") else min(tokens), what)
 
@@ -571,9 +574,6 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     if lw is not None:                              # numbers pair with the layers in the order given
         lw = lw.bound(layer_order(layers, depth))
     xs, _, _ = load_inputs(images, prep, size)
-    check_inputs(xs, prep, g.kind, num_eigs)
-    if len(same_size_batches(xs)) > 1:
-        raise InputError("images", f"resize to {len({x.shape for x in xs})} different sizes",
-                         "pass size=(H, W) to give them one, or call analyze once per image")
+    check_inputs(xs, prep, g.kind, num_eigs)                # one size for all: one batch
     bb = backbone or models.load_backbone(model, weights, dtype=jdtype)
     return _run(bb, np.stack(xs), chosen, g, num_eigs, s, seed, lw)

@@ -100,10 +100,10 @@ def test_result_file_keeps_the_contract_and_reads_old_files(tmp_path):
     a = sj.attribution(TAPS, "vv", 3, result=unknown, image=1)
     b = sj.attribution(TAPS, "vv", 3, result=res, image=1)
     np.testing.assert_allclose(a.rq, b.rq, rtol=1e-6)
-    # one image, joint-free: eigvals [K] on disk, as before; the weights [L]
+    # one image: the image axis on disk too (eigvals [1, K], the weights [1, L])
     one = res.image(0).save(str(tmp_path / "one.npz"))
     with np.load(one) as f:
-        assert f["eigvals"].shape == (3,) and f["provenance/layer_weights"].shape == (3,)
+        assert f["eigvals"].shape == (1, 3) and f["provenance/layer_weights"].shape == (1, 3)
     assert Result.load(one).provenance.layer_weights.shape == (1, 3)
 
 

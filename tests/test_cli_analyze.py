@@ -20,7 +20,7 @@ def _check_folder(folder, k, grid):
             assert im.size[0] > 0
     with np.load(os.path.join(folder, "result.npz")) as f:
         assert f["eigvecs"].shape == (1, k, *grid)
-        assert f["eigvals"].shape == (k,)
+        assert f["eigvals"].shape == (1, k)          # the image axis, B = 1 too
         assert np.all(np.diff(f["eigvals"]) <= 1e-6)
     s = json.load(open(os.path.join(folder, "summary.json")))
     for key in ("objective", "seconds", "method", "num_eigs", "steps", "segments_k", "forward_seconds"):
@@ -129,3 +129,24 @@ def test_analyze_bad_layer_weights_exit_2(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and needle in err and "--layer-weights" in err, err
         assert not out.exists()
         assert not [f for f in os.listdir(tmp_path) if f.startswith(".tmp-")]
+
+
+def test_analyze_refuses_mixed_sizes_as_the_api_does(tmp_path):
+    """Images that resize to different sizes: the CLI (the console script) refuses them in one line before any
+    model work, leaving nothing, with the API's own refusal (it calls `pipeline.analyze`, no second path)."""
+    import subprocess
+    import sys
+
+    square = tmp_path / "square.png"
+    Image.open(SAMPLE).resize((60, 60)).save(square)
+    kw = dict(model="dinov2_vits14", weights="random", size=56, num_eigs=3)
+    with pytest.raises(sj.InputError) as api:
+        sj.analyze([SAMPLE, str(square)], **kw)
+    out = tmp_path / "out"
+    exe = os.path.join(os.path.dirname(sys.executable), "spectral-jax")
+    r = subprocess.run([exe, "analyze", SAMPLE, str(square), "--model", "dinov2_vits14", "--weights", "random",
+                        "--size", "56", "--num-eigs", "3", "--out", str(out)], capture_output=True, text=True)
+    err = r.stderr.strip().splitlines()
+    assert r.returncode == 2 and len(err) == 1, r.stderr
+    assert "different sizes" in api.value.problem and api.value.problem in err[0], (api.value.problem, err)
+    assert sorted(os.listdir(tmp_path)) == ["square.png"]

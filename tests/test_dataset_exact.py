@@ -87,8 +87,9 @@ def test_sparse_operator_and_exact_eigvecs_match_eigh(rng):
     vals, vecs = np.linalg.eigh(dense)
     for solver, method in (("auto", "exact-arpack"), ("lobpcg", "exact-lobpcg-sparse")):   # the CPU default: ARPACK
         res = exact(g, 6, [lw], dense_max=0, sparse_solver=solver)
-        assert res.method == method and res.info["converged"] and res.info["iterations"] > 0
-        assert len(res.info["residuals"]) == 6 and res.info["max_residual"] <= res.info["tol"]
+        c = res.convergence
+        assert res.method == method and c.converged and c.iterations > 0
+        assert len(c.residuals) == 6 and c.max_residual <= c.tol
         x = np.transpose(res.eigvecs, (1, 0, 2, 3)).reshape(6, -1).T
         assert _alignment(vecs[:, ::-1][:, :6], x) >= 0.999
         np.testing.assert_allclose(res.eigvals[0], vals[::-1][:6], rtol=1e-4, atol=1e-5)
@@ -104,9 +105,10 @@ def test_convergence_report_when_maxiter_is_too_small(rng):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = exact(g, 8, dense_max=0, maxiter=2)
-    assert res.info["iterations"] == 2 and not res.info["converged"]      # ARPACK failed too: LOBPCG's report
+    c = res.convergence
+    assert c.iterations == 2 and not c.converged      # ARPACK failed too: LOBPCG's report
     assert res.method == "exact-lobpcg-sparse" and "maxiter=2" in res.info["arpack"]
-    assert res.info["max_residual"] > res.info["tol"]
+    assert c.max_residual > c.tol
     assert any("maxiter=2" in str(w.message) for w in caught)
 
 
@@ -118,11 +120,18 @@ def test_run_exact_writes_outputs_and_resume_skips_the_forward(tmp_path):
     assert res.eigvecs.shape == (10, 6, 4, 4) and s["method"] == "dataset-exact" and s["images"] == 10
     assert s["convergence"]["converged"] and len(s["convergence"]["residuals"]) == 6 and s["cached"] == []
     assert s["k_inter"] == 5 and s["edges"] > 0
+    # the solve's own Result and verdict, typed; eigvals from it (not read back from summary.json)
+    assert res.result.num_images == 10 and res.result.convergence is res.convergence and res.convergence.converged
+    np.testing.assert_array_equal(res.result.eigvecs, res.eigvecs)
+    np.testing.assert_array_equal(res.eigvals, res.result.eigvals[0].astype(np.float64))
+    assert res.eigvals.tolist() == s["eigvals"] and s["convergence"].items() >= res.convergence.as_dict().items()
     u = np.transpose(res.eigvecs, (0, 2, 3, 1)).reshape(-1, 6)
     np.testing.assert_allclose(u.T @ u, np.eye(6), atol=1e-4)                  # orthonormal over all pixels
     assert (tmp_path / "out" / "eigvecs.png").exists()
     back = dataset.load_result(str(tmp_path / "out"))
     np.testing.assert_array_equal(back.eigvecs, res.eigvecs)
+    np.testing.assert_array_equal(back.eigvals, res.eigvals)
+    assert back.convergence == res.convergence
     with pytest.raises(dataset.InputError, match="--resume"):
         dataset.run(folder, str(tmp_path / "out"), backbone=ext, **EXACT)
     with pytest.raises(dataset.InputError, match="other settings"):

@@ -38,26 +38,27 @@ def test_eigen_converges_with_enough_steps_and_measures_true_residuals(rng):
     are the ones recomputed from the dense A of the linearised objective."""
     g = graphs.attention(*_planted(rng), GRID)
     res = _no_warning(lambda: solvers.gd.gd(g, 4, steps=150))
-    assert REPORT <= set(res.info) and res.info["converged"] is True, res.info
-    assert res.info["iterations"] == res.steps == 150 and res.info["tol"] == EIGEN_TOL
-    assert res.info["max_residual"] <= EIGEN_TOL and len(res.info["residuals"]) == 4
+    c = res.convergence
+    assert REPORT == set(c.as_dict()) and REPORT <= set(res.summary()) and c.converged is True, c
+    assert c.iterations == res.steps == 150 and c.tol == EIGEN_TOL and c.criterion == "max_residual <= tol"
+    assert c.max_residual <= EIGEN_TOL and len(c.residuals) == 4
     a, _ = dense_operators([g], normalised_weights([g], None), GRID, 1)
     a = np.asarray(a, np.float64)
     x = res.eigvecs[0].reshape(4, -1).T.astype(np.float64)
     ax = a @ x
     lam = res.eigvals[0].astype(np.float64)
     want = np.linalg.norm(ax - lam * x, axis=0) / (np.linalg.norm(ax, axis=0) + np.abs(lam))
-    np.testing.assert_allclose(res.info["residuals"], want, rtol=0.05, atol=2e-5)
+    np.testing.assert_allclose(c.residuals, want, rtol=0.05, atol=2e-5)
 
 
 def test_eigen_too_few_steps_is_not_converged_and_warns(rng):
     g = graphs.attention(*_planted(rng), GRID)
     with pytest.warns(RuntimeWarning, match=r"gd-eigen: not converged after 3 steps.*raise steps.*exact"):
         res = solvers.gd.gd(g, 4, steps=3)
-    assert res.info["converged"] is False and res.info["max_residual"] > EIGEN_TOL
+    assert res.convergence.converged is False and res.convergence.max_residual > EIGEN_TOL
     # a tol the run meets: converged, no warning (the same run, the verdict is only the threshold)
     loose = _no_warning(lambda: solvers.gd.gd(g, 4, steps=3, tol=1.0))
-    assert loose.info["converged"] is True and loose.info["residuals"] == res.info["residuals"]
+    assert loose.convergence.converged is True and loose.convergence.residuals == res.convergence.residuals
 
 
 def test_stationarity_measures_the_last_window_against_the_whole_change():
@@ -75,16 +76,16 @@ def test_paper_stationarity_both_ways(rng):
     g = graphs.attention(*_planted(rng), GRID)
     with pytest.warns(RuntimeWarning, match=r"gd-paper: not converged after 20 steps: loss still moving"):
         short = solvers.gd.gd(g, 4, "paper", steps=20)
-    assert short.info["converged"] is False and short.info["stationarity"] > STATIONARITY_TOL
-    assert short.info["criterion"] == "stationarity <= tol"
-    done = _no_warning(lambda: solvers.gd.gd(g, 4, "paper", steps=400, lr=0.1))
-    assert done.info["converged"] is True and done.info["stationarity"] <= STATIONARITY_TOL, done.info
-    h = done.history[0]
-    w = done.info["stationarity_window"]
-    assert w == 40 and done.info["stationarity"] == pytest.approx(stationarity(h, w))
-    assert len(done.info["residuals"]) == 4 and np.isfinite(done.info["max_residual"])   # still reported
+    assert short.convergence.converged is False and short.convergence.stationarity > STATIONARITY_TOL
+    assert short.convergence.criterion == "stationarity <= tol"
+    ran = _no_warning(lambda: solvers.gd.gd(g, 4, "paper", steps=400, lr=0.1))
+    done, h = ran.convergence, ran.history[0]
+    assert done.converged is True and done.stationarity <= STATIONARITY_TOL, done
+    w = done.stationarity_window
+    assert w == 40 and done.stationarity == pytest.approx(stationarity(h, w))
+    assert len(done.residuals) == 4 and np.isfinite(done.max_residual)   # still reported
     with pytest.warns(RuntimeWarning, match="too few"):
-        assert solvers.gd.gd(g, 4, "paper", steps=1).info["stationarity"] is None
+        assert solvers.gd.gd(g, 4, "paper", steps=1).convergence.stationarity is None
 
 
 def _taps(rng, batch=2):
@@ -97,13 +98,17 @@ def _taps(rng, batch=2):
 def test_per_image_stack_claims_converged_only_when_every_image_does(rng):
     taps = _taps(rng)
     res = _no_warning(lambda: sj.solve(taps, "qk", 4, "gd", steps=150))
-    assert res.num_images == 2 and res.info["converged"] is True
-    assert [p["converged"] for p in res.info["per_image"]] == [True, True]
-    assert res.info["max_residual"] == max(p["max_residual"] for p in res.info["per_image"])
-    assert res.image(1).info["converged"] is True and "per_image" not in res.image(1).info
+    c = res.convergence
+    assert res.num_images == 2 and c.converged is True
+    assert [p.converged for p in c.per_image] == [True, True]
+    assert c.max_residual == max(p.max_residual for p in c.per_image)
+    assert res.image(1).convergence == c.per_image[1] and not res.image(1).convergence.per_image
+    assert "per_image" not in res.image(1).info
+    s = res.summary()                    # summary.json: the aggregate, and each image's own keys
+    assert s["converged"] is True and [p["converged"] for p in s["per_image"]] == [True, True]
     with pytest.warns(RuntimeWarning):
         short = sj.solve(taps, "qk", 4, "gd", steps=2)
-    assert short.info["converged"] is False
+    assert short.convergence.converged is False
 
 
 def test_dataset_verdict_from_a_history():
@@ -111,12 +116,13 @@ def test_dataset_verdict_from_a_history():
     def rows(losses):
         return [[losses[0] + 1.0, x, -x, 4] for x in losses]
     settled = summary.gd_convergence(rows(list(1.0 + np.exp(-np.arange(40) / 3.0))), 4)
-    assert settled["converged"] is True and settled["stationarity_window"] == 4 and settled["iterations"] == 40
+    assert settled.converged is True and settled.stationarity_window == 4 and settled.iterations == 40
+    assert settled.criterion == "stationarity <= tol" and settled.max_residual is None   # no residual: not claimed
     sloped = summary.gd_convergence(rows(list(10.0 - 0.1 * np.arange(40))), 4)
-    assert sloped["converged"] is False and sloped["stationarity"] > STATIONARITY_TOL
+    assert sloped.converged is False and sloped.stationarity > STATIONARITY_TOL
     one = summary.gd_convergence(rows([3.0, 2.0, 1.5, 1.4]), 4)
-    assert one["converged"] is False and one["stationarity"] is None
-    assert summary.gd_convergence(rows(list(np.linspace(5, 1, 200))), 4)["stationarity_window"] == 20  # 5 epochs
+    assert one.converged is False and one.stationarity is None
+    assert summary.gd_convergence(rows(list(np.linspace(5, 1, 200))), 4).stationarity_window == 20  # 5 epochs
 
 
 def _dataset_cli(tmp_path, capsys, epochs):
@@ -154,6 +160,8 @@ def test_dataset_gd_summary_and_cli_report_the_verdict(tmp_path, monkeypatch, ca
     assert c["stationarity"] == pytest.approx(stationarity(hist[:, 1], 2, hist[0, 0]))
     assert c["converged"] is (c["stationarity"] <= c["tol"]) and "not a residual" in c["kind"]
     assert line["converged"] is c["converged"] and line["stationarity"] == pytest.approx(c["stationarity"])
+    back = sj.dataset.load_result(str(tmp_path / "out3"))          # typed again, the same record
+    assert back.convergence.as_dict() == c and back.convergence.max_residual is None and back.eigvals is None
 
 
 def test_solve_cli_prints_gd_verdict(tmp_path, rng, capsys):

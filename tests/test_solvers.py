@@ -47,7 +47,7 @@ def test_exact_matches_numpy_eigh(rng, make, dense_max):
     assert res.rq.shape == (1, 6, k) and res.eigvecs.shape == (1, k, 16, 16)
 
 
-INFO_KEYS = {"converged", "iterations", "tol", "max_residual", "residuals"}
+INFO_KEYS = {"converged", "criterion", "iterations", "tol", "max_residual", "residuals"}   # summary.json's
 
 
 def test_exact_lobpcg_stops_when_converged_and_says_so(rng):
@@ -56,15 +56,18 @@ def test_exact_lobpcg_stops_when_converged_and_says_so(rng):
     g = _planted_graph(rng)
     vals, vecs, _ = _reference([g], 4)
     res = solvers.exact.exact(g, 4, dense_max=16, maxiter=400)
-    assert res.method == "exact-lobpcg" and set(res.info) == INFO_KEYS
-    assert res.info["converged"] is True and 0 < res.info["iterations"] < 100 and res.steps == 0, res.info
-    assert len(res.info["residuals"]) == 4 and res.info["max_residual"] == max(res.info["residuals"])
-    assert res.info["max_residual"] <= res.info["tol"] == solvers.exact.exact.__kwdefaults__["tol"]
+    c = res.convergence
+    assert res.method == "exact-lobpcg" and set(c.as_dict()) == INFO_KEYS and res.info == {}
+    assert INFO_KEYS <= set(res.summary()) and res.summary()["converged"] is True
+    assert c.converged is True and 0 < c.iterations < 100 and res.steps == 0, c
+    assert len(c.residuals) == 4 and c.max_residual == max(c.residuals) and c.criterion == "max_residual <= tol"
+    assert c.max_residual <= c.tol == solvers.exact.exact.__kwdefaults__["tol"]
     assert subspace_alignment(res.eigvecs.reshape(4, -1).T, vecs) >= 0.999
     np.testing.assert_allclose(res.eigvals[0], vals, atol=2e-5)
     dense = solvers.exact.exact(g, 4)
-    assert dense.method == "exact-dense" and set(dense.info) == INFO_KEYS
-    assert dense.info["converged"] is True and dense.info["iterations"] == 0 and dense.info["max_residual"] < 1e-5
+    d = dense.convergence
+    assert dense.method == "exact-dense" and set(d.as_dict()) == INFO_KEYS
+    assert d.converged is True and d.iterations == 0 and d.max_residual < 1e-5
 
 
 def test_exact_lobpcg_at_maxiter_reports_not_converged(rng):
@@ -76,8 +79,9 @@ def test_exact_lobpcg_at_maxiter_reports_not_converged(rng):
     # what to do, for both readers: the dataset command's flags (it cannot set dense_max) and the API's dense_max
     text = str(caught[0].message)
     assert "--maxiter N, --tol T" in text and "from Python, take the dense path with dense_max >= " in text, text
-    assert res.info["converged"] is False and res.info["iterations"] == 2 and res.steps == 0   # no gd steps
-    assert res.info["max_residual"] > res.info["tol"]
+    c = res.convergence
+    assert c.converged is False and c.iterations == 2 and res.steps == 0   # no gd steps
+    assert c.max_residual > c.tol
     for tol in (0.0, -1.0, float("nan")):
         with pytest.raises(ValueError, match="tol"):
             solvers.exact.exact(g, 6, dense_max=16, tol=tol)
@@ -232,7 +236,7 @@ def test_result_save_roundtrip(rng, tmp_path):
     res.save(str(path))
     with np.load(path) as f:
         np.testing.assert_array_equal(f["eigvecs"], res.eigvecs)
-        assert f["eigvals"].shape == (3,) and f["rq"].shape == (6, 3)
+        assert f["eigvals"].shape == (1, 3) and f["rq"].shape == (1, 6, 3)   # the image axis, B = 1 too
     assert np.all(np.diff(res.eigvals[0]) <= 0)
 
 

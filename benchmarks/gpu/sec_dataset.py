@@ -68,8 +68,8 @@ def run(st: Section) -> None:
         res = solvers.exact.exact([graph], plan["num_eigs"], dense_max=0)
         jax.block_until_ready(res.eigvecs)
         return {"knn_s": knn_s, "solve_s": time.perf_counter() - t0, "method": res.method,
-                "iterations": int(res.info["iterations"]), "max_residual": float(res.info["max_residual"]),
-                "converged": bool(res.info["converged"])}
+                "iterations": res.convergence.iterations, "max_residual": res.convergence.max_residual,
+                "converged": res.convergence.converged}
 
     st.attempt(f"{plan['images']} images × {per} tokens, F={plan['dim']}, kNN-vv", measure, **fields)
 

@@ -1,6 +1,7 @@
 """`spectral-jax analyze IMAGE... --model NAME --graph ... --out DIR` and `spectral-jax demo [--out DIR]`.
 
-analyze writes one folder per image (named by its file stem): PNGs, result.npz (B = 1), summary.json (and with
+analyze solves with `pipeline.analyze` (all images as one batch: they must resize to one size, as the API asks)
+and writes one folder per image (named by its file stem): PNGs, result.npz (B = 1), summary.json (and with
 --attribution: attribution.png, attribution.json); and a top-level summary.json listing them. --layer-weights: one
 number per tapped layer (comma-separated, in the order of --layers) or a rule (uniform, eigengap, select;
 `spectral_jax.layer_weights`). demo runs analyze on the bundled sample photo (Chelsea the cat, CC0, by
@@ -74,6 +75,14 @@ def run_demo(args) -> int:
 
 
 def run_analyze(args, credit: str | None = None) -> int:
+    """`spectral-jax analyze`: a thin layer over `pipeline.analyze`, which solves; this only writes the outputs.
+
+    Before any model work, with the flags' names in the messages: the model's name, the images (read and resized
+    as the model takes them; the pictures show them), their one size and K against their nodes
+    (`pipeline.check_inputs`: images that resize to different sizes are refused, as `analyze` refuses them), the
+    seed; then OUT is reserved (`files.OutputDir`). The backbone is loaded here (`--dtype`) and given to
+    `pipeline.analyze` with the flags' values as its keywords; with --attribution its taps are taken once more
+    (`pipeline.forward`, one extra forward of the batch) for `pipeline.attribution`."""
     from tqdm.auto import tqdm
 
     from spectral_jax import files, io, models, pipeline, report
@@ -84,40 +93,37 @@ def run_analyze(args, credit: str | None = None) -> int:
     if not (args.tau > 0 and math.isfinite(args.tau)):
         raise InputError(f"--tau {args.tau}", "must be a positive number", "pass e.g. --tau 0.1")
     check_seed(args.seed)
-    weights = None
-    if args.layer_weights is not None:       # numbers pair with --layers in the order given
-        weights = pipeline.LayerWeights.parse(args.layer_weights, "--layer-weights").bound(
+    if args.layer_weights is not None:          # checked with the flag's name before any model work
+        pipeline.LayerWeights.parse(args.layer_weights, "--layer-weights").bound(
             pipeline.layer_order(args.layers, spec.config.num_layers), "--layer-weights")
-    # every input is read and checked, and the output folder reserved, before any model work
     xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
     pipeline.check_inputs(xs, spec.preprocess, args.graph, args.num_eigs, "--num-eigs")
     stems = report.unique_stems(args.images)
-    # same-size images go through the backbone as one batch (a joint kNN graph needs them all in one)
-    batches = pipeline.same_size_batches(xs)
     with files.OutputDir(args.out, names=[*stems, "summary.json"], inputs=args.images) as staged:
-        bar = tqdm(total=1 + len(batches) + len(xs), desc="analyze", unit="step", leave=False, disable=None)
+        bar = tqdm(total=3 + len(xs), desc="analyze", unit="step", leave=False, disable=None)
         bar.set_postfix_str("loading model")
         t0 = time.perf_counter()
         bb = models.load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype))
         bar.update(1)
-        results, attributions = [None] * len(xs), [None] * len(xs)
-        for idx in batches:
-            bar.set_postfix_str(f"forward and solve ({len(idx)} image{'s' * (len(idx) > 1)})")
-            taps, fwd = pipeline.forward(bb, np.stack([xs[i] for i in idx]), layers)
-            res = pipeline.solve(taps, args.graph, args.num_eigs, args.method, layer_weights=weights, tau=args.tau,
-                                 seed=args.seed, graph_dtype=args.graph_dtype)
-            res.info.update(forward_seconds=round(fwd, 4), graph=args.graph, model=bb.name)
-            for j, i in enumerate(idx):
-                results[i] = res.image(j)
-                if args.attribution:
-                    attributions[i] = pipeline.attribution(taps, args.graph, args.num_eigs, result=res, image=j,
-                                                           timesteps=bb.timesteps or None, tau=args.tau,
-                                                           graph_dtype=args.graph_dtype)
-            bar.update(1)
+        bar.set_postfix_str(f"forward and solve ({len(xs)} image{'s' * (len(xs) > 1)})")
+        res = pipeline.analyze(args.images, backbone=bb, graph=args.graph, layers=args.layers,
+                               num_eigs=args.num_eigs, method=args.method, size=size,
+                               layer_weights=args.layer_weights, tau=args.tau, seed=args.seed,
+                               graph_dtype=args.graph_dtype)
+        bar.update(1)
+        attributions = [None] * len(xs)
+        if args.attribution:
+            bar.set_postfix_str("attribution")
+            taps, _ = pipeline.forward(bb, np.stack(xs), layers)
+            attributions = [pipeline.attribution(taps, args.graph, args.num_eigs, result=res, image=j,
+                                                 timesteps=bb.timesteps or None, tau=args.tau,
+                                                 graph_dtype=args.graph_dtype) for j in range(len(xs))]
+        bar.update(1)
         bar.set_postfix_str("segments and pictures")
         summaries = []
-        for path, stem, image, res, att in zip(args.images, stems, shown, results, attributions):
-            view = pipeline.describe(res, seed=args.seed)[0]
+        for j, (path, stem, image, att) in enumerate(zip(args.images, stems, shown, attributions)):
+            one = res.image(j)
+            view = pipeline.describe(one, seed=args.seed)[0]
             extra = {"image": os.path.abspath(path), "model": args.model, "graph": args.graph,
                      "weights": bb.weights, "layers": args.layers, "dtype": args.dtype,
                      "graph_dtype": args.graph_dtype}
@@ -126,7 +132,7 @@ def run_analyze(args, credit: str | None = None) -> int:
             if args.layer_weights is not None:
                 extra["layer_weights_spec"] = args.layer_weights
             folder = os.path.join(staged.tmp, stem)
-            summaries.append({"name": stem, **report.write_image(folder, image, res, view, extra)})
+            summaries.append({"name": stem, **report.write_image(folder, image, one, view, extra)})
             if att is not None:
                 report.write_attribution(folder, att)
             bar.update(1)

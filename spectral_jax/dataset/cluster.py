@@ -108,10 +108,13 @@ def embedding(eigvecs, eigvals=None) -> np.ndarray:
 def segments(result, num_segments="auto", seed: int = 0, *, eigvals=None, n_init: int = 10) -> Segments:
     """Dataset-wide segments of `result` (a `DatasetResult`, or anything with `eigvecs` `[n, K, h, w]` and a
     `summary` dict): k-means of the dataset embedding into `num_segments` clusters (an int, or "auto"). eigvals
-    `[K]`: default the run's (summary["eigvals"], exact runs). Deterministic for a given `seed`."""
+    `[K]`: default the run's (`result.eigvals`, else summary["eigvals"]: exact runs). Deterministic for a given
+    `seed`."""
     from spectral_jax.analysis.cluster import cluster_embedding
 
     e = np.asarray(result.eigvecs)
+    if eigvals is None:
+        eigvals = getattr(result, "eigvals", None)
     if eigvals is None:
         eigvals = (getattr(result, "summary", None) or {}).get("eigvals")
     f = embedding(e, eigvals)

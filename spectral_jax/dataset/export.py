@@ -34,7 +34,12 @@ class DatasetResult:
     table's columns, each unit-norm over all pixels); names `[n]` (file paths relative to the folder, images that
     were read; unreadable ones are in summary["skipped"]); table `[n, K, h, w]` the debiased EMA of the raw table
     (logits or free values); probs `[n, K, h, w]` softmax(table) (paper preset, else None); summary (summary.json);
-    segments: the dataset-wide segments (`cluster.Segments`, set by the export; None before it).
+    segments: the dataset-wide segments (`cluster.Segments`, set by the export; None before it); eigvals `[K]`
+    float64: the eigenvalues of the whole-dataset operator (method exact: the solve's, largest first; None for gd
+    runs, which have none); convergence: the solve's verdict (`solvers.result.Convergence`: exact's residuals, or
+    the minibatch gd's stationarity — summary.json's "convergence" is its `as_dict()`); result: the exact solve's
+    own `Result` over the images read (eigvecs, eigvals, rq, objective, convergence, provenance; None for gd runs
+    and for `load_result`).
     """
 
     eigvecs: np.ndarray
@@ -44,12 +49,9 @@ class DatasetResult:
     summary: dict
     out: str = ""
     segments: object = None
-
-    @property
-    def eigvals(self) -> np.ndarray | None:
-        """`[K]` the eigenvalues of the whole-dataset operator (method exact), largest first; None for gd runs."""
-        v = self.summary.get("eigvals")
-        return None if v is None else np.asarray(v, np.float64)
+    eigvals: np.ndarray | None = None
+    convergence: object = None
+    result: object = None
 
     def save(self, target: "str | OutputFile") -> None:
         """eigvecs.npz (a path, or an `OutputFile` reserved earlier)."""
@@ -61,7 +63,8 @@ class DatasetResult:
 
 
 def load_result(out: str) -> DatasetResult:
-    """Read a finished run's OUT/eigvecs.npz and OUT/summary.json."""
+    """Read a finished run's OUT/eigvecs.npz and OUT/summary.json (eigvals and convergence from the summary, where
+    the run wrote them)."""
     path = os.path.join(out, "eigvecs.npz")
     if not os.path.isfile(path):
         raise InputError(out, "holds no eigvecs.npz", "run `spectral-jax dataset FOLDER ... --out DIR` first, or "
@@ -80,7 +83,12 @@ def load_result(out: str) -> DatasetResult:
 
         with np.load(os.path.join(out, "segments.npz"), allow_pickle=False) as f:
             seg = Segments.from_arrays({k: f[k] for k in f.files})
-    return DatasetResult(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary, out, seg)
+    from spectral_jax.solvers.result import Convergence
+
+    vals, conv = summary.get("eigvals"), summary.get("convergence")
+    return DatasetResult(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary, out, seg,
+                         None if vals is None else np.asarray(vals, np.float64),
+                         None if conv is None else Convergence.from_dict(conv))
 
 
 def global_eigvecs(probs: np.ndarray) -> np.ndarray:

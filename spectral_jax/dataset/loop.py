@@ -291,6 +291,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     ok = status == step.READ
     names = [f for f, g in zip(where.files, ok) if g]
     eigvecs, probs = export.table_arrays(settings.preset, table[ok])
+    verdict = summary.gd_convergence(trained.history, per_epoch)
     t = time.perf_counter()
     res = DatasetResult(eigvecs, names, table[ok], probs, summary.make(
         settings, geom,
@@ -301,24 +302,24 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         lr=step.learning_rate(settings, geom), names=names, files=where.files,
         skipped=_skipped(where, status, trained.failed, backbone.preprocess, geom.size), ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
-        folder=where.root), where.out)
+        folder=where.root, convergence=verdict), where.out, convergence=verdict)
     if jax.process_index() == 0:
         _report_skipped(res.summary["skipped"])
-        _warn_unconverged(res.summary["convergence"], per_epoch)
+        _warn_unconverged(verdict, per_epoch)
         export.write(res, where.root, settings.figure_images)
     return res
 
 
-def _warn_unconverged(verdict: dict, per_epoch: int) -> None:
+def _warn_unconverged(verdict, per_epoch: int) -> None:
     """A RuntimeWarning (one line, with the fix) when the minibatch run's loss has not settled
-    (`summary.gd_convergence`)."""
-    if verdict["converged"]:
+    (`summary.gd_convergence`, a `Convergence`)."""
+    if verdict.converged:
         return
-    moved = verdict["stationarity"]
-    why = (f"its last {verdict['stationarity_window'] // per_epoch} epoch(s) still made {moved:.1e} of the run's "
-           f"change of the loss > tol {verdict['tol']:.1e}" if moved is not None else
+    moved = verdict.stationarity
+    why = (f"its last {verdict.stationarity_window // per_epoch} epoch(s) still made {moved:.1e} of the run's "
+           f"change of the loss > tol {verdict.tol:.1e}" if moved is not None else
            "two epochs at least are needed to tell whether the loss has settled")
-    warnings.warn(f"dataset gd: not converged after {verdict['iterations']} steps: {why}; raise --epochs "
+    warnings.warn(f"dataset gd: not converged after {verdict.iterations} steps: {why}; raise --epochs "
                   "(--resume continues this run), or use --method exact", RuntimeWarning, stacklevel=4)
 
 
@@ -360,7 +361,8 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         backbone={"model": backbone.name, "weights": backbone.weights, "layers": layers_name},
         names=names, files=where.files, skipped=skipped, ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
-        folder=where.root), where.out)
+        folder=where.root), where.out, eigvals=np.asarray(res.eigvals[0], np.float64), convergence=res.convergence,
+        result=res.select(np.flatnonzero(ok)))
     if jax.process_index() == 0:
         _report_skipped(skipped)
         export.write(out, where.root, settings.figure_images)

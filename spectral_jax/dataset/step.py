@@ -11,8 +11,11 @@ inner steps minimise):
     paper   logits; X = softmax over K; the official code's loss 2·mean|R − 1| + 2λ·mean (z_kᵀ z_k')²
             (`objective.paper_loss`).
     eigen   free values; the batch's rows are orthonormalised over the batch's nodes (`solvers.gd.retract`) and
-            moved along the Stiefel gradient (`solvers.gd.riemannian_grad`) of Σ_k c_k Σ_l w_l R_{l,k}, c_k
-            decreasing from 1 to ½ (a Brockett cost, so column k means "the k-th eigenvector" in every batch).
+            moved by `solvers.gd.stiefel_step` — one image's gd step — on Σ_k c_k Σ_l w_l R_{l,k}, c_k decreasing
+            from 1 to ½ (`solvers.gd.brockett`, `eigen_cost`: a Brockett cost, so column k means "the k-th
+            eigenvector" in every batch).
+Both presets step with `solvers.gd`'s own update (`stiefel_step`, `descent_step`) and optimizer
+(`solvers.gd.default_optimizer`: AdamW with the settings' weight decay), per image (`per_image_update`).
 Each image has its own optimizer state (count, moments): its rows move only when it is in the batch, as with the
 official code's per-image parameters, whose gradient is None outside their batch. The step is `jax.jit` with the
 backbone's `apply`, the layers, the settings, the geometry and the mesh static: JAX's caches keep it compiled, so a
@@ -36,8 +39,9 @@ from jax.sharding import PartitionSpec as P
 from spectral_jax import graphs as G
 from spectral_jax.dataset.layout import AXIS, Geometry, tapped
 from spectral_jax.dataset.settings import Settings
-from spectral_jax.objective import from_nodes, normalised_weights, paper_loss, rayleigh, to_nodes
-from spectral_jax.solvers.gd import default_lr, retract, riemannian_grad
+from spectral_jax.objective import from_nodes, paper_loss, rayleigh, to_nodes
+from spectral_jax.solvers.gd import (brockett, default_lr, default_optimizer, descent_step, eigen_cost, retract,
+                                     stiefel_step)
 
 
 UNSEEN, READ, UNREADABLE, NONFINITE = 0, 1, 2, 3     # an image's status; NONFINITE: its taps held NaN or Inf
@@ -70,8 +74,11 @@ def learning_rate(settings: Settings, geom: Geometry) -> float:
 
 
 def make_optimizer(settings: Settings, geom: Geometry) -> optax.GradientTransformation:
-    """AdamW (the official code's optimizer; weight decay 0 as in its dataset run), one state per image."""
-    return optax.adamw(learning_rate(settings, geom), weight_decay=settings.weight_decay)
+    """`solvers.gd.default_optimizer` at the dataset level: AdamW (the official code's optimizer) with the settings'
+    weight decay (0 by default, as in its dataset run) and `learning_rate`; one state per image."""
+    return default_optimizer(settings.preset, learning_rate(settings, geom),
+                             settings.batch_size * geom.base[0] * geom.base[1], level="dataset",
+                             weight_decay=float(settings.weight_decay))
 
 
 def shardings(mesh: Mesh, tree):
@@ -154,12 +161,22 @@ def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, me
     return out, nonfinite
 
 
-def _brockett(k: int):
-    return jnp.linspace(1.0, 0.5, k, dtype=jnp.float32)
+def per_image_update(opt: optax.GradientTransformation, nimg: int, base: tuple[int, int]) -> Callable:
+    """The optax update of a batch's node-layout X `[B·h·w, K]` with one optimizer state per image (leaves
+    `[B, ...]`): `opt.update` mapped over the images' `[K, h, w]` rows (`from_nodes`/`to_nodes` move between the
+    layouts exactly), for `solvers.gd.stiefel_step`."""
+    def update(g, state, x):
+        upd, state = jax.vmap(opt.update)(from_nodes(g, nimg, base), state, from_nodes(x, nimg, base))
+        return to_nodes(upd), state
+
+    return update
 
 
 def solve_batch(settings: Settings, geom: Geometry, opt, graphs, ws, rows, ost, valid):
-    """`inner_steps` optimizer steps on the batch's rows `[B, K, h, w]` (per-image optimizer state `ost`).
+    """`inner_steps` optimizer steps on the batch's rows `[B, K, h, w]` (per-image optimizer state `ost`), with
+    `solvers.gd`'s steps: `descent_step` on the paper loss (paper), `stiefel_step` on the Brockett cost
+    `eigen_cost(c=brockett(K))` over the batch's nodes (eigen). Rows of invalid images (`valid` `[B]` False) and
+    their optimizer state stay as they were (eigen: zeroed in the orthonormalised X).
 
     Returns (rows, ost, loss per step `[S]`, final loss, final Rayleigh objective Σ_k Σ_l w_l R_{l,k}).
     """
@@ -170,29 +187,28 @@ def solve_batch(settings: Settings, geom: Geometry, opt, graphs, ws, rows, ost, 
     if settings.preset == "paper":
         maps = lambda r: jax.nn.softmax(r, axis=1) * vm
         loss_fn = lambda r: paper_loss(graphs, maps(r), ws, settings.lam)
+        update = jax.vmap(opt.update)
 
         def inner(carry, _):
             r, s = carry
             loss, g = jax.value_and_grad(loss_fn)(r)
-            upd, s2 = jax.vmap(opt.update)(g, s, r)
-            return (keep(optax.apply_updates(r, upd), r), keep(s2, s)), loss
+            r2, s2 = descent_step(update, r, g, s)
+            return (keep(r2, r), keep(s2, s)), loss
 
         (rows, ost), hist = lax.scan(inner, (rows, ost), None, length=settings.inner_steps)
         return rows, ost, hist, loss_fn(rows), rayleigh(graphs, maps(rows), ws)[1]
 
-    c = _brockett(settings.num_eigs)
+    c = brockett(settings.num_eigs)
     nimg, base = settings.batch_size, geom.base
-
-    def cost(xn):
-        rqs, _ = rayleigh(graphs, from_nodes(xn, nimg, base), ws)
-        return sum(jnp.sum(w[..., None] * r * c) for r, w in zip(rqs, normalised_weights(graphs, ws)))
+    cost = lambda xn: eigen_cost(graphs, from_nodes(xn, nimg, base), ws, c)
+    update = per_image_update(opt, nimg, base)
+    mask = to_nodes(jnp.broadcast_to(vm, (nimg, 1, *base)).astype(rows.dtype))        # [B·h·w, 1]
 
     def inner(carry, _):
         xn, s = carry
         val, g = jax.value_and_grad(cost)(xn)
-        r = from_nodes(xn, nimg, base)
-        upd, s2 = jax.vmap(opt.update)(from_nodes(-riemannian_grad(xn, g), nimg, base), s, r)
-        return (retract(to_nodes(optax.apply_updates(r, upd) * vm)), keep(s2, s)), -val
+        xn, s2 = stiefel_step(update, xn, g, s, mask)
+        return (xn, keep(s2, s)), -val
 
     xn = retract(to_nodes(rows * vm))
     (xn, ost), hist = lax.scan(inner, (xn, ost), None, length=settings.inner_steps)
@@ -242,4 +258,5 @@ def compile_step(backbone, layers, settings: Settings, geom: Geometry, mesh: Mes
 
 
 __all__ = ["Metrics", "NONFINITE", "READ", "State", "UNREADABLE", "UNSEEN", "abstract_state", "batch_graphs",
-           "compile_step", "dataset_step", "init_state", "learning_rate", "make_optimizer", "solve_batch"]
+           "compile_step", "dataset_step", "init_state", "learning_rate", "make_optimizer", "per_image_update",
+           "solve_batch"]

@@ -2,7 +2,7 @@
 `objective`, `seconds`, `method`, `num_eigs`, `steps` (the command-line contract), plus the run's settings, the
 effective k, the skipped and ignored files and the per-step history. `segments_asked` is the request
 (`Settings.segments`); the export adds `segments`, the dataset-wide segments' numbers (`cluster.Segments.report`).
-"convergence": exact's report (`Result.info`) for method "exact"; for the minibatch gd its verdict (`gd_convergence`)."""
+"convergence": exact's report (`Result.convergence`) for method "exact"; for the minibatch gd its verdict (`gd_convergence`); both `Convergence.as_dict()`."""
 
 from __future__ import annotations
 
@@ -12,7 +12,8 @@ import numpy as np
 
 from spectral_jax.dataset.layout import Geometry
 from spectral_jax.dataset.settings import Settings
-from spectral_jax.solvers.gd import STATIONARITY_TOL, STATIONARITY_WINDOW, stationarity
+from spectral_jax.solvers.gd import STATIONARITY_TOL, STATIONARITY_WINDOW, stationarity_verdict
+from spectral_jax.solvers.result import Convergence
 
 HISTORY_COLUMNS = ["loss_first_inner_step", "loss", "objective", "images"]
 
@@ -34,28 +35,29 @@ class Timings(NamedTuple):
     compile: float              # compiling the step
 
 
-def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL) -> dict:
-    """The minibatch gd run's verdict from its per-step history (rows of HISTORY_COLUMNS): the stationarity
-    (`solvers.gd.stationarity`) of the per-step loss over windows of whole epochs — the last `STATIONARITY_WINDOW`
-    of the epochs run, at least one — against the loss at the run's first inner step: converged when the last
-    window still made ≤ `tol` of the run's whole change of the loss (None, not converged, before two windows).
-    Windows of whole epochs average over the same images (each epoch visits all of them, in other batches), which
-    smooths the minibatches' noise. This is a verdict on the minibatch loss the run minimises, not a residual on the whole-dataset
-    graph, which this path never builds (method "exact" solves that graph and reports its residuals)."""
+def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL) -> Convergence:
+    """The minibatch gd run's verdict from its per-step history (rows of HISTORY_COLUMNS): gd's stationarity verdict
+    (`solvers.gd.stationarity_verdict`, the paper preset's) of the per-step loss over windows of whole epochs — the
+    last `STATIONARITY_WINDOW` of the epochs run, at least one — against the loss at the run's first inner step:
+    converged when the last window still made ≤ `tol` of the run's whole change of the loss (stationarity None,
+    not converged, before two windows). Windows of whole epochs average over the same images (each epoch visits
+    all of them, in other batches), which smooths the minibatches' noise. This is a verdict on the minibatch loss
+    the run minimises, not a residual on the whole-dataset graph, which this path never builds (method "exact"
+    solves that graph and reports its residuals). summary.json's "convergence" is its `as_dict()`."""
     epochs = len(history) // per_epoch if per_epoch else 0
     window = per_epoch * max(1, int(round(STATIONARITY_WINDOW * epochs)))
-    moved = stationarity([r[1] for r in history], window, history[0][0]) if history else None
-    return {"converged": moved is not None and moved <= tol, "criterion": "stationarity <= tol",
-            "stationarity": moved, "stationarity_window": window, "tol": float(tol), "iterations": len(history),
-            "kind": "minibatch loss: the share of the run's change of the loss made by its last window of epochs "
-                    "(not a residual on the whole-dataset graph)"}
+    return stationarity_verdict([r[1] for r in history], window, tol, history[0][0] if history else None,
+                                kind="minibatch loss: the share of the run's change of the loss made by its last "
+                                     "window of epochs (not a residual on the whole-dataset graph)")
 
 
 def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timings, *, backbone: dict, lr: float,
-         names: list, files: list, skipped: list, ignored: list, machine: dict, folder: str) -> dict:
+         names: list, files: list, skipped: list, ignored: list, machine: dict, folder: str,
+         convergence: Convergence | None = None) -> dict:
     """The summary. backbone: {"model", "weights", "layers"}; lr: the effective learning rate; names: images
     read; files: images listed; skipped: [{"file", "reason"}] unreadable; ignored: non-image files; machine:
-    {"devices", "processes", "backend"}."""
+    {"devices", "processes", "backend"}; convergence: the run's verdict (default `gd_convergence` of the
+    history)."""
     h = progress.history
     last = h[-progress.per_epoch:] if h else []
     read_now = sum(r[3] for r in h[len(h) - progress.steps_this_run:]) if progress.steps_this_run else 0
@@ -64,7 +66,7 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
         "objective_kind": "mean over the last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k after the inner steps",
         "loss": float(np.mean([r[1] for r in last])) if last else None,
         "loss_kind": "paper loss" if settings.preset == "paper" else "−Σ_k c_k Σ_l w_l R_{l,k} (Brockett)",
-        "convergence": gd_convergence(h, progress.per_epoch),
+        "convergence": (convergence or gd_convergence(h, progress.per_epoch)).as_dict(),
         "seconds": round(timings.seconds, 3), "seconds_total": round(timings.seconds_total, 3),
         "seconds_loop": round(timings.loop, 3), "compile_seconds": round(timings.compile, 3),
         "images_per_second": (round(read_now / timings.loop, 3)                 # images read, not padded slots
@@ -86,7 +88,8 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
 def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, *, backbone: dict, names: list,
                files: list, skipped: list, ignored: list, machine: dict, folder: str) -> dict:
     """The summary of method="exact": the whole-dataset objective Σ_k Σ_l w_l z_kᵀ P_l z_k, the eigenvalues, the
-    convergence report (`Result.info`: converged, iterations, tol, max_residual, residuals [K]) and where the
+    convergence report (`Result.convergence.as_dict()`: converged, iterations, tol, max_residual, residuals [K];
+    with `Result.info`'s notes, e.g. ARPACK's fallback) and where the
     seconds went (forward, graph, solve; a stage read from the cache took 0)."""
     t = solved.timings
     return {
@@ -94,7 +97,7 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "objective_kind": "Σ_k Σ_l w_l z_kᵀ P_l z_k over the whole-dataset graph (its optimum: the sum of the "
                           "top-K eigenvalues of Σ_l w_l sym(P_l))",
         "eigvals": [float(v) for v in res.eigvals[0]],
-        "convergence": dict(res.info), "solver": res.method, "orth_error": res.orth_error,
+        "convergence": {**res.convergence.as_dict(), **res.info}, "solver": res.method, "orth_error": res.orth_error,
         "seconds": round(seconds, 3), "seconds_forward": round(t["forward"], 3),
         "seconds_graph": round(t["graph"], 3), "seconds_solve": round(t["solve"], 3), "cached": solved.cached,
         "method": "dataset-exact", "num_eigs": settings.num_eigs, "steps": int(res.steps),

@@ -9,12 +9,12 @@ all share the base grid B = I and this is exactly the optimum of the Rayleigh ob
   B^{-1/2} applied by a Chebyshev polynomial (B is well conditioned: B ⪰ w_base·I when a group sits on the base
   grid, which the default base grid guarantees).
 
-Every Result says how well it solved (`Result.info`): "converged" (bool), "iterations" (LOBPCG iterations; ARPACK's
-operator applications; 0 for the dense path), "tol", "max_residual" and "residuals" `[K]`: the relative residual of each pair,
+Every Result says how well it solved (`Result.convergence`, a `Convergence`): converged (bool), iterations (LOBPCG iterations; ARPACK's
+operator applications; 0 for the dense path), tol, max_residual and residuals `[K]`: the relative residual of each pair,
 ‖A x − λ B x‖ / (‖A x‖ + |λ| ‖B x‖) (the normwise backward error; 0 would be exact), computed in float32 from one
 application of A and B to the K returned vectors. LOBPCG stops when every pair is below `tol` (when B ≠ I: every
 pair of B^{-1/2} A B^{-1/2}, which it iterates on); a run that reaches `maxiter` first and is still above `tol` has
-"converged": False and warns.
+converged False and warns.
 
 Many one-image problems of one structure (qk/vv graphs of a batch of images): `exact_batch`, the dense path for all
 of them in one compiled program (`pipeline.solve` uses it).
@@ -47,7 +47,7 @@ from spectral_jax.options import DENSE_MAX, MAXITER, TOL, ExactSpec, check_num_e
 from spectral_jax.graphs import Graph, KnnGraph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights,
                                     pool_matrix)
-from spectral_jax.solvers.result import Result, assemble, quotients, stack
+from spectral_jax.solvers.result import Convergence, Result, assemble, quotients, stack
 from spectral_jax.solvers.sparse import ell_from_csr, knn_csr
 
 
@@ -76,7 +76,7 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     graphs: a graph or a list of graph groups (grids may differ); weights: per-group arrays of batch shape.
     Dense top-K when the base problem has ≤ `dense_max` nodes (A is M0² floats: 256 MiB at 8192, about 1 GiB peak
     while it is built and solved), else LOBPCG (random start from `seed`) until every pair's relative residual
-    (module docstring) is below `tol`, or `maxiter` iterations (then info["converged"] is False, with a warning).
+    (module docstring) is below `tol`, or `maxiter` iterations (then convergence.converged is False, with a warning).
     The default tol = √eps32 ≈ 3.5e-4 is one float32 reliably reaches: a residual can't fall much below eps32 · ‖A‖
     times a growth factor (the length of the sums inside a matvec), so pairs with |λ| ≳ 1e-3 ‖A‖ get there, and then
     the eigenvalue error is ~ (tol·λ)² / gap. Every LOBPCG iteration applies all graphs to 3K vectors — for
@@ -90,7 +90,7 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     instead (from the same seed, `maxiter` iterations) and reports its own convergence.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[B, K]` largest first: one solve, repeated per image;
     `seconds` the whole solve: operators, eigensolver, residuals and per-graph quotients; `steps` 0 — it takes no
-    optimisation steps — with the eigensolver's count in info["iterations"]).
+    optimisation steps — with the eigensolver's count in convergence.iterations).
     options: an `options.ExactSpec` (tol, maxiter, dense_max, checked when it was made) replacing those keywords.
     """
     if options is not None:
@@ -150,11 +150,10 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
                 else f"LOBPCG stopped at maxiter={maxiter} before converging ({detail})")
         warnings.warn(f"exact: {what}; raise maxiter or tol (spectral-jax dataset: --maxiter N, --tol T), or, from "
                       f"Python, take the dense path with dense_max >= {m0}", RuntimeWarning, stacklevel=2)
-    info = _info(converged, steps, tol, res)
-    if fallback:
-        info["arpack"] = f"not converged in maxiter={maxiter} restarts: LOBPCG instead"
-    # steps are optimisation steps (gd's), none here: the eigensolver's count is info["iterations"]
-    return assemble(vecs, vals, rqs, obj, bv, nimg, base, steps=0, seconds=seconds, method=method, info=info)
+    info = {"arpack": f"not converged in maxiter={maxiter} restarts: LOBPCG instead"} if fallback else {}
+    # steps are optimisation steps (gd's), none here: the eigensolver's count is convergence.iterations
+    return assemble(vecs, vals, rqs, obj, bv, nimg, base, steps=0, seconds=seconds, method=method, info=info,
+                    convergence=_verdict(converged, steps, tol, res))
 
 
 def dense_fits(m0: int, num_eigs: int, dense_max: int = DENSE_MAX) -> bool:
@@ -163,9 +162,8 @@ def dense_fits(m0: int, num_eigs: int, dense_max: int = DENSE_MAX) -> bool:
     return m0 <= dense_max or 5 * num_eigs >= m0
 
 
-def _info(converged: bool, steps: int, tol: float, res: np.ndarray) -> dict:
-    return {"converged": bool(converged), "iterations": int(steps), "tol": float(tol),
-            "max_residual": float(res.max()), "residuals": [float(r) for r in res]}
+def _verdict(converged: bool, steps: int, tol: float, res: np.ndarray) -> Convergence:
+    return Convergence(converged, steps, tol, "max_residual <= tol", float(res.max()), tuple(res))
 
 
 def largest_first(vals, vecs, res, rqs, bv):
@@ -203,7 +201,7 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
     groups, traced inside the program (no stacked copy of the graphs; `build` is a static argument of the compiled
     program, so a hashable value such as a frozen dataclass, not a new lambda per call). Each image's problem must
     take the dense path (`dense_fits`). weights: per-group arrays as in `exact`, the same for every image; tol: the
-    tol each `Result.info` reports (the dense path is converged whatever it is, as in `exact`).
+    tol each `Result.convergence` reports (the dense path is converged whatever it is, as in `exact`).
 
     One program builds every image's A (and B when the grids differ), solves, and computes the residuals, the
     per-graph quotients and B·X; the host gets it all in one transfer, then orders, signs and assembles each image's
@@ -239,7 +237,7 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
         v, x, r, q, bvi = largest_first(vals[i], vecs[i], res[i], [rq[i] for rq in rqs],
                                         None if bv is None else bv[i])
         results.append(assemble(x, v, q, obj[i], bvi, 1, base, steps=0, seconds=seconds, method="exact-dense",
-                                info=_info(True, 0, tol, np.asarray(r, np.float64))))
+                                convergence=_verdict(True, 0, tol, np.asarray(r, np.float64))))
     return results
 
 

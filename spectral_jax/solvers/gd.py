@@ -10,12 +10,12 @@ Presets
 Both end with a Rayleigh–Ritz step on the span of the final X (the official code takes an SVD of the same span),
 so eigvecs come out orthonormal and sorted by Ritz value.
 
-Every Result says whether the run converged (`Result.info`, as `exact`'s): "converged" (bool), "criterion",
-"iterations" (= steps), "tol", "max_residual" and "residuals" `[K]` — the relative residuals
+Every Result says whether the run converged (`Result.convergence`, a `Convergence` as `exact`'s): converged
+(bool), criterion, iterations (= steps), tol, max_residual and residuals `[K]` — the relative residuals
 ‖A x − λ B x‖ / (‖A x‖ + |λ| ‖B x‖) of the Ritz pairs with the run's linearised operators (`exact.residuals`,
-from the Rayleigh–Ritz step's own products: no further graph application) — and "stationarity", the relative
+from the Rayleigh–Ritz step's own products: no further graph application) — and stationarity, the relative
 change of the per-step history (objective or loss) between the last two windows of `STATIONARITY_WINDOW` of the
-steps (`stationarity`; None below 2 steps). What "converged" means depends on the preset:
+steps (`stationarity`; None below 2 steps). What converged means depends on the preset:
     eigen   max_residual ≤ tol (default `EIGEN_TOL`): the Ritz pairs are eigenpairs to that backward error.
     paper   stationarity ≤ tol (default `STATIONARITY_TOL`): the paper loss's fixed point is not an eigenbasis (its
             softmax maps are non-negative), so residuals do not go to 0; its own objective has stopped moving.
@@ -32,8 +32,11 @@ traced or compiled again after the first chunk. The scan is `jax.jit` with the r
 static argument, so JAX's own caches hold the compiled program: a second run with the same settings and shapes
 (the next image of a batch) neither traces nor compiles.
 
-The Stiefel step (`riemannian_grad`, `retract`) and the default learning rate (`default_lr`) are public: the
-dataset solver (`spectral_jax.dataset`) takes the same step on each batch's rows.
+One update and one verdict for both solvers: the dataset solver (`spectral_jax.dataset.step`) takes the same steps
+on each batch's rows — `stiefel_step` (eigen: `riemannian_grad`, an optax update, `retract`) on `eigen_cost` (with
+the `brockett` weights there), `descent_step` (paper) on `objective.paper_loss` — with the optimizer of
+`default_optimizer` (AdamW with the run's weight decay there), and its minibatch verdict is `stationarity_verdict`,
+gd's paper verdict.
 
 Shape legend
     B  images   K  vectors   (H0, W0)  base grid   M0 = B·H0·W0   C  conv-prior channels
@@ -60,7 +63,7 @@ from spectral_jax.graphs import DenseGraph, Graph
 from spectral_jax.objective import (from_nodes, linear_operators, normalised_weights, paper_loss, rayleigh,
                                     weighted_sym_dense)
 from spectral_jax.solvers.exact import as_list, check_problem, residuals
-from spectral_jax.solvers.result import Result, finish
+from spectral_jax.solvers.result import Convergence, Result, finish
 
 EIGEN_TOL = 2e-2            # default tol of the eigen preset: max relative residual (see `gd`)
 STATIONARITY_TOL = 1e-2     # default tol of the paper preset (and the dataset solver): stationarity (see `gd`)
@@ -125,10 +128,48 @@ def default_lr(preset: str, num_nodes: int, *, level: str = "image") -> float:
 
 
 @functools.lru_cache(maxsize=64)
-def default_optimizer(preset: str, lr: float | None, num_nodes: int) -> optax.GradientTransformation:
-    """Adam for both presets, lr `default_lr(preset, num_nodes)` unless given.
-    Cached: the same arguments give the same (stateless) transformation, so a repeated run reuses its compiled loop."""
-    return optax.adam(default_lr(preset, num_nodes) if lr is None else lr)
+def default_optimizer(preset: str, lr: float | None, num_nodes: int, *, level: str = "image",
+                      weight_decay: float | None = None) -> optax.GradientTransformation:
+    """The optimizer of both solvers: Adam (weight_decay None: one image's `gd`) or AdamW with that weight decay (the
+    dataset solver, as the official code's dataset run), lr `default_lr(preset, num_nodes, level=level)` unless
+    given. Cached: the same arguments give the same (stateless) transformation, so a repeated run reuses its
+    compiled loop."""
+    lr = default_lr(preset, num_nodes, level=level) if lr is None else lr
+    return optax.adam(lr) if weight_decay is None else optax.adamw(lr, weight_decay=weight_decay)
+
+
+def brockett(k: int) -> jax.Array:
+    """The Brockett weights c `[K]` float32, decreasing from 1 to ½: maximising Σ_k c_k R_k orders the columns
+    (column k tends to the k-th eigenvector) where the plain objective Σ_k R_k only finds their span."""
+    return jnp.linspace(1.0, 0.5, k, dtype=jnp.float32)
+
+
+def eigen_cost(graphs: Sequence[Graph], x: jax.Array, weights=None, c: jax.Array | None = None) -> jax.Array:
+    """What the eigen preset ascends, for x `[B, K, H0, W0]`: the objective Σ_k Σ_l w_l R_{l,k}
+    (`objective.rayleigh`) for c None (one image's `gd`: its Rayleigh–Ritz step orders the columns), or the
+    Brockett cost Σ_k c_k Σ_l w_l R_{l,k} (the dataset solver, `brockett`; w normalised as in `rayleigh`)."""
+    rqs, obj = rayleigh(graphs, x, weights)
+    if c is None:
+        return obj
+    return sum(jnp.sum(w[..., None] * r * c) for r, w in zip(rqs, normalised_weights(graphs, weights)))
+
+
+def stiefel_step(update: Callable, x: jax.Array, egrad: jax.Array, state, mask: jax.Array | None = None):
+    """One ascent step of the eigen preset, shared by `gd` and the dataset solver: the Euclidean gradient `egrad`
+    `[M, K]` of the cost at orthonormal x `[M, K]` projected on the Stiefel tangent space (`riemannian_grad`),
+    its negation (optax minimises) through the optax update `update(g, state, x) → (updates, state)` (an
+    optimizer's `update`, or the dataset's per-image one), the update applied (`optax.apply_updates`), rows with
+    mask 0 zeroed (`mask` `[M, 1]`; None keeps all), then `retract`. Returns (x, state)."""
+    updates, state = update(-riemannian_grad(x, egrad), state, x)
+    y = optax.apply_updates(x, updates)
+    return retract(y if mask is None else y * mask), state
+
+
+def descent_step(update: Callable, params, grad, state):
+    """One step of the paper preset, shared by `gd` and the dataset solver: `update(grad, state, params)` (the
+    optimizer's, or the dataset's per-image one) applied by `optax.apply_updates`. Returns (params, state)."""
+    updates, state = update(grad, state, params)
+    return optax.apply_updates(params, updates), state
 
 
 def riemannian_grad(x: jax.Array, grad: jax.Array) -> jax.Array:
@@ -192,13 +233,11 @@ def gd_chunk(cfg: _Config, graphs, ws, carry: Carry) -> tuple[Carry, jax.Array]:
         gs, gw = (graphs, ws) if cfg.sample is None else _sample(graphs, ws, cfg.sample,
                                                                     jax.random.fold_in(carry.key, carry.step))
         if cfg.preset == "eigen":
-            value, grad = jax.value_and_grad(lambda p: rayleigh(gs, _maps(cfg, p), gw)[1])(params)
-            updates, opt_state = cfg.optimizer.update(-riemannian_grad(params, grad), opt_state, params)
-            params = retract(params + updates)
+            value, grad = jax.value_and_grad(lambda p: eigen_cost(gs, _maps(cfg, p), gw))(params)
+            params, opt_state = stiefel_step(cfg.optimizer.update, params, grad, opt_state)
         else:
             value, grad = jax.value_and_grad(lambda p: paper_loss(gs, _maps(cfg, p), gw, cfg.lam))(params)
-            updates, opt_state = cfg.optimizer.update(grad, opt_state, params)
-            params = optax.apply_updates(params, updates)
+            params, opt_state = descent_step(cfg.optimizer.update, params, grad, opt_state)
         return Carry(params, opt_state, carry.key, carry.step + 1), value
 
     return jax.lax.scan(step, carry, None, length=cfg.chunk)
@@ -264,7 +303,8 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     options: an `options.GdSpec` (preset, param, steps, lr, optimizer, sample, lam, tol, progress: checked when it
     was made), which replaces those keywords; without it, they are checked here as a `GdSpec`.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, Ritz values as eigvals; history: objective (eigen) or loss
-    (paper) per step; info: the convergence report, with a RuntimeWarning when not converged).
+    (paper) per step; convergence: the verdict, with a RuntimeWarning when not converged; info: compile seconds,
+    preset, param, history kind, sample, materialized).
     """
     if options is None:
         options = GdSpec(preset=preset, param=param, steps=steps, lr=lr, optimizer=optimizer, sample=sample, lam=lam,
@@ -302,12 +342,12 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     vals, vecs, res = _ritz(work, work_w, base, nimg, _maps(cfg, carry.params))
     seconds = time.perf_counter() - t0
     same = all(tuple(g.grid) == base for g in graphs)
-    info = convergence(preset, history, res, steps, tol)
     return finish(graphs, ws, vecs, vals, nimg, base, steps=steps, seconds=seconds, method=f"gd-{preset}",
                   history=history, metric=None if same else linear_operators(graphs, ws, base, nimg)[1],
-                  info={**info, "compile_seconds": round(compile_s, 4), "preset": preset, "param": param,
+                  info={"compile_seconds": round(compile_s, 4), "preset": preset, "param": param,
                         "history_kind": "objective" if preset == "eigen" else "loss", "sample": sample,
-                        "materialized": work is not graphs})
+                        "materialized": work is not graphs},
+                  convergence=convergence(preset, history, res, steps, tol))
 
 
 def stationarity(values, window: int, start: float | None = None) -> float | None:
@@ -325,26 +365,37 @@ def stationarity(values, window: int, start: float | None = None) -> float | Non
     return float(abs(last - before) / max(total, 1e-12 * max(abs(last), 1e-30)))
 
 
-def convergence(preset: str, history, res, steps: int, tol: float | None = None) -> dict:
-    """The convergence report of a gd run (module docstring): history `[S]` per step, res `[K]` the Ritz pairs'
-    relative residuals; warns (RuntimeWarning, one line with the fix) when not converged."""
+def stationarity_verdict(values, window: int, tol: float = STATIONARITY_TOL, start: float | None = None, *,
+                         residuals=None, kind: str | None = None) -> Convergence:
+    """The stationarity verdict, shared by gd's paper preset and the dataset's minibatch gd: converged when the
+    last `window` steps of `values` `[S]` made ≤ `tol` of the run's change since `start` (`stationarity`; not
+    converged before two windows); iterations S; residuals `[K]` (the Ritz pairs', where computed) and kind
+    reported with it."""
+    moved = stationarity(values, window, start)
+    res = None if residuals is None else np.asarray(residuals, np.float64)
+    return Convergence(moved is not None and moved <= tol, np.size(values), tol, "stationarity <= tol",
+                       None if res is None else float(res.max()), () if res is None else tuple(res), moved, window,
+                       kind)
+
+
+def convergence(preset: str, history, res, steps: int, tol: float | None = None) -> Convergence:
+    """The verdict of a gd run (module docstring): history `[S]` per step, res `[K]` the Ritz pairs' relative
+    residuals; warns (RuntimeWarning, one line with the fix) when not converged."""
     tol = float((EIGEN_TOL if preset == "eigen" else STATIONARITY_TOL) if tol is None else tol)
     res = np.asarray(res, np.float64)
     window = max(1, int(round(STATIONARITY_WINDOW * steps)))
-    moved = stationarity(history, window)
+    verdict = stationarity_verdict(history, window, tol, residuals=res)
     if preset == "eigen":
-        converged, criterion = bool(res.max() <= tol), "max_residual <= tol"
+        verdict = dataclasses.replace(verdict, converged=bool(res.max() <= tol), criterion="max_residual <= tol")
         why = f"max relative residual {res.max():.2e} > tol {tol:.1e}"
     else:
-        converged, criterion = moved is not None and moved <= tol, "stationarity <= tol"
+        moved = verdict.stationarity
         why = (f"loss still moving (its last {window} steps made {moved:.1e} of the run's change > tol {tol:.1e})"
                if moved is not None else f"{steps} step(s) are too few to tell whether the loss has settled")
-    if not converged:
+    if not verdict.converged:
         warnings.warn(f"gd-{preset}: not converged after {steps} steps: {why}; raise steps (or tune lr), or use "
                       "method='exact'", RuntimeWarning, stacklevel=3)
-    return {"converged": bool(converged), "criterion": criterion, "iterations": int(steps), "tol": tol,
-            "max_residual": float(res.max()), "residuals": [float(r) for r in res], "stationarity": moved,
-            "stationarity_window": window}
+    return dataclasses.replace(verdict, iterations=steps)
 
 
 def _materialized(graphs, ws, aggregate: bool, materialize, dense_max: int, dense_bytes: float):

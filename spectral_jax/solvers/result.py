@@ -50,8 +50,8 @@ class Provenance:
                 raise ValueError(f"layer_weights {w.shape} must be [B, {len(self.layers)}] (one per layer)")
             object.__setattr__(self, "layer_weights", w)
 
-    def rows(self, sl: slice) -> "Provenance":
-        """The same provenance for the images `sl` of its `[B, L]` layer weights."""
+    def rows(self, sl) -> "Provenance":
+        """The same provenance for the images `sl` (a slice or indices) of its `[B, L]` layer weights."""
         w = None if self.layer_weights is None else self.layer_weights[sl]
         return Provenance(self.graph, self.layers, w, self.timesteps)
 
@@ -61,7 +61,92 @@ class Provenance:
             (other.graph, other.layers, other.timesteps)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class Convergence:
+    """How well a solve converged — every solver's verdict in one typed record.
+
+    converged: the verdict, `criterion` held; criterion: what was tested ("max_residual <= tol": every Ritz pair's
+    relative residual at most `tol` — exact, gd's eigen preset; "stationarity <= tol": the share of the run's
+    change of its loss made by its last window of steps at most `tol` — gd's paper preset, the dataset's minibatch
+    gd); iterations: the eigensolver's iterations (exact: LOBPCG's; ARPACK's operator applications; 0 dense) or the
+    optimiser's steps (gd); tol: the threshold; max_residual and residuals `[K]`: the Ritz pairs' relative residuals
+    ‖A x − λ B x‖ / (‖A x‖ + |λ| ‖B x‖), where the solver computes them (None / () where it does not: the dataset's
+    minibatch gd); stationarity and stationarity_window: the series' stationarity (`solvers.gd.stationarity`; None
+    before two windows) and its window in steps, where the solver measures it (None otherwise); kind: a sentence on
+    what the verdict is about where it is not a residual; per_image: each image's own record where several images
+    were solved one by one (then the fields above aggregate them: converged all, iterations and max_residual the
+    largest), else ().
+
+    `as_dict()` is the JSON form that summary.json and the CLI print (the keys above that apply, without
+    per_image); `Convergence.from_dict` reads it back.
+    """
+
+    converged: bool
+    iterations: int
+    tol: float
+    criterion: str = "max_residual <= tol"
+    max_residual: float | None = None
+    residuals: tuple[float, ...] = ()
+    stationarity: float | None = None
+    stationarity_window: int | None = None
+    kind: str | None = None
+    per_image: tuple["Convergence", ...] = ()
+
+    def __post_init__(self):
+        object.__setattr__(self, "converged", bool(self.converged))
+        object.__setattr__(self, "iterations", int(self.iterations))
+        object.__setattr__(self, "tol", float(self.tol))
+        object.__setattr__(self, "residuals", tuple(float(r) for r in self.residuals))
+        object.__setattr__(self, "per_image", tuple(self.per_image))
+        if self.max_residual is not None:
+            object.__setattr__(self, "max_residual", float(self.max_residual))
+        if self.stationarity is not None:
+            object.__setattr__(self, "stationarity", float(self.stationarity))
+        if self.stationarity_window is not None:
+            object.__setattr__(self, "stationarity_window", int(self.stationarity_window))
+
+    KEYS = ("converged", "criterion", "iterations", "tol", "max_residual", "residuals", "stationarity",
+            "stationarity_window", "kind")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The JSON form: converged, criterion, iterations, tol; max_residual and residuals where computed (an
+        aggregate of several images has max_residual only);
+        stationarity and stationarity_window where measured; kind where given."""
+        out = {"converged": self.converged, "criterion": self.criterion, "iterations": self.iterations,
+               "tol": self.tol}
+        if self.max_residual is not None:
+            out["max_residual"] = self.max_residual
+        if self.residuals:
+            out["residuals"] = list(self.residuals)
+        if self.stationarity_window is not None:
+            out.update(stationarity=self.stationarity, stationarity_window=self.stationarity_window)
+        if self.kind is not None:
+            out["kind"] = self.kind
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Convergence":
+        """The record of `as_dict`'s form (unknown keys ignored; a dict without "criterion", as summaries written
+        before it was reported, is a residual verdict)."""
+        return cls(d["converged"], d["iterations"], d["tol"], d.get("criterion", "max_residual <= tol"),
+                   d.get("max_residual"), tuple(d.get("residuals", ())), d.get("stationarity"),
+                   d.get("stationarity_window"), d.get("kind"))
+
+    @classmethod
+    def combine(cls, parts: Sequence["Convergence"]) -> "Convergence":
+        """The record of several images solved one by one: converged if all did, the largest iterations and
+        max_residual, the first's tol and criterion, each image's own record in `per_image`."""
+        first = parts[0]
+        res = [p.max_residual for p in parts]
+        return cls(all(p.converged for p in parts), max(p.iterations for p in parts), first.tol, first.criterion,
+                   None if any(r is None for r in res) else max(res), kind=first.kind, per_image=tuple(parts))
+
+    def image(self, b: int) -> "Convergence":
+        """Image b's own record (this one where there is no per-image record)."""
+        return self.per_image[b] if self.per_image else self
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
 class Result:
     """Pseudo-eigenvectors of B images and their diagnostics, sorted by eigenvalue, largest first. Every per-image
     field has a leading B axis whatever B is, and whether the images were solved one by one (qk/vv graphs) or
@@ -72,11 +157,16 @@ class Result:
     a joint solve — for a single grid; B-orthonormal for the multi-grid exact solve); eigvals `[B, K]` (exact
     eigenvalues, or Ritz values for `gd`); rq `[B, G, K]` per-graph Rayleigh quotients; objective `[B]`
     = Σ_k Σ_l w_l R_{l,k}; history `[B, S]` (objective or loss per gd step; S = 0 for exact); orth_error = max over
-    the solves of max |XᵀX − I|; steps; seconds (all solves); method; info: solver diagnostics (for several
-    per-image solves, aggregated — `converged` all, `iterations` and `max_residual` the largest — with each image's
-    own under `info["per_image"]`); provenance: what it was solved on (`Provenance`: graph kind, layers, layer
-    weights, timesteps), None where unknown. `result.image(b)` is image b as a B = 1 `Result`; `Result.load` reads
-    a RESULT.npz back.
+    the solves of max |XᵀX − I|; steps; seconds (all solves); method; info: the solver's other diagnostics
+    (compile seconds, layer weights used, timings, ...; for several per-image solves each image's own under
+    `info["per_image"]`); provenance: what it was solved on (`Provenance`: graph kind, layers, layer weights,
+    timesteps), None where unknown; convergence: the solver's verdict (`Convergence`; for several per-image
+    solves the aggregate — converged all, iterations and max_residual the largest — with each image's own in
+    `convergence.per_image`; None for a solver that gives none). `result.image(b)` is image b as a B = 1
+    `Result`, `result.select(idx)` the images idx; `Result.load` reads a RESULT.npz back.
+
+    Frozen: a field is never reassigned (`dataclasses.replace` makes a changed copy), and the arrays are never
+    written in place by the library.
     """
 
     eigvecs: np.ndarray
@@ -91,13 +181,18 @@ class Result:
     info: dict = dataclasses.field(default_factory=dict)
     joint: bool = False
     provenance: Provenance | None = None
+    convergence: Convergence | None = None
 
     def __post_init__(self):
         b = self.eigvecs.shape[0]
-        self.eigvals = np.asarray(self.eigvals, np.float32).reshape(b, -1)
-        self.rq = np.asarray(self.rq, np.float32).reshape(b, -1, self.eigvecs.shape[1])
-        self.objective = np.asarray(self.objective, np.float64).reshape(b)
-        self.history = np.asarray(self.history, np.float32).reshape(b, -1)
+        put = lambda name, v: object.__setattr__(self, name, v)
+        put("eigvals", np.asarray(self.eigvals, np.float32).reshape(b, -1))
+        put("rq", np.asarray(self.rq, np.float32).reshape(b, -1, self.eigvecs.shape[1]))
+        put("objective", np.asarray(self.objective, np.float64).reshape(b))
+        put("history", np.asarray(self.history, np.float32).reshape(b, -1))
+        c = self.convergence
+        if c is not None and c.per_image and len(c.per_image) != b:
+            raise ValueError(f"convergence has records of {len(c.per_image)} images for {b}")
         p = self.provenance
         if p is not None and p.layer_weights is not None and p.layer_weights.shape[0] != b:
             raise ValueError(f"provenance has layer weights of {p.layer_weights.shape[0]} images for {b}")
@@ -123,14 +218,32 @@ class Result:
         if per is not None:
             info.update(per[b])
         prov = None if self.provenance is None else self.provenance.rows(slice(b, b + 1))
+        conv = None if self.convergence is None else self.convergence.image(b)
         return Result(self.eigvecs[b:b + 1], self.eigvals[b:b + 1], self.rq[b:b + 1], self.objective[b:b + 1],
                       self.orth_error, self.steps, self.seconds, self.method, self.history[b:b + 1], info,
-                      self.joint, prov)
+                      self.joint, prov, conv)
+
+    def select(self, idx) -> "Result":
+        """The images `idx` (indices or a boolean mask `[B]`) as a `Result` of that many images, each with its own
+        per-image info, convergence record and layer weights (a joint solve's shared values as they are)."""
+        idx = np.arange(self.num_images)[np.asarray(idx)].reshape(-1)
+        info = dict(self.info)
+        if "per_image" in info:
+            info["per_image"] = [info["per_image"][i] for i in idx]
+        conv = self.convergence
+        if conv is not None and conv.per_image:
+            conv = Convergence.combine([conv.per_image[i] for i in idx]) if len(idx) else None
+        prov = None if self.provenance is None else self.provenance.rows(idx)
+        return dataclasses.replace(self, eigvecs=self.eigvecs[idx], eigvals=self.eigvals[idx], rq=self.rq[idx],
+                                   objective=self.objective[idx], history=self.history[idx], info=info,
+                                   provenance=prov, convergence=conv)
 
     def summary(self) -> dict[str, Any]:
         """The JSON summary: objective (image 0's / the joint solve's; with several per-image solves their mean,
         each under `objective_per_image`), seconds, method, num_eigs, steps, eigvals (image 0's / the joint ones),
-        and the solver's diagnostics."""
+        the convergence record's keys (`Convergence.as_dict`: converged, iterations, tol, max_residual, ...; with
+        several per-image solves the aggregate, each image's own in its `per_image` entry) and the solver's other
+        diagnostics (`info`)."""
         shared = self.joint or self.num_images == 1
         out = {"objective": float(self.objective[0] if shared else self.objective.mean()),
                "seconds": round(float(self.seconds), 4), "method": self.method, "num_eigs": self.num_eigs,
@@ -139,34 +252,41 @@ class Result:
                "grid": list(self.eigvecs.shape[-2:]), "num_images": self.num_images, "joint": self.joint}
         if not shared:
             out["objective_per_image"] = [float(o) for o in self.objective]
-        return {**out, **_jsonable(self.info)}
+        info = _jsonable(self.info)
+        c = self.convergence
+        if c is not None:
+            out.update(c.as_dict())
+            if c.per_image:
+                rest = info.get("per_image") or [{} for _ in c.per_image]
+                info["per_image"] = [{**p.as_dict(), **r} for p, r in zip(c.per_image, rest)]
+        return {**out, **info}
 
     def save(self, path: str, inputs=()) -> str:
         """Write RESULT.npz exactly at `path`, atomically, never over one of `inputs`; returns the path.
 
-        Arrays (docs/design.md's contract): eigvecs `[B, K, H0, W0]`; eigvals `[K]`, rq `[G, K]`, history `[S]` for one
-        image or a joint solve, else `[B, K]`, `[B, G, K]`, `[B, S]`; summary (JSON). With a known provenance,
-        extra members that readers of the contract ignore: `provenance/graph` (str), `provenance/layers` int64
-        `[L]`, `provenance/timesteps` int64 `[T]` and, where there is one weight per layer,
-        `provenance/layer_weights` float64 `[L]` (one image or a joint solve) or `[B, L]`."""
-        shared = self.joint or self.num_images == 1
-        pick = (lambda a: a[0]) if shared else (lambda a: a)
-        arrays = dict(eigvecs=np.asarray(self.eigvecs, np.float32), eigvals=pick(self.eigvals), rq=pick(self.rq),
-                      history=pick(self.history), summary=np.array(json.dumps(self.summary())))
+        Arrays (docs/design.md's contract), every per-image one with the image axis whatever B is (as in memory):
+        eigvecs `[B, K, H0, W0]`, eigvals `[B, K]`, rq `[B, G, K]`, history `[B, S]`; summary (JSON). With a known
+        provenance, extra members that readers of the contract ignore: `provenance/graph` (str),
+        `provenance/layers` int64 `[L]`, `provenance/timesteps` int64 `[T]` and, where there is one weight per
+        layer, `provenance/layer_weights` float64 `[B, L]`."""
+        arrays = dict(eigvecs=np.asarray(self.eigvecs, np.float32), eigvals=self.eigvals, rq=self.rq,
+                      history=self.history, summary=np.array(json.dumps(self.summary())))
         p = self.provenance
         if p is not None:
             arrays.update({"provenance/graph": np.array(p.graph),
                            "provenance/layers": np.asarray(p.layers, np.int64).reshape(-1),
                            "provenance/timesteps": np.asarray(p.timesteps, np.int64).reshape(-1)})
             if p.layer_weights is not None:
-                arrays["provenance/layer_weights"] = pick(p.layer_weights)
+                arrays["provenance/layer_weights"] = p.layer_weights
         return save_npz(path, arrays, inputs)
 
     @classmethod
     def load(cls, path: str) -> "Result":
         """Read a RESULT.npz written by `save` back into a `Result` (diagnostics from its summary, the rest of the
-        summary as `info`). A file without the `provenance/*` members (written before they were) reads with
-        `provenance` None: unknown. Anything that does not hold the contract's arrays is an `InputError` naming
+        summary as `info`, the convergence keys as `convergence`). Files written before the image axis was always
+        kept (eigvals `[K]`, rq `[G, K]`, history `[S]`, provenance/layer_weights `[L]` for one image or a joint
+        solve) read the same: an array one axis short is that one solve's, repeated per image. A file without the
+        `provenance/*` members (written before they were) reads with `provenance` None: unknown. Anything that does not hold the contract's arrays is an `InputError` naming
         the file; pickles are refused."""
         fix = "pass a RESULT.npz written by `spectral-jax solve` or Result.save"
         if not os.path.isfile(path):
@@ -185,20 +305,32 @@ class Result:
             x = np.asarray(data["eigvecs"], np.float32)
             b, k = x.shape[:2]
             joint = bool(summary.get("joint", False))
-            shared = joint or b == 1
-            rep = (lambda a: np.broadcast_to(a, (b, *np.shape(a))).copy()) if shared else (lambda a: a)
+
+            def axis(a, ndim):          # the image axis, repeated where an old-layout file left it out
+                a = np.asarray(a)
+                return np.broadcast_to(a, (b, *a.shape)).copy() if a.ndim == ndim - 1 else a
+
             objective = summary.get("objective_per_image", [summary["objective"]] * b)
-            history = data.get("history", np.zeros((0,) if shared else (b, 0), np.float32))
-            info = {key: v for key, v in summary.items() if key not in _SUMMARY_KEYS}
-            res = cls(x, rep(data["eigvals"]), rep(data["rq"]), objective, float(summary["orth_error"]),
-                      int(summary["steps"]), float(summary["seconds"]), str(summary["method"]), rep(history), info,
-                      joint)
+            history = data.get("history", np.zeros((b, 0), np.float32))
+            info = {key: v for key, v in summary.items() if key not in _SUMMARY_KEYS + Convergence.KEYS}
+            conv = None
+            if "converged" in summary:
+                per = info.get("per_image")
+                if per and all(isinstance(d, dict) and "converged" in d for d in per):
+                    conv = dataclasses.replace(Convergence.from_dict(summary),
+                                               per_image=tuple(Convergence.from_dict(d) for d in per))
+                    info["per_image"] = [{k: v for k, v in d.items() if k not in Convergence.KEYS} for d in per]
+                else:
+                    conv = Convergence.from_dict(summary)
+            prov = None
             if "provenance/graph" in data:
                 w = data.get("provenance/layer_weights")
-                res.provenance = Provenance(str(data["provenance/graph"].item()),
-                                            data["provenance/layers"].reshape(-1).tolist(),
-                                            None if w is None else rep(np.asarray(w, np.float64)),
-                                            data["provenance/timesteps"].reshape(-1).tolist())
+                prov = Provenance(str(data["provenance/graph"].item()), data["provenance/layers"].reshape(-1).tolist(),
+                                  None if w is None else axis(np.asarray(w, np.float64), 2),
+                                  data["provenance/timesteps"].reshape(-1).tolist())
+            res = cls(x, axis(data["eigvals"], 2), axis(data["rq"], 3), objective, float(summary["orth_error"]),
+                      int(summary["steps"]), float(summary["seconds"]), str(summary["method"]), axis(history, 2),
+                      info, joint, prov, conv)
         except (KeyError, ValueError, TypeError, AttributeError) as e:
             raise InputError(path, f"does not hold a RESULT's arrays and summary ({type(e).__name__}: {e})",
                              fix) from None
@@ -212,24 +344,25 @@ _SUMMARY_KEYS = ("objective", "seconds", "method", "num_eigs", "steps", "orth_er
 
 
 def stack(parts: Sequence[Result]) -> Result:
-    """Per-image results (each B = 1, same grid and K) → one `Result` of B = len(parts) images."""
+    """Per-image results (each B = 1, same grid, K, graph count and history length) → one `Result` of
+    B = len(parts) images: arrays concatenated, each image's info under `info["per_image"]`, the convergence
+    records combined (`Convergence.combine`; None unless every part has one: never claimed), the provenance
+    stacked (`_stack_provenance`). Parts of different shapes — history lengths included (gd runs of different
+    step counts) — are a ValueError: nothing is dropped or padded."""
     if len(parts) == 1:
         return parts[0]
-    if len({(p.eigvecs.shape[1:], p.rq.shape[1:]) for p in parts}) > 1:
-        raise ValueError("stack needs results of one grid, K and graph count")
-    infos = [dict(p.info) for p in parts]
-    info = {"per_image": infos}
-    if all("converged" in i for i in infos):      # only solvers that report it: never claimed
-        info["converged"] = all(i["converged"] for i in infos)
-    for key in ("iterations", "max_residual"):
-        if all(key in i for i in infos):
-            info[key] = max(i[key] for i in infos)
-    steps = [p.history.shape[1] for p in parts]
-    hist = np.stack([p.history[0] for p in parts]) if len(set(steps)) == 1 else np.zeros((len(parts), 0))
+    shapes = {(p.eigvecs.shape[1:], p.rq.shape[1:], p.history.shape[1:]) for p in parts}
+    if len(shapes) > 1 or any(p.num_images != 1 for p in parts):
+        raise ValueError("stack needs one-image results of one grid, K, graph count and history length, got "
+                         + ", ".join(f"{p.num_images} image(s) {p.eigvecs.shape[1:]} rq {p.rq.shape[1:]} "
+                                     f"history {p.history.shape[1:]}" for p in parts))
+    convs = [p.convergence for p in parts]
+    conv = None if any(c is None for c in convs) else Convergence.combine(convs)
     return Result(np.concatenate([p.eigvecs for p in parts]), np.concatenate([p.eigvals for p in parts]),
                   np.concatenate([p.rq for p in parts]), np.concatenate([p.objective for p in parts]),
                   max(p.orth_error for p in parts), parts[0].steps, sum(p.seconds for p in parts), parts[0].method,
-                  hist, info, False, _stack_provenance([p.provenance for p in parts]))
+                  np.concatenate([p.history for p in parts]), {"per_image": [dict(p.info) for p in parts]}, False,
+                  _stack_provenance([p.provenance for p in parts]), conv)
 
 
 def _stack_provenance(provs: Sequence[Provenance | None]) -> Provenance | None:
@@ -314,7 +447,8 @@ def quotients(graphs: Sequence[Graph], weights, vecs, num_images: int, base: tup
 
 
 def assemble(vecs: np.ndarray, eigvals: np.ndarray, rqs, obj, bv, num_images: int, base: tuple[int, int], *,
-             steps: int, seconds: float, method: str, history=None, info=None) -> Result:
+             steps: int, seconds: float, method: str, history=None, info=None,
+             convergence: Convergence | None = None) -> Result:
     """The host half of `finish`: a `Result` from host arrays — vecs `[M0, K]` sorted largest first, eigvals `[K]`,
     `quotients`' output for the same vecs (rqs, obj, bv) — after fixing each vector's sign (`signs`)."""
     vecs = np.asarray(vecs, np.float64)
@@ -330,11 +464,12 @@ def assemble(vecs: np.ndarray, eigvals: np.ndarray, rqs, obj, bv, num_images: in
     rep = lambda a: np.broadcast_to(np.asarray(a), (nimg, *np.shape(a))).copy()   # one solve's value per image
     return Result(x, rep(np.asarray(eigvals, np.float32)), rep(rq), rep(float(obj)), orth, int(steps),
                   float(seconds), method, rep(np.asarray(history if history is not None else [], np.float32)),
-                  dict(info or {}), joint=nimg > 1)
+                  dict(info or {}), joint=nimg > 1, convergence=convergence)
 
 
 def finish(graphs: Sequence[Graph], weights, vecs, eigvals, num_images: int, base: tuple[int, int], *, steps: int,
-           seconds: float, method: str, history=None, info=None, metric=None) -> Result:
+           seconds: float, method: str, history=None, info=None, metric=None,
+           convergence: Convergence | None = None) -> Result:
     """Build a `Result` from base-grid node vectors `[M0, K]` (host or device) sorted largest first: signs, rq,
     objective — the quotients on the device (`quotients`), then one transfer and the rest on the host (`assemble`).
 
@@ -343,7 +478,7 @@ def finish(graphs: Sequence[Graph], weights, vecs, eigvals, num_images: int, bas
     dev = quotients(graphs, weights, vecs, num_images, base, metric)
     vecs, eigvals, (rqs, obj, bv) = jax.device_get((vecs, eigvals, dev))
     return assemble(vecs, eigvals, rqs, obj, bv, num_images, base, steps=steps, seconds=seconds, method=method,
-                    history=history, info=info)
+                    history=history, info=info, convergence=convergence)
 
 
-__all__ = ["Provenance", "Result", "assemble", "finish", "fix_signs", "quotients", "signs", "stack", "to_nodes"]
+__all__ = ["Convergence", "Provenance", "Result", "assemble", "finish", "fix_signs", "quotients", "signs", "stack", "to_nodes"]
