@@ -98,6 +98,11 @@ _KINDS = ((stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character de
           (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"), (stat.S_ISDIR, "a folder"))
 
 
+def _article(what: str) -> str:
+    """`what` with its indefinite article: "an ACTS .npz file", "a .npy file", "an image"."""
+    return f"{'an' if what[:1].lower() in 'aeiou' else 'a'} {what}"
+
+
 def open_regular(path: str, what: str = "file", fix: str = "pass a regular file"):
     """`path` opened for binary reading if it is a regular file (or a link to one); `InputError` naming `path` and
     `fix` otherwise: "no such file", or "is not a regular file but a FIFO (named pipe)" / a character device / ... .
@@ -113,13 +118,13 @@ def open_regular(path: str, what: str = "file", fix: str = "pass a regular file"
         raise InputError(path, "no such file", "check the path") from None
     except OSError as e:
         if os.path.isdir(path):  # some systems refuse to open a folder at all
-            raise InputError(path, f"is a folder, not a {what}", fix) from None
+            raise InputError(path, f"is a folder, not {_article(what)}", fix) from None
         raise InputError(path, f"cannot be opened ({e.strerror or type(e).__name__})", fix) from None
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
             kind = next((name for test, name in _KINDS if test(mode)), "not a file")
-            raise InputError(path, f"is a folder, not a {what}" if stat.S_ISDIR(mode) else
+            raise InputError(path, f"is a folder, not {_article(what)}" if stat.S_ISDIR(mode) else
                              f"is not a regular file but {kind}", fix)
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
