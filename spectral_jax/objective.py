@@ -103,17 +103,19 @@ def normalised_weights(graphs: Sequence[Graph], weights: Sequence[Array] | None)
     return [w / total for w in ws]
 
 
-def rayleigh(graphs: Sequence[Graph], x: Array, weights: Sequence[Array] | None = None
-             ) -> tuple[list[Array], Array]:
+def rayleigh(graphs: Sequence[Graph], x: Array, weights: Sequence[Array] | None = None, *,
+             sequential: bool = False) -> tuple[list[Array], Array]:
     """Rayleigh quotients and the objective. x `[B, K, H0, W0]` → (per group R `[*S_l, K]`, objective scalar).
 
     R_{l,k} = z_{l,k}ᵀ P_l z_{l,k} (= z ᵀ sym(P_l) z); objective = Σ_k Σ_l w_l R_{l,k} (w normalised).
+    sequential: each group's graphs one after the other (`Graph.quadratic`; the faster for diagnostics on a CPU)
+    rather than all at once.
     """
     ws = normalised_weights(graphs, weights)
     rqs, obj = [], 0.0
     for g, w in zip(graphs, ws):
         z = project(x, g.grid)
-        r = jnp.einsum("nk,...nk->...k", z, g.matvec(z))
+        r = g.quadratic(z, sequential)
         rqs.append(r)
         obj = obj + jnp.sum(w[..., None] * r)
     return rqs, obj

@@ -136,3 +136,28 @@ def test_select_picks_flat_batch(rng):
     sub = g.select(jnp.array([4, 0]))
     np.testing.assert_allclose(sub.dense()[0], g.dense()[1, 1], atol=1e-6)
     np.testing.assert_allclose(sub.dense()[1], g.dense()[0, 0], atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [64, 4100])       # under and over graphs.DENSE_QUADRATIC_MAX
+def test_quadratic_one_graph_at_a_time_matches_dense(rng, n, monkeypatch):
+    """`quadratic(z, sequential=True)` (one graph at a time; small attention graphs applied densely) = zᵀ P z of the
+    dense P = the vmapped route, for an attention graph with batch dims, a kNN graph and a value graph; and its
+    gradient matches the vmapped route's."""
+    if n > graphs.DENSE_QUADRATIC_MAX:
+        monkeypatch.setattr(graphs, "DENSE_QUADRATIC_MAX", 32)    # the blocked route, at a size tests can afford
+        n = 64
+    q, k = _qk(rng, (2, 3), n, 8)
+    g = graphs.attention(jnp.asarray(q), jnp.asarray(k), (8, n // 8))
+    z = jnp.asarray(rng.standard_normal((n, 5)), jnp.float32)
+    want = np.einsum("nk,snm,mk->sk", np.asarray(z, np.float64),
+                     np.asarray(g.dense(), np.float64).reshape(6, n, n), np.asarray(z, np.float64)).reshape(2, 3, 5)
+    for seq in (False, True):
+        got = g.quadratic(z, sequential=seq)
+        assert got.shape == (2, 3, 5)
+        np.testing.assert_allclose(np.asarray(got), want, rtol=2e-5, atol=2e-5 * np.abs(want).max())
+    grad = [jax.grad(lambda z, s=s: g.quadratic(z, sequential=s).sum())(z) for s in (False, True)]
+    np.testing.assert_allclose(np.asarray(grad[1]), np.asarray(grad[0]), rtol=2e-4, atol=2e-5)
+    a = jnp.asarray(rng.standard_normal((2, n, 8)), jnp.float32)
+    for other in (graphs.knn(a, a, (8, n // 8), k_intra=5), graphs.value(a, (8, n // 8))):
+        np.testing.assert_allclose(np.asarray(other.quadratic(z, sequential=True)),
+                                   np.asarray(other.quadratic(z)), rtol=2e-5, atol=2e-6)

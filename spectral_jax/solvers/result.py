@@ -7,6 +7,7 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import zipfile
@@ -18,8 +19,8 @@ import numpy as np
 
 from spectral_jax.errors import InputError
 from spectral_jax.files import save_npz
-from spectral_jax.graphs import AttentionGraph, Graph
-from spectral_jax.objective import from_nodes, normalised_weights, project, to_nodes
+from spectral_jax.graphs import Graph
+from spectral_jax.objective import from_nodes, normalised_weights, rayleigh, to_nodes
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -392,35 +393,7 @@ def _jsonable(info: dict) -> dict:
     return conv(info)
 
 
-DENSE_RQ_MAX = 4096   # attention graphs up to this many nodes are materialised one at a time for the quotients
-
-
-@jax.jit
-def _rayleigh(graphs: list[Graph], x, weights):
-    """(per-group R `[*S, K]`, objective) as `objective.rayleigh`, for diagnostics only (no gradients).
-
-    One compiled pass that visits the graphs one at a time (`lax.map`: on CPU a [72, N, N]-sized batch of tiles
-    does not fit in cache, one graph does); attention graphs with N ≤ `DENSE_RQ_MAX` form exp(logits) (a transient
-    N×N) and apply it with one matmul instead of the blocked online softmax (the faster at these sizes,
-    benchmarks/results/history.md).
-    """
-    rqs, obj = [], 0.0
-    for g, w in zip(graphs, weights):
-        z = project(x, g.grid)
-        small = isinstance(g, AttentionGraph) and g.num_nodes <= DENSE_RQ_MAX
-        apply = (lambda g1: _dense_softmax_apply(g1, z)) if small else (lambda g1: type(g1)._matvec1(g1, z))
-        r = jax.lax.map(lambda g1: jnp.einsum("nk,nk->k", z, apply(g1)), g._flat())
-        r = r.reshape(*g.batch_shape, r.shape[-1])
-        rqs.append(r)
-        obj = obj + jnp.sum(w[..., None] * r)
-    return rqs, obj
-
-
-def _dense_softmax_apply(g: AttentionGraph, z):
-    """P z for one attention graph with P formed densely but never normalised: (e z) / (e 1), e = exp(L − max L)."""
-    logits = (g.scale * g.q) @ g.k.T                                          # [N, N]
-    e = jnp.exp(logits - logits.max(axis=1, keepdims=True))
-    return (e @ z) / e.sum(axis=1)[:, None]
+_rayleigh = jax.jit(functools.partial(rayleigh, sequential=True))   # diagnostics: one compiled pass, graph by graph
 
 
 def signs(v: np.ndarray) -> np.ndarray:
