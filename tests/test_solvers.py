@@ -1,5 +1,6 @@
 """Solvers against numpy eigh; gd convergence; determinism; one compile per run."""
 
+import jax
 import numpy as np
 import pytest
 from sjtest import planted_qk, subspace_alignment
@@ -258,3 +259,20 @@ def test_result_rq_matches_objective_rayleigh(rng):
     np.testing.assert_allclose(res.rq[0], ref, atol=2e-6)
     np.testing.assert_allclose(res.objective, float(obj), rtol=1e-6)
     np.testing.assert_allclose(res.objective[0], res.eigvals[0].sum(), rtol=1e-5)
+
+
+def test_dense_path_records_a_direct_solve_not_a_met_tolerance(rng):
+    """The dense path is LAPACK's direct solve: its record says so (criterion `DENSE_CRITERION`) instead of
+    "max_residual <= tol", which a pair with λ ≈ 0 can fail through float32 rounding alone — and the iterative
+    path's criterion is still the residual test. exact_batch records the same as exact."""
+    g = _planted_graph(rng)
+    dense = solvers.exact.exact(g, 4)
+    c = dense.convergence
+    assert dense.method == "exact-dense" and c.criterion == solvers.exact.DENSE_CRITERION and c.converged
+    assert c.iterations == 0 and len(c.residuals) == 4 and c.max_residual == max(c.residuals)
+    assert dense.summary()["criterion"] == solvers.exact.DENSE_CRITERION
+    iterative = solvers.exact.exact(g, 4, dense_max=16, maxiter=400).convergence
+    assert iterative.criterion == "max_residual <= tol" and iterative.max_residual <= iterative.tol
+    stacked = jax.tree.map(lambda x: x[None], g)
+    (batch,) = solvers.exact.exact_batch(stacked, 4)
+    assert batch.convergence.criterion == solvers.exact.DENSE_CRITERION and batch.convergence.converged

@@ -69,7 +69,8 @@ class Convergence:
     converged: the verdict, `criterion` held; criterion: what was tested ("max_residual <= tol": every Ritz pair's
     relative residual at most `tol` — exact, gd's eigen preset; "stationarity <= tol": the share of the run's
     change of its loss made by its last window of steps at most `tol` — gd's paper preset, the dataset's minibatch
-    gd); iterations: the eigensolver's iterations (exact: LOBPCG's; ARPACK's operator applications; 0 dense) or the
+    gd; "direct dense eigensolver": exact's dense path, a direct solve with no iteration, converged by construction,
+    whose residuals are float32 rounding and are reported, not tested); iterations: the eigensolver's iterations (exact: LOBPCG's; ARPACK's operator applications; 0 dense) or the
     optimiser's steps (gd); tol: the threshold; max_residual and residuals `[K]`: the Ritz pairs' relative residuals
     ‖A x − λ B x‖ / (‖A x‖ + |λ| ‖B x‖), where the solver computes them (None / () where it does not: the dataset's
     minibatch gd); stationarity and stationarity_window: the series' stationarity (`solvers.gd.stationarity`; None
