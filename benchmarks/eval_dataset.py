@@ -122,9 +122,10 @@ def hungarian_scores(conf: np.ndarray) -> dict:
 
 def last_layer_result(bb, root: str, names: list[str], size: int, num_eigs: int, k: int | None, seed: int,
                       batch: int, tol: float, maxiter: int):
-    """The single-layer baseline as a `DatasetResult`: last hidden state (final LayerNorm applied where the model
-    has one) of every image → one `graphs.knn` over all tokens (k_intra = k_inter = k, capped like the dataset's) →
-    `solvers.exact`. summary: eigvals, convergence, seconds (forward, graph, solve)."""
+    """The single-layer baseline as a `DatasetResult` (the solve's own `Result`, with names): last hidden state
+    (final LayerNorm applied where the model has one) of every image → one `graphs.knn` over all tokens
+    (k_intra = k_inter = k, capped like the dataset's) → `solvers.exact`. summary: eigvals, convergence, seconds
+    (forward, graph, solve)."""
     import jax
     import jax.numpy as jnp
 
@@ -161,12 +162,11 @@ def last_layer_result(bb, root: str, names: list[str], size: int, num_eigs: int,
     t2 = time.perf_counter()
     res = solvers.exact.exact([g], num_eigs, seed=seed, tol=tol, maxiter=maxiter)
     t3 = time.perf_counter()
-    e = np.asarray(res.eigvecs, np.float32)
     summary = {"eigvals": [float(v) for v in res.eigvals[0]], "convergence": {**res.convergence.as_dict(), **res.info}, "k_intra": kk[0],
                "k_inter": kk[1], "seconds": t3 - t0, "seconds_forward": t1 - t0, "seconds_graph": t2 - t1,
                "seconds_solve": t3 - t2, "features": "final-LayerNorm(last block output)" if ln is not None
                else "last block output"}
-    return DatasetResult(e, list(names), e, None, summary)
+    return DatasetResult.from_solve(res, names, summary)
 
 
 # ------------------------------------------------------------------------------------------------------- main

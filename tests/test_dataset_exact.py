@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+import spectral_jax as sj
 from spectral_jax import dataset, graphs
 from spectral_jax.objective import dense_operators, normalised_weights
 from spectral_jax.solvers.exact import exact
@@ -120,18 +121,30 @@ def test_run_exact_writes_outputs_and_resume_skips_the_forward(tmp_path):
     assert res.eigvecs.shape == (10, 6, 4, 4) and s["method"] == "dataset-exact" and s["images"] == 10
     assert s["convergence"]["converged"] and len(s["convergence"]["residuals"]) == 6 and s["cached"] == []
     assert s["k_inter"] == 5 and s["edges"] > 0
-    # the solve's own Result and verdict, typed; eigvals from it (not read back from summary.json)
-    assert res.result.num_images == 10 and res.result.convergence is res.convergence and res.convergence.converged
-    np.testing.assert_array_equal(res.result.eigvecs, res.eigvecs)
-    np.testing.assert_array_equal(res.eigvals, res.result.eigvals[0].astype(np.float64))
-    assert res.eigvals.tolist() == s["eigvals"] and s["convergence"].items() >= res.convergence.as_dict().items()
+    # the run IS a Result: the whole-dataset solve's own fields (eigvals as solved, not read back from summary.json)
+    assert isinstance(res, sj.Result) and isinstance(res, dataset.DatasetResult) and res.num_images == 10
+    assert res.joint and res.eigvals.shape == (10, 6) and res.eigvals.dtype == np.float32
+    assert res.rq.shape[0] == 10 and res.rq.shape[2] == 6 and res.rq.shape[1] >= 1 and res.objective.shape == (10,)
+    assert res.method.startswith("exact") and res.convergence.converged and res.convergence.residuals
+    assert (res.eigvals == res.eigvals[0]).all() and (res.objective == res.objective[0]).all()   # one joint solve
+    vals = res.eigvals[0]
+    assert np.all(np.diff(vals) <= 0)
+    # rq and objective are those of the eigvecs on the solved graph: Σ_l w_l R_{l,k} = λ_k, Σ_k λ_k = objective
+    np.testing.assert_allclose(res.objective[0], vals.astype(np.float64).sum(), rtol=1e-4, atol=1e-5)
+    assert vals.astype(np.float64).tolist() == s["eigvals"] and res.objective[0] == s["objective"]
+    assert s["convergence"].items() >= res.convergence.as_dict().items() and res.orth_error == s["orth_error"]
     u = np.transpose(res.eigvecs, (0, 2, 3, 1)).reshape(-1, 6)
     np.testing.assert_allclose(u.T @ u, np.eye(6), atol=1e-4)                  # orthonormal over all pixels
     assert (tmp_path / "out" / "eigvecs.png").exists()
     back = dataset.load_result(str(tmp_path / "out"))
     np.testing.assert_array_equal(back.eigvecs, res.eigvecs)
-    np.testing.assert_array_equal(back.eigvals, res.eigvals)
-    assert back.convergence == res.convergence
+    # load_result round-trips the Result's fields
+    assert isinstance(back, sj.Result) and type(back) is dataset.DatasetResult and back.names == res.names
+    for f in ("eigvals", "rq", "objective", "table"):
+        np.testing.assert_array_equal(getattr(back, f), getattr(res, f), err_msg=f)
+    assert back.convergence == res.convergence and back.orth_error == res.orth_error and back.joint
+    assert back.method == res.method and back.steps == res.steps and back.probs is None
+    np.testing.assert_array_equal(back.segments.labels, res.segments.labels)
     with pytest.raises(dataset.InputError, match="--resume"):
         dataset.run(folder, str(tmp_path / "out"), backbone=ext, **EXACT)
     with pytest.raises(dataset.InputError, match="other settings"):

@@ -15,6 +15,7 @@ import os
 import numpy as np
 import pytest
 
+import spectral_jax as sj
 from spectral_jax import dataset, viz
 from spectral_jax.dataset.export import DatasetResult
 from test_dataset import SMALL, make_folder, synthetic
@@ -32,7 +33,7 @@ def planted(layouts, k_eigs: int = 8, noise: float = 0.05, seed: int = 0, eigval
     e = protos[lay] + noise * rng.normal(size=(*lay.shape, k_eigs - 1))         # [n, h, w, K−1]
     e = np.concatenate([np.ones((*lay.shape, 1)), e], -1).transpose(0, 3, 1, 2).astype(np.float32)
     summary = {} if eigvals is None else {"eigvals": list(eigvals)}
-    return DatasetResult(e, [f"img{i}.png" for i in range(len(lay))], e, None, summary)
+    return DatasetResult.from_table(e, [f"img{i}.png" for i in range(len(lay))], e, None, summary)
 
 
 def halves(n: int, h: int = 6, w: int = 6) -> np.ndarray:
@@ -111,6 +112,15 @@ def test_run_writes_segments(tmp_path, method):
     res = dataset.run(folder, str(out), backbone=EXT, **{**SMALL, "method": method, "figure_images": 4,
                                                           "segments": 3, **({"epochs": 1} if method == "gd" else {})})
     seg = res.segments
+    assert isinstance(res, sj.Result) and res.num_images == 6 and res.joint and res.eigvals.shape == (6, 6)
+    if method == "gd":     # no whole-dataset eigensolve: NaN eigvals, no graph quotients, the minibatch objective
+        assert np.isnan(res.eigvals).all() and res.rq.shape == (6, 0, 6) and res.convergence.stationarity is None
+        assert (res.objective == res.summary["objective"]).all() and res.method == "dataset-paper"
+        u = res.eigvecs.transpose(0, 2, 3, 1).reshape(-1, 6).astype(np.float64)
+        assert res.orth_error == pytest.approx(np.abs(u.T @ u - np.eye(6)).max(), abs=1e-9)
+        assert res.orth_error < 1e-4
+    else:
+        assert np.isfinite(res.eigvals).all() and res.rq.shape[1] >= 1 and res.convergence.converged
     assert seg.num_segments == 3 and seg.labels.shape == (6, 4, 4) and seg.rule == "given"
     with np.load(out / "segments.npz") as f:
         np.testing.assert_array_equal(f["segments"], seg.labels)
@@ -127,7 +137,7 @@ def test_run_writes_segments(tmp_path, method):
     # auto by default: exact runs read the eigengap of their eigenvalues, gd runs the silhouette
     auto = dataset.segments(back, "auto")
     assert auto.rule == ("eigengap" if method == "exact" else "silhouette")
-    assert (back.eigvals is not None) == (method == "exact")
+    assert np.isfinite(back.eigvals).all() == (method == "exact") and back.eigvals.shape == (6, 6)
 
 
 def test_export_failure_leaves_only_checkpoints_and_resume_reexports(tmp_path):

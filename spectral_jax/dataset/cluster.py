@@ -108,15 +108,13 @@ def embedding(eigvecs, eigvals=None) -> np.ndarray:
 def segments(result, num_segments="auto", seed: int = 0, *, eigvals=None, n_init: int = 10) -> Segments:
     """Dataset-wide segments of `result` (a `DatasetResult`, or anything with `eigvecs` `[n, K, h, w]` and a
     `summary` dict): k-means of the dataset embedding into `num_segments` clusters (an int, or "auto"). eigvals
-    `[K]`: default the run's (`result.eigvals`, else summary["eigvals"]: exact runs). Deterministic for a given
-    `seed`."""
+    `[K]`: default the run's (`_run_eigvals`: exact runs; a gd run has none and clusters unweighted). Deterministic
+    for a given `seed`."""
     from spectral_jax.analysis.cluster import cluster_embedding
 
     e = np.asarray(result.eigvecs)
     if eigvals is None:
-        eigvals = getattr(result, "eigvals", None)
-    if eigvals is None:
-        eigvals = (getattr(result, "summary", None) or {}).get("eigvals")
+        eigvals = _run_eigvals(result)
     f = embedding(e, eigvals)
     n, k_eigs, h, w = e.shape
     tokens = f.shape[0]
@@ -141,6 +139,19 @@ def segments(result, num_segments="auto", seed: int = 0, *, eigvals=None, n_init
     present[np.repeat(np.arange(n), h * w), km.labels] = True
     return Segments(labels, km.centers, num, rule, asked, np.asarray(cand, np.int64), np.asarray(scores, np.float64),
                     sizes.astype(np.int64), present.sum(0).astype(np.int64), what, km.converged)
+
+
+def _run_eigvals(result) -> np.ndarray | None:
+    """The run's eigenvalues `[K]` float64: `result.eigvals` (`[K]`, or a `DatasetResult`'s `[n, K]`, the one
+    joint solve's row 0) where finite, else summary["eigvals"]; None where neither holds them (gd's NaN)."""
+    summary = getattr(result, "summary", None)
+    for v in (getattr(result, "eigvals", None), summary.get("eigvals") if isinstance(summary, dict) else None):
+        if v is not None:
+            v = np.asarray(v, np.float64)
+            v = v[0] if v.ndim == 2 else v
+            if np.isfinite(v).all():
+                return v
+    return None
 
 
 def _count(v):

@@ -1,4 +1,4 @@
-"""A dataset run's result: `DatasetResult`, the arrays a table becomes, and OUT's files.
+"""A dataset run's result: `DatasetResult` (a `solvers.result.Result`), the arrays a table becomes, and OUT's files.
 
 OUT gets, all reserved before the export's work (`files.OutputFile`: an unwritable OUT fails before the segments
 are computed, nothing half-written is ever seen), in this order: eigvecs.png (`viz.dataset_figure`) and
@@ -21,50 +21,110 @@ from typing import Sequence
 import numpy as np
 
 from spectral_jax import viz
+from spectral_jax.dataset.summary import GD_EIGVALS
 from spectral_jax.errors import InputError
 from spectral_jax.files import OutputFile, save_npz
+# Provenance: named here so that the annotations of the inherited `Result.__init__` resolve (pdoc)
+from spectral_jax.solvers.result import Convergence, Provenance, Result  # noqa: F401
 
 
-@dataclasses.dataclass
-class DatasetResult:
-    """Per-image eigenvectors of a dataset run.
+@dataclasses.dataclass(frozen=True, eq=False)
+class DatasetResult(Result):
+    """A dataset run's result: a `Result` of the n images read (one solve over all of them: `joint` for n > 1, the
+    per-image rows of eigvals/rq/objective the one solve's, repeated), plus the run's names, table and files.
 
     eigvecs `[n, K, h, w]` float32 (paper: the global SVD of the per-pixel-normalised soft maps, as the official
     code shows them — columns orthonormal over all pixels of all images, largest singular value first; eigen: the
-    table's columns, each unit-norm over all pixels); names `[n]` (file paths relative to the folder, images that
-    were read; unreadable ones are in summary["skipped"]); table `[n, K, h, w]` the debiased EMA of the raw table
-    (logits or free values); probs `[n, K, h, w]` softmax(table) (paper preset, else None); summary (summary.json);
-    segments: the dataset-wide segments (`cluster.Segments`, set by the export; None before it); eigvals `[K]`
-    float64: the eigenvalues of the whole-dataset operator (method exact: the solve's, largest first; None for gd
-    runs, which have none); convergence: the solve's verdict (`solvers.result.Convergence`: exact's residuals, or
-    the minibatch gd's stationarity — summary.json's "convergence" is its `as_dict()`); result: the exact solve's
-    own `Result` over the images read (eigvecs, eigvals, rq, objective, convergence, provenance; None for gd runs
-    and for `load_result`).
+    table's columns, each unit-norm over all pixels; exact: the solve's, orthonormal over all pixels).
+
+    The `Result` fields, by method:
+      exact — the whole-dataset solve's own (`solvers.exact` through `dataset.whole`, its images read): eigvals
+        `[n, K]` its eigenvalues (float32, as solved; summary.json holds the same values), rq `[n, G, K]`,
+        objective `[n]`, orth_error, steps, seconds (the solve's), method (the solver's), info, provenance (None:
+        the solve is over a list of kNN graphs), convergence (its residual verdict).
+      gd — no whole-dataset eigensolve exists: eigvals `[n, K]` NaN (`GD_EIGVALS`; segments then cluster
+        unweighted); rq `[n, 0, K]` (no graph is measured); objective `[n]` summary["objective"] (the mean over the
+        last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k; NaN before a full epoch); orth_error max |XᵀX − I| of
+        eigvecs over all pixels; steps and seconds the run's; method summary["method"] ("dataset-paper" or
+        "dataset-eigen"); history `[n, 0]` (the per-step losses are summary["history"]); provenance None; info {};
+        convergence the minibatch loss's stationarity verdict (`summary.gd_convergence`).
+
+    Added fields: names `[n]` (file paths relative to the folder, images that were read; unreadable ones are in
+    summary["skipped"]); table `[n, K, h, w]` (gd: the debiased EMA of the raw table, logits or free values;
+    exact: eigvecs); probs `[n, K, h, w]` softmax(table) (paper preset, else None); summary: summary.json's dict
+    (an attribute here, not `Result.summary()`); out: OUT; segments: the dataset-wide segments (`cluster.Segments`,
+    set by `export.write`; None before it or where another process wrote OUT).
+
+    `load_result(out)` reads the same type back from OUT's files. `select(idx)` slices names/table/probs too (its
+    segments None, its summary the whole run's); `save` writes eigvecs.npz, not a RESULT.npz.
     """
 
-    eigvecs: np.ndarray
-    names: list
-    table: np.ndarray
-    probs: np.ndarray | None
-    summary: dict
+    names: list = dataclasses.field(default_factory=list)
+    table: np.ndarray | None = None
+    probs: np.ndarray | None = None
+    summary: dict = dataclasses.field(default_factory=dict)
     out: str = ""
     segments: object = None
-    eigvals: np.ndarray | None = None
-    convergence: object = None
-    result: object = None
+
+    @classmethod
+    def from_solve(cls, solved: Result, names: Sequence[str], summary: dict, out: str = "") -> "DatasetResult":
+        """An exact run's result: every `Result` field from `solved` (the whole-dataset solve over the images
+        `names`), table = eigvecs, no probs."""
+        fields = {f.name: getattr(solved, f.name) for f in dataclasses.fields(Result)}
+        return cls(**fields, names=list(names), table=solved.eigvecs, probs=None, summary=summary, out=out)
+
+    @classmethod
+    def from_table(cls, eigvecs: np.ndarray, names: Sequence[str], table: np.ndarray, probs: np.ndarray | None,
+                   summary: dict, out: str = "", *, convergence: Convergence | None = None) -> "DatasetResult":
+        """A result without a solve in memory (a gd run; `load_result`): eigvecs `[n, K, h, w]`; eigvals
+        summary["eigvals"] `[K]` repeated per image where the summary has them, else NaN (`GD_EIGVALS`); rq
+        `[n, 0, K]`; objective summary["objective"] (NaN where None or absent); orth_error summary["orth_error"],
+        else max |XᵀX − I| of eigvecs over all pixels; steps, seconds, method from the summary (0, 0.0,
+        "dataset" where absent); convergence the one given, else summary["convergence"] (None where absent);
+        provenance None (unknown); history `[n, 0]`; info {}."""
+        e = np.asarray(eigvecs, np.float32)
+        n, k = e.shape[:2]
+        vals = summary.get("eigvals")
+        vals = np.full(k, np.nan) if vals is None else np.asarray(vals, np.float64)
+        obj = summary.get("objective")
+        orth = summary.get("orth_error")
+        if orth is None:
+            cols = np.transpose(e, (0, 2, 3, 1)).reshape(-1, k).astype(np.float64)
+            orth = float(np.abs(cols.T @ cols - np.eye(k)).max()) if cols.size else float("nan")
+        if convergence is None and summary.get("convergence") is not None:
+            convergence = Convergence.from_dict(summary["convergence"])
+        rep = lambda a: np.broadcast_to(a, (n, *np.shape(a)))
+        return cls(e, rep(vals), np.zeros((n, 0, k), np.float32), rep(np.nan if obj is None else float(obj)),
+                   float(orth), int(summary.get("steps", 0)), float(summary.get("seconds", 0.0)),
+                   str(summary.get("solver", summary.get("method", "dataset"))), np.zeros((n, 0), np.float32), {},
+                   n > 1, None, convergence, names=list(names), table=table, probs=probs, summary=summary, out=out)
+
+    def select(self, idx) -> "DatasetResult":
+        """The images `idx` (`Result.select`), with their names, table rows and probs (segments None)."""
+        idx = np.arange(self.num_images)[np.asarray(idx)].reshape(-1)
+        part = super().select(idx)
+        cut = lambda a: None if a is None else a[idx]
+        return dataclasses.replace(part, names=[self.names[i] for i in idx], table=cut(self.table),
+                                   probs=cut(self.probs), segments=None)
 
     def save(self, target: "str | OutputFile") -> None:
-        """eigvecs.npz (a path, or an `OutputFile` reserved earlier)."""
+        """eigvecs.npz (a path, or an `OutputFile` reserved earlier): eigvecs, names, table, preset, probs (paper)
+        and, where the solve measured them (exact), its rq `[G, K]` (the joint solve's row; `load_result` repeats it
+        per image). Not a RESULT.npz."""
         arrays = dict(eigvecs=self.eigvecs.astype(np.float32), names=np.asarray(self.names, dtype=str),
-                      table=self.table.astype(np.float32), preset=np.array(self.summary.get("preset", "")))
+                      table=np.asarray(self.table, np.float32), preset=np.array(self.summary.get("preset", "")))
         if self.probs is not None:
             arrays["probs"] = self.probs.astype(np.float32)
+        if self.rq.shape[1]:
+            arrays["rq"] = self.rq[0]
         save_npz(target, arrays)
 
 
 def load_result(out: str) -> DatasetResult:
-    """Read a finished run's OUT/eigvecs.npz and OUT/summary.json (eigvals and convergence from the summary, where
-    the run wrote them)."""
+    """Read a finished run's OUT/eigvecs.npz, OUT/summary.json and OUT/segments.npz back into a `DatasetResult`
+    (`DatasetResult.from_table`: eigvals, objective, orth_error, steps, convergence from the summary — eigvals
+    where the run wrote them, exact runs, else NaN; rq from eigvecs.npz where saved, else `[n, 0, K]`; seconds the
+    run's total; method the solver's (exact) or the summary's; provenance None; info {})."""
     path = os.path.join(out, "eigvecs.npz")
     if not os.path.isfile(path):
         raise InputError(out, "holds no eigvecs.npz", "run `spectral-jax dataset FOLDER ... --out DIR` first, or "
@@ -83,12 +143,10 @@ def load_result(out: str) -> DatasetResult:
 
         with np.load(os.path.join(out, "segments.npz"), allow_pickle=False) as f:
             seg = Segments.from_arrays({k: f[k] for k in f.files})
-    from spectral_jax.solvers.result import Convergence
-
-    vals, conv = summary.get("eigvals"), summary.get("convergence")
-    return DatasetResult(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary, out, seg,
-                         None if vals is None else np.asarray(vals, np.float64),
-                         None if conv is None else Convergence.from_dict(conv))
+    res = DatasetResult.from_table(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary,
+                                   out)
+    rq = {} if "rq" not in d else {"rq": np.broadcast_to(d["rq"], (res.num_images, *d["rq"].shape))}
+    return dataclasses.replace(res, segments=seg, **rq)
 
 
 def global_eigvecs(probs: np.ndarray) -> np.ndarray:
@@ -142,18 +200,19 @@ def thumbnails(root: str, names: Sequence[str], tile: int) -> list[np.ndarray]:
     return [one(n) for n in names]
 
 
-def write(res: DatasetResult, root: str, figure_images: int) -> None:
+def write(res: DatasetResult, root: str, figure_images: int) -> DatasetResult:
     """OUT's files (module docstring): all reserved first; then the dataset-wide segments (`cluster.segments` with
-    the summary's `segments_asked` and `seed`; set on `res.segments`, their numbers in `res.summary["segments"]`);
-    then eigvecs.png and segments.png (the first `figure_images` images; none for 0), eigvecs.npz, segments.npz and
-    summary.json, in that order."""
+    the summary's `segments_asked` and `seed`; their numbers in `res.summary["segments"]`); then eigvecs.png and
+    segments.png (the first `figure_images` images; none for 0), eigvecs.npz, segments.npz and summary.json, in that
+    order. Returns `res` with its `segments` set (a copy: `DatasetResult` is frozen)."""
     from spectral_jax.dataset.cluster import segments
 
     figures = ["eigvecs.png", "segments.png"] if figure_images and res.names else []
     with contextlib.ExitStack() as stack:
         out = {name: stack.enter_context(OutputFile(os.path.join(res.out, name)))
                for name in figures + ["eigvecs.npz", "segments.npz", "summary.json"]}
-        res.segments = segments(res, res.summary.get("segments_asked", "auto"), res.summary.get("seed", 0))
+        res = dataclasses.replace(res, segments=segments(res, res.summary.get("segments_asked", "auto"),
+                                                         res.summary.get("seed", 0)))
         res.summary["segments"] = res.segments.report()
         if figures:
             m = min(figure_images, len(res.names))
@@ -166,6 +225,7 @@ def write(res: DatasetResult, root: str, figure_images: int) -> None:
         with open(out["summary.json"].tmp, "w") as fh:
             fh.write(json.dumps(res.summary, indent=2) + "\n")
         out["summary.json"].commit()
+    return res
 
 
 def _png(target: OutputFile, array: np.ndarray) -> None:

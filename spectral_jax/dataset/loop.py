@@ -293,7 +293,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     eigvecs, probs = export.table_arrays(settings.preset, table[ok])
     verdict = summary.gd_convergence(trained.history, per_epoch)
     t = time.perf_counter()
-    res = DatasetResult(eigvecs, names, table[ok], probs, summary.make(
+    res = DatasetResult.from_table(eigvecs, names, table[ok], probs, summary.make(
         settings, geom,
         summary.Progress(trained.history, steps_now, trained.steps_run, where.done[-1] if where.done else None,
                          per_epoch),
@@ -306,7 +306,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     if jax.process_index() == 0:
         _report_skipped(res.summary["skipped"])
         _warn_unconverged(verdict, per_epoch)
-        export.write(res, where.root, settings.figure_images)
+        res = export.write(res, where.root, settings.figure_images)
     return res
 
 
@@ -353,19 +353,17 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
                                else f"{where.files[0]}: could not be read during the run")
     res = solved.result
     names = [f for f, g in zip(where.files, ok) if g]
-    eigvecs = np.asarray(res.eigvecs[:n][ok], np.float32)
     skipped = [{"file": where.files[i], "reason": solved.failed.get(i, "could not be read during the run")}
                for i in np.flatnonzero(~ok)]
-    out = DatasetResult(eigvecs, names, eigvecs, None, summary.make_exact(
+    out = DatasetResult.from_solve(res.select(np.flatnonzero(ok)), names, summary.make_exact(
         settings, geom, res, solved, time.perf_counter() - t_start,
         backbone={"model": backbone.name, "weights": backbone.weights, "layers": layers_name},
         names=names, files=where.files, skipped=skipped, ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
-        folder=where.root), where.out, eigvals=np.asarray(res.eigvals[0], np.float64), convergence=res.convergence,
-        result=res.select(np.flatnonzero(ok)))
+        folder=where.root), where.out)
     if jax.process_index() == 0:
         _report_skipped(skipped)
-        export.write(out, where.root, settings.figure_images)
+        out = export.write(out, where.root, settings.figure_images)
     return out
 
 

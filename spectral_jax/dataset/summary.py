@@ -1,6 +1,7 @@
 """summary.json of a dataset run: what was solved, how well, how fast, from which files. JSON-ready dict; at least
 `objective`, `seconds`, `method`, `num_eigs`, `steps` (the command-line contract), plus the run's settings, the
-effective k, the skipped and ignored files and the per-step history. `segments_asked` is the request
+effective k, the skipped and ignored files and the per-step history; a gd run's has no "eigvals" ("eigvals_kind"
+says why: `GD_EIGVALS`). `segments_asked` is the request
 (`Settings.segments`); the export adds `segments`, the dataset-wide segments' numbers (`cluster.Segments.report`).
 "convergence": exact's report (`Result.convergence`) for method "exact"; for the minibatch gd its verdict (`gd_convergence`); both `Convergence.as_dict()`."""
 
@@ -16,6 +17,8 @@ from spectral_jax.solvers.gd import STATIONARITY_TOL, STATIONARITY_WINDOW, stati
 from spectral_jax.solvers.result import Convergence
 
 HISTORY_COLUMNS = ["loss_first_inner_step", "loss", "objective", "images"]
+GD_EIGVALS = ("NaN: the minibatch gd never forms the whole-dataset operator, so it has no eigenvalues of it (each "
+              "step sees another batch's graph); method exact solves that operator and reports them")
 
 
 class Progress(NamedTuple):
@@ -65,6 +68,7 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
         "objective": float(np.mean([r[2] for r in last])) if last else None,
         "objective_kind": "mean over the last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k after the inner steps",
         "loss": float(np.mean([r[1] for r in last])) if last else None,
+        "eigvals_kind": GD_EIGVALS,
         "loss_kind": "paper loss" if settings.preset == "paper" else "−Σ_k c_k Σ_l w_l R_{l,k} (Brockett)",
         "convergence": (convergence or gd_convergence(h, progress.per_epoch)).as_dict(),
         "seconds": round(timings.seconds, 3), "seconds_total": round(timings.seconds_total, 3),
@@ -110,4 +114,4 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     }
 
 
-__all__ = ["HISTORY_COLUMNS", "Progress", "Timings", "gd_convergence", "make", "make_exact"]
+__all__ = ["GD_EIGVALS", "HISTORY_COLUMNS", "Progress", "Timings", "gd_convergence", "make", "make_exact"]
