@@ -126,6 +126,9 @@ def test_run_exact_writes_outputs_and_resume_skips_the_forward(tmp_path):
     assert res.joint and res.eigvals.shape == (10, 6) and res.eigvals.dtype == np.float32
     assert res.rq.shape[0] == 10 and res.rq.shape[2] == 6 and res.rq.shape[1] >= 1 and res.objective.shape == (10,)
     assert res.method.startswith("exact") and res.convergence.converged and res.convergence.residuals
+    p = res.provenance                 # what it was solved on: graph, the synthetic backbone's 2 layers, equal weights
+    assert p.graph == "knn-qk" and p.layers == (0, 1) and p.timesteps == ()
+    np.testing.assert_allclose(p.layer_weights, np.full((10, 2), 0.5))
     assert (res.eigvals == res.eigvals[0]).all() and (res.objective == res.objective[0]).all()   # one joint solve
     vals = res.eigvals[0]
     assert np.all(np.diff(vals) <= 0)

@@ -6,6 +6,7 @@ Shape legend
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -323,6 +324,19 @@ def _warn_unconverged(verdict, per_epoch: int) -> None:
                   "(--resume continues this run), or use --method exact", RuntimeWarning, stacklevel=4)
 
 
+def _provenance(settings: Settings, geom, backbone, solved):
+    """What the whole-dataset solve was solved on (`solvers.result.Provenance`): the graph kind, the tapped layers,
+    each layer's weight as the solve used it (`solved.layer_weights`, the same row for every image; None where it
+    did not say) and the backbone's timesteps."""
+    from spectral_jax.solvers.result import Provenance
+
+    tapped = sorted(l for _, ls in geom.groups for l in ls)
+    used = None if solved.layer_weights is None else solved.layer_weights["weights"]
+    rows = None if used is None else np.tile([[float(used[str(l)]) for l in tapped]],
+                                             (solved.result.num_images, 1))
+    return Provenance(settings.graph, tapped, rows, tuple(getattr(backbone, "timesteps", ()) or ()))
+
+
 def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,
                t_start: float, resume: bool, progress: bool) -> DatasetResult:
     """method="exact" (`whole.solve`): features and graph cached in OUT/checkpoints, then the exact solve and the
@@ -351,7 +365,7 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         first = next(iter(sorted(solved.failed.items())), None)
         raise inputs.no_images(where.folder, where.files, f"{where.files[first[0]]}: {first[1]}" if first
                                else f"{where.files[0]}: could not be read during the run")
-    res = solved.result
+    res = dataclasses.replace(solved.result, provenance=_provenance(settings, geom, backbone, solved))
     names = [f for f, g in zip(where.files, ok) if g]
     skipped = [{"file": where.files[i], "reason": solved.failed.get(i, "could not be read during the run")}
                for i in np.flatnonzero(~ok)]
