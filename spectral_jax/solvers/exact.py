@@ -49,7 +49,7 @@ from spectral_jax.options import DENSE_MAX, MAXITER, TOL, ExactSpec, check_num_e
 from spectral_jax.graphs import Graph, KnnGraph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights,
                                     pool_matrix)
-from spectral_jax.solvers.result import Convergence, Result, assemble, quotients, stack
+from spectral_jax.solvers.result import Convergence, Result, assemble, quotients
 from spectral_jax.solvers.sparse import ell_from_csr, knn_csr
 
 
