@@ -93,8 +93,9 @@ def run_analyze(args, credit: str | None = None) -> int:
     if not (args.tau > 0 and math.isfinite(args.tau)):
         raise InputError(f"--tau {args.tau}", "must be a positive number", "pass e.g. --tau 0.1")
     check_seed(args.seed)
-    if args.layer_weights is not None:          # checked with the flag's name before any model work
-        pipeline.LayerWeights.parse(args.layer_weights, "--layer-weights").bound(
+    lw = None                                   # parsed once, with the flag's name, before any model work
+    if args.layer_weights is not None:
+        lw = pipeline.LayerWeights.parse(args.layer_weights, "--layer-weights").bound(
             pipeline.layer_order(args.layers, spec.config.num_layers), "--layer-weights")
     xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
     pipeline.check_inputs(xs, spec.preprocess, args.graph, args.num_eigs, "--num-eigs")
@@ -108,7 +109,7 @@ def run_analyze(args, credit: str | None = None) -> int:
         bar.set_postfix_str(f"forward and solve ({len(xs)} image{'s' * (len(xs) > 1)})")
         res = pipeline.analyze(args.images, backbone=bb, graph=args.graph, layers=args.layers,
                                num_eigs=args.num_eigs, method=args.method, size=size,
-                               layer_weights=args.layer_weights, tau=args.tau, seed=args.seed,
+                               layer_weights=lw, tau=args.tau, seed=args.seed,
                                graph_dtype=args.graph_dtype)
         bar.update(1)
         attributions = [None] * len(xs)
