@@ -9,9 +9,9 @@ when the model loads (`--qk auto`, the default); otherwise q, k ~ N(0, 1) with a
 
 Rows
     exact            spectral_jax.solvers.exact.exact(graphs, 20): dense eigh of mean_l sym(P_l) (1024 ≤ dense_max)
-    gd eigen         spectral_jax.solvers.gd.gd(graphs, 20, "eigen"), default settings (gd's default steps), first
+    gd eigen         spectral_jax.solvers.gd.gd(graphs, 20, preset="eigen"), default settings (gd's default steps), first
                      call in the process (what one CLI run pays) and a second, warm call (compiled helpers cached)
-    gd paper         gd(graphs, 20, "paper", param="conv"), default steps (1000) and steps=100 (the official's
+    gd paper         gd(graphs, 20, preset="paper", param="conv"), default steps (1000) and steps=100 (the official's
                      number of updates)
     official (torch) benchmarks/torch_official.py: 2000 passes, gradient accumulation 20 (100 Adam updates)
     gd eigen, materialize=False   the eigen solve with every step matrix-free (gd's default builds the fixed
@@ -117,7 +117,7 @@ def _blas_child(args: dict) -> dict:
     t0 = time.perf_counter()
     r = exact(g, K)
     wall = time.perf_counter() - t0
-    e = gd(g, K, "eigen", seed=args["seed"])
+    e = gd(g, K, preset="eigen", seed=args["seed"])
     x = jnp.asarray(np.random.default_rng(0).standard_normal((g.num_nodes, K), np.float32))
     qr = jax.jit(jnp.linalg.qr)
     jax.block_until_ready(qr(x))

@@ -28,6 +28,7 @@ DATASET_GRAPHS = ("knn-qk", "knn-vv")               # the graphs a dataset run c
 METHODS = ("exact", "gd")
 PRESETS = ("eigen", "paper")                        # gd's kinds of table (`solvers.gd`)
 PARAMS = ("table", "conv")                          # gd's parameterisations ("conv": paper preset only)
+SPARSE_SOLVERS = ("auto", "arpack", "lobpcg")       # exact's solver of a large kNN problem (`solvers.exact`)
 STORAGE_DTYPES = ("float32", "bfloat16")            # what graphs store q/k, unit v and kNN features in
 RULES = ("uniform", "eigengap", "select")           # the layer-weight rules (`spectral_jax.layer_weights`)
 TOL = float(np.sqrt(np.finfo(np.float32).eps))      # exact's relative residual: what float32 reaches (3.45e-4)
@@ -126,12 +127,14 @@ class GraphSpec:
 @dataclasses.dataclass(frozen=True)
 class ExactSpec:
     """The exact solver's options (`solvers.exact`): tol (the relative residual to stop at; None: `TOL`), maxiter
-    (ARPACK restarts / LOBPCG iterations), dense_max (base nodes up to which A is materialised), batch_images
-    (`pipeline.solve`'s batched path: None from the memory budget, 0 one image at a time, or images per call)."""
+    (ARPACK restarts / LOBPCG iterations), dense_max (base nodes up to which A is materialised), sparse_solver
+    (kNN groups on one grid above dense_max: "auto", "arpack" or "lobpcg"), batch_images (`pipeline.solve`'s
+    batched path: None from the memory budget, 0 one image at a time, or images per call)."""
 
     tol: float | None = None
     maxiter: int = MAXITER
     dense_max: int = DENSE_MAX
+    sparse_solver: str = "auto"
     batch_images: int | None = None
 
     method = "exact"
@@ -141,11 +144,13 @@ class ExactSpec:
                                               "a finite number > 0 (a relative residual)", 1e-4, none=True))
         object.__setattr__(self, "maxiter", _int("maxiter", self.maxiter, 1, MAXITER))
         object.__setattr__(self, "dense_max", _int("dense_max", self.dense_max, 0, DENSE_MAX))
+        _choice("sparse_solver", self.sparse_solver, SPARSE_SOLVERS)
         object.__setattr__(self, "batch_images", _int("batch_images", self.batch_images, 0, 8, none=True))
 
     def kwargs(self) -> dict:
-        """The keywords of `solvers.exact.exact`."""
-        return dict(tol=TOL if self.tol is None else self.tol, maxiter=self.maxiter, dense_max=self.dense_max)
+        """The options `solvers.exact.exact` reads, tol resolved (None → `TOL`)."""
+        return dict(tol=TOL if self.tol is None else self.tol, maxiter=self.maxiter, dense_max=self.dense_max,
+                    sparse_solver=self.sparse_solver)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +159,9 @@ class GdSpec:
     paper preset), steps (None: 150 eigen, 1000 paper), lr (None: the preset's default), optimizer (an optax
     `GradientTransformation` replacing the preset's, or None), sample (fraction of graphs per step in (0, 1], None
     all), lam (the paper loss's orthogonality weight, ≥ 0), tol (the convergence threshold, None: the preset's),
-    progress (a bar, or a callable)."""
+    progress (a bar, or a callable; not compared), chunks (compiled calls the steps are split into, ≥ 1),
+    materialize (build the graphs' dense P once: None when they fit `dense_max` nodes per grid and `dense_bytes`
+    in all, True always, False never), dense_max (≥ 0), dense_bytes (> 0)."""
 
     preset: str = "eigen"
     param: str = "table"
@@ -165,6 +172,10 @@ class GdSpec:
     lam: float = 1.0
     tol: float | None = None
     progress: object = dataclasses.field(default=False, compare=False)
+    chunks: int = 20
+    materialize: bool | None = None
+    dense_max: int = 4096
+    dense_bytes: float = 2.0 ** 30
 
     method = "gd"
 
@@ -183,25 +194,58 @@ class GdSpec:
                                                and callable(getattr(self.optimizer, "update", None))):
             raise InputError(f"optimizer {type(self.optimizer).__name__}", "is not an optax GradientTransformation",
                              "pass e.g. optax.adam(1e-2), or None for the preset's")
+        set_("chunks", _int("chunks", self.chunks, 1, 20))
+        if self.materialize not in (None, True, False):
+            raise InputError(f"materialize {self.materialize!r}", "must be None, True or False",
+                             "pass e.g. materialize=False")
+        set_("dense_max", _int("dense_max", self.dense_max, 0, 4096))
+        set_("dense_bytes", _real("dense_bytes", self.dense_bytes, lambda v: v > 0, "a finite number > 0", 2 ** 30))
 
     def kwargs(self) -> dict:
-        """The keywords of `solvers.gd.gd`."""
+        """Every field, as keywords (`solvers.gd.gd(graphs, K, **spec.kwargs())` is `gd(graphs, K, options=spec)`)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
 
 SolverSpec = ExactSpec | GdSpec
+SOLVER_SPECS = {"exact": ExactSpec, "gd": GdSpec}
 GRAPH_OPTIONS = ("tau", "k_intra", "k_inter", "min_cos", "graph_dtype")
-SOLVER_OPTIONS = {"exact": ("tol", "maxiter", "dense_max", "batch_images"),
-                  "gd": ("preset", "param", "steps", "lr", "optimizer", "sample", "lam", "tol", "progress")}
+SOLVER_OPTIONS = {m: tuple(f.name for f in dataclasses.fields(c)) for m, c in SOLVER_SPECS.items()}
+
+
+def solver_spec(method: str, spec: SolverSpec | None = None, **fields) -> SolverSpec:
+    """A solver's options → its spec (`ExactSpec` / `GdSpec`), once, where they enter: `solvers.exact.exact`,
+    `solvers.gd.gd`, and through `specs` every pipeline entry point.
+
+    method: "exact" or "gd"; spec: that method's spec object, or None to build one from `fields`, the spec's field
+    names as keywords (`SOLVER_OPTIONS[method]`). A name that is not a field of the method's spec is one
+    `InputError` naming it and listing the valid ones; fields beside a `spec` are too (which would win?), except
+    progress beside a `GdSpec` (how a run is shown, not what it solves; not compared), which replaces the spec's."""
+    cls = SOLVER_SPECS[_choice("method", method, METHODS)]
+    unknown = [k for k in fields if k not in SOLVER_OPTIONS[method]]
+    if unknown:
+        raise InputError(", ".join(unknown), f"{'is not an option' if len(unknown) == 1 else 'are not options'} "
+                         f"of the {method} solver", f"pass only {cls.__name__} fields: "
+                         f"{', '.join(SOLVER_OPTIONS[method])}")
+    if spec is None:
+        return cls(**fields)
+    if not isinstance(spec, cls):
+        raise InputError(f"options {type(spec).__name__}", f"is not the {method} solver's {cls.__name__}",
+                         f"pass options={cls.__name__}(...), or its fields as keywords")
+    progress = fields.pop("progress", None) if cls is GdSpec else None
+    if fields:
+        raise InputError(", ".join(fields), f"are given beside options={cls.__name__}(...)",
+                         "set them in the spec, or pass them without it")
+    return spec if progress is None else dataclasses.replace(spec, progress=progress)
 
 
 def specs(graph="qk", method="exact", solver=None, **flat) -> tuple[GraphSpec, SolverSpec]:
-    """The flat keywords of an entry point → (GraphSpec, solver spec), once, where they enter.
+    """The flat keywords of a pipeline entry point → (GraphSpec, solver spec), once, where they enter.
 
     graph: a kind or a `GraphSpec`; solver: an `ExactSpec`/`GdSpec` (then `method` must agree or be its default);
-    flat: `GRAPH_OPTIONS` (graph_dtype is GraphSpec's dtype) and the solver's `SOLVER_OPTIONS`. A flat option
-    given beside the object it belongs to is refused (which would win?), as is one the chosen method does not read
-    (it would be ignored; progress and tol are read by both). An unknown keyword is the caller's TypeError."""
+    flat: `GRAPH_OPTIONS` (graph_dtype is GraphSpec's dtype) and the solver's `SOLVER_OPTIONS` (`solver_spec`). A
+    flat option given beside the object it belongs to is refused (which would win?), as is one the chosen method
+    does not read (it would be ignored; progress is dropped for exact, which shows none). An unknown keyword is the
+    caller's TypeError."""
     unknown = sorted(set(flat) - set(GRAPH_OPTIONS) - {o for os in SOLVER_OPTIONS.values() for o in os})
     if unknown:
         raise TypeError(f"unexpected keyword argument(s) {', '.join(unknown)}")
@@ -224,17 +268,16 @@ def specs(graph="qk", method="exact", solver=None, **flat) -> tuple[GraphSpec, S
         if method not in (None, "exact", solver.method) or flat:
             raise InputError(", ".join(flat) or f"method {method!r}", "are given beside solver=",
                              "set them in the solver spec")
-        sspec = solver
+        method = solver.method
     else:
         method = _choice("method", "exact" if method is None else method, METHODS)
         other = [k for k in flat if k not in SOLVER_OPTIONS[method]]
         if other:
             raise InputError(", ".join(other), f"apply to the other method, not {method!r} (they would be ignored)",
                              f"drop them, or pass method={'gd' if method == 'exact' else 'exact'!r}")
-        sspec = ExactSpec(**flat) if method == "exact" else GdSpec(**flat)
-    if progress is not None and isinstance(sspec, GdSpec):
-        sspec = dataclasses.replace(sspec, progress=progress)
-    return gspec, sspec
+    if progress is not None and method == "gd":
+        flat["progress"] = progress
+    return gspec, solver_spec(method, solver, **flat)
 
 
 # ------------------------------------------------------------------------------------------------ layer weights
@@ -420,5 +463,5 @@ def layer_order(layers, num_layers: int) -> list[int]:
 
 
 __all__ = ["DATASET_GRAPHS", "DEFAULT_K", "DEFAULT_NUM_EIGS", "DENSE_MAX", "ExactSpec", "GRAPH_KINDS", "GdSpec",
-           "GraphSpec", "LayerWeights", "MAXITER", "METHODS", "PARAMS", "PRESETS", "RULES", "STORAGE_DTYPES", "TOL",
-           "as_flag", "check_num_eigs", "check_seed", "layer_order", "specs"]
+           "GraphSpec", "LayerWeights", "MAXITER", "METHODS", "PARAMS", "PRESETS", "RULES", "SPARSE_SOLVERS",
+           "STORAGE_DTYPES", "TOL", "as_flag", "check_num_eigs", "check_seed", "layer_order", "solver_spec", "specs"]

@@ -75,17 +75,17 @@ def test_paper_stationarity_both_ways(rng):
     """paper: converged when its loss has stopped moving (not by residual: its fixed point is no eigenbasis)."""
     g = graphs.attention(*_planted(rng), GRID)
     with pytest.warns(RuntimeWarning, match=r"gd-paper: not converged after 20 steps: loss still moving"):
-        short = solvers.gd.gd(g, 4, "paper", steps=20)
+        short = solvers.gd.gd(g, 4, preset="paper", steps=20)
     assert short.convergence.converged is False and short.convergence.stationarity > STATIONARITY_TOL
     assert short.convergence.criterion == "stationarity <= tol"
-    ran = _no_warning(lambda: solvers.gd.gd(g, 4, "paper", steps=400, lr=0.1))
+    ran = _no_warning(lambda: solvers.gd.gd(g, 4, preset="paper", steps=400, lr=0.1))
     done, h = ran.convergence, ran.history[0]
     assert done.converged is True and done.stationarity <= STATIONARITY_TOL, done
     w = done.stationarity_window
     assert w == 40 and done.stationarity == pytest.approx(stationarity(h, w))
     assert len(done.residuals) == 4 and np.isfinite(done.max_residual)   # still reported
     with pytest.warns(RuntimeWarning, match="too few"):
-        assert solvers.gd.gd(g, 4, "paper", steps=1).convergence.stationarity is None
+        assert solvers.gd.gd(g, 4, preset="paper", steps=1).convergence.stationarity is None
 
 
 def _taps(rng, batch=2):

@@ -202,3 +202,53 @@ def test_dataset_settings_take_the_same_spec_objects():
                         (dict(graph=GraphSpec("qk")), "graph 'qk': not a dataset graph")):
         with pytest.raises(InputError, match=needle):
             dataset.Settings(**bad)
+
+
+# ------------------------------------------------------------------------------------------------ the solvers' own
+
+
+def test_solvers_take_their_spec_or_its_fields_and_nothing_else():
+    """`solvers.gd.gd` took 19 parameters and `solvers.exact.exact` 10 beside options=: now (graphs, num_eigs,
+    weights, base_grid, options=, seed=, **fields), the fields made into the one spec (`options.solver_spec`), the
+    same solve either way; a name that is not a field, or fields beside options=, is one InputError line."""
+    import inspect
+
+    from spectral_jax.options import SOLVER_OPTIONS, solver_spec
+
+    for fn in (solvers.gd.gd, solvers.exact.exact):
+        params = inspect.signature(fn).parameters
+        assert list(params) == ["graphs", "num_eigs", "weights", "base_grid", "options", "seed", "fields"], params
+        assert params["fields"].kind is inspect.Parameter.VAR_KEYWORD
+    assert SOLVER_OPTIONS["gd"] == tuple(f.name for f in __import__("dataclasses").fields(GdSpec))
+    g = sj.graphs.from_taps(TAPS, "qk", image=0)
+    flat = solvers.exact.exact(g, 3, dense_max=4, maxiter=300, tol=1e-5)
+    objs = solvers.exact.exact(g, 3, options=ExactSpec(dense_max=4, maxiter=300, tol=1e-5))
+    assert flat.method == objs.method == "exact-lobpcg"                    # dense_max read from the spec
+    np.testing.assert_array_equal(flat.eigvecs, objs.eigvecs)
+    kw = dict(preset="paper", steps=4, chunks=2, materialize=False, lam=0.5)
+    with pytest.warns(RuntimeWarning):
+        a = solvers.gd.gd(g, 3, seed=2, **kw)
+    with pytest.warns(RuntimeWarning):
+        b = solvers.gd.gd(g, 3, seed=2, options=GdSpec(**kw), progress=False)   # progress may go beside options=
+    np.testing.assert_array_equal(a.eigvecs, b.eigvecs)
+    assert a.info["materialized"] is False and a.history.shape[-1] == 4
+    bad = {
+        "gd-unknown": (lambda: solvers.gd.gd(g, 3, maxiter=5), "maxiter: is not an option of the gd solver — "
+                       "pass only GdSpec fields: preset, param, steps,"),
+        "exact-unknown": (lambda: solvers.exact.exact(g, 3, steps=5, bogus=1), "steps, bogus: are not options of "
+                          "the exact solver — pass only ExactSpec fields: tol, maxiter, dense_max, sparse_solver"),
+        "gd-beside": (lambda: solvers.gd.gd(g, 3, options=GdSpec(), steps=5), "steps: are given beside "
+                      "options=GdSpec(...)"),
+        "exact-beside": (lambda: solvers.exact.exact(g, 3, options=ExactSpec(), tol=1e-3), "tol: are given beside"),
+        "exact-other-spec": (lambda: solvers.exact.exact(g, 3, options=GdSpec()), "options GdSpec: is not the exact "
+                             "solver's ExactSpec"),
+        "exact-sparse-solver": (lambda: solvers.exact.exact(g, 3, sparse_solver="eigsh"), "sparse_solver 'eigsh'"),
+        "gd-chunks": (lambda: solver_spec("gd", chunks=0), "chunks 0: must be an integer ≥ 1"),
+        "gd-materialize": (lambda: GdSpec(materialize="yes"), "materialize 'yes'"),
+    }
+    for name, (fn, needle) in bad.items():
+        with pytest.raises(InputError) as e:
+            fn()
+        assert needle in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
+    with pytest.raises(InputError, match="chunks: apply to the other method"):
+        sj.solve(TAPS, "qk", 3, chunks=4)                  # a gd field through the pipeline: exact would ignore it

@@ -7,6 +7,7 @@ from sjtest import planted_qk, subspace_alignment
 
 from spectral_jax import graphs, solvers
 from spectral_jax.objective import dense_operators, normalised_weights
+from spectral_jax.options import TOL, ExactSpec
 import importlib
 
 
@@ -62,7 +63,7 @@ def test_exact_lobpcg_stops_when_converged_and_says_so(rng):
     assert INFO_KEYS <= set(res.summary()) and res.summary()["converged"] is True
     assert c.converged is True and 0 < c.iterations < 100 and res.steps == 0, c
     assert len(c.residuals) == 4 and c.max_residual == max(c.residuals) and c.criterion == "max_residual <= tol"
-    assert c.max_residual <= c.tol == solvers.exact.exact.__kwdefaults__["tol"]
+    assert c.max_residual <= c.tol == ExactSpec().kwargs()["tol"] == TOL
     assert subspace_alignment(res.eigvecs.reshape(4, -1).T, vecs) >= 0.999
     np.testing.assert_allclose(res.eigvals[0], vals, atol=2e-5)
     dense = solvers.exact.exact(g, 4)
@@ -147,7 +148,7 @@ def test_exact_rejects_k_not_below_n(rng):
 def test_gd_eigen_reaches_exact_objective_on_planted_graphs(rng, seed, materialize):
     g = _planted_graph(rng, (14, 14))
     ex = solvers.exact.exact(g, 8)
-    res = solvers.gd.gd(g, 8, "eigen", steps=200, seed=seed, materialize=materialize)
+    res = solvers.gd.gd(g, 8, preset="eigen", steps=200, seed=seed, materialize=materialize)
     assert res.info["materialized"] == (materialize is None)
     assert res.objective >= 0.99 * ex.objective, (res.objective, ex.objective)
     assert res.orth_error < 1e-4
@@ -160,13 +161,13 @@ def test_gd_eigen_multigrid_not_below_exact(rng):
     q2 = q1.reshape(2, 2, 6, 2, 6, 2, -1).mean((3, 5)).reshape(2, 2, 36, -1)
     gs = [graphs.attention(q1, k1, (12, 12)), graphs.attention(q2, q2, (6, 6))]
     ex = solvers.exact.exact(gs, 5)
-    res = solvers.gd.gd(gs, 5, "eigen", steps=200)
+    res = solvers.gd.gd(gs, 5, preset="eigen", steps=200)
     assert res.objective >= 0.99 * ex.objective
 
 
 def test_gd_paper_improves_its_loss_and_is_deterministic(rng):
     g = _planted_graph(rng, (8, 8))
-    runs = [solvers.gd.gd(g, 4, "paper", steps=60, param=p, seed=3) for p in ("table", "conv", "conv")]
+    runs = [solvers.gd.gd(g, 4, preset="paper", steps=60, param=p, seed=3) for p in ("table", "conv", "conv")]
     for r in runs:
         assert r.history[0, -1] < r.history[0, 0]
         assert r.info["history_kind"] == "loss"
@@ -189,8 +190,8 @@ def test_gd_same_seed_same_result_different_seed_differs(rng):
 def test_gd_materialized_equals_matrix_free(rng, preset):
     """Building P once (aggregated for eigen, per graph for paper) changes the arithmetic, not the run."""
     g = _planted_graph(rng, (8, 8))
-    a = solvers.gd.gd(g, 4, preset, steps=30, seed=2, materialize=True)
-    b = solvers.gd.gd(g, 4, preset, steps=30, seed=2, materialize=False)
+    a = solvers.gd.gd(g, 4, preset=preset, steps=30, seed=2, materialize=True)
+    b = solvers.gd.gd(g, 4, preset=preset, steps=30, seed=2, materialize=False)
     assert a.info["materialized"] and not b.info["materialized"]
     np.testing.assert_allclose(a.history, b.history, rtol=2e-4, atol=2e-5)
     np.testing.assert_allclose(a.rq, b.rq, atol=2e-4)

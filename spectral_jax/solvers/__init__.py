@@ -2,7 +2,7 @@
 
     exact   `exact.exact(graphs, K)`: top-K of the linearised objective — dense (LAPACK's subset driver / `eigh`)
             when it fits, else ARPACK on the sparse kNN operator or matrix-free LOBPCG — with its convergence report
-    gd      `gd.gd(graphs, K, preset)`: an optax loop, whole loop jitted (presets `eigen` and `paper`)
+    gd      `gd.gd(graphs, K, preset=...)`: an optax loop, whole loop jitted (presets `eigen` and `paper`)
     sparse  many kNN graphs coalesced into one sparse operator (the exact solver's large-graph path)
     result  `Result`, what every solver returns, and its `Convergence` record (also here: `solvers.Result`,
             `solvers.Convergence`)

@@ -45,7 +45,7 @@ import numpy as np
 import scipy.linalg
 from jax.experimental.sparse.linalg import lobpcg_standard
 
-from spectral_jax.options import DENSE_MAX, MAXITER, TOL, ExactSpec, check_num_eigs
+from spectral_jax.options import DENSE_MAX, TOL, ExactSpec, check_num_eigs, solver_spec
 from spectral_jax.graphs import Graph, KnnGraph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights,
                                     pool_matrix)
@@ -70,14 +70,16 @@ def check_problem(graphs: Sequence[Graph], num_eigs: int, base_grid) -> tuple[tu
     return base, nimg, m0
 
 
-def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max: int = DENSE_MAX,
-          maxiter: int = MAXITER, tol: float = LOBPCG_TOL, seed: int = 0, sparse_solver: str = "auto",
-          options: ExactSpec | None = None) -> Result:
+def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: ExactSpec | None = None,
+          seed: int = 0, **fields) -> Result:
     """Top-`num_eigs` eigenvectors of the linearised layer-distributed objective.
 
     graphs: a graph or a list of graph groups (grids may differ); weights: per-group arrays of batch shape.
-    Dense top-K when the base problem has ≤ `dense_max` nodes (A is M0² floats: 256 MiB at 8192, about 1 GiB peak
-    while it is built and solved), else LOBPCG (random start from `seed`) until every pair's relative residual
+    options: an `options.ExactSpec` (checked when it was made) — or its fields as keywords (tol, maxiter, dense_max,
+    sparse_solver; batch_images is the pipeline's and unused here), made into one here (`options.solver_spec`: a
+    name that is not an ExactSpec field, or fields beside options=, is one `InputError`); the solve reads only the
+    spec. Dense top-K when the base problem has ≤ `dense_max` nodes (A is M0² floats: 256 MiB at 8192, about 1 GiB
+    peak while it is built and solved), else LOBPCG (random start from `seed`) until every pair's relative residual
     (module docstring) is below `tol`, or `maxiter` iterations (then convergence.converged is False, with a warning).
     The default tol = √eps32 ≈ 3.5e-4 is one float32 reliably reaches: a residual can't fall much below eps32 · ‖A‖
     times a growth factor (the length of the sums inside a matvec), so pairs with |λ| ≳ 1e-3 ‖A‖ get there, and then
@@ -93,15 +95,12 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, dense_max
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, eigvals `[B, K]` largest first: one solve, repeated per image;
     `seconds` the whole solve: operators, eigensolver, residuals and per-graph quotients; `steps` 0 — it takes no
     optimisation steps — with the eigensolver's count in convergence.iterations).
-    options: an `options.ExactSpec` (tol, maxiter, dense_max, checked when it was made) replacing those keywords.
     """
-    if options is not None:
-        dense_max, maxiter, tol = options.dense_max, options.maxiter, options.kwargs()["tol"]
+    spec = solver_spec("exact", options, **fields).kwargs()     # tol resolved: None → LOBPCG_TOL
+    dense_max, maxiter, tol, sparse_solver = spec["dense_max"], spec["maxiter"], spec["tol"], spec["sparse_solver"]
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
     ws = normalised_weights(graphs, weights)
-    if not (np.isfinite(tol) and tol > 0):
-        raise ValueError(f"tol={tol} must be a positive relative residual, e.g. {LOBPCG_TOL:.1e}")
     t0 = time.perf_counter()
     same = all(tuple(g.grid) == base for g in graphs)
     fallback = False                    # ARPACK did not converge and LOBPCG ran instead

@@ -58,7 +58,7 @@ import optax
 import scipy.linalg
 from flax import nnx
 
-from spectral_jax.options import PRESETS, GdSpec  # noqa: F401  (PRESETS: read as solvers.gd.PRESETS)
+from spectral_jax.options import PRESETS, GdSpec, solver_spec  # noqa: F401  (PRESETS: read as solvers.gd.PRESETS)
 from spectral_jax.graphs import DenseGraph, Graph
 from spectral_jax.objective import (from_nodes, linear_operators, normalised_weights, paper_loss, rayleigh,
                                     weighted_sym_dense)
@@ -282,46 +282,41 @@ def _chunk_size(steps: int, chunks: int) -> int:
     return min(divisors, key=lambda d: (abs(math.log(d / target)), d))
 
 
-def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None = None, lr: float | None = None,
-       optimizer: optax.GradientTransformation | None = None, param: str = "table", weights=None, base_grid=None,
-       sample: float | None = None, lam: float = 1.0, seed: int = 0, chunks: int = 20,
-       materialize: bool | None = None, dense_max: int = 4096, dense_bytes: float = 2 ** 30,
-       tol: float | None = None, progress: bool | Callable = False, options: GdSpec | None = None) -> Result:
+def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdSpec | None = None, seed: int = 0,
+       **fields) -> Result:
     """Gradient solve of the layer-distributed objective.
 
-    graphs: a graph or list of graph groups; preset: "eigen" or "paper"; param: "table" or "conv" (paper only);
-    steps: optimizer updates (default 150 eigen, 1000 paper); sample: fraction of each group's graphs drawn per
-    step (None: all); lam: the paper loss's orthogonality weight; seed: initialisation and sampling.
-    materialize: build the graphs' dense P once (None: when every grid has ≤ `dense_max` nodes and the dense
-    arrays take ≤ `dense_bytes`); False keeps every step matrix-free.
+    graphs: a graph or list of graph groups; weights: per-group arrays of batch shape (None: equal); base_grid: the
+    grid X lives on (None: the largest); seed: initialisation and sampling. options: an `options.GdSpec` (checked
+    when it was made) — or its fields as keywords, made into one here (`options.solver_spec`: a name that is not a
+    GdSpec field, or fields beside options=, is one `InputError`; progress may go beside options=). The run reads
+    only the spec: preset "eigen" or "paper"; param "table" or "conv" (paper only); steps: optimizer updates
+    (default 150 eigen, 1000 paper); lr / optimizer (default: the preset's Adam, `default_optimizer`); sample:
+    fraction of each group's graphs drawn per step (None: all); lam: the paper loss's orthogonality weight;
+    chunks: compiled calls the steps run in (progress shown between them); materialize: build the graphs' dense P
+    once (None: when every grid has ≤ `dense_max` nodes and the dense arrays take ≤ `dense_bytes`); False keeps
+    every step matrix-free.
     tol: the convergence threshold (module docstring; None: the preset's default). eigen: the max relative
-    residual of the Ritz pairs, `EIGEN_TOL` = 2e-2, what the default 150 steps reach on real DINOv2-S graphs with
-    a 2× margin (Adam at a constant lr does not go much lower with more steps). paper: the stationarity, the share
-    of the loss's change made by the last tenth of the steps (0.1 on a steady slope), `STATIONARITY_TOL` = 1e-2;
-    the default 1000 steps usually do not reach it (the loss still falls) and say so. The measurements behind both:
-    benchmarks/results/history.md.
-    options: an `options.GdSpec` (preset, param, steps, lr, optimizer, sample, lam, tol, progress: checked when it
-    was made), which replaces those keywords; without it, they are checked here as a `GdSpec`.
+    residual of the Ritz pairs, `EIGEN_TOL` = 2e-2 (Adam at a constant lr does not go much lower with more steps).
+    paper: the stationarity, the share of the loss's change made by the last tenth of the steps (0.1 on a steady
+    slope), `STATIONARITY_TOL` = 1e-2; the default 1000 steps usually do not reach it (the loss still falls) and
+    say so. The measurements behind both: benchmarks/results/history.md.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, Ritz values as eigvals; history: objective (eigen) or loss
     (paper) per step; convergence: the verdict, with a RuntimeWarning when not converged; info: compile seconds,
     preset, param, history kind, sample, materialized).
     """
-    if options is None:
-        options = GdSpec(preset=preset, param=param, steps=steps, lr=lr, optimizer=optimizer, sample=sample, lam=lam,
-                         tol=tol, progress=progress)
-    preset, param, steps, lr, optimizer, sample, lam, tol, progress = (
-        options.preset, options.param, options.steps, options.lr, options.optimizer, options.sample, options.lam,
-        options.tol, options.progress)
+    s = solver_spec("gd", options, **fields)
+    preset, steps, lr, sample = s.preset, s.steps, s.lr, s.sample
     graphs = as_list(graphs)
     base, nimg, m0 = check_problem(graphs, num_eigs, base_grid)
     steps = (150 if preset == "eigen" else 1000) if steps is None else int(steps)
     ws = normalised_weights(graphs, weights)
     t0 = time.perf_counter()
-    work, work_w = _materialized(graphs, ws, preset == "eigen" and sample is None, materialize, dense_max,
-                                 dense_bytes)
-    opt = optimizer or default_optimizer(preset, lr, m0)
+    work, work_w = _materialized(graphs, ws, preset == "eigen" and sample is None, s.materialize, s.dense_max,
+                                 s.dense_bytes)
+    opt = s.optimizer or default_optimizer(preset, lr, m0)
     key_init, key_run = jax.random.split(jax.random.key(seed))
-    cfg = _Config(preset, param, base, nimg, num_eigs, _chunk_size(steps, chunks), sample, float(lam), opt)
+    cfg = _Config(preset, s.param, base, nimg, num_eigs, _chunk_size(steps, s.chunks), sample, float(s.lam), opt)
     params, graphdef = _init(cfg, key_init, seed)
     cfg = dataclasses.replace(cfg, graphdef=graphdef)
     carry = Carry(params, opt.init(params), key_run, jnp.zeros((), jnp.int32))
@@ -329,7 +324,7 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     tc = time.perf_counter()
     compiled = _compiled_chunk(cfg, work, work_w, carry)
     compile_s = time.perf_counter() - tc
-    bar = _progress(progress, steps)
+    bar = _progress(s.progress, steps)
     hist = []
     for _ in range(steps // cfg.chunk):
         carry, h = compiled(work, work_w, carry)
@@ -344,10 +339,10 @@ def gd(graphs, num_eigs: int = 20, preset: str = "eigen", *, steps: int | None =
     same = all(tuple(g.grid) == base for g in graphs)
     return finish(graphs, ws, vecs, vals, nimg, base, steps=steps, seconds=seconds, method=f"gd-{preset}",
                   history=history, metric=None if same else linear_operators(graphs, ws, base, nimg)[1],
-                  info={"compile_seconds": round(compile_s, 4), "preset": preset, "param": param,
+                  info={"compile_seconds": round(compile_s, 4), "preset": preset, "param": s.param,
                         "history_kind": "objective" if preset == "eigen" else "loss", "sample": sample,
                         "materialized": work is not graphs},
-                  convergence=convergence(preset, history, res, steps, tol))
+                  convergence=convergence(preset, history, res, steps, s.tol))
 
 
 def stationarity(values, window: int, start: float | None = None) -> float | None:
