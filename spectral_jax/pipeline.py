@@ -246,9 +246,9 @@ def sweep(taps: Taps, subsets=None, graph: str | GraphSpec = "qk", num_eigs: int
 
     subsets: None for each tapped layer alone, or a list of layers / `range`s / layer lists (`parse_subsets`),
     e.g. `[range(0, 6), range(6, 12), (3, 11)]`. The graphs are built once per image (once for a joint kNN graph)
-    and each subset takes its layers from them (`layer_weights.subset`); each result says its layers in
-    `info["layers"]` and its `provenance`. graph, method/solver and the flat options as in `solve` (not weights or
-    layer_weights: the groups differ per subset).
+    and each subset takes its layers from them (`layer_weights.subset`); each result (`Result` of the B images)
+    says its subset in `info["layers"]` and in its `provenance` (layers, uniform weights `[B, L]`). graph,
+    method/solver and the flat options as in `solve` (not weights or layer_weights: the groups differ per subset).
     """
     from spectral_jax import layer_weights as LW
 
@@ -260,14 +260,12 @@ def sweep(taps: Taps, subsets=None, graph: str | GraphSpec = "qk", num_eigs: int
     chosen = parse_subsets(subsets, sorted(taps.layers))
 
     def each(gs, gl):
-        out = []
-        for sub in chosen:
-            res = _solve(LW.subset(gs, gl, sub)[0], g, num_eigs, s, seed)
-            res = dataclasses.replace(res, info={**res.info, "layers": list(sub)})
-            out.append(_Source.of(taps, g.kind, sub).tag(res, None))
-        return out
+        return [_solve(LW.subset(gs, gl, sub)[0], g, num_eigs, s, seed) for sub in chosen]
 
-    return _per_image(taps, g, each)
+    # tagged once the images are stacked (one Result of B images per subset), so that every result — of one image,
+    # of several, or of the joint kNN graph — says its subset, at the top of its info and in its provenance
+    return [_Source.of(taps, g.kind, sub).tag(dataclasses.replace(res, info={**res.info, "layers": list(sub)}), None)
+            for sub, res in zip(chosen, _per_image(taps, g, each))]
 
 
 def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *, result: Result | None = None,

@@ -155,6 +155,29 @@ def test_sweep_shares_the_graphs_and_matches_each_subset_alone():
         pipeline.sweep(taps, [[]], "qk", 3)
 
 
+@pytest.mark.parametrize("graph", ["qk", "knn-qk"])
+def test_sweep_of_several_images_says_each_results_layers(graph):
+    """A sweep over several images lost `info["layers"]` (only under info["per_image"]) while one image kept it:
+    every result of a sweep now carries the subset it was solved on — in info and in its provenance, with one
+    uniform weight row per image — however many images, per-image or joint graph."""
+    taps = _taps(layers=3, batch=2, seed=5)
+    subsets = [(0, 2), (1,)]
+    kw = dict(k_intra=6, k_inter=4) if graph.startswith("knn") else {}
+    out = pipeline.sweep(taps, [list(sub) for sub in subsets], graph, 3, **kw)
+    for res, sub in zip(out, subsets):
+        assert res.num_images == 2 and res.info["layers"] == list(sub), res.info
+        p = res.provenance
+        assert (p.graph, p.layers, p.timesteps) == (graph, sub, ())
+        np.testing.assert_array_equal(p.layer_weights, np.full((2, len(sub)), 1 / len(sub)))
+        if graph == "qk":                                   # each image's result is the one-image sweep's
+            for b in range(2):
+                one = Taps({l: LayerTap(*(x[b:b + 1] for x in (t.q, t.k, t.v)), t.grid)
+                            for l, t in taps.layers.items()})
+                alone = pipeline.sweep(one, [list(sub)], graph, 3)[0]
+                assert alone.info["layers"] == list(sub) and alone.provenance.layers == sub
+                np.testing.assert_allclose(res.eigvals[b], alone.eigvals[0], rtol=1e-5, atol=1e-6)
+
+
 def test_knn_layer_weights_and_subset():
     taps = _taps(layers=2, batch=2, seed=4)
     res = pipeline.solve(taps, "knn-vv", 4, layer_weights="eigengap", k_intra=6, k_inter=4)
