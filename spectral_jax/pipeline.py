@@ -38,7 +38,7 @@ from spectral_jax.solvers.result import Provenance, Result, stack
 from spectral_jax.taps import Taps
 
 from spectral_jax.options import (GRAPH_OPTIONS, METHODS, ExactSpec, GdSpec, GraphSpec,  # noqa: F401
-                                  LayerWeights, check_num_eigs, check_seed, layer_order, specs)
+                                  LayerWeights, as_flag, check_num_eigs, check_seed, layer_order, specs)
 
 
 def solve(source, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str = "exact", *,
@@ -97,38 +97,40 @@ def _solve(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, seed: int
         return one(source, weights)
 
     made = _Source.of(source, g.kind, group_weights=weights is not None)
-    resolved = None if lw is None else lw.resolve(sorted(source.layers))
 
     def weighted(gs, gl):
-        if resolved is not None:
-            return _weighted(gs, gl, one, resolved, num_eigs, made)
+        if lw is not None:
+            return _weighted(gs, gl, one, lw, num_eigs, made)
         return made.tag(one(gs, weights), None)
 
     if isinstance(s, ExactSpec) and not g.joint and s.batch_images != 0:
-        res = _exact_images(source, g, num_eigs, weights, resolved, s, made)
+        res = _exact_images(source, g, num_eigs, weights, lw, s, made)
         if res is not None:
             return res
     return _per_image(source, g, weighted)
 
 
-def _exact_images(taps: Taps, g: GraphSpec, num_eigs: int, weights, resolved, s: ExactSpec, made: "_Source"):
+def _exact_images(taps: Taps, g: GraphSpec, num_eigs: int, weights, lw: LayerWeights | None, s: ExactSpec,
+                  made: "_Source"):
     """`solve`'s batched exact path (see there): the stacked `Result` of every image, or None where the per-image
-    loop must run (a layer-weight rule that reads spectra; a problem above the dense size). resolved: the layer
-    weights resolved against the tapped layers (`LayerWeights.resolve`), or None."""
+    loop must run (a layer-weight rule that reads spectra; a problem above the dense size). lw: the layer weights
+    (resolved against the tapped layers by `layer_weights.for_groups`), or None."""
     from spectral_jax import graphs as G
     from spectral_jax import layer_weights as LW
-    from spectral_jax.solvers.exact import check_problem, dense_fits, exact_batch, images_per_call
+    from spectral_jax.objective import check_graphs
+    from spectral_jax.solvers.exact import dense_fits, exact_batch, images_per_call
 
     gl = [ls for _, ls in G.group_layers(jax.eval_shape(Taps.patches, taps))]
-    if isinstance(resolved, str) and resolved != "uniform":        # a rule that reads each image's spectra
+    if lw is not None and lw.rule not in (None, "uniform"):       # a rule that reads each image's spectra
         return None
     kw = g.build_kwargs()
     shapes = jax.eval_shape(lambda t: G.from_taps(t, g.kind, image=0, **kw), taps)   # one image's groups
     w, per, base = weights, None, None
-    if resolved is not None:
-        w, per = LW.for_groups(shapes, gl, resolved, num_eigs)
+    if lw is not None:
+        w, per = LW.for_groups(shapes, gl, lw, num_eigs)
         base = LW.base_grid(shapes, w)
-    base, _, m0 = check_problem(shapes, num_eigs, base)
+    base, _ = check_graphs(shapes, base)             # K against the nodes: exact_batch's (the solver's) check
+    m0 = base[0] * base[1]
     if not dense_fits(m0, num_eigs, s.dense_max):
         return None
     nimg = next(iter(taps.layers.values())).q.shape[0]
@@ -303,12 +305,12 @@ def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *
     if result is not None and layer_weights is not None:
         raise InputError("layer_weights", "are not used with result (the result was solved with its own)",
                          "drop layer_weights, or drop result to solve here with them")
-    resolved = LayerWeights.parse("uniform" if layer_weights is None else layer_weights).resolve(sorted(taps.layers))
+    lw = LayerWeights.parse("uniform" if layer_weights is None else layer_weights)
     joint = g.joint
     gs, gl = graph_groups(taps, g, None if joint else image)
     if result is None:
         exact = lambda gg, w, base: solvers.exact.exact(gg, num_eigs, weights=w, base_grid=base, seed=seed)
-        result = _weighted(gs, gl, exact, resolved, num_eigs, _Source.of(taps, g.kind))
+        result = _weighted(gs, gl, exact, lw, num_eigs, _Source.of(taps, g.kind))
     elif not isinstance(result, Result):
         raise InputError(f"result {type(result).__name__}", "is not a Result", "pass solve(taps, ...)'s Result")
     _check_provenance(result, taps, g.kind)
@@ -405,17 +407,17 @@ def _check_provenance(result: Result, taps: Taps, graph: str) -> None:
                          f"{list(taps.timesteps)}", "pass the Result of solve on these taps")
 
 
-def _weighted(gs, gl, one, resolved, num_eigs: int, made: _Source | None = None) -> Result:
-    """one(gs, per-group weights, base grid) with the layer weights `resolved` (`LayerWeights.resolve`: a rule or
-    float64 `[L]`; `layer_weights.for_groups`, a rule reading each layer's own spectrum from
-    `solvers.exact.layer_spectra`) on the largest grid that has weight; the per-layer weights used go to
-    `info["layer_weights"]` (and with `made`, the provenance)."""
+def _weighted(gs, gl, one, lw: LayerWeights, num_eigs: int, made: _Source | None = None) -> Result:
+    """one(gs, per-group weights, base grid) with the layer weights `lw` (resolved against the groups' layers by
+    `layer_weights.for_groups`, a rule reading each layer's own spectrum from `solvers.exact.layer_spectra`) on the
+    largest grid that has weight; the per-layer weights used go to `info["layer_weights"]` (and with `made`, the
+    provenance)."""
     import functools
 
     from spectral_jax import layer_weights as LW
     from spectral_jax.solvers.exact import layer_spectra
 
-    w, per = LW.for_groups(gs, gl, resolved, num_eigs, spectra=functools.partial(layer_spectra, gs, gl, num_eigs))
+    w, per = LW.for_groups(gs, gl, lw, num_eigs, spectra=functools.partial(layer_spectra, gs, gl, num_eigs))
     return _with_layer_weights(one(gs, w, LW.base_grid(gs, w)), per, made)
 
 
@@ -533,6 +535,64 @@ def _run(bb, x, layers, g: GraphSpec, num_eigs: int, s, seed: int, lw: LayerWeig
                                           "model": bb.name})
 
 
+@dataclasses.dataclass(frozen=True)
+class Prepared:
+    """An `analyze` call's inputs, every one checked once (`prepare`) before any model work; `analyze` takes it in
+    place of the images and checks nothing again.
+
+    x `[B, H, W, 3]` float32: the model inputs, one size; shown: B uint8 `[H, W, 3]` images as resized (for
+    pictures); names: B names (the path, or "image{i}"); preprocess: the model's `PreprocessSpec` they were made
+    with; model: its registry name (None where a backbone was given); layers: the chosen layers (None: all);
+    graph, solver: the specs; num_eigs: 2 ≤ K < the graph's nodes; seed; layer_weights: bound to the tapped
+    layers (`LayerWeights.bound`), or None."""
+
+    x: np.ndarray
+    shown: tuple
+    names: tuple[str, ...]
+    preprocess: object
+    model: str | None
+    layers: tuple[int, ...] | None
+    graph: GraphSpec
+    solver: ExactSpec | GdSpec
+    num_eigs: int
+    seed: int
+    layer_weights: LayerWeights | None
+
+
+def prepare(images, model: str = "dinov2_vits14", graph: str | GraphSpec = "qk", layers="all", num_eigs: int = 20,
+            method: str = "exact", size=None, *, backbone=None, progress: bool = False,
+            solver: ExactSpec | GdSpec | None = None, layer_weights=None, seed: int = 0, flags: bool = False,
+            **options) -> Prepared:
+    """`analyze`'s checks, once, before any model work (arguments as there): the options into their specs
+    (`options.specs`), the seed, the size, the model's name (`models.get_spec`; with `backbone`, its own
+    preprocessing and depth), the layers (`models.parse_layers`), the layer weights (`LayerWeights.parse`, then
+    `bound` to the layers in the order given), the images read and resized (`load_inputs`), and their one size and
+    K against their nodes (`check_inputs`: the one `num_eigs` check). Loads no model. flags: name the command
+    line's flags (`--num-eigs 1: ...`) in the `InputError`s instead of the keywords (the CLI's `analyze`)."""
+    from spectral_jax import io, models
+
+    name = (lambda p: "--" + p.replace("_", "-")) if flags else (lambda p: p)
+    images = as_image_list(images)
+    try:
+        g, s = specs(graph, method, solver, progress=progress or None, **options)
+    except InputError as e:
+        raise as_flag(e) if flags else e from None
+    seed = check_seed(seed, name("seed"))
+    size = None if size is None else io.parse_size(size, name("size"))
+    if backbone is None:
+        spec = models.get_spec(model)
+        prep, depth = spec.preprocess, spec.config.num_layers
+    else:
+        prep, depth, model = backbone.preprocess, backbone.num_layers, None
+    chosen = models.parse_layers(layers, depth, name("layers"))
+    lw = LayerWeights.parse(layer_weights, name("layer_weights"))
+    if lw is not None:                              # numbers pair with the layers in the order given
+        lw = lw.bound(layer_order(layers, depth), name("layer_weights"))
+    xs, shown, names = load_inputs(images, prep, size)
+    check_inputs(xs, prep, g.kind, num_eigs, name("num_eigs"))          # one size for all: one batch
+    return Prepared(np.stack(xs), tuple(shown), tuple(names), prep, model, chosen, g, s, int(num_eigs), seed, lw)
+
+
 def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, graph: str | GraphSpec = "qk",
             layers="all", num_eigs: int = 20, method: str = "exact", size=None, *, backbone=None,
             progress: bool = False, dtype: str = "float32", solver: ExactSpec | GdSpec | None = None,
@@ -546,7 +606,9 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     objects or flat keywords (tau, graph_dtype, tol, preset, steps, ...: `options.specs`). layer_weights: an
     `options.LayerWeights` or its syntax — a rule ("uniform", "eigengap", "select"), a mapping or "L:W,..." pairs
     (a tapped layer not named weighs 0), or numbers paired with `layers` in the order given (layers "11,3" with
-    1,0.5 give layer 11 the 1; "all": ascending). Every option is checked once, here, before the model loads.
+    1,0.5 give layer 11 the 1; "all": ascending). Every option is checked once, here, before the model loads
+    (`prepare`); `images` may instead be a `Prepared` (its checks made), which takes no other option but the
+    model's loading (weights, dtype, backbone).
     size: shorter side (rounded down to the patch) or (H, W), None for the model's default (448 for the ViTs); the
     images must come out one size (they go through the backbone as one batch): pass size=(H, W) for images of
     different shapes, or call analyze once per image. dtype: the forward's, "float32" or "bfloat16"
@@ -555,23 +617,28 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     """
     from spectral_jax import models
 
-    images = as_image_list(images)
-    g, s = specs(graph, method, solver, progress=progress, **options)
-    num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
-    lw = LayerWeights.parse(layer_weights)
     if backbone is not None and dtype != "float32":
         raise InputError(f"dtype {dtype!r}", "is not used with a backbone given (its weights are already loaded)",
                          "pass dtype= to load_backbone instead")
     jdtype = forward_dtype(dtype)
-    if backbone is None:
-        spec = models.get_spec(model)
-        prep, depth = spec.preprocess, spec.config.num_layers
+    if isinstance(images, Prepared):
+        p = images
+        given = lambda v, d: v is not d and not (type(v) is type(d) and v == d)
+        beside = [k for k, v, d in (("model", model, "dinov2_vits14"), ("graph", graph, "qk"), ("layers", layers,
+                  "all"), ("num_eigs", num_eigs, 20), ("method", method, "exact"), ("size", size, None),
+                  ("progress", progress, False), ("solver", solver, None), ("layer_weights", layer_weights, None),
+                  ("seed", seed, 0)) if given(v, d)] + sorted(options)
+        if beside:
+            raise InputError(", ".join(beside), "are given beside a Prepared (it holds its checked options)",
+                             "pass them to prepare, or pass the images instead")
+        if backbone is not None and backbone.preprocess != p.preprocess:
+            raise InputError("backbone", f"preprocesses as {backbone.preprocess}, not as the Prepared's "
+                             f"{p.preprocess}", "prepare the images with this backbone's model")
+        if backbone is None and p.model is None:
+            raise InputError("backbone", "is needed: the Prepared was made for a given backbone",
+                             "pass backbone= (the one it was prepared with)")
     else:
-        prep, depth = backbone.preprocess, backbone.num_layers
-    chosen = models.parse_layers(layers, depth)
-    if lw is not None:                              # numbers pair with the layers in the order given
-        lw = lw.bound(layer_order(layers, depth))
-    xs, _, _ = load_inputs(images, prep, size)
-    check_inputs(xs, prep, g.kind, num_eigs)                # one size for all: one batch
-    bb = backbone or models.load_backbone(model, weights, dtype=jdtype)
-    return _run(bb, np.stack(xs), chosen, g, num_eigs, s, seed, lw)
+        p = prepare(images, model, graph, layers, num_eigs, method, size, backbone=backbone, progress=progress,
+                    solver=solver, layer_weights=layer_weights, seed=seed, **options)
+    bb = backbone or models.load_backbone(p.model, weights, dtype=jdtype)
+    return _run(bb, p.x, p.layers, p.graph, p.num_eigs, p.solver, p.seed, p.layer_weights)

@@ -252,3 +252,76 @@ def test_solvers_take_their_spec_or_its_fields_and_nothing_else():
         assert needle in str(e.value) and "\n" not in str(e.value), (name, str(e.value))
     with pytest.raises(InputError, match="chunks: apply to the other method"):
         sj.solve(TAPS, "qk", 3, chunks=4)                  # a gd field through the pipeline: exact would ignore it
+
+
+# ------------------------------------------------------------------------------------------------ checked once
+
+
+def _count_checks(monkeypatch):
+    """Counters on the one num_eigs check (every spectral_jax module's reference to it) and on LayerWeights.parse:
+    (num_eigs calls as (K, nodes, what), parse calls as their first argument)."""
+    import spectral_jax.options as O
+
+    checks, parses = [], []
+    original_check, original_parse = O.check_num_eigs, LayerWeights.parse.__func__
+
+    def check(num_eigs, nodes=None, what="num_eigs"):
+        checks.append((num_eigs, nodes, what))
+        return original_check(num_eigs, nodes, what)
+
+    def parse(cls, spec, what="layer_weights"):
+        parses.append(spec)
+        return original_parse(cls, spec, what)
+
+    for mod in [m for name, m in sys.modules.items() if name.startswith("spectral_jax") and m is not None]:
+        if getattr(mod, "check_num_eigs", None) is original_check:
+            monkeypatch.setattr(mod, "check_num_eigs", check)
+    monkeypatch.setattr(LayerWeights, "parse", classmethod(parse))
+    return checks, parses
+
+
+def _parsed_once(parses, text):
+    """The text was parsed once; any later call was handed the LayerWeights that parse made (returned as is)."""
+    assert parses[0] == text and all(isinstance(p, LayerWeights) for p in parses[1:]), parses
+    assert all(p == parses[1] for p in parses[1:])
+
+
+def test_num_eigs_and_layer_weights_are_checked_once_from_the_cli_to_the_solver(place, tmp_path, monkeypatch):
+    """One `analyze` entered pipeline.py 7 times and parsed the same layer weights 3 times. Followed from
+    `spectral-jax analyze` to the solver now: the layer weights are parsed once (`pipeline.prepare`, with the
+    flag's name), num_eigs is checked once where it enters (the rule and K < the images' tokens, before the model
+    loads, naming the flag) and once more only by the solver against the graph it is handed (exact_batch: one
+    compiled call for the image) — not again by `pipeline.analyze`, nor by the batched path before the solver."""
+    import spectral_jax.pipeline  # noqa: F401  (loaded, so that its reference is counted too)
+    import spectral_jax.solvers.exact  # noqa: F401
+    from spectral_jax.cli import main
+
+    checks, parses = _count_checks(monkeypatch)
+    monkeypatch.chdir(place)
+    out = tmp_path / "a"
+    assert main(["analyze", "img.png", *TINY, "--layers", "1,0", "--num-eigs", "3", "--layer-weights", "1,0.5",
+                 "--out", str(out)]) == 0
+    got = json.loads((out / "img" / "summary.json").read_text())["layer_weights"]
+    np.testing.assert_allclose(got, [1 / 3, 2 / 3], atol=1e-6)        # numbers paired with --layers 1,0
+    assert checks == [(3, 6, "--num-eigs"), (3, 6, "num_eigs")], checks   # img.png at 28: a 2×3 grid, 6 tokens
+    _parsed_once(parses, "1,0.5")
+
+
+def test_num_eigs_and_layer_weights_are_checked_once_by_analyze(monkeypatch):
+    """The same through the API: `analyze` checks each option once (`prepare`), and a `Prepared` is taken as is."""
+    bb = _two_layer_backbone()
+    checks, parses = _count_checks(monkeypatch)
+    res = sj.analyze(sj.io.SAMPLE, backbone=bb, layers=[1, 0], layer_weights="1:1,0:0.5", num_eigs=3)
+    np.testing.assert_allclose(res.info["layer_weights"], [1 / 3, 2 / 3], atol=1e-6)
+    assert checks == [(3, 6, "num_eigs"), (3, 6, "num_eigs")], checks     # the photo at 28: a 2×3 grid
+    _parsed_once(parses, "1:1,0:0.5")
+    checks.clear(), parses.clear()
+    prepared = sj.pipeline.prepare(sj.io.SAMPLE, backbone=bb, layers=[1, 0], layer_weights="1,0.5", num_eigs=3)
+    again = sj.analyze(prepared, backbone=bb)
+    np.testing.assert_array_equal(again.eigvecs, res.eigvecs)          # the same weights, given as numbers
+    assert [c[2] for c in checks] == ["num_eigs", "num_eigs"] and parses[0] == "1,0.5", (checks, parses)
+    for bad, needle in ((dict(num_eigs=4), "num_eigs: are given beside a Prepared"),
+                        (dict(layer_weights="eigengap", tau=0.2), "layer_weights, tau: are given beside"),
+                        ({}, "backbone: is needed")):
+        with pytest.raises(InputError, match=needle):
+            sj.analyze(prepared, **({"backbone": bb} if bad else {}), **bad)

