@@ -20,7 +20,7 @@ key reuses the compiled program.
 For timestep t_i (i = 0..T−1): x_t = add_noise(z, ε_i, t_i) (DDPM: √ᾱ_t · z + √(1 − ᾱ_t) · ε_i) with z the scaled
 VAE latent of the image and ε_i ~ N(0, I) of ONE image's latent shape `[1, h, w, C]`, drawn from
 fold_in(noise key, i) and broadcast over the batch: every image of a batch gets the same ε_i, so an image's taps do
-not depend on the batch it is in or its slot there (a batch of one gives the numbers it gave before this rule). The
+not depend on the batch it is in or its slot there (for a batch of one, ε_i is a draw of its own latent's shape). The
 VAE's posterior sample (latent="sample") follows the same rule (`vae.encode`). The noise key is split as
 (VAE-sample key, noise key) = split(key(seed)) (`seed_keys`). The denoiser runs on (x_t, t_i, the conditioning) and
 every chosen self-attention layer's raw q/k/v is kept. The heads axis of each layer then holds T·H graphs,
