@@ -10,8 +10,8 @@ Timed, each as the median of `--runs` calls after `--warmup` calls (Flax warm-up
 interleaved so that load from other jobs falls on all alike:
     torch      diffusers `UNet2DConditionModel(sample, t, context).sample`
     flax       `sd.unet.jit_forward(unet)`: noise prediction + q/k/v taps of all 16 self-attention layers
-    flax taps  the compiled step `spectral_jax.models.sd.diffusion.collect_taps` runs per timestep: add_noise, then
-               the UNet up to its last self-attention, returning only the taps
+    flax taps  one timestep of `spectral_jax.models.sd.diffusion.diffusion_taps` (its scan body, `unet_step`),
+               compiled alone: add_noise, then the UNet up to its last self-attention, returning only the taps
 
     python benchmarks/bench_unet.py [--runs 5] [--warmup 1] [--sizes tiny,sd1] [--out benchmarks/results/unet.md]
 
@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import os
 import sys
@@ -47,7 +48,7 @@ from spectral_jax.models.convert import abstract_model as abstract_any
 from spectral_jax.models.convert import assemble as assemble_any
 from spectral_jax.models.dit.params import ARCHS
 from spectral_jax.models.sd.config import SD_MODELS
-from spectral_jax.models.sd.diffusion import _step_taps
+from spectral_jax.models.sd.diffusion import image_noise, unet_step
 from spectral_jax.models.sd.params import abstract_model, assemble, unet_table
 from spectral_jax.models.sd.scheduler import DDPMSchedule
 from spectral_jax.models.sd.unet import UNet2DConditionModel, count_params, jit_forward
@@ -55,6 +56,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "float32")
+
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "schedule"))
+def _step_taps(graphdef, state, latents, t, i, key, context, schedule):
+    """One timestep of `diffusion_taps`: the taps of all 16 self-attention layers on add_noise(latents, ε_i, t)."""
+    unet = nnx.merge(graphdef, state)
+    return unet_step(unet, latents, image_noise(key, i, latents), t, context, schedule, None)
+
 
 CASES = {"tiny": ("sd_tiny UNet", testing.MODELS["sd_tiny"].config.unet, 16),
          "sd1": ("SD 1.x UNet", SD_MODELS["sd15"].config.unet, 32)}

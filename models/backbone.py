@@ -5,15 +5,34 @@
     x = bb.preprocess_image(img, size=448)          # uint8 [H, W, 3] → float32 [H', W', 3]
     taps = bb.taps(x[None], layers=None)            # [B, H', W', 3] → Taps (every layer's q/k/v, grid, prefix)
 
-A `Backbone` is data: `params` (a pytree of arrays) and a pure `apply(params, images, layers) -> Taps`. `taps`
-compiles `apply` once per (layers, input shape) (`jax.jit`, layers static) and a larger jitted program (the dataset
-step) can call `apply` itself. Diffusion backbones bind their timestep schedule, noise seed and text conditioning
-at load time and fold the timesteps into the heads axis (graph index = t·H + head); `timesteps` and `num_heads`
-say how. Wrapping your own model:
+A `Backbone` is data: `params`, a pytree of arrays, and a pure `apply(params, images, layers, hidden) -> Taps` —
+the one contract of every family. `apply` is jittable with `layers` (a tuple, or None) and `hidden` static; it
+closes over static structure only (graph definitions, configuration, a schedule), never over arrays, so a jitted
+caller passes the weights as data and a larger jitted program (the dataset step) can call `apply` itself; `taps`
+compiles it once per (layers, hidden, input shape). `np.asarray` over the leaves of `params` gives a host copy that
+`apply` takes as well (the dataset replicates params that way).
+
+Diffusion backbones (Stable Diffusion, the diffusion transformers, a user's diffusion-style function) hold their
+conditioning in `params` too: the VAE and denoiser states, the text conditioning, the noise key as raw uint32 key
+data (`jax.random.key_data`, not a typed key) and `params["timesteps"]`, int32 `[T]`. Their `apply` runs the T
+timesteps under one `lax.scan` (the denoiser compiled once) and folds them into the heads axis, timestep-major
+(graph index t·H + head); `num_heads` gives H per layer, `timesteps` the T timesteps as a tuple (provenance), equal
+to params["timesteps"] at construction (`Backbone` checks). Replacing params["timesteps"] by other values of the
+same length runs other timesteps without recompiling; `taps` labels its output (`Taps.timesteps`) with the
+timesteps the params hold. The noise of a timestep is the same for every image of a batch (`models.sd.diffusion`),
+so an image's taps do not depend on its batch. Wrapping your own model:
 
     def my_taps(params, images, layers):            # images [B, H, W, 3] → {layer: (q, k, v)}, each [B, heads, T, D]
         ...
-    bb = Backbone.from_function("mine", my_taps, params, patch_size=16, num_layers=12, grid=lambda hw: ...)
+    bb = Backbone.from_function("mine", my_taps, params, patch_size=16, num_layers=12)
+
+    def my_diffusion_taps(params, images, layers, timesteps):    # timesteps: int32 [T] (data)
+        ...                                         # → {layer: (q, k, v)}, each [B, T·heads, N, D], timestep-major
+    bb = Backbone.from_function("mine", my_diffusion_taps, params, patch_size=8, num_layers=16, num_heads=8,
+                                timesteps=[10, 200])
+
+A user's function must be traceable by `jax.jit` (no Python branches on array values, no host reads of them):
+`Backbone.taps` and the dataset always jit `apply`.
 
 Shape legend
     B  images   (H, W) model-input pixels (multiples of `preprocess.patch_size`)   T  tokens   D  head dim
@@ -73,9 +92,11 @@ class Backbone:
 
     name: registry name (or the user's); preprocess: `PreprocessSpec`; num_layers: attention layers that can be
     tapped; params: pytree of arrays; apply: pure `(params, images [B, H, W, 3], layers: tuple | None,
-    hidden: bool) -> Taps` (jittable, `layers` and `hidden` static; hidden: also each tapped block's output); weights: where the weights came from (provenance); timesteps: for diffusion
-    backbones, the timesteps folded into the heads axis (empty otherwise); num_heads: heads per layer before
-    folding (one int, or a mapping layer → heads where they differ); model: the underlying Flax module (or None).
+    hidden: bool) -> Taps`, jittable with `layers` and `hidden` static (hidden: also each tapped block's output);
+    weights: where the weights came from (provenance); timesteps: for diffusion backbones, the timesteps folded into
+    the heads axis (empty otherwise), equal to params["timesteps"] when the params hold timesteps (else an
+    `InputError`); num_heads: heads per layer before folding (one int, or a mapping layer → heads where they
+    differ); model: the underlying Flax module or model object (or None; `apply` does not use it).
     """
 
     name: str
@@ -87,11 +108,14 @@ class Backbone:
     timesteps: tuple[int, ...] = ()
     num_heads: int | Mapping[int, int] | None = None
     model: Any = None
-    jittable: bool = True
 
     def __post_init__(self):
-        fn = jax.jit(self.apply, static_argnums=(2, 3)) if self.jittable else self.apply
-        object.__setattr__(self, "_compiled", fn)
+        object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        held = params_timesteps(self.params)
+        if held is not None and held != self.timesteps:
+            raise InputError(f"backbone {self.name!r}", f"has timesteps {list(self.timesteps)} but its params hold "
+                             f"{list(held)}", "pass the params' timesteps as Backbone(timesteps=)")
+        object.__setattr__(self, "_compiled", jax.jit(self.apply, static_argnums=(2, 3)))
 
     @property
     def patch_size(self) -> int:
@@ -104,15 +128,17 @@ class Backbone:
     def taps(self, images, layers=None, *, hidden: bool = False) -> Taps:
         """Taps of the chosen `layers` (None/"all": every layer) for preprocessed images `[B, H, W, 3]`; hidden:
         also the residual stream after each tapped block (`Taps.hidden`), where the family has one. A diffusion
-        backbone's taps carry its `timesteps` (`Taps.timesteps`)."""
+        backbone's taps carry the timesteps its params hold (`Taps.timesteps`)."""
         x = np.asarray(images, np.float32) if not isinstance(images, jax.Array) else images
         p = self.patch_size
         if x.ndim != 4 or x.shape[-1] != 3 or x.shape[1] % p or x.shape[2] % p or min(x.shape[:3]) < 1:
             raise InputError(f"images {tuple(x.shape)}", f"must be [B, H, W, 3] with H, W multiples of {p}",
                              "preprocess them with spectral_jax.io.preprocess (or Backbone.preprocess_image)")
         out = self._compiled(self.params, x, self.layers(layers), bool(hidden))
-        if self.timesteps and out.timesteps != tuple(self.timesteps):   # what the heads axis holds travels along
-            out = dataclasses.replace(out, timesteps=tuple(self.timesteps))
+        held = params_timesteps(self.params)              # the params' timesteps: data, replaceable
+        timesteps = self.timesteps if held is None else held
+        if timesteps and out.timesteps != timesteps:      # what the heads axis holds travels along
+            out = dataclasses.replace(out, timesteps=timesteps)
         return out
 
     def preprocess_image(self, image, size=None):
@@ -129,42 +155,82 @@ class Backbone:
     @classmethod
     def from_function(cls, name: str, fn: Callable, params: Any = None, *, patch_size: int, num_layers: int,
                       size: int = 448, mean=IMAGENET_MEAN, std=IMAGENET_STD, num_prefix: int = 0,
-                      resample: str = "bicubic", jittable: bool = True) -> "Backbone":
+                      resample: str = "bicubic", num_heads: int | Mapping[int, int] | None = None,
+                      timesteps=None) -> "Backbone":
         """Wrap any `fn(params, images, layers) -> {layer: (q, k, v)}` (q/k/v `[B, heads, T, D]`, T = num_prefix +
         h·w patch tokens, h = H/patch_size, w = W/patch_size, row-major) or `-> Taps` as a `Backbone`.
         `layers` is a tuple of indices, or None for all; images are resized with `resample` (`io.RESAMPLE_FILTERS`:
-        the filter of the model's reference preprocessing).
+        the filter of the model's reference preprocessing). fn must be traceable by `jax.jit` (`Backbone.taps` and
+        the dataset jit it, with `layers` static): no Python branch on an array's values, no host read of one.
 
-        fn's output is checked on its shapes where it is traced (once per compile; every call when not
-        `jittable`), before anything reads it (`check_output`): exactly the layers asked for; per layer q, k
-        `[B, heads, T, D]` alike and v `[B, heads, T, Dv]`, floating, with the batch's B and the images' T. A
-        mismatch is one `InputError` naming the layer and the shape expected and got. The values are checked
-        where the pipeline checks every backbone's taps (`pipeline.check_finite`: NaN, Inf, or too large for the
-        attention logits)."""
+        timesteps (a diffusion-style model): integers ≥ 0 (1 ≤ T ≤ `timesteps.max_timesteps()`); fn is then called
+        as `fn(params, images, layers, timesteps)` with timesteps an int32 `[T]` array (data, held in the backbone's
+        params as params["timesteps"], the user's params under params["params"]) and returns per layer q/k/v
+        `[B, T·heads, N, D]`, timestep-major (graph index t·heads + head). num_heads: heads per layer (an int, or a
+        mapping layer → heads); when given, each layer's heads axis must hold T·num_heads graphs (T = 1 without
+        timesteps); with timesteps and no num_heads, a multiple of T.
+
+        fn's output is checked on its shapes where it is traced (once per compile), before anything reads it
+        (`check_output`): exactly the layers asked for; per layer q, k `[B, heads, T, D]` alike and v
+        `[B, heads, T, Dv]`, floating, with the batch's B and the images' T. A mismatch is one `InputError` naming
+        the layer and the shape expected and got. The values are checked where the pipeline checks every
+        backbone's taps (`pipeline.check_finite`: NaN, Inf, or too large for the attention logits)."""
+        if not is_integer(num_layers) or num_layers < 1:
+            raise InputError(f"num_layers {num_layers!r}", "must be an integer >= 1", "pass the model's depth")
+        _check_num_heads(num_heads, num_layers)
+        ts = None
+        if timesteps is not None:
+            from spectral_jax.models.timesteps import check_timesteps
+
+            ts = check_timesteps(timesteps, int(np.iinfo(np.int32).max))
+            params = {"params": params, "timesteps": jnp.asarray(ts, jnp.int32)}
+        steps = 1 if ts is None else len(ts)
 
         def apply(p, images, layers, hidden=False):
             if hidden:
                 raise InputError(f"backbone {name!r}", "exposes no hidden states", "drop hidden")
             want = tuple(range(num_layers)) if layers is None else tuple(layers)
             grid = (images.shape[1] // patch_size, images.shape[2] // patch_size)
-            return check_output(name, fn(p, images, layers), images.shape[0], want, grid, num_prefix)
+            out = fn(p, images, layers) if ts is None else fn(p["params"], images, layers, p["timesteps"])
+            return check_output(name, out, images.shape[0], want, grid, num_prefix, num_heads=num_heads,
+                                timesteps=steps)
 
-        if not is_integer(num_layers) or num_layers < 1:
-            raise InputError(f"num_layers {num_layers!r}", "must be an integer >= 1", "pass the model's depth")
         prep = PreprocessSpec(size, patch_size, tuple(mean), tuple(std), resample)
-        return cls(name, prep, num_layers, params, apply, weights="user", jittable=jittable)
+        return cls(name, prep, num_layers, params, apply, weights="user",
+                   timesteps=() if ts is None else tuple(int(t) for t in ts), num_heads=num_heads)
+
+
+def params_timesteps(params) -> tuple[int, ...] | None:
+    """The timesteps a diffusion backbone's params hold (params["timesteps"], int `[T]`) as a tuple; None when the
+    params hold none (a ViT's)."""
+    if isinstance(params, Mapping) and "timesteps" in params:
+        return tuple(int(t) for t in np.asarray(params["timesteps"]).reshape(-1))
+    return None
+
+
+def _check_num_heads(num_heads, num_layers: int) -> None:
+    """`from_function`'s num_heads: None, an integer ≥ 1, or a mapping layer index → integer ≥ 1."""
+    if num_heads is None:
+        return
+    values = list(num_heads.items()) if isinstance(num_heads, Mapping) else [(0, num_heads)]
+    if not values or not all(is_integer(k) and 0 <= k < num_layers and is_integer(v) and v >= 1 for k, v in values):
+        raise InputError(f"num_heads {num_heads!r}", "must be an integer >= 1 or a mapping layer → integer >= 1",
+                         "pass the heads of each attention layer, e.g. num_heads=8")
 
 
 _FN_FIX = ("return {layer: (q, k, v)} for exactly the layers asked for (every layer when None), q/k [B, heads, T, D] "
-           "and v [B, heads, T, Dv], T = num_prefix + h·w; or a Taps")
+           "and v [B, heads, T, Dv], T = num_prefix + h·w (with timesteps: [B, T·heads, N, D], timestep-major); or a "
+           "Taps")
 
 
-def check_output(name: str, out, batch: int, layers: tuple[int, ...], grid: tuple[int, int], num_prefix: int) -> Taps:
+def check_output(name: str, out, batch: int, layers: tuple[int, ...], grid: tuple[int, int], num_prefix: int, *,
+                 num_heads: int | Mapping[int, int] | None = None, timesteps: int = 1) -> Taps:
     """A user function's output (`Backbone.from_function`) as `Taps`, checked on shapes and dtypes only (no value
     is read, so it runs where jit traces): `out` a mapping {layer: (q, k, v)} or a `Taps` holding exactly `layers`;
-    per layer q and k `[batch, heads, T, D]` of one shape and v `[batch, heads, T, Dv]`, floating, heads, D, Dv ≥ 1,
-    T = num_prefix + h·w of `grid` (for a `Taps`, each layer's own grid and prefix). Else one `InputError` naming
-    the backbone's layer and the shape expected and got."""
+    per layer q and k `[batch, G, T, D]` of one shape and v `[batch, G, T, Dv]`, floating, G, D, Dv ≥ 1, T =
+    num_prefix + h·w of `grid` (for a `Taps`, each layer's own grid and prefix); G (the graphs of the heads axis) =
+    timesteps · num_heads of the layer when num_heads is given, else a multiple of `timesteps`. Else one
+    `InputError` naming the backbone's layer and the shape expected and got."""
     who = f"the function of backbone {name!r}"
     if isinstance(out, Taps):
         items = {i: (t.q, t.k, t.v) for i, t in out.layers.items()}
@@ -202,6 +268,14 @@ def check_output(name: str, out, batch: int, layers: tuple[int, ...], grid: tupl
             raise InputError(what, f"q has shape {shapes[0]}, expected {expect}", _FN_FIX)
         if ks != shapes[0]:
             raise InputError(what, f"k has shape {ks}, expected q's {shapes[0]}", _FN_FIX)
+        heads = None if num_heads is None else (
+            num_heads.get(i) if isinstance(num_heads, Mapping) else num_heads)
+        if heads is not None and h != timesteps * int(heads):
+            raise InputError(what, f"q has {h} graphs on its heads axis, expected T·heads = {timesteps}·{int(heads)} "
+                             f"= {timesteps * int(heads)} (timestep-major)", _FN_FIX)
+        if heads is None and h % timesteps:
+            raise InputError(what, f"q has {h} graphs on its heads axis, not a multiple of the {timesteps} timesteps",
+                             _FN_FIX)
         if vs[:3] != (b, h, t) or vs[3] < 1:
             raise InputError(what, f"v has shape {vs}, expected [{b}, {h}, {t}, Dv]", _FN_FIX)
         if not all(jnp.issubdtype(a.dtype, jnp.floating) for a in value):        # bfloat16 included
@@ -227,4 +301,4 @@ def from_module(spec, net, weights: str) -> Backbone:
 
 
 __all__ = ["Backbone", "IMAGENET_MEAN", "IMAGENET_STD", "PreprocessSpec", "check_output", "from_module",
-           "parse_layers", "resolve_layers"]
+           "params_timesteps", "parse_layers", "resolve_layers"]

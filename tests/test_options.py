@@ -108,7 +108,7 @@ def _two_layer_backbone():
 
     rng = np.random.default_rng(1)
     params = {l: rng.normal(size=(1, 2, 6, 8)).astype(np.float32) for l in (0, 1)}
-    return Backbone.from_function("two", fn, params, patch_size=14, num_layers=2, size=28, jittable=False)
+    return Backbone.from_function("two", fn, params, patch_size=14, num_layers=2, size=28)
 
 
 def test_num_eigs_1_is_refused_at_every_api_entry_point():

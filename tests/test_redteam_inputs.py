@@ -133,7 +133,7 @@ def test_layer_weight_numbers_pair_with_layers_in_the_order_given():
 
     rng = np.random.default_rng(1)
     params = {l: rng.normal(size=(1, 2, 6, 8)).astype(np.float32) for l in (0, 1)}
-    bb = Backbone.from_function("two", fn, params, patch_size=14, num_layers=2, size=28, jittable=False)
+    bb = Backbone.from_function("two", fn, params, patch_size=14, num_layers=2, size=28)
     run = lambda layers, w: sj.analyze(sj.io.SAMPLE, backbone=bb, layers=layers, layer_weights=w, num_eigs=3).eigvals
     np.testing.assert_allclose(run([1, 0], [1, 0]), run([0, 1], [0, 1]), rtol=1e-6)
     assert not np.allclose(run([1, 0], [1, 0]), run([0, 1], [1, 0]), rtol=1e-3)

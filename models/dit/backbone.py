@@ -1,7 +1,10 @@
-"""The diffusion-transformer family behind the backbone contract: `load_backbone(spec, weights) -> Backbone`, with
-the VAE, the caption conditioning and the timestep schedule bound at load time (`models.registry` dispatches here),
-and `collect_taps`: images → VAE latents → noisy latents at T timesteps → every block's self-attention q/k/v,
-folded timestep-major into the heads axis (graph index t·H + head), as for Stable Diffusion (`models.sd.diffusion`).
+"""The diffusion-transformer family behind the backbone contract: `load_backbone(spec, weights) -> Backbone` with
+`params` a pytree of arrays — the VAE encoder and transformer states, the caption conditioning, the noise key
+(uint32 key data) and the timesteps (int32 `[T]`) — and `apply` pure and jittable (`models.sd.diffusion.
+diffusion_taps` with `dit_step`, closing over graph definitions, the schedule and the latent mode only);
+`models.registry` dispatches here. `collect_taps`: images → VAE latents → noisy latents at T timesteps → every
+block's self-attention q/k/v, folded timestep-major into the heads axis (graph index t·H + head), as for Stable
+Diffusion (`models.sd.diffusion`, which also states the noise rule: one ε_i per timestep for the whole batch).
 
 For timestep t_i: x_t = add_noise(z, ε_i, t_i) — PixArt: √ᾱ_t · z + √(1 − ᾱ_t) · ε (DDPM, linear β); SD3:
 (1 − σ_t) · z + σ_t · ε (rectified flow, `flow.py`) — with z the VAE latent, ε_i ~ N(0, I) from (seed, i); the
@@ -14,11 +17,9 @@ Shape legend
 
 from __future__ import annotations
 
+import functools
 from typing import Sequence
 
-import functools
-
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -31,17 +32,23 @@ from spectral_jax.models.spec import ModelSpec
 from spectral_jax.taps import Taps
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule"))
-def _step_taps(graphdef, state, latents, t, i, key, context, schedule):
-    """Taps of every block on x_t = add_noise(latents, ε_i, t), ε_i ~ N(0, I) from fold_in(key, i); one
-    compilation serves every layer selection, and XLA drops the work after the last block's attention."""
-    model = nnx.merge(graphdef, state)
-    noise = jax.random.normal(jax.random.fold_in(key, i), latents.shape, latents.dtype)
+def dit_step(model, latents, noise, t, context, schedule, layers) -> Taps:
+    """The transformer's taps of `layers` on x_t = add_noise(latents, noise, t) (noise `[1, ...]`, broadcast over
+    the batch); a flow schedule also maps t to σ_t·N (dynamic shift from the image-token count)."""
     if isinstance(schedule, FlowSchedule):
         p = model.cfg.patch_size
         tokens = (latents.shape[1] // p) * (latents.shape[2] // p)
-        return model(schedule.add_noise(latents, noise, t, tokens), schedule.model_timestep(t, tokens), context)[1]
-    return model(schedule.add_noise(latents, noise, t), t, context)[1]
+        return model(schedule.add_noise(latents, noise, t, tokens), schedule.model_timestep(t, tokens), context,
+                     layers=layers)[1]
+    return model(schedule.add_noise(latents, noise, t), t, context, layers=layers)[1]
+
+
+def dit_static(model: DiffusionTransformer, latent: str) -> dict:
+    """The static keyword arguments of `diffusion.diffusion_taps` for `model` (graph definitions, the schedule, the
+    layer count, the latent mode, the VAE shift)."""
+    return dict(vae_def=nnx.split(model.vae)[0], denoiser_def=nnx.split(model.transformer)[0], step=dit_step,
+                schedule=model.schedule, num_layers=model.cfg.num_layers, sample=latent == "sample",
+                shift=float(model.cfg.vae.scaling_factor * model.cfg.vae_shift), title="diffusion-transformer")
 
 
 def collect_taps(images, model: DiffusionTransformer, timesteps, seed: int = 0, *,
@@ -49,14 +56,15 @@ def collect_taps(images, model: DiffusionTransformer, timesteps, seed: int = 0, 
     """Self-attention taps of `model` on `images` `[B, H, W, 3]` (in [−1, 1], sides multiples of 16) at each of
     `timesteps` (ints in [0, 999]): per layer q/k/v `[B, T·H, N, D]`, timestep-major (SD3: the image tokens).
 
-    One transformer pass per timestep (compiled once per architecture and input shape; only the taps leave it, so
-    XLA drops the blocks after the last one needed); latent: the VAE posterior "mean" or a "sample" from `seed`.
+    `diffusion.diffusion_taps` with `dit_step`: the timesteps under one `lax.scan` (the transformer compiled once per
+    architecture, layer selection and input shape; only the chosen taps leave it, so XLA drops the blocks after the
+    last one needed); latent: the VAE posterior "mean" or a "sample" from `seed`.
     """
     images, ts, chosen = diffusion.check_request(images, model.schedule, timesteps, layers, model.cfg.num_layers)
-    latents = model.latents(images, latent=latent, seed=seed)
-    graphdef, state = nnx.split(model.transformer)
-    return diffusion.over_timesteps(lambda t, i, key: _step_taps(graphdef, state, latents, t, i, key, model.context,
-                                                                 model.schedule), ts, chosen, seed)
+    if latent not in diffusion.LATENTS:
+        raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(diffusion.LATENTS)}")
+    params = diffusion.diffusion_params(model.vae, model.transformer, model.context, seed, ts)
+    return diffusion._jit_taps(params, images, chosen, False, **dit_static(model, latent))
 
 
 def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, seed: int = 0, timesteps=None,
@@ -66,9 +74,10 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
 
     weights: as in `load_dit` (None: `spec.repo_id`; "random"; a diffusers-layout directory or repo id).
     timesteps: ints in [0, 999] (None: `DEFAULT_NUM_TIMESTEPS` drawn at random from `seed` over [0, 250], as for
-    Stable Diffusion); seed: the noise, the random schedule and a latent sample; latent: "mean" or "sample";
-    text_embedding: a saved text embedding (`modeling.load_text_embedding`; default: zeros — see `config.py`).
-    Timesteps and latent are checked before any weight is read.
+    Stable Diffusion); seed: the noise key (params["noise_key"]), the random schedule and a latent sample; latent:
+    "mean" or "sample"; text_embedding: a saved text embedding (`modeling.load_text_embedding`; default: zeros —
+    see `config.py`). Timesteps and latent are checked before any weight is read. params["timesteps"] may be
+    replaced by other timesteps (data); `Backbone.timesteps` records the ones loaded.
     """
     ts = (diffusion.timestep_schedule("random", diffusion.DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
           else diffusion.check_timesteps(timesteps, spec.config.schedule.num_train_timesteps))
@@ -76,13 +85,8 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
         raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(diffusion.LATENTS)}")
     model = load_dit(spec.name, weights, text_embedding=text_embedding,
                      dtype=jnp.float32 if dtype is None else dtype, seed=seed)
-
-    def apply(params, images, layers, hidden=False):
-        if hidden:
-            raise InputError("--hidden", "is not available for diffusion-transformer models", "drop --hidden")
-        return collect_taps(images, model, ts, seed, layers=layers, latent=latent)
-
+    params = diffusion.diffusion_params(model.vae, model.transformer, model.context, seed, ts)
+    apply = functools.partial(diffusion.diffusion_taps, **dit_static(model, latent))
     heads = {i: int(a[1]) for i, a in enumerate(spec.config.transformer.attn_layers())}
-    return Backbone(spec.name, spec.preprocess, spec.config.num_layers, None, apply,
-                    str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts), heads, model,
-                    jittable=False)
+    return Backbone(spec.name, spec.preprocess, spec.config.num_layers, params, apply,
+                    str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts), heads, model)

@@ -1,12 +1,16 @@
-"""The Stable Diffusion family behind the backbone contract: `load_backbone(spec, weights) -> Backbone`, with the
-VAE, the empty-prompt text conditioning and the timestep schedule bound at load time (`models.registry`
-dispatches here). Its taps fold the timesteps into the heads axis: graph index t·H + head (`diffusion.py`).
+"""The Stable Diffusion family behind the backbone contract: `load_backbone(spec, weights) -> Backbone` with
+`params` a pytree of arrays — the VAE encoder and UNet states, the empty-prompt text conditioning, the noise key
+(uint32 key data) and the timesteps (int32 `[T]`) — and `apply` pure and jittable (`diffusion.diffusion_taps`,
+closing over graph definitions, the DDPM schedule and the latent mode only). `models.registry` dispatches here. Its
+taps fold the timesteps into the heads axis: graph index t·H + head (`diffusion.py`).
 
 Shape legend
     B  images   (H, W) pixels (multiples of 8)   T  timesteps   H  heads   N  tokens of a layer's grid   D  head dim
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax.numpy as jnp
 
@@ -25,9 +29,11 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
 
     weights: as in `load_sd` (None: `spec.repo_id`; "random"; a diffusers-layout directory or repo id).
     timesteps: ints in [0, 999] (None: `DEFAULT_NUM_TIMESTEPS` drawn at random from `seed` over [0, 250], the
-    official code's range); seed: the noise, the random schedule and a latent sample; latent: "mean" or "sample";
-    text_embedding: a saved empty-prompt embedding .npy (then text_encoder/ is not read); attn_chunk: attention in
-    blocks of this many query rows. Timesteps and latent are checked before any weight is read.
+    official code's range); seed: the noise key (params["noise_key"]), the random schedule and a latent sample;
+    latent: "mean" or "sample"; text_embedding: a saved empty-prompt embedding .npy (then text_encoder/ is not
+    read); attn_chunk: attention in blocks of this many query rows. Timesteps and latent are checked before any
+    weight is read. The returned params["timesteps"] may be replaced by other timesteps (data: no recompilation
+    for the same T); `Backbone.timesteps` records the ones loaded.
     """
     ts = (diffusion.timestep_schedule("random", diffusion.DEFAULT_NUM_TIMESTEPS, seed) if timesteps is None
           else diffusion.check_timesteps(timesteps, spec.config.schedule.num_train_timesteps))
@@ -36,12 +42,8 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
     sd = load_sd(spec.name, weights, text_embedding=text_embedding, dtype=jnp.float32 if dtype is None else dtype,
                  seed=seed, attn_chunk=attn_chunk)
     attn = spec.config.unet.attn_layers()
-
-    def apply(params, images, layers, hidden=False):
-        if hidden:
-            raise InputError("--hidden", "is not available for Stable Diffusion models", "drop --hidden")
-        return diffusion.collect_taps(images, sd, ts, seed, layers=layers, latent=latent)
-
-    return Backbone(spec.name, spec.preprocess, spec.config.num_layers, None, apply,
+    params = diffusion.diffusion_params(sd.vae, sd.unet, sd.context, seed, ts)
+    apply = functools.partial(diffusion.diffusion_taps, **diffusion.unet_static(sd, latent))
+    return Backbone(spec.name, spec.preprocess, spec.config.num_layers, params, apply,
                     str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts),
-                    {i: int(a[1]) for i, a in enumerate(attn)}, sd, jittable=False)
+                    {i: int(a[1]) for i, a in enumerate(attn)}, sd)

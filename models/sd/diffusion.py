@@ -1,5 +1,7 @@
-"""Diffusion taps: images → VAE latents → noisy latents at T timesteps → UNet self-attention taps, folded
-into one `Taps` (a cache of T samples of q/k/v per layer, never an N×N attention matrix).
+"""Diffusion taps as a pure function: images → VAE latents → noisy latents at T timesteps → the denoiser's
+(UNet's or transformer's) self-attention taps, folded into one `Taps` (a cache of T samples of q/k/v per layer,
+never an N×N attention matrix). Every diffusion family (Stable Diffusion here, the DiTs in `models.dit`) runs
+through `diffusion_taps`.
 
     sd = spectral_jax.models.sd.load_sd("sd15")                       # or load_sd("sd_tiny", "random")
     ts = timestep_schedule("random", 8, seed=0)                       # t ~ U{0..250}, as the official code
@@ -7,12 +9,25 @@ into one `Taps` (a cache of T samples of q/k/v per layer, never an N×N attentio
     graphs = spectral_jax.graphs.from_taps(taps, "qk")                # one group per grid (64/32/16/8 at 512²)
     res = spectral_jax.solvers.gd.gd(graphs, 20, sample=0.25)         # a fresh (layer, timestep, head) draw per step
 
-For each timestep t_i (i = 0..T−1): x_t = √ᾱ_t · z + √(1 − ᾱ_t) · ε_i with z the scaled VAE latent of the image
-and ε_i ~ N(0, I) drawn from (seed, i); the UNet runs on (x_t, t_i, empty-prompt text) and every self-attention
-layer's raw q/k/v is kept. The heads axis of each layer then holds T·H graphs, timestep-major: graph index
-i·H + head — the ACTS `timesteps`/`num_heads` convention (`spectral_jax.acts`). A solve that samples a fraction
-of each group's graphs per step (`gd(..., sample=F)`) therefore sees different timesteps and heads every step
-without running the UNet again — the official code's fresh-t-per-step objective, from a fixed cache.
+The backbone contract (`models.backbone`): `params = diffusion_params(vae, denoiser, context, seed, timesteps)` is a
+dict of arrays — "vae" and "denoiser" (the nnx states), "context" (the text conditioning: an array, or SD3/FLUX's
+(tokens, pooled)), "noise_key" (uint32 raw key data of `jax.random.key(seed)`, `jax.random.key_data`) and
+"timesteps" (int32 `[T]`) — and `diffusion_taps(params, images, layers, hidden, *, static structure)` is pure and
+jittable: it closes over graph definitions, the schedule and the latent mode only, and runs the T timesteps under
+one `lax.scan` (the denoiser is traced and compiled once, not T times). Changing params["timesteps"] (same T) or the
+key reuses the compiled program.
+
+For timestep t_i (i = 0..T−1): x_t = add_noise(z, ε_i, t_i) (DDPM: √ᾱ_t · z + √(1 − ᾱ_t) · ε_i) with z the scaled
+VAE latent of the image and ε_i ~ N(0, I) of ONE image's latent shape `[1, h, w, C]`, drawn from
+fold_in(noise key, i) and broadcast over the batch: every image of a batch gets the same ε_i, so an image's taps do
+not depend on the batch it is in or its slot there (for a batch of one, ε_i is a draw of its own latent's shape). The
+VAE's posterior sample (latent="sample") follows the same rule (`vae.encode`). The noise key is split as
+(VAE-sample key, noise key) = split(key(seed)) (`seed_keys`). The denoiser runs on (x_t, t_i, the conditioning) and
+every chosen self-attention layer's raw q/k/v is kept. The heads axis of each layer then holds T·H graphs,
+timestep-major: graph index i·H + head — the ACTS `timesteps`/`num_heads` convention (`spectral_jax.acts`). A solve
+that samples a fraction of each group's graphs per step (`gd(..., sample=F)`) therefore sees different timesteps and
+heads every step without running the model again — the official code's fresh-t-per-step objective, from a fixed
+cache.
 
 Shape legend
     B  images   (H, W)  pixels (multiples of 8)   (h, w) = (H, W)/8 latent grid   T  timesteps   H  heads
@@ -22,7 +37,6 @@ Shape legend
 from __future__ import annotations
 
 import functools
-import re
 from typing import Sequence
 
 import jax
@@ -30,127 +44,100 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from spectral_jax.errors import InputError, is_integer
+from spectral_jax.errors import InputError
 from spectral_jax.models.backbone import resolve_layers
+from spectral_jax.models.timesteps import (DEFAULT_MAX_TIMESTEPS, DEFAULT_NUM_TIMESTEPS, DEFAULT_T_MAX,  # noqa: F401
+                                           LATENTS, MAX_TIMESTEPS_ENV, SCHEDULES, check_count, check_timesteps,
+                                           max_timesteps, parse_timesteps, timestep_schedule)
 from spectral_jax.taps import LayerTap, Taps
 
-SCHEDULES = ("random", "constant", "increasing", "decreasing", "cyclic")
-DEFAULT_NUM_TIMESTEPS = 4
-DEFAULT_T_MAX = 250
-# At most this many timesteps per request (`max_timesteps`; SPECTRAL_JAX_MAX_TIMESTEPS changes it): each timestep is
-# one model pass whose q/k/v are all kept — SD 1.5 at 512² keeps 132 MiB per image per timestep (8.3 GiB at 64),
-# SD3-medium at 1024² 1.7 GiB.
-DEFAULT_MAX_TIMESTEPS = 64
-MAX_TIMESTEPS_ENV = "SPECTRAL_JAX_MAX_TIMESTEPS"
-LATENTS = ("mean", "sample")
+
+def fold_timesteps(per_step: Taps) -> Taps:
+    """`Taps` stacked over timesteps (q/k/v `[T, B, H, N, D]`, as `lax.scan` returns them) → q/k/v `[B, T·H, N, D]`,
+    timestep-major (graph index i·H + head)."""
+    def fold(a):
+        t, b, h = a.shape[:3]
+        return jnp.swapaxes(a, 0, 1).reshape(b, t * h, *a.shape[3:])
+
+    return Taps({i: LayerTap(fold(t.q), fold(t.k), fold(t.v), t.grid, t.num_prefix)
+                 for i, t in per_step.layers.items()})
 
 
-def timestep_schedule(kind: str, steps: int, seed: int = 0, t_max: int = DEFAULT_T_MAX, *, t_min: int = 0,
-                      periods: int = 1, num_train_timesteps: int = 1000) -> np.ndarray:
-    """`steps` integer timesteps in [t_min, t_max], int64 `[steps]` — the schedules the official code offers:
-
-    random      t ~ U{t_min..t_max}, i.i.d. from `seed` (the paper's setting, t_max = 250)
-    constant    t_max every step
-    increasing  t_min → t_max, evenly spaced (rounded)
-    decreasing  t_max → t_min
-    cyclic      t_min + (t_max − t_min)·(1 − cos(2π·periods·i/steps))/2: `periods` cosine cycles from t_min
-    """
-    if kind not in SCHEDULES:
-        raise InputError(f"schedule {kind!r}", "unknown timestep schedule", f"choose one of {', '.join(SCHEDULES)}")
-    if int(steps) < 1:
-        raise InputError(f"steps {steps}", "need at least one timestep", "pass e.g. --num-timesteps 4")
-    if not 0 <= t_min <= t_max < num_train_timesteps:
-        raise InputError(f"t_min {t_min}, t_max {t_max}", f"need 0 ≤ t_min ≤ t_max ≤ {num_train_timesteps - 1}",
-                         "pass e.g. --t-max 250")
-    if int(periods) < 1:
-        raise InputError(f"periods {periods}", "must be ≥ 1", "pass e.g. periods=1")
-    n, i = int(steps), np.arange(int(steps))
-    if kind == "random":
-        return np.random.default_rng(seed).integers(t_min, t_max + 1, n).astype(np.int64)
-    if kind == "constant":
-        return np.full(n, t_max, np.int64)
-    if kind in ("increasing", "decreasing"):
-        t = np.rint(np.linspace(t_min, t_max, n)).astype(np.int64)
-        return t if kind == "increasing" else t[::-1].copy()
-    t = t_min + (t_max - t_min) * 0.5 * (1.0 - np.cos(2.0 * np.pi * periods * i / n))
-    return np.rint(t).astype(np.int64)
+def seed_keys(seed):
+    """(VAE sampling key, noise key) of `seed` (an int, or the raw uint32 key data of `jax.random.key(seed)`): the
+    split every diffusion family uses."""
+    key = jax.random.key(int(seed)) if np.ndim(seed) == 0 else jax.random.wrap_key_data(seed)
+    k_vae, k_noise = jax.random.split(key)
+    return k_vae, k_noise
 
 
-def max_timesteps() -> int:
-    """The timestep cap: SPECTRAL_JAX_MAX_TIMESTEPS if set (a positive integer), else `DEFAULT_MAX_TIMESTEPS`."""
-    from spectral_jax.io import env_cap
-
-    return env_cap(MAX_TIMESTEPS_ENV, DEFAULT_MAX_TIMESTEPS, 256)
-
-
-def check_count(count: int, what: str) -> None:
-    """Refuse more than `max_timesteps()` timesteps (`what` names the input) before any of them is drawn or run."""
-    cap = max_timesteps()
-    if count > cap:
-        raise InputError(what, f"asks for {count} timesteps, over the cap of {cap} (each is one pass of the model "
-                         "whose q/k/v are all kept)", f"pass fewer, or raise the cap with {MAX_TIMESTEPS_ENV}")
+def image_noise(key, i, latents):
+    """ε_i ~ N(0, I) of one image's latent shape `[1, h, w, C]` from fold_in(key, i) (i: the timestep's index), in
+    the latents' dtype — the same for every image of a batch (broadcast by `add_noise`)."""
+    return jax.random.normal(jax.random.fold_in(key, i), (1, *latents.shape[1:]), latents.dtype)
 
 
-def check_timesteps(timesteps, num_train_timesteps: int = 1000, what: str = "timesteps") -> np.ndarray:
-    """Timesteps given to the API (a sequence of integers, or one) → int64 `[T]`: 1 ≤ T ≤ `max_timesteps()`, each
-    an integer (not a bool or a float) in [0, num_train_timesteps); otherwise an `InputError` naming them. Repeats
-    are allowed here (a random schedule draws with replacement; each repeat gets its own noise)."""
-    shown = _shown(timesteps)
-    try:
-        items = np.asarray(timesteps, dtype=object).reshape(-1)
-    except (TypeError, ValueError):
-        items = None
-    if items is None or not all(is_integer(t) for t in items):
-        raise InputError(f"{what} {shown}", f"must be integers in [0, {num_train_timesteps - 1}]",
-                         "pass e.g. timesteps=[0, 50, 100]")
-    if items.size == 0:
-        raise InputError(f"{what} {shown}", "need at least one timestep", "pass e.g. timesteps=[0, 50, 100]")
-    check_count(items.size, f"{what} {shown}")
-    bad = [int(t) for t in items if not 0 <= t < num_train_timesteps]
-    if bad:
-        raise InputError(f"{what} {shown}", f"hold {bad[0]}: must be integers in [0, {num_train_timesteps - 1}] (the "
-                         f"model's {num_train_timesteps} training timesteps)", "pass e.g. timesteps=[0, 50, 100]")
-    return np.array([int(t) for t in items], np.int64)
+def unet_step(unet, latents, noise, t, context, schedule, layers):
+    """The UNet's taps of `layers` on x_t = schedule.add_noise(latents, noise, t) (`[B, h, w, 4]`; noise `[1, ...]`
+    broadcast over the batch), the text `context` `[1, M, C]` broadcast to the batch."""
+    ctx = jnp.broadcast_to(context, (latents.shape[0], *context.shape[1:]))
+    return unet(schedule.add_noise(latents, noise, t), t, ctx, layers=layers)[1]
 
 
-def parse_timesteps(text: str, num_train_timesteps: int = 1000) -> np.ndarray:
-    """--timesteps "0,50,100" → int64 `[3]`: comma-separated integers, each in [0, num_train_timesteps), no empty
-    item, no repeat (several noises at one t: a constant schedule), at most `max_timesteps()` of them; anything
-    else is one `InputError` naming the flag and the offending item."""
-    what, fix = f"--timesteps {_shown(text)}", "pass e.g. --timesteps 0,50,100"
-    items = [s.strip() for s in text.split(",")]
-    check_count(len(items), what)
-    ts = []
-    for s in items:
-        if not s:
-            raise InputError(what, "has an empty item (two commas, or a comma at an end)", fix)
-        if not re.fullmatch(r"[+-]?[0-9]+", s):
-            raise InputError(what, f"item {_shown(s)} is not an integer", fix)
-        t = int(s)
-        if not 0 <= t < num_train_timesteps:
-            raise InputError(what, f"item {_shown(s)}: each must be in [0, {num_train_timesteps - 1}] (the model's "
-                             f"{num_train_timesteps} training timesteps)", fix)
-        if t in ts:
-            raise InputError(what, f"repeats {t}", "give each timestep once (several noises at one timestep t: "
-                             "--num-timesteps T --schedule constant --t-max t)")
-        ts.append(t)
-    return np.array(ts, np.int64)
+def diffusion_params(vae, denoiser, context, seed: int, timesteps) -> dict:
+    """The params pytree of a diffusion backbone (see the module docstring): {"vae", "denoiser": nnx states,
+    "context": the conditioning, "noise_key": uint32 key data of `jax.random.key(seed)`, "timesteps": int32 `[T]`}.
+    The states share the modules' arrays (nothing is copied). timesteps are taken as given (check them first:
+    `check_timesteps`)."""
+    return {"vae": nnx.split(vae)[1], "denoiser": nnx.split(denoiser)[1], "context": context,
+            "noise_key": jax.random.key_data(jax.random.key(int(seed))),
+            "timesteps": jnp.asarray(np.asarray(timesteps, np.int64).reshape(-1), jnp.int32)}
 
 
-def _shown(value, limit: int = 60) -> str:
-    """repr(value), cut to `limit` characters (a message stays one readable line whatever was passed)."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+def diffusion_taps(params, images, layers=None, hidden: bool = False, *, vae_def, denoiser_def, step, schedule,
+                   num_layers: int, sample: bool, shift: float = 0.0, title: str = "diffusion") -> Taps:
+    """Taps of the chosen `layers` (a tuple, or None: all `num_layers`) of a diffusion model on `images`
+    `[B, H, W, 3]` (in [−1, 1]) at each of params["timesteps"] `[T]`: per layer q/k/v `[B, T·H, N, D]`, timestep-major.
+    Pure and jittable (`layers`, `hidden` and the keyword arguments static; `params` as `diffusion_params` builds it).
+
+    vae_def, denoiser_def: the nnx graph definitions the states merge into; step(denoiser, latents, noise, t,
+    context, schedule, layers) → Taps of one timestep (`unet_step`, `models.dit.backbone.dit_step`); sample: the
+    VAE posterior sample (else its mean); shift: subtracted from the scaled latent (SD3/FLUX's VAE shift); title:
+    names the family when `hidden` is asked for (diffusion models expose no hidden states: an `InputError`)."""
+    if hidden:
+        raise InputError("--hidden", f"is not available for {title} models", "drop --hidden")
+    chosen = resolve_layers(layers, num_layers, "self-attention layers")
+    images = jnp.asarray(images, jnp.float32)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
+    k_vae, k_noise = seed_keys(params["noise_key"])
+    latents = nnx.merge(vae_def, params["vae"]).encode(images, k_vae if sample else None)
+    if shift:
+        latents = latents - shift
+    ts = jnp.asarray(params["timesteps"], jnp.int32).reshape(-1)
+
+    def one(carry, ti):
+        t, i = ti
+        net = nnx.merge(denoiser_def, params["denoiser"])
+        taps = step(net, latents, image_noise(k_noise, i, latents), t, params["context"], schedule, chosen)
+        return carry, Taps({j: taps.layers[j] for j in chosen})
+
+    _, per_step = jax.lax.scan(one, None, (ts, jnp.arange(ts.shape[0], dtype=jnp.int32)))
+    return fold_timesteps(per_step)
 
 
-def fold_timesteps(per_step: Sequence[Taps]) -> Taps:
-    """T single-timestep `Taps` (q/k/v `[B, H, N, D]`) → one with q/k/v `[B, T·H, N, D]`, timestep-major."""
-    first = per_step[0]
-    layers = {}
-    for i, t in first.layers.items():
-        cat = lambda name: jnp.concatenate([getattr(s.layers[i], name) for s in per_step], axis=1)
-        layers[i] = LayerTap(cat("q"), cat("k"), cat("v"), t.grid, t.num_prefix)
-    return Taps(layers)
+_STATIC = ("layers", "hidden", "vae_def", "denoiser_def", "step", "schedule", "num_layers", "sample", "shift", "title")
+_jit_taps = jax.jit(diffusion_taps, static_argnames=_STATIC)
+
+
+def encode_images(model, images, *, latent: str = "mean", seed: int = 0) -> jax.Array:
+    """Scaled VAE latents `[B, h, w, 4]` of images `[B, H, W, 3]` in [−1, 1]: scaling_factor · z, z the posterior
+    mean ("mean") or a sample from `seed` ("sample", as the official code does; one draw of an image's shape for
+    the whole batch, as in `diffusion_taps`)."""
+    if latent not in LATENTS:
+        raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(LATENTS)}")
+    graphdef, state = nnx.split(model.vae)
+    return _encode(graphdef, state, jnp.asarray(images, jnp.float32), seed_keys(seed)[0], latent == "sample")
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "sample"))
@@ -158,42 +145,12 @@ def _encode(graphdef, state, images, key, sample: bool):
     return nnx.merge(graphdef, state).encode(images, key if sample else None)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "schedule"))
-def _step_taps(graphdef, state, latents, t, i, key, context, schedule):
-    """Taps of every self-attention layer of the UNet on x_t = add_noise(latents, ε_i, t), ε_i ~ N(0, I) from
-    fold_in(key, i). All layers, so that one compilation serves every layer selection; only the taps leave, so
-    XLA drops the UNet's work after the last self-attention."""
-    noise = jax.random.normal(jax.random.fold_in(key, i), latents.shape, latents.dtype)
-    x_t = schedule.add_noise(latents, noise, t)
-    ctx = jnp.broadcast_to(context, (latents.shape[0], *context.shape[1:]))
-    return nnx.merge(graphdef, state)(x_t, t, ctx)[1]
-
-
-def seed_keys(seed: int):
-    """(VAE sampling key, noise key) of `seed`: the split every diffusion family uses."""
-    k_vae, k_noise = jax.random.split(jax.random.key(seed))
-    return k_vae, k_noise
-
-
-def encode_images(model, images, *, latent: str = "mean", seed: int = 0) -> jax.Array:
-    """Scaled VAE latents `[B, h, w, 4]` of images `[B, H, W, 3]` in [−1, 1]: scaling_factor · z, z the posterior
-    mean ("mean") or a sample from `seed` ("sample", as the official code does)."""
-    if latent not in LATENTS:
-        raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(LATENTS)}")
-    graphdef, state = nnx.split(model.vae)
-    return _encode(graphdef, state, jnp.asarray(images, jnp.float32), seed_keys(seed)[0], latent == "sample")
-
-
 def noisy_latents(model, latents, timesteps, seed: int = 0) -> jax.Array:
-    """The UNet inputs `collect_taps` uses: `[T, B, h, w, 4]`, x_{t_i} = add_noise(latents, ε_i, t_i),
-    ε_i ~ N(0, I) from (seed, i)."""
+    """The UNet inputs `collect_taps` uses: `[T, B, h, w, 4]`, x_{t_i} = add_noise(latents, ε_i, t_i), ε_i
+    (`image_noise`) from (seed, i), the same for every image of the batch."""
     ts = model.schedule.check(np.asarray(timesteps).reshape(-1))
     k = seed_keys(seed)[1]
-    out = []
-    for i, t in enumerate(ts):
-        noise = jax.random.normal(jax.random.fold_in(k, i), latents.shape, latents.dtype)
-        out.append(model.schedule.add_noise(latents, noise, int(t)))
-    return jnp.stack(out)
+    return jnp.stack([model.schedule.add_noise(latents, image_noise(k, i, latents), int(t)) for i, t in enumerate(ts)])
 
 
 def collect_taps(images, model, timesteps, seed: int = 0, *, layers: Sequence[int] | None = None,
@@ -201,16 +158,24 @@ def collect_taps(images, model, timesteps, seed: int = 0, *, layers: Sequence[in
     """Self-attention taps of `model` (a `StableDiffusion`) on `images` `[B, H, W, 3]` (in [−1, 1], sides multiples
     of 8) at each of `timesteps` (ints in [0, 999]), folded timestep-major: per layer q/k/v `[B, T·H, h_l·w_l, D]`.
 
-    One UNet pass per timestep (compiled once per architecture and input shape); the noise ε_i comes from
-    (seed, i); latent: "mean" or "sample" (the VAE posterior; a sample is drawn from `seed`). layers: indices of
-    self-attention layers (None → all 16 for SD 1.x/2.x). Memory: O(T · Σ_l N_l·H·D), the q/k/v themselves — no
-    attention matrix is kept.
+    `diffusion_taps` on `diffusion_params(model..., seed, timesteps)`, compiled once per architecture, layer
+    selection and input shape (the timesteps and seed are data). latent: "mean" or "sample" (the VAE posterior; a
+    sample is drawn from `seed`). layers: indices of self-attention layers (None → all 16 for SD 1.x/2.x). Memory:
+    O(T · Σ_l N_l·H·D), the q/k/v themselves — no attention matrix is kept.
     """
     images, ts, chosen = check_request(images, model.schedule, timesteps, layers, model.cfg.num_layers)
-    latents = encode_images(model, images, latent=latent, seed=seed)
-    graphdef, state = nnx.split(model.unet)
-    return over_timesteps(lambda t, i, key: _step_taps(graphdef, state, latents, t, i, key, model.context,
-                                                       model.schedule), ts, chosen, seed)
+    if latent not in LATENTS:
+        raise InputError(f"latent {latent!r}", "unknown", f"choose one of {', '.join(LATENTS)}")
+    params = diffusion_params(model.vae, model.unet, model.context, seed, ts)
+    return _jit_taps(params, images, chosen, False, **unet_static(model, latent))
+
+
+def unet_static(model, latent: str) -> dict:
+    """The static keyword arguments of `diffusion_taps` for a `StableDiffusion` `model` (graph definitions, the
+    schedule, the layer count, the latent mode)."""
+    return dict(vae_def=nnx.split(model.vae)[0], denoiser_def=nnx.split(model.unet)[0], step=unet_step,
+                schedule=model.schedule, num_layers=model.cfg.num_layers, sample=latent == "sample",
+                title="Stable Diffusion")
 
 
 def check_request(images, schedule, timesteps, layers, num_layers: int):
@@ -221,14 +186,3 @@ def check_request(images, schedule, timesteps, layers, num_layers: int):
         raise ValueError(f"images must be [B, H, W, 3], got {images.shape}")
     ts = check_timesteps(timesteps, schedule.num_train_timesteps)
     return images, ts, resolve_layers(layers, num_layers, "self-attention layers")
-
-
-def over_timesteps(step, ts, chosen, seed: int) -> Taps:
-    """`step(t, i, noise_key)` → Taps for each timestep t (its index i), the `chosen` layers kept, folded
-    timestep-major (`fold_timesteps`); the noise key is `seed_keys(seed)[1]` (each step folds in i)."""
-    key = seed_keys(seed)[1]
-    steps = []
-    for i, t in enumerate(ts):
-        taps = step(jnp.int32(t), jnp.int32(i), key)
-        steps.append(Taps({j: taps.layers[j] for j in chosen}))
-    return fold_timesteps(steps)

@@ -93,7 +93,10 @@ class AutoencoderKL(nnx.Module):
         return mean, jnp.clip(logvar, -30.0, 20.0)
 
     def encode(self, images, key: jax.Array | None = None):
-        """The scaled latent the UNet sees: `scaling_factor · z`, z = mean, or a sample when `key` is given."""
+        """The scaled latent the UNet sees: `scaling_factor · z`, z = mean, or a sample when `key` is given: mean +
+        σ·ε with ε ~ N(0, I) of one image's latent shape `[1, h, w, C]` from `key`, the same for every image of the
+        batch (an image's sample does not depend on its batch)."""
         mean, logvar = self(images)
-        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(key, mean.shape, mean.dtype)
+        eps = None if key is None else jax.random.normal(key, (1, *mean.shape[1:]), mean.dtype)
+        z = mean if key is None else mean + jnp.exp(0.5 * logvar) * eps
         return self.cfg.scaling_factor * z

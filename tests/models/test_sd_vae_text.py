@@ -60,7 +60,7 @@ def test_vae_encoder_matches_diffusers(vae_pair):
     close_to_ref(lv, logvar, 2e-5, "posterior log-variance")
     close_to_ref(ours.encode(jnp.asarray(x)), 0.18215 * mean, 2e-5, "scaled latent (mean)")
     key = jax.random.key(3)
-    eps = np.asarray(jax.random.normal(key, mean.shape))
+    eps = np.asarray(jax.random.normal(key, (1, *mean.shape[1:])))   # one image's draw, the same for the batch
     close_to_ref(ours.encode(jnp.asarray(x), key), 0.18215 * (mean + std * eps), 2e-5, "scaled latent (sample)")
 
 
