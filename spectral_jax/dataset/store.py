@@ -190,6 +190,14 @@ def finite(x: np.ndarray, chunk: int = 1 << 24) -> bool:
     return True
 
 
+def load_all(ckdir: str, name: str) -> np.ndarray:
+    """Array `name` of every finished shard in `ckdir`'s store, concatenated in image order along the rows
+    `[L, Σ m·h·w, F]`, as stored (bfloat16 as uint16 bits), unchecked (for inspection and benchmarks; a run reads
+    shards through `read_shard`). Whole arrays in memory."""
+    parts = [np.load(os.path.join(folder(ckdir), d, name + ".npy"), allow_pickle=False) for d in finished(ckdir)]
+    return np.concatenate(parts, axis=1)
+
+
 class FeatureStore:
     """The shards of a run's images [first, first + share) (whole batches each), for reading back: `rows` gives one
     array's rows of a range of images, memory-mapped from the shards that hold them (zeros for images without one:
@@ -226,5 +234,5 @@ class FeatureStore:
         return sum(x.nbytes for s in self.shards for x in s.arrays.values())
 
 
-__all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "read_shard", "remove_unfinished",
+__all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "read_shard", "remove_unfinished",
            "shard_name", "write_shard"]
