@@ -10,9 +10,10 @@ traced abstractly, `whole.feature_widths`; nothing computed) and the number of i
               search's cosine block (kernels.INTER_BUDGET float32); P processes — its own rows (features / P) plus the
               keys all-gathered to each device (the whole b: features / c)
     graph     = Σ_g L_g·N_g·(8·k_g + 4) · 2  (int32 indices, float32 weights, float32 degrees; host and device copy)
-    operator  = Σ_g L_g·N_g·k_g · 56         the coalesced Σ_l w_l sym(P_l): COO triplets (int32, int32, float64)
-              and their concatenation (32 B per edge), the CSR of the edges and its sum with the transpose (≤ 2 entries
-              per edge, 12 B each); on a base grid of M ≤ dense_max nodes the dense path instead: 2·M²·8
+    operator  = Σ_g L_g·N_g·k_g · 64         building the coalesced Σ_l w_l sym(P_l): the weights in float64, the COO
+              triplets (int32, int32, float64) and their concatenation (40 B per edge), the CSR of the edges and its
+              sum with the transpose (≤ 2 entries per edge, 12 B each); on a base grid of M ≤ dense_max nodes the
+              dense path instead: 2·M²·8
     solver    = M·(ncv + 2K)·8               ARPACK's Lanczos basis (ncv = max(2K + 1, 20)) and the K eigenvectors,
               float64 (LOBPCG needs less), M = n·h·w of the base grid
 
@@ -62,7 +63,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     base = base or max((g for g, _, _ in groups), key=lambda hw: hw[0] * hw[1])
     m = num_images * base[0] * base[1]
     dense = m <= (DENSE_MAX if dense_max is None else dense_max)
-    operator = 2 * m * m * 8 if dense else edges * 56
+    operator = 2 * m * m * 8 if dense else edges * 64
     solver = m * (max(2 * num_eigs + 1, 20) + 2 * num_eigs) * 8
     peak = feats_mem + graph_b + max(operator, solver)
     return {"features_disk": int(feats), "features_memory": int(feats_mem), "graph": int(graph_b),
