@@ -6,9 +6,9 @@ traced abstractly, `whole.feature_widths`; nothing computed) and the number of i
     N_g       = n·h_g·w_g                                        nodes of group g;  k_g = k_intra + k_inter (capped)
     features  = Σ_g L_g·N_g·F_g·s·c         on disk (the store); s = 4 (float32) or 2 (bfloat16), c = 2 (knn-qk: q
                                              and k) or 1 (knn-vv)
-    features in memory: one process — three tiles (row, own and column; ≤ whole.TILE_BYTES each) plus the inter-image
-              search's cosine block (kernels.INTER_BUDGET float32); P processes — its own rows (features / P) plus the
-              keys all-gathered to each device (the whole b: features / c)
+    features in memory: one process — a row tile and its own columns (≤ whole.ROW_TILE_BYTES each), a column
+              tile (≤ whole.COL_TILE_BYTES) and the inter-image search's cosine block (kernels.INTER_BUDGET float32);
+              P processes — its own rows (features / P) plus the keys all-gathered to each device (features / c)
     graph     = Σ_g L_g·N_g·(8·k_g + 4) · 2  (int32 indices, float32 weights, float32 degrees; host and device copy)
     operator  = Σ_g L_g·N_g·k_g · 64         building the coalesced Σ_l w_l sym(P_l): the weights in float64, the COO
               triplets (int32, int32, float64) and their concatenation (40 B per edge), the CSR of the edges and its
@@ -42,22 +42,23 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     "solver", "peak"} (ints) and "formula" (a string)."""
     from spectral_jax import graphs as G
     from spectral_jax import kernels
-    from spectral_jax.dataset.whole import TILE_BYTES
+    from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES
     from spectral_jax.options import DENSE_MAX
 
     s = 2 if features_dtype == "bfloat16" else 4
     c = 1 if graph == "knn-vv" else 2
     feats = edges = graph_b = 0
-    tile = 0
+    rows = cols = 0
     for grid, layers, width in groups:
         nodes = num_images * grid[0] * grid[1]
         k_g = sum(G.clamp_k(k[0], k[1], tuple(grid), num_images))
         feats += layers * nodes * width * s * c
         edges += layers * nodes * k_g
         graph_b += layers * nodes * (8 * k_g + 4) * 2
-        tile = max(tile, min(TILE_BYTES, nodes * width * s))
+        rows = max(rows, min(ROW_TILE_BYTES, nodes * width * s))
+        cols = max(cols, min(COL_TILE_BYTES, nodes * width * s))
     if processes == 1:
-        feats_mem = 3 * tile + kernels.INTER_BUDGET * 4
+        feats_mem = 2 * rows + cols + kernels.INTER_BUDGET * 4
     else:
         feats_mem = feats // processes + feats // c
     base = base or max((g for g, _, _ in groups), key=lambda hw: hw[0] * hw[1])

@@ -271,20 +271,22 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
     return out
 
 
-TILE_BYTES = 1 << 26        # features per row or column tile of `search_store`: 64 MiB
+ROW_TILE_BYTES = 1 << 29    # features per row tile of `search_store`: 512 MiB (the store is read once per row tile)
+COL_TILE_BYTES = 1 << 26    # features per column tile: 64 MiB
 
 
-def search_store(st: Streamed, settings: Settings, geom: Geometry, tile_bytes: int = TILE_BYTES
-                 ) -> list[G.KnnGraph]:
+def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: int = ROW_TILE_BYTES,
+                 col_bytes: int = COL_TILE_BYTES) -> list[G.KnnGraph]:
     """The whole-dataset kNN graph of each layer group (as `graphs.knn` defines it: `k_intra` neighbours in the
     token's own image, `k_inter` among the other images' tokens, cos ≤ `min_cos` dropped, invalid images without
-    edges) searched from the on-disk store in tiles: for each layer, each tile of whole images' rows (≤ `tile_bytes`
+    edges) searched from the on-disk store in tiles: for each layer, each tile of whole images' rows (≤ `row_bytes`
     of features) is read from the memory-mapped shards, searched within its images (`kernels.topk_intra`) and
-    against every column tile read in turn (`kernels.topk_inter`), the running top-k merged between column tiles
+    against every column tile (≤ `col_bytes`) read in turn (`kernels.topk_inter`), the running top-k merged between column tiles
     (earlier columns first on ties, as within one search). One process; the rows run on the default device.
 
-    Memory: two feature tiles at a time (not the features), plus the graph itself — idx and w `[L, N, k]`, deg
-    `[L, N]` per group on the host and once more as device arrays."""
+    Memory: a row tile (a and its own columns) and a column tile at a time, not the features, plus the graph itself — idx and w `[L, N, k]`, deg
+    `[L, N]` per group on the host and once more as device arrays. Reads: the group's columns once per row tile
+    (features²/row_bytes per layer)."""
     fs, n = st.store, len(st.valid)
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
     item = jnp.dtype(dtype).itemsize
@@ -293,8 +295,8 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, tile_bytes: i
         per, layers = grid[0] * grid[1], len(group)
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
         f = fs.width(f"a{g}")
-        ti = max(1, min(n, tile_bytes // (per * f * item)))
-        tj = min(n, max(ti, -(-k_inter // per)))
+        ti = max(1, min(n, row_bytes // (per * f * item)))
+        tj = min(n, max(1, col_bytes // (per * f * item), -(-k_inter // per)))
         valid = jnp.asarray(np.concatenate([st.valid, np.zeros(max(ti, tj), bool)]))
         bname = f"a{g}" if settings.graph == "knn-vv" else f"b{g}"
         idx = np.zeros((layers, n * per, k_intra + k_inter), np.int32)
@@ -319,10 +321,15 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, tile_bytes: i
                 w[layer, i0 * per:i0 * per + m] = np.asarray(ww)[:m]
         idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
         del idx, w
-        deg = 0.5 * (w_d.sum(-1) + jax.vmap(lambda i, x: jnp.zeros(i.shape[0], x.dtype).at[i.reshape(-1)].add(
-            x.reshape(-1)))(idx_d, w_d))
-        out.append(G.KnnGraph(idx_d, w_d, deg, tuple(grid), (layers,), n))
+        out.append(G.KnnGraph(idx_d, w_d, _degrees(idx_d, w_d), tuple(grid), (layers,), n))
     return out
+
+
+@jax.jit
+def _degrees(idx, w):
+    """The row sums of ½(A + Aᵀ) `[L, N]` of idx, w `[L, N, k]` (as `graphs.knn` computes them)."""
+    return 0.5 * (w.sum(-1) + jax.vmap(lambda i, x: jnp.zeros(i.shape[0], x.dtype).at[i.reshape(-1)].add(
+        x.reshape(-1)))(idx, w))
 
 
 @functools.partial(jax.jit, static_argnums=(7, 8, 9))
