@@ -5,7 +5,8 @@
 2. --resume after an image was replaced, edited in place (its mtime kept), added or removed: refused in one line
    naming the file, OUT untouched — the cached graph of other pictures is never reused. A touched or copied folder
    (same bytes) still resumes.
-3. Damaged caches (exact: truncated or CRC-broken npz and feature shards, neighbour indices out of range, NaN, wrong row counts) and
+3. Damaged caches (exact: truncated or CRC-broken npz and feature shards, neighbour indices out of range, NaN,
+   wrong row counts) and
    checkpoints (gd: flipped bytes in orbax's state, a meta of `{"config": 5}`, a deleted state/): one `InputError`
    naming the file and a fresh run as the fix, OUT left byte for byte as it was.
 

@@ -346,7 +346,8 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
     cache = (["features"] if store.finished(where.ckdir) else []) + (
         ["graph"] if os.path.isfile(os.path.join(where.ckdir, whole.GRAPH)) else [])
     if cache and not resume:
-        raise InputError(where.out, f"holds the cached {' and '.join(cache)} of an earlier run", f"pass --resume to reuse them (or re-export), delete "
+        raise InputError(where.out, f"holds the cached {' and '.join(cache)} of an earlier run",
+                         "pass --resume to reuse them (or re-export), delete "
                          f"{os.path.join(where.out, checkpoint.FOLDER)} to start over, or choose another --out")
     made_out, made_ck = where.made_out, not os.path.exists(where.ckdir)
     estimate = memory.check(memory.estimate_run(backbone, layers, settings, geom, mesh, jax.process_count()))

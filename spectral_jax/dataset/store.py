@@ -234,5 +234,5 @@ class FeatureStore:
         return sum(x.nbytes for s in self.shards for x in s.arrays.values())
 
 
-__all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "read_shard", "remove_unfinished",
-           "shard_name", "write_shard"]
+__all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "read_shard",
+           "remove_unfinished", "shard_name", "write_shard"]

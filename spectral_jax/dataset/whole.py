@@ -281,12 +281,13 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
     token's own image, `k_inter` among the other images' tokens, cos ≤ `min_cos` dropped, invalid images without
     edges) searched from the on-disk store in tiles: for each layer, each tile of whole images' rows (≤ `row_bytes`
     of features) is read from the memory-mapped shards, searched within its images (`kernels.topk_intra`) and
-    against every column tile (≤ `col_bytes`) read in turn (`kernels.topk_inter`), the running top-k merged between column tiles
-    (earlier columns first on ties, as within one search). One process; the rows run on the default device.
+    against every column tile (≤ `col_bytes`) read in turn (`kernels.topk_inter`), the running top-k merged between
+    column tiles (earlier columns first on ties, as within one search). One process; the rows run on the default
+    device.
 
-    Memory: a row tile (a and its own columns) and a column tile at a time, not the features, plus the graph itself — idx and w `[L, N, k]`, deg
-    `[L, N]` per group on the host and once more as device arrays. Reads: the group's columns once per row tile
-    (features²/row_bytes per layer)."""
+    Memory: a row tile (a and its own columns) and a column tile at a time, not the features, plus the graph
+    itself — idx and w `[L, N, k]`, deg `[L, N]` per group on the host and once more as device arrays. Reads: the
+    group's columns once per row tile (features² / row_bytes per layer)."""
     fs, n = st.store, len(st.valid)
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
     item = jnp.dtype(dtype).itemsize
