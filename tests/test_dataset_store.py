@@ -164,3 +164,13 @@ def test_run_over_the_memory_limit_is_refused_up_front(tmp_path):
     r = _cli(imgs, *CLI, "--out", out, env=_env(SPECTRAL_JAX_MAX_MEMORY="lots"))
     _one_line_exit_2(r, "SPECTRAL_JAX_MAX_MEMORY='lots': is not a positive number of bytes")
     assert not os.path.exists(out)
+
+
+def test_estimate_model_matches_the_run(killed):
+    """The library estimate for a model name, size, layers and image count (no checkpoint: random weights, the
+    forward traced abstractly) is the estimate the CLI run made and wrote in summary.json."""
+    s = json.load(open(killed / "whole" / "summary.json"))
+    est = memory.estimate_model("dinov2_vits14", IMAGES, size=28, k_intra=3, k_inter=3, num_eigs=3, batch_size=1)
+    assert est["groups"] == [[[2, 2], 12, 384]]
+    assert {k: v for k, v in est.items() if k != "groups"} == {k: v for k, v in s["memory"].items()
+                                                               if k != "available"}
