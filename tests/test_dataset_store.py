@@ -174,3 +174,23 @@ def test_estimate_model_matches_the_run(killed):
     assert est["groups"] == [[[2, 2], 12, 384]]
     assert {k: v for k, v in est.items() if k != "groups"} == {k: v for k, v in s["memory"].items()
                                                                if k != "available"}
+
+
+def test_shards_of_another_layout_are_read_where_they_fit(tmp_path):
+    """Shards written with batches of 2 are read by a resume with batches of 4 (each batch of 4 covered by two
+    shards); a batch only partly covered is computed again and its stale shard replaced. The eigenvectors are those
+    of an uninterrupted run."""
+    folder = make_folder(str(tmp_path / "imgs"), 10)
+    ref = dataset.run(folder, str(tmp_path / "ref"), backbone=synthetic(), **EXACT)             # batches of 4
+    out = str(tmp_path / "out")
+    dataset.run(folder, out, backbone=synthetic(), **{**EXACT, "batch_size": 2})
+    ck = os.path.join(out, "checkpoints")
+    os.remove(os.path.join(ck, "graph.npz"))
+    import shutil
+
+    shutil.rmtree(os.path.join(ck, "features", "images-000000006-000000008"))       # batch [4, 8) half covered
+    res = dataset.run(folder, out, backbone=synthetic(), resume=True, **EXACT)
+    assert res.summary["images_cached"] == 6                                         # [0, 4) and [8, 10)
+    assert _shards(out) == ["images-000000000-000000002", "images-000000002-000000004",
+                            "images-000000004-000000008", "images-000000008-000000010"]
+    np.testing.assert_allclose(res.eigvecs, ref.eigvecs, atol=1e-5)

@@ -66,6 +66,36 @@ def finished(ckdir: str) -> list[str]:
     return sorted(d for d in os.listdir(root) if d.startswith(_PREFIX) and os.path.isdir(os.path.join(root, d)))
 
 
+def span(name: str) -> tuple[int, int]:
+    """The images [first, stop) of the shard folder `name` (`shard_name`)."""
+    lo, hi = name[len(_PREFIX):].split("-")
+    return int(lo), int(hi)
+
+
+def plan(ckdir: str, batches: list[tuple[int, int]]) -> tuple[list[str], list[bool]]:
+    """Which finished shards to read for the `batches` [(first, stop)] of images of a run, and which batches they
+    cover: (shard names, covered per batch). A batch is covered when every one of its images lies in a shard that
+    lies within covered batches (so shards written with another batch size or process count are used where they
+    fit); overlapping shards (of two layouts) are taken first come in image order; an empty batch (padding only)
+    counts as covered."""
+    lo_all = min((a for a, _ in batches), default=0)
+    hi_all = max((b for _, b in batches), default=0)
+    picked, end = [], -1
+    for name in finished(ckdir):
+        lo, hi = span(name)
+        if lo_all <= lo < hi <= hi_all and lo >= end:
+            picked.append((lo, hi, name))
+            end = hi
+    covered = np.zeros(max(hi_all - lo_all, 0), bool)
+    for lo, hi, _ in picked:
+        covered[lo - lo_all:hi - lo_all] = True
+    done = [bool(covered[a - lo_all:b - lo_all].all()) for a, b in batches]
+    in_done = np.zeros_like(covered)
+    for (a, b), d in zip(batches, done):
+        in_done[a - lo_all:b - lo_all] |= d
+    return [name for lo, hi, name in picked if in_done[lo - lo_all:hi - lo_all].all()], done
+
+
 def remove_unfinished(ckdir: str, process: int) -> None:
     """Remove the hidden folders of shards that process `process` began and did not finish (a killed run's)."""
     root = folder(ckdir)
@@ -89,10 +119,12 @@ def _crc(x: np.ndarray, chunk: int = 1 << 24) -> int:
 
 
 def write_shard(ckdir: str, key: dict, first: int, valid: np.ndarray, failed: dict, arrays: dict,
-                process: int = 0) -> str:
+                process: int = 0, within: tuple[int, int] | None = None) -> str:
     """Write one shard (images [first, first + len(valid)), `arrays` {name: `[L, m·h·w, F]`}) atomically: built
     in a hidden folder, renamed into place. Returns its path. A shard of the same images already there is
-    replaced (the rename goes onto an empty name only: the old one is moved aside first)."""
+    replaced, and so are finished shards of another batch layout that overlap these images and lie within the
+    images `within` (first, stop) (this process's share, which no other process reads; default the shard's own),
+    so that an image range keeps one layout."""
     root = folder(ckdir)
     os.makedirs(root, exist_ok=True)
     count = len(valid)
@@ -108,8 +140,11 @@ def write_shard(ckdir: str, key: dict, first: int, valid: np.ndarray, failed: di
         json.dump(meta, f, sort_keys=True)
     os.chmod(tmp, 0o777 & ~_umask())
     final = os.path.join(root, shard_name(first, count))
-    if os.path.isdir(final):
-        shutil.rmtree(final)
+    lo, hi = within or (first, first + count)
+    for name in finished(ckdir):
+        a, b = span(name)
+        if a < first + count and first < b and lo <= a and b <= hi:
+            shutil.rmtree(os.path.join(root, name))
     os.rename(tmp, final)
     return final
 
@@ -234,5 +269,5 @@ class FeatureStore:
         return sum(x.nbytes for s in self.shards for x in s.arrays.values())
 
 
-__all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "read_shard",
-           "remove_unfinished", "shard_name", "write_shard"]
+__all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "plan", "read_shard",
+           "remove_unfinished", "span", "shard_name", "write_shard"]

@@ -145,14 +145,9 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     expect = _arrays(settings, geom, feature_widths(backbone, layers, settings, geom, mesh))
     real = {s: max(0, min(b_loc, len(files) - first - s, share - s)) for s in range(0, share, b_loc)}
     store.remove_unfinished(ckdir, me)
-    have = set(store.finished(ckdir))
-    shards, todo = [], []
-    for s in range(0, share, b_loc):
-        name = store.shard_name(first + s, real[s])
-        if real[s] and name in have:
-            shards.append(store.read_shard(os.path.join(store.folder(ckdir), name), key, out, expect))
-        else:
-            todo.append(s)
+    names, done = store.plan(ckdir, [(first + s, first + s + real[s]) for s in range(0, share, b_loc)])
+    shards = [store.read_shard(os.path.join(store.folder(ckdir), name), key, out, expect) for name in names]
+    todo = [s for s, d in zip(range(0, share, b_loc), done) if not d]
     cached = sum(s.count for s in shards)
     if procs > 1:
         from jax.experimental import multihost_utils
@@ -191,7 +186,8 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
                 for x_name, y in zip("ab", pair):
                     if y is not None:
                         arrays[f"{x_name}{g}"] = _local_rows(y)[:, :m * per[g]]
-            path = store.write_shard(ckdir, key, first + start, ok[:m] & (nonfinite < 0), failed, arrays, me)
+            path = store.write_shard(ckdir, key, first + start, ok[:m] & (nonfinite < 0), failed, arrays, me,
+                                     (first, first + share))
             shards.append(store.Shard(path, first + start, m, ok[:m] & (nonfinite < 0), failed,
                                       {a: np.load(os.path.join(path, a + ".npy"), mmap_mode="r") for a in arrays}))
             if bar is not None:
