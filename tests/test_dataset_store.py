@@ -194,3 +194,23 @@ def test_shards_of_another_layout_are_read_where_they_fit(tmp_path):
     assert _shards(out) == ["images-000000000-000000002", "images-000000002-000000004",
                             "images-000000004-000000008", "images-000000008-000000010"]
     np.testing.assert_allclose(res.eigvecs, ref.eigvecs, atol=1e-5)
+
+
+def test_two_processes_write_their_own_shards_and_a_resume_reads_them(tmp_path):
+    """Two processes (jax.distributed on localhost): each writes the shards of its own images (process 1's first
+    shard starts at its first image); a one-process --resume of that OUT (graph removed) reads all 12 images from
+    those shards, computes none and gives the two-process eigenvectors."""
+    from test_dataset import run_two_processes
+
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    out = str(tmp_path / "multi")
+    run_two_processes(folder, out, "**EXACT", head="from test_dataset_exact import EXACT\n")
+    assert _shards(out) == [store.shard_name(i, 2) for i in range(0, 12, 2)]         # batches of 4: 2 per process
+    multi = dataset.load_result(out)
+    os.remove(os.path.join(out, "checkpoints", "graph.npz"))
+    import jax
+
+    res = dataset.run(folder, out, backbone=synthetic(), resume=True, mesh=dataset.make_mesh(jax.devices()[:1]),
+                      **EXACT)
+    assert res.summary["images_cached"] == 12 and res.summary["cached"] == ["features"]
+    np.testing.assert_allclose(res.eigvecs, multi.eigvecs, atol=1e-5)

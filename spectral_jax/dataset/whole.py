@@ -148,11 +148,13 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     names, done = store.plan(ckdir, [(first + s, first + s + real[s]) for s in range(0, share, b_loc)])
     shards = [store.read_shard(os.path.join(store.folder(ckdir), name), key, out, expect) for name in names]
     todo = [s for s, d in zip(range(0, share, b_loc), done) if not d]
-    cached = sum(s.count for s in shards)
-    if procs > 1:
+    cached, steps = sum(s.count for s in shards), todo
+    if procs > 1:           # the forward is a collective: every process steps through a batch any process lacks
         from jax.experimental import multihost_utils
 
         cached = int(np.sum(multihost_utils.process_allgather(np.array([cached], np.int64))))
+        every = np.asarray(multihost_utils.process_allgather(np.array(done, bool))).reshape(procs, -1)
+        steps = [s for s, d in zip(range(0, share, b_loc), every.all(0)) if not d]
     if bar is not None:
         bar.update(cached)
     if cached and me == 0:
@@ -166,8 +168,6 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
         idx = np.where((idx < len(files)) & (idx < first + share), idx, -1)
         return (idx,) + F.read_slots(root, files, idx, geom.size, pre)
 
-    # several processes: every process steps through every batch (the forward is a collective), cached or not
-    steps = todo if procs == 1 else list(range(0, share, b_loc))
     with F.Prefetcher(produce, steps, depth=settings.prefetch) as batches:
         for start, (idx, x, ok, bad) in batches:
             x = jax.device_put(x, rows) if procs == 1 else global_array(mesh, P(AXIS), x,
