@@ -158,8 +158,9 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     if bar is not None:
         bar.update(cached)
     if cached and me == 0:
-        _say(f"spectral-jax dataset: {cached} of {len(files)} images' features read from "
-             f"{store.folder(ckdir)}; computing the other {len(files) - cached}")
+        rest = len(files) - cached
+        _say(f"spectral-jax dataset: {cached} of {len(files)} images' features read from {store.folder(ckdir)}"
+             + (f"; computing the other {rest}" if rest else ""))
     params = backbone.params if procs == 1 else jax.tree.map(
         lambda x: global_array(mesh, P(), np.asarray(x), np.shape(x)), backbone.params)
 
