@@ -339,8 +339,9 @@ def _provenance(settings: Settings, geom, backbone, solved):
 
 def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,
                t_start: float, resume: bool, progress: bool) -> DatasetResult:
-    """method="exact" (`whole.solve`): features and graph cached in OUT/checkpoints, then the exact solve and the
-    export. A run that fails before its first cache file leaves nothing behind."""
+    """method="exact" (`whole.solve`): the memory estimate checked first (`memory.check`: refused in one line before
+    anything is written), features (a shard per batch, `store`) and graph cached in OUT/checkpoints, then the exact
+    solve and the export. A run that fails before its first shard leaves nothing behind."""
     from spectral_jax.dataset import memory, store
 
     cache = (["features"] if store.finished(where.ckdir) else []) + (
