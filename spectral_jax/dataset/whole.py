@@ -273,7 +273,7 @@ COL_TILE_BYTES = 1 << 26    # features per column tile: 64 MiB
 
 
 def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: int = ROW_TILE_BYTES,
-                 col_bytes: int = COL_TILE_BYTES) -> list[G.KnnGraph]:
+                 col_bytes: int = COL_TILE_BYTES, bar=None) -> list[G.KnnGraph]:
     """The whole-dataset kNN graph of each layer group (as `graphs.knn` defines it: `k_intra` neighbours in the
     token's own image, `k_inter` among the other images' tokens, cos ≤ `min_cos` dropped, invalid images without
     edges) searched from the on-disk store in tiles: for each layer, each tile of whole images' rows (≤ `row_bytes`
@@ -284,10 +284,17 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
 
     Memory: a row tile (a and its own columns) and a column tile at a time, not the features, plus the graph
     itself — idx and w `[L, N, k]`, deg `[L, N]` per group on the host and once more as device arrays. Reads: the
-    group's columns once per row tile (features² / row_bytes per layer)."""
+    group's columns once per row tile (features² / row_bytes per layer). bar: a tqdm bar, reset to count the
+    row tiles of every layer."""
     fs, n = st.store, len(st.valid)
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
     item = jnp.dtype(dtype).itemsize
+    tiles = [-(-n // max(1, min(n, row_bytes // (g[0] * g[1] * fs.width(f"a{i}") * item)))) * len(ls)
+             for i, (g, ls) in enumerate(geom.groups)]
+    if bar is not None:
+        bar.reset(total=sum(tiles))
+        bar.set_description("kNN search")
+        bar.unit = "tile"
     out = []
     for g, (grid, group) in enumerate(geom.groups):
         per, layers = grid[0] * grid[1], len(group)
@@ -317,6 +324,8 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
                 m = (min(n, i0 + ti) - i0) * per
                 idx[layer, i0 * per:i0 * per + m] = np.asarray(ii)[:m]
                 w[layer, i0 * per:i0 * per + m] = np.asarray(ww)[:m]
+                if bar is not None:
+                    bar.update(1)
         idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
         del idx, w
         out.append(G.KnnGraph(idx_d, w_d, _degrees(idx_d, w_d), tuple(grid), (layers,), n))
@@ -490,7 +499,7 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         if not valid.any():
             return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached)
         t = time.perf_counter()
-        gs = jax.block_until_ready(search_store(st, settings, geom) if jax.process_count() == 1 else
+        gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar) if jax.process_count() == 1 else
                                    build_graphs(local_features(st, settings, geom), settings, geom, mesh))
         del st
         if jax.process_index() == 0:
