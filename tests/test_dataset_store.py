@@ -7,6 +7,8 @@
 3. The memory estimate against a measured run: the features' bytes on disk and the graph's arrays exactly, the
    coalesced operator's measured peak (tracemalloc) within a factor of 3 below the estimate.
 4. A run whose estimate exceeds SPECTRAL_JAX_MAX_MEMORY is refused up front: exit 2, one line, nothing written.
+5. Shards of another batch layout or of two processes are read where they cover whole batches; a kNN search stopped
+   midway resumes at its first missing layer (parts), and a damaged part is one line.
 
 CLI cases use the tiny random-weight DINOv2-S of test_dataset_badinput (28×28 → a 2×2 grid); API cases the
 synthetic backbone of test_dataset.
@@ -214,3 +216,49 @@ def test_two_processes_write_their_own_shards_and_a_resume_reads_them(tmp_path):
                       **EXACT)
     assert res.summary["images_cached"] == 12 and res.summary["cached"] == ["features"]
     np.testing.assert_allclose(res.eigvecs, multi.eigvecs, atol=1e-5)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_search_stopped_midway_resumes_at_its_first_missing_layer(tmp_path, monkeypatch):
+    """The kNN search stopped after its first layer (an error in the second): layer 0's edges are kept as a part;
+    --resume reads every image's features and that part, searches layer 1 only, and gives the uninterrupted run's
+    graph; the parts go once graph.npz is saved. A damaged part is one line naming it."""
+    from spectral_jax.dataset import whole
+
+    folder = make_folder(str(tmp_path / "imgs"), 10)
+    ref = dataset.run(folder, str(tmp_path / "ref"), backbone=synthetic(), **EXACT)
+    out = str(tmp_path / "out")
+    calls, real = [], whole._rows_tile
+
+    def rows_tile(*a):
+        calls.append(1)
+        if len(calls) == 2:
+            raise _Stop()
+        return real(*a)
+
+    monkeypatch.setattr(whole, "_rows_tile", rows_tile)
+    with pytest.raises(_Stop):
+        dataset.run(folder, out, backbone=synthetic(), **EXACT)
+    ck = os.path.join(out, "checkpoints")
+    assert sorted(os.listdir(os.path.join(ck, store.PARTS))) == ["g0-l0"] and not os.path.exists(
+        os.path.join(ck, "graph.npz"))
+    part = os.path.join(ck, store.PARTS, "g0-l0")
+    kept = open(os.path.join(part, "idx.npy"), "rb").read()
+    with open(os.path.join(part, "idx.npy"), "r+b") as f:                     # damaged: refused, nothing changed
+        f.truncate(100)
+    before = _tree(out)
+    with pytest.raises(dataset.InputError) as e:
+        dataset.run(folder, out, backbone=synthetic(), resume=True, **EXACT)
+    assert str(e.value).startswith(f"{part}: is damaged (idx.npy unreadable") and _tree(out) == before
+    open(os.path.join(part, "idx.npy"), "wb").write(kept)
+    calls.clear()
+    res = dataset.run(folder, out, backbone=synthetic(), resume=True, **EXACT)
+    assert len(calls) == 1 and res.summary["images_cached"] == 10                # layer 1's one row tile only
+    assert not os.path.exists(os.path.join(ck, store.PARTS))
+    for name in ("idx0", "w0", "deg0"):
+        np.testing.assert_array_equal(np.load(os.path.join(ck, "graph.npz"))[name],
+                                      np.load(tmp_path / "ref" / "checkpoints" / "graph.npz")[name])
+    np.testing.assert_allclose(res.eigvecs, ref.eigvecs, atol=1e-6)

@@ -125,20 +125,9 @@ def write_shard(ckdir: str, key: dict, first: int, valid: np.ndarray, failed: di
     replaced, and so are finished shards of another batch layout that overlap these images and lie within the
     images `within` (first, stop) (this process's share, which no other process reads; default the shard's own),
     so that an image range keeps one layout."""
-    root = folder(ckdir)
-    os.makedirs(root, exist_ok=True)
-    count = len(valid)
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-p{process}-")
-    info = {}
-    for name, x in arrays.items():
-        x = np.ascontiguousarray(_bits(np.asarray(x)))
-        np.save(os.path.join(tmp, name + ".npy"), x)
-        info[name] = {"shape": list(x.shape), "dtype": x.dtype.name, "crc32": _crc(x)}
-    meta = {"key": key, "first": int(first), "count": count, "valid": [bool(v) for v in valid],
-            "failed": {str(int(i)): w for i, w in failed.items()}, "arrays": info}
-    with open(os.path.join(tmp, "meta.json"), "w") as f:
-        json.dump(meta, f, sort_keys=True)
-    os.chmod(tmp, 0o777 & ~_umask())
+    root, count = folder(ckdir), len(valid)
+    tmp = _write_tmp(root, {"key": key, "first": int(first), "count": count, "valid": [bool(v) for v in valid],
+                            "failed": {str(int(i)): w for i, w in failed.items()}}, arrays, process)
     final = os.path.join(root, shard_name(first, count))
     lo, hi = within or (first, first + count)
     for name in finished(ckdir):
@@ -147,6 +136,73 @@ def write_shard(ckdir: str, key: dict, first: int, valid: np.ndarray, failed: di
             shutil.rmtree(os.path.join(root, name))
     os.rename(tmp, final)
     return final
+
+
+def _write_tmp(root: str, meta: dict, arrays: dict, process: int) -> str:
+    """A hidden folder in `root` holding `arrays` as .npy files and `meta` (plus each array's shape, dtype and
+    CRC-32, "arrays") as meta.json; the caller renames it into place."""
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-p{process}-")
+    info = {}
+    for name, x in arrays.items():
+        x = np.ascontiguousarray(_bits(np.asarray(x)))
+        np.save(os.path.join(tmp, name + ".npy"), x)
+        info[name] = {"shape": list(x.shape), "dtype": x.dtype.name, "crc32": _crc(x)}
+    with open(os.path.join(tmp, "meta.json"), "w") as f:
+        json.dump({**meta, "arrays": info}, f, sort_keys=True)
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
+PARTS = "graph-parts"
+
+
+def write_part(ckdir: str, name: str, key: dict, arrays: dict, process: int = 0) -> str:
+    """Write one part of a result being built (OUT/checkpoints/graph-parts/`name`: `arrays` and `key`)
+    atomically, as a shard is written. Returns its path."""
+    root = os.path.join(ckdir, PARTS)
+    tmp = _write_tmp(root, {"key": key}, arrays, process)
+    final = os.path.join(root, name)
+    if os.path.isdir(final):
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    return final
+
+
+def read_part(ckdir: str, name: str, key: dict, out: str, expect: dict) -> dict | None:
+    """The arrays of part `name` (None when it is not there), checked as a shard's are (`read_shard`: its key,
+    then each array's presence, shape, dtype, CRC-32 and finite values against `expect` {name: (dtype, shape)});
+    memory-mapped."""
+    from spectral_jax.dataset import checkpoint
+
+    path = os.path.join(ckdir, PARTS, name)
+    if not os.path.isdir(path):
+        return None
+    meta = _meta(path)
+    checkpoint.check_same(out, meta["key"], json.loads(json.dumps(key, sort_keys=True)))
+    why, arrays = _arrays_problem(path, meta.get("arrays"), expect)
+    if why:
+        raise checkpoint.damaged(path, why)
+    return arrays
+
+
+def remove_parts(ckdir: str) -> None:
+    """Remove the parts folder (once the result they were for is saved whole)."""
+    shutil.rmtree(os.path.join(ckdir, PARTS), ignore_errors=True)
+
+
+def _meta(path: str) -> dict:
+    """The meta.json of a shard or part folder: an object with a "key" object, else one `InputError`."""
+    from spectral_jax.dataset import checkpoint
+
+    try:
+        with open(os.path.join(path, "meta.json")) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as e:
+        raise checkpoint.damaged(path, f"unreadable meta.json: {type(e).__name__}") from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("key"), dict):
+        raise checkpoint.damaged(path, "its meta.json is not an object with the run's key")
+    return meta
 
 
 def _umask() -> int:
@@ -163,13 +219,7 @@ def read_shard(path: str, key: dict, out: str, expect: dict) -> Shard:
     shard (`checkpoint.damaged`). The arrays come back memory-mapped (read-only)."""
     from spectral_jax.dataset import checkpoint
 
-    try:
-        with open(os.path.join(path, "meta.json")) as f:
-            meta = json.load(f)
-    except (OSError, ValueError) as e:
-        raise checkpoint.damaged(path, f"unreadable meta.json: {type(e).__name__}") from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("key"), dict):
-        raise checkpoint.damaged(path, "its meta.json is not an object with the run's key")
+    meta = _meta(path)
     checkpoint.check_same(out, meta["key"], json.loads(json.dumps(key, sort_keys=True)))
     why, arrays = _problem(path, meta, expect)
     if why:
@@ -193,8 +243,12 @@ def _problem(path: str, meta: dict, expect) -> tuple[str | None, dict]:
         return "failed is not an object of image: reason", {}
     if not all(first <= i < first + count and not valid[i - first] and isinstance(w, str) for i, w in bad.items()):
         return "failed names images outside the shard or read", {}
-    info = meta.get("arrays")
-    want = expect(count) if callable(expect) else expect
+    return _arrays_problem(path, meta.get("arrays"), expect(count) if callable(expect) else expect)
+
+
+def _arrays_problem(path: str, info, want: dict) -> tuple[str | None, dict]:
+    """(What is wrong with the .npy files of folder `path` against `want` {name: (dtype name, shape; None for a
+    free last axis)} and their recorded `info` {name: {crc32, …}} (None: nothing), the arrays memory-mapped)."""
     if not isinstance(info, dict) or sorted(info) != sorted(want):
         return f"it holds arrays {sorted(info) if isinstance(info, dict) else info!r}, not {sorted(want)}", {}
     arrays = {}
@@ -269,5 +323,5 @@ class FeatureStore:
         return sum(x.nbytes for s in self.shards for x in s.arrays.values())
 
 
-__all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "plan", "read_shard",
-           "remove_unfinished", "span", "shard_name", "write_shard"]
+__all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "plan", "read_part",
+           "read_shard", "remove_parts", "remove_unfinished", "span", "write_part", "shard_name", "write_shard"]

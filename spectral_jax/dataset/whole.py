@@ -16,10 +16,12 @@ Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_sha
 the search each holds its own rows in memory and searches them sharded over the mesh (`build_graphs`), the graph
 is gathered to every process, each solves it (the same deterministic solve), process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
-are computed; the graph is cached in OUT/checkpoints/graph.npz (with the settings and the image files' content
-digests that made it, `cache_key`). A shard or graph made from other images or settings is refused in one line
-(`checkpoint.check_same`), and one whose arrays are damaged — unreadable, changed since written, of the wrong
-shape or dtype, non-finite, neighbour indices out of range — too (`store.read_shard`, `load_cache`), never used.
+are computed; the search (one process) keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts,
+removed once the whole graph is saved), so a stopped search resumes at its first missing layer; the graph is cached
+in OUT/checkpoints/graph.npz (with the settings and the image files' content digests that made it, `cache_key`). A
+shard, part or graph made from other images or settings is refused in one line (`checkpoint.check_same`), and one
+whose arrays are damaged — unreadable, changed since written, of the wrong shape or dtype, non-finite, neighbour
+indices out of range — too (`store.read_shard`, `store.read_part`, `load_cache`), never used.
 
 Memory (`memory.estimate`): the features live on disk (one process: two tiles in memory at a time); the graph
 (L·N·k indices and weights per group) and the coalesced operator and the solver's vectors must fit in memory.
@@ -51,6 +53,7 @@ from spectral_jax import graphs as G
 from spectral_jax.dataset.layout import (AXIS, Geometry, gather, gather_reasons, global_array,
                                          nonfinite_reason, tapped)
 from spectral_jax.dataset.settings import Settings
+from spectral_jax.dataset import store
 from spectral_jax.dataset.store import finite
 from spectral_jax.files import save_npz
 
@@ -133,8 +136,6 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
     The taps are checked where they arrive (`layout.tapped`): a wrong shape is refused while tracing (one
     `InputError`); an image whose taps hold NaN or Inf — found inside the jitted forward, one int per image beside
     the features — is not valid, its features are zeros, and `failed` says why (the first such layer)."""
-    from spectral_jax.dataset import store
-
     procs, me = jax.process_count(), jax.process_index()
     n = padded_images(len(files), geom.devices)
     first, share = process_share(n)
@@ -273,7 +274,8 @@ COL_TILE_BYTES = 1 << 26    # features per column tile: 64 MiB
 
 
 def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: int = ROW_TILE_BYTES,
-                 col_bytes: int = COL_TILE_BYTES, bar=None) -> list[G.KnnGraph]:
+                 col_bytes: int = COL_TILE_BYTES, bar=None, ckdir: str | None = None, key: dict | None = None,
+                 out: str | None = None) -> list[G.KnnGraph]:
     """The whole-dataset kNN graph of each layer group (as `graphs.knn` defines it: `k_intra` neighbours in the
     token's own image, `k_inter` among the other images' tokens, cos ≤ `min_cos` dropped, invalid images without
     edges) searched from the on-disk store in tiles: for each layer, each tile of whole images' rows (≤ `row_bytes`
@@ -285,7 +287,10 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
     Memory: a row tile (a and its own columns) and a column tile at a time, not the features, plus the graph
     itself — idx and w `[L, N, k]`, deg `[L, N]` per group on the host and once more as device arrays. Reads: the
     group's columns once per row tile (features² / row_bytes per layer). bar: a tqdm bar, reset to count the
-    row tiles of every layer."""
+    row tiles of every layer. ckdir: each layer's edges are kept as they are found, as a part
+    (`store.write_part`, keyed by `key`: the graph cache key), and a layer with a part is read back (checked:
+    `store.read_part`, then neighbour indices in range and weights 0 or cosines above min_cos) instead of searched
+    again, so that a search killed midway resumes at its first missing layer."""
     fs, n = st.store, len(st.valid)
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
     item = jnp.dtype(dtype).itemsize
@@ -312,6 +317,10 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
             return jnp.asarray(np.pad(x, ((0, size * per - x.shape[0]), (0, 0))))
 
         for layer in range(layers):
+            if _read_layer(ckdir, f"g{g}-l{layer}", key, out, idx, w, layer, settings.min_cos):
+                if bar is not None:
+                    bar.update(-(-n // ti))
+                continue
             for i0 in range(0, n, ti):
                 a, own = tile(f"a{g}", layer, i0, ti), tile(bname, layer, i0, ti)
                 vals = jnp.full((ti * per, k_inter), -jnp.inf, jnp.float32)
@@ -326,10 +335,33 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
                 w[layer, i0 * per:i0 * per + m] = np.asarray(ww)[:m]
                 if bar is not None:
                     bar.update(1)
+            if ckdir is not None:
+                store.write_part(ckdir, f"g{g}-l{layer}", key, {"idx": idx[layer], "w": w[layer]})
         idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
         del idx, w
         out.append(G.KnnGraph(idx_d, w_d, _degrees(idx_d, w_d), tuple(grid), (layers,), n))
     return out
+
+
+def _read_layer(ckdir, name: str, key, out, idx: np.ndarray, w: np.ndarray, layer: int, min_cos: float) -> bool:
+    """Layer `layer`'s idx, w `[N, k]` filled from part `name` when there is one (True), checked: the part as
+    `store.read_part` checks it, indices in [0, N), weights 0 or in (min_cos, 1]; else one `InputError` naming it."""
+    from spectral_jax.dataset import checkpoint
+
+    if ckdir is None:
+        return False
+    shape = tuple(idx.shape[1:])
+    got = store.read_part(ckdir, name, key, out, {"idx": ("int32", shape), "w": ("float32", shape)})
+    if got is None:
+        return False
+    i, x = got["idx"], got["w"]
+    where = os.path.join(ckdir, store.PARTS, name)
+    if i.size and (i.min() < 0 or i.max() >= shape[0]):
+        raise checkpoint.damaged(where, f"idx holds neighbours outside [0, {shape[0]})")
+    if not ((x == 0) | ((x > min_cos) & (x <= 1 + 1e-5))).all():
+        raise checkpoint.damaged(where, "w holds weights that are not 0 or cosines above min_cos")
+    idx[layer], w[layer] = i, x
+    return True
 
 
 @jax.jit
@@ -499,12 +531,15 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         if not valid.any():
             return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached)
         t = time.perf_counter()
-        gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar) if jax.process_count() == 1 else
+        one = jax.process_count() == 1
+        gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n},
+                                                out=os.path.dirname(ckdir)) if one else
                                    build_graphs(local_features(st, settings, geom), settings, geom, mesh))
         del st
         if jax.process_index() == 0:
             os.makedirs(ckdir, exist_ok=True)
             save_graphs(gpath, gs, gkey, valid, failed)
+            store.remove_parts(ckdir)
         timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()
     weights, chosen = layer_weights(gs, geom, weights, settings)
