@@ -444,9 +444,11 @@ def main() -> None:
                            "matvecs": s["convergence"].get("iterations") if s["solver"] == "exact-arpack" else None}
         print(json.dumps({k: v for k, v in r.items() if k != "summary"}, default=float), flush=True)
         if "plain" not in a.skip:
-            with np.load(os.path.join(out, "checkpoints", "features.npz")) as f:
-                fa = f["a0"]
-                fb = f["b0"] if "b0" in f.files else fa
+            from spectral_jax.dataset import store
+
+            ck = os.path.join(out, "checkpoints")
+            fa = store.load_all(ck, "a0")
+            fb = fa if graph == "knn-vv" else store.load_all(ck, "b0")
             for n_img in [min(n, s["images"]) for n in a.plain_images]:
                 c = compare_plain(fa, fb, tuple(s["grid"]), n_img, s["k_intra"], s["k_inter"], s["min_cos"],
                                   a.num_eigs)

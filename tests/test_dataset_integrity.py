@@ -5,7 +5,8 @@
 2. --resume after an image was replaced, edited in place (its mtime kept), added or removed: refused in one line
    naming the file, OUT untouched — the cached graph of other pictures is never reused. A touched or copied folder
    (same bytes) still resumes.
-3. Damaged caches (exact: truncated or CRC-broken npz, neighbour indices out of range, NaN, wrong row counts) and
+3. Damaged caches (exact: truncated or CRC-broken npz and feature shards, neighbour indices out of range, NaN,
+   wrong row counts) and
    checkpoints (gd: flipped bytes in orbax's state, a meta of `{"config": 5}`, a deleted state/): one `InputError`
    naming the file and a fresh run as the fix, OUT left byte for byte as it was.
 
@@ -56,7 +57,7 @@ EXACT_TINY = _exact_args(TINY)
 
 @pytest.fixture(scope="module")
 def made(tmp_path_factory):
-    """imgs/ (6 PNGs), exact/ (a finished exact run: features.npz, graph.npz) and gd/ (a finished gd run,
+    """imgs/ (6 PNGs), exact/ (a finished exact run: features/ shards, graph.npz) and gd/ (a finished gd run,
     checkpoints 2 and 4) of the synthetic backbone; copied by each test before it changes anything."""
     root = tmp_path_factory.mktemp("made")
     imgs = make_folder(str(root / "imgs"), 6)
@@ -171,8 +172,10 @@ def test_two_cli_runs_into_one_out(tmp_path, method):
     assert res.summary["folder"] == os.path.abspath(a_imgs)
     ck = os.path.join(out, "checkpoints")
     if method == "exact":
-        assert sorted(os.listdir(ck)) == ["features.npz", "graph.npz"]
-        keys = [json.loads(str(np.load(os.path.join(ck, n))["key"])) for n in ("features.npz", "graph.npz")]
+        assert sorted(os.listdir(ck)) == ["features", "graph.npz"]
+        keys = [json.loads(str(np.load(os.path.join(ck, "graph.npz"))["key"]))] + [
+            json.load(open(os.path.join(ck, "features", d, "meta.json")))["key"] for d in os.listdir(
+                os.path.join(ck, "features"))]
     else:
         keys = [json.load(open(os.path.join(ck, s, "meta", "metadata")))["config"] for s in os.listdir(ck)]
         assert sorted(os.listdir(ck)) == ["2"]                                          # 1 epoch of 2 batches
@@ -322,7 +325,8 @@ def _set(name, index, value):
     return change
 
 
-EXACT_DAMAGE = {      # (file, damage, what the line says)
+SHARD = "features/images-000000000-000000004"          # the first batch's shard (6 images, batches of 4)
+EXACT_DAMAGE = {      # (file, damage, what the line says): the line names the file, or the shard holding it
     "graph-truncated": ("graph.npz", _truncate, "unreadable"),
     "graph-crc": ("graph.npz", lambda p: _flip_member_byte(p, "idx0.npy"), "unreadable: BadZipFile"),
     "graph-not-a-zip": ("graph.npz", lambda p: open(p, "wb").write(b"not a zip"), "unreadable"),
@@ -335,11 +339,32 @@ EXACT_DAMAGE = {      # (file, damage, what the line says)
     "valid-rows": ("graph.npz", lambda p: _rewrite(p, lambda d: d.update(valid=d["valid"][:-1])), "valid is not"),
     "key-not-object": ("graph.npz", lambda p: _rewrite(p, lambda d: d.update(key=np.array("5"))),
                        "key is not an object"),
-    "features-truncated": ("features.npz", _truncate, "unreadable"),
-    "features-nan": ("features.npz", lambda p: _rewrite(p, _set("a0", (1, 2, 3), np.inf)), "a0 holds NaN"),
-    "features-rows": ("features.npz", lambda p: _rewrite(p, lambda d: d.update(b0=d["b0"][:, :50])), "b0 is not"),
-    "features-no-b": ("features.npz", lambda p: _rewrite(p, lambda d: d.pop("b0")), "b0 is not"),
+    "features-truncated": (f"{SHARD}/a0.npy", _truncate, "a0.npy unreadable"),
+    "features-flipped": (f"{SHARD}/a0.npy", lambda p: _flip(p, os.path.getsize(p) - 3),
+                         "changed since it was written"),
+    "features-nan": (f"{SHARD}/a0.npy", lambda p: _npy_set(p, (1, 2, 3), np.inf), "a0.npy holds NaN"),
+    "features-rows": (f"{SHARD}/b0.npy", lambda p: _npy_replace(p, lambda x: x[:, :50]), "b0.npy is float32"),
+    "features-no-b": (f"{SHARD}/b0.npy", os.remove, "b0.npy unreadable"),
+    "features-meta": (f"{SHARD}/meta.json", _truncate, "unreadable meta.json"),
 }
+
+
+def _npy_set(path, index, value):
+    """One value of the .npy at `path` changed, its CRC in the shard's meta.json updated (so that the value check,
+    not the CRC, is what finds it)."""
+    _npy_replace(path, lambda x: (x.__setitem__(index, value), x)[1])
+
+
+def _npy_replace(path, change):
+    from spectral_jax.dataset import store
+
+    x = change(np.load(path).copy())
+    np.save(path, x)
+    meta_path = os.path.join(os.path.dirname(path), "meta.json")
+    meta = json.load(open(meta_path))
+    name = os.path.basename(path)[:-4]
+    meta["arrays"][name]["crc32"] = store._crc(np.ascontiguousarray(x))
+    json.dump(meta, open(meta_path, "w"))
 
 
 @pytest.mark.parametrize("case", sorted(EXACT_DAMAGE))
@@ -347,14 +372,15 @@ def test_damaged_exact_cache_is_one_line_and_kept(made, tmp_path, case):
     name, damage, needle = EXACT_DAMAGE[case]
     out, = _copy(made, tmp_path, "exact")
     ck = os.path.join(out, "checkpoints")
-    if name == "features.npz":
+    if name.startswith("features/"):
         os.remove(os.path.join(ck, "graph.npz"))                 # the features are read when the graph is gone
     damage(os.path.join(ck, name))
     before = _tree(out)
     with pytest.raises(dataset.InputError) as e:
         dataset.run(str(made[0] / "imgs"), out, backbone=EXT, resume=True, **EXACT)
     line = str(e.value)
-    assert line.startswith(os.path.join(ck, name) + ": is damaged (") and needle in line, line
+    named = os.path.join(ck, SHARD if name.startswith("features/") else name)
+    assert line.startswith(named + ": is damaged (") and needle in line, line
     assert "run again without --resume into a fresh --out" in line and "\n" not in line
     assert _tree(out) == before
 

@@ -34,7 +34,9 @@ of its own images' tokens among all tokens of the batch; rows move between the s
 search) and runs replicated, so the result does not depend on the device count. Multi-host: `init_distributed`;
 each process reads only the images of its own devices' batch slots.
 
-Modules: settings (no JAX), inputs (no JAX), layout, step, checkpoint, cluster (numpy; k-means: the jitted `analysis.lloyd`), export, summary, loop.
+Modules: settings (no JAX), inputs (no JAX), layout, step, checkpoint, cluster (numpy; k-means: the jitted
+`analysis.lloyd`), export, summary, loop; method="exact": whole, store (its on-disk features, resumable per batch),
+memory (its memory estimate, `memory.estimate_model` for a model name without a checkpoint).
 Names are imported on first use (PEP 562): `from spectral_jax.dataset import Settings` imports no JAX.
 """
 
@@ -49,7 +51,7 @@ _EXPORTS = {
     "local_slots": ".layout",
     "InputError": "spectral_jax.errors",
     "checkpoint": None, "cluster": None, "export": None, "inputs": None, "layout": None, "loop": None,
-    "settings": None, "step": None, "summary": None,
+    "memory": None, "settings": None, "step": None, "store": None, "summary": None, "whole": None,
 }
 __all__ = sorted(_EXPORTS)
 __getattr__, __dir__ = _lazy.exports(__name__, _EXPORTS)

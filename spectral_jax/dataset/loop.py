@@ -339,14 +339,19 @@ def _provenance(settings: Settings, geom, backbone, solved):
 
 def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,
                t_start: float, resume: bool, progress: bool) -> DatasetResult:
-    """method="exact" (`whole.solve`): features and graph cached in OUT/checkpoints, then the exact solve and the
-    export. A run that fails before its first cache file leaves nothing behind."""
-    cache = [n for n in (whole.FEATURES, whole.GRAPH) if os.path.isfile(os.path.join(where.ckdir, n))]
+    """method="exact" (`whole.solve`): the memory estimate checked first (`memory.check`: refused in one line before
+    anything is written), features (a shard per batch, `store`) and graph cached in OUT/checkpoints, then the exact
+    solve and the export. A run that fails before its first shard leaves nothing behind."""
+    from spectral_jax.dataset import memory, store
+
+    cache = (["features"] if store.finished(where.ckdir) else []) + (
+        ["graph"] if os.path.isfile(os.path.join(where.ckdir, whole.GRAPH)) else [])
     if cache and not resume:
-        raise InputError(where.out, f"holds the cached {' and '.join(c.split('.')[0] for c in cache)} of an "
-                         "earlier run", f"pass --resume to reuse them (or re-export), delete "
+        raise InputError(where.out, f"holds the cached {' and '.join(cache)} of an earlier run",
+                         "pass --resume to reuse them (or re-export), delete "
                          f"{os.path.join(where.out, checkpoint.FOLDER)} to start over, or choose another --out")
     made_out, made_ck = where.made_out, not os.path.exists(where.ckdir)
+    estimate = memory.check(memory.estimate_run(backbone, layers, settings, geom, mesh, jax.process_count()))
     bar = _bar(progress, len(where.files), 0)
     finished = False
     try:
@@ -356,7 +361,7 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
     finally:
         if bar is not None:
             bar.close()
-        if not finished and not cache and not os.path.isfile(os.path.join(where.ckdir, whole.FEATURES)):
+        if not finished and not cache and not store.finished(where.ckdir):
             inputs.discard(where.out if made_out else where.ckdir if made_ck else None, jax.process_index())
     n = len(where.files)
     ok = solved.valid[:n]
@@ -374,7 +379,7 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         backbone={"model": backbone.name, "weights": backbone.weights, "layers": layers_name},
         names=names, files=where.files, skipped=skipped, ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
-        folder=where.root), where.out)
+        folder=where.root, memory=estimate), where.out)
     if jax.process_index() == 0:
         _report_skipped(skipped)
         out = export.write(out, where.root, settings.figure_images)

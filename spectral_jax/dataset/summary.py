@@ -90,11 +90,13 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
 
 
 def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, *, backbone: dict, names: list,
-               files: list, skipped: list, ignored: list, machine: dict, folder: str) -> dict:
+               files: list, skipped: list, ignored: list, machine: dict, folder: str, memory: dict | None = None
+               ) -> dict:
     """The summary of method="exact": the whole-dataset objective Σ_k Σ_l w_l z_kᵀ P_l z_k, the eigenvalues, the
     convergence report (`Result.convergence.as_dict()`: converged, iterations, tol, max_residual, residuals [K];
     with `Result.info`'s notes, e.g. ARPACK's fallback) and where the
-    seconds went (forward, graph, solve; a stage read from the cache took 0)."""
+    seconds went (forward, graph, solve; a stage read from the cache took 0), the images whose features were read
+    from OUT/checkpoints rather than computed, and the memory estimate made before the run (`memory.estimate`)."""
     t = solved.timings
     return {
         "objective": float(res.objective[0]),
@@ -104,6 +106,7 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "convergence": {**res.convergence.as_dict(), **res.info}, "solver": res.method, "orth_error": res.orth_error,
         "seconds": round(seconds, 3), "seconds_forward": round(t["forward"], 3),
         "seconds_graph": round(t["graph"], 3), "seconds_solve": round(t["solve"], 3), "cached": solved.cached,
+        "images_cached": solved.images_cached, "memory": memory,
         "method": "dataset-exact", "num_eigs": settings.num_eigs, "steps": int(res.steps),
         "images": len(names), "images_listed": len(files), "skipped": skipped, "ignored": ignored,
         **backbone, "graph": settings.graph, "grid": list(geom.base), "size": list(geom.size),

@@ -3,22 +3,28 @@
     features → graph → eigenvectors:
   1. the backbone runs batch by batch over the folder (`batch_size` images per forward, sharded over the mesh);
      of each batch only the merged per-layer features are kept (`graphs.knn_inputs`: heads concatenated; q and k
-     for knn-qk, v for knn-vv), on the host, float32 or bfloat16 (`features_dtype`) → `[L, n·h·w, H·D]` per group;
-  2. one kNN graph per layer over ALL tokens of the dataset (`graphs.knn`: `k_intra` neighbours in the token's own
-     image, `k_inter` among all other images' tokens, cos ≤ `min_cos` dropped, ½(A + Aᵀ), row-normalised), searched
-     blockwise (never N×N) with the rows sharded over the mesh; unreadable images and the padding to a multiple of
-     the devices are masked (no edges);
+     for knn-qk, v for knn-vv), float32 or bfloat16 (`features_dtype`) → `[L, m·h·w, H·D]` per group, written at
+     once to a shard of the on-disk feature store (`store`: OUT/checkpoints/features, atomic per shard);
+  2. one kNN graph per layer over ALL tokens of the dataset (`graphs.knn`'s definition: `k_intra` neighbours in
+     the token's own image, `k_inter` among all other images' tokens, cos ≤ `min_cos` dropped, ½(A + Aᵀ),
+     row-normalised), searched in tiles read memory-mapped from the store (`search_store`: never N×N, never all
+     features in memory); unreadable images and the padding to a multiple of the devices are masked (no edges);
   3. `solvers.exact` on it: for N > `dense_max` Σ_l w_l sym(P_l) coalesced into one sparse matrix
      (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
-Several processes: process p reads and searches the images [p·n/P, (p+1)·n/P) (`process_share`), the graph is
-gathered to every process, each solves it (the same deterministic solve), process 0 writes; no features cache.
-Steps 1 and 2 are cached in OUT/checkpoints (features.npz, graph.npz, each with the settings and the image files'
-content digests that made it, `cache_key`), so a rerun with `resume` skips the forward and the search; a cache made
-from other images or settings is refused in one line (`checkpoint.check_same`), and one whose arrays are damaged —
-unreadable, of the wrong shape or dtype, non-finite, neighbour indices out of range — too (`load_cache`), never used.
+Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_share`) and writes their shards; for
+the search each holds its own rows in memory and searches them sharded over the mesh (`build_graphs`), the graph
+is gathered to every process, each solves it (the same deterministic solve), process 0 writes.
+Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
+are computed; the search (one process) keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts,
+removed once the whole graph is saved), so a stopped search resumes at its first missing layer; the graph is cached
+in OUT/checkpoints/graph.npz (with the settings and the image files' content digests that made it, `cache_key`). A
+shard, part or graph made from other images or settings is refused in one line (`checkpoint.check_same`), and one
+whose arrays are damaged — unreadable, changed since written, of the wrong shape or dtype, non-finite, neighbour
+indices out of range — too (`store.read_shard`, `store.read_part`, `load_cache`), never used.
 
-Memory: the features (L·N·H·D values) plus the graph (L·N·k indices and weights) plus the coalesced operator.
+Memory (`memory.estimate`): the features live on disk (one process: two tiles in memory at a time); the graph
+(L·N·k indices and weights per group) and the coalesced operator and the solver's vectors must fit in memory.
 
 Shape legend
     n  images (padded to a multiple of the devices)    N  nodes = n·h·w    L  layers of a group    F  H·D
@@ -47,9 +53,11 @@ from spectral_jax import graphs as G
 from spectral_jax.dataset.layout import (AXIS, Geometry, gather, gather_reasons, global_array,
                                          nonfinite_reason, tapped)
 from spectral_jax.dataset.settings import Settings
+from spectral_jax.dataset import store
+from spectral_jax.dataset.store import finite
 from spectral_jax.files import save_npz
 
-FEATURES, GRAPH = "features.npz", "graph.npz"
+GRAPH = "graph.npz"
 
 
 class Features(NamedTuple):
@@ -73,27 +81,14 @@ def process_share(n: int) -> tuple[int, int]:
     return jax.process_index() * per, per
 
 
-def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: str, files: list, mesh: Mesh,
-                    bar=None) -> Features:
-    """Run the backbone over this process's share of `files` (`process_share`), batch by batch (each process
-    `batch_size`/P images of a batch), and keep only the merged features of each layer group, on the host:
-    a, b `[L, (n/P)·h·w, F]` (this process's rows); valid `[n]` all processes' (gathered); failed {image: why}
-    all processes' (gathered).
-
-    The taps are checked where they arrive (`layout.tapped`): a wrong shape is refused while tracing (one
-    `InputError`); an image whose taps hold NaN or Inf — found inside the jitted forward, one int per image beside
-    the features — is not valid, its features are zeros, and `failed` says why (the first such layer)."""
-    procs = jax.process_count()
-    n = padded_images(len(files), geom.devices)
-    first, share = process_share(n)
-    b_loc = settings.batch_size // procs
+def _forward(backbone, layers, settings: Settings, geom: Geometry, mesh: Mesh):
+    """The jitted forward of a batch x `[B, H, W, 3]` → (per group (a, b or None) `[L, B·h·w, F]` in the features
+    dtype, rows sharded over `mesh`, a NaN image's rows 0; nonfinite `[B]`, `layout.tapped`)."""
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
-    pre, per = backbone.preprocess, [grid[0] * grid[1] for grid, _ in geom.groups]
-    rows = NamedSharding(mesh, P(AXIS))
-    feat_rows = NamedSharding(mesh, P(None, AXIS))
+    per = [grid[0] * grid[1] for grid, _ in geom.groups]
     what = f"backbone {backbone.name!r}"
 
-    @functools.partial(jax.jit, out_shardings=(feat_rows, rows))
+    @functools.partial(jax.jit, out_shardings=(NamedSharding(mesh, P(None, AXIS)), NamedSharding(mesh, P(AXIS))))
     def forward(params, x):
         taps, nonfinite = tapped(backbone.apply, params, x, layers, what)
         out = []
@@ -104,47 +99,145 @@ def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: 
             out.append((a, None if settings.graph == "knn-vv" else bb))
         return out, nonfinite
 
+    return forward
+
+
+def feature_widths(backbone, layers, settings: Settings, geom: Geometry, mesh: Mesh) -> list[int]:
+    """F of each layer group's merged features, from the forward traced abstractly (`jax.eval_shape`: nothing
+    computed)."""
+    x = jax.ShapeDtypeStruct((settings.batch_size, *geom.size, 3), jnp.float32)
+    outs, _ = jax.eval_shape(_forward(backbone, layers, settings, geom, mesh), backbone.params, x)
+    return [int(a.shape[-1]) for a, _ in outs]
+
+
+def _arrays(settings: Settings, geom: Geometry, widths=None):
+    """{array name: rows per image} of a shard (a{g}, and b{g} for knn-qk), or with `widths` a function of the
+    shard's images m → {name: (stored dtype name, [L_g, m·h·w, F_g])} (`store.read_shard`'s `expect`)."""
+    per = {}
+    for g, (grid, group) in enumerate(geom.groups):
+        for x in ("a", "b") if settings.graph != "knn-vv" else ("a",):
+            per[f"{x}{g}"] = (g, grid[0] * grid[1], len(group))
+    if widths is None:
+        return {name: p for name, (_, p, _) in per.items()}
+    dtype = "uint16" if settings.features_dtype == "bfloat16" else "float32"
+    return lambda m: {name: (dtype, (layers, m * p, widths[g])) for name, (g, p, layers) in per.items()}
+
+
+def stream_features(backbone, layers, settings: Settings, geom: Geometry, root: str, files: list, mesh: Mesh,
+                    ckdir: str, key: dict, out: str, bar=None) -> "Streamed":
+    """Run the backbone over this process's share of `files` (`process_share`), batch by batch (each process
+    `batch_size`/P images of a batch), and write each batch's merged features of each layer group to a shard of
+    the on-disk store as soon as it is computed (`store.write_shard`: a{g}, b{g} `[L, m·h·w, F]`, valid, failed;
+    keyed by `key`). Batches that already have a finished shard (a resumed run's) are read back instead
+    (`store.read_shard`: checked, a damaged or foreign shard is one `InputError`) and not recomputed. Returns
+    (the `store.FeatureStore` of this process's images, with `valid` `[n]` and `failed` gathered over all
+    processes, the images read from the store — all processes') as a `Streamed`.
+
+    The taps are checked where they arrive (`layout.tapped`): a wrong shape is refused while tracing (one
+    `InputError`); an image whose taps hold NaN or Inf — found inside the jitted forward, one int per image beside
+    the features — is not valid, its features are zeros, and `failed` says why (the first such layer)."""
+    procs, me = jax.process_count(), jax.process_index()
+    n = padded_images(len(files), geom.devices)
+    first, share = process_share(n)
+    b_loc = settings.batch_size // procs
+    pre, per = backbone.preprocess, [grid[0] * grid[1] for grid, _ in geom.groups]
+    rows = NamedSharding(mesh, P(AXIS))
+    forward = _forward(backbone, layers, settings, geom, mesh)
+    expect = _arrays(settings, geom, feature_widths(backbone, layers, settings, geom, mesh))
+    real = {s: max(0, min(b_loc, len(files) - first - s, share - s)) for s in range(0, share, b_loc)}
+    store.remove_unfinished(ckdir, me)
+    names, done = store.plan(ckdir, [(first + s, first + s + real[s]) for s in range(0, share, b_loc)])
+    shards = [store.read_shard(os.path.join(store.folder(ckdir), name), key, out, expect) for name in names]
+    todo = [s for s, d in zip(range(0, share, b_loc), done) if not d]
+    cached, steps = sum(s.count for s in shards), todo
+    if procs > 1:           # the forward is a collective: every process steps through a batch any process lacks
+        from jax.experimental import multihost_utils
+
+        cached = int(np.sum(multihost_utils.process_allgather(np.array([cached], np.int64))))
+        every = np.asarray(multihost_utils.process_allgather(np.array(done, bool))).reshape(procs, -1)
+        steps = [s for s, d in zip(range(0, share, b_loc), every.all(0)) if not d]
+    if bar is not None:
+        bar.update(cached)
+    if cached and me == 0:
+        rest = len(files) - cached
+        _say(f"spectral-jax dataset: {cached} of {len(files)} images' features read from {store.folder(ckdir)}"
+             + (f"; computing the other {rest}" if rest else ""))
     params = backbone.params if procs == 1 else jax.tree.map(
         lambda x: global_array(mesh, P(), np.asarray(x), np.shape(x)), backbone.params)
-    a = [None] * len(geom.groups)
-    bs = [None] * len(geom.groups)
-    valid, failed = np.zeros(share, bool), {}
 
     def produce(start):
         idx = first + np.arange(start, start + b_loc)
         idx = np.where((idx < len(files)) & (idx < first + share), idx, -1)
         return (idx,) + F.read_slots(root, files, idx, geom.size, pre)
 
-    with F.Prefetcher(produce, range(0, share, b_loc), depth=settings.prefetch) as batches:
+    with F.Prefetcher(produce, steps, depth=settings.prefetch) as batches:
         for start, (idx, x, ok, bad) in batches:
-            failed.update(bad)
             x = jax.device_put(x, rows) if procs == 1 else global_array(mesh, P(AXIS), x,
                                                                            (settings.batch_size, *x.shape[1:]))
             outs, nonfinite = forward(params, x)
-            nonfinite = _local_rows(nonfinite, axis=0)                     # [B/P] this process's slots
-            for i, layer in zip(idx, nonfinite):
-                if i >= 0 and layer >= 0 and i not in bad:
+            m = real[start]
+            if start not in todo or not m:
+                continue
+            nonfinite = _local_rows(nonfinite, axis=0)[:m]                 # [m] this process's real slots
+            failed = {int(i): w for i, w in bad.items() if i >= 0}
+            for i, layer in zip(idx[:m], nonfinite):
+                if layer >= 0 and i not in bad:
                     failed[int(i)] = nonfinite_reason(backbone.name, int(layer))
-            real = idx >= 0
-            valid[idx[real] - first] = ok[real] & (nonfinite[real] < 0)
-            m = int(real.sum())
+            arrays = {}
             for g, pair in enumerate(outs):
-                fa, fb = (None if y is None else _local_rows(y) for y in pair)
-                if a[g] is None:
-                    a[g] = np.zeros((fa.shape[0], share * per[g], fa.shape[2]), fa.dtype)
-                    bs[g] = None if fb is None else np.zeros_like(a[g])
-                sl = slice(start * per[g], (start + m) * per[g])
-                a[g][:, sl] = fa[:, :m * per[g]]
-                if fb is not None:
-                    bs[g][:, sl] = fb[:, :m * per[g]]
+                for x_name, y in zip("ab", pair):
+                    if y is not None:
+                        arrays[f"{x_name}{g}"] = _local_rows(y)[:, :m * per[g]]
+            path = store.write_shard(ckdir, key, first + start, ok[:m] & (nonfinite < 0), failed, arrays, me,
+                                     (first, first + share))
+            shards.append(store.Shard(path, first + start, m, ok[:m] & (nonfinite < 0), failed,
+                                      {a: np.load(os.path.join(path, a + ".npy"), mmap_mode="r") for a in arrays}))
             if bar is not None:
                 bar.update(m)
+    fs = store.FeatureStore(shards, first, share, _arrays(settings, geom))
+    valid, failed = fs.valid, dict(fs.failed)
     if procs > 1:
         from jax.experimental import multihost_utils
 
         valid = np.asarray(multihost_utils.process_allgather(valid, tiled=True))
         failed = gather_reasons(failed)
-    return Features(a, [x if y is None else y for x, y in zip(a, bs)], valid, failed)
+    return Streamed(fs, valid, failed, cached)
+
+
+class Streamed(NamedTuple):
+    """What `stream_features` leaves: this process's `store.FeatureStore`, valid `[n]` and failed {image: why} of
+    all processes, and how many images (all processes') were read from the store rather than computed."""
+
+    store: object
+    valid: np.ndarray
+    failed: dict
+    cached: int
+
+
+def local_features(st: Streamed, settings: Settings, geom: Geometry) -> Features:
+    """This process's rows of the store `fs` in memory, as `build_graphs` takes them (several processes: each
+    holds only its own images' rows): a, b `[L, (n/P)·h·w, F]`; valid `[n]`, failed all processes'."""
+    fs, dtype = st.store, jnp.bfloat16 if settings.features_dtype == "bfloat16" else None
+    a, b = [], []
+    for g, (_, group) in enumerate(geom.groups):
+        def rows(name):
+            return np.stack([fs.rows(name, l, fs.first, fs.first + fs.share, dtype) for l in range(len(group))])
+
+        a.append(rows(f"a{g}"))
+        b.append(a[-1] if settings.graph == "knn-vv" else rows(f"b{g}"))
+    return Features(a, b, st.valid, st.failed)
+
+
+def _say(msg: str) -> None:
+    """One line on stderr (through tqdm, so that a progress bar stays intact)."""
+    import sys
+
+    try:
+        from tqdm.auto import tqdm
+
+        tqdm.write(msg, file=sys.stderr)
+    except ImportError:  # pragma: no cover
+        print(msg, file=sys.stderr)
 
 
 def _local_rows(x: jax.Array, axis: int = 1) -> np.ndarray:
@@ -176,6 +269,135 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
     return out
 
 
+ROW_TILE_BYTES = 1 << 29    # features per row tile of `search_store`: 512 MiB (the store is read once per row tile)
+COL_TILE_BYTES = 1 << 26    # features per column tile: 64 MiB
+
+
+def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: int = ROW_TILE_BYTES,
+                 col_bytes: int = COL_TILE_BYTES, bar=None, ckdir: str | None = None, key: dict | None = None,
+                 out: str | None = None) -> list[G.KnnGraph]:
+    """The whole-dataset kNN graph of each layer group (as `graphs.knn` defines it: `k_intra` neighbours in the
+    token's own image, `k_inter` among the other images' tokens, cos ≤ `min_cos` dropped, invalid images without
+    edges) searched from the on-disk store in tiles: for each layer, each tile of whole images' rows (≤ `row_bytes`
+    of features) is read from the memory-mapped shards, searched within its images (`kernels.topk_intra`) and
+    against every column tile (≤ `col_bytes`) read in turn (`kernels.topk_inter`), the running top-k merged between
+    column tiles (earlier columns first on ties, as within one search). One process; the rows run on the default
+    device.
+
+    Memory: a row tile (a and its own columns) and a column tile at a time, not the features, plus the graph
+    itself — idx and w `[L, N, k]`, deg `[L, N]` per group on the host and once more as device arrays. Reads: the
+    group's columns once per row tile (features² / row_bytes per layer). bar: a tqdm bar, reset to count the
+    row tiles of every layer. ckdir: each layer's edges are kept as they are found, as a part
+    (`store.write_part`, keyed by `key`: the graph cache key), and a layer with a part is read back (checked:
+    `store.read_part`, then neighbour indices in range and weights 0 or cosines above min_cos) instead of searched
+    again, so that a search killed midway resumes at its first missing layer."""
+    fs, n = st.store, len(st.valid)
+    dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
+    item = jnp.dtype(dtype).itemsize
+    tiles = [-(-n // max(1, min(n, row_bytes // (g[0] * g[1] * fs.width(f"a{i}") * item)))) * len(ls)
+             for i, (g, ls) in enumerate(geom.groups)]
+    if bar is not None:
+        bar.reset(total=sum(tiles))
+        bar.set_description("kNN search")
+        bar.unit = "tile"
+    out = []
+    for g, (grid, group) in enumerate(geom.groups):
+        per, layers = grid[0] * grid[1], len(group)
+        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
+        f = fs.width(f"a{g}")
+        ti = max(1, min(n, row_bytes // (per * f * item)))
+        tj = min(n, max(1, col_bytes // (per * f * item), -(-k_inter // per)))
+        valid = jnp.asarray(np.concatenate([st.valid, np.zeros(max(ti, tj), bool)]))
+        bname = f"a{g}" if settings.graph == "knn-vv" else f"b{g}"
+        idx = np.zeros((layers, n * per, k_intra + k_inter), np.int32)
+        w = np.zeros((layers, n * per, k_intra + k_inter), np.float32)
+
+        def tile(name, layer, i0, size):
+            x = fs.rows(name, layer, i0, min(n, i0 + size), dtype)
+            return jnp.asarray(np.pad(x, ((0, size * per - x.shape[0]), (0, 0))))
+
+        for layer in range(layers):
+            if _read_layer(ckdir, f"g{g}-l{layer}", key, out, idx, w, layer, settings.min_cos):
+                if bar is not None:
+                    bar.update(-(-n // ti))
+                continue
+            for i0 in range(0, n, ti):
+                a, own = tile(f"a{g}", layer, i0, ti), tile(bname, layer, i0, ti)
+                vals = jnp.full((ti * per, k_inter), -jnp.inf, jnp.float32)
+                near = jnp.zeros((ti * per, k_inter), jnp.int32)
+                if k_inter:
+                    for j0 in range(0, n, tj):
+                        vals, near = _inter_tile(a, tile(bname, layer, j0, tj), i0, j0, vals, near, valid, per,
+                                                 k_inter, settings.block)
+                ii, ww = _rows_tile(a, own, i0, vals, near, valid, per, k_intra, settings.min_cos)
+                m = (min(n, i0 + ti) - i0) * per
+                idx[layer, i0 * per:i0 * per + m] = np.asarray(ii)[:m]
+                w[layer, i0 * per:i0 * per + m] = np.asarray(ww)[:m]
+                if bar is not None:
+                    bar.update(1)
+            if ckdir is not None:
+                store.write_part(ckdir, f"g{g}-l{layer}", key, {"idx": idx[layer], "w": w[layer]})
+        idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
+        del idx, w
+        out.append(G.KnnGraph(idx_d, w_d, _degrees(idx_d, w_d), tuple(grid), (layers,), n))
+    return out
+
+
+def _read_layer(ckdir, name: str, key, out, idx: np.ndarray, w: np.ndarray, layer: int, min_cos: float) -> bool:
+    """Layer `layer`'s idx, w `[N, k]` filled from part `name` when there is one (True), checked: the part as
+    `store.read_part` checks it, indices in [0, N), weights 0 or in (min_cos, 1]; else one `InputError` naming it."""
+    from spectral_jax.dataset import checkpoint
+
+    if ckdir is None:
+        return False
+    shape = tuple(idx.shape[1:])
+    got = store.read_part(ckdir, name, key, out, {"idx": ("int32", shape), "w": ("float32", shape)})
+    if got is None:
+        return False
+    i, x = got["idx"], got["w"]
+    where = os.path.join(ckdir, store.PARTS, name)
+    if i.size and (i.min() < 0 or i.max() >= shape[0]):
+        raise checkpoint.damaged(where, f"idx holds neighbours outside [0, {shape[0]})")
+    if not ((x == 0) | ((x > min_cos) & (x <= 1 + 1e-5))).all():
+        raise checkpoint.damaged(where, "w holds weights that are not 0 or cosines above min_cos")
+    idx[layer], w[layer] = i, x
+    return True
+
+
+@jax.jit
+def _degrees(idx, w):
+    """The row sums of ½(A + Aᵀ) `[L, N]` of idx, w `[L, N, k]` (as `graphs.knn` computes them)."""
+    return 0.5 * (w.sum(-1) + jax.vmap(lambda i, x: jnp.zeros(i.shape[0], x.dtype).at[i.reshape(-1)].add(
+        x.reshape(-1)))(idx, w))
+
+
+@functools.partial(jax.jit, static_argnums=(7, 8, 9))
+def _inter_tile(a, b, i0, j0, vals, near, valid, per: int, k: int, block: int):
+    """The running top-k (vals, near `[r, k]`, near global column indices) of the rows of `a` (images from i0)
+    merged with the columns of `b` (images from j0) of other, valid images."""
+    from spectral_jax import kernels
+
+    row_img = i0 + jnp.arange(a.shape[0], dtype=jnp.int32) // per
+    col_img = j0 + jnp.arange(b.shape[0], dtype=jnp.int32) // per
+    i_o, c_o = kernels.topk_inter(kernels.unit_rows(a), kernels.unit_rows(b), row_img, col_img, valid[col_img], k,
+                                  block)
+    both, where = jax.lax.top_k(jnp.concatenate([vals, c_o], axis=1), k)        # earlier columns first on ties
+    return both, jnp.take_along_axis(jnp.concatenate([near, i_o + j0 * per], axis=1), where, axis=1)
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def _rows_tile(a, own, i0, vals, near, valid, per: int, k_intra: int, min_cos: float):
+    """Edges of the rows of `a` (images from i0): the intra-image top-k among `own` (the same images' columns)
+    then the inter-image (vals, near), weights 0 where cos ≤ min_cos or the row's image is invalid."""
+    from spectral_jax import kernels
+
+    i_s, c_s = kernels.topk_intra(kernels.unit_rows(a), kernels.unit_rows(own), per, k_intra)
+    idx = jnp.concatenate([i_s + i0 * per, near], axis=1)
+    cos = jnp.concatenate([c_s, vals], axis=1)
+    row_img = i0 + jnp.arange(a.shape[0], dtype=jnp.int32) // per
+    return idx, jnp.where((cos > min_cos) & valid[row_img][:, None], cos, 0.0)
+
+
 def cache_key(kind: str, fp: dict) -> dict:
     """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, the image files and
     their content digests, graph kind, features dtype) for features; plus k and min_cos for the graph."""
@@ -183,20 +405,6 @@ def cache_key(kind: str, fp: dict) -> dict:
     if kind == "graph":
         keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block"]
     return {k: fp.get(k) for k in keys}
-
-
-def _bf16_save(x: np.ndarray) -> np.ndarray:
-    return x.view(np.uint16) if x.dtype == jnp.bfloat16 else x
-
-
-def save_features(path: str, feats: Features, key: dict) -> None:
-    arrays = {"key": np.array(json.dumps(key, sort_keys=True)), "valid": feats.valid,
-              "failed": _failed_json(feats.failed)}
-    for g, (a, b) in enumerate(zip(feats.a, feats.b)):
-        arrays[f"a{g}"] = _bf16_save(a)
-        if b is not a:
-            arrays[f"b{g}"] = _bf16_save(b)
-    save_npz(path, arrays)
 
 
 def load_cache(path: str, key: dict, geom: Geometry) -> dict | None:
@@ -224,8 +432,7 @@ def load_cache(path: str, key: dict, geom: Geometry) -> dict | None:
 
 def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     """What is wrong with the arrays `d` of a cache made with `key` for a run of geometry `geom` (None: nothing).
-    Both: valid `[n]` bool (False past the images, some True), failed {image < images: why} on invalid images.
-    Features: a{g} (and b{g} unless knn-vv) `[L_g, n·h·w, F]` float32 or bfloat16 bits, finite. Graph: idx{g}
+    valid `[n]` bool (False past the images, some True), failed {image < images: why} on invalid images; idx{g}
     `[L_g, n·h·w, k]` integers in [0, n·h·w), w{g} finite with 0 or (min_cos, 1], 0 on invalid images' rows,
     deg{g} `[L_g, n·h·w]` the row sums of ½(A + Aᵀ). Modifies `d`: "failed" becomes a dict."""
     images = key["num_images"]
@@ -242,20 +449,8 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     if not all(0 <= i < images and not valid[i] and isinstance(w, str) for i, w in failed.items()):
         return "failed names images out of range or read"
     d["failed"] = failed
-    graph = "k_intra_effective" in key
     for g, (grid, layers) in enumerate(geom.groups):
         rows, shape = n * grid[0] * grid[1], (len(layers), n * grid[0] * grid[1])
-        if not graph:
-            want = np.uint16 if key["features_dtype"] == "bfloat16" else np.float32
-            names = [f"a{g}"] + ([f"b{g}"] if key["graph"] != "knn-vv" or f"b{g}" in d else [])
-            for name in names:
-                x = d.get(name)
-                if not isinstance(x, np.ndarray) or x.dtype != want or x.ndim != 3 or x.shape[:2] != shape or \
-                        x.shape[2] < 1 or x.shape != d[names[0]].shape:
-                    return f"{name} is not {want.__name__} [{shape[0]}, {shape[1]}, F]"
-                if not _finite(x):
-                    return f"{name} holds NaN or infinite values"
-            continue
         k_intra, k_inter = G.clamp_k(key["k_intra_effective"], key["k_inter_effective"], grid, n)
         idx, w, deg = (d.get(f"{x}{g}") for x in ("idx", "w", "deg"))
         full = (*shape, k_intra + k_inter)
@@ -267,7 +462,7 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
             return f"w{g} is not float32 {list(full)}"
         if not isinstance(deg, np.ndarray) or deg.dtype != np.float32 or deg.shape != shape:
             return f"deg{g} is not float32 {list(shape)}"
-        if not _finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all():
+        if not finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all():
             return f"w{g} holds weights that are not 0 or cosines above min_cos"
         if w.reshape(len(layers), n, -1)[:, ~valid].any():
             return f"w{g} gives edges to unreadable images"
@@ -277,27 +472,6 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
             if not np.allclose(deg[layer], sums, rtol=1e-4, atol=1e-5):
                 return f"deg{g} is not the degree of idx{g}, w{g}"
     return None
-
-
-def _finite(x: np.ndarray, chunk: int = 1 << 24) -> bool:
-    """All values finite (bfloat16 stored as uint16 bits: exponent not all ones), checked in slices of `chunk`
-    values (no copy of the whole array)."""
-    flat = x.reshape(-1)
-    for i in range(0, flat.size, chunk):
-        part = flat[i:i + chunk]
-        if not (((part & 0x7F80) != 0x7F80).all() if part.dtype == np.uint16 else np.isfinite(part).all()):
-            return False
-    return True
-
-
-def features_from(d: dict, settings: Settings, groups: int) -> Features:
-    """`Features` from the arrays of a features cache (as `load_cache` gives them: checked, "failed" a dict)."""
-    def arr(x):
-        return x.view(jnp.bfloat16) if settings.features_dtype == "bfloat16" else x
-
-    a = [arr(d[f"a{g}"]) for g in range(groups)]
-    b = [arr(d[f"b{g}"]) if f"b{g}" in d else a[g] for g in range(groups)]
-    return Features(a, b, d["valid"], d["failed"])
 
 
 def _failed_json(failed: dict) -> np.ndarray:
@@ -327,6 +501,7 @@ class Solved(NamedTuple):
     cached: list            # the stages read from OUT/checkpoints
     edges: int              # stored kNN edges (weight > 0), all layers
     layer_weights: dict | None = None   # {"rule", "weights": {layer: w}} the solve used (weights sum to 1)
+    images_cached: int = 0  # images whose features were read from OUT/checkpoints (the store or the graph)
 
 
 def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files: list, ckdir: str, fp: dict,
@@ -334,8 +509,8 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
     """Features (cached), graph (cached), exact eigenvectors: see the module docstring."""
     from spectral_jax.solvers.exact import exact
 
-    timings, cached = {"forward": 0.0, "graph": 0.0, "solve": 0.0}, []
-    gpath, fpath = os.path.join(ckdir, GRAPH), os.path.join(ckdir, FEATURES)
+    timings, cached, images_cached = {"forward": 0.0, "graph": 0.0, "solve": 0.0}, [], 0
+    gpath = os.path.join(ckdir, GRAPH)
     n = padded_images(len(files), geom.devices)
     gkey, fkey = cache_key("graph", fp), cache_key("features", fp)
     d = load_cache(gpath, gkey, geom)
@@ -343,35 +518,35 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         cached.append("graph")
         gs = graphs_from(d, geom, n)
         valid, failed = d["valid"], d["failed"]
+        images_cached = len(files)
     else:
         t = time.perf_counter()
-        one = jax.process_count() == 1       # several processes: each holds only its rows, no features cache
-        fd = load_cache(fpath, fkey, geom) if one else None
-        if fd is not None:
+        st = stream_features(backbone, layers, settings, geom, root, files, mesh, ckdir, fkey,
+                             os.path.dirname(ckdir), bar)
+        images_cached = st.cached
+        if st.cached == len(files):
             cached.append("features")
-            feats = features_from(fd, settings, len(geom.groups))
-        else:
-            feats = stream_features(backbone, layers, settings, geom, root, files, mesh, bar)
-            if feats.valid.any() and one:
-                os.makedirs(ckdir, exist_ok=True)
-                save_features(fpath, feats, fkey)
         timings["forward"] = time.perf_counter() - t
-        valid, failed = feats.valid, feats.failed
+        valid, failed = st.valid, st.failed
         if not valid.any():
-            return Solved(None, valid, failed, timings, cached, 0)
+            return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached)
         t = time.perf_counter()
-        gs = jax.block_until_ready(build_graphs(feats, settings, geom, mesh))
-        del feats
+        one = jax.process_count() == 1
+        gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n},
+                                                out=os.path.dirname(ckdir)) if one else
+                                   build_graphs(local_features(st, settings, geom), settings, geom, mesh))
+        del st
         if jax.process_index() == 0:
             os.makedirs(ckdir, exist_ok=True)
             save_graphs(gpath, gs, gkey, valid, failed)
+            store.remove_parts(ckdir)
         timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()
     weights, chosen = layer_weights(gs, geom, weights, settings)
     res = exact(gs, settings.num_eigs, weights, maxiter=settings.maxiter, tol=settings.tol, seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
     edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
-    return Solved(res, valid, failed, timings, cached, edges, chosen)
+    return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached)
 
 
 def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tuple[list | None, dict]:
@@ -402,5 +577,5 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tupl
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 
-__all__ = ["FEATURES", "Features", "GRAPH", "Solved", "build_graphs", "cache_key", "padded_images", "solve",
-           "stream_features"]
+__all__ = ["Features", "GRAPH", "Solved", "Streamed", "build_graphs", "cache_key", "feature_widths",
+           "padded_images", "search_store", "solve", "stream_features"]
