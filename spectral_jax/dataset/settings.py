@@ -167,6 +167,7 @@ class Settings:
     maxiter: int = MAXITER
     tol: float = TOL
     segments: object = "auto"
+    model_options: object = None   # the family's load options ({"timesteps": (…), "latent": …}), `_model_options`
     solver: dataclasses.InitVar[object] = None     # an ExactSpec / GdSpec, read into method and its options
 
     def __post_init__(self, solver=None):
@@ -188,6 +189,7 @@ class Settings:
                 ("weight_decay", "weight_decay", 0.0), ("ema", "--ema", 0.99), ("min_cos", "--min-cos", 0.1),
                 ("lam", "lam", 1.0), ("tol", "--tol", 3e-4))})
         norm["num_eigs"] = check_num_eigs(self.num_eigs, what="--num-eigs")
+        norm["model_options"] = _model_options(self.model, self.model_options)
         for k, v in norm.items():
             object.__setattr__(self, k, v)
         self._check_ranges()
@@ -261,7 +263,22 @@ class Settings:
         d = {f: getattr(self, f) for f in RESULT_FIELDS}
         d["k_intra"], d["k_inter"] = self.k
         d["layer_weights"] = None if self.layer_weights is None else self.layer_weights.to_json()
+        d["model_options"] = self.options_json()
         return d
+
+    def options_json(self) -> dict:
+        """`model_options` as a JSON-ready dict (timesteps a list; {} for none)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_options}
+
+    def load_options(self) -> dict:
+        """The keyword options of `models.load_backbone` for this run: `model_options` and, for a family that takes
+        one, `seed` (the diffusion noise, the latent sample and a random timestep schedule: the run's `seed`)."""
+        from spectral_jax.models import family
+
+        opts = dict(self.model_options)
+        if "seed" in family(self.model).options:
+            opts["seed"] = self.seed
+        return opts
 
 
 def _read_specs(s: "Settings", solver) -> None:
@@ -307,13 +324,86 @@ def _read_specs(s: "Settings", solver) -> None:
         set_("lam", solver.lam)
 
 
+# The family load options a dataset run takes (`Settings.model_options`), with how a value is normalised; "seed"
+# is the run's own (`Settings.load_options`), "dtype" not a dataset option (the forward is float32).
+_LOAD_OPTIONS = {"timesteps": "ints", "latent": "str", "text_embedding": "str", "attn_chunk": "int"}
+
+
+def _model_options(model: str, options) -> tuple:
+    """`model_options` checked and normalised once, without JAX: a mapping (or pairs) of the model family's load
+    options (`models.family(model).options`: the diffusion families' timesteps, latent, text_embedding,
+    attn_chunk) → sorted (name, value) pairs, hashable; timesteps as a tuple of ints (a list, an int array or
+    "0,50,100"), each in the model's training range [0, N) and at most the timestep cap. None or {} → (): the
+    family's defaults (timesteps: `DEFAULT_NUM_TIMESTEPS` drawn from the run's seed over [0, `DEFAULT_T_MAX`], as
+    `extract` and `analyze` do). An option the model's family does not take is one `InputError` line."""
+    if options is None:
+        return ()
+    items = list(options.items()) if isinstance(options, dict) else list(options) if isinstance(
+        options, (tuple, list)) else None
+    if items is None or not all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+                                for p in items):
+        raise InputError(f"model_options {options!r}", "is not a mapping of option names to values",
+                         "pass e.g. model_options={'timesteps': (50, 200)}")
+    if not items:
+        return ()
+    from spectral_jax.models import family, get_spec
+
+    fam, spec = family(model), get_spec(model)
+    takes = [k for k in _LOAD_OPTIONS if k in fam.options]
+    out = {}
+    for name, v in items:
+        flag = "--" + name.replace("_", "-")
+        if name not in takes:
+            why = ("is the run's own (Settings.seed, --seed)" if name == "seed" else
+                   f"is not a load option of {fam.title} models" + (f" (they take {', '.join(takes)})" if takes
+                                                                     else ""))
+            raise InputError(f"model option {name!r}", why, "drop it" + (", or pass seed=" if name == "seed" else ""))
+        if v is None:
+            continue
+        kind = _LOAD_OPTIONS[name]
+        if kind == "ints":
+            out[name] = _timesteps(v, spec, flag)
+        elif kind == "int":
+            out[name] = _integer(flag, v, 1024)
+            if out[name] < 1:
+                raise InputError(flag, f"must be ≥ 1, got {out[name]}", f"pass e.g. {flag} 1024")
+        elif not isinstance(v, str) or not v:
+            raise InputError(flag, f"must be a non-empty string, got {v!r}", f"pass e.g. {flag} VALUE")
+        else:
+            out[name] = v
+    return tuple(sorted(out.items()))
+
+
+def _timesteps(v, spec, flag: str) -> tuple[int, ...]:
+    """Diffusion timesteps (ints, an int array or "0,50,100") as a tuple of ints in the model's training range
+    [0, N) (N: its schedule's num_train_timesteps); the family's count cap is checked when it loads."""
+    n = spec.config.schedule.num_train_timesteps
+    if isinstance(v, str):
+        parts = [p.strip() for p in v.split(",")]
+        try:
+            v = [int(p, 10) for p in parts]
+        except ValueError:
+            raise InputError(flag, f"must be comma-separated integers, got {v!r}", f"pass e.g. {flag} 50,200") from None
+    try:
+        ts = list(np.asarray(v).reshape(-1).tolist()) if not isinstance(v, (int, np.integer)) else [v]
+    except (TypeError, ValueError):
+        ts = None
+    if ts is None or not ts or not all(is_integer(t) for t in ts):
+        raise InputError(flag, f"must be timesteps (integers), got {v!r}", f"pass e.g. {flag} 50,200")
+    bad = [int(t) for t in ts if not 0 <= int(t) < n]
+    if bad:
+        raise InputError(flag, f"{bad[0]} is outside the model's {n} training timesteps [0, {n - 1}]",
+                         f"pass timesteps in [0, {n - 1}], e.g. {flag} 50,200")
+    return tuple(int(t) for t in ts)
+
+
 def _method_fields() -> list[str]:
     return [f for options in METHOD_OPTIONS.values() for f in options]
 
 
 RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size",
                  "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "lam", "layer_weights",
-                 "seed", "block")
+                 "seed", "block", "model_options")
 
 
 __all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS", "RESULT_FIELDS",

@@ -156,17 +156,23 @@ def _local_rows(x: jax.Array, axis: int = 1) -> np.ndarray:
 
 def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh) -> list[G.KnnGraph]:
     """One `graphs.knn` group per layer group over all tokens of the dataset, rows sharded over `mesh` (each
-    process passes its own rows, `process_share`); the graph comes back whole on every process (host arrays)."""
+    process passes its own rows, `process_share`); the graph comes back whole on every process (host arrays).
+    Diffusion taps (`geom.steps` T): the merged features `[L, N, T·F]` are cut into the timesteps' own
+    (`graphs.split_timesteps`) and each (layer, timestep) gets its own graph: a group `[L, T]`."""
     n = len(feats.valid)
     procs = jax.process_count()
     out = []
     for (grid, _), a, b in zip(geom.groups, feats.a, feats.b):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
-        valid = feats.valid
+        valid, same = feats.valid, b is a
+        if geom.steps is not None:                   # [L, N, T·F] → [L, T, N, F]: one graph per (layer, timestep)
+            a = G.split_timesteps(a, geom.steps)
+            b = a if same else G.split_timesteps(b, geom.steps)
         if procs > 1:
-            shape, same = (a.shape[0], a.shape[1] * procs, a.shape[2]), b is a
-            a = global_array(mesh, P(None, AXIS), a, shape)
-            b = a if same else global_array(mesh, P(None, AXIS), b, shape)
+            shape = (*a.shape[:-2], a.shape[-2] * procs, a.shape[-1])
+            rows = P(*([None] * (a.ndim - 2)), AXIS)
+            a = global_array(mesh, rows, a, shape)
+            b = a if same else global_array(mesh, rows, b, shape)
             valid = global_array(mesh, P(), valid, valid.shape)
         g = G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block, valid=valid, mesh=mesh,
                   axis=AXIS)
@@ -178,8 +184,11 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
 
 def cache_key(kind: str, fp: dict) -> dict:
     """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, the image files and
-    their content digests, graph kind, features dtype) for features; plus k and min_cos for the graph."""
+    their content digests, graph kind, features dtype, and a diffusion model's load options, timesteps and noise
+    seed) for features; plus k and min_cos for the graph."""
     keys = ["model", "weights", "layers", "size", "files", "num_images", "graph", "features_dtype"]
+    if fp.get("timesteps"):
+        keys += ["model_options", "timesteps", "seed"]
     if kind == "graph":
         keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block"]
     return {k: fp.get(k) for k in keys}
@@ -256,6 +265,7 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
                 if not _finite(x):
                     return f"{name} holds NaN or infinite values"
             continue
+        shape = (len(layers) * geom.graphs_per_layer, shape[1])        # graphs stored [L·T, …]
         k_intra, k_inter = G.clamp_k(key["k_intra_effective"], key["k_inter_effective"], grid, n)
         idx, w, deg = (d.get(f"{x}{g}") for x in ("idx", "w", "deg"))
         full = (*shape, k_intra + k_inter)
@@ -269,9 +279,9 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
             return f"deg{g} is not float32 {list(shape)}"
         if not _finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all():
             return f"w{g} holds weights that are not 0 or cosines above min_cos"
-        if w.reshape(len(layers), n, -1)[:, ~valid].any():
+        if w.reshape(shape[0], n, -1)[:, ~valid].any():
             return f"w{g} gives edges to unreadable images"
-        for layer in range(len(layers)):
+        for layer in range(shape[0]):
             sums = 0.5 * (w[layer].sum(-1, dtype=np.float64) + np.bincount(
                 idx[layer].ravel(), w[layer].ravel().astype(np.float64), minlength=rows))
             if not np.allclose(deg[layer], sums, rtol=1e-4, atol=1e-5):
@@ -307,14 +317,21 @@ def _failed_json(failed: dict) -> np.ndarray:
 def save_graphs(path: str, gs: list, key: dict, valid: np.ndarray, failed: dict) -> None:
     arrays = {"key": np.array(json.dumps(key, sort_keys=True)), "valid": valid, "failed": _failed_json(failed)}
     for g, gr in enumerate(gs):
-        arrays.update({f"idx{g}": np.asarray(gr.idx), f"w{g}": np.asarray(gr.w), f"deg{g}": np.asarray(gr.deg)})
+        flat = lambda x, tail: np.asarray(x).reshape(-1, *x.shape[x.ndim - tail:])      # [L(·T), N(, k)]
+        arrays.update({f"idx{g}": flat(gr.idx, 2), f"w{g}": flat(gr.w, 2), f"deg{g}": flat(gr.deg, 1)})
     save_npz(path, arrays)
 
 
 def graphs_from(d: dict, geom: Geometry, num_images: int) -> list[G.KnnGraph]:
-    """The graph groups of a graph cache (as `load_cache` gives it: checked); num_images: padded."""
-    return [G.KnnGraph(jnp.asarray(d[f"idx{g}"]), jnp.asarray(d[f"w{g}"]), jnp.asarray(d[f"deg{g}"]), tuple(grid),
-                       (len(layers),), num_images) for g, (grid, layers) in enumerate(geom.groups)]
+    """The graph groups of a graph cache (as `load_cache` gives it: checked; stored `[L·T, …]`, back to the
+    groups' `[L, T]` with timesteps); num_images: padded."""
+    def one(g, grid, layers):
+        shape = geom.graph_shape(layers)
+        idx, w, deg = (jnp.asarray(d[f"{x}{g}"]) for x in ("idx", "w", "deg"))
+        return G.KnnGraph(idx.reshape(*shape, *idx.shape[1:]), w.reshape(*shape, *w.shape[1:]),
+                          deg.reshape(*shape, *deg.shape[1:]), tuple(grid), shape, num_images)
+
+    return [one(g, grid, layers) for g, (grid, layers) in enumerate(geom.groups)]
 
 
 class Solved(NamedTuple):
