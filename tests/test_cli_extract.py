@@ -73,3 +73,25 @@ def test_unreadable_image_exits_2(tmp_path, capsys):
     assert main(["extract", str(bad), "--model", "dino_vits16", "--weights", "random", "--out", str(out)]) == 2
     assert "broken.jpg: cannot read the image" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_family_flag_refused_names_the_models_that_take_it(image, tmp_path):
+    """A family flag the model's family does not take (--latent on a ViT) is one line, exit 2, nothing written;
+    the fix lists exactly the registered models whose family takes it (read from the registry, not a fixed list),
+    and the check runs before any model loads (the console script, no weights needed)."""
+    import os
+    import subprocess
+    import sys
+
+    from spectral_jax.models.registry import FAMILIES, get_spec, names
+
+    out = tmp_path / "o" / "x.npz"
+    exe = os.path.join(os.path.dirname(sys.executable), "spectral-jax")
+    r = subprocess.run([exe, "extract", image, "--model", "dino_vits16", "--latent", "sample", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert "--latent: does not apply to dino_vits16" in r.stderr
+    takers = [n for n in names() if "latent" in FAMILIES[get_spec(n).family].options]
+    assert takers and r.stderr.rstrip().endswith(", ".join(takers))
+    assert "dino_vits16," not in r.stderr.split("takes it:")[1]
+    assert not out.exists() and not out.parent.exists()

@@ -234,7 +234,7 @@ def test_extract_solve_with_timesteps(image_file, tmp_path, capsys):
     (["--model", "sd_tiny", "--weights", "random", "--hidden"], "not available for Stable Diffusion models"),
     (["--model", "sd_tiny", "--weights", "random", "--layers", "16"], "the model has layers 0..15"),
     (["--model", "sd_tiny", "--weights", "random", "--size", "60x80"], "multiple of the patch size 8"),
-    (["--model", "dino_vits16", "--weights", "random", "--timesteps", "5"], "apply to diffusion models only"),
+    (["--model", "dino_vits16", "--weights", "random", "--timesteps", "5"], "--timesteps: does not apply to dino_vits16"),
     (["--model", "sd99"], "unknown model — choose one of: dino_vits16"),
 ])
 def test_extract_errors(image_file, tmp_path, capsys, argv, message):

@@ -3,10 +3,11 @@
 Runs the backbone on one image and writes the q/k/v taps of the chosen layers in the ACTS format
 (`spectral_jax.acts`), atomically; prints a one-line JSON summary on stdout. [--dtype bfloat16] runs the forward in
 bfloat16 (`load_backbone(dtype=)`); the ACTS file stays float32 (the bfloat16 taps widened exactly).
-Stable Diffusion models add `[--timesteps 0,50,100 | --num-timesteps T --schedule KIND] [--seed S]`: the ACTS then
-holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads` (`spectral_jax.models.sd.diffusion`); T is
-capped (`diffusion.max_timesteps`, 64 unless SPECTRAL_JAX_MAX_TIMESTEPS says otherwise) and checked, with each
-timestep in the model's range, before the model loads.
+Models whose family takes them add the family flags (`cli.model_options`: for diffusion models
+`[--timesteps 0,50,100 | --num-timesteps T --schedule KIND] [--latent mean|sample] [--text-embedding FILE]`, noise
+from --seed): the ACTS then holds T·H graphs per layer (timestep-major) and `timesteps`/`num_heads`; T is capped
+(`models.timesteps.max_timesteps`, 64 unless SPECTRAL_JAX_MAX_TIMESTEPS says otherwise) and checked, with each
+timestep in the model's range, before the model loads. A family flag the model does not take is refused.
 Every family takes one path: `models.load_backbone` → `Backbone.taps` → `acts.save_acts`.
 """
 
@@ -16,6 +17,7 @@ import argparse
 import json
 import time
 
+from spectral_jax.cli.model_options import add_arguments, family_options
 from spectral_jax.errors import InputError
 from spectral_jax.models.spec import FORWARD_DTYPES, forward_dtype
 
@@ -46,23 +48,12 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-# Flags of the Stable Diffusion group → the family option they set.
-_FAMILY_FLAGS = {"timesteps": "timesteps", "num_timesteps": "timesteps", "schedule": "timesteps",
-                 "t_max": "timesteps", "latent": "latent", "text_embedding": "text_embedding"}
-
-
 def _extract(args: argparse.Namespace, out) -> None:
     from spectral_jax.models import family, get_spec
 
     start = time.perf_counter()
     spec = get_spec(args.model)                   # an unknown model is the first problem to report (no JAX yet)
     fam = family(args.model)
-    given = [f"--{f.replace('_', '-')}" for f, opt in _FAMILY_FLAGS.items()
-             if getattr(args, f) is not None and opt not in fam.options]
-    if given:
-        raise InputError(", ".join(given), f"apply to diffusion models only, not {args.model}",
-                         "drop them, or use a diffusion model (sd14, sd15, sd21_base, pixart_sigma, sd3_medium, "
-                         "sd35_large, flux1_dev, flux1_schnell)")
     if args.hidden and not fam.hidden:
         raise InputError("--hidden", f"is not available for {fam.title} models", "drop --hidden")
 
@@ -72,13 +63,11 @@ def _extract(args: argparse.Namespace, out) -> None:
     from spectral_jax.pipeline import check_finite
 
     check_seed(args.seed)
-    timesteps = _timesteps(args, getattr(spec.config, "schedule", None))   # checked before the model loads
+    options = family_options(args, spec, fam)     # refused flags and timesteps checked before the model loads
     layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     size = None if args.size is None else io.parse_size(args.size, "--size")
     x = spec.preprocess.image(io.load_image(args.image), size)[None]                  # [1, H, W, 3]
-    options = dict(timesteps=timesteps, seed=args.seed, latent=args.latent, text_embedding=args.text_embedding)
-    bb = load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype),
-                       **{k: v for k, v in options.items() if k in fam.options})
+    bb = load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype), **options)
     taps = bb.taps(x, layers, hidden=args.hidden).patches()
     check_finite(taps, f"weights {args.weights or spec.repo_id!r}")
     chosen = sorted(taps.layers)
@@ -97,35 +86,6 @@ def _extract(args: argparse.Namespace, out) -> None:
     print(json.dumps({**summary, "out": args.out, "seconds": round(time.perf_counter() - start, 3)}))
 
 
-def _timesteps(args: argparse.Namespace, schedule):
-    """--timesteps, or --num-timesteps/--schedule/--t-max, as int64 `[T]` in the model's range [0, N) (N: the
-    `schedule`'s num_train_timesteps), T ≤ the timestep cap; None when none is given (the family's default schedule,
-    drawn from --seed). Checked before anything is drawn or run."""
-    scheduled = [a is not None for a in (args.num_timesteps, args.schedule, args.t_max)]
-    if args.timesteps is None and not any(scheduled):
-        return None
-    from spectral_jax.models.sd import diffusion
-
-    n = schedule.num_train_timesteps
-    if args.timesteps is not None:
-        if any(scheduled):
-            raise InputError("--timesteps", "cannot be combined with --num-timesteps/--schedule/--t-max",
-                             "pass either --timesteps 0,50,100 or --num-timesteps T --schedule KIND")
-        return diffusion.parse_timesteps(args.timesteps, n)
-    if args.num_timesteps is not None:
-        if args.num_timesteps < 1:
-            raise InputError(f"--num-timesteps {args.num_timesteps}", "must be ≥ 1",
-                             f"pass e.g. --num-timesteps {diffusion.DEFAULT_NUM_TIMESTEPS}")
-        diffusion.check_count(args.num_timesteps, f"--num-timesteps {args.num_timesteps}")
-    if args.t_max is not None and not 0 <= args.t_max < n:
-        raise InputError(f"--t-max {args.t_max}", f"must be in [0, {n - 1}] (the model's {n} training timesteps)",
-                         f"pass e.g. --t-max {diffusion.DEFAULT_T_MAX}")
-    return diffusion.timestep_schedule(args.schedule or "random",
-                                       args.num_timesteps or diffusion.DEFAULT_NUM_TIMESTEPS, args.seed,
-                                       diffusion.DEFAULT_T_MAX if args.t_max is None else args.t_max,
-                                       num_train_timesteps=n)
-
-
 def register(subparsers) -> None:
     p = subparsers.add_parser("extract", help="run a backbone on an image, write its q/k/v taps (ACTS.npz)",
                               description=__doc__.splitlines()[0])
@@ -140,24 +100,8 @@ def register(subparsers) -> None:
     p.add_argument("--hidden", action="store_true", help="also store each tapped layer's output hidden states")
     add_dtype_flag(p)
     p.add_argument("--out", required=True, help="output ACTS.npz (.npz is appended if missing; never an input)")
-    sd = p.add_argument_group("Diffusion models (Stable Diffusion sd14/sd15/sd21_base; diffusion transformers "
-                              "pixart_sigma, sd3_medium, sd35_large, flux1_dev, flux1_schnell): self-attention taps "
-                              "across noise timesteps")
-    sd.add_argument("--timesteps", default=None,
-                    help="comma-separated distinct timesteps in [0, 999], e.g. 0,50,100, at most 64 (each is one "
-                         "model pass whose q/k/v are kept; set SPECTRAL_JAX_MAX_TIMESTEPS to change the cap) (flow "
-                         "models SD3/FLUX: t maps to σ as diffusers' flow-matching scheduler)")
-    sd.add_argument("--num-timesteps", type=int, default=None, metavar="T",
-                    help="draw T timesteps with --schedule (default 4, at most 64: SPECTRAL_JAX_MAX_TIMESTEPS changes "
-                         "the cap)")
-    sd.add_argument("--schedule", default=None, choices=("random", "constant", "increasing", "decreasing", "cyclic"),
-                    help="timestep schedule over [0, --t-max] (default random: t ~ U{0..t_max})")
-    sd.add_argument("--t-max", type=int, default=None, help="largest timestep of the schedule (default 250)")
-    sd.add_argument("--seed", type=int, default=0, help="schedule, noise and latent-sample seed (default 0)")
-    sd.add_argument("--latent", default=None, choices=("mean", "sample"),
-                    help="VAE posterior mean (default) or a sample from --seed")
-    sd.add_argument("--text-embedding", default=None, metavar="NPY",
-                    help="saved empty-prompt embedding: SD .npy [77, C] (then text_encoder/ is not "
-                         "needed); PixArt .npy of T5 tokens; SD3/FLUX .npz with context and pooled "
-                         "(default for the DiTs: zeros, see models/dit/config.py)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of random weights, and of a diffusion model's schedule, noise and latent sample "
+                        "(default 0)")
+    add_arguments(p)
     p.set_defaults(func=run)
