@@ -375,25 +375,13 @@ def _model_options(model: str, options) -> tuple:
 
 
 def _timesteps(v, spec, flag: str) -> tuple[int, ...]:
-    """Diffusion timesteps (ints, an int array or "0,50,100") as a tuple of ints in the model's training range
-    [0, N) (N: its schedule's num_train_timesteps); the family's count cap is checked when it loads."""
+    """Diffusion timesteps (ints, an int array, or "0,50,100" as --timesteps takes it) as a tuple of ints in the
+    model's training range [0, N) (N: its schedule's num_train_timesteps), at most the timestep cap
+    (`models.timesteps`, whose checks these are)."""
+    from spectral_jax.models import timesteps as T
+
     n = spec.config.schedule.num_train_timesteps
-    if isinstance(v, str):
-        parts = [p.strip() for p in v.split(",")]
-        try:
-            v = [int(p, 10) for p in parts]
-        except ValueError:
-            raise InputError(flag, f"must be comma-separated integers, got {v!r}", f"pass e.g. {flag} 50,200") from None
-    try:
-        ts = list(np.asarray(v).reshape(-1).tolist()) if not isinstance(v, (int, np.integer)) else [v]
-    except (TypeError, ValueError):
-        ts = None
-    if ts is None or not ts or not all(is_integer(t) for t in ts):
-        raise InputError(flag, f"must be timesteps (integers), got {v!r}", f"pass e.g. {flag} 50,200")
-    bad = [int(t) for t in ts if not 0 <= int(t) < n]
-    if bad:
-        raise InputError(flag, f"{bad[0]} is outside the model's {n} training timesteps [0, {n - 1}]",
-                         f"pass timesteps in [0, {n - 1}], e.g. {flag} 50,200")
+    ts = T.parse_timesteps(v, n) if isinstance(v, str) else T.check_timesteps(v, n, "timesteps")
     return tuple(int(t) for t in ts)
 
 
