@@ -12,7 +12,13 @@ OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile
 [num_images, h, w]: one k-means of all images' spectral embeddings, so segment i is the same cluster in every
 image; --segments N of them, or auto: the largest eigengap), OUT/segments.png (the first 100 images with their
 segments, one colour per segment id), OUT/summary.json (segment sizes and images per segment under "segments") and
-OUT/checkpoints/ (orbax); prints a one-line JSON summary. Unreadable files are reported on stderr, skipped and
+OUT/checkpoints/ (orbax); prints a one-line JSON summary.
+Diffusion models (Stable Diffusion, the DiTs) take their family's flags (--timesteps, or --num-timesteps/--schedule/
+--t-max; --latent, --text-embedding; `cli.model_options`; --seed also draws the noise and a random schedule): one kNN
+graph per (layer, timestep) on the layer's grid, resampled to the table grid (the finest tapped); default timesteps
+the family's (4 drawn from --seed over [0, 250]). --recipe main_cls: the paper's official dataset setting
+(`spectral_jax.recipes`: SD UNet layers 6-12, 32/res weights, k 50/50, --min-cos 0.1, 512²), flags given beside it
+override its values. Unreadable files are reported on stderr, skipped and
 listed in the summary; a folder none of whose images can be read is refused before the model runs.
 OUT must lie outside FOLDER (a run's outputs inside it would be scanned as images by the next run), be a folder
 (new or existing) you can write to; options, K against the nodes of a batch's graph and OUT are all checked before
