@@ -3,8 +3,10 @@
     features → graph → eigenvectors:
   1. the backbone runs batch by batch over the folder (`batch_size` images per forward, sharded over the mesh);
      of each batch only the merged per-layer features are kept (`graphs.knn_inputs`: heads concatenated; q and k
-     for knn-qk, v for knn-vv), on the host, float32 or bfloat16 (`features_dtype`) → `[L, n·h·w, H·D]` per group;
-  2. one kNN graph per layer over ALL tokens of the dataset (`graphs.knn`: `k_intra` neighbours in the token's own
+     for knn-qk, v for knn-vv), on the host, float32 or bfloat16 (`features_dtype`) → `[L, n·h·w, H·D]` per group
+     (diffusion taps: `[L, n·h·w, T·H·D]`, the T timesteps' heads side by side);
+  2. one kNN graph per layer — per (layer, timestep) for diffusion taps, each timestep's heads on their own
+     (`graphs.split_timesteps`), a group `[L, T]` — over ALL tokens of the dataset (`graphs.knn`: `k_intra` neighbours in the token's own
      image, `k_inter` among all other images' tokens, cos ≤ `min_cos` dropped, ½(A + Aᵀ), row-normalised), searched
      blockwise (never N×N) with the rows sharded over the mesh; unreadable images and the padding to a multiple of
      the devices are masked (no edges);
@@ -397,8 +399,9 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tupl
     tapped layers as analyze's are (`LayerWeights.resolve`: a layer a mapping does not name weighs 0; numbers
     scaled in float64, by the largest then to sum 1, before the float32 cast, so 1e-45 or 1e308 give the same
     weights as 1); a rule ("eigengap" / "select") reads each layer's own top-K spectrum
-    (`solvers.exact.layer_spectra`: one sparse solve per layer; on kNN graphs, one graph per layer, "select" is the
-    layer of the largest eigengap)."""
+    (`solvers.exact.layer_spectra`: one sparse solve per layer, over its timesteps' graphs for diffusion taps);
+    "select" is the layer of the largest eigengap (no head-agreement term: a layer's whole-dataset graphs are never
+    made dense)."""
     import functools
 
     from spectral_jax import layer_weights as LW
@@ -414,7 +417,7 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tupl
         resolved = weights.resolve(layers, what="--layer-weights")
         rule = resolved if isinstance(resolved, str) else "given"
         weights, per_layer = LW.for_groups(gs, group_layers, resolved, settings.num_eigs, spectra=functools.partial(
-            layer_spectra, gs, group_layers, settings.num_eigs))
+            layer_spectra, gs, group_layers, settings.num_eigs), agreement=np.ones(len(layers)))
         per = dict(zip(layers, per_layer))
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
