@@ -140,7 +140,7 @@ def run_dataset(args) -> int:
     if args.recipe is not None:
         from spectral_jax.recipes import recipe_fields
 
-        chosen = {**recipe_fields(args.recipe, args.model, args.method), **chosen}
+        chosen = {**recipe_fields(args.recipe, args.model, args.method), **chosen, "recipe": args.recipe}
     settings = Settings(model=args.model, weights=args.weights or None, graph=args.graph, num_eigs=args.num_eigs,
                         seed=args.seed, prefetch=args.prefetch, method=args.method, segments=args.segments,
                         model_options=options, **chosen)

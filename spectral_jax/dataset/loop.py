@@ -200,13 +200,16 @@ def _load_backbone(settings: Settings):
 
 
 def _backbone_record(backbone, layers_name: str, settings: Settings) -> dict:
-    """The summary's backbone fields: model, weights, layers and, for diffusion backbones, "timesteps" the run used
+    """The summary's backbone fields: model, weights, layers, the recipe (if any) and, for diffusion backbones,
+    "timesteps" the run used
     (resolved: the default schedule drawn from the seed shows its values) and "model_options" as given (the noise
     seed is the summary's "seed")."""
     out = {"model": backbone.name, "weights": backbone.weights, "layers": layers_name}
     steps = tuple(getattr(backbone, "timesteps", ()) or ())
     if steps:
         out.update(timesteps=[int(t) for t in steps], model_options=settings.options_json())
+    if settings.recipe is not None:
+        out["recipe"] = settings.recipe
     return out
 
 

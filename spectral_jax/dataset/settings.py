@@ -129,7 +129,11 @@ class Settings:
     order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints; prefetch: batches read
     ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments: the number of
     dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
-    change it).
+    change it); model_options: the model family's load options, a mapping checked once (`_model_options`: for
+    diffusion models timesteps — default the family's, 4 drawn from `seed` over [0, 250] —, latent, text_embedding,
+    attn_chunk; `seed` is the noise seed, `load_options`), in the fingerprint and the caches' keys; recipe: the name
+    of the `spectral_jax.recipes` recipe the fields came from (a label for the summary; `recipes.recipe_fields`
+    gives the fields).
 
     graph may be an `options.GraphSpec` and solver= an `options.ExactSpec` / `GdSpec` (the objects `solve` and
     `analyze` take): they are read into the fields above on construction (`_read_specs`).
@@ -168,6 +172,7 @@ class Settings:
     tol: float = TOL
     segments: object = "auto"
     model_options: object = None   # the family's load options ({"timesteps": (…), "latent": …}), `_model_options`
+    recipe: str | None = None      # the `spectral_jax.recipes` name the fields came from (a label, in the summary)
     solver: dataclasses.InitVar[object] = None     # an ExactSpec / GdSpec, read into method and its options
 
     def __post_init__(self, solver=None):
@@ -206,6 +211,10 @@ class Settings:
 
         if self.graph not in GRAPHS:
             bad(f"graph {self.graph!r}", "not a dataset graph", f"choose one of {', '.join(GRAPHS)}")
+        from spectral_jax.recipes import RECIPES
+
+        if self.recipe is not None and self.recipe not in RECIPES:
+            bad(f"recipe {self.recipe!r}", "unknown recipe", f"choose one of {', '.join(RECIPES)}")
         if self.method not in METHODS:
             bad(f"method {self.method!r}", "unknown dataset method", f"choose one of {', '.join(METHODS)}")
         if self.features_dtype not in FEATURE_DTYPES:
@@ -254,7 +263,7 @@ class Settings:
         """A copy with the fields that do not change the compiled step (the backbone's provenance, which the
         step sees as its `apply`, and what only steers the run) at fixed values: runs that compute the same step
         compare equal."""
-        steer = ("epochs", "checkpoint_every", "prefetch", "figure_images", "segments")
+        steer = ("epochs", "checkpoint_every", "prefetch", "figure_images", "segments", "recipe")
         return dataclasses.replace(self, model="", weights=None, layers="all",
                                    **{f.name: f.default for f in dataclasses.fields(self) if f.name in steer})
 
