@@ -264,7 +264,7 @@ class Settings:
         step sees as its `apply`, and what only steers the run) at fixed values: runs that compute the same step
         compare equal."""
         steer = ("epochs", "checkpoint_every", "prefetch", "figure_images", "segments", "recipe")
-        return dataclasses.replace(self, model="", weights=None, layers="all",
+        return dataclasses.replace(self, model="", weights=None, layers="all", model_options=None,
                                    **{f.name: f.default for f in dataclasses.fields(self) if f.name in steer})
 
     def result_fields(self) -> dict:
