@@ -283,15 +283,22 @@ def test_cli_recipe_and_timesteps_through_the_console_script(tmp_path):
     assert s["k_intra"] == 1 and s["k_inter"] == 1 and s["min_cos"] == 0.1 and s["grid"] == [4, 4]
 
 
-@pytest.mark.parametrize("case", ["timestep", "vit", "recipe"])
+@pytest.mark.parametrize("case", ["timestep", "vit", "recipe", "table"])
 def test_cli_bad_family_options_one_line_exit_2(tmp_path, case):
-    folder = square_folder(str(tmp_path / "imgs"), 1, 32)
+    """Bad diffusion input: one line, exit 2, no OUT — a timestep outside the model's range, a family flag given to
+    a ViT, the recipe on a model without a UNet, and layer weights that leave the table's (finest) grid without
+    weight (the multi-grid metric would be singular), the last refused before any forward runs."""
+    folder = square_folder(str(tmp_path / "imgs"), 2, 64)
     args = {"timestep": ["--model", "sd_tiny", "--weights", "random", "--timesteps", "10,5000"],
             "vit": ["--model", "dinov2_vits14", "--weights", "random", "--timesteps", "10"],
-            "recipe": ["--model", "dinov2_vits14", "--weights", "random", "--recipe", "main_cls"]}[case]
+            "recipe": ["--model", "dinov2_vits14", "--weights", "random", "--recipe", "main_cls"],
+            "table": ["--model", "sd_tiny", "--weights", "random", "--size", "64", "--layers", "7,13",
+                      "--layer-weights", "7:1,13:0", "--timesteps", "10", "--k-intra", "1", "--k-inter", "1",
+                      "--num-eigs", "2"]}[case]
     r = _cli(folder, *args, "--out", str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("spectral-jax dataset: error:"), r.stderr
+    assert case != "table" or "table's grid 8×8" in r.stderr
     assert not (tmp_path / "out").exists()
 
 

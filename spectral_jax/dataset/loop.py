@@ -109,6 +109,7 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
         raise InputError("--batch-size", f"{settings.batch_size} is not a multiple of the {ndev} devices",
                          f"pass --batch-size {-(-settings.batch_size // ndev) * ndev}")
     geom = geometry(backbone, layers, settings, size, len(where.files), ndev)
+    _check_table_weight(settings, geom)
     inputs.check_graph_size(settings, geom.tokens, len(where.files), (geom.k_intra, geom.k_inter),
                             geom.base[0] * geom.base[1])
     from spectral_jax.dataset.cluster import check_count
@@ -188,6 +189,24 @@ def _lock_out(out: str):
     if err is not None:
         raise err
     return lock
+
+
+def _check_table_weight(settings: Settings, geom) -> None:
+    """Layer weights given as numbers must put some weight on the table's grid (the finest tapped, `geom.base`):
+    the groups on coarser grids see the table pooled, so without a layer on it the problem has no unique solution
+    there (the resampling metric B is singular). One `InputError` before the backbone runs. (A rule's weights are
+    read from the graphs; where one leaves the finest grid without weight the solve moves to the finest grid that
+    has some, `whole.solve`.)"""
+    lw = settings.layer_weights
+    if lw is None or lw.rule is not None:
+        return
+    layers = sorted(l for _, ls in geom.groups for l in ls)
+    w = dict(zip(layers, lw.resolve(layers, what="--layer-weights")))
+    on_base = [l for grid, ls in geom.groups if tuple(grid) == tuple(geom.base) for l in ls]
+    if not any(w[l] > 0 for l in on_base):
+        raise InputError("--layer-weights", f"put no weight on the layers of the table's grid {geom.base[0]}×"
+                         f"{geom.base[1]} (layers {','.join(map(str, on_base))}), the finest tapped one",
+                         "give one of them a weight > 0, or leave them out of --layers")
 
 
 def _load_backbone(settings: Settings):
@@ -379,6 +398,7 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         raise inputs.no_images(where.folder, where.files, f"{where.files[first[0]]}: {first[1]}" if first
                                else f"{where.files[0]}: could not be read during the run")
     res = dataclasses.replace(solved.result, provenance=_provenance(settings, geom, backbone, solved))
+    geom = dataclasses.replace(geom, base=tuple(res.eigvecs.shape[2:]))     # a rule may move it (`whole.solve`)
     names = [f for f, g in zip(where.files, ok) if g]
     skipped = [{"file": where.files[i], "reason": solved.failed.get(i, "could not be read during the run")}
                for i in np.flatnonzero(~ok)]

@@ -387,7 +387,11 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()
     weights, chosen = layer_weights(gs, geom, weights, settings)
-    res = exact(gs, settings.num_eigs, weights, maxiter=settings.maxiter, tol=settings.tol, seed=settings.seed)
+    from spectral_jax.layer_weights import base_grid
+
+    base = None if weights is None else base_grid(gs, weights)    # the finest grid with weight (a rule may pick
+    res = exact(gs, settings.num_eigs, weights, base, maxiter=settings.maxiter, tol=settings.tol,   # a coarse one)
+                seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
     edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
     return Solved(res, valid, failed, timings, cached, edges, chosen)
