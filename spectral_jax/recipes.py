@@ -84,10 +84,8 @@ def recipe_fields(name: str, model: str, method: str = "exact") -> dict:
     if name not in RECIPES:
         raise InputError(f"--recipe {name}", "unknown recipe", f"choose one of {', '.join(RECIPES)}")
     fields = main_cls(model)
-    if method == "gd":
+    if method == "gd":                     # exact's --batch-size is images per forward only: the user's to choose
         fields.update(MAIN_CLS_GD)
-    else:
-        fields["batch_size"] = MAIN_CLS_GD["batch_size"]
     return fields
 
 

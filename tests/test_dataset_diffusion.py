@@ -24,8 +24,9 @@ from spectral_jax.errors import InputError
 
 TS = (10, 200)
 CLI = os.path.join(os.path.dirname(sys.executable), "spectral-jax")
-# (model, size, layers, k_intra, k_inter): sd_tiny on three grids, pixart_tiny on one
+# model: (size, layers, k_intra, k_inter): sd_tiny on three grids, pixart_tiny on one
 CASES = {"sd_tiny": (64, (7, 10, 13), 2, 3), "pixart_tiny": (32, (0, 2), 3, 3)}
+KIND = {"sd_tiny": "knn-qk", "pixart_tiny": "knn-vv"}      # the exact-vs-dense test: one graph kind each
 
 
 def square_folder(root: str, n: int, side: int, seed: int = 0) -> str:
@@ -144,7 +145,7 @@ def test_exact_solve_reaches_the_dense_optimum_of_per_timestep_graphs(tmp_path, 
     lw = None if weights is None else ",".join(f"{l}:{w:g}" for l, w in weights.items())
     res = dataset.run(folder, str(tmp_path / "out"), model=model, weights="random", size=size, batch_size=1,
                       num_eigs=4, k_intra=ki, k_inter=ko, layers=",".join(map(str, layers)), figure_images=0,
-                      model_options={"timesteps": TS}, layer_weights=lw)
+                      model_options={"timesteps": TS}, layer_weights=lw, graph=KIND[model])
     s = res.summary
     assert s["timesteps"] == list(TS) and s["model_options"] == {"timesteps": list(TS)}
     assert res.provenance.timesteps == TS and res.provenance.layers == tuple(sorted(layers))
@@ -152,7 +153,7 @@ def test_exact_solve_reaches_the_dense_optimum_of_per_timestep_graphs(tmp_path, 
     if model == "sd_tiny":
         assert sorted(grids.values()) == [(2, 2), (4, 4), (8, 8)]            # three grids: the multi-grid problem
     full = weights or {l: 1.0 for l in layers}
-    a_mat, b_mat, base = dense_reference(taps, grids, 3, "knn-qk", ki, ko, 0.1, full)
+    a_mat, b_mat, base = dense_reference(taps, grids, 3, KIND[model], ki, ko, 0.1, full)
     assert tuple(res.eigvecs.shape[2:]) == base
     assert captured(a_mat, b_mat, as_nodes(res.eigvecs).astype(np.float64)) >= 0.999
 
