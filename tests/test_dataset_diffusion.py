@@ -143,9 +143,10 @@ def test_exact_solve_reaches_the_dense_optimum_of_per_timestep_graphs(tmp_path, 
     folder = square_folder(str(tmp_path / "imgs"), 3, size)
     weights = {layers[0]: 4.0, layers[1]: 2.0, layers[2]: 1.0} if model == "sd_tiny" else None   # 32/res-like
     lw = None if weights is None else ",".join(f"{l}:{w:g}" for l, w in weights.items())
-    res = dataset.run(folder, str(tmp_path / "out"), model=model, weights="random", size=size, batch_size=1,
-                      num_eigs=4, k_intra=ki, k_inter=ko, layers=",".join(map(str, layers)), figure_images=0,
-                      model_options={"timesteps": TS}, layer_weights=lw, graph=KIND[model])
+    kw = dict(model=model, weights="random", size=size, batch_size=1, num_eigs=4, k_intra=ki, k_inter=ko,
+              layers=",".join(map(str, layers)), figure_images=0, model_options={"timesteps": TS}, layer_weights=lw,
+              graph=KIND[model])
+    res = dataset.run(folder, str(tmp_path / "out"), **kw)
     s = res.summary
     assert s["timesteps"] == list(TS) and s["model_options"] == {"timesteps": list(TS)}
     assert res.provenance.timesteps == TS and res.provenance.layers == tuple(sorted(layers))
@@ -156,6 +157,19 @@ def test_exact_solve_reaches_the_dense_optimum_of_per_timestep_graphs(tmp_path, 
     a_mat, b_mat, base = dense_reference(taps, grids, 3, KIND[model], ki, ko, 0.1, full)
     assert tuple(res.eigvecs.shape[2:]) == base
     assert captured(a_mat, b_mat, as_nodes(res.eigvecs).astype(np.float64)) >= 0.999
+    if model != "sd_tiny":
+        return
+    # the caches hold the per-(layer, timestep) graphs (stored [L·T, …]) and the merged features: a resume reads
+    # them back into the same problem; other timesteps are another problem, refused
+    again = dataset.run(folder, str(tmp_path / "out"), resume=True, **{**kw, "num_eigs": 3})
+    assert again.summary["cached"] == ["graph"]
+    np.testing.assert_allclose(again.eigvals[0], res.eigvals[0, :3], rtol=1e-4, atol=1e-6)
+    (tmp_path / "out" / "checkpoints" / "graph.npz").unlink()
+    third = dataset.run(folder, str(tmp_path / "out"), resume=True, **kw)
+    assert third.summary["cached"] == ["features"]
+    np.testing.assert_allclose(third.eigvals, res.eigvals, rtol=1e-5, atol=1e-7)
+    with pytest.raises(InputError, match="other settings"):
+        dataset.run(folder, str(tmp_path / "out"), resume=True, **{**kw, "model_options": {"timesteps": (10, 300)}})
 
 
 def test_one_image_dataset_run_matches_the_single_image_knn_solve(tmp_path):
