@@ -407,13 +407,39 @@ def merge_heads(x: Array) -> Array:
     return jnp.transpose(x, (0, 2, 1, 3)).reshape(x.shape[0] * x.shape[2], -1)
 
 
-def knn_inputs(layer_taps, kind: str) -> tuple[Array, Array]:
-    """(a, b) `[L, B·N, H·D]` of the kNN graph `kind` over `LayerTap`s that share a grid: q vs k for knn-qk,
-    v vs v for knn-vv (heads concatenated)."""
+def knn_inputs(layer_taps, kind: str, steps: int | None = None) -> tuple[Array, Array]:
+    """(a, b) of the kNN graph `kind` over `LayerTap`s that share a grid: q vs k for knn-qk, v vs v for knn-vv.
+
+    steps None: heads concatenated, `[L, B·N, H'·D]` (H' the heads axis as tapped — for diffusion taps the T·H
+    graphs of every timestep; `split_timesteps` cuts these features into the timesteps' own, exactly). steps T
+    (the taps' timesteps, T divides the heads axis, timestep-major as `Taps.timesteps` says): one graph's inputs per
+    (layer, timestep), that timestep's H heads concatenated, `[L, T, B·N, H·D]`."""
     if kind == "knn-qk":
-        return jnp.stack([merge_heads(t.q) for t in layer_taps]), jnp.stack([merge_heads(t.k) for t in layer_taps])
-    v = jnp.stack([merge_heads(t.v) for t in layer_taps])
-    return v, v
+        a = jnp.stack([merge_heads(t.q) for t in layer_taps])
+        b = jnp.stack([merge_heads(t.k) for t in layer_taps])
+    else:
+        a = b = jnp.stack([merge_heads(t.v) for t in layer_taps])
+    if steps is None:
+        return a, b
+    split = split_timesteps(a, steps)
+    return split, split if b is a else split_timesteps(b, steps)
+
+
+def split_timesteps(x: Array, steps: int) -> Array:
+    """Merged features `[L, M, T·F]` (`knn_inputs` with steps None: the T·H heads of diffusion taps concatenated,
+    timestep-major) → `[L, T, M, F]`, each timestep's heads (F = H·D) on their own; numpy in, numpy out (a host
+    copy), jax likewise. T must divide the feature width (else ValueError)."""
+    steps = int(steps)
+    l, m, f = x.shape
+    if steps < 1 or f % steps:
+        raise ValueError(f"{steps} timesteps do not divide the merged feature width {f}")
+    xp = np if isinstance(x, np.ndarray) else jnp
+    return xp.swapaxes(xp.reshape(x, (l, m, steps, f // steps)), 1, 2)
+
+
+def timestep_count(taps) -> int | None:
+    """T of diffusion taps (`Taps.timesteps`), None for taps without timesteps (a ViT's: one graph per layer)."""
+    return len(taps.timesteps) if getattr(taps, "timesteps", ()) else None
 
 
 def clamp_k(k_intra: int, k_inter: int, grid: tuple[int, int], num_images: int) -> tuple[int, int]:
@@ -432,7 +458,8 @@ def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_int
     qk: attention(q, k) `[L, H, N, D]` per group, for image `image`; vv: value(v, tau) likewise;
     knn-qk / knn-vv: one kNN graph per layer over all B images' tokens (`knn_inputs`: `[L, B·N, H·D]`),
     `k_intra` neighbours within the image and `k_inter` in other images, each capped by the tokens available
-    (`clamp_k`). dtype: what the graphs store q/k, unit v and the kNN features in — "float32" (default, also for
+    (`clamp_k`); for diffusion taps (`taps.timesteps`: T timesteps folded into the heads axis) one kNN graph per
+    (layer, timestep), that timestep's H heads concatenated, a group of batch shape `[L, T]`. dtype: what the graphs store q/k, unit v and the kNN features in — "float32" (default, also for
     bfloat16 taps of a bfloat16 forward) or "bfloat16" (half the memory; logits, cosines, softmax and P z stay
     float32, see the module docstring).
     """
@@ -454,6 +481,6 @@ def from_taps(taps, kind: str, *, image: int | None = 0, tau: float = 0.1, k_int
             continue
         nimg = ts[0].q.shape[0]
         ki, ko = clamp_k(k_intra, k_inter, grid, nimg)
-        out.append(knn(*knn_inputs(ts, kind), grid, nimg, k_intra=ki, k_inter=ko, min_cos=min_cos, block=block,
-                       dtype=dtype))
+        out.append(knn(*knn_inputs(ts, kind, timestep_count(taps)), grid, nimg, k_intra=ki, k_inter=ko,
+                       min_cos=min_cos, block=block, dtype=dtype))
     return out

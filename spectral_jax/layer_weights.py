@@ -3,8 +3,10 @@
 Sits between `graphs` and `solvers` in the data flow and imports neither `solvers` nor `analysis`: it names which
 layer each graph of a group belongs to, takes subsets of layers out of groups, and turns one weight per layer (a
 `options.LayerWeights`, resolved against the tapped layers) into the per-group arrays `[*S]` that the solvers
-take (`solvers.exact.exact(graphs, K, weights=...)`, `solvers.gd.gd`). A layer's weight multiplies each of its graphs
-(every head, every timestep), so uniform layer weights are the solvers' default (every graph equal).
+take (`solvers.exact.exact(graphs, K, weights=...)`, `solvers.gd.gd`). A layer's weight w_l is shared by its graphs
+(every head, every timestep: each w_l / m, m the layer's graphs, `group_weights`), so a layer's total stays w_l;
+for layers with equal m, uniform layer weights are the solvers' default (every graph equal). Diffusion kNN groups
+`[L, T]` (one graph per layer and timestep) give each timestep w_l / T.
 
 Rules (`RULES`), all from each layer's own graphs, no labels, no per-dataset constant:
 - "uniform": every layer 1.
@@ -146,11 +148,15 @@ def pad(values, k: int) -> np.ndarray:
 
 def group_weights(graphs: Sequence, group_layers: Sequence[Sequence[int]], layers: Sequence[int], w) -> list:
     """One weight per layer (`layers` `[L]`, w `[L]`) → per-group float32 arrays of each group's batch shape, for
-    `solvers.exact.exact(graphs, K, weights=...)`."""
+    `solvers.exact.exact(graphs, K, weights=...)`. A layer's weight is shared by its graphs: each of the m graphs
+    on the trailing batch axes (its heads, its timesteps: m = H, T·H or, for a diffusion kNN group `[L, T]`, T)
+    gets w_l / m, so every layer's graphs sum to w_l whatever it holds (for layers of equal m the same problem as
+    w_l each, the solvers normalising the weights to sum 1)."""
     by_layer = dict(zip((int(l) for l in layers), np.asarray(w, np.float64)))
     out = []
     for g, ls in zip(graphs, group_layers):
-        col = np.array([by_layer.get(int(l), 0.0) for l in ls], np.float32)
+        per = max(1, int(np.prod(g.batch_shape[1:], dtype=np.int64)))
+        col = np.array([by_layer.get(int(l), 0.0) / per for l in ls], np.float32)
         out.append(np.broadcast_to(col.reshape(-1, *([1] * (len(g.batch_shape) - 1))), g.batch_shape).copy())
     if not math.fsum(float(x.sum()) for x in out) > 0:
         raise InputError("layer weights", "put no weight on any graph", "give at least one tapped layer weight > 0")

@@ -383,14 +383,14 @@ def _cli(*args, timeout=600):
                           text=True, timeout=timeout)
 
 
-@pytest.mark.parametrize("case", ["missing", "empty", "model", "sd", "size", "batch"])
+@pytest.mark.parametrize("case", ["missing", "empty", "model", "family", "size", "batch"])
 def test_cli_bad_input_one_line_exit_2(tmp_path, case):
     folder = make_folder(str(tmp_path / "imgs"), 2)
     (tmp_path / "empty").mkdir()
     args = {"missing": [str(tmp_path / "nope"), "--model", "dinov2_vits14"],
             "empty": [str(tmp_path / "empty"), "--model", "dinov2_vits14"],
             "model": [folder, "--model", "no_such_model"],
-            "sd": [folder, "--model", "sd_tiny", "--weights", "random"],
+            "family": [folder, "--model", "dinov2_vits14", "--weights", "random", "--timesteps", "10"],
             "size": [folder, "--model", "dinov2_vits14", "--weights", "random", "--size", "50"],
             "batch": [folder, "--model", "dinov2_vits14", "--weights", "random", "--batch-size", "0"]}[case]
     r = _cli(*args, "--out", str(tmp_path / "out"))

@@ -12,7 +12,13 @@ OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile
 [num_images, h, w]: one k-means of all images' spectral embeddings, so segment i is the same cluster in every
 image; --segments N of them, or auto: the largest eigengap), OUT/segments.png (the first 100 images with their
 segments, one colour per segment id), OUT/summary.json (segment sizes and images per segment under "segments") and
-OUT/checkpoints/ (orbax); prints a one-line JSON summary. Unreadable files are reported on stderr, skipped and
+OUT/checkpoints/ (orbax); prints a one-line JSON summary.
+Diffusion models (Stable Diffusion, the DiTs) take their family's flags (--timesteps, or --num-timesteps/--schedule/
+--t-max; --latent, --text-embedding; `cli.model_options`; --seed also draws the noise and a random schedule): one kNN
+graph per (layer, timestep) on the layer's grid, resampled to the table grid (the finest tapped); default timesteps
+the family's (4 drawn from --seed over [0, 250]). --recipe main_cls: the paper's official dataset setting
+(`spectral_jax.recipes`: SD UNet layers 6-12, 32/res weights, k 50/50, --min-cos 0.1, 512²), flags given beside it
+override its values. Unreadable files are reported on stderr, skipped and
 listed in the summary; a folder none of whose images can be read is refused before the model runs.
 OUT must lie outside FOLDER (a run's outputs inside it would be scanned as images by the next run), be a folder
 (new or existing) you can write to; options, K against the nodes of a batch's graph and OUT are all checked before
@@ -29,8 +35,10 @@ from __future__ import annotations
 import json
 import os
 
+from spectral_jax.cli import model_options
 from spectral_jax.errors import InputError
 from spectral_jax.options import DATASET_GRAPHS, METHODS, PRESETS
+from spectral_jax.recipes import RECIPES
 
 def register(sub) -> None:
     p = sub.add_parser("dataset", help="one eigenvector table for a folder of images (kNN graphs, sharded, resumable)",
@@ -49,18 +57,20 @@ def register(sub) -> None:
     p.add_argument("--tol", type=float, default=None, help="exact: relative residual to stop at (default √eps32)")
     p.add_argument("--bf16-features", action="store_true",
                    help="exact: keep the features for the graph in bfloat16 (half the memory)")
-    p.add_argument("--batch-size", type=int, default=40, metavar="B", help="images per step (per forward: exact)")
+    p.add_argument("--batch-size", type=int, default=None, metavar="B",
+                   help="images per step (per forward: exact) (default 40)")
     p.add_argument("--epochs", type=int, default=None, metavar="E", help="gd: passes over the folder (default 10)")
     p.add_argument("--num-eigs", type=int, default=20, metavar="K")
     p.add_argument("--k-intra", type=int, default=None,
                    help="neighbours of a token inside its image (default 50, clamped to the tokens of an image)")
     p.add_argument("--k-inter", type=int, default=None,
                    help="neighbours of a token in the batch's other images (default 50, clamped to their tokens)")
-    p.add_argument("--size", default="224", help="S (images become S×S) or HxW; multiples of the patch size")
+    p.add_argument("--size", default=None, help="S (images become S×S) or HxW; multiples of the patch size "
+                                                "(default 224)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--checkpoint-every", type=int, default=None, metavar="N",
                    help="gd: steps (batches) between checkpoints (default 50)")
-    p.add_argument("--layers", default="all", help="'all' or comma-separated layer indices")
+    p.add_argument("--layers", default=None, help="'all' (default) or comma-separated layer indices")
     p.add_argument("--layer-weights", default=None, metavar="RULE|L:W,...|W,...",
                    help="weights of the tapped layers, as analyze takes them: a rule read from each layer's graph "
                         "(eigengap, select, uniform; --method exact), layer:weight pairs, e.g. 11:1,10:0.5 (a tapped "
@@ -72,8 +82,18 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None, help="gd: default 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen)")
     p.add_argument("--ema", type=float, default=None,
                    help="gd: in [0, 1): decay of the table's moving average (default 0.99)")
-    p.add_argument("--min-cos", type=float, default=0.1, help="in [-1, 1): edges with cosine ≤ it are dropped")
+    p.add_argument("--min-cos", type=float, default=None,
+                   help="in [-1, 1): edges with cosine ≤ it are dropped (default 0.1)")
+    p.add_argument("--recipe", choices=RECIPES, default=None,
+                   help="main_cls: the seed paper's dataset experiment (its official main_cls.py) on a Stable "
+                        "Diffusion UNet — the mid block's and the two coarser decoder blocks' self-attention (layers "
+                        "6-12 of SD 1.x/2.x), heads merged, layer weights 32/res, k_intra = k_inter = 50, "
+                        "--min-cos 0.1, 512² (a 32×32 table); flags given beside it override its values. Differs "
+                        "from the official run: exact solve by default (--method gd: AdamW + EMA on minibatches), "
+                        "timesteps fixed per run (--timesteps; default 4 drawn from --seed over [0, 250]) instead of "
+                        "a fresh t < 300 per image and step (spectral_jax.recipes)")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead on a background thread")
+    model_options.add_arguments(p)
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="multi-process: the coordinator")
     p.add_argument("--num-processes", type=int, default=None)
     p.add_argument("--process-id", type=int, default=None)
@@ -106,16 +126,24 @@ def _method_options(args) -> dict:
 
 def run_dataset(args) -> int:
     from spectral_jax.dataset.settings import Settings, check_method_options   # no JAX: every option at once
-    from spectral_jax.models import get_spec
+    from spectral_jax.models import family, get_spec
 
     given = _method_options(args)
     check_method_options(args.method, given)       # an option the method ignores: one line (both directions)
-    settings = Settings(model=args.model, weights=args.weights or None, layers=args.layers, size=str(args.size),
-                        graph=args.graph, num_eigs=args.num_eigs, batch_size=args.batch_size,
-                        k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, seed=args.seed,
-                        prefetch=args.prefetch, method=args.method, segments=args.segments,
-                        layer_weights=args.layer_weights, **given)
     spec = get_spec(args.model)                     # unknown model: one line before anything else
+    options = model_options.family_options(args, spec, family(args.model))   # the family's flags, checked
+    options.pop("seed", None)                       # the run's --seed is the noise seed (`Settings.load_options`)
+    chosen = {k: v for k, v in dict(
+        layers=args.layers, size=None if args.size is None else str(args.size), batch_size=args.batch_size,
+        k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, layer_weights=args.layer_weights,
+        **given).items() if v is not None}         # typed flags: they override a recipe's values
+    if args.recipe is not None:
+        from spectral_jax.recipes import recipe_fields
+
+        chosen = {**recipe_fields(args.recipe, args.model, args.method), **chosen, "recipe": args.recipe}
+    settings = Settings(model=args.model, weights=args.weights or None, graph=args.graph, num_eigs=args.num_eigs,
+                        seed=args.seed, prefetch=args.prefetch, method=args.method, segments=args.segments,
+                        model_options=options, **chosen)
     from spectral_jax.dataset.inputs import check_cluster
     from spectral_jax.models import parse_layers
     from spectral_jax.options import layer_order

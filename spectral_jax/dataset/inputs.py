@@ -60,18 +60,22 @@ def no_images(folder: str, files: list[str], example: str) -> InputError:
                       f"(e.g. {example})", "check the files (complete JPEG/PNG/WebP images?) or pass another folder")
 
 
-def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effective: tuple[int, int]) -> None:
+def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effective: tuple[int, int],
+                     base: int | None = None) -> None:
     """K and k against one graph — the whole dataset's (exact) or one batch's, min(B, images) images (gd) — of
-    `tokens` per image (N of the coarsest tapped grid).
+    `tokens` per image (N of the coarsest tapped grid) and `base` per image on the table's grid (the finest; None:
+    `tokens`, one grid).
 
-    K < the whole graph's nodes (exact), K ≤ the batch graph's nodes (gd) (a graph has no more eigenvectors than nodes); a given k_intra ≤ N, a given k_inter
+    K < the nodes of the table over the whole dataset (exact), K ≤ over a batch (gd) (no more eigenvectors than
+    nodes: the groups on coarser grids see the table pooled, `objective`); a given k_intra ≤ N, a given k_inter
     ≤ the tokens of the other images of a batch (defaults are capped instead); and some edge must remain.
     """
     per = tokens
     exact = settings.method == "exact"
     imgs = num_images if exact else min(settings.batch_size, num_images)
-    nodes, others = imgs * per, (imgs - 1) * per
-    shape = f"{imgs} image{'s' if imgs > 1 else ''} × {per} tokens"
+    nodes, others = imgs * (per if base is None else base), (imgs - 1) * per
+    kshape = f"{imgs} image{'s' if imgs > 1 else ''} × {per} tokens"
+    shape = kshape if base is None else f"{imgs} image{'s' if imgs > 1 else ''} × {base} table nodes"
     where = "the whole dataset's graph" if exact else "a batch's graph"
     if exact and settings.num_eigs >= nodes:
         raise InputError("--num-eigs", f"{settings.num_eigs} is not below the {nodes} nodes of {where} ({shape})",
@@ -85,11 +89,11 @@ def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effecti
                          f"pass --k-intra ≤ {per}")
     if settings.k_inter is not None and settings.k_inter > others:
         raise InputError("--k-inter", f"{settings.k_inter} is more than the {others} tokens of the other images in "
-                         f"{'the dataset' if exact else 'a batch'} ({shape})", f"pass --k-inter ≤ {others}" + (
+                         f"{'the dataset' if exact else 'a batch'} ({kshape})", f"pass --k-inter ≤ {others}" + (
                              "" if others else " (more images or a larger --batch-size give it some)"))
     if min(k_effective[0], per) + min(k_effective[1], others) == 0:
         raise InputError("--k-intra/--k-inter", f"leave the graph no edges (k_intra {settings.k[0]}, and {others} "
-                         f"tokens in other images of a batch: {shape})", "pass --k-intra ≥ 1")
+                         f"tokens in other images of a batch: {kshape})", "pass --k-intra ≥ 1")
 
 
 def check_cluster(coordinator, num_processes, process_id) -> None:

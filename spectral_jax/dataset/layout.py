@@ -34,8 +34,10 @@ ROW_ALIGN = 64          # table rows are padded to a multiple of lcm(64, D): the
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Static shapes of a run: layer groups (layers sharing a grid and q/k/v shapes, `graphs.group_layers`), the
-    base grid (the finest), the input size, images, table rows, devices, and the effective k (capped by the
-    tokens of the coarsest grid, in one graph: the whole dataset for exact, a batch for gd)."""
+    base grid (the finest), the input size, images, table rows, devices, the effective k (capped by the
+    tokens of the coarsest grid, in one graph: the whole dataset for exact, a batch for gd), and `steps`: the
+    diffusion timesteps folded into every layer's heads axis (None: taps without timesteps, one kNN graph per
+    layer; T: one per (layer, timestep), a group's graphs `[L, T]`, `graph_shape`)."""
 
     groups: tuple            # ((grid, (layer, ...)), ...)
     base: tuple[int, int]
@@ -45,6 +47,16 @@ class Geometry:
     devices: int
     k_intra: int
     k_inter: int
+    steps: int | None = None
+
+    def graph_shape(self, layers) -> tuple[int, ...]:
+        """The batch shape of a group's kNN graphs: `[L]`, or `[L, T]` with timesteps."""
+        return (len(layers),) if self.steps is None else (len(layers), self.steps)
+
+    @property
+    def graphs_per_layer(self) -> int:
+        """kNN graphs of one layer: its timesteps (1 without)."""
+        return 1 if self.steps is None else self.steps
 
     @property
     def tokens(self) -> int:
@@ -98,12 +110,28 @@ def geometry(backbone, layers, settings: Settings, size: tuple[int, int], num_im
     groups = tuple(graphs.group_layers(taps))
     if not groups:
         raise InputError(f"model {backbone.name!r}", "taps no layers", "pass --layers all or a list of layer indices")
+    steps = timesteps_of(backbone, taps)
     base = max((g for g, _ in groups), key=lambda hw: hw[0] * hw[1])
     per = min(g[0] * g[1] for g, _ in groups)
     align = ROW_ALIGN * devices // math.gcd(ROW_ALIGN, devices)
     k_intra, k_inter = graphs.clamp_k(*settings.k, (1, per), graph_images(settings, num_images))
     return Geometry(groups, tuple(base), tuple(size), num_images, -(-num_images // align) * align, devices,
-                    k_intra, k_inter)
+                    k_intra, k_inter, steps)
+
+
+def timesteps_of(backbone, taps) -> int | None:
+    """T, the diffusion timesteps folded into every tapped layer's heads axis (`Taps.timesteps`, else the
+    backbone's `timesteps`), or None for a backbone without them. Every layer's heads axis must be a multiple of T
+    (timestep-major, graph index t·H + head), else one `InputError` naming the backbone and the layer."""
+    steps = tuple(taps.timesteps or getattr(backbone, "timesteps", ()) or ())
+    if not steps:
+        return None
+    for i, t in sorted(taps.layers.items()):
+        if t.q.shape[1] % len(steps):
+            raise InputError(f"backbone {backbone.name!r}", f"layer {i} has {t.q.shape[1]} graphs on its heads axis, "
+                             f"not a multiple of its {len(steps)} timesteps",
+                             "fold the timesteps into the heads axis as [B, T·H, N, D], timestep-major")
+    return len(steps)
 
 
 def graph_images(settings: Settings, num_images: int) -> int:
@@ -198,4 +226,4 @@ def gather(x) -> np.ndarray:
 
 __all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
            "gather_reasons", "graph_images", "init_distributed", "local_slots", "make_mesh", "nonfinite_reason",
-           "tapped"]
+           "tapped", "timesteps_of"]

@@ -109,11 +109,14 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
         raise InputError("--batch-size", f"{settings.batch_size} is not a multiple of the {ndev} devices",
                          f"pass --batch-size {-(-settings.batch_size // ndev) * ndev}")
     geom = geometry(backbone, layers, settings, size, len(where.files), ndev)
-    inputs.check_graph_size(settings, geom.tokens, len(where.files), (geom.k_intra, geom.k_inter))
+    _check_table_weight(settings, geom)
+    inputs.check_graph_size(settings, geom.tokens, len(where.files), (geom.k_intra, geom.k_inter),
+                            geom.base[0] * geom.base[1])
     from spectral_jax.dataset.cluster import check_count
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
     fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)
+    fp["timesteps"] = [int(t) for t in getattr(backbone, "timesteps", ()) or ()]   # as resolved (default: drawn)
     if where.done:
         checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]))
 
@@ -188,16 +191,45 @@ def _lock_out(out: str):
     return lock
 
 
+def _check_table_weight(settings: Settings, geom) -> None:
+    """Layer weights given as numbers must put some weight on the table's grid (the finest tapped, `geom.base`):
+    the groups on coarser grids see the table pooled, so without a layer on it the problem has no unique solution
+    there (the resampling metric B is singular). One `InputError` before the backbone runs. (A rule's weights are
+    read from the graphs; where one leaves the finest grid without weight the solve moves to the finest grid that
+    has some, `whole.solve`.)"""
+    lw = settings.layer_weights
+    if lw is None or lw.rule is not None:
+        return
+    layers = sorted(l for _, ls in geom.groups for l in ls)
+    w = dict(zip(layers, lw.resolve(layers, what="--layer-weights")))
+    on_base = [l for grid, ls in geom.groups if tuple(grid) == tuple(geom.base) for l in ls]
+    if not any(w[l] > 0 for l in on_base):
+        raise InputError("--layer-weights", f"put no weight on the layers of the table's grid {geom.base[0]}×"
+                         f"{geom.base[1]} (layers {','.join(map(str, on_base))}), the finest tapped one",
+                         "give one of them a weight > 0, or leave them out of --layers")
+
+
 def _load_backbone(settings: Settings):
-    """`models.load_backbone(model, weights)`, refusing families whose taps are per timestep (not wired into the
-    dataset solver) before anything loads."""
+    """`models.load_backbone(model, weights, **settings.load_options())`: the family's load options
+    (`Settings.model_options`; for diffusion models the timesteps — default `DEFAULT_NUM_TIMESTEPS` drawn from the
+    run's seed over [0, `DEFAULT_T_MAX`] —, latent, text embedding, and the run's seed as the noise seed)."""
     from spectral_jax import models
 
-    if "timesteps" in models.family(settings.model).options:
-        raise InputError(f"model {settings.model!r}", "dataset runs take ViT backbones; Stable Diffusion taps are "
-                         "per timestep and not wired into the dataset solver yet",
-                         "use a ViT such as dinov2_vits14, or `spectral-jax analyze` for SD models")
-    return models.load_backbone(settings.model, settings.weights)
+    return models.load_backbone(settings.model, settings.weights, **settings.load_options())
+
+
+def _backbone_record(backbone, layers_name: str, settings: Settings) -> dict:
+    """The summary's backbone fields: model, weights, layers, the recipe (if any) and, for diffusion backbones,
+    "timesteps" the run used
+    (resolved: the default schedule drawn from the seed shows its values) and "model_options" as given (the noise
+    seed is the summary's "seed")."""
+    out = {"model": backbone.name, "weights": backbone.weights, "layers": layers_name}
+    steps = tuple(getattr(backbone, "timesteps", ()) or ())
+    if steps:
+        out.update(timesteps=[int(t) for t in steps], model_options=settings.options_json())
+    if settings.recipe is not None:
+        out["recipe"] = settings.recipe
+    return out
 
 
 def _batch_spec(mesh: Mesh, b: int, size: tuple[int, int]):
@@ -299,7 +331,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         summary.Progress(trained.history, steps_now, trained.steps_run, where.done[-1] if where.done else None,
                          per_epoch),
         summary.Timings(t - t_start, trained.seconds_before + t - t_start, trained.seconds, compile_s),
-        backbone={"model": backbone.name, "weights": backbone.weights, "layers": layers_name},
+        backbone=_backbone_record(backbone, layers_name, settings),
         lr=step.learning_rate(settings, geom), names=names, files=where.files,
         skipped=_skipped(where, status, trained.failed, backbone.preprocess, geom.size), ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
@@ -371,12 +403,13 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         raise inputs.no_images(where.folder, where.files, f"{where.files[first[0]]}: {first[1]}" if first
                                else f"{where.files[0]}: could not be read during the run")
     res = dataclasses.replace(solved.result, provenance=_provenance(settings, geom, backbone, solved))
+    geom = dataclasses.replace(geom, base=tuple(res.eigvecs.shape[2:]))     # a rule may move it (`whole.solve`)
     names = [f for f, g in zip(where.files, ok) if g]
     skipped = [{"file": where.files[i], "reason": solved.failed.get(i, "could not be read during the run")}
                for i in np.flatnonzero(~ok)]
     out = DatasetResult.from_solve(res.select(np.flatnonzero(ok)), names, summary.make_exact(
         settings, geom, res, solved, time.perf_counter() - t_start,
-        backbone={"model": backbone.name, "weights": backbone.weights, "layers": layers_name},
+        backbone=_backbone_record(backbone, layers_name, settings),
         names=names, files=where.files, skipped=skipped, ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root, memory=estimate), where.out)

@@ -129,7 +129,11 @@ class Settings:
     order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints; prefetch: batches read
     ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments: the number of
     dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
-    change it).
+    change it); model_options: the model family's load options, a mapping checked once (`_model_options`: for
+    diffusion models timesteps — default the family's, 4 drawn from `seed` over [0, 250] —, latent, text_embedding,
+    attn_chunk; `seed` is the noise seed, `load_options`), in the fingerprint and the caches' keys; recipe: the name
+    of the `spectral_jax.recipes` recipe the fields came from (a label for the summary; `recipes.recipe_fields`
+    gives the fields).
 
     graph may be an `options.GraphSpec` and solver= an `options.ExactSpec` / `GdSpec` (the objects `solve` and
     `analyze` take): they are read into the fields above on construction (`_read_specs`).
@@ -167,6 +171,8 @@ class Settings:
     maxiter: int = MAXITER
     tol: float = TOL
     segments: object = "auto"
+    model_options: object = None   # the family's load options ({"timesteps": (…), "latent": …}), `_model_options`
+    recipe: str | None = None      # the `spectral_jax.recipes` name the fields came from (a label, in the summary)
     solver: dataclasses.InitVar[object] = None     # an ExactSpec / GdSpec, read into method and its options
 
     def __post_init__(self, solver=None):
@@ -188,6 +194,7 @@ class Settings:
                 ("weight_decay", "weight_decay", 0.0), ("ema", "--ema", 0.99), ("min_cos", "--min-cos", 0.1),
                 ("lam", "lam", 1.0), ("tol", "--tol", 3e-4))})
         norm["num_eigs"] = check_num_eigs(self.num_eigs, what="--num-eigs")
+        norm["model_options"] = _model_options(self.model, self.model_options)
         for k, v in norm.items():
             object.__setattr__(self, k, v)
         self._check_ranges()
@@ -204,6 +211,10 @@ class Settings:
 
         if self.graph not in GRAPHS:
             bad(f"graph {self.graph!r}", "not a dataset graph", f"choose one of {', '.join(GRAPHS)}")
+        from spectral_jax.recipes import RECIPES
+
+        if self.recipe is not None and self.recipe not in RECIPES:
+            bad(f"recipe {self.recipe!r}", "unknown recipe", f"choose one of {', '.join(RECIPES)}")
         if self.method not in METHODS:
             bad(f"method {self.method!r}", "unknown dataset method", f"choose one of {', '.join(METHODS)}")
         if self.features_dtype not in FEATURE_DTYPES:
@@ -252,8 +263,8 @@ class Settings:
         """A copy with the fields that do not change the compiled step (the backbone's provenance, which the
         step sees as its `apply`, and what only steers the run) at fixed values: runs that compute the same step
         compare equal."""
-        steer = ("epochs", "checkpoint_every", "prefetch", "figure_images", "segments")
-        return dataclasses.replace(self, model="", weights=None, layers="all",
+        steer = ("epochs", "checkpoint_every", "prefetch", "figure_images", "segments", "recipe")
+        return dataclasses.replace(self, model="", weights=None, layers="all", model_options=None,
                                    **{f.name: f.default for f in dataclasses.fields(self) if f.name in steer})
 
     def result_fields(self) -> dict:
@@ -261,7 +272,22 @@ class Settings:
         d = {f: getattr(self, f) for f in RESULT_FIELDS}
         d["k_intra"], d["k_inter"] = self.k
         d["layer_weights"] = None if self.layer_weights is None else self.layer_weights.to_json()
+        d["model_options"] = self.options_json()
         return d
+
+    def options_json(self) -> dict:
+        """`model_options` as a JSON-ready dict (timesteps a list; {} for none)."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.model_options}
+
+    def load_options(self) -> dict:
+        """The keyword options of `models.load_backbone` for this run: `model_options` and, for a family that takes
+        one, `seed` (the diffusion noise, the latent sample and a random timestep schedule: the run's `seed`)."""
+        from spectral_jax.models import family
+
+        opts = dict(self.model_options)
+        if "seed" in family(self.model).options:
+            opts["seed"] = self.seed
+        return opts
 
 
 def _read_specs(s: "Settings", solver) -> None:
@@ -307,13 +333,74 @@ def _read_specs(s: "Settings", solver) -> None:
         set_("lam", solver.lam)
 
 
+# The family load options a dataset run takes (`Settings.model_options`), with how a value is normalised; "seed"
+# is the run's own (`Settings.load_options`), "dtype" not a dataset option (the forward is float32).
+_LOAD_OPTIONS = {"timesteps": "ints", "latent": "str", "text_embedding": "str", "attn_chunk": "int"}
+
+
+def _model_options(model: str, options) -> tuple:
+    """`model_options` checked and normalised once, without JAX: a mapping (or pairs) of the model family's load
+    options (`models.family(model).options`: the diffusion families' timesteps, latent, text_embedding,
+    attn_chunk) → sorted (name, value) pairs, hashable; timesteps as a tuple of ints (a list, an int array or
+    "0,50,100"), each in the model's training range [0, N) and at most the timestep cap. None or {} → (): the
+    family's defaults (timesteps: `DEFAULT_NUM_TIMESTEPS` drawn from the run's seed over [0, `DEFAULT_T_MAX`], as
+    `extract` and `analyze` do). An option the model's family does not take is one `InputError` line."""
+    if options is None:
+        return ()
+    items = list(options.items()) if isinstance(options, dict) else list(options) if isinstance(
+        options, (tuple, list)) else None
+    if items is None or not all(isinstance(p, (tuple, list)) and len(p) == 2 and isinstance(p[0], str)
+                                for p in items):
+        raise InputError(f"model_options {options!r}", "is not a mapping of option names to values",
+                         "pass e.g. model_options={'timesteps': (50, 200)}")
+    if not items:
+        return ()
+    from spectral_jax.models import family, get_spec
+
+    fam, spec = family(model), get_spec(model)
+    takes = [k for k in _LOAD_OPTIONS if k in fam.options]
+    out = {}
+    for name, v in items:
+        flag = "--" + name.replace("_", "-")
+        if name not in takes:
+            why = ("is the run's own (Settings.seed, --seed)" if name == "seed" else
+                   f"is not a load option of {fam.title} models" + (f" (they take {', '.join(takes)})" if takes
+                                                                     else ""))
+            raise InputError(f"model option {name!r}", why, "drop it" + (", or pass seed=" if name == "seed" else ""))
+        if v is None:
+            continue
+        kind = _LOAD_OPTIONS[name]
+        if kind == "ints":
+            out[name] = _timesteps(v, spec, flag)
+        elif kind == "int":
+            out[name] = _integer(flag, v, 1024)
+            if out[name] < 1:
+                raise InputError(flag, f"must be ≥ 1, got {out[name]}", f"pass e.g. {flag} 1024")
+        elif not isinstance(v, str) or not v:
+            raise InputError(flag, f"must be a non-empty string, got {v!r}", f"pass e.g. {flag} VALUE")
+        else:
+            out[name] = v
+    return tuple(sorted(out.items()))
+
+
+def _timesteps(v, spec, flag: str) -> tuple[int, ...]:
+    """Diffusion timesteps (ints, an int array, or "0,50,100" as --timesteps takes it) as a tuple of ints in the
+    model's training range [0, N) (N: its schedule's num_train_timesteps), at most the timestep cap
+    (`models.timesteps`, whose checks these are)."""
+    from spectral_jax.models import timesteps as T
+
+    n = spec.config.schedule.num_train_timesteps
+    ts = T.parse_timesteps(v, n) if isinstance(v, str) else T.check_timesteps(v, n, "timesteps")
+    return tuple(int(t) for t in ts)
+
+
 def _method_fields() -> list[str]:
     return [f for options in METHOD_OPTIONS.values() for f in options]
 
 
 RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size",
                  "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "lam", "layer_weights",
-                 "seed", "block")
+                 "seed", "block", "model_options")
 
 
 __all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS", "RESULT_FIELDS",

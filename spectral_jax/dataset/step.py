@@ -5,7 +5,8 @@ optimizer steps on the batch's rows of the table → the table, its EMA, the per
     step = compile_step(backbone, layers, settings, geom, mesh, state, batch_spec)   # before anything is written
     state, metrics, nonfinite = step(state, params, x, idx, valid)
 
-The graph is `graphs.knn` over all B·N tokens of the batch (`graphs.knn_inputs`: heads concatenated), padded and
+The graph is `graphs.knn` over all B·N tokens of the batch (`graphs.knn_inputs`: heads concatenated; one graph per
+(layer, timestep) for diffusion taps), padded and
 unreadable slots masked, rows searched under `shard_map` (`mesh`). Presets (what a table row holds, which loss the
 inner steps minimise):
     paper   logits; X = softmax over K; the official code's loss 2·mean|R − 1| + 2λ·mean (z_kᵀ z_k')²
@@ -146,7 +147,7 @@ def _layer_weights(settings: Settings, geom: Geometry, graphs):
 def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh | None, params, x, valid
                  ) -> tuple[list[G.KnnGraph], jax.Array]:
     """One `graphs.knn` group per layer group over the batch's tokens: x `[B, H, W, 3]`, valid `[B]` → (graphs,
-    nonfinite `[B]` int32). The taps are checked where they arrive (`layout.tapped`: shapes while tracing; per
+    nonfinite `[B]` int32). Diffusion taps (`geom.steps` T): one graph per (layer, timestep), a group `[L, T]`. The taps are checked where they arrive (`layout.tapped`: shapes while tracing; per
     image the first layer with NaN or Inf, −1 none): such an image is masked like an unreadable one and its
     features zeroed, so nothing of it reaches the graph."""
     taps, nonfinite = tapped(apply, params, x, layers)
@@ -154,8 +155,9 @@ def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, me
     out = []
     for grid, group in geom.groups:
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, settings.batch_size)
-        keep = jnp.repeat(valid, grid[0] * grid[1])[None, :, None]
-        a, b = (jnp.where(keep, y, 0) for y in G.knn_inputs([taps.layers[i] for i in group], settings.graph))
+        keep = jnp.repeat(valid, grid[0] * grid[1])[:, None]
+        a, b = (jnp.where(keep, y, 0) for y in G.knn_inputs([taps.layers[i] for i in group], settings.graph,
+                                                             geom.steps))
         out.append(G.knn(a, b, grid, settings.batch_size, k_intra, k_inter, settings.min_cos, settings.block,
                          valid=valid, mesh=mesh, axis=AXIS))
     return out, nonfinite

@@ -3,12 +3,15 @@
     features → graph → eigenvectors:
   1. the backbone runs batch by batch over the folder (`batch_size` images per forward, sharded over the mesh);
      of each batch only the merged per-layer features are kept (`graphs.knn_inputs`: heads concatenated; q and k
-     for knn-qk, v for knn-vv), float32 or bfloat16 (`features_dtype`) → `[L, m·h·w, H·D]` per group, written at
-     once to a shard of the on-disk feature store (`store`: OUT/checkpoints/features, atomic per shard);
-  2. one kNN graph per layer over ALL tokens of the dataset (`graphs.knn`'s definition: `k_intra` neighbours in
-     the token's own image, `k_inter` among all other images' tokens, cos ≤ `min_cos` dropped, ½(A + Aᵀ),
-     row-normalised), searched in tiles read memory-mapped from the store (`search_store`: never N×N, never all
-     features in memory); unreadable images and the padding to a multiple of the devices are masked (no edges);
+     for knn-qk, v for knn-vv), float32 or bfloat16 (`features_dtype`) → `[L, m·h·w, H·D]` per group (diffusion
+     taps: `[L, m·h·w, T·H·D]`, the T timesteps' heads side by side), written at once to a shard of the on-disk
+     feature store (`store`: OUT/checkpoints/features, atomic per shard);
+  2. one kNN graph per layer — per (layer, timestep) for diffusion taps, each timestep's heads on their own
+     (`graphs.split_timesteps`), a group `[L, T]` — over ALL tokens of the dataset (`graphs.knn`'s definition:
+     `k_intra` neighbours in the token's own image, `k_inter` among all other images' tokens, cos ≤ `min_cos`
+     dropped, ½(A + Aᵀ), row-normalised), searched in tiles read memory-mapped from the store (`search_store`: never
+     N×N, never all features in memory); unreadable images and the padding to a multiple of the devices are masked
+     (no edges);
   3. `solvers.exact` on it: for N > `dense_max` Σ_l w_l sym(P_l) coalesced into one sparse matrix
      (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
@@ -249,17 +252,23 @@ def _local_rows(x: jax.Array, axis: int = 1) -> np.ndarray:
 
 def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh) -> list[G.KnnGraph]:
     """One `graphs.knn` group per layer group over all tokens of the dataset, rows sharded over `mesh` (each
-    process passes its own rows, `process_share`); the graph comes back whole on every process (host arrays)."""
+    process passes its own rows, `process_share`); the graph comes back whole on every process (host arrays).
+    Diffusion taps (`geom.steps` T): the merged features `[L, N, T·F]` are cut into the timesteps' own
+    (`graphs.split_timesteps`) and each (layer, timestep) gets its own graph: a group `[L, T]`."""
     n = len(feats.valid)
     procs = jax.process_count()
     out = []
     for (grid, _), a, b in zip(geom.groups, feats.a, feats.b):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
-        valid = feats.valid
+        valid, same = feats.valid, b is a
+        if geom.steps is not None:                   # [L, N, T·F] → [L, T, N, F]: one graph per (layer, timestep)
+            a = G.split_timesteps(a, geom.steps)
+            b = a if same else G.split_timesteps(b, geom.steps)
         if procs > 1:
-            shape, same = (a.shape[0], a.shape[1] * procs, a.shape[2]), b is a
-            a = global_array(mesh, P(None, AXIS), a, shape)
-            b = a if same else global_array(mesh, P(None, AXIS), b, shape)
+            shape = (*a.shape[:-2], a.shape[-2] * procs, a.shape[-1])
+            rows = P(*([None] * (a.ndim - 2)), AXIS)
+            a = global_array(mesh, rows, a, shape)
+            b = a if same else global_array(mesh, rows, b, shape)
             valid = global_array(mesh, P(), valid, valid.shape)
         g = G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block, valid=valid, mesh=mesh,
                   axis=AXIS)
@@ -292,55 +301,67 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
     `store.read_part`, then neighbour indices in range and weights 0 or cosines above min_cos) instead of searched
     again, so that a search killed midway resumes at its first missing layer."""
     fs, n = st.store, len(st.valid)
+    steps = geom.graphs_per_layer                   # T graphs per layer: each timestep's columns of the features
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
     item = jnp.dtype(dtype).itemsize
-    tiles = [-(-n // max(1, min(n, row_bytes // (g[0] * g[1] * fs.width(f"a{i}") * item)))) * len(ls)
-             for i, (g, ls) in enumerate(geom.groups)]
+    sizes = [_tile_images(n, g[0] * g[1] * (fs.width(f"a{i}") // steps) * item, row_bytes)
+             for i, (g, _) in enumerate(geom.groups)]
     if bar is not None:
-        bar.reset(total=sum(tiles))
+        bar.reset(total=sum(-(-n // ti) * len(ls) * steps for ti, (_, ls) in zip(sizes, geom.groups)))
         bar.set_description("kNN search")
         bar.unit = "tile"
     out = []
     for g, (grid, group) in enumerate(geom.groups):
-        per, layers = grid[0] * grid[1], len(group)
+        per, graphs = grid[0] * grid[1], len(group) * steps
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
-        f = fs.width(f"a{g}")
-        ti = max(1, min(n, row_bytes // (per * f * item)))
+        f = fs.width(f"a{g}") // steps
+        ti = sizes[g]
         tj = min(n, max(1, col_bytes // (per * f * item), -(-k_inter // per)))
         valid = jnp.asarray(np.concatenate([st.valid, np.zeros(max(ti, tj), bool)]))
         bname = f"a{g}" if settings.graph == "knn-vv" else f"b{g}"
-        idx = np.zeros((layers, n * per, k_intra + k_inter), np.int32)
-        w = np.zeros((layers, n * per, k_intra + k_inter), np.float32)
+        idx = np.zeros((graphs, n * per, k_intra + k_inter), np.int32)
+        w = np.zeros((graphs, n * per, k_intra + k_inter), np.float32)
 
-        def tile(name, layer, i0, size):
-            x = fs.rows(name, layer, i0, min(n, i0 + size), dtype)
+        def tile(name, layer, t, i0, size):
+            x = fs.rows(name, layer, i0, min(n, i0 + size))[:, t * f:(t + 1) * f]
+            x = x.view(dtype) if x.dtype == np.uint16 else x.astype(dtype)
             return jnp.asarray(np.pad(x, ((0, size * per - x.shape[0]), (0, 0))))
 
-        for layer in range(layers):
-            if _read_layer(ckdir, f"g{g}-l{layer}", key, out, idx, w, layer, settings.min_cos):
+        for j in range(graphs):                     # graph j: layer j // T of the group, timestep j % T
+            layer, t = divmod(j, steps)
+            part = f"g{g}-l{layer}" + (f"-t{t}" if geom.steps is not None else "")
+            if _read_layer(ckdir, part, key, out, idx, w, j, settings.min_cos):
                 if bar is not None:
                     bar.update(-(-n // ti))
                 continue
             for i0 in range(0, n, ti):
-                a, own = tile(f"a{g}", layer, i0, ti), tile(bname, layer, i0, ti)
+                a, own = tile(f"a{g}", layer, t, i0, ti), tile(bname, layer, t, i0, ti)
                 vals = jnp.full((ti * per, k_inter), -jnp.inf, jnp.float32)
                 near = jnp.zeros((ti * per, k_inter), jnp.int32)
                 if k_inter:
                     for j0 in range(0, n, tj):
-                        vals, near = _inter_tile(a, tile(bname, layer, j0, tj), i0, j0, vals, near, valid, per,
+                        vals, near = _inter_tile(a, tile(bname, layer, t, j0, tj), i0, j0, vals, near, valid, per,
                                                  k_inter, settings.block)
                 ii, ww = _rows_tile(a, own, i0, vals, near, valid, per, k_intra, settings.min_cos)
                 m = (min(n, i0 + ti) - i0) * per
-                idx[layer, i0 * per:i0 * per + m] = np.asarray(ii)[:m]
-                w[layer, i0 * per:i0 * per + m] = np.asarray(ww)[:m]
+                idx[j, i0 * per:i0 * per + m] = np.asarray(ii)[:m]
+                w[j, i0 * per:i0 * per + m] = np.asarray(ww)[:m]
                 if bar is not None:
                     bar.update(1)
             if ckdir is not None:
-                store.write_part(ckdir, f"g{g}-l{layer}", key, {"idx": idx[layer], "w": w[layer]})
+                store.write_part(ckdir, part, key, {"idx": idx[j], "w": w[j]})
         idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
         del idx, w
-        out.append(G.KnnGraph(idx_d, w_d, _degrees(idx_d, w_d), tuple(grid), (layers,), n))
+        deg = _degrees(idx_d, w_d)
+        shape = geom.graph_shape(group)             # [L] or [L, T]
+        out.append(G.KnnGraph(idx_d.reshape(*shape, *idx_d.shape[1:]), w_d.reshape(*shape, *w_d.shape[1:]),
+                              deg.reshape(*shape, deg.shape[-1]), tuple(grid), shape, n))
     return out
+
+
+def _tile_images(n: int, bytes_per_image: int, row_bytes: int) -> int:
+    """Images per row tile of `search_store`: as many as `row_bytes` of features hold, at least 1, at most n."""
+    return max(1, min(n, row_bytes // max(1, bytes_per_image)))
 
 
 def _read_layer(ckdir, name: str, key, out, idx: np.ndarray, w: np.ndarray, layer: int, min_cos: float) -> bool:
@@ -400,8 +421,11 @@ def _rows_tile(a, own, i0, vals, near, valid, per: int, k_intra: int, min_cos: f
 
 def cache_key(kind: str, fp: dict) -> dict:
     """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, the image files and
-    their content digests, graph kind, features dtype) for features; plus k and min_cos for the graph."""
+    their content digests, graph kind, features dtype, and a diffusion model's load options, timesteps and noise
+    seed) for features; plus k and min_cos for the graph."""
     keys = ["model", "weights", "layers", "size", "files", "num_images", "graph", "features_dtype"]
+    if fp.get("timesteps"):
+        keys += ["model_options", "timesteps", "seed"]
     if kind == "graph":
         keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block"]
     return {k: fp.get(k) for k in keys}
@@ -451,6 +475,7 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     d["failed"] = failed
     for g, (grid, layers) in enumerate(geom.groups):
         rows, shape = n * grid[0] * grid[1], (len(layers), n * grid[0] * grid[1])
+        shape = (len(layers) * geom.graphs_per_layer, shape[1])        # graphs stored [L·T, …]
         k_intra, k_inter = G.clamp_k(key["k_intra_effective"], key["k_inter_effective"], grid, n)
         idx, w, deg = (d.get(f"{x}{g}") for x in ("idx", "w", "deg"))
         full = (*shape, k_intra + k_inter)
@@ -464,9 +489,9 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
             return f"deg{g} is not float32 {list(shape)}"
         if not finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all():
             return f"w{g} holds weights that are not 0 or cosines above min_cos"
-        if w.reshape(len(layers), n, -1)[:, ~valid].any():
+        if w.reshape(shape[0], n, -1)[:, ~valid].any():
             return f"w{g} gives edges to unreadable images"
-        for layer in range(len(layers)):
+        for layer in range(shape[0]):
             sums = 0.5 * (w[layer].sum(-1, dtype=np.float64) + np.bincount(
                 idx[layer].ravel(), w[layer].ravel().astype(np.float64), minlength=rows))
             if not np.allclose(deg[layer], sums, rtol=1e-4, atol=1e-5):
@@ -481,14 +506,21 @@ def _failed_json(failed: dict) -> np.ndarray:
 def save_graphs(path: str, gs: list, key: dict, valid: np.ndarray, failed: dict) -> None:
     arrays = {"key": np.array(json.dumps(key, sort_keys=True)), "valid": valid, "failed": _failed_json(failed)}
     for g, gr in enumerate(gs):
-        arrays.update({f"idx{g}": np.asarray(gr.idx), f"w{g}": np.asarray(gr.w), f"deg{g}": np.asarray(gr.deg)})
+        flat = lambda x, tail: np.asarray(x).reshape(-1, *x.shape[x.ndim - tail:])      # [L(·T), N(, k)]
+        arrays.update({f"idx{g}": flat(gr.idx, 2), f"w{g}": flat(gr.w, 2), f"deg{g}": flat(gr.deg, 1)})
     save_npz(path, arrays)
 
 
 def graphs_from(d: dict, geom: Geometry, num_images: int) -> list[G.KnnGraph]:
-    """The graph groups of a graph cache (as `load_cache` gives it: checked); num_images: padded."""
-    return [G.KnnGraph(jnp.asarray(d[f"idx{g}"]), jnp.asarray(d[f"w{g}"]), jnp.asarray(d[f"deg{g}"]), tuple(grid),
-                       (len(layers),), num_images) for g, (grid, layers) in enumerate(geom.groups)]
+    """The graph groups of a graph cache (as `load_cache` gives it: checked; stored `[L·T, …]`, back to the
+    groups' `[L, T]` with timesteps); num_images: padded."""
+    def one(g, grid, layers):
+        shape = geom.graph_shape(layers)
+        idx, w, deg = (jnp.asarray(d[f"{x}{g}"]) for x in ("idx", "w", "deg"))
+        return G.KnnGraph(idx.reshape(*shape, *idx.shape[1:]), w.reshape(*shape, *w.shape[1:]),
+                          deg.reshape(*shape, *deg.shape[1:]), tuple(grid), shape, num_images)
+
+    return [one(g, grid, layers) for g, (grid, layers) in enumerate(geom.groups)]
 
 
 class Solved(NamedTuple):
@@ -543,7 +575,11 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()
     weights, chosen = layer_weights(gs, geom, weights, settings)
-    res = exact(gs, settings.num_eigs, weights, maxiter=settings.maxiter, tol=settings.tol, seed=settings.seed)
+    from spectral_jax.layer_weights import base_grid
+
+    base = None if weights is None else base_grid(gs, weights)    # the finest grid with weight (a rule may pick
+    res = exact(gs, settings.num_eigs, weights, base, maxiter=settings.maxiter, tol=settings.tol,   # a coarse one)
+                seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
     edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
     return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached)
@@ -555,8 +591,9 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tupl
     tapped layers as analyze's are (`LayerWeights.resolve`: a layer a mapping does not name weighs 0; numbers
     scaled in float64, by the largest then to sum 1, before the float32 cast, so 1e-45 or 1e308 give the same
     weights as 1); a rule ("eigengap" / "select") reads each layer's own top-K spectrum
-    (`solvers.exact.layer_spectra`: one sparse solve per layer; on kNN graphs, one graph per layer, "select" is the
-    layer of the largest eigengap)."""
+    (`solvers.exact.layer_spectra`: one sparse solve per layer, over its timesteps' graphs for diffusion taps);
+    "select" is the layer of the largest eigengap (no head-agreement term: a layer's whole-dataset graphs are never
+    made dense)."""
     import functools
 
     from spectral_jax import layer_weights as LW
@@ -572,7 +609,7 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tupl
         resolved = weights.resolve(layers, what="--layer-weights")
         rule = resolved if isinstance(resolved, str) else "given"
         weights, per_layer = LW.for_groups(gs, group_layers, resolved, settings.num_eigs, spectra=functools.partial(
-            layer_spectra, gs, group_layers, settings.num_eigs))
+            layer_spectra, gs, group_layers, settings.num_eigs), agreement=np.ones(len(layers)))
         per = dict(zip(layers, per_layer))
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
