@@ -139,7 +139,7 @@ def test_one_two_four_eight_devices_agree_with_eigh_and_arpack(tmp_path):
         for d in (1, 2, 4, 8):
             mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
             op = dist.operator([dist.shard_graph(g, mesh)], [jnp.asarray(LAYER_W)])
-            assert op.rows % d == 0 and op.cols.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+            assert op.rows % d == 0 and tuple(op.cols.sharding.spec)[:2] == (None, "data")
             assert len(op.cols.addressable_shards) == d and op.cols.addressable_shards[0].data.shape[1] == op.rows // d
             res[f"y{{d}}"] = np.asarray(op.matvec(np.pad(x, ((0, op.rows - g.num_nodes), (0, 0)))))[:g.num_nodes]
             s = dist.lobpcg(op, K, tol=TOL, seed=0)
@@ -155,7 +155,7 @@ def test_one_two_four_eight_devices_agree_with_eigh_and_arpack(tmp_path):
         mesh = jax.make_mesh((8,), ("data",))
         whole = graphs.knn(a, a, (4, 4), 8, 5, 4)
         sh = dist.knn_sharded(a, a, (4, 4), 8, 5, 4, mesh=mesh)
-        assert sh.idx.sharding.spec == jax.sharding.PartitionSpec(None, "data")
+        assert tuple(sh.idx.sharding.spec)[:2] == (None, "data")
         for name in ("idx", "w", "deg"):
             res["knn_" + name] = np.asarray(getattr(sh, name)) - np.asarray(getattr(whole, name))
         np.savez({out!r}, **res)

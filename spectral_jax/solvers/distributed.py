@@ -170,7 +170,9 @@ def knn_sharded(a: jax.Array, b: jax.Array, grid: tuple[int, int], num_images: i
     grid = _check_grid(a, grid, num_images, "a")
     if num_images % d:
         raise ValueError(f"num_images={num_images} must be a multiple of the {d} devices on axis {axis!r}")
-    valid = jnp.ones((num_images,), bool) if valid is None else valid
+    rows, rep = NamedSharding(mesh, P(None, axis)), NamedSharding(mesh, P())
+    a, b = jax.device_put(a, rows), jax.device_put(b, rows)           # no-ops for arrays already laid out so
+    valid = jax.device_put(np.ones((num_images,), bool) if valid is None else valid, rep)
     idx, w = _search(a, b, valid, grid[0] * grid[1], int(k_intra), int(k_inter), float(min_cos), int(block), mesh,
                      axis)
     return from_rows(idx, w, grid, num_images, mesh, axis, (a.shape[0],))
