@@ -231,3 +231,21 @@ def test_to_result_is_an_exact_like_result():
     assert r.rq.shape == (6, 2, K) and r.orth_error < 1e-5
     np.testing.assert_allclose(r.objective[0], np.sum(np.asarray(LAYER_W)[:, None] * r.rq[0]), rtol=1e-5)
     np.testing.assert_allclose(np.sum(np.asarray(LAYER_W)[:, None] * r.rq[0], axis=0), r.eigvals[0], rtol=1e-5)
+
+
+def test_bench_scale_tiny_runs(tmp_path):
+    """`benchmarks/bench_scale.py --tiny` end to end (N = 4096 in 1 and 2 local processes): it writes its table,
+    the 2-process run converged and gives the 1-process subspace."""
+    import json
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_scale.py"), "--tiny", "--out",
+                        str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.load(open(tmp_path / "scale_tiny.json"))
+    two = next(x for x in d["strong"] if x["procs"] == 2)["records"]
+    assert len(two) == 2 and all(x["converged"] and x["max_residual"] <= 3.4527e-4 for x in two)
+    one = next(x for x in d["strong"] if x["procs"] == 1)["records"][0]
+    assert two[0]["graph_bytes"] * 2 == one["graph_bytes"] and two[0]["operator_bytes"] * 2 == one["operator_bytes"]
+    np.testing.assert_allclose(two[0]["eigvals"], one["eigvals"], rtol=2e-6)
+    md = open(tmp_path / "scale_tiny.md").read()
+    assert "| 4,096 | 2 |" in md and "ImageNet val" in md
