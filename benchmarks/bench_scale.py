@@ -235,9 +235,9 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
         "(includes the build's transients still held by the allocator); peak RSS solve: VmHWM over the solve "
         "(reset before it), which adds the per-product transients that do not fall with P: the gathered X and "
         "the Cᵀ X buffer, 2·N·(2·(K + guard))·4 B, plus JAX/XLA's own resident code.",
-        "- solve s: the timed solve after a one-iteration warm-up solve that compiled its programs (the wall time per
-  point above includes JAX start, compilation and the gloo rendezvous).
-- s / product: one A X with X [N, 2·(K + guard)] (what an iteration applies), median of 3 after a warm-up."
+        "- solve s: the timed solve after a one-iteration warm-up solve that compiled its programs (the wall time "
+        "per point printed while running includes JAX start, compilation and the gloo rendezvous).",
+        "- s / product: one A X with X [N, 2·(K + guard)] (what an iteration applies), median of 3 after a warm-up."
         f" CPU throughput at P = 1: {calib['edge_cols_per_s']:.3g} edge·columns/s.",
         "- subspace vs P = 1: mean cosine of the principal angles between this run's K eigenvectors (gathered "
         "from the shards) and the P = 1 run's at the same N.", "",
