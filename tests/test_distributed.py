@@ -72,6 +72,8 @@ def test_product_and_quotients_equal_the_dense_reference():
     split = dist.operator([dist.shard_graph(one(0), mesh), dist.shard_graph(one(1), mesh)],
                           [jnp.float32(LAYER_W[0]), jnp.float32(LAYER_W[1])])
     np.testing.assert_allclose(np.asarray(split.matvec(x)), y, rtol=0, atol=1e-6)
+    picked = dist.operator([sg.select([1]), sg.select([0])], [jnp.float32(LAYER_W[1]), jnp.float32(LAYER_W[0])])
+    np.testing.assert_allclose(np.asarray(picked.matvec(x)), y, rtol=0, atol=1e-6)
     q = np.asarray(op.quotients(x))                                            # [L, K]
     p = np.asarray(g.dense(), np.float64)
     want = np.einsum("nk,lnm,mk->lk", x, p, x)
