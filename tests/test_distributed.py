@@ -251,3 +251,16 @@ def test_bench_scale_tiny_runs(tmp_path):
     np.testing.assert_allclose(two[0]["eigvals"], one["eigvals"], rtol=2e-6)
     md = open(tmp_path / "scale_tiny.md").read()
     assert "| 4,096 | 2 |" in md and "ImageNet val" in md
+
+
+def test_layer_spectra_equal_exact_layer_spectra():
+    """Per-layer spectra for the layer-weight rules: each layer's own distributed solve vs `exact.layer_spectra`
+    (dense, float64-accurate LAPACK) on the whole graph, layer order ascending."""
+    from spectral_jax.solvers.exact import layer_spectra
+
+    g = small_graph()
+    sg = dist.shard_graph(g, jax.make_mesh((1,), ("data",)))
+    ours = dist.layer_spectra([sg], [(3, 5)], K, tol=TOL)
+    want = layer_spectra([g], [(3, 5)], K)
+    assert ours.shape == want.shape == (2, K)
+    np.testing.assert_allclose(ours, want, rtol=0, atol=2e-6 * float(want.max()))

@@ -552,5 +552,18 @@ def to_result(sol: Solve, op: DistOperator, grid: tuple[int, int], num_images: i
                     convergence=conv)
 
 
-__all__ = ["DistOperator", "ShardedKnn", "Solve", "from_rows", "gather_rows", "knn_sharded", "lobpcg", "operator",
+def layer_spectra(groups: Sequence[ShardedKnn], group_layers: Sequence[Sequence[int]], num_eigs: int,
+                  **kw) -> np.ndarray:
+    """Each layer's own top-K eigenvalues `[L, K]`, layers ascending (as `exact.layer_spectra`, which the
+    layer-weight rules read): one distributed solve per layer on its graph alone (`ShardedKnn.select`), still
+    sharded; kw go to `lobpcg`. Every process must call it."""
+    where = {l: (g, j) for g, ls in zip(groups, group_layers) for j, l in enumerate(ls)}
+    out = []
+    for l in sorted(where):
+        g, j = where[l]
+        out.append(lobpcg(operator([g.select([j])]), num_eigs, **kw).eigvals)
+    return np.stack(out)
+
+
+__all__ = ["DistOperator", "ShardedKnn", "Solve", "from_rows", "gather_rows", "knn_sharded", "layer_spectra", "lobpcg", "operator",
            "padded_nodes", "shard_graph", "to_result"]
