@@ -2,7 +2,8 @@
 on a synthetic N = 10⁶ kNN graph in P = 1, 2, 4 local processes (jax.distributed on localhost, one CPU device
 each, gloo collectives).
 
-    python benchmarks/bench_scale.py            # N = 10⁶ for P = 1, 2, 4 and weak scaling at N/P = 250 000
+    python benchmarks/bench_scale.py            # N = 10⁶ (memory, products) and N = 10⁵ (solves) for P = 1, 2, 4,
+                                                # weak scaling at N/P = 25 000
     python benchmarks/bench_scale.py --tiny     # N = 4096: a smoke test (tests/test_distributed.py)
 
 Graph (`synthetic_rows`): one layer, k slots per node; node i is in cluster i mod C; a slot points inside the
@@ -93,6 +94,11 @@ def worker(args: dict) -> dict:
     x = dist._start(op, 2 * kb, 1)
     t = C.time_fn(lambda: op.matvec(x).block_until_ready(), repeats=3, warmup=1)
     del x
+    rec = {"n": n, "k": k, "procs": procs, "pid": pid, "graph_bytes": g.nbytes_per_device,
+           "operator_bytes": op.nbytes_per_device, "rss_base_mib": base, "rss_built_mib": built,
+           "build_s": build_s, "matvec_s": t["median_s"], "matvec_cols": 2 * kb, "solved": bool(args["solve"])}
+    if not args["solve"]:
+        return rec
     import warnings
 
     with warnings.catch_warnings():                     # compile every program of the solve (one iteration)
@@ -105,11 +111,8 @@ def worker(args: dict) -> dict:
     if pid == 0:
         np.save(args["out"], vecs)
     c = sol.convergence
-    return {"n": n, "k": k, "procs": procs, "pid": pid, "graph_bytes": g.nbytes_per_device,
-            "operator_bytes": op.nbytes_per_device, "rss_base_mib": base, "rss_built_mib": built,
-            "rss_peak_solve_mib": peak, "build_s": build_s, "matvec_s": t["median_s"], "matvec_cols": 2 * kb,
-            "solve_s": sol.seconds, "iterations": c.iterations, "converged": c.converged,
-            "max_residual": c.max_residual, "eigvals": sorted(map(float, sol.eigvals), reverse=True)}
+    return dict(rec, rss_peak_solve_mib=peak, solve_s=sol.seconds, iterations=c.iterations, converged=c.converged,
+                max_residual=c.max_residual, eigvals=sorted(map(float, sol.eigvals), reverse=True))
 
 
 def _free_port() -> int:
@@ -118,8 +121,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_point(n: int, k: int, procs: int, num_eigs: int, maxiter: int, tol: float, tmp: str, seed: int = 0,
-              timeout: float = 1500) -> dict:
+def run_point(n: int, k: int, procs: int, num_eigs: int, maxiter: int, tol: float, tmp: str, solve: bool,
+              seed: int = 0, timeout: float = 1500) -> dict:
     """One run of `procs` processes; their records and the path of process 0's eigenvectors."""
     port, out = _free_port(), os.path.join(tmp, f"vecs_{n}_{procs}.npy")
     env = dict(os.environ, **C.CHILD_ENV, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
@@ -127,7 +130,7 @@ def run_point(n: int, k: int, procs: int, num_eigs: int, maxiter: int, tol: floa
     ps = []
     for pid in range(procs):
         a = dict(n=n, k=k, num_eigs=num_eigs, procs=procs, pid=pid, port=port, maxiter=maxiter, tol=tol, out=out,
-                 seed=seed)
+                 seed=seed, solve=solve)
         ps.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(a)], env=env,
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     t0 = time.perf_counter()
@@ -142,7 +145,7 @@ def run_point(n: int, k: int, procs: int, num_eigs: int, maxiter: int, tol: floa
     if any(p.returncode for p in ps):
         raise RuntimeError("\n".join(e[-2000:] for _, e in outs))
     recs = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
-    return {"n": n, "k": k, "procs": procs, "wall_s": wall, "records": recs, "vecs": out}
+    return {"n": n, "k": k, "procs": procs, "wall_s": wall, "records": recs, "vecs": out if solve else None}
 
 
 def alignment(u: np.ndarray, v: np.ndarray) -> float:
@@ -190,26 +193,29 @@ def project(n: float, devices: int, per_host: int, a: dict = ASSUME) -> dict:
 
 
 def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) -> str:
-    ref = {r["n"]: np.load(r["vecs"]) for r in runs + weak if r["procs"] == 1}
-    ref_vals = {r["n"]: np.asarray(r["records"][0]["eigvals"]) for r in runs + weak if r["procs"] == 1}
+    solved = [r for r in runs + weak if r["vecs"] is not None]
+    ref = {r["n"]: np.load(r["vecs"]) for r in solved if r["procs"] == 1}
+    ref_vals = {r["n"]: np.asarray(r["records"][0]["eigvals"]) for r in solved if r["procs"] == 1}
     rows = []
     for r in runs + weak:
         recs = r["records"]
-        v = np.load(r["vecs"])
-        a = alignment(v, ref[r["n"]]) if r["n"] in ref else None
+        mib = lambda x: x / C.MIB
+        row = [f"{r['n']:,}", r["procs"], f"{mib(recs[0]['graph_bytes']):.1f}",
+               f"{mib(recs[0]['operator_bytes']):.1f}",
+               f"{max(x['rss_built_mib'] - x['rss_base_mib'] for x in recs):.0f}",
+               f"{max(x['matvec_s'] for x in recs):.3f}"]
+        if r["vecs"] is None:
+            rows.append(row + [None] * 7)
+            continue
+        a = alignment(np.load(r["vecs"]), ref[r["n"]]) if r["n"] in ref else None
         dv = (float(np.abs(np.asarray(recs[0]["eigvals"]) - ref_vals[r["n"]]).max() / ref_vals[r["n"]][0])
               if r["n"] in ref else None)
-        mib = lambda x: x / C.MIB
-        rows.append([f"{r['n']:,}", r["procs"], f"{mib(recs[0]['graph_bytes']):.1f}",
-                     f"{mib(recs[0]['operator_bytes']):.1f}",
-                     f"{max(x['rss_built_mib'] - x['rss_base_mib'] for x in recs):.0f}",
-                     f"{max(x['rss_peak_solve_mib'] for x in recs):.0f}",
-                     f"{max(x['matvec_s'] for x in recs):.3f}", f"{max(x['solve_s'] for x in recs):.1f}",
-                     recs[0]["iterations"], "yes" if all(x["converged"] for x in recs) else "no",
-                     f"{recs[0]['max_residual']:.1e}", None if a is None else f"{a:.7f}",
-                     None if dv is None else f"{dv:.1e}"])
+        rows.append(row + [f"{max(x['rss_peak_solve_mib'] for x in recs):.0f}",
+                           f"{max(x['solve_s'] for x in recs):.1f}", recs[0]["iterations"],
+                           "yes" if all(x["converged"] for x in recs) else "no", f"{recs[0]['max_residual']:.1e}",
+                           None if a is None else f"{a:.7f}", None if dv is None else f"{dv:.1e}"])
     heads = ["N", "P", "graph MiB/proc", "operator MiB/proc", "RSS growth graph+op MiB (max proc)",
-             "peak RSS solve MiB (max proc)", "s / product", "solve s", "iterations", "converged", "max residual",
+             "s / product", "peak RSS solve MiB (max proc)", "solve s", "iterations", "converged", "max residual",
              "subspace vs P=1", "max |Δλ|/λ₁ vs P=1"]
     coco = project(1.28e6, 8, 8)
     inet = project(12.8e6, 32, 8)
@@ -228,6 +234,11 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
         "its rows (`distributed.from_rows`); products are `shard_map` collectives (all_gather X, psum_scatter "
         "Cᵀ X) over gloo on localhost.", "",
         "## Strong scaling (fixed N) and weak scaling (fixed N/P)", "",
+        (f"Rows at N = {args.n:,} measure memory and products only (no solve): on this 2-core machine shared with "
+         "other jobs, a 10⁶-node solve in 2 gloo processes had not finished after 25 min (P = 1: 6 min), so the "
+         f"solves — agreement with P = 1, iterations, weak scaling — run at N = {args.solve_n:,} (weak: "
+         f"N/P = {args.solve_n // max(args.procs):,})." if args.n != args.solve_n else
+         "Every row is solved."), "",
         C.table(heads, rows), "",
         "- graph/operator MiB/proc: the bytes of the arrays one process holds (graph: idx, w, deg; operator: cols, "
         "coef), exactly N·k·8/P (+ N·4/P) — they fall as 1/P.",
@@ -267,10 +278,11 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--tiny", action="store_true", help="N = 4096, P = 1, 2: a smoke test")
+    p.add_argument("--tiny", action="store_true", help="N = 4096, P = 1, 2 (solved), weak at 2048: a smoke test")
     p.add_argument("--n", type=int, default=1_000_000)
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--num-eigs", type=int, default=8)
+    p.add_argument("--solve-n", type=int, default=100_000, help="N of the solves (strong and weak scaling)")
     p.add_argument("--maxiter", type=int, default=60)
     p.add_argument("--tol", type=float, default=3.4527e-4)
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
@@ -281,30 +293,35 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.child))))
         return
     if args.tiny:
-        args.n, args.procs, args.maxiter = 4096, [1, 2], 60
-    with tempfile.TemporaryDirectory() as tmp:
-        runs = []
-        for procs in args.procs:
-            runs.append(run_point(args.n, args.k, procs, args.num_eigs, args.maxiter, args.tol, tmp))
-            print(f"N={args.n} P={procs}: {runs[-1]['wall_s']:.0f} s", flush=True)
-        weak = []
-        per = args.n // max(args.procs)
-        for procs in args.procs:                        # fixed N/P (the largest P's point is the strong run's)
-            if per * procs != args.n:
-                weak.append(run_point(per * procs, args.k, procs, args.num_eigs, args.maxiter, args.tol, tmp))
-                print(f"N={per * procs} P={procs}: {weak[-1]['wall_s']:.0f} s", flush=True)
+        args.n, args.solve_n, args.procs = 4096, 4096, [1, 2]
+    name = "scale_tiny" if args.tiny else "scale"
+    runs, weak = [], []
+
+    def point(n, procs, solve, into):
+        into.append(run_point(n, args.k, procs, args.num_eigs, args.maxiter, args.tol, tmp, solve))
+        print(f"N={n} P={procs} solve={solve}: {into[-1]['wall_s']:.0f} s", flush=True)
         r1 = runs[0]["records"][0]
-        calib = {"edge_cols_per_s": args.n * args.k * r1["matvec_cols"] / r1["matvec_s"]}
+        calib = {"edge_cols_per_s": runs[0]["n"] * args.k * r1["matvec_cols"] / r1["matvec_s"]}
         info = C.machine()
-        text = report(runs, weak, info, args, calib)
-        name = "scale_tiny" if args.tiny else "scale"
-        C.write(os.path.join(args.out, f"{name}.md"), text, announce=True)
+        C.write(os.path.join(args.out, f"{name}.md"), report(runs, weak, info, args, calib))
         strip = lambda rs: [{k: v for k, v in r.items() if k != "vecs"} for r in rs]
         C.write(os.path.join(args.out, f"{name}.json"), json.dumps(
             {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "child"}, "strong": strip(runs),
              "weak": strip(weak), "calibration": calib, "assumptions": ASSUME,
              "projection": {"coco_val2017_8gpu": project(1.28e6, 8, 8),
-                            "imagenet_val_4x8gpu": project(12.8e6, 32, 8)}}, indent=1), announce=True)
+                            "imagenet_val_4x8gpu": project(12.8e6, 32, 8)}}, indent=1))
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for procs in args.procs:                        # memory and products at N (solves too where N = solve_n)
+            point(args.n, procs, args.n == args.solve_n, runs)
+        if args.solve_n != args.n:
+            for procs in args.procs:
+                point(args.solve_n, procs, True, runs)
+        per = args.solve_n // max(args.procs)
+        for procs in args.procs:                        # fixed N/P (the largest P's point is the strong run's)
+            if per * procs != args.solve_n:
+                point(per * procs, procs, True, weak)
+    print(f"wrote {os.path.join(args.out, name)}.md / .json")
 
 
 if __name__ == "__main__":
