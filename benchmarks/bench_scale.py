@@ -191,6 +191,13 @@ def project(n: float, devices: int, per_host: int, a: dict = ASSUME) -> dict:
 
 # --------------------------------------------------------------------------------------------------- report
 
+NOTE = ("- s / product on this CPU: the Cᵀ X half is an XLA scatter-add into an [N, 2·(K + guard)] buffer, which XLA's "
+        "CPU backend runs element by element and which leaves the cache as N grows — it dominates here and grows "
+        "faster than N; the machine was shared with other jobs (load average ≈ 12 on 2 cores) while these ran. On a "
+        "GPU the scatter-add is atomic adds at memory bandwidth (the projection's model). Storing each row's "
+        "incoming edges (a transposed ELL built once by an all-to-all) would make Cᵀ X a gather and drop the "
+        "reduce-scatter; not done.")
+
 
 def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) -> str:
     solved = [r for r in runs + weak if r["vecs"] is not None]
@@ -250,6 +257,7 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
         "per point printed while running includes JAX start, compilation and the gloo rendezvous).",
         "- s / product: one A X with X [N, 2·(K + guard)] (what an iteration applies), median of 3 after a warm-up."
         f" CPU throughput at P = 1: {calib['edge_cols_per_s']:.3g} edge·columns/s.",
+        NOTE,
         "- subspace vs P = 1: mean cosine of the principal angles between this run's K eigenvectors (gathered "
         "from the shards) and the P = 1 run's at the same N.", "",
         "## Projection (not measured: no GPU on this machine)", "",
