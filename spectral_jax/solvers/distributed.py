@@ -17,7 +17,10 @@ One product Y = A X, X `[N, K]` sharded by rows, is, on every device:
            sends and receives (D−1)/D · N·K floats);
 so ≈ 2 · N·K float32 move in and out of each device per product (8·N·K bytes, the same for any D), transient memory
 2 · N·K floats per device (the gathered X and the scatter buffer), and the stored operator n·L·k·(4 + 4) bytes per
-device — the part that falls as 1/D. With one device both collectives are no-ops.
+device — the part that falls as 1/D. With one device both collectives are no-ops. Cᵀ X is a scatter-add: on the CPU
+backend XLA runs it element by element (it dominates a product there: benchmarks/results/scale.md); on a GPU it is
+atomic adds, whose order — hence the last bits of a product — can vary between runs unless XLA's deterministic ops
+are on (`--xla_gpu_deterministic_ops=true`). On CPU a solve is deterministic for a given seed and mesh.
 
 The eigensolver (`lobpcg`): top-K of A by LOBPCG on a block of K + guard vectors, X0 random from `seed` (generated
 sharded: the same numbers for any mesh), iterations in jitted chunks of `chunk` (a `lax.while_loop` stopping early
