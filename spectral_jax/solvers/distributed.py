@@ -1,0 +1,572 @@
+"""The whole-dataset kNN operator kept sharded by rows over a mesh, and a matrix-free block eigensolver on it.
+
+`exact` (solvers/exact.py) holds the whole graph on every process and multiplies a coalesced CSR / ELL matrix.
+Here nothing of size N × k·L or N × N is ever gathered: each device keeps only its own rows of every layer's kNN
+graph, and the operator's product is a collective over the mesh (`jax.shard_map`). The eigensolver is LOBPCG in
+float32 (soft locking, a guard block) whose every tall-skinny operation is local to a device's rows, with
+K×K-sized Gram matrices summed over the mesh (`psum`) and solved redundantly on every device.
+
+The operator (`DistOperator`): A = Σ_l w_l sym(P_l), sym(P) = ½(P + Pᵀ), P_l = D_l⁻¹ S_l, S_l = ½(A_l + A_lᵀ)
+(`graphs.KnnGraph`: A_l stored as `[N, k]` neighbour indices and weights). A stored edge i→j of weight a adds
+c = ¼ a (1/d_i + 1/d_j) to A at (i, j) and at (j, i) (`solvers.sparse.sym_coo`), so A = Σ_l w_l (C_l + C_lᵀ) with
+C_l stored by the rows that own the edges: `cols` `[L, N, k]` (global column indices) and `coef` `[L, N, k]`.
+Device r of D holds rows [r·n, (r+1)·n), n = N/D (N padded to a multiple of D with rows that have no edges).
+One product Y = A X, X `[N, K]` sharded by rows, is, on every device:
+    C X    all_gather X (each device receives (D−1)/D · N·K floats), then the local rows' gathers, Σ_slots c · X[j];
+    Cᵀ X   a local scatter-add of c · X_i into an `[N, K]` buffer, then `psum_scatter` to the owner rows (each device
+           sends and receives (D−1)/D · N·K floats);
+so ≈ 2 · N·K float32 move in and out of each device per product (8·N·K bytes, the same for any D), transient memory
+2 · N·K floats per device (the gathered X and the scatter buffer), and the stored operator n·L·k·(4 + 4) bytes per
+device — the part that falls as 1/D. With one device both collectives are no-ops. Cᵀ X is a scatter-add: on the CPU
+backend XLA runs it element by element (it dominates a product there: benchmarks/results/scale.md); on a GPU it is
+atomic adds, whose order — hence the last bits of a product — can vary between runs unless XLA's deterministic ops
+are on (`--xla_gpu_deterministic_ops=true`). On CPU a solve is deterministic for a given seed and mesh.
+
+The eigensolver (`lobpcg`): top-K of A by LOBPCG on a block of K + guard vectors, X0 random from `seed` (generated
+sharded: the same numbers for any mesh), iterations in jitted chunks of `chunk` (a `lax.while_loop` stopping early
+when converged; one compiled program for all chunks, a scalar read back between chunks). Each iteration applies A
+to 2·(K + guard) vectors (the orthonormalised residuals and search directions; A X by the Rayleigh–Ritz recurrence).
+Soft locking: a converged pair's residual leaves the search space (its vector keeps being refined by the
+Rayleigh–Ritz step). Convergence is `exact`'s: per pair the relative residual ‖A x − λ x‖ / (‖A x‖ + |λ| ‖x‖)
+(`exact.residuals`' definition, computed here with the same collectives from a fresh product at the end), converged
+when all K are ≤ tol; the record is a `Convergence` with criterion "max_residual <= tol". float32: residuals reach
+≈ 1e-5 (tol 1e-5 converges on the test graphs; at 1e-6 the iteration stalls around 1e-5 — the rounding of the
+products and of the Gram matrices), and the eigenvalues then agree with float64 `eigh` to ≲ 1e-6 of λ_max and the
+subspace to a mean principal-angle cosine ≥ 0.99999 (tests/test_distributed.py measures these).
+
+Building: `knn_sharded` searches the features (as `graphs.knn`, each device its own images' rows against all
+keys) and keeps the result sharded; `shard_graph` distributes a whole `KnnGraph`; `from_rows` takes rows already
+placed on the mesh (per-process rows via `jax.make_array_from_process_local_data`). Degrees of S_l need the column
+sums of A_l: one scatter-add and `psum_scatter` of N floats per layer, once.
+
+Shape legend
+    N  nodes (padded to a multiple of D)   n = N/D rows per device   D  devices on the mesh axis
+    L  graphs (layers) of all groups       k  neighbour slots        K  eigenvectors   Kb = K + guard
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+import warnings
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from spectral_jax.options import MAXITER, TOL, check_num_eigs
+from spectral_jax.solvers.result import Convergence
+
+CHUNK = 10          # LOBPCG iterations per compiled call (`lobpcg`)
+GUARD = 4           # extra vectors of the block beyond K (`lobpcg`)
+DROP = 1e-6         # SVQB: a direction whose Gram eigenvalue is below DROP · the largest is dropped (float32)
+
+
+def _static(default=dataclasses.MISSING):
+    return dataclasses.field(default=default, metadata=dict(static=True))
+
+
+def _check_mesh(mesh: Mesh, axis: str) -> int:
+    if axis not in mesh.axis_names:
+        raise ValueError(f"mesh {dict(mesh.shape)} has no axis {axis!r}")
+    if len(mesh.axis_names) != 1:
+        raise ValueError(f"a 1-D mesh is expected (axis {axis!r}), got axes {mesh.axis_names}")
+    return int(mesh.shape[axis])
+
+
+def padded_nodes(n: int, devices: int) -> int:
+    """Nodes rounded up to a multiple of the devices (the rows each device holds are equal in number)."""
+    return -(-int(n) // int(devices)) * int(devices)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ShardedKnn:
+    """The kNN graphs of one group, rows sharded over `mesh`'s `axis` (never gathered).
+
+    idx `[L, N, k]` int32 global neighbour indices, w `[L, N, k]` float32 (0: no edge), deg `[L, N]` row sums of
+    S_l = ½(A_l + A_lᵀ) — all sharded `P(None, axis)`. N = `padded_nodes(num_nodes, D)`: rows ≥ num_nodes have
+    no edges. batch_shape: the group's batch dims (L = their product), as `KnnGraph`'s, so that per-group weights
+    `[*S]` and per-graph quotients keep their shape.
+    """
+
+    idx: jax.Array
+    w: jax.Array
+    deg: jax.Array
+    grid: tuple[int, int] = _static()
+    num_images: int = _static(1)
+    batch_shape: tuple[int, ...] = _static(())
+    mesh: Mesh = _static(None)
+    axis: str = _static("data")
+
+    @property
+    def num_nodes(self) -> int:
+        return self.num_images * self.grid[0] * self.grid[1]
+
+    def select(self, layers) -> "ShardedKnn":
+        """The graphs at flat batch indices `layers` (a group of batch shape `(m,)`; still sharded by rows), e.g.
+        one layer's graph for its own solve."""
+        i = jnp.asarray(np.asarray(layers, np.int32).reshape(-1))
+        take = jax.jit(lambda x: jnp.take(x, i, axis=0), out_shardings=NamedSharding(self.mesh, P(None, self.axis)))
+        return dataclasses.replace(self, idx=take(self.idx), w=take(self.w), deg=take(self.deg),
+                                   batch_shape=(int(i.shape[0]),))
+
+    @property
+    def nbytes_per_device(self) -> int:
+        """Bytes of idx, w and deg one device holds."""
+        d = int(self.mesh.shape[self.axis])
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (self.idx, self.w, self.deg)) // d
+
+
+def _degrees(idx, w, axis):
+    """Local rows' degrees of S = ½(A + Aᵀ) under `shard_map`: idx, w `[L, n, k]` → `[L, n]` (row sums plus the
+    column sums scattered into `[L, N]` and reduce-scattered to their owners)."""
+    n = idx.shape[1]
+    big = n * jax.lax.axis_size(axis)
+    col = jax.vmap(lambda i, x: jnp.zeros(big, jnp.float32).at[i.reshape(-1)].add(x.reshape(-1)))(idx, w)
+    col = jax.lax.psum_scatter(col, axis, scatter_dimension=1, tiled=True)
+    return 0.5 * (w.sum(-1) + col)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axis"))
+def _build_degrees(idx, w, mesh, axis):
+    return jax.shard_map(functools.partial(_degrees, axis=axis), mesh=mesh, in_specs=(P(None, axis),) * 2,
+                         out_specs=P(None, axis))(idx, w)
+
+
+def from_rows(idx: jax.Array, w: jax.Array, grid: tuple[int, int], num_images: int, mesh: Mesh, axis: str = "data",
+              batch_shape: tuple[int, ...] | None = None) -> ShardedKnn:
+    """A `ShardedKnn` from edge rows already on the mesh: idx, w `[L, N, k]` global arrays sharded `P(None, axis)`
+    with N = `padded_nodes(num_images·h·w, D)` (rows past the nodes: w = 0). Computes the degrees (one collective);
+    moves no rows. batch_shape default `(L,)`."""
+    d = _check_mesh(mesh, axis)
+    nodes = int(num_images) * int(grid[0]) * int(grid[1])
+    if idx.ndim != 3 or idx.shape != w.shape or idx.shape[1] != padded_nodes(nodes, d):
+        raise ValueError(f"idx {idx.shape} / w {w.shape} must be [L, {padded_nodes(nodes, d)}, k] (nodes padded to "
+                         f"a multiple of {d} devices)")
+    deg = _build_degrees(idx, w, mesh, axis)
+    batch = (idx.shape[0],) if batch_shape is None else tuple(batch_shape)
+    return ShardedKnn(idx, w, deg, (int(grid[0]), int(grid[1])), int(num_images), batch, mesh, axis)
+
+
+def shard_graph(graph, mesh: Mesh, axis: str = "data") -> ShardedKnn:
+    """A whole `graphs.KnnGraph` (host or device, every process the same) distributed by rows over `mesh` (tests,
+    and graphs that fit one host). Its degrees are kept as they are."""
+    d = _check_mesh(mesh, axis)
+    batch = tuple(graph.batch_shape)
+    idx = np.asarray(graph.idx, np.int32).reshape(-1, *graph.idx.shape[-2:])
+    w = np.asarray(graph.w, np.float32).reshape(idx.shape)
+    deg = np.asarray(graph.deg, np.float32).reshape(idx.shape[:2])
+    pad = padded_nodes(idx.shape[1], d) - idx.shape[1]
+    idx, w = (np.pad(x, ((0, 0), (0, pad), (0, 0))) for x in (idx, w))
+    deg = np.pad(deg, ((0, 0), (0, pad)))
+    rows = NamedSharding(mesh, P(None, axis))
+    put = lambda x: jax.make_array_from_callback(x.shape, rows, lambda i: x[i])
+    return ShardedKnn(put(idx), put(w), put(deg), tuple(graph.grid), int(graph.num_images), batch, mesh, axis)
+
+
+def knn_sharded(a: jax.Array, b: jax.Array, grid: tuple[int, int], num_images: int, k_intra: int, k_inter: int,
+                min_cos: float = 0.1, block: int = 512, *, valid=None, mesh: Mesh, axis: str = "data") -> ShardedKnn:
+    """`graphs.knn`'s search with the rows left where they were found: a, b `[L, N, D]` (global arrays sharded
+    `P(None, axis)`, or host arrays, the same on every process), N = num_images·h·w, num_images a multiple of the
+    devices on `axis` (whole images per device). Each device searches its rows against all keys (b all-gathered:
+    N·D per device, as `graphs.knn`), keeps its rows' edges, and the degrees come from one reduce-scatter. k_intra /
+    k_inter as `graphs.knn` takes them after `graphs.clamp_k` (not checked again here); valid `[num_images]`."""
+    from spectral_jax.graphs import _check_grid
+
+    d = _check_mesh(mesh, axis)
+    grid = _check_grid(a, grid, num_images, "a")
+    if num_images % d:
+        raise ValueError(f"num_images={num_images} must be a multiple of the {d} devices on axis {axis!r}")
+    rows, rep = NamedSharding(mesh, P(None, axis)), NamedSharding(mesh, P())
+    a, b = jax.device_put(a, rows), jax.device_put(b, rows)           # no-ops for arrays already laid out so
+    valid = jax.device_put(np.ones((num_images,), bool) if valid is None else valid, rep)
+    idx, w = _search(a, b, valid, grid[0] * grid[1], int(k_intra), int(k_inter), float(min_cos), int(block), mesh,
+                     axis)
+    return from_rows(idx, w, grid, num_images, mesh, axis, (a.shape[0],))
+
+
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
+def _search(a, b, valid, per, k_intra, k_inter, min_cos, block, mesh, axis):
+    from spectral_jax.graphs import _knn_rows
+
+    def local(a_loc, b_loc, valid):
+        b_all = jax.lax.all_gather(b_loc, axis, axis=1, tiled=True)
+        row0 = jax.lax.axis_index(axis) * a_loc.shape[1]
+        return _knn_rows(a_loc, b_loc, b_all, row0, valid, per, k_intra, k_inter, min_cos, block)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
+                         out_specs=(P(None, axis), P(None, axis)))(a, b, valid)
+
+
+# ------------------------------------------------------------------------------------------------------ operator
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DistOperator:
+    """A = Σ_l lw_l (C_l + C_lᵀ) (module docstring), rows sharded: cols, coef `[L, N, k]` sharded `P(None, axis)`,
+    lw `[L]` replicated (the layer weights, normalised over all graphs). `groups`: the batch shapes of the groups
+    it was made of, in order (their L's concatenated), for per-group quotients. Never holds an N × N or a whole
+    graph on one device."""
+
+    cols: jax.Array
+    coef: jax.Array
+    lw: jax.Array
+    num_nodes: int = _static()
+    groups: tuple[tuple[int, ...], ...] = _static()
+    mesh: Mesh = _static(None)
+    axis: str = _static("data")
+
+    @property
+    def devices(self) -> int:
+        return int(self.mesh.shape[self.axis])
+
+    @property
+    def rows(self) -> int:
+        """N, the padded node count (a multiple of the devices)."""
+        return int(self.cols.shape[1])
+
+    @property
+    def nbytes_per_device(self) -> int:
+        return (int(np.prod(self.cols.shape)) * 4 + int(np.prod(self.coef.shape)) * 4) // self.devices
+
+    def spec(self) -> NamedSharding:
+        """The row sharding of a block X `[N, K]` this operator multiplies."""
+        return NamedSharding(self.mesh, P(self.axis))
+
+    def matvec(self, x: jax.Array) -> jax.Array:
+        """A X: x `[N, K]` (sharded by rows, or any array: it is placed) → `[N, K]` sharded by rows."""
+        return _matvec(self, jax.device_put(jnp.asarray(x, jnp.float32), self.spec()))
+
+    def quotients(self, x: jax.Array) -> jax.Array:
+        """Per-graph quotients xₖᵀ sym(P_l) xₖ `[L, K]` (unweighted) of x `[N, K]` sharded by rows."""
+        return _quotients(self, jax.device_put(jnp.asarray(x, jnp.float32), self.spec()))
+
+
+def operator(groups: Sequence[ShardedKnn], weights=None) -> DistOperator:
+    """The sharded operator Σ_g Σ_l w_{g,l} sym(P_{g,l}) of kNN groups on one grid (one mesh); weights: per group
+    `[*S]` (None: equal), normalised to sum 1 over all graphs (`objective.normalised_weights`)."""
+    from spectral_jax.objective import normalised_weights
+
+    groups = list(groups) if isinstance(groups, (list, tuple)) else [groups]
+    g0 = groups[0]
+    for g in groups[1:]:
+        if (g.num_nodes, g.idx.shape[1], g.mesh, g.axis) != (g0.num_nodes, g0.idx.shape[1], g0.mesh, g0.axis):
+            raise ValueError("sharded kNN groups must share the nodes, the mesh and its axis")
+    ws = normalised_weights(groups, weights)
+    k = max(g.idx.shape[2] for g in groups)
+    coefs, cols = [], []
+    for g in groups:
+        c = _coefficients(g.idx, g.w, g.deg, g.mesh, g.axis)
+        pad = ((0, 0), (0, 0), (0, k - g.idx.shape[2]))
+        coefs.append(jnp.pad(c, pad))
+        cols.append(jnp.pad(g.idx, pad))
+    lw = jnp.concatenate([jnp.reshape(w, -1) for w in ws]).astype(jnp.float32)
+    rows = NamedSharding(g0.mesh, P(None, g0.axis))
+    cat = lambda xs: xs[0] if len(xs) == 1 else jax.jit(lambda *x: jnp.concatenate(x), out_shardings=rows)(*xs)
+    lw = jax.device_put(lw, NamedSharding(g0.mesh, P()))
+    return DistOperator(cat(cols), cat(coefs), lw, g0.num_nodes, tuple(tuple(g.batch_shape) for g in groups),
+                        g0.mesh, g0.axis)
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axis"))
+def _coefficients(idx, w, deg, mesh, axis):
+    """¼ a (1/d_i + 1/d_j) of each local edge (d_j read from the all-gathered 1/deg, `[L, N]`, once)."""
+    def local(idx, w, deg):
+        inv = jnp.where(deg > 0, 1.0 / jnp.where(deg > 0, deg, 1.0), 0.0)
+        inv_all = jax.lax.all_gather(inv, axis, axis=1, tiled=True)
+        far = jax.vmap(lambda v, i: v[i])(inv_all, idx)
+        return 0.25 * w * (inv[:, :, None] + far)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis),) * 3, out_specs=P(None, axis))(idx, w, deg)
+
+
+def _local_apply(cols, coef, lw, x, axis):
+    """Y = A X of the local rows under `shard_map`: cols, coef `[L, n, k]`, lw `[L]`, x `[n, K]` → `[n, K]`. One
+    `all_gather` of X and one `psum_scatter` of the Cᵀ X buffer; the slots are scanned one at a time (memory
+    O(N·K), never `[n, k, K]`)."""
+    x_all = jax.lax.all_gather(x, axis, axis=0, tiled=True)                       # [N, K]
+    c = (coef * lw[:, None, None]).transpose(0, 2, 1).reshape(-1, coef.shape[1])  # [L·k, n]
+    j = cols.transpose(0, 2, 1).reshape(-1, cols.shape[1])
+
+    def slot(carry, s):
+        y, t = carry
+        js, cs = s
+        return (y + cs[:, None] * x_all[js], t.at[js].add(cs[:, None] * x)), None
+
+    (y, t), _ = jax.lax.scan(slot, (jnp.zeros_like(x), jnp.zeros_like(x_all)), (j, c))
+    return y + jax.lax.psum_scatter(t, axis, scatter_dimension=0, tiled=True)
+
+
+def _local_quotients(cols, coef, x, axis):
+    """xₖᵀ (C_l + C_lᵀ) xₖ = 2 Σ_edges c x_i x_j per graph `[L, K]` (psum over the mesh)."""
+    x_all = jax.lax.all_gather(x, axis, axis=0, tiled=True)
+
+    def one(cl, kl):
+        def slot(acc, s):
+            js, cs = s
+            return acc + jnp.sum(cs[:, None] * x * x_all[js], axis=0), None
+
+        return jax.lax.scan(slot, jnp.zeros_like(x[0]), (cl.T, kl.T))[0]
+
+    return jax.lax.psum(2.0 * jax.lax.map(lambda a: one(*a), (cols, coef)), axis)
+
+
+@jax.jit
+def _matvec(op: DistOperator, x):
+    ax = op.axis
+    return jax.shard_map(functools.partial(_local_apply, axis=ax), mesh=op.mesh,
+                         in_specs=(P(None, ax), P(None, ax), P(), P(ax)), out_specs=P(ax))(op.cols, op.coef, op.lw, x)
+
+
+@jax.jit
+def _quotients(op: DistOperator, x):
+    ax = op.axis
+    return jax.shard_map(functools.partial(_local_quotients, axis=ax), mesh=op.mesh,
+                         in_specs=(P(None, ax), P(None, ax), P(ax)), out_specs=P())(op.cols, op.coef, x)
+
+
+# ------------------------------------------------------------------------------------------------------ LOBPCG
+
+
+def _gram(a, b, axis):
+    return jax.lax.psum(a.T @ b, axis)
+
+
+def _svqb(w, axis):
+    """Orthonormalise the columns of w `[n, m]` (rows sharded) by the eigen-decomposition of its Gram matrix
+    (SVQB): columns in directions with a relative Gram eigenvalue below `DROP` are dropped (returned as zero) →
+    (q `[n, m]`, keep `[m]` bool)."""
+    g = _gram(w, w, axis)
+    d = jnp.sqrt(jnp.clip(jnp.diag(g), 0.0))
+    d = jnp.where(d > 0, d, 1.0)
+    e, v = jnp.linalg.eigh(g / d[:, None] / d[None, :])
+    keep = e > DROP * jnp.max(e)
+    scale = jnp.where(keep, 1.0 / jnp.sqrt(jnp.where(keep, e, 1.0)), 0.0)
+    return w @ ((v / d[:, None]) * scale[None, :]), keep
+
+
+def _orth_against(x, w, axis):
+    """w `[n, m]` made orthonormal and orthogonal to the orthonormal x `[n, Kb]` (two rounds of block
+    Gram–Schmidt + SVQB) → (q `[n, m]`, keep `[m]`)."""
+    keep = jnp.ones(w.shape[1], bool)
+    for _ in range(2):
+        w = w - x @ _gram(x, w, axis)
+        w = w - x @ _gram(x, w, axis)
+        w, k = _svqb(w, axis)
+        keep = keep & k
+    return w * keep[None, :], keep
+
+
+def _rayleigh_ritz(s, as_, keep, kb, axis):
+    """The top `kb` Ritz pairs of A on span(s) (s `[n, m]`, as_ = A s, columns with keep False ignored): solves
+    H c = θ M c with H = sᵀ A s, M = sᵀ s (nearly I) through M^{-1/2} → (θ `[kb]` descending, c `[m, kb]`)."""
+    h = _gram(s, as_, axis)
+    h = 0.5 * (h + h.T)
+    m = _gram(s, s, axis)
+    both = keep[:, None] & keep[None, :]
+    eye = jnp.eye(s.shape[1], dtype=s.dtype)
+    m = jnp.where(both, 0.5 * (m + m.T), eye)
+    big = 1e4 * (jnp.max(jnp.abs(h)) + 1.0)
+    h = jnp.where(both, h, 0.0) - big * jnp.diag(~keep).astype(s.dtype)
+    em, vm = jnp.linalg.eigh(m)
+    mi = (vm / jnp.sqrt(em)[None, :]) @ vm.T
+    e, v = jnp.linalg.eigh(mi @ h @ mi)
+    return e[::-1][:kb], (mi @ v)[:, ::-1][:, :kb]
+
+
+def _residuals(x, ax, theta, axis):
+    """`exact.residuals`' relative residuals ‖A x − θ x‖ / (‖A x‖ + |θ| ‖x‖) per column, rows sharded."""
+    sq = lambda y: jnp.sqrt(jax.lax.psum(jnp.sum(y * y, axis=0), axis))
+    num = sq(ax - x * theta[None, :])
+    den = sq(ax) + jnp.abs(theta) * sq(x)
+    return num / jnp.where(den > 0, den, 1.0)
+
+
+def _local_init(cols, coef, lw, x0, axis):
+    """Orthonormalise the start, one Rayleigh–Ritz on it: (x, A x, θ)."""
+    x, _ = _svqb(x0, axis)
+    ax = _local_apply(cols, coef, lw, x, axis)
+    theta, c = _rayleigh_ritz(x, ax, jnp.ones(x.shape[1], bool), x.shape[1], axis)
+    return x @ c, ax @ c, theta
+
+
+def _local_chunk(cols, coef, lw, state, stop, tol, k, axis):
+    """LOBPCG iterations until `stop` or every one of the first k pairs has a relative residual ≤ tol."""
+    kb = state["x"].shape[1]
+
+    def cond(st):
+        return (st["it"] < stop) & (jnp.max(st["res"][:k]) > tol)
+
+    def body(st):
+        x, ax, p, theta = st["x"], st["ax"], st["p"], st["theta"]
+        active = st["res"] > tol                                       # soft locking: converged residuals leave
+        r = jnp.where(active[None, :], ax - x * theta[None, :], 0.0)
+        q, keep = _orth_against(x, jnp.concatenate([r, p], axis=1), axis)
+        aq = _local_apply(cols, coef, lw, q, axis)
+        s, as_ = jnp.concatenate([x, q], axis=1), jnp.concatenate([ax, aq], axis=1)
+        theta, c = _rayleigh_ritz(s, as_, jnp.concatenate([jnp.ones(kb, bool), keep]), kb, axis)
+        x, ax = s @ c, as_ @ c
+        p = q @ c[kb:]
+        return dict(x=x, ax=ax, p=p, theta=theta, res=_residuals(x, ax, theta, axis), it=st["it"] + 1)
+
+    return jax.lax.while_loop(cond, body, state)
+
+
+def _specs(ax):
+    return dict(x=P(ax), ax=P(ax), p=P(ax), theta=P(), res=P(), it=P())
+
+
+def _start(op: DistOperator, kb: int, seed: int):
+    """X0 `[N, kb]` from `seed`, generated sharded by rows (the same numbers for any mesh), zero on padded rows."""
+    def make():
+        x0 = jax.random.normal(jax.random.key(seed), (op.rows, kb), jnp.float32)
+        return jnp.where(jnp.arange(op.rows)[:, None] < op.num_nodes, x0, 0.0)
+
+    return jax.jit(make, out_shardings=op.spec())()
+
+
+@jax.jit
+def _init(op: DistOperator, x0):
+    ax_ = op.axis
+
+    def local(cols, coef, lw, x0):
+        x, ax, theta = _local_init(cols, coef, lw, x0, ax_)
+        return dict(x=x, ax=ax, p=jnp.zeros_like(x), theta=theta, res=_residuals(x, ax, theta, ax_),
+                    it=jnp.zeros((), jnp.int32))
+
+    return jax.shard_map(local, mesh=op.mesh, in_specs=(P(None, ax_), P(None, ax_), P(), P(ax_)),
+                         out_specs=_specs(ax_))(op.cols, op.coef, op.lw, x0)
+
+
+@functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(1,))
+def _chunk(op: DistOperator, state, stop, k: int, tol):
+    ax_ = op.axis
+    return jax.shard_map(functools.partial(_local_chunk, k=k, axis=ax_), mesh=op.mesh,
+                         in_specs=(P(None, ax_), P(None, ax_), P(), _specs(ax_), P(), P()),
+                         out_specs=_specs(ax_))(op.cols, op.coef, op.lw, state, stop, tol)
+
+
+@jax.jit
+def _final(op: DistOperator, x, theta):
+    """A fresh product of the returned vectors: their residuals `[Kb]` (not the recurrence's A X)."""
+    ax_ = op.axis
+
+    def local(cols, coef, lw, x, theta):
+        ax = _local_apply(cols, coef, lw, x, ax_)
+        return _residuals(x, ax, theta, ax_)
+
+    return jax.shard_map(local, mesh=op.mesh, in_specs=(P(None, ax_), P(None, ax_), P(), P(ax_), P()),
+                         out_specs=P())(op.cols, op.coef, op.lw, x, theta)
+
+
+@dataclasses.dataclass(frozen=True)
+class Solve:
+    """What `lobpcg` returns: eigvals `[K]` float32 host, largest first; eigvecs `[N, K]` a jax Array sharded by
+    rows over the operator's mesh (N padded; rows ≥ num_nodes are 0; orthonormal; signs as the iteration left
+    them); convergence (`Convergence`: residuals `[K]` from a fresh product, iterations, tol, converged);
+    seconds: wall time of the solve (start, iterations, final residuals); rq `[L, K]` host: per-graph quotients
+    xₖᵀ sym(P_l) xₖ in the operator's graph order; objective: Σ_k Σ_l w_l rq_{l,k}."""
+
+    eigvals: np.ndarray
+    eigvecs: jax.Array
+    convergence: Convergence
+    seconds: float
+    rq: np.ndarray
+    objective: float
+
+
+def lobpcg(op: DistOperator, num_eigs: int, *, tol: float = TOL, maxiter: int = MAXITER, seed: int = 0,
+           guard: int = GUARD, chunk: int = CHUNK) -> Solve:
+    """Top-`num_eigs` eigenpairs of the sharded operator `op` by LOBPCG (module docstring): a block of
+    num_eigs + guard vectors, at most `maxiter` iterations in compiled chunks of `chunk`, stopping when the first
+    num_eigs relative residuals are all ≤ `tol`. A run that stops at maxiter above tol has converged False and
+    warns. Deterministic for a given seed and mesh; every process of a multi-process mesh must call it (it returns
+    the same host values on each). Does not gather the graph; the eigenvectors stay sharded (`gather_rows` brings
+    them to the host)."""
+    check_num_eigs(num_eigs, op.num_nodes)
+    if not (np.isfinite(tol) and tol > 0):
+        raise ValueError(f"tol={tol} must be a positive relative residual, e.g. {TOL:.1e}")
+    if int(maxiter) < 1 or int(chunk) < 1 or int(guard) < 0:
+        raise ValueError(f"maxiter={maxiter}, chunk={chunk} must be ≥ 1 and guard={guard} ≥ 0")
+    k = int(num_eigs)
+    kb = max(k, min(k + int(guard), op.num_nodes // 3))          # the basis [X, R, P] has 3·kb ≤ N columns
+    tol = float(tol)
+    t0 = time.perf_counter()
+    x0 = _start(op, kb, int(seed))
+    state = _init(op, x0)
+    done = lambda st: bool(jax.device_get(jnp.max(st["res"][:k]) <= tol))
+    it = 0
+    while it < maxiter and not done(state):
+        it = min(it + int(chunk), int(maxiter))
+        state = _chunk(op, state, jnp.asarray(it, jnp.int32), k, jnp.float32(tol))
+    res = _final(op, state["x"], state["theta"])
+    vecs = state["x"][:, :k]
+    rq = _quotients(op, vecs)
+    theta, res, rq, iters, lw = jax.device_get((state["theta"][:k], res[:k], rq, state["it"], op.lw))
+    seconds = time.perf_counter() - t0
+    res = np.asarray(res, np.float64)
+    converged = bool(res.max() <= tol)
+    if not converged:
+        warnings.warn(f"distributed lobpcg: stopped at maxiter={maxiter} with max relative residual "
+                      f"{res.max():.2e} > tol {tol:.1e}; raise maxiter or tol", RuntimeWarning, stacklevel=2)
+    conv = Convergence(converged, int(iters), tol, "max_residual <= tol", float(res.max()), tuple(res))
+    rq = np.asarray(rq, np.float32)
+    return Solve(np.asarray(theta, np.float32), vecs, conv, seconds, rq,
+                 float(np.sum(np.asarray(lw, np.float64)[:, None] * rq)))
+
+
+def gather_rows(x: jax.Array, num_nodes: int | None = None) -> np.ndarray:
+    """A row-sharded array (possibly over several processes) as one host array on every process, the first
+    `num_nodes` rows (every process must call it). For the eigenvectors `[N, K]`: N·K floats, not the graph."""
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        out = np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    else:
+        out = np.asarray(x)
+    return out if num_nodes is None else out[:num_nodes]
+
+
+def to_result(sol: Solve, op: DistOperator, grid: tuple[int, int], num_images: int, *, method: str =
+              "exact-lobpcg-distributed", info=None):
+    """The `Result` of a distributed solve (as `exact` returns for the dataset's kNN groups): eigenvectors
+    gathered to the host (N·K floats) and sorted largest first, signs fixed, per-group quotients shaped by
+    `op.groups`. Every process must call it."""
+    from spectral_jax.solvers.result import assemble
+
+    vecs = gather_rows(sol.eigvecs, op.num_nodes)
+    order = np.argsort(-sol.eigvals, kind="stable")
+    rq, rqs, at = sol.rq[:, order], [], 0
+    for shape in op.groups:
+        m = int(np.prod(shape, dtype=np.int64))
+        rqs.append(rq[at:at + m].reshape(*shape, -1))
+        at += m
+    c = sol.convergence
+    conv = dataclasses.replace(c, residuals=tuple(np.asarray(c.residuals)[order]))
+    return assemble(vecs[:, order], sol.eigvals[order], rqs, sol.objective, None, num_images, tuple(grid), steps=0,
+                    seconds=sol.seconds, method=method, info=dict(info or {}, devices=op.devices,
+                                                                  processes=jax.process_count()),
+                    convergence=conv)
+
+
+def layer_spectra(groups: Sequence[ShardedKnn], group_layers: Sequence[Sequence[int]], num_eigs: int,
+                  **kw) -> np.ndarray:
+    """Each layer's own top-K eigenvalues `[L, K]`, layers ascending (as `exact.layer_spectra`, which the
+    layer-weight rules read): one distributed solve per layer on its graph alone (`ShardedKnn.select`), still
+    sharded; kw go to `lobpcg`. Every process must call it."""
+    where = {l: (g, j) for g, ls in zip(groups, group_layers) for j, l in enumerate(ls)}
+    out = []
+    for l in sorted(where):
+        g, j = where[l]
+        out.append(lobpcg(operator([g.select([j])]), num_eigs, **kw).eigvals)
+    return np.stack(out)
+
+
+__all__ = ["DistOperator", "ShardedKnn", "Solve", "from_rows", "gather_rows", "knn_sharded", "layer_spectra", "lobpcg", "operator",
+           "padded_nodes", "shard_graph", "to_result"]

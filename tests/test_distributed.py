@@ -1,0 +1,267 @@
+"""The row-sharded kNN operator and the distributed LOBPCG (`spectral_jax.solvers.distributed`): the product
+against the dense Σ_l w_l sym(P_l); on 1, 2, 4, 8 fake CPU devices and in 2 local processes (jax.distributed) the
+eigenpairs against float64 `numpy.linalg.eigh` and ARPACK (`exact`) on the same graph, with layer weights; the
+sharded search against `graphs.knn`; the convergence record; `benchmarks/bench_scale.py --tiny`.
+
+float32, measured: with tol = 1e-5 the relative residuals reach ≤ 1e-5, eigenvalues agree with float64 to ≲ 1e-6
+of λ_max and the subspaces to a mean principal-angle cosine ≥ 0.99999; tighter tols stall around 1e-5 (the
+rounding of the products), which `test_a_run_that_cannot_reach_tol_says_so` relies on to fail honestly.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sjtest import subspace_alignment
+from test_dataset import _env, _free_port
+
+from spectral_jax import graphs
+from spectral_jax.solvers import distributed as dist
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(TESTS)
+LAYER_W = (0.7, 0.3)
+K = 6
+TOL = 1e-5
+
+
+def small_graph(num_images: int = 6, grid=(7, 7), layers: int = 2, seed: int = 0) -> graphs.KnnGraph:
+    """A kNN graph over `num_images` images of planted-class features (4 classes): `layers` graphs, 6 + 6
+    neighbours. 6 images of 7×7 = 294 nodes: not a multiple of 4 or 8 devices (padding is exercised)."""
+    rng = np.random.default_rng(seed)
+    per = grid[0] * grid[1]
+    labels = rng.integers(0, 4, num_images)
+    centers = rng.normal(size=(4, 16))
+    x = centers[np.repeat(labels, per)][None] + rng.normal(size=(layers, num_images * per, 16))
+    x = jnp.asarray(x, jnp.float32)
+    return graphs.knn(x, x, grid, num_images, 6, 6)
+
+
+def dense_reference(g: graphs.KnnGraph, lw) -> np.ndarray:
+    """Σ_l w_l ½(P_l + P_lᵀ) in float64 from `KnnGraph.dense()` (w normalised)."""
+    p = np.asarray(g.dense(), np.float64)
+    lw = np.asarray(lw, np.float64) / np.sum(lw)
+    return sum(w * 0.5 * (pl + pl.T) for w, pl in zip(lw, p))
+
+
+def top(a: np.ndarray, k: int):
+    e, v = np.linalg.eigh(a)
+    return e[::-1][:k], v[:, ::-1][:, :k]
+
+
+def test_product_and_quotients_equal_the_dense_reference():
+    """One device: A X and the per-graph quotients against the float64 dense construction, one group and the same
+    layers split into two groups (weights per group)."""
+    g = small_graph()
+    mesh = jax.make_mesh((1,), ("data",))
+    a = dense_reference(g, LAYER_W)
+    x = np.random.default_rng(1).normal(size=(a.shape[0], 5)).astype(np.float32)
+    sg = dist.shard_graph(g, mesh)
+    op = dist.operator([sg], [jnp.asarray(LAYER_W)])
+    y = np.asarray(op.matvec(x))
+    assert np.abs(y - a @ x).max() <= 1e-6 * np.abs(a @ x).max()
+    one = lambda l: graphs.KnnGraph(g.idx[l], g.w[l], g.deg[l], g.grid, (), g.num_images)
+    split = dist.operator([dist.shard_graph(one(0), mesh), dist.shard_graph(one(1), mesh)],
+                          [jnp.float32(LAYER_W[0]), jnp.float32(LAYER_W[1])])
+    np.testing.assert_allclose(np.asarray(split.matvec(x)), y, rtol=0, atol=1e-6)
+    picked = dist.operator([sg.select([1]), sg.select([0])], [jnp.float32(LAYER_W[1]), jnp.float32(LAYER_W[0])])
+    np.testing.assert_allclose(np.asarray(picked.matvec(x)), y, rtol=0, atol=1e-6)
+    q = np.asarray(op.quotients(x))                                            # [L, K]
+    p = np.asarray(g.dense(), np.float64)
+    want = np.einsum("nk,lnm,mk->lk", x, p, x)
+    np.testing.assert_allclose(q, want, rtol=1e-5)
+
+
+def test_a_run_that_cannot_reach_tol_says_so():
+    """maxiter=2 at tol 1e-9 (below what float32 reaches): converged False, a RuntimeWarning, iterations 2; the
+    residuals in the record are the measured ones (above tol). Same seed twice: identical results."""
+    g = small_graph()
+    op = dist.operator([dist.shard_graph(g, jax.make_mesh((1,), ("data",)))], [jnp.asarray(LAYER_W)])
+    with pytest.warns(RuntimeWarning, match="stopped at maxiter=2"):
+        s = dist.lobpcg(op, K, tol=1e-9, maxiter=2, chunk=1)
+    c = s.convergence
+    assert not c.converged and c.iterations == 2 and c.max_residual > 1e-9 and len(c.residuals) == K
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        t = dist.lobpcg(op, K, tol=1e-9, maxiter=2, chunk=1)
+    np.testing.assert_array_equal(np.asarray(s.eigvecs), np.asarray(t.eigvecs))
+    np.testing.assert_array_equal(s.eigvals, t.eigvals)
+
+
+def test_bad_arguments_are_refused():
+    op = dist.operator([dist.shard_graph(small_graph(), jax.make_mesh((1,), ("data",)))])
+    from spectral_jax.errors import InputError
+
+    with pytest.raises(InputError):
+        dist.lobpcg(op, op.num_nodes)                     # K must be below the nodes (options.check_num_eigs)
+    with pytest.raises(ValueError, match="tol"):
+        dist.lobpcg(op, K, tol=0.0)
+
+
+CHILD = """
+import os, sys, json
+import jax
+jax.config.update("jax_default_matmul_precision", "float32")
+import numpy as np, jax.numpy as jnp
+from spectral_jax import graphs
+from spectral_jax.solvers import distributed as dist
+from test_distributed import small_graph, LAYER_W, K, TOL
+"""
+
+
+def _check_solve(s, vecs, a, tol=TOL):
+    """Converged to `tol` with measured residuals; eigenvalues within 2e-6 · λ_max of float64 `eigh`; subspace
+    mean cosine ≥ 0.99999."""
+    e, v = top(a, K)
+    c = s["res"]
+    assert bool(s["converged"]) and c.max() <= tol and len(c) == K, (s["converged"], c)
+    assert np.abs(np.sort(s["vals"])[::-1] - e).max() <= 2e-6 * e[0], (s["vals"], e)
+    assert subspace_alignment(vecs, v) >= 0.99999
+
+
+def test_one_two_four_eight_devices_agree_with_eigh_and_arpack(tmp_path):
+    """8 fake CPU devices; meshes of 1, 2, 4, 8: the product equals the dense reference; the solve (layer weights
+    0.7/0.3) agrees with float64 eigh, with ARPACK (`exact` on the whole graph) and with the 1-device solve; the
+    sharded search (`knn_sharded`, 8 images of 4×4 on 8 devices) equals `graphs.knn`'s graph row for row."""
+    out = str(tmp_path / "r.npz")
+    child = CHILD + textwrap.dedent(f"""
+        from spectral_jax.solvers.exact import exact
+        assert len(jax.devices()) == 8
+        g = small_graph()
+        x = np.random.default_rng(1).normal(size=(g.num_nodes, 5)).astype(np.float32)
+        res = {{}}
+        for d in (1, 2, 4, 8):
+            mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
+            op = dist.operator([dist.shard_graph(g, mesh)], [jnp.asarray(LAYER_W)])
+            assert op.rows % d == 0 and tuple(op.cols.sharding.spec)[:2] == (None, "data")
+            assert len(op.cols.addressable_shards) == d and op.cols.addressable_shards[0].data.shape[1] == op.rows // d
+            res[f"y{{d}}"] = np.asarray(op.matvec(np.pad(x, ((0, op.rows - g.num_nodes), (0, 0)))))[:g.num_nodes]
+            s = dist.lobpcg(op, K, tol=TOL, seed=0)
+            res[f"vecs{{d}}"] = dist.gather_rows(s.eigvecs, g.num_nodes)
+            res[f"vals{{d}}"], res[f"res{{d}}"] = s.eigvals, np.asarray(s.convergence.residuals)
+            res[f"conv{{d}}"] = s.convergence.converged
+            res[f"pad{{d}}"] = np.abs(dist.gather_rows(s.eigvecs)[g.num_nodes:]).max(initial=0.0)
+        r = exact(g, K, [jnp.asarray(LAYER_W)], dense_max=0, sparse_solver="arpack", tol=TOL)
+        res["arpack"] = r.eigvals[0]
+        # the sharded search vs graphs.knn
+        rng = np.random.default_rng(3)
+        a = jnp.asarray(rng.normal(size=(2, 8 * 16, 12)), jnp.float32)
+        mesh = jax.make_mesh((8,), ("data",))
+        whole = graphs.knn(a, a, (4, 4), 8, 5, 4)
+        sh = dist.knn_sharded(a, a, (4, 4), 8, 5, 4, mesh=mesh)
+        assert tuple(sh.idx.sharding.spec)[:2] == (None, "data")
+        for name in ("idx", "w", "deg"):
+            res["knn_" + name] = np.asarray(getattr(sh, name)) - np.asarray(getattr(whole, name))
+        np.savez({out!r}, **res)
+    """)
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       capture_output=True, timeout=900)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    t = np.load(out)
+    g = small_graph()
+    a = dense_reference(g, LAYER_W)
+    x = np.random.default_rng(1).normal(size=(g.num_nodes, 5)).astype(np.float32)
+    e, _ = top(a, K)
+    for d in (1, 2, 4, 8):
+        assert np.abs(t[f"y{d}"] - a @ x).max() <= 1e-6 * np.abs(a @ x).max(), d
+        _check_solve(dict(vals=t[f"vals{d}"], res=t[f"res{d}"], converged=t[f"conv{d}"]), t[f"vecs{d}"], a)
+        assert subspace_alignment(t[f"vecs{d}"], t["vecs1"]) >= 0.99999
+        assert t[f"pad{d}"] == 0.0                                             # padded rows stay zero
+    assert np.abs(t["arpack"] - e).max() <= 2e-6 * e[0]
+    assert np.abs(np.sort(t["vals8"])[::-1] - t["arpack"]).max() <= 2e-6 * e[0]
+    assert np.all(t["knn_idx"] == 0) and np.abs(t["knn_w"]).max() == 0 and np.abs(t["knn_deg"]).max() <= 1e-6
+
+
+def test_two_processes_give_the_one_process_solve(tmp_path):
+    """Two local processes (jax.distributed, 1 CPU device each, gloo collectives), each holding half of the rows:
+    the same eigenpairs as one process, and float64 eigh's."""
+    port, procs = _free_port(), []
+    for i in range(2):
+        child = textwrap.dedent(f"""
+            import jax
+            jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={i})
+        """) + CHILD + textwrap.dedent(f"""
+            mesh = jax.make_mesh((2,), ("data",))
+            g = small_graph()
+            sg = dist.shard_graph(g, mesh)
+            assert len(sg.idx.addressable_shards) == 1 and sg.idx.addressable_shards[0].data.shape[1] == 147
+            op = dist.operator([sg], [jnp.asarray(LAYER_W)])
+            s = dist.lobpcg(op, K, tol=TOL, seed=0)
+            vecs = dist.gather_rows(s.eigvecs, g.num_nodes)
+            np.savez({str(tmp_path)!r} + "/p{i}.npz", vecs=vecs, vals=s.eigvals,
+                     res=np.asarray(s.convergence.residuals), converged=s.convergence.converged)
+        """)
+        procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    try:
+        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    g = small_graph()
+    a = dense_reference(g, LAYER_W)
+    op = dist.operator([dist.shard_graph(g, jax.make_mesh((1,), ("data",)))], [jnp.asarray(LAYER_W)])
+    one = dist.lobpcg(op, K, tol=TOL, seed=0)
+    v1 = dist.gather_rows(one.eigvecs, g.num_nodes)
+    p = [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]
+    np.testing.assert_array_equal(p[0]["vecs"], p[1]["vecs"])                 # both processes hold the same answer
+    _check_solve(p[0], p[0]["vecs"], a)
+    assert subspace_alignment(p[0]["vecs"], v1) >= 0.99999
+    assert np.abs(np.sort(p[0]["vals"]) - np.sort(one.eigvals)).max() <= 2e-6 * one.eigvals.max()
+
+
+def test_to_result_is_an_exact_like_result():
+    """`to_result`: a `Result` whose eigvals/eigvecs are the solve's sorted largest first, rq per group, objective
+    Σ w R, and the convergence record."""
+    g = small_graph()
+    op = dist.operator([dist.shard_graph(g, jax.make_mesh((1,), ("data",)))], [jnp.asarray(LAYER_W)])
+    s = dist.lobpcg(op, K, tol=TOL)
+    r = dist.to_result(s, op, g.grid, g.num_images)
+    assert r.eigvecs.shape == (6, K, 7, 7) and r.method == "exact-lobpcg-distributed" and r.joint
+    assert np.all(np.diff(r.eigvals[0]) <= 0) and r.convergence.converged
+    assert r.rq.shape == (6, 2, K) and r.orth_error < 1e-5
+    np.testing.assert_allclose(r.objective[0], np.sum(np.asarray(LAYER_W)[:, None] * r.rq[0]), rtol=1e-5)
+    np.testing.assert_allclose(np.sum(np.asarray(LAYER_W)[:, None] * r.rq[0], axis=0), r.eigvals[0], rtol=1e-5)
+
+
+def test_bench_scale_tiny_runs(tmp_path):
+    """`benchmarks/bench_scale.py --tiny` end to end (N = 4096 in 1 and 2 local processes): it writes its table,
+    the 2-process run converged and gives the 1-process subspace."""
+    import json
+
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_scale.py"), "--tiny", "--out",
+                        str(tmp_path)], env=_env(), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    d = json.load(open(tmp_path / "scale_tiny.json"))
+    two = next(x for x in d["strong"] if x["procs"] == 2)["records"]
+    assert len(two) == 2 and all(x["converged"] and x["max_residual"] <= 3.4527e-4 for x in two)
+    one = next(x for x in d["strong"] if x["procs"] == 1)["records"][0]
+    assert two[0]["graph_bytes"] * 2 == one["graph_bytes"] and two[0]["operator_bytes"] * 2 == one["operator_bytes"]
+    # tol 3.45e-4 here (not the 1e-5 above): eigenvalue errors ~ residual² / gap, measured 1.3e-6 of λ₁
+    assert np.abs(np.subtract(two[0]["eigvals"], one["eigvals"])).max() <= 5e-6 * one["eigvals"][0]
+    md = open(tmp_path / "scale_tiny.md").read()
+    assert "| 4,096 | 2 |" in md and "ImageNet val" in md
+
+
+def test_layer_spectra_equal_exact_layer_spectra():
+    """Per-layer spectra for the layer-weight rules: each layer's own distributed solve vs `exact.layer_spectra`
+    (dense, float64-accurate LAPACK) on the whole graph, layer order ascending."""
+    from spectral_jax.solvers.exact import layer_spectra
+
+    g = small_graph()
+    sg = dist.shard_graph(g, jax.make_mesh((1,), ("data",)))
+    ours = dist.layer_spectra([sg], [(3, 5)], K, tol=TOL)
+    want = layer_spectra([g], [(3, 5)], K)
+    assert ours.shape == want.shape == (2, K)
+    np.testing.assert_allclose(ours, want, rtol=0, atol=2e-6 * float(want.max()))
