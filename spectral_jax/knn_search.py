@@ -54,8 +54,8 @@ class Search:
     """How `graphs.knn` searches the inter-image neighbours.
 
     kind: "exact" (blockwise brute force), "ivf" (this module, JAX), "faiss" (faiss IVF on the CPU, needs
-    `faiss-cpu`), "auto" (exact below `AUTO_MIN_NODES` nodes or under a mesh; above, faiss when it imports and the
-    inputs are concrete, else ivf). nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
+    `faiss-cpu`), "auto" (exact below `AUTO_MIN_NODES` nodes or under a mesh, else ivf: the same choice whether or
+    not faiss is installed). nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
     row (default `default_nprobe`); seed: the k-means sample and initial centroids and the recall sample; iters:
     k-means steps; recall_rows: rows sampled for the recall estimate (0: none).
     """
@@ -103,8 +103,7 @@ def resolve(search, num_nodes: int, concrete: bool, mesh) -> Search:
     s = as_search(search)
     kind = s.kind
     if kind == "auto":
-        kind = ("exact" if num_nodes < AUTO_MIN_NODES or mesh is not None
-                else "faiss" if concrete and faiss_available() else "ivf")
+        kind = "exact" if num_nodes < AUTO_MIN_NODES or mesh is not None else "ivf"
     if kind != "exact" and mesh is not None:
         raise InputError(f"search={kind!r}", "does not run sharded over a mesh",
                          "pass search='exact' with a mesh, or mesh=None")
@@ -124,15 +123,15 @@ def default_nlist(c: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """Cells probed per row: 1/8 of the lists (≥ 8, ≤ all cells)."""
-    return max(8, nlist // 8)
+    """Cells probed per row: nlist / 4 (≥ 8) — about an eighth of the columns (a cell holds half a mean list)."""
+    return max(8, nlist // 4)
 
 
 def plan(c: int, k: int, search: Search) -> dict:
     """The static sizes of an IVF search over C columns: nlist, cap (cell capacity), cells L, nprobe, sample."""
     nlist = min(c, search.nlist or default_nlist(c))
-    mean = -(-c // nlist)
-    cap = max(8, -(-mean // 8) * 8)                                  # mean list length, rounded up to a multiple of 8
+    half = -(-c // (2 * nlist))
+    cap = max(8, -(-half // 8) * 8)                         # half the mean list length, rounded up to a multiple of 8
     cells = nlist + c // cap
     nprobe = min(cells, search.nprobe or default_nprobe(nlist))
     return dict(nlist=nlist, cap=cap, cells=cells, nprobe=nprobe, sample=min(c, 64 * nlist))
@@ -178,50 +177,57 @@ def kmeans(x: Array, nlist: int, sample: int, iters: int, key) -> Array:
 # ----------------------------------------------------------------------------------------------------- IVF
 
 
-def _cells(b: Array, cent: Array, cap: int, cells: int) -> tuple[Array, Array]:
-    """Inverted lists split into cells: (table `[L + 1, cap]` int32 column ids, −1 padding — the last row an empty
-    sentinel cell; cell_list `[L]` int32 the list of each cell, −1 for an unused cell)."""
+def _cells(b: Array, cent: Array, cap: int, cells: int) -> tuple[Array, Array, Array, Array]:
+    """Inverted lists split into cells of ≤ cap columns: (order `[C]` int32 the columns sorted by list — every cell is
+    a contiguous run of it —, start `[L + 1]`, size `[L + 1]` int32 each cell's run (the last cell an empty
+    sentinel), cell_list `[L]` int32 the list of each cell, −1 for an unused cell)."""
     c = b.shape[0]
     lst = _best(b, cent.astype(b.dtype), 1)[1][:, 0]
     nlist = cent.shape[0]
     size = jnp.bincount(lst, length=nlist)
     per_list = -(-size // cap)                                     # cells of each list
-    cell0 = jnp.cumsum(per_list) - per_list                         # first cell of each list
+    ends = jnp.cumsum(per_list)
+    used = ends[-1]
+    j = jnp.arange(cells, dtype=jnp.int32)
+    cell_list = jnp.searchsorted(ends, j, side="right").astype(jnp.int32)       # list of cell j (j < used)
+    li = jnp.minimum(cell_list, nlist - 1)
+    part = j - (ends - per_list)[li]                                # j is the part-th cell of its list
+    start = (jnp.cumsum(size) - size)[li] + part * cap
+    cnt = jnp.clip(size[li] - part * cap, 0, cap)
+    live = j < used
+    start = jnp.concatenate([jnp.where(live, start, 0), jnp.zeros((1,), start.dtype)]).astype(jnp.int32)
+    cnt = jnp.concatenate([jnp.where(live, cnt, 0), jnp.zeros((1,), cnt.dtype)]).astype(jnp.int32)
     order = jnp.argsort(lst, stable=True).astype(jnp.int32)
-    sl = lst[order]
-    rank = jnp.arange(c, dtype=jnp.int32) - (jnp.cumsum(size) - size)[sl]
-    cell = cell0[sl] + rank // cap
-    table = jnp.full((cells + 1, cap), -1, jnp.int32).at[cell, rank % cap].set(order)
-    used = jnp.sum(per_list)
-    cell_list = jnp.searchsorted(jnp.cumsum(per_list), jnp.arange(cells), side="right").astype(jnp.int32)
-    return table, jnp.where(jnp.arange(cells) < used, cell_list, -1)
+    return order, start, cnt, jnp.where(live, cell_list, -1)
 
 
-def _batch(a, grp, probe, b, col_grp, col_ok, table, k: int, qc: int, items: int):
-    """Top-k of the B rows of one batch among their probed cells: a `[B, D]`, grp `[B]`, probe `[B, P]` cell ids →
-    (cos `[B, k]`, idx `[B, k]`)."""
+def _batch(a, grp, probe, bs, ids, start, cnt, col_grp, col_ok, k: int, cap: int, qc: int, items: int):
+    """Top-k of the B rows of one batch among their probed cells: a `[B, D]`, grp `[B]`, probe `[B, P]` cell ids;
+    bs `[C + cap, D]` the columns in list order (zero-padded), ids `[C + cap]` their column ids (−1 padding),
+    start/cnt `[L + 1]` the cells' runs (`_cells`) → (cos `[B, k]`, idx `[B, k]`)."""
     bsz, p = probe.shape
-    cells, cap = table.shape
+    cells = start.shape[0]
     pair_cell = probe.reshape(-1)
-    o = jnp.argsort(pair_cell, stable=True).astype(jnp.int32)       # pairs grouped by cell
+    o = jnp.argsort(pair_cell, stable=True).astype(jnp.int32)       # (row, probe) pairs grouped by cell
     sc = pair_cell[o]
-    cnt = jnp.bincount(pair_cell, length=cells)
-    per_cell = -(-cnt // qc)
+    n_pairs = jnp.bincount(pair_cell, length=cells)
+    per_cell = -(-n_pairs // qc)
     item0 = jnp.cumsum(per_cell) - per_cell
-    rank = jnp.arange(bsz * p, dtype=jnp.int32) - (jnp.cumsum(cnt) - cnt)[sc]
+    rank = jnp.arange(bsz * p, dtype=jnp.int32) - (jnp.cumsum(n_pairs) - n_pairs)[sc]
     item = item0[sc] + rank // qc
     item_pair = jnp.full((items, qc), -1, jnp.int32).at[item, rank % qc].set(o)
     item_cell = jnp.clip(jnp.searchsorted(jnp.cumsum(per_cell), jnp.arange(items), side="right"), 0, cells - 1)
+    slot = jnp.arange(cap, dtype=jnp.int32)
 
     def work(inp):
         pairs, cell = inp
         rows = jnp.where(pairs >= 0, pairs // p, 0)
-        cols = table[cell]
-        q = a[rows]
-        x = b[jnp.maximum(cols, 0)]
-        cos = jnp.dot(q, x.T, preferred_element_type=jnp.float32)  # [qc, cap]
-        ok = (cols >= 0)[None, :] & col_ok[jnp.maximum(cols, 0)][None, :] & (
-            grp[rows][:, None] != col_grp[jnp.maximum(cols, 0)][None, :])
+        s0 = start[cell]
+        x = lax.dynamic_slice_in_dim(bs, s0, cap)                     # [cap, D] the cell's columns
+        cols = lax.dynamic_slice_in_dim(ids, s0, cap)
+        safe = jnp.maximum(cols, 0)
+        cos = jnp.dot(a[rows], x.T, preferred_element_type=jnp.float32)  # [qc, cap]
+        ok = ((slot < cnt[cell]) & col_ok[safe])[None, :] & (grp[rows][:, None] != col_grp[safe][None, :])
         top, pos = lax.top_k(jnp.where(ok, cos, -jnp.inf), min(k, cap))
         return top, jnp.take(cols, pos)
 
@@ -229,13 +235,13 @@ def _batch(a, grp, probe, b, col_grp, col_ok, table, k: int, qc: int, items: int
     kk = top.shape[-1]
     dest = jnp.where(item_pair >= 0, item_pair, bsz * p).reshape(-1)
     vals = jnp.full((bsz * p, kk), -jnp.inf, jnp.float32).at[dest].set(top.reshape(-1, kk), mode="drop")
-    ids = jnp.full((bsz * p, kk), -1, jnp.int32).at[dest].set(idx.reshape(-1, kk), mode="drop")
-    vals, ids = vals.reshape(bsz, p * kk), ids.reshape(bsz, p * kk)
+    out = jnp.full((bsz * p, kk), -1, jnp.int32).at[dest].set(idx.reshape(-1, kk), mode="drop")
+    vals, out = vals.reshape(bsz, p * kk), out.reshape(bsz, p * kk)
     if p * kk < k:
         vals = jnp.pad(vals, ((0, 0), (0, k - p * kk)), constant_values=-jnp.inf)
-        ids = jnp.pad(ids, ((0, 0), (0, k - p * kk)), constant_values=-1)
+        out = jnp.pad(out, ((0, 0), (0, k - p * kk)), constant_values=-1)
     best, where = lax.top_k(vals, k)
-    return best, jnp.take_along_axis(ids, where, axis=1)
+    return best, jnp.take_along_axis(out, where, axis=1)
 
 
 def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, k: int,
@@ -245,19 +251,20 @@ def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, 
     a `[R, D]`, b `[C, D]` unit rows; row_grp `[R]`, col_grp `[C]` int (a column of the row's own group is never a
     neighbour); col_ok `[C]` bool (columns that may be neighbours). Returns (idx `[R, k]` int32 column indices,
     cos `[R, k]` float32), largest first; a slot without a candidate has cos = −inf and idx 0. Jittable (sizes are
-    static: `plan`); deterministic for a given `search.seed`.
+    static: `plan`); deterministic for a given `search.seed`. Memory: one list-ordered copy of b plus
+    O(`PAIR_BUDGET`) per row batch.
     """
     r, c = a.shape[0], b.shape[0]
     if k == 0:
         return jnp.zeros((r, 0), jnp.int32), jnp.zeros((r, 0), jnp.float32)
     pl = plan(c, k, search)
-    key = jax.random.PRNGKey(search.seed)
-    cent = kmeans(b, pl["nlist"], pl["sample"], search.iters, key)
-    table, cell_list = _cells(b, cent, pl["cap"], pl["cells"])
-    p = pl["nprobe"]
+    cap, p = pl["cap"], pl["nprobe"]
+    cent = kmeans(b, pl["nlist"], pl["sample"], search.iters, jax.random.PRNGKey(search.seed))
+    order, start, cnt, cell_list = _cells(b, cent, cap, pl["cells"])
+    bs = jnp.pad(b[order], ((0, cap), (0, 0)))
+    ids = jnp.pad(order, (0, cap), constant_values=-1)
     bsz = int(min(r, max(256, PAIR_BUDGET // (p * k))))
-    mean_pairs = bsz * p / pl["cells"]
-    qc = int(min(256, max(8, 2 ** int(math.log2(max(1.0, mean_pairs / 4))))))
+    qc = int(min(256, max(8, 2 ** int(math.log2(max(1.0, bsz * p / pl["cells"] / 4))))))
     items = pl["cells"] + 1 + bsz * p // qc
     cent_cell = jnp.where((cell_list >= 0)[:, None], cent[jnp.maximum(cell_list, 0)], 0.0).astype(a.dtype)
 
@@ -265,7 +272,7 @@ def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, 
         ai, gi = inp
         s, probe = _best(ai, cent_cell, p, cell_list >= 0)
         probe = jnp.where(jnp.isfinite(s), probe, pl["cells"])        # nothing left to probe: the empty sentinel
-        return _batch(ai, gi, probe, b, col_grp, col_ok, table, k, qc, items)
+        return _batch(ai, gi, probe, bs, ids, start, cnt, col_grp, col_ok, k, cap, qc, items)
 
     at, gt = kernels._tiles(a, bsz, 0.0), kernels._tiles(row_grp, bsz, -1)
     cos, idx = lax.map(batch, (at, gt))

@@ -123,16 +123,16 @@ def test_ivf_graph_under_jit_and_deterministic(rng):
 
 
 def test_auto_picks_by_size(rng, monkeypatch):
-    """auto: exact below AUTO_MIN_NODES or with a mesh; above, an approximate search (faiss outside jit when it
-    imports, ivf under jit)."""
+    """auto: exact below AUTO_MIN_NODES or with a mesh; above, ivf (whether or not faiss is installed)."""
     n_img = 10
     x = planted(rng, n_img)
     assert graphs.knn(x, x, GRID, n_img, 3, 5, info=True)[1]["search"] == "exact"
     monkeypatch.setattr(knn_search, "AUTO_MIN_NODES", 100)
-    want = "faiss" if knn_search.faiss_available() else "ivf"
-    assert graphs.knn(x, x, GRID, n_img, 3, 5, info=True)[1]["search"] == want
-    assert jax.jit(lambda x: graphs.knn(x, x, GRID, n_img, 3, 5, info=True)[0].w)(x).shape == (n_img * PER, 8)
-    assert knn_search.resolve("auto", 10_000, False, None).kind == "ivf"
+    assert graphs.knn(x, x, GRID, n_img, 3, 5, info=True)[1]["search"] == "ivf"
+    assert jax.jit(lambda x: graphs.knn(x, x, GRID, n_img, 3, 5).w)(x).shape == (n_img * PER, 8)
+    for faiss in (True, False):
+        monkeypatch.setattr(knn_search, "faiss_available", lambda: faiss)
+        assert knn_search.resolve("auto", 10_000, True, None).kind == "ivf"
     assert knn_search.resolve("auto", 10_000, True, object()).kind == "exact"
 
 
