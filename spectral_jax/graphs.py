@@ -316,8 +316,9 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     None: as given); cosines, weights and degrees are float32 either way.
     search: how the inter-image neighbours are found — "exact" (blockwise brute force, O(N²)), "ivf" (approximate
     inverted-file search in JAX, `spectral_jax.knn_search`), "faiss" (faiss IVF on the host; not under `jit`),
-    "auto" (default: exact below `knn_search.AUTO_MIN_NODES` nodes or with a mesh, else ivf), or a `knn_search.Search` (its nlist, nprobe, seed, ...). The intra-image search
-    is always exact; an approximate search may miss inter-image neighbours (its recall is measured, below).
+    "auto" (default: exact below `knn_search.AUTO_MIN_NODES` nodes or with a mesh, else ivf), or a
+    `knn_search.Search` (its nlist, nprobe, seed, ...). The intra-image search is always exact; an approximate search
+    may miss inter-image neighbours (its recall is measured, below).
     info: also return a dict — search (the kind used), recall (`[*S]` float32: the share of the exact inter-image
     top-k found, on a seeded sample of rows, `knn_search.recall`; 1 for exact), and the IVF sizes (`knn_search.plan`)
     — as `(graph, info)`.
@@ -353,8 +354,9 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
         found = [knn_search.faiss_topk(kernels.unit_rows(ai), kernels.unit_rows(bi), img, img, ok, int(k_inter), sr,
                                        over=per) for ai, bi in zip(a2, b2)]
         inter = (jnp.asarray(np.stack([f[0] for f in found])), jnp.asarray(np.stack([f[1] for f in found])))
+    want = info and sr.kind != "exact"                      # the raw cosines leave the program only for the recall
     g, cos = _build_knn(a2, b2, valid, grid, num_images, batch, int(k_intra), int(k_inter), float(min_cos),
-                        int(block), mesh, axis, sr, inter)
+                        int(block), mesh, axis, sr, want, inter)
     if not info:
         return g
     if sr.kind == "exact":
@@ -409,8 +411,9 @@ def _knn_rows(a, b_own, b, row0, valid, per: int, k_intra: int, k_inter: int, mi
     return idx, jnp.where((cos > min_cos) & valid[row_img][None, :, None], cos, 0.0), cos
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9, 10, 11, 12))
-def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, block, mesh, axis, search, inter):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
+def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, block, mesh, axis, search, want_cos,
+               inter):
     kw = dict(per=grid[0] * grid[1], k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, block=block)
     if mesh is None:
         idx, w, cos = _knn_rows(a, b, b, 0, valid, search=search, inter=inter, **kw)
@@ -426,11 +429,11 @@ def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, 
         idx, w, cos = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
                                     out_specs=(P(None, axis), P(None, axis), P(None, axis)))(a, b, valid)
         rep = NamedSharding(mesh, P())
-        idx, w, cos = (jax.lax.with_sharding_constraint(x, rep) for x in (idx, w, cos))
+        idx, w = jax.lax.with_sharding_constraint(idx, rep), jax.lax.with_sharding_constraint(w, rep)
     deg = 0.5 * (w.sum(-1) + jax.vmap(lambda i, x: jnp.zeros(i.shape[0], x.dtype).at[i.reshape(-1)].add(
         x.reshape(-1)))(idx, w))
     un = lambda x: x.reshape(*batch, *x.shape[1:])
-    return KnnGraph(un(idx), un(w), un(deg), grid, batch, num_images), cos
+    return KnnGraph(un(idx), un(w), un(deg), grid, batch, num_images), (cos if want_cos else None)
 
 
 def dense(p: Array, grid: tuple[int, int], num_images: int = 1) -> DenseGraph:

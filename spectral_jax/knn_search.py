@@ -178,8 +178,8 @@ def kmeans(x: Array, nlist: int, sample: int, iters: int, key) -> Array:
 
 
 def _cells(b: Array, cent: Array, cap: int, cells: int) -> tuple[Array, Array, Array, Array]:
-    """Inverted lists split into cells of ≤ cap columns: (order `[C]` int32 the columns sorted by list — every cell is
-    a contiguous run of it —, start `[L + 1]`, size `[L + 1]` int32 each cell's run (the last cell an empty
+    """Inverted lists split into cells of ≤ cap columns: (order `[C]` int32 the columns sorted by list — every cell
+    is a contiguous run of it —, start `[L + 1]`, size `[L + 1]` int32 each cell's run (the last cell an empty
     sentinel), cell_list `[L]` int32 the list of each cell, −1 for an unused cell)."""
     c = b.shape[0]
     lst = _best(b, cent.astype(b.dtype), 1)[1][:, 0]

@@ -10,7 +10,8 @@ import pytest
 from sjtest import BENCH
 
 pytest.importorskip("torch", reason="torch is not installed (the `bench` extra: pip install -e '.[bench]')")
-pytest.importorskip("ncut_pytorch", reason="ncut-pytorch is not installed (the `bench` extra: pip install -e '.[bench]')")
+pytest.importorskip("ncut_pytorch",
+                    reason="ncut-pytorch is not installed (the `bench` extra: pip install -e '.[bench]')")
 pytest.importorskip("sklearn", reason="scikit-learn (an ncut-pytorch dependency) is not installed")
 
 
