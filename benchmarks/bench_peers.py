@@ -72,6 +72,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true", help="smoke mode: random weights, few small images, small N")
     ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                     help="write --out from the reports of earlier runs (parts run as separate processes) instead")
+    ap.add_argument("--notes", default=None, help="a Markdown file appended to the report (the run's reading)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "peers.md"))
     args = ap.parse_args(argv)
@@ -414,7 +415,9 @@ def write(args, rep: dict) -> None:
                   f"k_inter = {args.k} (images of 100 tokens, k_intra = 0), K = {args.num_eigs}; each point in a fresh "
                   f"process, peak RSS growth over the input (input: N·64·4 bytes).", "",
                   _common.table(["data", "N", "tool", "seconds", "peak MiB", "recall", "notes"], rows), ""]
-    lines += rep.get("notes", [])
+    if args.notes:
+        with open(args.notes) as f:
+            lines += ["## Reading", "", f.read().strip(), ""]
     _common.write(args.out, "\n".join(lines) + "\n", announce=True)
     _common.write(os.path.splitext(args.out)[0] + ".json", json.dumps(rep, indent=1, default=str), announce=True)
 
