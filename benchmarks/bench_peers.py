@@ -433,9 +433,12 @@ def main(argv=None) -> None:
             with open(path) as f:
                 part = json.load(f)
             rep.setdefault("commands", []).append(part["command"])
+            rep["scale"] = rep.get("scale", []) + part.pop("scale", [])        # scale points add up; parts replace
             rep.update({key: v for key, v in part.items() if key in PARTS + ("peer", "machine")})
             rep["seconds_total"] = rep.get("seconds_total", 0.0) + part["seconds_total"]
             rep["data"] = part["data"] if part["data"] != "generated features only" else rep.get("data", part["data"])
+        if not rep["scale"]:
+            del rep["scale"]
         rep["command"] = " ; ".join(rep["commands"]) + " ; python benchmarks/bench_peers.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
         write(args, rep)
