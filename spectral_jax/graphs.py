@@ -303,7 +303,7 @@ def value(v: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEFAUL
 
 def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra: int = 50, k_inter: int = 0,
         min_cos: float = 0.1, block: int = DEFAULT_BLOCK, *, valid: Array | None = None, mesh=None,
-        axis: str = "data", dtype=None) -> KnnGraph:
+        axis: str = "data", dtype=None, search="auto", info: bool = False):
     """Sparse kNN graph over all tokens of `num_images` images: a, b `[*S, N, D]`, N = num_images·h·w.
 
     Edges i→j for the `k_intra` largest cos(a_i, b_j) within i's image and the `k_inter` largest in other images,
@@ -314,7 +314,17 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     num_images must be a multiple of the devices on `axis`. Callable under `jit` (a, b, valid traced).
     dtype: the search's storage dtype of a, b ("float32", "bfloat16": unit-normalised in float32 first, then cast;
     None: as given); cosines, weights and degrees are float32 either way.
+    search: how the inter-image neighbours are found — "exact" (blockwise brute force, O(N²)), "ivf" (approximate
+    inverted-file search in JAX, `spectral_jax.knn_search`), "faiss" (faiss IVF on the host; not under `jit`),
+    "auto" (default: exact below `knn_search.AUTO_MIN_NODES` nodes or with a mesh, else ivf), or a
+    `knn_search.Search` (its nlist, nprobe, seed, ...). The intra-image search is always exact; an approximate search
+    may miss inter-image neighbours (its recall is measured, below).
+    info: also return a dict — search (the kind used), recall (`[*S]` float32: the share of the exact inter-image
+    top-k found, on a seeded sample of rows, `knn_search.recall`; 1 for exact), and the IVF sizes (`knn_search.plan`)
+    — as `(graph, info)`.
     """
+    from spectral_jax import knn_search
+
     dtype = storage_dtype(dtype)
     a, b = _narrowed(a, dtype), _narrowed(b, dtype)
     if a.shape != b.shape:
@@ -331,37 +341,82 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
                          "pass e.g. k_intra=10")
     if not -1.0 <= min_cos < 1.0:
         raise InputError(f"min_cos={min_cos}", "must be a cosine in [-1, 1)", "pass e.g. min_cos=0.1")
+    n = a.shape[-2]
+    concrete = not any(isinstance(x, jax.core.Tracer) for x in (a, b, valid))
+    sr = knn_search.resolve(search, n, concrete, mesh) if k_inter > 0 else knn_search.Search("exact")
     valid = jnp.ones((num_images,), bool) if valid is None else jnp.asarray(valid, bool)
     batch = tuple(a.shape[:-2])
-    return _build_knn(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), valid, grid, num_images, batch,
-                      int(k_intra), int(k_inter), float(min_cos), int(block), mesh, axis)
+    a2, b2 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    inter = None
+    if sr.kind == "faiss":
+        img = np.arange(n) // per
+        ok = np.asarray(valid)[img]
+        found = [knn_search.faiss_topk(kernels.unit_rows(ai), kernels.unit_rows(bi), img, img, ok, int(k_inter), sr,
+                                       over=per) for ai, bi in zip(a2, b2)]
+        inter = (jnp.asarray(np.stack([f[0] for f in found])), jnp.asarray(np.stack([f[1] for f in found])))
+    want = info and sr.kind != "exact"                      # the raw cosines leave the program only for the recall
+    g, cos = _build_knn(a2, b2, valid, grid, num_images, batch, int(k_intra), int(k_inter), float(min_cos),
+                        int(block), mesh, axis, sr, want, inter)
+    if not info:
+        return g
+    if sr.kind == "exact":
+        rec = jnp.ones(batch, jnp.float32)
+    else:
+        rec = _recall(a2, b2, valid, cos[..., int(k_intra):], per, int(k_inter), sr.recall_rows, sr.seed).reshape(batch)
+    out = dict(search=sr.kind, recall=rec)
+    if sr.kind != "exact":
+        out.update(knn_search.plan(n, int(k_inter), sr), seed=sr.seed, recall_rows=min(sr.recall_rows, n))
+    return g, out
 
 
-def _knn_rows(a, b_own, b, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: float, block: int):
+@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
+def _recall(a, b, valid, cos, per: int, k: int, rows: int, seed: int):
+    """`knn_search.recall` of every graph's inter-image top-k cos `[G, N, k]` → `[G]`."""
+    from spectral_jax import knn_search
+
+    img = jnp.arange(a.shape[1], dtype=jnp.int32) // per
+    if rows == 0:
+        return jnp.full((a.shape[0],), jnp.nan, jnp.float32)
+    return jax.lax.map(lambda x: knn_search.recall(kernels.unit_rows(x[0]), kernels.unit_rows(x[1]), img, img,
+                                                   valid[img], x[2], k, rows, seed), (a, b, cos))
+
+
+def _knn_rows(a, b_own, b, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: float, block: int,
+              search=None, inter=None):
     """Edges of the rows `row0 …` (whole images) of every graph: a `[G, r, D]` those rows' features, b_own
     `[G, r, D]` the same images' columns, b `[G, N, D]` all columns → idx, w `[G, r, k_intra + k_inter]` (w = 0: a
     dropped edge or an invalid image's). The intra-image search sees only the own image's columns
     (`kernels.topk_intra`), the inter-image one all columns with the own image masked (`kernels.topk_inter`); one
-    graph at a time (`lax.map`: the memory of one search)."""
+    graph at a time (`lax.map`: the memory of one search). search: a resolved `knn_search.Search` ("ivf": the
+    inter-image search by `knn_search.ivf_topk`); inter: precomputed inter-image (idx, cos) `[G, r, k_inter]` (the
+    faiss search) instead of a search here. Also returns the raw cosines `[G, r, k]` (−inf: no candidate)."""
+    from spectral_jax import knn_search
+
     rows = row0 + jnp.arange(a.shape[1], dtype=jnp.int32)
     col_img = jnp.arange(b.shape[1], dtype=jnp.int32) // per
     row_img = rows // per
 
     def one(ab):
-        ai, oi, bi = (kernels.unit_rows(x) for x in ab)
+        ai, oi, bi = (kernels.unit_rows(x) for x in ab[:3])
         i_s, c_s = kernels.topk_intra(ai, oi, per, k_intra)
-        i_o, c_o = kernels.topk_inter(ai, bi, row_img, col_img, valid[col_img], k_inter, block)
+        if inter is not None:
+            i_o, c_o = ab[3], ab[4]
+        elif search is not None and search.kind == "ivf":
+            i_o, c_o = knn_search.ivf_topk(ai, bi, row_img, col_img, valid[col_img], k_inter, search)
+        else:
+            i_o, c_o = kernels.topk_inter(ai, bi, row_img, col_img, valid[col_img], k_inter, block)
         return jnp.concatenate([i_s + row0, i_o], axis=1), jnp.concatenate([c_s, c_o], axis=1)
 
-    idx, cos = jax.lax.map(one, (a, b_own, b))
-    return idx, jnp.where((cos > min_cos) & valid[row_img][None, :, None], cos, 0.0)
+    idx, cos = jax.lax.map(one, (a, b_own, b) + (() if inter is None else tuple(inter)))
+    return idx, jnp.where((cos > min_cos) & valid[row_img][None, :, None], cos, 0.0), cos
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9, 10, 11))
-def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, block, mesh, axis):
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
+def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, block, mesh, axis, search, want_cos,
+               inter):
     kw = dict(per=grid[0] * grid[1], k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, block=block)
     if mesh is None:
-        idx, w = _knn_rows(a, b, b, 0, valid, **kw)
+        idx, w, cos = _knn_rows(a, b, b, 0, valid, search=search, inter=inter, **kw)
     else:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P
@@ -371,14 +426,14 @@ def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, 
             row0 = jax.lax.axis_index(axis) * a_loc.shape[1]
             return _knn_rows(a_loc, b_loc, b_all, row0, valid, **kw)
 
-        idx, w = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
-                               out_specs=(P(None, axis), P(None, axis)))(a, b, valid)
+        idx, w, cos = jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
+                                    out_specs=(P(None, axis), P(None, axis), P(None, axis)))(a, b, valid)
         rep = NamedSharding(mesh, P())
         idx, w = jax.lax.with_sharding_constraint(idx, rep), jax.lax.with_sharding_constraint(w, rep)
     deg = 0.5 * (w.sum(-1) + jax.vmap(lambda i, x: jnp.zeros(i.shape[0], x.dtype).at[i.reshape(-1)].add(
         x.reshape(-1)))(idx, w))
     un = lambda x: x.reshape(*batch, *x.shape[1:])
-    return KnnGraph(un(idx), un(w), un(deg), grid, batch, num_images)
+    return KnnGraph(un(idx), un(w), un(deg), grid, batch, num_images), (cos if want_cos else None)
 
 
 def dense(p: Array, grid: tuple[int, int], num_images: int = 1) -> DenseGraph:

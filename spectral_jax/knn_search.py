@@ -1,0 +1,347 @@
+"""Approximate top-k cosine search for the kNN graphs: an inverted-file (IVF) index in JAX, or faiss on the CPU.
+
+`graphs.knn` searches every row's neighbours among the tokens of *other* images (the inter-image part, the one that
+grows with the dataset) either exactly (`kernels.topk_inter`, O(R·C)) or with one of the approximate searches here;
+the intra-image part is small and always exact.
+
+IVF (`ivf_topk`, JAX: jitted, fixed shapes, CPU and accelerators):
+  1. coarse centroids: spherical k-means (`kmeans`) of a seeded sample of the columns, `iters` Lloyd steps;
+  2. every column goes to its nearest centroid's list; a list longer than `cap` is split into several *cells* of
+     ≤ cap columns that share its centroid (so every cell has the same fixed capacity, padded with −1);
+  3. every row probes the `nprobe` cells whose centroids are nearest to it (per row, not per list);
+  4. exact re-ranking inside the probed cells, cell-major: the (row, cell) pairs are grouped by cell into work
+     items of ≤ `qc` rows, each one [qc, D]·[D, cap] product and one `top_k`; the per-pair candidates are merged per
+     row with one more `top_k`. Rows go in batches of a fixed size (memory O(batch·nprobe·k + cells·cap)).
+  Masks as in the exact search: a column of the row's own group (image) or a column with `col_ok` False is never a
+  neighbour. It does not promise the exact result: a neighbour in an unprobed cell is missed.
+faiss (`faiss_topk`, optional `faiss-cpu`, host only — not under `jit`): `IndexIVFFlat` with inner product on the
+  same nlist / nprobe, trained on the same seeded sample size; the own group is removed by over-fetching.
+
+Recall (`recall`): on a seeded sample of rows, the share of the exact top-k found by the approximate search
+(tie-robust: an approximate neighbour counts when its cosine reaches the exact k-th cosine), computed with the exact
+kernel on those rows only.
+
+Shape legend
+    R  query rows    C  columns (candidates)    D  feature dim    k  neighbours per row
+    L  cells (lists split at `cap`)    P  nprobe    B  rows per batch    W  work items per batch    qc  rows per item
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from spectral_jax import kernels
+from spectral_jax.errors import InputError, is_integer
+
+Array = Any
+
+KINDS = ("auto", "exact", "ivf", "faiss")
+AUTO_MIN_NODES = 1 << 16     # `search="auto"`: graphs of at least this many nodes use an approximate search
+PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)
+RECALL_ROWS = 1000           # rows sampled for the recall estimate
+
+
+@dataclasses.dataclass(frozen=True)
+class Search:
+    """How `graphs.knn` searches the inter-image neighbours.
+
+    kind: "exact" (blockwise brute force), "ivf" (this module, JAX), "faiss" (faiss IVF on the CPU, needs
+    `faiss-cpu`), "auto" (exact below `AUTO_MIN_NODES` nodes or under a mesh, else ivf: the same choice whether or
+    not faiss is installed). nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
+    row (default `default_nprobe`); seed: the k-means sample and initial centroids and the recall sample; iters:
+    k-means steps; recall_rows: rows sampled for the recall estimate (0: none).
+    """
+
+    kind: str = "auto"
+    nlist: int | None = None
+    nprobe: int | None = None
+    seed: int = 0
+    iters: int = 10
+    recall_rows: int = RECALL_ROWS
+
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise InputError(f"search={self.kind!r}", "is not a kNN search", f"choose one of {', '.join(KINDS)}")
+        for name, lo in (("nlist", 1), ("nprobe", 1)):
+            v = getattr(self, name)
+            if v is not None and not (is_integer(v) and v >= lo):
+                raise InputError(f"{name}={v!r}", f"must be an integer ≥ {lo}", f"pass e.g. {name}=64 or None")
+        for name in ("seed", "iters", "recall_rows"):
+            v = getattr(self, name)
+            if not (is_integer(v) and v >= 0):
+                raise InputError(f"{name}={v!r}", "must be a non-negative integer", f"pass e.g. {name}=0")
+
+
+def as_search(search) -> Search:
+    """A `Search` from a kind name or a `Search` (anything else: `InputError`)."""
+    if isinstance(search, Search):
+        return search
+    if isinstance(search, str):
+        return Search(search)
+    raise InputError(f"search={search!r}", "is not a kNN search", f"pass one of {', '.join(KINDS)} or a Search")
+
+
+def faiss_available() -> bool:
+    try:
+        import faiss  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def resolve(search, num_nodes: int, concrete: bool, mesh) -> Search:
+    """The `Search` with `kind` made concrete ("exact", "ivf" or "faiss") for a graph of `num_nodes` nodes; `concrete`:
+    the inputs are arrays, not tracers (faiss cannot run under `jit`). InputError for a choice that cannot run."""
+    s = as_search(search)
+    kind = s.kind
+    if kind == "auto":
+        kind = "exact" if num_nodes < AUTO_MIN_NODES or mesh is not None else "ivf"
+    if kind != "exact" and mesh is not None:
+        raise InputError(f"search={kind!r}", "does not run sharded over a mesh",
+                         "pass search='exact' with a mesh, or mesh=None")
+    if kind == "faiss":
+        if not faiss_available():
+            raise InputError("search='faiss'", "needs faiss, which is not installed",
+                             "pip install faiss-cpu (or pass search='ivf')")
+        if not concrete:
+            raise InputError("search='faiss'", "cannot run under jit (faiss runs on the host)",
+                             "call graphs.knn outside jit, or pass search='ivf'")
+    return dataclasses.replace(s, kind=kind)
+
+
+def default_nlist(c: int) -> int:
+    """Coarse lists for C columns: the power of two nearest √C (≥ 1)."""
+    return max(1, 2 ** round(math.log2(max(1.0, math.sqrt(c)))))
+
+
+def default_nprobe(nlist: int) -> int:
+    """Cells probed per row: nlist / 4 (≥ 8) — about an eighth of the columns (a cell holds half a mean list)."""
+    return max(8, nlist // 4)
+
+
+def plan(c: int, k: int, search: Search) -> dict:
+    """The static sizes of an IVF search over C columns: nlist, cap (cell capacity), cells L, nprobe, sample."""
+    nlist = min(c, search.nlist or default_nlist(c))
+    half = -(-c // (2 * nlist))
+    cap = max(8, -(-half // 8) * 8)                         # half the mean list length, rounded up to a multiple of 8
+    cells = nlist + c // cap
+    nprobe = min(cells, search.nprobe or default_nprobe(nlist))
+    return dict(nlist=nlist, cap=cap, cells=cells, nprobe=nprobe, sample=min(c, 64 * nlist))
+
+
+# ------------------------------------------------------------------------------------------------- k-means
+
+
+def _best(x: Array, c: Array, k: int, ok: Array | None = None, block: int = 4096) -> tuple[Array, Array]:
+    """Top-k centroids of every row: x `[R, D]`, c `[L, D]`, ok `[L]` bool (False: never chosen, score −inf) →
+    (score `[R, k]` float32, index `[R, k]` int32), rows in tiles of `block`."""
+    r = x.shape[0]
+    bq = min(block, r)
+    xt = kernels._tiles(x, bq, 0.0)
+
+    def tile(xi):
+        cos = jnp.dot(xi, c.T, preferred_element_type=jnp.float32)
+        s, i = lax.top_k(cos if ok is None else jnp.where(ok[None, :], cos, -jnp.inf), k)
+        return s, i.astype(jnp.int32)
+
+    s, i = lax.map(tile, xt)
+    return s.reshape(-1, k)[:r], i.reshape(-1, k)[:r]
+
+
+def kmeans(x: Array, nlist: int, sample: int, iters: int, key) -> Array:
+    """Spherical k-means of a seeded sample of the unit rows x `[C, D]` → centroids `[nlist, D]` float32 unit rows.
+
+    The sample is `sample` distinct rows drawn with `key`; the first `nlist` of them start the centroids; each step
+    assigns the sample to the nearest centroid by cosine and renormalises the sums (an empty list keeps its centroid).
+    """
+    pick = jax.random.choice(key, x.shape[0], (sample,), replace=False)
+    s = x[pick].astype(jnp.float32)
+
+    def step(c, _):
+        a = _best(s, c, 1)[1][:, 0]
+        tot = jax.ops.segment_sum(s, a, nlist)
+        n = jnp.linalg.norm(tot, axis=1, keepdims=True)
+        return jnp.where(n > 0, tot / jnp.maximum(n, 1e-12), c), None
+
+    return lax.scan(step, s[:nlist], None, length=iters)[0]
+
+
+# ----------------------------------------------------------------------------------------------------- IVF
+
+
+def _cells(b: Array, cent: Array, cap: int, cells: int) -> tuple[Array, Array, Array, Array]:
+    """Inverted lists split into cells of ≤ cap columns: (order `[C]` int32 the columns sorted by list — every cell
+    is a contiguous run of it —, start `[L + 1]`, size `[L + 1]` int32 each cell's run (the last cell an empty
+    sentinel), cell_list `[L]` int32 the list of each cell, −1 for an unused cell)."""
+    c = b.shape[0]
+    lst = _best(b, cent.astype(b.dtype), 1)[1][:, 0]
+    nlist = cent.shape[0]
+    size = jnp.bincount(lst, length=nlist)
+    per_list = -(-size // cap)                                     # cells of each list
+    ends = jnp.cumsum(per_list)
+    used = ends[-1]
+    j = jnp.arange(cells, dtype=jnp.int32)
+    cell_list = jnp.searchsorted(ends, j, side="right").astype(jnp.int32)       # list of cell j (j < used)
+    li = jnp.minimum(cell_list, nlist - 1)
+    part = j - (ends - per_list)[li]                                # j is the part-th cell of its list
+    start = (jnp.cumsum(size) - size)[li] + part * cap
+    cnt = jnp.clip(size[li] - part * cap, 0, cap)
+    live = j < used
+    start = jnp.concatenate([jnp.where(live, start, 0), jnp.zeros((1,), start.dtype)]).astype(jnp.int32)
+    cnt = jnp.concatenate([jnp.where(live, cnt, 0), jnp.zeros((1,), cnt.dtype)]).astype(jnp.int32)
+    order = jnp.argsort(lst, stable=True).astype(jnp.int32)
+    return order, start, cnt, jnp.where(live, cell_list, -1)
+
+
+def _batch(a, grp, probe, bs, ids, start, cnt, col_grp, col_ok, k: int, cap: int, qc: int, items: int):
+    """Top-k of the B rows of one batch among their probed cells: a `[B, D]`, grp `[B]`, probe `[B, P]` cell ids;
+    bs `[C + cap, D]` the columns in list order (zero-padded), ids `[C + cap]` their column ids (−1 padding),
+    start/cnt `[L + 1]` the cells' runs (`_cells`) → (cos `[B, k]`, idx `[B, k]`)."""
+    bsz, p = probe.shape
+    cells = start.shape[0]
+    pair_cell = probe.reshape(-1)
+    o = jnp.argsort(pair_cell, stable=True).astype(jnp.int32)       # (row, probe) pairs grouped by cell
+    sc = pair_cell[o]
+    n_pairs = jnp.bincount(pair_cell, length=cells)
+    per_cell = -(-n_pairs // qc)
+    item0 = jnp.cumsum(per_cell) - per_cell
+    rank = jnp.arange(bsz * p, dtype=jnp.int32) - (jnp.cumsum(n_pairs) - n_pairs)[sc]
+    item = item0[sc] + rank // qc
+    item_pair = jnp.full((items, qc), -1, jnp.int32).at[item, rank % qc].set(o)
+    item_cell = jnp.clip(jnp.searchsorted(jnp.cumsum(per_cell), jnp.arange(items), side="right"), 0, cells - 1)
+    slot = jnp.arange(cap, dtype=jnp.int32)
+
+    def work(inp):
+        pairs, cell = inp
+        rows = jnp.where(pairs >= 0, pairs // p, 0)
+        s0 = start[cell]
+        x = lax.dynamic_slice_in_dim(bs, s0, cap)                     # [cap, D] the cell's columns
+        cols = lax.dynamic_slice_in_dim(ids, s0, cap)
+        safe = jnp.maximum(cols, 0)
+        cos = jnp.dot(a[rows], x.T, preferred_element_type=jnp.float32)  # [qc, cap]
+        ok = ((slot < cnt[cell]) & col_ok[safe])[None, :] & (grp[rows][:, None] != col_grp[safe][None, :])
+        top, pos = lax.top_k(jnp.where(ok, cos, -jnp.inf), min(k, cap))
+        return top, jnp.take(cols, pos)
+
+    top, idx = lax.map(work, (item_pair, item_cell.astype(jnp.int32)), batch_size=8)   # [W, qc, k']
+    kk = top.shape[-1]
+    dest = jnp.where(item_pair >= 0, item_pair, bsz * p).reshape(-1)
+    vals = jnp.full((bsz * p, kk), -jnp.inf, jnp.float32).at[dest].set(top.reshape(-1, kk), mode="drop")
+    out = jnp.full((bsz * p, kk), -1, jnp.int32).at[dest].set(idx.reshape(-1, kk), mode="drop")
+    vals, out = vals.reshape(bsz, p * kk), out.reshape(bsz, p * kk)
+    if p * kk < k:
+        vals = jnp.pad(vals, ((0, 0), (0, k - p * kk)), constant_values=-jnp.inf)
+        out = jnp.pad(out, ((0, 0), (0, k - p * kk)), constant_values=-1)
+    best, where = lax.top_k(vals, k)
+    return best, jnp.take_along_axis(out, where, axis=1)
+
+
+def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, k: int,
+             search: Search = Search("ivf")) -> tuple[Array, Array]:
+    """Approximate top-k cosine neighbours of the rows of `a` among the columns of `b` of other groups (IVF, JAX).
+
+    a `[R, D]`, b `[C, D]` unit rows; row_grp `[R]`, col_grp `[C]` int (a column of the row's own group is never a
+    neighbour); col_ok `[C]` bool (columns that may be neighbours). Returns (idx `[R, k]` int32 column indices,
+    cos `[R, k]` float32), largest first; a slot without a candidate has cos = −inf and idx 0. Jittable (sizes are
+    static: `plan`); deterministic for a given `search.seed`. Memory: one list-ordered copy of b plus
+    O(`PAIR_BUDGET`) per row batch.
+    """
+    r, c = a.shape[0], b.shape[0]
+    if k == 0:
+        return jnp.zeros((r, 0), jnp.int32), jnp.zeros((r, 0), jnp.float32)
+    pl = plan(c, k, search)
+    cap, p = pl["cap"], pl["nprobe"]
+    cent = kmeans(b, pl["nlist"], pl["sample"], search.iters, jax.random.PRNGKey(search.seed))
+    order, start, cnt, cell_list = _cells(b, cent, cap, pl["cells"])
+    bs = jnp.pad(b[order], ((0, cap), (0, 0)))
+    ids = jnp.pad(order, (0, cap), constant_values=-1)
+    bsz = int(min(r, max(256, PAIR_BUDGET // (p * k))))
+    qc = int(min(256, max(8, 2 ** int(math.log2(max(1.0, bsz * p / pl["cells"] / 4))))))
+    items = pl["cells"] + 1 + bsz * p // qc
+    cent_cell = jnp.where((cell_list >= 0)[:, None], cent[jnp.maximum(cell_list, 0)], 0.0).astype(a.dtype)
+
+    def batch(inp):
+        ai, gi = inp
+        s, probe = _best(ai, cent_cell, p, cell_list >= 0)
+        probe = jnp.where(jnp.isfinite(s), probe, pl["cells"])        # nothing left to probe: the empty sentinel
+        return _batch(ai, gi, probe, bs, ids, start, cnt, col_grp, col_ok, k, cap, qc, items)
+
+    at, gt = kernels._tiles(a, bsz, 0.0), kernels._tiles(row_grp, bsz, -1)
+    cos, idx = lax.map(batch, (at, gt))
+    cos, idx = cos.reshape(-1, k)[:r], idx.reshape(-1, k)[:r]
+    return jnp.where(jnp.isfinite(cos), idx, 0), cos
+
+
+ivf_topk_jit = jax.jit(ivf_topk, static_argnums=(5, 6))
+
+
+# --------------------------------------------------------------------------------------------------- faiss
+
+
+def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("faiss"),
+               over: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The same contract as `ivf_topk` with faiss's `IndexIVFFlat` (inner product) on the host (numpy in and out;
+    not under `jit`). Columns with col_ok False are not indexed; each row fetches k + `over` (default: the largest
+    group's size) candidates and drops its own group's. Trained on `plan`'s seeded sample; faiss's k-means seed is
+    `search.seed`."""
+    import faiss
+
+    a = np.ascontiguousarray(np.asarray(a, np.float32))
+    b = np.asarray(b, np.float32)
+    row_grp, col_grp, col_ok = np.asarray(row_grp), np.asarray(col_grp), np.asarray(col_ok, bool)
+    r, c, d = a.shape[0], b.shape[0], a.shape[1]
+    if k == 0:
+        return np.zeros((r, 0), np.int32), np.zeros((r, 0), np.float32)
+    pl = plan(c, k, search)
+    keep = np.flatnonzero(col_ok)
+    quant = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quant, d, pl["nlist"], faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = int(search.seed)
+    index.cp.niter = max(1, int(search.iters))
+    index.cp.max_points_per_centroid = max(1, pl["sample"] // pl["nlist"])
+    rng = np.random.default_rng(search.seed)
+    index.train(np.ascontiguousarray(b[rng.choice(c, pl["sample"], replace=False)]))
+    index.add_with_ids(np.ascontiguousarray(b[keep]), keep.astype(np.int64))
+    index.nprobe = min(pl["nlist"], pl["nprobe"])
+    if over is None:
+        over = int(np.bincount(col_grp - col_grp.min()).max()) if c else 0
+    want = min(k + over, keep.size) or 1
+    cos, ids = index.search(a, want)
+    bad = (ids < 0) | (col_grp[np.maximum(ids, 0)] == row_grp[:, None])
+    cos = np.where(bad, -np.inf, cos).astype(np.float32)
+    order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+    cos = np.take_along_axis(cos, order, axis=1)
+    ids = np.take_along_axis(ids, order, axis=1)
+    if cos.shape[1] < k:
+        cos = np.pad(cos, ((0, 0), (0, k - cos.shape[1])), constant_values=-np.inf)
+        ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=0)
+    return np.where(np.isfinite(cos), ids, 0).astype(np.int32), cos
+
+
+# -------------------------------------------------------------------------------------------------- recall
+
+
+@functools.partial(jax.jit, static_argnums=(6, 7, 8))
+def recall(a, b, row_grp, col_grp, col_ok, approx_cos, k: int, rows: int, seed: int) -> Array:
+    """Recall of an approximate top-k on `rows` rows sampled with `seed` (all rows if fewer): the share of the exact
+    top-k (finite cosines only) matched — an approximate neighbour counts when its cosine reaches the exact k-th
+    cosine (ties between equal cosines cannot lower it). a, b, groups, col_ok as in `ivf_topk`; approx_cos
+    `[R, k]`. Returns a float32 scalar in [0, 1] (1 when no sampled row has a candidate)."""
+    r = a.shape[0]
+    rows = min(rows, r)
+    pick = jax.random.choice(jax.random.PRNGKey(seed), r, (rows,), replace=False)
+    _, ex = kernels.topk_inter(a[pick], b, row_grp[pick], col_grp, col_ok, k, 512)
+    fin = jnp.isfinite(ex)
+    kth = jnp.min(jnp.where(fin, ex, jnp.inf), axis=1, keepdims=True)
+    got = jnp.sum(jnp.isfinite(approx_cos[pick]) & (approx_cos[pick] >= kth - 1e-6), axis=1)
+    want = jnp.sum(fin, axis=1)
+    tot = jnp.sum(want)
+    return jnp.where(tot > 0, jnp.sum(jnp.minimum(got, want)) / jnp.maximum(tot, 1), 1.0).astype(jnp.float32)

@@ -1,0 +1,53 @@
+"""benchmarks/bench_peers.py --tiny end to end (issue #25 item 1): every part runs on generated data, through the
+script, against the installed ncut-pytorch; skipped (saying why) where the `bench` extra is not installed."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from sjtest import BENCH
+
+pytest.importorskip("torch", reason="torch is not installed (the `bench` extra: pip install -e '.[bench]')")
+pytest.importorskip("ncut_pytorch",
+                    reason="ncut-pytorch is not installed (the `bench` extra: pip install -e '.[bench]')")
+pytest.importorskip("sklearn", reason="scikit-learn (an ncut-pytorch dependency) is not installed")
+
+
+def test_bench_peers_tiny(tmp_path):
+    out = tmp_path / "peers.md"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_peers.py"), "--tiny", "--data",
+                        str(tmp_path / "absent"), "--work", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "peers.json").read_text())
+    assert rep["data"].startswith("generated")
+    fg = rep["fg"]
+    assert fg["methods"] == ["ours-feat", "ours-vv", "ncut"] and len(fg["rows"]) == 2
+    assert all(0.0 <= row[m] <= 1.0 for row in fg["rows"] for m in fg["methods"])
+    d = rep["dataset"]
+    assert d["images"] == 4 and d["classes"] == 3
+    assert set(d["scores"]) == {"ours knn-vv + our segments", "ncut (layer-11 v) + k-means",
+                                "ncut (layer-11 v) + our segments"}
+    assert all(0.0 <= s["miou"] <= 1.0 and 0.0 <= s["pixel_acc"] <= 1.0 for s in d["scores"].values())
+    e = rep["eigen"]
+    assert e["ours"]["eig_err"] < 1e-4 and e["ours"]["overlap"] > 0.999       # an exact solve of its own operator
+    assert 0.0 < e["ncut"]["overlap"] <= 1.0 + 1e-9
+    sc = {(row["data"], row["n"], row["tool"]): row for row in rep["scale"]}
+    assert set(sc) == {("clustered", 3000, "ncut"), ("clustered", 3000, "ours")}
+    assert all("error" not in row and row["seconds"] > 0 and row["rss_peak_delta_mib"] is not None
+               for row in sc.values())
+    ours = sc["clustered", 3000, "ours"]
+    assert ours["search"] == "ivf" and 0.9 <= ours["recall"] <= 1.0
+    md = out.read_text()
+    for heading in ("## Single image", "## Dataset level", "## Eigen-accuracy", "## Scale"):
+        assert heading in md
+
+
+def test_bench_peers_without_data_says_where_it_looks(tmp_path):
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_peers.py"), "--data", str(tmp_path / "absent"),
+                        "--parts", "fg", "--work", str(tmp_path / "w"), "--out", str(tmp_path / "p.md")],
+                       capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode != 0 and "lacks horse-dev/ or coco-mini/" in r.stderr
+    assert not (tmp_path / "p.md").exists()
