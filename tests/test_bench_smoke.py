@@ -193,6 +193,68 @@ def test_eval_dataset_tiny_run(tmp_path, source, generated):
             assert rows[src, "supercategory", "auto"]["gt_pixels"] == want_super.tolist()
 
 
+def test_eval_dataset_tiny_diffusion(tmp_path, generated):
+    """eval_dataset --tiny on a diffusion UNet (sd_tiny, random weights) with the official recipe and one timestep,
+    end to end through the script on the generated set: both graphs scored in every setting with numbers in range,
+    the recipe's layers and 32/res weights and the timestep recorded, the probes in range, and the last-layer source
+    skipped with its reason written in the report (the family's taps carry no hidden states)."""
+    import json
+    import subprocess
+    import sys
+
+    out = tmp_path / "eval.md"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "eval_dataset.py"), "--tiny", "--model", "sd_tiny",
+                        "--recipe", "main_cls", "--timesteps", "100", "--layer-weights", "--data",
+                        generated[0]["coco-mini"], "--work", str(tmp_path / "work"), "--out", str(out)],
+                       capture_output=True, text=True, timeout=900,
+                       env=dict(os.environ, JAX_PLATFORMS="cpu", SPECTRAL_JAX_TEST_MODELS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "eval.json").read_text())
+    assert rep["sources"] == ["knn-vv", "knn-qk"] and rep["images"] == 6
+    assert "no hidden states" in rep["skipped"]["last-layer"]
+    b = rep["backbone"]
+    assert b["timesteps"] == [100] and b["recipe"] == "main_cls" and b["layers"] == "6,7,8,9,10,11,12"
+    w = {int(k): v for k, v in b["layer_weights"]["weights"].items()}
+    assert w[6] == pytest.approx(2 * w[7]) and w[7] == pytest.approx(2 * w[10])     # 32/res: 8×8 : 16² : 32²
+    rows = {(s["source"], s["labels"], s["setting"]): s for s in rep["segmentation"]}
+    assert len(rows) == 2 * 2 * 2
+    for (src, labels, setting), s in rows.items():
+        assert 0 <= s["miou"] <= 1 and 0 < s["pixel_acc"] <= 1 and s["clusters"] >= 2
+        if setting == "k = classes":
+            assert s["k"] == s["clusters"] == len(s["per_class_iou"])
+    for src in ("knn-vv", "knn-qk", "dct"):
+        p = rep["probes"][src]
+        assert np.isfinite(p["where"][0]) and p["where"][0] <= 1       # held-out R²: ≤ 1, below 0 when worse than the mean
+        assert 0 <= p["obj_bal"][0] <= 1 and 0 <= p["what"][0] <= 1
+    for src in ("knn-vv", "knn-qk"):
+        run = rep["runs"][src]
+        assert run["convergence"]["converged"] and len(run["eigvals"]) == 4
+        ev = np.asarray(run["eigvals"])                # the table-grid problem's top: ≈ 1 (the constant), then below
+        assert np.all(np.isfinite(ev)) and np.all(np.diff(ev) <= 1e-6) and 0.9 < ev[0] < 1.1 and ev[-1] > 0
+        assert all(0 <= v <= 1 for v in rep["position_share"][src])
+    text = out.read_text()
+    assert "| supercategory | k = classes | knn-vv |" in text and "last-layer not run: sd_tiny" in text
+    assert "Timesteps [100]" in text and "recipe `main_cls`" in text
+
+
+def test_eval_dataset_refuses_a_flag_the_model_does_not_take(tmp_path, generated):
+    """eval_dataset: --timesteps for a ViT and --recipe main_cls for a DiT are one line each (exit, the flag named),
+    before any model loads or anything is written under --work."""
+    import subprocess
+    import sys
+
+    for extra, named in ((["--timesteps", "10"], "--timesteps"), (["--model", "pixart_tiny", "--recipe", "main_cls"],
+                                                                   "--recipe main_cls")):
+        work = tmp_path / "work"
+        r = subprocess.run([sys.executable, os.path.join(BENCH, "eval_dataset.py"), "--tiny", *extra, "--data",
+                            generated[0]["coco-mini"], "--work", str(work), "--out", str(tmp_path / "x.md")],
+                           capture_output=True, text=True, timeout=300,
+                           env=dict(os.environ, JAX_PLATFORMS="cpu", SPECTRAL_JAX_TEST_MODELS="1"))
+        lines = r.stderr.strip().splitlines()
+        assert r.returncode != 0 and len(lines) == 1 and named in lines[0], r.stderr[-2000:]
+        assert not work.exists() and not (tmp_path / "x.md").exists()
+
+
 @ON_BOTH
 def test_eval_layers_tiny(tmp_path, source, generated):
     """eval_layers --tiny: every single layer, uniform and each rule scored on one horse-dev-like and one
