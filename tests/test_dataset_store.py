@@ -158,14 +158,16 @@ def test_estimate_against_a_measured_run(tmp_path):
 
 def test_run_over_the_memory_limit_is_refused_up_front(tmp_path):
     imgs = make_folder(str(tmp_path / "imgs"), 4)
-    out = str(tmp_path / "out")
-    r = _cli(imgs, *CLI, "--out", out, env=_env(SPECTRAL_JAX_MAX_MEMORY="1M"))
-    _one_line_exit_2(r, "the run: needs about", "but 1.0 MiB is available (SPECTRAL_JAX_MAX_MEMORY)",
+    from concurrent.futures import ThreadPoolExecutor
+
+    limits = ("1M", "lots")
+    with ThreadPoolExecutor(2) as pool:                  # two independent refusals, side by side
+        small, bad = pool.map(lambda m: _cli(imgs, *CLI, "--out", str(tmp_path / f"out-{m}"),
+                                             env=_env(SPECTRAL_JAX_MAX_MEMORY=m)), limits)
+    _one_line_exit_2(small, "the run: needs about", "but 1.0 MiB is available (SPECTRAL_JAX_MAX_MEMORY)",
                      "set SPECTRAL_JAX_MAX_MEMORY if more memory is available")
-    assert not os.path.exists(out)
-    r = _cli(imgs, *CLI, "--out", out, env=_env(SPECTRAL_JAX_MAX_MEMORY="lots"))
-    _one_line_exit_2(r, "SPECTRAL_JAX_MAX_MEMORY='lots': is not a positive number of bytes")
-    assert not os.path.exists(out)
+    _one_line_exit_2(bad, "SPECTRAL_JAX_MAX_MEMORY='lots': is not a positive number of bytes")
+    assert sorted(os.listdir(tmp_path)) == ["imgs"]                          # neither OUT written
 
 
 def test_estimate_model_matches_the_run(killed):
