@@ -142,7 +142,7 @@ def test_backbone_timesteps_must_match_the_params():
         dataclasses.replace(bb, timesteps=(600, 10))
     other = dataclasses.replace(bb, params={**bb.params, "timesteps": jnp.asarray([600, 10], jnp.int32)},
                                 timesteps=(600, 10))
-    assert other.taps(_images(1, 64), layers=[0]).timesteps == (600, 10)
+    assert other.taps(_images(1, 64)).timesteps == (600, 10)      # every layer: the program `case` compiled
 
 
 # ------------------------------------------------------------------------------------------------ a user's function

@@ -158,14 +158,16 @@ def test_estimate_against_a_measured_run(tmp_path):
 
 def test_run_over_the_memory_limit_is_refused_up_front(tmp_path):
     imgs = make_folder(str(tmp_path / "imgs"), 4)
-    out = str(tmp_path / "out")
-    r = _cli(imgs, *CLI, "--out", out, env=_env(SPECTRAL_JAX_MAX_MEMORY="1M"))
-    _one_line_exit_2(r, "the run: needs about", "but 1.0 MiB is available (SPECTRAL_JAX_MAX_MEMORY)",
+    from concurrent.futures import ThreadPoolExecutor
+
+    limits = ("1M", "lots")
+    with ThreadPoolExecutor(2) as pool:                  # two independent refusals, side by side
+        small, bad = pool.map(lambda m: _cli(imgs, *CLI, "--out", str(tmp_path / f"out-{m}"),
+                                             env=_env(SPECTRAL_JAX_MAX_MEMORY=m)), limits)
+    _one_line_exit_2(small, "the run: needs about", "but 1.0 MiB is available (SPECTRAL_JAX_MAX_MEMORY)",
                      "set SPECTRAL_JAX_MAX_MEMORY if more memory is available")
-    assert not os.path.exists(out)
-    r = _cli(imgs, *CLI, "--out", out, env=_env(SPECTRAL_JAX_MAX_MEMORY="lots"))
-    _one_line_exit_2(r, "SPECTRAL_JAX_MAX_MEMORY='lots': is not a positive number of bytes")
-    assert not os.path.exists(out)
+    _one_line_exit_2(bad, "SPECTRAL_JAX_MAX_MEMORY='lots': is not a positive number of bytes")
+    assert sorted(os.listdir(tmp_path)) == ["imgs"]                          # neither OUT written
 
 
 def test_estimate_model_matches_the_run(killed):
@@ -178,12 +180,20 @@ def test_estimate_model_matches_the_run(killed):
                                                                if k != "available"}
 
 
-def test_shards_of_another_layout_are_read_where_they_fit(tmp_path):
+@pytest.fixture(scope="module")
+def ref10(tmp_path_factory):
+    """(folder of 10 PNGs, OUT of their uninterrupted EXACT run on the synthetic backbone (batches of 4), its
+    Result): the reference the API resume tests compare with."""
+    root = tmp_path_factory.mktemp("ref10")
+    folder = make_folder(str(root / "imgs"), 10)
+    return folder, root / "ref", dataset.run(folder, str(root / "ref"), backbone=synthetic(), **EXACT)
+
+
+def test_shards_of_another_layout_are_read_where_they_fit(tmp_path, ref10):
     """Shards written with batches of 2 are read by a resume with batches of 4 (each batch of 4 covered by two
     shards); a batch only partly covered is computed again and its stale shard replaced. The eigenvectors are those
     of an uninterrupted run."""
-    folder = make_folder(str(tmp_path / "imgs"), 10)
-    ref = dataset.run(folder, str(tmp_path / "ref"), backbone=synthetic(), **EXACT)             # batches of 4
+    folder, _, ref = ref10
     out = str(tmp_path / "out")
     dataset.run(folder, out, backbone=synthetic(), **{**EXACT, "batch_size": 2})
     ck = os.path.join(out, "checkpoints")
@@ -222,14 +232,13 @@ class _Stop(Exception):
     pass
 
 
-def test_search_stopped_midway_resumes_at_its_first_missing_layer(tmp_path, monkeypatch):
+def test_search_stopped_midway_resumes_at_its_first_missing_layer(tmp_path, monkeypatch, ref10):
     """The kNN search stopped after its first layer (an error in the second): layer 0's edges are kept as a part;
     --resume reads every image's features and that part, searches layer 1 only, and gives the uninterrupted run's
     graph; the parts go once graph.npz is saved. A damaged part is one line naming it."""
     from spectral_jax.dataset import whole
 
-    folder = make_folder(str(tmp_path / "imgs"), 10)
-    ref = dataset.run(folder, str(tmp_path / "ref"), backbone=synthetic(), **EXACT)
+    folder, ref_out, ref = ref10
     out = str(tmp_path / "out")
     calls, real = [], whole._rows_tile
 
@@ -260,5 +269,5 @@ def test_search_stopped_midway_resumes_at_its_first_missing_layer(tmp_path, monk
     assert not os.path.exists(os.path.join(ck, store.PARTS))
     for name in ("idx0", "w0", "deg0"):
         np.testing.assert_array_equal(np.load(os.path.join(ck, "graph.npz"))[name],
-                                      np.load(tmp_path / "ref" / "checkpoints" / "graph.npz")[name])
+                                      np.load(ref_out / "checkpoints" / "graph.npz")[name])
     np.testing.assert_allclose(res.eigvecs, ref.eigvecs, atol=1e-6)

@@ -1,5 +1,5 @@
 """The row-sharded kNN operator and the distributed LOBPCG (`spectral_jax.solvers.distributed`): the product
-against the dense Σ_l w_l sym(P_l); on 1, 2, 4, 8 fake CPU devices and in 2 local processes (jax.distributed) the
+against the dense Σ_l w_l sym(P_l); on 1, 2, 8 fake CPU devices and in 2 local processes (jax.distributed) the
 eigenpairs against float64 `numpy.linalg.eigh` and ARPACK (`exact`) on the same graph, with layer weights; the
 sharded search against `graphs.knn`; the convergence record; `benchmarks/bench_scale.py --tiny`.
 
@@ -127,8 +127,9 @@ def _check_solve(s, vecs, a, tol=TOL):
     assert subspace_alignment(vecs, v) >= 0.99999
 
 
-def test_one_two_four_eight_devices_agree_with_eigh_and_arpack(tmp_path):
-    """8 fake CPU devices; meshes of 1, 2, 4, 8: the product equals the dense reference; the solve (layer weights
+def test_one_two_eight_devices_agree_with_eigh_and_arpack(tmp_path):
+    """8 fake CPU devices; meshes of 1, 2 (rows split evenly: 294 = 2·147) and 8 (rows padded to 296; 4 devices
+    would pad to the same 296, the same path): the product equals the dense reference; the solve (layer weights
     0.7/0.3) agrees with float64 eigh, with ARPACK (`exact` on the whole graph) and with the 1-device solve; the
     sharded search (`knn_sharded`, 8 images of 4×4 on 8 devices) equals `graphs.knn`'s graph row for row."""
     out = str(tmp_path / "r.npz")
@@ -138,7 +139,7 @@ def test_one_two_four_eight_devices_agree_with_eigh_and_arpack(tmp_path):
         g = small_graph()
         x = np.random.default_rng(1).normal(size=(g.num_nodes, 5)).astype(np.float32)
         res = {{}}
-        for d in (1, 2, 4, 8):
+        for d in (1, 2, 8):
             mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
             op = dist.operator([dist.shard_graph(g, mesh)], [jnp.asarray(LAYER_W)])
             assert op.rows % d == 0 and tuple(op.cols.sharding.spec)[:2] == (None, "data")
@@ -170,7 +171,7 @@ def test_one_two_four_eight_devices_agree_with_eigh_and_arpack(tmp_path):
     a = dense_reference(g, LAYER_W)
     x = np.random.default_rng(1).normal(size=(g.num_nodes, 5)).astype(np.float32)
     e, _ = top(a, K)
-    for d in (1, 2, 4, 8):
+    for d in (1, 2, 8):
         assert np.abs(t[f"y{d}"] - a @ x).max() <= 1e-6 * np.abs(a @ x).max(), d
         _check_solve(dict(vals=t[f"vals{d}"], res=t[f"res{d}"], converged=t[f"conv{d}"]), t[f"vecs{d}"], a)
         assert subspace_alignment(t[f"vecs{d}"], t["vecs1"]) >= 0.99999
