@@ -63,7 +63,7 @@ out = {"rss_loaded": rss("VmRSS"), "epochs": []}
 t = time.perf_counter()
 if a["method"] == "exact":
     res = D.run(a["folder"], a["out"], backbone=bb, method="exact", **kw)
-    out["summary"] = {k: v for k, v in res.summary.items() if k not in ("skipped", "ignored", "names")}
+    out["summary"] = {k: v for k, v in res.summary().items() if k not in ("skipped", "ignored", "names")}
 else:
     for e in range(1, a["epochs"] + 1):
         t0 = time.perf_counter()
@@ -71,7 +71,7 @@ else:
                     checkpoint_every=10 ** 6, **kw)
         shutil.copyfile(os.path.join(a["out"], "eigvecs.npz"), os.path.join(a["out"], f"epoch{e}.npz"))
         out["epochs"].append({"epoch": e, "seconds": time.perf_counter() - t0,
-                              "objective_batches": res.summary.get("objective")})
+                              "objective_batches": res.summary().get("objective")})
         if time.perf_counter() - t > a["budget_s"]:
             break
 out.update(wall_s=time.perf_counter() - t, peak_rss=rss("VmHWM"))

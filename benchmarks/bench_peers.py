@@ -245,7 +245,7 @@ def part_dataset(args, bb, folder: str) -> dict:
     km = KMeans(classes, n_init=10, random_state=args.seed).fit_predict(ev).reshape(n, h, w)
     ncut_res = type("NcutResult", (), {})()
     ncut_res.eigvecs = np.transpose(ev.reshape(n, h, w, k), (0, 3, 1, 2))
-    ncut_res.summary = {}
+    ncut_res.record = {}
     ours_seg = dataset.segments(res, classes, seed=args.seed).labels
     ncut_seg = dataset.segments(ncut_res, classes, seed=args.seed, eigvals=evals).labels
     out = {}
@@ -254,8 +254,8 @@ def part_dataset(args, bb, folder: str) -> dict:
         sc = hungarian_scores(confusion(np.asarray(seg), maps, classes, to_super))
         out[name] = {"miou": sc["miou"], "pixel_acc": sc["pixel_acc"]}
     return {"images": n, "grid": [h, w], "classes": classes, "scores": out, "seconds_ours_run": ours_s,
-            "seconds_ncut_fit": ncut_s, "ncut_sigma": sigma, "k_intra": res.summary.get("k_intra"),
-            "k_inter": res.summary.get("k_inter")}
+            "seconds_ncut_fit": ncut_s, "ncut_sigma": sigma, "k_intra": res.summary().get("k_intra"),
+            "k_inter": res.summary().get("k_inter")}
 
 
 def planted_features(n: int, d: int, centres: int, noise: float, seed: int, dim: int = 0) -> np.ndarray:

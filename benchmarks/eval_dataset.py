@@ -322,7 +322,7 @@ def evaluate(args, coco: dict, argv=None) -> None:
                                      layer_weights=rule, **common)
             seconds[name] = time.perf_counter() - t
             sources.append(name)
-            print(f"{name}: weights {runs[name].summary['layer_weights']['weights']}, {seconds[name]:.0f} s",
+            print(f"{name}: weights {runs[name].summary()['layer_weights']['weights']}, {seconds[name]:.0f} s",
                   flush=True)
     names = runs[GRAPHS[0]].names
     assert runs[GRAPHS[1]].names == names, "the two runs saw different images"
@@ -374,7 +374,7 @@ def evaluate(args, coco: dict, argv=None) -> None:
         probes[s] = {key: (float(np.mean([r[key] for r in per])), float(np.std([r[key] for r in per], ddof=1)))
                      for key in ("where", "obj_bal", "what", "what_base")}
     shares = {s: _common.position_share(runs[s].eigvecs) for s in sources}
-    first = runs[GRAPHS[0]].summary
+    first = runs[GRAPHS[0]].summary()
     backbone = {key: first.get(key) for key in ("model", "weights", "layers", "timesteps", "model_options", "recipe")}
     backbone["layer_weights"] = first.get("layer_weights")
     command = " ".join(["python benchmarks/eval_dataset.py", *(sys.argv[1:] if argv is None else argv)])
@@ -383,7 +383,7 @@ def evaluate(args, coco: dict, argv=None) -> None:
                   seconds=seconds, seconds_segments_and_scoring=t_seg,
                   seconds_total=time.perf_counter() - t_all, load_start=load0, load_end=_common.cpu_and_load()[1],
                   rle_skipped=rle_skipped, supercategories=supers, categories=cat_names,
-                  runs={s: {key: r.summary.get(key) for key in ("seconds", "seconds_forward", "seconds_graph",
+                  runs={s: {key: r.summary().get(key) for key in ("seconds", "seconds_forward", "seconds_graph",
                                                                  "seconds_solve", "eigvals", "convergence",
                                                                  "k_intra", "k_inter", "edges", "objective",
                                                                  "layer_weights")}

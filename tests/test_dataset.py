@@ -168,7 +168,7 @@ def test_run_compiles_once_and_writes_outputs(tmp_path, caplog):
         assert traces(caplog, "dataset_step") == 1                           # 6 steps, padded last batches: 1 trace
         dataset.run(folder, str(tmp_path / "more"), backbone=ext, epochs=1, **SMALL)
         assert traces(caplog, "dataset_step") == 1                           # a second run, other epochs: none
-    s = res.summary
+    s = res.summary()
     assert s["steps"] == 6 and s["steps_per_epoch"] == 3 and s["images"] == 10 and s["skipped"] == []
     assert [h[3] for h in s["history"]] == [4, 4, 2, 4, 4, 2]              # valid images per batch
     assert s["history"][0][1] < s["history"][0][0]                          # the inner steps lower the loss
@@ -179,7 +179,7 @@ def test_run_compiles_once_and_writes_outputs(tmp_path, caplog):
     np.testing.assert_allclose(res.probs.sum(1), 1.0, atol=1e-5)
     back = dataset.load_result(str(tmp_path / "out"))
     np.testing.assert_array_equal(back.eigvecs, res.eigvecs)
-    assert back.names == res.names and back.summary["steps"] == 6
+    assert back.names == res.names and back.summary()["steps"] == 6
     from PIL import Image
 
     assert Image.open(tmp_path / "out" / "eigvecs.png").size[0] > 100
@@ -191,19 +191,19 @@ def test_resume_continues_to_the_same_table(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 10)
     ext = synthetic()
     a = dataset.run(folder, str(tmp_path / "a"), backbone=ext, epochs=1, checkpoint_every=2, **SMALL)
-    assert a.summary["steps"] == 3
+    assert a.summary()["steps"] == 3
     with pytest.raises(dataset.InputError, match="--resume"):
         dataset.run(folder, str(tmp_path / "a"), backbone=ext, epochs=3, **SMALL)
     with pytest.raises(dataset.InputError, match="other settings"):
         dataset.run(folder, str(tmp_path / "a"), backbone=ext, epochs=3, resume=True, **{**SMALL, "num_eigs": 5})
     a = dataset.run(folder, str(tmp_path / "a"), backbone=ext, epochs=3, resume=True, **SMALL)
     b = dataset.run(folder, str(tmp_path / "b"), backbone=ext, epochs=3, **SMALL)
-    assert a.summary["steps"] == b.summary["steps"] == 9 and a.summary["resumed_from"] == 3
+    assert a.summary()["steps"] == b.summary()["steps"] == 9 and a.summary()["resumed_from"] == 3
     np.testing.assert_array_equal(a.table, b.table)                         # bit for bit
-    assert a.summary["history"] == b.summary["history"]
+    assert a.summary()["history"] == b.summary()["history"]
     # a finished run re-opens without stepping and exports the same result
     c = dataset.run(folder, str(tmp_path / "b"), backbone=ext, epochs=3, resume=True, **SMALL)
-    assert c.summary["steps_this_run"] == 0
+    assert c.summary()["steps_this_run"] == 0
     np.testing.assert_array_equal(c.eigvecs, b.eigvecs)
 
 
@@ -211,7 +211,7 @@ def test_eigen_preset_raises_the_objective(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 8)
     res = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), preset="eigen", epochs=3,
                       **{**SMALL, "batch_size": 8})
-    h = np.asarray(res.summary["history"])
+    h = np.asarray(res.summary()["history"])
     assert (h[:, 1] < h[:, 0]).all()                                        # −Brockett cost falls in every batch
     assert h[-1, 2] > h[0, 2]
     u = np.transpose(res.eigvecs, (0, 2, 3, 1)).reshape(-1, 6)
@@ -282,7 +282,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_result(tmp_path):
     at_kill = max(_committed(ckdir))
     assert 3 <= at_kill < 18
     resumed = dataset.run(folder, out, backbone=synthetic(), epochs=6, resume=True, **SMALL)
-    assert resumed.summary["resumed_from"] >= 3 and resumed.summary["steps"] == 18
+    assert resumed.summary()["resumed_from"] >= 3 and resumed.summary()["steps"] == 18
     whole = dataset.run(folder, str(tmp_path / "whole"), backbone=synthetic(), epochs=6, **SMALL)
     np.testing.assert_array_equal(resumed.table, whole.table)
     np.testing.assert_array_equal(resumed.eigvecs, whole.eigvecs)
@@ -304,7 +304,7 @@ def test_eight_devices_give_the_one_device_table(tmp_path):
         kw = dict(backbone=synthetic(), epochs=2, **{{**SMALL, "batch_size": 8}})
         one = dataset.run({folder!r}, {str(tmp_path / "one")!r}, mesh=dataset.make_mesh(jax.devices()[:1]), **kw)
         eight = dataset.run({folder!r}, {str(tmp_path / "eight")!r}, **kw)
-        assert one.summary["devices"] == 1 and eight.summary["devices"] == 8
+        assert one.summary()["devices"] == 1 and eight.summary()["devices"] == 8
         np.savez({str(tmp_path / "tables.npz")!r}, one=one.table, eight=eight.table)
     """)
     r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
@@ -339,7 +339,7 @@ def run_two_processes(folder: str, out: str, run_call: str, head: str = "") -> N
                 return read(root, files, idx, *a)
             F.read_slots = read_slots
             res = dataset.run({folder!r}, {out!r}, backbone=synthetic(), {run_call})
-            assert res.summary["devices"] == 2 and res.summary["processes"] == 2
+            assert res.summary()["devices"] == 2 and res.summary()["processes"] == 2
             json.dump(seen, open({out!r} + ".read{i}.json", "w"))
         """)
         procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
@@ -363,7 +363,7 @@ def test_two_processes_give_the_one_process_result(tmp_path):
     multi = dataset.load_result(out)
     single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(), epochs=2,
                          mesh=dataset.make_mesh(jax.devices()[:1]), **SMALL)
-    assert multi.names == single.names and multi.summary["steps"] == single.summary["steps"]
+    assert multi.names == single.names and multi.summary()["steps"] == single.summary()["steps"]
     np.testing.assert_allclose(multi.table, single.table, rtol=1e-5, atol=1e-5)
     # each process read only the images of its own slots (first / second half of every batch)
     reads = [json.load(open(f"{out}.read{i}.json")) for i in range(2)]

@@ -219,11 +219,11 @@ def test_num_eigs_up_to_the_nodes_of_a_batch_runs(tmp_path, method, images, num_
     res = dataset.run(folder, str(tmp_path / "out"), backbone=EXT, **({"epochs": 1} if method == "gd" else {}),
                       **{**SMALL, "method": method, "num_eigs": num_eigs, "k_intra": 16, "k_inter": None})
     assert res.eigvecs.shape == (images, num_eigs, 4, 4) and np.isfinite(res.eigvecs).all()
-    assert res.summary["k_inter"] == 16 * (3 if method == "gd" else images - 1)   # the default, clamped
+    assert res.summary()["k_inter"] == 16 * (3 if method == "gd" else images - 1)   # the default, clamped
     v = res.eigvecs.transpose(1, 0, 2, 3).reshape(num_eigs, -1).astype(np.float64)    # [K, all pixels]
     np.testing.assert_allclose(v @ v.T, np.eye(num_eigs), atol=1e-4)                 # VᵀV = I
     if method == "exact":
-        conv = res.summary["convergence"]
+        conv = res.summary()["convergence"]
         assert conv["converged"] and len(conv["residuals"]) == num_eigs
         assert max(conv["residuals"]) <= conv["tol"], conv
         assert np.all(np.diff(res.eigvals[0]) <= 0) and res.eigvals.shape == (images, num_eigs)
@@ -301,7 +301,7 @@ def test_failure_before_the_first_checkpoint_leaves_nothing(tmp_path, monkeypatc
     assert (list(out.iterdir()) == []) if existing else not out.exists()
     monkeypatch.undo()
     res = dataset.run(folder, str(out), backbone=EXT, epochs=1, **SMALL)    # a plain rerun works
-    assert res.summary["steps"] == 3
+    assert res.summary()["steps"] == 3
 
 
 def test_failure_after_a_checkpoint_keeps_it_and_resume_finishes_the_same_table(tmp_path, monkeypatch):
@@ -316,7 +316,7 @@ def test_failure_after_a_checkpoint_keeps_it_and_resume_finishes_the_same_table(
         dataset.run(folder, out, backbone=ext, epochs=2, checkpoint_every=2, **SMALL)
     resumed = dataset.run(folder, out, backbone=ext, epochs=2, checkpoint_every=2, resume=True, **SMALL)
     whole = dataset.run(folder, str(tmp_path / "whole"), backbone=ext, epochs=2, checkpoint_every=2, **SMALL)
-    assert resumed.summary["resumed_from"] == 2 and resumed.summary["steps"] == 6
+    assert resumed.summary()["resumed_from"] == 2 and resumed.summary()["steps"] == 6
     np.testing.assert_array_equal(resumed.table, whole.table)
 
 
@@ -373,7 +373,7 @@ def test_failure_while_exporting_keeps_the_run_and_resume_exports_it(tmp_path, m
     with pytest.raises(dataset.InputError, match="holds no eigvecs.npz"):
         dataset.load_result(out)
     res = dataset.run(folder, out, backbone=EXT, epochs=1, resume=True, **{**SMALL, "figure_images": 4})
-    assert res.summary["steps_this_run"] == 0 and res.summary["steps"] == 3
+    assert res.summary()["steps_this_run"] == 0 and res.summary()["steps"] == 3
     assert dataset.load_result(out).names == res.names
 
 

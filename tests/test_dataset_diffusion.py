@@ -147,7 +147,7 @@ def test_exact_solve_reaches_the_dense_optimum_of_per_timestep_graphs(tmp_path, 
               layers=",".join(map(str, layers)), figure_images=0, model_options={"timesteps": TS}, layer_weights=lw,
               graph=KIND[model])
     res = dataset.run(folder, str(tmp_path / "out"), **kw)
-    s = res.summary
+    s = res.summary()
     assert s["timesteps"] == list(TS) and s["model_options"] == {"timesteps": list(TS)}
     assert res.provenance.timesteps == TS and res.provenance.layers == tuple(sorted(layers))
     taps, grids, _ = image_taps(model, folder, size, layers)
@@ -162,11 +162,11 @@ def test_exact_solve_reaches_the_dense_optimum_of_per_timestep_graphs(tmp_path, 
     # the caches hold the per-(layer, timestep) graphs (stored [L·T, …]) and the merged features: a resume reads
     # them back into the same problem; other timesteps are another problem, refused
     again = dataset.run(folder, str(tmp_path / "out"), resume=True, **{**kw, "num_eigs": 3})
-    assert again.summary["cached"] == ["graph"]
+    assert again.summary()["cached"] == ["graph"]
     np.testing.assert_allclose(again.eigvals[0], res.eigvals[0, :3], rtol=1e-4, atol=1e-6)
     (tmp_path / "out" / "checkpoints" / "graph.npz").unlink()
     third = dataset.run(folder, str(tmp_path / "out"), resume=True, **kw)
-    assert third.summary["cached"] == ["features"]
+    assert third.summary()["cached"] == ["features"]
     np.testing.assert_allclose(third.eigvals, res.eigvals, rtol=1e-5, atol=1e-7)
     with pytest.raises(InputError, match="other settings"):
         dataset.run(folder, str(tmp_path / "out"), resume=True, **{**kw, "model_options": {"timesteps": (10, 300)}})
@@ -225,8 +225,8 @@ def test_gd_runs_end_to_end_on_sd_tiny(tmp_path):
                           layers=",".join(map(str, layers)), figure_images=0, model_options={"timesteps": TS},
                           layer_weights="7:4,10:2,13:1")
     assert res.eigvecs.shape == (4, 3, 8, 8) and np.isfinite(res.eigvecs).all()
-    assert res.summary["steps"] == 2 and res.summary["timesteps"] == list(TS)
-    assert np.isfinite(res.summary["objective"]) and res.summary["objective"] > 0
+    assert res.summary()["steps"] == 2 and res.summary()["timesteps"] == list(TS)
+    assert np.isfinite(res.summary()["objective"]) and res.summary()["objective"] > 0
 
 
 def test_main_cls_recipe_matches_the_official_setting():

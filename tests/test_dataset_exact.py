@@ -117,7 +117,7 @@ def test_run_exact_writes_outputs_and_resume_skips_the_forward(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 10)
     ext = synthetic()
     res = dataset.run(folder, str(tmp_path / "out"), backbone=ext, **{**EXACT, "figure_images": 10})
-    s = res.summary
+    s = res.summary()
     assert res.eigvecs.shape == (10, 6, 4, 4) and s["method"] == "dataset-exact" and s["images"] == 10
     assert s["convergence"]["converged"] and len(s["convergence"]["residuals"]) == 6 and s["cached"] == []
     assert s["k_inter"] == 5 and s["edges"] > 0
@@ -153,11 +153,11 @@ def test_run_exact_writes_outputs_and_resume_skips_the_forward(tmp_path):
     with pytest.raises(dataset.InputError, match="other settings"):
         dataset.run(folder, str(tmp_path / "out"), backbone=ext, resume=True, **{**EXACT, "graph": "knn-vv"})
     again = dataset.run(folder, str(tmp_path / "out"), backbone=ext, resume=True, **{**EXACT, "num_eigs": 4})
-    assert again.summary["cached"] == ["graph"] and again.summary["seconds_forward"] == 0
+    assert again.summary()["cached"] == ["graph"] and again.summary()["seconds_forward"] == 0
     np.testing.assert_allclose(np.abs(again.eigvecs), np.abs(res.eigvecs[:, :4]), atol=1e-4)
     (tmp_path / "out" / "checkpoints" / "graph.npz").unlink()                # features kept: no forward either
     third = dataset.run(folder, str(tmp_path / "out"), backbone=ext, resume=True, **EXACT)
-    assert third.summary["cached"] == ["features"]
+    assert third.summary()["cached"] == ["features"]
     np.testing.assert_array_equal(third.eigvecs, res.eigvecs)
 
 
@@ -183,14 +183,14 @@ def test_layer_weight_rule_is_applied_to_the_whole_dataset_graph(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 12)
     res = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(),
                       **{**EXACT, "graph": "knn-vv", "layer_weights": "eigengap"})
-    chosen = res.summary["layer_weights"]
+    chosen = res.summary()["layer_weights"]
     assert chosen["rule"] == "eigengap" and set(chosen["weights"]) == {"0", "1"}
     w = np.array([chosen["weights"]["0"], chosen["weights"]["1"]])
     assert abs(w.sum() - 1) < 1e-5 and abs(w[0] - w[1]) > 1e-3      # the two layers' spectra differ
     with np.load(tmp_path / "out" / "checkpoints" / "graph.npz") as f:
         g = graphs.KnnGraph(f["idx0"], f["w0"], f["deg0"], (4, 4), (2,), 12)
     x = np.transpose(res.eigvecs, (1, 0, 2, 3)).reshape(6, -1).T
-    ours = np.array(res.summary["eigvals"])
+    ours = np.array(res.summary()["eigvals"])
     for ws, agree in ((w, True), (np.array([0.5, 0.5]), False)):
         dense = np.asarray(dense_operators([g], normalised_weights([g], [ws]), (4, 4), 12)[0], np.float64)
         vals, vecs = np.linalg.eigh(dense)
@@ -220,7 +220,7 @@ def test_eight_devices_give_the_one_device_eigvecs(tmp_path):
         kw = dict(backbone=synthetic(), **{{**EXACT, "batch_size": 8}})
         one = dataset.run({folder!r}, {str(tmp_path / "one")!r}, mesh=dataset.make_mesh(jax.devices()[:1]), **kw)
         eight = dataset.run({folder!r}, {str(tmp_path / "eight")!r}, **kw)
-        assert one.summary["devices"] == 1 and eight.summary["devices"] == 8
+        assert one.summary()["devices"] == 1 and eight.summary()["devices"] == 8
         np.savez({str(tmp_path / "v.npz")!r}, one=one.eigvecs, eight=eight.eigvecs)
     """)
     r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),

@@ -90,13 +90,13 @@ def test_nan_taps_skip_the_image_exactly_as_an_unreadable_one(tmp_path, capsys, 
     assert s["skipped"] == [{"file": "white.png", "reason": NAN_REASON}] and s["images"] == 6
     assert _skip_lines(err) == [f"spectral-jax dataset: skipping white.png: {NAN_REASON}"]
     assert "white.png" not in res.names and res.eigvecs.shape == (6, 6, 4, 4) and np.isfinite(res.eigvecs).all()
-    assert ref.names == res.names and ref.summary["skipped"][0]["file"] == "white.png"
+    assert ref.names == res.names and ref.summary()["skipped"][0]["file"] == "white.png"
     np.testing.assert_allclose(res.eigvecs, ref.eigvecs, atol=1e-6)
     if method == "exact":
         from spectral_jax.dataset import store
 
         assert all(np.isfinite(store.load_all(str(tmp_path / "out" / "checkpoints"), k)).all() for k in ("a0", "b0"))
-        np.testing.assert_allclose(res.summary["eigvals"], ref.summary["eigvals"], atol=1e-6)
+        np.testing.assert_allclose(res.summary()["eigvals"], ref.summary()["eigvals"], atol=1e-6)
 
 
 def test_two_processes_exact_skip_with_every_reason(tmp_path):
@@ -304,7 +304,7 @@ def test_gd_resumed_and_re_exported_runs_report_every_skipped_image_once(tmp_pat
     monkeypatch.undo()
     capsys.readouterr()
     res = dataset.run(folder, str(out), resume=True, **kw)                          # the last step only
-    assert res.summary["resumed_from"] == 5 and res.summary["steps_this_run"] == 1
+    assert res.summary()["resumed_from"] == 5 and res.summary()["steps_this_run"] == 1
     _agree(capsys.readouterr().err, out)
     dataset.run(folder, str(out), resume=True, **kw)                                 # a re-export: no step
     _agree(capsys.readouterr().err, out)

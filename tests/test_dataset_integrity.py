@@ -108,7 +108,7 @@ def test_out_in_use_is_refused_with_the_pid_and_a_killed_holder_leaves_no_lock(m
     res = dataset.run(imgs, out, backbone=EXT, **EXACT)             # the kernel dropped the killed holder's lock
     np.testing.assert_array_equal(res.eigvecs, made[1].eigvecs)
     res = dataset.run(imgs, out, backbone=EXT, resume=True, **EXACT)    # and a run releases its own on return
-    assert res.summary["cached"] == ["graph"]
+    assert res.summary()["cached"] == ["graph"]
 
 
 def test_run_refused_after_locking_a_new_out_removes_it_and_unlocks(made, tmp_path):
@@ -168,8 +168,8 @@ def test_two_cli_runs_into_one_out(tmp_path, method):
     assert json.loads(stdout.splitlines()[-1])["images"] == 3
     res = dataset.load_result(out)
     mine = [f"img{i:03d}.png" for i in range(3)]
-    assert res.names == mine and res.eigvecs.shape[0] == 3 and res.summary["images"] == 3
-    assert res.summary["folder"] == os.path.abspath(a_imgs)
+    assert res.names == mine and res.eigvecs.shape[0] == 3 and res.summary()["images"] == 3
+    assert res.summary()["folder"] == os.path.abspath(a_imgs)
     ck = os.path.join(out, "checkpoints")
     if method == "exact":
         assert sorted(os.listdir(ck)) == ["features", "graph.npz"]
@@ -269,10 +269,10 @@ def test_resume_depends_on_the_bytes_not_on_times_or_the_folder(made, tmp_path):
     for name in os.listdir(moved):
         os.utime(os.path.join(moved, name), ns=(1, 10 ** 18))
     again = dataset.run(moved, exact, backbone=EXT, resume=True, **EXACT)
-    assert again.summary["cached"] == ["graph"]
+    assert again.summary()["cached"] == ["graph"]
     np.testing.assert_array_equal(again.eigvecs, made[1].eigvecs)
     more = dataset.run(moved, gd, backbone=EXT, resume=True, **{**GD, "epochs": 3})
-    assert more.summary["resumed_from"] == 4 and more.summary["steps"] == 6
+    assert more.summary()["resumed_from"] == 4 and more.summary()["steps"] == 6
 
 
 def test_cli_resume_after_an_image_edited_in_place_is_refused(tmp_path):
@@ -436,7 +436,7 @@ def test_damaged_gd_checkpoint_is_one_line_and_kept(made, tmp_path, case):
     if case == "state-deleted":                          # the fix the line names works
         shutil.rmtree(step4)
         res = dataset.run(str(made[0] / "imgs"), out, backbone=EXT, resume=True, **{**GD, "epochs": 3})
-        assert res.summary["resumed_from"] == 2 and res.summary["steps"] == 6
+        assert res.summary()["resumed_from"] == 2 and res.summary()["steps"] == 6
 
 
 CLI_DAMAGE = {        # the API cases above cover every kind; these show the one line and exit 2 of each method

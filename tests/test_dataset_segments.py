@@ -115,7 +115,7 @@ def test_run_writes_segments(tmp_path, method):
     assert isinstance(res, sj.Result) and res.num_images == 6 and res.joint and res.eigvals.shape == (6, 6)
     if method == "gd":     # no whole-dataset eigensolve: NaN eigvals, no graph quotients, the minibatch objective
         assert np.isnan(res.eigvals).all() and res.rq.shape == (6, 0, 6) and res.convergence.stationarity is None
-        assert (res.objective == res.summary["objective"]).all() and res.method == "dataset-paper"
+        assert (res.objective == res.summary()["objective"]).all() and res.method == "dataset-paper"
         u = res.eigvecs.transpose(0, 2, 3, 1).reshape(-1, 6).astype(np.float64)
         assert res.orth_error == pytest.approx(np.abs(u.T @ u - np.eye(6)).max(), abs=1e-9)
         assert res.orth_error < 1e-4

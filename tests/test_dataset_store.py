@@ -138,7 +138,7 @@ def test_estimate_against_a_measured_run(tmp_path):
 
     folder = make_folder(str(tmp_path / "imgs"), 12)
     res = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), **EXACT)
-    est = res.summary["memory"]
+    est = res.summary()["memory"]
     ck = str(tmp_path / "out" / "checkpoints")
     assert est["features_disk"] == sum(store.load_all(ck, x).nbytes for x in ("a0", "b0"))
     with np.load(os.path.join(ck, "graph.npz")) as f:
@@ -202,7 +202,7 @@ def test_shards_of_another_layout_are_read_where_they_fit(tmp_path, ref10):
 
     shutil.rmtree(os.path.join(ck, "features", "images-000000006-000000008"))       # batch [4, 8) half covered
     res = dataset.run(folder, out, backbone=synthetic(), resume=True, **EXACT)
-    assert res.summary["images_cached"] == 6                                         # [0, 4) and [8, 10)
+    assert res.summary()["images_cached"] == 6                                         # [0, 4) and [8, 10)
     assert _shards(out) == ["images-000000000-000000002", "images-000000002-000000004",
                             "images-000000004-000000008", "images-000000008-000000010"]
     np.testing.assert_allclose(res.eigvecs, ref.eigvecs, atol=1e-5)
@@ -224,7 +224,7 @@ def test_two_processes_write_their_own_shards_and_a_resume_reads_them(tmp_path):
 
     res = dataset.run(folder, out, backbone=synthetic(), resume=True, mesh=dataset.make_mesh(jax.devices()[:1]),
                       **EXACT)
-    assert res.summary["images_cached"] == 12 and res.summary["cached"] == ["features"]
+    assert res.summary()["images_cached"] == 12 and res.summary()["cached"] == ["features"]
     np.testing.assert_allclose(res.eigvecs, multi.eigvecs, atol=1e-5)
 
 
@@ -265,7 +265,7 @@ def test_search_stopped_midway_resumes_at_its_first_missing_layer(tmp_path, monk
     open(os.path.join(part, "idx.npy"), "wb").write(kept)
     calls.clear()
     res = dataset.run(folder, out, backbone=synthetic(), resume=True, **EXACT)
-    assert len(calls) == 1 and res.summary["images_cached"] == 10                # layer 1's one row tile only
+    assert len(calls) == 1 and res.summary()["images_cached"] == 10                # layer 1's one row tile only
     assert not os.path.exists(os.path.join(ck, store.PARTS))
     for name in ("idx0", "w0", "deg0"):
         np.testing.assert_array_equal(np.load(os.path.join(ck, "graph.npz"))[name],

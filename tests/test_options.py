@@ -164,7 +164,7 @@ def test_layer_weights_mean_the_same_to_analyze_and_dataset_api(tmp_path):
             np.testing.assert_allclose(res.info["layer_weights"], want, atol=1e-6, err_msg=f"analyze {spec!r}")
             np.testing.assert_allclose(res.provenance.layer_weights[0], want, atol=1e-12)
         out = dataset.run(folder, str(tmp_path / name), backbone=EXT, layer_weights=text, **small)
-        got = out.summary["layer_weights"]["weights"]
+        got = out.summary()["layer_weights"]["weights"]
         np.testing.assert_allclose([got["0"], got["1"]], want, atol=1e-6, err_msg=f"dataset {text!r}")
 
 

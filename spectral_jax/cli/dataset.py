@@ -166,7 +166,7 @@ def run_dataset(args) -> int:
     import jax
 
     if jax.process_index() == 0:
-        s = res.summary
+        s = res.summary()
         print(json.dumps({"out": args.out, "images": s["images"], "skipped": len(s["skipped"]),
                           "steps": s["steps"], "objective": s["objective"], "loss": s.get("loss"),
                           "seconds": s["seconds"], "method": s["method"], "num_eigs": s["num_eigs"],

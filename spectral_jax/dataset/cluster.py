@@ -144,7 +144,7 @@ def segments(result, num_segments="auto", seed: int = 0, *, eigvals=None, n_init
 def _run_eigvals(result) -> np.ndarray | None:
     """The run's eigenvalues `[K]` float64: `result.eigvals` (`[K]`, or a `DatasetResult`'s `[n, K]`, the one
     joint solve's row 0) where finite, else summary["eigvals"]; None where neither holds them (gd's NaN)."""
-    summary = getattr(result, "summary", None)
+    summary = getattr(result, "record", None)
     for v in (getattr(result, "eigvals", None), summary.get("eigvals") if isinstance(summary, dict) else None):
         if v is not None:
             v = np.asarray(v, np.float64)

@@ -51,8 +51,8 @@ class DatasetResult(Result):
 
     Added fields: names `[n]` (file paths relative to the folder, images that were read; unreadable ones are in
     summary["skipped"]); table `[n, K, h, w]` (gd: the debiased EMA of the raw table, logits or free values;
-    exact: eigvecs); probs `[n, K, h, w]` softmax(table) (paper preset, else None); summary: summary.json's dict
-    (an attribute here, not `Result.summary()`); out: OUT; segments: the dataset-wide segments (`cluster.Segments`,
+    exact: eigvecs); probs `[n, K, h, w]` softmax(table) (paper preset, else None); record: summary.json's dict,
+    which `summary()` returns (as `Result.summary()` returns a solve's); out: OUT; segments: the dataset-wide segments (`cluster.Segments`,
     set by `export.write`; None before it or where another process wrote OUT).
 
     `load_result(out)` reads the same type back from OUT's files. `select(idx)` slices names/table/probs too (its
@@ -62,16 +62,21 @@ class DatasetResult(Result):
     names: list = dataclasses.field(default_factory=list)
     table: np.ndarray | None = None
     probs: np.ndarray | None = None
-    summary: dict = dataclasses.field(default_factory=dict)
+    record: dict = dataclasses.field(default_factory=dict)
     out: str = ""
     segments: object = None
+
+    def summary(self) -> dict:
+        """summary.json's dict (the run's record: settings, timings, convergence, segments, skipped files), the
+        object itself (not a copy): what `Result.summary()` is for a single solve."""
+        return self.record
 
     @classmethod
     def from_solve(cls, solved: Result, names: Sequence[str], summary: dict, out: str = "") -> "DatasetResult":
         """An exact run's result: every `Result` field from `solved` (the whole-dataset solve over the images
         `names`), table = eigvecs, no probs."""
         fields = {f.name: getattr(solved, f.name) for f in dataclasses.fields(Result)}
-        return cls(**fields, names=list(names), table=solved.eigvecs, probs=None, summary=summary, out=out)
+        return cls(**fields, names=list(names), table=solved.eigvecs, probs=None, record=summary, out=out)
 
     @classmethod
     def from_table(cls, eigvecs: np.ndarray, names: Sequence[str], table: np.ndarray, probs: np.ndarray | None,
@@ -97,7 +102,7 @@ class DatasetResult(Result):
         return cls(e, rep(vals), np.zeros((n, 0, k), np.float32), rep(np.nan if obj is None else float(obj)),
                    float(orth), int(summary.get("steps", 0)), float(summary.get("seconds", 0.0)),
                    str(summary.get("solver", summary.get("method", "dataset"))), np.zeros((n, 0), np.float32), {},
-                   n > 1, None, convergence, names=list(names), table=table, probs=probs, summary=summary, out=out)
+                   n > 1, None, convergence, names=list(names), table=table, probs=probs, record=summary, out=out)
 
     def select(self, idx) -> "DatasetResult":
         """The images `idx` (`Result.select`), with their names, table rows and probs (segments None)."""
@@ -112,7 +117,7 @@ class DatasetResult(Result):
         and, where the solve measured them (exact), its rq `[G, K]` (the joint solve's row; `load_result` repeats it
         per image). Not a RESULT.npz."""
         arrays = dict(eigvecs=self.eigvecs.astype(np.float32), names=np.asarray(self.names, dtype=str),
-                      table=np.asarray(self.table, np.float32), preset=np.array(self.summary.get("preset", "")))
+                      table=np.asarray(self.table, np.float32), preset=np.array(self.record.get("preset", "")))
         if self.probs is not None:
             arrays["probs"] = self.probs.astype(np.float32)
         if self.rq.shape[1]:
@@ -202,7 +207,7 @@ def thumbnails(root: str, names: Sequence[str], tile: int) -> list[np.ndarray]:
 
 def write(res: DatasetResult, root: str, figure_images: int) -> DatasetResult:
     """OUT's files (module docstring): all reserved first; then the dataset-wide segments (`cluster.segments` with
-    the summary's `segments_asked` and `seed`; their numbers in `res.summary["segments"]`); then eigvecs.png and
+    the summary's `segments_asked` and `seed`; their numbers in `res.summary()["segments"]`); then eigvecs.png and
     segments.png (the first `figure_images` images; none for 0), eigvecs.npz, segments.npz and summary.json, in that
     order. Returns `res` with its `segments` set (a copy: `DatasetResult` is frozen)."""
     from spectral_jax.dataset.cluster import segments
@@ -211,9 +216,9 @@ def write(res: DatasetResult, root: str, figure_images: int) -> DatasetResult:
     with contextlib.ExitStack() as stack:
         out = {name: stack.enter_context(OutputFile(os.path.join(res.out, name)))
                for name in figures + ["eigvecs.npz", "segments.npz", "summary.json"]}
-        res = dataclasses.replace(res, segments=segments(res, res.summary.get("segments_asked", "auto"),
-                                                         res.summary.get("seed", 0)))
-        res.summary["segments"] = res.segments.report()
+        res = dataclasses.replace(res, segments=segments(res, res.summary().get("segments_asked", "auto"),
+                                                         res.summary().get("seed", 0)))
+        res.summary()["segments"] = res.segments.report()
         if figures:
             m = min(figure_images, len(res.names))
             _png(out["eigvecs.png"], viz.dataset_figure(res.eigvecs[:m], thumbnails(root, res.names[:m], 48),
@@ -223,7 +228,7 @@ def write(res: DatasetResult, root: str, figure_images: int) -> DatasetResult:
         res.save(out["eigvecs.npz"])
         save_npz(out["segments.npz"], res.segments.arrays(res.names))
         with open(out["summary.json"].tmp, "w") as fh:
-            fh.write(json.dumps(res.summary, indent=2) + "\n")
+            fh.write(json.dumps(res.summary(), indent=2) + "\n")
         out["summary.json"].commit()
     return res
 

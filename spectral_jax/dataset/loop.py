@@ -337,7 +337,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root, convergence=verdict), where.out, convergence=verdict)
     if jax.process_index() == 0:
-        _report_skipped(res.summary["skipped"])
+        _report_skipped(res.summary()["skipped"])
         _warn_unconverged(verdict, per_epoch)
         res = export.write(res, where.root, settings.figure_images)
     return res
