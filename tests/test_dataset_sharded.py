@@ -1,0 +1,129 @@
+"""The exact dataset method on the sharded path (`whole.solver_path`, `whole.solve_sharded`), through the console
+script with local processes (--coordinator, --num-processes, --process-id: what a cluster user types).
+
+1. Two processes: the kNN graph stays sharded by rows (summary.json's exact_solver path "sharded", the solver
+   "exact-lobpcg-distributed", no graph cache), and the eigenvectors are one process's on the gathered path
+   (ARPACK on the whole graph): subspace agreement ≥ 0.9999, eigenvalues equal at float32 — with layer weights
+   chosen by the eigengap rule (`distributed.layer_spectra`), the same weights.
+2. A process killed mid-run (SIGKILL during the forward): the other stops with one line on stderr and a non-zero
+   exit; `--resume` on both continues from the finished feature shards and gives the uninterrupted eigenvectors.
+3. `--solver` with --method gd: one line, exit 2, nothing written.
+
+The tiny random-weight DINOv2-S at 28×28 (a 2×2 grid) of test_dataset_badinput, two of its layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import numpy as np
+import pytest
+
+from sjtest import subspace_alignment
+from test_dataset import _env, _free_port, make_folder
+from test_dataset_badinput import SCRIPT, _one_line_exit_2
+from spectral_jax.dataset import store
+
+IMAGES = 24
+CLI = ["--model", "dinov2_vits14", "--weights", "random", "--size", "28", "--method", "exact", "--layers", "10,11",
+       "--layer-weights", "eigengap", "--num-eigs", "4", "--k-intra", "3", "--k-inter", "6", "--tol", "1e-5"]
+
+
+def _launch(folder, out, *extra, procs=2, port=None):
+    """The console script as `procs` local processes of one run (procs=1: a plain one-process run)."""
+    port = port or _free_port()
+    cluster = (lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(procs), "--process-id",
+                          str(i)]) if procs > 1 else (lambda i: [])
+    return [subprocess.Popen([SCRIPT, "dataset", folder, *CLI, "--out", out, *extra, *cluster(i)], env=_env(),
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(procs)]
+
+
+def _wait(ps, timeout=300):
+    try:
+        return [p.communicate(timeout=timeout) for p in ps]
+    finally:
+        for p in ps:                           # one failed process leaves the other waiting at a collective
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def _table(out):
+    """eigvecs `[n, K, h, w]` → `[n·h·w, K]`, eigenvalues, summary."""
+    with np.load(os.path.join(out, "eigvecs.npz")) as f:
+        e = f["eigvecs"]
+    s = json.load(open(os.path.join(out, "summary.json")))
+    return e.transpose(0, 2, 3, 1).reshape(-1, e.shape[1]), np.asarray(s["eigvals"]), s
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """imgs/; sharded/: two processes (default solver: sharded); gathered/: one process, --solver gathered;
+    killed/: two processes, --batch-size 2, process 1 killed once 3 shards are on disk — all started at once."""
+    root = tmp_path_factory.mktemp("sharded")
+    imgs = make_folder(str(root / "imgs"), IMAGES)
+    two = _launch(imgs, str(root / "sharded"))
+    one = _launch(imgs, str(root / "gathered"), "--solver", "gathered", procs=1)
+    killed = _launch(imgs, str(root / "killed"), "--batch-size", "2", "--prefetch", "1")
+    ck = str(root / "killed" / "checkpoints")
+    deadline = time.time() + 240
+    while len(store.finished(ck)) < 3 and killed[1].poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    at_kill = len(store.finished(ck))
+    os.kill(killed[1].pid, signal.SIGKILL)
+    t_kill = time.time()
+    k0 = _wait(killed[:1], timeout=240)[0]
+    stopped = time.time() - t_kill
+    _wait(killed[1:])
+    got = dict(two=_wait(two), one=_wait(one))
+    for name, ps in (("two", two), ("one", one)):
+        assert all(p.returncode == 0 for p in ps), [e[-3000:] for _, e in got[name]]
+    return dict(root=root, imgs=imgs, at_kill=at_kill, survivor=(killed[0].returncode, k0, stopped))
+
+
+def test_two_processes_keep_the_graph_sharded_and_give_the_one_process_eigenvectors(runs):
+    v2, l2, s2 = _table(str(runs["root"] / "sharded"))
+    v1, l1, s1 = _table(str(runs["root"] / "gathered"))
+    assert s2["processes"] == 2 and s2["exact_solver"]["path"] == "sharded" and s2["exact_solver"]["asked"] == "auto"
+    assert s2["solver"] == "exact-lobpcg-distributed" and "skipped" in s2["exact_solver"]["graph_cache"]
+    assert s1["processes"] == 1 and s1["exact_solver"]["path"] == "gathered" and s1["solver"] != s2["solver"]
+    assert not os.path.exists(runs["root"] / "sharded" / "checkpoints" / "graph.npz")
+    assert os.path.isfile(runs["root"] / "gathered" / "checkpoints" / "graph.npz")
+    assert s2["convergence"]["converged"] and s2["convergence"]["max_residual"] <= 1e-5
+    assert s2["edges"] == s1["edges"] > 0
+    w1, w2 = s1["layer_weights"], s2["layer_weights"]
+    assert w1["rule"] == w2["rule"] == "eigengap" and w1["weights"].keys() == w2["weights"].keys()
+    np.testing.assert_allclose(list(w2["weights"].values()), list(w1["weights"].values()), atol=1e-4)
+    assert len(set(w1["weights"].values())) > 1                    # the rule did weigh the two layers apart
+    assert subspace_alignment(v2, v1) >= 0.9999
+    np.testing.assert_allclose(l2, l1, rtol=0, atol=2e-6 * float(np.max(l1)))
+
+
+def test_a_killed_process_stops_the_other_in_one_line_and_resume_continues(runs):
+    code, (out, err), stopped = runs["survivor"]
+    assert code != 0 and stopped < 120, (code, stopped, err[-3000:])
+    lines = [l for l in err.splitlines() if l.strip() and not l.startswith(("\r", "kNN", "images"))]
+    assert len(lines) == 1 and lines[0].startswith("spectral-jax dataset: error:"), err[-3000:]
+    assert 3 <= runs["at_kill"] < IMAGES // 2
+    outk = str(runs["root"] / "killed")
+    ps = _launch(runs["imgs"], outk, "--batch-size", "2", "--prefetch", "1", "--resume")
+    got = _wait(ps)
+    assert all(p.returncode == 0 for p in ps), [e[-3000:] for _, e in got]
+    vk, lk, sk = _table(outk)
+    v2, l2, _ = _table(str(runs["root"] / "sharded"))
+    assert sk["exact_solver"]["path"] == "sharded" and sk["images_cached"] >= 2 * runs["at_kill"] - 2
+    assert subspace_alignment(vk, v2) >= 0.9999
+    np.testing.assert_allclose(lk, l2, rtol=0, atol=2e-6 * float(np.max(l2)))
+
+
+def test_solver_with_gd_is_one_line(tmp_path):
+    imgs = make_folder(str(tmp_path / "imgs"), 2)
+    r = subprocess.run([SCRIPT, "dataset", imgs, "--model", "dinov2_vits14", "--weights", "random", "--method", "gd",
+                        "--solver", "sharded", "--out", str(tmp_path / "out")], env=_env(), capture_output=True,
+                       text=True, timeout=120)
+    _one_line_exit_2(r, "--solver")
+    assert not (tmp_path / "out").exists()
