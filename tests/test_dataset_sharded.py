@@ -1,15 +1,15 @@
 """The exact dataset method on the sharded path (`whole.solver_path`, `whole.solve_sharded`), through the console
 script with local processes (--coordinator, --num-processes, --process-id: what a cluster user types).
 
-1. Two processes: the kNN graph stays sharded by rows (summary.json's exact_solver path "sharded", the solver
-   "exact-lobpcg-distributed", no graph cache), and the eigenvectors are one process's on the gathered path
-   (ARPACK on the whole graph): subspace agreement ≥ 0.9999, eigenvalues equal at float32 — with layer weights
-   chosen by the eigengap rule (`distributed.layer_spectra`), the same weights.
-2. A process killed mid-run (SIGKILL once every feature shard is on disk: during the sharded graph build and solve,
-   which have no checkpoint of their own): the other stops at its next collective with one line on stderr, exit 1,
-   and leaves no result; `--resume` on both reads every image's features from the store and gives the
-   uninterrupted run's eigenvectors. (A kill mid-forward and its resume: test_dataset_store, one process; the
-   shards of two processes read back: test_dataset_store too.)
+Two processes, one of them killed with SIGKILL once every image's features are on disk (during the sharded graph
+build and solve, which have no checkpoint of their own), then both started again with --resume:
+1. the survivor stops at its next collective with one line on stderr, exit 1, no result written;
+2. the resumed run reads every image's features from the store, keeps the kNN graph sharded by rows (summary.json's
+   exact_solver path "sharded", solver "exact-lobpcg-distributed", no graph cache) and gives the eigenvectors of
+   one process on the gathered path (ARPACK on the whole graph): subspace agreement ≥ 0.9999, eigenvalues equal at
+   float32 — with layer weights chosen by the eigengap rule (`distributed.layer_spectra`), the same weights.
+(The resumed run recomputes the whole graph and solve from the stored features, so it is the uninterrupted
+sharded run; a kill mid-forward and its resume, and two processes' shards read back: test_dataset_store.)
 3. `--solver` with --method gd: one line, exit 2, nothing written.
 
 The tiny random-weight DINOv2-S at 28×28 (a 2×2 grid) of test_dataset_badinput, two of its layers.
@@ -71,11 +71,10 @@ def _table(out):
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """imgs/; sharded/: two processes (default solver: sharded); gathered/: one process, --solver gathered;
-    killed/: two processes, process 1 killed once all images' features are on disk — all started at once."""
+    """imgs/; gathered/: one process, --solver gathered; killed/: two processes (default solver), process 1 killed
+    once all images' features are on disk — both runs started at once."""
     root = tmp_path_factory.mktemp("sharded")
     imgs = make_folder(str(root / "imgs"), IMAGES)
-    two = _launch(imgs, str(root / "sharded"))
     one = _launch(imgs, str(root / "gathered"), "--solver", "gathered", procs=1)
     killed = _launch(imgs, str(root / "killed"))
     ck = str(root / "killed" / "checkpoints")
@@ -87,19 +86,35 @@ def runs(tmp_path_factory):
     k0 = _wait(killed[:1], timeout=240)[0]
     stopped = time.time() - t_kill
     _wait(killed[1:])
-    got = dict(two=_wait(two), one=_wait(one))
-    for name, ps in (("two", two), ("one", one)):
-        assert all(p.returncode == 0 for p in ps), [e[-3000:] for _, e in got[name]]
+    got = _wait(one)
+    assert one[0].returncode == 0, got[0][1][-3000:]
     return dict(root=root, imgs=imgs, survivor=(killed[0].returncode, k0, stopped))
 
 
-def test_two_processes_keep_the_graph_sharded_and_give_the_one_process_eigenvectors(runs):
-    v2, l2, s2 = _table(str(runs["root"] / "sharded"))
+def test_a_killed_process_stops_the_other_in_one_line(runs):
+    code, (_, err), stopped = runs["survivor"]
+    outk = str(runs["root"] / "killed")
+    assert code == 1 and stopped < 60, (code, stopped, err[-3000:])
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("spectral-jax dataset: error: process 0 of 2: another process of "
+                                                   "the run stopped"), err[-3000:]
+    assert "with --resume" in lines[0]
+    assert not os.path.exists(os.path.join(outk, "summary.json"))
+    assert _images_on_disk(os.path.join(outk, "checkpoints")) == IMAGES
+
+
+def test_resumed_two_processes_keep_the_graph_sharded_and_give_the_one_process_eigenvectors(runs):
+    outk = str(runs["root"] / "killed")
+    ps = _launch(runs["imgs"], outk, "--resume")
+    got = _wait(ps)
+    assert all(p.returncode == 0 for p in ps), [e[-3000:] for _, e in got]
+    v2, l2, s2 = _table(outk)
     v1, l1, s1 = _table(str(runs["root"] / "gathered"))
+    assert s2["images_cached"] == IMAGES and "features" in s2["cached"]
     assert s2["processes"] == 2 and s2["exact_solver"]["path"] == "sharded" and s2["exact_solver"]["asked"] == "auto"
     assert s2["solver"] == "exact-lobpcg-distributed" and "skipped" in s2["exact_solver"]["graph_cache"]
     assert s1["processes"] == 1 and s1["exact_solver"]["path"] == "gathered" and s1["solver"] != s2["solver"]
-    assert not os.path.exists(runs["root"] / "sharded" / "checkpoints" / "graph.npz")
+    assert not os.path.exists(os.path.join(outk, "checkpoints", "graph.npz"))
     assert os.path.isfile(runs["root"] / "gathered" / "checkpoints" / "graph.npz")
     assert s2["convergence"]["converged"] and s2["convergence"]["max_residual"] <= 1e-5
     assert s2["edges"] == s1["edges"] > 0
@@ -109,26 +124,6 @@ def test_two_processes_keep_the_graph_sharded_and_give_the_one_process_eigenvect
     assert len(set(w1["weights"].values())) > 1                    # the rule did weigh the two layers apart
     assert subspace_alignment(v2, v1) >= 0.9999
     np.testing.assert_allclose(l2, l1, rtol=0, atol=2e-6 * float(np.max(l1)))
-
-
-def test_a_killed_process_stops_the_other_in_one_line_and_resume_continues(runs):
-    code, (out, err), stopped = runs["survivor"]
-    outk = str(runs["root"] / "killed")
-    assert code == 1 and stopped < 60, (code, stopped, err[-3000:])
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("spectral-jax dataset: error: process 0 of 2: another process of "
-                                                   "the run stopped"), err[-3000:]
-    assert "with --resume" in lines[0]
-    assert not os.path.exists(os.path.join(outk, "summary.json"))
-    assert _images_on_disk(os.path.join(outk, "checkpoints")) == IMAGES
-    ps = _launch(runs["imgs"], outk, "--resume")
-    got = _wait(ps)
-    assert all(p.returncode == 0 for p in ps), [e[-3000:] for _, e in got]
-    vk, lk, sk = _table(outk)
-    v2, l2, _ = _table(str(runs["root"] / "sharded"))
-    assert sk["exact_solver"]["path"] == "sharded" and sk["images_cached"] == IMAGES and "features" in sk["cached"]
-    assert subspace_alignment(vk, v2) >= 0.9999
-    np.testing.assert_allclose(lk, l2, rtol=0, atol=2e-6 * float(np.max(l2)))
 
 
 def test_solver_with_gd_is_one_line(tmp_path):
