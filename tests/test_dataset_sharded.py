@@ -4,7 +4,7 @@ script with local processes (--coordinator, --num-processes, --process-id: what 
 Two processes, one of them killed with SIGKILL once every image's features are on disk (during the sharded graph
 build and solve, which have no checkpoint of their own), then both started again with --resume:
 1. the survivor stops at its next collective with one line on stderr, exit 1, no result written;
-2. the resumed run reads every image's features from the store, keeps the kNN graph sharded by rows (summary.json's
+2. the resumed run (started as `srun` starts it: SLURM's environment, no cluster flags) reads every image's features from the store, keeps the kNN graph sharded by rows (summary.json's
    exact_solver path "sharded", solver "exact-lobpcg-distributed", no graph cache) and gives the eigenvectors of
    one process on the gathered path (ARPACK on the whole graph): subspace agreement ≥ 0.9999, eigenvalues equal at
    float32 — with layer weights chosen by the eigengap rule (`distributed.layer_spectra`), the same weights.
@@ -36,14 +36,32 @@ CLI = ["--model", "dinov2_vits14", "--weights", "random", "--size", "28", "--met
        "--layer-weights", "eigengap", "--num-eigs", "4", "--k-intra", "3", "--k-inter", "6", "--tol", "1e-5"]
 
 
-def _launch(folder, out, *extra, procs=2):
-    """The console script as `procs` local processes of one run (procs=1: a plain one-process run); no progress
-    bars (TQDM_DISABLE), so that stderr holds only what the run says."""
-    port = _free_port()
+def _slurm_job_id() -> int:
+    """A SLURM job id whose coordinator port (JAX's rule: 61440 + id mod 4096) is free here."""
+    import random
+    import socket
+
+    for port in random.Random().sample(range(61440, 65536), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port - 61440
+    pytest.skip("no free port in JAX's SLURM range [61440, 65535]")
+
+
+def _launch(folder, out, *extra, procs=2, slurm=False):
+    """The console script as `procs` local processes of one run (procs=1: a plain one-process run): given
+    --coordinator/--num-processes/--process-id, or (slurm) none of them and the environment `srun` sets; no
+    progress bars (TQDM_DISABLE), so that stderr holds only what the run says."""
+    port, job = _free_port(), _slurm_job_id() if slurm else None
     cluster = (lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(procs), "--process-id",
-                          str(i)]) if procs > 1 else (lambda i: [])
+                          str(i)]) if procs > 1 and not slurm else (lambda i: [])
+    env = (lambda i: dict(SLURM_JOB_ID=str(job), SLURM_STEP_NODELIST="127.0.0.1", SLURM_NTASKS=str(procs),
+                          SLURM_PROCID=str(i), SLURM_LOCALID="0")) if slurm else (lambda i: {})
     return [subprocess.Popen([SCRIPT, "dataset", folder, *CLI, "--out", out, *extra, *cluster(i)],
-                             env=_env(TQDM_DISABLE="1"),
+                             env=_env(TQDM_DISABLE="1", **env(i)),
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(procs)]
 
 
@@ -105,7 +123,7 @@ def test_a_killed_process_stops_the_other_in_one_line(runs):
 
 def test_resumed_two_processes_keep_the_graph_sharded_and_give_the_one_process_eigenvectors(runs):
     outk = str(runs["root"] / "killed")
-    ps = _launch(runs["imgs"], outk, "--resume")
+    ps = _launch(runs["imgs"], outk, "--resume", slurm=True)       # started as srun would: no cluster flags
     got = _wait(ps)
     assert all(p.returncode == 0 for p in ps), [e[-3000:] for _, e in got]
     v2, l2, s2 = _table(outk)

@@ -26,8 +26,9 @@ the model runs (bad input: one line on stderr, exit 2, nothing written); an opti
 (--epochs, --preset, --inner-steps, --lr, --ema, --checkpoint-every under exact; --tol, --maxiter, --bf16-features
 under gd) is refused, not ignored. OUT holding an earlier run's checkpoints
 is refused without --resume (delete OUT/checkpoints to start over). Several processes: start one per host with
---coordinator HOST:PORT --num-processes N --process-id I, all three (or none of them where JAX finds the cluster
-itself, e.g. SLURM; process 0's PORT must be free here); OUT must be on a shared disk.
+--coordinator HOST:PORT --num-processes N --process-id I, all three (process 0's PORT must be free here), or none
+of them under a launcher whose environment JAX reads (srun, mpirun, JAX_COORDINATOR_ADDRESS:
+`layout.cluster_from_env`); OUT must be on a shared disk.
 """
 
 from __future__ import annotations
@@ -161,8 +162,10 @@ def run_dataset(args) -> int:
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     check_cluster(args.coordinator, args.num_processes, args.process_id)
     _check_segments(args, settings, spec.preprocess.patch_size)
-    if args.coordinator is not None:                # all three given (check_cluster), else JAX finds the cluster
-        from spectral_jax.dataset import init_distributed
+    from spectral_jax.dataset.layout import cluster_from_env
+
+    if args.coordinator is not None or cluster_from_env():     # all three given (check_cluster), else JAX finds
+        from spectral_jax.dataset import init_distributed        # the cluster from the launcher's environment
 
         init_distributed(args.coordinator, args.num_processes, args.process_id)
     from spectral_jax import dataset

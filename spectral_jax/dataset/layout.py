@@ -167,6 +167,24 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
                          "on every process and a free port (or check the cluster's environment)") from None
 
 
+def cluster_from_env(environ=None) -> str | None:
+    """The launcher whose environment says this process is one of several (what `jax.distributed.initialize()`
+    with no arguments reads): "SLURM" (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS > 1, SLURM_PROCID,
+    SLURM_LOCALID: `srun`), "Open MPI" (OMPI_MCA_orte_hnp_uri: `mpirun`), "JAX_COORDINATOR_ADDRESS"; None for a
+    lone process (a one-task SLURM job included). Does not start anything."""
+    import os
+
+    env = os.environ if environ is None else environ
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(v in env for v in slurm) and env["SLURM_NTASKS"].strip().isdigit() and int(env["SLURM_NTASKS"]) > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return "Open MPI"
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    return None
+
+
 # What a collective or the coordination service raises when another process of the run is gone (gloo on CPU: the
 # peer's socket closed; NCCL / the coordination service: a heartbeat timeout or an unreachable task).
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "heartbeat timeout",
@@ -245,5 +263,5 @@ def gather(x) -> np.ndarray:
 
 
 __all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
-           "gather_reasons", "graph_images", "init_distributed", "lost_peer", "local_slots", "make_mesh", "nonfinite_reason",
+           "gather_reasons", "graph_images", "init_distributed", "lost_peer", "cluster_from_env", "local_slots", "make_mesh", "nonfinite_reason",
            "tapped", "timesteps_of"]
