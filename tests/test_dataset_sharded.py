@@ -151,3 +151,24 @@ def test_solver_with_gd_is_one_line(tmp_path):
                        text=True, timeout=120)
     _one_line_exit_2(r, "--solver")
     assert not (tmp_path / "out").exists()
+
+
+def test_solver_path_choice_and_refusal():
+    """`whole.solver_path`: auto is gathered on one process; sharded asked for with layers on two grids or with
+    diffusion timesteps (graphs [L, T]) is one InputError naming --solver and the fix, raised before any work (the
+    first thing `whole.solve` does)."""
+    from spectral_jax.dataset import Settings, whole
+    from spectral_jax.dataset.layout import Geometry
+    from spectral_jax.errors import InputError
+
+    one = Geometry((((2, 2), (10, 11)),), (2, 2), (28, 28), 24, 64, 1, 3, 6)
+    two = Geometry((((4, 4), (0,)), ((2, 2), (1,))), (4, 4), (64, 64), 24, 64, 1, 3, 6)
+    steps = Geometry((((2, 2), (10, 11)),), (2, 2), (28, 28), 24, 64, 1, 3, 6, steps=2)
+    assert whole.solver_path(Settings(), one) == "gathered"
+    assert whole.solver_path(Settings(exact_solver="sharded"), one) == "sharded"
+    assert whole.solver_path(Settings(exact_solver="gathered"), one) == "gathered"
+    for geom, why in ((two, "the layers sit on 2 grids"), (steps, "the taps have diffusion timesteps")):
+        with pytest.raises(InputError, match=rf"--solver sharded: cannot run here: {why}.* — pass --solver gathered"):
+            whole.solver_path(Settings(exact_solver="sharded"), geom)
+    with pytest.raises(InputError, match=r"--solver 'nope': unknown"):
+        Settings(exact_solver="nope")

@@ -558,7 +558,8 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
 
         why = ("the taps have diffusion timesteps (graphs [L, T])" if geom.steps is not None else
                f"the layers sit on {len({tuple(g) for g, _ in geom.groups})} grids")
-        raise InputError("--solver sharded", f"cannot run here: {why}; the sharded operator takes one grid",
+        raise InputError("--solver sharded", f"cannot run here: {why}; the sharded path takes one grid and one "
+                         "graph per layer",
                          "pass --solver gathered (or auto)")
     return choice
 
