@@ -237,11 +237,12 @@ def test_eight_devices_give_the_one_device_eigvecs(tmp_path):
 
 def test_two_processes_give_the_one_process_graph_and_eigvecs(tmp_path):
     """Two processes on localhost (1 CPU device each, gloo collectives): each reads only its half of the images
-    (a contiguous range: the mesh splits the rows by image) and searches its rows; the graph is gathered and both
+    (a contiguous range: the mesh splits the rows by image) and searches its rows; on the gathered path (asked for:
+    with several processes the default is the sharded one, test_dataset_sharded) the graph is gathered and both
     solve it. Against this process on one device: the same graph, the same eigenvectors."""
     folder = make_folder(str(tmp_path / "imgs"), 12)
     out = str(tmp_path / "multi")
-    run_two_processes(folder, out, "**EXACT", head="from test_dataset_exact import EXACT\n")
+    run_two_processes(folder, out, "**EXACT, exact_solver='gathered'", head="from test_dataset_exact import EXACT\n")
     single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(),
                          mesh=dataset.make_mesh(jax.devices()[:1]), **EXACT)
     multi = dataset.load_result(out)

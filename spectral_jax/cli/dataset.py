@@ -26,8 +26,9 @@ the model runs (bad input: one line on stderr, exit 2, nothing written); an opti
 (--epochs, --preset, --inner-steps, --lr, --ema, --checkpoint-every under exact; --tol, --maxiter, --bf16-features
 under gd) is refused, not ignored. OUT holding an earlier run's checkpoints
 is refused without --resume (delete OUT/checkpoints to start over). Several processes: start one per host with
---coordinator HOST:PORT --num-processes N --process-id I, all three (or none of them where JAX finds the cluster
-itself, e.g. SLURM; process 0's PORT must be free here); OUT must be on a shared disk.
+--coordinator HOST:PORT --num-processes N --process-id I, all three (process 0's PORT must be free here), or none
+of them under a launcher whose environment JAX reads (srun, mpirun, JAX_COORDINATOR_ADDRESS:
+`layout.cluster_from_env`); OUT must be on a shared disk.
 """
 
 from __future__ import annotations
@@ -55,6 +56,10 @@ def register(sub) -> None:
     p.add_argument("--maxiter", type=int, default=None,
                    help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most (default 400)")
     p.add_argument("--tol", type=float, default=None, help="exact: relative residual to stop at (default √eps32)")
+    p.add_argument("--solver", choices=("auto", "sharded", "gathered"), default=None,
+                   help="exact: sharded (the graph stays split by rows over the processes, distributed LOBPCG), "
+                        "gathered (every process holds the whole graph), auto (default: sharded with several "
+                        "processes when all layers share one grid and there are no timesteps)")
     p.add_argument("--bf16-features", action="store_true",
                    help="exact: keep the features for the graph in bfloat16 (half the memory)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
@@ -120,6 +125,7 @@ def _check_segments(args, settings, patch: int) -> None:
 def _method_options(args) -> dict:
     return {k: v for k, v in dict(
         features_dtype="bfloat16" if args.bf16_features else None, maxiter=args.maxiter, tol=args.tol,
+        exact_solver=args.solver,
         preset=args.preset, epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
         checkpoint_every=args.checkpoint_every).items() if v is not None}
 
@@ -156,14 +162,21 @@ def run_dataset(args) -> int:
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     check_cluster(args.coordinator, args.num_processes, args.process_id)
     _check_segments(args, settings, spec.preprocess.patch_size)
-    if args.coordinator is not None:                # all three given (check_cluster), else JAX finds the cluster
-        from spectral_jax.dataset import init_distributed
+    from spectral_jax.dataset.layout import cluster_from_env
+
+    if args.coordinator is not None or cluster_from_env():     # all three given (check_cluster), else JAX finds
+        from spectral_jax.dataset import init_distributed        # the cluster from the launcher's environment
 
         init_distributed(args.coordinator, args.num_processes, args.process_id)
     from spectral_jax import dataset
 
-    res = dataset.run(args.folder, args.out, settings, resume=args.resume, progress=True)
     import jax
+
+    try:
+        res = dataset.run(args.folder, args.out, settings, resume=args.resume, progress=True)
+    except (RuntimeError, ValueError) as e:
+        _stop_if_peer_lost(e)
+        raise
 
     if jax.process_index() == 0:
         s = res.summary()
@@ -173,6 +186,31 @@ def run_dataset(args) -> int:
                           "segments": s["segments"]["num_segments"], "segments_rule": s["segments"]["rule"],
                           **_verdict(s.get("convergence"))}))
     return 0
+
+
+def _stop_if_peer_lost(e: BaseException) -> None:
+    """Another process of the run died (killed, out of memory, its host gone: `layout.lost_peer`): one line on
+    stderr and exit 1 at once — not through JAX's shutdown, which would wait for the dead process's heartbeat and
+    abort with a page of logs. What the run finished stays (the feature shards, checkpoints): all processes started
+    again with --resume continue from it. Returns (nothing said) for any other error."""
+    import sys
+
+    import jax
+
+    from spectral_jax.dataset.layout import lost_peer
+
+    why = lost_peer(e)
+    if why is None:
+        return
+    n, me = jax.process_count(), jax.process_index()
+    print(f"spectral-jax dataset: error: process {me} of {n}: another process of the run stopped ({why}); start all "
+          f"{n} processes again with --resume to continue from what is finished", file=sys.stderr)
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(1)
 
 
 def _verdict(report: dict | None) -> dict:

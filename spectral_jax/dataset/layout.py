@@ -167,6 +167,44 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
                          "on every process and a free port (or check the cluster's environment)") from None
 
 
+def cluster_from_env(environ=None) -> str | None:
+    """The launcher whose environment says this process is one of several (what `jax.distributed.initialize()`
+    with no arguments reads): "SLURM" (SLURM_JOB_ID, SLURM_STEP_NODELIST, SLURM_NTASKS > 1, SLURM_PROCID,
+    SLURM_LOCALID: `srun`), "Open MPI" (OMPI_MCA_orte_hnp_uri: `mpirun`), "JAX_COORDINATOR_ADDRESS"; None for a
+    lone process (a one-task SLURM job included). Does not start anything."""
+    import os
+
+    env = os.environ if environ is None else environ
+    slurm = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID", "SLURM_LOCALID")
+    if all(v in env for v in slurm) and env["SLURM_NTASKS"].strip().isdigit() and int(env["SLURM_NTASKS"]) > 1:
+        return "SLURM"
+    if "OMPI_MCA_orte_hnp_uri" in env:
+        return "Open MPI"
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        return "JAX_COORDINATOR_ADDRESS"
+    return None
+
+
+# What a collective or the coordination service raises when another process of the run is gone (gloo on CPU: the
+# peer's socket closed; NCCL / the coordination service: a heartbeat timeout or an unreachable task).
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe", "heartbeat timeout",
+              "Gloo AllGather failed", "Gloo AllReduce failed", "Gloo ReduceScatter failed", "Gloo Broadcast failed",
+              "Gloo AllToAll failed", "NCCL", "coordination service")
+
+
+def lost_peer(e: BaseException) -> str | None:
+    """With several processes: the first line of `e` when it says another process of the run is gone (a
+    collective failed on a closed connection, a heartbeat timed out; `_PEER_LOST`), else None (one process: always
+    None). The caller stops this process at once (`cli.dataset`): JAX's own shutdown would wait for the dead
+    process's heartbeat and then abort with a page of logs."""
+    if jax.process_count() < 2 or not isinstance(e, (RuntimeError, ValueError)):
+        return None
+    text = str(e)
+    if not any(s in text for s in _PEER_LOST):
+        return None
+    return (text.strip().splitlines() or [type(e).__name__])[0]
+
+
 def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
     """The image order of `epoch`: a permutation of range(num_images) drawn from (seed, epoch) alone."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EC7, int(epoch)])).permutation(num_images)
@@ -225,5 +263,5 @@ def gather(x) -> np.ndarray:
 
 
 __all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
-           "gather_reasons", "graph_images", "init_distributed", "local_slots", "make_mesh", "nonfinite_reason",
+           "gather_reasons", "graph_images", "init_distributed", "lost_peer", "cluster_from_env", "local_slots", "make_mesh", "nonfinite_reason",
            "tapped", "timesteps_of"]

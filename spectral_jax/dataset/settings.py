@@ -20,11 +20,13 @@ from spectral_jax.errors import InputError, is_integer
 from spectral_jax.options import DATASET_GRAPHS as GRAPHS
 from spectral_jax.options import DEFAULT_K, MAXITER, METHODS, PRESETS, TOL, LayerWeights, check_num_eigs
 from spectral_jax.options import STORAGE_DTYPES as FEATURE_DTYPES
+EXACT_SOLVERS = ("auto", "sharded", "gathered")   # `whole.solver_path`
 # The options only one method reads ({method: {field: its flag}}): given with the other method, they would be
 # ignored, so `check_method_options` refuses them. (batch_size, k, min_cos, seed, block, prefetch, layer_weights
 # numbers, segments and figure_images steer both; the layer-weight rules are checked on their own.)
 METHOD_OPTIONS = {
-    "exact": {"features_dtype": "--bf16-features", "maxiter": "--maxiter", "tol": "--tol"},
+    "exact": {"features_dtype": "--bf16-features", "maxiter": "--maxiter", "tol": "--tol",
+              "exact_solver": "--solver"},
     "gd": {"preset": "--preset", "epochs": "--epochs", "inner_steps": "--inner-steps", "lr": "--lr",
            "ema": "--ema", "checkpoint_every": "--checkpoint-every", "weight_decay": "weight_decay", "lam": "lam"},
 }
@@ -116,7 +118,9 @@ class Settings:
     size: S (→ S×S) or (H, W), multiples of the patch; graph: "knn-qk" | "knn-vv"; method: "exact" (the
     whole-dataset graph and its converged top-K, `dataset.whole`) | "gd" (the official minibatch recipe, `step`);
     features_dtype ("float32" | "bfloat16": the features kept for the whole-dataset graph), maxiter and tol (ARPACK's
-    restarts on the CPU backend, LOBPCG's iterations on accelerators; the relative residual): exact only; preset: "paper" | "eigen" (gd);
+    restarts on the CPU backend, LOBPCG's iterations on accelerators; the relative residual): exact only;
+    exact_solver ("auto" | "sharded" | "gathered", exact only, `whole.solver_path`): the graph kept sharded by rows
+    and solved by the distributed LOBPCG, or gathered to every process and solved by `solvers.exact`; preset: "paper" | "eigen" (gd);
     num_eigs: K; batch_size: images per step — per forward for exact — (a multiple of the devices); epochs: passes
     over the folder (the last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
     (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
@@ -170,6 +174,7 @@ class Settings:
     features_dtype: str = "float32"
     maxiter: int = MAXITER
     tol: float = TOL
+    exact_solver: str = "auto"     # "auto" | "sharded" | "gathered": where the exact graph lives (`whole.solver_path`)
     segments: object = "auto"
     model_options: object = None   # the family's load options ({"timesteps": (…), "latent": …}), `_model_options`
     recipe: str | None = None      # the `spectral_jax.recipes` name the fields came from (a label, in the summary)
@@ -220,6 +225,8 @@ class Settings:
         if self.features_dtype not in FEATURE_DTYPES:
             bad(f"features_dtype {self.features_dtype!r}", "unknown", f"choose one of {', '.join(FEATURE_DTYPES)}")
         real("--tol", self.tol, self.tol > 0, "a finite number > 0 (a relative residual)", 3e-4)
+        if self.exact_solver not in EXACT_SOLVERS:
+            bad(f"--solver {self.exact_solver!r}", "unknown", f"choose one of {', '.join(EXACT_SOLVERS)}")
         if self.preset not in PRESETS:
             bad(f"preset {self.preset!r}", "unknown preset", f"choose one of {', '.join(PRESETS)}")
         for flag, v, lo, eg in (("--batch-size", self.batch_size, 1, 40),

@@ -96,7 +96,8 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     convergence report (`Result.convergence.as_dict()`: converged, iterations, tol, max_residual, residuals [K];
     with `Result.info`'s notes, e.g. ARPACK's fallback) and where the
     seconds went (forward, graph, solve; a stage read from the cache took 0), the images whose features were read
-    from OUT/checkpoints rather than computed, and the memory estimate made before the run (`memory.estimate`)."""
+    from OUT/checkpoints rather than computed, the memory estimate made before the run (`memory.estimate`), and
+    exact_solver: which path ran (`whole.solver_path`: "sharded" or "gathered", what was asked, the graph cache)."""
     t = solved.timings
     return {
         "objective": float(res.objective[0]),
@@ -107,6 +108,9 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "seconds": round(seconds, 3), "seconds_forward": round(t["forward"], 3),
         "seconds_graph": round(t["graph"], 3), "seconds_solve": round(t["solve"], 3), "cached": solved.cached,
         "images_cached": solved.images_cached, "memory": memory,
+        "exact_solver": {"path": solved.solver, "asked": settings.exact_solver, "graph_cache": (
+            "skipped: each process held only its rows of the graph; a --resume searches the stored features again"
+            if solved.solver == "sharded" else "OUT/checkpoints/graph.npz, the whole graph")},
         "method": "dataset-exact", "num_eigs": settings.num_eigs, "steps": int(res.steps),
         "images": len(names), "images_listed": len(files), "skipped": skipped, "ignored": ignored,
         **backbone, "graph": settings.graph, "grid": list(geom.base), "size": list(geom.size),

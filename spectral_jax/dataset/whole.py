@@ -16,8 +16,13 @@
      (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
 Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_share`) and writes their shards; for
-the search each holds its own rows in memory and searches them sharded over the mesh (`build_graphs`), the graph
-is gathered to every process, each solves it (the same deterministic solve), process 0 writes.
+the search each holds its own rows in memory. Then (`solver_path`) either the sharded path (`solve_sharded`, the
+default with several processes when every layer group shares one grid and there are no timesteps): each group's
+graph is searched by `distributed.knn_sharded` and stays sharded by rows — never gathered, no graph cache —, and
+`distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered
+(`distributed.to_result`); or the gathered path (several grids, diffusion groups `[L, T]`, or asked for): the graph
+is searched sharded (`build_graphs`), gathered to every process, each solves it (the same deterministic solve).
+Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search (one process) keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts,
 removed once the whole graph is saved), so a stopped search resumes at its first missing layer; the graph is cached
@@ -534,18 +539,43 @@ class Solved(NamedTuple):
     edges: int              # stored kNN edges (weight > 0), all layers
     layer_weights: dict | None = None   # {"rule", "weights": {layer: w}} the solve used (weights sum to 1)
     images_cached: int = 0  # images whose features were read from OUT/checkpoints (the store or the graph)
+    solver: str = "gathered"    # `solver_path`: "sharded" (graph split by rows, never gathered) or "gathered"
+
+
+def solver_path(settings: Settings, geom: Geometry) -> str:
+    """Where the exact graph lives: "sharded" (`solve_sharded`: rows split over the mesh, never gathered, the
+    distributed LOBPCG) or "gathered" (every process holds the whole graph, `solvers.exact`). settings.exact_solver
+    "auto": sharded with several processes when every layer group shares one grid and the taps have no timesteps,
+    else gathered. "sharded" asked for where it cannot run (several grids, diffusion taps `[L, T]`): one
+    `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
+    at dataset level, `layer_weights`.)"""
+    one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
+    choice = settings.exact_solver
+    if choice == "auto":
+        return "sharded" if jax.process_count() > 1 and one_grid else "gathered"
+    if choice == "sharded" and not one_grid:
+        from spectral_jax.errors import InputError
+
+        why = ("the taps have diffusion timesteps (graphs [L, T])" if geom.steps is not None else
+               f"the layers sit on {len({tuple(g) for g, _ in geom.groups})} grids")
+        raise InputError("--solver sharded", f"cannot run here: {why}; the sharded path takes one grid and one "
+                         "graph per layer",
+                         "pass --solver gathered (or auto)")
+    return choice
 
 
 def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files: list, ckdir: str, fp: dict,
           mesh: Mesh, weights, bar=None) -> Solved:
-    """Features (cached), graph (cached), exact eigenvectors: see the module docstring."""
+    """Features (cached), graph (cached), exact eigenvectors: see the module docstring. On the sharded path
+    (`solver_path`) `solve_sharded` does the graph and the solve instead."""
     from spectral_jax.solvers.exact import exact
 
+    path = solver_path(settings, geom)
     timings, cached, images_cached = {"forward": 0.0, "graph": 0.0, "solve": 0.0}, [], 0
     gpath = os.path.join(ckdir, GRAPH)
     n = padded_images(len(files), geom.devices)
     gkey, fkey = cache_key("graph", fp), cache_key("features", fp)
-    d = load_cache(gpath, gkey, geom)
+    d = load_cache(gpath, gkey, geom) if path == "gathered" else None
     if d is not None:
         cached.append("graph")
         gs = graphs_from(d, geom, n)
@@ -561,7 +591,9 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         timings["forward"] = time.perf_counter() - t
         valid, failed = st.valid, st.failed
         if not valid.any():
-            return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached)
+            return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached, solver=path)
+        if path == "sharded":
+            return solve_sharded(st, settings, geom, mesh, weights, timings, cached)
         t = time.perf_counter()
         one = jax.process_count() == 1
         gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n},
@@ -582,10 +614,58 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
                 seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
     edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
-    return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached)
+    return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached, path)
 
 
-def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tuple[list | None, dict]:
+@jax.jit
+def _edges(w):
+    """Stored edges (weight > 0) per graph `[L]` of w `[L, N, k]` (sharded: a global sum, one scalar per graph)."""
+    return jnp.sum(w > 0, axis=(1, 2), dtype=jnp.int32)
+
+
+def solve_sharded(st: "Streamed", settings: Settings, geom: Geometry, mesh: Mesh, weights, timings: dict,
+                  cached: list) -> Solved:
+    """The sharded path (`solver_path`): each group's kNN graph built by `distributed.knn_sharded` from each
+    process's own rows of the store (`local_features`; the same search as `graphs.knn`) and kept sharded by rows,
+    never gathered; layer weights by `layer_weights` with `distributed.layer_spectra` for a rule; the top-K of
+    Σ w sym(P) by `distributed.lobpcg` (float32, `exact`'s convergence record) and the `Result` by
+    `distributed.to_result`, which gathers only the N·K eigenvectors. The edge count is a jitted global sum.
+    Does not read or write the graph cache (OUT/checkpoints/graph.npz: a process holds only its rows): a resumed
+    run reads the features from the store and searches again. Every process must call it."""
+    from spectral_jax.solvers import distributed as D
+
+    n, host_valid, failed, images_cached = len(st.valid), st.valid, st.failed, st.cached
+    t = time.perf_counter()
+    feats = local_features(st, settings, geom)
+    procs = jax.process_count()
+    valid = global_array(mesh, P(), st.valid, st.valid.shape) if procs > 1 else st.valid
+    sgs = []
+    for (grid, group), a, b in zip(geom.groups, feats.a, feats.b):
+        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
+        if procs > 1:
+            shape = (a.shape[0], a.shape[1] * procs, a.shape[2])
+            same = b is a
+            a = global_array(mesh, P(None, AXIS), a, shape)
+            b = a if same else global_array(mesh, P(None, AXIS), b, shape)
+        sgs.append(D.knn_sharded(a, b, tuple(grid), n, k_intra, k_inter, settings.min_cos, settings.block,
+                                 valid=valid, mesh=mesh, axis=AXIS))
+    del feats, st
+    jax.block_until_ready([g.deg for g in sgs])
+    timings["graph"] = time.perf_counter() - t
+    t = time.perf_counter()
+    kw = dict(tol=settings.tol, maxiter=settings.maxiter, seed=settings.seed)
+    spectra = lambda gs, group_layers, k, layers: D.layer_spectra(gs, group_layers, k, **kw)   # all layers, sorted
+    ws, chosen = layer_weights(sgs, geom, weights, settings, spectra=spectra)
+    op = D.operator(sgs, ws)
+    sol = D.lobpcg(op, settings.num_eigs, **kw)
+    res = D.to_result(sol, op, tuple(geom.groups[0][0]), n)
+    timings["solve"] = time.perf_counter() - t
+    edges = int(sum(int(e) for g in sgs for e in np.asarray(gather(_edges(g.w)))))
+    return Solved(res, host_valid, failed, timings, cached, edges, chosen, images_cached, "sharded")
+
+
+def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra=None
+                  ) -> tuple[list | None, dict]:
     """(per-group float32 weights for `exact`, {"rule", "weights": {layer: w}}) from `weights`, an
     `options.LayerWeights` (bound to the tapped layers by `dataset.run`) or None (equal): resolved against the
     tapped layers as analyze's are (`LayerWeights.resolve`: a layer a mapping does not name weighs 0; numbers
@@ -593,11 +673,14 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tupl
     weights as 1); a rule ("eigengap" / "select") reads each layer's own top-K spectrum
     (`solvers.exact.layer_spectra`: one sparse solve per layer, over its timesteps' graphs for diffusion taps);
     "select" is the layer of the largest eigengap (no head-agreement term: a layer's whole-dataset graphs are never
-    made dense)."""
+    made dense). spectra: (gs, group_layers, K, layers) → `[L, K]` (default `exact.layer_spectra`; the sharded
+    path passes `distributed.layer_spectra`'s) — gs may be `KnnGraph`s or `ShardedKnn`s."""
     import functools
 
     from spectral_jax import layer_weights as LW
     from spectral_jax.solvers.exact import layer_spectra
+
+    spectra = layer_spectra if spectra is None else spectra
 
     group_layers = [tuple(layers) for _, layers in geom.groups]
     if weights is None:
@@ -609,10 +692,10 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings) -> tupl
         resolved = weights.resolve(layers, what="--layer-weights")
         rule = resolved if isinstance(resolved, str) else "given"
         weights, per_layer = LW.for_groups(gs, group_layers, resolved, settings.num_eigs, spectra=functools.partial(
-            layer_spectra, gs, group_layers, settings.num_eigs), agreement=np.ones(len(layers)))
+            spectra, gs, group_layers, settings.num_eigs), agreement=np.ones(len(layers)))
         per = dict(zip(layers, per_layer))
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 
 __all__ = ["Features", "GRAPH", "Solved", "Streamed", "build_graphs", "cache_key", "feature_widths",
-           "padded_images", "search_store", "solve", "stream_features"]
+           "padded_images", "search_store", "solve", "solve_sharded", "solver_path", "stream_features"]

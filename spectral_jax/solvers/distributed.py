@@ -197,7 +197,7 @@ def _search(a, b, valid, per, k_intra, k_inter, min_cos, block, mesh, axis):
     def local(a_loc, b_loc, valid):
         b_all = jax.lax.all_gather(b_loc, axis, axis=1, tiled=True)
         row0 = jax.lax.axis_index(axis) * a_loc.shape[1]
-        return _knn_rows(a_loc, b_loc, b_all, row0, valid, per, k_intra, k_inter, min_cos, block)
+        return _knn_rows(a_loc, b_loc, b_all, row0, valid, per, k_intra, k_inter, min_cos, block)[:2]  # idx, w
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
                          out_specs=(P(None, axis), P(None, axis)))(a, b, valid)
