@@ -12,7 +12,8 @@ k_intra = k_inter = 100 and no cosine cut (min_cos = −1), search "exact" — f
   rbf-median   the official 50 + 50 edges, weight exp(−d²/(2σ²)), d² = 2 − 2 cos (unit features), σ = the median
                distance of 4000 seeded random token pairs (ncut-pytorch's `rbf_affinity` with its median σ);
   self-tuning  the official 50 + 50 edges, weight exp(−d_ij²/(σ_i σ_j)), σ_i = d to i's 7th nearest neighbour
-               among its 100 (Zelnik-Manor & Perona 2004; the token itself, cos 1, is its own 1st).
+               among its 200 searched (Zelnik-Manor & Perona 2004; where a = b the token itself, cos 1, is its own
+               1st).
 Each graph is a `graphs.KnnGraph` (P = D⁻¹ ½(A + Aᵀ)), layers stacked with equal weights, solved by
 `solvers.exact` (K eigenvectors), segmented by `spectral_jax.dataset.segments` (k = supercategories + background),
 scored by `eval_dataset`'s one Hungarian matching over the dataset (supercategory mIoU, pixel accuracy), and probed
