@@ -96,6 +96,12 @@ def normalised_weights(graphs: Sequence[Graph], weights: Sequence[Array] | None)
     """Per-graph weights, one array of each group's batch shape, summing to 1 over all graphs."""
     if weights is None:
         weights = [jnp.ones(g.batch_shape, jnp.float32) for g in graphs]
+    if isinstance(weights, (str, bytes)):           # e.g. gd(graphs, K, "eigen"): a preset passed by position
+        from spectral_jax.errors import InputError
+
+        raise InputError(f"weights {weights!r}", "is text, not one weight array per graph group (the solvers' third "
+                         "parameter is weights; preset, steps and the other options are keywords)",
+                         "pass the option by name, e.g. gd(graphs, K, preset='eigen')")
     if len(weights) != len(graphs):
         raise ValueError(f"{len(weights)} weight arrays for {len(graphs)} graph groups")
     ws = [jnp.broadcast_to(jnp.asarray(w, jnp.float32), g.batch_shape) for g, w in zip(graphs, weights)]

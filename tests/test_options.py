@@ -245,6 +245,8 @@ def test_solvers_take_their_spec_or_its_fields_and_nothing_else():
         "exact-sparse-solver": (lambda: solvers.exact.exact(g, 3, sparse_solver="eigsh"), "sparse_solver 'eigsh'"),
         "gd-chunks": (lambda: solver_spec("gd", chunks=0), "chunks 0: must be an integer ≥ 1"),
         "gd-materialize": (lambda: GdSpec(materialize="yes"), "materialize 'yes'"),
+        "gd-preset-by-position": (lambda: solvers.gd.gd(g, 3, "eigen", steps=2), "weights 'eigen': is text"),
+        "exact-preset-by-position": (lambda: solvers.exact.exact(g, 3, "paper"), "weights 'paper': is text"),
     }
     for name, (fn, needle) in bad.items():
         with pytest.raises(InputError) as e:
