@@ -236,6 +236,7 @@ def test_to_result_is_an_exact_like_result():
     np.testing.assert_allclose(np.sum(np.asarray(LAYER_W)[:, None] * r.rq[0], axis=0), r.eigvals[0], rtol=1e-5)
 
 
+@pytest.mark.slow          # a benchmark's smoke run (CI time): python -m pytest -m slow tests/test_distributed.py
 def test_bench_scale_tiny_runs(tmp_path):
     """`benchmarks/bench_scale.py --tiny` end to end (N = 4096 in 1 and 2 local processes): it writes its table,
     the 2-process run converged and gives the 1-process subspace."""

@@ -95,6 +95,7 @@ def test_weightings_match_their_definitions(searched):
     assert abs(sigma - np.median(pairs)) < 0.05 * np.median(pairs)
 
 
+@pytest.mark.slow          # a benchmark's smoke run (CI time): python -m pytest -m slow tests/test_eval_graph_variants.py
 def test_tiny_run(tmp_path):
     """--tiny end to end through the script on generated COCO-format images: every variant solved, segmented and
     scored (scores are fractions, the official vv row is there), the table written."""
