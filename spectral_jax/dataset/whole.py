@@ -315,7 +315,7 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
         bar.reset(total=sum(-(-n // ti) * len(ls) * steps for ti, (_, ls) in zip(sizes, geom.groups)))
         bar.set_description("kNN search")
         bar.unit = "tile"
-    out = []
+    found = []
     for g, (grid, group) in enumerate(geom.groups):
         per, graphs = grid[0] * grid[1], len(group) * steps
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
@@ -359,9 +359,9 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
         del idx, w
         deg = _degrees(idx_d, w_d)
         shape = geom.graph_shape(group)             # [L] or [L, T]
-        out.append(G.KnnGraph(idx_d.reshape(*shape, *idx_d.shape[1:]), w_d.reshape(*shape, *w_d.shape[1:]),
+        found.append(G.KnnGraph(idx_d.reshape(*shape, *idx_d.shape[1:]), w_d.reshape(*shape, *w_d.shape[1:]),
                               deg.reshape(*shape, deg.shape[-1]), tuple(grid), shape, n))
-    return out
+    return found
 
 
 def _tile_images(n: int, bytes_per_image: int, row_bytes: int) -> int:
