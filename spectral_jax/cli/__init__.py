@@ -65,13 +65,19 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         if code == 130:
-            for stream in (sys.stdout, sys.stderr):
-                try:
-                    stream.flush()
-                except (OSError, ValueError):
-                    pass
-            os._exit(130)
+            hard_exit(130)
     return code
+
+
+def hard_exit(code: int) -> None:
+    """Flush stdout and stderr and leave the process at once with `code` (`os._exit`: no interpreter teardown, which
+    would run JAX's shutdown under threads that were interrupted or wait on peers that are gone)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)
 
 
 def _run(argv: list[str] | None) -> int:

@@ -205,12 +205,9 @@ def _stop_if_peer_lost(e: BaseException) -> None:
     n, me = jax.process_count(), jax.process_index()
     print(f"spectral-jax dataset: error: process {me} of {n}: another process of the run stopped ({why}); start all "
           f"{n} processes again with --resume to continue from what is finished", file=sys.stderr)
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(1)
+    from spectral_jax.cli import hard_exit
+
+    hard_exit(1)
 
 
 def _verdict(report: dict | None) -> dict:
