@@ -20,8 +20,9 @@ timesteps under one `lax.scan` (the denoiser compiled once) and folds them into 
 to params["timesteps"] at construction (`Backbone` checks). Replacing params["timesteps"] by other values of the
 same length runs other timesteps without recompiling; `taps` labels its output (`Taps.timesteps`) with the
 timesteps the params hold. `Backbone.conditioned(params, timesteps, noise_key)` is the one way to set them (and the
-noise key) for any family, inside a jitted program too (the dataset's gd draws them fresh every step). The noise of a timestep is the same for every image of a batch (`models.sd.diffusion`),
-so an image's taps do not depend on its batch. Wrapping your own model:
+noise key) for any family, inside a jitted program too (the dataset's gd draws them fresh every step). The noise
+of a timestep is the same for every image of a batch (`models.sd.diffusion`), so an image's taps do not depend on
+its batch. Wrapping your own model:
 
     def my_taps(params, images, layers):            # images [B, H, W, 3] → {layer: (q, k, v)}, each [B, heads, T, D]
         ...

@@ -22,11 +22,11 @@ Where ours differs: (1) the default method is the exact whole-dataset solve (the
 images (use --method gd for those); (2) exact keeps the timesteps fixed for the run — the family's default, T = 4
 drawn from --seed over [0, 250], or --timesteps — since one solve needs one objective; gd draws them fresh each step
 as the official code does, but T timesteps (--num-timesteps, default 4) and their noise per step shared by the
-batch's images, where the official code draws one t and one noise per image per step; (3) the noise and the latent are the family's (posterior mean by default,
-the official code samples it); (4) K is --num-eigs (the official srun.sh: 100); (5) the kNN graph is
-`graphs.knn`'s: a token's intra-image neighbours may include itself (the official code removes the diagonal), and
-each part (own image, other images) is searched on its own, where the official code zeroes the other part's
-cosines before its top-k (the same edges wherever a token's top cosines are positive).
+batch's images, where the official code draws one t and one noise per image per step; (3) the latent is the
+family's (posterior mean by default, the official code samples it); (4) K is --num-eigs (the official srun.sh:
+100); (5) the kNN graph is `graphs.knn`'s: a token's intra-image neighbours may include itself (the official code
+removes the diagonal), and each part (own image, other images) is searched on its own, where the official code
+zeroes the other part's cosines before its top-k (the same edges wherever a token's top cosines are positive).
 The graph kind is --graph (the official code: QK by default, VV with --vv_graph, as in its srun.sh).
 
 Layer indices and grids come from the model's UNet config (`UNetConfig.attn_layers`), so the recipe holds for any
@@ -95,5 +95,5 @@ def recipe_fields(name: str, model: str, method: str = "exact") -> dict:
     return fields
 
 
-__all__ = ["MAIN_CLS_GD", "MAIN_CLS_K", "MAIN_CLS_MIN_COS", "MAIN_CLS_SIZE", "MAIN_CLS_T_MAX", "RECIPES", "main_cls", "recipe_fields",
-           "unet_layer_grids"]
+__all__ = ["MAIN_CLS_GD", "MAIN_CLS_K", "MAIN_CLS_MIN_COS", "MAIN_CLS_SIZE", "MAIN_CLS_T_MAX", "RECIPES", "main_cls",
+           "recipe_fields", "unet_layer_grids"]

@@ -498,3 +498,23 @@ def test_main_cls_gd_draws_fresh_timesteps_by_default(tmp_path):
     s = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert s["timestep_draw"] == "fresh" and s["timestep_range"] == [0, 299] and s["timesteps_per_step"] == 1
     assert s["timesteps"] is None and s["recipe"] == "main_cls" and s["steps"] == 1
+
+
+def test_cli_timestep_draw_rule_beside_the_recipe():
+    """How the command line reads --timestep-draw (`cli.dataset._timestep_draw`, on the parsed arguments and the
+    recipe's fields): the recipe's fresh yields to --timesteps or --schedule (they fix the timesteps), takes
+    --t-max as its range; a typed fresh keeps --t-max; fixed drops timestep_max."""
+    from spectral_jax import recipes
+    from spectral_jax.cli import build_parser
+    from spectral_jax.cli.dataset import _timestep_draw
+
+    gd = recipes.recipe_fields("main_cls", "sd15", "gd")
+    args = lambda *a: build_parser().parse_args(["dataset", "F", "--model", "sd15", "--out", "O", *a])
+    assert _timestep_draw(args(), gd) == {"timestep_draw": "fresh"}                  # the recipe's 299 stays
+    assert _timestep_draw(args("--t-max", "250"), gd) == {"timestep_draw": "fresh", "timestep_max": 250}
+    for fixing in (("--timesteps", "10,200"), ("--schedule", "constant")):
+        assert _timestep_draw(args(*fixing), gd) == {"timestep_draw": "fixed", "timestep_max": None}
+    assert _timestep_draw(args("--timestep-draw", "fixed"), gd) == {"timestep_draw": "fixed", "timestep_max": None}
+    assert _timestep_draw(args("--timestep-draw", "fresh", "--t-max", "40"), {}) == {"timestep_draw": "fresh",
+                                                                                      "timestep_max": 40}
+    assert _timestep_draw(args(), {}) == {"timestep_draw": "fixed", "timestep_max": None}

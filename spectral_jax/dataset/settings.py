@@ -425,7 +425,8 @@ def _check_draw(s: "Settings") -> None:
     """timestep_draw and timestep_max on their own and against the method: one `InputError` line each. (Against the
     model: `check_timestep_draw`.)"""
     if s.timestep_draw not in TIMESTEP_DRAWS:
-        raise InputError(f"--timestep-draw {s.timestep_draw!r}", "unknown", f"choose one of {', '.join(TIMESTEP_DRAWS)}")
+        raise InputError(f"--timestep-draw {s.timestep_draw!r}", "unknown",
+                         f"choose one of {', '.join(TIMESTEP_DRAWS)}")
     if s.timestep_draw == "fixed":
         if s.timestep_max is not None:
             raise InputError("timestep_max", "applies to --timestep-draw fresh only (fixed timesteps are "

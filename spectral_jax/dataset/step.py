@@ -285,5 +285,5 @@ def compile_step(backbone, layers, settings: Settings, geom: Geometry, mesh: Mes
 
 
 __all__ = ["Metrics", "NONFINITE", "READ", "State", "UNREADABLE", "UNSEEN", "abstract_state", "batch_graphs",
-           "compile_step", "dataset_step", "fresh_conditioning", "init_state", "learning_rate", "make_optimizer", "per_image_update",
-           "solve_batch"]
+           "compile_step", "dataset_step", "fresh_conditioning", "init_state", "learning_rate", "make_optimizer",
+           "per_image_update", "solve_batch"]
