@@ -40,9 +40,9 @@ import json
 import os
 
 from spectral_jax.cli import model_options
+from spectral_jax.dataset.settings import TIMESTEP_DRAWS
 from spectral_jax.errors import InputError
 from spectral_jax.options import DATASET_GRAPHS, METHODS, PRESETS
-from spectral_jax.dataset.settings import TIMESTEP_DRAWS
 from spectral_jax.recipes import RECIPES
 
 def register(sub) -> None:
@@ -160,7 +160,8 @@ def _timestep_draw(args, chosen: dict) -> dict:
 
 
 def run_dataset(args) -> int:
-    from spectral_jax.dataset.settings import Settings, check_method_options   # no JAX: every option at once
+    from spectral_jax.dataset.settings import (Settings, check_method_options,  # no JAX: every option at once
+                                               check_timestep_draw)
     from spectral_jax.models import family, get_spec
 
     given = _method_options(args)
@@ -180,8 +181,6 @@ def run_dataset(args) -> int:
     settings = Settings(model=args.model, weights=args.weights or None, graph=args.graph, num_eigs=args.num_eigs,
                         seed=args.seed, prefetch=args.prefetch, method=args.method, segments=args.segments,
                         model_options=options, **chosen)
-    from spectral_jax.dataset.settings import check_timestep_draw
-
     check_timestep_draw(settings, args.model, "timesteps" in family(args.model).options)
     from spectral_jax.dataset.inputs import check_cluster
     from spectral_jax.models import parse_layers
