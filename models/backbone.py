@@ -19,8 +19,10 @@ timesteps under one `lax.scan` (the denoiser compiled once) and folds them into 
 (graph index t·H + head); `num_heads` gives H per layer, `timesteps` the T timesteps as a tuple (provenance), equal
 to params["timesteps"] at construction (`Backbone` checks). Replacing params["timesteps"] by other values of the
 same length runs other timesteps without recompiling; `taps` labels its output (`Taps.timesteps`) with the
-timesteps the params hold. The noise of a timestep is the same for every image of a batch (`models.sd.diffusion`),
-so an image's taps do not depend on its batch. Wrapping your own model:
+timesteps the params hold. `Backbone.conditioned(params, timesteps, noise_key)` is the one way to set them (and the
+noise key) for any family, inside a jitted program too (the dataset's gd draws them fresh every step). The noise
+of a timestep is the same for every image of a batch (`models.sd.diffusion`), so an image's taps do not depend on
+its batch. Wrapping your own model:
 
     def my_taps(params, images, layers):            # images [B, H, W, 3] → {layer: (q, k, v)}, each [B, heads, T, D]
         ...
@@ -139,6 +141,52 @@ class Backbone:
         timesteps = self.timesteps if held is None else held
         if timesteps and out.timesteps != timesteps:      # what the heads axis holds travels along
             out = dataclasses.replace(out, timesteps=timesteps)
+        return out
+
+    @staticmethod
+    def conditioned(params, timesteps=None, noise_key=None):
+        """Diffusion params with other conditioning: a copy of `params` (the contract's pytree, any family) whose
+        params["timesteps"] is `timesteps` (int `[T]`, the T the params hold) and whose params["noise_key"] is
+        `noise_key` (a `jax.random` key, or its raw uint32 key data, of the shape the params hold); None keeps
+        what they hold. Same shapes and dtypes, so a jitted `apply` (and the dataset step) compiles nothing new.
+
+        Pure and jittable: it runs on traced values (the dataset's gd draws both inside its compiled step), and
+        reads no value then. Given concrete timesteps it checks them as `from_function` does (integers ≥ 0, the
+        cap); it does not know the model's training range (`models.timesteps.check_timesteps(ts, N)` does).
+        Params that hold no noise key (a `from_function` backbone: its function draws its own noise, if any) keep
+        theirs as they are: `noise_key` changes only params that have "noise_key". Params without timesteps (a
+        ViT's) or timesteps of another shape are one `InputError`. The Backbone's own `timesteps` (provenance)
+        stay those it was loaded with; `Backbone.taps` labels its output with the params' (pass the result as
+        `dataclasses.replace(bb, params=..., timesteps=...)` for a backbone that holds them)."""
+        if not isinstance(params, Mapping) or "timesteps" not in params:
+            raise InputError("params", "hold no timesteps (not a diffusion backbone's)",
+                             "set timesteps only on a diffusion backbone's params")
+        out = dict(params)
+        if timesteps is not None:
+            held = jnp.shape(params["timesteps"])
+            if isinstance(timesteps, jax.core.Tracer):
+                ts = jnp.asarray(timesteps)
+                if not jnp.issubdtype(ts.dtype, jnp.integer):
+                    raise InputError(f"timesteps {ts.dtype}", "are not integers", "pass int32 timesteps")
+            else:
+                from spectral_jax.models.timesteps import check_timesteps
+
+                ts = check_timesteps(np.asarray(timesteps), int(np.iinfo(np.int32).max))
+            if jnp.shape(ts) != held:
+                raise InputError(f"timesteps of shape {tuple(jnp.shape(ts))}", f"the params hold {held[0]} "
+                                 "timesteps (another count is another program: load the backbone with it)",
+                                 f"pass {held[0]} timesteps")
+            out["timesteps"] = jnp.asarray(ts, jnp.int32).reshape(held)
+        if noise_key is not None and "noise_key" in params:
+            key = noise_key
+            if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+                key = jax.random.key_data(key)
+            held = jnp.shape(params["noise_key"])
+            if jnp.shape(key) != held or jnp.result_type(key) != jnp.uint32:
+                raise InputError(f"noise_key {jnp.result_type(key)}{list(jnp.shape(key))}",
+                                 f"is not a key of the params' kind (uint32 key data {list(held)})",
+                                 "pass jax.random.key(seed), or its jax.random.key_data")
+            out["noise_key"] = key
         return out
 
     def preprocess_image(self, image, size=None):

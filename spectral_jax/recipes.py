@@ -14,16 +14,19 @@
   - k_intra = k_inter = 50, edges with cos ≤ 0.1 dropped; 512² inputs, so the table grid is the finest tapped
     grid, 32×32 (the official table is K×32×32, pooled to each layer's grid as here);
   - for --method gd the official optimiser setting is ours by default (batch 40, 5 AdamW steps per batch at lr 1e-2,
-    weight decay 0, EMA 0.99; `--preset paper`: its loss and softmax table); it is set here all the same.
+    weight decay 0, EMA 0.99; `--preset paper`: its loss and softmax table); it is set here all the same, and so
+    are its fresh timesteps: every step draws new timesteps and noise (`timestep_draw="fresh"`, t ~ U{0..299}: the
+    official `noise_max_t` 300, truncated to an integer), unless --timesteps or --schedule fix them.
 Where ours differs: (1) the default method is the exact whole-dataset solve (the converged top-K of
 Σ_l w_l sym(P_l) over one kNN graph of all images) instead of 2000 epochs of AdamW + EMA on minibatch graphs of 40
-images (use --method gd for those); (2) the timesteps are fixed for the run — the family's default, T = 4 drawn
-from --seed over [0, 250], or --timesteps — and every image sees the same ones, where the official code draws a
-fresh t ∈ [0, 300) per image per step; (3) the noise and the latent are the family's (posterior mean by default,
-the official code samples it); (4) K is --num-eigs (the official srun.sh: 100); (5) the kNN graph is
-`graphs.knn`'s: a token's intra-image neighbours may include itself (the official code removes the diagonal), and
-each part (own image, other images) is searched on its own, where the official code zeroes the other part's
-cosines before its top-k (the same edges wherever a token's top cosines are positive).
+images (use --method gd for those); (2) exact keeps the timesteps fixed for the run — the family's default, T = 4
+drawn from --seed over [0, 250], or --timesteps — since one solve needs one objective; gd draws them fresh each step
+as the official code does, but T timesteps (--num-timesteps, default 4) and their noise per step shared by the
+batch's images, where the official code draws one t and one noise per image per step; (3) the latent is the
+family's (posterior mean by default, the official code samples it); (4) K is --num-eigs (the official srun.sh:
+100); (5) the kNN graph is `graphs.knn`'s: a token's intra-image neighbours may include itself (the official code
+removes the diagonal), and each part (own image, other images) is searched on its own, where the official code
+zeroes the other part's cosines before its top-k (the same edges wherever a token's top cosines are positive).
 The graph kind is --graph (the official code: QK by default, VV with --vv_graph, as in its srun.sh).
 
 Layer indices and grids come from the model's UNet config (`UNetConfig.attn_layers`), so the recipe holds for any
@@ -74,13 +77,16 @@ def main_cls(model: str) -> dict:
             "k_intra": MAIN_CLS_K, "k_inter": MAIN_CLS_K, "min_cos": MAIN_CLS_MIN_COS, "size": MAIN_CLS_SIZE}
 
 
-# gd's official optimiser setting (the dataset's gd defaults already; named so that the recipe says it).
-MAIN_CLS_GD = {"batch_size": 40, "inner_steps": 5, "lr": 1e-2, "weight_decay": 0.0, "ema": 0.99, "preset": "paper"}
+MAIN_CLS_T_MAX = 299      # main_cls.py: t = long(U[noise_min_t 0, noise_max_t 300)), fresh each batch
+# gd's official optimiser setting (the dataset's gd defaults already; named so that the recipe says it) and its
+# fresh timesteps each step.
+MAIN_CLS_GD = {"batch_size": 40, "inner_steps": 5, "lr": 1e-2, "weight_decay": 0.0, "ema": 0.99, "preset": "paper",
+               "timestep_draw": "fresh", "timestep_max": MAIN_CLS_T_MAX}
 
 
 def recipe_fields(name: str, model: str, method: str = "exact") -> dict:
-    """The `Settings` fields of recipe `name` for `model` and `method` (gd adds its optimiser setting); an
-    unknown name is one `InputError`."""
+    """The `Settings` fields of recipe `name` for `model` and `method` (gd adds its optimiser setting and fresh
+    timesteps); an unknown name is one `InputError`."""
     if name not in RECIPES:
         raise InputError(f"--recipe {name}", "unknown recipe", f"choose one of {', '.join(RECIPES)}")
     fields = main_cls(model)
@@ -89,5 +95,5 @@ def recipe_fields(name: str, model: str, method: str = "exact") -> dict:
     return fields
 
 
-__all__ = ["MAIN_CLS_GD", "MAIN_CLS_K", "MAIN_CLS_MIN_COS", "MAIN_CLS_SIZE", "RECIPES", "main_cls", "recipe_fields",
-           "unet_layer_grids"]
+__all__ = ["MAIN_CLS_GD", "MAIN_CLS_K", "MAIN_CLS_MIN_COS", "MAIN_CLS_SIZE", "MAIN_CLS_T_MAX", "RECIPES", "main_cls",
+           "recipe_fields", "unet_layer_grids"]

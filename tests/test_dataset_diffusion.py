@@ -341,3 +341,180 @@ def test_multigrid_knn_groups_above_dense_max_match_the_dense_solve():
     np.testing.assert_allclose(sparse.eigvals[0], dense.eigvals[0], rtol=1e-3, atol=1e-4)
     qu, qv = np.linalg.qr(as_nodes(dense.eigvecs))[0], np.linalg.qr(as_nodes(sparse.eigvecs))[0]
     assert np.linalg.svd(qu.T @ qv, compute_uv=False).min() >= 0.999
+
+
+# ------------------------------------------------------------------------------------- fresh timesteps per gd step
+# The official code draws a fresh noise timestep and noise every optimisation step. `Backbone.conditioned` sets them
+# in any diffusion backbone's params (data: nothing recompiles); `timestep_draw="fresh"` makes the dataset gd draw
+# them inside its compiled step from (seed, the step's global index).
+
+FRESH = dict(model="pixart_tiny", weights="random", size=32, batch_size=2, method="gd", num_eigs=3, k_intra=3,
+             k_inter=3, layers="0,2", graph="knn-vv", figure_images=0, model_options={"timesteps": TS},
+             timestep_draw="fresh", checkpoint_every=2)
+
+
+def recording(bb):
+    """`bb` with an `apply` that reports, each time the compiled step runs it, the timesteps and the noise key the
+    params it was given hold (`jax.debug.callback`): (backbone, the list they are appended to)."""
+    import dataclasses
+
+    import jax
+
+    seen = []
+
+    def apply(p, x, layers, hidden=False):
+        jax.debug.callback(lambda t, k: seen.append((tuple(np.asarray(t).tolist()), tuple(np.asarray(k).tolist()))),
+                           p["timesteps"], p["noise_key"])
+        return bb.apply(p, x, layers, hidden)
+
+    return dataclasses.replace(bb, apply=apply), seen
+
+
+def test_conditioned_sets_timesteps_and_noise_as_data():
+    """`Backbone.conditioned`: other timesteps, or another noise key, change the taps and compile nothing new (same
+    shapes and dtypes), under jit too (traced values); a count other than the params', params without timesteps,
+    float timesteps or a key of another kind are one `InputError`; a `from_function` backbone (no noise key) keeps
+    its params but for the timesteps."""
+    import jax
+    import jax.numpy as jnp
+
+    from spectral_jax.models import Backbone
+
+    bb = sj.load_backbone("pixart_tiny", "random", timesteps=list(TS), seed=0)
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 32, 32, 3)).astype(np.float32)
+    run = jax.jit(bb.apply, static_argnums=(2, 3))
+    base = np.asarray(run(bb.params, x, (0,), False).layers[0].q)
+    compiled = run._cache_size()
+    p_t = bb.conditioned(bb.params, [600, 10])
+    p_k = bb.conditioned(bb.params, noise_key=jax.random.key(7))
+    assert tuple(np.asarray(p_t["timesteps"])) == (600, 10) and p_t["timesteps"].dtype == jnp.int32
+    np.testing.assert_array_equal(p_t["noise_key"], bb.params["noise_key"])
+    np.testing.assert_array_equal(p_k["noise_key"], jax.random.key_data(jax.random.key(7)))
+    for p in (p_t, p_k):
+        assert np.abs(np.asarray(run(p, x, (0,), False).layers[0].q) - base).max() > 1e-4
+    assert run._cache_size() == compiled
+    traced = jax.jit(lambda p, t, k: Backbone.conditioned(p, t, k))(bb.params, jnp.asarray([3, 4], jnp.int32),
+                                                                    jax.random.key_data(jax.random.key(1)))
+    assert tuple(np.asarray(traced["timesteps"])) == (3, 4)
+    for call, msg in ((lambda: bb.conditioned(bb.params, [1, 2, 3]), "hold 2 timesteps"),
+                      (lambda: bb.conditioned({"w": np.zeros(3)}, [1]), "hold no timesteps"),
+                      (lambda: bb.conditioned(bb.params, [1.5, 2.0]), "integers"),
+                      (lambda: bb.conditioned(bb.params, noise_key=np.zeros(3, np.uint32)), "key")):
+        with pytest.raises(InputError, match=msg):
+            call()
+    user = Backbone.from_function("mine", lambda p, im, layers, ts: None, {"w": np.ones(2)}, patch_size=8,
+                                  num_layers=1, timesteps=[5])
+    p_u = user.conditioned(user.params, [9], jax.random.key(2))
+    assert set(p_u) == {"params", "timesteps"} and tuple(np.asarray(p_u["timesteps"])) == (9,)
+
+
+def test_fresh_timesteps_each_gd_step_reproduce_and_resume(tmp_path, caplog):
+    """gd with timestep_draw="fresh" on pixart_tiny: every step's forward sees other timesteps (in [0, t_max]) and
+    another noise key, exactly `step.fresh_conditioning(seed, step)`; the step is traced once for all steps and
+    runs; a run stopped after 2 of 4 steps and resumed sees the same sequence and ends at the same table as the
+    uninterrupted run; the summary says how the timesteps were drawn, and resuming as "fixed" is refused."""
+    import jax
+
+    from spectral_jax.dataset.step import fresh_conditioning
+    from test_dataset import traces
+
+    folder = square_folder(str(tmp_path / "imgs"), 4, 32)
+    rec, seen = recording(sj.load_backbone("pixart_tiny", "random", timesteps=list(TS), seed=0))
+    with jax.log_compiles(True), caplog.at_level("WARNING", logger="jax"):
+        with pytest.warns(RuntimeWarning, match="not converged"):
+            a = dataset.run(folder, str(tmp_path / "a"), backbone=rec, epochs=2, **FRESH)
+        whole = list(seen)
+        with pytest.warns(RuntimeWarning, match="not converged"):
+            dataset.run(folder, str(tmp_path / "b"), backbone=rec, epochs=1, **FRESH)
+            b = dataset.run(folder, str(tmp_path / "b"), backbone=rec, epochs=2, resume=True, **FRESH)
+        assert traces(caplog, "dataset_step") == 1                  # 12 steps in three runs, one trace
+    expect = [fresh_conditioning(0, s, len(TS), 250) for s in range(4)]
+    assert whole == [(tuple(np.asarray(t).tolist()), tuple(np.asarray(k).tolist())) for t, k in expect]
+    assert len({t for t, _ in whole}) == 4 and len({k for _, k in whole}) == 4       # new timesteps and noise
+    assert all(0 <= t <= 250 for ts, _ in whole for t in ts) and {t for ts, _ in whole for t in ts} != set(TS)
+    assert seen[4:] == whole                                         # resumed: the same sequence
+    np.testing.assert_array_equal(b.eigvecs, a.eigvecs)
+    assert not np.array_equal(np.asarray(fresh_conditioning(1, 0, 2, 250)[0]), np.asarray(expect[0][0]))
+    s = a.summary()
+    assert s["timesteps"] is None and s["timestep_draw"] == "fresh" and s["timestep_range"] == [0, 250]
+    assert s["timesteps_per_step"] == 2 and s["steps"] == 4
+    with pytest.raises(InputError, match="other settings"):
+        dataset.run(folder, str(tmp_path / "a"), backbone=rec, epochs=3, resume=True,
+                    **{**FRESH, "timestep_draw": "fixed"})
+
+
+def test_fresh_refused_for_exact_and_models_without_timesteps(tmp_path):
+    """Settings: fresh under method exact (one objective), timestep_max with fixed draws or outside the model's
+    range, an unknown draw: one line each; a backbone without timesteps is refused when the run starts, before
+    anything is written."""
+    from spectral_jax.dataset.settings import Settings
+
+    for kw, msg in ((dict(timestep_draw="fresh"), "one fixed objective"),
+                    (dict(method="gd", timestep_max=100), "fresh only"),
+                    (dict(method="gd", timestep_draw="fresh", timestep_max=1000), r"\[0, 999\]"),
+                    (dict(method="gd", timestep_draw="each"), "choose one of fixed, fresh")):
+        with pytest.raises(InputError, match=msg):
+            Settings(model="sd_tiny", **kw)
+    from test_dataset import SMALL, make_folder, synthetic
+
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    with pytest.raises(InputError, match="has no timesteps"):
+        dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), **{**SMALL, "timestep_draw": "fresh"})
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case", ["exact", "vit", "timesteps", "t_max"])
+def test_cli_timestep_draw_refusals_one_line_exit_2(tmp_path, case):
+    """--timestep-draw fresh through the console script: with --method exact, on a ViT, beside --timesteps (a fixed
+    list), and with --t-max outside the model's range: one line, exit 2, no OUT."""
+    folder = square_folder(str(tmp_path / "imgs"), 2, 64)
+    base = ["--model", "sd_tiny", "--weights", "random", "--timestep-draw", "fresh"]
+    args, msg = {"exact": (base, "one fixed objective"),
+                 "vit": (["--model", "dinov2_vits14", "--weights", "random", "--method", "gd", "--timestep-draw",
+                          "fresh"], "dinov2_vits14 has no timesteps"),
+                 "timesteps": ([*base, "--method", "gd", "--timesteps", "10,200"], "fixes them for the run"),
+                 "t_max": ([*base, "--method", "gd", "--t-max", "1000"], "999")}[case]
+    r = _cli(folder, *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("spectral-jax dataset: error:"), r.stderr
+    assert msg in r.stderr and not (tmp_path / "out").exists()
+
+
+def test_main_cls_gd_draws_fresh_timesteps_by_default(tmp_path):
+    """--recipe main_cls --method gd: the official fresh timesteps over [0, 299] (main_cls.py's noise_max_t 300)
+    by default, in the recipe's fields and through the console script's summary; exact keeps them fixed."""
+    from spectral_jax import recipes
+    from spectral_jax.dataset.settings import Settings
+
+    gd = recipes.recipe_fields("main_cls", "sd15", "gd")
+    assert (gd["timestep_draw"], gd["timestep_max"]) == ("fresh", 299)
+    assert "timestep_draw" not in recipes.recipe_fields("main_cls", "sd15", "exact")
+    assert Settings(model="sd15", method="gd", **gd).t_max == 299
+    folder = square_folder(str(tmp_path / "imgs"), 2, 64)
+    r = _cli(folder, "--model", "sd_tiny", "--weights", "random", "--recipe", "main_cls", "--method", "gd",
+             "--size", "64", "--k-intra", "1", "--k-inter", "1", "--num-eigs", "2", "--num-timesteps", "1",
+             "--batch-size", "2", "--epochs", "1", "--out", str(tmp_path / "out"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert s["timestep_draw"] == "fresh" and s["timestep_range"] == [0, 299] and s["timesteps_per_step"] == 1
+    assert s["timesteps"] is None and s["recipe"] == "main_cls" and s["steps"] == 1
+
+
+def test_cli_timestep_draw_rule_beside_the_recipe():
+    """How the command line reads --timestep-draw (`cli.dataset._timestep_draw`, on the parsed arguments and the
+    recipe's fields): the recipe's fresh yields to --timesteps or --schedule (they fix the timesteps), takes
+    --t-max as its range; a typed fresh keeps --t-max; fixed drops timestep_max."""
+    from spectral_jax import recipes
+    from spectral_jax.cli import build_parser
+    from spectral_jax.cli.dataset import _timestep_draw
+
+    gd = recipes.recipe_fields("main_cls", "sd15", "gd")
+    args = lambda *a: build_parser().parse_args(["dataset", "F", "--model", "sd15", "--out", "O", *a])
+    assert _timestep_draw(args(), gd) == {"timestep_draw": "fresh"}                  # the recipe's 299 stays
+    assert _timestep_draw(args("--t-max", "250"), gd) == {"timestep_draw": "fresh", "timestep_max": 250}
+    for fixing in (("--timesteps", "10,200"), ("--schedule", "constant")):
+        assert _timestep_draw(args(*fixing), gd) == {"timestep_draw": "fixed", "timestep_max": None}
+    assert _timestep_draw(args("--timestep-draw", "fixed"), gd) == {"timestep_draw": "fixed", "timestep_max": None}
+    assert _timestep_draw(args("--timestep-draw", "fresh", "--t-max", "40"), {}) == {"timestep_draw": "fresh",
+                                                                                      "timestep_max": 40}
+    assert _timestep_draw(args(), {}) == {"timestep_draw": "fixed", "timestep_max": None}

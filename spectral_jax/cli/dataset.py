@@ -16,9 +16,12 @@ OUT/checkpoints/ (orbax); prints a one-line JSON summary.
 Diffusion models (Stable Diffusion, the DiTs) take their family's flags (--timesteps, or --num-timesteps/--schedule/
 --t-max; --latent, --text-embedding; `cli.model_options`; --seed also draws the noise and a random schedule): one kNN
 graph per (layer, timestep) on the layer's grid, resampled to the table grid (the finest tapped); default timesteps
-the family's (4 drawn from --seed over [0, 250]). --recipe main_cls: the paper's official dataset setting
-(`spectral_jax.recipes`: SD UNet layers 6-12, 32/res weights, k 50/50, --min-cos 0.1, 512²), flags given beside it
-override its values. Unreadable files are reported on stderr, skipped and
+the family's (4 drawn from --seed over [0, 250]), the same for every step; --timestep-draw fresh (--method gd): each
+step draws T new timesteps from U{0..--t-max} and new noise, from --seed and the step's index (T: --num-timesteps),
+as the official code does. --recipe main_cls: the paper's official dataset setting
+(`spectral_jax.recipes`: SD UNet layers 6-12, 32/res weights, k 50/50, --min-cos 0.1, 512²; with --method gd also
+--timestep-draw fresh over [0, 299], unless --timesteps or --schedule fix them), flags given beside it override its
+values. Unreadable files are reported on stderr, skipped and
 listed in the summary; a folder none of whose images can be read is refused before the model runs.
 OUT must lie outside FOLDER (a run's outputs inside it would be scanned as images by the next run), be a folder
 (new or existing) you can write to; options, K against the nodes of a batch's graph and OUT are all checked before
@@ -37,6 +40,7 @@ import json
 import os
 
 from spectral_jax.cli import model_options
+from spectral_jax.dataset.settings import TIMESTEP_DRAWS
 from spectral_jax.errors import InputError
 from spectral_jax.options import DATASET_GRAPHS, METHODS, PRESETS
 from spectral_jax.recipes import RECIPES
@@ -94,9 +98,16 @@ def register(sub) -> None:
                         "Diffusion UNet — the mid block's and the two coarser decoder blocks' self-attention (layers "
                         "6-12 of SD 1.x/2.x), heads merged, layer weights 32/res, k_intra = k_inter = 50, "
                         "--min-cos 0.1, 512² (a 32×32 table); flags given beside it override its values. Differs "
-                        "from the official run: exact solve by default (--method gd: AdamW + EMA on minibatches), "
-                        "timesteps fixed per run (--timesteps; default 4 drawn from --seed over [0, 250]) instead of "
-                        "a fresh t < 300 per image and step (spectral_jax.recipes)")
+                        "from the official run: exact solve by default (--method gd: AdamW + EMA on minibatches); "
+                        "exact keeps the timesteps fixed for the run (--timesteps; default 4 drawn from --seed over "
+                        "[0, 250]), while gd draws them fresh each step as the official code (--timestep-draw fresh, "
+                        "t ~ U{0..299}), T per batch shared by its images instead of one t per image "
+                        "(spectral_jax.recipes)")
+    p.add_argument("--timestep-draw", choices=TIMESTEP_DRAWS, default=None,
+                   help="diffusion models, --method gd: fixed (default; the run's timesteps and noise every step) or "
+                        "fresh (each step draws --num-timesteps new timesteps from U{0..--t-max} and new noise, from "
+                        "--seed and the step's index, so --resume continues the sequence: the official setting, the "
+                        "default of --recipe main_cls --method gd)")
     p.add_argument("--prefetch", type=int, default=2, help="batches read ahead on a background thread")
     model_options.add_arguments(p)
     p.add_argument("--coordinator", default=None, metavar="HOST:PORT", help="multi-process: the coordinator")
@@ -130,8 +141,27 @@ def _method_options(args) -> dict:
         checkpoint_every=args.checkpoint_every).items() if v is not None}
 
 
+def _timestep_draw(args, chosen: dict) -> dict:
+    """The Settings fields of --timestep-draw (typed, or a recipe's in `chosen`): fresh takes --t-max as its range
+    (timestep_max); --timesteps or --schedule fix the timesteps, so beside a typed fresh they are one line, and
+    beside a recipe's fresh they make it fixed. (The model and the method are checked by `Settings` and
+    `check_timestep_draw`.)"""
+    fixing = [f for f, v in (("--timesteps", args.timesteps), ("--schedule", args.schedule)) if v is not None]
+    draw = args.timestep_draw or chosen.get("timestep_draw", "fixed")
+    if draw == "fresh" and fixing and args.timestep_draw == "fresh":
+        raise InputError(f"--timestep-draw fresh, {', '.join(fixing)}", f"fresh draws new timesteps every step, "
+                         f"{' and '.join(fixing)} fix{'' if len(fixing) > 1 else 'es'} them for the run",
+                         "pass --num-timesteps T (and --t-max) with fresh, or --timestep-draw fixed")
+    if draw == "fresh" and fixing:
+        draw = "fixed"
+    if draw == "fixed":
+        return {"timestep_draw": "fixed", "timestep_max": None}
+    return {"timestep_draw": "fresh", **({"timestep_max": args.t_max} if args.t_max is not None else {})}
+
+
 def run_dataset(args) -> int:
-    from spectral_jax.dataset.settings import Settings, check_method_options   # no JAX: every option at once
+    from spectral_jax.dataset.settings import (Settings, check_method_options,  # no JAX: every option at once
+                                               check_timestep_draw)
     from spectral_jax.models import family, get_spec
 
     given = _method_options(args)
@@ -147,9 +177,11 @@ def run_dataset(args) -> int:
         from spectral_jax.recipes import recipe_fields
 
         chosen = {**recipe_fields(args.recipe, args.model, args.method), **chosen, "recipe": args.recipe}
+    chosen.update(_timestep_draw(args, chosen))
     settings = Settings(model=args.model, weights=args.weights or None, graph=args.graph, num_eigs=args.num_eigs,
                         seed=args.seed, prefetch=args.prefetch, method=args.method, segments=args.segments,
                         model_options=options, **chosen)
+    check_timestep_draw(settings, args.model, "timesteps" in family(args.model).options)
     from spectral_jax.dataset.inputs import check_cluster
     from spectral_jax.models import parse_layers
     from spectral_jax.options import layer_order

@@ -33,12 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         f"pass whose q/k/v are kept; set {T.MAX_TIMESTEPS_ENV} to change the cap) (flow-matching "
                         "models: t maps to σ as diffusers' flow-matching scheduler)")
     g.add_argument("--num-timesteps", type=int, default=None, metavar="T",
-                   help=f"draw T timesteps with --schedule (default {T.DEFAULT_NUM_TIMESTEPS}, at most "
+                   help=f"draw T timesteps with --schedule (dataset --timestep-draw fresh: T each step) (default "
+                        f"{T.DEFAULT_NUM_TIMESTEPS}, at most "
                         f"{T.DEFAULT_MAX_TIMESTEPS}: {T.MAX_TIMESTEPS_ENV} changes the cap)")
     g.add_argument("--schedule", default=None, choices=T.SCHEDULES,
                    help="timestep schedule over [0, --t-max] (default random: t ~ U{0..t_max}, drawn from --seed)")
     g.add_argument("--t-max", type=int, default=None,
-                   help=f"largest timestep of the schedule (default {T.DEFAULT_T_MAX})")
+                   help=f"largest timestep of the schedule (default {T.DEFAULT_T_MAX}; dataset --timestep-draw "
+                        "fresh: of each step's draw)")
     g.add_argument("--latent", default=None, choices=T.LATENTS,
                    help="the VAE posterior mean (default) or a sample from --seed")
     g.add_argument("--text-embedding", default=None, metavar="FILE",

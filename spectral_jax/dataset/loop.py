@@ -222,11 +222,16 @@ def _backbone_record(backbone, layers_name: str, settings: Settings) -> dict:
     """The summary's backbone fields: model, weights, layers, the recipe (if any) and, for diffusion backbones,
     "timesteps" the run used
     (resolved: the default schedule drawn from the seed shows its values) and "model_options" as given (the noise
-    seed is the summary's "seed")."""
+    seed is the summary's "seed") and "timestep_draw"; with `timestep_draw="fresh"` "timesteps" is None (each step
+    drew its own) and "timesteps_per_step" and "timestep_range" say how."""
     out = {"model": backbone.name, "weights": backbone.weights, "layers": layers_name}
     steps = tuple(getattr(backbone, "timesteps", ()) or ())
     if steps:
-        out.update(timesteps=[int(t) for t in steps], model_options=settings.options_json())
+        out.update(timesteps=[int(t) for t in steps], model_options=settings.options_json(),
+                   timestep_draw=settings.timestep_draw)
+    if steps and settings.timestep_draw == "fresh":
+        out.update(timesteps=None, timesteps_per_step=len(steps),
+                   timestep_range=[0, settings.t_max])
     if settings.recipe is not None:
         out["recipe"] = settings.recipe
     return out

@@ -21,6 +21,7 @@ from spectral_jax.options import DATASET_GRAPHS as GRAPHS
 from spectral_jax.options import DEFAULT_K, MAXITER, METHODS, PRESETS, TOL, LayerWeights, check_num_eigs
 from spectral_jax.options import STORAGE_DTYPES as FEATURE_DTYPES
 EXACT_SOLVERS = ("auto", "sharded", "gathered")   # `whole.solver_path`
+TIMESTEP_DRAWS = ("fixed", "fresh")    # diffusion gd: the run's timesteps every step, or T drawn fresh each step
 # The options only one method reads ({method: {field: its flag}}): given with the other method, they would be
 # ignored, so `check_method_options` refuses them. (batch_size, k, min_cos, seed, block, prefetch, layer_weights
 # numbers, segments and figure_images steer both; the layer-weight rules are checked on their own.)
@@ -137,7 +138,13 @@ class Settings:
     diffusion models timesteps — default the family's, 4 drawn from `seed` over [0, 250] —, latent, text_embedding,
     attn_chunk; `seed` is the noise seed, `load_options`), in the fingerprint and the caches' keys; recipe: the name
     of the `spectral_jax.recipes` recipe the fields came from (a label for the summary; `recipes.recipe_fields`
-    gives the fields).
+    gives the fields); timestep_draw (diffusion models, gd): "fixed" — every step runs the run's timesteps and noise
+    (model_options') — or "fresh" — each step draws T new timesteps from U{0..timestep_max} and a new noise key,
+    from (seed, the step's global index) (`step.fresh_conditioning`), so a resume continues the same sequence (T: the
+    count of the run's timesteps, the family's default 4 or model_options'; their values are not read then); the
+    official code's fresh-t-per-step objective. timestep_max: fresh's largest timestep (None: `DEFAULT_T_MAX`, 250);
+    refused with "fixed". "fresh" with method exact is refused (one fixed objective), and with a model without
+    timesteps (`check_timestep_draw`, once the model is known).
 
     graph may be an `options.GraphSpec` and solver= an `options.ExactSpec` / `GdSpec` (the objects `solve` and
     `analyze` take): they are read into the fields above on construction (`_read_specs`).
@@ -178,6 +185,8 @@ class Settings:
     segments: object = "auto"
     model_options: object = None   # the family's load options ({"timesteps": (…), "latent": …}), `_model_options`
     recipe: str | None = None      # the `spectral_jax.recipes` name the fields came from (a label, in the summary)
+    timestep_draw: str = "fixed"   # "fixed" | "fresh": diffusion gd's timesteps and noise per step
+    timestep_max: int | None = None    # fresh: the largest timestep drawn (None: DEFAULT_T_MAX)
     solver: dataclasses.InitVar[object] = None     # an ExactSpec / GdSpec, read into method and its options
 
     def __post_init__(self, solver=None):
@@ -195,6 +204,7 @@ class Settings:
                 ("inner_steps", "--inner-steps", 5), ("seed", "--seed", 0), ("block", "block", 512),
                 ("checkpoint_every", "--checkpoint-every", 50), ("prefetch", "--prefetch", 2),
                 ("figure_images", "figure_images", 100), ("maxiter", "--maxiter", 400))},
+            timestep_max=None if self.timestep_max is None else _integer("--t-max", self.timestep_max, 250),
             **{f: _number(flag, getattr(self, f), eg) for f, flag, eg in (
                 ("weight_decay", "weight_decay", 0.0), ("ema", "--ema", 0.99), ("min_cos", "--min-cos", 0.1),
                 ("lam", "lam", 1.0), ("tol", "--tol", 3e-4))})
@@ -247,6 +257,7 @@ class Settings:
         if self.method != "exact" and rule not in (None, "uniform"):
             bad("--layer-weights", f"rule {rule!r} reads the whole-dataset graph",
                 "use it with --method exact, or pass numbers per layer")
+        _check_draw(self)
         if self.k_intra is not None and self.k_intra < 0 or self.k_inter is not None and self.k_inter < 0 \
                 or self.k_intra == 0 and self.k_inter == 0:
             bad("--k-intra/--k-inter", f"need k ≥ 0 and k_intra + k_inter > 0, got {self.k_intra}, {self.k_inter}",
@@ -280,7 +291,16 @@ class Settings:
         d["k_intra"], d["k_inter"] = self.k
         d["layer_weights"] = None if self.layer_weights is None else self.layer_weights.to_json()
         d["model_options"] = self.options_json()
+        if self.timestep_draw != "fixed":       # absent when fixed: runs made before the option still resume
+            d["timestep_draw"], d["timestep_max"] = self.timestep_draw, self.t_max
         return d
+
+    @property
+    def t_max(self) -> int:
+        """The largest timestep a fresh draw takes (`timestep_max`, default `DEFAULT_T_MAX`)."""
+        from spectral_jax.models.timesteps import DEFAULT_T_MAX
+
+        return DEFAULT_T_MAX if self.timestep_max is None else self.timestep_max
 
     def options_json(self) -> dict:
         """`model_options` as a JSON-ready dict (timesteps a list; {} for none)."""
@@ -401,6 +421,44 @@ def _timesteps(v, spec, flag: str) -> tuple[int, ...]:
     return tuple(int(t) for t in ts)
 
 
+def _check_draw(s: "Settings") -> None:
+    """timestep_draw and timestep_max on their own and against the method: one `InputError` line each. (Against the
+    model: `check_timestep_draw`.)"""
+    if s.timestep_draw not in TIMESTEP_DRAWS:
+        raise InputError(f"--timestep-draw {s.timestep_draw!r}", "unknown",
+                         f"choose one of {', '.join(TIMESTEP_DRAWS)}")
+    if s.timestep_draw == "fixed":
+        if s.timestep_max is not None:
+            raise InputError("timestep_max", "applies to --timestep-draw fresh only (fixed timesteps are "
+                             "model_options' / --timesteps)", "drop it, or pass timestep_draw='fresh'")
+        return
+    if s.method == "exact":
+        raise InputError("--timestep-draw fresh", "draws new timesteps and noise every gd step, but --method exact "
+                         "solves one fixed objective (the whole-dataset graph of one set of timesteps)",
+                         "use --method gd, or drop --timestep-draw (exact uses the run's fixed timesteps)")
+    if s.t_max < 0:
+        raise InputError("--t-max", f"must be ≥ 0, got {s.t_max}", "pass e.g. --t-max 250")
+    from spectral_jax.models import family, get_spec
+
+    try:
+        spec = get_spec(s.model)
+    except InputError:                  # a name outside the registry: the backbone passed to `run` is checked
+        return
+    if "timesteps" in family(s.model).options and s.t_max >= spec.config.schedule.num_train_timesteps:
+        n = spec.config.schedule.num_train_timesteps
+        raise InputError(f"--t-max {s.t_max}", f"must be in [0, {n - 1}] (the model's {n} training timesteps)",
+                         "pass e.g. --t-max 250")
+
+
+def check_timestep_draw(settings: "Settings", model: str, has_timesteps: bool) -> None:
+    """`timestep_draw="fresh"` against the model: `has_timesteps` (the family takes timesteps, or the backbone holds
+    them) or one `InputError` line naming `model`. The CLI calls it before the model loads, the dataset step with
+    the backbone."""
+    if settings.timestep_draw == "fresh" and not has_timesteps:
+        raise InputError("--timestep-draw fresh", f"draws the noise timesteps of each gd step, but {model} has no "
+                         "timesteps (not a diffusion model)", "drop --timestep-draw, or use a diffusion model")
+
+
 def _method_fields() -> list[str]:
     return [f for options in METHOD_OPTIONS.values() for f in options]
 
@@ -411,4 +469,4 @@ RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset"
 
 
 __all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS", "RESULT_FIELDS",
-           "Settings", "TOL", "check_method_options", "parse_segments"]
+           "Settings", "TIMESTEP_DRAWS", "TOL", "check_method_options", "check_timestep_draw", "parse_segments"]

@@ -15,6 +15,10 @@ inner steps minimise):
             moved by `solvers.gd.stiefel_step` — one image's gd step — on Σ_k c_k Σ_l w_l R_{l,k}, c_k decreasing
             from 1 to ½ (`solvers.gd.brockett`, `eigen_cost`: a Brockett cost, so column k means "the k-th
             eigenvector" in every batch).
+Diffusion backbones with `timestep_draw="fresh"`: before the forward, the step sets the params' timesteps and noise
+key (`Backbone.conditioned`) to a fresh draw of (seed, the step's global index) (`fresh_conditioning`): T timesteps
+~ U{0..t_max} and a new noise key, the same for every image of the batch, inside the compiled step (no recompile,
+no host round trip; a resume continues the sequence, since the index is `State.step`). "fixed": the params' own.
 Both presets step with `solvers.gd`'s own update (`stiefel_step`, `descent_step`) and optimizer
 (`solvers.gd.default_optimizer`: AdamW with the settings' weight decay), per image (`per_image_update`).
 Each image has its own optimizer state (count, moments): its rows move only when it is in the batch, as with the
@@ -39,7 +43,8 @@ from jax.sharding import PartitionSpec as P
 
 from spectral_jax import graphs as G
 from spectral_jax.dataset.layout import AXIS, Geometry, tapped
-from spectral_jax.dataset.settings import Settings
+from spectral_jax.dataset.settings import Settings, check_timestep_draw
+from spectral_jax.models.backbone import Backbone, params_timesteps
 from spectral_jax.objective import from_nodes, paper_loss, rayleigh, to_nodes
 from spectral_jax.solvers.gd import (brockett, default_lr, default_optimizer, descent_step, eigen_cost, retract,
                                      stiefel_step)
@@ -163,6 +168,20 @@ def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, me
     return out, nonfinite
 
 
+FRESH_STREAM = 0x7D1F        # folded into key(seed) before the step index: the fresh draws' own stream
+
+
+def fresh_conditioning(seed: int, step, count: int, t_max: int, t_min: int = 0) -> tuple[jax.Array, jax.Array]:
+    """The conditioning of gd step `step` (a traced int32 scalar: the run's global step index) under
+    `timestep_draw="fresh"`: (timesteps int32 `[count]` i.i.d. ~ U{t_min..t_max}, noise key as uint32 key data),
+    both from fold_in(fold_in(key(seed), FRESH_STREAM), step) — a function of (seed, step) only, so a resumed run
+    draws what an uninterrupted one would. Jittable."""
+    key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), FRESH_STREAM), step)
+    k_t, k_noise = jax.random.split(key)
+    ts = jax.random.randint(k_t, (count,), t_min, t_max + 1, dtype=jnp.int32)
+    return ts, jax.random.key_data(k_noise)
+
+
 def per_image_update(opt: optax.GradientTransformation, nimg: int, base: tuple[int, int]) -> Callable:
     """The optax update of a batch's node-layout X `[B·h·w, K]` with one optimizer state per image (leaves
     `[B, ...]`): `opt.update` mapped over the images' `[K, h, w]` rows (`from_nodes`/`to_nodes` move between the
@@ -223,8 +242,12 @@ def dataset_step(apply: Callable, layers, settings: Settings, geom: Geometry, me
     """One step: x `[B, H, W, 3]` (sharded by image), idx `[B]` int32 (image of each slot, −1: padding),
     valid `[B]` bool (sharded: the file was read) → the new state, the step's metrics and nonfinite `[B]` int32
     (replicated: per slot the first layer whose taps held NaN or Inf, −1 none; such an image is left out of the
-    step like an unreadable one, status `NONFINITE`)."""
+    step like an unreadable one, status `NONFINITE`). With `settings.timestep_draw == "fresh"` the params'
+    timesteps and noise key are this step's draw first (`fresh_conditioning` of state.step)."""
     opt = make_optimizer(settings, geom)
+    if settings.timestep_draw == "fresh":
+        params = Backbone.conditioned(params, *fresh_conditioning(settings.seed, state.step, geom.steps,
+                                                                  settings.t_max))
     graphs, nonfinite = batch_graphs(apply, layers, settings, geom, mesh, params, x, valid)
     rep = NamedSharding(mesh, P())
     nonfinite = lax.with_sharding_constraint(nonfinite, rep)
@@ -252,7 +275,9 @@ def compile_step(backbone, layers, settings: Settings, geom: Geometry, mesh: Mes
     """`dataset_step` for this backbone, settings and mesh, compiled ahead of time (a failure here happens before
     the run writes anything). state: the (abstract) state; batch_spec: abstract (x, idx, valid) with shardings.
     Settings that only steer the run (epochs, checkpoints, …) are dropped from the static key (`Settings.step_key`),
-    so a resume with more epochs reuses the compiled step."""
+    so a resume with more epochs reuses the compiled step. `timestep_draw="fresh"` with a backbone that holds no
+    timesteps is one `InputError` here (`settings.check_timestep_draw`), before anything is written."""
+    check_timestep_draw(settings, backbone.name, params_timesteps(backbone.params) is not None)
     rep = NamedSharding(mesh, P())
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(jnp.shape(a), a.dtype, sharding=rep), backbone.params)
     return _dataset_step.lower(backbone.apply, layers, settings.step_key(), geom, mesh, state, params,
@@ -260,5 +285,5 @@ def compile_step(backbone, layers, settings: Settings, geom: Geometry, mesh: Mes
 
 
 __all__ = ["Metrics", "NONFINITE", "READ", "State", "UNREADABLE", "UNSEEN", "abstract_state", "batch_graphs",
-           "compile_step", "dataset_step", "init_state", "learning_rate", "make_optimizer", "per_image_update",
-           "solve_batch"]
+           "compile_step", "dataset_step", "fresh_conditioning", "init_state", "learning_rate", "make_optimizer",
+           "per_image_update", "solve_batch"]
