@@ -46,9 +46,9 @@ the backend reports its limit (`Device.memory_stats()["bytes_limit"]`). `estimat
 forward_source, peak, device_peak, solver_path, processes, formula; and "available" once checked). The run is
 refused up front (`check`: one `InputError` naming the largest part and its fix, nothing written) when the peak
 exceeds the memory available: the machine's physical memory (`os.sysconf`), or `SPECTRAL_JAX_MAX_MEMORY` (bytes, or
-with a K/M/G/T suffix, powers of 1024) when set. Not counted: the JAX runtime and the compiler's own memory (a few hundred MiB), the
-images in flight (`--prefetch` batches) and the model's own load beyond one copy of its weights (SD's text
-encoder, run once for the empty prompt).
+with a K/M/G/T suffix, powers of 1024) when set. Not counted: the JAX runtime and the compiler's own memory (a few
+hundred MiB), the images in flight (`--prefetch` batches) and the model's own load beyond one copy of its weights
+(SD's text encoder, run once for the empty prompt).
 """
 
 from __future__ import annotations
@@ -82,9 +82,10 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     per layer group; num_images: n (padded to the devices); k: (k_intra, k_inter) before capping by the tokens;
     base: the table grid (default the finest of `groups`); weights, load, forward: the model's terms as
     `estimate_run` measures them (bytes per process; 0: not counted); solver_path: "gathered" or "sharded";
-    local_devices: the mesh's devices on this process (d); model_on_host: whether params and forward live in host memory (the CPU
-    backend). Returns {"features_disk", "features_memory", "graph", "operator", "solver", "weights", "load",
-    "forward", "peak", "device_peak"} (ints), "forward_source", "solver_path", "processes" and "formula" (a string)."""
+    local_devices: the mesh's devices on this process (d); model_on_host: whether params and forward live in host
+    memory (the CPU backend). Returns {"features_disk", "features_memory", "graph", "operator", "solver",
+    "weights", "load", "forward", "peak", "device_peak"} (ints), "forward_source", "solver_path", "processes" and
+    "formula" (a string)."""
     from spectral_jax import graphs as G
     from spectral_jax import kernels
     from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES
