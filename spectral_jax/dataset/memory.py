@@ -168,8 +168,8 @@ def jaxpr_peak(closed) -> int:
             if v in last and hasattr(v.aval, "shape"):
                 made[v] = _bytes(v.aval)
                 live += made[v]
-        for v in set(eqn.invars):
-            if v in made and last.get(v) == i:
+        for v in eqn.invars:
+            if not hasattr(v, "val") and v in made and last.get(v) == i:
                 live -= made.pop(v)
     return int(peak)
 
