@@ -193,14 +193,16 @@ def forward_bytes(backbone, layers, settings, geom, mesh) -> tuple[int, str]:
                              sharding=NamedSharding(mesh, P(AXIS)))
     batch = _bytes(x) // devices
     fw = _forward(backbone, layers, settings, geom, mesh)
-    lowered = fw.lower(backbone.params, x)
+    params = backbone.params if jax.process_count() == 1 else jax.tree.map(      # as `stream_features` passes them
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), backbone.params)
+    lowered = fw.lower(params, x)
     try:
         stats = lowered.compile().memory_analysis()
     except NotImplementedError:                                           # pragma: no cover (backend-dependent)
         stats = None
     if stats is not None and getattr(stats, "temp_size_in_bytes", None) is not None:
         return int(stats.temp_size_in_bytes) + int(stats.output_size_in_bytes) + batch, "xla"
-    return jaxpr_peak(jax.make_jaxpr(fw)(backbone.params, x)) // devices + batch, "analytic"  # pragma: no cover
+    return jaxpr_peak(jax.make_jaxpr(fw)(params, x)) // devices + batch, "analytic"  # pragma: no cover
 
 
 def estimate_run(backbone, layers, settings, geom, mesh, processes: int = 1) -> dict:
