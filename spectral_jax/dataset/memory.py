@@ -325,15 +325,18 @@ _FIX = {"forward": "a smaller --batch-size (the forward holds one batch's activa
         "graph": "fewer images, --layers or smaller --k-intra/--k-inter",
         "operator": "fewer images, --layers or smaller --k-intra/--k-inter",
         "solver": "fewer images or a smaller --num-eigs"}
-_NAMES = {"forward": "the forward's activations", "weights": "the model weights", "load": "the weights' load copy",
-          "features_memory": "features", "graph": "graph", "operator": "operator", "solver": "solver"}
+_NAMES = {"forward": "the forward's activations", "weights": "the model weights",
+          "load": "the loader's copy of the weights", "features_memory": "features", "graph": "graph", "operator": "operator", "solver": "solver"}
 
 
-def _parts(est: dict) -> list[tuple[str, int]]:
-    """[(part, bytes)] of what the peak is made of, largest first (`estimate`'s peak formula)."""
-    parts = ("features_memory", "graph", "operator", "solver")
-    if est.get("device_peak", 0) == 0:
-        parts = ("weights", "load", "forward") + parts
+def _parts(est: dict, device: bool = False) -> list[tuple[str, int]]:
+    """[(part, bytes)] of what the peak is made of (device: what the device_peak is made of), largest first
+    (`estimate`'s peak formula)."""
+    if device:
+        parts = ("weights", "forward")
+    else:
+        parts = (("weights", "forward") if est.get("device_peak", 0) == 0 else ()) + (
+            "load", "features_memory", "graph", "operator", "solver")
     return sorted(((p, int(est.get(p, 0))) for p in parts), key=lambda x: -x[1])
 
 
@@ -344,20 +347,18 @@ def check(est: dict) -> dict:
     from spectral_jax.errors import InputError
 
     have, where = available()
-    need, what = est["peak"], "memory"
+    need, what, device = est["peak"], "memory", False
     if est.get("device_peak", 0):
         limit = _device_limit()
         if limit is not None and est["device_peak"] > limit:
-            have, where, need, what = limit, "accelerator memory", est["device_peak"], "accelerator memory"
+            have, where, need, what, device = limit, "the device's bytes_limit", est["device_peak"], \
+                "accelerator memory", True
     if need > have:
-        parts = [(p, b) for p, b in _parts(est) if what == "memory" or p in ("weights", "forward")]
-        if what != "memory":
-            parts = sorted([("weights", est["weights"]), ("forward", est["forward"])], key=lambda x: -x[1])
-        top = parts[0][0]
+        parts = _parts(est, device)
         listed = ", ".join(f"{_NAMES[p]} {human(b)}" for p, b in parts)
         raise InputError("the run", f"needs about {human(need)} of {what} (largest: {listed}) but {human(have)} is "
-                         f"available ({where})", f"use {_FIX[top]}; or fewer images, several processes, or set "
-                         f"{ENV} if more memory is available")
+                         f"available ({where})", f"use {_FIX[parts[0][0]]}; or fewer images, several processes, or "
+                         f"set {ENV} if more memory is available")
     return {**est, "available": int(have)}
 
 
