@@ -12,8 +12,10 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
                 does not fall back (benchmarks/results/dataset.md, the memory section)
     forward   = the jitted forward of one batch (`whole._forward` at --batch-size and the input size), as XLA's
                 compiler reports it (`Compiled.memory_analysis()`: temp_size_in_bytes + output_size_in_bytes, and
-                the input batch), × the mesh's devices on this process; where the backend reports no analysis, the
-                analytic bound `jaxpr_peak` instead ("forward_source" says which)
+                the input batch; "forward_xla"), × CPU_FORWARD_FACTOR on the CPU backend (running it there grows
+                the resident size by more than XLA's figure: the runtime's buffers come from the C allocator, whose
+                per-thread arenas fragment), × the mesh's devices on this process; where the backend reports no
+                analysis, the analytic bound `jaxpr_peak` instead ("forward_source" says which)
     N_g       = n·h_g·w_g                                        nodes of group g;  k_g = k_intra + k_inter (capped)
     features  = Σ_g L_g·N_g·F_g·s·c         on disk (the store); s = 4 (float32) or 2 (bfloat16), c = 2 (knn-qk: q
                                              and k) or 1 (knn-vv)
@@ -43,8 +45,8 @@ On the CPU backend the params and the forward live in host memory, so peak = loa
 they live on the device: peak = load + dataset, and weights + forward is checked against the device's memory where
 the backend reports its limit (`Device.memory_stats()["bytes_limit"]`). `estimate` returns the parts and "peak"
 (summary.json's "memory" record: features_disk, features_memory, graph, operator, solver, weights, load, forward,
-forward_source, peak, device_peak, solver_path, processes, formula; and "available" once checked). The run is
-refused up front (`check`: one `InputError` naming the largest part and its fix, nothing written) when the peak
+forward_xla, forward_source, peak, device_peak, solver_path, processes, formula; and "available" once checked). The
+run is refused up front (`check`: one `InputError` naming the largest part and its fix, nothing written) when the peak
 exceeds the memory available: the machine's physical memory (`os.sysconf`), or `SPECTRAL_JAX_MAX_MEMORY` (bytes, or
 with a K/M/G/T suffix, powers of 1024) when set. Not counted: the JAX runtime and the compiler's own memory (a few
 hundred MiB), the images in flight (`--prefetch` batches) and the model's own load beyond one copy of its weights
@@ -57,6 +59,7 @@ import os
 import re
 
 ENV = "SPECTRAL_JAX_MAX_MEMORY"
+CPU_FORWARD_FACTOR = 1.5    # resident growth of a compiled forward on CPU / XLA's figure: ≤ 1.5 where measured
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
 
@@ -77,15 +80,16 @@ def weights_bytes(params) -> int:
 def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: str = "float32",
              k: tuple[int, int] = (50, 50), num_eigs: int = 20, processes: int = 1, dense_max: int | None = None,
              base=None, weights: int = 0, load: int = 0, forward: int = 0, forward_source: str = "none",
-             solver_path: str = "gathered", local_devices: int = 1, model_on_host: bool = True) -> dict:
+             forward_xla: int = 0, solver_path: str = "gathered", local_devices: int = 1,
+             model_on_host: bool = True) -> dict:
     """The memory of an exact run per process, in bytes (the module docstring's formula). groups: [((h, w), L, F)]
     per layer group; num_images: n (padded to the devices); k: (k_intra, k_inter) before capping by the tokens;
     base: the table grid (default the finest of `groups`); weights, load, forward: the model's terms as
-    `estimate_run` measures them (bytes per process; 0: not counted); solver_path: "gathered" or "sharded";
-    local_devices: the mesh's devices on this process (d); model_on_host: whether params and forward live in host
-    memory (the CPU backend). Returns {"features_disk", "features_memory", "graph", "operator", "solver",
-    "weights", "load", "forward", "peak", "device_peak"} (ints), "forward_source", "solver_path", "processes" and
-    "formula" (a string)."""
+    `estimate_run` measures them (bytes per process; 0: not counted; forward_xla: XLA's own figure, a record);
+    solver_path: "gathered" or "sharded"; local_devices: the mesh's devices on this process (d); model_on_host:
+    whether params and forward live in host memory (the CPU backend). Returns {"features_disk",
+    "features_memory", "graph", "operator", "solver", "weights", "load", "forward", "forward_xla", "peak",
+    "device_peak"} (ints), "forward_source", "solver_path", "processes" and "formula" (a string)."""
     from spectral_jax import graphs as G
     from spectral_jax import kernels
     from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES
@@ -129,7 +133,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     peak = load + (weights + max(forward, dataset) if model_on_host else dataset)
     return {"features_disk": int(feats), "features_memory": int(feats_mem), "graph": int(graph_b),
             "operator": int(operator), "solver": int(solver), "weights": int(weights), "load": int(load),
-            "forward": int(forward),
+            "forward": int(forward), "forward_xla": int(forward_xla),
             "forward_source": forward_source, "peak": int(peak), "device_peak": 0 if model_on_host else int(model),
             "solver_path": solver_path, "processes": int(processes),
             "formula": ("peak = load + weights + max(forward, dataset)" if model_on_host else "peak = load + dataset; "
@@ -208,9 +212,9 @@ def forward_bytes(backbone, layers, settings, geom, mesh) -> tuple[int, str]:
 def estimate_run(backbone, layers, settings, geom, mesh, processes: int = 1) -> dict:
     """`estimate` for a run: the layer groups and widths of `backbone`'s forward traced abstractly
     (`whole.feature_widths`: `jax.eval_shape`, nothing computed), its params' bytes (`weights_bytes`), its
-    compiled forward's memory (`forward_bytes`), the loader's copy (load = the params' bytes once), the exact
-    solver's path (`whole.solver_path`; "sharded" asked where it cannot run is its `InputError`), its settings and
-    geometry."""
+    compiled forward's memory (`forward_bytes`, × CPU_FORWARD_FACTOR on the CPU), the loader's copy (load = the
+    params' bytes once), the exact solver's path (`whole.solver_path`; "sharded" asked where it cannot run is its
+    `InputError`), its settings and geometry."""
     import jax
 
     from spectral_jax.dataset.whole import feature_widths, padded_images, solver_path
@@ -219,13 +223,15 @@ def estimate_run(backbone, layers, settings, geom, mesh, processes: int = 1) -> 
     groups = [(tuple(grid), len(ls), f) for (grid, ls), f in zip(geom.groups, widths)]
     path = solver_path(settings, geom)
     local = sum(1 for d in mesh.devices.flat if d.process_index == jax.process_index())
-    forward, source = forward_bytes(backbone, layers, settings, geom, mesh)
+    raw, source = forward_bytes(backbone, layers, settings, geom, mesh)
+    on_host = jax.default_backend() == "cpu"
+    forward = int(raw * CPU_FORWARD_FACTOR) if on_host and source == "xla" else raw
     return estimate(groups, padded_images(geom.num_images, geom.devices), graph=settings.graph,
                     features_dtype=settings.features_dtype, k=(geom.k_intra, geom.k_inter),
                     num_eigs=settings.num_eigs, processes=processes, base=geom.base,
                     weights=weights_bytes(backbone.params) * local, load=weights_bytes(backbone.params),
-                    forward=forward * local, forward_source=source,
-                    solver_path=path, local_devices=local, model_on_host=jax.default_backend() == "cpu")
+                    forward=forward * local, forward_source=source, forward_xla=raw * local if source == "xla"
+                    else 0, solver_path=path, local_devices=local, model_on_host=on_host)
 
 
 def abstract_backbone(model: str, **family_options):
@@ -326,7 +332,8 @@ _FIX = {"forward": "a smaller --batch-size (the forward holds one batch's activa
         "operator": "fewer images, --layers or smaller --k-intra/--k-inter",
         "solver": "fewer images or a smaller --num-eigs"}
 _NAMES = {"forward": "the forward's activations", "weights": "the model weights",
-          "load": "the loader's copy of the weights", "features_memory": "features", "graph": "graph", "operator": "operator", "solver": "solver"}
+          "load": "the loader's copy of the weights", "features_memory": "features", "graph": "graph",
+          "operator": "operator", "solver": "solver"}
 
 
 def _parts(est: dict, device: bool = False) -> list[tuple[str, int]]:
@@ -374,5 +381,5 @@ def _device_limit() -> int | None:
     return int(stats["bytes_limit"]) if stats and stats.get("bytes_limit") else None
 
 
-__all__ = ["ENV", "abstract_backbone", "available", "check", "estimate", "estimate_model", "estimate_run",
-           "forward_bytes", "human", "jaxpr_peak", "weights_bytes"]
+__all__ = ["CPU_FORWARD_FACTOR", "ENV", "abstract_backbone", "available", "check", "estimate", "estimate_model",
+           "estimate_run", "forward_bytes", "human", "jaxpr_peak", "weights_bytes"]
