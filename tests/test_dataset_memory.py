@@ -11,7 +11,9 @@
 3. `abstract_backbone("sd15")` (what `estimate_model` builds) allocates no weights: 3.3 GiB of params as shapes
    with the child's peak resident size under 1.5 GiB; the loader's random draw is restored afterwards.
 4. On the sharded path the graph and operator terms are one process's rows: with 2 (fake) devices standing for 2
-   processes, they equal the bytes device 0 holds of `distributed.shard_graph` and `distributed.operator`.
+   processes, they equal the bytes device 0 holds of `distributed.shard_graph` and `distributed.operator`; a real
+   two-process sharded run records that per-process estimate and runs under a limit the one-process gathered
+   estimate exceeds.
 """
 
 from __future__ import annotations
@@ -161,3 +163,25 @@ def test_sharded_estimate_is_per_process():
     assert two["graph"] == m["graph"] == m["whole"] // 2 and one["graph"] == 2 * m["whole"]    # host + device copy
     assert two["operator"] == m["operator"]
     assert two["peak"] < one["peak"]
+
+
+def test_two_process_sharded_run_records_its_per_process_estimate(tmp_path):
+    """Two processes on the sharded path (`exact_solver="sharded"`): each process's estimate (summary.json's
+    "memory") is its own rows' — a quarter of the one-process gathered run's graph term (half the rows, and no host
+    copy) — and the run is not refused under a limit below that one-process gathered peak."""
+    from spectral_jax import dataset
+    from test_dataset import run_two_processes, synthetic
+    from test_dataset_exact import EXACT
+
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    one = dataset.run(folder, str(tmp_path / "one"), backbone=synthetic(), **EXACT).summary()["memory"]
+    assert one["solver_path"] == "gathered" and one["processes"] == 1
+    # the limit: below the gathered peak less its one-process feature tiles, above the sharded figure (checked below)
+    limit = one["peak"] - one["features_memory"] - 1
+    out = str(tmp_path / "multi")
+    run_two_processes(folder, out, "**EXACT, exact_solver='sharded'", head=(
+        "from test_dataset_exact import EXACT\nimport os\n"
+        f"os.environ['SPECTRAL_JAX_MAX_MEMORY'] = '{limit}'\n"))
+    two = json.load(open(os.path.join(out, "summary.json")))["memory"]
+    assert two["solver_path"] == "sharded" and two["processes"] == 2 and two["available"] == limit
+    assert two["graph"] * 4 == one["graph"] and two["peak"] <= limit < one["peak"]
