@@ -127,6 +127,110 @@ def _check_solve(s, vecs, a, tol=TOL):
     assert subspace_alignment(vecs, v) >= 0.99999
 
 
+def scatter_product(op, x):
+    """The product as it was before the incoming-edge lists (the reference `_local_apply` is compared with):
+    all_gather X, Σ c X[j] over the outgoing slots, Cᵀ X by a global scatter-add into `[N, K]` and a
+    psum_scatter to the owner rows."""
+    from jax.sharding import PartitionSpec as P
+
+    ax = op.axis
+
+    def local(cols, coef, lw, x):
+        x_all = jax.lax.all_gather(x, ax, axis=0, tiled=True)
+        c = (coef * lw[:, None, None]).transpose(0, 2, 1).reshape(-1, coef.shape[1])
+        j = cols.transpose(0, 2, 1).reshape(-1, cols.shape[1])
+
+        def slot(carry, s):
+            y, t = carry
+            return (y + s[1][:, None] * x_all[s[0]], t.at[s[0]].add(s[1][:, None] * x)), None
+
+        (y, t), _ = jax.lax.scan(slot, (jnp.zeros_like(x), jnp.zeros_like(x_all)), (j, c))
+        return y + jax.lax.psum_scatter(t, ax, scatter_dimension=0, tiled=True)
+
+    f = jax.jit(jax.shard_map(local, mesh=op.mesh, in_specs=(P(None, ax), P(None, ax), P(), P(ax)),
+                              out_specs=P(ax)))
+    x = jax.device_put(jnp.asarray(x, jnp.float32), op.spec())
+    return f, (op.cols, op.coef, op.lw, x)
+
+
+def hub_rows(n: int, k: int, seed: int = 0):
+    """idx, w `[1, n, k]` of a graph with a hub: every node's first slot points at node 0 (in-degree n), the
+    others at random distinct nodes; weights uniform in [0.1, 1]. Incoming edges are then very uneven over the
+    devices (device 0 receives ≥ n)."""
+    rng = np.random.default_rng(seed)
+    idx = np.stack([rng.choice(np.arange(1, n), k - 1, replace=False) for _ in range(n)])
+    idx = np.concatenate([np.zeros((n, 1), np.int64), idx], axis=1).astype(np.int32)
+    return idx[None], rng.uniform(0.1, 1.0, (1, n, k)).astype(np.float32)
+
+
+def dense_from_rows(idx, w) -> np.ndarray:
+    """Σ_l ½(P_l + P_lᵀ) / L in float64 from edge rows idx, w `[L, n, k]` (distinct neighbours per row)."""
+    out = 0.0
+    for il, wl in zip(idx, w):
+        a = np.zeros((il.shape[0],) * 2)
+        np.add.at(a, (np.repeat(np.arange(il.shape[0]), il.shape[1]), il.reshape(-1)), wl.reshape(-1))
+        s = 0.5 * (a + a.T)
+        p = s / s.sum(1, keepdims=True)
+        out = out + 0.5 * (p + p.T) / len(idx)
+    return out
+
+
+def test_incoming_edge_product_equals_the_scatter_product_and_memory_falls_with_devices(tmp_path):
+    """8 fake CPU devices, meshes of 1, 2, 4, 8: the product (incoming edges: gathers and a sorted segment-sum
+    over each device's own rows) equals the scatter-add + psum_scatter product it replaced and float64 dense
+    Σ w sym(P), on the planted graph with layer weights and on a hub graph (every row points at node 0: device 0
+    receives far more edges than the others); the incoming lists hold each edge once; the compiled product's
+    per-device temporary memory (XLA's memory analysis) is the all-gathered X `[N, K]` plus O(N/D · K) — below
+    the replaced product's, which held two `[N, K]` buffers."""
+    out = str(tmp_path / "r.npz")
+    child = CHILD + textwrap.dedent(f"""
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from test_distributed import scatter_product, hub_rows
+        assert len(jax.devices()) == 8
+        g = small_graph()
+        hidx, hw = hub_rows(120, 5)
+        res = {{}}
+        for d in (1, 2, 4, 8):
+            mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
+            hub = dist.from_rows(*(jax.device_put(np.pad(a, ((0, 0), (0, dist.padded_nodes(120, d) - 120), (0, 0))),
+                                                  NamedSharding(mesh, P(None, "data"))) for a in (hidx, hw)),
+                                 (1, 120), 1, mesh)
+            for name, op in (("g", dist.operator([dist.shard_graph(g, mesh)], [jnp.asarray(LAYER_W)])),
+                             ("hub", dist.operator([hub]))):
+                x = np.random.default_rng(1).normal(size=(op.rows, 24)).astype(np.float32)
+                x[op.num_nodes:] = 0
+                res[f"{{name}}_y{{d}}"] = np.asarray(op.matvec(x))[:op.num_nodes]
+                f, a = scatter_product(op, x)
+                res[f"{{name}}_ref{{d}}"] = np.asarray(f(*a))[:op.num_nodes]
+                res[f"{{name}}_edges{{d}}"] = int(np.count_nonzero(np.asarray(op.tval)))
+                res[f"{{name}}_out{{d}}"] = int(np.count_nonzero(np.asarray(op.coef)))
+                xs = jax.device_put(jnp.asarray(x), op.spec())
+                res[f"{{name}}_temp{{d}}"] = dist._matvec.lower(op, xs).compile().memory_analysis().temp_size_in_bytes
+                res[f"{{name}}_oldtemp{{d}}"] = f.lower(*a).compile().memory_analysis().temp_size_in_bytes
+                res[f"{{name}}_rows{{d}}"] = op.rows
+        np.savez({out!r}, **res)
+    """)
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       capture_output=True, timeout=900)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    t = np.load(out)
+    g = small_graph()
+    x = np.random.default_rng(1).normal(size=(296, 24)).astype(np.float32)
+    dense = {"g": dense_reference(g, LAYER_W), "hub": dense_from_rows(*hub_rows(120, 5))}
+    for name, a in dense.items():
+        for d in (1, 2, 4, 8):
+            y, ref = t[f"{name}_y{d}"], t[f"{name}_ref{d}"]
+            want = a @ x[:a.shape[0]].astype(np.float64)
+            assert np.abs(y - ref).max() <= 1e-6 * np.abs(ref).max(), (name, d)
+            assert np.abs(y - want).max() <= 1e-6 * np.abs(want).max(), (name, d)
+            assert t[f"{name}_edges{d}"] == t[f"{name}_out{d}"]                    # each edge once, incoming
+            n_all, n_dev = int(t[f"{name}_rows{d}"]), int(t[f"{name}_rows{d}"]) // d
+            temp = int(t[f"{name}_temp{d}"])
+            assert temp <= 4 * 24 * (n_all + 4 * n_dev) + 4096, (name, d, temp)
+            if d > 1:
+                assert temp < int(t[f"{name}_oldtemp{d}"]), (name, d, temp, int(t[f"{name}_oldtemp{d}"]))
+
+
 def test_one_two_eight_devices_agree_with_eigh_and_arpack(tmp_path):
     """8 fake CPU devices; meshes of 1, 2 (rows split evenly: 294 = 2·147) and 8 (rows padded to 296; 4 devices
     would pad to the same 296, the same path): the product equals the dense reference; the solve (layer weights
