@@ -176,8 +176,8 @@ def dense_from_rows(idx, w) -> np.ndarray:
 
 
 def test_incoming_edge_product_equals_the_scatter_product_and_memory_falls_with_devices(tmp_path):
-    """8 fake CPU devices, meshes of 1, 2, 4, 8: the product (incoming edges: gathers and a sorted segment-sum
-    over each device's own rows) equals the scatter-add + psum_scatter product it replaced and float64 dense
+    """8 fake CPU devices, meshes of 1, 2, 4, 8: the product (incoming edges: gathers and a segment-sum over each
+    device's own rows) equals the scatter-add + psum_scatter product it replaced and float64 dense
     Σ w sym(P), on the planted graph with layer weights and on a hub graph (every row points at node 0: device 0
     receives far more edges than the others); the incoming lists hold each edge once; the compiled product's
     per-device temporary memory (XLA's memory analysis) is the all-gathered X `[N, K]` plus O(N/D · K) — below

@@ -11,16 +11,31 @@ The operator (`DistOperator`): A = Σ_l w_l sym(P_l), sym(P) = ½(P + Pᵀ), P_l
 c = ¼ a (1/d_i + 1/d_j) to A at (i, j) and at (j, i) (`solvers.sparse.sym_coo`), so A = Σ_l w_l (C_l + C_lᵀ) with
 C_l stored by the rows that own the edges: `cols` `[L, N, k]` (global column indices) and `coef` `[L, N, k]`.
 Device r of D holds rows [r·n, (r+1)·n), n = N/D (N padded to a multiple of D with rows that have no edges).
+Each device stores its rows' outgoing edges (cols, coef: the k slots of every layer) and, built once by
+`operator` (one all-to-all of the edges, `_transpose`), its rows' incoming edges (tsrc, tdst, tval: every edge
+i → j whose j it owns, the layer weight folded in, sorted by source, padded to the most any device receives).
 One product Y = A X, X `[N, K]` sharded by rows, is, on every device:
-    C X    all_gather X (each device receives (D−1)/D · N·K floats), then the local rows' gathers, Σ_slots c · X[j];
-    Cᵀ X   a local scatter-add of c · X_i into an `[N, K]` buffer, then `psum_scatter` to the owner rows (each device
-           sends and receives (D−1)/D · N·K floats);
-so ≈ 2 · N·K float32 move in and out of each device per product (8·N·K bytes, the same for any D), transient memory
-2 · N·K floats per device (the gathered X and the scatter buffer), and the stored operator n·L·k·(4 + 4) bytes per
-device — the part that falls as 1/D. With one device both collectives are no-ops. Cᵀ X is a scatter-add: on the CPU
-backend XLA runs it element by element (it dominates a product there: benchmarks/results/scale.md); on a GPU it is
-atomic adds, whose order — hence the last bits of a product — can vary between runs unless XLA's deterministic ops
-are on (`--xla_gpu_deterministic_ops=true`). On CPU a solve is deterministic for a given seed and mesh.
+    C X    all_gather X (each device receives (D−1)/D · N·K floats), then Σ_slots c · X[j] over the local rows'
+           outgoing slots (a gather);
+    Cᵀ X   Σ over the local rows' incoming edges of c · X[i] (a gather from the same all-gathered X, in source
+           order, and a segment-sum into the local rows `[n, K]`) — no exchange: the edges were moved once, at build.
+so N·K·(D−1)/D float32 move into each device per product and nothing out (the replaced Cᵀ X scattered into an
+`[N, K]` buffer and reduce-scattered it: twice the traffic and a second N·K buffer). Per-device memory of a
+product: the stored operator, n·L·k·8 B outgoing + ≈ n·L·k·12 B incoming (falls as 1/D), the all-gathered X,
+N·K·4 B (the one term that does not fall with D), and O(n·K) for Y and one chunk of gathered rows (XLA's
+memory analysis of the compiled product: tests/test_distributed.py, benchmarks/results/scale.md). A ring —
+`ppermute` of X blocks, D steps, each applying the edges whose source is in the block at hand — would replace the
+all-gathered X by two n·K blocks at the same traffic, but needs the edges grouped by source block on both sides
+(D padded edge lists per device); not implemented. With one device the all_gather is a no-op. The segment-sum
+is a scatter-add into the local rows: deterministic on the CPU; on a GPU XLA may use atomic adds, whose order —
+hence the last bits of a product — can vary between runs unless its deterministic ops are on
+(`--xla_gpu_deterministic_ops=true`). On CPU a solve is deterministic for a given seed and mesh. The incoming
+edges are in source order because the CPU gathers the rows of X fastest in order (random gathers of X leave the
+cache at large N: benchmarks/results/scale.md).
+
+Built once per operator, not per product (memory of the build): the degrees (a scatter-add and `psum_scatter`
+of `[L, N]` floats) and the coefficients' all-gathered 1/deg `[L, N]`; the all-to-all's send and receive boxes,
+`[D, most edges one device sends another]` each (≈ the device's own edges when they spread evenly).
 
 The eigensolver (`lobpcg`): top-K of A by LOBPCG on a block of K + guard vectors, X0 random from `seed` (generated
 sharded: the same numbers for any mesh), iterations in jitted chunks of `chunk` (a `lax.while_loop` stopping early
@@ -212,9 +227,9 @@ class DistOperator:
     """A = Σ_l lw_l (C_l + C_lᵀ) (module docstring), rows sharded. Outgoing edges (C X): cols, coef `[L, N, k]`
     sharded `P(None, axis)`, lw `[L]` replicated (the layer weights, normalised over all graphs). Incoming edges
     (Cᵀ X, `_transpose`): tsrc, tdst, tval `[D·E]` sharded `P(axis)`, on each device its rows' incoming edges
-    sorted by (local destination row, global source): tsrc the source row (global), tdst the destination row
-    (local, 0 … n−1), tval lw_l · c (the layer weight folded in); E = the most edges any device receives, rounded up
-    to a multiple of n (padding: tdst n−1, tval 0, at the end). `groups`: the batch shapes of the groups it was
+    sorted by (global source, local destination): tsrc the source row (global), tdst the destination row (local,
+    0 … n−1), tval lw_l · c (the layer weight folded in); E = the most edges any device receives, rounded up to a
+    multiple of n (padding at the end: tsrc 0, tdst 0, tval 0). `groups`: the batch shapes of the groups it was
     made of, in order (their L's concatenated), for per-group quotients. Never holds an N × N or a whole graph on
     one device."""
 
@@ -336,7 +351,8 @@ def _edge_counts(cols, coef, lw, mesh, axis):
 @functools.partial(jax.jit, static_argnames=("send", "keep", "mesh", "axis"))
 def _exchange(cols, coef, lw, send, keep, mesh, axis):
     """Every edge sent to the device owning its destination (one `all_to_all` of `[D, send]` per device), then
-    each device's received edges sorted by (local destination, source) and cut to `keep` → tsrc, tdst, tval."""
+    each device's received edges sorted by (source, local destination) and cut or padded to `keep` → tsrc, tdst,
+    tval (padding: 0, 0, 0)."""
     d = _check_mesh(mesh, axis)
 
     def local(cols, coef, lw):
@@ -345,12 +361,13 @@ def _exchange(cols, coef, lw, send, keep, mesh, axis):
         first = jnp.searchsorted(owner, jnp.arange(d + 1, dtype=jnp.int32))
         at = jnp.arange(owner.shape[0], dtype=jnp.int32) - first[owner]
         box = lambda v, fill: jnp.full((d, send), fill, v.dtype).at[owner, at].set(v, mode="drop")
-        # unused places: destination n (sorts after every row), value 0
-        got = [jax.lax.all_to_all(box(v, f), axis, 0, 0, tiled=True) for v, f in ((dst, n), (src, 0), (val, 0))]
-        dst, src, val = jax.lax.sort([g.reshape(-1) for g in got], num_keys=2, is_stable=True)
-        pad = max(keep - dst.shape[0], 0)
-        dst, src, val = (jnp.pad(v[:keep], (0, pad), constant_values=f) for v, f in ((dst, n), (src, 0), (val, 0)))
-        return src, jnp.minimum(dst, n - 1), jnp.where(dst < n, val, 0.0)
+        # unused places: source N (sorts after every row)
+        got = [jax.lax.all_to_all(box(v, f), axis, 0, 0, tiled=True) for v, f in ((src, n * d), (dst, 0), (val, 0))]
+        src, dst, val = jax.lax.sort([g.reshape(-1) for g in got], num_keys=2, is_stable=True)
+        pad = max(keep - src.shape[0], 0)
+        src, dst, val = (jnp.pad(v[:keep], (0, pad), constant_values=f) for v, f in ((src, n * d), (dst, 0), (val, 0)))
+        real = src < n * d
+        return jnp.where(real, src, 0), jnp.where(real, dst, 0), jnp.where(real, val, 0.0)
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
                          out_specs=(P(axis),) * 3)(cols, coef, lw)
@@ -370,8 +387,8 @@ def _transpose(cols, coef, lw, mesh, axis):
 def _local_apply(cols, coef, lw, tsrc, tdst, tval, x, axis):
     """Y = A X of the local rows under `shard_map`: the operator's arrays (`DistOperator._arrays()`, local blocks),
     x `[n, K]` → `[n, K]`. One `all_gather` of X (`[N, K]`); C X: the outgoing slots scanned one at a time
-    (Σ c · X[j], a gather); Cᵀ X: the incoming edges in chunks of n (a gather of X[src] and a sorted segment-sum
-    into the local rows). Nothing else of size N; per step `[n, K]` (never `[n, k, K]`)."""
+    (Σ c · X[j], a gather); Cᵀ X: the incoming edges in chunks of n (a gather of X[src] in source order and a
+    segment-sum into the local rows). Nothing else of size N; per step `[n, K]` (never `[n, k, K]`)."""
     n = x.shape[0]
     x_all = jax.lax.all_gather(x, axis, axis=0, tiled=True)                       # [N, K]
     c = (coef * lw[:, None, None]).transpose(0, 2, 1).reshape(-1, coef.shape[1])  # [L·k, n]
@@ -383,7 +400,7 @@ def _local_apply(cols, coef, lw, tsrc, tdst, tval, x, axis):
 
     def incoming(y, s):
         src, dst, val = s
-        return y.at[dst].add(val[:, None] * x_all[src], indices_are_sorted=True), None
+        return y.at[dst].add(val[:, None] * x_all[src]), None
 
     y = jax.lax.scan(slot, jnp.zeros_like(x), (j, c))[0]
     return jax.lax.scan(incoming, y, (tsrc.reshape(-1, n), tdst.reshape(-1, n), tval.reshape(-1, n)))[0]
