@@ -371,3 +371,47 @@ def test_layer_spectra_equal_exact_layer_spectra():
     want = layer_spectra([g], [(3, 5)], K)
     assert ours.shape == want.shape == (2, K)
     np.testing.assert_allclose(ours, want, rtol=0, atol=2e-6 * float(want.max()))
+
+
+def test_sharded_graph_rows_cache_is_read_back_on_resume(tmp_path):
+    """The sharded path's graph cache (`whole.solve_sharded`, one process, `--solver sharded`) through the console
+    script: the run writes its rows to OUT/checkpoints/graph-rows; `--resume` reads them back instead of reading
+    the features and searching ("graph" in summary.json's cached, no features-read line) and gives the same
+    eigenvectors and edges; `--resume` with another
+    --k-inter is one line naming the setting, exit 2, the summary left as it was; a damaged rows file is one line
+    naming it, exit 2."""
+    from test_dataset import make_folder
+    from test_dataset_badinput import SCRIPT, _one_line_exit_2
+    from test_dataset_sharded import CLI
+
+    imgs = make_folder(str(tmp_path / "imgs"), 8)
+    out = str(tmp_path / "out")
+    run = lambda *extra: subprocess.run([SCRIPT, "dataset", imgs, *CLI, "--solver", "sharded", "--out", out,
+                                         *extra], env=_env(TQDM_DISABLE="1"), capture_output=True, text=True,
+                                        timeout=600)
+    read = lambda: (np.load(os.path.join(out, "eigvecs.npz"))["eigvecs"],
+                    open(os.path.join(out, "summary.json")).read())
+    r = run()
+    assert r.returncode == 0, r.stderr[-3000:]
+    rows = os.path.join(out, "checkpoints", "graph-rows", "rows-0-of-1.npz")
+    assert os.path.isfile(rows) and not os.path.exists(os.path.join(out, "checkpoints", "graph.npz"))
+    v1, s1 = read()
+    import json
+
+    assert "graph" not in json.loads(s1)["cached"]
+    r = run("--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    v2, s2 = read()
+    s2 = json.loads(s2)
+    assert "graph" in s2["cached"] and s2["exact_solver"]["path"] == "sharded" and "features read" not in r.stderr
+    assert s2["edges"] == json.loads(s1)["edges"] > 0
+    np.testing.assert_array_equal(v2, v1)
+    before = open(os.path.join(out, "summary.json")).read()
+    r = run("--resume", "--k-inter", "5")
+    _one_line_exit_2(r, "other settings", "k_inter_effective")
+    assert open(os.path.join(out, "summary.json")).read() == before
+    with open(rows, "r+b") as f:
+        f.truncate(100)
+    r = run("--resume")
+    _one_line_exit_2(r, "graph-rows", "damaged")
+    assert open(os.path.join(out, "summary.json")).read() == before
