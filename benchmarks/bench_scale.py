@@ -199,13 +199,14 @@ def project(n: float, devices: int, per_host: int, a: dict = ASSUME) -> dict:
 NOTE = ("- s / product on this CPU: both halves read rows of the all-gathered X: C X at the outgoing slots' "
         "columns (random rows), Cᵀ X at the incoming edges' sources (in source order) followed by a segment-sum into "
         "the local rows. XLA's CPU gather of random rows of a 96 MB X (N = 10⁶, 24 columns) leaves the cache, and "
-        "it, not the scatter-add, is what a product costs here: measured separately on this machine at N = 10⁶, "
-        "P = 1 (load ≈ 11-14), the outgoing gather alone 6.7 s, the replaced global scatter-add alone 3.3 s; "
-        "the whole product 9.1 s against 7.0 s for the replaced one (gathers + scatter-add into [N, K] + "
-        "psum_scatter), and 18.5 s against 12.5 s when the incoming edges were sorted by destination (random "
-        "gathers on both halves). So on one CPU device the incoming edges cost ≈ 30 % per product; what they buy "
-        "is memory and traffic with P: no second [N, K] buffer per device and no reduce-scatter (half the bytes "
-        "each device moves per product).")
+        "it, more than the scatter-add, is what a product costs here (measured separately at N = 10⁶, P = 1, load "
+        "≈ 11-14: the outgoing gather alone 6.7 s, the replaced global scatter-add alone 3.3 s). Against the "
+        "replaced product (gathers + scatter-add into [N, K] + psum_scatter), P = 1, the two alternated on this "
+        "machine (medians, load ≈ 9-13): 0.16 s against 0.28 s at N = 10⁵, 9.1 s against 8.7 s at N = 10⁶; with the "
+        "incoming edges sorted by destination instead (random gathers on both halves) 18.5 s against 12.5 s, hence "
+        "source order. What the incoming edges buy is memory and traffic with P: no second [N, K] buffer per device "
+        "and no reduce-scatter (half the bytes each device moves per product); they cost 12 B per edge of stored "
+        "operator (falling as 1/P) and a build of two sorts and one all-to-all.")
 
 
 def _load() -> str:
