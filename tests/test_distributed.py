@@ -353,7 +353,9 @@ def test_bench_scale_tiny_runs(tmp_path):
     two = next(x for x in d["strong"] if x["procs"] == 2)["records"]
     assert len(two) == 2 and all(x["converged"] and x["max_residual"] <= 3.4527e-4 for x in two)
     one = next(x for x in d["strong"] if x["procs"] == 1)["records"][0]
-    assert two[0]["graph_bytes"] * 2 == one["graph_bytes"] and two[0]["operator_bytes"] * 2 == one["operator_bytes"]
+    assert two[0]["graph_bytes"] * 2 == one["graph_bytes"]
+    # the incoming edges are padded to the most a process receives, rounded up to its rows: within 10 % of 1/P
+    assert one["operator_bytes"] <= two[0]["operator_bytes"] * 2 <= 1.1 * one["operator_bytes"]
     # tol 3.45e-4 here (not the 1e-5 above): eigenvalue errors ~ residual² / gap, measured 1.3e-6 of λ₁
     assert np.abs(np.subtract(two[0]["eigvals"], one["eigvals"])).max() <= 5e-6 * one["eigvals"][0]
     md = open(tmp_path / "scale_tiny.md").read()
