@@ -19,8 +19,8 @@ Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_sha
 the search each holds its own rows in memory. Then (`solver_path`) either the sharded path (`solve_sharded`, the
 default with several processes when every layer group shares one grid and there are no timesteps): each group's
 graph is searched by `distributed.knn_sharded` and stays sharded by rows — never gathered; each process caches its
-own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and `distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered
-(`distributed.to_result`); or the gathered path (several grids, diffusion groups `[L, T]`, or asked for): the graph
+own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and `distributed.lobpcg` solves Σ w sym(P) as a collective
+over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several grids, diffusion groups `[L, T]`, or asked for): the graph
 is searched sharded (`build_graphs`), gathered to every process, each solves it (the same deterministic solve).
 Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
@@ -636,8 +636,9 @@ def _rows_file(ckdir: str) -> str:
 
 def _rows_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     """What is wrong with one process's rows `d` of the sharded graph cache (None: nothing): valid `[n]` bool
-    (False past the images, some True), failed {image: why} on invalid images; per group idx{g} `[L, m·h·w, k]` integers in [0, n·h·w) and w{g}
-    float32 0 or (min_cos, 1], 0 on the rows of unreadable images, m = n / processes images (`process_share`).
+    (False past the images, some True), failed {image: why} on invalid images; per group idx{g} `[L, m·h·w, k]`
+    integers in [0, n·h·w) and w{g} float32 0 or (min_cos, 1], 0 on the rows of unreadable images, m = n / processes
+    images (`process_share`).
     The degrees are not stored: `distributed.from_rows` computes them. Modifies `d`: "failed" becomes a dict."""
     n, procs, me, images = key["nodes"], key["processes"], key["process"], key["num_images"]
     valid = d.get("valid")

@@ -336,7 +336,8 @@ def _outgoing(cols, coef, lw, axis):
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis"))
 def _edge_counts(cols, coef, lw, mesh, axis):
-    """`[D, D]` (rows sharded; every process reads it whole with `gather_rows`): row s, column t = the edges device s's rows send to device t's rows."""
+    """`[D, D]` (rows sharded; every process reads it whole with `gather_rows`): row s, column t = the edges
+    device s's rows send to device t's rows."""
     d = _check_mesh(mesh, axis)
 
     def local(cols, coef, lw):
