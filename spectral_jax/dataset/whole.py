@@ -20,8 +20,8 @@ the search each holds its own rows in memory. Then (`solver_path`) either the sh
 default with several processes when every layer group shares one grid and there are no timesteps): each group's
 graph is searched by `distributed.knn_sharded` and stays sharded by rows — never gathered; each process caches its
 own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and `distributed.lobpcg` solves Σ w sym(P) as a collective
-over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several grids, diffusion groups `[L, T]`, or asked for): the graph
-is searched sharded (`build_graphs`), gathered to every process, each solves it (the same deterministic solve).
+over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
+grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded (`build_graphs`), gathered to every process, each solves it (the same deterministic solve).
 Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search (one process) keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts,
