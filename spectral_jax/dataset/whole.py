@@ -21,8 +21,8 @@ default with several processes when every layer group shares one grid and there 
 graph is searched by `distributed.knn_sharded` and stays sharded by rows — never gathered; each process caches its
 own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and `distributed.lobpcg` solves Σ w sym(P) as a collective
 over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
-grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded (`build_graphs`), gathered to every process, each solves it (the same deterministic solve).
-Process 0 writes.
+grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded (`build_graphs`), gathered to
+every process, each solves it (the same deterministic solve). Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search (one process) keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts,
 removed once the whole graph is saved), so a stopped search resumes at its first missing layer; the graph is cached
