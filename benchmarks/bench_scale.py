@@ -2,8 +2,9 @@
 on a synthetic N = 10⁶ kNN graph in P = 1, 2, 4 local processes (jax.distributed on localhost, one CPU device
 each, gloo collectives).
 
-    python benchmarks/bench_scale.py            # N = 10⁶ (memory, products) and N = 10⁵ (solves) for P = 1, 2, 4,
-                                                # weak scaling at N/P = 25 000
+    python benchmarks/bench_scale.py            # N = 10⁶: memory and products for P = 1, 2, 4, the solve for
+                                                # P = 1 (--solve-procs); N = 10⁵ solves for P = 1, 2, 4; weak
+                                                # scaling at N/P = 25 000
     python benchmarks/bench_scale.py --tiny     # N = 4096: a smoke test (tests/test_distributed.py)
 
 Graph (`synthetic_rows`): one layer, k slots per node; node i is in cluster i mod C; a slot points inside the
@@ -11,9 +12,10 @@ node's cluster with probability 0.95 → 0.5 (by cluster, so the top-C eigenvalu
 weights uniform in [0.1, 1]. Rows are drawn in fixed blocks from (seed, block), so every P builds the same graph,
 each process only its own rows (never the whole graph: `distributed.from_rows`).
 
-Per process: the bytes of graph (idx, w, deg) and operator (cols, coef) it holds; its resident set after JAX
-started (baseline), after graph + operator were built (growth over the baseline), and its peak (VmHWM) over the
-solve; seconds per product A X (X `[N, 2·(K + guard)]`, what one LOBPCG iteration applies) and per solve; the
+Per process: the bytes of graph (idx, w, deg) and operator (outgoing cols, coef; incoming tsrc, tdst, tval) it
+holds; the compiled product's temporary memory per device (XLA's memory analysis: the all-gathered X plus the
+per-row-block work); its resident set after JAX started (baseline), after graph + operator were built (growth
+over the baseline), and its peak (VmHWM) over the solve; seconds to build the operator; seconds per product A X (X `[N, 2·(K + guard)]`, what one LOBPCG iteration applies) and per solve; the
 iterations; the eigenvalues. Process 0's eigenvectors are gathered to compare the subspaces with P = 1 (mean
 principal-angle cosine). Results → benchmarks/results/scale.md (+ scale.json), with a projection for COCO val2017
 on 8 GPUs and ImageNet val on 4 hosts × 8 GPUs (assumptions stated there).
@@ -92,11 +94,13 @@ def worker(args: dict) -> dict:
     built = _rss_mib()
     kb = args["num_eigs"] + dist.GUARD
     x = dist._start(op, 2 * kb, 1)
+    temp = dist._matvec.lower(op, x).compile().memory_analysis().temp_size_in_bytes
     t = C.time_fn(lambda: op.matvec(x).block_until_ready(), repeats=3, warmup=1)
     del x
     rec = {"n": n, "k": k, "procs": procs, "pid": pid, "graph_bytes": g.nbytes_per_device,
            "operator_bytes": op.nbytes_per_device, "rss_base_mib": base, "rss_built_mib": built,
-           "build_s": build_s, "matvec_s": t["median_s"], "matvec_cols": 2 * kb, "solved": bool(args["solve"])}
+           "build_s": build_s, "matvec_s": t["median_s"], "matvec_cols": 2 * kb, "matvec_temp_bytes": int(temp),
+           "gathered_x_bytes": op.rows * 2 * kb * 4, "solved": bool(args["solve"])}
     if not args["solve"]:
         return rec
     import warnings
@@ -158,8 +162,9 @@ def alignment(u: np.ndarray, v: np.ndarray) -> float:
 # --------------------------------------------------------------------------------------------------- projection
 
 ASSUME = dict(
-    bytes_per_edge_col=16.0,   # device memory traffic per stored edge and vector column of a product: gather 4 B
-                               # + scatter-add 4 B + the running sums' read/write (8 B), coef/col amortised over K
+    bytes_per_edge_col=16.0,   # device memory traffic per stored edge and vector column of a product: two gathers
+                               # (4 B each: the outgoing slot and the incoming edge) + the segment-sum's read and
+                               # write of the local rows (8 B), coef/indices amortised over K
     hbm_eff=1.5e12,            # B/s: ~45 % of an H100's 3.35 TB/s for random 4-B gathers of whole rows
     nvlink=300e9,              # B/s per GPU for all-gather / reduce-scatter inside a host (NVLink/NVSwitch, bus bw)
     ib=50e9,                   # B/s per GPU between hosts (one 400 Gb/s NIC per GPU)
@@ -174,11 +179,11 @@ def project(n: float, devices: int, per_host: int, a: dict = ASSUME) -> dict:
     cols = 2 * kb
     edges = n * a["layers"] * a["k"]
     graph = edges * 8 + n * a["layers"] * 4                  # idx + w, deg
-    oper = edges * 8                                         # cols + coef
-    transient = 2 * n * cols * 4                             # gathered X + the Cᵀ X buffer
+    oper = edges * (8 + 12)                                  # outgoing cols + coef, incoming tsrc + tdst + tval
+    transient = n * cols * 4 + 2 * (n / devices) * cols * 4  # the all-gathered X + the local Y and one row block
     state = 12 * (n / devices) * kb * 4                      # LOBPCG's x, ax, p, q, aq, s, as (≈ 12 Kb-wide blocks)
     compute = edges / devices * cols * a["bytes_per_edge_col"] / a["hbm_eff"]
-    comm_bytes = 2 * n * cols * 4 * (devices - 1) / devices  # all_gather in + reduce-scatter out, per device
+    comm_bytes = n * cols * 4 * (devices - 1) / devices      # all_gather of X, per device
     remote = 0.0 if devices <= per_host else (devices - per_host) / devices
     comm = comm_bytes * (1 - remote) / a["nvlink"] + comm_bytes * remote / a["ib"]
     mv = compute + comm
@@ -191,12 +196,21 @@ def project(n: float, devices: int, per_host: int, a: dict = ASSUME) -> dict:
 
 # --------------------------------------------------------------------------------------------------- report
 
-NOTE = ("- s / product on this CPU: the Cᵀ X half is an XLA scatter-add into an [N, 2·(K + guard)] buffer, which XLA's "
-        "CPU backend runs element by element and which leaves the cache as N grows — it dominates here and grows "
-        "faster than N; the machine was shared with other jobs (load average ≈ 12 on 2 cores) while these ran. On a "
-        "GPU the scatter-add is atomic adds at memory bandwidth (the projection's model). Storing each row's "
-        "incoming edges (a transposed ELL built once by an all-to-all) would make Cᵀ X a gather and drop the "
-        "reduce-scatter; not done.")
+NOTE = ("- s / product on this CPU: both halves read rows of the all-gathered X: C X at the outgoing slots' "
+        "columns (random rows), Cᵀ X at the incoming edges' sources (in source order) followed by a segment-sum into "
+        "the local rows. XLA's CPU gather of random rows of a 96 MB X (N = 10⁶, 24 columns) leaves the cache, and "
+        "it, more than the scatter-add, is what a product costs here (measured separately at N = 10⁶, P = 1, load "
+        "≈ 11-14: the outgoing gather alone 6.7 s, the replaced global scatter-add alone 3.3 s). Against the "
+        "replaced product (gathers + scatter-add into [N, K] + psum_scatter), P = 1, the two alternated on this "
+        "machine (medians, load ≈ 9-13): 0.16 s against 0.28 s at N = 10⁵, 9.1 s against 8.7 s at N = 10⁶; with the "
+        "incoming edges sorted by destination instead (random gathers on both halves) 18.5 s against 12.5 s, hence "
+        "source order. What the incoming edges buy is memory and traffic with P: no second [N, K] buffer per device "
+        "and no reduce-scatter (half the bytes each device moves per product); they cost 12 B per edge of stored "
+        "operator (falling as 1/P) and a build of two sorts and one all-to-all.")
+
+
+def _load() -> str:
+    return "(" + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + ")"
 
 
 def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) -> str:
@@ -209,8 +223,9 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
         mib = lambda x: x / C.MIB
         row = [f"{r['n']:,}", r["procs"], f"{mib(recs[0]['graph_bytes']):.1f}",
                f"{mib(recs[0]['operator_bytes']):.1f}",
+               f"{mib(max(x['matvec_temp_bytes'] for x in recs)):.1f} ({mib(recs[0]['gathered_x_bytes']):.1f})",
                f"{max(x['rss_built_mib'] - x['rss_base_mib'] for x in recs):.0f}",
-               f"{max(x['matvec_s'] for x in recs):.3f}"]
+               f"{max(x['build_s'] for x in recs):.0f}", f"{max(x['matvec_s'] for x in recs):.3f}"]
         if r["vecs"] is None:
             rows.append(row + [None] * 7)
             continue
@@ -221,8 +236,8 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
                            f"{max(x['solve_s'] for x in recs):.1f}", recs[0]["iterations"],
                            "yes" if all(x["converged"] for x in recs) else "no", f"{recs[0]['max_residual']:.1e}",
                            None if a is None else f"{a:.7f}", None if dv is None else f"{dv:.1e}"])
-    heads = ["N", "P", "graph MiB/proc", "operator MiB/proc", "RSS growth graph+op MiB (max proc)",
-             "s / product", "peak RSS solve MiB (max proc)", "solve s", "iterations", "converged", "max residual",
+    heads = ["N", "P", "graph MiB/proc", "operator MiB/proc", "product temp MiB/proc (gathered X)",
+             "RSS growth graph+op MiB (max proc)", "build s", "s / product", "peak RSS solve MiB (max proc)", "solve s", "iterations", "converged", "max residual",
              "subspace vs P=1", "max |Δλ|/λ₁ vs P=1"]
     coco = project(1.28e6, 8, 8)
     inet = project(12.8e6, 32, 8)
@@ -238,21 +253,30 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
         f"`python benchmarks/bench_scale.py{' --tiny' if args.tiny else ''}` — synthetic kNN graph (one layer, "
         f"k = {args.k}, 8 planted clusters of unequal strength; `synthetic_rows`), K = {args.num_eigs} "
         f"(+ {4} guard vectors), tol = {args.tol:.2e}, maxiter = {args.maxiter}, seed 0. Each process holds only "
-        "its rows (`distributed.from_rows`); products are `shard_map` collectives (all_gather X, psum_scatter "
-        "Cᵀ X) over gloo on localhost.", "",
+        "its rows (`distributed.from_rows`) and their incoming edges (built once by an all-to-all); a product is "
+        "one `shard_map` collective (all_gather X) over gloo on localhost, then gathers and a segment-sum over "
+        f"the local rows. Load average (`uptime`, 1/5/15 min) at the start of this run: {args.load_start}, at its "
+        f"end: {_load()}.", "",
         "## Strong scaling (fixed N) and weak scaling (fixed N/P)", "",
-        (f"Rows at N = {args.n:,} measure memory and products only (no solve): on this 2-core machine shared with "
-         "other jobs, a 10⁶-node solve in 2 gloo processes had not finished after 25 min (P = 1: 6 min), so the "
-         f"solves — agreement with P = 1, iterations, weak scaling — run at N = {args.solve_n:,} (weak: "
-         f"N/P = {args.solve_n // max(args.procs):,})." if args.n != args.solve_n else
+        (f"At N = {args.n:,} the solve runs for P = {', '.join(map(str, args.solve_procs))}; the other P's rows "
+         "measure memory and products only (P processes share 2 cores, several minutes of oversubscribed gloo "
+         "products). The solves' agreement with P = 1, iterations and weak scaling are also measured at "
+         f"N = {args.solve_n:,} (weak: N/P = {args.solve_n // max(args.procs):,})." if args.n != args.solve_n else
          "Every row is solved."), "",
         C.table(heads, rows), "",
-        "- graph/operator MiB/proc: the bytes of the arrays one process holds (graph: idx, w, deg; operator: cols, "
-        "coef), exactly N·k·8/P (+ N·4/P) — they fall as 1/P.",
+        "- graph/operator MiB/proc: the bytes of the arrays one process holds (graph: idx, w, deg: N·k·8/P + N·4/P; "
+        "operator: outgoing cols, coef, N·k·8/P, and incoming tsrc, tdst, tval, 12 B per edge received, padded to "
+        "the most any process receives) — they fall as 1/P.",
+        "- product temp MiB/proc: XLA's memory analysis of the compiled product A X (X [N, 2·(K + guard)]), its "
+        "temporary buffers on one device; in brackets the all-gathered X, N·2·(K + guard)·4 B, the one term that "
+        "does not fall with P (a ring of X blocks would remove it: solvers/distributed.py). The rest is O(N/P·K): "
+        "the local result and one block of gathered rows.",
         "- RSS growth: the resident set after graph + operator were built minus the one after JAX started "
         "(includes the build's transients still held by the allocator); peak RSS solve: VmHWM over the solve "
-        "(reset before it), which adds the per-product transients that do not fall with P: the gathered X and "
-        "the Cᵀ X buffer, 2·N·(2·(K + guard))·4 B, plus JAX/XLA's own resident code.",
+        "(reset before it), which adds the product's transients (the column above) and LOBPCG's blocks, plus "
+        "JAX/XLA's own resident code.",
+        "- build s: searching is not timed (the rows are synthetic); the seconds to place the rows, compute degrees "
+        "and coefficients and exchange the incoming edges (two sorts of the local edges and one all-to-all).",
         "- solve s: the timed solve after a one-iteration warm-up solve that compiled its programs (the wall time "
         "per point printed while running includes JAX start, compilation and the gloo rendezvous).",
         "- s / product: one A X with X [N, 2·(K + guard)] (what an iteration applies), median of 3 after a warm-up."
@@ -262,10 +286,10 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
         "from the shards) and the P = 1 run's at the same N.", "",
         "## Projection (not measured: no GPU on this machine)", "",
         "Assumptions: the dataset's default graph (12 layers, k = k_intra + k_inter = 100 slots per node), K = 20 "
-        f"+ 4 guard, so a product moves X [N, 48]; stored per device: graph N·L·(8k + 4)/D B and operator N·L·k·8/D "
-        f"B; per product a device streams {a['bytes_per_edge_col']:.0f} B per stored edge and column at an "
+        f"+ 4 guard, so a product moves X [N, 48]; stored per device: graph N·L·(8k + 4)/D B and operator "
+        f"N·L·k·(8 + 12)/D B (outgoing and incoming edges); per product a device streams {a['bytes_per_edge_col']:.0f} B per stored edge and column at an "
         f"effective {a['hbm_eff'] / 1e12:.1f} TB/s (random row gathers on an H100-class HBM, ≈ 45 % of peak), and "
-        f"moves 2·N·48·4·(D−1)/D B (all_gather + reduce-scatter) at {a['nvlink'] / 1e9:.0f} GB/s inside a host "
+        f"receives N·48·4·(D−1)/D B (the all_gather of X) at {a['nvlink'] / 1e9:.0f} GB/s inside a host "
         f"(NVLink) and {a['ib'] / 1e9:.0f} GB/s per GPU between hosts (a 400 Gb/s NIC per GPU), for the share of "
         f"rows on other hosts; {a['iterations']} LOBPCG iterations (the N = 10⁶ synthetic needed the iterations "
         "measured above; a real dataset graph's top spectrum is more clustered — coco100's ARPACK needed 124 "
@@ -277,9 +301,10 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
                  "solve s"],
                 [prow("COCO val2017 (1.28 M tokens × 12 layers), 1 host × 8 GPUs", coco),
                  prow("ImageNet val (12.8 M tokens × 12 layers), 4 hosts × 8 GPUs", inet)]), "",
-        "The product's transient (gathered X and the Cᵀ X buffer, 2·N·48·4 B) is the one term that does not fall "
-        "with D: 0.49 GB at COCO's N, 4.9 GB at ImageNet's — below an 80 GB GPU's memory at both; a ppermute ring "
-        "over row blocks would bound it by N/D at the same traffic (not implemented).", "",
+        f"The product's all-gathered X (N·48·4 B) is the one term that does not fall with D: "
+        f"{1.28e6 * 48 * 4 / 1e9:.2f} GB at COCO's N, {12.8e6 * 48 * 4 / 1e9:.2f} GB at ImageNet's — below an "
+        "80 GB GPU's memory at both; a ppermute ring over row blocks would bound it by N/D at the same traffic "
+        "(not implemented: solvers/distributed.py).", "",
     ]
     return "\n".join(lines)
 
@@ -294,6 +319,8 @@ def main() -> None:
     p.add_argument("--maxiter", type=int, default=60)
     p.add_argument("--tol", type=float, default=3.4527e-4)
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
+    p.add_argument("--solve-procs", type=int, nargs="*", default=[1], help="the P's that solve at N (the others "
+                   "measure memory and products only)")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -302,6 +329,7 @@ def main() -> None:
         return
     if args.tiny:
         args.n, args.solve_n, args.procs = 4096, 4096, [1, 2]
+    args.load_start = _load()
     name = "scale_tiny" if args.tiny else "scale"
     runs, weak = [], []
 
@@ -321,7 +349,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         for procs in args.procs:                        # memory and products at N (solves too where N = solve_n)
-            point(args.n, procs, args.n == args.solve_n, runs)
+            point(args.n, procs, args.n == args.solve_n or procs in args.solve_procs, runs)
         if args.solve_n != args.n:
             for procs in args.procs:
                 point(args.solve_n, procs, True, runs)

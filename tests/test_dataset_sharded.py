@@ -5,7 +5,7 @@ Two processes, one of them killed with SIGKILL once every image's features are o
 build and solve, which have no checkpoint of their own), then both started again with --resume:
 1. the survivor stops at its next collective with one line on stderr, exit 1, no result written;
 2. the resumed run (started as `srun` starts it: SLURM's environment, no cluster flags) reads every image's features from the store, keeps the kNN graph sharded by rows (summary.json's
-   exact_solver path "sharded", solver "exact-lobpcg-distributed", no graph cache) and gives the eigenvectors of
+   exact_solver path "sharded", solver "exact-lobpcg-distributed", no whole-graph cache, each process's rows cached) and gives the eigenvectors of
    one process on the gathered path (ARPACK on the whole graph): subspace agreement ≥ 0.9999, eigenvalues equal at
    float32 — with layer weights chosen by the eigengap rule (`distributed.layer_spectra`), the same weights.
 (The resumed run recomputes the whole graph and solve from the stored features, so it is the uninterrupted
@@ -130,7 +130,10 @@ def test_resumed_two_processes_keep_the_graph_sharded_and_give_the_one_process_e
     v1, l1, s1 = _table(str(runs["root"] / "gathered"))
     assert s2["images_cached"] == IMAGES and "features" in s2["cached"]
     assert s2["processes"] == 2 and s2["exact_solver"]["path"] == "sharded" and s2["exact_solver"]["asked"] == "auto"
-    assert s2["solver"] == "exact-lobpcg-distributed" and "skipped" in s2["exact_solver"]["graph_cache"]
+    assert s2["solver"] == "exact-lobpcg-distributed" and "graph-rows" in s2["exact_solver"]["graph_cache"]
+    assert "graph" not in s2["cached"]                             # the killed run left no rows: searched again
+    assert sorted(os.listdir(os.path.join(outk, "checkpoints", "graph-rows"))) == ["rows-0-of-2.npz",
+                                                                                 "rows-1-of-2.npz"]
     assert s1["processes"] == 1 and s1["exact_solver"]["path"] == "gathered" and s1["solver"] != s2["solver"]
     assert not os.path.exists(os.path.join(outk, "checkpoints", "graph.npz"))
     assert os.path.isfile(runs["root"] / "gathered" / "checkpoints" / "graph.npz")

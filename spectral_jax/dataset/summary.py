@@ -109,8 +109,8 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "seconds_graph": round(t["graph"], 3), "seconds_solve": round(t["solve"], 3), "cached": solved.cached,
         "images_cached": solved.images_cached, "memory": memory,
         "exact_solver": {"path": solved.solver, "asked": settings.exact_solver, "graph_cache": (
-            "skipped: each process held only its rows of the graph; a --resume searches the stored features again"
-            if solved.solver == "sharded" else "OUT/checkpoints/graph.npz, the whole graph")},
+            "OUT/checkpoints/graph-rows, each process's own rows of the graph (a --resume with the same process "
+            "count reads them back)" if solved.solver == "sharded" else "OUT/checkpoints/graph.npz, the whole graph")},
         "method": "dataset-exact", "num_eigs": settings.num_eigs, "steps": int(res.steps),
         "images": len(names), "images_listed": len(files), "skipped": skipped, "ignored": ignored,
         **backbone, "graph": settings.graph, "grid": list(geom.base), "size": list(geom.size),

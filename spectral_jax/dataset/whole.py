@@ -18,11 +18,11 @@
 Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_share`) and writes their shards; for
 the search each holds its own rows in memory. Then (`solver_path`) either the sharded path (`solve_sharded`, the
 default with several processes when every layer group shares one grid and there are no timesteps): each group's
-graph is searched by `distributed.knn_sharded` and stays sharded by rows — never gathered, no graph cache —, and
-`distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered
-(`distributed.to_result`); or the gathered path (several grids, diffusion groups `[L, T]`, or asked for): the graph
-is searched sharded (`build_graphs`), gathered to every process, each solves it (the same deterministic solve).
-Process 0 writes.
+graph is searched by `distributed.knn_sharded` and stays sharded by rows — never gathered; each process caches its
+own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and `distributed.lobpcg` solves Σ w sym(P) as a collective
+over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
+grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded (`build_graphs`), gathered to
+every process, each solves it (the same deterministic solve). Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search (one process) keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts,
 removed once the whole graph is saved), so a stopped search resumes at its first missing layer; the graph is cached
@@ -66,6 +66,7 @@ from spectral_jax.dataset.store import finite
 from spectral_jax.files import save_npz
 
 GRAPH = "graph.npz"
+GRAPH_ROWS = "graph-rows"       # the sharded path's graph cache: a folder, one file per process (its rows)
 
 
 class Features(NamedTuple):
@@ -446,10 +447,11 @@ def cache_key(kind: str, fp: dict) -> dict:
     return {k: fp.get(k) for k in keys}
 
 
-def load_cache(path: str, key: dict, geom: Geometry) -> dict | None:
+def load_cache(path: str, key: dict, geom: Geometry, problem=None) -> dict | None:
     """The arrays of a cache file made with `key` (None when absent), checked against the run (`geom`, `key`):
     "failed" parsed to {image: why}. Made with another key: one `InputError` naming what changed
-    (`checkpoint.check_same`); unreadable or damaged (`_cache_problem`): one `InputError` naming the file."""
+    (`checkpoint.check_same`); unreadable or damaged (`problem`, default `_cache_problem`: the whole graph's
+    checks): one `InputError` naming the file."""
     from spectral_jax.dataset import checkpoint
 
     if not os.path.isfile(path):
@@ -463,7 +465,7 @@ def load_cache(path: str, key: dict, geom: Geometry) -> dict | None:
     if not isinstance(old, dict):
         raise checkpoint.damaged(path, "its key is not an object")
     checkpoint.check_same(os.path.dirname(os.path.dirname(path)), old, json.loads(json.dumps(key, sort_keys=True)))
-    why = _cache_problem(d, key, geom)
+    why = (problem or _cache_problem)(d, key, geom)
     if why:
         raise checkpoint.damaged(path, why)
     return d
@@ -586,6 +588,10 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
     n = padded_images(len(files), geom.devices)
     gkey, fkey = cache_key("graph", fp), cache_key("features", fp)
     d = load_cache(gpath, gkey, geom) if path == "gathered" else None
+    rows = _cached_rows(ckdir, {**gkey, "nodes": n}, geom) if path == "sharded" else None
+    if rows is not None:                  # the sharded path's graph cache: neither features nor search
+        cached.append("graph")
+        return solve_sharded(None, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n}, rows)
     if d is not None:
         cached.append("graph")
         gs = graphs_from(d, geom, n)
@@ -603,7 +609,7 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         if not valid.any():
             return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached, solver=path)
         if path == "sharded":
-            return solve_sharded(st, settings, geom, mesh, weights, timings, cached)
+            return solve_sharded(st, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n})
         t = time.perf_counter()
         one = jax.process_count() == 1
         gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n},
@@ -633,33 +639,135 @@ def _edges(w):
     return jnp.sum(w > 0, axis=(1, 2), dtype=jnp.int32)
 
 
-def solve_sharded(st: "Streamed", settings: Settings, geom: Geometry, mesh: Mesh, weights, timings: dict,
-                  cached: list) -> Solved:
+def _rows_file(ckdir: str) -> str:
+    """This process's file of the sharded path's graph cache."""
+    return os.path.join(ckdir, GRAPH_ROWS, f"rows-{jax.process_index()}-of-{jax.process_count()}.npz")
+
+
+def _rows_problem(d: dict, key: dict, geom: Geometry) -> str | None:
+    """What is wrong with one process's rows `d` of the sharded graph cache (None: nothing): valid `[n]` bool
+    (False past the images, some True), failed {image: why} on invalid images; per group idx{g} `[L, m·h·w, k]`
+    integers in [0, n·h·w) and w{g} float32 0 or (min_cos, 1], 0 on the rows of unreadable images, m = n / processes
+    images (`process_share`).
+    The degrees are not stored: `distributed.from_rows` computes them. Modifies `d`: "failed" becomes a dict."""
+    n, procs, me, images = key["nodes"], key["processes"], key["process"], key["num_images"]
+    valid = d.get("valid")
+    if not isinstance(valid, np.ndarray) or valid.dtype != bool or valid.shape != (n,):
+        return f"valid is not {n} booleans"
+    if valid[images:].any() or not valid.any():
+        return "valid marks no image, or padding as an image"
+    try:
+        d["failed"] = {int(i): w for i, w in json.loads(str(d.get("failed", ""))).items()}
+    except (ValueError, TypeError, AttributeError):
+        return "failed is not a JSON object of image: reason"
+    if not all(0 <= i < images and not valid[i] and isinstance(w, str) for i, w in d["failed"].items()):
+        return "failed names images out of range or read"
+    m = n // procs
+    mine = valid[me * m:(me + 1) * m]
+    for g, (grid, layers) in enumerate(geom.groups):
+        per = grid[0] * grid[1]
+        k_intra, k_inter = G.clamp_k(key["k_intra_effective"], key["k_inter_effective"], grid, n)
+        full = (len(layers), m * per, k_intra + k_inter)
+        idx, w = d.get(f"idx{g}"), d.get(f"w{g}")
+        if not isinstance(idx, np.ndarray) or not np.issubdtype(idx.dtype, np.integer) or idx.shape != full:
+            return f"idx{g} is not integers {list(full)}"
+        if idx.size and (idx.min() < 0 or idx.max() >= n * per):
+            return f"idx{g} holds neighbours outside [0, {n * per})"
+        if not isinstance(w, np.ndarray) or w.dtype != np.float32 or w.shape != full:
+            return f"w{g} is not float32 {list(full)}"
+        if not finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all():
+            return f"w{g} holds weights that are not 0 or cosines above min_cos"
+        if w.reshape(full[0], m, -1)[:, ~mine].any():
+            return f"w{g} gives edges to unreadable images"
+    return None
+
+
+def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
+    """This process's rows of the sharded graph cache (`cache_key`'s graph fields and "nodes": `key`; the process
+    and the process count are added) when every process has its own (else None: search again), checked
+    (`load_cache` with `_rows_problem`; the processes' valid images the same). One made with other settings or
+    damaged on any process: every process raises one `InputError` (the process whose file it is names it), so
+    none waits at a collective."""
+    from spectral_jax.dataset import checkpoint
+    from spectral_jax.errors import InputError
+
+    key = {**key, "processes": jax.process_count(), "process": jax.process_index()}
+    path, err, d = _rows_file(ckdir), None, None
+    try:
+        d = load_cache(path, key, geom, problem=_rows_problem)
+    except InputError as e:
+        err = e
+    code = 2 if err else (0 if d is None else 1)
+    state = np.array([[code, zlib.crc32(np.packbits(d["valid"]).tobytes()) if code == 1 else 0]], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        state = np.asarray(multihost_utils.process_allgather(state)).reshape(-1, 2)
+    if err is not None:
+        raise err
+    if (state[:, 0] == 2).any():
+        bad = int(np.flatnonzero(state[:, 0] == 2)[0])
+        raise checkpoint.damaged(os.path.join(ckdir, GRAPH_ROWS), f"process {bad}'s rows cannot be used: it said "
+                                 "why on its stderr")
+    if not (state[:, 0] == 1).all():
+        return None
+    if len(set(state[:, 1].tolist())) > 1:
+        raise checkpoint.damaged(os.path.join(ckdir, GRAPH_ROWS), "the processes' rows disagree on the readable "
+                                 "images")
+    return d
+
+
+def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mesh: Mesh, weights, timings: dict,
+                  cached: list, ckdir: str | None = None, key: dict | None = None, rows: dict | None = None
+                  ) -> Solved:
     """The sharded path (`solver_path`): each group's kNN graph built by `distributed.knn_sharded` from each
     process's own rows of the store (`local_features`; the same search as `graphs.knn`) and kept sharded by rows,
     never gathered; layer weights by `layer_weights` with `distributed.layer_spectra` for a rule; the top-K of
     Σ w sym(P) by `distributed.lobpcg` (float32, `exact`'s convergence record) and the `Result` by
     `distributed.to_result`, which gathers only the N·K eigenvectors. The edge count is a jitted global sum.
-    Does not read or write the graph cache (OUT/checkpoints/graph.npz: a process holds only its rows): a resumed
-    run reads the features from the store and searches again. Every process must call it."""
+    Graph cache (ckdir and key given: `cache_key`'s graph fields and "nodes"): after the search each process
+    writes its own rows of every group (idx, w; valid, failed; atomic) to OUT/checkpoints/graph-rows/rows-p-of-P.npz
+    with the key, its process and the process count. rows: this process's file as `_cached_rows` read it back
+    (`solve` does, before any features are read): then st is None, nothing is searched and the graph is rebuilt
+    from the rows (`distributed.from_rows`: degrees recomputed). The whole-graph cache (OUT/checkpoints/graph.npz)
+    is neither read nor written. Every process must call it."""
     from spectral_jax.solvers import distributed as D
 
-    n, host_valid, failed, images_cached = len(st.valid), st.valid, st.failed, st.cached
+    if rows is not None:
+        host_valid, failed, images_cached = rows["valid"], rows["failed"], int(key["num_images"])
+    else:
+        host_valid, failed, images_cached = st.valid, st.failed, st.cached
+    n = len(host_valid)
     t = time.perf_counter()
-    feats = local_features(st, settings, geom)
     procs = jax.process_count()
-    valid = global_array(mesh, P(), st.valid, st.valid.shape) if procs > 1 else st.valid
     sgs = []
-    for (grid, group), a, b in zip(geom.groups, feats.a, feats.b):
-        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
-        if procs > 1:
-            shape = (a.shape[0], a.shape[1] * procs, a.shape[2])
-            same = b is a
-            a = global_array(mesh, P(None, AXIS), a, shape)
-            b = a if same else global_array(mesh, P(None, AXIS), b, shape)
-        sgs.append(D.knn_sharded(a, b, tuple(grid), n, k_intra, k_inter, settings.min_cos, settings.block,
-                                 valid=valid, mesh=mesh, axis=AXIS))
-    del feats, st
+    if rows is not None:
+        for g, (grid, group) in enumerate(geom.groups):
+            idx, w = rows[f"idx{g}"].astype(np.int32), rows[f"w{g}"]
+            shape = (idx.shape[0], idx.shape[1] * procs, idx.shape[2])
+            place = lambda x: global_array(mesh, P(None, AXIS), x, shape)
+            sgs.append(D.from_rows(place(idx), place(w), tuple(grid), n, mesh, AXIS, (shape[0],)))
+    else:
+        feats = local_features(st, settings, geom)
+        valid = global_array(mesh, P(), st.valid, st.valid.shape) if procs > 1 else st.valid
+        for (grid, group), a, b in zip(geom.groups, feats.a, feats.b):
+            k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
+            if procs > 1:
+                shape = (a.shape[0], a.shape[1] * procs, a.shape[2])
+                same = b is a
+                a = global_array(mesh, P(None, AXIS), a, shape)
+                b = a if same else global_array(mesh, P(None, AXIS), b, shape)
+            sgs.append(D.knn_sharded(a, b, tuple(grid), n, k_intra, k_inter, settings.min_cos, settings.block,
+                                     valid=valid, mesh=mesh, axis=AXIS))
+        del feats, st
+        if ckdir is not None:
+            rkey = {**key, "processes": procs, "process": jax.process_index()}
+            arrays = {"key": np.array(json.dumps(rkey, sort_keys=True)), "valid": np.asarray(host_valid),
+                      "failed": _failed_json(failed)}
+            for g, sg in enumerate(sgs):
+                arrays.update({f"idx{g}": _local_rows(sg.idx), f"w{g}": _local_rows(sg.w)})
+            os.makedirs(os.path.join(ckdir, GRAPH_ROWS), exist_ok=True)
+            save_npz(_rows_file(ckdir), arrays)
     jax.block_until_ready([g.deg for g in sgs])
     timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()

@@ -11,16 +11,31 @@ The operator (`DistOperator`): A = Σ_l w_l sym(P_l), sym(P) = ½(P + Pᵀ), P_l
 c = ¼ a (1/d_i + 1/d_j) to A at (i, j) and at (j, i) (`solvers.sparse.sym_coo`), so A = Σ_l w_l (C_l + C_lᵀ) with
 C_l stored by the rows that own the edges: `cols` `[L, N, k]` (global column indices) and `coef` `[L, N, k]`.
 Device r of D holds rows [r·n, (r+1)·n), n = N/D (N padded to a multiple of D with rows that have no edges).
+Each device stores its rows' outgoing edges (cols, coef: the k slots of every layer) and, built once by
+`operator` (one all-to-all of the edges, `_transpose`), its rows' incoming edges (tsrc, tdst, tval: every edge
+i → j whose j it owns, the layer weight folded in, sorted by source, padded to the most any device receives).
 One product Y = A X, X `[N, K]` sharded by rows, is, on every device:
-    C X    all_gather X (each device receives (D−1)/D · N·K floats), then the local rows' gathers, Σ_slots c · X[j];
-    Cᵀ X   a local scatter-add of c · X_i into an `[N, K]` buffer, then `psum_scatter` to the owner rows (each device
-           sends and receives (D−1)/D · N·K floats);
-so ≈ 2 · N·K float32 move in and out of each device per product (8·N·K bytes, the same for any D), transient memory
-2 · N·K floats per device (the gathered X and the scatter buffer), and the stored operator n·L·k·(4 + 4) bytes per
-device — the part that falls as 1/D. With one device both collectives are no-ops. Cᵀ X is a scatter-add: on the CPU
-backend XLA runs it element by element (it dominates a product there: benchmarks/results/scale.md); on a GPU it is
-atomic adds, whose order — hence the last bits of a product — can vary between runs unless XLA's deterministic ops
-are on (`--xla_gpu_deterministic_ops=true`). On CPU a solve is deterministic for a given seed and mesh.
+    C X    all_gather X (each device receives (D−1)/D · N·K floats), then Σ_slots c · X[j] over the local rows'
+           outgoing slots (a gather);
+    Cᵀ X   Σ over the local rows' incoming edges of c · X[i] (a gather from the same all-gathered X, in source
+           order, and a segment-sum into the local rows `[n, K]`) — no exchange: the edges were moved once, at build.
+so N·K·(D−1)/D float32 move into each device per product and nothing out (the replaced Cᵀ X scattered into an
+`[N, K]` buffer and reduce-scattered it: twice the traffic and a second N·K buffer). Per-device memory of a
+product: the stored operator, n·L·k·8 B outgoing + ≈ n·L·k·12 B incoming (falls as 1/D), the all-gathered X,
+N·K·4 B (the one term that does not fall with D), and O(n·K) for Y and one chunk of gathered rows (XLA's
+memory analysis of the compiled product: tests/test_distributed.py, benchmarks/results/scale.md). A ring —
+`ppermute` of X blocks, D steps, each applying the edges whose source is in the block at hand — would replace the
+all-gathered X by two n·K blocks at the same traffic, but needs the edges grouped by source block on both sides
+(D padded edge lists per device); not implemented. With one device the all_gather is a no-op. The segment-sum
+is a scatter-add into the local rows: deterministic on the CPU; on a GPU XLA may use atomic adds, whose order —
+hence the last bits of a product — can vary between runs unless its deterministic ops are on
+(`--xla_gpu_deterministic_ops=true`). On CPU a solve is deterministic for a given seed and mesh. The incoming
+edges are in source order because the CPU gathers the rows of X fastest in order (random gathers of X leave the
+cache at large N: benchmarks/results/scale.md).
+
+Built once per operator, not per product (memory of the build): the degrees (a scatter-add and `psum_scatter`
+of `[L, N]` floats) and the coefficients' all-gathered 1/deg `[L, N]`; the all-to-all's send and receive boxes,
+`[D, most edges one device sends another]` each (≈ the device's own edges when they spread evenly).
 
 The eigensolver (`lobpcg`): top-K of A by LOBPCG on a block of K + guard vectors, X0 random from `seed` (generated
 sharded: the same numbers for any mesh), iterations in jitted chunks of `chunk` (a `lax.while_loop` stopping early
@@ -209,14 +224,21 @@ def _search(a, b, valid, per, k_intra, k_inter, min_cos, block, mesh, axis):
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class DistOperator:
-    """A = Σ_l lw_l (C_l + C_lᵀ) (module docstring), rows sharded: cols, coef `[L, N, k]` sharded `P(None, axis)`,
-    lw `[L]` replicated (the layer weights, normalised over all graphs). `groups`: the batch shapes of the groups
-    it was made of, in order (their L's concatenated), for per-group quotients. Never holds an N × N or a whole
-    graph on one device."""
+    """A = Σ_l lw_l (C_l + C_lᵀ) (module docstring), rows sharded. Outgoing edges (C X): cols, coef `[L, N, k]`
+    sharded `P(None, axis)`, lw `[L]` replicated (the layer weights, normalised over all graphs). Incoming edges
+    (Cᵀ X, `_transpose`): tsrc, tdst, tval `[D·E]` sharded `P(axis)`, on each device its rows' incoming edges
+    sorted by (global source, local destination): tsrc the source row (global), tdst the destination row (local,
+    0 … n−1), tval lw_l · c (the layer weight folded in); E = the most edges any device receives, rounded up to a
+    multiple of n (padding at the end: tsrc 0, tdst 0, tval 0). `groups`: the batch shapes of the groups it was
+    made of, in order (their L's concatenated), for per-group quotients. Never holds an N × N or a whole graph on
+    one device."""
 
     cols: jax.Array
     coef: jax.Array
     lw: jax.Array
+    tsrc: jax.Array
+    tdst: jax.Array
+    tval: jax.Array
     num_nodes: int = _static()
     groups: tuple[tuple[int, ...], ...] = _static()
     mesh: Mesh = _static(None)
@@ -233,7 +255,13 @@ class DistOperator:
 
     @property
     def nbytes_per_device(self) -> int:
-        return (int(np.prod(self.cols.shape)) * 4 + int(np.prod(self.coef.shape)) * 4) // self.devices
+        """Bytes of the stored operator one device holds: outgoing (cols, coef: 8 B per slot) and incoming (tsrc,
+        tdst, tval: 12 B per edge, padded) edges."""
+        arrays = (self.cols, self.coef, self.tsrc, self.tdst, self.tval)
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in arrays) // self.devices
+
+    def _arrays(self):
+        return self.cols, self.coef, self.lw, self.tsrc, self.tdst, self.tval
 
     def spec(self) -> NamedSharding:
         """The row sharding of a block X `[N, K]` this operator multiplies."""
@@ -248,9 +276,15 @@ class DistOperator:
         return _quotients(self, jax.device_put(jnp.asarray(x, jnp.float32), self.spec()))
 
 
+def _op_specs(ax):
+    """shard_map in_specs of `DistOperator._arrays()`."""
+    return (P(None, ax), P(None, ax), P(), P(ax), P(ax), P(ax))
+
+
 def operator(groups: Sequence[ShardedKnn], weights=None) -> DistOperator:
     """The sharded operator Σ_g Σ_l w_{g,l} sym(P_{g,l}) of kNN groups on one grid (one mesh); weights: per group
-    `[*S]` (None: equal), normalised to sum 1 over all graphs (`objective.normalised_weights`)."""
+    `[*S]` (None: equal), normalised to sum 1 over all graphs (`objective.normalised_weights`). Builds the incoming
+    edges once (`_transpose`: one all-to-all of the edges)."""
     from spectral_jax.objective import normalised_weights
 
     groups = list(groups) if isinstance(groups, (list, tuple)) else [groups]
@@ -270,8 +304,9 @@ def operator(groups: Sequence[ShardedKnn], weights=None) -> DistOperator:
     rows = NamedSharding(g0.mesh, P(None, g0.axis))
     cat = lambda xs: xs[0] if len(xs) == 1 else jax.jit(lambda *x: jnp.concatenate(x), out_shardings=rows)(*xs)
     lw = jax.device_put(lw, NamedSharding(g0.mesh, P()))
-    return DistOperator(cat(cols), cat(coefs), lw, g0.num_nodes, tuple(tuple(g.batch_shape) for g in groups),
-                        g0.mesh, g0.axis)
+    cols, coef = cat(cols), cat(coefs)
+    return DistOperator(cols, coef, lw, *_transpose(cols, coef, lw, g0.mesh, g0.axis), g0.num_nodes,
+                        tuple(tuple(g.batch_shape) for g in groups), g0.mesh, g0.axis)
 
 
 @functools.partial(jax.jit, static_argnames=("mesh", "axis"))
@@ -286,21 +321,90 @@ def _coefficients(idx, w, deg, mesh, axis):
     return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis),) * 3, out_specs=P(None, axis))(idx, w, deg)
 
 
-def _local_apply(cols, coef, lw, x, axis):
-    """Y = A X of the local rows under `shard_map`: cols, coef `[L, n, k]`, lw `[L]`, x `[n, K]` → `[n, K]`. One
-    `all_gather` of X and one `psum_scatter` of the Cᵀ X buffer; the slots are scanned one at a time (memory
-    O(N·K), never `[n, k, K]`)."""
+def _outgoing(cols, coef, lw, axis):
+    """The local edges as flat lists under `shard_map`: (owner device of the destination `[L·n·k]` (D: no edge),
+    global source, local destination row, lw · c)."""
+    d = jax.lax.axis_size(axis)
+    n = cols.shape[1]
+    val = (coef * lw[:, None, None]).reshape(-1)
+    dst = cols.reshape(-1)
+    src = jnp.broadcast_to((jax.lax.axis_index(axis) * n + jnp.arange(n, dtype=jnp.int32))[None, :, None],
+                           cols.shape).reshape(-1)
+    owner = jnp.where(val != 0, dst // n, d)
+    return owner.astype(jnp.int32), src, (dst % n).astype(jnp.int32), val
+
+
+@functools.partial(jax.jit, static_argnames=("mesh", "axis"))
+def _edge_counts(cols, coef, lw, mesh, axis):
+    """`[D, D]` (rows sharded; every process reads it whole with `gather_rows`): row s, column t = the edges
+    device s's rows send to device t's rows."""
+    d = _check_mesh(mesh, axis)
+
+    def local(cols, coef, lw):
+        owner = _outgoing(cols, coef, lw, axis)[0]
+        counts = jnp.zeros(d + 1, jnp.int32).at[owner].add(1)[:d]
+        return counts[None]
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()), out_specs=P(axis))(
+        cols, coef, lw)
+
+
+@functools.partial(jax.jit, static_argnames=("send", "keep", "mesh", "axis"))
+def _exchange(cols, coef, lw, send, keep, mesh, axis):
+    """Every edge sent to the device owning its destination (one `all_to_all` of `[D, send]` per device), then
+    each device's received edges sorted by (source, local destination) and cut or padded to `keep` → tsrc, tdst,
+    tval (padding: 0, 0, 0)."""
+    d = _check_mesh(mesh, axis)
+
+    def local(cols, coef, lw):
+        n = cols.shape[1]
+        owner, src, dst, val = jax.lax.sort(_outgoing(cols, coef, lw, axis), num_keys=1, is_stable=True)
+        first = jnp.searchsorted(owner, jnp.arange(d + 1, dtype=jnp.int32))
+        at = jnp.arange(owner.shape[0], dtype=jnp.int32) - first[owner]
+        box = lambda v, fill: jnp.full((d, send), fill, v.dtype).at[owner, at].set(v, mode="drop")
+        # unused places: source N (sorts after every row)
+        got = [jax.lax.all_to_all(box(v, f), axis, 0, 0, tiled=True) for v, f in ((src, n * d), (dst, 0), (val, 0))]
+        src, dst, val = jax.lax.sort([g.reshape(-1) for g in got], num_keys=2, is_stable=True)
+        pad = max(keep - src.shape[0], 0)
+        src, dst, val = (jnp.pad(v[:keep], (0, pad), constant_values=f) for v, f in ((src, n * d), (dst, 0), (val, 0)))
+        real = src < n * d
+        return jnp.where(real, src, 0), jnp.where(real, dst, 0), jnp.where(real, val, 0.0)
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
+                         out_specs=(P(axis),) * 3)(cols, coef, lw)
+
+
+def _transpose(cols, coef, lw, mesh, axis):
+    """The incoming edges of every device's rows (`DistOperator`'s tsrc, tdst, tval), from the outgoing ones:
+    one collective for the counts (so that the shapes are static), one all-to-all of the edges. Each device holds
+    its own rows' incoming edges only; transient during the build: the `[D, most edges one device sends another]`
+    send and receive boxes (≈ its own edges for a graph whose edges spread evenly)."""
+    counts = gather_rows(_edge_counts(cols, coef, lw, mesh, axis))
+    n = int(cols.shape[1]) // _check_mesh(mesh, axis)
+    keep = max(-(-int(counts.sum(0).max()) // n), 1) * n          # the most any device receives, a multiple of n
+    return _exchange(cols, coef, lw, max(int(counts.max()), 1), keep, mesh, axis)
+
+
+def _local_apply(cols, coef, lw, tsrc, tdst, tval, x, axis):
+    """Y = A X of the local rows under `shard_map`: the operator's arrays (`DistOperator._arrays()`, local blocks),
+    x `[n, K]` → `[n, K]`. One `all_gather` of X (`[N, K]`); C X: the outgoing slots scanned one at a time
+    (Σ c · X[j], a gather); Cᵀ X: the incoming edges in chunks of n (a gather of X[src] in source order and a
+    segment-sum into the local rows). Nothing else of size N; per step `[n, K]` (never `[n, k, K]`)."""
+    n = x.shape[0]
     x_all = jax.lax.all_gather(x, axis, axis=0, tiled=True)                       # [N, K]
     c = (coef * lw[:, None, None]).transpose(0, 2, 1).reshape(-1, coef.shape[1])  # [L·k, n]
     j = cols.transpose(0, 2, 1).reshape(-1, cols.shape[1])
 
-    def slot(carry, s):
-        y, t = carry
+    def slot(y, s):
         js, cs = s
-        return (y + cs[:, None] * x_all[js], t.at[js].add(cs[:, None] * x)), None
+        return y + cs[:, None] * x_all[js], None
 
-    (y, t), _ = jax.lax.scan(slot, (jnp.zeros_like(x), jnp.zeros_like(x_all)), (j, c))
-    return y + jax.lax.psum_scatter(t, axis, scatter_dimension=0, tiled=True)
+    def incoming(y, s):
+        src, dst, val = s
+        return y.at[dst].add(val[:, None] * x_all[src]), None
+
+    y = jax.lax.scan(slot, jnp.zeros_like(x), (j, c))[0]
+    return jax.lax.scan(incoming, y, (tsrc.reshape(-1, n), tdst.reshape(-1, n), tval.reshape(-1, n)))[0]
 
 
 def _local_quotients(cols, coef, x, axis):
@@ -321,7 +425,7 @@ def _local_quotients(cols, coef, x, axis):
 def _matvec(op: DistOperator, x):
     ax = op.axis
     return jax.shard_map(functools.partial(_local_apply, axis=ax), mesh=op.mesh,
-                         in_specs=(P(None, ax), P(None, ax), P(), P(ax)), out_specs=P(ax))(op.cols, op.coef, op.lw, x)
+                         in_specs=(*_op_specs(ax), P(ax)), out_specs=P(ax))(*op._arrays(), x)
 
 
 @jax.jit
@@ -388,16 +492,17 @@ def _residuals(x, ax, theta, axis):
     return num / jnp.where(den > 0, den, 1.0)
 
 
-def _local_init(cols, coef, lw, x0, axis):
-    """Orthonormalise the start, one Rayleigh–Ritz on it: (x, A x, θ)."""
+def _local_init(arrs, x0, axis):
+    """Orthonormalise the start, one Rayleigh–Ritz on it: (x, A x, θ); arrs: `DistOperator._arrays()`' blocks."""
     x, _ = _svqb(x0, axis)
-    ax = _local_apply(cols, coef, lw, x, axis)
+    ax = _local_apply(*arrs, x, axis)
     theta, c = _rayleigh_ritz(x, ax, jnp.ones(x.shape[1], bool), x.shape[1], axis)
     return x @ c, ax @ c, theta
 
 
-def _local_chunk(cols, coef, lw, state, stop, tol, k, axis):
+def _local_chunk(*args, k, axis):
     """LOBPCG iterations until `stop` or every one of the first k pairs has a relative residual ≤ tol."""
+    *arrs, state, stop, tol = args
     kb = state["x"].shape[1]
 
     def cond(st):
@@ -408,7 +513,7 @@ def _local_chunk(cols, coef, lw, state, stop, tol, k, axis):
         active = st["res"] > tol                                       # soft locking: converged residuals leave
         r = jnp.where(active[None, :], ax - x * theta[None, :], 0.0)
         q, keep = _orth_against(x, jnp.concatenate([r, p], axis=1), axis)
-        aq = _local_apply(cols, coef, lw, q, axis)
+        aq = _local_apply(*arrs, q, axis)
         s, as_ = jnp.concatenate([x, q], axis=1), jnp.concatenate([ax, aq], axis=1)
         theta, c = _rayleigh_ritz(s, as_, jnp.concatenate([jnp.ones(kb, bool), keep]), kb, axis)
         x, ax = s @ c, as_ @ c
@@ -435,21 +540,21 @@ def _start(op: DistOperator, kb: int, seed: int):
 def _init(op: DistOperator, x0):
     ax_ = op.axis
 
-    def local(cols, coef, lw, x0):
-        x, ax, theta = _local_init(cols, coef, lw, x0, ax_)
+    def local(*args):
+        x, ax, theta = _local_init(args[:-1], args[-1], ax_)
         return dict(x=x, ax=ax, p=jnp.zeros_like(x), theta=theta, res=_residuals(x, ax, theta, ax_),
                     it=jnp.zeros((), jnp.int32))
 
-    return jax.shard_map(local, mesh=op.mesh, in_specs=(P(None, ax_), P(None, ax_), P(), P(ax_)),
-                         out_specs=_specs(ax_))(op.cols, op.coef, op.lw, x0)
+    return jax.shard_map(local, mesh=op.mesh, in_specs=(*_op_specs(ax_), P(ax_)),
+                         out_specs=_specs(ax_))(*op._arrays(), x0)
 
 
 @functools.partial(jax.jit, static_argnames=("k",), donate_argnums=(1,))
 def _chunk(op: DistOperator, state, stop, k: int, tol):
     ax_ = op.axis
     return jax.shard_map(functools.partial(_local_chunk, k=k, axis=ax_), mesh=op.mesh,
-                         in_specs=(P(None, ax_), P(None, ax_), P(), _specs(ax_), P(), P()),
-                         out_specs=_specs(ax_))(op.cols, op.coef, op.lw, state, stop, tol)
+                         in_specs=(*_op_specs(ax_), _specs(ax_), P(), P()),
+                         out_specs=_specs(ax_))(*op._arrays(), state, stop, tol)
 
 
 @jax.jit
@@ -457,12 +562,12 @@ def _final(op: DistOperator, x, theta):
     """A fresh product of the returned vectors: their residuals `[Kb]` (not the recurrence's A X)."""
     ax_ = op.axis
 
-    def local(cols, coef, lw, x, theta):
-        ax = _local_apply(cols, coef, lw, x, ax_)
-        return _residuals(x, ax, theta, ax_)
+    def local(*args):
+        x, theta = args[-2:]
+        return _residuals(x, _local_apply(*args[:-2], x, ax_), theta, ax_)
 
-    return jax.shard_map(local, mesh=op.mesh, in_specs=(P(None, ax_), P(None, ax_), P(), P(ax_), P()),
-                         out_specs=P())(op.cols, op.coef, op.lw, x, theta)
+    return jax.shard_map(local, mesh=op.mesh, in_specs=(*_op_specs(ax_), P(ax_), P()),
+                         out_specs=P())(*op._arrays(), x, theta)
 
 
 @dataclasses.dataclass(frozen=True)
