@@ -46,18 +46,14 @@ def _shards(out):
     return store.finished(os.path.join(out, "checkpoints"))
 
 
-@pytest.fixture(scope="module")
-def killed(tmp_path_factory):
-    """imgs/ (40 PNGs); killed/: a run killed with SIGKILL once 3 shards were on disk; whole/: an uninterrupted
-    run of the same images and settings."""
-    root = tmp_path_factory.mktemp("store")
-    imgs = make_folder(str(root / "imgs"), IMAGES)
-    out = str(root / "killed")
-    p = subprocess.Popen([SCRIPT, "dataset", imgs, *CLI, "--out", out], env=_env(), stdout=subprocess.PIPE,
+def kill_mid_forward(args, out, shards, env=None, timeout=300):
+    """Start `spectral-jax dataset *args --out out` and SIGKILL it as soon as `shards` shards are on disk (the
+    store's folder polled every 2 ms), asserting it was still running (in the forward) then."""
+    p = subprocess.Popen([SCRIPT, "dataset", *args, "--out", out], env=env or _env(), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.time() + 300
-        while len(_shards(out)) < 3 and p.poll() is None and time.time() < deadline:
+        deadline = time.time() + timeout
+        while len(_shards(out)) < shards and p.poll() is None and time.time() < deadline:
             time.sleep(0.002)
         assert p.poll() is None, p.communicate()[1][-3000:]         # still in the forward
         os.kill(p.pid, signal.SIGKILL)
@@ -66,6 +62,15 @@ def killed(tmp_path_factory):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+@pytest.fixture(scope="module")
+def killed(tmp_path_factory):
+    """imgs/ (40 PNGs); killed/: a run killed with SIGKILL once 3 shards were on disk; whole/: an uninterrupted
+    run of the same images and settings."""
+    root = tmp_path_factory.mktemp("store")
+    imgs = make_folder(str(root / "imgs"), IMAGES)
+    kill_mid_forward([imgs, *CLI], str(root / "killed"), 3)
     whole = _cli(imgs, *CLI, "--out", str(root / "whole"))
     assert whole.returncode == 0, whole.stderr[-3000:]
     return root

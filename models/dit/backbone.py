@@ -17,7 +17,6 @@ Shape legend
 
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import jax.numpy as jnp
@@ -86,7 +85,7 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
     model = load_dit(spec.name, weights, text_embedding=text_embedding,
                      dtype=jnp.float32 if dtype is None else dtype, seed=seed)
     params = diffusion.diffusion_params(model.vae, model.transformer, model.context, seed, ts)
-    apply = functools.partial(diffusion.diffusion_taps, **dit_static(model, latent))
+    apply = diffusion.backbone_apply(**dit_static(model, latent))
     heads = {i: int(a[1]) for i, a in enumerate(spec.config.transformer.attn_layers())}
     return Backbone(spec.name, spec.preprocess, spec.config.num_layers, params, apply,
                     str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts), heads, model)

@@ -1,8 +1,8 @@
 """The Stable Diffusion family behind the backbone contract: `load_backbone(spec, weights) -> Backbone` with
 `params` a pytree of arrays — the VAE encoder and UNet states, the empty-prompt text conditioning, the noise key
-(uint32 key data) and the timesteps (int32 `[T]`) — and `apply` pure and jittable (`diffusion.diffusion_taps`,
-closing over graph definitions, the DDPM schedule and the latent mode only). `models.registry` dispatches here. Its
-taps fold the timesteps into the heads axis: graph index t·H + head (`diffusion.py`).
+(uint32 key data) and the timesteps (int32 `[T]`) — and `apply` pure and jittable (`diffusion.diffusion_taps` under
+one shared jit, `diffusion.backbone_apply`; closing over graph definitions, the DDPM schedule and the latent mode
+only). `models.registry` dispatches here. Its taps fold the timesteps into the heads axis: graph index t·H + head (`diffusion.py`).
 
 Shape legend
     B  images   (H, W) pixels (multiples of 8)   T  timesteps   H  heads   N  tokens of a layer's grid   D  head dim
@@ -10,7 +10,6 @@ Shape legend
 
 from __future__ import annotations
 
-import functools
 
 import jax.numpy as jnp
 
@@ -43,7 +42,7 @@ def load_backbone(spec: ModelSpec, weights: str | None = None, *, dtype=None, se
                  seed=seed, attn_chunk=attn_chunk)
     attn = spec.config.unet.attn_layers()
     params = diffusion.diffusion_params(sd.vae, sd.unet, sd.context, seed, ts)
-    apply = functools.partial(diffusion.diffusion_taps, **diffusion.unet_static(sd, latent))
+    apply = diffusion.backbone_apply(**diffusion.unet_static(sd, latent))
     return Backbone(spec.name, spec.preprocess, spec.config.num_layers, params, apply,
                     str(weights if weights is not None else spec.repo_id), tuple(int(t) for t in ts),
                     {i: int(a[1]) for i, a in enumerate(attn)}, sd)

@@ -130,6 +130,15 @@ _STATIC = ("layers", "hidden", "vae_def", "denoiser_def", "step", "schedule", "n
 _jit_taps = jax.jit(diffusion_taps, static_argnames=_STATIC)
 
 
+def backbone_apply(**static):
+    """A diffusion family's `Backbone.apply`: `diffusion_taps` with its static keyword arguments bound, under the one
+    `jax.jit` of this module. Every caller's trace (`Backbone.taps`, the dataset's geometry, feature widths and
+    forward) then binds one call whose jaxpr jax traced once per (static structure, layers, input shapes) in the
+    process, instead of tracing the whole model again. XLA inlines the call: the taps are those of `diffusion_taps`
+    itself."""
+    return functools.partial(_jit_taps, **static)
+
+
 def encode_images(model, images, *, latent: str = "mean", seed: int = 0) -> jax.Array:
     """Scaled VAE latents `[B, h, w, 4]` of images `[B, H, W, 3]` in [−1, 1]: scaling_factor · z, z the posterior
     mean ("mean") or a sample from `seed` ("sample", as the official code does; one draw of an image's shape for
