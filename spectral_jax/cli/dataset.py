@@ -40,6 +40,7 @@ from spectral_jax.cli import model_options
 from spectral_jax.errors import InputError
 from spectral_jax.options import DATASET_GRAPHS, METHODS, PRESETS
 from spectral_jax.recipes import RECIPES
+from spectral_jax.dataset.settings import EDGES, SEARCHES
 
 def register(sub) -> None:
     p = sub.add_parser("dataset", help="one eigenvector table for a folder of images (kNN graphs, sharded, resumable)",
@@ -89,6 +90,14 @@ def register(sub) -> None:
                    help="gd: in [0, 1): decay of the table's moving average (default 0.99)")
     p.add_argument("--min-cos", type=float, default=None,
                    help="in [-1, 1): edges with cosine ≤ it are dropped (default 0.1)")
+    p.add_argument("--edge-weights", choices=EDGES, default=None,
+                   help="the kNN edges' weights: cosine (the paper's recipe: the cosine of the kept edges) or rbf "
+                        "(exp(-d²/2σ²) of the unit features' distance, σ the median distance of 4000 token pairs "
+                        "drawn with --seed, ncut-pytorch's rule) (default cosine)")
+    p.add_argument("--search", choices=SEARCHES, default=None,
+                   help="exact: the whole-dataset graph's inter-image kNN search — exact (tiled brute force from the "
+                        "on-disk features), ivf / faiss (approximate, all features in memory; recall measured on "
+                        "a seeded sample and reported), auto (default: exact below 65536 tokens, else ivf)")
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="main_cls: the seed paper's dataset experiment (its official main_cls.py) on a Stable "
                         "Diffusion UNet — the mid block's and the two coarser decoder blocks' self-attention (layers "
@@ -125,7 +134,7 @@ def _check_segments(args, settings, patch: int) -> None:
 def _method_options(args) -> dict:
     return {k: v for k, v in dict(
         features_dtype="bfloat16" if args.bf16_features else None, maxiter=args.maxiter, tol=args.tol,
-        exact_solver=args.solver,
+        exact_solver=args.solver, search=args.search,
         preset=args.preset, epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
         checkpoint_every=args.checkpoint_every).items() if v is not None}
 
@@ -141,7 +150,7 @@ def run_dataset(args) -> int:
     options.pop("seed", None)                       # the run's --seed is the noise seed (`Settings.load_options`)
     chosen = {k: v for k, v in dict(
         layers=args.layers, size=None if args.size is None else str(args.size), batch_size=args.batch_size,
-        k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, layer_weights=args.layer_weights,
+        k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, edge_weights=args.edge_weights, layer_weights=args.layer_weights,
         **given).items() if v is not None}         # typed flags: they override a recipe's values
     if args.recipe is not None:
         from spectral_jax.recipes import recipe_fields
