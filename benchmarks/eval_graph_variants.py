@@ -184,6 +184,9 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--segments", type=int, default=None,
                     help="segments over the dataset (default: the classes: supercategories + 1, or 2 for horse)")
     ap.add_argument("--no-ncut", action="store_true", help="skip the peer ncut-pytorch")
+    ap.add_argument("--quick", action="store_true",
+                    help="coco: only the all-layer vv / hidden variants official, rbf-median, rbf-cut and the peer "
+                         "(the --labels horse table)")
     ap.add_argument("--tiny", action="store_true",
                     help="smoke mode: random weights, 112², K = 4, 4 variants, 2 splits (seconds; numbers "
                          "meaningless)")
@@ -198,10 +201,10 @@ def parse() -> argparse.Namespace:
     return args
 
 
-def plan(layers: int, tiny: bool, labels: str = "coco") -> list[tuple[str, str, tuple[int, ...], str]]:
-    """The variants: (name, source, layers, weighting)."""
+def plan(layers: int, tiny: bool, quick: bool = False) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """The variants: (name, source, layers, weighting); quick: `main_quick`'s."""
     every, last = tuple(range(layers)), (layers - 1,)
-    if labels == "horse":
+    if quick:
         return [(f"{src} {w}, all layers", src, every, w) for src in ("vv", "hidden")
                 for w in (("official", "rbf-median", "rbf-cut") if not tiny or src == "vv" else ())]
     out = [("qk official, all layers", "qk", every, "official")]
@@ -263,8 +266,10 @@ def horse_masks(root: str, names: list[str]) -> list[np.ndarray]:
     return out
 
 
-def main_horse(args) -> None:
-    """--labels horse: the all-layer vv / hidden variants and the peer, dataset-level figure-ground."""
+def main_quick(args) -> None:
+    """--labels horse, or --quick on coco: the all-layer vv / hidden variants (official, rbf-median, rbf-cut) and
+    the peer, one table; horse: dataset-level figure-ground (foreground IoU, mIoU of {background, horse}); coco: the
+    supercategory mIoU."""
     load0 = _common.cpu_and_load()[1]
     from spectral_jax import dataset, models, solvers
     from spectral_jax import folder as F
@@ -275,18 +280,23 @@ def main_horse(args) -> None:
     names = F.scan(root)[0]
     names = names[:args.limit] if args.limit else names
     n = len(names)
-    masks = horse_masks(args.data, names)
-    segments = args.segments or 2
+    if args.labels == "horse":
+        masks, lut, classes = horse_masks(args.data, names), None, 2
+    else:
+        masks, lut, _, supers, _ = pixel_labels(load_coco(args.data, "eval_graph_variants"), names)
+        classes = len(supers) + 1
+    segments = args.segments or classes
     bb = models.load_backbone(args.model, args.weights)
     feats, grid, t_fwd = extract(bb, root, names, args.size, min(args.batch_size, n))
     print(f"forward: {n} images, grid {grid}, {t_fwd:.0f} s", flush=True)
     layers = feats["v"].shape[0]
-    variants = plan(layers, args.tiny, "horse")
+    variants = plan(layers, args.tiny, quick=True)
     k = search_k(grid, n)
 
     def score(labels):
-        sc = hungarian_scores(confusion(np.asarray(labels), masks, 2))
-        return dict(miou=sc["miou"], pixel_acc=sc["pixel_acc"], fg_iou=sc["per_class_iou"][1])
+        sc = hungarian_scores(confusion(np.asarray(labels), masks, classes, lut))
+        out = dict(miou=sc["miou"], pixel_acc=sc["pixel_acc"])
+        return {**out, "fg_iou": sc["per_class_iou"][1]} if args.labels == "horse" else out
 
     found, t_search, sigma = {}, {}, {}
     for src in dict.fromkeys(s for _, s, _, _ in variants):
@@ -306,43 +316,50 @@ def main_horse(args) -> None:
         scs = [score(dataset.segments(result, segments, seed=sd).labels)
                for sd in range(args.seed, args.seed + args.kmeans_seeds)]
         row = {key: float(np.mean([c[key] for c in scs])) for key in scs[0]}
-        row.update({f"{key}_seeds": [c[key] for c in scs] for key in ("miou", "pixel_acc", "fg_iou")})
+        row.update({f"{key}_seeds": [c[key] for c in scs] for key in scs[0]})
         rows.append(dict(variant=name, source=src, layers=list(ls), weighting=kind, **row,
                          seconds=time.perf_counter() - t, edges=int((np.asarray(g.w) > 0).sum()),
                          converged=bool(res.convergence.converged) if res.convergence else None,
                          sigma_median=[sigma[src, i] for i in ls] if kind == "rbf-median" else None))
-        print(f"{name}: fg IoU {100 * row['fg_iou']:.1f} mIoU {100 * row['miou']:.1f} "
+        print(f"{name}: fg IoU {100 * row.get('fg_iou', np.nan):.1f} mIoU {100 * row['miou']:.1f} "
               f"({rows[-1]['seconds']:.0f} s)", flush=True)
     if not args.no_ncut:
         rows += ncut_rows(feats, grid, n, args, segments, score)
-    rep = dict(args=vars(args), images=n, grid=list(grid), layers=layers, segments=segments, seconds_forward=t_fwd,
+    rep = dict(args=vars(args), images=n, grid=list(grid), layers=layers, segments=segments, classes=classes,
+               seconds_forward=t_fwd,
                seconds_search=t_search, k_search=k, seconds_total=time.perf_counter() - t_all, load_start=load0,
                load_end=_common.cpu_and_load()[1], variants=rows, machine=_common.machine())
-    write_horse(args, rep)
+    write_quick(args, rep)
 
 
-def write_horse(args, rep: dict) -> None:
+def write_quick(args, rep: dict) -> None:
     base = os.path.splitext(args.out)[0]
     _common.write(base + ".json", json.dumps(rep, indent=1) + "\n", announce=True)
     pct = lambda v: f"{100 * v:.1f}"
     sd = lambda r, key: (f" ± {100 * np.std(r[key + '_seeds'], ddof=1):.1f}" if len(r[key + "_seeds"]) > 1 else "")
-    table = [[r["variant"], pct(r["fg_iou"]) + sd(r, "fg_iou"), pct(r["miou"]) + sd(r, "miou"), pct(r["pixel_acc"]),
-              f"{r.get('seconds', r.get('seconds_fit', 0)):.1f}"] for r in rep["variants"]]
-    cmd = "python benchmarks/eval_graph_variants.py --labels horse" + (" --tiny" if args.tiny else "") + (
-        f" --limit {args.limit}" if args.limit else "") + f" --data {args.data}"
-    note = f"""# Whole-dataset graph variants on horse-dev: figure-ground at dataset level (issue #25, item 2)
+    horse = args.labels == "horse"
+    table = [[r["variant"]] + ([pct(r["fg_iou"]) + sd(r, "fg_iou")] if horse else []) + [
+        pct(r["miou"]) + sd(r, "miou"), pct(r["pixel_acc"]), f"{r.get('seconds', r.get('seconds_fit', 0)):.1f}"]
+        for r in rep["variants"]]
+    cmd = "python benchmarks/eval_graph_variants.py" + (" --labels horse" if horse else " --quick") + (
+        " --tiny" if args.tiny else "") + (f" --limit {args.limit}" if args.limit else "") + f" --data {args.data}"
+    what = ("horse-dev: figure-ground at dataset level" if horse else
+            f"coco-mini: supercategory mIoU, {rep['classes'] - 1} supercategories + background")
+    match = ("{background, horse} over all images' mask pixels" if horse else
+             "the supercategories + background over all images' pixels (`eval_dataset.hungarian_scores`)")
+    note = f"""# Whole-dataset graph variants on {what} (issue #25, item 2)
 
 Measured {datetime.date.today().isoformat()} with `{cmd}`: {rep['images']} images, `{args.model}` weights
 `{args.weights}`, {args.size}² squashed input, grid {rep['grid'][0]}×{rep['grid'][1]}, {rep['layers']} layers (all,
 equal weights), K = {args.num_eigs} eigenvectors (`solvers.exact`), {rep['segments']} segments over the whole dataset
-(`dataset.segments`), ONE Hungarian matching of segments to {{background, horse}} over all images' mask pixels.
+(`dataset.segments`), ONE Hungarian matching of segments to {match}.
 Mean over {args.kmeans_seeds} k-means seeds (± their sd). Total {rep['seconds_total']:.0f} s wall on a shared 2-core
 CPU, load average {rep['load_start']} at the start and {rep['load_end']} at the end (1/5/15 min). Forward
 {rep['seconds_forward']:.0f} s; exact searches (k = {rep['k_search']} + {rep['k_search']} per layer):
 {', '.join(f'{s} {v:.0f} s' for s, v in rep['seconds_search'].items())}. Variants: the script's docstring; raw
 numbers `{os.path.basename(base)}.json`. "seconds": the variant's weighting + solve + segments (ncut: its fit).
 
-{_common.table(["variant", "foreground IoU", "mIoU", "pixel acc.", "seconds"], table)}
+{_common.table(["variant"] + (["foreground IoU"] if horse else []) + ["mIoU", "pixel acc.", "seconds"], table)}
 """
     print(note)
     _common.write(args.out, note, announce=True)
@@ -350,8 +367,8 @@ numbers `{os.path.basename(base)}.json`. "seconds": the variant's weighting + so
 
 def main() -> None:
     args = parse()
-    if args.labels == "horse":
-        return main_horse(args)
+    if args.labels == "horse" or args.quick:
+        return main_quick(args)
     coco = load_coco(args.data, "eval_graph_variants")
     load0 = _common.cpu_and_load()[1]
     from spectral_jax import dataset, models, solvers

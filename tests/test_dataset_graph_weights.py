@@ -83,7 +83,7 @@ def test_sigma_is_deterministic_under_the_seed(rng):
     assert S.EDGES == graphs.EDGES                  # the settings' list (no JAX there) is the library's
 
 
-def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path):
+def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path, capsys):
     """A cosine run and an rbf run of the same folder: the same neighbours; the rbf weights are exp(−(2 − 2cos)/2σ²)
     of the cosine run's weights with the summary's σ per layer (the store's path, `store_sigma`), and σ is the one the
     in-memory path (`graphs.weight_edges`, taken by an approximate search) finds; that run reports its search and
@@ -112,6 +112,8 @@ def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path):
     ivf = dataset.run(folder, str(tmp_path / "ivf"), backbone=bb, **{**EXACT, "edge_weights": "rbf",
                                                                         "search": "ivf"})
     si = ivf.summary()
+    err = [line for line in capsys.readouterr().err.splitlines() if "recall" in line]
+    assert len(err) == 1 and "kNN search ivf" in err[0] and f"recall {si['knn_search']['recall_min']:.4f}" in err[0]
     for layer in ("0", "1"):
         assert abs(si["edge_weights"]["sigma"][layer] - sigma[layer]) < 1e-5
     ks = si["knn_search"]

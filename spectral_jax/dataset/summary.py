@@ -13,6 +13,7 @@ import numpy as np
 
 from spectral_jax.dataset.layout import Geometry
 from spectral_jax.dataset.settings import Settings
+from spectral_jax.graphs import SIGMA_PAIRS
 from spectral_jax.solvers.gd import STATIONARITY_TOL, STATIONARITY_WINDOW, stationarity_verdict
 from spectral_jax.solvers.result import Convergence
 
@@ -85,8 +86,8 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
         "inner_steps": settings.inner_steps, "lr": lr, "weight_decay": settings.weight_decay, "ema": settings.ema,
         "k_intra": geom.k_intra, "k_inter": geom.k_inter, "min_cos": settings.min_cos, "seed": settings.seed,
         "edge_weights": {"kind": settings.edge_weights, **({"sigma": "per batch, from its tokens (graphs.weight_edges)",
-                                                            "sigma_pairs": 4000} if settings.edge_weights == "rbf"
-                                                           else {})},
+                                                            "sigma_pairs": SIGMA_PAIRS, "sigma_seed": settings.seed}
+                                                           if settings.edge_weights == "rbf" else {})},
         "segments_asked": settings.segments, **machine, "history_columns": HISTORY_COLUMNS, "history": h,
         "folder": folder,
     }

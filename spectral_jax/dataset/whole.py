@@ -11,7 +11,12 @@
      `k_intra` neighbours in the token's own image, `k_inter` among all other images' tokens, cos ≤ `min_cos`
      dropped, ½(A + Aᵀ), row-normalised), searched in tiles read memory-mapped from the store (`search_store`: never
      N×N, never all features in memory); unreadable images and the padding to a multiple of the devices are masked
-     (no edges);
+     (no edges). The kept edges' weights (`settings.edge_weights`): the cosine (the paper's recipe) or an RBF of the distance,
+     exp(−d²/2σ²) with σ per graph the median distance of `graphs.SIGMA_PAIRS` token pairs drawn with the seed
+     (`store_sigma`, `graphs.weight_edges`), recorded with the graph. The inter-image search (`settings.search`,
+     `make_graphs`): the store's tiled exact search, or an approximate index (`knn_search`: ivf / faiss; "auto"
+     above `knn_search.AUTO_MIN_NODES` nodes) over the features read into memory, its recall measured on a seeded
+     sample of rows and reported (summary.json, one stderr line);
   3. `solvers.exact` on it: for N > `dense_max` Σ_l w_l sym(P_l) coalesced into one sparse matrix
      (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
