@@ -5,7 +5,11 @@ eigenvector table for a folder of images (recursively; .jpg/.jpeg/.png/.webp) ov
 float32 tolerance (ARPACK on the CPU backend, LOBPCG on accelerators; the summary's "convergence"), across several
 processes too (each reads its share of the images); the forward's features and the graph are cached in
 OUT/checkpoints, so a rerun with --resume skips them. --method gd: the official minibatch recipe (--preset, epochs
-of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every steps.
+of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every steps. --edge-weights: the kept kNN
+edges weigh their cosine (the paper's recipe) or an RBF of the distance with the median σ of seeded token pairs
+(ncut-pytorch's rule; σ per layer in the summary). --search (exact): the inter-image neighbours by the tiled exact
+search from the stored features, or by an approximate index over the features in memory (ivf, faiss; auto: above
+65536 tokens), whose recall on a seeded sample of rows is reported on stderr and in the summary's "knn_search".
 
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
 OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/segments.npz (`segments`
