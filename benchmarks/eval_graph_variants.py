@@ -106,11 +106,11 @@ def search(a: np.ndarray, b: np.ndarray, grid, n: int, k: int) -> tuple[np.ndarr
     return np.asarray(g.idx[0]), np.asarray(g.w[0])
 
 
-def search_k(grid, n: int) -> int:
-    """The neighbours each search list keeps: `K_SEARCH`, capped by the tokens of one image and of the others."""
+def search_k(grid, n: int, k: int = K_SEARCH) -> int:
+    """The neighbours each search list keeps: k (`K_SEARCH`), capped by the tokens of one image and of the others."""
     from spectral_jax import graphs
 
-    return min(graphs.clamp_k(K_SEARCH, K_SEARCH, grid, n))
+    return min(graphs.clamp_k(k, k, grid, n))
 
 
 def median_sigma(x: np.ndarray, seed: int, pairs: int = 4000) -> float:
@@ -184,6 +184,7 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--segments", type=int, default=None,
                     help="segments over the dataset (default: the classes: supercategories + 1, or 2 for horse)")
     ap.add_argument("--no-ncut", action="store_true", help="skip the peer ncut-pytorch")
+    ap.add_argument("--sources", default="vv,hidden", help="--quick / horse: the graph sources (vv, hidden)")
     ap.add_argument("--quick", action="store_true",
                     help="coco: only the all-layer vv / hidden variants official, rbf-median, rbf-cut and the peer "
                          "(the --labels horse table)")
@@ -291,7 +292,8 @@ def main_quick(args) -> None:
     print(f"forward: {n} images, grid {grid}, {t_fwd:.0f} s", flush=True)
     layers = feats["v"].shape[0]
     variants = plan(layers, args.tiny, quick=True)
-    k = search_k(grid, n)
+    variants = [v for v in variants if v[1] in args.sources.split(",")]
+    k = search_k(grid, n, K_OFFICIAL)              # every quick variant cuts the official 50 + 50 edges
 
     def score(labels):
         sc = hungarian_scores(confusion(np.asarray(labels), masks, classes, lut))
