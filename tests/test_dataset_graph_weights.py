@@ -123,6 +123,10 @@ def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path, capsys):
     assert again.summary()["edge_weights"]["sigma"] == sigma
     other = dataset.run(folder, str(tmp_path / "rbf3"), backbone=bb, **{**EXACT, "edge_weights": "rbf", "seed": 5})
     assert other.summary()["edge_weights"]["sigma"] != sigma
+    half = dataset.run(folder, str(tmp_path / "bf16"), backbone=bb, **{**EXACT, "edge_weights": "rbf",
+                                                                         "features_dtype": "bfloat16"})
+    for layer, v in half.summary()["edge_weights"]["sigma"].items():     # σ from the stored bfloat16 features
+        assert abs(v - sigma[layer]) < 1e-2 * sigma[layer]
     # the graph cache brings σ back
     back = dataset.run(folder, str(tmp_path / "rbf"), backbone=bb, resume=True,
                        **{**EXACT, "edge_weights": "rbf", "num_eigs": 4})
