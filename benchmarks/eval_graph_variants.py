@@ -206,7 +206,8 @@ def plan(layers: int, tiny: bool, quick: bool = False) -> list[tuple[str, str, t
     """The variants: (name, source, layers, weighting); quick: `main_quick`'s."""
     every, last = tuple(range(layers)), (layers - 1,)
     if quick:
-        return [(f"{src} {w}, all layers", src, every, w) for src in ("vv", "hidden")
+        return [(f"{src} {w}, {name}", src, ls, w) for src in ("vv", "hidden")
+                for name, ls in (("all layers", every), ("last layer", last))
                 for w in (("official", "rbf-median", "rbf-cut") if not tiny or src == "vv" else ())]
     out = [("qk official, all layers", "qk", every, "official")]
     for w in (TINY_WEIGHTINGS if tiny else WEIGHTINGS):
@@ -304,7 +305,7 @@ def main_quick(args) -> None:
     for src in dict.fromkeys(s for _, s, _, _ in variants):
         t = time.perf_counter()
         x = feats["v" if src == "vv" else "hidden"]
-        for i in range(layers):
+        for i in sorted({i for _, s, ls, _ in variants if s == src for i in ls}):
             found[src, i] = search(x[i], x[i], grid, n, k)
             sigma[src, i] = median_sigma(x[i], args.seed + i)
         t_search[src] = time.perf_counter() - t
