@@ -172,3 +172,17 @@ def test_cli_refuses_bad_graph_options_in_one_line(tmp_path, case):
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("spectral-jax dataset: error:"), r.stderr
     assert ("--search" if case.startswith("search") else "--edge-weights") in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_sharded_path_builds_cosine_edges_only():
+    """`whole.solver_path`: the sharded path (cosine edges only) asked for with --edge-weights rbf is one InputError
+    naming both flags and the fix, before any work; auto stays gathered for rbf."""
+    from spectral_jax.dataset.layout import Geometry
+
+    one = Geometry((((2, 2), (10, 11)),), (2, 2), (28, 28), 24, 64, 1, 3, 6)
+    assert whole.solver_path(dataset.Settings(edge_weights="rbf"), one) == "gathered"
+    with pytest.raises(dataset.InputError, match=r"--solver sharded: cannot run with --edge-weights rbf.* — pass "
+                                                 r"--solver gathered"):
+        whole.solver_path(dataset.Settings(edge_weights="rbf", exact_solver="sharded"), one)
+    with pytest.raises(dataset.InputError, match=r"--edge-weights 'binary': unknown"):
+        dataset.Settings(edge_weights="binary")
