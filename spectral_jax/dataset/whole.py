@@ -622,6 +622,12 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     if settings.search in ("ivf", "faiss") and jax.process_count() > 1:
         raise InputError(f"--search {settings.search}", "runs in one process only (the approximate index is built "
                          "over all features in one memory)", "pass --search exact (or auto) with several processes")
+    if settings.search == "faiss":
+        from spectral_jax import knn_search
+
+        if not knn_search.faiss_available():
+            raise InputError("--search faiss", "needs faiss, which is not installed",
+                             "pip install faiss-cpu, or pass --search ivf")
     plain = settings.edge_weights == "cosine"       # the sharded path builds the paper's cosine edges only
     if choice == "auto":
         return "sharded" if jax.process_count() > 1 and one_grid and plain else "gathered"
