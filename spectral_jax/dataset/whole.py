@@ -614,7 +614,9 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     "auto": sharded with several processes when every layer group shares one grid and the taps have no timesteps,
     else gathered. "sharded" asked for where it cannot run (several grids, diffusion taps `[L, T]`): one
     `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
-    at dataset level, `layer_weights`.)"""
+    at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges only: with
+    edge_weights "rbf", auto is gathered and "sharded" one `InputError`; an approximate --search (ivf, faiss)
+    runs in one process only, and faiss must be installed: one `InputError` each otherwise."""
     one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
     choice = settings.exact_solver
     from spectral_jax.errors import InputError
