@@ -8,6 +8,9 @@ Synthetic backbone of test_dataset (32×32 inputs → a 4×4 grid, 16 tokens per
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 import pytest
 
@@ -186,3 +189,23 @@ def test_sharded_path_builds_cosine_edges_only():
         whole.solver_path(dataset.Settings(edge_weights="rbf", exact_solver="sharded"), one)
     with pytest.raises(dataset.InputError, match=r"--edge-weights 'binary': unknown"):
         dataset.Settings(edge_weights="binary")
+
+
+def test_two_processes_give_the_one_process_rbf_graph(tmp_path):
+    """Two processes on the gathered path (each searches its own rows; σ drawn from the sharded features): the same
+    σ, graph and eigenvectors as one process (whose graph comes from the store's search and `store_sigma`)."""
+    from test_dataset import run_two_processes
+
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    out = str(tmp_path / "multi")
+    run_two_processes(folder, out, "**EXACT, edge_weights='rbf', exact_solver='gathered'",
+                      head="from test_dataset_graph_weights import EXACT\n")
+    single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(), **{**EXACT, "edge_weights": "rbf"})
+    multi = dataset.load_result(out)
+    s_multi = json.load(open(os.path.join(out, "summary.json")))["edge_weights"]["sigma"]
+    for layer, v in single.summary()["edge_weights"]["sigma"].items():
+        assert abs(s_multi[layer] - v) < 1e-6 * v
+    with np.load(f"{out}/checkpoints/graph.npz") as m, np.load(tmp_path / "single" / "checkpoints" / "graph.npz") as s:
+        np.testing.assert_array_equal(m["idx0"], s["idx0"])
+        np.testing.assert_allclose(m["w0"], s["w0"], rtol=1e-6)
+    np.testing.assert_allclose(np.abs(multi.eigvecs), np.abs(single.eigvecs), atol=1e-4)
