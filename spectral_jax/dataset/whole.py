@@ -840,5 +840,6 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 
-__all__ = ["Features", "GRAPH", "Solved", "Streamed", "build_graphs", "cache_key", "feature_widths",
-           "padded_images", "search_store", "solve", "solve_sharded", "solver_path", "stream_features"]
+__all__ = ["Features", "GRAPH", "Solved", "Streamed", "build_graphs", "cache_key", "feature_widths", "graph_report",
+           "make_graphs", "padded_images", "say_search", "search_store", "solve", "solve_sharded", "solver_path",
+           "store_sigma", "stream_features"]
