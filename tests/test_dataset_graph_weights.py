@@ -209,3 +209,21 @@ def test_two_processes_give_the_one_process_rbf_graph(tmp_path):
         np.testing.assert_array_equal(m["idx0"], s["idx0"])
         np.testing.assert_allclose(m["w0"], s["w0"], rtol=1e-6)
     np.testing.assert_allclose(np.abs(multi.eigvecs), np.abs(single.eigvecs), atol=1e-4)
+
+
+def test_diffusion_timesteps_get_one_sigma_each_on_both_paths(tmp_path):
+    """Diffusion taps (one graph per layer and timestep): σ per (layer, timestep) in the summary ("layer/t"), the
+    same from the store (`store_sigma`, exact search) as from the features in memory (`build_graphs`, taken by the
+    ivf search); the timesteps' σ differ (each timestep's own heads)."""
+    from test_dataset_diffusion import square_folder
+
+    folder = square_folder(str(tmp_path / "imgs"), 3, 32)
+    kw = dict(model="pixart_tiny", weights="random", size=32, batch_size=1, num_eigs=4, k_intra=3, k_inter=3,
+              layers="0,2", figure_images=0, model_options={"timesteps": (10, 200)}, graph="knn-vv",
+              edge_weights="rbf")
+    store = dataset.run(folder, str(tmp_path / "store"), **kw).summary()["edge_weights"]["sigma"]
+    memory = dataset.run(folder, str(tmp_path / "memory"), **{**kw, "search": "ivf"}).summary()
+    assert set(store) == {"0/0", "0/1", "2/0", "2/1"} and store["0/0"] != store["0/1"]
+    for key, v in store.items():
+        assert abs(memory["edge_weights"]["sigma"][key] - v) < 1e-5 * v
+    assert memory["knn_search"]["used"] == "ivf" and set(memory["knn_search"]["recall"]) == set(store)
