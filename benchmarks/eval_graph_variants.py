@@ -11,8 +11,8 @@ k_intra = k_inter = 100 and no cosine cut (min_cos = −1), search "exact" — f
                exact, since the global top 100 lies in the union of the two top-100 lists), cos > 0.1;
   rbf-median   the official 50 + 50 edges, weight exp(−d²/(2σ²)), d² = 2 − 2 cos (unit features), σ = the median
                distance of 4000 seeded random token pairs (ncut-pytorch's `rbf_affinity` with its median σ);
-  rbf-cut      as rbf-median on the official edges that survive cos > 0.1 (what `--edges rbf` builds with the
-               default --min-cos 0.1);
+  rbf-cut      as rbf-median on the official edges that survive cos > 0.1 (what `--edge-weights rbf` builds with
+               the default --min-cos 0.1);
   self-tuning  the official 50 + 50 edges, weight exp(−d_ij²/(σ_i σ_j)), σ_i = d to i's 7th nearest neighbour
                among its 200 searched (Zelnik-Manor & Perona 2004; where a = b the token itself, cos 1, is its own
                1st).
@@ -24,15 +24,17 @@ by `eval_joint.split_probes` (where R², what accuracy) on the same eigenvectors
 Sources: qk (a = q, b = k, heads concatenated), vv (v), hidden (the block's output; the raw residual stream, no
 final LayerNorm). Layers: all (equal weights), the last, and each single layer (best reported).
 
---labels horse (a folder in horse-dev's layout: images/horseNNN.jpg, masks/horseNNN.jpg): the same variants over
-all layers (vv and hidden), segmented into --segments (default 2) segments over the whole dataset, ONE Hungarian
+--labels horse (a folder in horse-dev's layout: images/horseNNN.jpg, masks/horseNNN.jpg), and --quick on coco: only
+official, rbf-median and rbf-cut, over all layers and over the last one, of the --sources (vv, hidden; one search
+each, k = 50 + 50). Horse: segmented into --segments (default 2) segments over the whole dataset, ONE Hungarian
 matching of segments to {background, horse} (pixels of the masks, each at its own resolution; the input image is
 squashed to size², the segments upsampled to the mask), scored as foreground IoU, mIoU (mean of the two IoUs) and
-pixel accuracy. In either mode the peer ncut-pytorch (`bench_peers.ncut_fit`: RBF affinity, median σ, Nyström) runs
+pixel accuracy. In both modes the peer ncut-pytorch (`bench_peers.ncut_fit`: RBF affinity, median σ, Nyström) runs
 on the last layer's v — the features `bench_peers` gives it — followed by its k-means and by our `dataset.segments`.
 
     python benchmarks/eval_graph_variants.py [--data ../shared/data/coco-mini] [--limit N]
-    python benchmarks/eval_graph_variants.py --labels horse --data ../shared/data/horse-dev
+    python benchmarks/eval_graph_variants.py --labels horse --sources vv --data ../shared/data/horse-dev
+    python benchmarks/eval_graph_variants.py --quick --sources vv --data ../shared/data/coco-mini
     python benchmarks/eval_graph_variants.py --tiny --data FOLDER --out DIR/v.md    # seconds, random weights
 """
 
@@ -345,6 +347,7 @@ def write_quick(args, rep: dict) -> None:
         pct(r["miou"]) + sd(r, "miou"), pct(r["pixel_acc"]), f"{r.get('seconds', r.get('seconds_fit', 0)):.1f}"]
         for r in rep["variants"]]
     cmd = "python benchmarks/eval_graph_variants.py" + (" --labels horse" if horse else " --quick") + (
+        f" --sources {args.sources}" if args.sources != "vv,hidden" else "") + (
         " --tiny" if args.tiny else "") + (f" --limit {args.limit}" if args.limit else "") + f" --data {args.data}"
     what = ("horse-dev: figure-ground at dataset level" if horse else
             f"coco-mini: supercategory mIoU, {rep['classes'] - 1} supercategories + background")

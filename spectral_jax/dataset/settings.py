@@ -127,13 +127,12 @@ class Settings:
     over the folder (the last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
     (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
     at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50, capped by the tokens
-    available; a number given must fit); min_cos: edges at or below it are dropped; edge_weights: the kept edges' weights,
-    "cosine" (the paper's recipe) or "rbf" (exp(−d²/2σ²) of the unit features' distance, σ the median distance of
-    `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's rule; `graphs.weight_edges`); search: the
-    exact method's inter-image kNN search, "exact" (the store's tiled brute force), "ivf" / "faiss" (approximate,
-    `spectral_jax.knn_search`, features in memory, recall measured) or "auto" (exact below
-    `knn_search.AUTO_MIN_NODES` nodes, else ivf); lam: the paper loss's
-    orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
+    available; a number given must fit); min_cos: edges at or below it are dropped; edge_weights: the kept edges'
+    weights, "cosine" (the paper's recipe) or "rbf" (exp(−d²/2σ²) of the unit features' distance, σ the median
+    distance of `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's rule; `graphs.weight_edges`);
+    search: the exact method's inter-image kNN search, "exact" (the store's tiled brute force), "ivf" / "faiss"
+    (approximate, `spectral_jax.knn_search`, features in memory, recall measured) or "auto" (exact below
+    `knn_search.AUTO_MIN_NODES` nodes, else ivf); lam: the paper loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
     layer equal) — a mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired
     with `layers` in the order given, or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select":
     exact only, read from each layer's graph), checked against the tapped layers when the run starts; seed: the table's start and the epoch
