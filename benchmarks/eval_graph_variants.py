@@ -11,6 +11,8 @@ k_intra = k_inter = 100 and no cosine cut (min_cos = −1), search "exact" — f
                exact, since the global top 100 lies in the union of the two top-100 lists), cos > 0.1;
   rbf-median   the official 50 + 50 edges, weight exp(−d²/(2σ²)), d² = 2 − 2 cos (unit features), σ = the median
                distance of 4000 seeded random token pairs (ncut-pytorch's `rbf_affinity` with its median σ);
+  rbf-cut      as rbf-median on the official edges that survive cos > 0.1 (what `--edge-weights rbf` builds with
+               the default --min-cos 0.1);
   self-tuning  the official 50 + 50 edges, weight exp(−d_ij²/(σ_i σ_j)), σ_i = d to i's 7th nearest neighbour
                among its 200 searched (Zelnik-Manor & Perona 2004; where a = b the token itself, cos 1, is its own
                1st).
@@ -22,7 +24,17 @@ by `eval_joint.split_probes` (where R², what accuracy) on the same eigenvectors
 Sources: qk (a = q, b = k, heads concatenated), vv (v), hidden (the block's output; the raw residual stream, no
 final LayerNorm). Layers: all (equal weights), the last, and each single layer (best reported).
 
+--labels horse (a folder in horse-dev's layout: images/horseNNN.jpg, masks/horseNNN.jpg), and --quick on coco: only
+official, rbf-median and rbf-cut, over all layers and over the last one, of the --sources (vv, hidden; one search
+each, k = 50 + 50). Horse: segmented into --segments (default 2) segments over the whole dataset, ONE Hungarian
+matching of segments to {background, horse} (pixels of the masks, each at its own resolution; the input image is
+squashed to size², the segments upsampled to the mask), scored as foreground IoU, mIoU (mean of the two IoUs) and
+pixel accuracy. In both modes the peer ncut-pytorch (`bench_peers.ncut_fit`: RBF affinity, median σ, Nyström) runs
+on the last layer's v — the features `bench_peers` gives it — followed by its k-means and by our `dataset.segments`.
+
     python benchmarks/eval_graph_variants.py [--data ../shared/data/coco-mini] [--limit N]
+    python benchmarks/eval_graph_variants.py --labels horse --sources vv --data ../shared/data/horse-dev
+    python benchmarks/eval_graph_variants.py --quick --sources vv --data ../shared/data/coco-mini
     python benchmarks/eval_graph_variants.py --tiny --data FOLDER --out DIR/v.md    # seconds, random weights
 """
 
@@ -96,11 +108,11 @@ def search(a: np.ndarray, b: np.ndarray, grid, n: int, k: int) -> tuple[np.ndarr
     return np.asarray(g.idx[0]), np.asarray(g.w[0])
 
 
-def search_k(grid, n: int) -> int:
-    """The neighbours each search list keeps: `K_SEARCH`, capped by the tokens of one image and of the others."""
+def search_k(grid, n: int, k: int = K_SEARCH) -> int:
+    """The neighbours each search list keeps: k (`K_SEARCH`), capped by the tokens of one image and of the others."""
     from spectral_jax import graphs
 
-    return min(graphs.clamp_k(K_SEARCH, K_SEARCH, grid, n))
+    return min(graphs.clamp_k(k, k, grid, n))
 
 
 def median_sigma(x: np.ndarray, seed: int, pairs: int = 4000) -> float:
@@ -130,6 +142,8 @@ def weighted(idx: np.ndarray, cos: np.ndarray, kind: str, k: int, sigma: float |
     d2 = np.maximum(2 - 2 * c, 0)
     if kind == "rbf-median":
         return i, np.exp(-d2 / (2 * sigma ** 2)).astype(np.float32)
+    if kind == "rbf-cut":
+        return i, np.where(c > MIN_COS, np.exp(-d2 / (2 * sigma ** 2)), 0).astype(np.float32)
     if kind == "self-tuning":
         srt = -np.sort(-cos, axis=1)
         s = np.sqrt(np.maximum(2 - 2 * srt[:, min(SELF_TUNING_NEIGHBOUR, srt.shape[1]) - 1], 1e-12))
@@ -166,19 +180,37 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--ridge", type=float, default=10.0)
     ap.add_argument("--splits", type=int, default=5, help="seeded train/test splits of the probes")
     ap.add_argument("--limit", type=int, default=None, help="the first N images only")
+    ap.add_argument("--labels", choices=("coco", "horse"), default="coco",
+                    help="coco: coco-mini supercategories (--data holds images/ and the annotations); horse: "
+                         "horse-dev figure-ground masks (--data holds images/ and masks/)")
+    ap.add_argument("--segments", type=int, default=None,
+                    help="segments over the dataset (default: the classes: supercategories + 1, or 2 for horse)")
+    ap.add_argument("--no-ncut", action="store_true", help="skip the peer ncut-pytorch")
+    ap.add_argument("--sources", default="vv,hidden", help="--quick / horse: the graph sources (vv, hidden)")
+    ap.add_argument("--quick", action="store_true",
+                    help="coco: only the all-layer vv / hidden variants official, rbf-median, rbf-cut and the peer "
+                         "(the --labels horse table)")
     ap.add_argument("--tiny", action="store_true",
                     help="smoke mode: random weights, 112², K = 4, 4 variants, 2 splits (seconds; numbers "
                          "meaningless)")
-    ap.add_argument("--out", default=os.path.join(REPO, "benchmarks", "results", "graph_variants.md"))
+    ap.add_argument("--out", default=None,
+                    help="report (default benchmarks/results/graph_variants.md, graph_variants_horse.md for horse)")
     args = ap.parse_args()
+    if args.out is None:
+        args.out = os.path.join(REPO, "benchmarks", "results",
+                                "graph_variants" + ("_horse" if args.labels == "horse" else "") + ".md")
     if args.tiny:
         args.weights, args.size, args.num_eigs, args.splits, args.kmeans_seeds = "random", 112, 4, 2, 1
     return args
 
 
-def plan(layers: int, tiny: bool) -> list[tuple[str, str, tuple[int, ...], str]]:
-    """The variants: (name, source, layers, weighting)."""
+def plan(layers: int, tiny: bool, quick: bool = False) -> list[tuple[str, str, tuple[int, ...], str]]:
+    """The variants: (name, source, layers, weighting); quick: `main_quick`'s."""
     every, last = tuple(range(layers)), (layers - 1,)
+    if quick:
+        return [(f"{src} {w}, {name}", src, ls, w) for src in ("vv", "hidden")
+                for name, ls in (("all layers", every), ("last layer", last))
+                for w in (("official", "rbf-median", "rbf-cut") if not tiny or src == "vv" else ())]
     out = [("qk official, all layers", "qk", every, "official")]
     for w in (TINY_WEIGHTINGS if tiny else WEIGHTINGS):
         out.append((f"vv {w}, all layers", "vv", every, w))
@@ -193,8 +225,156 @@ def plan(layers: int, tiny: bool) -> list[tuple[str, str, tuple[int, ...], str]]
     return out
 
 
+def ncut_rows(feats: dict, grid, n: int, args, segments: int, score) -> list[dict]:
+    """The peer on the last layer's v `[N, F]` (`bench_peers.ncut_fit`, K = --num-eigs), then k-means (sklearn,
+    n_init 10) and our `dataset.segments`, each over --kmeans-seeds seeds; score: labels `[n, h, w]` → scores."""
+    from sklearn.cluster import KMeans
+
+    from bench_peers import ncut_fit
+    from spectral_jax import dataset
+
+    t = time.perf_counter()
+    ev, evals, sigma = ncut_fit(feats["v"][-1], args.num_eigs, args.seed)
+    t_fit = time.perf_counter() - t
+    res = type("NcutResult", (), {})()
+    res.eigvecs, res.record = np.transpose(ev.reshape(n, *grid, args.num_eigs), (0, 3, 1, 2)), {}
+    seeds = range(args.seed, args.seed + args.kmeans_seeds)
+    out = []
+    for name, fn in (("ncut-pytorch (last-layer v) + k-means", lambda sd: KMeans(
+            segments, n_init=10, random_state=sd).fit_predict(ev).reshape(n, *grid)),
+                     ("ncut-pytorch (last-layer v) + our segments", lambda sd: np.asarray(
+                         dataset.segments(res, segments, seed=sd, eigvals=evals).labels))):
+        scs = [score(fn(sd)) for sd in seeds]
+        row = {key: float(np.mean([c[key] for c in scs])) for key in scs[0] if not isinstance(scs[0][key], list)}
+        row.update({f"{key}_seeds": [c[key] for c in scs] for key in row})
+        out.append(dict(variant=name, source="v", layers=[len(feats["v"]) - 1], weighting="ncut-pytorch", **row,
+                        seconds_fit=t_fit, sigma=sigma))
+        print(f"{name}: mIoU {100 * row['miou']:.1f} acc {100 * row['pixel_acc']:.1f}", flush=True)
+    return out
+
+
+def horse_masks(root: str, names: list[str]) -> list[np.ndarray]:
+    """horse-dev's masks of `names` (masks/NAME beside images/NAME): `[H, W]` int64 1 = horse, 0 = background,
+    at the mask's own resolution (`eval_foreground.gt_mask`)."""
+    from PIL import Image
+
+    from eval_foreground import gt_mask
+
+    out = []
+    for nm in names:
+        path = os.path.join(root, "masks", nm)
+        if not os.path.isfile(path):
+            sys.exit(f"eval_graph_variants: {path} missing (horse-dev layout: images/NAME and masks/NAME)")
+        with Image.open(path) as m:
+            out.append(gt_mask(path, m.size[::-1]).astype(np.int64))
+    return out
+
+
+def main_quick(args) -> None:
+    """--labels horse, or --quick on coco: the all-layer vv / hidden variants (official, rbf-median, rbf-cut) and
+    the peer, one table; horse: dataset-level figure-ground (foreground IoU, mIoU of {background, horse}); coco: the
+    supercategory mIoU."""
+    load0 = _common.cpu_and_load()[1]
+    from spectral_jax import dataset, models, solvers
+    from spectral_jax import folder as F
+    from spectral_jax.dataset import DatasetResult
+
+    t_all = time.perf_counter()
+    root = os.path.join(args.data, "images")
+    names = F.scan(root)[0]
+    names = names[:args.limit] if args.limit else names
+    n = len(names)
+    if args.labels == "horse":
+        masks, lut, classes = horse_masks(args.data, names), None, 2
+    else:
+        masks, lut, _, supers, _ = pixel_labels(load_coco(args.data, "eval_graph_variants"), names)
+        classes = len(supers) + 1
+    segments = args.segments or classes
+    bb = models.load_backbone(args.model, args.weights)
+    feats, grid, t_fwd = extract(bb, root, names, args.size, min(args.batch_size, n))
+    print(f"forward: {n} images, grid {grid}, {t_fwd:.0f} s", flush=True)
+    layers = feats["v"].shape[0]
+    variants = plan(layers, args.tiny, quick=True)
+    variants = [v for v in variants if v[1] in args.sources.split(",")]
+    k = search_k(grid, n, K_OFFICIAL)              # every quick variant cuts the official 50 + 50 edges
+
+    def score(labels):
+        sc = hungarian_scores(confusion(np.asarray(labels), masks, classes, lut))
+        out = dict(miou=sc["miou"], pixel_acc=sc["pixel_acc"])
+        return {**out, "fg_iou": sc["per_class_iou"][1]} if args.labels == "horse" else out
+
+    found, t_search, sigma = {}, {}, {}
+    for src in dict.fromkeys(s for _, s, _, _ in variants):
+        t = time.perf_counter()
+        x = feats["v" if src == "vv" else "hidden"]
+        for i in sorted({i for _, s, ls, _ in variants if s == src for i in ls}):
+            found[src, i] = search(x[i], x[i], grid, n, k)
+            sigma[src, i] = median_sigma(x[i], args.seed + i)
+        t_search[src] = time.perf_counter() - t
+        print(f"search {src}: {layers} layers, {t_search[src]:.0f} s", flush=True)
+    rows = []
+    for name, src, ls, kind in variants:
+        t = time.perf_counter()
+        g = knn_graph([weighted(*found[src, i], kind, k, sigma[src, i]) for i in ls], grid, n)
+        res = solvers.exact.exact([g], args.num_eigs, seed=args.seed)
+        result = DatasetResult.from_solve(res, names, {"eigvals": [float(v) for v in res.eigvals[0]]})
+        scs = [score(dataset.segments(result, segments, seed=sd).labels)
+               for sd in range(args.seed, args.seed + args.kmeans_seeds)]
+        row = {key: float(np.mean([c[key] for c in scs])) for key in scs[0]}
+        row.update({f"{key}_seeds": [c[key] for c in scs] for key in scs[0]})
+        rows.append(dict(variant=name, source=src, layers=list(ls), weighting=kind, **row,
+                         seconds=time.perf_counter() - t, edges=int((np.asarray(g.w) > 0).sum()),
+                         converged=bool(res.convergence.converged) if res.convergence else None,
+                         sigma_median=[sigma[src, i] for i in ls] if kind == "rbf-median" else None))
+        print(f"{name}: fg IoU {100 * row.get('fg_iou', np.nan):.1f} mIoU {100 * row['miou']:.1f} "
+              f"({rows[-1]['seconds']:.0f} s)", flush=True)
+    if not args.no_ncut:
+        rows += ncut_rows(feats, grid, n, args, segments, score)
+    rep = dict(args=vars(args), images=n, grid=list(grid), layers=layers, segments=segments, classes=classes,
+               seconds_forward=t_fwd,
+               seconds_search=t_search, k_search=k, seconds_total=time.perf_counter() - t_all, load_start=load0,
+               load_end=_common.cpu_and_load()[1], variants=rows, machine=_common.machine())
+    write_quick(args, rep)
+
+
+def write_quick(args, rep: dict) -> None:
+    base = os.path.splitext(args.out)[0]
+    _common.write(base + ".json", json.dumps(rep, indent=1) + "\n", announce=True)
+    pct = lambda v: f"{100 * v:.1f}"
+    sd = lambda r, key: (f" ± {100 * np.std(r[key + '_seeds'], ddof=1):.1f}" if len(r[key + "_seeds"]) > 1 else "")
+    horse = args.labels == "horse"
+    table = [[r["variant"]] + ([pct(r["fg_iou"]) + sd(r, "fg_iou")] if horse else []) + [
+        pct(r["miou"]) + sd(r, "miou"), pct(r["pixel_acc"]), f"{r.get('seconds', r.get('seconds_fit', 0)):.1f}"]
+        for r in rep["variants"]]
+    cmd = "python benchmarks/eval_graph_variants.py" + (" --labels horse" if horse else " --quick") + (
+        f" --sources {args.sources}" if args.sources != "vv,hidden" else "") + (
+        " --tiny" if args.tiny else "") + (f" --limit {args.limit}" if args.limit else "") + f" --data {args.data}"
+    what = ("horse-dev: figure-ground at dataset level" if horse else
+            f"coco-mini: supercategory mIoU, {rep['classes'] - 1} supercategories + background")
+    match = ("{background, horse} over all images' mask pixels" if horse else
+             "the supercategories + background over all images' pixels (`eval_dataset.hungarian_scores`)")
+    note = f"""# Whole-dataset graph variants on {what} (issue #25, item 2)
+
+Measured {datetime.date.today().isoformat()} with `{cmd}`: {rep['images']} images, `{args.model}` weights
+`{args.weights}`, {args.size}² squashed input, grid {rep['grid'][0]}×{rep['grid'][1]}, {rep['layers']} layers (all,
+equal weights), K = {args.num_eigs} eigenvectors (`solvers.exact`), {rep['segments']} segments over the whole dataset
+(`dataset.segments`), ONE Hungarian matching of segments to {match}.
+Mean over {args.kmeans_seeds} k-means seeds (± their sd). Total {rep['seconds_total']:.0f} s wall on a shared 2-core
+CPU, load average {rep['load_start']} at the start and {rep['load_end']} at the end (1/5/15 min). Forward
+{rep['seconds_forward']:.0f} s; exact searches (k = {rep['k_search']} + {rep['k_search']} per layer):
+{', '.join(f'{s} {v:.0f} s' for s, v in rep['seconds_search'].items())}. Variants: the script's docstring; raw
+numbers `{os.path.basename(base)}.json`. "seconds": the variant's weighting + solve + segments (ncut: its fit).
+
+{_common.table(["variant"] + (["foreground IoU"] if horse else []) + ["mIoU", "pixel acc.", "seconds"], table)}
+"""
+    print(note)
+    _common.write(args.out, note, announce=True)
+
+
 def main() -> None:
     args = parse()
+    if args.labels == "horse" or args.quick:
+        return main_quick(args)
     coco = load_coco(args.data, "eval_graph_variants")
     load0 = _common.cpu_and_load()[1]
     from spectral_jax import dataset, models, solvers

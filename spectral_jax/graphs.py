@@ -436,6 +436,68 @@ def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, 
     return KnnGraph(un(idx), un(w), un(deg), grid, batch, num_images), (cos if want_cos else None)
 
 
+EDGES = ("cosine", "rbf")      # kNN edge weights: the cosine (the paper's recipe) or an RBF of the distance
+SIGMA_PAIRS = 4000              # token pairs whose median distance is the RBF's σ (ncut-pytorch's rule)
+
+
+def sigma_pairs(valid_rows: Array, seed: int, pairs: int = SIGMA_PAIRS) -> tuple[Array, Array]:
+    """Seeded random row pairs (i, j) `[pairs]` int32, both drawn uniformly (with replacement) from the rows where
+    valid_rows `[N]` is True (`jax.random.choice` under `jax.random.key(seed)`: the same pairs for the same N, mask
+    and seed, on any backend). A pair may have i == j: `median_sigma` leaves it out. Every row invalid: pairs of
+    row 0 (σ is then NaN)."""
+    valid_rows = jnp.asarray(valid_rows, bool)
+    p = valid_rows.astype(jnp.float32)
+    p = jnp.where(p.sum() > 0, p / jnp.maximum(p.sum(), 1.0), jnp.zeros_like(p).at[0].set(1.0))
+    ij = jax.random.choice(jax.random.key(seed), valid_rows.shape[0], (2, pairs), p=p)
+    return ij[0].astype(jnp.int32), ij[1].astype(jnp.int32)
+
+
+def median_sigma(xi: Array, xj: Array, same: Array | None = None) -> Array:
+    """ncut-pytorch's median σ: the median Euclidean distance between the unit-normalised rows xi, xj
+    `[*S, pairs, F]` (a pair's two tokens) → `[*S]` float32, pairs marked in same `[pairs]` (i == j) left out.
+    Does not sample: `sigma_pairs` gives the pairs."""
+    u, v = kernels.unit_rows(jnp.asarray(xi, jnp.float32)), kernels.unit_rows(jnp.asarray(xj, jnp.float32))
+    d = jnp.linalg.norm(u - v, axis=-1)
+    if same is not None:
+        d = jnp.where(same, jnp.nan, d)
+    return jnp.nanmedian(d, axis=-1).astype(jnp.float32)
+
+
+def rbf_edges(g: KnnGraph, sigma: Array) -> KnnGraph:
+    """The kNN graph `g` with each kept edge's weight (w ≠ 0, w = the cosine, as `knn` stores it) replaced by
+    exp(−d² / (2σ²)), d² = 2 − 2 cos the squared distance of the unit features, and the degrees recomputed; σ
+    `[*S]` one per graph (`median_sigma`). The edges themselves (which neighbours, which dropped) do not change.
+    A kept edge of cosine exactly 0 is indistinguishable from a dropped one and stays dropped."""
+    s = jnp.asarray(sigma, jnp.float32)[..., None, None]
+    w = jnp.where(g.w != 0, jnp.exp(-(2.0 - 2.0 * g.w) / (2.0 * s * s)), 0.0).astype(g.w.dtype)
+    return dataclasses.replace(g, w=w, deg=edge_degrees(g.idx, w))
+
+
+@jax.jit
+def edge_degrees(idx: Array, w: Array) -> Array:
+    """The row sums of ½(A + Aᵀ) `[*S, N]` of a kNN graph's idx, w `[*S, N, k]` (as `knn` computes them)."""
+    flat_i, flat_w = idx.reshape(-1, *idx.shape[-2:]), w.reshape(-1, *w.shape[-2:])
+    deg = 0.5 * (flat_w.sum(-1) + jax.vmap(lambda i, x: jnp.zeros(i.shape[0], x.dtype).at[i.reshape(-1)].add(
+        x.reshape(-1)))(flat_i, flat_w))
+    return deg.reshape(w.shape[:-1])
+
+
+def weight_edges(g: KnnGraph, a: Array, edges: str, seed: int, valid_rows: Array | None = None
+                 ) -> tuple[KnnGraph, Array | None]:
+    """The kNN graph `g` (built by `knn` from features a `[*S, N, F]`) with its edge weights as `edges` says:
+    "cosine" returns it as it is (σ None); "rbf" returns `rbf_edges(g, σ)` with σ `[*S]` the median distance of
+    `sigma_pairs(valid_rows, seed)` (the same pairs for every graph; valid_rows `[N]` bool, None: all rows) of a's
+    rows (`median_sigma`). a may be sharded; nothing is gathered but the sampled rows."""
+    if edges not in EDGES:
+        raise InputError(f"edges {edges!r}", "is not an edge weighting", f"choose one of {', '.join(EDGES)}")
+    if edges == "cosine":
+        return g, None
+    n = a.shape[-2]
+    i, j = sigma_pairs(jnp.ones(n, bool) if valid_rows is None else valid_rows, seed)
+    sigma = median_sigma(jnp.take(a, i, axis=-2), jnp.take(a, j, axis=-2), i == j)
+    return rbf_edges(g, sigma), sigma
+
+
 def dense(p: Array, grid: tuple[int, int], num_images: int = 1) -> DenseGraph:
     """Wrap an explicit row-stochastic P `[*S, N, N]` as a graph."""
     p = jnp.asarray(p)

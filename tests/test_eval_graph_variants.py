@@ -87,6 +87,8 @@ def test_weightings_match_their_definitions(searched):
     sigma = ev.median_sigma(x, 0)
     i, w = ev.weighted(idx, cos, "rbf-median", 64, sigma)
     np.testing.assert_allclose(_dense(i, w, n), np.exp(-d2 / (2 * sigma ** 2)) * mask, atol=1e-5)
+    i, w = ev.weighted(idx, cos, "rbf-cut", 64, sigma)     # what --edge-weights rbf builds at --min-cos 0.1
+    np.testing.assert_allclose(_dense(i, w, n), np.exp(-d2 / (2 * sigma ** 2)) * mask * (c > 0.1), atol=1e-5)
     s = np.sqrt(np.sort(d2, axis=1)[:, 6])                   # the 7th nearest (the token itself is the 1st)
     i, w = ev.weighted(idx, cos, "self-tuning", 64, None)
     np.testing.assert_allclose(_dense(i, w, n), np.exp(-d2 / np.outer(s, s)) * mask, atol=1e-4)
@@ -116,3 +118,24 @@ def test_tiny_run(tmp_path):
         assert len(v["layers"]) == (1 if "last block" in v["variant"] else rep["layers"])
     text = out.read_text()
     assert "| vv official, all layers |" in text and "Best variant" in text
+
+
+@pytest.mark.slow          # a benchmark's smoke run (CI time): python -m pytest -m slow tests/test_eval_graph_variants.py
+def test_tiny_horse_run(tmp_path):
+    """--labels horse --tiny end to end on generated horse-dev-like images (`bench_peers.generated_data`): the vv
+    variants over all layers and the last, and ncut-pytorch, each scored as foreground IoU / mIoU in [0, 1]."""
+    pytest.importorskip("ncut_pytorch")
+    data = bench_module("bench_peers").generated_data(str(tmp_path / "data"))["horse-dev"]
+    out = tmp_path / "h.md"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "eval_graph_variants.py"), "--tiny", "--labels", "horse",
+                        "--data", data, "--out", str(out)], capture_output=True, text=True,
+                       timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    rep = json.loads((tmp_path / "h.json").read_text())
+    names = [v["variant"] for v in rep["variants"]]
+    assert names[:6] == [f"vv {w}, {ls}" for ls in ("all layers", "last layer")
+                         for w in ("official", "rbf-median", "rbf-cut")] and "ncut-pytorch" in names[-1]
+    assert rep["images"] == len(os.listdir(os.path.join(data, "images"))) and rep["segments"] == 2
+    for v in rep["variants"]:
+        assert 0 <= v["fg_iou"] <= 1 and 0 < v["miou"] <= 1
+    assert "| vv official, all layers |" in out.read_text()

@@ -5,7 +5,11 @@ eigenvector table for a folder of images (recursively; .jpg/.jpeg/.png/.webp) ov
 float32 tolerance (ARPACK on the CPU backend, LOBPCG on accelerators; the summary's "convergence"), across several
 processes too (each reads its share of the images); the forward's features and the graph are cached in
 OUT/checkpoints, so a rerun with --resume skips them. --method gd: the official minibatch recipe (--preset, epochs
-of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every steps.
+of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every steps. --edge-weights: the kept kNN
+edges weigh their cosine (the paper's recipe) or an RBF of the distance with the median σ of seeded token pairs
+(ncut-pytorch's rule; σ per layer in the summary). --search (exact): the inter-image neighbours by the tiled exact
+search from the stored features, or by an approximate index over the features in memory (ivf, faiss; auto: above
+65536 tokens), whose recall on a seeded sample of rows is reported on stderr and in the summary's "knn_search".
 
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
 OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/segments.npz (`segments`
@@ -44,6 +48,7 @@ from spectral_jax.dataset.settings import TIMESTEP_DRAWS
 from spectral_jax.errors import InputError
 from spectral_jax.options import DATASET_GRAPHS, METHODS, PRESETS
 from spectral_jax.recipes import RECIPES
+from spectral_jax.dataset.settings import EDGES, SEARCHES
 
 def register(sub) -> None:
     p = sub.add_parser("dataset", help="one eigenvector table for a folder of images (kNN graphs, sharded, resumable)",
@@ -93,6 +98,14 @@ def register(sub) -> None:
                    help="gd: in [0, 1): decay of the table's moving average (default 0.99)")
     p.add_argument("--min-cos", type=float, default=None,
                    help="in [-1, 1): edges with cosine ≤ it are dropped (default 0.1)")
+    p.add_argument("--edge-weights", choices=EDGES, default=None,
+                   help="the kNN edges' weights: cosine (the paper's recipe: the cosine of the kept edges) or rbf "
+                        "(exp(-d²/2σ²) of the unit features' distance, σ the median distance of 4000 token pairs "
+                        "drawn with --seed, ncut-pytorch's rule) (default cosine)")
+    p.add_argument("--search", choices=SEARCHES, default=None,
+                   help="exact: the whole-dataset graph's inter-image kNN search — exact (tiled brute force from the "
+                        "on-disk features), ivf / faiss (approximate, all features in memory; recall measured on "
+                        "a seeded sample and reported), auto (default: exact below 65536 tokens, else ivf)")
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="main_cls: the seed paper's dataset experiment (its official main_cls.py) on a Stable "
                         "Diffusion UNet — the mid block's and the two coarser decoder blocks' self-attention (layers "
@@ -136,7 +149,7 @@ def _check_segments(args, settings, patch: int) -> None:
 def _method_options(args) -> dict:
     return {k: v for k, v in dict(
         features_dtype="bfloat16" if args.bf16_features else None, maxiter=args.maxiter, tol=args.tol,
-        exact_solver=args.solver,
+        exact_solver=args.solver, search=args.search,
         preset=args.preset, epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
         checkpoint_every=args.checkpoint_every).items() if v is not None}
 
@@ -171,7 +184,7 @@ def run_dataset(args) -> int:
     options.pop("seed", None)                       # the run's --seed is the noise seed (`Settings.load_options`)
     chosen = {k: v for k, v in dict(
         layers=args.layers, size=None if args.size is None else str(args.size), batch_size=args.batch_size,
-        k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, layer_weights=args.layer_weights,
+        k_intra=args.k_intra, k_inter=args.k_inter, min_cos=args.min_cos, edge_weights=args.edge_weights, layer_weights=args.layer_weights,
         **given).items() if v is not None}         # typed flags: they override a recipe's values
     if args.recipe is not None:
         from spectral_jax.recipes import recipe_fields

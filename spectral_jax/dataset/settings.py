@@ -21,13 +21,15 @@ from spectral_jax.options import DATASET_GRAPHS as GRAPHS
 from spectral_jax.options import DEFAULT_K, MAXITER, METHODS, PRESETS, TOL, LayerWeights, check_num_eigs
 from spectral_jax.options import STORAGE_DTYPES as FEATURE_DTYPES
 EXACT_SOLVERS = ("auto", "sharded", "gathered")   # `whole.solver_path`
-TIMESTEP_DRAWS = ("fixed", "fresh")    # diffusion gd: the run's timesteps every step, or T drawn fresh each step
+TIMESTEP_DRAWS = ("fixed", "fresh")                # diffusion gd: the run's timesteps every step, or T drawn fresh
+EDGES = ("cosine", "rbf")                          # `graphs.EDGES`: the kNN edges' weights
+SEARCHES = ("auto", "exact", "ivf", "faiss")       # `knn_search.KINDS`: the whole-dataset graph's inter-image search
 # The options only one method reads ({method: {field: its flag}}): given with the other method, they would be
 # ignored, so `check_method_options` refuses them. (batch_size, k, min_cos, seed, block, prefetch, layer_weights
 # numbers, segments and figure_images steer both; the layer-weight rules are checked on their own.)
 METHOD_OPTIONS = {
     "exact": {"features_dtype": "--bf16-features", "maxiter": "--maxiter", "tol": "--tol",
-              "exact_solver": "--solver"},
+              "exact_solver": "--solver", "search": "--search"},
     "gd": {"preset": "--preset", "epochs": "--epochs", "inner_steps": "--inner-steps", "lr": "--lr",
            "ema": "--ema", "checkpoint_every": "--checkpoint-every", "weight_decay": "weight_decay", "lam": "lam"},
 }
@@ -126,8 +128,12 @@ class Settings:
     over the folder (the last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
     (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
     at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50, capped by the tokens
-    available; a number given must fit); min_cos: edges at or below it are dropped; lam: the paper loss's
-    orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
+    available; a number given must fit); min_cos: edges at or below it are dropped; edge_weights: the kept edges'
+    weights, "cosine" (the paper's recipe) or "rbf" (exp(−d²/2σ²) of the unit features' distance, σ the median
+    distance of `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's rule; `graphs.weight_edges`);
+    search: the exact method's inter-image kNN search, "exact" (the store's tiled brute force), "ivf" / "faiss"
+    (approximate, `spectral_jax.knn_search`, features in memory, recall measured) or "auto" (exact below
+    `knn_search.AUTO_MIN_NODES` nodes, else ivf); lam: the paper loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
     layer equal) — a mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired
     with `layers` in the order given, or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select":
     exact only, read from each layer's graph), checked against the tapped layers when the run starts; seed: the table's start and the epoch
@@ -171,6 +177,8 @@ class Settings:
     k_intra: int | None = None
     k_inter: int | None = None
     min_cos: float = 0.1
+    edge_weights: str = "cosine"
+    search: str = "auto"
     lam: float = 1.0
     layer_weights: object = None
     seed: int = 0
@@ -235,6 +243,10 @@ class Settings:
         if self.features_dtype not in FEATURE_DTYPES:
             bad(f"features_dtype {self.features_dtype!r}", "unknown", f"choose one of {', '.join(FEATURE_DTYPES)}")
         real("--tol", self.tol, self.tol > 0, "a finite number > 0 (a relative residual)", 3e-4)
+        if self.edge_weights not in EDGES:
+            bad(f"--edge-weights {self.edge_weights!r}", "unknown edge weighting", f"choose one of {', '.join(EDGES)}")
+        if self.search not in SEARCHES:
+            bad(f"--search {self.search!r}", "unknown kNN search", f"choose one of {', '.join(SEARCHES)}")
         if self.exact_solver not in EXACT_SOLVERS:
             bad(f"--solver {self.exact_solver!r}", "unknown", f"choose one of {', '.join(EXACT_SOLVERS)}")
         if self.preset not in PRESETS:
@@ -293,6 +305,10 @@ class Settings:
         d["model_options"] = self.options_json()
         if self.timestep_draw != "fixed":       # absent when fixed: runs made before the option still resume
             d["timestep_draw"], d["timestep_max"] = self.timestep_draw, self.t_max
+        if self.edge_weights != "cosine":       # absent at their defaults, for the same reason
+            d["edge_weights"] = self.edge_weights
+        if self.search != "auto":
+            d["search"] = self.search
         return d
 
     @property
@@ -464,9 +480,10 @@ def _method_fields() -> list[str]:
 
 
 RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size",
-                 "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "lam", "layer_weights",
-                 "seed", "block", "model_options")
+                 "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "lam",
+                 "layer_weights", "seed", "block", "model_options")
 
 
-__all__ = ["DEFAULT_K", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS", "RESULT_FIELDS",
-           "Settings", "TIMESTEP_DRAWS", "TOL", "check_method_options", "check_timestep_draw", "parse_segments"]
+__all__ = ["DEFAULT_K", "EDGES", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS", "RESULT_FIELDS",
+           "SEARCHES", "Settings", "TIMESTEP_DRAWS", "TOL", "check_method_options", "check_timestep_draw",
+           "parse_segments"]

@@ -163,8 +163,9 @@ def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, me
         keep = jnp.repeat(valid, grid[0] * grid[1])[:, None]
         a, b = (jnp.where(keep, y, 0) for y in G.knn_inputs([taps.layers[i] for i in group], settings.graph,
                                                              geom.steps))
-        out.append(G.knn(a, b, grid, settings.batch_size, k_intra, k_inter, settings.min_cos, settings.block,
-                         valid=valid, mesh=mesh, axis=AXIS))
+        out.append(G.weight_edges(G.knn(a, b, grid, settings.batch_size, k_intra, k_inter, settings.min_cos,
+                                        settings.block, valid=valid, mesh=mesh, axis=AXIS),
+                                  a, settings.edge_weights, settings.seed, keep[:, 0])[0])
     return out, nonfinite
 
 

@@ -13,6 +13,7 @@ import numpy as np
 
 from spectral_jax.dataset.layout import Geometry
 from spectral_jax.dataset.settings import Settings
+from spectral_jax.graphs import SIGMA_PAIRS
 from spectral_jax.solvers.gd import STATIONARITY_TOL, STATIONARITY_WINDOW, stationarity_verdict
 from spectral_jax.solvers.result import Convergence
 
@@ -84,6 +85,9 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
         "grid": list(geom.base), "size": list(geom.size), "batch_size": settings.batch_size,
         "inner_steps": settings.inner_steps, "lr": lr, "weight_decay": settings.weight_decay, "ema": settings.ema,
         "k_intra": geom.k_intra, "k_inter": geom.k_inter, "min_cos": settings.min_cos, "seed": settings.seed,
+        "edge_weights": {"kind": settings.edge_weights, **({"sigma": "per batch, from its tokens (graphs.weight_edges)",
+                                                            "sigma_pairs": SIGMA_PAIRS, "sigma_seed": settings.seed}
+                                                           if settings.edge_weights == "rbf" else {})},
         "segments_asked": settings.segments, **machine, "history_columns": HISTORY_COLUMNS, "history": h,
         "folder": folder,
     }
@@ -97,7 +101,9 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     with `Result.info`'s notes, e.g. ARPACK's fallback) and where the
     seconds went (forward, graph, solve; a stage read from the cache took 0), the images whose features were read
     from OUT/checkpoints rather than computed, the memory estimate made before the run (`memory.estimate`), and
-    exact_solver: which path ran (`whole.solver_path`: "sharded" or "gathered", what was asked, the graph cache)."""
+    exact_solver: which path ran (`whole.solver_path`: "sharded" or "gathered", what was asked, the graph cache);
+    edge_weights and knn_search: how the graph was made (`whole.graph_report`: the weighting and its σ per layer;
+    the search asked and used and its measured recall per layer — the sharded path: exact, recall 1)."""
     t = solved.timings
     return {
         "objective": float(res.objective[0]),
@@ -118,6 +124,8 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "min_cos": settings.min_cos, "edges": solved.edges, "features_dtype": settings.features_dtype,
         "maxiter": settings.maxiter, "tol": settings.tol, "seed": settings.seed,
         "segments_asked": settings.segments, "layer_weights": solved.layer_weights, **machine, "folder": folder,
+        **(solved.graph_info or {"edge_weights": {"kind": settings.edge_weights},
+                                 "knn_search": {"asked": settings.search, "used": "exact", "recall_min": 1.0}}),
     }
 
 

@@ -11,7 +11,12 @@
      `k_intra` neighbours in the token's own image, `k_inter` among all other images' tokens, cos ≤ `min_cos`
      dropped, ½(A + Aᵀ), row-normalised), searched in tiles read memory-mapped from the store (`search_store`: never
      N×N, never all features in memory); unreadable images and the padding to a multiple of the devices are masked
-     (no edges);
+     (no edges). The kept edges' weights (`settings.edge_weights`): the cosine (the paper's recipe) or an RBF of the distance,
+     exp(−d²/2σ²) with σ per graph the median distance of `graphs.SIGMA_PAIRS` token pairs drawn with the seed
+     (`store_sigma`, `graphs.weight_edges`), recorded with the graph. The inter-image search (`settings.search`,
+     `make_graphs`): the store's tiled exact search, or an approximate index (`knn_search`: ivf / faiss; "auto"
+     above `knn_search.AUTO_MIN_NODES` nodes) over the features read into memory, its recall measured on a seeded
+     sample of rows and reported (summary.json, one stderr line);
   3. `solvers.exact` on it: for N > `dense_max` Σ_l w_l sym(P_l) coalesced into one sparse matrix
      (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
@@ -266,14 +271,18 @@ def _local_rows(x: jax.Array, axis: int = 1) -> np.ndarray:
     return np.concatenate([np.asarray(s.data) for _, s in shards], axis=axis)
 
 
-def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh) -> list[G.KnnGraph]:
+def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh, search=None
+                 ) -> tuple[list[G.KnnGraph], list[dict]]:
     """One `graphs.knn` group per layer group over all tokens of the dataset, rows sharded over `mesh` (each
-    process passes its own rows, `process_share`); the graph comes back whole on every process (host arrays).
-    Diffusion taps (`geom.steps` T): the merged features `[L, N, T·F]` are cut into the timesteps' own
-    (`graphs.split_timesteps`) and each (layer, timestep) gets its own graph: a group `[L, T]`."""
+    process passes its own rows, `process_share`); the graph comes back whole on every process (host arrays),
+    its edges weighted as `settings.edge_weights` says (`graphs.weight_edges`: σ from the seeded token pairs of
+    the valid images, `settings.seed`). Diffusion taps (`geom.steps` T): the merged features `[L, N, T·F]` are cut
+    into the timesteps' own (`graphs.split_timesteps`) and each (layer, timestep) gets its own graph: a group
+    `[L, T]`. search: the inter-image search (`graphs.knn`'s; None: exact — the only one over several processes).
+    Returns (graphs, per group {"search", "recall" `[L(, T)]`, "sigma" `[L(, T)]` or None, the IVF sizes})."""
     n = len(feats.valid)
     procs = jax.process_count()
-    out = []
+    out, infos = [], []
     for (grid, _), a, b in zip(geom.groups, feats.a, feats.b):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
         valid, same = feats.valid, b is a
@@ -286,12 +295,16 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
             a = global_array(mesh, rows, a, shape)
             b = a if same else global_array(mesh, rows, b, shape)
             valid = global_array(mesh, P(), valid, valid.shape)
-        g = G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block, valid=valid, mesh=mesh,
-                  axis=AXIS)
+        g, info = G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block, valid=valid,
+                        mesh=mesh if procs > 1 else None, axis=AXIS, search=search or "exact", info=True)
+        g, sigma = G.weight_edges(g, a, settings.edge_weights, settings.seed, jnp.repeat(jnp.asarray(valid),
+                                                                                         grid[0] * grid[1]))
         if procs > 1:
             g = dataclasses.replace(g, idx=gather(g.idx), w=gather(g.w), deg=gather(g.deg))
         out.append(g)
-    return out
+        infos.append({**info, "recall": np.asarray(info["recall"]),
+                      "sigma": None if sigma is None else np.asarray(sigma)})
+    return out, infos
 
 
 ROW_TILE_BYTES = 1 << 29    # features per row tile of `search_store`: 512 MiB (the store is read once per row tile)
@@ -375,6 +388,43 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
     return found
 
 
+def store_sigma(st: Streamed, settings: Settings, geom: Geometry) -> list[np.ndarray]:
+    """The RBF σ of every graph of each layer group `[L(·T)]` float32 (`graphs.median_sigma`), from the on-disk
+    store: the rows of `graphs.sigma_pairs` (the valid images' tokens, `settings.seed`) read memory-mapped
+    (`_store_rows`), never the whole features — the same σ as `graphs.weight_edges` on the features in memory."""
+    fs, n, steps = st.store, len(st.valid), geom.graphs_per_layer
+    dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
+    out = []
+    for g, (grid, group) in enumerate(geom.groups):
+        per = grid[0] * grid[1]
+        i, j = (np.asarray(x) for x in G.sigma_pairs(np.repeat(st.valid, per), settings.seed))
+        rows = np.concatenate([i, j])
+        f = fs.width(f"a{g}") // steps
+        sig = []
+        for layer in range(len(group)):
+            x = _store_rows(fs, f"a{g}", layer, rows)
+            x = x.view(dtype) if x.dtype == np.uint16 else x
+            for t in range(steps):
+                xt = jnp.asarray(x[:, t * f:(t + 1) * f])
+                sig.append(float(G.median_sigma(xt[:len(i)], xt[len(i):], jnp.asarray(i == j))))
+        out.append(np.asarray(sig, np.float32))
+    return out
+
+
+def _store_rows(fs, name: str, layer: int, rows: np.ndarray) -> np.ndarray:
+    """Rows `rows` (global token indices) of array `name`, layer `layer`, of a `store.FeatureStore` `[len(rows), F]`
+    as stored, read from the memory-mapped shards (rows of images without a shard: zeros)."""
+    per = fs.per[name]
+    first = fs.shards[0].arrays[name] if fs.shards else None
+    out = np.zeros((len(rows), fs.width(name)), first.dtype if first is not None else np.float32)
+    img = rows // per
+    for sh in fs.shards:
+        m = (img >= sh.first) & (img < sh.first + sh.count)
+        if m.any():
+            out[m] = sh.arrays[name][layer, rows[m] - sh.first * per]
+    return out
+
+
 def _tile_images(n: int, bytes_per_image: int, row_bytes: int) -> int:
     """Images per row tile of `search_store`: as many as `row_bytes` of features hold, at least 1, at most n."""
     return max(1, min(n, row_bytes // max(1, bytes_per_image)))
@@ -438,12 +488,15 @@ def _rows_tile(a, own, i0, vals, near, valid, per: int, k_intra: int, min_cos: f
 def cache_key(kind: str, fp: dict) -> dict:
     """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, the image files and
     their content digests, graph kind, features dtype, and a diffusion model's load options, timesteps and noise
-    seed) for features; plus k and min_cos for the graph."""
+    seed) for features; plus k, min_cos, block, the edge weights and the search for the graph (and the seed where
+    they draw samples: rbf's σ pairs, a search other than "exact")."""
     keys = ["model", "weights", "layers", "size", "files", "num_images", "graph", "features_dtype"]
     if fp.get("timesteps"):
         keys += ["model_options", "timesteps", "seed"]
     if kind == "graph":
-        keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block"]
+        keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block", "edge_weights", "search"]
+        if (fp.get("edge_weights") == "rbf" or fp.get("search") != "exact") and "seed" not in keys:
+            keys.append("seed")                     # σ's token pairs, the index's sample and the recall's rows
     return {k: fp.get(k) for k in keys}
 
 
@@ -490,6 +543,14 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     if not all(0 <= i < images and not valid[i] and isinstance(w, str) for i, w in failed.items()):
         return "failed names images out of range or read"
     d["failed"] = failed
+    try:
+        info = json.loads(str(d.get("info", "")))
+        ok_info = info["edge_weights"]["kind"] == key.get("edge_weights") and isinstance(info["knn_search"], dict)
+    except (ValueError, TypeError, KeyError):
+        ok_info = False
+    if not ok_info:
+        return "info is not the graph's JSON record of its edge weights and search"
+    rbf = key.get("edge_weights") == "rbf"
     for g, (grid, layers) in enumerate(geom.groups):
         rows, shape = n * grid[0] * grid[1], (len(layers), n * grid[0] * grid[1])
         shape = (len(layers) * geom.graphs_per_layer, shape[1])        # graphs stored [L·T, …]
@@ -504,7 +565,9 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
             return f"w{g} is not float32 {list(full)}"
         if not isinstance(deg, np.ndarray) or deg.dtype != np.float32 or deg.shape != shape:
             return f"deg{g} is not float32 {list(shape)}"
-        if not finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all():
+        if rbf and (not finite(w) or not ((w >= 0) & (w <= 1 + 1e-5)).all()):
+            return f"w{g} holds weights that are not RBF weights in [0, 1]"
+        if not rbf and (not finite(w) or not ((w == 0) | ((w > key["min_cos"]) & (w <= 1 + 1e-5))).all()):
             return f"w{g} holds weights that are not 0 or cosines above min_cos"
         if w.reshape(shape[0], n, -1)[:, ~valid].any():
             return f"w{g} gives edges to unreadable images"
@@ -520,8 +583,10 @@ def _failed_json(failed: dict) -> np.ndarray:
     return np.array(json.dumps({str(i): w for i, w in failed.items()}))
 
 
-def save_graphs(path: str, gs: list, key: dict, valid: np.ndarray, failed: dict) -> None:
-    arrays = {"key": np.array(json.dumps(key, sort_keys=True)), "valid": valid, "failed": _failed_json(failed)}
+def save_graphs(path: str, gs: list, key: dict, valid: np.ndarray, failed: dict, info: dict) -> None:
+    """The graph cache: the key, valid, failed, the `graph_report` (JSON) and each group's idx, w, deg."""
+    arrays = {"key": np.array(json.dumps(key, sort_keys=True)), "valid": valid, "failed": _failed_json(failed),
+              "info": np.array(json.dumps(info, sort_keys=True))}
     for g, gr in enumerate(gs):
         flat = lambda x, tail: np.asarray(x).reshape(-1, *x.shape[x.ndim - tail:])      # [L(·T), N(, k)]
         arrays.update({f"idx{g}": flat(gr.idx, 2), f"w{g}": flat(gr.w, 2), f"deg{g}": flat(gr.deg, 1)})
@@ -552,6 +617,7 @@ class Solved(NamedTuple):
     layer_weights: dict | None = None   # {"rule", "weights": {layer: w}} the solve used (weights sum to 1)
     images_cached: int = 0  # images whose features were read from OUT/checkpoints (the store or the graph)
     solver: str = "gathered"    # `solver_path`: "sharded" (graph split by rows, never gathered) or "gathered"
+    graph_info: dict | None = None  # `graph_report`: the edge weights (σ per graph) and the kNN search (recall)
 
 
 def solver_path(settings: Settings, geom: Geometry) -> str:
@@ -560,14 +626,29 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     "auto": sharded with several processes when every layer group shares one grid and the taps have no timesteps,
     else gathered. "sharded" asked for where it cannot run (several grids, diffusion taps `[L, T]`): one
     `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
-    at dataset level, `layer_weights`.)"""
+    at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges only: with
+    edge_weights "rbf", auto is gathered and "sharded" one `InputError`; an approximate --search (ivf, faiss)
+    runs in one process only, and faiss must be installed: one `InputError` each otherwise."""
     one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
     choice = settings.exact_solver
-    if choice == "auto":
-        return "sharded" if jax.process_count() > 1 and one_grid else "gathered"
-    if choice == "sharded" and not one_grid:
-        from spectral_jax.errors import InputError
+    from spectral_jax.errors import InputError
 
+    if settings.search in ("ivf", "faiss") and jax.process_count() > 1:
+        raise InputError(f"--search {settings.search}", "runs in one process only (the approximate index is built "
+                         "over all features in one memory)", "pass --search exact (or auto) with several processes")
+    if settings.search == "faiss":
+        from spectral_jax import knn_search
+
+        if not knn_search.faiss_available():
+            raise InputError("--search faiss", "needs faiss, which is not installed",
+                             "pip install faiss-cpu, or pass --search ivf")
+    plain = settings.edge_weights == "cosine"       # the sharded path builds the paper's cosine edges only
+    if choice == "auto":
+        return "sharded" if jax.process_count() > 1 and one_grid and plain else "gathered"
+    if choice == "sharded" and not plain:
+        raise InputError("--solver sharded", f"cannot run with --edge-weights {settings.edge_weights} (the sharded "
+                         "path weights its edges by the cosine)", "pass --solver gathered (or auto)")
+    if choice == "sharded" and not one_grid:
         why = ("the taps have diffusion timesteps (graphs [L, T])" if geom.steps is not None else
                f"the layers sit on {len({tuple(g) for g, _ in geom.groups})} grids")
         raise InputError("--solver sharded", f"cannot run here: {why}; the sharded path takes one grid and one "
@@ -597,6 +678,7 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         gs = graphs_from(d, geom, n)
         valid, failed = d["valid"], d["failed"]
         images_cached = len(files)
+        info = json.loads(str(d["info"]))
     else:
         t = time.perf_counter()
         st = stream_features(backbone, layers, settings, geom, root, files, mesh, ckdir, fkey,
@@ -611,16 +693,14 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         if path == "sharded":
             return solve_sharded(st, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n})
         t = time.perf_counter()
-        one = jax.process_count() == 1
-        gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n},
-                                                out=os.path.dirname(ckdir)) if one else
-                                   build_graphs(local_features(st, settings, geom), settings, geom, mesh))
+        gs, info = make_graphs(st, settings, geom, mesh, n, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n})
         del st
         if jax.process_index() == 0:
             os.makedirs(ckdir, exist_ok=True)
-            save_graphs(gpath, gs, gkey, valid, failed)
+            save_graphs(gpath, gs, gkey, valid, failed, info)
             store.remove_parts(ckdir)
         timings["graph"] = time.perf_counter() - t
+        say_search(info)
     t = time.perf_counter()
     weights, chosen = layer_weights(gs, geom, weights, settings)
     from spectral_jax.layer_weights import base_grid
@@ -630,7 +710,70 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
                 seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
     edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
-    return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached, path)
+    return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached, path, info)
+
+
+def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n: int, bar=None,
+                ckdir: str | None = None, key: dict | None = None) -> tuple[list[G.KnnGraph], dict]:
+    """The gathered path's whole-dataset graphs and their `graph_report`. The search (`knn_search.resolve` of
+    `settings.search` for the group's N nodes: "auto" is exact below `knn_search.AUTO_MIN_NODES`, else ivf; several
+    processes: always exact): exact in one process → the store's tiled search (`search_store`, resumable by layer)
+    and the RBF σ from the store (`store_sigma`); several processes, or an approximate search → `build_graphs` on
+    the features in memory (`local_features`: all of them, for an approximate index; its recall measured by
+    `graphs.knn` on a seeded sample of rows, the seed `settings.seed`)."""
+    from spectral_jax import knn_search
+
+    procs = jax.process_count()
+    nodes = max(n * grid[0] * grid[1] for grid, _ in geom.groups)
+    sr = knn_search.resolve(knn_search.Search(settings.search, seed=settings.seed), nodes, True,
+                            mesh if procs > 1 else None)
+    if procs == 1 and sr.kind == "exact":
+        gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key=key,
+                                                out=os.path.dirname(ckdir) if ckdir else None))
+        sig = store_sigma(st, settings, geom) if settings.edge_weights == "rbf" else [None] * len(gs)
+        gs = [g if s is None else G.rbf_edges(g, s.reshape(g.batch_shape)) for g, s in zip(gs, sig)]
+        infos = [{"search": "exact", "recall": np.ones(g.batch_shape, np.float32), "sigma": s}
+                 for g, s in zip(gs, sig)]
+    else:
+        gs, infos = build_graphs(local_features(st, settings, geom), settings, geom, mesh, sr)
+        gs = jax.block_until_ready(gs)
+    return gs, graph_report(settings, geom, infos)
+
+
+def graph_report(settings: Settings, geom: Geometry, infos: list[dict]) -> dict:
+    """JSON-ready record of how the graph was made, for the summary: edge_weights {kind, and for rbf: sigma
+    {layer: σ} (per layer; "layer/t" keys with timesteps), sigma_pairs, sigma_seed}; knn_search {asked, used,
+    recall {layer: r} (1 for exact), recall_min, recall_rows, seed and the IVF sizes for an approximate one}."""
+    def per_graph(arrays):
+        out = {}
+        for (_, group), x in zip(geom.groups, arrays):
+            x = np.asarray(x, np.float64).reshape(len(group), -1)
+            for layer, row in zip(group, x):
+                for t, v in enumerate(row):
+                    out[str(layer) if geom.steps is None else f"{layer}/{t}"] = round(float(v), 6)
+        return out
+
+    ew = {"kind": settings.edge_weights}
+    if settings.edge_weights == "rbf":
+        ew.update(sigma=per_graph([i["sigma"] for i in infos]), sigma_pairs=G.SIGMA_PAIRS, sigma_seed=settings.seed,
+                  rule="exp(-d²/2σ²), d² = 2 - 2cos, σ the median distance of seeded token pairs")
+    used = infos[0]["search"] if infos else "exact"
+    recall = per_graph([i["recall"] for i in infos])
+    ks = {"asked": settings.search, "used": used, "recall": recall,
+          "recall_min": min(recall.values()) if recall else 1.0}
+    if used != "exact":
+        ks.update({k: int(v) for k, v in infos[0].items() if k in ("nlist", "cap", "cells", "nprobe", "sample",
+                                                                    "seed", "recall_rows")})
+    return {"edge_weights": ew, "knn_search": ks}
+
+
+def say_search(info: dict) -> None:
+    """One stderr line for an approximate search: the search used and its measured recall (nothing for exact)."""
+    ks = info["knn_search"]
+    if ks["used"] != "exact":
+        _say(f"spectral-jax dataset: kNN search {ks['used']} (nlist {ks.get('nlist')}, nprobe {ks.get('nprobe')}): "
+             f"recall {ks['recall_min']:.4f} (the lowest over the layers' graphs) of the exact inter-image top-k on "
+             f"{ks.get('recall_rows')} sampled rows")
 
 
 @jax.jit
@@ -815,5 +958,6 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 
-__all__ = ["Features", "GRAPH", "Solved", "Streamed", "build_graphs", "cache_key", "feature_widths",
-           "padded_images", "search_store", "solve", "solve_sharded", "solver_path", "stream_features"]
+__all__ = ["Features", "GRAPH", "Solved", "Streamed", "build_graphs", "cache_key", "feature_widths", "graph_report",
+           "make_graphs", "padded_images", "say_search", "search_store", "solve", "solve_sharded", "solver_path",
+           "store_sigma", "stream_features"]

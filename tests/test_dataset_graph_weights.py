@@ -1,0 +1,229 @@
+"""The dataset graph's edge weights (cosine, the paper's; rbf with the median σ, ncut-pytorch's rule) and its kNN
+search (exact from the store, or approximate with its recall reported): the RBF graph against a dense numpy
+construction, σ's determinism under the seed and its agreement between the store's path and the in-memory one,
+the caches' keys, the gd path, and the CLI's refusals.
+
+Synthetic backbone of test_dataset (32×32 inputs → a 4×4 grid, 16 tokens per image).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from spectral_jax import dataset, graphs
+from spectral_jax.dataset import settings as S
+from spectral_jax.dataset import whole
+from test_dataset import _cli, make_folder, synthetic
+
+EXACT = dict(size=32, batch_size=4, num_eigs=6, k_intra=5, k_inter=5, figure_images=0, method="exact",
+             graph="knn-vv")
+
+
+def _dense_rbf(a, n_img, per, k_intra, k_inter, valid, sigma, min_cos=0.1):
+    """P = D⁻¹ ½(A + Aᵀ) by brute force: a token's k_intra / k_inter nearest (cosine) valid tokens in / outside its
+    image, kept where cos > min_cos, weighted exp(−|u_i − u_j|² / 2σ²) of the unit rows u."""
+    u = a / np.linalg.norm(a, axis=1, keepdims=True)
+    cos = u @ u.T
+    n = a.shape[0]
+    img = np.arange(n) // per
+    ok = valid[img]
+    adj = np.zeros((n, n))
+    for i in np.flatnonzero(ok):
+        for cand, kk in ((np.flatnonzero((img == img[i]) & ok), k_intra), (np.flatnonzero((img != img[i]) & ok),
+                                                                           k_inter)):
+            top = cand[np.argsort(-cos[i, cand], kind="stable")[:kk]]
+            d2 = ((u[i] - u[top]) ** 2).sum(1)
+            adj[i, top] = np.where(cos[i, top] > min_cos, np.exp(-d2 / (2 * sigma ** 2)), 0.0)
+    s = 0.5 * (adj + adj.T)
+    deg = s.sum(1)
+    return np.where(deg[:, None] > 0, s / np.where(deg > 0, deg, 1)[:, None], 0.0)
+
+
+def _np_sigma(x, i, j):
+    """The median distance of the unit rows' pairs (i ≠ j), in float64."""
+    u = x / np.linalg.norm(x, axis=1, keepdims=True)
+    keep = i != j
+    return float(np.median(np.linalg.norm(u[i[keep]] - u[j[keep]], axis=1)))
+
+
+def test_rbf_graph_matches_dense_numpy_reference(rng):
+    grid, n_img, per = (3, 4), 5, 12
+    a = rng.normal(size=(2, n_img * per, 6)).astype(np.float32)
+    valid = np.array([True, True, False, True, True])
+    rows = np.repeat(valid, per)
+    g = graphs.knn(a, a, grid, n_img, k_intra=4, k_inter=6, valid=valid, search="exact")
+    gw, sigma = graphs.weight_edges(g, a, "rbf", 3, rows)
+    i, j = (np.asarray(x) for x in graphs.sigma_pairs(rows, 3))
+    assert rows[i].all() and rows[j].all() and len(i) == graphs.SIGMA_PAIRS     # only valid tokens are drawn
+    for layer in range(2):
+        want = _np_sigma(a[layer], i, j)
+        assert abs(float(sigma[layer]) - want) < 1e-5 * want
+        np.testing.assert_allclose(np.asarray(gw.dense())[layer],
+                                   _dense_rbf(a[layer], n_img, per, 4, 6, valid, want), atol=2e-6)
+    np.testing.assert_array_equal(np.asarray(gw.idx), np.asarray(g.idx))        # the same edges, reweighted
+    assert (np.asarray(gw.w) > 0).sum() == (np.asarray(g.w) > 0).sum()
+    same, none = graphs.weight_edges(g, a, "cosine", 3, rows)
+    assert same is g and none is None
+    with pytest.raises(graphs.InputError, match="edge weighting"):
+        graphs.weight_edges(g, a, "binary", 3, rows)
+
+
+def test_sigma_is_deterministic_under_the_seed(rng):
+    rows = np.ones(500, bool)
+    rows[100:150] = False
+    p0, p0b, p1 = graphs.sigma_pairs(rows, 0), graphs.sigma_pairs(rows, 0), graphs.sigma_pairs(rows, 1)
+    np.testing.assert_array_equal(np.asarray(p0[0]), np.asarray(p0b[0]))
+    np.testing.assert_array_equal(np.asarray(p0[1]), np.asarray(p0b[1]))
+    assert (np.asarray(p0[0]) != np.asarray(p1[0])).any()
+    x = rng.normal(size=(500, 7)).astype(np.float32)
+    i, j = (np.asarray(v) for v in p0)
+    s = float(graphs.median_sigma(x[i], x[j], i == j))
+    assert abs(s - _np_sigma(x, i, j)) < 1e-5 and s == float(graphs.median_sigma(x[i], x[j], i == j))
+    assert S.EDGES == graphs.EDGES                  # the settings' list (no JAX there) is the library's
+
+
+def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path, capsys):
+    """A cosine run and an rbf run of the same folder: the same neighbours; the rbf weights are exp(−(2 − 2cos)/2σ²)
+    of the cosine run's weights with the summary's σ per layer (the store's path, `store_sigma`), and σ is the one the
+    in-memory path (`graphs.weight_edges`, taken by an approximate search) finds; that run reports its search and
+    recall. The same seed twice gives the same σ; another seed another σ."""
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    bb = synthetic()
+    cos = dataset.run(folder, str(tmp_path / "cos"), backbone=bb, **{**EXACT, "edge_weights": "cosine"})
+    rbf = dataset.run(folder, str(tmp_path / "rbf"), backbone=bb, **{**EXACT, "edge_weights": "rbf"})
+    sc, sr = cos.summary(), rbf.summary()
+    assert sc["edge_weights"] == {"kind": "cosine"} and sr["edge_weights"]["kind"] == "rbf"
+    assert sc["knn_search"]["used"] == "exact" and sc["knn_search"]["recall_min"] == 1.0
+    sigma = sr["edge_weights"]["sigma"]
+    assert set(sigma) == {"0", "1"} and sr["edge_weights"]["sigma_seed"] == 0
+    with np.load(tmp_path / "cos" / "checkpoints" / "graph.npz") as f:
+        idx_c, w_c = f["idx0"], f["w0"]
+    with np.load(tmp_path / "rbf" / "checkpoints" / "graph.npz") as f:
+        idx_r, w_r, deg_r = f["idx0"], f["w0"], f["deg0"]
+    np.testing.assert_array_equal(idx_c, idx_r)
+    for layer in range(2):
+        s = sigma[str(layer)]
+        want = np.where(w_c[layer] != 0, np.exp(-(2 - 2 * w_c[layer].astype(np.float64)) / (2 * s * s)), 0)
+        np.testing.assert_allclose(w_r[layer], want, rtol=2e-5, atol=1e-7)
+        np.testing.assert_allclose(deg_r[layer], 0.5 * (w_r[layer].sum(1) + np.bincount(
+            idx_r[layer].ravel(), w_r[layer].ravel(), minlength=len(deg_r[layer]))), rtol=1e-5)
+    assert not np.allclose(rbf.eigvecs, cos.eigvecs, atol=1e-3)
+    ivf = dataset.run(folder, str(tmp_path / "ivf"), backbone=bb, **{**EXACT, "edge_weights": "rbf",
+                                                                        "search": "ivf"})
+    si = ivf.summary()
+    err = [line for line in capsys.readouterr().err.splitlines() if "recall" in line]
+    assert len(err) == 1 and "kNN search ivf" in err[0] and f"recall {si['knn_search']['recall_min']:.4f}" in err[0]
+    for layer in ("0", "1"):
+        assert abs(si["edge_weights"]["sigma"][layer] - sigma[layer]) < 1e-5
+    ks = si["knn_search"]
+    assert ks["asked"] == "ivf" and ks["used"] == "ivf" and set(ks["recall"]) == {"0", "1"}
+    assert 0 < ks["recall_min"] <= 1 and ks["recall_rows"] == 192 and ks["nlist"] >= 1
+    again = dataset.run(folder, str(tmp_path / "rbf2"), backbone=bb, **{**EXACT, "edge_weights": "rbf"})
+    assert again.summary()["edge_weights"]["sigma"] == sigma
+    other = dataset.run(folder, str(tmp_path / "rbf3"), backbone=bb, **{**EXACT, "edge_weights": "rbf", "seed": 5})
+    assert other.summary()["edge_weights"]["sigma"] != sigma
+    half = dataset.run(folder, str(tmp_path / "bf16"), backbone=bb, **{**EXACT, "edge_weights": "rbf",
+                                                                         "features_dtype": "bfloat16"})
+    for layer, v in half.summary()["edge_weights"]["sigma"].items():     # σ from the stored bfloat16 features
+        assert abs(v - sigma[layer]) < 1e-2 * sigma[layer]
+    # the graph cache brings σ back
+    back = dataset.run(folder, str(tmp_path / "rbf"), backbone=bb, resume=True,
+                       **{**EXACT, "edge_weights": "rbf", "num_eigs": 4})
+    assert back.summary()["cached"] == ["graph"] and back.summary()["edge_weights"]["sigma"] == sigma
+
+
+def test_cache_keys_differ_and_a_run_with_other_weights_is_refused(tmp_path):
+    fp = dict(model="m", weights="w", layers="all", size=[32, 32], files={}, num_images=1, graph="knn-vv",
+              features_dtype="float32", k_intra_effective=5, k_inter_effective=5, min_cos=0.1, block=512,
+              search="exact", seed=0)
+    keys = {e: whole.cache_key("graph", {**fp, "edge_weights": e}) for e in S.EDGES}
+    assert keys["cosine"] != keys["rbf"] and keys["rbf"]["edge_weights"] == "rbf"
+    assert "seed" in keys["rbf"] and "seed" not in keys["cosine"]              # σ's pairs are drawn with the seed
+    assert whole.cache_key("graph", {**fp, "edge_weights": "cosine", "search": "ivf"}) != keys["cosine"]
+    # the features do not depend on the weights: their key is the same
+    assert (whole.cache_key("features", {**fp, "edge_weights": "cosine"})
+            == whole.cache_key("features", {**fp, "edge_weights": "rbf"}))
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), **{**EXACT, "edge_weights": "cosine"})
+    with pytest.raises(dataset.InputError, match="edge_weights 'cosine' → 'rbf'"):
+        dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), resume=True,
+                    **{**EXACT, "edge_weights": "rbf"})
+
+
+@pytest.mark.filterwarnings("ignore:dataset gd. not converged")
+def test_gd_batches_take_the_rbf_weights(tmp_path):
+    folder = make_folder(str(tmp_path / "imgs"), 8)
+    kw = dict(size=32, batch_size=4, num_eigs=4, k_intra=5, k_inter=5, figure_images=0, method="gd", epochs=1,
+              graph="knn-vv")
+    a = dataset.run(folder, str(tmp_path / "a"), backbone=synthetic(), **{**kw, "edge_weights": "rbf"})
+    b = dataset.run(folder, str(tmp_path / "b"), backbone=synthetic(), **{**kw, "edge_weights": "cosine"})
+    assert a.summary()["edge_weights"]["kind"] == "rbf" and b.summary()["edge_weights"]["kind"] == "cosine"
+    assert not np.allclose(a.eigvecs, b.eigvecs, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["weights", "search", "search-gd"])
+def test_cli_refuses_bad_graph_options_in_one_line(tmp_path, case):
+    folder = make_folder(str(tmp_path / "imgs"), 2)
+    extra = {"weights": ["--edge-weights", "binary"], "search": ["--search", "hnsw"],
+             "search-gd": ["--method", "gd", "--search", "ivf"]}[case]
+    r = _cli(folder, "--model", "dinov2_vits14", "--weights", "random", *extra, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("spectral-jax dataset: error:"), r.stderr
+    assert ("--search" if case.startswith("search") else "--edge-weights") in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_sharded_path_builds_cosine_edges_only():
+    """`whole.solver_path`: the sharded path (cosine edges only) asked for with --edge-weights rbf is one InputError
+    naming both flags and the fix, before any work; auto stays gathered for rbf."""
+    from spectral_jax.dataset.layout import Geometry
+
+    one = Geometry((((2, 2), (10, 11)),), (2, 2), (28, 28), 24, 64, 1, 3, 6)
+    assert whole.solver_path(dataset.Settings(edge_weights="rbf"), one) == "gathered"
+    with pytest.raises(dataset.InputError, match=r"--solver sharded: cannot run with --edge-weights rbf.* — pass "
+                                                 r"--solver gathered"):
+        whole.solver_path(dataset.Settings(edge_weights="rbf", exact_solver="sharded"), one)
+    with pytest.raises(dataset.InputError, match=r"--edge-weights 'binary': unknown"):
+        dataset.Settings(edge_weights="binary")
+
+
+def test_two_processes_give_the_one_process_rbf_graph(tmp_path):
+    """Two processes on the gathered path (each searches its own rows; σ drawn from the sharded features): the same
+    σ, graph and eigenvectors as one process (whose graph comes from the store's search and `store_sigma`)."""
+    from test_dataset import run_two_processes
+
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    out = str(tmp_path / "multi")
+    run_two_processes(folder, out, "**EXACT, edge_weights='rbf', exact_solver='gathered'",
+                      head="from test_dataset_graph_weights import EXACT\n")
+    single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(), **{**EXACT, "edge_weights": "rbf"})
+    multi = dataset.load_result(out)
+    s_multi = json.load(open(os.path.join(out, "summary.json")))["edge_weights"]["sigma"]
+    for layer, v in single.summary()["edge_weights"]["sigma"].items():
+        assert abs(s_multi[layer] - v) < 1e-6 * v
+    with np.load(f"{out}/checkpoints/graph.npz") as m, np.load(tmp_path / "single" / "checkpoints" / "graph.npz") as s:
+        np.testing.assert_array_equal(m["idx0"], s["idx0"])
+        np.testing.assert_allclose(m["w0"], s["w0"], rtol=1e-6)
+    np.testing.assert_allclose(np.abs(multi.eigvecs), np.abs(single.eigvecs), atol=1e-4)
+
+
+def test_diffusion_timesteps_get_one_sigma_each_on_both_paths(tmp_path):
+    """Diffusion taps (one graph per layer and timestep): σ per (layer, timestep) in the summary ("layer/t"), the
+    same from the store (`store_sigma`, exact search) as from the features in memory (`build_graphs`, taken by the
+    ivf search); the timesteps' σ differ (each timestep's own heads)."""
+    from test_dataset_diffusion import square_folder
+
+    folder = square_folder(str(tmp_path / "imgs"), 3, 32)
+    kw = dict(model="pixart_tiny", weights="random", size=32, batch_size=1, num_eigs=4, k_intra=3, k_inter=3,
+              layers="0,2", figure_images=0, model_options={"timesteps": (10, 200)}, graph="knn-vv",
+              edge_weights="rbf")
+    store = dataset.run(folder, str(tmp_path / "store"), **kw).summary()["edge_weights"]["sigma"]
+    memory = dataset.run(folder, str(tmp_path / "memory"), **{**kw, "search": "ivf"}).summary()
+    assert set(store) == {"0/0", "0/1", "2/0", "2/1"} and store["0/0"] != store["0/1"]
+    for key, v in store.items():
+        assert abs(memory["edge_weights"]["sigma"][key] - v) < 1e-5 * v
+    assert memory["knn_search"]["used"] == "ivf" and set(memory["knn_search"]["recall"]) == set(store)
