@@ -154,6 +154,25 @@ def test_cache_keys_differ_and_a_run_with_other_weights_is_refused(tmp_path):
                     **{**EXACT, "edge_weights": "rbf"})
 
 
+def test_a_graph_cached_before_edge_weights_and_search_existed_still_resumes(tmp_path):
+    """A graph.npz whose key has no edge_weights / search and which holds no info record (what runs made before the
+    two options wrote) is read back on --resume as the cosine graph of an exact search, not refused."""
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    out = str(tmp_path / "out")
+    first = dataset.run(folder, out, backbone=synthetic(), **EXACT)
+    path = os.path.join(out, "checkpoints", "graph.npz")
+    with np.load(path) as f:
+        d = {k: f[k] for k in f.files}
+    key = json.loads(str(d.pop("key")))
+    assert key["edge_weights"] == "cosine" and key["search"] == "auto" and "seed" not in key
+    del key["edge_weights"], key["search"], d["info"]
+    np.savez(path, key=np.array(json.dumps(key)), **d)
+    again = dataset.run(folder, out, backbone=synthetic(), resume=True, **EXACT)
+    assert "graph" in again.summary()["cached"]
+    assert again.summary()["knn_search"]["used"] == "exact"
+    np.testing.assert_array_equal(np.asarray(again.eigvecs), np.asarray(first.eigvecs))
+
+
 @pytest.mark.filterwarnings("ignore:dataset gd. not converged")
 def test_gd_batches_take_the_rbf_weights(tmp_path):
     folder = make_folder(str(tmp_path / "imgs"), 8)

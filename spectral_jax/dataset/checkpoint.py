@@ -174,7 +174,11 @@ def check_resumable(out: str, fp: dict, meta: dict) -> None:
 def check_same(out: str, old: dict, new: dict) -> None:
     """Refuse to go on from `old` (what a checkpoint or cache was made with) to `new` (this run's): the images
     that changed named first (up to three of each kind: changed content, added, removed), then up to four settings
-    that differ."""
+    that differ. A field `old` lacks that was added since (`settings.ADDED_FIELDS`) is read at the value runs had
+    before it existed."""
+    from spectral_jax.dataset.settings import ADDED_FIELDS
+
+    old = {**{k: v for k, v in ADDED_FIELDS.items() if k in new}, **old}
     images = _files_change(old.get("files"), new.get("files")) if old.get("files") != new.get("files") else ""
     follow = {"files"} | ({"num_images", "rows"} if images else set())         # what the image files decide
     diff = sorted(k for k in set(new) | set(old) if k not in follow and new.get(k) != old.get(k))

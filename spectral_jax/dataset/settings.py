@@ -305,10 +305,6 @@ class Settings:
         d["model_options"] = self.options_json()
         if self.timestep_draw != "fixed":       # absent when fixed: runs made before the option still resume
             d["timestep_draw"], d["timestep_max"] = self.timestep_draw, self.t_max
-        if self.edge_weights != "cosine":       # absent at their defaults, for the same reason
-            d["edge_weights"] = self.edge_weights
-        if self.search != "auto":
-            d["search"] = self.search
         return d
 
     @property
@@ -479,11 +475,14 @@ def _method_fields() -> list[str]:
     return [f for options in METHOD_OPTIONS.values() for f in options]
 
 
+# Result fields added after runs existed, with the value every run made before them had: a checkpoint's or a
+# cache's record without one is read with it (`checkpoint.check_same`), so those runs still resume.
+ADDED_FIELDS = {"edge_weights": "cosine", "search": "auto"}
 RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size",
-                 "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "lam",
-                 "layer_weights", "seed", "block", "model_options")
+                 "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "edge_weights", "search",
+                 "lam", "layer_weights", "seed", "block", "model_options")
 
 
-__all__ = ["DEFAULT_K", "EDGES", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS", "RESULT_FIELDS",
-           "SEARCHES", "Settings", "TIMESTEP_DRAWS", "TOL", "check_method_options", "check_timestep_draw",
-           "parse_segments"]
+__all__ = ["ADDED_FIELDS", "DEFAULT_K", "EDGES", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS",
+           "RESULT_FIELDS", "SEARCHES", "Settings", "TIMESTEP_DRAWS", "TOL", "check_method_options",
+           "check_timestep_draw", "parse_segments"]

@@ -494,12 +494,11 @@ def cache_key(kind: str, fp: dict) -> dict:
     if fp.get("timesteps"):
         keys += ["model_options", "timesteps", "seed"]
     if kind == "graph":
-        keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block"]
-        # edge_weights and search are in the fingerprint only away from their defaults (cosine, auto), so a graph
-        # cached before they existed keys the same; the seed is in the fingerprint (a resume must match it)
-        keys += [k for k in ("edge_weights", "search") if k in fp]
-        if (fp.get("edge_weights") == "rbf" or fp.get("search", "auto") != "exact") and "seed" not in keys:
-            keys.append("seed")                     # σ's token pairs, the index's sample and the recall's rows
+        keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block", "edge_weights", "search"]
+        # σ's token pairs and an approximate index's sample depend on the seed ("auto"'s too, when it picks ivf;
+        # the run's fingerprint, checked before any cache, holds the seed in every case)
+        if (fp.get("edge_weights") == "rbf" or fp.get("search") in ("ivf", "faiss")) and "seed" not in keys:
+            keys.append("seed")
     return {k: fp.get(k) for k in keys}
 
 
@@ -546,18 +545,17 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     if not all(0 <= i < images and not valid[i] and isinstance(w, str) for i, w in failed.items()):
         return "failed names images out of range or read"
     d["failed"] = failed
-    rbf = key.get("edge_weights", "cosine") == "rbf"
-    if "info" not in d and not rbf:             # a cosine graph cached before the record existed: an exact search
+    if "info" not in d and key.get("edge_weights") == "cosine":   # a graph cached before the record existed
         d["info"] = np.array(json.dumps({"edge_weights": {"kind": "cosine"},
                                          "knn_search": {"asked": "exact", "used": "exact", "recall_min": 1.0}}))
     try:
         info = json.loads(str(d.get("info", "")))
-        ok_info = (info["edge_weights"]["kind"] == key.get("edge_weights", "cosine")
-                   and isinstance(info["knn_search"], dict))
+        ok_info = info["edge_weights"]["kind"] == key.get("edge_weights") and isinstance(info["knn_search"], dict)
     except (ValueError, TypeError, KeyError):
         ok_info = False
     if not ok_info:
         return "info is not the graph's JSON record of its edge weights and search"
+    rbf = key.get("edge_weights") == "rbf"
     for g, (grid, layers) in enumerate(geom.groups):
         rows, shape = n * grid[0] * grid[1], (len(layers), n * grid[0] * grid[1])
         shape = (len(layers) * geom.graphs_per_layer, shape[1])        # graphs stored [L·T, …]
