@@ -246,3 +246,23 @@ def test_diffusion_timesteps_get_one_sigma_each_on_both_paths(tmp_path):
     for key, v in store.items():
         assert abs(memory["edge_weights"]["sigma"][key] - v) < 1e-5 * v
     assert memory["knn_search"]["used"] == "ivf" and set(memory["knn_search"]["recall"]) == set(store)
+
+
+def test_isolated_tokens_are_recorded_and_a_mostly_empty_graph_is_said(tmp_path, capsys):
+    """summary.json's isolated: per graph the fraction of the read tokens with no edge (every cosine at or below
+    --min-cos), checked against the cached graph's degrees; over half in a graph gives one stderr warning. (A v·v
+    graph keeps each token's self-edge of cosine 1, so the emptied graph is a q·k one.)"""
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    low = dataset.run(folder, str(tmp_path / "low"), backbone=synthetic(), **EXACT).summary()["isolated"]
+    assert "no edge" not in capsys.readouterr().err
+    high_out = str(tmp_path / "high")
+    high = dataset.run(folder, high_out, backbone=synthetic(), **{**EXACT, "graph": "knn-qk", "min_cos": 0.9}
+                   ).summary()["isolated"]
+    err = capsys.readouterr().err
+    with np.load(os.path.join(high_out, "checkpoints", "graph.npz")) as f:
+        deg = f["deg0"]
+    want = {str(layer): round(float((deg[layer] <= 0).mean()), 6) for layer in range(deg.shape[0])}
+    assert high["fraction"] == want and high["max"] == max(want.values()) > 0.5
+    assert low["max"] < 0.5 and set(low["fraction"]) == set(want)
+    lines = [line for line in err.splitlines() if "no edge" in line]
+    assert len(lines) == 1 and f"graph {high['graph']}" in lines[0] and "--min-cos 0.9" in lines[0]

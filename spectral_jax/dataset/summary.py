@@ -103,7 +103,8 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     from OUT/checkpoints rather than computed, the memory estimate made before the run (`memory.estimate`), and
     exact_solver: which path ran (`whole.solver_path`: "sharded" or "gathered", what was asked, the graph cache);
     edge_weights and knn_search: how the graph was made (`whole.graph_report`: the weighting and its σ per layer;
-    the search asked and used and its measured recall per layer — the sharded path: exact, recall 1)."""
+    the search asked and used and its measured recall per layer — the sharded path: exact, recall 1); isolated
+    (the gathered path): the fraction of the read tokens without an edge per graph (`whole.isolated`)."""
     t = solved.timings
     return {
         "objective": float(res.objective[0]),

@@ -715,7 +715,38 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
                 seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
     edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
+    info = {**info, "isolated": isolated(gs, geom, valid, settings.min_cos)}
+    say_isolated(info["isolated"])
     return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached, path, info)
+
+
+ISOLATED_WARN = 0.5     # `say_isolated`: a graph with more of the read tokens than this without an edge
+
+
+def isolated(gs: list[G.KnnGraph], geom: Geometry, valid: np.ndarray, min_cos: float) -> dict:
+    """JSON-ready record of the tokens without any edge (degree 0: every neighbour's cosine at or below min_cos,
+    so their rows of P are zero and their graph adds nothing for them): fraction {graph: f} over the read images'
+    tokens, per layer ("layer/t" keys with timesteps), the largest, and the graph it is in. gs: the groups' graphs
+    (deg `[L_g·T, N]`); valid `[n]` the images read. Does not look at why (an untrained model's cosines centred
+    on 0, a too-high --min-cos, a layer whose tokens are all alike)."""
+    parts = []
+    for (grid, _), g in zip(geom.groups, gs):
+        rows = np.repeat(np.asarray(valid, bool), grid[0] * grid[1])
+        deg = np.asarray(g.deg).reshape(-1, rows.size)
+        parts.append(((deg[:, rows] <= 0).sum(1) / max(int(rows.sum()), 1)))
+    frac = _per_graph(geom, parts)
+    worst = max(frac, key=frac.get) if frac else None
+    return {"fraction": frac, "max": frac[worst] if worst else 0.0, "graph": worst, "min_cos": min_cos}
+
+
+def say_isolated(rec: dict) -> None:
+    """One stderr line when a graph leaves more than `ISOLATED_WARN` of the read tokens without an edge."""
+    if rec["max"] > ISOLATED_WARN:
+        many = sum(f > ISOLATED_WARN for f in rec["fraction"].values())
+        _say(f"spectral-jax dataset: warning: {rec['max']:.0%} of the tokens have no edge in graph {rec['graph']} "
+             f"({many} of {len(rec['fraction'])} graphs over {ISOLATED_WARN:.0%}): their cosines are all at or "
+             f"below --min-cos {rec['min_cos']}, so those graphs add little to the solve; lower --min-cos, or "
+             f"weigh those layers less (summary.json: isolated)")
 
 
 def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n: int, bar=None,
@@ -749,15 +780,7 @@ def graph_report(settings: Settings, geom: Geometry, infos: list[dict]) -> dict:
     """JSON-ready record of how the graph was made, for the summary: edge_weights {kind, and for rbf: sigma
     {layer: σ} (per layer; "layer/t" keys with timesteps), sigma_pairs, sigma_seed}; knn_search {asked, used,
     recall {layer: r} (1 for exact), recall_min, recall_rows, seed and the IVF sizes for an approximate one}."""
-    def per_graph(arrays):
-        out = {}
-        for (_, group), x in zip(geom.groups, arrays):
-            x = np.asarray(x, np.float64).reshape(len(group), -1)
-            for layer, row in zip(group, x):
-                for t, v in enumerate(row):
-                    out[str(layer) if geom.steps is None else f"{layer}/{t}"] = round(float(v), 6)
-        return out
-
+    per_graph = lambda arrays: _per_graph(geom, arrays)
     ew = {"kind": settings.edge_weights}
     if settings.edge_weights == "rbf":
         ew.update(sigma=per_graph([i["sigma"] for i in infos]), sigma_pairs=G.SIGMA_PAIRS, sigma_seed=settings.seed,
@@ -770,6 +793,18 @@ def graph_report(settings: Settings, geom: Geometry, infos: list[dict]) -> dict:
         ks.update({k: int(v) for k, v in infos[0].items() if k in ("nlist", "cap", "cells", "nprobe", "sample",
                                                                     "seed", "recall_rows")})
     return {"edge_weights": ew, "knn_search": ks}
+
+
+def _per_graph(geom: Geometry, arrays) -> dict:
+    """{graph: value} of one value per graph, arrays a list per group (`[L_g·T]` in layer-major order): keys
+    "layer", or "layer/t" with timesteps; values rounded to 6 decimals."""
+    out = {}
+    for (_, group), x in zip(geom.groups, arrays):
+        x = np.asarray(x, np.float64).reshape(len(group), -1)
+        for layer, row in zip(group, x):
+            for t, v in enumerate(row):
+                out[str(layer) if geom.steps is None else f"{layer}/{t}"] = round(float(v), 6)
+    return out
 
 
 def say_search(info: dict) -> None:
