@@ -8,15 +8,17 @@ IVF (`ivf_topk`, JAX: jitted, fixed shapes, CPU and accelerators):
   1. coarse centroids: spherical k-means (`kmeans`) of a seeded sample of the columns, `iters` Lloyd steps;
   2. every column goes to its nearest centroid's list; a list longer than `cap` is split into several *cells* of
      ≤ cap columns that share its centroid (so every cell has the same fixed capacity, padded with −1);
-  3. probe="list" (default): the rows are grouped the same way — every row joins the lists of its `row_lists`
+  3. probe="list": the rows are grouped the same way — every row joins the lists of its `row_lists`
      nearest centroids (default 1), cut into row cells of ≤ cap rows — and every row cell probes the `nprobe` cells
      nearest its list's centroid: exact re-ranking as one [cap, D]·[D, nprobe·cap] product and one `top_k` per row
      cell (memory O(cells·cap·k) for the per-cell results, O(cap·nprobe·cap) per cell);
-     probe="row": every row probes the `nprobe` cells whose centroids are nearest to the row itself; exact
+     probe="row" (default): every row probes the `nprobe` cells whose centroids are nearest to the row itself; exact
      re-ranking cell-major: the (row, cell) pairs are grouped by cell into work items of ≤ `qc` rows, each one
      [qc, D]·[D, cap] product and one `top_k`; the per-pair candidates are merged per row with one more `top_k`.
      Rows go in batches of a fixed size (memory O(batch·nprobe·k + cells·cap)). At the same nprobe it finds more
-     (each row's own nearest cells) but costs more per candidate (small products, gathers, scatters).
+     (each row's own nearest cells, not its list's) but costs more per candidate (small products, gathers,
+     scatters); "list" pays off where lists are long and follow the data's clusters (large C), and misses rows near
+     list borders where lists are short (small C).
   Masks as in the exact search: a column of the row's own group (image) or a column with `col_ok` False is never a
   neighbour. It does not promise the exact result: a neighbour in an unprobed cell is missed.
 faiss (`faiss_topk`, optional `faiss-cpu`, host only — not under `jit`): `IndexIVFFlat` with inner product on the
@@ -53,6 +55,7 @@ PROBES = ("list", "row")     # IVF probing: per row cell (rows grouped by list) 
 AUTO_MIN_NODES = 1 << 16     # `search="auto"`: graphs of at least this many nodes use an approximate search
 PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)
 RECALL_ROWS = 1000           # rows sampled for the recall estimate
+RECALL_STREAM = 0x52454331   # folded into the seed's key for the recall sample (independent of the k-means sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +78,7 @@ class Search:
     seed: int = 0
     iters: int = 10
     recall_rows: int = RECALL_ROWS
-    probe: str = "list"
+    probe: str = "row"
     row_lists: int = 1
 
     def __post_init__(self):
@@ -417,7 +420,9 @@ def recall(a, b, row_grp, col_grp, col_ok, approx_cos, k: int, rows: int, seed: 
     `[R, k]`. Returns a float32 scalar in [0, 1] (1 when no sampled row has a candidate)."""
     r = a.shape[0]
     rows = min(rows, r)
-    pick = jax.random.choice(jax.random.PRNGKey(seed), r, (rows,), replace=False)
+    # its own stream: PRNGKey(seed) itself draws the k-means sample, whose first rows seed the centroids — rows near
+    # a centroid, whose neighbours share its list, would make the estimate far too high
+    pick = jax.random.choice(jax.random.fold_in(jax.random.PRNGKey(seed), RECALL_STREAM), r, (rows,), replace=False)
     _, ex = kernels.topk_inter(a[pick], b, row_grp[pick], col_grp, col_ok, k, 512)
     fin = jnp.isfinite(ex)
     kth = jnp.min(jnp.where(fin, ex, jnp.inf), axis=1, keepdims=True)
