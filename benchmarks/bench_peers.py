@@ -66,7 +66,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--search", default="auto", help="scale part: graphs.knn search")
     ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
                                                      "knn_search's default")
-    ap.add_argument("--probe", default="list", help="scale part: IVF probing, list (rows grouped by list) or row")
+    ap.add_argument("--probe", default="row", help="scale part: IVF probing, row (knn_search's default) or list (rows "
+                                                       "grouped by list)")
     ap.add_argument("--graph-only", action="store_true", help="scale part: time our kNN graph alone (no solve)")
     ap.add_argument("--timeout", type=float, default=600, help="scale part: seconds per point before it is dropped")
     ap.add_argument("--seed", type=int, default=0)
@@ -334,7 +335,7 @@ def _scale_child(spec: dict) -> dict:
         from spectral_jax import graphs, knn_search, solvers
 
         search = knn_search.Search(spec["search"], nprobe=spec["nprobe"], seed=spec["seed"],
-                                   probe=spec.get("probe", "list"))
+                                   probe=spec.get("probe", "row"))
 
         def run():
             t = time.perf_counter()
