@@ -66,6 +66,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--search", default="auto", help="scale part: graphs.knn search")
     ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
                                                      "knn_search's default")
+    ap.add_argument("--probe", default="row", help="scale part: IVF probing, row (knn_search's default) or list (rows "
+                                                       "grouped by list)")
     ap.add_argument("--graph-only", action="store_true", help="scale part: time our kNN graph alone (no solve)")
     ap.add_argument("--timeout", type=float, default=600, help="scale part: seconds per point before it is dropped")
     ap.add_argument("--seed", type=int, default=0)
@@ -332,7 +334,8 @@ def _scale_child(spec: dict) -> dict:
     else:
         from spectral_jax import graphs, knn_search, solvers
 
-        search = knn_search.Search(spec["search"], nprobe=spec["nprobe"], seed=spec["seed"])
+        search = knn_search.Search(spec["search"], nprobe=spec["nprobe"], seed=spec["seed"],
+                                   probe=spec.get("probe", "row"))
 
         def run():
             t = time.perf_counter()
@@ -348,8 +351,18 @@ def _scale_child(spec: dict) -> dict:
                        solve=r.method if r else "none (--graph-only)",
                        converged=bool(r.convergence.converged) if r else None,
                        **{key: info[key] for key in ("nlist", "nprobe", "cap") if key in info})
+            if info["search"] != "exact":          # the recall estimate's share of seconds_graph: the same work again
+                img = jax.numpy.arange(n, dtype=jax.numpy.int32) // 100
+                t = time.perf_counter()
+                jax.block_until_ready(knn_search.recall(x, x, img, img, jax.numpy.ones(n, bool),
+                                                        jax.numpy.zeros((n, spec["k"])), spec["k"],
+                                                        search.recall_rows, search.seed))
+                out["seconds_recall"] = time.perf_counter() - t
+                out["probe"] = search.probe
+    load0 = os.getloadavg()[0]
     out.update(_common.peak_rss_delta(run))
     out["input_mib"] = x.nbytes / 2 ** 20
+    out["load_1min"] = [round(load0, 1), round(os.getloadavg()[0], 1)]            # at the start and the end
     return out
 
 
@@ -361,7 +374,7 @@ def part_scale(args) -> list[dict]:
         n = int(n)
         for tool in ("ncut", "ours"):
             spec = dict(n=n, data=kind, tool=tool, seed=args.seed, num_eigs=args.num_eigs, k=args.k,
-                        search=args.search, nprobe=nprobe.get(n), graph_only=args.graph_only)
+                        search=args.search, nprobe=nprobe.get(n), graph_only=args.graph_only, probe=args.probe)
             t = time.perf_counter()
             r = _common.run_child(__file__, spec, timeout=args.timeout)
             rows.append({**spec, **r, "wall": time.perf_counter() - t})
@@ -410,10 +423,15 @@ def write(args, rep: dict) -> None:
             if "error" in r:
                 rows.append([r["data"], r["n"], r["tool"], "—", "—", "—", r["error"]])
                 continue
-            extra = (f"graph {r['seconds_graph']:.1f} s, {r['search']}"
-                     + (f" (nlist {r['nlist']}, nprobe {r['nprobe']} cells of {r['cap']})" if "nlist" in r else "")
+            extra = (f"graph {r['seconds_graph']:.1f} s"
+                     + (f" (recall estimate {r['seconds_recall']:.1f} s of it)" if "seconds_recall" in r else "")
+                     + f", {r['search']}"
+                     + (f" (nlist {r['nlist']}, nprobe {r['nprobe']} cells of {r['cap']}, probe "
+                        f"{r.get('probe', 'row')})" if "nlist" in r else "")
                      + f", solve {r['solve']}" if r["tool"] == "ours"
                      else "Nyström fit_transform" if r["n"] > 8192 else "dense fit_transform (N ≤ 8192)")
+            if "load_1min" in r:
+                extra += f"; load {r['load_1min'][0]}→{r['load_1min'][1]}"
             rows.append([r["data"], r["n"], r["tool"], f"{r['seconds']:.1f}", f"{r['rss_peak_delta_mib']:.0f}",
                          f"{r['recall']:.3f}" if r.get("recall") is not None else "—", extra])
         lines += ["## Scale: random unit 64-d features", "",

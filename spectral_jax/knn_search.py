@@ -8,10 +8,17 @@ IVF (`ivf_topk`, JAX: jitted, fixed shapes, CPU and accelerators):
   1. coarse centroids: spherical k-means (`kmeans`) of a seeded sample of the columns, `iters` Lloyd steps;
   2. every column goes to its nearest centroid's list; a list longer than `cap` is split into several *cells* of
      ≤ cap columns that share its centroid (so every cell has the same fixed capacity, padded with −1);
-  3. every row probes the `nprobe` cells whose centroids are nearest to it (per row, not per list);
-  4. exact re-ranking inside the probed cells, cell-major: the (row, cell) pairs are grouped by cell into work
-     items of ≤ `qc` rows, each one [qc, D]·[D, cap] product and one `top_k`; the per-pair candidates are merged per
-     row with one more `top_k`. Rows go in batches of a fixed size (memory O(batch·nprobe·k + cells·cap)).
+  3. probe="list": the rows are grouped the same way — every row joins the lists of its `row_lists`
+     nearest centroids (default 1), cut into row cells of ≤ cap rows — and every row cell probes the `nprobe` cells
+     nearest its list's centroid: exact re-ranking as one [cap, D]·[D, nprobe·cap] product and one `top_k` per row
+     cell (memory O(cells·cap·k) for the per-cell results, O(cap·nprobe·cap) per cell);
+     probe="row" (default): every row probes the `nprobe` cells whose centroids are nearest to the row itself; exact
+     re-ranking cell-major: the (row, cell) pairs are grouped by cell into work items of ≤ `qc` rows, each one
+     [qc, D]·[D, cap] product and one `top_k`; the per-pair candidates are merged per row with one more `top_k`.
+     Rows go in batches of a fixed size (memory O(batch·nprobe·k + cells·cap)). At the same nprobe it finds more
+     (each row's own nearest cells, not its list's) but costs more per candidate (small products, gathers,
+     scatters); "list" pays off where lists are long and follow the data's clusters (large C), and misses rows near
+     list borders where lists are short (small C).
   Masks as in the exact search: a column of the row's own group (image) or a column with `col_ok` False is never a
   neighbour. It does not promise the exact result: a neighbour in an unprobed cell is missed.
 faiss (`faiss_topk`, optional `faiss-cpu`, host only — not under `jit`): `IndexIVFFlat` with inner product on the
@@ -44,9 +51,11 @@ from spectral_jax.errors import InputError, is_integer
 Array = Any
 
 KINDS = ("auto", "exact", "ivf", "faiss")
+PROBES = ("list", "row")     # IVF probing: per row cell (rows grouped by list) or per row
 AUTO_MIN_NODES = 1 << 16     # `search="auto"`: graphs of at least this many nodes use an approximate search
 PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)
 RECALL_ROWS = 1000           # rows sampled for the recall estimate
+RECALL_STREAM = 0x52454331   # folded into the seed's key for the recall sample (independent of the k-means sample)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +65,11 @@ class Search:
     kind: "exact" (blockwise brute force), "ivf" (this module, JAX), "faiss" (faiss IVF on the CPU, needs
     `faiss-cpu`), "auto" (exact below `AUTO_MIN_NODES` nodes or under a mesh, else ivf: the same choice whether or
     not faiss is installed). nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
-    row (default `default_nprobe`); seed: the k-means sample and initial centroids and the recall sample; iters:
-    k-means steps; recall_rows: rows sampled for the recall estimate (0: none).
+    row cell (probe "list") or per row (probe "row") (default `default_nprobe`); seed: the k-means sample and
+    initial centroids and the recall sample; iters: k-means steps; recall_rows: rows sampled for the recall
+    estimate (0: none); probe: "list" (rows grouped by list, one product per row cell) or "row" (per-row probing),
+    ivf only; row_lists: lists each row joins with probe "list" (more: fewer misses at list borders, proportionally
+    more work).
     """
 
     kind: str = "auto"
@@ -66,10 +78,16 @@ class Search:
     seed: int = 0
     iters: int = 10
     recall_rows: int = RECALL_ROWS
+    probe: str = "row"
+    row_lists: int = 1
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise InputError(f"search={self.kind!r}", "is not a kNN search", f"choose one of {', '.join(KINDS)}")
+        if self.probe not in PROBES:
+            raise InputError(f"probe={self.probe!r}", "is not an IVF probing", f"choose one of {', '.join(PROBES)}")
+        if not (is_integer(self.row_lists) and self.row_lists >= 1):
+            raise InputError(f"row_lists={self.row_lists!r}", "must be an integer ≥ 1", "pass e.g. row_lists=1")
         for name, lo in (("nlist", 1), ("nprobe", 1)):
             v = getattr(self, name)
             if v is not None and not (is_integer(v) and v >= lo):
@@ -181,9 +199,11 @@ def _cells(b: Array, cent: Array, cap: int, cells: int) -> tuple[Array, Array, A
     """Inverted lists split into cells of ≤ cap columns: (order `[C]` int32 the columns sorted by list — every cell
     is a contiguous run of it —, start `[L + 1]`, size `[L + 1]` int32 each cell's run (the last cell an empty
     sentinel), cell_list `[L]` int32 the list of each cell, −1 for an unused cell)."""
-    c = b.shape[0]
-    lst = _best(b, cent.astype(b.dtype), 1)[1][:, 0]
-    nlist = cent.shape[0]
+    return _cells_of(_best(b, cent.astype(b.dtype), 1)[1][:, 0], cent.shape[0], cap, cells)
+
+
+def _cells_of(lst: Array, nlist: int, cap: int, cells: int) -> tuple[Array, Array, Array, Array]:
+    """`_cells` from the list of every entry, lst `[C]` int32 in [0, nlist)."""
     size = jnp.bincount(lst, length=nlist)
     per_list = -(-size // cap)                                     # cells of each list
     ends = jnp.cumsum(per_list)
@@ -244,6 +264,64 @@ def _batch(a, grp, probe, bs, ids, start, cnt, col_grp, col_ok, k: int, cap: int
     return best, jnp.take_along_axis(out, where, axis=1)
 
 
+def _list_scan(a, row_grp, cent, bs, ids, start, cnt, cell_list, col_grp, col_ok, k: int, cap: int, p: int,
+               m: int):
+    """Top-k of every row among the cells nearest the centroids of its `m` nearest lists, row-cell-major: every row
+    joins the lists of its m nearest centroids, each list's rows are cut into row cells of ≤ cap rows (`_cells_of`),
+    and every row cell is one [cap, D]·[D, p·cap] product and one `top_k` against the columns of the p cells nearest
+    its list's centroid; a row's m results are merged (duplicates dropped). a `[R, D]`; cent `[nlist, D]`; bs, ids,
+    start, cnt, cell_list the column cells as in `_batch` → (cos `[R, k]`, idx `[R, k]`)."""
+    r = a.shape[0]
+    nlist = cent.shape[0]
+    m = min(m, nlist)
+    cells = start.shape[0] - 1
+    rcells = nlist + (r * m) // cap
+    lst = _best(a, cent.astype(a.dtype), m)[1].reshape(-1)              # [R·m] entry e = row e // m
+    rorder, rstart, rcnt, rlist = _cells_of(lst, nlist, cap, rcells)
+    ent = jnp.pad(rorder, (0, cap), constant_values=-1)                 # entries in row-cell order
+    cent_cell = jnp.where((cell_list >= 0)[:, None], cent[jnp.maximum(cell_list, 0)], 0.0).astype(a.dtype)
+    cent_row = cent[jnp.maximum(rlist, 0)].astype(a.dtype)
+    s, probe = _best(cent_row, cent_cell, p, cell_list >= 0)
+    probe = jnp.where(jnp.isfinite(s), probe, cells)                   # nothing left to probe: the empty sentinel
+    slot = jnp.arange(cap, dtype=jnp.int32)
+    kk = min(k, p * cap)
+
+    def scan(j, pr):
+        e = lax.dynamic_slice_in_dim(ent, rstart[j], cap)
+        rid = jnp.maximum(e, 0) // m
+        x = a[rid]                                                      # [cap, D] the row cell's rows
+        y = jax.vmap(lambda s0: lax.dynamic_slice_in_dim(bs, s0, cap))(start[pr]).reshape(-1, bs.shape[1])
+        cols = jax.vmap(lambda s0: lax.dynamic_slice_in_dim(ids, s0, cap))(start[pr]).reshape(-1)
+        live = (slot[None, :] < cnt[pr][:, None]).reshape(-1)
+        safe = jnp.maximum(cols, 0)
+        cos = jnp.dot(x, y.T, preferred_element_type=jnp.float32)      # [cap, p·cap]
+        ok = (live & col_ok[safe])[None, :] & (row_grp[rid][:, None] != col_grp[safe][None, :])
+        top, pos = lax.top_k(jnp.where(ok, cos, -jnp.inf), kk)
+        return top, jnp.take(cols, pos), jnp.where(slot < rcnt[j], e, r * m)
+
+    def work(inp):                                                      # an unused row cell costs nothing
+        j, pr = inp
+        none = (jnp.full((cap, kk), -jnp.inf, jnp.float32), jnp.zeros((cap, kk), jnp.int32),
+                jnp.full((cap,), r * m, jnp.int32))
+        return lax.cond(rcnt[j] > 0, scan, lambda j, pr: none, j, pr)
+
+    top, idx, dest = lax.map(work, (jnp.arange(rcells, dtype=jnp.int32), probe))      # [rcells, cap, k']
+    dest = dest.reshape(-1)
+    vals = jnp.full((r * m, kk), -jnp.inf, jnp.float32).at[dest].set(top.reshape(-1, kk), mode="drop")
+    out = jnp.full((r * m, kk), -1, jnp.int32).at[dest].set(idx.reshape(-1, kk), mode="drop")
+    vals, out = vals.reshape(r, m * kk), out.reshape(r, m * kk)
+    if m > 1:                                                           # a column found from two lists counts once
+        o = jnp.argsort(out, axis=1)
+        so, sv = jnp.take_along_axis(out, o, axis=1), jnp.take_along_axis(vals, o, axis=1)
+        dup = jnp.concatenate([jnp.zeros((r, 1), bool), so[:, 1:] == so[:, :-1]], axis=1)
+        vals, out = jnp.where(dup, -jnp.inf, sv), so
+    if m * kk < k:
+        vals = jnp.pad(vals, ((0, 0), (0, k - m * kk)), constant_values=-jnp.inf)
+        out = jnp.pad(out, ((0, 0), (0, k - m * kk)), constant_values=-1)
+    best, where = lax.top_k(vals, k)
+    return best, jnp.take_along_axis(out, where, axis=1)
+
+
 def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, k: int,
              search: Search = Search("ivf")) -> tuple[Array, Array]:
     """Approximate top-k cosine neighbours of the rows of `a` among the columns of `b` of other groups (IVF, JAX).
@@ -251,7 +329,8 @@ def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, 
     a `[R, D]`, b `[C, D]` unit rows; row_grp `[R]`, col_grp `[C]` int (a column of the row's own group is never a
     neighbour); col_ok `[C]` bool (columns that may be neighbours). Returns (idx `[R, k]` int32 column indices,
     cos `[R, k]` float32), largest first; a slot without a candidate has cos = −inf and idx 0. Jittable (sizes are
-    static: `plan`); deterministic for a given `search.seed`. Memory: one list-ordered copy of b plus
+    static: `plan`); deterministic for a given `search.seed`. Memory: one list-ordered copy of b plus, probe
+    "list", O(R·row_lists·k) per-cell results and one [cap, nprobe·cap] block at a time; probe "row",
     O(`PAIR_BUDGET`) per row batch.
     """
     r, c = a.shape[0], b.shape[0]
@@ -263,6 +342,10 @@ def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, 
     order, start, cnt, cell_list = _cells(b, cent, cap, pl["cells"])
     bs = jnp.pad(b[order], ((0, cap), (0, 0)))
     ids = jnp.pad(order, (0, cap), constant_values=-1)
+    if search.probe == "list":
+        cos, idx = _list_scan(a, row_grp, cent, bs, ids, start, cnt, cell_list, col_grp, col_ok, k, cap, p,
+                              search.row_lists)
+        return jnp.where(jnp.isfinite(cos), idx, 0), cos
     bsz = int(min(r, max(256, PAIR_BUDGET // (p * k))))
     qc = int(min(256, max(8, 2 ** int(math.log2(max(1.0, bsz * p / pl["cells"] / 4))))))
     items = pl["cells"] + 1 + bsz * p // qc
@@ -337,7 +420,9 @@ def recall(a, b, row_grp, col_grp, col_ok, approx_cos, k: int, rows: int, seed: 
     `[R, k]`. Returns a float32 scalar in [0, 1] (1 when no sampled row has a candidate)."""
     r = a.shape[0]
     rows = min(rows, r)
-    pick = jax.random.choice(jax.random.PRNGKey(seed), r, (rows,), replace=False)
+    # its own stream: PRNGKey(seed) itself draws the k-means sample, whose first rows seed the centroids — rows near
+    # a centroid, whose neighbours share its list, would make the estimate far too high
+    pick = jax.random.choice(jax.random.fold_in(jax.random.PRNGKey(seed), RECALL_STREAM), r, (rows,), replace=False)
     _, ex = kernels.topk_inter(a[pick], b, row_grp[pick], col_grp, col_ok, k, 512)
     fin = jnp.isfinite(ex)
     kth = jnp.min(jnp.where(fin, ex, jnp.inf), axis=1, keepdims=True)
