@@ -19,7 +19,7 @@ is an exact normalised cut of the dense RBF affinity). Parts (each on the same i
            eigenvectors; 1 = the same subspace).
   scale    seconds and peak memory on random unit 64-d features, N = --scale-n: ncut's whole `fit_transform`
            vs our kNN graph (`graphs.knn`, images of 100 tokens, k_intra = 0, k_inter = --k, search --search:
-           "auto" = exact below `knn_search.AUTO_MIN_NODES`, else the approximate search) + `solvers.exact`, each in
+           "auto" = exact, name ivf or faiss for the approximate search) + `solvers.exact`, each in
            a fresh process (peak RSS growth over the input: `_common.peak_rss_delta`); recall of the approximate
            search on a seeded 1000-row sample. Two inputs: "uniform" (i.i.d. on the sphere: no neighbourhood
            structure, the worst case of every inverted-file index) and "clustered" (N/1000 planted centres, each

@@ -316,7 +316,7 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     None: as given); cosines, weights and degrees are float32 either way.
     search: how the inter-image neighbours are found — "exact" (blockwise brute force, O(N²)), "ivf" (approximate
     inverted-file search in JAX, `spectral_jax.knn_search`), "faiss" (faiss IVF on the host; not under `jit`),
-    "auto" (default: exact below `knn_search.AUTO_MIN_NODES` nodes or with a mesh, else ivf), or a
+    "auto" (default: exact — see `knn_search.Search` for why, at every size), or a
     `knn_search.Search` (its nlist, nprobe, seed, probe — per row or per row cell —, ...). The intra-image search is always exact; an approximate search
     may miss inter-image neighbours (its recall is measured, below).
     info: also return a dict — search (the kind used), recall (`[*S]` float32: the share of the exact inter-image

@@ -52,7 +52,7 @@ Array = Any
 
 KINDS = ("auto", "exact", "ivf", "faiss")
 PROBES = ("list", "row")     # IVF probing: per row cell (rows grouped by list) or per row
-AUTO_MIN_NODES = 1 << 16     # `search="auto"`: graphs of at least this many nodes use an approximate search
+AUTO_MIN_RECALL = 0.95       # the recall an approximate search must reach at its defaults before "auto" picks it
 PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)
 RECALL_ROWS = 1000           # rows sampled for the recall estimate
 RECALL_STREAM = 0x52454331   # folded into the seed's key for the recall sample (independent of the k-means sample)
@@ -63,8 +63,9 @@ class Search:
     """How `graphs.knn` searches the inter-image neighbours.
 
     kind: "exact" (blockwise brute force), "ivf" (this module, JAX), "faiss" (faiss IVF on the CPU, needs
-    `faiss-cpu`), "auto" (exact below `AUTO_MIN_NODES` nodes or under a mesh, else ivf: the same choice whether or
-    not faiss is installed). nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
+    `faiss-cpu`), "auto" (exact, at every size: "auto" picks an approximate search only once one reaches
+    `AUTO_MIN_RECALL` at its defaults, and neither does yet — benchmarks/results/peers.md: ivf 0.41–0.62 at 10⁶
+    rows; ask for ivf / faiss by name, their recall is measured and reported). nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
     row cell (probe "list") or per row (probe "row") (default `default_nprobe`); seed: the k-means sample and
     initial centroids and the recall sample; iters: k-means steps; recall_rows: rows sampled for the recall
     estimate (0: none); probe: "list" (rows grouped by list, one product per row cell) or "row" (per-row probing),
@@ -120,8 +121,8 @@ def resolve(search, num_nodes: int, concrete: bool, mesh) -> Search:
     the inputs are arrays, not tracers (faiss cannot run under `jit`). InputError for a choice that cannot run."""
     s = as_search(search)
     kind = s.kind
-    if kind == "auto":
-        kind = "exact" if num_nodes < AUTO_MIN_NODES or mesh is not None else "ivf"
+    if kind == "auto":          # see `Search`: no approximate search reaches AUTO_MIN_RECALL at its defaults yet
+        kind = "exact"
     if kind != "exact" and mesh is not None:
         raise InputError(f"search={kind!r}", "does not run sharded over a mesh",
                          "pass search='exact' with a mesh, or mesh=None")

@@ -132,8 +132,8 @@ class Settings:
     weights, "cosine" (the paper's recipe) or "rbf" (exp(−d²/2σ²) of the unit features' distance, σ the median
     distance of `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's rule; `graphs.weight_edges`);
     search: the exact method's inter-image kNN search, "exact" (the store's tiled brute force), "ivf" / "faiss"
-    (approximate, `spectral_jax.knn_search`, features in memory, recall measured) or "auto" (exact below
-    `knn_search.AUTO_MIN_NODES` nodes, else ivf); lam: the paper loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
+    (approximate, `spectral_jax.knn_search`, features in memory, recall measured) or "auto" (exact: no
+    approximate search reaches `knn_search.AUTO_MIN_RECALL` at its defaults yet); lam: the paper loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
     layer equal) — a mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired
     with `layers` in the order given, or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select":
     exact only, read from each layer's graph), checked against the tapped layers when the run starts; seed: the table's start and the epoch

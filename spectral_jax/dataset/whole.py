@@ -14,8 +14,8 @@
      (no edges). The kept edges' weights (`settings.edge_weights`): the cosine (the paper's recipe) or an RBF of the distance,
      exp(−d²/2σ²) with σ per graph the median distance of `graphs.SIGMA_PAIRS` token pairs drawn with the seed
      (`store_sigma`, `graphs.weight_edges`), recorded with the graph. The inter-image search (`settings.search`,
-     `make_graphs`): the store's tiled exact search, or an approximate index (`knn_search`: ivf / faiss; "auto"
-     above `knn_search.AUTO_MIN_NODES` nodes) over the features read into memory, its recall measured on a seeded
+     `make_graphs`): the store's tiled exact search ("auto" too), or an approximate index asked for by name
+     (`knn_search`: ivf / faiss) over the features read into memory, its recall measured on a seeded
      sample of rows and reported (summary.json, one stderr line);
   3. `solvers.exact` on it: for N > `dense_max` Σ_l w_l sym(P_l) coalesced into one sparse matrix
      (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
@@ -752,7 +752,7 @@ def say_isolated(rec: dict) -> None:
 def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n: int, bar=None,
                 ckdir: str | None = None, key: dict | None = None) -> tuple[list[G.KnnGraph], dict]:
     """The gathered path's whole-dataset graphs and their `graph_report`. The search (`knn_search.resolve` of
-    `settings.search` for the group's N nodes: "auto" is exact below `knn_search.AUTO_MIN_NODES`, else ivf; several
+    `settings.search` for the group's N nodes: "auto" is exact (`knn_search.Search` says why); several
     processes: always exact): exact in one process → the store's tiled search (`search_store`, resumable by layer)
     and the RBF σ from the store (`store_sigma`); several processes, or an approximate search → `build_graphs` on
     the features in memory (`local_features`: all of them, for an approximate index; its recall measured by
