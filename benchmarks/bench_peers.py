@@ -63,7 +63,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--scale", default="uniform:10000,uniform:100000,uniform:1000000,clustered:1000000",
                     help="scale part: DATA:N points, comma-separated (DATA uniform or clustered)")
     ap.add_argument("--k", type=int, default=10, help="scale part: inter-image neighbours per node")
-    ap.add_argument("--search", default="auto", help="scale part: graphs.knn search")
+    ap.add_argument("--search", default="ivf", help="scale part: graphs.knn search (auto is exact: O(N²) at 10⁶)")
     ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
                                                      "knn_search's default")
     ap.add_argument("--probe", default="row", help="scale part: IVF probing, row (knn_search's default) or list (rows "
