@@ -110,12 +110,24 @@ import jax
 from spectral_jax.dataset import memory
 from spectral_jax.models import convert
 real = convert.random_leaves
+
+
+def hwm():
+    # this process's peak RSS: VmHWM (per address space, so it starts afresh at exec), not ru_maxrss, which Linux
+    # carries across execve from the parent (a pytest worker holding gigabytes)
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 t = time.process_time()
 bb = memory.abstract_backbone("sd15")
 leaves = jax.tree.leaves(bb.params)
 print(json.dumps(dict(
     weights=memory.weights_bytes(bb.params), cpu=time.process_time() - t,
-    rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+    rss=hwm(),
     abstract=sum(isinstance(x, jax.ShapeDtypeStruct) for x in leaves), leaves=len(leaves),
     timesteps=[int(t) for t in bb.params["timesteps"]], bb_timesteps=list(bb.timesteps),
     restored=convert.random_leaves is real)))

@@ -78,7 +78,7 @@ def test_resume_after_kill_mid_forward_gives_the_uninterrupted_run_bit_for_bit(t
     assert _shard_bytes(out) == ref and len(ref) == IMAGES        # every image's features, bit for bit
     g, wg = np.load(os.path.join(ck, "graph.npz")), np.load(os.path.join(whole, "checkpoints", "graph.npz"))
     groups = 3 if model == "sd_tiny" else 1                        # one graph per grid
-    assert sorted(g.files) == sorted(wg.files) == sorted(["key", "valid", "failed"] + [
+    assert sorted(g.files) == sorted(wg.files) == sorted(["key", "valid", "failed", "info"] + [
         f"{x}{i}" for i in range(groups) for x in ("idx", "w", "deg")])
     for name in g.files:
         np.testing.assert_array_equal(g[name], wg[name], err_msg=name)
