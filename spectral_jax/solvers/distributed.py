@@ -49,10 +49,11 @@ when all K are ≤ tol; the record is a `Convergence` with criterion "max_residu
 products and of the Gram matrices), and the eigenvalues then agree with float64 `eigh` to ≲ 1e-6 of λ_max and the
 subspace to a mean principal-angle cosine ≥ 0.99999 (tests/test_distributed.py measures these).
 
-Building: `knn_sharded` searches the features (as `graphs.knn`, each device its own images' rows against all
-keys) and keeps the result sharded; `shard_graph` distributes a whole `KnnGraph`; `from_rows` takes rows already
-placed on the mesh (per-process rows via `jax.make_array_from_process_local_data`). Degrees of S_l need the column
-sums of A_l: one scatter-add and `psum_scatter` of N floats per layer, once.
+Building: `knn_sharded` searches the features (as `graphs.knn`, each device its own images' rows; the other devices'
+keys pass by in a `ppermute` ring, never all-gathered) and keeps the result sharded; `shard_graph` distributes a
+whole `KnnGraph`; `from_rows` takes rows already placed on the mesh (per-process rows via
+`jax.make_array_from_process_local_data`). Degrees of S_l need the column sums of A_l: one scatter-add and
+`psum_scatter` of N floats per layer, once.
 
 Shape legend
     N  nodes (padded to a multiple of D)   n = N/D rows per device   D  devices on the mesh axis
@@ -186,16 +187,19 @@ def shard_graph(graph, mesh: Mesh, axis: str = "data") -> ShardedKnn:
 
 def knn_sharded(a: jax.Array, b: jax.Array, grid: tuple[int, int], num_images: int, k_intra: int, k_inter: int,
                 min_cos: float = 0.1, block: int = 512, *, valid=None, mesh: Mesh, axis: str = "data") -> ShardedKnn:
-    """`graphs.knn`'s search with the rows left where they were found and the keys never gathered: a, b `[L, N, D]`
+    """`graphs.knn`'s search with the rows left where they were found and the keys never gathered: a, b `[L, N, F]`
     (global arrays sharded `P(None, axis)`, or host arrays, the same on every process), N = num_images·h·w,
     num_images a multiple of the devices on `axis` (whole images per device). Each device keeps its own query rows
     and its own key block; the intra-image neighbours come from its own block, the inter-image ones from a ring
     (`_ring_inter`: the key blocks travel round the mesh by `ppermute`, a running top-k merged at each step), so a
     device holds O(N/D·F + N/D·k) of a layer, never all N·F keys. With one device the search is `graphs.knn`'s own
-    (`_knn_rows`). The graph equals `graphs.knn`'s bit for bit (same neighbours in the same slots, same weights:
-    ties to the lower column, weight 0 where cos ≤ min_cos or the row's image is invalid); the degrees come from
-    one reduce-scatter. k_intra / k_inter as `graphs.knn` takes them after `graphs.clamp_k` (not checked again
-    here); valid `[num_images]`."""
+    (`_knn_rows`) and the graph equals its bit for bit. On more, the rules are `graphs.knn`'s (ties to the lower
+    column, weight 0 where cos ≤ min_cos or the row's image is invalid, the same slot layout), but a cosine is
+    computed in a key tile of N/D columns instead of `kernels.topk_inter`'s chunk of up to N, and XLA's CPU matmul
+    rounds by the tile's shape: cosines and weights may differ by a few float32 ulps (as the all-gathered search's
+    did on 4 and 8 devices), so candidates whose cosines tie within that rounding may be exchanged; otherwise the
+    neighbours are the same (tests/test_distributed.py). The degrees come from one reduce-scatter. k_intra /
+    k_inter as `graphs.knn` takes them after `graphs.clamp_k` (not checked again here); valid `[num_images]`."""
     from spectral_jax.graphs import _check_grid
 
     d = _check_mesh(mesh, axis)
@@ -223,11 +227,12 @@ def _ring_inter(a_loc, b_loc, valid, per: int, k: int, block: int, axis: str):
     this device's rows and key block (whole images) → (idx `[G, n, k]` int32 global columns, cos `[G, n, k]`
     float32), as `kernels.topk_inter` returns them over all N columns inside `graphs._knn_rows`.
 
-    One graph at a time (`lax.map`); per graph D steps: at step s the device holds the key block of device
-    (r + s) mod D, searches it (`kernels.topk_inter`: the own image masked, invalid images' columns excluded),
-    merges the block's top-k into a running top-k (a sort on (cosine, column): the lower column wins a tie, whatever
-    the order the blocks arrive in), and passes the block on (`ppermute` to device r − 1) while it searches. A
-    device holds its rows, its block, the block in flight and the running top-k: O(n·F + n·k); nothing of size N·F.
+    One graph at a time (`lax.map`); per graph D steps and D − 1 transfers of n·F: at step s the device holds the
+    key block of device (r + s) mod D, searches it (`kernels.topk_inter`: the own image masked, invalid images'
+    columns excluded; a block of fewer than k columns padded with excluded ones), merges the block's top-k into a
+    running top-k (a sort on (cosine, column): the lower column wins a tie, whatever the order the blocks arrive
+    in), and passes the block on (`ppermute` to device r − 1) while it searches. A device holds its rows, its
+    block, the block in flight and the running top-k: O(n·F + n·k); nothing of size N·F.
     Slots without a candidate (cos −inf: fewer valid columns in other images than k) get the column `topk_inter`
     gives them over all N columns: the lowest such columns when N fits in one of its column chunks (then every
     block does too, and the merge keeps them), else 0 (its chunked merge's)."""
