@@ -1,7 +1,8 @@
 """The row-sharded kNN operator and the distributed LOBPCG (`spectral_jax.solvers.distributed`): the product
 against the dense Σ_l w_l sym(P_l); on 1, 2, 8 fake CPU devices and in 2 local processes (jax.distributed) the
 eigenpairs against float64 `numpy.linalg.eigh` and ARPACK (`exact`) on the same graph, with layer weights; the
-sharded search against `graphs.knn`; the convergence record; `benchmarks/bench_scale.py --tiny`.
+sharded search (a ring of key blocks) against `graphs.knn` and the all-gathered search, on fake devices and
+in 2 processes, and its memory; the convergence record; `benchmarks/bench_scale.py --tiny`.
 
 float32, measured: with tol = 1e-5 the relative residuals reach ≤ 1e-5, eigenvalues agree with float64 to ≲ 1e-6
 of λ_max and the subspaces to a mean principal-angle cosine ≥ 0.99999; tighter tols stall around 1e-5 (the
@@ -531,3 +532,37 @@ def test_ring_search_equals_the_gathered_search_and_graphs_knn_and_its_memory_fa
     for d in (2, 4, 8):
         ring, gathered = int(t[f"temp{d}"]), int(t[f"gtemp{d}"])
         assert ring + (d - 1) * keys // d <= gathered, (d, ring, gathered)
+
+
+def test_ring_search_in_two_processes_gives_graphs_knn(tmp_path):
+    """Two local processes (jax.distributed, 1 CPU device each, gloo): `knn_sharded`'s ring passes the key blocks
+    between the processes (`ppermute` over the CPU collectives); each process holds only its half of the rows, and
+    the rows gathered afterwards have `graphs.knn`'s neighbours (weights within a few float32 ulps)."""
+    port, procs = _free_port(), []
+    for i in range(2):
+        child = textwrap.dedent(f"""
+            import jax
+            jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={i})
+        """) + CHILD + textwrap.dedent(f"""
+            a = jnp.asarray(np.random.default_rng(5).normal(size=(2, 8 * 36, 16)), jnp.float32)
+            sh = dist.knn_sharded(a, a, (6, 6), 8, 5, 12, mesh=jax.make_mesh((2,), ("data",)))
+            assert len(sh.idx.addressable_shards) == 1 and sh.idx.addressable_shards[0].data.shape[1] == 144
+            rows = lambda x: np.swapaxes(dist.gather_rows(jnp.swapaxes(x, 0, 1)), 0, 1)
+            np.savez({str(tmp_path)!r} + "/p{i}.npz", idx=rows(sh.idx), w=rows(sh.w), a=np.asarray(a))
+        """)
+        procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    try:
+        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    p = [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]
+    whole = graphs.knn(jnp.asarray(p[0]["a"]), jnp.asarray(p[0]["a"]), (6, 6), 8, 5, 12)
+    for q in p:
+        np.testing.assert_array_equal(q["idx"], np.asarray(whole.idx))
+        assert np.abs(q["w"] - np.asarray(whole.w)).max() <= 5e-7
+    assert np.count_nonzero(p[0]["w"]) > 0.5 * p[0]["w"].size
