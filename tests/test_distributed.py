@@ -1,7 +1,8 @@
 """The row-sharded kNN operator and the distributed LOBPCG (`spectral_jax.solvers.distributed`): the product
 against the dense Σ_l w_l sym(P_l); on 1, 2, 8 fake CPU devices and in 2 local processes (jax.distributed) the
 eigenpairs against float64 `numpy.linalg.eigh` and ARPACK (`exact`) on the same graph, with layer weights; the
-sharded search against `graphs.knn`; the convergence record; `benchmarks/bench_scale.py --tiny`.
+sharded search (a ring of key blocks) against `graphs.knn` and the all-gathered search, on fake devices and
+in 2 processes, and its memory; the convergence record; `benchmarks/bench_scale.py --tiny`.
 
 float32, measured: with tol = 1e-5 the relative residuals reach ≤ 1e-5, eigenvalues agree with float64 to ≲ 1e-6
 of λ_max and the subspaces to a mean principal-angle cosine ≥ 0.99999; tighter tols stall around 1e-5 (the
@@ -235,7 +236,7 @@ def test_one_two_eight_devices_agree_with_eigh_and_arpack(tmp_path):
     """8 fake CPU devices; meshes of 1, 2 (rows split evenly: 294 = 2·147) and 8 (rows padded to 296; 4 devices
     would pad to the same 296, the same path): the product equals the dense reference; the solve (layer weights
     0.7/0.3) agrees with float64 eigh, with ARPACK (`exact` on the whole graph) and with the 1-device solve; the
-    sharded search (`knn_sharded`, 8 images of 4×4 on 8 devices) equals `graphs.knn`'s graph row for row."""
+    sharded search (`knn_sharded`, 8 images of 4×4 on 8 devices) has `graphs.knn`'s neighbours row for row."""
     out = str(tmp_path / "r.npz")
     child = CHILD + textwrap.dedent(f"""
         from spectral_jax.solvers.exact import exact
@@ -282,7 +283,9 @@ def test_one_two_eight_devices_agree_with_eigh_and_arpack(tmp_path):
         assert t[f"pad{d}"] == 0.0                                             # padded rows stay zero
     assert np.abs(t["arpack"] - e).max() <= 2e-6 * e[0]
     assert np.abs(np.sort(t["vals8"])[::-1] - t["arpack"]).max() <= 2e-6 * e[0]
-    assert np.all(t["knn_idx"] == 0) and np.abs(t["knn_w"]).max() == 0 and np.abs(t["knn_deg"]).max() <= 1e-6
+    # the same neighbours; weights within a few float32 ulps (the ring's key tiles round by their shape: see
+    # test_ring_search_equals_the_gathered_search_and_graphs_knn_and_its_memory_falls)
+    assert np.all(t["knn_idx"] == 0) and np.abs(t["knn_w"]).max() <= 5e-7 and np.abs(t["knn_deg"]).max() <= 1e-6
 
 
 def test_two_processes_give_the_one_process_solve(tmp_path):
@@ -417,3 +420,149 @@ def test_sharded_graph_rows_cache_is_read_back_on_resume(tmp_path):
     r = run("--resume")
     _one_line_exit_2(r, "graph-rows", "damaged")
     assert open(os.path.join(out, "summary.json")).read() == before
+
+
+def gathered_search(mesh, per, k_intra, k_inter, min_cos=0.1, block=512):
+    """The sharded search as it was before the ring (the reference `_search` is compared with): each device
+    all-gathers every layer's keys `[L, N, F]` and runs `graphs._knn_rows` on its rows against them."""
+    from jax.sharding import PartitionSpec as P
+
+    def local(a_loc, b_loc, valid):
+        b_all = jax.lax.all_gather(b_loc, "data", axis=1, tiled=True)
+        row0 = jax.lax.axis_index("data") * a_loc.shape[1]
+        return graphs._knn_rows(a_loc, b_loc, b_all, row0, valid, per, k_intra, k_inter, min_cos, block)[:2]
+
+    return jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(None, "data"), P(None, "data"), P()),
+                                 out_specs=(P(None, "data"),) * 2))
+
+
+RING_CASES = (  # name, images, grid, F, k_intra, k_inter, rounded features (exact ties), valid images
+    ("plain", 8, (4, 4), 12, 5, 4, False, None),
+    ("ties", 8, (3, 5), 7, 4, 30, True, None),                  # k_inter 30 > the 15 columns of a block at 8 devices
+    ("invalid", 8, (4, 4), 12, 5, 40, False, (1, 0, 1, 0, 0, 0, 1, 0)),       # 32 valid columns < 40: −inf slots
+)
+
+
+def test_ring_search_equals_the_gathered_search_and_graphs_knn_and_its_memory_falls(tmp_path):
+    """`knn_sharded`'s ring (key blocks passed round the mesh by ppermute, a running top-k) on 1, 2, 4 and 8 fake
+    CPU devices against `graphs.knn` and the all-gathered search it replaced (`gathered_search`): one device is
+    `graphs.knn` bit for bit; on more, the cosines come from key tiles of another width, which XLA's CPU matmul may
+    round differently (a few float32 ulps), so: weights within 5e-7, and slot for slot the chosen neighbours'
+    float64 cosines within 1e-6 — identical lists where no two candidates tie within rounding (asserted on
+    continuous features, and degrees within 1e-6 of the largest), candidates of (near-)equal cosine possibly
+    exchanged on rounded features ("ties"; the gathered search passes the same checks). Slots without a candidate
+    (invalid images) carry the columns the gathered search gives them, in both of its regimes (all columns in one
+    chunk: the lowest masked ones; several chunks, forced by a small `kernels.INTER_BUDGET`: 0). XLA's memory
+    analysis of the compiled search: per-device temporaries fall with the devices, and lie below the gathered
+    search's by at least the (D−1)/D·N·F·L keys it all-gathered."""
+    out = str(tmp_path / "r.npz")
+    child = CHILD + textwrap.dedent(f"""
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from spectral_jax import kernels
+        from test_distributed import gathered_search, RING_CASES
+        assert len(jax.devices()) == 8
+        res = {{}}
+
+        def run(name, nimg, grid, f, ki, ko, rounded, valid, seed):
+            x = np.random.default_rng(seed).normal(size=(2, nimg * grid[0] * grid[1], f))
+            a = jnp.asarray(np.round(x) if rounded else x, jnp.float32)
+            v = None if valid is None else np.asarray(valid, bool)
+            whole = graphs.knn(a, a, grid, nimg, ki, ko, valid=v)
+            res[name + "_a"], res[name + "_deg"] = np.asarray(a), np.asarray(whole.deg)
+            res[name + "_idx"], res[name + "_w"] = np.asarray(whole.idx), np.asarray(whole.w)
+            for d in (1, 2, 4, 8):
+                mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
+                sh = dist.knn_sharded(a, a, grid, nimg, ki, ko, valid=v, mesh=mesh)
+                assert tuple(sh.idx.sharding.spec)[:2] == (None, "data")
+                res[f"{{name}}_idx{{d}}"], res[f"{{name}}_w{{d}}"] = np.asarray(sh.idx), np.asarray(sh.w)
+                res[f"{{name}}_deg{{d}}"] = np.asarray(sh.deg)
+                rows = NamedSharding(mesh, P(None, "data"))
+                vv = jnp.ones(nimg, bool) if v is None else jnp.asarray(v)
+                gi, gw = gathered_search(mesh, grid[0] * grid[1], ki, ko)(*(jax.device_put(a, rows),) * 2, vv)
+                res[f"{{name}}_gidx{{d}}"], res[f"{{name}}_gw{{d}}"] = np.asarray(gi), np.asarray(gw)
+
+        for i, case in enumerate(RING_CASES):
+            run(*case, seed=i)
+        # several column chunks in the inter-image search on 1 and 2 devices, one on 4 and 8 (new shapes: retraced)
+        kernels.INTER_BUDGET = 1 << 16
+        run("chunked", 8, (8, 8), 10, 5, 70, False, (1, 0, 0, 0, 0, 0, 0, 1), seed=9)
+        kernels.INTER_BUDGET = 1 << 24
+        nimg, per, f = 16, 16, 32
+        for d in (1, 2, 4, 8):
+            mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
+            a = jax.ShapeDtypeStruct((2, nimg * per, f), jnp.float32, sharding=NamedSharding(mesh, P(None, "data")))
+            v = jax.ShapeDtypeStruct((nimg,), jnp.bool_, sharding=NamedSharding(mesh, P()))
+            mem = lambda c: c.compile().memory_analysis().temp_size_in_bytes
+            res[f"temp{{d}}"] = mem(dist._search.lower(a, a, v, per, 5, 8, 0.1, 512, mesh, "data"))
+            res[f"gtemp{{d}}"] = mem(gathered_search(mesh, per, 5, 8).lower(a, a, v))
+        np.savez({out!r}, **res)
+    """)
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       capture_output=True, timeout=900)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    t = np.load(out)
+    for name in [c[0] for c in RING_CASES] + ["chunked"]:
+        ref_i, ref_w, ref_d = t[name + "_idx"], t[name + "_w"], t[name + "_deg"]
+        u = t[name + "_a"].astype(np.float64)
+        u /= np.linalg.norm(u, axis=-1, keepdims=True)
+        cos64 = lambda idx: np.einsum("lnf,lnkf->lnk", u, np.take_along_axis(u[:, None], idx[..., None], axis=2))
+        assert np.count_nonzero(ref_w) > 0.5 * ref_w.size if name in ("plain", "ties") else np.count_nonzero(ref_w)
+        np.testing.assert_array_equal(t[name + "_idx1"], ref_i)                  # one device: graphs.knn's own search
+        np.testing.assert_array_equal(t[name + "_w1"], ref_w)
+        edge = ref_w != 0
+        for d in (2, 4, 8):
+            ring_i, ring_w, gi = t[f"{name}_idx{d}"], t[f"{name}_w{d}"], t[f"{name}_gidx{d}"]
+            for i, w, what in ((ring_i, ring_w, "ring"), (gi, t[f"{name}_gw{d}"], "gathered")):
+                assert np.abs(w - ref_w).max() <= 5e-7, (name, d, what)
+                assert np.array_equal(w != 0, edge), (name, d, what)
+                assert np.abs(cos64(i) - cos64(ref_i))[edge].max() <= 1e-6, (name, d, what)
+            if name != "ties":                                                 # continuous features: no ties
+                np.testing.assert_array_equal(ring_i[edge], ref_i[edge], err_msg=f"{name} {d}")
+                np.testing.assert_array_equal(ring_i, gi, err_msg=f"{name} {d}")   # no-edge slots included
+                assert np.abs(t[f"{name}_deg{d}"] - ref_d).max() <= 1e-6 * ref_d.max(), (name, d)
+        if name in ("invalid", "chunked"):                                     # slots without a candidate exist
+            assert np.count_nonzero(~edge) >= 6 * ref_w.shape[1] // 4
+        if name == "chunked":                                                  # both regimes were exercised
+            assert np.any(t["chunked_gidx2"][~edge] == 0) and not np.array_equal(t["chunked_gidx8"], t["chunked_gidx2"])
+        if name == "ties":                                                     # exchanged tied candidates happen
+            assert any(not np.array_equal(t[f"ties_idx{d}"], ref_i) for d in (2, 4, 8))
+    temps = [int(t[f"temp{d}"]) for d in (1, 2, 4, 8)]
+    assert all(x > y for x, y in zip(temps, temps[1:])), temps
+    keys = 2 * 16 * 16 * 32 * 4
+    for d in (2, 4, 8):
+        ring, gathered = int(t[f"temp{d}"]), int(t[f"gtemp{d}"])
+        assert ring + (d - 1) * keys // d <= gathered, (d, ring, gathered)
+
+
+def test_ring_search_in_two_processes_gives_graphs_knn(tmp_path):
+    """Two local processes (jax.distributed, 1 CPU device each, gloo): `knn_sharded`'s ring passes the key blocks
+    between the processes (`ppermute` over the CPU collectives); each process holds only its half of the rows, and
+    the rows gathered afterwards have `graphs.knn`'s neighbours (weights within a few float32 ulps)."""
+    port, procs = _free_port(), []
+    for i in range(2):
+        child = textwrap.dedent(f"""
+            import jax
+            jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={i})
+        """) + CHILD + textwrap.dedent(f"""
+            a = jnp.asarray(np.random.default_rng(5).normal(size=(2, 8 * 36, 16)), jnp.float32)
+            sh = dist.knn_sharded(a, a, (6, 6), 8, 5, 12, mesh=jax.make_mesh((2,), ("data",)))
+            assert len(sh.idx.addressable_shards) == 1 and sh.idx.addressable_shards[0].data.shape[1] == 144
+            rows = lambda x: np.swapaxes(dist.gather_rows(jnp.swapaxes(x, 0, 1)), 0, 1)
+            np.savez({str(tmp_path)!r} + "/p{i}.npz", idx=rows(sh.idx), w=rows(sh.w), a=np.asarray(a))
+        """)
+        procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    try:
+        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    p = [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]
+    whole = graphs.knn(jnp.asarray(p[0]["a"]), jnp.asarray(p[0]["a"]), (6, 6), 8, 5, 12)
+    for q in p:
+        np.testing.assert_array_equal(q["idx"], np.asarray(whole.idx))
+        assert np.abs(q["w"] - np.asarray(whole.w)).max() <= 5e-7
+    assert np.count_nonzero(p[0]["w"]) > 0.5 * p[0]["w"].size

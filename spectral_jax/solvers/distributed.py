@@ -49,10 +49,11 @@ when all K are ≤ tol; the record is a `Convergence` with criterion "max_residu
 products and of the Gram matrices), and the eigenvalues then agree with float64 `eigh` to ≲ 1e-6 of λ_max and the
 subspace to a mean principal-angle cosine ≥ 0.99999 (tests/test_distributed.py measures these).
 
-Building: `knn_sharded` searches the features (as `graphs.knn`, each device its own images' rows against all
-keys) and keeps the result sharded; `shard_graph` distributes a whole `KnnGraph`; `from_rows` takes rows already
-placed on the mesh (per-process rows via `jax.make_array_from_process_local_data`). Degrees of S_l need the column
-sums of A_l: one scatter-add and `psum_scatter` of N floats per layer, once.
+Building: `knn_sharded` searches the features (as `graphs.knn`, each device its own images' rows; the other devices'
+keys pass by in a `ppermute` ring, never all-gathered) and keeps the result sharded; `shard_graph` distributes a
+whole `KnnGraph`; `from_rows` takes rows already placed on the mesh (per-process rows via
+`jax.make_array_from_process_local_data`). Degrees of S_l need the column sums of A_l: one scatter-add and
+`psum_scatter` of N floats per layer, once.
 
 Shape legend
     N  nodes (padded to a multiple of D)   n = N/D rows per device   D  devices on the mesh axis
@@ -186,10 +187,18 @@ def shard_graph(graph, mesh: Mesh, axis: str = "data") -> ShardedKnn:
 
 def knn_sharded(a: jax.Array, b: jax.Array, grid: tuple[int, int], num_images: int, k_intra: int, k_inter: int,
                 min_cos: float = 0.1, block: int = 512, *, valid=None, mesh: Mesh, axis: str = "data") -> ShardedKnn:
-    """`graphs.knn`'s search with the rows left where they were found: a, b `[L, N, D]` (global arrays sharded
-    `P(None, axis)`, or host arrays, the same on every process), N = num_images·h·w, num_images a multiple of the
-    devices on `axis` (whole images per device). Each device searches its rows against all keys (b all-gathered:
-    N·D per device, as `graphs.knn`), keeps its rows' edges, and the degrees come from one reduce-scatter. k_intra /
+    """`graphs.knn`'s search with the rows left where they were found and the keys never gathered: a, b `[L, N, F]`
+    (global arrays sharded `P(None, axis)`, or host arrays, the same on every process), N = num_images·h·w,
+    num_images a multiple of the devices on `axis` (whole images per device). Each device keeps its own query rows
+    and its own key block; the intra-image neighbours come from its own block, the inter-image ones from a ring
+    (`_ring_inter`: the key blocks travel round the mesh by `ppermute`, a running top-k merged at each step), so a
+    device holds O(N/D·F + N/D·k) of a layer, never all N·F keys. With one device the search is `graphs.knn`'s own
+    (`_knn_rows`) and the graph equals its bit for bit. On more, the rules are `graphs.knn`'s (ties to the lower
+    column, weight 0 where cos ≤ min_cos or the row's image is invalid, the same slot layout), but a cosine is
+    computed in a key tile of N/D columns instead of `kernels.topk_inter`'s chunk of up to N, and XLA's CPU matmul
+    rounds by the tile's shape: cosines and weights may differ by a few float32 ulps (as the all-gathered search's
+    did on 4 and 8 devices), so candidates whose cosines tie within that rounding may be exchanged; otherwise the
+    neighbours are the same (tests/test_distributed.py). The degrees come from one reduce-scatter. k_intra /
     k_inter as `graphs.knn` takes them after `graphs.clamp_k` (not checked again here); valid `[num_images]`."""
     from spectral_jax.graphs import _check_grid
 
@@ -205,14 +214,87 @@ def knn_sharded(a: jax.Array, b: jax.Array, grid: tuple[int, int], num_images: i
     return from_rows(idx, w, grid, num_images, mesh, axis, (a.shape[0],))
 
 
+def _order_key(cos):
+    """int32 keys of float32 cosines `[..]` that sort ascending as the cosines sort descending in the total order
+    `lax.top_k` uses (−0.0 below 0.0), so that a sort on (key, column) breaks ties to the lower column as top_k
+    breaks them to the lower position."""
+    bits = jax.lax.bitcast_convert_type(cos, jnp.int32)
+    return ~jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
+def _ring_inter(a_loc, b_loc, valid, per: int, k: int, block: int, axis: str):
+    """The inter-image top-k of the local rows under `shard_map`, keys never gathered: a_loc, b_loc `[G, n, F]`
+    this device's rows and key block (whole images) → (idx `[G, n, k]` int32 global columns, cos `[G, n, k]`
+    float32), as `kernels.topk_inter` returns them over all N columns inside `graphs._knn_rows`.
+
+    One graph at a time (`lax.map`); per graph D steps and D − 1 transfers of n·F: at step s the device holds the
+    key block of device (r + s) mod D, searches it (`kernels.topk_inter`: the own image masked, invalid images'
+    columns excluded; a block of fewer than k columns padded with excluded ones), merges the block's top-k into a
+    running top-k (a sort on (cosine, column): the lower column wins a tie, whatever the order the blocks arrive
+    in), and passes the block on (`ppermute` to device r − 1) while it searches. A device holds its rows, its
+    block, the block in flight and the running top-k: O(n·F + n·k); nothing of size N·F.
+    Slots without a candidate (cos −inf: fewer valid columns in other images than k) get the column `topk_inter`
+    gives them over all N columns: the lowest such columns when N fits in one of its column chunks (then every
+    block does too, and the merge keeps them), else 0 (its chunked merge's)."""
+    from spectral_jax import kernels
+
+    d = jax.lax.axis_size(axis)
+    n = a_loc.shape[1]
+    r = jax.lax.axis_index(axis)
+    rows = r * n + jnp.arange(n, dtype=jnp.int32)
+    row_img = rows // per
+    bq = min(block, n)
+    whole = d * n <= max(k, kernels.INTER_BUDGET // bq)        # topk_inter over all N columns: one chunk
+    perm = [(j, (j - 1) % d) for j in range(d)]                # device j's block to j − 1: r holds (r + s) mod D
+
+    m = max(n, k)                                              # a block of fewer than k columns: padded
+    pos = jnp.arange(m, dtype=jnp.int32)
+    real = pos < n
+
+    def found(ai, blk, src):
+        cols = src * n + pos
+        img = jnp.where(real, cols // per, -2)
+        blk = jnp.pad(blk, ((0, m - n), (0, 0)))
+        i, c = kernels.topk_inter(ai, blk, row_img, img, real & valid[jnp.where(real, img, 0)], k, block)
+        return jnp.where(i < n, i + src * n, d * n + i), c    # padding after every real column (never kept)
+
+    def merge(best, new):
+        i = jnp.concatenate([best[0], new[0]], axis=1)
+        c = jnp.concatenate([best[1], new[1]], axis=1)
+        _, i, c = jax.lax.sort((_order_key(c), i, c), dimension=1, num_keys=2)
+        return i[:, :k], c[:, :k]
+
+    def one(ab):
+        ai, bi = (kernels.unit_rows(x) for x in ab)
+
+        def step(carry, s):
+            blk, best = carry
+            nxt = jax.lax.ppermute(blk, axis, perm)
+            return (nxt, merge(best, found(ai, blk, (r + s) % d))), None
+
+        i, c = found(ai, bi, r)
+        if d > 1:
+            blk = jax.lax.ppermute(bi, axis, perm)
+            (blk, best), _ = jax.lax.scan(step, (blk, (i, c)), jnp.arange(1, d - 1, dtype=jnp.int32))
+            i, c = merge(best, found(ai, blk, (r + d - 1) % d))
+        return (i if whole else jnp.where(c == -jnp.inf, 0, i)), c
+
+    return jax.lax.map(one, (a_loc, b_loc))
+
+
 @functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9))
 def _search(a, b, valid, per, k_intra, k_inter, min_cos, block, mesh, axis):
+    """idx, w `[L, N, k_intra + k_inter]` sharded `P(None, axis)`: `graphs._knn_rows` on each device's rows, the
+    inter-image part from `_ring_inter` on more than one device (one device: `_knn_rows`' own search)."""
     from spectral_jax.graphs import _knn_rows
 
+    ring = int(mesh.shape[axis]) > 1 and k_inter > 0
+
     def local(a_loc, b_loc, valid):
-        b_all = jax.lax.all_gather(b_loc, axis, axis=1, tiled=True)
         row0 = jax.lax.axis_index(axis) * a_loc.shape[1]
-        return _knn_rows(a_loc, b_loc, b_all, row0, valid, per, k_intra, k_inter, min_cos, block)[:2]  # idx, w
+        inter = _ring_inter(a_loc, b_loc, valid, per, k_inter, block, axis) if ring else None
+        # with `inter` given, _knn_rows' third argument (all columns) is not read; b_loc stands in for it
+        return _knn_rows(a_loc, b_loc, b_loc, row0, valid, per, k_intra, k_inter, min_cos, block, inter=inter)[:2]
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
                          out_specs=(P(None, axis), P(None, axis)))(a, b, valid)
