@@ -58,6 +58,18 @@ def top(a: np.ndarray, k: int):
     return e[::-1][:k], v[:, ::-1][:, :k]
 
 
+
+def _wait_all(procs) -> None:
+    """Wait for child processes (600 s at most), killing any left; all must exit 0 (their stderr tails if not)."""
+    try:
+        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+
 def test_product_and_quotients_equal_the_dense_reference():
     """One device: A X and the per-graph quotients against the float64 dense construction, one group and the same
     layers split into two groups (weights per group)."""
@@ -309,14 +321,7 @@ def test_two_processes_give_the_one_process_solve(tmp_path):
         """)
         procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE))
-    try:
-        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    _wait_all(procs)
     g = small_graph()
     a = dense_reference(g, LAYER_W)
     op = dist.operator([dist.shard_graph(g, jax.make_mesh((1,), ("data",)))], [jnp.asarray(LAYER_W)])
@@ -552,14 +557,7 @@ def test_ring_search_in_two_processes_gives_graphs_knn(tmp_path):
         """)
         procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE))
-    try:
-        errs = [p.communicate(timeout=600)[1].decode() for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    assert all(p.returncode == 0 for p in procs), "\n".join(e[-3000:] for e in errs)
+    _wait_all(procs)
     p = [dict(np.load(tmp_path / f"p{i}.npz")) for i in range(2)]
     whole = graphs.knn(jnp.asarray(p[0]["a"]), jnp.asarray(p[0]["a"]), (6, 6), 8, 5, 12)
     for q in p:

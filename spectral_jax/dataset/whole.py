@@ -526,13 +526,9 @@ def load_cache(path: str, key: dict, geom: Geometry, problem=None) -> dict | Non
     return d
 
 
-def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
-    """What is wrong with the arrays `d` of a cache made with `key` for a run of geometry `geom` (None: nothing).
-    valid `[n]` bool (False past the images, some True), failed {image < images: why} on invalid images; idx{g}
-    `[L_g, n·h·w, k]` integers in [0, n·h·w), w{g} finite with 0 or (min_cos, 1], 0 on invalid images' rows,
-    deg{g} `[L_g, n·h·w]` the row sums of ½(A + Aᵀ). Modifies `d`: "failed" becomes a dict."""
-    images = key["num_images"]
-    n = padded_images(images, geom.devices)
+def _valid_failed_problem(d: dict, n: int, images: int) -> str | None:
+    """What is wrong with a graph cache's valid (`[n]` bool, False past the `images`, some True) and failed
+    ({image < images: why} on invalid images, JSON) — None: nothing, and "failed" in `d` becomes a dict."""
     valid = d.get("valid")
     if not isinstance(valid, np.ndarray) or valid.dtype != bool or valid.shape != (n,):
         return f"valid is not {n} booleans"
@@ -545,6 +541,20 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     if not all(0 <= i < images and not valid[i] and isinstance(w, str) for i, w in failed.items()):
         return "failed names images out of range or read"
     d["failed"] = failed
+    return None
+
+
+def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
+    """What is wrong with the arrays `d` of a cache made with `key` for a run of geometry `geom` (None: nothing).
+    valid `[n]` bool (False past the images, some True), failed {image < images: why} on invalid images; idx{g}
+    `[L_g, n·h·w, k]` integers in [0, n·h·w), w{g} finite with 0 or (min_cos, 1], 0 on invalid images' rows,
+    deg{g} `[L_g, n·h·w]` the row sums of ½(A + Aᵀ). Modifies `d`: "failed" becomes a dict."""
+    images = key["num_images"]
+    n = padded_images(images, geom.devices)
+    why = _valid_failed_problem(d, n, images)
+    if why:
+        return why
+    valid = d["valid"]
     if "info" not in d and key.get("edge_weights") == "cosine":   # a graph cached before the record existed
         d["info"] = np.array(json.dumps({"edge_weights": {"kind": "cosine"},
                                          "knn_search": {"asked": "exact", "used": "exact", "recall_min": 1.0}}))
@@ -834,17 +844,10 @@ def _rows_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     images (`process_share`).
     The degrees are not stored: `distributed.from_rows` computes them. Modifies `d`: "failed" becomes a dict."""
     n, procs, me, images = key["nodes"], key["processes"], key["process"], key["num_images"]
-    valid = d.get("valid")
-    if not isinstance(valid, np.ndarray) or valid.dtype != bool or valid.shape != (n,):
-        return f"valid is not {n} booleans"
-    if valid[images:].any() or not valid.any():
-        return "valid marks no image, or padding as an image"
-    try:
-        d["failed"] = {int(i): w for i, w in json.loads(str(d.get("failed", ""))).items()}
-    except (ValueError, TypeError, AttributeError):
-        return "failed is not a JSON object of image: reason"
-    if not all(0 <= i < images and not valid[i] and isinstance(w, str) for i, w in d["failed"].items()):
-        return "failed names images out of range or read"
+    why = _valid_failed_problem(d, n, images)
+    if why:
+        return why
+    valid = d["valid"]
     m = n // procs
     mine = valid[me * m:(me + 1) * m]
     for g, (grid, layers) in enumerate(geom.groups):
