@@ -305,6 +305,7 @@ def test_eval_bf16_metrics():
     assert 0 < eb.rel_change(rounded, taps, ("v",)) < 2 ** -8 and eb.rel_change(rounded, taps, ("q", "k")) == 0.0
 
 
+@pytest.mark.slow  # a benchmark's smoke run (~26 s each); bf16 features themselves are tests/test_bf16.py
 @ON_BOTH
 def test_eval_bf16_tiny(tmp_path, source, generated):
     """eval_bf16 --tiny end to end (random weights, the first 2 images of the given coco-mini-like folder at 56²):

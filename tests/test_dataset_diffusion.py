@@ -480,6 +480,7 @@ def test_cli_timestep_draw_refusals_one_line_exit_2(tmp_path, case):
     assert msg in r.stderr and not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow  # a console-script sd_tiny gd run (~35 s); the recipe rule and the fresh draws (pixart) stay in CI
 def test_main_cls_gd_draws_fresh_timesteps_by_default(tmp_path):
     """--recipe main_cls --method gd: the official fresh timesteps over [0, 299] (main_cls.py's noise_max_t 300)
     by default, in the recipe's fields and through the console script's summary; exact keeps them fixed."""

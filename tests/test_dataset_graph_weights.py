@@ -210,6 +210,7 @@ def test_sharded_path_builds_cosine_edges_only():
         dataset.Settings(edge_weights="binary")
 
 
+@pytest.mark.slow  # two processes; the store and in-memory σ are compared in one process above
 def test_two_processes_give_the_one_process_rbf_graph(tmp_path):
     """Two processes on the gathered path (each searches its own rows; σ drawn from the sharded features): the same
     σ, graph and eigenvectors as one process (whose graph comes from the store's search and `store_sigma`)."""

@@ -23,6 +23,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from spectral_jax.dataset import memory
 from test_dataset import _env, make_folder
 from test_dataset_badinput import SCRIPT, _one_line_exit_2, _tree
@@ -177,6 +179,7 @@ def test_sharded_estimate_is_per_process():
     assert two["peak"] < one["peak"]
 
 
+@pytest.mark.slow  # two processes (~30 s); the per-process figure is test_sharded_estimate_is_per_process
 def test_two_process_sharded_run_records_its_per_process_estimate(tmp_path):
     """Two processes on the sharded path (`exact_solver="sharded"`): each process's estimate (summary.json's
     "memory") is its own rows' — a quarter of the one-process gathered run's graph term (half the rows, and no host

@@ -539,6 +539,7 @@ def test_ring_search_equals_the_gathered_search_and_graphs_knn_and_its_memory_fa
         assert ring + (d - 1) * keys // d <= gathered, (d, ring, gathered)
 
 
+@pytest.mark.slow  # two processes; the ring on 1/2/4/8 fake devices is above, and test_dataset_sharded runs it in two processes
 def test_ring_search_in_two_processes_gives_graphs_knn(tmp_path):
     """Two local processes (jax.distributed, 1 CPU device each, gloo): `knn_sharded`'s ring passes the key blocks
     between the processes (`ppermute` over the CPU collectives); each process holds only its half of the rows, and

@@ -12,6 +12,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_SH = os.path.join(ROOT, "benchmarks", "gpu", "run.sh")
 SECTIONS = ("forward", "analyze", "unet", "attention", "dataset")
@@ -26,6 +28,7 @@ def _numbers(row):
     return [v for v in row.values() if isinstance(v, (int, float)) and not isinstance(v, bool)]
 
 
+@pytest.mark.slow  # the GPU suite's CPU smoke run (~35 s); its child-kill and offline-install tests stay in CI
 def test_tiny_suite_writes_every_section(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, JAX_PLATFORMS="cpu")
     p = subprocess.run(["bash", RUN_SH, "--tiny"], env=env, capture_output=True, text=True, timeout=900)
