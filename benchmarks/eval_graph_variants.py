@@ -270,19 +270,25 @@ def horse_masks(root: str, names: list[str]) -> list[np.ndarray]:
     return out
 
 
+def image_names(args) -> tuple[str, list[str]]:
+    """The images folder under --data and its image names (the first --limit, when given)."""
+    from spectral_jax import folder as F
+
+    root = os.path.join(args.data, "images")
+    names = F.scan(root)[0]
+    return root, names[:args.limit] if args.limit else names
+
+
 def main_quick(args) -> None:
     """--labels horse, or --quick on coco: the all-layer vv / hidden variants (official, rbf-median, rbf-cut) and
     the peer, one table; horse: dataset-level figure-ground (foreground IoU, mIoU of {background, horse}); coco: the
     supercategory mIoU."""
     load0 = _common.cpu_and_load()[1]
     from spectral_jax import dataset, models, solvers
-    from spectral_jax import folder as F
     from spectral_jax.dataset import DatasetResult
 
     t_all = time.perf_counter()
-    root = os.path.join(args.data, "images")
-    names = F.scan(root)[0]
-    names = names[:args.limit] if args.limit else names
+    root, names = image_names(args)
     n = len(names)
     if args.labels == "horse":
         masks, lut, classes = horse_masks(args.data, names), None, 2
@@ -378,13 +384,10 @@ def main() -> None:
     coco = load_coco(args.data, "eval_graph_variants")
     load0 = _common.cpu_and_load()[1]
     from spectral_jax import dataset, models, solvers
-    from spectral_jax import folder as F
     from spectral_jax.dataset import DatasetResult
 
     t_all = time.perf_counter()
-    root = os.path.join(args.data, "images")
-    names = F.scan(root)[0]
-    names = names[:args.limit] if args.limit else names
+    root, names = image_names(args)
     n = len(names)
     bb = models.load_backbone(args.model, args.weights)
     feats, grid, t_fwd = extract(bb, root, names, args.size, min(args.batch_size, n))

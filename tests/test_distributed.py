@@ -59,6 +59,14 @@ def top(a: np.ndarray, k: int):
 
 
 
+def _on_eight_devices(child: str, out) -> dict:
+    """Run `child` (Python source saving an npz at `out`) in a fresh process with 8 fake CPU devices; its arrays."""
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+                       capture_output=True, timeout=900)
+    assert r.returncode == 0, r.stderr.decode()[-3000:]
+    return np.load(out)
+
+
 def _wait_all(procs) -> None:
     """Wait for child processes (600 s at most), killing any left; all must exit 0 (their stderr tails if not)."""
     try:
@@ -223,10 +231,7 @@ def test_incoming_edge_product_equals_the_scatter_product_and_memory_falls_with_
                 res[f"{{name}}_rows{{d}}"] = op.rows
         np.savez({out!r}, **res)
     """)
-    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                       capture_output=True, timeout=900)
-    assert r.returncode == 0, r.stderr.decode()[-3000:]
-    t = np.load(out)
+    t = _on_eight_devices(child, out)
     g = small_graph()
     x = np.random.default_rng(1).normal(size=(296, 24)).astype(np.float32)
     dense = {"g": dense_reference(g, LAYER_W), "hub": dense_from_rows(*hub_rows(120, 5))}
@@ -280,10 +285,7 @@ def test_one_two_eight_devices_agree_with_eigh_and_arpack(tmp_path):
             res["knn_" + name] = np.asarray(getattr(sh, name)) - np.asarray(getattr(whole, name))
         np.savez({out!r}, **res)
     """)
-    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                       capture_output=True, timeout=900)
-    assert r.returncode == 0, r.stderr.decode()[-3000:]
-    t = np.load(out)
+    t = _on_eight_devices(child, out)
     g = small_graph()
     a = dense_reference(g, LAYER_W)
     x = np.random.default_rng(1).normal(size=(g.num_nodes, 5)).astype(np.float32)
@@ -502,10 +504,7 @@ def test_ring_search_equals_the_gathered_search_and_graphs_knn_and_its_memory_fa
             res[f"gtemp{{d}}"] = mem(gathered_search(mesh, per, 5, 8).lower(a, a, v))
         np.savez({out!r}, **res)
     """)
-    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
-                       capture_output=True, timeout=900)
-    assert r.returncode == 0, r.stderr.decode()[-3000:]
-    t = np.load(out)
+    t = _on_eight_devices(child, out)
     for name in [c[0] for c in RING_CASES] + ["chunked"]:
         ref_i, ref_w, ref_d = t[name + "_idx"], t[name + "_w"], t[name + "_deg"]
         u = t[name + "_a"].astype(np.float64)
