@@ -196,7 +196,7 @@ def topk_inter(a: Array, b: Array, row_img: Array, col_img: Array, col_ok: Array
     bq = min(block, r)
     width = min(c, max(k, INTER_BUDGET // bq))
     nc = -(-c // width)
-    width = -(-c // nc)                                          # even chunks: less padding
+    width = max(min(k, c), -(-c // nc))                         # even chunks (less padding), never narrower than k
     at, gq = _tiles(a, bq, 0.0), _tiles(row_img, bq, -1)         # [nq, bq, F], [nq, bq]
     bt, gk = _tiles(b, width, 0.0), _tiles(col_img, width, -2)   # [nc, width, F], [nc, width]
     okt = _tiles(col_ok, width, False)

@@ -161,3 +161,19 @@ def test_quadratic_one_graph_at_a_time_matches_dense(rng, n, monkeypatch):
     for other in (graphs.knn(a, a, (8, n // 8), k_intra=5), graphs.value(a, (8, n // 8))):
         np.testing.assert_allclose(np.asarray(other.quadratic(z, sequential=True)),
                                    np.asarray(other.quadratic(z)), rtol=2e-5, atol=2e-6)
+
+
+def test_topk_inter_with_k_wider_than_an_even_chunk(rng, monkeypatch):
+    """Regression: with a column budget under k per row tile, the even-chunk width (⌈C / chunks⌉) fell below k and
+    `top_k` raised (k > ~32 768 at the default budget). Now every chunk is ≥ k wide; the result is the brute force's."""
+    monkeypatch.setattr(kernels, "INTER_BUDGET", 10 * 8)         # 10 columns per chunk for a block of 8 rows
+    r, c, k = 8, 100, 40                                         # width max(40, 10) → 3 chunks of ⌈100/3⌉ = 34 < k
+    a = kernels.unit_rows(jnp.asarray(rng.normal(size=(r, 6)), jnp.float32))
+    b = kernels.unit_rows(jnp.asarray(rng.normal(size=(c, 6)), jnp.float32))
+    row_img, col_img = jnp.zeros(r, jnp.int32), jnp.arange(c, dtype=jnp.int32) % 5 + 1
+    ok = jnp.arange(c) % 7 != 0
+    idx, cos = kernels.topk_inter(a, b, row_img, col_img, ok, k, 8)
+    ref = np.where(np.asarray(ok)[None, :], np.asarray(a) @ np.asarray(b).T, -np.inf)
+    want = np.argsort(-ref, axis=1, kind="stable")[:, :k]
+    np.testing.assert_array_equal(np.asarray(idx), want)
+    np.testing.assert_allclose(np.asarray(cos), np.take_along_axis(ref, want, 1), rtol=1e-6)
