@@ -250,8 +250,11 @@ class Backbone:
 
 def params_timesteps(params) -> tuple[int, ...] | None:
     """The timesteps a diffusion backbone's params hold (params["timesteps"], int `[T]`) as a tuple; None when the
-    params hold none (a ViT's)."""
+    params hold none (a ViT's), or when they are traced (under `jax.eval_shape`/`jit`: no value to read, nothing
+    to check)."""
     if isinstance(params, Mapping) and "timesteps" in params:
+        if isinstance(params["timesteps"], jax.core.Tracer):
+            return None
         return tuple(int(t) for t in np.asarray(params["timesteps"]).reshape(-1))
     return None
 

@@ -13,8 +13,9 @@ Shape legend
 
 from __future__ import annotations
 
-import dataclasses
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import glob
 import json
@@ -202,9 +203,29 @@ def assemble(cls, cfg, params: dict[str, np.ndarray], dtype=jnp.float32):
     return fill_state(graphdef, state, params, dtype)
 
 
+_ABSTRACT_WEIGHTS = contextvars.ContextVar("spectral_jax_abstract_weights", default=False)
+
+
+@contextlib.contextmanager
+def abstract_weights():
+    """Within it (this thread / context only), `random_leaves` draws nothing: it gives `jnp.zeros` of each leaf's
+    shape, which under `jax.eval_shape` are traced shapes — so a family's random-weight loader, run under
+    `eval_shape` inside this context, builds its model's params as `ShapeDtypeStruct`s without drawing or allocating a
+    weight (`dataset.memory.abstract_backbone`). It does not make a loader abstract outside `eval_shape` (there the
+    zeros are real arrays) and does not touch checkpoint reads."""
+    token = _ABSTRACT_WEIGHTS.set(True)
+    try:
+        yield
+    finally:
+        _ABSTRACT_WEIGHTS.reset(token)
+
+
 def random_leaves(abstract: dict, seed: int = 0) -> dict[str, np.ndarray]:
     """{dotted path: ShapeDtypeStruct} → seeded arrays: `scale`/`lambda1` leaves 1, `bias` 0, the rest
-    N(0, 0.02²) clipped at ±2σ, drawn in path order from `seed` (the references' init scheme for linears)."""
+    N(0, 0.02²) clipped at ±2σ, drawn in path order from `seed` (the references' init scheme for linears). Inside
+    `abstract_weights()`: zeros of each leaf's shape and dtype, nothing drawn."""
+    if _ABSTRACT_WEIGHTS.get():
+        return {path: jnp.zeros(leaf.shape, leaf.dtype) for path, leaf in abstract.items()}
     rng = np.random.default_rng(seed)
     out = {}
     for path, leaf in abstract.items():

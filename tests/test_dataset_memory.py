@@ -9,7 +9,8 @@
    8) is refused through the console script: exit 2, one line naming the forward as the largest part and a smaller
    --batch-size as the fix, nothing written.
 3. `abstract_backbone("sd15")` (what `estimate_model` builds) allocates no weights: 3.3 GiB of params as shapes
-   with the child's peak resident size under 1.5 GiB; the loader's random draw is restored afterwards.
+   with the child's peak resident size under 1.5 GiB; the loader's random draw is back afterwards
+   (`convert.abstract_weights` is context-local: another thread draws real weights meanwhile).
 4. On the sharded path the graph and operator terms are one process's rows: with 2 (fake) devices standing for 2
    processes, they equal the bytes device 0 holds of `distributed.shard_graph` and `distributed.operator`; a real
    two-process sharded run records that per-process estimate and runs under a limit the one-process gathered
@@ -109,9 +110,9 @@ def test_run_whose_forward_does_not_fit_is_refused_up_front(tmp_path):
 ABSTRACT = r"""
 import json, resource, time
 import jax
+import numpy as np
 from spectral_jax.dataset import memory
 from spectral_jax.models import convert
-real = convert.random_leaves
 
 
 def hwm():
@@ -132,7 +133,7 @@ print(json.dumps(dict(
     rss=hwm(),
     abstract=sum(isinstance(x, jax.ShapeDtypeStruct) for x in leaves), leaves=len(leaves),
     timesteps=[int(t) for t in bb.params["timesteps"]], bb_timesteps=list(bb.timesteps),
-    restored=convert.random_leaves is real)))
+    restored=bool(np.any(convert.random_leaves({"w": jax.ShapeDtypeStruct((4,), np.float32)})["w"] != 0)))))
 """
 
 
@@ -200,3 +201,31 @@ def test_two_process_sharded_run_records_its_per_process_estimate(tmp_path):
     two = json.load(open(os.path.join(out, "summary.json")))["memory"]
     assert two["solver_path"] == "sharded" and two["processes"] == 2 and two["available"] == limit
     assert two["graph"] * 4 == one["graph"] and two["peak"] <= limit < one["peak"]
+
+
+def test_abstract_weights_is_context_local():
+    """`convert.abstract_weights` (what `abstract_backbone` runs the loader in) gives zeros only in its own context:
+    a thread drawing random weights meanwhile gets the seeded draw, and so does the caller afterwards."""
+    import threading
+
+    import jax
+    import numpy as np
+
+    from spectral_jax.models import convert
+
+    leaf = {"block.kernel": jax.ShapeDtypeStruct((3, 4), np.float32)}
+    seen, gate = {}, threading.Barrier(2)
+
+    def other():
+        gate.wait()
+        seen["other"] = convert.random_leaves(leaf, 0)["block.kernel"]
+
+    t = threading.Thread(target=other)
+    with convert.abstract_weights():
+        t.start()
+        gate.wait()
+        t.join()
+        inside = np.asarray(convert.random_leaves(leaf, 0)["block.kernel"])
+    after = convert.random_leaves(leaf, 0)["block.kernel"]
+    assert not inside.any() and seen["other"].any()
+    np.testing.assert_array_equal(seen["other"], after)

@@ -237,35 +237,23 @@ def estimate_run(backbone, layers, settings, geom, mesh, processes: int = 1) -> 
 def abstract_backbone(model: str, **family_options):
     """Registry model `model` as a `Backbone` whose params are `jax.ShapeDtypeStruct`s (the timesteps a diffusion
     backbone's params hold stay concrete int32 `[T]`): the family's own random-weight loader run under
-    `jax.eval_shape`, with `models.convert.random_leaves` — where every family draws its random weights — giving
-    traced zeros instead of drawing them, so no weight is drawn or allocated (SD 1.5: seconds, not a minute and
-    5 GB). While it runs, that function and the Backbone's params-timesteps check are swapped (restored after;
-    not thread-safe). The backbone's `model` is None (its modules were traced)."""
+    `jax.eval_shape` inside `models.convert.abstract_weights()`, where `random_leaves` — where every family draws its
+    random weights — gives traced zeros instead of drawing them, so no weight is drawn or allocated (SD 1.5:
+    seconds, not a minute and 5 GB). Context-local: another thread loading a model meanwhile draws its weights as
+    usual. The backbone's `model` is None (its modules were traced)."""
     import dataclasses
 
     import jax
     import jax.numpy as jnp
     import numpy as np
 
-    from spectral_jax.models import backbone as B
     from spectral_jax.models import convert, registry
 
-    real_leaves, real_steps = convert.random_leaves, B.params_timesteps
     held = []
 
-    def traced_leaves(abstract, seed=0):
-        return {path: jnp.zeros(leaf.shape, leaf.dtype) for path, leaf in abstract.items()}
-
-    def steps(params):
-        t = params.get("timesteps") if isinstance(params, dict) else None
-        return real_steps(params) if t is None or not isinstance(t, jax.core.Tracer) else None
-
     def load():
-        convert.random_leaves, B.params_timesteps = traced_leaves, steps
-        try:
+        with convert.abstract_weights():
             bb = registry.load_backbone(model, "random", **family_options)
-        finally:
-            convert.random_leaves, B.params_timesteps = real_leaves, real_steps
         held.append(bb)
         return bb.params
 
