@@ -103,6 +103,30 @@ def rule_weights(rule: str, spectra, agreement=None) -> np.ndarray:
     return w / w.sum()
 
 
+def early_pick(rule: str, layers: Sequence[int], weights) -> str | None:
+    """The one line a whole-dataset run prints when a graph-reading rule ("eigengap", "select") put its largest
+    weight on an early layer — one in the first half of the tapped `layers` `[L]` (ascending; weights `[L]`, as
+    `for_groups` returns them) — else None (other rules, fewer than two layers, a later layer).
+
+    Why it says so rather than fixing the rule: on whole-dataset kNN graphs the eigengap falls with depth (the
+    early layers' graphs hold a few large colour/texture clusters), so both rules favour the early layers, which
+    segment worst there (DINOv2-S/14 knn-vv: "select" takes layer 0; benchmarks/results/graph_variants_horse.md).
+    The rules stay as defined, for single images and for any graph where the gap does mean a grouping; this only
+    makes the dataset-level pick visible. It does not change any weight."""
+    layers = [int(l) for l in layers]
+    w = np.asarray(weights, np.float64)
+    if rule not in ("eigengap", "select") or len(layers) < 2 or w.size != len(layers):
+        return None
+    top = int(np.argmax(w))
+    if top >= len(layers) // 2:
+        return None
+    what = "all its weight" if rule == "select" else f"its largest weight ({w[top]:.2f})"
+    return (f"spectral-jax dataset: --layer-weights {rule} put {what} on layer {layers[top]}, an early one of the "
+            f"tapped layers {layers[0]}…{layers[-1]}: on whole-dataset kNN graphs the eigengap is largest in early "
+            "layers, which segment worst there (benchmarks/results/graph_variants_horse.md); pass --layer-weights "
+            "uniform or LAYER:W pairs to choose the layers yourself")
+
+
 def head_agreement(group) -> float:
     """Mean pairwise cosine ⟨C S_a C, C S_b C⟩_F / (‖·‖ ‖·‖) over the graphs a ≠ b of one layer (`group` with batch
     shape `[1, ...]` or `[...]`), S = sym(P) materialised, C = I − 11ᵀ/N removing the near-constant direction every
@@ -194,5 +218,5 @@ def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], weights,
     return group_weights(graphs, group_layers, layers, w), w
 
 
-__all__ = ["RULES", "LayerWeights", "base_grid", "eigengap", "for_groups", "group_weights", "head_agreement", "pad",
+__all__ = ["RULES", "LayerWeights", "base_grid", "early_pick", "eigengap", "for_groups", "group_weights", "head_agreement", "pad",
            "rule_weights", "subset", "take_layers"]

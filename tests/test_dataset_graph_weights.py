@@ -267,3 +267,31 @@ def test_isolated_tokens_are_recorded_and_a_mostly_empty_graph_is_said(tmp_path,
     assert low["max"] < 0.5 and set(low["fraction"]) == set(want)
     lines = [line for line in err.splitlines() if "no edge" in line]
     assert len(lines) == 1 and f"graph {high['graph']}" in lines[0] and "--min-cos 0.9" in lines[0]
+
+
+@pytest.mark.parametrize("rule", ["select", "eigengap", "uniform"])
+def test_a_rule_that_weighs_an_early_layer_most_says_so_in_one_line(rule, capsys):
+    """At dataset level the eigengap rules favour early layers (their kNN graphs have the largest gaps): where the
+    largest weight lands in the first half of the tapped layers, `whole.layer_weights` prints one stderr line naming
+    that layer; where it lands on a late layer (or for "uniform") nothing. Spectra injected: layer 1 of 0…3 has
+    the largest gap, then layer 3."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 3 * 6, 5)).astype(np.float32)
+    g = graphs.knn(a, a, (2, 3), 3, k_intra=2, k_inter=2, search="exact")
+    geom = SimpleNamespace(groups=[((2, 3), (0, 1, 2, 3))])
+    flat = np.array([1.0, 0.9, 0.85, 0.8])
+    for big, other in ((1, 3), (3, 1)):
+        spec = np.tile(flat, (4, 1))
+        spec[big] = [1.0, 0.9, 0.2, 0.1]                       # the largest gap
+        spec[other] = [1.0, 0.9, 0.5, 0.4]
+        _, chosen = whole.layer_weights([g], geom, S.LayerWeights.parse(rule), S.Settings(num_eigs=4),
+                                        spectra=lambda *_, s=spec: s)
+        err = capsys.readouterr().err.strip().splitlines()
+        w = chosen["weights"]
+        assert max(w, key=w.get) == (str(big) if rule != "uniform" else "0")
+        if rule != "uniform" and big == 1:
+            assert len(err) == 1 and f"--layer-weights {rule}" in err[0] and "on layer 1," in err[0], err
+        else:
+            assert err == [], err
