@@ -12,7 +12,7 @@ search from the stored features (exact; auto, the default, is exact too), or by 
 features in memory (ivf, faiss), whose recall on a seeded sample of rows is reported on stderr and in the summary's
 "knn_search". --layer-weights: by default (a ViT under exact) "geometric", w ∝ 2^layer — a prior that deeper layers
 group by meaning; `--layer-weights uniform` is the paper's equal weights (gd's and the diffusion models' default;
-README, "Whole-dataset graph"); --resume keeps the weights the earlier run's summary.json recorded.
+README, "Dataset level"); --resume keeps the weights the earlier run's summary.json recorded.
 
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
 OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/segments.npz (`segments`
