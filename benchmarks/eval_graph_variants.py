@@ -24,9 +24,13 @@ by `eval_joint.split_probes` (where R², what accuracy) on the same eigenvectors
 Sources: qk (a = q, b = k, heads concatenated), vv (v), hidden (the block's output; the raw residual stream, no
 final LayerNorm). Layers: all (equal weights), the last, and each single layer (best reported).
 
---labels horse (a folder in horse-dev's layout: images/horseNNN.jpg, masks/horseNNN.jpg), and --quick on coco: only
-official, rbf-median and rbf-cut, over all layers and over the last one, of the --sources (vv, hidden; one search
-each, k = 50 + 50). Horse: segmented into --segments (default 2) segments over the whole dataset, ONE Hungarian
+--labels horse (a folder in horse-dev's layout: images/horseNNN.jpg, masks/horseNNN.jpg), and --quick on coco: one
+search per layer of each of the --sources (vv, hidden; k = 50 + 50), shared by every variant, which differ only in
+the solve: the official edges under the layer weightings of `QUICK` (`layer_weighting`: uniform — the paper's —,
+linear / quadratic / cubic depth ramps (l+1)^p, geometric 2^l — the library's "geometric" rule —, last-third, and
+the library's dataset-level rules eigengap / select, read from each layer's own solve), rbf-median under uniform and
+quadratic, rbf-cut under uniform; every layer alone (the solves the rules read; the last one is a row). Horse:
+segmented into --segments (default 2) segments over the whole dataset, ONE Hungarian
 matching of segments to {background, horse} (pixels of the masks, each at its own resolution; the input image is
 squashed to size², the segments upsampled to the mask), scored as foreground IoU, mIoU (mean of the two IoUs) and
 pixel accuracy. In both modes the peer ncut-pytorch (`bench_peers.ncut_fit`: RBF affinity, median σ, Nyström) runs
@@ -63,6 +67,36 @@ MIN_COS = 0.1
 SELF_TUNING_NEIGHBOUR = 7
 WEIGHTINGS = ("official", "k100+100", "plain-k100", "rbf-median", "self-tuning")
 TINY_WEIGHTINGS = ("official", "self-tuning")
+# --quick / --labels horse: (edge weighting, layer weightings), every one over all layers of the shared search
+QUICK = (("official", ("uniform", "linear", "quadratic", "cubic", "geometric", "last-third", "eigengap", "select")),
+         ("rbf-median", ("uniform", "quadratic")),
+         ("rbf-cut", ("uniform",)))
+QUICK_TINY = (("official", ("uniform", "quadratic", "select")),)
+
+
+def layer_weighting(kind: str, spectra: np.ndarray) -> np.ndarray:
+    """Per-layer weights `[L]` (summing to 1) of the layer weighting `kind` over layers 0 … L−1, spectra `[L, K]`
+    each layer's own top-K eigenvalues (`solvers.exact.layer_spectra`; read by eigengap / select only):
+    uniform (the paper's equal weights), linear / quadratic / cubic depth ramps w_l ∝ (l+1)^p, p = 1, 2, 3,
+    last-third (the last ⌈L/3⌉ layers equal, the others 0), and the library's rules (`layer_weights.rule_weights`,
+    head agreement 1, as `dataset.whole.layer_weights` calls it): "geometric" (w_l ∝ 2^l), and the dataset-level
+    "eigengap" and "select"."""
+    from spectral_jax import layer_weights as LW
+
+    n = spectra.shape[0]
+    depth = np.arange(1, n + 1, dtype=np.float64)
+    if kind in LW.RULES:
+        return LW.rule_weights(kind, spectra, np.ones(n), layers=range(n))
+    if kind in LAYER_RAMPS:
+        w = depth ** LAYER_RAMPS[kind]
+    elif kind == "last-third":
+        w = (depth > n - -(-n // 3)).astype(np.float64)
+    else:
+        raise ValueError(kind)
+    return w / w.sum()
+
+
+LAYER_RAMPS = {"linear": 1, "quadratic": 2, "cubic": 3}
 
 
 # ------------------------------------------------------------------------------------------------- features
@@ -188,8 +222,8 @@ def parse() -> argparse.Namespace:
     ap.add_argument("--no-ncut", action="store_true", help="skip the peer ncut-pytorch")
     ap.add_argument("--sources", default="vv,hidden", help="--quick / horse: the graph sources (vv, hidden)")
     ap.add_argument("--quick", action="store_true",
-                    help="coco: only the all-layer vv / hidden variants official, rbf-median, rbf-cut and the peer "
-                         "(the --labels horse table)")
+                    help="coco: the --labels horse table — the all-layer vv / hidden graphs under the layer "
+                         "weightings (and a few edge weightings), every single layer, and the peer")
     ap.add_argument("--tiny", action="store_true",
                     help="smoke mode: random weights, 112², K = 4, 4 variants, 2 splits (seconds; numbers "
                          "meaningless)")
@@ -204,13 +238,13 @@ def parse() -> argparse.Namespace:
     return args
 
 
-def plan(layers: int, tiny: bool, quick: bool = False) -> list[tuple[str, str, tuple[int, ...], str]]:
-    """The variants: (name, source, layers, weighting); quick: `main_quick`'s."""
+def plan(layers: int, tiny: bool, quick: bool = False) -> list[tuple]:
+    """The variants: (name, source, layers, weighting); quick: `main_quick`'s (name, source, layers searched, edge
+    weighting, layer weighting — a name of `LAYER_WEIGHTINGS`)."""
     every, last = tuple(range(layers)), (layers - 1,)
     if quick:
-        return [(f"{src} {w}, {name}", src, ls, w) for src in ("vv", "hidden")
-                for name, ls in (("all layers", every), ("last layer", last))
-                for w in (("official", "rbf-median", "rbf-cut") if not tiny or src == "vv" else ())]
+        return [(f"{src} {w}, {lw}", src, every, w, lw) for src in (("vv",) if tiny else ("vv", "hidden"))
+                for w, lws in (QUICK_TINY if tiny else QUICK) for lw in lws]
     out = [("qk official, all layers", "qk", every, "official")]
     for w in (TINY_WEIGHTINGS if tiny else WEIGHTINGS):
         out.append((f"vv {w}, all layers", "vv", every, w))
@@ -285,6 +319,7 @@ def main_quick(args) -> None:
     supercategory mIoU."""
     load0 = _common.cpu_and_load()[1]
     from spectral_jax import dataset, models, solvers
+    from spectral_jax import layer_weights as LW
     from spectral_jax.dataset import DatasetResult
 
     t_all = time.perf_counter()
@@ -309,35 +344,63 @@ def main_quick(args) -> None:
         out = dict(miou=sc["miou"], pixel_acc=sc["pixel_acc"])
         return {**out, "fg_iou": sc["per_class_iou"][1]} if args.labels == "horse" else out
 
-    found, t_search, sigma = {}, {}, {}
-    for src in dict.fromkeys(s for _, s, _, _ in variants):
-        t = time.perf_counter()
-        x = feats["v" if src == "vv" else "hidden"]
-        for i in sorted({i for _, s, ls, _ in variants if s == src for i in ls}):
-            found[src, i] = search(x[i], x[i], grid, n, k)
-            sigma[src, i] = median_sigma(x[i], args.seed + i)
-        t_search[src] = time.perf_counter() - t
-        print(f"search {src}: {layers} layers, {t_search[src]:.0f} s", flush=True)
-    rows = []
-    for name, src, ls, kind in variants:
-        t = time.perf_counter()
-        g = knn_graph([weighted(*found[src, i], kind, k, sigma[src, i]) for i in ls], grid, n)
-        res = solvers.exact.exact([g], args.num_eigs, seed=args.seed)
+    def scored(res) -> dict:
         result = DatasetResult.from_solve(res, names, {"eigvals": [float(v) for v in res.eigvals[0]]})
         scs = [score(dataset.segments(result, segments, seed=sd).labels)
                for sd in range(args.seed, args.seed + args.kmeans_seeds)]
         row = {key: float(np.mean([c[key] for c in scs])) for key in scs[0]}
         row.update({f"{key}_seeds": [c[key] for c in scs] for key in scs[0]})
-        rows.append(dict(variant=name, source=src, layers=list(ls), weighting=kind, **row,
+        return row
+
+    found, t_search, sigma = {}, {}, {}
+    for src in dict.fromkeys(v[1] for v in variants):
+        t = time.perf_counter()
+        x = feats["v" if src == "vv" else "hidden"]
+        for i in range(layers):
+            found[src, i] = search(x[i], x[i], grid, n, k)
+            sigma[src, i] = median_sigma(x[i], args.seed + i)
+        t_search[src] = time.perf_counter() - t
+        print(f"search {src}: {layers} layers, {t_search[src]:.0f} s", flush=True)
+    rows, singles, spectra_of = [], {}, {}
+    every = list(range(layers))
+    for src in dict.fromkeys(v[1] for v in variants):
+        # each layer's own solve of the official graph: its eigenvalues are what the rules read (the library's
+        # `solvers.exact.layer_spectra`), its eigenvectors the single-layer rows
+        t = time.perf_counter()
+        g = knn_graph([weighted(*found[src, i], "official", k, sigma[src, i]) for i in every], grid, n)
+        _, per = solvers.exact.layer_solves([g], [tuple(every)], args.num_eigs)
+        spectra_of[src] = np.stack([LW.pad(r.eigvals[0], args.num_eigs) for r in per])
+        singles[src] = []
+        for i, r in enumerate(per):
+            singles[src].append(dict(layer=i, eigengap=float(LW.eigengap(spectra_of[src])[i]), **scored(r)))
+            print(f"{src} official, layer {i}: g {singles[src][-1]['eigengap']:.3f} "
+                  f"fg IoU {100 * singles[src][-1].get('fg_iou', np.nan):.1f} "
+                  f"mIoU {100 * singles[src][-1]['miou']:.1f}", flush=True)
+        print(f"layer solves {src}: {time.perf_counter() - t:.0f} s", flush=True)
+    graphs = {}
+    for name, src, ls, kind, lw in variants:
+        t = time.perf_counter()
+        if (src, kind) not in graphs:
+            graphs = {(src, kind): knn_graph([weighted(*found[src, i], kind, k, sigma[src, i]) for i in ls], grid, n)}
+        g = graphs[src, kind]
+        w = layer_weighting(lw, spectra_of[src])
+        res = solvers.exact.exact([g], args.num_eigs, weights=[w.astype(np.float32)], seed=args.seed)
+        row = scored(res)
+        rows.append(dict(variant=name, source=src, layers=list(ls), weighting=kind, layer_weighting=lw,
+                         layer_weights=[round(float(v), 4) for v in w], **row,
                          seconds=time.perf_counter() - t, edges=int((np.asarray(g.w) > 0).sum()),
                          converged=bool(res.convergence.converged) if res.convergence else None,
                          sigma_median=[sigma[src, i] for i in ls] if kind == "rbf-median" else None))
         print(f"{name}: fg IoU {100 * row.get('fg_iou', np.nan):.1f} mIoU {100 * row['miou']:.1f} "
-              f"({rows[-1]['seconds']:.0f} s)", flush=True)
+              f"weights {np.round(w, 3).tolist()} ({rows[-1]['seconds']:.0f} s)", flush=True)
+    for src, per in singles.items():
+        rows.append(dict(variant=f"{src} official, last layer", source=src, layers=[layers - 1], weighting="official",
+                         layer_weighting="last", **{key: v for key, v in per[-1].items()
+                                                    if key not in ("layer", "eigengap")}))
     if not args.no_ncut:
         rows += ncut_rows(feats, grid, n, args, segments, score)
     rep = dict(args=vars(args), images=n, grid=list(grid), layers=layers, segments=segments, classes=classes,
-               seconds_forward=t_fwd,
+               seconds_forward=t_fwd, singles=singles, spectra={s: v.tolist() for s, v in spectra_of.items()},
                seconds_search=t_search, k_search=k, seconds_total=time.perf_counter() - t_all, load_start=load0,
                load_end=_common.cpu_and_load()[1], variants=rows, machine=_common.machine())
     write_quick(args, rep)
@@ -349,9 +412,16 @@ def write_quick(args, rep: dict) -> None:
     pct = lambda v: f"{100 * v:.1f}"
     sd = lambda r, key: (f" ± {100 * np.std(r[key + '_seeds'], ddof=1):.1f}" if len(r[key + "_seeds"]) > 1 else "")
     horse = args.labels == "horse"
+    head = lambda w: ("" if not w else f"equal ({len(w)})" if np.ptp(w) < 1e-6 else
+                      ", ".join(f"{l}:{v:.2f}" for l, v in enumerate(w) if v >= 0.005))
     table = [[r["variant"]] + ([pct(r["fg_iou"]) + sd(r, "fg_iou")] if horse else []) + [
-        pct(r["miou"]) + sd(r, "miou"), pct(r["pixel_acc"]), f"{r.get('seconds', r.get('seconds_fit', 0)):.1f}"]
+        pct(r["miou"]) + sd(r, "miou"), pct(r["pixel_acc"]), head(r.get("layer_weights")),
+        f"{r['seconds']:.1f}" if "seconds" in r else (f"{r['seconds_fit']:.1f} (fit)" if "seconds_fit" in r else "")]
         for r in rep["variants"]]
+    key = "fg_iou" if horse else "miou"
+    per_layer = [[f"{src}: {'foreground IoU' if horse else 'mIoU'}"] + [pct(x[key]) for x in per]
+                 for src, per in rep["singles"].items()]
+    per_layer += [[f"{src}: eigengap g_l"] + [f"{x['eigengap']:.3f}" for x in per] for src, per in rep["singles"].items()]
     cmd = "python benchmarks/eval_graph_variants.py" + (" --labels horse" if horse else " --quick") + (
         f" --sources {args.sources}" if args.sources != "vv,hidden" else "") + (
         " --tiny" if args.tiny else "") + (f" --limit {args.limit}" if args.limit else "") + f" --data {args.data}"
@@ -362,16 +432,28 @@ def write_quick(args, rep: dict) -> None:
     note = f"""# Whole-dataset graph variants on {what} (issue #25, item 2)
 
 Measured {datetime.date.today().isoformat()} with `{cmd}`: {rep['images']} images, `{args.model}` weights
-`{args.weights}`, {args.size}² squashed input, grid {rep['grid'][0]}×{rep['grid'][1]}, {rep['layers']} layers (all,
-equal weights), K = {args.num_eigs} eigenvectors (`solvers.exact`), {rep['segments']} segments over the whole dataset
-(`dataset.segments`), ONE Hungarian matching of segments to {match}.
-Mean over {args.kmeans_seeds} k-means seeds (± their sd). Total {rep['seconds_total']:.0f} s wall on a shared 2-core
-CPU, load average {rep['load_start']} at the start and {rep['load_end']} at the end (1/5/15 min). Forward
-{rep['seconds_forward']:.0f} s; exact searches (k = {rep['k_search']} + {rep['k_search']} per layer):
-{', '.join(f'{s} {v:.0f} s' for s, v in rep['seconds_search'].items())}. Variants: the script's docstring; raw
-numbers `{os.path.basename(base)}.json`. "seconds": the variant's weighting + solve + segments (ncut: its fit).
+`{args.weights}`, {args.size}² squashed input, grid {rep['grid'][0]}×{rep['grid'][1]}, {rep['layers']} layers, one exact
+kNN search per layer (k = {rep['k_search']} + {rep['k_search']}) shared by every variant; K = {args.num_eigs}
+eigenvectors (`solvers.exact`), {rep['segments']} segments over the whole dataset (`dataset.segments`), ONE Hungarian
+matching of segments to {match}. Mean over {args.kmeans_seeds} k-means seeds (± their sd). Total
+{rep['seconds_total']:.0f} s wall on a shared 2-core CPU, load average {rep['load_start']} at the start and
+{rep['load_end']} at the end (1/5/15 min). Forward {rep['seconds_forward']:.0f} s; searches:
+{', '.join(f'{s} {v:.0f} s' for s, v in rep['seconds_search'].items())}. Raw numbers `{os.path.basename(base)}.json`.
 
-{_common.table(["variant"] + (["foreground IoU"] if horse else []) + ["mIoU", "pixel acc.", "seconds"], table)}
+Variant = "source edge-weighting, layer weighting": edge weightings as in the script's docstring; layer weightings
+(`layer_weighting`): uniform (the paper's equal weights), linear / quadratic / cubic depth ramps w_l ∝ (l+1)^p,
+geometric w_l ∝ 2^l, last-third (layers {rep['layers'] + (-rep['layers'] // 3)} … {rep['layers'] - 1} equal, the others 0), and the library's
+dataset-level rules eigengap / select (`layer_weights.rule_weights` on each layer's own top-K spectrum, as `spectral-jax
+dataset --layer-weights eigengap|select` computes them). "layer weights": the normalised weights ≥ 0.005 (layer:w).
+"seconds": the variant's weighting + solve + segments (ncut: its fit); the last-layer rows reuse the per-layer
+solve that the rules read. The ncut-pytorch rows are rerun in this run on the same features.
+
+{_common.table(["variant"] + (["foreground IoU"] if horse else []) + ["mIoU", "pixel acc.", "layer weights",
+                                                                       "seconds"], table)}
+
+Single layers (official recipe, each layer's own solve — what the rules read), layer 0 … {rep['layers'] - 1}:
+
+{_common.table(["", *map(str, range(rep['layers']))], per_layer)}
 """
     print(note)
     _common.write(args.out, note, announce=True)

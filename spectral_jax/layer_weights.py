@@ -8,7 +8,8 @@ take (`solvers.exact.exact(graphs, K, weights=...)`, `solvers.gd.gd`). A layer's
 for layers with equal m, uniform layer weights are the solvers' default (every graph equal). Diffusion kNN groups
 `[L, T]` (one graph per layer and timestep) give each timestep w_l / T.
 
-Rules (`RULES`), all from each layer's own graphs, no labels, no per-dataset constant:
+Rules (`RULES`), no labels, no per-dataset constant; "eigengap" and "select" (`GRAPH_RULES`) read each layer's
+own graphs:
 - "uniform": every layer 1.
 - "eigengap": w_l ∝ g_l², g_l = (λ_2 − λ_K) / λ_2 of layer l's own top-K spectrum (`solvers.exact.layer_spectra`,
   which the caller hands to `for_groups`: the exact top-K eigenvalues of mean_heads sym(P_l), largest first, λ_1 the near-trivial one). A graph that encodes layout
@@ -21,6 +22,13 @@ Rules (`RULES`), all from each layer's own graphs, no labels, no per-dataset con
   the image; a low-level layer can have a large gap (colour clusters) but its heads disagree. A sum of graphs is
   dominated by the slowly decaying layout graphs (every smooth vector scores high in them), so a soft weighting
   can only dilute the best layer; selecting is how a rule can match it.
+- "geometric": w_l ∝ 2^l, l the layer's index in the model (each layer twice the one before it; of 12 tapped
+  layers the last gets 1/2, the one before 1/4, …; `--layers 3,11` gives layer 11 all but 2^-8 of it). A prior,
+  not a reading of the graphs: that a deeper layer of a ViT carries more semantic and less layout/colour grouping.
+  It reads no graph (no solve, any method), does not adapt to the data, and means nothing for a UNet, whose layer
+  indices run through resolutions. `spectral-jax dataset`'s default for ViTs (exact method): on whole-dataset kNN
+  graphs the eigengap rules pick the early layers, and equal weights let them dilute the late ones
+  (benchmarks/results/graph_variants.md).
 All are invariant to scaling any layer's graphs (ratios of one layer's eigenvalues; cosines) or all weights, and
 deterministic (dense LAPACK and exact inner products). Cost: one exact top-K solve per layer (for the single-image
 graphs, N ≈ 1,400 nodes, about a joint solve per layer — `sweep` and `attribution` reuse the same solves), and for
@@ -44,7 +52,7 @@ from typing import Sequence
 import numpy as np
 
 from spectral_jax.errors import InputError
-from spectral_jax.options import RULES, LayerWeights
+from spectral_jax.options import GRAPH_RULES, RULES, LayerWeights
 
 
 def take_layers(group, positions: Sequence[int]):
@@ -83,12 +91,15 @@ def eigengap(spectra) -> np.ndarray:
     return np.clip(g, 0.0, 1.0)
 
 
-def rule_weights(rule: str, spectra, agreement=None) -> np.ndarray:
+def rule_weights(rule: str, spectra, agreement=None, layers: Sequence[int] | None = None) -> np.ndarray:
     """Per-layer weights `[L]` (summing to 1) of `rule` from each layer's own top-K spectrum `[L, K]` and, for
-    "select", its heads' agreement `[L]` (None: 1 for every layer)."""
+    "select", its heads' agreement `[L]` (None: 1 for every layer); "geometric" reads only `layers` `[L]`, the
+    layers' indices (None: 0 … L−1)."""
     if rule not in RULES:
         raise InputError(f"rule {rule!r}", "unknown layer-weight rule", f"choose one of {', '.join(RULES)}")
     s = np.asarray(spectra, np.float64)
+    if rule == "geometric":
+        return depth_weights(rule, range(s.shape[0]) if layers is None else layers)
     g = eigengap(s)
     if rule == "uniform":
         w = np.ones(s.shape[0])
@@ -101,6 +112,40 @@ def rule_weights(rule: str, spectra, agreement=None) -> np.ndarray:
     if not w.sum() > 0:          # no layer shows any decay (degenerate graphs): fall back to uniform
         w = np.ones(s.shape[0])
     return w / w.sum()
+
+
+def depth_weights(rule: str, layers: Sequence[int]) -> np.ndarray:
+    """The weights `[L]` (summing to 1) of a rule that reads only the layers' indices `layers` `[L]` (ascending):
+    "geometric", w_l ∝ 2^l (computed as 2^(l − max l), so any depth is finite)."""
+    if rule != "geometric":
+        raise ValueError(f"rule {rule!r} reads the graphs, not the layer indices")
+    l = np.asarray([int(x) for x in layers], np.float64)
+    w = np.exp2(l - l.max())
+    return w / w.sum()
+
+
+def early_pick(rule: str, layers: Sequence[int], weights) -> str | None:
+    """The one line a whole-dataset run prints when a graph-reading rule ("eigengap", "select") put its largest
+    weight on an early layer — one in the first half of the tapped `layers` `[L]` (ascending; weights `[L]`, as
+    `for_groups` returns them) — else None (other rules, fewer than two layers, a later layer).
+
+    Why it says so rather than fixing the rule: on whole-dataset kNN graphs the eigengap falls with depth (the
+    early layers' graphs hold a few large colour/texture clusters), so both rules favour the early layers, which
+    segment worst there (DINOv2-S/14 knn-vv: "select" takes layer 0; benchmarks/results/graph_variants_horse.md).
+    The rules stay as defined, for single images and for any graph where the gap does mean a grouping; this only
+    makes the dataset-level pick visible. It does not change any weight."""
+    layers = [int(l) for l in layers]
+    w = np.asarray(weights, np.float64)
+    if rule not in ("eigengap", "select") or len(layers) < 2 or w.size != len(layers):
+        return None
+    top = int(np.argmax(w))
+    if top >= len(layers) // 2:
+        return None
+    what = "all its weight" if rule == "select" else f"its largest weight ({w[top]:.2f})"
+    return (f"spectral-jax dataset: --layer-weights {rule} put {what} on layer {layers[top]}, an early one of the "
+            f"tapped layers {layers[0]}…{layers[-1]}: on whole-dataset kNN graphs the eigengap is largest in early "
+            "layers, which segment worst there (benchmarks/results/graph_variants_horse.md); pass --layer-weights "
+            "uniform or LAYER:W pairs to choose the layers yourself")
 
 
 def head_agreement(group) -> float:
@@ -174,7 +219,8 @@ def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], weights,
                spectra=None, agreement=None) -> tuple[list, np.ndarray]:
     """Per-group weights for the solvers from `weights`: (weights, per-layer weights `[L]` in ascending layer order,
     summing to 1). weights: a `LayerWeights` or what `LayerWeights.parse` takes (e.g. `LayerWeights.resolve`'s
-    rule name or `[L]`), resolved here against the layers of `group_layers` in ascending order. A rule other than "uniform" reads `spectra`: each layer's own top-K spectrum
+    rule name or `[L]`), resolved here against the layers of `group_layers` in ascending order. A rule that reads the
+    graphs (`GRAPH_RULES`: "eigengap", "select"; "uniform" and "geometric" read none) reads `spectra`: each layer's own top-K spectrum
     `[L, K]`, or a callable layers → `[L, K]` (`solvers.exact.layer_spectra`, which this module does not import);
     "select" also reads `agreement` `[L]` (None: `head_agreement` of each layer's graphs). The dataset-level call
     is the same: `w, _ = for_groups(graphs, group_layers, "eigengap", K, spectra=...)` then
@@ -183,16 +229,16 @@ def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], weights,
     w = LayerWeights.parse(weights).resolve(layers)          # numbers again in ascending order, summing to 1
     if isinstance(w, str):
         rule = w
-        if rule != "uniform":
+        if rule in GRAPH_RULES:
             if callable(spectra):
                 spectra = spectra(layers)
             if spectra is None:
                 raise ValueError(f"rule {rule!r} needs each layer's spectra (spectra=solvers.exact.layer_spectra)")
-        if rule == "select" and agreement is None:
-            agreement = [head_agreement(subset(graphs, group_layers, [l])[0][0]) for l in layers]
-        w = rule_weights(rule, np.ones((len(layers), 2)) if rule == "uniform" else spectra, agreement)
+            if rule == "select" and agreement is None:
+                agreement = [head_agreement(subset(graphs, group_layers, [l])[0][0]) for l in layers]
+        w = rule_weights(rule, spectra if rule in GRAPH_RULES else np.ones((len(layers), 2)), agreement, layers)
     return group_weights(graphs, group_layers, layers, w), w
 
 
-__all__ = ["RULES", "LayerWeights", "base_grid", "eigengap", "for_groups", "group_weights", "head_agreement", "pad",
+__all__ = ["GRAPH_RULES", "RULES", "LayerWeights", "base_grid", "depth_weights", "early_pick", "eigengap", "for_groups", "group_weights", "head_agreement", "pad",
            "rule_weights", "subset", "take_layers"]

@@ -30,7 +30,8 @@ PRESETS = ("eigen", "paper")                        # gd's kinds of table (`solv
 PARAMS = ("table", "conv")                          # gd's parameterisations ("conv": paper preset only)
 SPARSE_SOLVERS = ("auto", "arpack", "lobpcg")       # exact's solver of a large kNN problem (`solvers.exact`)
 STORAGE_DTYPES = ("float32", "bfloat16")            # what graphs store q/k, unit v and kNN features in
-RULES = ("uniform", "eigengap", "select")           # the layer-weight rules (`spectral_jax.layer_weights`)
+RULES = ("uniform", "eigengap", "select", "geometric")  # the layer-weight rules (`spectral_jax.layer_weights`)
+GRAPH_RULES = ("eigengap", "select")                # the rules that read each layer's graph (its own spectrum)
 TOL = float(np.sqrt(np.finfo(np.float32).eps))      # exact's relative residual: what float32 reaches (3.45e-4)
 DEFAULT_K = 50          # k_intra / k_inter when not given (then capped by the tokens available)
 DEFAULT_NUM_EIGS = 20
@@ -463,5 +464,5 @@ def layer_order(layers, num_layers: int) -> list[int]:
 
 
 __all__ = ["DATASET_GRAPHS", "DEFAULT_K", "DEFAULT_NUM_EIGS", "DENSE_MAX", "ExactSpec", "GRAPH_KINDS", "GdSpec",
-           "GraphSpec", "LayerWeights", "MAXITER", "METHODS", "PARAMS", "PRESETS", "RULES", "SPARSE_SOLVERS",
+           "GRAPH_RULES", "GraphSpec", "LayerWeights", "MAXITER", "METHODS", "PARAMS", "PRESETS", "RULES", "SPARSE_SOLVERS",
            "STORAGE_DTYPES", "TOL", "as_flag", "check_num_eigs", "check_seed", "layer_order", "solver_spec", "specs"]

@@ -122,7 +122,7 @@ def _exact_images(taps: Taps, g: GraphSpec, num_eigs: int, weights, lw: LayerWei
     from spectral_jax.solvers.exact import dense_fits, exact_batch, images_per_call
 
     gl = [ls for _, ls in G.group_layers(jax.eval_shape(Taps.patches, taps))]
-    if lw is not None and lw.rule not in (None, "uniform"):       # a rule that reads each image's spectra
+    if lw is not None and lw.rule in LW.GRAPH_RULES:             # a rule that reads each image's spectra
         return None
     kw = g.build_kwargs()
     shapes = jax.eval_shape(lambda t: G.from_taps(t, g.kind, image=0, **kw), taps)   # one image's groups
@@ -605,7 +605,7 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     "knn-vv", or a `GraphSpec`) over every tapped layer and head and solves for `num_eigs` eigenvectors with
     `method` ("exact" or "gd") or `solver` (an `ExactSpec` / `GdSpec`); the other options are `solve`'s, as spec
     objects or flat keywords (tau, graph_dtype, tol, preset, steps, ...: `options.specs`). layer_weights: an
-    `options.LayerWeights` or its syntax — a rule ("uniform", "eigengap", "select"), a mapping or "L:W,..." pairs
+    `options.LayerWeights` or its syntax — a rule ("uniform", "geometric", "eigengap", "select"), a mapping or "L:W,..." pairs
     (a tapped layer not named weighs 0), or numbers paired with `layers` in the order given (layers "11,3" with
     1,0.5 give layer 11 the 1; "all": ascending). Every option is checked once, here, before the model loads
     (`prepare`); `images` may instead be a `Prepared` (its checks made), which takes no other option but the

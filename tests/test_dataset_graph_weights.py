@@ -267,3 +267,104 @@ def test_isolated_tokens_are_recorded_and_a_mostly_empty_graph_is_said(tmp_path,
     assert low["max"] < 0.5 and set(low["fraction"]) == set(want)
     lines = [line for line in err.splitlines() if "no edge" in line]
     assert len(lines) == 1 and f"graph {high['graph']}" in lines[0] and "--min-cos 0.9" in lines[0]
+
+
+@pytest.mark.parametrize("rule", ["select", "eigengap", "uniform"])
+def test_a_rule_that_weighs_an_early_layer_most_says_so_in_one_line(rule, capsys):
+    """At dataset level the eigengap rules favour early layers (their kNN graphs have the largest gaps): where the
+    largest weight lands in the first half of the tapped layers, `whole.layer_weights` prints one stderr line naming
+    that layer; where it lands on a late layer (or for "uniform") nothing. Spectra injected: layer 1 of 0…3 has
+    the largest gap, then layer 3."""
+    from types import SimpleNamespace
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 3 * 6, 5)).astype(np.float32)
+    g = graphs.knn(a, a, (2, 3), 3, k_intra=2, k_inter=2, search="exact")
+    geom = SimpleNamespace(groups=[((2, 3), (0, 1, 2, 3))])
+    flat = np.array([1.0, 0.9, 0.85, 0.8])
+    for big, other in ((1, 3), (3, 1)):
+        spec = np.tile(flat, (4, 1))
+        spec[big] = [1.0, 0.9, 0.2, 0.1]                       # the largest gap
+        spec[other] = [1.0, 0.9, 0.5, 0.4]
+        _, chosen = whole.layer_weights([g], geom, S.LayerWeights.parse(rule), S.Settings(num_eigs=4),
+                                        spectra=lambda *_, s=spec: s)
+        err = capsys.readouterr().err.strip().splitlines()
+        w = chosen["weights"]
+        assert max(w, key=w.get) == (str(big) if rule != "uniform" else "0")
+        if rule != "uniform" and big == 1:
+            assert len(err) == 1 and f"--layer-weights {rule}" in err[0] and "on layer 1," in err[0], err
+        else:
+            assert err == [], err
+
+
+@pytest.mark.slow      # two CLI runs (~10-30 s); CI keeps the property by test_default_layer_weights_per_method_...
+def test_cli_default_layer_weights_is_geometric_and_a_run_made_before_resumes_uniform(tmp_path):
+    """`spectral-jax dataset` without --layer-weights (a ViT, exact): the "geometric" rule, w ∝ 2^layer, recorded
+    in the summary. A finished run made before the default changed (its summary.json records "uniform", as every
+    run without --layer-weights did — simulated by rewriting the record over the same caches) resumes with equal
+    weights, not the new default."""
+    folder = make_folder(str(tmp_path / "imgs"), 3)
+    out = tmp_path / "out"
+    args = [folder, "--model", "dinov2_vits14", "--weights", "random", "--size", "28", "--batch-size", "2",
+            "--num-eigs", "3", "--layers", "10,11", "--out", str(out)]
+    r = _cli(*args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = json.loads((out / "summary.json").read_text())
+    assert s["layer_weights"] == {"rule": "geometric", "weights": {"10": 0.333333, "11": 0.666667}}
+    s["layer_weights"] = {"rule": "uniform", "weights": {"10": 0.5, "11": 0.5}}       # what the old default wrote
+    (out / "summary.json").write_text(json.dumps(s))
+    r = _cli(*args, "--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    again = json.loads((out / "summary.json").read_text())
+    assert again["layer_weights"] == {"rule": "uniform", "weights": {"10": 0.5, "11": 0.5}}
+    assert "graph" in again["cached"]
+
+
+def test_default_layer_weights_per_method_model_and_recorded_run(tmp_path, monkeypatch):
+    """The settings `spectral-jax dataset` hands to `dataset.run` (its own parser and `run_dataset`, stopped at
+    `dataset.run`): without --layer-weights, "geometric" for a ViT under exact; equal weights (None) for gd and a
+    diffusion model; the main_cls recipe's own 32/res weights; a typed rule as typed. Under --resume: the finished
+    run's record (`_default_layer_weights`) — a rule, "given" weights as pairs, "uniform" where its summary holds no
+    record (made before layer weights were recorded) — and the default where no summary was written (never solved)
+    or it is unreadable."""
+    from types import SimpleNamespace
+
+    from spectral_jax import dataset as D
+    from spectral_jax.cli import build_parser
+    from spectral_jax.cli.dataset import _default_layer_weights, run_dataset
+
+    folder = make_folder(str(tmp_path / "imgs"), 1)
+    out = tmp_path / "out"
+
+    class Handed(Exception):
+        pass
+
+    def handed(*_, **kw):
+        raise Handed(_[2])
+
+    monkeypatch.setattr(D, "run", handed)
+
+    def settings(*flags):
+        with pytest.raises(Handed) as e:
+            run_dataset(build_parser().parse_args(["dataset", folder, "--out", str(out), *flags]))
+        return e.value.args[0].layer_weights
+
+    vit = ["--model", "dinov2_vits14", "--weights", "random"]
+    assert settings(*vit).rule == S.DEFAULT_LAYER_WEIGHTS == "geometric"
+    assert settings(*vit, "--method", "gd") is None
+    assert settings(*vit, "--layer-weights", "uniform").rule == "uniform"
+    assert settings("--model", "sd_tiny", "--weights", "random") is None
+    assert settings("--model", "sd_tiny", "--weights", "random", "--recipe", "main_cls").pairs is not None
+
+    out.mkdir()
+    ns = lambda method="exact", resume=False: SimpleNamespace(method=method, resume=resume, out=str(out))
+    assert _default_layer_weights(ns(resume=True), False) == "geometric"               # no summary: never solved
+    for record, want in (({"rule": "uniform", "weights": {"0": 0.5}}, "uniform"), ({"rule": "select"}, "select"),
+                         ({"rule": "given", "weights": {"10": 0.25, "11": 0.75}}, "10:0.25,11:0.75"),
+                         (None, "uniform"), ("absent", "uniform")):
+        (out / "summary.json").write_text(json.dumps({} if record == "absent" else {"layer_weights": record}))
+        assert _default_layer_weights(ns(resume=True), False) == want, record
+        assert _default_layer_weights(ns(resume=False), False) == "geometric"
+        assert _default_layer_weights(ns("gd", resume=True), False) is None
+    (out / "summary.json").write_text("{not json")
+    assert _default_layer_weights(ns(resume=True), False) == "geometric"

@@ -123,7 +123,8 @@ def test_tiny_run(tmp_path):
 @pytest.mark.slow          # a benchmark's smoke run (CI time): python -m pytest -m slow tests/test_eval_graph_variants.py
 def test_tiny_horse_run(tmp_path):
     """--labels horse --tiny end to end on generated horse-dev-like images (`bench_peers.generated_data`): the vv
-    variants over all layers and the last, and ncut-pytorch, each scored as foreground IoU / mIoU in [0, 1]."""
+    graph over all layers under three layer weightings (each summing to 1), the last layer alone, every single
+    layer, and ncut-pytorch, each scored as foreground IoU / mIoU in [0, 1]."""
     pytest.importorskip("ncut_pytorch")
     data = bench_module("bench_peers").generated_data(str(tmp_path / "data"))["horse-dev"]
     out = tmp_path / "h.md"
@@ -133,9 +134,10 @@ def test_tiny_horse_run(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rep = json.loads((tmp_path / "h.json").read_text())
     names = [v["variant"] for v in rep["variants"]]
-    assert names[:6] == [f"vv {w}, {ls}" for ls in ("all layers", "last layer")
-                         for w in ("official", "rbf-median", "rbf-cut")] and "ncut-pytorch" in names[-1]
+    assert names[:4] == [f"vv official, {lw}" for lw in ("uniform", "quadratic", "select", "last layer")]
+    assert "ncut-pytorch" in names[-1] and len(rep["singles"]["vv"]) == rep["layers"]
+    assert [round(sum(v["layer_weights"]), 3) for v in rep["variants"][:3]] == [1.0] * 3
     assert rep["images"] == len(os.listdir(os.path.join(data, "images"))) and rep["segments"] == 2
     for v in rep["variants"]:
         assert 0 <= v["fg_iou"] <= 1 and 0 < v["miou"] <= 1
-    assert "| vv official, all layers |" in out.read_text()
+    assert "| vv official, uniform |" in out.read_text()

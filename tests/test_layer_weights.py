@@ -223,3 +223,21 @@ def test_analyze_api_takes_layer_weights():
     assert res.info["layer_weights"].count(1.0) == 1 and sum(res.info["layer_weights"]) == pytest.approx(1.0)
     with pytest.raises(InputError, match="one per tapped layer"):
         pipeline.analyze(img, backbone=bb, graph="vv", num_eigs=4, layers="0,1", layer_weights=[1, 2, 3])
+
+
+def test_geometric_rule_reads_only_the_layer_indices():
+    """"geometric": w_l ∝ 2^l of the layers' own indices (not their positions), summing to 1, finite at any depth,
+    with no spectra asked for (no solve); gd takes it (it reads no graph) where it refuses "select"."""
+    from spectral_jax.dataset import Settings
+
+    g, gl = _planted()
+    w, per = LW.for_groups([g], gl, "geometric", 6, spectra=lambda layers: pytest.fail("geometric read spectra"))
+    np.testing.assert_allclose(per, [1 / 3, 2 / 3])
+    np.testing.assert_allclose(np.asarray(w[0]).sum(1), [1 / 3, 2 / 3], rtol=1e-6)     # each layer's heads share it
+    np.testing.assert_allclose(LW.depth_weights("geometric", [3, 11]), [2 ** 3, 2 ** 11] / np.float64(2056))
+    deep = LW.depth_weights("geometric", range(2000))
+    assert np.isfinite(deep).all() and deep[-1] == pytest.approx(0.5) and deep.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(LW.rule_weights("geometric", np.ones((4, 3))), [1 / 15, 2 / 15, 4 / 15, 8 / 15])
+    assert Settings(method="gd", layer_weights="geometric").layer_weights.rule == "geometric"
+    with pytest.raises(InputError, match="reads the whole-dataset graph"):
+        Settings(method="gd", layer_weights="select")

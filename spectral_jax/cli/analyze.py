@@ -3,7 +3,7 @@
 analyze solves with `pipeline.analyze` (all images as one batch: they must resize to one size, as the API asks)
 and writes one folder per image (named by its file stem): PNGs, result.npz (B = 1), summary.json (and with
 --attribution: attribution.png, attribution.json); and a top-level summary.json listing them. --layer-weights: one
-number per tapped layer (comma-separated, in the order of --layers) or a rule (uniform, eigengap, select;
+number per tapped layer (comma-separated, in the order of --layers) or a rule (uniform, geometric, eigengap, select;
 `spectral_jax.layer_weights`). Diffusion models take the family flags (--timesteps, --num-timesteps, --schedule,
 --t-max, --latent, --text-embedding: `cli.model_options`), which are refused for other models. demo runs analyze on
 the bundled sample photo (Chelsea the cat, CC0, by Stefan van der Walt, from scikit-image's sample data) with the
@@ -49,8 +49,8 @@ def register(sub) -> None:
     _common(p)
     p.add_argument("--layer-weights", default=None, metavar="W",
                    help="weight of each tapped layer's graphs: comma-separated numbers (one per tapped layer, in "
-                        "the order of --layers) or a rule read from the graphs: uniform, eigengap, select (default: "
-                        "every graph equal)")
+                        "the order of --layers) or a rule: uniform, geometric (w ∝ 2^layer), eigengap, select (the last "
+                        "two read from the graphs) (default: every graph equal)")
     p.add_argument("--attribution", action="store_true",
                    help="also write attribution.png and attribution.json per image: each layer's and head's "
                         "Rayleigh quotients, each layer's own spectrum and its agreement with the joint subspace")

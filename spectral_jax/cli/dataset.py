@@ -10,7 +10,9 @@ edges weigh their cosine (the paper's recipe) or an RBF of the distance with the
 (ncut-pytorch's rule; σ per layer in the summary). --search (exact): the inter-image neighbours by the tiled exact
 search from the stored features (exact; auto, the default, is exact too), or by an approximate index over the
 features in memory (ivf, faiss), whose recall on a seeded sample of rows is reported on stderr and in the summary's
-"knn_search".
+"knn_search". --layer-weights: by default (a ViT under exact) "geometric", w ∝ 2^layer — a prior that deeper layers
+group by meaning; `--layer-weights uniform` is the paper's equal weights (gd's and the diffusion models' default;
+README, "Dataset level"); --resume keeps the weights the earlier run's summary.json recorded.
 
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
 OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/segments.npz (`segments`
@@ -87,9 +89,12 @@ def register(sub) -> None:
                    help="gd: steps (batches) between checkpoints (default 50)")
     p.add_argument("--layers", default=None, help="'all' (default) or comma-separated layer indices")
     p.add_argument("--layer-weights", default=None, metavar="RULE|L:W,...|W,...",
-                   help="weights of the tapped layers, as analyze takes them: a rule read from each layer's graph "
-                        "(eigengap, select, uniform; --method exact), layer:weight pairs, e.g. 11:1,10:0.5 (a tapped "
-                        "layer not named weighs 0), or one number per tapped layer in the order of --layers")
+                   help="weights of the tapped layers, as analyze takes them: a rule — geometric (w ∝ 2^layer: "
+                        "each layer twice the one before; the default for ViTs under --method exact), uniform (every "
+                        "layer equal: the paper's recipe, the default for gd and diffusion models), eigengap or "
+                        "select (read from each layer's graph; --method exact) —, layer:weight pairs, e.g. "
+                        "11:1,10:0.5 (a tapped layer not named weighs 0), or one number per tapped layer in the "
+                        "order of --layers. --resume keeps the weights the run recorded")
     p.add_argument("--segments", default="auto", metavar="N|auto",
                    help="dataset-wide segments: N ≥ 1, or auto (exact: the largest eigengap; gd: silhouette)")
     p.add_argument("--preset", choices=PRESETS, default=None, help="gd: the table's kind (default paper)")
@@ -174,6 +179,36 @@ def _timestep_draw(args, chosen: dict) -> dict:
     return {"timestep_draw": "fresh", **({"timestep_max": args.t_max} if args.t_max is not None else {})}
 
 
+def _default_layer_weights(args, diffusion: bool):
+    """--layer-weights when none is given: `settings.DEFAULT_LAYER_WEIGHTS` ("geometric") for a ViT under --method
+    exact; None (every layer equal, the paper's recipe) for gd and for diffusion models (a depth prior means nothing
+    for a UNet's layer indices). Under --resume of a finished run (--out holds its summary.json): the weights it
+    recorded — its rule, or its "given" weights as LAYER:W pairs, or "uniform" where it recorded none (a run made
+    before layer weights were recorded) — so a run made with equal weights before the default changed re-solves with
+    equal weights. No readable summary (the run never got to its solve): the default."""
+    from spectral_jax.dataset.settings import DEFAULT_LAYER_WEIGHTS
+    from spectral_jax.options import RULES
+
+    if args.method != "exact" or diffusion:
+        return None
+    if args.resume:
+        try:
+            with open(os.path.join(args.out, "summary.json")) as f:
+                finished = json.load(f)
+        except (OSError, ValueError):
+            finished = None
+        if isinstance(finished, dict):
+            told = finished.get("layer_weights")
+            told = told if isinstance(told, dict) else {}
+            if told.get("rule") in RULES:
+                return told["rule"]
+            weights = told.get("weights")
+            if told.get("rule") == "given" and isinstance(weights, dict) and weights:
+                return ",".join(f"{l}:{w!r}" for l, w in weights.items())
+            return "uniform"
+    return DEFAULT_LAYER_WEIGHTS
+
+
 def run_dataset(args) -> int:
     from spectral_jax.dataset.settings import (Settings, check_method_options,  # no JAX: every option at once
                                                check_timestep_draw)
@@ -193,6 +228,8 @@ def run_dataset(args) -> int:
 
         chosen = {**recipe_fields(args.recipe, args.model, args.method), **chosen, "recipe": args.recipe}
     chosen.update(_timestep_draw(args, chosen))
+    if "layer_weights" not in chosen:              # neither typed nor the recipe's
+        chosen["layer_weights"] = _default_layer_weights(args, "timesteps" in family(args.model).options)
     settings = Settings(model=args.model, weights=args.weights or None, graph=args.graph, num_eigs=args.num_eigs,
                         seed=args.seed, prefetch=args.prefetch, method=args.method, segments=args.segments,
                         model_options=options, **chosen)

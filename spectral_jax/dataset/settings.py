@@ -18,12 +18,16 @@ import numpy as np
 
 from spectral_jax.errors import InputError, is_integer
 from spectral_jax.options import DATASET_GRAPHS as GRAPHS
-from spectral_jax.options import DEFAULT_K, MAXITER, METHODS, PRESETS, TOL, LayerWeights, check_num_eigs
+from spectral_jax.options import (DEFAULT_K, GRAPH_RULES, MAXITER, METHODS, PRESETS, TOL, LayerWeights,
+                                  check_num_eigs)
 from spectral_jax.options import STORAGE_DTYPES as FEATURE_DTYPES
 EXACT_SOLVERS = ("auto", "sharded", "gathered")   # `whole.solver_path`
 TIMESTEP_DRAWS = ("fixed", "fresh")                # diffusion gd: the run's timesteps every step, or T drawn fresh
 EDGES = ("cosine", "rbf")                          # `graphs.EDGES`: the kNN edges' weights
 SEARCHES = ("auto", "exact", "ivf", "faiss")       # `knn_search.KINDS`: the whole-dataset graph's inter-image search
+# `spectral-jax dataset`'s --layer-weights when none is given, for a ViT under --method exact (`cli.dataset`); the
+# API's None stays equal weights, as do gd, diffusion models and a resumed run that recorded its own
+DEFAULT_LAYER_WEIGHTS = "geometric"
 # The options only one method reads ({method: {field: its flag}}): given with the other method, they would be
 # ignored, so `check_method_options` refuses them. (batch_size, k, min_cos, seed, block, prefetch, layer_weights
 # numbers, segments and figure_images steer both; the layer-weight rules are checked on their own.)
@@ -134,9 +138,10 @@ class Settings:
     search: the exact method's inter-image kNN search, "exact" (the store's tiled brute force), "ivf" / "faiss"
     (approximate, `spectral_jax.knn_search`, features in memory, recall measured) or "auto" (exact: no
     approximate search reaches `knn_search.AUTO_MIN_RECALL` at its defaults yet); lam: the paper loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
-    layer equal) — a mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired
-    with `layers` in the order given, or a rule of `spectral_jax.layer_weights` ("uniform", "eigengap", "select":
-    exact only, read from each layer's graph), checked against the tapped layers when the run starts; seed: the table's start and the epoch
+    layer equal, the paper's recipe; the CLI passes `DEFAULT_LAYER_WEIGHTS` for a ViT under exact) — a mapping
+    {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired with `layers` in the
+    order given, or a rule of `spectral_jax.layer_weights` ("uniform", "geometric"; "eigengap", "select": exact
+    only, read from each layer's graph), checked against the tapped layers when the run starts; seed: the table's start and the epoch
     order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints; prefetch: batches read
     ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments: the number of
     dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
@@ -266,7 +271,7 @@ class Settings:
              0.1)
         real("lam", self.lam, self.lam >= 0, "a finite number ≥ 0", 1.0)
         rule = None if self.layer_weights is None else self.layer_weights.rule
-        if self.method != "exact" and rule not in (None, "uniform"):
+        if self.method != "exact" and rule in GRAPH_RULES:
             bad("--layer-weights", f"rule {rule!r} reads the whole-dataset graph",
                 "use it with --method exact, or pass numbers per layer")
         _check_draw(self)
@@ -483,6 +488,6 @@ RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset"
                  "lam", "layer_weights", "seed", "block", "model_options")
 
 
-__all__ = ["ADDED_FIELDS", "DEFAULT_K", "EDGES", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS",
+__all__ = ["ADDED_FIELDS", "DEFAULT_K", "DEFAULT_LAYER_WEIGHTS", "EDGES", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS",
            "RESULT_FIELDS", "SEARCHES", "Settings", "TIMESTEP_DRAWS", "TOL", "check_method_options",
            "check_timestep_draw", "parse_segments"]

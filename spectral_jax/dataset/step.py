@@ -137,8 +137,8 @@ def _put(mesh: Mesh, arr, idx, rows, mask):
 
 
 def _layer_weights(settings: Settings, geom: Geometry, graphs):
-    """Per-group float32 weights of `settings.layer_weights` (None: equal; numbers or "uniform": gd takes no rule
-    that reads graphs), resolved against the tapped layers and scaled in float64 first (`layer_weights.for_groups`,
+    """Per-group float32 weights of `settings.layer_weights` (None: equal; numbers, "uniform" or "geometric": gd
+    takes no rule that reads graphs), resolved against the tapped layers and scaled in float64 first (`layer_weights.for_groups`,
     static numbers: constants of the compiled step)."""
     from spectral_jax import layer_weights as LW
 

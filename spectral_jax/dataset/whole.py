@@ -977,8 +977,9 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra
     weights as 1); a rule ("eigengap" / "select") reads each layer's own top-K spectrum
     (`solvers.exact.layer_spectra`: one sparse solve per layer, over its timesteps' graphs for diffusion taps);
     "select" is the layer of the largest eigengap (no head-agreement term: a layer's whole-dataset graphs are never
-    made dense). spectra: (gs, group_layers, K, layers) → `[L, K]` (default `exact.layer_spectra`; the sharded
-    path passes `distributed.layer_spectra`'s) — gs may be `KnnGraph`s or `ShardedKnn`s."""
+    made dense). A rule whose largest weight lands on an early layer says so in one stderr line
+    (`layer_weights.early_pick`). spectra: (gs, group_layers, K, layers) → `[L, K]` (default `exact.layer_spectra`;
+    the sharded path passes `distributed.layer_spectra`'s) — gs may be `KnnGraph`s or `ShardedKnn`s."""
     import functools
 
     from spectral_jax import layer_weights as LW
@@ -998,6 +999,9 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra
         weights, per_layer = LW.for_groups(gs, group_layers, resolved, settings.num_eigs, spectra=functools.partial(
             spectra, gs, group_layers, settings.num_eigs), agreement=np.ones(len(layers)))
         per = dict(zip(layers, per_layer))
+        note = LW.early_pick(rule, layers, per_layer)       # the rules favour early layers at dataset level
+        if note and jax.process_index() == 0:
+            _say(note)
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
 
