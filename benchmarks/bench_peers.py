@@ -343,7 +343,8 @@ def real_features(args, n: int) -> str:
     for img_path, _ in pairs:
         (xin,), _, _ = load_inputs([io.load_image(img_path)], bb.preprocess, 448)
         taps = jax.block_until_ready(bb.taps(xin[None], hidden=True))
-        h = np.asarray(taps.patches().hidden[bb.num_layers - 1][0], np.float32)     # [h, w, C]
+        grid = taps.layers[bb.num_layers - 1].grid
+        h = np.asarray(taps.patches().hidden[bb.num_layers - 1][0], np.float32).reshape(*grid, -1)   # [h, w, C]
         i0, j0 = (h.shape[0] - REAL_GRID[0]) // 2, (h.shape[1] - REAL_GRID[1]) // 2
         xs.append(h[i0:i0 + REAL_GRID[0], j0:j0 + REAL_GRID[1]].reshape(per, -1))
     x = np.concatenate(xs)
