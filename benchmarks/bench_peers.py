@@ -477,7 +477,7 @@ def write(args, rep: dict) -> None:
                      + (f" (recall estimate {r['seconds_recall']:.1f} s of it)" if "seconds_recall" in r else "")
                      + f", {r['search']}"
                      + (f" (nlist {r['nlist']}, nprobe {r['nprobe']} cells of {r['cap']}, probe "
-                        f"{r.get('probe', 'row')})" if "nlist" in r else "")
+                        f"{r.get('probe', 'row')})" if r.get("cap") else "")
                      + f", solve {r['solve']}" if r["tool"] == "ours"
                      else "Nyström fit_transform" if r["n"] > 8192 else "dense fit_transform (N ≤ 8192)")
             if "load_1min" in r:
@@ -524,7 +524,9 @@ def main(argv=None) -> None:
             rep.setdefault("commands", []).append(part["command"])
             rep["scale"] = rep.get("scale", []) + part.pop("scale", [])        # scale points add up; parts replace
             rep.update({key: v for key, v in part.items() if key in PARTS + ("peer", "machine")})
-            rep.setdefault("seconds_parts", {}).update(_seconds_parts(part))           # a part measured again replaces
+            sp = rep.setdefault("seconds_parts", {})
+            for key, t in _seconds_parts(part).items():       # a part measured again replaces; scale data adds up
+                sp[key] = sp.get(key, 0.0) + t if key.startswith("scale data") else t
             rep["data"] = part["data"] if part["data"] != "generated features only" else rep.get("data", part["data"])
         if not rep["scale"]:
             del rep["scale"]
