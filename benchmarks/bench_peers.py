@@ -22,8 +22,10 @@ is an exact normalised cut of the dense RBF affinity). Parts (each on the same i
            "auto" = exact, name ivf or faiss for the approximate search) + `solvers.exact`, each in
            a fresh process (peak RSS growth over the input: `_common.peak_rss_delta`); recall of the approximate
            search on a seeded 1000-row sample. Two inputs: "uniform" (i.i.d. on the sphere: no neighbourhood
-           structure, the worst case of every inverted-file index) and "clustered" (N/1000 planted centres, each
-           spread over its own random 8-d subspace: low intrinsic dimension, as image features have).
+           structure, the worst case of every inverted-file index), "clustered" (N/1000 planted centres, each
+           spread over its own random 8-d subspace: low intrinsic dimension) and "horse" (real features:
+           DINOv2-S/14's last-block output on N/1024 horse-dev images at 448², the central 32×32 tokens, PCA to
+           64-d; `real_features`, cached under --work). --nlist / --nprobe / --probe set the IVF per N.
 
     python benchmarks/bench_peers.py [--data ../shared/data] [--parts fg,dataset,eigen,scale] [--out …/peers.md]
     python benchmarks/bench_peers.py --tiny --work DIR --out DIR/peers.md      # seconds: random weights; generated
@@ -61,11 +63,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--eigen-n", type=int, default=4000,
                     help="eigen part: nodes (> 8192: ncut takes its Nyström path)")
     ap.add_argument("--scale", default="uniform:10000,uniform:100000,uniform:1000000,clustered:1000000",
-                    help="scale part: DATA:N points, comma-separated (DATA uniform or clustered)")
+                    help="scale part: DATA:N points, comma-separated (DATA uniform, clustered or horse)")
     ap.add_argument("--k", type=int, default=10, help="scale part: inter-image neighbours per node")
     ap.add_argument("--search", default="ivf", help="scale part: graphs.knn search (auto is exact: O(N²) at 10⁶)")
     ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
                                                      "knn_search's default")
+    ap.add_argument("--nlist", default="", help="scale part: coarse lists, N:L pairs; other N: knn_search's default")
     ap.add_argument("--probe", default="row", help="scale part: IVF probing, row (knn_search's default) or list (rows "
                                                        "grouped by list)")
     ap.add_argument("--graph-only", action="store_true", help="scale part: time our kNN graph alone (no solve)")
@@ -315,16 +318,57 @@ def part_eigen(args) -> dict:
     return {"n": n, "k": k, "knn_k": kk, **out}
 
 
+REAL_GRID = (32, 32)          # scale part, data "horse": tokens per image (the centre of the 448² grid)
+
+
+def real_features(args, n: int) -> str:
+    """The scale part's real features: last-block output of DINOv2-S/14 (args.weights) on the first n / 1024
+    horse-dev images, shorter side 448, the central 32×32 tokens of each; PCA to 64-d (fitted on all of them),
+    unit rows. Cached as `[n, 64]` float32 .npy under args.work; returns its path."""
+    import jax
+
+    from eval_foreground import image_pairs
+    from spectral_jax import io, models
+    from spectral_jax.pipeline import load_inputs
+
+    per = REAL_GRID[0] * REAL_GRID[1]
+    path = os.path.join(args.work, f"horse_{args.weights}_{n}.npy")
+    if os.path.exists(path):
+        return path
+    pairs = image_pairs(os.path.join(args.data, "horse-dev"), n // per)
+    if n % per or len(pairs) < n // per:
+        sys.exit(f"bench_peers: data horse:{n} needs a multiple of {per} tokens and {n // per} horse-dev images")
+    bb = models.load_backbone("dinov2_vits14", args.weights)
+    xs = []
+    for img_path, _ in pairs:
+        (xin,), _, _ = load_inputs([io.load_image(img_path)], bb.preprocess, 448)
+        taps = jax.block_until_ready(bb.taps(xin[None], hidden=True))
+        grid = taps.layers[bb.num_layers - 1].grid
+        h = np.asarray(taps.patches().hidden[bb.num_layers - 1][0], np.float32).reshape(*grid, -1)   # [h, w, C]
+        i0, j0 = (h.shape[0] - REAL_GRID[0]) // 2, (h.shape[1] - REAL_GRID[1]) // 2
+        xs.append(h[i0:i0 + REAL_GRID[0], j0:j0 + REAL_GRID[1]].reshape(per, -1))
+    x = np.concatenate(xs)
+    x -= x.mean(0)
+    x = x @ np.linalg.svd(x, full_matrices=False)[2][:64].T
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(path, x.astype(np.float32))
+    return path
+
+
 def _scale_child(spec: dict) -> dict:
     """One scale point in this (fresh) process: {seconds, peak RSS growth, recall, ...}."""
     import jax
 
     n, kind, tool = spec["n"], spec["data"], spec["tool"]
+    grid = (10, 10)
     if kind == "uniform":
         x = np.random.default_rng(spec["seed"]).standard_normal((n, 64)).astype(np.float32)
         x /= np.linalg.norm(x, axis=1, keepdims=True)
+    elif kind == "horse":
+        x, grid = np.load(spec["path"]), REAL_GRID
     else:
         x = planted_features(n, 64, max(1, n // 1000), 3.0, spec["seed"], dim=8)
+    per = grid[0] * grid[1]
     out = {}
     if tool == "ncut":
         def run():
@@ -334,12 +378,12 @@ def _scale_child(spec: dict) -> dict:
     else:
         from spectral_jax import graphs, knn_search, solvers
 
-        search = knn_search.Search(spec["search"], nprobe=spec["nprobe"], seed=spec["seed"],
-                                   probe=spec.get("probe", "row"))
+        search = knn_search.Search(spec["search"], nlist=spec.get("nlist"), nprobe=spec["nprobe"],
+                                   seed=spec["seed"], probe=spec.get("probe", "row"))
 
         def run():
             t = time.perf_counter()
-            g, info = graphs.knn(x, x, (10, 10), n // 100, 0, spec["k"], search=search, info=True)
+            g, info = graphs.knn(x, x, grid, n // per, 0, spec["k"], search=search, info=True)
             jax.block_until_ready(g.w)
             out["seconds_graph"] = time.perf_counter() - t
             if spec.get("graph_only"):
@@ -352,7 +396,7 @@ def _scale_child(spec: dict) -> dict:
                        converged=bool(r.convergence.converged) if r else None,
                        **{key: info[key] for key in ("nlist", "nprobe", "cap") if key in info})
             if info["search"] != "exact":          # the recall estimate's share of seconds_graph: the same work again
-                img = jax.numpy.arange(n, dtype=jax.numpy.int32) // 100
+                img = jax.numpy.arange(n, dtype=jax.numpy.int32) // per
                 t = time.perf_counter()
                 jax.block_until_ready(knn_search.recall(x, x, img, img, jax.numpy.ones(n, bool),
                                                         jax.numpy.zeros((n, spec["k"])), spec["k"],
@@ -369,12 +413,15 @@ def _scale_child(spec: dict) -> dict:
 def part_scale(args) -> list[dict]:
     rows = []
     nprobe = {int(a): int(b) for a, b in (p.split(":") for p in args.nprobe.split(",") if p)}
+    nlist = {int(a): int(b) for a, b in (p.split(":") for p in args.nlist.split(",") if p)}
     for point in args.scale.split(","):
         kind, n = point.split(":")
         n = int(n)
+        path = real_features(args, n) if kind == "horse" else None
         for tool in ("ncut", "ours"):
             spec = dict(n=n, data=kind, tool=tool, seed=args.seed, num_eigs=args.num_eigs, k=args.k,
-                        search=args.search, nprobe=nprobe.get(n), graph_only=args.graph_only, probe=args.probe)
+                        search=args.search, nprobe=nprobe.get(n), nlist=nlist.get(n), graph_only=args.graph_only,
+                        probe=args.probe, path=path)
             t = time.perf_counter()
             r = _common.run_child(__file__, spec, timeout=args.timeout)
             rows.append({**spec, **r, "wall": time.perf_counter() - t})
@@ -388,7 +435,10 @@ def part_scale(args) -> list[dict]:
 def write(args, rep: dict) -> None:
     lines = [f"# spectral_jax beside ncut-pytorch (`benchmarks/bench_peers.py`{' --tiny' if args.tiny else ''})", "",
              f"Command: `{rep['command']}`  ", f"Peer: {rep['peer']}; data: {rep['data']}; "
-             f"K = {args.num_eigs} eigenvectors, seed {args.seed}. Total {rep['seconds_total']:.0f} s.", "",
+             f"K = {args.num_eigs} eigenvectors, seed {args.seed}. Total {rep['seconds_total']:.0f} s: "
+             + "; ".join([f"{p} {t:.0f} s" for p, t in rep.get("seconds_parts", {}).items()]
+                         + ([f"{len(rep['scale'])} scale points {sum(r.get('wall', 0.0) for r in rep['scale']):.0f} s "
+                             "(each point's process)"] if rep.get("scale") else [])) + ".", "",
              _common.machine_md(rep["machine"]), ""]
     if "fg" in rep:
         f = rep["fg"]
@@ -427,15 +477,16 @@ def write(args, rep: dict) -> None:
                      + (f" (recall estimate {r['seconds_recall']:.1f} s of it)" if "seconds_recall" in r else "")
                      + f", {r['search']}"
                      + (f" (nlist {r['nlist']}, nprobe {r['nprobe']} cells of {r['cap']}, probe "
-                        f"{r.get('probe', 'row')})" if "nlist" in r else "")
+                        f"{r.get('probe', 'row')})" if r.get("cap") else "")
                      + f", solve {r['solve']}" if r["tool"] == "ours"
                      else "Nyström fit_transform" if r["n"] > 8192 else "dense fit_transform (N ≤ 8192)")
             if "load_1min" in r:
                 extra += f"; load {r['load_1min'][0]}→{r['load_1min'][1]}"
             rows.append([r["data"], r["n"], r["tool"], f"{r['seconds']:.1f}", f"{r['rss_peak_delta_mib']:.0f}",
                          f"{r['recall']:.3f}" if r.get("recall") is not None else "—", extra])
-        lines += ["## Scale: random unit 64-d features", "",
-                  f"k_inter = {args.k} (images of 100 tokens, k_intra = 0), K = {args.num_eigs}; each point in a fresh "
+        lines += ["## Scale: unit 64-d features", "",
+                  f"k_inter = {args.k} (images of 100 tokens; horse: 1024, k_intra = 0), K = {args.num_eigs}; each "
+                  "point in a fresh "
                   f"process, peak RSS growth over the input (input: N·64·4 bytes).", "",
                   _common.table(["data", "N", "tool", "seconds", "peak MiB", "recall", "notes"], rows), ""]
     if args.notes:
@@ -443,6 +494,21 @@ def write(args, rep: dict) -> None:
             lines += ["## Reading", "", f.read().strip(), ""]
     _common.write(args.out, "\n".join(lines) + "\n", announce=True)
     _common.write(os.path.splitext(args.out)[0] + ".json", json.dumps(rep, indent=1, default=str), announce=True)
+
+
+def _seconds_parts(rep: dict) -> dict:
+    """{parts: seconds} of a report's parts other than scale (a report written before `seconds_parts` existed: its
+    total less its scale points' wall time)."""
+    if "seconds_parts" in rep:
+        return rep["seconds_parts"]
+    rest = [p for p in PARTS if p != "scale" and p in rep]
+    return {",".join(rest): rep["seconds_total"] - sum(r.get("wall", 0.0) for r in rep.get("scale", []))} if rest else {}
+
+
+def _seconds_total(rep: dict) -> float:
+    """The time of the runs in the report only: its parts' seconds plus each scale point's wall time (points dropped
+    in a merge do not count)."""
+    return sum(rep.get("seconds_parts", {}).values()) + sum(r.get("wall", 0.0) for r in rep.get("scale", []))
 
 
 def main(argv=None) -> None:
@@ -458,10 +524,13 @@ def main(argv=None) -> None:
             rep.setdefault("commands", []).append(part["command"])
             rep["scale"] = rep.get("scale", []) + part.pop("scale", [])        # scale points add up; parts replace
             rep.update({key: v for key, v in part.items() if key in PARTS + ("peer", "machine")})
-            rep["seconds_total"] = rep.get("seconds_total", 0.0) + part["seconds_total"]
+            sp = rep.setdefault("seconds_parts", {})
+            for key, t in _seconds_parts(part).items():       # a part measured again replaces; scale data adds up
+                sp[key] = sp.get(key, 0.0) + t if key.startswith("scale data") else t
             rep["data"] = part["data"] if part["data"] != "generated features only" else rep.get("data", part["data"])
         if not rep["scale"]:
             del rep["scale"]
+        rep["seconds_total"] = _seconds_total(rep)
         rep["command"] = " ; ".join(rep["commands"]) + " ; python benchmarks/bench_peers.py " + " ".join(
             sys.argv[1:] if argv is None else argv)
         write(args, rep)
@@ -485,9 +554,14 @@ def main(argv=None) -> None:
         rep["data"] = "generated features only"
     if "eigen" in parts:
         rep["eigen"] = part_eigen(args)
+    rep["seconds_parts"] = {",".join(p for p in parts if p != "scale"): time.perf_counter() - t0} \
+        if set(parts) - {"scale"} else {}
     if "scale" in parts:
+        t1 = time.perf_counter()
         rep["scale"] = part_scale(args)
-    rep["seconds_total"] = time.perf_counter() - t0
+        prep = time.perf_counter() - t1 - sum(r["wall"] for r in rep["scale"])     # the real features, the children
+        rep["seconds_parts"]["scale data and process starts"] = prep
+    rep["seconds_total"] = _seconds_total(rep)
     rep["machine"] = _common.machine()
     write(args, rep)
 

@@ -63,9 +63,11 @@ class Search:
     """How `graphs.knn` searches the inter-image neighbours.
 
     kind: "exact" (blockwise brute force), "ivf" (this module, JAX), "faiss" (faiss IVF on the CPU, needs
-    `faiss-cpu`), "auto" (exact, at every size: "auto" picks an approximate search only once one reaches
-    `AUTO_MIN_RECALL` at its defaults, and neither does yet — benchmarks/results/peers.md: ivf 0.41–0.62 at 10⁶
-    rows; ask for ivf / faiss by name, their recall is measured and reported). nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
+    `faiss-cpu`), "auto" (exact, at every size: at its defaults the ivf scan reached `AUTO_MIN_RECALL` on the
+    clustered and real features measured but not on unstructured ones, and it is not enough faster than the exact search
+    to take that risk — it probes an eighth of the columns at several times the exact kernel's cost per candidate;
+    benchmarks/results/peers.md; ask for ivf / faiss by name, their recall is measured and reported).
+    nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
     row cell (probe "list") or per row (probe "row") (default `default_nprobe`); seed: the k-means sample and
     initial centroids and the recall sample; iters: k-means steps; recall_rows: rows sampled for the recall
     estimate (0: none); probe: "list" (rows grouped by list, one product per row cell) or "row" (per-row probing),
@@ -121,7 +123,7 @@ def resolve(search, num_nodes: int, concrete: bool, mesh) -> Search:
     the inputs are arrays, not tracers (faiss cannot run under `jit`). InputError for a choice that cannot run."""
     s = as_search(search)
     kind = s.kind
-    if kind == "auto":          # see `Search`: no approximate search reaches AUTO_MIN_RECALL at its defaults yet
+    if kind == "auto":          # see `Search`: why no approximate search is picked
         kind = "exact"
     if kind != "exact" and mesh is not None:
         raise InputError(f"search={kind!r}", "does not run sharded over a mesh",

