@@ -381,10 +381,12 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
             own = a if same else tile("b", layer, i0, tq)
             best = None
             for j0 in range(0, mine, tk) if k_inter else ():
-                keys = own if (tk, j0) == (tq, i0) else tile("b", layer, j0, tk)
+                keys = own if (tk, j0) == (tq, i0) else tile("b", layer, j0, tk)    # read while the last step runs
+                if best is not None:        # then wait for it: at most two key tiles alive (dispatch is async)
+                    jax.block_until_ready(best)
                 best = _tile_inter(a, keys, best, valid, np.int32(i0), np.int32(j0), k=int(k_inter), **statics)
-            ii, ww = _tile_edges(a, own, best, valid, np.int32(i0), k_intra=int(k_intra), k_inter=int(k_inter),
-                                 min_cos=float(min_cos), **statics)
+            ii, ww = jax.block_until_ready(_tile_edges(a, own, best, valid, np.int32(i0), k_intra=int(k_intra),
+                                                       k_inter=int(k_inter), min_cos=float(min_cos), **statics))
             m = (min(i0 + tq, mine) - i0) * per
             for s_i, s_w in zip(ii.addressable_shards, ww.addressable_shards):
                 at = local.index((s_i.index[0].start or 0) // (tq * per)) * n + i0 * per
