@@ -267,10 +267,11 @@ def search_worker(args: dict) -> dict:
 def search_memory(args, tmp: str) -> dict:
     """Both searches (in memory, tiled) in `args.search_procs` processes on one synthetic store; their records and
     whether their graphs agree (same neighbours, weights within float32 rounding)."""
-    s = dict(SEARCH, images=args.search_images, width=args.search_width, layers=args.search_layers)
-    out = {"sizes": s, "runs": []}
-    for procs in args.search_procs:
-        ck = os.path.join(tmp, f"store-{procs}")
+    s0 = dict(SEARCH, width=args.search_width, layers=args.search_layers)
+    out = {"sizes": dict(s0, images=list(args.search_images)), "runs": []}
+    for procs, images in [(p, i) for i in args.search_images for p in args.search_procs]:
+        s = dict(s0, images=images)
+        ck = os.path.join(tmp, f"store-{procs}-{images}")
         write_store(ck, procs, s)
         got = {}
         for mode in ("in-memory", "tiled"):
@@ -279,9 +280,9 @@ def search_memory(args, tmp: str) -> dict:
                                          "search_child": True}, 1500)
             rows = [np.load(os.path.join(tmp, f"{mode}-{p}.npz")) for p in range(procs)]
             got[mode] = {x: np.concatenate([r[x] for r in rows], axis=1) for x in ("idx", "w")}
-            out["runs"].append({"procs": procs, "mode": mode, "records": recs, "wall_s": wall, "load_start": load,
-                                "load_end": _load()})
-            print(f"search P={procs} {mode}: {wall:.0f} s, peak RSS "
+            out["runs"].append({"procs": procs, "images": images, "mode": mode, "records": recs, "wall_s": wall,
+                                "load_start": load, "load_end": _load()})
+            print(f"search N={images * s['grid'][0] * s['grid'][1]} P={procs} {mode}: {wall:.0f} s, peak RSS "
                   f"{max(r['rss_peak_mib'] for r in recs):.0f} MiB", flush=True)
         a, b = got["in-memory"], got["tiled"]
         out["runs"][-1]["slots_exchanged"] = int(np.count_nonzero(a["idx"] != b["idx"]))
@@ -300,7 +301,7 @@ def search_md(res: dict) -> str:
     rows = []
     for r in res["runs"]:
         recs = r["records"]
-        rows.append([r["procs"], r["mode"], f"{recs[0]['features_mib']:.0f}", f"{recs[0]['graph_rows_mib']:.1f}",
+        rows.append([f"{r['images'] * per:,}", r["procs"], r["mode"], f"{recs[0]['features_mib']:.0f}", f"{recs[0]['graph_rows_mib']:.1f}",
                      f"{max(x['rss_peak_mib'] for x in recs):.0f}",
                      f"{max(x['rss_peak_mib'] - x['rss_base_mib'] for x in recs):.0f}",
                      f"{max(x['anon_peak_mib'] - x['anon_base_mib'] for x in recs):.0f}",
@@ -308,10 +309,17 @@ def search_md(res: dict) -> str:
                      "" if "slots" not in r else
                      f"{r['slots_exchanged']:,} of {r['slots']:,} slots with another neighbour; every slot's weight "
                      f"within {r['max_weight_diff']:.1e}"])
+    growth = {}
+    for r in res["runs"]:
+        growth.setdefault(r["mode"], []).append((r["images"] * per, max(x["anon_peak_mib"] - x["anon_base_mib"]
+                                                                        for x in r["records"])))
+    reading = "; ".join(f"{mode}: " + ", ".join(f"{g:.0f} MiB at N = {nn:,}" for nn, g in pts)
+                        for mode, pts in growth.items())
     return "\n".join([
         "## The sharded search's memory per process (features read in tiles from the store)", "",
-        f"`python benchmarks/bench_scale.py --search-memory` — a synthetic store (`write_store`: {s['images']} "
-        f"images of {s['grid'][0]}×{s['grid'][1]} = {per} tokens, N = {s['images'] * per:,}, F = {s['width']}, "
+        f"`python benchmarks/bench_scale.py --search-memory --search-images "
+        f"{' '.join(map(str, s['images']))}` — a synthetic store (`write_store`: "
+        f"{' and '.join(map(str, s['images']))} images of {s['grid'][0]}×{s['grid'][1]} = {per} tokens, F = {s['width']}, "
         f"L = {s['layers']} layers, float32, knn-vv, k = {s['k_intra']} + {s['k_inter']}; shards of "
         f"{s['shard_images']} images), searched by P local processes (jax.distributed, one CPU device each, gloo) "
         "on the sharded path: \"in-memory\" is the search before this change (each process's N/P·F·L rows read into "
@@ -326,8 +334,15 @@ def search_md(res: dict) -> str:
         "XLA's CPU matmul may round differently by a float32 ulp or so, so neighbours whose cosines tie within that "
         "rounding can be exchanged — a slot whose neighbour differs then has the same weight (the cosine) within "
         "that rounding; otherwise the neighbours are the same (tests/test_distributed.py).", "",
-        C.table(["P", "search", "features MiB/proc (N/P·F·L·4)", "graph rows MiB/proc", "peak RSS MiB (max proc)",
+        C.table(["N", "P", "search", "features MiB/proc (N/P·F·L·4)", "graph rows MiB/proc", "peak RSS MiB (max proc)",
                  "RSS growth MiB", "anon growth MiB", "search s", "load", "graph vs in-memory"], rows), "",
+        f"Reading: the process's own memory over the search (anon growth) — {reading}. The in-memory search holds "
+        "its N/P·F·L rows and the search's copies of them (unit-normalised rows and key block, the block in "
+        "flight), so it grows with N/P; the tiled one holds its tiles, the running top-k and the graph rows, so "
+        "it does not (XLA's figure for a key-tile step is the same at 4× the nodes: tests/test_distributed.py). "
+        "Its RSS growth still grows by about the store pages it touched (memory-mapped, reclaimable). Time: the "
+        "tiled search reads each key tile once per query tile and runs more, smaller matmuls; on this loaded "
+        "2-core machine it took longer (the search s column).", "",
     ])
 
 
@@ -535,7 +550,7 @@ def main() -> None:
     p.add_argument("--search-memory", action="store_true", help="only the sharded search's memory per process: "
                    "features in memory against tiles read from a synthetic store (its own section of scale.md)")
     p.add_argument("--search-procs", type=int, nargs="+", default=[2])
-    p.add_argument("--search-images", type=int, default=SEARCH["images"])
+    p.add_argument("--search-images", type=int, nargs="+", default=[SEARCH["images"]])
     p.add_argument("--search-width", type=int, default=SEARCH["width"])
     p.add_argument("--search-layers", type=int, default=SEARCH["layers"])
     p.add_argument("--out", default=os.path.join(HERE, "results"))
@@ -547,7 +562,7 @@ def main() -> None:
         return
     if args.tiny:
         args.n, args.solve_n, args.procs = 4096, 4096, [1, 2]
-        args.search_images, args.search_width = 16, 64
+        args.search_images, args.search_width = [16], 64
     args.load_start = _load()
     name = "scale_tiny" if args.tiny else "scale"
     md, js = (os.path.join(args.out, f"{name}.{x}") for x in ("md", "json"))
