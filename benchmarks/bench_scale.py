@@ -301,7 +301,8 @@ def search_md(res: dict) -> str:
     rows = []
     for r in res["runs"]:
         recs = r["records"]
-        rows.append([f"{r['images'] * per:,}", r["procs"], r["mode"], f"{recs[0]['features_mib']:.0f}", f"{recs[0]['graph_rows_mib']:.1f}",
+        rows.append([f"{r['images'] * per:,}", r["procs"], r["mode"], f"{recs[0]['features_mib']:.0f}",
+                     f"{recs[0]['graph_rows_mib']:.1f}",
                      f"{max(x['rss_peak_mib'] for x in recs):.0f}",
                      f"{max(x['rss_peak_mib'] - x['rss_base_mib'] for x in recs):.0f}",
                      f"{max(x['anon_peak_mib'] - x['anon_base_mib'] for x in recs):.0f}",
@@ -319,7 +320,8 @@ def search_md(res: dict) -> str:
         "## The sharded search's memory per process (features read in tiles from the store)", "",
         f"`python benchmarks/bench_scale.py --search-memory --search-images "
         f"{' '.join(map(str, s['images']))}` — a synthetic store (`write_store`: "
-        f"{' and '.join(map(str, s['images']))} images of {s['grid'][0]}×{s['grid'][1]} = {per} tokens, F = {s['width']}, "
+        f"{' and '.join(map(str, s['images']))} images of {s['grid'][0]}×{s['grid'][1]} = {per} tokens, "
+        f"F = {s['width']}, "
         f"L = {s['layers']} layers, float32, knn-vv, k = {s['k_intra']} + {s['k_inter']}; shards of "
         f"{s['shard_images']} images), searched by P local processes (jax.distributed, one CPU device each, gloo) "
         "on the sharded path: \"in-memory\" is the search before this change (each process's N/P·F·L rows read into "
@@ -334,7 +336,8 @@ def search_md(res: dict) -> str:
         "XLA's CPU matmul may round differently by a float32 ulp or so, so neighbours whose cosines tie within that "
         "rounding can be exchanged — a slot whose neighbour differs then has the same weight (the cosine) within "
         "that rounding; otherwise the neighbours are the same (tests/test_distributed.py).", "",
-        C.table(["N", "P", "search", "features MiB/proc (N/P·F·L·4)", "graph rows MiB/proc", "peak RSS MiB (max proc)",
+        C.table(["N", "P", "search", "features MiB/proc (N/P·F·L·4)", "graph rows MiB/proc",
+                 "peak RSS MiB (max proc)",
                  "RSS growth MiB", "anon growth MiB", "search s", "load", "graph vs in-memory"], rows), "",
         f"Reading: the process's own memory over the search (anon growth) — {reading}. The in-memory search holds "
         "its N/P·F·L rows and the search's copies of them (unit-normalised rows and key block, the block in "

@@ -24,8 +24,8 @@ Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_sha
 (`solver_path`) either the sharded path (`solve_sharded`, the default with several processes when every layer
 group shares one grid and there are no timesteps): each group's graph is searched from each process's shards in
 tiles (`search_sharded`: `distributed.knn_tiled`, key tiles passed round the mesh) and stays sharded by rows —
-never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and `distributed.lobpcg` solves Σ w sym(P) as a collective
-over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
+never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and
+`distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
 grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded from each process's rows held in
 memory (`build_graphs`), gathered to every process, each solves it (the same deterministic solve). Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
