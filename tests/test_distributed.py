@@ -572,9 +572,9 @@ def test_tiled_search_from_the_store_equals_the_ring_and_its_memory_does_not_gro
     and key tiles read memory-mapped from the shards, key tiles passed round the mesh) on 2 fake CPU devices,
     knn-qk in bfloat16 with two unreadable images, tiles of 3 query and 1 key image (a partial last query tile)
     against `knn_sharded` on the same features in memory: the same neighbours slot for slot (the slots
-    without a candidate included), weights within a float32 ulp; with whole-block tiles (the default sizes here)
-    the same graph bit for bit. XLA's memory analysis of a compiled key-tile step: the same temporaries at 4× the
-    nodes, and below the whole-block search's."""
+    without a candidate included), weights within a float32 ulp, a progress bar counting the query tiles; with
+    whole-block tiles (the default sizes here) the same graph bit for bit. XLA's memory analysis of a compiled
+    key-tile step: the same temporaries at 4× the nodes, and below the whole-block search's."""
     out = str(tmp_path / "r.npz")
     child = CHILD + textwrap.dedent(f"""
         from jax.sharding import NamedSharding, PartitionSpec as P
@@ -600,7 +600,15 @@ def test_tiled_search_from_the_store_equals_the_ring_and_its_memory_does_not_gro
             geom = Geometry(((grid, (0, 1)),), grid, (42, 42), nimg, 64, d, ki, ko)
             ring = dist.knn_sharded(a, b, grid, nimg, ki, ko, valid=valid, mesh=mesh)
             img = per * f * 2
-            tiled = whole.search_sharded(st, settings, geom, mesh, row_bytes=3 * img, col_bytes=img)[0]
+
+            class Bar:                                  # counts what a tqdm bar would show
+                def reset(self, total): self.total, self.n = total, 0
+                def set_description(self, what): self.what = what
+                def update(self, m): self.n += m
+
+            bar = Bar()
+            tiled = whole.search_sharded(st, settings, geom, mesh, row_bytes=3 * img, col_bytes=img, bar=bar)[0]
+            res["bar"] = [bar.total, bar.n]
             block = whole.search_sharded(st, settings, geom, mesh)[0]
             for name, g in (("ring", ring), ("tiled", tiled), ("block", block)):
                 assert tuple(g.idx.sharding.spec)[:2] == (None, "data")
@@ -618,6 +626,7 @@ def test_tiled_search_from_the_store_equals_the_ring_and_its_memory_does_not_gro
         np.savez({out!r}, **res)
     """)
     t = _on_eight_devices(child, out)
+    assert list(t["bar"]) == [4, 4]                 # 2 layers × 2 query tiles (3 + 1 of 4 images per device)
     for d in (2,):
         ri, rw = t[f"ring_idx{d}"], t[f"ring_w{d}"]
         assert np.count_nonzero(rw) > 0.4 * rw.size and np.count_nonzero(rw == 0) >= 2 * 9 * 24 * 2

@@ -707,7 +707,8 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         if not valid.any():
             return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached, solver=path)
         if path == "sharded":
-            return solve_sharded(st, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n})
+            return solve_sharded(st, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n},
+                                 bar=bar)
         t = time.perf_counter()
         gs, info = make_graphs(st, settings, geom, mesh, n, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n})
         del st
@@ -905,35 +906,41 @@ def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
 
 
 def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, row_bytes: int = ROW_TILE_BYTES,
-                   col_bytes: int = COL_TILE_BYTES) -> list:
+                   col_bytes: int = COL_TILE_BYTES, bar=None) -> list:
     """The sharded path's kNN graph of each layer group (`distributed.ShardedKnn`, rows sharded over `mesh`, never
     gathered), searched from the on-disk store in tiles (`distributed.knn_tiled`: each device's query tiles of
     ≤ `row_bytes` of features and key tiles of ≤ `col_bytes`, read memory-mapped from this process's shards by
     `store.FeatureStore.rows`, the key tiles passed round the mesh), not from the features in memory. Memory per
     device: its tiles and the running top-k, plus this process's graph rows — not its N/P·F features. The same
-    graph as `distributed.knn_sharded` on the features (`graphs.knn`'s definition). Every process must call it."""
+    graph as `distributed.knn_sharded` on the features (`graphs.knn`'s definition). bar: a tqdm bar (process 0's),
+    reset to count the query tiles of every layer. Every process must call it."""
     from spectral_jax.solvers import distributed as D
 
     fs, n, devices = st.store, len(st.valid), int(mesh.shape[AXIS])
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else None
     item = 2 if dtype is not None else 4
     valid = global_array(mesh, P(), st.valid, st.valid.shape) if jax.process_count() > 1 else st.valid
+    tiles = [tuple(_tile_images(n // devices, grid[0] * grid[1] * fs.width(f"a{g}") * item, x)
+                   for x in (row_bytes, col_bytes)) for g, (grid, _) in enumerate(geom.groups)]
+    if bar is not None:
+        bar.reset(total=sum(-(-(n // devices) // r) * len(ls) for (r, _), (_, ls) in zip(tiles, geom.groups)))
+        bar.set_description("kNN search")
+        bar.unit = "tile"
     out = []
     for g, (grid, group) in enumerate(geom.groups):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
         names = {"a": f"a{g}", "b": f"a{g}" if settings.graph == "knn-vv" else f"b{g}"}
-        f, per = fs.width(f"a{g}"), grid[0] * grid[1]
-        rows, cols = (_tile_images(n // devices, per * f * item, x) for x in (row_bytes, col_bytes))
+        f, (rows, cols) = fs.width(f"a{g}"), tiles[g]
         read = lambda which, layer, lo, hi, names=names: fs.rows(names[which], layer, lo, hi, dtype)
         out.append(D.knn_tiled(read, tuple(grid), n, len(group), f, k_intra, k_inter, settings.min_cos,
                                settings.block, valid=valid, mesh=mesh, axis=AXIS, rows=rows, cols=cols,
-                               same=settings.graph == "knn-vv"))
+                               same=settings.graph == "knn-vv", progress=None if bar is None else bar.update))
     return out
 
 
 def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mesh: Mesh, weights, timings: dict,
-                  cached: list, ckdir: str | None = None, key: dict | None = None, rows: dict | None = None
-                  ) -> Solved:
+                  cached: list, ckdir: str | None = None, key: dict | None = None, rows: dict | None = None,
+                  bar=None) -> Solved:
     """The sharded path (`solver_path`): each group's kNN graph searched by `search_sharded` from each process's
     own rows of the store, read in tiles (the same search as `graphs.knn`), and kept sharded by rows, never
     gathered; layer weights by `layer_weights` with `distributed.layer_spectra` for a rule; the top-K of
@@ -962,7 +969,7 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
             place = lambda x: global_array(mesh, P(None, AXIS), x, shape)
             sgs.append(D.from_rows(place(idx), place(w), tuple(grid), n, mesh, AXIS, (shape[0],)))
     else:
-        sgs = search_sharded(st, settings, geom, mesh)
+        sgs = search_sharded(st, settings, geom, mesh, bar=bar)
         del st
         if ckdir is not None:
             rkey = {**key, "processes": procs, "process": jax.process_index()}

@@ -326,7 +326,7 @@ def _search(a, b, valid, per, k_intra, k_inter, min_cos, block, mesh, axis):
 
 def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: int, k_intra: int, k_inter: int,
               min_cos: float = 0.1, block: int = 512, *, valid=None, mesh: Mesh, axis: str = "data",
-              rows: int | None = None, cols: int | None = None, same: bool = True) -> ShardedKnn:
+              rows: int | None = None, cols: int | None = None, same: bool = True, progress=None) -> ShardedKnn:
     """`knn_sharded`'s search with the features read in tiles instead of held: read(which, layer, first, stop) →
     the host rows `[(stop − first)·h·w, F]` (F = width) of "a" (queries) or "b" (keys) of graph `layer`, images
     [first, stop) (global indices; e.g. `store.FeatureStore.rows`, memory-mapped) — only rows of the images this
@@ -336,7 +336,8 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
     `ppermute`s of a key tile), the running top-k kept on the devices between key tiles; the tile's edges are then
     made by `graphs._knn_rows` (intra-image, weights) and copied to host arrays of this process's rows.
     rows / cols None: a device's whole block (then the search is `knn_sharded`'s, bit for bit). same: "b" is "a"
-    (knn-vv: the query tile serves as its own keys).
+    (knn-vv: the query tile serves as its own keys). progress: called with 1 after each query tile's edges
+    (layers × ⌈images per device / rows⌉ calls).
 
     Memory per process: the query tile (and its keys), one key tile and the one in flight, the running top-k
     `[rows·h·w, k_inter]` per device, and the graph's rows `[L, N/P, k]` (host, then once as device arrays) —
@@ -392,6 +393,8 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
                 at = local.index((s_i.index[0].start or 0) // (tq * per)) * n + i0 * per
                 idx_h[layer, at:at + m] = np.asarray(s_i.data)[:m]
                 w_h[layer, at:at + m] = np.asarray(s_w.data)[:m]
+            if progress is not None:
+                progress(1)
     del a, own, best
     shape, lo = (layers, d * n, k), local[0] * n
     put = lambda x: jax.make_array_from_callback(shape, NamedSharding(mesh, P(None, axis)),
