@@ -6,6 +6,9 @@ each, gloo collectives).
                                                 # P = 1 (--solve-procs); N = 10⁵ solves for P = 1, 2, 4; weak
                                                 # scaling at N/P = 25 000
     python benchmarks/bench_scale.py --tiny     # N = 4096: a smoke test (tests/test_distributed.py)
+    python benchmarks/bench_scale.py --search-memory    # the sharded kNN search's memory per process in P = 2
+                                                # processes: features read into memory against tiles read from a
+                                                # synthetic on-disk store (`whole.search_sharded`)
 
 Graph (`synthetic_rows`): one layer, k slots per node; node i is in cluster i mod C; a slot points inside the
 node's cluster with probability 0.95 → 0.5 (by cluster, so the top-C eigenvalues are distinct), else anywhere;
@@ -18,7 +21,9 @@ per-row-block work); its resident set after JAX started (baseline), after graph 
 over the baseline), and its peak (VmHWM) over the solve; seconds to build the operator; seconds per product A X (X `[N, 2·(K + guard)]`, what one LOBPCG iteration applies) and per solve; the
 iterations; the eigenvalues. Process 0's eigenvectors are gathered to compare the subspaces with P = 1 (mean
 principal-angle cosine). Results → benchmarks/results/scale.md (+ scale.json), with a projection for COCO val2017
-on 8 GPUs and ImageNet val on 4 hosts × 8 GPUs (assumptions stated there).
+on 8 GPUs and ImageNet val on 4 hosts × 8 GPUs (assumptions stated there). A run rewrites the sections (and JSON
+keys) it measures and keeps the others (`write_kept`), so the two modes, and any section added by hand, share the
+file.
 """
 
 from __future__ import annotations
@@ -125,18 +130,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_point(n: int, k: int, procs: int, num_eigs: int, maxiter: int, tol: float, tmp: str, solve: bool,
-              seed: int = 0, timeout: float = 1500) -> dict:
-    """One run of `procs` processes; their records and the path of process 0's eigenvectors."""
-    port, out = _free_port(), os.path.join(tmp, f"vecs_{n}_{procs}.npy")
+def _launch(procs: int, child: dict, timeout: float) -> tuple[list[dict], float]:
+    """`procs` processes of this script (`--child`, each its own pid and a shared port added to `child`), run to the
+    end → (their last stdout lines as JSON, wall seconds)."""
+    port = _free_port()
     env = dict(os.environ, **C.CHILD_ENV, JAX_PLATFORMS="cpu", OPENBLAS_NUM_THREADS="1")
     env.pop("XLA_FLAGS", None)
-    ps = []
-    for pid in range(procs):
-        a = dict(n=n, k=k, num_eigs=num_eigs, procs=procs, pid=pid, port=port, maxiter=maxiter, tol=tol, out=out,
-                 seed=seed, solve=solve)
-        ps.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child", json.dumps(a)], env=env,
-                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    ps = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--child",
+                            json.dumps(dict(child, procs=procs, pid=pid, port=port))], env=env,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for pid in range(procs)]
     t0 = time.perf_counter()
     try:
         outs = [p.communicate(timeout=timeout) for p in ps]
@@ -148,8 +150,203 @@ def run_point(n: int, k: int, procs: int, num_eigs: int, maxiter: int, tol: floa
     wall = time.perf_counter() - t0
     if any(p.returncode for p in ps):
         raise RuntimeError("\n".join(e[-2000:] for _, e in outs))
-    recs = [json.loads(o.strip().splitlines()[-1]) for o, _ in outs]
+    return [json.loads(o.strip().splitlines()[-1]) for o, _ in outs], wall
+
+
+def run_point(n: int, k: int, procs: int, num_eigs: int, maxiter: int, tol: float, tmp: str, solve: bool,
+              seed: int = 0, timeout: float = 1500) -> dict:
+    """One run of `procs` processes; their records and the path of process 0's eigenvectors."""
+    out = os.path.join(tmp, f"vecs_{n}_{procs}.npy")
+    recs, wall = _launch(procs, dict(n=n, k=k, num_eigs=num_eigs, maxiter=maxiter, tol=tol, out=out, seed=seed,
+                                     solve=solve), timeout)
     return {"n": n, "k": k, "procs": procs, "wall_s": wall, "records": recs, "vecs": out if solve else None}
+
+
+# --------------------------------------------------------------------------------------------------- the search
+
+SEARCH = dict(images=128, grid=(14, 14), width=2048, layers=2, k_intra=10, k_inter=10, row_mib=16, col_mib=16,
+              shard_images=16)
+
+
+def write_store(ck: str, procs: int, s: dict, seed: int = 0) -> None:
+    """A synthetic feature store (`dataset.store` shards of `shard_images` images, a0 `[L, m·h·w, F]` float32:
+    8 planted classes of images plus noise), process p's images [p·n/P, (p+1)·n/P) written as its shards."""
+    from spectral_jax.dataset import store
+
+    per, share = s["grid"][0] * s["grid"][1], s["images"] // procs
+    centers = np.random.default_rng(seed).normal(size=(8, s["layers"], s["width"])).astype(np.float32)
+    for p in range(procs):
+        for first in range(p * share, (p + 1) * share, s["shard_images"]):
+            m = min(s["shard_images"], (p + 1) * share - first)
+            rng = np.random.default_rng([seed, first])
+            x = centers[np.repeat(np.arange(first, first + m) % 8, per)].transpose(1, 0, 2)
+            x = x + rng.normal(size=x.shape).astype(np.float32)
+            store.write_shard(ck, {"bench": "scale"}, first, np.ones(m, bool), {}, {"a0": x}, p)
+
+
+def _anon_peak():
+    """A thread sampling RssAnon (anonymous resident memory: not the store's memory-mapped pages, which the kernel
+    may drop) every 5 ms → (stop() → peak MiB)."""
+    import threading
+
+    peak, done = [0], threading.Event()
+
+    def loop():
+        while not done.is_set():
+            peak[0] = max(peak[0], C._status_kib("RssAnon") or 0)
+            time.sleep(0.005)
+
+    th = threading.Thread(target=loop, daemon=True)
+    th.start()
+
+    def stop():
+        done.set()
+        th.join()
+        return max(peak[0], C._status_kib("RssAnon") or 0) / 1024.0
+
+    return stop
+
+
+def search_worker(args: dict) -> dict:
+    """One process of the sharded search from a store (args: ck, procs, pid, port, mode "tiled" | "in-memory",
+    the `SEARCH` sizes, out): the graph rows of its images, its peak memory over the search."""
+    import jax
+
+    if args["procs"] > 1:
+        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args['port']}", num_processes=args["procs"],
+                                   process_id=args["pid"])
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from spectral_jax.dataset import Settings, store, whole
+    from spectral_jax.dataset.layout import Geometry, global_array
+    from spectral_jax.solvers import distributed as dist
+
+    jax.config.update("jax_default_matmul_precision", "float32")
+    jnp.zeros(1).block_until_ready()
+    procs, pid, s = args["procs"], args["pid"], args["search"]
+    grid, n = tuple(s["grid"]), s["images"]
+    per, share = grid[0] * grid[1], n // procs
+    mesh = jax.make_mesh((procs,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    shards = []
+    for name in store.finished(args["ck"]):                       # this process's shards, memory-mapped, unread
+        lo, hi = store.span(name)
+        if pid * share <= lo < (pid + 1) * share:
+            path = os.path.join(store.folder(args["ck"]), name)
+            shards.append(store.Shard(path, lo, hi - lo, np.ones(hi - lo, bool), {},
+                                      {"a0": np.load(os.path.join(path, "a0.npy"), mmap_mode="r")}))
+    st = whole.Streamed(store.FeatureStore(shards, pid * share, share, {"a0": per}), np.ones(n, bool), {}, 0)
+    settings = Settings(graph="knn-vv", method="exact")
+    geom = Geometry(((grid, tuple(range(s["layers"]))),), grid, (14 * grid[0], 14 * grid[1]), n, 64, procs,
+                    s["k_intra"], s["k_inter"])
+    import gc
+
+    gc.collect()
+    base, base_anon = _rss_mib(), C._status_kib("RssAnon") / 1024.0
+    C.reset_peak_rss()
+    stop = _anon_peak()
+    t0 = time.perf_counter()
+    if args["mode"] == "tiled":
+        g = whole.search_sharded(st, settings, geom, mesh, s["row_mib"] << 20, s["col_mib"] << 20)[0]
+    else:                       # the search before: this process's rows in memory, then `knn_sharded` on them
+        a = whole.local_features(st, settings, geom).a[0]
+        a = global_array(mesh, P(None, "data"), a, (a.shape[0], a.shape[1] * procs, a.shape[2]))
+        k_intra, k_inter = whole.G.clamp_k(s["k_intra"], s["k_inter"], grid, n)
+        g = dist.knn_sharded(a, a, grid, n, k_intra, k_inter, settings.min_cos, settings.block, mesh=mesh)
+    jax.block_until_ready(g.deg)
+    seconds = time.perf_counter() - t0
+    anon = stop()
+    peak = _rss_mib("VmHWM")
+    np.savez(args["out"] + f"-{pid}.npz", idx=whole._local_rows(g.idx), w=whole._local_rows(g.w))
+    return {"procs": procs, "pid": pid, "mode": args["mode"], "rss_base_mib": base, "rss_peak_mib": peak,
+            "anon_base_mib": base_anon, "anon_peak_mib": anon, "search_s": seconds,
+            "features_mib": s["layers"] * share * per * s["width"] * 4 / C.MIB,
+            "graph_rows_mib": g.nbytes_per_device / C.MIB}
+
+
+def search_memory(args, tmp: str) -> dict:
+    """Both searches (in memory, tiled) in `args.search_procs` processes on one synthetic store; their records and
+    whether their graphs agree (same neighbours, weights within float32 rounding)."""
+    s0 = dict(SEARCH, width=args.search_width, layers=args.search_layers)
+    out = {"sizes": dict(s0, images=list(args.search_images)), "runs": []}
+    for procs, images in [(p, i) for i in args.search_images for p in args.search_procs]:
+        s = dict(s0, images=images)
+        ck = os.path.join(tmp, f"store-{procs}-{images}")
+        write_store(ck, procs, s)
+        got = {}
+        for mode in ("in-memory", "tiled"):
+            load = _load()
+            recs, wall = _launch(procs, {"ck": ck, "mode": mode, "search": s, "out": os.path.join(tmp, mode),
+                                         "search_child": True}, 1500)
+            rows = [np.load(os.path.join(tmp, f"{mode}-{p}.npz")) for p in range(procs)]
+            got[mode] = {x: np.concatenate([r[x] for r in rows], axis=1) for x in ("idx", "w")}
+            out["runs"].append({"procs": procs, "images": images, "mode": mode, "records": recs, "wall_s": wall,
+                                "load_start": load, "load_end": _load()})
+            print(f"search N={images * s['grid'][0] * s['grid'][1]} P={procs} {mode}: {wall:.0f} s, peak RSS "
+                  f"{max(r['rss_peak_mib'] for r in recs):.0f} MiB", flush=True)
+        a, b = got["in-memory"], got["tiled"]
+        out["runs"][-1]["slots_exchanged"] = int(np.count_nonzero(a["idx"] != b["idx"]))
+        out["runs"][-1]["slots"] = int(a["idx"].size)
+        out["runs"][-1]["max_weight_diff"] = float(np.abs(a["w"] - b["w"]).max())
+        import shutil
+
+        shutil.rmtree(ck)
+    return out
+
+
+def search_md(res: dict) -> str:
+    """The scale.md section of `search_memory`'s measurements."""
+    s = res["sizes"]
+    per = s["grid"][0] * s["grid"][1]
+    rows = []
+    for r in res["runs"]:
+        recs = r["records"]
+        rows.append([f"{r['images'] * per:,}", r["procs"], r["mode"], f"{recs[0]['features_mib']:.0f}",
+                     f"{recs[0]['graph_rows_mib']:.1f}",
+                     f"{max(x['rss_peak_mib'] for x in recs):.0f}",
+                     f"{max(x['rss_peak_mib'] - x['rss_base_mib'] for x in recs):.0f}",
+                     f"{max(x['anon_peak_mib'] - x['anon_base_mib'] for x in recs):.0f}",
+                     f"{max(x['search_s'] for x in recs):.1f}", f"{r['load_start']} → {r['load_end']}",
+                     "" if "slots" not in r else
+                     f"{r['slots_exchanged']:,} of {r['slots']:,} slots with another neighbour; every slot's weight "
+                     f"within {r['max_weight_diff']:.1e}"])
+    growth = {}
+    for r in res["runs"]:
+        growth.setdefault(r["mode"], []).append((r["images"] * per, max(x["anon_peak_mib"] - x["anon_base_mib"]
+                                                                        for x in r["records"])))
+    reading = "; ".join(f"{mode}: " + ", ".join(f"{g:.0f} MiB at N = {nn:,}" for nn, g in pts)
+                        for mode, pts in growth.items())
+    return "\n".join([
+        "## The sharded search's memory per process (features read in tiles from the store)", "",
+        f"`python benchmarks/bench_scale.py --search-memory --search-images "
+        f"{' '.join(map(str, s['images']))}` — a synthetic store (`write_store`: "
+        f"{' and '.join(map(str, s['images']))} images of {s['grid'][0]}×{s['grid'][1]} = {per} tokens, "
+        f"F = {s['width']}, "
+        f"L = {s['layers']} layers, float32, knn-vv, k = {s['k_intra']} + {s['k_inter']}; shards of "
+        f"{s['shard_images']} images), searched by P local processes (jax.distributed, one CPU device each, gloo) "
+        "on the sharded path: \"in-memory\" is the search before this change (each process's N/P·F·L rows read into "
+        "memory, `whole.local_features`, then `distributed.knn_sharded`'s ring of whole key blocks); \"tiled\" is "
+        f"`whole.search_sharded` (`distributed.knn_tiled`: query tiles of ≤ {s['row_mib']} MiB and key tiles of "
+        f"≤ {s['col_mib']} MiB read memory-mapped from the process's shards, the key tiles passed round the mesh). "
+        "Per process (the larger of the P): peak RSS = VmHWM over the search (reset before it; it includes the "
+        "store's memory-mapped pages the search touched, which the kernel can drop); growth = that minus the RSS "
+        "before the search; anon growth = the peak of RssAnon (sampled every 5 ms: the process's own memory, not "
+        "the mapped store) minus RssAnon before the search. Load average (1/5/15 min) at the start → end of each "
+        "run in the table. The graphs: the tiled search computes a cosine in a key tile of another width, which "
+        "XLA's CPU matmul may round differently by a float32 ulp or so, so neighbours whose cosines tie within that "
+        "rounding can be exchanged — a slot whose neighbour differs then has the same weight (the cosine) within "
+        "that rounding; otherwise the neighbours are the same (tests/test_distributed.py).", "",
+        C.table(["N", "P", "search", "features MiB/proc (N/P·F·L·4)", "graph rows MiB/proc",
+                 "peak RSS MiB (max proc)",
+                 "RSS growth MiB", "anon growth MiB", "search s", "load", "graph vs in-memory"], rows), "",
+        f"Reading: the process's own memory over the search (anon growth) — {reading}. The in-memory search holds "
+        "its N/P·F·L rows and the search's copies of them (unit-normalised rows and key block, the block in "
+        "flight), so it grows with N/P; the tiled one holds its tiles, the running top-k and the graph rows, so "
+        "it does not (XLA's figure for a key-tile step is the same at 4× the nodes: tests/test_distributed.py). "
+        "Its RSS growth still grows by about the store pages it touched (memory-mapped, reclaimable). Time: the "
+        "tiled search reads each key tile once per query tile and runs more, smaller matmuls; on this loaded "
+        "2-core machine it took longer (the search s column).", "",
+    ])
 
 
 def alignment(u: np.ndarray, v: np.ndarray) -> float:
@@ -309,6 +506,38 @@ def report(runs: list[dict], weak: list[dict], info: dict, args, calib: dict) ->
     return "\n".join(lines)
 
 
+def merge_sections(old: str, new: str) -> str:
+    """`new` Markdown laid over `old`: a "## " section of `new` replaces the section of the same heading in `old`
+    (in old's place), sections only in `new` follow, sections only in `old` are kept where they were; the text
+    before the first section is new's when it has any, else old's. So a run rewrites what it measured and keeps
+    what other runs (or hands) wrote."""
+    import re
+
+    def split(text):
+        parts = re.split(r"(?m)^(?=## )", text)
+        return parts[0], {q.splitlines()[0].strip(): q for q in parts[1:]}
+
+    old_pre, old_secs = split(old)
+    new_pre, new_secs = split(new)
+    secs = {h: new_secs.get(h, q) for h, q in old_secs.items()}
+    secs.update({h: q for h, q in new_secs.items() if h not in secs})
+    body = [q if q.endswith("\n") else q + "\n" for q in secs.values()]
+    pre = new_pre if new_pre.strip() else old_pre
+    return (pre if pre.endswith("\n") or not pre else pre + "\n") + "\n".join(q.rstrip("\n") + "\n" for q in body)
+
+
+def write_kept(md_path: str, md: str, json_path: str, record: dict) -> None:
+    """Write `md` over the file at md_path keeping the sections it does not hold (`merge_sections`), and `record`'s
+    keys over the JSON at json_path keeping the others."""
+    old = open(md_path).read() if os.path.isfile(md_path) else ""
+    C.write(md_path, merge_sections(old, md))
+    try:
+        prev = json.load(open(json_path)) if os.path.isfile(json_path) else {}
+    except ValueError:
+        prev = {}
+    C.write(json_path, json.dumps({**prev, **record}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tiny", action="store_true", help="N = 4096, P = 1, 2 (solved), weak at 2048: a smoke test")
@@ -321,16 +550,31 @@ def main() -> None:
     p.add_argument("--procs", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--solve-procs", type=int, nargs="*", default=[1], help="the P's that solve at N (the others "
                    "measure memory and products only)")
+    p.add_argument("--search-memory", action="store_true", help="only the sharded search's memory per process: "
+                   "features in memory against tiles read from a synthetic store (its own section of scale.md)")
+    p.add_argument("--search-procs", type=int, nargs="+", default=[2])
+    p.add_argument("--search-images", type=int, nargs="+", default=[SEARCH["images"]])
+    p.add_argument("--search-width", type=int, default=SEARCH["width"])
+    p.add_argument("--search-layers", type=int, default=SEARCH["layers"])
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--child", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(worker(json.loads(args.child))))
+        child = json.loads(args.child)
+        print(json.dumps(search_worker(child) if child.get("search_child") else worker(child)))
         return
     if args.tiny:
         args.n, args.solve_n, args.procs = 4096, 4096, [1, 2]
+        args.search_images, args.search_width = [16], 64
     args.load_start = _load()
     name = "scale_tiny" if args.tiny else "scale"
+    md, js = (os.path.join(args.out, f"{name}.{x}") for x in ("md", "json"))
+    if args.search_memory:
+        with tempfile.TemporaryDirectory() as tmp:
+            res = search_memory(args, tmp)
+        write_kept(md, search_md(res), js, {"search_memory": res})
+        print(f"wrote {md} / .json")
+        return
     runs, weak = [], []
 
     def point(n, procs, solve, into):
@@ -339,13 +583,11 @@ def main() -> None:
         r1 = runs[0]["records"][0]
         calib = {"edge_cols_per_s": runs[0]["n"] * args.k * r1["matvec_cols"] / r1["matvec_s"]}
         info = C.machine()
-        C.write(os.path.join(args.out, f"{name}.md"), report(runs, weak, info, args, calib))
         strip = lambda rs: [{k: v for k, v in r.items() if k != "vecs"} for r in rs]
-        C.write(os.path.join(args.out, f"{name}.json"), json.dumps(
-            {"machine": info, "args": {k: v for k, v in vars(args).items() if k != "child"}, "strong": strip(runs),
-             "weak": strip(weak), "calibration": calib, "assumptions": ASSUME,
-             "projection": {"coco_val2017_8gpu": project(1.28e6, 8, 8),
-                            "imagenet_val_4x8gpu": project(12.8e6, 32, 8)}}, indent=1))
+        write_kept(md, report(runs, weak, info, args, calib), js, {
+            "machine": info, "args": {k: v for k, v in vars(args).items() if k != "child"}, "strong": strip(runs),
+            "weak": strip(weak), "calibration": calib, "assumptions": ASSUME,
+            "projection": {"coco_val2017_8gpu": project(1.28e6, 8, 8), "imagenet_val_4x8gpu": project(12.8e6, 32, 8)}})
 
     with tempfile.TemporaryDirectory() as tmp:
         for procs in args.procs:                        # memory and products at N (solves too where N = solve_n)

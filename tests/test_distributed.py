@@ -372,6 +372,35 @@ def test_bench_scale_tiny_runs(tmp_path):
     assert "| 4,096 | 2 |" in md and "ImageNet val" in md
 
 
+def test_bench_scale_rewrites_its_own_sections_and_keeps_the_others(tmp_path):
+    """`benchmarks/bench_scale.py`'s results writer (`write_kept`): a rerun replaces the preamble and the sections
+    it measured, in their places, keeps a section it does not write (a hand-added one, or the other mode's) and
+    the JSON keys it does not write; a second identical write changes nothing."""
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    try:
+        import bench_scale
+    finally:
+        sys.path.pop(0)
+    md, js = str(tmp_path / "scale.md"), str(tmp_path / "scale.json")
+    with open(md, "w") as f:
+        f.write("# Scale\n\nold preamble\n\n## Strong scaling\n\nold table\n\n## By hand\n\nkept text\n")
+    with open(js, "w") as f:
+        f.write('{"strong": 1, "ring": {"kept": true}}')
+    run = "# Scale\n\nnew preamble\n\n## Strong scaling\n\nnew table\n\n## Projection\n\nnew projection\n"
+    bench_scale.write_kept(md, run, js, {"strong": 2})
+    text = open(md).read()
+    assert [x for x in text.splitlines() if x.startswith("## ")] == ["## Strong scaling", "## By hand", "## Projection"]
+    assert "new preamble" in text and "new table" in text and "kept text" in text and "old" not in text
+    import json
+
+    assert json.load(open(js)) == {"strong": 2, "ring": {"kept": True}}
+    bench_scale.write_kept(md, "## Search\n\nsearch table\n", js, {"search_memory": {}})   # the other mode
+    again = open(md).read()
+    assert again.startswith(text.rstrip("\n")) and again.endswith("## Search\n\nsearch table\n")
+    bench_scale.write_kept(md, "## Search\n\nsearch table\n", js, {"search_memory": {}})
+    assert open(md).read() == again
+
+
 def test_layer_spectra_equal_exact_layer_spectra():
     """Per-layer spectra for the layer-weight rules: each layer's own distributed solve vs `exact.layer_spectra`
     (dense, float64-accurate LAPACK) on the whole graph, layer order ascending."""
@@ -536,6 +565,76 @@ def test_ring_search_equals_the_gathered_search_and_graphs_knn_and_its_memory_fa
     for d in (2, 4, 8):
         ring, gathered = int(t[f"temp{d}"]), int(t[f"gtemp{d}"])
         assert ring + (d - 1) * keys // d <= gathered, (d, ring, gathered)
+
+
+def test_tiled_search_from_the_store_equals_the_ring_and_its_memory_does_not_grow_with_n(tmp_path):
+    """The sharded path's search from the on-disk store (`whole.search_sharded` → `distributed.knn_tiled`: query
+    and key tiles read memory-mapped from the shards, key tiles passed round the mesh) on 2 fake CPU devices,
+    knn-qk in bfloat16 with two unreadable images, tiles of 3 query and 1 key image (a partial last query tile)
+    against `knn_sharded` on the same features in memory: the same neighbours slot for slot (the slots
+    without a candidate included), weights within a float32 ulp, a progress bar counting the query tiles; with
+    whole-block tiles (the default sizes here) the same graph bit for bit. XLA's memory analysis of a compiled
+    key-tile step: the same temporaries at 4× the nodes, and below the whole-block search's."""
+    out = str(tmp_path / "r.npz")
+    child = CHILD + textwrap.dedent(f"""
+        from jax.sharding import NamedSharding, PartitionSpec as P
+        from spectral_jax.dataset import Settings, store, whole
+        from spectral_jax.dataset.layout import Geometry
+        assert len(jax.devices()) == 8
+        nimg, grid, f, ki, ko = 8, (3, 3), 12, 4, 20
+        per = grid[0] * grid[1]
+        rng = np.random.default_rng(7)
+        a, b = (jnp.asarray(rng.normal(size=(2, nimg * per, f)), jnp.bfloat16) for _ in range(2))
+        valid = np.array([1, 1, 0, 1, 1, 1, 0, 1], bool)
+        ck, key = {str(tmp_path)!r} + "/ck", {{"run": 1}}
+        for first in (0, 4):
+            rows = slice(first * per, (first + 4) * per)
+            store.write_shard(ck, key, first, valid[first:first + 4], {{}}, {{"a0": a[:, rows], "b0": b[:, rows]}})
+        expect = {{"a0": ("uint16", (2, 4 * per, f)), "b0": ("uint16", (2, 4 * per, f))}}
+        shards = [store.read_shard(f"{{store.folder(ck)}}/{{n}}", key, ck, expect) for n in store.finished(ck)]
+        st = whole.Streamed(store.FeatureStore(shards, 0, nimg, {{"a0": per, "b0": per}}), valid, {{}}, 0)
+        settings = Settings(graph="knn-qk", features_dtype="bfloat16", method="exact")
+        res = {{}}
+        for d in (2,):
+            mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
+            geom = Geometry(((grid, (0, 1)),), grid, (42, 42), nimg, 64, d, ki, ko)
+            ring = dist.knn_sharded(a, b, grid, nimg, ki, ko, valid=valid, mesh=mesh)
+            img = per * f * 2
+
+            class Bar:                                  # counts what a tqdm bar would show
+                def reset(self, total): self.total, self.n = total, 0
+                def set_description(self, what): self.what = what
+                def update(self, m): self.n += m
+
+            bar = Bar()
+            tiled = whole.search_sharded(st, settings, geom, mesh, row_bytes=3 * img, col_bytes=img, bar=bar)[0]
+            res["bar"] = [bar.total, bar.n]
+            block = whole.search_sharded(st, settings, geom, mesh)[0]
+            for name, g in (("ring", ring), ("tiled", tiled), ("block", block)):
+                assert tuple(g.idx.sharding.spec)[:2] == (None, "data")
+                res[f"{{name}}_idx{{d}}"], res[f"{{name}}_w{{d}}"] = np.asarray(g.idx), np.asarray(g.w)
+        mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4])
+        mem = lambda c: c.compile().memory_analysis().temp_size_in_bytes
+        sds = lambda *s, dt=jnp.float32: jax.ShapeDtypeStruct(s, dt, sharding=NamedSharding(mesh, P("data")))
+        v = jax.ShapeDtypeStruct((64,), jnp.bool_, sharding=NamedSharding(mesh, P()))
+        best = (sds(4 * 2 * 16, 8, dt=jnp.int32), sds(4 * 2 * 16, 8))
+        for m in (4, 16):                           # images per device; tiles of 2 images, 16 tokens each
+            res[f"tile{{m}}"] = mem(dist._tile_inter.lower(sds(4 * 2 * 16, 64), sds(4 * 2 * 16, 64), best, v, 0, 0,
+                                                           n=m * 16, per=16, k=8, block=512, mesh=mesh, axis="data"))
+        whole_a = jax.ShapeDtypeStruct((1, 4 * 16 * 16, 64), jnp.float32, sharding=NamedSharding(mesh, P(None, "data")))
+        res["block"] = mem(dist._search.lower(whole_a, whole_a, v, 16, 0, 8, 0.1, 512, mesh, "data"))
+        np.savez({out!r}, **res)
+    """)
+    t = _on_eight_devices(child, out)
+    assert list(t["bar"]) == [4, 4]                 # 2 layers × 2 query tiles (3 + 1 of 4 images per device)
+    for d in (2,):
+        ri, rw = t[f"ring_idx{d}"], t[f"ring_w{d}"]
+        assert np.count_nonzero(rw) > 0.4 * rw.size and np.count_nonzero(rw == 0) >= 2 * 9 * 24 * 2
+        np.testing.assert_array_equal(t[f"block_idx{d}"], ri)
+        np.testing.assert_array_equal(t[f"block_w{d}"], rw)
+        np.testing.assert_array_equal(t[f"tiled_idx{d}"], ri)
+        assert np.abs(t[f"tiled_w{d}"] - rw).max() <= 1.2e-7, d
+    assert int(t["tile4"]) == int(t["tile16"]) < int(t["block"]), (int(t["tile4"]), int(t["tile16"]), int(t["block"]))
 
 
 @pytest.mark.slow  # two processes; the ring on 1/2/4/8 fake devices is above, and test_dataset_sharded runs it in two processes

@@ -21,7 +21,11 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
                                              and k) or 1 (knn-vv)
     features in memory: one process — a row tile and its own columns (≤ whole.ROW_TILE_BYTES each), a column
               tile (≤ whole.COL_TILE_BYTES) and the inter-image search's cosine block (kernels.INTER_BUDGET float32);
-              P processes — its own rows (features / P) plus the keys all-gathered to each device (features / c)
+              P processes on the gathered path — its own rows (features / P) plus the keys all-gathered to each
+              device (features / c);
+              the sharded path (`whole.search_sharded`, any P) — per device of this process: a query tile (its rows,
+              and its keys for knn-qk; ≤ whole.ROW_TILE_BYTES each), a key tile and the one in flight
+              (≤ whole.COL_TILE_BYTES each) and one cosine block of `kernels.topk_inter`
   the gathered path (`whole.solver_path`: every process holds the whole graph, `solvers.exact`):
     graph     = Σ_g L_g·N_g·(8·k_g + 4) · 2  (int32 indices, float32 weights, float32 degrees; host and device copy)
     operator  = Σ_g L_g·N_g·k_g · 64         building the coalesced Σ_l w_l sym(P_l): the weights in float64, the COO
@@ -92,7 +96,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     "device_peak"} (ints), "forward_source", "solver_path", "processes" and "formula" (a string)."""
     from spectral_jax import graphs as G
     from spectral_jax import kernels
-    from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES
+    from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES, _tile_images
     from spectral_jax.options import DENSE_MAX
 
     if solver_path not in ("gathered", "sharded"):
@@ -100,7 +104,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     s = 2 if features_dtype == "bfloat16" else 4
     c = 1 if graph == "knn-vv" else 2
     feats = edges = slots = 0
-    rows = cols = 0
+    rows = cols = tiles = 0
     for grid, layers, width in groups:
         nodes = num_images * grid[0] * grid[1]
         k_g = sum(G.clamp_k(k[0], k[1], tuple(grid), num_images))
@@ -109,7 +113,15 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         slots += layers * nodes * (8 * k_g + 4)
         rows = max(rows, min(ROW_TILE_BYTES, nodes * width * s))
         cols = max(cols, min(COL_TILE_BYTES, nodes * width * s))
-    if processes == 1:
+        per, mine = grid[0] * grid[1], max(1, num_images // (processes * local_devices))
+        tq, tk = (_tile_images(mine, per * width * s, b) for b in (ROW_TILE_BYTES, COL_TILE_BYTES))
+        k_o = G.clamp_k(k[0], k[1], tuple(grid), num_images)[1]
+        bq = min(512, tq * per)
+        tiles = max(tiles, (c * tq + 2 * tk) * per * width * s
+                    + bq * min(max(tk * per, k_o), max(k_o, kernels.INTER_BUDGET // bq)) * 4)
+    if solver_path == "sharded":
+        feats_mem = local_devices * tiles
+    elif processes == 1:
         feats_mem = 2 * rows + cols + kernels.INTER_BUDGET * 4
     else:
         feats_mem = feats // processes + feats // c

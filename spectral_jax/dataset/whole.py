@@ -20,14 +20,14 @@
   3. `solvers.exact` on it: for N > `dense_max` Σ_l w_l sym(P_l) coalesced into one sparse matrix
      (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
-Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_share`) and writes their shards; for
-the search each holds its own rows in memory. Then (`solver_path`) either the sharded path (`solve_sharded`, the
-default with several processes when every layer group shares one grid and there are no timesteps): each group's
-graph is searched by `distributed.knn_sharded` and stays sharded by rows — never gathered; each process caches its
-own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and `distributed.lobpcg` solves Σ w sym(P) as a collective
-over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
-grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded (`build_graphs`), gathered to
-every process, each solves it (the same deterministic solve). Process 0 writes.
+Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_share`) and writes their shards. Then
+(`solver_path`) either the sharded path (`solve_sharded`, the default with several processes when every layer
+group shares one grid and there are no timesteps): each group's graph is searched from each process's shards in
+tiles (`search_sharded`: `distributed.knn_tiled`, key tiles passed round the mesh) and stays sharded by rows —
+never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and
+`distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
+grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded from each process's rows held in
+memory (`build_graphs`), gathered to every process, each solves it (the same deterministic solve). Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search (one process) keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts,
 removed once the whole graph is saved), so a stopped search resumes at its first missing layer; the graph is cached
@@ -36,7 +36,8 @@ shard, part or graph made from other images or settings is refused in one line (
 whose arrays are damaged — unreadable, changed since written, of the wrong shape or dtype, non-finite, neighbour
 indices out of range — too (`store.read_shard`, `store.read_part`, `load_cache`), never used.
 
-Memory (`memory.estimate`): the features live on disk (one process: two tiles in memory at a time); the graph
+Memory (`memory.estimate`): the features live on disk (one process, and the sharded path: tiles in memory at a
+time; the gathered path with several processes: each process's own rows); the graph
 (L·N·k indices and weights per group) and the coalesced operator and the solver's vectors must fit in memory.
 
 Shape legend
@@ -706,7 +707,8 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         if not valid.any():
             return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached, solver=path)
         if path == "sharded":
-            return solve_sharded(st, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n})
+            return solve_sharded(st, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n},
+                                 bar=bar)
         t = time.perf_counter()
         gs, info = make_graphs(st, settings, geom, mesh, n, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n})
         del st
@@ -903,12 +905,45 @@ def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
     return d
 
 
+def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, row_bytes: int = ROW_TILE_BYTES,
+                   col_bytes: int = COL_TILE_BYTES, bar=None) -> list:
+    """The sharded path's kNN graph of each layer group (`distributed.ShardedKnn`, rows sharded over `mesh`, never
+    gathered), searched from the on-disk store in tiles (`distributed.knn_tiled`: each device's query tiles of
+    ≤ `row_bytes` of features and key tiles of ≤ `col_bytes`, read memory-mapped from this process's shards by
+    `store.FeatureStore.rows`, the key tiles passed round the mesh), not from the features in memory. Memory per
+    device: its tiles and the running top-k, plus this process's graph rows — not its N/P·F features. The same
+    graph as `distributed.knn_sharded` on the features (`graphs.knn`'s definition). bar: a tqdm bar (process 0's),
+    reset to count the query tiles of every layer. Every process must call it."""
+    from spectral_jax.solvers import distributed as D
+
+    fs, n, devices = st.store, len(st.valid), int(mesh.shape[AXIS])
+    dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else None
+    item = 2 if dtype is not None else 4
+    valid = global_array(mesh, P(), st.valid, st.valid.shape) if jax.process_count() > 1 else st.valid
+    tiles = [tuple(_tile_images(n // devices, grid[0] * grid[1] * fs.width(f"a{g}") * item, x)
+                   for x in (row_bytes, col_bytes)) for g, (grid, _) in enumerate(geom.groups)]
+    if bar is not None:
+        bar.reset(total=sum(-(-(n // devices) // r) * len(ls) for (r, _), (_, ls) in zip(tiles, geom.groups)))
+        bar.set_description("kNN search")
+        bar.unit = "tile"
+    out = []
+    for g, (grid, group) in enumerate(geom.groups):
+        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
+        names = {"a": f"a{g}", "b": f"a{g}" if settings.graph == "knn-vv" else f"b{g}"}
+        f, (rows, cols) = fs.width(f"a{g}"), tiles[g]
+        read = lambda which, layer, lo, hi, names=names: fs.rows(names[which], layer, lo, hi, dtype)
+        out.append(D.knn_tiled(read, tuple(grid), n, len(group), f, k_intra, k_inter, settings.min_cos,
+                               settings.block, valid=valid, mesh=mesh, axis=AXIS, rows=rows, cols=cols,
+                               same=settings.graph == "knn-vv", progress=None if bar is None else bar.update))
+    return out
+
+
 def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mesh: Mesh, weights, timings: dict,
-                  cached: list, ckdir: str | None = None, key: dict | None = None, rows: dict | None = None
-                  ) -> Solved:
-    """The sharded path (`solver_path`): each group's kNN graph built by `distributed.knn_sharded` from each
-    process's own rows of the store (`local_features`; the same search as `graphs.knn`) and kept sharded by rows,
-    never gathered; layer weights by `layer_weights` with `distributed.layer_spectra` for a rule; the top-K of
+                  cached: list, ckdir: str | None = None, key: dict | None = None, rows: dict | None = None,
+                  bar=None) -> Solved:
+    """The sharded path (`solver_path`): each group's kNN graph searched by `search_sharded` from each process's
+    own rows of the store, read in tiles (the same search as `graphs.knn`), and kept sharded by rows, never
+    gathered; layer weights by `layer_weights` with `distributed.layer_spectra` for a rule; the top-K of
     Σ w sym(P) by `distributed.lobpcg` (float32, `exact`'s convergence record) and the `Result` by
     `distributed.to_result`, which gathers only the N·K eigenvectors. The edge count is a jitted global sum.
     Graph cache (ckdir and key given: `cache_key`'s graph fields and "nodes"): after the search each process
@@ -934,18 +969,8 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
             place = lambda x: global_array(mesh, P(None, AXIS), x, shape)
             sgs.append(D.from_rows(place(idx), place(w), tuple(grid), n, mesh, AXIS, (shape[0],)))
     else:
-        feats = local_features(st, settings, geom)
-        valid = global_array(mesh, P(), st.valid, st.valid.shape) if procs > 1 else st.valid
-        for (grid, group), a, b in zip(geom.groups, feats.a, feats.b):
-            k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
-            if procs > 1:
-                shape = (a.shape[0], a.shape[1] * procs, a.shape[2])
-                same = b is a
-                a = global_array(mesh, P(None, AXIS), a, shape)
-                b = a if same else global_array(mesh, P(None, AXIS), b, shape)
-            sgs.append(D.knn_sharded(a, b, tuple(grid), n, k_intra, k_inter, settings.min_cos, settings.block,
-                                     valid=valid, mesh=mesh, axis=AXIS))
-        del feats, st
+        sgs = search_sharded(st, settings, geom, mesh, bar=bar)
+        del st
         if ckdir is not None:
             rkey = {**key, "processes": procs, "process": jax.process_index()}
             arrays = {"key": np.array(json.dumps(rkey, sort_keys=True)), "valid": np.asarray(host_valid),
@@ -1006,5 +1031,5 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra
 
 
 __all__ = ["Features", "GRAPH", "Solved", "Streamed", "build_graphs", "cache_key", "feature_widths", "graph_report",
-           "make_graphs", "padded_images", "say_search", "search_store", "solve", "solve_sharded", "solver_path",
-           "store_sigma", "stream_features"]
+           "make_graphs", "padded_images", "say_search", "search_sharded", "search_store", "solve", "solve_sharded",
+           "solver_path", "store_sigma", "stream_features"]

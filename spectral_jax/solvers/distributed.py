@@ -52,8 +52,9 @@ subspace to a mean principal-angle cosine ≥ 0.99999 (tests/test_distributed.py
 Building: `knn_sharded` searches the features (as `graphs.knn`, each device its own images' rows; the other devices'
 keys pass by in a `ppermute` ring, never all-gathered) and keeps the result sharded; `shard_graph` distributes a
 whole `KnnGraph`; `from_rows` takes rows already placed on the mesh (per-process rows via
-`jax.make_array_from_process_local_data`). Degrees of S_l need the column sums of A_l: one scatter-add and
-`psum_scatter` of N floats per layer, once.
+`jax.make_array_from_process_local_data`); `knn_tiled` searches features read in tiles (a store's), its key tiles
+passed round the mesh. Degrees of S_l need the column sums of A_l: one scatter-add and `psum_scatter` of N floats
+per layer, once.
 
 Shape legend
     N  nodes (padded to a multiple of D)   n = N/D rows per device   D  devices on the mesh axis
@@ -222,62 +223,85 @@ def _order_key(cos):
     return ~jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def _ring_inter(a_loc, b_loc, valid, per: int, k: int, block: int, axis: str):
-    """The inter-image top-k of the local rows under `shard_map`, keys never gathered: a_loc, b_loc `[G, n, F]`
-    this device's rows and key block (whole images) → (idx `[G, n, k]` int32 global columns, cos `[G, n, k]`
-    float32), as `kernels.topk_inter` returns them over all N columns inside `graphs._knn_rows`.
+def _ring_tile(a, b, best, valid, i0, j0, n: int, per: int, k: int, block: int, axis: str):
+    """One query tile against one key tile of every device, under `shard_map`: a `[tq, F]` unit rows of this
+    device's query tile (its images from i0 on, padded rows at the end), b `[tk, F]` unit rows of its key tile (its
+    images from j0 on), best: the running (idx `[tq, k]` global columns, cos `[tq, k]`) or None (the first key
+    tile); n rows per device → the running top-k merged with the key tile of every device.
 
-    One graph at a time (`lax.map`); per graph D steps and D − 1 transfers of n·F: at step s the device holds the
-    key block of device (r + s) mod D, searches it (`kernels.topk_inter`: the own image masked, invalid images'
-    columns excluded; a block of fewer than k columns padded with excluded ones), merges the block's top-k into a
-    running top-k (a sort on (cosine, column): the lower column wins a tie, whatever the order the blocks arrive
-    in), and passes the block on (`ppermute` to device r − 1) while it searches. A device holds its rows, its
-    block, the block in flight and the running top-k: O(n·F + n·k); nothing of size N·F.
-    Slots without a candidate (cos −inf: fewer valid columns in other images than k) get the column `topk_inter`
-    gives them over all N columns: the lowest such columns when N fits in one of its column chunks (then every
-    block does too, and the merge keeps them), else 0 (its chunked merge's)."""
+    D steps and D − 1 transfers of the key tile: at step s the device holds the tile of device (r + s) mod D,
+    searches it (`kernels.topk_inter`: the own image masked, invalid images' columns excluded; a tile of fewer
+    than k columns, or past the device's last image, padded with excluded columns), merges its top-k into the
+    running top-k (a sort on (cosine, column): the lower column wins a tie, whatever the order the tiles arrive
+    in), and passes the tile on (`ppermute` to device r − 1) while it searches. A device holds its query tile, its
+    key tile, the tile in flight and the running top-k. Columns of a tile's padding get indices ≥ D·n (after every
+    real column; never kept while there are k real ones)."""
     from spectral_jax import kernels
 
     d = jax.lax.axis_size(axis)
-    n = a_loc.shape[1]
     r = jax.lax.axis_index(axis)
-    rows = r * n + jnp.arange(n, dtype=jnp.int32)
-    row_img = rows // per
-    bq = min(block, n)
-    whole = d * n <= max(k, kernels.INTER_BUDGET // bq)        # topk_inter over all N columns: one chunk
-    perm = [(j, (j - 1) % d) for j in range(d)]                # device j's block to j − 1: r holds (r + s) mod D
-
-    m = max(n, k)                                              # a block of fewer than k columns: padded
+    tk = b.shape[0]
+    row_img = (r * n + i0 * per + jnp.arange(a.shape[0], dtype=jnp.int32)) // per
+    perm = [(j, (j - 1) % d) for j in range(d)]                # device j's tile to j − 1: r holds (r + s) mod D
+    m = max(tk, k)                                             # a tile of fewer than k columns: padded
     pos = jnp.arange(m, dtype=jnp.int32)
-    real = pos < n
+    cnt = jnp.minimum(tk, n - j0 * per)                        # the tile's columns inside the device's rows
+    real = pos < cnt
 
-    def found(ai, blk, src):
-        cols = src * n + pos
+    def found(blk, src):
+        cols = src * n + j0 * per + pos
         img = jnp.where(real, cols // per, -2)
-        blk = jnp.pad(blk, ((0, m - n), (0, 0)))
-        i, c = kernels.topk_inter(ai, blk, row_img, img, real & valid[jnp.where(real, img, 0)], k, block)
-        return jnp.where(i < n, i + src * n, d * n + i), c    # padding after every real column (never kept)
+        blk = jnp.pad(blk, ((0, m - tk), (0, 0)))
+        i, c = kernels.topk_inter(a, blk, row_img, img, real & valid[jnp.where(real, img, 0)], k, block)
+        return jnp.where(i < cnt, i + src * n + j0 * per, d * n + i), c
 
     def merge(best, new):
+        if best is None:
+            return new
         i = jnp.concatenate([best[0], new[0]], axis=1)
         c = jnp.concatenate([best[1], new[1]], axis=1)
         _, i, c = jax.lax.sort((_order_key(c), i, c), dimension=1, num_keys=2)
         return i[:, :k], c[:, :k]
 
+    def step(carry, s):
+        blk, best = carry
+        nxt = jax.lax.ppermute(blk, axis, perm)
+        return (nxt, merge(best, found(blk, (r + s) % d))), None
+
+    best = merge(best, found(b, r))
+    if d > 1:
+        blk = jax.lax.ppermute(b, axis, perm)
+        (blk, best), _ = jax.lax.scan(step, (blk, best), jnp.arange(1, d - 1, dtype=jnp.int32))
+        best = merge(best, found(blk, (r + d - 1) % d))
+    return best
+
+
+def _no_candidate(i, c, n: int, d: int, k: int, block: int):
+    """Slots without a candidate (cos −inf) given the column `topk_inter` gives them over all D·n columns: the
+    lowest masked columns when D·n fit one of its column chunks (as the merged tiles left them), else 0 (its
+    chunked merge's)."""
+    from spectral_jax import kernels
+
+    whole = d * n <= max(k, kernels.INTER_BUDGET // min(block, n))
+    return i if whole else jnp.where(c == -jnp.inf, 0, i)
+
+
+def _ring_inter(a_loc, b_loc, valid, per: int, k: int, block: int, axis: str):
+    """The inter-image top-k of the local rows under `shard_map`, keys never gathered: a_loc, b_loc `[G, n, F]`
+    this device's rows and key block (whole images) → (idx `[G, n, k]` int32 global columns, cos `[G, n, k]`
+    float32), as `kernels.topk_inter` returns them over all N columns inside `graphs._knn_rows`: one graph at a
+    time (`lax.map`), the device's rows against every device's block (`_ring_tile` with the whole block as one
+    tile; `knn_tiled` runs the same in tiles read from a store). A device holds its rows, its block, the block in
+    flight and the running top-k: O(n·F + n·k); nothing of size N·F. Slots without a candidate: `_no_candidate`."""
+    from spectral_jax import kernels
+
+    d = jax.lax.axis_size(axis)
+    n = a_loc.shape[1]
+
     def one(ab):
         ai, bi = (kernels.unit_rows(x) for x in ab)
-
-        def step(carry, s):
-            blk, best = carry
-            nxt = jax.lax.ppermute(blk, axis, perm)
-            return (nxt, merge(best, found(ai, blk, (r + s) % d))), None
-
-        i, c = found(ai, bi, r)
-        if d > 1:
-            blk = jax.lax.ppermute(bi, axis, perm)
-            (blk, best), _ = jax.lax.scan(step, (blk, (i, c)), jnp.arange(1, d - 1, dtype=jnp.int32))
-            i, c = merge(best, found(ai, blk, (r + d - 1) % d))
-        return (i if whole else jnp.where(c == -jnp.inf, 0, i)), c
+        i, c = _ring_tile(ai, bi, None, valid, 0, 0, n, per, k, block, axis)
+        return _no_candidate(i, c, n, d, k, block), c
 
     return jax.lax.map(one, (a_loc, b_loc))
 
@@ -298,6 +322,123 @@ def _search(a, b, valid, per, k_intra, k_inter, min_cos, block, mesh, axis):
 
     return jax.shard_map(local, mesh=mesh, in_specs=(P(None, axis), P(None, axis), P()),
                          out_specs=(P(None, axis), P(None, axis)))(a, b, valid)
+
+
+def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: int, k_intra: int, k_inter: int,
+              min_cos: float = 0.1, block: int = 512, *, valid=None, mesh: Mesh, axis: str = "data",
+              rows: int | None = None, cols: int | None = None, same: bool = True, progress=None) -> ShardedKnn:
+    """`knn_sharded`'s search with the features read in tiles instead of held: read(which, layer, first, stop) →
+    the host rows `[(stop − first)·h·w, F]` (F = width) of "a" (queries) or "b" (keys) of graph `layer`, images
+    [first, stop) (global indices; e.g. `store.FeatureStore.rows`, memory-mapped) — only rows of the images this
+    process's devices own are asked for. Each device's images (num_images / D, whole images per device, num_images a
+    multiple of D) are searched `rows` images at a time (a query tile: its rows and, for the intra-image part, the
+    same images' keys) against its key tiles of `cols` images, each passed round the mesh (`_ring_tile`: D − 1
+    `ppermute`s of a key tile), the running top-k kept on the devices between key tiles; the tile's edges are then
+    made by `graphs._knn_rows` (intra-image, weights) and copied to host arrays of this process's rows.
+    rows / cols None: a device's whole block (then the search is `knn_sharded`'s, bit for bit). same: "b" is "a"
+    (knn-vv: the query tile serves as its own keys). progress: called with 1 after each query tile's edges
+    (layers × ⌈images per device / rows⌉ calls).
+
+    Memory per process: the query tile (and its keys), one key tile and the one in flight, the running top-k
+    `[rows·h·w, k_inter]` per device, and the graph's rows `[L, N/P, k]` (host, then once as device arrays) —
+    not the N/P·F features. Reads per layer: a device's keys once per query tile. The graph: the same neighbours
+    as `knn_sharded` (ties to the lower column, the same slots without a candidate); cosines are computed in key
+    tiles of `cols` images, which XLA's CPU matmul may round differently from a whole block's by a few float32 ulps
+    (candidates tied within that rounding may be exchanged). The degrees: `from_rows`. Every process must call it."""
+    d = _check_mesh(mesh, axis)
+    if num_images % d:
+        raise ValueError(f"num_images={num_images} must be a multiple of the {d} devices on axis {axis!r}")
+    grid = (int(grid[0]), int(grid[1]))
+    per, mine = grid[0] * grid[1], num_images // d
+    n = mine * per                                           # rows per device
+    tq, tk = (mine if t is None else max(1, min(int(t), mine)) for t in (rows, cols))
+    spec = NamedSharding(mesh, P(axis))
+    flat = list(mesh.devices.flat)
+    local = [r for r, dev in enumerate(flat) if dev.process_index == jax.process_index()]
+    if local != list(range(local[0], local[0] + len(local))):
+        raise ValueError(f"mesh {dict(mesh.shape)}: this process's devices must be consecutive on axis {axis!r} "
+                         "(a process-major mesh), so that its rows are one block")
+    valid = jax.device_put(np.ones((num_images,), bool) if valid is None else valid, NamedSharding(mesh, P()))
+    k = int(k_intra) + int(k_inter)
+
+    def tile(which, layer, i0, t):
+        """[D·t·h·w, F] sharded by rows: device r's images [r·mine + i0, +t), zero rows past its last image."""
+        def cb(index):
+            r = (index[0].start or 0) // (t * per)
+            x = read(which, layer, r * mine + i0, r * mine + min(i0 + t, mine))
+            if x.shape != ((min(i0 + t, mine) - i0) * per, width):
+                raise ValueError(f"read({which!r}, {layer}, …) gave {list(x.shape)}, not "
+                                 f"[{(min(i0 + t, mine) - i0) * per}, {width}]")
+            return np.pad(x, ((0, t * per - x.shape[0]), (0, 0)))
+
+        return jax.make_array_from_callback((d * t * per, int(width)), spec, cb)
+
+    idx_h = np.zeros((layers, len(local) * n, k), np.int32)
+    w_h = np.zeros((layers, len(local) * n, k), np.float32)
+    statics = dict(n=n, per=per, block=int(block), mesh=mesh, axis=axis)
+    for layer in range(layers):
+        for i0 in range(0, mine, tq):
+            a = tile("a", layer, i0, tq)
+            own = a if same else tile("b", layer, i0, tq)
+            best = None
+            for j0 in range(0, mine, tk) if k_inter else ():
+                keys = own if (tk, j0) == (tq, i0) else tile("b", layer, j0, tk)    # read while the last step runs
+                if best is not None:        # then wait for it: at most two key tiles alive (dispatch is async)
+                    jax.block_until_ready(best)
+                best = _tile_inter(a, keys, best, valid, np.int32(i0), np.int32(j0), k=int(k_inter), **statics)
+            ii, ww = jax.block_until_ready(_tile_edges(a, own, best, valid, np.int32(i0), k_intra=int(k_intra),
+                                                       k_inter=int(k_inter), min_cos=float(min_cos), **statics))
+            m = (min(i0 + tq, mine) - i0) * per
+            for s_i, s_w in zip(ii.addressable_shards, ww.addressable_shards):
+                at = local.index((s_i.index[0].start or 0) // (tq * per)) * n + i0 * per
+                idx_h[layer, at:at + m] = np.asarray(s_i.data)[:m]
+                w_h[layer, at:at + m] = np.asarray(s_w.data)[:m]
+            if progress is not None:
+                progress(1)
+    del a, own, best
+    shape, lo = (layers, d * n, k), local[0] * n
+    put = lambda x: jax.make_array_from_callback(shape, NamedSharding(mesh, P(None, axis)),
+                                                 lambda i: x[:, (i[1].start or 0) - lo:(i[1].stop or d * n) - lo])
+    return from_rows(put(idx_h), put(w_h), grid, num_images, mesh, axis, (layers,))
+
+
+@functools.partial(jax.jit, static_argnames=("n", "per", "k", "block", "mesh", "axis"))
+def _tile_inter(a, b, best, valid, i0, j0, *, n, per, k, block, mesh, axis):
+    """`_ring_tile` over the mesh: a `[D·tq, F]`, b `[D·tk, F]` the devices' query and key tiles (sharded by
+    rows), best (idx, cos) `[D·tq, k]` or None → the merged running top-k `[D·tq, k]`."""
+    from spectral_jax import kernels
+
+    def local(a, b, valid, i0, j0, *best):
+        return _ring_tile(kernels.unit_rows(a), kernels.unit_rows(b), best or None, valid, i0, j0, n, per, k, block,
+                          axis)
+
+    spec, best = P(axis), tuple(best or ())
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), P(), P(), *(spec,) * len(best)),
+                         out_specs=(spec, spec))(a, b, valid, i0, j0, *best)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "per", "k_intra", "k_inter", "min_cos", "block", "mesh", "axis"))
+def _tile_edges(a, own, best, valid, i0, *, n, per, k_intra, k_inter, min_cos, block, mesh, axis):
+    """The edges of the query tiles (`graphs._knn_rows` with the inter-image top-k `best`, `_no_candidate`'s
+    columns for empty slots): a, own `[D·tq, F]`, best (idx, cos) `[D·tq, k_inter]` or None (k_inter 0) → idx, w
+    `[D·tq, k_intra + k_inter]` sharded by rows."""
+    from spectral_jax.graphs import _knn_rows
+
+    d = int(mesh.shape[axis])
+
+    def local(a, own, valid, i0, *best):
+        if not best:
+            best = (jnp.zeros((a.shape[0], 0), jnp.int32), jnp.zeros((a.shape[0], 0), jnp.float32))
+        i, c = best
+        inter = (_no_candidate(i, c, n, d, k_inter, block)[None], c[None])
+        row0 = jax.lax.axis_index(axis) * n + i0 * per
+        idx, w = _knn_rows(a[None], own[None], own[None], row0, valid, per, k_intra, k_inter, min_cos, block,
+                           inter=inter)[:2]
+        return idx[0], w[0]
+
+    spec, best = P(axis), tuple(best or ())
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), P(), *(spec,) * len(best)),
+                         out_specs=(spec, spec))(a, own, valid, i0, *best)
 
 
 # ------------------------------------------------------------------------------------------------------ operator
@@ -755,5 +896,5 @@ def layer_spectra(groups: Sequence[ShardedKnn], group_layers: Sequence[Sequence[
     return np.stack(out)
 
 
-__all__ = ["DistOperator", "ShardedKnn", "Solve", "from_rows", "gather_rows", "knn_sharded", "layer_spectra", "lobpcg", "operator",
-           "padded_nodes", "shard_graph", "to_result"]
+__all__ = ["DistOperator", "ShardedKnn", "Solve", "from_rows", "gather_rows", "knn_sharded", "knn_tiled",
+           "layer_spectra", "lobpcg", "operator", "padded_nodes", "shard_graph", "to_result"]
