@@ -436,6 +436,7 @@ def test_sharded_graph_rows_cache_is_read_back_on_resume(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     rows = os.path.join(out, "checkpoints", "graph-rows", "rows-0-of-1.npz")
     assert os.path.isfile(rows) and not os.path.exists(os.path.join(out, "checkpoints", "graph.npz"))
+    assert not os.path.exists(os.path.join(out, "checkpoints", "graph-parts"))   # the per-layer parts: gone
     v1, s1 = read()
     import json
 
@@ -573,13 +574,18 @@ def test_tiled_search_from_the_store_equals_the_ring_and_its_memory_does_not_gro
     knn-qk in bfloat16 with two unreadable images, tiles of 3 query and 1 key image (a partial last query tile)
     against `knn_sharded` on the same features in memory: the same neighbours slot for slot (the slots
     without a candidate included), weights within a float32 ulp, a progress bar counting the query tiles; with
-    whole-block tiles (the default sizes here) the same graph bit for bit. XLA's memory analysis of a compiled
-    key-tile step: the same temporaries at 4× the nodes, and below the whole-block search's."""
+    whole-block tiles (the default sizes here) the same graph bit for bit. Resumable by layer: with a checkpoint
+    folder each layer's rows are kept as a part; with layer 1's part removed, a second search reads only layer 1's
+    features and gives the same graph; a part made with other settings, or torn, is one `InputError` naming it. XLA's
+    memory analysis of a compiled key-tile step: the same temporaries at 4× the nodes, and below the whole-block
+    search's."""
     out = str(tmp_path / "r.npz")
     child = CHILD + textwrap.dedent(f"""
         from jax.sharding import NamedSharding, PartitionSpec as P
+        import os, shutil
         from spectral_jax.dataset import Settings, store, whole
         from spectral_jax.dataset.layout import Geometry
+        from spectral_jax.errors import InputError
         assert len(jax.devices()) == 8
         nimg, grid, f, ki, ko = 8, (3, 3), 12, 4, 20
         per = grid[0] * grid[1]
@@ -610,6 +616,26 @@ def test_tiled_search_from_the_store_equals_the_ring_and_its_memory_does_not_gro
             tiled = whole.search_sharded(st, settings, geom, mesh, row_bytes=3 * img, col_bytes=img, bar=bar)[0]
             res["bar"] = [bar.total, bar.n]
             block = whole.search_sharded(st, settings, geom, mesh)[0]
+            # a search stopped after layer 0 (its part kept, layer 1's gone) resumes at layer 1, reading only it
+            kw = dict(row_bytes=3 * img, col_bytes=img, ckdir=ck, key={{"graph": 1, "processes": 1, "process": 0}})
+            whole.search_sharded(st, settings, geom, mesh, **kw)
+            res["parts"] = sorted(os.listdir(f"{{ck}}/{{store.PARTS}}"))
+            shutil.rmtree(f"{{ck}}/{{store.PARTS}}/" + whole._sharded_part(0, 1))
+            reads, rows = [], st.store.rows
+            st.store.rows = lambda name, layer, *a: reads.append(layer) or rows(name, layer, *a)
+            again = whole.search_sharded(st, settings, geom, mesh, **kw)[0]
+            res["reads"], res["again_idx"], res["again_w"] = sorted(set(reads)), np.asarray(again.idx), np.asarray(again.w)
+            for name, why in (("other", {{**kw, "key": {{"graph": 2, "processes": 1, "process": 0}}}}), ("damaged", kw)):
+                if name == "damaged":                   # a torn part (its CRC-32 no longer matches)
+                    with open(f"{{ck}}/{{store.PARTS}}/" + whole._sharded_part(0, 0) + "/w.npy", "r+b") as fh:
+                        fh.seek(-4, 2)
+                        fh.write(bytes([255, 255, 255, 127]))
+                try:
+                    whole.search_sharded(st, settings, geom, mesh, **why)
+                    res[name] = "no error"
+                except InputError as e:
+                    res[name] = str(e)
+            st.store.rows = rows
             for name, g in (("ring", ring), ("tiled", tiled), ("block", block)):
                 assert tuple(g.idx.sharding.spec)[:2] == (None, "data")
                 res[f"{{name}}_idx{{d}}"], res[f"{{name}}_w{{d}}"] = np.asarray(g.idx), np.asarray(g.w)
@@ -627,6 +653,11 @@ def test_tiled_search_from_the_store_equals_the_ring_and_its_memory_does_not_gro
     """)
     t = _on_eight_devices(child, out)
     assert list(t["bar"]) == [4, 4]                 # 2 layers × 2 query tiles (3 + 1 of 4 images per device)
+    assert list(t["parts"]) == ["g0-l0-p0-of-1", "g0-l1-p0-of-1"] and list(t["reads"]) == [1]
+    np.testing.assert_array_equal(t["again_idx"], t["tiled_idx2"])
+    np.testing.assert_array_equal(t["again_w"], t["tiled_w2"])
+    assert "other" in str(t["other"]) and "settings" in str(t["other"]), str(t["other"])
+    assert "g0-l0-p0-of-1" in str(t["damaged"]) and "w" in str(t["damaged"]), str(t["damaged"])
     for d in (2,):
         ri, rw = t[f"ring_idx{d}"], t[f"ring_w{d}"]
         assert np.count_nonzero(rw) > 0.4 * rw.size and np.count_nonzero(rw == 0) >= 2 * 9 * 24 * 2

@@ -29,8 +29,9 @@ never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `G
 grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded from each process's rows held in
 memory (`build_graphs`), gathered to every process, each solves it (the same deterministic solve). Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
-are computed; the search (one process) keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts,
-removed once the whole graph is saved), so a stopped search resumes at its first missing layer; the graph is cached
+are computed; the search keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts, one per layer,
+or per layer and process on the sharded path; removed once the whole graph or the process's rows are saved), so a
+stopped search resumes at its first missing layer; the graph is cached
 in OUT/checkpoints/graph.npz (with the settings and the image files' content digests that made it, `cache_key`). A
 shard, part or graph made from other images or settings is refused in one line (`checkpoint.check_same`), and one
 whose arrays are damaged — unreadable, changed since written, of the wrong shape or dtype, non-finite, neighbour
@@ -51,6 +52,7 @@ import dataclasses
 import functools
 import json
 import os
+import shutil
 import time
 import zipfile
 import zlib
@@ -431,21 +433,24 @@ def _tile_images(n: int, bytes_per_image: int, row_bytes: int) -> int:
     return max(1, min(n, row_bytes // max(1, bytes_per_image)))
 
 
-def _read_layer(ckdir, name: str, key, out, idx: np.ndarray, w: np.ndarray, layer: int, min_cos: float) -> bool:
-    """Layer `layer`'s idx, w `[N, k]` filled from part `name` when there is one (True), checked: the part as
-    `store.read_part` checks it, indices in [0, N), weights 0 or in (min_cos, 1]; else one `InputError` naming it."""
+def _read_layer(ckdir, name: str, key, out, idx: np.ndarray, w: np.ndarray, layer: int, min_cos: float,
+                nodes: int | None = None) -> bool:
+    """Layer `layer`'s idx, w `[R, k]` filled from part `name` when there is one (True), checked: the part as
+    `store.read_part` checks it, indices in [0, nodes) (default R: the rows are every node), weights 0 or in
+    (min_cos, 1]; else one `InputError` naming it."""
     from spectral_jax.dataset import checkpoint
 
     if ckdir is None:
         return False
     shape = tuple(idx.shape[1:])
+    nodes = shape[0] if nodes is None else nodes
     got = store.read_part(ckdir, name, key, out, {"idx": ("int32", shape), "w": ("float32", shape)})
     if got is None:
         return False
     i, x = got["idx"], got["w"]
     where = os.path.join(ckdir, store.PARTS, name)
-    if i.size and (i.min() < 0 or i.max() >= shape[0]):
-        raise checkpoint.damaged(where, f"idx holds neighbours outside [0, {shape[0]})")
+    if i.size and (i.min() < 0 or i.max() >= nodes):
+        raise checkpoint.damaged(where, f"idx holds neighbours outside [0, {nodes})")
     if not ((x == 0) | ((x > min_cos) & (x <= 1 + 1e-5))).all():
         raise checkpoint.damaged(where, "w holds weights that are not 0 or cosines above min_cos")
     idx[layer], w[layer] = i, x
@@ -870,6 +875,25 @@ def _rows_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     return None
 
 
+def _all_say(row: list, err, where: str, what: str) -> np.ndarray:
+    """Every process's `row` (ints; row[0] == 2: this process's cache could not be used, err the `InputError` that
+    says why) → `[P, len(row)]`, gathered so that no process waits at a collective another has left: this process
+    raises err; every other one, one `InputError` naming the process whose `what` (at `where`) cannot be used."""
+    from spectral_jax.dataset import checkpoint
+
+    state = np.array([row], np.int64)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        state = np.asarray(multihost_utils.process_allgather(state)).reshape(-1, len(row))
+    if err is not None:
+        raise err
+    if (state[:, 0] == 2).any():
+        bad = int(np.flatnonzero(state[:, 0] == 2)[0])
+        raise checkpoint.damaged(where, f"process {bad}'s {what} cannot be used: it said why on its stderr")
+    return state
+
+
 def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
     """This process's rows of the sharded graph cache (`cache_key`'s graph fields and "nodes": `key`; the process
     and the process count are added) when every process has its own (else None: search again), checked
@@ -886,17 +910,8 @@ def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
     except InputError as e:
         err = e
     code = 2 if err else (0 if d is None else 1)
-    state = np.array([[code, zlib.crc32(np.packbits(d["valid"]).tobytes()) if code == 1 else 0]], np.int64)
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        state = np.asarray(multihost_utils.process_allgather(state)).reshape(-1, 2)
-    if err is not None:
-        raise err
-    if (state[:, 0] == 2).any():
-        bad = int(np.flatnonzero(state[:, 0] == 2)[0])
-        raise checkpoint.damaged(os.path.join(ckdir, GRAPH_ROWS), f"process {bad}'s rows cannot be used: it said "
-                                 "why on its stderr")
+    state = _all_say([code, zlib.crc32(np.packbits(d["valid"]).tobytes()) if code == 1 else 0], err,
+                     os.path.join(ckdir, GRAPH_ROWS), "rows")
     if not (state[:, 0] == 1).all():
         return None
     if len(set(state[:, 1].tolist())) > 1:
@@ -905,15 +920,58 @@ def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
     return d
 
 
+def _sharded_part(g: int, layer: int) -> str:
+    """The name of this process's part of layer `layer` of group g's sharded search (`store.write_part`)."""
+    return f"g{g}-l{layer}-p{jax.process_index()}-of-{jax.process_count()}"
+
+
+def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom: Geometry, n: int) -> list[dict]:
+    """Per layer group, {layer: (idx, w)} this process's rows `[n/P·h·w, k]` of the layers whose search every
+    process has kept as a part (`_sharded_part`; checked by `_read_layer`: neighbours in [0, n·h·w)); a layer some
+    process lacks is searched again by all (the search is collective). A damaged part, or one made with other
+    settings, on any process: every process raises one `InputError` (the process whose part it is names it), so
+    none waits at a collective. Nothing without ckdir."""
+    from spectral_jax.errors import InputError
+
+    if ckdir is None:
+        return [{} for _ in geom.groups]
+    procs, found, have, err = jax.process_count(), [], [], None
+    for g, (grid, group) in enumerate(geom.groups):
+        per = grid[0] * grid[1]
+        k = sum(G.clamp_k(geom.k_intra, geom.k_inter, grid, n))
+        idx = np.zeros((len(group), n // procs * per, k), np.int32)
+        w = np.zeros(idx.shape, np.float32)
+        found.append({})
+        for layer in range(len(group)):
+            try:
+                ok = err is None and _read_layer(ckdir, _sharded_part(g, layer), key, os.path.dirname(ckdir), idx, w,
+                                                 layer, settings.min_cos, nodes=n * per)
+            except InputError as e:
+                ok, err = False, e
+            if ok:
+                found[g][layer] = (idx[layer], w[layer])
+            have.append(int(ok))
+    state = _all_say([2 if err else 0, *have], err, os.path.join(ckdir, store.PARTS), "parts of the search")
+    everyone, at = state[:, 1:].all(axis=0), 0
+    for g, (_, group) in enumerate(geom.groups):
+        found[g] = {l: x for l, x in found[g].items() if everyone[at + l]}
+        at += len(group)
+    return found
+
+
 def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, row_bytes: int = ROW_TILE_BYTES,
-                   col_bytes: int = COL_TILE_BYTES, bar=None) -> list:
+                   col_bytes: int = COL_TILE_BYTES, bar=None, ckdir: str | None = None, key: dict | None = None
+                   ) -> list:
     """The sharded path's kNN graph of each layer group (`distributed.ShardedKnn`, rows sharded over `mesh`, never
     gathered), searched from the on-disk store in tiles (`distributed.knn_tiled`: each device's query tiles of
     ≤ `row_bytes` of features and key tiles of ≤ `col_bytes`, read memory-mapped from this process's shards by
     `store.FeatureStore.rows`, the key tiles passed round the mesh), not from the features in memory. Memory per
     device: its tiles and the running top-k, plus this process's graph rows — not its N/P·F features. The same
     graph as `distributed.knn_sharded` on the features (`graphs.knn`'s definition). bar: a tqdm bar (process 0's),
-    reset to count the query tiles of every layer. Every process must call it."""
+    reset to count the query tiles of every layer. ckdir and key (the graph cache key with the process and the
+    process count): each process keeps its rows of each layer as a part as soon as the layer is searched
+    (`_sharded_part`, `store.write_part`), and a layer every process has kept is read back instead of searched
+    (`_sharded_parts`), so a search stopped midway resumes at its first missing layer. Every process must call it."""
     from spectral_jax.solvers import distributed as D
 
     fs, n, devices = st.store, len(st.valid), int(mesh.shape[AXIS])
@@ -926,15 +984,19 @@ def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh,
         bar.reset(total=sum(-(-(n // devices) // r) * len(ls) for (r, _), (_, ls) in zip(tiles, geom.groups)))
         bar.set_description("kNN search")
         bar.unit = "tile"
+    parts = _sharded_parts(ckdir, key, settings, geom, n)
     out = []
     for g, (grid, group) in enumerate(geom.groups):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
         names = {"a": f"a{g}", "b": f"a{g}" if settings.graph == "knn-vv" else f"b{g}"}
+        save = None if ckdir is None else (lambda layer, i, x, g=g: store.write_part(
+            ckdir, _sharded_part(g, layer), key, {"idx": i, "w": x}, process=jax.process_index()))
         f, (rows, cols) = fs.width(f"a{g}"), tiles[g]
         read = lambda which, layer, lo, hi, names=names: fs.rows(names[which], layer, lo, hi, dtype)
         out.append(D.knn_tiled(read, tuple(grid), n, len(group), f, k_intra, k_inter, settings.min_cos,
                                settings.block, valid=valid, mesh=mesh, axis=AXIS, rows=rows, cols=cols,
-                               same=settings.graph == "knn-vv", progress=None if bar is None else bar.update))
+                               same=settings.graph == "knn-vv", progress=None if bar is None else bar.update,
+                               cached=parts[g], save=save))
     return out
 
 
@@ -969,16 +1031,23 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
             place = lambda x: global_array(mesh, P(None, AXIS), x, shape)
             sgs.append(D.from_rows(place(idx), place(w), tuple(grid), n, mesh, AXIS, (shape[0],)))
     else:
-        sgs = search_sharded(st, settings, geom, mesh, bar=bar)
+        rkey = None if ckdir is None else {**key, "processes": procs, "process": jax.process_index()}
+        sgs = search_sharded(st, settings, geom, mesh, bar=bar, ckdir=ckdir, key=rkey)
         del st
         if ckdir is not None:
-            rkey = {**key, "processes": procs, "process": jax.process_index()}
             arrays = {"key": np.array(json.dumps(rkey, sort_keys=True)), "valid": np.asarray(host_valid),
                       "failed": _failed_json(failed)}
             for g, sg in enumerate(sgs):
                 arrays.update({f"idx{g}": _local_rows(sg.idx), f"w{g}": _local_rows(sg.w)})
             os.makedirs(os.path.join(ckdir, GRAPH_ROWS), exist_ok=True)
             save_npz(_rows_file(ckdir), arrays)
+            for g, (_, group) in enumerate(geom.groups):      # the rows are kept whole now: this process's parts go
+                for layer in range(len(group)):
+                    shutil.rmtree(os.path.join(ckdir, store.PARTS, _sharded_part(g, layer)), ignore_errors=True)
+            try:
+                os.rmdir(os.path.join(ckdir, store.PARTS))      # the folder, once no process's parts are left in it
+            except OSError:
+                pass
     jax.block_until_ready([g.deg for g in sgs])
     timings["graph"] = time.perf_counter() - t
     t = time.perf_counter()

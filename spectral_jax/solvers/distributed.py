@@ -326,7 +326,8 @@ def _search(a, b, valid, per, k_intra, k_inter, min_cos, block, mesh, axis):
 
 def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: int, k_intra: int, k_inter: int,
               min_cos: float = 0.1, block: int = 512, *, valid=None, mesh: Mesh, axis: str = "data",
-              rows: int | None = None, cols: int | None = None, same: bool = True, progress=None) -> ShardedKnn:
+              rows: int | None = None, cols: int | None = None, same: bool = True, progress=None,
+              cached: dict | None = None, save=None) -> ShardedKnn:
     """`knn_sharded`'s search with the features read in tiles instead of held: read(which, layer, first, stop) →
     the host rows `[(stop − first)·h·w, F]` (F = width) of "a" (queries) or "b" (keys) of graph `layer`, images
     [first, stop) (global indices; e.g. `store.FeatureStore.rows`, memory-mapped) — only rows of the images this
@@ -337,7 +338,10 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
     made by `graphs._knn_rows` (intra-image, weights) and copied to host arrays of this process's rows.
     rows / cols None: a device's whole block (then the search is `knn_sharded`'s, bit for bit). same: "b" is "a"
     (knn-vv: the query tile serves as its own keys). progress: called with 1 after each query tile's edges
-    (layers × ⌈images per device / rows⌉ calls).
+    (layers × ⌈images per device / rows⌉ calls). cached: {layer: (idx, w)} this process's rows `[N/P, k]` of
+    layers found earlier (a resumed search), taken as they are instead of searched — every process must name the
+    same layers (the search of a layer is collective); save: called (layer, idx, w) with this process's rows of
+    each layer searched, as soon as it is done (so that a search stopped midway resumes at its first missing layer).
 
     Memory per process: the query tile (and its keys), one key tile and the one in flight, the running top-k
     `[rows·h·w, k_inter]` per device, and the graph's rows `[L, N/P, k]` (host, then once as device arrays) —
@@ -376,7 +380,13 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
     idx_h = np.zeros((layers, len(local) * n, k), np.int32)
     w_h = np.zeros((layers, len(local) * n, k), np.float32)
     statics = dict(n=n, per=per, block=int(block), mesh=mesh, axis=axis)
+    a = own = best = None
     for layer in range(layers):
+        if cached is not None and layer in cached:
+            idx_h[layer], w_h[layer] = cached[layer]
+            if progress is not None:
+                progress(-(-mine // tq))
+            continue
         for i0 in range(0, mine, tq):
             a = tile("a", layer, i0, tq)
             own = a if same else tile("b", layer, i0, tq)
@@ -395,6 +405,8 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
                 w_h[layer, at:at + m] = np.asarray(s_w.data)[:m]
             if progress is not None:
                 progress(1)
+        if save is not None:
+            save(layer, idx_h[layer], w_h[layer])
     del a, own, best
     shape, lo = (layers, d * n, k), local[0] * n
     put = lambda x: jax.make_array_from_callback(shape, NamedSharding(mesh, P(None, axis)),
