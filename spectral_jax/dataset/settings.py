@@ -121,41 +121,43 @@ def _layers(layers):
 class Settings:
     """Everything a user chooses about a dataset run (keyword-only; checked on construction).
 
-    model/weights/layers: the backbone (`models.load_backbone(model, weights)`; `layers` "all" or indices);
-    size: S (→ S×S) or (H, W), multiples of the patch; graph: "knn-qk" | "knn-vv"; method: "exact" (the
-    whole-dataset graph and its converged top-K, `dataset.whole`) | "gd" (the official minibatch recipe, `step`);
-    features_dtype ("float32" | "bfloat16": the features kept for the whole-dataset graph), maxiter and tol (ARPACK's
-    restarts on the CPU backend, LOBPCG's iterations on accelerators; the relative residual): exact only;
-    exact_solver ("auto" | "sharded" | "gathered", exact only, `whole.solver_path`): the graph kept sharded by rows
-    and solved by the distributed LOBPCG, or gathered to every process and solved by `solvers.exact`; preset: "paper" | "eigen" (gd);
+    model/weights/layers: the backbone (`models.load_backbone(model, weights)`; `layers` "all" or indices); size: S
+    (→ S×S) or (H, W), multiples of the patch; graph: "knn-qk" | "knn-vv"; method: "exact" (the whole-dataset graph
+    and its converged top-K, `dataset.whole`) | "gd" (the official minibatch recipe, `step`); features_dtype
+    ("float32" | "bfloat16": the features kept for the whole-dataset graph), maxiter and tol (ARPACK's restarts on
+    the CPU backend, LOBPCG's iterations on accelerators; the relative residual): exact only; exact_solver ("auto" |
+    "sharded" | "gathered", exact only, `whole.solver_path`): the graph kept sharded by rows and solved by the
+    distributed LOBPCG, or gathered to every process and solved by `solvers.exact`; preset: "paper" | "eigen" (gd);
     num_eigs: K; batch_size: images per step — per forward for exact — (a multiple of the devices); epochs: passes
-    over the folder (the last batch of each is padded); inner_steps: AdamW steps per batch; lr: None → `solvers.gd.default_lr`
-    (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's moving average (debiased
-    at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50, capped by the tokens
-    available; a number given must fit); min_cos: edges at or below it are dropped; edge_weights: the kept edges'
-    weights, "cosine" (the paper's recipe) or "rbf" (exp(−d²/2σ²) of the unit features' distance, σ the median
-    distance of `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's rule; `graphs.weight_edges`);
-    search: the exact method's inter-image kNN search, "exact" (the store's tiled brute force), "ivf" / "faiss"
-    (approximate, `spectral_jax.knn_search`, features in memory, recall measured) or "auto" (exact: no
-    approximate search reaches `knn_search.AUTO_MIN_RECALL` at its defaults yet); lam: the paper loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it (None: every
-    layer equal, the paper's recipe; the CLI passes `DEFAULT_LAYER_WEIGHTS` for a ViT under exact) — a mapping
-    {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired with `layers` in the
-    order given, or a rule of `spectral_jax.layer_weights` ("uniform", "geometric"; "eigengap", "select": exact
-    only, read from each layer's graph), checked against the tapped layers when the run starts; seed: the table's start and the epoch
-    order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints; prefetch: batches read
-    ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments: the number of
-    dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a resumed run may
-    change it); model_options: the model family's load options, a mapping checked once (`_model_options`: for
-    diffusion models timesteps — default the family's, 4 drawn from `seed` over [0, 250] —, latent, text_embedding,
-    attn_chunk; `seed` is the noise seed, `load_options`), in the fingerprint and the caches' keys; recipe: the name
-    of the `spectral_jax.recipes` recipe the fields came from (a label for the summary; `recipes.recipe_fields`
-    gives the fields); timestep_draw (diffusion models, gd): "fixed" — every step runs the run's timesteps and noise
-    (model_options') — or "fresh" — each step draws T new timesteps from U{0..timestep_max} and a new noise key,
-    from (seed, the step's global index) (`step.fresh_conditioning`), so a resume continues the same sequence (T: the
-    count of the run's timesteps, the family's default 4 or model_options'; their values are not read then); the
-    official code's fresh-t-per-step objective. timestep_max: fresh's largest timestep (None: `DEFAULT_T_MAX`, 250);
-    refused with "fixed". "fresh" with method exact is refused (one fixed objective), and with a model without
-    timesteps (`check_timestep_draw`, once the model is known).
+    over the folder (the last batch of each is padded); inner_steps: AdamW steps per batch; lr: None →
+    `solvers.gd.default_lr` (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's
+    moving average (debiased at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50,
+    capped by the tokens available; a number given must fit); min_cos: edges at or below it are dropped;
+    edge_weights: the kept edges' weights, "cosine" (the paper's recipe) or "rbf" (exp(−d²/2σ²) of the unit
+    features' distance, σ the median distance of `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's
+    rule; `graphs.weight_edges`); search: the exact method's inter-image kNN search, "exact" (the store's tiled
+    brute force), "ivf" / "faiss" (approximate, `spectral_jax.knn_search`, features in memory, recall measured) or
+    "auto" (exact: no approximate search reaches `knn_search.AUTO_MIN_RECALL` at its defaults yet); lam: the paper
+    loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it
+    (None: every layer equal, the paper's recipe; the CLI passes `DEFAULT_LAYER_WEIGHTS` for a ViT under exact) — a
+    mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired with `layers` in
+    the order given, or a rule of `spectral_jax.layer_weights` ("uniform", "geometric"; "eigengap", "select": exact
+    only, read from each layer's graph), checked against the tapped layers when the run starts; seed: the table's
+    start and the epoch order; block: tile size of the kNN search; checkpoint_every: steps between checkpoints;
+    prefetch: batches read ahead; figure_images: images in eigvecs.png and segments.png (0: no figures); segments:
+    the number of dataset-wide segments, an int ≥ 1 or "auto" (`dataset.cluster`; it only steers the export, so a
+    resumed run may change it); model_options: the model family's load options, a mapping checked once
+    (`_model_options`: for diffusion models timesteps — default the family's, 4 drawn from `seed` over [0, 250] —,
+    latent, text_embedding, attn_chunk; `seed` is the noise seed, `load_options`), in the fingerprint and the
+    caches' keys; recipe: the name of the `spectral_jax.recipes` recipe the fields came from (a label for the
+    summary; `recipes.recipe_fields` gives the fields); timestep_draw (diffusion models, gd): "fixed" — every step
+    runs the run's timesteps and noise (model_options') — or "fresh" — each step draws T new timesteps from
+    U{0..timestep_max} and a new noise key, from (seed, the step's global index) (`step.fresh_conditioning`), so a
+    resume continues the same sequence (T: the count of the run's timesteps, the family's default 4 or
+    model_options'; their values are not read then); the official code's fresh-t-per-step objective. timestep_max:
+    fresh's largest timestep (None: `DEFAULT_T_MAX`, 250); refused with "fixed". "fresh" with method exact is
+    refused (one fixed objective), and with a model without timesteps (`check_timestep_draw`, once the model is
+    known).
 
     graph may be an `options.GraphSpec` and solver= an `options.ExactSpec` / `GdSpec` (the objects `solve` and
     `analyze` take): they are read into the fields above on construction (`_read_specs`).
@@ -207,7 +209,8 @@ class Settings:
         every range: one `InputError` line naming the option and the fix."""
         _read_specs(self, solver)
         norm = dict(
-            size=_size_pair(self.size), layers=_layers(self.layers), layer_weights=LayerWeights.parse(self.layer_weights),
+            size=_size_pair(self.size), layers=_layers(self.layers),
+            layer_weights=LayerWeights.parse(self.layer_weights),
             segments=parse_segments(self.segments),
             lr=None if self.lr is None else _number("--lr", self.lr, 0.01),
             k_intra=None if self.k_intra is None else _integer("--k-intra", self.k_intra, DEFAULT_K),
@@ -488,6 +491,7 @@ RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset"
                  "lam", "layer_weights", "seed", "block", "model_options")
 
 
-__all__ = ["ADDED_FIELDS", "DEFAULT_K", "DEFAULT_LAYER_WEIGHTS", "EDGES", "FEATURE_DTYPES", "GRAPHS", "METHODS", "METHOD_OPTIONS", "PRESETS",
+__all__ = ["ADDED_FIELDS", "DEFAULT_K", "DEFAULT_LAYER_WEIGHTS", "EDGES", "FEATURE_DTYPES", "GRAPHS", "METHODS",
+           "METHOD_OPTIONS", "PRESETS",
            "RESULT_FIELDS", "SEARCHES", "Settings", "TIMESTEP_DRAWS", "TOL", "check_method_options",
            "check_timestep_draw", "parse_segments"]
