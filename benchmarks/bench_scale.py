@@ -68,21 +68,27 @@ def _rss_mib(field: str = "VmRSS") -> float:
     return C._status_kib(field) / 1024.0
 
 
-def worker(args: dict) -> dict:
-    """One process of a run (args: n, k, num_eigs, procs, pid, port, maxiter, tol, out)."""
+def _start(args: dict) -> None:
+    """A worker's start: jax.distributed over local processes (args: procs, pid, port) when there are several,
+    float32 matmuls, the backend up."""
     import jax
 
     if args["procs"] > 1:
         jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args['port']}", num_processes=args["procs"],
                                    process_id=args["pid"])
-    import jax.numpy as jnp
+    jax.config.update("jax_default_matmul_precision", "float32")
+    jax.numpy.zeros(1).block_until_ready()
+
+
+def worker(args: dict) -> dict:
+    """One process of a run (args: n, k, num_eigs, procs, pid, port, maxiter, tol, out)."""
+    _start(args)
+    import jax
     from jax.sharding import NamedSharding
     from jax.sharding import PartitionSpec as P
 
     from spectral_jax.solvers import distributed as dist
 
-    jax.config.update("jax_default_matmul_precision", "float32")
-    jnp.zeros(1).block_until_ready()
     base = _rss_mib()
     n, k, procs, pid = args["n"], args["k"], args["procs"], args["pid"]
     mesh = jax.make_mesh((procs,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
@@ -210,20 +216,14 @@ def _anon_peak():
 def search_worker(args: dict) -> dict:
     """One process of the sharded search from a store (args: ck, procs, pid, port, mode "tiled" | "in-memory",
     the `SEARCH` sizes, out): the graph rows of its images, its peak memory over the search."""
+    _start(args)
     import jax
-
-    if args["procs"] > 1:
-        jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args['port']}", num_processes=args["procs"],
-                                   process_id=args["pid"])
-    import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
 
     from spectral_jax.dataset import Settings, store, whole
     from spectral_jax.dataset.layout import Geometry, global_array
     from spectral_jax.solvers import distributed as dist
 
-    jax.config.update("jax_default_matmul_precision", "float32")
-    jnp.zeros(1).block_until_ready()
     procs, pid, s = args["procs"], args["pid"], args["search"]
     grid, n = tuple(s["grid"]), s["images"]
     per, share = grid[0] * grid[1], n // procs
