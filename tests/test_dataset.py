@@ -79,7 +79,10 @@ from test_dataset import synthetic, SMALL
 # ---------------------------------------------------------------------------------------------------- kNN graph
 
 
-def _dense_knn(a, b, n_img, per, k_intra, k_inter, valid, min_cos=0.1):
+def _dense_knn(a, b, n_img, per, k_intra, k_inter, valid, min_cos=0.1, sigma=None):
+    """P = D⁻¹ ½(A + Aᵀ) by brute force: a token's k_intra / k_inter nearest (cosine of a's and b's unit rows) valid
+    tokens in / outside its image, kept where cos > min_cos, weighted by that cosine, or with sigma by
+    exp(−|a_i − b_j|² / 2σ²) of the unit rows (the RBF edges)."""
     an = a / np.linalg.norm(a, axis=1, keepdims=True)
     bn = b / np.linalg.norm(b, axis=1, keepdims=True)
     cos = an @ bn.T
@@ -94,7 +97,8 @@ def _dense_knn(a, b, n_img, per, k_intra, k_inter, valid, min_cos=0.1):
         other = np.where((img != img[i]) & ok)[0]
         for cand, kk in ((same, k_intra), (other, k_inter)):
             top = cand[np.argsort(-cos[i, cand], kind="stable")[:kk]]
-            adj[i, top] = np.where(cos[i, top] > min_cos, cos[i, top], 0.0)
+            w = cos[i, top] if sigma is None else np.exp(-((an[i] - bn[top]) ** 2).sum(1) / (2 * sigma ** 2))
+            adj[i, top] = np.where(cos[i, top] > min_cos, w, 0.0)
     s = 0.5 * (adj + adj.T)
     deg = s.sum(1)
     return np.where(deg[:, None] > 0, s / np.where(deg > 0, deg, 1)[:, None], 0.0)

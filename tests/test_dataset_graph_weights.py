@@ -17,30 +17,15 @@ import pytest
 from spectral_jax import dataset, graphs
 from spectral_jax.dataset import settings as S
 from spectral_jax.dataset import whole
-from test_dataset import _cli, make_folder, synthetic
+from test_dataset import _cli, _dense_knn, make_folder, synthetic
 
 EXACT = dict(size=32, batch_size=4, num_eigs=6, k_intra=5, k_inter=5, figure_images=0, method="exact",
              graph="knn-vv")
 
 
 def _dense_rbf(a, n_img, per, k_intra, k_inter, valid, sigma, min_cos=0.1):
-    """P = D⁻¹ ½(A + Aᵀ) by brute force: a token's k_intra / k_inter nearest (cosine) valid tokens in / outside its
-    image, kept where cos > min_cos, weighted exp(−|u_i − u_j|² / 2σ²) of the unit rows u."""
-    u = a / np.linalg.norm(a, axis=1, keepdims=True)
-    cos = u @ u.T
-    n = a.shape[0]
-    img = np.arange(n) // per
-    ok = valid[img]
-    adj = np.zeros((n, n))
-    for i in np.flatnonzero(ok):
-        for cand, kk in ((np.flatnonzero((img == img[i]) & ok), k_intra), (np.flatnonzero((img != img[i]) & ok),
-                                                                           k_inter)):
-            top = cand[np.argsort(-cos[i, cand], kind="stable")[:kk]]
-            d2 = ((u[i] - u[top]) ** 2).sum(1)
-            adj[i, top] = np.where(cos[i, top] > min_cos, np.exp(-d2 / (2 * sigma ** 2)), 0.0)
-    s = 0.5 * (adj + adj.T)
-    deg = s.sum(1)
-    return np.where(deg[:, None] > 0, s / np.where(deg > 0, deg, 1)[:, None], 0.0)
+    """`_dense_knn` of a with itself, its kept edges weighted exp(−|u_i − u_j|² / 2σ²) of the unit rows u."""
+    return _dense_knn(a, a, n_img, per, k_intra, k_inter, valid, min_cos, sigma=sigma)
 
 
 def _np_sigma(x, i, j):
