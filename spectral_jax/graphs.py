@@ -316,16 +316,20 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     None: as given); cosines, weights and degrees are float32 either way.
     search: how the inter-image neighbours are found — "exact" (blockwise brute force, O(N²)), "ivf" (approximate
     inverted-file search in JAX, `spectral_jax.knn_search`), "faiss" (faiss IVF on the host; not under `jit`),
-    "auto" (default: exact — see `knn_search.Search` for why, at every size), or a
-    `knn_search.Search` (its nlist, nprobe, seed, probe — per row or per row cell —, ...). The intra-image search is always exact; an approximate search
-    may miss inter-image neighbours (its recall is measured, below).
+    "auto" (default: exact below `knn_search.AUTO_MIN_COLUMNS` nodes, under `jit` or with a mesh; above, the checked
+    IVF of `knn_search.Search`: searched again with more cells until its sampled recall of every graph reaches
+    `knn_search.AUTO_MIN_RECALL`, or exact), or a `knn_search.Search` (its nlist, nprobe, seed, probe — per row or
+    per row cell —, min_recall, ...). The intra-image search is always exact; an approximate search may miss
+    inter-image neighbours (its recall is measured, below).
     info: also return a dict — search (the kind used), recall (`[*S]` float32: the share of the exact inter-image
-    top-k found, on a seeded sample of rows, `knn_search.recall`; 1 for exact), and the IVF sizes (`knn_search.plan`)
-    — as `(graph, info)`.
+    top-k found, on a seeded sample of rows, `knn_search.recall`; 1 for exact), the IVF sizes (`knn_search.plan`)
+    and probe, and for a checked IVF its tries ([{nprobe, recall: the lowest over the graphs}]) and min_recall — as
+    `(graph, info)`.
     """
     from spectral_jax import knn_search
 
     dtype = storage_dtype(dtype)
+    same = a is b                                   # a VV graph: the rows are the columns (the IVF reuses their lists)
     a, b = _narrowed(a, dtype), _narrowed(b, dtype)
     if a.shape != b.shape:
         raise ValueError(f"a {a.shape} and b {b.shape} must have the same shape [*S, N, D]")
@@ -346,26 +350,41 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     sr = knn_search.resolve(search, n, concrete, mesh) if k_inter > 0 else knn_search.Search("exact")
     valid = jnp.ones((num_images,), bool) if valid is None else jnp.asarray(valid, bool)
     batch = tuple(a.shape[:-2])
-    a2, b2 = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
-    inter = None
-    if sr.kind == "faiss":
-        img = np.arange(n) // per
-        ok = np.asarray(valid)[img]
-        found = [knn_search.faiss_topk(kernels.unit_rows(ai), kernels.unit_rows(bi), img, img, ok, int(k_inter), sr,
-                                       over=per) for ai, bi in zip(a2, b2)]
-        inter = (jnp.asarray(np.stack([f[0] for f in found])), jnp.asarray(np.stack([f[1] for f in found])))
-    want = info and sr.kind != "exact"                      # the raw cosines leave the program only for the recall
-    g, cos = _build_knn(a2, b2, valid, grid, num_images, batch, int(k_intra), int(k_inter), float(min_cos),
-                        int(block), mesh, axis, sr, want, inter)
+    a2 = a.reshape(-1, *a.shape[-2:])
+    b2 = a2 if same else b.reshape(-1, *b.shape[-2:])
+    tries = []
+    while True:                     # once, or (a checked IVF: min_recall) until the sampled recall reaches it
+        inter = None
+        if sr.kind == "faiss":
+            img = np.arange(n) // per
+            ok = np.asarray(valid)[img]
+            found = [knn_search.faiss_topk(kernels.unit_rows(ai), kernels.unit_rows(bi), img, img, ok, int(k_inter),
+                                           sr) for ai, bi in zip(a2, b2)]
+            inter = (jnp.asarray(np.stack([f[0] for f in found])), jnp.asarray(np.stack([f[1] for f in found])))
+        checked = sr.kind == "ivf" and sr.min_recall is not None
+        want = (info or checked) and sr.kind != "exact"     # the raw cosines leave the program only for the recall
+        g, cos = _build_knn(a2, b2, valid, grid, num_images, batch, int(k_intra), int(k_inter), float(min_cos),
+                            int(block), mesh, axis, sr, want, inter, same)
+        if sr.kind == "exact":
+            rec = jnp.ones(batch, jnp.float32)
+        elif want:
+            rec = _recall(a2, b2, valid, cos[..., int(k_intra):], per, int(k_inter), sr.recall_rows,
+                          sr.seed).reshape(batch)
+        if not checked:
+            break
+        low = float(jnp.min(rec))
+        tries.append({"nprobe": knn_search.plan(n, int(k_inter), sr)["nprobe"], "recall": round(low, 6)})
+        if low >= sr.min_recall:
+            break
+        sr = knn_search.next_try(n, int(k_inter), sr)
     if not info:
         return g
-    if sr.kind == "exact":
-        rec = jnp.ones(batch, jnp.float32)
-    else:
-        rec = _recall(a2, b2, valid, cos[..., int(k_intra):], per, int(k_inter), sr.recall_rows, sr.seed).reshape(batch)
     out = dict(search=sr.kind, recall=rec)
     if sr.kind != "exact":
-        out.update(knn_search.plan(n, int(k_inter), sr), seed=sr.seed, recall_rows=min(sr.recall_rows, n))
+        out.update(knn_search.plan(n, int(k_inter), sr), seed=sr.seed, recall_rows=min(sr.recall_rows, n),
+                   probe=sr.probe)
+    if tries:
+        out.update(tries=tries, min_recall=sr.min_recall)
     return g, out
 
 
@@ -382,14 +401,15 @@ def _recall(a, b, valid, cos, per: int, k: int, rows: int, seed: int):
 
 
 def _knn_rows(a, b_own, b, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: float, block: int,
-              search=None, inter=None):
+              search=None, inter=None, same=False):
     """Edges of the rows `row0 …` (whole images) of every graph: a `[G, r, D]` those rows' features, b_own
     `[G, r, D]` the same images' columns, b `[G, N, D]` all columns → idx, w `[G, r, k_intra + k_inter]` (w = 0: a
     dropped edge or an invalid image's). The intra-image search sees only the own image's columns
     (`kernels.topk_intra`), the inter-image one all columns with the own image masked (`kernels.topk_inter`); one
     graph at a time (`lax.map`: the memory of one search). search: a resolved `knn_search.Search` ("ivf": the
     inter-image search by `knn_search.ivf_topk`); inter: precomputed inter-image (idx, cos) `[G, r, k_inter]` (the
-    faiss search) instead of a search here. Also returns the raw cosines `[G, r, k]` (−inf: no candidate)."""
+    faiss search) instead of a search here; same: a is b (all rows; the IVF then reuses the columns' lists for the
+    rows). Also returns the raw cosines `[G, r, k]` (−inf: no candidate)."""
     from spectral_jax import knn_search
 
     rows = row0 + jnp.arange(a.shape[1], dtype=jnp.int32)
@@ -398,6 +418,7 @@ def _knn_rows(a, b_own, b, row0, valid, per: int, k_intra: int, k_inter: int, mi
 
     def one(ab):
         ai, oi, bi = (kernels.unit_rows(x) for x in ab[:3])
+        bi = ai if same else bi
         i_s, c_s = kernels.topk_intra(ai, oi, per, k_intra)
         if inter is not None:
             i_o, c_o = ab[3], ab[4]
@@ -411,12 +432,12 @@ def _knn_rows(a, b_own, b, row0, valid, per: int, k_intra: int, k_inter: int, mi
     return idx, jnp.where((cos > min_cos) & valid[row_img][None, :, None], cos, 0.0), cos
 
 
-@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13))
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 15))
 def _build_knn(a, b, valid, grid, num_images, batch, k_intra, k_inter, min_cos, block, mesh, axis, search, want_cos,
-               inter):
+               inter, same=False):
     kw = dict(per=grid[0] * grid[1], k_intra=k_intra, k_inter=k_inter, min_cos=min_cos, block=block)
     if mesh is None:
-        idx, w, cos = _knn_rows(a, b, b, 0, valid, search=search, inter=inter, **kw)
+        idx, w, cos = _knn_rows(a, b, b, 0, valid, search=search, inter=inter, same=same, **kw)
     else:
         from jax.sharding import NamedSharding
         from jax.sharding import PartitionSpec as P

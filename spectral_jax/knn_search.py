@@ -8,10 +8,11 @@ IVF (`ivf_topk`, JAX: jitted, fixed shapes, CPU and accelerators):
   1. coarse centroids: spherical k-means (`kmeans`) of a seeded sample of the columns, `iters` Lloyd steps;
   2. every column goes to its nearest centroid's list; a list longer than `cap` is split into several *cells* of
      ≤ cap columns that share its centroid (so every cell has the same fixed capacity, padded with −1);
-  3. probe="list": the rows are grouped the same way — every row joins the lists of its `row_lists`
-     nearest centroids (default 1), cut into row cells of ≤ cap rows — and every row cell probes the `nprobe` cells
-     nearest its list's centroid: exact re-ranking as one [cap, D]·[D, nprobe·cap] product and one `top_k` per row
-     cell (memory O(cells·cap·k) for the per-cell results, O(cap·nprobe·cap) per cell);
+  3. probe="list": the rows are grouped the same way (a is b: the rows' lists are the columns' own) — every row
+     joins the lists of its `row_lists` nearest centroids (default 1), cut into row cells of ≤ cap rows — and every
+     row cell probes the `nprobe` cells nearest its list's centroid: exact re-ranking as one [cap, D]·[D, nprobe·cap]
+     product and one top-k per row cell (`top_k_grouped`: by the maxima of groups of 8 first) (memory O(cells·cap·k)
+     for the per-cell results, O(cap·nprobe·cap) per cell);
      probe="row" (default): every row probes the `nprobe` cells whose centroids are nearest to the row itself; exact
      re-ranking cell-major: the (row, cell) pairs are grouped by cell into work items of ≤ `qc` rows, each one
      [qc, D]·[D, cap] product and one `top_k`; the per-pair candidates are merged per row with one more `top_k`.
@@ -22,7 +23,13 @@ IVF (`ivf_topk`, JAX: jitted, fixed shapes, CPU and accelerators):
   Masks as in the exact search: a column of the row's own group (image) or a column with `col_ok` False is never a
   neighbour. It does not promise the exact result: a neighbour in an unprobed cell is missed.
 faiss (`faiss_topk`, optional `faiss-cpu`, host only — not under `jit`): `IndexIVFFlat` with inner product on the
-  same nlist / nprobe, trained on the same seeded sample size; the own group is removed by over-fetching.
+  same nlist / nprobe, trained on the same seeded sample size; the own group is left out by over-fetching (small
+  groups) or by an ID selector per group (`FAISS_OVERFETCH`).
+
+Checked IVF (`Search.min_recall`; "auto" above `AUTO_MIN_COLUMNS` columns, `auto_search`): `graphs.knn` measures
+the recall after the search and, while it is short, searches again with twice the cells (`next_try`); once a try
+would probe 1/`AUTO_MAX_SHARE` of the columns per row it runs the exact search instead. Each try is a fresh search
+(its own compile); the tries are reported.
 
 Recall (`recall`): on a seeded sample of rows, the share of the exact top-k found by the approximate search
 (tie-robust: an approximate neighbour counts when its cosine reaches the exact k-th cosine), computed with the exact
@@ -52,9 +59,16 @@ Array = Any
 
 KINDS = ("auto", "exact", "ivf", "faiss")
 PROBES = ("list", "row")     # IVF probing: per row cell (rows grouped by list) or per row
-AUTO_MIN_RECALL = 0.95       # the recall an approximate search must reach at its defaults before "auto" picks it
+AUTO_MIN_RECALL = 0.95       # "auto"'s checked IVF: the sampled recall it must reach (else more probes, then exact)
+AUTO_MIN_COLUMNS = 1 << 16   # "auto": the exact search below this many columns (the IVF's fixed costs do not pay)
+AUTO_CELL = 64               # "auto": columns per coarse list ≈ 2·AUTO_CELL (cells of ≤ AUTO_CELL, rounded to 8)
+AUTO_NPROBE = 64             # "auto": cells probed per row cell at its first try
+AUTO_MAX_SHARE = 32          # "auto": exact instead once a try would probe 1/AUTO_MAX_SHARE of the columns per row
+AUTO_MAX_NLIST = 4096        # "auto": at most this many lists (k-means costs ∝ nlist², the assignment ∝ C·nlist)
 PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)
+FAISS_OVERFETCH = 128        # faiss: groups up to this size are over-fetched, larger ones left out by an ID selector
 RECALL_ROWS = 1000           # rows sampled for the recall estimate
+SAMPLE_PER_LIST = 32         # k-means sample: columns per coarse list
 RECALL_STREAM = 0x52454331   # folded into the seed's key for the recall sample (independent of the k-means sample)
 
 
@@ -63,26 +77,30 @@ class Search:
     """How `graphs.knn` searches the inter-image neighbours.
 
     kind: "exact" (blockwise brute force), "ivf" (this module, JAX), "faiss" (faiss IVF on the CPU, needs
-    `faiss-cpu`), "auto" (exact, at every size: at its defaults the ivf scan reached `AUTO_MIN_RECALL` on the
-    clustered and real features measured but not on unstructured ones, and it is not enough faster than the exact search
-    to take that risk — it probes an eighth of the columns at several times the exact kernel's cost per candidate;
-    benchmarks/results/peers.md; ask for ivf / faiss by name, their recall is measured and reported).
-    nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per
-    row cell (probe "list") or per row (probe "row") (default `default_nprobe`); seed: the k-means sample and
-    initial centroids and the recall sample; iters: k-means steps; recall_rows: rows sampled for the recall
-    estimate (0: none); probe: "list" (rows grouped by list, one product per row cell) or "row" (per-row probing),
-    ivf only; row_lists: lists each row joins with probe "list" (more: fewer misses at list borders, proportionally
-    more work).
+    `faiss-cpu`), "auto" (`resolve`: exact below `AUTO_MIN_COLUMNS` columns, under `jit` or over a mesh; above it a
+    *checked* IVF — probe "list", lists of ≈ 2·`AUTO_CELL` columns (at most `AUTO_MAX_NLIST` lists),
+    `AUTO_NPROBE` cells — whose recall on the seeded sample must reach `AUTO_MIN_RECALL`: short of it the search
+    runs again with twice the cells, and once a try would probe 1/`AUTO_MAX_SHARE` of the columns the exact search
+    runs instead; benchmarks/results/peers.md).
+    nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per row cell (probe "list") or per row
+    (probe "row") (default `default_nprobe`); seed: the k-means sample and initial centroids and the recall sample;
+    iters: k-means steps (5: on the horse tokens at 10⁵ the recall of 10 steps, 0.957 against 0.956, at half the
+    k-means time); recall_rows: rows sampled for the recall estimate (0: none); probe: "list" (rows grouped by list,
+    one product per row cell) or "row" (per-row probing), ivf only; row_lists: lists each row joins with probe "list"
+    (more: fewer misses at list borders, proportionally more work); min_recall: ivf only — check the sampled recall
+    (of every graph) after the search and search again with twice nprobe until it reaches this, then exact
+    (`graphs.knn`; None: run once, as asked; needs recall_rows > 0 and concrete inputs).
     """
 
     kind: str = "auto"
     nlist: int | None = None
     nprobe: int | None = None
     seed: int = 0
-    iters: int = 10
+    iters: int = 5
     recall_rows: int = RECALL_ROWS
     probe: str = "row"
     row_lists: int = 1
+    min_recall: float | None = None
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -95,6 +113,10 @@ class Search:
             v = getattr(self, name)
             if v is not None and not (is_integer(v) and v >= lo):
                 raise InputError(f"{name}={v!r}", f"must be an integer ≥ {lo}", f"pass e.g. {name}=64 or None")
+        if self.min_recall is not None and not (isinstance(self.min_recall, (int, float))
+                                                 and 0.0 < self.min_recall <= 1.0):
+            raise InputError(f"min_recall={self.min_recall!r}", "must be a recall in (0, 1] or None",
+                             "pass e.g. min_recall=0.95")
         for name in ("seed", "iters", "recall_rows"):
             v = getattr(self, name)
             if not (is_integer(v) and v >= 0):
@@ -120,11 +142,18 @@ def faiss_available() -> bool:
 
 def resolve(search, num_nodes: int, concrete: bool, mesh) -> Search:
     """The `Search` with `kind` made concrete ("exact", "ivf" or "faiss") for a graph of `num_nodes` nodes; `concrete`:
-    the inputs are arrays, not tracers (faiss cannot run under `jit`). InputError for a choice that cannot run."""
+    the inputs are arrays, not tracers (faiss, and the checked IVF's second tries, cannot run under `jit`).
+    "auto": `auto_search` when the columns reach `AUTO_MIN_COLUMNS` on concrete inputs without a mesh, else exact.
+    InputError for a choice that cannot run."""
     s = as_search(search)
     kind = s.kind
-    if kind == "auto":          # see `Search`: why no approximate search is picked
+    if kind == "auto":
+        if num_nodes >= AUTO_MIN_COLUMNS and concrete and mesh is None and s.recall_rows > 0:
+            return auto_search(num_nodes, s)
         kind = "exact"
+    if s.min_recall is not None and kind == "ivf" and not (concrete and s.recall_rows > 0):
+        raise InputError(f"min_recall={s.min_recall}", "needs concrete inputs and recall_rows > 0 (the recall is "
+                         "checked between tries)", "call graphs.knn outside jit, or pass min_recall=None")
     if kind != "exact" and mesh is not None:
         raise InputError(f"search={kind!r}", "does not run sharded over a mesh",
                          "pass search='exact' with a mesh, or mesh=None")
@@ -136,6 +165,23 @@ def resolve(search, num_nodes: int, concrete: bool, mesh) -> Search:
             raise InputError("search='faiss'", "cannot run under jit (faiss runs on the host)",
                              "call graphs.knn outside jit, or pass search='ivf'")
     return dataclasses.replace(s, kind=kind)
+
+
+def auto_search(c: int, s: Search = Search()) -> Search:
+    """"auto"'s checked IVF over C columns (`Search` says what it does); s's seed, iters and recall_rows kept."""
+    nlist = min(AUTO_MAX_NLIST, max(1, 2 ** round(math.log2(max(1.0, c / (2 * AUTO_CELL))))))
+    return dataclasses.replace(s, kind="ivf", probe="list", nlist=nlist, nprobe=AUTO_NPROBE, row_lists=1,
+                               min_recall=s.min_recall or AUTO_MIN_RECALL)
+
+
+def next_try(c: int, k: int, s: Search) -> Search:
+    """The checked IVF's next try after a recall short of `s.min_recall`: twice the cells probed, or the exact
+    search once that would probe 1/`AUTO_MAX_SHARE` of the C columns per row (or all the cells)."""
+    pl = plan(c, k, s)
+    p = 2 * pl["nprobe"]
+    if p * pl["cap"] * AUTO_MAX_SHARE > c or p > pl["cells"]:
+        return dataclasses.replace(s, kind="exact")
+    return dataclasses.replace(s, nprobe=p)
 
 
 def default_nlist(c: int) -> int:
@@ -155,7 +201,7 @@ def plan(c: int, k: int, search: Search) -> dict:
     cap = max(8, -(-half // 8) * 8)                         # half the mean list length, rounded up to a multiple of 8
     cells = nlist + c // cap
     nprobe = min(cells, search.nprobe or default_nprobe(nlist))
-    return dict(nlist=nlist, cap=cap, cells=cells, nprobe=nprobe, sample=min(c, 64 * nlist))
+    return dict(nlist=nlist, cap=cap, cells=cells, nprobe=nprobe, sample=min(c, SAMPLE_PER_LIST * nlist))
 
 
 # ------------------------------------------------------------------------------------------------- k-means
@@ -198,15 +244,28 @@ def kmeans(x: Array, nlist: int, sample: int, iters: int, key) -> Array:
 # ----------------------------------------------------------------------------------------------------- IVF
 
 
-def _cells(b: Array, cent: Array, cap: int, cells: int) -> tuple[Array, Array, Array, Array]:
-    """Inverted lists split into cells of ≤ cap columns: (order `[C]` int32 the columns sorted by list — every cell
-    is a contiguous run of it —, start `[L + 1]`, size `[L + 1]` int32 each cell's run (the last cell an empty
-    sentinel), cell_list `[L]` int32 the list of each cell, −1 for an unused cell)."""
-    return _cells_of(_best(b, cent.astype(b.dtype), 1)[1][:, 0], cent.shape[0], cap, cells)
+def top_k_grouped(x: Array, k: int, g: int = 8) -> tuple[Array, Array]:
+    """`lax.top_k(x, k)` over the last axis of x `[..., W]` by way of groups of g: the k groups with the largest
+    maxima hold the k largest entries, so one `top_k` over the W / g group maxima and one over those k groups' k·g
+    entries give the same values (among equal values the entry picked may differ). XLA's CPU `top_k` costs several
+    times a plain max per entry, so this is the cheaper one for wide rows. Plain `top_k` when g does not divide W
+    or there are fewer than k groups. Returns (values `[..., k]`, indices `[..., k]` int32)."""
+    w = x.shape[-1]
+    if g <= 1 or w % g or w // g < k:
+        v, i = lax.top_k(x, k)
+        return v, i.astype(jnp.int32)
+    xg = x.reshape(*x.shape[:-1], w // g, g)
+    _, gi = lax.top_k(jnp.max(xg, axis=-1), k)                                  # [..., k] the k best groups
+    cand = jnp.take_along_axis(xg, gi[..., None], axis=-2).reshape(*x.shape[:-1], k * g)
+    v, p = lax.top_k(cand, k)
+    return v, (jnp.take_along_axis(gi, p // g, axis=-1) * g + p % g).astype(jnp.int32)
 
 
 def _cells_of(lst: Array, nlist: int, cap: int, cells: int) -> tuple[Array, Array, Array, Array]:
-    """`_cells` from the list of every entry, lst `[C]` int32 in [0, nlist)."""
+    """Inverted lists split into cells of ≤ cap entries, from the list of every entry, lst `[C]` int32 in [0, nlist):
+    (order `[C]` int32 the entries sorted by list — every cell is a contiguous run of it —, start `[L + 1]`, size
+    `[L + 1]` int32 each cell's run (the last cell an empty sentinel), cell_list `[L]` int32 the list of each cell,
+    −1 for an unused cell)."""
     size = jnp.bincount(lst, length=nlist)
     per_list = -(-size // cap)                                     # cells of each list
     ends = jnp.cumsum(per_list)
@@ -227,7 +286,7 @@ def _cells_of(lst: Array, nlist: int, cap: int, cells: int) -> tuple[Array, Arra
 def _batch(a, grp, probe, bs, ids, start, cnt, col_grp, col_ok, k: int, cap: int, qc: int, items: int):
     """Top-k of the B rows of one batch among their probed cells: a `[B, D]`, grp `[B]`, probe `[B, P]` cell ids;
     bs `[C + cap, D]` the columns in list order (zero-padded), ids `[C + cap]` their column ids (−1 padding),
-    start/cnt `[L + 1]` the cells' runs (`_cells`) → (cos `[B, k]`, idx `[B, k]`)."""
+    start/cnt `[L + 1]` the cells' runs (`_cells_of`) → (cos `[B, k]`, idx `[B, k]`)."""
     bsz, p = probe.shape
     cells = start.shape[0]
     pair_cell = probe.reshape(-1)
@@ -268,18 +327,20 @@ def _batch(a, grp, probe, bs, ids, start, cnt, col_grp, col_ok, k: int, cap: int
 
 
 def _list_scan(a, row_grp, cent, bs, ids, start, cnt, cell_list, col_grp, col_ok, k: int, cap: int, p: int,
-               m: int):
+               m: int, lst=None):
     """Top-k of every row among the cells nearest the centroids of its `m` nearest lists, row-cell-major: every row
     joins the lists of its m nearest centroids, each list's rows are cut into row cells of ≤ cap rows (`_cells_of`),
     and every row cell is one [cap, D]·[D, p·cap] product and one `top_k` against the columns of the p cells nearest
     its list's centroid; a row's m results are merged (duplicates dropped). a `[R, D]`; cent `[nlist, D]`; bs, ids,
-    start, cnt, cell_list the column cells as in `_batch` → (cos `[R, k]`, idx `[R, k]`)."""
+    start, cnt, cell_list the column cells as in `_batch`; lst `[R]` the rows' nearest lists where already known (the
+    rows are the columns, m = 1), else None → (cos `[R, k]`, idx `[R, k]`)."""
     r = a.shape[0]
     nlist = cent.shape[0]
     m = min(m, nlist)
     cells = start.shape[0] - 1
     rcells = nlist + (r * m) // cap
-    lst = _best(a, cent.astype(a.dtype), m)[1].reshape(-1)              # [R·m] entry e = row e // m
+    if lst is None:
+        lst = _best(a, cent.astype(a.dtype), m)[1].reshape(-1)          # [R·m] entry e = row e // m
     rorder, rstart, rcnt, rlist = _cells_of(lst, nlist, cap, rcells)
     ent = jnp.pad(rorder, (0, cap), constant_values=-1)                 # entries in row-cell order
     cent_cell = jnp.where((cell_list >= 0)[:, None], cent[jnp.maximum(cell_list, 0)], 0.0).astype(a.dtype)
@@ -299,7 +360,7 @@ def _list_scan(a, row_grp, cent, bs, ids, start, cnt, cell_list, col_grp, col_ok
         safe = jnp.maximum(cols, 0)
         cos = jnp.dot(x, y.T, preferred_element_type=jnp.float32)      # [cap, p·cap]
         ok = (live & col_ok[safe])[None, :] & (row_grp[rid][:, None] != col_grp[safe][None, :])
-        top, pos = lax.top_k(jnp.where(ok, cos, -jnp.inf), kk)
+        top, pos = top_k_grouped(jnp.where(ok, cos, -jnp.inf), kk)
         return top, jnp.take(cols, pos), jnp.where(slot < rcnt[j], e, r * m)
 
     def work(inp):                                                      # an unused row cell costs nothing
@@ -332,8 +393,9 @@ def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, 
     a `[R, D]`, b `[C, D]` unit rows; row_grp `[R]`, col_grp `[C]` int (a column of the row's own group is never a
     neighbour); col_ok `[C]` bool (columns that may be neighbours). Returns (idx `[R, k]` int32 column indices,
     cos `[R, k]` float32), largest first; a slot without a candidate has cos = −inf and idx 0. Jittable (sizes are
-    static: `plan`); deterministic for a given `search.seed`. Memory: one list-ordered copy of b plus, probe
-    "list", O(R·row_lists·k) per-cell results and one [cap, nprobe·cap] block at a time; probe "row",
+    static: `plan`); deterministic for a given `search.seed`. When a is b (one array: a VV graph), probe "list" takes
+    the rows' lists from the columns' assignment instead of assigning them again. Memory: one list-ordered copy of b
+    plus, probe "list", O(R·row_lists·k) per-cell results and one [cap, nprobe·cap] block at a time; probe "row",
     O(`PAIR_BUDGET`) per row batch.
     """
     r, c = a.shape[0], b.shape[0]
@@ -342,12 +404,13 @@ def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, 
     pl = plan(c, k, search)
     cap, p = pl["cap"], pl["nprobe"]
     cent = kmeans(b, pl["nlist"], pl["sample"], search.iters, jax.random.PRNGKey(search.seed))
-    order, start, cnt, cell_list = _cells(b, cent, cap, pl["cells"])
+    lst = _best(b, cent.astype(b.dtype), 1)[1][:, 0]                   # every column's list
+    order, start, cnt, cell_list = _cells_of(lst, pl["nlist"], cap, pl["cells"])
     bs = jnp.pad(b[order], ((0, cap), (0, 0)))
     ids = jnp.pad(order, (0, cap), constant_values=-1)
     if search.probe == "list":
         cos, idx = _list_scan(a, row_grp, cent, bs, ids, start, cnt, cell_list, col_grp, col_ok, k, cap, p,
-                              search.row_lists)
+                              search.row_lists, lst if a is b and search.row_lists == 1 else None)
         return jnp.where(jnp.isfinite(cos), idx, 0), cos
     bsz = int(min(r, max(256, PAIR_BUDGET // (p * k))))
     qc = int(min(256, max(8, 2 ** int(math.log2(max(1.0, bsz * p / pl["cells"] / 4))))))
@@ -372,12 +435,14 @@ ivf_topk_jit = jax.jit(ivf_topk, static_argnums=(5, 6))
 # --------------------------------------------------------------------------------------------------- faiss
 
 
-def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("faiss"),
-               over: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("faiss")
+               ) -> tuple[np.ndarray, np.ndarray]:
     """The same contract as `ivf_topk` with faiss's `IndexIVFFlat` (inner product) on the host (numpy in and out;
-    not under `jit`). Columns with col_ok False are not indexed; each row fetches k + `over` (default: the largest
-    group's size) candidates and drops its own group's. Trained on `plan`'s seeded sample; faiss's k-means seed is
-    `search.seed`."""
+    not under `jit`). Columns with col_ok False are not indexed. Groups of at most `FAISS_OVERFETCH` columns: one
+    search of k + the largest group's size per row, the own group's dropped; larger groups: the rows are searched
+    one group at a time, each with an ID selector that leaves out its own group's columns (a range when they are
+    contiguous), so a row fetches k candidates, not k + its group's size. Trained on `plan`'s seeded sample;
+    faiss's k-means seed is `search.seed`."""
     import faiss
 
     a = np.ascontiguousarray(np.asarray(a, np.float32))
@@ -396,19 +461,36 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
     rng = np.random.default_rng(search.seed)
     index.train(np.ascontiguousarray(b[rng.choice(c, pl["sample"], replace=False)]))
     index.add_with_ids(np.ascontiguousarray(b[keep]), keep.astype(np.int64))
-    index.nprobe = min(pl["nlist"], pl["nprobe"])
-    if over is None:
-        over = int(np.bincount(col_grp - col_grp.min()).max()) if c else 0
-    want = min(k + over, keep.size) or 1
-    cos, ids = index.search(a, want)
-    bad = (ids < 0) | (col_grp[np.maximum(ids, 0)] == row_grp[:, None])
-    cos = np.where(bad, -np.inf, cos).astype(np.float32)
-    order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
-    cos = np.take_along_axis(cos, order, axis=1)
-    ids = np.take_along_axis(ids, order, axis=1)
-    if cos.shape[1] < k:
-        cos = np.pad(cos, ((0, 0), (0, k - cos.shape[1])), constant_values=-np.inf)
-        ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=0)
+    nprobe = min(pl["nlist"], pl["nprobe"])
+    over = int(np.bincount(col_grp - col_grp.min()).max()) if c else 0
+    if over <= FAISS_OVERFETCH:                 # small groups: one search of k + over, the own group's dropped
+        index.nprobe = nprobe
+        cos, ids = index.search(a, min(k + over, keep.size) or 1)
+        bad = (ids < 0) | (col_grp[np.maximum(ids, 0)] == row_grp[:, None])
+        cos = np.where(bad, -np.inf, cos).astype(np.float32)
+        order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
+        cos, ids = np.take_along_axis(cos, order, axis=1), np.take_along_axis(ids, order, axis=1)
+        if cos.shape[1] < k:
+            cos = np.pad(cos, ((0, 0), (0, k - cos.shape[1])), constant_values=-np.inf)
+            ids = np.pad(ids, ((0, 0), (0, k - ids.shape[1])), constant_values=0)
+        return np.where(np.isfinite(cos), ids, 0).astype(np.int32), cos
+    cos = np.full((r, k), -np.inf, np.float32)
+    ids = np.full((r, k), -1, np.int64)
+    corder = np.argsort(col_grp, kind="stable")
+    cg = col_grp[corder]
+    rorder = np.argsort(row_grp, kind="stable")
+    for rows in np.split(rorder, np.flatnonzero(np.diff(row_grp[rorder])) + 1):
+        lo, hi = np.searchsorted(cg, row_grp[rows[0]], "left"), np.searchsorted(cg, row_grp[rows[0]], "right")
+        own = corder[lo:hi]
+        if own.size and own[-1] - own[0] + 1 == own.size and (np.diff(own) == 1).all():
+            inner = faiss.IDSelectorRange(int(own[0]), int(own[-1]) + 1)
+        else:
+            inner = faiss.IDSelectorBatch(own.astype(np.int64))
+        sel = faiss.IDSelectorNot(inner)
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
+        dd, ii = index.search(np.ascontiguousarray(a[rows]), k, params=params)
+        cos[rows], ids[rows] = dd, ii
+    cos = np.where(ids < 0, -np.inf, cos).astype(np.float32)
     return np.where(np.isfinite(cos), ids, 0).astype(np.int32), cos
 
 

@@ -14,7 +14,7 @@ import os
 import numpy as np
 import pytest
 
-from spectral_jax import dataset, graphs
+from spectral_jax import dataset, graphs, knn_search
 from spectral_jax.dataset import settings as S
 from spectral_jax.dataset import whole
 from test_dataset import _cli, _dense_knn, make_folder, synthetic
@@ -107,6 +107,8 @@ def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path, capsys):
     ks = si["knn_search"]
     assert ks["asked"] == "ivf" and ks["used"] == "ivf" and set(ks["recall"]) == {"0", "1"}
     assert 0 < ks["recall_min"] <= 1 and ks["recall_rows"] == 192 and ks["nlist"] >= 1
+    assert ks["min_recall"] == knn_search.AUTO_MIN_RECALL and ks["recall_min"] >= ks["min_recall"]   # checked
+    assert [t["recall"] for t in ks["tries"][-1]][-1] == ks["recall_min"]
     again = dataset.run(folder, str(tmp_path / "rbf2"), backbone=bb, **{**EXACT, "edge_weights": "rbf"})
     assert again.summary()["edge_weights"]["sigma"] == sigma
     other = dataset.run(folder, str(tmp_path / "rbf3"), backbone=bb, **{**EXACT, "edge_weights": "rbf", "seed": 5})

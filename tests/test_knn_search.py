@@ -50,7 +50,7 @@ def test_approximate_recall_on_planted_clusters(rng, kind, opts):
         idx, cos = knn_search.ivf_topk_jit(jnp.asarray(x), jnp.asarray(x), jnp.asarray(img), jnp.asarray(img),
                                            jnp.ones(x.shape[0], bool), k, s)
     else:
-        idx, cos = knn_search.faiss_topk(x, x, img, img, np.ones(x.shape[0], bool), k, s, over=PER)
+        idx, cos = knn_search.faiss_topk(x, x, img, img, np.ones(x.shape[0], bool), k, s)
     idx, cos = np.asarray(idx), np.asarray(cos)
     ei, ec = exact_sets(x, k)
     assert (img[idx] != img[:, None]).all(), "a neighbour in the row's own image"
@@ -65,6 +65,29 @@ def test_approximate_recall_on_planted_clusters(rng, kind, opts):
     sample = float(knn_search.recall(jnp.asarray(x), jnp.asarray(x), jnp.asarray(img), jnp.asarray(img),
                                      jnp.ones(x.shape[0], bool), jnp.asarray(cos), k, 300, 1))
     assert abs(sample - measured) < 0.05
+
+
+def test_faiss_leaves_out_the_own_group_when_its_columns_are_scattered(rng):
+    """faiss_topk's per-group ID selector (FAISS_OVERFETCH lowered so that 20-token images take it): with the tokens
+    shuffled (each image's columns no longer a range) every cell probed gives the exact inter-image top-k, never a
+    column of the row's own image or a masked one; the same as over-fetching."""
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (optional extra `bench`)")
+    x = planted(rng, 30)
+    k = 6
+    perm = rng.permutation(x.shape[0])
+    xs, img = x[perm], (np.arange(x.shape[0]) // PER)[perm]
+    ok = np.ones(x.shape[0], bool)
+    ok[img == 4] = False
+    s = knn_search.Search("faiss", nlist=4, nprobe=4)
+    over = knn_search.faiss_topk(xs, xs, img, img, ok, k, s)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(knn_search, "FAISS_OVERFETCH", PER - 1)
+        idx, cos = knn_search.faiss_topk(xs, xs, img, img, ok, k, s)
+    np.testing.assert_allclose(cos, over[1], atol=1e-6)
+    _, ec = kernels.topk_inter(jnp.asarray(xs), jnp.asarray(xs), jnp.asarray(img), jnp.asarray(img),
+                               jnp.asarray(ok), k, 64)
+    np.testing.assert_allclose(cos, np.asarray(ec), atol=1e-5)
+    assert (img[idx] != img[:, None]).all() and ok[idx].all()
 
 
 def test_recall_counts_what_is_missing(rng):
@@ -128,19 +151,78 @@ def test_ivf_graph_under_jit_and_deterministic(rng, probe):
     assert 0.5 < float(r1) <= 1.0
 
 
-def test_auto_is_exact_at_every_size(rng, monkeypatch):
-    """auto: the exact search at any size, with or without faiss or a mesh (`knn_search.Search` says why: the ivf
-    scan misses AUTO_MIN_RECALL on unstructured features and is not enough faster), so no approximate search is
-    picked without being asked for; ivf by name still runs."""
+def test_auto_picks_the_checked_ivf_only_above_its_size(rng, monkeypatch):
+    """auto: exact below AUTO_MIN_COLUMNS, under jit (tracers) and with a mesh, with or without faiss; above it on
+    concrete inputs, the checked IVF (probe list, lists of ≈ 2·AUTO_CELL columns, AUTO_NPROBE cells, min_recall
+    AUTO_MIN_RECALL), keeping the caller's seed; ivf by name runs once, as asked."""
+    for faiss in (True, False):
+        monkeypatch.setattr(knn_search, "faiss_available", lambda: faiss)
+        assert knn_search.resolve("auto", knn_search.AUTO_MIN_COLUMNS - 1, True, None).kind == "exact"
+        s = knn_search.resolve(knn_search.Search("auto", seed=5), 10 ** 6, True, None)
+        assert (s.kind, s.probe, s.nprobe, s.min_recall, s.seed) == ("ivf", "list", knn_search.AUTO_NPROBE,
+                                                                     knn_search.AUTO_MIN_RECALL, 5)
+        assert s.nlist == knn_search.AUTO_MAX_NLIST              # 10⁶ / 128 → 8192, capped
+        assert knn_search.resolve("auto", 10 ** 6, False, None).kind == "exact"
+        assert knn_search.resolve("auto", 10 ** 6, True, object()).kind == "exact"
+        assert knn_search.resolve(knn_search.Search("auto", recall_rows=0), 10 ** 6, True, None).kind == "exact"
     n_img = 10
     x = planted(rng, n_img)
     assert graphs.knn(x, x, GRID, n_img, 3, 5, info=True)[1]["search"] == "exact"
-    assert graphs.knn(x, x, GRID, n_img, 3, 5, search="ivf", info=True)[1]["search"] == "ivf"
-    for faiss in (True, False):
-        monkeypatch.setattr(knn_search, "faiss_available", lambda: faiss)
-        for n in (100, 1 << 16, 10 ** 7):
-            assert knn_search.resolve("auto", n, True, None).kind == "exact"
-    assert knn_search.resolve("auto", 10_000, True, object()).kind == "exact"
+    g, info = graphs.knn(x, x, GRID, n_img, 3, 5, search="ivf", info=True)
+    assert info["search"] == "ivf" and "tries" not in info
+
+
+def test_checked_ivf_probes_more_until_its_recall_is_reached_or_goes_exact(rng, monkeypatch):
+    """A checked IVF (min_recall) searches again with twice the cells while the sampled recall of the worst graph is
+    short: the tries double nprobe, the last one reaches min_recall and the graph is that try's (the same as one
+    unchecked search at its nprobe); where no affordable try reaches it (min_recall 1 on unstructured features),
+    the exact graph (AUTO_MAX_SHARE lowered so that the tries go further at this small N). auto above a (lowered)
+    AUTO_MIN_COLUMNS does the same; a seed gives the same result twice."""
+    monkeypatch.setattr(knn_search, "AUTO_MAX_SHARE", 2)         # tries up to half the columns at this small N
+    n_img = 60                                                   # 1200 tokens
+    x = planted(rng, n_img, d=24, clusters=40, noise=0.5, batch=(2,))
+    kw = dict(k_intra=3, k_inter=8, min_cos=-0.9)
+    s = knn_search.Search("ivf", nlist=64, nprobe=1, probe="list", min_recall=0.9, recall_rows=400)
+    g, info = graphs.knn(x, x, GRID, n_img, search=s, info=True, **kw)
+    ps = [t["nprobe"] for t in info["tries"]]
+    assert len(ps) >= 2 and ps == [2 ** i for i in range(len(ps))], info["tries"]
+    assert all(t["recall"] < 0.9 for t in info["tries"][:-1]) and info["tries"][-1]["recall"] >= 0.9
+    assert info["search"] == "ivf" and info["nprobe"] == ps[-1] and float(np.min(info["recall"])) >= 0.9
+    once = graphs.knn(x, x, GRID, n_img, search=dataclasses.replace(s, nprobe=ps[-1], min_recall=None), **kw)
+    np.testing.assert_array_equal(np.asarray(g.idx), np.asarray(once.idx))
+    g2, info2 = graphs.knn(x, x, GRID, n_img, search=s, info=True, **kw)
+    assert info2["tries"] == info["tries"]
+    np.testing.assert_array_equal(np.asarray(g2.w), np.asarray(g.w))
+
+    u = rng.normal(size=(n_img * PER, 48)).astype(np.float32)    # unstructured: recall 1 is not affordable
+    ge = graphs.knn(u, u, GRID, n_img, search="exact", **kw)
+    gx, ix = graphs.knn(u, u, GRID, n_img, search=dataclasses.replace(s, min_recall=1.0), info=True, **kw)
+    assert ix["search"] == "exact" and len(ix["tries"]) >= 1 and float(ix["recall"]) == 1.0
+    np.testing.assert_array_equal(np.asarray(gx.idx), np.asarray(ge.idx))
+
+    monkeypatch.setattr(knn_search, "AUTO_MIN_COLUMNS", 1000)
+    monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
+    ga, ia = graphs.knn(x[0], x[0], GRID, n_img, info=True, **kw)
+    assert ia["search"] in ("ivf", "exact") and ia["tries"][0]["nprobe"] == knn_search.AUTO_NPROBE
+    assert ia["min_recall"] == knn_search.AUTO_MIN_RECALL and float(ia["recall"]) >= knn_search.AUTO_MIN_RECALL
+    with pytest.raises(InputError, match="min_recall"):
+        jax.jit(lambda x: graphs.knn(x, x, GRID, n_img, search=s, **kw).w)(x)
+
+
+def test_top_k_grouped_is_top_k(rng):
+    """top_k by group maxima: the values of lax.top_k (ties, −inf rows and widths g does not divide included), at
+    indices holding those values."""
+    x = rng.normal(size=(5, 7, 96)).astype(np.float32)
+    x[0, 0] = -np.inf
+    x[1, :, 10:20] = 2.0                                          # ties across groups
+    x[2, :, ::3] = -np.inf
+    for w, k in ((96, 10), (96, 1), (90, 10), (96, 13), (24, 5)):
+        v, i = knn_search.top_k_grouped(jnp.asarray(x[..., :w]), k)
+        rv, _ = jax.lax.top_k(jnp.asarray(x[..., :w]), k)
+        np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
+        np.testing.assert_array_equal(np.take_along_axis(x[..., :w], np.asarray(i), -1), np.asarray(v))
+        assert len({tuple(r) for r in np.asarray(i).reshape(-1, k).tolist()}) > 0
+        assert all(len(set(r)) == k for r in np.asarray(i).reshape(-1, k).tolist())
 
 
 @pytest.mark.parametrize("search,match", [

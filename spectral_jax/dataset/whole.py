@@ -769,17 +769,22 @@ def say_isolated(rec: dict) -> None:
 def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n: int, bar=None,
                 ckdir: str | None = None, key: dict | None = None) -> tuple[list[G.KnnGraph], dict]:
     """The gathered path's whole-dataset graphs and their `graph_report`. The search (`knn_search.resolve` of
-    `settings.search` for the group's N nodes: "auto" is exact (`knn_search.Search` says why); several
-    processes: always exact): exact in one process → the store's tiled search (`search_store`, resumable by layer)
-    and the RBF σ from the store (`store_sigma`); several processes, or an approximate search → `build_graphs` on
-    the features in memory (`local_features`: all of them, for an approximate index; its recall measured by
-    `graphs.knn` on a seeded sample of rows, the seed `settings.seed`)."""
+    `settings.search` for the group's N nodes; "auto" is the exact search here, at every size — unlike `graphs.knn`'s
+    auto, which picks a checked IVF above `knn_search.AUTO_MIN_COLUMNS` nodes —, since an approximate index holds
+    every layer's features in memory where the tiled search reads them from disk; "ivf" is `knn_search.auto_search`'s
+    checked IVF: more cells probed until the sampled recall of every graph of a group reaches
+    `knn_search.AUTO_MIN_RECALL`, else exact; several processes: always exact): exact in one process → the store's
+    tiled search (`search_store`, resumable by layer) and the RBF σ from the store (`store_sigma`); several processes,
+    or an approximate search → `build_graphs` on the features in memory (`local_features`: all of them, for an
+    approximate index; its recall measured by `graphs.knn` on a seeded sample of rows, the seed `settings.seed`)."""
     from spectral_jax import knn_search
 
     procs = jax.process_count()
     nodes = max(n * grid[0] * grid[1] for grid, _ in geom.groups)
-    sr = knn_search.resolve(knn_search.Search(settings.search, seed=settings.seed), nodes, True,
-                            mesh if procs > 1 else None)
+    asked = knn_search.Search("exact" if settings.search == "auto" else settings.search, seed=settings.seed)
+    if asked.kind == "ivf":                                             # the checked IVF, as graphs.knn's auto
+        asked = knn_search.auto_search(nodes, asked)
+    sr = knn_search.resolve(asked, nodes, True, mesh if procs > 1 else None)
     if procs == 1 and sr.kind == "exact":
         gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key=key,
                                                 out=os.path.dirname(ckdir) if ckdir else None))
@@ -796,7 +801,8 @@ def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n:
 def graph_report(settings: Settings, geom: Geometry, infos: list[dict]) -> dict:
     """JSON-ready record of how the graph was made, for the summary: edge_weights {kind, and for rbf: sigma
     {layer: σ} (per layer; "layer/t" keys with timesteps), sigma_pairs, sigma_seed}; knn_search {asked, used,
-    recall {layer: r} (1 for exact), recall_min, recall_rows, seed and the IVF sizes for an approximate one}."""
+    recall {layer: r} (1 for exact), recall_min, recall_rows, seed and the IVF sizes for an approximate one, and
+    for the checked IVF its tries per layer group and min_recall}."""
     per_graph = lambda arrays: _per_graph(geom, arrays)
     ew = {"kind": settings.edge_weights}
     if settings.edge_weights == "rbf":
@@ -809,6 +815,9 @@ def graph_report(settings: Settings, geom: Geometry, infos: list[dict]) -> dict:
     if used != "exact":
         ks.update({k: int(v) for k, v in infos[0].items() if k in ("nlist", "cap", "cells", "nprobe", "sample",
                                                                     "seed", "recall_rows")})
+    tries = [i["tries"] for i in infos if "tries" in i]
+    if tries:                           # the checked IVF: per layer group, its tries [{nprobe, recall}]
+        ks.update(tries=tries, min_recall=infos[0]["min_recall"])
     return {"edge_weights": ew, "knn_search": ks}
 
 
@@ -831,6 +840,9 @@ def say_search(info: dict) -> None:
         _say(f"spectral-jax dataset: kNN search {ks['used']} (nlist {ks.get('nlist')}, nprobe {ks.get('nprobe')}): "
              f"recall {ks['recall_min']:.4f} (the lowest over the layers' graphs) of the exact inter-image top-k on "
              f"{ks.get('recall_rows')} sampled rows")
+    elif ks.get("tries"):
+        _say(f"spectral-jax dataset: kNN search exact: the ivf search's sampled recall stayed under "
+             f"{ks['min_recall']} with the cells it may probe (summary.json: knn_search.tries)")
 
 
 @jax.jit
