@@ -315,15 +315,15 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     dtype: the search's storage dtype of a, b ("float32", "bfloat16": unit-normalised in float32 first, then cast;
     None: as given); cosines, weights and degrees are float32 either way.
     search: how the inter-image neighbours are found — "exact" (blockwise brute force, O(N²)), "ivf" (approximate
-    inverted-file search in JAX, `spectral_jax.knn_search`), "faiss" (faiss IVF on the host; not under `jit`),
-    "auto" (default: exact below `knn_search.AUTO_MIN_COLUMNS` nodes, under `jit` or with a mesh; above, the checked
-    IVF of `knn_search.Search`: searched again with more cells until its sampled recall of every graph reaches
-    `knn_search.AUTO_MIN_RECALL`, or exact), or a `knn_search.Search` (its nlist, nprobe, seed, probe — per row or
-    per row cell —, min_recall, ...). The intra-image search is always exact; an approximate search may miss
-    inter-image neighbours (its recall is measured, below).
+    inverted-file search in JAX, `spectral_jax.knn_search`), "faiss" (faiss IVF on the host; not under `jit`), "auto"
+    (default: exact below `knn_search.AUTO_MIN_COLUMNS` nodes, under `jit` or with a mesh; above, the checked search
+    of `knn_search.auto_search` — faiss on the CPU where installed, else the IVF: searched again with more cells until
+    its sampled recall of every graph reaches `knn_search.AUTO_MIN_RECALL`, or exact), or a `knn_search.Search` (its
+    nlist, nprobe, seed, probe — per row or per row cell —, min_recall, ...). The intra-image search is always exact;
+    an approximate search may miss inter-image neighbours (its recall is measured, below).
     info: also return a dict — search (the kind used), recall (`[*S]` float32: the share of the exact inter-image
     top-k found, on a seeded sample of rows, `knn_search.recall`; 1 for exact), the IVF sizes (`knn_search.plan`)
-    and probe, and for a checked IVF its tries ([{nprobe, recall: the lowest over the graphs}]) and min_recall — as
+    and probe, and for a checked search its tries ([{nprobe, recall: the lowest over the graphs}]) and min_recall — as
     `(graph, info)`.
     """
     from spectral_jax import knn_search
@@ -361,7 +361,7 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
             found = [knn_search.faiss_topk(kernels.unit_rows(ai), kernels.unit_rows(bi), img, img, ok, int(k_inter),
                                            sr) for ai, bi in zip(a2, b2)]
             inter = (jnp.asarray(np.stack([f[0] for f in found])), jnp.asarray(np.stack([f[1] for f in found])))
-        checked = sr.kind == "ivf" and sr.min_recall is not None
+        checked = sr.kind in ("ivf", "faiss") and sr.min_recall is not None
         want = (info or checked) and sr.kind != "exact"     # the raw cosines leave the program only for the recall
         g, cos = _build_knn(a2, b2, valid, grid, num_images, batch, int(k_intra), int(k_inter), float(min_cos),
                             int(block), mesh, axis, sr, want, inter, same)

@@ -26,10 +26,10 @@ faiss (`faiss_topk`, optional `faiss-cpu`, host only — not under `jit`): `Inde
   same nlist / nprobe, trained on the same seeded sample size; the own group is left out by over-fetching (small
   groups) or by an ID selector per group (`FAISS_OVERFETCH`).
 
-Checked IVF (`Search.min_recall`; "auto" above `AUTO_MIN_COLUMNS` columns, `auto_search`): `graphs.knn` measures
-the recall after the search and, while it is short, searches again with twice the cells (`next_try`); once a try
-would probe 1/`AUTO_MAX_SHARE` of the columns per row it runs the exact search instead. Each try is a fresh search
-(its own compile); the tries are reported.
+Checked search (`Search.min_recall`, ivf or faiss; "auto" above `AUTO_MIN_COLUMNS` columns, `auto_search`):
+`graphs.knn` measures the recall after the search and, while it is short, searches again with twice the cells or
+lists (`next_try`); once a try would probe 1/`AUTO_MAX_SHARE` of the columns per row it runs the exact search
+instead. Each try is a fresh search (its own compile); the tries are reported.
 
 Recall (`recall`): on a seeded sample of rows, the share of the exact top-k found by the approximate search
 (tie-robust: an approximate neighbour counts when its cosine reaches the exact k-th cosine), computed with the exact
@@ -63,6 +63,7 @@ AUTO_MIN_RECALL = 0.95       # "auto"'s checked IVF: the sampled recall it must 
 AUTO_MIN_COLUMNS = 1 << 16   # "auto": the exact search below this many columns (the IVF's fixed costs do not pay)
 AUTO_CELL = 64               # "auto": columns per coarse list ≈ 2·AUTO_CELL (cells of ≤ AUTO_CELL, rounded to 8)
 AUTO_NPROBE = 64             # "auto": cells probed per row cell at its first try
+AUTO_FAISS_NPROBE = 16       # "auto" with faiss: lists probed per row at its first try
 AUTO_MAX_SHARE = 32          # "auto": exact instead once a try would probe 1/AUTO_MAX_SHARE of the columns per row
 AUTO_MAX_NLIST = 4096        # "auto": at most this many lists (k-means costs ∝ nlist², the assignment ∝ C·nlist)
 PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)
@@ -78,17 +79,18 @@ class Search:
 
     kind: "exact" (blockwise brute force), "ivf" (this module, JAX), "faiss" (faiss IVF on the CPU, needs
     `faiss-cpu`), "auto" (`resolve`: exact below `AUTO_MIN_COLUMNS` columns, under `jit` or over a mesh; above it a
-    *checked* IVF — probe "list", lists of ≈ 2·`AUTO_CELL` columns (at most `AUTO_MAX_NLIST` lists),
-    `AUTO_NPROBE` cells — whose recall on the seeded sample must reach `AUTO_MIN_RECALL`: short of it the search
-    runs again with twice the cells, and once a try would probe 1/`AUTO_MAX_SHARE` of the columns the exact search
-    runs instead; benchmarks/results/peers.md).
+    *checked* approximate search, `auto_search` — faiss where it is installed and JAX runs on the CPU, else the IVF
+    here; lists of ≈ 2·`AUTO_CELL` columns (at most `AUTO_MAX_NLIST` lists), `AUTO_NPROBE` cells (ivf, probe
+    "list") or `AUTO_FAISS_NPROBE` lists (faiss) — whose recall on the seeded sample must reach `AUTO_MIN_RECALL`:
+    short of it the search runs again with twice the cells, and once a try would probe 1/`AUTO_MAX_SHARE` of the
+    columns the exact search runs instead; benchmarks/results/peers.md).
     nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per row cell (probe "list") or per row
     (probe "row") (default `default_nprobe`); seed: the k-means sample and initial centroids and the recall sample;
     iters: k-means steps (5: on the horse tokens at 10⁵ the recall of 10 steps, 0.957 against 0.956, at half the
     k-means time); recall_rows: rows sampled for the recall estimate (0: none); probe: "list" (rows grouped by list,
     one product per row cell) or "row" (per-row probing), ivf only; row_lists: lists each row joins with probe "list"
-    (more: fewer misses at list borders, proportionally more work); min_recall: ivf only — check the sampled recall
-    (of every graph) after the search and search again with twice nprobe until it reaches this, then exact
+    (more: fewer misses at list borders, proportionally more work); min_recall: ivf and faiss — check the sampled
+    recall (of every graph) after the search and search again with twice nprobe until it reaches this, then exact
     (`graphs.knn`; None: run once, as asked; needs recall_rows > 0 and concrete inputs).
     """
 
@@ -151,7 +153,7 @@ def resolve(search, num_nodes: int, concrete: bool, mesh) -> Search:
         if num_nodes >= AUTO_MIN_COLUMNS and concrete and mesh is None and s.recall_rows > 0:
             return auto_search(num_nodes, s)
         kind = "exact"
-    if s.min_recall is not None and kind == "ivf" and not (concrete and s.recall_rows > 0):
+    if s.min_recall is not None and kind in ("ivf", "faiss") and not (concrete and s.recall_rows > 0):
         raise InputError(f"min_recall={s.min_recall}", "needs concrete inputs and recall_rows > 0 (the recall is "
                          "checked between tries)", "call graphs.knn outside jit, or pass min_recall=None")
     if kind != "exact" and mesh is not None:
@@ -167,21 +169,30 @@ def resolve(search, num_nodes: int, concrete: bool, mesh) -> Search:
     return dataclasses.replace(s, kind=kind)
 
 
-def auto_search(c: int, s: Search = Search()) -> Search:
-    """"auto"'s checked IVF over C columns (`Search` says what it does); s's seed, iters and recall_rows kept."""
+def auto_search(c: int, s: Search = Search(), kind: str | None = None) -> Search:
+    """"auto"'s checked approximate search over C columns (`Search` says what it does); s's seed, iters and
+    recall_rows kept. kind: "ivf" (probe "list", `AUTO_NPROBE` cells) or "faiss" (`AUTO_FAISS_NPROBE` lists);
+    None: faiss where it is installed and JAX runs on the CPU (faster there on the real features measured,
+    benchmarks/results/peers.md), else ivf."""
+    if kind is None:
+        kind = "faiss" if faiss_available() and jax.default_backend() == "cpu" else "ivf"
     nlist = min(AUTO_MAX_NLIST, max(1, 2 ** round(math.log2(max(1.0, c / (2 * AUTO_CELL))))))
-    return dataclasses.replace(s, kind="ivf", probe="list", nlist=nlist, nprobe=AUTO_NPROBE, row_lists=1,
+    nprobe = AUTO_FAISS_NPROBE if kind == "faiss" else AUTO_NPROBE
+    return dataclasses.replace(s, kind=kind, probe="list", nlist=nlist, nprobe=nprobe, row_lists=1,
                                min_recall=s.min_recall or AUTO_MIN_RECALL)
 
 
 def next_try(c: int, k: int, s: Search) -> Search:
-    """The checked IVF's next try after a recall short of `s.min_recall`: twice the cells probed, or the exact
-    search once that would probe 1/`AUTO_MAX_SHARE` of the C columns per row (or all the cells)."""
+    """The checked search's next try after a recall short of `s.min_recall`: twice the cells (ivf) or lists (faiss)
+    probed, or the exact search once that would probe 1/`AUTO_MAX_SHARE` of the C columns per row (or all of
+    them)."""
     pl = plan(c, k, s)
     p = 2 * pl["nprobe"]
-    if p * pl["cap"] * AUTO_MAX_SHARE > c or p > pl["cells"]:
-        return dataclasses.replace(s, kind="exact")
-    return dataclasses.replace(s, nprobe=p)
+    if s.kind == "faiss":                       # a faiss list holds C / nlist columns
+        done = p * AUTO_MAX_SHARE > pl["nlist"] or p > pl["nlist"]
+    else:
+        done = p * pl["cap"] * AUTO_MAX_SHARE > c or p > pl["cells"]
+    return dataclasses.replace(s, kind="exact") if done else dataclasses.replace(s, nprobe=p)
 
 
 def default_nlist(c: int) -> int:

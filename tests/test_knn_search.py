@@ -153,14 +153,16 @@ def test_ivf_graph_under_jit_and_deterministic(rng, probe):
 
 def test_auto_picks_the_checked_ivf_only_above_its_size(rng, monkeypatch):
     """auto: exact below AUTO_MIN_COLUMNS, under jit (tracers) and with a mesh, with or without faiss; above it on
-    concrete inputs, the checked IVF (probe list, lists of ≈ 2·AUTO_CELL columns, AUTO_NPROBE cells, min_recall
-    AUTO_MIN_RECALL), keeping the caller's seed; ivf by name runs once, as asked."""
+    concrete inputs, the checked search (lists of ≈ 2·AUTO_CELL columns, min_recall AUTO_MIN_RECALL): faiss with
+    AUTO_FAISS_NPROBE lists where faiss is installed and the backend is the CPU, else the IVF (probe list,
+    AUTO_NPROBE cells), keeping the caller's seed; ivf by name runs once, as asked."""
     for faiss in (True, False):
         monkeypatch.setattr(knn_search, "faiss_available", lambda: faiss)
         assert knn_search.resolve("auto", knn_search.AUTO_MIN_COLUMNS - 1, True, None).kind == "exact"
         s = knn_search.resolve(knn_search.Search("auto", seed=5), 10 ** 6, True, None)
-        assert (s.kind, s.probe, s.nprobe, s.min_recall, s.seed) == ("ivf", "list", knn_search.AUTO_NPROBE,
-                                                                     knn_search.AUTO_MIN_RECALL, 5)
+        want = ("faiss", knn_search.AUTO_FAISS_NPROBE) if faiss else ("ivf", knn_search.AUTO_NPROBE)
+        assert (s.kind, s.nprobe, s.min_recall, s.seed) == (*want, knn_search.AUTO_MIN_RECALL, 5)
+        assert knn_search.auto_search(10 ** 6, kind="ivf").probe == "list"
         assert s.nlist == knn_search.AUTO_MAX_NLIST              # 10⁶ / 128 → 8192, capped
         assert knn_search.resolve("auto", 10 ** 6, False, None).kind == "exact"
         assert knn_search.resolve("auto", 10 ** 6, True, object()).kind == "exact"
@@ -203,10 +205,27 @@ def test_checked_ivf_probes_more_until_its_recall_is_reached_or_goes_exact(rng, 
     monkeypatch.setattr(knn_search, "AUTO_MIN_COLUMNS", 1000)
     monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
     ga, ia = graphs.knn(x[0], x[0], GRID, n_img, info=True, **kw)
-    assert ia["search"] in ("ivf", "exact") and ia["tries"][0]["nprobe"] == knn_search.AUTO_NPROBE
+    first = knn_search.AUTO_FAISS_NPROBE if knn_search.faiss_available() else knn_search.AUTO_NPROBE
+    assert ia["search"] in ("ivf", "faiss", "exact") and ia["tries"][0]["nprobe"] == first
     assert ia["min_recall"] == knn_search.AUTO_MIN_RECALL and float(ia["recall"]) >= knn_search.AUTO_MIN_RECALL
     with pytest.raises(InputError, match="min_recall"):
         jax.jit(lambda x: graphs.knn(x, x, GRID, n_img, search=s, **kw).w)(x)
+
+
+def test_checked_faiss_probes_more_lists_until_its_recall_is_reached(rng):
+    """The checked search with faiss: nprobe (lists) doubles until the sampled recall reaches min_recall, and the
+    graph is that of one faiss search at the last nprobe."""
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (optional extra `bench`)")
+    n_img = 60
+    x = planted(rng, n_img, d=24, clusters=40, noise=0.5)
+    kw = dict(k_intra=3, k_inter=8, min_cos=-0.9)
+    s = knn_search.Search("faiss", nlist=64, nprobe=1, min_recall=0.9, recall_rows=400)
+    g, info = graphs.knn(x, x, GRID, n_img, search=s, info=True, **kw)
+    ps = [t["nprobe"] for t in info["tries"]]
+    assert len(ps) >= 2 and ps == [2 ** i for i in range(len(ps))] and info["search"] == "faiss", info["tries"]
+    assert info["tries"][-1]["recall"] >= 0.9 > info["tries"][-2]["recall"]
+    once = graphs.knn(x, x, GRID, n_img, search=dataclasses.replace(s, nprobe=ps[-1], min_recall=None), **kw)
+    np.testing.assert_array_equal(np.asarray(g.idx), np.asarray(once.idx))
 
 
 def test_top_k_grouped_is_top_k(rng):

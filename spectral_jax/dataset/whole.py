@@ -771,19 +771,20 @@ def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n:
     """The gathered path's whole-dataset graphs and their `graph_report`. The search (`knn_search.resolve` of
     `settings.search` for the group's N nodes; "auto" is the exact search here, at every size — unlike `graphs.knn`'s
     auto, which picks a checked IVF above `knn_search.AUTO_MIN_COLUMNS` nodes —, since an approximate index holds
-    every layer's features in memory where the tiled search reads them from disk; "ivf" is `knn_search.auto_search`'s
-    checked IVF: more cells probed until the sampled recall of every graph of a group reaches
-    `knn_search.AUTO_MIN_RECALL`, else exact; several processes: always exact): exact in one process → the store's
-    tiled search (`search_store`, resumable by layer) and the RBF σ from the store (`store_sigma`); several processes,
-    or an approximate search → `build_graphs` on the features in memory (`local_features`: all of them, for an
-    approximate index; its recall measured by `graphs.knn` on a seeded sample of rows, the seed `settings.seed`)."""
+    every layer's features in memory where the tiled search reads them from disk; "ivf" and "faiss" are
+    `knn_search.auto_search`'s checked searches: more cells probed until the sampled recall of every graph of a group
+    reaches `knn_search.AUTO_MIN_RECALL`, else exact; several processes: always exact): exact in one process → the
+    store's tiled search (`search_store`, resumable by layer) and the RBF σ from the store (`store_sigma`); several
+    processes, or an approximate search → `build_graphs` on the features in memory (`local_features`: all of them, for
+    an approximate index; its recall measured by `graphs.knn` on a seeded sample of rows, the seed
+    `settings.seed`)."""
     from spectral_jax import knn_search
 
     procs = jax.process_count()
     nodes = max(n * grid[0] * grid[1] for grid, _ in geom.groups)
     asked = knn_search.Search("exact" if settings.search == "auto" else settings.search, seed=settings.seed)
-    if asked.kind == "ivf":                                             # the checked IVF, as graphs.knn's auto
-        asked = knn_search.auto_search(nodes, asked)
+    if asked.kind in ("ivf", "faiss"):                                  # checked, as graphs.knn's auto
+        asked = knn_search.auto_search(nodes, asked, asked.kind)
     sr = knn_search.resolve(asked, nodes, True, mesh if procs > 1 else None)
     if procs == 1 and sr.kind == "exact":
         gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key=key,
