@@ -477,7 +477,8 @@ def write(args, rep: dict) -> None:
             extra = (f"graph {r['seconds_graph']:.1f} s"
                      + (f" (recall estimate {r['seconds_recall']:.1f} s of it)" if "seconds_recall" in r else "")
                      + f", {r['search']}"
-                     + (f" (nlist {r['nlist']}, nprobe {r['nprobe']} cells of {r['cap']}, probe "
+                     + (f" (nlist {r['nlist']}, nprobe {r['nprobe']} lists)" if r.get("cap") and r["search"] == "faiss"
+                        else f" (nlist {r['nlist']}, nprobe {r['nprobe']} cells of {r['cap']}, probe "
                         f"{r.get('probe', 'row')})" if r.get("cap") else "")
                      + (" after tries " + ", ".join(f"nprobe {t['nprobe']}: recall {t['recall']:.3f}"
                                                     for t in r["tries"]) if r.get("tries") else "")
