@@ -73,9 +73,10 @@ def test_sigma_is_deterministic_under_the_seed(rng):
 
 def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path, capsys):
     """A cosine run and an rbf run of the same folder: the same neighbours; the rbf weights are exp(−(2 − 2cos)/2σ²)
-    of the cosine run's weights with the summary's σ per layer (the store's path, `store_sigma`), and σ is the one the
-    in-memory path (`graphs.weight_edges`, taken by an approximate search) finds; that run reports its search and
-    recall. The same seed twice gives the same σ; another seed another σ."""
+    of the cosine run's weights with the summary's σ per layer (the store's path, `store_sigma`); an approximate
+    search (one graph's features at a time from the store) applies the same σ and reports its search, its recall
+    and its tries (the in-memory σ, `graphs.weight_edges`, is compared with the store's in the two-process test).
+    The same seed twice gives the same σ; another seed another σ."""
     folder = make_folder(str(tmp_path / "imgs"), 12)
     bb = synthetic()
     cos = dataset.run(folder, str(tmp_path / "cos"), backbone=bb, **{**EXACT, "edge_weights": "cosine"})
@@ -108,7 +109,8 @@ def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path, capsys):
     assert ks["asked"] == "ivf" and ks["used"] == "ivf" and set(ks["recall"]) == {"0", "1"}
     assert 0 < ks["recall_min"] <= 1 and ks["recall_rows"] == 192 and ks["nlist"] >= 1
     assert ks["min_recall"] == knn_search.AUTO_MIN_RECALL and ks["recall_min"] >= ks["min_recall"]   # checked
-    assert [t["recall"] for t in ks["tries"][-1]][-1] == ks["recall_min"]
+    (group,) = ks["tries"]                                       # one layer group: per graph, its tries
+    assert len(group) == 2 and min(t[-1]["recall"] for t in group) == ks["recall_min"]
     again = dataset.run(folder, str(tmp_path / "rbf2"), backbone=bb, **{**EXACT, "edge_weights": "rbf"})
     assert again.summary()["edge_weights"]["sigma"] == sigma
     other = dataset.run(folder, str(tmp_path / "rbf3"), backbone=bb, **{**EXACT, "edge_weights": "rbf", "seed": 5})
@@ -121,6 +123,32 @@ def test_dataset_rbf_run_store_and_memory_paths_agree(tmp_path, capsys):
     back = dataset.run(folder, str(tmp_path / "rbf"), backbone=bb, resume=True,
                        **{**EXACT, "edge_weights": "rbf", "num_eigs": 4})
     assert back.summary()["cached"] == ["graph"] and back.summary()["edge_weights"]["sigma"] == sigma
+
+
+def test_auto_takes_the_checked_search_above_its_size_one_layer_at_a_time(tmp_path, monkeypatch, capsys):
+    """`--search auto` at dataset level: exact below knn_search.AUTO_MIN_COLUMNS tokens; above it (lowered here) the
+    checked approximate search, graph by graph from the store — recall ≥ min_recall or exact, its tries and the
+    search in the summary, the memory estimate's features term one graph's features (not the tiles); a resumed run
+    reads the graph back."""
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    bb = synthetic()
+    below = dataset.run(folder, str(tmp_path / "below"), backbone=bb, **EXACT).summary()
+    assert below["knn_search"]["used"] == "exact" and "tries" not in below["knn_search"]
+    monkeypatch.setattr(knn_search, "AUTO_MIN_COLUMNS", 100)
+    monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
+    out = str(tmp_path / "above")
+    res = dataset.run(folder, out, backbone=bb, **EXACT)
+    ks = res.summary()["knn_search"]
+    assert ks["asked"] == "auto" and ks["used"] in ("ivf", "faiss", "exact") and len(ks["tries"][0]) == 2
+    assert ks["min_recall"] == knn_search.AUTO_MIN_RECALL
+    assert ks["used"] == "exact" or ks["recall_min"] >= knn_search.AUTO_MIN_RECALL
+    grid_nodes = 12 * 4 * 4                                      # synthetic: 32² input, patch 8; F = 2 heads × 8
+    assert res.summary()["memory"]["features_memory"] == grid_nodes * 16 * (4 + 4 * 2)   # one graph, not the tiles
+    assert below["memory"]["features_memory"] > grid_nodes * 16 * 12
+    back = dataset.run(folder, out, backbone=bb, resume=True, **{**EXACT, "num_eigs": 4})
+    assert back.summary()["cached"] == ["graph"]
+    with np.load(os.path.join(out, "checkpoints", "graph.npz")) as f:
+        assert (f["w0"] >= 0).all() and f["idx0"].max() < grid_nodes
 
 
 def test_cache_keys_differ_and_a_run_with_other_weights_is_refused(tmp_path):
@@ -220,8 +248,8 @@ def test_two_processes_give_the_one_process_rbf_graph(tmp_path):
 
 def test_diffusion_timesteps_get_one_sigma_each_on_both_paths(tmp_path):
     """Diffusion taps (one graph per layer and timestep): σ per (layer, timestep) in the summary ("layer/t"), the
-    same from the store (`store_sigma`, exact search) as from the features in memory (`build_graphs`, taken by the
-    ivf search); the timesteps' σ differ (each timestep's own heads)."""
+    same with the exact search and the ivf one (each graph's timestep columns read from the store); the timesteps'
+    σ differ (each timestep's own heads)."""
     from test_dataset_diffusion import square_folder
 
     folder = square_folder(str(tmp_path / "imgs"), 3, 32)

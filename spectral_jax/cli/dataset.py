@@ -8,12 +8,12 @@ OUT/checkpoints, so a rerun with --resume skips them. --method gd: the official 
 of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every steps. --edge-weights: the kept kNN
 edges weigh their cosine (the paper's recipe) or an RBF of the distance with the median σ of seeded token pairs
 (ncut-pytorch's rule; σ per layer in the summary). --search (exact): the inter-image neighbours by the tiled exact
-search from the stored features (exact; auto, the default, is exact too), or by an approximate index over the features
-in memory (ivf: checked — more cells probed until its recall on a seeded sample of rows reaches 0.95, else exact;
-faiss), whose recall is reported on stderr and in the summary's "knn_search". --layer-weights: by default (a ViT under
-exact) "geometric", w ∝ 2^layer — a prior that deeper layers group by meaning; `--layer-weights uniform` is the
-paper's equal weights (gd's and the diffusion models' default; README, "Dataset level"); --resume keeps the weights
-the earlier run's summary.json recorded.
+search from the stored features (exact), or by a checked approximate index over one layer's features at a time (ivf,
+faiss: more cells probed until its recall on a seeded sample of rows reaches 0.95, else exact), reported on stderr and
+in the summary's "knn_search"; auto (the default) is exact below 65 536 tokens and the checked search above (faiss
+where installed). --layer-weights: by default (a ViT under exact) "geometric", w ∝ 2^layer — a prior that deeper
+layers group by meaning; `--layer-weights uniform` is the paper's equal weights (gd's and the diffusion models'
+default; README, "Dataset level"); --resume keeps the weights the earlier run's summary.json recorded.
 
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
 OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/segments.npz (`segments`
@@ -111,9 +111,10 @@ def register(sub) -> None:
                         "drawn with --seed, ncut-pytorch's rule) (default cosine)")
     p.add_argument("--search", choices=SEARCHES, default=None,
                    help="exact: the whole-dataset graph's inter-image kNN search — exact (tiled brute force from the "
-                        "on-disk features), ivf (approximate, all features in memory: probes more cells until "
-                        "its recall on a seeded sample reaches 0.95, else exact), faiss (approximate, recall "
-                        "measured and reported), auto (default: exact, read from disk at every size)")
+                        "on-disk features), ivf / faiss (approximate, one layer's features in memory at a time: "
+                        "probes more cells until its recall on a seeded sample reaches 0.95, else exact), auto "
+                        "(default: exact below 65 536 tokens or with several processes, else the checked search, "
+                        "faiss where installed)")
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="main_cls: the seed paper's dataset experiment (its official main_cls.py) on a Stable "
                         "Diffusion UNet — the mid block's and the two coarser decoder blocks' self-attention (layers "

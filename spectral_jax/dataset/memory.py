@@ -21,6 +21,9 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
                                              and k) or 1 (knn-vv)
     features in memory: one process — a row tile and its own columns (≤ whole.ROW_TILE_BYTES each), a column
               tile (≤ whole.COL_TILE_BYTES) and the inter-image search's cosine block (kernels.INTER_BUDGET float32);
+              one process, an approximate search (--search ivf / faiss, or auto from knn_search.AUTO_MIN_COLUMNS
+              nodes) — max_g N_g·F_g·(s·c + 4·(c + 1)): one graph's features as stored, as unit float32 rows, and
+              the index's float32 copy of the columns;
               P processes on the gathered path — its own rows (features / P) plus the keys all-gathered to each
               device (features / c);
               the sharded path (`whole.search_sharded`, any P) — per device of this process: a query tile (its rows,
@@ -85,13 +88,14 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
              k: tuple[int, int] = (50, 50), num_eigs: int = 20, processes: int = 1, dense_max: int | None = None,
              base=None, weights: int = 0, load: int = 0, forward: int = 0, forward_source: str = "none",
              forward_xla: int = 0, solver_path: str = "gathered", local_devices: int = 1,
-             model_on_host: bool = True) -> dict:
+             model_on_host: bool = True, search: str = "exact") -> dict:
     """The memory of an exact run per process, in bytes (the module docstring's formula). groups: [((h, w), L, F)]
     per layer group; num_images: n (padded to the devices); k: (k_intra, k_inter) before capping by the tokens;
     base: the table grid (default the finest of `groups`); weights, load, forward: the model's terms as
     `estimate_run` measures them (bytes per process; 0: not counted; forward_xla: XLA's own figure, a record);
     solver_path: "gathered" or "sharded"; local_devices: the mesh's devices on this process (d); model_on_host:
-    whether params and forward live in host memory (the CPU backend). Returns {"features_disk",
+    whether params and forward live in host memory (the CPU backend); search: the dataset's --search ("auto" counts
+    as approximate from `knn_search.AUTO_MIN_COLUMNS` nodes in one process). Returns {"features_disk",
     "features_memory", "graph", "operator", "solver", "weights", "load", "forward", "forward_xla", "peak",
     "device_peak"} (ints), "forward_source", "solver_path", "processes" and "formula" (a string)."""
     from spectral_jax import graphs as G
@@ -104,7 +108,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     s = 2 if features_dtype == "bfloat16" else 4
     c = 1 if graph == "knn-vv" else 2
     feats = edges = slots = 0
-    rows = cols = tiles = 0
+    rows = cols = tiles = whole = 0
     for grid, layers, width in groups:
         nodes = num_images * grid[0] * grid[1]
         k_g = sum(G.clamp_k(k[0], k[1], tuple(grid), num_images))
@@ -112,6 +116,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         edges += layers * nodes * k_g
         slots += layers * nodes * (8 * k_g + 4)
         rows = max(rows, min(ROW_TILE_BYTES, nodes * width * s))
+        whole = max(whole, nodes * width * (s * c + 4 * (c + 1)))
         cols = max(cols, min(COL_TILE_BYTES, nodes * width * s))
         per, mine = grid[0] * grid[1], max(1, num_images // (processes * local_devices))
         tq, tk = (_tile_images(mine, per * width * s, b) for b in (ROW_TILE_BYTES, COL_TILE_BYTES))
@@ -119,8 +124,15 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         bq = min(512, tq * per)
         tiles = max(tiles, (c * tq + 2 * tk) * per * width * s
                     + bq * min(max(tk * per, k_o), max(k_o, kernels.INTER_BUDGET // bq)) * 4)
+    from spectral_jax import knn_search
+
+    nodes_max = max(num_images * g[0] * g[1] for g, _, _ in groups)
+    approx = processes == 1 and solver_path == "gathered" and (
+        search in ("ivf", "faiss") or (search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS))
     if solver_path == "sharded":
         feats_mem = local_devices * tiles
+    elif approx:                    # one graph's features as stored, their unit float32 rows and the index's copy
+        feats_mem = whole
     elif processes == 1:
         feats_mem = 2 * rows + cols + kernels.INTER_BUDGET * 4
     else:
@@ -243,7 +255,8 @@ def estimate_run(backbone, layers, settings, geom, mesh, processes: int = 1) -> 
                     num_eigs=settings.num_eigs, processes=processes, base=geom.base,
                     weights=weights_bytes(backbone.params) * local, load=weights_bytes(backbone.params),
                     forward=forward * local, forward_source=source, forward_xla=raw * local if source == "xla"
-                    else 0, solver_path=path, local_devices=local, model_on_host=on_host)
+                    else 0, solver_path=path, local_devices=local, model_on_host=on_host,
+                    search=settings.search if settings.method == "exact" else "exact")
 
 
 def abstract_backbone(model: str, **family_options):

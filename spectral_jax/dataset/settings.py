@@ -136,9 +136,10 @@ class Settings:
     edge_weights: the kept edges' weights, "cosine" (the paper's recipe) or "rbf" (exp(−d²/2σ²) of the unit
     features' distance, σ the median distance of `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's
     rule; `graphs.weight_edges`); search: the exact method's inter-image kNN search, "exact" (the store's tiled
-    brute force), "ivf" (`knn_search.auto_search`'s checked IVF: more cells until the sampled recall reaches
-    `knn_search.AUTO_MIN_RECALL`, else exact) / "faiss" (approximate, `spectral_jax.knn_search`, features in
-    memory, recall measured) or "auto" (the tiled exact search: out of core, at every size); lam: the paper
+    brute force), "ivf" / "faiss" (`knn_search.auto_search`'s checked approximate search, one graph's features in
+    memory at a time: more cells until the sampled recall reaches `knn_search.AUTO_MIN_RECALL`, else exact) or
+    "auto" (exact below `knn_search.AUTO_MIN_COLUMNS` tokens and with several processes, else the checked search:
+    faiss on the CPU where installed, else ivf); lam: the paper
     loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it
     (None: every layer equal, the paper's recipe; the CLI passes `DEFAULT_LAYER_WEIGHTS` for a ViT under exact) — a
     mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired with `layers` in

@@ -316,7 +316,7 @@ COL_TILE_BYTES = 1 << 26    # features per column tile: 64 MiB
 
 def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: int = ROW_TILE_BYTES,
                  col_bytes: int = COL_TILE_BYTES, bar=None, ckdir: str | None = None, key: dict | None = None,
-                 out: str | None = None) -> list[G.KnnGraph]:
+                 out: str | None = None, search=None, infos: list | None = None) -> list[G.KnnGraph]:
     """The whole-dataset kNN graph of each layer group (as `graphs.knn` defines it: `k_intra` neighbours in the
     token's own image, `k_inter` among the other images' tokens, cos ≤ `min_cos` dropped, invalid images without
     edges) searched from the on-disk store in tiles: for each layer, each tile of whole images' rows (≤ `row_bytes`
@@ -331,17 +331,27 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
     row tiles of every layer. ckdir: each layer's edges are kept as they are found, as a part
     (`store.write_part`, keyed by `key`: the graph cache key), and a layer with a part is read back (checked:
     `store.read_part`, then neighbour indices in range and weights 0 or cosines above min_cos) instead of searched
-    again, so that a search killed midway resumes at its first missing layer."""
+    again, so that a search killed midway resumes at its first missing layer.
+
+    search: a resolved approximate `knn_search.Search` (ivf, faiss; None: the exact tiles above) — then each graph's
+    features (one layer, one timestep: a and, for knn-qk, b `[N, F]`) are read whole from the store and searched by
+    `graphs.knn` (its checked search: more cells until the sampled recall reaches the search's min_recall, else
+    exact); memory one layer's features and the index, not every layer's; infos (a list): one dict per group is
+    appended — search (the kind used by the last graph searched), recall `[L(·T)]` (1 for a graph read back from
+    its part), the IVF sizes and, for a checked search, its tries per graph ([] for one read back)."""
     fs, n = st.store, len(st.valid)
+    approx = search is not None and search.kind != "exact"
     steps = geom.graphs_per_layer                   # T graphs per layer: each timestep's columns of the features
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
     item = jnp.dtype(dtype).itemsize
     sizes = [_tile_images(n, g[0] * g[1] * (fs.width(f"a{i}") // steps) * item, row_bytes)
              for i, (g, _) in enumerate(geom.groups)]
+    if approx:                                      # one whole graph at a time
+        sizes = [n] * len(geom.groups)
     if bar is not None:
         bar.reset(total=sum(-(-n // ti) * len(ls) * steps for ti, (_, ls) in zip(sizes, geom.groups)))
         bar.set_description("kNN search")
-        bar.unit = "tile"
+        bar.unit = "graph" if approx else "tile"
     found = []
     for g, (grid, group) in enumerate(geom.groups):
         per, graphs = grid[0] * grid[1], len(group) * steps
@@ -359,14 +369,28 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
             x = x.view(dtype) if x.dtype == np.uint16 else x.astype(dtype)
             return jnp.asarray(np.pad(x, ((0, size * per - x.shape[0]), (0, 0))))
 
+        recall, tries, used, kinds = np.ones(graphs, np.float32), [], {}, set()
         for j in range(graphs):                     # graph j: layer j // T of the group, timestep j % T
             layer, t = divmod(j, steps)
             part = f"g{g}-l{layer}" + (f"-t{t}" if geom.steps is not None else "")
             if _read_layer(ckdir, part, key, out, idx, w, j, settings.min_cos):
+                tries.append([])
                 if bar is not None:
                     bar.update(-(-n // ti))
                 continue
-            for i0 in range(0, n, ti):
+            if approx:
+                a = tile(f"a{g}", layer, t, 0, n)
+                b = a if bname == f"a{g}" else tile(bname, layer, t, 0, n)
+                one, used = G.knn(a[None], a[None] if b is a else b[None], grid, n, k_intra, k_inter,
+                                  settings.min_cos, settings.block, valid=st.valid, search=search, info=True)
+                idx[j], w[j] = np.asarray(one.idx[0]), np.asarray(one.w[0])
+                recall[j] = float(np.asarray(used["recall"]).reshape(-1)[0])
+                tries.append(used.get("tries", []))
+                kinds.add(used["search"])
+                del a, b, one
+                if bar is not None:
+                    bar.update(1)
+            for i0 in range(0, n, ti) if not approx else ():
                 a, own = tile(f"a{g}", layer, t, i0, ti), tile(bname, layer, t, i0, ti)
                 vals = jnp.full((ti * per, k_inter), -jnp.inf, jnp.float32)
                 near = jnp.zeros((ti * per, k_inter), jnp.int32)
@@ -388,6 +412,11 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
         shape = geom.graph_shape(group)             # [L] or [L, T]
         found.append(G.KnnGraph(idx_d.reshape(*shape, *idx_d.shape[1:]), w_d.reshape(*shape, *w_d.shape[1:]),
                               deg.reshape(*shape, deg.shape[-1]), tuple(grid), shape, n))
+        if infos is not None:                       # the search used: the approximate one if any graph kept it
+            info = {k: v for k, v in used.items() if k not in ("recall", "tries", "search")}
+            kind = next(iter(sorted(kinds - {"exact"})), "exact" if kinds or not approx else search.kind)
+            infos.append({**info, "search": kind, "recall": recall.reshape(shape),
+                          **({"tries": tries, "min_recall": search.min_recall} if approx else {})})
     return found
 
 
@@ -768,31 +797,31 @@ def say_isolated(rec: dict) -> None:
 
 def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n: int, bar=None,
                 ckdir: str | None = None, key: dict | None = None) -> tuple[list[G.KnnGraph], dict]:
-    """The gathered path's whole-dataset graphs and their `graph_report`. The search (`knn_search.resolve` of
-    `settings.search` for the group's N nodes; "auto" is the exact search here, at every size — unlike `graphs.knn`'s
-    auto, which picks a checked IVF above `knn_search.AUTO_MIN_COLUMNS` nodes —, since an approximate index holds
-    every layer's features in memory where the tiled search reads them from disk; "ivf" and "faiss" are
-    `knn_search.auto_search`'s checked searches: more cells probed until the sampled recall of every graph of a group
-    reaches `knn_search.AUTO_MIN_RECALL`, else exact; several processes: always exact): exact in one process → the
-    store's tiled search (`search_store`, resumable by layer) and the RBF σ from the store (`store_sigma`); several
-    processes, or an approximate search → `build_graphs` on the features in memory (`local_features`: all of them, for
-    an approximate index; its recall measured by `graphs.knn` on a seeded sample of rows, the seed
-    `settings.seed`)."""
+    """The gathered path's whole-dataset graphs and their `graph_report`. The search: `knn_search.resolve` of
+    `settings.search` for the group's N nodes — "auto" is the exact search below `knn_search.AUTO_MIN_COLUMNS` nodes
+    and with several processes, above it `knn_search.auto_search`'s checked search (faiss on the CPU where it is
+    installed, else the JAX IVF); "ivf" and "faiss" by name are checked the same way (more cells probed until the
+    sampled recall of each graph reaches `knn_search.AUTO_MIN_RECALL`, else exact). One process → `search_store`
+    from the on-disk store, resumable by layer: the tiled exact search, or one whole graph's features at a time for
+    an approximate search, and the RBF σ from the store (`store_sigma`); several processes (exact only) →
+    `build_graphs` on each process's rows in memory (`local_features`). The approximate searches' recall is
+    measured by `graphs.knn` on a seeded sample of rows, the seed `settings.seed`."""
     from spectral_jax import knn_search
 
     procs = jax.process_count()
     nodes = max(n * grid[0] * grid[1] for grid, _ in geom.groups)
-    asked = knn_search.Search("exact" if settings.search == "auto" else settings.search, seed=settings.seed)
+    asked = knn_search.Search(settings.search, seed=settings.seed)
     if asked.kind in ("ivf", "faiss"):                                  # checked, as graphs.knn's auto
         asked = knn_search.auto_search(nodes, asked, asked.kind)
     sr = knn_search.resolve(asked, nodes, True, mesh if procs > 1 else None)
-    if procs == 1 and sr.kind == "exact":
+    if procs == 1:
+        infos = []
         gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key=key,
-                                                out=os.path.dirname(ckdir) if ckdir else None))
+                                                out=os.path.dirname(ckdir) if ckdir else None, search=sr,
+                                                infos=infos))
         sig = store_sigma(st, settings, geom) if settings.edge_weights == "rbf" else [None] * len(gs)
         gs = [g if s is None else G.rbf_edges(g, s.reshape(g.batch_shape)) for g, s in zip(gs, sig)]
-        infos = [{"search": "exact", "recall": np.ones(g.batch_shape, np.float32), "sigma": s}
-                 for g, s in zip(gs, sig)]
+        infos = [{**i, "sigma": s} for i, s in zip(infos, sig)]
     else:
         gs, infos = build_graphs(local_features(st, settings, geom), settings, geom, mesh, sr)
         gs = jax.block_until_ready(gs)
@@ -817,8 +846,8 @@ def graph_report(settings: Settings, geom: Geometry, infos: list[dict]) -> dict:
         ks.update({k: int(v) for k, v in infos[0].items() if k in ("nlist", "cap", "cells", "nprobe", "sample",
                                                                     "seed", "recall_rows")})
     tries = [i["tries"] for i in infos if "tries" in i]
-    if tries:                           # the checked IVF: per layer group, its tries [{nprobe, recall}]
-        ks.update(tries=tries, min_recall=infos[0]["min_recall"])
+    if tries:                           # the checked search: per layer group, per graph, its tries [{nprobe, recall}]
+        ks.update(tries=tries, min_recall=next(i["min_recall"] for i in infos if "tries" in i))
     return {"edge_weights": ew, "knn_search": ks}
 
 
@@ -842,7 +871,7 @@ def say_search(info: dict) -> None:
              f"recall {ks['recall_min']:.4f} (the lowest over the layers' graphs) of the exact inter-image top-k on "
              f"{ks.get('recall_rows')} sampled rows")
     elif ks.get("tries"):
-        _say(f"spectral-jax dataset: kNN search exact: the ivf search's sampled recall stayed under "
+        _say(f"spectral-jax dataset: kNN search exact: the approximate search's sampled recall stayed under "
              f"{ks['min_recall']} with the cells it may probe (summary.json: knn_search.tries)")
 
 
