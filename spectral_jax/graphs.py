@@ -353,7 +353,7 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     a2 = a.reshape(-1, *a.shape[-2:])
     b2 = a2 if same else b.reshape(-1, *b.shape[-2:])
     tries = []
-    while True:                     # once, or (a checked IVF: min_recall) until the sampled recall reaches it
+    while True:                     # once, or (a checked search: min_recall) until the sampled recall reaches it
         inter = None
         if sr.kind == "faiss":
             img = np.arange(n) // per

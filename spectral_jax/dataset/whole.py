@@ -832,7 +832,7 @@ def graph_report(settings: Settings, geom: Geometry, infos: list[dict]) -> dict:
     """JSON-ready record of how the graph was made, for the summary: edge_weights {kind, and for rbf: sigma
     {layer: σ} (per layer; "layer/t" keys with timesteps), sigma_pairs, sigma_seed}; knn_search {asked, used,
     recall {layer: r} (1 for exact), recall_min, recall_rows, seed and the IVF sizes for an approximate one, and
-    for the checked IVF its tries per layer group and min_recall}."""
+    for a checked search its tries per layer group and graph and min_recall}."""
     per_graph = lambda arrays: _per_graph(geom, arrays)
     ew = {"kind": settings.edge_weights}
     if settings.edge_weights == "rbf":
