@@ -198,7 +198,8 @@ def test_checked_ivf_probes_more_until_its_recall_is_reached_or_goes_exact(rng, 
 
     u = rng.normal(size=(n_img * PER, 48)).astype(np.float32)    # unstructured: recall 1 is not affordable
     ge = graphs.knn(u, u, GRID, n_img, search="exact", **kw)
-    gx, ix = graphs.knn(u, u, GRID, n_img, search=dataclasses.replace(s, min_recall=1.0), info=True, **kw)
+    gx, ix = graphs.knn(u, u, GRID, n_img, search=dataclasses.replace(s, nprobe=16, min_recall=1.0), info=True,
+                        **kw)                                    # tries at 16 and 32 cells, then exact
     assert ix["search"] == "exact" and len(ix["tries"]) >= 1 and float(ix["recall"]) == 1.0
     np.testing.assert_array_equal(np.asarray(gx.idx), np.asarray(ge.idx))
 
