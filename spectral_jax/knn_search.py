@@ -59,7 +59,7 @@ Array = Any
 
 KINDS = ("auto", "exact", "ivf", "faiss")
 PROBES = ("list", "row")     # IVF probing: per row cell (rows grouped by list) or per row
-AUTO_MIN_RECALL = 0.95       # "auto"'s checked IVF: the sampled recall it must reach (else more probes, then exact)
+AUTO_MIN_RECALL = 0.95       # "auto"'s checked search: the sampled recall it must reach (else more probes, then exact)
 AUTO_MIN_COLUMNS = 1 << 16   # "auto": the exact search below this many columns (the IVF's fixed costs do not pay)
 AUTO_CELL = 64               # "auto": columns per coarse list ≈ 2·AUTO_CELL (cells of ≤ AUTO_CELL, rounded to 8)
 AUTO_NPROBE = 64             # "auto": cells probed per row cell at its first try

@@ -136,12 +136,16 @@ def test_auto_takes_the_checked_search_above_its_size_one_layer_at_a_time(tmp_pa
     assert below["knn_search"]["used"] == "exact" and "tries" not in below["knn_search"]
     monkeypatch.setattr(knn_search, "AUTO_MIN_COLUMNS", 100)
     monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
+    monkeypatch.setattr(knn_search, "AUTO_NPROBE", 1)            # one cell / list first: a recall under 1 to keep
+    monkeypatch.setattr(knn_search, "AUTO_FAISS_NPROBE", 1)
+    monkeypatch.setattr(knn_search, "AUTO_MIN_RECALL", 0.05)
     out = str(tmp_path / "above")
     res = dataset.run(folder, out, backbone=bb, **EXACT)
     ks = res.summary()["knn_search"]
     assert ks["asked"] == "auto" and ks["used"] in ("ivf", "faiss", "exact") and len(ks["tries"][0]) == 2
     assert ks["min_recall"] == knn_search.AUTO_MIN_RECALL
     assert ks["used"] == "exact" or ks["recall_min"] >= knn_search.AUTO_MIN_RECALL
+    assert ks["recall"]["0"] < 1, ks                             # so that the resume below must keep it
     grid_nodes = 12 * 4 * 4                                      # synthetic: 32² input, patch 8; F = 2 heads × 8
     assert res.summary()["memory"]["features_memory"] == grid_nodes * 16 * (4 + 4 * 2)   # one graph, not the tiles
     assert below["memory"]["features_memory"] > grid_nodes * 16 * 12
@@ -149,6 +153,25 @@ def test_auto_takes_the_checked_search_above_its_size_one_layer_at_a_time(tmp_pa
     assert back.summary()["cached"] == ["graph"]
     with np.load(os.path.join(out, "checkpoints", "graph.npz")) as f:
         assert (f["w0"] >= 0).all() and f["idx0"].max() < grid_nodes
+        whole_graph = {k: f[k] for k in ("idx0", "w0")}
+    # stopped after its first layer: --resume reads layer 0 back with its recall and searches layer 1 only
+    stop_out, calls, real = str(tmp_path / "stopped"), [], graphs.knn
+
+    def knn(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **kw)
+
+    monkeypatch.setattr(graphs, "knn", knn)
+    with pytest.raises(KeyboardInterrupt):
+        dataset.run(folder, stop_out, backbone=bb, **EXACT)
+    calls.clear()
+    again = dataset.run(folder, stop_out, backbone=bb, resume=True, **EXACT).summary()["knn_search"]
+    assert len(calls) == 1 and again["recall"] == ks["recall"] and again["tries"][0][0] == []
+    with np.load(os.path.join(stop_out, "checkpoints", "graph.npz")) as f:
+        for k, v in whole_graph.items():
+            np.testing.assert_array_equal(f[k], v)
 
 
 def test_cache_keys_differ_and_a_run_with_other_weights_is_refused(tmp_path):

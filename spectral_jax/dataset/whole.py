@@ -337,8 +337,9 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
     features (one layer, one timestep: a and, for knn-qk, b `[N, F]`) are read whole from the store and searched by
     `graphs.knn` (its checked search: more cells until the sampled recall reaches the search's min_recall, else
     exact); memory one layer's features and the index, not every layer's; infos (a list): one dict per group is
-    appended — search (the kind used by the last graph searched), recall `[L(·T)]` (1 for a graph read back from
-    its part), the IVF sizes and, for a checked search, its tries per graph ([] for one read back)."""
+    appended — search (the approximate kind if any graph kept it), recall `[L(·T)]` (a graph read back from its
+    part: the recall kept with it), the IVF sizes and, for a checked search, its tries per graph ([] for one read
+    back)."""
     fs, n = st.store, len(st.valid)
     approx = search is not None and search.kind != "exact"
     steps = geom.graphs_per_layer                   # T graphs per layer: each timestep's columns of the features
@@ -373,7 +374,7 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
         for j in range(graphs):                     # graph j: layer j // T of the group, timestep j % T
             layer, t = divmod(j, steps)
             part = f"g{g}-l{layer}" + (f"-t{t}" if geom.steps is not None else "")
-            if _read_layer(ckdir, part, key, out, idx, w, j, settings.min_cos):
+            if _read_layer(ckdir, part, key, out, idx, w, j, settings.min_cos, recall=recall if approx else None):
                 tries.append([])
                 if bar is not None:
                     bar.update(-(-n // ti))
@@ -405,7 +406,8 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
                 if bar is not None:
                     bar.update(1)
             if ckdir is not None:
-                store.write_part(ckdir, part, key, {"idx": idx[j], "w": w[j]})
+                store.write_part(ckdir, part, key, {"idx": idx[j], "w": w[j],
+                                                    **({"recall": recall[j:j + 1]} if approx else {})})
         idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
         del idx, w
         deg = _degrees(idx_d, w_d)
@@ -463,17 +465,21 @@ def _tile_images(n: int, bytes_per_image: int, row_bytes: int) -> int:
 
 
 def _read_layer(ckdir, name: str, key, out, idx: np.ndarray, w: np.ndarray, layer: int, min_cos: float,
-                nodes: int | None = None) -> bool:
+                nodes: int | None = None, recall: np.ndarray | None = None) -> bool:
     """Layer `layer`'s idx, w `[R, k]` filled from part `name` when there is one (True), checked: the part as
     `store.read_part` checks it, indices in [0, nodes) (default R: the rows are every node), weights 0 or in
-    (min_cos, 1]; else one `InputError` naming it."""
+    (min_cos, 1]; else one `InputError` naming it. recall `[L]` (an approximate search's parts): the part's
+    measured recall `[1]` too, in [0, 1], into recall[layer]."""
     from spectral_jax.dataset import checkpoint
 
     if ckdir is None:
         return False
     shape = tuple(idx.shape[1:])
     nodes = shape[0] if nodes is None else nodes
-    got = store.read_part(ckdir, name, key, out, {"idx": ("int32", shape), "w": ("float32", shape)})
+    expect = {"idx": ("int32", shape), "w": ("float32", shape)}
+    if recall is not None:
+        expect["recall"] = ("float32", (1,))
+    got = store.read_part(ckdir, name, key, out, expect)
     if got is None:
         return False
     i, x = got["idx"], got["w"]
@@ -482,7 +488,11 @@ def _read_layer(ckdir, name: str, key, out, idx: np.ndarray, w: np.ndarray, laye
         raise checkpoint.damaged(where, f"idx holds neighbours outside [0, {nodes})")
     if not ((x == 0) | ((x > min_cos) & (x <= 1 + 1e-5))).all():
         raise checkpoint.damaged(where, "w holds weights that are not 0 or cosines above min_cos")
+    if recall is not None and not 0 <= float(got["recall"][0]) <= 1:
+        raise checkpoint.damaged(where, "recall is not in [0, 1]")
     idx[layer], w[layer] = i, x
+    if recall is not None:
+        recall[layer] = got["recall"][0]
     return True
 
 
