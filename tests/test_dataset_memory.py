@@ -26,6 +26,7 @@ import sys
 
 import pytest
 
+from spectral_jax import dataset
 from spectral_jax.dataset import memory
 from test_dataset import _env, make_folder
 from test_dataset_badinput import SCRIPT, _one_line_exit_2, _tree
@@ -229,3 +230,12 @@ def test_abstract_weights_is_context_local():
     after = convert.random_leaves(leaf, 0)["block.kernel"]
     assert not inside.any() and seen["other"].any()
     np.testing.assert_array_equal(seen["other"], after)
+
+
+def test_sharded_estimate_takes_the_runs_block():
+    """The sharded search's cosine block is the run's --block rows by its key tile: a smaller block, a smaller
+    features term (the default is 512, Settings.block's)."""
+    groups, kw = [((16, 16), 12, 768)], dict(k=(50, 50), processes=2, solver_path="sharded")
+    small, default = (memory.estimate(groups, 5000, block=b, **kw)["features_memory"] for b in (64, 512))
+    assert small < default == memory.estimate(groups, 5000, **kw)["features_memory"]
+    assert dataset.Settings().block == 512

@@ -88,14 +88,15 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
              k: tuple[int, int] = (50, 50), num_eigs: int = 20, processes: int = 1, dense_max: int | None = None,
              base=None, weights: int = 0, load: int = 0, forward: int = 0, forward_source: str = "none",
              forward_xla: int = 0, solver_path: str = "gathered", local_devices: int = 1,
-             model_on_host: bool = True, search: str = "exact") -> dict:
+             model_on_host: bool = True, search: str = "exact", block: int = 512) -> dict:
     """The memory of an exact run per process, in bytes (the module docstring's formula). groups: [((h, w), L, F)]
     per layer group; num_images: n (padded to the devices); k: (k_intra, k_inter) before capping by the tokens;
     base: the table grid (default the finest of `groups`); weights, load, forward: the model's terms as
     `estimate_run` measures them (bytes per process; 0: not counted; forward_xla: XLA's own figure, a record);
     solver_path: "gathered" or "sharded"; local_devices: the mesh's devices on this process (d); model_on_host:
     whether params and forward live in host memory (the CPU backend); search: the dataset's --search ("auto" counts
-    as approximate from `knn_search.AUTO_MIN_COLUMNS` nodes in one process). Returns {"features_disk",
+    as approximate from `knn_search.AUTO_MIN_COLUMNS` nodes in one process); block: the kNN search's row block
+    (`Settings.block`: the sharded search's cosine block is block × its key tile). Returns {"features_disk",
     "features_memory", "graph", "operator", "solver", "weights", "load", "forward", "forward_xla", "peak",
     "device_peak"} (ints), "forward_source", "solver_path", "processes" and "formula" (a string)."""
     from spectral_jax import graphs as G
@@ -121,7 +122,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         per, mine = grid[0] * grid[1], max(1, num_images // (processes * local_devices))
         tq, tk = (_tile_images(mine, per * width * s, b) for b in (ROW_TILE_BYTES, COL_TILE_BYTES))
         k_o = G.clamp_k(k[0], k[1], tuple(grid), num_images)[1]
-        bq = min(512, tq * per)
+        bq = min(block, tq * per)
         tiles = max(tiles, (c * tq + 2 * tk) * per * width * s
                     + bq * min(max(tk * per, k_o), max(k_o, kernels.INTER_BUDGET // bq)) * 4)
     from spectral_jax import knn_search
@@ -256,7 +257,7 @@ def estimate_run(backbone, layers, settings, geom, mesh, processes: int = 1) -> 
                     weights=weights_bytes(backbone.params) * local, load=weights_bytes(backbone.params),
                     forward=forward * local, forward_source=source, forward_xla=raw * local if source == "xla"
                     else 0, solver_path=path, local_devices=local, model_on_host=on_host,
-                    search=settings.search if settings.method == "exact" else "exact")
+                    search=settings.search if settings.method == "exact" else "exact", block=settings.block)
 
 
 def abstract_backbone(model: str, **family_options):
