@@ -353,13 +353,14 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     a2 = a.reshape(-1, *a.shape[-2:])
     b2 = a2 if same else b.reshape(-1, *b.shape[-2:])
     tries = []
+    kept = [{} for _ in range(a2.shape[0])]         # faiss: each graph's centroids and lists, kept between tries
     while True:                     # once, or (a checked search: min_recall) until the sampled recall reaches it
         inter = None
         if sr.kind == "faiss":
             img = np.arange(n) // per
             ok = np.asarray(valid)[img]
             found = [knn_search.faiss_topk(kernels.unit_rows(ai), kernels.unit_rows(bi), img, img, ok, int(k_inter),
-                                           sr) for ai, bi in zip(a2, b2)]
+                                           sr, same=same, cache=ck) for ai, bi, ck in zip(a2, b2, kept)]
             inter = (jnp.asarray(np.stack([f[0] for f in found])), jnp.asarray(np.stack([f[1] for f in found])))
         checked = sr.kind in ("ivf", "faiss") and sr.min_recall is not None
         want = (info or checked) and sr.kind != "exact"     # the raw cosines leave the program only for the recall

@@ -24,12 +24,14 @@ IVF (`ivf_topk`, JAX: jitted, fixed shapes, CPU and accelerators):
   neighbour. It does not promise the exact result: a neighbour in an unprobed cell is missed.
 faiss (`faiss_topk`, optional `faiss-cpu`, host only — not under `jit`): `IndexIVFFlat` with inner product on the
   same nlist / nprobe, trained on the same seeded sample size; the own group is left out by over-fetching (small
-  groups) or by an ID selector per group (`FAISS_OVERFETCH`).
+  groups) or by an ID selector per group (`FAISS_OVERFETCH`); the coarse quantizer runs once per row (and each
+  column's list is its row's nearest when the rows are the columns).
 
 Checked search (`Search.min_recall`, ivf or faiss; "auto" above `AUTO_MIN_COLUMNS` columns, `auto_search`):
 `graphs.knn` measures the recall after the search and, while it is short, searches again with twice the cells or
 lists (`next_try`); once a try would probe 1/`AUTO_MAX_SHARE` of the columns per row it runs the exact search
-instead. Each try is a fresh search (its own compile); the tries are reported.
+instead. Each try is a fresh search (the IVF: its own compile; faiss: the first try's centroids and lists
+reused, `faiss_topk`'s cache); the tries are reported.
 
 Recall (`recall`): on a seeded sample of rows, the share of the exact top-k found by the approximate search
 (tie-robust: an approximate neighbour counts when its cosine reaches the exact k-th cosine), computed with the exact
@@ -446,14 +448,22 @@ ivf_topk_jit = jax.jit(ivf_topk, static_argnums=(5, 6))
 # --------------------------------------------------------------------------------------------------- faiss
 
 
-def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("faiss")
-               ) -> tuple[np.ndarray, np.ndarray]:
+def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("faiss"), *, same: bool = False,
+               cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The same contract as `ivf_topk` with faiss's `IndexIVFFlat` (inner product) on the host (numpy in and out;
     not under `jit`). Columns with col_ok False are not indexed. Groups of at most `FAISS_OVERFETCH` columns: one
     search of k + the largest group's size per row, the own group's dropped; larger groups: the rows are searched
     one group at a time, each with an ID selector that leaves out its own group's columns (a range when they are
     contiguous), so a row fetches k candidates, not k + its group's size. Trained on `plan`'s seeded sample;
-    faiss's k-means seed is `search.seed`."""
+    faiss's k-means seed is `search.seed`.
+
+    The coarse quantizer runs once per row and once per column: the rows' nprobe nearest lists are searched for
+    first and the index is searched with them (faiss's `search_preassigned`); same (the rows are the columns, a VV
+    graph): each column's list is its row's nearest, not searched for again. cache (a dict, kept by the caller
+    between a checked search's tries on the same a, b): the centroids and the columns' lists are kept in it and
+    reused while nlist, the sample, the seed and the k-means steps are the same — a retry with more lists probed
+    searches the rows' lists again and rebuilds the index from them (no k-means, no assignment). The result is the
+    same with or without either."""
     import faiss
 
     a = np.ascontiguousarray(np.asarray(a, np.float32))
@@ -463,21 +473,36 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
     if k == 0:
         return np.zeros((r, 0), np.int32), np.zeros((r, 0), np.float32)
     pl = plan(c, k, search)
+    nlist, nprobe = pl["nlist"], min(pl["nlist"], pl["nprobe"])
     keep = np.flatnonzero(col_ok)
+    key = (c, d, nlist, pl["sample"], int(search.seed), max(1, int(search.iters)))
+    cache = {} if cache is None else cache
+    if cache.get("key") != key:
+        cache.clear()
+        quant = faiss.IndexFlatIP(d)
+        index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed = int(search.seed)
+        index.cp.niter = key[-1]
+        index.cp.max_points_per_centroid = max(1, pl["sample"] // nlist)
+        index.cp.min_points_per_centroid = min(index.cp.min_points_per_centroid, index.cp.max_points_per_centroid)
+        rng = np.random.default_rng(search.seed)
+        index.train(np.ascontiguousarray(b[rng.choice(c, pl["sample"], replace=False)]))
+        cache.update(key=key, centroids=quant.reconstruct_n(0, nlist))
     quant = faiss.IndexFlatIP(d)
-    index = faiss.IndexIVFFlat(quant, d, pl["nlist"], faiss.METRIC_INNER_PRODUCT)
-    index.cp.seed = int(search.seed)
-    index.cp.niter = max(1, int(search.iters))
-    index.cp.max_points_per_centroid = max(1, pl["sample"] // pl["nlist"])
-    index.cp.min_points_per_centroid = min(index.cp.min_points_per_centroid, index.cp.max_points_per_centroid)
-    rng = np.random.default_rng(search.seed)
-    index.train(np.ascontiguousarray(b[rng.choice(c, pl["sample"], replace=False)]))
-    index.add_with_ids(np.ascontiguousarray(b[keep]), keep.astype(np.int64))
-    nprobe = min(pl["nlist"], pl["nprobe"])
+    quant.add(cache["centroids"])
+    probe_cos, probe = quant.search(a, nprobe)              # [R, P] each row's nearest lists
+    if "lists" not in cache:                                # each indexed column's list [C'] int64
+        cache["lists"] = np.ascontiguousarray(probe[keep, 0] if same else quant.assign(
+            np.ascontiguousarray(b[keep]), 1).ravel(), np.int64)
+    index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.is_trained = True
+    cols, ids, lists = np.ascontiguousarray(b[keep]), keep.astype(np.int64), cache["lists"]
+    index.add_core(len(keep), faiss.swig_ptr(cols), faiss.swig_ptr(ids), faiss.swig_ptr(lists))
+    index.nprobe = nprobe
+    index.parallel_mode = 3     # threads over the rows inside search_preassigned (faiss's default 0 runs it on one)
     over = int(np.bincount(col_grp - col_grp.min()).max()) if c else 0
     if over <= FAISS_OVERFETCH:                 # small groups: one search of k + over, the own group's dropped
-        index.nprobe = nprobe
-        cos, ids = index.search(a, min(k + over, keep.size) or 1)
+        cos, ids = index.search_preassigned(a, min(k + over, keep.size) or 1, probe, probe_cos)
         bad = (ids < 0) | (col_grp[np.maximum(ids, 0)] == row_grp[:, None])
         cos = np.where(bad, -np.inf, cos).astype(np.float32)
         order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
@@ -498,9 +523,12 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
             inner = faiss.IDSelectorRange(int(own[0]), int(own[-1]) + 1)
         else:
             inner = faiss.IDSelectorBatch(own.astype(np.int64))
-        sel = faiss.IDSelectorNot(inner)
-        params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
-        dd, ii = index.search(np.ascontiguousarray(a[rows]), k, params=params)
+        params = faiss.SearchParametersIVF(sel=faiss.IDSelectorNot(inner), nprobe=nprobe)
+        x, pq, pc = (np.ascontiguousarray(v[rows]) for v in (a, probe, probe_cos))
+        dd, ii = np.empty((rows.size, k), np.float32), np.empty((rows.size, k), np.int64)
+        # faiss's Python search_preassigned takes no params (the ID selector): its C++ method (`_c`) does
+        index.search_preassigned_c(rows.size, faiss.swig_ptr(x), k, faiss.swig_ptr(pq), faiss.swig_ptr(pc),
+                                   faiss.swig_ptr(dd), faiss.swig_ptr(ii), False, params)
         cos[rows], ids[rows] = dd, ii
     cos = np.where(ids < 0, -np.inf, cos).astype(np.float32)
     return np.where(np.isfinite(cos), ids, 0).astype(np.int32), cos

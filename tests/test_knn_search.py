@@ -90,6 +90,46 @@ def test_faiss_leaves_out_the_own_group_when_its_columns_are_scattered(rng):
     assert (img[idx] != img[:, None]).all() and ok[idx].all()
 
 
+def test_faiss_keeps_its_centroids_and_lists_between_tries(rng):
+    """faiss_topk with `same` (each column's list taken from its row's probes) and a `cache` kept between tries (a
+    retry with more lists probed reuses the centroids and lists, a changed nlist rebuilds them) gives what faiss's
+    own IndexIVFFlat search gives — trained on the same sample, every column assigned and every row probed by faiss
+    itself — on both of its paths (over-fetch, per-image ID selector)."""
+    faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (optional extra `bench`)")
+    x = planted(rng, 40)
+    k, c = 6, x.shape[0]
+    img = np.arange(c) // PER
+    ok = np.ones(c, bool)
+    ok[img == 3] = False
+
+    def reference(s):                               # faiss's own train / add / search, the own image dropped after
+        pl = knn_search.plan(c, k, s)
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(x.shape[1]), x.shape[1], pl["nlist"], faiss.METRIC_INNER_PRODUCT)
+        index.cp.seed, index.cp.niter = s.seed, s.iters
+        index.cp.max_points_per_centroid = pl["sample"] // pl["nlist"]
+        index.cp.min_points_per_centroid = min(index.cp.min_points_per_centroid, index.cp.max_points_per_centroid)
+        index.train(x[np.random.default_rng(s.seed).choice(c, pl["sample"], replace=False)])
+        index.add_with_ids(x[ok], np.flatnonzero(ok).astype(np.int64))
+        index.nprobe = pl["nprobe"]
+        cos, ids = index.search(x, k + PER)
+        cos = np.where((ids < 0) | (img[np.maximum(ids, 0)] == img[:, None]), -np.inf, cos)
+        return -np.sort(-cos, axis=1)[:, :k]
+
+    for over in (PER, PER - 1):                     # groups of PER tokens: over-fetched, then the selector
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(knn_search, "FAISS_OVERFETCH", over)
+            kept = {}
+            for s in (knn_search.Search("faiss", nlist=16, nprobe=2), knn_search.Search("faiss", nlist=16, nprobe=4),
+                      knn_search.Search("faiss", nlist=8, nprobe=3)):
+                before = kept.get("centroids")
+                idx, cos = knn_search.faiss_topk(x, x, img, img, ok, k, s, same=True, cache=kept)
+                assert (kept["centroids"] is before) == (s.nprobe == 4), "kept between tries, rebuilt for nlist 8"
+                np.testing.assert_allclose(cos, reference(s), atol=1e-6)
+                alone = knn_search.faiss_topk(x, x.copy(), img, img, ok, k, s)
+                np.testing.assert_array_equal(idx, alone[0])
+                assert (img[idx] != img[:, None]).all() and ok[idx].all()
+
+
 def test_recall_counts_what_is_missing(rng):
     """recall is 1 for the exact result and drops by the share of neighbours replaced with worse ones."""
     x = planted(rng, 30)
