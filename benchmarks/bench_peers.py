@@ -19,13 +19,15 @@ is an exact normalised cut of the dense RBF affinity). Parts (each on the same i
            eigenvectors; 1 = the same subspace).
   scale    seconds and peak memory on random unit 64-d features, N = --scale-n: ncut's whole `fit_transform`
            vs our kNN graph (`graphs.knn`, images of 100 tokens, k_intra = 0, k_inter = --k, search --search:
-           "auto" = exact, name ivf or faiss for the approximate search) + `solvers.exact`, each in
+           "auto": `knn_search.resolve`'s choice, name ivf or faiss for one approximate search) + `solvers.exact`, each in
            a fresh process (peak RSS growth over the input: `_common.peak_rss_delta`); recall of the approximate
-           search on a seeded 1000-row sample. Two inputs: "uniform" (i.i.d. on the sphere: no neighbourhood
+           search on a seeded 1000-row sample. Inputs: "uniform" (i.i.d. on the sphere: no neighbourhood
            structure, the worst case of every inverted-file index), "clustered" (N/1000 planted centres, each
-           spread over its own random 8-d subspace: low intrinsic dimension) and "horse" (real features:
+           spread over its own random 8-d subspace: low intrinsic dimension), "horse" (real features:
            DINOv2-S/14's last-block output on N/1024 horse-dev images at 448², the central 32×32 tokens, PCA to
-           64-d; `real_features`, cached under --work). --nlist / --nprobe / --probe set the IVF per N.
+           64-d; `real_features`, cached under --work) and "views" (real features up to ≈ 1.4·10⁶ tokens: five
+           448² views of each of ../shared/data's 279 photos, one group per photo; `view_features`). --nlist /
+           --nprobe / --probe set the IVF per N.
 
     python benchmarks/bench_peers.py [--data ../shared/data] [--parts fg,dataset,eigen,scale] [--out …/peers.md]
     python benchmarks/bench_peers.py --tiny --work DIR --out DIR/peers.md      # seconds: random weights; generated
@@ -63,9 +65,9 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--eigen-n", type=int, default=4000,
                     help="eigen part: nodes (> 8192: ncut takes its Nyström path)")
     ap.add_argument("--scale", default="uniform:10000,uniform:100000,uniform:1000000,clustered:1000000",
-                    help="scale part: DATA:N points, comma-separated (DATA uniform, clustered or horse)")
+                    help="scale part: DATA:N points, comma-separated (DATA uniform, clustered, horse or views)")
     ap.add_argument("--k", type=int, default=10, help="scale part: inter-image neighbours per node")
-    ap.add_argument("--search", default="ivf", help="scale part: graphs.knn search (auto is exact: O(N²) at 10⁶)")
+    ap.add_argument("--search", default="ivf", help="scale part: graphs.knn search (auto: exact below 65 536 tokens, else the checked approximate search)")
     ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
                                                      "knn_search's default")
     ap.add_argument("--nlist", default="", help="scale part: coarse lists, N:L pairs; other N: knn_search's default")
@@ -355,6 +357,58 @@ def real_features(args, n: int) -> str:
     return path
 
 
+VIEW_SETS = ("horse-dev/images", "coco100", "coco-mini")   # scale part, data "views": the images, in this order
+VIEWS = 5                     # views per image: the whole (centre 448², shorter side 448) + the 4 quadrants of the
+#                               centre 896² at shorter side 896, each 448², 32×32 tokens
+
+
+def view_features(args, n: int) -> str:
+    """The scale part's real features at up to ≈ 1.4·10⁶ tokens: last-block output of DINOv2-S/14 (args.weights)
+    on the first n / (VIEWS·1024) images of `VIEW_SETS` (sorted names; 279 with ../shared/data), VIEWS views of 448²
+    each (all 32×32 tokens), PCA to 64-d (fitted on all), unit rows. One image's views are one group (grid
+    160×32), so a token's inter-image neighbours come from other photos, never from a zoom of its own. Cached as
+    `[n, 64]` float32 .npy under args.work; returns its path."""
+    import glob
+
+    import jax
+    from tqdm import tqdm
+
+    from spectral_jax import io, models
+    from spectral_jax.pipeline import load_inputs
+
+    per = VIEWS * 1024
+    path = os.path.join(args.work, f"views_{args.weights}_{n}.npy")
+    if os.path.exists(path):
+        return path
+    files = [f for s in VIEW_SETS for f in sorted(glob.glob(os.path.join(args.data, s, "*.jpg")))]
+    if n % per or len(files) < n // per:
+        sys.exit(f"bench_peers: data views:{n} needs a multiple of {per} tokens and {n // per} images under "
+                 f"{args.data} ({', '.join(VIEW_SETS)}: {len(files)} found)")
+    bb = models.load_backbone("dinov2_vits14", args.weights)
+    xs = []
+    for f in tqdm(files[:n // per], desc="views: forward", unit="image"):
+        img = io.load_image(f)
+        (small,), _, _ = load_inputs([img], bb.preprocess, 448)
+        (large,), _, _ = load_inputs([img], bb.preprocess, 896)
+        views = [_centre(small, 448)] + [_centre(large, 896)[i:i + 448, j:j + 448] for i in (0, 448) for j in (0, 448)]
+        for v in views:
+            taps = jax.block_until_ready(bb.taps(np.ascontiguousarray(v)[None], hidden=True))
+            xs.append(np.asarray(taps.patches().hidden[bb.num_layers - 1][0], np.float32).reshape(1024, -1))
+    x = np.concatenate(xs)
+    x -= x.mean(0)
+    x = x @ np.linalg.svd(x[np.random.default_rng(0).choice(len(x), min(len(x), 200_000), replace=False)],
+                          full_matrices=False)[2][:64].T
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    np.save(path, x.astype(np.float32))
+    return path
+
+
+def _centre(x: np.ndarray, size: int) -> np.ndarray:
+    """The centre `[size, size]` crop of an `[H, W, C]` array (H, W ≥ size)."""
+    i, j = (x.shape[0] - size) // 2, (x.shape[1] - size) // 2
+    return x[i:i + size, j:j + size]
+
+
 def _scale_child(spec: dict) -> dict:
     """One scale point in this (fresh) process: {seconds, peak RSS growth, recall, ...}."""
     import jax
@@ -366,6 +420,8 @@ def _scale_child(spec: dict) -> dict:
         x /= np.linalg.norm(x, axis=1, keepdims=True)
     elif kind == "horse":
         x, grid = np.load(spec["path"]), REAL_GRID
+    elif kind == "views":
+        x, grid = np.load(spec["path"]), (VIEWS * 32, 32)
     else:
         x = planted_features(n, 64, max(1, n // 1000), 3.0, spec["seed"], dim=8)
     per = grid[0] * grid[1]
@@ -418,7 +474,7 @@ def part_scale(args) -> list[dict]:
     for point in args.scale.split(","):
         kind, n = point.split(":")
         n = int(n)
-        path = real_features(args, n) if kind == "horse" else None
+        path = real_features(args, n) if kind == "horse" else view_features(args, n) if kind == "views" else None
         for tool in ("ncut", "ours"):
             spec = dict(n=n, data=kind, tool=tool, seed=args.seed, num_eigs=args.num_eigs, k=args.k,
                         search=args.search, nprobe=nprobe.get(n), nlist=nlist.get(n), graph_only=args.graph_only,
