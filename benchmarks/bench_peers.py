@@ -19,9 +19,9 @@ is an exact normalised cut of the dense RBF affinity). Parts (each on the same i
            eigenvectors; 1 = the same subspace).
   scale    seconds and peak memory on random unit 64-d features, N = --scale-n: ncut's whole `fit_transform`
            vs our kNN graph (`graphs.knn`, images of 100 tokens, k_intra = 0, k_inter = --k, search --search:
-           "auto": `knn_search.resolve`'s choice, name ivf or faiss for one approximate search) + `solvers.exact`, each in
-           a fresh process (peak RSS growth over the input: `_common.peak_rss_delta`); recall of the approximate
-           search on a seeded 1000-row sample. Inputs: "uniform" (i.i.d. on the sphere: no neighbourhood
+           "auto": `knn_search.resolve`'s choice, name ivf or faiss for one approximate search) + `solvers.exact`,
+           each in a fresh process (peak RSS growth over the input: `_common.peak_rss_delta`); recall of the
+           approximate search on a seeded 1000-row sample. Inputs: "uniform" (i.i.d. on the sphere: no neighbourhood
            structure, the worst case of every inverted-file index), "clustered" (N/1000 planted centres, each
            spread over its own random 8-d subspace: low intrinsic dimension), "horse" (real features:
            DINOv2-S/14's last-block output on N/1024 horse-dev images at 448², the central 32×32 tokens, PCA to
@@ -67,7 +67,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--scale", default="uniform:10000,uniform:100000,uniform:1000000,clustered:1000000",
                     help="scale part: DATA:N points, comma-separated (DATA uniform, clustered, horse or views)")
     ap.add_argument("--k", type=int, default=10, help="scale part: inter-image neighbours per node")
-    ap.add_argument("--search", default="ivf", help="scale part: graphs.knn search (auto: exact below 65 536 tokens, else the checked approximate search)")
+    ap.add_argument("--search", default="ivf",
+                    help="scale part: graphs.knn search (auto: exact below 65 536 tokens, else the checked one)")
     ap.add_argument("--nprobe", default="", help="scale part: cells probed, N:P pairs (e.g. 1000000:8); other N: "
                                                      "knn_search's default")
     ap.add_argument("--nlist", default="", help="scale part: coarse lists, N:L pairs; other N: knn_search's default")
