@@ -74,3 +74,29 @@ def test_merged_total_counts_only_the_runs_in_the_report(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     assert json.loads((tmp_path / "merged.json").read_text())["seconds_total"] == 130.0      # 100 + 5 + 10 + 15
     assert "Total 130 s: eigen 100 s; scale data and process starts 5 s; 2 scale points 25 s" in out.read_text()
+
+
+def test_view_features_are_five_views_per_photo(tmp_path):
+    """bench_peers.view_features (the scale part's "views" data): each photo gives VIEWS · 1024 tokens (five 448²
+    views, all 32×32 tokens), PCA'd to 64-d unit rows, cached under --work; too few photos: one line saying so."""
+    import numpy as np
+    from PIL import Image
+
+    sys.path.insert(0, BENCH)
+    import bench_peers
+
+    img = tmp_path / "data" / "horse-dev" / "images"
+    img.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (300, 420, 3), dtype=np.uint8)).save(img / "horse001.jpg")
+    args = bench_peers.parse(["--data", str(tmp_path / "data"), "--work", str(tmp_path), "--weights", "random"])
+    n = bench_peers.VIEWS * 1024
+    path = bench_peers.view_features(args, n)
+    x = np.load(path)
+    assert x.shape == (n, 64) and x.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5)
+    assert len({tuple(np.round(v, 4)) for v in x[::1024]}) == bench_peers.VIEWS   # five different views
+    mtime = os.path.getmtime(path)
+    assert bench_peers.view_features(args, n) == path and os.path.getmtime(path) == mtime     # cached
+    with pytest.raises(SystemExit, match="needs a multiple of 5120 tokens and 2 images"):
+        bench_peers.view_features(args, 2 * n)
