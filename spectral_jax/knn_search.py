@@ -197,6 +197,14 @@ def next_try(c: int, k: int, s: Search) -> Search:
     return dataclasses.replace(s, kind="exact") if done else dataclasses.replace(s, nprobe=p)
 
 
+def last_try(c: int, k: int, s: Search) -> Search:
+    """The last approximate try a checked search `s` over C columns may make before `next_try` turns exact (`s`
+    itself when its first retry would be exact): the one that probes the most (its memory, `faiss_topk`'s probes)."""
+    while (nxt := next_try(c, k, s)).kind != "exact":
+        s = nxt
+    return s
+
+
 def default_nlist(c: int) -> int:
     """Coarse lists for C columns: the power of two nearest √C (≥ 1)."""
     return max(1, 2 ** round(math.log2(max(1.0, math.sqrt(c)))))
@@ -458,7 +466,8 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
     faiss's k-means seed is `search.seed`.
 
     The coarse quantizer runs once per row and once per column: the rows' nprobe nearest lists are searched for
-    first and the index is searched with them (faiss's `search_preassigned`); same (the rows are the columns, a VV
+    first (held for all rows: R·nprobe·12 bytes) and the index is searched with them (faiss's `search_preassigned`);
+    same (the rows are the columns, a VV
     graph): each column's list is its row's nearest, not searched for again. cache (a dict, kept by the caller
     between a checked search's tries on the same a, b): the centroids and the columns' lists are kept in it and
     reused while nlist, the sample, the seed and the k-means steps are the same — a retry with more lists probed
