@@ -467,8 +467,8 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
 
     The coarse quantizer runs once per row and once per column: the rows' nprobe nearest lists are searched for
     first (held for all rows: R·nprobe·12 bytes) and the index is searched with them (faiss's `search_preassigned`);
-    same (the rows are the columns, a VV
-    graph): each column's list is its row's nearest, not searched for again. cache (a dict, kept by the caller
+    same (the rows are the columns, a VV graph): each column's list is its row's nearest, not searched for again.
+    cache (a dict, kept by the caller
     between a checked search's tries on the same a, b): the centroids and the columns' lists are kept in it and
     reused while nlist, the sample, the seed and the k-means steps are the same — a retry with more lists probed
     searches the rows' lists again and rebuilds the index from them (no k-means, no assignment). The result is the
@@ -532,7 +532,8 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
             inner = faiss.IDSelectorRange(int(own[0]), int(own[-1]) + 1)
         else:
             inner = faiss.IDSelectorBatch(own.astype(np.int64))
-        params = faiss.SearchParametersIVF(sel=faiss.IDSelectorNot(inner), nprobe=nprobe)
+        sel = faiss.IDSelectorNot(inner)        # held here: faiss's objects point at each other, not own them
+        params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
         x, pq, pc = (np.ascontiguousarray(v[rows]) for v in (a, probe, probe_cos))
         dd, ii = np.empty((rows.size, k), np.float32), np.empty((rows.size, k), np.int64)
         # faiss's Python search_preassigned takes no params (the ID selector): its C++ method (`_c`) does
