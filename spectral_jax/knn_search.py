@@ -468,11 +468,10 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
     The coarse quantizer runs once per row and once per column: the rows' nprobe nearest lists are searched for
     first (held for all rows: R·nprobe·12 bytes) and the index is searched with them (faiss's `search_preassigned`);
     same (the rows are the columns, a VV graph): each column's list is its row's nearest, not searched for again.
-    cache (a dict, kept by the caller
-    between a checked search's tries on the same a, b): the centroids and the columns' lists are kept in it and
-    reused while nlist, the sample, the seed and the k-means steps are the same — a retry with more lists probed
-    searches the rows' lists again and rebuilds the index from them (no k-means, no assignment). The result is the
-    same with or without either."""
+    cache (a dict, kept by the caller between a checked search's tries on the same a, b): the centroids and the
+    columns' lists are kept in it and reused while nlist, the sample, the seed and the k-means steps are the same —
+    a retry with more lists probed searches the rows' lists again and rebuilds the index from them (no k-means, no
+    assignment). The result is the same with or without either."""
     import faiss
 
     a = np.ascontiguousarray(np.asarray(a, np.float32))
