@@ -76,13 +76,13 @@ def test_merged_total_counts_only_the_runs_in_the_report(tmp_path):
     assert "Total 130 s: eigen 100 s; scale data and process starts 5 s; 2 scale points 25 s" in out.read_text()
 
 
-def test_view_features_are_five_views_per_photo(tmp_path):
+def test_view_features_are_five_views_per_photo(tmp_path, monkeypatch):
     """bench_peers.view_features (the scale part's "views" data): each photo gives VIEWS · 1024 tokens (five 448²
     views, all 32×32 tokens), PCA'd to 64-d unit rows, cached under --work; too few photos: one line saying so."""
     import numpy as np
     from PIL import Image
 
-    sys.path.insert(0, BENCH)
+    monkeypatch.syspath_prepend(BENCH)
     import bench_peers
 
     img = tmp_path / "data" / "horse-dev" / "images"
