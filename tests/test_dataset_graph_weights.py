@@ -160,7 +160,7 @@ def test_auto_takes_the_checked_search_above_its_size_one_layer_at_a_time(tmp_pa
     stop_out, calls, real = str(tmp_path / "stopped"), [], graphs.knn
 
     def knn(*a, **kw):
-        calls.append(1)
+        calls.append(a[0] is a[1])                               # knn-vv: the rows are the columns, one array
         if len(calls) == 2:
             raise KeyboardInterrupt
         return real(*a, **kw)
@@ -171,6 +171,7 @@ def test_auto_takes_the_checked_search_above_its_size_one_layer_at_a_time(tmp_pa
     calls.clear()
     again = dataset.run(folder, stop_out, backbone=bb, resume=True, **EXACT).summary()["knn_search"]
     assert len(calls) == 1 and again["recall"] == ks["recall"] and again["tries"][0][0] == []
+    assert calls == [True], "the VV graph's rows reached graphs.knn as a copy of its columns (no reuse of lists)"
     with np.load(os.path.join(stop_out, "checkpoints", "graph.npz")) as f:
         for k, v in whole_graph.items():
             np.testing.assert_array_equal(f[k], v)

@@ -382,13 +382,14 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
             if approx:
                 a = tile(f"a{g}", layer, t, 0, n)
                 b = a if bname == f"a{g}" else tile(bname, layer, t, 0, n)
-                one, used = G.knn(a[None], a[None] if b is a else b[None], grid, n, k_intra, k_inter,
+                rows = a[None]                      # knn-vv: one array for rows and columns (`graphs.knn`'s same)
+                one, used = G.knn(rows, rows if b is a else b[None], grid, n, k_intra, k_inter,
                                   settings.min_cos, settings.block, valid=st.valid, search=search, info=True)
                 idx[j], w[j] = np.asarray(one.idx[0]), np.asarray(one.w[0])
                 recall[j] = float(np.asarray(used["recall"]).reshape(-1)[0])
                 tries.append(used.get("tries", []))
                 kinds.add(used["search"])
-                del a, b, one
+                del a, b, rows, one
                 if bar is not None:
                     bar.update(1)
             for i0 in range(0, n, ti) if not approx else ():
