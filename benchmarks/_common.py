@@ -220,6 +220,21 @@ def run_child(script: str, args: dict[str, Any], timeout: float = 1800) -> dict[
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def save_npy(path: str, x) -> None:
+    """`np.save` of x to path atomically (a temporary file beside it, then renamed): a run killed midway leaves no
+    partial .npy that a later run would take for its cache."""
+    import numpy as np
+
+    tmp = path + ".part"
+    try:
+        with open(tmp, "wb") as f:
+            np.save(f, x)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def write(path: str, text: str, announce: bool = False) -> None:
     """Write a results file atomically (creating its folder); if `announce`, say so on stdout."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

@@ -354,7 +354,7 @@ def real_features(args, n: int) -> str:
     x -= x.mean(0)
     x = x @ np.linalg.svd(x, full_matrices=False)[2][:64].T
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    np.save(path, x.astype(np.float32))
+    _common.save_npy(path, x.astype(np.float32))
     return path
 
 
@@ -400,7 +400,7 @@ def view_features(args, n: int) -> str:
     x = x @ np.linalg.svd(x[np.random.default_rng(0).choice(len(x), min(len(x), 200_000), replace=False)],
                           full_matrices=False)[2][:64].T
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    np.save(path, x.astype(np.float32))
+    _common.save_npy(path, x.astype(np.float32))
     return path
 
 

@@ -100,3 +100,25 @@ def test_view_features_are_five_views_per_photo(tmp_path, monkeypatch):
     assert bench_peers.view_features(args, n) == path and os.path.getmtime(path) == mtime     # cached
     with pytest.raises(SystemExit, match="needs a multiple of 5120 tokens and 2 images"):
         bench_peers.view_features(args, 2 * n)
+
+
+def test_cached_features_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
+    """_common.save_npy (the scale part's cached features): a save that fails midway leaves no file at the path,
+    so the next run computes the features again instead of reading a partial cache."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(BENCH)
+    import _common
+
+    path = str(tmp_path / "x.npy")
+    _common.save_npy(path, np.arange(6.0))
+    np.testing.assert_array_equal(np.load(path), np.arange(6.0))
+
+    def broken(f, x):
+        f.write(b"\x93NUMPY partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(np, "save", broken)
+    with pytest.raises(OSError, match="disk full"):
+        _common.save_npy(str(tmp_path / "y.npy"), np.arange(6.0))
+    assert sorted(os.listdir(tmp_path)) == ["x.npy"]
