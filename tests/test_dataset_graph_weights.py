@@ -177,6 +177,36 @@ def test_auto_takes_the_checked_search_above_its_size_one_layer_at_a_time(tmp_pa
             np.testing.assert_array_equal(f[k], v)
 
 
+def test_min_recall_is_the_checked_search_floor_and_part_of_the_result(tmp_path, monkeypatch):
+    """`min_recall` (--min-recall) is the floor the dataset's checked search reaches before it stops probing more:
+    a low floor keeps the first try, a floor of 1 probes on (to the exact search, or a try that finds every
+    sampled neighbour); the summary records the floor used; a resumed run with another floor is refused (it is a
+    result setting: the graph depends on it); beside --search exact, or out of (0, 1], it is one InputError line."""
+    monkeypatch.setattr(knn_search, "AUTO_MIN_COLUMNS", 100)
+    monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
+    monkeypatch.setattr(knn_search, "AUTO_NPROBE", 1)            # one cell / list first: a recall under 1
+    monkeypatch.setattr(knn_search, "AUTO_FAISS_NPROBE", 1)
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    bb = synthetic()
+    low = dataset.run(folder, str(tmp_path / "low"), backbone=bb, **EXACT, min_recall=0.05).summary()["knn_search"]
+    assert low["min_recall"] == 0.05 and low["used"] != "exact" and low["recall_min"] < 1, low
+    assert all(len(t) == 1 for t in low["tries"][0]), low["tries"]           # the first try reached the floor
+    high = dataset.run(folder, str(tmp_path / "high"), backbone=bb, **EXACT, min_recall=1.0).summary()["knn_search"]
+    assert high["min_recall"] == 1.0 and (high["used"] == "exact" or high["recall_min"] == 1.0), high
+    assert high["tries"] != low["tries"] or high["used"] != low["used"]       # it searched on past the first try
+    assert S.Settings(min_recall=0.98).result_fields()["min_recall"] == 0.98
+    with pytest.raises(dataset.InputError, match=r"min_recall 0.05 → 1.0"):
+        dataset.run(folder, str(tmp_path / "low"), backbone=bb, resume=True, **EXACT, min_recall=1.0)
+    for bad, match in ((0, r"--min-recall: must be a recall in \(0, 1\], got 0"), (1.5, r"got 1.5"),
+                       (float("nan"), r"got nan"), ("0.9", r"must be a number")):
+        with pytest.raises(dataset.InputError, match=match):
+            S.Settings(min_recall=bad)
+    with pytest.raises(dataset.InputError, match=r"--min-recall: .*--search exact is exact — drop --min-recall"):
+        S.Settings(search="exact", min_recall=0.99)
+    with pytest.raises(dataset.InputError, match=r"--min-recall.* --method exact only"):
+        S.Settings(method="gd", min_recall=0.99)
+
+
 def test_cache_keys_differ_and_a_run_with_other_weights_is_refused(tmp_path):
     fp = dict(model="m", weights="w", layers="all", size=[32, 32], files={}, num_images=1, graph="knn-vv",
               features_dtype="float32", k_intra_effective=5, k_inter_effective=5, min_cos=0.1, block=512,
@@ -185,6 +215,7 @@ def test_cache_keys_differ_and_a_run_with_other_weights_is_refused(tmp_path):
     assert keys["cosine"] != keys["rbf"] and keys["rbf"]["edge_weights"] == "rbf"
     assert "seed" in keys["rbf"] and "seed" not in keys["cosine"]              # σ's pairs are drawn with the seed
     assert whole.cache_key("graph", {**fp, "edge_weights": "cosine", "search": "ivf"}) != keys["cosine"]
+    assert whole.cache_key("graph", {**fp, "edge_weights": "cosine", "min_recall": 0.99}) != keys["cosine"]
     # the features do not depend on the weights: their key is the same
     assert (whole.cache_key("features", {**fp, "edge_weights": "cosine"})
             == whole.cache_key("features", {**fp, "edge_weights": "rbf"}))
@@ -225,15 +256,16 @@ def test_gd_batches_take_the_rbf_weights(tmp_path):
     assert not np.allclose(a.eigvecs, b.eigvecs, atol=1e-4)
 
 
-@pytest.mark.parametrize("case", ["weights", "search", "search-gd"])
+@pytest.mark.parametrize("case", ["weights", "search", "search-gd", "min-recall", "min-recall-exact"])
 def test_cli_refuses_bad_graph_options_in_one_line(tmp_path, case):
     folder = make_folder(str(tmp_path / "imgs"), 2)
     extra = {"weights": ["--edge-weights", "binary"], "search": ["--search", "hnsw"],
-             "search-gd": ["--method", "gd", "--search", "ivf"]}[case]
+             "search-gd": ["--method", "gd", "--search", "ivf"], "min-recall": ["--min-recall", "1.5"],
+             "min-recall-exact": ["--search", "exact", "--min-recall", "0.99"]}[case]
     r = _cli(folder, "--model", "dinov2_vits14", "--weights", "random", *extra, "--out", str(tmp_path / "out"))
     assert r.returncode == 2, r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("spectral-jax dataset: error:"), r.stderr
-    assert ("--search" if case.startswith("search") else "--edge-weights") in r.stderr
+    assert {"search": "--search", "weights": "--edge-weights", "min": "--min-recall"}[case.split("-")[0]] in r.stderr
     assert not (tmp_path / "out").exists()
 
 

@@ -9,11 +9,12 @@ of batches, AdamW steps per batch, EMA), checkpointed every --checkpoint-every s
 edges weigh their cosine (the paper's recipe) or an RBF of the distance with the median σ of seeded token pairs
 (ncut-pytorch's rule; σ per layer in the summary). --search (exact): the inter-image neighbours by the tiled exact
 search from the stored features (exact), or by a checked approximate index over one layer's features at a time (ivf,
-faiss: more cells probed until its recall on a seeded sample of rows reaches 0.95, else exact), reported on stderr and
-in the summary's "knn_search"; auto (the default) is exact below 65 536 tokens and the checked search above (faiss
-where installed). --layer-weights: by default (a ViT under exact) "geometric", w ∝ 2^layer — a prior that deeper
-layers group by meaning; `--layer-weights uniform` is the paper's equal weights (gd's and the diffusion models'
-default; README, "Dataset level"); --resume keeps the weights the earlier run's summary.json recorded.
+faiss: more cells probed until its recall on a seeded sample of rows reaches --min-recall, default 0.95, else exact),
+reported on stderr and in the summary's "knn_search"; auto (the default) is exact below 65 536 tokens and the
+checked search above (faiss where installed). --layer-weights: by default (a ViT under exact) "geometric",
+w ∝ 2^layer — a prior that deeper layers group by meaning; `--layer-weights uniform` is the paper's equal weights
+(gd's and the diffusion models' default; README, "Dataset level"); --resume keeps the weights the earlier run's
+summary.json recorded.
 
 Writes OUT/eigvecs.npz (`eigvecs` [num_images, K, h, w] + `names`, one file for the whole folder),
 OUT/eigvecs.png (eigenvectors 1–15 of the first 100 images, three per RGB tile), OUT/segments.npz (`segments`
@@ -115,6 +116,11 @@ def register(sub) -> None:
                         "probes more cells until its recall on a seeded sample reaches 0.95, else exact), auto "
                         "(default: exact below 65 536 tokens or with several processes, else the checked search, "
                         "faiss where installed)")
+    p.add_argument("--min-recall", type=float, default=None, metavar="R",
+                   help="exact, --search auto|ivf|faiss: the approximate search's recall floor in (0, 1] — it probes "
+                        "more cells until its recall on a seeded sample reaches R, else searches exactly (default "
+                        "0.95; a graph just above 0.95 can move a many-eigenvector embedding: "
+                        "benchmarks/results/dataset_search.md)")
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="main_cls: the seed paper's dataset experiment (its official main_cls.py) on a Stable "
                         "Diffusion UNet — the mid block's and the two coarser decoder blocks' self-attention (layers "
@@ -158,7 +164,7 @@ def _check_segments(args, settings, patch: int) -> None:
 def _method_options(args) -> dict:
     return {k: v for k, v in dict(
         features_dtype="bfloat16" if args.bf16_features else None, maxiter=args.maxiter, tol=args.tol,
-        exact_solver=args.solver, search=args.search,
+        exact_solver=args.solver, search=args.search, min_recall=args.min_recall,
         preset=args.preset, epochs=args.epochs, inner_steps=args.inner_steps, lr=args.lr, ema=args.ema,
         checkpoint_every=args.checkpoint_every).items() if v is not None}
 

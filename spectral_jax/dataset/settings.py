@@ -33,7 +33,7 @@ DEFAULT_LAYER_WEIGHTS = "geometric"
 # numbers, segments and figure_images steer both; the layer-weight rules are checked on their own.)
 METHOD_OPTIONS = {
     "exact": {"features_dtype": "--bf16-features", "maxiter": "--maxiter", "tol": "--tol",
-              "exact_solver": "--solver", "search": "--search"},
+              "exact_solver": "--solver", "search": "--search", "min_recall": "--min-recall"},
     "gd": {"preset": "--preset", "epochs": "--epochs", "inner_steps": "--inner-steps", "lr": "--lr",
            "ema": "--ema", "checkpoint_every": "--checkpoint-every", "weight_decay": "weight_decay", "lam": "lam"},
 }
@@ -137,9 +137,10 @@ class Settings:
     features' distance, σ the median distance of `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's
     rule; `graphs.weight_edges`); search: the exact method's inter-image kNN search, "exact" (the store's tiled
     brute force), "ivf" / "faiss" (`knn_search.auto_search`'s checked approximate search, one graph's features in
-    memory at a time: more cells until the sampled recall reaches `knn_search.AUTO_MIN_RECALL`, else exact) or
-    "auto" (exact below `knn_search.AUTO_MIN_COLUMNS` tokens and with several processes, else the checked search:
-    faiss on the CPU where installed, else ivf); lam: the paper
+    memory at a time: more cells until the sampled recall reaches min_recall, else exact) or "auto" (exact below
+    `knn_search.AUTO_MIN_COLUMNS` tokens and with several processes, else the checked search: faiss on the CPU where
+    installed, else ivf); min_recall: that floor, in (0, 1] (None: `knn_search.AUTO_MIN_RECALL`, 0.95; refused
+    beside search "exact"), exact only; lam: the paper
     loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it
     (None: every layer equal, the paper's recipe; the CLI passes `DEFAULT_LAYER_WEIGHTS` for a ViT under exact) — a
     mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired with `layers` in
@@ -188,6 +189,7 @@ class Settings:
     min_cos: float = 0.1
     edge_weights: str = "cosine"
     search: str = "auto"
+    min_recall: float | None = None  # the checked search's recall floor (None: `knn_search.AUTO_MIN_RECALL`)
     lam: float = 1.0
     layer_weights: object = None
     seed: int = 0
@@ -215,6 +217,7 @@ class Settings:
             layer_weights=LayerWeights.parse(self.layer_weights),
             segments=parse_segments(self.segments),
             lr=None if self.lr is None else _number("--lr", self.lr, 0.01),
+            min_recall=None if self.min_recall is None else _number("--min-recall", self.min_recall, 0.98),
             k_intra=None if self.k_intra is None else _integer("--k-intra", self.k_intra, DEFAULT_K),
             k_inter=None if self.k_inter is None else _integer("--k-inter", self.k_inter, DEFAULT_K),
             **{f: _integer(flag, getattr(self, f), eg) for f, flag, eg in (
@@ -257,6 +260,11 @@ class Settings:
             bad(f"--edge-weights {self.edge_weights!r}", "unknown edge weighting", f"choose one of {', '.join(EDGES)}")
         if self.search not in SEARCHES:
             bad(f"--search {self.search!r}", "unknown kNN search", f"choose one of {', '.join(SEARCHES)}")
+        if self.min_recall is not None:
+            real("--min-recall", self.min_recall, 0.0 < self.min_recall <= 1.0, "a recall in (0, 1]", 0.98)
+            if self.search == "exact":
+                bad("--min-recall", "is the floor of an approximate search's recall, and --search exact is exact",
+                    "drop --min-recall, or pass --search auto, ivf or faiss")
         if self.exact_solver not in EXACT_SOLVERS:
             bad(f"--solver {self.exact_solver!r}", "unknown", f"choose one of {', '.join(EXACT_SOLVERS)}")
         if self.preset not in PRESETS:
@@ -487,10 +495,10 @@ def _method_fields() -> list[str]:
 
 # Result fields added after runs existed, with the value every run made before them had: a checkpoint's or a
 # cache's record without one is read with it (`checkpoint.check_same`), so those runs still resume.
-ADDED_FIELDS = {"edge_weights": "cosine", "search": "auto"}
+ADDED_FIELDS = {"edge_weights": "cosine", "search": "auto", "min_recall": None}
 RESULT_FIELDS = ("graph", "method", "features_dtype", "maxiter", "tol", "preset", "num_eigs", "batch_size",
                  "inner_steps", "lr", "weight_decay", "ema", "k_intra", "k_inter", "min_cos", "edge_weights", "search",
-                 "lam", "layer_weights", "seed", "block", "model_options")
+                 "min_recall", "lam", "layer_weights", "seed", "block", "model_options")
 
 
 __all__ = ["ADDED_FIELDS", "DEFAULT_K", "DEFAULT_LAYER_WEIGHTS", "EDGES", "FEATURE_DTYPES", "GRAPHS", "METHODS",

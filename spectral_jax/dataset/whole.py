@@ -534,13 +534,13 @@ def _rows_tile(a, own, i0, vals, near, valid, per: int, k_intra: int, min_cos: f
 def cache_key(kind: str, fp: dict) -> dict:
     """The fingerprint fields a cache depends on: the forward's (model, weights, layers, size, the image files and
     their content digests, graph kind, features dtype, and a diffusion model's load options, timesteps and noise
-    seed) for features; plus k, min_cos, block, the edge weights and the search for the graph (and the seed where
-    they draw samples: rbf's σ pairs, a search other than "exact")."""
+    seed) for features; plus k, min_cos, block, the edge weights, the search and its min_recall for the graph (and
+    the seed where they draw samples: rbf's σ pairs, a search other than "exact")."""
     keys = ["model", "weights", "layers", "size", "files", "num_images", "graph", "features_dtype"]
     if fp.get("timesteps"):
         keys += ["model_options", "timesteps", "seed"]
     if kind == "graph":
-        keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block", "edge_weights", "search"]
+        keys += ["k_intra_effective", "k_inter_effective", "min_cos", "block", "edge_weights", "search", "min_recall"]
         # σ's token pairs and an approximate index's sample depend on the seed ("auto"'s too, when it picks ivf;
         # the run's fingerprint, checked before any cache, holds the seed in every case)
         if (fp.get("edge_weights") == "rbf" or fp.get("search") in ("ivf", "faiss")) and "seed" not in keys:
@@ -812,7 +812,7 @@ def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n:
     `settings.search` for the group's N nodes — "auto" is the exact search below `knn_search.AUTO_MIN_COLUMNS` nodes
     and with several processes, above it `knn_search.auto_search`'s checked search (faiss on the CPU where it is
     installed, else the JAX IVF); "ivf" and "faiss" by name are checked the same way (more cells probed until the
-    sampled recall of each graph reaches `knn_search.AUTO_MIN_RECALL`, else exact). One process → `search_store`
+    sampled recall of each graph reaches `settings.min_recall` — None: `knn_search.AUTO_MIN_RECALL` —, else exact). One process → `search_store`
     from the on-disk store, resumable by layer: the tiled exact search, or one whole graph's features at a time for
     an approximate search, and the RBF σ from the store (`store_sigma`); several processes (exact only) →
     `build_graphs` on each process's rows in memory (`local_features`). The approximate searches' recall is
@@ -821,7 +821,7 @@ def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n:
 
     procs = jax.process_count()
     nodes = max(n * grid[0] * grid[1] for grid, _ in geom.groups)
-    asked = knn_search.Search(settings.search, seed=settings.seed)
+    asked = knn_search.Search(settings.search, seed=settings.seed, min_recall=settings.min_recall)
     if asked.kind in ("ivf", "faiss"):                                  # checked, as graphs.knn's auto
         asked = knn_search.auto_search(nodes, asked, asked.kind)
     sr = knn_search.resolve(asked, nodes, True, mesh if procs > 1 else None)
