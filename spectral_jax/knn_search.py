@@ -70,6 +70,7 @@ AUTO_MAX_SHARE = 32          # "auto": exact instead once a try would probe 1/AU
 AUTO_MAX_NLIST = 4096        # "auto": at most this many lists (k-means costs ∝ nlist², the assignment ∝ C·nlist)
 PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)
 FAISS_OVERFETCH = 128        # faiss: groups up to this size are over-fetched, larger ones left out by an ID selector
+FAISS_QUANT_ROWS = 65536     # faiss: rows per call of the coarse quantizer (and of an over-fetching search)
 RECALL_ROWS = 1000           # rows sampled for the recall estimate
 SAMPLE_PER_LIST = 32         # k-means sample: columns per coarse list
 RECALL_STREAM = 0x52454331   # folded into the seed's key for the recall sample (independent of the k-means sample)
@@ -466,7 +467,8 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
     faiss's k-means seed is `search.seed`.
 
     The coarse quantizer runs once per row and once per column: the rows' nprobe nearest lists are searched for
-    first (held for all rows: R·nprobe·12 bytes) and the index is searched with them (faiss's `search_preassigned`);
+    first, `FAISS_QUANT_ROWS` rows at a time (held for all rows as int32: R·nprobe·4 bytes; their cosines are not
+    kept — an `IndexIVFFlat` scan does not read them) and the index is searched with them (`search_preassigned`);
     same (the rows are the columns, a VV graph): each column's list is its row's nearest, not searched for again.
     cache (a dict, kept by the caller between a checked search's tries on the same a, b): the centroids and the
     columns' lists are kept in it and reused while nlist, the sample, the seed and the k-means steps are the same —
@@ -498,10 +500,23 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
         cache.update(key=key, centroids=quant.reconstruct_n(0, nlist))
     quant = faiss.IndexFlatIP(d)
     quant.add(cache["centroids"])
-    probe_cos, probe = quant.search(a, nprobe)              # [R, P] each row's nearest lists
+    probe = np.empty((r, nprobe), np.int32)                 # [R, P] each row's nearest lists
+    for i in range(0, r, FAISS_QUANT_ROWS):
+        probe[i:i + FAISS_QUANT_ROWS] = quant.search(a[i:i + FAISS_QUANT_ROWS], nprobe)[1]
     if "lists" not in cache:                                # each indexed column's list [C'] int64
         cache["lists"] = np.ascontiguousarray(probe[keep, 0] if same else quant.assign(
             np.ascontiguousarray(b[keep]), 1).ravel(), np.int64)
+
+    def preassigned(x, lists, kk, params=None):
+        """faiss's search of the rows x `[n, D]` in their lists `[n, P]` (int32): (cos, ids) `[n, kk]`. The
+        coarse cosines it takes are zeros: IndexIVFFlat's inner-product scan does not read them."""
+        dd, ii = np.empty((len(x), kk), np.float32), np.empty((len(x), kk), np.int64)
+        lq, lc = np.ascontiguousarray(lists, np.int64), np.zeros(lists.shape, np.float32)
+        # faiss's Python search_preassigned takes no params (the ID selector): its C++ method (`_c`) does
+        index.search_preassigned_c(len(x), faiss.swig_ptr(x), kk, faiss.swig_ptr(lq), faiss.swig_ptr(lc),
+                                   faiss.swig_ptr(dd), faiss.swig_ptr(ii), False, params)
+        return dd, ii
+
     index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
     index.is_trained = True
     cols, ids, lists = np.ascontiguousarray(b[keep]), keep.astype(np.int64), cache["lists"]
@@ -510,7 +525,11 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
     index.parallel_mode = 3     # threads over the rows inside search_preassigned (faiss's default 0 runs it on one)
     over = int(np.bincount(col_grp - col_grp.min()).max()) if c else 0
     if over <= FAISS_OVERFETCH:                 # small groups: one search of k + over, the own group's dropped
-        cos, ids = index.search_preassigned(a, min(k + over, keep.size) or 1, probe, probe_cos)
+        kk = min(k + over, keep.size) or 1
+        cos, ids = np.empty((r, kk), np.float32), np.empty((r, kk), np.int64)
+        for i in range(0, r, FAISS_QUANT_ROWS):
+            cos[i:i + FAISS_QUANT_ROWS], ids[i:i + FAISS_QUANT_ROWS] = preassigned(
+                a[i:i + FAISS_QUANT_ROWS], probe[i:i + FAISS_QUANT_ROWS], kk)
         bad = (ids < 0) | (col_grp[np.maximum(ids, 0)] == row_grp[:, None])
         cos = np.where(bad, -np.inf, cos).astype(np.float32)
         order = np.argsort(-cos, axis=1, kind="stable")[:, :k]
@@ -533,12 +552,7 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
             inner = faiss.IDSelectorBatch(own.astype(np.int64))
         sel = faiss.IDSelectorNot(inner)        # held here: faiss's objects point at each other, not own them
         params = faiss.SearchParametersIVF(sel=sel, nprobe=nprobe)
-        x, pq, pc = (np.ascontiguousarray(v[rows]) for v in (a, probe, probe_cos))
-        dd, ii = np.empty((rows.size, k), np.float32), np.empty((rows.size, k), np.int64)
-        # faiss's Python search_preassigned takes no params (the ID selector): its C++ method (`_c`) does
-        index.search_preassigned_c(rows.size, faiss.swig_ptr(x), k, faiss.swig_ptr(pq), faiss.swig_ptr(pc),
-                                   faiss.swig_ptr(dd), faiss.swig_ptr(ii), False, params)
-        cos[rows], ids[rows] = dd, ii
+        cos[rows], ids[rows] = preassigned(np.ascontiguousarray(a[rows]), probe[rows], k, params)
     cos = np.where(ids < 0, -np.inf, cos).astype(np.float32)
     return np.where(np.isfinite(cos), ids, 0).astype(np.int32), cos
 

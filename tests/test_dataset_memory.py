@@ -243,7 +243,7 @@ def test_sharded_estimate_takes_the_runs_block():
 
 def test_approximate_estimate_counts_faiss_probes_at_the_widest_try(monkeypatch):
     """One process, an approximate search: one graph's features (as stored, as unit float32 rows, the index's copy);
-    with faiss also every row's probed lists and their cosines (12 bytes each) at the widest try before the exact
+    with faiss also every row's probed lists (int32, 4 bytes each) at the widest try before the exact
     search — 10⁶ nodes, 4096 lists: tries of 24, 48 and 96 lists (192 would probe over 1/32 of the columns)."""
     from spectral_jax import knn_search
 
@@ -254,7 +254,7 @@ def test_approximate_estimate_counts_faiss_probes_at_the_widest_try(monkeypatch)
     assert est["ivf"] == nodes * width * (4 + 4 * 2)
     first = knn_search.auto_search(nodes, kind="faiss")
     assert (first.nlist, first.nprobe, knn_search.last_try(nodes, 10, first).nprobe) == (4096, 24, 96)
-    assert est["faiss"] == est["ivf"] + nodes * 96 * 12
+    assert est["faiss"] == est["ivf"] + nodes * 96 * 4
     for has_faiss in (True, False):
         monkeypatch.setattr(knn_search, "faiss_available", lambda: has_faiss)
         auto = memory.estimate(groups, n, graph="knn-vv", k=(10, 10), search="auto")["features_memory"]

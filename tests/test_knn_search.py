@@ -94,7 +94,7 @@ def test_faiss_keeps_its_centroids_and_lists_between_tries(rng):
     """faiss_topk with `same` (each column's list taken from its row's probes) and a `cache` kept between tries (a
     retry with more lists probed reuses the centroids and lists, a changed nlist rebuilds them) gives what faiss's
     own IndexIVFFlat search gives — trained on the same sample, every column assigned and every row probed by faiss
-    itself — on both of its paths (over-fetch, per-image ID selector)."""
+    itself — on both of its paths (over-fetch, per-image ID selector), the rows' probes found in chunks."""
     faiss = pytest.importorskip("faiss", reason="faiss-cpu is not installed (optional extra `bench`)")
     x = planted(rng, 40)
     k, c = 6, x.shape[0]
@@ -118,6 +118,7 @@ def test_faiss_keeps_its_centroids_and_lists_between_tries(rng):
     for over in (PER, PER - 1):                     # groups of PER tokens: over-fetched, then the selector
         with pytest.MonkeyPatch.context() as mp:
             mp.setattr(knn_search, "FAISS_OVERFETCH", over)
+            mp.setattr(knn_search, "FAISS_QUANT_ROWS", 37)          # the rows' probes (and searches) in chunks
             kept = {}
             for s in (knn_search.Search("faiss", nlist=16, nprobe=2), knn_search.Search("faiss", nlist=16, nprobe=4),
                       knn_search.Search("faiss", nlist=8, nprobe=3)):

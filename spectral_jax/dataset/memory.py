@@ -23,8 +23,8 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
               tile (≤ whole.COL_TILE_BYTES) and the inter-image search's cosine block (kernels.INTER_BUDGET float32);
               one process, an approximate search (--search ivf / faiss, or auto from knn_search.AUTO_MIN_COLUMNS
               nodes) — max_g N_g·F_g·(s·c + 4·(c + 1)): one graph's features as stored, as unit float32 rows, and
-              the index's float32 copy of the columns; with faiss + max_g N_g·P·12, every row's P probed lists and
-              their cosines at the widest try the checked search may make (`knn_search.last_try`);
+              the index's float32 copy of the columns; with faiss + max_g N_g·P·4, every row's P probed lists
+              (int32) at the widest try the checked search may make (`knn_search.last_try`);
               P processes on the gathered path — its own rows (features / P) plus the keys all-gathered to each
               device (features / c);
               the sharded path (`whole.search_sharded`, any P) — per device of this process: a query tile (its rows,
@@ -136,8 +136,8 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     elif approx:                    # one graph's features as stored, their unit float32 rows and the index's copy
         feats_mem = whole
         sr = knn_search.auto_search(nodes_max, kind=None if search == "auto" else search)
-        if sr.kind == "faiss":      # + every row's probed lists and their cosines at the widest try (int64, float32)
-            feats_mem += nodes_max * knn_search.last_try(nodes_max, 1, sr).nprobe * 12
+        if sr.kind == "faiss":      # + every row's probed lists at the widest try (int32)
+            feats_mem += nodes_max * knn_search.last_try(nodes_max, 1, sr).nprobe * 4
     elif processes == 1:
         feats_mem = 2 * rows + cols + kernels.INTER_BUDGET * 4
     else:
