@@ -304,6 +304,40 @@ def test_two_processes_give_the_one_process_rbf_graph(tmp_path):
     np.testing.assert_allclose(np.abs(multi.eigvecs), np.abs(single.eigvecs), atol=1e-4)
 
 
+def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_path, monkeypatch):
+    """--search ivf with two processes: --solver auto takes the gathered path (the sharded one refuses it, one
+    line), each process searches all tokens and process 0's graph is every process's — the same approximate graph
+    (recall under 1: 16 lists, one probed, the floor lowered to keep the first try), summary and eigenvectors as
+    one process, whose graph comes from the store one layer at a time."""
+    from spectral_jax.dataset.layout import Geometry
+    from test_dataset import run_two_processes
+
+    small = "from spectral_jax import knn_search\nknn_search.AUTO_CELL, knn_search.AUTO_NPROBE = 8, 1\n"
+    monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
+    monkeypatch.setattr(knn_search, "AUTO_NPROBE", 1)
+    folder = make_folder(str(tmp_path / "imgs"), 12)
+    out = str(tmp_path / "multi")
+    run_two_processes(folder, out, "**EXACT, search='ivf', min_recall=0.05",
+                      head="from test_dataset_graph_weights import EXACT\n" + small)
+    single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(), **EXACT, search="ivf",
+                         min_recall=0.05)
+    s_multi = json.load(open(os.path.join(out, "summary.json")))
+    ks = single.summary()["knn_search"]
+    assert ks["used"] == "ivf" and ks["recall_min"] < 1 and ks["nlist"] == 16, ks
+    assert s_multi["exact_solver"]["path"] == "gathered" and s_multi["knn_search"] == ks
+    with np.load(f"{out}/checkpoints/graph.npz") as m, np.load(tmp_path / "single" / "checkpoints" / "graph.npz") as s:
+        for key in ("idx0", "w0"):
+            np.testing.assert_array_equal(m[key], s[key])
+    np.testing.assert_allclose(np.abs(dataset.load_result(out).eigvecs), np.abs(single.eigvecs), atol=1e-4)
+    one = Geometry((((4, 4), (0, 1)),), (4, 4), (32, 32), 12, 16, 1, 5, 5)
+    monkeypatch.setattr(whole.jax, "process_count", lambda: 2)
+    assert whole.solver_path(dataset.Settings(search="ivf"), one) == "gathered"
+    assert whole.solver_path(dataset.Settings(), one) == "sharded"
+    with pytest.raises(dataset.InputError, match=r"--search ivf: does not run on the sharded path .* — pass "
+                                                 r"--solver gathered"):
+        whole.solver_path(dataset.Settings(search="ivf", exact_solver="sharded"), one)
+
+
 def test_diffusion_timesteps_get_one_sigma_each_on_both_paths(tmp_path):
     """Diffusion taps (one graph per layer and timestep): σ per (layer, timestep) in the summary ("layer/t"), the
     same with the exact search and the ivf one (each graph's timestep columns read from the store); the timesteps'

@@ -255,6 +255,10 @@ def test_approximate_estimate_counts_faiss_probes_at_the_widest_try(monkeypatch)
     first = knn_search.auto_search(nodes, kind="faiss")
     assert (first.nlist, first.nprobe, knn_search.last_try(nodes, 10, first).nprobe) == (4096, 24, 96)
     assert est["faiss"] == est["ivf"] + nodes * 96 * 4
+    # two processes on the gathered path: + its own rows and the group's features of all images, gathered
+    two = memory.estimate(groups, n, graph="knn-vv", k=(10, 10), search="ivf", processes=2)["features_memory"]
+    feats = 3 * nodes * width * 4
+    assert two == est["ivf"] + feats // 2 + feats
     for has_faiss in (True, False):
         monkeypatch.setattr(knn_search, "faiss_available", lambda: has_faiss)
         auto = memory.estimate(groups, n, graph="knn-vv", k=(10, 10), search="auto")["features_memory"]

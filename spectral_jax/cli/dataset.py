@@ -73,7 +73,8 @@ def register(sub) -> None:
     p.add_argument("--solver", choices=("auto", "sharded", "gathered"), default=None,
                    help="exact: sharded (the graph stays split by rows over the processes, distributed LOBPCG), "
                         "gathered (every process holds the whole graph), auto (default: sharded with several "
-                        "processes when all layers share one grid and there are no timesteps)")
+                        "processes when all layers share one grid, there are no timesteps, the edges are cosine "
+                        "and --search is not ivf or faiss)")
     p.add_argument("--bf16-features", action="store_true",
                    help="exact: keep the features for the graph in bfloat16 (half the memory)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
@@ -113,9 +114,10 @@ def register(sub) -> None:
     p.add_argument("--search", choices=SEARCHES, default=None,
                    help="exact: the whole-dataset graph's inter-image kNN search — exact (tiled brute force from the "
                         "on-disk features), ivf / faiss (approximate, one layer's features in memory at a time: "
-                        "probes more cells until its recall on a seeded sample reaches 0.95, else exact), auto "
-                        "(default: exact below 65 536 tokens or with several processes, else the checked search, "
-                        "faiss where installed)")
+                        "probes more cells until its recall on a seeded sample reaches 0.95, else exact; with "
+                        "several processes each searches all tokens, on the gathered path), auto (default: exact "
+                        "below 65 536 tokens or on the sharded path, else the checked search, faiss where "
+                        "installed)")
     p.add_argument("--min-recall", type=float, default=None, metavar="R",
                    help="exact, --search auto|ivf|faiss: the approximate search's recall floor in (0, 1] — it probes "
                         "more cells until its recall on a seeded sample reaches R, else searches exactly (default "

@@ -21,12 +21,14 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
                                              and k) or 1 (knn-vv)
     features in memory: one process — a row tile and its own columns (≤ whole.ROW_TILE_BYTES each), a column
               tile (≤ whole.COL_TILE_BYTES) and the inter-image search's cosine block (kernels.INTER_BUDGET float32);
-              one process, an approximate search (--search ivf / faiss, or auto from knn_search.AUTO_MIN_COLUMNS
-              nodes) — max_g N_g·F_g·(s·c + 4·(c + 1)): one graph's features as stored, as unit float32 rows, and
+              an approximate search (--search ivf / faiss, or auto from knn_search.AUTO_MIN_COLUMNS nodes on the
+              gathered path) — max_g N_g·F_g·(s·c + 4·(c + 1)): one graph's features as stored, as unit float32 rows, and
               the index's float32 copy of the columns; with faiss + max_g N_g·P·4, every row's P probed lists
-              (int32) at the widest try the checked search may make (`knn_search.last_try`);
-              P processes on the gathered path — its own rows (features / P) plus the keys all-gathered to each
-              device (features / c);
+              (int32) at the widest try the checked search may make (`knn_search.last_try`); P processes (gathered
+              path) + features / P (its own rows) + max_g L_g·N_g·F_g·s·c (a layer group's features of all images,
+              gathered to each process: `whole.build_graphs`);
+              P processes on the gathered path, the exact search — its own rows (features / P) plus the keys
+              all-gathered to each device (features / c);
               the sharded path (`whole.search_sharded`, any P) — per device of this process: a query tile (its rows,
               and its keys for knn-qk; ≤ whole.ROW_TILE_BYTES each), a key tile and the one in flight
               (≤ whole.COL_TILE_BYTES each) and one cosine block of `kernels.topk_inter`
@@ -110,11 +112,12 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     s = 2 if features_dtype == "bfloat16" else 4
     c = 1 if graph == "knn-vv" else 2
     feats = edges = slots = 0
-    rows = cols = tiles = whole = 0
+    rows = cols = tiles = whole = group = 0
     for grid, layers, width in groups:
         nodes = num_images * grid[0] * grid[1]
         k_g = sum(G.clamp_k(k[0], k[1], tuple(grid), num_images))
         feats += layers * nodes * width * s * c
+        group = max(group, layers * nodes * width * s * c)
         edges += layers * nodes * k_g
         slots += layers * nodes * (8 * k_g + 4)
         rows = max(rows, min(ROW_TILE_BYTES, nodes * width * s))
@@ -129,7 +132,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     from spectral_jax import knn_search
 
     nodes_max = max(num_images * g[0] * g[1] for g, _, _ in groups)
-    approx = processes == 1 and solver_path == "gathered" and (
+    approx = solver_path == "gathered" and (
         search in ("ivf", "faiss") or (search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS))
     if solver_path == "sharded":
         feats_mem = local_devices * tiles
@@ -138,6 +141,8 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         sr = knn_search.auto_search(nodes_max, kind=None if search == "auto" else search)
         if sr.kind == "faiss":      # + every row's probed lists at the widest try (int32)
             feats_mem += nodes_max * knn_search.last_try(nodes_max, 1, sr).nprobe * 4
+        if processes > 1:           # + its own rows, and a layer group's features of all images gathered
+            feats_mem += feats // processes + group
     elif processes == 1:
         feats_mem = 2 * rows + cols + kernels.INTER_BUDGET * 4
     else:

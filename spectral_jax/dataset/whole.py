@@ -274,6 +274,33 @@ def _local_rows(x: jax.Array, axis: int = 1) -> np.ndarray:
     return np.concatenate([np.asarray(s.data) for _, s in shards], axis=axis)
 
 
+def _search_graph(a, b, grid, n: int, k: tuple[int, int], settings: Settings, valid, search):
+    """One graph's approximate search (`graphs.knn`'s checked one, a resolved `knn_search.Search`): a, b `[N, F]`
+    (b is a: knn-vv, one array for rows and columns — `graphs.knn`'s same) → (idx, w `[N, k]` host arrays, the
+    search's info)."""
+    rows = a[None]
+    one, used = G.knn(rows, rows if b is a else b[None], grid, n, k[0], k[1], settings.min_cos, settings.block,
+                      valid=valid, search=search, info=True)
+    return np.asarray(one.idx[0]), np.asarray(one.w[0]), used
+
+
+def _search_info(used: dict, kinds: set, recall, tries: list, search) -> dict:
+    """A group's record of its graphs' approximate searches (`search_store`'s infos entry): the kind used (the
+    approximate one if any graph kept it), recall `[L(, T)]`, the IVF sizes of the last graph, per graph its
+    tries, and min_recall."""
+    info = {k: v for k, v in used.items() if k not in ("recall", "tries", "search")}
+    kind = next(iter(sorted(kinds - {"exact"})), "exact" if kinds else search.kind)
+    return {**info, "search": kind, "recall": recall, "tries": tries, "min_recall": search.min_recall}
+
+
+def _group_graph(idx, w, grid, shape, n: int) -> G.KnnGraph:
+    """A group's `KnnGraph` from its graphs' edges idx, w `[L·T, N, k]` (host), degrees computed, batch `shape`."""
+    idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
+    deg = _degrees(idx_d, w_d)
+    return G.KnnGraph(idx_d.reshape(*shape, *idx_d.shape[1:]), w_d.reshape(*shape, *w_d.shape[1:]),
+                      deg.reshape(*shape, deg.shape[-1]), tuple(grid), shape, n)
+
+
 def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh, search=None
                  ) -> tuple[list[G.KnnGraph], list[dict]]:
     """One `graphs.knn` group per layer group over all tokens of the dataset, rows sharded over `mesh` (each
@@ -281,10 +308,15 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
     its edges weighted as `settings.edge_weights` says (`graphs.weight_edges`: σ from the seeded token pairs of
     the valid images, `settings.seed`). Diffusion taps (`geom.steps` T): the merged features `[L, N, T·F]` are cut
     into the timesteps' own (`graphs.split_timesteps`) and each (layer, timestep) gets its own graph: a group
-    `[L, T]`. search: the inter-image search (`graphs.knn`'s; None: exact — the only one over several processes).
+    `[L, T]`. search: the inter-image search (`graphs.knn`'s; None: exact). Several processes: the exact search
+    runs sharded over the mesh (each process searches its own rows); an approximate one (ivf, faiss: it cannot run
+    over a mesh) runs whole on every process, each group's features all-gathered to each process's host, and
+    process 0's graph is broadcast to the others (every process holds the same graph, whatever its threads made
+    of faiss's k-means) — the one-process graph, at the one-process search's time and memory on each host.
     Returns (graphs, per group {"search", "recall" `[L(, T)]`, "sigma" `[L(, T)]` or None, the IVF sizes})."""
     n = len(feats.valid)
     procs = jax.process_count()
+    whole_search = procs > 1 and getattr(search, "kind", search or "exact") != "exact"
     out, infos = [], []
     for (grid, _), a, b in zip(geom.groups, feats.a, feats.b):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
@@ -298,11 +330,30 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
             a = global_array(mesh, rows, a, shape)
             b = a if same else global_array(mesh, rows, b, shape)
             valid = global_array(mesh, P(), valid, valid.shape)
-        g, info = G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block, valid=valid,
-                        mesh=mesh if procs > 1 else None, axis=AXIS, search=search or "exact", info=True)
+        if whole_search:            # every process: all rows of the group on its host, then one graph at a time
+            a, valid = jnp.asarray(gather(a)), gather(valid)
+            b = a if same else jnp.asarray(gather(b))
+            shape = a.shape[:-2]
+            a2 = a.reshape(-1, *a.shape[-2:])
+            b2 = a2 if same else b.reshape(-1, *b.shape[-2:])
+            found = [_search_graph(x, x if same else y, grid, n, (k_intra, k_inter), settings, valid, search)
+                     for x, y in zip(a2, b2)]
+            g = _group_graph(np.stack([f[0] for f in found]), np.stack([f[1] for f in found]), grid, shape, n)
+            recall = np.array([float(np.asarray(f[2]["recall"]).reshape(-1)[0]) for f in found], np.float32)
+            info = _search_info(found[-1][2], {f[2]["search"] for f in found}, recall.reshape(shape),
+                                [f[2].get("tries", []) for f in found], search)
+            del a2, b2, found
+        else:
+            g, info = G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block, valid=valid,
+                            mesh=mesh if procs > 1 else None, axis=AXIS, search=search or "exact", info=True)
         g, sigma = G.weight_edges(g, a, settings.edge_weights, settings.seed, jnp.repeat(jnp.asarray(valid),
                                                                                          grid[0] * grid[1]))
-        if procs > 1:
+        if whole_search:                            # process 0's graph on every process
+            from jax.experimental import multihost_utils
+
+            g = dataclasses.replace(g, **{f: jnp.asarray(multihost_utils.broadcast_one_to_all(np.asarray(
+                getattr(g, f)))) for f in ("idx", "w", "deg")})
+        elif procs > 1:
             g = dataclasses.replace(g, idx=gather(g.idx), w=gather(g.w), deg=gather(g.deg))
         out.append(g)
         infos.append({**info, "recall": np.asarray(info["recall"]),
@@ -382,14 +433,11 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
             if approx:
                 a = tile(f"a{g}", layer, t, 0, n)
                 b = a if bname == f"a{g}" else tile(bname, layer, t, 0, n)
-                rows = a[None]                      # knn-vv: one array for rows and columns (`graphs.knn`'s same)
-                one, used = G.knn(rows, rows if b is a else b[None], grid, n, k_intra, k_inter,
-                                  settings.min_cos, settings.block, valid=st.valid, search=search, info=True)
-                idx[j], w[j] = np.asarray(one.idx[0]), np.asarray(one.w[0])
+                idx[j], w[j], used = _search_graph(a, b, grid, n, (k_intra, k_inter), settings, st.valid, search)
                 recall[j] = float(np.asarray(used["recall"]).reshape(-1)[0])
                 tries.append(used.get("tries", []))
                 kinds.add(used["search"])
-                del a, b, rows, one
+                del a, b
                 if bar is not None:
                     bar.update(1)
             for i0 in range(0, n, ti) if not approx else ():
@@ -409,17 +457,12 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
             if ckdir is not None:
                 store.write_part(ckdir, part, key, {"idx": idx[j], "w": w[j],
                                                     **({"recall": recall[j:j + 1]} if approx else {})})
-        idx_d, w_d = jnp.asarray(idx), jnp.asarray(w)
-        del idx, w
-        deg = _degrees(idx_d, w_d)
         shape = geom.graph_shape(group)             # [L] or [L, T]
-        found.append(G.KnnGraph(idx_d.reshape(*shape, *idx_d.shape[1:]), w_d.reshape(*shape, *w_d.shape[1:]),
-                              deg.reshape(*shape, deg.shape[-1]), tuple(grid), shape, n))
-        if infos is not None:                       # the search used: the approximate one if any graph kept it
-            info = {k: v for k, v in used.items() if k not in ("recall", "tries", "search")}
-            kind = next(iter(sorted(kinds - {"exact"})), "exact" if kinds or not approx else search.kind)
-            infos.append({**info, "search": kind, "recall": recall.reshape(shape),
-                          **({"tries": tries, "min_recall": search.min_recall} if approx else {})})
+        found.append(_group_graph(idx, w, grid, shape, n))
+        del idx, w
+        if infos is not None:
+            infos.append(_search_info(used, kinds, recall.reshape(shape), tries, search) if approx else
+                         {"search": "exact", "recall": recall.reshape(shape)})
     return found
 
 
@@ -688,15 +731,18 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     else gathered. "sharded" asked for where it cannot run (several grids, diffusion taps `[L, T]`): one
     `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
     at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges only: with
-    edge_weights "rbf", auto is gathered and "sharded" one `InputError`; an approximate --search (ivf, faiss)
-    runs in one process only, and faiss must be installed: one `InputError` each otherwise."""
+    edge_weights "rbf", auto is gathered and "sharded" one `InputError`; so with an approximate --search asked for
+    by name (ivf, faiss: with several processes it runs whole in each process, `build_graphs`; "auto" stays exact
+    on the sharded path), and faiss must be installed: one `InputError` otherwise."""
     one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
     choice = settings.exact_solver
     from spectral_jax.errors import InputError
 
-    if settings.search in ("ivf", "faiss") and jax.process_count() > 1:
-        raise InputError(f"--search {settings.search}", "runs in one process only (the approximate index is built "
-                         "over all features in one memory)", "pass --search exact (or auto) with several processes")
+    approx = settings.search in ("ivf", "faiss") and jax.process_count() > 1
+    if approx and choice == "sharded":
+        raise InputError(f"--search {settings.search}", "does not run on the sharded path (its index is built over "
+                         "all features in each process's memory: the gathered path)",
+                         "pass --solver gathered (or auto), or --search exact")
     if settings.search == "faiss":
         from spectral_jax import knn_search
 
@@ -705,7 +751,7 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
                              "pip install faiss-cpu, or pass --search ivf")
     plain = settings.edge_weights == "cosine"       # the sharded path builds the paper's cosine edges only
     if choice == "auto":
-        return "sharded" if jax.process_count() > 1 and one_grid and plain else "gathered"
+        return "sharded" if jax.process_count() > 1 and one_grid and plain and not approx else "gathered"
     if choice == "sharded" and not plain:
         raise InputError("--solver sharded", f"cannot run with --edge-weights {settings.edge_weights} (the sharded "
                          "path weights its edges by the cosine)", "pass --solver gathered (or auto)")
@@ -809,14 +855,15 @@ def say_isolated(rec: dict) -> None:
 def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n: int, bar=None,
                 ckdir: str | None = None, key: dict | None = None) -> tuple[list[G.KnnGraph], dict]:
     """The gathered path's whole-dataset graphs and their `graph_report`. The search: `knn_search.resolve` of
-    `settings.search` for the group's N nodes — "auto" is the exact search below `knn_search.AUTO_MIN_COLUMNS` nodes
-    and with several processes, above it `knn_search.auto_search`'s checked search (faiss on the CPU where it is
-    installed, else the JAX IVF); "ivf" and "faiss" by name are checked the same way (more cells probed until the
-    sampled recall of each graph reaches `settings.min_recall` — None: `knn_search.AUTO_MIN_RECALL` —, else exact). One process → `search_store`
-    from the on-disk store, resumable by layer: the tiled exact search, or one whole graph's features at a time for
-    an approximate search, and the RBF σ from the store (`store_sigma`); several processes (exact only) →
-    `build_graphs` on each process's rows in memory (`local_features`). The approximate searches' recall is
-    measured by `graphs.knn` on a seeded sample of rows, the seed `settings.seed`."""
+    `settings.search` for the group's N nodes — "auto" is the exact search below `knn_search.AUTO_MIN_COLUMNS`
+    nodes, above it `knn_search.auto_search`'s checked search (faiss on the CPU where it is installed, else the JAX
+    IVF); "ivf" and "faiss" by name are checked the same way (more cells probed until the sampled recall of each
+    graph reaches `settings.min_recall` — None: `knn_search.AUTO_MIN_RECALL` —, else exact). One process →
+    `search_store` from the on-disk store, resumable by layer: the tiled exact search, or one whole graph's
+    features at a time for an approximate search, and the RBF σ from the store (`store_sigma`); several processes
+    → `build_graphs` on each process's rows in memory (`local_features`): the exact search sharded over the mesh,
+    an approximate one whole on every process. The approximate searches' recall is measured by `graphs.knn` on a
+    seeded sample of rows, the seed `settings.seed`."""
     from spectral_jax import knn_search
 
     procs = jax.process_count()
@@ -824,7 +871,7 @@ def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n:
     asked = knn_search.Search(settings.search, seed=settings.seed, min_recall=settings.min_recall)
     if asked.kind in ("ivf", "faiss"):                                  # checked, as graphs.knn's auto
         asked = knn_search.auto_search(nodes, asked, asked.kind)
-    sr = knn_search.resolve(asked, nodes, True, mesh if procs > 1 else None)
+    sr = knn_search.resolve(asked, nodes, True, None)        # an approximate search runs without the mesh
     if procs == 1:
         infos = []
         gs = jax.block_until_ready(search_store(st, settings, geom, bar=bar, ckdir=ckdir, key=key,
