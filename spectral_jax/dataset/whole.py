@@ -14,9 +14,9 @@
      (no edges). The kept edges' weights (`settings.edge_weights`): the cosine (the paper's recipe) or an RBF of the distance,
      exp(−d²/2σ²) with σ per graph the median distance of `graphs.SIGMA_PAIRS` token pairs drawn with the seed
      (`store_sigma`, `graphs.weight_edges`), recorded with the graph. The inter-image search (`settings.search`,
-     `make_graphs`): the store's tiled exact search ("auto" too), or an approximate index asked for by name
-     (`knn_search`: ivf / faiss) over the features read into memory, its recall measured on a seeded
-     sample of rows and reported (summary.json, one stderr line);
+     `make_graphs`): the store's tiled exact search, or an approximate index (`knn_search`: ivf / faiss by name,
+     "auto" from `knn_search.AUTO_MIN_COLUMNS` tokens) over one graph's features read into memory, its recall
+     measured on a seeded sample of rows and reported (summary.json, one stderr line);
   3. `solvers.exact` on it: for N > `dense_max` Σ_l w_l sym(P_l) coalesced into one sparse matrix
      (`solvers.sparse`) and its top-K by ARPACK on the CPU backend, LOBPCG on accelerators, float32, until every
      pair's relative residual is below `tol` (or `maxiter`), with the convergence report in the summary.
@@ -26,8 +26,10 @@ group shares one grid and there are no timesteps): each group's graph is searche
 tiles (`search_sharded`: `distributed.knn_tiled`, key tiles passed round the mesh) and stays sharded by rows —
 never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and
 `distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
-grids, diffusion groups `[L, T]`, or asked for): the graph is searched sharded from each process's rows held in
-memory (`build_graphs`), gathered to every process, each solves it (the same deterministic solve). Process 0 writes.
+grids, diffusion groups `[L, T]`, RBF edges, an approximate search, or asked for): the graph is searched sharded
+from each process's rows held in memory (`build_graphs`; an approximate search: a layer group's features gathered to
+every process, searched whole, process 0's graph broadcast), gathered to every process, each solves it (the same
+deterministic solve). Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts, one per layer,
 or per layer and process on the sharded path; removed once the whole graph or the process's rows are saved), so a
