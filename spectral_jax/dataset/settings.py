@@ -139,9 +139,9 @@ class Settings:
     brute force), "ivf" / "faiss" (`knn_search.auto_search`'s checked approximate search, one graph's features in
     memory at a time — with several processes, on the gathered path, all of it in each process: more cells until
     the sampled recall reaches min_recall, else exact) or "auto" (exact below `knn_search.AUTO_MIN_COLUMNS` tokens
-    and on the sharded path, else the checked search: faiss on the CPU where installed, else ivf); min_recall: that floor, in (0, 1] (None: `knn_search.AUTO_MIN_RECALL`, 0.95; refused
-    beside search "exact"), exact only; lam: the paper
-    loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it
+    and on the sharded path, else the checked search: faiss on the CPU where installed, else ivf); min_recall: that
+    floor, in (0, 1] (None: `knn_search.AUTO_MIN_RECALL`, 0.95; refused beside search "exact"), exact only; lam:
+    the paper loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it
     (None: every layer equal, the paper's recipe; the CLI passes `DEFAULT_LAYER_WEIGHTS` for a ViT under exact) — a
     mapping {layer: weight} or "L:W,..." pairs (a tapped layer not named weighs 0), numbers paired with `layers` in
     the order given, or a rule of `spectral_jax.layer_weights` ("uniform", "geometric"; "eigengap", "select": exact
