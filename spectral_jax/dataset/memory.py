@@ -22,10 +22,10 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
     features in memory: one process — a row tile and its own columns (≤ whole.ROW_TILE_BYTES each), a column
               tile (≤ whole.COL_TILE_BYTES) and the inter-image search's cosine block (kernels.INTER_BUDGET float32);
               an approximate search (--search ivf / faiss, or auto from knn_search.AUTO_MIN_COLUMNS nodes on the
-              gathered path) — max_g N_g·F_g·(s·c + 4·(c + 1)): one graph's features as stored, as unit float32 rows, and
-              the index's float32 copy of the columns; with faiss + max_g N_g·P·4, every row's P probed lists
-              (int32) at the widest try the checked search may make (`knn_search.last_try`); P processes (gathered
-              path) + features / P (its own rows) + max_g L_g·N_g·F_g·s·c (a layer group's features of all images,
+              gathered path) — max_g N_g·F_g·(s·c + 4·(c + 1)): one graph's features as stored, as unit float32
+              rows, and the index's float32 copy of the columns; with faiss + max_g N_g·P·4, every row's P probed
+              lists (int32) at the widest try the checked search may make (`knn_search.last_try`); P processes
+              + features / P (its own rows) + max_g L_g·N_g·F_g·s·c (a layer group's features of all images,
               gathered to each process: `whole.build_graphs`);
               P processes on the gathered path, the exact search — its own rows (features / P) plus the keys
               all-gathered to each device (features / c);

@@ -732,10 +732,10 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     "auto": sharded with several processes when every layer group shares one grid and the taps have no timesteps,
     else gathered. "sharded" asked for where it cannot run (several grids, diffusion taps `[L, T]`): one
     `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
-    at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges only: with
-    edge_weights "rbf", auto is gathered and "sharded" one `InputError`; so with an approximate --search asked for
-    by name (ivf, faiss: with several processes it runs whole in each process, `build_graphs`; "auto" stays exact
-    on the sharded path), and faiss must be installed: one `InputError` otherwise."""
+    at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges by the exact search only:
+    with edge_weights "rbf", or with several processes and an approximate --search asked for by name (ivf, faiss:
+    it runs whole in each process, `build_graphs`), auto is gathered and "sharded" one `InputError` ("auto" stays
+    the exact search on the sharded path); --search faiss without faiss installed: one `InputError`."""
     one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
     choice = settings.exact_solver
     from spectral_jax.errors import InputError
