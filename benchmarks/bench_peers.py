@@ -366,9 +366,9 @@ VIEWS = 5                     # views per image: the whole (centre 448², shorte
 def view_features(args, n: int) -> str:
     """The scale part's real features at up to ≈ 1.4·10⁶ tokens: last-block output of DINOv2-S/14 (args.weights)
     on the first n / (VIEWS·1024) images of `VIEW_SETS` (sorted names; 279 with ../shared/data), VIEWS views of 448²
-    each (all 32×32 tokens), PCA to 64-d (fitted on all), unit rows. One image's views are one group (grid
-    160×32), so a token's inter-image neighbours come from other photos, never from a zoom of its own. Cached as
-    `[n, 64]` float32 .npy under args.work; returns its path."""
+    each (all 32×32 tokens), PCA to 64-d (centred on all, the axes fitted on a seeded sample of 200 000 tokens),
+    unit rows. One image's views are one group (grid 160×32), so a token's inter-image neighbours come from other
+    photos, never from a zoom of its own. Cached as `[n, 64]` float32 .npy under args.work; returns its path."""
     import glob
 
     import jax

@@ -242,9 +242,10 @@ def test_sharded_estimate_takes_the_runs_block():
 
 
 def test_approximate_estimate_counts_faiss_probes_at_the_widest_try(monkeypatch):
-    """One process, an approximate search: one graph's features (as stored, as unit float32 rows, the index's copy);
-    with faiss also every row's probed lists (int32, 4 bytes each) at the widest try before the exact
-    search — 10⁶ nodes, 4096 lists: tries of 24, 48 and 96 lists (192 would probe over 1/32 of the columns)."""
+    """An approximate search: one graph's features (as stored, as unit float32 rows, the index's copy); with faiss
+    also every row's probed lists (int32, 4 bytes each) at the widest try before the exact search — 10⁶ nodes, 4096
+    lists: tries of 24, 48 and 96 lists (192 would probe over 1/32 of the columns); with two processes (the
+    gathered path) also its own rows and a layer group's features of all images."""
     from spectral_jax import knn_search
 
     groups, n, per, width = [((32, 32), 3, 384)], 1000, 1024, 384
