@@ -312,7 +312,7 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
     into the timesteps' own (`graphs.split_timesteps`) and each (layer, timestep) gets its own graph: a group
     `[L, T]`. search: the inter-image search (`graphs.knn`'s; None: exact). Several processes: the exact search
     runs sharded over the mesh (each process searches its own rows); an approximate one (ivf, faiss: it cannot run
-    over a mesh) runs whole on every process, each group's features all-gathered to each process's host, and
+    over a mesh) runs whole on every process, each group's features all-gathered into it (its default device), and
     process 0's graph is broadcast to the others (every process holds the same graph, whatever its threads made
     of faiss's k-means) — the one-process graph, at the one-process search's time and memory on each host.
     Returns (graphs, per group {"search", "recall" `[L(, T)]`, "sigma" `[L(, T)]` or None, the IVF sizes})."""
@@ -332,7 +332,7 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
             a = global_array(mesh, rows, a, shape)
             b = a if same else global_array(mesh, rows, b, shape)
             valid = global_array(mesh, P(), valid, valid.shape)
-        if whole_search:            # every process: all rows of the group on its host, then one graph at a time
+        if whole_search:            # every process: all rows of the group, then one graph at a time
             a, valid = jnp.asarray(gather(a)), gather(valid)
             b = a if same else jnp.asarray(gather(b))
             shape = a.shape[:-2]
