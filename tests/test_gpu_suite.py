@@ -16,7 +16,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN_SH = os.path.join(ROOT, "benchmarks", "gpu", "run.sh")
-SECTIONS = ("forward", "analyze", "unet", "attention", "dataset")
+SECTIONS = ("forward", "analyze", "unet", "attention", "dataset", "knn")
 
 
 def _needs_accelerator(row) -> bool:
@@ -68,7 +68,13 @@ def test_tiny_suite_writes_every_section(tmp_path):
     # the UNet row and the official PyTorch loop (torch_official.official_loop_grids) both ran
     un = [r for r in rows["unet"].values() if r["status"] == "ok"]
     assert len(un) == 2 and un[1]["graphs"] == 32 and un[1]["official_pass_s"] > 0, un
-    assert [t["result"] for t in report["targets"]] == ["not measured"] * 4
+    # the kNN rows: ours exact, the checked JAX IVF, PyTorch's brute force and ncut's fit on the same array; at toy
+    # size the IVF probes every cell (recall 1), and both find PyTorch's exact neighbours
+    knn = {r["tool"]: r for r in rows["knn"].values() if r["status"] == "ok"}
+    assert set(knn) == {"ours exact", "ours ivf (checked)", "torch exact", "ncut fit"}, rows["knn"]
+    assert knn["ours ivf (checked)"]["recall"] == 1 and knn["ours ivf (checked)"]["agree"] == 1
+    assert knn["ours exact"]["agree"] == 1 and knn["ncut fit"]["seconds"] > 0
+    assert [t["result"] for t in report["targets"]] == ["not measured"] * 5
     assert "| target | result | evidence |" in md
 
 
@@ -81,6 +87,29 @@ def test_section_child_is_killed_at_its_limit(tmp_path):
         sys.path.pop(0)
     status, reason = suite._run_child("dataset", str(tmp_path / "rows.jsonl"), budget=0.1, limit=0.3, tiny=True)
     assert status == "killed" and reason.startswith("killed at"), (status, reason)
+
+
+def test_knn_target_reads_ours_ivf_against_ncut_at_the_largest_planted_size():
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks", "gpu"))
+    try:
+        import suite
+    finally:
+        sys.path.pop(0)
+
+    def rows(*spec):
+        return {"knn": {"rows": [dict(status="ok", input=i, n=n, tool=t, seconds=s, recall=r, note_row="")
+                                 for i, n, t, s, r in spec]}}
+
+    small = [("planted", 10, "ours ivf (checked)", 1.0, 0.99), ("planted", 10, "ncut fit", 9.0, None)]
+    assert suite.knn_target(rows(*small, ("planted", 20, "ours ivf (checked)", 5.0, 0.96),
+                                 ("planted", 20, "ncut fit", 6.0, None)))[0] == "met"
+    assert suite.knn_target(rows(*small, ("planted", 20, "ours ivf (checked)", 7.0, 0.96),
+                                 ("planted", 20, "ncut fit", 6.0, None)))[0] == "missed"      # slower
+    assert suite.knn_target(rows(*small, ("planted", 20, "ours ivf (checked)", 5.0, 0.94),
+                                 ("planted", 20, "ncut fit", 6.0, None)))[0] == "missed"      # recall short
+    res, why = suite.knn_target(rows(*small, ("planted", 20, "ours ivf (checked)", 5.0, 0.99)))
+    assert res == "not measured" and "ncut" in why                      # the largest size has no ncut row
+    assert suite.knn_target({})[0] == "not measured"
 
 
 def test_run_sh_install_step_is_offline():

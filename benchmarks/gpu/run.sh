@@ -3,7 +3,8 @@
 #     bash benchmarks/gpu/run.sh            # writes $OUT/gpu.md, $OUT/gpu.json, $OUT/gpu.log (OUT defaults to
 #                                           # benchmarks/results) and prints the table; about 8 minutes on an H200
 #     bash benchmarks/gpu/run.sh --tiny     # the same code paths at toy sizes, on CPU, in seconds
-# Extra arguments go to benchmarks/gpu/suite.py (e.g. --sections forward,attention). PYTHON picks the interpreter
+# Extra arguments go to benchmarks/gpu/suite.py (e.g. --sections forward,attention; --sections knn needs
+# ncut-pytorch, absent from the device image: benchmarks/gpu/carry.sh prepares .carry/ to carry there). PYTHON picks the interpreter
 # (default python3: on the device image, the one with JAX, PyTorch and transformers).
 #
 # Install step: nothing is installed and nothing is fetched. The checkout's code is staged in a temporary folder in
