@@ -306,17 +306,22 @@ def test_two_processes_give_the_one_process_rbf_graph(tmp_path):
 
 def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_path, monkeypatch):
     """--search ivf with two processes: --solver auto takes the gathered path (the sharded one refuses it, one
-    line), each process searches all tokens and process 0's graph is every process's — the same approximate graph
+    line), each process gathers all tokens and searches its share of the layers' graphs (graph j: process j mod 2),
+    which it broadcasts, and process 0's weighted graph is every process's — the same approximate graph
     (recall under 1: 16 lists, one probed, the floor lowered to keep the first try), summary and eigenvectors as
     one process, whose graph comes from the store one layer at a time."""
     from spectral_jax.dataset.layout import Geometry
     from test_dataset import run_two_processes
 
-    small = "from spectral_jax import knn_search\nknn_search.AUTO_CELL, knn_search.AUTO_NPROBE = 8, 1\n"
+    out = str(tmp_path / "multi")
+    small = "from spectral_jax import knn_search\nknn_search.AUTO_CELL, knn_search.AUTO_NPROBE = 8, 1\n" + (
+        # each process counts the graphs it searches (whole._search_graph calls) into OUT.searched{i}
+        "import atexit\nfrom spectral_jax.dataset import whole as W\nsearched, search_graph = [], W._search_graph\n"
+        "W._search_graph = lambda *a, **k: searched.append(1) or search_graph(*a, **k)\n"
+        f"atexit.register(lambda: open({out!r} + f'.searched{{jax.process_index()}}', 'w').write(str(len(searched))))\n")
     monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
     monkeypatch.setattr(knn_search, "AUTO_NPROBE", 1)
     folder = make_folder(str(tmp_path / "imgs"), 12)
-    out = str(tmp_path / "multi")
     run_two_processes(folder, out, "**EXACT, search='ivf', min_recall=0.05",
                       head="from test_dataset_graph_weights import EXACT\n" + small)
     single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(), **EXACT, search="ivf",
@@ -328,6 +333,10 @@ def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_p
     with np.load(f"{out}/checkpoints/graph.npz") as m, np.load(tmp_path / "single" / "checkpoints" / "graph.npz") as s:
         for key in ("idx0", "w0"):
             np.testing.assert_array_equal(m[key], s[key])
+        graphs = m["idx0"].shape[0]
+    # the group's graphs were shared out (graph j: process j mod 2), not each searched by both processes
+    searched = [int(open(f"{out}.searched{i}").read()) for i in range(2)]
+    assert graphs >= 2 and searched == [(graphs + 1) // 2, graphs // 2], (graphs, searched)
     np.testing.assert_allclose(np.abs(dataset.load_result(out).eigvecs), np.abs(single.eigvecs), atol=1e-4)
     one = Geometry((((4, 4), (0, 1)),), (4, 4), (32, 32), 12, 16, 1, 5, 5)
     monkeypatch.setattr(whole.jax, "process_count", lambda: 2)

