@@ -318,7 +318,8 @@ def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_p
         # each process counts the graphs it searches (whole._search_graph calls) into OUT.searched{i}
         "import atexit\nfrom spectral_jax.dataset import whole as W\nsearched, search_graph = [], W._search_graph\n"
         "W._search_graph = lambda *a, **k: searched.append(1) or search_graph(*a, **k)\n"
-        f"atexit.register(lambda: open({out!r} + f'.searched{{jax.process_index()}}', 'w').write(str(len(searched))))\n")
+        f"atexit.register(lambda: open({out!r} + f'.searched{{jax.process_index()}}', 'w')\n"
+        "                 .write(str(len(searched))))\n")
     monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
     monkeypatch.setattr(knn_search, "AUTO_NPROBE", 1)
     folder = make_folder(str(tmp_path / "imgs"), 12)

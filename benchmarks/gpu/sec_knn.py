@@ -1,7 +1,7 @@
 """Section `knn`: the inter-image kNN graph at scale on the accelerator (issue #25 item 3, whose CPU target —
 a 10⁶ × 64-d graph at recall ≥ 0.95 in no more time than ncut-pytorch's whole fit — this CPU box misses,
-benchmarks/results/peers.md). Per input, each row one call timed once (compile included: a user's run compiles), in the order below but
-with torch exact first (the reference) and ours exact last (the slowest at 10⁶):
+benchmarks/results/peers.md). Per input, each row one call timed once (compile included: a user's run
+compiles), in the order below but with torch exact first (the reference) and ours exact last (the slowest at 10⁶):
 
     ours exact      `graphs.knn(search="exact")`: the tiled brute-force search (k_intra = 0, k_inter = k)
     ours ivf        `graphs.knn` with the checked JAX IVF — `auto`'s search wherever faiss is not used (any

@@ -29,7 +29,8 @@ never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `G
 grids, diffusion groups `[L, T]`, RBF edges, an approximate search, or asked for): the graph is searched sharded
 from each process's rows held in memory (`build_graphs`; an approximate search: a layer group's features gathered to
 every process, each process searching its share of the group's graphs and broadcasting them, process 0's
-weighted graph every process's), gathered to every process, each solves it (the same deterministic solve). Process 0 writes.
+weighted graph every process's), gathered to every process, each solves it (the same deterministic solve).
+Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts, one per layer,
 or per layer and process on the sharded path; removed once the whole graph or the process's rows are saved), so a
@@ -773,8 +774,9 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
     at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges by the exact search only:
     with edge_weights "rbf", or with several processes and an approximate --search asked for by name (ivf, faiss:
-    its index is built over a group's gathered features, `build_graphs`), auto is gathered and "sharded" one `InputError` ("auto" stays
-    the exact search on the sharded path); --search faiss without faiss installed: one `InputError`."""
+    its index is built over a group's gathered features, `build_graphs`), auto is gathered and "sharded" one
+    `InputError` ("auto" stays the exact search on the sharded path); --search faiss without faiss installed: one
+    `InputError`."""
     one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
     choice = settings.exact_solver
     from spectral_jax.errors import InputError
@@ -903,8 +905,8 @@ def make_graphs(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, n:
     `search_store` from the on-disk store, resumable by layer: the tiled exact search, or one whole graph's
     features at a time for an approximate search, and the RBF σ from the store (`store_sigma`); several processes
     → `build_graphs` on each process's rows in memory (`local_features`): the exact search sharded over the mesh,
-    an approximate one on the gathered group, its graphs shared out among the processes. The approximate searches' recall is measured by `graphs.knn` on a
-    seeded sample of rows, the seed `settings.seed`."""
+    an approximate one on the gathered group, its graphs shared out among the processes. The approximate
+    searches' recall is measured by `graphs.knn` on a seeded sample of rows, the seed `settings.seed`."""
     from spectral_jax import knn_search
 
     procs = jax.process_count()
