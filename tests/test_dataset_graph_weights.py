@@ -284,16 +284,19 @@ def test_sharded_path_builds_cosine_edges_only():
 
 
 @pytest.mark.slow  # two processes; the store and in-memory σ are compared in one process above
-def test_two_processes_give_the_one_process_rbf_graph(tmp_path):
-    """Two processes on the gathered path (each searches its own rows; σ drawn from the sharded features): the same
-    σ, graph and eigenvectors as one process (whose graph comes from the store's search and `store_sigma`)."""
+@pytest.mark.parametrize("search", ["exact", "ivf"])
+def test_two_processes_give_the_one_process_rbf_graph(tmp_path, search):
+    """Two processes on the gathered path (exact: each searches its own rows; ivf: each its share of the layers'
+    graphs, on their gathered rows; σ drawn from the sharded features either way): the same σ, graph and
+    eigenvectors as one process (whose graph comes from the store's search and `store_sigma`)."""
     from test_dataset import run_two_processes
 
     folder = make_folder(str(tmp_path / "imgs"), 12)
     out = str(tmp_path / "multi")
-    run_two_processes(folder, out, "**EXACT, edge_weights='rbf', exact_solver='gathered'",
+    run_two_processes(folder, out, f"**EXACT, edge_weights='rbf', exact_solver='gathered', search={search!r}",
                       head="from test_dataset_graph_weights import EXACT\n")
-    single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(), **{**EXACT, "edge_weights": "rbf"})
+    single = dataset.run(folder, str(tmp_path / "single"), backbone=synthetic(),
+                         **{**EXACT, "edge_weights": "rbf", "search": search})
     multi = dataset.load_result(out)
     s_multi = json.load(open(os.path.join(out, "summary.json")))["edge_weights"]["sigma"]
     for layer, v in single.summary()["edge_weights"]["sigma"].items():
@@ -315,11 +318,14 @@ def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_p
 
     out = str(tmp_path / "multi")
     small = "from spectral_jax import knn_search\nknn_search.AUTO_CELL, knn_search.AUTO_NPROBE = 8, 1\n" + (
-        # each process counts the graphs it searches (whole._search_graph calls) into OUT.searched{i}
-        "import atexit\nfrom spectral_jax.dataset import whole as W\nsearched, search_graph = [], W._search_graph\n"
+        # each process records the graphs it searches (whole._search_graph calls) and whose gathered features it
+        # kept (whole._owned_features' keys) into OUT.searched{i}
+        "import atexit\nfrom spectral_jax.dataset import whole as W\nsearched, kept = [], []\n"
+        "search_graph, owned_features = W._search_graph, W._owned_features\n"
         "W._search_graph = lambda *a, **k: searched.append(1) or search_graph(*a, **k)\n"
-        f"atexit.register(lambda: open({out!r} + f'.searched{{jax.process_index()}}', 'w')\n"
-        "                 .write(str(len(searched))))\n")
+        "W._owned_features = lambda *a, **k: kept.append(sorted(r := owned_features(*a, **k))) or r\n"
+        f"atexit.register(lambda: json.dump([len(searched), kept], open({out!r} + "
+        "f'.searched{jax.process_index()}', 'w')))\n")
     monkeypatch.setattr(knn_search, "AUTO_CELL", 8)
     monkeypatch.setattr(knn_search, "AUTO_NPROBE", 1)
     folder = make_folder(str(tmp_path / "imgs"), 12)
@@ -335,9 +341,11 @@ def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_p
         for key in ("idx0", "w0"):
             np.testing.assert_array_equal(m[key], s[key])
         graphs = m["idx0"].shape[0]
-    # the group's graphs were shared out (graph j: process j mod 2), not each searched by both processes
-    searched = [int(open(f"{out}.searched{i}").read()) for i in range(2)]
-    assert graphs >= 2 and searched == [(graphs + 1) // 2, graphs // 2], (graphs, searched)
+    # the group's graphs were shared out (graph j: process j mod 2), not each searched by both processes, and each
+    # process kept all rows of its own graphs only
+    searched, kept = zip(*(json.load(open(f"{out}.searched{i}")) for i in range(2)))
+    assert graphs >= 2 and list(searched) == [(graphs + 1) // 2, graphs // 2], (graphs, searched)
+    assert [k[0] for k in kept] == [list(range(0, graphs, 2)), list(range(1, graphs, 2))], kept
     np.testing.assert_allclose(np.abs(dataset.load_result(out).eigvecs), np.abs(single.eigvecs), atol=1e-4)
     one = Geometry((((4, 4), (0, 1)),), (4, 4), (32, 32), 12, 16, 1, 5, 5)
     monkeypatch.setattr(whole.jax, "process_count", lambda: 2)

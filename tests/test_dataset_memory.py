@@ -27,7 +27,7 @@ import sys
 import pytest
 
 from spectral_jax import dataset
-from spectral_jax.dataset import memory
+from spectral_jax.dataset import memory, whole
 from test_dataset import _env, make_folder
 from test_dataset_badinput import SCRIPT, _one_line_exit_2, _tree
 
@@ -245,7 +245,7 @@ def test_approximate_estimate_counts_faiss_probes_at_the_widest_try(monkeypatch)
     """An approximate search: one graph's features (as stored, as unit float32 rows, the index's copy); with faiss
     also every row's probed lists (int32, 4 bytes each) at the widest try before the exact search — 10⁶ nodes, 4096
     lists: tries of 24, 48 and 96 lists (192 would probe over 1/32 of the columns); with two processes (the
-    gathered path) also its own rows and a layer group's features of all images."""
+    gathered path) also its own rows and all images' features of the graphs it searches (`whole.owned_peak`)."""
     from spectral_jax import knn_search
 
     groups, n, per, width = [((32, 32), 3, 384)], 1000, 1024, 384
@@ -256,10 +256,14 @@ def test_approximate_estimate_counts_faiss_probes_at_the_widest_try(monkeypatch)
     first = knn_search.auto_search(nodes, kind="faiss")
     assert (first.nlist, first.nprobe, knn_search.last_try(nodes, 10, first).nprobe) == (4096, 24, 96)
     assert est["faiss"] == est["ivf"] + nodes * 96 * 4
-    # two processes on the gathered path: + its own rows and the group's features of all images, gathered
+    # two processes on the gathered path: + its own rows and its share of the group's graphs of all images,
+    # gathered — 2 of the 3 layers' at once (process 0: graph 0, then 1 in flight, then 0 and 2; process 1: 0 in
+    # flight, 1, then 1 and 2 in flight); three processes: its own and one in flight; one graph: that one
     two = memory.estimate(groups, n, graph="knn-vv", k=(10, 10), search="ivf", processes=2)["features_memory"]
     feats = 3 * nodes * width * 4
-    assert two == est["ivf"] + feats // 2 + feats
+    assert two == est["ivf"] + feats // 2 + 2 * feats // 3
+    assert [whole.owned_peak(g, p) for g, p in ((3, 2), (3, 3), (1, 2), (4, 2), (5, 2), (8, 4), (0, 2))] == \
+        [2, 2, 1, 3, 3, 3, 0]
     for has_faiss in (True, False):
         monkeypatch.setattr(knn_search, "faiss_available", lambda: has_faiss)
         auto = memory.estimate(groups, n, graph="knn-vv", k=(10, 10), search="auto")["features_memory"]

@@ -25,8 +25,9 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
               gathered path) — max_g N_g·F_g·(s·c + 4·(c + 1)): one graph's features as stored, as unit float32
               rows, and the index's float32 copy of the columns; with faiss + max_g N_g·P·4, every row's P probed
               lists (int32) at the widest try the checked search may make (`knn_search.last_try`); P processes
-              + features / P (its own rows) + max_g L_g·N_g·F_g·s·c (a layer group's features of all images,
-              gathered to each process: `whole.build_graphs`);
+              + features / P (its own rows) + max_g m_g·N_g·F_g·s·c (m_g = `whole.owned_peak(L_g, P)` ≤ ⌈L_g/P⌉
+              + 1 of a layer group's graphs' features of all images, gathered to the process that searches them:
+              `whole.build_graphs`; diffusion groups, L_g·T graphs of F_g/T each, hold less);
               P processes on the gathered path, the exact search — its own rows (features / P) plus the keys
               all-gathered to each device (features / c);
               the sharded path (`whole.search_sharded`, any P) — per device of this process: a query tile (its rows,
@@ -104,7 +105,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     "device_peak"} (ints), "forward_source", "solver_path", "processes" and "formula" (a string)."""
     from spectral_jax import graphs as G
     from spectral_jax import kernels
-    from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES, _tile_images
+    from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES, _tile_images, owned_peak
     from spectral_jax.options import DENSE_MAX
 
     if solver_path not in ("gathered", "sharded"):
@@ -117,7 +118,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         nodes = num_images * grid[0] * grid[1]
         k_g = sum(G.clamp_k(k[0], k[1], tuple(grid), num_images))
         feats += layers * nodes * width * s * c
-        group = max(group, layers * nodes * width * s * c)
+        group = max(group, owned_peak(layers, processes) * nodes * width * s * c)
         edges += layers * nodes * k_g
         slots += layers * nodes * (8 * k_g + 4)
         rows = max(rows, min(ROW_TILE_BYTES, nodes * width * s))
@@ -141,7 +142,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         sr = knn_search.auto_search(nodes_max, kind=None if search == "auto" else search)
         if sr.kind == "faiss":      # + every row's probed lists at the widest try (int32)
             feats_mem += nodes_max * knn_search.last_try(nodes_max, 1, sr).nprobe * 4
-        if processes > 1:           # + its own rows, and a layer group's features of all images gathered
+        if processes > 1:           # + its own rows, and its share of a group's graphs' features, gathered
             feats_mem += feats // processes + group
     elif processes == 1:
         feats_mem = 2 * rows + cols + kernels.INTER_BUDGET * 4

@@ -320,6 +320,35 @@ def _owned_searches(count: int, search_one) -> list[tuple[np.ndarray, np.ndarray
     return out
 
 
+def owned_peak(graphs: int, procs: int) -> int:
+    """The most graphs' gathered features a process holds at once in `_owned_features` (its own so far, plus the
+    one in flight when that is another's), over the P processes."""
+    return max(max(sum(1 for i in range(j + 1) if i % procs == p) + (j % procs != p) for j in range(graphs))
+               for p in range(procs)) if graphs else 0
+
+
+def _owned_features(mesh: Mesh, a, b=None) -> dict[int, tuple[jax.Array, jax.Array]]:
+    """{j: (a_j, b_j) `[N, F]` with all processes' rows} for the graphs j this process searches (j mod P, as
+    `_owned_searches`), from each process's own rows a, b `[*S, N/P, F]` (b None: knn-vv, b_j is a_j). Every
+    process joins every graph's all-gather and keeps only its own: at most `owned_peak(G, P)` of the group's G
+    graphs' features at a time, not G."""
+    me, procs = jax.process_index(), jax.process_count()
+    a2 = np.asarray(a).reshape(-1, *a.shape[-2:])
+    b2 = None if b is None else np.asarray(b).reshape(-1, *b.shape[-2:])
+
+    def all_rows(x):                                 # one graph's rows of every process, in row order
+        return jnp.asarray(gather(global_array(mesh, P(AXIS), x, (x.shape[0] * procs, x.shape[1]))))
+
+    out = {}
+    for j in range(a2.shape[0]):
+        x = all_rows(a2[j])
+        y = x if b2 is None else all_rows(b2[j])
+        if j % procs == me:
+            out[j] = (x, y)
+        del x, y
+    return out
+
+
 def _search_info(used: dict, kinds: set, recall, tries: list, search) -> dict:
     """A group's record of its graphs' approximate searches (`search_store`'s infos entry): the kind used (the
     approximate one if any graph kept it), recall `[L(, T)]`, the IVF sizes of the last graph, per graph its
@@ -346,11 +375,12 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
     into the timesteps' own (`graphs.split_timesteps`) and each (layer, timestep) gets its own graph: a group
     `[L, T]`. search: the inter-image search (`graphs.knn`'s; None: exact). Several processes: the exact search
     runs sharded over the mesh (each process searches its own rows); an approximate one (ivf, faiss: it cannot run
-    over a mesh) gathers each group's features whole into every process (its default device), each process
-    searches its share of the group's graphs (graph j: process j mod P, `_owned_searches`) and broadcasts them,
-    and process 0's weighted graph is every process's (the same graph, whatever a host's threads made of faiss's
-    k-means or of the weights) — the one-process graph, at the one-process search's memory on each host and about
-    1/P of its time where the group has P graphs or more (layers, or layers × timesteps).
+    over a mesh) is shared out: each process gathers all rows of its share of the group's graphs (graph j:
+    process j mod P, `_owned_features`; to its default device), searches them whole and broadcasts them
+    (`_owned_searches`), and process 0's weighted graph (σ from the sharded features) is every process's (the same
+    graph, whatever a host's threads made of faiss's k-means or of the weights) — the one-process graph, in about
+    1/P of its search time where the group has P graphs or more (layers, or layers × timesteps), each process
+    holding `owned_peak(G, P)` ≤ ⌈G/P⌉ + 1 of the group's G graphs' features at once.
     Returns (graphs, per group {"search", "recall" `[L(, T)]`, "sigma" `[L(, T)]` or None, the IVF sizes})."""
     n = len(feats.valid)
     procs = jax.process_count()
@@ -362,29 +392,27 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
         if geom.steps is not None:                   # [L, N, T·F] → [L, T, N, F]: one graph per (layer, timestep)
             a = G.split_timesteps(a, geom.steps)
             b = a if same else G.split_timesteps(b, geom.steps)
+        mine_a, mine_b = a, b                        # this process's rows `[L(, T), N/P, F]`
         if procs > 1:
             shape = (*a.shape[:-2], a.shape[-2] * procs, a.shape[-1])
             rows = P(*([None] * (a.ndim - 2)), AXIS)
             a = global_array(mesh, rows, a, shape)
             b = a if same else global_array(mesh, rows, b, shape)
             valid = global_array(mesh, P(), valid, valid.shape)
-        if whole_search:            # every process: all rows of the group, then one graph at a time
-            a, valid = jnp.asarray(gather(a)), gather(valid)
-            b = a if same else jnp.asarray(gather(b))
-            shape = a.shape[:-2]
-            a2 = a.reshape(-1, *a.shape[-2:])
-            b2 = a2 if same else b.reshape(-1, *b.shape[-2:])
+        if whole_search:            # each process: all rows of the graphs it searches, one graph at a time
+            valid, shape = gather(valid), a.shape[:-2]
+            owned = _owned_features(mesh, mine_a, None if same else mine_b)
 
-            def one(j, a2=a2, b2=b2, valid=valid, grid=grid, k=(k_intra, k_inter)):
-                x = a2[j]                                    # knn-vv: the same array for rows and columns
-                return _search_graph(x, x if same else b2[j], grid, n, k, settings, valid, search)
+            def one(j, valid=valid, grid=grid, k=(k_intra, k_inter)):
+                x, y = owned.pop(j)                          # knn-vv: y is x, one array for rows and columns
+                return _search_graph(x, y, grid, n, k, settings, valid, search)
 
-            found = _owned_searches(len(a2), one)
+            found = _owned_searches(int(np.prod(shape)), one)
             g = _group_graph(np.stack([f[0] for f in found]), np.stack([f[1] for f in found]), grid, shape, n)
             recall = np.array([float(np.asarray(f[2]["recall"]).reshape(-1)[0]) for f in found], np.float32)
             info = _search_info(found[-1][2], {f[2]["search"] for f in found}, recall.reshape(shape),
                                 [f[2].get("tries", []) for f in found], search)
-            del a2, b2, found
+            del owned, found
         else:
             g, info = G.knn(a, b, grid, n, k_intra, k_inter, settings.min_cos, settings.block, valid=valid,
                             mesh=mesh if procs > 1 else None, axis=AXIS, search=search or "exact", info=True)
