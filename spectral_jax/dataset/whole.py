@@ -403,7 +403,7 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
             valid, shape = gather(valid), a.shape[:-2]
             owned = _owned_features(mesh, mine_a, None if same else mine_b)
 
-            def one(j, valid=valid, grid=grid, k=(k_intra, k_inter)):
+            def one(j, owned=owned, valid=valid, grid=grid, k=(k_intra, k_inter)):
                 x, y = owned.pop(j)                          # knn-vv: y is x, one array for rows and columns
                 return _search_graph(x, y, grid, n, k, settings, valid, search)
 
