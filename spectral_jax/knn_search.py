@@ -511,13 +511,17 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
             np.ascontiguousarray(b[keep]), 1).ravel(), np.int64)
 
     def preassigned(x, lists, kk, params=None):
-        """faiss's search of the rows x `[n, D]` in their lists `[n, P]` (int32): (cos, ids) `[n, kk]`. The
-        coarse cosines it takes are zeros: IndexIVFFlat's inner-product scan does not read them."""
+        """faiss's search of the rows x `[n, D]` in their lists `[n, P]` (int32), `FAISS_QUANT_ROWS` rows a call:
+        (cos, ids) `[n, kk]`. The coarse cosines it takes are zeros: IndexIVFFlat's inner-product scan does not
+        read them."""
         dd, ii = np.empty((len(x), kk), np.float32), np.empty((len(x), kk), np.int64)
-        lq, lc = np.ascontiguousarray(lists, np.int64), np.zeros(lists.shape, np.float32)
-        # faiss's Python search_preassigned takes no params (the ID selector): its C++ method (`_c`) does
-        index.search_preassigned_c(len(x), faiss.swig_ptr(x), kk, faiss.swig_ptr(lq), faiss.swig_ptr(lc),
-                                   faiss.swig_ptr(dd), faiss.swig_ptr(ii), False, params)
+        for i in range(0, len(x), FAISS_QUANT_ROWS):
+            xs = np.ascontiguousarray(x[i:i + FAISS_QUANT_ROWS])
+            lq = np.ascontiguousarray(lists[i:i + FAISS_QUANT_ROWS], np.int64)
+            lc, ds, is_ = np.zeros(lq.shape, np.float32), dd[i:i + FAISS_QUANT_ROWS], ii[i:i + FAISS_QUANT_ROWS]
+            # faiss's Python search_preassigned takes no params (the ID selector): its C++ method (`_c`) does
+            index.search_preassigned_c(len(xs), faiss.swig_ptr(xs), kk, faiss.swig_ptr(lq), faiss.swig_ptr(lc),
+                                       faiss.swig_ptr(ds), faiss.swig_ptr(is_), False, params)
         return dd, ii
 
     index = faiss.IndexIVFFlat(quant, d, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -528,11 +532,7 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
     index.parallel_mode = 3     # threads over the rows inside search_preassigned (faiss's default 0 runs it on one)
     over = int(np.bincount(col_grp - col_grp.min()).max()) if c else 0
     if over <= FAISS_OVERFETCH:                 # small groups: one search of k + over, the own group's dropped
-        kk = min(k + over, keep.size) or 1
-        cos, ids = np.empty((r, kk), np.float32), np.empty((r, kk), np.int64)
-        for i in range(0, r, FAISS_QUANT_ROWS):
-            cos[i:i + FAISS_QUANT_ROWS], ids[i:i + FAISS_QUANT_ROWS] = preassigned(
-                a[i:i + FAISS_QUANT_ROWS], probe[i:i + FAISS_QUANT_ROWS], kk)
+        cos, ids = preassigned(a, probe, min(k + over, keep.size) or 1)
         bad = (ids < 0) | (col_grp[np.maximum(ids, 0)] == row_grp[:, None])
         cos = np.where(bad, -np.inf, cos).astype(np.float32)
         order = np.argsort(-cos, axis=1, kind="stable")[:, :k]

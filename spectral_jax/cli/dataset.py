@@ -114,10 +114,10 @@ def register(sub) -> None:
     p.add_argument("--search", choices=SEARCHES, default=None,
                    help="exact: the whole-dataset graph's inter-image kNN search — exact (tiled brute force from the "
                         "on-disk features), ivf / faiss (approximate, one layer's features in memory at a time: "
-                        "probes more cells until its recall on a seeded sample reaches 0.95, else exact; with "
-                        "several processes each searches all tokens, on the gathered path), auto (default: exact "
-                        "below 65 536 tokens or on the sharded path, else the checked search, faiss where "
-                        "installed)")
+                        "probes more cells until its recall on a seeded sample reaches --min-recall, else exact; "
+                        "with several processes, on the gathered path, each searches its share of the layers), "
+                        "auto (default: exact below 65 536 tokens or on the sharded path, else the checked search, "
+                        "faiss where installed)")
     p.add_argument("--min-recall", type=float, default=None, metavar="R",
                    help="exact, --search auto|ivf|faiss: the approximate search's recall floor in (0, 1] — it probes "
                         "more cells until its recall on a seeded sample reaches R, else searches exactly (default "

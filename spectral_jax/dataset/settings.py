@@ -137,7 +137,7 @@ class Settings:
     features' distance, σ the median distance of `graphs.SIGMA_PAIRS` token pairs drawn with `seed` — ncut-pytorch's
     rule; `graphs.weight_edges`); search: the exact method's inter-image kNN search, "exact" (the store's tiled
     brute force), "ivf" / "faiss" (`knn_search.auto_search`'s checked approximate search, one graph's features in
-    memory at a time — with several processes, on the gathered path, all of it in each process: more cells until
+    memory at a time — with several processes, on the gathered path, each its share of the graphs: more cells until
     the sampled recall reaches min_recall, else exact) or "auto" (exact below `knn_search.AUTO_MIN_COLUMNS` tokens
     and on the sharded path, else the checked search: faiss on the CPU where installed, else ivf); min_recall: that
     floor, in (0, 1] (None: `knn_search.AUTO_MIN_RECALL`, 0.95; refused beside search "exact"), exact only; lam:

@@ -27,9 +27,9 @@ tiles (`search_sharded`: `distributed.knn_tiled`, key tiles passed round the mes
 never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and
 `distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
 grids, diffusion groups `[L, T]`, RBF edges, an approximate search, or asked for): the graph is searched sharded
-from each process's rows held in memory (`build_graphs`; an approximate search: a layer group's features gathered to
-every process, each process searching its share of the group's graphs and broadcasting them, process 0's
-weighted graph every process's), gathered to every process, each solves it (the same deterministic solve).
+from each process's rows held in memory (`build_graphs`; an approximate search: each process gathers all rows of
+its share of a layer group's graphs, searches them and broadcasts them), gathered to every process, each solves it
+(the same deterministic solve).
 Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts, one per layer,
@@ -377,14 +377,14 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
     runs sharded over the mesh (each process searches its own rows); an approximate one (ivf, faiss: it cannot run
     over a mesh) is shared out: each process gathers all rows of its share of the group's graphs (graph j:
     process j mod P, `_owned_features`; to its default device), searches them whole and broadcasts them
-    (`_owned_searches`), and process 0's weighted graph (σ from the sharded features) is every process's (the same
-    graph, whatever a host's threads made of faiss's k-means or of the weights) — the one-process graph, in about
-    1/P of its search time where the group has P graphs or more (layers, or layers × timesteps), each process
-    holding `owned_peak(G, P)` ≤ ⌈G/P⌉ + 1 of the group's G graphs' features at once.
+    (`_owned_searches`: every process then holds the same graphs, each searched once, whatever a host's threads
+    make of faiss's k-means), weighted on each (σ from the sharded features) — the one-process graph, in about 1/P
+    of its search time where the group has P graphs or more (layers, or layers × timesteps), each process holding
+    `owned_peak(G, P)` ≤ ⌈G/P⌉ + 1 of the group's G graphs' features at once.
     Returns (graphs, per group {"search", "recall" `[L(, T)]`, "sigma" `[L(, T)]` or None, the IVF sizes})."""
     n = len(feats.valid)
     procs = jax.process_count()
-    whole_search = procs > 1 and getattr(search, "kind", search or "exact") != "exact"
+    shared = procs > 1 and getattr(search, "kind", search or "exact") != "exact"    # the approximate search
     out, infos = [], []
     for (grid, _), a, b in zip(geom.groups, feats.a, feats.b):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
@@ -399,7 +399,7 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
             a = global_array(mesh, rows, a, shape)
             b = a if same else global_array(mesh, rows, b, shape)
             valid = global_array(mesh, P(), valid, valid.shape)
-        if whole_search:            # each process: all rows of the graphs it searches, one graph at a time
+        if shared:                  # each process: all rows of the graphs it searches, one graph at a time
             valid, shape = gather(valid), a.shape[:-2]
             owned = _owned_features(mesh, mine_a, None if same else mine_b)
 
@@ -418,12 +418,7 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
                             mesh=mesh if procs > 1 else None, axis=AXIS, search=search or "exact", info=True)
         g, sigma = G.weight_edges(g, a, settings.edge_weights, settings.seed, jnp.repeat(jnp.asarray(valid),
                                                                                          grid[0] * grid[1]))
-        if whole_search:                            # process 0's graph on every process
-            from jax.experimental import multihost_utils
-
-            g = dataclasses.replace(g, **{f: jnp.asarray(multihost_utils.broadcast_one_to_all(np.asarray(
-                getattr(g, f)))) for f in ("idx", "w", "deg")})
-        elif procs > 1:
+        if procs > 1 and not shared:                # (shared: every process already holds every graph)
             g = dataclasses.replace(g, idx=gather(g.idx), w=gather(g.w), deg=gather(g.deg))
         out.append(g)
         infos.append({**info, "recall": np.asarray(info["recall"]),
