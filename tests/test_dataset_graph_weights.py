@@ -309,8 +309,8 @@ def test_two_processes_give_the_one_process_rbf_graph(tmp_path, search):
 
 def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_path, monkeypatch):
     """--search ivf with two processes: --solver auto takes the gathered path (the sharded one refuses it, one
-    line), each process gathers all tokens and searches its share of the layers' graphs (graph j: process j mod 2),
-    which it broadcasts, so every process weighs the same graphs — the same approximate graph
+    line), each process gathers all tokens of its share of the layers' graphs (graph j: process j mod 2), searches them
+    and broadcasts them, so every process weighs the same graphs — the same approximate graph
     (recall under 1: 16 lists, one probed, the floor lowered to keep the first try), summary and eigenvectors as
     one process, whose graph comes from the store one layer at a time."""
     from spectral_jax.dataset.layout import Geometry
