@@ -47,7 +47,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -411,6 +411,34 @@ def _list_scan(a, row_grp, cent, bs, ids, start, cnt, cell_list, col_grp, col_ok
     return best, jnp.take_along_axis(out, where, axis=1)
 
 
+class Index(NamedTuple):
+    """An IVF index over C columns (`ivf_index`): cent `[nlist, D]` float32 unit centroids; bs `[C + cap, D]` the
+    columns in list order, zero-padded; ids `[C + cap]` int32 their column ids (plus the index's offset; −1 for the
+    padding); start, cnt `[L + 1]` int32 each cell's run of bs (`_cells_of`); cell_list `[L]` int32 each cell's
+    list (−1: unused)."""
+
+    cent: Array
+    bs: Array
+    ids: Array
+    start: Array
+    cnt: Array
+    cell_list: Array
+
+
+def ivf_index(b: Array, pl: dict, iters: int, key, offset=0) -> tuple[Index, Array]:
+    """The IVF index of the unit rows b `[C, D]` with `plan`'s sizes pl: spherical k-means (`kmeans`, `iters`
+    steps, sample and initial centroids drawn with `key`), every column in its nearest centroid's list, the lists
+    cut into cells of ≤ pl["cap"]; column ids counted from `offset` (a shard's first column). Returns (the `Index`,
+    every column's list `[C]` int32). Jittable."""
+    cap = pl["cap"]
+    cent = kmeans(b, pl["nlist"], pl["sample"], iters, key)
+    lst = _best(b, cent.astype(b.dtype), 1)[1][:, 0]                   # every column's list
+    order, start, cnt, cell_list = _cells_of(lst, pl["nlist"], cap, pl["cells"])
+    bs = jnp.pad(b[order], ((0, cap), (0, 0)))
+    ids = jnp.pad(order + offset, (0, cap), constant_values=-1)
+    return Index(cent, bs, ids, start, cnt, cell_list), lst
+
+
 def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, k: int,
              search: Search = Search("ivf")) -> tuple[Array, Array]:
     """Approximate top-k cosine neighbours of the rows of `a` among the columns of `b` of other groups (IVF, JAX).
@@ -428,11 +456,7 @@ def ivf_topk(a: Array, b: Array, row_grp: Array, col_grp: Array, col_ok: Array, 
         return jnp.zeros((r, 0), jnp.int32), jnp.zeros((r, 0), jnp.float32)
     pl = plan(c, k, search)
     cap, p = pl["cap"], pl["nprobe"]
-    cent = kmeans(b, pl["nlist"], pl["sample"], search.iters, jax.random.PRNGKey(search.seed))
-    lst = _best(b, cent.astype(b.dtype), 1)[1][:, 0]                   # every column's list
-    order, start, cnt, cell_list = _cells_of(lst, pl["nlist"], cap, pl["cells"])
-    bs = jnp.pad(b[order], ((0, cap), (0, 0)))
-    ids = jnp.pad(order, (0, cap), constant_values=-1)
+    (cent, bs, ids, start, cnt, cell_list), lst = ivf_index(b, pl, search.iters, jax.random.PRNGKey(search.seed))
     if search.probe == "list":
         cos, idx = _list_scan(a, row_grp, cent, bs, ids, start, cnt, cell_list, col_grp, col_ok, k, cap, p,
                               search.row_lists, lst if a is b and search.row_lists == 1 else None)
