@@ -53,7 +53,9 @@ Building: `knn_sharded` searches the features (as `graphs.knn`, each device its 
 keys pass by in a `ppermute` ring, never all-gathered) and keeps the result sharded; `shard_graph` distributes a
 whole `KnnGraph`; `from_rows` takes rows already placed on the mesh (per-process rows via
 `jax.make_array_from_process_local_data`); `knn_tiled` searches features read in tiles (a store's), its key tiles
-passed round the mesh. Degrees of S_l need the column sums of A_l: one scatter-add and `psum_scatter` of N floats
+passed round the mesh — or, approximately (an ivf `knn_search.Search`), each device's IVF index over its own key
+block passed round instead (`_ivf_ring`: O(N·candidates) work, not O(N²)), its recall checked on a seeded sample
+first (`_ivf_layer`). Degrees of S_l need the column sums of A_l: one scatter-add and `psum_scatter` of N floats
 per layer, once.
 
 Shape legend
@@ -223,11 +225,23 @@ def _order_key(cos):
     return ~jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
 
 
-def _ring_tile(a, b, best, valid, i0, j0, n: int, per: int, k: int, block: int, axis: str):
+def _merge_top(best, new, k: int):
+    """The running top-k (idx, cos) `[R, k]` merged with new (idx, cos) `[R, k']` by a sort on (cosine, column):
+    the lower column wins a tie, whatever the order the candidates arrive in; best None: new as it is."""
+    if best is None:
+        return new
+    i = jnp.concatenate([best[0], new[0]], axis=1)
+    c = jnp.concatenate([best[1], new[1]], axis=1)
+    _, i, c = jax.lax.sort((_order_key(c), i, c), dimension=1, num_keys=2)
+    return i[:, :k], c[:, :k]
+
+
+def _ring_tile(a, b, best, valid, i0, j0, n: int, per: int, k: int, block: int, axis: str, row_img=None):
     """One query tile against one key tile of every device, under `shard_map`: a `[tq, F]` unit rows of this
-    device's query tile (its images from i0 on, padded rows at the end), b `[tk, F]` unit rows of its key tile (its
-    images from j0 on), best: the running (idx `[tq, k]` global columns, cos `[tq, k]`) or None (the first key
-    tile); n rows per device → the running top-k merged with the key tile of every device.
+    device's query tile (its images from i0 on, padded rows at the end; or any rows of its own, their images
+    row_img `[tq]` given), b `[tk, F]` unit rows of its key tile (its images from j0 on), best: the running (idx
+    `[tq, k]` global columns, cos `[tq, k]`) or None (the first key tile); n rows per device → the running top-k
+    merged with the key tile of every device.
 
     D steps and D − 1 transfers of the key tile: at step s the device holds the tile of device (r + s) mod D,
     searches it (`kernels.topk_inter`: the own image masked, invalid images' columns excluded; a tile of fewer
@@ -241,7 +255,8 @@ def _ring_tile(a, b, best, valid, i0, j0, n: int, per: int, k: int, block: int, 
     d = jax.lax.axis_size(axis)
     r = jax.lax.axis_index(axis)
     tk = b.shape[0]
-    row_img = (r * n + i0 * per + jnp.arange(a.shape[0], dtype=jnp.int32)) // per
+    if row_img is None:
+        row_img = (r * n + i0 * per + jnp.arange(a.shape[0], dtype=jnp.int32)) // per
     perm = [(j, (j - 1) % d) for j in range(d)]                # device j's tile to j − 1: r holds (r + s) mod D
     m = max(tk, k)                                             # a tile of fewer than k columns: padded
     pos = jnp.arange(m, dtype=jnp.int32)
@@ -255,13 +270,7 @@ def _ring_tile(a, b, best, valid, i0, j0, n: int, per: int, k: int, block: int, 
         i, c = kernels.topk_inter(a, blk, row_img, img, real & valid[jnp.where(real, img, 0)], k, block)
         return jnp.where(i < cnt, i + src * n + j0 * per, d * n + i), c
 
-    def merge(best, new):
-        if best is None:
-            return new
-        i = jnp.concatenate([best[0], new[0]], axis=1)
-        c = jnp.concatenate([best[1], new[1]], axis=1)
-        _, i, c = jax.lax.sort((_order_key(c), i, c), dimension=1, num_keys=2)
-        return i[:, :k], c[:, :k]
+    merge = functools.partial(_merge_top, k=k)
 
     def step(carry, s):
         blk, best = carry
@@ -327,7 +336,7 @@ def _search(a, b, valid, per, k_intra, k_inter, min_cos, block, mesh, axis):
 def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: int, k_intra: int, k_inter: int,
               min_cos: float = 0.1, block: int = 512, *, valid=None, mesh: Mesh, axis: str = "data",
               rows: int | None = None, cols: int | None = None, same: bool = True, progress=None,
-              cached: dict | None = None, save=None) -> ShardedKnn:
+              cached: dict | None = None, save=None, search=None, report: list | None = None) -> ShardedKnn:
     """`knn_sharded`'s search with the features read in tiles instead of held: read(which, layer, first, stop) →
     the host rows `[(stop − first)·h·w, F]` (F = width) of "a" (queries) or "b" (keys) of graph `layer`, images
     [first, stop) (global indices; e.g. `store.FeatureStore.rows`, memory-mapped) — only rows of the images this
@@ -340,12 +349,23 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
     (knn-vv: the query tile serves as its own keys). progress: called with 1 after each query tile's edges
     (layers × ⌈images per device / rows⌉ calls). cached: {layer: (idx, w)} this process's rows `[N/P, k]` of
     layers found earlier (a resumed search), taken as they are instead of searched — every process must name the
-    same layers (the search of a layer is collective); save: called (layer, idx, w) with this process's rows of
-    each layer searched, as soon as it is done (so that a search stopped midway resumes at its first missing layer).
+    same layers (the search of a layer is collective); save: called (layer, idx, w, recall) with this process's rows
+    of each layer searched and its measured recall (None for the exact search), as soon as it is done (so that a
+    search stopped midway resumes at its first missing layer).
+    search: a `knn_search.Search` of kind "ivf" (its nlist, nprobe, seed, iters, recall_rows, min_recall for the
+    N/D columns of one device) for an approximate inter-image search instead of the exact ring — per layer each
+    device builds an IVF index over its own key block (read whole) and the indexes travel round the mesh
+    (`_ivf_layer`, `_ivf_ring`): O(N·candidates) work in all, not O(N²); with min_recall its sampled recall is
+    checked first and nprobe doubled until it is reached, else that layer is searched exactly. None or "exact": the
+    exact ring. report (a list): one dict per layer is appended — search ("ivf" or "exact"), recall (1 for exact),
+    tries [{nprobe, recall}] and the IVF sizes (`knn_search.plan`), seed, recall_rows; a cached layer: its recall
+    (the third entry of its cached tuple, else 1) and tries [].
 
     Memory per process: the query tile (and its keys), one key tile and the one in flight, the running top-k
     `[rows·h·w, k_inter]` per device, and the graph's rows `[L, N/P, k]` (host, then once as device arrays) —
-    not the N/P·F features. Reads per layer: a device's keys once per query tile. The graph: the same neighbours
+    not the N/P·F features (the IVF search: per device its key block and, for knn-qk, its query block while the
+    index is built and its recall checked, then its index — a list-ordered copy of the block — and the one in
+    flight). Reads per layer: a device's keys once per query tile. The graph: the same neighbours
     as `knn_sharded` (ties to the lower column, the same slots without a candidate); cosines are computed in key
     tiles of `cols` images, which XLA's CPU matmul may round differently from a whole block's by a few float32 ulps
     (candidates tied within that rounding may be exchanged). The degrees: `from_rows`. Every process must call it."""
@@ -381,17 +401,26 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
     w_h = np.zeros((layers, len(local) * n, k), np.float32)
     statics = dict(n=n, per=per, block=int(block), mesh=mesh, axis=axis)
     a = own = best = None
+    approx = search is not None and search.kind == "ivf" and int(k_inter) > 0
     for layer in range(layers):
         if cached is not None and layer in cached:
-            idx_h[layer], w_h[layer] = cached[layer]
+            idx_h[layer], w_h[layer] = cached[layer][:2]
+            if report is not None:
+                report.append({"recall": float(cached[layer][2]) if len(cached[layer]) > 2 else 1.0, "tries": []})
             if progress is not None:
                 progress(-(-mine // tq))
             continue
+        ix, rec = None, {"search": "exact", "recall": 1.0, "tries": []}
+        if approx:
+            _, ix, rec = _ivf_layer(tile, layer, mine, n, int(k_inter), same, search, valid, int(block), mesh, axis)
         for i0 in range(0, mine, tq):
             a = tile("a", layer, i0, tq)
             own = a if same else tile("b", layer, i0, tq)
             best = None
-            for j0 in range(0, mine, tk) if k_inter else ():
+            if ix is not None:
+                best = _tile_ivf(a, ix, valid, np.int32(i0), n=n, per=per, k=int(k_inter), cap=rec["cap"],
+                                 p=rec["nprobe"], mesh=mesh, axis=axis)
+            for j0 in range(0, mine, tk) if k_inter and ix is None else ():
                 keys = own if (tk, j0) == (tq, i0) else tile("b", layer, j0, tk)    # read while the last step runs
                 if best is not None:        # then wait for it: at most two key tiles alive (dispatch is async)
                     jax.block_until_ready(best)
@@ -405,8 +434,11 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
                 w_h[layer, at:at + m] = np.asarray(s_w.data)[:m]
             if progress is not None:
                 progress(1)
+        if report is not None:
+            report.append(rec)
         if save is not None:
-            save(layer, idx_h[layer], w_h[layer])
+            save(layer, idx_h[layer], w_h[layer], rec["recall"] if approx else None)
+        del ix
     del a, own, best
     shape, lo = (layers, d * n, k), local[0] * n
     put = lambda x: jax.make_array_from_callback(shape, NamedSharding(mesh, P(None, axis)),
@@ -451,6 +483,147 @@ def _tile_edges(a, own, best, valid, i0, *, n, per, k_intra, k_inter, min_cos, b
     spec, best = P(axis), tuple(best or ())
     return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, P(), P(), *(spec,) * len(best)),
                          out_specs=(spec, spec))(a, own, valid, i0, *best)
+
+
+# ------------------------------------------------------------------------------------------ approximate (IVF) ring
+
+
+def _ivf_ring(a, row_img, ix, col_img, col_ok, k: int, cap: int, p: int, axis: str):
+    """The rows' approximate inter-image top-k among every device's columns, under `shard_map`: a `[R, F]` unit rows
+    of this device, their images row_img `[R]`; ix this device's `knn_search.Index` over its own key block (column
+    ids global); col_img `[D·n]` every column's image, col_ok `[D·n]` columns that may be neighbours → (idx `[R, k]`
+    global columns, 0 where no candidate; cos `[R, k]`, −inf there). D steps: at step s the device searches the
+    index of device (r + s) mod D (`knn_search._list_scan`: rows grouped by that index's lists, each row cell
+    against the p cells nearest its list's centroid) and merges its top-k into the running top-k (`_merge_top`)
+    while the index travels on (`ppermute` to device r − 1). A device holds its rows, its index, the index in
+    flight and the running top-k; never all N·F keys."""
+    from spectral_jax import knn_search
+
+    d = jax.lax.axis_size(axis)
+    perm = [(j, (j - 1) % d) for j in range(d)]
+    send = lambda ix: jax.tree.map(lambda x: jax.lax.ppermute(x, axis, perm), ix)
+
+    def found(ix):
+        c, i = knn_search._list_scan(a, row_img, ix.cent, ix.bs, ix.ids, ix.start, ix.cnt, ix.cell_list, col_img,
+                                     col_ok, k, cap, p, 1)
+        return i, c
+
+    def step(carry, _):
+        ix, best = carry
+        return (send(ix), _merge_top(best, found(ix), k)), None
+
+    best = found(ix)
+    if d > 1:
+        (ix, best), _ = jax.lax.scan(step, (send(ix), best), None, length=d - 2)
+        best = _merge_top(best, found(ix), k)
+    i, c = best
+    return jnp.where(jnp.isfinite(c), i, 0), c
+
+
+def _columns(valid, n: int, per: int, d):
+    """Every column's image `[D·n]` int32 and whether it may be a neighbour (its image valid) `[D·n]`."""
+    img = jnp.arange(d * n, dtype=jnp.int32) // per
+    return img, valid[img]
+
+
+@functools.partial(jax.jit, static_argnames=("n", "nlist", "cap", "cells", "sample", "iters", "mesh", "axis"))
+def _ivf_build(b, seed, *, n, nlist, cap, cells, sample, iters, mesh, axis):
+    """Each device's IVF index over its own key block (`knn_search.ivf_index`): b `[D·n, F]` sharded by rows, the
+    k-means drawn with PRNGKey(seed) (device 0, as `knn_search.ivf_topk` draws it), folded with the device's index
+    on the others → the `knn_search.Index` fields, each sharded by
+    its leading axis (device r's: cent `[nlist, F]`, bs `[n + cap, F]`, ids `[n + cap]` global columns, start,
+    cnt `[cells + 1]`, cell_list `[cells]`)."""
+    from spectral_jax import kernels, knn_search
+
+    pl = dict(nlist=nlist, cap=cap, cells=cells, sample=sample)
+
+    def local(b, seed):
+        r = jax.lax.axis_index(axis)
+        key = jax.random.PRNGKey(seed)                      # device 0: graphs.knn's own key (one device: its index)
+        key = jnp.where(r == 0, key, jax.random.fold_in(key, r))
+        return tuple(knn_search.ivf_index(kernels.unit_rows(b), pl, iters, key, offset=r * n)[0])
+
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(axis), P()), out_specs=(P(axis),) * 6)(b, seed)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "per", "k", "cap", "p", "mesh", "axis"))
+def _tile_ivf(a, ix, valid, i0, *, n, per, k, cap, p, mesh, axis):
+    """`_ivf_ring` over the mesh: a `[D·tq, F]` the devices' query tiles (sharded by rows; device r's images from
+    i0 on), ix the devices' indexes (`_ivf_build`) → (idx, cos) `[D·tq, k]` sharded by rows."""
+    from spectral_jax import kernels, knn_search
+
+    def local(a, valid, i0, *ix):
+        r, d = jax.lax.axis_index(axis), jax.lax.axis_size(axis)
+        row_img = (r * n + i0 * per + jnp.arange(a.shape[0], dtype=jnp.int32)) // per
+        col_img, col_ok = _columns(valid, n, per, d)
+        return _ivf_ring(kernels.unit_rows(a), row_img, knn_search.Index(*ix), col_img, col_ok, k, cap, p, axis)
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(axis), P(), P(), *(P(axis),) * 6),
+                         out_specs=(P(axis), P(axis)))(a, valid, i0, *ix)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "per", "k", "cap", "p", "rows", "block", "mesh", "axis"))
+def _ivf_recall(a, b, ix, valid, seed, *, n, per, k, cap, p, rows, block, mesh, axis):
+    """The ring IVF's recall on a seeded sample (`knn_search.recall`'s measure: the share of the exact inter-image
+    top-k matched, an approximate neighbour counting when its cosine reaches the exact k-th): every device draws
+    `rows` of its own rows of valid images (PRNGKey(seed) folded with `knn_search.RECALL_STREAM` and the device),
+    searches them by `_ivf_ring` and exactly (`_ring_tile` against the devices' whole key blocks), and the counts
+    are summed over the mesh. a, b `[D·n, F]` the devices' whole query and key blocks (sharded by rows) → a float32
+    scalar in [0, 1] (1 when no sampled row has a candidate). A row's approximate neighbours do not depend on the
+    other rows searched with it, so this is the recall of those rows in `_tile_ivf`'s graph."""
+    from spectral_jax import kernels, knn_search
+
+    def local(a, b, valid, seed, *ix):
+        r, d = jax.lax.axis_index(axis), jax.lax.axis_size(axis)
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), knn_search.RECALL_STREAM), r)
+        row_ok = valid[(r * n + jnp.arange(n, dtype=jnp.int32)) // per]
+        _, pick = jax.lax.top_k(jax.random.uniform(key, (n,)) + row_ok, rows)     # valid rows first
+        live = row_ok[pick]
+        x = kernels.unit_rows(a)[pick]
+        row_img = (r * n + pick.astype(jnp.int32)) // per
+        col_img, col_ok = _columns(valid, n, per, d)
+        _, approx = _ivf_ring(x, row_img, knn_search.Index(*ix), col_img, col_ok, k, cap, p, axis)
+        _, exact = _ring_tile(x, kernels.unit_rows(b), None, valid, 0, 0, n, per, k, block, axis, row_img=row_img)
+        fin = jnp.isfinite(exact)
+        kth = jnp.min(jnp.where(fin, exact, jnp.inf), axis=1, keepdims=True)
+        got = jnp.sum(jnp.isfinite(approx) & (approx >= kth - 1e-6), axis=1)
+        want = jnp.sum(fin, axis=1)
+        hit = jax.lax.psum(jnp.sum(jnp.where(live, jnp.minimum(got, want), 0)), axis)
+        tot = jax.lax.psum(jnp.sum(jnp.where(live, want, 0)), axis)
+        return jnp.where(tot > 0, hit / jnp.maximum(tot, 1), 1.0).astype(jnp.float32)
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(axis), P(axis), P(), P(), *(P(axis),) * 6),
+                         out_specs=P())(a, b, valid, seed, *ix)
+
+
+def _ivf_layer(tile, layer: int, mine: int, n: int, k: int, same: bool, search, valid, block: int, mesh, axis):
+    """A layer's checked ring IVF: each device's index over its key block (`_ivf_build`), then the sampled recall
+    (`_ivf_recall`) of nprobe cells, doubled (`knn_search.next_try`) while under search.min_recall, until the
+    exact search instead. tile(which, layer, i0, t) reads the devices' tiles (`knn_tiled`'s). Returns (the search
+    to run — ivf with its nprobe, or exact —, the indexes or None, the layer's record: search, recall (1 for
+    exact), tries [{nprobe, recall}])."""
+    from spectral_jax import knn_search
+
+    keys = tile("b", layer, 0, mine)
+    rows = keys if same else tile("a", layer, 0, mine)
+    pl = knn_search.plan(n, k, search)
+    seed = np.uint32(search.seed % 2 ** 32)
+    ix = _ivf_build(keys, seed, n=n, nlist=pl["nlist"], cap=pl["cap"], cells=pl["cells"], sample=pl["sample"],
+                    iters=search.iters, mesh=mesh, axis=axis)
+    d = int(mesh.shape[axis])
+    m = max(1, min(n, -(-search.recall_rows // d)))
+    tries, s = [], search
+    while True:
+        p = knn_search.plan(n, k, s)["nprobe"]
+        rec = float(_ivf_recall(rows, keys, ix, valid, seed, n=n, per=n // mine, k=k, cap=pl["cap"], p=p, rows=m,
+                                block=block, mesh=mesh, axis=axis))
+        tries.append({"nprobe": p, "recall": round(rec, 6)})
+        if search.min_recall is None or rec >= search.min_recall:
+            return s, ix, {"search": "ivf", "recall": rec, "tries": tries, **knn_search.plan(n, k, s),
+                           "probe": "list", "seed": search.seed, "recall_rows": m * d}
+        s = knn_search.next_try(n, k, s)
+        if s.kind == "exact":
+            return s, None, {"search": "exact", "recall": 1.0, "tries": tries}
 
 
 # ------------------------------------------------------------------------------------------------------ operator
