@@ -116,8 +116,8 @@ def register(sub) -> None:
                         "on-disk features), ivf / faiss (approximate, one layer's features in memory at a time: "
                         "probes more cells until its recall on a seeded sample reaches --min-recall, else exact; "
                         "with several processes, on the gathered path, each searches its share of the layers), "
-                        "auto (default: exact below 65 536 tokens or on the sharded path, else the checked search, "
-                        "faiss where installed)")
+                        "auto (default: exact below 65 536 tokens, else the checked search, faiss where installed; "
+                        "on the sharded path the checked ring IVF: each device's index over its own tokens)")
     p.add_argument("--min-recall", type=float, default=None, metavar="R",
                    help="exact, --search auto|ivf|faiss: the approximate search's recall floor in (0, 1] — it probes "
                         "more cells until its recall on a seeded sample reaches R, else searches exactly (default "

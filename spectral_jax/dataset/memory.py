@@ -32,7 +32,10 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
               all-gathered to each device (features / c);
               the sharded path (`whole.search_sharded`, any P) — per device of this process: a query tile (its rows,
               and its keys for knn-qk; ≤ whole.ROW_TILE_BYTES each), a key tile and the one in flight
-              (≤ whole.COL_TILE_BYTES each) and one cosine block of `kernels.topk_inter`
+              (≤ whole.COL_TILE_BYTES each) and one cosine block of `kernels.topk_inter`; with --search auto from
+              knn_search.AUTO_MIN_COLUMNS nodes (the ring IVF, `whole.sharded_search`) at least the device's whole
+              blocks, max_g (N_g/(P·d))·F_g·(s·c + 12): its key (and query) block as stored, their unit float32
+              rows, its index's float32 copy of the keys and the index in flight
   the gathered path (`whole.solver_path`: every process holds the whole graph, `solvers.exact`):
     graph     = Σ_g L_g·N_g·(8·k_g + 4) · 2  (int32 indices, float32 weights, float32 degrees; host and device copy)
     operator  = Σ_g L_g·N_g·k_g · 64         building the coalesced Σ_l w_l sym(P_l): the weights in float64, the COO
@@ -113,7 +116,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     s = 2 if features_dtype == "bfloat16" else 4
     c = 1 if graph == "knn-vv" else 2
     feats = edges = slots = 0
-    rows = cols = tiles = whole = group = 0
+    rows = cols = tiles = whole = group = ring = 0
     for grid, layers, width in groups:
         nodes = num_images * grid[0] * grid[1]
         k_g = sum(G.clamp_k(k[0], k[1], tuple(grid), num_images))
@@ -130,6 +133,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         bq = min(block, tq * per)
         tiles = max(tiles, (c * tq + 2 * tk) * per * width * s
                     + bq * min(max(tk * per, k_o), max(k_o, kernels.INTER_BUDGET // bq)) * 4)
+        ring = max(ring, mine * per * width * (s * c + 12))
     from spectral_jax import knn_search
 
     nodes_max = max(num_images * g[0] * g[1] for g, _, _ in groups)
@@ -137,6 +141,8 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         search in ("ivf", "faiss") or (search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS))
     if solver_path == "sharded":
         feats_mem = local_devices * tiles
+        if search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS:     # the ring IVF (`sharded_search`)
+            feats_mem = local_devices * max(tiles, ring)
     elif approx:                    # one graph's features as stored, their unit float32 rows and the index's copy
         feats_mem = whole
         sr = knn_search.auto_search(nodes_max, kind=None if search == "auto" else search)

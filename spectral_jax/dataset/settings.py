@@ -138,8 +138,9 @@ class Settings:
     rule; `graphs.weight_edges`); search: the exact method's inter-image kNN search, "exact" (the store's tiled
     brute force), "ivf" / "faiss" (`knn_search.auto_search`'s checked approximate search, one graph's features in
     memory at a time — with several processes, on the gathered path, each its share of the graphs: more cells until
-    the sampled recall reaches min_recall, else exact) or "auto" (exact below `knn_search.AUTO_MIN_COLUMNS` tokens
-    and on the sharded path, else the checked search: faiss on the CPU where installed, else ivf); min_recall: that
+    the sampled recall reaches min_recall, else exact) or "auto" (exact below `knn_search.AUTO_MIN_COLUMNS` tokens,
+    else the checked search: faiss on the CPU where installed, else ivf; on the sharded path the checked ring IVF,
+    `whole.sharded_search`); min_recall: that
     floor, in (0, 1] (None: `knn_search.AUTO_MIN_RECALL`, 0.95; refused beside search "exact"), exact only; lam:
     the paper loss's orthogonality weight; layer_weights: an `options.LayerWeights` or its syntax, as `analyze` takes it
     (None: every layer equal, the paper's recipe; the CLI passes `DEFAULT_LAYER_WEIGHTS` for a ViT under exact) — a

@@ -23,7 +23,9 @@
 Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_share`) and writes their shards. Then
 (`solver_path`) either the sharded path (`solve_sharded`, the default with several processes when every layer
 group shares one grid and there are no timesteps): each group's graph is searched from each process's shards in
-tiles (`search_sharded`: `distributed.knn_tiled`, key tiles passed round the mesh) and stays sharded by rows —
+tiles (`search_sharded`: `distributed.knn_tiled`, key tiles passed round the mesh; from
+`knn_search.AUTO_MIN_COLUMNS` tokens with --search auto each device's IVF index over its own keys instead,
+`sharded_search`) and stays sharded by rows —
 never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and
 `distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
 grids, diffusion groups `[L, T]`, RBF edges, an approximate search, or asked for): the graph is searched sharded
@@ -795,11 +797,11 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     "auto": sharded with several processes when every layer group shares one grid and the taps have no timesteps,
     else gathered. "sharded" asked for where it cannot run (several grids, diffusion taps `[L, T]`): one
     `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
-    at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges by the exact search only:
-    with edge_weights "rbf", or with several processes and an approximate --search asked for by name (ivf, faiss:
-    its index is built over a group's gathered features, `build_graphs`), auto is gathered and "sharded" one
-    `InputError` ("auto" stays the exact search on the sharded path); --search faiss without faiss installed: one
-    `InputError`."""
+    at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges only, by the exact ring or
+    (--search auto from `knn_search.AUTO_MIN_COLUMNS` tokens) the checked ring IVF (`sharded_search`): with
+    edge_weights "rbf", or with several processes and an approximate --search asked for by name (ivf, faiss: its
+    index is built over a group's gathered features, `build_graphs`), auto is gathered and "sharded" one
+    `InputError`; --search faiss without faiss installed: one `InputError`."""
     one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
     choice = settings.exact_solver
     from spectral_jax.errors import InputError
@@ -1038,6 +1040,13 @@ def _rows_problem(d: dict, key: dict, geom: Geometry) -> str | None:
             return f"w{g} holds weights that are not 0 or cosines above min_cos"
         if w.reshape(full[0], m, -1)[:, ~mine].any():
             return f"w{g} gives edges to unreadable images"
+    if "info" in d:                             # the graph's search record (`graph_report`), absent in older rows
+        try:
+            ok = isinstance(json.loads(str(d["info"]))["knn_search"], dict)
+        except (ValueError, TypeError, KeyError):
+            ok = False
+        if not ok:
+            return "info is not the graph's JSON record of its search"
     return None
 
 
@@ -1091,9 +1100,11 @@ def _sharded_part(g: int, layer: int) -> str:
     return f"g{g}-l{layer}-p{jax.process_index()}-of-{jax.process_count()}"
 
 
-def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom: Geometry, n: int) -> list[dict]:
+def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom: Geometry, n: int,
+                   approx: list | None = None) -> list[dict]:
     """Per layer group, {layer: (idx, w)} this process's rows `[n/P·h·w, k]` of the layers whose search every
-    process has kept as a part (`_sharded_part`; checked by `_read_layer`: neighbours in [0, n·h·w)); a layer some
+    process has kept as a part (`_sharded_part`; checked by `_read_layer`: neighbours in [0, n·h·w)) — (idx, w,
+    recall) for a group whose search is approximate (approx[g]: its parts keep the measured recall); a layer some
     process lacks is searched again by all (the search is collective). A damaged part, or one made with other
     settings, on any process: every process raises one `InputError` (the process whose part it is names it), so
     none waits at a collective. Nothing without ckdir."""
@@ -1107,15 +1118,16 @@ def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom
         k = sum(G.clamp_k(geom.k_intra, geom.k_inter, grid, n))
         idx = np.zeros((len(group), n // procs * per, k), np.int32)
         w = np.zeros(idx.shape, np.float32)
+        rec = np.ones(len(group), np.float32) if approx and approx[g] else None
         found.append({})
         for layer in range(len(group)):
             try:
                 ok = err is None and _read_layer(ckdir, _sharded_part(g, layer), key, os.path.dirname(ckdir), idx, w,
-                                                 layer, settings.min_cos, nodes=n * per)
+                                                 layer, settings.min_cos, nodes=n * per, recall=rec)
             except InputError as e:
                 ok, err = False, e
             if ok:
-                found[g][layer] = (idx[layer], w[layer])
+                found[g][layer] = (idx[layer], w[layer]) + (() if rec is None else (rec[layer],))
             have.append(int(ok))
     state = _all_say([2 if err else 0, *have], err, os.path.join(ckdir, store.PARTS), "parts of the search")
     everyone, at = state[:, 1:].all(axis=0), 0
@@ -1125,9 +1137,25 @@ def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom
     return found
 
 
+def sharded_search(settings: Settings, nodes: int, devices: int):
+    """The sharded path's inter-image search for a layer group of N = `nodes` tokens on D devices: "auto" from
+    `knn_search.AUTO_MIN_COLUMNS` tokens is the checked ring IVF (`distributed.knn_tiled`'s search: each device's
+    index over its own N/D columns, `knn_search.auto_search`'s lists for N/D columns, probe "list", a first try of
+    ⌈`knn_search.AUTO_NPROBE`/D⌉ cells per device's index (≥ 8; about the share of the columns one process's auto
+    probes), twice that while the sampled recall is under settings.min_recall (None: `knn_search.AUTO_MIN_RECALL`),
+    else exact); below it, and for "exact", None (the exact ring)."""
+    from spectral_jax import knn_search
+
+    if settings.search != "auto" or nodes < knn_search.AUTO_MIN_COLUMNS:
+        return None
+    asked = knn_search.Search("auto", seed=settings.seed, min_recall=settings.min_recall)
+    s = knn_search.auto_search(nodes // devices, asked, "ivf")
+    return dataclasses.replace(s, nprobe=max(8, -(-knn_search.AUTO_NPROBE // devices)))
+
+
 def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, row_bytes: int = ROW_TILE_BYTES,
-                   col_bytes: int = COL_TILE_BYTES, bar=None, ckdir: str | None = None, key: dict | None = None
-                   ) -> list:
+                   col_bytes: int = COL_TILE_BYTES, bar=None, ckdir: str | None = None, key: dict | None = None,
+                   infos: list | None = None) -> list:
     """The sharded path's kNN graph of each layer group (`distributed.ShardedKnn`, rows sharded over `mesh`, never
     gathered), searched from the on-disk store in tiles (`distributed.knn_tiled`: each device's query tiles of
     ≤ `row_bytes` of features and key tiles of ≤ `col_bytes`, read memory-mapped from this process's shards by
@@ -1137,7 +1165,11 @@ def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh,
     reset to count the query tiles of every layer. ckdir and key (the graph cache key with the process and the
     process count): each process keeps its rows of each layer as a part as soon as the layer is searched
     (`_sharded_part`, `store.write_part`), and a layer every process has kept is read back instead of searched
-    (`_sharded_parts`), so a search stopped midway resumes at its first missing layer. Every process must call it."""
+    (`_sharded_parts`), so a search stopped midway resumes at its first missing layer. Every process must call it.
+    The inter-image search: `sharded_search` (exact, or from `knn_search.AUTO_MIN_COLUMNS` tokens with --search
+    auto the checked ring IVF: each device's index over its own key block, O(N·candidates) rather than O(N²); an
+    approximate layer's part keeps its measured recall). infos (a list): one dict per group is appended, as
+    `search_store`'s (search, recall `[L]`, the IVF sizes, tries per layer, min_recall)."""
     from spectral_jax.solvers import distributed as D
 
     fs, n, devices = st.store, len(st.valid), int(mesh.shape[AXIS])
@@ -1150,20 +1182,38 @@ def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh,
         bar.reset(total=sum(-(-(n // devices) // r) * len(ls) for (r, _), (_, ls) in zip(tiles, geom.groups)))
         bar.set_description("kNN search")
         bar.unit = "tile"
-    parts = _sharded_parts(ckdir, key, settings, geom, n)
+    searches = [sharded_search(settings, n * grid[0] * grid[1], devices) for grid, _ in geom.groups]
+    parts = _sharded_parts(ckdir, key, settings, geom, n, approx=[s is not None for s in searches])
     out = []
     for g, (grid, group) in enumerate(geom.groups):
         k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
         names = {"a": f"a{g}", "b": f"a{g}" if settings.graph == "knn-vv" else f"b{g}"}
-        save = None if ckdir is None else (lambda layer, i, x, g=g: store.write_part(
-            ckdir, _sharded_part(g, layer), key, {"idx": i, "w": x}, process=jax.process_index()))
+        save = None if ckdir is None else (lambda layer, i, x, rec, g=g: store.write_part(
+            ckdir, _sharded_part(g, layer), key,
+            {"idx": i, "w": x, **({} if rec is None else {"recall": np.array([rec], np.float32)})},
+            process=jax.process_index()))
         f, (rows, cols) = fs.width(f"a{g}"), tiles[g]
         read = lambda which, layer, lo, hi, names=names: fs.rows(names[which], layer, lo, hi, dtype)
+        report = []
         out.append(D.knn_tiled(read, tuple(grid), n, len(group), f, k_intra, k_inter, settings.min_cos,
                                settings.block, valid=valid, mesh=mesh, axis=AXIS, rows=rows, cols=cols,
                                same=settings.graph == "knn-vv", progress=None if bar is None else bar.update,
-                               cached=parts[g], save=save))
+                               cached=parts[g], save=save, search=searches[g], report=report))
+        if infos is not None:
+            infos.append(_ring_info(report, searches[g], geom.graph_shape(group)))
     return out
+
+
+def _ring_info(report: list, search, shape) -> dict:
+    """A group's `search_store`-like record from `distributed.knn_tiled`'s per-layer report: {search: "exact"} with
+    recall 1 (search None), else `_search_info` of its layers (a layer read back from its part: its kept recall and
+    no tries)."""
+    recall = np.array([r["recall"] for r in report], np.float32).reshape(shape)
+    if search is None:
+        return {"search": "exact", "recall": recall}
+    used = next((r for r in report[::-1] if r.get("search") == "ivf"), {})
+    kinds = {r["search"] for r in report if "search" in r}
+    return _search_info(used, kinds, recall, [r["tries"] for r in report], search)
 
 
 def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mesh: Mesh, weights, timings: dict,
@@ -1182,8 +1232,10 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
     is neither read nor written. Every process must call it."""
     from spectral_jax.solvers import distributed as D
 
+    info = None
     if rows is not None:
         host_valid, failed, images_cached = rows["valid"], rows["failed"], int(key["num_images"])
+        info = json.loads(str(rows["info"])) if "info" in rows else None     # rows cached before the record existed
     else:
         host_valid, failed, images_cached = st.valid, st.failed, st.cached
     n = len(host_valid)
@@ -1198,11 +1250,15 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
             sgs.append(D.from_rows(place(idx), place(w), tuple(grid), n, mesh, AXIS, (shape[0],)))
     else:
         rkey = None if ckdir is None else {**key, "processes": procs, "process": jax.process_index()}
-        sgs = search_sharded(st, settings, geom, mesh, bar=bar, ckdir=ckdir, key=rkey)
+        infos = []
+        sgs = search_sharded(st, settings, geom, mesh, bar=bar, ckdir=ckdir, key=rkey, infos=infos)
         del st
+        info = graph_report(settings, geom, infos)
+        say_search(info)
         if ckdir is not None:
             arrays = {"key": np.array(json.dumps(rkey, sort_keys=True)), "valid": np.asarray(host_valid),
-                      "failed": _failed_json(failed)}
+                      "failed": _failed_json(failed), "info": np.array(json.dumps(info, sort_keys=True,
+                                                                                  default=_jsonable))}
             for g, sg in enumerate(sgs):
                 arrays.update({f"idx{g}": _local_rows(sg.idx), f"w{g}": _local_rows(sg.w)})
             os.makedirs(os.path.join(ckdir, GRAPH_ROWS), exist_ok=True)
@@ -1225,7 +1281,7 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
     res = D.to_result(sol, op, tuple(geom.groups[0][0]), n)
     timings["solve"] = time.perf_counter() - t
     edges = int(sum(int(e) for g in sgs for e in np.asarray(gather(_edges(g.w)))))
-    return Solved(res, host_valid, failed, timings, cached, edges, chosen, images_cached, "sharded")
+    return Solved(res, host_valid, failed, timings, cached, edges, chosen, images_cached, "sharded", info)
 
 
 def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra=None

@@ -1,0 +1,208 @@
+"""The sharded path's approximate search (`distributed.knn_tiled` with an ivf `Search`: each device's IVF index over
+its own key block, the indexes passed round the mesh, the recall checked on a seeded sample first) and its use by
+`spectral-jax dataset --solver sharded --search auto` (`whole.sharded_search`).
+
+On fake CPU devices: with one device the ring IVF is `graphs.knn`'s IVF (probe "list") bit for bit; on 2 and 4 the
+intra-image slots are the exact ring's, an unreadable image has no edges, a row's neighbours do not depend on the
+query tile it is searched in, the run repeats bit for bit, and the sampled recall it reports is the graph's true
+recall against the exact ring (within 0.05); a recall floor it cannot reach doubles nprobe, then searches exactly
+(the exact ring's graph). In 2 processes (slow) the ring IVF gives one process's 2-device graph. Through the console
+script (the size threshold lowered in the child): summary.json's knn_search says ivf with its recall and tries, the
+graph-rows cache gives the same record on --resume, and the memory estimate counts the device's blocks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from test_dataset import _env, _free_port
+
+from spectral_jax import knn_search
+
+FEATURES = """
+import numpy as np
+nimg, grid, f, ki, ko = 64, (8, 8), 16, 4, 10
+per = grid[0] * grid[1]
+rng = np.random.default_rng(0)
+cent = rng.normal(size=(40, f))
+lab = rng.integers(0, 40, nimg * per)
+x = (cent[lab] + 0.5 * rng.normal(size=(nimg * per, f))).astype(np.float32)[None].repeat(2, 0)
+x[1] = x[1][:, ::-1]                                    # two layers: the same tokens, features reversed
+valid = np.ones(nimg, bool)
+valid[5] = False
+read = lambda which, layer, lo, hi: x[layer, lo * per:hi * per]
+"""
+
+
+def _child(src: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-c", src], env=_env(**(env or {})), capture_output=True, text=True,
+                       timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return r
+
+
+def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_more(tmp_path):
+    out = str(tmp_path / "r.npz")
+    _child(FEATURES + textwrap.dedent(f"""
+        import jax, jax.numpy as jnp
+        from spectral_jax import graphs, knn_search
+        from spectral_jax.solvers import distributed as dist
+        assert len(jax.devices()) == 8
+        res = {{}}
+        s = knn_search.Search("ivf", nlist=16, nprobe=6, probe="list", recall_rows=400)
+        mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+        one = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, search=s)
+        ref = graphs.knn(jnp.asarray(x), jnp.asarray(x), grid, nimg, ki, ko, valid=valid, search=s)
+        res["one_idx"], res["one_w"] = np.asarray(one.idx), np.asarray(one.w)
+        res["ref_idx"], res["ref_w"] = np.asarray(ref.idx), np.asarray(ref.w)
+        for d in (2, 4):
+            mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
+            ex = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, rows=3)
+            s = knn_search.Search("ivf", nlist=16, nprobe=4, probe="list", recall_rows=400)
+            for name, kw in (("tiled", dict(rows=3)), ("block", {{}}), ("again", dict(rows=3))):
+                rep = []
+                g = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, search=s, report=rep,
+                                   **kw)
+                res[f"{{name}}{{d}}_idx"], res[f"{{name}}{{d}}_w"] = np.asarray(g.idx), np.asarray(g.w)
+                res[f"{{name}}{{d}}_rep"] = json.dumps(rep)
+            res[f"ex{{d}}_idx"], res[f"ex{{d}}_w"] = np.asarray(ex.idx), np.asarray(ex.w)
+            # a floor it cannot reach: nprobe doubled, then (a try probing 1/32 of a device's columns) exact
+            rep = []
+            s = knn_search.Search("ivf", nlist=64, nprobe=1, probe="list", recall_rows=400, min_recall=1.0)
+            g = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, rows=3, search=s, report=rep)
+            res[f"floor{{d}}_idx"], res[f"floor{{d}}_w"] = np.asarray(g.idx), np.asarray(g.w)
+            res[f"floor{{d}}_rep"] = json.dumps(rep)
+        np.savez({out!r}, **res)
+        import json
+    """).replace("import jax, jax.numpy", "import json, jax, jax.numpy"),
+           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+    t = np.load(out)
+    np.testing.assert_array_equal(t["one_idx"], t["ref_idx"])
+    np.testing.assert_array_equal(t["one_w"], t["ref_w"])
+    ki, per = 4, 64
+    for d in (2, 4):
+        ei, ew = t[f"ex{d}_idx"], t[f"ex{d}_w"]
+        ai, aw = t[f"tiled{d}_idx"], t[f"tiled{d}_w"]
+        # a row's neighbours do not depend on the query tile (its cosines on the tile's shape: XLA's CPU matmul
+        # rounds by shape, a few float32 ulps); a second run is the first bit for bit
+        np.testing.assert_array_equal(t[f"block{d}_idx"], ai)
+        assert np.abs(t[f"block{d}_w"] - aw).max() <= 1e-6
+        np.testing.assert_array_equal(t[f"again{d}_idx"], ai)
+        np.testing.assert_array_equal(t[f"again{d}_w"], aw)
+        np.testing.assert_array_equal(ai[:, :, :ki], ei[:, :, :ki])    # intra-image: exact
+        assert not aw[:, 5 * per:6 * per].any() and not np.isin(ai[aw > 0] // per, [5]).any()
+        rep = json.loads(str(t[f"tiled{d}_rep"]))
+        assert [r["search"] for r in rep] == ["ivf", "ivf"] and all(len(r["tries"]) == 1 for r in rep), rep
+        assert all(r["nprobe"] == 4 and r["nlist"] == 16 and r["recall_rows"] == 400 for r in rep), rep
+        for layer in range(2):                                          # the true recall of the inter-image part
+            hits = tot = 0
+            for r in range(0, ei.shape[1], 5):
+                e = set(ei[layer, r, ki:][ew[layer, r, ki:] > 0])
+                hits += len(e & set(ai[layer, r, ki:][aw[layer, r, ki:] > 0]))
+                tot += len(e)
+            true = hits / tot
+            assert 0.8 < true < 1 and abs(true - rep[layer]["recall"]) < 0.05, (d, layer, true, rep[layer])
+        rep = json.loads(str(t[f"floor{d}_rep"]))
+        assert all(r["search"] == "exact" and r["recall"] == 1.0 for r in rep), rep
+        tries = [x["nprobe"] for x in rep[0]["tries"]]
+        assert tries[:2] == [1, 2] and len(tries) >= 2 and all(x["recall"] < 1 for x in rep[0]["tries"]), rep
+        np.testing.assert_array_equal(t[f"floor{d}_idx"], ei)
+        np.testing.assert_array_equal(t[f"floor{d}_w"], ew)
+
+
+# the console script with auto's thresholds lowered (a few hundred tokens stand for 10⁵): auto from 64 tokens, lists
+# of ≈ 16 tokens, a first try of 8 cells
+LOWERED = ("import sys; from spectral_jax import knn_search as K; "
+           "K.AUTO_MIN_COLUMNS, K.AUTO_CELL, K.AUTO_NPROBE = 64, 8, 2; "
+           "from spectral_jax.cli import main; sys.exit(main(sys.argv[1:]))")
+
+
+def test_dataset_sharded_auto_search_is_the_checked_ring_ivf_and_its_record_survives_resume(tmp_path):
+    """`spectral-jax dataset --solver sharded` (one process) with --search auto above the (lowered) size: the
+    ring IVF — summary.json's knn_search says ivf, the lists and cells it probed, each layer's sampled recall (below 1
+    here, above --min-recall) and its tries; one stderr line says so; --resume reads the graph-rows cache back with
+    the same record and eigenvectors. The memory estimate counts the device's whole blocks."""
+    from test_dataset import make_folder
+    from test_dataset_sharded import CLI
+
+    imgs = make_folder(str(tmp_path / "imgs"), 24)
+    out = str(tmp_path / "out")
+    cli = [a if a != "28" else "56" for a in CLI]                      # 4×4 tokens: 384 in all
+    run = lambda *extra: subprocess.run([sys.executable, "-c", LOWERED, "dataset", imgs, *cli, "--solver", "sharded",
+                                         "--min-recall", "0.2", "--out", out, *extra], env=_env(TQDM_DISABLE="1"),
+                                        capture_output=True, text=True, timeout=600)
+    r = run()
+    assert r.returncode == 0, r.stderr[-3000:]
+    s1 = json.load(open(os.path.join(out, "summary.json")))
+    ks = s1["knn_search"]
+    assert s1["exact_solver"]["path"] == "sharded" and ks["asked"] == "auto" and ks["used"] == "ivf", ks
+    assert ks["nlist"] == 32 and ks["nprobe"] == 8 and ks["min_recall"] == 0.2, ks
+    assert set(ks["recall"]) == {"10", "11"} and 0.2 <= ks["recall_min"] < 1, ks
+    assert [[t["nprobe"] for t in layer] for group in ks["tries"] for layer in group] == [[8], [8]], ks
+    assert "kNN search ivf" in r.stderr and f"recall {ks['recall_min']:.4f}" in r.stderr, r.stderr
+    mem = s1["memory"]
+    assert mem["solver_path"] == "sharded" and mem["features_memory"] >= 384 * 384 * (4 + 12), mem
+    v1 = np.load(os.path.join(out, "eigvecs.npz"))["eigvecs"]
+    r = run("--resume")
+    assert r.returncode == 0, r.stderr[-3000:]
+    s2 = json.load(open(os.path.join(out, "summary.json")))
+    assert "graph" in s2["cached"] and s2["knn_search"] == ks and s2["edges"] == s1["edges"]
+    np.testing.assert_array_equal(np.load(os.path.join(out, "eigvecs.npz"))["eigvecs"], v1)
+
+
+@pytest.mark.slow  # two processes (jax.distributed, gloo); the fake-device runs above are in CI
+def test_ring_ivf_in_two_processes_gives_the_two_device_graph(tmp_path):
+    """Two local processes, one CPU device each: the indexes travel between the processes (`ppermute` of the
+    `knn_search.Index` fields over the CPU collectives) and the graph, gathered, is one process's on 2 fake devices:
+    the same neighbours, weights within a few float32 ulps; the same sampled recall."""
+    port, procs = _free_port(), []
+    search = "knn_search.Search('ivf', nlist=16, nprobe=4, probe='list', recall_rows=400, min_recall=0.5)"
+    body = FEATURES + textwrap.dedent(f"""
+        import json, jax, jax.numpy as jnp
+        from spectral_jax import knn_search
+        from spectral_jax.solvers import distributed as dist
+        mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+        rep = []
+        g = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, rows=3, search={search},
+                           report=rep)
+        rows = lambda x: np.swapaxes(dist.gather_rows(jnp.swapaxes(x, 0, 1)), 0, 1)
+    """)
+    for i in range(2):
+        child = textwrap.dedent(f"""
+            import jax
+            jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={i})
+        """) + body + f"np.savez({str(tmp_path)!r} + '/p{i}.npz', idx=rows(g.idx), w=rows(g.w), rep=json.dumps(rep))\n"
+        procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    from test_distributed import _wait_all
+
+    _wait_all(procs)
+    _child(body + f"np.savez({str(tmp_path)!r} + '/one.npz', idx=np.asarray(g.idx), w=np.asarray(g.w), "
+                  "rep=json.dumps(rep))\n", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    one = np.load(tmp_path / "one.npz")
+    for i in range(2):
+        p = np.load(tmp_path / f"p{i}.npz")
+        np.testing.assert_array_equal(p["idx"], one["idx"])
+        assert np.abs(p["w"] - one["w"]).max() <= 5e-7
+        assert [r["recall"] for r in json.loads(str(p["rep"]))] == [r["recall"] for r in json.loads(str(one["rep"]))]
+    assert all(r["search"] == "ivf" for r in json.loads(str(one["rep"])))
+
+
+@pytest.mark.slow  # two processes
+def test_bench_sharded_search_tiny_runs():
+    """`benchmarks/bench_sharded_search.py --features tiny`: both searches run in 2 processes, the IVF's sampled and
+    true recall are printed."""
+    bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
+                         "bench_sharded_search.py")
+    r = subprocess.run([sys.executable, bench, "--features", "tiny", "--per", "256"], env=_env(), capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ivf: " in r.stdout and "true recall against the exact ring" in r.stdout, r.stdout
+    true = json.loads(r.stdout.split("(every row): ")[1].splitlines()[0])
+    assert len(true) == 2 and all(0.5 < x <= 1 for x in true), r.stdout
