@@ -206,3 +206,74 @@ def test_bench_sharded_search_tiny_runs():
     assert "ivf: " in r.stdout and "true recall against the exact ring" in r.stdout, r.stdout
     true = json.loads(r.stdout.split("(every row): ")[1].splitlines()[0])
     assert len(true) == 2 and all(0.5 < x <= 1 for x in true), r.stdout
+
+
+def test_sharded_search_rule():
+    """`whole.sharded_search`: exact (None) for --search exact and below `knn_search.AUTO_MIN_COLUMNS` tokens; above,
+    the checked IVF over a device's N/D columns — auto's lists for N/D, ⌈AUTO_NPROBE/D⌉ cells (≥ 8) at its first try,
+    the seed and the floor from the settings."""
+    from spectral_jax.dataset import Settings, whole
+
+    big = knn_search.AUTO_MIN_COLUMNS
+    assert whole.sharded_search(Settings(), big - 1, 2) is None
+    assert whole.sharded_search(Settings(search="exact"), 10 * big, 2) is None
+    s = whole.sharded_search(Settings(seed=7, min_recall=0.97), 2 * big, 2)
+    want = knn_search.auto_search(big, knn_search.Search(seed=7, min_recall=0.97), "ivf")
+    assert (s.kind, s.probe, s.nlist, s.seed, s.min_recall) == ("ivf", "list", want.nlist, 7, 0.97)
+    assert s.nprobe == knn_search.AUTO_NPROBE // 2
+    assert whole.sharded_search(Settings(), 64 * big, 64).nprobe == 8
+    assert whole.sharded_search(Settings(), 2 * big, 2).min_recall == knn_search.AUTO_MIN_RECALL
+
+
+def test_a_stopped_ring_ivf_search_resumes_with_its_recall(tmp_path):
+    """`whole.search_sharded` on 2 fake devices from an on-disk store with auto's threshold lowered: each layer's
+    part keeps its measured recall; with layer 1's part removed, a second search reads only layer 1's features, and
+    gives the same graph and the same per-layer recall (layer 0's read back from its part, without tries)."""
+    out = str(tmp_path / "r.npz")
+    _child(textwrap.dedent(f"""
+        import json, os, shutil
+        import jax, jax.numpy as jnp, numpy as np
+        from spectral_jax import knn_search
+        knn_search.AUTO_MIN_COLUMNS, knn_search.AUTO_CELL, knn_search.AUTO_NPROBE = 256, 4, 4
+        from spectral_jax.dataset import Settings, store, whole
+        from spectral_jax.dataset.layout import Geometry
+        nimg, grid, f, ki, ko = 16, (4, 4), 12, 3, 8
+        per = grid[0] * grid[1]
+        rng = np.random.default_rng(3)
+        a = jnp.asarray(rng.normal(size=(2, nimg * per, f)), jnp.float32)
+        valid = np.ones(nimg, bool)
+        ck, key = {str(tmp_path)!r} + "/ck", {{"run": 1}}
+        for first in (0, 8):
+            rows = slice(first * per, (first + 8) * per)
+            store.write_shard(ck, key, first, valid[first:first + 8], {{}}, {{"a0": a[:, rows]}})
+        expect = {{"a0": ("float32", (2, 8 * per, f))}}
+        shards = [store.read_shard(f"{{store.folder(ck)}}/{{n}}", key, ck, expect) for n in store.finished(ck)]
+        st = whole.Streamed(store.FeatureStore(shards, 0, nimg, {{"a0": per}}), valid, {{}}, 0)
+        settings = Settings(graph="knn-vv", method="exact", min_recall=0.3)
+        mesh = jax.make_mesh((2,), ("data",), devices=jax.devices()[:2])
+        geom = Geometry(((grid, (0, 1)),), grid, (16, 16), nimg, 64, 2, ki, ko)
+        kw = dict(ckdir=ck, key={{"graph": 1, "processes": 1, "process": 0}})
+        res, infos = {{}}, []
+        g = whole.search_sharded(st, settings, geom, mesh, infos=infos, **kw)[0]
+        res["idx"], res["w"], res["info"] = np.asarray(g.idx), np.asarray(g.w), json.dumps(infos, default=whole._jsonable)
+        part = f"{{ck}}/{{store.PARTS}}/" + whole._sharded_part(0, 0)
+        res["part_recall"] = np.load(part + "/recall.npy")
+        shutil.rmtree(f"{{ck}}/{{store.PARTS}}/" + whole._sharded_part(0, 1))
+        reads, rows = [], st.store.rows
+        st.store.rows = lambda name, layer, *x: reads.append(layer) or rows(name, layer, *x)
+        infos = []
+        g = whole.search_sharded(st, settings, geom, mesh, infos=infos, **kw)[0]
+        res["idx2"], res["w2"], res["info2"] = np.asarray(g.idx), np.asarray(g.w), json.dumps(infos, default=whole._jsonable)
+        res["reads"] = sorted(set(reads))
+        np.savez({out!r}, **res)
+    """), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    t = np.load(out)
+    one, two = json.loads(str(t["info"]))[0], json.loads(str(t["info2"]))[0]
+    assert one["search"] == "ivf" and len(one["recall"]) == 2 and all(0.3 <= r < 1 for r in one["recall"]), one
+    assert [len(x) for x in one["tries"]] == [1, 1], one
+    assert abs(float(t["part_recall"][0]) - one["recall"][0]) < 1e-6
+    assert list(t["reads"]) == [1]
+    np.testing.assert_array_equal(t["idx2"], t["idx"])
+    np.testing.assert_array_equal(t["w2"], t["w"])
+    assert two["search"] == "ivf" and np.allclose(two["recall"], one["recall"], atol=1e-6), (one, two)
+    assert two["tries"][0] == [] and two["tries"][1] == one["tries"][1], two
