@@ -308,9 +308,9 @@ def test_two_processes_give_the_one_process_rbf_graph(tmp_path, search):
 
 
 def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_path, monkeypatch):
-    """--search ivf with two processes: --solver auto takes the gathered path (the sharded one refuses it, one
-    line), each process gathers all tokens of its share of the layers' graphs (graph j: process j mod 2), searches them
-    and broadcasts them, so every process weighs the same graphs — the same approximate graph
+    """--search ivf with two processes: --solver auto takes the gathered path (--solver sharded runs the ring IVF
+    instead, test_sharded_ivf; faiss there is one line), each process gathers all tokens of its share of the
+    layers' graphs (graph j: process j mod 2), searches them and broadcasts them, so every process weighs the same graphs — the same approximate graph
     (recall under 1: 16 lists, one probed, the floor lowered to keep the first try), summary and eigenvectors as
     one process, whose graph comes from the store one layer at a time."""
     from spectral_jax.dataset.layout import Geometry
@@ -351,9 +351,10 @@ def test_two_processes_search_approximately_and_give_the_one_process_graph(tmp_p
     monkeypatch.setattr(whole.jax, "process_count", lambda: 2)
     assert whole.solver_path(dataset.Settings(search="ivf"), one) == "gathered"
     assert whole.solver_path(dataset.Settings(), one) == "sharded"
-    with pytest.raises(dataset.InputError, match=r"--search ivf: does not run on the sharded path .* — pass "
-                                                 r"--solver gathered"):
-        whole.solver_path(dataset.Settings(search="ivf", exact_solver="sharded"), one)
+    assert whole.solver_path(dataset.Settings(search="ivf", exact_solver="sharded"), one) == "sharded"  # ring IVF
+    with pytest.raises(dataset.InputError, match=r"--search faiss: does not run on the sharded path .* — pass "
+                                                 r"--search ivf or auto, or --solver gathered"):
+        whole.solver_path(dataset.Settings(search="faiss", exact_solver="sharded"), one)
 
 
 def test_diffusion_timesteps_get_one_sigma_each_on_both_paths(tmp_path):

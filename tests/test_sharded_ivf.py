@@ -127,8 +127,10 @@ def test_dataset_sharded_auto_search_is_the_checked_ring_ivf_and_its_record_surv
     """`spectral-jax dataset --solver sharded` (one process) with --search auto above the (lowered) size: the
     ring IVF — summary.json's knn_search says ivf, the lists and cells it probed, each layer's sampled recall (below 1
     here, above --min-recall) and its tries; one stderr line says so; --resume reads the graph-rows cache back with
-    the same record and eigenvectors. The memory estimate counts the device's whole blocks."""
+    the same record and eigenvectors. The memory estimate counts the device's whole blocks. --search ivf by name is
+    the ring IVF there too; --search faiss is one line, exit 2, nothing written."""
     from test_dataset import make_folder
+    from test_dataset_badinput import SCRIPT, _one_line_exit_2
     from test_dataset_sharded import CLI
 
     imgs = make_folder(str(tmp_path / "imgs"), 24)
@@ -154,6 +156,18 @@ def test_dataset_sharded_auto_search_is_the_checked_ring_ivf_and_its_record_surv
     s2 = json.load(open(os.path.join(out, "summary.json")))
     assert "graph" in s2["cached"] and s2["knn_search"] == ks and s2["edges"] == s1["edges"]
     np.testing.assert_array_equal(np.load(os.path.join(out, "eigvecs.npz"))["eigvecs"], v1)
+    # --search ivf by name at any size (the plain console script): the ring IVF too; faiss is refused there
+    out = str(tmp_path / "ivf")
+    r = subprocess.run([SCRIPT, "dataset", imgs, *cli, "--solver", "sharded", "--search", "ivf", "--out", out],
+                       env=_env(TQDM_DISABLE="1"), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    ks = json.load(open(os.path.join(out, "summary.json")))["knn_search"]
+    assert ks["asked"] == "ivf" and ks["used"] == "ivf" and len(ks["tries"][0]) == 2, ks
+    r = subprocess.run([SCRIPT, "dataset", imgs, *cli, "--solver", "sharded", "--search", "faiss", "--out",
+                        str(tmp_path / "faiss")], env=_env(TQDM_DISABLE="1"), capture_output=True, text=True,
+                       timeout=600)
+    _one_line_exit_2(r, "--search faiss", "sharded path")
+    assert not os.path.exists(tmp_path / "faiss")
 
 
 @pytest.mark.slow  # two processes (jax.distributed, gloo); the fake-device runs above are in CI
@@ -255,7 +269,8 @@ def test_a_stopped_ring_ivf_search_resumes_with_its_recall(tmp_path):
         kw = dict(ckdir=ck, key={{"graph": 1, "processes": 1, "process": 0}})
         res, infos = {{}}, []
         g = whole.search_sharded(st, settings, geom, mesh, infos=infos, **kw)[0]
-        res["idx"], res["w"], res["info"] = np.asarray(g.idx), np.asarray(g.w), json.dumps(infos, default=whole._jsonable)
+        dump = lambda x: json.dumps(x, default=whole._jsonable)
+        res["idx"], res["w"], res["info"] = np.asarray(g.idx), np.asarray(g.w), dump(infos)
         part = f"{{ck}}/{{store.PARTS}}/" + whole._sharded_part(0, 0)
         res["part_recall"] = np.load(part + "/recall.npy")
         shutil.rmtree(f"{{ck}}/{{store.PARTS}}/" + whole._sharded_part(0, 1))
@@ -263,7 +278,7 @@ def test_a_stopped_ring_ivf_search_resumes_with_its_recall(tmp_path):
         st.store.rows = lambda name, layer, *x: reads.append(layer) or rows(name, layer, *x)
         infos = []
         g = whole.search_sharded(st, settings, geom, mesh, infos=infos, **kw)[0]
-        res["idx2"], res["w2"], res["info2"] = np.asarray(g.idx), np.asarray(g.w), json.dumps(infos, default=whole._jsonable)
+        res["idx2"], res["w2"], res["info2"] = np.asarray(g.idx), np.asarray(g.w), dump(infos)
         res["reads"] = sorted(set(reads))
         np.savez({out!r}, **res)
     """), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})

@@ -115,7 +115,8 @@ def register(sub) -> None:
                    help="exact: the whole-dataset graph's inter-image kNN search — exact (tiled brute force from the "
                         "on-disk features), ivf / faiss (approximate, one layer's features in memory at a time: "
                         "probes more cells until its recall on a seeded sample reaches --min-recall, else exact; "
-                        "with several processes, on the gathered path, each searches its share of the layers), "
+                        "with several processes, on the gathered path, each searches its share of the layers; "
+                        "ivf with --solver sharded: the ring IVF, each device's index over its own tokens), "
                         "auto (default: exact below 65 536 tokens, else the checked search, faiss where installed; "
                         "on the sharded path the checked ring IVF: each device's index over its own tokens)")
     p.add_argument("--min-recall", type=float, default=None, metavar="R",

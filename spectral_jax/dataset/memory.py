@@ -32,8 +32,8 @@ traced abstractly, `whole.feature_widths`; nothing computed), the backbone's par
               all-gathered to each device (features / c);
               the sharded path (`whole.search_sharded`, any P) — per device of this process: a query tile (its rows,
               and its keys for knn-qk; ≤ whole.ROW_TILE_BYTES each), a key tile and the one in flight
-              (≤ whole.COL_TILE_BYTES each) and one cosine block of `kernels.topk_inter`; with --search auto from
-              knn_search.AUTO_MIN_COLUMNS nodes (the ring IVF, `whole.sharded_search`) at least the device's whole
+              (≤ whole.COL_TILE_BYTES each) and one cosine block of `kernels.topk_inter`; with --search ivf, or auto
+              from knn_search.AUTO_MIN_COLUMNS nodes (the ring IVF, `whole.sharded_search`), at least the device's whole
               blocks, max_g (N_g/(P·d))·F_g·(s·c + 12): its key (and query) block as stored, their unit float32
               rows, its index's float32 copy of the keys and the index in flight
   the gathered path (`whole.solver_path`: every process holds the whole graph, `solvers.exact`):
@@ -141,7 +141,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         search in ("ivf", "faiss") or (search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS))
     if solver_path == "sharded":
         feats_mem = local_devices * tiles
-        if search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS:     # the ring IVF (`sharded_search`)
+        if search == "ivf" or (search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS):   # the ring IVF
             feats_mem = local_devices * max(tiles, ring)
     elif approx:                    # one graph's features as stored, their unit float32 rows and the index's copy
         feats_mem = whole

@@ -798,19 +798,20 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     else gathered. "sharded" asked for where it cannot run (several grids, diffusion taps `[L, T]`): one
     `InputError`, before any work. (The layer-weight rules run on either path: "select" reads no head agreement
     at dataset level, `layer_weights`.) The sharded path builds the paper's cosine edges only, by the exact ring or
-    (--search auto from `knn_search.AUTO_MIN_COLUMNS` tokens) the checked ring IVF (`sharded_search`): with
-    edge_weights "rbf", or with several processes and an approximate --search asked for by name (ivf, faiss: its
-    index is built over a group's gathered features, `build_graphs`), auto is gathered and "sharded" one
-    `InputError`; --search faiss without faiss installed: one `InputError`."""
+    the checked ring IVF (`sharded_search`: --search auto from `knn_search.AUTO_MIN_COLUMNS` tokens, or ivf by
+    name): with edge_weights "rbf" auto is gathered and "sharded" one `InputError`; with several processes and an
+    approximate --search asked for by name (ivf, faiss: its index built over a group's gathered features,
+    `build_graphs`) auto is gathered; "sharded" with faiss is one `InputError` (with ivf it runs the ring IVF);
+    --search faiss without faiss installed: one `InputError`."""
     one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
     choice = settings.exact_solver
     from spectral_jax.errors import InputError
 
     approx = settings.search in ("ivf", "faiss") and jax.process_count() > 1
-    if approx and choice == "sharded":
-        raise InputError(f"--search {settings.search}", "does not run on the sharded path (its index is built over "
-                         "all features in each process's memory: the gathered path)",
-                         "pass --solver gathered (or auto), or --search exact")
+    if settings.search == "faiss" and choice == "sharded":
+        raise InputError("--search faiss", "does not run on the sharded path (faiss's index is built over all "
+                         "features in one process's memory: the gathered path; the sharded path's approximate "
+                         "search is the ring IVF)", "pass --search ivf or auto, or --solver gathered (or auto)")
     if settings.search == "faiss":
         from spectral_jax import knn_search
 
@@ -1139,14 +1140,14 @@ def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom
 
 def sharded_search(settings: Settings, nodes: int, devices: int):
     """The sharded path's inter-image search for a layer group of N = `nodes` tokens on D devices: "auto" from
-    `knn_search.AUTO_MIN_COLUMNS` tokens is the checked ring IVF (`distributed.knn_tiled`'s search: each device's
-    index over its own N/D columns, `knn_search.auto_search`'s lists for N/D columns, probe "list", a first try of
-    ⌈`knn_search.AUTO_NPROBE`/D⌉ cells per device's index (≥ 8; about the share of the columns one process's auto
-    probes), twice that while the sampled recall is under settings.min_recall (None: `knn_search.AUTO_MIN_RECALL`),
-    else exact); below it, and for "exact", None (the exact ring)."""
+    `knn_search.AUTO_MIN_COLUMNS` tokens, and "ivf" at any size, is the checked ring IVF (`distributed.knn_tiled`'s
+    search: each device's index over its own N/D columns, `knn_search.auto_search`'s lists for N/D columns, probe
+    "list", a first try of ⌈`knn_search.AUTO_NPROBE`/D⌉ cells per device's index (≥ 8; about the share of the
+    columns one process's auto probes), twice that while the sampled recall is under settings.min_recall (None:
+    `knn_search.AUTO_MIN_RECALL`), else exact); "auto" below it, and "exact", None (the exact ring)."""
     from spectral_jax import knn_search
 
-    if settings.search != "auto" or nodes < knn_search.AUTO_MIN_COLUMNS:
+    if settings.search == "exact" or (settings.search == "auto" and nodes < knn_search.AUTO_MIN_COLUMNS):
         return None
     asked = knn_search.Search("auto", seed=settings.seed, min_recall=settings.min_recall)
     s = knn_search.auto_search(nodes // devices, asked, "ivf")
