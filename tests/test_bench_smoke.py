@@ -67,7 +67,8 @@ def test_official_loss_matches_spectral_jax_paper_loss(qk):
 def test_bench_scripts_import():
     for name in ("_common", "bench_graphs", "bench_solvers", "bench_analyze", "bench_forward", "bench_unet",
                  "eval_foreground", "eval_where_what", "eval_joint", "eval_dataset", "eval_layers", "bench_dataset", "bench_kmeans", "eval_autok",
-                 "bench_multiprocess_search", "knn_partition_curve"):
+                 "bench_multiprocess_search", "knn_partition_curve",
+                 "bench_sharded_search"):
         _load(name)
 
 
