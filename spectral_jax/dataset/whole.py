@@ -23,9 +23,9 @@
 Several processes: process p reads its images [p·n/P, (p+1)·n/P) (`process_share`) and writes their shards. Then
 (`solver_path`) either the sharded path (`solve_sharded`, the default with several processes when every layer
 group shares one grid and there are no timesteps): each group's graph is searched from each process's shards in
-tiles (`search_sharded`: `distributed.knn_tiled`, key tiles passed round the mesh; from
-`knn_search.AUTO_MIN_COLUMNS` tokens with --search auto each device's IVF index over its own keys instead,
-`sharded_search`) and stays sharded by rows —
+tiles (`search_sharded`: `distributed.knn_tiled`, key tiles passed round the mesh; with --search auto from
+`knn_search.AUTO_MIN_COLUMNS` tokens, or ivf, each device's IVF index over its own keys instead, `sharded_search`)
+and stays sharded by rows —
 never gathered; each process caches its own rows (OUT/checkpoints/graph-rows, `GRAPH_ROWS`) —, and
 `distributed.lobpcg` solves Σ w sym(P) as a collective over the mesh, only the N·K eigenvectors gathered (`distributed.to_result`); or the gathered path (several
 grids, diffusion groups `[L, T]`, RBF edges, an approximate search, or asked for): the graph is searched sharded
@@ -43,7 +43,8 @@ whose arrays are damaged — unreadable, changed since written, of the wrong sha
 indices out of range — too (`store.read_shard`, `store.read_part`, `load_cache`), never used.
 
 Memory (`memory.estimate`): the features live on disk (one process, and the sharded path: tiles in memory at a
-time; the gathered path with several processes: each process's own rows); the graph
+time — its ring IVF: each device's own block and its index; the gathered path with several processes: each
+process's own rows); the graph
 (L·N·k indices and weights per group) and the coalesced operator and the solver's vectors must fit in memory.
 
 Shape legend
@@ -1167,9 +1168,9 @@ def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh,
     process count): each process keeps its rows of each layer as a part as soon as the layer is searched
     (`_sharded_part`, `store.write_part`), and a layer every process has kept is read back instead of searched
     (`_sharded_parts`), so a search stopped midway resumes at its first missing layer. Every process must call it.
-    The inter-image search: `sharded_search` (exact, or from `knn_search.AUTO_MIN_COLUMNS` tokens with --search
-    auto the checked ring IVF: each device's index over its own key block, O(N·candidates) rather than O(N²); an
-    approximate layer's part keeps its measured recall). infos (a list): one dict per group is appended, as
+    The inter-image search: `sharded_search` (exact, or — --search auto from `knn_search.AUTO_MIN_COLUMNS` tokens,
+    ivf at any size — the checked ring IVF: each device's index over its own key block, O(N·candidates) rather
+    than O(N²); an approximate layer's part keeps its measured recall). infos (a list): one dict per group is appended, as
     `search_store`'s (search, recall `[L]`, the IVF sizes, tries per layer, min_recall)."""
     from spectral_jax.solvers import distributed as D
 
