@@ -220,6 +220,43 @@ def run_child(script: str, args: dict[str, Any], timeout: float = 1800) -> dict[
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+def parse_processes(ap, argv, child, procs: int = 2):
+    """Parse argv with `run_processes`' arguments added to the argparse parser (--procs shown; the children's --port,
+    --pid, --rows hidden). In a child (--pid given) run child(args) and return None; else return the args."""
+    import argparse
+
+    ap.add_argument("--procs", type=int, default=procs, help="local processes (one CPU device each)")
+    for name, kind in (("--port", int), ("--pid", int), ("--rows", str)):
+        ap.add_argument(name, type=kind, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.pid is None:
+        return args
+    child(args)
+    return None
+
+
+def run_processes(script: str, argv: list[str], procs: int) -> tuple[list[dict], float]:
+    """Run `python SCRIPT ARGV --procs P --port PORT --pid i --rows FILE` as P local processes of one jax.distributed
+    job (JAX_PLATFORMS=cpu; a free port on 127.0.0.1 for the coordinator); each writes its JSON rows to FILE.
+    Returns (every process's rows in process order, the 1-minute load at the start); exits when one fails (its
+    stderr is shown)."""
+    import socket
+    import tempfile
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        ps = [subprocess.Popen([sys.executable, os.path.abspath(script), *argv, "--procs", str(procs), "--port",
+                                str(port), "--pid", str(i), "--rows", os.path.join(tmp, f"{i}.json")], env=env)
+              for i in range(procs)]
+        load0 = os.getloadavg()[0]
+        if any(p.wait() for p in ps):
+            sys.exit("a process failed (its stderr is above)")
+        return [json.load(open(os.path.join(tmp, f"{i}.json"))) for i in range(procs)], load0
+
+
 def save_npy(path: str, x) -> None:
     """`np.save` of x to path atomically (a temporary file beside it, then renamed): a run killed midway leaves no
     partial .npy that a later run would take for its cache."""

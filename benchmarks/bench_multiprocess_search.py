@@ -20,10 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import numpy as np
@@ -104,33 +100,18 @@ def gather_memory(args, x0: np.ndarray, rots: list) -> dict[str, float]:
 
 
 def main(argv=None) -> None:
+    import _common
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", required=True, help="an .npy of unit rows [N, 64]")
     ap.add_argument("--per", type=int, default=1024, help="rows per image")
     ap.add_argument("--graphs", type=int, default=4, help="graphs in the layer group (L)")
-    ap.add_argument("--procs", type=int, default=2)
     ap.add_argument("--modes", default="all,owned", help="all: every process searches every graph; owned: shared")
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--rows", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.pid is not None:
-        child(args)
+    args = _common.parse_processes(ap, argv, child)
+    if args is None:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--features", args.features, "--per",
-                                   str(args.per), "--graphs", str(args.graphs), "--procs", str(args.procs),
-                                   "--modes", args.modes, "--port", str(port), "--pid", str(i),
-                                   "--rows", os.path.join(tmp, f"{i}.json")], env=env)
-                 for i in range(args.procs)]
-        load0 = os.getloadavg()[0]
-        if any(p.wait() for p in procs):
-            sys.exit("a process failed (its stderr is above)")
-        rows = [json.load(open(os.path.join(tmp, f"{i}.json"))) for i in range(args.procs)]
+    rows, load0 = _common.run_processes(__file__, ["--features", args.features, "--per", str(args.per), "--graphs",
+                                                   str(args.graphs), "--modes", args.modes], args.procs)
     gathered = [r.pop("gather_mib") for r in rows]
     same = all(r[m]["idx_sum"] == rows[0][m]["idx_sum"] for r in rows for m in r)
     print(f"{args.graphs} graphs of {args.features}, "

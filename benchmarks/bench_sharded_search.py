@@ -22,10 +22,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
-import subprocess
-import sys
-import tempfile
 import time
 
 import numpy as np
@@ -92,6 +88,8 @@ def child(args) -> None:
 
 
 def main(argv=None) -> None:
+    import _common
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--features", required=True, help="an .npy of unit rows [N, 64]; tiny: 16 images of planted "
                     "clusters, auto's size threshold lowered (a smoke run)")
@@ -99,29 +97,11 @@ def main(argv=None) -> None:
     ap.add_argument("--graphs", type=int, default=2, help="graphs (layers) searched")
     ap.add_argument("--copies", type=int, default=1, help="the input's images C times (copy c > 0 rotated by its "
                     "own seeded orthogonal matrix): C·N tokens")
-    ap.add_argument("--procs", type=int, default=2)
-    ap.add_argument("--port", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--pid", type=int, help=argparse.SUPPRESS)
-    ap.add_argument("--rows", help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.pid is not None:
-        child(args)
+    args = _common.parse_processes(ap, argv, child)
+    if args is None:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
-        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--features", args.features, "--per",
-                                   str(args.per), "--graphs", str(args.graphs), "--procs", str(args.procs),
-                                   "--copies", str(args.copies),
-                                   "--port", str(port), "--pid", str(i), "--rows", os.path.join(tmp, f"{i}.json")],
-                                  env=env)
-                 for i in range(args.procs)]
-        load0 = os.getloadavg()[0]
-        if any(p.wait() for p in procs):
-            sys.exit("a process failed (its stderr is above)")
-        rows = [json.load(open(os.path.join(tmp, f"{i}.json"))) for i in range(args.procs)]
+    rows, load0 = _common.run_processes(__file__, ["--features", args.features, "--per", str(args.per), "--graphs",
+                                                   str(args.graphs), "--copies", str(args.copies)], args.procs)
     r0 = rows[0]
     print(f"{args.graphs} graphs of {args.features} × {args.copies} ({r0['search'] and r0['search']['kind']}: "
           f"{json.dumps(r0['search'])}), {args.procs} processes, load {load0:.1f} → {os.getloadavg()[0]:.1f}")
