@@ -46,6 +46,7 @@ of them under a launcher whose environment JAX reads (srun, mpirun, JAX_COORDINA
 from __future__ import annotations
 
 import json
+import sys
 import os
 
 from spectral_jax.cli import model_options
@@ -267,8 +268,14 @@ def run_dataset(args) -> int:
 
     import jax
 
+    from spectral_jax.dataset.layout import PeerFailed
+
     try:
         res = dataset.run(args.folder, args.out, settings, resume=args.resume, progress=True)
+    except PeerFailed as e:     # another process's own step failed: one line; the processes still shut down together
+        print(f"spectral-jax dataset: error: process {jax.process_index()} of {jax.process_count()}: {e}; "
+              "no result was written", file=sys.stderr)
+        return 1
     except (RuntimeError, ValueError) as e:
         _stop_if_peer_lost(e)
         raise
@@ -288,8 +295,6 @@ def _stop_if_peer_lost(e: BaseException) -> None:
     stderr and exit 1 at once — not through JAX's shutdown, which would wait for the dead process's heartbeat and
     abort with a page of logs. What the run finished stays (the feature shards, checkpoints): all processes started
     again with --resume continue from it. Returns (nothing said) for any other error."""
-    import sys
-
     import jax
 
     from spectral_jax.dataset.layout import lost_peer

@@ -205,6 +205,30 @@ def lost_peer(e: BaseException) -> str | None:
     return (text.strip().splitlines() or [type(e).__name__])[0]
 
 
+class PeerFailed(RuntimeError):
+    """Raised on every other process when one process's own part of a shared step failed (`fail_together`): that
+    process raises its own error and says why; the others stop here rather than wait at a collective it will never
+    join."""
+
+
+def fail_together(err: BaseException | None, what: str) -> None:
+    """After a step each process ran on its own (err: its exception, or None): one all-gather of who failed, so that
+    no process waits at a later collective for one that has left. This process re-raises err; every other one
+    raises `PeerFailed` naming the first process that failed and `what`. Nothing with one process but re-raising
+    err. Every process must call it."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        failed = np.asarray(multihost_utils.process_allgather(np.array([err is not None], np.int32))).reshape(-1)
+    else:
+        failed = np.array([err is not None])
+    if err is not None:
+        raise err
+    if failed.any():
+        bad = int(np.flatnonzero(failed)[0])
+        raise PeerFailed(f"process {bad}'s {what} failed (it said why on its stderr)")
+
+
 def epoch_order(seed: int, epoch: int, num_images: int) -> np.ndarray:
     """The image order of `epoch`: a permutation of range(num_images) drawn from (seed, epoch) alone."""
     return np.random.default_rng(np.random.SeedSequence([int(seed), 0x5EC7, int(epoch)])).permutation(num_images)
@@ -262,6 +286,6 @@ def gather(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-__all__ = ["AXIS", "Geometry", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
-           "gather_reasons", "graph_images", "init_distributed", "lost_peer", "cluster_from_env", "local_slots", "make_mesh", "nonfinite_reason",
+__all__ = ["AXIS", "Geometry", "PeerFailed", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
+           "fail_together", "gather_reasons", "graph_images", "init_distributed", "lost_peer", "cluster_from_env", "local_slots", "make_mesh", "nonfinite_reason",
            "tapped", "timesteps_of"]

@@ -299,12 +299,22 @@ def _owned_searches(count: int, search_one) -> list[tuple[np.ndarray, np.ndarray
     """Every process's (idx `[N, k]` int32, w `[N, k]` float32, info) of a group's `count` graphs, each searched
     once: graph j by process j mod P (`search_one(j)`), then broadcast from that process, its info as JSON (so
     every process, the searching one too, holds the same round-tripped record). P processes thus search a group of
-    L graphs in about ⌈L/P⌉ graphs' time, not L; a process that owns no graph waits. Every process must call it
-    with the same count."""
+    L graphs in about ⌈L/P⌉ graphs' time, not L; a process that owns no graph waits. A search that fails raises
+    its error in its process, and every other process raises `layout.PeerFailed` before the broadcasts
+    (`layout.fail_together`), none waiting for graphs that will not come. Every process must call it with the same
+    count."""
     from jax.experimental import multihost_utils
 
+    from spectral_jax.dataset.layout import fail_together
+
     me, procs = jax.process_index(), jax.process_count()
-    mine = {j: search_one(j) for j in range(me, count, procs)}
+    mine, err = {}, None
+    try:
+        for j in range(me, count, procs):
+            mine[j] = search_one(j)
+    except Exception as e:              # noqa: BLE001 — re-raised by fail_together, after the others are told
+        err = e
+    fail_together(err, "share of the kNN search")
     out = []
     for j in range(count):
         src = j % procs == me
