@@ -21,7 +21,9 @@ IVF (`ivf_topk`, JAX: jitted, fixed shapes, CPU and accelerators):
      scatters); "list" pays off where lists are long and follow the data's clusters (large C), and misses rows near
      list borders where lists are short (small C).
   Masks as in the exact search: a column of the row's own group (image) or a column with `col_ok` False is never a
-  neighbour. It does not promise the exact result: a neighbour in an unprobed cell is missed.
+  neighbour. It does not promise the exact result: a neighbour in an unprobed cell is missed. Steps 1–2 are
+  `ivf_index` (an `Index`); the sharded path builds one per device over its own columns and passes them round the
+  mesh, probing "list" (`distributed.knn_tiled`'s search).
 faiss (`faiss_topk`, optional `faiss-cpu`, host only — not under `jit`): `IndexIVFFlat` with inner product on the
   same nlist / nprobe, trained on the same seeded sample size; the own group is left out by over-fetching (small
   groups) or by an ID selector per group (`FAISS_OVERFETCH`); the coarse quantizer runs once per row (and each
