@@ -2,7 +2,8 @@
 its own key block, the indexes passed round the mesh, the recall checked on a seeded sample first) and its use by
 `spectral-jax dataset --solver sharded --search auto` (`whole.sharded_search`).
 
-On fake CPU devices: with one device the ring IVF is `graphs.knn`'s IVF (probe "list") bit for bit; on 2 and 4 the
+On fake CPU devices: with one device the ring IVF is `graphs.knn`'s IVF (probe "list") bit for bit, knn-vv and
+knn-qk (rows other than the columns); on 2 and 4 the
 intra-image slots are the exact ring's, an unreadable image has no edges, a row's neighbours do not depend on the
 query tile it is searched in, the run repeats bit for bit, and the sampled recall it reports is the graph's true
 recall against the exact ring (within 0.05); a recall floor it cannot reach doubles nprobe, then searches exactly
@@ -61,6 +62,13 @@ def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_
         ref = graphs.knn(jnp.asarray(x), jnp.asarray(x), grid, nimg, ki, ko, valid=valid, search=s)
         res["one_idx"], res["one_w"] = np.asarray(one.idx), np.asarray(one.w)
         res["ref_idx"], res["ref_w"] = np.asarray(ref.idx), np.asarray(ref.w)
+        # knn-qk: the rows (a) are not the columns (b) — the index over b, the rows assigned to its lists
+        y = np.ascontiguousarray(x[:, :, ::-1] * np.linspace(0.5, 1.5, f, dtype=np.float32))
+        read_qk = lambda which, layer, lo, hi: (x if which == "a" else y)[layer, lo * per:hi * per]
+        qk = dist.knn_tiled(read_qk, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, search=s, same=False)
+        ref = graphs.knn(jnp.asarray(x), jnp.asarray(y), grid, nimg, ki, ko, valid=valid, search=s)
+        res["qk_idx"], res["qk_w"] = np.asarray(qk.idx), np.asarray(qk.w)
+        res["qkref_idx"], res["qkref_w"] = np.asarray(ref.idx), np.asarray(ref.w)
         for d in (2, 4):
             mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
             ex = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, rows=3)
@@ -83,8 +91,10 @@ def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_
     """).replace("import jax, jax.numpy", "import json, jax, jax.numpy"),
            env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
     t = np.load(out)
-    np.testing.assert_array_equal(t["one_idx"], t["ref_idx"])
-    np.testing.assert_array_equal(t["one_w"], t["ref_w"])
+    for name in ("one", "qk"):
+        np.testing.assert_array_equal(t[f"{name}_idx"], t[f"{'ref' if name == 'one' else 'qkref'}_idx"])
+        np.testing.assert_array_equal(t[f"{name}_w"], t[f"{'ref' if name == 'one' else 'qkref'}_w"])
+    assert (t["qk_idx"] != t["one_idx"]).any()
     ki, per = 4, 64
     for d in (2, 4):
         ei, ew = t[f"ex{d}_idx"], t[f"ex{d}_w"]
