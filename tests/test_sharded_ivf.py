@@ -3,13 +3,14 @@ its own key block, the indexes passed round the mesh, the recall checked on a se
 `spectral-jax dataset --solver sharded --search auto` (`whole.sharded_search`).
 
 On fake CPU devices: with one device the ring IVF is `graphs.knn`'s IVF (probe "list") bit for bit, knn-vv and
-knn-qk (rows other than the columns); on 2 and 4 the
-intra-image slots are the exact ring's, an unreadable image has no edges, a row's neighbours do not depend on the
-query tile it is searched in, the run repeats bit for bit, and the sampled recall it reports is the graph's true
-recall against the exact ring (within 0.05); a recall floor it cannot reach doubles nprobe, then searches exactly
-(the exact ring's graph). In 2 processes (slow) the ring IVF gives one process's 2-device graph. Through the console
-script (the size threshold lowered in the child): summary.json's knn_search says ivf with its recall and tries, the
-graph-rows cache gives the same record on --resume, and the memory estimate counts the device's blocks.
+knn-qk (rows other than the columns); on 2 and 4 the intra-image slots are the exact ring's, an unreadable image has
+no edges and the sampled recall it reports is the graph's true recall against the exact ring (within 0.05); on 2 a
+row's neighbours do not depend on the query tile it is searched in, the run repeats bit for bit, and a recall floor
+it cannot reach doubles nprobe, then searches exactly (the exact ring's graph). In 2 processes (slow) the ring IVF
+gives one process's 2-device graph. Through the console script (the size threshold lowered in the child):
+summary.json's knn_search says ivf with its recall and tries, the graph-rows cache gives the same record on
+--resume, and the memory estimate counts the device's blocks. A stopped search resumes from its parts with their
+recall.
 """
 
 from __future__ import annotations
@@ -69,17 +70,20 @@ def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_
         ref = graphs.knn(jnp.asarray(x), jnp.asarray(y), grid, nimg, ki, ko, valid=valid, search=s)
         res["qk_idx"], res["qk_w"] = np.asarray(qk.idx), np.asarray(qk.w)
         res["qkref_idx"], res["qkref_w"] = np.asarray(ref.idx), np.asarray(ref.w)
-        for d in (2, 4):
+        for d in (2, 4):                            # 4 devices: the tiled run and its recall only
             mesh = jax.make_mesh((d,), ("data",), devices=jax.devices()[:d])
             ex = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, rows=3)
             s = knn_search.Search("ivf", nlist=16, nprobe=4, probe="list", recall_rows=400)
-            for name, kw in (("tiled", dict(rows=3)), ("block", {{}}), ("again", dict(rows=3))):
+            runs = (("tiled", dict(rows=3)), ("block", {{}}), ("again", dict(rows=3)))
+            for name, kw in runs[:1 if d == 4 else 3]:
                 rep = []
                 g = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, search=s, report=rep,
                                    **kw)
                 res[f"{{name}}{{d}}_idx"], res[f"{{name}}{{d}}_w"] = np.asarray(g.idx), np.asarray(g.w)
                 res[f"{{name}}{{d}}_rep"] = json.dumps(rep)
             res[f"ex{{d}}_idx"], res[f"ex{{d}}_w"] = np.asarray(ex.idx), np.asarray(ex.w)
+            if d == 4:
+                continue
             # a floor it cannot reach: nprobe doubled, then (a try probing 1/32 of a device's columns) exact
             rep = []
             s = knn_search.Search("ivf", nlist=64, nprobe=1, probe="list", recall_rows=400, min_recall=1.0)
@@ -101,10 +105,11 @@ def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_
         ai, aw = t[f"tiled{d}_idx"], t[f"tiled{d}_w"]
         # a row's neighbours do not depend on the query tile (its cosines on the tile's shape: XLA's CPU matmul
         # rounds by shape, a few float32 ulps); a second run is the first bit for bit
-        np.testing.assert_array_equal(t[f"block{d}_idx"], ai)
-        assert np.abs(t[f"block{d}_w"] - aw).max() <= 1e-6
-        np.testing.assert_array_equal(t[f"again{d}_idx"], ai)
-        np.testing.assert_array_equal(t[f"again{d}_w"], aw)
+        if d == 2:
+            np.testing.assert_array_equal(t[f"block{d}_idx"], ai)
+            assert np.abs(t[f"block{d}_w"] - aw).max() <= 1e-6
+            np.testing.assert_array_equal(t[f"again{d}_idx"], ai)
+            np.testing.assert_array_equal(t[f"again{d}_w"], aw)
         np.testing.assert_array_equal(ai[:, :, :ki], ei[:, :, :ki])    # intra-image: exact
         assert not aw[:, 5 * per:6 * per].any() and not np.isin(ai[aw > 0] // per, [5]).any()
         rep = json.loads(str(t[f"tiled{d}_rep"]))
@@ -118,6 +123,8 @@ def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_
                 tot += len(e)
             true = hits / tot
             assert 0.8 < true < 1 and abs(true - rep[layer]["recall"]) < 0.05, (d, layer, true, rep[layer])
+        if d == 4:
+            continue
         rep = json.loads(str(t[f"floor{d}_rep"]))
         assert all(r["search"] == "exact" and r["recall"] == 1.0 for r in rep), rep
         tries = [x["nprobe"] for x in rep[0]["tries"]]
@@ -137,8 +144,8 @@ def test_dataset_sharded_auto_search_is_the_checked_ring_ivf_and_its_record_surv
     """`spectral-jax dataset --solver sharded` (one process) with --search auto above the (lowered) size: the
     ring IVF — summary.json's knn_search says ivf, the lists and cells it probed, each layer's sampled recall (below 1
     here, above --min-recall) and its tries; one stderr line says so; --resume reads the graph-rows cache back with
-    the same record and eigenvectors. The memory estimate counts the device's whole blocks. --search ivf by name is
-    the ring IVF there too; --search faiss is one line, exit 2, nothing written."""
+    the same record and eigenvectors. The memory estimate counts the device's whole blocks. --search faiss is one
+    line, exit 2, nothing written (--search ivf by name: `whole.sharded_search`'s rule, below)."""
     from test_dataset import make_folder
     from test_dataset_badinput import SCRIPT, _one_line_exit_2
     from test_dataset_sharded import CLI
@@ -166,13 +173,7 @@ def test_dataset_sharded_auto_search_is_the_checked_ring_ivf_and_its_record_surv
     s2 = json.load(open(os.path.join(out, "summary.json")))
     assert "graph" in s2["cached"] and s2["knn_search"] == ks and s2["edges"] == s1["edges"]
     np.testing.assert_array_equal(np.load(os.path.join(out, "eigvecs.npz"))["eigvecs"], v1)
-    # --search ivf by name at any size (the plain console script): the ring IVF too; faiss is refused there
-    out = str(tmp_path / "ivf")
-    r = subprocess.run([SCRIPT, "dataset", imgs, *cli, "--solver", "sharded", "--search", "ivf", "--out", out],
-                       env=_env(TQDM_DISABLE="1"), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    ks = json.load(open(os.path.join(out, "summary.json")))["knn_search"]
-    assert ks["asked"] == "ivf" and ks["used"] == "ivf" and len(ks["tries"][0]) == 2, ks
+    # --search faiss there: one line, before any work
     r = subprocess.run([SCRIPT, "dataset", imgs, *cli, "--solver", "sharded", "--search", "faiss", "--out",
                         str(tmp_path / "faiss")], env=_env(TQDM_DISABLE="1"), capture_output=True, text=True,
                        timeout=600)
@@ -233,13 +234,16 @@ def test_bench_sharded_search_tiny_runs():
 
 
 def test_sharded_search_rule():
-    """`whole.sharded_search`: exact (None) for --search exact and below `knn_search.AUTO_MIN_COLUMNS` tokens; above,
+    """`whole.sharded_search`: exact (None) for --search exact and, for auto, below `knn_search.AUTO_MIN_COLUMNS`
+    tokens; ivf by name at any size, and auto above,
     the checked IVF over a device's N/D columns — auto's lists for N/D, ⌈AUTO_NPROBE/D⌉ cells (≥ 8) at its first try,
     the seed and the floor from the settings."""
     from spectral_jax.dataset import Settings, whole
 
     big = knn_search.AUTO_MIN_COLUMNS
     assert whole.sharded_search(Settings(), big - 1, 2) is None
+    small = whole.sharded_search(Settings(search="ivf"), 384, 1)              # ivf by name: at any size
+    assert (small.kind, small.probe, small.min_recall) == ("ivf", "list", knn_search.AUTO_MIN_RECALL)
     assert whole.sharded_search(Settings(search="exact"), 10 * big, 2) is None
     s = whole.sharded_search(Settings(seed=7, min_recall=0.97), 2 * big, 2)
     want = knn_search.auto_search(big, knn_search.Search(seed=7, min_recall=0.97), "ivf")
