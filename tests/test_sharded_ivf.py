@@ -50,6 +50,9 @@ def _child(src: str, env: dict | None = None) -> subprocess.CompletedProcess:
 
 
 def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_more(tmp_path):
+    """`distributed.knn_tiled(search=ivf)` on 1, 2 and 4 fake CPU devices against `graphs.knn`'s IVF and the exact
+    ring (the module docstring's first paragraph): 64 images of 8×8 tokens of 40 planted 16-d classes, one image
+    unreadable, k_intra 4, k_inter 10, 16 lists per device's index."""
     out = str(tmp_path / "r.npz")
     _child(FEATURES + textwrap.dedent(f"""
         import jax, jax.numpy as jnp
