@@ -412,7 +412,7 @@ def knn_tiled(read, grid: tuple[int, int], num_images: int, layers: int, width: 
             continue
         ix, rec = None, {"search": "exact", "recall": 1.0, "tries": []}
         if approx:
-            _, ix, rec = _ivf_layer(tile, layer, mine, n, int(k_inter), same, search, valid, int(block), mesh, axis)
+            ix, rec = _ivf_layer(tile, layer, mine, n, int(k_inter), same, search, valid, int(block), mesh, axis)
         for i0 in range(0, mine, tq):
             a = tile("a", layer, i0, tq)
             own = a if same else tile("b", layer, i0, tq)
@@ -530,9 +530,8 @@ def _columns(valid, n: int, per: int, d):
 def _ivf_build(b, seed, *, n, nlist, cap, cells, sample, iters, mesh, axis):
     """Each device's IVF index over its own key block (`knn_search.ivf_index`): b `[D·n, F]` sharded by rows, the
     k-means drawn with PRNGKey(seed) (device 0, as `knn_search.ivf_topk` draws it), folded with the device's index
-    on the others → the `knn_search.Index` fields, each sharded by
-    its leading axis (device r's: cent `[nlist, F]`, bs `[n + cap, F]`, ids `[n + cap]` global columns, start,
-    cnt `[cells + 1]`, cell_list `[cells]`)."""
+    on the others → the `knn_search.Index` fields, each sharded by its leading axis (device r's: cent `[nlist, F]`,
+    bs `[n + cap, F]`, ids `[n + cap]` global columns, start, cnt `[cells + 1]`, cell_list `[cells]`)."""
     from spectral_jax import kernels, knn_search
 
     pl = dict(nlist=nlist, cap=cap, cells=cells, sample=sample)
@@ -599,9 +598,10 @@ def _ivf_recall(a, b, ix, valid, seed, *, n, per, k, cap, p, rows, block, mesh, 
 def _ivf_layer(tile, layer: int, mine: int, n: int, k: int, same: bool, search, valid, block: int, mesh, axis):
     """A layer's checked ring IVF: each device's index over its key block (`_ivf_build`), then the sampled recall
     (`_ivf_recall`) of nprobe cells, doubled (`knn_search.next_try`) while under search.min_recall, until the
-    exact search instead. tile(which, layer, i0, t) reads the devices' tiles (`knn_tiled`'s). Returns (the search
-    to run — ivf with its nprobe, or exact —, the indexes or None, the layer's record: search, recall (1 for
-    exact), tries [{nprobe, recall}])."""
+    exact search instead. tile(which, layer, i0, t) reads the devices' tiles (`knn_tiled`'s). Returns (the indexes,
+    or None when the layer is to be searched exactly; the layer's record: search, recall (1 for exact), tries
+    [{nprobe, recall}] and, for ivf, the `knn_search.plan` sizes of the try kept — its nprobe —, probe, seed,
+    recall_rows)."""
     from spectral_jax import knn_search
 
     keys = tile("b", layer, 0, mine)
@@ -619,11 +619,11 @@ def _ivf_layer(tile, layer: int, mine: int, n: int, k: int, same: bool, search, 
                                 block=block, mesh=mesh, axis=axis))
         tries.append({"nprobe": p, "recall": round(rec, 6)})
         if search.min_recall is None or rec >= search.min_recall:
-            return s, ix, {"search": "ivf", "recall": rec, "tries": tries, **knn_search.plan(n, k, s),
-                           "probe": "list", "seed": search.seed, "recall_rows": m * d}
+            return ix, {"search": "ivf", "recall": rec, "tries": tries, **knn_search.plan(n, k, s),
+                        "probe": "list", "seed": search.seed, "recall_rows": m * d}
         s = knn_search.next_try(n, k, s)
         if s.kind == "exact":
-            return s, None, {"search": "exact", "recall": 1.0, "tries": tries}
+            return None, {"search": "exact", "recall": 1.0, "tries": tries}
 
 
 # ------------------------------------------------------------------------------------------------------ operator
