@@ -108,7 +108,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
     "device_peak"} (ints), "forward_source", "solver_path", "processes" and "formula" (a string)."""
     from spectral_jax import graphs as G
     from spectral_jax import kernels
-    from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES, _tile_images, owned_peak
+    from spectral_jax.dataset.whole import COL_TILE_BYTES, ROW_TILE_BYTES, _tile_images, owned_peak, ring_ivf
     from spectral_jax.options import DENSE_MAX
 
     if solver_path not in ("gathered", "sharded"):
@@ -141,7 +141,7 @@ def estimate(groups, num_images: int, *, graph: str = "knn-qk", features_dtype: 
         search in ("ivf", "faiss") or (search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS))
     if solver_path == "sharded":
         feats_mem = local_devices * tiles
-        if search == "ivf" or (search == "auto" and nodes_max >= knn_search.AUTO_MIN_COLUMNS):   # the ring IVF
+        if ring_ivf(search, nodes_max):
             feats_mem = local_devices * max(tiles, ring)
     elif approx:                    # one graph's features as stored, their unit float32 rows and the index's copy
         feats_mem = whole

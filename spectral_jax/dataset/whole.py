@@ -725,12 +725,8 @@ def _cache_problem(d: dict, key: dict, geom: Geometry) -> str | None:
     if "info" not in d and key.get("edge_weights") == "cosine":   # a graph cached before the record existed
         d["info"] = np.array(json.dumps({"edge_weights": {"kind": "cosine"},
                                          "knn_search": {"asked": "exact", "used": "exact", "recall_min": 1.0}}))
-    try:
-        info = json.loads(str(d.get("info", "")))
-        ok_info = info["edge_weights"]["kind"] == key.get("edge_weights") and isinstance(info["knn_search"], dict)
-    except (ValueError, TypeError, KeyError):
-        ok_info = False
-    if not ok_info:
+    info = _info_record(d.get("info", ""))
+    if info is None or info.get("edge_weights", {}).get("kind") != key.get("edge_weights"):
         return "info is not the graph's JSON record of its edge weights and search"
     rbf = key.get("edge_weights") == "rbf"
     for g, (grid, layers) in enumerate(geom.groups):
@@ -1052,14 +1048,21 @@ def _rows_problem(d: dict, key: dict, geom: Geometry) -> str | None:
             return f"w{g} holds weights that are not 0 or cosines above min_cos"
         if w.reshape(full[0], m, -1)[:, ~mine].any():
             return f"w{g} gives edges to unreadable images"
-    if "info" in d:                             # the graph's search record (`graph_report`), absent in older rows
-        try:
-            ok = isinstance(json.loads(str(d["info"]))["knn_search"], dict)
-        except (ValueError, TypeError, KeyError):
-            ok = False
-        if not ok:
-            return "info is not the graph's JSON record of its search"
+    if "info" in d and _info_record(d["info"]) is None:    # the graph's `graph_report`, absent in older rows
+        return "info is not the graph's JSON record of its search"
     return None
+
+
+def _info_record(text) -> dict | None:
+    """A cached graph's `graph_report` (JSON text, a 0-d array of it) as a dict with a "knn_search" dict and an
+    "edge_weights" dict where present; None when it is not one."""
+    try:
+        info = json.loads(str(text))
+    except (ValueError, TypeError):
+        return None
+    ok = isinstance(info, dict) and isinstance(info.get("knn_search"), dict) and isinstance(
+        info.get("edge_weights", {}), dict)
+    return info if ok else None
 
 
 def _all_say(row: list, err, where: str, what: str) -> np.ndarray:
@@ -1149,6 +1152,14 @@ def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom
     return found
 
 
+def ring_ivf(search: str, nodes: int) -> bool:
+    """Whether the sharded path searches a layer group of `nodes` tokens with the ring IVF (`sharded_search`):
+    --search ivf at any size, auto from `knn_search.AUTO_MIN_COLUMNS` tokens."""
+    from spectral_jax import knn_search
+
+    return search == "ivf" or (search == "auto" and nodes >= knn_search.AUTO_MIN_COLUMNS)
+
+
 def sharded_search(settings: Settings, nodes: int, devices: int):
     """The sharded path's inter-image search for a layer group of N = `nodes` tokens on D devices: "auto" from
     `knn_search.AUTO_MIN_COLUMNS` tokens, and "ivf" at any size, is the checked ring IVF (`distributed.knn_tiled`'s
@@ -1158,7 +1169,7 @@ def sharded_search(settings: Settings, nodes: int, devices: int):
     `knn_search.AUTO_MIN_RECALL`), else exact); "auto" below it, and "exact", None (the exact ring)."""
     from spectral_jax import knn_search
 
-    if settings.search == "exact" or (settings.search == "auto" and nodes < knn_search.AUTO_MIN_COLUMNS):
+    if not ring_ivf(settings.search, nodes):
         return None
     asked = knn_search.Search("auto", seed=settings.seed, min_recall=settings.min_recall)
     s = knn_search.auto_search(nodes // devices, asked, "ivf")
