@@ -309,3 +309,20 @@ def test_a_stopped_ring_ivf_search_resumes_with_its_recall(tmp_path):
     np.testing.assert_array_equal(t["w2"], t["w"])
     assert two["search"] == "ivf" and np.allclose(two["recall"], one["recall"], atol=1e-6), (one, two)
     assert two["tries"][0] == [] and two["tries"][1] == one["tries"][1], two
+
+
+def test_memory_estimate_counts_the_ring_ivf_blocks():
+    """`memory.estimate` on the sharded path: with the ring IVF (--search ivf; auto from its threshold) a device holds
+    its whole block as stored, its unit float32 rows, its index's copy and the index in flight — (N/(P·d))·F·(s·c +
+    12) bytes — where the exact ring holds tiles, here less; auto below the threshold is the exact ring's figure.
+    (The console test's tiny run is too small for the two to differ.)"""
+    from spectral_jax.dataset import memory
+
+    est = lambda search, n=8: memory.estimate([((32, 32), 1, 768)], n, k=(3, 6), num_eigs=4, processes=1,
+                                              solver_path="sharded", search=search,
+                                              graph="knn-vv")["features_memory"]
+    ring = 8 * 1024 * 768 * (4 * 1 + 12)
+    assert est("ivf") == ring > est("exact")
+    assert est("auto") == est("exact")                      # 8192 tokens: below knn_search.AUTO_MIN_COLUMNS
+    big = knn_search.AUTO_MIN_COLUMNS // 1024               # images of 32×32 tokens at the threshold
+    assert est("auto", big) == est("ivf", big) == big * 1024 * 768 * 16 > est("exact", big)
