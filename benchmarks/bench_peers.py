@@ -26,10 +26,13 @@ is an exact normalised cut of the dense RBF affinity). Parts (each on the same i
            spread over its own random 8-d subspace: low intrinsic dimension), "horse" (real features:
            DINOv2-S/14's last-block output on N/1024 horse-dev images at 448², the central 32×32 tokens, PCA to
            64-d; `real_features`, cached under --work) and "views" (real features up to ≈ 1.4·10⁶ tokens: five
-           448² views of each of ../shared/data's 279 photos, one group per photo; `view_features`). --nlist /
-           --nprobe / --probe set the IVF per N.
+           448² views of each of ../shared/data's 279 photos, one group per photo; `view_features`) — or a
+           user's own: "file:PATH" (an `[N, D]` .npy of features, any D, rows scaled to unit length here; groups of
+           --group-size consecutive rows, a row's neighbours never from its own group). --nlist / --nprobe /
+           --probe set the IVF per N.
 
     python benchmarks/bench_peers.py [--data ../shared/data] [--parts fg,dataset,eigen,scale] [--out …/peers.md]
+    python benchmarks/bench_peers.py --parts scale --scale file:feats.npy --group-size 1024 --search auto --graph-only
     python benchmarks/bench_peers.py --tiny --work DIR --out DIR/peers.md      # seconds: random weights; generated
                                                                               # data where --data's sets are absent
 """
@@ -66,6 +69,9 @@ def parse(argv=None) -> argparse.Namespace:
                     help="eigen part: nodes (> 8192: ncut takes its Nyström path)")
     ap.add_argument("--scale", default="uniform:10000,uniform:100000,uniform:1000000,clustered:1000000",
                     help="scale part: DATA:N points, comma-separated (DATA uniform, clustered, horse or views)")
+    ap.add_argument("--group-size", type=int, default=1,
+                    help="scale part, file:PATH data: rows per group (an image's tokens, consecutive; a row's "
+                         "neighbours come from other groups); 1: every other row may be a neighbour")
     ap.add_argument("--k", type=int, default=10, help="scale part: inter-image neighbours per node")
     ap.add_argument("--search", default="ivf",
                     help="scale part: graphs.knn search (auto: exact below 65 536 tokens, else the checked one)")
@@ -92,7 +98,60 @@ def parse(argv=None) -> argparse.Namespace:
     bad = [p for p in args.parts.split(",") if p not in PARTS]
     if bad:
         ap.error(f"unknown part(s) {bad}; choose from {PARTS}")
+    if "scale" in args.parts.split(",") and not args.merge:
+        try:
+            args.points = scale_points(args.scale, args.group_size)
+        except ValueError as e:
+            ap.error(str(e))
     return args
+
+
+SCALE_KINDS = ("uniform", "clustered", "horse", "views", "file")
+
+
+def scale_points(spec: str, group: int) -> list[tuple[str, int, str | None]]:
+    """--scale's points "KIND:N,…" (file points "file:PATH", N its rows) → [(kind, N, file path or None)], the
+    files checked here, before any work: ValueError naming the point and the fix."""
+    points = []
+    for point in spec.split(","):
+        kind, _, rest = point.partition(":")
+        if kind not in SCALE_KINDS or not rest:
+            raise ValueError(f"--scale point {point!r}: expected KIND:N (KIND one of {', '.join(SCALE_KINDS[:-1])}) "
+                             "or file:PATH")
+        if kind != "file":
+            if not rest.isdigit() or int(rest) < 1:
+                raise ValueError(f"--scale point {point!r}: N must be a positive integer")
+            points.append((kind, int(rest), None))
+            continue
+        try:
+            x = np.load(rest, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"--scale point {point!r}: cannot read {rest} as a .npy array ({e})") from None
+        if x.ndim != 2 or x.shape[0] < 2 or x.shape[1] < 1 or not np.issubdtype(x.dtype, np.number) \
+                or np.issubdtype(x.dtype, np.complexfloating):
+            raise ValueError(f"--scale point {point!r}: {rest} holds a {x.dtype} array of shape {x.shape}; expected "
+                             "real features [N ≥ 2, D]")
+        if group < 1 or x.shape[0] % group or x.shape[0] // group < 2:
+            raise ValueError(f"--scale point {point!r}: its {x.shape[0]} rows are not ≥ 2 groups of --group-size "
+                             f"{group}; pass a --group-size that divides {x.shape[0]}")
+        try:
+            file_features(rest)
+        except ValueError as e:
+            raise ValueError(f"--scale point {point!r}: {e}") from None
+        points.append((kind, int(x.shape[0]), os.path.abspath(rest)))
+    return points
+
+
+def file_features(path: str) -> np.ndarray:
+    """A "file:PATH" scale point's features: the `[N, D]` array as float32, rows scaled to unit length (cosine
+    neighbours on our side, the same rows for ncut); ValueError naming the file where a row is zero or not finite
+    (`scale_points` reads it once to check that before any work)."""
+    x = np.asarray(np.load(path, allow_pickle=False), np.float32)
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    bad = np.flatnonzero(~np.isfinite(norm[:, 0]) | (norm[:, 0] == 0))
+    if bad.size:
+        raise ValueError(f"{path}: {bad.size} rows are zero or not finite (the first: row {bad[0]}); drop them")
+    return x / norm
 
 
 def ncut_module():
@@ -423,6 +482,8 @@ def _scale_child(spec: dict) -> dict:
         x, grid = np.load(spec["path"]), REAL_GRID
     elif kind == "views":
         x, grid = np.load(spec["path"]), (VIEWS * 32, 32)
+    elif kind == "file":
+        x, grid = file_features(spec["path"]), (spec["group_size"], 1)
     else:
         x = planted_features(n, 64, max(1, n // 1000), 3.0, spec["seed"], dim=8)
     per = grid[0] * grid[1]
@@ -464,6 +525,7 @@ def _scale_child(spec: dict) -> dict:
     load0 = os.getloadavg()[0]
     out.update(_common.peak_rss_delta(run))
     out["input_mib"] = x.nbytes / 2 ** 20
+    out["dim"] = int(x.shape[1])
     out["load_1min"] = [round(load0, 1), round(os.getloadavg()[0], 1)]            # at the start and the end
     return out
 
@@ -472,14 +534,17 @@ def part_scale(args) -> list[dict]:
     rows = []
     nprobe = {int(a): int(b) for a, b in (p.split(":") for p in args.nprobe.split(",") if p)}
     nlist = {int(a): int(b) for a, b in (p.split(":") for p in args.nlist.split(",") if p)}
-    for point in args.scale.split(","):
-        kind, n = point.split(":")
-        n = int(n)
-        path = real_features(args, n) if kind == "horse" else view_features(args, n) if kind == "views" else None
+    for kind, n, path in args.points:
+        if kind == "horse":
+            path = real_features(args, n)
+        elif kind == "views":
+            path = view_features(args, n)
         for tool in ("ncut", "ours"):
             spec = dict(n=n, data=kind, tool=tool, seed=args.seed, num_eigs=args.num_eigs, k=args.k,
                         search=args.search, nprobe=nprobe.get(n), nlist=nlist.get(n), graph_only=args.graph_only,
                         probe=args.probe, path=path)
+            if kind == "file":
+                spec.update(group_size=args.group_size, name=os.path.basename(path))
             t = time.perf_counter()
             r = _common.run_child(__file__, spec, timeout=args.timeout)
             rows.append({**spec, **r, "wall": time.perf_counter() - t})
@@ -528,8 +593,10 @@ def write(args, rep: dict) -> None:
     if "scale" in rep:
         rows = []
         for r in rep["scale"]:
+            data = (f"file {r['name']} ({r['dim'] if 'dim' in r else '?'}-d, groups of {r['group_size']})"
+                    if r["data"] == "file" else r["data"])
             if "error" in r:
-                rows.append([r["data"], r["n"], r["tool"], "—", "—", "—", r["error"]])
+                rows.append([data, r["n"], r["tool"], "—", "—", "—", r["error"]])
                 continue
             extra = (f"graph {r['seconds_graph']:.1f} s"
                      + (f" (recall estimate {r['seconds_recall']:.1f} s of it)" if "seconds_recall" in r else "")
@@ -544,12 +611,12 @@ def write(args, rep: dict) -> None:
                      else "Nyström fit_transform" if r["n"] > 8192 else "dense fit_transform (N ≤ 8192)")
             if "load_1min" in r:
                 extra += f"; load {r['load_1min'][0]}→{r['load_1min'][1]}"
-            rows.append([r["data"], r["n"], r["tool"], f"{r['seconds']:.1f}", f"{r['rss_peak_delta_mib']:.0f}",
+            rows.append([data, r["n"], r["tool"], f"{r['seconds']:.1f}", f"{r['rss_peak_delta_mib']:.0f}",
                          f"{r['recall']:.3f}" if r.get("recall") is not None else "—", extra])
-        lines += ["## Scale: unit 64-d features", "",
-                  f"k_inter = {args.k} (images of 100 tokens; horse: 1024, k_intra = 0), K = {args.num_eigs}; each "
-                  "point in a fresh "
-                  f"process, peak RSS growth over the input (input: N·64·4 bytes).", "",
+        lines += ["## Scale: unit 64-d features (a file: its own)", "",
+                  f"k_inter = {args.k} (images of 100 tokens; horse: 1024; a file: --group-size rows, k_intra = 0), "
+                  f"K = {args.num_eigs}; each point in a fresh "
+                  f"process, peak RSS growth over the input (input: N·D·4 bytes).", "",
                   _common.table(["data", "N", "tool", "seconds", "peak MiB", "recall", "notes"], rows), ""]
     if args.notes:
         with open(args.notes) as f:

@@ -122,3 +122,46 @@ def test_cached_features_are_written_whole_or_not_at_all(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         _common.save_npy(str(tmp_path / "y.npy"), np.arange(6.0))
     assert sorted(os.listdir(tmp_path)) == ["x.npy"]
+
+
+def test_scale_on_a_users_own_features(tmp_path, monkeypatch):
+    """--scale file:PATH (a user's own `[N, D]` features, groups of --group-size rows): checked before any work (one
+    line naming the point and the fix, exit 2, no report), then timed like the built-in data — rows scaled to unit
+    length, the report's row naming the file."""
+    import numpy as np
+
+    monkeypatch.syspath_prepend(BENCH)
+    import bench_peers
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((12, 24))[rng.integers(0, 12, 1200)] + 0.3 * rng.standard_normal((1200, 24))) * 5.0
+    good = tmp_path / "feats.npy"
+    np.save(good, x.astype(np.float32))
+    for name, arr, group, says in (("feats.npy", None, 7, "not ≥ 2 groups of --group-size 7"),
+                                   ("feats.npy", None, 1200, "not ≥ 2 groups of --group-size 1200"),
+                                   ("cube.npy", np.zeros((4, 3, 2)), 1, "expected real features [N ≥ 2, D]"),
+                                   ("zero.npy", np.where(np.arange(10)[:, None] == 3, 0.0, np.ones((10, 4))), 1,
+                                    "1 rows are zero or not finite (the first: row 3)"),
+                                   ("absent.npy", None, 1, "cannot read")):
+        if arr is not None:
+            np.save(tmp_path / name, arr)
+        out = tmp_path / f"{name}.md"
+        r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_peers.py"), "--parts", "scale", "--scale",
+                            f"file:{tmp_path / name}", "--group-size", str(group), "--work", str(tmp_path / "w"),
+                            "--out", str(out)], capture_output=True, text=True, timeout=300)
+        assert r.returncode == 2 and says in r.stderr.splitlines()[-1] and not out.exists(), r.stderr[-2000:]
+
+    args = bench_peers.parse(["--parts", "scale", "--scale", f"uniform:1000,file:{good}", "--group-size", "100"])
+    assert args.points == [("uniform", 1000, None), ("file", 1200, str(good))]
+    spec = dict(n=1200, data="file", tool="ours", seed=0, num_eigs=4, k=5, search="exact", nprobe=None, nlist=None,
+                graph_only=False, probe="row", path=str(good), group_size=100, name="feats.npy")
+    row = bench_peers._scale_child(spec)
+    assert row["dim"] == 24 and row["search"] == "exact" and row["recall"] == 1.0 and row["converged"]
+    u = bench_peers.file_features(str(good))
+    np.testing.assert_allclose(np.linalg.norm(u, axis=1), 1.0, atol=1e-6)
+    np.testing.assert_allclose(u * np.linalg.norm(x, axis=1, keepdims=True), x, rtol=1e-5, atol=1e-5)
+    args.out = str(tmp_path / "own.md")
+    bench_peers.write(args, {"command": "c", "peer": "p", "data": "generated features only", "seconds_total": 1.0,
+                             "machine": {"date": "d", "load_avg_1_5_15": [0, 0, 0]},
+                             "scale": [dict(spec, **row, wall=1.0)]})
+    assert "| file feats.npy (24-d, groups of 100) | 1200 | ours |" in (tmp_path / "own.md").read_text()
