@@ -3,6 +3,7 @@ evaluation agrees with `spectral_jax.objective.rayleigh`; the evaluation scripts
 generated labelled set in the benchmark data's layouts (everywhere) and on the real sets of ../shared/data (skipped
 where absent) — so the benchmarks cannot silently rot."""
 
+import json
 import os
 
 import numpy as np
@@ -68,8 +69,30 @@ def test_bench_scripts_import():
     for name in ("_common", "bench_graphs", "bench_solvers", "bench_analyze", "bench_forward", "bench_unet",
                  "eval_foreground", "eval_where_what", "eval_joint", "eval_dataset", "eval_layers", "bench_dataset", "bench_kmeans", "eval_autok",
                  "bench_multiprocess_search", "knn_partition_curve",
-                 "bench_sharded_search"):
+                 "bench_sharded_search", "knn_floor"):
         _load(name)
+
+
+def test_knn_floor_tiny(tmp_path):
+    """knn_floor --tiny: every kernel timed (faiss's, where it is absent, said so), the seconds for --rows × each
+    --candidates the measured ns per pair scaled; bad --candidates: one line, exit 2, nothing written."""
+    kf = _load("knn_floor")
+    out = tmp_path / "floor.md"
+    kf.main(["--tiny", "--candidates", "100,400", "--rows", "1000", "--out", str(out)])
+    rep = json.loads((tmp_path / "floor.json").read_text())
+    names = [r["kernel"] for r in rep["kernels"]]
+    assert names == ["xla-dot", "xla-topk", "list-scan", "numpy-gemm", "faiss-flat", "faiss-ivf", "assign"]
+    for r in rep["kernels"]:
+        if "note" in r:
+            assert r["kernel"].startswith("faiss") and "faiss is not installed" in r["note"]
+        else:
+            assert r["seconds"] > 0 and r["pairs"] > 0 and r["ns_pair"] == pytest.approx(r["seconds"] / r["pairs"] * 1e9)
+    md = out.read_text()
+    dot = rep["kernels"][0]
+    assert f"| xla-dot | {dot['ns_pair']:.2f} | {dot['seconds']:.2f} | {1000 * 100 * dot['ns_pair'] * 1e-9:.1f} |" in md
+    with pytest.raises(SystemExit) as e:
+        kf.main(["--tiny", "--candidates", "many", "--out", str(tmp_path / "bad.md")])
+    assert e.value.code == 2 and not (tmp_path / "bad.md").exists()
 
 
 def test_eval_joint_labels_and_probes():

