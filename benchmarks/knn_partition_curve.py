@@ -6,7 +6,9 @@ seeded sample of 64 · nlist columns, `--iters` steps; init "random" or greedy k
 the share of the exact neighbours inside them and the mean candidates (columns in those lists), for
   row     the P lists whose centroids are nearest the row itself (knn_search probe "row"),
   list    the P lists nearest the row's own list's centroid (probe "list"),
-  spill2  as row, every column also in its second-nearest list (multi-assignment).
+  spill2  as row, every column also in its second-nearest list (multi-assignment),
+  subS    (with --sub S) the P lists nearest the centroid of the row's part of its list: each list's members split
+          into S parts by 5 spherical Lloyd steps within the list (probe "list" with compact row cells).
 With --two-level T, also a two-level partition of nlist leaves: T top lists (k-means of the sample), each split
 into nlist/T leaves (k-means of its share of the sample); a column goes to its best leaf under its 2 nearest top
 lists. Its rows probe
@@ -41,6 +43,7 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sub", type=int, default=0, metavar="S", help="also probe by the row's part of its list (S parts)")
     ap.add_argument("--two-level", type=int, default=0, metavar="T",
                     help="also a two-level partition: T top lists, nlist/T leaves each (see above)")
     args = ap.parse_args(argv)
@@ -106,17 +109,44 @@ def main(argv=None) -> None:
         gl, gl2 = lst[gt], top[gt, :2]
         rt, ct = top[sample], top_lists(cent[lst[sample]], cent, pm)
         lines = {"row": [], "list": [], "spill2": []}
+        probes = [("row", rt, gl[..., None], size), ("list", ct, gl[..., None], size), ("spill2", rt, gl2, size2)]
+        if args.sub > 1:
+            lines[f"sub{args.sub}"] = []
+            probes.append((f"sub{args.sub}", top_lists(sub_centre(x, lst, sample, nlist, args.sub), cent, pm),
+                           gl[..., None], size))
         for p in (4, 8, 16, 32, 64):
             if p > pm:
                 break
-            for name, probe, got, sz in (("row", rt, gl[..., None], size), ("list", ct, gl[..., None], size),
-                                         ("spill2", rt, gl2, size2)):
+            for name, probe, got, sz in probes:
                 hit = (got[:, :, :, None] == probe[:, None, None, :p]).any((2, 3))
                 lines[name].append(f"P{p} {hit.mean():.3f} @ {sz[probe[:, :p]].sum(1).mean():.0f}")
         print(f"nlist {nlist} ({args.init}, {args.iters} steps; largest list {size.max() / size.mean():.1f}× the mean): "
               "recall @ candidates per row", flush=True)
         for name, v in lines.items():
             print(f"  {name:7s}" + "  ".join(v), flush=True)
+
+
+def sub_centre(x, lst, sample, nlist, parts, steps=5) -> np.ndarray:
+    """`[len(sample), D]` the centroid of each sample row's part of its list: every list's members split into
+    `parts` parts by `steps` spherical Lloyd steps within the list, started from members evenly spaced in index
+    order (a list of fewer members than parts: some parts stay empty)."""
+    order = np.argsort(lst, kind="stable")
+    ends = np.cumsum(np.bincount(lst, minlength=nlist))
+    sub = np.zeros((nlist, parts, x.shape[1]), np.float32)
+    for j in range(nlist):
+        m = x[order[(ends[j - 1] if j else 0):ends[j]]]
+        if len(m) == 0:
+            continue
+        c = m[np.linspace(0, len(m) - 1, parts).astype(int)].copy()
+        for _ in range(steps):
+            a = (m @ c.T).argmax(1)
+            for t in range(parts):
+                v = m[a == t].sum(0)
+                if np.linalg.norm(v) > 0:
+                    c[t] = v / np.linalg.norm(v)
+        sub[j] = c
+    q = x[sample]
+    return sub[lst[sample], np.einsum("rd,rpd->rp", q, sub[lst[sample]]).argmax(1)]
 
 
 def two_level(x, gt, sample, nlist, tops, iters, seed) -> None:

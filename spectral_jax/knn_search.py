@@ -77,6 +77,7 @@ PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row ba
 FAISS_OVERFETCH = 128        # faiss: groups up to this size are over-fetched, larger ones left out by an ID selector
 FAISS_QUANT_ROWS = 65536     # faiss: rows per call of the coarse quantizer (and of an over-fetching search)
 RECALL_ROWS = 1000           # rows sampled for the recall estimate
+NEAREST_BLOCK = 1024         # rows per tile of the nearest-centroid assignment (`_best` with k = 1)
 SAMPLE_PER_LIST = 32         # k-means sample: columns per coarse list
 RECALL_STREAM = 0x52454331   # folded into the seed's key for the recall sample (independent of the k-means sample)
 
@@ -236,14 +237,22 @@ def plan(c: int, k: int, search: Search) -> dict:
 
 def _best(x: Array, c: Array, k: int, ok: Array | None = None, block: int = 4096) -> tuple[Array, Array]:
     """Top-k centroids of every row: x `[R, D]`, c `[L, D]`, ok `[L]` bool (False: never chosen, score −inf) →
-    (score `[R, k]` float32, index `[R, k]` int32), rows in tiles of `block`."""
+    (score `[R, k]` float32, index `[R, k]` int32), rows in tiles of `block`. k = 1 (every assignment to lists): the
+    row's max and the lowest index attaining it, in tiles of ≤ `NEAREST_BLOCK` rows — `lax.top_k`'s own answer
+    (its ties go to the lower index too) at about a third of its cost on the CPU (`benchmarks/results/knn_floor.md`)."""
     r = x.shape[0]
-    bq = min(block, r)
+    bq = min(block, NEAREST_BLOCK if k == 1 else block, r)
     xt = kernels._tiles(x, bq, 0.0)
+    iota = jnp.arange(c.shape[0], dtype=jnp.int32)
 
     def tile(xi):
         cos = jnp.dot(xi, c.T, preferred_element_type=jnp.float32)
-        s, i = lax.top_k(cos if ok is None else jnp.where(ok[None, :], cos, -jnp.inf), k)
+        if ok is not None:
+            cos = jnp.where(ok[None, :], cos, -jnp.inf)
+        if k == 1:
+            s = jnp.max(cos, axis=1, keepdims=True)
+            return s, jnp.min(jnp.where(cos == s, iota[None, :], c.shape[0] - 1), axis=1, keepdims=True)
+        s, i = lax.top_k(cos, k)
         return s, i.astype(jnp.int32)
 
     s, i = lax.map(tile, xt)

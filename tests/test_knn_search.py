@@ -339,3 +339,23 @@ def test_recall_sample_is_not_the_kmeans_sample():
     whole = true_recall(np.where(np.asarray(g.w) != 0, cos, -np.inf), ec)
     assert whole < 0.9, whole                                     # the search misses some: the test can tell
     assert abs(float(info["recall"]) - whole) < 0.1, (float(info["recall"]), whole)
+
+
+def test_nearest_centroid_is_top_k_of_one(rng):
+    """`_best` with k = 1 (every list assignment: k-means, the columns, a probe's rows) is `lax.top_k(·, 1)`'s answer
+    — the score and, among tied centroids, the lowest index — in other tiles and with a mask; rows past a tile
+    boundary included."""
+    from jax import lax
+
+    x = jnp.asarray(planted(rng, 70))                                   # 1400 rows: two tiles of NEAREST_BLOCK
+    c = np.asarray(x[rng.choice(1400, 40, replace=False)])
+    c = jnp.asarray(np.concatenate([c, c[::3]]))                         # every third centroid twice: ties
+    cos = jnp.dot(x, c.T, preferred_element_type=jnp.float32)
+    for ok in (None, jnp.asarray(rng.random(c.shape[0]) < 0.6), jnp.zeros(c.shape[0], bool)):
+        ref_s, ref_i = lax.top_k(cos if ok is None else jnp.where(ok[None, :], cos, -jnp.inf), 1)
+        s, i = knn_search._best(x, c, 1, ok)
+        assert s.shape == (1400, 1) and i.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(i), np.asarray(ref_i))
+        np.testing.assert_array_equal(np.asarray(s), np.asarray(ref_s))
+    tied = np.asarray(knn_search._best(x, c, 1)[1][:, 0])
+    assert np.isin(tied, np.arange(0, 40, 3)).any()                        # the lower twin of a tied pair won
