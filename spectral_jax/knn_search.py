@@ -58,6 +58,7 @@ from jax import lax
 
 from spectral_jax import kernels
 from spectral_jax.errors import InputError, is_integer
+from spectral_jax.kernels import top_k_grouped
 
 Array = Any
 
@@ -278,23 +279,6 @@ def kmeans(x: Array, nlist: int, sample: int, iters: int, key) -> Array:
 
 
 # ----------------------------------------------------------------------------------------------------- IVF
-
-
-def top_k_grouped(x: Array, k: int, g: int = 8) -> tuple[Array, Array]:
-    """`lax.top_k(x, k)` over the last axis of x `[..., W]` by way of groups of g: the k groups with the largest
-    maxima hold the k largest entries, so one `top_k` over the W / g group maxima and one over those k groups' k·g
-    entries give the same values (among equal values the entry picked may differ). XLA's CPU `top_k` costs several
-    times a plain max per entry, so this is the cheaper one for wide rows. Plain `top_k` when g does not divide W
-    or there are fewer than k groups. Returns (values `[..., k]`, indices `[..., k]` int32)."""
-    w = x.shape[-1]
-    if g <= 1 or w % g or w // g < k:
-        v, i = lax.top_k(x, k)
-        return v, i.astype(jnp.int32)
-    xg = x.reshape(*x.shape[:-1], w // g, g)
-    _, gi = lax.top_k(jnp.max(xg, axis=-1), k)                                  # [..., k] the k best groups
-    cand = jnp.take_along_axis(xg, gi[..., None], axis=-2).reshape(*x.shape[:-1], k * g)
-    v, p = lax.top_k(cand, k)
-    return v, (jnp.take_along_axis(gi, p // g, axis=-1) * g + p % g).astype(jnp.int32)
 
 
 def _cells_of(lst: Array, nlist: int, cap: int, cells: int) -> tuple[Array, Array, Array, Array]:

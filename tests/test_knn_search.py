@@ -272,18 +272,25 @@ def test_checked_faiss_probes_more_lists_until_its_recall_is_reached(rng):
 
 
 def test_top_k_grouped_is_top_k(rng):
-    """top_k by group maxima: the values of lax.top_k (ties, −inf rows and widths g does not divide included), at
-    indices holding those values."""
-    x = rng.normal(size=(5, 7, 96)).astype(np.float32)
+    """top_k by group maxima (`kernels.top_k_grouped`, the exact search's and the list scan's): lax.top_k's values
+    and indices — ties across and within groups to the lower index, ±0.0 in top_k's order, −inf rows, NaN, and
+    widths g does not divide included."""
+    x = rng.normal(size=(6, 7, 96)).astype(np.float32)
     x[0, 0] = -np.inf
     x[1, :, 10:20] = 2.0                                          # ties across groups
     x[2, :, ::3] = -np.inf
-    for w, k in ((96, 10), (96, 1), (90, 10), (96, 13), (24, 5)):
-        v, i = knn_search.top_k_grouped(jnp.asarray(x[..., :w]), k)
-        rv, _ = jax.lax.top_k(jnp.asarray(x[..., :w]), k)
+    x[3] = np.where(rng.random((7, 96)) < 0.5, 0.0, -0.0)         # only zeros: +0.0 ranks above −0.0
+    x[3, :, 50] = 0.5
+    x[4, :, ::7] = 1.0                                            # a tie at the k-th value in groups with larger maxima
+    x[4, :, 40] = 3.0
+    x[5, 2, 33] = np.nan
+    for w, k in ((96, 10), (96, 1), (90, 10), (96, 13), (24, 5), (96, 12)):
+        v, i = kernels.top_k_grouped(jnp.asarray(x[..., :w]), k)
+        rv, ri = jax.lax.top_k(jnp.asarray(x[..., :w]), k)
         np.testing.assert_array_equal(np.asarray(v), np.asarray(rv))
-        np.testing.assert_array_equal(np.take_along_axis(x[..., :w], np.asarray(i), -1), np.asarray(v))
-        assert all(len(set(r)) == k for r in np.asarray(i).reshape(-1, k).tolist())
+        np.testing.assert_array_equal(np.asarray(i), np.asarray(ri))
+        assert np.array_equal(np.signbit(np.asarray(v)), np.signbit(np.asarray(rv)))
+    assert knn_search.top_k_grouped is kernels.top_k_grouped
 
 
 @pytest.mark.parametrize("search,match", [
