@@ -193,7 +193,8 @@ def main(argv=None) -> None:
         per = [f"{args.rows * c * r['ns_pair'] * 1e-9:.1f}" if r["kernel"] != "assign" else "—" for c in args.cands]
         table.append([r["kernel"], f"{r['ns_pair']:.2f}", f"{r['seconds']:.2f}"] + per + [r["shape"]])
     assign = next((r for r in rows if r["kernel"] == "assign"), None)
-    lines = [f"# The kNN graph's cost floor on this machine (`benchmarks/knn_floor.py`{' --tiny' if args.tiny else ''})",
+    tiny = " --tiny" if args.tiny else ""
+    lines = [f"# The kNN graph's cost floor on this machine (`benchmarks/knn_floor.py`{tiny})",
              "", f"Command: `{rep['command']}`  ",
              f"Features: {args.features} ({x.shape[0]} rows, {x.shape[1]}-d, unit rows, groups of {args.per}); "
              f"total {rep['seconds_total']:.0f} s.", "", _common.machine_md(rep["machine"]), "",

@@ -43,7 +43,8 @@ def main(argv=None) -> None:
     ap.add_argument("--iters", type=int, default=10)
     ap.add_argument("--k", type=int, default=10)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--sub", type=int, default=0, metavar="S", help="also probe by the row's part of its list (S parts)")
+    ap.add_argument("--sub", type=int, default=0, metavar="S",
+                    help="also probe by the centroid of the row's part of its list (S parts)")
     ap.add_argument("--two-level", type=int, default=0, metavar="T",
                     help="also a two-level partition: T top lists, nlist/T leaves each (see above)")
     args = ap.parse_args(argv)

@@ -173,9 +173,9 @@ def top_k_grouped(x: Array, k: int, g: int = 8) -> tuple[Array, Array]:
     per entry. The k groups with the largest maxima hold the k largest entries (among ties, the lowest-index ones:
     an excluded group tied at the k-th value lies after every included group that holds that value as its max), so
     one `top_k` over the W / g group maxima (taken on `_rank_key`s, top_k's own order, and turned back into floats:
-    XLA's CPU `top_k` of int32 is many times slower), the k groups put back in index
-    order, and one `top_k` over their k·g entries give top_k's answer. Plain `top_k` when g does not divide W or
-    there are fewer than k groups. Returns (values `[..., k]`, indices `[..., k]` int32)."""
+    XLA's CPU `top_k` of int32 is many times slower), the k groups put back in index order, and one `top_k` over
+    their k·g entries give top_k's answer. Plain `top_k` when g does not divide W or there are fewer than k groups.
+    Returns (values `[..., k]`, indices `[..., k]` int32)."""
     w = x.shape[-1]
     if g <= 1 or w % g or w // g < k:
         v, i = lax.top_k(x, k)
@@ -183,8 +183,8 @@ def top_k_grouped(x: Array, k: int, g: int = 8) -> tuple[Array, Array]:
     xg = x.reshape(*x.shape[:-1], w // g, g)
     key = jnp.max(_rank_key(xg), axis=-1)
     best = lax.bitcast_convert_type(jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key), jnp.float32)
-    _, gi = lax.top_k(best, k)                                        # [..., k] the k best groups (float: top_k's fast path)
-    gi = jnp.sort(gi, axis=-1)                                                  # their entries in index order
+    _, gi = lax.top_k(best, k)                      # [..., k] the k best groups (of floats: top_k's fast path)
+    gi = jnp.sort(gi, axis=-1)                      # their entries in index order
     cand = jnp.take_along_axis(xg, gi[..., None], axis=-2).reshape(*x.shape[:-1], k * g)
     v, p = lax.top_k(cand, k)
     return v, (jnp.take_along_axis(gi, p // g, axis=-1) * g + p % g).astype(jnp.int32)

@@ -240,7 +240,7 @@ def _best(x: Array, c: Array, k: int, ok: Array | None = None, block: int = 4096
     """Top-k centroids of every row: x `[R, D]`, c `[L, D]`, ok `[L]` bool (False: never chosen, score −inf) →
     (score `[R, k]` float32, index `[R, k]` int32), rows in tiles of `block`. k = 1 (every assignment to lists): the
     row's max and the lowest index attaining it, in tiles of ≤ `NEAREST_BLOCK` rows — `lax.top_k`'s own answer
-    (its ties go to the lower index too) at about a third of its cost on the CPU (`benchmarks/results/knn_floor.md`)."""
+    (in its order, ±0.0 and NaN included; ties to the lower index) at about a third of its CPU cost."""
     r = x.shape[0]
     bq = min(block, NEAREST_BLOCK if k == 1 else block, r)
     xt = kernels._tiles(x, bq, 0.0)
@@ -250,9 +250,11 @@ def _best(x: Array, c: Array, k: int, ok: Array | None = None, block: int = 4096
         cos = jnp.dot(xi, c.T, preferred_element_type=jnp.float32)
         if ok is not None:
             cos = jnp.where(ok[None, :], cos, -jnp.inf)
-        if k == 1:
-            s = jnp.max(cos, axis=1, keepdims=True)
-            return s, jnp.min(jnp.where(cos == s, iota[None, :], c.shape[0] - 1), axis=1, keepdims=True)
+        if k == 1:                                                # on top_k's total order (±0.0, NaN): rank keys
+            key = kernels._rank_key(cos)
+            top = jnp.max(key, axis=1, keepdims=True)
+            i = jnp.min(jnp.where(key == top, iota[None, :], c.shape[0] - 1), axis=1, keepdims=True)
+            return jnp.take_along_axis(cos, i, axis=1), i
         s, i = lax.top_k(cos, k)
         return s, i.astype(jnp.int32)
 

@@ -351,11 +351,14 @@ def test_recall_sample_is_not_the_kmeans_sample():
 def test_nearest_centroid_is_top_k_of_one(rng):
     """`_best` with k = 1 (every list assignment: k-means, the columns, a probe's rows) is `lax.top_k(·, 1)`'s answer
     — the score and, among tied centroids, the lowest index — in other tiles and with a mask; rows past a tile
-    boundary included."""
+    boundary, a zero row and a NaN row (top_k's order: NaN above every number) included."""
     from jax import lax
 
-    x = jnp.asarray(planted(rng, 70))                                   # 1400 rows: two tiles of NEAREST_BLOCK
-    c = np.asarray(x[rng.choice(1400, 40, replace=False)])
+    x = planted(rng, 70)                                                 # 1400 rows: two tiles of NEAREST_BLOCK
+    c = x[rng.choice(1400, 40, replace=False)]
+    x[5] = 0.0                                                           # cosines ±0.0 only: +0.0 ranks higher
+    x[1100, 3] = np.nan                                                  # NaN ranks above every number
+    x = jnp.asarray(x)
     c = jnp.asarray(np.concatenate([c, c[::3]]))                         # every third centroid twice: ties
     cos = jnp.dot(x, c.T, preferred_element_type=jnp.float32)
     for ok in (None, jnp.asarray(rng.random(c.shape[0]) < 0.6), jnp.zeros(c.shape[0], bool)):
