@@ -68,7 +68,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--eigen-n", type=int, default=4000,
                     help="eigen part: nodes (> 8192: ncut takes its Nyström path)")
     ap.add_argument("--scale", default="uniform:10000,uniform:100000,uniform:1000000,clustered:1000000",
-                    help="scale part: DATA:N points, comma-separated (DATA uniform, clustered, horse or views)")
+                    help="scale part: DATA:N points, comma-separated (DATA uniform, clustered, horse or views), "
+                         "or file:PATH (your own [N, D] .npy)")
     ap.add_argument("--group-size", type=int, default=1,
                     help="scale part, file:PATH data: rows per group (an image's tokens, consecutive; a row's "
                          "neighbours come from other groups); 1: every other row may be a neighbour")
