@@ -279,7 +279,7 @@ def test_top_k_grouped_is_top_k(rng):
     x[0, 0] = -np.inf
     x[1, :, 10:20] = 2.0                                          # ties across groups
     x[2, :, ::3] = -np.inf
-    x[3] = np.where(rng.random((7, 96)) < 0.5, 0.0, -0.0)         # only zeros: +0.0 ranks above −0.0
+    x[3] = np.where(rng.random((7, 96)) < 0.5, 0.0, -0.0)         # zeros of both signs: +0.0 ranks above −0.0
     x[3, :, 50] = 0.5
     x[4, :, ::7] = 1.0                                            # a tie at the k-th value in groups with larger maxima
     x[4, :, 40] = 3.0
