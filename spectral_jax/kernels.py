@@ -159,12 +159,21 @@ INTRA_BUDGET = 1 << 22      # cosines per intra-image chunk (images · per²): 1
 INTER_BUDGET = 1 << 24      # cosines per inter-image tile (block · column chunk): 64 MiB of float32
 
 
+def _flip(bits: Array) -> Array:
+    """The int32 bits of float32 numbers ↔ their rank keys (`_rank_key`): the magnitude bits of negative numbers
+    inverted. Its own inverse."""
+    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+
+
 def _rank_key(x: Array) -> Array:
     """int32 keys of float32 x that order as `lax.top_k` orders the floats (a total order: −0.0 below 0.0, NaN
-    above +inf), so a max of keys is the entry top_k would take first and ties stay ties. The map is its own
-    inverse on the int32 bits."""
-    bits = lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-    return jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    above +inf), so a max of keys is the entry top_k would take first and ties stay ties; `_rank_float` undoes it."""
+    return _flip(lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32))
+
+
+def _rank_float(key: Array) -> Array:
+    """The float32 numbers of rank keys (`_rank_key`'s inverse, bit for bit)."""
+    return lax.bitcast_convert_type(_flip(key), jnp.float32)
 
 
 def top_k_grouped(x: Array, k: int, g: int = 8) -> tuple[Array, Array]:
@@ -181,8 +190,7 @@ def top_k_grouped(x: Array, k: int, g: int = 8) -> tuple[Array, Array]:
         v, i = lax.top_k(x, k)
         return v, i.astype(jnp.int32)
     xg = x.reshape(*x.shape[:-1], w // g, g)
-    key = jnp.max(_rank_key(xg), axis=-1)
-    best = lax.bitcast_convert_type(jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key), jnp.float32)
+    best = _rank_float(jnp.max(_rank_key(xg), axis=-1))
     _, gi = lax.top_k(best, k)                      # [..., k] the k best groups (of floats: top_k's fast path)
     gi = jnp.sort(gi, axis=-1)                      # their entries in index order
     cand = jnp.take_along_axis(xg, gi[..., None], axis=-2).reshape(*x.shape[:-1], k * g)

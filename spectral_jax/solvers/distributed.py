@@ -220,9 +220,10 @@ def knn_sharded(a: jax.Array, b: jax.Array, grid: tuple[int, int], num_images: i
 def _order_key(cos):
     """int32 keys of float32 cosines `[..]` that sort ascending as the cosines sort descending in the total order
     `lax.top_k` uses (−0.0 below 0.0), so that a sort on (key, column) breaks ties to the lower column as top_k
-    breaks them to the lower position."""
-    bits = jax.lax.bitcast_convert_type(cos, jnp.int32)
-    return ~jnp.where(bits < 0, bits ^ jnp.int32(0x7FFFFFFF), bits)
+    breaks them to the lower position: `kernels._rank_key`, reversed."""
+    from spectral_jax import kernels
+
+    return ~kernels._rank_key(cos)
 
 
 def _merge_top(best, new, k: int):
