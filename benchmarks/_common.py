@@ -272,6 +272,11 @@ def save_npy(path: str, x) -> None:
             os.remove(tmp)
 
 
+def report_paths(out: str) -> set[str]:
+    """The real paths a report at `out` writes: `out` and its .json beside it (`write`'s two calls)."""
+    return {os.path.realpath(out), os.path.realpath(os.path.splitext(out)[0] + ".json")}
+
+
 def write(path: str, text: str, announce: bool = False) -> None:
     """Write a results file atomically (creating its folder); if `announce`, say so on stdout."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

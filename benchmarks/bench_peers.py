@@ -104,6 +104,9 @@ def parse(argv=None) -> argparse.Namespace:
             args.points = scale_points(args.scale, args.group_size)
         except ValueError as e:
             ap.error(str(e))
+        for kind, _, path in args.points:
+            if kind == "file" and os.path.realpath(path) in _common.report_paths(args.out):
+                ap.error(f"--out {args.out} would overwrite the --scale file {path}; pass another --out")
     return args
 
 

@@ -73,6 +73,8 @@ def parse(argv=None) -> argparse.Namespace:
                  "must be positive")
     if args.features != "random" and not os.path.isfile(args.features):
         ap.error(f"--features {args.features}: no such file (an [N, D] .npy, or random)")
+    if args.features != "random" and os.path.realpath(args.features) in _common.report_paths(args.out):
+        ap.error(f"--out {args.out} would overwrite --features {args.features}; pass another --out")
     return args
 
 

@@ -150,6 +150,11 @@ def test_scale_on_a_users_own_features(tmp_path, monkeypatch):
                             f"file:{tmp_path / name}", "--group-size", str(group), "--work", str(tmp_path / "w"),
                             "--out", str(out)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 2 and says in r.stderr.splitlines()[-1] and not out.exists(), r.stderr[-2000:]
+    before = good.read_bytes()                                    # --out onto the input: refused, the input kept
+    r = subprocess.run([sys.executable, os.path.join(BENCH, "bench_peers.py"), "--parts", "scale", "--scale",
+                        f"file:{good}", "--group-size", "100", "--out", str(good)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "would overwrite the --scale file" in r.stderr and good.read_bytes() == before
 
     args = bench_peers.parse(["--parts", "scale", "--scale", f"uniform:1000,file:{good}", "--group-size", "100"])
     assert args.points == [("uniform", 1000, None), ("file", 1200, str(good))]

@@ -94,6 +94,11 @@ def test_knn_floor_tiny(tmp_path):
     with pytest.raises(SystemExit) as e:
         kf.main(["--tiny", "--candidates", "many", "--out", str(tmp_path / "bad.md")])
     assert e.value.code == 2 and not (tmp_path / "bad.md").exists()
+    feats = tmp_path / "feats.npy"                                # --out onto --features: refused, the input kept
+    np.save(feats, np.ones((8, 2), np.float32))
+    with pytest.raises(SystemExit) as e:
+        kf.main(["--features", str(feats), "--out", str(feats)])
+    assert e.value.code == 2 and np.load(feats).shape == (8, 2)
 
 
 def test_eval_joint_labels_and_probes():
