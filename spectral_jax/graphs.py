@@ -354,6 +354,7 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     b2 = a2 if same else b.reshape(-1, *b.shape[-2:])
     tries = []
     kept = [{} for _ in range(a2.shape[0])]         # faiss: each graph's centroids and lists, kept between tries
+    truth = None                                    # ((recall_rows, seed), the sample's exact search), between tries
     while True:                     # once, or (a checked search: min_recall) until the sampled recall reaches it
         inter = None
         if sr.kind == "faiss":
@@ -368,9 +369,13 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
                             int(block), mesh, axis, sr, want, inter, same)
         if sr.kind == "exact":
             rec = jnp.ones(batch, jnp.float32)
+        elif want and sr.recall_rows == 0:
+            rec = jnp.full(batch, jnp.nan, jnp.float32)
         elif want:
-            rec = _recall(a2, b2, valid, cos[..., int(k_intra):], per, int(k_inter), sr.recall_rows,
-                          sr.seed).reshape(batch)
+            if truth is None or truth[0] != (sr.recall_rows, sr.seed):     # the tries share the sample's exact search
+                truth = ((sr.recall_rows, sr.seed),
+                         _recall_truth(a2, b2, valid, per, int(k_inter), sr.recall_rows, sr.seed))
+            rec = _recall_of(cos[..., int(k_intra):], truth[1]).reshape(batch)
         if not checked:
             break
         low = float(jnp.min(rec))
@@ -389,16 +394,23 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     return g, out
 
 
-@functools.partial(jax.jit, static_argnums=(4, 5, 6, 7))
-def _recall(a, b, valid, cos, per: int, k: int, rows: int, seed: int):
-    """`knn_search.recall` of every graph's inter-image top-k cos `[G, N, k]` → `[G]`."""
+@functools.partial(jax.jit, static_argnums=(3, 4, 5, 6))
+def _recall_truth(a, b, valid, per: int, k: int, rows: int, seed: int):
+    """`knn_search.recall_truth` of every graph `[G, N, D]` (stacked over G: pick `[G, r]`, kth `[G, r, 1]`, want
+    `[G, r]`); rows ≥ 1. The exact search of the sampled rows: computed once for all the tries of a checked search."""
     from spectral_jax import knn_search
 
     img = jnp.arange(a.shape[1], dtype=jnp.int32) // per
-    if rows == 0:
-        return jnp.full((a.shape[0],), jnp.nan, jnp.float32)
-    return jax.lax.map(lambda x: knn_search.recall(kernels.unit_rows(x[0]), kernels.unit_rows(x[1]), img, img,
-                                                   valid[img], x[2], k, rows, seed), (a, b, cos))
+    return jax.lax.map(lambda x: knn_search.recall_truth(kernels.unit_rows(x[0]), kernels.unit_rows(x[1]), img, img,
+                                                         valid[img], k, rows, seed), (a, b))
+
+
+@jax.jit
+def _recall_of(cos, truth):
+    """`knn_search.recall_of` of every graph's inter-image top-k cos `[G, N, k]` against `_recall_truth` → `[G]`."""
+    from spectral_jax import knn_search
+
+    return jax.lax.map(lambda x: knn_search.recall_of(x[0], x[1]), (cos, truth))
 
 
 def _knn_rows(a, b_own, b, row0, valid, per: int, k_intra: int, k_inter: int, min_cos: float, block: int,

@@ -584,12 +584,12 @@ def faiss_topk(a, b, row_grp, col_grp, col_ok, k: int, search: Search = Search("
 # -------------------------------------------------------------------------------------------------- recall
 
 
-@functools.partial(jax.jit, static_argnums=(6, 7, 8))
-def recall(a, b, row_grp, col_grp, col_ok, approx_cos, k: int, rows: int, seed: int) -> Array:
-    """Recall of an approximate top-k on `rows` rows sampled with `seed` (all rows if fewer): the share of the exact
-    top-k (finite cosines only) matched — an approximate neighbour counts when its cosine reaches the exact k-th
-    cosine (ties between equal cosines cannot lower it). a, b, groups, col_ok as in `ivf_topk`; approx_cos
-    `[R, k]`. Returns a float32 scalar in [0, 1] (1 when no sampled row has a candidate)."""
+@functools.partial(jax.jit, static_argnums=(5, 6, 7))
+def recall_truth(a, b, row_grp, col_grp, col_ok, k: int, rows: int, seed: int) -> tuple[Array, Array, Array]:
+    """What `recall` compares an approximate search with, on `rows` rows sampled with `seed` (all rows if fewer):
+    (pick `[r]` the sampled rows, kth `[r, 1]` their exact k-th inter-group cosine (inf where a row has no finite
+    one), want `[r]` their count of finite exact neighbours ≤ k) — the exact kernel on those rows only. It depends
+    on the features, not on the search: a checked search's tries share one (`recall_of`)."""
     r = a.shape[0]
     rows = min(rows, r)
     # its own stream: PRNGKey(seed) itself draws the k-means sample, whose first rows seed the centroids — rows near
@@ -597,8 +597,23 @@ def recall(a, b, row_grp, col_grp, col_ok, approx_cos, k: int, rows: int, seed: 
     pick = jax.random.choice(jax.random.fold_in(jax.random.PRNGKey(seed), RECALL_STREAM), r, (rows,), replace=False)
     _, ex = kernels.topk_inter(a[pick], b, row_grp[pick], col_grp, col_ok, k, 512)
     fin = jnp.isfinite(ex)
-    kth = jnp.min(jnp.where(fin, ex, jnp.inf), axis=1, keepdims=True)
+    return pick, jnp.min(jnp.where(fin, ex, jnp.inf), axis=1, keepdims=True), jnp.sum(fin, axis=1)
+
+
+@jax.jit
+def recall_of(approx_cos, truth) -> Array:
+    """Recall of an approximate top-k, approx_cos `[R, k]`, against `recall_truth`'s sample: the share of the exact
+    top-k (finite cosines only) matched — an approximate neighbour counts when its cosine reaches the exact k-th
+    cosine (ties between equal cosines cannot lower it). A float32 scalar in [0, 1] (1 when no sampled row has a
+    candidate)."""
+    pick, kth, want = truth
     got = jnp.sum(jnp.isfinite(approx_cos[pick]) & (approx_cos[pick] >= kth - 1e-6), axis=1)
-    want = jnp.sum(fin, axis=1)
     tot = jnp.sum(want)
     return jnp.where(tot > 0, jnp.sum(jnp.minimum(got, want)) / jnp.maximum(tot, 1), 1.0).astype(jnp.float32)
+
+
+def recall(a, b, row_grp, col_grp, col_ok, approx_cos, k: int, rows: int, seed: int) -> Array:
+    """Recall of an approximate top-k on `rows` rows sampled with `seed` (all rows if fewer): `recall_of` against
+    `recall_truth`. a, b, groups, col_ok as in `ivf_topk`; approx_cos `[R, k]`. Returns a float32 scalar in
+    [0, 1] (1 when no sampled row has a candidate)."""
+    return recall_of(approx_cos, recall_truth(a, b, row_grp, col_grp, col_ok, k, rows, seed))

@@ -226,13 +226,18 @@ def test_checked_ivf_probes_more_until_its_recall_is_reached_or_goes_exact(rng, 
     x = planted(rng, n_img, d=24, clusters=40, noise=0.5, batch=(2,))
     kw = dict(k_intra=3, k_inter=8, min_cos=-0.9)
     s = knn_search.Search("ivf", nlist=64, nprobe=1, probe="list", min_recall=0.9, recall_rows=400)
+    calls, truth = [], graphs._recall_truth
+    monkeypatch.setattr(graphs, "_recall_truth", lambda *a: calls.append(a[-2:]) or truth(*a))
     g, info = graphs.knn(x, x, GRID, n_img, search=s, info=True, **kw)
     ps = [t["nprobe"] for t in info["tries"]]
     assert len(ps) >= 2 and ps == [2 ** i for i in range(len(ps))], info["tries"]
+    assert calls == [(400, 0)], "the sample's exact search: once for all the tries"
     assert all(t["recall"] < 0.9 for t in info["tries"][:-1]) and info["tries"][-1]["recall"] >= 0.9
     assert info["search"] == "ivf" and info["nprobe"] == ps[-1] and float(np.min(info["recall"])) >= 0.9
-    once = graphs.knn(x, x, GRID, n_img, search=dataclasses.replace(s, nprobe=ps[-1], min_recall=None), **kw)
+    once, oi = graphs.knn(x, x, GRID, n_img, search=dataclasses.replace(s, nprobe=ps[-1], min_recall=None),
+                          info=True, **kw)
     np.testing.assert_array_equal(np.asarray(g.idx), np.asarray(once.idx))
+    assert info["tries"][-1]["recall"] == round(float(np.min(oi["recall"])), 6)     # the reused sample's recall
     g2, info2 = graphs.knn(x, x, GRID, n_img, search=s, info=True, **kw)
     assert info2["tries"] == info["tries"]
     np.testing.assert_array_equal(np.asarray(g2.w), np.asarray(g.w))

@@ -90,7 +90,11 @@ def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_
             # a floor it cannot reach: nprobe doubled, then (a try probing 1/32 of a device's columns) exact
             rep = []
             s = knn_search.Search("ivf", nlist=64, nprobe=1, probe="list", recall_rows=400, min_recall=1.0)
+            calls, truth = [], dist._ring_truth
+            dist._ring_truth = lambda *a, **kw: calls.append(1) or truth(*a, **kw)
             g = dist.knn_tiled(read, grid, nimg, 2, f, ki, ko, valid=valid, mesh=mesh, rows=3, search=s, report=rep)
+            dist._ring_truth = truth
+            res[f"floor{{d}}_truths"] = len(calls)
             res[f"floor{{d}}_idx"], res[f"floor{{d}}_w"] = np.asarray(g.idx), np.asarray(g.w)
             res[f"floor{{d}}_rep"] = json.dumps(rep)
         np.savez({out!r}, **res)
@@ -132,6 +136,7 @@ def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_
         assert all(r["search"] == "exact" and r["recall"] == 1.0 for r in rep), rep
         tries = [x["nprobe"] for x in rep[0]["tries"]]
         assert tries[:2] == [1, 2] and len(tries) >= 2 and all(x["recall"] < 1 for x in rep[0]["tries"]), rep
+        assert int(t[f"floor{d}_truths"]) == 2, "the sample's exact search: once per layer, not per try"
         np.testing.assert_array_equal(t[f"floor{d}_idx"], ei)
         np.testing.assert_array_equal(t[f"floor{d}_w"], ew)
 

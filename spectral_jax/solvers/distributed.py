@@ -562,44 +562,57 @@ def _tile_ivf(a, ix, valid, i0, *, n, per, k, cap, p, mesh, axis):
                          out_specs=(P(axis), P(axis)))(a, valid, i0, *ix)
 
 
-@functools.partial(jax.jit, static_argnames=("n", "per", "k", "cap", "p", "rows", "block", "mesh", "axis"))
-def _ivf_recall(a, b, ix, valid, seed, *, n, per, k, cap, p, rows, block, mesh, axis):
-    """The ring IVF's recall on a seeded sample (`knn_search.recall`'s measure: the share of the exact inter-image
-    top-k matched, an approximate neighbour counting when its cosine reaches the exact k-th): every device draws
-    `rows` of its own rows of valid images (PRNGKey(seed) folded with `knn_search.RECALL_STREAM` and the device),
-    searches them by `_ivf_ring` and exactly (`_ring_tile` against the devices' whole key blocks), and the counts
-    are summed over the mesh. a, b `[D·n, F]` the devices' whole query and key blocks (sharded by rows) → a float32
-    scalar in [0, 1] (1 when no sampled row has a candidate). A row's approximate neighbours do not depend on the
-    other rows searched with it, so this is the recall of those rows in `_tile_ivf`'s graph."""
+@functools.partial(jax.jit, static_argnames=("n", "per", "k", "rows", "block", "mesh", "axis"))
+def _ring_truth(a, b, valid, seed, *, n, per, k, rows, block, mesh, axis):
+    """What the ring IVF's recall (`_ivf_recall`) compares with, once per layer (not per try): every device draws
+    `rows` of its own rows of valid images (PRNGKey(seed) folded with `knn_search.RECALL_STREAM` and the device) and
+    searches them exactly (`_ring_tile` against the devices' whole key blocks). a, b `[D·n, F]` the devices' whole
+    query and key blocks (sharded by rows) → (x `[D·rows, F]` the sampled rows' unit features, row_img `[D·rows]`
+    their images, live `[D·rows]` from a valid image, kth `[D·rows, 1]` their exact k-th inter-image cosine, want
+    `[D·rows]` their count of finite exact neighbours), sharded by rows."""
     from spectral_jax import kernels, knn_search
 
-    def local(a, b, valid, seed, *ix):
-        r, d = jax.lax.axis_index(axis), jax.lax.axis_size(axis)
+    def local(a, b, valid, seed):
+        r = jax.lax.axis_index(axis)
         key = jax.random.fold_in(jax.random.fold_in(jax.random.PRNGKey(seed), knn_search.RECALL_STREAM), r)
         row_ok = valid[(r * n + jnp.arange(n, dtype=jnp.int32)) // per]
         _, pick = jax.lax.top_k(jax.random.uniform(key, (n,)) + row_ok, rows)     # valid rows first
-        live = row_ok[pick]
         x = kernels.unit_rows(a)[pick]
         row_img = (r * n + pick.astype(jnp.int32)) // per
-        col_img, col_ok = _columns(valid, n, per, d)
-        _, approx = _ivf_ring(x, row_img, knn_search.Index(*ix), col_img, col_ok, k, cap, p, axis)
         _, exact = _ring_tile(x, kernels.unit_rows(b), None, valid, 0, 0, n, per, k, block, axis, row_img=row_img)
         fin = jnp.isfinite(exact)
         kth = jnp.min(jnp.where(fin, exact, jnp.inf), axis=1, keepdims=True)
+        return x, row_img, row_ok[pick], kth, jnp.sum(fin, axis=1)
+
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(axis), P(axis), P(), P()),
+                         out_specs=(P(axis),) * 5)(a, b, valid, seed)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "per", "k", "cap", "p", "mesh", "axis"))
+def _ivf_recall(truth, ix, valid, *, n, per, k, cap, p, mesh, axis):
+    """The ring IVF's recall at `p` cells on `_ring_truth`'s sample (`knn_search.recall_of`'s measure: the share of
+    the exact inter-image top-k matched, an approximate neighbour counting when its cosine reaches the exact k-th):
+    the sampled rows searched by `_ivf_ring`, the counts summed over the mesh → a float32 scalar in [0, 1] (1 when
+    no sampled row has a candidate). A row's approximate neighbours do not depend on the other rows searched with
+    it, so this is the recall of those rows in `_tile_ivf`'s graph."""
+    from spectral_jax import knn_search
+
+    def local(x, row_img, live, kth, want, valid, *ix):
+        col_img, col_ok = _columns(valid, n, per, jax.lax.axis_size(axis))
+        _, approx = _ivf_ring(x, row_img, knn_search.Index(*ix), col_img, col_ok, k, cap, p, axis)
         got = jnp.sum(jnp.isfinite(approx) & (approx >= kth - 1e-6), axis=1)
-        want = jnp.sum(fin, axis=1)
         hit = jax.lax.psum(jnp.sum(jnp.where(live, jnp.minimum(got, want), 0)), axis)
         tot = jax.lax.psum(jnp.sum(jnp.where(live, want, 0)), axis)
         return jnp.where(tot > 0, hit / jnp.maximum(tot, 1), 1.0).astype(jnp.float32)
 
-    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(P(axis), P(axis), P(), P(), *(P(axis),) * 6),
-                         out_specs=P())(a, b, valid, seed, *ix)
+    return jax.shard_map(local, mesh=mesh, check_vma=False, in_specs=(*(P(axis),) * 5, P(), *(P(axis),) * 6),
+                         out_specs=P())(*truth, valid, *ix)
 
 
 def _ivf_layer(tile, layer: int, mine: int, n: int, k: int, same: bool, search, valid, block: int, mesh, axis):
-    """A layer's checked ring IVF: each device's index over its key block (`_ivf_build`), then the sampled recall
-    (`_ivf_recall`) of nprobe cells, doubled (`knn_search.next_try`) while under search.min_recall, until the
-    exact search instead. tile(which, layer, i0, t) reads the devices' tiles (`knn_tiled`'s). Returns (the indexes,
+    """A layer's checked ring IVF: each device's index over its key block (`_ivf_build`) and the sample's exact
+    search (`_ring_truth`, once), then the sampled recall (`_ivf_recall`) of nprobe cells, doubled
+    (`knn_search.next_try`) while under search.min_recall, until the exact search instead. tile(which, layer, i0, t) reads the devices' tiles (`knn_tiled`'s). Returns (the indexes,
     or None when the layer is to be searched exactly; the layer's record: search, recall (1 for exact), tries
     [{nprobe, recall}] and, for ivf, the `knn_search.plan` sizes of the try kept — its nprobe —, probe, seed,
     recall_rows)."""
@@ -613,11 +626,12 @@ def _ivf_layer(tile, layer: int, mine: int, n: int, k: int, same: bool, search, 
                     iters=search.iters, mesh=mesh, axis=axis)
     d = int(mesh.shape[axis])
     m = max(1, min(n, -(-search.recall_rows // d)))
+    truth = _ring_truth(rows, keys, valid, seed, n=n, per=n // mine, k=k, rows=m, block=block, mesh=mesh, axis=axis)
     tries, s = [], search
     while True:
         p = knn_search.plan(n, k, s)["nprobe"]
-        rec = float(_ivf_recall(rows, keys, ix, valid, seed, n=n, per=n // mine, k=k, cap=pl["cap"], p=p, rows=m,
-                                block=block, mesh=mesh, axis=axis))
+        rec = float(_ivf_recall(truth, ix, valid, n=n, per=n // mine, k=k, cap=pl["cap"], p=p, mesh=mesh,
+                                axis=axis))
         tries.append({"nprobe": p, "recall": round(rec, 6)})
         if search.min_recall is None or rec >= search.min_recall:
             return ix, {"search": "ivf", "recall": rec, "tries": tries, **knn_search.plan(n, k, s),
