@@ -110,12 +110,14 @@ def machine() -> dict[str, Any]:
 
 
 def git_state() -> str:
-    """HEAD of the repository and which tracked files differ from it (the core is edited while we measure)."""
+    """HEAD of the repository and which tracked files of the code differ from it (the library, the models and the
+    benchmarks' scripts; not the results they write) — the code is edited while we measure."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     try:
         head = subprocess.run(["git", "log", "-1", "--format=%h %s"], cwd=root, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "spectral_jax"], cwd=root,
+        dirty = subprocess.run(["git", "diff", "--name-only", "HEAD", "--", "spectral_jax", "models",
+                               "benchmarks", ":!benchmarks/results"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.split()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
