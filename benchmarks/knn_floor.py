@@ -7,13 +7,22 @@ warm-up excluded, the median of --repeat runs, in this process:
   xla-dot      [cap, D]·[D, W] products and a row max under `lax.map` (XLA; the JAX list scan's block shape,
                cap = 64, W = --width): the product alone, no selection
   xla-topk     the same blocks with `knn_search.top_k_grouped`'s top-k instead of the max
+  xla-*-bf16   the same two with the features in bfloat16 (the products summed in float32): the speed only — a
+               graph from them would need an exact re-rank (bfloat16 keeps 8 bits of each feature, as faiss-sq8)
   list-scan    `knn_search.ivf_topk` whole (k-means, lists, gathers, group masks, top-k, merge), probe "list" at
                --nlist lists and --nprobe cells, per nominal pair (rows × nprobe × cell capacity)
   numpy-gemm   numpy's sgemm, [4096, D]·[D, W] blocks, no selection
   faiss-flat   faiss.knn (brute force, inner product, top-k) on [4096, D] × [W, D] blocks
   faiss-ivf    faiss IndexIVFFlat (inner product, --nlist lists, --faiss-nprobe probed per row), per distance it
                computed (faiss's own count): a search's time less its coarse quantizer's (timed alone)
+  faiss-pq4fs  faiss IndexIVFPQFastScan (4-bit PQ, D/2 sub-quantizers: faiss's SIMD fast scan) on faiss-ivf's
+               coarse quantizer and lists, timed the same way
+  faiss-sq8    faiss IndexIVFScalarQuantizer (8-bit codes), the same lists, timed the same way
   assign       the rows' nearest of --nlist centroids (`knn_search._best`, XLA), per (row, centroid) pair
+The faiss IVF rows also give their recall at k on --recall-rows sampled rows, a row's own group left out (faiss's
+ID selector) and the truth from the exact product: flat codes as they are; compressed codes as they rank and after
+an exact re-rank of their top 4k (what a search over compressed codes would have to add) — all over the same lists,
+so the gap between them is the codes' own loss.
 The report gives each kernel's ns per pair and, for --candidates C, the seconds of rows × C pairs: the floor of a
 search that evaluates C candidates per row with that kernel, before any other work. The kernels that take whole
 blocks (the first five) can only serve a probe shared by a block of rows (probe "list"); a per-row probe (faiss-ivf)
@@ -51,6 +60,7 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--nprobe", type=int, default=64, help="list-scan: cells probed per row cell")
     ap.add_argument("--faiss-nprobe", type=int, default=16, help="faiss-ivf: lists probed per row")
     ap.add_argument("--k", type=int, default=10)
+    ap.add_argument("--recall-rows", type=int, default=512, help="faiss IVF rows: rows sampled for their recall")
     ap.add_argument("--rows", type=int, default=1_000_000, help="the graph's rows the seconds are given for")
     ap.add_argument("--candidates", default="4910,16384",
                     help="candidates per row (comma-separated) to give the seconds for")
@@ -62,15 +72,16 @@ def parse(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.tiny:
         args.features, args.n, args.width, args.nlist, args.nprobe, args.repeat = "random", 8192, 1024, 64, 8, 1
+        args.recall_rows = min(args.recall_rows, 64)
         args.per = min(args.per, 128)
     try:
         args.cands = [int(c) for c in args.candidates.split(",")]
     except ValueError:
         ap.error(f"--candidates {args.candidates!r}: expected positive integers, comma-separated")
     if not args.cands or min(args.cands) < 1 or min(args.n, args.width, args.nlist, args.nprobe, args.k,
-                                                    args.faiss_nprobe, args.rows, args.repeat, args.per) < 1:
-        ap.error("--candidates, --n, --width, --nlist, --nprobe, --faiss-nprobe, --k, --rows, --repeat and --per "
-                 "must be positive")
+                                                    args.faiss_nprobe, args.rows, args.repeat, args.per, args.recall_rows) < 1:
+        ap.error("--candidates, --n, --width, --nlist, --nprobe, --faiss-nprobe, --k, --rows, --repeat, --per and "
+                 "--recall-rows must be positive")
     if args.features != "random" and not os.path.isfile(args.features):
         ap.error(f"--features {args.features}: no such file (an [N, D] .npy, or random)")
     if args.features != "random" and os.path.realpath(args.features) in _common.report_paths(args.out):
@@ -113,16 +124,18 @@ def kernels(x: np.ndarray, args) -> list[dict]:
     xj, cols = jnp.asarray(x[:blocks * CAP].reshape(blocks, CAP, d)), jnp.asarray(x[:w])
     out = []
 
-    def xla(kind):
+    def xla(kind, dtype):
         red = (lambda c: jnp.max(c, axis=1)) if kind == "dot" else \
             (lambda c: knn_search.top_k_grouped(c, args.k)[0][:, 0])
         f = jax.jit(lambda a, b: lax.map(lambda r: red(jnp.dot(r, b.T, preferred_element_type=jnp.float32)), a))
-        return _time(lambda: f(xj, cols).block_until_ready(), args.repeat)
+        xa, xb = xj.astype(dtype), cols.astype(dtype)
+        return _time(lambda: f(xa, xb).block_until_ready(), args.repeat)
 
-    for kind in ("dot", "topk"):
-        t = xla(kind)
-        out.append(dict(kernel=f"xla-{kind}", shape=f"{blocks} × [{CAP}, {d}]·[{d}, {w}]", pairs=blocks * CAP * w,
-                        seconds=t))
+    for kind, dtype in (("dot", jnp.float32), ("topk", jnp.float32), ("dot", jnp.bfloat16), ("topk", jnp.bfloat16)):
+        t = xla(kind, dtype)
+        bf = "-bf16" if dtype == jnp.bfloat16 else ""
+        out.append(dict(kernel=f"xla-{kind}{bf}", shape=f"{blocks} × [{CAP}, {d}]·[{d}, {w}]" + (
+            " in bfloat16 (float32 sums)" if bf else ""), pairs=blocks * CAP * w, seconds=t))
 
     grp = jnp.asarray(np.arange(n) // args.per, jnp.int32)
     ok = jnp.ones(n, bool)
@@ -144,29 +157,13 @@ def kernels(x: np.ndarray, args) -> list[dict]:
     try:
         import faiss
     except ImportError:
-        out += [dict(kernel=name, note="faiss is not installed (pip install faiss-cpu)")
-                for name in ("faiss-flat", "faiss-ivf")]
+        out += [dict(kernel=name, note="faiss is not installed (pip install faiss-cpu)") for name in FAISS_KERNELS]
     else:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         t = _time(lambda: [faiss.knn(r, cw, args.k, metric=faiss.METRIC_INNER_PRODUCT) for r in xr], args.repeat)
         out.append(dict(kernel="faiss-flat", shape=f"{nb} × [{rb}, {d}] × [{w}, {d}], top-{args.k}",
                         pairs=nb * rb * w, seconds=t))
-        quant = faiss.IndexFlatIP(d)
-        ivf = faiss.IndexIVFFlat(quant, d, args.nlist, faiss.METRIC_INNER_PRODUCT)
-        ivf.cp.seed = args.seed
-        ivf.train(x[np.random.default_rng(args.seed).choice(n, min(n, 64 * args.nlist), replace=False)])
-        ivf.add(x)
-        ivf.nprobe = args.faiss_nprobe
-        q = x[np.random.default_rng(args.seed + 1).choice(n, min(n, 65536), replace=False)]
-        faiss.cvar.indexIVF_stats.reset()
-        ivf.search(q, args.k)
-        ndis = int(faiss.cvar.indexIVF_stats.ndis)
-        t = _time(lambda: ivf.search(q, args.k), args.repeat)
-        tq = _time(lambda: quant.search(q, args.faiss_nprobe), args.repeat)       # the coarse quantizer alone
-        out.append(dict(kernel="faiss-ivf", shape=f"{len(q)} rows, nlist {args.nlist}, {args.faiss_nprobe} lists "
-                        f"({ndis / len(q):.0f} candidates per row; the quantizer's {tq:.2f} s left out)", pairs=ndis,
-                        seconds=max(t - tq, 1e-9)))
-
+        out += _faiss_ivf(faiss, x, args)
     cent = jnp.asarray(x[np.random.default_rng(args.seed).choice(n, args.nlist, replace=False)])
     g = jax.jit(lambda a, c: knn_search._best(a, c, 1)[1])
     t = _time(lambda: g(a, cent).block_until_ready(), args.repeat)
@@ -175,6 +172,65 @@ def kernels(x: np.ndarray, args) -> list[dict]:
     for r in out:
         if "seconds" in r:
             r["ns_pair"] = r["seconds"] / r["pairs"] * 1e9
+    return out
+
+
+FAISS_KERNELS = ("faiss-flat", "faiss-ivf", "faiss-pq4fs", "faiss-sq8")
+
+
+def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
+    """faiss's IVF with flat, 4-bit PQ fast-scan and 8-bit scalar codes on one coarse quantizer (the same lists):
+    [{kernel, shape, pairs, seconds, recall[, recall_rerank]}] — per distance faiss computed, its quantizer's time
+    left out; recall at k on --recall-rows sampled rows, their own group left out by faiss's ID selector."""
+    n, d = x.shape
+    rng = np.random.default_rng(args.seed)
+    quant = faiss.IndexFlatIP(d)
+    flat = faiss.IndexIVFFlat(quant, d, args.nlist, faiss.METRIC_INNER_PRODUCT)
+    flat.cp.seed = args.seed
+    flat.train(x[rng.choice(n, min(n, 64 * args.nlist), replace=False)])
+    flat.add(x)
+    train = x[rng.choice(n, min(n, 65536), replace=False)]
+    pq = faiss.IndexIVFPQFastScan(quant, d, args.nlist, d // 2, 4, faiss.METRIC_INNER_PRODUCT)
+    sq = faiss.IndexIVFScalarQuantizer(quant, d, args.nlist, faiss.ScalarQuantizer.QT_8bit,
+                                       faiss.METRIC_INNER_PRODUCT)
+    for ix in (pq, sq):                               # the quantizer is trained: only the codes train here
+        ix.train(train)
+        ix.add(x)
+    q = x[np.random.default_rng(args.seed + 1).choice(n, min(n, 65536), replace=False)]
+    tq = _time(lambda: quant.search(q, args.faiss_nprobe), args.repeat)       # the coarse quantizer alone
+    sizes = np.array([flat.invlists.list_size(i) for i in range(args.nlist)])
+    ndis = int(sizes[quant.search(q, args.faiss_nprobe)[1]].sum())             # the candidates the three score
+    rows = np.sort(np.random.default_rng(args.seed + 2).choice(n, min(n, args.recall_rows), replace=False))
+    grp = rows // args.per
+    sims = x[rows] @ x.T
+    sims[np.arange(len(rows))[:, None], grp[:, None] * args.per + np.arange(args.per)] = -np.inf
+    truth = np.argpartition(-sims, args.k, axis=1)[:, :args.k]
+    del sims
+
+    def recall(ix, kk):
+        """Recall at k of `ix`'s top-kk (kk > k: re-ranked by the exact product) of the sampled rows."""
+        found = np.empty((len(rows), kk), np.int64)
+        for g in np.unique(grp):
+            m = np.nonzero(grp == g)[0]
+            sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(g * args.per), int((g + 1) * args.per)))
+            found[m] = ix.search(x[rows[m]], kk, params=faiss.SearchParametersIVF(sel=sel,
+                                                                                nprobe=args.faiss_nprobe))[1]
+        if kk > args.k:
+            exact = np.einsum("nd,nkd->nk", x[rows], x[np.maximum(found, 0)])
+            exact[found < 0] = -np.inf
+            found = np.take_along_axis(found, np.argsort(-exact, axis=1, kind="stable")[:, :args.k], 1)
+        return float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+
+    out = []
+    for name, ix in (("faiss-ivf", flat), ("faiss-pq4fs", pq), ("faiss-sq8", sq)):
+        ix.nprobe = args.faiss_nprobe
+        t = _time(lambda: ix.search(q, args.k), args.repeat)
+        r = dict(kernel=name, shape=f"{len(q)} rows, nlist {args.nlist}, {args.faiss_nprobe} lists ({ndis / len(q):.0f}"
+                 f" candidates per row; the quantizer's {tq:.2f} s left out)", pairs=ndis, seconds=max(t - tq, 1e-9),
+                 recall=recall(ix, args.k))
+        if name != "faiss-ivf":
+            r["recall_rerank"] = recall(ix, 4 * args.k)
+        out.append(r)
     return out
 
 
@@ -190,17 +246,19 @@ def main(argv=None) -> None:
     table = []
     for r in rows:
         if "note" in r:
-            table.append([r["kernel"], "—", "—"] + ["—"] * len(args.cands) + [r["note"]])
+            table.append([r["kernel"], "—", "—", "—"] + ["—"] * len(args.cands) + [r["note"]])
             continue
         per = [f"{args.rows * c * r['ns_pair'] * 1e-9:.1f}" if r["kernel"] != "assign" else "—" for c in args.cands]
-        table.append([r["kernel"], f"{r['ns_pair']:.2f}", f"{r['seconds']:.2f}"] + per + [r["shape"]])
+        rec = "—" if "recall" not in r else f"{r['recall']:.3f}" + (
+            f" ({r['recall_rerank']:.3f} re-ranked from {4 * args.k})" if "recall_rerank" in r else "")
+        table.append([r["kernel"], f"{r['ns_pair']:.2f}", f"{r['seconds']:.2f}", rec] + per + [r["shape"]])
     assign = next((r for r in rows if r["kernel"] == "assign"), None)
     tiny = " --tiny" if args.tiny else ""
     lines = [f"# The kNN graph's cost floor on this machine (`benchmarks/knn_floor.py`{tiny})",
              "", f"Command: `{rep['command']}`  ",
              f"Features: {args.features} ({x.shape[0]} rows, {x.shape[1]}-d, unit rows, groups of {args.per}); "
              f"total {rep['seconds_total']:.0f} s.", "", _common.machine_md(rep["machine"]), "",
-             _common.table(["kernel", "ns per pair", "seconds measured"]
+             _common.table(["kernel", "ns per pair", "seconds measured", f"recall at {args.k}"]
                            + [f"s for {args.rows:,} rows × {c:,}" for c in args.cands] + ["shape"], table), ""]
     if assign is not None:
         lines += [f"Assigning {args.rows:,} rows to {args.nlist} lists at the `assign` rate: "

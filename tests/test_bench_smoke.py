@@ -74,23 +74,33 @@ def test_bench_scripts_import():
 
 
 def test_knn_floor_tiny(tmp_path):
-    """knn_floor --tiny: every kernel timed (faiss's, where it is absent, said so), the seconds for --rows × each
-    --candidates the measured ns per pair scaled; bad --candidates: one line, exit 2, nothing written."""
+    """knn_floor --tiny: every kernel timed (faiss's, where it is absent, said so; its IVF rows with their recall
+    over the same lists), the seconds for --rows × each --candidates the measured ns per pair scaled; bad
+    --candidates: one line, exit 2, nothing written."""
     kf = _load("knn_floor")
     out = tmp_path / "floor.md"
     kf.main(["--tiny", "--candidates", "100,400", "--rows", "1000", "--out", str(out)])
     rep = json.loads((tmp_path / "floor.json").read_text())
     names = [r["kernel"] for r in rep["kernels"]]
-    assert names == ["xla-dot", "xla-topk", "list-scan", "numpy-gemm", "faiss-flat", "faiss-ivf", "assign"]
+    assert names == ["xla-dot", "xla-topk", "xla-dot-bf16", "xla-topk-bf16", "list-scan", "numpy-gemm",
+                     "faiss-flat", "faiss-ivf", "faiss-pq4fs", "faiss-sq8", "assign"]
     for r in rep["kernels"]:
         if "note" in r:
             assert r["kernel"].startswith("faiss") and "faiss is not installed" in r["note"]
         else:
             assert r["seconds"] > 0 and r["pairs"] > 0
             assert r["ns_pair"] == pytest.approx(r["seconds"] / r["pairs"] * 1e9)
+    ivf = {r["kernel"]: r for r in rep["kernels"] if r["kernel"].startswith("faiss-") and "note" not in r}
+    if "faiss-ivf" in ivf:          # the same lists: compressed codes re-ranked find no more than the flat codes
+        flat = ivf["faiss-ivf"]["recall"]
+        assert 0 < flat <= 1 and "recall_rerank" not in ivf["faiss-ivf"]
+        for name in ("faiss-pq4fs", "faiss-sq8"):
+            r = ivf[name]
+            assert 0 <= r["recall"] <= r["recall_rerank"] + 1e-9 and r["recall_rerank"] <= flat + 1e-9
+            assert r["pairs"] == ivf["faiss-ivf"]["pairs"]
     md = out.read_text()
     dot = rep["kernels"][0]
-    assert f"| xla-dot | {dot['ns_pair']:.2f} | {dot['seconds']:.2f} | {1000 * 100 * dot['ns_pair'] * 1e-9:.1f} |" in md
+    assert f"| xla-dot | {dot['ns_pair']:.2f} | {dot['seconds']:.2f} | — | {1000 * 100 * dot['ns_pair'] * 1e-9:.1f} |" in md
     with pytest.raises(SystemExit) as e:
         kf.main(["--tiny", "--candidates", "many", "--out", str(tmp_path / "bad.md")])
     assert e.value.code == 2 and not (tmp_path / "bad.md").exists()
