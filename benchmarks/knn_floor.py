@@ -51,7 +51,7 @@ BLOCK = 4096                  # rows per block of numpy's and faiss's brute-forc
 
 
 def parse(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="knn_floor.py", description=__doc__.splitlines()[0])
     ap.add_argument("--features", default="random", help="an [N, D] .npy (rows scaled to unit length), or random")
     ap.add_argument("--n", type=int, default=262144, help="random: rows (64-d); a file: at most this many rows")
     ap.add_argument("--per", type=int, default=1024, help="rows per group (a row's neighbours from other groups)")
@@ -84,25 +84,39 @@ def parse(argv=None) -> argparse.Namespace:
                  "--recall-rows must be positive")
     if args.features != "random" and not os.path.isfile(args.features):
         ap.error(f"--features {args.features}: no such file (an [N, D] .npy, or random)")
+    if args.features != "random":
+        try:
+            head = np.load(args.features, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            ap.error(f"--features {args.features}: not a readable .npy array; pass an [N, D] float array saved by "
+                     "numpy.save")
+        if head.ndim != 2 or head.dtype.kind not in "fiu":
+            ap.error(f"--features {args.features}: holds {head.dtype} {head.shape}; pass an [N, D] float array")
+        usable = min(len(head), args.n) // args.per * args.per
+        need = max(2 * args.per, args.width, CAP * 2)
+        if usable < need:
+            ap.error(f"--features {args.features}: {usable} usable rows (at most --n {args.n}, whole groups of "
+                     f"--per {args.per}); need at least {need} (2 groups and --width {args.width}): pass more rows "
+                     "or a smaller --per / --width")
     if args.features != "random" and os.path.realpath(args.features) in _common.report_paths(args.out):
         ap.error(f"--out {args.out} would overwrite --features {args.features}; pass another --out")
     return args
 
 
 def load(args) -> np.ndarray:
-    """The features `[N, D]` float32 unit rows, N a multiple of --per (at most --n rows of a file)."""
+    """The features `[N, D]` float32 unit rows, N a multiple of --per (at most --n rows of a file; a zero row stays
+    zero); a row that is not finite: one line, exit 2."""
     if args.features == "random":
         x = np.random.default_rng(args.seed).standard_normal((args.n, 64)).astype(np.float32)
     else:
-        x = np.load(args.features, mmap_mode="r")
-        if x.ndim != 2:
-            raise SystemExit(f"knn_floor: --features {args.features} holds shape {x.shape}; expected [N, D]")
-        x = np.array(x[:args.n], np.float32)
+        x = np.array(np.load(args.features, mmap_mode="r")[:args.n], np.float32)
     x = x[:len(x) // args.per * args.per]
-    if len(x) < max(2 * args.per, args.width, CAP * 2):
-        raise SystemExit(f"knn_floor: {len(x)} rows (groups of --per {args.per}); need at least "
-                         f"{max(2 * args.per, args.width, CAP * 2)} (2 groups and --width {args.width})")
     norm = np.linalg.norm(x, axis=1, keepdims=True)
+    bad = np.flatnonzero(~np.isfinite(norm[:, 0]))
+    if bad.size:                       # `parse` checked the file's shape; its values are read here, before any work
+        print(f"knn_floor.py: error: --features {args.features}: {bad.size} row(s) not finite (the first: row "
+              f"{bad[0]}); drop them", file=sys.stderr)
+        raise SystemExit(2)
     return x / np.where(norm > 0, norm, 1.0)
 
 

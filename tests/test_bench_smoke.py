@@ -76,7 +76,8 @@ def test_bench_scripts_import():
 def test_knn_floor_tiny(tmp_path):
     """knn_floor --tiny: every kernel timed (faiss's, where it is absent, said so; its IVF rows with their recall
     over the same lists), the seconds for --rows × each --candidates the measured ns per pair scaled; bad
-    --candidates: one line, exit 2, nothing written."""
+    --candidates or a bad --features file (not an array, not [N, D], too few rows, a row not finite): one line,
+    exit 2, nothing written."""
     kf = _load("knn_floor")
     out = tmp_path / "floor.md"
     kf.main(["--tiny", "--candidates", "100,400", "--rows", "1000", "--out", str(out)])
@@ -109,6 +110,18 @@ def test_knn_floor_tiny(tmp_path):
     with pytest.raises(SystemExit) as e:
         kf.main(["--features", str(feats), "--out", str(feats)])
     assert e.value.code == 2 and np.load(feats).shape == (8, 2)
+    bad = {"cube.npy": np.ones((4, 4, 4), np.float32), "few.npy": np.ones((100, 8), np.float32),
+           "nan.npy": np.ones((512, 8), np.float32), "text.npy": None}
+    bad["nan.npy"][300, 2] = np.nan
+    for name, arr in bad.items():           # a bad feature file: one line naming it, exit 2, no report
+        path, out = tmp_path / name, tmp_path / f"{name}.md"
+        if arr is None:
+            path.write_text("not an array")
+        else:
+            np.save(path, arr)
+        with pytest.raises(SystemExit) as e:
+            kf.main(["--features", str(path), "--per", "64", "--width", "128", "--out", str(out)])
+        assert e.value.code == 2 and not out.exists() and not out.with_suffix(".json").exists(), name
 
 
 def test_eval_joint_labels_and_probes():
