@@ -48,15 +48,39 @@ def main(argv=None) -> None:
     ap.add_argument("--two-level", type=int, default=0, metavar="T",
                     help="also a two-level partition: T top lists, nlist/T leaves each (see above)")
     args = ap.parse_args(argv)
+    try:
+        nlists = [int(v) for v in args.nlist.split(",")]
+    except ValueError:
+        nlists = []
+    if not nlists or min(nlists) < 1:
+        ap.error(f"--nlist {args.nlist}: expected positive integers, comma-separated")
+    if min(args.per, args.iters, args.k) < 1 or min(args.sub, args.two_level) < 0 or args.init not in ("random", "pp"):
+        ap.error("--per, --iters and --k must be positive, --sub and --two-level ≥ 0, --init random or pp")
+    for nlist in nlists if args.two_level else ():
+        if nlist % args.two_level or nlist // args.two_level < 2:
+            ap.error(f"--two-level {args.two_level}: each --nlist ({nlist}) must be a multiple of it, with 2 or more "
+                     "leaves each")
+    if args.data.endswith(".npy"):
+        try:
+            x = np.load(args.data, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError):
+            ap.error(f"--data {args.data}: not a readable .npy array; pass an [N, D] float array of unit rows")
+        if x.ndim != 2 or x.dtype.kind not in "fiu" or len(x) < 1000:
+            ap.error(f"--data {args.data}: holds {x.dtype} {x.shape}; pass an [N, D] float array of N ≥ 1000 rows")
+    else:
+        kind, _, n = args.data.partition(":")
+        if kind not in ("uniform", "clustered") or not n.isdigit() or int(n) < 1000:
+            ap.error(f"--data {args.data}: expected uniform:N or clustered:N with N ≥ 1000, or an .npy path")
     import faiss
 
     from bench_peers import planted_features
 
     faiss.omp_set_num_threads(1)
     if args.data.endswith(".npy"):
-        x = np.load(args.data).astype(np.float32)
+        x = np.asarray(x, np.float32)
+        if not np.isfinite(x).all():
+            ap.error(f"--data {args.data}: holds values that are not finite; drop those rows")
     else:
-        kind, n = args.data.split(":")
         n = int(n)
         if kind == "uniform":
             x = np.random.default_rng(args.seed).standard_normal((n, 64)).astype(np.float32)
@@ -84,7 +108,7 @@ def main(argv=None) -> None:
             out.append(np.take_along_axis(part, np.argsort(-np.take_along_axis(c, part, 1), 1), 1))
         return np.concatenate(out)
 
-    for nlist in map(int, args.nlist.split(",")):
+    for nlist in nlists:
         if args.two_level:
             two_level(x, gt, sample, nlist, args.two_level, args.iters, args.seed)
             continue
@@ -156,8 +180,7 @@ def two_level(x, gt, sample, nlist, tops, iters, seed) -> None:
 
     n, d = x.shape
     per = nlist // tops
-    if per * tops != nlist or per < 2:
-        raise SystemExit(f"--two-level {tops}: nlist {nlist} must be a multiple of it, with 2 or more leaves each")
+    assert per * tops == nlist and per >= 2, "main checks --two-level against --nlist"
     rng = np.random.default_rng(seed)
     t = time.time()
     s = x[rng.choice(n, min(n, max(64 * tops, 32 * nlist)), replace=False)]

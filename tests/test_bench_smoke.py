@@ -406,3 +406,27 @@ def test_eval_tiny_runs_without_their_data_say_where_it_goes(tmp_path, monkeypat
         assert "\n" not in message and os.path.normpath(absent) in message, message
         assert message.endswith(f"pass {flag}"), message
     assert sorted(os.listdir(tmp_path)) == []
+
+
+def test_knn_partition_curve_runs_and_refuses_bad_input(tmp_path, capsys):
+    """knn_partition_curve: a small planted run prints recall @ candidates for every probe, P = nlist reaching
+    recall 1; a bad --data, --nlist or --two-level is one line and exit 2 before any work."""
+    pytest.importorskip("faiss", reason="faiss-cpu is not installed (optional extra `bench`)")
+    pc = _load("knn_partition_curve")
+    pc.main(["--data", "uniform:2000", "--per", "100", "--nlist", "16", "--iters", "2", "--sub", "2"])
+    out = capsys.readouterr().out
+    for probe in ("row", "list", "spill2", "sub2"):
+        line = next(x for x in out.splitlines() if x.strip().startswith(probe + " "))
+        assert "P16 1.000 @ 2000" in line or probe == "spill2", line
+    bad = tmp_path / "bad.npy"
+    bad.write_text("not an array")
+    small = tmp_path / "small.npy"
+    np.save(small, np.ones((10, 4), np.float32))
+    for argv in (["--data", str(bad)], ["--data", str(small)], ["--data", "uniform:10"], ["--data", "grid:5000"],
+                 ["--data", "uniform:2000", "--nlist", "x"], ["--data", "uniform:2000", "--nlist", "64",
+                                                               "--two-level", "48"]):
+        with pytest.raises(SystemExit) as e:
+            pc.main(argv)
+        assert e.value.code == 2, argv
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) >= 1 and "error:" in err[-1], argv
