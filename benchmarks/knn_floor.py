@@ -80,8 +80,9 @@ def parse(argv=None) -> argparse.Namespace:
         args.cands = [int(c) for c in args.candidates.split(",")]
     except ValueError:
         ap.error(f"--candidates {args.candidates!r}: expected positive integers, comma-separated")
-    if not args.cands or min(args.cands) < 1 or min(args.n, args.width, args.nlist, args.nprobe, args.k, args.faiss_nprobe,
-                                                    args.rows, args.repeat, args.per, args.recall_rows) < 1:
+    counts = (args.n, args.width, args.nlist, args.nprobe, args.k, args.faiss_nprobe, args.rows, args.repeat,
+              args.per, args.recall_rows)
+    if not args.cands or min(args.cands) < 1 or min(counts) < 1:
         ap.error("--candidates, --n, --width, --nlist, --nprobe, --faiss-nprobe, --k, --rows, --repeat, --per and "
                  "--recall-rows must be positive")
     if args.features != "random" and not os.path.isfile(args.features):
