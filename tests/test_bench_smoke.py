@@ -101,7 +101,8 @@ def test_knn_floor_tiny(tmp_path):
             assert r["pairs"] == ivf["faiss-ivf"]["pairs"]
     md = out.read_text()
     dot = rep["kernels"][0]
-    assert f"| xla-dot | {dot['ns_pair']:.2f} | {dot['seconds']:.2f} | — | {1000 * 100 * dot['ns_pair'] * 1e-9:.1f} |" in md
+    row = f"| xla-dot | {dot['ns_pair']:.2f} | {dot['seconds']:.2f} | — | {1000 * 100 * dot['ns_pair'] * 1e-9:.1f} |"
+    assert row in md, md
     with pytest.raises(SystemExit) as e:
         kf.main(["--tiny", "--candidates", "many", "--out", str(tmp_path / "bad.md")])
     assert e.value.code == 2 and not (tmp_path / "bad.md").exists()
@@ -422,9 +423,10 @@ def test_knn_partition_curve_runs_and_refuses_bad_input(tmp_path, capsys):
     bad.write_text("not an array")
     small = tmp_path / "small.npy"
     np.save(small, np.ones((10, 4), np.float32))
-    for argv in (["--data", str(bad)], ["--data", str(small)], ["--data", "uniform:10"], ["--data", "grid:5000"],
-                 ["--data", "uniform:2000", "--nlist", "x"], ["--data", "uniform:2000", "--nlist", "64",
-                                                               "--two-level", "48"]):
+    bads = (["--data", str(bad)], ["--data", str(small)], ["--data", "uniform:10"], ["--data", "grid:5000"],
+            ["--data", "uniform:2000", "--nlist", "x"],
+            ["--data", "uniform:2000", "--nlist", "64", "--two-level", "48"])
+    for argv in bads:
         with pytest.raises(SystemExit) as e:
             pc.main(argv)
         assert e.value.code == 2, argv

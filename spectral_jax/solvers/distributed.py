@@ -612,10 +612,10 @@ def _ivf_recall(truth, ix, valid, *, n, per, k, cap, p, mesh, axis):
 def _ivf_layer(tile, layer: int, mine: int, n: int, k: int, same: bool, search, valid, block: int, mesh, axis):
     """A layer's checked ring IVF: each device's index over its key block (`_ivf_build`) and the sample's exact
     search (`_ring_truth`, once), then the sampled recall (`_ivf_recall`) of nprobe cells, doubled
-    (`knn_search.next_try`) while under search.min_recall, until the exact search instead. tile(which, layer, i0, t) reads the devices' tiles (`knn_tiled`'s). Returns (the indexes,
-    or None when the layer is to be searched exactly; the layer's record: search, recall (1 for exact), tries
-    [{nprobe, recall}] and, for ivf, the `knn_search.plan` sizes of the try kept — its nprobe —, probe, seed,
-    recall_rows)."""
+    (`knn_search.next_try`) while under search.min_recall, until the exact search instead. tile(which, layer, i0, t)
+    reads the devices' tiles (`knn_tiled`'s). Returns (the indexes, or None when the layer is to be searched
+    exactly; the layer's record: search, recall (1 for exact), tries [{nprobe, recall}] and, for ivf, the
+    `knn_search.plan` sizes of the try kept — its nprobe —, probe, seed, recall_rows)."""
     from spectral_jax import knn_search
 
     keys = tile("b", layer, 0, mine)
