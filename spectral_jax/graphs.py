@@ -354,7 +354,7 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
     b2 = a2 if same else b.reshape(-1, *b.shape[-2:])
     tries = []
     kept = [{} for _ in range(a2.shape[0])]         # faiss: each graph's centroids and lists, kept between tries
-    truth = None                                    # ((recall_rows, seed), the sample's exact search), between tries
+    truth = None                                    # the recall sample's exact search, kept between tries
     while True:                     # once, or (a checked search: min_recall) until the sampled recall reaches it
         inter = None
         if sr.kind == "faiss":
@@ -372,10 +372,9 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
         elif want and sr.recall_rows == 0:
             rec = jnp.full(batch, jnp.nan, jnp.float32)
         elif want:
-            if truth is None or truth[0] != (sr.recall_rows, sr.seed):     # the tries share the sample's exact search
-                truth = ((sr.recall_rows, sr.seed),
-                         _recall_truth(a2, b2, valid, per, int(k_inter), sr.recall_rows, sr.seed))
-            rec = _recall_of(cos[..., int(k_intra):], truth[1]).reshape(batch)
+            if truth is None:       # the tries share one (`next_try` keeps recall_rows and the seed)
+                truth = _recall_truth(a2, b2, valid, per, int(k_inter), sr.recall_rows, sr.seed)
+            rec = _recall_of(cos[..., int(k_intra):], truth).reshape(batch)
         if not checked:
             break
         low = float(jnp.min(rec))

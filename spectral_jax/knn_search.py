@@ -607,9 +607,17 @@ def recall_of(approx_cos, truth) -> Array:
     cosine (ties between equal cosines cannot lower it). A float32 scalar in [0, 1] (1 when no sampled row has a
     candidate)."""
     pick, kth, want = truth
-    got = jnp.sum(jnp.isfinite(approx_cos[pick]) & (approx_cos[pick] >= kth - 1e-6), axis=1)
     tot = jnp.sum(want)
-    return jnp.where(tot > 0, jnp.sum(jnp.minimum(got, want)) / jnp.maximum(tot, 1), 1.0).astype(jnp.float32)
+    return jnp.where(tot > 0, jnp.sum(hits(approx_cos[pick], kth, want)) / jnp.maximum(tot, 1),
+                     1.0).astype(jnp.float32)
+
+
+def hits(approx_cos, kth, want) -> Array:
+    """Per sampled row, the exact neighbours an approximate top-k found: its finite cosines `[r, k]` that reach the
+    exact k-th kth `[r, 1]` (less 1e-6: ties cannot lower it), at most want `[r]` (the row's finite exact
+    neighbours) → `[r]` int32. `recall_of`'s count, and the ring IVF's (`distributed._ivf_recall`)."""
+    got = jnp.sum(jnp.isfinite(approx_cos) & (approx_cos >= kth - 1e-6), axis=1)
+    return jnp.minimum(got, want)
 
 
 def recall(a, b, row_grp, col_grp, col_ok, approx_cos, k: int, rows: int, seed: int) -> Array:

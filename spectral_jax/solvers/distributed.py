@@ -600,8 +600,7 @@ def _ivf_recall(truth, ix, valid, *, n, per, k, cap, p, mesh, axis):
     def local(x, row_img, live, kth, want, valid, *ix):
         col_img, col_ok = _columns(valid, n, per, jax.lax.axis_size(axis))
         _, approx = _ivf_ring(x, row_img, knn_search.Index(*ix), col_img, col_ok, k, cap, p, axis)
-        got = jnp.sum(jnp.isfinite(approx) & (approx >= kth - 1e-6), axis=1)
-        hit = jax.lax.psum(jnp.sum(jnp.where(live, jnp.minimum(got, want), 0)), axis)
+        hit = jax.lax.psum(jnp.sum(jnp.where(live, knn_search.hits(approx, kth, want), 0)), axis)
         tot = jax.lax.psum(jnp.sum(jnp.where(live, want, 0)), axis)
         return jnp.where(tot > 0, hit / jnp.maximum(tot, 1), 1.0).astype(jnp.float32)
 
