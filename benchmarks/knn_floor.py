@@ -20,10 +20,10 @@ warm-up excluded, the median of --repeat runs, in this process:
                scan) on faiss-ivf's coarse quantizer and lists, timed the same way
   faiss-sq8    faiss IndexIVFScalarQuantizer (8-bit codes), the same lists, timed the same way
   assign       the rows' nearest of --nlist centroids (`knn_search._best`, XLA), per (row, centroid) pair
-The faiss IVF rows also give their recall at k on --recall-rows sampled rows, a row's own group left out (faiss's
-ID selector) and the truth from the exact product: flat codes as they are; compressed codes as they rank and after
-an exact re-rank of their top 4k (what a search over compressed codes would have to add) — all over the same lists,
-so the gap between them is the codes' own loss.
+The faiss IVF rows also give their recall at k on --recall-rows sampled rows, a row's own group left out (faiss's ID
+selector), measured as the library measures a search's recall (`knn_search.recall_truth`, `hits`): flat codes as
+they are; compressed codes as they rank and after an exact re-rank of their top 4k (what a search over compressed
+codes would have to add) — all over the same lists, so the gap between them is the codes' own loss.
 The report gives each kernel's ns per pair and, for --candidates C, the seconds of rows × C pairs: the floor of a
 search that evaluates C candidates per row with that kernel, before any other work. The kernels that take whole
 blocks (xla-*, list-scan, numpy-gemm, faiss-flat) can only serve a probe shared by a block of rows (probe "list"); a
@@ -199,7 +199,12 @@ def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
     """faiss's IVF with flat, 4-bit PQ fast-scan and 8-bit scalar codes on one coarse quantizer (the same lists):
     [{kernel, shape, pairs, seconds, recall[, recall_rerank]}] — pairs: the candidates of the lists the timed rows
     probe, the time less the quantizer's; recall at k on --recall-rows sampled rows, their own group left out by
-    faiss's ID selector. The PQ takes 2 dimensions per sub-quantizer (1 where D is odd)."""
+    faiss's ID selector, measured as `knn_search.recall` measures (its sample and exact search, `recall_truth`, and
+    its count, `hits`). The PQ takes 2 dimensions per sub-quantizer (1 where D is odd)."""
+    import jax.numpy as jnp
+
+    from spectral_jax import knn_search
+
     n, d = x.shape
     rng = np.random.default_rng(args.seed)
     quant = faiss.IndexFlatIP(d)
@@ -218,26 +223,25 @@ def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
     tq = _time(lambda: quant.search(q, args.faiss_nprobe), args.repeat)       # the coarse quantizer alone
     sizes = np.array([flat.invlists.list_size(i) for i in range(args.nlist)])
     ndis = int(sizes[quant.search(q, args.faiss_nprobe)[1]].sum())             # the candidates the three score
-    rows = np.sort(np.random.default_rng(args.seed + 2).choice(n, min(n, args.recall_rows), replace=False))
+    col_grp = jnp.asarray(np.arange(n) // args.per, jnp.int32)
+    pick, kth, want = knn_search.recall_truth(jnp.asarray(x), jnp.asarray(x), col_grp, col_grp, jnp.ones(n, bool),
+                                              args.k, args.recall_rows, args.seed)   # exact, own group left out
+    rows = np.asarray(pick)
     grp = rows // args.per
-    sims = x[rows] @ x.T
-    sims[np.arange(len(rows))[:, None], grp[:, None] * args.per + np.arange(args.per)] = -np.inf
-    truth = np.argpartition(-sims, args.k, axis=1)[:, :args.k]
-    del sims
 
     def recall(ix, kk):
-        """Recall at k of `ix`'s top-kk (kk > k: re-ranked by the exact product) of the sampled rows."""
+        """Recall at k of `ix`'s top-kk of the sampled rows (kk > k: re-ranked by the exact product): the exact
+        cosines of the neighbours it returns against the exact k-th (`knn_search.hits`)."""
         found = np.empty((len(rows), kk), np.int64)
         for g in np.unique(grp):
             m = np.nonzero(grp == g)[0]
             sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(g * args.per), int((g + 1) * args.per)))
             found[m] = ix.search(x[rows[m]], kk, params=faiss.SearchParametersIVF(sel=sel,
                                                                                 nprobe=args.faiss_nprobe))[1]
+        cos = np.where(found >= 0, np.einsum("nd,nkd->nk", x[rows], x[np.maximum(found, 0)]), -np.inf)
         if kk > args.k:
-            exact = np.einsum("nd,nkd->nk", x[rows], x[np.maximum(found, 0)])
-            exact[found < 0] = -np.inf
-            found = np.take_along_axis(found, np.argsort(-exact, axis=1, kind="stable")[:, :args.k], 1)
-        return float(np.mean([len(set(f) & set(t)) / args.k for f, t in zip(found, truth)]))
+            cos = -np.sort(-cos, axis=1)[:, :args.k]
+        return float(jnp.sum(knn_search.hits(jnp.asarray(cos, jnp.float32), kth, want)) / max(int(jnp.sum(want)), 1))
 
     out = []
     for name, ix in (("faiss-ivf", flat), ("faiss-pq4fs", pq), ("faiss-sq8", sq)):
