@@ -31,8 +31,8 @@ faiss (`faiss_topk`, optional `faiss-cpu`, host only — not under `jit`): `Inde
 
 Checked search (`Search.min_recall`, ivf or faiss; "auto" above `AUTO_MIN_COLUMNS` columns, `auto_search`):
 `graphs.knn` measures the recall after the search and, while it is short, searches again with twice the cells or
-lists (`next_try`); once a try would probe 1/`AUTO_MAX_SHARE` of the columns per row it runs the exact search
-instead. Each try is a fresh search (the IVF: its own compile; faiss: the first try's centroids and lists
+lists (`next_try`); once a try would probe 1/`AUTO_MAX_SHARE`[kind] of the columns per row it runs the exact
+search instead. Each try is a fresh search (the IVF: its own compile; faiss: the first try's centroids and lists
 reused, `faiss_topk`'s cache); the tries are reported.
 
 Recall (`recall`): on a seeded sample of rows, the share of the exact top-k found by the approximate search
@@ -72,7 +72,10 @@ AUTO_CELL = 64               # "auto": columns per coarse list ≈ 2·AUTO_CELL 
 # 0.89, then searched exactly; at 128 0.947–0.957, its 20-eigenvector embedding moved; at 256 0.977–0.984)
 AUTO_NPROBE = 256
 AUTO_FAISS_NPROBE = 24       # "auto" with faiss: lists per row at its first try (benchmarks/results/dataset_search.md)
-AUTO_MAX_SHARE = 32          # "auto": exact instead once a try would probe 1/AUTO_MAX_SHARE of the columns per row
+# the checked search: exact instead once a try would probe 1/AUTO_MAX_SHARE[kind] of the columns per row — where a
+# try costs about a third of the exact search at most, at the cost per (row, candidate) pair measured against the
+# exact kernel's (benchmarks/results/knn_floor.md): the JAX list scan ≈ 3×, faiss's IVF scan ≈ 5–10×
+AUTO_MAX_SHARE = {"ivf": 8, "faiss": 32}
 AUTO_MAX_NLIST = 4096        # "auto": at most this many lists (k-means costs ∝ nlist², the assignment ∝ C·nlist)
 PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)
 FAISS_OVERFETCH = 128        # faiss: groups up to this size are over-fetched, larger ones left out by an ID selector
@@ -92,8 +95,8 @@ class Search:
     *checked* approximate search, `auto_search` — faiss where it is installed and JAX runs on the CPU, else the IVF
     here; lists of ≈ 2·`AUTO_CELL` columns (at most `AUTO_MAX_NLIST` lists), `AUTO_NPROBE` cells (ivf, probe
     "list") or `AUTO_FAISS_NPROBE` lists (faiss) — whose recall on the seeded sample must reach `AUTO_MIN_RECALL`:
-    short of it the search runs again with twice the cells, and once a try would probe 1/`AUTO_MAX_SHARE` of the
-    columns the exact search runs instead; benchmarks/results/peers.md).
+    short of it the search runs again with twice the cells, and once a try would probe 1/`AUTO_MAX_SHARE`[kind] of
+    the columns the exact search runs instead; benchmarks/results/peers.md).
     nlist: coarse lists (default ≈ √C, a power of two); nprobe: cells probed per row cell (probe "list") or per row
     (probe "row") (default `default_nprobe`); seed: the k-means sample and initial centroids and the recall sample;
     iters: k-means steps (5: on the horse tokens at 10⁵ the recall of 10 steps, 0.957 against 0.956, at half the
@@ -194,14 +197,14 @@ def auto_search(c: int, s: Search = Search(), kind: str | None = None) -> Search
 
 def next_try(c: int, k: int, s: Search) -> Search:
     """The checked search's next try after a recall short of `s.min_recall`: twice the cells (ivf) or lists (faiss)
-    probed, or the exact search once that would probe 1/`AUTO_MAX_SHARE` of the C columns per row (or all of
-    them)."""
+    probed, or the exact search once that would probe 1/`AUTO_MAX_SHARE`[s.kind] of the C columns per row (or all
+    of them)."""
     pl = plan(c, k, s)
     p = 2 * pl["nprobe"]
     if s.kind == "faiss":                       # a faiss list holds C / nlist columns
-        done = p * AUTO_MAX_SHARE > pl["nlist"] or p > pl["nlist"]
+        done = p * AUTO_MAX_SHARE["faiss"] > pl["nlist"] or p > pl["nlist"]
     else:
-        done = p * pl["cap"] * AUTO_MAX_SHARE > c or p > pl["cells"]
+        done = p * pl["cap"] * AUTO_MAX_SHARE["ivf"] > c or p > pl["cells"]
     return dataclasses.replace(s, kind="exact") if done else dataclasses.replace(s, nprobe=p)
 
 

@@ -215,13 +215,36 @@ def test_auto_picks_the_checked_ivf_only_above_its_size(rng, monkeypatch):
     assert info["search"] == "ivf" and "tries" not in info
 
 
+def test_next_try_doubles_until_its_kind_s_share_of_the_columns():
+    """`next_try`: twice the cells (ivf) or lists (faiss) until a try would probe 1/AUTO_MAX_SHARE[kind] of the
+    columns, then exact — the JAX IVF to 1/8 (its scan ≈ 3× the exact kernel's cost per pair), faiss to 1/32. At 10⁶
+    columns auto's IVF (4096 lists, cells of 128) makes a second try of 512 cells (6.5 %); at 2·10⁵ its first
+    try already probes 7 % and the next would pass 1/8; faiss tries 24, 48, 96 of 4096 lists."""
+    def tries(c, kind):
+        s, out = knn_search.auto_search(c, kind=kind), []
+        while s.kind != "exact":
+            out.append(s.nprobe)
+            s = knn_search.next_try(c, 10, s)
+        return out
+
+    assert tries(10 ** 6, "ivf") == [256, 512]
+    assert knn_search.plan(10 ** 6, 10, knn_search.auto_search(10 ** 6, kind="ivf"))["cap"] == 128
+    assert tries(2 * 10 ** 5, "ivf") == [256]
+    assert tries(4 * 10 ** 5, "ivf") == [256, 512]
+    assert tries(10 ** 6, "faiss") == [24, 48, 96]
+    assert knn_search.last_try(10 ** 6, 10, knn_search.auto_search(10 ** 6, kind="ivf")).nprobe == 512
+    for c in (10 ** 5, 10 ** 6, 10 ** 7):                       # the last try is within the share
+        pl = knn_search.plan(c, 10, knn_search.last_try(c, 10, knn_search.auto_search(c, kind="ivf")))
+        assert pl["nprobe"] == knn_search.AUTO_NPROBE or pl["nprobe"] * pl["cap"] * knn_search.AUTO_MAX_SHARE["ivf"] <= c
+
+
 def test_checked_ivf_probes_more_until_its_recall_is_reached_or_goes_exact(rng, monkeypatch):
     """A checked IVF (min_recall) searches again with twice the cells while the sampled recall of the worst graph is
     short: the tries double nprobe, the last one reaches min_recall and the graph is that try's (the same as one
     unchecked search at its nprobe); where no affordable try reaches it (min_recall 1 on unstructured features),
     the exact graph (AUTO_MAX_SHARE lowered so that the tries go further at this small N). auto above a (lowered)
     AUTO_MIN_COLUMNS does the same; a seed gives the same result twice."""
-    monkeypatch.setattr(knn_search, "AUTO_MAX_SHARE", 2)         # tries up to half the columns at this small N
+    monkeypatch.setitem(knn_search.AUTO_MAX_SHARE, "ivf", 2)     # tries up to half the columns at this small N
     n_img = 60                                                   # 1200 tokens
     x = planted(rng, n_img, d=24, clusters=40, noise=0.5, batch=(2,))
     kw = dict(k_intra=3, k_inter=8, min_cos=-0.9)

@@ -244,8 +244,11 @@ def test_bench_sharded_search_tiny_runs():
 def test_sharded_search_rule():
     """`whole.sharded_search`: exact (None) for --search exact and, for auto, below `knn_search.AUTO_MIN_COLUMNS`
     tokens; ivf by name at any size, and auto above,
-    the checked IVF over a device's N/D columns — auto's lists for N/D, ⌈AUTO_NPROBE/D⌉ cells (≥ 8) at its first try,
-    the seed and the floor from the settings."""
+    the checked IVF over a device's N/D columns — auto's lists for N/D and, at its first try, as many columns per row
+    over the D indexes as one process's auto probes over all N (≥ 8 cells per index) —, the seed and the floor from
+    the settings. From 2²⁰ tokens one process's lists stop at AUTO_MAX_NLIST and grow longer than a device's: there
+    ⌈AUTO_NPROBE/D⌉ cells (the rule before) probed half as many columns or fewer (10⁶ tokens on 8 devices: 0.912,
+    then the exact ring)."""
     from spectral_jax.dataset import Settings, whole
 
     big = knn_search.AUTO_MIN_COLUMNS
@@ -257,7 +260,15 @@ def test_sharded_search_rule():
     want = knn_search.auto_search(big, knn_search.Search(seed=7, min_recall=0.97), "ivf")
     assert (s.kind, s.probe, s.nlist, s.seed, s.min_recall) == ("ivf", "list", want.nlist, 7, 0.97)
     assert s.nprobe == knn_search.AUTO_NPROBE // 2
-    assert whole.sharded_search(Settings(), 64 * big, 64).nprobe == 8
+    for nodes, d in ((2 * big, 2), (1003520, 4), (983040, 8), (64 * big, 64), (1 << 24, 16)):
+        one = knn_search.plan(nodes, 1, knn_search.auto_search(nodes, knn_search.Search(), "ivf"))
+        s = whole.sharded_search(Settings(), nodes, d)
+        cap = knn_search.plan(nodes // d, 1, s)["cap"]
+        assert s.nprobe == max(8, -(-one["nprobe"] * one["cap"] // (d * cap))), (nodes, d)
+        assert s.nprobe * cap * d >= one["nprobe"] * one["cap"] > (s.nprobe - 1) * cap * d or s.nprobe == 8
+    assert whole.sharded_search(Settings(), 983040, 8).nprobe == 60          # not ⌈256/8⌉ = 32: lists of 120, not 64
+    assert whole.sharded_search(Settings(), 64 * big, 64).nprobe == 32        # not 8
+    assert whole.sharded_search(Settings(), 4 * big, 64).nprobe == 8          # the floor
     assert whole.sharded_search(Settings(), 2 * big, 2).min_recall == knn_search.AUTO_MIN_RECALL
 
 

@@ -1164,16 +1164,22 @@ def sharded_search(settings: Settings, nodes: int, devices: int):
     """The sharded path's inter-image search for a layer group of N = `nodes` tokens on D devices: "auto" from
     `knn_search.AUTO_MIN_COLUMNS` tokens, and "ivf" at any size, is the checked ring IVF (`distributed.knn_tiled`'s
     search: each device's index over its own N/D columns, `knn_search.auto_search`'s lists for N/D columns, probe
-    "list", a first try of ⌈`knn_search.AUTO_NPROBE`/D⌉ cells per device's index (≥ 8; about the share of the
-    columns one process's auto probes), twice that while the sampled recall is under settings.min_recall (None:
-    `knn_search.AUTO_MIN_RECALL`), else exact); "auto" below it, and "exact", None (the exact ring)."""
+    "list", a first try of as many columns per row, over the D indexes, as one process's auto probes over all N
+    (its `knn_search.AUTO_NPROBE` cells of its own cap: ⌈that / (D · a device's cap)⌉ cells per index, ≥ 8), twice
+    that while the sampled recall is under settings.min_recall (None: `knn_search.AUTO_MIN_RECALL`), else exact);
+    "auto" below it, and "exact", None (the exact ring). (⌈AUTO_NPROBE/D⌉ cells per index, the rule before, is the
+    same where one process's lists are as long as a device's; from 2²⁰ tokens, where one process's lists stop at
+    `knn_search.AUTO_MAX_NLIST` and grow longer, it probed half as many columns or fewer: 0.912 on 8 devices at 10⁶
+    real tokens, and that layer searched exactly — benchmarks/results/dataset_search.md.)"""
     from spectral_jax import knn_search
 
     if not ring_ivf(settings.search, nodes):
         return None
     asked = knn_search.Search("auto", seed=settings.seed, min_recall=settings.min_recall)
     s = knn_search.auto_search(nodes // devices, asked, "ivf")
-    return dataclasses.replace(s, nprobe=max(8, -(-knn_search.AUTO_NPROBE // devices)))
+    one = knn_search.plan(nodes, 1, knn_search.auto_search(nodes, asked, "ivf"))   # one process's first try
+    cap = knn_search.plan(nodes // devices, 1, s)["cap"]
+    return dataclasses.replace(s, nprobe=max(8, -(-one["nprobe"] * one["cap"] // (devices * cap))))
 
 
 def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh, row_bytes: int = ROW_TILE_BYTES,
