@@ -237,11 +237,11 @@ def parse_processes(ap, argv, child, procs: int = 2):
     return None
 
 
-def run_processes(script: str, argv: list[str], procs: int) -> tuple[list[dict], float]:
+def run_processes(script: str, argv: list[str], procs: int, env: dict | None = None) -> tuple[list[dict], float]:
     """Run `python SCRIPT ARGV --procs P --port PORT --pid i --rows FILE` as P local processes of one jax.distributed
-    job (JAX_PLATFORMS=cpu; a free port on 127.0.0.1 for the coordinator); each writes its JSON rows to FILE.
-    Returns (every process's rows in process order, the 1-minute load at the start); exits when one fails (its
-    stderr is shown)."""
+    job (JAX_PLATFORMS=cpu, and env's variables; a free port on 127.0.0.1 for the coordinator); each writes its JSON
+    rows to FILE. Returns (every process's rows in process order, the 1-minute load at the start); exits when one
+    fails (its stderr is shown)."""
     import socket
     import tempfile
 
@@ -249,7 +249,7 @@ def run_processes(script: str, argv: list[str], procs: int) -> tuple[list[dict],
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     with tempfile.TemporaryDirectory() as tmp:
-        env = dict(os.environ, JAX_PLATFORMS="cpu")
+        env = dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))
         ps = [subprocess.Popen([sys.executable, os.path.abspath(script), *argv, "--procs", str(procs), "--port",
                                 str(port), "--pid", str(i), "--rows", os.path.join(tmp, f"{i}.json")], env=env)
               for i in range(procs)]

@@ -230,7 +230,8 @@ def test_ring_ivf_in_two_processes_gives_the_two_device_graph(tmp_path):
 @pytest.mark.slow  # two processes
 def test_bench_sharded_search_tiny_runs():
     """`benchmarks/bench_sharded_search.py --features tiny`: both searches run in 2 processes, the IVF's sampled and
-    true recall are printed."""
+    true recall are printed; with --procs 1 --devices 4 --modes ivf one process of 4 fake devices runs the IVF only
+    (its tries printed, no true recall)."""
     bench = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
                          "bench_sharded_search.py")
     r = subprocess.run([sys.executable, bench, "--features", "tiny", "--per", "256"], env=_env(), capture_output=True,
@@ -239,6 +240,11 @@ def test_bench_sharded_search_tiny_runs():
     assert "ivf: " in r.stdout and "true recall against the exact ring" in r.stdout, r.stdout
     true = json.loads(r.stdout.split("(every row): ")[1].splitlines()[0])
     assert len(true) == 2 and all(0.5 < x <= 1 for x in true), r.stdout
+    r = subprocess.run([sys.executable, bench, "--features", "tiny", "--per", "256", "--procs", "1", "--devices", "4",
+                        "--modes", "ivf"], env=_env(), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "4096 tokens" in r.stdout and "1 processes, 4 devices" in r.stdout and "tries [[{" in r.stdout, r.stdout
+    assert "exact " not in r.stdout and "true recall" not in r.stdout, r.stdout
 
 
 def test_sharded_search_rule():
