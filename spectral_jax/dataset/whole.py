@@ -1167,10 +1167,8 @@ def sharded_search(settings: Settings, nodes: int, devices: int):
     "list", a first try of as many columns per row, over the D indexes, as one process's auto probes over all N
     (its `knn_search.AUTO_NPROBE` cells of its own cap: ⌈that / (D · a device's cap)⌉ cells per index, ≥ 8), twice
     that while the sampled recall is under settings.min_recall (None: `knn_search.AUTO_MIN_RECALL`), else exact);
-    "auto" below it, and "exact", None (the exact ring). (⌈AUTO_NPROBE/D⌉ cells per index, the rule before, is the
-    same where one process's lists are as long as a device's; from 2²⁰ tokens, where one process's lists stop at
-    `knn_search.AUTO_MAX_NLIST` and grow longer, it probed half as many columns or fewer: 0.912 on 8 devices at 10⁶
-    real tokens, and that layer searched exactly — benchmarks/results/dataset_search.md.)"""
+    "auto" below it, and "exact", None (the exact ring). Measured: benchmarks/results/dataset_search.md (10⁶ real
+    tokens on 4 and 8 devices)."""
     from spectral_jax import knn_search
 
     if not ring_ivf(settings.search, nodes):
