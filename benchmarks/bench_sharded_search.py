@@ -58,6 +58,9 @@ def child(args) -> None:
         x0 = np.load(args.features).astype(np.float32)
     x0 = x0[: x0.shape[0] // args.per * args.per]
     whole_images = x0.shape[0] // args.per // jax.device_count() * jax.device_count()
+    if whole_images == 0:
+        raise SystemExit(f"--features {args.features}: fewer images of --per {args.per} rows than the "
+                         f"{jax.device_count()} devices; pass fewer --devices / --procs or a smaller --per")
     x0 = x0[: whole_images * args.per]              # whole images on every device
     if args.copies > 1:                             # more images: the tokens again, each copy seeded-rotated
         x0 = np.concatenate([x0] + [x0 @ np.linalg.qr(np.random.default_rng(1000 + c).standard_normal((64, 64)))[0]
