@@ -21,8 +21,8 @@ warm-up excluded, the median of --repeat runs, in this process:
   faiss-sq8    faiss IndexIVFScalarQuantizer (8-bit codes), the same lists, timed the same way
   assign       the rows' nearest of --nlist centroids (`knn_search._best`, XLA), per (row, centroid) pair
 The faiss IVF rows also give their recall at k on --recall-rows sampled rows, a row's own group left out (faiss's ID
-selector), measured as the library measures a search's recall (`knn_search.recall_truth`, `hits`): flat codes as
-they are; compressed codes as they rank and after an exact re-rank of their top 4k (what a search over compressed
+selector), measured as the library measures a search's recall (`knn_search.recall_truth`, `recall_of`): flat codes
+as they are; compressed codes as they rank and after an exact re-rank of their top 4k (what a search over compressed
 codes would have to add) — all over the same lists, so the gap between them is the codes' own loss.
 The report gives each kernel's ns per pair and, for --candidates C, the seconds of rows × C pairs: the floor of a
 search that evaluates C candidates per row with that kernel, before any other work. The kernels that take whole
@@ -200,7 +200,7 @@ def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
     [{kernel, shape, pairs, seconds, recall[, recall_rerank]}] — pairs: the candidates of the lists the timed rows
     probe, the time less the quantizer's; recall at k on --recall-rows sampled rows, their own group left out by
     faiss's ID selector, measured as `knn_search.recall` measures (its sample and exact search, `recall_truth`, and
-    its count, `hits`). The PQ takes 2 dimensions per sub-quantizer (1 where D is odd)."""
+    its score, `recall_of`). The PQ takes 2 dimensions per sub-quantizer (1 where D is odd)."""
     import jax.numpy as jnp
 
     from spectral_jax import knn_search
@@ -231,7 +231,7 @@ def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
 
     def recall(ix, kk):
         """Recall at k of `ix`'s top-kk of the sampled rows (kk > k: re-ranked by the exact product): the exact
-        cosines of the neighbours it returns against the exact k-th (`knn_search.hits`)."""
+        cosines of the neighbours it returns against the exact k-th (`knn_search.recall_of`)."""
         found = np.empty((len(rows), kk), np.int64)
         for g in np.unique(grp):
             m = np.nonzero(grp == g)[0]
@@ -241,7 +241,7 @@ def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
         cos = np.where(found >= 0, np.einsum("nd,nkd->nk", x[rows], x[np.maximum(found, 0)]), -np.inf)
         if kk > args.k:
             cos = -np.sort(-cos, axis=1)[:, :args.k]
-        return float(jnp.sum(knn_search.hits(jnp.asarray(cos, jnp.float32), kth, want)) / max(int(jnp.sum(want)), 1))
+        return float(knn_search.recall_of(jnp.asarray(cos, jnp.float32), (jnp.arange(len(rows)), kth, want)))
 
     out = []
     for name, ix in (("faiss-ivf", flat), ("faiss-pq4fs", pq), ("faiss-sq8", sq)):
