@@ -74,7 +74,7 @@ AUTO_NPROBE = 256
 AUTO_FAISS_NPROBE = 24       # "auto" with faiss: lists per row at its first try (benchmarks/results/dataset_search.md)
 # the checked search: exact instead once a try would probe 1/AUTO_MAX_SHARE[kind] of the columns per row — where a
 # try costs about a third of the exact search at most, at the cost per (row, candidate) pair measured against the
-# exact kernel's (benchmarks/results/knn_floor.md): the JAX list scan ≈ 3×, faiss's IVF scan ≈ 5–10×
+# exact kernel's (benchmarks/results/knn_floor.md): the JAX list scan ≈ 2–3×, faiss's IVF scan ≈ 5–10×
 AUTO_MAX_SHARE = {"ivf": 8, "faiss": 32}
 AUTO_MAX_NLIST = 4096        # "auto": at most this many lists (k-means costs ∝ nlist², the assignment ∝ C·nlist)
 PAIR_BUDGET = 1 << 23        # (row, cell, neighbour) candidates held per row batch: B·P·k (64 MiB of float32)

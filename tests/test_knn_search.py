@@ -217,7 +217,7 @@ def test_auto_picks_the_checked_ivf_only_above_its_size(rng, monkeypatch):
 
 def test_next_try_doubles_until_its_kind_s_share_of_the_columns():
     """`next_try`: twice the cells (ivf) or lists (faiss) until a try would probe 1/AUTO_MAX_SHARE[kind] of the
-    columns, then exact — the JAX IVF to 1/8 (its scan ≈ 3× the exact kernel's cost per pair), faiss to 1/32. At 10⁶
+    columns, then exact — the JAX IVF to 1/8 (its scan ≈ 2–3× the exact kernel's cost per pair), faiss to 1/32. At 10⁶
     columns auto's IVF (4096 lists, cells of 128) makes a second try of 512 cells (6.5 %); at 2·10⁵ its first
     try already probes 7 % and the next would pass 1/8; faiss tries 24, 48, 96 of 4096 lists."""
     def tries(c, kind):
@@ -235,7 +235,8 @@ def test_next_try_doubles_until_its_kind_s_share_of_the_columns():
     assert knn_search.last_try(10 ** 6, 10, knn_search.auto_search(10 ** 6, kind="ivf")).nprobe == 512
     for c in (10 ** 5, 10 ** 6, 10 ** 7):                       # the last try is within the share
         pl = knn_search.plan(c, 10, knn_search.last_try(c, 10, knn_search.auto_search(c, kind="ivf")))
-        assert pl["nprobe"] == knn_search.AUTO_NPROBE or pl["nprobe"] * pl["cap"] * knn_search.AUTO_MAX_SHARE["ivf"] <= c
+        share = knn_search.AUTO_MAX_SHARE["ivf"]
+        assert pl["nprobe"] == knn_search.AUTO_NPROBE or pl["nprobe"] * pl["cap"] * share <= c
 
 
 def test_checked_ivf_probes_more_until_its_recall_is_reached_or_goes_exact(rng, monkeypatch):

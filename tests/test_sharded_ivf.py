@@ -272,7 +272,8 @@ def test_sharded_search_rule():
         cap = knn_search.plan(nodes // d, 1, s)["cap"]
         assert s.nprobe == max(8, -(-one["nprobe"] * one["cap"] // (d * cap))), (nodes, d)
         assert s.nprobe * cap * d >= one["nprobe"] * one["cap"] > (s.nprobe - 1) * cap * d or s.nprobe == 8
-    assert whole.sharded_search(Settings(), 983040, 8).nprobe == 60          # not ⌈256/8⌉ = 32: one process's cells hold 120, a device's 64
+    # not ⌈256/8⌉ = 32: one process's cells hold 120 tokens, a device's 64
+    assert whole.sharded_search(Settings(), 983040, 8).nprobe == 60
     assert whole.sharded_search(Settings(), 64 * big, 64).nprobe == 32        # not 8
     assert whole.sharded_search(Settings(), 4 * big, 64).nprobe == 8          # the floor
     assert whole.sharded_search(Settings(), 2 * big, 2).min_recall == knn_search.AUTO_MIN_RECALL
