@@ -20,6 +20,11 @@ warm-up excluded, the median of --repeat runs, in this process:
                scan) on faiss-ivf's coarse quantizer and lists, timed the same way
   faiss-sq8    faiss IndexIVFScalarQuantizer (8-bit codes), the same lists, timed the same way
   assign       the rows' nearest of --nlist centroids (`knn_search._best`, XLA), per (row, centroid) pair
+With --hnsw M:EFC a graph index besides, which scores no fixed candidates per row and so has no ns per pair: faiss's
+IndexHNSWFlat (inner product, M links per node, efConstruction EFC) built over every row (timed), then for each
+efSearch of --hnsw-ef the recall at k on the faiss IVF rows' sample (the same measure) and the seconds per row of one
+whole group's rows searched together (≤ 4096 rows), its own group left out by the ID selector as above; the report
+gives the build and the seconds for --rows rows (build plus search, the build scaled linearly with the rows).
 The faiss IVF rows also give their recall at k on --recall-rows sampled rows, a row's own group left out (faiss's ID
 selector), measured as the library measures a search's recall (`knn_search.recall_truth`, `recall_of`): flat codes
 as they are; compressed codes as they rank and after an exact re-rank of their top 4k (what a search over compressed
@@ -66,9 +71,12 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--rows", type=int, default=1_000_000, help="the graph's rows the seconds are given for")
     ap.add_argument("--candidates", default="4910,16384",
                     help="candidates per row (comma-separated) to give the seconds for")
+    ap.add_argument("--hnsw", default=None, metavar="M:EFC",
+                    help="also faiss's HNSW graph index: M links per node, efConstruction EFC (e.g. 16:40)")
+    ap.add_argument("--hnsw-ef", default="256,1024", help="--hnsw: efSearch values (comma-separated)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tiny", action="store_true", help="smoke mode: 8192 random rows, small blocks, one repeat")
+    ap.add_argument("--tiny", action="store_true", help="smoke mode: 8192 random rows, small blocks, one repeat, a small HNSW index")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "knn_floor.md"))
     args = ap.parse_args(argv)
@@ -76,10 +84,20 @@ def parse(argv=None) -> argparse.Namespace:
         args.features, args.n, args.width, args.nlist, args.nprobe, args.repeat = "random", 8192, 1024, 64, 8, 1
         args.recall_rows = min(args.recall_rows, 64)
         args.per = min(args.per, 128)
+        if args.hnsw is None:                  # the HNSW index too, small, unless asked otherwise
+            args.hnsw, args.hnsw_ef = "8:16", "16,64"
     try:
         args.cands = [int(c) for c in args.candidates.split(",")]
     except ValueError:
         ap.error(f"--candidates {args.candidates!r}: expected positive integers, comma-separated")
+    try:
+        args.hnsw_m, args.hnsw_efc = (int(v) for v in args.hnsw.split(":")) if args.hnsw else (1, 1)
+        args.efs = [int(v) for v in args.hnsw_ef.split(",")]
+    except ValueError:
+        ap.error(f"--hnsw {args.hnsw!r} / --hnsw-ef {args.hnsw_ef!r}: expected M:EFC and comma-separated efSearch "
+                 "values, positive integers")
+    if min(args.hnsw_m, args.hnsw_efc, *args.efs) < 1:
+        ap.error(f"--hnsw {args.hnsw!r} / --hnsw-ef {args.hnsw_ef!r}: every value must be positive")
     counts = (args.n, args.width, args.nlist, args.nprobe, args.k, args.faiss_nprobe, args.rows, args.repeat,
               args.per, args.recall_rows)
     if not args.cands or min(args.cands) < 1 or min(counts) < 1:
@@ -127,8 +145,9 @@ def _time(fn, repeat: int) -> float:
     return _common.time_fn(fn, repeats=repeat, warmup=1)["median_s"]
 
 
-def kernels(x: np.ndarray, args) -> list[dict]:
-    """[{kernel, shape, pairs, seconds, ns_pair}] for the kernels of the module docstring (faiss's: or a note)."""
+def kernels(x: np.ndarray, args) -> tuple[list[dict], dict | None]:
+    """([{kernel, shape, pairs, seconds, ns_pair}] for the kernels of the module docstring (faiss's: or a note),
+    the HNSW index's record (`_faiss_hnsw`; a note without faiss; None without --hnsw))."""
     import jax
     import jax.numpy as jnp
     from jax import lax
@@ -139,7 +158,7 @@ def kernels(x: np.ndarray, args) -> list[dict]:
     w = args.width
     blocks = max(1, min(n // CAP, int(4e9 // (CAP * w))))             # about 4·10⁹ pairs at most per kernel
     xj, cols = jnp.asarray(x[:blocks * CAP].reshape(blocks, CAP, d)), jnp.asarray(x[:w])
-    out = []
+    out, hnsw = [], None
 
     def xla(kind, dtype):
         red = (lambda c: jnp.max(c, axis=1)) if kind == "dot" else \
@@ -175,12 +194,16 @@ def kernels(x: np.ndarray, args) -> list[dict]:
         import faiss
     except ImportError:
         out += [dict(kernel=name, note="faiss is not installed (pip install faiss-cpu)") for name in FAISS_KERNELS]
+        hnsw = dict(note="faiss is not installed (pip install faiss-cpu)") if args.hnsw else None
     else:
         faiss.omp_set_num_threads(os.cpu_count() or 1)
         t = _time(lambda: [faiss.knn(r, cw, args.k, metric=faiss.METRIC_INNER_PRODUCT) for r in xr], args.repeat)
         out.append(dict(kernel="faiss-flat", shape=f"{nb} × [{rb}, {d}] × [{w}, {d}], top-{args.k}",
                         pairs=nb * rb * w, seconds=t))
-        out += _faiss_ivf(faiss, x, args)
+        sample = _truth(x, args)
+        out += _faiss_ivf(faiss, x, args, sample)
+        if args.hnsw:
+            hnsw = _faiss_hnsw(faiss, x, args, sample)
     cent = jnp.asarray(x[np.random.default_rng(args.seed).choice(n, args.nlist, replace=False)])
     g = jax.jit(lambda a, c: knn_search._best(a, c, 1)[1])
     t = _time(lambda: g(a, cent).block_until_ready(), args.repeat)
@@ -189,22 +212,54 @@ def kernels(x: np.ndarray, args) -> list[dict]:
     for r in out:
         if "seconds" in r:
             r["ns_pair"] = r["seconds"] / r["pairs"] * 1e9
-    return out
+    return out, hnsw
 
 
 FAISS_KERNELS = ("faiss-flat", "faiss-ivf", "faiss-pq4fs", "faiss-sq8")
 
 
-def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
-    """faiss's IVF with flat, 4-bit PQ fast-scan and 8-bit scalar codes on one coarse quantizer (the same lists):
-    [{kernel, shape, pairs, seconds, recall[, recall_rerank]}] — pairs: the candidates of the lists the timed rows
-    probe, the time less the quantizer's; recall at k on --recall-rows sampled rows, their own group left out by
-    faiss's ID selector, measured as `knn_search.recall` measures (its sample and exact search, `recall_truth`, and
-    its score, `recall_of`). The PQ takes 2 dimensions per sub-quantizer (1 where D is odd)."""
+def _truth(x: np.ndarray, args):
+    """The recall sample as `knn_search.recall` draws it: (rows `[r]` int, their exact (pick, kth, want) from
+    `knn_search.recall_truth`), a row's own group left out."""
     import jax.numpy as jnp
 
     from spectral_jax import knn_search
 
+    n = x.shape[0]
+    col_grp = jnp.asarray(np.arange(n) // args.per, jnp.int32)
+    truth = knn_search.recall_truth(jnp.asarray(x), jnp.asarray(x), col_grp, col_grp, jnp.ones(n, bool), args.k,
+                                    args.recall_rows, args.seed)
+    return np.asarray(truth[0]), truth
+
+
+def _recall(faiss, x: np.ndarray, sample, args, search, kk: int) -> float:
+    """Recall at k of a faiss search's top-kk of the sampled rows (kk > k: re-ranked by the exact product), the rows
+    searched a group at a time with their own group left out (faiss's ID selector): search(q `[m, D]`, kk, sel) →
+    ids `[m, kk]` (−1: none). Measured as `knn_search.recall` measures: the exact cosines of the neighbours returned
+    against the exact k-th (`knn_search.recall_of`)."""
+    import jax.numpy as jnp
+
+    from spectral_jax import knn_search
+
+    rows, (_, kth, want) = sample
+    grp = rows // args.per
+    found = np.empty((len(rows), kk), np.int64)
+    for g in np.unique(grp):
+        m = np.nonzero(grp == g)[0]
+        sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(g * args.per), int((g + 1) * args.per)))
+        found[m] = search(x[rows[m]], kk, sel)
+    cos = np.where(found >= 0, np.einsum("nd,nkd->nk", x[rows], x[np.maximum(found, 0)]), -np.inf)
+    if kk > args.k:
+        cos = -np.sort(-cos, axis=1)[:, :args.k]
+    return float(knn_search.recall_of(jnp.asarray(cos, jnp.float32), (jnp.arange(len(rows)), kth, want)))
+
+
+def _faiss_ivf(faiss, x: np.ndarray, args, sample) -> list[dict]:
+    """faiss's IVF with flat, 4-bit PQ fast-scan and 8-bit scalar codes on one coarse quantizer (the same lists):
+    [{kernel, shape, pairs, seconds, recall[, recall_rerank]}] — pairs: the candidates of the lists the timed rows
+    probe, the time less the quantizer's; recall at k on the sample (`_truth`), as `_recall` measures: compressed
+    codes as they rank and after an exact re-rank of their top 4k. The PQ takes 2 dimensions per sub-quantizer (1
+    where D is odd)."""
     n, d = x.shape
     rng = np.random.default_rng(args.seed)
     quant = faiss.IndexFlatIP(d)
@@ -223,47 +278,55 @@ def _faiss_ivf(faiss, x: np.ndarray, args) -> list[dict]:
     tq = _time(lambda: quant.search(q, args.faiss_nprobe), args.repeat)       # the coarse quantizer alone
     sizes = np.array([flat.invlists.list_size(i) for i in range(args.nlist)])
     ndis = int(sizes[quant.search(q, args.faiss_nprobe)[1]].sum())             # the candidates the three score
-    col_grp = jnp.asarray(np.arange(n) // args.per, jnp.int32)
-    pick, kth, want = knn_search.recall_truth(jnp.asarray(x), jnp.asarray(x), col_grp, col_grp, jnp.ones(n, bool),
-                                              args.k, args.recall_rows, args.seed)   # exact, own group left out
-    rows = np.asarray(pick)
-    grp = rows // args.per
-
-    def recall(ix, kk):
-        """Recall at k of `ix`'s top-kk of the sampled rows (kk > k: re-ranked by the exact product): the exact
-        cosines of the neighbours it returns against the exact k-th (`knn_search.recall_of`)."""
-        found = np.empty((len(rows), kk), np.int64)
-        for g in np.unique(grp):
-            m = np.nonzero(grp == g)[0]
-            sel = faiss.IDSelectorNot(faiss.IDSelectorRange(int(g * args.per), int((g + 1) * args.per)))
-            found[m] = ix.search(x[rows[m]], kk, params=faiss.SearchParametersIVF(sel=sel,
-                                                                                nprobe=args.faiss_nprobe))[1]
-        cos = np.where(found >= 0, np.einsum("nd,nkd->nk", x[rows], x[np.maximum(found, 0)]), -np.inf)
-        if kk > args.k:
-            cos = -np.sort(-cos, axis=1)[:, :args.k]
-        return float(knn_search.recall_of(jnp.asarray(cos, jnp.float32), (jnp.arange(len(rows)), kth, want)))
-
     out = []
     for name, ix in (("faiss-ivf", flat), ("faiss-pq4fs", pq), ("faiss-sq8", sq)):
         ix.nprobe = args.faiss_nprobe
         t = _time(lambda: ix.search(q, args.k), args.repeat)
+
+        def search(qs, kk, sel, ix=ix):
+            return ix.search(qs, kk, params=faiss.SearchParametersIVF(sel=sel, nprobe=args.faiss_nprobe))[1]
+
         r = dict(kernel=name, shape=f"{len(q)} rows, nlist {args.nlist}, {args.faiss_nprobe} lists ({ndis / len(q):.0f}"
                  f" candidates per row; the quantizer's {tq:.2f} s left out)", pairs=ndis, seconds=max(t - tq, 1e-9),
-                 recall=recall(ix, args.k))
+                 recall=_recall(faiss, x, sample, args, search, args.k))
         if name != "faiss-ivf":
-            r["recall_rerank"] = recall(ix, 4 * args.k)
+            r["recall_rerank"] = _recall(faiss, x, sample, args, search, 4 * args.k)
         out.append(r)
     return out
+
+
+def _faiss_hnsw(faiss, x: np.ndarray, args, sample) -> dict:
+    """faiss's HNSW graph index (module docstring): {m, ef_construction, build_s, tries: [{ef_search, recall,
+    s_per_row, rows_timed}]}. The timed rows: the first group's (≤ 4096), searched in one call with their group
+    left out, as a whole search would search them; one timing each (a build is not repeated)."""
+    d = x.shape[1]
+    ix = faiss.IndexHNSWFlat(d, args.hnsw_m, faiss.METRIC_INNER_PRODUCT)
+    ix.hnsw.efConstruction = args.hnsw_efc
+    t0 = time.perf_counter()
+    ix.add(x)
+    rec = dict(m=args.hnsw_m, ef_construction=args.hnsw_efc, build_s=time.perf_counter() - t0, tries=[])
+    q = x[:min(args.per, 4096)]
+    own = faiss.IDSelectorNot(faiss.IDSelectorRange(0, args.per))
+    for ef in args.efs:
+        def search(qs, kk, sel, ef=ef):
+            return ix.search(qs, kk, params=faiss.SearchParametersHNSW(sel=sel, efSearch=ef))[1]
+
+        t0 = time.perf_counter()
+        search(q, args.k, own)
+        s = (time.perf_counter() - t0) / len(q)
+        rec["tries"].append(dict(ef_search=ef, recall=_recall(faiss, x, sample, args, search, args.k), s_per_row=s,
+                                 rows_timed=len(q)))
+    return rec
 
 
 def main(argv=None) -> None:
     args = parse(argv)
     t0 = time.perf_counter()
     x = load(args)
-    rows = kernels(x, args)
+    rows, hnsw = kernels(x, args)
     rep = {"command": "python benchmarks/knn_floor.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "features": args.features, "n": int(x.shape[0]), "dim": int(x.shape[1]), "rows": args.rows,
-           "candidates": args.cands, "kernels": rows, "seconds_total": time.perf_counter() - t0,
+           "candidates": args.cands, "kernels": rows, "hnsw": hnsw, "seconds_total": time.perf_counter() - t0,
            "machine": _common.machine()}
     table = []
     for r in rows:
@@ -285,6 +348,18 @@ def main(argv=None) -> None:
     if assign is not None:
         lines += [f"Assigning {args.rows:,} rows to {args.nlist} lists at the `assign` rate: "
                   f"{args.rows * args.nlist * assign['ns_pair'] * 1e-9:.1f} s (once per graph, before any scan).", ""]
+    if hnsw is not None and "note" in hnsw:
+        lines += [f"HNSW (--hnsw {args.hnsw}): not measured, {hnsw['note']}.", ""]
+    elif hnsw is not None:
+        scale = args.rows / x.shape[0]
+        lines += [f"faiss's HNSW graph index (IndexHNSWFlat, M {hnsw['m']}, efConstruction {hnsw['ef_construction']}): "
+                  f"built over the {x.shape[0]:,} rows in {hnsw['build_s']:.1f} s; searched with each row's own group "
+                  f"left out (the ID selector), timed on the first group's {hnsw['tries'][0]['rows_timed']} rows.", "",
+                  _common.table(["efSearch", f"recall at {args.k}", "ms per row",
+                                 f"s for {args.rows:,} rows (build × {scale:.2g} + search)"],
+                                [[t["ef_search"], f"{t['recall']:.3f}", f"{t['s_per_row'] * 1e3:.3f}",
+                                  f"{hnsw['build_s'] * scale + t['s_per_row'] * args.rows:.1f}"]
+                                 for t in hnsw["tries"]]), ""]
     _common.write(args.out, "\n".join(lines) + "\n", announce=True)
     _common.write(os.path.splitext(args.out)[0] + ".json", json.dumps(rep, indent=1, default=str), announce=True)
 

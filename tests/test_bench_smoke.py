@@ -99,6 +99,14 @@ def test_knn_floor_tiny(tmp_path):
             r = ivf[name]
             assert 0 <= r["recall"] <= r["recall_rerank"] + 1e-9 and r["recall_rerank"] <= flat + 1e-9
             assert r["pairs"] == ivf["faiss-ivf"]["pairs"]
+    hnsw = rep["hnsw"]                  # --tiny measures the HNSW index too (M 8, efConstruction 16, efSearch 16, 64)
+    if "note" in hnsw:
+        assert "faiss is not installed" in hnsw["note"]
+    else:
+        assert (hnsw["m"], hnsw["ef_construction"], hnsw["build_s"] > 0) == (8, 16, True)
+        assert [t["ef_search"] for t in hnsw["tries"]] == [16, 64]
+        assert all(0 < t["recall"] <= 1 and t["s_per_row"] > 0 and t["rows_timed"] == 128 for t in hnsw["tries"])
+        assert "faiss's HNSW graph index" in out.read_text()
     md = out.read_text()
     dot = rep["kernels"][0]
     row = f"| xla-dot | {dot['ns_pair']:.2f} | {dot['seconds']:.2f} | — | {1000 * 100 * dot['ns_pair'] * 1e-9:.1f} |"
@@ -106,6 +114,10 @@ def test_knn_floor_tiny(tmp_path):
     with pytest.raises(SystemExit) as e:
         kf.main(["--tiny", "--candidates", "many", "--out", str(tmp_path / "bad.md")])
     assert e.value.code == 2 and not (tmp_path / "bad.md").exists()
+    for hnsw in (["--hnsw", "16"], ["--hnsw", "16:0"], ["--hnsw", "16:40", "--hnsw-ef", "32,x"]):
+        with pytest.raises(SystemExit) as e:
+            kf.main(["--tiny", *hnsw, "--out", str(tmp_path / "bad.md")])
+        assert e.value.code == 2 and not (tmp_path / "bad.md").exists(), hnsw
     feats = tmp_path / "feats.npy"                                # --out onto --features: refused, the input kept
     np.save(feats, np.ones((8, 2), np.float32))
     with pytest.raises(SystemExit) as e:
