@@ -76,7 +76,8 @@ def parse(argv=None) -> argparse.Namespace:
     ap.add_argument("--hnsw-ef", default="256,1024", help="--hnsw: efSearch values (comma-separated)")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--tiny", action="store_true", help="smoke mode: 8192 random rows, small blocks, one repeat, a small HNSW index")
+    ap.add_argument("--tiny", action="store_true",
+                    help="smoke mode: 8192 random rows, small blocks, one repeat, a small HNSW index")
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                                   "knn_floor.md"))
     args = ap.parse_args(argv)
