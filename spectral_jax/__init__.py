@@ -11,7 +11,7 @@ The public face (`__all__`) is what a user calls, and the types those calls take
 
     analyze(images, model=..., ...) -> Result    images → backbone → graphs → solver, in one call
     solve(taps or graphs, graph, ...) -> Result  the same from a forward you ran (`Backbone.taps`) or graphs of yours
-    sweep(taps, subsets, ...) -> {subset: Result}    one solve per layer or layer range, from one forward
+    sweep(taps, subsets, ...) -> [Result]        one solve per layer or layer range, from one forward (in order)
     attribution(taps, graph, ...) -> Attribution    which layers, heads and timesteps say what in a joint solution
     describe(result) -> [View]                   each image's segments (automatic k), foreground, instance masks
     load_backbone(name, weights) -> Backbone     a registered model behind the backbone contract

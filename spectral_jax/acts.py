@@ -102,7 +102,7 @@ def _check_headers(path: str, fix: str) -> None:
                     raise InputError(path, f"array {_name(key)} declares shape {tuple(shape)} of {dtype} "
                                      f"({declared} bytes) but holds {info.file_size - header} bytes "
                                      "(damaged or crafted)", fix)
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, RuntimeError, NotImplementedError) as e:
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, RuntimeError, NotImplementedError) as e:
         if isinstance(e, InputError):
             raise
         raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None

@@ -287,8 +287,12 @@ def features(x: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEF
     "float32", "bfloat16", None for x's dtype) and scale 1/τ.
     """
     dtype = storage_dtype(dtype)
-    if not (tau > 0 and math.isfinite(tau)):
-        raise InputError(f"tau={tau}", "must be a positive number", "pass e.g. tau=0.1")
+    try:                                # a number (not text, a bool or None), finite and > 0
+        t = float("nan") if isinstance(tau, (str, bytes, bool, np.bool_)) else float(tau)
+    except (TypeError, ValueError):
+        t = float("nan")
+    if not (t > 0 and math.isfinite(t)):
+        raise InputError(f"tau={tau!r}", "must be a positive number", "pass e.g. tau=0.1")
     x = jnp.asarray(x)
     grid = _check_grid(x, grid, 1, "x")
     xn = _unit(x, dtype)
@@ -345,6 +349,11 @@ def knn(a: Array, b: Array, grid: tuple[int, int], num_images: int = 1, k_intra:
                          "pass e.g. k_intra=10")
     if not -1.0 <= min_cos < 1.0:
         raise InputError(f"min_cos={min_cos}", "must be a cosine in [-1, 1)", "pass e.g. min_cos=0.1")
+    if mesh is not None and num_images % int(mesh.shape[axis]):
+        d = int(mesh.shape[axis])
+        raise InputError(f"num_images={num_images}", f"is not a multiple of the mesh's {d} devices on {axis!r} (each "
+                         "device searches whole images)", f"pad the batch to {-(-num_images // d) * d} images "
+                         "(valid= False for the padding) or use fewer devices")
     n = a.shape[-2]
     concrete = not any(isinstance(x, jax.core.Tracer) for x in (a, b, valid))
     sr = knn_search.resolve(search, n, concrete, mesh) if k_inter > 0 else knn_search.Search("exact")
@@ -532,8 +541,12 @@ def weight_edges(g: KnnGraph, a: Array, edges: str, seed: int, valid_rows: Array
 
 
 def dense(p: Array, grid: tuple[int, int], num_images: int = 1) -> DenseGraph:
-    """Wrap an explicit row-stochastic P `[*S, N, N]` as a graph."""
+    """Wrap an explicit row-stochastic P `[*S, N, N]` as a graph (N = num_images·h·w). Checks the shape (square,
+    the grid's N) only: rows that do not sum to 1 are taken as they are (the solvers symmetrise whatever P is)."""
     p = jnp.asarray(p)
+    if p.ndim < 2 or p.shape[-1] != p.shape[-2]:
+        raise InputError(f"P {tuple(p.shape)}", "is not square in its last two axes ([*S, N, N])",
+                         "pass one N × N transition matrix per graph")
     grid = _check_grid(p, grid, num_images, "P")
     return DenseGraph(p, grid, tuple(p.shape[:-2]), num_images)
 

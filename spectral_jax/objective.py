@@ -105,8 +105,24 @@ def normalised_weights(graphs: Sequence[Graph], weights: Sequence[Array] | None)
     if len(weights) != len(graphs):
         raise ValueError(f"{len(weights)} weight arrays for {len(graphs)} graph groups")
     ws = [jnp.broadcast_to(jnp.asarray(w, jnp.float32), g.batch_shape) for g, w in zip(graphs, weights)]
+    _check_weights(ws)
     total = sum(w.sum() for w in ws)
     return [w / total for w in ws]
+
+
+def _check_weights(ws: Sequence[Array]) -> None:
+    """Weights the solvers can normalise: finite, ≥ 0, not all 0 (else an `InputError`; a 0 total would divide the
+    objective into NaNs). Weights traced under `jit` or `grad` are not looked at: their caller checked them."""
+    from spectral_jax.errors import InputError
+
+    try:
+        flat = np.concatenate([np.asarray(w, np.float64).ravel() for w in ws]) if ws else np.zeros(0)
+    except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+        return
+    if flat.size and (not np.all(np.isfinite(flat)) or flat.min() < 0 or flat.sum() <= 0):
+        bad = ("not finite" if not np.all(np.isfinite(flat)) else "negative" if flat.min() < 0 else "all 0")
+        raise InputError("weights", f"the graph weights are {bad} (the solvers normalise them to sum 1 over the "
+                         "graphs)", "pass finite weights ≥ 0 with a positive sum")
 
 
 def rayleigh(graphs: Sequence[Graph], x: Array, weights: Sequence[Array] | None = None, *,

@@ -210,6 +210,22 @@ class GdSpec:
 SolverSpec = ExactSpec | GdSpec
 SOLVER_SPECS = {"exact": ExactSpec, "gd": GdSpec}
 GRAPH_OPTIONS = ("tau", "k_intra", "k_inter", "min_cos", "graph_dtype")
+GRAPH_READS = {"qk": ("graph_dtype",), "vv": ("tau", "graph_dtype"),      # the options each graph kind reads
+               "knn-qk": ("k_intra", "k_inter", "min_cos", "graph_dtype"),
+               "knn-vv": ("k_intra", "k_inter", "min_cos", "graph_dtype")}
+
+
+def check_graph_reads(kind: str, given, flags: bool = False) -> None:
+    """Graph options (`GRAPH_OPTIONS` names) given for a graph kind that does not read them (tau beside a qk or kNN
+    graph, k_intra/k_inter/min_cos beside qk or vv): an `InputError` naming them (as --flags with `flags`), not a
+    silent default."""
+    unread = [k for k in given if k not in GRAPH_READS.get(kind, GRAPH_OPTIONS)]
+    if unread:
+        names = ", ".join("--" + k.replace("_", "-") if flags else k for k in unread)
+        readers = sorted({g for g, reads in GRAPH_READS.items() if unread[0] in reads})
+        raise InputError(names, f"{'is' if len(unread) == 1 else 'are'} not read by the {kind} graph ("
+                         f"{'it' if len(unread) == 1 else 'they'} would be ignored)", f"drop {'it' if len(unread) == 1 else 'them'}, or use the {' or '.join(readers)} "
+                         "graph")
 SOLVER_OPTIONS = {m: tuple(f.name for f in dataclasses.fields(c)) for m, c in SOLVER_SPECS.items()}
 
 
@@ -244,8 +260,9 @@ def specs(graph="qk", method="exact", solver=None, **flat) -> tuple[GraphSpec, S
 
     graph: a kind or a `GraphSpec`; solver: an `ExactSpec`/`GdSpec` (then `method` must agree or be its default);
     flat: `GRAPH_OPTIONS` (graph_dtype is GraphSpec's dtype) and the solver's `SOLVER_OPTIONS` (`solver_spec`). A
-    flat option given beside the object it belongs to is refused (which would win?), as is one the chosen method
-    does not read (it would be ignored; progress is dropped for exact, which shows none). An unknown keyword is the
+    flat option given beside the object it belongs to is refused (which would win?), as is one the chosen method or
+    graph kind does not read (it would be ignored, `check_graph_reads`; progress is dropped for exact, which shows
+    none). An unknown keyword is the
     caller's TypeError."""
     unknown = sorted(set(flat) - set(GRAPH_OPTIONS) - {o for os in SOLVER_OPTIONS.values() for o in os})
     if unknown:
@@ -256,6 +273,8 @@ def specs(graph="qk", method="exact", solver=None, **flat) -> tuple[GraphSpec, S
             raise InputError(", ".join(gkw), "are given beside graph=GraphSpec(...)", "set them in the GraphSpec")
         gspec = graph
     else:
+        if isinstance(graph, str) and graph in GRAPH_READS:
+            check_graph_reads(graph, gkw)
         if "graph_dtype" in gkw:
             gkw["dtype"] = gkw.pop("graph_dtype")
         if gkw.get("dtype", "") is None:
@@ -367,6 +386,9 @@ class LayerWeights:
         twice = sorted({l for l in layers if layers.count(l) > 1})
         if twice:
             raise InputError(f"{what} {shown}", f"gives layer {twice[0]} twice", "give each layer one weight")
+        if any(l < 0 for l in layers):      # -1 would silently be another layer than --layers -1 names
+            raise InputError(f"{what} {shown}", f"names layer {min(layers)}: LAYER:W pairs take layer indices ≥ 0",
+                             "name each layer by its index from 0, e.g. 11:1 for the last of 12 layers")
         try:
             w = [float(v) for _, v in pairs]
             if any(isinstance(v, (bool, np.bool_, str, bytes)) for _, v in pairs):

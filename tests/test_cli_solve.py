@@ -27,7 +27,8 @@ def _acts(path, rng, batch=1, grid=(6, 6), layers=2):
 def test_solve_writes_result_and_json(tmp_path, rng, capsys, graph):
     acts = _acts(tmp_path / "a.npz", rng, batch=2)
     out = tmp_path / "r.npz"
-    assert main(["solve", str(acts), "--graph", graph, "--num-eigs", "4", "--k-intra", "10", "--out", str(out)]) == 0
+    knn = ["--k-intra", "10"] if graph.startswith("knn") else []
+    assert main(["solve", str(acts), "--graph", graph, "--num-eigs", "4", *knn, "--out", str(out)]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     for key in ("objective", "seconds", "method", "num_eigs", "steps"):
         assert key in summary
@@ -75,6 +76,13 @@ def test_solve_bad_inputs_exit_2(tmp_path, rng, capsys):
     _expect_exit2(capsys, ["solve", str(acts), "--graph", "qk", "--num-eigs", "36", "--out", out], out, "--num-eigs")
     # bad option values
     _expect_exit2(capsys, ["solve", str(acts), "--graph", "vv", "--tau", "0", "--out", out], out, "--tau")
+    # a graph option the graph does not read: refused, not ignored
+    _expect_exit2(capsys, ["solve", str(acts), "--graph", "qk", "--tau", "0.5", "--out", out], out,
+                  "--tau: is not read by the qk graph")
+    _expect_exit2(capsys, ["solve", str(acts), "--graph", "vv", "--k-intra", "5", "--k-inter", "3", "--out", out],
+                  out, "--k-intra, --k-inter: are not read by the vv graph")
+    _expect_exit2(capsys, ["solve", str(acts), "--graph", "knn-vv", "--tau", "0.5", "--out", out], out,
+                  "use the vv graph")
     _expect_exit2(capsys, ["solve", str(acts), "--graph", "qk", "--preset", "paper", "--out", out], out, "gd")
 
 

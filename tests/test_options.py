@@ -58,6 +58,7 @@ BAD_SPECS = {
     "lw-zero": (lambda: LayerWeights.parse("0,0"), "not all 0"),
     "lw-inf": (lambda: LayerWeights.parse({3: float("inf")}), "finite"),
     "lw-untapped": (lambda: LayerWeights.parse("9:1").resolve([0, 1]), "names layer 9"),
+    "lw-negative": (lambda: LayerWeights.parse("-1:1,10:1"), "names layer -1: LAYER:W pairs take layer indices ≥ 0"),
     "lw-count": (lambda: LayerWeights.parse("1,2,3").resolve([0, 1]), "need one per tapped layer"),
 }
 
@@ -83,6 +84,14 @@ def test_specs_are_frozen_and_flat_keywords_become_them_once():
         sj.solve(TAPS, GraphSpec("vv"), 3, tau=0.2)          # which tau would win?
     with pytest.raises(InputError, match="beside solver="):
         sj.solve(TAPS, "qk", 3, solver=GdSpec(), steps=5)
+    with pytest.raises(InputError, match="tau: is not read by the qk graph"):
+        sj.solve(TAPS, "qk", 3, tau=0.01)                   # the qk graph has no temperature: it would be ignored
+    with pytest.raises(InputError, match="k_intra, min_cos: are not read by the vv graph"):
+        specs("vv", "exact", k_intra=5, min_cos=0.2)
+    with pytest.raises(InputError, match="use the vv graph"):
+        specs("knn-qk", "exact", tau=0.2)
+    assert specs("knn-vv", "exact", k_intra=5, min_cos=0.2, graph_dtype="bfloat16")[0] == GraphSpec(
+        "knn-vv", k_intra=5, min_cos=0.2, dtype="bfloat16")
 
 
 def test_spec_objects_and_flat_keywords_give_the_same_solve():

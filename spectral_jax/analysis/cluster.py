@@ -20,7 +20,7 @@ from typing import NamedTuple
 import numpy as np
 
 from spectral_jax.analysis.features import _features, spectral_features
-from spectral_jax.errors import InputError
+from spectral_jax.errors import InputError, is_integer
 
 __all__ = ["KMeans", "kmeans", "AutoK", "auto_k", "cluster_embedding", "segment"]
 
@@ -62,8 +62,8 @@ def kmeans(features, k: int, seed: int = 0, n_init: int = 10, iters: int = 100, 
     """
     x = _features(features)
     n = x.shape[0]
-    if not 1 <= int(k) <= n:
-        raise InputError("k", f"must be in [1, N={n}], got {k}", "ask for fewer clusters")
+    if not is_integer(k) or not 1 <= int(k) <= n:
+        raise InputError("k", f"must be an integer in [1, N={n}], got {k!r}", "pass a whole number of clusters ≤ N")
     if n_init < 1 or iters < 1 or (trials is not None and trials < 1):
         raise InputError("n_init/iters/trials", f"must be >= 1, got {n_init}/{iters}/{trials}",
                          "use e.g. n_init=10, iters=100, trials=None")

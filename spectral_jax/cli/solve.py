@@ -20,11 +20,11 @@ def register(sub) -> None:
     p.add_argument("--method", choices=METHODS, default="exact")
     p.add_argument("--preset", choices=PRESETS, default="eigen")
     p.add_argument("--param", choices=PARAMS, default="table", help="paper preset's parameterisation")
-    p.add_argument("--tau", type=float, default=0.1, metavar="T", help="temperature of the vv graph")
-    p.add_argument("--k-intra", type=int, default=None, help="kNN neighbours in the token's own image (default 50, "
-                                                             "capped by its tokens)")
-    p.add_argument("--k-inter", type=int, default=50, help="kNN neighbours in the other images (default 50, "
-                                                          "capped by their tokens)")
+    p.add_argument("--tau", type=float, default=None, metavar="T", help="temperature of the vv graph (default 0.1)")
+    p.add_argument("--k-intra", type=int, default=None, help="kNN graphs: neighbours in the token's own image "
+                                                             "(default 50, capped by its tokens)")
+    p.add_argument("--k-inter", type=int, default=None, help="kNN graphs: neighbours in the other images (default 50, "
+                                                             "capped by their tokens)")
     p.add_argument("--steps", type=int, default=None, metavar="N")
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--sample", type=float, default=None, metavar="F", help="fraction of graphs drawn per gd step")
@@ -36,7 +36,8 @@ def register(sub) -> None:
 def _specs(args):
     """(GraphSpec, solver spec) from the flags: every option checked once, here, before JAX loads (one line naming
     the flag); options of the other method are refused, not ignored."""
-    from spectral_jax.options import DEFAULT_K, ExactSpec, GdSpec, GraphSpec, as_flag, check_num_eigs, check_seed
+    from spectral_jax.options import (DEFAULT_K, ExactSpec, GdSpec, GraphSpec, as_flag, check_graph_reads,
+                                      check_num_eigs, check_seed)
 
     check_num_eigs(args.num_eigs, what="--num-eigs")
     check_seed(args.seed, "--seed")
@@ -45,9 +46,11 @@ def _specs(args):
     for flag, val in (("--lr", args.lr), ("--steps", args.steps), ("--sample", args.sample)):
         if args.method == "exact" and val is not None:
             raise InputError(flag, "applies to --method gd only", f"drop {flag} or add --method gd")
+    given = {k: v for k, v in (("tau", args.tau), ("k_intra", args.k_intra), ("k_inter", args.k_inter))
+             if v is not None}
+    check_graph_reads(args.graph, given, flags=True)
     try:
-        graph = GraphSpec(args.graph, tau=args.tau, k_intra=DEFAULT_K if args.k_intra is None else args.k_intra,
-                          k_inter=args.k_inter)
+        graph = GraphSpec(args.graph, **{"k_intra": DEFAULT_K, "k_inter": DEFAULT_K, **given})
         solver = ExactSpec() if args.method == "exact" else GdSpec(
             preset=args.preset, param=args.param, steps=args.steps, lr=args.lr, sample=args.sample, progress=True)
     except InputError as e:

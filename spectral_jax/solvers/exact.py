@@ -45,6 +45,7 @@ import numpy as np
 import scipy.linalg
 from jax.experimental.sparse.linalg import lobpcg_standard
 
+from spectral_jax.errors import InputError
 from spectral_jax.options import DENSE_MAX, TOL, ExactSpec, check_num_eigs, solver_spec
 from spectral_jax.graphs import Graph, KnnGraph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights,
@@ -103,6 +104,7 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: 
     ws = normalised_weights(graphs, weights)
     t0 = time.perf_counter()
     same = all(tuple(g.grid) == base for g in graphs)
+    _check_metric(graphs, weights, base, same)
     fallback = False                    # ARPACK did not converge and LOBPCG ran instead
     if dense_fits(m0, num_eigs, dense_max):
         a, b = dense_operators(graphs, ws, base, nimg)
@@ -141,13 +143,16 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: 
     steps = int(steps)
     if method == "exact-arpack":      # ARPACK's own test is on its residual estimate: hold it to the measured one
         converged = bool(res.max() <= tol)
-    else:
-        converged = method == "exact-dense" or steps < maxiter or bool(res.max() <= tol)
+    else:                             # a NaN (a NaN graph) converges nowhere, the dense path included
+        converged = bool(np.all(np.isfinite(res))) and (method == "exact-dense" or steps < maxiter
+                                                        or bool(res.max() <= tol))
     if not converged:
         # Read by API and command-line users alike: the options named are the API's, with the `dataset` command's
         # flags beside them (the only command that sets them; none sets dense_max).
         detail = f"max relative residual {res.max():.2e} > tol {tol:.1e}"
         what = (f"ARPACK converged by its residual estimate but the measured {detail}" if method == "exact-arpack"
+                else f"the dense eigensolver's residuals are not finite ({detail}): are the graphs finite?"
+                if method == "exact-dense"
                 else f"LOBPCG stopped at maxiter={maxiter} before converging ({detail})")
         warnings.warn(f"exact: {what}; raise maxiter or tol (spectral-jax dataset: --maxiter N, --tol T), or, from "
                       f"Python, take the dense path with dense_max >= {m0}", RuntimeWarning, stacklevel=2)
@@ -233,6 +238,7 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
                          f"M0 = {m0}): call exact on each")
     ws = normalised_weights(one, weights)
     same = all(tuple(g.grid) == base for g in one)
+    _check_metric(one, weights, base, same)
     leaf = jax.tree.leaves(data)[0]                       # host (numpy) inputs go to the default device
     cpu = (next(iter(leaf.devices())) if isinstance(leaf, jax.Array) else jax.devices()[0]).platform == "cpu"
     parallel = (not cpu) if vmap is None else bool(vmap)
@@ -246,7 +252,12 @@ def exact_batch(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, bui
         v, x, r, q, bvi = largest_first(vals[i], vecs[i], res[i], [rq[i] for rq in rqs],
                                         None if bv is None else bv[i])
         results.append(assemble(x, v, q, obj[i], bvi, 1, base, steps=0, seconds=seconds, method="exact-dense",
-                                convergence=_verdict(True, 0, tol, np.asarray(r, np.float64), "exact-dense")))
+                                convergence=_verdict(bool(np.all(np.isfinite(r))), 0, tol, np.asarray(r, np.float64),
+                                                     "exact-dense")))
+    bad = [i for i, r in enumerate(results) if not r.convergence.converged]
+    if bad:
+        warnings.warn(f"exact_batch: {len(bad)} of {nb} problems (the first: {bad[0]}) have residuals that are not "
+                      "finite; are their graphs finite?", RuntimeWarning, stacklevel=2)
     return results
 
 
@@ -284,8 +295,12 @@ def _solve_batch(data, build, ws, k, base, same, subset, batch_size):
 
 
 def _subset_eig_each(a: np.ndarray, b: np.ndarray | None, k: int):
-    """`_subset_eig` of each image: a, b `[b, M0, M0]` (b None: B = I) → float32 (`[b, k]`, `[b, M0, k]`)."""
-    pairs = [_subset_eig(np.asarray(a[i]), None if b is None else np.asarray(b[i]), k) for i in range(a.shape[0])]
+    """`_subset_eig` of each image: a, b `[b, M0, M0]` (b None: B = I) → float32 (`[b, k]`, `[b, M0, k]`); an
+    image whose A is not finite gets NaNs (as the device's `eigh` gives; `exact_batch` flags it not converged)."""
+    m = a.shape[1]
+    nan = (np.full(k, np.nan), np.full((m, k), np.nan))
+    pairs = [_subset_eig(np.asarray(a[i]), None if b is None else np.asarray(b[i]), k)
+             if np.all(np.isfinite(a[i])) else nan for i in range(a.shape[0])]
     return (np.stack([p[0] for p in pairs]).astype(np.float32),
             np.ascontiguousarray(np.stack([p[1] for p in pairs]), dtype=np.float32))
 
@@ -307,7 +322,11 @@ def _dense_eig(a, b, k, same_grid):
     (faster than a full `eigh`); on accelerators the device's full `eigh`.
     """
     if next(iter(a.devices())).platform == "cpu":
-        return _subset_eig(np.asarray(a), None if same_grid else np.asarray(b), k)
+        a = np.asarray(a)
+        if not np.all(np.isfinite(a)):          # LAPACK refuses it (the device's `eigh` returns NaNs: not converged)
+            raise InputError("graphs", "the problem's matrix holds NaN or inf (features or weights not finite?)",
+                             "pass finite features")
+        return _subset_eig(a, None if same_grid else np.asarray(b), k)
     return _dense_eig_full(a, b, k, same_grid)
 
 
@@ -368,12 +387,17 @@ def _lobpcg(graphs, ws, weights, base, nimg, k, maxiter, tol, seed):
     x0 = _start(m0, k, seed)
     if same:
         return _lobpcg_run(graphs, ws, x0, None, 0.0, 0.0, base, nimg, maxiter, tol)
-    lo, hi = metric_bounds(graphs, weights, base)
-    if lo <= 0:
-        raise ValueError("multi-grid exact solve needs positive weight on the base grid "
-                         f"{base}; pass base_grid= one of the graphs' grids")
+    lo, hi = metric_bounds(graphs, weights, base)            # lo > 0: `_check_metric`
     coef = tuple(float(c) for c in chebyshev_inv_sqrt(lo, max(hi, lo * 1.0001)))
     return _lobpcg_run(graphs, ws, x0, coef, lo, hi, base, nimg, maxiter, tol)
+
+
+def _check_metric(graphs: Sequence[Graph], weights, base: tuple[int, int], same: bool) -> None:
+    """A multi-grid problem's metric B must be positive definite: some weight on the base grid (`metric_bounds`'s
+    lo > 0), else an `InputError` before any solve (B singular: the dense path's Cholesky fails, LOBPCG diverges)."""
+    if not same and metric_bounds(graphs, weights, base)[0] <= 0:
+        raise InputError("base_grid", f"{base} carries no graph's weight, so the multi-grid metric B is singular",
+                         "pass base_grid= one of the grids of the graphs with positive weight")
 
 
 def metric_bounds(graphs: Sequence[Graph], weights, base: tuple[int, int]) -> tuple[float, float]:

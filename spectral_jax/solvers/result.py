@@ -11,6 +11,7 @@ import functools
 import json
 import os
 import zipfile
+import zlib
 from typing import Any, Sequence
 
 import jax
@@ -227,14 +228,17 @@ class Result:
 
     def select(self, idx) -> "Result":
         """The images `idx` (indices or a boolean mask `[B]`) as a `Result` of that many images, each with its own
-        per-image info, convergence record and layer weights (a joint solve's shared values as they are)."""
-        idx = np.arange(self.num_images)[np.asarray(idx)].reshape(-1)
+        per-image info, convergence record and layer weights (a joint solve's shared values as they are); selecting
+        no image is an `InputError`."""
+        idx = np.arange(self.num_images)[np.asarray(idx)].reshape(-1) if np.size(idx) else idx
+        if not np.size(idx):
+            raise InputError("idx", "selects no image (a Result holds at least one)", "select one image or more")
         info = dict(self.info)
         if "per_image" in info:
             info["per_image"] = [info["per_image"][i] for i in idx]
         conv = self.convergence
         if conv is not None and conv.per_image:
-            conv = Convergence.combine([conv.per_image[i] for i in idx]) if len(idx) else None
+            conv = Convergence.combine([conv.per_image[i] for i in idx])
         prov = None if self.provenance is None else self.provenance.rows(idx)
         return dataclasses.replace(self, eigvecs=self.eigvecs[idx], eigvals=self.eigvals[idx], rq=self.rq[idx],
                                    objective=self.objective[idx], history=self.history[idx], info=info,
@@ -297,7 +301,7 @@ class Result:
         try:
             with np.load(path, allow_pickle=False) as f:
                 data = {k: f[k] for k in f.files}
-        except (OSError, ValueError, zipfile.BadZipFile, EOFError, RuntimeError) as e:
+        except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as e:
             raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
         missing = [k for k in ("eigvecs", "eigvals", "rq", "summary") if k not in data]
         if missing:
