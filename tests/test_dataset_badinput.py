@@ -94,7 +94,7 @@ CASES = {
     "epochs-0": (["imgs", "--epochs", "0"], ["--epochs"]),
     "process-id": (["imgs", "--num-processes", "2", "--process-id", "2"], ["--process-id"]),
     "layer-weights-pair": (["imgs", "--layer-weights", "11:x"], ["--layer-weights", "LAYER:WEIGHT"]),
-    "layer-weights-rule": (["imgs", "--layer-weights", "best"], ["layer_weights 'best'", "eigengap"]),
+    "layer-weights-rule": (["imgs", "--layer-weights", "best"], ["--layer-weights 'best'", "eigengap"]),
     "layer-weights-rule-gd": (["imgs", "--method", "gd", "--layer-weights", "select"], ["--layer-weights"]),
 }
 
@@ -183,9 +183,9 @@ BAD_RUN = {
     "k_intra_neg": (dict(k_intra=-1), "--k-intra"),
     "k_both_0": (dict(k_intra=0, k_inter=0), "--k-intra"),
     "k_bool": (dict(k_intra=True), "--k-intra"),
-    "layer_weights_nan": (dict(layer_weights={0: float("nan")}), "layer_weights"),
-    "layer_weights_zero": (dict(layer_weights={0: 0.0, 1: 0.0}), "layer_weights"),
-    "layer_weights_rule": (dict(layer_weights="best"), "layer_weights"),
+    "layer_weights_nan": (dict(layer_weights={0: float("nan")}), "--layer-weights"),
+    "layer_weights_zero": (dict(layer_weights={0: 0.0, 1: 0.0}), "--layer-weights"),
+    "layer_weights_rule": (dict(layer_weights="best"), "--layer-weights"),
     "seed_neg": (dict(seed=-1), "--seed"),
     "seed_big": (dict(seed=2 ** 32), "--seed"),
     "epochs": (dict(epochs=0), "--epochs"),

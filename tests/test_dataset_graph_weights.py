@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from spectral_jax import dataset, graphs, knn_search
+from spectral_jax.errors import InputError
 from spectral_jax.dataset import settings as S
 from spectral_jax.dataset import whole
 from test_dataset import _cli, _dense_knn, make_folder, synthetic
@@ -383,8 +384,8 @@ def test_isolated_tokens_are_recorded_and_a_mostly_empty_graph_is_said(tmp_path,
     low = dataset.run(folder, str(tmp_path / "low"), backbone=synthetic(), **EXACT).summary()["isolated"]
     assert "no edge" not in capsys.readouterr().err
     high_out = str(tmp_path / "high")
-    high = dataset.run(folder, high_out, backbone=synthetic(), **{**EXACT, "graph": "knn-qk", "min_cos": 0.9}
-                   ).summary()["isolated"]
+    high = dataset.run(folder, high_out, backbone=synthetic(), **{**EXACT, "graph": "knn-qk", "min_cos": 0.8}
+                   ).summary()["isolated"]                  # layer 1 left without an edge, layer 0 with 6 %
     err = capsys.readouterr().err
     with np.load(os.path.join(high_out, "checkpoints", "graph.npz")) as f:
         deg = f["deg0"]
@@ -392,7 +393,10 @@ def test_isolated_tokens_are_recorded_and_a_mostly_empty_graph_is_said(tmp_path,
     assert high["fraction"] == want and high["max"] == max(want.values()) > 0.5
     assert low["max"] < 0.5 and set(low["fraction"]) == set(want)
     lines = [line for line in err.splitlines() if "no edge" in line]
-    assert len(lines) == 1 and f"graph {high['graph']}" in lines[0] and "--min-cos 0.9" in lines[0]
+    assert len(lines) == 1 and f"graph {high['graph']}" in lines[0] and "--min-cos 0.8" in lines[0]
+    with pytest.raises(InputError, match="--min-cos 0.9: leaves no edge in any graph"):     # both layers empty
+        dataset.run(folder, str(tmp_path / "none"), backbone=synthetic(), **{**EXACT, "graph": "knn-qk",
+                                                                               "min_cos": 0.9})
 
 
 @pytest.mark.parametrize("rule", ["select", "eigengap", "uniform"])

@@ -84,11 +84,12 @@ class Segments(NamedTuple):
                    np.asarray(d["scores"]), np.asarray(d["sizes"]), np.asarray(d["images"]), str(d["embedding"]))
 
 
-def check_count(num_segments, tokens: int, flag: str = "--segments") -> None:
-    """Refuse a number of segments above the `tokens` of the dataset (one `InputError` line); "auto" passes."""
+def check_count(num_segments, tokens: int, flag: str = "--segments", how: str = "") -> None:
+    """Refuse a number of segments above the `tokens` of the dataset (one `InputError` line, its fix opening with
+    `how`); "auto" passes."""
     if num_segments != "auto" and int(num_segments) > tokens:
         raise InputError(flag, f"{num_segments} segments are more than the {tokens} tokens of the dataset",
-                         f"pass {flag} ≤ {tokens}, or {flag} auto")
+                         f"{how}pass {flag} ≤ {tokens}, or {flag} auto")
 
 
 def embedding(eigvecs, eigvals=None) -> np.ndarray:

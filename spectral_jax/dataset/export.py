@@ -210,14 +210,17 @@ def write(res: DatasetResult, root: str, figure_images: int) -> DatasetResult:
     the summary's `segments_asked` and `seed`; their numbers in `res.summary()["segments"]`); then eigvecs.png and
     segments.png (the first `figure_images` images; none for 0), eigvecs.npz, segments.npz and summary.json, in that
     order. Returns `res` with its `segments` set (a copy: `DatasetResult` is frozen)."""
-    from spectral_jax.dataset.cluster import segments
+    from spectral_jax.dataset.cluster import check_count, segments
 
     figures = ["eigvecs.png", "segments.png"] if figure_images and res.names else []
     with contextlib.ExitStack() as stack:
         out = {name: stack.enter_context(OutputFile(os.path.join(res.out, name)))
                for name in figures + ["eigvecs.npz", "segments.npz", "summary.json"]}
-        res = dataclasses.replace(res, segments=segments(res, res.summary().get("segments_asked", "auto"),
-                                                         res.summary().get("seed", 0)))
+        asked = res.summary().get("segments_asked", "auto")
+        n, _, h, w = np.shape(res.eigvecs)                 # `segments` clusters every token of eigvecs
+        check_count(asked, n * h * w, "--segments",
+                    "the solve is kept in OUT: rerun with --resume and ")
+        res = dataclasses.replace(res, segments=segments(res, asked, res.summary().get("seed", 0)))
         res.summary()["segments"] = res.segments.report()
         if figures:
             m = min(figure_images, len(res.names))

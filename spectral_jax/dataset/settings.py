@@ -215,7 +215,7 @@ class Settings:
         _read_specs(self, solver)
         norm = dict(
             size=_size_pair(self.size), layers=_layers(self.layers),
-            layer_weights=LayerWeights.parse(self.layer_weights),
+            layer_weights=LayerWeights.parse(self.layer_weights, "--layer-weights"),
             segments=parse_segments(self.segments),
             lr=None if self.lr is None else _number("--lr", self.lr, 0.01),
             min_recall=None if self.min_recall is None else _number("--min-recall", self.min_recall, 0.98),

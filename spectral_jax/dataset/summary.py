@@ -7,6 +7,8 @@ says why: `GD_EIGVALS`). `segments_asked` is the request
 
 from __future__ import annotations
 
+import dataclasses
+
 from typing import NamedTuple
 
 import numpy as np
@@ -47,12 +49,17 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL)
     not converged, before two windows). Windows of whole epochs average over the same images (each epoch visits
     all of them, in other batches), which smooths the minibatches' noise. This is a verdict on the minibatch loss
     the run minimises, not a residual on the whole-dataset graph, which this path never builds (method "exact"
-    solves that graph and reports its residuals). summary.json's "convergence" is its `as_dict()`."""
+    solves that graph and reports its residuals). summary.json's "convergence" is its `as_dict()`. Steps whose
+    batch held no readable image (images 0: a loss of masked slots only) are left out of the series, the window
+    counting the steps with images in the last window of epochs."""
     epochs = len(history) // per_epoch if per_epoch else 0
-    window = per_epoch * max(1, int(round(STATIONARITY_WINDOW * epochs)))
-    return stationarity_verdict([r[1] for r in history], window, tol, history[0][0] if history else None,
-                                kind="minibatch loss: the share of the run's change of the loss made by its last "
-                                     "window of epochs (not a residual on the whole-dataset graph)")
+    span = per_epoch * max(1, int(round(STATIONARITY_WINDOW * epochs)))
+    live = [r for r in history if r[3] > 0]
+    window = max(1, sum(1 for r in history[-span:] if r[3] > 0))
+    verdict = stationarity_verdict([r[1] for r in live], window, tol, live[0][0] if live else None,
+                                   kind="minibatch loss: the share of the run's change of the loss made by its last "
+                                        "window of epochs (not a residual on the whole-dataset graph)")
+    return dataclasses.replace(verdict, iterations=len(history), stationarity_window=span)   # in steps, as run
 
 
 def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timings, *, backbone: dict, lr: float,
@@ -63,11 +70,12 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
     {"devices", "processes", "backend"}; convergence: the run's verdict (default `gd_convergence` of the
     history)."""
     h = progress.history
-    last = h[-progress.per_epoch:] if h else []
+    last = [r for r in h[-progress.per_epoch:] if r[3] > 0]       # batches with no readable image say nothing
     read_now = sum(r[3] for r in h[len(h) - progress.steps_this_run:]) if progress.steps_this_run else 0
     return {
         "objective": float(np.mean([r[2] for r in last])) if last else None,
-        "objective_kind": "mean over the last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k after the inner steps",
+        "objective_kind": "mean over the last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k after the inner steps "
+                          "(batches with no readable image left out; loss likewise)",
         "loss": float(np.mean([r[1] for r in last])) if last else None,
         "eigvals_kind": GD_EIGVALS,
         "loss_kind": "paper loss" if settings.preset == "paper" else "−Σ_k c_k Σ_l w_l R_{l,k} (Brockett)",
@@ -103,8 +111,8 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     from OUT/checkpoints rather than computed, the memory estimate made before the run (`memory.estimate`), and
     exact_solver: which path ran (`whole.solver_path`: "sharded" or "gathered", what was asked, the graph cache);
     edge_weights and knn_search: how the graph was made (`whole.graph_report`: the weighting and its σ per layer;
-    the search asked and used and its measured recall per layer — the sharded path: exact, recall 1); isolated
-    (the gathered path): the fraction of the read tokens without an edge per graph (`whole.isolated`)."""
+    the search asked and used and its measured recall per layer — the sharded path: exact, recall 1); isolated:
+    the fraction of the read tokens without an edge per graph (`whole.isolated`)."""
     t = solved.timings
     return {
         "objective": float(res.objective[0]),
@@ -125,8 +133,8 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "min_cos": settings.min_cos, "edges": solved.edges, "features_dtype": settings.features_dtype,
         "maxiter": settings.maxiter, "tol": settings.tol, "seed": settings.seed,
         "segments_asked": settings.segments, "layer_weights": solved.layer_weights, **machine, "folder": folder,
-        **(solved.graph_info or {"edge_weights": {"kind": settings.edge_weights},
-                                 "knn_search": {"asked": settings.search, "used": "exact", "recall_min": 1.0}}),
+        "edge_weights": {"kind": settings.edge_weights},       # a graph cached before the record existed
+        "knn_search": {"asked": settings.search, "used": "exact", "recall_min": 1.0}, **(solved.graph_info or {}),
     }
 
 

@@ -77,6 +77,7 @@ from spectral_jax.dataset.layout import (AXIS, Geometry, gather, gather_reasons,
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.dataset import store
 from spectral_jax.dataset.store import finite
+from spectral_jax.errors import InputError
 from spectral_jax.files import save_npz
 
 GRAPH = "graph.npz"
@@ -885,6 +886,9 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
             store.remove_parts(ckdir)
         timings["graph"] = time.perf_counter() - t
         say_search(info)
+    edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
+    info = {**info, "isolated": isolated(gs, geom, valid, settings.min_cos)}
+    check_edges(edges, info["isolated"])
     t = time.perf_counter()
     weights, chosen = layer_weights(gs, geom, weights, settings)
     from spectral_jax.layer_weights import base_grid
@@ -893,29 +897,53 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
     res = exact(gs, settings.num_eigs, weights, base, maxiter=settings.maxiter, tol=settings.tol,   # a coarse one)
                 seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
-    edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
-    info = {**info, "isolated": isolated(gs, geom, valid, settings.min_cos)}
-    say_isolated(info["isolated"])
     return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached, path, info)
 
 
 ISOLATED_WARN = 0.5     # `say_isolated`: a graph with more of the read tokens than this without an edge
 
 
-def isolated(gs: list[G.KnnGraph], geom: Geometry, valid: np.ndarray, min_cos: float) -> dict:
+def isolated(gs: list, geom: Geometry, valid: np.ndarray, min_cos: float) -> dict:
     """JSON-ready record of the tokens without any edge (degree 0: every neighbour's cosine at or below min_cos,
     so their rows of P are zero and their graph adds nothing for them): fraction {graph: f} over the read images'
-    tokens, per layer ("layer/t" keys with timesteps), the largest, and the graph it is in. gs: the groups' graphs
-    (deg `[L_g·T, N]`); valid `[n]` the images read. Does not look at why (an untrained model's cosines centred
-    on 0, a too-high --min-cos, a layer whose tokens are all alike)."""
+    tokens, per layer ("layer/t" keys with timesteps), the largest, and the graph it is in. gs: the groups' graphs,
+    `KnnGraph`s (deg `[L_g·T, N]`) or the sharded path's `ShardedKnn`s (deg `[L_g, N']` sharded by rows, N' ≥ N
+    padded: counted where it lies, a global sum; every process must call it then); valid `[n]` the images read.
+    Does not look at why (an untrained model's cosines centred on 0, a too-high --min-cos, a layer whose tokens are
+    all alike)."""
     parts = []
     for (grid, _), g in zip(geom.groups, gs):
-        rows = np.repeat(np.asarray(valid, bool), grid[0] * grid[1])
-        deg = np.asarray(g.deg).reshape(-1, rows.size)
-        parts.append(((deg[:, rows] <= 0).sum(1) / max(int(rows.sum()), 1)))
+        per = grid[0] * grid[1]
+        read = max(int(np.asarray(valid, bool).sum()) * per, 1)
+        if isinstance(g, G.KnnGraph):
+            rows = np.repeat(np.asarray(valid, bool), per)
+            deg = np.asarray(g.deg).reshape(-1, rows.size)
+            parts.append((deg[:, rows] <= 0).sum(1) / read)
+        else:
+            ok = jax.device_put(np.asarray(valid, bool), NamedSharding(g.mesh, P()))
+            parts.append(np.asarray(gather(_no_edge(g.deg, ok, per)), np.float64) / read)
     frac = _per_graph(geom, parts)
     worst = max(frac, key=frac.get) if frac else None
     return {"fraction": frac, "max": frac[worst] if worst else 0.0, "graph": worst, "min_cos": min_cos}
+
+
+@functools.partial(jax.jit, static_argnums=(2,))
+def _no_edge(deg, valid, per: int):
+    """Tokens of read images without an edge per graph `[L]` int32 of deg `[L, N']` (rows ≥ len(valid)·per, the
+    padding, left out; sharded: a global sum), valid `[n]` the images read."""
+    row = jnp.arange(deg.shape[1]) // per
+    ok = (row < valid.shape[0]) & valid[jnp.minimum(row, valid.shape[0] - 1)]
+    return jnp.sum((deg <= 0) & ok[None, :], axis=1, dtype=jnp.int32)
+
+
+def check_edges(edges: int, rec: dict) -> None:
+    """The graphs' stored edges, before the solve: none at all is an `InputError` (every eigenvalue would be 0 and
+    the segments noise; every kept cosine was at or below --min-cos); else `say_isolated`'s warning."""
+    if edges == 0:
+        raise InputError(f"--min-cos {rec['min_cos']}", "leaves no edge in any graph (every neighbour's cosine is at "
+                         "or below it)", "lower --min-cos (e.g. 0.1, or -1 to keep every neighbour) and run into "
+                         "another --out")
+    say_isolated(rec)
 
 
 def say_isolated(rec: dict) -> None:
@@ -1299,6 +1327,9 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
                 pass
     jax.block_until_ready([g.deg for g in sgs])
     timings["graph"] = time.perf_counter() - t
+    edges = int(sum(int(e) for g in sgs for e in np.asarray(gather(_edges(g.w)))))
+    info = {**(info or {}), "isolated": isolated(sgs, geom, host_valid, settings.min_cos)}
+    check_edges(edges, info["isolated"])
     t = time.perf_counter()
     kw = dict(tol=settings.tol, maxiter=settings.maxiter, seed=settings.seed)
     spectra = lambda gs, group_layers, k, layers: D.layer_spectra(gs, group_layers, k, **kw)   # all layers, sorted
@@ -1307,7 +1338,6 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
     sol = D.lobpcg(op, settings.num_eigs, **kw)
     res = D.to_result(sol, op, tuple(geom.groups[0][0]), n)
     timings["solve"] = time.perf_counter() - t
-    edges = int(sum(int(e) for g in sgs for e in np.asarray(gather(_edges(g.w)))))
     return Solved(res, host_valid, failed, timings, cached, edges, chosen, images_cached, "sharded", info)
 
 

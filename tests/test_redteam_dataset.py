@@ -1,0 +1,72 @@
+"""A red-team pass over `spectral-jax dataset` (2026-12-07): what it used to get silently wrong.
+
+- gd: a batch with no readable image (all its files unreadable) entered the summary's objective and loss and the
+  convergence verdict as a loss of masked slots only;
+- exact: graphs left without any edge (every cosine at or below --min-cos) were solved, their zero eigenvalues
+  marked converged and segmented, and on the sharded path without the `isolated` record the gathered path gives.
+
+Synthetic backbone of test_dataset (32×32 inputs → a 4×4 grid)."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import pytest
+
+from spectral_jax import dataset
+from spectral_jax.dataset import summary
+from spectral_jax.errors import InputError
+from test_dataset import make_folder, synthetic
+
+EXACT = dict(size=32, batch_size=4, num_eigs=4, k_intra=5, k_inter=5, figure_images=0, method="exact")
+
+
+def test_gd_verdict_leaves_out_batches_without_an_image():
+    """The same live batches with an empty one opening every epoch: the same stationarity, from the same start;
+    iterations and window still in steps as run."""
+    rng = np.random.default_rng(0)
+    epochs = 6
+    live = [[2.0 - 0.1 * i, 1.5 - 0.2 * np.exp(-i / 3) + 0.01 * rng.normal(), 2.8, 2] for i in range(3 * epochs)]
+    empty = [2.0, 2.0, 0.0, 0]
+    mixed = [r for e in range(epochs) for r in [empty] + live[3 * e:3 * e + 3]]
+    plain, got = summary.gd_convergence(live, 3), summary.gd_convergence(mixed, 4)
+    assert plain.stationarity is not None and got.stationarity == pytest.approx(plain.stationarity, rel=1e-12)
+    assert (got.iterations, got.stationarity_window) == (4 * epochs, plain.stationarity_window // 3 * 4)
+    assert got.converged == plain.converged
+
+
+def test_gd_summary_objective_counts_batches_with_images_only(tmp_path):
+    folder = make_folder(str(tmp_path / "imgs"), n=2)
+    for i in range(4):                                    # whole batches of unreadable files
+        (tmp_path / "imgs" / f"bad{i}.png").write_bytes(b"not a png")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)   # 2 epochs: too few for a verdict
+        s = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), size=32, batch_size=2, num_eigs=3,
+                        k_intra=5, k_inter=5, figure_images=0, method="gd", epochs=2).summary()
+    last = s["history"][-s["steps_per_epoch"]:]
+    read = [r for r in last if r[3] > 0]
+    assert len(s["skipped"]) == 4 and 0 < len(read) < len(last)   # the last epoch holds an empty batch
+    assert s["objective"] == pytest.approx(np.mean([r[2] for r in read]))
+    assert s["loss"] == pytest.approx(np.mean([r[1] for r in read]))
+
+
+@pytest.mark.parametrize("solver", ["gathered", "sharded"])
+def test_a_graph_without_edges_is_refused_and_isolated_tokens_are_reported_on_both_paths(tmp_path, solver):
+    folder = make_folder(str(tmp_path / "imgs"), n=8)
+    with pytest.raises(InputError, match=r"--min-cos 0.999: leaves no edge in any graph"):
+        dataset.run(folder, str(tmp_path / "none"), backbone=synthetic(), min_cos=0.999, exact_solver=solver,
+                    **EXACT)
+    res = dataset.run(folder, str(tmp_path / "some"), backbone=synthetic(), min_cos=0.6, exact_solver=solver,
+                      **EXACT)
+    iso = res.summary()["isolated"]
+    assert set(iso["fraction"]) == {"0", "1"} and iso["min_cos"] == 0.6
+    assert 0 <= min(iso["fraction"].values()) and iso["max"] == max(iso["fraction"].values()) <= 1
+
+
+def test_the_two_paths_count_the_same_isolated_tokens(tmp_path):
+    folder = make_folder(str(tmp_path / "imgs"), n=8)
+    got = {s: dataset.run(folder, str(tmp_path / s), backbone=synthetic(), min_cos=0.6, exact_solver=s, **EXACT)
+           .summary()["isolated"] for s in ("gathered", "sharded")}
+    assert got["gathered"] == got["sharded"]
+    assert 0 < got["gathered"]["max"] < 1                 # some tokens isolated, not all: the counts are compared
