@@ -2,6 +2,7 @@
 
 - gd: a batch with no readable image (all its files unreadable) entered the summary's objective and loss and the
   convergence verdict as a loss of masked slots only;
+- exact: a forward padded to --batch-size (default 40) on a folder of a few images;
 - exact: graphs left without any edge (every cosine at or below --min-cos) were solved, their zero eigenvalues
   marked converged and segmented, and on the sharded path without the `isolated` record the gathered path gives.
 
@@ -70,3 +71,14 @@ def test_the_two_paths_count_the_same_isolated_tokens(tmp_path):
            .summary()["isolated"] for s in ("gathered", "sharded")}
     assert got["gathered"] == got["sharded"]
     assert 0 < got["gathered"]["max"] < 1                 # some tokens isolated, not all: the counts are compared
+
+
+def test_an_exact_forward_is_never_wider_than_the_folder(tmp_path):
+    """--batch-size above the images (the default 40 on a small folder): the forward takes the images (rounded up
+    to the devices), not 40 slots of padding — the same eigenvectors as asking for that batch, the summary saying
+    the batch run."""
+    folder = make_folder(str(tmp_path / "imgs"), n=3)
+    wide = dataset.run(folder, str(tmp_path / "wide"), backbone=synthetic(), **{**EXACT, "batch_size": 40})
+    fit = dataset.run(folder, str(tmp_path / "fit"), backbone=synthetic(), **{**EXACT, "batch_size": 3})
+    assert wide.summary()["batch_size"] == 3
+    np.testing.assert_array_equal(np.asarray(wide.eigvecs), np.asarray(fit.eigvecs))

@@ -79,7 +79,8 @@ def register(sub) -> None:
     p.add_argument("--bf16-features", action="store_true",
                    help="exact: keep the features for the graph in bfloat16 (half the memory)")
     p.add_argument("--batch-size", type=int, default=None, metavar="B",
-                   help="images per step (per forward: exact) (default 40)")
+                   help="images per step (per forward: exact, at most the folder's images rounded up to the "
+                        "devices) (default 40)")
     p.add_argument("--epochs", type=int, default=None, metavar="E", help="gd: passes over the folder (default 10)")
     p.add_argument("--num-eigs", type=int, default=20, metavar="K")
     p.add_argument("--k-intra", type=int, default=None,

@@ -35,7 +35,9 @@ class DatasetResult(Result):
 
     eigvecs `[n, K, h, w]` float32 (paper: the global SVD of the per-pixel-normalised soft maps, as the official
     code shows them — columns orthonormal over all pixels of all images, largest singular value first; eigen: the
-    table's columns, each unit-norm over all pixels; exact: the solve's, orthonormal over all pixels).
+    table's columns, each unit-norm over all pixels; exact: the solve's, orthonormal over all pixels where every
+    tapped layer has one grid, B-orthonormal where they have several — a UNet's — (B = Σ_l w_l c_l G_lᵀ G_l, the
+    layers' pooling on the finest grid, `solvers.exact`; orth_error is then max |XᵀBX − I|)).
 
     The `Result` fields, by method:
       exact — the whole-dataset solve's own (`solvers.exact` through `dataset.whole`, its images read): eigvals

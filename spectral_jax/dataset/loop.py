@@ -108,6 +108,9 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
     if settings.batch_size % ndev:
         raise InputError("--batch-size", f"{settings.batch_size} is not a multiple of the {ndev} devices",
                          f"pass --batch-size {-(-settings.batch_size // ndev) * ndev}")
+    fit = -(-len(where.files) // ndev) * ndev
+    if settings.method == "exact" and settings.batch_size > fit:    # a forward never wider than the folder: its
+        settings = settings.replace(batch_size=fit)                 # padded slots would cost time and memory only
     geom = geometry(backbone, layers, settings, size, len(where.files), ndev)
     _check_table_weight(settings, geom)
     inputs.check_graph_size(settings, geom.tokens, len(where.files), (geom.k_intra, geom.k_inter),

@@ -116,8 +116,12 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     t = solved.timings
     return {
         "objective": float(res.objective[0]),
-        "objective_kind": "Σ_k Σ_l w_l z_kᵀ P_l z_k over the whole-dataset graph (its optimum: the sum of the "
-                          "top-K eigenvalues of Σ_l w_l sym(P_l))",
+        "objective_kind": ("Σ_k Σ_l w_l z_kᵀ P_l z_k over the whole-dataset graph (its optimum: the sum of the "
+                           "top-K eigenvalues of Σ_l w_l sym(P_l))" if len({tuple(g) for g, _ in geom.groups}) == 1
+                           else "Σ_k Σ_l w_l z_{l,k}ᵀ P_l z_{l,k}, z_{l,k} eigenvector k pooled to layer l's grid "
+                           "and made unit-norm, over the whole-dataset graphs (layers on several grids: the "
+                           "eigenvalues are the generalised problem A x = λ B x's, B the layers' pooling, and "
+                           "need not sum to it)"),
         "eigvals": [float(v) for v in res.eigvals[0]],
         "convergence": {**res.convergence.as_dict(), **res.info}, "solver": res.method, "orth_error": res.orth_error,
         "seconds": round(seconds, 3), "seconds_forward": round(t["forward"], 3),
