@@ -218,6 +218,20 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert err == "spectral-jax solve: interrupted\n"
 
 
+def test_sigterm_is_the_same_clean_stop_one_line_and_exit_143(tmp_path):
+    """`kill PID` (a scheduler's stop): the command stops as for Ctrl-C (its cleanup runs), one line, exit 143."""
+    proc = _patched(tmp_path, 'try:\n        print("started", flush=True)\n        time.sleep(120)\n    finally:\n'
+                              '        print("cleanup ran", flush=True)')
+    try:
+        assert proc.stdout.readline().strip() == "started"
+        proc.send_signal(signal.SIGTERM)
+        cleanup = proc.stdout.readline()
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, cleanup, out, err) == (143, "cleanup ran\n", "", "spectral-jax solve: terminated\n")
+
+
 def test_ctrl_c_inside_a_gc_callback_still_stops_the_command(tmp_path):
     # Python prints and drops an exception raised in a gc callback (JAX registers one; a Ctrl-C during its import
     # often lands there): the command must still stop, with the same one line.

@@ -82,3 +82,16 @@ def test_an_exact_forward_is_never_wider_than_the_folder(tmp_path):
     fit = dataset.run(folder, str(tmp_path / "fit"), backbone=synthetic(), **{**EXACT, "batch_size": 3})
     assert wide.summary()["batch_size"] == 3
     np.testing.assert_array_equal(np.asarray(wide.eigvecs), np.asarray(fit.eigvecs))
+
+
+def test_resuming_a_gd_run_with_fewer_epochs_says_it_exports_the_longer_run(tmp_path, capsys):
+    folder = make_folder(str(tmp_path / "imgs"), n=4)
+    kw = dict(size=32, batch_size=2, num_eigs=3, k_intra=5, k_inter=5, figure_images=0, method="gd")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), epochs=2, **kw)
+        capsys.readouterr()
+        s = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), epochs=1, resume=True, **kw).summary()
+    assert s["epochs"] == 2 and s["steps"] == 4
+    err = [line for line in capsys.readouterr().err.splitlines() if "--epochs 1" in line]
+    assert len(err) == 1 and "already taken 4 steps (2 epochs); exporting it as it is" in err[0]

@@ -1,7 +1,8 @@
 """`spectral-jax` command line. Each subcommand lives in its own module with `register(subparsers)`.
 
 Contract (docs/design.md): bad input → one line on stderr naming the problem and the fix, exit code 2, nothing
-partial written. Ctrl-C → `spectral-jax CMD: interrupted`, exit code 130; output cut short by a closed pipe
+partial written. Ctrl-C → `spectral-jax CMD: interrupted`, exit code 130 (SIGTERM, as `kill` or a scheduler sends
+it: the same clean stop, `spectral-jax CMD: terminated`, exit code 143); output cut short by a closed pipe
 (`spectral-jax ... | head`) ends quietly.
 
 Startup stays fast: this package and the subcommand modules import only the standard library at the top, so
@@ -36,7 +37,7 @@ EPILOG = f"""\
 compiled programs are cached in $XDG_CACHE_HOME/spectral-jax/jax (default ~/.cache/spectral-jax/jax),
 so a repeated command does not compile again: {compile_cache.ENV}=0 turns the cache off,
 {compile_cache.ENV}=DIR moves it.
-exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C)."""
+exit codes: 0 done, 2 bad input (one line on stderr), 130 interrupted (Ctrl-C), 143 terminated (SIGTERM)."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -64,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     code = _run(argv)
     if argv is None:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        if code == 130:
-            hard_exit(130)
+        if code in (130, 143):
+            hard_exit(code)
     return code
 
 
@@ -96,8 +97,8 @@ def _run(argv: list[str] | None) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
+        print(f"{prog}: {'terminated' if ctrl_c.terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if ctrl_c.terminated else 130
     except BrokenPipeError:
         # The reader went away (`| head`): stop quietly, and keep Python's exit-time flush from complaining.
         try:
@@ -123,10 +124,13 @@ class _CtrlC:
     - Raised in a garbage-collector callback (JAX registers one) or a `__del__`, Python prints "Exception ignored
       in ..." and drops it, and the command would run on to the end: it is delivered again a moment later.
     A SIGINT handler the caller installed (or SIG_IGN) is left alone; only Python's default one is replaced.
+    SIGTERM, where it has its default action (death without cleanup), stops the command the same way (`terminated`
+    set): outputs removed, checkpoints kept, as for a Ctrl-C.
     """
 
     def __init__(self):
-        self.pressed = False
+        self.pressed = self.terminated = False
+        self._signum = signal.SIGINT        # what `_again_later` sends again
         self._closed = False
         self._waiter: threading.Thread | None = None
 
@@ -136,6 +140,10 @@ class _CtrlC:
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
             self._handler = signal.signal(signal.SIGINT, self._interrupt)
+        self._term = None
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+            self._term = signal.signal(signal.SIGTERM, self._terminate)
         return self
 
     def __exit__(self, *exc):
@@ -143,9 +151,16 @@ class _CtrlC:
         sys.unraisablehook = self._hook
         if self._handler is not None:
             signal.signal(signal.SIGINT, self._handler)
+        if self._term is not None:
+            signal.signal(signal.SIGTERM, self._term)
+
+    def _terminate(self, signum, frame):
+        self.terminated = True
+        self._interrupt(signum, frame)
 
     def _interrupt(self, signum, frame):
         self.pressed = True
+        self._signum = signum
         if _in_extension_init(frame):
             self._again_later()
             return
@@ -158,7 +173,8 @@ class _CtrlC:
             self._hook(unraisable)
 
     def _again_later(self):
-        """Send SIGINT again once no extension initialises on the main thread (polled every 20 ms, in a thread)."""
+        """Send the signal (SIGINT, or SIGTERM) again once no extension initialises on the main thread (polled every
+        20 ms, in a thread)."""
         if self._waiter is not None and self._waiter.is_alive():
             return
         main_id = threading.main_thread().ident
@@ -169,7 +185,7 @@ class _CtrlC:
                 frame = sys._current_frames().get(main_id)
                 if frame is None or not _in_extension_init(frame):
                     if not self._closed:
-                        os.kill(os.getpid(), signal.SIGINT)
+                        os.kill(os.getpid(), self._signum)
                     return
 
         self._waiter = threading.Thread(target=wait, name="spectral-jax-ctrl-c", daemon=True)

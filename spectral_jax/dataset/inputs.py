@@ -83,14 +83,16 @@ def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effecti
     if settings.num_eigs > nodes:
         raise InputError("--num-eigs", f"{settings.num_eigs} is more than the {nodes} nodes of {where} "
                          f"({shape})", f"pass --num-eigs ≤ {nodes}, or give the graph more nodes (more images, a "
-                         "larger --batch-size or --size)")
+                         "larger --batch-size or --size)" if not exact else f"pass --num-eigs ≤ {nodes}, or give the "
+                         "graph more nodes (more images or a larger --size)")
     if settings.k_intra is not None and settings.k_intra > per:
         raise InputError("--k-intra", f"{settings.k_intra} is more than the {per} tokens of an image",
                          f"pass --k-intra ≤ {per}")
     if settings.k_inter is not None and settings.k_inter > others:
         raise InputError("--k-inter", f"{settings.k_inter} is more than the {others} tokens of the other images in "
                          f"{'the dataset' if exact else 'a batch'} ({kshape})", f"pass --k-inter ≤ {others}" + (
-                             "" if others else " (more images or a larger --batch-size give it some)"))
+                             "" if others else " (more images give it some)" if exact
+                             else " (more images or a larger --batch-size give it some)"))
     if min(k_effective[0], per) + min(k_effective[1], others) == 0:
         raise InputError("--k-intra/--k-inter", f"leave the graph no edges (k_intra {settings.k[0]}, and {others} "
                          f"tokens in other images of a batch: {kshape})", "pass --k-intra ≥ 1")

@@ -129,6 +129,9 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
     per_epoch = -(-len(where.files) // settings.batch_size)
     total = settings.epochs * per_epoch
     start = where.done[-1] if where.done else 0
+    if start > total and jax.process_index() == 0:    # steps cannot be taken back: the longer run is exported
+        _say(f"spectral-jax dataset: --epochs {settings.epochs}: the run in {where.out} has already taken {start} "
+             f"steps ({start / per_epoch:g} epochs); exporting it as it is")
     t0 = time.perf_counter()                    # compile before anything is written: a failure leaves no output
     abstract = step.abstract_state(settings, geom, mesh)
     compiled = step.compile_step(backbone, layers, settings, geom, mesh, abstract,
