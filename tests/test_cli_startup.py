@@ -232,6 +232,17 @@ def test_sigterm_is_the_same_clean_stop_one_line_and_exit_143(tmp_path):
     assert (proc.returncode, cleanup, out, err) == (143, "cleanup ran\n", "", "spectral-jax solve: terminated\n")
 
 
+def test_the_package_s_warnings_are_one_line_others_python_s(tmp_path):
+    body = """import warnings, spectral_jax
+    warnings.warn_explicit("not converged; raise --maxiter", RuntimeWarning, spectral_jax.__file__, 1)
+    warnings.warn("a library's own", UserWarning)"""
+    proc = _patched(tmp_path, body)
+    out, err = proc.communicate(timeout=120)
+    lines = err.splitlines()
+    assert proc.returncode == 0 and lines[0] == "spectral-jax solve: warning: not converged; raise --maxiter"
+    assert "UserWarning: a library's own" in lines[1] and len(lines) == 2 + ("warnings.warn" in err)
+
+
 def test_ctrl_c_inside_a_gc_callback_still_stops_the_command(tmp_path):
     # Python prints and drops an exception raised in a gc callback (JAX registers one; a Ctrl-C during its import
     # often lands there): the command must still stop, with the same one line.

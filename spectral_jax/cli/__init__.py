@@ -24,6 +24,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 
 from spectral_jax.cli import compile_cache
 from spectral_jax.errors import InputError
@@ -85,9 +86,9 @@ def _run(argv: list[str] | None) -> int:
     """`main` without the process-exit handling: the command, its errors and its interruption → the exit code."""
     prog, ctrl_c = "spectral-jax", _CtrlC()
     try:
-        with ctrl_c:
+        with ctrl_c, _OneLineWarnings() as said:
             args = build_parser().parse_args(argv)
-            prog = f"spectral-jax {args.command}"
+            prog = said.prog = f"spectral-jax {args.command}"
             if argv is None:
                 compile_cache.enable()
             code = int(args.func(args) or 0)
@@ -112,6 +113,38 @@ def _run(argv: list[str] | None) -> int:
         # A Ctrl-C inside a C extension's import (numpy, jaxlib) surfaces as an ImportError: still an interrupt.
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130
+
+
+class _OneLineWarnings:
+    """While a command runs, a warning the package itself gives (its file under spectral_jax, or the `models`
+    folder the install maps into it) prints as one line, `spectral-jax CMD: warning: MESSAGE`, not Python's two
+    (file:line: Category: message, then the source line it points at); other libraries' warnings print as
+    before. Filters (`-W`, `filterwarnings`) still apply first."""
+
+    def __init__(self):
+        self.prog = "spectral-jax"
+        import spectral_jax
+
+        here = os.path.dirname(os.path.abspath(spectral_jax.__file__))
+        self._roots = (here + os.sep, os.path.join(os.path.dirname(here), "models") + os.sep)
+
+    def __enter__(self):
+        self._previous = warnings.showwarning
+
+        def show(message, category, filename, lineno, file=None, line=None):
+            if not os.path.abspath(filename).startswith(self._roots):
+                return self._previous(message, category, filename, lineno, file, line)
+            try:
+                print(f"{self.prog}: warning: {message}", file=sys.stderr if file is None else file)
+            except (OSError, ValueError):   # stderr closed: nothing to tell
+                pass
+            return None
+
+        warnings.showwarning = show
+        return self
+
+    def __exit__(self, *exc):
+        warnings.showwarning = self._previous
 
 
 class _CtrlC:
