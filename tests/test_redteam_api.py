@@ -108,3 +108,11 @@ print("OK", graphs.knn(b, b, (3, 4), 4, 4, 6, mesh=mesh).num_nodes)
     assert r.returncode == 0, r.stderr
     assert "ERR num_images=3: is not a multiple of the mesh's 2 devices" in r.stdout and "pad the batch to 4" in r.stdout
     assert "OK 48" in r.stdout
+
+
+def test_a_knn_graph_without_edges_is_refused_not_solved():
+    zero = np.zeros((1, 24, 8), np.float32)                         # all-zero features: no cosine above min_cos
+    with pytest.raises(InputError, match="graphs: have no edge"):
+        E.exact(graphs.knn(zero, zero, GRID, 2, 4, 4), 3)
+    a = np.random.default_rng(0).normal(size=(1, 24, 8)).astype(np.float32)
+    assert E.exact(graphs.knn(a, a, GRID, 2, 4, 4, min_cos=-1.0), 3).convergence.converged
