@@ -159,7 +159,7 @@ class GdSpec:
     """The gradient solver's options (`solvers.gd`): preset ("eigen" | "paper"), param ("table"; "conv" with the
     paper preset), steps (None: 150 eigen, 1000 paper), lr (None: the preset's default), optimizer (an optax
     `GradientTransformation` replacing the preset's, or None), sample (fraction of graphs per step in (0, 1], None
-    all), lam (the paper loss's orthogonality weight, ≥ 0), tol (the convergence threshold, None: the preset's),
+    all), lam (the paper loss's orthogonality weight, ≥ 0; None: 1; the paper preset only), tol (the convergence threshold, None: the preset's),
     progress (a bar, or a callable; not compared), chunks (compiled calls the steps are split into, ≥ 1),
     materialize (build the graphs' dense P once: None when they fit `dense_max` nodes per grid and `dense_bytes`
     in all, True always, False never), dense_max (≥ 0), dense_bytes (> 0)."""
@@ -170,7 +170,7 @@ class GdSpec:
     lr: float | None = None
     optimizer: object = None
     sample: float | None = None
-    lam: float = 1.0
+    lam: float | None = None
     tol: float | None = None
     progress: object = dataclasses.field(default=False, compare=False)
     chunks: int = 20
@@ -189,7 +189,10 @@ class GdSpec:
         set_("steps", _int("steps", self.steps, 1, 300, none=True))
         set_("lr", _real("lr", self.lr, lambda v: v > 0, "a finite number > 0", 0.01, none=True))
         set_("sample", _real("sample", self.sample, lambda v: 0 < v <= 1, "a fraction in (0, 1]", 0.25, none=True))
-        set_("lam", _real("lam", self.lam, lambda v: v >= 0, "a finite number ≥ 0", 1.0))
+        set_("lam", _real("lam", self.lam, lambda v: v >= 0, "a finite number ≥ 0", 1.0, none=True))
+        if self.lam is not None and self.preset != "paper":
+            raise InputError(f"lam {self.lam}", "weighs the paper loss's orthogonality term: the eigen preset has "
+                             "none (it would be ignored)", "drop it, or pass preset='paper'")
         set_("tol", _real("tol", self.tol, lambda v: v > 0, "a finite number > 0", 0.01, none=True))
         if self.optimizer is not None and not (callable(getattr(self.optimizer, "init", None))
                                                and callable(getattr(self.optimizer, "update", None))):

@@ -46,6 +46,8 @@ BAD_SPECS = {
     "exact-batch-negative": (lambda: ExactSpec(batch_images=-1), "batch_images -1"),
     "gd-preset": (lambda: GdSpec(preset="fast"), "preset 'fast': unknown preset"),
     "gd-param": (lambda: GdSpec(preset="eigen", param="conv"), "param 'conv': does not fit the preset"),
+    "gd-lam-eigen": (lambda: GdSpec(preset="eigen", lam=2.0), "lam 2.0: weighs the paper loss's orthogonality"),
+    "gd-lam-flat": (lambda: sj.solve(TAPS, "qk", 3, "gd", lam=0.5), "the eigen preset has none"),
     "gd-steps-0": (lambda: GdSpec(steps=0), "steps 0: must be an integer ≥ 1"),
     "gd-lr-negative": (lambda: GdSpec(lr=-1.0), "lr -1.0"),
     "gd-sample-0": (lambda: GdSpec(sample=0.0), "sample 0.0: must be a fraction in (0, 1]"),

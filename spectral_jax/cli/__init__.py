@@ -119,7 +119,8 @@ class _OneLineWarnings:
     """While a command runs, a warning the package itself gives (its file under spectral_jax, or the `models`
     folder the install maps into it) prints as one line, `spectral-jax CMD: warning: MESSAGE`, not Python's two
     (file:line: Category: message, then the source line it points at); other libraries' warnings print as
-    before. Filters (`-W`, `filterwarnings`) still apply first."""
+    before. Filters (`-W`, `filterwarnings`) still apply first, and a `catch_warnings(record=True)` around the
+    command (pytest's, a caller's) still records them."""
 
     def __init__(self):
         self.prog = "spectral-jax"
@@ -132,7 +133,9 @@ class _OneLineWarnings:
         self._previous = warnings.showwarning
 
         def show(message, category, filename, lineno, file=None, line=None):
-            if not os.path.abspath(filename).startswith(self._roots):
+            recording = getattr(getattr(warnings, "_showwarnmsg_impl", None), "__qualname__",
+                                "_showwarnmsg_impl") != "_showwarnmsg_impl"     # catch_warnings(record=True)
+            if recording or not os.path.abspath(filename).startswith(self._roots):
                 return self._previous(message, category, filename, lineno, file, line)
             try:
                 print(f"{self.prog}: warning: {message}", file=sys.stderr if file is None else file)

@@ -388,7 +388,7 @@ def _read_specs(s: "Settings", solver) -> None:
     else:
         set_("preset", solver.preset)
         set_("lr", solver.lr)
-        set_("lam", solver.lam)
+        set_("lam", defaults["lam"] if solver.lam is None else solver.lam)
 
 
 # The family load options a dataset run takes (`Settings.model_options`), with how a value is normalised; "seed"

@@ -316,7 +316,8 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
                                  s.dense_bytes)
     opt = s.optimizer or default_optimizer(preset, lr, m0)
     key_init, key_run = jax.random.split(jax.random.key(seed))
-    cfg = _Config(preset, s.param, base, nimg, num_eigs, _chunk_size(steps, s.chunks), sample, float(s.lam), opt)
+    cfg = _Config(preset, s.param, base, nimg, num_eigs, _chunk_size(steps, s.chunks), sample,
+                  1.0 if s.lam is None else float(s.lam), opt)
     params, graphdef = _init(cfg, key_init, seed)
     cfg = dataclasses.replace(cfg, graphdef=graphdef)
     carry = Carry(params, opt.init(params), key_run, jnp.zeros((), jnp.int32))
