@@ -26,7 +26,7 @@ import stat
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from spectral_jax.errors import InputError, is_integer
 
@@ -135,7 +135,9 @@ def open_regular(path: str, what: str = "file", fix: str = "pass a regular file"
 
 def load_image(path: str) -> np.ndarray:
     """Read `path` as uint8 RGB `[H, W, 3]`, EXIF orientation applied. A path that is not a regular file (a folder,
-    a FIFO, a device) is refused without reading it (`open_regular`)."""
+    a FIFO, a device) is refused without reading it (`open_regular`); so is a file PIL cannot identify as an image,
+    and an image of more pixels than PIL's `Image.MAX_IMAGE_PIXELS` (its decompression-bomb guard, 89478485 unless
+    the caller changed it), which is not decoded: the error says how many pixels it has and how to shrink it."""
     fix = "pass a readable JPEG/PNG/TIFF/WebP/BMP image"
     path = os.fspath(path)
     if os.path.isdir(path):
@@ -147,8 +149,23 @@ def load_image(path: str) -> np.ndarray:
                 with Image.open(f) as im:
                     im.load()  # decode now, so a truncated file fails here
                     return pil_to_rgb(im)
-        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise _too_many_pixels(path, str(e)) from None
+        except UnidentifiedImageError:
+            raise InputError(path, "cannot read the image (not in a format PIL can identify: not an image, or "
+                             "damaged)", fix) from None
+        except (OSError, SyntaxError, ValueError) as e:
             raise InputError(path, f"cannot read the image ({type(e).__name__}: {e})", fix) from None
+
+
+def _too_many_pixels(path: str, message: str) -> InputError:
+    """The error of an image over PIL's pixel limit; `message`: PIL's, which holds the image's pixel count."""
+    limit = Image.MAX_IMAGE_PIXELS
+    m = re.search(r"\((\d+) pixels\)", message)
+    has = f"has {int(m.group(1))} pixels" if m else "has more pixels than allowed"
+    return InputError(path, f"{has}, over PIL's limit of {limit} (its guard against decompression bombs), so it is "
+                      "not decoded; downscale it", f"shrink it to at most {limit} pixels, e.g. ImageMagick's convert "
+                      f"IN -resize {limit}@ OUT (the model input is far smaller anyway)")
 
 
 def pil_to_rgb(im: Image.Image) -> np.ndarray:

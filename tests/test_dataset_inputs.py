@@ -218,7 +218,7 @@ def test_cli_layer_weights_at_the_ends_of_the_float_range(place, tmp_path):
                        str(tmp_path / "gd-big")]
     runs = _cli_all(cases)
     for name in bad:
-        _one_line_exit_2(runs[name], "layer_weights: need finite weights ≥ 0, not all 0")
+        _one_line_exit_2(runs[name], "--layer-weights: need finite weights ≥ 0, not all 0")
         assert not (tmp_path / name).exists()
     for name, (_, weights) in good.items():
         r = runs[name]

@@ -28,6 +28,7 @@ from jax import lax
 from spectral_jax.dataset.layout import Geometry, gather
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
+from spectral_jax.io import open_regular
 
 FOLDER = "checkpoints"
 
@@ -66,8 +67,10 @@ def read_meta(ckdir: str, step: int) -> dict:
     naming the step folder (`damaged`)."""
     where = os.path.join(ckdir, str(step))
     try:
-        with open(os.path.join(where, "meta", "metadata")) as f:
+        with open_regular(os.path.join(where, "meta", "metadata"), "metadata file") as f:
             meta = json.load(f)
+    except InputError as e:                     # missing, or not a regular file (a FIFO is refused, not waited on)
+        raise damaged(where, f"unreadable metadata: {e.problem}", _step_fix(ckdir, step)) from None
     except (OSError, ValueError) as e:
         raise damaged(where, f"unreadable metadata: {type(e).__name__}", _step_fix(ckdir, step)) from None
     why = _meta_problem(meta, step)
@@ -126,10 +129,11 @@ def _checksums(state) -> jax.Array:
 
 def file_digests(root: str, files: list[str]) -> dict[str, str]:
     """{file: the first 128 bits of the sha256 of its bytes, hex} for the images `files` under `root`, in order;
-    a file that cannot be opened gets one fixed marker (the run reports it as unreadable). Several processes:
-    process p hashes files p, p + P, … and the digests are gathered to every process (every process must call
-    it). Reads every byte of every file; it does not look at names or times (a copied or touched folder still
-    resumes, an image edited in place does not)."""
+    a file that cannot be opened, or is not a regular file (a FIFO, a link to a device: never waited on nor read),
+    gets one fixed marker (the run reports it as unreadable). Several processes: process p hashes files p, p + P, …
+    and the digests are gathered to every process (every process must call it). Reads every byte of every regular
+    file; it does not look at names or times (a copied or touched folder still resumes, an image edited in place
+    does not)."""
     procs, me = jax.process_count(), jax.process_index()
     mine = np.zeros((-(-len(files) // procs), 16), np.uint8)
     for j, i in enumerate(range(me, len(files), procs)):
@@ -147,12 +151,15 @@ _UNREADABLE = hashlib.sha256(b"\0unreadable file").digest()[:16]
 
 
 def _digest(path: str) -> bytes:
+    """The first 128 bits of the sha256 of the bytes of `path`; `_UNREADABLE` for a file that cannot be opened or
+    read, or is not a regular file (a FIFO, a device, a socket: refused by `io.open_regular` without waiting on it
+    or reading it; the run lists it as skipped when it fails to read it as an image)."""
     h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, "image") as f:
             while chunk := f.read(1 << 20):
                 h.update(chunk)
-    except OSError:
+    except (OSError, InputError):
         return _UNREADABLE
     return h.digest()[:16]
 
