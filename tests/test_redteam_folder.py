@@ -152,3 +152,18 @@ def test_cli_dataset_with_a_fifo_and_a_device_link_finishes(tmp_path):
     assert s["skipped"] == [{"file": "fifo.png", "reason": FIFO_REASON}, {"file": "zero.png", "reason": DEVICE_REASON}]
     assert s["images"] == 3
     assert f"skipping fifo.png: {FIFO_REASON}" in r.stderr and f"skipping zero.png: {DEVICE_REASON}" in r.stderr
+
+
+def test_a_fifo_in_out_is_refused_not_waited_on(tmp_path):
+    """OUT's own small files read back (a shard's meta.json, summary.json on a re-export) go through the same
+    guard: a FIFO in their place is one line, at once."""
+    from spectral_jax.dataset import export, store
+
+    for name in ("meta.json", "summary.json"):
+        os.mkfifo(tmp_path / name)
+    (tmp_path / "eigvecs.npz").write_bytes(b"")
+    with deadline(30, "reading OUT's files"):
+        with pytest.raises(InputError, match=r"unreadable meta.json: is not a regular file but a FIFO"):
+            store._meta(str(tmp_path))
+        with pytest.raises(InputError, match=r"incomplete export \(summary.json: is not a regular file but a FIFO"):
+            export.load_result(str(tmp_path))

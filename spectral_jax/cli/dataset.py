@@ -208,10 +208,12 @@ def _default_layer_weights(args, diffusion: bool):
     if args.method != "exact" or diffusion:
         return None
     if args.resume:
+        from spectral_jax.io import open_regular
+
         try:
-            with open(os.path.join(args.out, "summary.json")) as f:
+            with open_regular(os.path.join(args.out, "summary.json")) as f:     # a FIFO: not waited on
                 finished = json.load(f)
-        except (OSError, ValueError):
+        except (OSError, ValueError):           # InputError is a ValueError: missing, or not a regular file
             finished = None
         if isinstance(finished, dict):
             told = finished.get("layer_weights")

@@ -136,11 +136,14 @@ def load_result(out: str) -> DatasetResult:
     if not os.path.isfile(path):
         raise InputError(out, "holds no eigvecs.npz", "run `spectral-jax dataset FOLDER ... --out DIR` first, or "
                          "re-open an interrupted run with --resume")
+    from spectral_jax.io import open_regular
+
     try:
-        with open(os.path.join(out, "summary.json")) as fh:
+        with open_regular(os.path.join(out, "summary.json"), "summary.json file") as fh:   # a FIFO: not waited on
             summary = json.load(fh)
     except (OSError, ValueError) as e:
-        raise InputError(out, f"holds an incomplete export (summary.json: {type(e).__name__})",
+        why = e.problem if isinstance(e, InputError) else type(e).__name__
+        raise InputError(out, f"holds an incomplete export (summary.json: {why})",
                          "re-export it with `spectral-jax dataset FOLDER ... --out DIR --resume`") from None
     with np.load(path, allow_pickle=False) as f:
         d = {k: f[k] for k in f.files}

@@ -194,10 +194,14 @@ def remove_parts(ckdir: str) -> None:
 def _meta(path: str) -> dict:
     """The meta.json of a shard or part folder: an object with a "key" object, else one `InputError`."""
     from spectral_jax.dataset import checkpoint
+    from spectral_jax.errors import InputError
+    from spectral_jax.io import open_regular
 
     try:
-        with open(os.path.join(path, "meta.json")) as f:
+        with open_regular(os.path.join(path, "meta.json"), "meta.json file") as f:   # a FIFO: refused, not waited on
             meta = json.load(f)
+    except InputError as e:
+        raise checkpoint.damaged(path, f"unreadable meta.json: {e.problem}") from None
     except (OSError, ValueError) as e:
         raise checkpoint.damaged(path, f"unreadable meta.json: {type(e).__name__}") from None
     if not isinstance(meta, dict) or not isinstance(meta.get("key"), dict):
