@@ -159,7 +159,8 @@ class GdSpec:
     """The gradient solver's options (`solvers.gd`): preset ("eigen" | "paper"), param ("table"; "conv" with the
     paper preset), steps (None: 150 eigen, 1000 paper), lr (None: the preset's default), optimizer (an optax
     `GradientTransformation` replacing the preset's, or None), sample (fraction of graphs per step in (0, 1], None
-    all), lam (the paper loss's orthogonality weight, ≥ 0; None: 1; the paper preset only), tol (the convergence threshold, None: the preset's),
+    all), lam (the paper loss's orthogonality weight, ≥ 0; None: 1; the paper preset only), tol (the convergence
+    threshold, None: the preset's),
     progress (a bar, or a callable; not compared), chunks (compiled calls the steps are split into, ≥ 1),
     materialize (build the graphs' dense P once: None when they fit `dense_max` nodes per grid and `dense_bytes`
     in all, True always, False never), dense_max (≥ 0), dense_bytes (> 0)."""
@@ -226,9 +227,9 @@ def check_graph_reads(kind: str, given, flags: bool = False) -> None:
     if unread:
         names = ", ".join("--" + k.replace("_", "-") if flags else k for k in unread)
         readers = sorted({g for g, reads in GRAPH_READS.items() if unread[0] in reads})
-        raise InputError(names, f"{'is' if len(unread) == 1 else 'are'} not read by the {kind} graph ("
-                         f"{'it' if len(unread) == 1 else 'they'} would be ignored)", f"drop {'it' if len(unread) == 1 else 'them'}, or use the {' or '.join(readers)} "
-                         "graph")
+        one = len(unread) == 1
+        raise InputError(names, f"{'is' if one else 'are'} not read by the {kind} graph ({'it' if one else 'they'} "
+                         "would be ignored)", f"drop {'it' if one else 'them'}, or use the {' or '.join(readers)} graph")
 SOLVER_OPTIONS = {m: tuple(f.name for f in dataclasses.fields(c)) for m, c in SOLVER_SPECS.items()}
 
 
