@@ -941,8 +941,8 @@ def check_edges(edges: int, rec: dict) -> None:
     the segments noise; every kept cosine was at or below --min-cos); else `say_isolated`'s warning."""
     if edges == 0:
         raise InputError(f"--min-cos {rec['min_cos']}", "leaves no edge in any graph (every neighbour's cosine is at "
-                         "or below it)", "lower --min-cos (e.g. 0.1, or -1 to keep every neighbour) and run into "
-                         "another --out")
+                         "or below it)", "lower --min-cos (-1 keeps every neighbour found) and run into another "
+                         "--out")
     say_isolated(rec)
 
 

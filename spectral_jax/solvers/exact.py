@@ -107,8 +107,8 @@ def exact(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: 
     _check_metric(graphs, weights, base, same)
     if all(isinstance(g, KnnGraph) for g in graphs) and not any(bool(jnp.any(g.w > 0)) for g in graphs):
         raise InputError("graphs", "have no edge (every kNN neighbour's cosine at or below min_cos): every eigenvalue "
-                         "would be 0 and any vectors eigenvectors", "lower min_cos (e.g. 0.1, or -1 to keep every "
-                         "neighbour), or check the features (all zero?)")
+                         "would be 0 and any vectors eigenvectors", "lower min_cos (-1 keeps every neighbour "
+                         "found), or check the features (all zero?)")
     fallback = False                    # ARPACK did not converge and LOBPCG ran instead
     if dense_fits(m0, num_eigs, dense_max):
         a, b = dense_operators(graphs, ws, base, nimg)
