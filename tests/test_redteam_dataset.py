@@ -95,3 +95,66 @@ def test_resuming_a_gd_run_with_fewer_epochs_says_it_exports_the_longer_run(tmp_
     assert s["epochs"] == 2 and s["steps"] == 4
     err = [line for line in capsys.readouterr().err.splitlines() if "--epochs 1" in line]
     assert len(err) == 1 and "already taken 4 steps (2 epochs); exporting it as it is" in err[0]
+
+
+def test_processes_started_with_other_flags_or_folders_are_refused_on_every_process(tmp_path):
+    """Two processes whose flags (--seed) or folders differ: before anything is read, every process refuses the run
+    in one line naming process 1 and what differs (they used to run on and mix two runs into one result)."""
+    import subprocess
+    import sys
+    import textwrap
+
+    from test_dataset import CHILD_HEAD, _env, _free_port
+
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    other = make_folder(str(tmp_path / "other"), 3, seed=1)
+    for case, (a, b) in {"seed": ((folder, 0), (folder, 1)), "folder": ((folder, 0), (other, 0))}.items():
+        port, procs = _free_port(), []
+        for i, (root, seed) in enumerate((a, b)):
+            child = textwrap.dedent(f"""
+                import jax
+                jax.distributed.initialize(coordinator_address="127.0.0.1:{port}", num_processes=2, process_id={i})
+            """) + CHILD_HEAD + textwrap.dedent(f"""
+                from spectral_jax.errors import InputError
+                try:
+                    dataset.run({root!r}, {str(tmp_path / case)!r}, backbone=synthetic(), seed={seed}, **SMALL)
+                except InputError as e:
+                    print("REFUSED", e)
+            """)
+            procs.append(subprocess.Popen([sys.executable, "-c", child], env=_env(), stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, text=True))
+        try:
+            outs = [p.communicate(timeout=300) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+        for out, err in outs:
+            line = next((s for s in out.splitlines() if s.startswith("REFUSED")), err[-2000:])
+            assert "REFUSED process 1 of 2: was started with other flags or another folder" in line, line
+            assert ("seed 0 ≠ 1" if case == "seed" else "files: 4 images ≠ 3") in line, line
+
+
+def test_the_search_record_keeps_the_ivf_sizes_when_the_last_layer_fell_back_to_exact(tmp_path, monkeypatch, capsys):
+    """--search ivf where the last layer's checked search ended exact: the summary and the stderr line give the
+    sizes of the layer that kept the IVF (they said "nlist None, nprobe None … on None sampled rows")."""
+    from spectral_jax.dataset import whole
+
+    search_graph, calls = whole._search_graph, []
+
+    def last_exact(*a, **kw):
+        idx, w, info = search_graph(*a, **kw)
+        calls.append(info["search"])
+        if len(calls) == 2:                                # layer 1: as if its tries had all stayed under the floor
+            info = {"search": "exact", "recall": 1.0, "tries": [{"nprobe": 8, "recall": 0.5}]}
+        return idx, w, info
+
+    monkeypatch.setattr(whole, "_search_graph", last_exact)
+    folder = make_folder(str(tmp_path / "imgs"), n=8)
+    s = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), search="ivf", min_recall=0.01,
+                    exact_solver="gathered", **EXACT).summary()
+    ks = s["knn_search"]
+    assert calls == ["ivf", "ivf"] and ks["used"] == "ivf"
+    assert ks["nlist"] > 0 and ks["nprobe"] > 0 and ks["recall_rows"] > 0, ks
+    line = [x for x in capsys.readouterr().err.splitlines() if "kNN search ivf" in x]
+    assert len(line) == 1 and "None" not in line[0] and f"nlist {ks['nlist']}" in line[0], line

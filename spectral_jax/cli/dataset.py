@@ -269,6 +269,7 @@ def run_dataset(args) -> int:
     if args.coordinator is not None or cluster_from_env():     # all three given (check_cluster), else JAX finds
         from spectral_jax.dataset import init_distributed        # the cluster from the launcher's environment
 
+        _c_prints_to_stderr()
         init_distributed(args.coordinator, args.num_processes, args.process_id)
     from spectral_jax import dataset
 
@@ -294,6 +295,16 @@ def run_dataset(args) -> int:
                           "segments": s["segments"]["num_segments"], "segments_rule": s["segments"]["rule"],
                           **_verdict(s.get("convergence"))}))
     return 0
+
+
+def _c_prints_to_stderr() -> None:
+    """Several processes: what C libraries print on file descriptor 1 (gloo's "[Gloo] Rank N is connected to …"
+    when it connects) goes to stderr, so that stdout holds only the run's one JSON line (`… | jq`): fd 1 becomes
+    stderr's and Python's `sys.stdout` writes to the original stdout, kept on a new descriptor."""
+    sys.stdout.flush()
+    kept = os.dup(1)
+    os.dup2(2, 1)
+    sys.stdout = os.fdopen(kept, "w", buffering=1, encoding=sys.stdout.encoding or "utf-8")
 
 
 def _stop_if_peer_lost(e: BaseException) -> None:

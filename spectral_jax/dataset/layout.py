@@ -151,12 +151,16 @@ def init_distributed(coordinator: str | None = None, num_processes: int | None =
     """`jax.distributed.initialize` (call before anything else touches JAX). With no arguments JAX detects the
     cluster (SLURM, TPU pods, …); else all three (`inputs.check_cluster`, which also refuses process 0's port
     taken). CPU processes exchange data over gloo (the default of this JAX). A failure to start or join is one
-    `InputError` line (JAX's own message in it); a peer that never comes waits JAX's initialization timeout."""
+    `InputError` line (JAX's own message in it); a peer that never comes waits JAX's initialization timeout. JAX's
+    preemption service is turned off first (its SIGTERM handler would make a `kill` a no-op)."""
     from spectral_jax.dataset.inputs import check_cluster
 
     check_cluster(coordinator, num_processes, process_id)
     kw = {k: v for k, v in dict(coordinator_address=coordinator, num_processes=num_processes,
                                  process_id=process_id).items() if v is not None}
+    # JAX's preemption service (TPU maintenance events) installs a C++ SIGTERM handler that only logs: a `kill`
+    # or a scheduler's stop would then be ignored. The run has no use for it; the CLI's own handler stops it cleanly.
+    jax.config.update("jax_enable_preemption_service", False)
     try:
         jax.distributed.initialize(**kw)
     except (RuntimeError, ValueError) as e:
@@ -275,6 +279,40 @@ def gather_reasons(reasons: dict) -> dict:
     return out
 
 
+def same_everywhere(fields: dict) -> None:
+    """Every process's `fields` ({name: JSON-ready value}) must equal process 0's: else one `InputError`, on every
+    process, naming the first process that differs and up to four of the fields (the images listed, "files", by
+    their count and first difference). One process: nothing to compare. Every process must call it (an all-gather
+    of the JSON)."""
+    import json
+
+    from jax.experimental import multihost_utils
+
+    if jax.process_count() == 1:
+        return
+    mine = np.frombuffer(json.dumps(fields, sort_keys=True, default=repr).encode(), np.uint8)
+    size = int(np.max(multihost_utils.process_allgather(np.array([mine.size], np.int32))))
+    rows = np.asarray(multihost_utils.process_allgather(np.pad(mine, (0, size - mine.size), constant_values=32)))
+    every = [json.loads(row.tobytes().decode()) for row in rows.reshape(-1, size)]
+    first = every[0]
+    for p, other in enumerate(every[1:], 1):
+        diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
+        if not diff:
+            continue
+
+        def shown(k):
+            a, b = first.get(k), other.get(k)
+            if k == "files" and isinstance(a, list) and isinstance(b, list):
+                at = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+                return (f"files: {len(a)} images ≠ {len(b)}, the first difference at {at}: "
+                        f"{a[at] if at < len(a) else '—'} ≠ {b[at] if at < len(b) else '—'}")
+            return f"{k} {a} ≠ {b}"
+
+        raise InputError(f"process {p} of {len(every)}", "was started with other flags or another folder than "
+                         f"process 0 ({'; '.join(shown(k) for k in diff[:4])})", "start every process with the same "
+                         "flags and FOLDER (only --process-id differs)")
+
+
 def gather(x) -> np.ndarray:
     """A (possibly multi-process) array as one host numpy array; every process must call it."""
     from jax.experimental import multihost_utils
@@ -286,6 +324,7 @@ def gather(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-__all__ = ["AXIS", "Geometry", "PeerFailed", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry", "global_array",
+__all__ = ["AXIS", "Geometry", "PeerFailed", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry",
+           "global_array", "same_everywhere",
            "fail_together", "gather_reasons", "graph_images", "init_distributed", "lost_peer", "cluster_from_env", "local_slots", "make_mesh", "nonfinite_reason",
            "tapped", "timesteps_of"]

@@ -24,7 +24,7 @@ from spectral_jax import folder as F
 from spectral_jax.dataset import checkpoint, export, inputs, step, summary, whole
 from spectral_jax.dataset.export import DatasetResult
 from spectral_jax.dataset.layout import (AXIS, batch_indices, gather, geometry, global_array, local_slots,
-                                         make_mesh, nonfinite_reason)
+                                         make_mesh, nonfinite_reason, same_everywhere)
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.options import layer_order
 from spectral_jax.errors import InputError
@@ -83,7 +83,9 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     """
     t_start = time.perf_counter()
     settings = settings.replace(**options) if settings is not None else Settings(**options)
-    where = _open_folder(os.fspath(folder), os.fspath(out), resume)
+    same = {**{f.name: repr(getattr(settings, f.name)) for f in dataclasses.fields(settings)}, "resume": resume,
+            "backbone": None if backbone is None else repr(getattr(backbone, "name", None))}
+    where = _open_folder(os.fspath(folder), os.fspath(out), resume, same)
     try:
         return _run(where, settings, backbone, mesh, resume, progress, t_start)
     finally:
@@ -143,10 +145,12 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
     return _export(where, settings, geom, backbone, layers_name, trained, per_epoch, t_start, compile_s)
 
 
-def _open_folder(folder: str, out: str, resume: bool) -> Folder:
+def _open_folder(folder: str, out: str, resume: bool, same: dict | None = None) -> Folder:
     """FOLDER scanned and checked to hold a readable image, OUT checked (`inputs.check_out`), locked (`_lock_out`)
-    and its checkpoints listed (refused without `resume`), the images' content digests taken. The lock is released
-    here when a check fails; otherwise the caller releases it (`Folder.lock`)."""
+    and its checkpoints listed (refused without `resume`), the images' content digests taken. With several
+    processes, `same` (the run's settings) and the images listed must be every process's (`layout.same_everywhere`,
+    before anything is read). The lock is released here when a check fails; otherwise the caller releases it
+    (`Folder.lock`)."""
     if not os.path.isdir(folder):
         raise InputError(folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     inputs.check_out(folder, out)
@@ -158,6 +162,7 @@ def _open_folder(folder: str, out: str, resume: bool) -> Folder:
         if done and not resume:
             checkpoint.refuse_unasked_resume(out, done)
         files, ignored = F.scan(folder, exclude=[out])
+        same_everywhere({**(same or {}), "files": list(files)})
         found, why = F.first_readable(folder, files)
         if found is None:
             raise inputs.no_images(folder, files, why)

@@ -263,9 +263,12 @@ def local_features(st: Streamed, settings: Settings, geom: Geometry) -> Features
 
 
 def _say(msg: str) -> None:
-    """One line on stderr (through tqdm, so that a progress bar stays intact)."""
+    """One line on stderr (through tqdm, so that a progress bar stays intact), from process 0 only: what it says
+    (the search's recall, isolated tokens, a cache read) is the run's, the same on every process."""
     import sys
 
+    if jax.process_index() != 0:
+        return
     try:
         from tqdm.auto import tqdm
 
@@ -365,8 +368,9 @@ def _owned_features(mesh: Mesh, a, b=None) -> dict[int, tuple[jax.Array, jax.Arr
 
 def _search_info(used: dict, kinds: set, recall, tries: list, search) -> dict:
     """A group's record of its graphs' approximate searches (`search_store`'s infos entry): the kind used (the
-    approximate one if any graph kept it), recall `[L(, T)]`, the IVF sizes of the last graph, per graph its
-    tries, and min_recall."""
+    approximate one if any graph kept it), recall `[L(, T)]`, the IVF sizes of `used` (the last graph that kept
+    the approximate search; none where every such graph was read back from its part), per graph its tries, and
+    min_recall."""
     info = {k: v for k, v in used.items() if k not in ("recall", "tries", "search")}
     kind = next(iter(sorted(kinds - {"exact"})), "exact" if kinds else search.kind)
     return {**info, "search": kind, "recall": recall, "tries": tries, "min_recall": search.min_recall}
@@ -424,7 +428,8 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
             found = _owned_searches(int(np.prod(shape)), one)
             g = _group_graph(np.stack([f[0] for f in found]), np.stack([f[1] for f in found]), grid, shape, n)
             recall = np.array([float(np.asarray(f[2]["recall"]).reshape(-1)[0]) for f in found], np.float32)
-            info = _search_info(found[-1][2], {f[2]["search"] for f in found}, recall.reshape(shape),
+            last = next((f[2] for f in found[::-1] if f[2]["search"] != "exact"), found[-1][2])
+            info = _search_info(last, {f[2]["search"] for f in found}, recall.reshape(shape),
                                 [f[2].get("tries", []) for f in found], search)
             del owned, found
         else:
@@ -512,10 +517,12 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
             if approx:
                 a = tile(f"a{g}", layer, t, 0, n)
                 b = a if bname == f"a{g}" else tile(bname, layer, t, 0, n)
-                idx[j], w[j], used = _search_graph(a, b, grid, n, (k_intra, k_inter), settings, st.valid, search)
-                recall[j] = float(np.asarray(used["recall"]).reshape(-1)[0])
-                tries.append(used.get("tries", []))
-                kinds.add(used["search"])
+                idx[j], w[j], got = _search_graph(a, b, grid, n, (k_intra, k_inter), settings, st.valid, search)
+                recall[j] = float(np.asarray(got["recall"]).reshape(-1)[0])
+                tries.append(got.get("tries", []))
+                kinds.add(got["search"])
+                if got["search"] != "exact" or not used:    # the sizes reported: the last approximate graph's
+                    used = got
                 del a, b
                 if bar is not None:
                     bar.update(1)
@@ -1029,9 +1036,10 @@ def say_search(info: dict) -> None:
     """One stderr line for an approximate search: the search used and its measured recall (nothing for exact)."""
     ks = info["knn_search"]
     if ks["used"] != "exact":
-        _say(f"spectral-jax dataset: kNN search {ks['used']} (nlist {ks.get('nlist')}, nprobe {ks.get('nprobe')}): "
-             f"recall {ks['recall_min']:.4f} (the lowest over the layers' graphs) of the exact inter-image top-k on "
-             f"{ks.get('recall_rows')} sampled rows")
+        sizes = ", ".join(f"{k} {ks[k]}" for k in ("nlist", "nprobe") if ks.get(k) is not None)
+        rows = f" on {ks['recall_rows']} sampled rows" if ks.get("recall_rows") is not None else ""
+        _say(f"spectral-jax dataset: kNN search {ks['used']}" + (f" ({sizes})" if sizes else "") + f": recall "
+             f"{ks['recall_min']:.4f} (the lowest over the layers' graphs) of the exact inter-image top-k{rows}")
     elif ks.get("tries"):
         _say(f"spectral-jax dataset: kNN search exact: the approximate search's sampled recall stayed under "
              f"{ks['min_recall']} with the cells it may probe (summary.json: knn_search.tries)")
