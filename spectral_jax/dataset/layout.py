@@ -261,21 +261,28 @@ def global_array(mesh: Mesh, spec: P, local: np.ndarray, shape: tuple) -> jax.Ar
     return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), local, shape)
 
 
-def gather_reasons(reasons: dict) -> dict:
-    """{image: why} of every process, each passing its own (JSON bytes padded to the longest, all-gathered); every
-    process must call it."""
+def gather_json(obj) -> list:
+    """Every process's `obj` (JSON-ready; other values by their repr), in process order: each process's JSON bytes
+    padded to the longest and all-gathered. Every process must call it."""
     import json
 
     from jax.experimental import multihost_utils
 
     if jax.process_count() == 1:
-        return dict(reasons)
-    mine = np.frombuffer(json.dumps({str(i): w for i, w in reasons.items()}).encode(), np.uint8)
+        return [json.loads(json.dumps(obj, default=repr))]
+    mine = np.frombuffer(json.dumps(obj, default=repr).encode(), np.uint8)
     size = int(np.max(multihost_utils.process_allgather(np.array([mine.size], np.int32))))
     rows = np.asarray(multihost_utils.process_allgather(np.pad(mine, (0, size - mine.size), constant_values=32)))
+    return [json.loads(row.tobytes().decode()) for row in rows.reshape(-1, size)]
+
+
+def gather_reasons(reasons: dict) -> dict:
+    """{image: why} of every process, each passing its own (`gather_json`); every process must call it."""
+    if jax.process_count() == 1:
+        return dict(reasons)
     out = {}
-    for row in rows.reshape(-1, size):
-        out.update({int(i): w for i, w in json.loads(row.tobytes().decode()).items()})
+    for every in gather_json({str(i): w for i, w in reasons.items()}):
+        out.update({int(i): w for i, w in every.items()})
     return out
 
 
@@ -283,17 +290,10 @@ def same_everywhere(fields: dict) -> None:
     """Every process's `fields` ({name: JSON-ready value}) must equal process 0's: else one `InputError`, on every
     process, naming the first process that differs and up to four of the fields (the images listed, "files", by
     their count and first difference). One process: nothing to compare. Every process must call it (an all-gather
-    of the JSON)."""
-    import json
-
-    from jax.experimental import multihost_utils
-
+    of the JSON, `gather_json`)."""
     if jax.process_count() == 1:
         return
-    mine = np.frombuffer(json.dumps(fields, sort_keys=True, default=repr).encode(), np.uint8)
-    size = int(np.max(multihost_utils.process_allgather(np.array([mine.size], np.int32))))
-    rows = np.asarray(multihost_utils.process_allgather(np.pad(mine, (0, size - mine.size), constant_values=32)))
-    every = [json.loads(row.tobytes().decode()) for row in rows.reshape(-1, size)]
+    every = gather_json(fields)
     first = every[0]
     for p, other in enumerate(every[1:], 1):
         diff = sorted(k for k in set(first) | set(other) if first.get(k) != other.get(k))
@@ -324,7 +324,7 @@ def gather(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
-__all__ = ["AXIS", "Geometry", "PeerFailed", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "geometry",
-           "global_array", "same_everywhere",
+__all__ = ["AXIS", "Geometry", "PeerFailed", "ROW_ALIGN", "batch_indices", "epoch_order", "gather", "gather_json",
+           "geometry", "global_array", "same_everywhere",
            "fail_together", "gather_reasons", "graph_images", "init_distributed", "lost_peer", "cluster_from_env", "local_slots", "make_mesh", "nonfinite_reason",
            "tapped", "timesteps_of"]
