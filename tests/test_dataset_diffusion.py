@@ -153,6 +153,7 @@ def test_exact_solve_reaches_the_dense_optimum_of_per_timestep_graphs(tmp_path, 
     taps, grids, _ = image_taps(model, folder, size, layers)
     if model == "sd_tiny":
         assert sorted(grids.values()) == [(2, 2), (4, 4), (8, 8)]            # three grids: the multi-grid problem
+    assert ("generalised problem" in s["objective_kind"]) == (model == "sd_tiny")   # B-orthonormal, not Σ λ
     full = weights or {l: 1.0 for l in layers}
     a_mat, b_mat, base = dense_reference(taps, grids, 3, KIND[model], ki, ko, 0.1, full)
     assert tuple(res.eigvecs.shape[2:]) == base

@@ -59,6 +59,11 @@ class Geometry:
         return 1 if self.steps is None else self.steps
 
     @property
+    def grids(self) -> int:
+        """Distinct grids the tapped layers sit on (1 for a ViT or DiT; a UNet's several: a multi-grid solve)."""
+        return len({tuple(g) for g, _ in self.groups})
+
+    @property
     def tokens(self) -> int:
         """Tokens per image of the coarsest tapped grid (the smallest graph of a batch)."""
         return min(g[0] * g[1] for g, _ in self.groups)

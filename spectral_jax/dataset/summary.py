@@ -117,7 +117,7 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     return {
         "objective": float(res.objective[0]),
         "objective_kind": ("Σ_k Σ_l w_l z_kᵀ P_l z_k over the whole-dataset graph (its optimum: the sum of the "
-                           "top-K eigenvalues of Σ_l w_l sym(P_l))" if len({tuple(g) for g, _ in geom.groups}) == 1
+                           "top-K eigenvalues of Σ_l w_l sym(P_l))" if geom.grids == 1
                            else "Σ_k Σ_l w_l z_{l,k}ᵀ P_l z_{l,k}, z_{l,k} eigenvector k pooled to layer l's grid "
                            "and made unit-norm, over the whole-dataset graphs (layers on several grids: the "
                            "eigenvalues are the generalised problem A x = λ B x's, B the layers' pooling, and "

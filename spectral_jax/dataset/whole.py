@@ -818,7 +818,7 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
     approximate --search asked for by name (ivf, faiss: its index built over a group's gathered features,
     `build_graphs`) auto is gathered; "sharded" with faiss is one `InputError` (with ivf it runs the ring IVF);
     --search faiss without faiss installed: one `InputError`."""
-    one_grid = len({tuple(grid) for grid, _ in geom.groups}) == 1 and geom.steps is None
+    one_grid = geom.grids == 1 and geom.steps is None
     choice = settings.exact_solver
     from spectral_jax.errors import InputError
 
@@ -841,7 +841,7 @@ def solver_path(settings: Settings, geom: Geometry) -> str:
                          "path weights its edges by the cosine)", "pass --solver gathered (or auto)")
     if choice == "sharded" and not one_grid:
         why = ("the taps have diffusion timesteps (graphs [L, T])" if geom.steps is not None else
-               f"the layers sit on {len({tuple(g) for g, _ in geom.groups})} grids")
+               f"the layers sit on {geom.grids} grids")
         raise InputError("--solver sharded", f"cannot run here: {why}; the sharded path takes one grid and one "
                          "graph per layer",
                          "pass --solver gathered (or auto)")
