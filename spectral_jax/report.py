@@ -1,7 +1,8 @@
 """One folder per analysed image: the PNGs a person looks at, `result.npz` (B = 1) and `summary.json`.
 
 Files: `input.png` (the image as the model saw it), `segments.png` (segment overlay), `pca.png` (eigenvectors
-2–4 as RGB, weighted by their eigenvalues), `eigvecs.png` (each eigenvector, diverging colours), `foreground.png`
+2–4 as RGB, weighted by their eigenvalues; 2–K when K < 4), `eigvecs.png` (each eigenvector, diverging colours,
+titled "#1" … "#K": eigenvectors are counted from 1 everywhere, #1 being the trivial one), `foreground.png`
 (bipartition overlay), `instances.png` (instance masks), `panel.png` (all of them side by side), `result.npz`,
 `summary.json`; with attribution (`write_attribution`): `attribution.png` (heat maps, `viz.attribution_figure`) and
 `attribution.json` (`Attribution.to_json`).
@@ -19,8 +20,20 @@ from spectral_jax.files import write_json
 from spectral_jax.solvers.result import Result
 
 
+def pca_title(K: int) -> str:
+    """The panel's title over `pca.png` for K eigenvectors: the ones `viz.pca_image` shows, counted from 1 like
+    `eigvecs.png` ("eigenvectors 2-4"; "eigenvectors 2-3" for K = 3; "eigenvector 2" for K = 2)."""
+    last = min(K, 4)
+    if last < 2:
+        return "no eigenvector"
+    return "eigenvector 2" if last == 2 else f"eigenvectors 2-{last}"
+
+
 def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: dict | None = None) -> dict:
-    """Write one image's folder; returns its summary (also written as summary.json)."""
+    """Write one image's folder; returns its summary (also written as summary.json).
+
+    eigvecs.png's tiles are 96 pixels high and 96·w/h wide (the grid's aspect); `viz.eigvec_grid` widens the cells
+    of narrow tiles so their titles stay whole and apart."""
     os.makedirs(folder, exist_ok=True)
     hw = image.shape[:2]
     seg = viz.overlay_segments(image, view.segments)
@@ -33,7 +46,7 @@ def write_image(folder: str, image: np.ndarray, res: Result, view: View, extra: 
                       ("eigvecs", grid)]:
         viz.save_png(os.path.join(folder, f"{name}.png"), arr)
     viz.save_png(os.path.join(folder, "panel.png"), viz.side_by_side(
-        [image, seg, pca, fg, inst], titles=["input", f"segments (k={view.k})", "eigenvectors 2-4",
+        [image, seg, pca, fg, inst], titles=["input", f"segments (k={view.k})", pca_title(view.eigvecs.shape[0]),
                                              "foreground", f"instances ({len(view.instances)})"]))
     res.save(os.path.join(folder, "result.npz"))
     summary = {**res.summary(), "segments_k": view.k, "foreground_fraction": float(view.foreground.mean()),
@@ -78,4 +91,4 @@ def unique_stems(paths) -> list[str]:
     return out
 
 
-__all__ = ["unique_stems", "write_attribution", "write_image", "write_json"]
+__all__ = ["pca_title", "unique_stems", "write_attribution", "write_image", "write_json"]

@@ -23,8 +23,8 @@ from spectral_jax.files import write_atomic
 from spectral_jax.errors import InputError
 
 __all__ = [
-    "palette", "colormap", "overlay_segments", "pca_image", "eigvec_grid", "instance_image", "side_by_side",
-    "dataset_figure", "save_png", "dataset_segments_figure", "attribution_figure",
+    "palette", "colormap", "overlay_segments", "pca_image", "eigvec_grid", "eigvec_titles", "instance_image",
+    "side_by_side", "dataset_figure", "save_png", "dataset_segments_figure", "attribution_figure",
 ]
 
 # 20 well-separated colours (RGB); segments beyond 20 get golden-ratio hues (`palette`).
@@ -145,6 +145,39 @@ def _text_height(font) -> int:
     return int(bottom) + 3
 
 
+_TITLE_GAP = 6  # pixels of white at least between one tile's title and the next
+
+
+def eigvec_titles(K: int, eigvals=None) -> list[str]:
+    """The titles `eigvec_grid` writes over K eigenvectors: "#1" … "#K", counted from 1 (the README's numbering:
+    eigenvector 1 is the trivial one, `pca_image` shows 2–4), with eigenvalue i as "#i: 0.9731" when `eigvals` `[K]`
+    is given. A colon, not a bare space, separates the two numbers, so "#1: 0.5902" cannot read as "#10.5902"."""
+    lam = None if eigvals is None else np.asarray(eigvals, np.float64).reshape(-1)
+    return [f"#{i + 1}" if lam is None else f"#{i + 1}: {lam[i]:.4f}" for i in range(K)]
+
+
+def _wrap(text: str, font, width: int) -> list[str]:
+    """`text` broken at spaces into lines each at most `width` pixels long in `font` (a word longer than a line is
+    broken between characters); " ".join of the lines gives `text` back when no word had to be broken."""
+    lines: list[str] = []
+    line = ""
+    for word in text.split(" "):
+        cand = word if not line else f"{line} {word}"
+        if font.getlength(cand) <= width:
+            line = cand
+            continue
+        if line:
+            lines.append(line)
+        line = ""
+        for ch in word:  # the word alone: break it where it must
+            if line and font.getlength(line + ch) > width:
+                lines.append(line)
+                line = ""
+            line += ch
+    lines.append(line)
+    return lines
+
+
 def eigvec_grid(eigvecs, size_per_tile=64, cols: int | None = None, cmap: str = "diverging", eigvals=None,
                 titles: bool = True, pad: int = 2, resample: str = "bilinear") -> np.ndarray:
     """Every eigenvector of `[K, h, w]` as a coloured tile, in a grid: uint8 `[rows·(th + title + pad) + pad,
@@ -152,8 +185,11 @@ def eigvec_grid(eigvecs, size_per_tile=64, cols: int | None = None, cmap: str = 
 
     size_per_tile: int or (th, tw). cols: tiles per row (default min(K, 8)). Each tile v is scaled by its own
     max|v| so that 0 is the middle of `cmap` ("diverging": negative blue, positive red; "gray") — a sign flip of
-    v mirrors its colours. With `titles`, each tile is headed "#i" (and its eigenvalue when `eigvals` is given) in
-    PIL's default font.
+    v mirrors its colours. With `titles`, each tile is headed by `eigvec_titles` ("#1", "#2", … counted from 1 as
+    in the README, the first being the trivial vector; "#2: 0.9731" with `eigvals`) in PIL's default font. Titles
+    are never cut or run together: where the widest title (plus a 6-pixel gap) is wider than tw — narrow tiles of
+    tall images — every cell is widened to fit it (tw + pad becomes that width + pad) and the tile sits at the
+    cell's left; the tiles themselves keep their size.
     """
     e = np.asarray(eigvecs)
     if e.ndim != 3 or not np.issubdtype(e.dtype, np.floating) or not np.all(np.isfinite(e)):
@@ -171,8 +207,10 @@ def eigvec_grid(eigvecs, size_per_tile=64, cols: int | None = None, cmap: str = 
     lut = colormap(cmap)
     font = _font() if titles else None
     title_h = _text_height(font) if titles else 0
+    texts = eigvec_titles(K, lam) if titles else []
+    text_w = max((int(np.ceil(font.getlength(t))) + 1 + _TITLE_GAP for t in texts), default=0)
     rows = -(-K // cols)
-    cell_h, cell_w = th + title_h + pad, tw + pad
+    cell_h, cell_w = th + title_h + pad, max(tw, text_w) + pad
     canvas = np.full((rows * cell_h + pad, cols * cell_w + pad, 3), 255, np.uint8)
     for i in range(K):
         v = e[i].astype(np.float64)
@@ -186,9 +224,8 @@ def eigvec_grid(eigvecs, size_per_tile=64, cols: int | None = None, cmap: str = 
     if titles:
         img = Image.fromarray(canvas)
         draw = ImageDraw.Draw(img)
-        for i in range(K):
+        for i, text in enumerate(texts):
             r, c = divmod(i, cols)
-            text = f"#{i}" if lam is None else f"#{i} {lam[i]:.4f}"
             draw.text((c * cell_w + pad + 1, r * cell_h + pad), text, fill=(0, 0, 0), font=font)
         canvas = np.asarray(img).copy()
     return canvas
@@ -309,6 +346,9 @@ def save_png(path: str, array) -> None:
     write_atomic(path, lambda tmp: img.save(tmp, format="PNG", compress_level=1))
 
 
+SEGMENTS_HEADING = "segment ids (one colour per segment, the same in every image):"  # dataset_segments_figure's legend
+
+
 def dataset_segments_figure(labels, thumbs: Sequence[np.ndarray] | None = None, num_segments: int | None = None, *,
                             tile: int = 64, cols: int = 10, alpha: float = 0.55, gap: int = 4) -> np.ndarray:
     """Dataset-wide segments of n images in one picture: uint8 `[rows·(tile + gap) + legend, cols·(tile + gap), 3]`.
@@ -316,7 +356,8 @@ def dataset_segments_figure(labels, thumbs: Sequence[np.ndarray] | None = None, 
     labels `[n, h, w]` int (segment ids shared by all images, `dataset.cluster.Segments.labels`); thumbs: uint8
     `[tile, tile, 3]` per image (None: mid-grey tiles). Each image gets its segments painted over it
     (`overlay_segments`: segment j in `palette` colour j in every image, white boundaries), `cols` images per row;
-    below, a legend: one swatch per segment id 0 … `num_segments` − 1 (default: the largest label + 1).
+    below, a legend: a heading (`SEGMENTS_HEADING`, wrapped onto as many lines as the figure's width needs, so it is
+    never cut) and one swatch per segment id 0 … `num_segments` − 1 (default: the largest label + 1).
     """
     lab = np.asarray(labels)
     if lab.ndim != 3 or not np.issubdtype(lab.dtype, np.integer) or lab.shape[0] < 1:
@@ -334,7 +375,8 @@ def dataset_segments_figure(labels, thumbs: Sequence[np.ndarray] | None = None, 
     text_h = _text_height(font)
     entry_w = max(30, int(font.getlength(str(max(k - 1, 0)))) + text_h + 8)
     per_line = max(1, (cols * (tile + gap)) // entry_w)
-    legend_h = gap + text_h + -(-k // per_line) * (text_h + 2)
+    heading = _wrap(SEGMENTS_HEADING, font, cols * (tile + gap) - 4)
+    legend_h = gap + len(heading) * text_h + -(-k // per_line) * (text_h + 2)
     canvas = np.full((rows * (tile + gap) + legend_h, cols * (tile + gap), 3), 255, np.uint8)
     for i in range(n):
         r, c = divmod(i, cols)
@@ -344,32 +386,45 @@ def dataset_segments_figure(labels, thumbs: Sequence[np.ndarray] | None = None, 
     img = Image.fromarray(canvas)
     draw = ImageDraw.Draw(img)
     y0 = rows * (tile + gap) + gap
-    draw.text((2, y0), "segment ids (one colour per segment, the same in every image):", fill=(0, 0, 0), font=font)
+    for i, line in enumerate(heading):
+        draw.text((2, y0 + i * text_h), line, fill=(0, 0, 0), font=font)
     colours = palette(max(k, 1))
     for j in range(k):
         r, c = divmod(j, per_line)
-        x, y = c * entry_w + 2, y0 + text_h + r * (text_h + 2)
+        x, y = c * entry_w + 2, y0 + len(heading) * text_h + r * (text_h + 2)
         draw.rectangle([x, y + 1, x + text_h - 3, y + text_h - 3], fill=tuple(int(v) for v in colours[j]),
                        outline=(0, 0, 0))
         draw.text((x + text_h, y), str(j), fill=(0, 0, 0), font=font)
     return np.asarray(img).copy()
 
 
+NAN_FILL, NAN_HATCH = (150, 150, 150), (70, 70, 70)  # attribution_figure's missing (NaN) cells: grey, hatched
+ATTRIBUTION_CAPTION = "-1 blue, 0 white, +1 red; grey hatched: missing (NaN)"
+
+
 def attribution_figure(att, cell: int = 14) -> np.ndarray:
     """Heat maps of an `analysis.Attribution`, one row per layer (in `att.layers` order, index written on the left),
     side by side: the joint eigenvectors' Rayleigh quotients per layer × eigenvector (mean over heads and
     timesteps) and per layer × graph (heads, timestep-major; mean over eigenvectors 2..K), the layer's own
-    eigenvalues × k, and cos² of the principal angles to the joint subspace × angle (means over timesteps; missing
-    entries white). One diverging scale for all: −1 blue, 0 white, +1 red (every value shown lies in [−1, 1]).
-    uint8 `[H, W, 3]`."""
+    eigenvalues × k, and cos² of the principal angles to the joint subspace × angle (means over timesteps). One
+    diverging scale for all: −1 blue, 0 white, +1 red (every value shown lies in [−1, 1]). Missing entries (NaN: a
+    layer with fewer eigenvectors or angles than K) are grey with a dark diagonal hatch (`NAN_FILL`, `NAN_HATCH`;
+    neither colour is on the diverging scale), so they never read as 0; a caption under the maps says so. A map
+    narrower than its title gets white on its right. uint8 `[H, W, 3]`."""
     lut = colormap("diverging")
     font = _font()
     label_w = 6 * len(str(int(np.max(att.layers)))) + 6
+    hatch = (np.add.outer(np.arange(cell), np.arange(cell)) % 4) == 0  # [cell, cell] diagonal lines
 
     def heat(m):
-        m = np.nan_to_num(np.asarray(m, np.float64), nan=0.0)
-        idx = np.rint(np.clip(0.5 + 0.5 * m, 0.0, 1.0) * 255.0).astype(np.int64)
+        m = np.asarray(m, np.float64)
+        missing = np.isnan(m)
+        idx = np.rint(np.clip(0.5 + 0.5 * np.nan_to_num(m, nan=0.0), 0.0, 1.0) * 255.0).astype(np.int64)
         img = np.repeat(np.repeat(lut[idx], cell, 0), cell, 1)
+        for r, c in zip(*np.nonzero(missing)):
+            block = img[r * cell:(r + 1) * cell, c * cell:(c + 1) * cell]
+            block[:] = NAN_FILL
+            block[hatch] = NAN_HATCH
         out = np.full((img.shape[0], img.shape[1] + label_w, 3), 255, np.uint8)
         out[:, label_w:] = img
         pil = Image.fromarray(out)
@@ -382,4 +437,16 @@ def attribution_figure(att, cell: int = 14) -> np.ndarray:
     panels = [heat(att.layer_rq), heat(att.head_rq), heat(mean_t(att.eigvals, 1)),
               heat(mean_t(np.cos(att.angles) ** 2, 1))]
     titles = ["RQ eigvec", "RQ head", "own eigvals", "cos2 to joint"]
-    return side_by_side(panels, titles=titles)
+    for i, t in enumerate(titles):  # white on the right of a panel narrower than its title: titles whole, apart
+        need = int(np.ceil(font.getlength(t))) + _TITLE_GAP - panels[i].shape[1]
+        if need > 0:
+            panels[i] = np.pad(panels[i], ((0, 0), (0, need), (0, 0)), constant_values=255)
+    fig = side_by_side(panels, titles=titles)
+    text_h = _text_height(font)
+    lines = _wrap(ATTRIBUTION_CAPTION, font, fig.shape[1] - 8)
+    strip = np.full((len(lines) * text_h + 4, fig.shape[1], 3), 255, np.uint8)
+    pil = Image.fromarray(strip)
+    draw = ImageDraw.Draw(pil)
+    for i, line in enumerate(lines):
+        draw.text((4, i * text_h), line, fill=(0, 0, 0), font=font)
+    return np.concatenate([fig, np.asarray(pil)], 0)

@@ -89,7 +89,7 @@ def test_eigvec_grid_layout_and_sign_mirror():
     const = viz.eigvec_grid(e, (12, 18), cols=3, titles=False, pad=2)[2:14, 2:20]
     assert (const == const[0, 0]).all()  # the constant vector is one colour
     titled = viz.eigvec_grid(e, 20, cols=5, eigvals=np.linspace(1, 0.5, 5))
-    assert titled.shape[1] == 5 * 22 + 2 and titled.shape[0] > 20 + 4
+    assert titled.shape[1] > 5 * 22 + 2 and titled.shape[0] > 20 + 4   # cells widened to their titles
     strip = titled[2 : titled.shape[0] - 22]  # the title strip above the tiles has dark text pixels
     assert (strip.min(-1) < 100).any()
 

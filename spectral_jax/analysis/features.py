@@ -60,8 +60,10 @@ def spectral_features(eigvecs, skip_first: bool = True, normalize: bool = True, 
     if eigvals is not None:
         lam = np.asarray(eigvals, np.float64).reshape(-1)
         if lam.shape[0] != e.shape[0] or not np.all(np.isfinite(lam)):
-            raise InputError("eigvals", f"must be {e.shape[0]} finite values (one per eigenvector), got {lam.shape}",
-                             "pass the eigvals that came with these eigvecs")
+            got = (f"{lam.shape[0]} values" if lam.shape[0] != e.shape[0]
+                   else f"{int(np.sum(~np.isfinite(lam)))} of its {lam.shape[0]} values not finite")
+            raise InputError("eigvals", f"must be {e.shape[0]} finite values (one per eigenvector), got {got}",
+                             "pass the eigvals that came with these eigvecs, or None to weight them equally")
         f = f * np.maximum(lam, 0.0) ** t
     if skip_first:
         f = f[:, 1:]

@@ -153,7 +153,9 @@ def instance_masks(eigvecs, seed: int = 0, ks: Sequence[int] | None = None, k_ra
     4. background is dropped: candidates covering more than `max_area` of the grid, or holding more than
        `max_border` of the grid's border pixels (1.0 keeps them); each remaining one is scored by
        ||mean embedding inside − mean embedding outside|| (in [0, 2]: how distinct the region is);
-    5. non-maximum suppression: a candidate whose IoU with a better-scored kept one exceeds `nms_iou` is dropped.
+    5. non-maximum suppression: a candidate whose IoU with a better-scored kept one exceeds `nms_iou` is dropped;
+       `nms_iou` is an IoU in [0, 1]: 0 keeps only candidates disjoint from every better one, 1.0 keeps them all
+       (no IoU exceeds 1: suppression off); anything else (NaN included) is refused.
 
     Why `method="silhouette"` and not `segment`'s "silhouette-tol": for instance candidates, the plain silhouette's
     larger k (more, smaller regions) buys recall; `ks=range(2, 11)` (the union of all nine segmentations) buys more,
@@ -166,6 +168,8 @@ def instance_masks(eigvecs, seed: int = 0, ks: Sequence[int] | None = None, k_ra
     if not 0.0 <= min_area <= max_area <= 1.0:
         raise InputError("min_area/max_area", f"need 0 <= min_area <= max_area <= 1, got {min_area}/{max_area}",
                          "e.g. min_area=0.01, max_area=0.9")
+    if not 0.0 <= nms_iou <= 1.0:  # also NaN, which compares False with every IoU and so suppressed nothing
+        raise InputError("nms_iou", f"must be an IoU in [0, 1], got {nms_iou}", "e.g. 0.5; 1.0 disables suppression")
     h, w = np.shape(eigvecs)[1:]
     n = h * w
     f = spectral_features(eigvecs, skip_first, normalize=True, eigvals=eigvals)

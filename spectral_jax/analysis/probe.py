@@ -47,7 +47,8 @@ def linear_probe(features, targets, ridge: float = 1e-3, holdout: float = 0.0, s
 
     targets: float `[N]` or `[N, T]` (scored by R², averaged over columns) or integer/bool labels `[N]` (regressed
     on one-hot codes, predicted by argmax, scored by accuracy). With centred X, Y on the training points,
-    W = (XᵀX + ridge·I)⁻¹ XᵀY and b = ȳ − x̄ W (the intercept is not penalised). `holdout` (a fraction) of the
+    W = (XᵀX + ridge·I)⁻¹ XᵀY and b = ȳ − x̄ W (the intercept is not penalised); ridge must be finite and
+    ≥ 0 (0: minimum-norm least squares) — NaN or ∞ is refused, not fitted. `holdout` (a fraction) of the
     points, drawn with `seed`, is left out of the fit and gives `score`. E.g. "where": targets = grid_coords(h, w);
     "what": targets = semantic labels.
     """
@@ -66,8 +67,12 @@ def linear_probe(features, targets, ridge: float = 1e-3, holdout: float = 0.0, s
         y = t.astype(np.float64).reshape(n, -1)
         if not np.all(np.isfinite(y)):
             raise InputError("targets", "contains NaN or Inf", "drop or fix those rows")
-    if ridge < 0:
-        raise InputError("ridge", f"must be >= 0, got {ridge}", "e.g. ridge=1e-3")
+    try:
+        ridge = float(ridge)
+    except (TypeError, ValueError):
+        raise InputError("ridge", f"must be a number, got {ridge!r}", "e.g. ridge=1e-3") from None
+    if not (np.isfinite(ridge) and ridge >= 0):  # NaN fails every comparison: it would fit unregularised
+        raise InputError("ridge", f"must be finite and >= 0, got {ridge}", "e.g. ridge=1e-3; 0 for plain least squares")
     if not 0.0 <= holdout < 1.0:
         raise InputError("holdout", f"must be a fraction in [0, 1), got {holdout}", "e.g. holdout=0.2")
     n_test = int(round(holdout * n))

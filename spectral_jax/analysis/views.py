@@ -38,12 +38,15 @@ class View:
 def describe(res: Result, seed: int = 0) -> list[View]:
     """One `View` per image b of `res`: `segment` (eigenvalue-weighted; k by its default "silhouette-tol" rule),
     `bipartition` and `instance_masks` of eigvecs `[B, K, h, w]`[b], with eigvals `[K]` (shared by all images) or
-    `[B, K]` (row b)."""
+    `[B, K]` (row b). Where an image's eigvals are not all finite — a dataset gd result, which has no eigenvalues
+    (`dataset.summary.GD_EIGVALS`) — its segments and instance masks cluster the eigenvectors unweighted, as the
+    dataset export does; `View.eigvals` keeps them as they are."""
     views = []
     for b in range(res.eigvecs.shape[0]):
         ev = np.asarray(res.eigvecs[b], np.float64)
         vals = np.asarray(res.eigvals if res.eigvals.ndim == 1 else res.eigvals[b], np.float64)
-        seg = segment(ev, eigvals=vals, seed=seed)
-        masks, scores = instance_masks(ev, eigvals=vals, seed=seed)
+        weights = vals if np.all(np.isfinite(vals)) else None
+        seg = segment(ev, eigvals=weights, seed=seed)
+        masks, scores = instance_masks(ev, eigvals=weights, seed=seed)
         views.append(View(ev, vals, seg, int(seg.max()) + 1, bipartition(ev), masks, np.asarray(scores)))
     return views
