@@ -119,6 +119,11 @@ class GraphSpec:
         """A kNN graph: one graph over all images' tokens (one joint solve), not one problem per image."""
         return self.kind.startswith("knn")
 
+    def reads(self) -> dict:
+        """The options this kind reads, under their `GRAPH_OPTIONS` names (graph_dtype for dtype) — what makes two
+        graphs of one kind differ; recorded in `Result.provenance` and checked by `pipeline.attribution`."""
+        return {k: getattr(self, "dtype" if k == "graph_dtype" else k) for k in GRAPH_READS[self.kind]}
+
     def build_kwargs(self) -> dict:
         """The keywords of `graphs.from_taps` besides the kind."""
         return dict(tau=self.tau, k_intra=self.k_intra, k_inter=self.k_inter, min_cos=self.min_cos,
@@ -147,6 +152,10 @@ class ExactSpec:
         object.__setattr__(self, "dense_max", _int("dense_max", self.dense_max, 0, DENSE_MAX))
         _choice("sparse_solver", self.sparse_solver, SPARSE_SOLVERS)
         object.__setattr__(self, "batch_images", _int("batch_images", self.batch_images, 0, 8, none=True))
+
+    def record(self) -> dict:
+        """The fields as JSON values, for a result's summary (`pipeline.solve` records them)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
     def kwargs(self) -> dict:
         """The options `solvers.exact.exact` reads, tol resolved (None → `TOL`)."""
@@ -205,6 +214,14 @@ class GdSpec:
                              "pass e.g. materialize=False")
         set_("dense_max", _int("dense_max", self.dense_max, 0, 4096))
         set_("dense_bytes", _real("dense_bytes", self.dense_bytes, lambda v: v > 0, "a finite number > 0", 2 ** 30))
+
+    def record(self) -> dict:
+        """The fields as JSON values, for a result's summary (`pipeline.solve` records them): progress left out (how
+        a run is shown), an optimizer by its name ("optax" and its type; None for the preset's). None stands for the
+        preset's default; the solver's info says what it resolved to (steps, lr)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("progress", "optimizer")}
+        out["optimizer"] = None if self.optimizer is None else f"optax {type(self.optimizer).__name__}"
+        return out
 
     def kwargs(self) -> dict:
         """Every field, as keywords (`solvers.gd.gd(graphs, K, **spec.kwargs())` is `gd(graphs, K, options=spec)`)."""

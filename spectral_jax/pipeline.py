@@ -23,6 +23,7 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Sequence
@@ -61,8 +62,9 @@ def solve(source, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str
     of `spectral_jax.layer_weights` ("uniform", "eigengap", "select", read per image from that image's graphs),
     a mapping layer → weight (a layer not named weighs 0), "L:W,..." pairs, or numbers, one per tapped layer in
     ascending layer order — the per-layer weights used go to `result.info["layer_weights"]`. A solve of Taps
-    records what it was solved on in `result.provenance` (graph kind, layers, per-layer weights, timesteps); of a
-    list of graphs, None (unknown). tol: the solver's convergence threshold (None: its default — exact's relative
+    records what it was solved on in `result.provenance` (graph kind, layers, per-layer weights, timesteps, the
+    options the graph kind reads); of a list of graphs, None (unknown). Every solve records its seed and solver
+    options in `result.info` ("seed", "solver_options"). tol: the solver's convergence threshold (None: its default — exact's relative
     residual √eps32, gd's per preset). graph_dtype (Taps only): what the graphs store q/k, unit v and kNN features
     in (`graphs.from_taps(dtype=)`; products, softmax, A and the eigensolver stay float32).
 
@@ -84,7 +86,16 @@ def solve(source, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str
 
 def _solve(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, seed: int, weights=None,
            lw: LayerWeights | None = None) -> Result:
-    """`solve` on checked options (specs built, K and seed checked, layer weights parsed)."""
+    """`solve` on checked options (specs built, K and seed checked, layer weights parsed); the result's info
+    records the seed and the solver's options (`ExactSpec.record` / `GdSpec.record`) — the graph's are in its
+    provenance."""
+    res = _solve_checked(source, g, num_eigs, s, seed, weights, lw)
+    return dataclasses.replace(res, info={**res.info, "seed": seed, "solver_options": s.record()})
+
+
+def _solve_checked(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, seed: int, weights=None,
+                   lw: LayerWeights | None = None) -> Result:
+    """`_solve`'s work."""
     from spectral_jax import solvers
 
     def one(gs, w, base=None):
@@ -97,7 +108,7 @@ def _solve(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, seed: int
                              "pass the Taps, or per-group weights=")
         return one(source, weights)
 
-    made = _Source.of(source, g.kind, group_weights=weights is not None)
+    made = _Source.of(source, g, group_weights=weights is not None)
 
     def weighted(gs, gl):
         if lw is not None:
@@ -165,19 +176,23 @@ class _TapGroups:
 @dataclasses.dataclass(frozen=True)
 class _Source:
     """What a solve of Taps is made of, for `Result.provenance`: graph kind, the layers solved on (ascending), the
-    taps' timesteps, and whether per-graph `weights=` were given (then there is no one weight per layer)."""
+    taps' timesteps, whether per-graph `weights=` were given (then there is no one weight per layer), and the
+    options the graph kind reads (`GraphSpec.reads`, as (name, value) pairs)."""
 
     graph: str
     layers: tuple[int, ...]
     timesteps: tuple[int, ...] = ()
     group_weights: bool = False
+    options: tuple = ()
 
     @classmethod
-    def of(cls, taps, graph: str, layers=None, group_weights: bool = False) -> "_Source | None":
-        """The source of a solve of `taps` (of `layers`, default all tapped); None for a list of graphs."""
+    def of(cls, taps, g: GraphSpec, layers=None, group_weights: bool = False) -> "_Source | None":
+        """The source of a solve of `taps` on graphs `g` (of `layers`, default all tapped); None for a list of
+        graphs."""
         if not isinstance(taps, Taps):
             return None
-        return cls(graph, tuple(sorted(taps.layers if layers is None else layers)), taps.timesteps, group_weights)
+        return cls(g.kind, tuple(sorted(taps.layers if layers is None else layers)), taps.timesteps, group_weights,
+                   tuple(sorted(g.reads().items())))
 
     def tag(self, res: Result, per) -> Result:
         """`res` with its provenance: the per-layer weights `per` `[L]` it was solved with (None: uniform — or
@@ -185,7 +200,8 @@ class _Source:
         if per is None and not self.group_weights:
             per = np.full(len(self.layers), 1.0 / len(self.layers))
         w = None if per is None else np.tile(np.asarray(per, np.float64), (res.num_images, 1))
-        return dataclasses.replace(res, provenance=Provenance(self.graph, self.layers, w, self.timesteps))
+        return dataclasses.replace(res, provenance=Provenance(self.graph, self.layers, w, self.timesteps,
+                                                              dict(self.options)))
 
 
 def _with_layer_weights(res: Result, per, made: _Source | None = None) -> Result:
@@ -267,7 +283,7 @@ def sweep(taps: Taps, subsets=None, graph: str | GraphSpec = "qk", num_eigs: int
 
     # tagged once the images are stacked (one Result of B images per subset), so that every result — of one image,
     # of several, or of the joint kNN graph — says its subset, at the top of its info and in its provenance
-    return [_Source.of(taps, g.kind, sub).tag(dataclasses.replace(res, info={**res.info, "layers": list(sub)}), None)
+    return [_Source.of(taps, g, sub).tag(dataclasses.replace(res, info={**res.info, "layers": list(sub)}), None)
             for sub, res in zip(chosen, _per_image(taps, g, each))]
 
 
@@ -309,13 +325,14 @@ def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *
     lw = LayerWeights.parse("uniform" if layer_weights is None else layer_weights)
     joint = g.joint
     gs, gl = graph_groups(taps, g, None if joint else image)
-    if result is None:
+    if result is None:                  # image `image`'s solve (or the joint one): one image's
         exact = lambda gg, w, base: solvers.exact.exact(gg, num_eigs, weights=w, base_grid=base, seed=seed)
-        result = _weighted(gs, gl, exact, lw, num_eigs, _Source.of(taps, g.kind))
+        result = _weighted(gs, gl, exact, lw, num_eigs, _Source.of(taps, g))
     elif not isinstance(result, Result):
         raise InputError(f"result {type(result).__name__}", "is not a Result", "pass solve(taps, ...)'s Result")
-    _check_provenance(result, taps, g.kind)
-    _check_result_fits(result, gs, joint, nimg)
+    else:
+        _check_provenance(result, taps, g)
+        _check_result_fits(result, gs, joint, nimg)
     res = result if (joint or result.num_images == 1) else result.image(image)
     k = res.num_eigs
     nt = len(ts)
@@ -381,21 +398,30 @@ def _timestep_list(timesteps, carried: tuple[int, ...]) -> list[int]:
 
 def _check_result_fits(result: Result, gs, joint: bool, nimg: int) -> None:
     """attribution's `result` must come from these taps' graphs: one Rayleigh quotient per graph (`rq` `[B, G, K]`)
-    and the taps' B images (or 1) — a result of other taps would be read silently wrong."""
+    and the taps' B images — a result of other taps would be read silently wrong. A one-image result beside taps
+    of several images is refused too: which of them it was solved on cannot be told (`Result.image` keeps no
+    index), and reading it as `image`'s would mix two images' spectra."""
     graphs = sum(int(np.prod(g.batch_shape, dtype=np.int64)) for g in gs)
     rq = np.shape(result.rq)
-    if rq[-2] != graphs or result.num_images not in {1, nimg}:
+    if result.num_images == 1 and nimg > 1 and rq[-2] == graphs:
+        raise InputError("result", f"has 1 image but the taps have {nimg}: which one it was solved on cannot be "
+                         "told", "pass the Result of solve on all these taps, or taps of that one image "
+                         "(jax.tree.map(lambda x: x[b:b + 1], taps))")
+    if rq[-2] != graphs or result.num_images != nimg:
         raise InputError("result", f"has {result.num_images} image(s) × {rq[-2]} graphs, but the taps give "
                          f"{nimg} image(s) × {graphs} graphs", "pass the Result of solve on these taps and graph")
 
 
-def _check_provenance(result: Result, taps: Taps, graph: str) -> None:
-    """attribution's `result` must have been solved on `graph` over all of the taps' layers and their timesteps
-    (`Result.provenance`): the quotients of a vv solve, say, have the shape of a qk solve's and would be read as
-    theirs. Unknown provenance (None) passes: only `_check_result_fits` can judge it."""
+def _check_provenance(result: Result, taps: Taps, g: GraphSpec) -> None:
+    """attribution's `result` must have been solved on graphs `g` (its kind and the options the kind reads: tau,
+    k_intra, ...) over all of the taps' layers and their timesteps (`Result.provenance`): the quotients of a vv
+    solve, say, have the shape of a qk solve's and would be read as theirs, and those of a vv solve at another tau
+    measure other graphs. Unknown provenance (None; unknown graph options) passes that part: only
+    `_check_result_fits` can judge it."""
     p = result.provenance
     if p is None:
         return
+    graph = g.kind
     layers = tuple(sorted(taps.layers))
     if p.graph != graph:
         raise InputError("result", f"was solved on the {p.graph!r} graph, not {graph!r}",
@@ -406,6 +432,13 @@ def _check_provenance(result: Result, taps: Taps, graph: str) -> None:
     if p.timesteps != tuple(taps.timesteps):
         raise InputError("result", f"was solved on timesteps {list(p.timesteps)}, but the taps carry "
                          f"{list(taps.timesteps)}", "pass the Result of solve on these taps")
+    ours = json.loads(json.dumps(g.reads()))
+    if p.graph_options is not None and p.graph_options != ours:
+        diff = [k for k in sorted(ours) if p.graph_options.get(k) != ours[k]]
+        raise InputError("result", "was solved on other graphs: " + ", ".join(
+            f"{k} {p.graph_options.get(k)!r} there, {ours[k]!r} here" for k in diff),
+            "pass " + ", ".join(f"{k}={p.graph_options.get(k)!r}" for k in diff) + " (the result's), or the "
+            "Result of solve with these options")
 
 
 def _weighted(gs, gl, one, lw: LayerWeights, num_eigs: int, made: _Source | None = None) -> Result:

@@ -10,6 +10,7 @@ console script on an ACTS file with timesteps.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import subprocess
 import warnings
@@ -20,6 +21,7 @@ import pytest
 import spectral_jax as sj
 from spectral_jax.acts import load_acts, save_acts
 from spectral_jax.errors import InputError
+from spectral_jax.options import ExactSpec
 from spectral_jax.solvers.result import Provenance, Result
 from spectral_jax.taps import Taps
 from test_redteam_inputs import EXE, _taps
@@ -100,11 +102,14 @@ def test_result_file_keeps_the_contract_and_reads_old_files(tmp_path):
     a = sj.attribution(TAPS, "vv", 3, result=unknown, image=1)
     b = sj.attribution(TAPS, "vv", 3, result=res, image=1)
     np.testing.assert_allclose(a.rq, b.rq, rtol=1e-6)
-    # one image: the image axis on disk too (eigvals [1, K], the weights [1, L])
+    # one image: DESIGN.md's eigvals [K] on disk (the weights [L]); in memory the image axis
     one = res.image(0).save(str(tmp_path / "one.npz"))
     with np.load(one) as f:
-        assert f["eigvals"].shape == (1, 3) and f["provenance/layer_weights"].shape == (1, 3)
-    assert Result.load(one).provenance.layer_weights.shape == (1, 3)
+        assert f["eigvals"].shape == (3,) and f["provenance/layer_weights"].shape == (3,)
+        assert json.loads(str(f["provenance/graph_options"])) == {"tau": 0.1, "graph_dtype": "float32"}
+    back = Result.load(one)
+    assert back.provenance.layer_weights.shape == (1, 3) and back.eigvals.shape == (1, 3)
+    assert back.provenance.graph_options == {"tau": 0.1, "graph_dtype": "float32"}
 
 
 @pytest.mark.parametrize("make", ["missing", "folder", "not-npz", "no-rq"])
@@ -159,6 +164,25 @@ def test_attribution_refuses_a_result_of_something_else(case):
     else:
         with pytest.raises(InputError, match="^result: has 1 image"):
             sj.attribution(taps, graph, 3, result=unknown)
+
+
+def test_attribution_refuses_a_result_of_other_graph_options_or_of_one_of_several_images():
+    """A vv result at another tau measures other graphs; a one-image result beside the taps of 2 images cannot
+    say which image it is (both were read silently: agreement 0.40–0.57 for 0.33–0.86, 0.28–0.30 for 0.78–0.94)."""
+    res = sj.solve(TAPS, "vv", 3, tau=0.05)
+    assert res.provenance.graph_options == {"tau": 0.05, "graph_dtype": "float32"}
+    with pytest.raises(InputError, match=r"^result: was solved on other graphs: tau 0.05 there, 0.1 here — pass "
+                                         r"tau=0.05"):
+        sj.attribution(TAPS, "vv", 3, result=res)
+    ok = sj.attribution(TAPS, "vv", 3, result=res, tau=0.05)
+    np.testing.assert_allclose(ok.rq, sj.attribution(TAPS, "vv", 3, tau=0.05).rq, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="^result: has 1 image but the taps have 2"):
+        sj.attribution(TAPS, "vv", 3, result=res.image(1), image=1, tau=0.05)
+    # what made it is in its summary: the seed, the solver's options, the provenance with the graph's options
+    s = res.summary()
+    assert s["seed"] == 0 and s["solver_options"] == ExactSpec().record()
+    assert s["provenance"] == {"graph": "vv", "layers": [0, 1, 2], "timesteps": [],
+                               "graph_options": {"tau": 0.05, "graph_dtype": "float32"}}
 
 
 def test_attribution_refuses_layer_weights_beside_a_result():

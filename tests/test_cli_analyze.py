@@ -20,7 +20,7 @@ def _check_folder(folder, k, grid):
             assert im.size[0] > 0
     with np.load(os.path.join(folder, "result.npz")) as f:
         assert f["eigvecs"].shape == (1, k, *grid)
-        assert f["eigvals"].shape == (1, k)          # the image axis, B = 1 too
+        assert f["eigvals"].shape == (k,)            # DESIGN.md's [K] (B = 1)
         assert np.all(np.diff(f["eigvals"]) <= 1e-6)
     s = json.load(open(os.path.join(folder, "summary.json")))
     for key in ("objective", "seconds", "method", "num_eigs", "steps", "segments_k", "forward_seconds"):
@@ -48,9 +48,18 @@ def test_analyze_several_images_random_weights(tmp_path, capsys):
     out = tmp_path / "out"
     assert main(["analyze", str(a), str(b), "--model", "dinov2_vits14", "--weights", "random", "--size", "56",
                  "--num-eigs", "5", "--graph", "vv", "--out", str(out)]) == 0
-    for stem in ("cat", "cat-1"):
-        _check_folder(out / stem, 5, (4, 6))
+    each = [_check_folder(out / stem, 5, (4, 6)) for stem in ("cat", "cat-1")]
     assert json.loads(capsys.readouterr().out)["images"] == ["cat", "cat-1"]
+    # DESIGN.md's summary keys in the top-level summary too (it had only images, seconds, out); each image's
+    # seconds are the two images' solve, and say so
+    top = json.load(open(out / "summary.json"))
+    for key in ("objective", "seconds", "method", "num_eigs", "steps", "converged", "solve_seconds"):
+        assert key in top, key
+    assert top["objective"] == pytest.approx(np.mean([e["objective"] for e in each]))
+    assert top["objective_per_image"] == pytest.approx([e["objective"] for e in each])
+    assert all(e["seconds_images"] == 2 and e["seconds"] == top["solve_seconds"] for e in each)
+    assert each[0]["provenance"]["graph_options"] == {"tau": 0.1, "graph_dtype": "float32"}
+    assert each[0]["seed"] == 0 and each[0]["solver_options"]["maxiter"] > 0
 
 
 def test_analyze_joint_knn(tmp_path, capsys):

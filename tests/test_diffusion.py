@@ -215,7 +215,7 @@ def test_extract_solve_with_timesteps(image_file, tmp_path, capsys):
                  "--num-eigs", "5", "--out", str(out)]) == 0
     res = json.loads(capsys.readouterr().out)
     assert res["method"] == "gd-eigen" and res["sample"] == 0.5 and res["steps"] == 40
-    assert np.load(out)["rq"].shape == (1, 16 * 4, 5)
+    assert np.load(out)["rq"].shape == (16 * 4, 5)
 
     acts2 = tmp_path / "acts2.npz"
     assert main(["extract", image_file, "--model", "sd_tiny", "--weights", "random", "--size", "64",

@@ -64,14 +64,18 @@ def test_stack_refuses_histories_of_different_lengths(rng):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-def test_result_npz_keeps_the_image_axis(rng, tmp_path, batch):
+def test_result_npz_holds_the_design_contract(rng, tmp_path, batch):
+    """DESIGN.md's RESULT.npz: eigvecs [B, K, h0, w0], eigvals [K], rq [G, K] for one image (an earlier layout wrote
+    [1, K] and [1, G, K], which a script reading eigvals[k] takes a row of); B > 1 images solved one by one, which
+    one [K] cannot hold, keep the image axis in front."""
     g = _graph(rng)
     parts = [solvers.exact.exact(g, 3) for _ in range(batch)]
     res = stack(parts)
     path = res.save(str(tmp_path / "r.npz"))
+    lead = (batch,) if batch > 1 else ()
     with np.load(path) as f:
-        assert f["eigvecs"].shape == (batch, 3, *GRID) and f["eigvals"].shape == (batch, 3)
-        assert f["rq"].shape == (batch, 4, 3) and f["history"].shape == (batch, 0)
+        assert f["eigvecs"].shape == (batch, 3, *GRID) and f["eigvals"].shape == (*lead, 3)
+        assert f["rq"].shape == (*lead, 4, 3) and f["history"].shape == (*lead, 0)
     back = Result.load(path)
     np.testing.assert_array_equal(back.eigvals, res.eigvals)
     np.testing.assert_array_equal(back.rq, res.rq)
@@ -82,9 +86,10 @@ def test_result_npz_keeps_the_image_axis(rng, tmp_path, batch):
         np.testing.assert_array_equal(two.eigvecs[1], parts[2].eigvecs[0])
 
 
-def test_result_load_reads_the_old_layout(rng, tmp_path):
-    """Files of the layout before the image axis was always kept: eigvals [K], rq [G, K], history [S] for one image
-    or a joint solve (here: one image, and a joint kNN solve of 2 images)."""
+def test_result_load_reads_both_layouts(rng, tmp_path):
+    """One image and a joint kNN solve of 2 images are written as DESIGN.md says (eigvals [K], rq [G, K], history
+    [S]: one solve's values) and read back whole; files of the interim layout that always kept the image axis
+    (eigvals [B, K], ...) read the same."""
     g = _graph(rng)
     feats = rng.standard_normal((1, 2 * 36, 8)).astype(np.float32)
     joint = solvers.exact.exact(graphs.knn(feats, feats, GRID, 2, 5, 5), 3)
@@ -92,13 +97,15 @@ def test_result_load_reads_the_old_layout(rng, tmp_path):
         new = res.save(str(tmp_path / "new.npz"))
         with np.load(new) as f:
             data = {k: f[k] for k in f.files}
-        old = str(tmp_path / "old.npz")
-        np.savez(old, **{k: (v[0] if k in ("eigvals", "rq", "history") else v) for k, v in data.items()})
-        with np.load(old) as f:
-            assert f["eigvals"].shape == (3,) and f["rq"].ndim == 2
-        back = Result.load(old)
-        assert back.joint == res.joint and back.num_images == res.num_images
-        np.testing.assert_array_equal(back.eigvals, res.eigvals)
-        np.testing.assert_array_equal(back.rq, res.rq)
-        np.testing.assert_array_equal(back.history, res.history)
-        assert back.convergence.converged == res.convergence.converged
+        assert data["eigvals"].shape == (3,) and data["rq"].ndim == 2 and data["history"].ndim == 1
+        interim = str(tmp_path / "interim.npz")
+        b = res.num_images
+        np.savez(interim, **{k: (np.broadcast_to(v, (b, *v.shape)) if k in ("eigvals", "rq", "history") else v)
+                             for k, v in data.items()})
+        for path in (new, interim):
+            back = Result.load(path)
+            assert back.joint == res.joint and back.num_images == res.num_images
+            np.testing.assert_array_equal(back.eigvals, res.eigvals)
+            np.testing.assert_array_equal(back.rq, res.rq)
+            np.testing.assert_array_equal(back.history, res.history)
+            assert back.convergence.converged == res.convergence.converged

@@ -238,7 +238,7 @@ def test_result_save_roundtrip(rng, tmp_path):
     res.save(str(path))
     with np.load(path) as f:
         np.testing.assert_array_equal(f["eigvecs"], res.eigvecs)
-        assert f["eigvals"].shape == (1, 3) and f["rq"].shape == (1, 6, 3)   # the image axis, B = 1 too
+        assert f["eigvals"].shape == (3,) and f["rq"].shape == (6, 3)   # DESIGN.md's [K], [G, K] (B = 1)
     assert np.all(np.diff(res.eigvals[0]) <= 0)
 
 

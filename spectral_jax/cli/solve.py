@@ -97,7 +97,7 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
 
     res = solve(taps, graph, args.num_eigs, solver=solver, seed=args.seed)
     res = dataclasses.replace(res, info={**res.info, "graph": args.graph, "model": acts.model,
-                                         "layers": len(taps.layers), "seed": args.seed})
+                                         "layers": sorted(taps.layers)})
     if not np.all(np.isfinite(res.eigvecs)):
         raise InputError(args.acts, "the solve produced NaN/Inf", "check the activations or use --method exact")
     res.save(out)

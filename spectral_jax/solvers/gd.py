@@ -303,7 +303,8 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
     say so. The measurements behind both: benchmarks/results/history.md.
     Returns a `Result` (eigvecs `[B, K, H0, W0]`, Ritz values as eigvals; history: objective (eigen) or loss
     (paper) per step; convergence: the verdict, with a RuntimeWarning when not converged; info: compile seconds,
-    preset, param, history kind, sample, materialized).
+    preset, param, lr (the one used: the preset's default where none was given; None with your own optimizer),
+    lam (the paper preset's; None for eigen), history kind, sample, materialized).
     """
     s = solver_spec("gd", options, **fields)
     preset, steps, lr, sample = s.preset, s.steps, s.lr, s.sample
@@ -314,6 +315,8 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
     t0 = time.perf_counter()
     work, work_w = _materialized(graphs, ws, preset == "eigen" and sample is None, s.materialize, s.dense_max,
                                  s.dense_bytes)
+    if s.optimizer is None:
+        lr = default_lr(preset, m0) if lr is None else lr
     opt = s.optimizer or default_optimizer(preset, lr, m0)
     key_init, key_run = jax.random.split(jax.random.key(seed))
     cfg = _Config(preset, s.param, base, nimg, num_eigs, _chunk_size(steps, s.chunks), sample,
@@ -340,7 +343,8 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
     same = all(tuple(g.grid) == base for g in graphs)
     return finish(graphs, ws, vecs, vals, nimg, base, steps=steps, seconds=seconds, method=f"gd-{preset}",
                   history=history, metric=None if same else linear_operators(graphs, ws, base, nimg)[1],
-                  info={"compile_seconds": round(compile_s, 4), "preset": preset, "param": s.param,
+                  info={"compile_seconds": round(compile_s, 4), "preset": preset, "param": s.param, "lr": lr,
+                        "lam": cfg.lam if preset == "paper" else None,
                         "history_kind": "objective" if preset == "eigen" else "loss", "sample": sample,
                         "materialized": work is not graphs},
                   convergence=convergence(preset, history, res, steps, s.tol))

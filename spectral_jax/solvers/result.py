@@ -33,19 +33,24 @@ class Provenance:
     layer_weights `[B, L]` float64: each image's weight per layer (in `layers` order, summing to 1, as
     `layer_weights.for_groups` gives them; uniform 1/L when none were given), or None where the solve took
     per-graph `weights=` (no one weight per layer); timesteps: the diffusion timesteps folded into the heads axis
-    (`Taps.timesteps`; () for none). A `Result` whose `provenance` is None has unknown provenance: solved on a
-    list of graphs (no layers), or read from a file written without it.
+    (`Taps.timesteps`; () for none); graph_options: the options the graph kind reads (`GraphSpec.reads`: tau for
+    vv, k_intra/k_inter/min_cos for kNN, graph_dtype), None where unknown (a file written before they were
+    recorded). A `Result` whose `provenance` is None has unknown provenance: solved on a list of graphs (no
+    layers), or read from a file written without it.
     """
 
     graph: str
     layers: tuple[int, ...]
     layer_weights: np.ndarray | None = None
     timesteps: tuple[int, ...] = ()
+    graph_options: dict | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "graph", str(self.graph))
         object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
+        if self.graph_options is not None:
+            object.__setattr__(self, "graph_options", json.loads(json.dumps(dict(self.graph_options))))
         if self.layer_weights is not None:
             w = np.asarray(self.layer_weights, np.float64)
             if w.ndim != 2 or w.shape[1] != len(self.layers):
@@ -55,12 +60,19 @@ class Provenance:
     def rows(self, sl) -> "Provenance":
         """The same provenance for the images `sl` (a slice or indices) of its `[B, L]` layer weights."""
         w = None if self.layer_weights is None else self.layer_weights[sl]
-        return Provenance(self.graph, self.layers, w, self.timesteps)
+        return Provenance(self.graph, self.layers, w, self.timesteps, self.graph_options)
 
     def same_source(self, other: "Provenance | None") -> bool:
-        """Whether `other` was solved on the same graph kind, layers and timesteps (the weights may differ)."""
-        return other is not None and (self.graph, self.layers, self.timesteps) == \
-            (other.graph, other.layers, other.timesteps)
+        """Whether `other` was solved on the same graph kind, layers, timesteps and graph options (the weights may
+        differ)."""
+        return other is not None and (self.graph, self.layers, self.timesteps, self.graph_options) == \
+            (other.graph, other.layers, other.timesteps, other.graph_options)
+
+    def as_dict(self) -> dict:
+        """graph, layers, timesteps and graph_options as JSON values (the summary's "provenance"; the layer
+        weights are the summary's "layer_weights", in `layers` order)."""
+        return {"graph": self.graph, "layers": list(self.layers), "timesteps": list(self.timesteps),
+                "graph_options": self.graph_options}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +224,9 @@ class Result:
         return self.num_images
 
     def image(self, b: int) -> "Result":
-        """Image b as a B = 1 `Result` (its own diagnostics where the images were solved one by one)."""
+        """Image b as a B = 1 `Result` (its own diagnostics where the images were solved one by one). Its `seconds`
+        are still those of all B images' solves, which are not timed one by one: info["seconds_images"] = B says
+        so (B > 1)."""
         if not -self.num_images <= b < self.num_images:
             raise IndexError(f"image {b} out of range for {self.num_images} images")
         b %= self.num_images
@@ -220,6 +234,8 @@ class Result:
         per = info.pop("per_image", None)
         if per is not None:
             info.update(per[b])
+        if self.num_images > 1:         # `seconds` stays the solve of all the images (its part is not measured)
+            info["seconds_images"] = self.num_images
         prov = None if self.provenance is None else self.provenance.rows(slice(b, b + 1))
         conv = None if self.convergence is None else self.convergence.image(b)
         return Result(self.eigvecs[b:b + 1], self.eigvals[b:b + 1], self.rq[b:b + 1], self.objective[b:b + 1],
@@ -247,6 +263,8 @@ class Result:
     def summary(self) -> dict[str, Any]:
         """The JSON summary: objective (image 0's / the joint solve's; with several per-image solves their mean,
         each under `objective_per_image`), seconds, method, num_eigs, steps, eigvals (image 0's / the joint ones),
+        provenance where known (`Provenance.as_dict`: graph, layers — the order of info's layer_weights —,
+        timesteps, graph_options),
         the convergence record's keys (`Convergence.as_dict`: converged, iterations, tol, max_residual, ...; with
         several per-image solves the aggregate, each image's own in its `per_image` entry) and the solver's other
         diagnostics (`info`)."""
@@ -258,6 +276,8 @@ class Result:
                "grid": list(self.eigvecs.shape[-2:]), "num_images": self.num_images, "joint": self.joint}
         if not shared:
             out["objective_per_image"] = [float(o) for o in self.objective]
+        if self.provenance is not None:
+            out["provenance"] = self.provenance.as_dict()
         info = _jsonable(self.info)
         c = self.convergence
         if c is not None:
@@ -270,20 +290,28 @@ class Result:
     def save(self, path: str, inputs=()) -> str:
         """Write RESULT.npz exactly at `path`, atomically, never over one of `inputs`; returns the path.
 
-        Arrays (docs/design.md's contract), every per-image one with the image axis whatever B is (as in memory):
-        eigvecs `[B, K, H0, W0]`, eigvals `[B, K]`, rq `[B, G, K]`, history `[B, S]`; summary (JSON). With a known
-        provenance, extra members that readers of the contract ignore: `provenance/graph` (str),
-        `provenance/layers` int64 `[L]`, `provenance/timesteps` int64 `[T]` and, where there is one weight per
-        layer, `provenance/layer_weights` float64 `[B, L]`."""
-        arrays = dict(eigvecs=np.asarray(self.eigvecs, np.float32), eigvals=self.eigvals, rq=self.rq,
-                      history=self.history, summary=np.array(json.dumps(self.summary())))
+        Arrays (DESIGN.md's contract): eigvecs `[B, K, H0, W0]`, eigvals `[K]`, rq `[G, K]`, history `[S]` where
+        the images have one solve's values — one image, or a joint solve (its rows repeat one solve's) — and, where
+        B > 1 images were solved one by one (which the contract's one `[K]` cannot hold), the image axis in front:
+        eigvals `[B, K]`, rq `[B, G, K]`, history `[B, S]`; summary (JSON). With a known provenance, extra members
+        that readers of the contract ignore: `provenance/graph` (str), `provenance/layers` int64 `[L]`,
+        `provenance/timesteps` int64 `[T]`, `provenance/graph_options` (JSON str) and, where there is one weight
+        per layer, `provenance/layer_weights` float64 (`[L]` or `[B, L]`, as eigvals). `load` reads both layouts."""
+        one = self.num_images == 1 or (self.joint and all(
+            np.array_equal(a[:1].repeat(len(a), 0), a, equal_nan=True) for a in (self.eigvals, self.rq, self.history)))
+        row = (lambda a: np.asarray(a)[0]) if one else np.asarray
+        arrays = dict(eigvecs=np.asarray(self.eigvecs, np.float32), eigvals=row(self.eigvals), rq=row(self.rq),
+                      history=row(self.history), summary=np.array(json.dumps(self.summary())))
         p = self.provenance
         if p is not None:
             arrays.update({"provenance/graph": np.array(p.graph),
                            "provenance/layers": np.asarray(p.layers, np.int64).reshape(-1),
                            "provenance/timesteps": np.asarray(p.timesteps, np.int64).reshape(-1)})
+            if p.graph_options is not None:
+                arrays["provenance/graph_options"] = np.array(json.dumps(p.graph_options, sort_keys=True))
             if p.layer_weights is not None:
-                arrays["provenance/layer_weights"] = p.layer_weights
+                w = p.layer_weights
+                arrays["provenance/layer_weights"] = w[0] if one and np.array_equal(w[:1].repeat(len(w), 0), w) else w
         return save_npz(path, arrays, inputs)
 
     @classmethod
@@ -331,9 +359,11 @@ class Result:
             prov = None
             if "provenance/graph" in data:
                 w = data.get("provenance/layer_weights")
+                opts = data.get("provenance/graph_options")
                 prov = Provenance(str(data["provenance/graph"].item()), data["provenance/layers"].reshape(-1).tolist(),
                                   None if w is None else axis(np.asarray(w, np.float64), 2),
-                                  data["provenance/timesteps"].reshape(-1).tolist())
+                                  data["provenance/timesteps"].reshape(-1).tolist(),
+                                  None if opts is None else json.loads(str(opts.item())))
             res = cls(x, axis(data["eigvals"], 2), axis(data["rq"], 3), objective, float(summary["orth_error"]),
                       int(summary["steps"]), float(summary["seconds"]), str(summary["method"]), axis(history, 2),
                       info, joint, prov, conv)
@@ -346,7 +376,7 @@ class Result:
 
 
 _SUMMARY_KEYS = ("objective", "seconds", "method", "num_eigs", "steps", "orth_error", "eigvals", "grid",
-                 "num_images", "joint", "objective_per_image")   # `Result.summary`'s own; the rest is info
+                 "num_images", "joint", "objective_per_image", "provenance")   # `Result.summary`'s own; the rest is info
 
 
 def stack(parts: Sequence[Result]) -> Result:
@@ -379,7 +409,7 @@ def _stack_provenance(provs: Sequence[Provenance | None]) -> Provenance | None:
         return None
     ws = [p.layer_weights for p in provs]
     return Provenance(first.graph, first.layers, None if any(w is None for w in ws) else np.concatenate(ws),
-                      first.timesteps)
+                      first.timesteps, first.graph_options)
 
 
 def _jsonable(info: dict) -> dict:
