@@ -646,14 +646,19 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     size: shorter side (rounded down to the patch) or (H, W), None for the model's default (448 for the ViTs); the
     images must come out one size (they go through the backbone as one batch): pass size=(H, W) for images of
     different shapes, or call analyze once per image. dtype: the forward's, "float32" or "bfloat16"
-    (`load_backbone(dtype=)`; with `backbone`, only "float32": its weights are loaded). Returns a `Result`
-    (eigvecs `[B, K, h, w]`); timings in `result.info`.
+    (`load_backbone(dtype=)`; with `backbone`, only "float32": its weights are loaded). The model is loaded with
+    `seed` too, as `spectral-jax analyze --seed` loads it: random weights and, for a diffusion model, its drawn
+    timesteps, noise and latent sample follow it. timesteps, latent, text_embedding (`MODEL_OPTIONS`): the
+    diffusion families' loading options (`load_backbone`), refused for a model that does not take them and beside
+    a `backbone`. Returns a `Result` (eigvecs `[B, K, h, w]`); timings in `result.info`.
     """
     from spectral_jax import models
 
-    if backbone is not None and dtype != "float32":
-        raise InputError(f"dtype {dtype!r}", "is not used with a backbone given (its weights are already loaded)",
-                         "pass dtype= to load_backbone instead")
+    load = {k: v for k in MODEL_OPTIONS if (v := options.pop(k, None)) is not None}
+    unused = ([f"dtype {dtype!r}"] if dtype != "float32" else []) + sorted(load)
+    if backbone is not None and unused:
+        raise InputError(", ".join(unused), "are not used with a backbone given (it is loaded already)",
+                         "pass them to load_backbone instead")
     jdtype = forward_dtype(dtype)
     if isinstance(images, Prepared):
         p = images
@@ -674,5 +679,8 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     else:
         p = prepare(images, model, graph, layers, num_eigs, method, size, backbone=backbone, progress=progress,
                     solver=solver, layer_weights=layer_weights, seed=seed, **options)
-    bb = backbone or models.load_backbone(p.model, weights, dtype=jdtype)
+    bb = backbone or models.load_backbone(p.model, weights, dtype=jdtype, seed=p.seed, **load)
     return _run(bb, p.x, p.layers, p.graph, p.num_eigs, p.solver, p.seed, p.layer_weights)
+
+
+MODEL_OPTIONS = ("timesteps", "latent", "text_embedding")   # analyze's keywords that go to load_backbone

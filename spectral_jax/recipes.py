@@ -26,7 +26,10 @@ batch's images, where the official code draws one t and one noise per image per 
 family's (posterior mean by default, the official code samples it); (4) K is --num-eigs (the official srun.sh:
 100); (5) the kNN graph is `graphs.knn`'s: a token's intra-image neighbours may include itself (the official code
 removes the diagonal), and each part (own image, other images) is searched on its own, where the official code
-zeroes the other part's cosines before its top-k (the same edges wherever a token's top cosines are positive).
+zeroes the other part's cosines before its top-k (the same edges wherever a token's top cosines are positive);
+(6) the images: the official `main_cls.py` resizes the shorter side to 256 and centre-crops 256² (torchvision,
+bilinear), then its diffusion extractor upsamples that bilinearly to 512²; ours resizes the whole image to 512² at
+once (the family's Lanczos, no crop: a non-square image is squeezed, not cropped, and keeps its full resolution).
 The graph kind is --graph (the official code: QK by default, VV with --vv_graph, as in its srun.sh).
 
 Layer indices and grids come from the model's UNet config (`UNetConfig.attn_layers`), so the recipe holds for any

@@ -33,7 +33,9 @@ def _common(p, model_default=None):
     p.add_argument("--size", default=None, help="shorter side S (rounded down to the patch) or HxW (default: the "
                                                 "model's, 448 for the ViTs, 512 for Stable Diffusion)")
     p.add_argument("--tau", type=float, default=None, help="temperature of the vv graph (default 0.1)")
-    p.add_argument("--seed", type=int, default=0, help="seed of every random choice: gd start, k-means (default 0)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of every random choice: gd start, k-means, random weights; for a diffusion model also "
+                        "its drawn timesteps, noise and latent sample (default 0)")
     add_dtype_flag(p)
     p.add_argument("--graph-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="what the graphs store q/k, unit v and kNN features in; logits, softmax, the dense A and the "

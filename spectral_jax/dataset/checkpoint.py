@@ -166,11 +166,18 @@ def _digest(path: str) -> bytes:
 
 def fingerprint(backbone, layers: str, settings: Settings, geom: Geometry, digests: dict[str, str]) -> dict:
     """What defines a run's result, JSON-ready: a resumed run must match it key for key. `digests`: {file: content
-    digest} of the images in order (`file_digests`)."""
+    digest} of the images in order (`file_digests`). A text embedding file (a diffusion model's `text_embedding`
+    option) counts by its content too: its model_options carry "text_embedding_sha256" (`_digest`), so a file
+    changed under the same path is another run — and another features cache (`whole.cache_key` reads
+    model_options) — not a resume that reuses features made with the old one."""
+    fields = settings.result_fields()
+    te = fields["model_options"].get("text_embedding")
+    if te is not None:
+        fields["model_options"] = {**fields["model_options"], "text_embedding_sha256": _digest(te).hex()}
     return {"model": backbone.name, "weights": backbone.weights, "layers": layers, "size": list(geom.size),
             "files": dict(digests), "num_images": len(digests),
             "rows": geom.rows, "k_intra_effective": geom.k_intra, "k_inter_effective": geom.k_inter,
-            **settings.result_fields()}
+            **fields}
 
 
 def check_resumable(out: str, fp: dict, meta: dict) -> None:

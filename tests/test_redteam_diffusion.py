@@ -1,0 +1,50 @@
+"""Red-team findings on the diffusion families end to end: `sj.analyze` loads the model with its seed (timesteps,
+noise, random weights follow it as on the command line) and takes the diffusion load options; a dataset run
+resumed with a text embedding changed under the same path is refused, not fed the old features."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import spectral_jax as sj
+from spectral_jax.errors import InputError
+from spectral_jax.models import load_backbone
+
+IMG = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+
+
+def test_analyze_loads_the_model_with_its_seed_and_takes_the_load_options():
+    """`sj.analyze(model="sd_tiny", seed=7)` drew seed 0's timesteps and noise (the CLI drew seed 7's) and recorded
+    7; timesteps= was a TypeError."""
+    r7 = sj.analyze(IMG, model="sd_tiny", weights="random", num_eigs=3, size=64, seed=7)
+    assert r7.provenance.timesteps == load_backbone("sd_tiny", "random", seed=7).timesteps
+    assert r7.provenance.timesteps != load_backbone("sd_tiny", "random", seed=0).timesteps
+    r = sj.analyze(IMG, model="sd_tiny", weights="random", num_eigs=3, size=64, timesteps=[10, 100])
+    assert r.provenance.timesteps == (10, 100)
+    with pytest.raises(InputError, match="^timesteps: not an option of ViT models"):
+        sj.analyze(IMG, model="dinov2_vits14", weights="random", num_eigs=3, size=28, timesteps=[10])
+    bb = load_backbone("sd_tiny", "random")
+    with pytest.raises(InputError, match="^timesteps: are not used with a backbone given"):
+        sj.analyze(IMG, backbone=bb, num_eigs=3, size=64, timesteps=[10])
+
+
+def test_dataset_resume_refuses_a_text_embedding_changed_under_its_path(tmp_path):
+    """The resume was accepted (images_cached 4) and gave the old embedding's eigenvectors bit for bit."""
+    from PIL import Image
+
+    from spectral_jax import dataset
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(np.roll(IMG, 9 * i, axis=1)).save(folder / f"{i}.png")
+    te = tmp_path / "te.npy"
+    np.save(te, np.random.default_rng(0).normal(size=(1, 77, 32)).astype(np.float32))
+    settings = dict(model="sd_tiny", weights="random", graph="knn-vv", size=64, layers="0,1", num_eigs=3,
+                    k_intra=4, k_inter=4, model_options={"timesteps": (10, 100), "text_embedding": str(te)})
+    dataset.run(str(folder), str(tmp_path / "out"), **settings)
+    np.save(te, np.random.default_rng(1).normal(size=(1, 77, 32)).astype(np.float32))
+    with pytest.raises(InputError, match="was made with other settings: model_options .*text_embedding_sha256"):
+        dataset.run(str(folder), str(tmp_path / "out"), resume=True, **settings)
