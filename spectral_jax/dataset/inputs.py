@@ -60,22 +60,30 @@ def no_images(folder: str, files: list[str], example: str) -> InputError:
                       f"(e.g. {example})", "check the files (complete JPEG/PNG/WebP images?) or pass another folder")
 
 
-def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effective: tuple[int, int],
-                     base: int | None = None) -> None:
-    """K and k against one graph — the whole dataset's (exact) or one batch's, min(B, images) images (gd) — of
-    `tokens` per image (N of the coarsest tapped grid) and `base` per image on the table's grid (the finest; None:
-    `tokens`, one grid).
+def check_graph_size(settings: Settings, grids, num_images: int, base: tuple[int, int] | None = None) -> None:
+    """K and k against one graph — the whole dataset's (exact) or one batch's, min(B, images) images (gd) — whose
+    layer groups sit on `grids` [(h, w), ...] (one per group), with `base` the table's grid (the finest; None: the
+    largest of `grids`).
 
     K < the nodes of the table over the whole dataset (exact), K ≤ over a batch (gd) (no more eigenvectors than
-    nodes: the groups on coarser grids see the table pooled, `objective`); a given k_intra ≤ N, a given k_inter
-    ≤ the tokens of the other images of a batch (defaults are capped instead); and some edge must remain.
+    nodes: the groups on coarser grids see the table pooled, `objective`). k is capped per group by that group's
+    own tokens (`Geometry.k_of`, as `graphs.from_taps` caps it), so a given k above a coarse grid's tokens is
+    taken there as all of them; a given k_intra above the tokens of an image on the finest grid, or a given
+    k_inter above the other images' tokens there, fits no group and is refused (the defaults are capped
+    instead); and every group's graph must keep some edge.
     """
-    per = tokens
+    grids = [tuple(int(x) for x in g) for g in grids]
+    fine = max(grids, key=lambda hw: hw[0] * hw[1])
+    base = fine if base is None else tuple(base)
+    per, nbase = fine[0] * fine[1], base[0] * base[1]
     exact = settings.method == "exact"
     imgs = num_images if exact else min(settings.batch_size, num_images)
-    nodes, others = imgs * (per if base is None else base), (imgs - 1) * per
-    kshape = f"{imgs} image{'s' if imgs > 1 else ''} × {per} tokens"
-    shape = kshape if base is None else f"{imgs} image{'s' if imgs > 1 else ''} × {base} table nodes"
+    nodes, others = imgs * nbase, (imgs - 1) * per
+    several = len(set(grids)) > 1
+    of = f"an image on the finest tapped grid {fine[0]}×{fine[1]}" if several else "an image"
+    kshape = f"{imgs} image{'s' if imgs > 1 else ''} × {per} tokens" + (
+        f" on the finest grid {fine[0]}×{fine[1]}" if several else "")
+    shape = f"{imgs} image{'s' if imgs > 1 else ''} × {nbase} table nodes"
     where = "the whole dataset's graph" if exact else "a batch's graph"
     if exact and settings.num_eigs >= nodes:
         raise InputError("--num-eigs", f"{settings.num_eigs} is not below the {nodes} nodes of {where} ({shape})",
@@ -86,15 +94,17 @@ def check_graph_size(settings: Settings, tokens: int, num_images: int, k_effecti
                          "larger --batch-size or --size)" if not exact else f"pass --num-eigs ≤ {nodes}, or give the "
                          "graph more nodes (more images or a larger --size)")
     if settings.k_intra is not None and settings.k_intra > per:
-        raise InputError("--k-intra", f"{settings.k_intra} is more than the {per} tokens of an image",
-                         f"pass --k-intra ≤ {per}")
+        raise InputError("--k-intra", f"{settings.k_intra} is more than the {per} tokens of {of}",
+                         f"pass --k-intra ≤ {per}" + (" (coarser grids take all of their own tokens at most)"
+                                                      if several else ""))
     if settings.k_inter is not None and settings.k_inter > others:
         raise InputError("--k-inter", f"{settings.k_inter} is more than the {others} tokens of the other images in "
                          f"{'the dataset' if exact else 'a batch'} ({kshape})", f"pass --k-inter ≤ {others}" + (
                              "" if others else " (more images give it some)" if exact
                              else " (more images or a larger --batch-size give it some)"))
-    if min(k_effective[0], per) + min(k_effective[1], others) == 0:
-        raise InputError("--k-intra/--k-inter", f"leave the graph no edges (k_intra {settings.k[0]}, and {others} "
+    k_intra, k_inter = settings.k
+    if any(min(k_intra, h * w) + min(k_inter, (imgs - 1) * h * w) == 0 for h, w in grids):
+        raise InputError("--k-intra/--k-inter", f"leave the graph no edges (k_intra {k_intra}, and {others} "
                          f"tokens in other images of a batch: {kshape})", "pass --k-intra ≥ 1")
 
 

@@ -34,10 +34,11 @@ ROW_ALIGN = 64          # table rows are padded to a multiple of lcm(64, D): the
 @dataclasses.dataclass(frozen=True)
 class Geometry:
     """Static shapes of a run: layer groups (layers sharing a grid and q/k/v shapes, `graphs.group_layers`), the
-    base grid (the finest), the input size, images, table rows, devices, the effective k (capped by the
-    tokens of the coarsest grid, in one graph: the whole dataset for exact, a batch for gd), and `steps`: the
-    diffusion timesteps folded into every layer's heads axis (None: taps without timesteps, one kNN graph per
-    layer; T: one per (layer, timestep), a group's graphs `[L, T]`, `graph_shape`)."""
+    base grid (the finest), the input size, images, table rows, devices, the effective k — the k asked for, capped
+    by the tokens of the finest grid in one graph (the whole dataset for exact, a batch for gd): the largest any
+    group uses; each group caps it again by its own grid's tokens (`k_of`, as `graphs.from_taps` does) —, and
+    `steps`: the diffusion timesteps folded into every layer's heads axis (None: taps without timesteps, one kNN
+    graph per layer; T: one per (layer, timestep), a group's graphs `[L, T]`, `graph_shape`)."""
 
     groups: tuple            # ((grid, (layer, ...)), ...)
     base: tuple[int, int]
@@ -63,10 +64,16 @@ class Geometry:
         """Distinct grids the tapped layers sit on (1 for a ViT or DiT; a UNet's several: a multi-grid solve)."""
         return len({tuple(g) for g, _ in self.groups})
 
-    @property
-    def tokens(self) -> int:
-        """Tokens per image of the coarsest tapped grid (the smallest graph of a batch)."""
-        return min(g[0] * g[1] for g, _ in self.groups)
+    def k_of(self, grid, images: int) -> tuple[int, int]:
+        """(k_intra, k_inter) of a group on `grid` in a graph of `images` images (padded slots included): the run's
+        k capped by that grid's tokens (`graphs.clamp_k`), so a coarse grid's few tokens never cap a finer one's."""
+        return graphs.clamp_k(self.k_intra, self.k_inter, tuple(grid), images)
+
+    def k_used(self, images: int) -> list[dict]:
+        """summary.json's record of the k each layer group's graphs were built with (`k_of`), JSON-ready:
+        [{"grid": [h, w], "layers": [...], "k_intra", "k_inter"}] in the groups' order."""
+        return [dict(zip(("grid", "layers", "k_intra", "k_inter"), (list(g), list(ls), *self.k_of(g, images))))
+                for g, ls in self.groups]
 
 
 def tapped(apply, params, x, layers, what: str = "the backbone"):
@@ -117,9 +124,9 @@ def geometry(backbone, layers, settings: Settings, size: tuple[int, int], num_im
         raise InputError(f"model {backbone.name!r}", "taps no layers", "pass --layers all or a list of layer indices")
     steps = timesteps_of(backbone, taps)
     base = max((g for g, _ in groups), key=lambda hw: hw[0] * hw[1])
-    per = min(g[0] * g[1] for g, _ in groups)
     align = ROW_ALIGN * devices // math.gcd(ROW_ALIGN, devices)
-    k_intra, k_inter = graphs.clamp_k(*settings.k, (1, per), graph_images(settings, num_images))
+    # capped by the finest grid only: each group caps it by its own tokens where its graph is built (`k_of`)
+    k_intra, k_inter = graphs.clamp_k(*settings.k, base, graph_images(settings, num_images))
     return Geometry(groups, tuple(base), tuple(size), num_images, -(-num_images // align) * align, devices,
                     k_intra, k_inter, steps)
 

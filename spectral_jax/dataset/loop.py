@@ -115,8 +115,7 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
         settings = settings.replace(batch_size=fit)                 # padded slots would cost time and memory only
     geom = geometry(backbone, layers, settings, size, len(where.files), ndev)
     _check_table_weight(settings, geom)
-    inputs.check_graph_size(settings, geom.tokens, len(where.files), (geom.k_intra, geom.k_inter),
-                            geom.base[0] * geom.base[1])
+    inputs.check_graph_size(settings, [g for g, _ in geom.groups], len(where.files), geom.base)
     from spectral_jax.dataset.cluster import check_count
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
@@ -351,7 +350,8 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         lr=step.learning_rate(settings, geom), names=names, files=where.files,
         skipped=_skipped(where, status, trained.failed, backbone.preprocess, geom.size), ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
-        folder=where.root, convergence=verdict), where.out, convergence=verdict)
+        folder=where.root, convergence=verdict, layer_weights=step.layer_weights_record(settings, geom)), where.out,
+        convergence=verdict)
     if jax.process_index() == 0:
         _report_skipped(res.summary()["skipped"])
         _warn_unconverged(verdict, per_epoch)

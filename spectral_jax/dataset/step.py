@@ -149,6 +149,25 @@ def _layer_weights(settings: Settings, geom: Geometry, graphs):
     return [jnp.asarray(w) for w in LW.for_groups(graphs, group_layers, resolved, settings.num_eigs)[0]]
 
 
+def layer_weights_record(settings: Settings, geom: Geometry) -> dict:
+    """summary.json's "layer_weights" of a gd run, as `whole.layer_weights` records exact's: {"rule", "weights":
+    {layer: w}}, the per-layer weights (summing to 1) `_layer_weights` gives the step's graphs, each layer's shared
+    by its timesteps' graphs — rule "uniform" for None (every graph alike, so every layer alike), "given" for
+    numbers, else the rule's name (gd takes only rules that read no graph: `options.GRAPH_RULES` are exact's)."""
+    import numpy as np
+
+    from spectral_jax import layer_weights as LW
+
+    layers = sorted(l for _, ls in geom.groups for l in ls)
+    if settings.layer_weights is None:
+        rule, w = "uniform", np.full(len(layers), 1.0 / len(layers))
+    else:
+        resolved = settings.layer_weights.resolve(layers, what="--layer-weights")
+        rule = resolved if isinstance(resolved, str) else "given"
+        w = LW.rule_weights(rule, np.ones((len(layers), 2)), None, layers) if isinstance(resolved, str) else resolved
+    return {"rule": rule, "weights": {str(l): round(float(x), 6) for l, x in zip(layers, w)}}
+
+
 def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh | None, params, x, valid
                  ) -> tuple[list[G.KnnGraph], jax.Array]:
     """One `graphs.knn` group per layer group over the batch's tokens: x `[B, H, W, 3]`, valid `[B]` → (graphs,
@@ -159,7 +178,7 @@ def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, me
     valid = valid & (nonfinite < 0)
     out = []
     for grid, group in geom.groups:
-        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, settings.batch_size)
+        k_intra, k_inter = geom.k_of(grid, settings.batch_size)
         keep = jnp.repeat(valid, grid[0] * grid[1])[:, None]
         a, b = (jnp.where(keep, y, 0) for y in G.knn_inputs([taps.layers[i] for i in group], settings.graph,
                                                              geom.steps))
@@ -286,5 +305,5 @@ def compile_step(backbone, layers, settings: Settings, geom: Geometry, mesh: Mes
 
 
 __all__ = ["Metrics", "NONFINITE", "READ", "State", "UNREADABLE", "UNSEEN", "abstract_state", "batch_graphs",
-           "compile_step", "dataset_step", "fresh_conditioning", "init_state", "learning_rate", "make_optimizer",
-           "per_image_update", "solve_batch"]
+           "compile_step", "dataset_step", "fresh_conditioning", "init_state", "layer_weights_record", "learning_rate",
+           "make_optimizer", "per_image_update", "solve_batch"]

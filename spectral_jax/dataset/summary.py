@@ -1,7 +1,7 @@
 """summary.json of a dataset run: what was solved, how well, how fast, from which files. JSON-ready dict; at least
 `objective`, `seconds`, `method`, `num_eigs`, `steps` (the command-line contract), plus the run's settings, the
-effective k, the skipped and ignored files and the per-step history; a gd run's has no "eigvals" ("eigvals_kind"
-says why: `GD_EIGVALS`). `segments_asked` is the request
+effective k (and each layer group's, "k_used"), the skipped and ignored files and the per-step history; a gd run's
+has no "eigvals" ("eigvals_kind" says why: `GD_EIGVALS`). `segments_asked` is the request
 (`Settings.segments`); the export adds `segments`, the dataset-wide segments' numbers (`cluster.Segments.report`).
 "convergence": exact's report (`Result.convergence`) for method "exact"; for the minibatch gd its verdict (`gd_convergence`); both `Convergence.as_dict()`."""
 
@@ -64,11 +64,13 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL)
 
 def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timings, *, backbone: dict, lr: float,
          names: list, files: list, skipped: list, ignored: list, machine: dict, folder: str,
-         convergence: Convergence | None = None) -> dict:
+         convergence: Convergence | None = None, layer_weights: dict | None = None) -> dict:
     """The summary. backbone: {"model", "weights", "layers"}; lr: the effective learning rate; names: images
     read; files: images listed; skipped: [{"file", "reason"}] unreadable; ignored: non-image files; machine:
     {"devices", "processes", "backend"}; convergence: the run's verdict (default `gd_convergence` of the
-    history)."""
+    history); layer_weights: {"rule", "weights": {layer: w}} the steps used (`step.layer_weights_record`).
+    "k_intra"/"k_inter": the k capped by the finest grid's tokens in a batch (the largest any group uses);
+    "k_used": each layer group's own (`Geometry.k_used`)."""
     h = progress.history
     last = [r for r in h[-progress.per_epoch:] if r[3] > 0]       # batches with no readable image say nothing
     read_now = sum(r[3] for r in h[len(h) - progress.steps_this_run:]) if progress.steps_this_run else 0
@@ -92,12 +94,13 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
         **backbone, "graph": settings.graph,
         "grid": list(geom.base), "size": list(geom.size), "batch_size": settings.batch_size,
         "inner_steps": settings.inner_steps, "lr": lr, "weight_decay": settings.weight_decay, "ema": settings.ema,
-        "k_intra": geom.k_intra, "k_inter": geom.k_inter, "min_cos": settings.min_cos, "seed": settings.seed,
+        "k_intra": geom.k_intra, "k_inter": geom.k_inter, "k_used": geom.k_used(settings.batch_size),
+        "min_cos": settings.min_cos, "seed": settings.seed,
         "edge_weights": {"kind": settings.edge_weights, **({"sigma": "per batch, from its tokens (graphs.weight_edges)",
                                                             "sigma_pairs": SIGMA_PAIRS, "sigma_seed": settings.seed}
                                                            if settings.edge_weights == "rbf" else {})},
-        "segments_asked": settings.segments, **machine, "history_columns": HISTORY_COLUMNS, "history": h,
-        "folder": folder,
+        "segments_asked": settings.segments, "layer_weights": layer_weights, **machine,
+        "history_columns": HISTORY_COLUMNS, "history": h, "folder": folder,
     }
 
 
@@ -112,8 +115,11 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     exact_solver: which path ran (`whole.solver_path`: "sharded" or "gathered", what was asked, the graph cache);
     edge_weights and knn_search: how the graph was made (`whole.graph_report`: the weighting and its σ per layer;
     the search asked and used and its measured recall per layer — the sharded path: exact, recall 1); isolated:
-    the fraction of the read tokens without an edge per graph (`whole.isolated`)."""
+    the fraction of the read tokens without an edge per graph (`whole.isolated`). "k_intra"/"k_inter": the k
+    capped by the finest grid's tokens (the largest any group uses); "k_used": each layer group's own, capped by its
+    grid's tokens (`Geometry.k_used`)."""
     t = solved.timings
+    images = -(-geom.num_images // geom.devices) * geom.devices        # the graph's images (`whole.padded_images`)
     return {
         "objective": float(res.objective[0]),
         "objective_kind": ("Σ_k Σ_l w_l z_kᵀ P_l z_k over the whole-dataset graph (its optimum: the sum of the "
@@ -134,8 +140,9 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
         "images": len(names), "images_listed": len(files), "skipped": skipped, "ignored": ignored,
         **backbone, "graph": settings.graph, "grid": list(geom.base), "size": list(geom.size),
         "batch_size": settings.batch_size, "k_intra": geom.k_intra, "k_inter": geom.k_inter,
-        "min_cos": settings.min_cos, "edges": solved.edges, "features_dtype": settings.features_dtype,
-        "maxiter": settings.maxiter, "tol": settings.tol, "seed": settings.seed,
+        "k_used": geom.k_used(images), "min_cos": settings.min_cos, "edges": solved.edges,
+        "features_dtype": settings.features_dtype, "maxiter": settings.maxiter, "tol": settings.tol,
+        "seed": settings.seed,
         "segments_asked": settings.segments, "layer_weights": solved.layer_weights, **machine, "folder": folder,
         "edge_weights": {"kind": settings.edge_weights},       # a graph cached before the record existed
         "knn_search": {"asked": settings.search, "used": "exact", "recall_min": 1.0}, **(solved.graph_info or {}),

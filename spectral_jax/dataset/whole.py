@@ -405,7 +405,7 @@ def build_graphs(feats: Features, settings: Settings, geom: Geometry, mesh: Mesh
     shared = procs > 1 and getattr(search, "kind", search or "exact") != "exact"    # the approximate search
     out, infos = [], []
     for (grid, _), a, b in zip(geom.groups, feats.a, feats.b):
-        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
+        k_intra, k_inter = geom.k_of(grid, n)
         valid, same = feats.valid, b is a
         if geom.steps is not None:                   # [L, N, T·F] → [L, T, N, F]: one graph per (layer, timestep)
             a = G.split_timesteps(a, geom.steps)
@@ -491,7 +491,7 @@ def search_store(st: Streamed, settings: Settings, geom: Geometry, row_bytes: in
     found = []
     for g, (grid, group) in enumerate(geom.groups):
         per, graphs = grid[0] * grid[1], len(group) * steps
-        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
+        k_intra, k_inter = geom.k_of(grid, n)
         f = fs.width(f"a{g}") // steps
         ti = sizes[g]
         tj = min(n, max(1, col_bytes // (per * f * item), -(-k_inter // per)))
@@ -1166,7 +1166,7 @@ def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom
     procs, found, have, err = jax.process_count(), [], [], None
     for g, (grid, group) in enumerate(geom.groups):
         per = grid[0] * grid[1]
-        k = sum(G.clamp_k(geom.k_intra, geom.k_inter, grid, n))
+        k = sum(geom.k_of(grid, n))
         idx = np.zeros((len(group), n // procs * per, k), np.int32)
         w = np.zeros(idx.shape, np.float32)
         rec = np.ones(len(group), np.float32) if approx and approx[g] else None
@@ -1249,7 +1249,7 @@ def search_sharded(st: Streamed, settings: Settings, geom: Geometry, mesh: Mesh,
     parts = _sharded_parts(ckdir, key, settings, geom, n, approx=[s is not None for s in searches])
     out = []
     for g, (grid, group) in enumerate(geom.groups):
-        k_intra, k_inter = G.clamp_k(geom.k_intra, geom.k_inter, grid, n)
+        k_intra, k_inter = geom.k_of(grid, n)
         names = {"a": f"a{g}", "b": f"a{g}" if settings.graph == "knn-vv" else f"b{g}"}
         save = None if ckdir is None else (lambda layer, i, x, rec, g=g: store.write_part(
             ckdir, _sharded_part(g, layer), key,
