@@ -332,7 +332,7 @@ def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *
         raise InputError(f"result {type(result).__name__}", "is not a Result", "pass solve(taps, ...)'s Result")
     else:
         _check_provenance(result, taps, g)
-        _check_result_fits(result, gs, joint, nimg)
+        _check_result_fits(result, gs, joint, nimg, image)
     res = result if (joint or result.num_images == 1) else result.image(image)
     k = res.num_eigs
     nt = len(ts)
@@ -396,17 +396,20 @@ def _timestep_list(timesteps, carried: tuple[int, ...]) -> list[int]:
     return items
 
 
-def _check_result_fits(result: Result, gs, joint: bool, nimg: int) -> None:
+def _check_result_fits(result: Result, gs, joint: bool, nimg: int, image: int) -> None:
     """attribution's `result` must come from these taps' graphs: one Rayleigh quotient per graph (`rq` `[B, G, K]`)
-    and the taps' B images — a result of other taps would be read silently wrong. A one-image result beside taps
-    of several images is refused too: which of them it was solved on cannot be told (`Result.image` keeps no
-    index), and reading it as `image`'s would mix two images' spectra."""
+    and the taps' B images, or one of them — `image` itself, as `Result.image(image)` records it
+    (info["image_index"]); a one-image result that does not say which image it is, or says another, would be read
+    as `image`'s and mix two images' spectra. A result of other taps would be read silently wrong."""
     graphs = sum(int(np.prod(g.batch_shape, dtype=np.int64)) for g in gs)
     rq = np.shape(result.rq)
-    if result.num_images == 1 and nimg > 1 and rq[-2] == graphs:
-        raise InputError("result", f"has 1 image but the taps have {nimg}: which one it was solved on cannot be "
-                         "told", "pass the Result of solve on all these taps, or taps of that one image "
-                         "(jax.tree.map(lambda x: x[b:b + 1], taps))")
+    if result.num_images == 1 and nimg > 1 and rq[-2] == graphs and not joint:
+        which = result.info.get("image_index")
+        if which != image:
+            said = "not said which" if which is None else f"image {which}"
+            raise InputError("result", f"has 1 image, {said} of its solve, beside taps of {nimg} images read at "
+                             f"image {image}", f"pass the Result of solve on all these taps, or result.image({image})")
+        return
     if rq[-2] != graphs or result.num_images != nimg:
         raise InputError("result", f"has {result.num_images} image(s) × {rq[-2]} graphs, but the taps give "
                          f"{nimg} image(s) × {graphs} graphs", "pass the Result of solve on these taps and graph")

@@ -176,8 +176,14 @@ def test_attribution_refuses_a_result_of_other_graph_options_or_of_one_of_severa
         sj.attribution(TAPS, "vv", 3, result=res)
     ok = sj.attribution(TAPS, "vv", 3, result=res, tau=0.05)
     np.testing.assert_allclose(ok.rq, sj.attribution(TAPS, "vv", 3, tau=0.05).rq, rtol=1e-5, atol=1e-6)
-    with pytest.raises(InputError, match="^result: has 1 image but the taps have 2"):
-        sj.attribution(TAPS, "vv", 3, result=res.image(1), image=1, tau=0.05)
+    with pytest.raises(InputError, match=r"^result: has 1 image, image 1 of its solve, beside taps of 2 images read "
+                                         r"at image 0 — pass .*result.image\(0\)"):
+        sj.attribution(TAPS, "vv", 3, result=res.image(1), image=0, tau=0.05)
+    alone = dataclasses.replace(res.image(1), info={})                 # one image that does not say which
+    with pytest.raises(InputError, match="^result: has 1 image, not said which of its solve"):
+        sj.attribution(TAPS, "vv", 3, result=alone, image=1, tau=0.05)
+    np.testing.assert_allclose(sj.attribution(TAPS, "vv", 3, result=res.image(1), image=1, tau=0.05).rq,
+                               sj.attribution(TAPS, "vv", 3, result=res, image=1, tau=0.05).rq)
     # what made it is in its summary: the seed, the solver's options, the provenance with the graph's options
     s = res.summary()
     assert s["seed"] == 0 and s["solver_options"] == ExactSpec().record()

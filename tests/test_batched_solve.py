@@ -27,7 +27,7 @@ GRID = (6, 6)
 
 # what pipeline.solve records (seed, solver options, provenance) and what an image taken from a batch adds (its seconds are the
 # batch's): not the solver's diagnostics compared here
-PIPELINE_KEYS = {"seed", "solver_options", "seconds_images", "provenance"}
+PIPELINE_KEYS = {"seed", "solver_options", "seconds_images", "image_index", "provenance"}
 
 
 def _same(batched, loop, vec_tol=2e-5):

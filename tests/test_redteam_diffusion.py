@@ -2,8 +2,7 @@
 noise, random weights follow it as on the command line) and takes the diffusion load options; a dataset run
 resumed with a text embedding changed under the same path is refused, not fed the old features."""
 
-import subprocess
-import sys
+import json
 
 import numpy as np
 import pytest
@@ -48,3 +47,23 @@ def test_dataset_resume_refuses_a_text_embedding_changed_under_its_path(tmp_path
     np.save(te, np.random.default_rng(1).normal(size=(1, 77, 32)).astype(np.float32))
     with pytest.raises(InputError, match="was made with other settings: model_options .*text_embedding_sha256"):
         dataset.run(str(folder), str(tmp_path / "out"), resume=True, **settings)
+
+
+def test_solve_cli_caps_k_per_grid_not_by_the_coarsest(tmp_path, capsys):
+    """`spectral-jax solve --graph knn-vv` on sd_tiny's layers 0 (8×8) and 6 (1×1 at 64 px): the default k_intra
+    was capped to the 1×1 grid's one token for every layer, and --k-intra 10 was refused ("exceeds the 1 tokens")."""
+    from PIL import Image
+
+    from spectral_jax.cli import main
+
+    img = tmp_path / "a.png"
+    Image.fromarray(IMG).save(img)
+    acts = tmp_path / "acts.npz"
+    assert main(["extract", str(img), "--model", "sd_tiny", "--weights", "random", "--size", "64",
+                 "--layers", "0,6", "--timesteps", "10", "--out", str(acts)]) == 0
+    capsys.readouterr()
+    for extra, k_intra in (([], 50), (["--k-intra", "10"], 10)):
+        out = tmp_path / f"r{k_intra}.npz"
+        assert main(["solve", str(acts), "--graph", "knn-vv", "--num-eigs", "3", *extra, "--out", str(out)]) == 0
+        s = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        assert s["provenance"]["graph_options"]["k_intra"] == k_intra, s["provenance"]

@@ -82,15 +82,17 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
     nimg = first.q.shape[0]
     nodes = max(t.grid[0] * t.grid[1] for t in taps.layers.values()) * (nimg if graph.joint else 1)
     check_num_eigs(args.num_eigs, nodes, "--num-eigs")
-    per = min(t.grid[0] * t.grid[1] for t in taps.layers.values())
+    # the finest tapped grid's tokens: graphs.from_taps caps k by each layer group's own grid, so a given k must
+    # fit the finest one only (a coarse grid's few tokens must not cap the finer ones' graphs)
+    per = max(t.grid[0] * t.grid[1] for t in taps.layers.values())
     if args.k_intra is None:               # the default is capped by the tokens, as graphs.from_taps caps it
         graph = dataclasses.replace(graph, k_intra=min(DEFAULT_K, per))
     if graph.joint:
         # as graphs.from_taps: k_inter is capped by the other images' tokens (0 for one image)
         k_inter = min(graph.k_inter, (nimg - 1) * per)
         if graph.k_intra > per:
-            raise InputError("--k-intra", f"{graph.k_intra} exceeds the {per} tokens of an image",
-                             f"pass --k-intra {per}")
+            raise InputError("--k-intra", f"{graph.k_intra} exceeds the {per} tokens of an image on the finest "
+                             "tapped grid", f"pass --k-intra {per}")
         if graph.k_intra + k_inter < 1:
             raise InputError("--k-intra/--k-inter", f"give the kNN graph no edges ({graph.k_intra} within the "
                              f"image, {k_inter} in {nimg - 1} other images)", "pass e.g. --k-intra 10")

@@ -226,7 +226,7 @@ class Result:
     def image(self, b: int) -> "Result":
         """Image b as a B = 1 `Result` (its own diagnostics where the images were solved one by one). Its `seconds`
         are still those of all B images' solves, which are not timed one by one: info["seconds_images"] = B says
-        so (B > 1)."""
+        so, and info["image_index"] = b which image it was (B > 1)."""
         if not -self.num_images <= b < self.num_images:
             raise IndexError(f"image {b} out of range for {self.num_images} images")
         b %= self.num_images
@@ -236,6 +236,7 @@ class Result:
             info.update(per[b])
         if self.num_images > 1:         # `seconds` stays the solve of all the images (its part is not measured)
             info["seconds_images"] = self.num_images
+            info["image_index"] = b     # which of them it is (`pipeline.attribution` checks it against its image)
         prov = None if self.provenance is None else self.provenance.rows(slice(b, b + 1))
         conv = None if self.convergence is None else self.convergence.image(b)
         return Result(self.eigvecs[b:b + 1], self.eigvals[b:b + 1], self.rq[b:b + 1], self.objective[b:b + 1],
