@@ -8,6 +8,15 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 BENCH = os.path.join(ROOT, "benchmarks")
+# The LLVM level the suite compiles at (tests/conftest.py puts it in XLA_FLAGS). A child process given XLA_FLAGS of
+# its own (fake devices) takes them through `xla_flags`, so that what it computes is compared, bit for bit where a
+# test does, with results compiled at the same level: levels differ in float rounding (fused multiply-adds).
+XLA_LEVEL = "--xla_backend_optimization_level=0"
+
+
+def xla_flags(*extra: str) -> str:
+    """XLA_FLAGS for a test's child process: the suite's level and `extra` flags."""
+    return " ".join([XLA_LEVEL, *extra])
 
 
 def bench_module(name: str):

@@ -23,6 +23,7 @@ import pytest
 
 from spectral_jax import dataset, graphs, viz
 from spectral_jax.models import Backbone
+from sjtest import xla_flags
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
@@ -61,7 +62,7 @@ def make_folder(root: str, n: int = 10, seed: int = 0) -> str:
 
 def _env(**extra):
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
-    env.pop("XLA_FLAGS", None)
+    env["XLA_FLAGS"] = xla_flags()          # the suite's level, no fake devices (`sjtest.xla_flags`)
     env.update(extra)
     return env
 
@@ -311,7 +312,7 @@ def test_eight_devices_give_the_one_device_table(tmp_path):
         assert one.summary()["devices"] == 1 and eight.summary()["devices"] == 8
         np.savez({str(tmp_path / "tables.npz")!r}, one=one.table, eight=eight.table)
     """)
-    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8")),
                        capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     t = np.load(tmp_path / "tables.npz")

@@ -23,6 +23,7 @@ from spectral_jax.objective import dense_operators, normalised_weights
 from spectral_jax.solvers.exact import exact
 from spectral_jax.solvers.sparse import knn_operator
 from test_dataset import CHILD_HEAD, _dense_knn, _env, make_folder, run_two_processes, synthetic
+from sjtest import xla_flags
 
 EXACT = dict(size=32, batch_size=4, num_eigs=6, k_intra=5, k_inter=5, figure_images=0, method="exact")
 
@@ -223,7 +224,7 @@ def test_eight_devices_give_the_one_device_eigvecs(tmp_path):
         assert one.summary()["devices"] == 1 and eight.summary()["devices"] == 8
         np.savez({str(tmp_path / "v.npz")!r}, one=one.eigvecs, eight=eight.eigvecs)
     """)
-    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8")),
                        capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     t = np.load(tmp_path / "v.npz")

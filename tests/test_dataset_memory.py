@@ -29,6 +29,7 @@ import pytest
 from spectral_jax import dataset
 from spectral_jax.dataset import memory, whole
 from test_dataset import _env, make_folder
+from sjtest import xla_flags
 from test_dataset_badinput import SCRIPT, _one_line_exit_2, _tree
 
 
@@ -173,7 +174,7 @@ print(json.dumps(dict(est=est, graph=held(sg.idx, sg.w, sg.deg), operator=held(o
 
 
 def test_sharded_estimate_is_per_process():
-    m = _child(SHARDED, XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    m = _child(SHARDED, XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     one, two = m["est"]["1"], m["est"]["2"]
     assert two["solver_path"] == "sharded" and two["processes"] == 2
     assert two["graph"] == m["graph"] == m["whole"] // 2 and one["graph"] == 2 * m["whole"]    # host + device copy

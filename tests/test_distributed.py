@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sjtest import subspace_alignment
+from sjtest import subspace_alignment, xla_flags
 from test_dataset import _env, _free_port
 
 from spectral_jax import graphs
@@ -61,7 +61,7 @@ def top(a: np.ndarray, k: int):
 
 def _on_eight_devices(child: str, out) -> dict:
     """Run `child` (Python source saving an npz at `out`) in a fresh process with 8 fake CPU devices; its arrays."""
-    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"),
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8")),
                        capture_output=True, timeout=900)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     return np.load(out)

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from sjtest import planted_qk
+from sjtest import planted_qk, xla_flags
 
 from spectral_jax import graphs, solvers
 from spectral_jax.errors import InputError
@@ -103,7 +103,7 @@ except InputError as e:
 b = np.random.default_rng(0).normal(size=(48, 8)).astype(np.float32)
 print("OK", graphs.knn(b, b, (3, 4), 4, 4, 6, mesh=mesh).num_nodes)
 """
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=2"))
     r = subprocess.run([sys.executable, "-c", child], env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "ERR num_images=3: is not a multiple of the mesh's 2 devices" in r.stdout

@@ -23,6 +23,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from sjtest import xla_flags
 from test_dataset import _env, _free_port
 
 from spectral_jax import knn_search
@@ -100,7 +101,7 @@ def test_ring_ivf_is_graphs_knn_on_one_device_and_finds_the_exact_neighbours_on_
         np.savez({out!r}, **res)
         import json
     """).replace("import jax, jax.numpy", "import json, jax, jax.numpy"),
-           env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
+           env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=8")})
     t = np.load(out)
     for name in ("one", "qk"):
         np.testing.assert_array_equal(t[f"{name}_idx"], t[f"{'ref' if name == 'one' else 'qkref'}_idx"])
@@ -217,7 +218,7 @@ def test_ring_ivf_in_two_processes_gives_the_two_device_graph(tmp_path):
 
     _wait_all(procs)
     _child(body + f"np.savez({str(tmp_path)!r} + '/one.npz', idx=np.asarray(g.idx), w=np.asarray(g.w), "
-                  "rep=json.dumps(rep))\n", env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+                  "rep=json.dumps(rep))\n", env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")})
     one = np.load(tmp_path / "one.npz")
     for i in range(2):
         p = np.load(tmp_path / f"p{i}.npz")
@@ -321,7 +322,7 @@ def test_a_stopped_ring_ivf_search_resumes_with_its_recall(tmp_path):
         res["idx2"], res["w2"], res["info2"] = np.asarray(g.idx), np.asarray(g.w), dump(infos)
         res["reads"] = sorted(set(reads))
         np.savez({out!r}, **res)
-    """), env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    """), env={"XLA_FLAGS": xla_flags("--xla_force_host_platform_device_count=2")})
     t = np.load(out)
     one, two = json.loads(str(t["info"]))[0], json.loads(str(t["info2"]))[0]
     assert one["search"] == "ivf" and len(one["recall"]) == 2 and all(0.3 <= r < 1 for r in one["recall"]), one
