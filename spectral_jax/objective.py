@@ -86,10 +86,22 @@ def from_nodes(z: Array, num_images: int, grid: tuple[int, int]) -> Array:
     return jnp.transpose(z.reshape(num_images, grid[0], grid[1], -1), (0, 3, 1, 2))
 
 
-def project(x: Array, grid: tuple[int, int], eps: float = 1e-12) -> Array:
-    """z = normalise(pool(x)): `[B, K, H0, W0]` → `[B·h·w, K]`, each column unit-norm."""
+VANISH = 32 * float(np.finfo(np.float32).eps)   # a pooled column this small relative to its vector is rounding
+
+
+def project(x: Array, grid: tuple[int, int], eps: float = 1e-12, vanish: float | None = None) -> Array:
+    """z = normalise(pool(x)): `[B, K, H0, W0]` → `[B·h·w, K]`, each column unit-norm.
+
+    vanish (None: off, as the solvers' losses and the official code's `F.normalize` have it): a column whose pooled
+    norm is at most `vanish` × its norm on the base grid is 0, not its rounding noise scaled to unit length — on a
+    1×1 grid (Stable Diffusion's mid block below 128² inputs) every vector orthogonal to the constant pools to
+    ~1e-8, which normalised would score R = 1 there. The reported quotients use `VANISH`."""
     z = to_nodes(pool(x, grid))
-    return z / jnp.maximum(jnp.linalg.norm(z, axis=0, keepdims=True), eps)
+    norm = jnp.linalg.norm(z, axis=0, keepdims=True)
+    z = z / jnp.maximum(norm, eps)
+    if vanish is None:
+        return z
+    return jnp.where(norm > vanish * jnp.linalg.norm(to_nodes(x), axis=0, keepdims=True), z, 0.0)
 
 
 def normalised_weights(graphs: Sequence[Graph], weights: Sequence[Array] | None) -> list[Array]:
@@ -126,17 +138,18 @@ def _check_weights(ws: Sequence[Array]) -> None:
 
 
 def rayleigh(graphs: Sequence[Graph], x: Array, weights: Sequence[Array] | None = None, *,
-             sequential: bool = False) -> tuple[list[Array], Array]:
+             sequential: bool = False, vanish: float | None = None) -> tuple[list[Array], Array]:
     """Rayleigh quotients and the objective. x `[B, K, H0, W0]` → (per group R `[*S_l, K]`, objective scalar).
 
     R_{l,k} = z_{l,k}ᵀ P_l z_{l,k} (= z ᵀ sym(P_l) z); objective = Σ_k Σ_l w_l R_{l,k} (w normalised).
     sequential: each group's graphs one after the other (`Graph.quadratic`; the faster for diagnostics on a CPU)
-    rather than all at once.
+    rather than all at once. vanish: `project`'s (the results' reported quotients: `VANISH`, a column that pools
+    to rounding noise scores 0).
     """
     ws = normalised_weights(graphs, weights)
     rqs, obj = [], 0.0
     for g, w in zip(graphs, ws):
-        z = project(x, g.grid)
+        z = project(x, g.grid, vanish=vanish)
         r = g.quadratic(z, sequential)
         rqs.append(r)
         obj = obj + jnp.sum(w[..., None] * r)
