@@ -23,23 +23,11 @@ from spectral_jax import dataset
 from spectral_jax.dataset import inputs, layout, step
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
+from test_dataset_diffusion import square_folder
 
 TS = (10, 100)
 BASE = dict(model="sd_tiny", weights="random", size=64, graph="knn-vv", num_eigs=5, figure_images=0,
             model_options={"timesteps": TS})
-
-
-def square_folder(root: str, n: int = 4, side: int = 64, seed: int = 0) -> str:
-    """n square PNGs (side², random, two kinds of upper half)."""
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    os.makedirs(root, exist_ok=True)
-    for i in range(n):
-        a = (rng.random((side, side, 3)) * 255).astype(np.uint8)
-        a[: side // 2] = a[: side // 2] // 4 + 100 * (i % 2)
-        Image.fromarray(a).save(os.path.join(root, f"img{i:03d}.png"))
-    return root
 
 
 def _graph(out) -> dict:
@@ -52,7 +40,7 @@ def test_exact_fine_grid_keeps_its_k_beside_a_one_token_grid(tmp_path):
     1×1 graphs get 1/3, all their grid has); the eigenvalues are not all 1 (a connected graph); summary.json keeps
     k_intra/k_inter (the largest used) and records each group's. A graph cached with the old coarse cap (k 1/3)
     is refused on --resume in one line, not mixed in."""
-    folder = square_folder(str(tmp_path / "imgs"))
+    folder = square_folder(str(tmp_path / "imgs"), 4, 64)
     bb = sj.load_backbone("sd_tiny", "random", timesteps=list(TS))            # loaded once for the three runs
     one = dataset.run(folder, str(tmp_path / "l0"), layers="0", backbone=bb, **BASE).summary()
     both = dataset.run(folder, str(tmp_path / "l06"), layers="0,6", backbone=bb, **BASE).summary()
@@ -115,7 +103,7 @@ def test_gd_recipe_run_records_layer_weights_and_each_groups_k(tmp_path):
     records the 32/res layer weights it applied, as an exact run does, and each group's k of its batch of 2."""
     from spectral_jax.recipes import recipe_fields
 
-    folder = square_folder(str(tmp_path / "imgs"))
+    folder = square_folder(str(tmp_path / "imgs"), 4, 64)
     kw = {**recipe_fields("main_cls", "sd_tiny", "gd"), "recipe": "main_cls", "method": "gd", "size": 64,
           "batch_size": 2, "epochs": 1, "inner_steps": 1, "k_intra": 8, "k_inter": 8, "num_eigs": 3,
           "weights": "random", "model": "sd_tiny", "graph": "knn-vv", "figure_images": 0}
