@@ -219,7 +219,8 @@ class GdSpec:
         """The fields as JSON values, for a result's summary (`pipeline.solve` records them): progress left out (how
         a run is shown), an optimizer by its name ("optax" and its type; None for the preset's). None stands for the
         preset's default; the solver's info says what it resolved to (steps, lr)."""
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in ("progress", "optimizer")}
+        skip = ("progress", "optimizer")
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
         out["optimizer"] = None if self.optimizer is None else f"optax {type(self.optimizer).__name__}"
         return out
 

@@ -64,9 +64,10 @@ def solve(source, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str
     ascending layer order — the per-layer weights used go to `result.info["layer_weights"]`. A solve of Taps
     records what it was solved on in `result.provenance` (graph kind, layers, per-layer weights, timesteps, the
     options the graph kind reads); of a list of graphs, None (unknown). Every solve records its seed and solver
-    options in `result.info` ("seed", "solver_options"). tol: the solver's convergence threshold (None: its default — exact's relative
-    residual √eps32, gd's per preset). graph_dtype (Taps only): what the graphs store q/k, unit v and kNN features
-    in (`graphs.from_taps(dtype=)`; products, softmax, A and the eigensolver stay float32).
+    options in `result.info` ("seed", "solver_options"). tol: the solver's convergence threshold (None: its
+    default — exact's relative residual √eps32, gd's per preset). graph_dtype (Taps only): what the graphs store
+    q/k, unit v and kNN features in (`graphs.from_taps(dtype=)`; products, softmax, A and the eigensolver stay
+    float32).
 
     Taps with qk/vv graphs, method "exact", each image's problem dense (`solvers.exact.dense_fits`: M0 ≤ 8192 base
     nodes — 448² DINOv2 has 1024, 1288² 8464) and layer weights that do not read the graphs (numbers, "uniform", or
@@ -660,8 +661,9 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     load = {k: v for k in MODEL_OPTIONS if (v := options.pop(k, None)) is not None}
     unused = ([f"dtype {dtype!r}"] if dtype != "float32" else []) + sorted(load)
     if backbone is not None and unused:
-        raise InputError(", ".join(unused), "are not used with a backbone given (it is loaded already)",
-                         "pass them to load_backbone instead")
+        one = len(unused) == 1
+        raise InputError(", ".join(unused), f"{'is' if one else 'are'} not used with a backbone given (it is loaded "
+                         "already)", f"pass {'it' if one else 'them'} to load_backbone instead")
     jdtype = forward_dtype(dtype)
     if isinstance(images, Prepared):
         p = images

@@ -168,7 +168,8 @@ def test_attribution_refuses_a_result_of_something_else(case):
 
 def test_attribution_refuses_a_result_of_other_graph_options_or_of_one_of_several_images():
     """A vv result at another tau measures other graphs; a one-image result beside the taps of 2 images cannot
-    say which image it is (both were read silently: agreement 0.40–0.57 for 0.33–0.86, 0.28–0.30 for 0.78–0.94)."""
+    say which image it is (both were read silently: agreement 0.40–0.57 for 0.33–0.86, 0.28–0.30 for
+    0.78–0.94)."""
     res = sj.solve(TAPS, "vv", 3, tau=0.05)
     assert res.provenance.graph_options == {"tau": 0.05, "graph_dtype": "float32"}
     with pytest.raises(InputError, match=r"^result: was solved on other graphs: tau 0.05 there, 0.1 here — pass "

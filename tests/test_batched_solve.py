@@ -25,8 +25,8 @@ E = importlib.import_module("spectral_jax.solvers.exact")
 GRID = (6, 6)
 
 
-# what pipeline.solve records (seed, solver options, provenance) and what an image taken from a batch adds (its seconds are the
-# batch's): not the solver's diagnostics compared here
+# what pipeline.solve records (seed, solver options, provenance) and what an image taken from a batch adds (its
+# seconds are the batch's, its index): not the solver's diagnostics compared here
 PIPELINE_KEYS = {"seed", "solver_options", "seconds_images", "image_index", "provenance"}
 
 

@@ -312,7 +312,8 @@ def test_eight_devices_give_the_one_device_table(tmp_path):
         assert one.summary()["devices"] == 1 and eight.summary()["devices"] == 8
         np.savez({str(tmp_path / "tables.npz")!r}, one=one.table, eight=eight.table)
     """)
-    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8")),
+    eight = xla_flags("--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS=eight),
                        capture_output=True, timeout=600)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     t = np.load(tmp_path / "tables.npz")

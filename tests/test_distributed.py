@@ -61,7 +61,8 @@ def top(a: np.ndarray, k: int):
 
 def _on_eight_devices(child: str, out) -> dict:
     """Run `child` (Python source saving an npz at `out`) in a fresh process with 8 fake CPU devices; its arrays."""
-    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS=xla_flags("--xla_force_host_platform_device_count=8")),
+    eight = xla_flags("--xla_force_host_platform_device_count=8")
+    r = subprocess.run([sys.executable, "-c", child], env=_env(XLA_FLAGS=eight),
                        capture_output=True, timeout=900)
     assert r.returncode == 0, r.stderr.decode()[-3000:]
     return np.load(out)

@@ -38,7 +38,7 @@ def test_analyze_loads_the_model_with_its_seed_and_takes_the_load_options(monkey
     monkeypatch.undo()
     with pytest.raises(InputError, match="^timesteps: not an option of ViT models"):
         sj.analyze(IMG, model="dinov2_vits14", weights="random", num_eigs=3, size=28, timesteps=[10])
-    with pytest.raises(InputError, match="^timesteps: are not used with a backbone given"):
+    with pytest.raises(InputError, match="^timesteps: is not used with a backbone given"):
         sj.analyze(IMG, backbone=object(), num_eigs=3, size=64, timesteps=[10])
 
 

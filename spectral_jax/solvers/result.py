@@ -377,7 +377,7 @@ class Result:
 
 
 _SUMMARY_KEYS = ("objective", "seconds", "method", "num_eigs", "steps", "orth_error", "eigvals", "grid",
-                 "num_images", "joint", "objective_per_image", "provenance")   # `Result.summary`'s own; the rest is info
+                 "num_images", "joint", "objective_per_image", "provenance")   # `Result.summary`'s; the rest: info
 
 
 def stack(parts: Sequence[Result]) -> Result:
