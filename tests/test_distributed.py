@@ -284,6 +284,7 @@ def test_one_two_eight_devices_agree_with_eigh_and_arpack(tmp_path):
         assert tuple(sh.idx.sharding.spec)[:2] == (None, "data")
         for name in ("idx", "w", "deg"):
             res["knn_" + name] = np.asarray(getattr(sh, name)) - np.asarray(getattr(whole, name))
+        res["knn_deg_scale"] = np.abs(np.asarray(whole.deg)).max()
         np.savez({out!r}, **res)
     """)
     t = _on_eight_devices(child, out)
@@ -299,8 +300,10 @@ def test_one_two_eight_devices_agree_with_eigh_and_arpack(tmp_path):
     assert np.abs(t["arpack"] - e).max() <= 2e-6 * e[0]
     assert np.abs(np.sort(t["vals8"])[::-1] - t["arpack"]).max() <= 2e-6 * e[0]
     # the same neighbours; weights within a few float32 ulps (the ring's key tiles round by their shape: see
-    # test_ring_search_equals_the_gathered_search_and_graphs_knn_and_its_memory_falls)
-    assert np.all(t["knn_idx"] == 0) and np.abs(t["knn_w"]).max() <= 5e-7 and np.abs(t["knn_deg"]).max() <= 1e-6
+    # test_ring_search_equals_the_gathered_search_and_graphs_knn_and_its_memory_falls), degrees (sums of them)
+    # within 8 float32 ulps of the largest degree (a fixed 1e-6 failed at LLVM -O0 with 1.43e-6, about 1.5 ulps)
+    deg_tol = 8 * np.finfo(np.float32).eps * float(t["knn_deg_scale"])
+    assert np.all(t["knn_idx"] == 0) and np.abs(t["knn_w"]).max() <= 5e-7 and np.abs(t["knn_deg"]).max() <= deg_tol
 
 
 def test_two_processes_give_the_one_process_solve(tmp_path):
