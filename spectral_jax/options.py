@@ -155,7 +155,7 @@ class ExactSpec:
 
     def record(self) -> dict:
         """The fields as JSON values, for a result's summary (`pipeline.solve` records them)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _fields(self)
 
     def kwargs(self) -> dict:
         """The options `solvers.exact.exact` reads, tol resolved (None → `TOL`)."""
@@ -219,14 +219,18 @@ class GdSpec:
         """The fields as JSON values, for a result's summary (`pipeline.solve` records them): progress left out (how
         a run is shown), an optimizer by its name ("optax" and its type; None for the preset's). None stands for the
         preset's default; the solver's info says what it resolved to (steps, lr)."""
-        skip = ("progress", "optimizer")
-        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name not in skip}
+        out = _fields(self, skip=("progress", "optimizer"))
         out["optimizer"] = None if self.optimizer is None else f"optax {type(self.optimizer).__name__}"
         return out
 
     def kwargs(self) -> dict:
         """Every field, as keywords (`solvers.gd.gd(graphs, K, **spec.kwargs())` is `gd(graphs, K, options=spec)`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return _fields(self)
+
+
+def _fields(spec, skip=()) -> dict:
+    """A spec's fields {name: value}, but those in `skip`."""
+    return {f.name: getattr(spec, f.name) for f in dataclasses.fields(spec) if f.name not in skip}
 
 
 SolverSpec = ExactSpec | GdSpec

@@ -118,8 +118,10 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     the fraction of the read tokens without an edge per graph (`whole.isolated`). "k_intra"/"k_inter": the k
     capped by the finest grid's tokens (the largest any group uses); "k_used": each layer group's own, capped by its
     grid's tokens (`Geometry.k_used`)."""
+    from spectral_jax.dataset.whole import padded_images
+
     t = solved.timings
-    images = -(-geom.num_images // geom.devices) * geom.devices        # the graph's images (`whole.padded_images`)
+    images = padded_images(geom.num_images, geom.devices)              # the graph's images, padded slots included
     return {
         "objective": float(res.objective[0]),
         "objective_kind": ("Σ_k Σ_l w_l z_kᵀ P_l z_k over the whole-dataset graph (its optimum: the sum of the "
