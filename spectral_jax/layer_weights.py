@@ -226,19 +226,31 @@ def for_groups(graphs: Sequence, group_layers: Sequence[Sequence[int]], weights,
     is the same: `w, _ = for_groups(graphs, group_layers, "eigengap", K, spectra=...)` then
     `solvers.exact.exact(graphs, K, weights=w, base_grid=base_grid(graphs, w))`."""
     layers = sorted({l for ls in group_layers for l in ls})
-    w = LayerWeights.parse(weights).resolve(layers)          # numbers again in ascending order, summing to 1
-    if isinstance(w, str):
-        rule = w
-        if rule in GRAPH_RULES:
-            if callable(spectra):
-                spectra = spectra(layers)
-            if spectra is None:
-                raise ValueError(f"rule {rule!r} needs each layer's spectra (spectra=solvers.exact.layer_spectra)")
-            if rule == "select" and agreement is None:
-                agreement = [head_agreement(subset(graphs, group_layers, [l])[0][0]) for l in layers]
-        w = rule_weights(rule, spectra if rule in GRAPH_RULES else np.ones((len(layers), 2)), agreement, layers)
+    resolved = LayerWeights.parse(weights).resolve(layers)
+    if agreement is None and isinstance(resolved, str) and resolved == "select":
+        agreement = [head_agreement(subset(graphs, group_layers, [l])[0][0]) for l in layers]
+    _, w = per_layer(layers, weights, spectra, agreement)
     return group_weights(graphs, group_layers, layers, w), w
 
 
+def per_layer(layers: Sequence[int], weights, spectra=None, agreement=None) -> tuple[str, np.ndarray]:
+    """(rule, per-layer weights `[L]` in ascending layer order, summing to 1) of `weights` (a `LayerWeights` or
+    what `LayerWeights.parse` takes) over `layers`: rule "given" for numbers, else the rule's name. A rule that
+    reads the graphs (`GRAPH_RULES`) reads `spectra` (`[L, K]` or a callable layers → `[L, K]`) and, for
+    "select", `agreement` `[L]` (None: 1 for every layer); "uniform" and "geometric" read neither. The weights
+    `for_groups` gives the solvers, without the graphs (what a record of them needs)."""
+    layers = sorted(layers)
+    w = LayerWeights.parse(weights).resolve(layers)          # numbers again in ascending order, summing to 1
+    if not isinstance(w, str):
+        return "given", np.asarray(w, np.float64)
+    rule = w
+    if rule in GRAPH_RULES:
+        if callable(spectra):
+            spectra = spectra(layers)
+        if spectra is None:
+            raise ValueError(f"rule {rule!r} needs each layer's spectra (spectra=solvers.exact.layer_spectra)")
+    return rule, rule_weights(rule, spectra if rule in GRAPH_RULES else np.ones((len(layers), 2)), agreement, layers)
+
+
 __all__ = ["GRAPH_RULES", "RULES", "LayerWeights", "base_grid", "depth_weights", "early_pick", "eigengap", "for_groups", "group_weights", "head_agreement", "pad",
-           "rule_weights", "subset", "take_layers"]
+           "per_layer", "rule_weights", "subset", "take_layers"]

@@ -107,6 +107,14 @@ def test_eigengap_rule_prefers_the_layer_with_groups_and_is_scale_invariant():
     np.testing.assert_array_equal(rules(g, "select"), [0.0, 1.0])
     with pytest.raises(ValueError, match="spectra"):                  # a rule needs the solver's spectra
         LW.for_groups([g], gl, "eigengap", 6)
+    # `per_layer` (what gd's summary records, without graphs) is the weighting `for_groups` gives the solvers
+    spectra = layer_spectra([g], gl, 6, [0, 1])
+    for rule in ("uniform", "geometric", "eigengap", [3.0, 1.0]):
+        name, w = LW.per_layer([0, 1], rule, spectra=spectra)
+        assert name == (rule if isinstance(rule, str) else "given")
+        np.testing.assert_array_equal(w, LW.for_groups([g], gl, rule, 6, spectra=spectra)[1], err_msg=str(rule))
+    with pytest.raises(ValueError, match="spectra"):
+        LW.per_layer([0, 1], "eigengap")
 
 
 def test_head_agreement():

@@ -154,17 +154,10 @@ def layer_weights_record(settings: Settings, geom: Geometry) -> dict:
     {layer: w}}, the per-layer weights (summing to 1) `_layer_weights` gives the step's graphs, each layer's shared
     by its timesteps' graphs — rule "uniform" for None (every graph alike, so every layer alike), "given" for
     numbers, else the rule's name (gd takes only rules that read no graph: `options.GRAPH_RULES` are exact's)."""
-    import numpy as np
-
     from spectral_jax import layer_weights as LW
 
     layers = sorted(l for _, ls in geom.groups for l in ls)
-    if settings.layer_weights is None:
-        rule, w = "uniform", np.full(len(layers), 1.0 / len(layers))
-    else:
-        resolved = settings.layer_weights.resolve(layers, what="--layer-weights")
-        rule = resolved if isinstance(resolved, str) else "given"
-        w = LW.rule_weights(rule, np.ones((len(layers), 2)), None, layers) if isinstance(resolved, str) else resolved
+    rule, w = LW.per_layer(layers, "uniform" if settings.layer_weights is None else settings.layer_weights)
     return {"rule": rule, "weights": {str(l): round(float(x), 6) for l, x in zip(layers, w)}}
 
 
