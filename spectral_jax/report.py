@@ -3,7 +3,8 @@
 Files: `input.png` (the image as the model saw it), `segments.png` (segment overlay), `pca.png` (eigenvectors
 2–4 as RGB, weighted by their eigenvalues; 2–K when K < 4), `eigvecs.png` (each eigenvector, diverging colours,
 titled "#1" … "#K": eigenvectors are counted from 1 everywhere, #1 being the trivial one), `foreground.png`
-(bipartition overlay), `instances.png` (instance masks), `panel.png` (all of them side by side), `result.npz`,
+(bipartition overlay), `instances.png` (instance masks), `panel.png` (all of them side by side at their size, each
+titled; `viz.side_by_side` widens the column of a picture narrower than its title), `result.npz`,
 `summary.json`; with attribution (`write_attribution`): `attribution.png` (heat maps, `viz.attribution_figure`) and
 `attribution.json` (`Attribution.to_json`).
 """

@@ -260,28 +260,37 @@ def instance_image(image, masks: Sequence, alpha: float = 0.5, boundary_color=(2
 def side_by_side(images: Sequence, pad: int = 4, background: int = 255, titles: Sequence[str] | None = None
                  ) -> np.ndarray:
     """Images in a row, top-aligned, `pad` pixels apart and around, for a summary panel: uint8
-    `[max H (+ title) + 2·pad, Σ W + (n + 1)·pad, 3]`. Grey images become RGB; `titles` (one per image) are written
-    above them in PIL's default font."""
+    `[max H (+ title) + 2·pad, Σ wᵢ + (n + 1)·pad, 3]`, wᵢ the width of image i's column. Grey images become RGB.
+
+    `titles` (one per image) are written above the images in PIL's default font, one line each, and are never cut
+    or run together: a column is as wide as its image, or as its title's ink plus a 6-pixel gap where the title is
+    wider (narrow images, e.g. the panel of a tall image); the image keeps its size and sits at the column's left,
+    white on its right. Without titles (or with titles narrower than their images) wᵢ is the image's width."""
     imgs = [_image(im, f"images[{i}]") for i, im in enumerate(images)]
     if not imgs:
         raise InputError("images", "is empty", "pass at least one image")
     if titles is not None and len(titles) != len(imgs):
         raise InputError("titles", f"has {len(titles)} entries for {len(imgs)} images", "give one title per image")
-    font = _font() if titles else None
-    title_h = _text_height(font) if titles else 0
+    texts = [str(t) for t in titles] if titles else []
+    font = _font() if texts else None
+    boxes = [font.getbbox(t) for t in texts]                    # (left, top, right, bottom) of the ink drawn at (0, 0)
+    title_h = max([_text_height(font)] + [int(np.ceil(b[3])) + 1 for b in boxes]) if texts else 0
+    widths = [im.shape[1] for im in imgs]
+    for i, b in enumerate(boxes):                               # a title wider than its image widens the column
+        widths[i] = max(widths[i], int(np.ceil(b[2])) + max(0, -int(np.floor(b[0]))) + _TITLE_GAP)
     H = max(im.shape[0] for im in imgs) + title_h + 2 * pad
-    W = sum(im.shape[1] for im in imgs) + (len(imgs) + 1) * pad
+    W = sum(widths) + (len(imgs) + 1) * pad
     canvas = np.full((H, W, 3), background, np.uint8)
     x, xs = pad, []
-    for im in imgs:
+    for im, w in zip(imgs, widths):
         canvas[pad + title_h : pad + title_h + im.shape[0], x : x + im.shape[1]] = im
         xs.append(x)
-        x += im.shape[1] + pad
-    if titles:
+        x += w + pad
+    if texts:
         img = Image.fromarray(canvas)
         draw = ImageDraw.Draw(img)
-        for x0, t in zip(xs, titles):
-            draw.text((x0, pad), str(t), fill=(0, 0, 0), font=font)
+        for x0, b, t in zip(xs, boxes, texts):  # ink left of the origin (an "s" reaches -1) goes into the pad
+            draw.text((max(x0, -int(np.floor(b[0]))), pad), t, fill=(0, 0, 0), font=font)
         canvas = np.asarray(img).copy()
     return canvas
 
@@ -437,11 +446,7 @@ def attribution_figure(att, cell: int = 14) -> np.ndarray:
     panels = [heat(att.layer_rq), heat(att.head_rq), heat(mean_t(att.eigvals, 1)),
               heat(mean_t(np.cos(att.angles) ** 2, 1))]
     titles = ["RQ eigvec", "RQ head", "own eigvals", "cos2 to joint"]
-    for i, t in enumerate(titles):  # white on the right of a panel narrower than its title: titles whole, apart
-        need = int(np.ceil(font.getlength(t))) + _TITLE_GAP - panels[i].shape[1]
-        if need > 0:
-            panels[i] = np.pad(panels[i], ((0, 0), (0, need), (0, 0)), constant_values=255)
-    fig = side_by_side(panels, titles=titles)
+    fig = side_by_side(panels, titles=titles)  # a panel narrower than its title gets white on its right
     text_h = _text_height(font)
     lines = _wrap(ATTRIBUTION_CAPTION, font, fig.shape[1] - 8)
     strip = np.full((len(lines) * text_h + 4, fig.shape[1], 3), 255, np.uint8)

@@ -116,7 +116,12 @@ def test_side_by_side():
     np.testing.assert_array_equal(out[3:19, 18:23, 1], b)
     assert (out[13:, 3:15] == 255).all()
     titled = viz.side_by_side([a, b], pad=3, titles=["img", "gt"])
-    assert titled.shape[0] > out.shape[0] and titled.shape[1] == out.shape[1]
+    font = viz._font()
+    cols = [max(12, font.getbbox("img")[2] + 6), max(5, font.getbbox("gt")[2] + 6)]   # titles wider than the images
+    assert titled.shape[0] > out.shape[0] and titled.shape[1] == sum(cols) + 9
+    top = titled.shape[0] - 16 - 3
+    np.testing.assert_array_equal(titled[top:top + 10, 3:15], a)                 # the images at their own size
+    np.testing.assert_array_equal(titled[top:top + 16, 3 + cols[0] + 3:3 + cols[0] + 8, 1], b)
 
 
 @pytest.mark.parametrize("arr", [image(7, 9), image(7, 9)[..., 0], np.eye(5, dtype=bool),
@@ -221,11 +226,13 @@ def test_pipeline_pictures_end_to_end(tmp_path):
         assert want.flat[shown.argmax()] > want.max() - 0.15, i                     # the largest entry is the reddest
         assert grid[y0 - title:y0, x0:x0 + 96].min() < 128, i                        # a title ("#i λ") above it
 
-    panel = png("panel")
-    y = 4 + title
-    for j, name in enumerate(["input", "segments", "pca", "foreground", "instances"]):
-        x = 4 + j * (32 + 4)
-        np.testing.assert_array_equal(panel[y:y + 32, x:x + 32], png(name), err_msg=name)
+    panel = png("panel")               # the pictures in order, at their size (columns as wide as their titles)
+    y, x = 4 + title, 4
+    for name in ["input", "segments", "pca", "foreground", "instances"]:
+        want = png(name)
+        at = [x0 for x0 in range(x, panel.shape[1] - 31) if (panel[y:y + 32, x0:x0 + 32] == want).all()]
+        assert at and (name != "input" or at[0] == 4), name
+        x = at[0] + 32 + 4
     back = Result.load(str(tmp_path / "result.npz"))
     np.testing.assert_array_equal(back.eigvecs, res.eigvecs)
     assert back.provenance.graph == "qk" and back.provenance.layers == (0, 1)
