@@ -70,15 +70,15 @@ class PreprocessSpec:
                                  + (", each > 0" if what == "std" else ""), f"pass e.g. {what}=(0.5, 0.5, 0.5)")
         io.check_resample(self.resample, "PreprocessSpec.resample")
 
-    def image(self, image, size=None):
+    def image(self, image, size=None, name: str | None = None):
         """uint8 `[H, W, 3]` → the model's float32 input `[H', W', 3]`; size: S, (H, W), "S" or "HxW"
-        (`io.parse_size`), None → `self.size`."""
+        (`io.parse_size`), None → `self.size`; name: what `io.preprocess`'s warning calls the image."""
         import numpy as np
 
         from spectral_jax import io
 
         return io.preprocess(np.asarray(image), self.size if size is None else io.parse_size(size),
-                             self.patch_size, self.mean, self.std, self.resample)
+                             self.patch_size, self.mean, self.std, self.resample, name=name)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -110,7 +110,8 @@ def read_image(path: str, size: tuple[int, int], pre) -> np.ndarray:
     """
     from spectral_jax import io
 
-    return io.preprocess(io.load_image(path), tuple(size), pre.patch_size, pre.mean, pre.std, pre.resample)
+    return io.preprocess(io.load_image(path), tuple(size), pre.patch_size, pre.mean, pre.std, pre.resample,
+                         name=path)
 
 
 def read_slots(root: str, files: list[str], idx: np.ndarray, size: tuple[int, int], pre

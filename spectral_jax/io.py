@@ -15,7 +15,11 @@ regular file: a FIFO, a device such as /dev/urandom, a socket.
 resize PIL's `resample` filter on the 8-bit image (one of `RESAMPLE_FILTERS`; default "bicubic"), as the reference
 image processors do: transformers' PIL processors resize the uint8 image with PIL's filter (antialiased when
 shrinking), diffusers' `VaeImageProcessor` with PIL's Lanczos. Each model's filter is `PreprocessSpec.resample`.
-Every problem a user's file can cause raises `InputError` naming the file.
+Every problem a user's file can cause raises `InputError` naming the file; an image with a side of 0 pixels is one.
+A small image is enlarged as any other (results for it do not change), but `preprocess` says so in one
+`UpscaleWarning` line naming the file, its size and the factor, where the resize enlarges a side more than
+`UPSCALE_WARN` (4) times or the image is smaller than one patch on a side: the model then sees interpolated pixels,
+not detail. (Once a file; the first `UPSCALE_NAMED` files so warned are named, the rest of a process's share a line.)
 """
 
 from __future__ import annotations
@@ -36,6 +40,17 @@ SAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "che
 SAMPLE_CREDIT = "Chelsea the cat — Stefan van der Walt, CC0 (scikit-image sample data)"
 
 DEFAULT_MAX_TOKENS = 16384
+
+UPSCALE_WARN = 4.0   # `preprocess` warns where the resize enlarges a side more than this many times ...
+UPSCALE_NAMED = 5    # ... naming at most this many images a process (a folder of thumbnails: not one line each)
+
+
+class UpscaleWarning(UserWarning):
+    """`preprocess` enlarged an image many-fold (more than `UPSCALE_WARN` times) or one smaller than a patch: the
+    model sees interpolated pixels. Silence it with `warnings.simplefilter("ignore", io.UpscaleWarning)`."""
+
+
+_NAMED: set[str | None] = set()   # the images an UpscaleWarning has named; None once it said the rest are not named
 
 # The resize filters a model's preprocessing may name (`PreprocessSpec.resample`) → PIL's.
 RESAMPLE_FILTERS = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -148,7 +163,7 @@ def load_image(path: str) -> np.ndarray:
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 with Image.open(f) as im:
                     im.load()  # decode now, so a truncated file fails here
-                    return pil_to_rgb(im)
+                    rgb = pil_to_rgb(im)
         except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise _too_many_pixels(path, str(e)) from None
         except UnidentifiedImageError:
@@ -156,6 +171,15 @@ def load_image(path: str) -> np.ndarray:
                              "damaged)", fix) from None
         except (OSError, SyntaxError, ValueError) as e:
             raise InputError(path, f"cannot read the image ({type(e).__name__}: {e})", fix) from None
+    _check_sides(rgb.shape[:2], path)
+    return rgb
+
+
+def _check_sides(hw, name: str) -> None:
+    """`InputError` naming `name` if an image of (H, W) = `hw` has a side of 0 pixels (it has nothing to resize)."""
+    if min(hw) < 1:
+        raise InputError(name, f"is {hw[0]}x{hw[1]} pixels (HxW), a side of 0 pixels: nothing to resize",
+                         "pass an image at least one pixel high and wide")
 
 
 def _too_many_pixels(path: str, message: str) -> InputError:
@@ -190,7 +214,8 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 def target_size(hw: tuple[int, int], size: Size, patch: int, cap: int | None = None) -> tuple[int, int]:
     """Output (H', W') for an image of (H, W): see the module docstring. Raises `InputError` if below one patch,
-    or if the patch grid would exceed `cap` tokens (default `max_tokens()`)."""
+    or if the patch grid would exceed `cap` tokens (default `max_tokens()`), or if H or W is 0."""
+    _check_sides(hw, "image")
     out = _target_size(hw, parse_size(size), patch)
     cap = max_tokens() if cap is None else cap
     tokens = (out[0] // patch) * (out[1] // patch)
@@ -217,21 +242,59 @@ def _target_size(hw: tuple[int, int], size: Size, patch: int) -> tuple[int, int]
     return (short, long) if h <= w else (long, short)
 
 
-def preprocess(img: np.ndarray, size: Size, patch: int, mean, std, resample: str = "bicubic") -> np.ndarray:
+def preprocess(img: np.ndarray, size: Size, patch: int, mean, std, resample: str = "bicubic", *,
+               name: str | None = None) -> np.ndarray:
     """uint8 `[H, W, 3]` → float32 `[H', W', 3]`: PIL resize with filter `resample` (a `RESAMPLE_FILTERS` name) to
-    `target_size`, then (x/255 − mean)/std. An image already at the target size is not resampled."""
+    `target_size`, then (x/255 − mean)/std. An image already at the target size is not resampled.
+
+    An image with a side of 0 pixels is an `InputError`. One enlarged more than `UPSCALE_WARN` times on a side, or
+    smaller than one patch on a side, is resized all the same, with an `UpscaleWarning` (see the module docstring)
+    naming it (`name`: the file or the caller's name for it; None: by its size alone)."""
     pil_filter = RESAMPLE_FILTERS[check_resample(resample)]
+    _check_sides(img.shape[:2], name or "image")
     th, tw = target_size(img.shape[:2], size, patch)
     if (th, tw) != img.shape[:2]:
+        _warn_upscale(img.shape[:2], (th, tw), patch, name)
         img = np.asarray(Image.fromarray(img).resize((tw, th), pil_filter))
     x = img.astype(np.float32) / np.float32(255)
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def upscale(hw: tuple[int, int], out: tuple[int, int]) -> float:
+    """How many times resizing (H, W) = `hw` to `out` enlarges it: the larger of H'/H and W'/W (< 1: it shrinks)."""
+    return max(out[0] / hw[0], out[1] / hw[1])
+
+
+def _warn_upscale(hw: tuple[int, int], out: tuple[int, int], patch: int, name: str | None) -> None:
+    """The `UpscaleWarning` of `preprocess`, if resizing (H, W) = `hw` to `out` calls for one: once a process for a
+    named image (a dataset reads each file once an epoch), for the first `UPSCALE_NAMED` names; then one line for
+    the rest. (Python's own once-per-message rule cannot be relied on: `load_image` changes the warning filters,
+    which clears what Python remembers.) An image with no name is warned about every time."""
+    factor = upscale(hw, out)
+    tiny = min(hw) < patch
+    if factor <= UPSCALE_WARN and not tiny:
+        return
+    if name is not None:
+        if name in _NAMED:
+            return
+        if len(_NAMED - {None}) >= UPSCALE_NAMED:
+            if None not in _NAMED:
+                _NAMED.add(None)
+                warnings.warn(f"more images are enlarged over {UPSCALE_WARN:g}x (or are smaller than a {patch}-pixel "
+                              f"patch) than the {UPSCALE_NAMED} named above; the rest are not named", UpscaleWarning,
+                              stacklevel=3)
+            return
+        _NAMED.add(name)
+    what = f"{name}: {hw[0]}x{hw[1]} pixels" if name else f"an image of {hw[0]}x{hw[1]} pixels"
+    why = f"smaller than one {patch}-pixel patch on a side" if tiny else f"over {UPSCALE_WARN:g}x"
+    warnings.warn(f"{what} (HxW) enlarged {factor:.3g}x to {out[0]}x{out[1]} ({why}): the model sees interpolated "
+                  "pixels, not detail; pass a larger image or a smaller --size / size", UpscaleWarning, stacklevel=3)
+
+
 def load_images(paths, size: Size, patch: int, mean, std, resample: str = "bicubic") -> np.ndarray:
     """Several files → one float32 `[B, H', W', 3]` batch (`preprocess`); they must all resize to the same
     (H', W')."""
-    xs = [preprocess(load_image(p), size, patch, mean, std, resample) for p in paths]
+    xs = [preprocess(load_image(p), size, patch, mean, std, resample, name=os.fspath(p)) for p in paths]
     shapes = {x.shape for x in xs}
     if len(shapes) > 1:
         raise InputError(", ".join(paths), f"resize to different sizes {sorted(s[:2] for s in shapes)}",

@@ -26,6 +26,7 @@ import dataclasses
 import json
 import os
 import time
+import warnings
 from typing import Sequence
 
 import jax
@@ -499,7 +500,8 @@ def load_inputs(images, prep, size=None) -> tuple[list[np.ndarray], list[np.ndar
             if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[-1] != 3 or min(arr.shape[:2]) < 1:
                 raise InputError(f"images[{i}]", f"must be uint8 [H, W, 3], got {arr.dtype} {arr.shape}",
                                  "pass file paths, PIL images or RGB uint8 arrays")
-        x = io.preprocess(arr, size, prep.patch_size, prep.mean, prep.std, prep.resample)
+        x = io.preprocess(arr, size, prep.patch_size, prep.mean, prep.std, prep.resample,
+                          name=name if isinstance(im, (str, os.PathLike)) else f"images[{i}]")
         xs.append(x)
         shown.append(np.asarray(Image.fromarray(arr).resize((x.shape[1], x.shape[0]), Image.Resampling.BICUBIC)))
         names.append(name)
@@ -582,7 +584,9 @@ class Prepared:
     pictures); names: B names (the path, or "image{i}"); preprocess: the model's `PreprocessSpec` they were made
     with; model: its registry name (None where a backbone was given); layers: the chosen layers (None: all);
     graph, solver: the specs; num_eigs: 2 ≤ K < the graph's nodes; seed; layer_weights: bound to the tapped
-    layers (`LayerWeights.bound`), or None. Compared by identity (it holds arrays)."""
+    layers (`LayerWeights.bound`), or None; notes: the `io.UpscaleWarning`s of reading the images, which `analyze`
+    gives when it starts (not `prepare`, so a run refused after it says only why). Compared by identity (it holds
+    arrays)."""
 
     x: np.ndarray
     shown: tuple
@@ -595,6 +599,7 @@ class Prepared:
     num_eigs: int
     seed: int
     layer_weights: LayerWeights | None
+    notes: tuple[str, ...] = ()
 
 
 def prepare(images, model: str = "dinov2_vits14", graph: str | GraphSpec = "qk", layers="all", num_eigs: int = 20,
@@ -626,9 +631,16 @@ def prepare(images, model: str = "dinov2_vits14", graph: str | GraphSpec = "qk",
     lw = LayerWeights.parse(layer_weights, name("layer_weights"))
     if lw is not None:                              # numbers pair with the layers in the order given
         lw = lw.bound(layer_order(layers, depth), name("layer_weights"))
-    xs, shown, names = load_inputs(images, prep, size)
+    with warnings.catch_warnings(record=True) as caught:      # io's UpscaleWarnings wait for `analyze`: a run
+        warnings.simplefilter("always")                         # refused later (K, --out) says only why
+        xs, shown, names = load_inputs(images, prep, size)
+    for w in caught:
+        if not issubclass(w.category, io.UpscaleWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     check_inputs(xs, prep, g.kind, num_eigs, name("num_eigs"))          # one size for all: one batch
-    return Prepared(np.stack(xs), tuple(shown), tuple(names), prep, model, chosen, g, s, int(num_eigs), seed, lw)
+    notes = tuple(str(w.message) for w in caught if issubclass(w.category, io.UpscaleWarning))
+    return Prepared(np.stack(xs), tuple(shown), tuple(names), prep, model, chosen, g, s, int(num_eigs), seed, lw,
+                    notes)
 
 
 def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, graph: str | GraphSpec = "qk",
@@ -656,7 +668,7 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     diffusion families' loading options (`load_backbone`), refused for a model that does not take them and beside
     a `backbone`. Returns a `Result` (eigvecs `[B, K, h, w]`); timings in `result.info`.
     """
-    from spectral_jax import models
+    from spectral_jax import io, models
 
     load = {k: v for k in MODEL_OPTIONS if (v := options.pop(k, None)) is not None}
     unused = ([f"dtype {dtype!r}"] if dtype != "float32" else []) + sorted(load)
@@ -684,6 +696,8 @@ def analyze(images, model: str = "dinov2_vits14", weights: str | None = None, gr
     else:
         p = prepare(images, model, graph, layers, num_eigs, method, size, backbone=backbone, progress=progress,
                     solver=solver, layer_weights=layer_weights, seed=seed, **options)
+    for note in p.notes:
+        warnings.warn(note, io.UpscaleWarning, stacklevel=2)
     bb = backbone or models.load_backbone(p.model, weights, dtype=jdtype, seed=p.seed, **load)
     return _run(bb, p.x, p.layers, p.graph, p.num_eigs, p.solver, p.seed, p.layer_weights)
 

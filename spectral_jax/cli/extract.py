@@ -66,7 +66,7 @@ def _extract(args: argparse.Namespace, out) -> None:
     options = family_options(args, spec, fam)     # refused flags and timesteps checked before the model loads
     layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     size = None if args.size is None else io.parse_size(args.size, "--size")
-    x = spec.preprocess.image(io.load_image(args.image), size)[None]                  # [1, H, W, 3]
+    x = spec.preprocess.image(io.load_image(args.image), size, name=args.image)[None]                  # [1, H, W, 3]
     bb = load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype), **options)
     taps = bb.taps(x, layers, hidden=args.hidden).patches()
     check_finite(taps, f"weights {args.weights or spec.repo_id!r}")
