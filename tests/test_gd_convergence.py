@@ -14,6 +14,7 @@ from spectral_jax import graphs, solvers
 from spectral_jax.cli import main
 from spectral_jax.dataset import summary
 from spectral_jax.objective import dense_operators, normalised_weights
+from spectral_jax.solvers import gd as gd_mod
 from spectral_jax.solvers.gd import EIGEN_TOL, STATIONARITY_TOL, stationarity
 from spectral_jax.taps import LayerTap, Taps
 
@@ -62,7 +63,10 @@ def test_eigen_too_few_steps_is_not_converged_and_warns(rng):
 
 
 def test_stationarity_measures_the_last_window_against_the_whole_change():
-    assert stationarity(np.full(20, 3.0), 2) == 0.0                          # flat: settled
+    assert stationarity(np.r_[9.0, np.full(19, 3.0)], 2) == 0.0             # moved, then flat: settled
+    assert stationarity(np.full(20, 3.0), 2) is None                         # flat from the start: never moved
+    assert stationarity(3.0 + 3e-7 * np.arange(20), 2) is None               # a change within float32 rounding
+    assert gd_mod.unmoved(np.full(20, 3.0), 2) and not gd_mod.unmoved(np.r_[9.0, np.full(19, 3.0)], 2)
     ramp = np.arange(100.0)                                                  # steady slope: window / (S − …)
     assert stationarity(ramp, 10) == pytest.approx(10 / (94.5 - 0.0))
     settle = 1.0 + np.exp(-np.arange(200) / 10.0)                            # decays to 1
@@ -86,6 +90,10 @@ def test_paper_stationarity_both_ways(rng):
     assert len(done.residuals) == 4 and np.isfinite(done.max_residual)   # still reported
     with pytest.warns(RuntimeWarning, match="too few"):
         assert solvers.gd.gd(g, 4, preset="paper", steps=1).convergence.stationarity is None
+    # a learning rate too small to move the loss: a still loss, not a fixed point found — not converged, and why
+    with pytest.warns(RuntimeWarning, match="gd-paper: not converged after 100 steps: the loss never moved"):
+        still = solvers.gd.gd(g, 4, preset="paper", steps=100, lr=1e-12).convergence
+    assert still.converged is False and still.stationarity is None
 
 
 def _taps(rng, batch=2):

@@ -354,22 +354,39 @@ def stationarity(values, window: int, start: float | None = None) -> float | Non
     """How much a per-step series `[S]` (loss or objective) still moves: |m₁ − m₀| / |start − m₁|, m₁ the mean
     of its last `window` steps, m₀ of the `window` steps before them, start its first value unless given — the
     share of the run's whole change that its last window still made (≈ window / S on a steady slope, → 0 at a
-    fixed point, whatever the learning rate's scale). None when S < 2·window. Window means smooth the optimizer's
-    step-to-step noise (Adam's, a sampled graph's, a minibatch's)."""
+    fixed point, whatever the learning rate's scale). None when S < 2·window, and when the run never moved: its
+    whole change |start − m₁| within `UNMOVED` of |start| or |m₁| (float32 rounding: a learning rate too small to
+    change the loss) — there is no change to measure the last window's against, and a still loss there is not
+    a fixed point found (`unmoved` tells the two Nones apart). Window means smooth the optimizer's step-to-step
+    noise (Adam's, a sampled graph's, a minibatch's)."""
     v = np.asarray(values, np.float64).reshape(-1)
     window = int(window)
-    if window < 1 or v.size < 2 * window:
+    if window < 1 or v.size < 2 * window or unmoved(v, window, start):
         return None
     last, before = v[-window:].mean(), v[-2 * window:-window].mean()
     total = abs((v[0] if start is None else float(start)) - last)
-    return float(abs(last - before) / max(total, 1e-12 * max(abs(last), 1e-30)))
+    return float(abs(last - before) / total)
+
+
+UNMOVED = 64 * float(np.finfo(np.float32).eps)   # a whole change this small, relative to the loss, is rounding
+
+
+def unmoved(values, window: int, start: float | None = None) -> bool:
+    """Whether a per-step series `[S]` never moved: its last `window` steps' mean within `UNMOVED` (relative) of
+    `start` (None: its first value). False for a series shorter than `window`."""
+    v = np.asarray(values, np.float64).reshape(-1)
+    if int(window) < 1 or v.size < int(window):
+        return False
+    first = v[0] if start is None else float(start)
+    last = v[-int(window):].mean()
+    return bool(abs(first - last) <= UNMOVED * max(abs(first), abs(last)))
 
 
 def stationarity_verdict(values, window: int, tol: float = STATIONARITY_TOL, start: float | None = None, *,
                          residuals=None, kind: str | None = None) -> Convergence:
     """The stationarity verdict, shared by gd's paper preset and the dataset's minibatch gd: converged when the
     last `window` steps of `values` `[S]` made ≤ `tol` of the run's change since `start` (`stationarity`; not
-    converged before two windows); iterations S; residuals `[K]` (the Ritz pairs', where computed) and kind
+    converged before two windows, nor when the run never moved); iterations S; residuals `[K]` (the Ritz pairs', where computed) and kind
     reported with it."""
     moved = stationarity(values, window, start)
     res = None if residuals is None else np.asarray(residuals, np.float64)
@@ -391,7 +408,10 @@ def convergence(preset: str, history, res, steps: int, tol: float | None = None)
     else:
         moved = verdict.stationarity
         why = (f"loss still moving (its last {window} steps made {moved:.1e} of the run's change > tol {tol:.1e})"
-               if moved is not None else f"{steps} step(s) are too few to tell whether the loss has settled")
+               if moved is not None else
+               f"{steps} step(s) are too few to tell whether the loss has settled" if np.size(history) < 2 * window
+               else f"the loss never moved from its start (within float32 rounding over {steps} steps: lr too "
+               "small to change it)")
     if not verdict.converged:
         warnings.warn(f"gd-{preset}: not converged after {steps} steps: {why}; raise steps (or tune lr), or use "
                       "method='exact'", RuntimeWarning, stacklevel=3)
