@@ -27,6 +27,7 @@ import numpy as np
 
 from spectral_jax import kernels
 from spectral_jax.errors import InputError
+from spectral_jax.options import TAU_MIN, tau_ok
 from spectral_jax.options import GRAPH_KINDS
 
 Array = Any
@@ -291,8 +292,9 @@ def features(x: Array, grid: tuple[int, int], tau: float = 0.1, block: int = DEF
         t = float("nan") if isinstance(tau, (str, bytes, bool, np.bool_)) else float(tau)
     except (TypeError, ValueError):
         t = float("nan")
-    if not (t > 0 and math.isfinite(t)):
-        raise InputError(f"tau={tau!r}", "must be a positive number", "pass e.g. tau=0.1")
+    if not (math.isfinite(t) and tau_ok(t)):
+        raise InputError(f"tau={tau!r}", f"must be a positive number ≥ {TAU_MIN:.3g} (1/tau, the graph's scale, a "
+                         "finite float32)", "pass e.g. tau=0.1")
     x = jnp.asarray(x)
     grid = _check_grid(x, grid, 1, "x")
     xn = _unit(x, dtype)

@@ -62,6 +62,14 @@ def check_seed(seed, what: str = "seed") -> int:
     return int(seed)
 
 
+TAU_MIN = float(1 / np.finfo(np.float32).max)   # below it 1/τ, the vv graph's logit scale, overflows float32
+
+
+def tau_ok(v: float) -> bool:
+    """Whether a vv/features temperature τ is usable: > 0 with 1/τ a finite float32 (τ ≥ `TAU_MIN` ≈ 2.9e-39)."""
+    return v > 0 and 1.0 / v <= float(np.finfo(np.float32).max)
+
+
 def _real(what: str, v, ok, rule: str, example, none: bool = False):
     """`v` as a float if it is a number (not a bool) for which ok(v) holds; None passes where `none`."""
     if v is None and none:
@@ -106,7 +114,8 @@ class GraphSpec:
     def __post_init__(self):
         _choice("graph", self.kind, GRAPH_KINDS)
         set_ = lambda k, v: object.__setattr__(self, k, v)
-        set_("tau", _real("tau", self.tau, lambda v: v > 0, "a finite number > 0", 0.1))
+        set_("tau", _real("tau", self.tau, tau_ok, f"a finite number ≥ {TAU_MIN:.3g} (1/tau, the vv graph's "
+                          "scale, a finite float32)", 0.1))
         set_("k_intra", _int("k_intra", self.k_intra, 0, DEFAULT_K))
         set_("k_inter", _int("k_inter", self.k_inter, 0, DEFAULT_K))
         if self.k_intra + self.k_inter == 0:

@@ -33,7 +33,8 @@ def test_importing_the_options_imports_no_jax():
 
 BAD_SPECS = {
     "graph-kind": (lambda: GraphSpec("xx"), "graph 'xx': unknown graph"),
-    "tau-0": (lambda: GraphSpec("vv", tau=0), "tau 0: must be a finite number > 0"),
+    "tau-0": (lambda: GraphSpec("vv", tau=0), "tau 0: must be a finite number ≥ 2.94e-39"),
+    "tau-tiny": (lambda: GraphSpec("vv", tau=1e-40), "tau 1e-40: must be a finite number ≥ 2.94e-39 (1/tau"),
     "tau-nan": (lambda: GraphSpec("vv", tau=float("nan")), "tau nan"),
     "tau-str": (lambda: GraphSpec("vv", tau="0.1"), "tau '0.1'"),
     "k-intra-negative": (lambda: GraphSpec("knn-qk", k_intra=-1), "k_intra -1: must be an integer ≥ 0"),

@@ -101,6 +101,7 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
     res = dataclasses.replace(res, info={**res.info, "graph": args.graph, "model": acts.model,
                                          "layers": sorted(taps.layers)})
     if not np.all(np.isfinite(res.eigvecs)):
-        raise InputError(args.acts, "the solve produced NaN/Inf", "check the activations or use --method exact")
+        raise InputError(args.acts, "the solve produced NaN/Inf", "check the activations" + (
+            " or use --method exact" if args.method != "exact" else ""))
     res.save(out)
     print(json.dumps({**res.summary(), "out": args.out}))
