@@ -98,3 +98,36 @@ def test_console_script_runs_and_exits_2_on_unknown_graph(tmp_path, rng):
     bad = subprocess.run(exe + ["solve", str(acts), "--graph", "xx", "--out", str(tmp_path / "z.npz")],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_solve_layers_layer_weights_graph_dtype_as_the_api(tmp_path, rng, capsys):
+    """--layers (a subset of the file's layers, in the order given), --layer-weights (numbers pair with that
+    order) and --graph-dtype: the same result as `sj.solve` on those layers with those options."""
+    import spectral_jax as sj
+    from spectral_jax.acts import load_acts
+
+    acts = _acts(tmp_path / "a.npz", rng, layers=3)
+    out = tmp_path / "r.npz"
+    assert main(["solve", str(acts), "--graph", "vv", "--num-eigs", "4", "--layers", "2,0", "--layer-weights",
+                 "1,0.5", "--graph-dtype", "bfloat16", "--out", str(out)]) == 0
+    taps = load_acts(str(acts)).taps
+    sub = Taps({i: taps.layers[i] for i in (0, 2)})
+    want = sj.solve(sub, sj.GraphSpec("vv", dtype="bfloat16"), 4, layer_weights={2: 1.0, 0: 0.5})
+    with np.load(out) as f:
+        np.testing.assert_array_equal(f["eigvals"], want.eigvals[0])
+        np.testing.assert_array_equal(f["eigvecs"], want.eigvecs)
+        np.testing.assert_array_equal(f["provenance/layers"], [0, 2])
+        np.testing.assert_allclose(f["provenance/layer_weights"], [1 / 3, 2 / 3])
+    capsys.readouterr()
+    for argv, needle in ((["--layers", "5"], "--layers 5: names layer(s) 5 the file does not hold"),
+                         (["--layers", "a,b"], "--layers a,b: is not 'all'"),
+                         (["--layer-weights", "1,2"], "--layer-weights (2 numbers)"),
+                         (["--graph-dtype", "float16"], "--graph-dtype")):
+        code = None
+        try:
+            code = main(["solve", str(acts), "--graph", "vv", "--num-eigs", "4", *argv, "--out",
+                         str(tmp_path / "x.npz")])
+        except SystemExit as e:                                    # argparse's choices: exit 2 with usage
+            code = e.code
+        assert code == 2 and needle in capsys.readouterr().err, argv
+        assert not (tmp_path / "x.npz").exists()

@@ -1,7 +1,9 @@
 """`spectral-jax solve ACTS.npz --graph qk|vv|knn-qk|knn-vv ... --out RESULT.npz` (one-line JSON on stdout).
 
 qk/vv graphs are per image: with B > 1 images each is solved on its own and eigvals/rq gain a leading B axis.
-kNN graphs join all images (intra + inter-image edges) into one solve.
+kNN graphs join all images (intra + inter-image edges) into one solve. --layers picks some of the file's tapped
+layers (default all of them), --layer-weights weighs them and --graph-dtype stores the graphs, as `analyze`'s flags
+do, so an extract → solve reproduces an analyze run with them.
 """
 
 from __future__ import annotations
@@ -29,6 +31,14 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--sample", type=float, default=None, metavar="F", help="fraction of graphs drawn per gd step")
     p.add_argument("--seed", type=int, default=0, metavar="S")
+    p.add_argument("--layers", default="all", help="'all' (default) or comma-separated indices of the file's tapped "
+                                                   "layers")
+    p.add_argument("--layer-weights", default=None, metavar="W",
+                   help="weight of each layer's graphs, as analyze's: comma-separated numbers (one per layer, in the "
+                        "order of --layers), L:W pairs, or a rule: uniform, geometric, eigengap, select (default: "
+                        "every graph equal)")
+    p.add_argument("--graph-dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="what the graphs store q/k, unit v and kNN features in (default float32)")
     p.add_argument("--out", required=True, metavar="RESULT.npz", help=".npz is appended if missing; never the input")
     p.set_defaults(func=run)
 
@@ -36,8 +46,8 @@ def register(sub) -> None:
 def _specs(args):
     """(GraphSpec, solver spec) from the flags: every option checked once, here, before JAX loads (one line naming
     the flag); options of the other method are refused, not ignored."""
-    from spectral_jax.options import (DEFAULT_K, ExactSpec, GdSpec, GraphSpec, as_flag, check_graph_reads,
-                                      check_num_eigs, check_seed)
+    from spectral_jax.options import (DEFAULT_K, ExactSpec, GdSpec, GraphSpec, LayerWeights, as_flag,
+                                      check_graph_reads, check_num_eigs, check_seed)
 
     check_num_eigs(args.num_eigs, what="--num-eigs")
     check_seed(args.seed, "--seed")
@@ -49,8 +59,9 @@ def _specs(args):
     given = {k: v for k, v in (("tau", args.tau), ("k_intra", args.k_intra), ("k_inter", args.k_inter))
              if v is not None}
     check_graph_reads(args.graph, given, flags=True)
+    args.layer_weights = LayerWeights.parse(args.layer_weights, "--layer-weights")
     try:
-        graph = GraphSpec(args.graph, **{"k_intra": DEFAULT_K, "k_inter": DEFAULT_K, **given})
+        graph = GraphSpec(args.graph, **{"k_intra": DEFAULT_K, "k_inter": DEFAULT_K, **given}, dtype=args.graph_dtype)
         solver = ExactSpec() if args.method == "exact" else GdSpec(
             preset=args.preset, param=args.param, steps=args.steps, lr=args.lr, sample=args.sample, progress=True)
     except InputError as e:
@@ -77,7 +88,8 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
 
     from spectral_jax.options import DEFAULT_K, check_num_eigs
 
-    taps = acts.taps
+    taps = _layers(acts.taps, args.layers)
+    lw = None if args.layer_weights is None else args.layer_weights.bound(_order(args.layers, taps), "--layer-weights")
     first = taps.layers[min(taps.layers)]
     nimg = first.q.shape[0]
     nodes = max(t.grid[0] * t.grid[1] for t in taps.layers.values()) * (nimg if graph.joint else 1)
@@ -97,7 +109,7 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
             raise InputError("--k-intra/--k-inter", f"give the kNN graph no edges ({graph.k_intra} within the "
                              f"image, {k_inter} in {nimg - 1} other images)", "pass e.g. --k-intra 10")
 
-    res = solve(taps, graph, args.num_eigs, solver=solver, seed=args.seed)
+    res = solve(taps, graph, args.num_eigs, solver=solver, seed=args.seed, layer_weights=lw)
     res = dataclasses.replace(res, info={**res.info, "graph": args.graph, "model": acts.model,
                                          "layers": sorted(taps.layers)})
     if not np.all(np.isfinite(res.eigvecs)):
@@ -105,3 +117,34 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
             " or use --method exact" if args.method != "exact" else ""))
     res.save(out)
     print(json.dumps({**res.summary(), "out": args.out}))
+
+
+def _order(layers: str, taps) -> list[int]:
+    """The chosen layers in the order --layers names them (ascending for "all"): what numbers in --layer-weights
+    pair with."""
+    if str(layers).strip().lower() == "all":
+        return sorted(taps.layers)
+    return list(dict.fromkeys(int(s) for s in str(layers).split(",") if s.strip()))
+
+
+def _layers(taps, layers: str):
+    """`taps` with only the layers --layers names ("all": every one), each of which the file must hold: one line
+    naming the layers it does hold otherwise."""
+    import dataclasses
+
+    if str(layers).strip().lower() == "all":
+        return taps
+    held = sorted(taps.layers)
+    try:
+        chosen = _order(layers, taps)
+    except ValueError:
+        raise InputError(f"--layers {layers}", "is not 'all' or comma-separated layer indices",
+                         f"pass e.g. --layers {','.join(map(str, held[-2:]))}") from None
+    missing = [i for i in chosen if i not in taps.layers]
+    if not chosen or missing:
+        raise InputError(f"--layers {layers}", (f"names layer(s) {', '.join(map(str, missing))} the file does not "
+                         "hold" if missing else "names no layer"),
+                         f"choose among its tapped layers {', '.join(map(str, held))} (or extract them)")
+    keep = set(chosen)
+    return dataclasses.replace(taps, layers={i: t for i, t in taps.layers.items() if i in keep},
+                               hidden={i: h for i, h in taps.hidden.items() if i in keep})
