@@ -166,18 +166,32 @@ def _digest(path: str) -> bytes:
 
 def fingerprint(backbone, layers: str, settings: Settings, geom: Geometry, digests: dict[str, str]) -> dict:
     """What defines a run's result, JSON-ready: a resumed run must match it key for key. `digests`: {file: content
-    digest} of the images in order (`file_digests`). A text embedding file (a diffusion model's `text_embedding`
-    option) counts by its content too: its model_options carry "text_embedding_sha256" (`_digest`), so a file
-    changed under the same path is another run — and another features cache (`whole.cache_key` reads
-    model_options) — not a resume that reuses features made with the old one."""
+    digest} of the images in order (`file_digests`). "timesteps": the backbone's timesteps as resolved (a
+    diffusion model's default drawn from the seed shows its values; [] for none) — what decides the features —,
+    so model_options leave out the "timesteps" they were given (`_resolved`): `--timesteps` set to exactly the
+    timesteps a run drew resumes it. A text embedding file (a diffusion model's `text_embedding` option) counts by
+    its content too: its model_options carry "text_embedding_sha256" (`_digest`), so a file changed under the same
+    path is another run — and another features cache (`whole.cache_key` reads model_options) — not a resume that
+    reuses features made with the old one."""
     fields = settings.result_fields()
     te = fields["model_options"].get("text_embedding")
     if te is not None:
         fields["model_options"] = {**fields["model_options"], "text_embedding_sha256": _digest(te).hex()}
-    return {"model": backbone.name, "weights": backbone.weights, "layers": layers, "size": list(geom.size),
-            "files": dict(digests), "num_images": len(digests),
-            "rows": geom.rows, "k_intra_effective": geom.k_intra, "k_inter_effective": geom.k_inter,
-            **fields}
+    return _resolved({"model": backbone.name, "weights": backbone.weights, "layers": layers,
+                      "size": list(geom.size), "files": dict(digests), "num_images": len(digests),
+                      "rows": geom.rows, "k_intra_effective": geom.k_intra, "k_inter_effective": geom.k_inter,
+                      **fields, "timesteps": [int(t) for t in getattr(backbone, "timesteps", ()) or ()]})
+
+
+def _resolved(record: dict) -> dict:
+    """A fingerprint or cache key with its model_options' "timesteps" left out where it holds the resolved ones
+    ("timesteps"): the resolved timesteps decide the features, whether given or drawn from the seed. Records
+    written before (model_options with the timesteps given beside the resolved ones) read the same; one without
+    resolved timesteps is kept as it is."""
+    mo = record.get("model_options")
+    if "timesteps" in record and isinstance(mo, dict) and "timesteps" in mo:
+        record = {**record, "model_options": {k: v for k, v in mo.items() if k != "timesteps"}}
+    return record
 
 
 def check_resumable(out: str, fp: dict, meta: dict) -> None:
@@ -185,14 +199,21 @@ def check_resumable(out: str, fp: dict, meta: dict) -> None:
     check_same(out, meta["config"], fp)
 
 
-def check_same(out: str, old: dict, new: dict) -> None:
+def check_same(out: str, old: dict, new: dict, graph: str | None = None) -> None:
     """Refuse to go on from `old` (what a checkpoint or cache was made with) to `new` (this run's): the images
     that changed named first (up to three of each kind: changed content, added, removed), then up to four settings
     that differ. A field `old` lacks that was added since (`settings.ADDED_FIELDS`) is read at the value runs had
-    before it existed."""
+    before it existed; model_options' timesteps beside the resolved ones are left out on both sides (`_resolved`).
+
+    graph: the path of the graph cache `old` is the record of (OUT/checkpoints/graph.npz, graph-rows or a part of
+    the search in graph-parts), None for anything else. Where only fields that decide the graph and not the
+    features differ (k, min_cos, block, edge weights, search, …: those outside `whole.cache_key`'s features key),
+    the fix says that deleting that path keeps the cached features; where the features differ too, it does not
+    (deleting the graph alone would not do)."""
     from spectral_jax.dataset.settings import ADDED_FIELDS
 
-    old = {**{k: v for k, v in ADDED_FIELDS.items() if k in new}, **old}
+    old = _resolved({**{k: v for k, v in ADDED_FIELDS.items() if k in new}, **old})
+    new = _resolved(new)
     images = _files_change(old.get("files"), new.get("files")) if old.get("files") != new.get("files") else ""
     follow = {"files"} | ({"num_images", "rows"} if images else set())         # what the image files decide
     diff = sorted(k for k in set(new) | set(old) if k not in follow and new.get(k) != old.get(k))
@@ -204,6 +225,13 @@ def check_same(out: str, old: dict, new: dict) -> None:
                                                                          if settings else ""),
                          "run without --resume into a fresh --out (or delete its checkpoints folder to start "
                          "over), or put the images back as they were")
+    if graph is not None:
+        from spectral_jax.dataset.whole import cache_key
+
+        if not set(diff) & set(cache_key("features", new)):
+            raise InputError(out, f"was made with other settings: {settings} (the graph's only: its cached "
+                             "features still hold)", f"delete {graph} to build the graph again from the cached "
+                             "features, or resume with the same settings, or choose another --out")
     raise InputError(out, "was made with other settings: " + settings,
                      "resume with the same folder and settings, or choose another --out")
 

@@ -21,7 +21,6 @@ from typing import Sequence
 import numpy as np
 
 from spectral_jax import viz
-from spectral_jax.dataset.summary import GD_EIGVALS
 from spectral_jax.errors import InputError
 from spectral_jax.files import OutputFile, save_npz
 # Provenance: named here so that the annotations of the inherited `Result.__init__` resolve (pdoc)
@@ -42,9 +41,10 @@ class DatasetResult(Result):
     The `Result` fields, by method:
       exact — the whole-dataset solve's own (`solvers.exact` through `dataset.whole`, its images read): eigvals
         `[n, K]` its eigenvalues (float32, as solved; summary.json holds the same values), rq `[n, G, K]`,
-        objective `[n]`, orth_error, steps, seconds (the solve's), method (the solver's), info, provenance (None:
-        the solve is over a list of kNN graphs), convergence (its residual verdict).
-      gd — no whole-dataset eigensolve exists: eigvals `[n, K]` NaN (`GD_EIGVALS`; segments then cluster
+        objective `[n]`, orth_error, steps, seconds (the solve's), method (the solver's), info, provenance (the
+        graph kind, tapped layers, layer weights, timesteps, the graph's options as a `GraphSpec` names them and
+        how it was built: `Provenance.graph_options`, `graph_record`), convergence (its residual verdict).
+      gd — no whole-dataset eigensolve exists: eigvals `[n, K]` NaN (`summary.GD_EIGVALS`; segments then cluster
         unweighted); rq `[n, 0, K]` (no graph is measured); objective `[n]` summary["objective"] (the mean over the
         last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k; NaN before a full epoch); orth_error max |XᵀX − I| of
         eigvecs over all pixels; steps and seconds the run's; method summary["method"] ("dataset-paper" or
@@ -84,7 +84,7 @@ class DatasetResult(Result):
     def from_table(cls, eigvecs: np.ndarray, names: Sequence[str], table: np.ndarray, probs: np.ndarray | None,
                    summary: dict, out: str = "", *, convergence: Convergence | None = None) -> "DatasetResult":
         """A result without a solve in memory (a gd run; `load_result`): eigvecs `[n, K, h, w]`; eigvals
-        summary["eigvals"] `[K]` repeated per image where the summary has them, else NaN (`GD_EIGVALS`); rq
+        summary["eigvals"] `[K]` repeated per image where the summary has them, else NaN (`summary.GD_EIGVALS`); rq
         `[n, 0, K]`; objective summary["objective"] (NaN where None or absent); orth_error summary["orth_error"],
         else max |XᵀX − I| of eigvecs over all pixels; steps, seconds, method from the summary (0, 0.0,
         "dataset" where absent); convergence the one given, else summary["convergence"] (None where absent);

@@ -119,8 +119,7 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
     from spectral_jax.dataset.cluster import check_count
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
-    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)
-    fp["timesteps"] = [int(t) for t in getattr(backbone, "timesteps", ()) or ()]   # as resolved (default: drawn)
+    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)   # timesteps resolved
     if where.done:
         checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]))
 
@@ -375,14 +374,29 @@ def _warn_unconverged(verdict, per_epoch: int) -> None:
 def _provenance(settings: Settings, geom, backbone, solved):
     """What the whole-dataset solve was solved on (`solvers.result.Provenance`): the graph kind, the tapped layers,
     each layer's weight as the solve used it (`solved.layer_weights`, the same row for every image; None where it
-    did not say) and the backbone's timesteps."""
+    did not say), the backbone's timesteps and the graph's options: graph_options the ones a `GraphSpec` of the
+    kind reads (k_intra, k_inter as asked — the default filled in —, min_cos, graph_dtype: the features dtype;
+    "edge_weights" too where they are not the cosine), graph_record how the graph was built as summary.json says
+    it ("k_used" per layer group after the caps, "edge_weights", "knn_search": `whole.graph_report`; the defaults
+    a graph cached before that record existed was made with)."""
+    from spectral_jax.dataset.whole import padded_images
     from spectral_jax.solvers.result import Provenance
 
     tapped = sorted(l for _, ls in geom.groups for l in ls)
     used = None if solved.layer_weights is None else solved.layer_weights["weights"]
     rows = None if used is None else np.tile([[float(used[str(l)]) for l in tapped]],
                                              (solved.result.num_images, 1))
-    return Provenance(settings.graph, tapped, rows, tuple(getattr(backbone, "timesteps", ()) or ()))
+    k_intra, k_inter = settings.k
+    options = {"k_intra": k_intra, "k_inter": k_inter, "min_cos": settings.min_cos,
+               "graph_dtype": settings.features_dtype}
+    if settings.edge_weights != "cosine":      # not a graph a GraphSpec builds: attribution must not take it for one
+        options["edge_weights"] = settings.edge_weights
+    info = solved.graph_info or {}
+    record = {"k_used": geom.k_used(padded_images(geom.num_images, geom.devices)),
+              "edge_weights": info.get("edge_weights", {"kind": settings.edge_weights}),
+              "knn_search": info.get("knn_search", {"asked": settings.search, "used": "exact", "recall_min": 1.0})}
+    return Provenance(settings.graph, tapped, rows, tuple(getattr(backbone, "timesteps", ()) or ()), options,
+                      record)
 
 
 def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,

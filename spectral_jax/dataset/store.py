@@ -141,8 +141,14 @@ def write_shard(ckdir: str, key: dict, first: int, valid: np.ndarray, failed: di
 def _write_tmp(root: str, meta: dict, arrays: dict, process: int) -> str:
     """A hidden folder in `root` holding `arrays` as .npy files and `meta` (plus each array's shape, dtype and
     CRC-32, "arrays") as meta.json; the caller renames it into place."""
-    os.makedirs(root, exist_ok=True)
-    tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-p{process}-")
+    for tries in range(3):          # another process may remove the emptied parts folder in between (`release_parts`)
+        os.makedirs(root, exist_ok=True)
+        try:
+            tmp = tempfile.mkdtemp(dir=root, prefix=f".tmp-p{process}-")
+            break
+        except FileNotFoundError:
+            if tries == 2:
+                raise
     info = {}
     for name, x in arrays.items():
         x = np.ascontiguousarray(_bits(np.asarray(x)))
@@ -172,14 +178,16 @@ def write_part(ckdir: str, name: str, key: dict, arrays: dict, process: int = 0)
 def read_part(ckdir: str, name: str, key: dict, out: str, expect: dict) -> dict | None:
     """The arrays of part `name` (None when it is not there), checked as a shard's are (`read_shard`: its key,
     then each array's presence, shape, dtype, CRC-32 and finite values against `expect` {name: (dtype, shape)});
-    memory-mapped."""
+    memory-mapped. A part made with other graph settings only: the refusal's fix says that deleting the parts
+    folder keeps the cached features (`checkpoint.check_same`)."""
     from spectral_jax.dataset import checkpoint
 
     path = os.path.join(ckdir, PARTS, name)
     if not os.path.isdir(path):
         return None
     meta = _meta(path)
-    checkpoint.check_same(out, meta["key"], json.loads(json.dumps(key, sort_keys=True)))
+    checkpoint.check_same(out, meta["key"], json.loads(json.dumps(key, sort_keys=True)),
+                          graph=os.path.join(ckdir, PARTS))
     why, arrays = _arrays_problem(path, meta.get("arrays"), expect)
     if why:
         raise checkpoint.damaged(path, why)
@@ -189,6 +197,32 @@ def read_part(ckdir: str, name: str, key: dict, out: str, expect: dict) -> dict 
 def remove_parts(ckdir: str) -> None:
     """Remove the parts folder (once the result they were for is saved whole)."""
     shutil.rmtree(os.path.join(ckdir, PARTS), ignore_errors=True)
+
+
+def release_parts(ckdir: str, process: int, processes: int) -> None:
+    """Tidy the parts folder once process `process` of a run of `processes` processes keeps its rows of the graph
+    whole (the sharded path's graph-rows): remove its own parts (`…-p{process}-of-{processes}`) and its unfinished
+    ones (hidden `.tmp-p{process}-…`); process 0 also removes what no process of this run writes or reads — the
+    parts of a search by another process count (`…-of-{Q}`, Q ≠ processes) or by the one-process search (names
+    without "-of-"), and unfinished parts of processes ≥ `processes` —; then the folder once empty. Never touched:
+    the parts of this run's other processes, finished or being written (they release their own), and anything
+    outside the parts folder (the features, the graph caches)."""
+    root = os.path.join(ckdir, PARTS)
+    if not os.path.isdir(root):
+        return
+    mine = f"-p{process}-of-{processes}"
+    for d in os.listdir(root):
+        if d.startswith(".tmp-p"):
+            q = d[len(".tmp-p"):].split("-", 1)[0]
+            stale = q == str(process) or (process == 0 and q.isdigit() and int(q) >= processes)
+        else:
+            stale = d.endswith(mine) or (process == 0 and not d.endswith(f"-of-{processes}"))
+        if stale:
+            shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+    try:
+        os.rmdir(root)              # the folder, once no process's parts are left in it (the last one out does)
+    except OSError:
+        pass
 
 
 def _meta(path: str) -> dict:
@@ -328,4 +362,5 @@ class FeatureStore:
 
 
 __all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "plan", "read_part",
-           "read_shard", "remove_parts", "remove_unfinished", "span", "write_part", "shard_name", "write_shard"]
+           "read_shard", "release_parts", "remove_parts", "remove_unfinished", "span", "write_part", "shard_name",
+           "write_shard"]

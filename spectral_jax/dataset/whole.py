@@ -35,12 +35,14 @@ its share of a layer group's graphs, searches them and broadcasts them), gathere
 Process 0 writes.
 Resume: the store's finished shards are read back (checked, `store.read_shard`) and only the batches without one
 are computed; the search keeps each finished layer's edges as a part (OUT/checkpoints/graph-parts, one per layer,
-or per layer and process on the sharded path; removed once the whole graph or the process's rows are saved), so a
-stopped search resumes at its first missing layer; the graph is cached
-in OUT/checkpoints/graph.npz (with the settings and the image files' content digests that made it, `cache_key`). A
-shard, part or graph made from other images or settings is refused in one line (`checkpoint.check_same`), and one
-whose arrays are damaged — unreadable, changed since written, of the wrong shape or dtype, non-finite, neighbour
-indices out of range — too (`store.read_shard`, `store.read_part`, `load_cache`), never used.
+or per layer and process on the sharded path, named with the process count; removed once the whole graph or the
+process's rows are kept, and with them the parts a search by another process count or path left unfinished, which
+no run of this layout reads: `store.release_parts`), so a stopped search resumes at its first missing layer; the
+graph is cached in OUT/checkpoints/graph.npz (with the settings and the image files' content digests that made it,
+`cache_key`). A shard, part or graph made from other images or settings is refused in one line
+(`checkpoint.check_same`; one made with other graph settings only says which cache to delete to keep the features),
+and one whose arrays are damaged — unreadable, changed since written, of the wrong shape or dtype, non-finite,
+neighbour indices out of range — too (`store.read_shard`, `store.read_part`, `load_cache`), never used.
 
 Memory (`memory.estimate`): the features live on disk (one process, and the sharded path: tiles in memory at a
 time — its ring IVF: each device's own block and its index; the gathered path with several processes: each
@@ -58,7 +60,6 @@ import dataclasses
 import functools
 import json
 import os
-import shutil
 import time
 import zipfile
 import zlib
@@ -556,7 +557,7 @@ def store_sigma(st: Streamed, settings: Settings, geom: Geometry) -> list[np.nda
     """The RBF σ of every graph of each layer group `[L(·T)]` float32 (`graphs.median_sigma`), from the on-disk
     store: the rows of `graphs.sigma_pairs` (the valid images' tokens, `settings.seed`) read memory-mapped
     (`_store_rows`), never the whole features — the same σ as `graphs.weight_edges` on the features in memory."""
-    fs, n, steps = st.store, len(st.valid), geom.graphs_per_layer
+    fs, steps = st.store, geom.graphs_per_layer
     dtype = jnp.bfloat16 if settings.features_dtype == "bfloat16" else jnp.float32
     out = []
     for g, (grid, group) in enumerate(geom.groups):
@@ -677,11 +678,12 @@ def cache_key(kind: str, fp: dict) -> dict:
     return {k: fp.get(k) for k in keys}
 
 
-def load_cache(path: str, key: dict, geom: Geometry, problem=None) -> dict | None:
-    """The arrays of a cache file made with `key` (None when absent), checked against the run (`geom`, `key`):
-    "failed" parsed to {image: why}. Made with another key: one `InputError` naming what changed
-    (`checkpoint.check_same`); unreadable or damaged (`problem`, default `_cache_problem`: the whole graph's
-    checks): one `InputError` naming the file."""
+def load_cache(path: str, key: dict, geom: Geometry, problem=None, stale: str | None = None) -> dict | None:
+    """The arrays of a graph cache file made with `key` (None when absent), checked against the run (`geom`,
+    `key`): "failed" parsed to {image: why}. Made with another key: one `InputError` naming OUT and what changed
+    (`checkpoint.check_same`; where only the graph's settings changed, its fix says that deleting `stale` —
+    default `path` — keeps the cached features); unreadable or damaged (`problem`, default `_cache_problem`: the
+    whole graph's checks): one `InputError` naming the file."""
     from spectral_jax.dataset import checkpoint
 
     if not os.path.isfile(path):
@@ -694,7 +696,9 @@ def load_cache(path: str, key: dict, geom: Geometry, problem=None) -> dict | Non
         raise checkpoint.damaged(path, f"unreadable: {type(e).__name__}") from None
     if not isinstance(old, dict):
         raise checkpoint.damaged(path, "its key is not an object")
-    checkpoint.check_same(os.path.dirname(os.path.dirname(path)), old, json.loads(json.dumps(key, sort_keys=True)))
+    stale = stale or path                                   # OUT/checkpoints/graph.npz or …/graph-rows
+    checkpoint.check_same(os.path.dirname(os.path.dirname(stale)), old, json.loads(json.dumps(key, sort_keys=True)),
+                          graph=stale)
     why = (problem or _cache_problem)(d, key, geom)
     if why:
         raise checkpoint.damaged(path, why)
@@ -866,6 +870,8 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         return solve_sharded(None, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n}, rows)
     if d is not None:
         cached.append("graph")
+        if jax.process_index() == 0:        # the whole graph is kept: parts of any search left unfinished go
+            store.remove_parts(ckdir)
         gs = graphs_from(d, geom, n)
         valid, failed = d["valid"], d["failed"]
         images_cached = len(files)
@@ -1132,7 +1138,7 @@ def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
     key = {**key, "processes": jax.process_count(), "process": jax.process_index()}
     path, err, d = _rows_file(ckdir), None, None
     try:
-        d = load_cache(path, key, geom, problem=_rows_problem)
+        d = load_cache(path, key, geom, problem=_rows_problem, stale=os.path.join(ckdir, GRAPH_ROWS))
     except InputError as e:
         err = e
     code = 2 if err else (0 if d is None else 1)
@@ -1326,13 +1332,8 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
                 arrays.update({f"idx{g}": _local_rows(sg.idx), f"w{g}": _local_rows(sg.w)})
             os.makedirs(os.path.join(ckdir, GRAPH_ROWS), exist_ok=True)
             save_npz(_rows_file(ckdir), arrays)
-            for g, (_, group) in enumerate(geom.groups):      # the rows are kept whole now: this process's parts go
-                for layer in range(len(group)):
-                    shutil.rmtree(os.path.join(ckdir, store.PARTS, _sharded_part(g, layer)), ignore_errors=True)
-            try:
-                os.rmdir(os.path.join(ckdir, store.PARTS))      # the folder, once no process's parts are left in it
-            except OSError:
-                pass
+    if ckdir is not None:       # the rows are kept whole (saved now, or read back): this process's parts go, and
+        store.release_parts(ckdir, jax.process_index(), procs)     # process 0 drops those of other layouts
     jax.block_until_ready([g.deg for g in sgs])
     timings["graph"] = time.perf_counter() - t
     edges = int(sum(int(e) for g in sgs for e in np.asarray(gather(_edges(g.w)))))

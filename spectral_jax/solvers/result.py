@@ -35,8 +35,14 @@ class Provenance:
     per-graph `weights=` (no one weight per layer); timesteps: the diffusion timesteps folded into the heads axis
     (`Taps.timesteps`; () for none); graph_options: the options the graph kind reads (`GraphSpec.reads`: tau for
     vv, k_intra/k_inter/min_cos for kNN, graph_dtype), None where unknown (a file written before they were
-    recorded). A `Result` whose `provenance` is None has unknown provenance: solved on a list of graphs (no
-    layers), or read from a file written without it.
+    recorded) — a dataset run's the same keys (k as asked, the default 50 filled in, each capped by the tokens
+    available as `graphs.knn` caps it; graph_dtype its features dtype), plus "edge_weights" where its edges are not
+    the cosine a `GraphSpec` graph has (a graph no `GraphSpec` builds, so `pipeline.attribution` refuses it);
+    graph_record: how the graph was built beyond graph_options, JSON-ready — a dataset run's (`dataset.run`,
+    method exact) "k_used" (each layer group's k after the caps: grid, layers, k_intra, k_inter), "edge_weights"
+    (kind; σ per graph for rbf) and "knn_search" (asked, used, recall per graph), as its summary.json records
+    them — None where there is nothing more (a solve of taps). A `Result` whose `provenance` is None has unknown
+    provenance: solved on a list of graphs (no layers), or read from a file written without it.
     """
 
     graph: str
@@ -44,13 +50,15 @@ class Provenance:
     layer_weights: np.ndarray | None = None
     timesteps: tuple[int, ...] = ()
     graph_options: dict | None = None
+    graph_record: dict | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "graph", str(self.graph))
         object.__setattr__(self, "layers", tuple(int(l) for l in self.layers))
         object.__setattr__(self, "timesteps", tuple(int(t) for t in self.timesteps))
-        if self.graph_options is not None:
-            object.__setattr__(self, "graph_options", json.loads(json.dumps(dict(self.graph_options))))
+        for name in ("graph_options", "graph_record"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, json.loads(json.dumps(dict(getattr(self, name)))))
         if self.layer_weights is not None:
             w = np.asarray(self.layer_weights, np.float64)
             if w.ndim != 2 or w.shape[1] != len(self.layers):
@@ -60,19 +68,21 @@ class Provenance:
     def rows(self, sl) -> "Provenance":
         """The same provenance for the images `sl` (a slice or indices) of its `[B, L]` layer weights."""
         w = None if self.layer_weights is None else self.layer_weights[sl]
-        return Provenance(self.graph, self.layers, w, self.timesteps, self.graph_options)
+        return Provenance(self.graph, self.layers, w, self.timesteps, self.graph_options, self.graph_record)
 
     def same_source(self, other: "Provenance | None") -> bool:
-        """Whether `other` was solved on the same graph kind, layers, timesteps and graph options (the weights may
-        differ)."""
-        return other is not None and (self.graph, self.layers, self.timesteps, self.graph_options) == \
-            (other.graph, other.layers, other.timesteps, other.graph_options)
+        """Whether `other` was solved on the same graph kind, layers, timesteps, graph options and graph record
+        (the weights may differ)."""
+        return other is not None and (self.graph, self.layers, self.timesteps, self.graph_options,
+                                      self.graph_record) == \
+            (other.graph, other.layers, other.timesteps, other.graph_options, other.graph_record)
 
     def as_dict(self) -> dict:
-        """graph, layers, timesteps and graph_options as JSON values (the summary's "provenance"; the layer
-        weights are the summary's "layer_weights", in `layers` order)."""
+        """graph, layers, timesteps, graph_options and (where there is one) graph_record as JSON values (the
+        summary's "provenance"; the layer weights are the summary's "layer_weights", in `layers` order)."""
         return {"graph": self.graph, "layers": list(self.layers), "timesteps": list(self.timesteps),
-                "graph_options": self.graph_options}
+                "graph_options": self.graph_options,
+                **({} if self.graph_record is None else {"graph_record": self.graph_record})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -296,8 +306,9 @@ class Result:
         B > 1 images were solved one by one (which the contract's one `[K]` cannot hold), the image axis in front:
         eigvals `[B, K]`, rq `[B, G, K]`, history `[B, S]`; summary (JSON). With a known provenance, extra members
         that readers of the contract ignore: `provenance/graph` (str), `provenance/layers` int64 `[L]`,
-        `provenance/timesteps` int64 `[T]`, `provenance/graph_options` (JSON str) and, where there is one weight
-        per layer, `provenance/layer_weights` float64 (`[L]` or `[B, L]`, as eigvals). `load` reads both layouts."""
+        `provenance/timesteps` int64 `[T]`, `provenance/graph_options` and `provenance/graph_record` (JSON str,
+        where known) and, where there is one weight per layer, `provenance/layer_weights` float64 (`[L]` or
+        `[B, L]`, as eigvals). `load` reads both layouts."""
         one = self.num_images == 1 or (self.joint and all(
             np.array_equal(a[:1].repeat(len(a), 0), a, equal_nan=True) for a in (self.eigvals, self.rq, self.history)))
         row = (lambda a: np.asarray(a)[0]) if one else np.asarray
@@ -308,8 +319,9 @@ class Result:
             arrays.update({"provenance/graph": np.array(p.graph),
                            "provenance/layers": np.asarray(p.layers, np.int64).reshape(-1),
                            "provenance/timesteps": np.asarray(p.timesteps, np.int64).reshape(-1)})
-            if p.graph_options is not None:
-                arrays["provenance/graph_options"] = np.array(json.dumps(p.graph_options, sort_keys=True))
+            for name in ("graph_options", "graph_record"):
+                if getattr(p, name) is not None:
+                    arrays[f"provenance/{name}"] = np.array(json.dumps(getattr(p, name), sort_keys=True))
             if p.layer_weights is not None:
                 w = p.layer_weights
                 arrays["provenance/layer_weights"] = w[0] if one and np.array_equal(w[:1].repeat(len(w), 0), w) else w
@@ -360,11 +372,12 @@ class Result:
             prov = None
             if "provenance/graph" in data:
                 w = data.get("provenance/layer_weights")
-                opts = data.get("provenance/graph_options")
+                opts, rec = data.get("provenance/graph_options"), data.get("provenance/graph_record")
                 prov = Provenance(str(data["provenance/graph"].item()), data["provenance/layers"].reshape(-1).tolist(),
                                   None if w is None else axis(np.asarray(w, np.float64), 2),
                                   data["provenance/timesteps"].reshape(-1).tolist(),
-                                  None if opts is None else json.loads(str(opts.item())))
+                                  None if opts is None else json.loads(str(opts.item())),
+                                  None if rec is None else json.loads(str(rec.item())))
             res = cls(x, axis(data["eigvals"], 2), axis(data["rq"], 3), objective, float(summary["orth_error"]),
                       int(summary["steps"]), float(summary["seconds"]), str(summary["method"]), axis(history, 2),
                       info, joint, prov, conv)
@@ -410,7 +423,7 @@ def _stack_provenance(provs: Sequence[Provenance | None]) -> Provenance | None:
         return None
     ws = [p.layer_weights for p in provs]
     return Provenance(first.graph, first.layers, None if any(w is None for w in ws) else np.concatenate(ws),
-                      first.timesteps, first.graph_options)
+                      first.timesteps, first.graph_options, first.graph_record)
 
 
 def _jsonable(info: dict) -> dict:
