@@ -10,8 +10,7 @@
 3. parts of a search by another process count or path are removed once the run keeps its graph whole, and nothing
    of this run's other processes is (`store.release_parts`);
 4. a dataset result's provenance records the graph options (as `GraphSpec.reads` names them) and how the graph was
-   built (`Provenance.graph_record`), through RESULT.npz; attribution compares them;
-5. pyflakes finds nothing in spectral_jax/dataset (but lines marked noqa).
+   built (`Provenance.graph_record`), through RESULT.npz; attribution compares them.
 
 The synthetic backbone and the EXACT settings of test_dataset / test_dataset_exact; pixart_tiny (random weights,
 32², two layers) for the timesteps.
@@ -263,25 +262,3 @@ def test_dataset_result_records_its_graph_options_and_attribution_compares_them(
     assert len(rbf.provenance.graph_record["edge_weights"]["sigma"]) == 2
     with pytest.raises(InputError, match="other graphs"):
         sj.attribution(taps, "knn-qk", result=rbf, k_intra=5, k_inter=5)
-
-
-# ------------------------------------------------------------------------------------------ 5. pyflakes
-
-
-def test_pyflakes_finds_nothing_in_the_dataset_package():
-    api = pytest.importorskip("pyflakes.api")
-    from pyflakes import reporter
-
-    import io as _io
-
-    root = os.path.dirname(dataset.__file__)
-    warnings, errors = _io.StringIO(), _io.StringIO()
-    api.checkRecursive([root], reporter.Reporter(warnings, errors))
-    lines = {}
-    left = []
-    for w in warnings.getvalue().splitlines():
-        path, line = w.split(":")[:2]
-        text = lines.setdefault(path, open(path).read().splitlines())[int(line) - 1]
-        if "# noqa" not in text:
-            left.append(w)
-    assert not left and not errors.getvalue(), "\n".join(left) + errors.getvalue()
