@@ -63,7 +63,8 @@ def load_backbone(name: str, weights: str | None = None, **family_options):
     and `seed`; ViTs `cache_dir` (converted weights kept as an orbax checkpoint); Stable Diffusion `timesteps`,
     `latent`, `text_embedding`, `attn_chunk` (`spectral_jax.models.sd.load_backbone`); diffusion transformers
     `timesteps`, `latent`, `text_embedding`; DINOv3 and SigLIP 2 `dtype` and `seed` only. An option given as None
-    means its default; one the family does not take is an `InputError` naming it (before anything loads).
+    means its default; one the family does not take is an `InputError` naming it (before anything loads), as is a
+    seed that is not an integer in [0, 2³²) (`options.check_seed`, the CLI's `--seed` rule).
     """
     spec = get_spec(name)
     fam = FAMILIES[spec.family]
@@ -72,5 +73,9 @@ def load_backbone(name: str, weights: str | None = None, **family_options):
     if extra:
         raise InputError(", ".join(extra), f"not an option of {fam.title} models ({name})",
                          f"drop it; {fam.title} models take {', '.join(fam.options)}")
+    if "seed" in options:                       # the CLI's --seed rule (numpy's generators refuse negative seeds)
+        from spectral_jax.options import check_seed
+
+        options["seed"] = check_seed(options["seed"])
     return importlib.import_module(f"spectral_jax.models.{fam.name}").load_backbone(spec, weights, **options)
 

@@ -1,7 +1,8 @@
 """ACTS.npz: the on-disk form of a forward pass's taps (the `extract` → `solve` contract of docs/design.md).
 
 Keys, per tapped layer i: `layer{i}/q`, `layer{i}/k`, `layer{i}/v` float32 `[B, H, h*w, D]` (patch tokens only,
-raw projections), `layer{i}/grid` int `[2]`; plus `model` (str) and `image_size` int `[2]` (H, W in pixels).
+raw projections), `layer{i}/grid` int `[2]`; plus `model` (str) and `image_size` int `[2]` (H, W in pixels), each
+grid (rows, columns) of the image's aspect up to one cell's rounding per side (`_check_grid`).
 Optional: `layer{i}/hidden` float32 `[B, h*w, C]`; `timesteps` int `[T]` (diffusion models): then the heads axis
 holds T·H graphs, timestep-major (graph index = t·H + head), and `num_heads` gives H: an int, or one int per
 tapped layer in layer order where H differs between layers (SD 2.x).
@@ -39,14 +40,38 @@ def save_acts(path: str, taps: Taps, model: str, image_size: tuple[int, int],
               timesteps: tuple[int, ...] | None = None, num_heads=None, inputs=()) -> str:
     """Write `taps` (prefix tokens dropped) to `path` in the ACTS format, atomically; returns the path written.
 
-    timesteps/num_heads: for diffusion taps whose heads axis holds T·H graphs (timestep-major).
+    timesteps: the diffusion timesteps folded into the heads axis (T·H graphs, timestep-major); None: the taps' own
+    (`taps.timesteps`: () for a ViT's, none written), so what `load_acts` reads back builds the same graphs. Given
+    beside taps that carry timesteps, they must be those. num_heads: H, an int or one per layer in layer order (only
+    with timesteps); None: each layer's heads axis over T (one int where the layers agree), as `extract` writes.
+    What would not load is refused here, one `InputError`: timesteps × num_heads against each layer's heads axis,
+    each layer's grid against `image_size` (`_check_grid`).
     """
-    arrays: dict[str, np.ndarray] = {"model": np.array(model), "image_size": np.asarray(image_size, np.int64)}
-    if timesteps is not None:
-        arrays["timesteps"] = np.asarray(timesteps, np.int64)
-        arrays["num_heads"] = np.asarray(num_heads, np.int64)
+    fix = "pass the taps of one forward with its image_size (H, W) and timesteps (or leave timesteps, num_heads None)"
     taps = taps.patches()
+    own = tuple(taps.timesteps)
+    steps = own
+    if timesteps is not None:
+        given = np.asarray(timesteps)
+        steps = _ints(path, "timesteps", given, "[n]", fix, low=0) if given.size else ()
+    if own and steps != own:
+        raise InputError(f"timesteps {list(steps)}", f"differ from the taps' own {list(own)} (the graphs of their "
+                         "heads axis)", "leave timesteps None: the taps' are saved")
+    size = _ints(path, "image_size", np.asarray(image_size), "[2]", fix)
+    arrays: dict[str, np.ndarray] = {"model": np.array(model), "image_size": np.asarray(size, np.int64)}
+    graphs = {i: int(t.q.shape[1]) for i, t in taps.layers.items()}
+    if steps:
+        if num_heads is None:
+            per = [graphs[i] // len(steps) for i in sorted(graphs)]
+            num_heads = per[0] if len(set(per)) == 1 else per
+        heads = np.asarray(num_heads)
+        _check_heads(path, steps, heads, graphs, fix)
+        arrays["timesteps"], arrays["num_heads"] = np.asarray(steps, np.int64), heads.astype(np.int64)
+    elif num_heads is not None:
+        raise InputError(f"num_heads {num_heads!r}", "is given without timesteps (an ACTS file holds num_heads only "
+                         "beside timesteps)", "drop num_heads, or pass the timesteps folded into the heads axis")
     for i, t in taps.layers.items():
+        _check_grid(path, i, tuple(int(g) for g in t.grid), size, fix)
         for name in ("q", "k", "v"):
             arrays[f"layer{i}/{name}"] = np.asarray(getattr(t, name), np.float32)
         arrays[f"layer{i}/grid"] = np.asarray(t.grid, np.int64)
@@ -136,12 +161,40 @@ def _floats(path: str, key: str, a: np.ndarray, legend: str, ndim: int, fix: str
                          "model's weights)")
 
 
+def _check_heads(path: str, steps: tuple[int, ...], num_heads: np.ndarray, graphs: dict[int, int], fix: str) -> None:
+    """num_heads (an int ≥ 1, or one per layer in layer order) such that each layer's heads axis holds T·H graphs,
+    timestep-major (graphs: layer → graphs on its heads axis); else one `InputError` (`save_acts`, `load_acts`)."""
+    heads = _ints(path, "num_heads", num_heads, "scalar or [n]", fix)
+    if len(heads) == 1:
+        heads = heads * len(graphs)
+    elif len(heads) != len(graphs):
+        raise InputError(path, f"num_heads has {len(heads)} entries for {len(graphs)} layers", fix)
+    for h, i in zip(heads, sorted(graphs)):
+        if graphs[i] != len(steps) * h:
+            raise InputError(path, f"layer{i} has {graphs[i]} graphs on its heads axis but {len(steps)} timesteps "
+                             f"× {h} heads = {len(steps) * h}", fix)
+
+
+def _check_grid(path: str, layer: int, grid: tuple[int, int], size: tuple[int, int], fix: str) -> None:
+    """A layer's grid (h, w) has the aspect of the image (H, W) up to rounding of one cell per side, else one
+    `InputError` (a transposed grid would scramble the pixels): |h·W − w·H| < H + W. A grid ≈ image/stride per side
+    with each side rounded up or down (a patch grid; a UNet's repeated halving with padding, ceil(ceil(x)/2) =
+    ceil(x/2)) is within it: h = H/s + e, w = W/s + f with |e|, |f| < 1 give |h·W − w·H| = |e·W − f·H| < W + H.
+    size (0, 0): unknown (a file without image_size), nothing to check."""
+    if size == (0, 0):
+        return
+    if abs(grid[0] * size[1] - grid[1] * size[0]) >= size[0] + size[1]:
+        raise InputError(path, f"layer{layer}/grid {list(grid)} (rows, columns) does not have the aspect of "
+                         f"image_size {list(size)} (H, W), even up to one cell's rounding (transposed?)", fix)
+
+
 def load_acts(path: str) -> Acts:
     """Read and validate an ACTS file; any problem raises `InputError` naming the file and the fix.
 
     Nothing is allocated before every member's .npy header has been checked against the member's size
     (`_check_headers`); pickles are refused. Then every array is checked against the format in the module
-    docstring: q/k/v float `[B, H, h*w, D]` with B, H, D ≥ 1, finite, |x| ≤ `MAX_ABS`; grid two ints ≥ 1;
+    docstring: q/k/v float `[B, H, h*w, D]` with B, H, D ≥ 1, finite, |x| ≤ `MAX_ABS`; grid two ints ≥ 1 of the
+    image's aspect (`_check_grid`: a transposed grid is refused);
     hidden float `[B, h*w, C]`; model a string; image_size two ints ≥ 1; timesteps ints ≥ 0 `[T]` together with
     num_heads (an int ≥ 1 or one per layer) such that each layer's heads axis is T·H.
     """
@@ -176,22 +229,18 @@ def load_acts(path: str) -> Acts:
     if ("timesteps" in data) != ("num_heads" in data):
         raise InputError(path, "has timesteps without num_heads or num_heads without timesteps (both or neither)",
                          fix)
-    steps, heads = (), None
+    steps = ()
     if "timesteps" in data:
         steps = _ints(path, "timesteps", data["timesteps"], "[n]", fix, low=0)
-        heads = _ints(path, "num_heads", data["num_heads"], "scalar or [n]", fix)
-        if len(heads) == 1:
-            heads = heads * len(layers)
-        elif len(heads) != len(layers):
-            raise InputError(path, f"num_heads has {len(heads)} entries for {len(layers)} layers", fix)
 
     taps, hidden, batch = {}, {}, None
-    for j, i in enumerate(sorted(layers)):
+    for i in sorted(layers):
         d = layers[i]
         missing = [n for n in ("q", "k", "v", "grid") if n not in d]
         if missing:
             raise InputError(path, f"layer{i} lacks {', '.join(missing)}", fix)
         grid = _ints(path, f"layer{i}/grid", d["grid"], "[2]", fix)
+        _check_grid(path, i, grid, size, fix)
         tokens = grid[0] * grid[1]
         q, k, v = d["q"], d["k"], d["v"]
         for name, a in (("q", q), ("k", k), ("v", v)):
@@ -204,9 +253,6 @@ def load_acts(path: str) -> Acts:
             batch = q.shape[0]
         elif q.shape[0] != batch:
             raise InputError(path, f"layer{i} has batch {q.shape[0]}, other layers {batch}", fix)
-        if heads is not None and q.shape[1] != len(steps) * heads[j]:
-            raise InputError(path, f"layer{i} has {q.shape[1]} graphs on its heads axis but {len(steps)} timesteps "
-                             f"× {heads[j]} heads = {len(steps) * heads[j]}", fix)
         taps[i] = LayerTap(q.astype(np.float32), k.astype(np.float32), v.astype(np.float32), grid, 0)
         if "hidden" in d:
             h = d["hidden"]
@@ -214,4 +260,6 @@ def load_acts(path: str) -> Acts:
             if h.shape[:2] != (batch, tokens):
                 raise InputError(path, f"layer{i}/hidden has shape {h.shape}, expected [{batch}, {tokens}, C]", fix)
             hidden[i] = h.astype(np.float32)
+    if steps:
+        _check_heads(path, steps, data["num_heads"], {i: t.q.shape[1] for i, t in taps.items()}, fix)
     return Acts(Taps(taps, hidden, steps), model, size, steps)

@@ -48,13 +48,24 @@ def base_grid_of(graphs: Sequence[Graph]) -> tuple[int, int]:
     return max((g.grid for g in graphs), key=lambda hw: hw[0] * hw[1])
 
 
-def check_graphs(graphs: Sequence[Graph], base_grid: tuple[int, int] | None = None) -> tuple[tuple[int, int], int]:
-    """Validate a list of graph groups; returns (base grid, number of images)."""
+def check_graphs(graphs: Sequence[Graph], base_grid: tuple[int, int] | None = None, *, what: str = "graphs"
+                 ) -> tuple[tuple[int, int], int]:
+    """Validate a list of graph groups (at least one, each a `graphs.Graph`, all of one number of images); returns
+    (base grid, number of images). A problem is one `InputError` naming `what` (the argument)."""
+    from spectral_jax.errors import InputError
+
+    fix = ("build graphs with spectral_jax.graphs (attention, value, knn, dense, from_taps) and pass one or a list "
+           "of them; spectral_jax.solve also takes Taps (e.g. Backbone.taps(x))")
     if not graphs:
-        raise ValueError("need at least one graph")
+        raise InputError(what, "holds no graph", fix)
+    for i, g in enumerate(graphs):
+        if not isinstance(g, Graph):
+            name = f"{what} {type(g).__name__}" if len(graphs) == 1 else f"{what}[{i}] {type(g).__name__}"
+            raise InputError(name, "is not a graph (an AttentionGraph, DenseGraph or KnnGraph)", fix)
     nimg = {g.num_images for g in graphs}
     if len(nimg) != 1:
-        raise ValueError(f"graph groups disagree on the number of images: {sorted(nimg)}")
+        raise InputError(what, f"graph groups disagree on the number of images: {sorted(nimg)}",
+                         "build every group from the same images")
     base = tuple(base_grid) if base_grid is not None else base_grid_of(graphs)
     return (int(base[0]), int(base[1])), nimg.pop()
 

@@ -47,8 +47,10 @@ from spectral_jax.options import (GRAPH_OPTIONS, METHODS, ExactSpec, GdSpec, Gra
 def solve(source, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str = "exact", *,
           solver: ExactSpec | GdSpec | None = None, weights=None, layer_weights=None, seed: int = 0,
           **options) -> Result:
-    """Solve the layer-distributed objective for `source`: a `Taps` (every tapped layer and head) or a list of
-    graphs (`spectral_jax.graphs`, solved as one problem).
+    """Solve the layer-distributed objective for `source`: a `Taps` (every tapped layer and head; hand-built ones
+    are checked first, `check_taps`) or a graph or list of graphs (`spectral_jax.graphs`, solved as one problem;
+    `objective.check_graphs`), beside which a graph option — a kind other than the default "qk", tau, k_intra,
+    ... — is refused, not ignored (the graphs are built already). Anything else is one `InputError`.
 
     Options (`spectral_jax.options`, checked here, once): graph a kind ("qk", "vv", "knn-qk", "knn-vv") or a
     `GraphSpec`, whose fields may also come as flat keywords (tau, k_intra, k_inter, min_cos, graph_dtype);
@@ -79,11 +81,73 @@ def solve(source, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str
     loop, which also serves the rules "eigengap" and "select" (they read each image's spectra), gd, and problems
     above the dense size (LOBPCG).
     """
+    if not isinstance(source, Taps):
+        _check_graph_source(source, graph, options)
     gspec, sspec = specs(graph, method, solver, **options)
     num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
     if layer_weights is not None and weights is not None:
         raise InputError("weights and layer_weights", "are both given", "pass one of them")
-    return _solve(source, gspec, num_eigs, sspec, seed, weights, LayerWeights.parse(layer_weights))
+    lw = LayerWeights.parse(layer_weights)
+    if isinstance(source, Taps):
+        check_taps(source)
+    return _solve(source, gspec, num_eigs, sspec, seed, weights, lw)
+
+
+def _check_graph_source(source, graph, options: dict) -> None:
+    """`solve`'s source when it is not `Taps`: a graph or a list of graph groups (`objective.check_graphs`), beside
+    which no graph option is given — the graphs are built already and read none (graph: the kind, where it is not
+    the default "qk", which a call passing num_eigs by position writes; tau, k_intra, ...: where given at all)."""
+    from spectral_jax.objective import check_graphs
+
+    check_graphs(list(source) if isinstance(source, (list, tuple)) else [source], what="source")
+    given = ([] if isinstance(graph, str) and graph == "qk" or graph == GraphSpec() else [f"graph {graph!r}"]) + \
+        [k for k in GRAPH_OPTIONS if k in options]
+    if given:
+        one = len(given) == 1
+        raise InputError(", ".join(given), f"{'is' if one else 'are'} given beside graphs already built (they read "
+                         "no graph option: it would be ignored)", f"drop {'it' if one else 'them'}, or pass the Taps "
+                         "to build the graphs from")
+
+
+def check_taps(taps: Taps, what: str = "taps") -> None:
+    """`Taps` as `solve` takes them (hand-built ones too), checked before any work, else one `InputError` naming
+    the layer and the fix: a mapping layer index → `LayerTap`, each with a grid of two ints ≥ 1 and num_prefix ≥ 0;
+    shapes and dtypes as `Backbone.from_function` holds a function's taps to (`models.backbone.check_output`: q, k
+    `[B, heads, num_prefix + h·w, D]` alike, v `[B, heads, ·, Dv]`, floating; the heads axis a multiple of the
+    taps' T timesteps); one B for every layer; values finite and within ±`acts.MAX_ABS` (`check_finite`)."""
+    from spectral_jax.models.backbone import check_output
+    from spectral_jax.taps import LayerTap
+
+    fix = ("pass Taps({layer: LayerTap(q, k, v, grid, num_prefix)}) with q, k [B, heads, num_prefix + h·w, D] and v "
+           "[B, heads, num_prefix + h·w, Dv], one B for every layer (one image: q[None]); with timesteps, T·heads "
+           "graphs on the heads axis, timestep-major")
+    layers = taps.layers
+    if not isinstance(layers, dict) or not layers:
+        raise InputError(what, f"hold no layers ({type(layers).__name__} {layers!r:.40})", fix)
+    bad = [k for k in layers if not _is_int(k)]
+    if bad:
+        raise InputError(what, f"have layer keys {bad!r:.60}, not layer indices", fix)
+    batch, first = None, min(layers)
+    for i in sorted(layers):
+        t, name = layers[i], f"{what} layer {i}"
+        if not isinstance(t, LayerTap):
+            raise InputError(name, f"is a {type(t).__name__}, not a LayerTap", fix)
+        grid = t.grid
+        if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(_is_int(g) and g >= 1 for g in grid)) \
+                or not (_is_int(t.num_prefix) and t.num_prefix >= 0):
+            raise InputError(name, f"has grid {grid!r} and num_prefix {t.num_prefix!r}", "pass grid = (h, w), two "
+                             "ints ≥ 1, and num_prefix ≥ 0 (the tokens before the h·w patch tokens)")
+        shape = tuple(getattr(t.q, "shape", ()))
+        b = shape[0] if len(shape) == 4 else 1         # a 3-D q is most likely one image's: expected [B=1, ...]
+        try:
+            check_output(what, Taps({i: t}), b, (i,), tuple(grid), t.num_prefix, timesteps=len(taps.timesteps) or 1)
+        except InputError as e:
+            raise InputError(name, e.problem, fix) from None
+        if batch is None:
+            batch = b
+        elif b != batch:
+            raise InputError(name, f"has batch {b}, layer {first} has {batch}", fix)
+    check_finite(taps, what, "pass finite q, k, v (check the forward that made them)")
 
 
 def _solve(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, seed: int, weights=None,
@@ -539,11 +603,12 @@ def forward(bb, x: np.ndarray, layers=None) -> tuple[Taps, float]:
     return taps, seconds
 
 
-def check_finite(taps: Taps, what: str) -> None:
+def check_finite(taps: Taps, what: str, fix: str | None = None) -> None:
     """Every tapped q/k/v finite and within ±`acts.MAX_ABS` (the bound an ACTS file is held to: beyond it the
     attention logits q·kᵀ or the squared norms overflow float32), else one `InputError` naming `what` (the
-    weights) and the first bad layer — NaN weights would otherwise fail deep inside the solver (a LAPACK callback's
-    traceback) or give NaN pictures. One transfer of each array's max |x|."""
+    weights; "taps" for `solve`'s `check_taps`) and the first bad layer — NaN weights would otherwise fail deep
+    inside the solver (a LAPACK callback's traceback) or give NaN pictures. fix: the error's (None: check the
+    checkpoint). One transfer of each array's max |x|."""
     from spectral_jax.acts import MAX_ABS
 
     peaks = jax.device_get({i: [jnp.abs(a).max() for a in (t.q, t.k, t.v)] for i, t in taps.layers.items()})
@@ -551,11 +616,11 @@ def check_finite(taps: Taps, what: str) -> None:
         tops = [float(x) for x in peaks[i]]            # as Python floats: MAX_ABS overflows float16
         if not all(np.isfinite(tops)):
             raise InputError(what, f"layer {i} produced NaN or Inf",
-                             "check that the checkpoint is intact and matches the model")
+                             fix or "check that the checkpoint is intact and matches the model")
         if (top := max(tops)) > MAX_ABS:
             raise InputError(what, f"layer {i} produced |q|, |k| or |v| up to {top:.3g} > {MAX_ABS:.0e}: its "
-                             "attention logits q·kᵀ would overflow float32", "check the checkpoint and the model "
-                             "(real activations stay far below 1e5)")
+                             "attention logits q·kᵀ would overflow float32", fix or "check the checkpoint and the "
+                             "model (real activations stay far below 1e5)")
 
 
 def run(bb, x: np.ndarray, graph: str | GraphSpec = "qk", num_eigs: int = 20, method: str = "exact", *,
