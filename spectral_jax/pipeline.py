@@ -121,6 +121,9 @@ def check_taps(taps: Taps, what: str = "taps") -> None:
     fix = ("pass Taps({layer: LayerTap(q, k, v, grid, num_prefix)}) with q, k [B, heads, num_prefix + h·w, D] and v "
            "[B, heads, num_prefix + h·w, Dv], one B for every layer (one image: q[None]); with timesteps, T·heads "
            "graphs on the heads axis, timestep-major")
+    if not isinstance(taps, Taps):
+        raise InputError(f"{what} {type(taps).__name__}", "is not a Taps", "pass Backbone.taps(x), load_acts(path)"
+                         ".taps or a hand-built Taps({layer: LayerTap(q, k, v, grid, num_prefix)})")
     layers = taps.layers
     if not isinstance(layers, dict) or not layers:
         raise InputError(what, f"hold no layers ({type(layers).__name__} {layers!r:.40})", fix)
@@ -342,6 +345,7 @@ def sweep(taps: Taps, subsets=None, graph: str | GraphSpec = "qk", num_eigs: int
                          "solve the weighted problem with solve(..., layer_weights=)")
     g, s = specs(graph, method, solver, **options)
     num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
+    check_taps(taps)
     chosen = parse_subsets(subsets, sorted(taps.layers))
 
     def each(gs, gl):
@@ -380,6 +384,7 @@ def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *
                         f"{', '.join(sorted(set(graph_options) - set(GRAPH_OPTIONS)))}")
     g, _ = specs(graph, "exact", None, **graph_options)
     num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
+    check_taps(taps)
     nimg = next(iter(taps.layers.values())).q.shape[0]
     if not _is_int(image) or not 0 <= image < nimg:
         raise InputError(f"image {image!r}", f"is not an image index of the taps (0..{nimg - 1})",
@@ -503,11 +508,15 @@ def _check_provenance(result: Result, taps: Taps, g: GraphSpec) -> None:
                          f"{list(taps.timesteps)}", "pass the Result of solve on these taps")
     ours = json.loads(json.dumps(g.reads()))
     if p.graph_options is not None and p.graph_options != ours:
-        diff = [k for k in sorted(ours) if p.graph_options.get(k) != ours[k]]
+        theirs = p.graph_options
+        diff = [k for k in sorted(set(ours) | set(theirs)) if theirs.get(k) != ours.get(k)]
+        settable = [k for k in diff if k in ours]       # what a GraphSpec here can set (not, e.g., rbf edge weights)
+        fix = ("pass " + ", ".join(f"{k}={theirs.get(k)!r}" for k in settable) + " (the result's), or the Result "
+               "of solve with these options") if settable == diff else (
+            "pass the Result of solve on these taps: the result's graphs (" + ", ".join(
+                f"{k} {theirs.get(k)!r}" for k in diff if k not in ours) + ") are not ones this graph builds")
         raise InputError("result", "was solved on other graphs: " + ", ".join(
-            f"{k} {p.graph_options.get(k)!r} there, {ours[k]!r} here" for k in diff),
-            "pass " + ", ".join(f"{k}={p.graph_options.get(k)!r}" for k in diff) + " (the result's), or the "
-            "Result of solve with these options")
+            f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in diff), fix)
 
 
 def _weighted(gs, gl, one, lw: LayerWeights, num_eigs: int, made: _Source | None = None) -> Result:

@@ -260,5 +260,6 @@ def test_dataset_result_records_its_graph_options_and_attribution_compares_them(
     assert rbf.provenance.graph_options["edge_weights"] == "rbf"
     assert rbf.provenance.graph_record["edge_weights"]["kind"] == "rbf"
     assert len(rbf.provenance.graph_record["edge_weights"]["sigma"]) == 2
-    with pytest.raises(InputError, match="other graphs"):
+    with pytest.raises(InputError, match=r"other graphs: edge_weights 'rbf' there, None here — pass the Result of "
+                                          r"solve on these taps: the result's graphs \(edge_weights 'rbf'\) are not"):
         sj.attribution(taps, "knn-qk", result=rbf, k_intra=5, k_inter=5)

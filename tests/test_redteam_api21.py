@@ -243,3 +243,17 @@ def test_load_backbone_checks_its_seed(seed):
     with pytest.raises(InputError, match=r"^seed .*: must be an integer in \[0, 2³²\)") as e:
         sj.load_backbone("dinov2_vits14", "random", seed=seed)
     _one_line(e, "seed")
+
+
+def test_sweep_and_attribution_check_hand_built_taps_as_solve_does():
+    """sweep and attribution take Taps too: the same one-line refusals as solve (a 3-D q, NaN, not a Taps)."""
+    q = np.random.default_rng(0).random((2, 8, 16, 4)).astype(np.float32)
+    flat = Taps({0: LayerTap(q[0], q[0], q[0], (4, 4), 0)})
+    nan = Taps({0: LayerTap(q * np.nan, q, q, (4, 4), 0)})
+    for call in (sj.attribution, lambda t, *a: sj.sweep(t, None, *a)):
+        with pytest.raises(InputError, match=r"taps layer 0: q, k, v have shapes"):
+            call(flat, "qk", 3)
+        with pytest.raises(InputError, match="layer 0 produced NaN or Inf"):
+            call(nan, "qk", 3)
+        with pytest.raises(InputError, match="taps dict: is not a Taps"):
+            call({0: None}, "qk", 3)
