@@ -91,7 +91,7 @@ def _name(key: str) -> str:
     return repr(key if len(key) <= 60 else key[:57] + "...")
 
 
-def _check_headers(path: str, fix: str) -> None:
+def check_npz_headers(path: str, fix: str) -> None:
     """Read each member's .npy header (nothing else) and refuse, before any array is allocated: members that are
     not .npy arrays, object arrays (pickles), and arrays whose declared size is not the member's uncompressed size
     (`ZipInfo.file_size`), or whose uncompressed size the stored bytes cannot hold (stored: ≤ the compressed size;
@@ -192,7 +192,7 @@ def load_acts(path: str) -> Acts:
     """Read and validate an ACTS file; any problem raises `InputError` naming the file and the fix.
 
     Nothing is allocated before every member's .npy header has been checked against the member's size
-    (`_check_headers`); pickles are refused. Then every array is checked against the format in the module
+    (`check_npz_headers`); pickles are refused. Then every array is checked against the format in the module
     docstring: q/k/v float `[B, H, h*w, D]` with B, H, D ≥ 1, finite, |x| ≤ `MAX_ABS`; grid two ints ≥ 1 of the
     image's aspect (`_check_grid`: a transposed grid is refused);
     hidden float `[B, h*w, C]`; model a string; image_size two ints ≥ 1; timesteps ints ≥ 0 `[T]` together with
@@ -203,7 +203,7 @@ def load_acts(path: str) -> Acts:
     fix = "write it with `spectral-jax extract IMAGE --model NAME --out ACTS.npz`"
     with open_regular(path, "ACTS .npz file", fix):     # a folder, FIFO or device is named as such, never read
         pass
-    _check_headers(path, fix)
+    check_npz_headers(path, fix)
     try:
         with np.load(path, allow_pickle=False) as f:
             data = {k: f[k] for k in f.files}

@@ -109,3 +109,32 @@ def test_result_load_reads_both_layouts(rng, tmp_path):
             np.testing.assert_array_equal(back.rq, res.rq)
             np.testing.assert_array_equal(back.history, res.history)
             assert back.convergence.converged == res.convergence.converged
+
+
+def test_result_load_refuses_what_the_contract_does_not_hold(rng, tmp_path):
+    """rq of another K (it was reshaped to [1, 18, 4] silently), NaN eigvecs, and a crafted member whose header
+    claims 40 TB: each one InputError line naming the file, nothing allocated for the crafted one."""
+    import io
+    import zipfile
+
+    from spectral_jax.errors import InputError
+
+    path = solvers.exact.exact(_graph(rng), 3).save(str(tmp_path / "r.npz"))
+    d = dict(np.load(path))
+    cases = {"rq": {**d, "rq": np.ones((4, 5), np.float32)}, "nan": {**d, "eigvecs": d["eigvecs"] * np.nan}}
+    for name, arrays in cases.items():
+        np.savez(tmp_path / f"{name}.npz", **arrays)
+    head = io.BytesIO()
+    np.lib.format.write_array_header_1_0(head, {"descr": "<f4", "fortran_order": False, "shape": (10 ** 13,)})
+    with zipfile.ZipFile(tmp_path / "bomb.npz", "w") as z:
+        for k in ("eigvals", "rq", "summary"):
+            b = io.BytesIO()
+            np.save(b, d[k])
+            z.writestr(k + ".npy", b.getvalue())
+        z.writestr("eigvecs.npy", head.getvalue() + b"\0" * 64)
+    for name, needle in (("rq", r"rq \(4, 5\) is not \[G, K\] or \[B, G, K\] for eigvecs \(1, 3, 6, 6\)"),
+                         ("nan", "eigvecs hold NaN or Inf"), ("bomb", "declares shape .* but holds 64 bytes")):
+        with pytest.raises(InputError, match=needle) as e:
+            Result.load(str(tmp_path / f"{name}.npz"))
+        assert f"{name}.npz" in str(e.value) and "\n" not in str(e.value)
+    assert Result.load(path).rq.shape == (1, 4, 3)                    # the file as written still reads (2 × 2 graphs)

@@ -170,13 +170,13 @@ def _npz_shapes(path: str, expected: str, fix: str) -> dict[str, tuple[int, ...]
     member a .npy array, none of objects, each declaring exactly the bytes it holds, so the read that follows
     allocates no more than the file holds). A FIFO or a device is refused without being read, a .npy file as
     not an .npz."""
-    from spectral_jax.acts import _check_headers
+    from spectral_jax.acts import check_npz_headers
 
     with open_regular(path, ".npz file", fix) as f:
         if f.read(6) == b"\x93NUMPY":
             raise InputError(path, f"is a .npy file, not an .npz archive; expected {expected}", fix)
     with _unreadable(path, ".npz", expected, fix):
-        _check_headers(path, fix)
+        check_npz_headers(path, fix)
         with zipfile.ZipFile(path) as z:
             out = {}
             for info in z.infolist():

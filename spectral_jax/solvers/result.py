@@ -333,12 +333,17 @@ class Result:
         summary as `info`, the convergence keys as `convergence`). Files written before the image axis was always
         kept (eigvals `[K]`, rq `[G, K]`, history `[S]`, provenance/layer_weights `[L]` for one image or a joint
         solve) read the same: an array one axis short is that one solve's, repeated per image. A file without the
-        `provenance/*` members (written before they were) reads with `provenance` None: unknown. Anything that does not hold the contract's arrays is an `InputError` naming
-        the file; pickles are refused."""
+        `provenance/*` members (written before they were) reads with `provenance` None: unknown. Anything that
+        does not hold the contract's arrays — eigvecs a finite `[B, K, h, w]`, eigvals `[K]`/`[B, K]`, rq
+        `[G, K]`/`[B, G, K]` — is an `InputError` naming the file, as is a member whose header claims more than its
+        bytes hold (`acts.check_npz_headers`); pickles are refused."""
         fix = "pass a RESULT.npz written by `spectral-jax solve` or Result.save"
         if not os.path.isfile(path):
             raise InputError(path, "is a folder, not a RESULT .npz file" if os.path.isdir(path) else "no such file",
                              fix)
+        from spectral_jax.acts import check_npz_headers
+
+        check_npz_headers(path, fix)          # each member's header against its bytes, before anything is allocated
         try:
             with np.load(path, allow_pickle=False) as f:
                 data = {k: f[k] for k in f.files}
@@ -347,6 +352,13 @@ class Result:
         missing = [k for k in ("eigvecs", "eigvals", "rq", "summary") if k not in data]
         if missing:
             raise InputError(path, f"lacks {', '.join(missing)} (not a RESULT file)", fix)
+        x, rq = np.asarray(data["eigvecs"]), np.asarray(data["rq"])
+        if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or 0 in x.shape[:2]:
+            raise InputError(path, f"eigvecs must be a floating [B, K, h, w] array, got {x.dtype} {x.shape}", fix)
+        if not np.isfinite(x).all():
+            raise InputError(path, "eigvecs hold NaN or Inf", "solve again (a solver never writes them)")
+        if rq.ndim not in (2, 3) or rq.shape[-1] != x.shape[1] or (rq.ndim == 3 and rq.shape[0] != x.shape[0]):
+            raise InputError(path, f"rq {rq.shape} is not [G, K] or [B, G, K] for eigvecs {x.shape}", fix)
         try:
             summary = json.loads(str(data["summary"].item()))
             x = np.asarray(data["eigvecs"], np.float32)
