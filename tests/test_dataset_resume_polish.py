@@ -263,3 +263,20 @@ def test_dataset_result_records_its_graph_options_and_attribution_compares_them(
     with pytest.raises(InputError, match=r"other graphs: edge_weights 'rbf' there, None here — pass the Result of "
                                           r"solve on these taps: the result's graphs \(edge_weights 'rbf'\) are not"):
         sj.attribution(taps, "knn-qk", result=rbf, k_intra=5, k_inter=5)
+
+
+def test_a_gd_dataset_result_records_its_provenance_too(tmp_path):
+    """gd (no whole-dataset solve) records what its steps used: graph kind, layers, the layer weights of
+    summary.json, graph options and a batch's k_used (it was None: unknown)."""
+    from test_dataset import SMALL
+
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    with pytest.warns(RuntimeWarning, match="not converged"):
+        res = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), mesh=_one_device(), epochs=1,
+                          **{**SMALL, "layer_weights": "1:3,0:1"})
+    p, s = res.provenance, res.summary()
+    assert p.graph == s["graph"] and p.layers == (0, 1)
+    np.testing.assert_allclose(p.layer_weights, [[0.25, 0.75]] * 4)
+    assert {str(l): w for l, w in zip(p.layers, p.layer_weights[0])} == s["layer_weights"]["weights"]
+    assert p.graph_options == {"k_intra": 5, "k_inter": 5, "min_cos": 0.1, "graph_dtype": "float32"}
+    assert p.graph_record["k_used"] == s["k_used"]

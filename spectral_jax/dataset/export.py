@@ -48,7 +48,8 @@ class DatasetResult(Result):
         unweighted); rq `[n, 0, K]` (no graph is measured); objective `[n]` summary["objective"] (the mean over the
         last epoch's batches of Σ_k Σ_l w_l z_kᵀ P_l z_k; NaN before a full epoch); orth_error max |XᵀX − I| of
         eigvecs over all pixels; steps and seconds the run's; method summary["method"] ("dataset-paper" or
-        "dataset-eigen"); history `[n, 0]` (the per-step losses are summary["history"]); provenance None; info {};
+        "dataset-eigen"); history `[n, 0]` (the per-step losses are summary["history"]); provenance as exact's
+        (the layer weights the steps used; "k_used" a batch's graphs'); info {};
         convergence the minibatch loss's stationarity verdict (`summary.gd_convergence`).
 
     Added fields: names `[n]` (file paths relative to the folder, images that were read; unreadable ones are in
@@ -82,13 +83,14 @@ class DatasetResult(Result):
 
     @classmethod
     def from_table(cls, eigvecs: np.ndarray, names: Sequence[str], table: np.ndarray, probs: np.ndarray | None,
-                   summary: dict, out: str = "", *, convergence: Convergence | None = None) -> "DatasetResult":
+                   summary: dict, out: str = "", *, convergence: Convergence | None = None,
+                   provenance: Provenance | None = None) -> "DatasetResult":
         """A result without a solve in memory (a gd run; `load_result`): eigvecs `[n, K, h, w]`; eigvals
         summary["eigvals"] `[K]` repeated per image where the summary has them, else NaN (`summary.GD_EIGVALS`); rq
         `[n, 0, K]`; objective summary["objective"] (NaN where None or absent); orth_error summary["orth_error"],
         else max |XᵀX − I| of eigvecs over all pixels; steps, seconds, method from the summary (0, 0.0,
         "dataset" where absent); convergence the one given, else summary["convergence"] (None where absent);
-        provenance None (unknown); history `[n, 0]`; info {}."""
+        provenance the one given (None: unknown); history `[n, 0]`; info {}."""
         e = np.asarray(eigvecs, np.float32)
         n, k = e.shape[:2]
         vals = summary.get("eigvals")
@@ -104,7 +106,8 @@ class DatasetResult(Result):
         return cls(e, rep(vals), np.zeros((n, 0, k), np.float32), rep(np.nan if obj is None else float(obj)),
                    float(orth), int(summary.get("steps", 0)), float(summary.get("seconds", 0.0)),
                    str(summary.get("solver", summary.get("method", "dataset"))), np.zeros((n, 0), np.float32), {},
-                   n > 1, None, convergence, names=list(names), table=table, probs=probs, record=summary, out=out)
+                   n > 1, provenance, convergence, names=list(names), table=table, probs=probs, record=summary,
+                   out=out)
 
     def select(self, idx) -> "DatasetResult":
         """The images `idx` (`Result.select`), with their names, table rows and probs (segments None)."""

@@ -339,6 +339,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     names = [f for f, g in zip(where.files, ok) if g]
     eigvecs, probs = export.table_arrays(settings.preset, table[ok])
     verdict = summary.gd_convergence(trained.history, per_epoch)
+    weights = step.layer_weights_record(settings, geom)
     t = time.perf_counter()
     res = DatasetResult.from_table(eigvecs, names, table[ok], probs, summary.make(
         settings, geom,
@@ -349,8 +350,8 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         lr=step.learning_rate(settings, geom), names=names, files=where.files,
         skipped=_skipped(where, status, trained.failed, backbone.preprocess, geom.size), ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
-        folder=where.root, convergence=verdict, layer_weights=step.layer_weights_record(settings, geom)), where.out,
-        convergence=verdict)
+        folder=where.root, convergence=verdict, layer_weights=weights), where.out, convergence=verdict,
+        provenance=_provenance(settings, geom, backbone, weights, settings.batch_size, None, len(names)))
     if jax.process_index() == 0:
         _report_skipped(res.summary()["skipped"])
         _warn_unconverged(verdict, per_epoch)
@@ -371,28 +372,29 @@ def _warn_unconverged(verdict, per_epoch: int) -> None:
                   "(--resume continues this run), or use --method exact", RuntimeWarning, stacklevel=4)
 
 
-def _provenance(settings: Settings, geom, backbone, solved):
-    """What the whole-dataset solve was solved on (`solvers.result.Provenance`): the graph kind, the tapped layers,
-    each layer's weight as the solve used it (`solved.layer_weights`, the same row for every image; None where it
-    did not say), the backbone's timesteps and the graph's options: graph_options the ones a `GraphSpec` of the
+def _provenance(settings: Settings, geom, backbone, layer_weights: dict | None, images: int, graph_info: dict | None,
+                num_images: int):
+    """What the dataset's eigenvectors were solved on (`solvers.result.Provenance`): the graph kind, the tapped
+    layers, each layer's weight as the run used it (layer_weights: {"rule", "weights": {layer: w}} — exact's
+    `solved.layer_weights`, gd's `step.layer_weights_record` —, the same row for each of `num_images`; None where
+    it did not say), the backbone's timesteps and the graph's options: graph_options the ones a `GraphSpec` of the
     kind reads (k_intra, k_inter as asked — the default filled in —, min_cos, graph_dtype: the features dtype;
     "edge_weights" too where they are not the cosine), graph_record how the graph was built as summary.json says
-    it ("k_used" per layer group after the caps, "edge_weights", "knn_search": `whole.graph_report`; the defaults
-    a graph cached before that record existed was made with)."""
-    from spectral_jax.dataset.whole import padded_images
+    it ("k_used" per layer group after the caps for graphs of `images` images — the whole dataset's for exact, a
+    batch's for gd —, "edge_weights", "knn_search": graph_info's, `whole.graph_report`; for gd, whose batches are
+    searched exactly, and a graph cached before that record existed: the settings')."""
     from spectral_jax.solvers.result import Provenance
 
     tapped = sorted(l for _, ls in geom.groups for l in ls)
-    used = None if solved.layer_weights is None else solved.layer_weights["weights"]
-    rows = None if used is None else np.tile([[float(used[str(l)]) for l in tapped]],
-                                             (solved.result.num_images, 1))
+    used = None if layer_weights is None else layer_weights["weights"]
+    rows = None if used is None else np.tile([[float(used[str(l)]) for l in tapped]], (num_images, 1))
     k_intra, k_inter = settings.k
     options = {"k_intra": k_intra, "k_inter": k_inter, "min_cos": settings.min_cos,
                "graph_dtype": settings.features_dtype}
     if settings.edge_weights != "cosine":      # not a graph a GraphSpec builds: attribution must not take it for one
         options["edge_weights"] = settings.edge_weights
-    info = solved.graph_info or {}
-    record = {"k_used": geom.k_used(padded_images(geom.num_images, geom.devices)),
+    info = graph_info or {}
+    record = {"k_used": geom.k_used(images),
               "edge_weights": info.get("edge_weights", {"kind": settings.edge_weights}),
               "knn_search": info.get("knn_search", {"asked": settings.search, "used": "exact", "recall_min": 1.0})}
     return Provenance(settings.graph, tapped, rows, tuple(getattr(backbone, "timesteps", ()) or ()), options,
@@ -432,7 +434,11 @@ def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers
         first = next(iter(sorted(solved.failed.items())), None)
         raise inputs.no_images(where.folder, where.files, f"{where.files[first[0]]}: {first[1]}" if first
                                else f"{where.files[0]}: could not be read during the run")
-    res = dataclasses.replace(solved.result, provenance=_provenance(settings, geom, backbone, solved))
+    from spectral_jax.dataset.whole import padded_images
+
+    res = dataclasses.replace(solved.result, provenance=_provenance(
+        settings, geom, backbone, solved.layer_weights, padded_images(geom.num_images, geom.devices),
+        solved.graph_info, solved.result.num_images))
     geom = dataclasses.replace(geom, base=tuple(res.eigvecs.shape[2:]))     # a rule may move it (`whole.solve`)
     names = [f for f, g in zip(where.files, ok) if g]
     skipped = [{"file": where.files[i], "reason": solved.failed.get(i, "could not be read during the run")}
