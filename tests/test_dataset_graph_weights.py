@@ -394,7 +394,7 @@ def test_isolated_tokens_are_recorded_and_a_mostly_empty_graph_is_said(tmp_path,
     assert low["max"] < 0.5 and set(low["fraction"]) == set(want)
     lines = [line for line in err.splitlines() if "no edge" in line]
     assert len(lines) == 1 and f"graph {high['graph']}" in lines[0] and "--min-cos 0.8" in lines[0]
-    with pytest.raises(InputError, match="--min-cos 0.9: leaves no edge in any graph"):     # both layers empty
+    with pytest.raises(InputError, match="--min-cos 0.9: leaves no edge between two tokens in any graph"):     # both layers empty
         dataset.run(folder, str(tmp_path / "none"), backbone=synthetic(), **{**EXACT, "graph": "knn-qk",
                                                                                "min_cos": 0.9})
 

@@ -10,6 +10,7 @@ Synthetic backbone of test_dataset (32×32 inputs → a 4×4 grid)."""
 
 from __future__ import annotations
 
+import os
 import warnings
 
 import numpy as np
@@ -55,7 +56,7 @@ def test_gd_summary_objective_counts_batches_with_images_only(tmp_path):
 @pytest.mark.parametrize("solver", ["gathered", "sharded"])
 def test_a_graph_without_edges_is_refused_and_isolated_tokens_are_reported_on_both_paths(tmp_path, solver):
     folder = make_folder(str(tmp_path / "imgs"), n=8)
-    with pytest.raises(InputError, match=r"--min-cos 0.999: leaves no edge in any graph"):
+    with pytest.raises(InputError, match=r"--min-cos 0.999: leaves no edge between two tokens in any graph"):
         dataset.run(folder, str(tmp_path / "none"), backbone=synthetic(), min_cos=0.999, exact_solver=solver,
                     **EXACT)
     res = dataset.run(folder, str(tmp_path / "some"), backbone=synthetic(), min_cos=0.6, exact_solver=solver,
@@ -63,6 +64,25 @@ def test_a_graph_without_edges_is_refused_and_isolated_tokens_are_reported_on_bo
     iso = res.summary()["isolated"]
     assert set(iso["fraction"]) == {"0", "1"} and iso["min_cos"] == 0.6
     assert 0 <= min(iso["fraction"].values()) and iso["max"] == max(iso["fraction"].values()) <= 1
+
+
+@pytest.mark.parametrize("solver", ["gathered", "sharded"])
+def test_knn_vv_tokens_with_only_their_own_edge_are_isolated_and_such_graphs_refused(tmp_path, solver):
+    """knn-vv keeps each token's edge to itself (cosine 1, above any --min-cos): it made every token count as
+    connected, so a --min-cos that left nothing else ran (all eigenvalues 1, arbitrary eigenvectors) with no word.
+    Now the own edge does not count: refused on both paths; at a mid --min-cos the isolated share is > 0."""
+    folder = make_folder(str(tmp_path / "imgs"), n=8)
+    vv = {**EXACT, "graph": "knn-vv"}
+    none = str(tmp_path / "none")
+    with pytest.raises(InputError, match=r"--min-cos 0.9999: leaves no edge between two tokens in any graph .* "
+                                         r"run again with --resume: the features are kept"):
+        dataset.run(folder, none, backbone=synthetic(), min_cos=0.9999, exact_solver=solver, **vv)
+    ck = os.path.join(none, "checkpoints")                        # the features kept, no graph cached
+    assert os.path.isdir(os.path.join(ck, "features"))
+    assert not os.path.exists(os.path.join(ck, "graph.npz")) and not os.path.exists(os.path.join(ck, "graph-rows"))
+    res = dataset.run(folder, none, backbone=synthetic(), min_cos=0.9, exact_solver=solver, resume=True, **vv)
+    iso = res.summary()["isolated"]
+    assert res.summary()["cached"] == ["features"] and 0 < iso["max"] <= 1, iso
 
 
 def test_the_two_paths_count_the_same_isolated_tokens(tmp_path):

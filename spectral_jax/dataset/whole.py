@@ -893,15 +893,19 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         t = time.perf_counter()
         gs, info = make_graphs(st, settings, geom, mesh, n, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n})
         del st
+        say_search(info)
+        # refused before it is cached (the search's parts removed): a --resume with another --min-cos reuses the
+        # features
+        edges, lone = _checked(gs, geom, valid, settings.min_cos,
+                               (lambda: store.remove_parts(ckdir)) if jax.process_index() == 0 else None)
         if jax.process_index() == 0:
             os.makedirs(ckdir, exist_ok=True)
             save_graphs(gpath, gs, gkey, valid, failed, info)
             store.remove_parts(ckdir)
         timings["graph"] = time.perf_counter() - t
-        say_search(info)
-    edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
-    info = {**info, "isolated": isolated(gs, geom, valid, settings.min_cos)}
-    check_edges(edges, info["isolated"])
+    if d is not None:
+        edges, lone = _checked(gs, geom, valid, settings.min_cos)
+    info = {**info, "isolated": lone}
     t = time.perf_counter()
     weights, chosen = layer_weights(gs, geom, weights, settings)
     from spectral_jax.layer_weights import base_grid
@@ -917,9 +921,11 @@ ISOLATED_WARN = 0.5     # `say_isolated`: a graph with more of the read tokens t
 
 
 def isolated(gs: list, geom: Geometry, valid: np.ndarray, min_cos: float) -> dict:
-    """JSON-ready record of the tokens without any edge (degree 0: every neighbour's cosine at or below min_cos,
-    so their rows of P are zero and their graph adds nothing for them): fraction {graph: f} over the read images'
-    tokens, per layer ("layer/t" keys with timesteps), the largest, and the graph it is in. gs: the groups' graphs,
+    """JSON-ready record of the tokens without an edge to another token (every neighbour's cosine at or below
+    min_cos: their rows of P are zero, or only their edge to themselves — which knn-vv keeps, at cosine 1 — so their
+    graph adds nothing for them): fraction {graph: f} over the read images' tokens, per layer ("layer/t" keys with
+    timesteps), the largest, and the graph it is in. A token counts as isolated where its degree less its own
+    edge's weight is at most `_LONE` of its degree (`_lone`). gs: the groups' graphs,
     `KnnGraph`s (deg `[L_g·T, N]`) or the sharded path's `ShardedKnn`s (deg `[L_g, N']` sharded by rows, N' ≥ N
     padded: counted where it lies, a global sum; every process must call it then); valid `[n]` the images read.
     Does not look at why (an untrained model's cosines centred on 0, a too-high --min-cos, a layer whose tokens are
@@ -930,32 +936,67 @@ def isolated(gs: list, geom: Geometry, valid: np.ndarray, min_cos: float) -> dic
         read = max(int(np.asarray(valid, bool).sum()) * per, 1)
         if isinstance(g, G.KnnGraph):
             rows = np.repeat(np.asarray(valid, bool), per)
-            deg = np.asarray(g.deg).reshape(-1, rows.size)
-            parts.append((deg[:, rows] <= 0).sum(1) / read)
+            n, k = rows.size, g.idx.shape[-1]
+            lone = np.asarray(_lone(g.deg.reshape(-1, n), g.idx.reshape(-1, n, k), g.w.reshape(-1, n, k)))
+            parts.append(lone[:, rows].sum(1) / read)
         else:
             ok = jax.device_put(np.asarray(valid, bool), NamedSharding(g.mesh, P()))
-            parts.append(np.asarray(gather(_no_edge(g.deg, ok, per)), np.float64) / read)
+            parts.append(np.asarray(gather(_no_edge(g.deg, g.idx, g.w, ok, per)), np.float64) / read)
     frac = _per_graph(geom, parts)
     worst = max(frac, key=frac.get) if frac else None
     return {"fraction": frac, "max": frac[worst] if worst else 0.0, "graph": worst, "min_cos": min_cos}
 
 
-@functools.partial(jax.jit, static_argnums=(2,))
-def _no_edge(deg, valid, per: int):
-    """Tokens of read images without an edge per graph `[L]` int32 of deg `[L, N']` (rows ≥ len(valid)·per, the
-    padding, left out; sharded: a global sum), valid `[n]` the images read."""
+_LONE = 1e-6     # `_lone`: a degree this close (relative) to the token's own edge's weight is that edge alone
+
+
+@jax.jit
+def _lone(deg, idx, w):
+    """Tokens without an edge to another token `[L, N]` bool, of deg `[L, N]` (S's row sums, S = ½(A + Aᵀ)) and the
+    stored idx, w `[L, N, k]`: S_ii = A_ii, so deg − A_ii is what the token's edges to others add (exactly 0 in
+    float32 where its own edge is its only one: ½(a + a) = a); at most `_LONE` of deg counts as none. Elementwise
+    over rows, so a sharded graph stays sharded (no scatter)."""
+    own = jnp.sum(jnp.where(idx == jnp.arange(idx.shape[1], dtype=idx.dtype)[None, :, None], w, 0.0), axis=-1)
+    return deg - own <= _LONE * jnp.abs(deg)
+
+
+@functools.partial(jax.jit, static_argnums=(4,))
+def _no_edge(deg, idx, w, valid, per: int):
+    """Tokens of read images without an edge to another token per graph `[L]` int32 (`_lone`) of deg `[L, N']`,
+    idx, w `[L, N', k]` (rows ≥ len(valid)·per, the padding, left out; sharded: a global sum), valid `[n]` the
+    images read."""
     row = jnp.arange(deg.shape[1]) // per
     ok = (row < valid.shape[0]) & valid[jnp.minimum(row, valid.shape[0] - 1)]
-    return jnp.sum((deg <= 0) & ok[None, :], axis=1, dtype=jnp.int32)
+    return jnp.sum(_lone(deg, idx, w) & ok[None, :], axis=1, dtype=jnp.int32)
+
+
+def _checked(gs: list, geom: Geometry, valid: np.ndarray, min_cos: float, drop=None) -> tuple[int, dict]:
+    """(the stored edges, `isolated`'s record) of the graphs just made or read — `KnnGraph`s or the sharded path's
+    `ShardedKnn`s (every process must call it then) —, refused by `check_edges` where they hold no edge between two
+    tokens (before they are cached; drop() first, if given: what the search kept of them goes)."""
+    if gs and isinstance(gs[0], G.KnnGraph):
+        edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
+    else:
+        edges = int(sum(int(e) for g in gs for e in np.asarray(gather(_edges(g.w)))))
+    rec = isolated(gs, geom, valid, min_cos)
+    try:
+        check_edges(edges, rec)
+    except InputError:
+        if drop:
+            drop()
+        raise
+    return edges, rec
 
 
 def check_edges(edges: int, rec: dict) -> None:
-    """The graphs' stored edges, before the solve: none at all is an `InputError` (every eigenvalue would be 0 and
-    the segments noise; every kept cosine was at or below --min-cos); else `say_isolated`'s warning."""
-    if edges == 0:
-        raise InputError(f"--min-cos {rec['min_cos']}", "leaves no edge in any graph (every neighbour's cosine is at "
-                         "or below it)", "lower --min-cos (-1 keeps every neighbour found) and run into another "
-                         "--out")
+    """The graphs' stored edges, before the solve: none at all, or none but tokens' edges to themselves (every read
+    token isolated in every graph, `isolated`: knn-vv keeps a token's own edge at cosine 1), is an `InputError`
+    (every eigenvalue would be 0 — or 1 — and the segments noise; every other kept cosine was at or below
+    --min-cos); else `say_isolated`'s warning."""
+    if edges == 0 or (rec["fraction"] and min(rec["fraction"].values()) >= 1.0):
+        raise InputError(f"--min-cos {rec['min_cos']}", "leaves no edge between two tokens in any graph (every "
+                         "neighbour's cosine is at or below it)", "lower --min-cos (-1 keeps every neighbour found) "
+                         "and run again with --resume: the features are kept in OUT/checkpoints, the graph is not")
     say_isolated(rec)
 
 
@@ -1324,6 +1365,8 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
         del st
         info = graph_report(settings, geom, infos)
         say_search(info)
+        edges, lone = _checked(sgs, geom, host_valid, settings.min_cos,      # refused before the rows are cached
+                               ckdir and (lambda: store.release_parts(ckdir, jax.process_index(), procs)))
         if ckdir is not None:
             arrays = {"key": np.array(json.dumps(rkey, sort_keys=True)), "valid": np.asarray(host_valid),
                       "failed": _failed_json(failed), "info": np.array(json.dumps(info, sort_keys=True,
@@ -1336,9 +1379,9 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
         store.release_parts(ckdir, jax.process_index(), procs)     # process 0 drops those of other layouts
     jax.block_until_ready([g.deg for g in sgs])
     timings["graph"] = time.perf_counter() - t
-    edges = int(sum(int(e) for g in sgs for e in np.asarray(gather(_edges(g.w)))))
-    info = {**(info or {}), "isolated": isolated(sgs, geom, host_valid, settings.min_cos)}
-    check_edges(edges, info["isolated"])
+    if rows is not None:
+        edges, lone = _checked(sgs, geom, host_valid, settings.min_cos)
+    info = {**(info or {}), "isolated": lone}
     t = time.perf_counter()
     kw = dict(tol=settings.tol, maxiter=settings.maxiter, seed=settings.seed)
     spectra = lambda gs, group_layers, k, layers: D.layer_spectra(gs, group_layers, k, **kw)   # all layers, sorted
