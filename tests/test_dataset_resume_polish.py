@@ -280,3 +280,18 @@ def test_a_gd_dataset_result_records_its_provenance_too(tmp_path):
     assert {str(l): w for l, w in zip(p.layers, p.layer_weights[0])} == s["layer_weights"]["weights"]
     assert p.graph_options == {"k_intra": 5, "k_inter": 5, "min_cos": 0.1, "graph_dtype": "float32"}
     assert p.graph_record["k_used"] == s["k_used"]
+
+
+@pytest.mark.parametrize("solver", ["gathered", "sharded"])
+def test_a_resume_reading_the_graph_cache_says_so(tmp_path, capsys, solver):
+    """The README's "it says how many images were cached, on stderr": a resume whose graph comes from its cache
+    said nothing (only a features read was announced)."""
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    out = str(tmp_path / "out")
+    kw = dict(backbone=synthetic(), mesh=_one_device(), exact_solver=solver, **{**EXACT, "num_eigs": 3})
+    dataset.run(folder, out, **kw)
+    capsys.readouterr()
+    again = dataset.run(folder, out, resume=True, **{**kw, "num_eigs": 4})
+    assert again.summary()["cached"] == ["graph"] and again.summary()["images_cached"] == 4
+    cache = os.path.join(out, "checkpoints", "graph.npz" if solver == "gathered" else whole.GRAPH_ROWS)
+    assert f"4 of 4 images' graph read from {cache} (cached: no forward, no search)" in capsys.readouterr().err

@@ -58,8 +58,9 @@ def register(sub) -> None:
     _common(p)
     p.add_argument("--layer-weights", default=None, metavar="W",
                    help="weight of each tapped layer's graphs: comma-separated numbers (one per tapped layer, in "
-                        "the order of --layers) or a rule: uniform, geometric (w ∝ 2^layer), eigengap, select (the last "
-                        "two read from the graphs) (default: every graph equal)")
+                        "the order of --layers), L:W pairs (a layer not named weighs 0) or a rule: uniform, geometric "
+                        "(w ∝ 2^layer), eigengap, select (the last two read from the graphs) (default: every graph "
+                        "equal)")
     p.add_argument("--attribution", action="store_true",
                    help="also write attribution.png and attribution.json per image: each layer's and head's "
                         "Rayleigh quotients, each layer's own spectrum and its agreement with the joint subspace")

@@ -867,6 +867,7 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
     rows = _cached_rows(ckdir, {**gkey, "nodes": n}, geom) if path == "sharded" else None
     if rows is not None:                  # the sharded path's graph cache: neither features nor search
         cached.append("graph")
+        _say_graph_cached(len(files), os.path.join(ckdir, GRAPH_ROWS))
         return solve_sharded(None, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n}, rows)
     if d is not None:
         cached.append("graph")
@@ -875,6 +876,7 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         gs = graphs_from(d, geom, n)
         valid, failed = d["valid"], d["failed"]
         images_cached = len(files)
+        _say_graph_cached(images_cached, gpath)
         info = json.loads(str(d["info"]))
     else:
         t = time.perf_counter()
@@ -915,6 +917,14 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
                 seed=settings.seed)
     timings["solve"] = time.perf_counter() - t
     return Solved(res, valid, failed, timings, cached, edges, chosen, images_cached, path, info)
+
+
+def _say_graph_cached(images: int, path: str) -> None:
+    """The stderr line of a run whose graph is read from its cache (process 0): as many images as the run has,
+    neither read nor searched again (`stream_features` says it where features are read from the store)."""
+    if jax.process_index() == 0:
+        _say(f"spectral-jax dataset: {images} of {images} images' graph read from {path} (cached: no forward, no "
+             "search)")
 
 
 ISOLATED_WARN = 0.5     # `say_isolated`: a graph with more of the read tokens than this without an edge
