@@ -295,3 +295,22 @@ def test_a_resume_reading_the_graph_cache_says_so(tmp_path, capsys, solver):
     assert again.summary()["cached"] == ["graph"] and again.summary()["images_cached"] == 4
     cache = os.path.join(out, "checkpoints", "graph.npz" if solver == "gathered" else whole.GRAPH_ROWS)
     assert f"4 of 4 images' graph read from {cache} (cached: no forward, no search)" in capsys.readouterr().err
+
+
+def test_a_run_removes_the_export_temporaries_a_killed_run_left(tmp_path):
+    """A run killed while it exported (kill -9) leaves OUT/.tmp-XXXXXXXX.png/.npz/.json; the next run into OUT
+    (holding its lock) removes them and nothing else."""
+    import tempfile
+
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    out = str(tmp_path / "out")
+    kw = dict(backbone=synthetic(), mesh=_one_device(), **{**EXACT, "num_eigs": 3})
+    dataset.run(folder, out, **kw)
+    stale = [os.path.basename(tempfile.mkstemp(dir=out, prefix=".tmp-", suffix=s)[1]) for s in (".png", ".npz",
+                                                                                                ".json")]
+    keep = [".tmp-notours", "mine.png", ".tmp-abcdefgh.txt"]
+    for name in keep:
+        open(os.path.join(out, name), "w").close()
+    dataset.run(folder, out, resume=True, **{**kw, "num_eigs": 4})
+    left = set(os.listdir(out))
+    assert not set(stale) & left and set(keep) <= left
