@@ -314,3 +314,22 @@ def test_a_run_removes_the_export_temporaries_a_killed_run_left(tmp_path):
     dataset.run(folder, out, resume=True, **{**kw, "num_eigs": 4})
     left = set(os.listdir(out))
     assert not set(stale) & left and set(keep) <= left
+
+
+@pytest.mark.parametrize("method", ["exact", "gd"])
+def test_load_result_reads_the_provenance_back(tmp_path, method):
+    """summary.json holds the run's provenance ("provenance"; the weights are its "layer_weights"): `load_result`
+    gives the same `Provenance` as the run's own result (it gave None)."""
+    from test_dataset import SMALL
+
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    out = str(tmp_path / "out")
+    kw = dict(backbone=synthetic(), mesh=_one_device())
+    if method == "exact":
+        res = dataset.run(folder, out, **kw, **{**EXACT, "num_eigs": 3, "layer_weights": "1:3,0:1"})
+    else:
+        with pytest.warns(RuntimeWarning, match="not converged"):
+            res = dataset.run(folder, out, **kw, epochs=1, **{**SMALL, "layer_weights": "1:3,0:1"})
+    back = dataset.load_result(out).provenance
+    assert back is not None and back.same_source(res.provenance)
+    np.testing.assert_allclose(back.layer_weights, res.provenance.layer_weights, rtol=1e-6)

@@ -23,7 +23,7 @@ import numpy as np
 from spectral_jax import viz
 from spectral_jax.errors import InputError
 from spectral_jax.files import OutputFile, save_npz
-# Provenance: named here so that the annotations of the inherited `Result.__init__` resolve (pdoc)
+# Provenance: used by `load_result`, and named here so that the annotations of the inherited `Result.__init__` resolve
 from spectral_jax.solvers.result import Convergence, Provenance, Result  # noqa: F401
 
 
@@ -134,7 +134,8 @@ def load_result(out: str) -> DatasetResult:
     """Read a finished run's OUT/eigvecs.npz, OUT/summary.json and OUT/segments.npz back into a `DatasetResult`
     (`DatasetResult.from_table`: eigvals, objective, orth_error, steps, convergence from the summary — eigvals
     where the run wrote them, exact runs, else NaN; rq from eigvecs.npz where saved, else `[n, 0, K]`; seconds the
-    run's total; method the solver's (exact) or the summary's; provenance None; info {})."""
+    run's total; method the solver's (exact) or the summary's; provenance summary["provenance"] with the
+    summary's "layer_weights" — None for a run exported before the summary held it —; info {})."""
     path = os.path.join(out, "eigvecs.npz")
     if not os.path.isfile(path):
         raise InputError(out, "holds no eigvecs.npz", "run `spectral-jax dataset FOLDER ... --out DIR` first, or "
@@ -156,8 +157,14 @@ def load_result(out: str) -> DatasetResult:
 
         with np.load(os.path.join(out, "segments.npz"), allow_pickle=False) as f:
             seg = Segments.from_arrays({k: f[k] for k in f.files})
+    prov = summary.get("provenance")
+    if prov is not None:
+        weights = (summary.get("layer_weights") or {}).get("weights")
+        rows = None if weights is None else np.tile([[float(weights[str(l)]) for l in prov["layers"]]],
+                                                    (len(d["names"]), 1))
+        prov = Provenance.from_dict(prov, rows)
     res = DatasetResult.from_table(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary,
-                                   out)
+                                   out, provenance=prov)
     rq = {} if "rq" not in d else {"rq": np.broadcast_to(d["rq"], (res.num_images, *d["rq"].shape))}
     return dataclasses.replace(res, segments=seg, **rq)
 
@@ -230,6 +237,8 @@ def write(res: DatasetResult, root: str, figure_images: int) -> DatasetResult:
                     "the solve is kept in OUT: rerun with --resume and ")
         res = dataclasses.replace(res, segments=segments(res, asked, res.summary().get("seed", 0)))
         res.summary()["segments"] = res.segments.report()
+        if res.provenance is not None:          # what `load_result` reads back (the layer weights: "layer_weights")
+            res.summary()["provenance"] = res.provenance.as_dict()
         if figures:
             m = min(figure_images, len(res.names))
             _png(out["eigvecs.png"], viz.dataset_figure(res.eigvecs[:m], thumbnails(root, res.names[:m], 48),

@@ -84,6 +84,12 @@ class Provenance:
                 "graph_options": self.graph_options,
                 **({} if self.graph_record is None else {"graph_record": self.graph_record})}
 
+    @classmethod
+    def from_dict(cls, d: dict, layer_weights=None) -> "Provenance":
+        """`as_dict`'s record back, with layer_weights `[B, L]` (or None) beside it."""
+        return cls(d["graph"], d["layers"], layer_weights, d.get("timesteps", ()), d.get("graph_options"),
+                   d.get("graph_record"))
+
 
 @dataclasses.dataclass(frozen=True)
 class Convergence:
