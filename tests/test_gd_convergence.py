@@ -172,7 +172,8 @@ def test_dataset_gd_summary_and_cli_report_the_verdict(tmp_path, monkeypatch, ca
     assert back.convergence.as_dict() == c and back.convergence.max_residual is None
     # a gd run's Result fields as documented (`DatasetResult`): no whole-dataset eigenvalues, the minibatch objective
     assert isinstance(back, sj.Result) and back.eigvals.shape == (8, 4) and np.isnan(back.eigvals).all()
-    assert back.rq.shape == (8, 0, 4) and back.history.shape == (8, 0) and back.joint and back.provenance is None
+    assert back.rq.shape == (8, 0, 4) and back.history.shape == (8, 0) and back.joint
+    assert back.provenance.graph == "knn-vv" and back.provenance.layers == (0, 1)    # summary.json's, read back
     assert (back.objective == s["objective"]).all() and back.steps == 6 and back.method == "dataset-paper"
     assert s["eigvals_kind"] == summary.GD_EIGVALS and "eigvals" not in s
 
