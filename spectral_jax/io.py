@@ -260,17 +260,12 @@ def preprocess(img: np.ndarray, size: Size, patch: int, mean, std, resample: str
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
-def upscale(hw: tuple[int, int], out: tuple[int, int]) -> float:
-    """How many times resizing (H, W) = `hw` to `out` enlarges it: the larger of H'/H and W'/W (< 1: it shrinks)."""
-    return max(out[0] / hw[0], out[1] / hw[1])
-
-
 def _warn_upscale(hw: tuple[int, int], out: tuple[int, int], patch: int, name: str | None) -> None:
     """The `UpscaleWarning` of `preprocess`, if resizing (H, W) = `hw` to `out` calls for one: once a process for a
     named image (a dataset reads each file once an epoch), for the first `UPSCALE_NAMED` names; then one line for
     the rest. (Python's own once-per-message rule cannot be relied on: `load_image` changes the warning filters,
     which clears what Python remembers.) An image with no name is warned about every time."""
-    factor = upscale(hw, out)
+    factor = max(out[0] / hw[0], out[1] / hw[1])     # how many times a side is enlarged (< 1: it shrinks)
     tiny = min(hw) < patch
     if factor <= UPSCALE_WARN and not tiny:
         return

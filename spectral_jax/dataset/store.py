@@ -199,6 +199,16 @@ def remove_parts(ckdir: str) -> None:
     shutil.rmtree(os.path.join(ckdir, PARTS), ignore_errors=True)
 
 
+def sharded_part(g: int, layer: int, process: int, processes: int) -> str:
+    """The part name of process `process` of `processes` for layer `layer` of group g's sharded search (what
+    `release_parts` reads the layout back from: the "-p{process}-of-{processes}" ending)."""
+    return f"g{g}-l{layer}{_layout(process, processes)}"
+
+
+def _layout(process: int, processes: int) -> str:
+    return f"-p{process}-of-{processes}"
+
+
 def release_parts(ckdir: str, process: int, processes: int) -> None:
     """Tidy the parts folder once process `process` of a run of `processes` processes keeps its rows of the graph
     whole (the sharded path's graph-rows): remove its own parts (`…-p{process}-of-{processes}`) and its unfinished
@@ -210,7 +220,7 @@ def release_parts(ckdir: str, process: int, processes: int) -> None:
     root = os.path.join(ckdir, PARTS)
     if not os.path.isdir(root):
         return
-    mine = f"-p{process}-of-{processes}"
+    mine = _layout(process, processes)
     for d in os.listdir(root):
         if d.startswith(".tmp-p"):
             q = d[len(".tmp-p"):].split("-", 1)[0]
@@ -362,5 +372,5 @@ class FeatureStore:
 
 
 __all__ = ["FOLDER", "FeatureStore", "Shard", "finished", "finite", "folder", "load_all", "plan", "read_part",
-           "read_shard", "release_parts", "remove_parts", "remove_unfinished", "span", "write_part", "shard_name",
-           "write_shard"]
+           "read_shard", "release_parts", "remove_parts", "remove_unfinished", "shard_name", "sharded_part", "span",
+           "write_part", "write_shard"]

@@ -1205,7 +1205,7 @@ def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
 
 def _sharded_part(g: int, layer: int) -> str:
     """The name of this process's part of layer `layer` of group g's sharded search (`store.write_part`)."""
-    return f"g{g}-l{layer}-p{jax.process_index()}-of-{jax.process_count()}"
+    return store.sharded_part(g, layer, jax.process_index(), jax.process_count())
 
 
 def _sharded_parts(ckdir: str | None, key: dict | None, settings: Settings, geom: Geometry, n: int,
