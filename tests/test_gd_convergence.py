@@ -6,12 +6,14 @@ import json
 import warnings
 
 import numpy as np
+import optax
 import pytest
 from sjtest import planted_qk
 
 import spectral_jax as sj
 from spectral_jax import graphs, solvers
 from spectral_jax.cli import main
+from spectral_jax.errors import InputError
 from spectral_jax.dataset import summary
 from spectral_jax.objective import dense_operators, normalised_weights
 from spectral_jax.solvers import gd as gd_mod
@@ -94,6 +96,35 @@ def test_paper_stationarity_both_ways(rng):
     with pytest.warns(RuntimeWarning, match="gd-paper: not converged after 100 steps: the loss never moved"):
         still = solvers.gd.gd(g, 4, preset="paper", steps=100, lr=1e-12).convergence
     assert still.converged is False and still.stationarity is None
+
+
+def test_paper_saturated_softmax_is_a_stuck_point_not_convergence(rng):
+    """A huge lr throws the logits apart in a step or two: every node's softmax one-hot to float32, no gradient,
+    and a loss that then stands still (stationarity 0) where it landed — not converged, and `kind` says why."""
+    g = graphs.attention(*_planted(rng), GRID)
+    with pytest.warns(RuntimeWarning, match=r"gd-paper: not converged after 100 steps: the softmax maps saturated "
+                                            r"\(100.0% of the nodes.*lower lr"):
+        stuck = solvers.gd.gd(g, 4, preset="paper", steps=100, lr=1e6).convergence
+    assert stuck.converged is False and stuck.stationarity <= STATIONARITY_TOL and "saturated" in stuck.kind
+    assert gd_mod.saturation(np.eye(4, dtype=np.float32)[:, :, None, None].repeat(3, 2)) == 1.0
+    maps = np.full((1, 4, 2, 2), 0.25, np.float32)
+    assert gd_mod.saturation(maps) == 0.0                     # a settled run at the preset's lr: none one-hot
+    ran = _no_warning(lambda: solvers.gd.gd(g, 4, preset="paper", steps=400, lr=0.1))
+    assert ran.convergence.converged is True and ran.convergence.kind is None
+
+
+@pytest.mark.parametrize("preset,fields,what", [("paper", {"param": "conv", "lr": 1.0}, "loss"),
+                                                ("eigen", {"lr": 1e30}, "objective")])
+def test_a_diverged_run_is_one_input_error_naming_lr(rng, preset, fields, what):
+    """A learning rate that takes the run out of float32 (NaN maps): one line naming the step and the fix, not
+    LAPACK's 'Eigenvalues did not converge' from the Rayleigh–Ritz step."""
+    g = graphs.attention(*_planted(rng), GRID)
+    with pytest.raises(InputError, match=rf"gd-{preset}: diverged: the {what} left float32 \(NaN or Inf\) at step "
+                                         r"\d+ of 50 at lr 1e?\+?\d* — lower lr \(the preset's default here is "):
+        solvers.gd.gd(g, 4, preset=preset, steps=50, **fields)
+    with pytest.raises(InputError, match="lower your optimizer's step size"):
+        own = {name: v for name, v in fields.items() if name != "lr"}
+        solvers.gd.gd(g, 4, preset=preset, steps=50, optimizer=optax.adam(fields["lr"]), **own)
 
 
 def _taps(rng, batch=2):

@@ -18,8 +18,11 @@ change of the per-step history (objective or loss) between the last two windows 
 steps (`stationarity`; None below 2 steps). What converged means depends on the preset:
     eigen   max_residual ≤ tol (default `EIGEN_TOL`): the Ritz pairs are eigenpairs to that backward error.
     paper   stationarity ≤ tol (default `STATIONARITY_TOL`): the paper loss's fixed point is not an eigenbasis (its
-            softmax maps are non-negative), so residuals do not go to 0; its own objective has stopped moving.
-A run that has not converged warns (RuntimeWarning) and says what to change. The check reads the history the loop
+            softmax maps are non-negative), so residuals do not go to 0; its own objective has stopped moving —
+            unless the softmax saturated (`saturation` > `SATURATED`: a huge lr threw the logits apart and no
+            gradient flows), a stuck point, not converged (`kind` says so).
+A run that has not converged warns (RuntimeWarning) and says what to change. A run that left float32 (NaN or Inf:
+lr far too large) is one `InputError` naming the step and the fix; there is nothing to report from it. The check reads the history the loop
 returns anyway: no host round-trip is added inside the compiled loop.
 
 Graphs that do not change between steps are small enough, by default, to build once (`materialize`): the eigen
@@ -58,6 +61,7 @@ import optax
 import scipy.linalg
 from flax import nnx
 
+from spectral_jax.errors import InputError
 from spectral_jax.options import PRESETS, GdSpec, solver_spec  # noqa: F401  (PRESETS: read as solvers.gd.PRESETS)
 from spectral_jax.graphs import DenseGraph, Graph
 from spectral_jax.objective import (from_nodes, linear_operators, normalised_weights, paper_loss, rayleigh,
@@ -338,7 +342,9 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
     history = np.concatenate([np.asarray(h) for h in jax.block_until_ready(hist)])
     if bar is not None:
         bar.close()
-    vals, vecs, res = _ritz(work, work_w, base, nimg, _maps(cfg, carry.params))
+    maps = _maps(cfg, carry.params)
+    _check_diverged(preset, history, maps, None if s.optimizer else (lr, default_lr(preset, m0)))
+    vals, vecs, res = _ritz(work, work_w, base, nimg, maps)
     seconds = time.perf_counter() - t0
     same = all(tuple(g.grid) == base for g in graphs)
     return finish(graphs, ws, vecs, vals, nimg, base, steps=steps, seconds=seconds, method=f"gd-{preset}",
@@ -347,7 +353,34 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
                         "lam": cfg.lam if preset == "paper" else None,
                         "history_kind": "objective" if preset == "eigen" else "loss", "sample": sample,
                         "materialized": work is not graphs},
-                  convergence=convergence(preset, history, res, steps, s.tol))
+                  convergence=convergence(preset, history, res, steps, s.tol,
+                                          saturation(maps) if preset == "paper" else None))
+
+
+def _check_diverged(preset: str, history: np.ndarray, maps: jax.Array, lrs: tuple[float, float] | None) -> None:
+    """One `InputError` when the run left float32 (a NaN or Inf loss, or maps `[B, K, H0, W0]`): the learning rate
+    too large for the problem. lrs: (the run's lr, the preset's default), None with the caller's own optimizer. Nothing is left to report from such a run: its
+    maps hold no eigenvectors, and the Rayleigh–Ritz step would fail inside LAPACK."""
+    bad = np.flatnonzero(~np.isfinite(history))
+    if bad.size == 0 and bool(jnp.all(jnp.isfinite(maps))):
+        return
+    when = f"at step {bad[0] + 1} of {history.size}" if bad.size else f"after its last step ({history.size})"
+    what = "loss" if preset == "paper" else "objective"
+    at, fix = ((f" at lr {lrs[0]:g}", f"lower lr (the preset's default here is {lrs[1]:.2g})") if lrs else
+               ("", "lower your optimizer's step size"))
+    raise InputError(f"gd-{preset}", f"diverged: the {what} left float32 (NaN or Inf) {when}{at}",
+                     f"{fix}, or use method='exact'")
+
+
+SATURATED = 0.5   # the share of one-hot nodes (`saturation`) above which a paper run is stuck, not settled
+
+
+def saturation(maps: jax.Array) -> float:
+    """The share of nodes whose softmax over K (maps `[B, K, H0, W0]`, the paper preset's X) is one-hot to float32
+    rounding — its largest entry exactly 1, so the softmax passes no gradient there. ≈ 0 at the preset's learning
+    rates (a logit moves about lr per Adam step, and one-hot needs gaps ≳ 17); ≈ 1 where a huge lr threw the
+    logits apart in a step or two and the loss then stood still at whatever point that was."""
+    return float(jnp.mean(jnp.max(maps, axis=1) == 1.0))
 
 
 def stationarity(values, window: int, start: float | None = None) -> float | None:
@@ -395,9 +428,11 @@ def stationarity_verdict(values, window: int, tol: float = STATIONARITY_TOL, sta
                        kind)
 
 
-def convergence(preset: str, history, res, steps: int, tol: float | None = None) -> Convergence:
+def convergence(preset: str, history, res, steps: int, tol: float | None = None,
+                saturated: float | None = None) -> Convergence:
     """The verdict of a gd run (module docstring): history `[S]` per step, res `[K]` the Ritz pairs' relative
-    residuals; warns (RuntimeWarning, one line with the fix) when not converged."""
+    residuals, saturated the paper maps' `saturation` (above `SATURATED` a still loss is a stuck point: not
+    converged, and `kind` says so); warns (RuntimeWarning, one line with the fix) when not converged."""
     tol = float((EIGEN_TOL if preset == "eigen" else STATIONARITY_TOL) if tol is None else tol)
     res = np.asarray(res, np.float64)
     window = max(1, int(round(STATIONARITY_WINDOW * steps)))
@@ -412,9 +447,15 @@ def convergence(preset: str, history, res, steps: int, tol: float | None = None)
                f"{steps} step(s) are too few to tell whether the loss has settled" if np.size(history) < 2 * window
                else f"the loss never moved from its start (within float32 rounding over {steps} steps: lr too "
                "small to change it)")
+    fix = "raise steps (or tune lr)"
+    if preset == "paper" and saturated is not None and saturated > SATURATED:
+        why = (f"the softmax maps saturated ({saturated:.1%} of the nodes one-hot to float32 rounding, where no "
+               "gradient flows): the loss stopped at a stuck point, not a fixed point")
+        fix = "lower lr"
+        verdict = dataclasses.replace(verdict, converged=False, kind=why)
     if not verdict.converged:
-        warnings.warn(f"gd-{preset}: not converged after {steps} steps: {why}; raise steps (or tune lr), or use "
-                      "method='exact'", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"gd-{preset}: not converged after {steps} steps: {why}; {fix}, or use method='exact'",
+                      RuntimeWarning, stacklevel=3)
     return dataclasses.replace(verdict, iterations=steps)
 
 
