@@ -125,6 +125,10 @@ def test_a_diverged_run_is_one_input_error_naming_lr(rng, preset, fields, what):
     with pytest.raises(InputError, match="lower your optimizer's step size"):
         own = {name: v for name, v in fields.items() if name != "lr"}
         solvers.gd.gd(g, 4, preset=preset, steps=50, optimizer=optax.adam(fields["lr"]), **own)
+    q, k = _planted(rng)
+    q[0, 0, 0, 5] = np.nan                  # NaN graphs: the loss at the start is NaN — the graphs named, not lr
+    with pytest.raises(InputError, match=r"^graphs: the problem's matrix holds NaN or inf .* pass finite features$"):
+        solvers.gd.gd(graphs.attention(q, k, GRID), 4, preset=preset, steps=50, **fields)
 
 
 def _taps(rng, batch=2):

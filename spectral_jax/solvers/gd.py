@@ -359,11 +359,15 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
 
 def _check_diverged(preset: str, history: np.ndarray, maps: jax.Array, lrs: tuple[float, float] | None) -> None:
     """One `InputError` when the run left float32 (a NaN or Inf loss, or maps `[B, K, H0, W0]`): the learning rate
-    too large for the problem. lrs: (the run's lr, the preset's default), None with the caller's own optimizer. Nothing is left to report from such a run: its
+    too large for the problem — or, where the loss at the start (before any update) is not finite, the graphs.
+    lrs: (the run's lr, the preset's default), None with the caller's own optimizer. Nothing is left to report from such a run: its
     maps hold no eigenvectors, and the Rayleigh–Ritz step would fail inside LAPACK."""
     bad = np.flatnonzero(~np.isfinite(history))
     if bad.size == 0 and bool(jnp.all(jnp.isfinite(maps))):
         return
+    if bad.size and bad[0] == 0:           # the loss at the start, before any update: the graphs, not lr
+        raise InputError("graphs", "the problem's matrix holds NaN or inf (the loss at gd's start is not finite: "
+                         "features or weights not finite?)", "pass finite features")
     when = f"at step {bad[0] + 1} of {history.size}" if bad.size else f"after its last step ({history.size})"
     what = "loss" if preset == "paper" else "objective"
     at, fix = ((f" at lr {lrs[0]:g}", f"lower lr (the preset's default here is {lrs[1]:.2g})") if lrs else
