@@ -260,6 +260,15 @@ def preprocess(img: np.ndarray, size: Size, patch: int, mean, std, resample: str
     return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
+def named_so_far(restore: frozenset | None = None) -> frozenset:
+    """The images an `UpscaleWarning` has named in this process (a frozen copy); restore: put that record back
+    first — a run refused before it gave its warnings (`pipeline.prepare`) names its images again when rerun."""
+    if restore is not None:
+        _NAMED.clear()
+        _NAMED.update(restore)
+    return frozenset(_NAMED)
+
+
 def _warn_upscale(hw: tuple[int, int], out: tuple[int, int], patch: int, name: str | None) -> None:
     """The `UpscaleWarning` of `preprocess`, if resizing (H, W) = `hw` to `out` calls for one: once a process for a
     named image (a dataset reads each file once an epoch), for the first `UPSCALE_NAMED` names; then one line for

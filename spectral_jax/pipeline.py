@@ -705,13 +705,18 @@ def prepare(images, model: str = "dinov2_vits14", graph: str | GraphSpec = "qk",
     lw = LayerWeights.parse(layer_weights, name("layer_weights"))
     if lw is not None:                              # numbers pair with the layers in the order given
         lw = lw.bound(layer_order(layers, depth), name("layer_weights"))
+    named = io.named_so_far()
     with warnings.catch_warnings(record=True) as caught:      # io's UpscaleWarnings wait for `analyze`: a run
         warnings.simplefilter("always")                         # refused later (K, --out) says only why
         xs, shown, names = load_inputs(images, prep, size)
     for w in caught:
         if not issubclass(w.category, io.UpscaleWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    check_inputs(xs, prep, g.kind, num_eigs, name("num_eigs"))          # one size for all: one batch
+    try:
+        check_inputs(xs, prep, g.kind, num_eigs, name("num_eigs"))      # one size for all: one batch
+    except InputError:
+        io.named_so_far(named)          # refused before its warnings were given: the corrected run names them
+        raise
     notes = tuple(str(w.message) for w in caught if issubclass(w.category, io.UpscaleWarning))
     return Prepared(np.stack(xs), tuple(shown), tuple(names), prep, model, chosen, g, s, int(num_eigs), seed, lw,
                     notes)

@@ -190,6 +190,10 @@ def test_analyze_gives_the_warning_when_it_starts_not_prepare(tmp_path):
     with pytest.raises(InputError, match="num_eigs"), warnings.catch_warnings():
         warnings.simplefilter("error", io.UpscaleWarning)              # refused before anything is said about it
         pipeline.prepare([picture(5, 5)], size=56, num_eigs=1000)
+    # the corrected run, in the same process (a notebook), still names the image: the refused one gave nothing
+    _, msgs = caught(lambda: pipeline.analyze([picture(5, 5)], size=56, num_eigs=3, weights="random"))
+    assert len(msgs) == 1 and msgs[0].startswith("images[0]: 5x5 pixels"), msgs
+    io._NAMED.clear()
     with warnings.catch_warnings():                                    # analyze says it first, before the model
         warnings.simplefilter("error", io.UpscaleWarning)
         with pytest.raises(io.UpscaleWarning, match=r"^images\[0\]: 5x5 pixels"):
