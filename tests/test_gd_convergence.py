@@ -113,6 +113,21 @@ def test_paper_saturated_softmax_is_a_stuck_point_not_convergence(rng):
     assert ran.convergence.converged is True and ran.convergence.kind is None
 
 
+def test_paper_collapsed_maps_are_not_converged_and_a_rank_loss_is_one_error(rng):
+    """lam 0 (or tiny): nothing keeps the softmax maps apart, they fall onto one another and the loss stands still
+    — not converged (`spread` < COLLAPSED, kind says so); maps spanning fewer than K dimensions (the conv prior
+    at lam 1e-3) are one InputError naming lam, not LAPACK's 'Matrix is not positive definite'."""
+    g = graphs.attention(*_planted(rng), GRID)
+    with pytest.warns(RuntimeWarning, match=r"the maps collapsed onto one another \(their spread .* raise lam"):
+        flat = solvers.gd.gd(g, 4, preset="paper", steps=400, lr=0.05, lam=0).convergence
+    assert flat.converged is False and flat.stationarity <= STATIONARITY_TOL and "collapsed" in flat.kind
+    with pytest.raises(InputError, match=r"^gd-paper: the 4 maps collapsed onto fewer dimensions .* at lam 0.001"):
+        solvers.gd.gd(g, 4, preset="paper", param="conv", steps=300, lam=1e-3)
+    x = np.random.default_rng(1).random((2, 4, 3, 3)).astype(np.float32)
+    assert gd_mod.spread(np.eye(4, dtype=np.float32)[None, :, :, None]) == pytest.approx(1.0)
+    assert 0 < gd_mod.spread(x) < 1 and gd_mod.spread(np.repeat(x[:, :1], 4, 1)) < gd_mod.RANK_TOL
+
+
 @pytest.mark.parametrize("preset,fields,what", [("paper", {"param": "conv", "lr": 1.0}, "loss"),
                                                 ("eigen", {"lr": 1e30}, "objective")])
 def test_a_diverged_run_is_one_input_error_naming_lr(rng, preset, fields, what):

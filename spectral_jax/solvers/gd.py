@@ -20,7 +20,9 @@ steps (`stationarity`; None below 2 steps). What converged means depends on the 
     paper   stationarity ≤ tol (default `STATIONARITY_TOL`): the paper loss's fixed point is not an eigenbasis (its
             softmax maps are non-negative), so residuals do not go to 0; its own objective has stopped moving —
             unless the softmax saturated (`saturation` > `SATURATED`: a huge lr threw the logits apart and no
-            gradient flows), a stuck point, not converged (`kind` says so).
+            gradient flows) or the maps collapsed onto one another (`spread` < `COLLAPSED`: lam too small) — a
+            stuck point, not converged (`kind` says which). Maps that span fewer than K dimensions are an
+            `InputError`: no K-dimensional Rayleigh–Ritz step.
 A run that has not converged warns (RuntimeWarning) and says what to change. A run that left float32 (NaN or Inf:
 lr far too large) is one `InputError` naming the step and the fix; there is nothing to report from it. The check reads the history the loop
 returns anyway: no host round-trip is added inside the compiled loop.
@@ -344,6 +346,7 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
         bar.close()
     maps = _maps(cfg, carry.params)
     _check_diverged(preset, history, maps, None if s.optimizer else (lr, default_lr(preset, m0)))
+    spread = _check_spread(maps, cfg.lam) if preset == "paper" else None
     vals, vecs, res = _ritz(work, work_w, base, nimg, maps)
     seconds = time.perf_counter() - t0
     same = all(tuple(g.grid) == base for g in graphs)
@@ -354,7 +357,7 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
                         "history_kind": "objective" if preset == "eigen" else "loss", "sample": sample,
                         "materialized": work is not graphs},
                   convergence=convergence(preset, history, res, steps, s.tol,
-                                          saturation(maps) if preset == "paper" else None))
+                                          saturation(maps) if preset == "paper" else None, spread))
 
 
 def _check_diverged(preset: str, history: np.ndarray, maps: jax.Array, lrs: tuple[float, float] | None) -> None:
@@ -374,6 +377,30 @@ def _check_diverged(preset: str, history: np.ndarray, maps: jax.Array, lrs: tupl
                ("", "lower your optimizer's step size"))
     raise InputError(f"gd-{preset}", f"diverged: the {what} left float32 (NaN or Inf) {when}{at}",
                      f"{fix}, or use method='exact'")
+
+
+COLLAPSED = 0.05  # a paper run whose maps' `spread` is below it has collapsed onto fewer directions than K
+RANK_TOL = 1e-6   # below it the maps span fewer than K dimensions: no K-dimensional Rayleigh–Ritz step
+
+
+def spread(maps: jax.Array) -> float:
+    """How far apart the K maps `[B, K, H0, W0]` are: σ_min / σ_max of them as unit columns `[M0, K]` (float64,
+    host). 1 for orthogonal maps (the eigen preset's); 0.5–0.8 after a paper run at its defaults; ≲ 1e-2 where the
+    orthogonality weight lam is too small to keep the softmax maps apart and they collapse onto one another."""
+    x = np.transpose(np.asarray(maps, np.float64), (0, 2, 3, 1)).reshape(-1, maps.shape[1])
+    sv = np.linalg.svd(x / np.maximum(np.linalg.norm(x, axis=0), 1e-300), compute_uv=False)
+    return float(sv[-1] / sv[0])
+
+
+def _check_spread(maps: jax.Array, lam: float) -> float:
+    """The paper maps' `spread`; one `InputError` when they span fewer than K dimensions (`RANK_TOL`): the
+    Rayleigh–Ritz step has no K-dimensional span to work on."""
+    sp = spread(maps)
+    if sp < RANK_TOL:
+        raise InputError("gd-paper", f"the {maps.shape[1]} maps collapsed onto fewer dimensions (their spread "
+                         f"{sp:.1e}) at lam {lam:g}: the orthogonality term is too weak to keep them apart",
+                         "raise lam (the paper's is 1), or use method='exact'")
+    return sp
 
 
 SATURATED = 0.5   # the share of one-hot nodes (`saturation`) above which a paper run is stuck, not settled
@@ -433,10 +460,11 @@ def stationarity_verdict(values, window: int, tol: float = STATIONARITY_TOL, sta
 
 
 def convergence(preset: str, history, res, steps: int, tol: float | None = None,
-                saturated: float | None = None) -> Convergence:
+                saturated: float | None = None, spread: float | None = None) -> Convergence:
     """The verdict of a gd run (module docstring): history `[S]` per step, res `[K]` the Ritz pairs' relative
-    residuals, saturated the paper maps' `saturation` (above `SATURATED` a still loss is a stuck point: not
-    converged, and `kind` says so); warns (RuntimeWarning, one line with the fix) when not converged."""
+    residuals, saturated and spread the paper maps' `saturation` and `spread` (above `SATURATED`, or below
+    `COLLAPSED`, a still loss is a stuck point: not converged, and `kind` says why); warns (RuntimeWarning, one
+    line with the fix) when not converged."""
     tol = float((EIGEN_TOL if preset == "eigen" else STATIONARITY_TOL) if tol is None else tol)
     res = np.asarray(res, np.float64)
     window = max(1, int(round(STATIONARITY_WINDOW * steps)))
@@ -452,10 +480,16 @@ def convergence(preset: str, history, res, steps: int, tol: float | None = None,
                else f"the loss never moved from its start (within float32 rounding over {steps} steps: lr too "
                "small to change it)")
     fix = "raise steps (or tune lr)"
-    if preset == "paper" and saturated is not None and saturated > SATURATED:
+    stuck = preset == "paper" and verdict.converged     # a still loss: a fixed point, or stuck (not converged)
+    if stuck and saturated is not None and saturated > SATURATED:
         why = (f"the softmax maps saturated ({saturated:.1%} of the nodes one-hot to float32 rounding, where no "
                "gradient flows): the loss stopped at a stuck point, not a fixed point")
         fix = "lower lr"
+        verdict = dataclasses.replace(verdict, converged=False, kind=why)
+    elif stuck and spread is not None and spread < COLLAPSED:
+        why = (f"the maps collapsed onto one another (their spread {spread:.1e} < {COLLAPSED:g}: σ_min/σ_max of "
+               "the unit maps): the orthogonality term is too weak to keep them apart")
+        fix = "raise lam (the paper's is 1)"
         verdict = dataclasses.replace(verdict, converged=False, kind=why)
     if not verdict.converged:
         warnings.warn(f"gd-{preset}: not converged after {steps} steps: {why}; {fix}, or use method='exact'",
