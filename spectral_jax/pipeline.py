@@ -287,7 +287,20 @@ def graph_groups(taps: Taps, g: GraphSpec, image: int | None) -> tuple[list, lis
     from spectral_jax import graphs as G
 
     gs = G.from_taps(taps, g.kind, image=image, **g.build_kwargs())
+    if g.kind.startswith("knn") and not any(_other_edges(x.idx, x.w) for x in gs):
+        several = next(iter(taps.layers.values())).q.shape[0] > 1           # k_inter reaches other images
+        ks = f"k_intra {g.k_intra}, " + (f"k_inter {g.k_inter}, " if several else "")
+        raise InputError(f"{ks}min_cos {g.min_cos}", "leave no edge between "
+                         f"two tokens in any {g.kind} graph (a token's only kept neighbour is itself, whose cosine "
+                         "is 1 in knn-vv; all other cosines are at or below min_cos)", "raise k_intra (--k-intra) to "
+                         "2 or more, or lower min_cos")
     return gs, [ls for _, ls in G.group_layers(taps.patches())]
+
+
+@jax.jit
+def _other_edges(idx, w) -> jax.Array:
+    """Whether a kNN graph's stored idx, w `[*S, N, k]` hold an edge (w > 0) between two different tokens."""
+    return jnp.any((w > 0) & (idx != jnp.arange(idx.shape[-2], dtype=idx.dtype)[:, None]))
 
 
 def _per_image(taps: Taps, g: GraphSpec, fn):
