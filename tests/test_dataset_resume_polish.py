@@ -92,7 +92,7 @@ def test_fingerprints_compare_the_resolved_timesteps(tmp_path):
     from spectral_jax.dataset.settings import Settings
 
     bb = SimpleNamespace(name="pixart_tiny", weights="random", timesteps=(17, 3, 250, 40))
-    geom = SimpleNamespace(size=(32, 32), rows=16, k_intra=3, k_inter=3)
+    geom = SimpleNamespace(size=(32, 32), base=(4, 4), rows=16, k_intra=3, k_inter=3)   # base: the lr default
     drawn = Settings(model="pixart_tiny", method="gd")
     given = drawn.replace(model_options={"timesteps": (17, 3, 250, 40)})
     fp_drawn = checkpoint.fingerprint(bb, "0,2", drawn, geom, {"a.png": "00"})

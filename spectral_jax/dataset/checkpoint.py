@@ -7,8 +7,9 @@ seconds so far. A resumed run must have the same fingerprint (`check_resumable`,
 edited, added or removed since is refused in one line naming it — the run is not recomputed behind the user's back,
 and nothing cached is ever reported for other images. What a resume reads back is checked (`read_meta`,
 `Checkpoints.restore`): unreadable, inconsistent or non-finite data is one `InputError` naming the step folder,
-and nothing is removed. The epoch permutation and position follow from seed and step, so it continues to
-bit-for-bit the result of an uninterrupted run on the same device layout.
+and nothing is removed; a state holding NaN or Inf is never saved (`Checkpoints.save`). The epoch permutation and
+position follow from seed and step, so it continues to bit-for-bit the result of an uninterrupted run on the same
+device layout.
 """
 
 from __future__ import annotations
@@ -107,11 +108,16 @@ def state_checksum(state) -> list[int]:
     patterns of the leaf's values, i the flat index. Integer arithmetic, so the sharding and the order of the sum do
     not change it; any one flipped bit does (2ᵇ times an odd number is never 0 mod 2³²). Computed where the arrays
     live (nothing gathered but the numbers); every process must call it."""
-    return [int(v) for v in gather(_checksums(state))]
+    return [int(v) for v in gather(_checksums(state)[0])]
+
+
+class NonFinite(RuntimeError):
+    """`Checkpoints.save` refused a state holding NaN or Inf (a diverged run): nothing was written."""
 
 
 @jax.jit
-def _checksums(state) -> jax.Array:
+def _checksums(state) -> tuple[jax.Array, jax.Array]:
+    """(`state_checksum`'s numbers `[leaves]` uint32, whether every floating leaf is finite: a bool scalar)."""
     def one(x):
         if x.dtype == jnp.bool_ or x.dtype.itemsize not in (1, 2, 4):
             bits = x.astype(jnp.uint32)
@@ -124,7 +130,9 @@ def _checksums(state) -> jax.Array:
             stride *= x.shape[d]
         return jnp.sum(bits * (2 * flat + 1), dtype=jnp.uint32)
 
-    return jnp.stack([one(x) for x in jax.tree.leaves(state)])
+    leaves = jax.tree.leaves(state)
+    finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves if jnp.issubdtype(x.dtype, jnp.floating)]))
+    return jnp.stack([one(x) for x in leaves]), finite
 
 
 def file_digests(root: str, files: list[str]) -> dict[str, str]:
@@ -172,8 +180,15 @@ def fingerprint(backbone, layers: str, settings: Settings, geom: Geometry, diges
     timesteps a run drew resumes it. A text embedding file (a diffusion model's `text_embedding` option) counts by
     its content too: its model_options carry "text_embedding_sha256" (`_digest`), so a file changed under the same
     path is another run — and another features cache (`whole.cache_key` reads model_options) — not a resume that
-    reuses features made with the old one."""
+    reuses features made with the old one. Defaults count as what they resolve to: a gd run's "lr" is the one its
+    steps use (`step.learning_rate`: None → the preset's dataset default), layer_weights None is "uniform" (every
+    layer equal, what None gives both methods) — `--lr 0.01` or `--layer-weights uniform` resume a run that left
+    them out, and the other way round (`_resolved`, `check_resumable`)."""
     fields = settings.result_fields()
+    if settings.method == "gd":
+        from spectral_jax.dataset.step import learning_rate
+
+        fields["lr"] = learning_rate(settings, geom)
     te = fields["model_options"].get("text_embedding")
     if te is not None:
         fields["model_options"] = {**fields["model_options"], "text_embedding_sha256": _digest(te).hex()}
@@ -187,16 +202,23 @@ def _resolved(record: dict) -> dict:
     """A fingerprint or cache key with its model_options' "timesteps" left out where it holds the resolved ones
     ("timesteps"): the resolved timesteps decide the features, whether given or drawn from the seed. Records
     written before (model_options with the timesteps given beside the resolved ones) read the same; one without
-    resolved timesteps is kept as it is."""
+    resolved timesteps is kept as it is. layer_weights None reads as "uniform", the rule None stands for."""
+    if "layer_weights" in record and record["layer_weights"] is None:
+        record = {**record, "layer_weights": "uniform"}
     mo = record.get("model_options")
     if "timesteps" in record and isinstance(mo, dict) and "timesteps" in mo:
         record = {**record, "model_options": {k: v for k, v in mo.items() if k != "timesteps"}}
     return record
 
 
-def check_resumable(out: str, fp: dict, meta: dict) -> None:
-    """Refuse to resume a run made with other images or settings (`check_same`); `meta` as `read_meta` gives."""
-    check_same(out, meta["config"], fp)
+def check_resumable(out: str, fp: dict, meta: dict, default_lr: float | None = None) -> None:
+    """Refuse to resume a run made with other images or settings (`check_same`); `meta` as `read_meta` gives.
+    default_lr: the preset's default lr for this run's settings (`step.learning_rate` of lr None), what a gd
+    checkpoint made before its fingerprint held the resolved lr (lr None) ran at."""
+    old = meta["config"]
+    if fp.get("method") == "gd" and old.get("lr") is None and default_lr is not None:
+        old = {**old, "lr": default_lr}
+    check_same(out, old, fp)
 
 
 def check_same(out: str, old: dict, new: dict, graph: str | None = None) -> None:
@@ -303,11 +325,16 @@ class Checkpoints:
         return Restored(state, list(meta["history"]), meta["seconds"])
 
     def save(self, step: int, state, fp: dict, history: list, seconds: float) -> None:
-        """Checkpoint `step` (asynchronously): the state and the meta (fingerprint `fp`, history, seconds)."""
+        """Checkpoint `step` (asynchronously): the state and the meta (fingerprint `fp`, history, seconds). A state
+        holding NaN or Inf (a diverged run: `restore` would call it damaged) is not saved: `NonFinite` is raised,
+        the same on every process (every process must call it)."""
+        sums, finite = (gather(a) for a in _checksums(state))
+        if not bool(finite):
+            raise NonFinite(f"the state of step {step} holds NaN or Inf")
         # orbax writes the meta on a thread of its own, later: a copy, so that the rows the run appends meanwhile
         # do not end up in this step's history
         meta = {"config": fp, "history": [list(r) for r in history], "seconds": seconds, "step": step,
-                "state_checksum": state_checksum(state)}
+                "state_checksum": [int(v) for v in sums]}
         ocp = self._ocp
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)

@@ -72,7 +72,10 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     against a batch's graph (`inputs.check_graph_size`). Should no image be readable during the run all the same
     (files changed underneath), it stops after the first epoch with that `InputError` and leaves nothing behind (a
     folder made by this run is removed, else its checkpoints/). A run that fails before its first checkpoint leaves
-    nothing; one that fails later keeps its checkpoints, and `resume=True` continues from the last.
+    nothing; one that fails later keeps its checkpoints, and `resume=True` continues from the last. gd: a step whose
+    loss (or, at a checkpoint, state) is not finite stops the run there in one `InputError` naming --lr (`_diverged`;
+    no checkpoint holding NaN is written, the earlier ones stay); a first epoch whose graphs hold no edge between two
+    tokens is refused as exact refuses it (`whole.no_edge`: --min-cos), leaving nothing.
 
     One run at a time per OUT: OUT is locked (`files.FolderLock`, an exclusive flock on the folder, by process 0,
     the one that writes) before anything else is read or written there, for the whole run; OUT in use by another
@@ -120,9 +123,10 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
     from spectral_jax.dataset.cluster import check_count
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
-    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)   # timesteps resolved
+    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)   # defaults resolved
     if where.done:
-        checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]))
+        checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]),
+                                   step.learning_rate(settings.replace(lr=None), geom))
 
     if settings.method == "exact":
         return _run_exact(where, settings, geom, backbone, layers, layers_name, fp, mesh, t_start, resume, progress)
@@ -305,7 +309,7 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
     bar = _bar(progress, total, start)
     t_loop = time.perf_counter()
     steps_run, last_saved = 0, (where.done[-1] if where.done else None)
-    finished = unreadable = False
+    finished = unreadable = linked = False
     try:
         with F.Prefetcher(produce, range(start, total), depth=settings.prefetch) as batches:
             for s, (idx, x, ok, bad) in batches:
@@ -316,7 +320,11 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
                 failed.update({int(i): nonfinite_reason(backbone.name, int(layer))
                                for i, layer in zip(idx, gather(nonfinite)) if i >= 0 and layer >= 0})
                 m = step.Metrics(*(float(np.asarray(gather(v))) for v in m))
+                if not np.isfinite([m.loss_first, m.loss, m.objective]).all():      # replicated: every process
+                    raise _diverged(settings, geom, s, "loss", last_saved, where.ckdir,
+                                    graphs=s == 0 and not np.isfinite(m.loss_first))
                 history.append([round(m.loss_first, 7), round(m.loss, 7), round(m.objective, 7), int(m.images)])
+                linked = linked or m.links > 0
                 steps_run += 1
                 if bar is not None:
                     bar.set_postfix_str(f"epoch {s // per_epoch + 1}/{settings.epochs} loss {m.loss:.4f}")
@@ -324,8 +332,13 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
                 if s + 1 == per_epoch and not any(h[3] for h in history[:per_epoch]):
                     unreadable = True                   # a whole epoch without one readable image: stop here
                     break
+                if s + 1 == per_epoch and start == 0 and not linked:
+                    break                               # a whole epoch without an edge between two tokens
                 if (s + 1) % settings.checkpoint_every == 0 or s + 1 == total:
-                    ckpt.save(s + 1, state, fp, history, seconds_before + time.perf_counter() - t_start)
+                    try:
+                        ckpt.save(s + 1, state, fp, history, seconds_before + time.perf_counter() - t_start)
+                    except checkpoint.NonFinite:
+                        raise _diverged(settings, geom, s, "state", last_saved, where.ckdir) from None
                     last_saved = s + 1
         ckpt.wait()
         finished = True
@@ -344,7 +357,28 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
                                f"{where.files[first[0]]}: {first[1]}" if first else
                                F.first_readable(where.root, where.files[:1])[1]
                                or f"{where.files[0]}: could not be read during the run")
+    if start == 0 and not linked:                   # no graph had an edge: nothing to solve, as exact refuses it
+        inputs.discard(where.out if made_out else where.ckdir, jax.process_index())
+        raise whole.no_edge(settings.min_cos, "lower --min-cos (-1 keeps every neighbour found)")
     return trained
+
+
+def _diverged(settings: Settings, geom, s: int, what: str, kept: int | None, ckdir: str,
+              graphs: bool = False) -> InputError:
+    """The error of a run whose step `s` (0-based) left float32 (`what`: its "loss", or the "state" a checkpoint
+    would have held): lr too large — or, at the run's first step before any update (`graphs`), the graphs. kept:
+    the last checkpoint written (its steps stay, finite; they are this lr's)."""
+    if graphs:
+        return InputError("graphs", "the loss at the run's first step, before any update, is not finite: the "
+                          "batch's graphs hold NaN or Inf (features not finite?), not a learning-rate problem",
+                          "check the images and the backbone (--model, --weights), or use --method exact")
+    default = step.learning_rate(settings.replace(lr=None), geom)
+    return InputError(f"dataset gd-{settings.preset}",
+                      f"diverged: the {what} left float32 (NaN or Inf) at step {s + 1} at lr "
+                      f"{step.learning_rate(settings, geom):g}",
+                      f"lower --lr (the preset's default is {default:.2g}), or use --method exact" +
+                      ("" if kept is None else f" (into a fresh --out, or delete {ckdir}: its checkpoints, to step "
+                       f"{kept}, were made at this lr)"))
 
 
 def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str, trained: Trained, per_epoch: int,
@@ -361,7 +395,12 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     ok = status == step.READ
     names = [f for f, g in zip(where.files, ok) if g]
     eigvecs, probs = export.table_arrays(settings.preset, table[ok])
-    verdict = summary.gd_convergence(trained.history, per_epoch)
+    saturated = None
+    if settings.preset == "paper" and ok.any():     # the read images' rows: padded and unread ones left out
+        from spectral_jax.solvers.gd import saturation
+
+        saturated = saturation(jax.nn.softmax(jnp.asarray(table[ok]), axis=1))
+    verdict = summary.gd_convergence(trained.history, per_epoch, saturated=saturated)
     weights = step.layer_weights_record(settings, geom)
     t = time.perf_counter()
     res = DatasetResult.from_table(eigvecs, names, table[ok], probs, summary.make(
@@ -377,22 +416,33 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         provenance=_provenance(settings, geom, backbone, weights, settings.batch_size, None, len(names)))
     if jax.process_index() == 0:
         _report_skipped(res.summary()["skipped"])
-        _warn_unconverged(verdict, per_epoch)
+        _warn_unconverged(verdict, per_epoch, saturated)
         res = export.write(res, where.root, settings.figure_images)
     return res
 
 
-def _warn_unconverged(verdict, per_epoch: int) -> None:
-    """A RuntimeWarning (one line, with the fix) when the minibatch run's loss has not settled
-    (`summary.gd_convergence`, a `Convergence`)."""
+def _warn_unconverged(verdict, per_epoch: int, saturated: float | None = None) -> None:
+    """A RuntimeWarning (one line, with the fix) when the minibatch run has not converged (`summary.gd_convergence`,
+    a `Convergence`): its loss still moving, too few epochs to tell, a loss that never moved (lr too small), or —
+    paper, `saturated` above `solvers.gd.SATURATED` — softmax maps saturated, a stuck point."""
+    from spectral_jax.solvers.gd import SATURATED
+
     if verdict.converged:
         return
-    moved = verdict.stationarity
-    why = (f"its last {verdict.stationarity_window // per_epoch} epoch(s) still made {moved:.1e} of the run's "
-           f"change of the loss > tol {verdict.tol:.1e}" if moved is not None else
-           "two epochs at least are needed to tell whether the loss has settled")
-    warnings.warn(f"dataset gd: not converged after {verdict.iterations} steps: {why}; raise --epochs "
-                  "(--resume continues this run), or use --method exact", RuntimeWarning, stacklevel=4)
+    moved, fix = verdict.stationarity, "raise --epochs (--resume continues this run)"
+    if saturated is not None and saturated > SATURATED:
+        why, fix = (f"the softmax maps saturated ({saturated:.1%} of the nodes one-hot to float32 rounding, where no "
+                    "gradient flows): a stuck point, not a fixed point", "lower --lr")
+    elif moved is not None:
+        why = (f"its last {verdict.stationarity_window // per_epoch} epoch(s) still made {moved:.1e} of the run's "
+               f"change of the loss > tol {verdict.tol:.1e}")
+    elif verdict.iterations >= 2 * verdict.stationarity_window:     # enough epochs: the loss never moved
+        why, fix = "the loss never moved from its start (within float32 rounding): lr too small to change it", \
+            "raise --lr"
+    else:
+        why = "two epochs at least are needed to tell whether the loss has settled"
+    warnings.warn(f"dataset gd: not converged after {verdict.iterations} steps: {why}; {fix}, or use --method exact",
+                  RuntimeWarning, stacklevel=4)
 
 
 def _provenance(settings: Settings, geom, backbone, layer_weights: dict | None, images: int, graph_info: dict | None,

@@ -70,6 +70,7 @@ class Metrics(NamedTuple):
     loss: jax.Array             # after the inner steps
     objective: jax.Array        # Σ_k Σ_l w_l R_{l,k} after the inner steps
     images: jax.Array           # readable images in the batch
+    links: jax.Array            # the batch's graphs' edges between two distinct tokens (0: --min-cos left none)
 
 
 def learning_rate(settings: Settings, geom: Geometry) -> float:
@@ -159,6 +160,16 @@ def layer_weights_record(settings: Settings, geom: Geometry) -> dict:
     layers = sorted(l for _, ls in geom.groups for l in ls)
     rule, w = LW.per_layer(layers, "uniform" if settings.layer_weights is None else settings.layer_weights)
     return {"rule": rule, "weights": {str(l): round(float(x), 6) for l, x in zip(layers, w)}}
+
+
+def links(graphs) -> jax.Array:
+    """The edges kept (weight > 0) between two distinct tokens over all `graphs` (`KnnGraph`s): int32 scalar. 0
+    where every neighbour's cosine was at or below --min-cos (knn-vv keeps a token's own edge, not counted)."""
+    def one(g):
+        own = g.idx == jnp.arange(g.idx.shape[-2], dtype=g.idx.dtype)[:, None]
+        return jnp.sum((g.w > 0) & ~own, dtype=jnp.int32)
+
+    return sum(one(g) for g in graphs)
 
 
 def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh | None, params, x, valid
@@ -276,7 +287,7 @@ def dataset_step(apply: Callable, layers, settings: Settings, geom: Geometry, me
     new = State(table, settings.ema * state.ema + (1.0 - settings.ema) * table,
                 jax.tree.map(lambda s, r: _put(mesh, s, idx, r, valid_r), state.opt, ost),
                 _put(mesh, state.status, idx, status, idx >= 0), state.step + 1)
-    metrics = Metrics(hist[0], loss, obj, valid_r.sum())
+    metrics = Metrics(hist[0], loss, obj, valid_r.sum(), links(graphs))
     return (lax.with_sharding_constraint(new, shardings(mesh, new)), lax.with_sharding_constraint(metrics, rep),
             nonfinite)
 
@@ -299,4 +310,4 @@ def compile_step(backbone, layers, settings: Settings, geom: Geometry, mesh: Mes
 
 __all__ = ["Metrics", "NONFINITE", "READ", "State", "UNREADABLE", "UNSEEN", "abstract_state", "batch_graphs",
            "compile_step", "dataset_step", "fresh_conditioning", "init_state", "layer_weights_record", "learning_rate",
-           "make_optimizer", "per_image_update", "solve_batch"]
+           "links", "make_optimizer", "per_image_update", "solve_batch"]

@@ -16,7 +16,7 @@ import numpy as np
 from spectral_jax.dataset.layout import Geometry
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.graphs import SIGMA_PAIRS
-from spectral_jax.solvers.gd import STATIONARITY_TOL, STATIONARITY_WINDOW, stationarity_verdict
+from spectral_jax.solvers.gd import SATURATED, STATIONARITY_TOL, STATIONARITY_WINDOW, stationarity_verdict
 from spectral_jax.solvers.result import Convergence
 
 HISTORY_COLUMNS = ["loss_first_inner_step", "loss", "objective", "images"]
@@ -41,7 +41,8 @@ class Timings(NamedTuple):
     compile: float              # compiling the step
 
 
-def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL) -> Convergence:
+def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, saturated: float | None = None
+                   ) -> Convergence:
     """The minibatch gd run's verdict from its per-step history (rows of HISTORY_COLUMNS): gd's stationarity verdict
     (`solvers.gd.stationarity_verdict`, the paper preset's) of the per-step loss over windows of whole epochs — the
     last `STATIONARITY_WINDOW` of the epochs run, at least one — against the loss at the run's first inner step:
@@ -51,7 +52,9 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL)
     the run minimises, not a residual on the whole-dataset graph, which this path never builds (method "exact"
     solves that graph and reports its residuals). summary.json's "convergence" is its `as_dict()`. Steps whose
     batch held no readable image (images 0: a loss of masked slots only) are left out of the series, the window
-    counting the steps with images in the last window of epochs."""
+    counting the steps with images in the last window of epochs. saturated: the paper table's `solvers.gd.saturation`
+    (its softmax over K, read images only): above `SATURATED` the still loss is a stuck point (a huge lr threw the
+    logits apart, no gradient flows), not converged, and `kind` says so."""
     epochs = len(history) // per_epoch if per_epoch else 0
     span = per_epoch * max(1, int(round(STATIONARITY_WINDOW * epochs)))
     live = [r for r in history if r[3] > 0]
@@ -59,6 +62,10 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL)
     verdict = stationarity_verdict([r[1] for r in live], window, tol, live[0][0] if live else None,
                                    kind="minibatch loss: the share of the run's change of the loss made by its last "
                                         "window of epochs (not a residual on the whole-dataset graph)")
+    if saturated is not None and saturated > SATURATED:
+        verdict = dataclasses.replace(verdict, converged=False, kind=(
+            f"minibatch loss; the softmax maps saturated ({saturated:.1%} of the nodes one-hot to float32 rounding, "
+            "where no gradient flows): a stuck point, not a fixed point"))
     return dataclasses.replace(verdict, iterations=len(history), stationarity_window=span)   # in steps, as run
 
 

@@ -1004,10 +1004,16 @@ def check_edges(edges: int, rec: dict) -> None:
     (every eigenvalue would be 0 — or 1 — and the segments noise; every other kept cosine was at or below
     --min-cos); else `say_isolated`'s warning."""
     if edges == 0 or (rec["fraction"] and min(rec["fraction"].values()) >= 1.0):
-        raise InputError(f"--min-cos {rec['min_cos']}", "leaves no edge between two tokens in any graph (every "
-                         "neighbour's cosine is at or below it)", "lower --min-cos (-1 keeps every neighbour found) "
-                         "and run again with --resume: the features are kept in OUT/checkpoints, the graph is not")
+        raise no_edge(rec["min_cos"], "lower --min-cos (-1 keeps every neighbour found) and run again with "
+                      "--resume: the features are kept in OUT/checkpoints, the graph is not")
     say_isolated(rec)
+
+
+def no_edge(min_cos: float, fix: str) -> InputError:
+    """The error of graphs left without an edge between two tokens by `min_cos` (exact's `check_edges`, gd's first
+    epoch), with `fix`."""
+    return InputError(f"--min-cos {min_cos}", "leaves no edge between two tokens in any graph (every neighbour's "
+                      "cosine is at or below it)", fix)
 
 
 def say_isolated(rec: dict) -> None:
