@@ -1,14 +1,23 @@
-"""Red-team regressions (round 22, solver and graph options at their extremes), single-image side: a kNN graph
-whose only kept edges are tokens' edges to themselves (knn-vv at k_intra 1 — a token's nearest neighbour is
-itself, cosine 1 — or a min_cos above every other cosine) was solved as the identity: every eigenvalue 1,
-"converged", arbitrary maps. It is now one `InputError` naming the options, before the solve. (gd's divergence,
-saturation and collapse: tests/test_gd_convergence.py; the dataset's: tests/test_dataset_gd_guard.py.)
+"""Red-team regressions (round 22: options at their extremes; diffusion families end to end), single-image side:
+
+- a kNN graph whose only kept edges are tokens' edges to themselves (knn-vv at k_intra 1 — a token's nearest
+  neighbour is itself, cosine 1 — or a min_cos above every other cosine) was solved as the identity: every
+  eigenvalue 1, "converged", arbitrary maps. It is now one `InputError` naming the options, before the solve;
+- `analyze` and `extract` left --latent and --text-embedding out of their JSON (two runs that differ only there
+  gave indistinguishable records); they now record them as `dataset`'s model_options do.
+
+(gd's divergence, saturation and collapse: tests/test_gd_convergence.py; the dataset's:
+tests/test_dataset_gd_guard.py.)
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import numpy as np
 import pytest
+from PIL import Image
 
 import spectral_jax as sj
 from spectral_jax.errors import InputError
@@ -38,3 +47,25 @@ def test_the_joint_knn_graph_of_several_images_names_k_inter_and_counts_edges_be
         sj.solve(taps, "knn-vv", 3, k_intra=1, k_inter=0)
     res = sj.solve(taps, "knn-vv", 3, k_intra=1, k_inter=2)   # edges to the other image only
     assert res.num_images == 2 and not np.allclose(res.eigvals, 1.0)
+
+
+def test_analyze_and_extract_record_the_latent_and_the_text_embedding(tmp_path, capsys, rng):
+    from spectral_jax.cli import main
+
+    img, te = tmp_path / "a.png", tmp_path / "te.npy"
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(img)
+    np.save(te, rng.normal(size=(1, 77, 32)).astype(np.float32))
+    want = {"latent": "sample", "text_embedding": str(te.resolve()),
+            "text_embedding_sha256": hashlib.sha256(te.read_bytes()).digest()[:16].hex()}
+    family = ["--model", "sd_tiny", "--weights", "random", "--size", "64", "--layers", "0", "--timesteps", "10",
+              "--latent", "sample", "--text-embedding", str(te)]
+    assert main(["extract", str(img), *family, "--out", str(tmp_path / "a.npz")]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert {k: line.get(k) for k in want} == want and line["timesteps"] == [10]
+    assert main(["analyze", str(img), *family, "--num-eigs", "3", "--out", str(tmp_path / "an")]) == 0
+    one = json.loads((tmp_path / "an" / "a" / "summary.json").read_text())
+    assert {k: one.get(k) for k in want} == want
+    assert main(["extract", str(img), "--model", "dinov2_vits14", "--weights", "random", "--size", "28",
+                 "--layers", "0", "--out", str(tmp_path / "d.npz")]) == 0
+    vit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert not {"latent", "text_embedding"} & set(vit)          # a ViT takes neither: nothing recorded

@@ -138,6 +138,7 @@ def run_analyze(args, credit: str | None = None) -> int:
                 extra["layer_weights_spec"] = args.layer_weights
             if bb.timesteps:
                 extra["timesteps"] = list(bb.timesteps)
+            extra.update(model_options.recorded(options, models.family(args.model)))
             folder = os.path.join(staged.tmp, stem)
             summaries.append({"name": stem, **report.write_image(folder, image, one, view, extra)})
             if att is not None:

@@ -17,7 +17,7 @@ import argparse
 import json
 import time
 
-from spectral_jax.cli.model_options import add_arguments, family_options
+from spectral_jax.cli.model_options import add_arguments, family_options, recorded
 from spectral_jax.errors import InputError
 from spectral_jax.models.spec import FORWARD_DTYPES, forward_dtype
 
@@ -82,7 +82,8 @@ def _extract(args: argparse.Namespace, out) -> None:
                "heads": heads[chosen[0]] if uniform else {str(i): h for i, h in heads.items()},
                "head_dim": int(first.q.shape[3]), "graphs_per_layer": int(first.q.shape[1]), "dtype": args.dtype}
     if bb.timesteps:
-        summary.update(timesteps=list(bb.timesteps), latent=args.latent or "mean", seed=args.seed)
+        summary.update(timesteps=list(bb.timesteps), seed=args.seed)
+    summary.update(recorded(options, fam))
     print(json.dumps({**summary, "out": args.out, "seconds": round(time.perf_counter() - start, 3)}))
 
 

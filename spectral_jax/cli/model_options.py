@@ -77,6 +77,25 @@ def family_options(args: argparse.Namespace, spec, family) -> dict:
     return options
 
 
+def recorded(options: dict, family) -> dict:
+    """What a run's `family_options` set besides the timesteps (which the backbone reports), for its JSON record:
+    "latent" (the family's default "mean" where none was given) and, where one was given, "text_embedding" (the
+    file's absolute path) with "text_embedding_sha256" (the first 128 bits of its content's sha256, as `dataset`'s
+    model_options have it: a file changed under the same path shows) — each only for a family that takes it."""
+    import hashlib
+    import os
+
+    out = {}
+    if "latent" in family.options:
+        out["latent"] = options.get("latent") or "mean"
+    if options.get("text_embedding") is not None:
+        path = options["text_embedding"]
+        with open(path, "rb") as f:
+            digest = hashlib.sha256(f.read()).digest()[:16].hex()
+        out.update(text_embedding=os.path.abspath(path), text_embedding_sha256=digest)
+    return out
+
+
 def _models_taking(options: set) -> list[str]:
     """Registered model names (`registry.names()`, in registry order) whose family takes every one of `options`."""
     from spectral_jax.models.registry import FAMILIES, get_spec, names
