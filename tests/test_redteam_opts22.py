@@ -4,7 +4,9 @@
   neighbour is itself, cosine 1 — or a min_cos above every other cosine) was solved as the identity: every
   eigenvalue 1, "converged", arbitrary maps. It is now one `InputError` naming the options, before the solve;
 - `analyze` and `extract` left --latent and --text-embedding out of their JSON (two runs that differ only there
-  gave indistinguishable records); they now record them as `dataset`'s model_options do.
+  gave indistinguishable records); they now record them as `dataset`'s model_options do;
+- `solve --layers` refused negative indices, which extract, analyze and dataset take (-1: the last layer); they
+  now count back from the file's model's depth (registered models).
 
 (gd's divergence, saturation and collapse: tests/test_gd_convergence.py; the dataset's:
 tests/test_dataset_gd_guard.py.)
@@ -69,3 +71,26 @@ def test_analyze_and_extract_record_the_latent_and_the_text_embedding(tmp_path, 
                  "--layers", "0", "--out", str(tmp_path / "d.npz")]) == 0
     vit = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert not {"latent", "text_embedding"} & set(vit)          # a ViT takes neither: nothing recorded
+
+
+def test_solve_layers_count_back_from_the_models_depth(tmp_path, capsys, rng):
+    from spectral_jax.cli import main
+
+    img, acts = tmp_path / "a.png", tmp_path / "a.npz"
+    Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(img)
+    assert main(["extract", str(img), "--model", "dinov2_vits14", "--weights", "random", "--size", "28",
+                 "--layers", "9,11", "--out", str(acts)]) == 0
+
+    def solved(*layers):
+        capsys.readouterr()
+        assert main(["solve", str(acts), "--graph", "qk", "--num-eigs", "3", *layers,
+                     "--out", str(tmp_path / "r.npz")]) == 0
+        return json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+
+    a = solved("--layers=-1,-3", "--layer-weights", "1,0.5")           # 11 weighs 1, 9 weighs 0.5
+    b = solved("--layers", "11,9", "--layer-weights", "1,0.5")
+    assert a["layers"] == b["layers"] == [9, 11] and a["eigvals"] == b["eigvals"]
+    assert main(["solve", str(acts), "--graph", "qk", "--num-eigs", "3", "--layers", "-13",
+                 "--out", str(tmp_path / "x.npz")]) == 2
+    assert "--layers -13: names layer(s) -13 the file does not hold" in capsys.readouterr().err
+    assert not (tmp_path / "x.npz").exists()

@@ -32,7 +32,8 @@ def register(sub) -> None:
     p.add_argument("--sample", type=float, default=None, metavar="F", help="fraction of graphs drawn per gd step")
     p.add_argument("--seed", type=int, default=0, metavar="S")
     p.add_argument("--layers", default="all", help="'all' (default) or comma-separated indices of the file's tapped "
-                                                   "layers")
+                                                   "layers; negative ones count back from the model's depth (-1: "
+                                                   "its last; several: --layers=-1,-3)")
     p.add_argument("--layer-weights", default=None, metavar="W",
                    help="weight of each layer's graphs, as analyze's: comma-separated numbers (one per layer, in the "
                         "order of --layers), L:W pairs, or a rule: uniform, geometric, eigengap, select (default: "
@@ -88,8 +89,10 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
 
     from spectral_jax.options import DEFAULT_K, check_num_eigs
 
-    taps = _layers(acts.taps, args.layers)
-    lw = None if args.layer_weights is None else args.layer_weights.bound(_order(args.layers, taps), "--layer-weights")
+    depth = _depth(acts.model)
+    taps = _layers(acts.taps, args.layers, depth)
+    lw = None if args.layer_weights is None else args.layer_weights.bound(_order(args.layers, taps, depth),
+                                                                          "--layer-weights")
     first = taps.layers[min(taps.layers)]
     nimg = first.q.shape[0]
     nodes = max(t.grid[0] * t.grid[1] for t in taps.layers.values()) * (nimg if graph.joint else 1)
@@ -119,24 +122,37 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
     print(json.dumps({**res.summary(), "out": args.out}))
 
 
-def _order(layers: str, taps) -> list[int]:
+def _depth(model: str) -> int | None:
+    """The layer count of the file's model where the registry knows it (what a negative --layers index counts
+    back from, as for extract and analyze), else None."""
+    from spectral_jax import models
+
+    try:
+        return int(models.get_spec(model).config.num_layers)
+    except InputError:                          # not registered (a synthetic model's file)
+        return None
+
+
+def _order(layers: str, taps, depth: int | None = None) -> list[int]:
     """The chosen layers in the order --layers names them (ascending for "all"): what numbers in --layer-weights
-    pair with."""
+    pair with. A negative index counts back from the model's `depth` (-1: its last layer), as extract's --layers
+    does; with no depth known it stays negative (and names no layer the file holds)."""
     if str(layers).strip().lower() == "all":
         return sorted(taps.layers)
-    return list(dict.fromkeys(int(s) for s in str(layers).split(",") if s.strip()))
+    wrap = lambda i: i + depth if depth is not None and -depth <= i < 0 else i
+    return list(dict.fromkeys(wrap(int(s)) for s in str(layers).split(",") if s.strip()))
 
 
-def _layers(taps, layers: str):
-    """`taps` with only the layers --layers names ("all": every one), each of which the file must hold: one line
-    naming the layers it does hold otherwise."""
+def _layers(taps, layers: str, depth: int | None = None):
+    """`taps` with only the layers --layers names ("all": every one; negative: from the model's `depth`), each of
+    which the file must hold: one line naming the layers it does hold otherwise."""
     import dataclasses
 
     if str(layers).strip().lower() == "all":
         return taps
     held = sorted(taps.layers)
     try:
-        chosen = _order(layers, taps)
+        chosen = _order(layers, taps, depth)
     except ValueError:
         raise InputError(f"--layers {layers}", "is not 'all' or comma-separated layer indices",
                          f"pass e.g. --layers {','.join(map(str, held[-2:]))}") from None
