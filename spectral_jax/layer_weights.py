@@ -124,16 +124,34 @@ def depth_weights(rule: str, layers: Sequence[int]) -> np.ndarray:
     return w / w.sum()
 
 
+def depth_ordered(model: str) -> bool:
+    """Whether registry model `model`'s layer indices run in depth order, one block after the other on one token
+    grid — the ViT-like encoders and the diffusion transformers (their config's `attn_layers`: one per block; FLUX
+    its double-stream blocks, then its single-stream ones) —, so that a lower index is a shallower layer. False for
+    a Stable Diffusion UNet (a config with a `unet`): its indices run through the down blocks, the mid block (the
+    coarsest grid) and the up blocks, resolutions rather than depth; False for a model outside the registry (its
+    order unknown)."""
+    from spectral_jax.models import get_spec
+
+    try:
+        spec = get_spec(model)
+    except InputError:
+        return False
+    return getattr(spec.config, "unet", None) is None
+
+
 def early_pick(rule: str, layers: Sequence[int], weights) -> str | None:
     """The one line a whole-dataset run prints when a graph-reading rule ("eigengap", "select") put its largest
     weight on an early layer — one in the first half of the tapped `layers` `[L]` (ascending; weights `[L]`, as
-    `for_groups` returns them) — else None (other rules, fewer than two layers, a later layer).
+    `for_groups` returns them) — else None (other rules, fewer than two layers, a later layer). For models whose
+    layer indices are depth (`depth_ordered`): the caller asks it only for them.
 
     Why it says so rather than fixing the rule: on whole-dataset kNN graphs the eigengap falls with depth (the
     early layers' graphs hold a few large colour/texture clusters), so both rules favour the early layers, which
-    segment worst there (DINOv2-S/14 knn-vv: "select" takes layer 0; benchmarks/results/graph_variants_horse.md).
-    The rules stay as defined, for single images and for any graph where the gap does mean a grouping; this only
-    makes the dataset-level pick visible. It does not change any weight."""
+    segment worst there (measured on a ViT, DINOv2-S/14 knn-vv: "select" takes layer 0;
+    benchmarks/results/graph_variants_horse.md). The rules stay as defined, for single images and for any graph
+    where the gap does mean a grouping; this only makes the dataset-level pick visible. It does not change any
+    weight."""
     layers = [int(l) for l in layers]
     w = np.asarray(weights, np.float64)
     if rule not in ("eigengap", "select") or len(layers) < 2 or w.size != len(layers):
@@ -144,8 +162,8 @@ def early_pick(rule: str, layers: Sequence[int], weights) -> str | None:
     what = "all its weight" if rule == "select" else f"its largest weight ({w[top]:.2f})"
     return (f"spectral-jax dataset: --layer-weights {rule} put {what} on layer {layers[top]}, an early one of the "
             f"tapped layers {layers[0]}…{layers[-1]}: on whole-dataset kNN graphs the eigengap is largest in early "
-            "layers, which segment worst there (benchmarks/results/graph_variants_horse.md); pass --layer-weights "
-            "uniform or LAYER:W pairs to choose the layers yourself")
+            "layers, which segmented worst there on DINOv2 (benchmarks/results/graph_variants_horse.md); pass "
+            "--layer-weights uniform or LAYER:W pairs to choose the layers yourself")
 
 
 def head_agreement(group) -> float:
@@ -252,5 +270,6 @@ def per_layer(layers: Sequence[int], weights, spectra=None, agreement=None) -> t
     return rule, rule_weights(rule, spectra if rule in GRAPH_RULES else np.ones((len(layers), 2)), agreement, layers)
 
 
-__all__ = ["GRAPH_RULES", "RULES", "LayerWeights", "base_grid", "depth_weights", "early_pick", "eigengap", "for_groups", "group_weights", "head_agreement", "pad",
-           "per_layer", "rule_weights", "subset", "take_layers"]
+__all__ = ["GRAPH_RULES", "RULES", "LayerWeights", "base_grid", "depth_ordered", "depth_weights", "early_pick",
+           "eigengap", "for_groups", "group_weights", "head_agreement", "pad", "per_layer", "rule_weights", "subset",
+           "take_layers"]

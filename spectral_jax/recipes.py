@@ -11,8 +11,9 @@
     (each layer's heads concatenated into one kNN graph per timestep, as the official code's un-split q/k/v);
   - layer weights 32/res (res the layer's grid side at 512²: 4, 2, 1), each layer's weight shared by its
     timesteps (w_l / T each, `layer_weights.group_weights`);
-  - k_intra = k_inter = 50, edges with cos ≤ 0.1 dropped; 512² inputs, so the table grid is the finest tapped
-    grid, 32×32 (the official table is K×32×32, pooled to each layer's grid as here);
+  - k_intra = k_inter = 50 (the dataset's default k, so, as it, capped by the tokens of smaller grids and inputs:
+    `recipe_fields` leaves it None), edges with cos ≤ 0.1 dropped; 512² inputs, so the table grid is the finest
+    tapped grid, 32×32 (the official table is K×32×32, pooled to each layer's grid as here);
   - for --method gd the official optimiser setting is ours by default (batch 40, 5 AdamW steps per batch at lr 1e-2,
     weight decay 0, EMA 0.99; `--preset paper`: its loss and softmax table); it is set here all the same, and so
     are its fresh timesteps: every step draws new timesteps and noise (`timestep_draw="fresh"`, t ~ U{0..299}: the
@@ -89,10 +90,15 @@ MAIN_CLS_GD = {"batch_size": 40, "inner_steps": 5, "lr": 1e-2, "weight_decay": 0
 
 def recipe_fields(name: str, model: str, method: str = "exact") -> dict:
     """The `Settings` fields of recipe `name` for `model` and `method` (gd adds its optimiser setting and fresh
-    timesteps); an unknown name is one `InputError`."""
+    timesteps); an unknown name is one `InputError`. A recipe's k equal to the dataset's default (`DEFAULT_K`,
+    main_cls' 50) is left as the default, None: like it, capped by the tokens available (a grid too small for 50
+    takes all of its tokens), where a k the user gives must fit."""
     if name not in RECIPES:
         raise InputError(f"--recipe {name}", "unknown recipe", f"choose one of {', '.join(RECIPES)}")
+    from spectral_jax.options import DEFAULT_K
+
     fields = main_cls(model)
+    fields.update({k: None for k in ("k_intra", "k_inter") if fields[k] == DEFAULT_K})
     if method == "gd":                     # exact's --batch-size is images per forward only: the user's to choose
         fields.update(MAIN_CLS_GD)
     return fields

@@ -132,7 +132,8 @@ def register(sub) -> None:
     p.add_argument("--recipe", choices=RECIPES, default=None,
                    help="main_cls: the seed paper's dataset experiment (its official main_cls.py) on a Stable "
                         "Diffusion UNet — the mid block's and the two coarser decoder blocks' self-attention (layers "
-                        "6-12 of SD 1.x/2.x), heads merged, layer weights 32/res, k_intra = k_inter = 50, "
+                        "6-12 of SD 1.x/2.x), heads merged, layer weights 32/res, k_intra = k_inter = 50 (the "
+                        "default k: capped, as it, by the tokens of smaller inputs), "
                         "--min-cos 0.1, 512² (a 32×32 table); flags given beside it override its values. Differs "
                         "from the official run: exact solve by default (--method gd: AdamW + EMA on minibatches); "
                         "exact keeps the timesteps fixed for the run (--timesteps; default 4 drawn from --seed over "

@@ -174,13 +174,14 @@ def _digest(path: str) -> bytes:
 
 def fingerprint(backbone, layers: str, settings: Settings, geom: Geometry, digests: dict[str, str]) -> dict:
     """What defines a run's result, JSON-ready: a resumed run must match it key for key. `digests`: {file: content
-    digest} of the images in order (`file_digests`). "timesteps": the backbone's timesteps as resolved (a
-    diffusion model's default drawn from the seed shows its values; [] for none) — what decides the features —,
-    so model_options leave out the "timesteps" they were given (`_resolved`): `--timesteps` set to exactly the
-    timesteps a run drew resumes it. A text embedding file (a diffusion model's `text_embedding` option) counts by
-    its content too: its model_options carry "text_embedding_sha256" (`_digest`), so a file changed under the same
-    path is another run — and another features cache (`whole.cache_key` reads model_options) — not a resume that
-    reuses features made with the old one. Defaults count as what they resolve to: a gd run's "lr" is the one its
+    digest} of the images in order (`file_digests`). "timesteps": the backbone's timesteps as resolved (a diffusion
+    model's default drawn from the seed shows its values; [] for none) — what decides the features; with
+    timestep_draw "fresh" only their count, "timesteps_per_step" —, so model_options leave out the "timesteps" they
+    were given (`_resolved`): `--timesteps` set to exactly the timesteps a run drew resumes it. A text embedding
+    file (a diffusion model's `text_embedding` option) counts by its content too: its model_options carry
+    "text_embedding_sha256" (`_digest`), so a file changed under the same path is another run — and another
+    features cache (`whole.cache_key` reads model_options) — not a resume that reuses features made with the old
+    one. Defaults count as what they resolve to: a gd run's "lr" is the one its
     steps use (`step.learning_rate`: None → the preset's dataset default), layer_weights None is "uniform" (every
     layer equal, what None gives both methods) — `--lr 0.01` or `--layer-weights uniform` resume a run that left
     them out, and the other way round (`_resolved`, `check_resumable`)."""
@@ -202,10 +203,17 @@ def _resolved(record: dict) -> dict:
     """A fingerprint or cache key with its model_options' "timesteps" left out where it holds the resolved ones
     ("timesteps"): the resolved timesteps decide the features, whether given or drawn from the seed. Records
     written before (model_options with the timesteps given beside the resolved ones) read the same; one without
-    resolved timesteps is kept as it is. layer_weights None reads as "uniform", the rule None stands for."""
+    resolved timesteps is kept as it is. With "timestep_draw" "fresh" only their count decides (every step draws
+    its own): "timesteps" becomes "timesteps_per_step", and fingerprints written before, holding the values the
+    backbone was loaded with, read the same. layer_weights None reads as "uniform", the rule None stands for."""
     if "layer_weights" in record and record["layer_weights"] is None:
         record = {**record, "layer_weights": "uniform"}
     mo = record.get("model_options")
+    if record.get("timestep_draw") == "fresh" and isinstance(record.get("timesteps"), list):
+        record = {**{k: v for k, v in record.items() if k != "timesteps"},
+                  "timesteps_per_step": len(record["timesteps"])}
+        if isinstance(mo, dict):
+            record["model_options"] = {k: v for k, v in mo.items() if k != "timesteps"}
     if "timesteps" in record and isinstance(mo, dict) and "timesteps" in mo:
         record = {**record, "model_options": {k: v for k, v in mo.items() if k != "timesteps"}}
     return record

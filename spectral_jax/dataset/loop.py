@@ -259,15 +259,16 @@ def _backbone_record(backbone, layers_name: str, settings: Settings) -> dict:
     "timesteps" the run used
     (resolved: the default schedule drawn from the seed shows its values) and "model_options" as given (the noise
     seed is the summary's "seed") and "timestep_draw"; with `timestep_draw="fresh"` "timesteps" is None (each step
-    drew its own) and "timesteps_per_step" and "timestep_range" say how."""
+    drew its own), "timesteps_per_step" and "timestep_range" say how, and "model_options" leave out the timesteps
+    the backbone was loaded with (only their count is read: no step ran them)."""
     out = {"model": backbone.name, "weights": backbone.weights, "layers": layers_name}
     steps = tuple(getattr(backbone, "timesteps", ()) or ())
     if steps:
         out.update(timesteps=[int(t) for t in steps], model_options=settings.options_json(),
                    timestep_draw=settings.timestep_draw)
     if steps and settings.timestep_draw == "fresh":
-        out.update(timesteps=None, timesteps_per_step=len(steps),
-                   timestep_range=[0, settings.t_max])
+        out.update(timesteps=None, timesteps_per_step=len(steps), timestep_range=[0, settings.t_max],
+                   model_options={k: v for k, v in out["model_options"].items() if k != "timesteps"})
     if settings.recipe is not None:
         out["recipe"] = settings.recipe
     return out
@@ -450,12 +451,13 @@ def _provenance(settings: Settings, geom, backbone, layer_weights: dict | None, 
     """What the dataset's eigenvectors were solved on (`solvers.result.Provenance`): the graph kind, the tapped
     layers, each layer's weight as the run used it (layer_weights: {"rule", "weights": {layer: w}} — exact's
     `solved.layer_weights`, gd's `step.layer_weights_record` —, the same row for each of `num_images`; None where
-    it did not say), the backbone's timesteps and the graph's options: graph_options the ones a `GraphSpec` of the
-    kind reads (k_intra, k_inter as asked — the default filled in —, min_cos, graph_dtype: the features dtype;
-    "edge_weights" too where they are not the cosine), graph_record how the graph was built as summary.json says
-    it ("k_used" per layer group after the caps for graphs of `images` images — the whole dataset's for exact, a
-    batch's for gd —, "edge_weights", "knn_search": graph_info's, `whole.graph_report`; for gd, whose batches are
-    searched exactly, and a graph cached before that record existed: the settings')."""
+    it did not say), the backbone's timesteps (none with `timestep_draw="fresh"`: every step drew its own, as the
+    summary's "timestep_draw" and "timestep_range" say) and the graph's options: graph_options the ones a
+    `GraphSpec` of the kind reads (k_intra, k_inter as asked — the default filled in —, min_cos, graph_dtype: the
+    features dtype; "edge_weights" too where they are not the cosine), graph_record how the graph was built as
+    summary.json says it ("k_used" per layer group after the caps for graphs of `images` images — the whole
+    dataset's for exact, a batch's for gd —, "edge_weights", "knn_search": graph_info's, `whole.graph_report`; for
+    gd, whose batches are searched exactly, and a graph cached before that record existed: the settings')."""
     from spectral_jax.solvers.result import Provenance
 
     tapped = sorted(l for _, ls in geom.groups for l in ls)
@@ -470,8 +472,8 @@ def _provenance(settings: Settings, geom, backbone, layer_weights: dict | None, 
     record = {"k_used": geom.k_used(images),
               "edge_weights": info.get("edge_weights", {"kind": settings.edge_weights}),
               "knn_search": info.get("knn_search", {"asked": settings.search, "used": "exact", "recall_min": 1.0})}
-    return Provenance(settings.graph, tapped, rows, tuple(getattr(backbone, "timesteps", ()) or ()), options,
-                      record)
+    steps = () if settings.timestep_draw == "fresh" else tuple(getattr(backbone, "timesteps", ()) or ())
+    return Provenance(settings.graph, tapped, rows, steps, options, record)
 
 
 def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,

@@ -868,7 +868,8 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
     if rows is not None:                  # the sharded path's graph cache: neither features nor search
         cached.append("graph")
         _say_graph_cached(len(files), os.path.join(ckdir, GRAPH_ROWS))
-        return solve_sharded(None, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n}, rows)
+        return solve_sharded(None, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n}, rows,
+                             model=backbone.name)
     if d is not None:
         cached.append("graph")
         if jax.process_index() == 0:        # the whole graph is kept: parts of any search left unfinished go
@@ -891,7 +892,7 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
             return Solved(None, valid, failed, timings, cached, 0, images_cached=images_cached, solver=path)
         if path == "sharded":
             return solve_sharded(st, settings, geom, mesh, weights, timings, cached, ckdir, {**gkey, "nodes": n},
-                                 bar=bar)
+                                 bar=bar, model=backbone.name)
         t = time.perf_counter()
         gs, info = make_graphs(st, settings, geom, mesh, n, bar=bar, ckdir=ckdir, key={**gkey, "nodes": n})
         del st
@@ -909,7 +910,7 @@ def solve(backbone, layers, settings: Settings, geom: Geometry, root: str, files
         edges, lone = _checked(gs, geom, valid, settings.min_cos)
     info = {**info, "isolated": lone}
     t = time.perf_counter()
-    weights, chosen = layer_weights(gs, geom, weights, settings)
+    weights, chosen = layer_weights(gs, geom, weights, settings, model=backbone.name)
     from spectral_jax.layer_weights import base_grid
 
     base = None if weights is None else base_grid(gs, weights)    # the finest grid with weight (a rule may pick
@@ -1344,7 +1345,7 @@ def _ring_info(report: list, search, shape) -> dict:
 
 def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mesh: Mesh, weights, timings: dict,
                   cached: list, ckdir: str | None = None, key: dict | None = None, rows: dict | None = None,
-                  bar=None) -> Solved:
+                  bar=None, model: str | None = None) -> Solved:
     """The sharded path (`solver_path`): each group's kNN graph searched by `search_sharded` from each process's
     own rows of the store, read in tiles (the same search as `graphs.knn`), and kept sharded by rows, never
     gathered; layer weights by `layer_weights` with `distributed.layer_spectra` for a rule; the top-K of
@@ -1355,7 +1356,8 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
     with the key, its process and the process count. rows: this process's file as `_cached_rows` read it back
     (`solve` does, before any features are read): then st is None, nothing is searched and the graph is rebuilt
     from the rows (`distributed.from_rows`: degrees recomputed). The whole-graph cache (OUT/checkpoints/graph.npz)
-    is neither read nor written. Every process must call it."""
+    is neither read nor written. model: the backbone's name, for `layer_weights`' note. Every process must call
+    it."""
     from spectral_jax.solvers import distributed as D
 
     info = None
@@ -1401,7 +1403,7 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
     t = time.perf_counter()
     kw = dict(tol=settings.tol, maxiter=settings.maxiter, seed=settings.seed)
     spectra = lambda gs, group_layers, k, layers: D.layer_spectra(gs, group_layers, k, **kw)   # all layers, sorted
-    ws, chosen = layer_weights(sgs, geom, weights, settings, spectra=spectra)
+    ws, chosen = layer_weights(sgs, geom, weights, settings, spectra=spectra, model=model)
     op = D.operator(sgs, ws)
     sol = D.lobpcg(op, settings.num_eigs, **kw)
     res = D.to_result(sol, op, tuple(geom.groups[0][0]), n)
@@ -1409,7 +1411,7 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
     return Solved(res, host_valid, failed, timings, cached, edges, chosen, images_cached, "sharded", info)
 
 
-def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra=None
+def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra=None, model: str | None = None
                   ) -> tuple[list | None, dict]:
     """(per-group float32 weights for `exact`, {"rule", "weights": {layer: w}}) from `weights`, an
     `options.LayerWeights` (bound to the tapped layers by `dataset.run`) or None (equal): resolved against the
@@ -1419,8 +1421,10 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra
     (`solvers.exact.layer_spectra`: one sparse solve per layer, over its timesteps' graphs for diffusion taps);
     "select" is the layer of the largest eigengap (no head-agreement term: a layer's whole-dataset graphs are never
     made dense). A rule whose largest weight lands on an early layer says so in one stderr line
-    (`layer_weights.early_pick`). spectra: (gs, group_layers, K, layers) → `[L, K]` (default `exact.layer_spectra`;
-    the sharded path passes `distributed.layer_spectra`'s) — gs may be `KnnGraph`s or `ShardedKnn`s."""
+    (`layer_weights.early_pick`) where `model` (the backbone's name; None: settings.model) has its layer indices in
+    depth order (`layer_weights.depth_ordered`: not a UNet, whose indices run through resolutions). spectra: (gs,
+    group_layers, K, layers) → `[L, K]` (default `exact.layer_spectra`; the sharded path passes
+    `distributed.layer_spectra`'s) — gs may be `KnnGraph`s or `ShardedKnn`s."""
     import functools
 
     from spectral_jax import layer_weights as LW
@@ -1441,7 +1445,7 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra
             spectra, gs, group_layers, settings.num_eigs), agreement=np.ones(len(layers)))
         per = dict(zip(layers, per_layer))
         note = LW.early_pick(rule, layers, per_layer)       # the rules favour early layers at dataset level
-        if note and jax.process_index() == 0:
+        if note and jax.process_index() == 0 and LW.depth_ordered(settings.model if model is None else model):
             _say(note)
     return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
 
