@@ -86,6 +86,22 @@ def _check_given(path: str, flag: str, example: str) -> None:
         raise InputError(f"{flag} {path!r}", "is empty", f"pass an output path, e.g. {flag} {example}")
 
 
+def _check_name(path: str, flag: str) -> None:
+    """A last path component longer than the filesystem takes (NAME_MAX, 255 bytes on most) is one line now, not
+    an ENAMETOOLONG when the result is moved into place, after the work."""
+    name = os.path.basename(os.path.abspath(path))
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    try:
+        most = os.pathconf(parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        most = 255
+    if len(os.fsencode(name)) > most:
+        raise InputError(f"{flag} {path}", f"names a file or folder of {len(os.fsencode(name))} bytes, more than "
+                         f"the {most} its filesystem takes", "pass a shorter name")
+
+
 def _make_parent(path: str, flag: str) -> list[str]:
     """Create the missing folders above `path`; returns those created (deepest last). A file in the way, or a
     folder that cannot be written, is one line naming `path`."""
@@ -133,6 +149,7 @@ class OutputFile:
         if self.path.endswith(os.sep) or os.path.isdir(self.path):
             raise InputError(f"{flag} {self.path}", "is a folder", "pass a file path, e.g. out/result.npz")
         check_not_input(self.path, inputs, flag)
+        _check_name(self.path, flag)
         self._created = _make_parent(self.path, flag)
         d = os.path.dirname(os.path.abspath(self.path))
         try:
@@ -201,11 +218,13 @@ def write_json(path: str, data) -> str:
 
 
 class OutputDir:
-    """A result folder built in a sibling temporary folder (`tmp`) and moved into `out` by `commit()`.
+    """A result folder built in a temporary folder (`tmp`: beside `out`, or inside it where it exists — its own
+    filesystem, a mount point say) and moved into `out` by `commit()`.
 
-    Checked and created before the work starts: `out` must not be a file or lie under one, its parent must be
-    writable, and no input may lie in `out` itself or inside an entry that the run will replace (`names`, the
-    top-level files and folders it writes). `commit()`: when `out` does not exist, one rename; otherwise, under an
+    Checked and created before the work starts: `out` must not be a file or lie under one, its name must fit its
+    filesystem, the folder `tmp` goes in must be writable, and no input may lie in `out` itself or inside an entry
+    that the run will replace (`names`, the top-level files and folders it writes). `commit()`: when `out` did not
+    exist, one rename; otherwise, under an
     exclusive `flock` on `out`, each written entry replaces the one of the same name (other entries stay), so
     concurrent runs into one `out` serialise instead of racing. Leaving the block without `commit()` removes `tmp`.
     """
@@ -221,13 +240,17 @@ class OutputDir:
                                                                     for n in names)):
                 raise InputError(f"{flag} {self.out}", f"would replace the input {src}",
                                  "pass an output folder that does not hold the inputs")
+        _check_name(self.out, flag)
         self._created = _make_parent(self.out, flag)
-        parent = os.path.dirname(os.path.abspath(self.out))
+        # staged where its entries go: in `out` when it exists (its own filesystem, a mount point say: a rename
+        # from its parent would cross devices; and an `out` that cannot be written fails now), else beside it
+        where = self.out if os.path.isdir(self.out) else os.path.dirname(os.path.abspath(self.out))
         try:
-            self.tmp = tempfile.mkdtemp(dir=parent, prefix=".tmp-" + os.path.basename(os.path.abspath(self.out)) + "-")
+            self.tmp = tempfile.mkdtemp(dir=where, prefix=".tmp-" + os.path.basename(os.path.abspath(self.out))[:32]
+                                        + "-")
         except OSError as e:
             _remove_dirs(self._created)
-            raise InputError(f"{flag} {self.out}", f"cannot write in {parent} ({e.strerror})",
+            raise InputError(f"{flag} {self.out}", f"cannot write in {where} ({e.strerror})",
                              "pass an output folder in a writable location") from None
         self.committed = False
         self.kept = False          # a failed merge that could not be undone: tmp holds the replaced entries
@@ -238,13 +261,14 @@ class OutputDir:
         if not entries:
             raise RuntimeError(f"the run wrote nothing into {self.out}")
         dest = os.path.abspath(self.out)   # "." or "a/..": rename(2) refuses such a name (EBUSY), not the folder
-        try:
-            os.rename(self.tmp, dest)  # atomic when `out` does not exist (fails if it does, even empty)
-            self.committed = True
-            return self.out
-        except OSError as e:
-            if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EBUSY):
-                raise
+        if not _inside(self.tmp, dest):    # staged beside `out`, which did not exist then
+            try:
+                os.rename(self.tmp, dest)  # atomic when `out` does not exist (fails if it does, even empty)
+                self.committed = True
+                return self.out
+            except OSError as e:
+                if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EBUSY):
+                    raise
         os.makedirs(dest, exist_ok=True)
         fd = os.open(dest, os.O_RDONLY)
         try:

@@ -200,10 +200,10 @@ def _sigint_default():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def _patched(tmp_path, body, prelude=""):
+def _patched(tmp_path, body, prelude="", sigint=_sigint_default):
     code = _PATCHED.format(body=body, prelude=prelude)
     return subprocess.Popen([sys.executable, "-c", code], env=_env(tmp_path, **{compile_cache.ENV: "0"}),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=_sigint_default)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=sigint)
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
@@ -230,6 +230,23 @@ def test_sigterm_is_the_same_clean_stop_one_line_and_exit_143(tmp_path):
     finally:
         proc.kill()
     assert (proc.returncode, cleanup, out, err) == (143, "cleanup ran\n", "", "spectral-jax solve: terminated\n")
+
+
+def test_sigterm_lost_in_a_del_is_sent_again_where_sigint_is_ignored(tmp_path):
+    """A job started with `&` from a script (or under nohup) ignores SIGINT. A SIGTERM that lands in a `__del__`
+    (JAX's garbage-collector callback, say) becomes an "Exception ignored" there: it was sent again only where the
+    SIGINT handler was ours, so the run went on to the end, wrote its outputs and exited 0."""
+    body = ('class Slow:\n        def __del__(self):\n            print("in del", flush=True); time.sleep(30)\n'
+            '    s = Slow(); del s\n    time.sleep(5); print("ran on", flush=True); return 0')
+    proc = _patched(tmp_path, body, sigint=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        assert proc.stdout.readline().strip() == "in del"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert (proc.returncode, out) == (143, ""), (proc.returncode, out, err)
+    assert err.endswith("spectral-jax solve: terminated\n"), err
 
 
 def test_the_package_s_warnings_are_one_line_others_python_s(tmp_path):

@@ -327,8 +327,52 @@ def test_merge_into_an_existing_folder_is_all_or_nothing(tmp_path, monkeypatch, 
             for name in ("a", "b.txt", "c.txt"):
                 with open(os.path.join(tmp, name), "w") as f:
                     f.write("new")
-    kept = {k.split(os.sep, 2)[-1]: v for k, v in _tree(str(tmp_path)).items() if ".old-" in k}
+    kept = {k.split(".old-", 1)[1].split(os.sep, 1)[1]: v for k, v in _tree(str(tmp_path)).items() if ".old-" in k}
     assert {k: before[k] for k in kept} == kept and kept          # what was replaced is still on disk
+
+
+def test_an_existing_out_is_staged_inside_it_and_names_too_long_are_refused_before_work(tmp_path):
+    """An existing `out` may be its own filesystem (a mount point: a rename from its parent crossed devices, EXDEV
+    after the work) or read-only (it passed the parent's check, and failed after the work): the run is staged
+    inside it, which also checks it can be written. A name longer than the filesystem takes was ENAMETOOLONG after
+    the work (OutputFile) or refused for a legal 250-byte folder (the staging name's prefix)."""
+    out = str(tmp_path / "run")
+    _old_run(out)
+    with files.OutputDir(out, names=["b.txt"]) as od:
+        assert os.path.dirname(od.tmp) == out
+        with open(os.path.join(od.tmp, "b.txt"), "w") as f:
+            f.write("new")
+        od.commit()
+    assert _tree(out) == {"a/0.txt": "old", "b.txt": "new", "keep.txt": "not ours"}
+    no_tmp(tmp_path)
+    with files.OutputDir(str(tmp_path / "fresh")) as od:                # no out yet: staged beside it
+        assert os.path.dirname(od.tmp) == str(tmp_path)
+    long = str(tmp_path / ("y" * 250))                                 # a legal name: accepted
+    with files.staged_dir(long) as tmp:
+        open(os.path.join(tmp, "f"), "w").write("x")
+    assert os.listdir(long) == ["f"]
+    for make in (lambda p: files.OutputDir(p), lambda p: files.OutputFile(p + ".npz")):
+        with pytest.raises(InputError, match=r"names a file or folder of 30\d bytes, more than the 255 .* shorter"):
+            make(str(tmp_path / ("x" * 300)))
+    assert sorted(os.listdir(tmp_path)) == sorted(["run", "y" * 250])
+
+
+def test_a_full_disk_is_one_line_not_a_traceback(tmp_path, image, monkeypatch, capsys):
+    """ENOSPC (and numpy's short write, which carries no errno) while the result is written: one line naming
+    --out, exit 1, nothing left."""
+    from spectral_jax.cli import main
+
+    for err in (OSError(28, "No space left on device"), OSError("1179648 requested and 16352 written")):
+        def full(self, err=err):
+            raise err
+
+        monkeypatch.setattr(files.OutputFile, "commit", full)
+        out = tmp_path / "a.npz"
+        assert main(["extract", str(image), *TINY, "--size", "28", "--layers", "0", "--out", str(out)]) == 1
+        lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(lines) == 1 and lines[0].startswith(f"spectral-jax extract: error: --out {out}: "), lines
+        assert lines[0].endswith("free space there, or write elsewhere (--out)"), lines
+        assert os.listdir(tmp_path) == []
 
 
 def test_npz_rule(tmp_path):

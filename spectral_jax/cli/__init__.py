@@ -17,6 +17,7 @@ it off, `SPECTRAL_JAX_COMPILE_CACHE=DIR` moves it. Only a command-line run turns
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import importlib.machinery
 import os
@@ -92,13 +93,21 @@ def hard_exit(code: int) -> None:
     os._exit(code)
 
 
+# errno of a write the filesystem refused → the fix the one-line error gives (`_run`)
+_DISK_ERRORS = {errno.ENOSPC: "free space there, or write elsewhere (--out)",
+                errno.EDQUOT: "free space within your quota, or write elsewhere (--out)",
+                errno.EROFS: "write elsewhere (--out): that filesystem is read-only",
+                errno.EXDEV: "write elsewhere (--out), on the filesystem of its parent folder"}
+
+
 def _run(argv: list[str] | None) -> int:
     """`main` without the process-exit handling: the command, its errors and its interruption → the exit code."""
-    prog, ctrl_c = "spectral-jax", _CtrlC()
+    prog, ctrl_c, out = "spectral-jax", _CtrlC(), None
     try:
         with ctrl_c, _OneLineWarnings() as said:
             args = build_parser().parse_args(argv)
             prog = said.prog = f"spectral-jax {args.command}"
+            out = getattr(args, "out", None)
             if argv is None:
                 compile_cache.enable()
             code = int(args.func(args) or 0)
@@ -117,6 +126,15 @@ def _run(argv: list[str] | None) -> int:
         except (OSError, ValueError):  # stdout is not a file descriptor (captured in tests, say)
             pass
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
+    except OSError as e:   # after BrokenPipeError, one of them
+        short = e.errno is None and " requested and " in str(e) and str(e).endswith(" written")   # numpy's tofile
+        if e.errno not in _DISK_ERRORS and not short:
+            raise
+        # the filesystem refused a write (full, read-only, ...): one line; what was staged is already removed
+        why = f"a write came short ({e}): the disk is likely full" if short else e.strerror or str(e)
+        print(f"{prog}: error: {e.filename or (f'--out {out}' if out else 'an output')}: {why} — {_DISK_ERRORS[e.errno or errno.ENOSPC]}",
+              file=sys.stderr)
+        return 1
     except Exception:
         if not ctrl_c.pressed:
             raise
@@ -213,7 +231,9 @@ class _CtrlC:
         raise KeyboardInterrupt
 
     def _unraisable(self, unraisable):
-        if isinstance(unraisable.exc_value, KeyboardInterrupt) and self._handler is not None:
+        # a KeyboardInterrupt Python dropped: where SIGINT is ours, or where it came from our SIGTERM handler (SIGINT
+        # ignored: a job started with `&` from a script, nohup)
+        if isinstance(unraisable.exc_value, KeyboardInterrupt) and (self._handler is not None or self.pressed):
             self._again_later()
         else:
             self._hook(unraisable)
