@@ -162,8 +162,9 @@ def _check_segments(args, settings, patch: int) -> None:
     from spectral_jax import folder as F
     from spectral_jax import io
     from spectral_jax.dataset.cluster import check_count
+    from spectral_jax.dataset.inputs import written
 
-    files, _ = F.scan(args.folder, exclude=[args.out])
+    files, _ = F.scan(args.folder, exclude=written(args.out))
     h, w = io.target_size(settings.size, settings.size, patch)
     check_count(settings.segments, len(files) * (h // patch) * (w // patch))
 

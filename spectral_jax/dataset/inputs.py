@@ -1,6 +1,6 @@
 """A dataset run's inputs checked before any work (one `InputError` line naming the input and the fix): OUT
-against FOLDER and the disk, K and k against the graph of a batch, a folder without a readable image, the
-multi-process options.
+against FOLDER and the disk, the image files against what the run writes in OUT, K and k against the graph of a
+batch, a folder without a readable image, the multi-process options.
 Imports no JAX.
 """
 
@@ -22,9 +22,11 @@ def check_out(folder: str, out: str) -> None:
     """Refuse, before any work, an OUT the run could not fill or that would mix with its input.
 
     OUT must be outside FOLDER (not equal, not inside: a later scan of FOLDER would read the run's eigvecs.png as an
-    image); not an existing file or link to nothing; not under a regular file; writable (a probe file is created
-    and removed in OUT, or in its nearest existing parent when OUT is new); and the names the run writes
-    (`OUTPUT_NAMES`) must not exist there as the other kind (a folder named summary.json, a file named checkpoints).
+    image); FOLDER may lie in OUT, but not in (or be) an entry the run writes there (`written`: OUT/checkpoints,
+    the exported files); OUT must not be an existing file or link to nothing; not under a regular file; writable (a
+    probe file is created and removed in OUT, or in its nearest existing parent when OUT is new); and the names the
+    run writes (`OUTPUT_NAMES`) must not exist there as the other kind (a folder named summary.json, a file named
+    checkpoints). The image files themselves, once listed, are checked by `check_files`.
     """
     if not out.strip():
         raise InputError(f"--out {out!r}", "is empty", "pass the path of a folder for the results")
@@ -33,6 +35,10 @@ def check_out(folder: str, out: str) -> None:
         raise InputError(f"--out {out}", "is the input folder" if real_out == real_in else
                          f"is inside the input folder {folder}",
                          "choose an --out outside FOLDER (the next run would scan this run's outputs as images)")
+    for path in written(out):
+        if _under(real_in, os.path.realpath(path)):
+            raise InputError(f"--out {out}", f"would write into the input folder {folder} (the run writes {path})",
+                             "choose another --out, or move the images out of it")
     if os.path.lexists(out) and not os.path.isdir(out):
         raise InputError(f"--out {out}", "exists and is not a folder", "pass a new or existing folder for --out")
     here = os.path.abspath(out)
@@ -52,6 +58,30 @@ def check_out(folder: str, out: str) -> None:
         path = os.path.join(out, name)
         if os.path.lexists(path) and os.path.isdir(path) != (kind == "folder"):
             raise InputError(path, f"exists and is not a {kind}", "remove it, or choose another --out")
+
+
+def written(out: str) -> list[str]:
+    """What a run writes in OUT (`OUTPUT_NAMES`: OUT/checkpoints and the exported files), as given."""
+    return [os.path.join(out, name) for name in OUTPUT_NAMES]
+
+
+def _under(real: str, target: str) -> bool:
+    """Whether the real path `real` is the real path `target` or lies in it."""
+    return real == target or real.startswith(target.rstrip(os.sep) + os.sep)
+
+
+def check_files(folder: str, files: list[str], out: str) -> None:
+    """No image file of FOLDER (`files`, relative to it, as `folder.scan` lists them) may be, through a link, an
+    entry the run writes in OUT (`written`) or lie in one: the run would read it, then replace it (an earlier run's
+    eigvecs.png linked into FOLDER). One `InputError` line naming the file, before any work."""
+    targets = [(path, os.path.realpath(path)) for path in written(out)]
+    for name in files:
+        real = os.path.realpath(os.path.join(folder, name))
+        for path, target in targets:
+            if _under(real, target):
+                raise InputError(f"--out {out}", f"would overwrite the input {os.path.join(folder, name)} (it is "
+                                 f"{real}, and the run writes {path})", "choose another --out, or take the link "
+                                 "out of FOLDER")
 
 
 def no_images(folder: str, files: list[str], example: str) -> InputError:
@@ -165,4 +195,5 @@ def discard(path: str | None, process_index: int = 0) -> None:
         shutil.rmtree(path, ignore_errors=True)
 
 
-__all__ = ["OUTPUT_NAMES", "check_cluster", "check_graph_size", "check_out", "discard", "no_images"]
+__all__ = ["OUTPUT_NAMES", "check_cluster", "check_files", "check_graph_size", "check_out", "discard", "no_images",
+           "written"]

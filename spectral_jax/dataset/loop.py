@@ -67,15 +67,17 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     all devices (`make_mesh`); resume: continue the run in `out` (a finished run is re-exported); progress: a bar.
 
     Bad input raises `InputError` before the backbone runs and before anything is written: every option's type and
-    range (`Settings`), OUT outside FOLDER, writable and not a file (`inputs.check_out`), OUT holding an earlier
-    run's checkpoints without `resume`, a folder with no image that decodes (`folder.first_readable`), K and k
-    against a batch's graph (`inputs.check_graph_size`). Should no image be readable during the run all the same
-    (files changed underneath), it stops after the first epoch with that `InputError` and leaves nothing behind (a
-    folder made by this run is removed, else its checkpoints/). A run that fails before its first checkpoint leaves
+    range (`Settings`), OUT outside FOLDER, writable and not a file, FOLDER not in (or equal to) OUT/checkpoints or
+    an exported file (`inputs.check_out`), no image file one the run writes, through a link (`inputs.check_files`),
+    OUT holding an earlier run's checkpoints (exact: its cached features or graph) without `resume` (all of these
+    before the backbone loads), a folder with no image that decodes (`folder.first_readable`), K and k against a
+    batch's graph (`inputs.check_graph_size`). Should no image be readable during the run all the same (files
+    changed underneath), it stops after the first epoch with that `InputError` and leaves nothing behind (a folder
+    made by this run is removed, else its checkpoints/). A run that fails before its first checkpoint leaves
     nothing; one that fails later keeps its checkpoints, and `resume=True` continues from the last. gd: a step whose
-    loss (or, at a checkpoint, state) is not finite stops the run there in one `InputError` naming --lr (`_diverged`;
-    no checkpoint holding NaN is written, the earlier ones stay); a first epoch whose graphs hold no edge between two
-    tokens is refused as exact refuses it (`whole.no_edge`: --min-cos), leaving nothing.
+    loss (or, at a checkpoint, state) is not finite stops the run there in one `InputError` naming --lr
+    (`_diverged`; no checkpoint holding NaN is written, the earlier ones stay); a first epoch whose graphs hold no
+    edge between two tokens is refused as exact refuses it (`whole.no_edge`: --min-cos), leaving nothing.
 
     One run at a time per OUT: OUT is locked (`files.FolderLock`, an exclusive flock on the folder, by process 0,
     the one that writes) before anything else is read or written there, for the whole run; OUT in use by another
@@ -89,7 +91,7 @@ def run(folder: str, out: str, settings: Settings | None = None, *, backbone=Non
     settings = settings.replace(**options) if settings is not None else Settings(**options)
     same = {**{f.name: repr(getattr(settings, f.name)) for f in dataclasses.fields(settings)}, "resume": resume,
             "backbone": None if backbone is None else repr(getattr(backbone, "name", None))}
-    where = _open_folder(os.fspath(folder), os.fspath(out), resume, same)
+    where = _open_folder(os.fspath(folder), os.fspath(out), resume, same, exact=settings.method == "exact")
     try:
         return _run(where, settings, backbone, mesh, resume, progress, t_start)
     finally:
@@ -129,7 +131,7 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
                                    step.learning_rate(settings.replace(lr=None), geom))
 
     if settings.method == "exact":
-        return _run_exact(where, settings, geom, backbone, layers, layers_name, fp, mesh, t_start, resume, progress)
+        return _run_exact(where, settings, geom, backbone, layers, layers_name, fp, mesh, t_start, progress)
 
     per_epoch = -(-len(where.files) // settings.batch_size)
     total = settings.epochs * per_epoch
@@ -148,9 +150,11 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
     return _export(where, settings, geom, backbone, layers_name, trained, per_epoch, t_start, compile_s)
 
 
-def _open_folder(folder: str, out: str, resume: bool, same: dict | None = None) -> Folder:
-    """FOLDER scanned and checked to hold a readable image, OUT checked (`inputs.check_out`), locked (`_lock_out`)
-    and its checkpoints listed (refused without `resume`), the images' content digests taken. With several
+def _open_folder(folder: str, out: str, resume: bool, same: dict | None = None, exact: bool = False) -> Folder:
+    """FOLDER scanned and checked to hold a readable image, none of its files one the run writes
+    (`inputs.check_files`), OUT checked (`inputs.check_out`), locked (`_lock_out`) and its checkpoints listed
+    (refused without `resume`; `exact`: its cached features or graph too, `_refuse_unasked_cache`), the images'
+    content digests taken — all before the backbone loads. With several
     processes, `same` (the run's settings) and the images listed must be every process's (`layout.same_everywhere`,
     before anything is read). The lock is released here when a check fails; otherwise the caller releases it
     (`Folder.lock`)."""
@@ -164,7 +168,10 @@ def _open_folder(folder: str, out: str, resume: bool, same: dict | None = None) 
         done = checkpoint.steps(ckdir)
         if done and not resume:
             checkpoint.refuse_unasked_resume(out, done)
-        files, ignored = F.scan(folder, exclude=[out])
+        if exact and not resume:
+            _refuse_unasked_cache(out, ckdir)
+        files, ignored = F.scan(folder, exclude=inputs.written(out))
+        inputs.check_files(folder, files, out)
         same_everywhere({**(same or {}), "files": list(files)})
         found, why = F.first_readable(folder, files)
         if found is None:
@@ -476,19 +483,31 @@ def _provenance(settings: Settings, geom, backbone, layer_weights: dict | None, 
     return Provenance(settings.graph, tapped, rows, steps, options, record)
 
 
+def _cached(ckdir: str) -> list[str]:
+    """What OUT/checkpoints (`ckdir`) holds of an exact run's cache: "features" (finished shards), "graph"."""
+    from spectral_jax.dataset import store
+
+    return (["features"] if store.finished(ckdir) else []) + (
+        ["graph"] if os.path.isfile(os.path.join(ckdir, whole.GRAPH)) else [])
+
+
+def _refuse_unasked_cache(out: str, ckdir: str) -> None:
+    """OUT holds an exact run's cached features or graph and --resume was not given: say how to go on."""
+    cache = _cached(ckdir)
+    if cache:
+        raise InputError(out, f"holds the cached {' and '.join(cache)} of an earlier run",
+                         "pass --resume to reuse them (or re-export), delete "
+                         f"{os.path.join(out, checkpoint.FOLDER)} to start over, or choose another --out")
+
+
 def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,
-               t_start: float, resume: bool, progress: bool) -> DatasetResult:
+               t_start: float, progress: bool) -> DatasetResult:
     """method="exact" (`whole.solve`): the memory estimate checked first (`memory.check`: refused in one line before
     anything is written), features (a shard per batch, `store`) and graph cached in OUT/checkpoints, then the exact
     solve and the export. A run that fails before its first shard leaves nothing behind."""
     from spectral_jax.dataset import memory, store
 
-    cache = (["features"] if store.finished(where.ckdir) else []) + (
-        ["graph"] if os.path.isfile(os.path.join(where.ckdir, whole.GRAPH)) else [])
-    if cache and not resume:
-        raise InputError(where.out, f"holds the cached {' and '.join(cache)} of an earlier run",
-                         "pass --resume to reuse them (or re-export), delete "
-                         f"{os.path.join(where.out, checkpoint.FOLDER)} to start over, or choose another --out")
+    cache = _cached(where.ckdir)             # refused without `resume` before the backbone loaded (`_open_folder`)
     made_out, made_ck = where.made_out, not os.path.exists(where.ckdir)
     estimate = memory.check(memory.estimate_run(backbone, layers, settings, geom, mesh, jax.process_count()))
     bar = _bar(progress, len(where.files), 0)
