@@ -127,7 +127,8 @@ def _run(argv: list[str] | None) -> int:
             pass
         return 141  # 128 + SIGPIPE, what a shell reports for a tool killed by the closed pipe
     except OSError as e:   # after BrokenPipeError, one of them
-        short = e.errno is None and " requested and " in str(e) and str(e).endswith(" written")   # numpy's tofile
+        # numpy's tofile reports a short write without an errno
+        short = e.errno is None and " requested and " in str(e) and str(e).endswith(" written")
         if e.errno not in _DISK_ERRORS and not short:
             raise
         # the filesystem refused a write (full, read-only, ...): one line; what was staged is already removed

@@ -24,8 +24,8 @@ steps (`stationarity`; None below 2 steps). What converged means depends on the 
             stuck point, not converged (`kind` says which). Maps that span fewer than K dimensions are an
             `InputError`: no K-dimensional Rayleigh–Ritz step.
 A run that has not converged warns (RuntimeWarning) and says what to change. A run that left float32 (NaN or Inf:
-lr far too large) is one `InputError` naming the step and the fix; there is nothing to report from it. The check reads the history the loop
-returns anyway: no host round-trip is added inside the compiled loop.
+lr far too large) is one `InputError` naming the step and the fix; there is nothing to report from it. The check
+reads the history the loop returns anyway: no host round-trip is added inside the compiled loop.
 
 Graphs that do not change between steps are small enough, by default, to build once (`materialize`): the eigen
 preset without sampling then iterates on each group's Σ_s w_s sym(P_s) — the same objective and gradient — and the
@@ -363,8 +363,8 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
 def _check_diverged(preset: str, history: np.ndarray, maps: jax.Array, lrs: tuple[float, float] | None) -> None:
     """One `InputError` when the run left float32 (a NaN or Inf loss, or maps `[B, K, H0, W0]`): the learning rate
     too large for the problem — or, where the loss at the start (before any update) is not finite, the graphs.
-    lrs: (the run's lr, the preset's default), None with the caller's own optimizer. Nothing is left to report from such a run: its
-    maps hold no eigenvectors, and the Rayleigh–Ritz step would fail inside LAPACK."""
+    lrs: (the run's lr, the preset's default), None with the caller's own optimizer. Nothing is left to report
+    from such a run: its maps hold no eigenvectors, and the Rayleigh–Ritz step would fail inside LAPACK."""
     bad = np.flatnonzero(~np.isfinite(history))
     if bad.size == 0 and bool(jnp.all(jnp.isfinite(maps))):
         return
