@@ -297,10 +297,11 @@ def graph_groups(taps: Taps, g: GraphSpec, image: int | None) -> tuple[list, lis
     return gs, [ls for _, ls in G.group_layers(taps.patches())]
 
 
-@jax.jit
-def _other_edges(idx, w) -> jax.Array:
-    """Whether a kNN graph's stored idx, w `[*S, N, k]` hold an edge (w > 0) between two different tokens."""
-    return jnp.any((w > 0) & (idx != jnp.arange(idx.shape[-2], dtype=idx.dtype)[:, None]))
+def _other_edges(idx, w) -> bool:
+    """Whether a kNN graph's stored idx, w `[*S, N, k]` hold an edge (w > 0) between two different tokens (on the
+    host: a compile per graph shape would cost more than the pass)."""
+    idx, w = np.asarray(idx), np.asarray(w)
+    return bool(np.any((w > 0) & (idx != np.arange(idx.shape[-2], dtype=idx.dtype)[:, None])))
 
 
 def _per_image(taps: Taps, g: GraphSpec, fn):

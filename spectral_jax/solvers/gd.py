@@ -344,7 +344,7 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
     history = np.concatenate([np.asarray(h) for h in jax.block_until_ready(hist)])
     if bar is not None:
         bar.close()
-    maps = _maps(cfg, carry.params)
+    maps = np.asarray(_maps(cfg, carry.params))        # [B, K, H0, W0] on the host: the checks and the Ritz step
     _check_diverged(preset, history, maps, None if s.optimizer else (lr, default_lr(preset, m0)))
     spread = _check_spread(maps, cfg.lam) if preset == "paper" else None
     vals, vecs, res = _ritz(work, work_w, base, nimg, maps)
@@ -360,13 +360,13 @@ def gd(graphs, num_eigs: int = 20, weights=None, base_grid=None, *, options: GdS
                                           saturation(maps) if preset == "paper" else None, spread))
 
 
-def _check_diverged(preset: str, history: np.ndarray, maps: jax.Array, lrs: tuple[float, float] | None) -> None:
+def _check_diverged(preset: str, history: np.ndarray, maps: np.ndarray, lrs: tuple[float, float] | None) -> None:
     """One `InputError` when the run left float32 (a NaN or Inf loss, or maps `[B, K, H0, W0]`): the learning rate
     too large for the problem — or, where the loss at the start (before any update) is not finite, the graphs.
     lrs: (the run's lr, the preset's default), None with the caller's own optimizer. Nothing is left to report
     from such a run: its maps hold no eigenvectors, and the Rayleigh–Ritz step would fail inside LAPACK."""
     bad = np.flatnonzero(~np.isfinite(history))
-    if bad.size == 0 and bool(jnp.all(jnp.isfinite(maps))):
+    if bad.size == 0 and np.isfinite(maps).all():
         return
     if bad.size and bad[0] == 0:           # the loss at the start, before any update: the graphs, not lr
         raise InputError("graphs", "the problem's matrix holds NaN or inf (the loss at gd's start is not finite: "
@@ -411,7 +411,7 @@ def saturation(maps: jax.Array) -> float:
     rounding — its largest entry exactly 1, so the softmax passes no gradient there. ≈ 0 at the preset's learning
     rates (a logit moves about lr per Adam step, and one-hot needs gaps ≳ 17); ≈ 1 where a huge lr threw the
     logits apart in a step or two and the loss then stood still at whatever point that was."""
-    return float(jnp.mean(jnp.max(maps, axis=1) == 1.0))
+    return float(np.mean(np.max(np.asarray(maps), axis=1) == 1.0))
 
 
 def stationarity(values, window: int, start: float | None = None) -> float | None:
