@@ -526,6 +526,15 @@ def edge_degrees(idx: Array, w: Array) -> Array:
     return deg.reshape(w.shape[:-1])
 
 
+def other_edges(idx, w, xp=jnp):
+    """How many edges of a kNN graph's stored idx, w `[*S, N, k]` are kept (w > 0) between two distinct tokens
+    (a token's own edge, which knn-vv keeps, not counted): int32 scalar. xp: the array module — `jnp` (inside a
+    jitted step) or `np` (on the host, where a compile per graph shape would cost more than the pass). 0 where every
+    neighbour's cosine was at or below min_cos."""
+    own = idx == xp.arange(idx.shape[-2], dtype=idx.dtype)[:, None]
+    return xp.sum((w > 0) & ~own, dtype=xp.int32)
+
+
 def weight_edges(g: KnnGraph, a: Array, edges: str, seed: int, valid_rows: Array | None = None
                  ) -> tuple[KnnGraph, Array | None]:
     """The kNN graph `g` (built by `knn` from features a `[*S, N, F]`) with its edge weights as `edges` says:

@@ -287,7 +287,7 @@ def graph_groups(taps: Taps, g: GraphSpec, image: int | None) -> tuple[list, lis
     from spectral_jax import graphs as G
 
     gs = G.from_taps(taps, g.kind, image=image, **g.build_kwargs())
-    if g.kind.startswith("knn") and not any(_other_edges(x.idx, x.w) for x in gs):
+    if g.kind.startswith("knn") and not any(G.other_edges(np.asarray(x.idx), np.asarray(x.w), np) for x in gs):
         several = next(iter(taps.layers.values())).q.shape[0] > 1           # k_inter reaches other images
         ks = f"k_intra {g.k_intra}, " + (f"k_inter {g.k_inter}, " if several else "")
         raise InputError(f"{ks}min_cos {g.min_cos}", "leave no edge between "
@@ -295,13 +295,6 @@ def graph_groups(taps: Taps, g: GraphSpec, image: int | None) -> tuple[list, lis
                          "is 1 in knn-vv; all other cosines are at or below min_cos)", "raise k_intra (--k-intra) to "
                          "2 or more, or lower min_cos")
     return gs, [ls for _, ls in G.group_layers(taps.patches())]
-
-
-def _other_edges(idx, w) -> bool:
-    """Whether a kNN graph's stored idx, w `[*S, N, k]` hold an edge (w > 0) between two different tokens (on the
-    host: a compile per graph shape would cost more than the pass)."""
-    idx, w = np.asarray(idx), np.asarray(w)
-    return bool(np.any((w > 0) & (idx != np.arange(idx.shape[-2], dtype=idx.dtype)[:, None])))
 
 
 def _per_image(taps: Taps, g: GraphSpec, fn):

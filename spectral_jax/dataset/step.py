@@ -163,13 +163,9 @@ def layer_weights_record(settings: Settings, geom: Geometry) -> dict:
 
 
 def links(graphs) -> jax.Array:
-    """The edges kept (weight > 0) between two distinct tokens over all `graphs` (`KnnGraph`s): int32 scalar. 0
-    where every neighbour's cosine was at or below --min-cos (knn-vv keeps a token's own edge, not counted)."""
-    def one(g):
-        own = g.idx == jnp.arange(g.idx.shape[-2], dtype=g.idx.dtype)[:, None]
-        return jnp.sum((g.w > 0) & ~own, dtype=jnp.int32)
-
-    return sum(one(g) for g in graphs)
+    """The edges kept (weight > 0) between two distinct tokens over all `graphs` (`KnnGraph`s, `graphs.other_edges`):
+    int32 scalar. 0 where every neighbour's cosine was at or below --min-cos."""
+    return sum(G.other_edges(g.idx, g.w) for g in graphs)
 
 
 def batch_graphs(apply: Callable, layers, settings: Settings, geom: Geometry, mesh: Mesh | None, params, x, valid
