@@ -148,6 +148,19 @@ def open_regular(path: str, what: str = "file", fix: str = "pass a regular file"
         raise
 
 
+def digest(path: str, what: str = "file") -> bytes:
+    """The first 128 bits of the sha256 of the bytes of the regular file `path` (read through `open_regular`, in
+    1 MiB chunks): what a run records to tell a file changed under the same path. Raises `open_regular`'s
+    InputError or the OSError of a failed read; does not cache."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open_regular(path, what) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.digest()[:16]
+
+
 def load_image(path: str) -> np.ndarray:
     """Read `path` as uint8 RGB `[H, W, 3]`, EXIF orientation applied. A path that is not a regular file (a folder,
     a FIFO, a device) is refused without reading it (`open_regular`); so is a file PIL cannot identify as an image,

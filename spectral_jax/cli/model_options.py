@@ -80,19 +80,20 @@ def family_options(args: argparse.Namespace, spec, family) -> dict:
 def recorded(options: dict, family) -> dict:
     """What a run's `family_options` set besides the timesteps (which the backbone reports), for its JSON record:
     "latent" (the family's default "mean" where none was given) and, where one was given, "text_embedding" (the
-    file's absolute path) with "text_embedding_sha256" (the first 128 bits of its content's sha256, as `dataset`'s
-    model_options have it: a file changed under the same path shows) — each only for a family that takes it."""
-    import hashlib
+    file's absolute path) with "text_embedding_sha256" (`io.digest`: the first 128 bits of its content's sha256, as
+    `dataset`'s model_options have it: a file changed under the same path shows) — each only for a family that
+    takes it."""
     import os
+
+    from spectral_jax.io import digest
 
     out = {}
     if "latent" in family.options:
         out["latent"] = options.get("latent") or "mean"
     if options.get("text_embedding") is not None:
         path = options["text_embedding"]
-        with open(path, "rb") as f:
-            digest = hashlib.sha256(f.read()).digest()[:16].hex()
-        out.update(text_embedding=os.path.abspath(path), text_embedding_sha256=digest)
+        out.update(text_embedding=os.path.abspath(path),
+                   text_embedding_sha256=digest(path, "text embedding file").hex())
     return out
 
 

@@ -29,7 +29,7 @@ from jax import lax
 from spectral_jax.dataset.layout import Geometry, gather
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.errors import InputError
-from spectral_jax.io import open_regular
+from spectral_jax.io import digest, open_regular
 
 FOLDER = "checkpoints"
 
@@ -159,17 +159,13 @@ _UNREADABLE = hashlib.sha256(b"\0unreadable file").digest()[:16]
 
 
 def _digest(path: str) -> bytes:
-    """The first 128 bits of the sha256 of the bytes of `path`; `_UNREADABLE` for a file that cannot be opened or
-    read, or is not a regular file (a FIFO, a device, a socket: refused by `io.open_regular` without waiting on it
-    or reading it; the run lists it as skipped when it fails to read it as an image)."""
-    h = hashlib.sha256()
+    """`io.digest` of `path`; `_UNREADABLE` for a file that cannot be opened or read, or is not a regular file (a
+    FIFO, a device, a socket: refused by `io.open_regular` without waiting on it or reading it; the run lists it as
+    skipped when it fails to read it as an image)."""
     try:
-        with open_regular(path, "image") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return digest(path, "image")
     except (OSError, InputError):
         return _UNREADABLE
-    return h.digest()[:16]
 
 
 def fingerprint(backbone, layers: str, settings: Settings, geom: Geometry, digests: dict[str, str]) -> dict:
