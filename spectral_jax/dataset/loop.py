@@ -433,14 +433,13 @@ def _warn_unconverged(verdict, per_epoch: int, saturated: float | None = None) -
     """A RuntimeWarning (one line, with the fix) when the minibatch run has not converged (`summary.gd_convergence`,
     a `Convergence`): its loss still moving, too few epochs to tell, a loss that never moved (lr too small), or —
     paper, `saturated` above `solvers.gd.SATURATED` — softmax maps saturated, a stuck point."""
-    from spectral_jax.solvers.gd import SATURATED
+    from spectral_jax.solvers.gd import SATURATED, saturated_why
 
     if verdict.converged:
         return
     moved, fix = verdict.stationarity, "raise --epochs (--resume continues this run)"
     if saturated is not None and saturated > SATURATED:
-        why, fix = (f"the softmax maps saturated ({saturated:.1%} of the nodes one-hot to float32 rounding, where no "
-                    "gradient flows): a stuck point, not a fixed point", "lower --lr")
+        why, fix = saturated_why(saturated), "lower --lr"
     elif moved is not None:
         why = (f"its last {verdict.stationarity_window // per_epoch} epoch(s) still made {moved:.1e} of the run's "
                f"change of the loss > tol {verdict.tol:.1e}")

@@ -16,7 +16,8 @@ import numpy as np
 from spectral_jax.dataset.layout import Geometry
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.graphs import SIGMA_PAIRS
-from spectral_jax.solvers.gd import SATURATED, STATIONARITY_TOL, STATIONARITY_WINDOW, stationarity_verdict
+from spectral_jax.solvers.gd import (SATURATED, STATIONARITY_TOL, STATIONARITY_WINDOW, saturated_why,
+                                     stationarity_verdict)
 from spectral_jax.solvers.result import Convergence
 
 HISTORY_COLUMNS = ["loss_first_inner_step", "loss", "objective", "images"]
@@ -63,9 +64,8 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL,
                                    kind="minibatch loss: the share of the run's change of the loss made by its last "
                                         "window of epochs (not a residual on the whole-dataset graph)")
     if saturated is not None and saturated > SATURATED:
-        verdict = dataclasses.replace(verdict, converged=False, kind=(
-            f"minibatch loss; the softmax maps saturated ({saturated:.1%} of the nodes one-hot to float32 rounding, "
-            "where no gradient flows): a stuck point, not a fixed point"))
+        verdict = dataclasses.replace(verdict, converged=False,
+                                      kind=f"minibatch loss; {saturated_why(saturated)}")
     return dataclasses.replace(verdict, iterations=len(history), stationarity_window=span)   # in steps, as run
 
 

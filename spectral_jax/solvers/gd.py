@@ -414,6 +414,13 @@ def saturation(maps: jax.Array) -> float:
     return float(np.mean(np.max(np.asarray(maps), axis=1) == 1.0))
 
 
+def saturated_why(saturated: float) -> str:
+    """Why a still loss is not convergence when the paper maps saturated (`saturation` above `SATURATED`): one
+    clause, shared by `convergence` and the dataset's minibatch verdict and warning."""
+    return (f"the softmax maps saturated ({saturated:.1%} of the nodes one-hot to float32 rounding, where no "
+            "gradient flows): a stuck point, not a fixed point")
+
+
 def stationarity(values, window: int, start: float | None = None) -> float | None:
     """How much a per-step series `[S]` (loss or objective) still moves: |m₁ − m₀| / |start − m₁|, m₁ the mean
     of its last `window` steps, m₀ of the `window` steps before them, start its first value unless given — the
@@ -482,8 +489,7 @@ def convergence(preset: str, history, res, steps: int, tol: float | None = None,
     fix = "raise steps (or tune lr)"
     stuck = preset == "paper" and verdict.converged     # a still loss: a fixed point, or stuck (not converged)
     if stuck and saturated is not None and saturated > SATURATED:
-        why = (f"the softmax maps saturated ({saturated:.1%} of the nodes one-hot to float32 rounding, where no "
-               "gradient flows): the loss stopped at a stuck point, not a fixed point")
+        why = saturated_why(saturated)
         fix = "lower lr"
         verdict = dataclasses.replace(verdict, converged=False, kind=why)
     elif stuck and spread is not None and spread < COLLAPSED:
