@@ -58,14 +58,16 @@ def _extract(args: argparse.Namespace, out) -> None:
         raise InputError("--hidden", f"is not available for {fam.title} models", "drop --hidden")
 
     from spectral_jax import io
-    from spectral_jax.acts import save_acts
-    from spectral_jax.models import load_backbone, parse_layers
-    from spectral_jax.pipeline import check_finite
 
     check_seed(args.seed)
     options = family_options(args, spec, fam)     # refused flags and timesteps checked before the model loads
-    layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     size = None if args.size is None else io.parse_size(args.size, "--size")
+
+    from spectral_jax.acts import save_acts       # JAX from here on
+    from spectral_jax.models import load_backbone, parse_layers
+    from spectral_jax.pipeline import check_finite
+
+    layers = parse_layers(args.layers, spec.config.num_layers, "--layers")
     x = spec.preprocess.image(io.load_image(args.image), size, name=args.image)[None]                  # [1, H, W, 3]
     bb = load_backbone(args.model, args.weights, dtype=forward_dtype(args.dtype), **options)
     taps = bb.taps(x, layers, hidden=args.hidden).patches()
