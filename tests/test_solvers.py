@@ -167,7 +167,8 @@ def test_gd_eigen_multigrid_not_below_exact(rng):
 
 def test_gd_paper_improves_its_loss_and_is_deterministic(rng):
     g = _planted_graph(rng, (8, 8))
-    runs = [solvers.gd.gd(g, 4, preset="paper", steps=60, param=p, seed=3) for p in ("table", "conv", "conv")]
+    runs = [solvers.gd.gd(g, 4, preset="paper", steps=s, param=p, seed=3)       # a conv step costs ~0.1 s at -O0
+            for p, s in (("table", 60), ("conv", 20), ("conv", 20))]
     for r in runs:
         assert r.history[0, -1] < r.history[0, 0]
         assert r.info["history_kind"] == "loss"
