@@ -403,12 +403,12 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
     ok = status == step.READ
     names = [f for f, g in zip(where.files, ok) if g]
     eigvecs, probs = export.table_arrays(settings.preset, table[ok])
-    saturated = None
-    if settings.preset == "paper" and ok.any():     # the read images' rows: padded and unread ones left out
-        from spectral_jax.solvers.gd import saturation
+    saturated = spread = None
+    if settings.preset == "paper" and ok.any():     # the read images' maps: padded and unread ones left out
+        from spectral_jax.solvers.gd import saturation, spread as spread_of
 
-        saturated = saturation(jax.nn.softmax(jnp.asarray(table[ok]), axis=1))
-    verdict = summary.gd_convergence(trained.history, per_epoch, saturated=saturated)
+        saturated, spread = saturation(probs), spread_of(probs)
+    verdict = summary.gd_convergence(trained.history, per_epoch, saturated=saturated, spread=spread)
     weights = step.layer_weights_record(settings, geom)
     t = time.perf_counter()
     res = DatasetResult.from_table(eigvecs, names, table[ok], probs, summary.make(
@@ -424,22 +424,25 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         provenance=_provenance(settings, geom, backbone, weights, settings.batch_size, None, len(names)))
     if jax.process_index() == 0:
         _report_skipped(res.summary()["skipped"])
-        _warn_unconverged(verdict, per_epoch, saturated)
+        _warn_unconverged(verdict, per_epoch, saturated, spread)
         res = export.write(res, where.root, settings.figure_images)
     return res
 
 
-def _warn_unconverged(verdict, per_epoch: int, saturated: float | None = None) -> None:
+def _warn_unconverged(verdict, per_epoch: int, saturated: float | None = None, spread: float | None = None) -> None:
     """A RuntimeWarning (one line, with the fix) when the minibatch run has not converged (`summary.gd_convergence`,
     a `Convergence`): its loss still moving, too few epochs to tell, a loss that never moved (lr too small), or —
-    paper, `saturated` above `solvers.gd.SATURATED` — softmax maps saturated, a stuck point."""
-    from spectral_jax.solvers.gd import SATURATED, saturated_why
+    paper — softmax maps saturated (`saturated` above `solvers.gd.SATURATED`: a stuck point) or, the loss still,
+    collapsed onto one another (`spread` below `solvers.gd.COLLAPSED`: lam too small)."""
+    from spectral_jax.solvers.gd import COLLAPSED, SATURATED, collapsed_why, saturated_why
 
     if verdict.converged:
         return
     moved, fix = verdict.stationarity, "raise --epochs (--resume continues this run)"
     if saturated is not None and saturated > SATURATED:
         why, fix = saturated_why(saturated), "lower --lr"
+    elif spread is not None and spread < COLLAPSED and moved is not None and moved <= verdict.tol:
+        why, fix = collapsed_why(spread), "raise lam (the paper's is 1)"
     elif moved is not None:
         why = (f"its last {verdict.stationarity_window // per_epoch} epoch(s) still made {moved:.1e} of the run's "
                f"change of the loss > tol {verdict.tol:.1e}")

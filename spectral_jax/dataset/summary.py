@@ -16,8 +16,8 @@ import numpy as np
 from spectral_jax.dataset.layout import Geometry
 from spectral_jax.dataset.settings import Settings
 from spectral_jax.graphs import SIGMA_PAIRS
-from spectral_jax.solvers.gd import (SATURATED, STATIONARITY_TOL, STATIONARITY_WINDOW, saturated_why,
-                                     stationarity_verdict)
+from spectral_jax.solvers.gd import (COLLAPSED, SATURATED, STATIONARITY_TOL, STATIONARITY_WINDOW, collapsed_why,
+                                     saturated_why, stationarity_verdict)
 from spectral_jax.solvers.result import Convergence
 
 HISTORY_COLUMNS = ["loss_first_inner_step", "loss", "objective", "images"]
@@ -42,8 +42,8 @@ class Timings(NamedTuple):
     compile: float              # compiling the step
 
 
-def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, saturated: float | None = None
-                   ) -> Convergence:
+def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, saturated: float | None = None,
+                   spread: float | None = None) -> Convergence:
     """The minibatch gd run's verdict from its per-step history (rows of HISTORY_COLUMNS): gd's stationarity verdict
     (`solvers.gd.stationarity_verdict`, the paper preset's) of the per-step loss over windows of whole epochs — the
     last `STATIONARITY_WINDOW` of the epochs run, at least one — against the loss at the run's first inner step:
@@ -55,7 +55,9 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL,
     batch held no readable image (images 0: a loss of masked slots only) are left out of the series, the window
     counting the steps with images in the last window of epochs. saturated: the paper table's `solvers.gd.saturation`
     (its softmax over K, read images only): above `SATURATED` the still loss is a stuck point (a huge lr threw the
-    logits apart, no gradient flows), not converged, and `kind` says so."""
+    logits apart, no gradient flows), not converged, and `kind` says so. spread: the paper maps' `solvers.gd.spread`
+    (read images only): a still loss with the maps below `COLLAPSED` (lam too small to keep them apart) is not
+    converged either."""
     epochs = len(history) // per_epoch if per_epoch else 0
     span = per_epoch * max(1, int(round(STATIONARITY_WINDOW * epochs)))
     live = [r for r in history if r[3] > 0]
@@ -66,6 +68,8 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL,
     if saturated is not None and saturated > SATURATED:
         verdict = dataclasses.replace(verdict, converged=False,
                                       kind=f"minibatch loss; {saturated_why(saturated)}")
+    elif verdict.converged and spread is not None and spread < COLLAPSED:
+        verdict = dataclasses.replace(verdict, converged=False, kind=f"minibatch loss; {collapsed_why(spread)}")
     return dataclasses.replace(verdict, iterations=len(history), stationarity_window=span)   # in steps, as run
 
 

@@ -421,6 +421,13 @@ def saturated_why(saturated: float) -> str:
             "gradient flows): a stuck point, not a fixed point")
 
 
+def collapsed_why(spread: float) -> str:
+    """Why a still loss is not convergence when the paper maps collapsed (`spread` below `COLLAPSED`): one clause,
+    shared by `convergence` and the dataset's minibatch verdict and warning."""
+    return (f"the maps collapsed onto one another (their spread {spread:.1e} < {COLLAPSED:g}: σ_min/σ_max of the "
+            "unit maps): the orthogonality term is too weak to keep them apart")
+
+
 def stationarity(values, window: int, start: float | None = None) -> float | None:
     """How much a per-step series `[S]` (loss or objective) still moves: |m₁ − m₀| / |start − m₁|, m₁ the mean
     of its last `window` steps, m₀ of the `window` steps before them, start its first value unless given — the
@@ -493,8 +500,7 @@ def convergence(preset: str, history, res, steps: int, tol: float | None = None,
         fix = "lower lr"
         verdict = dataclasses.replace(verdict, converged=False, kind=why)
     elif stuck and spread is not None and spread < COLLAPSED:
-        why = (f"the maps collapsed onto one another (their spread {spread:.1e} < {COLLAPSED:g}: σ_min/σ_max of "
-               "the unit maps): the orthogonality term is too weak to keep them apart")
+        why = collapsed_why(spread)
         fix = "raise lam (the paper's is 1)"
         verdict = dataclasses.replace(verdict, converged=False, kind=why)
     if not verdict.converged:
