@@ -4,6 +4,7 @@
    and --lr; no checkpoint holding NaN is written (the checkpoint writer refuses such a state), nothing is
    exported, and the earlier (finite) checkpoints still resume;
 2. a paper run whose table's softmax saturated (a huge lr) is not converged, however still its loss: a stuck point;
+   nor is one whose maps collapsed onto one another (lam too small);
 3. --min-cos leaving no edge between two tokens is refused as exact refuses it, before anything is written; a loss
    that never moved is not told it needs two epochs;
 4. a resume compares resolved settings: --lr at the preset's default and --layer-weights uniform resume a run that
@@ -107,6 +108,24 @@ def test_saturated_paper_run_is_a_stuck_point_not_converged(tmp_path):
         warnings.simplefilter("error", RuntimeWarning)
         assert summary.gd_convergence([[2.0, 2.0 - 0.1 * i, 0, 4] for i in range(10)] + [[1.0, 1.0, 0, 4]] * 10,
                                       1, saturated=0.1).converged             # below SATURATED: the loss decides
+
+
+def test_collapsed_paper_run_is_not_converged_and_says_raise_lam(tmp_path):
+    """lam 0: nothing keeps the softmax maps apart; the loss settles (stationarity ≪ tol) with the maps collapsed
+    onto one another (spread ≈ 3e-3 < COLLAPSED), which is not convergence — lam 1, the same run otherwise, is."""
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    kw = {**SMALL, "lr": 0.1, "epochs": 100}
+    with pytest.warns(RuntimeWarning, match=r"not converged after 100 steps: the maps collapsed onto one another "
+                                            r"\(their spread .* < 0\.05.*; raise lam \(the paper's is 1\)"):
+        res = dataset.run(folder, str(tmp_path / "lam0"), backbone=synthetic(), lam=0.0, **kw)
+    conv = res.summary()["convergence"]
+    assert conv["stationarity"] <= conv["tol"] and conv["converged"] is False and "collapsed" in conv["kind"]
+    conv = _run(folder, str(tmp_path / "lam1"), lam=1.0, **kw).summary()["convergence"]
+    assert conv["converged"] is True and "collapsed" not in conv["kind"]
+    still = [[2.0, 2.0 - 0.1 * i, 0, 4] for i in range(10)] + [[1.0, 1.0, 0, 4]] * 10
+    assert summary.gd_convergence(still, 1, spread=0.1).converged                # above COLLAPSED: the loss decides
+    moving = [[2.0, 2.0 - 0.1 * i, 0, 4] for i in range(20)]
+    assert "collapsed" not in summary.gd_convergence(moving, 1, spread=1e-3).kind  # a moving loss says so first
 
 
 # ------------------------------------------------------------------------------------------------ 3. no edges
