@@ -104,3 +104,6 @@ def test_cached_exact_run_is_refused_before_the_backbone_loads(tmp_path, monkeyp
     assert "--resume" in str(e.value) and _tree(out) == before
     monkeypatch.undo()
     assert dataset.run(folder, out, backbone=EXT, resume=True, **EXACT).summary()["cached"] == ["graph"]
+    with pytest.raises(InputError, match="holds the cached graph of an earlier exact run") as e:    # gd: its own
+        dataset.run(folder, out, backbone=EXT, **{**EXACT, "method": "gd", "epochs": 1})   # results would replace it
+    assert "--resume" not in str(e.value) and "to start over" in str(e.value)

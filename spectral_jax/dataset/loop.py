@@ -153,7 +153,7 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
 def _open_folder(folder: str, out: str, resume: bool, same: dict | None = None, exact: bool = False) -> Folder:
     """FOLDER scanned and checked to hold a readable image, none of its files one the run writes
     (`inputs.check_files`), OUT checked (`inputs.check_out`), locked (`_lock_out`) and its checkpoints listed
-    (refused without `resume`; `exact`: its cached features or graph too, `_refuse_unasked_cache`), the images'
+    (refused without `resume`, as is an exact run's cached features or graph: `_refuse_unasked_cache`), the images'
     content digests taken — all before the backbone loads. With several
     processes, `same` (the run's settings) and the images listed must be every process's (`layout.same_everywhere`,
     before anything is read). The lock is released here when a check fails; otherwise the caller releases it
@@ -168,8 +168,8 @@ def _open_folder(folder: str, out: str, resume: bool, same: dict | None = None, 
         done = checkpoint.steps(ckdir)
         if done and not resume:
             checkpoint.refuse_unasked_resume(out, done)
-        if exact and not resume:
-            _refuse_unasked_cache(out, ckdir)
+        if not resume:
+            _refuse_unasked_cache(out, ckdir, exact)
         files, ignored = F.scan(folder, exclude=inputs.written(out))
         inputs.check_files(folder, files, out)
         same_everywhere({**(same or {}), "files": list(files)})
@@ -493,13 +493,15 @@ def _cached(ckdir: str) -> list[str]:
         ["graph"] if os.path.isfile(os.path.join(ckdir, whole.GRAPH)) else [])
 
 
-def _refuse_unasked_cache(out: str, ckdir: str) -> None:
-    """OUT holds an exact run's cached features or graph and --resume was not given: say how to go on."""
+def _refuse_unasked_cache(out: str, ckdir: str, exact: bool) -> None:
+    """OUT holds an exact run's cached features or graph and --resume was not given: say how to go on — for an
+    exact run, --resume reuses them; a gd run cannot (it would replace that run's results beside its cache)."""
     cache = _cached(ckdir)
     if cache:
-        raise InputError(out, f"holds the cached {' and '.join(cache)} of an earlier run",
-                         "pass --resume to reuse them (or re-export), delete "
-                         f"{os.path.join(out, checkpoint.FOLDER)} to start over, or choose another --out")
+        ck = os.path.join(out, checkpoint.FOLDER)
+        raise InputError(out, f"holds the cached {' and '.join(cache)} of an earlier {'' if exact else 'exact '}run",
+                         f"pass --resume to reuse them (or re-export), delete {ck} to start over, or choose another "
+                         "--out" if exact else f"delete {ck} to start over, or choose another --out")
 
 
 def _run_exact(where: Folder, settings: Settings, geom, backbone, layers, layers_name: str, fp: dict, mesh: Mesh,
