@@ -8,10 +8,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED_DATA = os.path.join(os.path.dirname(ROOT), "shared", "data")
 BENCH = os.path.join(ROOT, "benchmarks")
-# The LLVM level the suite compiles at (tests/conftest.py puts it in XLA_FLAGS). A child process given XLA_FLAGS of
-# its own (fake devices) takes them through `xla_flags`, so that what it computes is compared, bit for bit where a
-# test does, with results compiled at the same level: levels differ in float rounding (fused multiply-adds).
-XLA_LEVEL = "--xla_backend_optimization_level=0"
+# The XLA flags the suite compiles with (tests/conftest.py puts them in XLA_FLAGS): LLVM at -O0, and XLA:CPU's
+# older loop emitters for fusions instead of its fusion emitters. A child process given XLA_FLAGS of its own (fake
+# devices) takes them through `xla_flags`, so that what it computes is compared, bit for bit where a test does,
+# with results compiled the same way: levels and emitters differ in float rounding (fused multiply-adds).
+XLA_LEVEL = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
 
 
 def xla_flags(*extra: str) -> str:
