@@ -17,7 +17,8 @@ os.environ.setdefault("SPECTRAL_JAX_COMPILE_CACHE", os.path.join(
 # XLA compiles the suite's programs with LLVM at -O0 (`sjtest.XLA_LEVEL`): compiling is most of the suite's time,
 # and -O0 cuts the whole suite's time by about 15 % (1011 → 862 s of wall time on this 2-core box, 2026-12-07);
 # XLA:CPU's older loop emitters for fusions (--xla_cpu_use_fusion_emitters=false) compile faster again
-# (test_diffusion + test_graphs, cold cache, one process: 110 → 84 s, 2026-12-07).
+# (test_diffusion + test_graphs, cold cache, one process: 110 → 84 s; the whole suite 972–1088 → 869 s,
+# 2026-12-07).
 # The programs and their float semantics are the same (no fast math at either level); the results differ from the
 # default level's in rounding only (a few float32 ulps), which the tests' tolerances hold; a test
 # that compares bit for bit compares runs of one level: its child processes take their XLA_FLAGS through

@@ -337,7 +337,11 @@ def test_two_processes_give_the_one_process_solve(tmp_path):
     np.testing.assert_array_equal(p[0]["vecs"], p[1]["vecs"])                 # both processes hold the same answer
     _check_solve(p[0], p[0]["vecs"], a)
     assert subspace_alignment(p[0]["vecs"], v1) >= 0.99999
-    assert np.abs(np.sort(p[0]["vals"]) - np.sort(one.eigvals)).max() <= 2e-6 * one.eigvals.max()
+    # each within 2e-6 · λ_max of float64 eigh (`_check_solve`), so within twice that of each other: two processes
+    # sum in another order than one (measured 2.4e-6 with the suite's fusion emitters off, 2026-12-07)
+    e = top(a, K)[0]
+    assert np.abs(np.sort(one.eigvals)[::-1] - e).max() <= 2e-6 * e[0]
+    assert np.abs(np.sort(p[0]["vals"]) - np.sort(one.eigvals)).max() <= 4e-6 * one.eigvals.max()
 
 
 def test_to_result_is_an_exact_like_result():
