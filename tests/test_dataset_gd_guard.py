@@ -144,14 +144,19 @@ def test_min_cos_leaving_no_edge_is_refused_as_exact_refuses_it(tmp_path):
 
 
 def test_a_loss_that_never_moved_is_not_told_it_needs_two_epochs():
-    verdict = summary.gd_convergence([[0.0, 0.0, 0.0, 4]] * 10, 1)
-    assert verdict.stationarity is None and not verdict.converged
+    verdict = summary.gd_verdict([[0.0, 0.0, 0.0, 4]] * 10, 1)
+    assert verdict.convergence.stationarity is None and not verdict.convergence.converged
     with pytest.warns(RuntimeWarning) as w:
-        loop._warn_unconverged(verdict, 1)
+        loop._warn_unconverged(verdict)
     msg = str(w[0].message)
     assert "two epochs" not in msg and "never moved" in msg and "raise --lr" in msg
     with pytest.warns(RuntimeWarning, match="two epochs at least"):               # one epoch: too few to tell
-        loop._warn_unconverged(summary.gd_convergence([[1.0, 0.5, 0.0, 4]], 1), 1)
+        loop._warn_unconverged(summary.gd_verdict([[1.0, 0.5, 0.0, 4]], 1))
+    settled = summary.gd_verdict([[2.0, 2.0 - 0.1 * i, 0, 4] for i in range(10)] + [[1.0, 1.0, 0, 4]] * 10, 1)
+    assert settled.convergence.converged and settled.why is settled.fix is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        loop._warn_unconverged(settled)                                          # converged: nothing to say
 
 
 # --------------------------------------------------------------------------------------- 4. resolved defaults

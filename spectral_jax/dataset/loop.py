@@ -408,7 +408,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         from spectral_jax.solvers.gd import saturation, spread as spread_of
 
         saturated, spread = saturation(probs), spread_of(probs)
-    verdict = summary.gd_convergence(trained.history, per_epoch, saturated=saturated, spread=spread)
+    verdict = summary.gd_verdict(trained.history, per_epoch, saturated=saturated, spread=spread)
     weights = step.layer_weights_record(settings, geom)
     t = time.perf_counter()
     res = DatasetResult.from_table(eigvecs, names, table[ok], probs, summary.make(
@@ -420,39 +420,22 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         lr=step.learning_rate(settings, geom), names=names, files=where.files,
         skipped=_skipped(where, status, trained.failed, backbone.preprocess, geom.size), ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
-        folder=where.root, convergence=verdict, layer_weights=weights), where.out, convergence=verdict,
+        folder=where.root, convergence=verdict.convergence, layer_weights=weights), where.out,
+        convergence=verdict.convergence,
         provenance=_provenance(settings, geom, backbone, weights, settings.batch_size, None, len(names)))
     if jax.process_index() == 0:
         _report_skipped(res.summary()["skipped"])
-        _warn_unconverged(verdict, per_epoch, saturated, spread)
+        _warn_unconverged(verdict)
         res = export.write(res, where.root, settings.figure_images)
     return res
 
 
-def _warn_unconverged(verdict, per_epoch: int, saturated: float | None = None, spread: float | None = None) -> None:
-    """A RuntimeWarning (one line, with the fix) when the minibatch run has not converged (`summary.gd_convergence`,
-    a `Convergence`): its loss still moving, too few epochs to tell, a loss that never moved (lr too small), or —
-    paper — softmax maps saturated (`saturated` above `solvers.gd.SATURATED`: a stuck point) or, the loss still,
-    collapsed onto one another (`spread` below `solvers.gd.COLLAPSED`: lam too small)."""
-    from spectral_jax.solvers.gd import COLLAPSED, SATURATED, collapsed_why, saturated_why
-
-    if verdict.converged:
-        return
-    moved, fix = verdict.stationarity, "raise --epochs (--resume continues this run)"
-    if saturated is not None and saturated > SATURATED:
-        why, fix = saturated_why(saturated), "lower --lr"
-    elif spread is not None and spread < COLLAPSED and moved is not None and moved <= verdict.tol:
-        why, fix = collapsed_why(spread), "raise lam (the paper's is 1)"
-    elif moved is not None:
-        why = (f"its last {verdict.stationarity_window // per_epoch} epoch(s) still made {moved:.1e} of the run's "
-               f"change of the loss > tol {verdict.tol:.1e}")
-    elif verdict.iterations >= 2 * verdict.stationarity_window:     # enough epochs: the loss never moved
-        why, fix = "the loss never moved from its start (within float32 rounding): lr too small to change it", \
-            "raise --lr"
-    else:
-        why = "two epochs at least are needed to tell whether the loss has settled"
-    warnings.warn(f"dataset gd: not converged after {verdict.iterations} steps: {why}; {fix}, or use --method exact",
-                  RuntimeWarning, stacklevel=4)
+def _warn_unconverged(verdict: summary.GdVerdict) -> None:
+    """A RuntimeWarning (one line: why and the fix, as `summary.gd_verdict` decided them) when the minibatch run has
+    not converged; nothing when it has."""
+    if verdict.why is not None:
+        warnings.warn(f"dataset gd: not converged after {verdict.convergence.iterations} steps: {verdict.why}; "
+                      f"{verdict.fix}, or use --method exact", RuntimeWarning, stacklevel=4)
 
 
 def _provenance(settings: Settings, geom, backbone, layer_weights: dict | None, images: int, graph_info: dict | None,

@@ -42,8 +42,17 @@ class Timings(NamedTuple):
     compile: float              # compiling the step
 
 
-def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, saturated: float | None = None,
-                   spread: float | None = None) -> Convergence:
+class GdVerdict(NamedTuple):
+    """The minibatch gd run's verdict (`gd_verdict`) and, where it has not converged, why and the fix, decided once:
+    summary.json writes `convergence`, the run's warning (`loop._warn_unconverged`) words `why` and `fix`."""
+
+    convergence: Convergence
+    why: str | None             # None when converged
+    fix: str | None             # the flag to change; None when converged
+
+
+def gd_verdict(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, saturated: float | None = None,
+               spread: float | None = None) -> GdVerdict:
     """The minibatch gd run's verdict from its per-step history (rows of HISTORY_COLUMNS): gd's stationarity verdict
     (`solvers.gd.stationarity_verdict`, the paper preset's) of the per-step loss over windows of whole epochs — the
     last `STATIONARITY_WINDOW` of the epochs run, at least one — against the loss at the run's first inner step:
@@ -57,7 +66,9 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL,
     (its softmax over K, read images only): above `SATURATED` the still loss is a stuck point (a huge lr threw the
     logits apart, no gradient flows), not converged, and `kind` says so. spread: the paper maps' `solvers.gd.spread`
     (read images only): a still loss with the maps below `COLLAPSED` (lam too small to keep them apart) is not
-    converged either."""
+    converged either. An unconverged run's why, in epochs and the CLI's flags: the maps saturated (lower --lr),
+    collapsed (raise lam), the loss still moving (raise --epochs), a loss that never moved (raise --lr), or too
+    few epochs to tell."""
     epochs = len(history) // per_epoch if per_epoch else 0
     span = per_epoch * max(1, int(round(STATIONARITY_WINDOW * epochs)))
     live = [r for r in history if r[3] > 0]
@@ -65,12 +76,32 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL,
     verdict = stationarity_verdict([r[1] for r in live], window, tol, live[0][0] if live else None,
                                    kind="minibatch loss: the share of the run's change of the loss made by its last "
                                         "window of epochs (not a residual on the whole-dataset graph)")
+    verdict = dataclasses.replace(verdict, iterations=len(history), stationarity_window=span)   # in steps, as run
+    stuck = None                                                # a still loss that is not a fixed point
     if saturated is not None and saturated > SATURATED:
-        verdict = dataclasses.replace(verdict, converged=False,
-                                      kind=f"minibatch loss; {saturated_why(saturated)}")
+        stuck = saturated_why(saturated), "lower --lr"
     elif verdict.converged and spread is not None and spread < COLLAPSED:
-        verdict = dataclasses.replace(verdict, converged=False, kind=f"minibatch loss; {collapsed_why(spread)}")
-    return dataclasses.replace(verdict, iterations=len(history), stationarity_window=span)   # in steps, as run
+        stuck = collapsed_why(spread), "raise lam (the paper's is 1)"
+    if stuck:
+        return GdVerdict(dataclasses.replace(verdict, converged=False, kind=f"minibatch loss; {stuck[0]}"), *stuck)
+    if verdict.converged:
+        return GdVerdict(verdict, None, None)
+    fix = "raise --epochs (--resume continues this run)"
+    if verdict.stationarity is not None:
+        why = (f"its last {span // per_epoch} epoch(s) still made {verdict.stationarity:.1e} of the run's change of "
+               f"the loss > tol {verdict.tol:.1e}")
+    elif len(history) >= 2 * span:                                  # enough epochs: the loss never moved
+        why, fix = "the loss never moved from its start (within float32 rounding): lr too small to change it", \
+            "raise --lr"
+    else:
+        why = "two epochs at least are needed to tell whether the loss has settled"
+    return GdVerdict(verdict, why, fix)
+
+
+def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, saturated: float | None = None,
+                   spread: float | None = None) -> Convergence:
+    """`gd_verdict`'s `Convergence` alone (what summary.json writes)."""
+    return gd_verdict(history, per_epoch, tol, saturated, spread).convergence
 
 
 def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timings, *, backbone: dict, lr: float,
@@ -162,4 +193,5 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     }
 
 
-__all__ = ["GD_EIGVALS", "HISTORY_COLUMNS", "Progress", "Timings", "gd_convergence", "make", "make_exact"]
+__all__ = ["GD_EIGVALS", "GdVerdict", "HISTORY_COLUMNS", "Progress", "Timings", "gd_convergence", "gd_verdict", "make",
+           "make_exact"]
