@@ -54,16 +54,18 @@ from spectral_jax.models.spec import IMAGENET_MEAN, IMAGENET_STD, PreprocessSpec
 from spectral_jax.taps import LayerTap, Taps
 
 def parse_layers(layers, num_layers: int, what: str = "layers", kind: str = "layers") -> tuple[int, ...] | None:
-    """The one reader of a layer selection: None/"all" → None (every layer); "0,3,5", a list or an int → sorted,
-    de-duplicated indices, negative ones counting from the end (−1 is the last layer). Out of range → InputError
-    (naming `what`, and the model's `kind` of layers)."""
+    """The one reader of a layer selection: None/"all" → None (every layer); "0,3,5", a list or an int → sorted
+    indices, negative ones counting from the end (−1 is the last layer). Out of range, or a layer named twice (3,3
+    or 3,−9 of 12) → InputError (naming `what`, and the model's `kind` of layers): a layer weight given per named
+    layer would otherwise pair with the wrong one."""
     if layers is None or (isinstance(layers, str) and layers.strip().lower() == "all"):
         return None
+    named = f"{what} {layers if isinstance(layers, str) else repr(layers)}"     # as typed: --layers 3,3
     if isinstance(layers, str):
         try:
             layers = [int(s) for s in layers.split(",") if s.strip()]
         except ValueError:
-            raise InputError(f"{what} {layers!r}", "not a comma-separated list of layer indices (or all)",
+            raise InputError(named, "not a comma-separated list of layer indices (or all)",
                              "pass e.g. all or 3,7,11") from None
     elif is_integer(layers):
         layers = [int(layers)]
@@ -73,13 +75,18 @@ def parse_layers(layers, num_layers: int, what: str = "layers", kind: str = "lay
             raise TypeError
         chosen = [int(i) for i in items]
     except TypeError:
-        raise InputError(f"{what} {layers!r}", "is not 'all' or a list of layer indices",
+        raise InputError(named, "is not 'all' or a list of layer indices",
                          "pass e.g. all or [3, 7, 11]") from None
     bad = [i for i in chosen if not -num_layers <= i < num_layers]
     if bad or not chosen:
-        raise InputError(f"{what} {layers!r}", f"the model has {kind} 0..{num_layers - 1} (or −{num_layers}..−1)",
+        raise InputError(named, f"the model has {kind} 0..{num_layers - 1} (or −{num_layers}..−1)",
                          "pass e.g. all or 3,7,11")
-    return tuple(sorted({i % num_layers for i in chosen}))
+    wrapped = [i % num_layers for i in chosen]
+    twice = sorted({i for i in wrapped if wrapped.count(i) > 1})
+    if twice:
+        raise InputError(named, f"names layer(s) {', '.join(map(str, twice))} more than once (a "
+                         f"negative index counts back from the model's {num_layers} {kind})", "name each layer once")
+    return tuple(sorted(wrapped))
 
 
 def resolve_layers(layers, num_layers: int, kind: str = "layers") -> tuple[int, ...]:

@@ -516,7 +516,7 @@ def as_flag(e: InputError) -> InputError:
 def layer_order(layers, num_layers: int) -> list[int]:
     """The tapped layers in the order the user named them (`LayerWeights.resolve`'s order): "all"/None →
     ascending; "11,3", an int or a list → as given, negative indices from the end. Assumes a selection already
-    checked (`models.parse_layers`)."""
+    checked (`models.parse_layers`: in range, each layer once)."""
     if layers is None or (isinstance(layers, str) and layers.strip().lower() == "all"):
         return list(range(num_layers))
     if isinstance(layers, str):
@@ -525,7 +525,7 @@ def layer_order(layers, num_layers: int) -> list[int]:
         items = [int(layers)]
     else:
         items = [int(i) for i in layers]
-    return list(dict.fromkeys(i % num_layers for i in items))
+    return [i % num_layers for i in items]
 
 
 __all__ = ["DATASET_GRAPHS", "DEFAULT_K", "DEFAULT_NUM_EIGS", "DENSE_MAX", "ExactSpec", "GRAPH_KINDS", "GdSpec",

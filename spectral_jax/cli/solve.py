@@ -140,7 +140,7 @@ def _order(layers: str, taps, depth: int | None = None) -> list[int]:
     if str(layers).strip().lower() == "all":
         return sorted(taps.layers)
     wrap = lambda i: i + depth if depth is not None and -depth <= i < 0 else i
-    return list(dict.fromkeys(wrap(int(s)) for s in str(layers).split(",") if s.strip()))
+    return [wrap(int(s)) for s in str(layers).split(",") if s.strip()]
 
 
 def _layers(taps, layers: str, depth: int | None = None):
@@ -156,6 +156,11 @@ def _layers(taps, layers: str, depth: int | None = None):
     except ValueError:
         raise InputError(f"--layers {layers}", "is not 'all' or comma-separated layer indices",
                          f"pass e.g. --layers {','.join(map(str, held[-2:]))}") from None
+    twice = sorted({i for i in chosen if chosen.count(i) > 1})
+    if twice:
+        raise InputError(f"--layers {layers}", f"names layer(s) {', '.join(map(str, twice))} more than once"
+                         + (f" (a negative index counts back from the model's {depth} layers)" if depth else ""),
+                         "name each layer once")
     missing = [i for i in chosen if i not in taps.layers]
     if not chosen or missing:
         raise InputError(f"--layers {layers}", (f"names layer(s) {', '.join(map(str, missing))} the file does not "
