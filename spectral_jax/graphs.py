@@ -551,6 +551,20 @@ def weight_edges(g: KnnGraph, a: Array, edges: str, seed: int, valid_rows: Array
     return rbf_edges(g, sigma), sigma
 
 
+IDENTITY_TOL = 1e-5     # `identity_gap` below it: P is the identity to float32 (measured: vv at τ ≤ 1e-3 gives 0)
+
+
+def identity_gap(g) -> Array:
+    """‖P r − r‖ / ‖r‖ of each graph in `g` `[*S]`, r `[N]` one fixed standard-normal probe (key 0: a check
+    the result does not depend on), by one `matvec` — no N×N. Exactly 0 when every token's row puts all its weight
+    on itself (P = I: every vector is an eigenvector, a solve returns noise — vv with 1/τ too large for the
+    features' cosines); about a token's weight on the others otherwise (vv on 256 random 32-d features: 0 at
+    τ = 1e-3, 1e-3 at 1e-2, 0.5 at 0.03, 0.98 at 0.1). NaN where the graph is (a compiled vv softmax at 1/τ ≳ 1e9).
+    Says nothing of structure beyond that."""
+    r = jax.random.normal(jax.random.PRNGKey(0), (g.num_nodes, 1), jnp.float32)
+    return jnp.linalg.norm(g.matvec(r) - r, axis=(-2, -1)) / jnp.linalg.norm(r)
+
+
 def dense(p: Array, grid: tuple[int, int], num_images: int = 1) -> DenseGraph:
     """Wrap an explicit row-stochastic P `[*S, N, N]` as a graph (N = num_images·h·w). Checks the shape (square,
     the grid's N) only: rows that do not sum to 1 are taken as they are (the solvers symmetrise whatever P is)."""

@@ -23,6 +23,7 @@ Shape legend
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import time
@@ -177,6 +178,7 @@ def _solve_checked(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, s
                              "pass the Taps, or per-group weights=")
         return one(source, weights)
 
+    check_not_identity(source, g)
     made = _Source.of(source, g, group_weights=weights is not None)
 
     def weighted(gs, gl):
@@ -240,6 +242,36 @@ class _TapGroups:
 
         one = Taps({i: jax.tree.map(lambda x: x[None], t) for i, t in layers.items()})
         return G.from_taps(one, self.graph, image=0, **dict(self.kw))
+
+
+def check_not_identity(taps: Taps, g: GraphSpec) -> None:
+    """Refuses vv graphs that are the identity (`graphs.identity_gap` below `graphs.IDENTITY_TOL` for every layer
+    and head of an image: each token's softmax row on itself, 1/tau too large for the features' cosines), where
+    every vector is an eigenvector and a solve returns noise reported converged — or NaN (1/tau ≳ 1e9: float32
+    logits of that size differ by more than exp can take between two fusions' sums). One compiled pass of one `matvec`
+    per graph over all images (`_identity_gaps`); other graph kinds pass unchecked (kNN graphs of self-edges only
+    are refused by `graph_groups`)."""
+    from spectral_jax.graphs import IDENTITY_TOL
+
+    if g.kind != "vv":
+        return
+    gaps = np.asarray(_identity_gaps(_TapGroups(g.kind, tuple(sorted(g.build_kwargs().items()))), taps.layers))
+    flat = np.flatnonzero(~(gaps >= IDENTITY_TOL))         # NaN too: past ~1e9, 1/tau turns a softmax to NaN
+    if flat.size:
+        where = "every vv graph" if flat.size == gaps.size else \
+            f"every vv graph of image(s) {', '.join(map(str, flat[:5]))}{' …' if flat.size > 5 else ''}"
+        raise InputError(f"tau {g.tau:g}", f"leaves {where} the identity (each token's softmax row puts all its "
+                         "weight on itself: 1/tau is too large for the features' cosines, or past float32), so every "
+                         "vector is an eigenvector and the solve would return noise",
+                         "raise tau (--tau; the default is 0.1)")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _identity_gaps(build: "_TapGroups", layers) -> jax.Array:
+    """The largest `graphs.identity_gap` over each image's graph groups (`build` of its slice of `layers`): `[B]`."""
+    from spectral_jax.graphs import identity_gap
+
+    return jax.lax.map(lambda one: jnp.max(jnp.stack([identity_gap(x).max() for x in build(one)])), layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -354,6 +386,7 @@ def sweep(taps: Taps, subsets=None, graph: str | GraphSpec = "qk", num_eigs: int
     num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
     check_taps(taps)
     chosen = parse_subsets(subsets, sorted(taps.layers))
+    check_not_identity(taps, g)
 
     def each(gs, gl):
         return [_solve(LW.subset(gs, gl, sub)[0], g, num_eigs, s, seed) for sub in chosen]
@@ -402,6 +435,7 @@ def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *
                          "drop layer_weights, or drop result to solve here with them")
     lw = LayerWeights.parse("uniform" if layer_weights is None else layer_weights)
     joint = g.joint
+    check_not_identity(taps, g)
     gs, gl = graph_groups(taps, g, None if joint else image)
     if result is None:                  # image `image`'s solve (or the joint one): one image's
         exact = lambda gg, w, base: solvers.exact.exact(gg, num_eigs, weights=w, base_grid=base, seed=seed)

@@ -1,0 +1,83 @@
+"""Red-team regressions (round 24: options that made a run silently say less than asked):
+
+- vv at a tiny tau (1/tau far above the features' cosines: τ ≤ 1e-3 on random features) is the identity graph —
+  every token's softmax row on itself, every vector an eigenvector —, and was solved and reported converged with
+  arbitrary maps. It is now one `InputError` naming tau, before the solve (`graphs.identity_gap`), as the kNN graph
+  of self-edges only is (tests/test_redteam_opts22.py);
+- `--layers 3,3` (or 3,-9 on 12 layers) was de-duplicated silently, so numbers given per named layer in
+  --layer-weights paired with the wrong layer or were refused as too many; a layer named twice is now refused by
+  every reader (`models.parse_layers`, `solve --layers`).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+import spectral_jax as sj
+from spectral_jax import graphs as G
+from spectral_jax.errors import InputError
+from spectral_jax.models import parse_layers
+from spectral_jax.taps import LayerTap, Taps
+
+
+def _taps(rng, grid=(4, 4), dim=8):
+    n = grid[0] * grid[1]
+    q, k, v = (rng.normal(size=(1, 2, n, dim)).astype(np.float32) for _ in range(3))
+    return Taps({i: LayerTap(q, k, v, grid) for i in (0, 1)})
+
+
+def test_vv_at_a_tau_that_leaves_the_identity_graph_is_refused(rng):
+    taps = _taps(rng)
+    for tau in (1e-30, 1e-3):
+        with pytest.raises(InputError, match=rf"^tau {tau:g}: leaves every vv graph the identity .* — raise tau "
+                                             r"\(--tau; the default is 0\.1\)$"):
+            sj.solve(taps, "vv", 3, tau=tau)
+    res = sj.solve(taps, "vv", 3, tau=0.1)
+    assert res.convergence.converged and not np.allclose(res.eigvals, 1.0)
+    g = G.value(rng.normal(size=(2, 16, 8)).astype(np.float32), (4, 4), tau=1e-30)
+    assert np.array_equal(G.identity_gap(g), [0.0, 0.0])                 # P = I exactly: P r = r
+    gap = G.identity_gap(G.value(rng.normal(size=(2, 16, 8)).astype(np.float32), (4, 4), tau=0.1))
+    assert gap.shape == (2,) and (gap > 1e-2).all()                      # 0.08 and 0.25 here
+
+
+def test_solve_cli_refuses_the_identity_vv_graph_before_writing(tmp_path, capsys, rng):
+    from spectral_jax.cli import main
+
+    img, acts, out = tmp_path / "a.png", tmp_path / "a.npz", tmp_path / "r.npz"
+    Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(img)
+    assert main(["extract", str(img), "--model", "dinov2_vits14", "--weights", "random", "--size", "28",
+                 "--layers", "10,11", "--out", str(acts)]) == 0
+    capsys.readouterr()
+    assert main(["solve", str(acts), "--graph", "vv", "--tau", "1e-30", "--num-eigs", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "tau 1e-30: leaves every vv graph the identity" in err[0] and not out.exists()
+    assert main(["solve", str(acts), "--layers", "11,-1", "--graph", "qk", "--num-eigs", "3", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--layers 11,-1: names layer(s) 11 more than once (a negative index counts back from the model's 12" in err
+    assert not out.exists()
+    assert main(["solve", str(acts), "--layers", "10,11", "--layer-weights", "1,0.5", "--graph", "qk",
+                 "--num-eigs", "3", "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["layers"] == [10, 11]
+
+
+@pytest.mark.parametrize("layers", ["3,3", "3,-9", [3, -9], (0, 11, -1)])
+def test_a_layer_named_twice_is_refused(layers):
+    with pytest.raises(InputError, match=r"names layer\(s\) (3|11) more than once .*model's 12 layers\) — name "
+                                         r"each layer once$"):
+        parse_layers(layers, 12, "--layers")
+    assert parse_layers("3,-1", 12) == (3, 11) and parse_layers("all", 12) is None
+
+
+def test_extract_refuses_a_layer_named_twice_before_the_model_loads(tmp_path, capsys, rng):
+    from spectral_jax.cli import main
+
+    img = tmp_path / "a.png"
+    Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(img)
+    assert main(["extract", str(img), "--model", "dinov2_vits14", "--weights", "random", "--size", "28",
+                 "--layers", "2,2", "--out", str(tmp_path / "a.npz")]) == 2
+    assert "--layers 2,2: names layer(s) 2 more than once" in capsys.readouterr().err
+    assert not (tmp_path / "a.npz").exists()
