@@ -9,6 +9,9 @@ Every writer of the package goes through this module:
   moves it into place on success: atomically (one rename) when `out` does not exist, else entry by entry under an
   exclusive lock on `out`, so two runs writing into one folder never crash one another or leave `.tmp-*` behind.
 - `FolderLock(out, ...)` holds that same lock on `out` for a whole run, refusing at once when another run holds it.
+- Staging (a temporary file or folder) is held under an exclusive `flock` while its run lives; a run killed
+  outright (kill -9, a lost machine) leaves its staging unlocked, and the next writer into the same place removes
+  it (`_sweep`: only names of this module's own pattern, only unlocked, never a folder holding replaced entries).
 - Permissions follow the umask (0644 files and 0755 folders under umask 022), as `open()` would give.
 - `.npz` paths: a path that does not end in `.npz` (any case) gets `.npz` appended, as `numpy.savez` does
   (`npz_path`); callers report the path actually written.
@@ -20,6 +23,7 @@ import errno
 import fcntl
 import json
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
@@ -28,7 +32,7 @@ from typing import Callable, Iterable, Sequence
 from spectral_jax.errors import InputError
 
 __all__ = ["FolderLock", "OutputDir", "OutputFile", "check_not_input", "flock_holder", "npz_path", "save_npz",
-           "staged_dir", "umask", "write_atomic", "write_json"]
+           "staged_dir", "sweep", "umask", "write_atomic", "write_json"]
 
 
 def umask() -> int:
@@ -133,6 +137,98 @@ def _remove_dirs(created: Sequence[str]) -> None:
             pass
 
 
+_TMP_CHARS = "[a-z0-9_]{8}"     # the random part `tempfile.mkstemp`/`mkdtemp` give a name
+
+
+def _staged(make: Callable[[], str], directory: bool = False) -> tuple[str, int | None]:
+    """A staging file or folder (`make()` creates it, returns its path) with an exclusive `flock` held on it: the
+    fd to keep while the staging is in use (the kernel drops the lock when the process dies, however it dies), or
+    None on a filesystem without flock. Made again when a `_sweep` of another run took it first (it locked the new
+    name in the instant before this did, and removes it)."""
+    for _ in range(10):
+        path = make()
+        try:
+            fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+        except FileNotFoundError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        except OSError:                                     # no flock here (ENOLCK, EOPNOTSUPP): staged unlocked
+            os.close(fd)
+            return path, None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            return path, fd
+        os.close(fd)
+    raise OSError(errno.EAGAIN, "the staging kept being removed as it was made")
+
+
+def _unlock(fd: int | None) -> None:
+    if fd is not None:
+        os.close(fd)
+
+
+def _sweep(folder: str, pattern: str, directory: bool = False) -> None:
+    """Remove the entries of `folder` whose whole name matches `pattern` (a regular expression; a group named
+    "owner", where it matched, names the staging whose lock decides — `numpy.savez`'s `.npz` appended to a staged
+    name) — staging of this module that nothing holds: no run's `flock` on it (`_staged`), so its run was killed
+    before it could clean up. Entries that are held, links, of the other kind (file/folder), or — folders — holding
+    `.old-*` (the entries a merge replaced: `OutputDir.commit`) are kept, as is everything where flock is not
+    supported."""
+    try:
+        found = [m for m in map(re.compile(pattern).fullmatch, os.listdir(folder)) if m]
+    except OSError:
+        return
+    for m in found:
+        path = os.path.join(folder, m.group(0))
+        owner = os.path.join(folder, m.groupdict().get("owner") or m.group(0))
+        if os.path.islink(path) or directory != os.path.isdir(path):
+            continue
+        if owner != path and not os.path.lexists(owner):        # an appended .npz whose staging is gone
+            _remove(path)
+            continue
+        try:
+            fd = os.open(owner, os.O_RDONLY | os.O_NOFOLLOW | (os.O_DIRECTORY if directory else 0))
+        except OSError:                                         # gone, a link, or not of this kind
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if not os.path.samestat(os.fstat(fd), os.lstat(owner)):
+                continue
+            if directory and any(n.startswith(".old-") for n in os.listdir(path)):
+                continue
+            _remove(path)
+        except OSError:                                         # held by a live run (or no flock here)
+            continue
+        finally:
+            os.close(fd)
+
+
+def sweep(folder: str, suffixes: Iterable[str]) -> None:
+    """Remove the temporary files `OutputFile` staged in `folder` for outputs ending in one of `suffixes` (".png",
+    ".npz", ...; "" for none) that a run killed outright left: `.tmp-XXXXXXXX<suffix>` (and a `.npz` numpy
+    appended to one) that no live run holds (`_sweep`). Every `OutputFile` does this for its own suffix; a run
+    that holds a folder's lock may do it for all it writes before it starts."""
+    alts = "|".join(re.escape(x) for x in suffixes)
+    _sweep(folder, r"(?P<owner>\.tmp-" + _TMP_CHARS + f"(?:{alts}))" + r"(\.npz)?")
+
+
+def _remove(path: str) -> None:
+    try:
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
+    except OSError:
+        pass
+
+
 class OutputFile:
     """One output file, reserved now and written later: `with OutputFile(p) as o: write(o.tmp); o.commit()`.
 
@@ -140,7 +236,9 @@ class OutputFile:
     temporary file beside it, so an unwritable location fails before any work. `commit()` refuses an empty
     temporary file (a writer that wrote elsewhere, e.g. `np.savez` appending `.npz` to a name), sets the umask's
     permissions and renames it onto `path`. Leaving the block without `commit()` (an error, Ctrl-C) removes the
-    temporary file and any folder the constructor created.
+    temporary file and any folder the constructor created. The temporary file, `.tmp-XXXXXXXX<suffix>`, is held
+    under a `flock` until then; those of the same suffix that a killed run left beside `path` are removed first
+    (`_sweep`).
     """
 
     def __init__(self, path: str, inputs: Iterable[str] = (), flag: str = "--out"):
@@ -152,13 +250,20 @@ class OutputFile:
         _check_name(self.path, flag)
         self._created = _make_parent(self.path, flag)
         d = os.path.dirname(os.path.abspath(self.path))
+        suffix = os.path.splitext(self.path)[1]
+
+        def make():
+            fd, tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=suffix)
+            os.close(fd)
+            return tmp
+
+        sweep(d, [suffix])
         try:
-            fd, self.tmp = tempfile.mkstemp(dir=d, prefix=".tmp-", suffix=os.path.splitext(self.path)[1])
+            self.tmp, self._fd = _staged(make)
         except OSError as e:
             _remove_dirs(self._created)
             raise InputError(f"{flag} {self.path}", f"cannot write in {d} ({e.strerror})",
                              "pass an output path in a writable folder") from None
-        os.close(fd)
         self.committed = False
 
     def commit(self) -> str:
@@ -168,6 +273,7 @@ class OutputFile:
         _chmod_default(self.tmp)
         os.replace(self.tmp, self.path)
         self.committed = True
+        self._fd = _unlock(self._fd)
         return self.path
 
     def discard(self) -> None:
@@ -176,6 +282,7 @@ class OutputFile:
                 if os.path.exists(p):
                     os.remove(p)
             _remove_dirs(self._created)
+        self._fd = _unlock(self._fd)
 
     def __enter__(self) -> "OutputFile":
         return self
@@ -227,6 +334,8 @@ class OutputDir:
     exist, one rename; otherwise, under an
     exclusive `flock` on `out`, each written entry replaces the one of the same name (other entries stay), so
     concurrent runs into one `out` serialise instead of racing. Leaving the block without `commit()` removes `tmp`.
+    `tmp`, `.tmp-<out's name>-XXXXXXXX`, is held under a `flock` until then; those a killed run left where it goes
+    are removed first (`_sweep`; one holding replaced entries, `.old-*`, is kept).
     """
 
     def __init__(self, out: str, names: Iterable[str] = (), inputs: Iterable[str] = (), flag: str = "--out"):
@@ -245,9 +354,10 @@ class OutputDir:
         # staged where its entries go: in `out` when it exists (its own filesystem, a mount point say: a rename
         # from its parent would cross devices; and an `out` that cannot be written fails now), else beside it
         where = self.out if os.path.isdir(self.out) else os.path.dirname(os.path.abspath(self.out))
+        prefix = ".tmp-" + os.path.basename(os.path.abspath(self.out))[:32] + "-"
+        _sweep(where, re.escape(prefix) + _TMP_CHARS, directory=True)
         try:
-            self.tmp = tempfile.mkdtemp(dir=where, prefix=".tmp-" + os.path.basename(os.path.abspath(self.out))[:32]
-                                        + "-")
+            self.tmp, self._fd = _staged(lambda: tempfile.mkdtemp(dir=where, prefix=prefix), directory=True)
         except OSError as e:
             _remove_dirs(self._created)
             raise InputError(f"{flag} {self.out}", f"cannot write in {where} ({e.strerror})",
@@ -265,6 +375,7 @@ class OutputDir:
             try:
                 os.rename(self.tmp, dest)  # atomic when `out` does not exist (fails if it does, even empty)
                 self.committed = True
+                self._fd = _unlock(self._fd)
                 return self.out
             except OSError as e:
                 if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR, errno.EBUSY):
@@ -284,12 +395,14 @@ class OutputDir:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)
         self.committed = True
+        self._fd = _unlock(self._fd)
         return self.out
 
     def discard(self) -> None:
         if not self.committed and not self.kept:
             shutil.rmtree(self.tmp, ignore_errors=True)
             _remove_dirs(self._created)
+        self._fd = _unlock(self._fd)
 
     def __enter__(self) -> "OutputDir":
         return self

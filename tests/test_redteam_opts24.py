@@ -6,7 +6,10 @@
   of self-edges only is (tests/test_redteam_opts22.py);
 - `--layers 3,3` (or 3,-9 on 12 layers) was de-duplicated silently, so numbers given per named layer in
   --layer-weights paired with the wrong layer or were refused as too many; a layer named twice is now refused by
-  every reader (`models.parse_layers`, `solve --layers`).
+  every reader (`models.parse_layers`, `solve --layers`);
+- a run killed outright (kill -9) left its hidden staging — OUT/.tmp-OUT-XXXXXXXX/ (analyze), .tmp-XXXXXXXX.npz
+  beside --out (solve, extract) — for good; staging is now held under a flock while its run lives and the next
+  writer into the same place removes what nothing holds (`files._sweep`).
 """
 
 from __future__ import annotations
@@ -81,3 +84,65 @@ def test_extract_refuses_a_layer_named_twice_before_the_model_loads(tmp_path, ca
                  "--layers", "2,2", "--out", str(tmp_path / "a.npz")]) == 2
     assert "--layers 2,2: names layer(s) 2 more than once" in capsys.readouterr().err
     assert not (tmp_path / "a.npz").exists()
+
+
+# ------------------------------------------------------------------- staging a run killed outright left behind
+
+
+def _killed(code: str) -> str:
+    """Run `code` (with `files` imported) in a child that then SIGKILLs itself; returns what it printed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    full = f"import os, signal\nfrom spectral_jax import files\n{code}\nos.kill(os.getpid(), signal.SIGKILL)\n"
+    r = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    assert r.returncode == -signal.SIGKILL, r.stderr
+    return r.stdout.strip()
+
+
+def test_the_next_writer_removes_staging_a_killed_run_left_and_nothing_live_or_foreign(tmp_path):
+    """kill -9 during `analyze` left OUT/.tmp-OUT-XXXXXXXX/ (an `OutputDir`'s staging) and during `solve`/`extract`
+    .tmp-XXXXXXXX.npz beside --out (an `OutputFile`'s): hidden, never removed. The staging is now held under a
+    flock while its run lives, and the next writer into the same place removes the unheld ones of its own pattern —
+    not a live run's, not one holding entries a merge replaced (.old-*), not another output's, not a link."""
+    import os
+
+    from spectral_jax import files
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stuck = _killed(f"od = files.OutputDir({str(out)!r}); os.mkdir(os.path.join(od.tmp, '.old-x')); print(od.tmp)")
+    dead_dir = _killed(f"od = files.OutputDir({str(out)!r}); open(os.path.join(od.tmp, 'a.txt'), 'w').close(); "
+                       "print(od.tmp)")                    # (its own start kept `stuck`: it holds replaced entries)
+    dead_file = _killed(f"o = files.OutputFile({str(tmp_path / 'r.npz')!r}); print(o.tmp)")
+    assert os.path.isdir(dead_dir) and os.path.isfile(dead_file) and os.path.isdir(stuck)
+    foreign = [out / ".tmp-other-abcdefgh", tmp_path / ".tmp-abcdefgh.txt", tmp_path / ".tmp-x.npz"]
+    foreign[0].mkdir()
+    for f in foreign[1:]:
+        f.write_bytes(b"x")
+    (out / ".tmp-out-linkedab").symlink_to(foreign[0])
+    with files.OutputDir(str(out)) as live, files.OutputFile(str(tmp_path / "s.npz")) as live_file:
+        with files.OutputDir(str(out)) as od, files.OutputFile(str(tmp_path / "t.npz")):
+            assert not os.path.exists(dead_dir) and not os.path.exists(dead_file)
+            assert os.path.isdir(live.tmp) and os.path.isfile(live_file.tmp) and os.path.isdir(stuck)
+            assert all(os.path.lexists(f) for f in [*foreign, out / ".tmp-out-linkedab"])
+            with open(os.path.join(od.tmp, "b.txt"), "w") as f:
+                f.write("b")
+            od.commit()
+    assert (out / "b.txt").read_text() == "b" and not os.path.exists(live.tmp)
+
+
+def test_analyze_into_an_out_a_killed_analyze_left_staging_in_leaves_none(tmp_path, rng):
+    from spectral_jax.cli import main
+
+    img, out = tmp_path / "a.png", tmp_path / "an"
+    Image.fromarray(rng.integers(0, 256, (28, 28, 3), dtype=np.uint8)).save(img)
+    out.mkdir()
+    left = _killed(f"od = files.OutputDir({str(out)!r}); os.mkdir(os.path.join(od.tmp, 'a')); print(od.tmp)")
+    assert left.startswith(str(out / ".tmp-an-"))
+    assert main(["analyze", str(img), "--model", "dinov2_vits14", "--weights", "random", "--size", "28",
+                 "--layers", "11", "--num-eigs", "3", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["a", "summary.json"]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import re
 import sys
 import time
 import warnings
@@ -209,29 +208,9 @@ def _lock_out(out: str):
             err = InputError(*said)
     if err is not None:
         raise err
-    if lock is not None:
-        _remove_stale_exports(out)
+    if lock is not None:            # what an export killed outright left (`files.OutputFile`'s staging): no run
+        files.sweep(out, (".png", ".npz", ".json"))      # holds it, and none other writes here now
     return lock
-
-
-_STALE_EXPORT = re.compile(r"\.tmp-[A-Za-z0-9_]{8}\.(png|npz|json)(\.npz)?")   # `files.OutputFile`'s names
-
-
-def _remove_stale_exports(out: str) -> None:
-    """The export's temporary files (`files.OutputFile`: OUT/.tmp-XXXXXXXX.png, .npz, .json) that a run killed
-    while it exported (kill -9, a lost machine) left in OUT: removed once OUT is locked (`_lock_out`) — no other
-    run writes there then. Nothing else is touched."""
-    try:
-        names = os.listdir(out)
-    except OSError:
-        return
-    for name in names:
-        path = os.path.join(out, name)
-        if _STALE_EXPORT.fullmatch(name) and os.path.isfile(path) and not os.path.islink(path):
-            try:
-                os.remove(path)
-            except OSError:
-                pass
 
 
 def _check_table_weight(settings: Settings, geom) -> None:
