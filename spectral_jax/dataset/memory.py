@@ -226,20 +226,13 @@ def forward_bytes(backbone, layers, settings, geom, mesh) -> tuple[int, str]:
     `jaxpr_peak` of its jaxpr plus the input batch (source "analytic"). params may be arrays or
     `ShapeDtypeStruct`s (an abstract backbone: `abstract_backbone`); compiling allocates no weights."""
     import jax
-    import jax.numpy as jnp
-    from jax.sharding import NamedSharding
-    from jax.sharding import PartitionSpec as P
 
-    from spectral_jax.dataset.layout import AXIS
-    from spectral_jax.dataset.whole import _forward
+    from spectral_jax.dataset.whole import _forward, forward_args
 
     devices = int(mesh.devices.size)
-    x = jax.ShapeDtypeStruct((settings.batch_size, *geom.size, 3), jnp.float32,
-                             sharding=NamedSharding(mesh, P(AXIS)))
+    params, x = forward_args(backbone, settings, geom, mesh)
     batch = _bytes(x) // devices
     fw = _forward(backbone, layers, settings, geom, mesh)
-    params = backbone.params if jax.process_count() == 1 else jax.tree.map(      # as `stream_features` passes them
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), backbone.params)
     lowered = fw.lower(params, x)
     try:
         stats = lowered.compile().memory_analysis()

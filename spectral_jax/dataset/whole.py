@@ -137,11 +137,23 @@ def _forward(backbone, layers, settings: Settings, geom: Geometry, mesh: Mesh):
     return forward
 
 
+def forward_args(backbone, settings: Settings, geom: Geometry, mesh: Mesh) -> tuple:
+    """(params, x): the abstract arguments of the run's jitted forward (`_forward`) for one batch — x
+    `[batch_size, H, W, 3]` float32 with its rows sharded over `mesh`, the params as `stream_features` passes them
+    (replicated over processes) — the same in `feature_widths` and `memory.forward_bytes`, so that JAX traces the
+    forward once for both (and the run's first batch reuses that trace)."""
+    x = jax.ShapeDtypeStruct((settings.batch_size, *geom.size, 3), jnp.float32,
+                             sharding=NamedSharding(mesh, P(AXIS)))
+    params = backbone.params if jax.process_count() == 1 else jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=NamedSharding(mesh, P())), backbone.params)
+    return params, x
+
+
 def feature_widths(backbone, layers, settings: Settings, geom: Geometry, mesh: Mesh) -> list[int]:
     """F of each layer group's merged features, from the forward traced abstractly (`jax.eval_shape`: nothing
     computed)."""
-    x = jax.ShapeDtypeStruct((settings.batch_size, *geom.size, 3), jnp.float32)
-    outs, _ = jax.eval_shape(_forward(backbone, layers, settings, geom, mesh), backbone.params, x)
+    outs, _ = jax.eval_shape(_forward(backbone, layers, settings, geom, mesh),
+                             *forward_args(backbone, settings, geom, mesh))
     return [int(a.shape[-1]) for a, _ in outs]
 
 
