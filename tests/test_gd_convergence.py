@@ -124,6 +124,11 @@ def test_paper_collapsed_maps_are_not_converged_and_a_rank_loss_is_one_error(rng
     x = np.random.default_rng(1).random((2, 4, 3, 3)).astype(np.float32)
     assert gd_mod.spread(np.eye(4, dtype=np.float32)[None, :, :, None]) == pytest.approx(1.0)
     assert 0 < gd_mod.spread(x) < 1
+    whole = np.concatenate([m.reshape(4, -1).T for m in x.astype(np.float64)])          # [2·9, 4]
+    sv = np.linalg.svd(whole / np.linalg.norm(whole, axis=0), compute_uv=False)
+    assert gd_mod.spread(x) == pytest.approx(sv[-1] / sv[0], rel=1e-12)     # streamed QR: the whole SVD's ratio
+    assert gd_mod.spread(np.repeat(x[:, :1], 4, 1)) < 1e-14                  # a Gram matrix's sqrt floors at ~1e-8
+    assert gd_mod.spread(x[:1, :, :1, :3]) == 0.0                            # 3 nodes: fewer than K = 4 dimensions
     # the conv prior at lam 1e-3 (300 steps) reaches such maps: spread 1e-47, one map repeated
     with pytest.raises(InputError, match=r"^gd-paper: the 4 maps collapsed onto fewer dimensions .* at lam 0.001"):
         gd_mod._check_spread(np.repeat(x[:, :1], 4, 1), 1e-3)

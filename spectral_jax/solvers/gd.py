@@ -387,17 +387,18 @@ def spread(maps: jax.Array) -> float:
     """How far apart the K maps `[B, K, H0, W0]` are: σ_min / σ_max of them as unit columns `[M0, K]` (float64,
     host). 1 for orthogonal maps (the eigen preset's); 0.5–0.8 after a paper run at its defaults; ≲ 1e-2 where the
     orthogonality weight lam is too small to keep the softmax maps apart and they collapse onto one another. From
-    the K×K Gram matrix, accumulated one image at a time (a dataset's maps are never copied whole): exact to about
-    1e-8, far below `COLLAPSED` and `RANK_TOL` — a one-map-repeated set reads ≈ 0."""
+    the K×K triangular factor R of the maps' QR, updated one image at a time (R ← R of [R; image's maps]: a
+    dataset's maps are never copied whole); X and R have the same column norms and singular values, so the ratio is
+    as exact as an SVD of the whole — a one-map-repeated set reads ≈ 1e-16, not the ≈ 1e-8 floor of a Gram
+    matrix's square root."""
     maps = np.asarray(maps)                                      # on the host (a numpy array is not copied)
     k = maps.shape[1]
-    gram = np.zeros((k, k))
+    r = np.zeros((0, k))
     for m in maps:                                               # [K, H0, W0] each
-        x = np.asarray(m, np.float64).reshape(k, -1)
-        gram += x @ x.T
-    d = np.sqrt(np.maximum(np.diag(gram), 1e-300))
-    lam = np.linalg.eigvalsh(gram / d[:, None] / d[None, :])      # the unit maps' squared singular values
-    return float(np.sqrt(max(lam[0], 0.0) / lam[-1]))
+        r = np.linalg.qr(np.vstack([r, np.asarray(m, np.float64).reshape(k, -1).T]), mode="r")
+    d = np.maximum(np.linalg.norm(r, axis=0), 1e-300)            # the maps' norms
+    sv = np.linalg.svd(r / d[None, :], compute_uv=False)         # the unit maps' singular values, descending
+    return float(sv[-1] / sv[0]) if sv.size == k else 0.0
 
 
 def _check_spread(maps: jax.Array, lam: float) -> float:
