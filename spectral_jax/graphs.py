@@ -528,11 +528,11 @@ def edge_degrees(idx: Array, w: Array) -> Array:
 
 def other_edges(idx, w, xp=jnp):
     """How many edges of a kNN graph's stored idx, w `[*S, N, k]` are kept (w > 0) between two distinct tokens
-    (a token's own edge, which knn-vv keeps, not counted): int32 scalar. xp: the array module — `jnp` (inside a
+    (a token's own edge, which knn-vv keeps, not counted): a scalar. xp: the array module — `jnp` (inside a
     jitted step) or `np` (on the host, where a compile per graph shape would cost more than the pass). 0 where every
-    neighbour's cosine was at or below min_cos."""
+    neighbour's cosine was at or below min_cos. int64 on the host (a gathered graph's count can pass 2³¹)."""
     own = idx == xp.arange(idx.shape[-2], dtype=idx.dtype)[:, None]
-    return xp.sum((w > 0) & ~own, dtype=xp.int32)
+    return xp.sum((w > 0) & ~own, dtype=np.int64 if xp is np else jnp.int32)
 
 
 def weight_edges(g: KnnGraph, a: Array, edges: str, seed: int, valid_rows: Array | None = None

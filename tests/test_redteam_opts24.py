@@ -146,3 +146,23 @@ def test_analyze_into_an_out_a_killed_analyze_left_staging_in_leaves_none(tmp_pa
     assert main(["analyze", str(img), "--model", "dinov2_vits14", "--weights", "random", "--size", "28",
                  "--layers", "11", "--num-eigs", "3", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["a", "summary.json"]
+
+
+def test_dataset_edges_count_edges_between_tokens_not_a_tokens_own(tmp_path):
+    """summary.json's "edges" counted every stored edge, knn-vv's edge from a token to itself (cosine 1) included:
+    at k_intra 2, k_inter 0 and min_cos −1 every token keeps itself and one other, so it read about twice the
+    edges between tokens. It now counts those only (`graphs.other_edges`), the same on both exact paths."""
+    from test_dataset import make_folder, synthetic
+
+    from spectral_jax import dataset
+
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    kw = dict(backbone=synthetic(), size=32, batch_size=4, num_eigs=3, graph="knn-vv", k_intra=2, k_inter=0,
+              min_cos=-1.0, figure_images=0, method="exact")
+    got = {p: dataset.run(folder, str(tmp_path / p), exact_solver=p, **kw).summary() for p in ("gathered", "sharded")}
+    z = np.load(tmp_path / "gathered" / "checkpoints" / "graph.npz")
+    idx, w = z["idx0"], z["w0"]                                   # [2 layers, 4 images · 16 tokens, k 2]
+    own = idx == np.arange(idx.shape[1])[:, None]
+    assert own[..., 0].all() and np.allclose(w[..., 0], 1, atol=1e-6)   # each first edge: the token itself, cos 1
+    assert got["gathered"]["edges"] == got["sharded"]["edges"] == int(((w > 0) & ~own).sum()) > 100
+    assert got["sharded"]["exact_solver"]["path"] == "sharded"

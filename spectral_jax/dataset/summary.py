@@ -154,7 +154,9 @@ def make_exact(settings: Settings, geom: Geometry, res, solved, seconds: float, 
     with `Result.info`'s notes, e.g. ARPACK's fallback) and where the
     seconds went (forward, graph, solve; a stage read from the cache took 0), the images whose features were read
     from OUT/checkpoints rather than computed, the memory estimate made before the run (`memory.estimate`), and
-    exact_solver: which path ran (`whole.solver_path`: "sharded" or "gathered", what was asked, the graph cache);
+    edges: the kNN edges kept between two distinct tokens over every graph (`graphs.other_edges`; a token's own
+    edge, which knn-vv keeps at cosine 1, not counted); exact_solver: which path ran (`whole.solver_path`:
+    "sharded" or "gathered", what was asked, the graph cache);
     edge_weights and knn_search: how the graph was made (`whole.graph_report`: the weighting and its σ per layer;
     the search asked and used and its measured recall per layer — the sharded path: exact, recall 1); isolated:
     the fraction of the read tokens without an edge per graph (`whole.isolated`). "k_intra"/"k_inter": the k

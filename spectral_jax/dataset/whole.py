@@ -994,13 +994,14 @@ def _no_edge(deg, idx, w, valid, per: int):
 
 
 def _checked(gs: list, geom: Geometry, valid: np.ndarray, min_cos: float, drop=None) -> tuple[int, dict]:
-    """(the stored edges, `isolated`'s record) of the graphs just made or read — `KnnGraph`s or the sharded path's
+    """(the edges kept between two tokens — `graphs.other_edges`: a token's own edge, which knn-vv keeps at cosine
+    1, not counted —, `isolated`'s record) of the graphs just made or read — `KnnGraph`s or the sharded path's
     `ShardedKnn`s (every process must call it then) —, refused by `check_edges` where they hold no edge between two
     tokens (before they are cached; drop() first, if given: what the search kept of them goes)."""
     if gs and isinstance(gs[0], G.KnnGraph):
-        edges = int(sum(int((np.asarray(g.w) > 0).sum()) for g in gs))
+        edges = int(sum(int(G.other_edges(np.asarray(g.idx), np.asarray(g.w), np)) for g in gs))
     else:
-        edges = int(sum(int(e) for g in gs for e in np.asarray(gather(_edges(g.w)))))
+        edges = int(sum(int(e) for g in gs for e in np.asarray(gather(_edges(g.idx, g.w)))))
     rec = isolated(gs, geom, valid, min_cos)
     try:
         check_edges(edges, rec)
@@ -1122,9 +1123,10 @@ def say_search(info: dict) -> None:
 
 
 @jax.jit
-def _edges(w):
-    """Stored edges (weight > 0) per graph `[L]` of w `[L, N, k]` (sharded: a global sum, one scalar per graph)."""
-    return jnp.sum(w > 0, axis=(1, 2), dtype=jnp.int32)
+def _edges(idx, w):
+    """`graphs.other_edges` of each graph `[L]` of the sharded path's idx, w `[L, N, k]` (global arrays, rows
+    sharded: global sums; int32 each, summed on the host)."""
+    return jax.vmap(G.other_edges)(idx, w)
 
 
 def _rows_file(ckdir: str) -> str:
