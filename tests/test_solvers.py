@@ -1,6 +1,7 @@
 """Solvers against numpy eigh; gd convergence; determinism; one compile per run."""
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from sjtest import planted_qk, subspace_alignment
@@ -167,7 +168,7 @@ def test_gd_eigen_multigrid_not_below_exact(rng):
 
 def test_gd_paper_improves_its_loss_and_is_deterministic(rng):
     g = _planted_graph(rng, (8, 8))
-    runs = [solvers.gd.gd(g, 4, preset="paper", steps=s, param=p, seed=3)       # a conv step costs ~0.1 s at -O0
+    runs = [solvers.gd.gd(g, 4, preset="paper", steps=s, param=p, seed=3)
             for p, s in (("table", 60), ("conv", 20), ("conv", 20))]
     for r in runs:
         assert r.history[0, -1] < r.history[0, 0]
@@ -175,6 +176,17 @@ def test_gd_paper_improves_its_loss_and_is_deterministic(rng):
         assert r.orth_error < 1e-4
     np.testing.assert_array_equal(runs[1].eigvecs, runs[2].eigvecs)
     np.testing.assert_array_equal(runs[1].history, runs[2].history)
+
+
+def test_the_conv_prior_as_shifted_matmuls_is_nnx_conv(rng):
+    """`gd._conv3x3` (a 3×3 'SAME' conv as one matmul over 9 shifted copies: XLA:CPU runs it fast inside the scan)
+    gives nnx.Conv's numbers, bias included, on a non-square grid of several images."""
+    from flax import nnx
+
+    conv = nnx.Conv(5, 7, (3, 3), rngs=nnx.Rngs(1))
+    conv.bias[...] = jnp.asarray(rng.normal(size=7).astype(np.float32))
+    x = jnp.asarray(rng.normal(size=(2, 6, 9, 5)).astype(np.float32))
+    np.testing.assert_allclose(solvers.gd._conv3x3(x, conv), conv(x), rtol=1e-5, atol=1e-5)
 
 
 def test_gd_same_seed_same_result_different_seed_differs(rng):

@@ -90,9 +90,22 @@ class ConvPrior(nnx.Module):
         self.conv3 = nnx.Conv(hidden, num_eigs, (3, 3), rngs=rngs)
 
     def __call__(self) -> jax.Array:
-        h = nnx.relu(self.conv1(self.input[...]))
-        h = nnx.relu(self.conv2(h))
-        return self.conv3(h)
+        h = nnx.relu(_conv3x3(self.input[...], self.conv1))
+        h = nnx.relu(_conv3x3(h, self.conv2))
+        return _conv3x3(h, self.conv3)
+
+
+def _conv3x3(x: jax.Array, conv: nnx.Conv) -> jax.Array:
+    """`conv(x)` (a 3×3 'SAME' nnx.Conv, stride 1, with bias) as one matmul over the 9 shifted copies of x
+    `[B, H, W, C]` → `[B, H, W, C']`: the same numbers to float32 rounding, but inside `lax.scan` (gd's loop) XLA:CPU
+    runs it — and its gradient — as matmuls, where it emits a convolution's weight gradient with LLVM, unfused and
+    ~8× slower (150 steps of the prior: 9.3 s → 1.1 s on a 2-core CPU, `benchmarks/results/solvers.md`). 9× the
+    activations' memory, which at a prior's sizes (one image's grid × 64 channels) is nothing."""
+    h, w = x.shape[1], x.shape[2]
+    xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
+    kernel = conv.kernel[...]                                    # [3, 3, C, C'], HWIO: rows in (i, j, c) order
+    return cols @ kernel.reshape(-1, kernel.shape[-1]) + conv.bias[...]
 
 
 @dataclasses.dataclass(frozen=True)
