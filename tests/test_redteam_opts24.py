@@ -15,6 +15,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -166,3 +167,27 @@ def test_dataset_edges_count_edges_between_tokens_not_a_tokens_own(tmp_path):
     assert own[..., 0].all() and np.allclose(w[..., 0], 1, atol=1e-6)   # each first edge: the token itself, cos 1
     assert got["gathered"]["edges"] == got["sharded"]["edges"] == int(((w > 0) & ~own).sum()) > 100
     assert got["sharded"]["exact_solver"]["path"] == "sharded"
+
+
+def test_a_sharded_run_drops_the_graph_rows_of_another_process_count(tmp_path):
+    """The sharded path caches each process's rows as graph-rows/rows-p-of-P.npz; a run with another process count
+    left the old layout's files (the whole graph again) on disk for good. Once a run's own rows are kept, process 0
+    removes those of other counts — not its own, not anything else."""
+    import shutil
+
+    from test_dataset import make_folder, synthetic
+
+    from spectral_jax import dataset
+
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    out = tmp_path / "out"
+    kw = dict(backbone=synthetic(), size=32, batch_size=4, num_eigs=3, k_intra=3, k_inter=3, figure_images=0,
+              method="exact", exact_solver="sharded")
+    dataset.run(folder, str(out), **kw)
+    rows = out / "checkpoints" / "graph-rows"
+    for name in ("rows-0-of-2.npz", "rows-1-of-2.npz"):                  # as a two-process run left them
+        shutil.copy(rows / "rows-0-of-1.npz", rows / name)
+    (rows / "notes.txt").write_text("mine")
+    again = dataset.run(folder, str(out), resume=True, **{**kw, "num_eigs": 4}).summary()
+    assert "graph" in again["cached"]                                     # its own rows, read back
+    assert sorted(os.listdir(rows)) == ["notes.txt", "rows-0-of-1.npz"]

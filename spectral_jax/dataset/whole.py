@@ -60,6 +60,7 @@ import dataclasses
 import functools
 import json
 import os
+import re
 import time
 import zipfile
 import zlib
@@ -1198,6 +1199,24 @@ def _all_say(row: list, err, where: str, what: str) -> np.ndarray:
     return state
 
 
+def _drop_other_rows(ckdir: str, processes: int) -> None:
+    """Remove the graph-rows files of another process count (rows-p-of-Q.npz, Q ≠ `processes`): once this run's
+    rows are kept, no resume of this layout reads them (`_cached_rows` reads its own count's only), and they held
+    the whole graph again. Process 0's, once; this run's own files and anything else are never touched."""
+    root = os.path.join(ckdir, GRAPH_ROWS)
+    try:
+        names = os.listdir(root)
+    except OSError:
+        return
+    for name in names:
+        m = re.fullmatch(r"rows-\d+-of-(\d+)\.npz", name)
+        if m and int(m.group(1)) != processes:
+            try:
+                os.remove(os.path.join(root, name))
+            except OSError:
+                pass
+
+
 def _cached_rows(ckdir: str, key: dict, geom: Geometry) -> dict | None:
     """This process's rows of the sharded graph cache (`cache_key`'s graph fields and "nodes": `key`; the process
     and the process count are added) when every process has its own (else None: search again), checked
@@ -1409,6 +1428,8 @@ def solve_sharded(st: "Streamed | None", settings: Settings, geom: Geometry, mes
             save_npz(_rows_file(ckdir), arrays)
     if ckdir is not None:       # the rows are kept whole (saved now, or read back): this process's parts go, and
         store.release_parts(ckdir, jax.process_index(), procs)     # process 0 drops those of other layouts
+        if jax.process_index() == 0:
+            _drop_other_rows(ckdir, procs)
     jax.block_until_ready([g.deg for g in sgs])
     timings["graph"] = time.perf_counter() - t
     if rows is not None:
