@@ -1,4 +1,4 @@
-"""Red-team regressions (round 24: options that made a run silently say less than asked):
+"""Red-team regressions (round 24: what a run silently got wrong, reported wrongly or left behind):
 
 - vv at a tiny tau (1/tau far above the features' cosines: τ ≤ 1e-3 on random features) is the identity graph —
   every token's softmax row on itself, every vector an eigenvector —, and was solved and reported converged with
@@ -9,13 +9,18 @@
   every reader (`models.parse_layers`, `solve --layers`);
 - a run killed outright (kill -9) left its hidden staging — OUT/.tmp-OUT-XXXXXXXX/ (analyze), .tmp-XXXXXXXX.npz
   beside --out (solve, extract) — for good; staging is now held under a flock while its run lives and the next
-  writer into the same place removes what nothing holds (`files._sweep`).
+  writer into the same place removes what nothing holds (`files._sweep`);
+- the dataset's summary "edges" counted knn-vv's edge from each token to itself; it counts edges between tokens;
+- the sharded path's graph-rows of another process count stayed on disk for good; they go once a run's own are kept.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -92,11 +97,6 @@ def test_extract_refuses_a_layer_named_twice_before_the_model_loads(tmp_path, ca
 
 def _killed(code: str) -> str:
     """Run `code` (with `files` imported) in a child that then SIGKILLs itself; returns what it printed."""
-    import os
-    import signal
-    import subprocess
-    import sys
-
     full = f"import os, signal\nfrom spectral_jax import files\n{code}\nos.kill(os.getpid(), signal.SIGKILL)\n"
     r = subprocess.run([sys.executable, "-c", full], capture_output=True, text=True, timeout=120,
                        env={**os.environ, "JAX_PLATFORMS": "cpu"})
@@ -109,8 +109,6 @@ def test_the_next_writer_removes_staging_a_killed_run_left_and_nothing_live_or_f
     .tmp-XXXXXXXX.npz beside --out (an `OutputFile`'s): hidden, never removed. The staging is now held under a
     flock while its run lives, and the next writer into the same place removes the unheld ones of its own pattern —
     not a live run's, not one holding entries a merge replaced (.old-*), not another output's, not a link."""
-    import os
-
     from spectral_jax import files
 
     out = tmp_path / "out"
