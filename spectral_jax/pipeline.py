@@ -248,15 +248,16 @@ def check_not_identity(taps: Taps, g: GraphSpec) -> None:
     """Refuses vv graphs that are the identity (`graphs.identity_gap` below `graphs.IDENTITY_TOL` for every layer
     and head of an image: each token's softmax row on itself, 1/tau too large for the features' cosines), where
     every vector is an eigenvector and a solve returns noise reported converged — or NaN (1/tau ≳ 1e9: float32
-    logits of that size differ by more than exp can take between two fusions' sums). One compiled pass of one `matvec`
-    per graph over all images (`_identity_gaps`); other graph kinds pass unchecked (kNN graphs of self-edges only
-    are refused by `graph_groups`)."""
+    logits of that size can differ by more than exp takes between two fusions' sums of the same product, and the
+    solve's softmax turns NaN). One compiled pass over all images, `graphs.IDENTITY_ROWS` softmax rows per graph
+    (`_identity_gaps`: a few % of one matvec's work); other graph kinds pass unchecked (kNN graphs of self-edges
+    only are refused by `graph_groups`)."""
     from spectral_jax.graphs import IDENTITY_TOL
 
     if g.kind != "vv":
         return
     gaps = np.asarray(_identity_gaps(_TapGroups(g.kind, tuple(sorted(g.build_kwargs().items()))), taps.layers))
-    flat = np.flatnonzero(~(gaps >= IDENTITY_TOL))         # NaN too: past ~1e9, 1/tau turns a softmax to NaN
+    flat = np.flatnonzero(~(gaps >= IDENTITY_TOL))         # NaN too (see above)
     if flat.size:
         where = "every vv graph" if flat.size == gaps.size else \
             f"every vv graph of image(s) {', '.join(map(str, flat[:5]))}{' …' if flat.size > 5 else ''}"
