@@ -52,7 +52,7 @@ import os
 from spectral_jax.cli import model_options
 from spectral_jax.dataset.settings import TIMESTEP_DRAWS
 from spectral_jax.errors import InputError
-from spectral_jax.options import DATASET_GRAPHS, METHODS, PRESETS
+from spectral_jax.options import DATASET_GRAPHS, DENSE_MAX, METHODS, PRESETS
 from spectral_jax.recipes import RECIPES
 from spectral_jax.dataset.settings import EDGES, SEARCHES
 
@@ -71,7 +71,10 @@ def register(sub) -> None:
     p.add_argument("--method", choices=METHODS, default="exact",
                    help="exact: the whole-dataset graph's top-K (default); gd: the official minibatch solver")
     p.add_argument("--maxiter", type=int, default=None,
-                   help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most (default 400)")
+                   help="exact: ARPACK restarts (CPU) or LOBPCG iterations (accelerators) at most (default 400); "
+                        f"a dataset of at most {DENSE_MAX} tokens (all images, on the finest tapped grid) is solved "
+                        "directly (dense), which takes neither this nor --tol (summary.json's convergence "
+                        "criterion says so)")
     p.add_argument("--tol", type=float, default=None, help="exact: relative residual to stop at (default √eps32)")
     p.add_argument("--solver", choices=("auto", "sharded", "gathered"), default=None,
                    help="exact: sharded (the graph stays split by rows over the processes, distributed LOBPCG), "
