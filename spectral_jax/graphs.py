@@ -551,23 +551,31 @@ def weight_edges(g: KnnGraph, a: Array, edges: str, seed: int, valid_rows: Array
     return rbf_edges(g, sigma), sigma
 
 
-IDENTITY_TOL = 1e-5     # `identity_gap` below it: P is the identity to float32 (measured: vv at τ ≤ 1e-3 gives 0)
-IDENTITY_ROWS = 16      # the rows `identity_gap` reads per graph
+DEGENERATE_TOL = 1e-5   # `degenerate_gaps` below it: P is the identity (or uniform) to float32
+DEGENERATE_ROWS = 16    # the rows `degenerate_gaps` reads per graph
 
 
-def identity_gap(g: "AttentionGraph", rows: int = IDENTITY_ROWS) -> Array:
-    """The most weight any of `rows` evenly spaced rows of each attention graph in `g` puts on tokens other than its
-    own, 1 − P_ii, `[*S]`: each row's softmax formed whole (its logits against every token, the diagonal among them:
-    `rows`·N·D work per graph, no N×N). 0 when those rows put all their weight on themselves (P = I to float32:
-    every vector is an eigenvector, a solve returns noise — vv with 1/τ too large for the features' cosines);
-    otherwise about a token's weight on the others (vv on 256 random 32-d features: 0 at τ = 1e-3, 2e-3–3e-2 at
-    1e-2, 0.98 at 0.1). NaN where the softmax is. Says nothing of structure beyond that."""
+def degenerate_gaps(g: "AttentionGraph", rows: int = DEGENERATE_ROWS) -> Array:
+    """How far each attention graph in `g` is from the two graphs a solve can say nothing of, `[*S, 2]`, read from
+    `rows` evenly spaced rows, each row's softmax formed whole (its logits against every token, the diagonal among
+    them: `rows`·N·D work per graph, no N×N):
+
+    - [..., 0] the identity: the most weight a row puts on tokens other than its own, 1 − P_ii. 0 when the rows put
+      all their weight on themselves (P = I to float32: every vector is an eigenvector — vv with 1/τ too large for
+      the features' cosines). vv on 256 random 32-d features: 0 at τ = 1e-3, 2e-3–3e-2 at 1e-2, 0.98 at 0.1.
+    - [..., 1] the uniform graph: the largest N·(max_j P_ij − min_j P_ij) of the rows. 0 when every row is 1/N to
+      float32 (P = 11ᵀ/N: every vector orthogonal to the constant is an eigenvector, at 0 — vv with 1/τ too small
+      to tell the cosines apart). The same features: 0 at τ = 1e8, 3e-7–4e-7 at 1e6, 0.03–0.04 at 10, 5–14 at 0.1.
+
+    NaN where the softmax is. Says nothing of structure beyond that."""
 
     def one(g1, _):
         n = g1.q.shape[0]
         idx = jnp.asarray(np.unique(np.linspace(0, n - 1, min(rows, n)).round().astype(np.int32)))
         p = jax.nn.softmax(kernels.logits(g1.q[idx], g1.k, g1.scale), axis=-1)         # [rows, N]
-        return jnp.max(1.0 - p[jnp.arange(idx.shape[0]), idx])
+        off = jnp.max(1.0 - p[jnp.arange(idx.shape[0]), idx])
+        flat = jnp.max(n * (jnp.max(p, axis=-1) - jnp.min(p, axis=-1)))
+        return jnp.stack([off, flat])
 
     return g._map(one, None)
 

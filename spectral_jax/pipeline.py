@@ -178,7 +178,7 @@ def _solve_checked(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, s
                              "pass the Taps, or per-group weights=")
         return one(source, weights)
 
-    check_not_identity(source, g)
+    check_not_degenerate(source, g)
     made = _Source.of(source, g, group_weights=weights is not None)
 
     def weighted(gs, gl):
@@ -244,35 +244,43 @@ class _TapGroups:
         return G.from_taps(one, self.graph, image=0, **dict(self.kw))
 
 
-def check_not_identity(taps: Taps, g: GraphSpec) -> None:
-    """Refuses vv graphs that are the identity (`graphs.identity_gap` below `graphs.IDENTITY_TOL` for every layer
-    and head of an image: each token's softmax row on itself, 1/tau too large for the features' cosines), where
-    every vector is an eigenvector and a solve returns noise reported converged — or NaN (1/tau ≳ 1e9: float32
-    logits of that size can differ by more than exp takes between two fusions' sums of the same product, and the
-    solve's softmax turns NaN). One compiled pass over all images, `graphs.IDENTITY_ROWS` softmax rows per graph
-    (`_identity_gaps`: a few % of one matvec's work); other graph kinds pass unchecked (kNN graphs of self-edges
-    only are refused by `graph_groups`)."""
-    from spectral_jax.graphs import IDENTITY_TOL
+def check_not_degenerate(taps: Taps, g: GraphSpec) -> None:
+    """Refuses vv graphs a solve can say nothing of (`graphs.degenerate_gaps` below `graphs.DEGENERATE_TOL` for
+    every layer and head of an image), where a solve returns noise reported converged: the identity (each token's
+    softmax row on itself — 1/tau too large for the features' cosines — every vector an eigenvector; or NaN, 1/tau
+    ≳ 1e9: float32 logits of that size can differ by more than exp takes between two fusions' sums of the same
+    product, and the solve's softmax turns NaN) and the uniform graph (every row 1/N — 1/tau too small to tell the
+    cosines apart —, every vector orthogonal to the constant an eigenvector at 0). One compiled pass over all
+    images, `graphs.DEGENERATE_ROWS` softmax rows per graph (`_degenerate_gaps`: a few % of one matvec's work);
+    other graph kinds pass unchecked (kNN graphs of self-edges only are refused by `graph_groups`)."""
+    from spectral_jax.graphs import DEGENERATE_TOL
 
     if g.kind != "vv":
         return
-    gaps = np.asarray(_identity_gaps(_TapGroups(g.kind, tuple(sorted(g.build_kwargs().items()))), taps.layers))
-    flat = np.flatnonzero(~(gaps >= IDENTITY_TOL))         # NaN too (see above)
-    if flat.size:
-        where = "every vv graph" if flat.size == gaps.size else \
-            f"every vv graph of image(s) {', '.join(map(str, flat[:5]))}{' …' if flat.size > 5 else ''}"
-        raise InputError(f"tau {g.tau:g}", f"leaves {where} the identity (each token's softmax row puts all its "
-                         "weight on itself: 1/tau is too large for the features' cosines, or past float32), so every "
-                         "vector is an eigenvector and the solve would return noise",
-                         "raise tau (--tau; the default is 0.1)")
+    gaps = np.asarray(_degenerate_gaps(_TapGroups(g.kind, tuple(sorted(g.build_kwargs().items()))), taps.layers))
+    for col, (what, why, fix) in enumerate([
+            ("the identity", "each token's softmax row puts all its weight on itself: 1/tau is too large for the "
+             "features' cosines, or past float32", "raise tau"),
+            ("uniform", "each token's softmax row is 1/N to float32: 1/tau is too small to tell the features' "
+             "cosines apart", "lower tau")]):
+        bad = np.flatnonzero(~(gaps[:, col] >= DEGENERATE_TOL))        # NaN too (see above)
+        if bad.size:
+            where = "every vv graph" if bad.size == gaps.shape[0] else \
+                f"every vv graph of image(s) {', '.join(map(str, bad[:5]))}{' …' if bad.size > 5 else ''}"
+            raise InputError(f"tau {g.tau:g}", f"leaves {where} {what} ({why}), so the solve would return noise",
+                             f"{fix} (--tau; the default is 0.1)")
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _identity_gaps(build: "_TapGroups", layers) -> jax.Array:
-    """The largest `graphs.identity_gap` over each image's graph groups (`build` of its slice of `layers`): `[B]`."""
-    from spectral_jax.graphs import identity_gap
+def _degenerate_gaps(build: "_TapGroups", layers) -> jax.Array:
+    """The largest `graphs.degenerate_gaps` (identity, uniform) over each image's graph groups (`build` of its slice
+    of `layers`): `[B, 2]`."""
+    from spectral_jax.graphs import degenerate_gaps
 
-    return jax.lax.map(lambda one: jnp.max(jnp.stack([identity_gap(x).max() for x in build(one)])), layers)
+    def one(layers1):
+        return jnp.max(jnp.stack([degenerate_gaps(x).reshape(-1, 2).max(axis=0) for x in build(layers1)]), axis=0)
+
+    return jax.lax.map(one, layers)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -387,7 +395,7 @@ def sweep(taps: Taps, subsets=None, graph: str | GraphSpec = "qk", num_eigs: int
     num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
     check_taps(taps)
     chosen = parse_subsets(subsets, sorted(taps.layers))
-    check_not_identity(taps, g)
+    check_not_degenerate(taps, g)
 
     def each(gs, gl):
         return [_solve(LW.subset(gs, gl, sub)[0], g, num_eigs, s, seed) for sub in chosen]
@@ -436,7 +444,7 @@ def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *
                          "drop layer_weights, or drop result to solve here with them")
     lw = LayerWeights.parse("uniform" if layer_weights is None else layer_weights)
     joint = g.joint
-    check_not_identity(taps, g)
+    check_not_degenerate(taps, g)
     gs, gl = graph_groups(taps, g, None if joint else image)
     if result is None:                  # image `image`'s solve (or the joint one): one image's
         exact = lambda gg, w, base: solvers.exact.exact(gg, num_eigs, weights=w, base_grid=base, seed=seed)

@@ -1,9 +1,9 @@
 """Red-team regressions (round 24: what a run silently got wrong, reported wrongly or left behind):
 
 - vv at a tiny tau (1/tau far above the features' cosines: τ ≤ 1e-3 on random features) is the identity graph —
-  every token's softmax row on itself, every vector an eigenvector —, and was solved and reported converged with
-  arbitrary maps. It is now one `InputError` naming tau, before the solve (`graphs.identity_gap`), as the kNN graph
-  of self-edges only is (tests/test_redteam_opts22.py);
+  every token's softmax row on itself, every vector an eigenvector —, and at a huge one (τ ≳ 1e5) the uniform
+  graph; both were solved and reported converged with arbitrary maps. They are now one `InputError` naming tau,
+  before the solve (`graphs.degenerate_gaps`), as the kNN graph of self-edges only is (tests/test_redteam_opts22.py);
 - `--layers 3,3` (or 3,-9 on 12 layers) was de-duplicated silently, so numbers given per named layer in
   --layer-weights paired with the wrong layer or were refused as too many; a layer named twice is now refused by
   every reader (`models.parse_layers`, `solve --layers`);
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -39,18 +40,25 @@ def _taps(rng, grid=(4, 4), dim=8):
     return Taps({i: LayerTap(q, k, v, grid) for i in (0, 1)})
 
 
-def test_vv_at_a_tau_that_leaves_the_identity_graph_is_refused(rng):
+@pytest.mark.parametrize("tau,what,fix", [(1e-30, "the identity", "raise"), (1e-3, "the identity", "raise"),
+                                          (1e8, "uniform", "lower"), (1e30, "uniform", "lower")])
+def test_vv_at_a_tau_that_leaves_a_degenerate_graph_is_refused(rng, tau, what, fix):
+    """τ → 0: every row on its own token (P = I); τ → ∞: every row 1/N (P = 11ᵀ/N). Either way any vector (⊥ 1)
+    is an eigenvector and the solve returned noise, reported converged."""
     taps = _taps(rng)
-    for tau in (1e-30, 1e-3):
-        with pytest.raises(InputError, match=rf"^tau {tau:g}: leaves every vv graph the identity .* — raise tau "
-                                             r"\(--tau; the default is 0\.1\)$"):
-            sj.solve(taps, "vv", 3, tau=tau)
-    res = sj.solve(taps, "vv", 3, tau=0.1)
+    with pytest.raises(InputError, match=rf"^tau {re.escape(f'{tau:g}')}: leaves every vv graph {what} .* — {fix} tau "
+                                         r"\(--tau; the default is 0\.1\)$"):
+        sj.solve(taps, "vv", 3, tau=tau)
+
+
+def test_degenerate_gaps_read_the_identity_and_the_uniform_graph(rng):
+    res = sj.solve(_taps(rng), "vv", 3, tau=0.1)
     assert res.convergence.converged and not np.allclose(res.eigvals, 1.0)
-    g = G.value(rng.normal(size=(2, 16, 8)).astype(np.float32), (4, 4), tau=1e-30)
-    assert np.array_equal(G.identity_gap(g), [0.0, 0.0])                 # P = I exactly: P r = r
-    gap = G.identity_gap(G.value(rng.normal(size=(2, 16, 8)).astype(np.float32), (4, 4), tau=0.1))
-    assert gap.shape == (2,) and (gap > 1e-2).all()                      # 0.08 and 0.25 here
+    x = rng.normal(size=(2, 16, 8)).astype(np.float32)
+    gaps = {tau: np.asarray(G.degenerate_gaps(G.value(x, (4, 4), tau=tau))) for tau in (1e-30, 0.1, 1e30)}
+    assert gaps[0.1].shape == (2, 2) and (gaps[0.1] > 1e-2).all()          # neither: every gap well above tol
+    assert (gaps[1e-30][:, 0] == 0).all() and (gaps[1e-30][:, 1] > 1).all()   # P = I exactly
+    assert (gaps[1e30][:, 1] == 0).all() and (gaps[1e30][:, 0] > 0.9).all()   # every row 1/16 exactly
 
 
 def test_solve_cli_refuses_the_identity_vv_graph_before_writing(tmp_path, capsys, rng):
