@@ -99,8 +99,9 @@ def _conv3x3(x: jax.Array, conv: nnx.Conv) -> jax.Array:
     """`conv(x)` (a 3×3 'SAME' nnx.Conv, stride 1, with bias) as one matmul over the 9 shifted copies of x
     `[B, H, W, C]` → `[B, H, W, C']`: the same numbers to float32 rounding, but inside `lax.scan` (gd's loop) XLA:CPU
     runs it — and its gradient — as matmuls, where it emits a convolution's weight gradient with LLVM, unfused and
-    ~8× slower (150 steps of the prior: 9.3 s → 1.1 s on a 2-core CPU, `benchmarks/results/solvers.md`). 9× the
-    activations' memory, which at a prior's sizes (one image's grid × 64 channels) is nothing."""
+    ~10× slower (a 32×32 prior's step inside the scan: 60.1 ms with XLA convs, 6.2 ms this way, on a 2-core CPU:
+    `benchmarks/results/solvers.md`, Diagnostics). 9× the activations' memory, which at a prior's sizes (one
+    image's grid × 64 channels) is nothing."""
     h, w = x.shape[1], x.shape[2]
     xp = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
     cols = jnp.concatenate([xp[:, i:i + h, j:j + w, :] for i in range(3) for j in range(3)], axis=-1)
