@@ -2,13 +2,14 @@
 
 1. a run that leaves float32 stops at the first step whose loss is not finite, in one `InputError` naming the step
    and --lr; no checkpoint holding NaN is written (the checkpoint writer refuses such a state), nothing is
-   exported, and the earlier (finite) checkpoints still resume;
+   exported, and the earlier (finite) checkpoints still resume — at a lower --lr too, the lr each span of steps
+   ran at recorded in the checkpoints and the summary ("lr_history");
 2. a paper run whose table's softmax saturated (a huge lr) is not converged, however still its loss: a stuck point;
    nor is one whose maps collapsed onto one another (lam too small);
 3. --min-cos leaving no edge between two tokens is refused as exact refuses it, before anything is written; a loss
    that never moved is not told it needs two epochs;
-4. a resume compares resolved settings: --lr at the preset's default and --layer-weights uniform resume a run that
-   left them out (and one made before the fingerprint resolved them).
+4. a resume compares resolved settings: --layer-weights uniform resumes a run that left them out (and one made
+   before the fingerprint resolved them); --lr at the preset's default adds no span to the lr history.
 
 The synthetic backbone and SMALL settings of test_dataset.
 """
@@ -77,11 +78,57 @@ def test_divergence_after_checkpoints_keeps_the_finite_ones_and_they_resume(tmp_
     with pytest.raises(InputError) as e:
         _run(folder, out, **{**GD, "epochs": 3})
     assert "diverged: the loss left float32 (NaN or Inf) at step 4 at lr 0.01" in str(e.value)
+    assert "pass --resume to go on from step 3, the last checkpoint (finite)" in str(e.value)
     assert checkpoint.steps(str(tmp_path / "out" / "checkpoints")) == [2, 3]
     assert not os.path.exists(os.path.join(out, "eigvecs.npz"))
     monkeypatch.undo()
     res = _run(folder, out, resume=True, **{**GD, "epochs": 3})   # the kept checkpoints are not "damaged"
     assert res.summary()["steps"] == 6 and res.summary()["resumed_from"] == 3
+    assert res.summary()["lr_history"] == [[0, 0.01]]             # one lr throughout
+
+
+def _diverge_at_4(folder, out, monkeypatch):
+    """A run of 3 epochs (6 steps) at lr 0.01 that diverges at step 4: checkpoints 2 and 3 kept."""
+    _poisoned(monkeypatch, at=4, loss=True)
+    with pytest.raises(InputError, match="diverged"):
+        _run(folder, out, **{**GD, "epochs": 3})
+    monkeypatch.undo()
+
+
+def test_a_diverged_run_resumes_at_a_lower_lr_and_records_each_lr(tmp_path, monkeypatch, capsys):
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    out, again, plain = (str(tmp_path / n) for n in ("out", "again", "plain"))
+    _diverge_at_4(folder, out, monkeypatch)
+    capsys.readouterr()
+    res = _run(folder, out, resume=True, **{**GD, "epochs": 3, "lr": 0.005})
+    said = capsys.readouterr().err
+    assert "resuming after step 3: steps 4 on run at lr 0.005, steps 1–3 ran at lr 0.01" in said
+    got = res.summary()
+    assert got["steps"] == 6 and got["resumed_from"] == 3
+    assert got["lr_history"] == [[0, 0.01], [3, 0.005]] and got["lr"] == 0.005
+    with open(os.path.join(out, "summary.json")) as f:
+        assert json.load(f)["lr_history"] == [[0, 0.01], [3, 0.005]]
+    assert checkpoint.read_meta(os.path.join(out, "checkpoints"), 6)["lr_history"] == [[0, 0.01], [3, 0.005]]
+    # the same recovery again gives the same table; the run that never lowered its lr another one
+    _diverge_at_4(folder, again, monkeypatch)
+    np.testing.assert_array_equal(_run(folder, again, resume=True, **{**GD, "epochs": 3, "lr": 0.005}).table,
+                                  res.table)
+    assert np.abs(_run(folder, plain, **{**GD, "epochs": 3}).table - res.table).max() > 1e-4
+    # a re-export runs no step: another --lr changes nothing and adds no span; the same lr further adds none
+    assert _run(folder, out, resume=True, **{**GD, "epochs": 3, "lr": 1.0}).summary()["lr_history"] == \
+        [[0, 0.01], [3, 0.005]]
+    assert _run(folder, out, resume=True, **{**GD, "epochs": 4, "lr": 0.005}).summary()["lr_history"] == \
+        [[0, 0.01], [3, 0.005]]
+    # a damaged lr history is refused in one line naming the step folder, nothing changed
+    meta = os.path.join(out, "checkpoints", "8", "meta", "metadata")
+    with open(meta) as f:
+        record = json.load(f)
+    for bad in ([[1, 0.01]], [[0, 0.01], [3, -1.0]], [[0, 0.01], [9, 0.005]], "0.01"):
+        with open(meta, "w") as f:
+            json.dump({**record, "lr_history": bad}, f)
+        with pytest.raises(InputError, match=r"checkpoints/8: is damaged \(its lr history is not"):
+            _run(folder, out, resume=True, **{**GD, "epochs": 5})
+        assert checkpoint.steps(os.path.join(out, "checkpoints")) == [7, 8]
 
 
 def test_a_state_holding_nan_is_never_checkpointed(tmp_path, monkeypatch):
@@ -167,10 +214,10 @@ def test_resume_given_the_default_lr_or_uniform_weights_continues_and_old_record
     out = str(tmp_path / "out")
     fast = {**SMALL, "checkpoint_every": 1}
     _run(folder, out, **fast, epochs=1)
-    assert _run(folder, out, resume=True, **fast, epochs=2, lr=0.01).summary()["steps"] == 2
+    assert _run(folder, out, resume=True, **fast, epochs=2, lr=0.01).summary()["lr_history"] == [[0, 0.01]]
     assert _run(folder, out, resume=True, **fast, epochs=3, layer_weights="uniform").summary()["steps"] == 3
-    with pytest.raises(InputError, match="other settings: lr 0.01 → 0.02"):
-        _run(folder, out, resume=True, **fast, epochs=3, lr=0.02)
+    with pytest.raises(InputError, match="other settings: layer_weights 'uniform' → 'geometric'"):
+        _run(folder, out, resume=True, **fast, epochs=3, layer_weights="geometric")
     meta = os.path.join(out, "checkpoints", "3", "meta", "metadata")   # as a run made before the fix recorded it
     with open(meta) as f:
         record = json.load(f)
@@ -181,3 +228,4 @@ def test_resume_given_the_default_lr_or_uniform_weights_continues_and_old_record
     res = _run(folder, out, resume=True, **fast, epochs=4, lr=0.01, layer_weights="uniform")
     assert res.summary()["steps"] == 4
     np.testing.assert_equal(res.summary()["lr"], 0.01)
+    assert res.summary()["lr_history"] == [[0, 0.01]]            # no history in the meta: the one lr it ran at

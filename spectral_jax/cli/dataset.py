@@ -67,7 +67,8 @@ def register(sub) -> None:
                         "(default knn-qk)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (new, or existing and writable), outside FOLDER")
-    p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one)")
+    p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one) with the same "
+                        "settings; gd may lower --lr (after a divergence: its lr_history records each)")
     p.add_argument("--method", choices=METHODS, default="exact",
                    help="exact: the whole-dataset graph's top-K (default); gd: the official minibatch solver")
     p.add_argument("--maxiter", type=int, default=None,

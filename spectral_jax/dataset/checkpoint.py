@@ -3,13 +3,15 @@ committed atomically by orbax (a step folder appears only when complete), the tw
 
 Each holds the `step.State` and a JSON meta: the run's fingerprint (`fingerprint`: the settings that define the
 result, the backbone's provenance, and each image file's name and content digest, `file_digests`), its history and
-seconds so far. A resumed run must have the same fingerprint (`check_resumable`, `check_same`): an image replaced,
+seconds so far, and for gd the learning rates its steps ran at (`lr_history`). A resumed run must have the same
+fingerprint but for gd's lr (`check_resumable`, `check_same`): an image replaced,
 edited, added or removed since is refused in one line naming it — the run is not recomputed behind the user's back,
 and nothing cached is ever reported for other images. What a resume reads back is checked (`read_meta`,
 `Checkpoints.restore`): unreadable, inconsistent or non-finite data is one `InputError` naming the step folder,
 and nothing is removed; a state holding NaN or Inf is never saved (`Checkpoints.save`). The epoch permutation and
 position follow from seed and step, so it continues to bit-for-bit the result of an uninterrupted run on the same
-device layout.
+device layout and lr. A gd run resumed at another --lr (the way on from a divergence: its kept checkpoints are
+finite) goes on from its state at the new lr, and the meta and summary say from which step each lr ran.
 """
 
 from __future__ import annotations
@@ -97,6 +99,13 @@ def _meta_problem(meta, step: int) -> str | None:
         return f"its history is not {step} rows of 4 finite numbers"
     if not number(meta.get("seconds")) or meta["seconds"] < 0:
         return "its seconds are not a finite number ≥ 0"
+    lrs = meta.get("lr_history")
+    if lrs is not None and not (
+            isinstance(lrs, list) and lrs and all(
+                isinstance(r, list) and len(r) == 2 and isinstance(r[0], int) and not isinstance(r[0], bool)
+                and number(r[1]) and r[1] > 0 for r in lrs)
+            and lrs[0][0] == 0 and all(a[0] < b[0] for a, b in zip(lrs, lrs[1:])) and lrs[-1][0] < step):
+        return f"its lr history is not [[first step, lr > 0], ...] from step 0, ascending, before step {step}"
     sums = meta.get("state_checksum", [])
     if not isinstance(sums, list) or not all(isinstance(v, int) and 0 <= v < 2 ** 32 for v in sums):
         return "its state checksum is not a list of 32-bit numbers"
@@ -178,9 +187,9 @@ def fingerprint(backbone, layers: str, settings: Settings, geom: Geometry, diges
     "text_embedding_sha256" (`_digest`), so a file changed under the same path is another run — and another
     features cache (`whole.cache_key` reads model_options) — not a resume that reuses features made with the old
     one. Defaults count as what they resolve to: a gd run's "lr" is the one its
-    steps use (`step.learning_rate`: None → the preset's dataset default), layer_weights None is "uniform" (every
-    layer equal, what None gives both methods) — `--lr 0.01` or `--layer-weights uniform` resume a run that left
-    them out, and the other way round (`_resolved`, `check_resumable`)."""
+    steps use (`step.learning_rate`: None → the preset's dataset default; a resume may change it, `lr_history`),
+    layer_weights None is "uniform" (every layer equal, what None gives both methods) — `--layer-weights uniform`
+    resumes a run that left them out, and the other way round (`_resolved`, `check_resumable`)."""
     fields = settings.result_fields()
     if settings.method == "gd":
         from spectral_jax.dataset.step import learning_rate
@@ -215,14 +224,25 @@ def _resolved(record: dict) -> dict:
     return record
 
 
-def check_resumable(out: str, fp: dict, meta: dict, default_lr: float | None = None) -> None:
-    """Refuse to resume a run made with other images or settings (`check_same`); `meta` as `read_meta` gives.
-    default_lr: the preset's default lr for this run's settings (`step.learning_rate` of lr None), what a gd
-    checkpoint made before its fingerprint held the resolved lr (lr None) ran at."""
+def check_resumable(out: str, fp: dict, meta: dict) -> None:
+    """Refuse to resume a run made with other images or settings (`check_same`); `meta` as `read_meta` gives. A gd
+    run's lr is not compared: a resume may change it (`lr_history` records from which step each lr ran)."""
     old = meta["config"]
-    if fp.get("method") == "gd" and old.get("lr") is None and default_lr is not None:
-        old = {**old, "lr": default_lr}
+    if fp.get("method") == "gd" and old.get("method") == "gd":
+        old = {**old, "lr": fp.get("lr")}
     check_same(out, old, fp)
+
+
+def lr_history(meta: dict, default_lr: float) -> list[list]:
+    """[[first step, lr], ...]: the learning rates the steps of a gd checkpoint ran at (`meta` as `read_meta`
+    gives), each from its first step to the next one's. A checkpoint made before the meta held it ran at one lr:
+    its fingerprint's, or `default_lr` (the preset's default for the run's settings, `step.learning_rate` of lr
+    None) where that fingerprint did not hold the resolved lr."""
+    lrs = meta.get("lr_history")
+    if lrs is not None:
+        return [[int(a), float(b)] for a, b in lrs]
+    lr = meta["config"].get("lr")
+    return [[0, float(default_lr if lr is None else lr)]]
 
 
 def check_same(out: str, old: dict, new: dict, graph: str | None = None) -> None:
@@ -328,8 +348,9 @@ class Checkpoints:
             raise damaged(where, why, _step_fix(self.ckdir, step))
         return Restored(state, list(meta["history"]), meta["seconds"])
 
-    def save(self, step: int, state, fp: dict, history: list, seconds: float) -> None:
-        """Checkpoint `step` (asynchronously): the state and the meta (fingerprint `fp`, history, seconds). A state
+    def save(self, step: int, state, fp: dict, history: list, seconds: float, lrs: list | None = None) -> None:
+        """Checkpoint `step` (asynchronously): the state and the meta (fingerprint `fp`, history, seconds; for gd,
+        lrs: `lr_history`, the lr each span of steps ran at). A state
         holding NaN or Inf (a diverged run: `restore` would call it damaged) is not saved: `NonFinite` is raised,
         the same on every process (every process must call it)."""
         sums, finite = (gather(a) for a in _checksums(state))
@@ -339,6 +360,8 @@ class Checkpoints:
         # do not end up in this step's history
         meta = {"config": fp, "history": [list(r) for r in history], "seconds": seconds, "step": step,
                 "state_checksum": [int(v) for v in sums]}
+        if lrs is not None:
+            meta["lr_history"] = [[int(a), float(b)] for a, b in lrs]
         ocp = self._ocp
         self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                         meta=ocp.args.JsonSave(meta)), force=True)
@@ -361,4 +384,4 @@ class Checkpoints:
 
 
 __all__ = ["Checkpoints", "FOLDER", "Restored", "check_resumable", "check_same", "damaged", "file_digests",
-           "fingerprint", "read_meta", "refuse_unasked_resume", "steps"]
+           "fingerprint", "lr_history", "read_meta", "refuse_unasked_resume", "steps"]

@@ -54,6 +54,7 @@ class Trained(NamedTuple):
     failed: dict                # {image index: why it could not be read}
     seconds: float              # the loop's wall time
     seconds_before: float       # the run's seconds in earlier processes (from the checkpoint resumed)
+    lrs: list                   # [[first step, lr], ...] the lr each span of the steps ran at (`_lr_history`)
 
 
 def run(folder: str, out: str, settings: Settings | None = None, *, backbone=None, mesh: Mesh | None = None,
@@ -125,9 +126,9 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
     fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)   # defaults resolved
-    if where.done:
-        checkpoint.check_resumable(where.out, fp, checkpoint.read_meta(where.ckdir, where.done[-1]),
-                                   step.learning_rate(settings.replace(lr=None), geom))
+    meta = checkpoint.read_meta(where.ckdir, where.done[-1]) if where.done else None
+    if meta is not None:
+        checkpoint.check_resumable(where.out, fp, meta)
 
     if settings.method == "exact":
         return _run_exact(where, settings, geom, backbone, layers, layers_name, fp, mesh, t_start, progress)
@@ -144,7 +145,8 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
                                  _batch_spec(mesh, settings.batch_size, size)) if start < total else None
     compile_s = time.perf_counter() - t0
 
-    trained = _train(where, settings, geom, mesh, backbone, compiled, abstract, fp, start, total, per_epoch,
+    lrs = _lr_history(settings, geom, meta, start, total)
+    trained = _train(where, settings, geom, mesh, backbone, compiled, abstract, fp, lrs, start, total, per_epoch,
                      t_start, progress)
     return _export(where, settings, geom, backbone, layers_name, trained, per_epoch, t_start, compile_s)
 
@@ -240,6 +242,22 @@ def _load_backbone(settings: Settings):
     return models.load_backbone(settings.model, settings.weights, **settings.load_options())
 
 
+def _lr_history(settings: Settings, geom, meta: dict | None, start: int, total: int) -> list[list]:
+    """[[first step, lr], ...] the run's steps ran and will run at: the checkpoint's (`checkpoint.lr_history`; a new
+    run: none) and, where steps remain to run at another lr than its last (a resume at a lowered --lr after a
+    divergence), [start, that lr] after it — said in one line on process 0."""
+    lr = step.learning_rate(settings, geom)
+    if meta is None:
+        return [[0, lr]]
+    lrs = checkpoint.lr_history(meta, step.learning_rate(settings.replace(lr=None), geom))
+    if start < total and lrs[-1][1] != lr:
+        if jax.process_index() == 0:
+            _say(f"spectral-jax dataset: resuming after step {start}: steps {start + 1} on run at lr {lr:g}, steps "
+                 f"{lrs[-1][0] + 1}–{start} ran at lr {lrs[-1][1]:g} (summary.json's lr_history records each)")
+        lrs = [*lrs, [start, lr]]
+    return lrs
+
+
 def _backbone_record(backbone, layers_name: str, settings: Settings) -> dict:
     """The summary's backbone fields: model, weights, layers, the recipe (if any) and, for diffusion backbones,
     "timesteps" the run used
@@ -268,10 +286,11 @@ def _batch_spec(mesh: Mesh, b: int, size: tuple[int, int]):
             jax.ShapeDtypeStruct((b,), jnp.bool_, sharding=rows))
 
 
-def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compiled, abstract, fp: dict,
+def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compiled, abstract, fp: dict, lrs: list,
            start: int, total: int, per_epoch: int, t_start: float, progress: bool) -> Trained:
     """Steps `start` … `total` − 1: read each batch ahead (`folder.Prefetcher`), step, checkpoint every
-    `checkpoint_every` steps and at the end. A failure before the first checkpoint removes what the run made."""
+    `checkpoint_every` steps (with `lrs`, `_lr_history`) and at the end. A failure before the first checkpoint
+    removes what the run made."""
     made_out, made_ck = where.made_out, not os.path.exists(where.ckdir)
     ckpt = checkpoint.Checkpoints(where.ckdir)
     history, seconds_before = [], 0.0
@@ -323,7 +342,7 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
                     break                               # a whole epoch without an edge between two tokens
                 if (s + 1) % settings.checkpoint_every == 0 or s + 1 == total:
                     try:
-                        ckpt.save(s + 1, state, fp, history, seconds_before + time.perf_counter() - t_start)
+                        ckpt.save(s + 1, state, fp, history, seconds_before + time.perf_counter() - t_start, lrs)
                     except checkpoint.NonFinite:
                         raise _diverged(settings, geom, s, "state", last_saved, where.ckdir) from None
                     last_saved = s + 1
@@ -335,7 +354,7 @@ def _train(where: Folder, settings: Settings, geom, mesh: Mesh, backbone, compil
         ckpt.close()
         if not finished and last_saved is None:         # failed before the first checkpoint: leave nothing behind
             inputs.discard(where.out if made_out else where.ckdir if made_ck else None, jax.process_index())
-    trained = Trained(state, history, steps_run, failed, time.perf_counter() - t_loop, seconds_before)
+    trained = Trained(state, history, steps_run, failed, time.perf_counter() - t_loop, seconds_before, lrs)
     if unreadable or not (gather(state.status)[:len(where.files)] == step.READ).any():
         # no image was ever read: the checkpoints hold nothing worth resuming, and would block the next run
         inputs.discard(where.out if made_out else where.ckdir, jax.process_index())
@@ -354,7 +373,7 @@ def _diverged(settings: Settings, geom, s: int, what: str, kept: int | None, ckd
               graphs: bool = False) -> InputError:
     """The error of a run whose step `s` (0-based) left float32 (`what`: its "loss", or the "state" a checkpoint
     would have held): lr too large — or, at the run's first step before any update (`graphs`), the graphs. kept:
-    the last checkpoint written (its steps stay, finite; they are this lr's)."""
+    the last checkpoint written (its steps stay, finite: a resume at a lower lr goes on from it)."""
     if graphs:
         return InputError("graphs", "the loss at the run's first step, before any update, is not finite: the "
                           "batch's graphs hold NaN or Inf (features not finite?), not a learning-rate problem",
@@ -363,9 +382,10 @@ def _diverged(settings: Settings, geom, s: int, what: str, kept: int | None, ckd
     return InputError(f"dataset gd-{settings.preset}",
                       f"diverged: the {what} left float32 (NaN or Inf) at step {s + 1} at lr "
                       f"{step.learning_rate(settings, geom):g}",
-                      f"lower --lr (the preset's default is {default:.2g}), or use --method exact" +
-                      ("" if kept is None else f" (into a fresh --out, or delete {ckdir}: its checkpoints, to step "
-                       f"{kept}, were made at this lr)"))
+                      f"lower --lr (the preset's default is {default:.2g})" +
+                      ("" if kept is None else f" and pass --resume to go on from step {kept}, the last checkpoint "
+                       f"(finite), or delete {ckdir} to start over") + ", or use --method exact" +
+                      ("" if kept is None else " into a fresh --out"))
 
 
 def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str, trained: Trained, per_epoch: int,
@@ -396,7 +416,7 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
                          per_epoch),
         summary.Timings(t - t_start, trained.seconds_before + t - t_start, trained.seconds, compile_s),
         backbone=_backbone_record(backbone, layers_name, settings),
-        lr=step.learning_rate(settings, geom), names=names, files=where.files,
+        lrs=trained.lrs, names=names, files=where.files,
         skipped=_skipped(where, status, trained.failed, backbone.preprocess, geom.size), ignored=where.ignored,
         machine={"devices": geom.devices, "processes": jax.process_count(), "backend": jax.default_backend()},
         folder=where.root, convergence=verdict.convergence, layer_weights=weights), where.out,

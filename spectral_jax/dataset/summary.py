@@ -104,10 +104,11 @@ def gd_convergence(history: list, per_epoch: int, tol: float = STATIONARITY_TOL,
     return gd_verdict(history, per_epoch, tol, saturated, spread).convergence
 
 
-def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timings, *, backbone: dict, lr: float,
+def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timings, *, backbone: dict, lrs: list,
          names: list, files: list, skipped: list, ignored: list, machine: dict, folder: str,
          convergence: Convergence | None = None, layer_weights: dict | None = None) -> dict:
-    """The summary. backbone: {"model", "weights", "layers"}; lr: the effective learning rate; names: images
+    """The summary. backbone: {"model", "weights", "layers"}; lrs: [[first step, lr], ...] the learning rates the
+    steps ran at ("lr_history"; "lr" is the last one's, the one a run of one lr ran at throughout); names: images
     read; files: images listed; skipped: [{"file", "reason"}] unreadable; ignored: non-image files; machine:
     {"devices", "processes", "backend"}; convergence: the run's verdict (default `gd_convergence` of the
     history); layer_weights: {"rule", "weights": {layer: w}} the steps used (`step.layer_weights_record`).
@@ -135,7 +136,8 @@ def make(settings: Settings, geom: Geometry, progress: Progress, timings: Timing
         "images": len(names), "images_listed": len(files), "skipped": skipped, "ignored": ignored,
         **backbone, "graph": settings.graph,
         "grid": list(geom.base), "size": list(geom.size), "batch_size": settings.batch_size,
-        "inner_steps": settings.inner_steps, "lr": lr, "weight_decay": settings.weight_decay, "ema": settings.ema,
+        "inner_steps": settings.inner_steps, "lr": lrs[-1][1], "lr_history": lrs,
+        "weight_decay": settings.weight_decay, "ema": settings.ema,
         "k_intra": geom.k_intra, "k_inter": geom.k_inter, "k_used": geom.k_used(settings.batch_size),
         "min_cos": settings.min_cos, "seed": settings.seed,
         "edge_weights": {"kind": settings.edge_weights, **({"sigma": "per batch, from its tokens (graphs.weight_edges)",
