@@ -133,6 +133,22 @@ def check_npz_headers(path: str, fix: str) -> None:
         raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
 
 
+def read_npz(path: str, what: str, fix: str) -> dict[str, np.ndarray]:
+    """Every array of the .npz at `path` ({name: array}), read after `check_npz_headers`, pickles refused. A
+    folder, FIFO or device (`io.open_regular`: named as such, never read), a damaged header or an archive numpy
+    cannot read: one `InputError` naming `path` as `what` ("ACTS .npz file", …) with `fix`. Checks no contents."""
+    from spectral_jax.io import open_regular
+
+    with open_regular(path, what, fix):
+        pass
+    check_npz_headers(path, fix)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as e:
+        raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
+
+
 def _ints(path: str, key: str, a: np.ndarray, shape: str, fix: str, low: int = 1) -> tuple[int, ...]:
     """`a` as a tuple of ints ≥ `low`; `shape` "[2]", "[n]" (one or more) or "scalar or [n]" says what is allowed."""
     ok_shape = {"[2]": a.shape == (2,), "[n]": a.ndim == 1 and a.size >= 1,
@@ -198,17 +214,8 @@ def load_acts(path: str) -> Acts:
     hidden float `[B, h*w, C]`; model a string; image_size two ints ≥ 1; timesteps ints ≥ 0 `[T]` together with
     num_heads (an int ≥ 1 or one per layer) such that each layer's heads axis is T·H.
     """
-    from spectral_jax.io import open_regular
-
     fix = "write it with `spectral-jax extract IMAGE --model NAME --out ACTS.npz`"
-    with open_regular(path, "ACTS .npz file", fix):     # a folder, FIFO or device is named as such, never read
-        pass
-    check_npz_headers(path, fix)
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            data = {k: f[k] for k in f.files}
-    except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as e:
-        raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
+    data = read_npz(path, "ACTS .npz file", fix)
     layers: dict[int, dict[str, np.ndarray]] = {}
     for key, arr in data.items():
         m = _KEY.match(key)

@@ -10,8 +10,6 @@ import dataclasses
 import functools
 import json
 import os
-import zipfile
-import zlib
 from typing import Any, Sequence
 
 import jax
@@ -159,6 +157,8 @@ class Convergence:
     def from_dict(cls, d: dict) -> "Convergence":
         """The record of `as_dict`'s form (unknown keys ignored; a dict without "criterion", as summaries written
         before it was reported, is a residual verdict)."""
+        if not isinstance(d["converged"], bool):        # "false" is not False: bool("false") would claim it
+            raise ValueError(f"converged is {d['converged']!r}, not true or false")
         return cls(d["converged"], d["iterations"], d["tol"], d.get("criterion", "max_residual <= tol"),
                    d.get("max_residual"), tuple(d.get("residuals", ())), d.get("stationarity"),
                    d.get("stationarity_window"), d.get("kind"))
@@ -341,20 +341,17 @@ class Result:
         solve) read the same: an array one axis short is that one solve's, repeated per image. A file without the
         `provenance/*` members (written before they were) reads with `provenance` None: unknown. Anything that
         does not hold the contract's arrays — eigvecs a finite `[B, K, h, w]`, eigvals `[K]`/`[B, K]`, rq
-        `[G, K]`/`[B, G, K]` — is an `InputError` naming the file, as is a member whose header claims more than its
+        `[G, K]`/`[B, G, K]`, history `[S]`/`[B, S]`, "converged" true or false — is an `InputError` naming the
+        file (an array of the right size in another layout is never reshaped into place), as is a member whose
+        header claims more than its
         bytes hold (`acts.check_npz_headers`); pickles are refused."""
         fix = "pass a RESULT.npz written by `spectral-jax solve` or Result.save"
         if not os.path.isfile(path):
             raise InputError(path, "is a folder, not a RESULT .npz file" if os.path.isdir(path) else "no such file",
                              fix)
-        from spectral_jax.acts import check_npz_headers
+        from spectral_jax.acts import read_npz
 
-        check_npz_headers(path, fix)          # each member's header against its bytes, before anything is allocated
-        try:
-            with np.load(path, allow_pickle=False) as f:
-                data = {k: f[k] for k in f.files}
-        except (OSError, ValueError, zipfile.BadZipFile, zlib.error, EOFError, RuntimeError) as e:
-            raise InputError(path, f"not a readable .npz archive ({type(e).__name__})", fix) from None
+        data = read_npz(path, "RESULT .npz file", fix)      # each member's header checked before it is read
         missing = [k for k in ("eigvecs", "eigvals", "rq", "summary") if k not in data]
         if missing:
             raise InputError(path, f"lacks {', '.join(missing)} (not a RESULT file)", fix)
@@ -365,6 +362,11 @@ class Result:
             raise InputError(path, "eigvecs hold NaN or Inf", "solve again (a solver never writes them)")
         if rq.ndim not in (2, 3) or rq.shape[-1] != x.shape[1] or (rq.ndim == 3 and rq.shape[0] != x.shape[0]):
             raise InputError(path, f"rq {rq.shape} is not [G, K] or [B, G, K] for eigvecs {x.shape}", fix)
+        ev, hist = np.shape(data["eigvals"]), np.shape(data.get("history", np.zeros((x.shape[0], 0))))
+        if ev not in ((x.shape[1],), x.shape[:2]):              # never reshaped into place: its order would mix
+            raise InputError(path, f"eigvals {ev} are not [K] or [B, K] for eigvecs {x.shape}", fix)
+        if len(hist) not in (1, 2) or (len(hist) == 2 and hist[0] != x.shape[0]):
+            raise InputError(path, f"history {hist} is not [S] or [B, S] for eigvecs {x.shape}", fix)
         try:
             summary = json.loads(str(data["summary"].item()))
             x = np.asarray(data["eigvecs"], np.float32)

@@ -1,0 +1,131 @@
+"""Loaders that read back what the library wrote (red-team, session 25): nothing of the wrong layout is reshaped
+into place, nothing damaged or from another run loads silently.
+
+1. `Result.load`: eigvals `[K, B]` (B·K values, another layout) and a history of another image count are refused,
+   as is a summary whose "converged" is not a JSON boolean ("false" would read as True);
+2. `dataset.load_result`: NaN eigvecs, summary eigvals or images of another run, segments.npz of other images or
+   shape, a missing member, a truncated archive — each one `InputError` naming the file, never a raw traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+
+import numpy as np
+import pytest
+
+import spectral_jax as sj
+from spectral_jax import dataset
+from spectral_jax.errors import InputError
+from spectral_jax.solvers.result import Result
+from spectral_jax.taps import LayerTap, Taps
+from test_dataset import make_folder, synthetic
+
+
+def _saved(tmp_path) -> tuple[str, dict]:
+    rng = np.random.default_rng(0)
+    q, k, v = (rng.normal(size=(2, 2, 25, 4)).astype(np.float32) for _ in range(3))
+    res = sj.solve(Taps({0: LayerTap(q, k, v, (5, 5), 0)}), graph="qk", num_eigs=4)
+    path = str(tmp_path / "ok.npz")
+    res.save(path)
+    with np.load(path) as f:
+        return path, {key: f[key] for key in f.files}
+
+
+# ------------------------------------------------------------------------------------------------ 1. Result.load
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda d: {**d, "eigvals": d["eigvals"].T.copy()}, r"eigvals \(4, 2\) are not \[K\] or \[B, K\]"),
+    (lambda d: {**d, "eigvals": d["eigvals"].reshape(-1)}, r"eigvals \(8,\) are not \[K\] or \[B, K\]"),
+    (lambda d: {**d, "history": np.zeros((3, 4), np.float32)}, r"history \(3, 4\) is not \[S\] or \[B, S\]"),
+    (lambda d: {**d, "summary": np.array(json.dumps({**json.loads(str(d["summary"])), "converged": "false"}))},
+     r"converged is 'false', not true or false"),
+])
+def test_result_load_refuses_arrays_of_another_layout(tmp_path, edit, match):
+    path, d = _saved(tmp_path)
+    assert Result.load(path).eigvals.shape == (2, 4)
+    np.savez(str(tmp_path / "edited.npz"), **edit(d))
+    with pytest.raises(InputError, match=match):
+        Result.load(str(tmp_path / "edited.npz"))
+
+
+def test_result_load_still_reads_one_solve_written_without_the_image_axis(tmp_path):
+    path, d = _saved(tmp_path)
+    one = {**d, "eigvals": d["eigvals"][0], "history": d["history"][0]}
+    np.savez(str(tmp_path / "old.npz"), **one)
+    got = Result.load(str(tmp_path / "old.npz"))
+    np.testing.assert_array_equal(got.eigvals, np.stack([d["eigvals"][0]] * 2))
+
+
+# ------------------------------------------------------------------------------------------ 2. dataset.load_result
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    folder = make_folder(str(root / "imgs"), 4)
+    out = str(root / "out")
+    dataset.run(folder, out, backbone=synthetic(), method="exact", size=32, batch_size=4, num_eigs=4, k_intra=5,
+                k_inter=5, figure_images=0, segments=2)
+    return out
+
+
+def _copy(finished, tmp_path) -> str:
+    out = str(tmp_path / "copy")
+    shutil.copytree(finished, out)
+    return out
+
+
+def _npz(path, **change):
+    with np.load(path) as f:
+        d = {k: f[k] for k in f.files}
+    d.update(change)
+    for k in [k for k, v in d.items() if v is None]:
+        del d[k]
+    np.savez(path, **d)
+
+
+def _summary(out, **change):
+    p = os.path.join(out, "summary.json")
+    with open(p) as f:
+        s = json.load(f)
+    s.update(change)
+    with open(p, "w") as f:
+        json.dump(s, f)
+
+
+def test_load_result_reads_a_finished_run_back(finished):
+    res = dataset.load_result(finished)
+    assert res.num_images == 4 and res.segments.labels.shape[0] == 4 and len(res.names) == 4
+
+
+@pytest.mark.parametrize("damage, where, match", [
+    (lambda o, e: _npz(e, eigvecs=np.full_like(np.load(e)["eigvecs"], np.nan)), "eigvecs.npz",
+     "eigvecs hold NaN or Inf"),
+    (lambda o, e: _npz(e, names=None), "eigvecs.npz", "lacks names"),
+    (lambda o, e: _npz(e, names=np.load(e)["names"][:2]), "eigvecs.npz", r"names <U\d+ \(2,\) are not \[4\]"),
+    (lambda o, e: _npz(e, table=np.load(e)["table"][:, :2]), "eigvecs.npz", r"table \(4, 2, 4, 4\) is not"),
+    (lambda o, e: _summary(o, eigvals=[1.0, 0.5]), "summary.json", "holds 2 eigvals for 4 eigenvectors"),
+    (lambda o, e: _summary(o, images=3), "summary.json", "says 3 images where eigvecs.npz holds 4"),
+    (lambda o, e: _npz(os.path.join(o, "segments.npz"), segments=np.load(os.path.join(o, "segments.npz"))
+                       ["segments"][:1]), "segments.npz", r"segments int32 \(1, 4, 4\) are not \[4, 4, 4\]"),
+    (lambda o, e: _npz(os.path.join(o, "segments.npz"), names=np.array(["a", "b", "c", "d"])), "segments.npz",
+     "names other images than eigvecs.npz"),
+    (lambda o, e: _npz(os.path.join(o, "segments.npz"), rule=None), "segments.npz",
+     "does not hold a run's segments"),
+    (lambda o, e: open(e, "r+b").truncate(100), "eigvecs.npz", "not a readable .npz archive"),
+    (lambda o, e: _summary(o, convergence={"converged": "yes", "iterations": 1, "tol": 1e-4}), "summary.json",
+     "does not describe this run's arrays"),
+])
+def test_load_result_refuses_a_damaged_or_mixed_export_in_one_line(finished, tmp_path, damage, where, match):
+    out = _copy(finished, tmp_path)
+    damage(out, os.path.join(out, "eigvecs.npz"))
+    with pytest.raises(InputError) as e:
+        dataset.load_result(out)
+    assert e.value.what == os.path.join(out, where) and "\n" not in str(e.value)
+    assert re.search(match, e.value.problem), e.value.problem
+    assert "--resume" in e.value.fix
