@@ -135,38 +135,97 @@ def load_result(out: str) -> DatasetResult:
     (`DatasetResult.from_table`: eigvals, objective, orth_error, steps, convergence from the summary — eigvals
     where the run wrote them, exact runs, else NaN; rq from eigvecs.npz where saved, else `[n, 0, K]`; seconds the
     run's total; method the solver's (exact) or the summary's; provenance summary["provenance"] with the
-    summary's "layer_weights" — None for a run exported before the summary held it —; info {})."""
+    summary's "layer_weights" — None for a run exported before the summary held it —; info {}).
+
+    Checked, as `Result.load` checks a RESULT.npz: eigvecs finite `[n, K, h, w]`, names `[n]`, table `[n, K, ...]`,
+    probs (where saved) and rq `[G, K]` of the same n and K, the summary's "images" n and "eigvals" K (where it
+    holds them), segments.npz's labels `[n, h, w]` for the same names. Anything else — a file missing, damaged,
+    cut short or from another run — is one `InputError` naming it and how to write it again; nothing is
+    reshaped into place."""
+    from spectral_jax.acts import read_npz
+    from spectral_jax.io import open_regular
+
     path = os.path.join(out, "eigvecs.npz")
     if not os.path.isfile(path):
         raise InputError(out, "holds no eigvecs.npz", "run `spectral-jax dataset FOLDER ... --out DIR` first, or "
                          "re-open an interrupted run with --resume")
-    from spectral_jax.io import open_regular
-
+    fix = "re-export it with `spectral-jax dataset FOLDER ... --out DIR --resume`"
     try:
         with open_regular(os.path.join(out, "summary.json"), "summary.json file") as fh:   # a FIFO: not waited on
             summary = json.load(fh)
     except (OSError, ValueError) as e:
         why = e.problem if isinstance(e, InputError) else type(e).__name__
-        raise InputError(out, f"holds an incomplete export (summary.json: {why})",
-                         "re-export it with `spectral-jax dataset FOLDER ... --out DIR --resume`") from None
-    with np.load(path, allow_pickle=False) as f:
-        d = {k: f[k] for k in f.files}
+        raise InputError(out, f"holds an incomplete export (summary.json: {why})", fix) from None
+    if not isinstance(summary, dict):
+        raise InputError(os.path.join(out, "summary.json"), f"is a JSON {type(summary).__name__}, not an object",
+                         fix)
+    d = read_npz(path, "eigvecs .npz file", fix)
+    seg_path = os.path.join(out, "segments.npz")
+    segs = read_npz(seg_path, "segments .npz file", fix) if os.path.isfile(seg_path) else None
+    why = _export_problem(d, summary, segs)
+    if why is not None:
+        raise InputError(os.path.join(out, why[0]), why[1], fix)
     seg = None
-    if os.path.isfile(os.path.join(out, "segments.npz")):
+    if segs is not None:
         from spectral_jax.dataset.cluster import Segments
 
-        with np.load(os.path.join(out, "segments.npz"), allow_pickle=False) as f:
-            seg = Segments.from_arrays({k: f[k] for k in f.files})
-    prov = summary.get("provenance")
-    if prov is not None:
-        weights = (summary.get("layer_weights") or {}).get("weights")
-        rows = None if weights is None else np.tile([[float(weights[str(l)]) for l in prov["layers"]]],
-                                                    (len(d["names"]), 1))
-        prov = Provenance.from_dict(prov, rows)
-    res = DatasetResult.from_table(d["eigvecs"], [str(s) for s in d["names"]], d["table"], d.get("probs"), summary,
-                                   out, provenance=prov)
+        try:
+            seg = Segments.from_arrays(segs)
+        except (KeyError, ValueError, TypeError) as e:
+            raise InputError(seg_path, f"does not hold a run's segments ({type(e).__name__}: {e})", fix) from None
+    names = [str(s) for s in d["names"]]
+    try:
+        prov = summary.get("provenance")
+        if prov is not None:
+            weights = (summary.get("layer_weights") or {}).get("weights")
+            rows = None if weights is None else np.tile([[float(weights[str(l)]) for l in prov["layers"]]],
+                                                        (len(names), 1))
+            prov = Provenance.from_dict(prov, rows)
+        res = DatasetResult.from_table(d["eigvecs"], names, d["table"], d.get("probs"), summary, out,
+                                       provenance=prov)
+    except (KeyError, ValueError, TypeError, AttributeError) as e:
+        raise InputError(os.path.join(out, "summary.json"), f"does not describe this run's arrays "
+                         f"({type(e).__name__}: {e})", fix) from None
     rq = {} if "rq" not in d else {"rq": np.broadcast_to(d["rq"], (res.num_images, *d["rq"].shape))}
     return dataclasses.replace(res, segments=seg, **rq)
+
+
+def _export_problem(d: dict, summary: dict, segs: dict | None) -> tuple[str, str] | None:
+    """(file, what is wrong) with an export's arrays `d` (eigvecs.npz), `summary` and segments.npz `segs` (None:
+    none written) against one another; None when they agree (`load_result`)."""
+    missing = [k for k in ("eigvecs", "names", "table") if k not in d]
+    if missing:
+        return "eigvecs.npz", f"lacks {', '.join(missing)} (not a dataset run's eigvecs.npz)"
+    x, names, table = d["eigvecs"], d["names"], d["table"]
+    if x.ndim != 4 or not np.issubdtype(x.dtype, np.floating) or 0 in x.shape:
+        return "eigvecs.npz", f"eigvecs must be a floating [n, K, h, w] array, got {x.dtype} {x.shape}"
+    n, k, h, w = x.shape
+    if not np.isfinite(x).all():
+        return "eigvecs.npz", "eigvecs hold NaN or Inf"
+    if names.ndim != 1 or names.dtype.kind != "U" or len(names) != n:
+        return "eigvecs.npz", f"names {names.dtype} {names.shape} are not [{n}] strings, one per image of eigvecs"
+    if table.ndim != 4 or table.shape[:2] != (n, k):
+        return "eigvecs.npz", f"table {table.shape} is not [{n}, {k}, h, w] beside eigvecs {x.shape}"
+    if "probs" in d and d["probs"].shape != x.shape:
+        return "eigvecs.npz", f"probs {d['probs'].shape} are not eigvecs' {x.shape}"
+    if "rq" in d and (d["rq"].ndim != 2 or d["rq"].shape[1] != k):
+        return "eigvecs.npz", f"rq {d['rq'].shape} is not [G, {k}]"
+    said = summary.get("images")
+    if said is not None and said != n:
+        return "summary.json", f"says {said!r} images where eigvecs.npz holds {n}: they are of other runs"
+    vals = summary.get("eigvals")
+    if vals is not None and (not isinstance(vals, list) or len(vals) != k):
+        return "summary.json", f"holds {len(vals) if isinstance(vals, list) else repr(vals)} eigvals for {k} " \
+            "eigenvectors: they are of other runs"
+    if segs is not None:
+        labels, seg_names = segs.get("segments"), segs.get("names")
+        if labels is None or seg_names is None:
+            return "segments.npz", "lacks segments or names (not a dataset run's segments.npz)"
+        if labels.shape != (n, h, w) or labels.dtype.kind not in "iu":
+            return "segments.npz", f"segments {labels.dtype} {labels.shape} are not [{n}, {h}, {w}] integers"
+        if seg_names.shape != names.shape or not np.array_equal(seg_names, names):
+            return "segments.npz", "names other images than eigvecs.npz: they are of other runs"
+    return None
 
 
 def global_eigvecs(probs: np.ndarray) -> np.ndarray:
