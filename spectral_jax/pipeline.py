@@ -245,30 +245,41 @@ class _TapGroups:
 
 
 def check_not_degenerate(taps: Taps, g: GraphSpec) -> None:
-    """Refuses vv graphs a solve can say nothing of (`graphs.degenerate_gaps` below `graphs.DEGENERATE_TOL` for
-    every layer and head of an image), where a solve returns noise reported converged: the identity (each token's
-    softmax row on itself — 1/tau too large for the features' cosines — every vector an eigenvector; or NaN, 1/tau
-    ≳ 1e9: float32 logits of that size can differ by more than exp takes between two fusions' sums of the same
-    product, and the solve's softmax turns NaN) and the uniform graph (every row 1/N — 1/tau too small to tell the
-    cosines apart —, every vector orthogonal to the constant an eigenvector at 0). One compiled pass over all
-    images, `graphs.DEGENERATE_ROWS` softmax rows per graph (`_degenerate_gaps`: a few % of one matvec's work);
-    other graph kinds pass unchecked (kNN graphs of self-edges only are refused by `graph_groups`)."""
+    """Refuses attention graphs (qk, vv) a solve can say nothing of (`graphs.degenerate_gaps` below
+    `graphs.DEGENERATE_TOL` for every layer and head of an image), where a solve returns noise reported converged:
+    the identity (each token's softmax row on itself, every vector an eigenvector — vv with 1/tau too large for the
+    features' cosines; or NaN, 1/tau ≳ 1e9: float32 logits of that size can differ by more than exp takes between
+    two fusions' sums of the same product, and the solve's softmax turns NaN) and the uniform graph (every row 1/N,
+    every vector orthogonal to the constant an eigenvector at 0 — vv with 1/tau too small to tell the cosines apart;
+    qk or vv whose tokens are all alike: a constant image under a backbone without position information, or a
+    backbone that ignores its input). The fix names tau for vv; for qk, which has no option to change, the input.
+    One compiled pass over all images, `graphs.DEGENERATE_ROWS` softmax rows per graph (`_degenerate_gaps`: a few
+    % of one matvec's work); kNN graphs pass unchecked here (those of self-edges only are refused by
+    `graph_groups`)."""
     from spectral_jax.graphs import DEGENERATE_TOL
 
-    if g.kind != "vv":
+    if g.kind not in ("qk", "vv"):
         return
     gaps = np.asarray(_degenerate_gaps(_TapGroups(g.kind, tuple(sorted(g.build_kwargs().items()))), taps.layers))
+    vv, default = g.kind == "vv", "(--tau; the default is 0.1)"
     for col, (what, why, fix) in enumerate([
-            ("the identity", "each token's softmax row puts all its weight on itself: 1/tau is too large for the "
-             "features' cosines, or past float32", "raise tau"),
-            ("uniform", "each token's softmax row is 1/N to float32: 1/tau is too small to tell the features' "
-             "cosines apart", "lower tau")]):
+            ("the identity", "each token's softmax row puts all its weight on itself: " + (
+                "1/tau is too large for the features' cosines, or past float32" if vv else
+                "every token's query matches its own key alone"), f"raise tau {default}"),
+            ("uniform", "each token's softmax row is 1/N to float32: " + (
+                "1/tau is too small to tell the features' cosines apart, or the tokens are alike" if vv else
+                "the tokens' queries and keys are alike: a constant image, or a backbone that ignores its input"),
+             f"lower tau {default}, or pass images with content")]):
         bad = np.flatnonzero(~(gaps[:, col] >= DEGENERATE_TOL))        # NaN too (see above)
         if bad.size:
-            where = "every vv graph" if bad.size == gaps.shape[0] else \
-                f"every vv graph of image(s) {', '.join(map(str, bad[:5]))}{' …' if bad.size > 5 else ''}"
-            raise InputError(f"tau {g.tau:g}", f"leaves {where} {what} ({why}), so the solve would return noise",
-                             f"{fix} (--tau; the default is 0.1)")
+            where = f"every {g.kind} graph" + ("" if bad.size == gaps.shape[0] else
+                                               f" of image(s) {', '.join(map(str, bad[:5]))}"
+                                               f"{' …' if bad.size > 5 else ''}")
+            if vv:
+                raise InputError(f"tau {g.tau:g}", f"leaves {where} {what} ({why}), so the solve would return noise",
+                                 fix)
+            raise InputError("qk graphs", f"{where} is {what} ({why}), so the solve would return noise",
+                             "pass images with content, or check the backbone's taps (another layer or graph kind)")
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -47,8 +47,24 @@ def test_vv_at_a_tau_that_leaves_a_degenerate_graph_is_refused(rng, tau, what, f
     is an eigenvector and the solve returned noise, reported converged."""
     taps = _taps(rng)
     with pytest.raises(InputError, match=rf"^tau {re.escape(f'{tau:g}')}: leaves every vv graph {what} .* — {fix} tau "
-                                         r"\(--tau; the default is 0\.1\)$"):
+                                         r"\(--tau; the default is 0\.1\)(, or pass images with content)?$"):
         sj.solve(taps, "vv", 3, tau=tau)
+
+
+def test_qk_graphs_of_tokens_all_alike_are_refused_as_uniform(rng):
+    """Every token of an image alike (a constant image under a backbone without positions): the qk graph is 11ᵀ/N,
+    and the solve returned rounding noise (eigvals 1, 2e-7, …) reported converged, which `describe` segmented.
+    Refused as vv's uniform graph is, naming the images; an image with content beside it is not."""
+    alike = np.repeat(rng.normal(size=(2, 2, 1, 4)), 36, axis=2).astype(np.float32)       # [B, H, N, D]
+    taps = Taps({0: LayerTap(alike, alike * 0.5, alike, (6, 6))})
+    with pytest.raises(InputError, match=r"^qk graphs: every qk graph is uniform \(.*queries and keys are alike"):
+        sj.solve(taps, "qk", 3)
+    mixed = alike.copy()
+    mixed[0] = rng.normal(size=mixed[0].shape)                      # image 0 has content, image 1 not
+    with pytest.raises(InputError, match=r"every qk graph of image\(s\) 1 is uniform"):
+        sj.solve(Taps({0: LayerTap(mixed, mixed * 0.5, mixed, (6, 6))}), "qk", 3)
+    res = sj.solve(Taps({0: LayerTap(mixed[:1], mixed[:1] * 0.5, mixed[:1], (6, 6))}), "qk", 3)
+    assert res.convergence.converged
 
 
 def test_degenerate_gaps_read_the_identity_and_the_uniform_graph(rng):
