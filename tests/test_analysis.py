@@ -316,6 +316,25 @@ def test_iou_hand_computed():
     assert A.iou(p, ~p) == 0.0
     with pytest.raises(InputError):
         A.iou(p, g[:, :2])
+    assert A.iou(p.astype(np.uint8), g.astype(np.float32)) == pytest.approx(2 / 5)     # 0/1 numbers are masks
+
+
+@pytest.mark.parametrize("bad", [np.array([np.nan, 0.0]), np.array([0.3, 0.0]), np.array([255, 0], np.uint8)])
+def test_iou_refuses_what_a_bool_cast_would_count_as_foreground(bad):
+    """NaN, a soft mask and 0/255 were cast to bool: every nonzero value foreground (NaN against [1, 0]: IoU 1)."""
+    with pytest.raises(InputError, match="^pred: is not a mask of 0/1"):
+        A.iou(bad, np.array([1, 0]))
+    with pytest.raises(InputError, match="^gt: is not a mask of 0/1"):
+        A.iou(np.array([1, 0]), bad)
+
+
+def test_miou_refuses_nan_labels():
+    """A NaN label was a class of its own (np.unique keeps each NaN), scored as if real."""
+    with pytest.raises(InputError, match="^gt_labels: holds NaN labels"):
+        A.miou_hungarian(np.array([0, 0, 1, 1, 2, 2]), np.array([0, 0, 1, 1, np.nan, np.nan]))
+    with pytest.raises(InputError, match="^pred_labels: holds NaN labels"):
+        A.miou_hungarian(np.array([0, 0, 1, np.nan]), np.array([0, 0, 1, 1]))
+    assert A.miou_hungarian(np.array([0., 0., 1., 1.]), np.array([0, 0, 1, 1]))[0] == 1.0
 
 
 def test_miou_permuted_labelling_is_one():

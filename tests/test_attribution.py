@@ -128,6 +128,11 @@ def test_principal_angles():
     np.testing.assert_allclose(principal_angles(e[:, :2], e[:, 2:4]), np.pi / 2, atol=1e-12)
     half = np.stack([e[:, 0], (e[:, 1] + e[:, 2]) / np.sqrt(2)], 1)
     np.testing.assert_allclose(principal_angles(e[:, :2], half), [0.0, np.pi / 4], atol=1e-12)
+    # dependent columns span fewer dimensions: one angle (π/4 from (1,1,0,0) to span{e1, e4}), not a QR's
+    # arbitrary second direction (it gave [0, π/2])
+    dup = np.stack([e[:, 0] + e[:, 1]] * 2, 1)
+    np.testing.assert_allclose(principal_angles(dup, e[:, [0, 3]]), [np.pi / 4], atol=1e-12)
+    assert principal_angles(np.zeros((20, 2)), e[:, :2]).shape == (0,)
 
 
 def test_a_layer_grid_with_fewer_nodes_than_k():

@@ -80,21 +80,26 @@ def nanmean(a, axis) -> np.ndarray:
 
 def principal_angles(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Principal angles (radians, ascending) between the column spans of a `[N, p]` and b `[N, q]` →
-    `[min(p, q)]`: arccos of the singular values of Q_aᵀ Q_b."""
-    qa, _ = np.linalg.qr(np.asarray(a, np.float64))
-    qb, _ = np.linalg.qr(np.asarray(b, np.float64))
-    s = np.linalg.svd(qa.T @ qb, compute_uv=False)
+    `[min(rank a, rank b)]` (`[min(p, q)]` for full-rank columns): arccos of the singular values of Q_aᵀ Q_b, each
+    Q an orthonormal basis of its span (`_span`: the left singular vectors above 1e-10 of the largest singular
+    value). A span's dimension is its rank, not its column count: a QR of dependent columns would add an arbitrary
+    direction and with it an angle the spans do not have."""
+    s = np.linalg.svd(_span(a, 1e-10).T @ _span(b, 1e-10), compute_uv=False)
     return np.sort(np.arccos(np.clip(s, -1.0, 1.0)))
+
+
+def _span(a: np.ndarray, rtol: float) -> np.ndarray:
+    """An orthonormal basis `[N, rank]` of the column span of a `[N, p]`, largest singular value first; rank: the
+    singular values above `rtol` of the largest (none for a zero or empty a)."""
+    u, sv, _ = np.linalg.svd(np.asarray(a, np.float64), full_matrices=False)
+    return u[:, :int(np.sum(sv > rtol * sv[0])) if sv.size and sv[0] > 0 else 0]
 
 
 def nontrivial(v: np.ndarray) -> np.ndarray:
     """An orthonormal basis `[N, r]` of span(v) with the constant direction projected out (v `[N, p]`): its top
     r = min(p − 1, rank) left singular vectors after centring (rank: singular values above 1e-8 of the largest)."""
     c = np.asarray(v, np.float64)
-    c = c - c.mean(0, keepdims=True)
-    u, sv, _ = np.linalg.svd(c, full_matrices=False)
-    r = min(c.shape[1] - 1, int(np.sum(sv > 1e-8 * sv[0]))) if sv.size and sv[0] > 0 else 0
-    return u[:, :r]
+    return _span(c - c.mean(0, keepdims=True), 1e-8)[:, :max(c.shape[1] - 1, 0)]
 
 
 def build(layers: Sequence[int], timesteps: Sequence[int], rq: np.ndarray, own_eigvals: np.ndarray,
