@@ -110,11 +110,15 @@ def test_analyze_attribution_and_layer_weights(tmp_path, capsys):
     att = json.load(open(out / "chelsea" / "attribution.json"))
     assert att["layers"] == [0, 5, 11] and np.asarray(att["rq"]).shape == (3, 1, 6, 5)
     assert np.asarray(att["angles"]).shape == (3, 1, 4) and att["graph"] == "vv"
-    # explicit numbers: all weight on layer 11 gives layer 11's own solution
+    # explicit numbers, paired with --layers as typed: all weight on layer 11 gives layer 11's own solution; the
+    # summary's "layers" are the solved ones ascending, the order of its "layer_weights" (the selection as typed
+    # beside them used to read "11,0,5" next to weights in the order 0, 5, 11)
     one = tmp_path / "one"
     assert main(["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "56",
-                 "--layers", "0,5,11", "--num-eigs", "5", "--graph", "vv", "--layer-weights", "0,0,1",
+                 "--layers", "11,0,5", "--num-eigs", "5", "--graph", "vv", "--layer-weights", "1,0,0",
                  "--out", str(one)]) == 0
+    s = json.load(open(one / "chelsea" / "summary.json"))
+    assert s["layers"] == [0, 5, 11] and s["layer_weights"] == [0, 0, 1] and s["layers_spec"] == "11,0,5"
     alone = tmp_path / "alone"
     assert main(["analyze", SAMPLE, "--model", "dinov2_vits14", "--weights", "random", "--size", "56",
                  "--layers", "11", "--num-eigs", "5", "--graph", "vv", "--out", str(alone)]) == 0

@@ -129,8 +129,11 @@ def run_analyze(args, credit: str | None = None) -> int:
         for j, (path, stem, image, att) in enumerate(zip(args.images, stems, prep.shown, attributions)):
             one = res.image(j)
             view = pipeline.describe(one, seed=args.seed)[0]
+            # "layers" the solved layers ascending — the order of "layer_weights" and of solve's summary —; the
+            # selection as typed (any order, negative indices) is "layers_spec", as "layer_weights_spec" is
+            layers = list(one.provenance.layers) if one.provenance is not None else args.layers
             extra = {"image": os.path.abspath(path), "model": args.model, "graph": args.graph,
-                     "weights": bb.weights, "layers": args.layers, "dtype": args.dtype,
+                     "weights": bb.weights, "layers": layers, "layers_spec": args.layers, "dtype": args.dtype,
                      "graph_dtype": args.graph_dtype}
             if credit:
                 extra["image_credit"] = credit
