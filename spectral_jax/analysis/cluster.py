@@ -185,7 +185,16 @@ def cluster_embedding(features, k: int | None = None, method: str = "silhouette-
     """k-means of an embedding `[N, F]` into `k` clusters, or — `k=None` — into the `auto_k(method=...)` choice in
     `k_range` ("silhouette-tol" or "silhouette" on `features`, k-means with `scan_n_init` runs per candidate,
     default `n_init`; or "eigengap" on `eigvals`). Returns (the `KMeans` with `n_init` runs, the `AutoK` or None when k was given).
-    The one "choose k, then cluster" step of the single-image `segment` and the dataset-wide segments."""
+    The one "choose k, then cluster" step of the single-image `segment` and the dataset-wide segments.
+
+    An embedding whose rows are all the same (every eigenvalue weighting a nontrivial eigenvector ≤ 0, or constant
+    eigenvectors) has no clusters: any split of it into k ≥ 2 is arbitrary (k-means put one point apart). That is
+    an `InputError`, not labels; k = 1 is still one cluster."""
+    x = np.asarray(features)
+    if (k is None or int(k) >= 2) and x.size and np.ptp(x, axis=0).max() <= 1e-9 * np.abs(x).max():
+        raise InputError("eigvecs", "give every pixel the same spectral embedding (the eigenvalues weighting its "
+                         "eigenvectors are all ≤ 0, or the eigenvectors are constant), so any segments would be "
+                         "arbitrary", "weight the eigenvectors equally (eigvals=None), or solve for more of them")
     if k is None:
         scan = n_init if scan_n_init is None else scan_n_init
         auto, fits = _auto_k(features, k_range, method, eigvals, seed, n_init=scan)
