@@ -229,14 +229,16 @@ def test_pca_rgb_colours_blocks():
 def test_an_embedding_without_structure_is_refused_not_split_arbitrarily():
     """Eigenvalues all ≤ 0 beside the first weight every nontrivial eigenvector to 0 (and constant eigenvectors
     give one point for all pixels): k-means put one pixel apart as a second segment, `describe` made it an
-    instance. Refused for k ≥ 2 and auto k; k = 1 is one segment."""
+    instance. Refused for a given k ≥ 2; automatic k (and k = 1) is one segment."""
     rng = np.random.default_rng(0)
     e = rng.normal(size=(4, 6, 6))
     for eigvecs, eigvals in ((e, np.array([1.0, 0.0, -0.2, -0.5])), (np.ones((4, 6, 6)), None)):
-        for k in (None, 2, 3):
+        for k in (2, 3):
             with pytest.raises(InputError, match="^eigvecs: give every pixel the same spectral embedding"):
                 A.segment(eigvecs, k, eigvals=eigvals)
-        assert (A.segment(eigvecs, 1, eigvals=eigvals) == 0).all()
+        assert (A.segment(eigvecs, 1, eigvals=eigvals) == 0).all() and (A.segment(eigvecs, eigvals=eigvals) == 0).all()
+        km, auto = A.cluster_embedding(A.spectral_features(eigvecs, eigvals=eigvals))
+        assert auto.method == "no structure" and auto.k == 1 and auto.ks.size == 0 and (km.labels == 0).all()
     assert len(np.unique(A.segment(e, 3, eigvals=np.array([1.0, 0.5, 0.2, 0.1])))) == 3
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from spectral_jax.analysis.features import _features, spectral_features
 from spectral_jax.errors import InputError, is_integer
 
-__all__ = ["KMeans", "kmeans", "AutoK", "auto_k", "cluster_embedding", "segment"]
+__all__ = ["KMeans", "kmeans", "AutoK", "auto_k", "cluster_embedding", "segment", "structureless"]
 
 
 class KMeans(NamedTuple):
@@ -179,6 +179,13 @@ def _auto_k(features, k_range, method, eigvals, seed, max_samples=MAX_SAMPLES, n
     return AutoK(int(ks[i]), ks, np.asarray(scores, np.float64), method), fits
 
 
+def structureless(features) -> bool:
+    """Whether every row of the embedding `[N, F]` is the same point (to 1e-9 of its largest entry; an all-zero
+    embedding too): nothing for a clustering to find."""
+    x = np.asarray(features)
+    return bool(x.size) and float(np.ptp(x, axis=0).max()) <= 1e-9 * float(np.abs(x).max())
+
+
 def cluster_embedding(features, k: int | None = None, method: str = "silhouette-tol", eigvals=None, seed: int = 0,
                       k_range: tuple[int, int] = (2, 10), n_init: int = 10,
                       scan_n_init: int | None = None) -> tuple[KMeans, AutoK | None]:
@@ -187,14 +194,19 @@ def cluster_embedding(features, k: int | None = None, method: str = "silhouette-
     default `n_init`; or "eigengap" on `eigvals`). Returns (the `KMeans` with `n_init` runs, the `AutoK` or None when k was given).
     The one "choose k, then cluster" step of the single-image `segment` and the dataset-wide segments.
 
-    An embedding whose rows are all the same (every eigenvalue weighting a nontrivial eigenvector ≤ 0, or constant
-    eigenvectors) has no clusters: any split of it into k ≥ 2 is arbitrary (k-means put one point apart). That is
-    an `InputError`, not labels; k = 1 is still one cluster."""
-    x = np.asarray(features)
-    if (k is None or int(k) >= 2) and x.size and np.ptp(x, axis=0).max() <= 1e-9 * np.abs(x).max():
-        raise InputError("eigvecs", "give every pixel the same spectral embedding (the eigenvalues weighting its "
-                         "eigenvectors are all ≤ 0, or the eigenvectors are constant), so any segments would be "
-                         "arbitrary", "weight the eigenvectors equally (eigvals=None), or solve for more of them")
+    An embedding whose rows are all the same (`structureless`: every eigenvalue weighting a nontrivial eigenvector
+    ≤ 0, or constant eigenvectors) has no clusters: any split of it is arbitrary (k-means put one point apart).
+    With k=None it is one cluster, the `AutoK`'s method "no structure" (no candidate scored); a given k ≥ 2 is an
+    `InputError`."""
+    if structureless(features):
+        if k is None:
+            return kmeans(features, 1, seed, n_init), AutoK(1, np.zeros(0, np.int64), np.zeros(0), "no structure")
+        if int(k) >= 2:
+            raise InputError("eigvecs", "give every pixel the same spectral embedding (the eigenvalues weighting "
+                             "its eigenvectors are all ≤ 0, or the eigenvectors are constant), so any "
+                             f"{int(k)} segments would be arbitrary",
+                             "ask for automatic k (one segment), weight the eigenvectors equally (eigvals=None), "
+                             "or solve for more of them")
     if k is None:
         scan = n_init if scan_n_init is None else scan_n_init
         auto, fits = _auto_k(features, k_range, method, eigvals, seed, n_init=scan)

@@ -49,7 +49,8 @@ class Segments(NamedTuple):
     labels: np.ndarray      # [n, h, w] int32, segment j = the j-th largest cluster over the whole dataset
     centers: np.ndarray     # [k, F] float64, the cluster centres in the embedding
     num_segments: int       # k
-    rule: str               # "given" | "eigengap" | "silhouette" | "one token" (fewer than 3 tokens: k = 1)
+    rule: str               # "given" | "eigengap" | "silhouette" | "one token" (fewer than 3 tokens: k = 1) |
+    #                         "no structure" (every token's embedding the same: k = 1, `analysis.structureless`)
     asked: object           # the request: an int or "auto"
     candidates: np.ndarray  # [m] the k that "auto" scored (empty when k was given)
     scores: np.ndarray      # [m] their scores (eigengap or mean silhouette), higher is better
@@ -133,6 +134,7 @@ def segments(result, num_segments="auto", seed: int = 0, *, eigvals=None, n_init
         km, auto = cluster_embedding(f, None, rule, eigvals, seed, (2, max(2, min(k_eigs - 1, tokens - 1))), n_init,
                                      scan_n_init=min(n_init, SILHOUETTE_RUNS))
         cand, scores = auto.ks, auto.scores
+        rule = "no structure" if auto.method == "no structure" else rule     # one segment: nothing to split
     labels = km.labels.reshape(n, h, w)
     num = km.centers.shape[0]
     sizes = np.bincount(km.labels, minlength=num)
