@@ -294,8 +294,8 @@ def test_cli_recipe_and_timesteps_through_the_console_script(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
     assert s["layers"] == "6,7,8,9,10,11,12" and s["timesteps"] == [10, 200] and s["recipe"] == "main_cls"
-    assert s["layer_weights"]["weights"] == {"6": 0.307692, "7": 0.153846, "8": 0.153846, "9": 0.153846,
-                                             "10": 0.076923, "11": 0.076923, "12": 0.076923}     # 32/res over 13
+    assert s["layer_weights"]["weights"] == pytest.approx(                                     # 32/res over 13
+        {"6": 4 / 13, "7": 2 / 13, "8": 2 / 13, "9": 2 / 13, "10": 1 / 13, "11": 1 / 13, "12": 1 / 13}, rel=1e-12)
     assert s["k_intra"] == 1 and s["k_inter"] == 1 and s["min_cos"] == 0.1 and s["grid"] == [4, 4]
 
 

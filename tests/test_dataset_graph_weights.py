@@ -440,7 +440,7 @@ def test_cli_default_layer_weights_is_geometric_and_a_run_made_before_resumes_un
     r = _cli(*args)
     assert r.returncode == 0, r.stderr[-3000:]
     s = json.loads((out / "summary.json").read_text())
-    assert s["layer_weights"] == {"rule": "geometric", "weights": {"10": 0.333333, "11": 0.666667}}
+    assert s["layer_weights"] == {"rule": "geometric", "weights": {"10": 1 / 3, "11": 2 / 3}}
     s["layer_weights"] = {"rule": "uniform", "weights": {"10": 0.5, "11": 0.5}}       # what the old default wrote
     (out / "summary.json").write_text(json.dumps(s))
     r = _cli(*args, "--resume")

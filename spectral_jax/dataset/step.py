@@ -159,7 +159,7 @@ def layer_weights_record(settings: Settings, geom: Geometry) -> dict:
 
     layers = sorted(l for _, ls in geom.groups for l in ls)
     rule, w = LW.per_layer(layers, "uniform" if settings.layer_weights is None else settings.layer_weights)
-    return {"rule": rule, "weights": {str(l): round(float(x), 6) for l, x in zip(layers, w)}}
+    return {"rule": rule, "weights": {str(l): float(x) for l, x in zip(layers, w)}}     # unrounded, as exact's
 
 
 def links(graphs) -> jax.Array:

@@ -1482,7 +1482,8 @@ def layer_weights(gs: list, geom: Geometry, weights, settings: Settings, spectra
         note = LW.early_pick(rule, layers, per_layer)       # the rules favour early layers at dataset level
         if note and jax.process_index() == 0 and LW.depth_ordered(settings.model if model is None else model):
             _say(note)
-    return weights, {"rule": rule, "weights": {str(l): round(float(w), 6) for l, w in sorted(per.items())}}
+    return weights, {"rule": rule, "weights": {str(l): float(w) for l, w in sorted(per.items())}}   # unrounded: a
+    # resume re-solves with the weights read back from it (cli.dataset), so 1e-7 must not read back as 0
 
 
 __all__ = ["Features", "GRAPH", "Solved", "Streamed", "build_graphs", "cache_key", "feature_widths", "graph_report",
