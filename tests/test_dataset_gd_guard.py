@@ -119,6 +119,9 @@ def test_a_diverged_run_resumes_at_a_lower_lr_and_records_each_lr(tmp_path, monk
         [[0, 0.01], [3, 0.005]]
     assert _run(folder, out, resume=True, **{**GD, "epochs": 4, "lr": 0.005}).summary()["lr_history"] == \
         [[0, 0.01], [3, 0.005]]
+    # a resume without --lr keeps the lr the run's last steps ran at (the preset's default, 0.01, diverged here)
+    kept = _run(folder, out, resume=True, **{**GD, "epochs": 4})
+    assert kept.summary()["lr_history"] == [[0, 0.01], [3, 0.005]] and kept.summary()["lr"] == 0.005
     # a damaged lr history is refused in one line naming the step folder, nothing changed
     meta = os.path.join(out, "checkpoints", "8", "meta", "metadata")
     with open(meta) as f:
@@ -139,6 +142,22 @@ def test_a_state_holding_nan_is_never_checkpointed(tmp_path, monkeypatch):
         _run(folder, out, **{**GD, "epochs": 2})
     assert "diverged: the state left float32 (NaN or Inf) at step 2" in str(e.value)
     assert checkpoint.steps(str(tmp_path / "out" / "checkpoints")) == [1]
+
+
+def test_a_loss_an_lr_cut_froze_is_not_converged(tmp_path):
+    """Judged against the whole run's change of the loss, steps at a near-zero lr after a resume looked still:
+    converged, no warning. The verdict reads the steps since the last lr change."""
+    folder = make_folder(str(tmp_path / "imgs"), 4)
+    out = str(tmp_path / "out")
+    kw = {**SMALL, "preset": "paper", "lr": 0.05}
+    _run(folder, out, **kw, epochs=6)
+    with pytest.warns(RuntimeWarning, match=r"not converged after 24 steps: the loss never moved from its start "
+                                            r"since the lr changed at step 6 .*raise --lr"):
+        res = dataset.run(folder, out, backbone=synthetic(), resume=True, **{**kw, "lr": 1e-12, "epochs": 24})
+    conv = res.summary()["convergence"]
+    assert conv["converged"] is False and "since the lr changed at step 6" in conv["kind"]
+    assert summary.gd_verdict([[2.0, 2.0 - 0.1 * i, 0, 4] for i in range(6)] + [[1.4, 1.4, 0, 4]] * 18, 1,
+                              since=0).convergence.converged         # the same history read whole: "converged"
 
 
 # ------------------------------------------------------------------------------------------------ 2. saturation

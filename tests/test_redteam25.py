@@ -1,10 +1,11 @@
-"""Loaders that read back what the library wrote (red-team, session 25): nothing of the wrong layout is reshaped
-into place, nothing damaged or from another run loads silently.
+"""What the session-25 red-team found returned or written silently wrong, now refused or recorded right.
 
 1. `Result.load`: eigvals `[K, B]` (B·K values, another layout) and a history of another image count are refused,
    as is a summary whose "converged" is not a JSON boolean ("false" would read as True);
 2. `dataset.load_result`: NaN eigvecs, summary eigvals or images of another run, segments.npz of other images or
-   shape, a missing member, a truncated archive — each one `InputError` naming the file, never a raw traceback.
+   shape, a missing member, a truncated archive — each one `InputError` naming the file, never a raw traceback;
+3. the dataset run: a gd `--resume` into an OUT holding a finished exact run is refused (it replaced that run's
+   results beside its cache); the layer weights a run records are unrounded, so a resume re-solves with them.
 """
 
 from __future__ import annotations
@@ -129,3 +130,27 @@ def test_load_result_refuses_a_damaged_or_mixed_export_in_one_line(finished, tmp
     assert e.value.what == os.path.join(out, where) and "\n" not in str(e.value)
     assert re.search(match, e.value.problem), e.value.problem
     assert "--resume" in e.value.fix
+
+
+# ------------------------------------------------------------------------------------------------ 3. dataset run
+
+
+def test_a_gd_resume_never_replaces_a_finished_exact_run(finished, tmp_path):
+    out = _copy(finished, tmp_path)
+    before = {f: open(os.path.join(out, f), "rb").read() for f in ("summary.json", "eigvecs.npz", "segments.npz")}
+    with pytest.raises(InputError, match=r"holds the cached features and graph of an earlier exact run — delete "):
+        dataset.run(os.path.join(os.path.dirname(finished), "imgs"), out, backbone=synthetic(), method="gd",
+                    resume=True, size=32, batch_size=2, num_eigs=4, k_intra=5, k_inter=5, epochs=1, figure_images=0)
+    assert {f: open(os.path.join(out, f), "rb").read() for f in before} == before
+    assert sorted(os.listdir(os.path.join(out, "checkpoints"))) == ["features", "graph.npz"]   # no gd step beside
+
+
+def test_recorded_layer_weights_are_not_rounded_away(tmp_path):
+    """A weight of 1e-7 was recorded as round(…, 6) = 0.0, and a --resume re-solved with that 0."""
+    folder = make_folder(str(tmp_path / "imgs"), 3)
+    res = dataset.run(folder, str(tmp_path / "out"), backbone=synthetic(), method="exact", size=32, batch_size=4,
+                      num_eigs=3, k_intra=5, k_inter=5, figure_images=0, layer_weights="1:1,0:1e-7")
+    w = res.summary()["layer_weights"]["weights"]
+    assert w["0"] == pytest.approx(1e-7 / (1 + 1e-7), rel=1e-6) and w["1"] == pytest.approx(1 / (1 + 1e-7))
+    np.testing.assert_allclose(dataset.load_result(str(tmp_path / "out")).provenance.layer_weights[0],
+                               [w["0"], w["1"]], rtol=0)

@@ -111,7 +111,8 @@ def register(sub) -> None:
                         "(default auto)")
     p.add_argument("--preset", choices=PRESETS, default=None, help="gd: the table's kind (default paper)")
     p.add_argument("--inner-steps", type=int, default=None, help="gd: AdamW steps per batch (default 5)")
-    p.add_argument("--lr", type=float, default=None, help="gd: default 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen)")
+    p.add_argument("--lr", type=float, default=None, help="gd: default 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen); under --resume "
+                        "the lr the run's last steps ran at")
     p.add_argument("--ema", type=float, default=None,
                    help="gd: in [0, 1): decay of the table's moving average (default 0.99)")
     p.add_argument("--min-cos", type=float, default=None,

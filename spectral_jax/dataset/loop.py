@@ -125,8 +125,12 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
     from spectral_jax.dataset.cluster import check_count
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
-    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)   # defaults resolved
     meta = checkpoint.read_meta(where.ckdir, where.done[-1]) if where.done else None
+    if meta is not None and settings.method == "gd" and settings.lr is None:    # a resume keeps the run's lr
+        default = step.learning_rate(settings, geom)
+        last = checkpoint.lr_history(meta, default)[-1][1]
+        settings = settings if last == default else settings.replace(lr=last)   # (None kept: the same compile)
+    fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)   # defaults resolved
     if meta is not None:
         checkpoint.check_resumable(where.out, fp, meta)
 
@@ -154,7 +158,8 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
 def _open_folder(folder: str, out: str, resume: bool, same: dict | None = None, exact: bool = False) -> Folder:
     """FOLDER scanned and checked to hold a readable image, none of its files one the run writes
     (`inputs.check_files`), OUT checked (`inputs.check_out`), locked (`_lock_out`) and its checkpoints listed
-    (refused without `resume`, as is an exact run's cached features or graph: `_refuse_unasked_cache`), the images'
+    (refused without `resume`, as is an exact run's cached features or graph — for gd with `resume` too:
+    `_refuse_unasked_cache`), the images'
     content digests taken — all before the backbone loads. With several
     processes, `same` (the run's settings) and the images listed must be every process's (`layout.same_everywhere`,
     before anything is read). The lock is released here when a check fails; otherwise the caller releases it
@@ -169,8 +174,8 @@ def _open_folder(folder: str, out: str, resume: bool, same: dict | None = None, 
         done = checkpoint.steps(ckdir)
         if done and not resume:
             checkpoint.refuse_unasked_resume(out, done)
-        if not resume:
-            _refuse_unasked_cache(out, ckdir, exact)
+        if not resume or not exact:     # a gd run, resumed or not, would replace an exact run's results beside
+            _refuse_unasked_cache(out, ckdir, exact)        # its cache (a gd run never writes one)
         files, ignored = F.scan(folder, exclude=inputs.written(out))
         inputs.check_files(folder, files, out)
         same_everywhere({**(same or {}), "files": list(files)})
@@ -407,7 +412,8 @@ def _export(where: Folder, settings: Settings, geom, backbone, layers_name: str,
         from spectral_jax.solvers.gd import saturation, spread as spread_of
 
         saturated, spread = saturation(probs), spread_of(probs)
-    verdict = summary.gd_verdict(trained.history, per_epoch, saturated=saturated, spread=spread)
+    verdict = summary.gd_verdict(trained.history, per_epoch, saturated=saturated, spread=spread,
+                                 since=trained.lrs[-1][0])
     weights = step.layer_weights_record(settings, geom)
     t = time.perf_counter()
     res = DatasetResult.from_table(eigvecs, names, table[ok], probs, summary.make(
@@ -476,8 +482,9 @@ def _cached(ckdir: str) -> list[str]:
 
 
 def _refuse_unasked_cache(out: str, ckdir: str, exact: bool) -> None:
-    """OUT holds an exact run's cached features or graph and --resume was not given: say how to go on — for an
-    exact run, --resume reuses them; a gd run cannot (it would replace that run's results beside its cache)."""
+    """OUT holds an exact run's cached features or graph and --resume was not given (or the run is gd): say how to
+    go on — for an exact run, --resume reuses them; a gd run cannot, with or without --resume (it would replace
+    that run's results beside its cache)."""
     cache = _cached(ckdir)
     if cache:
         ck = os.path.join(out, checkpoint.FOLDER)

@@ -130,7 +130,8 @@ class Settings:
     distributed LOBPCG, or gathered to every process and solved by `solvers.exact`; preset: "paper" | "eigen" (gd);
     num_eigs: K; batch_size: images per step — per forward for exact — (a multiple of the devices); epochs: passes
     over the folder (the last batch of each is padded); inner_steps: AdamW steps per batch; lr: None →
-    `solvers.gd.default_lr` (paper 1e-2, eigen 0.5/√(B·h·w)); weight_decay: AdamW's; ema: decay of the table's
+    `solvers.gd.default_lr` (paper 1e-2, eigen 0.5/√(B·h·w)) — a resumed run's None: the lr its last steps ran
+    at —; weight_decay: AdamW's; ema: decay of the table's
     moving average (debiased at export); k_intra/k_inter: neighbours inside / outside a token's image (None: 50,
     capped by the tokens available; a number given must fit); min_cos: edges at or below it are dropped;
     edge_weights: the kept edges' weights, "cosine" (the paper's recipe) or "rbf" (exp(−d²/2σ²) of the unit

@@ -52,7 +52,7 @@ class GdVerdict(NamedTuple):
 
 
 def gd_verdict(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, saturated: float | None = None,
-               spread: float | None = None) -> GdVerdict:
+               spread: float | None = None, since: int = 0) -> GdVerdict:
     """The minibatch gd run's verdict from its per-step history (rows of HISTORY_COLUMNS): gd's stationarity verdict
     (`solvers.gd.stationarity_verdict`, the paper preset's) of the per-step loss over windows of whole epochs — the
     last `STATIONARITY_WINDOW` of the epochs run, at least one — against the loss at the run's first inner step:
@@ -68,15 +68,20 @@ def gd_verdict(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, sat
     (read images only): a still loss with the maps below `COLLAPSED` (lam too small to keep them apart) is not
     converged either. An unconverged run's why, in epochs and the CLI's flags: the maps saturated (lower --lr),
     collapsed (raise lam), the loss still moving (raise --epochs), a loss that never moved (raise --lr), or too
-    few epochs to tell."""
+    few epochs to tell. since: the first step of the run's last lr (`loop._lr_history`; 0: one lr throughout) — a
+    run resumed at another lr is judged on the steps since, against the loss there: a loss an lr cut froze has
+    not converged (against the whole run's change it would look still)."""
+    steps = len(history)
+    history = history[since:]
     epochs = len(history) // per_epoch if per_epoch else 0
     span = per_epoch * max(1, int(round(STATIONARITY_WINDOW * epochs)))
     live = [r for r in history if r[3] > 0]
     window = max(1, sum(1 for r in history[-span:] if r[3] > 0))
+    at = f" since the lr changed at step {since}" if since else ""
     verdict = stationarity_verdict([r[1] for r in live], window, tol, live[0][0] if live else None,
-                                   kind="minibatch loss: the share of the run's change of the loss made by its last "
-                                        "window of epochs (not a residual on the whole-dataset graph)")
-    verdict = dataclasses.replace(verdict, iterations=len(history), stationarity_window=span)   # in steps, as run
+                                   kind=f"minibatch loss: the share of the run's change of the loss{at} made by its "
+                                        "last window of epochs (not a residual on the whole-dataset graph)")
+    verdict = dataclasses.replace(verdict, iterations=steps, stationarity_window=span)   # in steps, as run
     stuck = None                                                # a still loss that is not a fixed point
     if saturated is not None and saturated > SATURATED:
         stuck = saturated_why(saturated), "lower --lr"
@@ -89,12 +94,12 @@ def gd_verdict(history: list, per_epoch: int, tol: float = STATIONARITY_TOL, sat
     fix = "raise --epochs (--resume continues this run)"
     if verdict.stationarity is not None:
         why = (f"its last {span // per_epoch} epoch(s) still made {verdict.stationarity:.1e} of the run's change of "
-               f"the loss > tol {verdict.tol:.1e}")
+               f"the loss{at} > tol {verdict.tol:.1e}")
     elif len(history) >= 2 * span:                                  # enough epochs: the loss never moved
-        why, fix = "the loss never moved from its start (within float32 rounding): lr too small to change it", \
-            "raise --lr"
+        why, fix = (f"the loss never moved from its start{at} (within float32 rounding): lr too small to change "
+                    "it"), "raise --lr"
     else:
-        why = "two epochs at least are needed to tell whether the loss has settled"
+        why = f"two epochs at least{at} are needed to tell whether the loss has settled"
     return GdVerdict(verdict, why, fix)
 
 
