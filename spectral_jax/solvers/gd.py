@@ -541,8 +541,9 @@ def _materialized(graphs, ws, aggregate: bool, materialize, dense_max: int, dens
     if materialize is None and (max(n) > dense_max or size > dense_bytes):
         return graphs, ws
     if aggregate:       # Σ_s w_s zᵀ P_s z = zᵀ (Σ_s w_s sym(P_s)) z: one operator per group, weight Σ_s w_s
-        dense = [DenseGraph(weighted_sym_dense(g, w) / jnp.sum(w), g.grid, (), g.num_images)
-                 for g, w in zip(graphs, ws)]
+        # (a group weighing 0 in all — a layer a mapping leaves out — keeps weight 0: divided by 1, not 0/0 = NaN)
+        dense = [DenseGraph(weighted_sym_dense(g, w) / jnp.where(jnp.sum(w) > 0, jnp.sum(w), 1.0), g.grid, (),
+                            g.num_images) for g, w in zip(graphs, ws)]
         return dense, [jnp.sum(w) for w in ws]
     return [DenseGraph(g.dense(), g.grid, g.batch_shape, g.num_images) for g in graphs], ws
 
