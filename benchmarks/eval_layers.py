@@ -49,7 +49,7 @@ def evaluate_image(taps, graph: str, num_eigs: int, tau: float):
     from spectral_jax.pipeline import graph_groups
 
     out, t = {}, time.perf_counter()
-    gs, gl = graph_groups(taps, GraphSpec(graph, tau=tau), 0)
+    gs, gl = graph_groups(taps, GraphSpec(graph, **({"tau": tau} if graph == "vv" else {})), 0)   # qk reads no tau
     layers, per_layer = solvers.exact.layer_solves(gs, gl, num_eigs)   # each layer alone (= sweep's single layers)
     for l, r in zip(layers, per_layer):
         out[f"L{l}"] = r.eigvecs[0]

@@ -122,6 +122,10 @@ class GraphSpec:
             raise InputError("k_intra/k_inter 0/0", "leave the kNN graph no edges", "pass e.g. k_intra=50")
         set_("min_cos", _real("min_cos", self.min_cos, lambda v: -1 <= v < 1, "in [-1, 1)", 0.1))
         _choice("graph_dtype", self.dtype, STORAGE_DTYPES)
+        # a field set away from its default that this kind does not read would be ignored (tau beside qk, k_intra
+        # beside vv, …): refused as the flat keywords are (`check_graph_reads`)
+        check_graph_reads(self.kind, [k for k in ("tau", "k_intra", "k_inter", "min_cos")
+                                      if getattr(self, k) != _GRAPH_DEFAULTS[k]])
 
     @property
     def joint(self) -> bool:
@@ -137,6 +141,9 @@ class GraphSpec:
         """The keywords of `graphs.from_taps` besides the kind."""
         return dict(tau=self.tau, k_intra=self.k_intra, k_inter=self.k_inter, min_cos=self.min_cos,
                     dtype=self.dtype)
+
+
+_GRAPH_DEFAULTS = {f.name: f.default for f in dataclasses.fields(GraphSpec)}
 
 
 @dataclasses.dataclass(frozen=True)

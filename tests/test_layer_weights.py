@@ -41,7 +41,7 @@ def _sym(p):
 def test_weights_match_a_dense_weighted_construction():
     """exact with layer weights w = top-K of Σ_l w_l Σ_h sym(P_lh) / Σ(w_l·H), built densely with numpy."""
     taps = _taps()
-    gs, gl = pipeline.graph_groups(taps, GraphSpec("qk", k_intra=5, k_inter=0), 0)
+    gs, gl = pipeline.graph_groups(taps, GraphSpec("qk"), 0)
     w_layer = np.array([0.5, 0.0, 2.0])
     w, per = LW.for_groups(gs, gl, w_layer, 5)
     np.testing.assert_allclose(per, w_layer / w_layer.sum())
@@ -205,7 +205,7 @@ def test_weight_on_a_coarse_layer_only_solves_on_its_grid():
     assert res.eigvecs.shape == (1, 4, 3, 3)
     alone = pipeline.solve(Taps({1: taps.layers[1]}), "qk", 4)
     np.testing.assert_allclose(res.eigvals, alone.eigvals, rtol=1e-5)
-    gs, gl = pipeline.graph_groups(taps, GraphSpec("qk", k_intra=5, k_inter=0), 0)
+    gs, gl = pipeline.graph_groups(taps, GraphSpec("qk"), 0)
     assert LW.base_grid(gs, LW.for_groups(gs, gl, [1.0, 1.0], 4)[0]) == GRID
 
 

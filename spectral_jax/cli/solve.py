@@ -100,8 +100,8 @@ def _solve(args, graph, solver, acts, out, solve) -> None:
     # the finest tapped grid's tokens: graphs.from_taps caps k by each layer group's own grid, so a given k must
     # fit the finest one only (a coarse grid's few tokens must not cap the finer ones' graphs)
     per = max(t.grid[0] * t.grid[1] for t in taps.layers.values())
-    if args.k_intra is None:               # the default is capped by the tokens, as graphs.from_taps caps it
-        graph = dataclasses.replace(graph, k_intra=min(DEFAULT_K, per))
+    if args.k_intra is None and graph.joint:     # the default is capped by the tokens, as graphs.from_taps caps it
+        graph = dataclasses.replace(graph, k_intra=min(DEFAULT_K, per))     # (only kNN graphs read it)
     if graph.joint:
         # as graphs.from_taps: k_inter is capped by the other images' tokens (0 for one image)
         k_inter = min(graph.k_inter, (nimg - 1) * per)
