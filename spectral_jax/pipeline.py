@@ -178,7 +178,7 @@ def _solve_checked(source, g: GraphSpec, num_eigs: int, s: ExactSpec | GdSpec, s
                              "pass the Taps, or per-group weights=")
         return one(source, weights)
 
-    check_not_degenerate(source, g)
+    check_not_degenerate(source, g, _weighted_layers(source, lw))
     made = _Source.of(source, g, group_weights=weights is not None)
 
     def weighted(gs, gl):
@@ -244,23 +244,55 @@ class _TapGroups:
         return G.from_taps(one, self.graph, image=0, **dict(self.kw))
 
 
-def check_not_degenerate(taps: Taps, g: GraphSpec) -> None:
-    """Refuses attention graphs (qk, vv) a solve can say nothing of (`graphs.degenerate_gaps` below
-    `graphs.DEGENERATE_TOL` for every layer and head of an image), where a solve returns noise reported converged:
-    the identity (each token's softmax row on itself, every vector an eigenvector — vv with 1/tau too large for the
-    features' cosines; or NaN, 1/tau ≳ 1e9: float32 logits of that size can differ by more than exp takes between
-    two fusions' sums of the same product, and the solve's softmax turns NaN) and the uniform graph (every row 1/N,
-    every vector orthogonal to the constant an eigenvector at 0 — vv with 1/tau too small to tell the cosines apart;
-    qk or vv whose tokens are all alike: a constant image under a backbone without position information, or a
-    backbone that ignores its input). The fix names tau for vv; for qk, which has no option to change, the input.
-    One compiled pass over all images, `graphs.DEGENERATE_ROWS` softmax rows per graph (`_degenerate_gaps`: a few
-    % of one matvec's work); kNN graphs pass unchecked here (those of self-edges only are refused by
-    `graph_groups`)."""
-    from spectral_jax.graphs import DEGENERATE_TOL
+def _weighted_layers(taps: Taps, lw: "LayerWeights | None") -> list[int] | None:
+    """The layers given a weight > 0 by layer weights of numbers (None: no weights, or a rule — a rule reading the
+    graphs gives a degenerate layer no weight, `layer_weights.eigengap`)."""
+    if lw is None:
+        return None
+    tapped = sorted(taps.layers)
+    w = lw.resolve(tapped, what="layer_weights")
+    return None if isinstance(w, str) else [l for l, x in zip(tapped, np.asarray(w, np.float64)) if x > 0]
 
+
+def check_not_degenerate(taps: Taps, g: GraphSpec, layers=None) -> None:
+    """Refuses attention graphs (qk, vv) a solve can say nothing of (`graphs.degenerate_gaps` below
+    `graphs.DEGENERATE_TOL` for every layer and head of an image that the solve reads), where a solve returns noise
+    reported converged: the identity (each token's softmax row on itself, every vector an eigenvector — vv with
+    1/tau too large for the features' cosines; or NaN, 1/tau ≳ 1e9: float32 logits of that size can differ by more
+    than exp takes between two fusions' sums of the same product, and the solve's softmax turns NaN) and the
+    uniform graph (every row 1/N, every vector orthogonal to the constant an eigenvector at 0 — vv with 1/tau too
+    small to tell the cosines apart; qk or vv whose tokens are all alike: a constant image under a backbone without
+    position information, or a backbone that ignores its input). The fix names tau for vv; for qk, which has no
+    option to change, the input. layers: the layers the solve reads — all tapped (None), a sweep's subset, or those
+    given a weight > 0 —: a healthy layer beside them does not save them. One compiled pass over all images,
+    `graphs.DEGENERATE_ROWS` softmax rows per graph (`_degenerate_gaps`: a few % of one matvec's work); kNN graphs
+    pass unchecked here (those of self-edges only are refused by `graph_groups`)."""
     if g.kind not in ("qk", "vv"):
         return
+    _refuse_degenerate(_gaps_of(taps, g), sorted(taps.layers), g, layers)
+
+
+def _gaps_of(taps: Taps, g: GraphSpec) -> np.ndarray:
+    """`graphs.degenerate_gaps` of every image's layers, the largest over each layer's graphs (heads, timesteps):
+    `[B, L, 2]` (identity, uniform), layers in ascending order."""
+    from spectral_jax import graphs as G
+
+    order = [l for _, ls in G.group_layers(taps) for l in ls]          # the groups' layer order
     gaps = np.asarray(_degenerate_gaps(_TapGroups(g.kind, tuple(sorted(g.build_kwargs().items()))), taps.layers))
+    return gaps[:, np.argsort(order)]
+
+
+def _refuse_degenerate(gaps: np.ndarray, tapped: list, g: GraphSpec, layers=None) -> None:
+    """`check_not_degenerate`'s verdict on `_gaps_of`'s gaps `[B, L, 2]` (layers `tapped`, ascending),
+    read over `layers` (None: all)."""
+    from spectral_jax.graphs import DEGENERATE_TOL
+
+    cols = [i for i, l in enumerate(tapped) if layers is None or l in set(layers)]
+    if not cols:
+        return
+    gaps = gaps[:, cols].max(axis=1)
+    which = "" if layers is None or len(cols) == len(tapped) else \
+        f" of layer(s) {','.join(str(tapped[i]) for i in cols)}"
     vv, default = g.kind == "vv", "(--tau; the default is 0.1)"
     for col, (what, why, fix) in enumerate([
             ("the identity", "each token's softmax row puts all its weight on itself: " + (
@@ -272,9 +304,9 @@ def check_not_degenerate(taps: Taps, g: GraphSpec) -> None:
              f"lower tau {default}, or pass images with content")]):
         bad = np.flatnonzero(~(gaps[:, col] >= DEGENERATE_TOL))        # NaN too (see above)
         if bad.size:
-            where = f"every {g.kind} graph" + ("" if bad.size == gaps.shape[0] else
-                                               f" of image(s) {', '.join(map(str, bad[:5]))}"
-                                               f"{' …' if bad.size > 5 else ''}")
+            where = f"every {g.kind} graph{which}" + ("" if bad.size == gaps.shape[0] else
+                                                      f" of image(s) {', '.join(map(str, bad[:5]))}"
+                                                      f"{' …' if bad.size > 5 else ''}")
             if vv:
                 raise InputError(f"tau {g.tau:g}", f"leaves {where} {what} ({why}), so the solve would return noise",
                                  fix)
@@ -284,12 +316,13 @@ def check_not_degenerate(taps: Taps, g: GraphSpec) -> None:
 
 @functools.partial(jax.jit, static_argnums=0)
 def _degenerate_gaps(build: "_TapGroups", layers) -> jax.Array:
-    """The largest `graphs.degenerate_gaps` (identity, uniform) over each image's graph groups (`build` of its slice
-    of `layers`): `[B, 2]`."""
+    """`graphs.degenerate_gaps` (identity, uniform), the largest over each layer's graphs, of each image's graph
+    groups (`build` of its slice of `layers`): `[B, L, 2]`, layers in the groups' order."""
     from spectral_jax.graphs import degenerate_gaps
 
     def one(layers1):
-        return jnp.max(jnp.stack([degenerate_gaps(x).reshape(-1, 2).max(axis=0) for x in build(layers1)]), axis=0)
+        return jnp.concatenate([degenerate_gaps(x).reshape(x.batch_shape[0], -1, 2).max(axis=1)
+                                for x in build(layers1)])
 
     return jax.lax.map(one, layers)
 
@@ -305,6 +338,7 @@ class _Source:
     timesteps: tuple[int, ...] = ()
     group_weights: bool = False
     options: tuple = ()
+    graphs: tuple[int, ...] = ()    # graphs per layer (qk/vv: its heads axis, T·H; kNN: one), in `layers` order
 
     @classmethod
     def of(cls, taps, g: GraphSpec, layers=None, group_weights: bool = False) -> "_Source | None":
@@ -312,14 +346,17 @@ class _Source:
         graphs."""
         if not isinstance(taps, Taps):
             return None
-        return cls(g.kind, tuple(sorted(taps.layers if layers is None else layers)), taps.timesteps, group_weights,
-                   tuple(sorted(g.reads().items())))
+        chosen = tuple(sorted(taps.layers if layers is None else layers))
+        graphs = tuple(1 if g.kind.startswith("knn") else int(taps.layers[l].q.shape[1]) for l in chosen)
+        return cls(g.kind, chosen, taps.timesteps, group_weights, tuple(sorted(g.reads().items())), graphs)
 
     def tag(self, res: Result, per) -> Result:
-        """`res` with its provenance: the per-layer weights `per` `[L]` it was solved with (None: uniform — or
-        none at all with per-graph weights), the same for each of its images."""
+        """`res` with its provenance: the per-layer weights `per` `[L]` it was solved with (None: no layer weights
+        given, every graph equal — each layer's share of the graphs, 1/L for layers with as many heads; none at all
+        with per-graph weights), the same for each of its images."""
         if per is None and not self.group_weights:
-            per = np.full(len(self.layers), 1.0 / len(self.layers))
+            counts = np.asarray(self.graphs or (1,) * len(self.layers), np.float64)
+            per = counts / counts.sum()
         w = None if per is None else np.tile(np.asarray(per, np.float64), (res.num_images, 1))
         return dataclasses.replace(res, provenance=Provenance(self.graph, self.layers, w, self.timesteps,
                                                               dict(self.options)))
@@ -406,7 +443,10 @@ def sweep(taps: Taps, subsets=None, graph: str | GraphSpec = "qk", num_eigs: int
     num_eigs, seed = check_num_eigs(num_eigs), check_seed(seed)
     check_taps(taps)
     chosen = parse_subsets(subsets, sorted(taps.layers))
-    check_not_degenerate(taps, g)
+    if g.kind in ("qk", "vv"):                          # each subset on its own: a healthy layer elsewhere does not
+        gaps = _gaps_of(taps, g)                         # make a subset's graphs worth solving
+        for sub in chosen:
+            _refuse_degenerate(gaps, sorted(taps.layers), g, sub)
 
     def each(gs, gl):
         return [_solve(LW.subset(gs, gl, sub)[0], g, num_eigs, s, seed) for sub in chosen]
@@ -490,7 +530,7 @@ def attribution(taps: Taps, graph: str | GraphSpec = "qk", num_eigs: int = 20, *
         heads = int(np.prod(gl_.batch_shape[1:], dtype=np.int64)) // nt
         for t in range(nt):
             unit = gl_ if nt == 1 else gl_.select(jnp.arange(t * heads, (t + 1) * heads))
-            r = solvers.exact.exact([unit], min(k, unit.num_nodes - 1))      # a tiny grid has fewer than K + 1 nodes
+            r = solvers.exact.own_solve([unit], k)        # a tiny grid has fewer than K + 1 nodes (1×1: all of them)
             own_vals.append(LW.pad(r.eigvals[0], k))
             own_vecs.append(np.asarray(to_nodes(jnp.asarray(r.eigvecs))))
             joint_on.append(np.asarray(project(x, gl_.grid)))
@@ -545,6 +585,11 @@ def _check_result_fits(result: Result, gs, joint: bool, nimg: int, image: int) -
     if rq[-2] != graphs or result.num_images != nimg:
         raise InputError("result", f"has {result.num_images} image(s) × {rq[-2]} graphs, but the taps give "
                          f"{nimg} image(s) × {graphs} graphs", "pass the Result of solve on these taps and graph")
+    picked = result.info.get("image_indices")
+    if picked is not None and list(picked) != list(range(nimg)):        # `Result.select` in another order
+        raise InputError("result", f"holds images {list(picked)} of its solve (Result.select), not the taps' "
+                         f"{nimg} images in order", f"pass the Result of solve on all these taps, or "
+                         f"result.image({image})")
 
 
 def _check_provenance(result: Result, taps: Taps, g: GraphSpec) -> None:

@@ -5,7 +5,12 @@
 2. `dataset.load_result`: NaN eigvecs, summary eigvals or images of another run, segments.npz of other images or
    shape, a missing member, a truncated archive — each one `InputError` naming the file, never a raw traceback;
 3. the dataset run: a gd `--resume` into an OUT holding a finished exact run is refused (it replaced that run's
-   results beside its cache); the layer weights a run records are unrounded, so a resume re-solves with them.
+   results beside its cache); the layer weights a run records are unrounded, so a resume re-solves with them;
+4. the API beyond one solve: a layer of uniform graphs (tokens alike) neither wins the eigengap/select rules on its
+   float32 rounding nor passes as a sweep subset or the only weighted layer; the default weights' record says each
+   layer's share of the graphs (its heads); attribution refuses a reordered `select`; a GraphSpec field its kind
+   does not read is refused; gd with a layer weighing 0 on its own grid, and attribution or the rules with a 1×1
+   layer, work.
 """
 
 from __future__ import annotations
@@ -154,3 +159,93 @@ def test_recorded_layer_weights_are_not_rounded_away(tmp_path):
     assert w["0"] == pytest.approx(1e-7 / (1 + 1e-7), rel=1e-6) and w["1"] == pytest.approx(1 / (1 + 1e-7))
     np.testing.assert_allclose(dataset.load_result(str(tmp_path / "out")).provenance.layer_weights[0],
                                [w["0"], w["1"]], rtol=0)
+
+
+# ----------------------------------------------------------------------------------------- 4. API beyond a solve
+
+
+def _tap(rng, n=36, heads=2, grid=(6, 6), alike=False):
+    x = (lambda: np.zeros((1, heads, n, 8), np.float32)) if alike else \
+        (lambda: rng.standard_normal((1, heads, n, 8)).astype(np.float32))
+    return LayerTap(x(), x(), rng.standard_normal((1, heads, n, 8)).astype(np.float32), grid)
+
+
+def test_a_layer_of_uniform_graphs_neither_wins_a_rule_nor_passes_alone():
+    rng = np.random.default_rng(0)
+    taps = Taps({0: _tap(rng, heads=1, alike=True), 1: _tap(rng, heads=1)})     # one head: agreement 1
+    att = sj.attribution(taps, "qk", 4)
+    assert att.eigengap[0, 0] == 0 and att.eigengap[1, 0] > 0.1    # its 2e-7 "λ_2" read as a gap of 0.45 before
+    for rule in ("eigengap", "select"):
+        res = sj.solve(taps, "qk", 4, layer_weights=rule)
+        np.testing.assert_array_equal(res.provenance.layer_weights[0], [0.0, 1.0])   # select gave layer 0 all of it
+    for call in (lambda: sj.sweep(taps, [0], "qk", 4), lambda: sj.solve(taps, "qk", 4, layer_weights={0: 1}),
+                 lambda: sj.solve(taps, "qk", 4, layer_weights=[1, 0])):
+        with pytest.raises(InputError, match=r"^qk graphs: every qk graph of layer\(s\) 0 is uniform"):
+            call()
+    assert [r.info["layers"] for r in sj.sweep(taps, [1, (0, 1)], "qk", 4)] == [[1], [0, 1]]
+    assert sj.solve(taps, "qk", 4, layer_weights={0: 1, 1: 0.5}).convergence.converged
+
+
+def test_default_weights_are_recorded_as_each_layers_share_of_the_graphs():
+    """No layer weights: every graph (head) equal, so a 6-head layer weighs 6× a 1-head one; the record said 1/L,
+    the same as "uniform", which solves another problem."""
+    rng = np.random.default_rng(0)
+    taps = Taps({0: _tap(rng, heads=1), 1: _tap(rng, heads=6)})
+    plain, six = sj.solve(taps, "qk", 4), sj.solve(taps, "qk", 4, layer_weights={0: 1, 1: 6})
+    np.testing.assert_allclose(plain.provenance.layer_weights[0], [1 / 7, 6 / 7])
+    np.testing.assert_allclose(plain.eigvals, six.eigvals, rtol=1e-5)
+    np.testing.assert_allclose(sj.sweep(taps, [(0, 1)], "qk", 4)[0].provenance.layer_weights[0], [1 / 7, 6 / 7])
+    np.testing.assert_array_equal(sj.solve(taps, "qk", 4, layer_weights="uniform").provenance.layer_weights[0],
+                                  [0.5, 0.5])
+
+
+def test_attribution_refuses_a_reordered_selection_and_reads_a_selected_image():
+    rng = np.random.default_rng(0)
+    f = lambda: rng.standard_normal((2, 2, 25, 8)).astype(np.float32)
+    taps = Taps({0: LayerTap(f(), f(), f(), (5, 5)), 1: LayerTap(f(), f(), f(), (5, 5))})
+    res = sj.solve(taps, "vv", 4)
+    with pytest.raises(InputError, match=r"^result: holds images \[1, 0\] of its solve \(Result.select\)"):
+        sj.attribution(taps, "vv", 4, result=res.select([1, 0]), image=0)
+    one = res.select([1])
+    assert one.info["image_index"] == 1 and res.select([1, 0]).image(0).info["image_index"] == 1
+    np.testing.assert_array_equal(sj.attribution(taps, "vv", 4, result=one, image=1).rq,
+                                  sj.attribution(taps, "vv", 4, result=res, image=1).rq)
+    with pytest.raises(InputError, match="image 1 of its solve, beside taps of 2 images read at image 0"):
+        sj.attribution(taps, "vv", 4, result=one, image=0)
+
+
+@pytest.mark.parametrize("spec, name", [(dict(kind="qk", tau=0.01), "tau"), (dict(kind="vv", k_intra=3), "k_intra"),
+                                        (dict(kind="vv", min_cos=0.9), "min_cos"),
+                                        (dict(kind="knn-vv", tau=1e-6), "tau")])
+def test_a_graphspec_field_its_kind_does_not_read_is_refused(spec, name):
+    with pytest.raises(InputError, match=rf"^{name}: is not read by the {spec['kind']} graph \(it would be ignored\)"):
+        sj.GraphSpec(**spec)
+    assert sj.GraphSpec(spec["kind"]).kind == spec["kind"]      # the defaults of unread fields pass
+
+
+def test_gd_with_a_grid_group_weighing_zero_and_a_1x1_layer():
+    rng = np.random.default_rng(0)
+    taps = Taps({0: _tap(rng), 1: _tap(rng, n=9, grid=(3, 3))})
+    exact = sj.solve(taps, "vv", 4, layer_weights={0: 1})
+    gd = sj.solve(taps, "vv", 4, "gd", layer_weights={0: 1})          # was: "the problem's matrix holds NaN"
+    np.testing.assert_allclose(gd.eigvals, exact.eigvals, rtol=1e-4)
+    tiny = Taps({0: _tap(rng), 6: _tap(rng, n=1, grid=(1, 1))})
+    att = sj.attribution(tiny, "vv", 3)                                 # was: "num_eigs 0: must be an integer ≥ 2"
+    np.testing.assert_allclose(att.eigvals[1, 0, :1], [1.0], rtol=1e-6)
+    assert np.isnan(att.eigvals[1, 0, 1:]).all() and att.eigengap[1, 0] == 0
+    assert sj.solve(tiny, "vv", 3, layer_weights="eigengap").provenance.layer_weights[0][1] == 0
+
+
+def test_a_resume_names_recorded_layer_weights_as_recorded_not_typed(tmp_path):
+    """--resume re-solves with the weights the run recorded; where --layers now leaves one of them out, the error
+    read as if the user had typed `--layer-weights 10:…,11:…`."""
+    from test_dataset_badinput import TINY, _cli, _one_line_exit_2
+
+    exact = TINY[:TINY.index("--method")] + TINY[TINY.index("--batch-size"):]
+    folder = make_folder(str(tmp_path / "imgs"), 3)
+    out = str(tmp_path / "out")
+    r = _cli(folder, *exact, "--layers", "10,11", "--layer-weights", "11:1,10:1e-7", "--out", out)
+    assert r.returncode == 0, r.stderr[-3000:]
+    _one_line_exit_2(_cli(folder, *exact, "--layers", "11", "--resume", "--out", out), "names layer 10",
+                     f"(not typed: the layer weights the run in {out} recorded in its summary.json",
+                     "resume with the run's own --layers")

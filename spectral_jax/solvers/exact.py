@@ -49,7 +49,7 @@ from spectral_jax.errors import InputError
 from spectral_jax.options import DENSE_MAX, TOL, ExactSpec, check_num_eigs, solver_spec
 from spectral_jax.graphs import Graph, KnnGraph
 from spectral_jax.objective import (check_graphs, dense_operators, linear_operators, normalised_weights,
-                                    pool_matrix)
+                                    pool_matrix, weighted_sym_dense)
 from spectral_jax.solvers.result import Convergence, Result, assemble, quotients
 from spectral_jax.solvers.sparse import ell_from_csr, knn_csr
 
@@ -483,8 +483,26 @@ def layer_solves(graphs: Sequence[Graph], group_layers: Sequence[Sequence[int]],
     results = []
     for l in layers:
         gs, _ = subset(graphs, group_layers, [l])
-        results.append(exact(gs, min(num_eigs, gs[0].num_nodes - 1)))     # K < the layer's nodes
+        results.append(own_solve(gs, num_eigs))
     return layers, results
+
+
+def own_solve(graphs: Sequence[Graph], num_eigs: int) -> Result:
+    """The top-K solve of `graphs` alone, every graph equal (a layer's, or one timestep's heads), K capped at the
+    nodes − 1 (`exact`). A grid of fewer than 3 nodes (a UNet's 1×1 mid block below 128² inputs), where a K ≥ 2
+    cannot be asked of `exact`, gets every eigenpair of the dense Σ_s sym(P_s) / S directly (the first, of a
+    row-stochastic P, at 1): eigvals `[B, n]`, eigvecs `[B, n, h, w]`, rq NaN (not computed)."""
+    n = graphs[0].num_nodes
+    if n >= 3:
+        return exact(graphs, min(num_eigs, n - 1))                           # K < the layer's nodes
+    total = sum(g.num_graphs for g in graphs)
+    a = sum(np.asarray(weighted_sym_dense(g, jnp.ones(g.batch_shape, jnp.float32)), np.float64) for g in graphs)
+    vals, vecs = np.linalg.eigh(a / total)
+    vals, vecs = vals[::-1], vecs[:, ::-1]
+    (h, w), b = graphs[0].grid, graphs[0].num_images
+    x = vecs.T.reshape(n, b, h, w).transpose(1, 0, 2, 3)                     # [B, n, h, w]: nodes image-major
+    return Result(x.astype(np.float32), np.tile(vals, (b, 1)), np.full((b, len(graphs), n), np.nan),
+                  np.full(b, vals.sum()), 0.0, 0, 0.0, "exact-dense", joint=b > 1)
 
 
 def layer_spectra(graphs: Sequence[Graph], group_layers: Sequence[Sequence[int]], num_eigs: int,

@@ -29,7 +29,8 @@ class Provenance:
 
     graph: the graph kind ("qk", "vv", "knn-qk", "knn-vv"); layers: the tapped layers it was solved on, ascending;
     layer_weights `[B, L]` float64: each image's weight per layer (in `layers` order, summing to 1, as
-    `layer_weights.for_groups` gives them; uniform 1/L when none were given), or None where the solve took
+    `layer_weights.for_groups` gives them; when none were given, every graph weighs the same, so each layer's
+    share of the graphs — 1/L for layers with as many heads), or None where the solve took
     per-graph `weights=` (no one weight per layer); timesteps: the diffusion timesteps folded into the heads axis
     (`Taps.timesteps`; () for none); graph_options: the options the graph kind reads (`GraphSpec.reads`: tau for
     vv, k_intra/k_inter/min_cos for kNN, graph_dtype), None where unknown (a file written before they were
@@ -242,7 +243,8 @@ class Result:
     def image(self, b: int) -> "Result":
         """Image b as a B = 1 `Result` (its own diagnostics where the images were solved one by one). Its `seconds`
         are still those of all B images' solves, which are not timed one by one: info["seconds_images"] = B says
-        so, and info["image_index"] = b which image it was (B > 1)."""
+        so, and info["image_index"] = b which image it was (B > 1) — of the solve, for a result of `select`
+        (its info["image_indices"])."""
         if not -self.num_images <= b < self.num_images:
             raise IndexError(f"image {b} out of range for {self.num_images} images")
         b %= self.num_images
@@ -250,9 +252,11 @@ class Result:
         per = info.pop("per_image", None)
         if per is not None:
             info.update(per[b])
+        picked = info.pop("image_indices", None)
         if self.num_images > 1:         # `seconds` stays the solve of all the images (its part is not measured)
             info["seconds_images"] = self.num_images
-            info["image_index"] = b     # which of them it is (`pipeline.attribution` checks it against its image)
+        if self.num_images > 1 or picked is not None:   # which of them it is (`pipeline.attribution` checks it)
+            info["image_index"] = int(picked[b]) if picked is not None else b
         prov = None if self.provenance is None else self.provenance.rows(slice(b, b + 1))
         conv = None if self.convergence is None else self.convergence.image(b)
         return Result(self.eigvecs[b:b + 1], self.eigvals[b:b + 1], self.rq[b:b + 1], self.objective[b:b + 1],
@@ -262,13 +266,24 @@ class Result:
     def select(self, idx) -> "Result":
         """The images `idx` (indices or a boolean mask `[B]`) as a `Result` of that many images, each with its own
         per-image info, convergence record and layer weights (a joint solve's shared values as they are); selecting
-        no image is an `InputError`."""
+        no image is an `InputError`. info["image_indices"] says which images of the solve they are (composed
+        through earlier selections; one image's: info["image_index"]), so that `pipeline.attribution` never reads a
+        reordered or partial result as the taps' images in order."""
         idx = np.arange(self.num_images)[np.asarray(idx)].reshape(-1) if np.size(idx) else idx
         if not np.size(idx):
             raise InputError("idx", "selects no image (a Result holds at least one)", "select one image or more")
         info = dict(self.info)
         if "per_image" in info:
             info["per_image"] = [info["per_image"][i] for i in idx]
+        base = info.pop("image_indices", None)
+        if base is None:
+            base = [info.pop("image_index", 0)] if self.num_images == 1 else range(self.num_images)
+        info.pop("image_index", None)
+        picked = [int(base[i]) for i in idx]
+        if len(picked) == 1:
+            info["image_index"] = picked[0]
+        else:
+            info["image_indices"] = picked
         conv = self.convergence
         if conv is not None and conv.per_image:
             conv = Convergence.combine([conv.per_image[i] for i in idx])
