@@ -253,6 +253,7 @@ def run_dataset(args) -> int:
 
         chosen = {**recipe_fields(args.recipe, args.model, args.method), **chosen, "recipe": args.recipe}
     chosen.update(_timestep_draw(args, chosen))
+    recorded = "layer_weights" not in chosen and args.resume     # a resume's default: what the run recorded
     if "layer_weights" not in chosen:              # neither typed nor the recipe's
         chosen["layer_weights"] = _default_layer_weights(args, "timesteps" in family(args.model).options)
     settings = Settings(model=args.model, weights=args.weights or None, graph=args.graph, num_eigs=args.num_eigs,
@@ -266,7 +267,14 @@ def run_dataset(args) -> int:
     depth = spec.config.num_layers
     parse_layers(settings.layers, depth, "--layers")
     if settings.layer_weights is not None:         # against the tapped layers, before the model runs (`run` binds)
-        settings.layer_weights.bound(layer_order(settings.layers, depth), "--layer-weights")
+        try:
+            settings.layer_weights.bound(layer_order(settings.layers, depth), "--layer-weights")
+        except InputError as e:
+            if not recorded:
+                raise
+            raise InputError(e.what, f"{e.problem} (not typed: the layer weights the run in {args.out} recorded in "
+                             "its summary.json, which --resume re-solves with)",
+                             "resume with the run's own --layers, or give --layer-weights for these layers") from None
     if not os.path.isdir(args.folder):
         raise InputError(args.folder, "no such folder", "pass a folder of .jpg/.jpeg/.png/.webp images")
     check_cluster(args.coordinator, args.num_processes, args.process_id)
