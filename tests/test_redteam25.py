@@ -249,3 +249,21 @@ def test_a_resume_names_recorded_layer_weights_as_recorded_not_typed(tmp_path):
     _one_line_exit_2(_cli(folder, *exact, "--layers", "11", "--resume", "--out", out), "names layer 10",
                      f"(not typed: the layer weights the run in {out} recorded in its summary.json",
                      "resume with the run's own --layers")
+
+
+# ------------------------------------------------------------------------------------------------ 5. diffusion
+
+
+def test_bfloat16_diffusion_sees_the_float32_noise_rounded():
+    """ε was drawn in the latents' dtype: jax.random.normal in bfloat16 is another sample, so a --dtype bfloat16 run
+    of sd_tiny under the same seed saw other noise (q 128 % off float32's; a ViT's 1 %). Drawn in float32, then
+    cast: the difference is bfloat16 rounding."""
+    import jax.numpy as jnp
+
+    img = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    qs = []
+    for dtype in (jnp.float32, jnp.bfloat16):
+        bb = sj.load_backbone("sd_tiny", "random", dtype=dtype, timesteps=[100], latent="sample")
+        qs.append(np.asarray(bb.taps(bb.preprocess_image(img, 64)[None], "-1").layers[bb.num_layers - 1].q,
+                             np.float32))
+    assert np.linalg.norm(qs[1] - qs[0]) / np.linalg.norm(qs[0]) < 0.1

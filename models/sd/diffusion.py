@@ -72,9 +72,11 @@ def seed_keys(seed):
 
 
 def image_noise(key, i, latents):
-    """ε_i ~ N(0, I) of one image's latent shape `[1, h, w, C]` from fold_in(key, i) (i: the timestep's index), in
-    the latents' dtype — the same for every image of a batch (broadcast by `add_noise`)."""
-    return jax.random.normal(jax.random.fold_in(key, i), (1, *latents.shape[1:]), latents.dtype)
+    """ε_i ~ N(0, I) of one image's latent shape `[1, h, w, C]` from fold_in(key, i) (i: the timestep's index) — the
+    same for every image of a batch (broadcast by `add_noise`). Drawn in float32 and then cast to the latents'
+    dtype: a draw in bfloat16 is another sample, not the float32 one rounded, so a bfloat16 run would see other
+    noise under the same seed."""
+    return jax.random.normal(jax.random.fold_in(key, i), (1, *latents.shape[1:]), jnp.float32).astype(latents.dtype)
 
 
 def unet_step(unet, latents, noise, t, context, schedule, layers):

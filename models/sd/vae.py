@@ -95,8 +95,9 @@ class AutoencoderKL(nnx.Module):
     def encode(self, images, key: jax.Array | None = None):
         """The scaled latent the UNet sees: `scaling_factor · z`, z = mean, or a sample when `key` is given: mean +
         σ·ε with ε ~ N(0, I) of one image's latent shape `[1, h, w, C]` from `key`, the same for every image of the
-        batch (an image's sample does not depend on its batch)."""
+        batch (an image's sample does not depend on its batch); ε drawn in float32 then cast (a bfloat16 draw is
+        another sample: `diffusion.image_noise`)."""
         mean, logvar = self(images)
-        eps = None if key is None else jax.random.normal(key, (1, *mean.shape[1:]), mean.dtype)
+        eps = None if key is None else jax.random.normal(key, (1, *mean.shape[1:]), jnp.float32).astype(mean.dtype)
         z = mean if key is None else mean + jnp.exp(0.5 * logvar) * eps
         return self.cfg.scaling_factor * z
