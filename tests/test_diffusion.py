@@ -205,10 +205,17 @@ def test_extract_solve_with_timesteps(image_file, tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert summary["image_size"] == [64, 80] and summary["timesteps"] == [10, 200] and summary["heads"] == 2
     assert summary["grids"] == [[8, 10], [4, 5], [2, 3], [1, 2]] and summary["graphs_per_layer"] == 4
+    # grid: the finest (what solve reports), head_dim per layer where they differ — not layer 0's alone
+    assert summary["grid"] == [8, 10] and summary["head_dim"]["0"] == 16 and summary["head_dim"]["6"] == 32
     loaded = load_acts(str(acts))
     assert loaded.timesteps == (10, 200) and loaded.model == "sd_tiny" and loaded.image_size == (64, 80)
     assert int(np.load(acts)["num_heads"]) == 2
     assert loaded.taps.layers[0].q.shape == (1, 4, 80, 16) and loaded.taps.layers[6].grid == (1, 2)
+    assert loaded.taps.layers[6].q.shape[3] == 32
+    assert main(["extract", image_file, "--model", "sd_tiny", "--weights", "random", "--size", "64",
+                 "--timesteps", "10", "--layers", "6,15", "--out", str(tmp_path / "two.npz")]) == 0
+    two = json.loads(capsys.readouterr().out)           # layer 6 (the 1×1 mid block) used to give grid and head_dim
+    assert two["grid"] == [8, 10] and two["grids"] == [[8, 10], [1, 2]] and two["head_dim"] == {"6": 32, "15": 16}
 
     out = tmp_path / "gd.npz"
     assert main(["solve", str(acts), "--graph", "qk", "--method", "gd", "--sample", "0.5", "--steps", "40",

@@ -77,12 +77,19 @@ def _extract(args: argparse.Namespace, out) -> None:
     uniform = len(set(heads.values())) == 1
     timed = dict(timesteps=bb.timesteps, num_heads=heads[chosen[0]] if uniform else [heads[i] for i in chosen])
     save_acts(out, taps, args.model, x.shape[1:3], **(timed if bb.timesteps else {}))
-    first = taps.layers[chosen[0]]
+    # "grid": the finest tapped grid (the one a solve of the file reports), "grids" all of them; heads, head_dim
+    # and graphs per layer one number where every layer has the same, else one per layer — never just the
+    # lowest-numbered layer's (a UNet's layer 6 is its 1×1 mid block)
+    def per_layer(f):
+        vals = {str(i): int(f(taps.layers[i])) for i in chosen}
+        return next(iter(vals.values())) if len(set(vals.values())) == 1 else vals
+
+    grids = sorted({tuple(t.grid) for t in taps.layers.values()}, key=lambda g: (g[0] * g[1], g), reverse=True)
     summary = {"model": args.model, "image": args.image, "image_size": list(x.shape[1:3]), "layers": chosen,
-               "grid": list(first.grid),
-               "grids": [list(g) for g in sorted({tuple(t.grid) for t in taps.layers.values()}, reverse=True)],
+               "grid": list(grids[0]), "grids": [list(g) for g in grids],
                "heads": heads[chosen[0]] if uniform else {str(i): h for i, h in heads.items()},
-               "head_dim": int(first.q.shape[3]), "graphs_per_layer": int(first.q.shape[1]), "dtype": args.dtype}
+               "head_dim": per_layer(lambda t: t.q.shape[3]), "graphs_per_layer": per_layer(lambda t: t.q.shape[1]),
+               "dtype": args.dtype}
     if bb.timesteps:
         summary.update(timesteps=list(bb.timesteps), seed=args.seed)
     summary.update(recorded(options, fam))
