@@ -86,10 +86,10 @@ GAP_FLOOR = 1e-5   # λ_2 at most this share of |λ_1|: float32 rounding of a gr
 
 def eigengap(spectra) -> np.ndarray:
     """The eigengap score g_l = (λ_2 − λ_K) / λ_2 of each layer's own spectrum `[L, K]` (largest first; trailing NaN
-    where a layer has fewer pairs: λ_K is then its last) → `[L]`, clipped to [0, 1]; 0 where λ_2 ≤ `GAP_FLOOR`·|λ_1|
-    — a layer whose graphs are uniform (every row 1/N: tokens all alike) has λ_1 = 1 and the rest float32 rounding
-    (~1e-7), whose ratio would read as a gap near 1 and win the rules. The rules "eigengap" and "select" read it,
-    and `analysis.layerwise` reports it."""
+    where a layer has fewer pairs: λ_K is then its last) → `[L]`, clipped to [0, 1]; 0 where λ_2 ≤
+    `GAP_FLOOR`·|λ_1| — a layer whose graphs are uniform (every row 1/N: tokens all alike) has λ_1 = 1 and the rest
+    float32 rounding (~1e-7), whose ratio would read as a gap near 1 and win the rules. The rules "eigengap" and
+    "select" read it, and `analysis.layerwise` reports it."""
     s = np.asarray(spectra, np.float64)
     l2 = s[:, 1] if s.shape[1] > 1 else np.full(s.shape[0], np.nan)     # a 1-node layer has λ_1 only
     lk = np.fmin.reduce(s[:, 1:], axis=1, initial=np.inf)                 # NaN-skipping, no all-NaN warning

@@ -37,10 +37,11 @@ def iou(pred, gt) -> float:
 def miou_hungarian(pred_labels, gt_labels, ignore=None, match: str = "count"):
     """Mean IoU after a one-to-one Hungarian matching of predicted segments to ground-truth classes.
 
-    pred_labels, gt_labels: label arrays of one shape (any values but NaN, which is refused: it would be a class
-    of its own); pixels whose gt label is in `ignore` (an int or a sequence) are left out. With C[p, g] the confusion counts, the matching maximises Σ C[p, g] (`match="count"`,
-    as unsupervised-segmentation evaluations do) or Σ IoU[p, g] (`"iou"`), IoU[p, g] = C / (|p| + |g| − C).
-    mIoU averages IoU over all gt classes present; a class left unmatched (fewer segments than classes) scores 0.
+    pred_labels, gt_labels: label arrays of one shape (any values but NaN, which is refused: it would be a class of
+    its own); pixels whose gt label is in `ignore` (an int or a sequence) are left out. With C[p, g] the confusion
+    counts, the matching maximises Σ C[p, g] (`match="count"`, as unsupervised-segmentation evaluations do) or Σ
+    IoU[p, g] (`"iou"`), IoU[p, g] = C / (|p| + |g| − C). mIoU averages IoU over all gt classes present; a class
+    left unmatched (fewer segments than classes) scores 0.
     Returns (miou, matching) with matching a dict {pred label: gt label}.
     """
     from scipy.optimize import linear_sum_assignment

@@ -67,8 +67,9 @@ def register(sub) -> None:
                         "(default knn-qk)")
     p.add_argument("--out", required=True, metavar="DIR",
                    help="output folder (new, or existing and writable), outside FOLDER")
-    p.add_argument("--resume", action="store_true", help="continue the run in DIR (or re-export a finished one) with the same "
-                        "settings; gd may lower --lr (after a divergence: its lr_history records each)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in DIR (or re-export a finished one) with the same settings; gd may lower "
+                        "--lr (after a divergence: its lr_history records each)")
     p.add_argument("--method", choices=METHODS, default="exact",
                    help="exact: the whole-dataset graph's top-K (default); gd: the official minibatch solver")
     p.add_argument("--maxiter", type=int, default=None,
@@ -111,8 +112,9 @@ def register(sub) -> None:
                         "(default auto)")
     p.add_argument("--preset", choices=PRESETS, default=None, help="gd: the table's kind (default paper)")
     p.add_argument("--inner-steps", type=int, default=None, help="gd: AdamW steps per batch (default 5)")
-    p.add_argument("--lr", type=float, default=None, help="gd: default 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen); under --resume "
-                        "the lr the run's last steps ran at")
+    p.add_argument("--lr", type=float, default=None,
+                   help="gd: default 1e-2 (paper), 0.5/sqrt(B·h·w) (eigen); under --resume the lr the run's last "
+                        "steps ran at")
     p.add_argument("--ema", type=float, default=None,
                    help="gd: in [0, 1): decay of the table's moving average (default 0.99)")
     p.add_argument("--min-cos", type=float, default=None,
