@@ -10,7 +10,8 @@
    float32 rounding nor passes as a sweep subset or the only weighted layer; the default weights' record says each
    layer's share of the graphs (its heads); attribution refuses a reordered `select`; a GraphSpec field its kind
    does not read is refused; gd with a layer weighing 0 on its own grid, and attribution or the rules with a 1×1
-   layer, work.
+   layer, work;
+5. diffusion: a bfloat16 forward sees the float32 noise rounded, not another draw under the same seed.
 """
 
 from __future__ import annotations
