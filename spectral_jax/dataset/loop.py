@@ -126,10 +126,12 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
 
     check_count(settings.segments, len(where.files) * geom.base[0] * geom.base[1])
     meta = checkpoint.read_meta(where.ckdir, where.done[-1]) if where.done else None
-    if meta is not None and settings.method == "gd" and settings.lr is None:    # a resume keeps the run's lr
-        default = step.learning_rate(settings, geom)
-        last = checkpoint.lr_history(meta, default)[-1][1]
-        settings = settings if last == default else settings.replace(lr=last)   # (None kept: the same compile)
+    ran = None                      # a resumed gd run's lr history: [[first step, lr], ...]
+    if meta is not None and settings.method == "gd":
+        default = step.learning_rate(settings.replace(lr=None), geom)
+        ran = checkpoint.lr_history(meta, default)
+        if settings.lr is None and ran[-1][1] != default:       # a resume keeps the run's lr (None where that is
+            settings = settings.replace(lr=ran[-1][1])          # the default: the same compiled step)
     fp = checkpoint.fingerprint(backbone, layers_name, settings, geom, where.digests)   # defaults resolved
     if meta is not None:
         checkpoint.check_resumable(where.out, fp, meta)
@@ -149,7 +151,7 @@ def _run(where: Folder, settings: Settings, backbone, mesh: Mesh | None, resume:
                                  _batch_spec(mesh, settings.batch_size, size)) if start < total else None
     compile_s = time.perf_counter() - t0
 
-    lrs = _lr_history(settings, geom, meta, start, total)
+    lrs = _lr_history(step.learning_rate(settings, geom), ran, start, total)
     trained = _train(where, settings, geom, mesh, backbone, compiled, abstract, fp, lrs, start, total, per_epoch,
                      t_start, progress)
     return _export(where, settings, geom, backbone, layers_name, trained, per_epoch, t_start, compile_s)
@@ -247,14 +249,13 @@ def _load_backbone(settings: Settings):
     return models.load_backbone(settings.model, settings.weights, **settings.load_options())
 
 
-def _lr_history(settings: Settings, geom, meta: dict | None, start: int, total: int) -> list[list]:
-    """[[first step, lr], ...] the run's steps ran and will run at: the checkpoint's (`checkpoint.lr_history`; a new
-    run: none) and, where steps remain to run at another lr than its last (a resume at a lowered --lr after a
-    divergence), [start, that lr] after it — said in one line on process 0."""
-    lr = step.learning_rate(settings, geom)
-    if meta is None:
+def _lr_history(lr: float, ran: list | None, start: int, total: int) -> list[list]:
+    """[[first step, lr], ...] the run's steps ran and will run at: `ran`, the checkpoint's (`checkpoint.lr_history`;
+    None for a new run) and, where steps remain to run at another lr than its last (a resume at a lowered --lr
+    after a divergence), [start, `lr`] after it — said in one line on process 0."""
+    if ran is None:
         return [[0, lr]]
-    lrs = checkpoint.lr_history(meta, step.learning_rate(settings.replace(lr=None), geom))
+    lrs = ran
     if start < total and lrs[-1][1] != lr:
         if jax.process_index() == 0:
             _say(f"spectral-jax dataset: resuming after step {start}: steps {start + 1} on run at lr {lr:g}, steps "
